@@ -1,0 +1,124 @@
+"""``card-agent doctor``: check each part the agent needs, one line each, with the fix."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import typer
+
+from agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
+from agent.errors import CardAgentError
+from agent.token.discovery import PinState, describe, find_token, present_tokens
+from agent.token.identities import list_identities
+from agent.token.login import describe_pin_state
+from agent.token.module import LoadedModule, load_module
+from agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
+from agent.trust.anchors import TrustAnchors
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str  # "ok" | "fail" | "skip"
+    name: str
+    detail: str
+    fix: str = ""
+
+
+def doctor(
+    module: Module = MODULE_DEFAULT,
+    token: TokenSelector = None,
+    ca: CaBundle = None,
+    crl: CrlFiles = None,
+) -> None:
+    """Check OpenSSL, the pkcs11-provider, the PKCS#11 module, tokens, PIN state and certificate chains."""
+    failed = False
+    for check in run_checks(module, token, ca, crl or []):
+        failed |= check.status == "fail"
+        typer.echo(f"{check.status:<4} {check.name}: {check.detail}")
+        if check.fix:
+            typer.echo(f"     fix: {check.fix}")
+    raise typer.Exit(1 if failed else 0)
+
+
+def _attempt(name: str, action: Callable[[], str], fix: str) -> Check:
+    try:
+        return Check("ok", name, action())
+    except CardAgentError as error:
+        return Check("fail", name, str(error), fix)
+
+
+def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterator[Check]:
+    if ssl.OPENSSL_VERSION_INFO >= (3,):
+        yield Check("ok", "openssl", f"{ssl.OPENSSL_VERSION} (Python ssl module)")
+    else:
+        yield Check("fail", "openssl", f"{ssl.OPENSSL_VERSION}: the pkcs11-provider needs OpenSSL 3",
+                    "run the agent with a Python linked against OpenSSL 3 (Debian 12 / Ubuntu 22.04 or later)")
+    yield _attempt("pkcs11-provider", lambda: f"installed at {provider_module_path()}",
+                   "apt-get install pkcs11-provider (Debian 12: -t bookworm-backports)")
+
+    loaded: LoadedModule | None = None
+    try:
+        loaded = load_module(module_spec)
+        yield Check("ok", "pkcs11-module",
+                    f"{loaded.path} (profile {loaded.profile.name}: {loaded.library_description})")
+    except CardAgentError as error:
+        yield Check("fail", "pkcs11-module", str(error),
+                    "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or pass --module")
+    if loaded is None:
+        return
+    profile = loaded.profile
+    yield _attempt(
+        "provider-loads",
+        lambda: check_provider_loads(openssl_config(loaded.path, profile.provider_quirks,
+                                                    profile.provider_login_behavior)) and
+        f"OpenSSL activates the pkcs11-provider with {loaded.path}",
+        "check the provider and module versions (`openssl list -providers` with the generated config)",
+    )
+
+    try:
+        tokens = [find_token(loaded, token_selector)] if token_selector else present_tokens(loaded)
+    except CardAgentError as error:
+        yield Check("fail", "tokens", str(error), "check the --token selector")
+        return
+    if not tokens:
+        yield Check("fail", "tokens", f"no token present in {loaded.path}",
+                    "insert the card; check that pcscd runs (`systemctl status pcscd`) and the reader is seen "
+                    "(`pcsc_scan`); for SoftHSM export SOFTHSM2_CONF")
+        return
+    yield Check("ok", "tokens", ", ".join(f"{t.label!r}" for t in tokens))
+
+    trust = None
+    if ca:
+        try:
+            trust = TrustAnchors.load(ca, crls)
+        except CardAgentError as error:
+            yield Check("fail", "trust", str(error), "give a readable PEM CA bundle with --ca")
+    for token in tokens:
+        description = describe(token)
+        state = description.pin_state
+        pin_check = f"pin {token.label}"
+        if state in (PinState.OK, PinState.COUNT_LOW):
+            yield Check("ok", pin_check, describe_pin_state(state)
+                        + (" (PIN pad on the reader)" if description.protected_authentication_path else ""))
+        else:
+            yield Check("fail", pin_check, describe_pin_state(state),
+                        "ask the card administrator to unblock or reset the PIN (PUK / SO PIN) before signing in")
+        with token.open() as session:
+            identities = list_identities(session, token, profile, logged_in=False, trust=trust)
+        usable = [i for i in identities if i.usable]
+        if not usable:
+            personal = [i for i in identities if not i.is_ca] or identities
+            reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
+            yield Check("fail", f"identity {token.label}", reasons,
+                        "ask for a client certificate (clientAuth, digitalSignature) for the key on this card")
+            continue
+        for identity in usable:
+            yield Check("ok", f"identity {token.label}", f"{identity.subject}, {identity.key_type.upper()} "
+                        f"{identity.key_size}; TLS: {identity.tls.note}")
+            if trust is None:
+                yield Check("skip", f"chain {token.label}", "not checked: give the server's CA bundle with --ca")
+            else:
+                chain = " <- ".join(c.subject.rfc4514_string() for c in identity.chain)
+                yield Check("ok", f"chain {token.label}", f"complete to {trust.source}: {chain}")

@@ -1,0 +1,38 @@
+"""``card-agent``: the command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from pkcs11.exceptions import PKCS11Error
+
+from agent.cli import doctor, softhsm_commands, token_commands
+from agent.errors import CardAgentError
+
+app = typer.Typer(
+    name="card-agent",
+    help="A smart card (PKCS#11) as the mutual-TLS identity of DICOM applications.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("tokens")(token_commands.tokens)
+app.command("identities")(token_commands.identities)
+app.command("doctor")(doctor.doctor)
+app.add_typer(softhsm_commands.app, name="softhsm")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="card-agent: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        app()
+    except CardAgentError as error:
+        print(f"card-agent: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except PKCS11Error as error:
+        # A PKCS#11 failure no check above anticipated: name it so that it can be looked up.
+        print(f"card-agent: error: the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
+              + "; run `card-agent doctor` to check the module and token", file=sys.stderr)
+        sys.exit(2)

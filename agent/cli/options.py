@@ -1,0 +1,32 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from agent.token.module import AUTO
+
+Module = Annotated[
+    str,
+    typer.Option(
+        "--module", "-m", envvar="CARD_AGENT_MODULE",
+        help="PKCS#11 module: a profile name (softhsm2, opensc, yubikey-ykcs11, ...), a path to the .so, or auto.",
+    ),
+]
+MODULE_DEFAULT = AUTO
+TokenSelector = Annotated[
+    Optional[str],
+    typer.Option("--token", "-t", help="Token label, serial, or pkcs11: URI. Default: every token present."),
+]
+CaBundle = Annotated[
+    Optional[Path],
+    typer.Option("--ca", help="CA bundle (PEM) the server trusts: identities that do not chain to it are unusable."),
+]
+CrlFiles = Annotated[
+    Optional[list[Path]],
+    typer.Option("--crl", help="CRL file (PEM or DER); repeat for several. Revoked identities are unusable."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]

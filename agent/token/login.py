@@ -1,0 +1,123 @@
+"""PIN login that never burns a retry on its own.
+
+Before each attempt the token's PIN flags are read again: a locked PIN is refused with what to
+do, a final try needs the caller's explicit confirmation, a low count is warned about. A wrong
+PIN is reported with what the card then says and is never retried here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pkcs11 import PROTECTED_AUTH, TokenFlag
+from pkcs11.exceptions import PinIncorrect, PinInvalid, PinLenRange, PinLocked, UserAlreadyLoggedIn
+from pkcs11.types import Session, Token
+
+from agent.errors import CardAgentError, ConfigError
+from agent.token.discovery import PinState, refresh, token_serial
+from agent.token.pin import PinSource
+
+log = logging.getLogger(__name__)
+
+
+class LoginError(CardAgentError):
+    """Logging in to the token did not happen; the message says what the card reports."""
+
+
+class PinLockedError(LoginError):
+    pass
+
+
+class PinFinalTryError(LoginError):
+    pass
+
+
+class WrongPinError(LoginError):
+    def __init__(self, message: str, pin_state: PinState) -> None:
+        super().__init__(message)
+        self.pin_state = pin_state
+
+
+class PinNotInitializedError(LoginError):
+    pass
+
+
+_STATE_WORDS = {
+    PinState.OK: "no retry warning (PKCS#11 does not tell the exact number of tries left)",
+    PinState.COUNT_LOW: "few PIN tries left",
+    PinState.FINAL_TRY: "ONE PIN try left: the next wrong PIN locks the card",
+    PinState.LOCKED: "the PIN is now locked",
+    PinState.TO_BE_CHANGED: "the PIN must be changed",
+    PinState.NOT_INITIALIZED: "no user PIN set",
+}
+
+
+def describe_pin_state(state: PinState) -> str:
+    return _STATE_WORDS[state]
+
+
+def _name(token: Token) -> str:
+    return f"token {token.label!r} (serial {token_serial(token)})"
+
+
+def locked_advice(token: Token) -> str:
+    return (
+        f"the user PIN of {_name(token)} is locked after too many wrong PINs; the agent will not "
+        "try it. Ask your card administrator to unblock it with the PUK or SO PIN "
+        "(e.g. `pkcs11-tool --unlock-pin --login --login-type so`), then sign in again"
+    )
+
+
+def login(
+    token: Token,
+    pin_source: PinSource,
+    *,
+    confirm_final_try: bool = False,
+    warn: Callable[[str], None] = log.warning,
+) -> Session:
+    """Open a session logged in as the user, with at most one PIN attempt."""
+    token = refresh(token)
+    flags = int(token.flags)
+    state = PinState.from_flags(flags)
+    if state is PinState.LOCKED:
+        raise PinLockedError(locked_advice(token))
+    if state is PinState.NOT_INITIALIZED:
+        raise PinNotInitializedError(f"{_name(token)} has no user PIN set; initialise the card first")
+    if state is PinState.FINAL_TRY and not confirm_final_try:
+        raise PinFinalTryError(
+            f"{_name(token)} has one PIN try left: a wrong PIN will lock the card. Nothing was tried. "
+            "If you are sure of the PIN, confirm the final try explicitly (--confirm-final-try)"
+        )
+    if state is PinState.COUNT_LOW:
+        warn(f"{_name(token)} reports few PIN tries left: type the PIN carefully")
+
+    if pin_source.is_protected:
+        if not flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH:
+            raise ConfigError(
+                f"PIN source is 'protected' but {_name(token)} has no protected authentication path "
+                "(PIN pad); use prompt, env:VAR or file:PATH"
+            )
+        pin: object = PROTECTED_AUTH
+    else:
+        pin = pin_source.read(f"PIN for {token.label} ({describe_pin_state(state)}): ")
+    try:
+        return token.open(user_pin=pin)
+    except UserAlreadyLoggedIn:
+        # PKCS#11 login state is per application: another session of this process is logged in.
+        return token.open()
+    except PinIncorrect:
+        after = PinState.from_flags(int(refresh(token).flags))
+        raise WrongPinError(
+            f"wrong PIN for {_name(token)}; the card now reports: {describe_pin_state(after)}. "
+            "The agent does not try again on its own",
+            after,
+        ) from None
+    except PinLocked:
+        raise PinLockedError(locked_advice(token)) from None
+    except (PinLenRange, PinInvalid):
+        raise LoginError(
+            f"the PIN for {_name(token)} has a length or characters the card does not accept; check it and try again"
+        ) from None
+    finally:
+        del pin

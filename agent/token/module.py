@@ -1,0 +1,104 @@
+"""Loading a PKCS#11 module, chosen by profile name, by path, or automatically."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pkcs11
+from pkcs11.exceptions import PKCS11Error
+
+from agent.errors import CardAgentError
+from agent.token.profiles import AUTO_ORDER, ModuleProfile, all_profiles, detect_profile, get_profile
+
+AUTO = "auto"
+
+
+class ModuleLoadError(CardAgentError):
+    """The PKCS#11 module cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class LoadedModule:
+    """A PKCS#11 module loaded in this process, with the profile that describes it."""
+
+    path: str
+    profile: ModuleProfile
+    lib: pkcs11.lib  # type: ignore[valid-type]
+
+    @property
+    def library_description(self) -> str:
+        return f"{self.lib.manufacturer_id} {self.lib.library_description}".strip()
+
+    def slots_with_token(self) -> list:
+        return self.lib.get_slots(token_present=True)
+
+
+def _load(path: str, profile: ModuleProfile | None) -> LoadedModule:
+    profile_text = f" (profile {profile.name})" if profile else ""
+    if not os.path.exists(path):
+        hint = (
+            f"; the {profile.name} profile looks in: {', '.join(profile.module_paths)}"
+            if profile and profile.module_paths
+            else ""
+        )
+        raise ModuleLoadError(
+            f"PKCS#11 module {path}{profile_text} does not exist{hint}. Install the module's "
+            "package or set the module to its path"
+        )
+    try:
+        lib = pkcs11.lib(path)
+    except PKCS11Error as error:
+        raise ModuleLoadError(
+            f"cannot load PKCS#11 module {path}{profile_text}: {error}. Check that it is a "
+            "PKCS#11 library for this architecture"
+        ) from None
+    if profile is None:
+        profile = detect_profile(path, lib.manufacturer_id)
+    return LoadedModule(path=path, profile=profile, lib=lib)
+
+
+def load_module(spec: str = AUTO) -> LoadedModule:
+    """Load a module given as a profile name, a path to a ``.so``, or ``auto``.
+
+    ``auto`` loads the installed modules of the known profiles in :data:`AUTO_ORDER` and takes the
+    first that shows a token; with no token anywhere, the first installed one.
+    """
+    if spec == AUTO:
+        return _load_auto()
+    if os.sep in spec or spec.endswith((".so", ".dylib", ".dll")):
+        return _load(spec, None)
+    profile = get_profile(spec)
+    path = profile.installed_module()
+    if path is None:
+        raise ModuleLoadError(
+            f"the PKCS#11 module of profile {profile.name} ({profile.description}) is not installed: "
+            f"looked for {', '.join(profile.module_paths) or 'no known path'}. Install it or give its path"
+        )
+    return _load(path, profile)
+
+
+def _load_auto() -> LoadedModule:
+    profiles = all_profiles()
+    installed = [(profiles[name], profiles[name].installed_module()) for name in AUTO_ORDER]
+    installed = [(profile, path) for profile, path in installed if path]
+    if not installed:
+        raise ModuleLoadError(
+            "no PKCS#11 module found: install OpenSC (smart cards: `apt-get install opensc pcscd`) "
+            "or give the module with --module NAME|PATH; known profiles: " + ", ".join(sorted(profiles))
+        )
+    loaded = []
+    for profile, path in installed:
+        try:
+            module = _load(path, profile)
+        except ModuleLoadError:
+            continue
+        if module.slots_with_token():
+            return module
+        loaded.append(module)
+    if not loaded:
+        raise ModuleLoadError(
+            "none of the installed PKCS#11 modules could be loaded: "
+            + ", ".join(path for _, path in installed)
+        )
+    return loaded[0]

@@ -1,0 +1,1 @@
+"""Trust decisions about certificates: chains to the configured anchors and revocation by CRL."""

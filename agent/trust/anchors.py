@@ -1,0 +1,145 @@
+"""Trust anchors, intermediates and CRLs from files, and the checks a TLS peer will make.
+
+The CA bundle may hold roots and intermediates: self-signed certificates become trust anchors,
+the others help build chains. CRLs are checked fail-closed, as OpenSSL does with CRL checking on:
+when CRLs are configured, a certificate whose issuer published none among them is not accepted.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from agent.errors import CardAgentError
+
+
+class TrustError(CardAgentError):
+    """A certificate is not trusted under the configured anchors and CRLs."""
+
+
+class UntrustedCertificateError(TrustError):
+    pass
+
+
+class RevokedCertificateError(TrustError):
+    pass
+
+
+class CrlError(TrustError):
+    pass
+
+
+class TrustFileError(CardAgentError):
+    """A CA bundle or CRL file cannot be read."""
+
+
+def describe(cert: x509.Certificate) -> str:
+    return f"{cert.subject.rfc4514_string()} (issuer {cert.issuer.rfc4514_string()})"
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, Exception):  # signature or algorithm mismatch
+        return False
+    return True
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TrustFileError(f"cannot read certificate file {path}: {error.strerror}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+    except ValueError as error:
+        raise TrustFileError(f"{path} holds no readable certificate (PEM or DER): {error}") from None
+    return certs
+
+
+def load_crl(path: Path) -> x509.CertificateRevocationList:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise TrustFileError(f"cannot read CRL file {path}: {error.strerror}") from None
+    try:
+        return x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except ValueError as error:
+        raise TrustFileError(f"{path} is not a readable CRL (PEM or DER): {error}") from None
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    source: str
+    roots: tuple[x509.Certificate, ...]
+    intermediates: tuple[x509.Certificate, ...]
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+
+    @classmethod
+    def load(cls, ca_bundle: Path, crl_files: Sequence[Path] = ()) -> TrustAnchors:
+        certs = load_certificates(ca_bundle)
+        roots = tuple(c for c in certs if _is_self_signed(c))
+        if not roots:
+            raise TrustFileError(
+                f"{ca_bundle} holds no self-signed root CA certificate: add the root of the PKI to the bundle"
+            )
+        return cls(
+            source=str(ca_bundle),
+            roots=roots,
+            intermediates=tuple(c for c in certs if not _is_self_signed(c)),
+            crls=tuple(load_crl(p) for p in crl_files),
+        )
+
+    def verify_client(
+        self,
+        leaf: x509.Certificate,
+        intermediates: Iterable[x509.Certificate] = (),
+        now: datetime.datetime | None = None,
+    ) -> list[x509.Certificate]:
+        """The chain from ``leaf`` to a root, checked as a TLS server checks a client certificate."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        verifier = PolicyBuilder().store(Store(list(self.roots))).time(now).build_client_verifier()
+        try:
+            # Self-signed certificates that are not anchors cannot help a chain, only confuse its search.
+            helpers = [c for c in intermediates if not _is_self_signed(c)]
+            verified = verifier.verify(leaf, [*helpers, *self.intermediates])
+        except VerificationError as error:
+            raise UntrustedCertificateError(
+                f"certificate {describe(leaf)} does not chain to a CA in {self.source}: {error}"
+            ) from None
+        chain = list(verified.chain)
+        self.check_revocation(chain, now)
+        return chain
+
+    def check_revocation(self, chain: Sequence[x509.Certificate], now: datetime.datetime) -> None:
+        if not self.crls:
+            return
+        for cert, issuer in zip(chain, chain[1:]):
+            crls = [crl for crl in self.crls if crl.issuer == cert.issuer]
+            if not crls:
+                if cert is chain[0]:
+                    raise CrlError(
+                        f"no CRL from {cert.issuer.rfc4514_string()} among the configured CRLs, so "
+                        f"{describe(cert)} cannot be checked for revocation: add that CA's CRL"
+                    )
+                continue
+            for crl in crls:
+                if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+                    raise CrlError(f"the CRL of {cert.issuer.rfc4514_string()} has an invalid signature")
+                if crl.next_update_utc is not None and crl.next_update_utc < now:
+                    raise CrlError(
+                        f"the CRL of {cert.issuer.rfc4514_string()} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC: "
+                        "fetch a current CRL"
+                    )
+                revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+                if revoked is not None:
+                    raise RevokedCertificateError(
+                        f"certificate {describe(cert)} was revoked on {revoked.revocation_date_utc:%Y-%m-%d}"
+                    )
