@@ -1,0 +1,68 @@
+"""Shared fixtures: a test PKI with SoftHSM tokens made by the real `card-agent softhsm init`.
+
+PKCS#11 modules are loaded only in child processes (the CLI, helper scripts): python-pkcs11 keeps
+one loaded module per process and SoftHSM reads its configuration once, so the pytest process
+stays free of both.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+CARD_AGENT = str(BIN / "card-agent")
+USER_PIN = "123456"
+HELPERS = Path(__file__).parent / "helpers"
+
+
+@dataclass(frozen=True)
+class ProvisionedPki:
+    directory: Path
+    softhsm_conf: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.directory / "pki"
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.pki / "ca-bundle.pem"
+
+    @property
+    def crl(self) -> Path:
+        return self.pki / "issuing-ca.crl.pem"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "CARD_AGENT_MODULE")}
+        env["SOFTHSM2_CONF"] = str(self.softhsm_conf)
+        env.update(extra)
+        return env
+
+
+def run_card_agent(*args: str | Path, env: dict[str, str], check: bool = False) -> subprocess.CompletedProcess:
+    result = subprocess.run([CARD_AGENT, *map(str, args)], capture_output=True, text=True, env=env,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"card-agent {' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def provision(directory: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    return run_card_agent("softhsm", "init", directory, *extra, env=env, check=True)
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedPki:
+    directory = tmp_path_factory.mktemp("card-agent-pki")
+    result = provision(directory)
+    export = result.stdout.strip().splitlines()[-1]
+    assert export.startswith("export SOFTHSM2_CONF="), result.stdout
+    return ProvisionedPki(directory, Path(export.partition("=")[2]))

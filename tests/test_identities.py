@@ -1,0 +1,146 @@
+"""`card-agent tokens` and `card-agent identities` on the provisioned SoftHSM tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import HELPERS, USER_PIN, ProvisionedPki, run_card_agent
+
+
+def identities_json(test_pki: ProvisionedPki, *args: str | Path, **env: str) -> dict[str, dict]:
+    result = run_card_agent("identities", "--json", *args, env=test_pki.env(**env), check=True)
+    entries = json.loads(result.stdout)
+    for entry in entries:
+        assert {"token", "subject", "key_type", "key_size", "usable", "reason", "uri"} <= entry.keys()
+    # One personal identity per token; the CA certificates on the tokens are listed as unusable.
+    personal = {e["token"]: e for e in entries if "Test Issuing CA" not in e["subject"] and
+                "Untrusted Test CA" not in e["subject"]}
+    assert all(not e["usable"] and e["reason"].startswith("CA certificate") for e in entries
+               if e["token"] in personal and e is not personal[e["token"]])
+    return personal
+
+
+def test_acceptance_usable_and_unusable_identities_with_ca_and_crl(test_pki: ProvisionedPki) -> None:
+    found = identities_json(test_pki, "--ca", test_pki.ca_bundle, "--crl", test_pki.crl)
+    assert set(found) == {"alice", "bob", "mallory", "expired", "stranger"}
+    alice, bob = found["alice"], found["bob"]
+    assert (alice["key_type"], alice["key_size"], alice["usable"], alice["reason"]) == ("rsa", 2048, True, None)
+    assert (bob["key_type"], bob["key_size"], bob["usable"], bob["reason"]) == ("ec", 256, True, None)
+    assert alice["subject"] == "CN=Alice Example,O=Example Hospital Test PKI"
+    assert alice["uri"].startswith("pkcs11:token=alice;serial=") and alice["uri"].endswith(";id=%01;type=private")
+    assert not found["mallory"]["usable"] and "was revoked on" in found["mallory"]["reason"]
+    assert not found["expired"]["usable"] and found["expired"]["reason"].startswith("expired on")
+    assert not found["stranger"]["usable"]
+    assert "does not chain to a CA in" in found["stranger"]["reason"]
+    assert "issuer CN=Untrusted Test CA" in found["stranger"]["reason"]
+
+
+def test_without_trust_files_only_the_certificate_itself_is_judged(test_pki: ProvisionedPki) -> None:
+    found = identities_json(test_pki)
+    assert found["mallory"]["usable"] and found["stranger"]["usable"]
+    assert not found["expired"]["usable"]
+
+
+def test_tls_capability_is_worked_out_from_the_mechanisms(test_pki: ProvisionedPki) -> None:
+    found = identities_json(test_pki)
+    # SoftHSM offers CKM_RSA_PKCS_PSS, so RSA identities can do TLS 1.3.
+    assert found["alice"]["tls"]["versions"] == ["TLSv1.3", "TLSv1.2"]
+    assert "rsa_pss_rsae_sha256" in found["alice"]["tls"]["signature_schemes"]
+    assert found["bob"]["tls"]["signature_schemes"] == ["ecdsa_secp256r1_sha256"]
+
+
+def test_without_pin_key_attributes_wait_for_login_with_pin_they_are_checked(test_pki: ProvisionedPki) -> None:
+    assert identities_json(test_pki, "--token", "alice")["alice"]["key_checked"] is False
+    logged_in = identities_json(test_pki, "--token", "alice", "--pin", "env:CARD_PIN", CARD_PIN=USER_PIN)
+    assert logged_in["alice"]["key_checked"] is True and logged_in["alice"]["usable"] is True
+
+
+def test_pin_with_several_tokens_is_refused_before_any_attempt(test_pki: ProvisionedPki) -> None:
+    result = run_card_agent("identities", "--pin", "env:CARD_PIN", env=test_pki.env(CARD_PIN=USER_PIN))
+    assert result.returncode == 2
+    assert "select one with --token" in result.stderr
+
+
+def test_wrong_pin_is_reported_once_and_not_retried(test_pki: ProvisionedPki) -> None:
+    result = run_card_agent("identities", "--token", "bob", "--pin", "env:CARD_PIN",
+                            env=test_pki.env(CARD_PIN="999999"))
+    assert result.returncode == 2
+    assert "wrong PIN for token 'bob'" in result.stderr
+    assert "does not try again" in result.stderr
+    assert "999999" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("selector", ["bob", "pkcs11:token=bob", "pkcs11:model=SoftHSM%20v2;token=bob"])
+def test_token_selected_by_label_or_uri(test_pki: ProvisionedPki, selector: str) -> None:
+    assert set(identities_json(test_pki, "--token", selector)) == {"bob"}
+
+
+def test_token_selected_by_serial(test_pki: ProvisionedPki) -> None:
+    tokens = json.loads(run_card_agent("tokens", "--json", env=test_pki.env(), check=True).stdout)
+    serial = next(t["serial"] for t in tokens if t["label"] == "expired")
+    assert set(identities_json(test_pki, "--token", serial)) == {"expired"}
+
+
+def test_unknown_token_lists_the_tokens_present(test_pki: ProvisionedPki) -> None:
+    result = run_card_agent("identities", "--token", "carol", env=test_pki.env())
+    assert result.returncode == 2
+    assert "no token 'carol'" in result.stderr and "profile softhsm2" in result.stderr
+    for label in ("alice", "bob", "mallory", "expired", "stranger"):
+        assert f"'{label}'" in result.stderr
+
+
+def test_tokens_lists_label_serial_manufacturer_model_and_pin_state(test_pki: ProvisionedPki) -> None:
+    text = run_card_agent("tokens", env=test_pki.env(), check=True).stdout
+    assert "profile softhsm2" in text
+    alice = next(line for line in text.splitlines() if " alice " in line)
+    assert "SoftHSM project" in alice and "SoftHSM v2" in alice and alice.rstrip().endswith("ok")
+    tokens = json.loads(run_card_agent("tokens", "--json", env=test_pki.env(), check=True).stdout)
+    by_label = {t["label"]: t for t in tokens if t["initialized"]}
+    assert set(by_label) == {"alice", "bob", "mallory", "expired", "stranger"}
+    assert by_label["alice"]["pin_state"] == "ok" and len(by_label["alice"]["serial"]) == 16
+
+
+def test_missing_module_path_is_named(test_pki: ProvisionedPki) -> None:
+    result = run_card_agent("tokens", "--module", "/opt/vendor/libmissing-pkcs11.so", env=test_pki.env())
+    assert result.returncode == 2
+    assert "PKCS#11 module /opt/vendor/libmissing-pkcs11.so does not exist" in result.stderr
+
+
+def test_profile_whose_module_is_not_installed_names_profile_and_paths(test_pki: ProvisionedPki) -> None:
+    result = run_card_agent("tokens", "--module", "thales-luna", env=test_pki.env())
+    assert result.returncode == 2
+    assert "profile thales-luna" in result.stderr and "libCryptoki2_64.so" in result.stderr
+
+
+def test_unknown_profile_lists_the_known_ones(test_pki: ProvisionedPki) -> None:
+    result = run_card_agent("tokens", "--module", "acme", env=test_pki.env())
+    assert result.returncode == 2
+    assert "unknown PKCS#11 profile 'acme'" in result.stderr and "softhsm2" in result.stderr
+
+
+def test_crl_needs_ca(test_pki: ProvisionedPki) -> None:
+    result = run_card_agent("identities", "--crl", test_pki.crl, env=test_pki.env())
+    assert result.returncode == 2 and "--crl needs --ca" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def lab_token(test_pki: ProvisionedPki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    directory = tmp_path_factory.mktemp("lab-token")
+    result = subprocess.run([sys.executable, str(HELPERS / "make_lab_token.py"), str(directory), str(test_pki.pki)],
+                            capture_output=True, text=True, env=test_pki.env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    return {**test_pki.env(), "SOFTHSM2_CONF": str(directory / "softhsm2.conf"), "CARD_PIN": USER_PIN}
+
+
+def test_extractable_key_is_refused_unless_allowed_for_a_lab(lab_token: dict[str, str]) -> None:
+    refused = json.loads(run_card_agent("identities", "--json", "--token", "lab", "--pin", "env:CARD_PIN",
+                                        env=lab_token, check=True).stdout)
+    assert not refused[0]["usable"] and refused[0]["reason"].startswith("extractable key")
+    allowed = json.loads(run_card_agent("identities", "--json", "--token", "lab", "--pin", "env:CARD_PIN",
+                                        "--allow-exportable-keys", env=lab_token, check=True).stdout)
+    assert allowed[0]["usable"] is True
