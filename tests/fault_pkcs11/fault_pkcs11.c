@@ -8,11 +8,15 @@
  *
  * The control file ("key = value" lines, '#' comments, unknown keys ignored)
  * is checked on every wrapped call (stat; re-read when it changed or is
- * younger than 100 ms).  Keys:
+ * younger than 1 s, as file timestamps are coarse).  Keys:
  *   present = 0|1          0: no slot has a token, all sessions die
  *   show_token = LABEL     expose only the slot holding token LABEL, as slot 0
  *   generation = ANY       any change = card removed and re-inserted
- *   fail = C_Fn:CKR_X[,C_Fn:0xNN...]   C_Fn returns that error (any wrapped C_Fn)
+ *   fail = C_Fn:CKR_X[,C_Fn:0xNN...]   C_Fn returns that error, for every C_Fn
+ *                          but C_GetInfo, C_GetFunctionList, C_Finalize,
+ *                          C_CloseSession, C_CloseAllSessions, C_WaitForSlotEvent;
+ *                          an injected C_Sign/C_SignFinal error ends the real
+ *                          operation too (logged "injected", not a signature)
  *   sign_delay_ms = N      C_Sign / C_SignFinal sleep N ms (not for size queries)
  *   pin_retries = N        emulated user PIN retry counter, kept in <control>.state
  *   token_flags_set = HEX, token_flags_clear = HEX   edit CK_TOKEN_INFO.flags
@@ -166,7 +170,7 @@ static void vlog_to(const char *path, const char *fmt, va_list ap)
     if (!path[0]) return;
     n = vsnprintf(line, sizeof line - 32, fmt, ap);
     if (n < 0) return;
-    if ((size_t)n > sizeof line - 32) n = (int)(sizeof line - 32);
+    if ((size_t)n >= sizeof line - 32) n = (int)(sizeof line - 33);
     n += snprintf(line + n, 32, " pid=%ld\n", (long)getpid());
     fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0) return;
@@ -229,18 +233,45 @@ static void kill_sessions_locked(void)
         if (sessions[i].dead) sessions[i].dead = 1;
 }
 
+static void parse_line(struct cfg *n, char *line)
+{
+    char *k = trim(line), *eq, *v;
+    if (*k == '#' || !(eq = strchr(k, '='))) return;
+    *eq = 0;
+    k = trim(k);
+    v = trim(eq + 1);
+    if (strcmp(k, "present") == 0) n->present = atoi(v) != 0;
+    else if (strcmp(k, "show_token") == 0) copy_str(n->show, sizeof n->show, v);
+    else if (strcmp(k, "generation") == 0) copy_str(n->generation, sizeof n->generation, v);
+    else if (strcmp(k, "fail") == 0) parse_fails(n, v);
+    else if (strcmp(k, "sign_delay_ms") == 0) n->sign_delay_ms = strtoul(v, NULL, 10);
+    else if (strcmp(k, "pin_retries") == 0) n->pin_retries = *v ? strtol(v, NULL, 10) : -1;
+    else if (strcmp(k, "token_flags_set") == 0) n->flags_set = strtoul(v, NULL, 16);
+    else if (strcmp(k, "token_flags_clear") == 0) n->flags_clear = strtoul(v, NULL, 16);
+    else if (strcmp(k, "log") == 0) copy_str(n->log, sizeof n->log, v);
+    else if (strcmp(k, "protected_pin") == 0) {
+        copy_str(protected_pin, sizeof protected_pin, v);
+        protected_pin_len = strlen(protected_pin);
+        have_protected_pin = 1;
+    }
+}
+
 static void reload_locked(void)
 {
+    static char buf[16384];
     struct stat st;
     struct timespec now;
     struct cfg n;
-    FILE *f;
-    char line[PATH_LEN + 64];
-    int exists;
+    char *line, *save = NULL;
+    ssize_t len = 0;
+    long age_ms;
+    int exists, fd;
 
     if (!ctl_path[0]) return;
     exists = stat(ctl_path, &st) == 0;
     clock_gettime(CLOCK_REALTIME, &now);
+    age_ms = !exists ? 0 : (long)(now.tv_sec - st.st_mtim.tv_sec) * 1000
+                               + (now.tv_nsec - st.st_mtim.tv_nsec) / 1000000;
     if (loaded && exists == file_seen
         && (!exists
             || (st.st_ino == last_st.st_ino && st.st_size == last_st.st_size
@@ -248,8 +279,8 @@ static void reload_locked(void)
                 && st.st_mtim.tv_nsec == last_st.st_mtim.tv_nsec
                 && st.st_ctim.tv_sec == last_st.st_ctim.tv_sec
                 && st.st_ctim.tv_nsec == last_st.st_ctim.tv_nsec
-                /* timestamps are coarse: trust them only for older files */
-                && now.tv_sec - st.st_mtim.tv_sec > 1)))
+                /* file timestamps are coarse: trust them only for older files */
+                && age_ms > 1000)))
         return;
     if (exists) last_st = st;
     file_seen = exists;
@@ -261,32 +292,16 @@ static void reload_locked(void)
     have_protected_pin = 0;
     protected_pin_len = 0;
 
-    f = exists ? fopen(ctl_path, "re") : NULL;
-    while (f && fgets(line, sizeof line, f)) {
-        char *k = trim(line), *eq, *v;
-        if (*k == '#' || !(eq = strchr(k, '='))) continue;
-        *eq = 0;
-        k = trim(k);
-        v = trim(eq + 1);
-        if (strcmp(k, "present") == 0) n.present = atoi(v) != 0;
-        else if (strcmp(k, "show_token") == 0) copy_str(n.show, sizeof n.show, v);
-        else if (strcmp(k, "generation") == 0) copy_str(n.generation, sizeof n.generation, v);
-        else if (strcmp(k, "fail") == 0) parse_fails(&n, v);
-        else if (strcmp(k, "sign_delay_ms") == 0) n.sign_delay_ms = strtoul(v, NULL, 10);
-        else if (strcmp(k, "pin_retries") == 0) n.pin_retries = *v ? strtol(v, NULL, 10) : -1;
-        else if (strcmp(k, "token_flags_set") == 0) n.flags_set = strtoul(v, NULL, 16);
-        else if (strcmp(k, "token_flags_clear") == 0) n.flags_clear = strtoul(v, NULL, 16);
-        else if (strcmp(k, "log") == 0) copy_str(n.log, sizeof n.log, v);
-        else if (strcmp(k, "protected_pin") == 0) {
-            copy_str(protected_pin, sizeof protected_pin, v);
-            protected_pin_len = strlen(protected_pin);
-            have_protected_pin = 1;
-        }
+    if (exists && (fd = open(ctl_path, O_RDONLY | O_CLOEXEC)) >= 0) {
+        ssize_t r;
+        while (len < (ssize_t)sizeof buf - 1 && (r = read(fd, buf + len, sizeof buf - 1 - (size_t)len)) > 0)
+            len += r;
+        close(fd);
     }
-    if (f) {
-        wipe(line, sizeof line);
-        fclose(f);
-    }
+    buf[len] = 0;
+    for (line = strtok_r(buf, "\n", &save); line; line = strtok_r(NULL, "\n", &save))
+        parse_line(&n, line);
+    wipe(buf, (size_t)len);   /* it may hold protected_pin */
     if (n.pin_retries < -1) n.pin_retries = -1;
 
     if (loaded && (n.present != cur.present || strcmp(n.show, cur.show) != 0
@@ -691,7 +706,10 @@ static CK_RV w_C_Login P_C_Login
         }
         close(fd);
     }
-    log_call("C_Login rv=0x%lx user=%lu%s remaining=%ld", rv, userType, pad ? " pinpad" : "", left);
+    if (left >= 0)
+        log_call("C_Login rv=0x%lx user=%lu%s remaining=%ld", rv, userType, pad ? " pinpad" : "", left);
+    else
+        log_call("C_Login rv=0x%lx user=%lu%s", rv, userType, pad ? " pinpad" : "");
     return rv;
 }
 
@@ -775,16 +793,16 @@ static CK_RV w_C_Initialize P_C_Initialize
 {
     struct cfg c;
     CK_RV rv;
-    pthread_mutex_lock(&mu);
-    finalizing = 0;
-    nsess = 0;
-    show_cached = 0;
-    pthread_mutex_unlock(&mu);
     snap(&c);
-    pthread_mutex_lock(&mu);
-    event_epoch = epoch;
-    pthread_mutex_unlock(&mu);
     if ((rv = injected(&c, "C_Initialize")) == CKR_OK) rv = real->C_Initialize(pInitArgs);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&mu);
+        finalizing = 0;
+        nsess = 0;
+        show_cached = 0;
+        event_epoch = epoch;
+        pthread_mutex_unlock(&mu);
+    }
     log_call("C_Initialize rv=0x%lx", rv);
     return rv;
 }
@@ -840,7 +858,7 @@ static void load_real(void)
 {
     const char *target = getenv("FAULT_PKCS11_TARGET");
     const char *ctl = getenv("FAULT_PKCS11_CONTROL");
-    CK_RV (*get_list)(CK_FUNCTION_LIST **);
+    CK_RV (*get_list)(CK_FUNCTION_LIST **), (*self)(CK_FUNCTION_LIST **) = C_GetFunctionList;
     void *handle, *sym;
 
     if (!target || !*target) target = DEFAULT_TARGET;
@@ -854,11 +872,11 @@ static void load_real(void)
         return;
     }
     sym = dlsym(handle, "C_GetFunctionList");
-    if (!sym || sym == (void *)C_GetFunctionList) {
+    if (sym) memcpy(&get_list, &sym, sizeof get_list);
+    if (!sym || get_list == self) {
         fprintf(stderr, "fault_pkcs11: %s has no usable C_GetFunctionList\n", target);
         return;
     }
-    memcpy(&get_list, &sym, sizeof get_list);
     if ((load_rv = get_list(&real)) != CKR_OK || !real) {
         if (load_rv == CKR_OK) load_rv = CKR_GENERAL_ERROR;
         return;
