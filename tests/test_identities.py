@@ -144,3 +144,13 @@ def test_extractable_key_is_refused_unless_allowed_for_a_lab(lab_token: dict[str
     allowed = json.loads(run_card_agent("identities", "--json", "--token", "lab", "--pin", "env:CARD_PIN",
                                         "--allow-exportable-keys", env=lab_token, check=True).stdout)
     assert allowed[0]["usable"] is True
+
+
+def test_readable_listing_says_usable_or_why_not(test_pki: ProvisionedPki) -> None:
+    text = run_card_agent("identities", "--ca", test_pki.ca_bundle, "--crl", test_pki.crl,
+                          env=test_pki.env(), check=True).stdout
+    assert "alice: CA certificate CN=Test Issuing CA,O=Example Hospital Test PKI (not a personal identity)" in text
+    alice = text.split("alice: CN=Alice Example")[1].split("\n")[1:5]
+    assert alice[-1].strip() == "usable"
+    expired = text.split("expired: CN=Expired Example")[1].split("\n")[4]
+    assert expired.strip().startswith("UNUSABLE: expired on")

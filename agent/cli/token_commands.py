@@ -70,6 +70,9 @@ def identities(
         return
     for identity in found:
         cert = identity.certificate
+        if identity.is_ca:  # every card carries its issuer; one line is enough
+            typer.echo(f"{identity.token_label}: CA certificate {identity.subject} (not a personal identity)")
+            continue
         state = "usable" if identity.usable else f"UNUSABLE: {identity.reason}"
         typer.echo(
             f"{identity.token_label}: {identity.subject}\n"
