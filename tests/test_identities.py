@@ -137,13 +137,33 @@ def lab_token(test_pki: ProvisionedPki, tmp_path_factory: pytest.TempPathFactory
     return {**test_pki.env(), "SOFTHSM2_CONF": str(directory / "softhsm2.conf"), "CARD_PIN": USER_PIN}
 
 
-def test_extractable_key_is_refused_unless_allowed_for_a_lab(lab_token: dict[str, str]) -> None:
-    refused = json.loads(run_card_agent("identities", "--json", "--token", "lab", "--pin", "env:CARD_PIN",
-                                        env=lab_token, check=True).stdout)
-    assert not refused[0]["usable"] and refused[0]["reason"].startswith("extractable key")
-    allowed = json.loads(run_card_agent("identities", "--json", "--token", "lab", "--pin", "env:CARD_PIN",
-                                        "--allow-exportable-keys", env=lab_token, check=True).stdout)
-    assert allowed[0]["usable"] is True
+def lab_identities(lab_token: dict[str, str], *extra: str) -> dict[str, dict]:
+    result = run_card_agent("identities", "--json", "--token", "lab", *extra, env=lab_token, check=True)
+    return {entry["subject"].split(",")[0].removeprefix("CN=Lab "): entry for entry in json.loads(result.stdout)}
+
+
+def test_every_refusal_reason_on_a_real_token(lab_token: dict[str, str]) -> None:
+    found = lab_identities(lab_token, "--pin", "env:CARD_PIN")
+    assert set(found) == {"Exportable", "Keyless", "Server Only", "Future"}
+    assert found["Exportable"]["reason"].startswith("extractable key: the private key can leave the token")
+    assert found["Keyless"]["reason"] == "no matching private key (no key with CKA_ID 02 on the token)"
+    assert found["Server Only"]["reason"] == (
+        "wrong key usage: digitalSignature is not allowed by the certificate; "
+        "wrong key usage: the certificate's extended key usage has no TLS clientAuth")
+    assert found["Future"]["reason"].startswith("not yet valid: valid from ")
+    assert not any(entry["usable"] for entry in found.values())
+
+
+def test_extractable_key_is_accepted_only_when_allowed_for_a_lab(lab_token: dict[str, str]) -> None:
+    allowed = lab_identities(lab_token, "--pin", "env:CARD_PIN", "--allow-exportable-keys")
+    assert allowed["Exportable"]["usable"] is True and allowed["Exportable"]["key_checked"] is True
+
+
+def test_before_login_a_missing_key_cannot_be_told_from_a_hidden_one(lab_token: dict[str, str]) -> None:
+    found = lab_identities(lab_token)
+    # SoftHSM hides private keys before login; a key with no public half either is reported so.
+    assert found["Keyless"]["reason"] == "no matching key visible before login (CKA_ID 02): give a PIN to check"
+    assert found["Exportable"]["key_checked"] is False
 
 
 def test_readable_listing_says_usable_or_why_not(test_pki: ProvisionedPki) -> None:
