@@ -1,0 +1,1 @@
+"""Local listeners and the relay to the remote PACS."""

@@ -1,0 +1,527 @@
+"""Who is on the other end of an accepted local connection, and whether to let it in.
+
+On a shared workstation every user can connect to 127.0.0.1, and whoever gets through a tunnel
+acts with the clinician's card. So each local connection is tied to the user who opened it:
+
+* unix sockets carry the connecting process's credentials (SO_PEERCRED);
+* for TCP on loopback, the connecting socket is the row of /proc/net/tcp (or tcp6) whose local
+  address is our peer's and whose remote address is ours; the row names its owner uid and its
+  inode, and the process holding that inode is found in /proc/*/fd (costly, so only on demand).
+
+:class:`PeerPolicy` then lets in only the allowed uids and refuses a peer it cannot identify.
+The listeners made here are local by default: loopback TCP, or a unix socket kept 0600 in a
+0700 directory of ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import stat
+import string
+import struct
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from agent.errors import CardAgentError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Endpoint = tuple[IPAddress, int]
+
+PROC = "/proc"
+LISTEN_BACKLOG = 128
+TCP_TIME_WAIT = 0x06
+SOCKET_DIRECTORY_MODE = 0o700
+SOCKET_FILE_MODE = 0o600
+_STALE_PROBE_TIMEOUT = 1.0
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+_NO_UID = 0xFFFFFFFF  # (uid_t)-1: what the kernel reports when no credentials were passed
+_HEX = frozenset(string.hexdigits)
+
+
+class PeerRefusedError(CardAgentError):
+    """A local connection comes from a user who may not use the tunnel."""
+
+
+class UnidentifiedPeerError(PeerRefusedError):
+    """A local connection whose user could not be determined; refused, as it could be anyone."""
+
+
+class PeerLookupError(CardAgentError):
+    """The kernel's socket tables cannot be read, so no local client can be identified."""
+
+
+class ListenerError(CardAgentError):
+    """A local listener cannot be set up."""
+
+
+class NonLoopbackListenError(ListenerError):
+    """A listener was asked on an address other machines can reach."""
+
+
+class UnsafeSocketDirectoryError(ListenerError):
+    """The directory of a unix socket could let another user reach or replace the socket."""
+
+
+class SocketInUseError(ListenerError):
+    """Another process already listens on the socket path."""
+
+
+class SocketPathError(ListenerError):
+    """The socket path is taken by something that is not a socket."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a local connection, as far as it could be found out."""
+
+    uid: int | None
+    pid: int | None
+    address: str
+
+    def describe(self) -> str:
+        """E.g. "uid 1000 pid 4242 (storescu) from 127.0.0.1:53412"; for logs and refusals."""
+        who = "uid unknown" if self.uid is None else f"uid {self.uid}"
+        if self.pid is None:
+            return f"{who} pid unknown from {self.address}"
+        name = process_name(self.pid)
+        process = f"pid {self.pid}" if name is None else f"pid {self.pid} ({name})"
+        return f"{who} {process} from {self.address}"
+
+
+def process_name(pid: int) -> str | None:
+    """The command name of a process (/proc/PID/comm), made safe to log; None if unknown."""
+    try:
+        with open(f"{PROC}/{pid}/comm", encoding="utf-8", errors="backslashreplace") as file:
+            name = file.read().removesuffix("\n")
+    except OSError:
+        return None
+    # Any process can rename itself (prctl PR_SET_NAME): don't let it forge log lines.
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in name)
+
+
+# --- unix sockets -------------------------------------------------------------------------------
+
+
+def unix_peer(sock: socket.socket) -> Peer:
+    """The credentials the connecting process had when it called connect() (SO_PEERCRED)."""
+    if sock.family != socket.AF_UNIX:
+        raise ValueError(f"unix_peer needs a unix socket, not {sock.family!r}")
+    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    # pid is 0 when the peer lives in a PID namespace we cannot see.
+    return Peer(uid=None if uid == _NO_UID else uid, pid=pid if pid > 0 else None,
+                address=_unix_address(sock.getsockname()))
+
+
+def _unix_address(name: str | bytes) -> str:
+    if isinstance(name, bytes):  # abstract namespace: a leading NUL byte
+        return "unix:@" + name[1:].decode(errors="backslashreplace")
+    return f"unix:{name}" if name else "unix:(unnamed)"
+
+
+# --- TCP on loopback: /proc/net/tcp and /proc/net/tcp6 --------------------------------------------
+
+
+@dataclass(frozen=True)
+class TcpRow:
+    """One socket of /proc/net/tcp or /proc/net/tcp6, with the columns the peer lookup needs."""
+
+    local: Endpoint
+    remote: Endpoint
+    state: int
+    uid: int
+    inode: int
+
+
+def parse_proc_net_tcp(text: str, ipv6: bool, byteorder: Literal["little", "big"] = sys.byteorder) -> list[TcpRow]:
+    """Parse the text of /proc/net/tcp (``ipv6=False``) or /proc/net/tcp6 (``ipv6=True``).
+
+    Addresses are printed as the hex of each 32-bit word in the kernel's byte order (one word for
+    IPv4, four for IPv6), ports as 4 hex digits; uid and inode are decimal. ``byteorder`` is the
+    kernel's, which is this machine's. Raises ValueError on a line that does not fit the format.
+    """
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        columns = line.split()
+        if not columns or columns[0] == "sl":
+            continue
+        try:
+            rows.append(_parse_row(columns, ipv6, byteorder))
+        except ValueError as error:
+            raise ValueError(f"line {number} of /proc/net/tcp{'6' if ipv6 else ''}: {error}: {line.strip()!r}") from None
+    return rows
+
+
+def _parse_row(columns: list[str], ipv6: bool, byteorder: Literal["little", "big"]) -> TcpRow:
+    if len(columns) < 10:
+        raise ValueError(f"{len(columns)} columns, expected at least 10")
+    return TcpRow(local=_parse_endpoint(columns[1], ipv6, byteorder),
+                  remote=_parse_endpoint(columns[2], ipv6, byteorder),
+                  state=_hex(columns[3], 2), uid=_decimal(columns[7]), inode=_decimal(columns[9]))
+
+
+def _parse_endpoint(text: str, ipv6: bool, byteorder: Literal["little", "big"]) -> Endpoint:
+    host, colon, port = text.partition(":")
+    digits = 32 if ipv6 else 8
+    if not colon or len(host) != digits:
+        raise ValueError(f"address {text!r} is not {digits} hex digits, a colon and a port")
+    packed = b"".join(_hex(host[i:i + 8], 8).to_bytes(4, byteorder) for i in range(0, digits, 8))
+    address: IPAddress = ipaddress.IPv6Address(packed) if ipv6 else ipaddress.IPv4Address(packed)
+    return address, _hex(port, 4)
+
+
+def _hex(text: str, digits: int) -> int:
+    # int(text, 16) alone would also take signs, spaces and underscores
+    if len(text) != digits or not _HEX.issuperset(text):
+        raise ValueError(f"{text!r} is not {digits} hex digits")
+    return int(text, 16)
+
+
+def _decimal(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"{text!r} is not a decimal number")
+    return int(text)
+
+
+def find_client_row(rows: Iterable[TcpRow], client: Endpoint, server: Endpoint) -> TcpRow | None:
+    """The row of the socket at ``client`` connected to ``server``, or None.
+
+    IPv4-mapped IPv6 addresses match their IPv4 address: an IPv6 socket may reach an IPv4
+    listener through ::ffff:127.0.0.1, and an IPv4 socket may reach a dual-stack one.
+    TIME_WAIT rows are skipped: the kernel prints them with uid 0 and inode 0, which would
+    make a closed connection pass for root's.
+    """
+    wanted = (_plain(client), _plain(server))
+    for row in rows:
+        if row.state != TCP_TIME_WAIT and (_plain(row.local), _plain(row.remote)) == wanted:
+            return row
+    return None
+
+
+def _plain(endpoint: Endpoint) -> Endpoint:
+    host, port = endpoint
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        return host.ipv4_mapped, port
+    return host, port
+
+
+def _load_rows(ipv6: bool) -> list[TcpRow]:
+    path = f"{PROC}/net/tcp6" if ipv6 else f"{PROC}/net/tcp"
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except FileNotFoundError:
+        if ipv6:  # IPv6 disabled: no IPv6 sockets to look at
+            return []
+        raise PeerLookupError(f"{path} does not exist, so local TCP clients cannot be identified; "
+                              "is /proc mounted?") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise PeerLookupError(f"cannot read {path} to identify local TCP clients: {error}") from None
+    try:
+        return parse_proc_net_tcp(text, ipv6)
+    except ValueError as error:
+        raise PeerLookupError(f"cannot identify local TCP clients: unexpected format: {error}") from None
+
+
+def _endpoint(sockaddr: tuple) -> Endpoint:
+    host = str(sockaddr[0]).partition("%")[0]  # drop an IPv6 scope id; /proc shows none
+    return ipaddress.ip_address(host), int(sockaddr[1])
+
+
+def _inet_address(sockaddr: tuple) -> str:
+    host, port = _endpoint(sockaddr)
+    if host.version == 4:
+        return f"{host}:{port}"
+    if host.ipv4_mapped is not None:  # str() would give "::ffff:7f00:1"
+        return f"[::ffff:{host.ipv4_mapped}]:{port}"
+    return f"[{host}]:{port}"
+
+
+def _lookup_tcp_client(sock: socket.socket) -> tuple[str, TcpRow | None]:
+    """Our peer's address as text and the row of its socket, if it is a socket of this machine."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        raise ValueError(f"tcp_peer needs a TCP socket, not {sock.family!r}/{sock.type!r}")
+    try:
+        peername, sockname = sock.getpeername(), sock.getsockname()
+    except OSError:  # ENOTCONN: reset before we looked
+        return "(disconnected)", None
+    client, server = _endpoint(peername), _endpoint(sockname)
+    address = _inet_address(peername)
+    # The client's socket is in tcp6 if it is an IPv6 socket, even one using a mapped IPv4
+    # address, and in tcp otherwise; an IPv4 peer may therefore be in either table.
+    tables = (True,) if client[0].version == 6 and client[0].ipv4_mapped is None else (False, True)
+    for ipv6 in tables:
+        row = find_client_row(_load_rows(ipv6), client, server)
+        if row is not None:
+            return address, row
+    return address, None
+
+
+def tcp_peer(sock: socket.socket, want_pid: bool = False) -> Peer:
+    """Who opened this accepted TCP connection, if it was opened from this machine.
+
+    The uid is None when no socket of this machine (and network namespace) is the other end:
+    a remote client, or a local one that is already gone. The pid is looked up only with
+    ``want_pid``, and is None if the process cannot be found (see :func:`pid_of_socket_inode`).
+    """
+    address, row = _lookup_tcp_client(sock)
+    if row is None:
+        return Peer(uid=None, pid=None, address=address)
+    return Peer(uid=row.uid, pid=pid_of_socket_inode(row.inode) if want_pid else None, address=address)
+
+
+def pid_of_socket_inode(inode: int) -> int | None:
+    """The pid of a process holding the socket ``socket:[inode]``, by scanning /proc/*/fd.
+
+    Best effort: processes we may not look into (other users' unless we are root, or /proc
+    mounted with hidepid) and processes that exit during the scan are skipped. When several
+    processes share the socket (inherited across fork), the lowest-numbered one found first is
+    returned. It reads a link per open file on the machine, so call it only when needed.
+    """
+    if inode <= 0:  # orphaned and TIME_WAIT sockets have no inode
+        return None
+    target = f"socket:[{inode}]"
+    try:
+        pids = sorted(int(name) for name in os.listdir(PROC) if name.isdigit())
+    except OSError:
+        return None
+    for pid in pids:
+        if _holds_link(f"{PROC}/{pid}/fd", target):
+            return pid
+    return None
+
+
+def _holds_link(fd_directory: str, target: str) -> bool:
+    try:
+        with os.scandir(fd_directory) as fds:
+            for fd in fds:
+                try:
+                    if os.readlink(fd.path) == target:
+                        return True
+                except OSError:  # closed since the listing
+                    continue
+    except OSError:  # gone, or not ours to look into
+        return False
+    return False
+
+
+# --- deciding -------------------------------------------------------------------------------
+
+
+def identify_peer(sock: socket.socket, want_pid: bool = False) -> Peer:
+    """:func:`unix_peer` or :func:`tcp_peer`, depending on the socket's family."""
+    if sock.family == socket.AF_UNIX:
+        return unix_peer(sock)
+    return tcp_peer(sock, want_pid=want_pid)
+
+
+def _own_uid() -> frozenset[int]:
+    return frozenset({os.getuid()})
+
+
+@dataclass(frozen=True)
+class PeerPolicy:
+    """Which local users may use a tunnel: by default only the user running the agent."""
+
+    allowed_uids: frozenset[int] = field(default_factory=_own_uid)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_uids", frozenset(self.allowed_uids))
+
+    def allows(self, peer: Peer) -> bool:
+        return peer.uid is not None and peer.uid in self.allowed_uids
+
+    def check(self, peer: Peer) -> None:
+        """Return if ``peer`` may use the tunnel, else raise :class:`PeerRefusedError`."""
+        if peer.uid is None:
+            raise UnidentifiedPeerError(
+                f"refused local connection from {peer.describe()}: the user who opened it could not "
+                "be determined (the client may have disconnected already, or be on another machine "
+                "or in another network namespace), and a connection from an unknown user is refused")
+        if peer.uid not in self.allowed_uids:
+            raise PeerRefusedError(f"refused local connection from {peer.describe()}: {self._who_may()}")
+
+    def _who_may(self) -> str:
+        if not self.allowed_uids:
+            return "no uid may use this tunnel (allowed_uids is empty)"
+        uids = ", ".join(map(str, sorted(self.allowed_uids)))
+        noun = "uid" if len(self.allowed_uids) == 1 else "uids"
+        return f"only {noun} {uids} may use this tunnel (allowed_uids)"
+
+
+def admit_peer(sock: socket.socket, policy: PeerPolicy) -> Peer:
+    """Identify the peer of an accepted socket and check it against ``policy``.
+
+    Returns the peer if let in. The costly pid lookup of TCP peers is done only for a refusal,
+    so that its message names the process.
+    """
+    if sock.family == socket.AF_UNIX:
+        peer = unix_peer(sock)
+        policy.check(peer)
+        return peer
+    address, row = _lookup_tcp_client(sock)
+    peer = Peer(uid=None if row is None else row.uid, pid=None, address=address)
+    if not policy.allows(peer):
+        policy.check(replace(peer, pid=None if row is None else pid_of_socket_inode(row.inode)))
+    return peer
+
+
+# --- listeners ------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for "localhost", 127.0.0.0/8 and ::1 literally; any other name or address is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if address.version == 4:
+        return address.is_loopback
+    return address == ipaddress.IPv6Address("::1")
+
+
+def create_tcp_listener(host: str, port: int, unsafe_listen: bool = False) -> socket.socket:
+    """A TCP socket listening on ``host``:``port``; only loopback unless ``unsafe_listen``."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise ListenerError(f"cannot listen on {where}: the port must be between 0 and 65535")
+    if not unsafe_listen and not is_loopback(host):
+        raise NonLoopbackListenError(
+            f"refusing to listen on {where}: it is not a loopback address, so another machine could "
+            "connect through this tunnel and act with the clinician's card. Listen on 127.0.0.1 or "
+            "::1; if other machines really must connect (and a firewall you control limits which), "
+            "set `unsafe_listen = true` for this listener")
+    family, sockaddr = _bind_address(host, port, where)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        raise ListenerError(f"cannot listen on {where}: {error.strerror or error}") from None
+    return sock
+
+
+def _bind_address(host: str, port: int, where: str) -> tuple[socket.AddressFamily, tuple]:
+    if host.lower() == "localhost":
+        # Not resolved: /etc/hosts could map "localhost" to an address other machines reach.
+        return socket.AF_INET, ("127.0.0.1", port)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return (socket.AF_INET, (host, port)) if address.version == 4 else (socket.AF_INET6, (host, port, 0, 0))
+    try:  # a name: only reachable with unsafe_listen
+        family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, IndexError) as error:
+        raise ListenerError(f"cannot listen on {where}: cannot resolve {host!r}: {error}") from None
+    return family, sockaddr
+
+
+def create_unix_listener(path: str) -> socket.socket:
+    """A unix socket listening at ``path``, mode 0600, in a directory of ours with mode 0700.
+
+    The directory is created if missing. A socket file left by a previous run is replaced when
+    nothing listens on it any more.
+    """
+    _ensure_private_directory(os.path.dirname(os.path.abspath(path)))
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        sock.bind(path)
+        bound = True
+        # Until this chmod the socket has the umask's mode; the 0700 directory keeps others out.
+        os.chmod(path, SOCKET_FILE_MODE)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        if bound:
+            _unlink_quietly(path)
+        if error.errno == errno.EADDRINUSE:  # another agent started at the same moment
+            raise SocketInUseError(f"another process is already listening on {path}; stop it or "
+                                   "choose another socket path") from None
+        raise ListenerError(f"cannot listen on unix socket {path}: {error.strerror or error}") from None
+    return sock
+
+
+def _ensure_private_directory(directory: str) -> None:
+    try:
+        os.mkdir(directory, SOCKET_DIRECTORY_MODE)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise ListenerError(f"cannot create the socket directory {directory}: {error.strerror}") from None
+    else:
+        os.chmod(directory, SOCKET_DIRECTORY_MODE)  # mkdir's mode went through the umask
+    try:
+        info = os.lstat(directory)
+    except OSError as error:
+        raise ListenerError(f"cannot check the socket directory {directory}: {error.strerror}") from None
+    _check_private_directory(directory, info)
+
+
+def _check_private_directory(directory: str, info: os.stat_result) -> None:
+    required = f"it must be a directory owned by uid {os.geteuid()} (the agent's user) with mode 0700"
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeSocketDirectoryError(
+            f"the socket directory {directory} is a symbolic link; {required}: replace the link by such a directory")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeSocketDirectoryError(f"the socket directory {directory} is not a directory; {required}")
+    if info.st_uid != os.geteuid():
+        raise UnsafeSocketDirectoryError(
+            f"the socket directory {directory} is owned by uid {info.st_uid}, who could replace the "
+            f"agent's socket; {required}: remove it so that the agent creates it, or choose another path")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode != SOCKET_DIRECTORY_MODE:
+        raise UnsafeSocketDirectoryError(
+            f"the socket directory {directory} has mode {mode:04o}, so other users may reach the "
+            f"agent's sockets; {required}: run `chmod 700 {directory}`")
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ListenerError(f"cannot check the socket path {path}: {error.strerror}") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketPathError(f"{path} exists and is not a socket; it was left alone: remove it or "
+                              "choose another socket path")
+    if _something_listens(path):
+        raise SocketInUseError(f"another process is already listening on {path} (another card agent?); "
+                               "stop it or choose another socket path")
+    _unlink_quietly(path)
+
+
+def _something_listens(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_STALE_PROBE_TIMEOUT)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except (TimeoutError, BlockingIOError):  # a full backlog: someone listens but is busy
+        return True
+    except OSError as error:
+        raise ListenerError(f"cannot tell whether something listens on {path}: {error.strerror or error}") from None
+    finally:
+        probe.close()
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,588 @@
+"""Identifying and admitting local peers, and the safety of local listeners; all on real sockets.
+
+Clients of another user run as uid 65534 under `setpriv` with the system Python and plain
+sockets (no project imports), so these tests need root; they are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import selectors
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from agent.errors import CardAgentError
+from agent.tunnel import peer as peer_module
+from agent.tunnel.peer import (
+    ListenerError,
+    NonLoopbackListenError,
+    Peer,
+    PeerPolicy,
+    PeerRefusedError,
+    SocketInUseError,
+    SocketPathError,
+    TcpRow,
+    UnidentifiedPeerError,
+    UnsafeSocketDirectoryError,
+    admit_peer,
+    create_tcp_listener,
+    create_unix_listener,
+    find_client_row,
+    identify_peer,
+    is_loopback,
+    parse_proc_net_tcp,
+    pid_of_socket_inode,
+    tcp_peer,
+    unix_peer,
+)
+
+OTHER_UID = 65534
+SETPRIV = shutil.which("setpriv")
+SYSTEM_PYTHON = "/usr/bin/python3"
+IO_TIMEOUT = 5.0
+
+CLIENT = r"""
+import socket, sys
+kind, target = sys.argv[1], sys.argv[2:]
+if kind == "unix":
+    sock, address = socket.socket(socket.AF_UNIX), target[0]
+else:
+    sock = socket.socket(socket.AF_INET6 if kind == "6" else socket.AF_INET)
+    address = (target[0], int(target[1]))
+try:
+    sock.connect(address)
+except OSError as error:
+    print("error", error.errno, flush=True)
+    sys.exit(3)
+print("connected", flush=True)
+sock.recv(1)
+"""
+
+
+def _ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_other_uid = pytest.mark.skipif(
+    os.geteuid() != 0 or SETPRIV is None or not os.path.exists(SYSTEM_PYTHON),
+    reason="running a client as uid 65534 needs root, setpriv and /usr/bin/python3")
+needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback_works(), reason="no IPv6 loopback")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+
+
+# --- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def sockets() -> Iterator[ExitStack]:
+    with ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def socket_base() -> Iterator[Path]:
+    """A short directory under /tmp (unix socket paths are limited to 107 bytes)."""
+    base = Path(tempfile.mkdtemp(prefix="card-agent-peer-"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn_other_uid() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start the plain-socket CLIENT as uid 65534; every child is killed at the end."""
+    children: list[subprocess.Popen] = []
+
+    def spawn(*args: str) -> subprocess.Popen:
+        command = [SETPRIV, f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+                   SYSTEM_PYTHON, "-I", "-c", CLIENT, *args]
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd="/")
+        children.append(child)
+        return child
+
+    try:
+        yield spawn
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=IO_TIMEOUT)
+            child.stdout.close()
+
+
+def read_line(child: subprocess.Popen) -> str:
+    with selectors.DefaultSelector() as selector:
+        selector.register(child.stdout, selectors.EVENT_READ)
+        if not selector.select(IO_TIMEOUT):
+            raise AssertionError("the client printed nothing in time")
+    return child.stdout.readline().strip()
+
+
+def listen(kind: str, base: Path, sockets: ExitStack) -> socket.socket:
+    if kind == "unix":
+        listener = create_unix_listener(str(base / "agent" / "pacs.sock"))
+    else:
+        listener = create_tcp_listener("::1" if kind == "6" else "127.0.0.1", 0)
+    listener.settimeout(IO_TIMEOUT)
+    return sockets.enter_context(listener)
+
+
+def target_of(listener: socket.socket) -> list[str]:
+    if listener.family == socket.AF_UNIX:
+        return [listener.getsockname()]
+    host, port = listener.getsockname()[:2]
+    return [host, str(port)]
+
+
+def accept(listener: socket.socket, sockets: ExitStack) -> socket.socket:
+    accepted, _ = listener.accept()
+    return sockets.enter_context(accepted)
+
+
+def connect_self(listener: socket.socket, sockets: ExitStack) -> tuple[socket.socket, socket.socket]:
+    client = sockets.enter_context(socket.socket(listener.family, socket.SOCK_STREAM))
+    client.settimeout(IO_TIMEOUT)
+    client.connect(listener.getsockname())
+    return client, accept(listener, sockets)
+
+
+KINDS = ["4", pytest.param("6", marks=needs_ipv6), "unix"]
+
+
+# --- connections from this process ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_own_connection_is_identified_and_admitted(kind: str, socket_base: Path, sockets: ExitStack) -> None:
+    listener = listen(kind, socket_base, sockets)
+    client, accepted = connect_self(listener, sockets)
+
+    peer = identify_peer(accepted, want_pid=True)
+
+    assert (peer.uid, peer.pid) == (os.getuid(), os.getpid())
+    if kind == "unix":
+        assert peer.address == f"unix:{socket_base}/agent/pacs.sock"
+    else:
+        host, port = client.getsockname()[:2]
+        assert peer.address == (f"[{host}]:{port}" if kind == "6" else f"{host}:{port}")
+    PeerPolicy().check(peer)
+    assert admit_peer(accepted, PeerPolicy()).uid == os.getuid()
+    assert peer.describe().startswith(f"uid {os.getuid()} pid {os.getpid()} (")
+
+
+def test_tcp_pid_is_looked_up_only_when_asked(sockets: ExitStack) -> None:
+    client, accepted = connect_self(listen("4", Path("/"), sockets), sockets)
+    assert tcp_peer(accepted) == Peer(uid=os.getuid(), pid=None, address=f"127.0.0.1:{client.getsockname()[1]}")
+    assert tcp_peer(accepted, want_pid=True).pid == os.getpid()
+
+
+def test_ipv6_client_reaching_an_ipv4_listener_through_a_mapped_address(sockets: ExitStack) -> None:
+    # The client socket is listed in /proc/net/tcp6, although our accepted socket is IPv4.
+    listener = listen("4", Path("/"), sockets)
+    client = sockets.enter_context(socket.socket(socket.AF_INET6))
+    client.connect(("::ffff:127.0.0.1", listener.getsockname()[1]))
+    accepted = accept(listener, sockets)
+
+    peer = tcp_peer(accepted, want_pid=True)
+
+    assert (peer.uid, peer.pid) == (os.getuid(), os.getpid())
+    assert peer.address == f"127.0.0.1:{client.getsockname()[1]}"
+
+
+def test_ipv4_client_reaching_a_dual_stack_listener(sockets: ExitStack) -> None:
+    # The client socket is listed in /proc/net/tcp, although our accepted socket is IPv6.
+    listener = sockets.enter_context(socket.socket(socket.AF_INET6))
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::ffff:127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(IO_TIMEOUT)
+    client = sockets.enter_context(socket.create_connection(("127.0.0.1", listener.getsockname()[1])))
+    accepted = accept(listener, sockets)
+
+    peer = tcp_peer(accepted, want_pid=True)
+
+    assert (peer.uid, peer.pid) == (os.getuid(), os.getpid())
+    assert peer.address == f"[::ffff:127.0.0.1]:{client.getsockname()[1]}"
+
+
+def test_unknown_client_row_gives_no_uid_and_is_refused(sockets: ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, accepted = connect_self(listen("4", Path("/"), sockets), sockets)
+    # What a client that has just closed leaves: a TIME_WAIT row, printed with uid 0 and inode 0.
+    time_wait = TcpRow(local=_endpoint(client.getsockname()), remote=_endpoint(client.getpeername()),
+                       state=0x06, uid=0, inode=0)
+    monkeypatch.setattr(peer_module, "_load_rows", lambda ipv6: [] if ipv6 else [time_wait])
+
+    peer = tcp_peer(accepted, want_pid=True)
+
+    assert (peer.uid, peer.pid) == (None, None)
+    with pytest.raises(UnidentifiedPeerError, match="could not be determined") as refused:
+        admit_peer(accepted, PeerPolicy(frozenset({0, os.getuid()})))
+    assert f"uid unknown pid unknown from 127.0.0.1:{client.getsockname()[1]}" in str(refused.value)
+
+
+def _endpoint(sockaddr: tuple) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    return ipaddress.ip_address(sockaddr[0]), sockaddr[1]
+
+
+# --- connections from another user ----------------------------------------------------------
+
+
+@needs_other_uid
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_uid_is_identified_and_refused(kind: str, socket_base: Path, sockets: ExitStack,
+                                             spawn_other_uid: Callable[..., subprocess.Popen]) -> None:
+    listener = listen(kind, socket_base, sockets)
+    if kind == "unix":
+        # Bending the permissions on purpose, for this test only, so that uid 65534 can connect.
+        socket_base.chmod(0o711)
+        (socket_base / "agent").chmod(0o711)
+        (socket_base / "agent" / "pacs.sock").chmod(0o666)
+    child = spawn_other_uid(kind, *target_of(listener))
+    accepted = accept(listener, sockets)
+    assert read_line(child) == "connected"
+
+    peer = identify_peer(accepted, want_pid=True)
+
+    assert (peer.uid, peer.pid) == (OTHER_UID, child.pid)
+    with pytest.raises(PeerRefusedError) as refused:
+        PeerPolicy().check(peer)
+    message = str(refused.value)
+    assert not isinstance(refused.value, UnidentifiedPeerError)
+    assert message.startswith(f"refused local connection from uid {OTHER_UID} pid {child.pid} (python3) from ")
+    assert message.endswith(f": only uid {os.getuid()} may use this tunnel (allowed_uids)")
+    # admit_peer looks the pid up for the refusal, even though TCP peers are identified without it.
+    with pytest.raises(PeerRefusedError, match=f"uid {OTHER_UID} pid {child.pid} "):
+        admit_peer(accepted, PeerPolicy())
+    assert admit_peer(accepted, PeerPolicy(frozenset({OTHER_UID}))).uid == OTHER_UID
+
+
+@needs_other_uid
+def test_default_permissions_keep_other_users_away_from_the_unix_socket(
+        socket_base: Path, sockets: ExitStack, spawn_other_uid: Callable[..., subprocess.Popen]) -> None:
+    socket_base.chmod(0o711)  # so that only the agent's own directory stands in the way
+    listener = listen("unix", socket_base, sockets)
+    control = sockets.enter_context(socket.socket(socket.AF_UNIX))
+    control.bind(str(socket_base / "open.sock"))
+    control.listen()
+    (socket_base / "open.sock").chmod(0o666)
+
+    refused = spawn_other_uid("unix", listener.getsockname())
+    reachable = spawn_other_uid("unix", str(socket_base / "open.sock"))
+
+    assert read_line(refused) == f"error {errno.EACCES}"
+    assert read_line(reachable) == "connected"
+
+
+@needs_other_uid
+def test_socket_mode_alone_keeps_other_users_out(socket_base: Path, sockets: ExitStack,
+                                                 spawn_other_uid: Callable[..., subprocess.Popen]) -> None:
+    listener = listen("unix", socket_base, sockets)
+    socket_base.chmod(0o711)
+    (socket_base / "agent").chmod(0o711)  # the directory bent open; the 0600 socket still holds
+
+    assert read_line(spawn_other_uid("unix", listener.getsockname())) == f"error {errno.EACCES}"
+
+
+# --- parsing /proc/net/tcp(6) ---------------------------------------------------------------
+
+TCP_HEADER = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode"
+              "                                                     ")
+TCP_LINES = [
+    "   0: 0100007F:A427 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 19775 1 "
+    "00000000db170cec 100 0 0 10 0                     ",
+    "   6: 0100007F:C9E0 0100007F:A427 01 00000000:00000000 00:00000000 00000000  1000        0 19776 2 "
+    "000000008c4f1153 20 0 0 10 -1                     ",
+    "   7: 0302010A:0050 0100007F:A427 06 00000000:00000000 03:00001766 00000000     0        0 0 3 "
+    "00000000b7aea09b                                      ",
+]
+TCP6_HEADER = ("  sl  local_address                         remote_address                        st tx_queue "
+               "rx_queue tr tm->when retrnsmt   uid  timeout inode")
+TCP6_LINES = [
+    "   2: 00000000000000000000000001000000:9248 00000000000000000000000001000000:BD8F 01 00000000:00000000 "
+    "00:00000000 00000000  1000        0 19781 2 000000006724e411 20 0 0 10 -1",
+    "   3: 0000000000000000FFFF00000100007F:C9EC 0000000000000000FFFF00000100007F:A427 01 00000000:00000000 "
+    "00:00000000 00000000  1001        0 19783 2 00000000844659df 20 0 0 10 -1",
+    "   4: B80D0120000000000000000001000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 "
+    "00:00000000 00000000   104        7 19799 1 0000000000000000 100 0 0 10 0",
+]
+IP = ipaddress.ip_address
+
+
+def test_parse_ipv4_rows() -> None:
+    rows = parse_proc_net_tcp("\n".join([TCP_HEADER, *TCP_LINES]) + "\n", ipv6=False, byteorder="little")
+
+    assert rows == [
+        TcpRow(local=(IP("127.0.0.1"), 0xA427), remote=(IP("0.0.0.0"), 0), state=0x0A, uid=0, inode=19775),
+        TcpRow(local=(IP("127.0.0.1"), 51680), remote=(IP("127.0.0.1"), 42023), state=0x01, uid=1000, inode=19776),
+        TcpRow(local=(IP("10.1.2.3"), 80), remote=(IP("127.0.0.1"), 42023), state=0x06, uid=0, inode=0),
+    ]
+
+
+def test_parse_ipv6_and_ipv4_mapped_rows() -> None:
+    rows = parse_proc_net_tcp("\n".join([TCP6_HEADER, *TCP6_LINES]), ipv6=True, byteorder="little")
+
+    assert rows == [
+        TcpRow(local=(IP("::1"), 0x9248), remote=(IP("::1"), 0xBD8F), state=1, uid=1000, inode=19781),
+        TcpRow(local=(IP("::ffff:127.0.0.1"), 0xC9EC), remote=(IP("::ffff:127.0.0.1"), 0xA427), state=1,
+               uid=1001, inode=19783),
+        TcpRow(local=(IP("2001:db8::1"), 443), remote=(IP("::"), 0), state=0x0A, uid=104, inode=19799),
+    ]
+
+
+def test_parse_on_a_big_endian_kernel() -> None:
+    v4 = parse_proc_net_tcp("0: 7F000001:0050 0A010203:01BB 01 0:0 0:0 0 5 0 42", ipv6=False, byteorder="big")
+    v6 = parse_proc_net_tcp("0: 20010DB8000000000000000000000001:0050 00000000000000000000FFFF7F000001:01BB "
+                            "01 0:0 0:0 0 5 0 42", ipv6=True, byteorder="big")
+
+    assert (v4[0].local, v4[0].remote) == ((IP("127.0.0.1"), 80), (IP("10.1.2.3"), 443))
+    assert (v6[0].local, v6[0].remote) == ((IP("2001:db8::1"), 80), (IP("::ffff:127.0.0.1"), 443))
+
+
+@pytest.mark.parametrize("line", [
+    "0: 0100007F:A427 0100007F:C9E0 01 0:0 0:0 0 1000 0",                 # no inode column
+    "0: 0100007:A427 0100007F:C9E0 01 0:0 0:0 0 1000 0 7",                # 7 hex digits
+    "0: 0100007G:A427 0100007F:C9E0 01 0:0 0:0 0 1000 0 7",               # not hex
+    "0: +100007F:A427 0100007F:C9E0 01 0:0 0:0 0 1000 0 7",               # a sign int() would take
+    "0: 0100007F-A427 0100007F:C9E0 01 0:0 0:0 0 1000 0 7",               # no colon
+    "0: 0100007F:A427 0100007F:C9E0 01 0:0 0:0 0 -1 0 7",                 # negative uid
+    "0: 00000000000000000000000001000000:A427 0100007F:C9E0 01 0:0 0:0 0 1000 0 7",  # IPv6 in tcp
+])
+def test_parse_rejects_malformed_lines(line: str) -> None:
+    with pytest.raises(ValueError, match="line 1 of /proc/net/tcp:"):
+        parse_proc_net_tcp(line, ipv6=False)
+
+
+def test_find_client_row_skips_time_wait_and_matches_mapped_addresses() -> None:
+    rows = parse_proc_net_tcp("\n".join(TCP_LINES), ipv6=False, byteorder="little")
+    mapped = parse_proc_net_tcp("\n".join(TCP6_LINES), ipv6=True, byteorder="little")
+    server = (IP("127.0.0.1"), 42023)
+
+    assert find_client_row(rows, (IP("127.0.0.1"), 51680), server) == rows[1]
+    assert find_client_row(rows, (IP("::ffff:127.0.0.1"), 51680), (IP("::ffff:127.0.0.1"), 42023)) == rows[1]
+    assert find_client_row(rows, (IP("10.1.2.3"), 80), server) is None  # only a TIME_WAIT row
+    assert find_client_row(rows, server, (IP("127.0.0.1"), 51680)) is None  # that is our own end
+    assert find_client_row(mapped, (IP("127.0.0.1"), 0xC9EC), (IP("127.0.0.1"), 0xA427)) == mapped[1]
+
+
+def test_pid_of_socket_inode() -> None:
+    with socket.socket() as sock:
+        inode = os.stat(f"/proc/self/fd/{sock.fileno()}").st_ino
+        assert pid_of_socket_inode(inode) == os.getpid()
+    assert pid_of_socket_inode(inode) is None  # closed
+    assert pid_of_socket_inode(0) is None
+
+
+# --- the policy -----------------------------------------------------------------------------
+
+
+def test_policy_messages() -> None:
+    stranger = Peer(uid=1234, pid=None, address="127.0.0.1:53412")
+
+    with pytest.raises(PeerRefusedError) as one:
+        PeerPolicy().check(stranger)
+    with pytest.raises(PeerRefusedError) as several:
+        PeerPolicy(frozenset({1000, 0})).check(stranger)
+    with pytest.raises(PeerRefusedError) as none:
+        PeerPolicy(frozenset()).check(Peer(uid=os.getuid(), pid=None, address="unix:/x"))
+    with pytest.raises(UnidentifiedPeerError):
+        PeerPolicy().check(Peer(uid=None, pid=None, address="[::1]:1"))
+
+    assert str(one.value) == ("refused local connection from uid 1234 pid unknown from 127.0.0.1:53412: "
+                              f"only uid {os.getuid()} may use this tunnel (allowed_uids)")
+    assert str(several.value).endswith(": only uids 0, 1000 may use this tunnel (allowed_uids)")
+    assert str(none.value).endswith(": no uid may use this tunnel (allowed_uids is empty)")
+    assert isinstance(one.value, CardAgentError)
+    PeerPolicy(frozenset({1234})).check(stranger)
+    assert PeerPolicy().allowed_uids == frozenset({os.getuid()})
+    assert PeerPolicy({5, 6}).allowed_uids == frozenset({5, 6})  # type: ignore[arg-type]
+
+
+def test_describe_names_the_process() -> None:
+    comm = Path("/proc/self/comm").read_text().strip()
+    assert Peer(uid=7, pid=os.getpid(), address="unix:/s").describe() == f"uid 7 pid {os.getpid()} ({comm}) from unix:/s"
+
+
+def test_describe_escapes_a_forged_process_name() -> None:
+    # Any process may rename itself; a newline in its name must not start a fake log line.
+    script = "open('/proc/self/comm', 'w').write('x\\nuid 0'); print('renamed', flush=True); input()"
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert read_line(child) == "renamed"
+        assert Peer(uid=7, pid=child.pid, address="unix:/s").describe() == f"uid 7 pid {child.pid} (x\\x0auid 0) from unix:/s"
+    finally:
+        child.kill()
+        child.wait(timeout=IO_TIMEOUT)
+        child.stdin.close()
+        child.stdout.close()
+
+
+def test_unix_peer_of_a_socketpair() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        assert unix_peer(left) == Peer(uid=os.getuid(), pid=os.getpid(), address="unix:(unnamed)")
+
+
+# --- listeners ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("localhost", True), ("LocalHost", True),
+    ("0.0.0.0", False), ("::", False), ("192.168.1.10", False), ("128.0.0.1", False),
+    ("::ffff:127.0.0.1", False), ("localhost.example.org", False), ("127.1", False), ("", False),
+])
+def test_is_loopback(host: str, expected: bool) -> None:
+    assert is_loopback(host) is expected
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "pacs.example.org"])
+def test_non_loopback_listener_is_refused(host: str) -> None:
+    with pytest.raises(NonLoopbackListenError) as refused:
+        create_tcp_listener(host, 0)
+    assert "another machine could connect" in str(refused.value)
+    assert "clinician's card" in str(refused.value)
+    assert "`unsafe_listen = true`" in str(refused.value)
+
+
+def test_unsafe_listen_allows_any_address() -> None:
+    with create_tcp_listener("0.0.0.0", 0, unsafe_listen=True) as listener:
+        assert listener.getsockname()[0] == "0.0.0.0"
+
+
+@pytest.mark.parametrize(("host", "family", "bound"), [
+    ("127.0.0.1", socket.AF_INET, "127.0.0.1"),
+    ("localhost", socket.AF_INET, "127.0.0.1"),
+    pytest.param("::1", socket.AF_INET6, "::1", marks=needs_ipv6),
+])
+def test_tcp_listener(host: str, family: socket.AddressFamily, bound: str) -> None:
+    with create_tcp_listener(host, 0) as listener:
+        assert listener.family == family
+        assert listener.getsockname()[0] == bound
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+
+
+def test_tcp_listener_errors() -> None:
+    with create_tcp_listener("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenerError, match=f"cannot listen on 127.0.0.1:{port}: "):
+            create_tcp_listener("127.0.0.1", port)
+    with pytest.raises(ListenerError, match="between 0 and 65535"):
+        create_tcp_listener("127.0.0.1", 70000)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+def test_unix_listener_creates_private_directory_and_socket(umask: int, socket_base: Path, sockets: ExitStack) -> None:
+    path = socket_base / "agent" / "pacs.sock"
+    old_umask = os.umask(umask)  # the modes must not depend on the umask
+    try:
+        listener = sockets.enter_context(create_unix_listener(str(path)))
+    finally:
+        os.umask(old_umask)
+
+    directory, sock = os.lstat(path.parent), os.lstat(path)
+    assert stat.S_ISDIR(directory.st_mode) and stat.S_IMODE(directory.st_mode) == 0o700
+    assert directory.st_uid == os.geteuid()
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600
+    listener.settimeout(IO_TIMEOUT)
+    connect_self(listener, sockets)
+
+
+def test_unix_listener_keeps_an_existing_private_directory(socket_base: Path, sockets: ExitStack) -> None:
+    directory = socket_base / "agent"
+    directory.mkdir(mode=0o700)
+    (directory / "other-file").write_text("kept")
+
+    sockets.enter_context(create_unix_listener(str(directory / "pacs.sock")))
+
+    assert (directory / "other-file").read_text() == "kept"
+
+
+def test_unix_listener_refuses_an_open_directory(socket_base: Path) -> None:
+    directory = socket_base / "agent"
+    directory.mkdir()
+    directory.chmod(0o755)
+
+    with pytest.raises(UnsafeSocketDirectoryError) as refused:
+        create_unix_listener(str(directory / "pacs.sock"))
+
+    assert f"{directory} has mode 0755" in str(refused.value)
+    assert f"chmod 700 {directory}" in str(refused.value)
+    assert not (directory / "pacs.sock").exists()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o755  # reported, not silently changed
+
+
+@needs_root
+def test_unix_listener_refuses_a_directory_of_another_user(socket_base: Path) -> None:
+    directory = socket_base / "agent"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, OTHER_UID, OTHER_UID)
+
+    with pytest.raises(UnsafeSocketDirectoryError, match=f"owned by uid {OTHER_UID}"):
+        create_unix_listener(str(directory / "pacs.sock"))
+
+
+def test_unix_listener_refuses_a_symlinked_directory(socket_base: Path) -> None:
+    real = socket_base / "real"
+    real.mkdir(mode=0o700)
+    (socket_base / "agent").symlink_to(real)
+
+    with pytest.raises(UnsafeSocketDirectoryError, match="is a symbolic link"):
+        create_unix_listener(str(socket_base / "agent" / "pacs.sock"))
+
+
+def test_unix_listener_needs_the_parent_directory(socket_base: Path) -> None:
+    with pytest.raises(ListenerError, match="cannot create the socket directory") as failed:
+        create_unix_listener(str(socket_base / "missing" / "agent" / "pacs.sock"))
+    assert not isinstance(failed.value, UnsafeSocketDirectoryError)
+
+
+def test_unix_socket_in_use_is_refused(socket_base: Path, sockets: ExitStack) -> None:
+    path = str(socket_base / "agent" / "pacs.sock")
+    first = sockets.enter_context(create_unix_listener(path))
+
+    with pytest.raises(SocketInUseError, match=f"already listening on {path}"):
+        create_unix_listener(path)
+
+    first.settimeout(IO_TIMEOUT)
+    connect_self(first, sockets)  # the running listener was left alone
+
+
+def test_stale_unix_socket_is_replaced(socket_base: Path, sockets: ExitStack) -> None:
+    path = socket_base / "agent" / "pacs.sock"
+    create_unix_listener(str(path)).close()  # a crash leaves the file behind
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+    # bind() would fail with EADDRINUSE had the stale file not been removed
+    listener = sockets.enter_context(create_unix_listener(str(path)))
+
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    listener.settimeout(IO_TIMEOUT)
+    connect_self(listener, sockets)
+
+
+def test_non_socket_at_the_socket_path_is_left_alone(socket_base: Path) -> None:
+    path = socket_base / "agent" / "pacs.sock"
+    path.parent.mkdir(mode=0o700)
+    path.write_text("not a socket")
+
+    with pytest.raises(SocketPathError, match="is not a socket"):
+        create_unix_listener(str(path))
+
+    assert path.read_text() == "not a socket"
