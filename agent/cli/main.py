@@ -8,7 +8,7 @@ import sys
 import typer
 from pkcs11.exceptions import PKCS11Error
 
-from agent.cli import doctor, softhsm_commands, token_commands
+from agent.cli import doctor, run, softhsm_commands, token_commands
 from agent.errors import CardAgentError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("tokens")(token_commands.tokens)
 app.command("identities")(token_commands.identities)
 app.command("doctor")(doctor.doctor)
+app.command("run")(run.run)
 app.add_typer(softhsm_commands.app, name="softhsm")
 
 

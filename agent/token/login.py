@@ -16,7 +16,7 @@ from pkcs11.types import Session, Token
 
 from agent.errors import CardAgentError, ConfigError
 from agent.token.discovery import PinState, refresh, token_serial
-from agent.token.pin import PinSource
+from agent.token.pin import PinSource, RememberedPin
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def locked_advice(token: Token) -> str:
 
 def login(
     token: Token,
-    pin_source: PinSource,
+    pin_source: PinSource | RememberedPin,
     *,
     confirm_final_try: bool = False,
     warn: Callable[[str], None] = log.warning,

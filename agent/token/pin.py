@@ -79,3 +79,23 @@ def _read_pin_file(path: str) -> str:
     if not value:
         raise PinUnavailableError(f"PIN file {path} is empty")
     return value
+
+
+class RememberedPin:
+    """A PIN source that keeps the PIN it handed out, for a sign-in that must pass it on once
+    (to the card-session process); :meth:`forget` drops it."""
+
+    def __init__(self, source: PinSource) -> None:
+        self.source = source
+        self.value: str | None = None
+
+    @property
+    def is_protected(self) -> bool:
+        return self.source.is_protected
+
+    def read(self, prompt: str) -> str:
+        self.value = self.source.read(prompt)
+        return self.value
+
+    def forget(self) -> None:
+        self.value = None

@@ -1,0 +1,291 @@
+"""Reading ``card-agent run --config FILE``.
+
+Every key is documented in docs/configuration.md. Relative paths are relative to the directory of
+the configuration file. An unknown key is an error, so that a typo never silently drops a setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from agent.token.module import AUTO
+from agent.token.pin import PinSource
+from agent.tunnel.peer import is_loopback
+
+TLS_MODES = ("bcp195", "tls13")
+VERIFY_MODES = ("chain", "pin")
+_PIN_RE = re.compile(r"^(sha256[:/])?([0-9a-fA-F]{2}(:?[0-9a-fA-F]{2}){31})$")
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """A local listener: ``unix:/path`` or ``host:port``."""
+
+    host: str | None = None
+    port: int | None = None
+    unix_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
+        return f"[{self.host}]:{self.port}" if self.host and ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    token: str
+    module: str = AUTO
+    pin: PinSource = field(default_factory=lambda: PinSource("prompt"))
+    key_id: bytes | None = None
+    allow_exportable_keys: bool = False
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    ca: Path
+    crl: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    name: str
+    listen: ListenAddress
+    remote_host: str
+    remote_port: int
+    server_name: str
+    server_pins: tuple[bytes, ...] = ()
+    verify: str = "chain"
+    require_issuer: Path | None = None
+    tls: str = "bcp195"
+    allowed_uids: tuple[int, ...] = ()
+    unsafe_listen: bool = False
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 30.0
+
+    @property
+    def remote(self) -> str:
+        return f"{self.remote_host}:{self.remote_port}"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    source: Path
+    identity: IdentityConfig
+    trust: TrustConfig
+    tunnels: tuple[TunnelConfig, ...]
+    log_level: str = "info"
+    runtime_dir: Path | None = None
+
+
+class _Section:
+    """Typed access to one TOML table, with errors naming file, table and key."""
+
+    def __init__(self, data: dict[str, Any], where: str, base: Path) -> None:
+        self.data = dict(data)
+        self.where = where
+        self.base = base
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}.{key}: {message}")
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+        if key not in self.data:
+            if required or default is ...:
+                raise ConfigError(f"{self.where}: missing key {key!r}")
+            return default
+        value = self.data.pop(key)
+        if not isinstance(value, kind) or (kind in (int, float, (int, float)) and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.error(key, f"must be {_article(names)}, not {value!r}")
+        return value
+
+    def path(self, key: str, *, required: bool = False, must_exist: bool = True) -> Path | None:
+        value = self.take(key, str, None, required=required)
+        if value in (None, ""):
+            if required:
+                raise ConfigError(f"{self.where}: missing key {key!r}")
+            return None
+        path = (self.base / os.path.expanduser(value)).resolve()
+        if must_exist and not path.is_file():
+            raise self.error(key, f"file {path} does not exist")
+        return path
+
+    def done(self) -> None:
+        if self.data:
+            raise ConfigError(f"{self.where}: unknown key(s) {', '.join(sorted(self.data))}; see docs/configuration.md")
+
+
+def _article(names: str) -> str:
+    return ("an " if names[0] in "aeiou" else "a ") + {"str": "string", "int": "integer", "float": "number",
+                                                      "bool": "boolean (true/false)", "list": "list"}.get(names, names)
+
+
+def parse_listen(value: str, error) -> ListenAddress:
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if not os.path.isabs(path):
+            raise error("a unix socket path must be absolute, e.g. unix:/run/user/1000/card-agent/pacs.sock")
+        return ListenAddress(unix_path=path)
+    host, port = _host_port(value, error)
+    return ListenAddress(host=host, port=port)
+
+
+def _host_port(value: str, error) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not match:
+        raise error(f"{value!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise error(f"port {port} is out of range 1-65535")
+    return host, port
+
+
+def parse_pin(value: str, error) -> bytes:
+    match = _PIN_RE.fullmatch(value.strip())
+    if not match:
+        raise error(f"{value!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed, optional sha256: prefix)")
+    return bytes.fromhex(match.group(2).replace(":", ""))
+
+
+def certificate_fingerprint(der: bytes) -> bytes:
+    return hashlib.sha256(der).digest()
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    base = path.resolve().parent
+    root = _Section(data, str(path), base)
+
+    identity = _Section(root.take("identity", dict, required=True), f"{path} [identity]", base)
+    pin_text = identity.take("pin", str, "prompt")
+    try:
+        pin = PinSource.parse(pin_text)
+    except ConfigError as error:
+        raise identity.error("pin", str(error)) from None
+    key_id_text = identity.take("key_id", str, "")
+    try:
+        key_id = bytes.fromhex(key_id_text) if key_id_text else None
+    except ValueError:
+        raise identity.error("key_id", f"{key_id_text!r} is not hex (e.g. \"01\")") from None
+    identity_config = IdentityConfig(
+        token=identity.take("token", str, required=True),
+        module=identity.take("module", str, AUTO),
+        pin=pin,
+        key_id=key_id,
+        allow_exportable_keys=identity.take("allow_exportable_keys", bool, False),
+    )
+    identity.done()
+
+    trust = _Section(root.take("trust", dict, required=True), f"{path} [trust]", base)
+    crl = trust.take("crl", (list, str), [])
+    crl_items = [crl] if isinstance(crl, str) else crl
+    crl_paths = []
+    for item in crl_items:
+        if not isinstance(item, str):
+            raise trust.error("crl", f"entries must be file paths, not {item!r}")
+        crl_path = (base / os.path.expanduser(item)).resolve()
+        if not crl_path.is_file():
+            raise trust.error("crl", f"file {crl_path} does not exist")
+        crl_paths.append(crl_path)
+    trust_config = TrustConfig(ca=trust.path("ca", required=True), crl=tuple(crl_paths))
+    trust.done()
+
+    tunnels = []
+    raw_tunnels = root.take("tunnel", list, [])
+    if not raw_tunnels:
+        raise ConfigError(f"{path}: no [[tunnel]] defined: add at least one (see docs/configuration.md)")
+    names = set()
+    for index, raw in enumerate(raw_tunnels):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: [[tunnel]] #{index + 1} must be a table")
+        tunnel = _Section(raw, f"{path} [[tunnel]] #{index + 1}", base)
+        name = tunnel.take("name", str, required=True)
+        tunnel.where = f"{path} [[tunnel]] {name!r}"
+        if name in names:
+            raise tunnel.error("name", "another tunnel already has this name")
+        names.add(name)
+        tunnels.append(_tunnel(tunnel, name))
+        tunnel.done()
+    listens = [str(t.listen) for t in tunnels]
+    for duplicate in {a for a in listens if listens.count(a) > 1}:
+        raise ConfigError(f"{path}: two tunnels listen on {duplicate}")
+
+    agent = _Section(root.take("agent", dict, {}), f"{path} [agent]", base)
+    log_level = agent.take("log_level", str, "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise agent.error("log_level", "must be debug, info, warning or error")
+    runtime_dir = agent.take("runtime_dir", str, "")
+    agent.done()
+    root.done()
+    return AgentConfig(
+        source=path.resolve(),
+        identity=identity_config,
+        trust=trust_config,
+        tunnels=tuple(tunnels),
+        log_level=log_level,
+        runtime_dir=(base / runtime_dir).resolve() if runtime_dir else None,
+    )
+
+
+def _tunnel(section: _Section, name: str) -> TunnelConfig:
+    listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
+    unsafe_listen = section.take("unsafe_listen", bool, False)
+    if listen.host is not None and not is_loopback(listen.host) and not unsafe_listen:
+        raise section.error(
+            "listen", f"{listen} is not a loopback address: other machines could then use the clinician's "
+            "card. Listen on 127.0.0.1, ::1 or a unix socket, or set unsafe_listen = true if you really mean it")
+    remote_host, remote_port = _host_port(section.take("remote", str, required=True),
+                                          lambda m: section.error("remote", m))
+    server_name = section.take("server_name", str, "") or remote_host
+    pins = tuple(parse_pin(p, lambda m: section.error("server_pins", m)) if isinstance(p, str)
+                 else _bad(section, "server_pins", p) for p in section.take("server_pins", list, []))
+    verify = section.take("verify", str, "chain")
+    if verify not in VERIFY_MODES:
+        raise section.error("verify", f"must be one of {', '.join(VERIFY_MODES)} (there is no mode that verifies nothing)")
+    if verify == "pin" and not pins:
+        raise section.error("verify", "\"pin\" trusts the server by fingerprint only: give server_pins")
+    tls = section.take("tls", str, "bcp195")
+    if tls not in TLS_MODES:
+        raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}")
+    uids = section.take("allowed_uids", list, [])
+    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
+        raise section.error("allowed_uids", "must be a list of numeric user ids, e.g. [1000]")
+    timeouts = {}
+    for key, default in (("connect_timeout", 10.0), ("handshake_timeout", 30.0)):
+        value = float(section.take(key, (int, float), default))
+        if value <= 0:
+            raise section.error(key, "must be a positive number of seconds")
+        timeouts[key] = value
+    return TunnelConfig(
+        name=name,
+        listen=listen,
+        remote_host=remote_host,
+        remote_port=remote_port,
+        server_name=server_name,
+        server_pins=pins,
+        verify=verify,
+        require_issuer=section.path("require_issuer"),
+        tls=tls,
+        allowed_uids=tuple(uids),
+        unsafe_listen=unsafe_listen,
+        **timeouts,
+    )
+
+
+def _bad(section: _Section, key: str, value: object):
+    raise section.error(key, f"entries must be strings, not {value!r}")

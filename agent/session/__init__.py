@@ -1,0 +1,1 @@
+"""Card sessions: the signed-in identity, and the process that does its TLS."""

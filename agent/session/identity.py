@@ -1,0 +1,133 @@
+"""Signing in: pick the identity on the card, check the PIN once, and prepare what OpenSSL needs.
+
+Runs in the supervisor with python-pkcs11. Everything written here is public (certificates, the
+key's URI, OpenSSL settings); the PIN is only handed on to the card-session process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from agent.config.model import AgentConfig
+from agent.errors import CardAgentError
+from agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles
+from agent.tls.provider import openssl_config, provider_key_pem
+from agent.token.discovery import find_token, token_serial
+from agent.token.identities import Identity, _is_ca, list_identities
+from agent.token.login import login
+from agent.token.module import LoadedModule, load_module
+from agent.token.pin import RememberedPin
+from agent.trust.anchors import TrustAnchors, TrustError
+
+log = logging.getLogger("agent.session")
+
+
+class IdentitySelectionError(CardAgentError):
+    """The card holds no usable identity, or several and the configuration does not say which."""
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """A signed-in identity, ready for a card-session process."""
+
+    identity: Identity
+    files: ClientIdentityFiles
+    openssl_conf: Path
+    directory: Path
+    tls13_capable: bool
+    pin: str | None  # None: protected authentication path
+
+    def discard_files(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def runtime_directory(config: AgentConfig) -> Path:
+    """A private (0700) directory for the session's public files."""
+    base = config.runtime_dir or Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"card-agent-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = base.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise CardAgentError(f"runtime directory {base} must belong to uid {os.getuid()} with mode 0700: "
+                             f"fix it (chmod 700 {base}) or set [agent] runtime_dir")
+    return base
+
+
+def sign_in(config: AgentConfig, *, confirm_final_try: bool = False) -> SignedIn:
+    """Find the token, log in once with the configured PIN source, choose the identity, write its files."""
+    module = load_module(config.identity.module)
+    token = find_token(module, config.identity.token)
+    pin = RememberedPin(config.identity.pin)
+    anchors = TrustAnchors.load(config.trust.ca, config.trust.crl)
+    with login(token, pin, confirm_final_try=confirm_final_try) as session:
+        identities = list_identities(session, token, module.profile, logged_in=True,
+                                     allow_exportable_keys=config.identity.allow_exportable_keys)
+    identity = _choose(identities, config, token.label, module.profile.preferred_key_ids)
+    chain = _chain(identity, identities, anchors)
+    directory = Path(tempfile.mkdtemp(prefix="session-", dir=runtime_directory(config)))
+    files = _write_files(directory, identity, chain)
+    conf = directory / "openssl.cnf"
+    conf.write_text(_openssl_conf(module, identity))
+    if not identity.tls.tls13:
+        log.warning("identity %s: %s; its sessions use TLS 1.2", identity.subject, identity.tls.note)
+    log.info("signed in: %s (issuer %s) on token %r serial %s, %s %d, module %s (profile %s)", identity.subject,
+             identity.certificate.issuer.rfc4514_string(), token.label, token_serial(token), identity.key_type.upper(),
+             identity.key_size, module.path, module.profile.name)
+    return SignedIn(identity, files, conf, directory, identity.tls.tls13, pin.value)
+
+
+def _choose(identities: list[Identity], config: AgentConfig, label: str, preferred_ids: tuple[bytes, ...]) -> Identity:
+    personal = [i for i in identities if not _is_ca(i.certificate)]
+    if config.identity.key_id is not None:
+        chosen = [i for i in personal if i.key_id == config.identity.key_id]
+        if not chosen:
+            raise IdentitySelectionError(f"token {label!r} has no certificate with key_id {config.identity.key_id.hex()}")
+        if not chosen[0].usable:
+            raise IdentitySelectionError(f"identity {chosen[0].subject} on token {label!r} is unusable: {chosen[0].reason}")
+        return chosen[0]
+    usable = [i for i in personal if i.usable]
+    if not usable:
+        reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
+        raise IdentitySelectionError(f"token {label!r} holds no usable identity ({reasons})")
+    preferred = [i for i in usable if i.key_id in preferred_ids]
+    if len(usable) == 1 or len(preferred) == 1:
+        return (preferred or usable)[0]
+    listing = ", ".join(f"{i.subject} (key_id {i.key_id.hex()})" for i in usable)
+    raise IdentitySelectionError(f"token {label!r} holds several usable identities: {listing}; "
+                                 "choose one with [identity] key_id")
+
+
+def _chain(identity: Identity, identities: list[Identity], anchors: TrustAnchors) -> list[x509.Certificate]:
+    """Leaf and intermediates, so that a server knowing only the root accepts us."""
+    token_cas = [i.certificate for i in identities if _is_ca(i.certificate)]
+    try:
+        chain = anchors.verify_client(identity.certificate, token_cas)
+        return [c for c in chain if c.subject != c.issuer]  # the root is the server's to have
+    except TrustError as error:
+        log.warning("identity %s does not chain to [trust] ca (%s); sending it with the CA certificates found "
+                    "on the token", identity.subject, error)
+        return [identity.certificate, *(c for c in token_cas if c.subject != c.issuer)]
+
+
+def _write_files(directory: Path, identity: Identity, chain: list[x509.Certificate]) -> ClientIdentityFiles:
+    chain_path = directory / "chain.pem"
+    chain_path.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in chain))
+    key_path = directory / "key.pem"
+    key_path.write_bytes(provider_key_pem(str(identity.uri)))
+    return ClientIdentityFiles(chain=chain_path, key=key_path, subject=identity.subject,
+                               issuer=identity.certificate.issuer.rfc4514_string())
+
+
+def _openssl_conf(module: LoadedModule, identity: Identity) -> str:
+    profile = module.profile
+    pkcs1_only = identity.key_type == "rsa" and not identity.tls.tls13
+    return openssl_config(module.path, profile.provider_quirks, profile.provider_login_behavior,
+                          tls_groups=TLS_GROUPS,
+                          client_signature_algorithms=PKCS1_ONLY_SIGNATURE_ALGORITHMS if pkcs1_only else None)

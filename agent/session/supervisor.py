@@ -1,0 +1,91 @@
+"""Starting, feeding and ending a card-session process."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+from agent.config.model import AgentConfig
+from agent.errors import CardAgentError
+from agent.session import channel as messages
+from agent.session.identity import SignedIn
+
+log = logging.getLogger("agent.session")
+START_TIMEOUT_SECONDS = 60
+
+
+class CardSessionError(CardAgentError):
+    """The card-session process could not start or died."""
+
+
+class CardSession:
+    """One signed-in identity and the process doing its TLS."""
+
+    def __init__(self, config: AgentConfig, signed_in: SignedIn) -> None:
+        self.config = config
+        self.signed_in = signed_in
+        self.process: subprocess.Popen | None = None
+        self.channel: socket.socket | None = None
+
+    def start(self) -> None:
+        ours, theirs = messages.channel_pair()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
+        pin_source = self.config.identity.pin
+        if pin_source.kind == "env":
+            env.pop(pin_source.target, None)  # the child gets the PIN once, on its channel, not in its environment
+        env["OPENSSL_CONF"] = str(self.signed_in.openssl_conf)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent.session.worker", str(theirs.fileno()), self.config.log_level],
+            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.channel = ours
+        files = self.signed_in.files
+        messages.send(ours, {
+            "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
+            "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
+            "pin": self.signed_in.pin,
+        })
+        self.signed_in = dataclasses.replace(self.signed_in, pin=None)
+        ours.settimeout(START_TIMEOUT_SECONDS)
+        try:
+            reply, _ = messages.receive(ours)
+        except TimeoutError:
+            reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
+        ours.settimeout(None)
+        if reply is None or reply.get("type") != "ready":
+            self.end("start failed")
+            detail = reply.get("message") if reply else "it exited"
+            raise CardSessionError(f"the card-session process could not start: {detail}")
+        log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
+
+    def dispatch(self, tunnel: str, local: socket.socket, peer: str) -> bool:
+        """Hand an accepted local connection to the card-session process; False when there is none."""
+        if self.channel is None:
+            return False
+        try:
+            messages.send(self.channel, {"type": "connection", "tunnel": tunnel, "peer": peer}, [local.fileno()])
+        except OSError:
+            return False
+        return True
+
+    def end(self, reason: str) -> None:
+        if self.channel is not None:
+            try:
+                messages.send(self.channel, {"type": "end", "reason": reason})
+            except OSError:
+                pass
+            self.channel.close()
+            self.channel = None
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        self.signed_in.discard_files()

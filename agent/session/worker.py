@@ -1,0 +1,91 @@
+"""The card-session process: all TLS of one signed-in identity, and nothing else.
+
+Started by the supervisor with ``OPENSSL_CONF`` pointing at the session's OpenSSL configuration
+(read once, when OpenSSL starts in this process) and a channel on which it gets the PIN once, then
+accepted local connections. When the session ends (card removed, lock, agent stopping) the process
+ends, and with it the provider's login, the PIN and every resumable TLS session: nothing of the
+identity outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import sys
+import threading
+from pathlib import Path
+
+from agent.config.model import load_config
+from agent.errors import CardAgentError
+from agent.session import channel as messages
+from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context
+from agent.tunnel.relay import TunnelRuntime, handle_connection
+
+log = logging.getLogger("agent.session")
+END_GRACE_SECONDS = 2.0
+
+
+def _start(start: dict) -> dict[str, TunnelRuntime]:
+    config = load_config(Path(start["config"]))
+    files = ClientIdentityFiles(chain=Path(start["chain"]), key=Path(start["key"]), subject=start["subject"],
+                                issuer=start["issuer"])
+    pin = start.pop("pin")
+    runtimes = {}
+    for tunnel in config.tunnels:
+        try:
+            context = client_context(tunnel, config.trust, files, pin, tls13_capable=start["tls13_capable"])
+        except (ssl.SSLError, OSError) as error:
+            raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
+                                 "run `card-agent doctor`") from None
+        runtimes[tunnel.name] = TunnelRuntime(tunnel, context, ServerChecks.for_tunnel(tunnel, config.trust),
+                                              files, str(config.trust.ca))
+    del pin
+    return runtimes
+
+
+def serve(channel: socket.socket) -> int:
+    start, _ = messages.receive(channel)
+    if start is None or start.get("type") != "start":
+        return 1
+    try:
+        runtimes = _start(start)
+    except CardAgentError as error:
+        messages.send(channel, {"type": "error", "message": str(error)})
+        return 1
+    messages.send(channel, {"type": "ready"})
+    threads: list[threading.Thread] = []
+    reason = "the agent went away"
+    while True:
+        message, fds = messages.receive(channel)
+        if message is None:
+            break
+        if message["type"] == "end":
+            reason = message.get("reason", "ended")
+            break
+        if message["type"] == "connection" and fds:
+            local = socket.socket(fileno=fds[0])
+            runtime = runtimes[message["tunnel"]]
+            thread = threading.Thread(target=handle_connection, args=(runtime, local, message["peer"]),
+                                      name=f"conn-{message['tunnel']}", daemon=True)
+            thread.start()
+            threads = [t for t in threads if t.is_alive()] + [thread]
+    log.info("card session ending: %s", reason)
+    for runtime in runtimes.values():
+        runtime.closing.set()
+        runtime.forget_sessions()
+    for thread in threads:
+        thread.join(END_GRACE_SECONDS)
+    return 0
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="card-agent[session]: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger().setLevel(sys.argv[2].upper() if len(sys.argv) > 2 else "INFO")
+    channel = socket.socket(fileno=int(sys.argv[1]))
+    sys.exit(serve(channel))
+
+
+if __name__ == "__main__":
+    main()

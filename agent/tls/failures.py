@@ -1,0 +1,97 @@
+"""What went wrong with the PACS connection, in one line a clinician's IT can act on.
+
+Pure functions from an exception (and what the relay knows) to a :class:`TunnelFailure`; no I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from dataclasses import dataclass
+
+_REJECTED_OUR_CERTIFICATE = {
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not know our issuer (unknown CA)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server found our certificate bad",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the server could not accept our certificate",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the server reports our certificate revoked",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server reports our certificate expired",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "the server does not support our certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
+    "TLSV1_ALERT_ACCESS_DENIED": "the server denied access to our certificate",
+    "TLSV1_ALERT_DECRYPT_ERROR": "the server could not verify our signature",
+}
+_NO_COMMON_VERSION = {"UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "WRONG_VERSION_NUMBER",
+                      "NO_PROTOCOLS_AVAILABLE", "TLSV1_ALERT_INAPPROPRIATE_FALLBACK"}
+_NO_COMMON_ALGORITHMS = {"NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_CIPHERS_AVAILABLE",
+                         "NO_SUITABLE_SIGNATURE_ALGORITHM", "NO_SHARED_SIGNATURE_ALGORITHMS",
+                         "NO_SUITABLE_KEY_SHARE", "TLSV1_ALERT_INSUFFICIENT_SECURITY"}
+
+
+@dataclass(frozen=True)
+class TunnelFailure(Exception):
+    """Why a tunnel connection failed; ``transient`` decides A-ASSOCIATE-RJ rejected-transient vs -permanent."""
+
+    message: str
+    transient: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def connect_failure(remote: str, error: OSError, timeout: float) -> TunnelFailure:
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return TunnelFailure(f"cannot reach the PACS at {remote}: no answer within {timeout:g} s; "
+                             "check the network and the tunnel's remote", transient=True)
+    reason = {errno.ECONNREFUSED: "connection refused (is the PACS running and listening on that port?)",
+              errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable"}.get(
+        error.errno or 0, error.strerror or str(error))
+    return TunnelFailure(f"cannot reach the PACS at {remote}: {reason}", transient=True)
+
+
+def handshake_failure(remote: str, error: Exception, identity: str, ca: str, server_name: str) -> TunnelFailure:
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return TunnelFailure(f"TLS handshake with {remote} did not finish in time (slow card, or the server "
+                             "stalled)", transient=True)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        message = error.verify_message or str(error)
+        if "Hostname mismatch" in message or "IP address mismatch" in message:
+            return TunnelFailure(f"server {remote} presented a certificate that is not valid for "
+                                 f"{server_name!r}: {message} Check server_name of the tunnel")
+        return TunnelFailure(f"server {remote} is not trusted: {message}; its certificate must chain to a CA "
+                             f"in [trust] ca ({ca}) and not be revoked")
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or ""
+        if reason in _REJECTED_OUR_CERTIFICATE:
+            return rejected_our_certificate(identity, _REJECTED_OUR_CERTIFICATE[reason])
+        if reason in _NO_COMMON_VERSION:
+            return TunnelFailure(f"server {remote} offers no TLS version the BCP 195 policy allows (TLS 1.2 or "
+                                 f"1.3; {reason}); the agent never falls back to older TLS: upgrade the PACS")
+        if reason in _NO_COMMON_ALGORITHMS:
+            return TunnelFailure(f"server {remote} shares no cipher suite, group or signature algorithm with the "
+                                 f"BCP 195 policy (ECDHE with AES-GCM/ChaCha20, X25519/P-256; {reason})")
+        if isinstance(error, ssl.SSLEOFError):
+            return TunnelFailure(f"server {remote} closed the connection during the TLS handshake "
+                                 "(is it a TLS port?)", transient=True)
+        return TunnelFailure(f"TLS handshake with {remote} failed: {reason or error}")
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, EOFError)):
+        return TunnelFailure(f"server {remote} closed the connection during the TLS handshake (is it a TLS port, "
+                             "and does it accept our certificate?)", transient=True)
+    return TunnelFailure(f"TLS handshake with {remote} failed: {error}")
+
+
+def rejected_our_certificate(identity: str, detail: str) -> TunnelFailure:
+    return TunnelFailure(f"server rejected our certificate ({identity}): {detail}; check that the PACS "
+                         "trusts this issuer and that the certificate is valid and not revoked")
+
+
+def failure_after_handshake(remote: str, error: Exception | None, identity: str, received_any: bool) -> TunnelFailure:
+    """The server ended the connection after the handshake; with TLS 1.3 that is how it rejects a client."""
+    if isinstance(error, ssl.SSLError) and (error.reason or "") in _REJECTED_OUR_CERTIFICATE:
+        return rejected_our_certificate(identity, _REJECTED_OUR_CERTIFICATE[error.reason])
+    if not received_any:
+        return rejected_our_certificate(
+            identity, "the server closed the connection right after the TLS handshake, which is how TLS 1.3 "
+                      "servers refuse a client certificate")
+    detail = f": {error.reason or error}" if isinstance(error, ssl.SSLError) else ""
+    return TunnelFailure(f"server {remote} closed the connection unexpectedly{detail}", transient=True)

@@ -1,0 +1,171 @@
+"""TLS policy of the tunnels: DICOM PS3.15 "BCP 195 RFC 8996, 9325".
+
+TLS 1.2 and 1.3 only (1.3 preferred), TLS 1.2 only with ECDHE and AEAD suites, groups X25519 and
+P-256, no renegotiation, no compression, no 0-RTT (Python offers none). Hostname verification is
+always on. The server is trusted by its chain to the configured anchors (default), by the chain
+and a pinned certificate fingerprint, or, when chosen explicitly, by the pin alone; a tunnel may
+also require that the server's chain pass through a given CA (the thesis's per-tenant check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from agent.config.model import TrustConfig, TunnelConfig
+from agent.errors import CardAgentError
+from agent.trust.anchors import TrustAnchors, load_certificates
+
+TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])
+TLS_GROUPS = "X25519:P-256"
+# For an RSA key whose token cannot do PSS: offer the server PKCS#1 v1.5 only (TLS 1.2).
+PKCS1_ONLY_SIGNATURE_ALGORITHMS = "RSA+SHA256:RSA+SHA384:RSA+SHA512"
+
+
+class ServerVerificationError(CardAgentError):
+    """The server's certificate does not meet the tunnel's verification settings."""
+
+
+class TlsPolicyError(CardAgentError):
+    """The tunnel's TLS settings cannot be met with this identity."""
+
+
+@dataclass(frozen=True)
+class ClientIdentityFiles:
+    """What OpenSSL needs to present the card's identity: no secret among them."""
+
+    chain: Path  # leaf + intermediates, PEM
+    key: Path  # PKCS#11 PROVIDER URI PEM
+    subject: str
+    issuer: str
+
+    def describe(self) -> str:
+        return f"{_common_name(self.subject)}, issuer {_common_name(self.issuer)}"
+
+
+def _common_name(rfc4514: str) -> str:
+    first = next((part for part in rfc4514.split(",") if part.startswith("CN=")), rfc4514)
+    return first
+
+
+def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIdentityFiles, pin: str | None,
+                   *, tls13_capable: bool) -> ssl.SSLContext:
+    """The SSLContext of one tunnel, with the card's identity loaded (this is when the token is used first)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tunnel.tls == "tls13" else ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3 if tls13_capable else ssl.TLSVersion.TLSv1_2
+    if tunnel.tls == "tls13" and not tls13_capable:
+        raise TlsPolicyError(
+            f"tunnel {tunnel.name!r} requires TLS 1.3 (tls = \"tls13\") but the token cannot sign with RSA-PSS, "
+            "which TLS 1.3 needs for an RSA key: use tls = \"bcp195\" (TLS 1.2 then) or an EC/PSS-capable card"
+        )
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if tunnel.verify == "pin":
+        # Trust comes from the pin, checked after the handshake together with the host name.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.check_hostname = True
+        context.load_verify_locations(cafile=str(trust.ca))
+        for crl in trust.crl:
+            context.load_verify_locations(cafile=str(crl))
+        if trust.crl:
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    context.load_cert_chain(str(identity.chain), str(identity.key), password=pin if pin is not None else "")
+    return context
+
+
+@dataclass(frozen=True)
+class ServerChecks:
+    """What is verified after the handshake, from the server's leaf certificate."""
+
+    tunnel: TunnelConfig
+    anchors: TrustAnchors | None
+    required_issuer: x509.Certificate | None
+
+    @classmethod
+    def for_tunnel(cls, tunnel: TunnelConfig, trust: TrustConfig) -> ServerChecks:
+        required = load_certificates(tunnel.require_issuer)[0] if tunnel.require_issuer else None
+        anchors = TrustAnchors.load(trust.ca) if required is not None else None
+        return cls(tunnel, anchors, required)
+
+    def verify(self, leaf_der: bytes | None) -> None:
+        tunnel = self.tunnel
+        if leaf_der is None:
+            raise ServerVerificationError(f"server {tunnel.remote} sent no certificate")
+        leaf = x509.load_der_x509_certificate(leaf_der)
+        if tunnel.server_pins:
+            fingerprint = hashlib.sha256(leaf_der).digest()
+            if fingerprint not in tunnel.server_pins:
+                raise ServerVerificationError(
+                    f"server certificate {leaf.subject.rfc4514_string()} has SHA-256 fingerprint "
+                    f"{fingerprint.hex(':')}, which is not among server_pins of tunnel {tunnel.name!r}: "
+                    "if the PACS certificate was renewed, pin the new one"
+                )
+        if tunnel.verify == "pin":
+            _check_host_name(leaf, tunnel.server_name)
+        if self.required_issuer is not None:
+            self._check_issuer(leaf)
+
+    def _check_issuer(self, leaf: x509.Certificate) -> None:
+        assert self.anchors is not None and self.required_issuer is not None
+        subject = _subject_for(self.tunnel.server_name)
+        verifier = PolicyBuilder().store(Store(list(self.anchors.roots))).build_server_verifier(subject)
+        required = self.required_issuer.subject.rfc4514_string()
+        try:
+            chain = verifier.verify(leaf, list(self.anchors.intermediates))
+        except VerificationError as error:
+            raise ServerVerificationError(
+                f"cannot build the chain of server certificate {leaf.subject.rfc4514_string()} to check "
+                f"require_issuer ({required}): {error}; put the server's intermediate CAs in [trust] ca"
+            ) from None
+        if self.required_issuer not in chain:
+            path = " <- ".join(c.subject.rfc4514_string() for c in chain)
+            raise ServerVerificationError(
+                f"server chain {path} does not pass through the required issuer {required} (require_issuer of "
+                f"tunnel {self.tunnel.name!r}): this server belongs to another tenant or PKI"
+            )
+
+
+def _subject_for(server_name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(server_name))
+    except ValueError:
+        return x509.DNSName(server_name)
+
+
+def _check_host_name(leaf: x509.Certificate, server_name: str) -> None:
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = x509.SubjectAlternativeName([])
+    try:
+        wanted_ip = ipaddress.ip_address(server_name)
+        ok = wanted_ip in names.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        ok = any(_dns_matches(pattern, server_name) for pattern in names.get_values_for_type(x509.DNSName))
+    if not ok:
+        raise ServerVerificationError(
+            f"server certificate {leaf.subject.rfc4514_string()} is not valid for {server_name!r} "
+            "(hostname verification is always on, pinned or not): fix server_name"
+        )
+
+
+def _dns_matches(pattern: str, host: str) -> bool:
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return "." in host and host.split(".", 1)[1] == pattern[2:]
+    return pattern == host

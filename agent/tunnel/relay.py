@@ -1,0 +1,383 @@
+"""One local DICOM connection relayed to the PACS over TLS with the card's identity.
+
+Each connection has its own thread, which owns the TLS object (an ``ssl.SSLObject`` over memory
+BIOs, so the relay decides every read and write) and both sockets. The handshake, and with it the
+token's signature, runs in that thread with the GIL released: a slow card never stalls data
+flowing in other connections. The relay is byte-exact and full-duplex, and forwards half-closes
+(local EOF becomes TLS close_notify; the server's close_notify becomes a local FIN).
+
+It watches PDU boundaries in the server-to-application direction so that, when something fails,
+the application gets a well-formed A-ASSOCIATE-RJ (association not yet accepted) or A-ABORT
+instead of a bare reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+from agent.config.model import TunnelConfig
+from agent.dicom.pdu import (A_ASSOCIATE_AC, A_ASSOCIATE_RJ, AbortReason, AbortSource, AcseRejectReason,
+                             AssociationPdu, MalformedPduError, PduFramer, PresentationRejectReason, RejectResult,
+                             RejectSource, a_abort, a_associate_rj)
+from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
+from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
+
+log = logging.getLogger("agent.tunnel")
+
+CHUNK = 256 * 1024
+HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
+REJECT_READ_TIMEOUT = 3.0
+POLL_INTERVAL_MS = 500
+
+
+@dataclass
+class TunnelRuntime:
+    """A tunnel inside the card session: its TLS context and resumable session."""
+
+    config: TunnelConfig
+    context: ssl.SSLContext
+    checks: ServerChecks
+    identity: ClientIdentityFiles
+    trust_ca: str
+    closing: threading.Event = field(default_factory=threading.Event)
+    _session: ssl.SSLSession | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    open_connections: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_error: str | None = None
+
+    def resumable_session(self) -> ssl.SSLSession | None:
+        with self._lock:
+            return self._session
+
+    def remember_session(self, session: ssl.SSLSession | None) -> None:
+        if session is not None:
+            with self._lock:
+                self._session = session
+
+    def forget_sessions(self) -> None:
+        with self._lock:
+            self._session = None
+
+    def count(self, delta_open: int = 0, up: int = 0, down: int = 0, error: str | None = None) -> None:
+        with self._lock:
+            self.open_connections += delta_open
+            self.bytes_up += up
+            self.bytes_down += down
+            if error:
+                self.last_error = error
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Tls:
+    """The TLS object and its memory BIOs."""
+
+    def __init__(self, runtime: TunnelRuntime) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = runtime.context.wrap_bio(self.incoming, self.outgoing,
+                                            server_hostname=runtime.config.server_name,
+                                            session=runtime.resumable_session())
+
+    def pending_output(self) -> bytes:
+        return self.outgoing.read() if self.outgoing.pending else b""
+
+
+def _connect(runtime: TunnelRuntime) -> socket.socket:
+    config = runtime.config
+    try:
+        remote = socket.create_connection((config.remote_host, config.remote_port), timeout=config.connect_timeout)
+    except OSError as error:
+        raise connect_failure(config.remote, error, config.connect_timeout) from None
+    set_nodelay(remote)
+    return remote
+
+
+def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
+    config = runtime.config
+    tls = _Tls(runtime)
+    deadline = time.monotonic() + config.handshake_timeout
+    try:
+        while True:
+            try:
+                tls.obj.do_handshake()
+                remote.sendall(tls.pending_output())
+                return tls
+            except ssl.SSLWantReadError:
+                remote.sendall(tls.pending_output())
+                remote.settimeout(max(0.001, deadline - time.monotonic()))
+                data = remote.recv(CHUNK)
+                if data:
+                    tls.incoming.write(data)
+                else:
+                    tls.incoming.write_eof()
+    except (OSError, ssl.SSLError) as error:
+        try:  # let the server see our alert, if OpenSSL wrote one
+            remote.sendall(tls.pending_output())
+        except OSError:
+            pass
+        raise handshake_failure(config.remote, error, runtime.identity.describe(), runtime.trust_ca,
+                                config.server_name) from None
+
+
+def handle_connection(runtime: TunnelRuntime, local: socket.socket, peer: str) -> None:
+    """Serve one accepted local connection to the end; never raises."""
+    config = runtime.config
+    set_nodelay(local)
+    runtime.count(delta_open=1)
+    started = time.monotonic()
+    remote: socket.socket | None = None
+    try:
+        try:
+            remote = _connect(runtime)
+            tls = _handshake(runtime, remote)
+            try:
+                runtime.checks.verify(tls.obj.getpeercert(binary_form=True))
+            except ServerVerificationError as error:
+                raise TunnelFailure(str(error)) from None
+        except TunnelFailure as failure:
+            runtime.count(error=failure.message)
+            log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
+            reject_local(local, failure)
+            return
+        relay = _Relay(runtime, local, remote, tls, peer)
+        relay.run()
+        runtime.remember_session(tls.obj.session)
+        log.info("tunnel %s: %s: %s %s to %s as %s, %d bytes up, %d down, %.1f s%s", config.name, peer,
+                 tls.obj.version(), "resumed" if tls.obj.session_reused else "full handshake", config.remote,
+                 runtime.identity.describe(), relay.bytes_up, relay.bytes_down, time.monotonic() - started,
+                 f"; {relay.failure.message}" if relay.failure else "")
+    except Exception:  # a bug must end this connection, not the agent
+        log.exception("tunnel %s: %s: internal error", config.name, peer)
+    finally:
+        runtime.count(delta_open=-1)
+        for sock in (local, remote):
+            if sock is not None:
+                sock.close()
+
+
+def reject_pdu(*, transient: bool) -> bytes:
+    """The A-ASSOCIATE-RJ the agent answers with when it cannot reach or trust the PACS."""
+    if transient:
+        return a_associate_rj(RejectResult.REJECTED_TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                              PresentationRejectReason.TEMPORARY_CONGESTION)
+    return a_associate_rj(RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE,
+                          AcseRejectReason.NO_REASON_GIVEN)
+
+
+def abort_pdu() -> bytes:
+    return a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.REASON_NOT_SPECIFIED)
+
+
+def _read_one_pdu(local: socket.socket, timeout: float) -> None:
+    """Consume what the application sent (normally its A-ASSOCIATE-RQ) so that closing does not reset."""
+    framer = PduFramer()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            local.settimeout(max(0.001, deadline - time.monotonic()))
+            data = local.recv(CHUNK)
+            if not data:
+                return
+            if any(isinstance(event, AssociationPdu) for event in framer.feed(data)):
+                return
+    except (OSError, MalformedPduError):
+        return
+
+
+def reject_local(local: socket.socket, failure: TunnelFailure) -> None:
+    """Answer the application's association request with A-ASSOCIATE-RJ, then close gracefully."""
+    _read_one_pdu(local, REJECT_READ_TIMEOUT)
+    _send_and_close(local, reject_pdu(transient=failure.transient))
+
+
+def _send_and_close(local: socket.socket, data: bytes) -> None:
+    try:
+        local.settimeout(2.0)
+        local.sendall(data)
+        local.shutdown(socket.SHUT_WR)
+        while local.recv(CHUNK):  # until the application closes, so our PDU is not lost to a reset
+            pass
+    except OSError:
+        pass
+
+
+class _Relay:
+    def __init__(self, runtime: TunnelRuntime, local: socket.socket, remote: socket.socket, tls: _Tls,
+                 peer: str) -> None:
+        self.runtime = runtime
+        self.local = local
+        self.remote = remote
+        self.tls = tls
+        self.peer = peer
+        self.to_local = bytearray()
+        self.to_remote = bytearray(tls.pending_output())
+        self.down_framer = PduFramer()
+        self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the application
+        self.local_eof = False
+        self.remote_done = False
+        self.local_write_closed = False
+        self.received_any = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.failure: TunnelFailure | None = None
+
+    def run(self) -> None:
+        self.local.setblocking(False)
+        self.remote.setblocking(False)
+        poller = select.poll()
+        local_fd, remote_fd = self.local.fileno(), self.remote.fileno()
+        poller.register(local_fd, 0)
+        poller.register(remote_fd, 0)
+        try:
+            while self.failure is None:
+                local_mask = (select.POLLIN if not self.local_eof and len(self.to_remote) < HIGH_WATER else 0) | (
+                    select.POLLOUT if self.to_local else 0)
+                remote_mask = (select.POLLIN if not self.remote_done and len(self.to_local) < HIGH_WATER else 0) | (
+                    select.POLLOUT if self.to_remote else 0)
+                if self.remote_done and not self.to_local and not self.local_write_closed:
+                    self._close_local_write()
+                if self._finished(local_mask, remote_mask):
+                    return
+                poller.modify(local_fd, local_mask)
+                poller.modify(remote_fd, remote_mask)
+                for fd, events in poller.poll(POLL_INTERVAL_MS):
+                    if fd == local_fd:
+                        self._on_local(events)
+                    else:
+                        self._on_remote(events)
+                if self.runtime.closing.is_set():
+                    self.failure = TunnelFailure("the card session ended")
+        except OSError as error:
+            self.failure = self.failure or TunnelFailure(f"connection error: {error.strerror or error}", True)
+        if self.failure is not None:
+            self.runtime.count(error=self.failure.message)
+            log.warning("tunnel %s: %s: %s", self.runtime.config.name, self.peer, self.failure.message)
+            self._tell_application()
+
+    def _finished(self, local_mask: int, remote_mask: int) -> bool:
+        if self.remote_done and self.local_write_closed and (self.local_eof or not local_mask & select.POLLIN):
+            return True
+        if self.local_eof and self.remote_done and not self.to_remote and not self.to_local:
+            return True
+        return not local_mask and not remote_mask
+
+    def _close_local_write(self) -> None:
+        self.local_write_closed = True
+        try:
+            self.local.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if not self.local_eof:
+            # The server is done; the application gets a moment to close its side.
+            self.local.settimeout(5.0)
+            try:
+                while self.local.recv(CHUNK):
+                    pass
+            except OSError:
+                pass
+            self.local_eof = True
+
+    def _on_local(self, events: int) -> None:
+        if events & select.POLLOUT and self.to_local:
+            sent = self._send(self.local, self.to_local)
+            del self.to_local[:sent]
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not self.local_eof:
+            try:
+                data = self.local.recv(CHUNK)
+            except BlockingIOError:
+                return
+            except ConnectionResetError:
+                data = b""
+            if data:
+                self.bytes_up += len(data)
+                self.runtime.count(up=len(data))
+                self.tls.obj.write(data)
+            else:
+                self.local_eof = True
+                if not self.remote_done:
+                    try:
+                        self.tls.obj.unwrap()  # close_notify: our half of the connection ends
+                    except (ssl.SSLWantReadError, ssl.SSLError):
+                        pass
+            self.to_remote += self.tls.pending_output()
+
+    def _on_remote(self, events: int) -> None:
+        if events & select.POLLOUT and self.to_remote:
+            sent = self._send(self.remote, self.to_remote)
+            del self.to_remote[:sent]
+        if not events & (select.POLLIN | select.POLLHUP | select.POLLERR) or self.remote_done:
+            return
+        try:
+            data = self.remote.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except ConnectionResetError as error:
+            return self._remote_failed(error)
+        if data:
+            self.tls.incoming.write(data)
+        else:
+            self.tls.incoming.write_eof()
+        while True:
+            try:
+                plain = self.tls.obj.read(CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.remote_done = True
+                break
+            except ssl.SSLError as error:
+                return self._remote_failed(error)
+            if not plain:
+                break
+            self.received_any = True
+            self._to_application(plain)
+        self.to_remote += self.tls.pending_output()
+
+    def _to_application(self, plain: bytes) -> None:
+        try:
+            for event in self.down_framer.feed(plain):
+                if isinstance(event, AssociationPdu) and event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
+                    self.association_answered = True
+        except MalformedPduError as error:
+            self.failure = TunnelFailure(f"malformed PDU from the server: {error}")
+            return
+        self.bytes_down += len(plain)
+        self.runtime.count(down=len(plain))
+        self.to_local += plain
+
+    def _remote_failed(self, error: Exception | None) -> None:
+        config = self.runtime.config
+        if self.association_answered:
+            detail = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+            self.failure = TunnelFailure(f"server {config.remote} broke the connection: {detail}", transient=True)
+        else:
+            self.failure = failure_after_handshake(config.remote, error, self.runtime.identity.describe(),
+                                                   self.received_any)
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytearray) -> int:
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    def _tell_application(self) -> None:
+        """A-ASSOCIATE-RJ before the association was answered, else A-ABORT, at a PDU boundary only."""
+        if not self.down_framer.at_boundary:
+            return  # a PDU is half-delivered: anything we add would corrupt it; closing says enough
+        assert self.failure is not None
+        pdu = abort_pdu() if self.association_answered else reject_pdu(transient=self.failure.transient)
+        self.local.setblocking(True)
+        _send_and_close(self.local, bytes(self.to_local) + pdu)
