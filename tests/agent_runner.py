@@ -1,0 +1,162 @@
+"""Run the real `card-agent run` in a subprocess for tests, with a configuration written from dicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from agent.dicom.pdu import AssociateRequest, MaximumLength, PresentationContextItemRQ, encode_associate_rq
+from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def _table(name: str, values: dict[str, Any], array: bool = False) -> str:
+    header = f"[[{name}]]" if array else f"[{name}]"
+    return "\n".join([header, *(f"{k} = {_toml_value(v)}" for k, v in values.items())]) + "\n"
+
+
+def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, Any]], *, token: str = "alice",
+                 module: str = "softhsm2", identity: dict[str, Any] | None = None,
+                 trust: dict[str, Any] | None = None) -> Path:
+    identity_table = {"token": token, "module": module, "pin": "env:CARD_PIN", **(identity or {})}
+    trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl], **(trust or {})}
+    text = _table("identity", identity_table) + _table("trust", trust_table)
+    text += "".join(_table("tunnel", tunnel, array=True) for tunnel in tunnels)
+    path.write_text(text)
+    return path
+
+
+def tunnel(name: str, remote_port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "listen": f"127.0.0.1:{free_port()}", "remote": f"127.0.0.1:{remote_port}",
+            "server_name": "localhost", **extra}
+
+
+@dataclass
+class RunningAgent:
+    process: subprocess.Popen
+    log_path: Path
+    tunnels: list[dict[str, Any]]
+
+    def port(self, name: str | None = None) -> int:
+        chosen = next(t for t in self.tunnels if name in (None, t["name"]))
+        return int(chosen["listen"].rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the agent's log:\n{self.log()}")
+
+
+def start_agent(config: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([CARD_AGENT, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def stop_agent(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            return process.wait()
+    return process.returncode
+
+
+@contextmanager
+def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[str, Any]], *,
+                  pin: str = USER_PIN, env: dict[str, str] | None = None, **config: Any) -> Iterator[RunningAgent]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = write_config(workdir / "agent.toml", test_pki, tunnels, **config)
+    log_path = workdir / "agent.log"
+    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})))
+    agent = RunningAgent(process, log_path, tunnels)
+    try:
+        deadline = time.monotonic() + 30
+        while "card-agent: INFO: ready:" not in agent.log():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the agent did not become ready (exit {process.poll()}):\n{agent.log()}")
+            time.sleep(0.05)
+        yield agent
+    finally:
+        stop_agent(process)
+
+
+@contextmanager
+def s_server(test_pki: ProvisionedPki, workdir: Path, *args: str, cert: str = "server-chain.pem",
+             key: str = "server.key", ca: str = "ca-bundle.pem") -> Iterator[tuple[int, Path]]:
+    """openssl s_server requiring a client certificate; files are named inside the test PKI; yields (port, log)."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"s_server-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(test_pki.pki / cert),
+             "-key", str(test_pki.pki / key), "-CAfile", str(test_pki.pki / ca), "-Verify", "3",
+             "-verify_return_error", *args], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+            env=test_pki.env())
+    try:
+        wait_for(lambda: "ACCEPT" in log_path.read_text())
+        yield port, log_path
+    finally:
+        process.kill()
+        process.wait()
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def send_and_close(port: int, data: bytes = b"hello through the card\n") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as client:
+        client.sendall(data)
+        client.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+        return received
+
+
+def associate_rq() -> bytes:
+    """A minimal A-ASSOCIATE-RQ for Verification, as an application would send it."""
+    return encode_associate_rq(AssociateRequest(
+        protocol_version=1, called_ae_title="PACS", calling_ae_title="TESTSCU",
+        application_context_name="1.2.840.10008.3.1.1.1",
+        presentation_contexts=(PresentationContextItemRQ(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",)),),
+        user_information=(MaximumLength(16384),),
+    ))

@@ -1,0 +1,127 @@
+"""The tunnel's TLS as the server sees it, with `openssl s_server` and a Python TLS peer as servers:
+BCP 195 offer, TLS versions and CertificateVerify schemes per key type, resumption without token
+signatures, byte-exact full-duplex relay with half-close, and refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.dicom.pdu import A_ASSOCIATE_RJ, PduType, parse_associate_rj
+from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
+from conftest import ProvisionedPki
+
+
+@pytest.mark.parametrize("token, version_args, sigalgs, expected_version, expected_signature", [
+    ("alice", ["-tls1_3"], None, "TLSv1.3", "RSA-PSS"),
+    ("alice", ["-tls1_2"], "RSA-PSS+SHA256", "TLSv1.2", "RSA-PSS"),
+    ("alice", ["-tls1_2"], "RSA+SHA256", "TLSv1.2", "RSA"),
+    ("bob", ["-tls1_3"], None, "TLSv1.3", "ECDSA"),
+    ("bob", ["-tls1_2"], None, "TLSv1.2", "ECDSA"),
+])
+def test_token_signs_certificate_verify_for_each_key_type_and_version(
+        test_pki: ProvisionedPki, tmp_path: Path, token: str, version_args: list[str], sigalgs: str | None,
+        expected_version: str, expected_signature: str) -> None:
+    extra = ["-client_sigalgs", sigalgs] if sigalgs else []
+    with s_server(test_pki, tmp_path, "-naccept", "1", *version_args, *extra) as (port, log_path):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)], token=token) as agent:
+            send_and_close(agent.port())
+            wait_for(lambda: "CONNECTION CLOSED" in log_path.read_text() or "DONE" in log_path.read_text())
+            agent.wait_for_log(expected_version)
+    log = log_path.read_text()
+    common_name = {"alice": "Alice Example", "bob": "Bob Example"}[token]
+    assert f"subject=O = Example Hospital Test PKI, CN = {common_name}" in log
+    assert f"Peer signature type: {expected_signature}\n" in log, log
+    assert "hello through the card" in log  # the bytes crossed the tunnel
+
+
+def test_offer_follows_bcp_195(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with s_server(test_pki, tmp_path, "-naccept", "1", "-tls1_2") as (port, log_path):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)]):
+            pass  # nothing connects yet: the agent must not contact the PACS on its own
+        assert "Shared ciphers" not in log_path.read_text()
+        with running_agent(test_pki, tmp_path / "agent2", [tunnel("raw", port)]) as agent:
+            send_and_close(agent.port())
+            wait_for(lambda: "Shared ciphers" in log_path.read_text())
+    log = log_path.read_text()
+    assert "Supported groups: x25519:secp256r1\n" in log
+    offered = next(line for line in log.splitlines() if line.startswith("Shared ciphers:")).split(":", 1)[1]
+    tls12 = [c for c in offered.split(":") if not c.startswith("TLS_")]
+    assert tls12 and all(c.startswith("ECDHE-") and ("GCM" in c or "CHACHA20" in c) for c in tls12), tls12
+
+
+def test_tls11_only_server_is_refused_with_a_dicom_reject(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with s_server(test_pki, tmp_path, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0") as (port, _):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("old", port)]) as agent:
+            answer = send_and_close(agent.port(), associate_rq())
+            log = agent.wait_for_log("offers no TLS version")
+    assert answer[0] == A_ASSOCIATE_RJ
+    assert parse_associate_rj(answer[:10]).describe().startswith("rejected-permanent")
+    assert "the agent never falls back to older TLS" in log
+
+
+class _FramedEchoServer:
+    """A TLS server (file key, the PACS certificate) that reads the whole request until the client's
+    close_notify, then answers with P-DATA-TF PDUs carrying the same bytes, and closes."""
+
+    def __init__(self, test_pki: ProvisionedPki) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
+        self.context.load_verify_locations(test_pki.ca_bundle)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.peer_certificates: list[bytes] = []
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.context.wrap_socket(raw, server_side=True) as tls:
+                self.peer_certificates.append(tls.getpeercert(binary_form=True))
+                data = bytearray()
+                while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen
+                    data += chunk
+                self.received.append(bytes(data))
+                for offset in range(0, len(data), 60000):
+                    piece = bytes(data[offset:offset + 60000])
+                    tls.sendall(struct.pack(">BBL", PduType.P_DATA_TF, 0, len(piece)) + piece)
+                tls.unwrap()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_relay_is_byte_exact_and_forwards_half_close(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    server = _FramedEchoServer(test_pki)
+    payload = os.urandom(8 * 1024 * 1024)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port)]) as agent:
+            answer = send_and_close(agent.port(), payload)
+    finally:
+        server.close()
+    assert hashlib.sha256(server.received[0]).digest() == hashlib.sha256(payload).digest()
+    unframed = bytearray()
+    offset = 0
+    while offset < len(answer):
+        pdu_type, _, length = struct.unpack(">BBL", answer[offset:offset + 6])
+        assert pdu_type == PduType.P_DATA_TF
+        unframed += answer[offset + 6:offset + 6 + length]
+        offset += 6 + length
+    assert bytes(unframed) == payload
+    alice = (test_pki.pki / "clients" / "alice.pem").read_bytes()
+    from cryptography import x509
+
+    assert x509.load_der_x509_certificate(server.peer_certificates[0]) == x509.load_pem_x509_certificate(alice)
