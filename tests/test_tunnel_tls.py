@@ -71,12 +71,13 @@ class _FramedEchoServer:
     """A TLS server (file key, the PACS certificate) that reads the whole request until the client's
     close_notify, then answers with P-DATA-TF PDUs carrying the same bytes, and closes."""
 
-    def __init__(self, test_pki: ProvisionedPki) -> None:
+    def __init__(self, test_pki: ProvisionedPki, concurrent: bool = False) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
         self.context.load_verify_locations(test_pki.ca_bundle)
         self.context.verify_mode = ssl.CERT_REQUIRED
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.concurrent = concurrent
         self.port = self.listener.getsockname()[1]
         self.peer_certificates: list[bytes] = []
         self.received: list[bytes] = []
@@ -89,16 +90,22 @@ class _FramedEchoServer:
                 raw, _ = self.listener.accept()
             except OSError:
                 return
-            with self.context.wrap_socket(raw, server_side=True) as tls:
-                self.peer_certificates.append(tls.getpeercert(binary_form=True))
-                data = bytearray()
-                while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen
-                    data += chunk
-                self.received.append(bytes(data))
-                for offset in range(0, len(data), 60000):
-                    piece = bytes(data[offset:offset + 60000])
-                    tls.sendall(struct.pack(">BBL", PduType.P_DATA_TF, 0, len(piece)) + piece)
-                tls.unwrap()
+            if self.concurrent:
+                threading.Thread(target=self._answer, args=(raw,), daemon=True).start()
+            else:
+                self._answer(raw)
+
+    def _answer(self, raw: socket.socket) -> None:
+        with self.context.wrap_socket(raw, server_side=True) as tls:
+            self.peer_certificates.append(tls.getpeercert(binary_form=True))
+            data = bytearray()
+            while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen
+                data += chunk
+            self.received.append(bytes(data))
+            for offset in range(0, len(data), 60000):
+                piece = bytes(data[offset:offset + 60000])
+                tls.sendall(struct.pack(">BBL", PduType.P_DATA_TF, 0, len(piece)) + piece)
+            tls.unwrap()
 
     def close(self) -> None:
         self.listener.close()

@@ -1,0 +1,132 @@
+"""The agent as an admin runs it: configuration errors, signals, local peers of other users,
+resumption that spares the card, and many associations at once."""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.dicom.pdu import A_ASSOCIATE_RJ
+from agent_runner import (associate_rq, free_port, running_agent, s_server, send_and_close, start_agent, stop_agent,
+                          tunnel, wait_for, write_config)
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from fault_pkcs11 import FaultControl, build
+
+
+@pytest.mark.parametrize("change, message", [
+    ("listen = \"10.1.2.3:104\"", "is not a loopback address: other machines could then use the clinician's card"),
+    ("tls = \"tls10\"", "tls: must be one of bcp195, tls13"),
+    ("verify = \"none\"", "there is no mode that verifies nothing"),
+    ("verify = \"pin\"", "\"pin\" trusts the server by fingerprint only: give server_pins"),
+    ("server_pins = [\"12:34\"]", "is not a SHA-256 fingerprint"),
+    ("remote = \"pacs\"", "is not HOST:PORT"),
+    ("colour = \"blue\"", "unknown key(s) colour"),
+])
+def test_bad_configuration_is_named_and_exits_2(test_pki: ProvisionedPki, tmp_path: Path, change: str,
+                                                message: str) -> None:
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)])
+    key = change.split(" = ")[0]
+    lines = [line for line in config.read_text().splitlines() if not line.startswith(f"{key} = ")]
+    config.write_text("\n".join(lines) + "\n" + change + "\n")
+    result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+    assert result.returncode == 2
+    assert "[[tunnel]] 'pacs'" in result.stderr and message in result.stderr, result.stderr
+
+
+def test_missing_file_and_bad_toml(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    result = run_card_agent("run", "--config", tmp_path / "nope.toml", env=test_pki.env())
+    assert result.returncode == 2 and "cannot read configuration" in result.stderr
+    (tmp_path / "bad.toml").write_text("[identity\n")
+    result = run_card_agent("run", "--config", tmp_path / "bad.toml", env=test_pki.env())
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
+
+
+def test_wrong_pin_stops_the_agent_before_anything_listens_for_long(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)])
+    result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN="000000"))
+    assert result.returncode == 2
+    assert "wrong PIN for token 'alice'" in result.stderr and "000000" not in result.stderr
+
+
+def test_sigterm_ends_cleanly(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with running_agent(test_pki, tmp_path, [tunnel("pacs", 104)]) as agent:
+        process = agent.process
+    assert process.returncode == 0
+    assert "card-agent: INFO: stopping" in agent.log()
+    assert "card session ending: the agent is stopping" in agent.log()
+
+
+NOBODY_CLIENT = textwrap.dedent("""
+    import socket, sys
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+    s.sendall(bytes.fromhex(sys.argv[2]))
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    sys.stdout.write(data.hex())
+""")
+
+
+def test_local_peer_of_another_user_is_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with s_server(test_pki, tmp_path, "-naccept", "1") as (port, server_log):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port)]) as agent:
+            result = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                 NOBODY_CLIENT, str(agent.port()), associate_rq().hex()],
+                capture_output=True, text=True, timeout=30)
+            log = agent.wait_for_log("refused local connection from uid 65534")
+        assert "ACCEPT" in server_log.read_text() and "Shared ciphers" not in server_log.read_text()
+    answer = bytes.fromhex(result.stdout)
+    assert answer[:1] == bytes([A_ASSOCIATE_RJ])
+    assert "only uid 0 may use this tunnel" in log and " pid " in log
+
+
+@pytest.fixture(scope="module")
+def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("fault-build"))
+
+
+def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, tmp_path: Path,
+                                                      fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "card.ctl")
+    with s_server(test_pki, tmp_path, "-naccept", "3", "-tls1_3") as (port, _):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port)], module=str(fault_module),
+                           env=card.env()) as agent:
+            signatures = []
+            for attempt in range(3):
+                send_and_close(agent.port())
+                wait_for(lambda: agent.log().count(" to 127.0.0.1:") == attempt + 1)
+                signatures.append(card.signatures())
+            log = agent.log()
+    assert signatures == [1, 1, 1], signatures  # one CertificateVerify, then resumption
+    assert log.count("full handshake") == 1 and log.count(" resumed ") == 2
+
+
+def test_sixty_four_concurrent_associations(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    from test_tunnel_tls import _FramedEchoServer  # noqa: PLC0415 (a test peer shared with that module)
+
+    server = _FramedEchoServer(test_pki, concurrent=True)
+    answers: dict[int, bytes] = {}
+    try:
+        with running_agent(test_pki, tmp_path, [tunnel("echo", server.port)]) as agent:
+            def one(index: int) -> None:
+                answers[index] = send_and_close(agent.port(), index.to_bytes(4, "big") * 1000)
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+    finally:
+        server.close()
+    assert len(answers) == 64
+    for index, answer in answers.items():
+        assert answer[6:] == index.to_bytes(4, "big") * 1000
+    assert len(server.received) == 64
