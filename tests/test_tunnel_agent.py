@@ -130,3 +130,15 @@ def test_sixty_four_concurrent_associations(test_pki: ProvisionedPki, tmp_path: 
     for index, answer in answers.items():
         assert answer[6:] == index.to_bytes(4, "big") * 1000
     assert len(server.received) == 64
+
+
+def test_session_resumption_can_be_turned_off(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "card.ctl")
+    with s_server(test_pki, tmp_path, "-naccept", "2", "-tls1_3") as (port, _):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port, session_resumption=False)],
+                           module=str(fault_module), env=card.env()) as agent:
+            for attempt in range(2):
+                send_and_close(agent.port())
+                wait_for(lambda: agent.log().count(" to 127.0.0.1:") == attempt + 1)
+            log = agent.log()
+    assert card.signatures() == 2 and log.count("full handshake") == 2

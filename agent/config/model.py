@@ -68,6 +68,7 @@ class TunnelConfig:
     unsafe_listen: bool = False
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
+    session_resumption: bool = True
 
     @property
     def remote(self) -> str:
@@ -283,6 +284,7 @@ def _tunnel(section: _Section, name: str) -> TunnelConfig:
         tls=tls,
         allowed_uids=tuple(uids),
         unsafe_listen=unsafe_listen,
+        session_resumption=section.take("session_resumption", bool, True),
         **timeouts,
     )
 

@@ -58,7 +58,7 @@ class TunnelRuntime:
             return self._session
 
     def remember_session(self, session: ssl.SSLSession | None) -> None:
-        if session is not None:
+        if session is not None and self.config.session_resumption:
             with self._lock:
                 self._session = session
 
