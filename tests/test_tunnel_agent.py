@@ -3,6 +3,8 @@ resumption that spares the card, and many associations at once."""
 
 from __future__ import annotations
 
+import re
+import stat
 import subprocess
 import textwrap
 import threading
@@ -142,3 +144,20 @@ def test_session_resumption_can_be_turned_off(test_pki: ProvisionedPki, tmp_path
                 wait_for(lambda: agent.log().count(" to 127.0.0.1:") == attempt + 1)
             log = agent.log()
     assert card.signatures() == 2 and log.count("full handshake") == 2
+
+
+def test_pin_reaches_no_environment_argv_or_file(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    runtime = tmp_path / "runtime"
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)],
+                       agent={"runtime_dir": str(runtime)}) as agent:
+        worker = int(re.search(r"card session started \(pid (\d+)\)", agent.log()).group(1))
+        for pid in (agent.process.pid, worker):
+            assert USER_PIN.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{worker}/environ").read_bytes()
+        assert b"CARD_PIN=" not in environ and USER_PIN.encode() not in environ
+        written = [p for p in runtime.rglob("*") if p.is_file()]
+        assert {p.name for p in written} == {"chain.pem", "key.pem", "openssl.cnf"}
+        assert all(USER_PIN.encode() not in p.read_bytes() for p in written)
+        assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    assert USER_PIN not in agent.log()
+    assert list(runtime.iterdir()) == []  # the session's files went with the session
