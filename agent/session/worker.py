@@ -14,6 +14,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from pathlib import Path
 
 from agent.config.model import load_config
@@ -74,8 +75,9 @@ def serve(channel: socket.socket) -> int:
     for runtime in runtimes.values():
         runtime.closing.set()
         runtime.forget_sessions()
+    deadline = time.monotonic() + END_GRACE_SECONDS
     for thread in threads:
-        thread.join(END_GRACE_SECONDS)
+        thread.join(max(0.0, deadline - time.monotonic()))
     return 0
 
 
