@@ -21,7 +21,7 @@ from agent.errors import CardAgentError
 from agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles
 from agent.tls.provider import openssl_config, provider_key_pem
 from agent.token.discovery import find_token, token_serial
-from agent.token.identities import Identity, _is_ca, list_identities
+from agent.token.identities import Identity, is_ca_certificate, list_identities
 from agent.token.login import login
 from agent.token.module import LoadedModule, load_module
 from agent.token.pin import RememberedPin
@@ -85,7 +85,7 @@ def sign_in(config: AgentConfig, *, confirm_final_try: bool = False) -> SignedIn
 
 
 def _choose(identities: list[Identity], config: AgentConfig, label: str, preferred_ids: tuple[bytes, ...]) -> Identity:
-    personal = [i for i in identities if not _is_ca(i.certificate)]
+    personal = [i for i in identities if not is_ca_certificate(i.certificate)]
     if config.identity.key_id is not None:
         chosen = [i for i in personal if i.key_id == config.identity.key_id]
         if not chosen:
@@ -107,7 +107,7 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
 
 def _chain(identity: Identity, identities: list[Identity], anchors: TrustAnchors) -> list[x509.Certificate]:
     """Leaf and intermediates, so that a server knowing only the root accepts us."""
-    token_cas = [i.certificate for i in identities if _is_ca(i.certificate)]
+    token_cas = [i.certificate for i in identities if is_ca_certificate(i.certificate)]
     try:
         chain = anchors.verify_client(identity.certificate, token_cas)
         return [c for c in chain if c.subject != c.issuer]  # the root is the server's to have

@@ -67,7 +67,7 @@ class Identity:
 
     @property
     def is_ca(self) -> bool:
-        return _is_ca(self.certificate)
+        return is_ca_certificate(self.certificate)
 
     @property
     def subject(self) -> str:
@@ -157,7 +157,7 @@ def _usage_problems(cert: x509.Certificate) -> list[str]:
     return problems
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca_certificate(cert: x509.Certificate) -> bool:
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -191,7 +191,7 @@ def list_identities(
         except ValueError:
             continue
         certificates.append((cert, _attr(obj, Attribute.ID) or b"", _attr(obj, Attribute.LABEL) or ""))
-    token_cas = [cert for cert, _, _ in certificates if _is_ca(cert)]
+    token_cas = [cert for cert, _, _ in certificates if is_ca_certificate(cert)]
 
     identities = []
     for cert, key_id, label in certificates:
@@ -234,11 +234,11 @@ def _judge(cert, key_id, label, token, mechanisms, private_keys, public_keys, *,
         key_size=key_size,
         curve=curve,
         uri=Pkcs11Uri(token=token.label, serial=token_serial(token), id=key_id or None,
-                      type="cert" if _is_ca(cert) else "private"),
+                      type="cert" if is_ca_certificate(cert) else "private"),
         tls=tls_capability(mechanisms, key_type, curve),
     )
     problems = identity.problems
-    if _is_ca(cert):
+    if is_ca_certificate(cert):
         problems.append("CA certificate, not a personal identity")
         return identity
     if now < cert.not_valid_before_utc:
