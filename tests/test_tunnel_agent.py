@@ -161,3 +161,38 @@ def test_pin_reaches_no_environment_argv_or_file(test_pki: ProvisionedPki, tmp_p
         assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
     assert USER_PIN not in agent.log()
     assert list(runtime.iterdir()) == []  # the session's files went with the session
+
+
+def test_a_slow_card_signature_does_not_stall_other_connections(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                fault_module: Path) -> None:
+    """Connection A is relaying while B's handshake waits 3 s on the card's signature: A finishes first."""
+    import socket
+
+    from test_tunnel_tls import _FramedEchoServer  # noqa: PLC0415
+
+    card = FaultControl(tmp_path / "card.ctl")
+    server = _FramedEchoServer(test_pki, concurrent=True)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port, session_resumption=False)],
+                           module=str(fault_module), env=card.env()) as agent:
+            connection_a = socket.create_connection(("127.0.0.1", agent.port()), timeout=30)
+            connection_a.sendall(b"A" * 1000)
+            wait_for(lambda: card.signatures() == 1)  # A's handshake is done
+            card.sign_delay(3000)
+            finished: list[str] = []
+            b = threading.Thread(target=lambda: (send_and_close(agent.port(), b"B"), finished.append("B")))
+            b.start()
+            wait_for(lambda: any(line.startswith("C_SignInit") for line in card.log_lines()[-3:]))
+            connection_a.sendall(b"A" * 1000)
+            connection_a.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := connection_a.recv(65536):
+                reply += chunk
+            finished.append("A")
+            b.join(30)
+            connection_a.close()
+    finally:
+        server.close()
+    assert reply[6:] == b"A" * 2000
+    assert finished == ["A", "B"]
+    assert card.signatures() == 2
