@@ -47,11 +47,20 @@ def test_missing_file_and_bad_toml(test_pki: ProvisionedPki, tmp_path: Path) -> 
     assert result.returncode == 2 and "not valid TOML" in result.stderr
 
 
-def test_wrong_pin_stops_the_agent_before_anything_listens_for_long(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)])
-    result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN="000000"))
-    assert result.returncode == 2
-    assert "wrong PIN for token 'alice'" in result.stderr and "000000" not in result.stderr
+def test_wrong_pin_is_tried_once_and_the_agent_waits_for_the_card_to_be_reinserted(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "card.ctl")
+    card.pin_retries(3)
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], pin="000000",
+                       module=str(fault_module), env=card.env()) as agent:
+        answer = send_and_close(agent.port(), associate_rq())
+        log = agent.wait_for_log("rejected: card present, PIN not accepted")
+        send_and_close(agent.port(), associate_rq())
+        logins = [line for line in card.log_lines() if line.startswith("C_Login")]
+    assert answer[:1] == bytes([A_ASSOCIATE_RJ])
+    assert 'event=pin-failure token="alice"' in log and "the card now reports: few PIN tries left" in log
+    assert len(logins) == 1  # never retried on its own
+    assert "000000" not in log
 
 
 def test_sigterm_ends_cleanly(test_pki: ProvisionedPki, tmp_path: Path) -> None:

@@ -12,8 +12,7 @@ from typing import Annotated
 import typer
 
 from agent.config.model import load_config
-from agent.session.identity import sign_in
-from agent.session.supervisor import CardSession
+from agent.session.manager import SessionManager
 from agent.tunnel.server import Listeners
 
 log = logging.getLogger("agent")
@@ -24,7 +23,7 @@ def run(
     confirm_final_try: Annotated[bool, typer.Option(
         "--confirm-final-try", help="Allow the sign-in when the card reports its final PIN try.")] = False,
 ) -> None:
-    """Sign in with the card and serve the tunnels until SIGTERM or SIGINT."""
+    """Serve the tunnels with the identity of the card in the reader, until SIGTERM or SIGINT."""
     settings = load_config(config)
     logging.getLogger().setLevel(settings.log_level.upper())
     # A core dump of the agent could hold the PIN.
@@ -33,18 +32,16 @@ def run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
+    manager = SessionManager(settings, confirm_final_try=confirm_final_try)
     listeners = Listeners(settings)
-    session: CardSession | None = None
     try:
-        signed_in = sign_in(settings, confirm_final_try=confirm_final_try)
-        session = CardSession(settings, signed_in)
-        session.start()
-        listeners.session = session
+        listeners.manager = manager
+        manager.step()
         listeners.start()
-        log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), signed_in.files.subject)
-        stop.wait()
+        who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
+        log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), who)
+        manager.run(stop)
         log.info("stopping")
     finally:
         listeners.close()
-        if session is not None:
-            session.end("the agent is stopping")
+        manager.shutdown()

@@ -40,7 +40,7 @@ class ListenAddress:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    token: str
+    token: str = ""  # empty: whichever card is inserted (shared workstations)
     module: str = AUTO
     pin: PinSource = field(default_factory=lambda: PinSource("prompt"))
     key_id: bytes | None = None
@@ -184,7 +184,7 @@ def load_config(path: Path) -> AgentConfig:
     except ValueError:
         raise identity.error("key_id", f"{key_id_text!r} is not hex (e.g. \"01\")") from None
     identity_config = IdentityConfig(
-        token=identity.take("token", str, required=True),
+        token=identity.take("token", str, ""),
         module=identity.take("module", str, AUTO),
         pin=pin,
         key_id=key_id,

@@ -23,7 +23,8 @@ from agent.tls.provider import openssl_config, provider_key_pem
 from agent.token.discovery import find_token, token_serial
 from agent.token.identities import Identity, is_ca_certificate, list_identities
 from agent.token.login import login
-from agent.token.module import LoadedModule, load_module
+from agent.card.watcher import Card
+from agent.token.module import LoadedModule
 from agent.token.pin import RememberedPin
 from agent.trust.anchors import TrustAnchors, TrustError
 
@@ -60,10 +61,9 @@ def runtime_directory(config: AgentConfig) -> Path:
     return base
 
 
-def sign_in(config: AgentConfig, *, confirm_final_try: bool = False) -> SignedIn:
-    """Find the token, log in once with the configured PIN source, choose the identity, write its files."""
-    module = load_module(config.identity.module)
-    token = find_token(module, config.identity.token)
+def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *, confirm_final_try: bool = False) -> SignedIn:
+    """Log in to ``card`` once with the configured PIN source, choose the identity, write its files."""
+    token = find_token(module, card.selector)
     pin = RememberedPin(config.identity.pin)
     # [trust] crl judges servers; the chain we send is built without it.
     anchors = TrustAnchors.load(config.trust.ca)

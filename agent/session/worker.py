@@ -21,7 +21,7 @@ from agent.config.model import load_config
 from agent.errors import CardAgentError
 from agent.session import channel as messages
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context
-from agent.tunnel.relay import TunnelRuntime, handle_connection
+from agent.tunnel.relay import SessionEnd, TunnelRuntime, handle_connection
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
@@ -33,6 +33,7 @@ def _start(start: dict) -> dict[str, TunnelRuntime]:
                                 issuer=start["issuer"])
     pin = start.pop("pin")
     runtimes = {}
+    ending = SessionEnd()
     for tunnel in config.tunnels:
         try:
             context = client_context(tunnel, config.trust, files, pin, tls13_capable=start["tls13_capable"])
@@ -40,7 +41,7 @@ def _start(start: dict) -> dict[str, TunnelRuntime]:
             raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                                  "run `card-agent doctor`") from None
         runtimes[tunnel.name] = TunnelRuntime(tunnel, context, ServerChecks.for_tunnel(tunnel, config.trust),
-                                              files, str(config.trust.ca))
+                                              files, str(config.trust.ca), ending=ending)
     del pin
     return runtimes
 
@@ -73,7 +74,7 @@ def serve(channel: socket.socket) -> int:
             threads = [t for t in threads if t.is_alive()] + [thread]
     log.info("card session ending: %s", reason)
     for runtime in runtimes.values():
-        runtime.closing.set()
+        runtime.ending.signal(reason)
         runtime.forget_sessions()
     deadline = time.monotonic() + END_GRACE_SECONDS
     for thread in threads:

@@ -116,17 +116,20 @@ def refresh(token: Token) -> Token:
     return token.slot.get_token()
 
 
+def matching_tokens(tokens: list[Token], selector: str) -> list[Token]:
+    """The tokens a label, serial or ``pkcs11:`` URI selects (label before serial)."""
+    if is_pkcs11_uri(selector):
+        uri = Pkcs11Uri.parse(selector)
+        return [t for t in tokens
+                if uri.matches_token(label=t.label, serial=token_serial(t), manufacturer=t.manufacturer_id,
+                                     model=t.model)]
+    return [t for t in tokens if t.label == selector] or [t for t in tokens if token_serial(t) == selector]
+
+
 def find_token(module: LoadedModule, selector: str) -> Token:
     """The one token whose label or serial equals ``selector``, or that a ``pkcs11:`` URI selects."""
     tokens = present_tokens(module)
-    if is_pkcs11_uri(selector):
-        uri = Pkcs11Uri.parse(selector)
-        matches = [
-            t for t in tokens
-            if uri.matches_token(label=t.label, serial=token_serial(t), manufacturer=t.manufacturer_id, model=t.model)
-        ]
-    else:
-        matches = [t for t in tokens if t.label == selector] or [t for t in tokens if token_serial(t) == selector]
+    matches = matching_tokens(tokens, selector)
     if len(matches) == 1:
         return matches[0]
     present = ", ".join(f"{t.label!r} (serial {token_serial(t)})" for t in tokens) or "none"

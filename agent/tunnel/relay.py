@@ -14,6 +14,7 @@ instead of a bare reset.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import ssl
@@ -33,7 +34,26 @@ log = logging.getLogger("agent.tunnel")
 CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
 REJECT_READ_TIMEOUT = 3.0
-POLL_INTERVAL_MS = 500
+POLL_INTERVAL_MS = 1000
+
+
+class SessionEnd:
+    """Tells every relay of a card session, at once, that the session is over.
+
+    A pipe that is written once and never read: every relay polls its read end, so all of them
+    wake within the same scheduler tick (a card pulled must close everything within 100 ms)."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        self.reason: str | None = None
+
+    def signal(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            os.write(self._write_fd, b"x")
+
+    def is_set(self) -> bool:
+        return self.reason is not None
 
 
 @dataclass
@@ -45,7 +65,7 @@ class TunnelRuntime:
     checks: ServerChecks
     identity: ClientIdentityFiles
     trust_ca: str
-    closing: threading.Event = field(default_factory=threading.Event)
+    ending: SessionEnd = field(default_factory=SessionEnd)
     _session: ssl.SSLSession | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     open_connections: int = 0
@@ -240,6 +260,7 @@ class _Relay:
         local_fd, remote_fd = self.local.fileno(), self.remote.fileno()
         poller.register(local_fd, 0)
         poller.register(remote_fd, 0)
+        poller.register(self.runtime.ending.read_fd, select.POLLIN)
         try:
             while self.failure is None:
                 local_mask = (select.POLLIN if not self.local_eof and len(self.to_remote) < HIGH_WATER else 0) | (
@@ -255,10 +276,10 @@ class _Relay:
                 for fd, events in poller.poll(POLL_INTERVAL_MS):
                     if fd == local_fd:
                         self._on_local(events)
-                    else:
+                    elif fd == remote_fd:
                         self._on_remote(events)
-                if self.runtime.closing.is_set():
-                    self.failure = TunnelFailure("the card session ended")
+                if self.runtime.ending.is_set():
+                    self.failure = TunnelFailure(f"card session ended: {self.runtime.ending.reason}")
         except OSError as error:
             self.failure = self.failure or TunnelFailure(f"connection error: {error.strerror or error}", True)
         if self.failure is not None:

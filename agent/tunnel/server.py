@@ -11,7 +11,7 @@ import threading
 
 from agent.config.model import AgentConfig, TunnelConfig
 from agent.errors import CardAgentError
-from agent.session.supervisor import CardSession
+from agent.session.manager import SessionManager
 from agent.tls.failures import TunnelFailure
 from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_tcp_listener, create_unix_listener
 from agent.tunnel.relay import reject_local
@@ -25,7 +25,7 @@ class Listeners:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.sockets: dict[int, tuple[socket.socket, TunnelConfig]] = {}
-        self.session: CardSession | None = None
+        self.manager: SessionManager | None = None
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,10 +71,11 @@ class Listeners:
             reject_local(local, TunnelFailure("local peer refused"))
             local.close()
             return
-        session = self.session
+        session = self.manager.current_session() if self.manager else None
         if session is None or not session.dispatch(tunnel.name, local, peer.describe()):
-            log.warning("tunnel %s: %s: no card session to serve it", tunnel.name, peer.describe())
-            reject_local(local, TunnelFailure("no card session", transient=True))
+            state = self.manager.state if self.manager else "starting"
+            log.warning("tunnel %s: %s: rejected: %s", tunnel.name, peer.describe(), state)
+            reject_local(local, TunnelFailure(state, transient=True))
         local.close()
 
     def close(self) -> None:

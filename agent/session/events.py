@@ -1,0 +1,14 @@
+"""Sign-in, sign-out and PIN failures as one structured line each (``event=NAME key="value" ...``),
+so that log collectors can parse them; they become audit events later."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+log = logging.getLogger("agent.events")
+
+
+def event(name: str, **fields: object) -> None:
+    parts = [f"event={name}"] + [f"{key}={json.dumps(value)}" for key, value in fields.items() if value is not None]
+    log.info(" ".join(parts))
