@@ -41,6 +41,8 @@ class CardSession:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent.session.worker", str(theirs.fileno()), self.config.log_level],
             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+            # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
+            start_new_session=True,
         )
         theirs.close()
         self.channel = ours

@@ -10,6 +10,7 @@ identity outlives it.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -79,7 +80,15 @@ def serve(channel: socket.socket) -> int:
     deadline = time.monotonic() + END_GRACE_SECONDS
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
+    _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """End the process without freeing the TLS contexts or running OpenSSL's teardown: releasing
+    the card's key made the provider try to log in again to a token that is gone or swapped."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def main() -> None:
@@ -87,7 +96,7 @@ def main() -> None:
                         stream=sys.stderr)
     logging.getLogger().setLevel(sys.argv[2].upper() if len(sys.argv) > 2 else "INFO")
     channel = socket.socket(fileno=int(sys.argv[1]))
-    sys.exit(serve(channel))
+    _exit_now(serve(channel))
 
 
 if __name__ == "__main__":

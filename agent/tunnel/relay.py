@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from agent.config.model import TunnelConfig
-from agent.dicom.pdu import (A_ASSOCIATE_AC, A_ASSOCIATE_RJ, AbortReason, AbortSource, AcseRejectReason,
+from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, AbortReason, AbortSource, AcseRejectReason,
                              AssociationPdu, MalformedPduError, PduFramer, PresentationRejectReason, RejectResult,
                              RejectSource, a_abort, a_associate_rj)
 from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
@@ -171,11 +171,12 @@ def handle_connection(runtime: TunnelRuntime, local: socket.socket, peer: str) -
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             reject_local(local, failure)
             return
+        version, resumed = tls.obj.version(), tls.obj.session_reused
         relay = _Relay(runtime, local, remote, tls, peer)
         relay.run()
         runtime.remember_session(tls.obj.session)
         log.info("tunnel %s: %s: %s %s to %s as %s, %d bytes up, %d down, %.1f s%s", config.name, peer,
-                 tls.obj.version(), "resumed" if tls.obj.session_reused else "full handshake", config.remote,
+                 version, "resumed" if resumed else "full handshake", config.remote,
                  runtime.identity.describe(), relay.bytes_up, relay.bytes_down, time.monotonic() - started,
                  f"; {relay.failure.message}" if relay.failure else "")
     except Exception:  # a bug must end this connection, not the agent
@@ -245,6 +246,7 @@ class _Relay:
         self.to_remote = bytearray(tls.pending_output())
         self.down_framer = PduFramer()
         self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the application
+        self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the application
         self.local_eof = False
         self.remote_done = False
         self.local_write_closed = False
@@ -371,6 +373,8 @@ class _Relay:
             for event in self.down_framer.feed(plain):
                 if isinstance(event, AssociationPdu) and event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
                     self.association_answered = True
+                if isinstance(event, AssociationPdu) and event.pdu_type in (A_RELEASE_RP, A_ABORT, A_ASSOCIATE_RJ):
+                    self.association_over = True
         except MalformedPduError as error:
             self.failure = TunnelFailure(f"malformed PDU from the server: {error}")
             return
@@ -380,6 +384,10 @@ class _Relay:
 
     def _remote_failed(self, error: Exception | None) -> None:
         config = self.runtime.config
+        if self.association_over and self.down_framer.at_boundary:
+            # Many PACSes drop TCP right after A-RELEASE-RP without a TLS close_notify: a normal end.
+            self.remote_done = True
+            return
         if self.association_answered:
             detail = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
             self.failure = TunnelFailure(f"server {config.remote} broke the connection: {detail}", transient=True)
