@@ -8,6 +8,8 @@ pkcs11-provider) load that module, as they would load a card's.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from cryptography import x509
 
 from agent.dicom.pdu import parse_associate_rj
 from agent_runner import associate_rq, running_agent, send_and_close, tunnel, wait_for
-from conftest import ProvisionedPki
+from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl, build
 from peers.pynetdicom_scp import associate, tls_scp
 
@@ -88,4 +90,38 @@ def test_card_lifecycle_on_a_shared_workstation(test_pki: ProvisionedPki, tmp_pa
     # process; nothing ever prompted for a PIN on its own (OpenSSL's UI fallback).
     logins = [line for line in card.log_lines() if line.startswith("C_Login")]
     assert len(logins) == 6 and all("rv=0x0" in line for line in logins), logins
+    assert "Enter PIN" not in log
+
+
+def test_status_and_lock(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("bob")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+                           module=str(fault_module), env=card.env(),
+                           agent={"runtime_dir": str(tmp_path / "run")}) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            env = dict(os.environ)
+            held = associate(agent.port(), sop_classes=[VERIFICATION])
+            assert held.is_established and held.send_c_echo().Status == 0
+            status = json.loads(run_card_agent("status", "--config", config, "--json", env=env, check=True).stdout)
+            assert status["state"] == "signed in" and status["identity"].startswith("CN=Bob Example")
+            assert status["token"] == "bob" and status["since"]
+            assert status["tunnels"][0]["open_connections"] == 1 and status["tunnels"][0]["bytes_up"] > 0
+            readable = run_card_agent("status", "--config", config, env=env, check=True).stdout
+            assert "identity: CN=Bob Example" in readable and "1 open" in readable
+
+            locked = run_card_agent("lock", "--config", config, env=env, check=True).stdout
+            assert "locked: every connection of the card session was closed" in locked
+            wait_for(lambda: held.is_aborted, timeout=5)
+            log = agent.wait_for_log('event=sign-out reason="locked"')
+            status = json.loads(run_card_agent("status", "--config", config, "--json", env=env, check=True).stdout)
+            assert status["state"].startswith("locked: remove and re-insert the card") and status["identity"] is None
+            assert not echo(agent.port())  # still locked: the card stays in the reader but is not used
+
+            card.remove_card()
+            agent.wait_for_log('event=card-removed token="bob"')
+            card.insert_card()
+            wait_for(lambda: agent.log().count("event=sign-in ") == 2)
+            assert echo(agent.port())
     assert "Enter PIN" not in log

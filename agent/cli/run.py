@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from agent.config.model import load_config
+from agent.session.control import ControlServer
 from agent.session.manager import SessionManager
 from agent.tunnel.server import Listeners
 
@@ -34,14 +35,19 @@ def run(
 
     manager = SessionManager(settings, confirm_final_try=confirm_final_try)
     listeners = Listeners(settings)
+    control_server: ControlServer | None = None
     try:
+        control_server = ControlServer(settings, manager)
         listeners.manager = manager
         manager.step()
         listeners.start()
+        control_server.start()
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
         log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), who)
         manager.run(stop)
         log.info("stopping")
     finally:
         listeners.close()
+        if control_server is not None:
+            control_server.close()
         manager.shutdown()

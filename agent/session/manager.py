@@ -51,11 +51,13 @@ class SessionManager:
             if card == self.card:
                 return
             if self.card is not None:
+                event("card-removed", token=self.card.label, serial=self.card.serial)
                 self._end("card swapped" if card is not None else "card removed")
             self.card = card
             if card is None:
                 self.state = "no card inserted"
                 return
+            event("card-inserted", token=card.label, serial=card.serial)
             self._sign_in(card)
 
     def lock(self) -> bool:

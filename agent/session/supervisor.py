@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
@@ -30,6 +31,7 @@ class CardSession:
         self.signed_in = signed_in
         self.process: subprocess.Popen | None = None
         self.channel: socket.socket | None = None
+        self._status_lock = threading.Lock()
 
     def start(self) -> None:
         ours, theirs = messages.channel_pair()
@@ -64,6 +66,18 @@ class CardSession:
             detail = reply.get("message") if reply else "it exited"
             raise CardSessionError(f"the card-session process could not start: {detail}")
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
+
+    def status(self) -> dict[str, dict]:
+        """Per tunnel: open connections, bytes each way, last error (asked of the card-session process)."""
+        with self._status_lock:
+            if self.channel is None:
+                return {}
+            try:
+                messages.send(self.channel, {"type": "status"})
+                reply, _ = messages.receive(self.channel)
+            except OSError:
+                return {}
+            return reply.get("tunnels", {}) if reply else {}
 
     def dispatch(self, tunnel: str, local: socket.socket, peer: str) -> bool:
         """Hand an accepted local connection to the card-session process; False when there is none."""

@@ -66,6 +66,10 @@ def serve(channel: socket.socket) -> int:
         if message["type"] == "end":
             reason = message.get("reason", "ended")
             break
+        if message["type"] == "status":
+            messages.send(channel, {"type": "status", "tunnels": {
+                name: runtime.counters() for name, runtime in runtimes.items()}})
+            continue
         if message["type"] == "connection" and fds:
             local = socket.socket(fileno=fds[0])
             runtime = runtimes[message["tunnel"]]

@@ -86,6 +86,11 @@ class TunnelRuntime:
         with self._lock:
             self._session = None
 
+    def counters(self) -> dict[str, object]:
+        with self._lock:
+            return {"open_connections": self.open_connections, "bytes_up": self.bytes_up,
+                    "bytes_down": self.bytes_down, "last_error": self.last_error}
+
     def count(self, delta_open: int = 0, up: int = 0, down: int = 0, error: str | None = None) -> None:
         with self._lock:
             self.open_connections += delta_open

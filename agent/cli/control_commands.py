@@ -1,0 +1,42 @@
+"""``card-agent status`` and ``card-agent lock``: ask the running agent over its control socket."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent.cli.options import Json
+from agent.config.model import load_config
+from agent.session import control
+
+ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The running agent's configuration.")]
+
+
+def status(config: ConfigFile, as_json: Json = False) -> None:
+    """Who is signed in, since when, and each tunnel's connections and traffic."""
+    answer = control.request(load_config(config), "status")
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    typer.echo(f"state:    {answer['state']}")
+    if answer["identity"]:
+        typer.echo(f"identity: {answer['identity']} (issuer {answer['issuer']})")
+        typer.echo(f"token:    {answer['token']!r} serial {answer['token_serial']}, since {answer['since']}")
+    if answer["last_error"]:
+        typer.echo(f"last error: {answer['last_error']}")
+    for tunnel in answer["tunnels"]:
+        typer.echo(f"tunnel {tunnel['name']}: {tunnel['listen']} -> {tunnel['remote']}, "
+                   f"{tunnel['open_connections']} open, {tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"
+                   + (f", last error: {tunnel['last_error']}" if tunnel["last_error"] else ""))
+
+
+def lock(config: ConfigFile) -> None:
+    """End the card session now, as if the card had been pulled."""
+    answer = control.request(load_config(config), "lock")
+    if answer["locked"]:
+        typer.echo("locked: every connection of the card session was closed; re-insert the card to sign in again")
+    else:
+        typer.echo(f"nothing to lock ({answer['state']})")

@@ -1,0 +1,118 @@
+"""The local control socket: ``card-agent status`` and ``card-agent lock``.
+
+A unix socket in the agent's private runtime directory (0600 in 0700), answering one JSON request
+per connection; only the agent's own uid may use it (the same peer check as the tunnels)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from agent.config.model import AgentConfig
+from agent.errors import CardAgentError
+from agent.session.identity import runtime_directory
+from agent.session.manager import SessionManager
+from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
+
+log = logging.getLogger("agent.control")
+SOCKET_NAME = "control.sock"
+
+
+class ControlError(CardAgentError):
+    """The control socket cannot be reached or answered with an error."""
+
+
+def control_socket_path(config: AgentConfig) -> Path:
+    return runtime_directory(config) / SOCKET_NAME
+
+
+class ControlServer:
+    def __init__(self, config: AgentConfig, manager: SessionManager) -> None:
+        self.config = config
+        self.manager = manager
+        self.path = control_socket_path(config)
+        self.listener = create_unix_listener(str(self.path))
+        self.policy = PeerPolicy(frozenset({os.getuid()}))
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self.listener.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                try:
+                    admit_peer(connection, self.policy)
+                    connection.settimeout(5)
+                    request = json.loads(connection.makefile("rb").readline() or b"{}")
+                    answer = self.answer(request.get("command"))
+                except PeerRefusedError as error:
+                    log.warning("control: %s", error)
+                    continue
+                except (OSError, ValueError) as error:
+                    answer = {"error": f"bad request: {error}"}
+                try:
+                    connection.sendall(json.dumps(answer).encode() + b"\n")
+                except OSError:
+                    pass
+
+    def answer(self, command: str | None) -> dict:
+        if command == "status":
+            return self.status()
+        if command == "lock":
+            locked = self.manager.lock()
+            return {"locked": locked, "state": self.manager.state}
+        return {"error": f"unknown command {command!r}: status or lock"}
+
+    def status(self) -> dict:
+        manager = self.manager
+        session = manager.current_session()
+        counters = session.status() if session else {}
+        files = session.signed_in.files if session else None
+        return {
+            "state": manager.state,
+            "identity": files.subject if files else None,
+            "issuer": files.issuer if files else None,
+            "token": manager.card.label if manager.card else None,
+            "token_serial": manager.card.serial if manager.card else None,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(manager.since)) if manager.since else None,
+            "last_error": manager.last_error,
+            "tunnels": [
+                {"name": t.name, "listen": str(t.listen), "remote": t.remote,
+                 **counters.get(t.name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None})}
+                for t in self.config.tunnels
+            ],
+        }
+
+
+def request(config: AgentConfig, command: str) -> dict:
+    """Ask the running agent of this configuration."""
+    path = control_socket_path(config)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(10)
+            client.connect(str(path))
+            client.sendall(json.dumps({"command": command}).encode() + b"\n")
+            answer = json.loads(client.makefile("rb").readline() or b"{}")
+    except (OSError, ValueError) as error:
+        raise ControlError(f"no agent answers on {path} ({error}): is `card-agent run --config {config.source}` "
+                           "running as this user?") from None
+    if "error" in answer:
+        raise ControlError(answer["error"])
+    return answer
