@@ -67,7 +67,10 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *, confirm_fi
     pin = RememberedPin(config.identity.pin)
     # [trust] crl judges servers; the chain we send is built without it.
     anchors = TrustAnchors.load(config.trust.ca)
-    with login(token, pin, confirm_final_try=confirm_final_try) as session:
+    with token.open() as public_session:  # certificates are public: say whose PIN is asked for
+        before_login = list_identities(public_session, token, module.profile, logged_in=False)
+    who = next((i.subject for i in before_login if i.usable), None)
+    with login(token, pin, confirm_final_try=confirm_final_try, who=who) as session:
         identities = list_identities(session, token, module.profile, logged_in=True,
                                      allow_exportable_keys=config.identity.allow_exportable_keys)
     identity = _choose(identities, config, token.label, module.profile.preferred_key_ids)

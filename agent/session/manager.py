@@ -83,7 +83,7 @@ class SessionManager:
             return
         except CardAgentError as error:
             self.last_error = str(error)
-            self.state = f"card present but not usable: {error}"
+            self.state = f"card present, not signed in: {error}"
             event("sign-in-failed", token=card.label, serial=card.serial, reason=str(error))
             log.error("%s", error)
             return

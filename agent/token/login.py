@@ -75,8 +75,10 @@ def login(
     *,
     confirm_final_try: bool = False,
     warn: Callable[[str], None] = log.warning,
+    who: str | None = None,
 ) -> Session:
-    """Open a session logged in as the user, with at most one PIN attempt."""
+    """Open a session logged in as the user, with at most one PIN attempt; ``who`` (the certificate
+    subject) is shown when asking for the PIN."""
     token = refresh(token)
     flags = int(token.flags)
     state = PinState.from_flags(flags)
@@ -100,7 +102,8 @@ def login(
             )
         pin: object = PROTECTED_AUTH
     else:
-        pin = pin_source.read(f"PIN for {token.label} ({describe_pin_state(state)}): ")
+        as_who = f" to sign in as {who}" if who else ""
+        pin = pin_source.read(f"PIN of card {token.label!r}{as_who} ({describe_pin_state(state)}): ")
     try:
         return token.open(user_pin=pin)
     except UserAlreadyLoggedIn:

@@ -11,7 +11,8 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from agent.errors import ConfigError, CardAgentError
+from agent.errors import CardAgentError, ConfigError
+from agent.token.pinentry import Pinentry
 
 PROTECTED = "protected"
 
@@ -22,7 +23,7 @@ class PinUnavailableError(CardAgentError):
 
 @dataclass(frozen=True)
 class PinSource:
-    kind: str  # "prompt" | "env" | "file" | "protected"
+    kind: str  # "prompt" | "pinentry" | "env" | "file" | "protected"
     target: str = ""
 
     @classmethod
@@ -30,10 +31,15 @@ class PinSource:
         kind, _, target = text.partition(":")
         if text in ("prompt", PROTECTED):
             return cls(text)
+        if text == "pinentry":
+            return cls("pinentry", "pinentry")
+        if kind == "pinentry" and target:
+            return cls(kind, target)
         if kind in ("env", "file") and target:
             return cls(kind, target)
         raise ConfigError(
-            f"invalid PIN source {text!r}: use prompt, protected (PIN-pad reader), env:VARIABLE or file:PATH"
+            f"invalid PIN source {text!r}: use prompt, pinentry[:PROGRAM], protected (PIN-pad reader), "
+            "env:VARIABLE or file:PATH"
         )
 
     @property
@@ -49,6 +55,8 @@ class PinSource:
             return value
         if self.kind == "file":
             return _read_pin_file(self.target)
+        if self.kind == "pinentry":
+            return Pinentry(self.target).get_pin(prompt)
         if self.kind == "prompt":
             if not sys.stdin.isatty():
                 raise PinUnavailableError(

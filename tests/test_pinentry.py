@@ -1,0 +1,87 @@
+"""The PIN asked through a real pinentry program (pinentry-tty on a pseudo-terminal)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from agent.token.pin import PinSource
+from agent.token.pinentry import Pinentry, PinentryError, escape, parse_response, unescape
+
+
+class Terminal:
+    """A pseudo-terminal where a person reads the dialog and types."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self.name = os.ttyname(self.slave)
+        self.screen = b""
+
+    def type_when(self, prompt: bytes, keys: bytes) -> threading.Thread:
+        def person() -> None:
+            while prompt not in self.screen:
+                self.screen += os.read(self.master, 4096)
+            os.write(self.master, keys)
+        thread = threading.Thread(target=person, daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@pytest.fixture
+def terminal():
+    tty = Terminal()
+    yield tty
+    tty.close()
+
+
+def test_pin_typed_in_pinentry_tty_reaches_the_agent(terminal: Terminal) -> None:
+    person = terminal.type_when(b"PIN:", b"123456\r")
+    pin = Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin(
+        "PIN of card 'alice' to sign in as CN=Alice Example (few PIN tries left): ")
+    person.join(5)
+    assert pin == "123456"
+    assert b"to sign in as CN=Alice Example (few PIN tries left)" in terminal.screen
+
+
+def test_pin_with_assuan_special_characters(terminal: Terminal) -> None:
+    person = terminal.type_when(b"PIN:", b"12%34 56\r")
+    assert Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("card") == "12%34 56"
+    person.join(5)
+
+
+def test_empty_pin_sends_nothing_to_the_card(terminal: Terminal) -> None:
+    terminal.type_when(b"PIN:", b"\r")
+    with pytest.raises(PinentryError, match="nothing was sent to the card"):
+        Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("card")
+
+
+def test_missing_program_says_what_to_install() -> None:
+    with pytest.raises(PinentryError, match="install pinentry-gnome3"):
+        Pinentry("/nonexistent/pinentry").get_pin("card")
+
+
+def test_assuan_encoding_and_responses() -> None:
+    assert escape("100%\nsure") == "100%25%0Asure"
+    assert unescape("100%25%0Asure") == "100%\nsure"
+    assert parse_response(["S PASSWORD_FROMCACHE", "D 12%2534", "OK"]).data == "12%34"
+    cancelled = parse_response(["ERR 83886179 Operation cancelled <Pinentry>"])
+    assert not cancelled.ok and cancelled.error_code == 83886179
+    with pytest.raises(PinentryError):
+        parse_response(["garbage"])
+
+
+def test_pin_source_names() -> None:
+    assert PinSource.parse("pinentry") == PinSource("pinentry", "pinentry")
+    assert PinSource.parse("pinentry:/usr/bin/pinentry-gnome3").target == "/usr/bin/pinentry-gnome3"
+
+
+def test_cancelled_entry_sends_nothing_to_the_card(terminal: Terminal) -> None:
+    terminal.type_when(b"PIN:", b"\x04")  # Ctrl-D: the person gives up
+    with pytest.raises(PinentryError, match="nothing was sent to the card"):
+        Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("card")
