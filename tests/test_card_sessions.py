@@ -125,3 +125,19 @@ def test_status_and_lock(test_pki: ProvisionedPki, tmp_path: Path, fault_module:
             wait_for(lambda: agent.log().count("event=sign-in ") == 2)
             assert echo(agent.port())
     assert "Enter PIN" not in log
+
+
+def test_idle_timeout_ends_the_session_but_not_while_an_association_is_open(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                           agent={"idle_timeout": 1.5}) as agent:
+            held = associate(agent.port(), sop_classes=[VERIFICATION])
+            assert held.is_established
+            time.sleep(3)  # longer than idle_timeout, with an association open
+            assert "event=sign-out" not in agent.log() and held.send_c_echo().Status == 0
+            held.release()
+            log = agent.wait_for_log('event=sign-out reason="idle timeout"', timeout=10)
+            assert not echo(agent.port())
+            agent.wait_for_log("rejected: locked after 1.5 s without activity: remove and re-insert the card")
+    assert log.count("event=sign-in ") == 1

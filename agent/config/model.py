@@ -83,6 +83,7 @@ class AgentConfig:
     tunnels: tuple[TunnelConfig, ...]
     log_level: str = "info"
     runtime_dir: Path | None = None
+    idle_timeout: float = 0.0  # seconds without associations before the session ends; 0: never
 
 
 class _Section:
@@ -231,6 +232,9 @@ def load_config(path: Path) -> AgentConfig:
     if log_level not in ("debug", "info", "warning", "error"):
         raise agent.error("log_level", "must be debug, info, warning or error")
     runtime_dir = agent.take("runtime_dir", str, "")
+    idle_timeout = float(agent.take("idle_timeout", (int, float), 0))
+    if idle_timeout < 0:
+        raise agent.error("idle_timeout", "must be 0 (off) or a positive number of seconds")
     agent.done()
     root.done()
     return AgentConfig(
@@ -240,6 +244,7 @@ def load_config(path: Path) -> AgentConfig:
         tunnels=tuple(tunnels),
         log_level=log_level,
         runtime_dir=(base / runtime_dir).resolve() if runtime_dir else None,
+        idle_timeout=idle_timeout,
     )
 
 

@@ -35,14 +35,36 @@ class SessionManager:
         self.since: float | None = None
         self.state = "no card inserted"
         self.last_error: str | None = None
+        self.last_activity = time.monotonic()
+        self._next_idle_check = 0.0
         self._lock = threading.Lock()
 
     def current_session(self) -> CardSession | None:
         return self.session
 
+    def touch(self) -> None:
+        """An association was handed to the session."""
+        self.last_activity = time.monotonic()
+
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(POLL_SECONDS):
             self.step()
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        timeout = self.config.idle_timeout
+        now = time.monotonic()
+        if not timeout or self.session is None or now < self._next_idle_check:
+            return
+        self._next_idle_check = now + min(1.0, timeout / 4)
+        if now - self.last_activity < timeout:
+            return
+        if any(t.get("open_connections") for t in self.session.status().values()):
+            self.touch()  # a long transfer is activity too
+            return
+        with self._lock:
+            self._end("idle timeout")
+            self.state = f"locked after {timeout:g} s without activity: remove and re-insert the card"
 
     def step(self) -> None:
         """Look at the reader once and act on any change."""
@@ -89,6 +111,7 @@ class SessionManager:
             return
         self.session = session
         self.since = time.time()
+        self.touch()
         self.state = "signed in"
         event("sign-in", subject=signed_in.files.subject, issuer=signed_in.files.issuer, token=card.label,
               serial=card.serial)

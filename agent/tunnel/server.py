@@ -72,6 +72,8 @@ class Listeners:
             local.close()
             return
         session = self.manager.current_session() if self.manager else None
+        if session is not None:
+            self.manager.touch()
         if session is None or not session.dispatch(tunnel.name, local, peer.describe()):
             state = self.manager.state if self.manager else "starting"
             log.warning("tunnel %s: %s: rejected: %s", tunnel.name, peer.describe(), state)
