@@ -205,3 +205,28 @@ def test_a_slow_card_signature_does_not_stall_other_connections(test_pki: Provis
     assert reply[6:] == b"A" * 2000
     assert finished == ["A", "B"]
     assert card.signatures() == 2
+
+
+def test_unix_socket_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    import socket
+
+    from test_tunnel_tls import _FramedEchoServer  # noqa: PLC0415
+
+    directory = tmp_path / "sockets"
+    path = directory / "pacs.sock"
+    server = _FramedEchoServer(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [{**tunnel("echo", server.port), "listen": f"unix:{path}"}]):
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(path))
+                client.sendall(b"over a unix socket")
+                client.shutdown(socket.SHUT_WR)
+                answer = b""
+                while chunk := client.recv(4096):
+                    answer += chunk
+        assert not path.exists()  # removed when the agent stops
+    finally:
+        server.close()
+    assert answer[6:] == b"over a unix socket"

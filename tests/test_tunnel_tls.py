@@ -132,3 +132,29 @@ def test_relay_is_byte_exact_and_forwards_half_close(test_pki: ProvisionedPki, t
     from cryptography import x509
 
     assert x509.load_der_x509_certificate(server.peer_certificates[0]) == x509.load_pem_x509_certificate(alice)
+
+
+RSA_PSS_MECHANISMS = [0x0D, 0x0E, 0x43, 0x44, 0x45, 0x47]  # CKM_RSA_PKCS_PSS and its hashing variants
+
+
+def test_rsa_card_without_pss_gets_tls12_with_pkcs1(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Many PIV/CAC cards lack RSA-PSS; the fault module makes alice's SoftHSM token lack it too."""
+    from fault_pkcs11 import FaultControl, build
+
+    card = FaultControl(tmp_path / "card.ctl")
+    card.hide_mechanisms(RSA_PSS_MECHANISMS)
+    module = str(build(tmp_path / "build"))
+    with s_server(test_pki, tmp_path, "-naccept", "1") as (port, log_path):  # offers TLS 1.3 and 1.2
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)], module=module,
+                           env=card.env()) as agent:
+            send_and_close(agent.port())
+            log = agent.wait_for_log("TLSv1.2 full handshake")
+        wait_for(lambda: "Peer signature type" in log_path.read_text())
+    assert "no RSA-PSS on the token: TLS 1.2 only (PKCS#1 v1.5)" in log and "its sessions use TLS 1.2" in log
+    assert "Peer signature type: RSA\n" in log_path.read_text()
+    assert not any("hidden_mechanism" in line for line in card.log_lines())  # PSS was never even tried
+
+    with running_agent(test_pki, tmp_path / "agent13", [tunnel("raw", port, tls="tls13")], module=module,
+                       env=card.env()) as agent:
+        log = agent.log()
+    assert "requires TLS 1.3 (tls = \"tls13\") but the token cannot sign with RSA-PSS" in log

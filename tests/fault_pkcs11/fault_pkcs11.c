@@ -18,6 +18,9 @@
  *                          an injected C_Sign/C_SignFinal error ends the real
  *                          operation too (logged "injected", not a signature)
  *   sign_delay_ms = N      C_Sign / C_SignFinal sleep N ms (not for size queries)
+ *   hide_mechanisms = M,.. the token lacks these mechanisms (hex or decimal CKM_ numbers): left out
+ *                          of C_GetMechanismList, CKR_MECHANISM_INVALID from C_GetMechanismInfo and
+ *                          C_SignInit (e.g. 0x0d,0x43,0x44,0x45,0x0e: a card without RSA-PSS)
  *   pin_retries = N        emulated user PIN retry counter, kept in <control>.state
  *   token_flags_set = HEX, token_flags_clear = HEX   edit CK_TOKEN_INFO.flags
  *   protected_pin = PIN    PIN "typed on the PIN pad" for C_Login(pPin=NULL)
@@ -63,6 +66,8 @@ struct cfg {
     struct fail fails[MAX_FAILS];
     int nfails;
     unsigned long sign_delay_ms;
+    CK_MECHANISM_TYPE hidden[MAX_FAILS];
+    int nhidden;
     long pin_retries;       /* -1 = off */
     CK_FLAGS flags_set, flags_clear;
     char log[PATH_LEN];
@@ -200,6 +205,22 @@ static void log_call(const char *fmt, ...)
 
 /* ------------------------------------------------------- control reload */
 
+static void parse_hidden(struct cfg *c, char *v)
+{
+    char *save = NULL, *item;
+    c->nhidden = 0;
+    for (item = strtok_r(v, ",", &save); item && c->nhidden < MAX_FAILS; item = strtok_r(NULL, ",", &save))
+        c->hidden[c->nhidden++] = strtoul(trim(item), NULL, 0);
+}
+
+static int is_hidden(const struct cfg *c, CK_MECHANISM_TYPE m)
+{
+    int i;
+    for (i = 0; i < c->nhidden; i++)
+        if (c->hidden[i] == m) return 1;
+    return 0;
+}
+
 static void parse_fails(struct cfg *c, char *v)
 {
     char *save = NULL, *tok;
@@ -245,6 +266,7 @@ static void parse_line(struct cfg *n, char *line)
     else if (strcmp(k, "generation") == 0) copy_str(n->generation, sizeof n->generation, v);
     else if (strcmp(k, "fail") == 0) parse_fails(n, v);
     else if (strcmp(k, "sign_delay_ms") == 0) n->sign_delay_ms = strtoul(v, NULL, 10);
+    else if (strcmp(k, "hide_mechanisms") == 0) parse_hidden(n, v);
     else if (strcmp(k, "pin_retries") == 0) n->pin_retries = *v ? strtol(v, NULL, 10) : -1;
     else if (strcmp(k, "token_flags_set") == 0) n->flags_set = strtoul(v, NULL, 16);
     else if (strcmp(k, "token_flags_clear") == 0) n->flags_clear = strtoul(v, NULL, 16);
@@ -573,9 +595,46 @@ static CK_RV w_C_GetTokenInfo P_C_GetTokenInfo
             return rv;                                                  \
         return real->fn A_##fn;                                         \
     }
-FWD_SLOT(C_GetMechanismList)
-FWD_SLOT(C_GetMechanismInfo)
 FWD_SLOT(C_InitToken)
+
+static CK_RV w_C_GetMechanismList P_C_GetMechanismList
+{
+    struct cfg c;
+    int have;
+    CK_RV rv;
+    CK_ULONG count = 0, i, kept = 0;
+    CK_MECHANISM_TYPE *all;
+    snap(&c);
+    if ((rv = injected(&c, "C_GetMechanismList")) != CKR_OK) return rv;
+    if ((rv = map_slot(&c, slotID, 1, &slotID, &have)) != CKR_OK) return rv;
+    if (!c.nhidden) return real->C_GetMechanismList(slotID, pMechanismList, pulCount);
+    if ((rv = real->C_GetMechanismList(slotID, NULL, &count)) != CKR_OK) return rv;
+    all = calloc(count ? count : 1, sizeof *all);
+    if (!all) return CKR_HOST_MEMORY;
+    if ((rv = real->C_GetMechanismList(slotID, all, &count)) == CKR_OK) {
+        for (i = 0; i < count; i++)
+            if (!is_hidden(&c, all[i])) {
+                if (pMechanismList && kept < *pulCount) pMechanismList[kept] = all[i];
+                kept++;
+            }
+        if (pMechanismList && kept > *pulCount) rv = CKR_BUFFER_TOO_SMALL;
+        *pulCount = kept;
+    }
+    free(all);
+    return rv;
+}
+
+static CK_RV w_C_GetMechanismInfo P_C_GetMechanismInfo
+{
+    struct cfg c;
+    int have;
+    CK_RV rv;
+    snap(&c);
+    if ((rv = injected(&c, "C_GetMechanismInfo")) != CKR_OK) return rv;
+    if ((rv = map_slot(&c, slotID, 1, &slotID, &have)) != CKR_OK) return rv;
+    if (is_hidden(&c, type)) return CKR_MECHANISM_INVALID;
+    return real->C_GetMechanismInfo(slotID, type, pInfo);
+}
 
 static CK_RV w_C_OpenSession P_C_OpenSession
 {
@@ -779,13 +838,29 @@ FWD(C_FindObjectsInit) FWD(C_FindObjects) FWD(C_FindObjectsFinal)
 FWD(C_EncryptInit) FWD(C_Encrypt) FWD(C_EncryptUpdate) FWD(C_EncryptFinal)
 FWD(C_DecryptInit) FWD_LOG(C_Decrypt) FWD(C_DecryptUpdate) FWD(C_DecryptFinal)
 FWD(C_DigestInit) FWD(C_Digest) FWD(C_DigestUpdate) FWD(C_DigestKey) FWD(C_DigestFinal)
-FWD_LOG(C_SignInit) FWD(C_SignUpdate) FWD(C_SignRecoverInit) FWD(C_SignRecover)
+FWD(C_SignUpdate) FWD(C_SignRecoverInit) FWD(C_SignRecover)
 FWD(C_VerifyInit) FWD(C_Verify) FWD(C_VerifyUpdate) FWD(C_VerifyFinal)
 FWD(C_VerifyRecoverInit) FWD(C_VerifyRecover)
 FWD(C_DigestEncryptUpdate) FWD(C_DecryptDigestUpdate) FWD(C_SignEncryptUpdate)
 FWD(C_DecryptVerifyUpdate) FWD(C_GenerateKey) FWD(C_GenerateKeyPair) FWD(C_WrapKey)
 FWD(C_UnwrapKey) FWD(C_DeriveKey) FWD(C_SeedRandom) FWD(C_GenerateRandom)
 FWD(C_GetFunctionStatus) FWD(C_CancelFunction)
+
+static CK_RV w_C_SignInit P_C_SignInit
+{
+    struct cfg c;
+    CK_RV rv = pre_generic("C_SignInit", hSession, 1);
+    if (rv != CKR_OK) return rv;
+    snap(&c);
+    if (pMechanism && is_hidden(&c, pMechanism->mechanism)) {
+        log_call("C_SignInit rv=0x%lx hidden_mechanism=0x%lx", (unsigned long)CKR_MECHANISM_INVALID,
+                 (unsigned long)pMechanism->mechanism);
+        return CKR_MECHANISM_INVALID;
+    }
+    rv = real->C_SignInit(hSession, pMechanism, hKey);
+    log_call("C_SignInit rv=0x%lx", rv);
+    return rv;
+}
 
 /* ------------------------------------------------------- init / events */
 

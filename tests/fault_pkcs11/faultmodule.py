@@ -189,6 +189,10 @@ class FaultControl:
             entries.append(f"{func}:{_ckr(ckr)}")
         self.set(fail=",".join(entries) or None)
 
+    def hide_mechanisms(self, mechanisms: list[int] | None) -> None:
+        """Make the token lack these CKM_ mechanisms (None: show all again)."""
+        self.set(hide_mechanisms=",".join(hex(m) for m in mechanisms) if mechanisms else None)
+
     def sign_delay(self, ms: int | None) -> None:
         self.set(sign_delay_ms=ms)
 
