@@ -228,6 +228,7 @@ def test_unknown_client_row_gives_no_uid_and_is_refused(sockets: ExitStack, monk
     time_wait = TcpRow(local=_endpoint(client.getsockname()), remote=_endpoint(client.getpeername()),
                        state=0x06, uid=0, inode=0)
     monkeypatch.setattr(peer_module, "_load_rows", lambda ipv6: [] if ipv6 else [time_wait])
+    monkeypatch.setattr(peer_module, "_diag_lookup", _no_sock_diag)  # exercise the /proc path
 
     peer = tcp_peer(accepted, want_pid=True)
 
@@ -235,6 +236,10 @@ def test_unknown_client_row_gives_no_uid_and_is_refused(sockets: ExitStack, monk
     with pytest.raises(UnidentifiedPeerError, match="could not be determined") as refused:
         admit_peer(accepted, PeerPolicy(frozenset({0, os.getuid()})))
     assert f"uid unknown pid unknown from 127.0.0.1:{client.getsockname()[1]}" in str(refused.value)
+
+
+def _no_sock_diag(*_args: object) -> None:
+    raise OSError(errno.EPROTONOSUPPORT, "sock_diag unavailable (injected)")
 
 
 def _endpoint(sockaddr: tuple) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
@@ -586,3 +591,16 @@ def test_non_socket_at_the_socket_path_is_left_alone(socket_base: Path) -> None:
         create_unix_listener(str(path))
 
     assert path.read_text() == "not a socket"
+
+
+def test_proc_fallback_when_sock_diag_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection (no real part here lacks sock_diag): the /proc/net/tcp path must still answer."""
+    monkeypatch.setattr(peer_module, "_diag_lookup", _no_sock_diag)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as client:
+            client_port = client.getsockname()[1]
+            accepted, _ = server.accept()
+            with accepted:
+                found = peer_module.tcp_peer(accepted, want_pid=True)
+    assert found.uid == os.getuid() and found.pid == os.getpid()
+    assert found.address == f"127.0.0.1:{client_port}"

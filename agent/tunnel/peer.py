@@ -241,6 +241,58 @@ def _inet_address(sockaddr: tuple) -> str:
     return f"[{host}]:{port}"
 
 
+# sock_diag (linux/inet_diag.h): ask the kernel about exactly one socket, instead of reading all of
+# /proc/net/tcp (measured 2.3 ms a connection, growing with the number of sockets on the machine).
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+_NLMSG_HEADER = struct.Struct("=IHHII")
+_DIAG_REQUEST = struct.Struct("=BBBxI")
+_DIAG_SOCKID = struct.Struct(">HH16s16s")
+_DIAG_MESSAGE_TAIL = struct.Struct("=IIIII")  # expires, rqueue, wqueue, uid, inode
+
+
+def _diag_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    return address.packed.ljust(16, b"\0")
+
+
+def _diag_lookup(family: int, client: Endpoint, server: Endpoint) -> TcpRow | None:
+    """The client's socket as the kernel sees it (None: no such socket in this namespace).
+
+    Raises OSError when sock_diag cannot be used, so that the caller falls back to /proc."""
+    def as_family(endpoint: Endpoint) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        address = endpoint[0]
+        if family == socket.AF_INET6 and address.version == 4:
+            return ipaddress.IPv6Address(f"::ffff:{address}")
+        if family == socket.AF_INET and address.version == 6 and address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        return address
+
+    source, destination = as_family(client), as_family(server)
+    if (source.version == 4) != (family == socket.AF_INET):
+        return None
+    body = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
+    body += _DIAG_SOCKID.pack(client[1], server[1], _diag_address(source), _diag_address(destination))
+    body += struct.pack("=III", 0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE)
+    message = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
+        netlink.settimeout(1.0)
+        netlink.send(message)
+        reply = netlink.recv(4096)
+    _, kind, _, _, _ = _NLMSG_HEADER.unpack_from(reply)
+    if kind == _NLMSG_ERROR:
+        error = -struct.unpack_from("=i", reply, _NLMSG_HEADER.size)[0]
+        if error == errno.ENOENT:
+            return None
+        raise OSError(error, os.strerror(error))
+    state = reply[_NLMSG_HEADER.size + 1]  # after family: state, timer, retrans
+    sockid_end = _NLMSG_HEADER.size + 4 + _DIAG_SOCKID.size + 12  # + interface and cookie
+    _, _, _, uid, inode = _DIAG_MESSAGE_TAIL.unpack_from(reply, sockid_end)
+    return TcpRow(local=client, remote=server, state=state, uid=uid, inode=inode)
+
+
 def _lookup_tcp_client(sock: socket.socket) -> tuple[str, TcpRow | None]:
     """Our peer's address as text and the row of its socket, if it is a socket of this machine."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
@@ -251,6 +303,14 @@ def _lookup_tcp_client(sock: socket.socket) -> tuple[str, TcpRow | None]:
         return "(disconnected)", None
     client, server = _endpoint(peername), _endpoint(sockname)
     address = _inet_address(peername)
+    try:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            row = _diag_lookup(family, client, server)
+            if row is not None and row.state != TCP_TIME_WAIT:
+                return address, row
+        return address, None
+    except OSError:
+        pass  # no sock_diag (an old or restricted kernel): read /proc
     # The client's socket is in tcp6 if it is an IPv6 socket, even one using a mapped IPv4
     # address, and in tcp otherwise; an IPv4 peer may therefore be in either table.
     tables = (True,) if client[0].version == 6 and client[0].ipv4_mapped is None else (False, True)
