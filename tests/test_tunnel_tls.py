@@ -51,7 +51,7 @@ def test_offer_follows_bcp_195(test_pki: ProvisionedPki, tmp_path: Path) -> None
             send_and_close(agent.port())
             wait_for(lambda: "Shared ciphers" in log_path.read_text())
     log = log_path.read_text()
-    assert "Supported groups: x25519:secp256r1\n" in log
+    assert "Supported groups: secp256r1:x25519\n" in log
     offered = next(line for line in log.splitlines() if line.startswith("Shared ciphers:")).split(":", 1)[1]
     tls12 = [c for c in offered.split(":") if not c.startswith("TLS_")]
     assert tls12 and all(c.startswith("ECDHE-") and ("GCM" in c or "CHACHA20" in c) for c in tls12), tls12

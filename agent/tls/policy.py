@@ -27,7 +27,9 @@ TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ])
-TLS_GROUPS = "X25519:P-256"
+# P-256 first: DCMTK 3.6.7 answers an X25519 key share with a HelloRetryRequest for P-256,
+# which costs a round trip per association; both groups stay offered (RFC 9325).
+TLS_GROUPS = "P-256:X25519"
 # For an RSA key whose token cannot do PSS: offer the server PKCS#1 v1.5 only (TLS 1.2).
 PKCS1_ONLY_SIGNATURE_ALGORITHMS = "RSA+SHA256:RSA+SHA384:RSA+SHA512"
 
