@@ -6,21 +6,20 @@ import json
 import os
 import signal
 import socket
+import ssl
+import struct
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from agent.dicom.pdu import AssociateRequest, MaximumLength, PresentationContextItemRQ, encode_associate_rq
+from agent.dicom.pdu import (AssociateRequest, MaximumLength, PduType, PresentationContextItemRQ,
+                             encode_associate_rq)
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from peers.ports import free_port
 
 
 def _toml_value(value: Any) -> str:
@@ -162,3 +161,47 @@ def associate_rq() -> bytes:
         presentation_contexts=(PresentationContextItemRQ(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",)),),
         user_information=(MaximumLength(16384),),
     ))
+
+
+class FramedEchoServer:
+    """A TLS server (file key, the PACS certificate) that reads the whole request until the client's
+    close_notify, then answers with P-DATA-TF PDUs carrying the same bytes, and closes."""
+
+    def __init__(self, test_pki: ProvisionedPki, concurrent: bool = False) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
+        self.context.load_verify_locations(test_pki.ca_bundle)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.concurrent = concurrent
+        self.port = self.listener.getsockname()[1]
+        self.peer_certificates: list[bytes] = []
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.concurrent:
+                threading.Thread(target=self._answer, args=(raw,), daemon=True).start()
+            else:
+                self._answer(raw)
+
+    def _answer(self, raw: socket.socket) -> None:
+        with self.context.wrap_socket(raw, server_side=True) as tls:
+            self.peer_certificates.append(tls.getpeercert(binary_form=True))
+            data = bytearray()
+            while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen
+                data += chunk
+            self.received.append(bytes(data))
+            for offset in range(0, len(data), 60000):
+                piece = bytes(data[offset:offset + 60000])
+                tls.sendall(struct.pack(">BBL", PduType.P_DATA_TF, 0, len(piece)) + piece)
+            tls.unwrap()
+
+    def close(self) -> None:
+        self.listener.close()

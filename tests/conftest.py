@@ -60,6 +60,14 @@ def provision(directory: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
+def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fault-injecting PKCS#11 module around SoftHSM (tests/fault_pkcs11), built once."""
+    from fault_pkcs11 import build
+
+    return build(tmp_path_factory.mktemp("fault-build"))
+
+
+@pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedPki:
     directory = tmp_path_factory.mktemp("card-agent-pki")
     result = provision(directory)

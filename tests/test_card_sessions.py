@@ -13,21 +13,17 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 
 from agent.dicom.pdu import parse_associate_rj
 from agent_runner import associate_rq, running_agent, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
-from fault_pkcs11 import FaultControl, build
+from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, tls_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
 
 
-@pytest.fixture(scope="module")
-def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("fault-build"))
 
 
 def certificate(test_pki: ProvisionedPki, name: str) -> x509.Certificate:

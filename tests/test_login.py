@@ -14,14 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
-from fault_pkcs11 import FaultControl, build
+from fault_pkcs11 import FaultControl
 
 WRONG_PIN = "999999"
 
 
-@pytest.fixture(scope="session")
-def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("fault-build"))
 
 
 @pytest.fixture

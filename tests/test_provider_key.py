@@ -3,7 +3,6 @@ on the SoftHSM token in a real TLS handshake that `openssl s_server` verifies.""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from agent.tls.provider import ProviderError, openssl_config, provider_key_pem, uri_from_provider_key_pem
 from agent.token.profiles import get_profile
 from conftest import HELPERS, USER_PIN, ProvisionedPki
+from peers.ports import free_port
 
 
 def test_pem_round_trips_and_holds_no_pin() -> None:
@@ -57,12 +57,6 @@ def test_openssl_reads_the_token_public_key_through_the_key_file(test_pki: Provi
     public = load_pem_public_key(result.stdout.encode())  # PKCS#1 or SubjectPublicKeyInfo PEM
     certificate = x509.load_pem_x509_certificate((test_pki.pki / "clients" / "alice.pem").read_bytes())
     assert public.public_numbers() == certificate.public_key().public_numbers()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize("identity, max_version, expected", [

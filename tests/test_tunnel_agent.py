@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from agent.dicom.pdu import A_ASSOCIATE_RJ
-from agent_runner import (associate_rq, free_port, running_agent, s_server, send_and_close, start_agent, stop_agent,
-                          tunnel, wait_for, write_config)
+from agent_runner import (FramedEchoServer, associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for, write_config)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
-from fault_pkcs11 import FaultControl, build
+from fault_pkcs11 import FaultControl
 
 
 @pytest.mark.parametrize("change, message", [
@@ -100,9 +99,6 @@ def test_local_peer_of_another_user_is_refused(test_pki: ProvisionedPki, tmp_pat
     assert "only uid 0 may use this tunnel" in log and " pid " in log
 
 
-@pytest.fixture(scope="module")
-def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("fault-build"))
 
 
 def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, tmp_path: Path,
@@ -122,9 +118,8 @@ def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, 
 
 
 def test_sixty_four_concurrent_associations(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    from test_tunnel_tls import _FramedEchoServer  # noqa: PLC0415 (a test peer shared with that module)
 
-    server = _FramedEchoServer(test_pki, concurrent=True)
+    server = FramedEchoServer(test_pki, concurrent=True)
     answers: dict[int, bytes] = {}
     try:
         with running_agent(test_pki, tmp_path, [tunnel("echo", server.port)]) as agent:
@@ -177,10 +172,9 @@ def test_a_slow_card_signature_does_not_stall_other_connections(test_pki: Provis
     """Connection A is relaying while B's handshake waits 3 s on the card's signature: A finishes first."""
     import socket
 
-    from test_tunnel_tls import _FramedEchoServer  # noqa: PLC0415
 
     card = FaultControl(tmp_path / "card.ctl")
-    server = _FramedEchoServer(test_pki, concurrent=True)
+    server = FramedEchoServer(test_pki, concurrent=True)
     try:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port, session_resumption=False)],
                            module=str(fault_module), env=card.env()) as agent:
@@ -210,11 +204,10 @@ def test_a_slow_card_signature_does_not_stall_other_connections(test_pki: Provis
 def test_unix_socket_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     import socket
 
-    from test_tunnel_tls import _FramedEchoServer  # noqa: PLC0415
 
     directory = tmp_path / "sockets"
     path = directory / "pacs.sock"
-    server = _FramedEchoServer(test_pki)
+    server = FramedEchoServer(test_pki)
     try:
         with running_agent(test_pki, tmp_path / "agent", [{**tunnel("echo", server.port), "listen": f"unix:{path}"}]):
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import ssl
 import struct
-import threading
 from pathlib import Path
 
 import pytest
 
 from agent.dicom.pdu import A_ASSOCIATE_RJ, PduType, parse_associate_rj
-from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
+from agent_runner import FramedEchoServer, associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
 
 
@@ -67,52 +64,8 @@ def test_tls11_only_server_is_refused_with_a_dicom_reject(test_pki: ProvisionedP
     assert "the agent never falls back to older TLS" in log
 
 
-class _FramedEchoServer:
-    """A TLS server (file key, the PACS certificate) that reads the whole request until the client's
-    close_notify, then answers with P-DATA-TF PDUs carrying the same bytes, and closes."""
-
-    def __init__(self, test_pki: ProvisionedPki, concurrent: bool = False) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
-        self.context.load_verify_locations(test_pki.ca_bundle)
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.concurrent = concurrent
-        self.port = self.listener.getsockname()[1]
-        self.peer_certificates: list[bytes] = []
-        self.received: list[bytes] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.concurrent:
-                threading.Thread(target=self._answer, args=(raw,), daemon=True).start()
-            else:
-                self._answer(raw)
-
-    def _answer(self, raw: socket.socket) -> None:
-        with self.context.wrap_socket(raw, server_side=True) as tls:
-            self.peer_certificates.append(tls.getpeercert(binary_form=True))
-            data = bytearray()
-            while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen
-                data += chunk
-            self.received.append(bytes(data))
-            for offset in range(0, len(data), 60000):
-                piece = bytes(data[offset:offset + 60000])
-                tls.sendall(struct.pack(">BBL", PduType.P_DATA_TF, 0, len(piece)) + piece)
-            tls.unwrap()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_relay_is_byte_exact_and_forwards_half_close(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    server = _FramedEchoServer(test_pki)
+    server = FramedEchoServer(test_pki)
     payload = os.urandom(8 * 1024 * 1024)
     try:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port)]) as agent:

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
-from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
+from agent_runner import associate_rq, free_port, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
 
 
@@ -101,8 +101,6 @@ def test_revoked_client_is_rejected_by_a_server_checking_the_crl(test_pki: Provi
 
 
 def test_unreachable_pacs_is_a_transient_reject(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    from agent_runner import free_port
-
     with running_agent(test_pki, tmp_path, [tunnel("pacs", free_port())]) as agent:
         answer = send_and_close(agent.port(), associate_rq())
         log = agent.wait_for_log("cannot reach the PACS")
