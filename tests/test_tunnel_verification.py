@@ -106,3 +106,14 @@ def test_unreachable_pacs_is_a_transient_reject(test_pki: ProvisionedPki, tmp_pa
         log = agent.wait_for_log("cannot reach the PACS")
     assert_rejected(answer, log, "connection refused (is the PACS running and listening on that port?)")
     assert parse_associate_rj(answer).describe().startswith("rejected-transient")
+
+
+def test_server_knowing_only_the_root_accepts_the_card(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The agent sends the card's certificate with the issuing CA, so the root is all a PACS needs.
+
+    The server's own certificate comes from the unrelated CA (trusted here by pin), so that the
+    issuing CA can reach the server only in the chain the agent sends."""
+    answer, log = attempt(test_pki, tmp_path, server={"cert": "untrusted-server-chain.pem", "key": "untrusted-server.key",
+                                                       "ca": "root-ca.pem"},
+                          verify="pin", server_pins=[server_fingerprint(test_pki, "untrusted-server-chain.pem")])
+    assert_accepted(answer, log)

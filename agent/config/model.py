@@ -6,7 +6,6 @@ the configuration file. An unknown key is an error, so that a typo never silentl
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tomllib
@@ -155,10 +154,6 @@ def parse_pin(value: str, error) -> bytes:
     if not match:
         raise error(f"{value!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed, optional sha256: prefix)")
     return bytes.fromhex(match.group(2).replace(":", ""))
-
-
-def certificate_fingerprint(der: bytes) -> bytes:
-    return hashlib.sha256(der).digest()
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from agent.card.watcher import Card
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles
@@ -23,7 +24,6 @@ from agent.tls.provider import openssl_config, provider_key_pem
 from agent.token.discovery import find_token, token_serial
 from agent.token.identities import Identity, is_ca_certificate, list_identities
 from agent.token.login import login
-from agent.card.watcher import Card
 from agent.token.module import LoadedModule
 from agent.token.pin import RememberedPin
 from agent.trust.anchors import TrustAnchors, TrustError
@@ -112,8 +112,7 @@ def _chain(identity: Identity, identities: list[Identity], anchors: TrustAnchors
     """Leaf and intermediates, so that a server knowing only the root accepts us."""
     token_cas = [i.certificate for i in identities if is_ca_certificate(i.certificate)]
     try:
-        chain = anchors.verify_client(identity.certificate, token_cas)
-        return [c for c in chain if c.subject != c.issuer]  # the root is the server's to have
+        return anchors.verify_client(identity.certificate, token_cas)[:-1]  # the root is the server's to have
     except TrustError as error:
         log.warning("identity %s does not chain to [trust] ca (%s); sending it with the CA certificates found "
                     "on the token", identity.subject, error)

@@ -96,10 +96,6 @@ class Pkcs11Uri:
         ]
         return SCHEME + ";".join(path) + ("?" + "&".join(query) if query else "")
 
-    def selects_token(self) -> bool:
-        """True when the URI names at least one token attribute."""
-        return any(getattr(self, f) is not None for f in ("token", "serial", "manufacturer", "model"))
-
     def matches_token(self, *, label: str, serial: str, manufacturer: str, model: str) -> bool:
         wanted = {"token": label, "serial": serial, "manufacturer": manufacturer, "model": model}
         return all(getattr(self, name) in (None, value) for name, value in wanted.items())

@@ -25,6 +25,8 @@ class Listeners:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.sockets: dict[int, tuple[socket.socket, TunnelConfig]] = {}
+        self.policies = {tunnel.name: PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
+                         for tunnel in config.tunnels}
         self.manager: SessionManager | None = None
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
@@ -63,9 +65,8 @@ class Listeners:
                                  daemon=True).start()
 
     def _admit(self, tunnel: TunnelConfig, local: socket.socket) -> None:
-        policy = PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
         try:
-            peer = admit_peer(local, policy)
+            peer = admit_peer(local, self.policies[tunnel.name])
         except PeerRefusedError as error:
             log.warning("tunnel %s: %s", tunnel.name, error)
             reject_local(local, TunnelFailure("local peer refused"))
