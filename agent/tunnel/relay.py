@@ -13,6 +13,7 @@ instead of a bare reset.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -35,6 +36,17 @@ CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
 REJECT_READ_TIMEOUT = 3.0
 POLL_INTERVAL_MS = 1000
+
+
+TOKEN_LOCK = threading.Lock()
+"""Held around every step of a full handshake in this card session's process (one process, one token).
+
+A card computes one signature at a time; handing it several at once only queues them inside the
+module or, on some cards, fails them. Steps run on memory BIOs, so the lock is never held while
+waiting for the network, and relays moving data never take it. A handshake that offers a session
+to resume does not take it: it needs no signature, and must not wait seconds behind others that
+do. (Should the server decline the resumption, that one signature is not serialized here; card
+modules such as OpenSC lock the card for each operation themselves.)"""
 
 
 class SessionEnd:
@@ -111,9 +123,10 @@ class _Tls:
     def __init__(self, runtime: TunnelRuntime) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
+        session = runtime.resumable_session()
+        self.resuming = session is not None
         self.obj = runtime.context.wrap_bio(self.incoming, self.outgoing,
-                                            server_hostname=runtime.config.server_name,
-                                            session=runtime.resumable_session())
+                                            server_hostname=runtime.config.server_name, session=session)
 
     def pending_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
@@ -132,11 +145,13 @@ def _connect(runtime: TunnelRuntime) -> socket.socket:
 def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
     config = runtime.config
     tls = _Tls(runtime)
+    lock = contextlib.nullcontext() if tls.resuming else TOKEN_LOCK
     deadline = time.monotonic() + config.handshake_timeout
     try:
         while True:
             try:
-                tls.obj.do_handshake()
+                with lock:
+                    tls.obj.do_handshake()
                 remote.sendall(tls.pending_output())
                 return tls
             except ssl.SSLWantReadError:

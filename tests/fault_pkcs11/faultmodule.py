@@ -251,5 +251,18 @@ class FaultControl:
             count += 1
         return count
 
+    def signature_intervals(self) -> list[tuple[int, int, int]]:
+        """(begin_ns, end_ns, pid) of every signature made, on CLOCK_MONOTONIC, in log order."""
+        intervals = []
+        for line in self.log_lines():
+            fields = line.split()
+            if len(fields) < 2 or fields[0] not in ("C_Sign", "C_SignFinal") or fields[1] != "rv=0x0":
+                continue
+            values = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
+            if "size_query" in fields or "begin_ns" not in values:
+                continue
+            intervals.append((int(values["begin_ns"]), int(values["end_ns"]), int(values["pid"])))
+        return intervals
+
     def env(self) -> dict[str, str]:
         return {"FAULT_PKCS11_CONTROL": str(self.path), "FAULT_PKCS11_TARGET": self.target}
