@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+import pydicom
 from cryptography import x509
 
 from agent.dicom.pdu import parse_associate_rj
@@ -137,3 +138,75 @@ def test_idle_timeout_ends_the_session_but_not_while_an_association_is_open(
             assert not echo(agent.port())
             agent.wait_for_log("rejected: locked after 1.5 s without activity: remove and re-insert the card")
     assert log.count("event=sign-in ") == 1
+
+
+def large_object(path: Path, megabytes: int) -> Path:
+    """One multi-frame secondary capture object of about ``megabytes`` MB of random 16-bit pixels."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rows = columns = 2048
+    frames = max(1, megabytes * 1_000_000 // (rows * columns * 2))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Pull^Card", "PULL-1", "OT"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = os.urandom(rows * columns * 2 * frames)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_pulling_the_card_during_a_200_mb_transfer(test_pki: ProvisionedPki, tmp_path: Path,
+                                                     fault_module: Path) -> None:
+    """The application sees A-ABORT, the PACS keeps no partial object, the agent signs the next card in."""
+    import subprocess
+
+    from peers import dcmtk
+    from peers.pki_files import TlsServerFiles
+    from peers.ports import peer_env
+
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    big = large_object(tmp_path / "big.dcm", 200)
+    out = tmp_path / "received"
+    with dcmtk.storescp(out, tls=TlsServerFiles.from_pki(test_pki.pki), log_level="info") as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+                           module=str(fault_module), env=card.env()) as agent:
+            agent.wait_for_log("event=sign-in ")
+            store = subprocess.Popen(dcmtk.storescu_argv(agent.port(), [big], log_level="info"),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=peer_env())
+            try:
+                # Pull once the PACS has a good part of the object, and before it has all of it.
+                wait_for(lambda: sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) > 20_000_000
+                         or store.poll() is not None, timeout=60)
+                card.remove_card()
+                output, _ = store.communicate(timeout=60)
+            finally:
+                if store.poll() is None:
+                    store.kill()
+            agent.wait_for_log('event=sign-out reason="card removed"')
+            assert agent.process.poll() is None
+
+            card.show("bob")
+            card.insert_card()
+            agent.wait_for_log('event=sign-in subject="CN=Bob Example')
+            small = large_object(tmp_path / "small.dcm", 1)
+            again = subprocess.run(dcmtk.storescu_argv(agent.port(), [small]), capture_output=True, text=True,
+                                   env=peer_env(), timeout=60)
+        stored = [p for p in out.rglob("*") if p.is_file()]
+    assert store.returncode != 0, output
+    # DCMTK's words for an A-ABORT PDU received (a dropped connection reads "Network closed")
+    assert "Peer Aborted Association" in output, output[-2000:]
+    assert again.returncode == 0, again.stdout + again.stderr
+    small_uid = pydicom.dcmread(small, stop_before_pixels=True).SOPInstanceUID
+    # storescp names what it stores <modality>.<SOP Instance UID>
+    assert [p.name.split(".", 1)[1] for p in stored] == [small_uid], (
+        f"the PACS kept more than the one complete object: {[(p.name, p.stat().st_size) for p in stored]}")
