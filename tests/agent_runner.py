@@ -128,7 +128,7 @@ def s_server(test_pki: ProvisionedPki, workdir: Path, *args: str, cert: str = "s
              "-verify_return_error", *args], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
             env=test_pki.env())
     try:
-        wait_for(lambda: "ACCEPT" in log_path.read_text())
+        wait_for(lambda: "ACCEPT" in log_path.read_text(errors="replace"))
         yield port, log_path
     finally:
         process.kill()
@@ -143,7 +143,9 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def send_and_close(port: int, data: bytes = b"hello through the card\n") -> bytes:
+def send_and_close(port: int, data: bytes | None = None) -> bytes:
+    """Send ``data`` (default: an A-ASSOCIATE-RQ), half-close, and return all that came back."""
+    data = associate_rq() if data is None else data
     with socket.create_connection(("127.0.0.1", port), timeout=15) as client:
         client.sendall(data)
         client.shutdown(socket.SHUT_WR)
@@ -163,9 +165,38 @@ def associate_rq() -> bytes:
     ))
 
 
+def p_data(data: bytes, context_id: int = 1, max_fragment: int = 16372) -> bytes:
+    """``data`` as P-DATA-TF PDUs, one data-set PDV each (message control header 0x00, 0x02 on the last)."""
+    pdus = []
+    for offset in range(0, max(len(data), 1), max_fragment):
+        piece = data[offset:offset + max_fragment]
+        control = 0x02 if offset + max_fragment >= len(data) else 0x00
+        pdv = struct.pack(">LBB", len(piece) + 2, context_id, control) + piece
+        pdus.append(struct.pack(">BBL", PduType.P_DATA_TF, 0, len(pdv)) + pdv)
+    return b"".join(pdus)
+
+
+def dicom_stream(payload: bytes) -> bytes:
+    """What an application sends first: an A-ASSOCIATE-RQ, then ``payload`` in P-DATA-TF PDUs."""
+    return associate_rq() + p_data(payload)
+
+
+def echoed(answer: bytes) -> bytes:
+    """The bytes a :class:`FramedEchoServer` answer carries (its PDU and PDV headers removed)."""
+    out, offset = bytearray(), 0
+    while offset < len(answer):
+        pdu_type, _, length = struct.unpack(">BBL", answer[offset:offset + 6])
+        if pdu_type != PduType.P_DATA_TF:
+            raise AssertionError(f"PDU type {pdu_type:#04x} at offset {offset} of the echo")
+        out += answer[offset + 12:offset + 6 + length]
+        offset += 6 + length
+    return bytes(out)
+
+
 class FramedEchoServer:
     """A TLS server (file key, the PACS certificate) that reads the whole request until the client's
-    close_notify, then answers with P-DATA-TF PDUs carrying the same bytes, and closes."""
+    close_notify, then answers with P-DATA-TF PDUs (one data-set PDV each) carrying the same bytes,
+    and closes. :func:`echoed` takes the bytes back out."""
 
     def __init__(self, test_pki: ProvisionedPki, concurrent: bool = False) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -198,9 +229,7 @@ class FramedEchoServer:
             while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen
                 data += chunk
             self.received.append(bytes(data))
-            for offset in range(0, len(data), 60000):
-                piece = bytes(data[offset:offset + 60000])
-                tls.sendall(struct.pack(">BBL", PduType.P_DATA_TF, 0, len(piece)) + piece)
+            tls.sendall(p_data(bytes(data), max_fragment=60000))
             tls.unwrap()
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from agent_runner import FramedEchoServer, running_agent, send_and_close, tunnel
+from agent_runner import FramedEchoServer, dicom_stream, echoed, running_agent, send_and_close, tunnel
 from conftest import ProvisionedPki
 from fault_pkcs11 import FaultControl
 
@@ -24,7 +24,7 @@ def test_eight_new_associations_with_500_ms_signatures_sign_one_after_another(
             card.sign_delay(500)
 
             def associate(index: int) -> None:
-                answers[index] = send_and_close(agent.port(), f"association {index}".encode())
+                answers[index] = send_and_close(agent.port(), dicom_stream(f"association {index}".encode()))
 
             threads = [threading.Thread(target=associate, args=(i,)) for i in range(CONCURRENT)]
             for thread in threads:
@@ -33,8 +33,8 @@ def test_eight_new_associations_with_500_ms_signatures_sign_one_after_another(
                 thread.join(60)
     finally:
         server.close()
-    assert {i: answer[6:] for i, answer in answers.items()} == {
-        i: f"association {i}".encode() for i in range(CONCURRENT)}
+    assert {i: echoed(answer) for i, answer in answers.items()} == {
+        i: dicom_stream(f"association {i}".encode()) for i in range(CONCURRENT)}
     intervals = sorted(card.signature_intervals())
     assert len(intervals) == CONCURRENT
     overlaps = [(a, b) for a, b in zip(intervals, intervals[1:]) if b[0] < a[1]]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.dicom.pdu import A_ASSOCIATE_RJ, PduType, parse_associate_rj
-from agent_runner import FramedEchoServer, associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
+from agent_runner import FramedEchoServer, associate_rq, dicom_stream, echoed, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
 
 
@@ -30,24 +30,24 @@ def test_token_signs_certificate_verify_for_each_key_type_and_version(
     with s_server(test_pki, tmp_path, "-naccept", "1", *version_args, *extra) as (port, log_path):
         with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)], token=token) as agent:
             send_and_close(agent.port())
-            wait_for(lambda: "CONNECTION CLOSED" in log_path.read_text() or "DONE" in log_path.read_text())
+            wait_for(lambda: "CONNECTION CLOSED" in log_path.read_text(errors="replace") or "DONE" in log_path.read_text(errors="replace"))
             agent.wait_for_log(expected_version)
-    log = log_path.read_text()
+    log = log_path.read_text(errors="replace")
     common_name = {"alice": "Alice Example", "bob": "Bob Example"}[token]
     assert f"subject=O = Example Hospital Test PKI, CN = {common_name}" in log
     assert f"Peer signature type: {expected_signature}\n" in log, log
-    assert "hello through the card" in log  # the bytes crossed the tunnel
+    assert "TESTSCU" in log  # the A-ASSOCIATE-RQ crossed the tunnel (s_server prints what it reads)
 
 
 def test_offer_follows_bcp_195(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     with s_server(test_pki, tmp_path, "-naccept", "1", "-tls1_2") as (port, log_path):
         with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)]):
             pass  # nothing connects yet: the agent must not contact the PACS on its own
-        assert "Shared ciphers" not in log_path.read_text()
+        assert "Shared ciphers" not in log_path.read_text(errors="replace")
         with running_agent(test_pki, tmp_path / "agent2", [tunnel("raw", port)]) as agent:
             send_and_close(agent.port())
-            wait_for(lambda: "Shared ciphers" in log_path.read_text())
-    log = log_path.read_text()
+            wait_for(lambda: "Shared ciphers" in log_path.read_text(errors="replace"))
+    log = log_path.read_text(errors="replace")
     assert "Supported groups: secp256r1:x25519\n" in log
     offered = next(line for line in log.splitlines() if line.startswith("Shared ciphers:")).split(":", 1)[1]
     tls12 = [c for c in offered.split(":") if not c.startswith("TLS_")]
@@ -66,21 +66,14 @@ def test_tls11_only_server_is_refused_with_a_dicom_reject(test_pki: ProvisionedP
 
 def test_relay_is_byte_exact_and_forwards_half_close(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     server = FramedEchoServer(test_pki)
-    payload = os.urandom(8 * 1024 * 1024)
+    payload = dicom_stream(os.urandom(8 * 1024 * 1024))
     try:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port)]) as agent:
             answer = send_and_close(agent.port(), payload)
     finally:
         server.close()
     assert hashlib.sha256(server.received[0]).digest() == hashlib.sha256(payload).digest()
-    unframed = bytearray()
-    offset = 0
-    while offset < len(answer):
-        pdu_type, _, length = struct.unpack(">BBL", answer[offset:offset + 6])
-        assert pdu_type == PduType.P_DATA_TF
-        unframed += answer[offset + 6:offset + 6 + length]
-        offset += 6 + length
-    assert bytes(unframed) == payload
+    assert echoed(answer) == payload
     alice = (test_pki.pki / "clients" / "alice.pem").read_bytes()
     from cryptography import x509
 
@@ -102,9 +95,9 @@ def test_rsa_card_without_pss_gets_tls12_with_pkcs1(test_pki: ProvisionedPki, tm
                            env=card.env()) as agent:
             send_and_close(agent.port())
             log = agent.wait_for_log("TLSv1.2 full handshake")
-        wait_for(lambda: "Peer signature type" in log_path.read_text())
+        wait_for(lambda: "Peer signature type" in log_path.read_text(errors="replace"))
     assert "no RSA-PSS on the token: TLS 1.2 only (PKCS#1 v1.5)" in log and "its sessions use TLS 1.2" in log
-    assert "Peer signature type: RSA\n" in log_path.read_text()
+    assert "Peer signature type: RSA\n" in log_path.read_text(errors="replace")
     assert not any("hidden_mechanism" in line for line in card.log_lines())  # PSS was never even tried
 
     with running_agent(test_pki, tmp_path / "agent13", [tunnel("raw", port, tls="tls13")], module=module,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
+from agent.dicom.user_identity import UsernameError, check_template
 from agent.errors import ConfigError
 from agent.token.module import AUTO
 from agent.token.pin import PinSource
@@ -68,6 +70,7 @@ class TunnelConfig:
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
     session_resumption: bool = True
+    association: AssociationRules = AssociationRules()
 
     @property
     def remote(self) -> str:
@@ -285,7 +288,41 @@ def _tunnel(section: _Section, name: str) -> TunnelConfig:
         allowed_uids=tuple(uids),
         unsafe_listen=unsafe_listen,
         session_resumption=section.take("session_resumption", bool, True),
+        association=_association_rules(section),
         **timeouts,
+    )
+
+
+def _association_rules(section: _Section) -> AssociationRules:
+    titles = {}
+    for key in ("allowed_calling_ae_titles", "allowed_called_ae_titles"):
+        values = section.take(key, list, [])
+        for value in values:
+            if not isinstance(value, str) or not value.strip() or len(value) > 16 or not value.isascii():
+                raise section.error(key, f"{value!r} is not an AE title (1-16 ASCII characters; * and ? match any)")
+        titles[key] = tuple(v.strip() for v in values)
+    mode = section.take("user_identity", str, "off")
+    try:
+        user_identity = UserIdentityMode(mode)
+    except ValueError:
+        raise section.error("user_identity", "must be \"off\" or \"username\"") from None
+    template = section.take("user_identity_username", str, "{cn}")
+    try:
+        check_template(template)
+    except UsernameError as error:
+        raise section.error("user_identity_username", str(error)) from None
+    existing = section.take("user_identity_existing", str, "keep")
+    try:
+        existing_mode = ExistingUserIdentity(existing)
+    except ValueError:
+        raise section.error("user_identity_existing", "must be keep, replace or reject") from None
+    return AssociationRules(
+        allowed_calling_ae_titles=titles["allowed_calling_ae_titles"],
+        allowed_called_ae_titles=titles["allowed_called_ae_titles"],
+        user_identity=user_identity,
+        username_template=template,
+        positive_response_requested=section.take("user_identity_positive_response", bool, False),
+        existing_user_identity=existing_mode,
     )
 
 

@@ -18,7 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-from agent.config.model import load_config
+from cryptography import x509
+
+from agent.config.model import TunnelConfig, load_config
+from agent.dicom.association import UserIdentityMode
+from agent.dicom.user_identity import UsernameError, username_for
 from agent.errors import CardAgentError
 from agent.session import channel as messages
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context
@@ -42,9 +46,22 @@ def _start(start: dict) -> dict[str, TunnelRuntime]:
             raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                                  "run `card-agent doctor`") from None
         runtimes[tunnel.name] = TunnelRuntime(tunnel, context, ServerChecks.for_tunnel(tunnel, config.trust),
-                                              files, str(config.trust.ca), ending=ending)
+                                              files, str(config.trust.ca), ending=ending,
+                                              username=_username(tunnel, files.chain))
     del pin
     return runtimes
+
+
+def _username(tunnel: TunnelConfig, chain: Path) -> str | None:
+    """The username this tunnel asserts for the card (User Identity Negotiation), if it asserts one."""
+    rules = tunnel.association
+    if rules.user_identity is UserIdentityMode.OFF:
+        return None
+    certificate = x509.load_pem_x509_certificate(chain.read_bytes())  # the first one is the card's
+    try:
+        return username_for(certificate, rules.username_template)
+    except UsernameError as error:
+        raise CardAgentError(f"tunnel {tunnel.name}: {error}; change user_identity_username") from None
 
 
 def serve(channel: socket.socket) -> int:

@@ -22,11 +22,14 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from agent.config.model import TunnelConfig
-from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP, AbortReason, AbortSource, AcseRejectReason,
-                             AssociationPdu, MalformedPduError, PduFramer, PresentationRejectReason, RejectResult,
-                             RejectSource, a_abort, a_associate_rj)
+from agent.dicom.association import Association, Refuse
+from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
+                             AbortSource, AcseRejectReason, AssociationPdu, CommandSet, FramerEvent, MalformedPduError,
+                             PduFramer, PduHeader, PresentationRejectReason, RejectResult, RejectSource, a_abort,
+                             a_associate_rj, pdu_type_name)
 from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 
@@ -78,6 +81,8 @@ class TunnelRuntime:
     identity: ClientIdentityFiles
     trust_ca: str
     ending: SessionEnd = field(default_factory=SessionEnd)
+    username: str | None = None  # asserted in User Identity Negotiation when the tunnel's rules ask for it
+    report: Callable[[str, dict[str, Any]], None] = lambda kind, fields: None  # for the audit trail
     _session: ssl.SSLSession | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     open_connections: int = 0
@@ -189,16 +194,22 @@ def handle_connection(runtime: TunnelRuntime, local: socket.socket, peer: str) -
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
+            runtime.report("tls-failure", {"tunnel": config.name, "peer": peer, "remote": config.remote,
+                                           "reason": failure.message})
             reject_local(local, failure)
             return
         version, resumed = tls.obj.version(), tls.obj.session_reused
         relay = _Relay(runtime, local, remote, tls, peer)
         relay.run()
         runtime.remember_session(tls.obj.session)
-        log.info("tunnel %s: %s: %s %s to %s as %s, %d bytes up, %d down, %.1f s%s", config.name, peer,
+        association = relay.association
+        log.info("tunnel %s: %s: %s %s to %s as %s, %s, %d bytes up, %d down, %.1f s%s%s", config.name, peer,
                  version, "resumed" if resumed else "full handshake", config.remote,
-                 runtime.identity.describe(), relay.bytes_up, relay.bytes_down, time.monotonic() - started,
+                 runtime.identity.describe(), association.describe_request(), relay.bytes_up, relay.bytes_down,
+                 time.monotonic() - started, association.describe_instances(),
                  f"; {relay.failure.message}" if relay.failure else "")
+        if association.answer == "accepted":
+            runtime.report("association-end", relay.association_fields(failure=relay.failure))
     except Exception:  # a bug must end this connection, not the agent
         log.exception("tunnel %s: %s: internal error", config.name, peer)
     finally:
@@ -217,8 +228,13 @@ def reject_pdu(*, transient: bool) -> bytes:
                           AcseRejectReason.NO_REASON_GIVEN)
 
 
-def abort_pdu() -> bytes:
-    return a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.REASON_NOT_SPECIFIED)
+def abort_pdu(malformed: MalformedPduError | None = None) -> bytes:
+    """The A-ABORT the agent sends as DICOM UL service-provider; its reason names a malformed PDU."""
+    if malformed is None:
+        return a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.REASON_NOT_SPECIFIED)
+    unknown_type = str(malformed).startswith("unknown PDU type")
+    return a_abort(AbortSource.SERVICE_PROVIDER, AbortReason.UNRECOGNIZED_PDU if unknown_type
+                   else AbortReason.INVALID_PDU_PARAMETER_VALUE)
 
 
 def _read_one_pdu(local: socket.socket, timeout: float) -> None:
@@ -264,7 +280,12 @@ class _Relay:
         self.peer = peer
         self.to_local = bytearray()
         self.to_remote = bytearray(tls.pending_output())
-        self.down_framer = PduFramer()
+        self.association = Association(runtime.config.association, runtime.username)
+        self.up_framer = PduFramer(inspect_commands=True)
+        self.down_framer = PduFramer(inspect_commands=True)
+        self.held_request: bytearray | None = bytearray()  # the application's bytes until its A-ASSOCIATE-RQ is whole
+        self.refusal: Refuse | None = None
+        self.malformed: MalformedPduError | None = None  # from either side: ends the association with A-ABORT
         self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the application
         self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the application
         self.local_eof = False
@@ -307,7 +328,24 @@ class _Relay:
         if self.failure is not None:
             self.runtime.count(error=self.failure.message)
             log.warning("tunnel %s: %s: %s", self.runtime.config.name, self.peer, self.failure.message)
+            self._end_remote()
             self._tell_application()
+
+    def _end_remote(self) -> None:
+        """Flush what the PACS should still get (an A-ABORT we wrote) and say close_notify, briefly."""
+        if self.remote_done or self.runtime.ending.is_set():
+            return  # the card is gone: nothing more goes out under its identity
+        try:
+            self.tls.obj.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        self.to_remote += self.tls.pending_output()
+        try:
+            self.remote.settimeout(1.0)
+            self.remote.sendall(self.to_remote)
+        except OSError:
+            pass
+        self.to_remote.clear()
 
     def _finished(self, local_mask: int, remote_mask: int) -> bool:
         if self.remote_done and self.local_write_closed and (self.local_eof or not local_mask & select.POLLIN):
@@ -346,7 +384,7 @@ class _Relay:
             if data:
                 self.bytes_up += len(data)
                 self.runtime.count(up=len(data))
-                self.tls.obj.write(data)
+                self._from_application(data)
             else:
                 self.local_eof = True
                 if not self.remote_done:
@@ -388,19 +426,102 @@ class _Relay:
             self._to_application(plain)
         self.to_remote += self.tls.pending_output()
 
+    def _from_application(self, data: bytes) -> None:
+        """Hold the application's bytes until its A-ASSOCIATE-RQ is whole and decided, then pass them on."""
+        was_at_boundary = self.up_framer.at_boundary
+        try:
+            events = self.up_framer.feed(data)
+            if self.held_request is not None:
+                self.held_request += data
+                data = self._decide_request(events)
+            else:
+                self._inspect(events, from_application=True)
+        except MalformedPduError as error:
+            self.malformed = error
+            self.failure = TunnelFailure(f"malformed PDU from the application: {error}")
+            self._security_alert("malformed-pdu", self.failure.message)
+            if self.held_request is None and was_at_boundary:
+                self.tls.obj.write(abort_pdu(error))  # the PACS gets a clean end of the association too
+                self.to_remote += self.tls.pending_output()
+            return
+        if data:
+            self.tls.obj.write(data)
+
+    def _decide_request(self, events: list[FramerEvent]) -> bytes:
+        for index, event in enumerate(events):
+            if isinstance(event, PduHeader) and event.pdu_type != A_ASSOCIATE_RQ:
+                raise MalformedPduError(f"{pdu_type_name(event.pdu_type)} PDU before any A-ASSOCIATE-RQ")
+            if not isinstance(event, AssociationPdu):
+                continue
+            decision = self.association.on_request(event.pdu)
+            assert self.held_request is not None
+            rest = bytes(self.held_request[len(event.pdu):])
+            self.held_request = None
+            if isinstance(decision, Refuse):
+                self.refusal = decision
+                self.failure = TunnelFailure(f"association {self.association.describe_request()} refused: "
+                                             f"{decision.reason}")
+                self._security_alert("association-refused", self.failure.message)
+                return b""
+            self._inspect(events[index + 1:], from_application=True)
+            return decision.pdu + rest
+        return b""
+
+    def _inspect(self, events: list[FramerEvent], *, from_application: bool) -> None:
+        for event in events:
+            if isinstance(event, CommandSet):
+                self.association.on_command(event.data, from_application)
+            elif isinstance(event, AssociationPdu) and event.pdu_type == A_ABORT and from_application:
+                self.association.end = "aborted by the application"
+
     def _to_application(self, plain: bytes) -> None:
         try:
-            for event in self.down_framer.feed(plain):
-                if isinstance(event, AssociationPdu) and event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
+            events = self.down_framer.feed(plain)
+            for event in events:
+                if not isinstance(event, AssociationPdu):
+                    continue
+                if event.pdu_type == A_ASSOCIATE_AC:
+                    self.association.on_accept(event.pdu)
+                    log.info("tunnel %s: %s: %s", self.runtime.config.name, self.peer, self.association.describe_accept())
+                    self.runtime.report("association-begin", self.association_fields())
+                elif event.pdu_type == A_ASSOCIATE_RJ:
+                    log.info("tunnel %s: %s: association %s rejected by the PACS: %s", self.runtime.config.name,
+                             self.peer, self.association.describe_request(), self.association.on_reject(event.pdu))
+                elif event.pdu_type == A_RELEASE_RP:
+                    self.association.end = "released"
+                elif event.pdu_type == A_ABORT:
+                    self.association.end = "aborted by the PACS"
+                if event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
                     self.association_answered = True
-                if isinstance(event, AssociationPdu) and event.pdu_type in (A_RELEASE_RP, A_ABORT, A_ASSOCIATE_RJ):
+                if event.pdu_type in (A_RELEASE_RP, A_ABORT, A_ASSOCIATE_RJ):
                     self.association_over = True
+            self._inspect(events, from_application=False)
         except MalformedPduError as error:
+            self.malformed = error
             self.failure = TunnelFailure(f"malformed PDU from the server: {error}")
+            self._security_alert("malformed-pdu", self.failure.message)
             return
         self.bytes_down += len(plain)
         self.runtime.count(down=len(plain))
         self.to_local += plain
+
+    def association_fields(self, failure: TunnelFailure | None = None) -> dict[str, Any]:
+        """What the audit trail records about this association."""
+        association = self.association
+        return {
+            "tunnel": self.runtime.config.name, "peer": self.peer, "remote": self.runtime.config.remote,
+            "calling_ae_title": association.calling_ae_title, "called_ae_title": association.called_ae_title,
+            "user_identity": association.user_identity_sent, "end": association.end,
+            "abstract_syntaxes": sorted(set(association.accepted_abstract_syntaxes.values())),
+            "instances": [{"sop_class_uid": i.sop_class_uid, "sop_instance_uid": i.sop_instance_uid,
+                           "status": i.status} for i in association.instances],
+            "failure": failure.message if failure else None,
+        }
+
+    def _security_alert(self, what: str, reason: str) -> None:
+        self.runtime.report("security-alert", {"tunnel": self.runtime.config.name, "peer": self.peer,
+                                               "remote": self.runtime.config.remote, "what": what,
+                                               "reason": reason})
 
     def _remote_failed(self, error: Exception | None) -> None:
         config = self.runtime.config
@@ -427,6 +548,11 @@ class _Relay:
         if not self.down_framer.at_boundary:
             return  # a PDU is half-delivered: anything we add would corrupt it; closing says enough
         assert self.failure is not None
-        pdu = abort_pdu() if self.association_answered else reject_pdu(transient=self.failure.transient)
+        if self.refusal is not None:
+            pdu = self.refusal.reject_pdu
+        elif self.association_answered or self.malformed is not None:
+            pdu = abort_pdu(self.malformed)
+        else:
+            pdu = reject_pdu(transient=self.failure.transient)
         self.local.setblocking(True)
         _send_and_close(self.local, bytes(self.to_local) + pdu)

@@ -1,0 +1,196 @@
+"""What the agent knows and decides about one association, from the PDUs the relay sees; no I/O.
+
+The relay hands :class:`Association` the application's A-ASSOCIATE-RQ (whole), the PACS's answer
+(A-ASSOCIATE-AC or -RJ), the command sets of both directions and the end (A-RELEASE, A-ABORT).
+It answers with a decision for the request (forward these bytes, or refuse with this
+A-ASSOCIATE-RJ) and keeps what the log and the audit trail report: calling and called AE titles,
+accepted abstract syntaxes, the SOP Instances stored and how the PACS answered each one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from enum import Enum
+
+from agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationContextResult, RejectResult,
+                             RejectSource, ServiceUserRejectReason, a_associate_rj, encode_associate_rq,
+                             parse_associate_ac, parse_associate_rj, parse_associate_rq, with_user_identity)
+
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+_SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (PS3.4 B.2.3)
+
+
+class UserIdentityMode(str, Enum):
+    """``user_identity`` of a tunnel."""
+
+    OFF = "off"
+    USERNAME = "username"
+
+
+class ExistingUserIdentity(str, Enum):
+    """What to do when the application's A-ASSOCIATE-RQ already carries a User Identity sub-item."""
+
+    KEEP = "keep"
+    REPLACE = "replace"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class AssociationRules:
+    """A tunnel's rules for associations. Empty AE title lists allow any title; entries may use
+    shell wildcards (``MODALITY_*``)."""
+
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    allowed_called_ae_titles: tuple[str, ...] = ()
+    user_identity: UserIdentityMode = UserIdentityMode.OFF
+    username_template: str = "{cn}"
+    positive_response_requested: bool = False
+    existing_user_identity: ExistingUserIdentity = ExistingUserIdentity.KEEP
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Send ``pdu`` to the PACS (the request as received, or with the card's user identity)."""
+
+    pdu: bytes
+    user_identity: str | None  # the username the agent put into the request, if it did
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer the application with ``reject_pdu``; nothing reaches the PACS."""
+
+    reject_pdu: bytes
+    reason: str
+
+
+@dataclass
+class StoredInstance:
+    """A C-STORE seen on the association; ``status`` is None until the PACS answered."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    message_id: int
+    status: int | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.status in _SUCCESS_STATUSES
+
+
+@dataclass
+class Association:
+    """One association as seen by a tunnel; create one per local connection."""
+
+    rules: AssociationRules
+    username: str | None = None  # from the card's certificate, when the rules ask for one
+    request: AssociateRequest | None = None
+    calling_ae_title: str = ""
+    called_ae_title: str = ""
+    user_identity_sent: str | None = None
+    accepted_abstract_syntaxes: dict[int, str] = field(default_factory=dict)
+    answer: str = "none"  # none | accepted | rejected
+    end: str = "open"  # open | released | aborted by the application | aborted by the PACS
+    instances: list[StoredInstance] = field(default_factory=list)
+
+    # -- the application's request ---------------------------------------------------------
+
+    def on_request(self, pdu: bytes) -> Forward | Refuse:
+        """Decide about the application's A-ASSOCIATE-RQ; raises MalformedPduError on a broken one."""
+        request = parse_associate_rq(pdu)
+        self.request = request
+        self.calling_ae_title, self.called_ae_title = request.calling_ae_title, request.called_ae_title
+        rules = self.rules
+        if not _allowed(request.calling_ae_title.strip(), rules.allowed_calling_ae_titles):
+            return Refuse(a_associate_rj(RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER,
+                                         ServiceUserRejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED),
+                          f"calling AE title {request.calling_ae_title!r} is not in allowed_calling_ae_titles")
+        if not _allowed(request.called_ae_title.strip(), rules.allowed_called_ae_titles):
+            return Refuse(a_associate_rj(RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER,
+                                         ServiceUserRejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED),
+                          f"called AE title {request.called_ae_title!r} is not in allowed_called_ae_titles")
+        if rules.user_identity is UserIdentityMode.OFF:
+            return Forward(pdu, None)
+        if request.user_identity is not None:
+            if rules.existing_user_identity is ExistingUserIdentity.KEEP:
+                return Forward(pdu, None)
+            if rules.existing_user_identity is ExistingUserIdentity.REJECT:
+                return Refuse(a_associate_rj(RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER,
+                                             ServiceUserRejectReason.NO_REASON_GIVEN),
+                              "the application sent its own User Identity and the tunnel asserts the card's "
+                              "(user_identity_existing = \"reject\")")
+        if not self.username:
+            raise ValueError("user_identity = \"username\" needs the card's username")
+        rewritten = with_user_identity(request, self.username, self.rules.positive_response_requested)
+        self.user_identity_sent = self.username
+        return Forward(encode_associate_rq(rewritten), self.username)
+
+    # -- the PACS's answer and the end -------------------------------------------------------
+
+    def on_accept(self, pdu: bytes) -> None:
+        accept = parse_associate_ac(pdu)
+        proposed = {pc.context_id: pc.abstract_syntax for pc in self.request.presentation_contexts} \
+            if self.request else {}
+        self.accepted_abstract_syntaxes = {
+            pc.context_id: proposed.get(pc.context_id, "?") for pc in accept.presentation_contexts
+            if pc.result == PresentationContextResult.ACCEPTANCE}
+        self.answer = "accepted"
+
+    def on_reject(self, pdu: bytes) -> str:
+        self.answer = "rejected"
+        self.end = "rejected"
+        return parse_associate_rj(pdu).describe()
+
+    # -- DIMSE ---------------------------------------------------------------------------------
+
+    def on_command(self, command_set: bytes, from_application: bool) -> None:
+        """Note C-STORE requests (from the application) and responses (from the PACS)."""
+        from agent.dicom.pdu import decode_command_set
+
+        command = decode_command_set(command_set)
+        field_value = command.get("CommandField")
+        if from_application and field_value == C_STORE_RQ:
+            self.instances.append(StoredInstance(str(command.get("AffectedSOPClassUID", "")),
+                                                 str(command.get("AffectedSOPInstanceUID", "")),
+                                                 int(command.get("MessageID", 0))))
+        elif not from_application and field_value == C_STORE_RSP:
+            answered = int(command.get("MessageIDBeingRespondedTo", -1))
+            for instance in reversed(self.instances):
+                if instance.message_id == answered and instance.status is None:
+                    instance.status = int(command.get("Status", 0xFFFF))
+                    break
+
+    # -- what the log says ---------------------------------------------------------------------
+
+    def describe_request(self) -> str:
+        return f"{self.calling_ae_title or '?'} -> {self.called_ae_title or '?'}"
+
+    def describe_accept(self) -> str:
+        proposed = len(self.request.presentation_contexts) if self.request else 0
+        names = sorted({_uid_name(uid) for uid in self.accepted_abstract_syntaxes.values()})
+        identity = f"; user identity {self.user_identity_sent!r}" if self.user_identity_sent else ""
+        return (f"association {self.describe_request()} accepted, {len(self.accepted_abstract_syntaxes)} of "
+                f"{proposed} presentation contexts: {', '.join(names) or 'none'}{identity}")
+
+    def describe_instances(self) -> str:
+        if not self.instances:
+            return ""
+        stored = sum(1 for i in self.instances if i.stored)
+        return f"; {stored} of {len(self.instances)} instances stored"
+
+
+def _allowed(title: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(title, pattern) for pattern in patterns)
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+__all__ = ["Association", "AssociationRules", "ExistingUserIdentity", "Forward", "MalformedPduError", "Refuse",
+           "StoredInstance", "UserIdentityMode"]

@@ -1,0 +1,190 @@
+"""Association awareness without I/O: AE title rules, User Identity Negotiation (checked against
+pynetdicom's own PDU decoder and encoder), C-STORE bookkeeping, and fuzzed requests."""
+
+from __future__ import annotations
+
+import datetime
+import struct
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset
+from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetdicomAssociateRQ
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
+
+from agent.dicom.association import (Association, AssociationRules, ExistingUserIdentity, Forward, Refuse,
+                                     UserIdentityMode)
+from agent.dicom.pdu import MalformedPduError, parse_associate_rj
+from agent.dicom.user_identity import UPN_OID, UsernameError, check_template, username_for
+from agent_runner import associate_rq
+
+USERNAME_RULES = AssociationRules(user_identity=UserIdentityMode.USERNAME)
+
+
+def decode_with_pynetdicom(pdu: bytes) -> PynetdicomAssociateRQ:
+    request = PynetdicomAssociateRQ()
+    request.decode(pdu)
+    return request
+
+
+def pynetdicom_user_identity(request: PynetdicomAssociateRQ) -> UserIdentityNegotiation | None:
+    primitive = request.to_primitive()
+    return next((item for item in primitive.user_information if isinstance(item, UserIdentityNegotiation)), None)
+
+
+def request_with_user_identity(username: bytes, passcode: bytes = b"") -> bytes:
+    """An A-ASSOCIATE-RQ encoded by pynetdicom, carrying the application's own User Identity."""
+    request = decode_with_pynetdicom(associate_rq())
+    primitive = request.to_primitive()
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 2 if passcode else 1
+    identity.primary_field = username
+    if passcode:
+        identity.secondary_field = passcode
+    primitive.user_information.append(identity)
+    encoder = PynetdicomAssociateRQ()
+    encoder.from_primitive(primitive)
+    return encoder.encode()
+
+
+@pytest.mark.parametrize("rules, reason", [
+    (AssociationRules(allowed_calling_ae_titles=("MODALITY*",)), "calling-AE-title-not-recognized"),
+    (AssociationRules(allowed_called_ae_titles=("ARCHIVE",)), "called-AE-title-not-recognized"),
+])
+def test_ae_titles_outside_the_rules_are_rejected_by_the_service_user(rules: AssociationRules, reason: str) -> None:
+    decision = Association(rules).on_request(associate_rq())  # TESTSCU -> PACS
+    assert isinstance(decision, Refuse)
+    assert parse_associate_rj(decision.reject_pdu).describe() == (
+        f"rejected-permanent by DICOM UL service-user: {reason}")
+    assert "TESTSCU" in decision.reason or "PACS" in decision.reason
+
+
+def test_allowed_ae_titles_forward_the_request_unchanged() -> None:
+    rules = AssociationRules(allowed_calling_ae_titles=("TEST*",), allowed_called_ae_titles=("PACS", "ARCHIVE"))
+    association = Association(rules)
+    decision = association.on_request(associate_rq())
+    assert decision == Forward(associate_rq(), None)
+    assert association.describe_request() == "TESTSCU -> PACS"
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_the_card_username_goes_into_the_request_as_pynetdicom_reads_it(positive: bool) -> None:
+    rules = AssociationRules(user_identity=UserIdentityMode.USERNAME, positive_response_requested=positive)
+    decision = Association(rules, username="Alice Example").on_request(associate_rq())
+    assert isinstance(decision, Forward) and decision.user_identity == "Alice Example"
+    original, rewritten = decode_with_pynetdicom(associate_rq()), decode_with_pynetdicom(decision.pdu)
+    identity = pynetdicom_user_identity(rewritten)
+    assert identity is not None
+    assert (identity.user_identity_type, identity.primary_field, identity.positive_response_requested) == (
+        1, b"Alice Example", positive)
+    assert not identity.secondary_field  # never a passcode from the agent
+    # Everything else is what the application sent; lengths are right, since pynetdicom re-encodes
+    # the decoded request to the same bytes.
+    assert rewritten.encode() == decision.pdu
+    assert [(c.context_id, c.abstract_syntax, c.transfer_syntax) for c in rewritten.presentation_context] == [
+        (c.context_id, c.abstract_syntax, c.transfer_syntax) for c in original.presentation_context]
+    assert (rewritten.calling_ae_title, rewritten.called_ae_title) == (original.calling_ae_title,
+                                                                       original.called_ae_title)
+    assert struct.unpack(">L", decision.pdu[2:6])[0] == len(decision.pdu) - 6
+
+
+@pytest.mark.parametrize("existing, expected", [
+    (ExistingUserIdentity.KEEP, b"app-user"),
+    (ExistingUserIdentity.REPLACE, b"Alice Example"),
+    (ExistingUserIdentity.REJECT, None),
+])
+def test_an_application_user_identity_is_kept_replaced_or_rejected(existing: ExistingUserIdentity,
+                                                                   expected: bytes | None) -> None:
+    request = request_with_user_identity(b"app-user", passcode=b"secret")
+    rules = AssociationRules(user_identity=UserIdentityMode.USERNAME, existing_user_identity=existing)
+    decision = Association(rules, username="Alice Example").on_request(request)
+    if expected is None:
+        assert isinstance(decision, Refuse) and "its own User Identity" in decision.reason
+        return
+    assert isinstance(decision, Forward)
+    identity = pynetdicom_user_identity(decode_with_pynetdicom(decision.pdu))
+    assert identity is not None and identity.primary_field == expected
+    if existing is ExistingUserIdentity.REPLACE:
+        assert identity.user_identity_type == 1 and not identity.secondary_field  # the passcode is gone
+    else:
+        assert decision.pdu == request
+
+
+def command_set(**elements: object) -> bytes:
+    from pynetdicom.dsutils import encode
+
+    dataset = Dataset()
+    for keyword, value in elements.items():
+        setattr(dataset, keyword, value)
+    return encode(dataset, True, True)  # Implicit VR Little Endian, as every command set
+
+
+def test_c_store_requests_and_their_responses_are_recorded() -> None:
+    association = Association(AssociationRules())
+    association.on_request(associate_rq())
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    for message_id, instance in ((1, "1.2.3.1"), (2, "1.2.3.2")):
+        association.on_command(command_set(CommandGroupLength=0, AffectedSOPClassUID=ct, CommandField=0x0001,
+                                           MessageID=message_id, Priority=0, CommandDataSetType=0x0000,
+                                           AffectedSOPInstanceUID=instance), from_application=True)
+    association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=2,
+                                       CommandDataSetType=0x0101, Status=0xA700), from_application=False)
+    association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=1,
+                                       CommandDataSetType=0x0101, Status=0x0000), from_application=False)
+    assert [(i.sop_instance_uid, i.status, i.stored) for i in association.instances] == [
+        ("1.2.3.1", 0x0000, True), ("1.2.3.2", 0xA700, False)]
+    assert association.describe_instances() == "; 1 of 2 instances stored"
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_broken_request_is_only_ever_a_malformed_pdu(data: st.DataObject) -> None:
+    pdu = bytearray(associate_rq())
+    for _ in range(data.draw(st.integers(1, 6))):
+        position = data.draw(st.integers(0, len(pdu) - 1))
+        pdu[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(6, len(pdu)))
+    association = Association(USERNAME_RULES, username="Alice Example")
+    try:
+        decision = association.on_request(bytes(pdu[:cut]))
+    except MalformedPduError:
+        return
+    assert isinstance(decision, (Forward, Refuse))
+
+
+def certificate(subject: list[x509.NameAttribute], san: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(subject)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)))
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def test_usernames_come_from_the_certificate() -> None:
+    from asn1crypto.core import UTF8String
+
+    card = certificate([x509.NameAttribute(NameOID.COMMON_NAME, "Dr. Carol Radiologist"),
+                        x509.NameAttribute(NameOID.USER_ID, "carol")],
+                       [x509.RFC822Name("carol@hospital.example"),
+                        x509.OtherName(UPN_OID, UTF8String("carol@HOSPITAL.EXAMPLE").dump())])
+    assert username_for(card, "{cn}") == "Dr. Carol Radiologist"
+    assert username_for(card, "{upn}") == "carol@HOSPITAL.EXAMPLE"
+    assert username_for(card, "{email}") == "carol@hospital.example"
+    assert username_for(card, "{uid}@radiology") == "carol@radiology"
+    plain = certificate([x509.NameAttribute(NameOID.COMMON_NAME, "Alice Example")])
+    with pytest.raises(UsernameError, match=r"has no upn for the user identity template '\{upn\}'; it has cn"):
+        username_for(plain, "{upn}")
+
+
+@pytest.mark.parametrize("template", ["", "plain text", "{name}", "{cn"])
+def test_bad_username_templates_are_refused(template: str) -> None:
+    with pytest.raises(UsernameError):
+        check_template(template)

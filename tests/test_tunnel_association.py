@@ -1,0 +1,162 @@
+"""The agent as a DICOM-aware tunnel, against real peers: the card's username in User Identity
+Negotiation, AE title rules, malformed PDUs from the application, and what the log says."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+from agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, parse_a_abort
+from agent_runner import associate_rq, running_agent, tunnel
+from conftest import ProvisionedPki
+from peers.dcmtk import storescp, storescu
+from peers.pki_files import TlsServerFiles
+from peers.pynetdicom_scp import associate, tls_scp
+from peers.study import make_study
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def test_the_pacs_sees_the_card_username(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port, user_identity="username",
+                                                                 user_identity_username="{cn}")]) as agent:
+            association = associate(agent.port(), sop_classes=[VERIFICATION], calling_ae="VIEWER",
+                                    called_ae="ARCHIVE")
+            assert association.is_established and association.send_c_echo().Status == 0
+            association.release()
+            log = agent.wait_for_log(" bytes up")
+        records = pacs.wait_for_ended()
+    assert records[0].usernames == ["Alice Example"]
+    assert (records[0].calling_ae, records[0].called_ae) == ("VIEWER", "ARCHIVE")
+    assert ("association VIEWER -> ARCHIVE accepted, 4 of 4 presentation contexts: Verification SOP Class; "
+            "user identity 'Alice Example'") in log
+    assert "as CN=Alice Example, issuer CN=Test Issuing CA, VIEWER -> ARCHIVE," in log
+
+
+def test_storescp_accepts_a_study_with_the_user_identity(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    study = make_study(tmp_path / "study", files=3)
+    with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
+        with running_agent(test_pki, tmp_path / "agent",
+                           [tunnel("pacs", scp.port, user_identity="username",
+                                   user_identity_positive_response=True)]) as agent:
+            result = storescu(agent.port(), study)
+            log = agent.wait_for_log("instances stored")
+        stored = scp.stored_files()
+        server_log = scp.log_text()
+    assert result.returncode == 0, result.stdout
+    assert len(stored) == 3
+    assert "; 3 of 3 instances stored" in log
+    assert "Username: [Alice Example]" in server_log and "Positive Response requested: Yes" in server_log
+
+
+def test_a_calling_ae_title_outside_the_rules_is_rejected_before_the_pacs(test_pki: ProvisionedPki,
+                                                                          tmp_path: Path) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent",
+                           [tunnel("pacs", pacs.port, allowed_calling_ae_titles=["MODALITY*"])]) as agent:
+            refused = associate(agent.port(), calling_ae="VIEWER")
+            allowed = associate(agent.port(), calling_ae="MODALITY_CT1")
+            assert allowed.is_established
+            allowed.release()
+            log = agent.wait_for_log("refused")
+        # The TLS connection is made while the application sends its request; VIEWER's ends without one.
+        calling_titles = [record.calling_ae for record in pacs.associations if record.calling_ae]
+    assert refused.is_rejected
+    assert (refused.acceptor.primitive.result, refused.acceptor.primitive.result_source,
+            refused.acceptor.primitive.diagnostic) == (1, 1, 3)  # permanent, service-user, calling AE not recognized
+    assert calling_titles == ["MODALITY_CT1"]  # the PACS never heard of VIEWER
+    assert "association VIEWER -> ANY-SCP refused: calling AE title 'VIEWER' is not in allowed_calling_ae_titles" \
+        in log
+
+
+def receive_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 6:
+        chunk = sock.recv(6 - len(header))
+        if not chunk:
+            raise AssertionError(f"connection closed after {header!r}")
+        header += chunk
+    length = struct.unpack(">L", header[2:])[0]
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return header[0], header + body
+
+
+def test_a_malformed_pdu_from_the_application_aborts_its_association_only(test_pki: ProvisionedPki,
+                                                                         tmp_path: Path) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
+                application.sendall(associate_rq())
+                assert receive_pdu(application)[0] == A_ASSOCIATE_AC
+                application.sendall(b"\x09\x00\x00\x00\x00\x04garbage")  # no such PDU type
+                pdu_type, pdu = receive_pdu(application)
+            log = agent.wait_for_log("malformed PDU from the application")
+            records = pacs.wait_for_ended()
+            association = associate(agent.port(), sop_classes=[VERIFICATION])  # the agent carries on
+            assert association.is_established and association.send_c_echo().Status == 0
+            association.release()
+    assert pdu_type == A_ABORT and parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
+    assert "malformed PDU from the application: unknown PDU type 0x09" in log
+    assert records[0].ended == "aborted"  # the PACS got an A-ABORT too, not a silent drop
+
+
+def test_a_username_the_certificate_cannot_give_is_a_clear_sign_in_error(test_pki: ProvisionedPki,
+                                                                        tmp_path: Path) -> None:
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104, user_identity="username",
+                                                              user_identity_username="{upn}")]) as agent:
+        log = agent.wait_for_log("sign-in-failed")
+    assert ("tunnel pacs: the card's certificate (CN=Alice Example,O=Example Hospital Test PKI) has no upn for the "
+            "user identity template '{upn}'") in log
+
+
+class GarbageServer:
+    """A TLS server with the PACS certificate that answers any request with a PDU of unknown type."""
+
+    def __init__(self, test_pki: ProvisionedPki) -> None:
+        import ssl
+        import threading
+
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
+        self.context.load_verify_locations(test_pki.ca_bundle)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(b"\x0a\x00\x00\x00\x00\x00")
+                    tls.recv(65536)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_malformed_pdu_from_the_pacs_aborts_the_association(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    server = GarbageServer(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", server.port)]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
+                application.sendall(associate_rq())
+                pdu_type, pdu = receive_pdu(application)
+            log = agent.wait_for_log("malformed PDU from the server")
+            assert agent.process.poll() is None
+    finally:
+        server.close()
+    assert pdu_type == A_ABORT
+    assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
+    assert "malformed PDU from the server: unknown PDU type 0x0A" in log
