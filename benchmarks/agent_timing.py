@@ -13,7 +13,7 @@ wraps them with timers when the modules are imported and appends one line per ca
   /proc/net/tcp) and ``CardSession.dispatch`` (hand the socket to the card session);
 - card session: ``_connect`` (TCP to the PACS), ``_Tls.__init__`` (``wrap_bio``, with the session to
   resume), ``_handshake`` (TLS, a Python loop over memory BIOs), ``_Relay.run`` (the DICOM exchange,
-  waiting for both ends included) and ``handle_connection`` (all of it).
+  waiting for both ends included) and ``handle_outbound`` (all of it).
 
 It prints medians per function for N resumed and N full-handshake associations (lean raw-socket
 client, as benchmarks/run.py) and, for comparison, the same client talking TLS to storescp directly
@@ -60,7 +60,7 @@ _TARGETS = {
     "agent.tunnel.server": lambda m: (_wrap(m.Listeners, "_admit", "admit (supervisor thread)"),
                                       _wrap(m, "admit_peer", "  admit_peer (/proc/net/tcp)")),
     "agent.session.supervisor": lambda m: _wrap(m.CardSession, "dispatch", "  dispatch (to card session)"),
-    "agent.tunnel.relay": lambda m: (_wrap(m, "handle_connection", "handle_connection (card session)"),
+    "agent.tunnel.relay": lambda m: (_wrap(m, "handle_outbound", "handle_outbound (card session)"),
                                      _wrap(m, "_connect", "  connect to the PACS"),
                                      _wrap(m._Tls, "__init__", "  wrap_bio (+ session to resume)"),
                                      _wrap(m, "_handshake", "  TLS handshake"),
@@ -169,7 +169,7 @@ def main() -> int:
             print(f"\n{label}: {statistics.median(client[label]):.2f} ms "
                   f"(/proc/net/tcp had {marks[label][1]} rows at the start)")
             order = ["admit (supervisor thread)", "  admit_peer (/proc/net/tcp)", "  dispatch (to card session)",
-                     "handle_connection (card session)", "  connect to the PACS", "  wrap_bio (+ session to resume)",
+                     "handle_outbound (card session)", "  connect to the PACS", "  wrap_bio (+ session to resume)",
                      "  TLS handshake", "  relay (DICOM exchange)"]
             for name in sorted(calls[label], key=lambda n: order.index(n) if n in order else len(order)):
                 print(f"  {name:36} {statistics.median(calls[label][name]):7.2f}")

@@ -90,7 +90,10 @@ class CertificateAuthority:
                           extensions=[
                               (x509.BasicConstraints(ca=False, path_length=None), True),
                               (key_usage(digital_signature=True, key_encipherment=True), True),
-                              (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+                              # A DICOM node is a TLS server and, when it sends retrieved images
+                              # (C-MOVE) or audit messages, a TLS client: both purposes.
+                              (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), False),
                               (x509.SubjectAlternativeName(names), False),
                           ])
         return cert, key

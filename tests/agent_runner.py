@@ -39,15 +39,26 @@ def _table(name: str, values: dict[str, Any], array: bool = False) -> str:
 
 def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, Any]], *, token: str = "alice",
                  module: str = "softhsm2", identity: dict[str, Any] | None = None,
-                 trust: dict[str, Any] | None = None, agent: dict[str, Any] | None = None) -> Path:
+                 trust: dict[str, Any] | None = None, agent: dict[str, Any] | None = None,
+                 inbound: list[dict[str, Any]] | None = None) -> Path:
     identity_table = {"token": token, "module": module, "pin": "env:CARD_PIN", **(identity or {})}
     trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl], **(trust or {})}
     text = _table("identity", identity_table) + _table("trust", trust_table)
     text += "".join(_table("tunnel", tunnel, array=True) for tunnel in tunnels)
+    text += "".join(_table("inbound", listener, array=True) for listener in inbound or ())
     if agent:
         text += _table("agent", agent)
     path.write_text(text)
     return path
+
+
+def inbound_listener(name: str, forward: str, **extra: Any) -> dict[str, Any]:
+    """An [[inbound]] table on a free loopback port, forwarding to ``forward``."""
+    return {"name": name, "listen": f"127.0.0.1:{free_port()}", "forward": forward, **extra}
+
+
+def port_of(table: dict[str, Any]) -> int:
+    return int(table["listen"].rsplit(":", 1)[1])
 
 
 def tunnel(name: str, remote_port: int, **extra: Any) -> dict[str, Any]:

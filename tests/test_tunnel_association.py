@@ -159,4 +159,4 @@ def test_a_malformed_pdu_from_the_pacs_aborts_the_association(test_pki: Provisio
         server.close()
     assert pdu_type == A_ABORT
     assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
-    assert "malformed PDU from the server: unknown PDU type 0x0A" in log
+    assert f"malformed PDU from the server 127.0.0.1:{server.port}: unknown PDU type 0x0A" in log

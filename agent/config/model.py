@@ -78,11 +78,35 @@ class TunnelConfig:
 
 
 @dataclass(frozen=True)
+class InboundConfig:
+    """An inbound listener: the PACS connects over mutual TLS, the agent being the TLS server, and
+    the agent forwards plain DICOM to a local storage SCP (a C-MOVE destination)."""
+
+    name: str
+    listen: ListenAddress  # host:port the PACS connects to
+    forward: ListenAddress  # the local storage SCP: a loopback host:port or unix:/path
+    server_certificate: Path | None = None  # None: the card's certificate (it must allow serverAuth)
+    server_key: Path | None = None
+    client_pins: tuple[bytes, ...] = ()
+    forward_uids: tuple[int, ...] = ()  # who may own the local storage SCP; empty: the agent's own user
+    tls: str = "bcp195"
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 30.0
+    association: AssociationRules = AssociationRules()
+
+    @property
+    def remote(self) -> str:
+        """Where its associations go (the local SCP), named like a tunnel's remote in messages."""
+        return str(self.forward)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: Path
     identity: IdentityConfig
     trust: TrustConfig
     tunnels: tuple[TunnelConfig, ...]
+    inbound: tuple[InboundConfig, ...] = ()
     log_level: str = "info"
     runtime_dir: Path | None = None
     idle_timeout: float = 0.0  # seconds without associations before the session ends; 0: never
@@ -207,7 +231,8 @@ def load_config(path: Path) -> AgentConfig:
 
     tunnels = []
     raw_tunnels = root.take("tunnel", list, [])
-    if not raw_tunnels:
+    raw_inbound = root.take("inbound", list, [])
+    if not raw_tunnels and not raw_inbound:
         raise ConfigError(f"{path}: no [[tunnel]] defined: add at least one (see docs/configuration.md)")
     names = set()
     for index, raw in enumerate(raw_tunnels):
@@ -221,7 +246,19 @@ def load_config(path: Path) -> AgentConfig:
         names.add(name)
         tunnels.append(_tunnel(tunnel, name))
         tunnel.done()
-    listens = [str(t.listen) for t in tunnels]
+    inbound = []
+    for index, raw in enumerate(raw_inbound):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: [[inbound]] #{index + 1} must be a table")
+        section = _Section(raw, f"{path} [[inbound]] #{index + 1}", base)
+        name = section.take("name", str, required=True)
+        section.where = f"{path} [[inbound]] {name!r}"
+        if name in names:
+            raise section.error("name", "a tunnel or another inbound listener already has this name")
+        names.add(name)
+        inbound.append(_inbound(section, name))
+        section.done()
+    listens = [str(t.listen) for t in tunnels] + [str(i.listen) for i in inbound]
     for duplicate in {a for a in listens if listens.count(a) > 1}:
         raise ConfigError(f"{path}: two tunnels listen on {duplicate}")
 
@@ -240,6 +277,7 @@ def load_config(path: Path) -> AgentConfig:
         identity=identity_config,
         trust=trust_config,
         tunnels=tuple(tunnels),
+        inbound=tuple(inbound),
         log_level=log_level,
         runtime_dir=(base / runtime_dir).resolve() if runtime_dir else None,
         idle_timeout=idle_timeout,
@@ -293,7 +331,44 @@ def _tunnel(section: _Section, name: str) -> TunnelConfig:
     )
 
 
-def _association_rules(section: _Section) -> AssociationRules:
+def _inbound(section: _Section, name: str) -> InboundConfig:
+    listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
+    if listen.unix_path:
+        raise section.error("listen", "the PACS connects over the network: give HOST:PORT")
+    forward = parse_listen(section.take("forward", str, required=True), lambda m: section.error("forward", m))
+    if forward.host is not None and not is_loopback(forward.host):
+        raise section.error("forward", f"{forward} is not a loopback address: retrieved images go in plain DICOM "
+                                       "to a storage SCP on this workstation only")
+    certificate = None
+    if section.data.get("server_certificate", "card") == "card":
+        section.take("server_certificate", str, "card")
+    else:
+        certificate = section.path("server_certificate")
+    key = section.path("server_key")
+    if certificate is not None and key is None:
+        raise section.error("server_key", "give the key file of server_certificate (or use server_certificate = \"card\")")
+    if certificate is None and key is not None:
+        raise section.error("server_key", "only with a server_certificate file: the card's key stays on the card")
+    pins = tuple(parse_pin(p, lambda m: section.error("client_pins", m)) if isinstance(p, str)
+                 else _bad(section, "client_pins", p) for p in section.take("client_pins", list, []))
+    uids = section.take("forward_uids", list, [])
+    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
+        raise section.error("forward_uids", "must be a list of numeric user ids, e.g. [1000]")
+    tls = section.take("tls", str, "bcp195")
+    if tls not in TLS_MODES:
+        raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}")
+    timeouts = {}
+    for key_name, default in (("connect_timeout", 10.0), ("handshake_timeout", 30.0)):
+        value = float(section.take(key_name, (int, float), default))
+        if value <= 0:
+            raise section.error(key_name, "must be a positive number of seconds")
+        timeouts[key_name] = value
+    return InboundConfig(name=name, listen=listen, forward=forward, server_certificate=certificate, server_key=key,
+                         client_pins=pins, forward_uids=tuple(uids), tls=tls,
+                         association=_association_rules(section, user_identity=False), **timeouts)
+
+
+def _association_rules(section: _Section, *, user_identity: bool = True) -> AssociationRules:
     titles = {}
     for key in ("allowed_calling_ae_titles", "allowed_called_ae_titles"):
         values = section.take(key, list, [])
@@ -301,6 +376,9 @@ def _association_rules(section: _Section) -> AssociationRules:
             if not isinstance(value, str) or not value.strip() or len(value) > 16 or not value.isascii():
                 raise section.error(key, f"{value!r} is not an AE title (1-16 ASCII characters; * and ? match any)")
         titles[key] = tuple(v.strip() for v in values)
+    if not user_identity:
+        return AssociationRules(allowed_calling_ae_titles=titles["allowed_calling_ae_titles"],
+                                allowed_called_ae_titles=titles["allowed_called_ae_titles"])
     mode = section.take("user_identity", str, "off")
     try:
         user_identity = UserIdentityMode(mode)

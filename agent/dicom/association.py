@@ -17,6 +17,7 @@ from agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationCo
                              RejectSource, ServiceUserRejectReason, a_associate_rj, encode_associate_rq,
                              parse_associate_ac, parse_associate_rj, parse_associate_rq, with_user_identity)
 
+SHOWN_ABSTRACT_SYNTAXES = 6  # in the log line; storage SCUs often propose a hundred
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 _SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (PS3.4 B.2.3)
@@ -170,9 +171,12 @@ class Association:
     def describe_accept(self) -> str:
         proposed = len(self.request.presentation_contexts) if self.request else 0
         names = sorted({_uid_name(uid) for uid in self.accepted_abstract_syntaxes.values()})
+        shown = ", ".join(names[:SHOWN_ABSTRACT_SYNTAXES]) or "none"
+        if len(names) > SHOWN_ABSTRACT_SYNTAXES:
+            shown += f" and {len(names) - SHOWN_ABSTRACT_SYNTAXES} more abstract syntaxes"
         identity = f"; user identity {self.user_identity_sent!r}" if self.user_identity_sent else ""
         return (f"association {self.describe_request()} accepted, {len(self.accepted_abstract_syntaxes)} of "
-                f"{proposed} presentation contexts: {', '.join(names) or 'none'}{identity}")
+                f"{proposed} presentation contexts: {shown}{identity}")
 
     def describe_instances(self) -> str:
         if not self.instances:

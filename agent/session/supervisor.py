@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from typing import Any, Callable
 
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
@@ -23,30 +24,41 @@ class CardSessionError(CardAgentError):
     """The card-session process could not start or died."""
 
 
+OnReport = Callable[[str, dict[str, Any]], None]
+
+
 class CardSession:
     """One signed-in identity and the process doing its TLS."""
 
-    def __init__(self, config: AgentConfig, signed_in: SignedIn) -> None:
+    def __init__(self, config: AgentConfig, signed_in: SignedIn, on_report: OnReport | None = None) -> None:
         self.config = config
         self.signed_in = signed_in
+        self.on_report = on_report
         self.process: subprocess.Popen | None = None
         self.channel: socket.socket | None = None
         self._status_lock = threading.Lock()
+        self._reports_thread: threading.Thread | None = None
 
     def start(self) -> None:
         ours, theirs = messages.channel_pair()
+        reports_ours, reports_theirs = messages.channel_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
         pin_source = self.config.identity.pin
         if pin_source.kind == "env":
             env.pop(pin_source.target, None)  # the child gets the PIN once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.signed_in.openssl_conf)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.session.worker", str(theirs.fileno()), self.config.log_level],
-            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "agent.session.worker", str(theirs.fileno()), str(reports_theirs.fileno()),
+             self.config.log_level],
+            pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
             start_new_session=True,
         )
         theirs.close()
+        reports_theirs.close()
+        self._reports_thread = threading.Thread(target=self._read_reports, args=(reports_ours,),
+                                                name="session-reports", daemon=True)
+        self._reports_thread.start()
         self.channel = ours
         files = self.signed_in.files
         messages.send(ours, {
@@ -66,6 +78,22 @@ class CardSession:
             detail = reply.get("message") if reply else "it exited"
             raise CardSessionError(f"the card-session process could not start: {detail}")
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
+
+    def _read_reports(self, reports: socket.socket) -> None:
+        """What the card-session process reports for the audit trail, until it ends."""
+        with reports:
+            while True:
+                try:
+                    message, _ = messages.receive(reports)
+                except OSError:
+                    return
+                if message is None:
+                    return
+                if self.on_report is not None:
+                    try:
+                        self.on_report(message["kind"], message["fields"])
+                    except Exception:  # the audit trail must not end the session's reports
+                        log.exception("could not record %s", message.get("kind"))
 
     def status(self) -> dict[str, dict]:
         """Per tunnel: open connections, bytes each way, last error (asked of the card-session process)."""
@@ -104,4 +132,6 @@ class CardSession:
                 self.process.kill()
                 self.process.wait()
             self.process = None
+        if self._reports_thread is not None:
+            self._reports_thread.join(2)  # its last reports (association ends) are recorded before sign-out
         self.signed_in.discard_files()

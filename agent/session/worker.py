@@ -25,29 +25,40 @@ from agent.dicom.association import UserIdentityMode
 from agent.dicom.user_identity import UsernameError, username_for
 from agent.errors import CardAgentError
 from agent.session import channel as messages
-from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context
-from agent.tunnel.relay import SessionEnd, TunnelRuntime, handle_connection
+from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, server_context
+from agent.tunnel.relay import (InboundRuntime, Report, SessionEnd, TunnelRuntime, handle_inbound,
+                                handle_outbound)
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
 
 
-def _start(start: dict) -> dict[str, TunnelRuntime]:
+Runtimes = dict[str, "TunnelRuntime | InboundRuntime"]
+
+
+def _start(start: dict, report: Report) -> Runtimes:
     config = load_config(Path(start["config"]))
     files = ClientIdentityFiles(chain=Path(start["chain"]), key=Path(start["key"]), subject=start["subject"],
                                 issuer=start["issuer"])
     pin = start.pop("pin")
-    runtimes = {}
+    tls13_capable = start["tls13_capable"]
+    runtimes: Runtimes = {}
     ending = SessionEnd()
-    for tunnel in config.tunnels:
-        try:
-            context = client_context(tunnel, config.trust, files, pin, tls13_capable=start["tls13_capable"])
-        except (ssl.SSLError, OSError) as error:
-            raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
-                                 "run `card-agent doctor`") from None
-        runtimes[tunnel.name] = TunnelRuntime(tunnel, context, ServerChecks.for_tunnel(tunnel, config.trust),
-                                              files, str(config.trust.ca), ending=ending,
-                                              username=_username(tunnel, files.chain))
+    try:
+        for tunnel in config.tunnels:
+            runtimes[tunnel.name] = TunnelRuntime(
+                config=tunnel, context=client_context(tunnel, config.trust, files, pin, tls13_capable=tls13_capable),
+                checks=ServerChecks.for_tunnel(tunnel, config.trust), identity=files, trust_ca=str(config.trust.ca),
+                ending=ending, username=_username(tunnel, files.chain), report=report)
+        for inbound in config.inbound:
+            on_card = inbound.server_certificate is None
+            runtimes[inbound.name] = InboundRuntime(
+                config=inbound, context=server_context(inbound, config.trust, files, pin, tls13_capable=tls13_capable),
+                identity_description=files.describe() if on_card else f"node certificate {inbound.server_certificate}",
+                uses_card_key=on_card, ending=ending, report=report)
+    except (ssl.SSLError, OSError) as error:
+        raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
+                             "run `card-agent doctor`") from None
     del pin
     return runtimes
 
@@ -64,12 +75,19 @@ def _username(tunnel: TunnelConfig, chain: Path) -> str | None:
         raise CardAgentError(f"tunnel {tunnel.name}: {error}; change user_identity_username") from None
 
 
-def serve(channel: socket.socket) -> int:
+def serve(channel: socket.socket, reports: socket.socket) -> int:
     start, _ = messages.receive(channel)
     if start is None or start.get("type") != "start":
         return 1
+
+    def report(kind: str, fields: dict) -> None:
+        try:
+            messages.send(reports, {"kind": kind, "fields": fields})
+        except OSError:
+            pass  # the supervisor is gone; this process ends with it
+
     try:
-        runtimes = _start(start)
+        runtimes = _start(start, report)
     except CardAgentError as error:
         messages.send(channel, {"type": "error", "message": str(error)})
         return 1
@@ -88,16 +106,18 @@ def serve(channel: socket.socket) -> int:
                 name: runtime.counters() for name, runtime in runtimes.items()}})
             continue
         if message["type"] == "connection" and fds:
-            local = socket.socket(fileno=fds[0])
+            connection = socket.socket(fileno=fds[0])
             runtime = runtimes[message["tunnel"]]
-            thread = threading.Thread(target=handle_connection, args=(runtime, local, message["peer"]),
+            handler = handle_outbound if isinstance(runtime, TunnelRuntime) else handle_inbound
+            thread = threading.Thread(target=handler, args=(runtime, connection, message["peer"]),
                                       name=f"conn-{message['tunnel']}", daemon=True)
             thread.start()
             threads = [t for t in threads if t.is_alive()] + [thread]
     log.info("card session ending: %s", reason)
     for runtime in runtimes.values():
         runtime.ending.signal(reason)
-        runtime.forget_sessions()
+        if isinstance(runtime, TunnelRuntime):
+            runtime.forget_sessions()
     deadline = time.monotonic() + END_GRACE_SECONDS
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
@@ -115,9 +135,10 @@ def _exit_now(code: int) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="card-agent[session]: %(levelname)s: %(message)s",
                         stream=sys.stderr)
-    logging.getLogger().setLevel(sys.argv[2].upper() if len(sys.argv) > 2 else "INFO")
+    logging.getLogger().setLevel(sys.argv[3].upper() if len(sys.argv) > 3 else "INFO")
     channel = socket.socket(fileno=int(sys.argv[1]))
-    _exit_now(serve(channel))
+    reports = socket.socket(fileno=int(sys.argv[2]))
+    _exit_now(serve(channel, reports))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from agent.config.model import TrustConfig, TunnelConfig
+from agent.config.model import InboundConfig, TrustConfig, TunnelConfig
 from agent.errors import CardAgentError
 from agent.trust.anchors import TrustAnchors, load_certificates
 
@@ -88,6 +89,48 @@ def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIde
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.load_cert_chain(str(identity.chain), str(identity.key), password=pin if pin is not None else "")
     return context
+
+
+def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdentityFiles, pin: str | None,
+                   *, tls13_capable: bool) -> ssl.SSLContext:
+    """The SSLContext of an inbound listener: the agent is the TLS server, the PACS must present a
+    certificate that chains to [trust] ca (and passes its CRLs)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    on_card = inbound.server_certificate is None
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if inbound.tls == "tls13" else ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3 if tls13_capable or not on_card else ssl.TLSVersion.TLSv1_2
+    if on_card and inbound.tls == "tls13" and not tls13_capable:
+        raise TlsPolicyError(f"inbound {inbound.name!r} requires TLS 1.3 but the token cannot sign with RSA-PSS")
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cafile=str(trust.ca))
+    for crl in trust.crl:
+        context.load_verify_locations(cafile=str(crl))
+    if trust.crl:
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    if on_card:
+        _check_server_purpose(inbound, card.chain)
+        context.load_cert_chain(str(card.chain), str(card.key), password=pin if pin is not None else "")
+    else:
+        assert inbound.server_key is not None
+        context.load_cert_chain(str(inbound.server_certificate), str(inbound.server_key))
+    return context
+
+
+def _check_server_purpose(inbound: InboundConfig, chain: Path) -> None:
+    leaf = x509.load_pem_x509_certificate(chain.read_bytes())
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if ExtendedKeyUsageOID.SERVER_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+        return
+    raise TlsPolicyError(
+        f"inbound {inbound.name!r}: the card's certificate ({leaf.subject.rfc4514_string()}) cannot identify a TLS "
+        "server (its extended key usage lacks serverAuth): give the listener the workstation's node certificate "
+        "with server_certificate and server_key")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ instead of a bare reset.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import select
@@ -24,14 +25,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from agent.config.model import TunnelConfig
+from cryptography import x509
+
+from agent.config.model import InboundConfig, TunnelConfig
 from agent.dicom.association import Association, Refuse
 from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
                              AbortSource, AcseRejectReason, AssociationPdu, CommandSet, FramerEvent, MalformedPduError,
                              PduFramer, PduHeader, PresentationRejectReason, RejectResult, RejectSource, a_abort,
                              a_associate_rj, pdu_type_name)
+from agent.errors import CardAgentError
 from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
+from agent.tunnel.peer import PeerPolicy, identify_peer
 
 log = logging.getLogger("agent.tunnel")
 
@@ -71,37 +76,22 @@ class SessionEnd:
         return self.reason is not None
 
 
+Report = Callable[[str, dict[str, Any]], None]
+
+
+def _no_report(kind: str, fields: dict[str, Any]) -> None:
+    pass
+
+
 @dataclass
-class TunnelRuntime:
-    """A tunnel inside the card session: its TLS context and resumable session."""
+class _Counters:
+    """Open connections, bytes each way (up: toward TLS) and the last error, for ``card-agent status``."""
 
-    config: TunnelConfig
-    context: ssl.SSLContext
-    checks: ServerChecks
-    identity: ClientIdentityFiles
-    trust_ca: str
-    ending: SessionEnd = field(default_factory=SessionEnd)
-    username: str | None = None  # asserted in User Identity Negotiation when the tunnel's rules ask for it
-    report: Callable[[str, dict[str, Any]], None] = lambda kind, fields: None  # for the audit trail
-    _session: ssl.SSLSession | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    open_connections: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    last_error: str | None = None
-
-    def resumable_session(self) -> ssl.SSLSession | None:
-        with self._lock:
-            return self._session
-
-    def remember_session(self, session: ssl.SSLSession | None) -> None:
-        if session is not None and self.config.session_resumption:
-            with self._lock:
-                self._session = session
-
-    def forget_sessions(self) -> None:
-        with self._lock:
-            self._session = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    open_connections: int = field(default=0, init=False)
+    bytes_up: int = field(default=0, init=False)
+    bytes_down: int = field(default=0, init=False)
+    last_error: str | None = field(default=None, init=False)
 
     def counters(self) -> dict[str, object]:
         with self._lock:
@@ -117,24 +107,90 @@ class TunnelRuntime:
                 self.last_error = error
 
 
+@dataclass
+class TunnelRuntime(_Counters):
+    """A tunnel inside the card session: its TLS context and resumable session."""
+
+    config: TunnelConfig = field(kw_only=True)
+    context: ssl.SSLContext = field(kw_only=True)
+    checks: ServerChecks = field(kw_only=True)
+    identity: ClientIdentityFiles = field(kw_only=True)
+    trust_ca: str = field(kw_only=True)
+    ending: SessionEnd = field(default_factory=SessionEnd, kw_only=True)
+    username: str | None = field(default=None, kw_only=True)  # for User Identity Negotiation, when asked for
+    report: Report = field(default=_no_report, kw_only=True)  # for the audit trail
+    _session: ssl.SSLSession | None = field(default=None, init=False, repr=False)
+
+    def resumable_session(self) -> ssl.SSLSession | None:
+        with self._lock:
+            return self._session
+
+    def remember_session(self, session: ssl.SSLSession | None) -> None:
+        if session is not None and self.config.session_resumption:
+            with self._lock:
+                self._session = session
+
+    def forget_sessions(self) -> None:
+        with self._lock:
+            self._session = None
+
+
+@dataclass
+class InboundRuntime(_Counters):
+    """An inbound listener inside the card session: the PACS connects over TLS, the agent is the server."""
+
+    config: InboundConfig = field(kw_only=True)
+    context: ssl.SSLContext = field(kw_only=True)
+    identity_description: str = field(kw_only=True)
+    uses_card_key: bool = field(kw_only=True)
+    ending: SessionEnd = field(default_factory=SessionEnd, kw_only=True)
+    report: Report = field(default=_no_report, kw_only=True)
+    username: None = field(default=None, init=False)  # the agent asserts no user identity toward a local SCP
+
+
 def set_nodelay(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Tls:
-    """The TLS object and its memory BIOs."""
+    """A TLS object over memory BIOs, so that the relay decides every read and write."""
 
-    def __init__(self, runtime: TunnelRuntime) -> None:
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool = False, server_hostname: str | None = None,
+                 session: ssl.SSLSession | None = None) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        session = runtime.resumable_session()
         self.resuming = session is not None
-        self.obj = runtime.context.wrap_bio(self.incoming, self.outgoing,
-                                            server_hostname=runtime.config.server_name, session=session)
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname, session=session)
 
     def pending_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
+
+    def handshake(self, sock: socket.socket, timeout: float, lock: contextlib.AbstractContextManager) -> None:
+        """Complete the handshake over ``sock``; OSError or ssl.SSLError when it fails."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    with lock:
+                        self.obj.do_handshake()
+                    sock.sendall(self.pending_output())
+                    return
+                except ssl.SSLWantReadError:
+                    sock.sendall(self.pending_output())
+                    sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    data = sock.recv(CHUNK)
+                    if data:
+                        self.incoming.write(data)
+                    else:
+                        self.incoming.write_eof()
+        except (OSError, ssl.SSLError):
+            try:  # let the peer see our alert, if OpenSSL wrote one
+                sock.sendall(self.pending_output())
+            except OSError:
+                pass
+            raise
 
 
 def _connect(runtime: TunnelRuntime) -> socket.socket:
@@ -149,34 +205,16 @@ def _connect(runtime: TunnelRuntime) -> socket.socket:
 
 def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
     config = runtime.config
-    tls = _Tls(runtime)
-    lock = contextlib.nullcontext() if tls.resuming else TOKEN_LOCK
-    deadline = time.monotonic() + config.handshake_timeout
+    tls = _Tls(runtime.context, server_hostname=config.server_name, session=runtime.resumable_session())
     try:
-        while True:
-            try:
-                with lock:
-                    tls.obj.do_handshake()
-                remote.sendall(tls.pending_output())
-                return tls
-            except ssl.SSLWantReadError:
-                remote.sendall(tls.pending_output())
-                remote.settimeout(max(0.001, deadline - time.monotonic()))
-                data = remote.recv(CHUNK)
-                if data:
-                    tls.incoming.write(data)
-                else:
-                    tls.incoming.write_eof()
+        tls.handshake(remote, config.handshake_timeout, contextlib.nullcontext() if tls.resuming else TOKEN_LOCK)
     except (OSError, ssl.SSLError) as error:
-        try:  # let the server see our alert, if OpenSSL wrote one
-            remote.sendall(tls.pending_output())
-        except OSError:
-            pass
         raise handshake_failure(config.remote, error, runtime.identity.describe(), runtime.trust_ca,
                                 config.server_name) from None
+    return tls
 
 
-def handle_connection(runtime: TunnelRuntime, local: socket.socket, peer: str) -> None:
+def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> None:
     """Serve one accepted local connection to the end; never raises."""
     config = runtime.config
     set_nodelay(local)
@@ -199,7 +237,7 @@ def handle_connection(runtime: TunnelRuntime, local: socket.socket, peer: str) -
             reject_local(local, failure)
             return
         version, resumed = tls.obj.version(), tls.obj.session_reused
-        relay = _Relay(runtime, local, remote, tls, peer)
+        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=True)
         relay.run()
         runtime.remember_session(tls.obj.session)
         association = relay.association
@@ -217,6 +255,147 @@ def handle_connection(runtime: TunnelRuntime, local: socket.socket, peer: str) -
         for sock in (local, remote):
             if sock is not None:
                 sock.close()
+
+
+class ClientVerificationError(CardAgentError):
+    """The PACS's client certificate does not meet the inbound listener's settings."""
+
+
+def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) -> None:
+    """Serve one connection from the PACS (the agent is the TLS server) to the end; never raises."""
+    config = runtime.config
+    set_nodelay(remote)
+    runtime.count(delta_open=1)
+    started = time.monotonic()
+    local: socket.socket | None = None
+    try:
+        tls = _Tls(runtime.context, server_side=True)
+        try:
+            tls.handshake(remote, config.handshake_timeout,
+                          TOKEN_LOCK if runtime.uses_card_key else contextlib.nullcontext())
+            client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
+        except (OSError, ssl.SSLError, ClientVerificationError) as error:
+            message = _inbound_handshake_failure(peer, error)
+            runtime.count(error=message)
+            log.warning("inbound %s: %s: %s", config.name, peer, message)
+            runtime.report("tls-failure", {"tunnel": config.name, "peer": peer, "remote": peer, "reason": message})
+            return
+        try:
+            local = _connect_forward(runtime)
+        except TunnelFailure as failure:
+            runtime.count(error=failure.message)
+            log.warning("inbound %s: %s: %s", config.name, peer, failure.message)
+            _reject_over_tls(tls, remote, reject_pdu(transient=failure.transient))
+            return
+        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=False)
+        relay.run()
+        association = relay.association
+        log.info("inbound %s: %s: %s from %s as %s to %s, %s, %d bytes in, %d out, %.1f s%s%s", config.name, peer,
+                 tls.obj.version(), client, runtime.identity_description, config.forward,
+                 association.describe_request(), relay.bytes_down, relay.bytes_up, time.monotonic() - started,
+                 association.describe_instances(), f"; {relay.failure.message}" if relay.failure else "")
+        if association.answer == "accepted":
+            runtime.report("association-end", relay.association_fields(failure=relay.failure))
+    except Exception:  # a bug must end this connection, not the agent
+        log.exception("inbound %s: %s: internal error", config.name, peer)
+    finally:
+        runtime.count(delta_open=-1)
+        for sock in (local, remote):
+            if sock is not None:
+                sock.close()
+
+
+def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
+    """The PACS's subject, once its pinned fingerprint (if any) matched; OpenSSL checked the chain."""
+    if leaf_der is None:
+        raise ClientVerificationError("the PACS sent no client certificate")
+    leaf = x509.load_der_x509_certificate(leaf_der)
+    subject = leaf.subject.rfc4514_string()
+    pins = runtime.config.client_pins
+    if pins and hashlib.sha256(leaf_der).digest() not in pins:
+        raise ClientVerificationError(
+            f"client certificate {subject} has SHA-256 fingerprint {hashlib.sha256(leaf_der).hexdigest(':')}, "
+            f"which is not among client_pins of inbound {runtime.config.name!r}")
+    return subject
+
+
+def _inbound_handshake_failure(peer: str, error: Exception) -> str:
+    if isinstance(error, ClientVerificationError):
+        return f"refused the PACS at {peer}: {error}"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (f"refused the PACS at {peer}: its client certificate does not verify against [trust] ca: "
+                f"{error.verify_message or error}")
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"TLS handshake with the PACS at {peer} did not finish in time"
+    reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return f"refused the PACS at {peer}: it sent no client certificate (this listener requires one)"
+    return f"TLS handshake with the PACS at {peer} failed: {reason}"
+
+
+def _connect_forward(runtime: InboundRuntime) -> socket.socket:
+    """A connection to the local storage SCP, once its owner is known to be an allowed user."""
+    config = runtime.config
+    target = config.forward
+    try:
+        if target.unix_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(config.connect_timeout)
+            try:
+                sock.connect(target.unix_path)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((target.host, target.port), timeout=config.connect_timeout)
+    except OSError as error:
+        raise TunnelFailure(f"cannot reach the local storage SCP at {target}: {error.strerror or error} "
+                            "(is the viewer's storage SCP running?)", transient=True) from None
+    set_nodelay(sock)
+    policy = PeerPolicy(frozenset(config.forward_uids or (os.getuid(),)))
+    owner = identify_peer(sock)
+    if not policy.allows(owner):
+        sock.close()
+        who = "an unknown user" if owner.uid is None else f"uid {owner.uid}"
+        raise TunnelFailure(f"the local storage SCP at {target} belongs to {who}, not to "
+                            f"{', '.join(map(str, sorted(policy.allowed_uids)))} (forward_uids): retrieved "
+                            "images go only to the signed-in user's own software")
+    return sock
+
+
+def _reject_over_tls(tls: _Tls, remote: socket.socket, pdu: bytes) -> None:
+    """Read the PACS's A-ASSOCIATE-RQ, answer it with ``pdu`` and end the TLS connection."""
+    framer = PduFramer()
+    deadline = time.monotonic() + REJECT_READ_TIMEOUT
+    answered = False
+    try:
+        while not answered and time.monotonic() < deadline:
+            while not answered:  # records may already wait from the handshake, or span several reads
+                try:
+                    plain = tls.obj.read(CHUNK)
+                except ssl.SSLWantReadError:
+                    break
+                if not plain:
+                    break
+                answered = any(isinstance(event, AssociationPdu) for event in framer.feed(plain))
+            if answered:
+                break
+            remote.settimeout(max(0.001, deadline - time.monotonic()))
+            data = remote.recv(CHUNK)
+            if not data:
+                break
+            tls.incoming.write(data)
+    except (OSError, ssl.SSLError, MalformedPduError):
+        pass  # answer anyway: the PACS may still read it
+    try:
+        tls.obj.write(pdu)
+        tls.obj.unwrap()
+    except ssl.SSLError:
+        pass  # SSLWantReadError from unwrap: the PACS's close_notify is not awaited
+    try:
+        remote.sendall(tls.pending_output())
+    except OSError:
+        pass
 
 
 def reject_pdu(*, transient: bool) -> bytes:
@@ -271,23 +450,36 @@ def _send_and_close(local: socket.socket, data: bytes) -> None:
 
 
 class _Relay:
-    def __init__(self, runtime: TunnelRuntime, local: socket.socket, remote: socket.socket, tls: _Tls,
-                 peer: str) -> None:
+    """Moves bytes between a plain local socket and a TLS connection, watching the association.
+
+    ``requestor_is_local``: the association requestor is the local application (an outbound
+    tunnel) or, for an inbound listener, the PACS on the TLS side. The requestor's direction holds
+    the A-ASSOCIATE-RQ until it is whole and decided; failures are told to the requestor as
+    DICOM (A-ASSOCIATE-RJ before the answer, A-ABORT after it or on a malformed PDU).
+    """
+
+    def __init__(self, runtime: TunnelRuntime | InboundRuntime, local: socket.socket, remote: socket.socket,
+                 tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, peer: str, *,
+                 requestor_is_local: bool) -> None:
         self.runtime = runtime
         self.local = local
         self.remote = remote
         self.tls = tls
+        self.incoming = incoming
+        self.outgoing = outgoing
         self.peer = peer
+        self.requestor_is_local = requestor_is_local
         self.to_local = bytearray()
-        self.to_remote = bytearray(tls.pending_output())
+        self.to_remote = bytearray(self._tls_output())
         self.association = Association(runtime.config.association, runtime.username)
-        self.up_framer = PduFramer(inspect_commands=True)
-        self.down_framer = PduFramer(inspect_commands=True)
-        self.held_request: bytearray | None = bytearray()  # the application's bytes until its A-ASSOCIATE-RQ is whole
+        self.requestor_framer = PduFramer(inspect_commands=True)
+        self.acceptor_framer = PduFramer(inspect_commands=True)
+        self.remote_framer = self.acceptor_framer if requestor_is_local else self.requestor_framer
+        self.held_request: bytearray | None = bytearray()  # the requestor's bytes until its A-ASSOCIATE-RQ is whole
         self.refusal: Refuse | None = None
         self.malformed: MalformedPduError | None = None  # from either side: ends the association with A-ABORT
-        self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the application
-        self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the application
+        self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the requestor
+        self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor
         self.local_eof = False
         self.remote_done = False
         self.local_write_closed = False
@@ -295,6 +487,9 @@ class _Relay:
         self.bytes_up = 0
         self.bytes_down = 0
         self.failure: TunnelFailure | None = None
+
+    def _tls_output(self) -> bytes:
+        return self.outgoing.read() if self.outgoing.pending else b""
 
     def run(self) -> None:
         self.local.setblocking(False)
@@ -305,6 +500,7 @@ class _Relay:
         poller.register(remote_fd, 0)
         poller.register(self.runtime.ending.read_fd, select.POLLIN)
         try:
+            self._read_tls()  # the requestor's first PDU may have come with its last handshake message
             while self.failure is None:
                 local_mask = (select.POLLIN if not self.local_eof and len(self.to_remote) < HIGH_WATER else 0) | (
                     select.POLLOUT if self.to_local else 0)
@@ -327,25 +523,45 @@ class _Relay:
             self.failure = self.failure or TunnelFailure(f"connection error: {error.strerror or error}", True)
         if self.failure is not None:
             self.runtime.count(error=self.failure.message)
-            log.warning("tunnel %s: %s: %s", self.runtime.config.name, self.peer, self.failure.message)
-            self._end_remote()
-            self._tell_application()
+            log.warning("%s: %s: %s", self._where(), self.peer, self.failure.message)
+            if self.requestor_is_local:
+                self._end_remote()
+                self._tell_local_requestor()
+            else:
+                self._end_local()
+                self._tell_remote_requestor()
 
-    def _end_remote(self) -> None:
-        """Flush what the PACS should still get (an A-ABORT we wrote) and say close_notify, briefly."""
+    def _where(self) -> str:
+        kind = "tunnel" if self.requestor_is_local else "inbound"
+        return f"{kind} {self.runtime.config.name}"
+
+    def _end_remote(self, pdu: bytes = b"") -> None:
+        """Flush what the TLS peer should still get (``pdu``, an A-ABORT we wrote) and say close_notify."""
         if self.remote_done or self.runtime.ending.is_set():
             return  # the card is gone: nothing more goes out under its identity
         try:
-            self.tls.obj.unwrap()
+            if pdu:
+                self.tls.write(pdu)
+            self.tls.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
             pass
-        self.to_remote += self.tls.pending_output()
+        self.to_remote += self._tls_output()
         try:
             self.remote.settimeout(1.0)
             self.remote.sendall(self.to_remote)
         except OSError:
             pass
         self.to_remote.clear()
+
+    def _end_local(self) -> None:
+        """Flush what the local acceptor should still get (an A-ABORT we queued) and close our side."""
+        try:
+            self.local.settimeout(1.0)
+            self.local.sendall(self.to_local)
+            self.local.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.to_local.clear()
 
     def _finished(self, local_mask: int, remote_mask: int) -> bool:
         if self.remote_done and self.local_write_closed and (self.local_eof or not local_mask & select.POLLIN):
@@ -361,7 +577,7 @@ class _Relay:
         except OSError:
             pass
         if not self.local_eof:
-            # The server is done; the application gets a moment to close its side.
+            # The TLS side is done; the local side gets a moment to close too.
             self.local.settimeout(5.0)
             try:
                 while self.local.recv(CHUNK):
@@ -384,15 +600,17 @@ class _Relay:
             if data:
                 self.bytes_up += len(data)
                 self.runtime.count(up=len(data))
-                self._from_application(data)
+                out = self._from_requestor(data) if self.requestor_is_local else self._from_acceptor(data)
+                if out:
+                    self.tls.write(out)
             else:
                 self.local_eof = True
                 if not self.remote_done:
                     try:
-                        self.tls.obj.unwrap()  # close_notify: our half of the connection ends
+                        self.tls.unwrap()  # close_notify: our half of the connection ends
                     except (ssl.SSLWantReadError, ssl.SSLError):
                         pass
-            self.to_remote += self.tls.pending_output()
+            self.to_remote += self._tls_output()
 
     def _on_remote(self, events: int) -> None:
         if events & select.POLLOUT and self.to_remote:
@@ -407,12 +625,16 @@ class _Relay:
         except ConnectionResetError as error:
             return self._remote_failed(error)
         if data:
-            self.tls.incoming.write(data)
+            self.incoming.write(data)
         else:
-            self.tls.incoming.write_eof()
-        while True:
+            self.incoming.write_eof()
+        self._read_tls()
+
+    def _read_tls(self) -> None:
+        """Decrypt what the TLS peer sent and pass it on; records may already wait from the handshake."""
+        while self.failure is None:
             try:
-                plain = self.tls.obj.read(CHUNK)
+                plain = self.tls.read(CHUNK)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -420,32 +642,34 @@ class _Relay:
                 break
             except ssl.SSLError as error:
                 return self._remote_failed(error)
-            if not plain:
+            if not plain:  # close_notify received while ours is not yet sent (ssl returns b"" then)
+                self.remote_done = True
                 break
             self.received_any = True
-            self._to_application(plain)
-        self.to_remote += self.tls.pending_output()
+            out = self._from_acceptor(plain) if self.requestor_is_local else self._from_requestor(plain)
+            if out:
+                self.bytes_down += len(plain)
+                self.runtime.count(down=len(plain))
+                self.to_local += out
+        self.to_remote += self._tls_output()
 
-    def _from_application(self, data: bytes) -> None:
-        """Hold the application's bytes until its A-ASSOCIATE-RQ is whole and decided, then pass them on."""
-        was_at_boundary = self.up_framer.at_boundary
+    # -- the association, from the requestor's side ------------------------------------------------
+
+    def _from_requestor(self, data: bytes) -> bytes:
+        """What to pass on to the acceptor: nothing until the A-ASSOCIATE-RQ is whole and decided."""
+        was_at_boundary = self.requestor_framer.at_boundary
         try:
-            events = self.up_framer.feed(data)
+            events = self.requestor_framer.feed(data)
             if self.held_request is not None:
                 self.held_request += data
-                data = self._decide_request(events)
-            else:
-                self._inspect(events, from_application=True)
+                return self._decide_request(events)
+            self._inspect(events, from_requestor=True)
+            return data
         except MalformedPduError as error:
-            self.malformed = error
-            self.failure = TunnelFailure(f"malformed PDU from the application: {error}")
-            self._security_alert("malformed-pdu", self.failure.message)
+            self._malformed(error, "the application" if self.requestor_is_local else f"the PACS at {self.peer}")
             if self.held_request is None and was_at_boundary:
-                self.tls.obj.write(abort_pdu(error))  # the PACS gets a clean end of the association too
-                self.to_remote += self.tls.pending_output()
-            return
-        if data:
-            self.tls.obj.write(data)
+                return abort_pdu(error)  # the acceptor gets a clean end of the association too
+            return b""
 
     def _decide_request(self, events: list[FramerEvent]) -> bytes:
         for index, event in enumerate(events):
@@ -463,53 +687,65 @@ class _Relay:
                                              f"{decision.reason}")
                 self._security_alert("association-refused", self.failure.message)
                 return b""
-            self._inspect(events[index + 1:], from_application=True)
+            self._inspect(events[index + 1:], from_requestor=True)
             return decision.pdu + rest
         return b""
 
-    def _inspect(self, events: list[FramerEvent], *, from_application: bool) -> None:
+    # -- the association, from the acceptor's side -------------------------------------------------
+
+    def _from_acceptor(self, data: bytes) -> bytes:
+        """What to pass on to the requestor: all of ``data``, unless it is malformed."""
+        try:
+            events = self.acceptor_framer.feed(data)
+            for event in events:
+                if isinstance(event, AssociationPdu):
+                    self._on_answer(event)
+            self._inspect(events, from_requestor=False)
+        except MalformedPduError as error:
+            self._malformed(error, f"the server {self.runtime.config.remote}" if self.requestor_is_local
+                            else f"the local SCP at {self.runtime.config.remote}")
+            return b""
+        return data
+
+    def _on_answer(self, event: AssociationPdu) -> None:
+        if event.pdu_type == A_ASSOCIATE_AC:
+            self.association.on_accept(event.pdu)
+            log.info("%s: %s: %s", self._where(), self.peer, self.association.describe_accept())
+            self.runtime.report("association-begin", self.association_fields())
+        elif event.pdu_type == A_ASSOCIATE_RJ:
+            log.info("%s: %s: association %s rejected by %s: %s", self._where(), self.peer,
+                     self.association.describe_request(), "the PACS" if self.requestor_is_local else "the local SCP",
+                     self.association.on_reject(event.pdu))
+        elif event.pdu_type == A_RELEASE_RP:
+            self.association.end = "released"
+        elif event.pdu_type == A_ABORT:
+            self.association.end = "aborted by the acceptor"
+        if event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
+            self.association_answered = True
+        if event.pdu_type in (A_RELEASE_RP, A_ABORT, A_ASSOCIATE_RJ):
+            self.association_over = True
+
+    def _inspect(self, events: list[FramerEvent], *, from_requestor: bool) -> None:
         for event in events:
             if isinstance(event, CommandSet):
-                self.association.on_command(event.data, from_application)
-            elif isinstance(event, AssociationPdu) and event.pdu_type == A_ABORT and from_application:
-                self.association.end = "aborted by the application"
+                self.association.on_command(event.data, from_requestor)
+            elif isinstance(event, AssociationPdu) and event.pdu_type == A_ABORT and from_requestor:
+                self.association.end = "aborted by the requestor"
 
-    def _to_application(self, plain: bytes) -> None:
-        try:
-            events = self.down_framer.feed(plain)
-            for event in events:
-                if not isinstance(event, AssociationPdu):
-                    continue
-                if event.pdu_type == A_ASSOCIATE_AC:
-                    self.association.on_accept(event.pdu)
-                    log.info("tunnel %s: %s: %s", self.runtime.config.name, self.peer, self.association.describe_accept())
-                    self.runtime.report("association-begin", self.association_fields())
-                elif event.pdu_type == A_ASSOCIATE_RJ:
-                    log.info("tunnel %s: %s: association %s rejected by the PACS: %s", self.runtime.config.name,
-                             self.peer, self.association.describe_request(), self.association.on_reject(event.pdu))
-                elif event.pdu_type == A_RELEASE_RP:
-                    self.association.end = "released"
-                elif event.pdu_type == A_ABORT:
-                    self.association.end = "aborted by the PACS"
-                if event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
-                    self.association_answered = True
-                if event.pdu_type in (A_RELEASE_RP, A_ABORT, A_ASSOCIATE_RJ):
-                    self.association_over = True
-            self._inspect(events, from_application=False)
-        except MalformedPduError as error:
-            self.malformed = error
-            self.failure = TunnelFailure(f"malformed PDU from the server: {error}")
-            self._security_alert("malformed-pdu", self.failure.message)
-            return
-        self.bytes_down += len(plain)
-        self.runtime.count(down=len(plain))
-        self.to_local += plain
+    def _malformed(self, error: MalformedPduError, source: str) -> None:
+        self.malformed = error
+        self.failure = TunnelFailure(f"malformed PDU from {source}: {error}")
+        self._security_alert("malformed-pdu", self.failure.message)
 
     def association_fields(self, failure: TunnelFailure | None = None) -> dict[str, Any]:
         """What the audit trail records about this association."""
         association = self.association
+        local_side, remote_side = self.peer, self.runtime.config.remote
         return {
-            "tunnel": self.runtime.config.name, "peer": self.peer, "remote": self.runtime.config.remote,
+            "direction": "outbound" if self.requestor_is_local else "inbound",
+            "tunnel": self.runtime.config.name,
+            "requestor": local_side if self.requestor_is_local else remote_side,
+            "acceptor": remote_side if self.requestor_is_local else local_side,
             "calling_ae_title": association.calling_ae_title, "called_ae_title": association.called_ae_title,
             "user_identity": association.user_identity_sent, "end": association.end,
             "abstract_syntaxes": sorted(set(association.accepted_abstract_syntaxes.values())),
@@ -523,18 +759,23 @@ class _Relay:
                                                "remote": self.runtime.config.remote, "what": what,
                                                "reason": reason})
 
+    # -- failures --------------------------------------------------------------------------------
+
     def _remote_failed(self, error: Exception | None) -> None:
-        config = self.runtime.config
-        if self.association_over and self.down_framer.at_boundary:
-            # Many PACSes drop TCP right after A-RELEASE-RP without a TLS close_notify: a normal end.
+        if self.association_over and self.remote_framer.at_boundary:
+            # Many PACSes drop TCP right after the release without a TLS close_notify: a normal end.
             self.remote_done = True
             return
-        if self.association_answered:
-            detail = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
-            self.failure = TunnelFailure(f"server {config.remote} broke the connection: {detail}", transient=True)
+        detail = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+        if not self.requestor_is_local:
+            self.failure = TunnelFailure(f"the PACS at {self.peer} broke the connection: {detail}", transient=True)
+        elif self.association_answered:
+            self.failure = TunnelFailure(f"server {self.runtime.config.remote} broke the connection: {detail}",
+                                         transient=True)
         else:
-            self.failure = failure_after_handshake(config.remote, error, self.runtime.identity.describe(),
-                                                   self.received_any)
+            assert isinstance(self.runtime, TunnelRuntime)
+            self.failure = failure_after_handshake(self.runtime.config.remote, error,
+                                                   self.runtime.identity.describe(), self.received_any)
 
     @staticmethod
     def _send(sock: socket.socket, data: bytearray) -> int:
@@ -543,16 +784,24 @@ class _Relay:
         except BlockingIOError:
             return 0
 
-    def _tell_application(self) -> None:
-        """A-ASSOCIATE-RJ before the association was answered, else A-ABORT, at a PDU boundary only."""
-        if not self.down_framer.at_boundary:
-            return  # a PDU is half-delivered: anything we add would corrupt it; closing says enough
+    def _pdu_for_requestor(self) -> bytes | None:
+        """A-ASSOCIATE-RJ before the answer, else A-ABORT; None when a PDU toward it is half-sent."""
+        if not self.acceptor_framer.at_boundary:
+            return None  # anything we add would corrupt the half-delivered PDU; closing says enough
         assert self.failure is not None
         if self.refusal is not None:
-            pdu = self.refusal.reject_pdu
-        elif self.association_answered or self.malformed is not None:
-            pdu = abort_pdu(self.malformed)
-        else:
-            pdu = reject_pdu(transient=self.failure.transient)
+            return self.refusal.reject_pdu
+        if self.association_answered or self.malformed is not None:
+            return abort_pdu(self.malformed)
+        return reject_pdu(transient=self.failure.transient)
+
+    def _tell_local_requestor(self) -> None:
+        pdu = self._pdu_for_requestor()
+        if pdu is None:
+            return
         self.local.setblocking(True)
         _send_and_close(self.local, bytes(self.to_local) + pdu)
+
+    def _tell_remote_requestor(self) -> None:
+        pdu = self._pdu_for_requestor()
+        self._end_remote(pdu or b"")

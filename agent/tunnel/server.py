@@ -9,7 +9,7 @@ import selectors
 import socket
 import threading
 
-from agent.config.model import AgentConfig, TunnelConfig
+from agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from agent.errors import CardAgentError
 from agent.session.manager import SessionManager
 from agent.tls.failures import TunnelFailure
@@ -24,7 +24,7 @@ class Listeners:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.sockets: dict[int, tuple[socket.socket, TunnelConfig]] = {}
+        self.sockets: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
         self.policies = {tunnel.name: PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
                          for tunnel in config.tunnels}
         self.manager: SessionManager | None = None
@@ -40,6 +40,15 @@ class Listeners:
                 self._selector.register(sock, selectors.EVENT_READ)
                 log.info("tunnel %s: listening on %s for %s (TLS %s, server %s)", tunnel.name, listen,
                          tunnel.remote, tunnel.tls, tunnel.server_name)
+            for inbound in config.inbound:
+                listen, tunnel = inbound.listen, inbound  # named for the error below
+                # The PACS connects over the network: TLS with a required, verified client
+                # certificate guards this listener, not its address.
+                sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=True)
+                self.sockets[sock.fileno()] = (sock, inbound)
+                self._selector.register(sock, selectors.EVENT_READ)
+                log.info("inbound %s: listening on %s for the PACS (TLS %s, as %s), forwarding to %s", inbound.name,
+                         listen, inbound.tls, inbound.server_certificate or "the card", inbound.forward)
         except (CardAgentError, OSError) as error:
             self.close()
             if isinstance(error, OSError):
@@ -61,7 +70,8 @@ class Listeners:
                     local, _ = sock.accept()
                 except OSError:
                     continue
-                threading.Thread(target=self._admit, args=(tunnel, local), name=f"admit-{tunnel.name}",
+                admit = self._admit if isinstance(tunnel, TunnelConfig) else self._admit_inbound
+                threading.Thread(target=admit, args=(tunnel, local), name=f"admit-{tunnel.name}",
                                  daemon=True).start()
 
     def _admit(self, tunnel: TunnelConfig, local: socket.socket) -> None:
@@ -81,13 +91,27 @@ class Listeners:
             reject_local(local, TunnelFailure(state, transient=True))
         local.close()
 
+    def _admit_inbound(self, inbound: InboundConfig, connection: socket.socket) -> None:
+        try:
+            host, port = connection.getpeername()[:2]
+        except OSError:
+            connection.close()
+            return
+        peer = f"{host}:{port}"
+        session = self.manager.current_session() if self.manager else None
+        if session is None or not session.dispatch(inbound.name, connection, peer):
+            state = self.manager.state if self.manager else "starting"
+            # No TLS without a card session, so no DICOM answer either: the PACS sees the connection close.
+            log.warning("inbound %s: PACS at %s turned away: %s", inbound.name, peer, state)
+        connection.close()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
         for sock, tunnel in self.sockets.values():
             sock.close()
-            if tunnel.listen.unix_path:
+            if tunnel.listen.unix_path:  # inbound listeners are never unix sockets
                 try:
                     os.unlink(tunnel.listen.unix_path)
                 except OSError:

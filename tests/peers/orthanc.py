@@ -96,6 +96,13 @@ class OrthancPeer:
         with _HTTP.open(self.url(path), timeout=timeout) as response:
             return response.read()
 
+    def post_instance(self, dicom_file: bytes, timeout: float = 30.0) -> dict[str, Any]:
+        """Store a DICOM file through the REST API (POST /instances), bypassing DICOM networking."""
+        request = urllib.request.Request(self.url("/instances"), data=dicom_file, method="POST",
+                                         headers={"Content-Type": "application/dicom"})
+        with _HTTP.open(request, timeout=timeout) as response:
+            return json.load(response)
+
     def instances(self) -> list[str]:
         """Orthanc identifiers of all stored instances (GET /instances)."""
         return self.get_json("/instances")

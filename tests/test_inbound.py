@@ -1,0 +1,149 @@
+"""Inbound TLS for C-MOVE destinations: the PACS connects to the agent over mutual TLS, the agent
+forwards plain DICOM to the workstation's storage SCP. Real peers: DCMTK as the sending PACS,
+Orthanc answering a C-MOVE with UseDicomTls, storescp as the viewer's storage SCP."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent_runner import inbound_listener, port_of, running_agent, tunnel
+from conftest import ProvisionedPki
+from peers.dcmtk import storescp, storescu
+from peers.orthanc import orthanc
+from peers.pki_files import TlsClientFiles, TlsServerFiles
+from peers.ports import free_port, peer_env
+from peers.study import datasets_equal, make_study, match_by_sop_instance_uid
+
+def node_identity(test_pki: ProvisionedPki) -> dict[str, str]:
+    """The workstation's node certificate (the test PKI's localhost certificate, serverAuth + clientAuth)."""
+    return {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+
+
+def pacs_identity(test_pki: ProvisionedPki, chain: str = "server-chain.pem", key: str = "server.key") -> TlsClientFiles:
+    """How the sending PACS presents itself: a node certificate of the test PKI."""
+    return TlsClientFiles(test_pki.ca_bundle, test_pki.pki / chain, test_pki.pki / key)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_study(tmp_path_factory.mktemp("study"), files=4)
+
+
+def test_a_pacs_sends_over_mutual_tls_to_the_local_storage_scp(test_pki: ProvisionedPki, tmp_path: Path,
+                                                               study: list[Path]) -> None:
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), calling_ae="PACS")
+            log = agent.wait_for_log("instances stored", timeout=40)
+        received = viewer.stored_files()
+    assert result.returncode == 0, result.stdout
+    matches = match_by_sop_instance_uid(study, received)
+    assert len(received) == len(study) and all(matches.values())
+    assert all(datasets_equal(sent, got) == [] for sent, got in matches.items())
+    assert "from CN=localhost,O=Example Hospital Test PKI as node certificate" in log
+    assert "PACS -> STORESCP" in log and f"; {len(study)} of {len(study)} instances stored" in log
+
+
+@pytest.mark.parametrize("client, message", [
+    (("untrusted-server-chain.pem", "untrusted-server.key"), "its client certificate does not verify against [trust] ca"),
+    (None, "it sent no client certificate"),
+])
+def test_a_pacs_the_agent_does_not_trust_is_refused(test_pki: ProvisionedPki, tmp_path: Path, study: list[Path],
+                                                    client: tuple[str, str] | None, message: str) -> None:
+    identity = pacs_identity(test_pki, *client) if client else TlsClientFiles.anonymous(test_pki.pki)
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            result = storescu(port_of(listener), study[:1], tls=identity)
+            log = agent.wait_for_log("refused the PACS")
+        received = viewer.stored_files()
+    assert result.returncode != 0
+    assert received == []
+    assert message in log, log
+
+
+def test_a_missing_local_scp_is_an_association_reject_for_the_pacs(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                   study: list[Path]) -> None:
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}", **node_identity(test_pki))
+    with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+        result = storescu(port_of(listener), study[:1], tls=pacs_identity(test_pki))
+        log = agent.wait_for_log("cannot reach the local storage SCP")
+    assert result.returncode != 0
+    assert "Association Rejected" in result.stdout and "Transient" in result.stdout, result.stdout
+    assert "(is the viewer's storage SCP running?)" in log
+
+
+def test_a_storage_scp_of_another_user_gets_nothing(test_pki: ProvisionedPki, tmp_path: Path,
+                                                    study: list[Path]) -> None:
+    import shutil
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="nobody-scp-", dir="/tmp"))  # pytest's tmp_path is closed to other users
+    out.chmod(0o777)
+    port = free_port()
+    nobody_scp = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "storescp",
+                                   "-od", str(out), str(port)], env=peer_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
+    try:
+        from peers.ports import wait_for_port
+
+        wait_for_port(port, 10)
+        listener = inbound_listener("retrieves", f"127.0.0.1:{port}", **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            result = storescu(port_of(listener), study[:1], tls=pacs_identity(test_pki))
+            log = agent.wait_for_log("belongs to uid 65534")
+    finally:
+        nobody_scp.kill()
+        nobody_scp.wait()
+        stored = list(out.iterdir())
+        shutil.rmtree(out, ignore_errors=True)
+    assert result.returncode != 0
+    assert stored == []
+    assert "retrieved images go only to the signed-in user's own software" in log
+
+
+def test_the_card_certificate_must_allow_server_authentication(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}")  # server_certificate = "card"
+    with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+        log = agent.wait_for_log("sign-in-failed")
+    assert ("inbound 'retrieves': the card's certificate (CN=Alice Example,O=Example Hospital Test PKI) cannot "
+            "identify a TLS server (its extended key usage lacks serverAuth)") in log
+
+
+def test_a_c_move_from_orthanc_arrives_through_both_directions(test_pki: ProvisionedPki, tmp_path: Path,
+                                                               study: list[Path]) -> None:
+    """The viewer asks Orthanc (through the outbound tunnel, with the card) to move a study to
+    WORKSTATION; Orthanc connects with UseDicomTls to the agent's inbound port, which forwards to
+    the viewer's storescp."""
+    inbound_port = free_port()
+    modalities = {"WORKSTATION": {"AET": "WORKSTATION", "Host": "127.0.0.1", "Port": inbound_port,
+                                  "UseDicomTls": True}}
+    with storescp(tmp_path / "viewer", tls=None, aet="WORKSTATION") as viewer, \
+            orthanc(tmp_path / "orthanc", tls=TlsServerFiles.from_pki(test_pki.pki),
+                    extra_config={"DicomModalities": modalities, "DicomAlwaysAllowMove": True}) as pacs:
+        for path in study:  # the PACS has the study already
+            pacs.post_instance(path.read_bytes())
+        listener = {"name": "retrieves", "listen": f"127.0.0.1:{inbound_port}", "forward": f"127.0.0.1:{viewer.port}",
+                    **node_identity(test_pki)}
+        outbound = tunnel("pacs", pacs.dicom_port)
+        with running_agent(test_pki, tmp_path / "agent", [outbound], inbound=[listener]) as agent:
+            study_uid = subprocess.run(["dcmdump", "+P", "StudyInstanceUID", str(study[0])], capture_output=True,
+                                       text=True).stdout.split("[")[1].split("]")[0]
+            move = subprocess.run(["movescu", "-S", "-aet", "VIEWER", "-aec", "ORTHANC", "-aem", "WORKSTATION",
+                                   "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+                                   "127.0.0.1", str(port_of(outbound))], capture_output=True, text=True,
+                                  env=peer_env(), timeout=120)
+            log = agent.wait_for_log("VIEWER -> ORTHANC, ")  # the C-MOVE association ended
+        received = viewer.stored_files()
+    assert move.returncode == 0, move.stdout + move.stderr
+    matches = match_by_sop_instance_uid(study, received)
+    assert len(received) == len(study) and all(matches.values())
+    assert "inbound retrieves: 127.0.0.1:" in log and "ORTHANC -> WORKSTATION" in log
+    assert "from CN=localhost,O=Example Hospital Test PKI" in log  # Orthanc's node certificate, verified
+    # Orthanc opens one association per series; together they carried the whole study.
+    assert sum(int(n) for n in re.findall(r"; (\d+) of \d+ instances stored", log)) == len(study)
