@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 
-from agent.card.watcher import POLL_SECONDS, Card, present_card
+from agent.card.watcher import Card, CardEvents, present_card
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.session.events import event
@@ -47,9 +47,10 @@ class SessionManager:
         self.last_activity = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.wait(POLL_SECONDS):
-            self.step()
-            self._check_idle()
+        with CardEvents() as events:
+            while not events.wait(stop):
+                self.step()
+                self._check_idle()
 
     def _check_idle(self) -> None:
         timeout = self.config.idle_timeout

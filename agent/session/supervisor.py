@@ -61,17 +61,21 @@ class CardSession:
         self._reports_thread.start()
         self.channel = ours
         files = self.signed_in.files
-        messages.send(ours, {
+        start = {
             "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
             "pin": self.signed_in.pin,
-        })
+        }
         self.signed_in = dataclasses.replace(self.signed_in, pin=None)
         ours.settimeout(START_TIMEOUT_SECONDS)
         try:
+            messages.send(ours, start)
+            del start
             reply, _ = messages.receive(ours)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
+        except OSError as error:  # it died before answering (e.g. a broken installation)
+            reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above"}
         ours.settimeout(None)
         if reply is None or reply.get("type") != "ready":
             self.end("start failed")

@@ -1,0 +1,276 @@
+"""The agent with a real smart-card stack: pcscd + vsmartcard-vpcd + libcacard (CAC) + OpenSC.
+
+The cards "carol" and "dave" are libcacard CAC emulations of NSS databases whose keys were
+generated there and whose certificates the test PKI issued (virtual_card.nssdb); a card is in
+the reader while its bridge process runs and is pulled by killing it (virtual_card.reader). The
+agent loads OpenSC's opensc-pkcs11.so (profile ``opensc``), both in its card watcher and, through
+the pkcs11-provider, in its TLS. See docs/testing.md for running this by hand and the CI limits.
+
+The unit tests at the end (PC/SC helpers, CardEvents) need no pcscd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from agent.card.pcsc import (SCARD_STATE_CHANGED, SCARD_STATE_EMPTY, SCARD_STATE_PRESENT, PcscEventSource,
+                             card_state_changed, split_multistring)
+from agent.card.watcher import POLL_SECONDS, CardEvents
+from agent_runner import running_agent, tunnel, wait_for
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from peers.dcmtk import echoscu, storescp, storescu, storescu_argv
+from peers.pki_files import TlsServerFiles
+from peers.ports import peer_env
+from peers.pynetdicom_scp import associate
+from peers.study import datasets_equal, make_study, match_by_sop_instance_uid
+from test_card_sessions import large_object
+from virtual_card.fixtures import card_reader, pcscd, virtual_cards  # noqa: F401 - pytest fixtures
+from virtual_card.nssdb import CardContents
+from virtual_card.reader import VirtualReader
+
+OPENSC = "opensc"
+VERIFICATION = "1.2.840.10008.1.1"
+PROBE_SECONDS = 30  # OpenSC needs ~2.3 s to probe an inserted card; sign-in adds a login and the session start
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_study(tmp_path_factory.mktemp("study"), files=6)
+
+
+def opensc_env(test_pki: ProvisionedPki, **extra: str) -> dict[str, str]:
+    return test_pki.env(CARD_PIN=USER_PIN, **extra)
+
+
+def dcmtk_subject(card: CardContents) -> str:
+    """The subject as storescp logs it: /O=.../CN=..."""
+    return "".join(f"/{a.rfc4514_attribute_name}={a.value}" for a in card.certificate.subject)
+
+
+def own_runtime_dir(tmp_path: Path) -> dict[str, str]:
+    """The agent's runtime directory (control socket, session files) for this test alone: other
+    agents may run on the machine at the same time."""
+    return {"runtime_dir": str(tmp_path / "run")}
+
+
+def sign_in_line(card: CardContents) -> str:
+    return f'event=sign-in subject="{card.subject}"'
+
+
+# -- the CLI sees the card -------------------------------------------------------------------------
+
+def test_tokens_and_identities_show_the_card_and_its_usable_identity(
+        test_pki: ProvisionedPki, card_reader: VirtualReader, virtual_cards: dict[str, CardContents]) -> None:
+    carol = virtual_cards["carol"]
+    card_reader.insert(carol)
+    env = opensc_env(test_pki)
+    tokens = json.loads(run_card_agent("tokens", "--module", OPENSC, "--json", env=env, check=True).stdout)
+    # OpenSC labels a CAC token with the certificate's common name; the reader is vpcd's
+    [token] = [t for t in tokens if t["label"] == "Carol Example"]
+    assert token["slot"].startswith("Virtual PCD 00 00"), token
+    assert token["manufacturer"] == "Common Access Card" and token["pin_state"] == "ok", token
+    identities = json.loads(run_card_agent(
+        "identities", "--module", OPENSC, "--token", "Carol Example", "--ca", test_pki.ca_bundle,
+        "--crl", test_pki.crl, "--pin", "env:CARD_PIN", "--json", env=env, check=True).stdout)
+    assert len(identities) == 1, identities
+    identity = identities[0]
+    assert identity["usable"] and identity["key_checked"], identity
+    assert identity["subject"] == carol.subject
+    assert identity["serial"] == f"{carol.certificate.serial_number:x}"
+    assert identity["key_type"] == "rsa" and identity["key_size"] == 2048
+    # OpenSC signs RSA-PSS on top of the card's raw RSA: TLS 1.3 is possible.
+    assert "TLSv1.3" in identity["tls"]["versions"], identity["tls"]
+
+
+# -- the agent stores a study with the card's identity -----------------------------------------------
+
+def test_a_study_stored_through_the_agent_with_the_card_identity(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents], study: list[Path]) -> None:
+    carol = virtual_cards["carol"]
+    with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)], token="", module=OPENSC,
+                           agent=own_runtime_dir(tmp_path)) as agent:
+            assert "card events: PC/SC events from pcscd" in agent.log()
+            card_reader.insert(carol)
+            agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
+            result = storescu(agent.port(), study)
+            assert result.returncode == 0, result.stdout + agent.log()
+            log = agent.log()
+        received = scp.stored_files()
+        subjects = scp.peer_subjects()
+    matches = match_by_sop_instance_uid(study, received)
+    assert len(received) == len(study) and all(matches.values())
+    for sent, got in matches.items():
+        assert datasets_equal(sent, got) == [], sent
+    assert subjects == [dcmtk_subject(carol)], subjects
+    assert "module /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so (profile opensc)" in log
+    assert "Enter PIN" not in log
+
+
+# -- pull mid-transfer, a second card, the first again -----------------------------------------------
+
+def stored_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def test_pull_mid_transfer_then_a_second_card_then_the_first_again(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents], study: list[Path]) -> None:
+    carol, dave = virtual_cards["carol"], virtual_cards["dave"]
+    big = large_object(tmp_path / "big.dcm", 150)
+    out = tmp_path / "received"
+    with storescp(out, tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)], token="", module=OPENSC,
+                           agent=own_runtime_dir(tmp_path)) as agent:
+            card_reader.insert(carol)
+            agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
+            store = subprocess.Popen(storescu_argv(agent.port(), [big]), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=peer_env())
+            try:
+                # Pull once the PACS has a good part of the object. pcscd sees the pull only 0-400 ms
+                # later (it polls vpcd), in which the rest could arrive: the PACS is paused
+                # (SIGSTOP, a stalled PACS) from just before the pull until the agent acted on it,
+                # so the transfer is certainly still running when the card goes.
+                wait_for(lambda: stored_bytes(out) > 20_000_000 or store.poll() is not None, timeout=60)
+                os.kill(scp.process.pid, signal.SIGSTOP)
+                try:
+                    assert store.poll() is None, "the transfer ended before the card was pulled"
+                    card_reader.pull(wait=False)
+                    agent.wait_for_log('event=sign-out reason="card removed"')
+                    output, _ = store.communicate(timeout=60)
+                finally:
+                    os.kill(scp.process.pid, signal.SIGCONT)
+            finally:
+                if store.poll() is None:
+                    store.kill()
+                    store.wait()
+            agent.wait_for_log('event=card-removed token="Carol Example"')
+            agent.wait_for_log('event=sign-out reason="card removed"')
+            assert agent.process.poll() is None  # the agent keeps running
+            rejected = echoscu(agent.port())
+            assert rejected.returncode != 0, rejected.stdout  # no card: no association
+
+            card_reader.insert(dave)  # the next clinician, without restarting the agent
+            agent.wait_for_log(sign_in_line(dave), timeout=PROBE_SECONDS)
+            as_dave = storescu(agent.port(), study[:2])
+            assert as_dave.returncode == 0, as_dave.stdout + agent.log()
+
+            card_reader.pull()
+            card_reader.insert(carol)  # and carol again
+            wait_for(lambda: agent.log().count(sign_in_line(carol)) == 2, timeout=PROBE_SECONDS)
+            as_carol = storescu(agent.port(), study[2:4])
+            assert as_carol.returncode == 0, as_carol.stdout + agent.log()
+            log = agent.log()
+        stored = scp.stored_files()
+        subjects = scp.peer_subjects()
+    assert store.returncode != 0, output
+    # DCMTK's words for an A-ABORT PDU received (a dropped connection reads "Network closed")
+    assert "Peer Aborted Association" in output, output[-2000:]
+    # The PACS keeps the four small objects sent afterwards, and nothing of the pulled one.
+    assert len(stored) == 4 and all(p.stat().st_size < 10_000_000 for p in stored), \
+        [(p.name, p.stat().st_size) for p in stored]
+    assert subjects == [dcmtk_subject(carol), dcmtk_subject(dave), dcmtk_subject(carol)], subjects
+    assert log.count('event=sign-out reason="card removed"') == 2
+    assert "Enter PIN" not in log
+
+
+# -- removal latency with PC/SC events ----------------------------------------------------------------
+
+def test_removal_aborts_open_associations_promptly(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """Open associations are aborted soon after the pull. pcscd polls the vpcd driver every 400 ms
+    (vpcd cannot signal), so pcscd itself learns of the removal 0-400 ms after it: the bound here
+    is functional; benchmarks/card_events.py measures the distribution."""
+    from peers.pynetdicom_scp import tls_scp
+
+    carol = virtual_cards["carol"]
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="", module=OPENSC,
+                           agent=own_runtime_dir(tmp_path)) as agent:
+            card_reader.insert(carol)
+            agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
+            held = [associate(agent.port(), sop_classes=[VERIFICATION]) for _ in range(3)]
+            assert all(a.is_established for a in held)
+            pulled = card_reader.pull(wait=False)
+            wait_for(lambda: all(a.is_aborted for a in held), timeout=5)
+            aborted_after = time.monotonic() - pulled
+            log = agent.wait_for_log('event=sign-out reason="card removed"')
+        seen = [x509.load_der_x509_certificate(a.peer_certificate_der) for a in pacs.associations]
+    assert seen == [carol.certificate] * 3
+    assert aborted_after < 1.0, f"associations aborted {aborted_after * 1000:.0f} ms after the pull"
+    closed_in = json.loads(log.split('event=sign-out reason="card removed"')[1].split("closed_in_ms=")[1].split()[0])
+    assert closed_in < 500, log
+
+
+def test_pcsc_event_source_reports_insertion_and_removal(card_reader: VirtualReader,
+                                                        virtual_cards: dict[str, CardContents]) -> None:
+    changes: list[float] = []
+    source = PcscEventSource(lambda: changes.append(time.monotonic())).start()
+    try:
+        card_reader.insert(virtual_cards["dave"])
+        wait_for(lambda: len(changes) >= 1, timeout=5)
+        before = len(changes)
+        pulled = card_reader.pull(wait=False)
+        wait_for(lambda: len(changes) > before, timeout=5)
+        seen_after = changes[before] - pulled
+    finally:
+        source.stop()
+    # pcscd polls vpcd every 400 ms; the event must come from that poll, not from a timeout of ours.
+    assert 0 <= seen_after < 0.6, seen_after
+
+
+# -- no pcscd needed ------------------------------------------------------------------------------------
+
+def test_split_multistring() -> None:
+    assert split_multistring(b"Reader A\0Reader B 00 01\0\0") == ["Reader A", "Reader B 00 01"]
+    assert split_multistring(b"\0") == []
+
+
+def test_card_state_changed_ignores_everything_but_presence_and_the_event_counter() -> None:
+    present, empty = SCARD_STATE_PRESENT, SCARD_STATE_EMPTY
+    assert card_state_changed(empty, present)
+    assert card_state_changed(present | (3 << 16), present | (4 << 16))  # pulled and re-inserted between two looks
+    assert not card_state_changed(present | (3 << 16), present | SCARD_STATE_CHANGED | (3 << 16))
+    assert not card_state_changed(present, present | 0x100)  # INUSE: another program talks to the card
+
+
+def test_card_events_poll_every_tick_and_wake_early_on_notify() -> None:
+    stop = threading.Event()
+    with CardEvents(use_pcsc=False) as events:
+        assert not events.pcsc and "PC/SC events off" in events.description
+        started = time.monotonic()
+        assert events.wait(stop) is False
+        assert time.monotonic() - started >= POLL_SECONDS * 0.9
+        events.notify()
+        started = time.monotonic()
+        assert events.wait(stop) is False
+        assert time.monotonic() - started < POLL_SECONDS / 2  # woken, not timed out
+        stop.set()
+        assert events.wait(stop) is True
+
+
+def test_card_events_fall_back_to_polling_without_pcscd(tmp_path: Path) -> None:
+    """libpcsclite connects to the socket named by PCSCLITE_CSOCK_NAME: a path where no pcscd
+    listens is a machine without pcscd, whether or not one runs here."""
+    code = ("from agent.card.watcher import CardEvents\n"
+            "with CardEvents() as events: print(events.pcsc, events.description)")
+    env = {**os.environ, "PCSCLITE_CSOCK_NAME": str(tmp_path / "no-pcscd.comm")}
+    env.pop("CARD_AGENT_CARD_EVENTS", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("False polling every 50 ms (no PC/SC events: pcscd does not answer"), result.stdout
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "CARD_AGENT_CARD_EVENTS": "poll"})
+    assert off.stdout.startswith("False polling every 50 ms (PC/SC events off"), off.stdout

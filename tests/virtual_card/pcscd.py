@@ -1,0 +1,159 @@
+"""pcscd with vsmartcard's vpcd reader, for the virtual card tests.
+
+If pcscd already runs (a desktop, or a developer's shell) it is used as it is, provided it has
+the vpcd reader; otherwise ``pcscd --foreground`` is started here (CI: root in a fresh container
+without systemd) and stopped again at the end. The vpcd reader's TCP port, 35963, is fixed by
+the package's /etc/reader.conf.d/vpcd (``DEVICENAME /dev/null:0x8C7B``; vpcd listens on every
+interface there, not only loopback). Whatever makes the stack unusable raises
+:class:`StackUnavailable` with the precise reason, which the fixtures turn into a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.card.pcsc import PcscContext, PcscUnavailable
+
+VPCD_PORT = 35963
+VPCD_READER = "Virtual PCD 00 00"  # the reader of port 35963 (35964 is "Virtual PCD 00 01")
+VPCD_CONFIG = Path("/etc/reader.conf.d/vpcd")
+VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+PCSCD_SOCKET_DIR = Path("/run/pcscd")
+OPENSC_MODULE = Path("/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so")
+LIBCACARD = "libcacard.so.0"
+START_TIMEOUT = 15.0
+
+
+class StackUnavailable(RuntimeError):
+    """The virtual smart-card stack cannot run here; the message says exactly why."""
+
+
+@dataclass
+class Pcscd:
+    """The pcscd the tests use; ``process`` is set only when the tests started it."""
+
+    process: subprocess.Popen | None
+    log_path: Path | None
+
+    @property
+    def started_here(self) -> bool:
+        return self.process is not None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+def check_installed() -> None:
+    """Every package of the stack is there (scripts/setup installs them)."""
+    import ctypes
+
+    missing = []
+    if shutil.which("pcscd") is None and not Path("/usr/sbin/pcscd").exists():
+        missing.append("pcscd (package pcscd)")
+    if not VPCD_DRIVER.exists() or not VPCD_CONFIG.exists():
+        missing.append(f"{VPCD_DRIVER} and {VPCD_CONFIG} (package vsmartcard-vpcd)")
+    try:
+        ctypes.CDLL(LIBCACARD)
+    except OSError:
+        missing.append(f"{LIBCACARD} (package libcacard0)")
+    if shutil.which("certutil") is None:
+        missing.append("certutil (package libnss3-tools)")
+    if not OPENSC_MODULE.exists():
+        missing.append(f"{OPENSC_MODULE} (package opensc)")
+    if missing:
+        raise StackUnavailable("not installed: " + "; ".join(missing) + " (scripts/setup installs them)")
+    config = VPCD_CONFIG.read_text(errors="replace")
+    if "0x8c7b" not in config.lower():
+        raise StackUnavailable(f"{VPCD_CONFIG} does not put the vpcd reader on port {VPCD_PORT} (0x8C7B)")
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def _vpcd_reader(context: PcscContext) -> bool:
+    return VPCD_READER in context.readers()
+
+
+def _pcscd_answers() -> PcscContext | None:
+    try:
+        return PcscContext()
+    except PcscUnavailable:
+        return None
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def pcscd_with_vpcd(workdir: Path) -> Iterator[Pcscd]:
+    """A pcscd with the vpcd reader: the running one, or one started (and stopped) here."""
+    check_installed()
+    context = _pcscd_answers()
+    if context is not None:
+        try:
+            if not _vpcd_reader(context):
+                raise StackUnavailable(f"pcscd runs (not started by the tests) but has no reader {VPCD_READER!r}: "
+                                       f"restart it after installing vsmartcard-vpcd")
+        finally:
+            context.release()
+        yield Pcscd(None, None)
+        return
+    if _port_open(VPCD_PORT):
+        raise StackUnavailable(f"TCP port {VPCD_PORT} (vpcd's, fixed by {VPCD_CONFIG}) is in use by a program "
+                               f"other than pcscd; vpcd cannot listen there")
+    if os.geteuid() != 0 and not os.access(PCSCD_SOCKET_DIR if PCSCD_SOCKET_DIR.exists() else PCSCD_SOCKET_DIR.parent,
+                                            os.W_OK):
+        raise StackUnavailable(f"pcscd is not running and starting it needs root (it creates {PCSCD_SOCKET_DIR}); "
+                               "start it as root (pcscd --foreground) and run the tests again")
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "pcscd.log"
+    with open(log_path, "wb") as log:
+        # --foreground: our child, so we stop exactly what we started; --error: quiet unless broken
+        process = subprocess.Popen([shutil.which("pcscd") or "/usr/sbin/pcscd", "--foreground", "--error"],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    daemon = Pcscd(process, log_path)
+    try:
+        _wait_until_ready(daemon)
+        yield daemon
+    finally:
+        _stop(process)
+
+
+def _wait_until_ready(daemon: Pcscd) -> None:
+    assert daemon.process is not None
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if daemon.process.poll() is not None:
+            raise StackUnavailable(f"pcscd --foreground exited with status {daemon.process.returncode}:\n"
+                                   f"{daemon.log_text()[-2000:]}")
+        context = _pcscd_answers()
+        if context is not None:
+            try:
+                if _vpcd_reader(context) and _port_open(VPCD_PORT):
+                    return
+            finally:
+                context.release()
+        if time.monotonic() > deadline:
+            raise StackUnavailable(f"pcscd started but did not offer {VPCD_READER!r} on port {VPCD_PORT} within "
+                                   f"{START_TIMEOUT:g} s:\n{daemon.log_text()[-2000:]}")
+        time.sleep(0.1)
