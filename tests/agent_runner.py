@@ -33,14 +33,17 @@ def _toml_value(value: Any) -> str:
 
 
 def _table(name: str, values: dict[str, Any], array: bool = False) -> str:
+    """A TOML table; dict values become its sub-tables ([audit.syslog])."""
     header = f"[[{name}]]" if array else f"[{name}]"
-    return "\n".join([header, *(f"{k} = {_toml_value(v)}" for k, v in values.items())]) + "\n"
+    plain = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    text = "\n".join([header, *(f"{k} = {_toml_value(v)}" for k, v in plain.items())]) + "\n"
+    return text + "".join(_table(f"{name}.{k}", v) for k, v in values.items() if isinstance(v, dict))
 
 
 def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, Any]], *, token: str = "alice",
                  module: str = "softhsm2", identity: dict[str, Any] | None = None,
                  trust: dict[str, Any] | None = None, agent: dict[str, Any] | None = None,
-                 inbound: list[dict[str, Any]] | None = None) -> Path:
+                 inbound: list[dict[str, Any]] | None = None, audit: dict[str, Any] | None = None) -> Path:
     identity_table = {"token": token, "module": module, "pin": "env:CARD_PIN", **(identity or {})}
     trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl], **(trust or {})}
     text = _table("identity", identity_table) + _table("trust", trust_table)
@@ -48,6 +51,8 @@ def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, A
     text += "".join(_table("inbound", listener, array=True) for listener in inbound or ())
     if agent:
         text += _table("agent", agent)
+    if audit:
+        text += _table("audit", audit)
     path.write_text(text)
     return path
 

@@ -8,7 +8,7 @@ import sys
 import typer
 from pkcs11.exceptions import PKCS11Error
 
-from agent.cli import control_commands, doctor, run, softhsm_commands, token_commands
+from agent.cli import audit_commands, control_commands, doctor, run, softhsm_commands, token_commands
 from agent.errors import CardAgentError
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app.command("run")(run.run)
 app.command("status")(control_commands.status)
 app.command("lock")(control_commands.lock)
 app.add_typer(softhsm_commands.app, name="softhsm")
+app.add_typer(audit_commands.app, name="audit")
 
 
 def main() -> None:

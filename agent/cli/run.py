@@ -13,6 +13,7 @@ import typer
 
 from agent.config.model import load_config
 from agent.session.control import ControlServer
+from agent.session.audit import AuditRecorder
 from agent.session.manager import SessionManager
 from agent.tunnel.server import Listeners
 
@@ -33,12 +34,14 @@ def run(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    manager = SessionManager(settings, confirm_final_try=confirm_final_try)
+    audit = AuditRecorder(settings.audit)
+    manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
     listeners = Listeners(settings)
     control_server: ControlServer | None = None
     try:
         control_server = ControlServer(settings, manager)
         listeners.manager = manager
+        audit.application_start()
         manager.step()
         listeners.start()
         control_server.start()
@@ -51,3 +54,5 @@ def run(
         if control_server is not None:
             control_server.close()
         manager.shutdown()
+        audit.application_stop("SIGTERM or SIGINT" if stop.is_set() else "error")
+        audit.close()

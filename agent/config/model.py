@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.audit.config import AuditConfig, parse_audit_config
 from agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from agent.dicom.user_identity import UsernameError, check_template
 from agent.errors import ConfigError
@@ -107,6 +108,7 @@ class AgentConfig:
     trust: TrustConfig
     tunnels: tuple[TunnelConfig, ...]
     inbound: tuple[InboundConfig, ...] = ()
+    audit: AuditConfig | None = None
     log_level: str = "info"
     runtime_dir: Path | None = None
     idle_timeout: float = 0.0  # seconds without associations before the session ends; 0: never
@@ -183,15 +185,20 @@ def parse_pin(value: str, error) -> bytes:
     return bytes.fromhex(match.group(2).replace(":", ""))
 
 
-def load_config(path: Path) -> AgentConfig:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The configuration file as TOML data; ConfigError when unreadable or not TOML."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    data = read_toml(path)
     base = path.resolve().parent
     root = _Section(data, str(path), base)
 
@@ -271,6 +278,7 @@ def load_config(path: Path) -> AgentConfig:
     if idle_timeout < 0:
         raise agent.error("idle_timeout", "must be 0 (off) or a positive number of seconds")
     agent.done()
+    audit = parse_audit_config(root.take("audit", dict, None), str(path), base)
     root.done()
     return AgentConfig(
         source=path.resolve(),
@@ -278,6 +286,7 @@ def load_config(path: Path) -> AgentConfig:
         trust=trust_config,
         tunnels=tuple(tunnels),
         inbound=tuple(inbound),
+        audit=audit,
         log_level=log_level,
         runtime_dir=(base / runtime_dir).resolve() if runtime_dir else None,
         idle_timeout=idle_timeout,

@@ -20,7 +20,7 @@ from agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationCo
 SHOWN_ABSTRACT_SYNTAXES = 6  # in the log line; storage SCUs often propose a hundred
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
-_SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (PS3.4 B.2.3)
+STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})  # success and the C-STORE warnings (PS3.4 B.2.3)
 
 
 class UserIdentityMode(str, Enum):
@@ -78,7 +78,7 @@ class StoredInstance:
 
     @property
     def stored(self) -> bool:
-        return self.status in _SUCCESS_STATUSES
+        return self.status in STORED_STATUSES
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 from agent.card.watcher import Card, CardEvents, present_card
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
+from agent.session.audit import AuditRecorder
 from agent.session.events import event
 from agent.session.identity import sign_in
 from agent.session.supervisor import CardSession
@@ -26,8 +27,10 @@ log = logging.getLogger("agent.session")
 
 
 class SessionManager:
-    def __init__(self, config: AgentConfig, *, confirm_final_try: bool = False) -> None:
+    def __init__(self, config: AgentConfig, *, confirm_final_try: bool = False,
+                 audit: AuditRecorder | None = None) -> None:
         self.config = config
+        self.audit = audit or AuditRecorder(None)
         self.confirm_final_try = confirm_final_try
         self.module: LoadedModule = load_module(config.identity.module)
         self.card: Card | None = None
@@ -96,12 +99,13 @@ class SessionManager:
         self.state = "card present, PIN not yet entered"
         try:
             signed_in = sign_in(self.config, self.module, card, confirm_final_try=self.confirm_final_try)
-            session = CardSession(self.config, signed_in)
+            session = CardSession(self.config, signed_in, on_report=self.audit.session_report)
             session.start()
         except LoginError as error:
             self.last_error = str(error)
             self.state = "card present, PIN not accepted: remove and re-insert the card to try again"
             event("pin-failure", token=card.label, serial=card.serial, reason=str(error))
+            self.audit.sign_in_failed(card, error)
             log.error("%s", error)
             return
         except CardAgentError as error:
@@ -116,6 +120,7 @@ class SessionManager:
         self.state = "signed in"
         event("sign-in", subject=signed_in.files.subject, issuer=signed_in.files.issuer, token=card.label,
               serial=card.serial)
+        self.audit.signed_in(signed_in, card)
 
     def _end(self, reason: str) -> None:
         session, self.session = self.session, None
@@ -126,6 +131,7 @@ class SessionManager:
         event("sign-out", reason=reason, subject=session.signed_in.files.subject,
               token=self.card.label if self.card else None, serial=self.card.serial if self.card else None,
               closed_in_ms=round((time.monotonic() - started) * 1000))
+        self.audit.signed_out(reason)
         self.since = None
 
     def shutdown(self) -> None:

@@ -44,7 +44,11 @@ _HEX = frozenset(string.hexdigits)
 
 
 class PeerRefusedError(CardAgentError):
-    """A local connection comes from a user who may not use the tunnel."""
+    """A local connection comes from a user who may not use the tunnel; ``peer`` is who it was."""
+
+    def __init__(self, message: str, peer: Peer) -> None:
+        super().__init__(message)
+        self.peer = peer
 
 
 class UnidentifiedPeerError(PeerRefusedError):
@@ -401,9 +405,9 @@ class PeerPolicy:
             raise UnidentifiedPeerError(
                 f"refused local connection from {peer.describe()}: the user who opened it could not "
                 "be determined (the client may have disconnected already, or be on another machine "
-                "or in another network namespace), and a connection from an unknown user is refused")
+                "or in another network namespace), and a connection from an unknown user is refused", peer)
         if peer.uid not in self.allowed_uids:
-            raise PeerRefusedError(f"refused local connection from {peer.describe()}: {self._who_may()}")
+            raise PeerRefusedError(f"refused local connection from {peer.describe()}: {self._who_may()}", peer)
 
     def _who_may(self) -> str:
         if not self.allowed_uids:

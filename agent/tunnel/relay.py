@@ -44,6 +44,7 @@ CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
 REJECT_READ_TIMEOUT = 3.0
 POLL_INTERVAL_MS = 1000
+INSTANCES_PER_REPORT = 200  # one report must fit the reports channel (agent/session/channel.py)
 
 
 TOKEN_LOCK = threading.Lock()
@@ -232,8 +233,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
-            runtime.report("tls-failure", {"tunnel": config.name, "peer": peer, "remote": config.remote,
-                                           "reason": failure.message})
+            runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote, "reason": failure.message})
             reject_local(local, failure)
             return
         version, resumed = tls.obj.version(), tls.obj.session_reused
@@ -246,8 +246,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
                  runtime.identity.describe(), association.describe_request(), relay.bytes_up, relay.bytes_down,
                  time.monotonic() - started, association.describe_instances(),
                  f"; {relay.failure.message}" if relay.failure else "")
-        if association.answer == "accepted":
-            runtime.report("association-end", relay.association_fields(failure=relay.failure))
+        relay.report_end()
     except Exception:  # a bug must end this connection, not the agent
         log.exception("tunnel %s: %s: internal error", config.name, peer)
     finally:
@@ -278,7 +277,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             message = _inbound_handshake_failure(peer, error)
             runtime.count(error=message)
             log.warning("inbound %s: %s: %s", config.name, peer, message)
-            runtime.report("tls-failure", {"tunnel": config.name, "peer": peer, "remote": peer, "reason": message})
+            runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
             return
         try:
             local = _connect_forward(runtime)
@@ -294,8 +293,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
                  tls.obj.version(), client, runtime.identity_description, config.forward,
                  association.describe_request(), relay.bytes_down, relay.bytes_up, time.monotonic() - started,
                  association.describe_instances(), f"; {relay.failure.message}" if relay.failure else "")
-        if association.answer == "accepted":
-            runtime.report("association-end", relay.association_fields(failure=relay.failure))
+        relay.report_end()
     except Exception:  # a bug must end this connection, not the agent
         log.exception("inbound %s: %s: internal error", config.name, peer)
     finally:
@@ -737,27 +735,35 @@ class _Relay:
         self.failure = TunnelFailure(f"malformed PDU from {source}: {error}")
         self._security_alert("malformed-pdu", self.failure.message)
 
-    def association_fields(self, failure: TunnelFailure | None = None) -> dict[str, Any]:
-        """What the audit trail records about this association."""
+    def association_fields(self) -> dict[str, Any]:
+        """What the audit trail records about this association; ``remote`` is always the PACS."""
         association = self.association
-        local_side, remote_side = self.peer, self.runtime.config.remote
         return {
             "direction": "outbound" if self.requestor_is_local else "inbound",
             "tunnel": self.runtime.config.name,
-            "requestor": local_side if self.requestor_is_local else remote_side,
-            "acceptor": remote_side if self.requestor_is_local else local_side,
+            "remote": self.runtime.config.remote if self.requestor_is_local else self.peer,
+            "local": self.peer if self.requestor_is_local else self.runtime.config.remote,
             "calling_ae_title": association.calling_ae_title, "called_ae_title": association.called_ae_title,
             "user_identity": association.user_identity_sent, "end": association.end,
             "abstract_syntaxes": sorted(set(association.accepted_abstract_syntaxes.values())),
-            "instances": [{"sop_class_uid": i.sop_class_uid, "sop_instance_uid": i.sop_instance_uid,
-                           "status": i.status} for i in association.instances],
-            "failure": failure.message if failure else None,
         }
 
+    def report_end(self) -> None:
+        """The audit reports of an accepted association: its C-STOREs (in chunks small enough for
+        the reports channel), then its end."""
+        if self.association.answer != "accepted":
+            return
+        fields = self.association_fields()
+        instances = self.association.instances
+        for start in range(0, len(instances), INSTANCES_PER_REPORT):
+            self.runtime.report("instances-transferred", {**fields, "instances": [
+                {"sop_class_uid": i.sop_class_uid, "sop_instance_uid": i.sop_instance_uid, "status": i.status}
+                for i in instances[start:start + INSTANCES_PER_REPORT]]})
+        self.runtime.report("association-end", {**fields, "failure": self.failure.message if self.failure else None})
+
     def _security_alert(self, what: str, reason: str) -> None:
-        self.runtime.report("security-alert", {"tunnel": self.runtime.config.name, "peer": self.peer,
-                                               "remote": self.runtime.config.remote, "what": what,
-                                               "reason": reason})
+        fields = self.association_fields()
+        self.runtime.report("security-alert", {**fields, "what": what, "reason": reason})
 
     # -- failures --------------------------------------------------------------------------------
 

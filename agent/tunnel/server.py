@@ -79,6 +79,8 @@ class Listeners:
             peer = admit_peer(local, self.policies[tunnel.name])
         except PeerRefusedError as error:
             log.warning("tunnel %s: %s", tunnel.name, error)
+            if self.manager is not None:
+                self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
             reject_local(local, TunnelFailure("local peer refused"))
             local.close()
             return

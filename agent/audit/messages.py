@@ -1,0 +1,468 @@
+"""DICOM audit messages (PS3.15 A.5) from :class:`~agent.audit.events.AuditEvent`: no I/O.
+
+The XML follows the DICOM Audit Message Schema (PS3.15 A.5.1, RELAX NG): ``AuditMessage`` with
+``EventIdentification`` (``EventID``, ``EventTypeCode``, ``EventOutcomeDescription``),
+``ActiveParticipant`` (``RoleIDCode``), one ``AuditSourceIdentification`` and
+``ParticipantObjectIdentification`` (``ParticipantObjectIDTypeCode``, ``ParticipantObjectName``,
+``ParticipantObjectDetail``, ``ParticipantObjectDescription``). Coded values carry ``csd-code``,
+``codeSystemName`` and ``originalText``, as the schema requires. The mapping of each event kind
+(codes, participants, objects, and where the agent extends or cannot fill the standard) is in
+docs/audit.md; the codes are below, spelled as in PS3.15 A.5.3 and PS3.16.
+
+:func:`render` gives one line of UTF-8 (no XML declaration, no line breaks: the local file holds one
+message per line); :func:`summarize` reads a message back for ``card-agent audit tail``.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import groupby
+
+from agent.audit.events import (
+    AlertType,
+    AuditEvent,
+    Direction,
+    EventKind,
+    LocalPeer,
+    Outcome,
+    RemoteNode,
+    User,
+)
+from agent.token.uri import Pkcs11Uri
+
+DCM = "DCM"
+RFC_3881 = "RFC-3881"
+# A private coding scheme (PS3.3 8.2: designators beginning with "99") for what PS3.15 has no
+# code for: the association events and the malformed-PDU alert.
+PRIVATE = "99CARDAGENT"
+APPLICATION_NAME = "card-agent"
+
+
+@dataclass(frozen=True)
+class Code:
+    value: str
+    scheme: str
+    meaning: str
+
+
+# EventID (PS3.15 A.5.3, PS3.16 CID 400)
+APPLICATION_ACTIVITY = Code("110100", DCM, "Application Activity")
+INSTANCES_TRANSFERRED = Code("110104", DCM, "DICOM Instances Transferred")
+SECURITY_ALERT = Code("110113", DCM, "Security Alert")
+USER_AUTHENTICATION = Code("110114", DCM, "User Authentication")
+ASSOCIATION = Code("ASSOCIATION", PRIVATE, "DICOM Association")
+# EventTypeCode (PS3.16 CID 401 Audit Event Type Code, CID 403 Security Alert Type Code)
+APPLICATION_START = Code("110120", DCM, "Application Start")
+APPLICATION_STOP = Code("110121", DCM, "Application Stop")
+LOGIN = Code("110122", DCM, "Login")
+LOGOUT = Code("110123", DCM, "Logout")
+NODE_AUTHENTICATION = Code("110126", DCM, "Node Authentication")
+USE_OF_RESTRICTED_FUNCTION = Code("110132", DCM, "Use of Restricted Function")
+USER_SECURITY_ATTRIBUTES_CHANGED = Code("110137", DCM, "User Security Attributes Changed")
+MALFORMED_PDU = Code("MALFORMED-PDU", PRIVATE, "Malformed DICOM PDU")
+ASSOCIATION_BEGIN = Code("ASSOCIATION-BEGIN", PRIVATE, "Association Begin")
+ASSOCIATION_END = Code("ASSOCIATION-END", PRIVATE, "Association End")
+# RoleIDCode (PS3.16 CID 402 Audit Active Participant Role ID Code)
+ROLE_APPLICATION = Code("110150", DCM, "Application")
+ROLE_DESTINATION = Code("110152", DCM, "Destination Role ID")
+ROLE_SOURCE = Code("110153", DCM, "Source Role ID")
+# ParticipantObjectIDTypeCode (PS3.15 A.5.1.2.4, PS3.16 CID 404)
+ID_PATIENT_NUMBER = Code("2", RFC_3881, "Patient Number")
+ID_URI = Code("12", RFC_3881, "URI")
+ID_STUDY_INSTANCE_UID = Code("110180", DCM, "Study Instance UID")
+ID_NODE = Code("110182", DCM, "Node ID")
+ID_TUNNEL = Code("TUNNEL", PRIVATE, "Tunnel Name")
+
+ALERT_TYPES: dict[AlertType, Code] = {
+    AlertType.TLS_VERIFICATION_FAILED: NODE_AUTHENTICATION,
+    AlertType.LOCAL_PEER_REFUSED: USE_OF_RESTRICTED_FUNCTION,
+    AlertType.PIN_LOCKED: USER_SECURITY_ATTRIBUTES_CHANGED,
+    AlertType.PIN_FINAL_TRY: USER_SECURITY_ATTRIBUTES_CHANGED,
+    AlertType.MALFORMED_PDU: MALFORMED_PDU,
+}
+
+# ParticipantObjectTypeCode / ParticipantObjectTypeCodeRole values (PS3.15 A.5.1.2.2)
+PERSON, SYSTEM_OBJECT = "1", "2"
+ROLE_PATIENT, ROLE_REPORT, ROLE_SECURITY_RESOURCE = "1", "3", "13"
+# NetworkAccessPointTypeCode
+MACHINE_NAME, IP_ADDRESS = "1", "2"
+# AuditSourceTypeCode 4: "Application Server process or thread"
+AUDIT_SOURCE_TYPE = "4"
+
+_XML_INVALID = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_LINE_BREAKS = re.compile(r"[\t\r\n]+")
+
+
+@dataclass(frozen=True)
+class AuditSource:
+    """Who reports: AuditSourceIdentification, and the host name used as NetworkAccessPointID of
+    local participants (the workstation)."""
+
+    source_id: str
+    hostname: str
+    site_id: str = ""
+
+
+def render(event: AuditEvent, source: AuditSource) -> bytes:
+    """The audit message as one line of UTF-8 XML (no declaration)."""
+    return ET.tostring(build(event, source), encoding="utf-8")
+
+
+def build(event: AuditEvent, source: AuditSource) -> ET.Element:
+    """The ``AuditMessage`` element for ``event``."""
+    builder = _MessageBuilder(event, source)
+    return builder.message()
+
+
+class _MessageBuilder:
+    def __init__(self, event: AuditEvent, source: AuditSource) -> None:
+        self.event = event
+        self.source = source
+        self.root = ET.Element("AuditMessage")
+
+    def message(self) -> ET.Element:
+        handler = {
+            EventKind.USER_LOGIN: self._user_authentication,
+            EventKind.USER_LOGOUT: self._user_authentication,
+            EventKind.SECURITY_ALERT: self._security_alert,
+            EventKind.APPLICATION_START: self._application_activity,
+            EventKind.APPLICATION_STOP: self._application_activity,
+            EventKind.ASSOCIATION_BEGIN: self._association,
+            EventKind.ASSOCIATION_END: self._association,
+            EventKind.INSTANCES_TRANSFERRED: self._instances_transferred,
+        }[self.event.kind]
+        handler()
+        return self.root
+
+    # -- event kinds ---------------------------------------------------------------------
+
+    def _user_authentication(self) -> None:
+        """PS3.15 A.5.3.12: the person (requestor unless the agent ended the session: idle
+        timeout, agent stop) and the agent as the node performing authentication; the token as a
+        participant object (the standard needs none; it identifies the card)."""
+        event = self.event
+        login = event.kind is EventKind.USER_LOGIN
+        self._event_identification(USER_AUTHENTICATION, "E", LOGIN if login else LOGOUT)
+        assert event.user is not None
+        person_requestor = login or (event.session_end is not None and event.session_end.by_user)
+        self._person(event.user, requestor=person_requestor)
+        self._agent(requestor=not person_requestor)
+        self._audit_source()
+        self._token_object(event.user)
+
+    def _security_alert(self) -> None:
+        """PS3.15 A.5.3.11: the agent reports; the user and the local process involved perform
+        (UserIsRequestor false); the alert subject is the remote node, the listener, or the token."""
+        event = self.event
+        assert event.alert is not None
+        self._event_identification(SECURITY_ALERT, "E", ALERT_TYPES[event.alert])
+        self._agent(requestor=True)
+        if event.user is not None and event.user.subject:
+            self._person(event.user, requestor=False)
+        if event.local_peer is not None:
+            self._local_application(event.local_peer, requestor=False)
+        self._audit_source()
+        description = event.reason or event.alert.value
+        if event.alert in (AlertType.PIN_LOCKED, AlertType.PIN_FINAL_TRY):
+            if event.user is not None:
+                self._token_object(event.user, alert=description)
+        elif event.alert is AlertType.LOCAL_PEER_REFUSED or (event.remote is None and event.local_peer is not None):
+            listen = event.local_peer.listen if event.local_peer is not None else ""
+            if listen:
+                self._object(_listener_uri(listen), ID_URI, event.tunnel or listen, type_code=SYSTEM_OBJECT,
+                             role=ROLE_SECURITY_RESOURCE, details={"Alert Description": description})
+        elif event.remote is not None:
+            self._object(event.remote.host, ID_NODE, str(event.remote), type_code=SYSTEM_OBJECT,
+                         details={"Alert Description": description})
+
+    def _application_activity(self) -> None:
+        """PS3.15 A.5.3.1: the agent process started or stopped (RoleIDCode Application)."""
+        start = self.event.kind is EventKind.APPLICATION_START
+        self._event_identification(APPLICATION_ACTIVITY, "E", APPLICATION_START if start else APPLICATION_STOP)
+        self._agent(requestor=False, role=ROLE_APPLICATION)
+        self._audit_source()
+
+    def _association(self) -> None:
+        """An extension (PS3.15 has no association event): EventID (ASSOCIATION, 99CARDAGENT),
+        the local application as Source, the remote node as Destination (roles as for DICOM
+        Instances Transferred), the user, the agent; the tunnel as a participant object with the
+        byte counts."""
+        begin = self.event.kind is EventKind.ASSOCIATION_BEGIN
+        self._event_identification(ASSOCIATION, "E", ASSOCIATION_BEGIN if begin else ASSOCIATION_END)
+        self._transfer_participants(Direction.TO_REMOTE)
+        self._audit_source()
+        details = {}
+        if self.event.local_peer is not None and self.event.local_peer.listen:
+            details["Listen"] = self.event.local_peer.listen
+        if self.event.remote is not None:
+            details["Remote"] = str(self.event.remote)
+        if self.event.bytes_up is not None:
+            details["Bytes Up"] = str(self.event.bytes_up)
+        if self.event.bytes_down is not None:
+            details["Bytes Down"] = str(self.event.bytes_down)
+        if self.event.tunnel:
+            self._object(self.event.tunnel, ID_TUNNEL, self.event.tunnel, type_code=SYSTEM_OBJECT, details=details)
+
+    def _instances_transferred(self) -> None:
+        """PS3.15 A.5.3.7: sender (Source Role ID) and receiver (Destination Role ID) by direction,
+        the user and the agent as other participants; one Study object per study (SOP classes with
+        their instances) and the Patient. EventActionCode R: the agent is not the receiver."""
+        event = self.event
+        self._event_identification(INSTANCES_TRANSFERRED, "R")
+        self._transfer_participants(event.direction or Direction.TO_REMOTE)
+        self._audit_source()
+        for study_uid in event.study_uids:
+            instances = [i for i in event.instances if i.study_uid == study_uid]
+            description = ET.Element("ParticipantObjectDescription")
+            ordered = sorted(instances, key=lambda i: i.sop_class_uid)
+            for sop_class, members in groupby(ordered, key=lambda i: i.sop_class_uid):
+                uids = list(dict.fromkeys(i.sop_instance_uid for i in members))
+                sop = ET.SubElement(description, "SOPClass", UID=_clean(sop_class), NumberOfInstances=str(len(uids)))
+                for uid in uids:
+                    ET.SubElement(sop, "Instance", UID=_clean(uid))
+            name = study_uid or "Study Instance UID not seen by the agent"
+            element = self._object(study_uid, ID_STUDY_INSTANCE_UID, name, type_code=SYSTEM_OBJECT, role=ROLE_REPORT)
+            element.append(description)
+        name = event.patient_name or event.patient_id or "Patient ID not seen by the agent"
+        self._object(event.patient_id, ID_PATIENT_NUMBER, name, type_code=PERSON, role=ROLE_PATIENT)
+
+    # -- parts ----------------------------------------------------------------------------
+
+    def _event_identification(self, event_id: Code, action: str, type_code: Code | None = None) -> None:
+        event = self.event
+        element = ET.SubElement(self.root, "EventIdentification", EventActionCode=action,
+                                EventDateTime=_datetime(event.time), EventOutcomeIndicator=str(int(event.outcome)))
+        _coded(element, "EventID", event_id)
+        if type_code is not None:
+            _coded(element, "EventTypeCode", type_code)
+        if event.reason:
+            ET.SubElement(element, "EventOutcomeDescription").text = _text(event.reason)
+
+    def _participant(self, user_id: str, *, requestor: bool, alternative: str = "", name: str = "",
+                     access_point: str = "", role: Code | None = None) -> ET.Element:
+        element = ET.SubElement(self.root, "ActiveParticipant", UserID=_clean(user_id) or "unknown")
+        if alternative:
+            element.set("AlternativeUserID", _clean(alternative))
+        if name:
+            element.set("UserName", _clean(name))
+        element.set("UserIsRequestor", "true" if requestor else "false")
+        if access_point:
+            element.set("NetworkAccessPointID", _clean(access_point))
+            element.set("NetworkAccessPointTypeCode", IP_ADDRESS if _is_ip(access_point) else MACHINE_NAME)
+        if role is not None:
+            _coded(element, "RoleIDCode", role)
+        return element
+
+    def _agent(self, *, requestor: bool, role: Code | None = None) -> None:
+        """The agent process: UserID its process id (as in the system log), UserName card-agent."""
+        self._participant(str(self.event.agent_pid), requestor=requestor, name=APPLICATION_NAME,
+                          access_point=self.source.hostname, role=role)
+
+    def _person(self, user: User, *, requestor: bool) -> None:
+        """The clinician: UserID the certificate subject, UserName its common name, at the
+        workstation (NetworkAccessPointID, mandatory for User Authentication)."""
+        user_id = user.subject or f"token {user.token_label or user.token_serial}"
+        self._participant(user_id, requestor=requestor, name=user.common_name if user.subject else "",
+                          access_point=self.source.hostname)
+
+    def _local_application(self, peer: LocalPeer, *, requestor: bool, ae_title: str = "",
+                           role: Code | None = None) -> None:
+        """A local process: UserID its process id (or "uid=N" without one), UserName its process
+        name, AlternativeUserID its AE title (PS3.15 A.5.2.2 AETITLES=)."""
+        if peer.pid is not None:
+            user_id = str(peer.pid)
+        elif peer.uid is not None:
+            user_id = f"uid={peer.uid}"
+        else:
+            user_id = "local process"
+        name = peer.process or (f"uid={peer.uid}" if peer.uid is not None and peer.pid is not None else "")
+        self._participant(user_id, requestor=requestor, alternative=_ae_titles(ae_title), name=name,
+                          access_point=self.source.hostname, role=role)
+
+    def _remote_node(self, remote: RemoteNode, *, requestor: bool, ae_title: str = "",
+                     role: Code | None = None) -> None:
+        """The remote node: UserID host:port, AlternativeUserID its AE title, at its host."""
+        self._participant(str(remote), requestor=requestor, alternative=_ae_titles(ae_title),
+                          access_point=remote.host, role=role)
+
+    def _transfer_participants(self, direction: Direction) -> None:
+        """Sender and receiver by direction (the local application requested the association),
+        then the user (requestor: the association ran on their identity) and the agent (relay)."""
+        event = self.event
+        local = event.local_peer or LocalPeer()
+        local_role, remote_role = ((ROLE_SOURCE, ROLE_DESTINATION) if direction is Direction.TO_REMOTE
+                                   else (ROLE_DESTINATION, ROLE_SOURCE))
+        parts = [
+            lambda: self._local_application(local, requestor=True, ae_title=event.calling_ae, role=local_role),
+            lambda: self._remote_node(event.remote, requestor=False, ae_title=event.called_ae, role=remote_role)
+            if event.remote is not None else None,
+        ]
+        if direction is Direction.FROM_REMOTE:
+            parts.reverse()  # the sender first
+        for part in parts:
+            part()
+        if event.user is not None and event.user.subject:
+            self._person(event.user, requestor=True)
+        self._agent(requestor=False)
+
+    def _audit_source(self) -> None:
+        element = ET.SubElement(self.root, "AuditSourceIdentification")
+        if self.source.site_id:
+            element.set("AuditEnterpriseSiteID", _clean(self.source.site_id))
+        element.set("AuditSourceID", _clean(self.source.source_id))
+        ET.SubElement(element, "AuditSourceTypeCode").set("csd-code", AUDIT_SOURCE_TYPE)
+
+    def _object(self, object_id: str, id_type: Code, name: str, *, type_code: str, role: str | None = None,
+                details: dict[str, str] | None = None) -> ET.Element:
+        element = ET.SubElement(self.root, "ParticipantObjectIdentification", ParticipantObjectID=_clean(object_id))
+        element.set("ParticipantObjectTypeCode", type_code)
+        if role is not None:
+            element.set("ParticipantObjectTypeCodeRole", role)
+        _coded(element, "ParticipantObjectIDTypeCode", id_type)
+        ET.SubElement(element, "ParticipantObjectName").text = _text(name)
+        for detail_type, value in (details or {}).items():
+            ET.SubElement(element, "ParticipantObjectDetail", type=detail_type,
+                          value=base64.b64encode(value.encode("utf-8")).decode("ascii"))
+        return element
+
+    def _token_object(self, user: User, *, alert: str = "") -> None:
+        """The token, identified by its RFC 7512 URI (token label and serial)."""
+        if not (user.token_label or user.token_serial):
+            return
+        uri = str(Pkcs11Uri(token=user.token_label or None, serial=user.token_serial or None))
+        details = {}
+        if alert:
+            details["Alert Description"] = alert
+        if user.issuer:
+            details["Certificate Issuer"] = user.issuer
+        self._object(uri, ID_URI, user.token_label or uri, type_code=SYSTEM_OBJECT, role=ROLE_SECURITY_RESOURCE,
+                     details=details)
+
+
+def _coded(parent: ET.Element, tag: str, code: Code) -> ET.Element:
+    return ET.SubElement(parent, tag, {"csd-code": code.value, "codeSystemName": code.scheme,
+                                       "originalText": code.meaning})
+
+
+def _datetime(value: datetime) -> str:
+    return value.isoformat(timespec="milliseconds")
+
+
+def _clean(text: str) -> str:
+    """Attribute text: characters XML 1.0 cannot carry become U+FFFD (ElementTree escapes the rest)."""
+    return _XML_INVALID.sub("\ufffd", text)
+
+
+def _text(text: str) -> str:
+    """Element text on one line: tabs and line breaks become a space."""
+    return _LINE_BREAKS.sub(" ", _clean(text)).strip()
+
+
+def _ae_titles(*titles: str) -> str:
+    present = [t.strip() for t in titles if t and t.strip()]
+    return "AETITLES=" + ";".join(present) if present else ""
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _listener_uri(listen: str) -> str:
+    """A tunnel listener as a URI: ``unix:/path`` stays, ``host:port`` becomes ``tcp://host:port``."""
+    return listen if listen.startswith("unix:") else f"tcp://{listen}"
+
+
+# -- reading messages back (card-agent audit tail) ---------------------------------------------
+
+@dataclass(frozen=True)
+class Summary:
+    """The gist of one audit message, for people."""
+
+    time: str
+    event: str  # EventID meaning, or EventTypeCode meaning when there is one
+    outcome: str
+    action: str
+    user: str
+    remote: str
+    detail: str
+
+    def line(self) -> str:
+        parts = [self.time, f"{self.event:<27}", f"{self.outcome:<15}"]
+        for label, value in (("user", self.user), ("remote", self.remote)):
+            if value:
+                parts.append(f"{label}={value}")
+        if self.detail:
+            parts.append(self.detail)
+        return "  ".join(parts)
+
+
+OUTCOMES = {str(int(o)): o.name.lower().replace("_", " ") for o in Outcome}
+
+
+def summarize(xml: bytes | str) -> Summary:
+    """A :class:`Summary` of one audit message; ``ValueError`` if it is not one."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as error:
+        raise ValueError(f"not XML: {error}") from None
+    if root.tag != "AuditMessage":
+        raise ValueError(f"not a DICOM audit message (root element {root.tag!r})")
+    identification = root.find("EventIdentification")
+    if identification is None:
+        raise ValueError("no EventIdentification")
+    event_id = identification.find("EventID")
+    type_code = identification.find("EventTypeCode")
+    event_name = event_id.get("originalText", "?") if event_id is not None else "?"
+    if type_code is not None:
+        event_name = type_code.get("originalText", event_name)
+        if event_id is not None and event_id.get("csd-code") == SECURITY_ALERT.value:
+            event_name = f"Alert: {event_name}"
+    outcome = OUTCOMES.get(identification.get("EventOutcomeIndicator", ""), "?")
+    time = identification.get("EventDateTime", "?")
+    participants = root.findall("ActiveParticipant")
+    user = ""
+    remote = ""
+    for participant in participants:
+        user_id = participant.get("UserID", "")
+        role = participant.find("RoleIDCode")
+        if role is None and not user and participant.get("UserName") != APPLICATION_NAME \
+                and not user_id.isdigit() and not user_id.startswith(("uid=", "local process")):
+            user = participant.get("UserName") or user_id
+        elif (role is not None and role.get("csd-code") in (ROLE_SOURCE.value, ROLE_DESTINATION.value)
+              and re.fullmatch(r".+:\d+", user_id)):
+            remote = user_id
+            alternative = participant.get("AlternativeUserID", "")
+            if alternative.startswith("AETITLES="):
+                remote += f" ({alternative[len('AETITLES='):]})"
+    details = []
+    for obj in root.findall("ParticipantObjectIdentification"):
+        id_type = obj.find("ParticipantObjectIDTypeCode")
+        code = id_type.get("csd-code") if id_type is not None else ""
+        if code == ID_STUDY_INSTANCE_UID.value:
+            count = sum(int(sop.get("NumberOfInstances", "0")) for sop in obj.iter("SOPClass"))
+            details.append(f"{count} instance{'s' if count != 1 else ''} of study {obj.get('ParticipantObjectID') or '?'}")
+        elif code == ID_NODE.value and not remote:
+            remote = (obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID", ""))
+        elif code == ID_URI.value:
+            name = obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID", "")
+            details.append(f"token {name}" if obj.get("ParticipantObjectID", "").startswith("pkcs11:") else name)
+        for detail in obj.findall("ParticipantObjectDetail"):
+            if detail.get("type") in ("Bytes Up", "Bytes Down"):
+                try:
+                    details.append(f"{detail.get('type', '').lower()} {base64.b64decode(detail.get('value', '')).decode()}")
+                except (ValueError, UnicodeDecodeError):
+                    pass
+    description = identification.findtext("EventOutcomeDescription") or ""
+    if description:
+        details.append(f"({description})")
+    return Summary(time=time, event=event_name, outcome=outcome, action=identification.get("EventActionCode", ""),
+                   user=user, remote=remote, detail=", ".join(d for d in details if d))

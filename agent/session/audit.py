@@ -1,0 +1,122 @@
+"""What the supervisor sees, and what card sessions report, as audit events (agent/audit).
+
+One :class:`AuditRecorder` per agent; it does nothing when the configuration has no ``[audit]``.
+Card-session processes report associations, TLS failures and malformed PDUs over their reports
+channel (agent/session/supervisor.py); the supervisor is the single writer of the audit sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from agent.audit.config import AuditConfig
+from agent.audit.events import (AlertType, AuditEvent, Direction, Instance, LocalPeer, Outcome, RemoteNode, SessionEnd,
+                                User)
+from agent.audit.trail import AuditTrail
+from agent.card.watcher import Card
+from agent.dicom.association import STORED_STATUSES
+from agent.session.identity import SignedIn
+from agent.token.discovery import PinState
+from agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
+from agent.tunnel.peer import Peer
+
+log = logging.getLogger("agent.audit")
+
+
+_SESSION_ENDS = {
+    "card removed": SessionEnd.CARD_REMOVED,
+    "card swapped": SessionEnd.CARD_SWAPPED,
+    "locked": SessionEnd.LOCKED,
+    "idle timeout": SessionEnd.IDLE_TIMEOUT,
+}
+
+
+def _node(address: str) -> RemoteNode:
+    host, _, port = address.rpartition(":")
+    return RemoteNode(host.strip("[]"), int(port) if port.isdigit() else 0)
+
+
+class AuditRecorder:
+    def __init__(self, config: AuditConfig | None) -> None:
+        self.trail = AuditTrail(config) if config is not None else None
+        self.user: User | None = None
+
+    def record(self, event: AuditEvent) -> None:
+        if self.trail is not None:
+            self.trail.record(event)
+
+    def close(self) -> None:
+        if self.trail is not None:
+            self.trail.close()
+
+    # -- the agent and the card ---------------------------------------------------------------
+
+    def application_start(self) -> None:
+        self.record(AuditEvent.application_start())
+
+    def application_stop(self, reason: str = "") -> None:
+        self.record(AuditEvent.application_stop(reason=reason))
+
+    def signed_in(self, signed_in: SignedIn, card: Card) -> None:
+        self.user = User(signed_in.files.subject, signed_in.files.issuer, card.label, card.serial)
+        self.record(AuditEvent.user_login(self.user))
+
+    def sign_in_failed(self, card: Card, error: LoginError) -> None:
+        user = User("", "", card.label, card.serial)
+        locked = isinstance(error, PinLockedError) or (
+            isinstance(error, WrongPinError) and error.pin_state is PinState.LOCKED)
+        self.record(AuditEvent.user_login(user, outcome=Outcome.SERIOUS_FAILURE if locked else Outcome.MINOR_FAILURE,
+                                          reason=str(error)))
+        if locked:
+            self.record(AuditEvent.security_alert(AlertType.PIN_LOCKED, str(error), user=user))
+        elif isinstance(error, PinFinalTryError) or (
+                isinstance(error, WrongPinError) and error.pin_state is PinState.FINAL_TRY):
+            self.record(AuditEvent.security_alert(AlertType.PIN_FINAL_TRY, str(error), user=user))
+
+    def signed_out(self, reason: str) -> None:
+        if self.user is None:
+            return
+        self.record(AuditEvent.user_logout(self.user, _SESSION_ENDS.get(reason, SessionEnd.AGENT_STOPPED),
+                                           reason=reason))
+        self.user = None
+
+    def peer_refused(self, tunnel: str, listen: str, peer: Peer, message: str) -> None:
+        local = LocalPeer(uid=peer.uid, pid=peer.pid, listen=listen)
+        self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, message, tunnel=tunnel, local_peer=local))
+
+    # -- what card sessions report ----------------------------------------------------------------
+
+    def session_report(self, kind: str, fields: dict[str, Any]) -> None:
+        """A report from a card-session process (agent/tunnel/relay.py names the kinds and fields)."""
+        if kind == "tls-failure":
+            self.record(AuditEvent.security_alert(AlertType.TLS_VERIFICATION_FAILED, fields["reason"],
+                                                  tunnel=fields["tunnel"], remote=_node(fields["remote"]),
+                                                  user=self.user))
+        elif kind == "security-alert" and fields["what"] == "malformed-pdu":
+            self.record(AuditEvent.security_alert(AlertType.MALFORMED_PDU, fields["reason"], tunnel=fields["tunnel"],
+                                                  remote=_node(fields["remote"]), user=self.user))
+        elif kind == "security-alert":  # an association the tunnel's AE title rules refused
+            self.record(AuditEvent.association_begin(**self._association(fields), outcome=Outcome.MINOR_FAILURE,
+                                                     reason=fields["reason"]))
+        elif kind == "association-begin":
+            self.record(AuditEvent.association_begin(**self._association(fields)))
+        elif kind == "association-end":
+            clean = fields["end"] == "released" and not fields.get("failure")
+            self.record(AuditEvent.association_end(
+                **self._association(fields), outcome=Outcome.SUCCESS if clean else Outcome.MINOR_FAILURE,
+                reason="" if clean else (fields.get("failure") or fields["end"])))
+        elif kind == "instances-transferred":
+            seen = fields["instances"]
+            failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
+            self.record(AuditEvent.instances_transferred(
+                **self._association(fields), instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"]) for i in seen],
+                direction=Direction.FROM_REMOTE if fields["direction"] == "inbound" else Direction.TO_REMOTE,
+                outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
+                reason=f"{failed} of {len(seen)} not stored" if failed else ""))
+        else:
+            log.warning("unknown report from the card session: %s", kind)
+
+    def _association(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return {"tunnel": fields["tunnel"], "remote": _node(fields["remote"]),
+                "calling_ae": fields["calling_ae_title"], "called_ae": fields["called_ae_title"], "user": self.user}

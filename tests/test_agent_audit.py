@@ -1,0 +1,74 @@
+"""The running agent's audit trail: card sign-in and removal, a refused local peer, a study stored
+through a tunnel, a TLS failure, all as DICOM audit messages in the local file and at a real
+rsyslog TLS audit repository."""
+
+from __future__ import annotations
+
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel
+from conftest import ProvisionedPki, run_card_agent
+from fault_pkcs11 import FaultControl
+from peers.dcmtk import storescp, storescu
+from peers.pki_files import TlsServerFiles
+from peers.rsyslog import rsyslog_tls
+from peers.study import make_study, sop_instance_uid
+from test_tunnel_agent import NOBODY_CLIENT
+
+
+def event_ids(messages: list[ET.Element]) -> list[str]:
+    """(EventID code, EventTypeCode code or "") of each message, e.g. "110114/110122"."""
+    ids = []
+    for message in messages:
+        identification = message.find("EventIdentification")
+        event_type = identification.find("EventTypeCode")
+        ids.append(identification.find("EventID").get("csd-code") + "/" +
+                   (event_type.get("csd-code") if event_type is not None else ""))
+    return ids
+
+
+def test_a_clinician_day_in_the_audit_trail(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    study = make_study(tmp_path / "study", files=3)
+    audit_file = tmp_path / "audit" / "audit.log"
+    with rsyslog_tls(tmp_path / "rsyslog", TlsServerFiles.from_pki(test_pki.pki)) as repository, \
+            storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki), log_level="info") as pacs, \
+            s_server(test_pki, tmp_path, "-naccept", "1", cert="untrusted-server-chain.pem",
+                     key="untrusted-server.key") as (untrusted_port, _):
+        audit = {"file": str(audit_file), "spool": str(tmp_path / "spool"),
+                 "syslog": {"address": repository.address, "ca": str(test_pki.ca_bundle),
+                            "server_name": "localhost"}}
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port), tunnel("rogue", untrusted_port)],
+                           token="", module=str(fault_module), env=card.env(), audit=audit) as agent:
+            agent.wait_for_log("event=sign-in ")
+            assert storescu(agent.port("pacs"), study).returncode == 0
+            send_and_close(agent.port("rogue"), associate_rq())  # a server the agent does not trust
+            subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                            NOBODY_CLIENT, str(agent.port("pacs")), associate_rq().hex()],
+                           capture_output=True, timeout=30)
+            agent.wait_for_log("refused local connection from uid 65534")
+            card.remove_card()
+            agent.wait_for_log('event=sign-out reason="card removed"')
+        # the agent has stopped: Application Stop is the last message
+        local = [ET.fromstring(line) for line in audit_file.read_bytes().splitlines()]
+        delivered = repository.wait_for_messages(len(local))
+        tail = run_card_agent("audit", "tail", "--file", audit_file, env=test_pki.env())
+    ids = event_ids(local)
+    assert ids[0] == "110100/110120" and ids[-1] == "110100/110121"  # Application Activity start ... stop
+    assert "110114/110122" in ids and "110114/110123" in ids  # User Authentication login, logout
+    assert ids.count("110113/110126") == 1  # Security Alert: node authentication (the untrusted server)
+    assert ids.count("110113/110132") == 1  # Security Alert: use of a restricted function (uid 65534)
+    transferred = [m for m, i in zip(local, ids) if i.startswith("110104/")]
+    assert len(transferred) == 1
+    sent = {sop_instance_uid(path) for path in study}
+    xml = ET.tostring(transferred[0], encoding="unicode")
+    assert all(uid in xml for uid in sent), xml
+    assert "Alice Example" in xml and f"{pacs.port}" in xml
+    bom = "\ufeff".encode()
+    assert all(m.msg.startswith(bom) and ET.fromstring(m.msg[len(bom):]).tag == "AuditMessage" for m in delivered)
+    assert [ET.fromstring(m.msg[len(bom):]).find("EventIdentification/EventID").get("csd-code")
+            for m in delivered] == [i.split("/")[0] for i in ids]  # the repository got them all, in order
+    assert "Logout" in tail.stdout and "(card removed)" in tail.stdout, tail.stdout + tail.stderr
