@@ -71,11 +71,13 @@ class CertificateAuthority:
         return CertificateAuthority(cert, key)
 
     def issue_client(self, subject: x509.Name, public_key: CertificatePublicKeyTypes, email: str, *,
-                     not_before: datetime.datetime, not_after: datetime.datetime) -> x509.Certificate:
+                     not_before: datetime.datetime, not_after: datetime.datetime,
+                     server_auth: bool = False) -> x509.Certificate:
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server_auth else [])
         return self.issue(subject, public_key, not_before=not_before, not_after=not_after, extensions=[
             (x509.BasicConstraints(ca=False, path_length=None), True),
             (key_usage(digital_signature=True), True),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+            (x509.ExtendedKeyUsage(usages), False),
             (x509.SubjectAlternativeName([x509.RFC822Name(email)]), False),
         ])
 

@@ -38,6 +38,7 @@ class TestIdentity:
     issuer: str  # "issuing" or "untrusted"
     expired: bool = False
     revoked: bool = False
+    server_auth: bool = False  # the certificate may also identify a TLS server (inbound listeners)
     purpose: str = ""
 
     @property
@@ -47,7 +48,8 @@ class TestIdentity:
 
 IDENTITIES = (
     TestIdentity("alice", "rsa", "Alice Example", "issuing", purpose="RSA-2048 clinician, usable"),
-    TestIdentity("bob", "ec", "Bob Example", "issuing", purpose="EC P-256 clinician, usable"),
+    TestIdentity("bob", "ec", "Bob Example", "issuing", server_auth=True,
+                 purpose="EC P-256 clinician, usable; also serverAuth"),
     TestIdentity("mallory", "rsa", "Mallory Example", "issuing", revoked=True,
                  purpose="valid certificate listed in the issuing CA's CRL"),
     TestIdentity("expired", "rsa", "Expired Example", "issuing", expired=True,
@@ -161,7 +163,7 @@ def _provision_tokens(conf: Path, cas: dict[str, pki.CertificateAuthority]) -> d
             else:
                 not_before, not_after = now - pki.DAY, now + 365 * pki.DAY
             cert = ca.issue_client(csr.subject, csr.public_key(), identity.email,
-                                   not_before=not_before, not_after=not_after)
+                                   not_before=not_before, not_after=not_after, server_auth=identity.server_auth)
             store_certificate(session, cert, KEY_ID, identity.label)
             store_certificate(session, ca.certificate, ca_certificate_id(ca.certificate),
                               ca.subject.rfc4514_string())

@@ -188,3 +188,19 @@ def test_usernames_come_from_the_certificate() -> None:
 def test_bad_username_templates_are_refused(template: str) -> None:
     with pytest.raises(UsernameError):
         check_template(template)
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.sampled_from(["1.2.840.10008.5.1.4.1.1.2", "1.2.3"]),
+       st.integers(0, 0xFFFF))
+def test_command_fields_read_as_pydicom_reads_them(command_field: int, message_id: int, uid: str, status: int) -> None:
+    from agent.dicom.pdu import decode_command_set, read_command_fields
+
+    data = command_set(CommandGroupLength=0, AffectedSOPClassUID=uid, CommandField=command_field,
+                       MessageID=message_id, MessageIDBeingRespondedTo=message_id, Status=status,
+                       AffectedSOPInstanceUID=uid + ".9")
+    ours, reference = read_command_fields(data), decode_command_set(data)
+    assert (ours.command_field, ours.message_id, ours.message_id_being_responded_to, ours.status) == (
+        reference.CommandField, reference.MessageID, reference.MessageIDBeingRespondedTo, reference.Status)
+    assert (ours.affected_sop_class_uid, ours.affected_sop_instance_uid) == (
+        reference.AffectedSOPClassUID, reference.AffectedSOPInstanceUID)

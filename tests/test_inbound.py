@@ -147,3 +147,59 @@ def test_a_c_move_from_orthanc_arrives_through_both_directions(test_pki: Provisi
     assert "from CN=localhost,O=Example Hospital Test PKI" in log  # Orthanc's node certificate, verified
     # Orthanc opens one association per series; together they carried the whole study.
     assert sum(int(n) for n in re.findall(r"; (\d+) of \d+ instances stored", log)) == len(study)
+
+
+def test_the_card_is_the_server_identity_when_its_certificate_allows_it(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                        study: list[Path]) -> None:
+    """bob's certificate carries serverAuth besides clientAuth, as some PIV cards' do."""
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}")  # server_certificate = "card"
+        with running_agent(test_pki, tmp_path / "agent", [], token="bob", inbound=[listener]) as agent:
+            result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
+            log = agent.wait_for_log("instances stored")
+        received = viewer.stored_files()
+    assert result.returncode == 0, result.stdout
+    assert len(received) == len(study)
+    assert "as CN=Bob Example, issuer CN=Test Issuing CA to 127.0.0.1:" in log
+    assert "Bob Example" in result.stdout  # the PACS saw the card's certificate (storescu's TLS details)
+
+
+def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: list[Path]) -> None:
+    """The workstation's node certificate with its key on a token (here bob's SoftHSM token, while
+    alice's card is the outbound identity); the token's PIN comes from server_key_pin."""
+    chain = tmp_path / "node-chain.pem"
+    chain.write_bytes((test_pki.pki / "clients" / "bob.pem").read_bytes() + (test_pki.pki / "issuing-ca.pem").read_bytes())
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", server_certificate=str(chain),
+                                    server_key="pkcs11:token=bob;id=%01;type=private", server_key_pin="env:NODE_PIN")
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], env={"NODE_PIN": "123456"}) as agent:
+            result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
+            log = agent.wait_for_log("instances stored")
+            worker = subprocess.run(["pgrep", "-f", "agent.session.worker"], capture_output=True, text=True).stdout.split()
+            environments = [Path(f"/proc/{pid}/environ").read_bytes() for pid in worker]
+    assert result.returncode == 0, result.stdout
+    assert "Bob Example" in result.stdout
+    assert f"as node certificate {chain} to 127.0.0.1:" in log and "event=sign-in subject=\"CN=Alice Example" in log
+    assert environments and all(b"NODE_PIN" not in environ for environ in environments)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"listen": "unix:/tmp/x.sock"}, "listen: the PACS connects over the network: give HOST:PORT"),
+    ({"forward": "10.1.2.3:104"}, "forward: 10.1.2.3:104 is not a loopback address"),
+    ({"server_certificate": "card", "server_key": "k.pem"}, "server_key: file"),
+    ({"server_key": "pkcs11:token=bob;type=private"}, "server_key_pin: give the PIN of the token holding server_key"),
+    ({"server_key": "pkcs11:token=bob;type=private", "server_key_pin": "prompt"},
+     "server_key_pin: must be env:VARIABLE or file:PATH"),
+    ({"allowed_calling_ae_titles": ["A_TITLE_LONGER_THAN_16"]}, "is not an AE title"),
+    ({"user_identity": "username"}, "unknown key(s) user_identity"),
+])
+def test_bad_inbound_configuration_is_named_and_exits_2(test_pki: ProvisionedPki, tmp_path: Path,
+                                                        change: dict, message: str) -> None:
+    from agent_runner import write_config
+    from conftest import run_card_agent
+
+    listener = {**inbound_listener("retrieves", "127.0.0.1:11114", **node_identity(test_pki)), **change}
+    config = write_config(tmp_path / "agent.toml", test_pki, [], inbound=[listener])
+    result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN="123456"))
+    assert result.returncode == 2
+    assert "[[inbound]] 'retrieves'" in result.stderr and message in result.stderr, result.stderr

@@ -19,6 +19,7 @@ from agent.dicom.user_identity import UsernameError, check_template
 from agent.errors import ConfigError
 from agent.token.module import AUTO
 from agent.token.pin import PinSource
+from agent.token.uri import Pkcs11Uri, Pkcs11UriError
 from agent.tunnel.peer import is_loopback
 
 TLS_MODES = ("bcp195", "tls13")
@@ -87,7 +88,9 @@ class InboundConfig:
     listen: ListenAddress  # host:port the PACS connects to
     forward: ListenAddress  # the local storage SCP: a loopback host:port or unix:/path
     server_certificate: Path | None = None  # None: the card's certificate (it must allow serverAuth)
-    server_key: Path | None = None
+    server_key: Path | None = None  # a key file, or:
+    server_key_uri: str | None = None  # a pkcs11: URI of a key on a token of the identity's module
+    server_key_pin: PinSource | None = None  # that token's PIN (env: or file:)
     client_pins: tuple[bytes, ...] = ()
     forward_uids: tuple[int, ...] = ()  # who may own the local storage SCP; empty: the agent's own user
     tls: str = "bcp195"
@@ -353,10 +356,28 @@ def _inbound(section: _Section, name: str) -> InboundConfig:
         section.take("server_certificate", str, "card")
     else:
         certificate = section.path("server_certificate")
-    key = section.path("server_key")
-    if certificate is not None and key is None:
-        raise section.error("server_key", "give the key file of server_certificate (or use server_certificate = \"card\")")
-    if certificate is None and key is not None:
+    key_uri = None
+    if str(section.data.get("server_key", "")).startswith("pkcs11:"):
+        key_uri = section.take("server_key", str)
+        try:
+            Pkcs11Uri.parse(key_uri)
+        except Pkcs11UriError as error:
+            raise section.error("server_key", str(error)) from None
+        key = None
+    else:
+        key = section.path("server_key")
+    pin_text = section.take("server_key_pin", str, "")
+    key_pin = None
+    if pin_text:
+        key_pin = PinSource.parse(pin_text)
+        if key_pin.kind not in ("env", "file"):
+            raise section.error("server_key_pin", "must be env:VARIABLE or file:PATH (a node key serves unattended)")
+    if key_uri is not None and key_pin is None:
+        raise section.error("server_key_pin", "give the PIN of the token holding server_key (env: or file:)")
+    if certificate is not None and key is None and key_uri is None:
+        raise section.error("server_key", "give the key of server_certificate: a file or a pkcs11: URI "
+                                          "(or use server_certificate = \"card\")")
+    if certificate is None and (key is not None or key_uri is not None):
         raise section.error("server_key", "only with a server_certificate file: the card's key stays on the card")
     pins = tuple(parse_pin(p, lambda m: section.error("client_pins", m)) if isinstance(p, str)
                  else _bad(section, "client_pins", p) for p in section.take("client_pins", list, []))
@@ -373,7 +394,7 @@ def _inbound(section: _Section, name: str) -> InboundConfig:
             raise section.error(key_name, "must be a positive number of seconds")
         timeouts[key_name] = value
     return InboundConfig(name=name, listen=listen, forward=forward, server_certificate=certificate, server_key=key,
-                         client_pins=pins, forward_uids=tuple(uids), tls=tls,
+                         server_key_uri=key_uri, server_key_pin=key_pin, client_pins=pins, forward_uids=tuple(uids), tls=tls,
                          association=_association_rules(section, user_identity=False), **timeouts)
 
 

@@ -15,7 +15,8 @@ from enum import Enum
 
 from agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationContextResult, RejectResult,
                              RejectSource, ServiceUserRejectReason, a_associate_rj, encode_associate_rq,
-                             parse_associate_ac, parse_associate_rj, parse_associate_rq, with_user_identity)
+                             parse_associate_ac, parse_associate_rj, parse_associate_rq, read_command_fields,
+                             with_user_identity)
 
 SHOWN_ABSTRACT_SYNTAXES = 6  # in the log line; storage SCUs often propose a hundred
 C_STORE_RQ = 0x0001
@@ -147,20 +148,15 @@ class Association:
     # -- DIMSE ---------------------------------------------------------------------------------
 
     def on_command(self, command_set: bytes, from_application: bool) -> None:
-        """Note C-STORE requests (from the application) and responses (from the PACS)."""
-        from agent.dicom.pdu import decode_command_set
-
-        command = decode_command_set(command_set)
-        field_value = command.get("CommandField")
-        if from_application and field_value == C_STORE_RQ:
-            self.instances.append(StoredInstance(str(command.get("AffectedSOPClassUID", "")),
-                                                 str(command.get("AffectedSOPInstanceUID", "")),
-                                                 int(command.get("MessageID", 0))))
-        elif not from_application and field_value == C_STORE_RSP:
-            answered = int(command.get("MessageIDBeingRespondedTo", -1))
+        """Note C-STORE requests (from the requestor) and responses (from the acceptor)."""
+        command = read_command_fields(command_set)
+        if from_application and command.command_field == C_STORE_RQ:
+            self.instances.append(StoredInstance(command.affected_sop_class_uid, command.affected_sop_instance_uid,
+                                                 command.message_id or 0))
+        elif not from_application and command.command_field == C_STORE_RSP:
             for instance in reversed(self.instances):
-                if instance.message_id == answered and instance.status is None:
-                    instance.status = int(command.get("Status", 0xFFFF))
+                if instance.message_id == command.message_id_being_responded_to and instance.status is None:
+                    instance.status = 0xFFFF if command.status is None else command.status
                     break
 
     # -- what the log says ---------------------------------------------------------------------

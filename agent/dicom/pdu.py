@@ -1229,6 +1229,46 @@ def decode_command_set(data: bytes) -> Dataset:
     return dataset
 
 
+@dataclass(frozen=True)
+class CommandFields:
+    """The command-set elements the agent acts on (PS3.7 E.1), read without pydicom: one walk over
+    the elements, cheap enough for every DIMSE message of a bulk transfer."""
+
+    command_field: int | None = None
+    message_id: int | None = None
+    message_id_being_responded_to: int | None = None
+    status: int | None = None
+    affected_sop_class_uid: str = ""
+    affected_sop_instance_uid: str = ""
+
+
+_US_FIELDS = {0x0100: "command_field", 0x0110: "message_id", 0x0120: "message_id_being_responded_to",
+              0x0900: "status"}
+_UI_FIELDS = {0x0002: "affected_sop_class_uid", 0x1000: "affected_sop_instance_uid"}
+
+
+def read_command_fields(data: bytes) -> CommandFields:
+    """The fields of :class:`CommandFields` from a reassembled command set (Implicit VR Little
+    Endian, group 0000); MalformedCommandSetError when its structure or one of them is broken."""
+    _check_command_structure(data)
+    values: dict[str, object] = {}
+    pos = 0
+    while pos < len(data):
+        _, element, length = struct.unpack_from("<HHI", data, pos)
+        value = data[pos + 8:pos + 8 + length]
+        pos += 8 + length
+        if element in _US_FIELDS:
+            if length != 2:
+                raise MalformedCommandSetError(f"command set element (0000,{element:04X}) has length {length} (US: 2)")
+            values[_US_FIELDS[element]] = struct.unpack("<H", value)[0]
+        elif element in _UI_FIELDS:
+            try:
+                values[_UI_FIELDS[element]] = value.decode("ascii").rstrip("\0 ")
+            except UnicodeDecodeError:
+                raise MalformedCommandSetError(f"command set element (0000,{element:04X}) is not a UID") from None
+    return CommandFields(**values)  # type: ignore[arg-type]
+
+
 def _check_command_structure(data: bytes) -> None:
     """Walk the (tag, 4-byte length, value) elements: group 0000, defined lengths, no stray bytes."""
     pos = 0

@@ -43,9 +43,11 @@ class CardSession:
         ours, theirs = messages.channel_pair()
         reports_ours, reports_theirs = messages.channel_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
-        pin_source = self.config.identity.pin
-        if pin_source.kind == "env":
-            env.pop(pin_source.target, None)  # the child gets the PIN once, on its channel, not in its environment
+        node_pins = {inbound.name: inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
+                     for inbound in self.config.inbound if inbound.server_key_pin is not None}
+        for pin_source in [self.config.identity.pin, *(i.server_key_pin for i in self.config.inbound if i.server_key_pin)]:
+            if pin_source.kind == "env":
+                env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.signed_in.openssl_conf)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent.session.worker", str(theirs.fileno()), str(reports_theirs.fileno()),
@@ -64,13 +66,13 @@ class CardSession:
         start = {
             "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
-            "pin": self.signed_in.pin,
+            "pin": self.signed_in.pin, "node_pins": node_pins,
         }
         self.signed_in = dataclasses.replace(self.signed_in, pin=None)
         ours.settimeout(START_TIMEOUT_SECONDS)
         try:
             messages.send(ours, start)
-            del start
+            del start, node_pins
             reply, _ = messages.receive(ours)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}

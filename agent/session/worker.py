@@ -26,8 +26,9 @@ from agent.dicom.user_identity import UsernameError, username_for
 from agent.errors import CardAgentError
 from agent.session import channel as messages
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, server_context
+from agent.tls.provider import provider_key_pem
 from agent.tunnel.relay import (InboundRuntime, Report, SessionEnd, TunnelRuntime, handle_inbound,
-                                handle_outbound)
+                                handle_outbound, no_report)
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
@@ -42,6 +43,8 @@ def _start(start: dict, report: Report) -> Runtimes:
                                 issuer=start["issuer"])
     pin = start.pop("pin")
     tls13_capable = start["tls13_capable"]
+    if config.audit is None:
+        report = no_report  # nobody would read the reports: spare every association the messages
     runtimes: Runtimes = {}
     ending = SessionEnd()
     try:
@@ -50,16 +53,23 @@ def _start(start: dict, report: Report) -> Runtimes:
                 config=tunnel, context=client_context(tunnel, config.trust, files, pin, tls13_capable=tls13_capable),
                 checks=ServerChecks.for_tunnel(tunnel, config.trust), identity=files, trust_ca=str(config.trust.ca),
                 ending=ending, username=_username(tunnel, files.chain), report=report)
+        node_pins = start.pop("node_pins", {})
         for inbound in config.inbound:
             on_card = inbound.server_certificate is None
+            node_key = None
+            if inbound.server_key_uri is not None:  # the key file OpenSSL loads holds only its URI
+                node_key = files.chain.parent / f"inbound-{inbound.name}-key.pem"
+                node_key.write_bytes(provider_key_pem(inbound.server_key_uri))
+            context = server_context(inbound, config.trust, files, pin, tls13_capable=tls13_capable,
+                                     node_key=node_key, node_pin=node_pins.get(inbound.name))
             runtimes[inbound.name] = InboundRuntime(
-                config=inbound, context=server_context(inbound, config.trust, files, pin, tls13_capable=tls13_capable),
+                config=inbound, context=context,
                 identity_description=files.describe() if on_card else f"node certificate {inbound.server_certificate}",
-                uses_card_key=on_card, ending=ending, report=report)
+                signs_on_token=on_card or node_key is not None, ending=ending, report=report)
     except (ssl.SSLError, OSError) as error:
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
-    del pin
+    del pin, node_pins
     return runtimes
 
 

@@ -92,9 +92,11 @@ def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIde
 
 
 def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdentityFiles, pin: str | None,
-                   *, tls13_capable: bool) -> ssl.SSLContext:
+                   *, tls13_capable: bool, node_key: Path | None = None, node_pin: str | None = None) -> ssl.SSLContext:
     """The SSLContext of an inbound listener: the agent is the TLS server, the PACS must present a
-    certificate that chains to [trust] ca (and passes its CRLs)."""
+    certificate that chains to [trust] ca (and passes its CRLs). The server identity is the card's,
+    or a node certificate with its key in a file or, through ``node_key`` (a PKCS#11-URI key file)
+    and ``node_pin``, on a token."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     on_card = inbound.server_certificate is None
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if inbound.tls == "tls13" else ssl.TLSVersion.TLSv1_2
@@ -113,6 +115,8 @@ def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdent
     if on_card:
         _check_server_purpose(inbound, card.chain)
         context.load_cert_chain(str(card.chain), str(card.key), password=pin if pin is not None else "")
+    elif node_key is not None:
+        context.load_cert_chain(str(inbound.server_certificate), str(node_key), password=node_pin or "")
     else:
         assert inbound.server_key is not None
         context.load_cert_chain(str(inbound.server_certificate), str(inbound.server_key))

@@ -80,8 +80,8 @@ class SessionEnd:
 Report = Callable[[str, dict[str, Any]], None]
 
 
-def _no_report(kind: str, fields: dict[str, Any]) -> None:
-    pass
+def no_report(kind: str, fields: dict[str, Any]) -> None:
+    """The report sink when no audit trail is configured."""
 
 
 @dataclass
@@ -119,7 +119,7 @@ class TunnelRuntime(_Counters):
     trust_ca: str = field(kw_only=True)
     ending: SessionEnd = field(default_factory=SessionEnd, kw_only=True)
     username: str | None = field(default=None, kw_only=True)  # for User Identity Negotiation, when asked for
-    report: Report = field(default=_no_report, kw_only=True)  # for the audit trail
+    report: Report = field(default=no_report, kw_only=True)  # for the audit trail
     _session: ssl.SSLSession | None = field(default=None, init=False, repr=False)
 
     def resumable_session(self) -> ssl.SSLSession | None:
@@ -143,9 +143,9 @@ class InboundRuntime(_Counters):
     config: InboundConfig = field(kw_only=True)
     context: ssl.SSLContext = field(kw_only=True)
     identity_description: str = field(kw_only=True)
-    uses_card_key: bool = field(kw_only=True)
+    signs_on_token: bool = field(kw_only=True)  # its handshakes take TOKEN_LOCK
     ending: SessionEnd = field(default_factory=SessionEnd, kw_only=True)
-    report: Report = field(default=_no_report, kw_only=True)
+    report: Report = field(default=no_report, kw_only=True)
     username: None = field(default=None, init=False)  # the agent asserts no user identity toward a local SCP
 
 
@@ -271,7 +271,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         tls = _Tls(runtime.context, server_side=True)
         try:
             tls.handshake(remote, config.handshake_timeout,
-                          TOKEN_LOCK if runtime.uses_card_key else contextlib.nullcontext())
+                          TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext())
             client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
             message = _inbound_handshake_failure(peer, error)
