@@ -60,6 +60,7 @@ import pynetdicom  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian  # noqa: E402
 
+from agent.tls.policy import TLS_GROUPS  # noqa: E402
 from fault_pkcs11 import FaultControl  # noqa: E402
 from fault_pkcs11 import build as build_fault_module  # noqa: E402
 from peers import dcmtk  # noqa: E402
@@ -1135,9 +1136,11 @@ class Benchmark:
                    "(its plaintext median minus the lean one) and several ms of jitter, more than the "
                    "differences being measured: read its ratios as what a pynetdicom application would "
                    "notice, not as transport cost. The direct rows do their handshake in the client process, "
-                   "the agent and stunnel rows in their relay process. Every TLS client in this table offers an X25519 "
-                   "key share first and storescp (DCMTK 3.6.7) answers with a HelloRetryRequest for P-256, so "
-                   "every TLS handshake in this table pays one extra round trip (the same for all rows).")
+                   "the agent and stunnel rows in their relay process. Every TLS client in this run (this "
+                   f"process, storescu, stunnel, the agent) offers the groups {TLS_GROUPS} in that order, through "
+                   "one OpenSSL configuration (the agent: its own, with the same groups), so that no row pays "
+                   "storescp's HelloRetryRequest (DCMTK 3.6.7 answers an X25519 key share with one for P-256) "
+                   "and the others not.")
         stunnel_note = []
         for key in ("stunnel", "stunnel_file"):
             reuse = self.stunnel_reuse.get(key)
@@ -1223,6 +1226,34 @@ def _terminate(signum, _frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+_BENCH_OPENSSL_CONF = """\
+# benchmarks/run.py: Debian's TLS defaults, plus the agent's group order for every client
+openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = tls_defaults
+[tls_defaults]
+MinProtocol = TLSv1.2
+CipherString = DEFAULT@SECLEVEL=2
+Groups = {groups}
+"""
+
+
+def _same_tls_groups_for_every_client(argv: list[str]) -> None:
+    """Re-run this script under an OpenSSL configuration offering the agent's groups in its order.
+
+    OpenSSL reads OPENSSL_CONF once, when a process starts, and Python's ssl cannot set groups per
+    context: so the configuration goes into the environment and the script starts again. Children
+    (storescu, storescp, stunnel) inherit it; the agent's card session uses its own."""
+    path = Path(tempfile.gettempdir()) / f"card-agent-bench-{os.getuid()}-openssl.cnf"
+    if os.environ.get("OPENSSL_CONF") == str(path):
+        return
+    path.write_text(_BENCH_OPENSSL_CONF.format(groups=TLS_GROUPS))
+    os.environ["OPENSSL_CONF"] = str(path)
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1236,7 +1267,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="wait this long for a running test suite (pytest) to end before starting "
                              "(default 600; then it runs anyway and says so in the report)")
     args = parser.parse_args(argv)
-    for name in ("OPENSSL_CONF", "CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
+    _same_tls_groups_for_every_client(argv if argv is not None else sys.argv[1:])
+    for name in ("CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
         os.environ.pop(name, None)  # ours and every child's: each gets what it needs explicitly
     # Ctrl-C raises KeyboardInterrupt even when started in the background by a shell, which
     # leaves SIGINT ignored for its background jobs; the ExitStack then stops every process.

@@ -8,6 +8,8 @@ import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pydicom
+
 from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
@@ -67,8 +69,11 @@ def test_a_clinician_day_in_the_audit_trail(test_pki: ProvisionedPki, tmp_path: 
     xml = ET.tostring(transferred[0], encoding="unicode")
     assert all(uid in xml for uid in sent), xml
     assert "Alice Example" in xml and f"{pacs.port}" in xml
+    first = pydicom.dcmread(study[0], stop_before_pixels=True)
+    assert first.StudyInstanceUID in xml and first.PatientID in xml  # read from the data sets as they passed
     bom = "\ufeff".encode()
     assert all(m.msg.startswith(bom) and ET.fromstring(m.msg[len(bom):]).tag == "AuditMessage" for m in delivered)
     assert [ET.fromstring(m.msg[len(bom):]).find("EventIdentification/EventID").get("csd-code")
             for m in delivered] == [i.split("/")[0] for i in ids]  # the repository got them all, in order
     assert "Logout" in tail.stdout and "(card removed)" in tail.stdout, tail.stdout + tail.stderr
+    assert f"3 instances of study {first.StudyInstanceUID}" in tail.stdout

@@ -204,3 +204,48 @@ def test_command_fields_read_as_pydicom_reads_them(command_field: int, message_i
         reference.CommandField, reference.MessageID, reference.MessageIDBeingRespondedTo, reference.Status)
     assert (ours.affected_sop_class_uid, ours.affected_sop_instance_uid) == (
         reference.AffectedSOPClassUID, reference.AffectedSOPInstanceUID)
+
+
+def pdv(context_id: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">LBB", len(data) + 2, context_id, control) + data
+
+
+def p_data_tf(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+def encoded_data_set(implicit: bool) -> bytes:
+    from pynetdicom.dsutils import encode
+
+    dataset = Dataset()
+    dataset.PatientName, dataset.PatientID = "Doe^Jane", "PID-42"
+    dataset.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    dataset.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.2"
+    dataset.Modality = "OT"
+    dataset.PixelData = bytes(300_000)  # long after the study: never needed
+    dataset["PixelData"].VR = "OB"
+    return encode(dataset, implicit, True)
+
+
+@pytest.mark.parametrize("implicit, transfer_syntax", [(True, "1.2.840.10008.1.2"), (False, "1.2.840.10008.1.2.1")])
+def test_the_patient_and_study_of_each_stored_instance_are_read_from_its_first_bytes(
+        implicit: bool, transfer_syntax: str) -> None:
+    from agent.dicom.association import DATA_SET_PREFIX, patient_and_study
+    from agent.dicom.pdu import DataSetPrefix, PduFramer
+
+    data_set = encoded_data_set(implicit)
+    command = command_set(CommandGroupLength=0, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.7", CommandField=1,
+                          MessageID=7, Priority=0, CommandDataSetType=0, AffectedSOPInstanceUID="1.2.3")
+    fragments = [data_set[i:i + 16000] for i in range(0, len(data_set), 16000)]
+    stream = p_data_tf(pdv(3, 0x03, command)) + b"".join(
+        p_data_tf(pdv(3, 0x02 if i == len(fragments) - 1 else 0x00, f)) for i, f in enumerate(fragments))
+    framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
+    events = [e for i in range(0, len(stream), 7001) for e in framer.feed(stream[i:i + 7001])]
+    prefixes = [e for e in events if isinstance(e, DataSetPrefix)]
+    assert len(prefixes) == 1 and prefixes[0].context_id == 3
+    assert prefixes[0].data == data_set[:DATA_SET_PREFIX]
+    assert framer.buffered_bytes == 0  # nothing of the data set is held after its prefix went out
+    assert patient_and_study(prefixes[0].data, transfer_syntax) == ("1.2.826.0.1.3680043.8.498.1", "PID-42", "Doe^Jane")
+    assert patient_and_study(b"\x08\x00garbage", transfer_syntax) == ("", "", "")
+    assert patient_and_study(prefixes[0].data, "1.2.840.10008.1.2.1.99") == ("", "", "")  # deflated: not read

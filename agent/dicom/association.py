@@ -18,6 +18,11 @@ from agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationCo
                              parse_associate_ac, parse_associate_rj, parse_associate_rq, read_command_fields,
                              with_user_identity)
 
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
+STUDY_INSTANCE_UID = 0x0020000D
+DATA_SET_PREFIX = 64 * 1024  # patient and study come early; private groups 0009 can push them back
 SHOWN_ABSTRACT_SYNTAXES = 6  # in the log line; storage SCUs often propose a hundred
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
@@ -75,7 +80,11 @@ class StoredInstance:
     sop_class_uid: str
     sop_instance_uid: str
     message_id: int
+    context_id: int = 0
     status: int | None = None
+    study_uid: str = ""  # from the start of its data set, when readable
+    patient_id: str = ""
+    patient_name: str = ""
 
     @property
     def stored(self) -> bool:
@@ -93,6 +102,7 @@ class Association:
     called_ae_title: str = ""
     user_identity_sent: str | None = None
     accepted_abstract_syntaxes: dict[int, str] = field(default_factory=dict)
+    transfer_syntaxes: dict[int, str] = field(default_factory=dict)  # accepted, per presentation context
     answer: str = "none"  # none | accepted | rejected
     end: str = "open"  # open | released | aborted by the application | aborted by the PACS
     instances: list[StoredInstance] = field(default_factory=list)
@@ -135,9 +145,9 @@ class Association:
         accept = parse_associate_ac(pdu)
         proposed = {pc.context_id: pc.abstract_syntax for pc in self.request.presentation_contexts} \
             if self.request else {}
-        self.accepted_abstract_syntaxes = {
-            pc.context_id: proposed.get(pc.context_id, "?") for pc in accept.presentation_contexts
-            if pc.result == PresentationContextResult.ACCEPTANCE}
+        accepted = [pc for pc in accept.presentation_contexts if pc.result == PresentationContextResult.ACCEPTANCE]
+        self.accepted_abstract_syntaxes = {pc.context_id: proposed.get(pc.context_id, "?") for pc in accepted}
+        self.transfer_syntaxes = {pc.context_id: pc.transfer_syntax or "" for pc in accepted}
         self.answer = "accepted"
 
     def on_reject(self, pdu: bytes) -> str:
@@ -147,17 +157,25 @@ class Association:
 
     # -- DIMSE ---------------------------------------------------------------------------------
 
-    def on_command(self, command_set: bytes, from_application: bool) -> None:
+    def on_command(self, command_set: bytes, from_application: bool, context_id: int = 0) -> None:
         """Note C-STORE requests (from the requestor) and responses (from the acceptor)."""
         command = read_command_fields(command_set)
         if from_application and command.command_field == C_STORE_RQ:
             self.instances.append(StoredInstance(command.affected_sop_class_uid, command.affected_sop_instance_uid,
-                                                 command.message_id or 0))
+                                                 command.message_id or 0, context_id))
         elif not from_application and command.command_field == C_STORE_RSP:
             for instance in reversed(self.instances):
                 if instance.message_id == command.message_id_being_responded_to and instance.status is None:
                     instance.status = 0xFFFF if command.status is None else command.status
                     break
+
+    def on_data_set_prefix(self, prefix: bytes, context_id: int) -> None:
+        """The start of the data set of the latest C-STORE on ``context_id``: note its patient and study."""
+        instance = next((i for i in reversed(self.instances) if i.context_id == context_id), None)
+        if instance is None or instance.study_uid:
+            return
+        instance.study_uid, instance.patient_id, instance.patient_name = patient_and_study(
+            prefix, self.transfer_syntaxes.get(context_id, ""))
 
     # -- what the log says ---------------------------------------------------------------------
 
@@ -179,6 +197,26 @@ class Association:
             return ""
         stored = sum(1 for i in self.instances if i.stored)
         return f"; {stored} of {len(self.instances)} instances stored"
+
+
+def patient_and_study(prefix: bytes, transfer_syntax: str) -> tuple[str, str, str]:
+    """(Study Instance UID, Patient ID, Patient's Name) from the start of a data set; blanks where
+    unreadable (a deflated transfer syntax, the attributes beyond the prefix, a broken data set):
+    the audit trail then says it did not see them, it never guesses."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return "", "", ""
+    try:
+        dataset = read_dataset(BytesIO(prefix), is_implicit_VR=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                               is_little_endian=transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
+                               stop_when=lambda tag, vr, length: tag > STUDY_INSTANCE_UID)
+        return (str(dataset.get("StudyInstanceUID", "") or ""), str(dataset.get("PatientID", "") or ""),
+                str(dataset.get("PatientName", "") or ""))
+    except Exception:  # any garbage: pydicom fails in many ways, all meaning "not readable"
+        return "", "", ""
 
 
 def _allowed(title: str, patterns: tuple[str, ...]) -> bool:

@@ -277,7 +277,16 @@ class CommandSet:
     data: bytes
 
 
-FramerEvent = Union[PduHeader, AssociationPdu, PduEnd, CommandSet]
+@dataclass(frozen=True, slots=True)
+class DataSetPrefix:
+    """The first bytes of a data set on presentation context ``context_id`` (all of it if short):
+    enough for the attributes at its start, such as the patient and the study."""
+
+    context_id: int
+    data: bytes = field(repr=False)  # patient data: keep it out of logs
+
+
+FramerEvent = Union[PduHeader, AssociationPdu, PduEnd, CommandSet, DataSetPrefix]
 
 
 # ------------------------------------------------------------------------------ P-DATA inspector
@@ -292,8 +301,12 @@ class PDataInspector:
     field in any number of pieces, then :meth:`end_pdu`. A command may span several PDUs.
     """
 
-    def __init__(self, *, max_command_set_length: int = DEFAULT_MAX_COMMAND_SET_LENGTH) -> None:
+    def __init__(self, *, max_command_set_length: int = DEFAULT_MAX_COMMAND_SET_LENGTH,
+                 data_set_prefix: int = 0) -> None:
         self._limit = max_command_set_length
+        self._prefix_limit = data_set_prefix  # 0: data sets are only counted
+        self._prefixes: dict[int, bytearray] = {}  # per context: the start of its current data set
+        self._prefix_sent: set[int] = set()  # contexts whose current data set's prefix went out
         self._pending: dict[int, bytearray] = {}
         self._pending_total = 0
         self._in_pdu = False
@@ -307,8 +320,8 @@ class PDataInspector:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes held in memory: a partial PDV header plus incomplete command sets."""
-        return len(self._item_header) + self._pending_total
+        """Bytes held in memory: a partial PDV header, incomplete command sets, data-set prefixes."""
+        return len(self._item_header) + self._pending_total + sum(len(p) for p in self._prefixes.values())
 
     def begin_pdu(self, length: int) -> None:
         """Start a P-DATA-TF PDU whose PDU-length is ``length``."""
@@ -319,19 +332,21 @@ class PDataInspector:
         self._in_pdu = True
         self._pdu_left = length
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[CommandSet]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[CommandSet | DataSetPrefix]:
         """Feed the next bytes of the current PDU's variable field; return completed command sets."""
         view = _byte_view(data)
         total = len(view)
         if not self._in_pdu or total > self._pdu_left:
             raise RuntimeError("PDataInspector.feed called with bytes outside a P-DATA-TF PDU")
-        events: list[CommandSet] = []
+        events: list[CommandSet | DataSetPrefix] = []
         pos = 0
         while pos < total:
             if self._in_fragment:
                 take = min(self._fragment_left, total - pos)
                 if self._is_command:
                     self._collect(view[pos:pos + take])
+                elif self._prefix_limit and self._context_id not in self._prefix_sent:
+                    self._capture(view[pos:pos + take], events)
                 pos += take
                 self._fragment_left -= take
                 self._pdu_left -= take
@@ -389,12 +404,23 @@ class PDataInspector:
         self._pending.setdefault(self._context_id, bytearray()).extend(piece)
         self._pending_total += len(piece)
 
-    def _finish_fragment(self, events: list[CommandSet]) -> None:
+    def _capture(self, piece: memoryview, events: list[CommandSet | DataSetPrefix]) -> None:
+        prefix = self._prefixes.setdefault(self._context_id, bytearray())
+        prefix += piece[:self._prefix_limit - len(prefix)]
+        if len(prefix) >= self._prefix_limit:
+            events.append(DataSetPrefix(self._context_id, bytes(self._prefixes.pop(self._context_id))))
+            self._prefix_sent.add(self._context_id)
+
+    def _finish_fragment(self, events: list[CommandSet | DataSetPrefix]) -> None:
         self._in_fragment = False
         if self._is_command and self._is_last:
             buffer = self._pending.pop(self._context_id, bytearray())
             self._pending_total -= len(buffer)
             events.append(CommandSet(self._context_id, bytes(buffer)))
+        elif self._is_last and self._prefix_limit:  # the data set ended: the next one starts afresh
+            if self._context_id not in self._prefix_sent and self._context_id in self._prefixes:
+                events.append(DataSetPrefix(self._context_id, bytes(self._prefixes.pop(self._context_id))))
+            self._prefix_sent.discard(self._context_id)
 
 
 # ---------------------------------------------------------------------------------------- framer
@@ -406,7 +432,8 @@ class PduFramer:
     One framer per direction. :meth:`feed` takes bytes as they arrive, in chunks of any size,
     and returns, in stream order: :class:`PduHeader` when a header is complete,
     :class:`AssociationPdu` with the whole PDU for every PDU type but P-DATA-TF,
-    :class:`CommandSet` for complete command sets (only with ``inspect_commands=True``) and
+    :class:`CommandSet` for complete command sets (only with ``inspect_commands=True``),
+    :class:`DataSetPrefix` with the first ``data_set_prefix`` bytes of each data set (if > 0) and
     :class:`PduEnd` after the last byte of every PDU. P-DATA-TF payloads are not copied.
 
     Malformed input raises :class:`MalformedPduError`; the framer then stays failed and every
@@ -420,10 +447,12 @@ class PduFramer:
         inspect_commands: bool = False,
         max_association_pdu_length: int = DEFAULT_MAX_ASSOCIATION_PDU_LENGTH,
         max_command_set_length: int = DEFAULT_MAX_COMMAND_SET_LENGTH,
+        data_set_prefix: int = 0,
     ) -> None:
         self._max_association = max_association_pdu_length
         self._inspector = (
-            PDataInspector(max_command_set_length=max_command_set_length) if inspect_commands else None
+            PDataInspector(max_command_set_length=max_command_set_length, data_set_prefix=data_set_prefix)
+            if inspect_commands else None
         )
         self._header = bytearray()
         self._type: int | None = None

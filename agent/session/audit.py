@@ -107,13 +107,17 @@ class AuditRecorder:
                 **self._association(fields), outcome=Outcome.SUCCESS if clean else Outcome.MINOR_FAILURE,
                 reason="" if clean else (fields.get("failure") or fields["end"])))
         elif kind == "instances-transferred":
-            seen = fields["instances"]
-            failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
-            self.record(AuditEvent.instances_transferred(
-                **self._association(fields), instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"]) for i in seen],
-                direction=Direction.FROM_REMOTE if fields["direction"] == "inbound" else Direction.TO_REMOTE,
-                outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
-                reason=f"{failed} of {len(seen)} not stored" if failed else ""))
+            by_patient: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for instance in fields["instances"]:  # PS3.15 A.5.3.4: one patient per message
+                by_patient.setdefault((instance["patient_id"], instance["patient_name"]), []).append(instance)
+            for (patient_id, patient_name), seen in by_patient.items():
+                failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
+                self.record(AuditEvent.instances_transferred(
+                    **self._association(fields), patient_id=patient_id, patient_name=patient_name,
+                    instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"], i["study_uid"]) for i in seen],
+                    direction=Direction.FROM_REMOTE if fields["direction"] == "inbound" else Direction.TO_REMOTE,
+                    outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
+                    reason=f"{failed} of {len(seen)} not stored" if failed else ""))
         else:
             log.warning("unknown report from the card session: %s", kind)
 

@@ -28,9 +28,9 @@ from typing import Any, Callable
 from cryptography import x509
 
 from agent.config.model import InboundConfig, TunnelConfig
-from agent.dicom.association import Association, Refuse
+from agent.dicom.association import DATA_SET_PREFIX, Association, Refuse
 from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
-                             AbortSource, AcseRejectReason, AssociationPdu, CommandSet, FramerEvent, MalformedPduError,
+                             AbortSource, AcseRejectReason, AssociationPdu, CommandSet, DataSetPrefix, FramerEvent, MalformedPduError,
                              PduFramer, PduHeader, PresentationRejectReason, RejectResult, RejectSource, a_abort,
                              a_associate_rj, pdu_type_name)
 from agent.errors import CardAgentError
@@ -44,7 +44,7 @@ CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
 REJECT_READ_TIMEOUT = 3.0
 POLL_INTERVAL_MS = 1000
-INSTANCES_PER_REPORT = 200  # one report must fit the reports channel (agent/session/channel.py)
+INSTANCES_PER_REPORT = 100  # one report must fit the reports channel (agent/session/channel.py)
 
 
 TOKEN_LOCK = threading.Lock()
@@ -470,7 +470,7 @@ class _Relay:
         self.to_local = bytearray()
         self.to_remote = bytearray(self._tls_output())
         self.association = Association(runtime.config.association, runtime.username)
-        self.requestor_framer = PduFramer(inspect_commands=True)
+        self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
         self.acceptor_framer = PduFramer(inspect_commands=True)
         self.remote_framer = self.acceptor_framer if requestor_is_local else self.requestor_framer
         self.held_request: bytearray | None = bytearray()  # the requestor's bytes until its A-ASSOCIATE-RQ is whole
@@ -726,7 +726,9 @@ class _Relay:
     def _inspect(self, events: list[FramerEvent], *, from_requestor: bool) -> None:
         for event in events:
             if isinstance(event, CommandSet):
-                self.association.on_command(event.data, from_requestor)
+                self.association.on_command(event.data, from_requestor, event.context_id)
+            elif isinstance(event, DataSetPrefix):
+                self.association.on_data_set_prefix(event.data, event.context_id)
             elif isinstance(event, AssociationPdu) and event.pdu_type == A_ABORT and from_requestor:
                 self.association.end = "aborted by the requestor"
 
@@ -757,7 +759,8 @@ class _Relay:
         instances = self.association.instances
         for start in range(0, len(instances), INSTANCES_PER_REPORT):
             self.runtime.report("instances-transferred", {**fields, "instances": [
-                {"sop_class_uid": i.sop_class_uid, "sop_instance_uid": i.sop_instance_uid, "status": i.status}
+                {"sop_class_uid": i.sop_class_uid, "sop_instance_uid": i.sop_instance_uid, "status": i.status,
+                 "study_uid": i.study_uid, "patient_id": i.patient_id, "patient_name": i.patient_name}
                 for i in instances[start:start + INSTANCES_PER_REPORT]]})
         self.runtime.report("association-end", {**fields, "failure": self.failure.message if self.failure else None})
 
