@@ -10,6 +10,7 @@ accepted abstract syntaxes, the SOP Instances stored and how the PACS answered e
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -210,11 +211,13 @@ def patient_and_study(prefix: bytes, transfer_syntax: str) -> tuple[str, str, st
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         return "", "", ""
     try:
-        dataset = read_dataset(BytesIO(prefix), is_implicit_VR=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
-                               is_little_endian=transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
-                               stop_when=lambda tag, vr, length: tag > STUDY_INSTANCE_UID)
-        return (str(dataset.get("StudyInstanceUID", "") or ""), str(dataset.get("PatientID", "") or ""),
-                str(dataset.get("PatientName", "") or ""))
+        with warnings.catch_warnings():  # the application's data set quirks are not the agent's to report
+            warnings.simplefilter("ignore")
+            dataset = read_dataset(BytesIO(prefix), is_implicit_VR=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
+                                   is_little_endian=transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
+                                   stop_when=lambda tag, vr, length: tag > STUDY_INSTANCE_UID)
+            return (str(dataset.get("StudyInstanceUID", "") or ""), str(dataset.get("PatientID", "") or ""),
+                    str(dataset.get("PatientName", "") or ""))
     except Exception:  # any garbage: pydicom fails in many ways, all meaning "not readable"
         return "", "", ""
 

@@ -146,6 +146,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="card-agent[session]: %(levelname)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger().setLevel(sys.argv[3].upper() if len(sys.argv) > 3 else "INFO")
+    # pydicom logs what it thinks of the data sets it reads for the audit trail: not the agent's news.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     channel = socket.socket(fileno=int(sys.argv[1]))
     reports = socket.socket(fileno=int(sys.argv[2]))
     _exit_now(serve(channel, reports))
