@@ -44,7 +44,8 @@ def test_a_clinician_day_in_the_audit_trail(test_pki: ProvisionedPki, tmp_path: 
                  "syslog": {"address": repository.address, "ca": str(test_pki.ca_bundle),
                             "server_name": "localhost"}}
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port), tunnel("rogue", untrusted_port)],
-                           token="", module=str(fault_module), env=card.env(), audit=audit) as agent:
+                           token="", module=str(fault_module), env=card.env(), audit=audit,
+                           agent={"runtime_dir": str(tmp_path / "run")}) as agent:
             agent.wait_for_log("event=sign-in ")
             assert storescu(agent.port("pacs"), study).returncode == 0
             send_and_close(agent.port("rogue"), associate_rq())  # a server the agent does not trust
@@ -52,6 +53,7 @@ def test_a_clinician_day_in_the_audit_trail(test_pki: ProvisionedPki, tmp_path: 
                             NOBODY_CLIENT, str(agent.port("pacs")), associate_rq().hex()],
                            capture_output=True, timeout=30)
             agent.wait_for_log("refused local connection from uid 65534")
+            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
             card.remove_card()
             agent.wait_for_log('event=sign-out reason="card removed"')
         # the agent has stopped: Application Stop is the last message
@@ -77,3 +79,5 @@ def test_a_clinician_day_in_the_audit_trail(test_pki: ProvisionedPki, tmp_path: 
             for m in delivered] == [i.split("/")[0] for i in ids]  # the repository got them all, in order
     assert "Logout" in tail.stdout and "(card removed)" in tail.stdout, tail.stdout + tail.stderr
     assert f"3 instances of study {first.StudyInstanceUID}" in tail.stdout
+    assert f"audit:    to {audit_file} and {repository.address}, repository connected, 0 waiting" in status.stdout, \
+        status.stdout + status.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent_runner import inbound_listener, port_of, running_agent, tunnel
-from conftest import ProvisionedPki
+from conftest import ProvisionedPki, run_card_agent
 from peers.dcmtk import storescp, storescu
 from peers.orthanc import orthanc
 from peers.pki_files import TlsClientFiles, TlsServerFiles
@@ -37,9 +37,11 @@ def test_a_pacs_sends_over_mutual_tls_to_the_local_storage_scp(test_pki: Provisi
                                                                study: list[Path]) -> None:
     with storescp(tmp_path / "viewer", tls=None) as viewer:
         listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
-        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener],
+                           agent={"runtime_dir": str(tmp_path / "run")}) as agent:
             result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), calling_ae="PACS")
             log = agent.wait_for_log("instances stored", timeout=40)
+            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
         received = viewer.stored_files()
     assert result.returncode == 0, result.stdout
     matches = match_by_sop_instance_uid(study, received)
@@ -47,6 +49,10 @@ def test_a_pacs_sends_over_mutual_tls_to_the_local_storage_scp(test_pki: Provisi
     assert all(datasets_equal(sent, got) == [] for sent, got in matches.items())
     assert "from CN=localhost,O=Example Hospital Test PKI as node certificate" in log
     assert "PACS -> STORESCP" in log and f"; {len(study)} of {len(study)} instances stored" in log
+    sent = sum(p.stat().st_size for p in study)
+    line = next(line for line in status.stdout.splitlines() if line.startswith("inbound retrieves:"))
+    assert f"-> 127.0.0.1:{viewer.port}, 0 open, " in line
+    assert int(line.split(", ")[2].split()[0]) > sent  # bytes in: the study and its PDU framing
 
 
 @pytest.mark.parametrize("client, message", [

@@ -31,6 +31,18 @@ def status(config: ConfigFile, as_json: Json = False) -> None:
         typer.echo(f"tunnel {tunnel['name']}: {tunnel['listen']} -> {tunnel['remote']}, "
                    f"{tunnel['open_connections']} open, {tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"
                    + (f", last error: {tunnel['last_error']}" if tunnel["last_error"] else ""))
+    for inbound in answer["inbound"]:
+        typer.echo(f"inbound {inbound['name']}: {inbound['listen']} -> {inbound['forward']}, "
+                   f"{inbound['open_connections']} open, {inbound['bytes_down']} bytes in, {inbound['bytes_up']} out"
+                   + (f", last error: {inbound['last_error']}" if inbound["last_error"] else ""))
+    audit = answer["audit"]
+    if audit:
+        where = " and ".join(filter(None, [audit["file"], audit["repository"]]))
+        delivery = ""
+        if audit["repository"]:
+            delivery = (f", repository {'connected' if audit['connected'] else 'not connected'}, "
+                        f"{audit['pending']} waiting" + (f" ({audit['last_error']})" if audit["last_error"] else ""))
+        typer.echo(f"audit:    to {where}{delivery}")
 
 
 def lock(config: ConfigFile) -> None:

@@ -98,6 +98,12 @@ class ControlServer:
                  **counters.get(t.name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None})}
                 for t in self.config.tunnels
             ],
+            "inbound": [
+                {"name": i.name, "listen": str(i.listen), "forward": str(i.forward),
+                 **counters.get(i.name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None})}
+                for i in self.config.inbound
+            ],
+            "audit": manager.audit.trail.status() if manager.audit.trail is not None else None,
         }
 
 
