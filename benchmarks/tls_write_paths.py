@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""What the relay's way of using TLS costs: sender CPU per GB through an ``ssl.SSLObject`` over
+memory BIOs plus ``socket.send`` (what agent/tunnel/relay.py does, so that it decides every read
+and write), against an ``ssl.SSLSocket`` doing the same (OpenSSL writes to the socket itself).
+A lead for the tunnel's bulk throughput, not a product measurement. Not part of the test suite.
+
+    .venv/bin/python benchmarks/tls_write_paths.py [--mb 512] [--rounds 3]
+
+One process, loopback, TLS 1.3 with a throw-away certificate; a thread receives. Rounds alternate
+the two paths; it prints each round and the median ratio (memory BIO / SSLSocket).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import ssl
+import statistics
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+CHUNK = 256 * 1024  # the relay's read size
+
+
+def contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-days", "1"], check=True, capture_output=True)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(cert)
+    return server, client
+
+
+def receive(listener: socket.socket, server: ssl.SSLContext, total: int) -> None:
+    connection, _ = listener.accept()
+    with server.wrap_socket(connection, server_side=True) as tls:
+        got = 0
+        while got < total:
+            data = tls.recv(1 << 20)
+            if not data:
+                return
+            got += len(data)
+
+
+def send(mode: str, server: ssl.SSLContext, client: ssl.SSLContext, total: int) -> float:
+    """Sender thread CPU seconds per GB."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    receiver = threading.Thread(target=receive, args=(listener, server, total))
+    receiver.start()
+    raw = socket.create_connection(listener.getsockname())
+    payload = os.urandom(CHUNK)
+    if mode == "SSLSocket":
+        tls_socket = client.wrap_socket(raw, server_hostname="localhost")
+    else:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls_object = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls_object.do_handshake()
+                raw.sendall(outgoing.read())
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+    before = resource.getrusage(resource.RUSAGE_THREAD)
+    sent = 0
+    queued = bytearray()
+    while sent < total:
+        if mode == "SSLSocket":
+            tls_socket.sendall(payload)
+        else:  # as the relay: encrypt, queue the records, send what the socket takes
+            tls_object.write(payload)
+            queued += outgoing.read()
+            while queued:
+                del queued[:raw.send(queued)]
+        sent += CHUNK
+    after = resource.getrusage(resource.RUSAGE_THREAD)
+    receiver.join()
+    raw.close()
+    listener.close()
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu / (total / 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    total = args.mb * 1024 * 1024
+    with tempfile.TemporaryDirectory() as directory:
+        server, client = contexts(Path(directory))
+        ratios = []
+        for round_number in range(args.rounds):
+            membio = send("memory BIO", server, client, total)
+            sslsocket = send("SSLSocket", server, client, total)
+            ratios.append(membio / sslsocket)
+            print(f"round {round_number + 1}: memory BIO {membio:.2f} s/GB, SSLSocket {sslsocket:.2f} s/GB, "
+                  f"ratio {ratios[-1]:.2f}x")
+    print(f"median ratio memory BIO / SSLSocket (sender CPU per GB): {statistics.median(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
