@@ -171,6 +171,21 @@ def send_and_close(port: int, data: bytes | None = None) -> bytes:
         return received
 
 
+def send_concurrently(port: int, payloads: list[bytes]) -> dict[int, bytes]:
+    """:func:`send_and_close` of every payload at once, each on its own connection; answers by index."""
+    answers: dict[int, bytes] = {}
+
+    def one(index: int) -> None:
+        answers[index] = send_and_close(port, payloads[index])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return answers
+
+
 def associate_rq() -> bytes:
     """A minimal A-ASSOCIATE-RQ for Verification, as an application would send it."""
     return encode_associate_rq(AssociateRequest(

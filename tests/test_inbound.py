@@ -16,7 +16,7 @@ from peers.dcmtk import storescp, storescu
 from peers.orthanc import orthanc
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.ports import free_port, peer_env
-from peers.study import datasets_equal, make_study, match_by_sop_instance_uid
+from peers.study import assert_delivered, make_study
 
 def node_identity(test_pki: ProvisionedPki) -> dict[str, str]:
     """The workstation's node certificate (the test PKI's localhost certificate, serverAuth + clientAuth)."""
@@ -44,9 +44,7 @@ def test_a_pacs_sends_over_mutual_tls_to_the_local_storage_scp(test_pki: Provisi
             status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
         received = viewer.stored_files()
     assert result.returncode == 0, result.stdout
-    matches = match_by_sop_instance_uid(study, received)
-    assert len(received) == len(study) and all(matches.values())
-    assert all(datasets_equal(sent, got) == [] for sent, got in matches.items())
+    assert_delivered(study, received)
     assert "from CN=localhost,O=Example Hospital Test PKI as node certificate" in log
     assert "PACS -> STORESCP" in log and f"; {len(study)} of {len(study)} instances stored" in log
     sent = sum(p.stat().st_size for p in study)
@@ -147,8 +145,7 @@ def test_a_c_move_from_orthanc_arrives_through_both_directions(test_pki: Provisi
             log = agent.wait_for_log("VIEWER -> ORTHANC, ")  # the C-MOVE association ended
         received = viewer.stored_files()
     assert move.returncode == 0, move.stdout + move.stderr
-    matches = match_by_sop_instance_uid(study, received)
-    assert len(received) == len(study) and all(matches.values())
+    assert_delivered(study, received)
     assert "inbound retrieves: 127.0.0.1:" in log and "ORTHANC -> WORKSTATION" in log
     assert "from CN=localhost,O=Example Hospital Test PKI" in log  # Orthanc's node certificate, verified
     # Orthanc opens one association per series; together they carried the whole study.

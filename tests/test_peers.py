@@ -22,7 +22,7 @@ from peers.orthanc import orthanc_tls
 from peers.pki_files import TlsClientFiles, TlsServerFiles, issue_server_file_identity, subject_string, write_crl
 from peers.ports import free_port, managed_process, wait_for_port
 from peers.pynetdicom_scp import associate, plain_scp, tls_scp
-from peers.study import (PATIENT_ID, TEMPLATES, datasets_equal, make_study, match_by_sop_instance_uid,
+from peers.study import (PATIENT_ID, TEMPLATES, assert_delivered, datasets_equal, make_study,
                          sop_instance_uid, template_path)
 
 CLIENT_CN = "File Client"
@@ -47,15 +47,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def dcmtk_subject(files: TlsClientFiles) -> str:
     """The subject as DCMTK logs it: /O=.../CN=..."""
     return "/" + "/".join(f"{a.rfc4514_attribute_name}={a.value}" for a in files.certificate.subject)
-
-
-def assert_delivered(sent: list[Path], received: list) -> None:
-    assert len(received) == len(sent)
-    pairs = match_by_sop_instance_uid(sent, received)
-    missing = [p.name for p, r in pairs.items() if r is None]
-    assert not missing, f"not received: {missing}"
-    differing = {p.name: d for p, r in pairs.items() if (d := datasets_equal(p, r))}
-    assert not differing, f"received datasets differ: {differing}"
 
 
 # -- sample study --

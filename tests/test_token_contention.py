@@ -3,10 +3,9 @@ handshakes waiting on a slow card still all complete."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
-from agent_runner import FramedEchoServer, dicom_stream, echoed, running_agent, send_and_close, tunnel
+from agent_runner import FramedEchoServer, dicom_stream, echoed, running_agent, send_concurrently, tunnel
 from conftest import ProvisionedPki
 from fault_pkcs11 import FaultControl
 
@@ -17,20 +16,12 @@ def test_eight_new_associations_with_500_ms_signatures_sign_one_after_another(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "card.ctl")
     server = FramedEchoServer(test_pki, concurrent=True)
-    answers: dict[int, bytes] = {}
     try:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port, session_resumption=False)],
                            module=str(fault_module), env=card.env()) as agent:
             card.sign_delay(500)
-
-            def associate(index: int) -> None:
-                answers[index] = send_and_close(agent.port(), dicom_stream(f"association {index}".encode()))
-
-            threads = [threading.Thread(target=associate, args=(i,)) for i in range(CONCURRENT)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
+            answers = send_concurrently(agent.port(), [dicom_stream(f"association {i}".encode())
+                                                       for i in range(CONCURRENT)])
     finally:
         server.close()
     assert {i: echoed(answer) for i, answer in answers.items()} == {

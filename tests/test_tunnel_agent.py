@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.dicom.pdu import A_ASSOCIATE_RJ
-from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, p_data, running_agent, s_server, send_and_close, tunnel, wait_for, write_config)
+from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, p_data, running_agent, s_server, send_and_close, send_concurrently, tunnel, wait_for, write_config)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 
@@ -120,16 +120,9 @@ def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, 
 def test_sixty_four_concurrent_associations(test_pki: ProvisionedPki, tmp_path: Path) -> None:
 
     server = FramedEchoServer(test_pki, concurrent=True)
-    answers: dict[int, bytes] = {}
     try:
         with running_agent(test_pki, tmp_path, [tunnel("echo", server.port)]) as agent:
-            def one(index: int) -> None:
-                answers[index] = send_and_close(agent.port(), dicom_stream(index.to_bytes(4, "big") * 1000))
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(60)
+            answers = send_concurrently(agent.port(), [dicom_stream(i.to_bytes(4, "big") * 1000) for i in range(64)])
     finally:
         server.close()
     assert len(answers) == 64

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 from agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, parse_a_abort
-from agent_runner import associate_rq, running_agent, tunnel
+from agent_runner import FramedEchoServer, associate_rq, running_agent, tunnel
 from conftest import ProvisionedPki
 from peers.dcmtk import storescp, storescu
 from peers.pki_files import TlsServerFiles
@@ -113,37 +113,18 @@ def test_a_username_the_certificate_cannot_give_is_a_clear_sign_in_error(test_pk
             "user identity template '{upn}'") in log
 
 
-class GarbageServer:
-    """A TLS server with the PACS certificate that answers any request with a PDU of unknown type."""
+class GarbageServer(FramedEchoServer):
+    """A TLS server with the PACS certificate that answers any request with a PDU of unknown type;
+    a PACS that misbehaves this way is not at hand, hence this fake."""
 
-    def __init__(self, test_pki: ProvisionedPki) -> None:
-        import ssl
-        import threading
-
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
-        self.context.load_verify_locations(test_pki.ca_bundle)
-        self.context.verify_mode = ssl.CERT_REQUIRED
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                with self.context.wrap_socket(raw, server_side=True) as tls:
-                    tls.recv(65536)
-                    tls.sendall(b"\x0a\x00\x00\x00\x00\x00")
-                    tls.recv(65536)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
+    def _answer(self, raw: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as tls:
+                tls.recv(65536)
+                tls.sendall(b"\x0a\x00\x00\x00\x00\x00")
+                tls.recv(65536)
+        except OSError:
+            pass
 
 
 def test_a_malformed_pdu_from_the_pacs_aborts_the_association(test_pki: ProvisionedPki, tmp_path: Path) -> None:

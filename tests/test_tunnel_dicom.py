@@ -14,7 +14,7 @@ from peers.dcmtk import echoscu, storescp, storescu
 from peers.orthanc import orthanc_tls
 from peers.pki_files import TlsServerFiles
 from peers.pynetdicom_scp import associate, tls_scp
-from peers.study import datasets_equal, make_study, match_by_sop_instance_uid, sop_instance_uid
+from peers.study import assert_delivered, make_study, sop_instance_uid
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,7 @@ def test_study_through_the_agent_arrives_identical_at_storescp(test_pki: Provisi
             agent.wait_for_log(" full handshake ")
         received = scp.stored_files()
         subjects = scp.peer_subjects()
-    matches = match_by_sop_instance_uid(study, received)
-    assert len(received) == len(study) and all(matches.values())
-    for sent, got in matches.items():
-        assert datasets_equal(sent, got) == [], sent
+    assert_delivered(study, received)
     assert subjects and all(s.endswith("/CN=Alice Example") for s in subjects), subjects
 
 

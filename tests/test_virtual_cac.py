@@ -32,7 +32,7 @@ from peers.dcmtk import echoscu, storescp, storescu, storescu_argv
 from peers.pki_files import TlsServerFiles
 from peers.ports import peer_env
 from peers.pynetdicom_scp import associate
-from peers.study import datasets_equal, make_study, match_by_sop_instance_uid
+from peers.study import assert_delivered, make_study
 from test_card_sessions import large_object
 from virtual_card.fixtures import card_reader, pcscd, virtual_cards  # noqa: F401 - pytest fixtures
 from virtual_card.nssdb import CardContents
@@ -109,10 +109,7 @@ def test_a_study_stored_through_the_agent_with_the_card_identity(
             log = agent.log()
         received = scp.stored_files()
         subjects = scp.peer_subjects()
-    matches = match_by_sop_instance_uid(study, received)
-    assert len(received) == len(study) and all(matches.values())
-    for sent, got in matches.items():
-        assert datasets_equal(sent, got) == [], sent
+    assert_delivered(study, received)
     assert subjects == [dcmtk_subject(carol)], subjects
     assert "module /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so (profile opensc)" in log
     assert "Enter PIN" not in log

@@ -306,3 +306,13 @@ def match_by_sop_instance_uid(sent_files: Iterable[Path],
     Received items matching no sent file are not in the result (compare the counts)."""
     received = {sop_instance_uid(item): item for item in received_files}
     return {path: received.get(sop_instance_uid(path)) for path in sent_files}
+
+
+def assert_delivered(sent: list[Path], received: list) -> None:
+    """Every sent file arrived once (matched by SOP Instance UID) with an identical data set."""
+    assert len(received) == len(sent)
+    pairs = match_by_sop_instance_uid(sent, received)
+    missing = [p.name for p, r in pairs.items() if r is None]
+    assert not missing, f"not received: {missing}"
+    differing = {p.name: d for p, r in pairs.items() if (d := datasets_equal(p, r))}
+    assert not differing, f"received datasets differ: {differing}"
