@@ -11,7 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent.audit.config import AuditConfig, parse_audit_config
 from agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
@@ -239,35 +239,15 @@ def load_config(path: Path) -> AgentConfig:
     trust_config = TrustConfig(ca=trust.path("ca", required=True), crl=tuple(crl_paths))
     trust.done()
 
-    tunnels = []
     raw_tunnels = root.take("tunnel", list, [])
     raw_inbound = root.take("inbound", list, [])
     if not raw_tunnels and not raw_inbound:
         raise ConfigError(f"{path}: no [[tunnel]] defined: add at least one (see docs/configuration.md)")
-    names = set()
-    for index, raw in enumerate(raw_tunnels):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: [[tunnel]] #{index + 1} must be a table")
-        tunnel = _Section(raw, f"{path} [[tunnel]] #{index + 1}", base)
-        name = tunnel.take("name", str, required=True)
-        tunnel.where = f"{path} [[tunnel]] {name!r}"
-        if name in names:
-            raise tunnel.error("name", "another tunnel already has this name")
-        names.add(name)
-        tunnels.append(_tunnel(tunnel, name))
-        tunnel.done()
-    inbound = []
-    for index, raw in enumerate(raw_inbound):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: [[inbound]] #{index + 1} must be a table")
-        section = _Section(raw, f"{path} [[inbound]] #{index + 1}", base)
-        name = section.take("name", str, required=True)
-        section.where = f"{path} [[inbound]] {name!r}"
-        if name in names:
-            raise section.error("name", "a tunnel or another inbound listener already has this name")
-        names.add(name)
-        inbound.append(_inbound(section, name))
-        section.done()
+    names: set[str] = set()
+    tunnels = _named_tables(raw_tunnels, "tunnel", path, base, names, _tunnel,
+                            "another tunnel already has this name")
+    inbound = _named_tables(raw_inbound, "inbound", path, base, names, _inbound,
+                            "a tunnel or another inbound listener already has this name")
     listens = [str(t.listen) for t in tunnels] + [str(i.listen) for i in inbound]
     for duplicate in {a for a in listens if listens.count(a) > 1}:
         raise ConfigError(f"{path}: two tunnels listen on {duplicate}")
@@ -296,6 +276,53 @@ def load_config(path: Path) -> AgentConfig:
     )
 
 
+def _named_tables(raw_tables: list, kind: str, path: Path, base: Path, names: set[str],
+                  parse: Callable[[_Section, str], Any], taken: str) -> list[Any]:
+    """Each ``[[kind]]`` table parsed by ``parse``; ``names`` collects the names, unique across kinds."""
+    parsed = []
+    for index, raw in enumerate(raw_tables):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: [[{kind}]] #{index + 1} must be a table")
+        section = _Section(raw, f"{path} [[{kind}]] #{index + 1}", base)
+        name = section.take("name", str, required=True)
+        section.where = f"{path} [[{kind}]] {name!r}"
+        if name in names:
+            raise section.error("name", taken)
+        names.add(name)
+        parsed.append(parse(section, name))
+        section.done()
+    return parsed
+
+
+def _pins(section: _Section, key: str) -> tuple[bytes, ...]:
+    return tuple(parse_pin(p, lambda m: section.error(key, m)) if isinstance(p, str) else _bad(section, key, p)
+                 for p in section.take(key, list, []))
+
+
+def _tls_mode(section: _Section) -> str:
+    tls = section.take("tls", str, "bcp195")
+    if tls not in TLS_MODES:
+        raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}")
+    return tls
+
+
+def _uids(section: _Section, key: str) -> tuple[int, ...]:
+    uids = section.take(key, list, [])
+    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
+        raise section.error(key, "must be a list of numeric user ids, e.g. [1000]")
+    return tuple(uids)
+
+
+def _timeouts(section: _Section) -> dict[str, float]:
+    timeouts = {}
+    for key, default in (("connect_timeout", 10.0), ("handshake_timeout", 30.0)):
+        value = float(section.take(key, (int, float), default))
+        if value <= 0:
+            raise section.error(key, "must be a positive number of seconds")
+        timeouts[key] = value
+    return timeouts
+
+
 def _tunnel(section: _Section, name: str) -> TunnelConfig:
     listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
     unsafe_listen = section.take("unsafe_listen", bool, False)
@@ -306,25 +333,15 @@ def _tunnel(section: _Section, name: str) -> TunnelConfig:
     remote_host, remote_port = _host_port(section.take("remote", str, required=True),
                                           lambda m: section.error("remote", m))
     server_name = section.take("server_name", str, "") or remote_host
-    pins = tuple(parse_pin(p, lambda m: section.error("server_pins", m)) if isinstance(p, str)
-                 else _bad(section, "server_pins", p) for p in section.take("server_pins", list, []))
+    pins = _pins(section, "server_pins")
     verify = section.take("verify", str, "chain")
     if verify not in VERIFY_MODES:
         raise section.error("verify", f"must be one of {', '.join(VERIFY_MODES)} (there is no mode that verifies nothing)")
     if verify == "pin" and not pins:
         raise section.error("verify", "\"pin\" trusts the server by fingerprint only: give server_pins")
-    tls = section.take("tls", str, "bcp195")
-    if tls not in TLS_MODES:
-        raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}")
-    uids = section.take("allowed_uids", list, [])
-    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
-        raise section.error("allowed_uids", "must be a list of numeric user ids, e.g. [1000]")
-    timeouts = {}
-    for key, default in (("connect_timeout", 10.0), ("handshake_timeout", 30.0)):
-        value = float(section.take(key, (int, float), default))
-        if value <= 0:
-            raise section.error(key, "must be a positive number of seconds")
-        timeouts[key] = value
+    tls = _tls_mode(section)
+    uids = _uids(section, "allowed_uids")
+    timeouts = _timeouts(section)
     return TunnelConfig(
         name=name,
         listen=listen,
@@ -335,7 +352,7 @@ def _tunnel(section: _Section, name: str) -> TunnelConfig:
         verify=verify,
         require_issuer=section.path("require_issuer"),
         tls=tls,
-        allowed_uids=tuple(uids),
+        allowed_uids=uids,
         unsafe_listen=unsafe_listen,
         session_resumption=section.take("session_resumption", bool, True),
         association=_association_rules(section),
@@ -379,23 +396,10 @@ def _inbound(section: _Section, name: str) -> InboundConfig:
                                           "(or use server_certificate = \"card\")")
     if certificate is None and (key is not None or key_uri is not None):
         raise section.error("server_key", "only with a server_certificate file: the card's key stays on the card")
-    pins = tuple(parse_pin(p, lambda m: section.error("client_pins", m)) if isinstance(p, str)
-                 else _bad(section, "client_pins", p) for p in section.take("client_pins", list, []))
-    uids = section.take("forward_uids", list, [])
-    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
-        raise section.error("forward_uids", "must be a list of numeric user ids, e.g. [1000]")
-    tls = section.take("tls", str, "bcp195")
-    if tls not in TLS_MODES:
-        raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}")
-    timeouts = {}
-    for key_name, default in (("connect_timeout", 10.0), ("handshake_timeout", 30.0)):
-        value = float(section.take(key_name, (int, float), default))
-        if value <= 0:
-            raise section.error(key_name, "must be a positive number of seconds")
-        timeouts[key_name] = value
     return InboundConfig(name=name, listen=listen, forward=forward, server_certificate=certificate, server_key=key,
-                         server_key_uri=key_uri, server_key_pin=key_pin, client_pins=pins, forward_uids=tuple(uids), tls=tls,
-                         association=_association_rules(section, user_identity=False), **timeouts)
+                         server_key_uri=key_uri, server_key_pin=key_pin, client_pins=_pins(section, "client_pins"),
+                         forward_uids=_uids(section, "forward_uids"), tls=_tls_mode(section),
+                         association=_association_rules(section, user_identity=False), **_timeouts(section))
 
 
 def _association_rules(section: _Section, *, user_identity: bool = True) -> AssociationRules:

@@ -81,14 +81,19 @@ def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIde
     else:
         context.verify_mode = ssl.CERT_REQUIRED
         context.check_hostname = True
-        context.load_verify_locations(cafile=str(trust.ca))
-        for crl in trust.crl:
-            context.load_verify_locations(cafile=str(crl))
-        if trust.crl:
-            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        _trust(context, trust)
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.load_cert_chain(str(identity.chain), str(identity.key), password=pin if pin is not None else "")
     return context
+
+
+def _trust(context: ssl.SSLContext, trust: TrustConfig) -> None:
+    """The peer must chain to [trust] ca and, with [trust] crl, not be revoked."""
+    context.load_verify_locations(cafile=str(trust.ca))
+    for crl in trust.crl:
+        context.load_verify_locations(cafile=str(crl))
+    if trust.crl:
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdentityFiles, pin: str | None,
@@ -106,11 +111,7 @@ def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdent
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cafile=str(trust.ca))
-    for crl in trust.crl:
-        context.load_verify_locations(cafile=str(crl))
-    if trust.crl:
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    _trust(context, trust)
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     if on_card:
         _check_server_purpose(inbound, card.chain)
