@@ -131,11 +131,11 @@ def test_c_store_requests_and_their_responses_are_recorded() -> None:
     for message_id, instance in ((1, "1.2.3.1"), (2, "1.2.3.2")):
         association.on_command(command_set(CommandGroupLength=0, AffectedSOPClassUID=ct, CommandField=0x0001,
                                            MessageID=message_id, Priority=0, CommandDataSetType=0x0000,
-                                           AffectedSOPInstanceUID=instance), from_application=True)
+                                           AffectedSOPInstanceUID=instance), from_requestor=True)
     association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=2,
-                                       CommandDataSetType=0x0101, Status=0xA700), from_application=False)
+                                       CommandDataSetType=0x0101, Status=0xA700), from_requestor=False)
     association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=1,
-                                       CommandDataSetType=0x0101, Status=0x0000), from_application=False)
+                                       CommandDataSetType=0x0101, Status=0x0000), from_requestor=False)
     assert [(i.sop_instance_uid, i.status, i.stored) for i in association.instances] == [
         ("1.2.3.1", 0x0000, True), ("1.2.3.2", 0xA700, False)]
     assert association.describe_instances() == "; 1 of 2 instances stored"

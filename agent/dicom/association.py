@@ -105,7 +105,7 @@ class Association:
     accepted_abstract_syntaxes: dict[int, str] = field(default_factory=dict)
     transfer_syntaxes: dict[int, str] = field(default_factory=dict)  # accepted, per presentation context
     answer: str = "none"  # none | accepted | rejected
-    end: str = "open"  # open | released | aborted by the application | aborted by the PACS
+    end: str = "open"  # open | released | rejected | aborted by the requestor | aborted by the acceptor
     instances: list[StoredInstance] = field(default_factory=list)
 
     # -- the application's request ---------------------------------------------------------
@@ -158,13 +158,13 @@ class Association:
 
     # -- DIMSE ---------------------------------------------------------------------------------
 
-    def on_command(self, command_set: bytes, from_application: bool, context_id: int = 0) -> None:
+    def on_command(self, command_set: bytes, from_requestor: bool, context_id: int = 0) -> None:
         """Note C-STORE requests (from the requestor) and responses (from the acceptor)."""
         command = read_command_fields(command_set)
-        if from_application and command.command_field == C_STORE_RQ:
+        if from_requestor and command.command_field == C_STORE_RQ:
             self.instances.append(StoredInstance(command.affected_sop_class_uid, command.affected_sop_instance_uid,
                                                  command.message_id or 0, context_id))
-        elif not from_application and command.command_field == C_STORE_RSP:
+        elif not from_requestor and command.command_field == C_STORE_RSP:
             for instance in reversed(self.instances):
                 if instance.message_id == command.message_id_being_responded_to and instance.status is None:
                     instance.status = 0xFFFF if command.status is None else command.status
