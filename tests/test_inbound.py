@@ -206,3 +206,14 @@ def test_bad_inbound_configuration_is_named_and_exits_2(test_pki: ProvisionedPki
     result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN="123456"))
     assert result.returncode == 2
     assert "[[inbound]] 'retrieves'" in result.stderr and message in result.stderr, result.stderr
+
+
+def test_a_node_key_pin_that_is_not_there_is_a_clear_sign_in_error(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    chain = tmp_path / "node-chain.pem"
+    chain.write_bytes((test_pki.pki / "clients" / "bob.pem").read_bytes())
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}", server_certificate=str(chain),
+                                server_key="pkcs11:token=bob;id=%01;type=private", server_key_pin="env:NODE_PIN")
+    with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+        log = agent.wait_for_log("sign-in-failed")
+        assert agent.process.poll() is None
+    assert "the PIN variable NODE_PIN is not set or empty" in log

@@ -40,11 +40,12 @@ class CardSession:
         self._reports_thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # Read first: a PIN source that cannot give its PIN is a sign-in error, and nothing is open yet.
+        node_pins = {inbound.name: inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
+                     for inbound in self.config.inbound if inbound.server_key_pin is not None}
         ours, theirs = messages.channel_pair()
         reports_ours, reports_theirs = messages.channel_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
-        node_pins = {inbound.name: inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
-                     for inbound in self.config.inbound if inbound.server_key_pin is not None}
         for pin_source in [self.config.identity.pin, *(i.server_key_pin for i in self.config.inbound if i.server_key_pin)]:
             if pin_source.kind == "env":
                 env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
