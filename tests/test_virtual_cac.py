@@ -101,7 +101,7 @@ def test_a_study_stored_through_the_agent_with_the_card_identity(
     with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)], token="", module=OPENSC,
                            agent=own_runtime_dir(tmp_path)) as agent:
-            assert "card events: PC/SC events from pcscd" in agent.log()
+            agent.wait_for_log("card events: PC/SC events from pcscd")  # logged when the card loop starts, after "ready"
             card_reader.insert(carol)
             agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
             result = storescu(agent.port(), study)
