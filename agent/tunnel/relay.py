@@ -612,7 +612,12 @@ class _Relay:
 
     def _on_remote(self, events: int) -> None:
         if events & select.POLLOUT and self.to_remote:
-            sent = self._send(self.remote, self.to_remote)
+            try:
+                sent = self._send(self.remote, self.to_remote)
+            except (ConnectionResetError, BrokenPipeError) as error:
+                # A TLS 1.3 server that refused our certificate may reset while our request goes out:
+                # the same news as reading the reset, and told the same way.
+                return self._remote_failed(error)
             del self.to_remote[:sent]
         if not events & (select.POLLIN | select.POLLHUP | select.POLLERR) or self.remote_done:
             return
