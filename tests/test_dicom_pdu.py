@@ -53,6 +53,7 @@ from agent.dicom.pdu import (
     AssociateRequest,
     AssociationPdu,
     CommandSet,
+    DataSetPrefix,
     ImplementationClassUid,
     ImplementationVersionName,
     InvalidPduFieldError,
@@ -1098,3 +1099,69 @@ def test_fuzz_structured_ac_round_trip(accept: AssociateAccept):
     pdu = encode_associate_ac(accept)
     assert parse_associate_ac(pdu) == accept
     assert encode_associate_ac(parse_associate_ac(pdu)) == pdu
+
+
+# ------------------------------------------------------- bulk P-DATA-TF: the one-step path for data PDUs
+
+def _p_data_pdu(*pdvs: tuple[int, int, bytes]) -> bytes:
+    items = b"".join(struct.pack(">IBB", len(data) + 2, context, control) + data for context, control, data in pdvs)
+    return struct.pack(">BxI", 4, len(items)) + items
+
+
+@st.composite
+def _bulk_streams(draw) -> bytes:
+    """C-STORE-like traffic: per message a command, then a data set in fragments, sometimes two
+    PDVs in one PDU, on interleaved contexts; small sizes so that data-set prefixes end mid-way."""
+    parts = []
+    for _ in range(draw(st.integers(1, 4))):
+        context = draw(st.sampled_from([1, 3, 5]))
+        parts.append(_p_data_pdu((context, 0x03, bytes([context]) * draw(st.integers(0, 12)))))
+        data_set = bytes((index * 7 + context) % 256 for index in range(draw(st.integers(0, 400))))
+        fragment = draw(st.integers(1, 80))
+        pieces = [data_set[i:i + fragment] for i in range(0, len(data_set), fragment)] or [b""]
+        pdvs = [(context, 0x02 if i == len(pieces) - 1 else 0x00, piece) for i, piece in enumerate(pieces)]
+        while pdvs:
+            take = 2 if len(pdvs) > 1 and draw(st.booleans()) else 1
+            parts.append(_p_data_pdu(*pdvs[:take]))
+            pdvs = pdvs[take:]
+    return b"".join(parts)
+
+
+def _events_or_error(data: bytes, chunks: list[bytes], prefix: int) -> tuple[list, str | None]:
+    framer = PduFramer(inspect_commands=True, data_set_prefix=prefix)
+    events: list = []
+    try:
+        for chunk in chunks:
+            events += framer.feed(chunk)
+    except MalformedPduError as error:
+        return events, str(error)
+    return events, None
+
+
+@FUZZ
+@given(stream=_bulk_streams(), prefix=st.sampled_from([0, 1, 20, 64]),
+       edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2),
+       cuts=st.lists(st.integers(0, 10_000), max_size=4))
+def test_fuzz_whole_data_pdus_give_the_events_of_byte_by_byte_feeding(stream: bytes, prefix: int, edits, cuts):
+    """Fed in chunks, whole data PDUs take the one-step path; fed a byte at a time, none can.
+    Both must see the same stream: the same events, or the same error."""
+    data = bytearray(stream)
+    for position, value in edits:
+        data[position % len(data)] = value
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    chunked = [bytes(data[a:b]) for a, b in itertools.pairwise(points)]
+    one_by_one = [bytes(data[i:i + 1]) for i in range(len(data))]
+    chunked_events, chunked_error = _events_or_error(bytes(data), chunked, prefix)
+    single_events, single_error = _events_or_error(bytes(data), one_by_one, prefix)
+    assert chunked_error == single_error
+    if chunked_error is None:
+        assert chunked_events == single_events
+
+
+def test_data_set_prefixes_are_taken_before_whole_pdus_pass_in_one_step():
+    data_set = bytes(range(256)) * 4
+    stream = _p_data_pdu((1, 0x03, b"cmd")) + b"".join(
+        _p_data_pdu((1, 0x02 if i == 960 else 0x00, data_set[i:i + 64])) for i in range(0, 1024, 64))
+    events = PduFramer(inspect_commands=True, data_set_prefix=100).feed(stream)
+    assert [e for e in events if isinstance(e, DataSetPrefix)] == [DataSetPrefix(1, data_set[:100])]
+    assert sum(isinstance(e, PduEnd) for e in events) == 17

@@ -110,6 +110,8 @@ _FIXED_PDU_LENGTHS = {
 _ASSOCIATE_FIXED_LENGTH = 68  # bytes 7-74 of an A-ASSOCIATE-RQ/AC: version .. reserved
 _PDV_HEADER_LENGTH = 6  # Item-length (4), Presentation-context-ID (1), message control header (1)
 _MIN_P_DATA_LENGTH = _PDV_HEADER_LENGTH  # at least one PDV item
+_DATA_PDU_HEAD = PDU_HEADER_LENGTH + _PDV_HEADER_LENGTH
+_DATA_PDU_HEAD_FORMAT = struct.Struct(">BxIIBB")  # PDU-type, PDU-length, then the first PDV item's header
 
 
 class RejectResult(IntEnum):
@@ -269,6 +271,8 @@ class PduEnd:
     pdu_type: int
 
 
+_P_DATA_END = PduEnd(P_DATA_TF)
+
 @dataclass(frozen=True, slots=True)
 class CommandSet:
     """The complete command set of a DIMSE message on presentation context ``context_id``."""
@@ -322,6 +326,11 @@ class PDataInspector:
     def buffered_bytes(self) -> int:
         """Bytes held in memory: a partial PDV header, incomplete command sets, data-set prefixes."""
         return len(self._item_header) + self._pending_total + sum(len(p) for p in self._prefixes.values())
+
+    def passes_data_through(self, context_id: int) -> bool:
+        """True if a data-set fragment (not the last) on ``context_id`` would give no event: its
+        data set's prefix is taken already, or none is wanted. Only meaningful between PDUs."""
+        return not self._prefix_limit or context_id in self._prefix_sent
 
     def begin_pdu(self, length: int) -> None:
         """Start a P-DATA-TF PDU whose PDU-length is ``length``."""
@@ -461,6 +470,7 @@ class PduFramer:
         self._body: bytearray | None = None  # whole association PDU being collected
         self._failure: str | None = None
         self._position = 0
+        self._data_header: PduHeader | None = None  # reused while P-DATA-TF PDUs keep one length
 
     @property
     def at_boundary(self) -> bool:
@@ -533,6 +543,12 @@ class PduFramer:
         total = len(view)
         pos = 0
         while pos < total:
+            if not self._header and total - pos >= _DATA_PDU_HEAD:
+                passed = self._pass_data_pdu(view, pos, events)
+                if passed:
+                    pos += passed
+                    self._position += passed
+                    continue
             if len(self._header) < PDU_HEADER_LENGTH:
                 if not self._header:
                     self._type = _check_pdu_type(view[pos])
@@ -555,6 +571,26 @@ class PduFramer:
             if len(self._header) == PDU_HEADER_LENGTH and self._left == 0:
                 self._finish_pdu(events)
         return events
+
+    def _pass_data_pdu(self, view: memoryview, pos: int, events: list[FramerEvent]) -> int:
+        """The length of the P-DATA-TF PDU starting at ``pos`` if it is whole in ``view`` and needs
+        no inspection, else 0 (the general path then takes it).
+
+        Bulk transfers are almost only such PDUs: one data-set fragment, not the last, on a context
+        whose data-set prefix was already taken. Passing them in one step keeps the relay's CPU per
+        byte low; the events are the same as the general path's."""
+        pdu_type, pdu_length, item_length, context_id, control = _DATA_PDU_HEAD_FORMAT.unpack_from(view, pos)
+        end = pos + PDU_HEADER_LENGTH + pdu_length
+        if pdu_type != P_DATA_TF or pdu_length < _MIN_P_DATA_LENGTH or end > len(view) or item_length != pdu_length - 4:
+            return 0  # not whole here, or not exactly one PDV item (a malformed length included)
+        if control & 0x03 or (self._inspector is not None and not self._inspector.passes_data_through(context_id)):
+            return 0  # a command fragment, a data set's last fragment, or a prefix still to take
+        header = self._data_header
+        if header is None or header.length != pdu_length:
+            header = self._data_header = PduHeader(P_DATA_TF, pdu_length)
+        events.append(header)
+        events.append(_P_DATA_END)
+        return end - pos
 
     def _start_pdu(self, events: list[FramerEvent]) -> None:
         pdu_type = self._type

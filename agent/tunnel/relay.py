@@ -469,6 +469,7 @@ class _Relay:
         self.requestor_is_local = requestor_is_local
         self.to_local = bytearray()
         self.to_remote = bytearray(self._tls_output())
+        self._received = memoryview(bytearray(CHUNK))  # reused for every read from the local side
         self.association = Association(runtime.config.association, runtime.username)
         self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
         self.acceptor_framer = PduFramer(inspect_commands=True)
@@ -586,18 +587,18 @@ class _Relay:
 
     def _on_local(self, events: int) -> None:
         if events & select.POLLOUT and self.to_local:
-            sent = self._send(self.local, self.to_local)
-            del self.to_local[:sent]
+            self._flush_to_local()
         if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not self.local_eof:
             try:
-                data = self.local.recv(CHUNK)
+                count = self.local.recv_into(self._received)
             except BlockingIOError:
                 return
             except ConnectionResetError:
-                data = b""
-            if data:
-                self.bytes_up += len(data)
-                self.runtime.count(up=len(data))
+                count = 0
+            if count:
+                data = self._received[:count]  # only read before the next recv_into: everything keeping bytes copies them
+                self.bytes_up += count
+                self.runtime.count(up=count)
                 out = self._from_requestor(data) if self.requestor_is_local else self._from_acceptor(data)
                 if out:
                     self.tls.write(out)
@@ -608,15 +609,35 @@ class _Relay:
                         self.tls.unwrap()  # close_notify: our half of the connection ends
                     except (ssl.SSLWantReadError, ssl.SSLError):
                         pass
-            self.to_remote += self._tls_output()
+            self._push_tls_output()
+
+    def _flush_to_local(self) -> None:
+        sent = self._send(self.local, self.to_local)
+        del self.to_local[:sent]
+
+    def _push_tls_output(self) -> None:
+        """Send the TLS records OpenSSL wrote at once, unless older ones still wait; keep what the
+        socket does not take. Sending here, rather than on the next poll, saves a wake-up per PDU."""
+        if not self.outgoing.pending:
+            return
+        records = self.outgoing.read()
+        if self.to_remote:
+            self.to_remote += records
+            return
+        try:
+            sent = self._send(self.remote, records)
+        except (ConnectionResetError, BrokenPipeError) as error:
+            # A TLS 1.3 server that refused our certificate may reset while our request goes out:
+            # the same news as reading the reset, and told the same way.
+            return self._remote_failed(error)
+        if sent < len(records):
+            self.to_remote += memoryview(records)[sent:]
 
     def _on_remote(self, events: int) -> None:
         if events & select.POLLOUT and self.to_remote:
             try:
                 sent = self._send(self.remote, self.to_remote)
             except (ConnectionResetError, BrokenPipeError) as error:
-                # A TLS 1.3 server that refused our certificate may reset while our request goes out:
-                # the same news as reading the reset, and told the same way.
                 return self._remote_failed(error)
             del self.to_remote[:sent]
         if not events & (select.POLLIN | select.POLLHUP | select.POLLERR) or self.remote_done:
@@ -654,7 +675,9 @@ class _Relay:
                 self.bytes_down += len(plain)
                 self.runtime.count(down=len(plain))
                 self.to_local += out
-        self.to_remote += self._tls_output()
+        if self.to_local and self.failure is None:
+            self._flush_to_local()
+        self._push_tls_output()
 
     # -- the association, from the requestor's side ------------------------------------------------
 
@@ -792,7 +815,7 @@ class _Relay:
                                                    self.runtime.identity.describe(), self.received_any)
 
     @staticmethod
-    def _send(sock: socket.socket, data: bytearray) -> int:
+    def _send(sock: socket.socket, data: bytes | bytearray | memoryview) -> int:
         try:
             return sock.send(data)
         except BlockingIOError:
