@@ -47,6 +47,9 @@ def _start(start: dict, report: Report) -> Runtimes:
         report = no_report  # nobody would read the reports: spare every association the messages
     runtimes: Runtimes = {}
     ending = SessionEnd()
+    # Every context, and so every key, is made before the first connection: a token key loaded
+    # after this process has done handshakes made later server certificates fail to verify
+    # (OpenSSL 3.0.19 with pkcs11-provider 1.0 on SoftHSM; see benchmarks/handshake_costs.py).
     try:
         for tunnel in config.tunnels:
             runtimes[tunnel.name] = TunnelRuntime(
