@@ -2,12 +2,13 @@
 """What the relay's way of using TLS costs: sender CPU per GB through an ``ssl.SSLObject`` over
 memory BIOs plus ``socket.send`` (what agent/tunnel/relay.py does, so that it decides every read
 and write), against an ``ssl.SSLSocket`` doing the same (OpenSSL writes to the socket itself).
-A lead for the tunnel's bulk throughput, not a product measurement. Not part of the test suite.
+Two memory-BIO variants: records sent at once (the relay now), and records passed through a
+``bytearray`` send queue first (the relay before commit f302443). Not part of the test suite.
 
     .venv/bin/python benchmarks/tls_write_paths.py [--mb 512] [--rounds 3]
 
 One process, loopback, TLS 1.3 with a throw-away certificate; a thread receives. Rounds alternate
-the two paths; it prints each round and the median ratio (memory BIO / SSLSocket).
+the paths; it prints each round and the median ratios to SSLSocket.
 """
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ def send(mode: str, server: ssl.SSLContext, client: ssl.SSLContext, total: int) 
     while sent < total:
         if mode == "SSLSocket":
             tls_socket.sendall(payload)
-        else:  # as the relay: encrypt, queue the records, send what the socket takes
+        elif mode == "memory BIO, queued":  # the relay until f302443: every record through a send queue
             tls_object.write(payload)
             queued += outgoing.read()
             while queued:
                 del queued[:raw.send(queued)]
+        else:  # the relay now: the records go to send() at once, only a rest is queued
+            tls_object.write(payload)
+            raw.sendall(outgoing.read())
         sent += CHUNK
     after = resource.getrusage(resource.RUSAGE_THREAD)
     receiver.join()
@@ -97,14 +101,17 @@ def main() -> None:
     total = args.mb * 1024 * 1024
     with tempfile.TemporaryDirectory() as directory:
         server, client = contexts(Path(directory))
-        ratios = []
+        ratios: dict[str, list[float]] = {"memory BIO": [], "memory BIO, queued": []}
         for round_number in range(args.rounds):
-            membio = send("memory BIO", server, client, total)
             sslsocket = send("SSLSocket", server, client, total)
-            ratios.append(membio / sslsocket)
-            print(f"round {round_number + 1}: memory BIO {membio:.2f} s/GB, SSLSocket {sslsocket:.2f} s/GB, "
-                  f"ratio {ratios[-1]:.2f}x")
-    print(f"median ratio memory BIO / SSLSocket (sender CPU per GB): {statistics.median(ratios):.2f}x")
+            line = [f"round {round_number + 1}: SSLSocket {sslsocket:.2f} s/GB"]
+            for mode, values in ratios.items():
+                cpu = send(mode, server, client, total)
+                values.append(cpu / sslsocket)
+                line.append(f"{mode} {cpu:.2f} s/GB ({values[-1]:.2f}x)")
+            print(", ".join(line))
+    for mode, values in ratios.items():
+        print(f"median ratio {mode} / SSLSocket (sender CPU per GB): {statistics.median(values):.2f}x")
 
 
 if __name__ == "__main__":

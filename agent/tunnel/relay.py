@@ -126,8 +126,12 @@ class TunnelRuntime(_Counters):
         with self._lock:
             return self._session
 
-    def remember_session(self, session: ssl.SSLSession | None) -> None:
-        if session is not None and self.config.session_resumption:
+    def remember_session(self, tls: ssl.SSLObject) -> None:
+        """Keep the connection's session (its newest ticket) for the next one to resume."""
+        if not self.config.session_resumption:
+            return  # reading .session costs a DER copy of it (~0.4 ms): only when it is used
+        session = tls.session
+        if session is not None:
             with self._lock:
                 self._session = session
 
@@ -239,7 +243,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         version, resumed = tls.obj.version(), tls.obj.session_reused
         relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=True)
         relay.run()
-        runtime.remember_session(tls.obj.session)
+        runtime.remember_session(tls.obj)
         association = relay.association
         log.info("tunnel %s: %s: %s %s to %s as %s, %s, %d bytes up, %d down, %.1f s%s%s", config.name, peer,
                  version, "resumed" if resumed else "full handshake", config.remote,
