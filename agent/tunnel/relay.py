@@ -628,21 +628,25 @@ class _Relay:
         if self.to_remote:
             self.to_remote += records
             return
+        sent = self._send_to_remote(records)
+        if sent is not None and sent < len(records):
+            self.to_remote += memoryview(records)[sent:]
+
+    def _send_to_remote(self, data: bytes | bytearray) -> int | None:
+        """Bytes the socket took; None if the peer reset the connection (then handled here)."""
         try:
-            sent = self._send(self.remote, records)
+            return self._send(self.remote, data)
         except (ConnectionResetError, BrokenPipeError) as error:
             # A TLS 1.3 server that refused our certificate may reset while our request goes out:
             # the same news as reading the reset, and told the same way.
-            return self._remote_failed(error)
-        if sent < len(records):
-            self.to_remote += memoryview(records)[sent:]
+            self._remote_failed(error)
+            return None
 
     def _on_remote(self, events: int) -> None:
         if events & select.POLLOUT and self.to_remote:
-            try:
-                sent = self._send(self.remote, self.to_remote)
-            except (ConnectionResetError, BrokenPipeError) as error:
-                return self._remote_failed(error)
+            sent = self._send_to_remote(self.to_remote)
+            if sent is None:
+                return
             del self.to_remote[:sent]
         if not events & (select.POLLIN | select.POLLHUP | select.POLLERR) or self.remote_done:
             return
