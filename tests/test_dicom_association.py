@@ -249,3 +249,18 @@ def test_the_patient_and_study_of_each_stored_instance_are_read_from_its_first_b
     assert patient_and_study(prefixes[0].data, transfer_syntax) == ("1.2.826.0.1.3680043.8.498.1", "PID-42", "Doe^Jane")
     assert patient_and_study(b"\x08\x00garbage", transfer_syntax) == ("", "", "")
     assert patient_and_study(prefixes[0].data, "1.2.840.10008.1.2.1.99") == ("", "", "")  # deflated: not read
+
+
+@pytest.mark.parametrize("rules, can_refuse", [
+    (AssociationRules(), False),
+    (AssociationRules(allowed_calling_ae_titles=("MODALITY*",)), True),
+    (AssociationRules(allowed_called_ae_titles=("PACS",)), True),
+    (AssociationRules(user_identity=UserIdentityMode.USERNAME), False),
+    (AssociationRules(user_identity=UserIdentityMode.USERNAME,
+                      existing_user_identity=ExistingUserIdentity.REPLACE), False),
+    (AssociationRules(user_identity=UserIdentityMode.USERNAME,
+                      existing_user_identity=ExistingUserIdentity.REJECT), True),
+])
+def test_rules_say_whether_they_can_refuse_a_request(rules: AssociationRules, can_refuse: bool) -> None:
+    """The tunnel reads the request before contacting the PACS exactly when this is True."""
+    assert rules.can_refuse is can_refuse

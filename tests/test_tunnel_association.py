@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from pathlib import Path
+
+import pytest
 
 from agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, parse_a_abort
 from agent_runner import FramedEchoServer, associate_rq, running_agent, tunnel
 from conftest import ProvisionedPki
 from peers.dcmtk import storescp, storescu
 from peers.pki_files import TlsServerFiles
+from peers.ports import free_port
 from peers.pynetdicom_scp import associate, tls_scp
 from peers.study import make_study
 
@@ -61,8 +65,10 @@ def test_a_calling_ae_title_outside_the_rules_is_rejected_before_the_pacs(test_p
             assert allowed.is_established
             allowed.release()
             log = agent.wait_for_log("refused")
-        # The TLS connection is made while the application sends its request; VIEWER's ends without one.
-        calling_titles = [record.calling_ae for record in pacs.associations if record.calling_ae]
+        # One record per TLS connection the PACS accepted: with AE title rules, the request is
+        # decided before the PACS is contacted, so VIEWER cost no connection under the card's
+        # identity (and no card signature).
+        calling_titles = [record.calling_ae for record in pacs.associations]
     assert refused.is_rejected
     assert (refused.acceptor.primitive.result, refused.acceptor.primitive.result_source,
             refused.acceptor.primitive.diagnostic) == (1, 1, 3)  # permanent, service-user, calling AE not recognized
@@ -102,6 +108,44 @@ def test_a_malformed_pdu_from_the_application_aborts_its_association_only(test_p
     assert pdu_type == A_ABORT and parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
     assert "malformed PDU from the application: unknown PDU type 0x09" in log
     assert records[0].ended == "aborted"  # the PACS got an A-ABORT too, not a silent drop
+
+
+@pytest.mark.parametrize("first_bytes, expected_log", [
+    (b"\x09\x00\x00\x00\x00\x04garbage", "malformed PDU from the application: unknown PDU type 0x09"),
+    (b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00",
+     "malformed PDU from the application: A-RELEASE-RQ PDU before any A-ASSOCIATE-RQ"),
+])
+def test_with_ae_title_rules_a_malformed_start_is_aborted_without_contacting_the_pacs(
+        test_pki: ProvisionedPki, tmp_path: Path, first_bytes: bytes, expected_log: str) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent",
+                           [tunnel("pacs", pacs.port, allowed_calling_ae_titles=["MODALITY*"])]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
+                application.sendall(first_bytes)
+                pdu_type, pdu = receive_pdu(application)
+            log = agent.wait_for_log("malformed PDU from the application")
+            allowed = associate(agent.port(), calling_ae="MODALITY_CT1")  # the tunnel carries on
+            assert allowed.is_established
+            allowed.release()
+        connections = [record.calling_ae for record in pacs.associations]
+    assert pdu_type == A_ABORT and parse_a_abort(pdu).describe().startswith("A-ABORT from DICOM UL service-provider")
+    assert expected_log in log
+    assert connections == ["MODALITY_CT1"]
+
+
+def test_with_ae_title_rules_an_unreachable_pacs_is_answered_at_once(test_pki: ProvisionedPki,
+                                                                     tmp_path: Path) -> None:
+    """The request was read before connecting: the A-ASSOCIATE-RJ must not wait for another one."""
+    with running_agent(test_pki, tmp_path / "agent",
+                       [tunnel("pacs", free_port(), allowed_calling_ae_titles=["MODALITY*"])]) as agent:
+        started = time.monotonic()
+        refused = associate(agent.port(), calling_ae="MODALITY_CT1")
+        elapsed = time.monotonic() - started
+        log = agent.wait_for_log("cannot reach the PACS")
+    assert refused.is_rejected
+    assert (refused.acceptor.primitive.result, refused.acceptor.primitive.result_source) == (2, 3)  # transient
+    assert elapsed < 2.0, elapsed
+    assert "connection refused (is the PACS running and listening on that port?)" in log
 
 
 def test_a_username_the_certificate_cannot_give_is_a_clear_sign_in_error(test_pki: ProvisionedPki,

@@ -57,6 +57,13 @@ class AssociationRules:
     positive_response_requested: bool = False
     existing_user_identity: ExistingUserIdentity = ExistingUserIdentity.KEEP
 
+    @property
+    def can_refuse(self) -> bool:
+        """True if some well-formed A-ASSOCIATE-RQ would be refused under these rules."""
+        return bool(self.allowed_calling_ae_titles or self.allowed_called_ae_titles or (
+            self.user_identity is not UserIdentityMode.OFF
+            and self.existing_user_identity is ExistingUserIdentity.REJECT))
+
 
 @dataclass(frozen=True)
 class Forward:

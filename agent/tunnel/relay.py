@@ -28,7 +28,7 @@ from typing import Any, Callable
 from cryptography import x509
 
 from agent.config.model import InboundConfig, TunnelConfig
-from agent.dicom.association import DATA_SET_PREFIX, Association, Refuse
+from agent.dicom.association import DATA_SET_PREFIX, Association, Forward, Refuse
 from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
                              AbortSource, AcseRejectReason, AssociationPdu, CommandSet, DataSetPrefix, FramerEvent, MalformedPduError,
                              PduFramer, PduHeader, PresentationRejectReason, RejectResult, RejectSource, a_abort,
@@ -43,6 +43,7 @@ log = logging.getLogger("agent.tunnel")
 CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
 REJECT_READ_TIMEOUT = 3.0
+ASSOCIATE_RQ_TIMEOUT = 30.0  # the ARTIM timer's job (PS3.8 9.1.5) while no PACS is involved yet
 POLL_INTERVAL_MS = 1000
 INSTANCES_PER_REPORT = 100  # one report must fit the reports channel (agent/session/channel.py)
 
@@ -227,6 +228,14 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
     started = time.monotonic()
     remote: socket.socket | None = None
     try:
+        request = b""
+        if config.association.can_refuse:
+            # A request these rules refuse must not cost a TLS connection under the card's identity,
+            # nor a card signature: decide before contacting the PACS. Without such rules the
+            # connection is made while the application is still sending, to save a round trip.
+            request = _request_before_connecting(runtime, local, peer)
+            if request is None:
+                return
         try:
             remote = _connect(runtime)
             tls = _handshake(runtime, remote)
@@ -238,10 +247,11 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             runtime.count(error=failure.message)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote, "reason": failure.message})
-            reject_local(local, failure)
+            reject_local(local, failure, request_read=bool(request))
             return
         version, resumed = tls.obj.version(), tls.obj.session_reused
-        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=True)
+        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=True,
+                       received=request)
         relay.run()
         runtime.remember_session(tls.obj)
         association = relay.association
@@ -258,6 +268,71 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         for sock in (local, remote):
             if sock is not None:
                 sock.close()
+
+
+def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, peer: str) -> bytes | None:
+    """The application's bytes up to its whole A-ASSOCIATE-RQ, if the tunnel's rules let it through.
+
+    Otherwise the application is answered here, as the relay would answer it (A-ASSOCIATE-RJ for a
+    refused request, A-ABORT for a malformed stream, each logged and reported the same way), and
+    None is returned; None too when the application leaves or sends nothing in time."""
+    framer = PduFramer()
+    received = bytearray()
+    association = Association(runtime.config.association, runtime.username)
+    deadline = time.monotonic() + ASSOCIATE_RQ_TIMEOUT
+    decision: Forward | Refuse | None = None
+    try:
+        while decision is None:
+            local.settimeout(max(0.001, deadline - time.monotonic()))
+            data = local.recv(CHUNK)
+            if not data:
+                return None
+            received += data
+            for event in framer.feed(data):
+                _check_first_pdu(event)
+                if isinstance(event, AssociationPdu):
+                    decision = association.on_request(event.pdu)
+                    break
+    except OSError:
+        log.info("tunnel %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
+                 ASSOCIATE_RQ_TIMEOUT)
+        return None
+    except MalformedPduError as error:
+        answer, what, message = abort_pdu(error), "malformed-pdu", f"malformed PDU from the application: {error}"
+    else:
+        if isinstance(decision, Forward):
+            return bytes(received)
+        answer, what, message = decision.reject_pdu, "association-refused", refusal_message(association, decision)
+    runtime.count(error=message)
+    log.warning("tunnel %s: %s: %s", runtime.config.name, peer, message)
+    runtime.report("security-alert", {**association_fields(runtime, association, peer, requestor_is_local=True),
+                                      "what": what, "reason": message})
+    _send_and_close(local, answer)
+    return None
+
+
+def _check_first_pdu(event: FramerEvent) -> None:
+    """An association starts with an A-ASSOCIATE-RQ; anything else first is a malformed stream."""
+    if isinstance(event, PduHeader) and event.pdu_type != A_ASSOCIATE_RQ:
+        raise MalformedPduError(f"{pdu_type_name(event.pdu_type)} PDU before any A-ASSOCIATE-RQ")
+
+
+def refusal_message(association: Association, decision: Refuse) -> str:
+    return f"association {association.describe_request()} refused: {decision.reason}"
+
+
+def association_fields(runtime: TunnelRuntime | InboundRuntime, association: Association, peer: str, *,
+                       requestor_is_local: bool) -> dict[str, Any]:
+    """What the audit trail records about an association; ``remote`` is always the PACS."""
+    return {
+        "direction": "outbound" if requestor_is_local else "inbound",
+        "tunnel": runtime.config.name,
+        "remote": runtime.config.remote if requestor_is_local else peer,
+        "local": peer if requestor_is_local else runtime.config.remote,
+        "calling_ae_title": association.calling_ae_title, "called_ae_title": association.called_ae_title,
+        "user_identity": association.user_identity_sent, "end": association.end,
+        "abstract_syntaxes": sorted(set(association.accepted_abstract_syntaxes.values())),
+    }
 
 
 class ClientVerificationError(CardAgentError):
@@ -434,9 +509,11 @@ def _read_one_pdu(local: socket.socket, timeout: float) -> None:
         return
 
 
-def reject_local(local: socket.socket, failure: TunnelFailure) -> None:
-    """Answer the application's association request with A-ASSOCIATE-RJ, then close gracefully."""
-    _read_one_pdu(local, REJECT_READ_TIMEOUT)
+def reject_local(local: socket.socket, failure: TunnelFailure, *, request_read: bool = False) -> None:
+    """Answer the application's association request with A-ASSOCIATE-RJ, then close gracefully;
+    the request is read first unless ``request_read``."""
+    if not request_read:
+        _read_one_pdu(local, REJECT_READ_TIMEOUT)
     _send_and_close(local, reject_pdu(transient=failure.transient))
 
 
@@ -462,7 +539,7 @@ class _Relay:
 
     def __init__(self, runtime: TunnelRuntime | InboundRuntime, local: socket.socket, remote: socket.socket,
                  tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, peer: str, *,
-                 requestor_is_local: bool) -> None:
+                 requestor_is_local: bool, received: bytes = b"") -> None:
         self.runtime = runtime
         self.local = local
         self.remote = remote
@@ -474,6 +551,7 @@ class _Relay:
         self.to_local = bytearray()
         self.to_remote = bytearray(self._tls_output())
         self._received = memoryview(bytearray(CHUNK))  # reused for every read from the local side
+        self._received_before = received  # from the local side before the relay started
         self.association = Association(runtime.config.association, runtime.username)
         self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
         self.acceptor_framer = PduFramer(inspect_commands=True)
@@ -503,6 +581,8 @@ class _Relay:
         poller.register(remote_fd, 0)
         poller.register(self.runtime.ending.read_fd, select.POLLIN)
         try:
+            if self._received_before:
+                self._from_local(self._received_before)
             self._read_tls()  # the requestor's first PDU may have come with its last handshake message
             while self.failure is None:
                 local_mask = (select.POLLIN if not self.local_eof and len(self.to_remote) < HIGH_WATER else 0) | (
@@ -600,12 +680,7 @@ class _Relay:
             except ConnectionResetError:
                 count = 0
             if count:
-                data = self._received[:count]  # only read before the next recv_into: everything keeping bytes copies them
-                self.bytes_up += count
-                self.runtime.count(up=count)
-                out = self._from_requestor(data) if self.requestor_is_local else self._from_acceptor(data)
-                if out:
-                    self.tls.write(out)
+                self._from_local(self._received[:count])  # read before the next recv_into; kept bytes are copied
             else:
                 self.local_eof = True
                 if not self.remote_done:
@@ -613,7 +688,15 @@ class _Relay:
                         self.tls.unwrap()  # close_notify: our half of the connection ends
                     except (ssl.SSLWantReadError, ssl.SSLError):
                         pass
-            self._push_tls_output()
+                self._push_tls_output()
+
+    def _from_local(self, data: bytes | memoryview) -> None:
+        self.bytes_up += len(data)
+        self.runtime.count(up=len(data))
+        out = self._from_requestor(data) if self.requestor_is_local else self._from_acceptor(data)
+        if out:
+            self.tls.write(out)
+        self._push_tls_output()
 
     def _flush_to_local(self) -> None:
         sent = self._send(self.local, self.to_local)
@@ -707,8 +790,7 @@ class _Relay:
 
     def _decide_request(self, events: list[FramerEvent]) -> bytes:
         for index, event in enumerate(events):
-            if isinstance(event, PduHeader) and event.pdu_type != A_ASSOCIATE_RQ:
-                raise MalformedPduError(f"{pdu_type_name(event.pdu_type)} PDU before any A-ASSOCIATE-RQ")
+            _check_first_pdu(event)
             if not isinstance(event, AssociationPdu):
                 continue
             decision = self.association.on_request(event.pdu)
@@ -717,8 +799,7 @@ class _Relay:
             self.held_request = None
             if isinstance(decision, Refuse):
                 self.refusal = decision
-                self.failure = TunnelFailure(f"association {self.association.describe_request()} refused: "
-                                             f"{decision.reason}")
+                self.failure = TunnelFailure(refusal_message(self.association, decision))
                 self._security_alert("association-refused", self.failure.message)
                 return b""
             self._inspect(events[index + 1:], from_requestor=True)
@@ -774,17 +855,8 @@ class _Relay:
         self._security_alert("malformed-pdu", self.failure.message)
 
     def association_fields(self) -> dict[str, Any]:
-        """What the audit trail records about this association; ``remote`` is always the PACS."""
-        association = self.association
-        return {
-            "direction": "outbound" if self.requestor_is_local else "inbound",
-            "tunnel": self.runtime.config.name,
-            "remote": self.runtime.config.remote if self.requestor_is_local else self.peer,
-            "local": self.peer if self.requestor_is_local else self.runtime.config.remote,
-            "calling_ae_title": association.calling_ae_title, "called_ae_title": association.called_ae_title,
-            "user_identity": association.user_identity_sent, "end": association.end,
-            "abstract_syntaxes": sorted(set(association.accepted_abstract_syntaxes.values())),
-        }
+        return association_fields(self.runtime, self.association, self.peer,
+                                  requestor_is_local=self.requestor_is_local)
 
     def report_end(self) -> None:
         """The audit reports of an accepted association: its C-STOREs (in chunks small enough for
