@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """dicom-card-agent benchmark: one command, one table. Not part of the test suite.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--keep]
+    .venv/bin/python benchmarks/run.py [--quick] [--keep] [--key rsa|ec]
 
 Provisions its own SoftHSM tokens and test PKI (``card-agent softhsm init``) in a temporary
 directory (on /dev/shm when possible), builds ONE bulk study, and measures in the same run,
-against the same study and the same token key (token "alice", RSA-2048, CKA_ID 01):
+against the same study and the same token key (``--key rsa``, the default: token "alice", RSA-2048;
+``--key ec``: token "bob", EC P-256; CKA_ID 01 either way; the file keys are of the same kind):
 
 1. bulk throughput, one association, ``storescu -R -xy`` -> ``storescp`` (TCP_NODELAY=1):
    plaintext; direct TLS with a FILE client key; through ``card-agent run``; through stunnel
    with the libp11 "pkcs11" ENGINE on the same SoftHSM key (plus an extra, labelled stunnel row
-   with a file key);
+   with a file key, and in 2. one with the engine and session resumption off);
 2. fresh-association latency (connect, A-ASSOCIATE, C-ECHO, A-RELEASE, close), median and p90
    of N, with two clients: a lean raw-socket DICOM client (no framework overhead) and pynetdicom;
 3. token signatures (C_Sign, counted by the fault_pkcs11 wrapper around SoftHSM) per resumed
@@ -70,6 +71,18 @@ from peers.study import new_uid, template_path  # noqa: E402
 
 USER_PIN = "123456"          # the public test PIN of `card-agent softhsm init`
 TOKEN = "alice"              # RSA-2048 clinician, key CKA_ID 01
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """The card identity of a run, and the kind of file key it is compared with."""
+
+    token: str
+    key_type: str  # for tests/peers/pki_files.py
+    description: str
+
+
+TOKEN_KEYS = {"rsa": TokenKey(TOKEN, "rsa", "RSA-2048"), "ec": TokenKey("bob", "ec", "EC P-256")}
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 CALLED_AE = "STORESCP"
 CALLING_AE = "BENCH"
@@ -502,11 +515,11 @@ class PynetdicomClient:
 
 
 def write_agent_config(path: Path, pki: Path, runtime_dir: Path, module: str,
-                       tunnels: list[tuple[str, int, int, bool]]) -> Path:
+                       tunnels: list[tuple[str, int, int, bool]], token: str = TOKEN) -> Path:
     """(name, listen port, remote port, session_resumption) per tunnel."""
     def q(value: object) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    lines = ["[identity]", f"token = {q(TOKEN)}", f"module = {q(module)}", 'pin = "env:CARD_PIN"', "",
+    lines = ["[identity]", f"token = {q(token)}", f"module = {q(module)}", 'pin = "env:CARD_PIN"', "",
              "[trust]", f"ca = {q(pki / 'ca-bundle.pem')}", f"crl = [{q(pki / 'issuing-ca.crl.pem')}]", "",
              "[agent]", 'log_level = "info"', f"runtime_dir = {q(runtime_dir)}", ""]
     for name, listen, remote, resumption in tunnels:
@@ -549,13 +562,14 @@ class Agent:
 
 @contextlib.contextmanager
 def running_agent(work: Path, name: str, pki: Path, softhsm_conf: Path, module: str,
-                  tunnels: list[tuple[str, int, bool]], extra_env: dict[str, str] | None = None) -> Iterator[Agent]:
+                  tunnels: list[tuple[str, int, bool]], extra_env: dict[str, str] | None = None,
+                  token: str = TOKEN) -> Iterator[Agent]:
     """``card-agent run`` with tunnels (name, remote port, session_resumption) on free loopback ports."""
     runtime_dir = work / f"{name}-runtime"
     runtime_dir.mkdir(mode=0o700, exist_ok=True)
     ports = {tunnel_name: free_port() for tunnel_name, _, _ in tunnels}
     config = write_agent_config(work / f"{name}.toml", pki, runtime_dir, module,
-                                [(t, ports[t], remote, resumption) for t, remote, resumption in tunnels])
+                                [(t, ports[t], remote, resumption) for t, remote, resumption in tunnels], token)
     env = {"SOFTHSM2_CONF": str(softhsm_conf), "CARD_PIN": USER_PIN, **(extra_env or {})}
     log_path = work / f"{name}.log"
     with managed_process([card_agent_executable(), "run", "--config", str(config)], log_path=log_path,
@@ -597,7 +611,8 @@ def engines_dir() -> Path | None:
 
 
 def write_stunnel_config(path: Path, *, accept_port: int, connect_port: int, cert_chain: Path, ca_bundle: Path,
-                         engine_key_uri: str | None = None, key_file: Path | None = None) -> Path:
+                         engine_key_uri: str | None = None, key_file: Path | None = None,
+                         session_resume: bool = True) -> Path:
     """stunnel client-mode config; with ``engine_key_uri`` the key is on the token through the libp11
     "pkcs11" ENGINE, whose PIN stunnel can only take from this file (hence mode 0600)."""
     # syslog = no: with "foreground = yes" stunnel also logs to syslog, and where /dev/log is missing
@@ -608,7 +623,8 @@ def write_stunnel_config(path: Path, *, accept_port: int, connect_port: int, cer
                   f"engineCtrl = PIN:{USER_PIN}", ""]
     lines += ["[dicom]", "client = yes", f"accept = {LOOPBACK}:{accept_port}", f"connect = {LOOPBACK}:{connect_port}",
               f"cert = {cert_chain}", f"CAfile = {ca_bundle}", "verifyChain = yes", "checkHost = localhost",
-              "sni = localhost", "sslVersionMin = TLSv1.2", "socket = l:TCP_NODELAY=1", "socket = r:TCP_NODELAY=1"]
+              "sni = localhost", "sslVersionMin = TLSv1.2", "socket = l:TCP_NODELAY=1", "socket = r:TCP_NODELAY=1",
+              f"sessionResume = {'yes' if session_resume else 'no'}"]
     if engine_key_uri is not None:
         lines += ["engineId = pkcs11", f"key = {engine_key_uri}"]
     else:
@@ -678,6 +694,7 @@ class Benchmark:
         self.samples = args.samples or (20 if self.quick else 50)
         self.sign_n = 5 if self.quick else 20
         self.study_bytes = int((args.study_mb or (40 if self.quick else 280)) * MB)
+        self.key = TOKEN_KEYS[getattr(args, "key", "rsa")]
         self.problems: list[str] = []
 
     # -- set-up --------------------------------------------------------------------------------
@@ -695,9 +712,9 @@ class Benchmark:
         self.softhsm_conf = Path(export.partition("=")[2])
         self.pki = work / "tokens" / "pki"
         self.direct_files = TlsClientFiles.issue(self.pki, work / "file-identity", "Direct TLS Benchmark",
-                                                 key_type="rsa")  # RSA-2048 like alice's token key
-        self.alice_chain = work / "alice-chain.pem"
-        self.alice_chain.write_bytes((self.pki / "clients" / f"{TOKEN}.pem").read_bytes()
+                                                 key_type=self.key.key_type)  # the token key's kind
+        self.token_chain = work / "token-chain.pem"
+        self.token_chain.write_bytes((self.pki / "clients" / f"{self.key.token}.pem").read_bytes()
                                      + (self.pki / "issuing-ca.pem").read_bytes())
 
     def run(self) -> str:
@@ -750,10 +767,10 @@ class Benchmark:
         self.scp_pids = {scp_plain.port: scp_plain.process.pid, scp_tls.port: scp_tls.process.pid}
         self.out_dirs = {scp_plain.port: out_plain, scp_tls.port: out_tls}
 
-        say("starting card-agent (token alice on SoftHSM, module softhsm2)")
+        say(f"starting card-agent (token {self.key.token} on SoftHSM, module softhsm2)")
         agent = stack.enter_context(running_agent(
             work, "agent", self.pki, self.softhsm_conf, "softhsm2",
-            [("pacs", scp_tls.port, True), ("pacs-full", scp_tls.port, False)]))
+            [("pacs", scp_tls.port, True), ("pacs-full", scp_tls.port, False)], token=self.key.token))
         self.agent = agent
 
         direct_context = self.direct_files.ssl_context()
@@ -770,6 +787,8 @@ class Benchmark:
         }
         routes["stunnel"] = self._start_stunnel(stack, work, stunnel_exe, scp_tls.port, engine=True)
         routes["stunnel_file"] = self._start_stunnel(stack, work, stunnel_exe, scp_tls.port, engine=False)
+        routes["stunnel_full"] = self._start_stunnel(stack, work, stunnel_exe, scp_tls.port, engine=True,
+                                                     session_resume=False)
         self.routes = routes
 
         self.check_routes()
@@ -780,7 +799,8 @@ class Benchmark:
         self.bulk = self.run_bulk([routes[k] for k in bulk_keys if routes[k].port is not None])
         self.memory = self.agent_memory()
 
-        latency_keys = ["plain", "direct", "direct_resumed", "agent_full", "agent", "stunnel", "stunnel_file"]
+        latency_keys = ["plain", "direct", "direct_resumed", "agent_full", "agent", "stunnel", "stunnel_file",
+                        "stunnel_full"]
         latency_routes = [routes[k] for k in latency_keys if routes[k].port is not None]
         drain = 10.0 if self.quick else 70.0
         self.quiet = [wait_for_quiet_tcp_table(drain)]
@@ -793,7 +813,7 @@ class Benchmark:
             lambda route: pynetdicom_client.echo(route.port, route.context))
         self.lookup_end = self._lookup_cost()
         self.agent_log_counts = (agent.log().count(" resumed "), agent.log().count(" full handshake "))
-        self.stunnel_reuse = {k: self._stunnel_reuse(routes[k]) for k in ("stunnel", "stunnel_file")}
+        self.stunnel_reuse = {k: self._stunnel_reuse(routes[k]) for k in ("stunnel", "stunnel_file", "stunnel_full")}
 
         self.signatures = self.count_signatures(work, scp_tls.port)
         busy = other_heavy_processes()
@@ -804,9 +824,11 @@ class Benchmark:
         return self.report(started, finished)
 
     def _start_stunnel(self, stack: contextlib.ExitStack, work: Path, executable: str | None, remote_port: int,
-                       *, engine: bool) -> Route:
+                       *, engine: bool, session_resume: bool = True) -> Route:
         key, label = ("stunnel", "stunnel + libp11 engine, SoftHSM key") if engine else (
             "stunnel_file", "stunnel, file key (extra row)")
+        if not session_resume:
+            key, label = f"{key}_full", f"{label.removesuffix(' (extra row)')}, full handshake every time (extra row)"
         if executable is None:
             return Route(key, label, unavailable="stunnel4 is not installed")
         if engine:
@@ -816,10 +838,10 @@ class Benchmark:
                                                      "(install libengine-pkcs11-openssl)")
         port = free_port()
         config = write_stunnel_config(
-            work / f"{key}.conf", accept_port=port, connect_port=remote_port, cert_chain=self.alice_chain if engine
+            work / f"{key}.conf", accept_port=port, connect_port=remote_port, cert_chain=self.token_chain if engine
             else self.direct_files.chain, ca_bundle=self.pki / "ca-bundle.pem",
-            engine_key_uri=f"pkcs11:token={TOKEN};id=%01;type=private" if engine else None,
-            key_file=None if engine else self.direct_files.key)
+            engine_key_uri=f"pkcs11:token={self.key.token};id=%01;type=private" if engine else None,
+            key_file=None if engine else self.direct_files.key, session_resume=session_resume)
         say(f"starting {label}")
         try:
             stunnel = stack.enter_context(running_stunnel(executable, config, port, work / f"{key}.log",
@@ -987,7 +1009,7 @@ class Benchmark:
         result: dict = {"module": str(module)}
         with running_agent(work, "agent-fault", self.pki, self.softhsm_conf, str(module),
                            [("pacs", remote_port, True), ("pacs-full", remote_port, False)],
-                           extra_env=card.env()) as agent:
+                           extra_env=card.env(), token=self.key.token) as agent:
             result["at_start"] = card.signatures()
             done = 0
             for tunnel in ("pacs", "pacs-full"):
@@ -1019,7 +1041,8 @@ class Benchmark:
         out.append(f"### dicom-card-agent benchmark ({mode} mode)")
         out.append("")
         out.append(f"Run {started:%Y-%m-%d %H:%M} to {finished:%H:%M} UTC; command: "
-                   f"`.venv/bin/python benchmarks/run.py{' --quick' if self.quick else ''}`; code: "
+                   f"`.venv/bin/python benchmarks/run.py{' --quick' if self.quick else ''}"
+                   f"{' --key ec' if self.key is TOKEN_KEYS['ec'] else ''}`; code: "
                    f"commit {git_commit()}")
         out.append("")
         out.append("| machine | |")
@@ -1027,8 +1050,8 @@ class Benchmark:
         for key, value in self.info.items():
             out.append(f"| {key} | {value} |")
         out.append("")
-        out.append(f"Study: {self.study_text}. Token key: SoftHSM token `{TOKEN}`, RSA-2048, id 01. File key: "
-                   "RSA-2048 issued from the same test CA. Server: one `storescp +tls ... -rc` (client "
+        out.append(f"Study: {self.study_text}. Token key: SoftHSM token `{self.key.token}`, "
+                   f"{self.key.description}, id 01. File key: {self.key.description} issued from the same test CA. Server: one `storescp +tls ... -rc` (client "
                    "certificate required) for every TLS row, one plain `storescp` for the plaintext row; "
                    "TCP_NODELAY=1 for DCMTK.")
         out.append("")
@@ -1097,10 +1120,12 @@ class Benchmark:
                            "direct_resumed": ("(extra: resumption floor)", None),
                            "agent_full": (f"<= {TARGET_FULL:.2f}x", TARGET_FULL),
                            "agent": (f"<= {TARGET_RESUMED:.2f}x", TARGET_RESUMED),
-                           "stunnel": ("(comparison)", None), "stunnel_file": ("(comparison)", None)}
+                           "stunnel": ("(comparison)", None), "stunnel_file": ("(comparison)", None),
+                           "stunnel_full": ("(comparison)", None)}
         labels = {"agent": "card-agent, resumed (default)", "agent_full": "card-agent, full handshake "
                   "(session_resumption = false)"}
-        for key in ("plain", "direct", "direct_resumed", "agent_full", "agent", "stunnel", "stunnel_file"):
+        for key in ("plain", "direct", "direct_resumed", "agent_full", "agent", "stunnel", "stunnel_file",
+                    "stunnel_full"):
             route = self.routes[key]
             label = labels.get(key, route.label)
             target_text, target = latency_targets[key]
@@ -1129,7 +1154,8 @@ class Benchmark:
         out.append("Both clients run in the benchmark process and speak the same DICOM: A-ASSOCIATE-RQ "
                    "(Verification), C-ECHO-RQ, A-RELEASE-RQ, then close; the time runs from connect() to the "
                    "A-RELEASE-RP. The lean client is a raw socket with stdlib `ssl` for the direct rows (full "
-                   "handshake every time unless marked resumed; RSA-2048 file key; server verified against the "
+                   "handshake every time unless marked resumed; "
+                   f"{self.key.description} file key; server verified against the "
                    "CA with host name check, as the agent does): its verdicts are the ones that measure the "
                    "transport. pynetdicom is the same for every row too (one AE, TLS through the same "
                    f"SSLContext for the direct row), but its own machinery adds {floor:.1f} ms per association "
@@ -1142,7 +1168,7 @@ class Benchmark:
                    "storescp's HelloRetryRequest (DCMTK 3.6.7 answers an X25519 key share with one for P-256) "
                    "and the others not.")
         stunnel_note = []
-        for key in ("stunnel", "stunnel_file"):
+        for key in ("stunnel", "stunnel_file", "stunnel_full"):
             reuse = self.stunnel_reuse.get(key)
             if reuse:
                 stunnel_note.append(f"{self.routes[key].label}: {reuse[0]} resumed, {reuse[1]} full handshakes")
@@ -1263,6 +1289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="bulk runs per route (default 9, quick 3), after one discarded warm-up run each")
     parser.add_argument("--samples", type=int, help="latency samples per route (default 50, quick 20)")
     parser.add_argument("--study-mb", type=float, help="bulk study size in MB (default 280, quick 40)")
+    parser.add_argument("--key", choices=sorted(TOKEN_KEYS), default="rsa",
+                        help="the card's key and the file key's kind: rsa (token alice, RSA-2048; default) "
+                             "or ec (token bob, EC P-256)")
     parser.add_argument("--wait-idle", type=float, default=600, metavar="SECONDS",
                         help="wait this long for a running test suite (pytest) to end before starting "
                              "(default 600; then it runs anyway and says so in the report)")
