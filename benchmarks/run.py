@@ -1051,9 +1051,9 @@ class Benchmark:
             out.append(f"| {key} | {value} |")
         out.append("")
         out.append(f"Study: {self.study_text}. Token key: SoftHSM token `{self.key.token}`, "
-                   f"{self.key.description}, id 01. File key: {self.key.description} issued from the same test CA. Server: one `storescp +tls ... -rc` (client "
-                   "certificate required) for every TLS row, one plain `storescp` for the plaintext row; "
-                   "TCP_NODELAY=1 for DCMTK.")
+                   f"{self.key.description}, id 01. File key: {self.key.description} issued from the same test "
+                   "CA. Server: one `storescp +tls ... -rc` (client certificate required) for every TLS row, one "
+                   "plain `storescp` for the plaintext row; TCP_NODELAY=1 for DCMTK.")
         out.append("")
         out.append("Negotiated:")
         out += [f"- {line}" for line in self.tls_details]

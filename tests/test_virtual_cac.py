@@ -92,6 +92,14 @@ def test_tokens_and_identities_show_the_card_and_its_usable_identity(
     assert "TLSv1.3" in identity["tls"]["versions"], identity["tls"]
 
 
+def test_module_auto_takes_the_card_in_the_reader_before_software_tokens(
+        test_pki: ProvisionedPki, card_reader: VirtualReader, virtual_cards: dict[str, CardContents]) -> None:
+    card_reader.insert(virtual_cards["carol"])
+    tokens = json.loads(run_card_agent("tokens", "--json", env=opensc_env(test_pki), check=True).stdout)
+    labels = {token["label"] for token in tokens}
+    assert "Carol Example" in labels and "alice" not in labels, labels  # SoftHSM's tokens are visible too
+
+
 # -- the agent stores a study with the card's identity -----------------------------------------------
 
 def test_a_study_stored_through_the_agent_with_the_card_identity(
