@@ -35,7 +35,6 @@ import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -46,7 +45,8 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import run as bench  # noqa: E402  (benchmarks/run.py: provisioning, the agent, the lean DICOM client)
-from run import ASSOCIATE_RQ, LOOPBACK, BenchError, git_commit, machine_info, running_agent, say  # noqa: E402
+from run import (ASSOCIATE_RQ, LOOPBACK, BenchError, git_commit, machine_info, print_report, running_agent,  # noqa: E402
+                 say)
 
 from fault_pkcs11 import FaultControl  # noqa: E402
 from fault_pkcs11 import build as build_fault_module  # noqa: E402
@@ -57,6 +57,7 @@ from virtual_card.reader import VirtualReader  # noqa: E402
 
 TARGET_OBSERVED_MS = 250
 TARGET_CLOSED_MS = 100
+ANY_CARD = ""  # the agent's [identity] token: cards are swapped (alice/bob, carol/dave), so any card
 PCSCD_POLL_S = 0.4  # pcscd's polling of drivers that cannot signal (vpcd): PCSCLITE_STATUS_POLL_RATE
 A_ABORT = 0x07
 
@@ -194,7 +195,7 @@ class Run:
             return pulled
 
         with running_agent(work, "fault", provisioned.pki, provisioned.softhsm_conf, str(module),
-                           [("pacs", pacs_port, True)], extra_env=card.env()) as agent:
+                           [("pacs", pacs_port, True)], extra_env=card.env(), token=ANY_CARD) as agent:
             measure(agent, series, self.args.pulls, self.args.associations, insert, pull, ready_timeout=30)
         self.results.append(series)
 
@@ -220,7 +221,7 @@ class Run:
 
                     with running_agent(work, f"vcac-{len(self.results)}", provisioned.pki,
                                        provisioned.softhsm_conf, "opensc", [("pacs", pacs_port, True)],
-                                       extra_env=extra_env) as agent:
+                                       extra_env=extra_env, token=ANY_CARD) as agent:
                         measure(agent, series, self.args.pulls, self.args.associations, insert, pull,
                                 ready_timeout=60)
                         reader.close()
@@ -260,9 +261,6 @@ class Run:
         try:
             provisioned = bench.Benchmark(argparse.Namespace(quick=True, reps=None, samples=None, study_mb=None))
             provisioned.provision(work)
-            # run.py writes ``token = TOKEN`` ("alice") into the agent's configuration; here cards
-            # are swapped (alice/bob, carol/dave), so the agent must accept any card.
-            bench.TOKEN = ""
             with tls_scp(pki_dir=provisioned.pki) as pacs:
                 self.fault_module(work, provisioned, pacs.port)
                 self.virtual_cac(work, provisioned, pacs.port)
@@ -274,10 +272,6 @@ class Run:
                 shutil.rmtree(work, ignore_errors=True)
 
 
-def _terminate(signum, _frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pulls", type=int, default=20, help="pulls per configuration (default 20)")
@@ -286,18 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for name in ("OPENSSL_CONF", "CARD_AGENT_MODULE", "SOFTHSM2_CONF", "CARD_AGENT_CARD_EVENTS"):
         os.environ.pop(name, None)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        report = Run(args).run()
-    except KeyboardInterrupt:
-        say("interrupted; every process started here has been stopped")
-        return 130
-    except BenchError as error:
-        say(f"failed: {error}")
-        return 1
-    print(report)
-    return 0
+    return print_report(lambda: Run(args).run())
 
 
 if __name__ == "__main__":

@@ -1299,13 +1299,19 @@ def main(argv: list[str] | None = None) -> int:
     _same_tls_groups_for_every_client(argv if argv is not None else sys.argv[1:])
     for name in ("CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
         os.environ.pop(name, None)  # ours and every child's: each gets what it needs explicitly
-    # Ctrl-C raises KeyboardInterrupt even when started in the background by a shell, which
-    # leaves SIGINT ignored for its background jobs; the ExitStack then stops every process.
+    return print_report(lambda: Benchmark(args).run())
+
+
+def print_report(produce: Callable[[], str]) -> int:
+    """Run ``produce`` and print its report; the exit status of a benchmark script.
+
+    Ctrl-C, SIGTERM and SIGHUP end it through KeyboardInterrupt (also when a shell started it in
+    the background, which leaves SIGINT ignored), so that its ExitStack stops every process."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
     try:
-        report = Benchmark(args).run()
+        report = produce()
     except KeyboardInterrupt:
         say("interrupted; every process started here has been stopped")
         return 130
