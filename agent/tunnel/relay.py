@@ -293,19 +293,21 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
                 if isinstance(event, AssociationPdu):
                     decision = association.on_request(event.pdu)
                     break
-    except OSError:
+    except (socket.timeout, TimeoutError):
         log.info("tunnel %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
                  ASSOCIATE_RQ_TIMEOUT)
         return None
+    except OSError:
+        return None  # the application went away
     except MalformedPduError as error:
         answer, what, message = abort_pdu(error), "malformed-pdu", f"malformed PDU from the application: {error}"
     else:
         if isinstance(decision, Forward):
             return bytes(received)
-        answer, what, message = decision.reject_pdu, "association-refused", refusal_message(association, decision)
+        answer, what, message = decision.reject_pdu, "association-refused", _refusal_message(association, decision)
     runtime.count(error=message)
     log.warning("tunnel %s: %s: %s", runtime.config.name, peer, message)
-    runtime.report("security-alert", {**association_fields(runtime, association, peer, requestor_is_local=True),
+    runtime.report("security-alert", {**_association_fields(runtime, association, peer, requestor_is_local=True),
                                       "what": what, "reason": message})
     _send_and_close(local, answer)
     return None
@@ -317,11 +319,11 @@ def _check_first_pdu(event: FramerEvent) -> None:
         raise MalformedPduError(f"{pdu_type_name(event.pdu_type)} PDU before any A-ASSOCIATE-RQ")
 
 
-def refusal_message(association: Association, decision: Refuse) -> str:
+def _refusal_message(association: Association, decision: Refuse) -> str:
     return f"association {association.describe_request()} refused: {decision.reason}"
 
 
-def association_fields(runtime: TunnelRuntime | InboundRuntime, association: Association, peer: str, *,
+def _association_fields(runtime: TunnelRuntime | InboundRuntime, association: Association, peer: str, *,
                        requestor_is_local: bool) -> dict[str, Any]:
     """What the audit trail records about an association; ``remote`` is always the PACS."""
     return {
@@ -799,7 +801,7 @@ class _Relay:
             self.held_request = None
             if isinstance(decision, Refuse):
                 self.refusal = decision
-                self.failure = TunnelFailure(refusal_message(self.association, decision))
+                self.failure = TunnelFailure(_refusal_message(self.association, decision))
                 self._security_alert("association-refused", self.failure.message)
                 return b""
             self._inspect(events[index + 1:], from_requestor=True)
@@ -855,7 +857,7 @@ class _Relay:
         self._security_alert("malformed-pdu", self.failure.message)
 
     def association_fields(self) -> dict[str, Any]:
-        return association_fields(self.runtime, self.association, self.peer,
+        return _association_fields(self.runtime, self.association, self.peer,
                                   requestor_is_local=self.requestor_is_local)
 
     def report_end(self) -> None:
