@@ -273,6 +273,7 @@ class PduEnd:
 
 _P_DATA_END = PduEnd(P_DATA_TF)
 
+
 @dataclass(frozen=True, slots=True)
 class CommandSet:
     """The complete command set of a DIMSE message on presentation context ``context_id``."""

@@ -276,23 +276,12 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
     Otherwise the application is answered here, as the relay would answer it (A-ASSOCIATE-RJ for a
     refused request, A-ABORT for a malformed stream, each logged and reported the same way), and
     None is returned; None too when the application leaves or sends nothing in time."""
-    framer = PduFramer()
-    received = bytearray()
     association = Association(runtime.config.association, runtime.username)
-    deadline = time.monotonic() + ASSOCIATE_RQ_TIMEOUT
-    decision: Forward | Refuse | None = None
     try:
-        while decision is None:
-            local.settimeout(max(0.001, deadline - time.monotonic()))
-            data = local.recv(CHUNK)
-            if not data:
-                return None
-            received += data
-            for event in framer.feed(data):
-                _check_first_pdu(event)
-                if isinstance(event, AssociationPdu):
-                    decision = association.on_request(event.pdu)
-                    break
+        received, request = _read_first_association_pdu(local, ASSOCIATE_RQ_TIMEOUT, request_first=True)
+        if request is None:
+            return None
+        decision = association.on_request(request)
     except (socket.timeout, TimeoutError):
         log.info("tunnel %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
                  ASSOCIATE_RQ_TIMEOUT)
@@ -303,7 +292,7 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
         answer, what, message = abort_pdu(error), "malformed-pdu", f"malformed PDU from the application: {error}"
     else:
         if isinstance(decision, Forward):
-            return bytes(received)
+            return received
         answer, what, message = decision.reject_pdu, "association-refused", _refusal_message(association, decision)
     runtime.count(error=message)
     log.warning("tunnel %s: %s: %s", runtime.config.name, peer, message)
@@ -495,18 +484,34 @@ def abort_pdu(malformed: MalformedPduError | None = None) -> bytes:
                    else AbortReason.INVALID_PDU_PARAMETER_VALUE)
 
 
+def _read_first_association_pdu(local: socket.socket, timeout: float, *,
+                                request_first: bool) -> tuple[bytes, bytes | None]:
+    """The application's bytes up to its first whole association PDU (normally its A-ASSOCIATE-RQ),
+    and that PDU; None for it if the application closed first. ``request_first``: any other PDU
+    before it is malformed. Raises OSError (a timeout included) and MalformedPduError."""
+    framer = PduFramer()
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no whole association PDU in time")  # also when bytes keep trickling in
+        local.settimeout(left)
+        data = local.recv(CHUNK)
+        if not data:
+            return bytes(received), None
+        received += data
+        for event in framer.feed(data):
+            if request_first:
+                _check_first_pdu(event)
+            if isinstance(event, AssociationPdu):
+                return bytes(received), event.pdu
+
+
 def _read_one_pdu(local: socket.socket, timeout: float) -> None:
     """Consume what the application sent (normally its A-ASSOCIATE-RQ) so that closing does not reset."""
-    framer = PduFramer()
-    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:
-            local.settimeout(max(0.001, deadline - time.monotonic()))
-            data = local.recv(CHUNK)
-            if not data:
-                return
-            if any(isinstance(event, AssociationPdu) for event in framer.feed(data)):
-                return
+        _read_first_association_pdu(local, timeout, request_first=False)
     except (OSError, MalformedPduError):
         return
 
@@ -552,7 +557,7 @@ class _Relay:
         self.requestor_is_local = requestor_is_local
         self.to_local = bytearray()
         self.to_remote = bytearray(self._tls_output())
-        self._received = memoryview(bytearray(CHUNK))  # reused for every read from the local side
+        self._read_buffer = memoryview(bytearray(CHUNK))  # reused for every read from the local side
         self._received_before = received  # from the local side before the relay started
         self.association = Association(runtime.config.association, runtime.username)
         self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
@@ -676,13 +681,13 @@ class _Relay:
             self._flush_to_local()
         if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not self.local_eof:
             try:
-                count = self.local.recv_into(self._received)
+                count = self.local.recv_into(self._read_buffer)
             except BlockingIOError:
                 return
             except ConnectionResetError:
                 count = 0
             if count:
-                self._from_local(self._received[:count])  # read before the next recv_into; kept bytes are copied
+                self._from_local(self._read_buffer[:count])  # read before the next recv_into; kept bytes are copied
             else:
                 self.local_eof = True
                 if not self.remote_done:
@@ -707,9 +712,9 @@ class _Relay:
     def _push_tls_output(self) -> None:
         """Send the TLS records OpenSSL wrote at once, unless older ones still wait; keep what the
         socket does not take. Sending here, rather than on the next poll, saves a wake-up per PDU."""
-        if not self.outgoing.pending:
+        records = self._tls_output()
+        if not records:
             return
-        records = self.outgoing.read()
         if self.to_remote:
             self.to_remote += records
             return
