@@ -259,7 +259,8 @@ class Run:
         work = Path(tempfile.mkdtemp(prefix="card-events-bench-", dir=base))
         say(f"work directory {work}")
         try:
-            provisioned = bench.Benchmark(argparse.Namespace(quick=True, reps=None, samples=None, study_mb=None))
+            provisioned = bench.Benchmark(argparse.Namespace(quick=True, reps=None, samples=None, study_mb=None,
+                                                             key="rsa"))
             provisioned.provision(work)
             with tls_scp(pki_dir=provisioned.pki) as pacs:
                 self.fault_module(work, provisioned, pacs.port)

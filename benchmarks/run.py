@@ -694,7 +694,7 @@ class Benchmark:
         self.samples = args.samples or (20 if self.quick else 50)
         self.sign_n = 5 if self.quick else 20
         self.study_bytes = int((args.study_mb or (40 if self.quick else 280)) * MB)
-        self.key = TOKEN_KEYS[getattr(args, "key", "rsa")]
+        self.key = TOKEN_KEYS[args.key]
         self.problems: list[str] = []
 
     # -- set-up --------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="card-agent-contention-", dir="/dev/shm"))
     try:
         with contextlib.ExitStack() as stack:
-            helper = bench.Benchmark(argparse.Namespace(quick=True, reps=1, samples=1, study_mb=1))
+            helper = bench.Benchmark(argparse.Namespace(quick=True, reps=1, samples=1, study_mb=1, key="rsa"))
             helper.provision(work)
             fault_module = bench.build_fault_module(work / "fault-build")
             card = bench.FaultControl(work / "card.ctl")
