@@ -117,6 +117,39 @@ def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, 
     assert log.count("full handshake") == 1 and log.count(" resumed ") == 2
 
 
+def _card_session_rss_kib(agent_pid: int) -> int:
+    """VmRSS of the agent's card-session process (its child running agent.session.worker)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            cmdline = (status.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields["PPid"]) == agent_pid and b"agent.session.worker" in cmdline:
+            return int(fields["VmRSS"].split()[0])
+    raise AssertionError("no card-session process found")
+
+
+def test_resumed_associations_do_not_grow_the_card_session(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    # Reading SSLObject.session leaks a copy of the session in Python 3.11 (CPython gh-116810): it
+    # grew the card-session process ~6 kB per resumed association, 1.8 MB over these 300.
+    server = FramedEchoServer(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path, [tunnel("echo", server.port)]) as agent:
+            request = dicom_stream(b"ping" * 64)
+            for _ in range(100):
+                assert echoed(send_and_close(agent.port(), request)) == request
+            before = _card_session_rss_kib(agent.process.pid)
+            for _ in range(300):
+                assert echoed(send_and_close(agent.port(), request)) == request
+            after = _card_session_rss_kib(agent.process.pid)
+            log = agent.wait_for_log("to 127.0.0.1:")
+    finally:
+        server.close()
+    assert log.count("full handshake") == 1 and log.count(" resumed ") == 399
+    assert after - before < 600, f"the card-session process grew {after - before} KiB over 300 associations"
+
+
 def test_sixty_four_concurrent_associations(test_pki: ProvisionedPki, tmp_path: Path) -> None:
 
     server = FramedEchoServer(test_pki, concurrent=True)

@@ -122,15 +122,38 @@ class TunnelRuntime(_Counters):
     username: str | None = field(default=None, kw_only=True)  # for User Identity Negotiation, when asked for
     report: Report = field(default=no_report, kw_only=True)  # for the audit trail
     _session: ssl.SSLSession | None = field(default=None, init=False, repr=False)
+    _session_resumptions: int = field(default=0, init=False, repr=False)
+    _single_use_tickets: bool = field(default=False, init=False, repr=False)
 
     def resumable_session(self) -> ssl.SSLSession | None:
         with self._lock:
             return self._session
 
     def remember_session(self, tls: ssl.SSLObject) -> None:
-        """Keep the connection's session (its newest ticket) for the next one to resume."""
+        """Keep a session for the next connection to resume.
+
+        A resumed connection's session is read only for a PACS whose tickets work once: Python
+        3.11 leaks a copy of the session (~6 kB) on every read of ``.session`` (CPython
+        gh-116810), which grew the card-session process with every association. So the session of
+        a full handshake serves every resumption until the PACS stops accepting it (its ticket
+        lifetime), when a full handshake gives the next one. docs/tls-policy.md says what that
+        means for the privacy of TLS 1.3 tickets.
+        """
         if not self.config.session_resumption:
-            return  # reading .session costs a DER copy of it (~0.4 ms): only when it is used
+            return
+        with self._lock:
+            if tls.session_reused:
+                self._session_resumptions += 1
+                if not self._single_use_tickets:
+                    return
+            elif (self._session is not None and self._session_resumptions == 1 and not self._single_use_tickets
+                  and time.time() < self._session.time + self._session.timeout):
+                # Refused on its second use, within its lifetime: this PACS takes each ticket once.
+                self._single_use_tickets = True
+                log.info("tunnel %s: the PACS accepts each TLS session ticket once; every association now keeps "
+                         "its newest ticket", self.config.name)
+            else:
+                self._session_resumptions = 0
         session = tls.session
         if session is not None:
             with self._lock:
@@ -139,6 +162,7 @@ class TunnelRuntime(_Counters):
     def forget_sessions(self) -> None:
         with self._lock:
             self._session = None
+            self._session_resumptions = 0
 
 
 @dataclass
