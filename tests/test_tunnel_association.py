@@ -13,7 +13,7 @@ import pytest
 from agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, parse_a_abort
 from agent_runner import FramedEchoServer, associate_rq, running_agent, tunnel
 from conftest import ProvisionedPki
-from peers.dcmtk import storescp, storescu
+from peers.dcmtk import TLS_DETAILS_BEGIN, echoscu, storescp, storescu
 from peers.pki_files import TlsServerFiles
 from peers.ports import free_port
 from peers.pynetdicom_scp import associate, tls_scp
@@ -185,3 +185,25 @@ def test_a_malformed_pdu_from_the_pacs_aborts_the_association(test_pki: Provisio
     assert pdu_type == A_ABORT
     assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
     assert f"malformed PDU from the server 127.0.0.1:{server.port}: unknown PDU type 0x0A" in log
+
+
+@pytest.mark.parametrize("probe", [b"", associate_rq()[:10]], ids=["connect-and-close", "half-a-request"])
+def test_a_probe_that_leaves_before_its_request_does_not_hold_a_single_association_pacs(
+        test_pki: ProvisionedPki, tmp_path: Path, probe: bytes) -> None:
+    # storescp serves one association at a time: a PACS connection kept open for the probe made
+    # the next real association wait for it (30 s), then fail.
+    with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port())) as client:
+                client.sendall(probe)
+            started = time.monotonic()
+            echo = echoscu(agent.port(), extra_args=["-to", "10", "-ta", "10", "-td", "10"])
+            elapsed = time.monotonic() - started
+            log = agent.wait_for_log(" full handshake ")
+        pacs_log = scp.log_text()
+    assert echo.returncode == 0, echo.stdout
+    assert elapsed < 2.0, f"C-ECHO after the probe took {elapsed:.1f} s"
+    assert "rejecting our certificate" not in log and "does not accept" not in log, log
+    assert pacs_log.count("I: Association Acknowledged") == 1, pacs_log  # the C-ECHO's
+    # Connect-and-close never reaches the PACS; half a request costs one TLS connection, ended at once.
+    assert pacs_log.count(TLS_DETAILS_BEGIN) == (2 if probe else 1), pacs_log

@@ -260,6 +260,8 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             request = _request_before_connecting(runtime, local, peer)
             if request is None:
                 return
+        elif not _application_sent_something(runtime, local, peer):
+            return
         try:
             remote = _connect(runtime)
             tls = _handshake(runtime, remote)
@@ -324,6 +326,25 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
                                       "what": what, "reason": message})
     _send_and_close(local, answer)
     return None
+
+
+def _application_sent_something(runtime: TunnelRuntime, local: socket.socket, peer: str) -> bool:
+    """Wait for the application's first byte before contacting the PACS.
+
+    A port check or monitoring probe connects and closes without a word; contacting the PACS for it
+    would cost a card signature and, at a PACS serving one association at a time, block the next
+    real one. An application sends its A-ASSOCIATE-RQ as soon as it is connected, so waiting for its
+    first byte gives up almost none of the round trip that connecting early saves."""
+    try:
+        readable, _, _ = select.select([local], [], [], ASSOCIATE_RQ_TIMEOUT)
+        if readable and local.recv(1, socket.MSG_PEEK):
+            return True
+    except OSError:
+        return False  # reset: the application went away
+    if not readable:
+        log.info("tunnel %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
+                 ASSOCIATE_RQ_TIMEOUT)
+    return False
 
 
 def _check_first_pdu(event: FramerEvent) -> None:
@@ -714,12 +735,24 @@ class _Relay:
                 self._from_local(self._read_buffer[:count])  # read before the next recv_into; kept bytes are copied
             else:
                 self.local_eof = True
+                if self.held_request is not None and self.requestor_is_local:
+                    self._leave_before_request()
+                    return
                 if not self.remote_done:
                     try:
                         self.tls.unwrap()  # close_notify: our half of the connection ends
                     except (ssl.SSLWantReadError, ssl.SSLError):
                         pass
                 self._push_tls_output()
+
+    def _leave_before_request(self) -> None:
+        """The application left before its A-ASSOCIATE-RQ was whole: no association to wait for, so the
+        PACS connection ends now instead of holding a PACS that serves one association at a time."""
+        log.info("%s: %s: the application closed before its A-ASSOCIATE-RQ; PACS connection closed",
+                 self._where(), self.peer)
+        self._end_remote()
+        self.remote_done = True
+        self.to_local.clear()
 
     def _from_local(self, data: bytes | memoryview) -> None:
         self.bytes_up += len(data)
