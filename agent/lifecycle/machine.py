@@ -1,0 +1,354 @@
+"""The card life-cycle as one explicit state machine; no I/O.
+
+The supervisor's I/O shell feeds it what happened (a card inserted or removed, the PIN dialog's
+outcome, a sign-in's result, the card-session process exiting, lock, idle, reload, stop) and carries
+out what it answers: start a sign-in, cancel one, end a card session. Every (state, event) pair has
+a row in :data:`TRANSITIONS`, so what the agent does in each state can be read as a table (and is,
+in docs/card-lifecycle.md, generated from it).
+
+Long operations (the PIN dialog, the card's probe, logging in, starting the card-session process)
+run in the shell while the machine keeps answering: a sign-in is an *attempt* with a number, and
+whatever an attempt reports after it was cancelled or superseded is stale. A stale sign-in that
+succeeded anyway is ended at once, so no session survives for a card that has left.
+
+The machine never starts a sign-in on its own after a failure, a cancelled PIN entry, a lock or an
+idle timeout: only a (re-)insertion does, so that no PIN try is ever spent without the clinician.
+The exceptions are a card-session process lost while signed in (a crash) and a configuration
+reload; both ask for the PIN again, and losses are bounded so that a crashing card cannot loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from enum import Enum
+
+MAX_SESSION_LOSSES = 3  # card-session processes lost for one insertion before waiting for re-insertion
+
+
+class State(Enum):
+    NO_CARD = "no card inserted"
+    PIN_PENDING = "card present, PIN not yet entered"
+    SIGNING_IN = "card present, signing in"
+    SIGNED_IN = "signed in"
+    WAITING = "card present, waiting for it to be re-inserted"
+    STOPPED = "the agent is stopping"
+
+
+# --- events: what the shell tells the machine ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardInserted:
+    """A card the configuration accepts is in the reader (also reported when it replaced another)."""
+
+    card: Hashable
+
+
+@dataclass(frozen=True)
+class CardRemoved:
+    """No accepted card is in the reader any more."""
+
+
+@dataclass(frozen=True)
+class PinEntered:
+    """The PIN dialog of ``attempt`` closed with a PIN; logging in follows."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class SignInCancelled:
+    """The clinician cancelled the PIN dialog of ``attempt``, or it timed out: no PIN try was spent."""
+
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """``attempt`` signed in and its card-session process is ready."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class SignInFailed:
+    """``attempt`` failed: wrong or locked PIN, no usable identity, the card left mid-way, a broken
+    module. ``reason`` is what the log, ``status`` and the applications are told."""
+
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionLost:
+    """The card-session process of ``attempt`` exited without being asked to (killed, crashed)."""
+
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Lock:
+    """``card-agent lock``: end the session as if the card had been pulled."""
+
+
+@dataclass(frozen=True)
+class IdleTimeout:
+    """No association for ``idle_timeout`` seconds."""
+
+
+@dataclass(frozen=True)
+class Reload:
+    """The configuration was read again; a card session must be made anew to use it."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """SIGTERM or SIGINT."""
+
+
+Event = (CardInserted | CardRemoved | PinEntered | SignInCancelled | SignedIn | SignInFailed | SessionLost | Lock
+         | IdleTimeout | Reload | Stop)
+EVENT_TYPES: tuple[type, ...] = (CardInserted, CardRemoved, PinEntered, SignInCancelled, SignedIn, SignInFailed,
+                                 SessionLost, Lock, IdleTimeout, Reload, Stop)
+
+
+# --- effects: what the machine asks the shell to do --------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartSignIn:
+    """Ask for the PIN of ``card`` (where the PIN source asks), log in, start its card-session process."""
+
+    card: Hashable
+    attempt: int
+
+
+@dataclass(frozen=True)
+class CancelSignIn:
+    """Close the PIN dialog of ``attempt`` (no PIN try spent) and give up the sign-in."""
+
+    attempt: int
+
+
+@dataclass(frozen=True)
+class EndSession:
+    """End the card-session process of ``attempt``: its connections, resumption state, login and PIN."""
+
+    attempt: int
+    reason: str
+
+
+Effect = StartSignIn | CancelSignIn | EndSession
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+class Guard(Enum):
+    """Conditions a row may depend on, checked against the event and the machine's memory."""
+
+    ALWAYS = "always"
+    SAME_CARD = "the card already known"
+    OTHER_CARD = "another card"
+    CURRENT = "of the current attempt"
+    STALE = "of an earlier attempt"
+    LOSSES_LEFT = f"of the current attempt, fewer than {MAX_SESSION_LOSSES} losses since insertion"
+    NO_LOSSES_LEFT = f"of the current attempt, the loss that makes {MAX_SESSION_LOSSES} since insertion"
+
+
+class Action(Enum):
+    START_SIGN_IN = "start a sign-in"
+    CANCEL_SIGN_IN = "cancel the sign-in"
+    END_SESSION = "end the session"
+    END_STALE_SESSION = "end the late session"
+
+
+@dataclass(frozen=True)
+class Row:
+    when: Guard
+    then: State | None  # None: the state stays
+    do: tuple[Action, ...] = ()
+    because: str = ""  # why a session ends or the machine waits; "{reason}" stands for the event's reason
+
+
+def _stay() -> tuple[Row, ...]:
+    return (Row(Guard.ALWAYS, None),)
+
+
+def _late_success() -> tuple[Row, ...]:
+    return (Row(Guard.ALWAYS, None, (Action.END_STALE_SESSION,), "the sign-in was no longer wanted"),)
+
+
+_REINSERT = "remove and re-insert the card to sign in again"
+_S = State
+_A = Action
+_G = Guard
+
+_SIGNING_IN_ROWS: dict[type, tuple[Row, ...]] = {
+    CardInserted: (Row(_G.SAME_CARD, None),
+                   Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN))),
+    CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD, (_A.CANCEL_SIGN_IN,)),),
+    SignInCancelled: (Row(_G.CURRENT, _S.WAITING, because=f"{{reason}}: {_REINSERT}"), Row(_G.STALE, None)),
+    SignedIn: (Row(_G.CURRENT, _S.SIGNED_IN),
+               Row(_G.STALE, None, (_A.END_STALE_SESSION,), "the sign-in was no longer wanted")),
+    SignInFailed: (Row(_G.CURRENT, _S.WAITING, because="{reason}"), Row(_G.STALE, None)),
+    SessionLost: _stay(),
+    Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.CANCEL_SIGN_IN,), f"locked: {_REINSERT}"),),
+    IdleTimeout: _stay(),
+    Reload: _stay(),
+    Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.CANCEL_SIGN_IN,)),),
+}
+
+TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
+    _S.NO_CARD: {
+        CardInserted: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.START_SIGN_IN,)),),
+        CardRemoved: _stay(),
+        PinEntered: _stay(),
+        SignInCancelled: _stay(),
+        SignedIn: _late_success(),
+        SignInFailed: _stay(),
+        SessionLost: _stay(),
+        Lock: _stay(),
+        IdleTimeout: _stay(),
+        Reload: _stay(),
+        Stop: (Row(_G.ALWAYS, _S.STOPPED),),
+    },
+    _S.PIN_PENDING: {
+        **_SIGNING_IN_ROWS,
+        PinEntered: (Row(_G.CURRENT, _S.SIGNING_IN), Row(_G.STALE, None)),
+    },
+    _S.SIGNING_IN: {
+        **_SIGNING_IN_ROWS,
+        PinEntered: _stay(),
+    },
+    _S.SIGNED_IN: {
+        CardInserted: (Row(_G.SAME_CARD, None),
+                       Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), "card swapped")),
+        CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD, (_A.END_SESSION,), "card removed"),),
+        PinEntered: _stay(),
+        SignInCancelled: _stay(),
+        SignedIn: (Row(_G.CURRENT, None),
+                   Row(_G.STALE, None, (_A.END_STALE_SESSION,), "the sign-in was no longer wanted")),
+        SignInFailed: _stay(),
+        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), "{reason}"),
+                      Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.END_SESSION,),
+                          f"the card session ended unexpectedly {MAX_SESSION_LOSSES} times: {_REINSERT}"),
+                      Row(_G.STALE, None)),
+        Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), f"locked: {_REINSERT}"),),
+        IdleTimeout: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), f"locked after a time without activity: "
+                                                                     f"{_REINSERT}"),),
+        Reload: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), "configuration reloaded"),),
+        Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), "the agent is stopping"),),
+    },
+    _S.WAITING: {
+        CardInserted: (Row(_G.SAME_CARD, None), Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.START_SIGN_IN,))),
+        CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD),),
+        PinEntered: _stay(),
+        SignInCancelled: _stay(),
+        SignedIn: _late_success(),
+        SignInFailed: _stay(),
+        SessionLost: _stay(),
+        Lock: _stay(),
+        IdleTimeout: _stay(),
+        Reload: _stay(),
+        Stop: (Row(_G.ALWAYS, _S.STOPPED),),
+    },
+    _S.STOPPED: {event: _stay() for event in EVENT_TYPES} | {SignedIn: _late_success()},
+}
+
+
+class LifecycleError(Exception):
+    """The table has no row for what happened: a bug in the table, never a user's doing."""
+
+
+class CardLifecycle:
+    """The machine: :meth:`handle` an event, get the effects to carry out, read :attr:`state`."""
+
+    def __init__(self) -> None:
+        self.state = State.NO_CARD
+        self.card: Hashable | None = None
+        self.attempt = 0  # the number of the newest sign-in attempt; 0 before the first
+        self.losses = 0  # card-session processes lost since the card was inserted
+        self.reason = ""  # why the machine waits, or why the last sign-in failed
+
+    @property
+    def status(self) -> str:
+        """What ``status`` shows and what an application's A-ASSOCIATE-RJ is logged with."""
+        if self.state is State.WAITING and self.reason:
+            return f"card present, not signed in: {self.reason}"
+        return self.state.value
+
+    def handle(self, event: Event) -> list[Effect]:
+        row = self._row(event)
+        effects: list[Effect] = []
+        because = row.because.format(reason=getattr(event, "reason", ""))
+        for action in row.do:
+            effects.append(self._act(action, event, because))
+        if row.then is not None:
+            if row.then is State.WAITING:
+                self.reason = because
+            self.state = row.then
+        self._remember(event, row)
+        return effects
+
+    def _row(self, event: Event) -> Row:
+        rows = TRANSITIONS[self.state].get(type(event))
+        if rows is None:
+            raise LifecycleError(f"no row for {type(event).__name__} in state {self.state.name}")
+        for row in rows:
+            if self._holds(row.when, event):
+                return row
+        raise LifecycleError(f"no row of {type(event).__name__} in state {self.state.name} fits {event!r}")
+
+    def _holds(self, guard: Guard, event: Event) -> bool:
+        if guard is Guard.ALWAYS:
+            return True
+        if guard in (Guard.SAME_CARD, Guard.OTHER_CARD):
+            assert isinstance(event, CardInserted)
+            return (event.card == self.card) == (guard is Guard.SAME_CARD)
+        current = getattr(event, "attempt") == self.attempt
+        if guard is Guard.CURRENT:
+            return current
+        if guard is Guard.STALE:
+            return not current
+        if guard is Guard.LOSSES_LEFT:
+            return current and self.losses + 1 < MAX_SESSION_LOSSES
+        return current and self.losses + 1 >= MAX_SESSION_LOSSES  # NO_LOSSES_LEFT
+
+    def _act(self, action: Action, event: Event, because: str) -> Effect:
+        if action is Action.START_SIGN_IN:
+            card = event.card if isinstance(event, CardInserted) else self.card
+            self.attempt += 1
+            return StartSignIn(card, self.attempt)
+        if action is Action.CANCEL_SIGN_IN:
+            return CancelSignIn(self.attempt)
+        if action is Action.END_STALE_SESSION:
+            assert isinstance(event, SignedIn)
+            return EndSession(event.attempt, because)
+        return EndSession(self.attempt, because)  # END_SESSION: the current attempt's session
+
+    def _remember(self, event: Event, row: Row) -> None:
+        if isinstance(event, CardInserted) and row.when is not Guard.SAME_CARD:
+            self.card, self.losses = event.card, 0
+        elif isinstance(event, CardRemoved):
+            self.card, self.losses = None, 0
+        elif isinstance(event, SessionLost) and row.when is not Guard.STALE and row.then is not None:
+            self.losses += 1
+
+
+def describe_transitions() -> str:
+    """:data:`TRANSITIONS` as a Markdown table, for docs/card-lifecycle.md."""
+    lines = ["| state | event | when | next state | the agent |", "|---|---|---|---|---|"]
+    for state, rows_by_event in TRANSITIONS.items():
+        for event_type in EVENT_TYPES:
+            for row in rows_by_event[event_type]:
+                then = "(stays)" if row.then is None else row.then.name
+                actions = ", ".join(action.value for action in row.do) or "nothing"
+                because = row.because.replace("{reason}", "<the event's reason>")
+                if because:
+                    actions += f"; says: {because}" if row.then is State.WAITING else f" ({because})"
+                lines.append(f"| {state.name} | {event_type.__name__} | {row.when.value} | {then} | {actions} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,245 @@
+"""The card life-cycle state machine (agent/lifecycle/machine.py), exhaustively: every (state,
+event) pair has a row, and a Hypothesis stateful test plays any sequence of card events, PIN
+dialog outcomes, sign-in results (late ones included), lost card-session processes, locks, reloads
+and stops against a model of what the shell would then hold, checking the promises after each step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from agent.lifecycle.machine import (EVENT_TYPES, MAX_SESSION_LOSSES, TRANSITIONS, CancelSignIn, CardInserted,
+                                     CardLifecycle, CardRemoved, EndSession, IdleTimeout, Lock, PinEntered, Reload,
+                                     SessionLost, SignedIn, SignInCancelled, SignInFailed, StartSignIn, State, Stop,
+                                     describe_transitions)
+
+CARDS = ("alice", "bob")
+DOC = Path(__file__).parent.parent / "docs" / "card-lifecycle.md"
+
+
+def test_every_state_has_a_row_for_every_event() -> None:
+    for state in State:
+        assert set(TRANSITIONS[state]) == set(EVENT_TYPES), state
+
+
+def test_the_documented_table_is_the_table_in_the_code() -> None:
+    assert describe_transitions() in DOC.read_text(), "docs/card-lifecycle.md: paste describe_transitions() again"
+
+
+def test_a_clinical_sign_in_then_pull() -> None:
+    machine = CardLifecycle()
+    assert machine.handle(CardInserted("alice")) == [StartSignIn("alice", 1)]
+    assert machine.status == "card present, PIN not yet entered"
+    assert machine.handle(PinEntered(1)) == [] and machine.state is State.SIGNING_IN
+    assert machine.handle(SignedIn(1)) == [] and machine.status == "signed in"
+    assert machine.handle(CardRemoved()) == [EndSession(1, "card removed")]
+    assert machine.status == "no card inserted"
+
+
+def test_a_pull_during_the_pin_dialog_cancels_it_and_a_late_success_is_ended() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    assert machine.handle(CardRemoved()) == [CancelSignIn(1)]
+    assert machine.handle(SignedIn(1)) == [EndSession(1, "the sign-in was no longer wanted")]
+    assert machine.state is State.NO_CARD
+
+
+def test_a_wrong_pin_waits_for_reinsertion_and_says_why() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(PinEntered(1))
+    assert machine.handle(SignInFailed(1, "wrong PIN; the card now reports: few PIN tries left")) == []
+    assert machine.status == "card present, not signed in: wrong PIN; the card now reports: few PIN tries left"
+    assert machine.handle(CardInserted("alice")) == []  # still the same insertion
+    machine.handle(CardRemoved())
+    assert machine.handle(CardInserted("alice")) == [StartSignIn("alice", 2)]
+
+
+def test_a_cancelled_pin_entry_says_how_to_try_again() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignInCancelled(1, "PIN entry cancelled"))
+    assert machine.status == ("card present, not signed in: PIN entry cancelled: remove and re-insert the card to "
+                              "sign in again")
+
+
+def test_lost_sessions_sign_in_again_then_stop_looping() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignedIn(1))
+    for attempt in range(1, MAX_SESSION_LOSSES):
+        effects = machine.handle(SessionLost(attempt, "killed by signal 9"))
+        assert effects == [EndSession(attempt, "killed by signal 9"), StartSignIn("alice", attempt + 1)]
+        machine.handle(SignedIn(attempt + 1))
+    assert machine.handle(SessionLost(MAX_SESSION_LOSSES, "killed by signal 9")) == [
+        EndSession(MAX_SESSION_LOSSES, f"the card session ended unexpectedly {MAX_SESSION_LOSSES} times: remove "
+                                       "and re-insert the card to sign in again")]
+    assert machine.state is State.WAITING
+
+
+def test_a_swap_ends_the_first_session_and_signs_in_the_second_card() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignedIn(1))
+    assert machine.handle(CardInserted("bob")) == [EndSession(1, "card swapped"), StartSignIn("bob", 2)]
+
+
+class LifecycleModel(RuleBasedStateMachine):
+    """Plays events at the machine and keeps what the shell would hold after carrying out its effects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.machine = CardLifecycle()
+        self.reader: str | None = None  # the card really in the reader
+        self.in_flight: set[int] = set()  # sign-in attempts started and neither cancelled nor reported
+        self.reported: set[int] = set()  # attempts that reported their outcome
+        self.sessions: set[int] = set()  # card-session processes running, by attempt
+        self.started: list[int] = []
+        self.may_sign_in = True  # False after a failure, cancel, lock or idle, until a (re-)insertion
+        self.restarts_allowed = 0  # automatic sign-ins the machine may start (lost session, reload)
+        self.stopped = False
+        self.losses = 0  # card-session processes lost since the card in the reader was inserted
+
+    def feed(self, event: object) -> None:
+        for effect in self.machine.handle(event):  # type: ignore[arg-type]
+            if isinstance(effect, StartSignIn):
+                assert not self.stopped, "a sign-in started after stop"
+                assert effect.card == self.reader, "a sign-in for a card not in the reader"
+                assert self.may_sign_in or self.restarts_allowed > 0, "a PIN try the clinician did not ask for"
+                if not self.may_sign_in:
+                    self.restarts_allowed -= 1
+                self.may_sign_in = False  # one attempt per insertion, unless a rule allows another
+                self.in_flight.add(effect.attempt)
+                self.started.append(effect.attempt)
+            elif isinstance(effect, CancelSignIn):
+                self.in_flight.discard(effect.attempt)
+            elif isinstance(effect, EndSession):
+                self.sessions.discard(effect.attempt)
+
+    def attempts(self) -> st.SearchStrategy[int]:
+        """Mostly the current attempt, sometimes an earlier one (a late report)."""
+        if not self.started:
+            return st.just(0)
+        return st.one_of(st.just(self.started[-1]), st.just(self.started[-1]), st.sampled_from(self.started))
+
+    @rule(card=st.sampled_from(CARDS))
+    def insert(self, card: str) -> None:
+        if card != self.reader:
+            self.reader = card
+            self.may_sign_in = True
+            self.losses = 0
+        self.feed(CardInserted(card))
+
+    @rule()
+    def remove(self) -> None:
+        self.reader = None
+        self.may_sign_in = True
+        self.losses = 0
+        self.feed(CardRemoved())
+
+    @rule(data=st.data())
+    def pin_entered(self, data: st.DataObject) -> None:
+        self.feed(PinEntered(data.draw(self.attempts())))
+
+    @rule(data=st.data())
+    def pin_cancelled(self, data: st.DataObject) -> None:
+        attempt = data.draw(self.attempts())
+        self.in_flight.discard(attempt)
+        self.feed(SignInCancelled(attempt, "PIN entry cancelled"))
+
+    @rule(data=st.data())
+    def sign_in_succeeds(self, data: st.DataObject) -> None:
+        attempt = data.draw(self.attempts())
+        if attempt == 0 or attempt in self.reported:
+            return  # an attempt reports once
+        self.reported.add(attempt)
+        self.in_flight.discard(attempt)
+        self.sessions.add(attempt)  # the process started before the machine heard of it
+        self.feed(SignedIn(attempt))
+
+    @rule(data=st.data())
+    def sign_in_fails(self, data: st.DataObject) -> None:
+        attempt = data.draw(self.attempts())
+        if attempt == 0 or attempt in self.reported:
+            return
+        self.reported.add(attempt)
+        self.in_flight.discard(attempt)
+        self.feed(SignInFailed(attempt, "wrong PIN"))
+
+    @rule(data=st.data())
+    def session_lost(self, data: st.DataObject) -> None:
+        attempt = data.draw(st.sampled_from(sorted(self.sessions))) if self.sessions else 0
+        if attempt == 0:
+            return
+        self.sessions.discard(attempt)
+        current = self.machine.state is State.SIGNED_IN and attempt == self.machine.attempt
+        if current:
+            self.restarts_allowed += 1
+            self.losses += 1
+        self.feed(SessionLost(attempt, "killed by signal 9"))
+        if current and self.losses >= MAX_SESSION_LOSSES:
+            assert self.machine.state is State.WAITING, "a crashing card session must not loop"
+
+    @rule()
+    def lock(self) -> None:
+        self.feed(Lock())
+
+    @rule()
+    def idle(self) -> None:
+        self.feed(IdleTimeout())
+
+    @rule()
+    def reload(self) -> None:
+        if self.machine.state is State.SIGNED_IN:
+            self.restarts_allowed += 1
+        self.feed(Reload())
+
+    @rule()
+    def stop(self) -> None:
+        self.stopped = True
+        self.feed(Stop())
+
+    @invariant()
+    def at_most_one_session_and_only_when_signed_in(self) -> None:
+        assert len(self.sessions) <= 1, self.sessions
+        if self.machine.state is State.SIGNED_IN:
+            assert self.sessions == {self.machine.attempt}
+        else:
+            assert not self.sessions, (self.machine.state, self.sessions)
+
+    @invariant()
+    def no_session_for_a_card_not_in_the_reader(self) -> None:
+        if self.sessions:
+            assert self.reader is not None and self.machine.card == self.reader
+
+    @invariant()
+    def at_most_one_sign_in_in_flight_and_only_while_signing_in(self) -> None:
+        live = self.in_flight - self.reported
+        if self.machine.state in (State.PIN_PENDING, State.SIGNING_IN):
+            assert live == {self.machine.attempt}, (self.machine.state, live)
+        else:
+            assert not live, (self.machine.state, live)
+
+    @invariant()
+    def stop_leaves_nothing_running(self) -> None:
+        if self.stopped:
+            assert self.machine.state is State.STOPPED and not self.sessions and not (self.in_flight - self.reported)
+
+    @invariant()
+    def status_is_plain_text(self) -> None:
+        assert self.machine.status and "{" not in self.machine.status
+
+
+TestLifecycleModel = LifecycleModel.TestCase
+TestLifecycleModel.settings = settings(max_examples=400, stateful_step_count=40, deadline=None)
+
+
+@pytest.mark.parametrize("state", list(State))
+def test_the_status_names_the_state(state: State) -> None:
+    machine = CardLifecycle()
+    machine.state = state
+    assert machine.status == state.value
