@@ -95,10 +95,25 @@ class RunningAgent:
         raise AssertionError(f"{text!r} not in the agent's log:\n{self.log()}")
 
 
-def start_agent(config: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def start_agent(config: Path, log_path: Path, env: dict[str, str], stdin: int | None = None) -> subprocess.Popen:
+    """``card-agent run``; ``stdin`` (a terminal, for pinentry-tty) or else /dev/null."""
     with open(log_path, "w") as log:
         return subprocess.Popen([CARD_AGENT, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL if stdin is None else stdin, env=env,
+                                start_new_session=True)
+
+
+def card_session_pid(agent_pid: int) -> int | None:
+    """The pid of the agent's card-session process (its child running agent.session.worker), if any."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == agent_pid and b"agent.session.worker" in cmdline:
+            return int(stat.parent.name)
+    return None
 
 
 def stop_agent(process: subprocess.Popen) -> int:
@@ -114,11 +129,12 @@ def stop_agent(process: subprocess.Popen) -> int:
 
 @contextmanager
 def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[str, Any]], *,
-                  pin: str = USER_PIN, env: dict[str, str] | None = None, **config: Any) -> Iterator[RunningAgent]:
+                  pin: str = USER_PIN, env: dict[str, str] | None = None, stdin: int | None = None,
+                  **config: Any) -> Iterator[RunningAgent]:
     workdir.mkdir(parents=True, exist_ok=True)
     path = write_config(workdir / "agent.toml", test_pki, tunnels, **config)
     log_path = workdir / "agent.log"
-    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})))
+    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})), stdin)
     agent = RunningAgent(process, log_path, tunnels)
     try:
         deadline = time.monotonic() + 30

@@ -53,7 +53,7 @@ def test_a_wrong_pin_waits_for_reinsertion_and_says_why() -> None:
     machine.handle(CardInserted("alice"))
     machine.handle(PinEntered(1))
     assert machine.handle(SignInFailed(1, "wrong PIN; the card now reports: few PIN tries left")) == []
-    assert machine.status == "card present, not signed in: wrong PIN; the card now reports: few PIN tries left"
+    assert machine.status == "card present, wrong PIN; the card now reports: few PIN tries left"
     assert machine.handle(CardInserted("alice")) == []  # still the same insertion
     machine.handle(CardRemoved())
     assert machine.handle(CardInserted("alice")) == [StartSignIn("alice", 2)]
@@ -63,8 +63,7 @@ def test_a_cancelled_pin_entry_says_how_to_try_again() -> None:
     machine = CardLifecycle()
     machine.handle(CardInserted("alice"))
     machine.handle(SignInCancelled(1, "PIN entry cancelled"))
-    assert machine.status == ("card present, not signed in: PIN entry cancelled: remove and re-insert the card to "
-                              "sign in again")
+    assert machine.status == "card present, PIN entry cancelled: remove and re-insert the card to sign in again"
 
 
 def test_lost_sessions_sign_in_again_then_stop_looping() -> None:
@@ -76,9 +75,22 @@ def test_lost_sessions_sign_in_again_then_stop_looping() -> None:
         assert effects == [EndSession(attempt, "killed by signal 9"), StartSignIn("alice", attempt + 1)]
         machine.handle(SignedIn(attempt + 1))
     assert machine.handle(SessionLost(MAX_SESSION_LOSSES, "killed by signal 9")) == [
-        EndSession(MAX_SESSION_LOSSES, f"the card session ended unexpectedly {MAX_SESSION_LOSSES} times: remove "
-                                       "and re-insert the card to sign in again")]
-    assert machine.state is State.WAITING
+        EndSession(MAX_SESSION_LOSSES, "killed by signal 9")]
+    assert machine.status == (f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: "
+                              "remove and re-insert the card to sign in again")
+
+
+def test_lock_and_idle_timeout_end_the_session_with_their_own_words() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignedIn(1))
+    assert machine.handle(IdleTimeout(1.5)) == [EndSession(1, "idle timeout")]
+    assert machine.status == "locked after 1.5 s without activity: remove and re-insert the card"
+    machine.handle(CardRemoved())
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignedIn(2))
+    assert machine.handle(Lock()) == [EndSession(2, "locked")]
+    assert machine.status == "locked: remove and re-insert the card to sign in again"
 
 
 def test_a_swap_ends_the_first_session_and_signs_in_the_second_card() -> None:
@@ -190,7 +202,7 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @rule()
     def idle(self) -> None:
-        self.feed(IdleTimeout())
+        self.feed(IdleTimeout(1.5))
 
     @rule()
     def reload(self) -> None:

@@ -22,7 +22,7 @@ from pkcs11.exceptions import PKCS11Error
 
 from agent.card.pcsc import PcscEventSource, PcscUnavailable
 from agent.token.discovery import matching_tokens, present_tokens, token_serial
-from agent.token.module import LoadedModule
+from agent.token.module import MODULE_CALLS, LoadedModule
 
 log = logging.getLogger("agent.card")
 
@@ -46,8 +46,20 @@ class Card:
         return f"{self.label!r} (serial {self.serial})"
 
 
+class ModuleBusy(Exception):
+    """A sign-in is talking to the module: the reader cannot be looked at this time."""
+
+
+BUSY_WAIT_SECONDS = 0.1  # the card loop must stay free for signals and the session's checks
+
+
 def present_card(module: LoadedModule, selector: str | None) -> Card | None:
-    """The card the configuration accepts (any card when ``selector`` is empty), if one is present."""
+    """The card the configuration accepts (any card when ``selector`` is empty), if one is present.
+
+    Raises :class:`ModuleBusy` when another thread (a sign-in) holds the module for longer than
+    :data:`BUSY_WAIT_SECONDS`."""
+    if not MODULE_CALLS.try_enter(BUSY_WAIT_SECONDS):
+        raise ModuleBusy()
     try:
         tokens = present_tokens(module)
         if selector:
@@ -55,6 +67,8 @@ def present_card(module: LoadedModule, selector: str | None) -> Card | None:
         return Card(tokens[0].label, token_serial(tokens[0])) if tokens else None
     except PKCS11Error:
         return None
+    finally:
+        MODULE_CALLS.__exit__()
 
 
 class CardEvents:

@@ -42,7 +42,7 @@ def run(
         control_server = ControlServer(settings, manager)
         listeners.manager = manager
         audit.application_start()
-        manager.step()
+        manager.start(stop)
         listeners.start()
         control_server.start()
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"

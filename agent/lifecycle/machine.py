@@ -19,6 +19,7 @@ reload; both ask for the PIN again, and losses are bounded so that a crashing ca
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass
 from enum import Enum
@@ -96,7 +97,9 @@ class Lock:
 
 @dataclass(frozen=True)
 class IdleTimeout:
-    """No association for ``idle_timeout`` seconds."""
+    """No association for ``seconds`` (the configured ``idle_timeout``)."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -168,21 +171,30 @@ class Action(Enum):
 
 @dataclass(frozen=True)
 class Row:
+    """What happens: ``do`` these actions, then go to ``then`` (None: stay). ``ends`` is the reason
+    a session ends with, ``waits`` what ``status`` says in WAITING; both may name the event's
+    fields in braces, e.g. "{reason}"."""
+
     when: Guard
-    then: State | None  # None: the state stays
+    then: State | None
     do: tuple[Action, ...] = ()
-    because: str = ""  # why a session ends or the machine waits; "{reason}" stands for the event's reason
+    ends: str = ""
+    waits: str = ""
 
 
 def _stay() -> tuple[Row, ...]:
     return (Row(Guard.ALWAYS, None),)
 
 
+_LATE = "the sign-in was no longer wanted"
+
+
 def _late_success() -> tuple[Row, ...]:
-    return (Row(Guard.ALWAYS, None, (Action.END_STALE_SESSION,), "the sign-in was no longer wanted"),)
+    return (Row(Guard.ALWAYS, None, (Action.END_STALE_SESSION,), ends=_LATE),)
 
 
 _REINSERT = "remove and re-insert the card to sign in again"
+_LOCKED = f"locked: {_REINSERT}"
 _S = State
 _A = Action
 _G = Guard
@@ -191,12 +203,12 @@ _SIGNING_IN_ROWS: dict[type, tuple[Row, ...]] = {
     CardInserted: (Row(_G.SAME_CARD, None),
                    Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN))),
     CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD, (_A.CANCEL_SIGN_IN,)),),
-    SignInCancelled: (Row(_G.CURRENT, _S.WAITING, because=f"{{reason}}: {_REINSERT}"), Row(_G.STALE, None)),
-    SignedIn: (Row(_G.CURRENT, _S.SIGNED_IN),
-               Row(_G.STALE, None, (_A.END_STALE_SESSION,), "the sign-in was no longer wanted")),
-    SignInFailed: (Row(_G.CURRENT, _S.WAITING, because="{reason}"), Row(_G.STALE, None)),
+    SignInCancelled: (Row(_G.CURRENT, _S.WAITING, waits=f"card present, {{reason}}: {_REINSERT}"),
+                      Row(_G.STALE, None)),
+    SignedIn: (Row(_G.CURRENT, _S.SIGNED_IN), Row(_G.STALE, None, (_A.END_STALE_SESSION,), ends=_LATE)),
+    SignInFailed: (Row(_G.CURRENT, _S.WAITING, waits="card present, {reason}"), Row(_G.STALE, None)),
     SessionLost: _stay(),
-    Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.CANCEL_SIGN_IN,), f"locked: {_REINSERT}"),),
+    Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.CANCEL_SIGN_IN,), waits=_LOCKED),),
     IdleTimeout: _stay(),
     Reload: _stay(),
     Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.CANCEL_SIGN_IN,)),),
@@ -226,22 +238,22 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
     },
     _S.SIGNED_IN: {
         CardInserted: (Row(_G.SAME_CARD, None),
-                       Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), "card swapped")),
-        CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD, (_A.END_SESSION,), "card removed"),),
+                       Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="card swapped")),
+        CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD, (_A.END_SESSION,), ends="card removed"),),
         PinEntered: _stay(),
         SignInCancelled: _stay(),
-        SignedIn: (Row(_G.CURRENT, None),
-                   Row(_G.STALE, None, (_A.END_STALE_SESSION,), "the sign-in was no longer wanted")),
+        SignedIn: (Row(_G.CURRENT, None), Row(_G.STALE, None, (_A.END_STALE_SESSION,), ends=_LATE)),
         SignInFailed: _stay(),
-        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), "{reason}"),
-                      Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.END_SESSION,),
-                          f"the card session ended unexpectedly {MAX_SESSION_LOSSES} times: {_REINSERT}"),
+        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="{reason}"),
+                      Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.END_SESSION,), ends="{reason}",
+                          waits=f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: "
+                                f"{_REINSERT}"),
                       Row(_G.STALE, None)),
-        Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), f"locked: {_REINSERT}"),),
-        IdleTimeout: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), f"locked after a time without activity: "
-                                                                     f"{_REINSERT}"),),
-        Reload: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), "configuration reloaded"),),
-        Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), "the agent is stopping"),),
+        Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="locked", waits=_LOCKED),),
+        IdleTimeout: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="idle timeout",
+                          waits="locked after {seconds:g} s without activity: remove and re-insert the card"),),
+        Reload: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="configuration reloaded"),),
+        Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), ends="the agent is stopping"),),
     },
     _S.WAITING: {
         CardInserted: (Row(_G.SAME_CARD, None), Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.START_SIGN_IN,))),
@@ -272,24 +284,22 @@ class CardLifecycle:
         self.card: Hashable | None = None
         self.attempt = 0  # the number of the newest sign-in attempt; 0 before the first
         self.losses = 0  # card-session processes lost since the card was inserted
-        self.reason = ""  # why the machine waits, or why the last sign-in failed
+        self.waiting = ""  # what status says while the machine waits for re-insertion
 
     @property
     def status(self) -> str:
         """What ``status`` shows and what an application's A-ASSOCIATE-RJ is logged with."""
-        if self.state is State.WAITING and self.reason:
-            return f"card present, not signed in: {self.reason}"
+        if self.state is State.WAITING and self.waiting:
+            return self.waiting
         return self.state.value
 
     def handle(self, event: Event) -> list[Effect]:
         row = self._row(event)
-        effects: list[Effect] = []
-        because = row.because.format(reason=getattr(event, "reason", ""))
-        for action in row.do:
-            effects.append(self._act(action, event, because))
+        fields = vars(event)
+        effects = [self._act(action, event, row.ends.format(**fields)) for action in row.do]
+        if row.then is State.WAITING:
+            self.waiting = row.waits.format(**fields)
         if row.then is not None:
-            if row.then is State.WAITING:
-                self.reason = because
             self.state = row.then
         self._remember(event, row)
         return effects
@@ -318,7 +328,7 @@ class CardLifecycle:
             return current and self.losses + 1 < MAX_SESSION_LOSSES
         return current and self.losses + 1 >= MAX_SESSION_LOSSES  # NO_LOSSES_LEFT
 
-    def _act(self, action: Action, event: Event, because: str) -> Effect:
+    def _act(self, action: Action, event: Event, ends: str) -> Effect:
         if action is Action.START_SIGN_IN:
             card = event.card if isinstance(event, CardInserted) else self.card
             self.attempt += 1
@@ -327,8 +337,8 @@ class CardLifecycle:
             return CancelSignIn(self.attempt)
         if action is Action.END_STALE_SESSION:
             assert isinstance(event, SignedIn)
-            return EndSession(event.attempt, because)
-        return EndSession(self.attempt, because)  # END_SESSION: the current attempt's session
+            return EndSession(event.attempt, ends)
+        return EndSession(self.attempt, ends)  # END_SESSION: the current attempt's session
 
     def _remember(self, event: Event, row: Row) -> None:
         if isinstance(event, CardInserted) and row.when is not Guard.SAME_CARD:
@@ -347,8 +357,13 @@ def describe_transitions() -> str:
             for row in rows_by_event[event_type]:
                 then = "(stays)" if row.then is None else row.then.name
                 actions = ", ".join(action.value for action in row.do) or "nothing"
-                because = row.because.replace("{reason}", "<the event's reason>")
-                if because:
-                    actions += f"; says: {because}" if row.then is State.WAITING else f" ({because})"
+                if row.ends:
+                    actions += f" ({_placeholders(row.ends)})"
+                if row.waits:
+                    actions += f"; `status`: {_placeholders(row.waits)}"
                 lines.append(f"| {state.name} | {event_type.__name__} | {row.when.value} | {then} | {actions} |")
     return "\n".join(lines) + "\n"
+
+
+def _placeholders(text: str) -> str:
+    return re.sub(r"\{(\w+)(:[^}]*)?\}", lambda match: f"<{match.group(1)}>", text)

@@ -24,7 +24,7 @@ from agent.tls.provider import openssl_config, provider_key_pem
 from agent.token.discovery import find_token, token_serial
 from agent.token.identities import Identity, is_ca_certificate, list_identities
 from agent.token.login import login
-from agent.token.module import LoadedModule
+from agent.token.module import MODULE_CALLS, LoadedModule
 from agent.token.pin import RememberedPin
 from agent.trust.anchors import TrustAnchors, TrustError
 
@@ -63,6 +63,11 @@ def runtime_directory(config: AgentConfig) -> Path:
 
 def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *, confirm_final_try: bool = False) -> SignedIn:
     """Log in to ``card`` once with the configured PIN source, choose the identity, write its files."""
+    with MODULE_CALLS:
+        return _sign_in(config, module, card, confirm_final_try=confirm_final_try)
+
+
+def _sign_in(config: AgentConfig, module: LoadedModule, card: Card, *, confirm_final_try: bool) -> SignedIn:
     token = find_token(module, card.selector)
     pin = RememberedPin(config.identity.pin)
     # [trust] crl judges servers; the chain we send is built without it.

@@ -1,29 +1,52 @@
-"""The supervisor's card loop: identity follows the card in the reader.
+"""The supervisor's card loop: the I/O shell around the card life-cycle (agent/lifecycle/machine.py).
 
-No card: listeners stay open and reject associations (rejected-transient). A card arrives: sign in
-(one PIN attempt) and start its card-session process. The card leaves, is swapped, or the session
-is locked: end that process, and with it every connection, resumable session, the PIN and the
-login. A card whose sign-in failed, or that was locked, is not tried again until it is re-inserted:
-the agent never spends a PIN try on its own.
+The loop looks at the reader, watches the card-session process and the idle timer, and feeds the
+machine what it sees; lock comes from the control socket, stop from the signal handlers. It
+carries out what the machine answers: a sign-in (PIN dialog, login, starting the card-session
+process) runs in a thread of its own, so that card events, signals, ``status`` and applications
+are answered while a PIN dialog is open; cancelling it closes the dialog. Ending a session ends its
+card-session process, and with it every connection, resumable session, the PIN and the login.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import signal
 import threading
 import time
+from dataclasses import dataclass
 
-from agent.card.watcher import Card, CardEvents, present_card
+from agent.card.watcher import Card, CardEvents, ModuleBusy, present_card
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
+from agent.lifecycle.cancel import SignInCancelledError, SignInScope
+from agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, CardRemoved, Effect, EndSession,
+                                     Event, IdleTimeout, Lock, PinEntered, SessionLost, SignedIn, SignInCancelled,
+                                     SignInFailed, StartSignIn, State, Stop)
 from agent.session.audit import AuditRecorder
 from agent.session.events import event
 from agent.session.identity import sign_in
 from agent.session.supervisor import CardSession
 from agent.token.login import LoginError
+from agent.token.pinentry import PinEntryCancelledError
 from agent.token.module import LoadedModule, load_module
 
 log = logging.getLogger("agent.session")
+
+PIN_DIALOG_TIMEOUT_SECONDS = 120.0  # a dialog nobody answers is closed: the workstation may be unattended
+STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
+
+
+@dataclass
+class _SignIn:
+    """A sign-in under way in its thread."""
+
+    attempt: int
+    card: Card
+    scope: SignInScope
+    started: float
+    pin_entered: bool = False
 
 
 class SessionManager:
@@ -33,14 +56,28 @@ class SessionManager:
         self.audit = audit or AuditRecorder(None)
         self.confirm_final_try = confirm_final_try
         self.module: LoadedModule = load_module(config.identity.module)
-        self.card: Card | None = None
-        self.session: CardSession | None = None
+        self.machine = CardLifecycle()
+        self.session: CardSession | None = None  # the signed-in attempt's card-session process
+        self._session_attempt = 0
+        self._sign_in: _SignIn | None = None
+        self._pending_sessions: dict[int, CardSession] = {}  # signed in, not yet taken up by the loop
+        self._late: queue.SimpleQueue[Event] = queue.SimpleQueue()  # what sign-in threads report
         self.since: float | None = None
-        self.state = "no card inserted"
         self.last_error: str | None = None
         self.last_activity = time.monotonic()
         self._next_idle_check = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._events: CardEvents | None = None
+
+    # -- what the rest of the agent asks ----------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.machine.status
+
+    @property
+    def card(self) -> Card | None:
+        return self.machine.card  # type: ignore[return-value]
 
     def current_session(self) -> CardSession | None:
         return self.session
@@ -49,11 +86,202 @@ class SessionManager:
         """An association was handed to the session."""
         self.last_activity = time.monotonic()
 
+    def lock(self) -> bool:
+        """End the session (or the sign-in under way) now; the card must be re-inserted."""
+        with self._lock:
+            if self.machine.state not in (State.SIGNED_IN, State.PIN_PENDING, State.SIGNING_IN):
+                return False
+            self._feed(Lock())
+            return True
+
+    # -- the loop -----------------------------------------------------------------------------------
+
     def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: look at the reader, the session and the timers; at the end, stop the machine."""
         with CardEvents() as events:
-            while not events.wait(stop):
-                self.step()
-                self._check_idle()
+            self._events = events
+            try:
+                while not events.wait(stop):
+                    self.step()
+            finally:
+                self._events = None
+
+    def start(self, stop: threading.Event) -> None:
+        """The first look at the reader. With a PIN source that asks nobody (env:, file:), wait until
+        that sign-in is settled, so that "ready" means signed in on an unattended machine."""
+        self.step()
+        if self.config.identity.pin.kind not in ("env", "file"):
+            return
+        deadline = time.monotonic() + STARTUP_SIGN_IN_SECONDS
+        while self.machine.state in (State.PIN_PENDING, State.SIGNING_IN) and time.monotonic() < deadline:
+            if stop.wait(0.02):
+                return
+            self.step()
+
+    def step(self) -> None:
+        """Look at the reader, the reports of sign-ins, the card-session process and the timers once."""
+        try:
+            card = present_card(self.module, self.config.identity.token)
+            looked = True
+        except ModuleBusy:  # a sign-in is logging in: look at the reader next time
+            card, looked = None, False
+        with self._lock:
+            self._take_reports()
+            if looked and card != self.machine.card:
+                if self.card is not None:
+                    event("card-removed", token=self.card.label, serial=self.card.serial)
+                if card is None:
+                    self._feed(CardRemoved())
+                else:  # inserted, or swapped for another between two looks
+                    event("card-inserted", token=card.label, serial=card.serial)
+                    self._feed(CardInserted(card))
+            self._check_session_alive()
+            self._check_pin_dialog()
+            self._check_idle()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._feed(Stop())
+
+    # -- feeding the machine and carrying out its effects -----------------------------------------
+
+    def _feed(self, happened: Event) -> None:
+        for effect in self.machine.handle(happened):
+            self._carry_out(effect)
+        if isinstance(happened, SignedIn) and self.machine.state is State.SIGNED_IN:
+            self._signed_in()
+
+    def _carry_out(self, effect: Effect) -> None:
+        if isinstance(effect, StartSignIn):
+            self._start_sign_in(effect.card, effect.attempt)  # type: ignore[arg-type]
+        elif isinstance(effect, CancelSignIn):
+            if self._sign_in is not None and self._sign_in.attempt == effect.attempt:
+                self._sign_in.scope.cancel(self.machine.status)
+                self._sign_in = None
+        elif isinstance(effect, EndSession):
+            self._end_session(effect.attempt, effect.reason)
+
+    def _take_reports(self) -> None:
+        while True:
+            try:
+                report = self._late.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(report, (SignedIn, SignInFailed, SignInCancelled)) and self._sign_in is not None \
+                    and self._sign_in.attempt == report.attempt:
+                self._sign_in = None
+            if isinstance(report, PinEntered) and self._sign_in is not None \
+                    and self._sign_in.attempt == report.attempt:
+                self._sign_in.pin_entered = True
+            self._feed(report)
+
+    # -- sign-in ------------------------------------------------------------------------------------
+
+    def _start_sign_in(self, card: Card, attempt: int) -> None:
+        scope = SignInScope(on_pin_entered=lambda: self._report(PinEntered(attempt)))
+        self._sign_in = _SignIn(attempt, card, scope, time.monotonic())
+        thread = threading.Thread(target=self._sign_in_thread, args=(card, attempt, scope),
+                                  name=f"sign-in-{attempt}", daemon=True)
+        thread.start()
+
+    def _report(self, happened: Event) -> None:
+        self._late.put(happened)
+        if self._events is not None:
+            self._events.notify()  # the loop acts on it now, not at its next tick
+
+    def _sign_in_thread(self, card: Card, attempt: int, scope: SignInScope) -> None:
+        """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
+        try:
+            signed_in = scope.run(lambda: sign_in(self.config, self.module, card,
+                                                  confirm_final_try=self.confirm_final_try))
+            scope.check()
+            session = CardSession(self.config, signed_in, on_report=self.audit.session_report)  # type: ignore[arg-type]
+            session.start()
+        except (SignInCancelledError, PinEntryCancelledError) as error:
+            if not scope.cancelled:  # the clinician pressed Cancel: say so, and how to try again
+                log.warning("%s", error)
+                self._report(SignInCancelled(attempt, "PIN entry cancelled"))
+            else:
+                self._report(SignInCancelled(attempt, scope.reason))
+            return
+        except LoginError as error:
+            if scope.cancelled:
+                self._report(SignInCancelled(attempt, scope.reason))
+                return
+            self.last_error = str(error)
+            event("pin-failure", token=card.label, serial=card.serial, reason=str(error))
+            self.audit.sign_in_failed(card, error)
+            log.error("%s", error)
+            self._report(SignInFailed(attempt, "PIN not accepted: remove and re-insert the card to try again"))
+            return
+        except Exception as error:  # the card left mid-way, a broken module, anything: never the agent's end
+            if scope.cancelled:
+                self._report(SignInCancelled(attempt, scope.reason))
+                return
+            message = str(error) if isinstance(error, CardAgentError) else f"{type(error).__name__}: {error}"
+            self.last_error = message
+            event("sign-in-failed", token=card.label, serial=card.serial, reason=message)
+            log.error("sign-in to %s failed: %s", card, message)
+            self._report(SignInFailed(attempt, f"not signed in: {message}"))
+            return
+        with self._lock:
+            self._pending_sessions[attempt] = session
+        self._report(SignedIn(attempt))
+
+    def _signed_in(self) -> None:
+        attempt = self.machine.attempt
+        session = self._pending_sessions.pop(attempt)
+        self.session, self._session_attempt = session, attempt
+        self.since = time.time()
+        self.touch()
+        files = session.signed_in.files
+        card = self.card
+        assert card is not None
+        event("sign-in", subject=files.subject, issuer=files.issuer, token=card.label, serial=card.serial)
+        self.audit.signed_in(session.signed_in, card)
+
+    # -- ending -------------------------------------------------------------------------------------
+
+    def _end_session(self, attempt: int, reason: str) -> None:
+        late = self._pending_sessions.pop(attempt, None)
+        if late is not None:  # signed in after it was no longer wanted: it never served anyone
+            late.end(reason)
+            log.info("a sign-in that finished after it was cancelled was ended: %s", reason)
+            return
+        if self.session is None or self._session_attempt != attempt:
+            return
+        session, self.session = self.session, None
+        started = time.monotonic()
+        session.end(reason)
+        card = self.card
+        event("sign-out", reason=reason, subject=session.signed_in.files.subject,
+              token=card.label if card else None, serial=card.serial if card else None,
+              closed_in_ms=round((time.monotonic() - started) * 1000))
+        self.audit.signed_out(reason)
+        self.since = None
+
+    def _check_session_alive(self) -> None:
+        """A card-session process that exited without being asked to is a lost session."""
+        session = self.session
+        if session is None or session.process is None:
+            return
+        status = session.process.poll()
+        if status is None:
+            return
+        reason = f"the card-session process {_describe_exit(status)}"
+        log.error("card session of %s lost: %s", session.signed_in.files.subject, reason)
+        self._feed(SessionLost(self._session_attempt, reason))
+
+    def _check_pin_dialog(self) -> None:
+        pending = self._sign_in
+        if pending is None or pending.pin_entered or self.machine.state is not State.PIN_PENDING:
+            return
+        if time.monotonic() - pending.started < PIN_DIALOG_TIMEOUT_SECONDS:
+            return
+        reason = f"no PIN entered within {PIN_DIALOG_TIMEOUT_SECONDS:g} s"
+        pending.scope.cancel(reason)
+        self._sign_in = None
+        self._feed(SignInCancelled(pending.attempt, reason))
 
     def _check_idle(self) -> None:
         timeout = self.config.idle_timeout
@@ -66,74 +294,14 @@ class SessionManager:
         if any(t.get("open_connections") for t in self.session.status().values()):
             self.touch()  # a long transfer is activity too
             return
-        with self._lock:
-            self._end("idle timeout")
-            self.state = f"locked after {timeout:g} s without activity: remove and re-insert the card"
+        self._feed(IdleTimeout(timeout))
 
-    def step(self) -> None:
-        """Look at the reader once and act on any change."""
-        card = present_card(self.module, self.config.identity.token)
-        with self._lock:
-            if card == self.card:
-                return
-            if self.card is not None:
-                event("card-removed", token=self.card.label, serial=self.card.serial)
-                self._end("card swapped" if card is not None else "card removed")
-            self.card = card
-            if card is None:
-                self.state = "no card inserted"
-                return
-            event("card-inserted", token=card.label, serial=card.serial)
-            self._sign_in(card)
 
-    def lock(self) -> bool:
-        """End the session now, as if the card had been pulled; the card must be re-inserted."""
-        with self._lock:
-            if self.session is None:
-                return False
-            self._end("locked")
-            self.state = "locked: remove and re-insert the card to sign in again"
-            return True
-
-    def _sign_in(self, card: Card) -> None:
-        self.state = "card present, PIN not yet entered"
+def _describe_exit(status: int) -> str:
+    if status < 0:
         try:
-            signed_in = sign_in(self.config, self.module, card, confirm_final_try=self.confirm_final_try)
-            session = CardSession(self.config, signed_in, on_report=self.audit.session_report)
-            session.start()
-        except LoginError as error:
-            self.last_error = str(error)
-            self.state = "card present, PIN not accepted: remove and re-insert the card to try again"
-            event("pin-failure", token=card.label, serial=card.serial, reason=str(error))
-            self.audit.sign_in_failed(card, error)
-            log.error("%s", error)
-            return
-        except CardAgentError as error:
-            self.last_error = str(error)
-            self.state = f"card present, not signed in: {error}"
-            event("sign-in-failed", token=card.label, serial=card.serial, reason=str(error))
-            log.error("%s", error)
-            return
-        self.session = session
-        self.since = time.time()
-        self.touch()
-        self.state = "signed in"
-        event("sign-in", subject=signed_in.files.subject, issuer=signed_in.files.issuer, token=card.label,
-              serial=card.serial)
-        self.audit.signed_in(signed_in, card)
-
-    def _end(self, reason: str) -> None:
-        session, self.session = self.session, None
-        if session is None:
-            return
-        started = time.monotonic()
-        session.end(reason)
-        event("sign-out", reason=reason, subject=session.signed_in.files.subject,
-              token=self.card.label if self.card else None, serial=self.card.serial if self.card else None,
-              closed_in_ms=round((time.monotonic() - started) * 1000))
-        self.audit.signed_out(reason)
-        self.since = None
-
-    def shutdown(self) -> None:
-        with self._lock:
-            self._end("the agent is stopping")
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"was killed by {name}"
+    return f"exited with status {status}"

@@ -15,7 +15,9 @@ from pkcs11.exceptions import PinIncorrect, PinInvalid, PinLenRange, PinLocked, 
 from pkcs11.types import Session, Token
 
 from agent.errors import CardAgentError, ConfigError
+from agent.lifecycle.cancel import current_scope
 from agent.token.discovery import PinState, refresh, token_serial
+from agent.token.module import MODULE_CALLS
 from agent.token.pin import PinSource, RememberedPin
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,11 @@ def login(
         pin: object = PROTECTED_AUTH
     else:
         as_who = f" to sign in as {who}" if who else ""
-        pin = pin_source.read(f"PIN of card {token.label!r}{as_who} ({describe_pin_state(state)}): ")
+        with MODULE_CALLS.paused():  # the reader is watched while the dialog is open
+            pin = pin_source.read(f"PIN of card {token.label!r}{as_who} ({describe_pin_state(state)}): ")
+    scope = current_scope()
+    if scope is not None:
+        scope.pin_entered()  # a sign-in cancelled while the dialog was open stops here, before the card
     try:
         return token.open(user_pin=pin)
     except UserAlreadyLoggedIn:

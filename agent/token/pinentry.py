@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from agent.errors import CardAgentError
+from agent.lifecycle.cancel import current_scope
 
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
 TIMEOUT_SECONDS = 300
@@ -20,6 +21,10 @@ TIMEOUT_SECONDS = 300
 
 class PinentryError(CardAgentError):
     """The pinentry program could not be run, or gave no PIN."""
+
+
+class PinEntryCancelledError(PinentryError):
+    """The person at the dialog pressed Cancel: nothing was sent to the card."""
 
 
 def escape(text: str) -> str:
@@ -77,6 +82,9 @@ class Pinentry:
                                 "pinentry-gnome3, pinentry-qt, pinentry-curses or pinentry-tty, or set the PIN "
                                 "source to prompt") from None
         assert process.stdin is not None and process.stdout is not None
+        scope = current_scope()
+        if scope is not None:
+            scope.dialog_opened(process)  # a pulled card, a lock or a stop closes the dialog
         try:
             self._expect_ok(process, None)
             if self.ttyname:
@@ -88,7 +96,7 @@ class Pinentry:
             answer = self._command(process, "GETPIN")
             if not answer.ok:
                 if answer.error_code == ASSUAN_CANCELLED:
-                    raise PinentryError("PIN entry cancelled: nothing was sent to the card")
+                    raise PinEntryCancelledError("PIN entry cancelled: nothing was sent to the card")
                 raise PinentryError(f"the pinentry program failed: {answer.error_text or answer.error_code}")
             if not answer.data:
                 raise PinentryError("no PIN entered: nothing was sent to the card")
