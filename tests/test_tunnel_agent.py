@@ -4,8 +4,10 @@ resumption that spares the card, and many associations at once."""
 from __future__ import annotations
 
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 import textwrap
 import threading
 from contextlib import ExitStack
@@ -204,6 +206,71 @@ def test_whole_association_from_a_client_that_closed_at_once_is_not_taken_for_ro
     stored = [path.name for path in scp.stored_files()]  # named <modality>.<SOP Instance UID>
     assert len(stored) == 1 and stored[0].endswith(f".{genuine_uid}"), stored
     assert forged_uid not in log
+
+
+UNIX_CLIENT = textwrap.dedent("""
+    import socket, sys
+    path, association = sys.argv[1], bytes.fromhex(sys.argv[2])
+    release_rp = bytes.fromhex("06000000000400000000")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(15)
+    try:
+        sock.connect(path)
+    except OSError as error:
+        sys.exit(f"connect: {error}")
+    sock.sendall(association)
+    answers = b""
+    while release_rp not in answers and (chunk := sock.recv(65536)):
+        answers += chunk
+    print(answers.hex())
+""")
+STRANGER_UID = 65533
+
+
+def run_as(uid: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-I",
+                           "-c", script, *args], capture_output=True, text=True, timeout=30, cwd="/")
+
+
+def test_unix_socket_serves_other_allowed_users_and_refuses_the_rest_with_a_log_line(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """allowed_uids naming another user used to give that user EACCES from the 0600 socket, with no log
+    line and no A-ASSOCIATE-RJ; now the allowed user stores and anyone else is refused like on TCP."""
+    base = Path(tempfile.mkdtemp(prefix="card-agent-run-"))  # pytest's tmp_path is root's alone
+    try:
+        base.chmod(0o755)  # as /run: every user may pass through
+        path = base / "card-agent" / "pacs.sock"
+        association, instance_uid = whole_store_association("SENT^BY^AN^ALLOWED^USER")
+        stranger_association, _ = whole_store_association("FROM^A^STRANGER")
+        with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
+            with running_agent(test_pki, tmp_path / "agent",
+                               [{**tunnel("pacs", scp.port, allowed_uids=[0, 65534]), "listen": f"unix:{path}"}]) as agent:
+                allowed = run_as(65534, UNIX_CLIENT, str(path), association.hex())
+                stranger = run_as(STRANGER_UID, UNIX_CLIENT, str(path), stranger_association.hex())
+                log = agent.wait_for_log(f"refused local connection from uid {STRANGER_UID} ")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert allowed.returncode == 0 and bytes.fromhex(allowed.stdout).endswith(a_release_rp()), allowed
+    stored = [p.name for p in scp.stored_files()]
+    assert len(stored) == 1 and stored[0].endswith(f".{instance_uid}"), stored
+    assert stranger.returncode == 0, stranger.stderr  # connected: no silent EACCES
+    assert bytes.fromhex(stranger.stdout)[:1] == bytes([A_ASSOCIATE_RJ])
+    assert re.search(rf"tunnel pacs: refused local connection from uid {STRANGER_UID} pid \d+ \(python3\) from "
+                     rf"unix:{re.escape(str(path))}: only uids 0, 65534 may use this tunnel \(allowed_uids\)", log), log
+
+
+def test_unix_socket_other_allowed_users_cannot_reach_is_a_configuration_error(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    tmp_path.chmod(0o700)
+    path = tmp_path / "sockets" / "pacs.sock"
+    config = write_config(tmp_path / "agent.toml", test_pki,
+                          [{**tunnel("pacs", 104, allowed_uids=[0, 65534]), "listen": f"unix:{path}"}])
+
+    result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+
+    assert result.returncode == 2
+    assert (f"uid 65534 (allowed_uids) could not connect to {path}: the directory {tmp_path} (owner uid 0, mode "
+            "0700) does not let it through") in result.stderr, result.stderr
 
 
 def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, tmp_path: Path,

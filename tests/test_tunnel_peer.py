@@ -34,6 +34,7 @@ from agent.tunnel.peer import (
     SocketPathError,
     TcpRow,
     UnidentifiedPeerError,
+    UnreachableSocketError,
     UnsafeSocketDirectoryError,
     admit_peer,
     client_owner_doubt,
@@ -401,6 +402,50 @@ def test_server_owner_is_the_listeners_not_the_unaccepted_socket(
         server.wait(timeout=IO_TIMEOUT)
         server.stdin.close()
         server.stdout.close()
+
+
+@needs_other_uid
+def test_unix_socket_for_other_allowed_users_lets_them_connect_and_be_identified(
+        socket_base: Path, sockets: ExitStack, spawn_other_uid: Callable[..., subprocess.Popen]) -> None:
+    socket_base.chmod(0o755)  # as /run: every user may pass through to the agent's directory
+    path = socket_base / "agent" / "pacs.sock"
+    listener = sockets.enter_context(create_unix_listener(str(path), reachable_by={OTHER_UID}))
+    listener.settimeout(IO_TIMEOUT)
+
+    child = spawn_other_uid("unix", str(path))
+    accepted = accept(listener, sockets)
+
+    assert read_line(child) == "connected"
+    assert stat.S_IMODE(os.lstat(path.parent).st_mode) == 0o711  # others pass through, cannot list
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o666
+    assert unix_peer(accepted).uid == OTHER_UID  # so allowed_uids, not file modes, decides
+    with pytest.raises(PeerRefusedError):
+        admit_peer(accepted, PeerPolicy(frozenset({os.getuid(), OTHER_UID + 1})))
+
+
+def test_unix_socket_for_other_users_behind_a_closed_directory_is_refused(socket_base: Path) -> None:
+    socket_base.chmod(0o700)
+    path = socket_base / "agent" / "pacs.sock"
+
+    with pytest.raises(UnreachableSocketError) as refused:
+        create_unix_listener(str(path), reachable_by={OTHER_UID, os.geteuid()})
+
+    assert str(refused.value) == (
+        f"uid {OTHER_UID} (allowed_uids) could not connect to {path}: the directory {socket_base} (owner uid "
+        f"{os.geteuid()}, mode 0700) does not let it through, so connect() would fail with 'permission denied' "
+        "before the agent sees it. Put the socket in a directory every allowed user can pass through "
+        "(e.g. /run/card-agent/pacs.sock), or listen on loopback TCP")
+    assert not path.exists()
+
+
+def test_shared_unix_socket_opens_an_existing_private_directory(socket_base: Path, sockets: ExitStack) -> None:
+    socket_base.chmod(0o755)
+    directory = socket_base / "agent"
+    directory.mkdir(mode=0o700)
+
+    sockets.enter_context(create_unix_listener(str(directory / "pacs.sock"), reachable_by={OTHER_UID}))
+
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o711
 
 
 # --- parsing /proc/net/tcp(6) ---------------------------------------------------------------

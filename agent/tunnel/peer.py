@@ -14,14 +14,17 @@ socket lingers orphaned in FIN_WAIT or TIME_WAIT with inode 0) is reported by th
 uid 0 or some other default, not its opener's: such a peer counts as unidentified, never as a uid.
 :class:`PeerPolicy` then lets in only the allowed uids and refuses a peer it cannot identify.
 The listeners made here are local by default: loopback TCP, or a unix socket kept 0600 in a
-0700 directory of ours.
+0700 directory of ours; a unix socket that other allowed users must reach is 0666 in a 0711
+directory, and SO_PEERCRED decides, as for loopback TCP.
 """
 
 from __future__ import annotations
 
 import errno
+import grp
 import ipaddress
 import os
+import pwd
 import socket
 import stat
 import string
@@ -51,6 +54,8 @@ _TCP_STATE_NAMES = {0x01: "ESTABLISHED", 0x02: "SYN_SENT", 0x03: "SYN_RECV", 0x0
 _HELD_CLIENT_STATES = frozenset({TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2})
 SOCKET_DIRECTORY_MODE = 0o700
 SOCKET_FILE_MODE = 0o600
+SHARED_SOCKET_DIRECTORY_MODE = 0o711
+SHARED_SOCKET_FILE_MODE = 0o666
 _STALE_PROBE_TIMEOUT = 1.0
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _NO_UID = 0xFFFFFFFF  # (uid_t)-1: what the kernel reports when no credentials were passed
@@ -83,6 +88,10 @@ class NonLoopbackListenError(ListenerError):
 
 class UnsafeSocketDirectoryError(ListenerError):
     """The directory of a unix socket could let another user reach or replace the socket."""
+
+
+class UnreachableSocketError(ListenerError):
+    """A unix socket that a user of allowed_uids could not connect to, for a directory above it."""
 
 
 class SocketInUseError(ListenerError):
@@ -600,21 +609,31 @@ def _bind_address(host: str, port: int, where: str) -> tuple[socket.AddressFamil
     return family, sockaddr
 
 
-def create_unix_listener(path: str) -> socket.socket:
-    """A unix socket listening at ``path``, mode 0600, in a directory of ours with mode 0700.
+def create_unix_listener(path: str, reachable_by: Iterable[int] = ()) -> socket.socket:
+    """A unix socket listening at ``path``, in a directory of ours.
 
-    The directory is created if missing. A socket file left by a previous run is replaced when
-    nothing listens on it any more.
+    Private by default: socket 0600 in a 0700 directory, so only our own user can connect. When
+    ``reachable_by`` names other users (a tunnel whose allowed_uids does), those users must be able
+    to connect() so that the agent can tell them apart: the socket is 0666 in a 0711 directory
+    (others may pass through it, not list it), exactly as anyone can connect to loopback TCP, and
+    SO_PEERCRED with the tunnel's allowed_uids decides. Every directory above must let those users
+    through, else :class:`UnreachableSocketError`. The directory is created if missing. A socket file
+    left by a previous run is replaced when nothing listens on it any more.
     """
-    _ensure_private_directory(os.path.dirname(os.path.abspath(path)))
+    others = frozenset(reachable_by) - {os.geteuid(), 0}  # root needs no permission bits
+    directory = os.path.dirname(os.path.abspath(path))
+    if others:
+        _check_reachable(path, directory, others)
+    _ensure_socket_directory(directory, shared=bool(others))
     _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
         sock.bind(path)
         bound = True
-        # Until this chmod the socket has the umask's mode; the 0700 directory keeps others out.
-        os.chmod(path, SOCKET_FILE_MODE)
+        # Until this chmod the socket has the umask's mode; a private directory keeps others out,
+        # and a shared socket's peers are checked on accept anyway.
+        os.chmod(path, SHARED_SOCKET_FILE_MODE if others else SOCKET_FILE_MODE)
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:
         sock.close()
@@ -627,24 +646,27 @@ def create_unix_listener(path: str) -> socket.socket:
     return sock
 
 
-def _ensure_private_directory(directory: str) -> None:
+def _ensure_socket_directory(directory: str, shared: bool) -> None:
+    mode = SHARED_SOCKET_DIRECTORY_MODE if shared else SOCKET_DIRECTORY_MODE
     try:
-        os.mkdir(directory, SOCKET_DIRECTORY_MODE)
+        os.mkdir(directory, mode)
     except FileExistsError:
         pass
     except OSError as error:
         raise ListenerError(f"cannot create the socket directory {directory}: {error.strerror}") from None
     else:
-        os.chmod(directory, SOCKET_DIRECTORY_MODE)  # mkdir's mode went through the umask
+        os.chmod(directory, mode)  # mkdir's mode went through the umask
     try:
         info = os.lstat(directory)
     except OSError as error:
         raise ListenerError(f"cannot check the socket directory {directory}: {error.strerror}") from None
     _check_private_directory(directory, info)
+    if shared and stat.S_IMODE(info.st_mode) != SHARED_SOCKET_DIRECTORY_MODE:
+        os.chmod(directory, SHARED_SOCKET_DIRECTORY_MODE)  # ours (checked): let the allowed users pass
 
 
 def _check_private_directory(directory: str, info: os.stat_result) -> None:
-    required = f"it must be a directory owned by uid {os.geteuid()} (the agent's user) with mode 0700"
+    required = f"it must be a directory owned by uid {os.geteuid()} (the agent's user) with mode 0700 (or 0711)"
     if stat.S_ISLNK(info.st_mode):
         raise UnsafeSocketDirectoryError(
             f"the socket directory {directory} is a symbolic link; {required}: replace the link by such a directory")
@@ -655,10 +677,55 @@ def _check_private_directory(directory: str, info: os.stat_result) -> None:
             f"the socket directory {directory} is owned by uid {info.st_uid}, who could replace the "
             f"agent's socket; {required}: remove it so that the agent creates it, or choose another path")
     mode = stat.S_IMODE(info.st_mode)
-    if mode != SOCKET_DIRECTORY_MODE:
+    # Passing through (x) lets others reach a socket whose own mode allows them; reading or writing
+    # the directory would let them list or replace the agent's sockets.
+    if mode not in (SOCKET_DIRECTORY_MODE, SHARED_SOCKET_DIRECTORY_MODE):
         raise UnsafeSocketDirectoryError(
             f"the socket directory {directory} has mode {mode:04o}, so other users may reach the "
             f"agent's sockets; {required}: run `chmod 700 {directory}`")
+
+
+def _check_reachable(path: str, directory: str, uids: frozenset[int]) -> None:
+    """Refuse a socket that an allowed user could not reach: connect() needs search permission on
+    every directory above it, and without it the user gets EACCES the agent never sees."""
+    ancestor = os.path.dirname(directory)
+    while True:
+        try:
+            info = os.stat(ancestor)
+        except OSError as error:
+            raise ListenerError(f"cannot check the directory {ancestor} above {path}: {error.strerror}") from None
+        blocked = sorted(uid for uid in uids if not _may_search(info, uid))
+        if blocked:
+            who = ", ".join(map(str, blocked))
+            raise UnreachableSocketError(
+                f"uid {who} (allowed_uids) could not connect to {path}: the directory {ancestor} (owner uid "
+                f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}) does not let {'them' if len(blocked) > 1 else 'it'} "
+                "through, so connect() would fail with 'permission denied' before the agent sees it. Put the "
+                "socket in a directory every allowed user can pass through (e.g. /run/card-agent/pacs.sock), "
+                "or listen on loopback TCP")
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            return
+        ancestor = parent
+
+
+def _may_search(info: os.stat_result, uid: int) -> bool:
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid == uid:
+        return bool(mode & stat.S_IXUSR)
+    if info.st_gid in _groups_of(uid):
+        return bool(mode & stat.S_IXGRP)
+    return bool(mode & stat.S_IXOTH)
+
+
+def _groups_of(uid: int) -> frozenset[int]:
+    """The user's primary and supplementary groups as the account database has them (none if
+    the uid has no account: then only the "others" bits apply to it)."""
+    try:
+        account = pwd.getpwuid(uid)
+    except KeyError:
+        return frozenset()
+    return frozenset({account.pw_gid, *(group.gr_gid for group in grp.getgrall() if account.pw_name in group.gr_mem)})
 
 
 def _remove_stale_socket(path: str) -> None:
