@@ -368,8 +368,12 @@ def _lookup_tcp_client(sock: socket.socket) -> tuple[str, TcpRow | None]:
         return "(disconnected)", None
     client, server = _endpoint(peername), _endpoint(sockname)
     address = _inet_address(peername)
+    rows: list[TcpRow | None] = []
     try:
-        rows = [_diag_lookup(family, client, server) for family in (socket.AF_INET, socket.AF_INET6)]
+        for family in (socket.AF_INET, socket.AF_INET6):
+            rows.append(_diag_lookup(family, client, server))
+            if client_owner_doubt(rows[-1]) is None:
+                break  # the usual case: one question to the kernel
     except OSError:  # no sock_diag (an old or restricted kernel): read /proc
         # The client's socket is in tcp6 if it is an IPv6 socket, even one using a mapped IPv4
         # address, and in tcp otherwise; an IPv4 peer may therefore be in either table.
