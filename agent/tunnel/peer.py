@@ -300,6 +300,9 @@ def _inet_address(sockaddr: tuple) -> str:
 
 # sock_diag (linux/inet_diag.h): ask the kernel about exactly one socket, instead of reading all of
 # /proc/net/tcp (measured 2.3 ms a connection, growing with the number of sockets on the machine).
+# Not pyroute2 (0.9.7, measured with 281 TCP sockets): its DiagSocket.get_sock_stats() only dumps
+# every socket (10 ms), and one exact query through its nlm_request() took 136 us on a reused
+# socket, 620 us on a new one, against 14 us for this one message.
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST = 1
