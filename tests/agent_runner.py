@@ -109,7 +109,8 @@ def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | N
     the virtualenv's packages on PYTHONPATH."""
     command = [CARD_AGENT, "run", "--config", str(config)]
     if user is not None:
-        packages = Path(CARD_AGENT).parent.parent / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        packages = Path(CARD_AGENT).parent.parent / "lib" / version / "site-packages"
         env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(packages)])}
         command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", SYSTEM_PYTHON, "-c",
                    "import sys; from agent.cli.main import main; sys.exit(main())", *command[1:]]

@@ -243,8 +243,8 @@ def test_unix_socket_serves_other_allowed_users_and_refuses_the_rest_with_a_log_
         association, instance_uid = whole_store_association("SENT^BY^AN^ALLOWED^USER")
         stranger_association, _ = whole_store_association("FROM^A^STRANGER")
         with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
-            with running_agent(test_pki, tmp_path / "agent",
-                               [{**tunnel("pacs", scp.port, allowed_uids=[0, 65534]), "listen": f"unix:{path}"}]) as agent:
+            unix_tunnel = {**tunnel("pacs", scp.port, allowed_uids=[0, 65534]), "listen": f"unix:{path}"}
+            with running_agent(test_pki, tmp_path / "agent", [unix_tunnel]) as agent:
                 allowed = run_as(65534, UNIX_CLIENT, str(path), association.hex())
                 stranger = run_as(STRANGER_UID, UNIX_CLIENT, str(path), stranger_association.hex())
                 log = agent.wait_for_log(f"refused local connection from uid {STRANGER_UID} ")

@@ -240,7 +240,8 @@ ORPHAN_REASON = ("is no longer held by any process: the client closed it before 
     (None, 0, 0, "no socket of this machine is its other end"),
 ])
 def test_proc_path_refuses_a_client_socket_whose_owner_is_uncertain(
-        state: int | None, uid: int, inode: int, reason: str, sockets: ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+        state: int | None, uid: int, inode: int, reason: str, sockets: ExitStack,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     client, accepted = connect_self(listen("4", Path("/"), sockets), sockets)
     rows = [] if state is None else [TcpRow(local=_endpoint(client.getsockname()),
                                             remote=_endpoint(client.getpeername()), state=state, uid=uid, inode=inode)]
@@ -261,7 +262,7 @@ def test_proc_path_refuses_a_client_socket_whose_owner_is_uncertain(
 ORPHAN_CLIENT = r"""
 import socket, sys
 sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-sock.sendall(b"\x01" * 200)  # unread by the listener, so the close leaves the socket orphaned in FIN_WAIT
+sock.sendall(b"\x01" * 200)  # a request, then gone: the socket lingers orphaned in FIN_WAIT2
 sock.close()
 print("closed", flush=True)
 """

@@ -703,10 +703,10 @@ def _check_reachable(path: str, directory: str, uids: frozenset[int]) -> None:
             raise ListenerError(f"cannot check the directory {ancestor} above {path}: {error.strerror}") from None
         blocked = sorted(uid for uid in uids if not _may_search(info, uid))
         if blocked:
-            who = ", ".join(map(str, blocked))
+            who, them = ", ".join(map(str, blocked)), "them" if len(blocked) > 1 else "it"
             raise UnreachableSocketError(
                 f"uid {who} (allowed_uids) could not connect to {path}: the directory {ancestor} (owner uid "
-                f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}) does not let {'them' if len(blocked) > 1 else 'it'} "
+                f"{info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}) does not let {them} "
                 "through, so connect() would fail with 'permission denied' before the agent sees it. Put the "
                 "socket in a directory every allowed user can pass through (e.g. /run/card-agent/pacs.sock), "
                 "or listen on loopback TCP")
