@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -20,6 +23,8 @@ from agent.dicom.pdu import (AssociateRequest, MaximumLength, PduType, Presentat
                              encode_associate_rq)
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
 from peers.ports import free_port
+
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def _toml_value(value: Any) -> str:
@@ -95,10 +100,23 @@ class RunningAgent:
         raise AssertionError(f"{text!r} not in the agent's log:\n{self.log()}")
 
 
-def start_agent(config: Path, log_path: Path, env: dict[str, str], stdin: int | None = None) -> subprocess.Popen:
-    """``card-agent run``; ``stdin`` (a terminal, for pinentry-tty) or else /dev/null."""
+def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | None = None,
+                stdin: int | None = None) -> subprocess.Popen:
+    """``card-agent run``; as uid ``user`` (and its gid, no supplementary groups) when given, which needs root;
+    ``stdin`` a terminal (for pinentry-tty), else /dev/null.
+
+    Another user cannot run this virtualenv's interpreter when it lives in root's private home (pyenv
+    under /root), so that user runs the agent with the system Python 3 of the same minor version and
+    the virtualenv's packages on PYTHONPATH."""
+    command = [CARD_AGENT, "run", "--config", str(config)]
+    if user is not None:
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        packages = Path(CARD_AGENT).parent.parent / "lib" / version / "site-packages"
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(packages)])}
+        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", SYSTEM_PYTHON, "-c",
+                   "import sys; from agent.cli.main import main; sys.exit(main())", *command[1:]]
     with open(log_path, "w") as log:
-        return subprocess.Popen([CARD_AGENT, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL if stdin is None else stdin, env=env,
                                 start_new_session=True)
 
@@ -129,12 +147,13 @@ def stop_agent(process: subprocess.Popen) -> int:
 
 @contextmanager
 def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[str, Any]], *,
-                  pin: str = USER_PIN, env: dict[str, str] | None = None, stdin: int | None = None,
-                  **config: Any) -> Iterator[RunningAgent]:
+                  pin: str = USER_PIN, env: dict[str, str] | None = None, user: int | None = None,
+                  stdin: int | None = None, **config: Any) -> Iterator[RunningAgent]:
+    """The agent with these tunnels, ready; as uid ``user`` if given (see :func:`pki_for_user`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = write_config(workdir / "agent.toml", test_pki, tunnels, **config)
     log_path = workdir / "agent.log"
-    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})), stdin)
+    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})), user, stdin)
     agent = RunningAgent(process, log_path, tunnels)
     try:
         deadline = time.monotonic() + 30
@@ -145,6 +164,24 @@ def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[st
         yield agent
     finally:
         stop_agent(process)
+
+
+@contextmanager
+def pki_for_user(test_pki: ProvisionedPki, user: int) -> Iterator[tuple[ProvisionedPki, Path]]:
+    """A copy of the test PKI and tokens owned by uid ``user``, and a work directory of that user, for
+    an agent run as that user (pytest's own tmp directories are root's alone); removed afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=f"card-agent-{user}-"))
+    try:
+        copy = base / "pki"
+        shutil.copytree(test_pki.directory, copy, symlinks=True)
+        conf = copy / test_pki.softhsm_conf.name
+        conf.write_text(conf.read_text().replace(str(test_pki.directory), str(copy)))
+        (base / "work").mkdir()
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, user, user, follow_symlinks=False)
+        yield ProvisionedPki(copy, conf), base / "work"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextmanager

@@ -4,18 +4,24 @@ resumption that spares the card, and many associations at once."""
 from __future__ import annotations
 
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 import textwrap
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from agent.dicom.pdu import A_ASSOCIATE_RJ
-from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, p_data, running_agent, s_server, send_and_close, send_concurrently, tunnel, wait_for, write_config)
+from agent.dicom.pdu import A_ASSOCIATE_RJ, a_release_rp
+from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, p_data, pki_for_user, running_agent,
+                          s_server, send_and_close, send_concurrently, tunnel, wait_for, write_config)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
+from peers.dcmtk import storescp
+from peers.pki_files import TlsServerFiles
 
 
 @pytest.mark.parametrize("change, message", [
@@ -99,6 +105,172 @@ def test_local_peer_of_another_user_is_refused(test_pki: ProvisionedPki, tmp_pat
     assert "only uid 0 may use this tunnel" in log and " pid " in log
 
 
+
+
+FORGING_CLIENT = textwrap.dedent("""
+    import socket, sys
+    port, decoys, forged = int(sys.argv[1]), int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+    # Decoys keep the agent's accept loop busy (each refusal looks up a pid), so that the
+    # forged connection is looked at only after it was closed and its socket orphaned.
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(decoys)]
+    forging = socket.create_connection(("127.0.0.1", port))
+    print(forging.getsockname()[1], flush=True)
+    forging.sendall(forged)
+    forging.close()
+    sys.stdin.read()
+""")
+OTHER_AGENT_UID = 4242  # an ordinary user running the agent, not root
+
+
+def whole_store_association(patient: str) -> tuple[bytes, str]:
+    """An association an application writes in one go without waiting for answers: A-ASSOCIATE-RQ for
+    Secondary Capture, a C-STORE-RQ with its dataset, A-RELEASE-RQ; and the instance's SOP Instance UID."""
+    from io import BytesIO
+
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+    from pynetdicom.pdu import P_DATA_TF
+
+    from agent.dicom.pdu import (AssociateRequest, MaximumLength, PresentationContextItemRQ, a_release_rq,
+                                 encode_associate_rq)
+
+    secondary_capture, implicit_little_endian = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2"
+    dataset = Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID, dataset.PatientName = secondary_capture, generate_uid(), patient
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = secondary_capture, dataset.SOPInstanceUID
+    request.DataSet = BytesIO(encode(dataset, True, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    p_data = b""
+    for primitive in message.encode_msg(1, 16384):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        p_data += pdu.encode()
+    associate = encode_associate_rq(AssociateRequest(
+        protocol_version=1, called_ae_title="PACS", calling_ae_title="VIEWER",
+        application_context_name="1.2.840.10008.3.1.1.1",
+        presentation_contexts=(PresentationContextItemRQ(1, secondary_capture, (implicit_little_endian,)),),
+        user_information=(MaximumLength(16384),)))
+    return associate + p_data + a_release_rq(), str(dataset.SOPInstanceUID)
+
+
+def send_and_await_release(port: int, association: bytes) -> None:
+    """Write a whole association, then read the answers until the A-RELEASE-RP, as a well-behaved client."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as client:
+        client.sendall(association)
+        answers = b""
+        while a_release_rp() not in answers:
+            chunk = client.recv(65536)
+            assert chunk, f"the agent closed before the A-RELEASE-RP: {answers.hex()}"
+            answers += chunk
+
+
+@pytest.mark.parametrize("agent_user", ["root", "ordinary user"])
+def test_whole_association_from_a_client_that_closed_at_once_is_not_taken_for_root(
+        test_pki: ProvisionedPki, tmp_path: Path, agent_user: str) -> None:
+    """uid 65534 writes a forged association and closes before the agent looks: the kernel then reports
+    its orphaned socket as uid 0's. It must be refused as unidentified and reach no PACS, whether the
+    agent runs as root (allowed by default) or as a user who lets root in (allowed_uids = [0, self])."""
+    forged, forged_uid = whole_store_association("FORGED^BY^UID^65534")
+    genuine, genuine_uid = whole_store_association("SENT^BY^AN^ALLOWED^USER")
+    user = None if agent_user == "root" else OTHER_AGENT_UID
+    with ExitStack() as stack:
+        # storescp, like most PACS, reads what was written ahead of its answers (pynetdicom aborts it).
+        scp = stack.enter_context(storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)))
+        pki, workdir = (test_pki, tmp_path) if user is None else stack.enter_context(pki_for_user(test_pki, user))
+        allowed = {} if user is None else {"allowed_uids": [0, user]}
+        agent = stack.enter_context(running_agent(
+            pki, workdir / "agent", [tunnel("pacs", scp.port, **allowed)], user=user,
+            agent={"runtime_dir": str(workdir / "runtime")}))
+        attacker = stack.enter_context(subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-I", "-c",
+             FORGING_CLIENT, str(agent.port()), "40", forged.hex()],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/"))
+        stack.callback(attacker.kill)
+        forging_port = int(attacker.stdout.readline())
+        log = agent.wait_for_log(f"refused unidentified local connection from 127.0.0.1:{forging_port}: ", 20)
+        # The same bytes from an allowed user who waits for the answers are stored: the forgery would be.
+        send_and_await_release(agent.port(), genuine)
+        log = agent.log()
+    assert log.count("refused unidentified local connection") == 1
+    assert re.search(rf"tunnel pacs: refused unidentified local connection from 127\.0\.0\.1:{forging_port}: the "
+                     r"user who opened it cannot be established with certainty: its socket \(FIN_WAIT[12]\) is "
+                     r"no longer held by any process: the client closed it before the agent looked", log), log
+    stored = [path.name for path in scp.stored_files()]  # named <modality>.<SOP Instance UID>
+    assert len(stored) == 1 and stored[0].endswith(f".{genuine_uid}"), stored
+    assert forged_uid not in log
+
+
+UNIX_CLIENT = textwrap.dedent("""
+    import socket, sys
+    path, association = sys.argv[1], bytes.fromhex(sys.argv[2])
+    release_rp = bytes.fromhex("06000000000400000000")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(15)
+    try:
+        sock.connect(path)
+    except OSError as error:
+        sys.exit(f"connect: {error}")
+    sock.sendall(association)
+    answers = b""
+    while release_rp not in answers and (chunk := sock.recv(65536)):
+        answers += chunk
+    print(answers.hex())
+""")
+STRANGER_UID = 65533
+
+
+def run_as(uid: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-I",
+                           "-c", script, *args], capture_output=True, text=True, timeout=30, cwd="/")
+
+
+def test_unix_socket_serves_other_allowed_users_and_refuses_the_rest_with_a_log_line(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """allowed_uids naming another user used to give that user EACCES from the 0600 socket, with no log
+    line and no A-ASSOCIATE-RJ; now the allowed user stores and anyone else is refused like on TCP."""
+    base = Path(tempfile.mkdtemp(prefix="card-agent-run-"))  # pytest's tmp_path is root's alone
+    try:
+        base.chmod(0o755)  # as /run: every user may pass through
+        path = base / "card-agent" / "pacs.sock"
+        association, instance_uid = whole_store_association("SENT^BY^AN^ALLOWED^USER")
+        stranger_association, _ = whole_store_association("FROM^A^STRANGER")
+        with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
+            unix_tunnel = {**tunnel("pacs", scp.port, allowed_uids=[0, 65534]), "listen": f"unix:{path}"}
+            with running_agent(test_pki, tmp_path / "agent", [unix_tunnel]) as agent:
+                allowed = run_as(65534, UNIX_CLIENT, str(path), association.hex())
+                stranger = run_as(STRANGER_UID, UNIX_CLIENT, str(path), stranger_association.hex())
+                log = agent.wait_for_log(f"refused local connection from uid {STRANGER_UID} ")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert allowed.returncode == 0 and bytes.fromhex(allowed.stdout).endswith(a_release_rp()), allowed
+    stored = [p.name for p in scp.stored_files()]
+    assert len(stored) == 1 and stored[0].endswith(f".{instance_uid}"), stored
+    assert stranger.returncode == 0, stranger.stderr  # connected: no silent EACCES
+    assert bytes.fromhex(stranger.stdout)[:1] == bytes([A_ASSOCIATE_RJ])
+    assert re.search(rf"tunnel pacs: refused local connection from uid {STRANGER_UID} pid \d+ \(python3\) from "
+                     rf"unix:{re.escape(str(path))}: only uids 0, 65534 may use this tunnel \(allowed_uids\)", log), log
+
+
+def test_unix_socket_other_allowed_users_cannot_reach_is_a_configuration_error(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    tmp_path.chmod(0o700)
+    path = tmp_path / "sockets" / "pacs.sock"
+    config = write_config(tmp_path / "agent.toml", test_pki,
+                          [{**tunnel("pacs", 104, allowed_uids=[0, 65534]), "listen": f"unix:{path}"}])
+
+    result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+
+    assert result.returncode == 2
+    assert (f"uid 65534 (allowed_uids) could not connect to {path}: the directory {tmp_path} (owner uid 0, mode "
+            "0700) does not let it through") in result.stderr, result.stderr
 
 
 def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, tmp_path: Path,

@@ -34,12 +34,16 @@ from agent.tunnel.peer import (
     SocketPathError,
     TcpRow,
     UnidentifiedPeerError,
+    UnreachableSocketError,
     UnsafeSocketDirectoryError,
     admit_peer,
+    client_owner_doubt,
     create_tcp_listener,
     create_unix_listener,
     find_client_row,
+    find_listener_row,
     identify_peer,
+    identify_server,
     is_loopback,
     parse_proc_net_tcp,
     pid_of_socket_inode,
@@ -222,20 +226,81 @@ def test_ipv4_client_reaching_a_dual_stack_listener(sockets: ExitStack) -> None:
     assert peer.address == f"[::ffff:127.0.0.1]:{client.getsockname()[1]}"
 
 
-def test_unknown_client_row_gives_no_uid_and_is_refused(sockets: ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+ORPHAN_REASON = ("is no longer held by any process: the client closed it before the agent looked, and the "
+                 "kernel then no longer knows who opened it")
+
+
+@pytest.mark.parametrize(("state", "uid", "inode", "reason"), [
+    # What a client that wrote its request and closed at once leaves: an orphaned socket, printed
+    # with uid 0 and inode 0, still in FIN_WAIT while the kernel drains it, later in TIME_WAIT.
+    (0x04, 0, 0, f"its socket (FIN_WAIT1) {ORPHAN_REASON}"),
+    (0x05, 0, 0, f"its socket (FIN_WAIT2) {ORPHAN_REASON}"),
+    (0x06, 0, 0, f"its socket (TIME_WAIT) {ORPHAN_REASON}"),
+    (0x07, 0, 4242, "its socket is in state CLOSE, not an open connection"),
+    (None, 0, 0, "no socket of this machine is its other end"),
+])
+def test_proc_path_refuses_a_client_socket_whose_owner_is_uncertain(
+        state: int | None, uid: int, inode: int, reason: str, sockets: ExitStack,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     client, accepted = connect_self(listen("4", Path("/"), sockets), sockets)
-    # What a client that has just closed leaves: a TIME_WAIT row, printed with uid 0 and inode 0.
-    time_wait = TcpRow(local=_endpoint(client.getsockname()), remote=_endpoint(client.getpeername()),
-                       state=0x06, uid=0, inode=0)
-    monkeypatch.setattr(peer_module, "_load_rows", lambda ipv6: [] if ipv6 else [time_wait])
+    rows = [] if state is None else [TcpRow(local=_endpoint(client.getsockname()),
+                                            remote=_endpoint(client.getpeername()), state=state, uid=uid, inode=inode)]
+    monkeypatch.setattr(peer_module, "_load_rows", lambda ipv6: [] if ipv6 else rows)
     monkeypatch.setattr(peer_module, "_diag_lookup", _no_sock_diag)  # exercise the /proc path
 
     peer = tcp_peer(accepted, want_pid=True)
 
     assert (peer.uid, peer.pid) == (None, None)
-    with pytest.raises(UnidentifiedPeerError, match="could not be determined") as refused:
-        admit_peer(accepted, PeerPolicy(frozenset({0, os.getuid()})))
-    assert f"uid unknown pid unknown from 127.0.0.1:{client.getsockname()[1]}" in str(refused.value)
+    with pytest.raises(UnidentifiedPeerError) as refused:
+        admit_peer(accepted, PeerPolicy(frozenset({0, os.getuid()})))  # uid 0 allowed: still refused
+    assert str(refused.value).startswith(
+        f"refused unidentified local connection from 127.0.0.1:{client.getsockname()[1]}: the user who opened "
+        f"it cannot be established with certainty: {reason}")
+    assert str(refused.value).endswith("; a connection that could be anyone's is refused")
+
+
+ORPHAN_CLIENT = r"""
+import socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+sock.sendall(b"\x01" * 200)  # a request, then gone: the socket lingers orphaned in FIN_WAIT2
+sock.close()
+print("closed", flush=True)
+"""
+
+
+@needs_other_uid
+@pytest.mark.parametrize("path", ["sock_diag", "proc"])
+def test_client_that_closed_before_the_lookup_is_unidentified_not_root(
+        path: str, sockets: ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    listener = listen("4", Path("/"), sockets)
+    if path == "proc":
+        monkeypatch.setattr(peer_module, "_diag_lookup", _no_sock_diag)
+    child = subprocess.run([SETPRIV, f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups", SYSTEM_PYTHON,
+                            "-I", "-c", ORPHAN_CLIENT, *target_of(listener)],
+                           capture_output=True, text=True, timeout=IO_TIMEOUT, cwd="/")
+    assert child.stdout == "closed\n", child.stderr
+    accepted = accept(listener, sockets)
+
+    peer = tcp_peer(accepted, want_pid=True)
+
+    assert peer.uid is None  # the kernel says uid 0 for this socket; the old code took that as root's
+    assert peer.unknown_because is not None and ORPHAN_REASON in peer.unknown_because
+    with pytest.raises(UnidentifiedPeerError, match="cannot be established with certainty: its socket \\(FIN_WAIT"):
+        admit_peer(accepted, PeerPolicy(frozenset({0, OTHER_UID})))
+
+
+@pytest.mark.parametrize("path", ["sock_diag", "proc"])
+def test_half_closed_client_still_holding_its_socket_is_identified(
+        path: str, sockets: ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """shutdown(SHUT_WR) after the request, waiting for the answer: FIN_WAIT2, but held, so certain."""
+    if path == "proc":
+        monkeypatch.setattr(peer_module, "_diag_lookup", _no_sock_diag)
+    client, accepted = connect_self(listen("4", Path("/"), sockets), sockets)
+    client.shutdown(socket.SHUT_WR)
+    assert accepted.recv(1) == b""  # our side saw the FIN: the client socket is in FIN_WAIT2
+
+    assert tcp_peer(accepted, want_pid=True) == Peer(uid=os.getuid(), pid=os.getpid(),
+                                                     address=f"127.0.0.1:{client.getsockname()[1]}")
 
 
 def _no_sock_diag(*_args: object) -> None:
@@ -303,6 +368,85 @@ def test_socket_mode_alone_keeps_other_users_out(socket_base: Path, sockets: Exi
     (socket_base / "agent").chmod(0o711)  # the directory bent open; the 0600 socket still holds
 
     assert read_line(spawn_other_uid("unix", listener.getsockname())) == f"error {errno.EACCES}"
+
+
+LISTENER = r"""
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+sys.stdin.read()  # never accepts: the connection's own socket on its side has no owner yet
+"""
+
+
+@needs_other_uid
+@pytest.mark.parametrize("path", ["sock_diag", "proc"])
+def test_server_owner_is_the_listeners_not_the_unaccepted_socket(
+        path: str, sockets: ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "proc":
+        monkeypatch.setattr(peer_module, "_diag_lookup", _no_sock_diag)
+    server = subprocess.Popen([SETPRIV, f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+                               SYSTEM_PYTHON, "-I", "-c", LISTENER],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        port = int(read_line(server))
+        connection = sockets.enter_context(socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT))
+        assert tcp_peer(connection).uid is None  # the kernel's row for the unaccepted socket has inode 0
+
+        owner = identify_server(connection)
+
+        assert owner == Peer(uid=OTHER_UID, pid=None, address=f"127.0.0.1:{port}")
+        server.kill()
+        server.wait(timeout=IO_TIMEOUT)
+        assert identify_server(connection).uid is None  # the listener and our connection are gone
+    finally:
+        server.kill()
+        server.wait(timeout=IO_TIMEOUT)
+        server.stdin.close()
+        server.stdout.close()
+
+
+@needs_other_uid
+def test_unix_socket_for_other_allowed_users_lets_them_connect_and_be_identified(
+        socket_base: Path, sockets: ExitStack, spawn_other_uid: Callable[..., subprocess.Popen]) -> None:
+    socket_base.chmod(0o755)  # as /run: every user may pass through to the agent's directory
+    path = socket_base / "agent" / "pacs.sock"
+    listener = sockets.enter_context(create_unix_listener(str(path), reachable_by={OTHER_UID}))
+    listener.settimeout(IO_TIMEOUT)
+
+    child = spawn_other_uid("unix", str(path))
+    accepted = accept(listener, sockets)
+
+    assert read_line(child) == "connected"
+    assert stat.S_IMODE(os.lstat(path.parent).st_mode) == 0o711  # others pass through, cannot list
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o666
+    assert unix_peer(accepted).uid == OTHER_UID  # so allowed_uids, not file modes, decides
+    with pytest.raises(PeerRefusedError):
+        admit_peer(accepted, PeerPolicy(frozenset({os.getuid(), OTHER_UID + 1})))
+
+
+def test_unix_socket_for_other_users_behind_a_closed_directory_is_refused(socket_base: Path) -> None:
+    socket_base.chmod(0o700)
+    path = socket_base / "agent" / "pacs.sock"
+
+    with pytest.raises(UnreachableSocketError) as refused:
+        create_unix_listener(str(path), reachable_by={OTHER_UID, os.geteuid()})
+
+    assert str(refused.value) == (
+        f"uid {OTHER_UID} (allowed_uids) could not connect to {path}: the directory {socket_base} (owner uid "
+        f"{os.geteuid()}, mode 0700) does not let it through, so connect() would fail with 'permission denied' "
+        "before the agent sees it. Put the socket in a directory every allowed user can pass through "
+        "(e.g. /run/card-agent/pacs.sock), or listen on loopback TCP")
+    assert not path.exists()
+
+
+def test_shared_unix_socket_opens_an_existing_private_directory(socket_base: Path, sockets: ExitStack) -> None:
+    socket_base.chmod(0o755)
+    directory = socket_base / "agent"
+    directory.mkdir(mode=0o700)
+
+    sockets.enter_context(create_unix_listener(str(directory / "pacs.sock"), reachable_by={OTHER_UID}))
+
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o711
 
 
 # --- parsing /proc/net/tcp(6) ---------------------------------------------------------------
@@ -374,16 +518,50 @@ def test_parse_rejects_malformed_lines(line: str) -> None:
         parse_proc_net_tcp(line, ipv6=False)
 
 
-def test_find_client_row_skips_time_wait_and_matches_mapped_addresses() -> None:
+def test_find_client_row_prefers_a_held_socket_and_matches_mapped_addresses() -> None:
     rows = parse_proc_net_tcp("\n".join(TCP_LINES), ipv6=False, byteorder="little")
     mapped = parse_proc_net_tcp("\n".join(TCP6_LINES), ipv6=True, byteorder="little")
     server = (IP("127.0.0.1"), 42023)
 
     assert find_client_row(rows, (IP("127.0.0.1"), 51680), server) == rows[1]
     assert find_client_row(rows, (IP("::ffff:127.0.0.1"), 51680), (IP("::ffff:127.0.0.1"), 42023)) == rows[1]
-    assert find_client_row(rows, (IP("10.1.2.3"), 80), server) is None  # only a TIME_WAIT row
     assert find_client_row(rows, server, (IP("127.0.0.1"), 51680)) is None  # that is our own end
     assert find_client_row(mapped, (IP("127.0.0.1"), 0xC9EC), (IP("127.0.0.1"), 0xA427)) == mapped[1]
+    # Only a TIME_WAIT row: returned, so that the refusal can say why, but its owner is not known.
+    assert find_client_row(rows, (IP("10.1.2.3"), 80), server) == rows[2]
+    assert client_owner_doubt(rows[2]) == f"its socket (TIME_WAIT) {ORPHAN_REASON}"
+    # An earlier connection's TIME_WAIT row with the same addresses does not hide the live one.
+    earlier = TcpRow(local=rows[1].local, remote=rows[1].remote, state=0x06, uid=0, inode=0)
+    assert find_client_row([earlier, rows[1]], (IP("127.0.0.1"), 51680), server) == rows[1]
+
+
+# A client that wrote its request and closed at once, as /proc/net/tcp prints it: FIN_WAIT2, uid 0, inode 0.
+ORPHAN_LINE = ("   8: 0100007F:C9E2 0100007F:A427 05 00000000:00000000 00:00000000 00000000     0        0 0 1 "
+               "00000000c4f1153b 20 4 30 10 -1                     ")
+
+
+def test_an_orphaned_client_row_from_proc_names_no_owner() -> None:
+    rows = parse_proc_net_tcp("\n".join([TCP_HEADER, *TCP_LINES, ORPHAN_LINE]), ipv6=False, byteorder="little")
+    orphan = TcpRow(local=(IP("127.0.0.1"), 0xC9E2), remote=(IP("127.0.0.1"), 0xA427), state=0x05, uid=0, inode=0)
+
+    assert rows[-1] == orphan
+    assert find_client_row(rows, orphan.local, orphan.remote) == orphan
+    assert client_owner_doubt(orphan) == f"its socket (FIN_WAIT2) {ORPHAN_REASON}"
+    assert client_owner_doubt(rows[1]) is None  # ESTABLISHED, held (inode 19776): uid 1000 is certain
+    assert client_owner_doubt(None) is not None
+
+
+def test_find_listener_row_prefers_the_exact_address() -> None:
+    v4 = parse_proc_net_tcp("\n".join(TCP_LINES), ipv6=False, byteorder="little")
+    v6 = parse_proc_net_tcp("\n".join(TCP6_LINES), ipv6=True, byteorder="little")
+    wildcard = TcpRow(local=(IP("0.0.0.0"), 0xA427), remote=(IP("0.0.0.0"), 0), state=0x0A, uid=7, inode=8)
+    dual_stack = TcpRow(local=(IP("::"), 0xA427), remote=(IP("::"), 0), state=0x0A, uid=9, inode=10)
+
+    assert find_listener_row([*v4, *v6], (IP("127.0.0.1"), 0xA427)) == v4[0]  # not the connections to it
+    assert find_listener_row([dual_stack, wildcard, *v4], (IP("127.0.0.1"), 0xA427)) == v4[0]
+    assert find_listener_row([dual_stack, wildcard], (IP("127.0.0.1"), 0xA427)) == wildcard
+    assert find_listener_row([dual_stack], (IP("::ffff:127.0.0.1"), 0xA427)) == dual_stack
+    assert find_listener_row([*v4, *v6], (IP("127.0.0.1"), 0x0050)) is None
 
 
 def test_pid_of_socket_inode() -> None:

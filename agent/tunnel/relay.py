@@ -36,7 +36,7 @@ from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
 from agent.errors import CardAgentError
 from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
-from agent.tunnel.peer import PeerPolicy, identify_peer
+from agent.tunnel.peer import PeerPolicy, identify_server
 
 log = logging.getLogger("agent.tunnel")
 
@@ -466,7 +466,7 @@ def _connect_forward(runtime: InboundRuntime) -> socket.socket:
                             "(is the viewer's storage SCP running?)", transient=True) from None
     set_nodelay(sock)
     policy = PeerPolicy(frozenset(config.forward_uids or (os.getuid(),)))
-    owner = identify_peer(sock)
+    owner = identify_server(sock)
     if not policy.allows(owner):
         sock.close()
         who = "an unknown user" if owner.uid is None else f"uid {owner.uid}"

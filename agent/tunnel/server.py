@@ -34,8 +34,11 @@ class Listeners:
         try:
             for tunnel in config.tunnels:
                 listen = tunnel.listen
-                sock = (create_unix_listener(listen.unix_path) if listen.unix_path
-                        else create_tcp_listener(listen.host, listen.port, unsafe_listen=tunnel.unsafe_listen))
+                if listen.unix_path:
+                    reachable_by = self.policies[tunnel.name].allowed_uids
+                    sock = create_unix_listener(listen.unix_path, reachable_by=reachable_by)
+                else:
+                    sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=tunnel.unsafe_listen)
                 self.sockets[sock.fileno()] = (sock, tunnel)
                 self._selector.register(sock, selectors.EVENT_READ)
                 log.info("tunnel %s: listening on %s for %s (TLS %s, server %s)", tunnel.name, listen,
