@@ -43,6 +43,17 @@ def status(config: ConfigFile, as_json: Json = False) -> None:
             delivery = (f", repository {'connected' if audit['connected'] else 'not connected'}, "
                         f"{audit['pending']} waiting" + (f" ({audit['last_error']})" if audit["last_error"] else ""))
         typer.echo(f"audit:    to {where}{delivery}")
+    for crl in answer.get("crls", []):
+        typer.echo(f"crl {crl['file']}: {_describe_crl_file(crl)}")
+
+
+def _describe_crl_file(crl: dict) -> str:
+    contents = ", ".join(f"CRL of {entry['issuer']}, next update {entry['next_update'] or 'none'}"
+                         + (" (EXPIRED)" if entry["expired"] else "") for entry in crl["crls"])
+    if crl["state"] == "unusable":
+        kept = f"; still using {contents}" if contents else ""
+        return f"UNUSABLE: {crl['error']}{kept}"
+    return f"{crl['state']}: {contents}"
 
 
 def lock(config: ConfigFile) -> None:
