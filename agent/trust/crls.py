@@ -35,7 +35,13 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", r
 
 
 def describe(cert: x509.Certificate) -> str:
-    return f"{cert.subject.rfc4514_string()} (issuer {cert.issuer.rfc4514_string()})"
+    return f"{name(cert.subject)} (issuer {name(cert.issuer)})"
+
+
+def name(distinguished_name: x509.Name) -> str:
+    """A name for messages and log lines: a peer's certificate may carry control characters in it."""
+    text = distinguished_name.rfc4514_string()
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 class CrlFileError(TrustFileError):
@@ -51,7 +57,7 @@ class FileCrl:
 
     @property
     def issuer(self) -> str:
-        return self.crl.issuer.rfc4514_string()
+        return name(self.crl.issuer)
 
     def expired(self, now: datetime.datetime) -> bool:
         next_update = self.crl.next_update_utc
@@ -80,6 +86,8 @@ def _pem_crls(path: Path, data: bytes) -> list[x509.CertificateRevocationList]:
         raise CrlFileError(
             f"CRL file {path} holds {' and '.join(foreign)} besides CRLs: a CRL file may hold only CRLs, "
             "nothing in it is trusted (put CA certificates in [trust] ca, not in a CRL file)")
+    if len(blocks) != data.count(b"-----BEGIN "):
+        raise CrlFileError(f"CRL file {path} holds an incomplete PEM block (cut short, or still being written)")
     if not blocks:
         raise CrlFileError(f"CRL file {path} holds no \"X509 CRL\" PEM block: give a CRL in PEM or DER form")
     try:
@@ -116,13 +124,13 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
         if not candidates:
             if position == 0:
                 unreadable = f" (not usable: {'; '.join(unusable)})" if unusable else ""
-                raise CrlError(f"no CRL from {cert.issuer.rfc4514_string()} among the configured CRLs{unreadable}, "
+                raise CrlError(f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}, "
                                f"so {describe(cert)} cannot be checked for revocation: add that CA's CRL")
             continue
         genuine = [c for c in candidates if c.crl.is_signature_valid(issuer.public_key())]  # type: ignore[arg-type]
         if not genuine:
             files = ", ".join(str(c.path) for c in candidates)
-            raise CrlError(f"the CRL of {cert.issuer.rfc4514_string()} in {files} has an invalid signature "
+            raise CrlError(f"the CRL of {name(cert.issuer)} in {files} has an invalid signature "
                            f"(not signed by {describe(issuer)}): fetch the CA's genuine CRL")
         for crl in genuine:
             _refuse_if_listed(cert, crl)
@@ -306,7 +314,7 @@ class PeerRevocation:
     def check(self, leaf: x509.Certificate) -> None:
         chain = issuer_chain(leaf, self.certificates)
         if len(chain) == 1:
-            raise CrlError(f"the issuer {leaf.issuer.rfc4514_string()} of {describe(leaf)} is not in [trust] ca "
+            raise CrlError(f"the issuer {name(leaf.issuer)} of {describe(leaf)} is not in [trust] ca "
                            f"({self.ca_source}), so its CRL cannot be verified: add that CA certificate to "
                            "[trust] ca")
         self.store.check(chain)
