@@ -16,7 +16,7 @@ ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The running ag
 
 
 def status(config: ConfigFile, as_json: Json = False) -> None:
-    """Who is signed in, since when, and each tunnel's connections and traffic."""
+    """Who is signed in, since when, each tunnel's connections and traffic, and the CRL files' state."""
     answer = control.request(load_config(config), "status")
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
