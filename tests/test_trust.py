@@ -106,3 +106,23 @@ def test_crl_store_rereads_a_changed_file_and_keeps_the_last_good_crls(test_pki:
     assert row["state"] == "unusable" and f"CRL file {crl} holds an incomplete PEM block" in str(row["error"])
     assert row["crls"] == [{"issuer": "CN=Test Issuing CA,O=Example Hospital Test PKI",
                             "next_update": row["crls"][0]["next_update"], "expired": False}]
+
+
+def test_a_crl_only_for_ca_certificates_does_not_cover_a_leaf(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Such a CRL never lists a leaf, so taking it as the leaf's CRL would pass revoked leaves."""
+    from cryptography.hazmat.primitives import hashes
+
+    from peers.pki_files import load_ca
+
+    issuing = load_ca(test_pki.pki)
+    scope = x509.IssuingDistributionPoint(full_name=None, relative_name=None, only_contains_user_certs=False,
+                                          only_contains_ca_certs=True, only_some_reasons=None, indirect_crl=False,
+                                          only_contains_attribute_certs=False)
+    base = x509.load_pem_x509_crl(write_crl(test_pki.pki, tmp_path / "plain.pem", []).read_bytes())
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(base.issuer)
+               .last_update(base.last_update_utc).next_update(base.next_update_utc)  # type: ignore[arg-type]
+               .add_extension(scope, critical=True))
+    (tmp_path / "ca-only.pem").write_bytes(builder.sign(issuing.key, hashes.SHA256()).public_bytes(Encoding.PEM))
+    anchors = TrustAnchors.load(test_pki.ca_bundle, [tmp_path / "ca-only.pem"])
+    with pytest.raises(CrlError, match="no CRL from CN=Test Issuing CA"):
+        anchors.verify_client(client(test_pki, "alice"))

@@ -120,7 +120,7 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
     message when a CRL is missing."""
     used_expired: list[FileCrl] = []
     for position, (cert, issuer) in enumerate(zip(chain, chain[1:])):
-        candidates = [c for c in crls if c.crl.issuer == cert.issuer]
+        candidates = [c for c in crls if c.crl.issuer == cert.issuer and _covers(c.crl, cert)]
         if not candidates:
             if position == 0:
                 unreadable = f" (not usable: {'; '.join(unusable)})" if unusable else ""
@@ -142,6 +142,28 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
                                "\"warn\" to accept it meanwhile)")
             used_expired += genuine
     return used_expired
+
+
+def _covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
+    """Whether ``crl`` is a complete CRL for ``cert``: a delta CRL, or one limited to some reasons
+    or indirect, is not (it could omit the entry), nor one limited to the other kind of certificate."""
+    extensions = crl.extensions
+    try:
+        extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+        return False
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        scope = extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return True
+    if scope.only_some_reasons or scope.indirect_crl or scope.only_contains_attribute_certs:
+        return False
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    return not (scope.only_contains_ca_certs and not is_ca) and not (scope.only_contains_user_certs and is_ca)
 
 
 def _refuse_if_listed(cert: x509.Certificate, crl: FileCrl) -> None:
