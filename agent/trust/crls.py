@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from agent.trust.errors import CrlError, RevokedCertificateError, TrustFileError
 
@@ -127,7 +128,7 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
                 raise CrlError(f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}, "
                                f"so {describe(cert)} cannot be checked for revocation: add that CA's CRL")
             continue
-        genuine = [c for c in candidates if c.crl.is_signature_valid(issuer.public_key())]  # type: ignore[arg-type]
+        genuine = [c for c in candidates if _crl_signed_by(c.crl, issuer)]
         if not genuine:
             files = ", ".join(str(c.path) for c in candidates)
             raise CrlError(f"the CRL of {name(cert.issuer)} in {files} has an invalid signature "
@@ -200,9 +201,16 @@ def issuer_chain(leaf: x509.Certificate, certificates: Sequence[x509.Certificate
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception):  # signature or algorithm mismatch
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):  # other key, algorithm or signature
         return False
     return True
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # a key or algorithm that cannot sign CRLs here
+        return False
 
 
 @dataclass
@@ -271,9 +279,6 @@ class CrlStore:
                 raise CrlFileError(watched.error)
         store.warn_expired(datetime.datetime.now(datetime.timezone.utc))
         return store
-
-    def __bool__(self) -> bool:
-        return bool(self._files)
 
     def _refresh(self) -> None:
         with self._lock:
