@@ -150,3 +150,28 @@ def test_a_bad_crl_expired_value_is_named(test_pki: ProvisionedPki, tmp_path: Pa
     assert result.returncode == 2
     assert (f"{config} [trust].crl_expired: 'ignore' is not one of 'refuse', 'warn': \"refuse\" (the default) "
             "refuses certificates an expired CRL covers, \"warn\" accepts them with a warning") in result.stderr
+
+
+def test_a_crl_file_that_becomes_unusable_keeps_its_last_crls_and_is_reported(test_pki: ProvisionedPki,
+                                                                              tmp_path: Path) -> None:
+    crl = write_crl(test_pki.pki, tmp_path / "issuing.crl.pem", [])
+    with s_server(test_pki, tmp_path) as (port, _):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port)], **agent_settings(crl)) as agent:
+            assert_accepted(*associate(agent, 0))
+            next_update = f"{x509.load_pem_x509_crl(crl.read_bytes()).next_update_utc:%Y-%m-%dT%H:%M:%SZ}"
+            polluted = tmp_path / "polluted.pem"
+            polluted.write_bytes(crl.read_bytes() + (test_pki.pki / "untrusted-ca.pem").read_bytes())
+            replace_file(crl, polluted)
+            time.sleep(3)  # the agent looks at its CRL files every 2 s
+            mark = len(agent.log())
+            answer, log = associate(agent, mark)
+            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env(),
+                                    check=True).stdout
+    assert_accepted(answer, log)
+    assert (f"card-agent[session]: WARNING: CRL file {crl} holds CERTIFICATE besides CRLs: a CRL file may hold only "
+            "CRLs, nothing in it is trusted (put CA certificates in [trust] ca, not in a CRL file); still using the "
+            "CRLs read from it before") in log
+    line = next(line for line in status.splitlines() if line.startswith(f"crl {crl}: "))
+    assert line == (f"crl {crl}: UNUSABLE: CRL file {crl} holds CERTIFICATE besides CRLs: a CRL file may hold only "
+                    "CRLs, nothing in it is trusted (put CA certificates in [trust] ca, not in a CRL file); still "
+                    f"using CRL of CN=Test Issuing CA,O=Example Hospital Test PKI, next update {next_update}")
