@@ -57,8 +57,8 @@ def _start(start: dict, report: Report) -> Runtimes:
         for tunnel in config.tunnels:
             runtimes[tunnel.name] = TunnelRuntime(
                 config=tunnel, context=client_context(tunnel, config.trust, files, pin, tls13_capable=tls13_capable),
-                checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation), identity=files, trust_ca=str(config.trust.ca),
-                ending=ending, username=_username(tunnel, files.chain), report=report)
+                checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation), identity=files,
+                trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain), report=report)
         node_pins = start.pop("node_pins", {})
         for inbound in config.inbound:
             on_card = inbound.server_certificate is None
