@@ -71,6 +71,32 @@ def test_a_pacs_the_agent_does_not_trust_is_refused(test_pki: ProvisionedPki, tm
     assert message in log, log
 
 
+def test_a_pacs_revoked_by_a_new_crl_is_refused_without_a_new_sign_in(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                      study: list[Path]) -> None:
+    """The CRL file is replaced while the card session runs; the PACS's next connection is judged by the new one."""
+    import os
+    import time
+
+    from peers.pki_files import write_crl
+
+    crl = write_crl(test_pki.pki, tmp_path / "issuing.crl.pem", [])
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], trust={"crl": [str(crl)]}) as agent:
+            assert storescu(port_of(listener), study[:1], tls=pacs_identity(test_pki)).returncode == 0
+            os.replace(write_crl(test_pki.pki, tmp_path / "new.crl.pem", [test_pki.pki / "server-chain.pem"]), crl)
+            time.sleep(3)  # the agent looks at its CRL files every 2 s
+            result = storescu(port_of(listener), study[1:2], tls=pacs_identity(test_pki))
+            log = agent.wait_for_log("refused the PACS")
+        received = viewer.stored_files()
+    assert result.returncode != 0
+    assert len(received) == 1
+    assert ("refused the PACS at 127.0.0.1:" in log and ": certificate CN=localhost,O=Example Hospital Test PKI "
+            "(issuer CN=Test Issuing CA,O=Example Hospital Test PKI) was revoked on ") in log
+    assert f"(reason: keyCompromise) according to CRL file {crl}" in log
+    assert log.count("signed in:") == 1
+
+
 def test_a_missing_local_scp_is_an_association_reject_for_the_pacs(test_pki: ProvisionedPki, tmp_path: Path,
                                                                    study: list[Path]) -> None:
     listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}", **node_identity(test_pki))

@@ -16,7 +16,7 @@ ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The running ag
 
 
 def status(config: ConfigFile, as_json: Json = False) -> None:
-    """Who is signed in, since when, and each tunnel's connections and traffic."""
+    """Who is signed in, since when, each tunnel's connections and traffic, and the CRL files' state."""
     answer = control.request(load_config(config), "status")
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
@@ -43,6 +43,17 @@ def status(config: ConfigFile, as_json: Json = False) -> None:
             delivery = (f", repository {'connected' if audit['connected'] else 'not connected'}, "
                         f"{audit['pending']} waiting" + (f" ({audit['last_error']})" if audit["last_error"] else ""))
         typer.echo(f"audit:    to {where}{delivery}")
+    for crl in answer.get("crls", []):
+        typer.echo(f"crl {crl['file']}: {_describe_crl_file(crl)}")
+
+
+def _describe_crl_file(crl: dict) -> str:
+    contents = ", ".join(f"CRL of {entry['issuer']}, next update {entry['next_update'] or 'none'}"
+                         + (" (EXPIRED)" if entry["expired"] else "") for entry in crl["crls"])
+    if crl["state"] == "unusable":
+        kept = f"; still using {contents}" if contents else ""
+        return f"UNUSABLE: {crl['error']}{kept}"
+    return f"{crl['state']}: {contents}"
 
 
 def lock(config: ConfigFile) -> None:

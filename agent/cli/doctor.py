@@ -94,7 +94,8 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
         try:
             trust = TrustAnchors.load(ca, crls)
         except CardAgentError as error:
-            yield Check("fail", "trust", str(error), "give a readable PEM CA bundle with --ca")
+            yield Check("fail", "trust", str(error), "give a readable PEM CA bundle with --ca and, with --crl, "
+                        "files holding only CRLs")
     for token in tokens:
         description = describe(token)
         state = description.pin_state

@@ -11,10 +11,12 @@ from typing import Annotated
 
 import typer
 
-from agent.config.model import load_config
+from agent.config.model import AgentConfig, load_config
+from agent.errors import ConfigError
 from agent.session.control import ControlServer
 from agent.session.audit import AuditRecorder
 from agent.session.manager import SessionManager
+from agent.trust.crls import CrlFileError, CrlStore
 from agent.tunnel.server import Listeners
 
 log = logging.getLogger("agent")
@@ -28,6 +30,7 @@ def run(
     """Serve the tunnels with the identity of the card in the reader, until SIGTERM or SIGINT."""
     settings = load_config(config)
     logging.getLogger().setLevel(settings.log_level.upper())
+    crls = _open_crls(settings)
     # A core dump of the agent could hold the PIN.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     stop = threading.Event()
@@ -39,7 +42,7 @@ def run(
     listeners = Listeners(settings)
     control_server: ControlServer | None = None
     try:
-        control_server = ControlServer(settings, manager)
+        control_server = ControlServer(settings, manager, crls)
         listeners.manager = manager
         audit.application_start()
         manager.start(stop)
@@ -56,3 +59,12 @@ def run(
         manager.shutdown()
         audit.application_stop("SIGTERM or SIGINT" if stop.is_set() else "error")
         audit.close()
+
+
+def _open_crls(settings: AgentConfig) -> CrlStore:
+    """[trust] crl as the agent starts: every file must hold only readable CRLs (a certificate in
+    one is refused here, by file name); later changes are picked up by each card session."""
+    try:
+        return CrlStore.open(settings.trust.crl, allow_expired=settings.trust.crl_expired == "warn")
+    except CrlFileError as error:
+        raise ConfigError(f"{settings.source} [trust].crl: {error}") from None

@@ -50,10 +50,14 @@ class IdentityConfig:
     allow_exportable_keys: bool = False
 
 
+CRL_EXPIRED_CHOICES = ("refuse", "warn")
+
+
 @dataclass(frozen=True)
 class TrustConfig:
     ca: Path
     crl: tuple[Path, ...] = ()
+    crl_expired: str = "refuse"  # or "warn": what an expired CRL means for the certificates it covers
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,12 @@ def load_config(path: Path) -> AgentConfig:
         if not crl_path.is_file():
             raise trust.error("crl", f"file {crl_path} does not exist")
         crl_paths.append(crl_path)
-    trust_config = TrustConfig(ca=trust.path("ca", required=True), crl=tuple(crl_paths))
+    crl_expired = trust.take("crl_expired", str, "refuse")
+    if crl_expired not in CRL_EXPIRED_CHOICES:
+        raise trust.error("crl_expired", f"{crl_expired!r} is not one of {', '.join(map(repr, CRL_EXPIRED_CHOICES))}: "
+                                         "\"refuse\" (the default) refuses certificates an expired CRL covers, "
+                                         "\"warn\" accepts them with a warning")
+    trust_config = TrustConfig(ca=trust.path("ca", required=True), crl=tuple(crl_paths), crl_expired=crl_expired)
     trust.done()
 
     raw_tunnels = root.take("tunnel", list, [])

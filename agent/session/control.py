@@ -17,6 +17,7 @@ from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.session.identity import runtime_directory
 from agent.session.manager import SessionManager
+from agent.trust.crls import CrlStore
 from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
 
 log = logging.getLogger("agent.control")
@@ -32,9 +33,11 @@ def control_socket_path(config: AgentConfig) -> Path:
 
 
 class ControlServer:
-    def __init__(self, config: AgentConfig, manager: SessionManager) -> None:
+    def __init__(self, config: AgentConfig, manager: SessionManager, crls: CrlStore | None = None) -> None:
         self.config = config
         self.manager = manager
+        # The supervisor's own look at [trust] crl, for `status`; card sessions read the files themselves.
+        self.crls = crls if crls is not None else CrlStore(config.trust.crl)
         self.path = control_socket_path(config)
         self.listener = create_unix_listener(str(self.path))
         self.policy = PeerPolicy(frozenset({os.getuid()}))
@@ -104,6 +107,7 @@ class ControlServer:
                 for i in self.config.inbound
             ],
             "audit": manager.audit.trail.status() if manager.audit.trail is not None else None,
+            "crls": self.crls.status(),
         }
 
 

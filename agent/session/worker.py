@@ -20,13 +20,15 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent.config.model import TunnelConfig, load_config
+from agent.config.model import TrustConfig, TunnelConfig, load_config
 from agent.dicom.association import UserIdentityMode
 from agent.dicom.user_identity import UsernameError, username_for
 from agent.errors import CardAgentError
 from agent.session import channel as messages
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, server_context
 from agent.tls.provider import provider_key_pem
+from agent.trust.anchors import load_certificates
+from agent.trust.crls import CrlStore, PeerRevocation
 from agent.tunnel.relay import (InboundRuntime, Report, SessionEnd, TunnelRuntime, handle_inbound,
                                 handle_outbound, no_report)
 
@@ -47,6 +49,7 @@ def _start(start: dict, report: Report) -> Runtimes:
         report = no_report  # nobody would read the reports: spare every association the messages
     runtimes: Runtimes = {}
     ending = SessionEnd()
+    revocation = _revocation(config.trust)
     # Every context, and so every key, is made before the first connection: a token key loaded
     # after this process has done handshakes made later server certificates fail to verify
     # (OpenSSL 3.0.19 with pkcs11-provider 1.0 on SoftHSM; see benchmarks/handshake_costs.py).
@@ -54,8 +57,8 @@ def _start(start: dict, report: Report) -> Runtimes:
         for tunnel in config.tunnels:
             runtimes[tunnel.name] = TunnelRuntime(
                 config=tunnel, context=client_context(tunnel, config.trust, files, pin, tls13_capable=tls13_capable),
-                checks=ServerChecks.for_tunnel(tunnel, config.trust), identity=files, trust_ca=str(config.trust.ca),
-                ending=ending, username=_username(tunnel, files.chain), report=report)
+                checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation), identity=files,
+                trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain), report=report)
         node_pins = start.pop("node_pins", {})
         for inbound in config.inbound:
             on_card = inbound.server_certificate is None
@@ -68,12 +71,22 @@ def _start(start: dict, report: Report) -> Runtimes:
             runtimes[inbound.name] = InboundRuntime(
                 config=inbound, context=context,
                 identity_description=files.describe() if on_card else f"node certificate {inbound.server_certificate}",
-                signs_on_token=on_card or node_key is not None, ending=ending, report=report)
+                signs_on_token=on_card or node_key is not None, ending=ending, report=report,
+                revocation=revocation)
     except (ssl.SSLError, OSError) as error:
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
     del pin, node_pins
     return runtimes
+
+
+def _revocation(trust: TrustConfig) -> PeerRevocation | None:
+    """The session's check of peers against [trust] crl: the files are re-read when they change, so
+    a new CRL counts without a new session, while the TLS contexts stay as they were made."""
+    if not trust.crl:
+        return None
+    store = CrlStore(trust.crl, allow_expired=trust.crl_expired == "warn")
+    return PeerRevocation(store, tuple(load_certificates(trust.ca)), str(trust.ca))
 
 
 def _username(tunnel: TunnelConfig, chain: Path) -> str | None:

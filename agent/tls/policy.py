@@ -22,6 +22,8 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from agent.config.model import InboundConfig, TrustConfig, TunnelConfig
 from agent.errors import CardAgentError
 from agent.trust.anchors import TrustAnchors, load_certificates
+from agent.trust.crls import PeerRevocation
+from agent.trust.errors import TrustError
 
 TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
@@ -88,12 +90,10 @@ def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIde
 
 
 def _trust(context: ssl.SSLContext, trust: TrustConfig) -> None:
-    """The peer must chain to [trust] ca and, with [trust] crl, not be revoked."""
+    """The peer must chain to [trust] ca. OpenSSL gets no CRLs: it would keep those of the moment
+    the context was made, for the whole card session; revocation is checked after each handshake
+    (ServerChecks, relay._check_client) against the CRL files as they are then."""
     context.load_verify_locations(cafile=str(trust.ca))
-    for crl in trust.crl:
-        context.load_verify_locations(cafile=str(crl))
-    if trust.crl:
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdentityFiles, pin: str | None,
@@ -145,12 +145,15 @@ class ServerChecks:
     tunnel: TunnelConfig
     anchors: TrustAnchors | None
     required_issuer: x509.Certificate | None
+    revocation: PeerRevocation | None = None  # [trust] crl; None without CRLs and for verify = "pin"
 
     @classmethod
-    def for_tunnel(cls, tunnel: TunnelConfig, trust: TrustConfig) -> ServerChecks:
+    def for_tunnel(cls, tunnel: TunnelConfig, trust: TrustConfig,
+                   revocation: PeerRevocation | None = None) -> ServerChecks:
         required = load_certificates(tunnel.require_issuer)[0] if tunnel.require_issuer else None
         anchors = TrustAnchors.load(trust.ca) if required is not None else None
-        return cls(tunnel, anchors, required)
+        # A pinned-only server is trusted by its pin, not by a CA, so no CA's CRL judges it.
+        return cls(tunnel, anchors, required, revocation if tunnel.verify != "pin" else None)
 
     def verify(self, leaf_der: bytes | None) -> None:
         tunnel = self.tunnel
@@ -169,6 +172,11 @@ class ServerChecks:
             _check_host_name(leaf, tunnel.server_name)
         if self.required_issuer is not None:
             self._check_issuer(leaf)
+        if self.revocation is not None:
+            try:
+                self.revocation.check(leaf)
+            except TrustError as error:
+                raise ServerVerificationError(f"server {tunnel.remote} is not trusted: {error}") from None
 
     def _check_issuer(self, leaf: x509.Certificate) -> None:
         assert self.anchors is not None and self.required_issuer is not None

@@ -15,31 +15,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from agent.errors import CardAgentError
-
-
-class TrustError(CardAgentError):
-    """A certificate is not trusted under the configured anchors and CRLs."""
-
-
-class UntrustedCertificateError(TrustError):
-    pass
-
-
-class RevokedCertificateError(TrustError):
-    pass
-
-
-class CrlError(TrustError):
-    pass
-
-
-class TrustFileError(CardAgentError):
-    """A CA bundle or CRL file cannot be read."""
-
-
-def describe(cert: x509.Certificate) -> str:
-    return f"{cert.subject.rfc4514_string()} (issuer {cert.issuer.rfc4514_string()})"
+from agent.trust.crls import FileCrl, check_chain, describe, read_crl_file
+from agent.trust.errors import (CrlError, RevokedCertificateError, TrustError, TrustFileError,  # noqa: F401
+                                UntrustedCertificateError)
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
@@ -64,23 +42,12 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def load_crl(path: Path) -> x509.CertificateRevocationList:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise TrustFileError(f"cannot read CRL file {path}: {error.strerror}") from None
-    try:
-        return x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
-    except ValueError as error:
-        raise TrustFileError(f"{path} is not a readable CRL (PEM or DER): {error}") from None
-
-
 @dataclass(frozen=True)
 class TrustAnchors:
     source: str
     roots: tuple[x509.Certificate, ...]
     intermediates: tuple[x509.Certificate, ...]
-    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    crls: tuple[FileCrl, ...] = ()
 
     @classmethod
     def load(cls, ca_bundle: Path, crl_files: Sequence[Path] = ()) -> TrustAnchors:
@@ -94,7 +61,7 @@ class TrustAnchors:
             source=str(ca_bundle),
             roots=roots,
             intermediates=tuple(c for c in certs if not _is_self_signed(c)),
-            crls=tuple(load_crl(p) for p in crl_files),
+            crls=tuple(crl for path in crl_files for crl in read_crl_file(path)),
         )
 
     def verify_client(
@@ -119,27 +86,5 @@ class TrustAnchors:
         return chain
 
     def check_revocation(self, chain: Sequence[x509.Certificate], now: datetime.datetime) -> None:
-        if not self.crls:
-            return
-        for cert, issuer in zip(chain, chain[1:]):
-            crls = [crl for crl in self.crls if crl.issuer == cert.issuer]
-            if not crls:
-                if cert is chain[0]:
-                    raise CrlError(
-                        f"no CRL from {cert.issuer.rfc4514_string()} among the configured CRLs, so "
-                        f"{describe(cert)} cannot be checked for revocation: add that CA's CRL"
-                    )
-                continue
-            for crl in crls:
-                if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
-                    raise CrlError(f"the CRL of {cert.issuer.rfc4514_string()} has an invalid signature")
-                if crl.next_update_utc is not None and crl.next_update_utc < now:
-                    raise CrlError(
-                        f"the CRL of {cert.issuer.rfc4514_string()} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC: "
-                        "fetch a current CRL"
-                    )
-                revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-                if revoked is not None:
-                    raise RevokedCertificateError(
-                        f"certificate {describe(cert)} was revoked on {revoked.revocation_date_utc:%Y-%m-%d}"
-                    )
+        if self.crls:
+            check_chain(chain, self.crls, now)

@@ -36,6 +36,8 @@ from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
 from agent.errors import CardAgentError
 from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
+from agent.trust.crls import PeerRevocation
+from agent.trust.errors import TrustError
 from agent.tunnel.peer import PeerPolicy, identify_server
 
 log = logging.getLogger("agent.tunnel")
@@ -175,6 +177,7 @@ class InboundRuntime(_Counters):
     signs_on_token: bool = field(kw_only=True)  # its handshakes take TOKEN_LOCK
     ending: SessionEnd = field(default_factory=SessionEnd, kw_only=True)
     report: Report = field(default=no_report, kw_only=True)
+    revocation: PeerRevocation | None = field(default=None, kw_only=True)  # [trust] crl, checked after the handshake
     username: None = field(default=None, init=False)  # the agent asserts no user identity toward a local SCP
 
 
@@ -419,7 +422,8 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
 
 
 def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
-    """The PACS's subject, once its pinned fingerprint (if any) matched; OpenSSL checked the chain."""
+    """The PACS's subject, once its pinned fingerprint (if any) matched and the CRLs do not revoke
+    it; OpenSSL checked the chain."""
     if leaf_der is None:
         raise ClientVerificationError("the PACS sent no client certificate")
     leaf = x509.load_der_x509_certificate(leaf_der)
@@ -429,6 +433,11 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
         raise ClientVerificationError(
             f"client certificate {subject} has SHA-256 fingerprint {hashlib.sha256(leaf_der).hexdigest(':')}, "
             f"which is not among client_pins of inbound {runtime.config.name!r}")
+    if runtime.revocation is not None:
+        try:
+            runtime.revocation.check(leaf)
+        except TrustError as error:
+            raise ClientVerificationError(str(error)) from None
     return subject
 
 

@@ -170,13 +170,14 @@ def _write_identity(out_dir: Path, stem: str, certificate: x509.Certificate, ca_
 
 
 def write_crl(pki_dir: Path, out_path: Path, revoked: Iterable[Path | x509.Certificate], *,
-              ca: CaName = "issuing") -> Path:
+              ca: CaName = "issuing", days: int = 30, der: bool = False) -> Path:
     """A CRL of ``ca`` listing ``revoked`` (certificates or PEM files whose first certificate is
-    the one to revoke), valid from yesterday for 30 days; written as PEM to ``out_path``."""
+    the one to revoke), valid from yesterday for ``days`` days (0: expired since yesterday);
+    written as PEM (or ``der``) to ``out_path``."""
     authority = load_ca(pki_dir, ca)
     certificates = [c if isinstance(c, x509.Certificate) else leaf_certificate(c) for c in revoked]
-    crl = authority.crl(certificates)
-    _write(out_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    crl = authority.crl(certificates, days=days)
+    _write(out_path, crl.public_bytes(serialization.Encoding.DER if der else serialization.Encoding.PEM), 0o644)
     return out_path
 
 

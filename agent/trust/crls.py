@@ -1,0 +1,347 @@
+"""CRLs from files: reading them strictly, re-reading them when they change, and judging a chain by them.
+
+OpenSSL is given no CRLs. It would read them once, into a TLS context, and the card-session
+process makes its contexts once, before its first connection (agent/session/worker.py); a CRL
+fetched later would then be ignored, and an expired one would fail every handshake. Instead the
+peer's chain is built from [trust] ca after each handshake and checked here against the CRLs as
+they are on disk at that moment.
+
+CRL files are usually fetched over plain HTTP, so nothing but CRLs is taken from them: a
+certificate in a CRL file is an error, never a new trust anchor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+
+from agent.trust.errors import CrlError, RevokedCertificateError, TrustFileError
+
+log = logging.getLogger("agent.trust")
+
+LOOK_INTERVAL = 2.0
+"""Seconds between two looks at the CRL files (a stat each); a new file is used within this time."""
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+
+
+def describe(cert: x509.Certificate) -> str:
+    return f"{name(cert.subject)} (issuer {name(cert.issuer)})"
+
+
+def name(distinguished_name: x509.Name) -> str:
+    """A name for messages and log lines: a peer's certificate may carry control characters in it."""
+    text = distinguished_name.rfc4514_string()
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+class CrlFileError(TrustFileError):
+    """A CRL file cannot be used: unreadable, not a CRL, or holding something else besides CRLs."""
+
+
+@dataclass(frozen=True)
+class FileCrl:
+    """One CRL and the file it came from, which every message about it names."""
+
+    path: Path
+    crl: x509.CertificateRevocationList
+
+    @property
+    def issuer(self) -> str:
+        return name(self.crl.issuer)
+
+    def expired(self, now: datetime.datetime) -> bool:
+        next_update = self.crl.next_update_utc
+        return next_update is not None and next_update < now
+
+    def describe_expiry(self) -> str:
+        next_update = self.crl.next_update_utc
+        when = f"{next_update:%Y-%m-%d %H:%M} UTC" if next_update else "an unknown date"
+        return f"the CRL of {self.issuer} in {self.path} expired on {when}"
+
+
+def read_crl_file(path: Path) -> list[FileCrl]:
+    """The CRLs of a PEM file (one or more "X509 CRL" blocks) or of a DER file (one CRL)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CrlFileError(f"cannot read CRL file {path}: {error.strerror}") from None
+    crls = _pem_crls(path, data) if b"-----BEGIN" in data else [_der_crl(path, data)]
+    return [FileCrl(path, crl) for crl in crls]
+
+
+def _pem_crls(path: Path, data: bytes) -> list[x509.CertificateRevocationList]:
+    blocks = list(_PEM_BLOCK.finditer(data))
+    foreign = sorted({block.group(1).decode() for block in blocks if block.group(1) != b"X509 CRL"})
+    if foreign:
+        raise CrlFileError(
+            f"CRL file {path} holds {' and '.join(foreign)} besides CRLs: a CRL file may hold only CRLs, "
+            "nothing in it is trusted (put CA certificates in [trust] ca, not in a CRL file)")
+    if len(blocks) != data.count(b"-----BEGIN "):
+        raise CrlFileError(f"CRL file {path} holds an incomplete PEM block (cut short, or still being written)")
+    if not blocks:
+        raise CrlFileError(f"CRL file {path} holds no \"X509 CRL\" PEM block: give a CRL in PEM or DER form")
+    try:
+        return [x509.load_pem_x509_crl(block.group(0)) for block in blocks]
+    except ValueError as error:
+        raise CrlFileError(f"CRL file {path} holds a damaged CRL: {error}") from None
+
+
+def _der_crl(path: Path, data: bytes) -> x509.CertificateRevocationList:
+    try:
+        return x509.load_der_x509_crl(data)
+    except ValueError as error:
+        crl_error = error
+    try:
+        x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise CrlFileError(f"CRL file {path} is not a readable CRL (PEM or DER): {crl_error}") from None
+    raise CrlFileError(f"CRL file {path} holds a certificate, not a CRL: a CRL file may hold only CRLs "
+                       "(put CA certificates in [trust] ca, not in a CRL file)")
+
+
+def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now: datetime.datetime, *,
+                allow_expired: bool = False, unusable: Sequence[str] = ()) -> list[FileCrl]:
+    """Raise if a certificate of ``chain`` (leaf first, issuers after) is revoked or cannot be checked.
+
+    Fail-closed for the leaf, as OpenSSL's leaf CRL checking: its issuer must have a CRL among
+    ``crls``; the other certificates are checked when their issuer published one. A CRL that is
+    expired fails the check unless ``allow_expired``; the expired CRLs that were used are returned
+    so the caller can warn. ``unusable`` describes CRL files that could not be read, for the
+    message when a CRL is missing."""
+    used_expired: list[FileCrl] = []
+    for position, (cert, issuer) in enumerate(zip(chain, chain[1:])):
+        candidates = [c for c in crls if c.crl.issuer == cert.issuer and _covers(c.crl, cert)]
+        if not candidates:
+            if position == 0:
+                unreadable = f" (not usable: {'; '.join(unusable)})" if unusable else ""
+                raise CrlError(f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}, "
+                               f"so {describe(cert)} cannot be checked for revocation: add that CA's CRL")
+            continue
+        genuine = [c for c in candidates if _crl_signed_by(c.crl, issuer)]
+        if not genuine:
+            files = ", ".join(str(c.path) for c in candidates)
+            raise CrlError(f"the CRL of {name(cert.issuer)} in {files} has an invalid signature "
+                           f"(not signed by {describe(issuer)}): fetch the CA's genuine CRL")
+        for crl in genuine:
+            _refuse_if_listed(cert, crl)
+        current = [c for c in genuine if not c.expired(now)]
+        if not current:
+            if not allow_expired:
+                raise CrlError(f"{genuine[0].describe_expiry()}, so {describe(cert)} cannot be checked for "
+                               "revocation: fetch a current CRL into that file (or set [trust] crl_expired = "
+                               "\"warn\" to accept it meanwhile)")
+            used_expired += genuine
+    return used_expired
+
+
+def _covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
+    """Whether ``crl`` is a complete CRL for ``cert``: a delta CRL, or one limited to some reasons
+    or indirect, is not (it could omit the entry), nor one limited to the other kind of certificate."""
+    extensions = crl.extensions
+    try:
+        extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+        return False
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        scope = extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
+    except x509.ExtensionNotFound:
+        return True
+    if scope.only_some_reasons or scope.indirect_crl or scope.only_contains_attribute_certs:
+        return False
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    return not (scope.only_contains_ca_certs and not is_ca) and not (scope.only_contains_user_certs and is_ca)
+
+
+def _refuse_if_listed(cert: x509.Certificate, crl: FileCrl) -> None:
+    revoked = crl.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if revoked is None:
+        return
+    try:
+        reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
+        because = f" (reason: {reason})"
+    except x509.ExtensionNotFound:
+        because = ""
+    raise RevokedCertificateError(f"certificate {describe(cert)} was revoked on "
+                                  f"{revoked.revocation_date_utc:%Y-%m-%d %H:%M} UTC{because} according to "
+                                  f"CRL file {crl.path}")
+
+
+def issuer_chain(leaf: x509.Certificate, certificates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """``leaf`` and, as far as ``certificates`` have them, its issuers up to a self-signed one.
+
+    OpenSSL has already verified the peer's chain; this only finds the issuers again, by name and
+    signature, because a CRL is judged with its issuer's key (Python 3.11 cannot return the chain
+    OpenSSL built)."""
+    chain = [leaf]
+    while len(chain) <= len(certificates):
+        current = chain[-1]
+        issuer = next((c for c in certificates if c.subject == current.issuer and c not in chain
+                       and _signed_by(current, c)), None)
+        if issuer is None:
+            break
+        chain.append(issuer)
+    return chain
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):  # other key, algorithm or signature
+        return False
+    return True
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # a key or algorithm that cannot sign CRLs here
+        return False
+
+
+@dataclass
+class _WatchedFile:
+    """A CRL file and the CRLs last read from it successfully; ``error`` while its current content is unusable."""
+
+    path: Path
+    signature: tuple[int, ...] | None = None
+    crls: list[FileCrl] = field(default_factory=list)
+    error: str | None = None
+    read_once: bool = False
+
+    def look(self) -> None:
+        try:
+            stat = os.stat(self.path)
+        except OSError as error:
+            self._unusable(f"cannot read CRL file {self.path}: {error.strerror}", signature=None)
+            return
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if signature == self.signature:
+            return
+        try:
+            crls = read_crl_file(self.path)
+        except CrlFileError as error:
+            self._unusable(str(error), signature)
+            return
+        if self.read_once:
+            log.info("CRL file %s re-read: %s", self.path, "; ".join(_summary(c) for c in crls))
+        self.signature, self.crls, self.error, self.read_once = signature, crls, None, True
+
+    def _unusable(self, error: str, signature: tuple[int, ...] | None) -> None:
+        if error != self.error or signature != self.signature:
+            kept = "still using the CRLs read from it before" if self.crls else "no CRL from it is in use"
+            log.warning("%s; %s", error, kept)
+        self.signature, self.error, self.read_once = signature, error, True
+
+
+def _summary(crl: FileCrl) -> str:
+    next_update = crl.crl.next_update_utc
+    return f"CRL of {crl.issuer}, next update {next_update:%Y-%m-%d %H:%M} UTC" if next_update else \
+        f"CRL of {crl.issuer}, no next update"
+
+
+class CrlStore:
+    """The CRLs of [trust] crl as they are on disk: each file is looked at (a stat) at most every
+    ``interval`` seconds and re-read when it changed. A file whose new content is unusable keeps
+    serving the CRLs last read from it, and is reported (log and ``card-agent status``) by name."""
+
+    def __init__(self, paths: Sequence[Path], *, allow_expired: bool = False, interval: float = LOOK_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.allow_expired = allow_expired
+        self._files = [_WatchedFile(Path(p)) for p in paths]
+        self._interval = interval
+        self._clock = clock
+        self._next_look = 0.0
+        self._lock = threading.Lock()
+        self._warned: set[tuple[Path, datetime.datetime | None]] = set()
+
+    @classmethod
+    def open(cls, paths: Sequence[Path], *, allow_expired: bool = False) -> CrlStore:
+        """A store whose files must all be usable now: the agent's start-up check of its configuration."""
+        store = cls(paths, allow_expired=allow_expired)
+        store._refresh()
+        for watched in store._files:
+            if watched.error is not None:
+                raise CrlFileError(watched.error)
+        store.warn_expired(datetime.datetime.now(datetime.timezone.utc))
+        return store
+
+    def _refresh(self) -> None:
+        with self._lock:
+            now = self._clock()
+            if now < self._next_look:
+                return
+            self._next_look = now + self._interval
+            for watched in self._files:
+                watched.look()
+
+    def check(self, chain: Sequence[x509.Certificate], now: datetime.datetime | None = None) -> None:
+        """Raise :class:`RevokedCertificateError` or :class:`CrlError` unless ``chain`` passes the current CRLs."""
+        self._refresh()
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        crls = [crl for watched in self._files for crl in watched.crls]
+        unusable = [watched.error for watched in self._files if watched.error is not None]
+        for crl in check_chain(chain, crls, now, allow_expired=self.allow_expired, unusable=unusable):
+            self._warn_once(crl)
+
+    def warn_expired(self, now: datetime.datetime) -> None:
+        for watched in self._files:
+            for crl in watched.crls:
+                if crl.expired(now):
+                    self._warn_once(crl)
+
+    def _warn_once(self, crl: FileCrl) -> None:
+        key = (crl.path, crl.crl.last_update_utc)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        consequence = ("it is used meanwhile ([trust] crl_expired = \"warn\")" if self.allow_expired else
+                       "certificates of that CA are refused until a current CRL replaces it ([trust] crl_expired "
+                       "= \"refuse\")")
+        log.warning("%s: %s; fetch a current CRL", crl.describe_expiry(), consequence)
+
+    def status(self, now: datetime.datetime | None = None) -> list[dict[str, object]]:
+        """Each file with its CRLs' issuer and next update, and whether it is current, expired or unusable."""
+        self._refresh()
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        rows: list[dict[str, object]] = []
+        for watched in self._files:
+            entries = [{"issuer": crl.issuer,
+                        "next_update": f"{crl.crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}" if crl.crl.next_update_utc
+                        else None,
+                        "expired": crl.expired(now)} for crl in watched.crls]
+            state = "unusable" if watched.error else ("expired" if any(e["expired"] for e in entries) else "current")
+            rows.append({"file": str(watched.path), "state": state, "error": watched.error, "crls": entries})
+        return rows
+
+
+@dataclass(frozen=True)
+class PeerRevocation:
+    """The revocation check a card session makes after each handshake: the peer's chain, found
+    again in [trust] ca, against the store's CRLs."""
+
+    store: CrlStore
+    certificates: tuple[x509.Certificate, ...]  # [trust] ca: roots and intermediates
+    ca_source: str
+
+    def check(self, leaf: x509.Certificate) -> None:
+        chain = issuer_chain(leaf, self.certificates)
+        if len(chain) == 1:
+            raise CrlError(f"the issuer {name(leaf.issuer)} of {describe(leaf)} is not in [trust] ca "
+                           f"({self.ca_source}), so its CRL cannot be verified: add that CA certificate to "
+                           "[trust] ca")
+        self.store.check(chain)
