@@ -5,6 +5,7 @@ Orthanc answering a C-MOVE with UseDicomTls, storescp as the viewer's storage SC
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import socket
 import ssl
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.tunnel.admission import AllowFromError, is_allowed, parse_network
+from agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
 from agent_runner import RunningAgent, inbound_listener, port_of, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
@@ -378,3 +379,28 @@ def test_cert_less_clients_in_parallel_cost_at_most_the_cap_in_card_signatures(
     assert pacs_seconds < 3.0, pacs_seconds
     assert log.count("inbound retrieves: closed a connection from 127.0.0.1 before TLS: 4 TLS handshakes already "
                      "in flight (max_pending_handshakes)") == 1, log
+
+
+def test_refusals_are_logged_once_a_minute_per_source_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    """The minute's count, and a scan of many addresses, cannot be seen in the real agent's tests
+    above without waiting a minute: the same class with its clock stepped by hand."""
+    now = [1000.0]
+    refusals = RefusalLog(logging.getLogger("test.refusals"), interval=60, max_sources=2, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.refusals"):
+        for _ in range(5):
+            refusals.refused("retrieves", "10.9.9.9", "its address is not in allow_from")
+        refusals.refused("retrieves", "10.9.9.8", "its address is not in allow_from")
+        refusals.refused("retrieves", "10.9.9.7", "its address is not in allow_from")  # the third source
+        refusals.refused("retrieves", "10.9.9.6", "its address is not in allow_from")
+        now[0] += 61
+        refusals.flush()
+        refusals.flush()
+    assert caplog.messages == [
+        "inbound retrieves: closed a connection from 10.9.9.9 before TLS: its address is not in allow_from",
+        "inbound retrieves: closed a connection from 10.9.9.8 before TLS: its address is not in allow_from",
+        "inbound retrieves: closed a connection from other addresses before TLS: its address is not in allow_from",
+        "inbound retrieves: closed 4 more connections from 10.9.9.9 before TLS in the last 61 s: its address is "
+        "not in allow_from",
+        "inbound retrieves: closed 1 more connection from other addresses before TLS in the last 61 s: its "
+        "address is not in allow_from",
+    ]

@@ -85,6 +85,7 @@ class RefusalLog:
         self._clock = clock
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, str, str], _Refusals] = {}
+        self._next_sweep = 0.0
 
     def refused(self, listener: str, source: str, reason: str) -> None:
         """One connection to inbound ``listener`` from ``source`` closed before TLS, for ``reason``."""
@@ -108,12 +109,16 @@ class RefusalLog:
                 self._report_expired(self._clock())
 
     def _report_expired(self, now: float) -> None:
+        if now < self._next_sweep:
+            return  # a flood calls this for every connection: the accept thread must stay quick
+        self._next_sweep = now + 1.0
         for key, refusals in list(self._seen.items()):
             if now - refusals.logged_at < self._interval:
                 continue
             if refusals.since_logged:
-                self._log.warning("inbound %s: closed %d more connections from %s before TLS in the last %.0f s: %s",
-                                  key[0], refusals.since_logged, key[1], now - refusals.logged_at, key[2])
+                count = refusals.since_logged
+                self._log.warning("inbound %s: closed %d more connection%s from %s before TLS in the last %.0f s: %s",
+                                  key[0], count, "s" if count > 1 else "", key[1], now - refusals.logged_at, key[2])
                 self._seen[key] = _Refusals(logged_at=now)
             else:
                 del self._seen[key]
