@@ -377,8 +377,8 @@ def test_cert_less_clients_in_parallel_cost_at_most_the_cap_in_card_signatures(
     assert result.returncode == 0, result.stdout
     assert_delivered(study, received)
     assert pacs_seconds < 3.0, pacs_seconds
-    assert log.count("inbound retrieves: closed a connection from 127.0.0.1 before TLS: 4 TLS handshakes already "
-                     "in flight (max_pending_handshakes)") == 1, log
+    assert log.count("inbound retrieves: closed a connection from 127.0.0.1 before TLS: too many TLS handshakes in "
+                     "flight (max_pending_handshakes = 4)") == 1, log
 
 
 def test_refusals_are_logged_once_a_minute_per_source_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
@@ -404,3 +404,22 @@ def test_refusals_are_logged_once_a_minute_per_source_with_a_count(caplog: pytes
         "inbound retrieves: closed 1 more connection from other addresses before TLS in the last 61 s: its "
         "address is not in allow_from",
     ]
+
+
+def test_a_silent_peer_holds_its_handshake_place_only_until_handshake_timeout(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path]) -> None:
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", max_pending_handshakes=1,
+                                    handshake_timeout=2, **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10) as silent:
+                refused = storescu(port_of(listener), study[:1], tls=pacs_identity(test_pki))
+                log = agent.wait_for_log("did not finish in time", timeout=10)
+                assert silent.recv(1) == b""  # the agent gave up on it
+            result = storescu(port_of(listener), study, tls=pacs_identity(test_pki))
+        received = viewer.stored_files()
+    assert refused.returncode != 0
+    assert ("inbound retrieves: closed a connection from 127.0.0.1 before TLS: too many TLS handshakes in flight "
+            "(max_pending_handshakes = 1)") in log
+    assert result.returncode == 0, result.stdout
+    assert_delivered(study, received)

@@ -346,7 +346,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         # Every handshake waits for a signature with the server key (the card's, perhaps) before
         # the peer's certificate is seen: peers not yet authenticated get only so many at once.
         remote.close()
-        reason = f"{config.max_pending_handshakes} TLS handshakes already in flight (max_pending_handshakes)"
+        reason = f"too many TLS handshakes in flight (max_pending_handshakes = {config.max_pending_handshakes})"
         runtime.count(error=f"connection closed before TLS: {reason}")
         _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
         return
