@@ -297,6 +297,8 @@ def test_a_source_not_in_allow_from_is_closed_before_tls_at_no_card_signature(
     # Five refusals, one line: the next comes a minute later, with the count.
     assert log.count("inbound retrieves: closed a connection from 127.0.0.2 before TLS: its address is not in "
                      "allow_from") == 1, log
+    assert ("inbound retrieves: the card is this listener's TLS server identity: every handshake, even with a peer "
+            "then refused, waits for a card signature; prefer the workstation's node key") in log
 
 
 def closed_by_the_agent(connections: list[socket.socket]) -> list[socket.socket]:
@@ -311,7 +313,7 @@ def closed_by_the_agent(connections: list[socket.socket]) -> list[socket.socket]
             pass
         except ConnectionResetError:
             closed.append(connection)
-        connection.setblocking(True)
+        connection.settimeout(30)
     return closed
 
 
