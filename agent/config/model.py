@@ -20,6 +20,7 @@ from agent.errors import ConfigError
 from agent.token.module import AUTO
 from agent.token.pin import PinSource
 from agent.token.uri import Pkcs11Uri, Pkcs11UriError
+from agent.tunnel.admission import LOOPBACK_NETWORKS, AllowFromError, Network, parse_network
 from agent.tunnel.peer import is_loopback
 
 TLS_MODES = ("bcp195", "tls13")
@@ -101,6 +102,8 @@ class InboundConfig:
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
     association: AssociationRules = AssociationRules()
+    allow_from: tuple[Network, ...] = LOOPBACK_NETWORKS  # source addresses that may connect at all
+    max_pending_handshakes: int = 4  # TLS handshakes in flight with peers not yet authenticated
 
     @property
     def remote(self) -> str:
@@ -405,10 +408,40 @@ def _inbound(section: _Section, name: str) -> InboundConfig:
                                           "(or use server_certificate = \"card\")")
     if certificate is None and (key is not None or key_uri is not None):
         raise section.error("server_key", "only with a server_certificate file: the card's key stays on the card")
+    max_pending = section.take("max_pending_handshakes", int, 4)
+    if max_pending < 1:
+        raise section.error("max_pending_handshakes", "must be a whole number of handshakes, at least 1")
     return InboundConfig(name=name, listen=listen, forward=forward, server_certificate=certificate, server_key=key,
                          server_key_uri=key_uri, server_key_pin=key_pin, client_pins=_pins(section, "client_pins"),
                          forward_uids=_uids(section, "forward_uids"), tls=_tls_mode(section),
-                         association=_association_rules(section, user_identity=False), **_timeouts(section))
+                         association=_association_rules(section, user_identity=False), **_timeouts(section),
+                         allow_from=_allow_from(section, listen), max_pending_handshakes=max_pending)
+
+
+def _allow_from(section: _Section, listen: ListenAddress) -> tuple[Network, ...]:
+    """The source networks an inbound listener admits; loopback only when none are given.
+
+    A listener on a non-loopback address without allow_from would refuse every PACS: that is a
+    start-up error naming the fix, not a listener that silently never works."""
+    entries = section.take("allow_from", list, None)
+    if entries is None:
+        if listen.host is not None and not is_loopback(listen.host):
+            raise section.error(
+                "allow_from", f"required when listen ({listen}) is not a loopback address: list the PACS's "
+                "addresses or networks, e.g. allow_from = [\"10.1.2.3\", \"10.1.0.0/16\"]; connections from "
+                "other addresses are closed before any TLS. Without allow_from only this workstation may connect")
+        return LOOPBACK_NETWORKS
+    if not entries:
+        raise section.error("allow_from", "is empty: no PACS could connect; list its addresses or networks")
+    networks = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            _bad(section, "allow_from", entry)
+        try:
+            networks.append(parse_network(entry))
+        except AllowFromError as error:
+            raise section.error("allow_from", str(error)) from None
+    return tuple(networks)
 
 
 def _association_rules(section: _Section, *, user_identity: bool = True) -> AssociationRules:

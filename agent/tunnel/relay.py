@@ -38,6 +38,7 @@ from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_ha
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from agent.trust.crls import PeerRevocation
 from agent.trust.errors import TrustError
+from agent.tunnel.admission import RefusalLog
 from agent.tunnel.peer import PeerPolicy, identify_server
 
 log = logging.getLogger("agent.tunnel")
@@ -179,6 +180,14 @@ class InboundRuntime(_Counters):
     report: Report = field(default=no_report, kw_only=True)
     revocation: PeerRevocation | None = field(default=None, kw_only=True)  # [trust] crl, checked after the handshake
     username: None = field(default=None, init=False)  # the agent asserts no user identity toward a local SCP
+    # Free places for TLS handshakes with peers not yet authenticated (max_pending_handshakes).
+    handshake_slots: threading.Semaphore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.handshake_slots = threading.Semaphore(self.config.max_pending_handshakes)
+
+
+_inbound_refusals = RefusalLog(log)
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -381,13 +390,21 @@ class ClientVerificationError(CardAgentError):
 def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) -> None:
     """Serve one connection from the PACS (the agent is the TLS server) to the end; never raises."""
     config = runtime.config
+    if not runtime.handshake_slots.acquire(blocking=False):
+        # Every handshake waits for a signature with the server key (the card's, perhaps) before
+        # the peer's certificate is seen: peers not yet authenticated get only so many at once.
+        remote.close()
+        reason = f"too many TLS handshakes in flight (max_pending_handshakes = {config.max_pending_handshakes})"
+        runtime.count(error=f"connection closed before TLS: {reason}")
+        _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
+        return
     set_nodelay(remote)
     runtime.count(delta_open=1)
     started = time.monotonic()
     local: socket.socket | None = None
     try:
-        tls = _Tls(runtime.context, server_side=True)
         try:
+            tls = _Tls(runtime.context, server_side=True)
             tls.handshake(remote, config.handshake_timeout,
                           TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext())
             client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
@@ -397,6 +414,8 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             log.warning("inbound %s: %s: %s", config.name, peer, message)
             runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
             return
+        finally:
+            runtime.handshake_slots.release()  # authenticated or refused: no longer pending
         try:
             local = _connect_forward(runtime)
         except TunnelFailure as failure:

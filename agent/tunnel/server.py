@@ -13,6 +13,7 @@ from agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from agent.errors import CardAgentError
 from agent.session.manager import SessionManager
 from agent.tls.failures import TunnelFailure
+from agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, is_allowed
 from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_tcp_listener, create_unix_listener
 from agent.tunnel.relay import reject_local
 
@@ -31,6 +32,7 @@ class Listeners:
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._refusals = RefusalLog(log)
         try:
             for tunnel in config.tunnels:
                 listen = tunnel.listen
@@ -45,13 +47,18 @@ class Listeners:
                          tunnel.remote, tunnel.tls, tunnel.server_name)
             for inbound in config.inbound:
                 listen, tunnel = inbound.listen, inbound  # named for the error below
-                # The PACS connects over the network: TLS with a required, verified client
-                # certificate guards this listener, not its address.
+                # The PACS connects over the network: allow_from (checked before any TLS) and a
+                # required, verified client certificate guard this listener, not its address.
                 sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=True)
                 self.sockets[sock.fileno()] = (sock, inbound)
                 self._selector.register(sock, selectors.EVENT_READ)
-                log.info("inbound %s: listening on %s for the PACS (TLS %s, as %s), forwarding to %s", inbound.name,
-                         listen, inbound.tls, inbound.server_certificate or "the card", inbound.forward)
+                log.info("inbound %s: listening on %s for the PACS at %s (TLS %s, as %s), forwarding to %s",
+                         inbound.name, listen, ", ".join(map(str, inbound.allow_from)), inbound.tls,
+                         inbound.server_certificate or "the card", inbound.forward)
+                if inbound.server_certificate is None and inbound.allow_from != LOOPBACK_NETWORKS:
+                    log.warning("inbound %s: the card is this listener's TLS server identity: every handshake, even "
+                                "with a peer then refused, waits for a card signature; prefer the workstation's node "
+                                "key (server_certificate, server_key)", inbound.name)
         except (CardAgentError, OSError) as error:
             self.close()
             if isinstance(error, OSError):
@@ -67,6 +74,7 @@ class Listeners:
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
+            self._refusals.flush()
             for key, _ in self._selector.select(timeout=0.5):
                 sock, tunnel = self.sockets[key.fd]
                 try:
@@ -112,6 +120,11 @@ class Listeners:
             host, port = connection.getpeername()[:2]
         except OSError:
             connection.close()
+            return
+        if not is_allowed(host, inbound.allow_from):
+            # Closed here, in the supervisor: a stranger costs no TLS, and never a card signature.
+            connection.close()
+            self._refusals.refused(inbound.name, host, "its address is not in allow_from")
             return
         peer = f"{host}:{port}"
         session = self.manager.current_session() if self.manager else None
