@@ -46,13 +46,12 @@ def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, A
                  inbound: list[dict[str, Any]] | None = None, audit: dict[str, Any] | None = None) -> Path:
     identity_table = {"token": token, "module": module, "pin": "env:CARD_PIN", **(identity or {})}
     trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl], **(trust or {})}
-    text = _table("identity", identity_table) + _table("trust", trust_table)
-    text += "".join(_table("tunnel", tunnel, array=True) for tunnel in tunnels)
-    text += "".join(_table("inbound", listener, array=True) for listener in inbound or ())
     # Each agent its own runtime directory (control socket, session files): agents of tests that run
     # at the same time, in other checkouts or by other users, must not meet at /tmp/card-agent-UID.
     agent = {"runtime_dir": str(path.parent / "run"), **(agent or {})}
-    text += _table("agent", agent)
+    text = _table("identity", identity_table) + _table("trust", trust_table) + _table("agent", agent)
+    text += "".join(_table("tunnel", tunnel, array=True) for tunnel in tunnels)
+    text += "".join(_table("inbound", listener, array=True) for listener in inbound or ())
     if audit:
         text += _table("audit", audit)
     path.write_text(text)
