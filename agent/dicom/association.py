@@ -60,7 +60,9 @@ class AssociationRules:
 
     @property
     def can_refuse(self) -> bool:
-        """True if some well-formed A-ASSOCIATE-RQ would be refused under these rules."""
+        """True if some well-formed A-ASSOCIATE-RQ would be refused under these rules. A request
+        with AE titles PS3.5 forbids is refused under any rules; without these, only after the
+        agent has connected to the PACS (the request itself never reaches it)."""
         return bool(self.allowed_calling_ae_titles or self.allowed_called_ae_titles or (
             self.user_identity is not UserIdentityMode.OFF
             and self.existing_user_identity is ExistingUserIdentity.REJECT))
