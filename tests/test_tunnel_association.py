@@ -94,7 +94,8 @@ def test_an_ae_title_with_a_line_feed_is_refused_and_forges_no_log_line(test_pki
     assert requests_at_the_pacs == []
     assert ("association \\x0aevent=sign-in -> PACS refused: calling AE title '\\x0aevent=sign-in' holds the "
             "control character 0x0A, which an AE title must not contain") in log
-    assert [line for line in log.splitlines() if not line.startswith(("card-agent: ", "card-agent[session]: "))] == []
+    prefixes = ("card-agent: ", "card-agent[session]: ")
+    assert [line for line in log.splitlines() if not line.startswith(prefixes)] == []  # no forged line
 
 
 def receive_pdu(sock: socket.socket) -> tuple[int, bytes]:
