@@ -702,3 +702,21 @@ def test_audit_config_errors_name_the_key(tmp_path, table, message):
     (tmp_path / "ca.pem").write_text("x")
     with pytest.raises(ConfigError, match=message):
         parse_audit_config(table, "agent.toml", tmp_path)
+
+
+def test_audit_tail_shows_peer_text_on_one_line_and_escaped(tmp_path):
+    import typer
+
+    from agent.cli import audit_commands
+
+    app = typer.Typer()
+    app.add_typer(audit_commands.app, name="audit")
+    config = AuditConfig(file=tmp_path / "audit.log", source_id="ws3")
+    # C1 controls and U+2028 are valid XML, so they survive in the message; the terminal must not get them.
+    reason = "calling AE title holds \x9b[2J and a NEL\x85event=forged\u2028too"
+    with AuditTrail(config, hostname="ws3.hospital.example") as trail:
+        assert trail.record(AuditEvent.security_alert(AlertType.MALFORMED_PDU, reason, remote=PACS, agent_pid=777))
+        assert trail.wait_delivered(0)
+    shown = CliRunner().invoke(app, ["audit", "tail", "--file", str(config.file)]).output
+    assert shown.count("\n") == 1
+    assert "calling AE title holds \\x9b[2J and a NEL\\x85event=forged\\u2028too" in shown, shown

@@ -157,6 +157,48 @@ def test_a_broken_request_is_only_ever_a_malformed_pdu(data: st.DataObject) -> N
     assert isinstance(decision, (Forward, Refuse))
 
 
+# An AE title as 16 bytes on the wire: ASCII, so that the PDU parses, but any of it (PS3.8 9.3.2).
+_wire_ae_titles = st.binary(min_size=16, max_size=16).map(lambda raw: bytes(b & 0x7F for b in raw)) | st.sampled_from(
+    [b"", b"\nevent=sign-in", b"MODALITY\\CT", b"\x1b[2JPACS", b"TESTSCU\x7f", b"SCU\r", b" LEADING"]).map(
+    lambda title: title.ljust(16))
+
+
+def _breaks_ps3_5(title: bytes) -> bool:
+    significant = title.rstrip(b" ")
+    return not significant.strip(b" ") or any(b < 0x20 or b in (0x5C, 0x7F) for b in significant)
+
+
+@settings(max_examples=400)
+@given(_wire_ae_titles, _wire_ae_titles)
+def test_ae_titles_outside_ps3_5_are_refused_with_the_matching_reason(called: bytes, calling: bytes) -> None:
+    pdu = bytearray(associate_rq())
+    pdu[10:26], pdu[26:42] = called, calling  # after the PDU header, Protocol-version and reserved bytes
+    decision = Association(AssociationRules()).on_request(bytes(pdu))
+    if _breaks_ps3_5(calling):
+        assert isinstance(decision, Refuse)
+        assert parse_associate_rj(decision.reject_pdu).describe() == (
+            "rejected-permanent by DICOM UL service-user: calling-AE-title-not-recognized")
+    elif _breaks_ps3_5(called):
+        assert isinstance(decision, Refuse)
+        assert parse_associate_rj(decision.reject_pdu).describe() == (
+            "rejected-permanent by DICOM UL service-user: called-AE-title-not-recognized")
+    else:
+        assert decision == Forward(bytes(pdu), None)
+    if isinstance(decision, Refuse):  # the reason goes to the log and the audit trail as one line
+        assert decision.reason.isprintable()
+
+
+def test_a_refused_ae_title_is_named_escaped() -> None:
+    pdu = bytearray(associate_rq())
+    pdu[26:42] = b"\nevent=sign-in  "
+    association = Association(AssociationRules())
+    decision = association.on_request(bytes(pdu))
+    assert isinstance(decision, Refuse)
+    assert decision.reason == ("calling AE title '\\x0aevent=sign-in' holds the control character 0x0A, "
+                               "which an AE title must not contain")
+    assert association.describe_request() == "\\x0aevent=sign-in -> PACS"
+
+
 def certificate(subject: list[x509.NameAttribute], san: list[x509.GeneralName] | None = None) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(subject)

@@ -16,15 +16,18 @@ from pathlib import Path
 
 import pytest
 
+from agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
-from agent_runner import RunningAgent, inbound_listener, port_of, running_agent, tunnel, wait_for
+from agent_runner import RunningAgent, associate_rq, inbound_listener, port_of, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
 from peers.orthanc import orthanc
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.ports import free_port, peer_env
+from peers.pynetdicom_scp import plain_scp
 from peers.study import assert_delivered, make_study
+from test_tunnel_association import receive_pdu
 
 def node_identity(test_pki: ProvisionedPki) -> dict[str, str]:
     """The workstation's node certificate (the test PKI's localhost certificate, serverAuth + clientAuth)."""
@@ -114,6 +117,28 @@ def test_a_missing_local_scp_is_an_association_reject_for_the_pacs(test_pki: Pro
     assert result.returncode != 0
     assert "Association Rejected" in result.stdout and "Transient" in result.stdout, result.stdout
     assert "(is the viewer's storage SCP running?)" in log
+
+
+def test_a_called_ae_title_with_an_escape_sequence_is_refused_before_the_local_scp(test_pki: ProvisionedPki,
+                                                                                  tmp_path: Path) -> None:
+    request = bytearray(associate_rq())
+    request[10:26] = b"\x1b[2JVIEWER".ljust(16)  # the Called-AE-title: clear the screen of whoever reads the log
+    with plain_scp() as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            context = pacs_identity(test_pki).ssl_context()
+            with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=15) as raw, \
+                    context.wrap_socket(raw, server_hostname="localhost") as pacs:
+                pacs.sendall(request)
+                pdu_type, pdu = receive_pdu(pacs)
+            log = agent.wait_for_log("refused")
+        requests_at_the_viewer = [record.calling_ae for record in viewer.associations if record.calling_ae]
+    assert pdu_type == A_ASSOCIATE_RJ and parse_associate_rj(pdu).describe() == (
+        "rejected-permanent by DICOM UL service-user: called-AE-title-not-recognized")
+    assert requests_at_the_viewer == []
+    assert ("association TESTSCU -> \\x1b[2JVIEWER refused: called AE title '\\x1b[2JVIEWER' holds the control "
+            "character 0x1B, which an AE title must not contain") in log
+    assert "\x1b" not in log
 
 
 def test_a_storage_scp_of_another_user_gets_nothing(test_pki: ProvisionedPki, tmp_path: Path,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, parse_a_abort
+from agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
 from agent_runner import FramedEchoServer, associate_rq, running_agent, tunnel
 from conftest import ProvisionedPki
 from peers.dcmtk import TLS_DETAILS_BEGIN, echoscu, storescp, storescu
@@ -75,6 +75,27 @@ def test_a_calling_ae_title_outside_the_rules_is_rejected_before_the_pacs(test_p
     assert calling_titles == ["MODALITY_CT1"]  # the PACS never heard of VIEWER
     assert "association VIEWER -> ANY-SCP refused: calling AE title 'VIEWER' is not in allowed_calling_ae_titles" \
         in log
+
+
+@pytest.mark.parametrize("rules", [{}, {"allowed_calling_ae_titles": ["*"]}], ids=["connect-early", "decide-first"])
+def test_an_ae_title_with_a_line_feed_is_refused_and_forges_no_log_line(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                        rules: dict) -> None:
+    request = bytearray(associate_rq())
+    request[26:42] = b"\nevent=sign-in".ljust(16)  # the Calling-AE-title; pynetdicom would not send it
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port, **rules)]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
+                application.sendall(request)
+                pdu_type, pdu = receive_pdu(application)
+            log = agent.wait_for_log("refused")
+        requests_at_the_pacs = [record.calling_ae for record in pacs.associations if record.calling_ae]
+    assert pdu_type == A_ASSOCIATE_RJ and parse_associate_rj(pdu).describe() == (
+        "rejected-permanent by DICOM UL service-user: calling-AE-title-not-recognized")
+    assert requests_at_the_pacs == []
+    assert ("association \\x0aevent=sign-in -> PACS refused: calling AE title '\\x0aevent=sign-in' holds the "
+            "control character 0x0A, which an AE title must not contain") in log
+    prefixes = ("card-agent: ", "card-agent[session]: ")
+    assert [line for line in log.splitlines() if not line.startswith(prefixes)] == []  # no forged line
 
 
 def receive_pdu(sock: socket.socket) -> tuple[int, bytes]:

@@ -14,6 +14,7 @@ import typer
 from agent.audit.config import load_audit_config
 from agent.audit.messages import summarize
 from agent.errors import ConfigError
+from agent.logline import printable
 
 app = typer.Typer(help="The audit trail (DICOM audit messages, IHE ATNA).", no_args_is_help=True)
 
@@ -67,10 +68,10 @@ def _print(line: bytes, xml: bool) -> None:
         typer.echo(line.decode("utf-8", errors="replace"))
         return
     try:
-        typer.echo(summarize(line).line())
+        typer.echo(printable(summarize(line).line()))  # AE titles and reasons are peers' text
     except ValueError as error:
         print(f"card-agent: warning: a line of the audit file is not an audit message ({error}): "
-              f"{line[:80].decode('utf-8', errors='replace')}", file=sys.stderr)
+              f"{printable(line[:80].decode('utf-8', errors='replace'))}", file=sys.stderr)
 
 
 def _follow(path: Path, xml: bool) -> None:

@@ -10,6 +10,7 @@ import typer
 
 from agent.cli.options import Json
 from agent.config.model import load_config
+from agent.logline import printable
 from agent.session import control
 
 ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The running agent's configuration.")]
@@ -21,20 +22,20 @@ def status(config: ConfigFile, as_json: Json = False) -> None:
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
-    typer.echo(f"state:    {answer['state']}")
+    _say(f"state:    {answer['state']}")
     if answer["identity"]:
-        typer.echo(f"identity: {answer['identity']} (issuer {answer['issuer']})")
-        typer.echo(f"token:    {answer['token']!r} serial {answer['token_serial']}, since {answer['since']}")
+        _say(f"identity: {answer['identity']} (issuer {answer['issuer']})")
+        _say(f"token:    {answer['token']!r} serial {answer['token_serial']}, since {answer['since']}")
     if answer["last_error"]:
-        typer.echo(f"last error: {answer['last_error']}")
+        _say(f"last error: {answer['last_error']}")
     for tunnel in answer["tunnels"]:
-        typer.echo(f"tunnel {tunnel['name']}: {tunnel['listen']} -> {tunnel['remote']}, "
-                   f"{tunnel['open_connections']} open, {tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"
-                   + (f", last error: {tunnel['last_error']}" if tunnel["last_error"] else ""))
+        _say(f"tunnel {tunnel['name']}: {tunnel['listen']} -> {tunnel['remote']}, "
+             f"{tunnel['open_connections']} open, {tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"
+             + (f", last error: {tunnel['last_error']}" if tunnel["last_error"] else ""))
     for inbound in answer["inbound"]:
-        typer.echo(f"inbound {inbound['name']}: {inbound['listen']} -> {inbound['forward']}, "
-                   f"{inbound['open_connections']} open, {inbound['bytes_down']} bytes in, {inbound['bytes_up']} out"
-                   + (f", last error: {inbound['last_error']}" if inbound["last_error"] else ""))
+        _say(f"inbound {inbound['name']}: {inbound['listen']} -> {inbound['forward']}, "
+             f"{inbound['open_connections']} open, {inbound['bytes_down']} bytes in, {inbound['bytes_up']} out"
+             + (f", last error: {inbound['last_error']}" if inbound["last_error"] else ""))
     audit = answer["audit"]
     if audit:
         where = " and ".join(filter(None, [audit["file"], audit["repository"]]))
@@ -42,9 +43,9 @@ def status(config: ConfigFile, as_json: Json = False) -> None:
         if audit["repository"]:
             delivery = (f", repository {'connected' if audit['connected'] else 'not connected'}, "
                         f"{audit['pending']} waiting" + (f" ({audit['last_error']})" if audit["last_error"] else ""))
-        typer.echo(f"audit:    to {where}{delivery}")
+        _say(f"audit:    to {where}{delivery}")
     for crl in answer.get("crls", []):
-        typer.echo(f"crl {crl['file']}: {_describe_crl_file(crl)}")
+        _say(f"crl {crl['file']}: {_describe_crl_file(crl)}")
 
 
 def _describe_crl_file(crl: dict) -> str:
@@ -54,6 +55,11 @@ def _describe_crl_file(crl: dict) -> str:
         kept = f"; still using {contents}" if contents else ""
         return f"UNUSABLE: {crl['error']}{kept}"
     return f"{crl['state']}: {contents}"
+
+
+def _say(line: str) -> None:
+    """One line of the status: errors quote peers (AE titles, certificate subjects), escaped here."""
+    typer.echo(printable(line))
 
 
 def lock(config: ConfigFile) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import typer
 from pkcs11.exceptions import PKCS11Error
 
+from agent import logline
 from agent.cli import audit_commands, control_commands, doctor, run, softhsm_commands, token_commands
 from agent.errors import CardAgentError
 
@@ -29,11 +29,11 @@ app.add_typer(audit_commands.app, name="audit")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="card-agent: %(levelname)s: %(message)s", stream=sys.stderr)
+    logline.configure("card-agent")
     try:
         app()
     except CardAgentError as error:
-        print(f"card-agent: error: {error}", file=sys.stderr)
+        print(f"card-agent: error: {logline.printable(str(error))}", file=sys.stderr)
         sys.exit(2)
     except PKCS11Error as error:
         # A PKCS#11 failure no check above anticipated: name it so that it can be looked up.

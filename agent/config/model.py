@@ -17,6 +17,7 @@ from agent.audit.config import AuditConfig, parse_audit_config
 from agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from agent.dicom.user_identity import UsernameError, check_template
 from agent.errors import ConfigError
+from agent.file_trust import check_trusted_file
 from agent.token.module import AUTO
 from agent.token.pin import PinSource
 from agent.token.uri import Pkcs11Uri, Pkcs11UriError
@@ -196,7 +197,9 @@ def parse_pin(value: str, error) -> bytes:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The configuration file as TOML data; ConfigError when unreadable or not TOML."""
+    """The configuration file as TOML data; ConfigError when unreadable or not TOML, UnsafeFileError
+    when another user could have written it (it names the file and the fix)."""
+    check_trusted_file(path, "the configuration file", "change the agent's settings")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:

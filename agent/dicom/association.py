@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationContextResult, RejectResult,
-                             RejectSource, ServiceUserRejectReason, a_associate_rj, encode_associate_rq,
-                             parse_associate_ac, parse_associate_rj, parse_associate_rq, read_command_fields,
-                             with_user_identity)
+                             RejectSource, ServiceUserRejectReason, a_associate_rj, ae_title_problem,
+                             encode_associate_rq, parse_associate_ac, parse_associate_rj, parse_associate_rq,
+                             read_command_fields, with_user_identity)
+from agent.logline import printable
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -59,7 +60,9 @@ class AssociationRules:
 
     @property
     def can_refuse(self) -> bool:
-        """True if some well-formed A-ASSOCIATE-RQ would be refused under these rules."""
+        """True if some well-formed A-ASSOCIATE-RQ would be refused under these rules. A request
+        with AE titles PS3.5 forbids is refused under any rules; without these, only after the
+        agent has connected to the PACS (the request itself never reaches it)."""
         return bool(self.allowed_calling_ae_titles or self.allowed_called_ae_titles or (
             self.user_identity is not UserIdentityMode.OFF
             and self.existing_user_identity is ExistingUserIdentity.REJECT))
@@ -122,6 +125,9 @@ class Association:
         request = parse_associate_rq(pdu)
         self.request = request
         self.calling_ae_title, self.called_ae_title = request.calling_ae_title, request.called_ae_title
+        malformed_title = _ae_title_refusal(request)
+        if malformed_title is not None:
+            return malformed_title
         rules = self.rules
         if not _allowed(request.calling_ae_title.strip(), rules.allowed_calling_ae_titles):
             return Refuse(a_associate_rj(RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER,
@@ -188,7 +194,8 @@ class Association:
     # -- what the log says ---------------------------------------------------------------------
 
     def describe_request(self) -> str:
-        return f"{self.calling_ae_title or '?'} -> {self.called_ae_title or '?'}"
+        """``CALLING -> CALLED``, escaped: the titles are the peer's text (see :mod:`agent.logline`)."""
+        return printable(f"{self.calling_ae_title or '?'} -> {self.called_ae_title or '?'}")
 
     def describe_accept(self) -> str:
         proposed = len(self.request.presentation_contexts) if self.request else 0
@@ -227,6 +234,19 @@ def patient_and_study(prefix: bytes, transfer_syntax: str) -> tuple[str, str, st
                     str(dataset.get("PatientName", "") or ""))
     except Exception:  # any garbage: pydicom fails in many ways, all meaning "not readable"
         return "", "", ""
+
+
+def _ae_title_refusal(request: AssociateRequest) -> Refuse | None:
+    """The A-ASSOCIATE-RJ for a request whose Calling or Called AE title breaks PS3.5/PS3.8: such
+    a title (a line feed, an escape sequence) is refused before it reaches the PACS or the log."""
+    for title, what, reason in (
+            (request.calling_ae_title, "calling", ServiceUserRejectReason.CALLING_AE_TITLE_NOT_RECOGNIZED),
+            (request.called_ae_title, "called", ServiceUserRejectReason.CALLED_AE_TITLE_NOT_RECOGNIZED)):
+        problem = ae_title_problem(title)
+        if problem is not None:
+            return Refuse(a_associate_rj(RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_USER, reason),
+                          f"{what} AE title '{printable(title)}' {problem}")
+    return None
 
 
 def _allowed(title: str, patterns: tuple[str, ...]) -> bool:

@@ -1187,6 +1187,26 @@ def _byte_value(value: int, what: str) -> int:
     return value
 
 
+def ae_title_problem(title: str) -> str | None:
+    """Why ``title`` is not an AE title PS3.5 allows, or None if it is one.
+
+    PS3.5 6.2 (VR AE): characters of the Default Character Repertoire except the backslash and
+    every control character (LF, FF, CR and ESC included), not only spaces; PS3.8 9.3.2: 16
+    spaces mean "no Application Name specified" and shall not be used. Titles that are not ASCII
+    at all never get here: :func:`parse_associate_rq` finds the PDU malformed.
+    """
+    if not title.strip(" "):
+        return "is empty (only spaces)"
+    bad = next((c for c in title if not " " <= c <= "~" or c == "\\"), None)
+    if bad is not None:
+        return f"holds {_character_name(bad)}, which an AE title must not contain"
+    return None
+
+
+def _character_name(character: str) -> str:
+    return "a backslash" if character == "\\" else f"the control character 0x{ord(character):02X}"
+
+
 def _encode_ae_title(value: str, what: str, codec: str) -> bytes:
     try:
         encoded = value.encode(codec)

@@ -1,5 +1,7 @@
 """Sign-in, sign-out and PIN failures as one structured line each (``event=NAME key="value" ...``),
-so that log collectors can parse them; they become audit events later."""
+so that log collectors can parse them; they become audit events later. Every value is written as
+a JSON string (quotes, backslashes, control and non-ASCII characters escaped), so a certificate
+subject or token label can neither end the line nor forge another key."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from agent import logline
 from agent.config.model import TrustConfig, TunnelConfig, load_config
 from agent.dicom.association import UserIdentityMode
 from agent.dicom.user_identity import UsernameError, username_for
@@ -159,9 +160,7 @@ def _exit_now(code: int) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="card-agent[session]: %(levelname)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger().setLevel(sys.argv[3].upper() if len(sys.argv) > 3 else "INFO")
+    logline.configure("card-agent[session]", sys.argv[3].upper() if len(sys.argv) > 3 else "INFO")
     # pydicom logs what it thinks of the data sets it reads for the audit trail: not the agent's news.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     channel = socket.socket(fileno=int(sys.argv[1]))

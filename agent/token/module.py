@@ -12,6 +12,7 @@ import pkcs11
 from pkcs11.exceptions import PKCS11Error
 
 from agent.errors import CardAgentError
+from agent.file_trust import check_trusted_file
 from agent.token.profiles import AUTO_ORDER, ModuleProfile, all_profiles, detect_profile, get_profile
 
 AUTO = "auto"
@@ -92,6 +93,8 @@ def _load(path: str, profile: ModuleProfile | None) -> LoadedModule:
             f"PKCS#11 module {path}{profile_text} does not exist{hint}. Install the module's "
             "package or set the module to its path"
         )
+    # The module runs inside the agent, which holds the PIN: a module someone else can write is theirs.
+    check_trusted_file(path, "the PKCS#11 module", "run code in the agent, which holds the card's PIN")
     try:
         lib = pkcs11.lib(path)
     except PKCS11Error as error:
