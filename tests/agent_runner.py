@@ -95,10 +95,15 @@ class RunningAgent:
         raise AssertionError(f"{text!r} not in the agent's log:\n{self.log()}")
 
 
-def start_agent(config: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+# A command prefix: the command runs without CAP_SYS_PTRACE, so that even as root it is "another
+# process of the same user" to the agent, which may read its memory only if the agent is dumpable.
+WITHOUT_PTRACE = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
+
+
+def start_agent(config: Path, log_path: Path, env: dict[str, str], prefix: list[str] | None = None) -> subprocess.Popen:
     with open(log_path, "w") as log:
-        return subprocess.Popen([CARD_AGENT, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen([*(prefix or []), CARD_AGENT, "run", "--config", str(config)], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
 
 
 def stop_agent(process: subprocess.Popen) -> int:
@@ -114,11 +119,13 @@ def stop_agent(process: subprocess.Popen) -> int:
 
 @contextmanager
 def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[str, Any]], *,
-                  pin: str = USER_PIN, env: dict[str, str] | None = None, **config: Any) -> Iterator[RunningAgent]:
+                  pin: str = USER_PIN, env: dict[str, str] | None = None, prefix: list[str] | None = None,
+                  **config: Any) -> Iterator[RunningAgent]:
+    """The agent, ready; ``prefix`` goes before its command (e.g. :data:`WITHOUT_PTRACE`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = write_config(workdir / "agent.toml", test_pki, tunnels, **config)
     log_path = workdir / "agent.log"
-    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})))
+    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})), prefix)
     agent = RunningAgent(process, log_path, tunnels)
     try:
         deadline = time.monotonic() + 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,16 @@ def test_invalid_sources(text: str) -> None:
         PinSource.parse(text)
 
 
-def test_env_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CARD_PIN", "123456")
-    assert PinSource.parse("env:CARD_PIN").read("PIN: ") == "123456"
-    monkeypatch.delenv("CARD_PIN")
-    with pytest.raises(PinUnavailableError, match="CARD_PIN is not set"):
-        PinSource.parse("env:CARD_PIN").read("PIN: ")
+def test_env_source_takes_the_pin_out_of_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARD_PIN_SOURCE_TEST", "123456")
+    source = PinSource.parse("env:CARD_PIN_SOURCE_TEST")
+    source.prepare()
+    assert "CARD_PIN_SOURCE_TEST" not in os.environ
+    for _ in range(2):  # the kept copy serves every later sign-in
+        with source.read("PIN: ") as pin:
+            assert bytes(pin.view()) == b"123456"
+    with pytest.raises(PinUnavailableError, match="CARD_PIN_UNSET_TEST is not set"):
+        PinSource.parse("env:CARD_PIN_UNSET_TEST").read("PIN: ")
 
 
 def test_file_source_must_be_private(tmp_path: Path) -> None:
@@ -31,7 +36,20 @@ def test_file_source_must_be_private(tmp_path: Path) -> None:
     with pytest.raises(PinUnavailableError, match=f"chmod 600 {pin_file}"):
         PinSource.parse(f"file:{pin_file}").read("PIN: ")
     pin_file.chmod(0o600)
-    assert PinSource.parse(f"file:{pin_file}").read("PIN: ") == "123456"
+    assert bytes(PinSource.parse(f"file:{pin_file}").read("PIN: ").view()) == b"123456"
+
+
+def test_file_source_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("123456\n")
+    pin_file.chmod(0o600)
+    os.chown(pin_file, 65534, -1)  # nobody's: that user could put the PIN it wants tried there
+    with pytest.raises(PinUnavailableError) as refused:
+        PinSource.parse(f"file:{pin_file}").prepare()
+    assert str(refused.value) == (
+        f"PIN file {pin_file} belongs to uid 65534, not to the agent's user (uid {os.getuid()}): another user "
+        f"could change the PIN the agent tries; run `chown {os.getuid()} {pin_file}` (as root) or point file: at "
+        "a file the agent's user owns")
 
 
 def test_prompt_without_terminal_says_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,10 @@ import json
 import socket
 from typing import Any
 
+from agent.token.secret import Secret, wipe
+
 MAX_MESSAGE = 64 * 1024
+MAX_SECRET = 1024
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -20,6 +23,25 @@ def send(channel: socket.socket, message: dict[str, Any], fds: list[int] | None 
         socket.send_fds(channel, [data], fds)
     else:
         channel.sendall(data)
+
+
+def send_secret(channel: socket.socket, secret: Secret) -> None:
+    """A PIN as one raw message, straight from its buffer (no JSON, no str, no bytes copy)."""
+    with secret.view() as view:
+        channel.sendmsg([view])
+
+
+def receive_secret(channel: socket.socket) -> Secret:
+    """A message sent by :func:`send_secret`, received into a buffer that is then wiped."""
+    buffer = bytearray(MAX_SECRET)
+    try:
+        length = channel.recv_into(buffer)
+        if length == 0:
+            raise ConnectionError("the supervisor went away before sending the PIN")
+        with memoryview(buffer) as view:
+            return Secret(view[:length])
+    finally:
+        wipe(buffer)
 
 
 def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:

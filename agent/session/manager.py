@@ -18,7 +18,7 @@ from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.session.audit import AuditRecorder
 from agent.session.events import event
-from agent.session.identity import sign_in
+from agent.session.identity import log_signed_in, sign_in
 from agent.session.supervisor import CardSession
 from agent.token.login import LoginError
 from agent.token.module import LoadedModule, load_module
@@ -98,9 +98,11 @@ class SessionManager:
     def _sign_in(self, card: Card) -> None:
         self.state = "card present, PIN not yet entered"
         try:
-            signed_in = sign_in(self.config, self.module, card, confirm_final_try=self.confirm_final_try)
-            session = CardSession(self.config, signed_in, on_report=self.audit.session_report)
-            session.start()
+            signed_in, pin = sign_in(self.config, self.module, card, confirm_final_try=self.confirm_final_try)
+            session = CardSession(self.config, signed_in, on_report=self.audit.session_report,
+                                  confirm_final_try=self.confirm_final_try)
+            session.start(pin)  # the card-session process makes the login attempt; pin is wiped
+            log_signed_in(signed_in, self.module)
         except LoginError as error:
             self.last_error = str(error)
             self.state = "card present, PIN not accepted: remove and re-insert the card to try again"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -12,9 +11,13 @@ import threading
 from typing import Any, Callable
 
 from agent.config.model import AgentConfig
-from agent.errors import CardAgentError
+from agent.errors import CardAgentError, ConfigError
 from agent.session import channel as messages
 from agent.session.identity import SignedIn
+from agent.token.discovery import PinState
+from agent.token.login import (LoginError, PinFinalTryError, PinLockedError, PinNotInitializedError,
+                               WrongPinError)
+from agent.token.secret import Secret
 
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
@@ -26,12 +29,30 @@ class CardSessionError(CardAgentError):
 
 OnReport = Callable[[str, dict[str, Any]], None]
 
+_LOGIN_ERRORS: dict[str, type[CardAgentError]] = {
+    cls.__name__: cls for cls in (LoginError, PinLockedError, PinFinalTryError, PinNotInitializedError, ConfigError)
+}
+
+
+def login_error_message(error: CardAgentError) -> dict[str, Any]:
+    """A refused login, as the card-session process reports it (no PIN in it: messages never hold one)."""
+    state = error.pin_state.value if isinstance(error, WrongPinError) else None
+    return {"type": "login-error", "error": type(error).__name__, "message": str(error), "pin_state": state}
+
+
+def login_error_from(reply: dict[str, Any]) -> CardAgentError:
+    if reply.get("error") == WrongPinError.__name__:
+        return WrongPinError(reply["message"], PinState(reply["pin_state"]))
+    return _LOGIN_ERRORS.get(reply.get("error", ""), LoginError)(reply["message"])
+
 
 class CardSession:
     """One signed-in identity and the process doing its TLS."""
 
-    def __init__(self, config: AgentConfig, signed_in: SignedIn, on_report: OnReport | None = None) -> None:
+    def __init__(self, config: AgentConfig, signed_in: SignedIn, on_report: OnReport | None = None, *,
+                 confirm_final_try: bool = False) -> None:
         self.config = config
+        self.confirm_final_try = confirm_final_try
         self.signed_in = signed_in
         self.on_report = on_report
         self.process: subprocess.Popen | None = None
@@ -39,10 +60,17 @@ class CardSession:
         self._status_lock = threading.Lock()
         self._reports_thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        # Read first: a PIN source that cannot give its PIN is a sign-in error, and nothing is open yet.
-        node_pins = {inbound.name: inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
-                     for inbound in self.config.inbound if inbound.server_key_pin is not None}
+    def start(self, pin: Secret | None) -> None:
+        """Start the process and hand it the PIN (None: PIN pad), which it tries once; wipes ``pin``.
+
+        A login the card refuses raises the same :class:`LoginError` a login here would have."""
+        try:
+            self._start(pin)
+        finally:
+            if pin is not None:
+                pin.wipe()
+
+    def _start(self, pin: Secret | None) -> None:
         ours, theirs = messages.channel_pair()
         reports_ours, reports_theirs = messages.channel_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
@@ -64,24 +92,35 @@ class CardSession:
         self._reports_thread.start()
         self.channel = ours
         files = self.signed_in.files
+        node_pins = [inbound for inbound in self.config.inbound if inbound.server_key_pin is not None]
         start = {
             "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
-            "pin": self.signed_in.pin, "node_pins": node_pins,
+            "token": self.signed_in.token, "key_id": self.signed_in.key_id.hex(), "pin_pad": pin is None,
+            "confirm_final_try": self.confirm_final_try, "node_pins": [inbound.name for inbound in node_pins],
         }
-        self.signed_in = dataclasses.replace(self.signed_in, pin=None)
         ours.settimeout(START_TIMEOUT_SECONDS)
         try:
             messages.send(ours, start)
-            del start, node_pins
+            # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
+            if pin is not None:
+                messages.send_secret(ours, pin)
+            for inbound in node_pins:
+                with inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}") as node_pin:
+                    messages.send_secret(ours, node_pin)
             reply, _ = messages.receive(ours)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
         except OSError as error:  # it died before answering (e.g. a broken installation)
             reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above"}
+        except CardAgentError:  # a node PIN source could not give its PIN
+            self.end("start failed")
+            raise
         ours.settimeout(None)
         if reply is None or reply.get("type") != "ready":
             self.end("start failed")
+            if reply is not None and reply.get("type") == "login-error":
+                raise login_error_from(reply)
             detail = reply.get("message") if reply else "it exited"
             raise CardSessionError(f"the card-session process could not start: {detail}")
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
