@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import inbound_listener, port_of, running_agent, start_agent, tunnel, write_config
+from agent_runner import inbound_listener, port_of, running_agent, start_agent, stop_agent, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from peers.dcmtk import storescp, storescu
 from peers.orthanc import orthanc
@@ -217,6 +217,10 @@ def test_a_node_key_pin_that_is_not_there_is_refused_at_start_up(test_pki: Provi
                                 server_key="pkcs11:token=bob;id=%01;type=private", server_key_pin="env:NODE_PIN")
     config = write_config(tmp_path / "agent.toml", test_pki, [], inbound=[listener])
     process = start_agent(config, tmp_path / "agent.log", test_pki.env(CARD_PIN=USER_PIN))
-    assert process.wait(30) == 2
+    try:
+        process.wait(30)
+    finally:
+        stop_agent(process)
+    assert process.returncode == 2
     assert (tmp_path / "agent.log").read_text().splitlines()[-1] == (
         "card-agent: error: the PIN variable NODE_PIN is not set or empty")

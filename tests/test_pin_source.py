@@ -9,6 +9,8 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.token.pin import PinSource, PinUnavailableError
+from agent_runner import start_agent, stop_agent, tunnel, write_config
+from conftest import ProvisionedPki
 
 
 @pytest.mark.parametrize("text", ["", "env:", "file", "pinentry-ish", "sms:123"])
@@ -63,3 +65,24 @@ def test_protected_source_gives_no_pin() -> None:
     assert source.is_protected
     with pytest.raises(PinUnavailableError):
         source.read("PIN: ")
+
+
+def test_agent_refuses_a_pin_file_of_another_user_before_it_is_ready(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("123456\n")
+    pin_file.chmod(0o600)
+    os.chown(pin_file, 65534, -1)
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)],
+                          identity={"pin": f"file:{pin_file}"})
+    process = start_agent(config, tmp_path / "agent.log", test_pki.env())
+    try:
+        process.wait(30)
+    finally:
+        stop_agent(process)  # the old agent accepted the file and kept running
+    assert process.returncode == 2
+    log = (tmp_path / "agent.log").read_text()
+    assert "ready:" not in log and "event=card-inserted" not in log
+    assert log.splitlines()[-1] == (
+        f"card-agent: error: PIN file {pin_file} belongs to uid 65534, not to the agent's user (uid {os.getuid()}): "
+        f"another user could change the PIN the agent tries; run `chown {os.getuid()} {pin_file}` (as root) or "
+        "point file: at a file the agent's user owns")
