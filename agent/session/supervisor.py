@@ -64,13 +64,19 @@ class CardSession:
         """Start the process and hand it the PIN (None: PIN pad), which it tries once; wipes ``pin``.
 
         A login the card refuses raises the same :class:`LoginError` a login here would have."""
+        node_pins: dict[str, Secret] = {}
         try:
-            self._start(pin)
+            # Read first: a PIN source that cannot give its PIN is a sign-in error, and nothing is open yet.
+            for inbound in self.config.inbound:
+                if inbound.server_key_pin is not None:
+                    node_pins[inbound.name] = inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
+            self._start(pin, node_pins)
         finally:
-            if pin is not None:
-                pin.wipe()
+            for secret in [pin, *node_pins.values()]:
+                if secret is not None:
+                    secret.wipe()
 
-    def _start(self, pin: Secret | None) -> None:
+    def _start(self, pin: Secret | None, node_pins: dict[str, Secret]) -> None:
         ours, theirs = messages.channel_pair()
         reports_ours, reports_theirs = messages.channel_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
@@ -92,12 +98,11 @@ class CardSession:
         self._reports_thread.start()
         self.channel = ours
         files = self.signed_in.files
-        node_pins = [inbound for inbound in self.config.inbound if inbound.server_key_pin is not None]
         start = {
             "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
             "token": self.signed_in.token, "key_id": self.signed_in.key_id.hex(), "pin_pad": pin is None,
-            "confirm_final_try": self.confirm_final_try, "node_pins": [inbound.name for inbound in node_pins],
+            "confirm_final_try": self.confirm_final_try, "node_pins": list(node_pins),
         }
         ours.settimeout(START_TIMEOUT_SECONDS)
         try:
@@ -105,17 +110,13 @@ class CardSession:
             # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
             if pin is not None:
                 messages.send_secret(ours, pin)
-            for inbound in node_pins:
-                with inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}") as node_pin:
-                    messages.send_secret(ours, node_pin)
+            for node_pin in node_pins.values():
+                messages.send_secret(ours, node_pin)
             reply, _ = messages.receive(ours)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
         except OSError as error:  # it died before answering (e.g. a broken installation)
             reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above"}
-        except CardAgentError:  # a node PIN source could not give its PIN
-            self.end("start failed")
-            raise
         ours.settimeout(None)
         if reply is None or reply.get("type") != "ready":
             self.end("start failed")

@@ -135,8 +135,11 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
     start, _ = messages.receive(channel)
     if start is None or start.get("type") != "start":
         return 1
-    pin = None if start["pin_pad"] else messages.receive_secret(channel)
-    node_pins = {name: messages.receive_secret(channel) for name in start["node_pins"]}
+    try:
+        pin = None if start["pin_pad"] else messages.receive_secret(channel)
+        node_pins = {name: messages.receive_secret(channel) for name in start["node_pins"]}
+    except ConnectionError:  # the supervisor gave up on this start
+        return 1
 
     def report(kind: str, fields: dict) -> None:
         try:

@@ -141,7 +141,7 @@ def _read_pin_file(path: str) -> Secret:
     try:
         if end == 0:
             raise PinUnavailableError(f"PIN file {path} is empty")
-        return Secret(view[:end], locked=True)
+        return Secret(view[:end])  # wiped within the sign-in: not worth a lock (munlock is per page)
     finally:
         view.release()
         wipe(buffer)

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 _PR_SET_DUMPABLE = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.strlen.restype = ctypes.c_size_t
+_libc.strlen.argtypes = [ctypes.c_void_p]
 
 
 class Secret:
@@ -115,25 +117,33 @@ def remove_environment_variable(name: str) -> None:
 
     ``os.environ.pop`` and ``unsetenv`` only unlink the ``NAME=value`` string from ``environ``;
     the string itself stays in memory, and the one the process started with stays visible in
-    ``/proc/PID/environ``. So the bytes are overwritten first, in place.
+    ``/proc/PID/environ``. So the bytes are overwritten first, in place. Entries are only looked
+    at through pointers: reading one as a Python object would copy the value.
     """
     prefix = name.encode() + b"="
-    environ = ctypes.POINTER(ctypes.c_char_p).in_dll(_libc, "environ")
+    entries = ctypes.POINTER(ctypes.c_void_p).in_dll(_libc, "environ")
     index = 0
-    while environ[index] is not None:
-        entry = ctypes.cast(environ, ctypes.POINTER(ctypes.c_void_p))[index]
-        if ctypes.string_at(entry, len(prefix)) == prefix:
-            length = len(ctypes.string_at(entry))
+    while (entry := entries[index]) is not None:
+        if _starts_with(entry, prefix):
+            length = _libc.strlen(ctypes.c_void_p(entry))
             ctypes.memset(entry + len(prefix), 0, length - len(prefix))
         index += 1
     os.environ.pop(name, None)  # also unsetenv()
 
 
+def _starts_with(address: int, prefix: bytes) -> bool:
+    characters = ctypes.cast(address, ctypes.POINTER(ctypes.c_ubyte))
+    for offset, expected in enumerate(prefix):
+        if characters[offset] != expected:  # also stops at the entry's NUL
+            return False
+    return True
+
+
 def take_environment_variable(name: str, *, locked: bool = False) -> Secret | None:
-    """The value of ``name`` as a secret, removed from the environment (see below); None if unset."""
+    """The value of ``name`` as a secret, removed from the environment (see above); None if unset."""
     value = os.environb.get(name.encode())  # the very bytes object os.environ keeps: no new copy
     secret = Secret(memoryview(value), locked=locked) if value else None
-    if value:
+    if value and len(value) > 1:  # (one-byte bytes objects are shared singletons: never write to one)
         # Python's own copy, made at start-up: an immutable bytes object, overwritten in place.
         ctypes.memset(id(value) + bytes.__basicsize__ - 1, 0, len(value))
     del value
