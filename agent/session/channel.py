@@ -7,6 +7,9 @@ import json
 import socket
 from typing import Any
 
+from agent.errors import CardAgentError, ConfigError
+from agent.token.discovery import PinState
+from agent.token.login import LoginError, PinFinalTryError, PinLockedError, PinNotInitializedError, WrongPinError
 from agent.token.secret import Secret, wipe
 
 MAX_MESSAGE = 64 * 1024
@@ -52,3 +55,20 @@ def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
             socket.close(fd)
         return None, []
     return json.loads(data), fds
+
+
+_LOGIN_ERRORS: dict[str, type[CardAgentError]] = {
+    cls.__name__: cls for cls in (LoginError, PinLockedError, PinFinalTryError, PinNotInitializedError, ConfigError)
+}
+
+
+def login_error_message(error: CardAgentError) -> dict[str, Any]:
+    """A refused login, as the card-session process reports it (no PIN in it: messages never hold one)."""
+    state = error.pin_state.value if isinstance(error, WrongPinError) else None
+    return {"type": "login-error", "error": type(error).__name__, "message": str(error), "pin_state": state}
+
+
+def login_error_from(reply: dict[str, Any]) -> CardAgentError:
+    if reply.get("error") == WrongPinError.__name__:
+        return WrongPinError(reply["message"], PinState(reply["pin_state"]))
+    return _LOGIN_ERRORS.get(reply.get("error", ""), LoginError)(reply["message"])

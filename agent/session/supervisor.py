@@ -11,12 +11,9 @@ import threading
 from typing import Any, Callable
 
 from agent.config.model import AgentConfig
-from agent.errors import CardAgentError, ConfigError
+from agent.errors import CardAgentError
 from agent.session import channel as messages
 from agent.session.identity import SignedIn
-from agent.token.discovery import PinState
-from agent.token.login import (LoginError, PinFinalTryError, PinLockedError, PinNotInitializedError,
-                               WrongPinError)
 from agent.token.secret import Secret
 
 log = logging.getLogger("agent.session")
@@ -28,22 +25,6 @@ class CardSessionError(CardAgentError):
 
 
 OnReport = Callable[[str, dict[str, Any]], None]
-
-_LOGIN_ERRORS: dict[str, type[CardAgentError]] = {
-    cls.__name__: cls for cls in (LoginError, PinLockedError, PinFinalTryError, PinNotInitializedError, ConfigError)
-}
-
-
-def login_error_message(error: CardAgentError) -> dict[str, Any]:
-    """A refused login, as the card-session process reports it (no PIN in it: messages never hold one)."""
-    state = error.pin_state.value if isinstance(error, WrongPinError) else None
-    return {"type": "login-error", "error": type(error).__name__, "message": str(error), "pin_state": state}
-
-
-def login_error_from(reply: dict[str, Any]) -> CardAgentError:
-    if reply.get("error") == WrongPinError.__name__:
-        return WrongPinError(reply["message"], PinState(reply["pin_state"]))
-    return _LOGIN_ERRORS.get(reply.get("error", ""), LoginError)(reply["message"])
 
 
 class CardSession:
@@ -121,7 +102,7 @@ class CardSession:
         if reply is None or reply.get("type") != "ready":
             self.end("start failed")
             if reply is not None and reply.get("type") == "login-error":
-                raise login_error_from(reply)
+                raise messages.login_error_from(reply)
             detail = reply.get("message") if reply else "it exited"
             raise CardSessionError(f"the card-session process could not start: {detail}")
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)

@@ -4,9 +4,9 @@ Started by the supervisor with ``OPENSSL_CONF`` pointing at the session's OpenSS
 (read once, when OpenSSL starts in this process) and a channel on which it gets the PIN once (a raw
 message, into a wipeable buffer), then accepted local connections. It makes the sign-in's one
 login attempt with python-pkcs11 and keeps that session open: the pkcs11-provider, loading the
-same module in this process, uses that login, so OpenSSL normally never sees the PIN. When the session ends (card removed, lock, agent stopping) the process
-ends, and with it the provider's login, the PIN and every resumable TLS session: nothing of the
-identity outlives it.
+same module in this process, uses that login, so OpenSSL normally never sees the PIN. When the
+session ends (card removed, lock, agent stopping) the process ends, and with it the login, any
+PIN copy the module kept and every resumable TLS session: nothing of the identity outlives it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from agent.dicom.user_identity import UsernameError, username_for
 from agent.errors import CardAgentError, ConfigError
 from agent.session import channel as messages
 from agent.session.identity import check_key_after_login
-from agent.session.supervisor import login_error_message
 from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from agent.tls.provider import provider_key_pem
 from agent.token.discovery import find_token
@@ -152,7 +151,7 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
         _login_sessions.append(_log_in(start, config, pin))
         runtimes = _start(start, config, pin, node_pins, report)
     except (LoginError, ConfigError) as error:
-        messages.send(channel, login_error_message(error))
+        messages.send(channel, messages.login_error_message(error))
         return 1
     except CardAgentError as error:
         messages.send(channel, {"type": "error", "message": str(error)})
