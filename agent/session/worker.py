@@ -96,7 +96,8 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
     try:
         for tunnel in config.tunnels:
             runtimes[tunnel.name] = TunnelRuntime(
-                config=tunnel, context=client_context(tunnel, config.trust, files, card_pin, tls13_capable=tls13_capable),
+                config=tunnel,
+                context=client_context(tunnel, config.trust, files, card_pin, tls13_capable=tls13_capable),
                 checks=ServerChecks.for_tunnel(tunnel, config.trust), identity=files, trust_ca=str(config.trust.ca),
                 ending=ending, username=_username(tunnel, files.chain), report=report)
         for inbound in config.inbound:
