@@ -101,6 +101,7 @@ def test_no_pin_left_in_the_supervisor_and_none_anywhere_after_lock(private_pki:
             echo(agent.port())
             supervisor, session = agent.process.pid, card_session_pid(agent.process.pid)
             assert transcript.read_text().count("GETPIN") == 1
+            assert not any(needle in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in (supervisor, session))
             # Neither process can be read by another process of the same user (nor dumped), and the
             # PIN went to the card-session process and was wiped in the supervisor. The card-session
             # process wiped its buffer once logged in; SoftHSM keeps no copy of its own (other modules
