@@ -100,10 +100,16 @@ class RunningAgent:
         raise AssertionError(f"{text!r} not in the agent's log:\n{self.log()}")
 
 
+# A command prefix: the command runs without CAP_SYS_PTRACE, so that even as root it is "another
+# process of the same user" to the agent, which may read its memory only if the agent is dumpable.
+WITHOUT_PTRACE = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
+
+
 def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | None = None,
-                stdin: int | None = None) -> subprocess.Popen:
+                stdin: int | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
     """``card-agent run``; as uid ``user`` (and its gid, no supplementary groups) when given, which needs root;
-    ``stdin`` a terminal (for pinentry-tty), else /dev/null.
+    ``stdin`` a terminal (for pinentry-tty), else /dev/null; ``prefix`` goes before the command (e.g.
+    :data:`WITHOUT_PTRACE`).
 
     Another user cannot run this virtualenv's interpreter when it lives in root's private home (pyenv
     under /root), so that user runs the agent with the system Python 3 of the same minor version and
@@ -115,6 +121,7 @@ def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | N
         env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(packages)])}
         command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", SYSTEM_PYTHON, "-c",
                    "import sys; from agent.cli.main import main; sys.exit(main())", *command[1:]]
+    command = [*(prefix or []), *command]
     with open(log_path, "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL if stdin is None else stdin, env=env,
@@ -148,12 +155,14 @@ def stop_agent(process: subprocess.Popen) -> int:
 @contextmanager
 def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[str, Any]], *,
                   pin: str = USER_PIN, env: dict[str, str] | None = None, user: int | None = None,
-                  stdin: int | None = None, **config: Any) -> Iterator[RunningAgent]:
-    """The agent with these tunnels, ready; as uid ``user`` if given (see :func:`pki_for_user`)."""
+                  stdin: int | None = None, prefix: list[str] | None = None,
+                  **config: Any) -> Iterator[RunningAgent]:
+    """The agent with these tunnels, ready; as uid ``user`` if given (see :func:`pki_for_user`), with
+    ``stdin`` and ``prefix`` as :func:`start_agent` takes them."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = write_config(workdir / "agent.toml", test_pki, tunnels, **config)
     log_path = workdir / "agent.log"
-    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})), user, stdin)
+    process = start_agent(path, log_path, test_pki.env(CARD_PIN=pin, **(env or {})), user, stdin, prefix)
     agent = RunningAgent(process, log_path, tunnels)
     try:
         deadline = time.monotonic() + 30

@@ -18,7 +18,7 @@ from cryptography import x509
 
 from agent.dicom.pdu import parse_associate_rj
 from agent_runner import associate_rq, running_agent, send_and_close, tunnel, wait_for
-from conftest import ProvisionedPki, run_card_agent
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, tls_scp
 
@@ -75,6 +75,7 @@ def test_card_lifecycle_on_a_shared_workstation(test_pki: ProvisionedPki, tmp_pa
             wait_for(lambda: agent.log().count('event=sign-in subject="CN=Alice Example') == 2)
             assert echo(agent.port())
             log = agent.log()
+            supervisor_pid = agent.process.pid
         seen = [x509.load_der_x509_certificate(a.peer_certificate_der) for a in pacs.associations]
     # A functional bound (the removal is polled every 50 ms), not a performance claim: see benchmarks/.
     assert aborted_after < 2.0
@@ -83,10 +84,13 @@ def test_card_lifecycle_on_a_shared_workstation(test_pki: ProvisionedPki, tmp_pa
     # Alice's second session could not resume the first one: it is a new card session.
     handshakes = [line for line in log.splitlines() if " to 127.0.0.1:" in line]
     assert "full handshake" in handshakes[-1]
-    # Three sign-ins, each one PIN attempt in the supervisor and one login of its card-session
-    # process; nothing ever prompted for a PIN on its own (OpenSSL's UI fallback).
+    # Three sign-ins, each exactly one PIN attempt, made by its own card-session process (the
+    # supervisor never logs in: docs/pin-handling.md); the pkcs11-provider used that login and
+    # nothing ever prompted for a PIN on its own (OpenSSL's UI fallback).
     logins = [line for line in card.log_lines() if line.startswith("C_Login")]
-    assert len(logins) == 6 and all("rv=0x0" in line for line in logins), logins
+    assert len(logins) == 3 and all("rv=0x0" in line for line in logins), logins
+    pids = {line.rsplit("pid=", 1)[1] for line in logins}
+    assert len(pids) == 3 and str(supervisor_pid) not in pids
     assert "Enter PIN" not in log
 
 
@@ -210,3 +214,18 @@ def test_pulling_the_card_during_a_200_mb_transfer(test_pki: ProvisionedPki, tmp
     # storescp names what it stores <modality>.<SOP Instance UID>
     assert [p.name.split(".", 1)[1] for p in stored] == [small_uid], (
         f"the PACS kept more than the one complete object: {[(p.name, p.stat().st_size) for p in stored]}")
+
+
+def test_pin_pad_reader_signs_in_through_the_card_session_process(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.pin_pad(USER_PIN)  # the reader's keypad "types" the PIN: the agent sends none
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="", pin="unused",
+                           module=str(fault_module), env=card.env(), identity={"pin": "protected"}) as agent:
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            assert echo(agent.port())
+            supervisor_pid = agent.process.pid
+    logins = [line for line in card.log_lines() if line.startswith("C_Login")]
+    assert len(logins) == 1 and "rv=0x0" in logins[0] and f"pid={supervisor_pid}" not in logins[0], logins

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from agent.errors import ConfigError
 from agent.token.pin import PinSource, PinUnavailableError
+from agent_runner import start_agent, stop_agent, tunnel, write_config
+from conftest import ProvisionedPki
 
 
 @pytest.mark.parametrize("text", ["", "env:", "file", "pinentry-ish", "sms:123"])
@@ -16,12 +19,16 @@ def test_invalid_sources(text: str) -> None:
         PinSource.parse(text)
 
 
-def test_env_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CARD_PIN", "123456")
-    assert PinSource.parse("env:CARD_PIN").read("PIN: ") == "123456"
-    monkeypatch.delenv("CARD_PIN")
-    with pytest.raises(PinUnavailableError, match="CARD_PIN is not set"):
-        PinSource.parse("env:CARD_PIN").read("PIN: ")
+def test_env_source_takes_the_pin_out_of_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARD_PIN_SOURCE_TEST", "123456")
+    source = PinSource.parse("env:CARD_PIN_SOURCE_TEST")
+    source.prepare()
+    assert "CARD_PIN_SOURCE_TEST" not in os.environ
+    for _ in range(2):  # the kept copy serves every later sign-in
+        with source.read("PIN: ") as pin:
+            assert bytes(pin.view()) == b"123456"
+    with pytest.raises(PinUnavailableError, match="CARD_PIN_UNSET_TEST is not set"):
+        PinSource.parse("env:CARD_PIN_UNSET_TEST").read("PIN: ")
 
 
 def test_file_source_must_be_private(tmp_path: Path) -> None:
@@ -31,7 +38,20 @@ def test_file_source_must_be_private(tmp_path: Path) -> None:
     with pytest.raises(PinUnavailableError, match=f"chmod 600 {pin_file}"):
         PinSource.parse(f"file:{pin_file}").read("PIN: ")
     pin_file.chmod(0o600)
-    assert PinSource.parse(f"file:{pin_file}").read("PIN: ") == "123456"
+    assert bytes(PinSource.parse(f"file:{pin_file}").read("PIN: ").view()) == b"123456"
+
+
+def test_file_source_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("123456\n")
+    pin_file.chmod(0o600)
+    os.chown(pin_file, 65534, -1)  # nobody's: that user could put the PIN it wants tried there
+    with pytest.raises(PinUnavailableError) as refused:
+        PinSource.parse(f"file:{pin_file}").prepare()
+    assert str(refused.value) == (
+        f"PIN file {pin_file} belongs to uid 65534, not to the agent's user (uid {os.getuid()}): another user "
+        f"could change the PIN the agent tries; run `chown {os.getuid()} {pin_file}` (as root) or point file: at "
+        "a file the agent's user owns")
 
 
 def test_prompt_without_terminal_says_what_to_use(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,3 +65,24 @@ def test_protected_source_gives_no_pin() -> None:
     assert source.is_protected
     with pytest.raises(PinUnavailableError):
         source.read("PIN: ")
+
+
+def test_agent_refuses_a_pin_file_of_another_user_before_it_is_ready(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("123456\n")
+    pin_file.chmod(0o600)
+    os.chown(pin_file, 65534, -1)
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)],
+                          identity={"pin": f"file:{pin_file}"})
+    process = start_agent(config, tmp_path / "agent.log", test_pki.env())
+    try:
+        process.wait(30)
+    finally:
+        stop_agent(process)  # the old agent accepted the file and kept running
+    assert process.returncode == 2
+    log = (tmp_path / "agent.log").read_text()
+    assert "ready:" not in log and "event=card-inserted" not in log
+    assert log.splitlines()[-1] == (
+        f"card-agent: error: PIN file {pin_file} belongs to uid 65534, not to the agent's user (uid {os.getuid()}): "
+        f"another user could change the PIN the agent tries; run `chown {os.getuid()} {pin_file}` (as root) or "
+        "point file: at a file the agent's user owns")

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from agent.token.pin import PinSource
-from agent.token.pinentry import Pinentry, PinentryError, escape, parse_response, unescape
+from agent.token.pinentry import Pinentry, PinentryError, escape, parse_status, unescape, unescape_in_place
 
 
 class Terminal:
@@ -45,13 +45,16 @@ def test_pin_typed_in_pinentry_tty_reaches_the_agent(terminal: Terminal) -> None
     pin = Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin(
         "PIN of card 'alice' to sign in as CN=Alice Example (few PIN tries left): ")
     person.join(5)
-    assert pin == "123456"
+    assert bytes(pin.view()) == b"123456"
     assert b"to sign in as CN=Alice Example (few PIN tries left)" in terminal.screen
 
 
 def test_pin_with_assuan_special_characters(terminal: Terminal) -> None:
     person = terminal.type_when(b"PIN:", b"12%34 56\r")
-    assert Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("card") == "12%34 56"
+    pin = Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("card")
+    assert bytes(pin.view()) == b"12%34 56"
+    pin.wipe()
+    assert bytes(pin.view()) == bytes(8)
     person.join(5)
 
 
@@ -69,11 +72,16 @@ def test_missing_program_says_what_to_install() -> None:
 def test_assuan_encoding_and_responses() -> None:
     assert escape("100%\nsure") == "100%25%0Asure"
     assert unescape("100%25%0Asure") == "100%\nsure"
-    assert parse_response(["S PASSWORD_FROMCACHE", "D 12%2534", "OK"]).data == "12%34"
-    cancelled = parse_response(["ERR 83886179 Operation cancelled <Pinentry>"])
+    line = bytearray(b"D 12%2534%0A")
+    end = unescape_in_place(line, 2)
+    assert line[2:end] == b"12%34\n"
+    assert parse_status("OK").ok
+    cancelled = parse_status("ERR 83886179 Operation cancelled <Pinentry>")
     assert not cancelled.ok and cancelled.error_code == 83886179
     with pytest.raises(PinentryError):
-        parse_response(["garbage"])
+        parse_status("garbage")
+    with pytest.raises(PinentryError, match="malformed percent escape"):
+        unescape_in_place(bytearray(b"%zz"))
 
 
 def test_pin_source_names() -> None:

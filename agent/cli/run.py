@@ -13,6 +13,7 @@ import typer
 
 from agent.config.model import AgentConfig, load_config
 from agent.errors import ConfigError
+from agent.token.secret import make_non_dumpable
 from agent.session.control import ControlServer
 from agent.session.audit import AuditRecorder
 from agent.session.manager import SessionManager
@@ -28,11 +29,15 @@ def run(
         "--confirm-final-try", help="Allow the sign-in when the card reports its final PIN try.")] = False,
 ) -> None:
     """Serve the tunnels with the identity of the card in the reader, until SIGTERM or SIGINT."""
+    # First: no same-user process may read this one's memory (/proc/PID/mem, ptrace), no core dump.
+    make_non_dumpable()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     settings = load_config(config)
     logging.getLogger().setLevel(settings.log_level.upper())
     crls = _open_crls(settings)
-    # A core dump of the agent could hold the PIN.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # Before `ready:`: refuse a PIN file others could write, take env: PINs out of the environment.
+    for pin_source in [settings.identity.pin, *(i.server_key_pin for i in settings.inbound if i.server_key_pin)]:
+        pin_source.prepare()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

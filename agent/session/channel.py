@@ -7,7 +7,13 @@ import json
 import socket
 from typing import Any
 
+from agent.errors import CardAgentError, ConfigError
+from agent.token.discovery import PinState
+from agent.token.login import LoginError, PinFinalTryError, PinLockedError, PinNotInitializedError, WrongPinError
+from agent.token.secret import Secret, wipe
+
 MAX_MESSAGE = 64 * 1024
+MAX_SECRET = 1024
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -22,6 +28,25 @@ def send(channel: socket.socket, message: dict[str, Any], fds: list[int] | None 
         channel.sendall(data)
 
 
+def send_secret(channel: socket.socket, secret: Secret) -> None:
+    """A PIN as one raw message, straight from its buffer (no JSON, no str, no bytes copy)."""
+    with secret.view() as view:
+        channel.sendmsg([view])
+
+
+def receive_secret(channel: socket.socket) -> Secret:
+    """A message sent by :func:`send_secret`, received into a buffer that is then wiped."""
+    buffer = bytearray(MAX_SECRET)
+    try:
+        length = channel.recv_into(buffer)
+        if length == 0:
+            raise ConnectionError("the supervisor went away before sending the PIN")
+        with memoryview(buffer) as view:
+            return Secret(view[:length])
+    finally:
+        wipe(buffer)
+
+
 def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """The next message and the descriptors that came with it; ``None`` when the other side is gone."""
     data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 4)
@@ -30,3 +55,20 @@ def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
             socket.close(fd)
         return None, []
     return json.loads(data), fds
+
+
+_LOGIN_ERRORS: dict[str, type[CardAgentError]] = {
+    cls.__name__: cls for cls in (LoginError, PinLockedError, PinFinalTryError, PinNotInitializedError, ConfigError)
+}
+
+
+def login_error_message(error: CardAgentError) -> dict[str, Any]:
+    """A refused login, as the card-session process reports it (no PIN in it: messages never hold one)."""
+    state = error.pin_state.value if isinstance(error, WrongPinError) else None
+    return {"type": "login-error", "error": type(error).__name__, "message": str(error), "pin_state": state}
+
+
+def login_error_from(reply: dict[str, Any]) -> CardAgentError:
+    if reply.get("error") == WrongPinError.__name__:
+        return WrongPinError(reply["message"], PinState(reply["pin_state"]))
+    return _LOGIN_ERRORS.get(reply.get("error", ""), LoginError)(reply["message"])

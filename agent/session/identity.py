@@ -1,7 +1,10 @@
-"""Signing in: pick the identity on the card, check the PIN once, and prepare what OpenSSL needs.
+"""Signing in, the supervisor's part: pick the identity on the card from what it shows without a
+login, check that a PIN attempt may be made, ask for the PIN, and prepare what OpenSSL needs.
 
-Runs in the supervisor with python-pkcs11. Everything written here is public (certificates, the
-key's URI, OpenSSL settings); the PIN is only handed on to the card-session process.
+Everything written here is public (certificates, the key's URI, OpenSSL settings). The supervisor
+never logs in: ``C_Login`` would leave copies of the PIN in this long-lived process (python-pkcs11
+and the PKCS#11 module keep or free them unwiped). The PIN goes, once, to the card-session
+process, which makes the one login attempt and checks the key (agent/session/worker.py).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from agent.card.watcher import Card
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
+from agent.lifecycle.cancel import SignInCancelledError, current_scope
 from agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles
 from agent.tls.provider import openssl_config, provider_key_pem
-from agent.token.discovery import find_token, token_serial
-from agent.token.identities import Identity, is_ca_certificate, list_identities
-from agent.token.login import login
+from agent.token.discovery import find_token, refresh
+from agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
+from agent.token.login import check_before_login, pin_prompt
 from agent.token.module import MODULE_CALLS, LoadedModule
-from agent.token.pin import RememberedPin
+from agent.token.secret import Secret
 from agent.trust.anchors import TrustAnchors, TrustError
 
 log = logging.getLogger("agent.session")
@@ -44,7 +48,8 @@ class SignedIn:
     openssl_conf: Path
     directory: Path
     tls13_capable: bool
-    pin: str | None  # None: protected authentication path
+    token: str  # the card's selector, for the card-session process to find the token again
+    key_id: bytes
 
     def discard_files(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -61,35 +66,65 @@ def runtime_directory(config: AgentConfig) -> Path:
     return base
 
 
-def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *, confirm_final_try: bool = False) -> SignedIn:
-    """Log in to ``card`` once with the configured PIN source, choose the identity, write its files."""
-    with MODULE_CALLS:
-        return _sign_in(config, module, card, confirm_final_try=confirm_final_try)
-
-
-def _sign_in(config: AgentConfig, module: LoadedModule, card: Card, *, confirm_final_try: bool) -> SignedIn:
-    token = find_token(module, card.selector)
-    pin = RememberedPin(config.identity.pin)
+def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
+            confirm_final_try: bool = False) -> tuple[SignedIn, Secret | None]:
+    """Choose the identity on ``card``, ask for its PIN (None: PIN pad) and write its files; no
+    PIN is tried here. The caller hands the PIN to the card-session process and wipes it."""
     # [trust] crl judges servers; the chain we send is built without it.
     anchors = TrustAnchors.load(config.trust.ca)
-    with token.open() as public_session:  # certificates are public: say whose PIN is asked for
-        before_login = list_identities(public_session, token, module.profile, logged_in=False)
-    who = next((i.subject for i in before_login if i.usable), None)
-    with login(token, pin, confirm_final_try=confirm_final_try, who=who) as session:
-        identities = list_identities(session, token, module.profile, logged_in=True,
-                                     allow_exportable_keys=config.identity.allow_exportable_keys)
+    with MODULE_CALLS:  # the card loop looks at the reader between these calls and after them
+        token = refresh(find_token(module, card.selector))
+        with token.open() as public_session:  # certificates are public: say whose PIN is asked for
+            identities = list_identities(public_session, token, module.profile, logged_in=False,
+                                         allow_exportable_keys=config.identity.allow_exportable_keys)
+        state = check_before_login(token, config.identity.pin, confirm_final_try=confirm_final_try)
     identity = _choose(identities, config, token.label, module.profile.preferred_key_ids)
     chain = _chain(identity, identities, anchors)
     directory = Path(tempfile.mkdtemp(prefix="session-", dir=runtime_directory(config)))
-    files = _write_files(directory, identity, chain)
-    conf = directory / "openssl.cnf"
-    conf.write_text(_openssl_conf(module, identity))
+    try:
+        files = _write_files(directory, identity, chain)
+        conf = directory / "openssl.cnf"
+        conf.write_text(_openssl_conf(module, identity))
+        pin = None if config.identity.pin.is_protected else config.identity.pin.read(
+            pin_prompt(token, state, identity.subject))
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    scope = current_scope()
+    if scope is not None:
+        try:
+            scope.pin_entered()  # a sign-in cancelled while the dialog was open stops here, before the card
+        except SignInCancelledError:
+            shutil.rmtree(directory, ignore_errors=True)
+            if pin is not None:
+                pin.wipe()
+            raise
     if not identity.tls.tls13:
         log.warning("identity %s: %s; its sessions use TLS 1.2", identity.subject, identity.tls.note)
+    signed_in = SignedIn(identity, files, conf, directory, identity.tls.tls13, card.selector, identity.key_id)
+    return signed_in, pin
+
+
+def log_signed_in(signed_in: SignedIn, module: LoadedModule) -> None:
+    identity = signed_in.identity
     log.info("signed in: %s (issuer %s) on token %r serial %s, %s %d, module %s (profile %s)", identity.subject,
-             identity.certificate.issuer.rfc4514_string(), token.label, token_serial(token), identity.key_type.upper(),
-             identity.key_size, module.path, module.profile.name)
-    return SignedIn(identity, files, conf, directory, identity.tls.tls13, pin.value)
+             identity.certificate.issuer.rfc4514_string(), identity.token_label, identity.token_serial,
+             identity.key_type.upper(), identity.key_size, module.path, module.profile.name)
+
+
+def check_key_after_login(identities: list[Identity], key_id: bytes, label: str) -> None:
+    """In the card-session process, logged in: the chosen identity's private key passes every check."""
+    chosen = next((i for i in identities if i.key_id == key_id and not is_ca_certificate(i.certificate)), None)
+    if chosen is None:
+        raise IdentitySelectionError(f"token {label!r} has no certificate with key_id {key_id.hex()} after login")
+    if not chosen.usable:
+        raise IdentitySelectionError(f"identity {chosen.subject} on token {label!r} is unusable: {chosen.reason}")
+
+
+def _usable_before_login(identity: Identity) -> bool:
+    """A key the token hides until login is not held against an identity here: the card-session
+    process checks it after its login (:func:`check_key_after_login`)."""
+    return not [p for p in identity.problems if not p.startswith(KEY_HIDDEN_BEFORE_LOGIN)]
 
 
 def _choose(identities: list[Identity], config: AgentConfig, label: str, preferred_ids: tuple[bytes, ...]) -> Identity:
@@ -98,10 +133,10 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
         chosen = [i for i in personal if i.key_id == config.identity.key_id]
         if not chosen:
             raise IdentitySelectionError(f"token {label!r} has no certificate with key_id {config.identity.key_id.hex()}")
-        if not chosen[0].usable:
+        if not _usable_before_login(chosen[0]):
             raise IdentitySelectionError(f"identity {chosen[0].subject} on token {label!r} is unusable: {chosen[0].reason}")
         return chosen[0]
-    usable = [i for i in personal if i.usable]
+    usable = [i for i in personal if _usable_before_login(i)]
     if not usable:
         reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
         raise IdentitySelectionError(f"token {label!r} holds no usable identity ({reasons})")

@@ -26,7 +26,7 @@ from agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, 
                                      SignInFailed, StartSignIn, State, Stop)
 from agent.session.audit import AuditRecorder
 from agent.session.events import event
-from agent.session.identity import sign_in
+from agent.session.identity import log_signed_in, sign_in
 from agent.session.supervisor import CardSession
 from agent.token.login import LoginError
 from agent.token.pinentry import PinEntryCancelledError
@@ -192,11 +192,12 @@ class SessionManager:
     def _sign_in_thread(self, card: Card, attempt: int, scope: SignInScope) -> None:
         """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
         try:
-            signed_in = scope.run(lambda: sign_in(self.config, self.module, card,
-                                                  confirm_final_try=self.confirm_final_try))
-            scope.check()
-            session = CardSession(self.config, signed_in, on_report=self.audit.session_report)  # type: ignore[arg-type]
-            session.start()
+            signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,  # type: ignore[misc]
+                                                       confirm_final_try=self.confirm_final_try))
+            session = CardSession(self.config, signed_in, on_report=self.audit.session_report,
+                                  confirm_final_try=self.confirm_final_try)
+            session.start(pin)  # the card-session process makes the one login attempt; pin is wiped
+            log_signed_in(signed_in, self.module)
         except (SignInCancelledError, PinEntryCancelledError) as error:
             if not scope.cancelled:  # the clinician pressed Cancel: say so, and how to try again
                 log.warning("%s", error)

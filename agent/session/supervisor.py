@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -15,6 +14,7 @@ from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.session import channel as messages
 from agent.session.identity import SignedIn
+from agent.token.secret import Secret
 
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
@@ -30,8 +30,10 @@ OnReport = Callable[[str, dict[str, Any]], None]
 class CardSession:
     """One signed-in identity and the process doing its TLS."""
 
-    def __init__(self, config: AgentConfig, signed_in: SignedIn, on_report: OnReport | None = None) -> None:
+    def __init__(self, config: AgentConfig, signed_in: SignedIn, on_report: OnReport | None = None, *,
+                 confirm_final_try: bool = False) -> None:
         self.config = config
+        self.confirm_final_try = confirm_final_try
         self.signed_in = signed_in
         self.on_report = on_report
         self.process: subprocess.Popen | None = None
@@ -39,10 +41,23 @@ class CardSession:
         self._status_lock = threading.Lock()
         self._reports_thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        # Read first: a PIN source that cannot give its PIN is a sign-in error, and nothing is open yet.
-        node_pins = {inbound.name: inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
-                     for inbound in self.config.inbound if inbound.server_key_pin is not None}
+    def start(self, pin: Secret | None) -> None:
+        """Start the process and hand it the PIN (None: PIN pad), which it tries once; wipes ``pin``.
+
+        A login the card refuses raises the same :class:`LoginError` a login here would have."""
+        node_pins: dict[str, Secret] = {}
+        try:
+            # Read first: a PIN source that cannot give its PIN is a sign-in error, and nothing is open yet.
+            for inbound in self.config.inbound:
+                if inbound.server_key_pin is not None:
+                    node_pins[inbound.name] = inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
+            self._start(pin, node_pins)
+        finally:
+            for secret in [pin, *node_pins.values()]:
+                if secret is not None:
+                    secret.wipe()
+
+    def _start(self, pin: Secret | None, node_pins: dict[str, Secret]) -> None:
         ours, theirs = messages.channel_pair()
         reports_ours, reports_theirs = messages.channel_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
@@ -67,13 +82,17 @@ class CardSession:
         start = {
             "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
-            "pin": self.signed_in.pin, "node_pins": node_pins,
+            "token": self.signed_in.token, "key_id": self.signed_in.key_id.hex(), "pin_pad": pin is None,
+            "confirm_final_try": self.confirm_final_try, "node_pins": list(node_pins),
         }
-        self.signed_in = dataclasses.replace(self.signed_in, pin=None)
         ours.settimeout(START_TIMEOUT_SECONDS)
         try:
             messages.send(ours, start)
-            del start, node_pins
+            # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
+            if pin is not None:
+                messages.send_secret(ours, pin)
+            for node_pin in node_pins.values():
+                messages.send_secret(ours, node_pin)
             reply, _ = messages.receive(ours)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
@@ -82,6 +101,8 @@ class CardSession:
         ours.settimeout(None)
         if reply is None or reply.get("type") != "ready":
             self.end("start failed")
+            if reply is not None and reply.get("type") == "login-error":
+                raise messages.login_error_from(reply)
             detail = reply.get("message") if reply else "it exited"
             raise CardSessionError(f"the card-session process could not start: {detail}")
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)

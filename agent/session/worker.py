@@ -1,10 +1,12 @@
 """The card-session process: all TLS of one signed-in identity, and nothing else.
 
 Started by the supervisor with ``OPENSSL_CONF`` pointing at the session's OpenSSL configuration
-(read once, when OpenSSL starts in this process) and a channel on which it gets the PIN once, then
-accepted local connections. When the session ends (card removed, lock, agent stopping) the process
-ends, and with it the provider's login, the PIN and every resumable TLS session: nothing of the
-identity outlives it.
+(read once, when OpenSSL starts in this process) and a channel on which it gets the PIN once (a raw
+message, into a wipeable buffer), then accepted local connections. It makes the sign-in's one
+login attempt with python-pkcs11 and keeps that session open: the pkcs11-provider, loading the
+same module in this process, uses that login, so OpenSSL normally never sees the PIN. When the
+session ends (card removed, lock, agent stopping) the process ends, and with it the login, any
+PIN copy the module kept and every resumable TLS session: nothing of the identity outlives it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,23 @@ from pathlib import Path
 
 from cryptography import x509
 
+from pkcs11.exceptions import PKCS11Error
+from pkcs11.types import Session
+
 from agent import logline
-from agent.config.model import TrustConfig, TunnelConfig, load_config
+from agent.config.model import AgentConfig, TrustConfig, TunnelConfig, load_config
 from agent.dicom.association import UserIdentityMode
 from agent.dicom.user_identity import UsernameError, username_for
-from agent.errors import CardAgentError
+from agent.errors import CardAgentError, ConfigError
 from agent.session import channel as messages
-from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, server_context
+from agent.session.identity import check_key_after_login
+from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from agent.tls.provider import provider_key_pem
+from agent.token.discovery import find_token
+from agent.token.identities import list_identities
+from agent.token.login import LoginError, login
+from agent.token.module import load_module
+from agent.token.secret import Secret, make_non_dumpable
 from agent.trust.anchors import load_certificates
 from agent.trust.crls import CrlStore, PeerRevocation
 from agent.tunnel.relay import (InboundRuntime, Report, SessionEnd, TunnelRuntime, handle_inbound,
@@ -38,13 +49,45 @@ END_GRACE_SECONDS = 2.0
 
 
 Runtimes = dict[str, "TunnelRuntime | InboundRuntime"]
+# The logged-in python-pkcs11 session, referenced until the process ends (closing it would log out).
+_login_sessions: list[Session] = []
 
 
-def _start(start: dict, report: Report) -> Runtimes:
-    config = load_config(Path(start["config"]))
+class _ReceivedPin:
+    """The PIN the supervisor sent, as a PIN source for :func:`login` (which wipes what it reads)."""
+
+    def __init__(self, pin: Secret | None) -> None:
+        self.pin = pin
+
+    @property
+    def is_protected(self) -> bool:
+        return self.pin is None
+
+    def read(self, prompt: str) -> Secret:
+        assert self.pin is not None
+        return self.pin.copy()
+
+
+def _log_in(start: dict, config: AgentConfig, pin: Secret | None) -> Session:
+    """The one login attempt of this sign-in, in this process: the session stays open (and with it
+    the login, which PKCS#11 shares with the pkcs11-provider loading the same module here) until
+    the process ends."""
+    module = load_module(config.identity.module)
+    token = find_token(module, start["token"])
+    # The supervisor has warned about a low retry count already: no second warning.
+    session = login(token, _ReceivedPin(pin), confirm_final_try=start["confirm_final_try"], warn=lambda _: None)
+    identities = list_identities(session, token, module.profile, logged_in=True,
+                                 allow_exportable_keys=config.identity.allow_exportable_keys)
+    check_key_after_login(identities, bytes.fromhex(start["key_id"]), token.label)
+    return session
+
+
+def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict[str, Secret],
+           report: Report) -> Runtimes:
     files = ClientIdentityFiles(chain=Path(start["chain"]), key=Path(start["key"]), subject=start["subject"],
                                 issuer=start["issuer"])
-    pin = start.pop("pin")
+    # Only if the provider wants to log in itself (this process is logged in already).
+    card_pin = pin.password if pin is not None else no_pin
     tls13_capable = start["tls13_capable"]
     if config.audit is None:
         report = no_report  # nobody would read the reports: spare every association the messages
@@ -57,18 +100,19 @@ def _start(start: dict, report: Report) -> Runtimes:
     try:
         for tunnel in config.tunnels:
             runtimes[tunnel.name] = TunnelRuntime(
-                config=tunnel, context=client_context(tunnel, config.trust, files, pin, tls13_capable=tls13_capable),
+                config=tunnel,
+                context=client_context(tunnel, config.trust, files, card_pin, tls13_capable=tls13_capable),
                 checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation), identity=files,
                 trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain), report=report)
-        node_pins = start.pop("node_pins", {})
         for inbound in config.inbound:
             on_card = inbound.server_certificate is None
             node_key = None
             if inbound.server_key_uri is not None:  # the key file OpenSSL loads holds only its URI
                 node_key = files.chain.parent / f"inbound-{inbound.name}-key.pem"
                 node_key.write_bytes(provider_key_pem(inbound.server_key_uri))
-            context = server_context(inbound, config.trust, files, pin, tls13_capable=tls13_capable,
-                                     node_key=node_key, node_pin=node_pins.get(inbound.name))
+            node_pin = node_pins.get(inbound.name)
+            context = server_context(inbound, config.trust, files, card_pin, tls13_capable=tls13_capable,
+                                     node_key=node_key, node_pin=node_pin.password if node_pin else None)
             runtimes[inbound.name] = InboundRuntime(
                 config=inbound, context=context,
                 identity_description=files.describe() if on_card else f"node certificate {inbound.server_certificate}",
@@ -77,7 +121,6 @@ def _start(start: dict, report: Report) -> Runtimes:
     except (ssl.SSLError, OSError) as error:
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
-    del pin, node_pins
     return runtimes
 
 
@@ -106,6 +149,11 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
     start, _ = messages.receive(channel)
     if start is None or start.get("type") != "start":
         return 1
+    try:
+        pin = None if start["pin_pad"] else messages.receive_secret(channel)
+        node_pins = {name: messages.receive_secret(channel) for name in start["node_pins"]}
+    except ConnectionError:  # the supervisor gave up on this start
+        return 1
 
     def report(kind: str, fields: dict) -> None:
         try:
@@ -114,10 +162,24 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
             pass  # the supervisor is gone; this process ends with it
 
     try:
-        runtimes = _start(start, report)
+        config = load_config(Path(start["config"]))
+        _login_sessions.append(_log_in(start, config, pin))
+        runtimes = _start(start, config, pin, node_pins, report)
+    except (LoginError, ConfigError) as error:
+        messages.send(channel, messages.login_error_message(error))
+        return 1
     except CardAgentError as error:
         messages.send(channel, {"type": "error", "message": str(error)})
         return 1
+    except PKCS11Error as error:
+        messages.send(channel, {"type": "error", "message": f"the PKCS#11 module failed with "
+                                f"{type(error).__name__} {error}".rstrip()})
+        return 1
+    finally:
+        for secret in [pin, *node_pins.values()]:
+            if secret is not None:
+                secret.wipe()
+    del pin, node_pins
     messages.send(channel, {"type": "ready"})
     threads: list[threading.Thread] = []
     reason = "the agent went away"
@@ -160,6 +222,7 @@ def _exit_now(code: int) -> None:
 
 
 def main() -> None:
+    make_non_dumpable()  # before the PIN arrives: no same-user process may read this memory
     logline.configure("card-agent[session]", sys.argv[3].upper() if len(sys.argv) > 3 else "INFO")
     # pydicom logs what it thinks of the data sets it reads for the audit trail: not the agent's news.
     logging.getLogger("pydicom").setLevel(logging.ERROR)

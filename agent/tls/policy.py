@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,14 @@ TLS12_CIPHERS = ":".join([
 # P-256 first: DCMTK 3.6.7 answers an X25519 key share with a HelloRetryRequest for P-256,
 # which costs a round trip per association; both groups stay offered (RFC 9325).
 TLS_GROUPS = "P-256:X25519"
+
+# What load_cert_chain calls if OpenSSL needs a token's PIN: it returns the PIN's wipeable buffer.
+PinCallback = Callable[[], bytes | bytearray]
+
+
+def no_pin() -> bytes:
+    """The password of a key that needs none; OpenSSL must never fall back to asking on a terminal."""
+    return b""
 # For an RSA key whose token cannot do PSS: offer the server PKCS#1 v1.5 only (TLS 1.2).
 PKCS1_ONLY_SIGNATURE_ALGORITHMS = "RSA+SHA256:RSA+SHA384:RSA+SHA512"
 
@@ -63,7 +72,7 @@ def _common_name(rfc4514: str) -> str:
     return first
 
 
-def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIdentityFiles, pin: str | None,
+def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIdentityFiles, pin: PinCallback,
                    *, tls13_capable: bool) -> ssl.SSLContext:
     """The SSLContext of one tunnel, with the card's identity loaded (this is when the token is used first)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -85,7 +94,7 @@ def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIde
         context.check_hostname = True
         _trust(context, trust)
     context.verify_flags |= ssl.VERIFY_X509_STRICT
-    context.load_cert_chain(str(identity.chain), str(identity.key), password=pin if pin is not None else "")
+    context.load_cert_chain(str(identity.chain), str(identity.key), password=pin)
     return context
 
 
@@ -96,8 +105,9 @@ def _trust(context: ssl.SSLContext, trust: TrustConfig) -> None:
     context.load_verify_locations(cafile=str(trust.ca))
 
 
-def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdentityFiles, pin: str | None,
-                   *, tls13_capable: bool, node_key: Path | None = None, node_pin: str | None = None) -> ssl.SSLContext:
+def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdentityFiles, pin: PinCallback,
+                   *, tls13_capable: bool, node_key: Path | None = None,
+                   node_pin: PinCallback | None = None) -> ssl.SSLContext:
     """The SSLContext of an inbound listener: the agent is the TLS server, the PACS must present a
     certificate that chains to [trust] ca (and passes its CRLs). The server identity is the card's,
     or a node certificate with its key in a file or, through ``node_key`` (a PKCS#11-URI key file)
@@ -115,9 +125,9 @@ def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdent
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     if on_card:
         _check_server_purpose(inbound, card.chain)
-        context.load_cert_chain(str(card.chain), str(card.key), password=pin if pin is not None else "")
+        context.load_cert_chain(str(card.chain), str(card.key), password=pin)
     elif node_key is not None:
-        context.load_cert_chain(str(inbound.server_certificate), str(node_key), password=node_pin or "")
+        context.load_cert_chain(str(inbound.server_certificate), str(node_key), password=node_pin or no_pin)
     else:
         assert inbound.server_key is not None
         context.load_cert_chain(str(inbound.server_certificate), str(inbound.server_key))

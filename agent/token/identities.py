@@ -24,6 +24,7 @@ from agent.token.uri import Pkcs11Uri
 from agent.trust.anchors import TrustAnchors, TrustError
 
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
+KEY_HIDDEN_BEFORE_LOGIN = "no matching key visible before login"
 ANY_EKU = x509.ObjectIdentifier("2.5.29.37.0")
 
 
@@ -268,7 +269,7 @@ def _judge(cert, key_id, label, token, mechanisms, private_keys, public_keys, *,
             problems.append(f"no matching private key (no key with CKA_ID {key_id.hex() or 'empty'} on the token)")
         elif public is None:
             problems.append(
-                f"no matching key visible before login (CKA_ID {key_id.hex() or 'empty'}): give a PIN to check"
+                f"{KEY_HIDDEN_BEFORE_LOGIN} (CKA_ID {key_id.hex() or 'empty'}): give a PIN to check"
             )
     if not (identity.tls.tls12 or identity.tls.tls13):
         problems.append(f"TLS cannot use this key: {identity.tls.note}")

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from pkcs11 import PROTECTED_AUTH, TokenFlag
 from pkcs11.exceptions import PinIncorrect, PinInvalid, PinLenRange, PinLocked, UserAlreadyLoggedIn
 from pkcs11.types import Session, Token
 
 from agent.errors import CardAgentError, ConfigError
-from agent.lifecycle.cancel import current_scope
 from agent.token.discovery import PinState, refresh, token_serial
-from agent.token.module import MODULE_CALLS
-from agent.token.pin import PinSource, RememberedPin
+from agent.token.secret import Secret
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +70,23 @@ def locked_advice(token: Token) -> str:
     )
 
 
-def login(
+class PinReader(Protocol):
+    """A PIN source: a fresh :class:`Secret` per :meth:`read`, which :func:`login` wipes."""
+
+    @property
+    def is_protected(self) -> bool: ...
+
+    def read(self, prompt: str) -> Secret: ...
+
+
+def check_before_login(
     token: Token,
-    pin_source: PinSource | RememberedPin,
+    pin_source: PinReader,
     *,
     confirm_final_try: bool = False,
     warn: Callable[[str], None] = log.warning,
-    who: str | None = None,
-) -> Session:
-    """Open a session logged in as the user, with at most one PIN attempt; ``who`` (the certificate
-    subject) is shown when asking for the PIN."""
-    token = refresh(token)
+) -> PinState:
+    """What the card says about its PIN now; raises when no attempt may be made (nothing is tried)."""
     flags = int(token.flags)
     state = PinState.from_flags(flags)
     if state is PinState.LOCKED:
@@ -95,23 +100,35 @@ def login(
         )
     if state is PinState.COUNT_LOW:
         warn(f"{_name(token)} reports few PIN tries left: type the PIN carefully")
+    if pin_source.is_protected and not flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH:
+        raise ConfigError(
+            f"PIN source is 'protected' but {_name(token)} has no protected authentication path "
+            "(PIN pad); use prompt, env:VAR or file:PATH"
+        )
+    return state
 
-    if pin_source.is_protected:
-        if not flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH:
-            raise ConfigError(
-                f"PIN source is 'protected' but {_name(token)} has no protected authentication path "
-                "(PIN pad); use prompt, env:VAR or file:PATH"
-            )
-        pin: object = PROTECTED_AUTH
-    else:
-        as_who = f" to sign in as {who}" if who else ""
-        with MODULE_CALLS.paused():  # the reader is watched while the dialog is open
-            pin = pin_source.read(f"PIN of card {token.label!r}{as_who} ({describe_pin_state(state)}): ")
-    scope = current_scope()
-    if scope is not None:
-        scope.pin_entered()  # a sign-in cancelled while the dialog was open stops here, before the card
+
+def pin_prompt(token: Token, state: PinState, who: str | None) -> str:
+    as_who = f" to sign in as {who}" if who else ""
+    return f"PIN of card {token.label!r}{as_who} ({describe_pin_state(state)}): "
+
+
+def login(
+    token: Token,
+    pin_source: PinReader,
+    *,
+    confirm_final_try: bool = False,
+    warn: Callable[[str], None] = log.warning,
+    who: str | None = None,
+) -> Session:
+    """Open a session logged in as the user, with at most one PIN attempt; ``who`` (the certificate
+    subject) is shown when asking for the PIN."""
+    token = refresh(token)
+    state = check_before_login(token, pin_source, confirm_final_try=confirm_final_try, warn=warn)
+    secret = None if pin_source.is_protected else pin_source.read(pin_prompt(token, state, who))
     try:
-        return token.open(user_pin=pin)
+        # The PIN reaches C_Login straight from the secret's buffer: no str or bytes copy of it.
+        return token.open(user_pin=PROTECTED_AUTH if secret is None else secret.for_pkcs11())
     except UserAlreadyLoggedIn:
         # PKCS#11 login state is per application: another session of this process is logged in.
         return token.open()
@@ -129,4 +146,5 @@ def login(
             f"the PIN for {_name(token)} has a length or characters the card does not accept; check it and try again"
         ) from None
     finally:
-        del pin
+        if secret is not None:
+            secret.wipe()

@@ -1,6 +1,8 @@
 """Where a PIN comes from: ``prompt``, ``env:VAR``, ``file:PATH`` or ``protected`` (PIN pad).
 
-A PIN source hands out the PIN once per login attempt and keeps no copy.
+A PIN source hands out the PIN once per login attempt, as a :class:`Secret` the caller wipes.
+Only ``env:`` keeps a copy between sign-ins (it cannot be read again): one, locked in memory.
+See docs/pin-handling.md.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from dataclasses import dataclass
 
 from agent.errors import CardAgentError, ConfigError
 from agent.token.pinentry import Pinentry
+from agent.token.secret import Secret, take_environment_variable, wipe
 
 PROTECTED = "protected"
+MAX_PIN_FILE_BYTES = 4096
 
 
 class PinUnavailableError(CardAgentError):
@@ -46,13 +50,20 @@ class PinSource:
     def is_protected(self) -> bool:
         return self.kind == PROTECTED
 
-    def read(self, prompt: str) -> str:
-        """The PIN; ``prompt`` says which token and what the card reports, for interactive sources."""
+    def prepare(self) -> None:
+        """At start-up, before the agent says it is ready: check a PIN file's owner and mode, and
+        take an ``env:`` PIN out of the environment (:func:`take_environment_variable`) into the one
+        locked buffer it lives in until the agent stops."""
+        if self.kind == "file":
+            _check_pin_file(self.target)
+        elif self.kind == "env":
+            _kept_from_environment(self.target)
+
+    def read(self, prompt: str) -> Secret:
+        """The PIN, for one login attempt: the caller wipes it. ``prompt`` says which token and what
+        the card reports, for interactive sources."""
         if self.kind == "env":
-            value = os.environ.get(self.target)
-            if not value:
-                raise PinUnavailableError(f"the PIN variable {self.target} is not set or empty")
-            return value
+            return _kept_from_environment(self.target).copy()
         if self.kind == "file":
             return _read_pin_file(self.target)
         if self.kind == "pinentry":
@@ -62,48 +73,75 @@ class PinSource:
                 raise PinUnavailableError(
                     "a PIN is needed but there is no terminal to ask on; use a pinentry, env:VAR or file:PATH PIN source"
                 )
-            value = getpass.getpass(prompt)
-            if not value:
-                raise PinUnavailableError("no PIN entered")
-            return value
+            return _secret_from_text(getpass.getpass(prompt))
         raise PinUnavailableError("a protected-path token takes the PIN on the reader, not from the agent")
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.target}" if self.target else self.kind
 
 
-def _read_pin_file(path: str) -> str:
+# env: PINs, once taken out of the environment: the only copy, locked in memory.
+_from_environment: dict[str, Secret] = {}
+
+
+def _kept_from_environment(variable: str) -> Secret:
+    kept = _from_environment.get(variable)
+    if kept is None:
+        kept = take_environment_variable(variable, locked=True)
+        if not kept:
+            raise PinUnavailableError(f"the PIN variable {variable} is not set or empty")
+        _from_environment[variable] = kept
+    return kept
+
+
+def _secret_from_text(text: str) -> Secret:
+    """getpass gives a str, which cannot be wiped (docs/pin-handling.md); the PIN goes on as a Secret."""
+    if not text:
+        raise PinUnavailableError("no PIN entered")
+    buffer = bytearray(text, "utf-8")
+    try:
+        return Secret(buffer)
+    finally:
+        wipe(buffer)
+
+
+def _check_pin_file(path: str) -> os.stat_result:
     try:
         info = os.stat(path)
     except OSError as error:
         raise PinUnavailableError(f"cannot read PIN file {path}: {error.strerror}") from None
+    if info.st_uid != os.getuid():
+        raise PinUnavailableError(
+            f"PIN file {path} belongs to uid {info.st_uid}, not to the agent's user (uid {os.getuid()}): "
+            f"another user could change the PIN the agent tries; run `chown {os.getuid()} {path}` "
+            "(as root) or point file: at a file the agent's user owns"
+        )
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise PinUnavailableError(
             f"PIN file {path} is readable by other users (mode {stat.S_IMODE(info.st_mode):o}): "
             f"run `chmod 600 {path}` first"
         )
-    with open(path, encoding="utf-8") as handle:
-        value = handle.readline().rstrip("\r\n")
-    if not value:
-        raise PinUnavailableError(f"PIN file {path} is empty")
-    return value
+    return info
 
 
-class RememberedPin:
-    """A PIN source that keeps the PIN it handed out, for a sign-in that must pass it on once
-    (to the card-session process); :meth:`forget` drops it."""
-
-    def __init__(self, source: PinSource) -> None:
-        self.source = source
-        self.value: str | None = None
-
-    @property
-    def is_protected(self) -> bool:
-        return self.source.is_protected
-
-    def read(self, prompt: str) -> str:
-        self.value = self.source.read(prompt)
-        return self.value
-
-    def forget(self) -> None:
-        self.value = None
+def _read_pin_file(path: str) -> Secret:
+    """The first line of the file, read as bytes into a buffer that is wiped: no str of the PIN."""
+    info = _check_pin_file(path)
+    buffer = bytearray(min(info.st_size, MAX_PIN_FILE_BYTES))
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            length = os.readv(descriptor, [buffer])
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        raise PinUnavailableError(f"cannot read PIN file {path}: {error.strerror}") from None
+    view = memoryview(buffer)[:length]
+    end = next((i for i, byte in enumerate(view) if byte in b"\r\n"), length)
+    try:
+        if end == 0:
+            raise PinUnavailableError(f"PIN file {path} is empty")
+        return Secret(view[:end])  # wiped within the sign-in: not worth a lock (munlock is per page)
+    finally:
+        view.release()
+        wipe(buffer)

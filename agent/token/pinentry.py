@@ -2,11 +2,13 @@
 
 pinentry-gnome3, -qt, -curses and -tty all speak it: the agent sends the description (which card,
 which certificate, what the card says about remaining tries) and ``GETPIN``; the program answers
-``D <pin>`` then ``OK``, or ``ERR ...`` when the user cancels. The PIN travels over a pipe only.
+``D <pin>`` then ``OK``, or ``ERR ...`` when the user cancels. The PIN travels over a pipe only,
+and is read from it into a wipeable buffer (no ``str`` of it is ever made).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -14,9 +16,11 @@ from dataclasses import dataclass
 
 from agent.errors import CardAgentError
 from agent.lifecycle.cancel import current_scope
+from agent.token.secret import Secret, wipe
 
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
 TIMEOUT_SECONDS = 300
+MAX_LINE = 1002  # Assuan lines are at most 1000 bytes plus the newline
 
 
 class PinentryError(CardAgentError):
@@ -33,37 +37,90 @@ def escape(text: str) -> str:
 
 
 def unescape(text: str) -> str:
-    raw = bytearray()
-    index = 0
-    encoded = text.encode("utf-8")
-    while index < len(encoded):
-        if encoded[index] == ord("%") and index + 2 < len(encoded):
-            raw.append(int(encoded[index + 1:index + 3], 16))
-            index += 3
+    """Assuan percent-unescaping of a non-secret line (status, error text)."""
+    raw = bytearray(text.encode("utf-8"))
+    return raw[:unescape_in_place(raw)].decode("utf-8")
+
+
+def unescape_in_place(data: bytearray, start: int = 0, end: int | None = None) -> int:
+    """Undo percent-escaping of ``data[start:end]`` in place, writing from ``start``; returns where
+    the unescaped bytes end. Nothing is copied out, so a PIN can be decoded where it was read."""
+    end = len(data) if end is None else end
+    read, write = start, start
+    while read < end:
+        if data[read] == ord("%") and read + 2 < end:
+            data[write] = _hex_value(data[read + 1]) * 16 + _hex_value(data[read + 2])
+            read += 3
         else:
-            raw.append(encoded[index])
-            index += 1
-    return raw.decode("utf-8")
+            data[write] = data[read]
+            read += 1
+        write += 1
+    return write
+
+
+def _hex_value(byte: int) -> int:
+    if 0x30 <= byte <= 0x39:
+        return byte - 0x30
+    if 0x41 <= byte <= 0x46 or 0x61 <= byte <= 0x66:
+        return (byte | 0x20) - 0x61 + 10
+    raise PinentryError("the pinentry program sent a malformed percent escape")
 
 
 @dataclass(frozen=True)
 class Response:
     ok: bool
-    data: str = ""
     error_code: int | None = None
     error_text: str = ""
 
 
-def parse_response(lines: list[str]) -> Response:
-    """One Assuan response: ``D`` data lines, status (``S``) and comment (``#``) lines, then OK or ERR."""
-    data = "".join(unescape(line[2:]) for line in lines if line.startswith("D "))
-    last = lines[-1] if lines else ""
-    if last == "OK" or last.startswith("OK "):
-        return Response(True, data)
-    if last.startswith("ERR "):
-        code, _, text = last[4:].partition(" ")
-        return Response(False, data, int(code) if code.isdigit() else None, text)
-    raise PinentryError(f"the pinentry program answered something that is not Assuan: {last[:80]!r}")
+def parse_status(line: str) -> Response:
+    """The OK or ERR line that ends an Assuan response."""
+    if line == "OK" or line.startswith("OK "):
+        return Response(True)
+    if line.startswith("ERR "):
+        code, _, text = line[4:].partition(" ")
+        return Response(False, int(code) if code.isdigit() else None, unescape(text))
+    raise PinentryError(f"the pinentry program answered something that is not Assuan: {line[:80]!r}")
+
+
+class _AssuanPipe:
+    """The pinentry's output, read through a raw pipe into one bytearray that is wiped at the end:
+    the ``D`` line carrying the PIN never becomes a ``str`` or ``bytes`` object."""
+
+    def __init__(self, descriptor: int, program: str) -> None:
+        self.descriptor = descriptor
+        self.program = program
+        self.buffer = bytearray(MAX_LINE)
+        self.filled = 0
+
+    def next_line(self) -> tuple[int, int]:
+        """Where the next line (without its newline) is in :attr:`buffer`; it stays valid until the
+        next call."""
+        while True:
+            newline = self.buffer.find(b"\n", 0, self.filled)
+            if newline >= 0:
+                return 0, newline
+            if self.filled == len(self.buffer):
+                raise PinentryError(f"the pinentry program {self.program!r} sent a line longer than {MAX_LINE} bytes")
+            with memoryview(self.buffer) as view:
+                count = os.readv(self.descriptor, [view[self.filled:]])
+            if count == 0:
+                raise PinentryError(f"the pinentry program {self.program!r} exited (no display or terminal?)")
+            self.filled += count
+
+    def consume(self, end: int) -> None:
+        """Drop the line ending at ``end`` (its newline included), wiping what moves."""
+        rest = self.filled - (end + 1)
+        base = ctypes.addressof((ctypes.c_char * len(self.buffer)).from_buffer(self.buffer))
+        ctypes.memmove(base, base + end + 1, rest)  # in place: no temporary copy of what follows
+        ctypes.memset(base + rest, 0, self.filled - rest)
+        self.filled = rest
+
+    def text(self, start: int, end: int) -> str:
+        return self.buffer[start:end].decode("utf-8", "replace")
+
+    def wipe(self) -> None:
+        wipe(self.buffer)
 
 
 class Pinentry:
@@ -73,37 +130,32 @@ class Pinentry:
         self.program = program
         self.ttyname = ttyname if ttyname is not None else (os.ttyname(0) if sys.stdin.isatty() else None)
 
-    def get_pin(self, description: str, *, prompt: str = "PIN:", title: str = "Smart card sign-in") -> str:
+    def get_pin(self, description: str, *, prompt: str = "PIN:", title: str = "Smart card sign-in") -> Secret:
         try:
             process = subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
+                                       stderr=subprocess.DEVNULL, bufsize=0)
         except OSError as error:
             raise PinentryError(f"cannot run the pinentry program {self.program!r}: {error.strerror}; install "
                                 "pinentry-gnome3, pinentry-qt, pinentry-curses or pinentry-tty, or set the PIN "
                                 "source to prompt") from None
         assert process.stdin is not None and process.stdout is not None
+        pipe = _AssuanPipe(process.stdout.fileno(), self.program)
         scope = current_scope()
         if scope is not None:
             scope.dialog_opened(process)  # a pulled card, a lock or a stop closes the dialog
         try:
-            self._expect_ok(process, None)
+            self._expect_ok(process, pipe, None)
             if self.ttyname:
-                self._expect_ok(process, f"OPTION ttyname={self.ttyname}")
-                self._expect_ok(process, f"OPTION ttytype={os.environ.get('TERM', 'dumb')}")
-            self._expect_ok(process, f"SETTITLE {escape(title)}")
-            self._expect_ok(process, f"SETDESC {escape(description)}")
-            self._expect_ok(process, f"SETPROMPT {escape(prompt)}")
-            answer = self._command(process, "GETPIN")
-            if not answer.ok:
-                if answer.error_code == ASSUAN_CANCELLED:
-                    raise PinEntryCancelledError("PIN entry cancelled: nothing was sent to the card")
-                raise PinentryError(f"the pinentry program failed: {answer.error_text or answer.error_code}")
-            if not answer.data:
-                raise PinentryError("no PIN entered: nothing was sent to the card")
-            return answer.data
+                self._expect_ok(process, pipe, f"OPTION ttyname={self.ttyname}")
+                self._expect_ok(process, pipe, f"OPTION ttytype={os.environ.get('TERM', 'dumb')}")
+            self._expect_ok(process, pipe, f"SETTITLE {escape(title)}")
+            self._expect_ok(process, pipe, f"SETDESC {escape(description)}")
+            self._expect_ok(process, pipe, f"SETPROMPT {escape(prompt)}")
+            return self._get_pin(process, pipe)
         finally:
+            pipe.wipe()
             try:
-                process.stdin.write("BYE\n")
+                process.stdin.write(b"BYE\n")
                 process.stdin.close()
             except OSError:
                 pass
@@ -111,22 +163,53 @@ class Pinentry:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
+            process.stdout.close()
 
-    def _command(self, process: subprocess.Popen, command: str | None) -> Response:
+    def _get_pin(self, process: subprocess.Popen, pipe: _AssuanPipe) -> Secret:
+        self._send(process, "GETPIN")
+        pin = bytearray(MAX_LINE)  # the D lines' data, unescaped in place, then copied into the Secret
+        length = 0
+        try:
+            while True:
+                start, end = pipe.next_line()
+                if pipe.buffer.startswith(b"D ", start, end):
+                    written = unescape_in_place(pipe.buffer, start + 2, end)
+                    piece = written - (start + 2)
+                    if length + piece > len(pin):
+                        raise PinentryError("the pinentry program sent an overlong PIN")
+                    pin[length:length + piece] = memoryview(pipe.buffer)[start + 2:written]
+                    length += piece
+                    pipe.consume(end)
+                    continue
+                if pipe.buffer.startswith((b"S ", b"#"), start, end) or start == end:
+                    pipe.consume(end)
+                    continue
+                answer = parse_status(pipe.text(start, end))
+                pipe.consume(end)
+                if not answer.ok:
+                    if answer.error_code == ASSUAN_CANCELLED:
+                        raise PinEntryCancelledError("PIN entry cancelled: nothing was sent to the card")
+                    raise PinentryError(f"the pinentry program failed: {answer.error_text or answer.error_code}")
+                if length == 0:
+                    raise PinentryError("no PIN entered: nothing was sent to the card")
+                with memoryview(pin) as view:
+                    return Secret(view[:length])
+        finally:
+            wipe(pin)
+
+    def _send(self, process: subprocess.Popen, command: str) -> None:
+        process.stdin.write(command.encode("utf-8") + b"\n")
+
+    def _expect_ok(self, process: subprocess.Popen, pipe: _AssuanPipe, command: str | None) -> None:
         if command is not None:
-            process.stdin.write(command + "\n")
-            process.stdin.flush()
-        lines = []
+            self._send(process, command)
         while True:
-            line = process.stdout.readline()
-            if not line:
-                raise PinentryError(f"the pinentry program {self.program!r} exited (no display or terminal?)")
-            line = line.rstrip("\n")
-            lines.append(line)
-            if line == "OK" or line.startswith(("OK ", "ERR ")):
-                return parse_response(lines)
-
-    def _expect_ok(self, process: subprocess.Popen, command: str | None) -> None:
-        answer = self._command(process, command)
-        if not answer.ok:
-            raise PinentryError(f"the pinentry program refused {command!r}: {answer.error_text}")
+            start, end = pipe.next_line()
+            if pipe.buffer.startswith((b"S ", b"#", b"D "), start, end) or start == end:
+                pipe.consume(end)
+                continue
+            answer = parse_status(pipe.text(start, end))
+            pipe.consume(end)
+            if not answer.ok:
+                raise PinentryError(f"the pinentry program refused {command!r}: {answer.error_text}")
+            return

@@ -1,0 +1,151 @@
+"""PIN bytes in memory the agent can wipe, and process settings that keep other processes out.
+
+A PIN lives in a :class:`Secret`: one ``bytearray`` the agent overwrites with zeros when done,
+optionally locked in RAM (``mlock``) so that it never reaches swap. Python ``str`` and ``bytes``
+objects are immutable and their freed memory is not cleared, so the PIN never becomes one in the
+supervisor (see docs/pin-handling.md for the copies that cannot be avoided, and where they are).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+_PR_SET_DUMPABLE = 4
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.strlen.restype = ctypes.c_size_t
+_libc.strlen.argtypes = [ctypes.c_void_p]
+
+
+class Secret:
+    """A PIN in a wipeable buffer of exactly its length. ``repr`` and ``str`` never show it."""
+
+    def __init__(self, data: bytearray | memoryview, *, locked: bool = False) -> None:
+        """Copy ``data`` in (the caller wipes its own buffer)."""
+        self._buffer = bytearray(len(data))
+        self._locked = locked and _lock(self._buffer)
+        self._buffer[:] = data  # same length: filled in place, not reallocated
+
+    def copy(self, *, locked: bool = False) -> Secret:
+        return Secret(self._buffer, locked=locked)
+
+    def view(self) -> memoryview:
+        """The PIN bytes, without copying them (release the view before :meth:`wipe`)."""
+        return memoryview(self._buffer)
+
+    def for_pkcs11(self) -> _Pkcs11Pin:
+        """What python-pkcs11's ``Token.open(user_pin=...)`` takes without a ``str`` or ``bytes``
+        being made: it calls ``user_pin.encode('utf-8')`` and hands that buffer to ``C_Login``."""
+        return _Pkcs11Pin(self._buffer)
+
+    def password(self) -> bytearray:
+        """For ``SSLContext.load_cert_chain(password=secret.password)``, called only if OpenSSL needs
+        the PIN; Python copies the buffer (and frees that copy unwiped: docs/pin-handling.md)."""
+        log.debug("OpenSSL asked for a PIN")
+        return self._buffer
+
+    def wipe(self) -> None:
+        wipe(self._buffer)
+        if self._locked:
+            _unlock(self._buffer)
+            self._locked = False
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def __enter__(self) -> Secret:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wipe()
+
+    def __repr__(self) -> str:
+        return "Secret(...)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("a Secret is never serialised")
+
+
+class _Pkcs11Pin:
+    def __init__(self, buffer: bytearray) -> None:
+        self._buffer = buffer
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytearray:
+        return self._buffer  # Cython turns a bytearray into the char* C_Login takes, no copy
+
+
+def wipe(buffer: bytearray) -> None:
+    """Overwrite ``buffer`` in place (not ``buffer[:] = ...``, which may reallocate)."""
+    if buffer:
+        ctypes.memset((ctypes.c_char * len(buffer)).from_buffer(buffer), 0, len(buffer))
+
+
+def _address(buffer: bytearray) -> tuple[int, int]:
+    return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer)), len(buffer)
+
+
+def _lock(buffer: bytearray) -> bool:
+    if not buffer:
+        return False
+    address, size = _address(buffer)
+    if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) != 0:
+        log.warning("could not lock the PIN buffer in memory (%s): it may be written to swap; raise the "
+                    "agent's RLIMIT_MEMLOCK (systemd: LimitMEMLOCK=)", os.strerror(ctypes.get_errno()))
+        return False
+    return True
+
+
+def _unlock(buffer: bytearray) -> None:
+    address, size = _address(buffer)
+    _libc.munlock(ctypes.c_void_p(address), ctypes.c_size_t(size))
+
+
+def make_non_dumpable() -> None:
+    """No core dumps and no ``/proc/PID/mem`` or ptrace for other processes of the same user."""
+    if _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def remove_environment_variable(name: str) -> None:
+    """Remove ``name`` from this process's environment, overwriting its value where it was.
+
+    ``os.environ.pop`` and ``unsetenv`` only unlink the ``NAME=value`` string from ``environ``;
+    the string itself stays in memory, and the one the process started with stays visible in
+    ``/proc/PID/environ``. So the bytes are overwritten first, in place. Entries are only looked
+    at through pointers: reading one as a Python object would copy the value.
+    """
+    prefix = name.encode() + b"="
+    entries = ctypes.POINTER(ctypes.c_void_p).in_dll(_libc, "environ")
+    index = 0
+    while (entry := entries[index]) is not None:
+        if _starts_with(entry, prefix):
+            length = _libc.strlen(ctypes.c_void_p(entry))
+            ctypes.memset(entry + len(prefix), 0, length - len(prefix))
+        index += 1
+    os.environ.pop(name, None)  # also unsetenv()
+
+
+def _starts_with(address: int, prefix: bytes) -> bool:
+    characters = ctypes.cast(address, ctypes.POINTER(ctypes.c_ubyte))
+    for offset, expected in enumerate(prefix):
+        if characters[offset] != expected:  # also stops at the entry's NUL
+            return False
+    return True
+
+
+def take_environment_variable(name: str, *, locked: bool = False) -> Secret | None:
+    """The value of ``name`` as a secret, removed from the environment (see above); None if unset."""
+    value = os.environb.get(name.encode())  # the very bytes object os.environ keeps: no new copy
+    secret = Secret(memoryview(value), locked=locked) if value else None
+    if value and len(value) > 1:  # (one-byte bytes objects are shared singletons: never write to one)
+        # Python's own copy, made at start-up: an immutable bytes object, overwritten in place.
+        ctypes.memset(id(value) + bytes.__basicsize__ - 1, 0, len(value))
+    del value
+    remove_environment_variable(name)
+    return secret
