@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,23 @@ def test_agent_refuses_a_pin_file_of_another_user_before_it_is_ready(test_pki: P
         f"card-agent: error: PIN file {pin_file} belongs to uid 65534, not to the agent's user (uid {os.getuid()}): "
         f"another user could change the PIN the agent tries; run `chown {os.getuid()} {pin_file}` (as root) or "
         "point file: at a file the agent's user owns")
+
+
+ENVIRON_CHECK = """
+import sys
+from agent.token.secret import take_environment_variable
+secret = take_environment_variable("CARD_PIN")
+environ = open("/proc/self/environ", "rb").read()
+sys.exit(0 if secret is not None and b"9137-42-pin" not in environ else 1)
+"""
+
+
+@pytest.mark.parametrize("python", [sys.executable, "/usr/bin/python3"], ids=["virtualenv", "debian"])
+def test_the_env_pin_leaves_proc_environ_with_every_python(python: str) -> None:
+    # Debian's python3 is not position-independent: libc's `environ` symbol stayed NULL there, so
+    # the value was left in /proc/PID/environ (the package will run on that interpreter).
+    if not Path(python).exists():
+        pytest.fail(f"{python} is missing") if os.environ.get("CI") else pytest.skip(f"{python} is missing")
+    env = {"CARD_PIN": "9137-42-pin", "PYTHONPATH": str(Path(__file__).parent.parent), "PATH": os.environ["PATH"]}
+    result = subprocess.run([python, "-c", ENVIRON_CHECK], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr

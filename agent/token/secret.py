@@ -19,6 +19,9 @@ _PR_SET_DUMPABLE = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.strlen.restype = ctypes.c_size_t
 _libc.strlen.argtypes = [ctypes.c_void_p]
+# The program's own symbols first: a non-PIE python3 (Debian's) has its own copy of `environ`
+# (a copy relocation), and libc's symbol of that name stays NULL there.
+_PROGRAM = ctypes.CDLL(None)
 
 
 class Secret:
@@ -121,9 +124,9 @@ def remove_environment_variable(name: str) -> None:
     at through pointers: reading one as a Python object would copy the value.
     """
     prefix = name.encode() + b"="
-    entries = ctypes.POINTER(ctypes.c_void_p).in_dll(_libc, "environ")
+    entries = ctypes.POINTER(ctypes.c_void_p).in_dll(_PROGRAM, "environ")
     index = 0
-    while (entry := entries[index]) is not None:
+    while entries and (entry := entries[index]) is not None:  # environ is NULL once the last entry is gone
         if _starts_with(entry, prefix):
             length = _libc.strlen(ctypes.c_void_p(entry))
             ctypes.memset(entry + len(prefix), 0, length - len(prefix))
