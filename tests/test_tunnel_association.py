@@ -217,6 +217,9 @@ def test_a_probe_that_leaves_before_its_request_does_not_hold_a_single_associati
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)]) as agent:
             with socket.create_connection(("127.0.0.1", agent.port())) as client:
                 client.sendall(probe)
+                # Held a moment, as a port check does: a client gone before the agent looked it up is
+                # refused as unidentified, and would not exercise the paths under test.
+                time.sleep(0.5)
             started = time.monotonic()
             echo = echoscu(agent.port(), extra_args=["-to", "10", "-ta", "10", "-td", "10"])
             elapsed = time.monotonic() - started
