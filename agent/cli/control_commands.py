@@ -32,10 +32,12 @@ def status(config: ConfigFile, as_json: Json = False) -> None:
         _say(f"tunnel {tunnel['name']}: {tunnel['listen']} -> {tunnel['remote']}, "
              f"{tunnel['open_connections']} open, {tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"
              + (f", last error: {tunnel['last_error']}" if tunnel["last_error"] else ""))
+        _say_counts(tunnel, "rejected by the PACS", "up", "down")
     for inbound in answer["inbound"]:
         _say(f"inbound {inbound['name']}: {inbound['listen']} -> {inbound['forward']}, "
              f"{inbound['open_connections']} open, {inbound['bytes_down']} bytes in, {inbound['bytes_up']} out"
              + (f", last error: {inbound['last_error']}" if inbound["last_error"] else ""))
+        _say_counts(inbound, "rejected by the local SCP", "out", "in")
     audit = answer["audit"]
     if audit:
         where = " and ".join(filter(None, [audit["file"], audit["repository"]]))
@@ -46,6 +48,28 @@ def status(config: ConfigFile, as_json: Json = False) -> None:
         _say(f"audit:    to {where}{delivery}")
     for crl in answer.get("crls", []):
         _say(f"crl {crl['file']}: {_describe_crl_file(crl)}")
+
+
+def _say_counts(counters: dict, rejected_by: str, up: str, down: str) -> None:
+    for title, key in (("since start", "since_start"), ("this card session", "this_session")):
+        if key in counters:  # an agent from before these counts has none
+            _say(f"  {title}: {_describe_counts(counters[key], rejected_by, up, down)}")
+
+
+def _describe_counts(counts: dict, rejected_by: str, up: str, down: str) -> str:
+    associations, handshakes = counts["associations"], counts["handshakes"]
+    parts = [f"{associations['accepted']} associations accepted", f"{associations['rejected']} {rejected_by}",
+             f"{associations['refused']} refused by the association rules",
+             f"{sum(associations['failed'].values())} failed{_by_reason(associations['failed'])}"]
+    if "turned_away" in associations:
+        turned_away = associations["turned_away"]
+        parts.append(f"{sum(turned_away.values())} turned away{_by_reason(turned_away)}")
+    return (", ".join(parts) + f"; {handshakes['full']} full TLS handshakes, {handshakes['resumed']} resumed; "
+            f"{counts['bytes_up']} bytes {up}, {counts['bytes_down']} {down}")
+
+
+def _by_reason(reasons: dict[str, int]) -> str:
+    return f" ({', '.join(f'{reason} {n}' for reason, n in sorted(reasons.items()))})" if reasons else ""
 
 
 def _describe_crl_file(crl: dict) -> str:

@@ -18,6 +18,7 @@ from agent.errors import CardAgentError
 from agent.session.identity import runtime_directory
 from agent.session.manager import SessionManager
 from agent.trust.crls import CrlStore
+from agent.tunnel.counters import empty_counts
 from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
 
 log = logging.getLogger("agent.control")
@@ -97,18 +98,26 @@ class ControlServer:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(manager.since)) if manager.since else None,
             "last_error": manager.last_error,
             "tunnels": [
-                {"name": t.name, "listen": str(t.listen), "remote": t.remote,
-                 **counters.get(t.name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None})}
+                {"name": t.name, "listen": str(t.listen), "remote": t.remote, **self._counters(t.name, counters)}
                 for t in self.config.tunnels
             ],
             "inbound": [
                 {"name": i.name, "listen": str(i.listen), "forward": str(i.forward),
-                 **counters.get(i.name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None})}
+                 **self._counters(i.name, counters)}
                 for i in self.config.inbound
             ],
             "audit": manager.audit.trail.status() if manager.audit.trail is not None else None,
             "crls": self.crls.status(),
         }
+
+    def _counters(self, name: str, session_counters: dict[str, dict]) -> dict:
+        """The card session's live counters (top level, as before), its counts as ``this_session``,
+        and the supervisor's ``since_start`` totals (docs/configuration.md, "card-agent status")."""
+        current = dict(session_counters.get(name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0,
+                                                   "last_error": None}))
+        counts = current.pop("counts", None)
+        return {**current, "this_session": counts if counts is not None else empty_counts(),
+                "since_start": self.manager.totals.since_start(name, counts)}
 
 
 def request(config: AgentConfig, command: str) -> dict:

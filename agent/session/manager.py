@@ -31,6 +31,7 @@ from agent.session.supervisor import CardSession
 from agent.token.login import LoginError
 from agent.token.pinentry import PinEntryCancelledError
 from agent.token.module import LoadedModule, load_module
+from agent.tunnel.counters import Totals
 
 log = logging.getLogger("agent.session")
 
@@ -68,6 +69,7 @@ class SessionManager:
         self._next_idle_check = 0.0
         self._lock = threading.RLock()
         self._events: CardEvents | None = None
+        self.totals = Totals()  # `status` counts since start: ended sessions and what was turned away
 
     # -- what the rest of the agent asks ----------------------------------------------------------
 
@@ -85,6 +87,11 @@ class SessionManager:
     def touch(self) -> None:
         """An association was handed to the session."""
         self.last_activity = time.monotonic()
+
+    def turned_away(self, name: str, reason: str | None = None) -> None:
+        """Count an association the supervisor answered itself; ``reason`` defaults to the state
+        (no_card, pin_pending, signing_in, waiting, signed_in: the card session could not take it)."""
+        self.totals.turned_away(name, reason or self.machine.state.name.lower())
 
     def lock(self) -> bool:
         """End the session (or the sign-in under way) now; the card must be re-inserted."""
@@ -254,6 +261,7 @@ class SessionManager:
         session, self.session = self.session, None
         started = time.monotonic()
         session.end(reason)
+        self.totals.session_ended(session.last_counts)
         card = self.card
         event("sign-out", reason=reason, subject=session.signed_in.files.subject,
               token=card.label if card else None, serial=card.serial if card else None,

@@ -18,6 +18,7 @@ from agent.token.secret import Secret
 
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
+FINAL_COUNTS_TIMEOUT_SECONDS = 4.0  # the process's end grace (2 s) and a margin: it exits right after
 
 
 class CardSessionError(CardAgentError):
@@ -39,6 +40,9 @@ class CardSession:
         self.process: subprocess.Popen | None = None
         self.channel: socket.socket | None = None
         self._status_lock = threading.Lock()
+        # Per tunnel, the latest counts the process reported: its final ones once it has ended, or
+        # the last `status` answer if it died without a word.
+        self.last_counts: dict[str, dict] = {}
         self._reports_thread: threading.Thread | None = None
 
     def start(self, pin: Secret | None) -> None:
@@ -133,7 +137,12 @@ class CardSession:
                 reply, _ = messages.receive(self.channel)
             except OSError:
                 return {}
-            return reply.get("tunnels", {}) if reply else {}
+            tunnels = reply.get("tunnels", {}) if reply else {}
+            self._keep_counts(tunnels)
+            return tunnels
+
+    def _keep_counts(self, tunnels: dict[str, dict]) -> None:
+        self.last_counts = {name: counters["counts"] for name, counters in tunnels.items() if "counts" in counters}
 
     def dispatch(self, tunnel: str, local: socket.socket, peer: str) -> bool:
         """Hand an accepted local connection to the card-session process; False when there is none."""
@@ -146,13 +155,19 @@ class CardSession:
         return True
 
     def end(self, reason: str) -> None:
-        if self.channel is not None:
-            try:
-                messages.send(self.channel, {"type": "end", "reason": reason})
-            except OSError:
-                pass
-            self.channel.close()
-            self.channel = None
+        """End the process (its relays close at once) and keep its final counts in ``last_counts``."""
+        with self._status_lock:  # a `status` under way must not take the final counts as its answer
+            if self.channel is not None:
+                try:
+                    messages.send(self.channel, {"type": "end", "reason": reason})
+                    self.channel.settimeout(FINAL_COUNTS_TIMEOUT_SECONDS)
+                    reply, _ = messages.receive(self.channel)
+                    if reply is not None and reply.get("final"):
+                        self._keep_counts(reply.get("tunnels", {}))
+                except OSError:
+                    pass  # it died first: the last status answer is what there is
+                self.channel.close()
+                self.channel = None
         if self.process is not None:
             try:
                 self.process.wait(timeout=3)

@@ -191,8 +191,7 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
             reason = message.get("reason", "ended")
             break
         if message["type"] == "status":
-            messages.send(channel, {"type": "status", "tunnels": {
-                name: runtime.counters() for name, runtime in runtimes.items()}})
+            messages.send(channel, _status(runtimes))
             continue
         if message["type"] == "connection" and fds:
             connection = socket.socket(fileno=fds[0])
@@ -210,8 +209,16 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
     deadline = time.monotonic() + END_GRACE_SECONDS
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
+    try:  # the final counts, for the supervisor's totals since start
+        messages.send(channel, _status(runtimes, final=True))
+    except OSError:
+        pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
     return 0
+
+
+def _status(runtimes: Runtimes, *, final: bool = False) -> dict:
+    return {"type": "status", "final": final, "tunnels": {name: runtime.counters() for name, runtime in runtimes.items()}}
 
 
 def _exit_now(code: int) -> None:

@@ -39,6 +39,7 @@ from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificati
 from agent.trust.crls import PeerRevocation
 from agent.trust.errors import TrustError
 from agent.tunnel.admission import RefusalLog
+from agent.tunnel.counters import SessionCounts
 from agent.tunnel.peer import PeerPolicy, identify_server
 
 log = logging.getLogger("agent.tunnel")
@@ -90,18 +91,22 @@ def no_report(kind: str, fields: dict[str, Any]) -> None:
 
 @dataclass
 class _Counters:
-    """Open connections, bytes each way (up: toward TLS) and the last error, for ``card-agent status``."""
+    """Open connections, bytes each way (up: toward TLS) and the last error, for ``card-agent status``;
+    ``tally`` counts associations and handshakes (agent/tunnel/counters.py)."""
 
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     open_connections: int = field(default=0, init=False)
     bytes_up: int = field(default=0, init=False)
     bytes_down: int = field(default=0, init=False)
     last_error: str | None = field(default=None, init=False)
+    tally: SessionCounts = field(default_factory=SessionCounts, init=False, repr=False)
 
     def counters(self) -> dict[str, object]:
         with self._lock:
-            return {"open_connections": self.open_connections, "bytes_up": self.bytes_up,
-                    "bytes_down": self.bytes_down, "last_error": self.last_error}
+            bytes_up, bytes_down = self.bytes_up, self.bytes_down
+            current = {"open_connections": self.open_connections, "bytes_up": bytes_up,
+                       "bytes_down": bytes_down, "last_error": self.last_error}
+        return {**current, "counts": self.tally.snapshot(bytes_up, bytes_down)}
 
     def count(self, delta_open: int = 0, up: int = 0, down: int = 0, error: str | None = None) -> None:
         with self._lock:
@@ -274,15 +279,19 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
                 return
         elif not _application_sent_something(runtime, local, peer):
             return
+        stage = "connect"
         try:
             remote = _connect(runtime)
+            stage = "tls"
             tls = _handshake(runtime, remote)
+            runtime.tally.handshake(tls.obj.session_reused)
             try:
                 runtime.checks.verify(tls.obj.getpeercert(binary_form=True))
             except ServerVerificationError as error:
                 raise TunnelFailure(str(error)) from None
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
+            runtime.tally.association("failed", stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote, "reason": failure.message})
             reject_local(local, failure, request_read=bool(request))
@@ -291,6 +300,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=True,
                        received=request)
         relay.run()
+        _count_association(runtime, relay)
         runtime.remember_session(tls.obj)
         association = relay.association
         log.info("tunnel %s: %s: %s %s to %s as %s, %s, %d bytes up, %d down, %.1f s%s%s", config.name, peer,
@@ -328,10 +338,12 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
         return None  # the application went away
     except MalformedPduError as error:
         answer, what, message = abort_pdu(error), "malformed-pdu", f"malformed PDU from the application: {error}"
+        runtime.tally.association("failed", "malformed")
     else:
         if isinstance(decision, Forward):
             return received
         answer, what, message = decision.reject_pdu, "association-refused", _refusal_message(association, decision)
+        runtime.tally.association("refused")
     runtime.count(error=message)
     log.warning("tunnel %s: %s: %s", runtime.config.name, peer, message)
     runtime.report("security-alert", {**_association_fields(runtime, association, peer, requestor_is_local=True),
@@ -357,6 +369,26 @@ def _application_sent_something(runtime: TunnelRuntime, local: socket.socket, pe
         log.info("tunnel %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
                  ASSOCIATE_RQ_TIMEOUT)
     return False
+
+
+def _count_association(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -> None:
+    """Count the relayed association's outcome once; a connection that ended before any
+    A-ASSOCIATE-RQ (a port probe) is not an association."""
+    association = relay.association
+    if relay.refusal is not None:
+        runtime.tally.association("refused")
+    elif association.answer in ("accepted", "rejected"):
+        runtime.tally.association(association.answer)
+    elif relay.malformed is not None:
+        runtime.tally.association("failed", "malformed")
+    elif association.request is None:
+        return
+    elif runtime.ending.is_set():
+        runtime.tally.association("failed", "card_session_ended")
+    elif relay.failure is not None and not relay.failure.transient:
+        runtime.tally.association("failed", "tls")  # the server refused the card's certificate after the handshake
+    else:
+        runtime.tally.association("failed", "connection")
 
 
 def _check_first_pdu(event: FramerEvent) -> None:
@@ -396,6 +428,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         remote.close()
         reason = f"too many TLS handshakes in flight (max_pending_handshakes = {config.max_pending_handshakes})"
         runtime.count(error=f"connection closed before TLS: {reason}")
+        runtime.tally.association("failed", "busy")
         _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
         return
     set_nodelay(remote)
@@ -407,10 +440,12 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             tls = _Tls(runtime.context, server_side=True)
             tls.handshake(remote, config.handshake_timeout,
                           TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext())
+            runtime.tally.handshake(tls.obj.session_reused)
             client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
             message = _inbound_handshake_failure(peer, error)
             runtime.count(error=message)
+            runtime.tally.association("failed", "tls")
             log.warning("inbound %s: %s: %s", config.name, peer, message)
             runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
             return
@@ -420,11 +455,13 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             local = _connect_forward(runtime)
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
+            runtime.tally.association("failed", "connect")
             log.warning("inbound %s: %s: %s", config.name, peer, failure.message)
             _reject_over_tls(tls, remote, reject_pdu(transient=failure.transient))
             return
         relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=False)
         relay.run()
+        _count_association(runtime, relay)
         association = relay.association
         log.info("inbound %s: %s: %s from %s as %s to %s, %s, %d bytes in, %d out, %.1f s%s%s", config.name, peer,
                  tls.obj.version(), client, runtime.identity_description, config.forward,

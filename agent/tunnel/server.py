@@ -95,6 +95,7 @@ class Listeners:
             log.warning("tunnel %s: %s", tunnel.name, error)
             if self.manager is not None:
                 self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
+            self._turned_away(tunnel.name, "local_peer_refused")
             self._reject(tunnel, local, TunnelFailure("local peer refused"))
             return
         session = self.manager.current_session() if self.manager else None
@@ -103,9 +104,15 @@ class Listeners:
         if session is None or not session.dispatch(tunnel.name, local, peer.describe()):
             state = self.manager.state if self.manager else "starting"
             log.warning("tunnel %s: %s: rejected: %s", tunnel.name, peer.describe(), state)
+            self._turned_away(tunnel.name)
             self._reject(tunnel, local, TunnelFailure(state, transient=True))
             return
         local.close()
+
+    def _turned_away(self, name: str, reason: str | None = None) -> None:
+        """Count it for `status` (agent/tunnel/counters.py); the reason defaults to the card state."""
+        if self.manager is not None:
+            self.manager.turned_away(name, reason)
 
     @staticmethod
     def _reject(tunnel: TunnelConfig, local: socket.socket, failure: TunnelFailure) -> None:
@@ -125,6 +132,7 @@ class Listeners:
             # Closed here, in the supervisor: a stranger costs no TLS, and never a card signature.
             connection.close()
             self._refusals.refused(inbound.name, host, "its address is not in allow_from")
+            self._turned_away(inbound.name, "address_not_allowed")
             return
         peer = f"{host}:{port}"
         session = self.manager.current_session() if self.manager else None
@@ -132,6 +140,7 @@ class Listeners:
             state = self.manager.state if self.manager else "starting"
             # No TLS without a card session, so no DICOM answer either: the PACS sees the connection close.
             log.warning("inbound %s: PACS at %s turned away: %s", inbound.name, peer, state)
+            self._turned_away(inbound.name)
         connection.close()
 
     def close(self) -> None:

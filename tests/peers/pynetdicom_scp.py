@@ -202,11 +202,12 @@ def _scp_ae(ae_title: str) -> AE:
 
 @contextlib.contextmanager
 def _serve(*, ssl_context: ssl.SSLContext | None, port: int | None, ae_title: str,
-           out_dir: Path | None) -> Iterator[RecordingScp]:
+           out_dir: Path | None, require_called_aet: bool = False) -> Iterator[RecordingScp]:
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     ae = _scp_ae(ae_title)
+    ae.require_called_aet = require_called_aet  # then any other called AE title gets A-ASSOCIATE-RJ
     scp = RecordingScp(port=0, ae_title=ae_title, tls=ssl_context is not None, out_dir=out_dir)
     # As AE.start_server(block=False), but polling for shutdown every 50 ms instead of 500 ms.
     server = ae.make_server((LOOPBACK, port or 0), ssl_context=ssl_context, evt_handlers=scp.handlers(),
@@ -241,17 +242,18 @@ def _serve(*, ssl_context: ssl.SSLContext | None, port: int | None, ae_title: st
 @contextlib.contextmanager
 def tls_scp(*, pki_dir: Path | None = None, tls: TlsServerFiles | None = None, port: int | None = None,
             ae_title: str = "PYNETDICOM", crl: bool | Path = False,
-            out_dir: Path | None = None) -> Iterator[RecordingScp]:
+            out_dir: Path | None = None, require_called_aet: bool = False) -> Iterator[RecordingScp]:
     """Serve Verification and all Storage SOP classes (every transfer syntax pynetdicom knows) over
     TLS 1.2+ on 127.0.0.1, client certificate REQUIRED, with the PKI's localhost server identity
     (or ``tls``); ``crl=True`` also checks clients against ``issuing-ca.crl.pem`` (or that CRL
-    path). Stored datasets are kept in memory, or written to ``out_dir`` as received."""
+    path). Stored datasets are kept in memory, or written to ``out_dir`` as received.
+    ``require_called_aet``: associations calling another AE title than ``ae_title`` are rejected."""
     if tls is None:
         if pki_dir is None:
             raise TypeError("tls_scp needs pki_dir or tls")
         tls = TlsServerFiles.from_pki(Path(pki_dir), crl=crl)
     with _serve(ssl_context=tls.ssl_context(require_client_cert=True), port=port, ae_title=ae_title,
-                out_dir=out_dir) as scp:
+                out_dir=out_dir, require_called_aet=require_called_aet) as scp:
         yield scp
 
 

@@ -1,0 +1,106 @@
+"""What each tunnel and inbound listener carried, for ``card-agent status``: per card session and since start.
+
+The card-session process counts its associations, handshakes and bytes (:class:`SessionCounts`,
+inside each runtime of agent/tunnel/relay.py); those die with it, so the supervisor adds each
+session's final counts to its :class:`Totals` when the session ends, and counts there the
+associations it turns away itself (no card, PIN not entered, local peer refused). Both travel as
+plain dicts (JSON on the session channel and in ``status``) of the shape :func:`empty_counts` makes.
+
+Association outcomes are exclusive, one per connection that reached the association stage:
+``accepted`` (A-ASSOCIATE-AC), ``rejected`` (A-ASSOCIATE-RJ from the acceptor: the PACS, or the
+local SCP of an inbound listener), ``refused`` (by the tunnel's association rules), or ``failed``
+before any answer, by one of :data:`FAILURE_REASONS`. An accepted association that breaks later
+stays ``accepted`` (its failure is the tunnel's ``last_error``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+FAILURE_REASONS = {
+    "connect": "the PACS (or, inbound, the local storage SCP) could not be reached",
+    "tls": "TLS handshake or peer verification failed, or the server refused the card's certificate",
+    "malformed": "a malformed PDU from either side",
+    "card_session_ended": "the card session ended first (card pulled, lock, idle timeout)",
+    "connection": "the connection broke or closed before the association was answered",
+    "busy": "inbound: too many TLS handshakes in flight (max_pending_handshakes)",
+}
+
+Counts = dict[str, Any]
+
+
+def empty_counts() -> Counts:
+    return {"associations": {"accepted": 0, "rejected": 0, "refused": 0, "failed": {}},
+            "handshakes": {"full": 0, "resumed": 0}, "bytes_up": 0, "bytes_down": 0}
+
+
+def add_counts(total: Counts, more: Counts) -> None:
+    """Add ``more`` into ``total`` in place, key by key (nested dicts such as reasons merge)."""
+    for key, value in more.items():
+        if isinstance(value, dict):
+            add_counts(total.setdefault(key, {}), value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+
+
+class SessionCounts:
+    """One runtime's counts in the card-session process; a lock per association or chunk, as before."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._associations: Counter[str] = Counter()
+        self._failed: Counter[str] = Counter()
+        self._handshakes: Counter[str] = Counter()
+
+    def association(self, outcome: str, reason: str | None = None) -> None:
+        """``outcome``: accepted, rejected, refused or failed (then ``reason``, one of FAILURE_REASONS)."""
+        with self._lock:
+            if outcome == "failed":
+                assert reason in FAILURE_REASONS, reason
+                self._failed[reason] += 1
+            else:
+                self._associations[outcome] += 1
+
+    def handshake(self, resumed: bool) -> None:
+        with self._lock:
+            self._handshakes["resumed" if resumed else "full"] += 1
+
+    def snapshot(self, bytes_up: int, bytes_down: int) -> Counts:
+        with self._lock:
+            counts = empty_counts()
+            counts["associations"].update(self._associations)
+            counts["associations"]["failed"] = dict(self._failed)
+            counts["handshakes"].update(self._handshakes)
+        counts["bytes_up"], counts["bytes_down"] = bytes_up, bytes_down
+        return counts
+
+
+class Totals:
+    """The supervisor's counts since start, per tunnel or inbound listener name."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended: dict[str, Counts] = {}
+        self._turned_away: dict[str, Counter[str]] = {}
+
+    def session_ended(self, final: dict[str, Counts]) -> None:
+        """Add an ended card session's last counts (its ``counts`` per name)."""
+        with self._lock:
+            for name, counts in final.items():
+                add_counts(self._ended.setdefault(name, empty_counts()), counts)
+
+    def turned_away(self, name: str, reason: str) -> None:
+        with self._lock:
+            self._turned_away.setdefault(name, Counter())[reason] += 1
+
+    def since_start(self, name: str, current: Counts | None) -> Counts:
+        """Ended sessions plus the running one (``current``), and what the supervisor turned away."""
+        counts = empty_counts()
+        with self._lock:
+            add_counts(counts, self._ended.get(name, {}))
+            counts["associations"]["turned_away"] = dict(self._turned_away.get(name, {}))
+        if current:
+            add_counts(counts, current)
+        return counts
