@@ -1,4 +1,4 @@
-"""`card-agent status` counts since the agent started next to those of the card session.
+"""`card-agent status` counts since the agent started next to those of the card session, and SIGHUP.
 
 Real agent, real pynetdicom PACS over TLS, the fault module around SoftHSM for the card's comings,
 goings and swaps (tests/test_card_sessions.py tells how)."""
@@ -8,16 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 from pathlib import Path
 
 from agent.dicom.pdu import parse_associate_rj
-from agent_runner import associate_rq, running_agent, send_and_close, tunnel, wait_for
+from agent_runner import associate_rq, card_session_pid, running_agent, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.ports import free_port
 from peers.pynetdicom_scp import associate, tls_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
+RELOAD_NOT_SUPPORTED = ("SIGHUP: reloading the configuration is not supported yet; nothing changed (the card "
+                        "session goes on): restart the agent for a changed configuration to take effect")
 SCU = "PYNETDICOM-SCU"  # the calling AE title of peers.pynetdicom_scp.associate
 
 
@@ -115,3 +118,17 @@ def test_status_counts_since_start_and_for_the_card_session(test_pki: Provisione
     assert "  since start: 0 associations accepted, 0 rejected by the PACS, 0 refused by the association rules, " \
            "1 failed (connect 1), 0 turned away; 0 full TLS handshakes, 0 resumed; 0 bytes up, 0 down\n" in readable
 
+
+def test_sighup_keeps_the_agent_and_its_card_session(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            session = card_session_pid(agent.process.pid)
+            assert session is not None
+            agent.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: RELOAD_NOT_SUPPORTED in agent.log() or agent.process.poll() is not None)
+            assert agent.process.poll() is None, f"SIGHUP ended the agent:\n{agent.log()}"
+            assert card_session_pid(agent.process.pid) == session  # the same card session, still signed in
+            assert echo(agent.port())
+            log = agent.log()
+    assert "card-agent: WARNING: " + RELOAD_NOT_SUPPORTED in log
+    assert log.count(RELOAD_NOT_SUPPORTED) == 1 and "event=sign-out" not in log.split(RELOAD_NOT_SUPPORTED)[1]

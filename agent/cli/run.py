@@ -41,6 +41,8 @@ def run(
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    # SIGHUP's default action would kill the agent without its audit Logout; reload is not there yet.
+    signal.signal(signal.SIGHUP, _reload_not_supported)
 
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
@@ -64,6 +66,14 @@ def run(
         manager.shutdown()
         audit.application_stop("SIGTERM or SIGINT" if stop.is_set() else "error")
         audit.close()
+
+
+RELOAD_NOT_SUPPORTED = ("SIGHUP: reloading the configuration is not supported yet; nothing changed (the card "
+                        "session goes on): restart the agent for a changed configuration to take effect")
+
+
+def _reload_not_supported(signum: int, frame: object) -> None:
+    log.warning("%s", RELOAD_NOT_SUPPORTED)
 
 
 def _open_crls(settings: AgentConfig) -> CrlStore:
