@@ -12,11 +12,13 @@ import signal
 from pathlib import Path
 
 from agent.dicom.pdu import parse_associate_rj
-from agent_runner import associate_rq, card_session_pid, running_agent, send_and_close, tunnel, wait_for
+from agent_runner import (associate_rq, card_session_pid, inbound_listener, port_of, running_agent, send_and_close,
+                          tunnel, wait_for)
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
+from peers.pki_files import TlsClientFiles
 from peers.ports import free_port
-from peers.pynetdicom_scp import associate, tls_scp
+from peers.pynetdicom_scp import associate, plain_scp, tls_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
 RELOAD_NOT_SUPPORTED = ("SIGHUP: reloading the configuration is not supported yet; nothing changed (the card "
@@ -132,3 +134,26 @@ def test_sighup_keeps_the_agent_and_its_card_session(test_pki: ProvisionedPki, t
             log = agent.log()
     assert "card-agent: WARNING: " + RELOAD_NOT_SUPPORTED in log
     assert log.count(RELOAD_NOT_SUPPORTED) == 1 and "event=sign-out" not in log.split(RELOAD_NOT_SUPPORTED)[1]
+
+
+def test_status_counts_of_an_inbound_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    pacs = TlsClientFiles(test_pki.ca_bundle, test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
+    stranger = TlsClientFiles(test_pki.ca_bundle, test_pki.pki / "untrusted-server-chain.pem",
+                              test_pki.pki / "untrusted-server.key")
+    with plain_scp() as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node)
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            association = associate(port_of(listener), tls=pacs, sop_classes=[VERIFICATION])
+            assert association.is_established and association.send_c_echo().Status == 0
+            association.release()
+            assert not associate(port_of(listener), tls=stranger, sop_classes=[VERIFICATION]).is_established
+            agent.wait_for_log("refused the PACS at")
+            agent.wait_for_log(" bytes in, ")  # the accepted one ended
+            config = tmp_path / "agent" / "agent.toml"
+            wait_for(lambda: status(config)["inbound"][0]["open_connections"] == 0)
+            inbound = status(config)["inbound"][0]
+    up, down = inbound["bytes_up"], inbound["bytes_down"]
+    assert up > 0 and down > 0
+    assert inbound["this_session"] == counts(1, 0, 0, 1, 0, up, down, failed={"tls": 1})
+    assert inbound["since_start"] == counts(1, 0, 0, 1, 0, up, down, failed={"tls": 1}, turned_away={})
