@@ -315,7 +315,9 @@ def test_resumed_associations_do_not_grow_the_card_session(test_pki: Provisioned
             for _ in range(300):
                 assert echoed(send_and_close(agent.port(), request)) == request
             after = _card_session_rss_kib(agent.process.pid)
-            log = agent.wait_for_log("to 127.0.0.1:")
+            # The last connection's line is written after the application saw its end: wait for it.
+            wait_for(lambda: agent.log().count(" to 127.0.0.1:") == 400)
+            log = agent.log()
     finally:
         server.close()
     assert log.count("full handshake") == 1 and log.count(" resumed ") == 399
