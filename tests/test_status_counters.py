@@ -157,3 +157,17 @@ def test_status_counts_of_an_inbound_listener(test_pki: ProvisionedPki, tmp_path
     assert up > 0 and down > 0
     assert inbound["this_session"] == counts(1, 0, 0, 1, 0, up, down, failed={"tls": 1})
     assert inbound["since_start"] == counts(1, 0, 0, 1, 0, up, down, failed={"tls": 1}, turned_away={})
+
+
+def test_status_counts_a_local_peer_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        # Only uid 65534 may use the tunnel: this test's process (another uid) is refused.
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port, allowed_uids=[65534])]) as agent:
+            assert os.getuid() != 65534
+            assert parse_associate_rj(send_and_close(agent.port(), associate_rq())).describe().startswith(
+                "rejected-permanent")
+            agent.wait_for_log("refused local connection from uid")
+            pacs_status = status(tmp_path / "agent" / "agent.toml")["tunnels"][0]
+    assert pacs_status["this_session"] == counts(0, 0, 0, 0, 0, 0, 0)
+    assert pacs_status["since_start"] == counts(0, 0, 0, 0, 0, 0, 0, turned_away={"local_peer_refused": 1})
+    assert pacs.associations == []
