@@ -156,18 +156,25 @@ class CardSession:
 
     def end(self, reason: str) -> None:
         """End the process (its relays close at once) and keep its final counts in ``last_counts``."""
-        with self._status_lock:  # a `status` under way must not take the final counts as its answer
+        # A `status` under way must not take the final counts as its answer; one that hangs on a
+        # stuck process must not hold up the end (the last counts are then those it had).
+        locked = self._status_lock.acquire(timeout=FINAL_COUNTS_TIMEOUT_SECONDS)
+        try:
             if self.channel is not None:
                 try:
                     messages.send(self.channel, {"type": "end", "reason": reason})
-                    self.channel.settimeout(FINAL_COUNTS_TIMEOUT_SECONDS)
-                    reply, _ = messages.receive(self.channel)
-                    if reply is not None and reply.get("final"):
-                        self._keep_counts(reply.get("tunnels", {}))
+                    if locked:
+                        self.channel.settimeout(FINAL_COUNTS_TIMEOUT_SECONDS)
+                        reply, _ = messages.receive(self.channel)
+                        if reply is not None and reply.get("final"):
+                            self._keep_counts(reply.get("tunnels", {}))
                 except OSError:
                     pass  # it died first: the last status answer is what there is
                 self.channel.close()
                 self.channel = None
+        finally:
+            if locked:
+                self._status_lock.release()
         if self.process is not None:
             try:
                 self.process.wait(timeout=3)
