@@ -211,7 +211,7 @@ class SessionManager:
     def _sign_in_thread(self, card: Card, attempt: int, scope: SignInScope) -> None:
         """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
         try:
-            signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,  # type: ignore[misc]
+            signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,
                                                        confirm_final_try=self.confirm_final_try))
             session = CardSession(self.config, signed_in, on_report=self.audit.session_report,
                                   confirm_final_try=self.confirm_final_try)
