@@ -16,7 +16,7 @@ import pytest
 
 from agent.dicom.pdu import parse_associate_rj
 from agent.lifecycle.machine import MAX_SESSION_LOSSES
-from agent_runner import (associate_rq, card_session_pid, running_agent, send_and_close, stop_agent, tunnel,
+from agent_runner import (associate_rq, card_session_pid, running_agent, send_and_close, tunnel,
                           wait_for)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
@@ -163,7 +163,7 @@ def test_a_killed_card_session_is_noticed_and_signed_in_again_then_not_looped(
                 assert worker is not None
                 os.kill(worker, signal.SIGKILL)
                 killed = time.monotonic()
-                agent.wait_for_log(f"event=sign-out reason=\"the card-session process was killed by SIGKILL\"")
+                agent.wait_for_log("event=sign-out reason=\"the card-session process was killed by SIGKILL\"")
                 noticed = agent.log().count("card-session process was killed by SIGKILL")
                 assert noticed >= loss
                 if loss < MAX_SESSION_LOSSES:

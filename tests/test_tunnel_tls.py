@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from pathlib import Path
 
 import pytest
 
-from agent.dicom.pdu import A_ASSOCIATE_RJ, PduType, parse_associate_rj
+from agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from agent_runner import FramedEchoServer, associate_rq, dicom_stream, echoed, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
 

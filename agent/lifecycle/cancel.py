@@ -13,9 +13,11 @@ import contextvars
 import subprocess
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 from agent.errors import CardAgentError
 
+T = TypeVar("T")
 _SCOPE: contextvars.ContextVar[SignInScope | None] = contextvars.ContextVar("sign_in_scope", default=None)
 
 
@@ -65,7 +67,7 @@ class SignInScope:
         if self._cancelled.is_set():
             raise SignInCancelledError(f"sign-in given up: {self.reason}; nothing was sent to the card")
 
-    def run(self, function: Callable[[], object]) -> object:
+    def run(self, function: Callable[[], T]) -> T:
         """Call ``function`` with this scope as the current one (in this thread)."""
         token = _SCOPE.set(self)
         try:

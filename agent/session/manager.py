@@ -35,6 +35,7 @@ from agent.tunnel.counters import Totals
 
 log = logging.getLogger("agent.session")
 
+TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the stop flag
 PIN_DIALOG_TIMEOUT_SECONDS = 120.0  # a dialog nobody answers is closed: the workstation may be unattended
 STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
 
@@ -68,7 +69,10 @@ class SessionManager:
         self.last_activity = time.monotonic()
         self._next_idle_check = 0.0
         self._lock = threading.RLock()
-        self._events: CardEvents | None = None
+        self._seen: Card | None = None  # the reader thread's latest look
+        self._first_look = threading.Event()
+        self._wake = threading.Event()  # something to act on: a look at the reader, a report
+        self._reader: threading.Thread | None = None
         self.totals = Totals()  # `status` counts since start: ended sessions and what was turned away
 
     # -- what the rest of the agent asks ----------------------------------------------------------
@@ -103,38 +107,54 @@ class SessionManager:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
-        """Until ``stop``: look at the reader, the session and the timers; at the end, stop the machine."""
-        with CardEvents() as events:
-            self._events = events
-            try:
-                while not events.wait(stop):
-                    self.step()
-            finally:
-                self._events = None
-
     def start(self, stop: threading.Event) -> None:
-        """The first look at the reader. With a PIN source that asks nobody (env:, file:), wait until
-        that sign-in is settled, so that "ready" means signed in on an unattended machine."""
+        """Start watching the reader and act on its first look. With a PIN source that asks nobody
+        (env:, file:), wait until that sign-in is settled, so that "ready" means signed in on an
+        unattended machine."""
+        self._reader = threading.Thread(target=self._watch_reader, args=(stop,), name="card-reader", daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + STARTUP_SIGN_IN_SECONDS
+        while not self._first_look.wait(0.02):
+            if stop.is_set() or time.monotonic() > deadline:
+                return
         self.step()
         if self.config.identity.pin.kind not in ("env", "file"):
             return
-        deadline = time.monotonic() + STARTUP_SIGN_IN_SECONDS
         while self.machine.state in (State.PIN_PENDING, State.SIGNING_IN) and time.monotonic() < deadline:
             if stop.wait(0.02):
                 return
             self.step()
 
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop``: act on what the reader, the sign-ins, the session and the timers say."""
+        while not stop.is_set():
+            if self._wake.wait(TICK_SECONDS):
+                self._wake.clear()
+            self.step()
+
+    def _watch_reader(self, stop: threading.Event) -> None:
+        """Look at the reader whenever card events say so, in a thread of its own: a card's probe
+        (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
+        with CardEvents() as events:
+            while not stop.is_set():
+                try:
+                    card = present_card(self.module, self.config.identity.token)
+                except ModuleBusy:  # a sign-in is talking to the module: look again at the next event
+                    pass
+                else:
+                    self._seen = card
+                    self._first_look.set()
+                    self._wake.set()
+                if events.wait(stop):
+                    return
+
     def step(self) -> None:
-        """Look at the reader, the reports of sign-ins, the card-session process and the timers once."""
-        try:
-            card = present_card(self.module, self.config.identity.token)
-            looked = True
-        except ModuleBusy:  # a sign-in is logging in: look at the reader next time
-            card, looked = None, False
+        """Act once on the reader's latest look, the reports of sign-ins, the card-session process and
+        the timers."""
         with self._lock:
             self._take_reports()
-            if looked and card != self.machine.card:
+            card = self._seen
+            if self._first_look.is_set() and card != self.machine.card:
                 if self.card is not None:
                     event("card-removed", token=self.card.label, serial=self.card.serial)
                 if card is None:
@@ -193,13 +213,12 @@ class SessionManager:
 
     def _report(self, happened: Event) -> None:
         self._late.put(happened)
-        if self._events is not None:
-            self._events.notify()  # the loop acts on it now, not at its next tick
+        self._wake.set()  # the loop acts on it now, not at its next tick
 
     def _sign_in_thread(self, card: Card, attempt: int, scope: SignInScope) -> None:
         """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
         try:
-            signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,  # type: ignore[misc]
+            signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,
                                                        confirm_final_try=self.confirm_final_try))
             session = CardSession(self.config, signed_in, on_report=self.audit.session_report,
                                   confirm_final_try=self.confirm_final_try)
