@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from pkcs11.types import Token
 
 from agent.card.watcher import Card
 from agent.config.model import AgentConfig
@@ -103,6 +104,20 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
         log.warning("identity %s: %s; its sessions use TLS 1.2", identity.subject, identity.tls.note)
     signed_in = SignedIn(identity, files, conf, directory, identity.tls.tls13, card.selector, identity.key_id)
     return signed_in, pin
+
+
+def unusable_reason(config: AgentConfig, module: LoadedModule, token: Token) -> str | None:
+    """Why sign-in to ``token`` would fail for want of an identity, judged as :func:`sign_in` judges
+    it from the public objects, without a login (no PIN try is spent); None when it has one. The
+    caller holds :data:`MODULE_CALLS`; a PKCS#11 error (card pulled) is raised."""
+    with token.open() as public_session:
+        identities = list_identities(public_session, token, module.profile, logged_in=False,
+                                     allow_exportable_keys=config.identity.allow_exportable_keys)
+    try:
+        _choose(identities, config, token.label, module.profile.preferred_key_ids)
+    except IdentitySelectionError as error:
+        return str(error).removeprefix(f"token {token.label!r} ")
+    return None
 
 
 def log_signed_in(signed_in: SignedIn, module: LoadedModule) -> None:

@@ -1,0 +1,101 @@
+"""Several readers with `token = ""`: the agent signs in with the most recently inserted card that
+holds a usable identity, skips the others without spending a PIN try on them, and says why.
+
+The readers are the fault module's (`show_token = expired,bob`: token `expired` in reader 0, `bob`
+in reader 1) around the real SoftHSM tokens of the test PKI; its log names the token of every
+C_Login, so "no PIN try on the unusable card" is read from what the module saw."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cryptography import x509
+
+from agent_runner import running_agent, tunnel, wait_for
+from conftest import ProvisionedPki, run_card_agent
+from fault_pkcs11 import FaultControl
+from peers.pynetdicom_scp import associate, tls_scp
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def certificate(test_pki: ProvisionedPki, name: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((test_pki.pki / "clients" / f"{name}.pem").read_bytes())
+
+
+def serials(test_pki: ProvisionedPki) -> dict[str, str]:
+    listed = json.loads(run_card_agent("tokens", "--module", "softhsm2", "--json", env=test_pki.env(),
+                                       check=True).stdout)
+    return {token["label"]: token["serial"] for token in listed}
+
+
+def status(agent_dir: Path, env: dict[str, str]) -> dict:
+    return json.loads(run_card_agent("status", "--json", "--config", agent_dir / "agent.toml", env=env,
+                                     check=True).stdout)
+
+
+def logins(card: FaultControl) -> list[str]:
+    """The C_Login lines of the module's log, without the pid (which process does not matter here)."""
+    return [line.rsplit(" pid=", 1)[0] for line in card.log_lines() if line.startswith("C_Login")]
+
+
+def echo(port: int) -> bool:
+    association = associate(port, sop_classes=[VERIFICATION])
+    if not association.is_established:
+        return False
+    ok = association.send_c_echo().Status == 0
+    association.release()
+    return ok
+
+
+def test_an_unusable_card_in_the_first_reader_is_skipped_for_a_usable_one(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "readers.ctl")
+    card.show("expired,bob")
+    serial = serials(test_pki)
+    expired = certificate(test_pki, "expired")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+                           module=str(fault_module), env=card.env()) as agent:
+            assert echo(agent.port())
+            answer = status(tmp_path / "agent", test_pki.env(**card.env()))
+            log = agent.log()
+        seen = [x509.load_der_x509_certificate(a.peer_certificate_der) for a in pacs.associations]
+    assert seen == [certificate(test_pki, "bob")]
+    assert (answer["state"], answer["token"], answer["token_serial"]) == ("signed in", "bob", serial["bob"])
+    assert (f"card-agent: INFO: card 'bob' (serial {serial['bob']}) chosen: 'expired' (serial {serial['expired']}) "
+            f"holds no usable identity ({expired.subject.rfc4514_string()}: expired on "
+            f"{expired.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: ask for a new certificate)") in log.splitlines()
+    # One PIN try, on bob's card; none on the expired one, before or after.
+    assert logins(card) == ["C_Login rv=0x0 user=1 token=bob"]
+
+
+def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_comes_back_after(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "readers.ctl")
+    card.show("alice,")  # reader 0 holds alice, reader 1 is empty
+    serial = serials(test_pki)
+    env = test_pki.env(**card.env())
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+                           module=str(fault_module), env=card.env()) as agent:
+            assert status(tmp_path / "agent", env)["token"] == "alice"
+            assert echo(agent.port())
+
+            card.show("alice,bob")  # bob's card goes into the second reader
+            agent.wait_for_log('event=sign-in subject="CN=Bob Example')
+            assert status(tmp_path / "agent", env)["token"] == "bob"
+            assert echo(agent.port())
+
+            card.show("alice,")  # bob takes his card: alice's, still in its reader, signs in again
+            wait_for(lambda: agent.log().count('event=sign-in subject="CN=Alice Example') == 2)
+            assert echo(agent.port())
+            log = agent.log()
+        seen = [x509.load_der_x509_certificate(a.peer_certificate_der) for a in pacs.associations]
+    alice, bob = certificate(test_pki, "alice"), certificate(test_pki, "bob")
+    assert seen == [alice, bob, alice]
+    assert (f"card-agent: INFO: card 'bob' (serial {serial['bob']}) chosen: 'alice' (serial {serial['alice']}) "
+            "was inserted earlier") in log.splitlines()
+    assert logins(card) == ["C_Login rv=0x0 user=1 token=alice", "C_Login rv=0x0 user=1 token=bob",
+                            "C_Login rv=0x0 user=1 token=alice"]
