@@ -71,7 +71,7 @@ def test_an_unusable_card_in_the_first_reader_is_skipped_for_a_usable_one(
     assert logins(card) == ["C_Login rv=0x0 user=1 token=bob"]
 
 
-def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_comes_back_after(
+def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_waits_for_re_insertion(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "readers.ctl")
     card.show("alice,")  # reader 0 holds alice, reader 1 is empty
@@ -88,7 +88,19 @@ def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_comes_bac
             assert status(tmp_path / "agent", env)["token"] == "bob"
             assert echo(agent.port())
 
-            card.show("alice,")  # bob takes his card: alice's, still in its reader, signs in again
+            # Bob takes his card. Alice's, passed over while in its reader, does not sign in by
+            # itself (it may have been locked, or left behind): it waits to be re-inserted.
+            card.show("alice,")
+            agent.wait_for_log(f"card 'alice' (serial {serial['alice']}) not signed in again: a card inserted "
+                               "after it was used; remove and re-insert it to sign in")
+            answer = status(tmp_path / "agent", env)
+            assert (answer["state"], answer["present_tokens"]) == (
+                "no card inserted", [{"label": "alice", "serial": serial["alice"]}])
+            assert not echo(agent.port())
+
+            card.show(",")  # alice re-inserts her card
+            wait_for(lambda: status(tmp_path / "agent", env)["present_tokens"] == [])
+            card.show("alice,")
             wait_for(lambda: agent.log().count('event=sign-in subject="CN=Alice Example') == 2)
             assert echo(agent.port())
             log = agent.log()

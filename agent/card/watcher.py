@@ -69,7 +69,11 @@ class CardWatcher:
     Cards present at the first look count as inserted in slot order, the first slot last (so that,
     all else equal, the first slot wins, as with a single reader). When no candidate is usable,
     the most recent one is returned all the same: its sign-in fails with the reason, which
-    ``status`` shows."""
+    ``status`` shows.
+
+    A card that was chosen and then passed over for a newer one is not chosen again until it is
+    re-inserted: when the newer card leaves, the agent does not sign in by itself with a card that
+    may have been locked, have failed its PIN, or been left behind by a clinician who went away."""
 
     def __init__(self, module: LoadedModule, selector: str | None, judge: Judge | None = None) -> None:
         self.module = module
@@ -79,6 +83,8 @@ class CardWatcher:
         self._arrival: dict[Card, int] = {}
         self._arrivals = 0
         self._verdicts: dict[Card, str | None] = {}  # Card -> why unusable (None: usable)
+        self._chosen: Card | None = None
+        self._passed_over: set[Card] = set()  # chosen once, then a newer card was: wait for re-insertion
         self._reported: object = None  # what was last logged, so that a choice is logged once
 
     def look(self) -> Card | None:
@@ -107,15 +113,29 @@ class CardWatcher:
         for gone in set(self._arrival) - set(cards):
             del self._arrival[gone]
             self._verdicts.pop(gone, None)
+            self._passed_over.discard(gone)
         new = [card for card in cards if card not in self._arrival]
         for rank, card in enumerate(reversed(new), start=1):
             self._arrival[card] = self._arrivals + rank
         self._arrivals += len(new)
 
     def _choose(self, tokens: list[Token]) -> Card | None:
-        if not tokens:
-            return None
+        chosen = self._choose_among(tokens)
+        if chosen is not None and self._chosen is not None and chosen != self._chosen \
+                and self._chosen in self.present:
+            self._passed_over.add(self._chosen)
+        self._chosen = chosen
+        return chosen
+
+    def _choose_among(self, tokens: list[Token]) -> Card | None:
         cards = {Card(t.label, token_serial(t)): t for t in tokens}
+        waiting = [card for card in cards if card in self._passed_over]
+        for card in waiting:
+            del cards[card]
+        if not cards:
+            if waiting:
+                self._report_passed_over(waiting)
+            return None
         newest_first = sorted(cards, key=lambda card: self._arrival.get(card, 0), reverse=True)
         if len(cards) == 1 or self.judge is None:
             return newest_first[0]
@@ -151,6 +171,15 @@ class CardWatcher:
         else:
             log.warning("none of the %d cards present holds a usable identity; trying the most recently "
                         "inserted, %s: %s", len(newest_first), chosen, "; ".join(others))
+
+    def _report_passed_over(self, waiting: list[Card]) -> None:
+        key = ("passed over", tuple(waiting))
+        if key == self._reported:
+            return
+        self._reported = key
+        log.info("%s not signed in again: a card inserted after %s was used; remove and re-insert %s to sign in",
+                 ", ".join(f"card {card}" for card in waiting), "it" if len(waiting) == 1 else "them",
+                 "it" if len(waiting) == 1 else "them")
 
     def _report_absent(self) -> None:
         """The named token is waited for (it may be a card not yet inserted): say once per change
