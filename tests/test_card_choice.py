@@ -52,7 +52,7 @@ def echo(port: int) -> bool:
 def test_an_unusable_card_in_the_first_reader_is_skipped_for_a_usable_one(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "readers.ctl")
-    card.show("expired,bob")
+    card.readers("expired", "bob")
     serial = serials(test_pki)
     expired = certificate(test_pki, "expired")
     with tls_scp(pki_dir=test_pki.pki) as pacs:
@@ -74,7 +74,7 @@ def test_an_unusable_card_in_the_first_reader_is_skipped_for_a_usable_one(
 def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_waits_for_re_insertion(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "readers.ctl")
-    card.show("alice,")  # reader 0 holds alice, reader 1 is empty
+    card.readers("alice", None)  # reader 0 holds alice, reader 1 is empty
     serial = serials(test_pki)
     env = test_pki.env(**card.env())
     with tls_scp(pki_dir=test_pki.pki) as pacs:
@@ -83,14 +83,14 @@ def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_waits_for
             assert status(tmp_path / "agent", env)["token"] == "alice"
             assert echo(agent.port())
 
-            card.show("alice,bob")  # bob's card goes into the second reader
+            card.readers("alice", "bob")  # bob's card goes into the second reader
             agent.wait_for_log('event=sign-in subject="CN=Bob Example')
             assert status(tmp_path / "agent", env)["token"] == "bob"
             assert echo(agent.port())
 
             # Bob takes his card. Alice's, passed over while in its reader, does not sign in by
             # itself (it may have been locked, or left behind): it waits to be re-inserted.
-            card.show("alice,")
+            card.readers("alice", None)
             agent.wait_for_log(f"card 'alice' (serial {serial['alice']}) not signed in again: a card inserted "
                                "after it was used; remove and re-insert it to sign in")
             answer = status(tmp_path / "agent", env)
@@ -98,9 +98,9 @@ def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_waits_for
                 "no card inserted", [{"label": "alice", "serial": serial["alice"]}])
             assert not echo(agent.port())
 
-            card.show(",")  # alice re-inserts her card
+            card.readers(None, None)  # alice re-inserts her card
             wait_for(lambda: status(tmp_path / "agent", env)["present_tokens"] == [])
-            card.show("alice,")
+            card.readers("alice", None)
             wait_for(lambda: agent.log().count('event=sign-in subject="CN=Alice Example') == 2)
             assert echo(agent.port())
             log = agent.log()

@@ -90,7 +90,7 @@ def test_a_pin_file_others_can_read_ends_the_agent_naming_the_key(test_pki: Prov
 def test_a_named_token_that_is_absent_is_waited_for_and_the_present_ones_are_named_once(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "readers.ctl")
-    card.show("alice,bob")
+    card.readers("alice", "bob")
     serial = serials(test_pki)
     env = test_pki.env(**card.env())
     with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="alcie",
@@ -111,7 +111,7 @@ def test_a_named_token_that_is_absent_is_waited_for_and_the_present_ones_are_nam
 def test_a_card_that_cannot_serve_an_inbound_listener_is_refused_before_its_pin_and_another_card_is_used(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "readers.ctl")
-    card.show(",alice")  # alice's card, client-only; the other reader empty
+    card.readers(None, "alice")  # alice's card, client-only; the other reader empty
     serial = serials(test_pki)
     env = test_pki.env(**card.env())
     listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}")  # server_certificate = "card"
@@ -125,7 +125,7 @@ def test_a_card_that_cannot_serve_an_inbound_listener_is_refused_before_its_pin_
         assert status(tmp_path / "agent", env)["last_error"] == refusal
         assert f"card-agent: ERROR: sign-in to 'alice' (serial {serial['alice']}) failed: {refusal}" in agent.log()
 
-        card.show("bob,alice")  # bob's card, which allows serverAuth, in the first reader
+        card.readers("bob", "alice")  # bob's card, which allows serverAuth, in the first reader
         agent.wait_for_log('event=sign-in subject="CN=Bob Example')
         answer = status(tmp_path / "agent", env)
         log = agent.log()
