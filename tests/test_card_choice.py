@@ -1,13 +1,16 @@
 """Several readers with `token = ""`: the agent signs in with the most recently inserted card that
 holds a usable identity, skips the others without spending a PIN try on them, and says why.
 
-The readers are the fault module's (`show_token = expired,bob`: token `expired` in reader 0, `bob`
-in reader 1) around the real SoftHSM tokens of the test PKI; its log names the token of every
+The readers are the fault module's (`show_token = ca-only,expired,bob`: token `ca-only` in reader 0,
+and so on) around the real SoftHSM tokens of the test PKI (plus a CA-only token made here); its log names the token of every
 C_Login, so "no PIN try on the unusable card" is read from what the module saw."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -49,12 +52,41 @@ def echo(port: int) -> bool:
     return ok
 
 
-def test_an_unusable_card_in_the_first_reader_is_skipped_for_a_usable_one(
+CA_ONLY_TOKEN = """
+import os, sys
+from pathlib import Path
+import pkcs11
+from cryptography import x509
+from softhsm.provision import SO_PIN, USER_PIN
+from softhsm.tokens import ca_certificate_id, init_token, store_certificate
+conf, ca = Path(sys.argv[1]), x509.load_pem_x509_certificate(Path(sys.argv[2]).read_bytes())
+init_token(conf, "ca-only", so_pin=SO_PIN, user_pin=USER_PIN)
+os.environ["SOFTHSM2_CONF"] = str(conf)
+with pkcs11.lib("/usr/lib/softhsm/libsofthsm2.so").get_token(token_label="ca-only").open(
+        rw=True, user_pin=USER_PIN) as session:
+    store_certificate(session, ca, ca_certificate_id(ca), "issuing CA")
+"""
+
+
+def pki_with_a_ca_only_token(test_pki: ProvisionedPki, directory: Path) -> ProvisionedPki:
+    """A copy of the test PKI and its tokens, plus a token "ca-only" holding the issuing CA's
+    certificate and nothing else (as a card handed out before personalisation would)."""
+    shutil.copytree(test_pki.directory, directory, symlinks=True)
+    conf = directory / test_pki.softhsm_conf.name
+    conf.write_text(conf.read_text().replace(str(test_pki.directory), str(directory)))
+    subprocess.run([sys.executable, "-c", CA_ONLY_TOKEN, str(conf), str(directory / "pki" / "issuing-ca.pem")],
+                   check=True, capture_output=True, timeout=60, cwd=Path(__file__).parent.parent)
+    return ProvisionedPki(directory, conf)
+
+
+def test_unusable_cards_in_the_first_readers_are_skipped_for_a_usable_one(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    test_pki = pki_with_a_ca_only_token(test_pki, tmp_path / "pki")
     card = FaultControl(tmp_path / "readers.ctl")
-    card.readers("expired", "bob")
+    card.readers("ca-only", "expired", "bob")
     serial = serials(test_pki)
     expired = certificate(test_pki, "expired")
+    issuing_ca = x509.load_pem_x509_certificate((test_pki.pki / "issuing-ca.pem").read_bytes())
     with tls_scp(pki_dir=test_pki.pki) as pacs:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
                            module=str(fault_module), env=card.env()) as agent:
@@ -64,10 +96,13 @@ def test_an_unusable_card_in_the_first_reader_is_skipped_for_a_usable_one(
         seen = [x509.load_der_x509_certificate(a.peer_certificate_der) for a in pacs.associations]
     assert seen == [certificate(test_pki, "bob")]
     assert (answer["state"], answer["token"], answer["token_serial"]) == ("signed in", "bob", serial["bob"])
-    assert (f"card-agent: INFO: card 'bob' (serial {serial['bob']}) chosen: 'expired' (serial {serial['expired']}) "
-            f"holds no usable identity ({expired.subject.rfc4514_string()}: expired on "
-            f"{expired.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: ask for a new certificate)") in log.splitlines()
-    # One PIN try, on bob's card; none on the expired one, before or after.
+    # Cards present at start count as inserted in reader order, the first reader last.
+    assert (f"card-agent: INFO: card 'bob' (serial {serial['bob']}) chosen: 'ca-only' (serial {serial['ca-only']}) "
+            f"holds no usable identity (only CA certificates ({issuing_ca.subject.rfc4514_string()}), no personal "
+            f"certificate); 'expired' (serial {serial['expired']}) holds no usable identity "
+            f"({expired.subject.rfc4514_string()}: expired on {expired.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+            "ask for a new certificate)") in log.splitlines()
+    # One PIN try, on bob's card; none on the others, before or after.
     assert logins(card) == ["C_Login rv=0x0 user=1 token=bob"]
 
 

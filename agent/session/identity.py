@@ -175,7 +175,7 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
         return chosen[0]
     usable = [i for i in personal if _usable_before_login(i)]
     if not usable:
-        reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
+        reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or _no_personal_certificate(identities)
         raise IdentitySelectionError(f"token {label!r} holds no usable identity ({reasons})")
     preferred = [i for i in usable if i.key_id in preferred_ids]
     if len(usable) == 1 or len(preferred) == 1:
@@ -183,6 +183,12 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
     listing = ", ".join(f"{i.subject} (key_id {i.key_id.hex()})" for i in usable)
     raise IdentitySelectionError(f"token {label!r} holds several usable identities: {listing}; "
                                  "choose one with [identity] key_id")
+
+
+def _no_personal_certificate(identities: list[Identity]) -> str:
+    if not identities:
+        return "no certificate on the token"
+    return f"only CA certificates ({', '.join(i.subject for i in identities)}), no personal certificate"
 
 
 def _chain(identity: Identity, identities: list[Identity], anchors: TrustAnchors) -> list[x509.Certificate]:
