@@ -287,6 +287,34 @@ def test_show_token_swaps_cards(hsm, wrapper, ctl):
     assert {"alice", "bob"} <= set(res["all"])
 
 
+def test_show_token_list_is_several_readers_each_pulled_alone(hsm, wrapper, ctl):
+    ctl.readers("alice", None)  # reader 0: alice; reader 1: empty
+    res = run_client(hsm, ctl, wrapper, """
+        def visible():
+            return [[s.slot_id, s.get_token().label] for s in lib.get_slots(token_present=True)]
+        out["one"] = visible()
+        out["slots"] = [[sl.slot_id, int(sl.flags) & 1] for sl in lib.get_slots()]
+        a = lib.get_token(token_label="alice").open(user_pin=PIN)
+        ctl.readers("alice", "bob")  # bob's card into reader 1: alice's session lives on
+        out["two"] = visible()
+        out["alice_after_insert"] = private_keys(a)
+        b = lib.get_token(token_label="bob").open(user_pin=PIN)
+        ctl.readers(None, "bob")  # alice's card pulled: her session dies, bob's lives on
+        out["after_pull"] = visible()
+        out["alice_after_pull"] = err(private_keys, a)
+        out["bob_after_pull"] = private_keys(b)
+    """)
+    assert res["one"] == [[0, "alice"]]
+    assert res["slots"] == [[0, 1], [1, 0]]
+    assert res["two"] == [[0, "alice"], [1, "bob"]]
+    assert res["alice_after_insert"] == 1
+    assert res["after_pull"] == [[1, "bob"]]
+    assert res["alice_after_pull"] == "SessionHandleInvalid"
+    assert res["bob_after_pull"] == 1
+    logins = [line for line in ctl.log_lines() if line.startswith("C_Login")]
+    assert [line.split()[-2] for line in logins] == ["token=alice", "token=bob"]
+
+
 def test_injected_failures(hsm, wrapper, ctl):
     res = run_client(hsm, ctl, wrapper, """
         s = lib.get_token(token_label="alice").open(user_pin=PIN)

@@ -175,8 +175,9 @@ def test_the_card_certificate_must_allow_server_authentication(test_pki: Provisi
     listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}")  # server_certificate = "card"
     with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
         log = agent.wait_for_log("sign-in-failed")
-    assert ("inbound 'retrieves': the card's certificate (CN=Alice Example,O=Example Hospital Test PKI) cannot "
-            "identify a TLS server (its extended key usage lacks serverAuth)") in log
+    assert ("token 'alice' cannot serve [[inbound]] 'retrieves' (server_certificate = \"card\"): the card's "
+            "certificate (CN=Alice Example,O=Example Hospital Test PKI) cannot identify a TLS server (its extended "
+            "key usage lacks serverAuth); not signed in, no PIN asked") in log
 
 
 def test_a_c_move_from_orthanc_arrives_through_both_directions(test_pki: ProvisionedPki, tmp_path: Path,
@@ -290,7 +291,8 @@ def test_a_node_key_pin_that_is_not_there_is_refused_at_start_up(test_pki: Provi
         stop_agent(process)
     assert process.returncode == 2
     assert (tmp_path / "agent.log").read_text().splitlines()[-1] == (
-        "card-agent: error: the PIN variable NODE_PIN is not set or empty")
+        f"card-agent: error: {config} [[inbound]] 'retrieves'.server_key_pin: the PIN variable NODE_PIN is not set "
+        "or empty")
 
 
 def test_allow_from_matches_addresses_networks_and_ipv4_mapped_peers() -> None:

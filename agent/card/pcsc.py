@@ -4,7 +4,7 @@ Where the PKCS#11 module talks to cards through pcscd (OpenSC and most card midd
 pcscd knows first that a card left: ``SCardGetStatusChange`` returns as soon as its reader state
 changes, while the poller would only look at its next tick. This module only says "something
 changed, look now"; which card is present is still decided by asking the PKCS#11 module
-(watcher.present_card), so an event source that misses, duplicates or invents events can delay or
+(watcher.CardWatcher.look), so an event source that misses, duplicates or invents events can delay or
 add a poll but never make the agent believe in a wrong card. Polling stays as the backstop.
 
 ctypes over libpcsclite (the C client library of pcscd); no pyscard dependency. Types follow

@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pkcs11.exceptions import PKCS11Error
+from pkcs11.types import Token
 
 from agent.card.pcsc import PcscEventSource, PcscUnavailable
 from agent.token.discovery import matching_tokens, present_tokens, token_serial
@@ -53,22 +55,142 @@ class ModuleBusy(Exception):
 BUSY_WAIT_SECONDS = 0.1  # the card loop must stay free for signals and the session's checks
 
 
-def present_card(module: LoadedModule, selector: str | None) -> Card | None:
-    """The card the configuration accepts (any card when ``selector`` is empty), if one is present.
+# Why a card cannot sign in as configured, judged from what it shows without a login (None: it can).
+# Raises PKCS11Error when the card cannot be read (pulled while being looked at).
+Judge = Callable[[Token], "str | None"]
 
-    Raises :class:`ModuleBusy` when another thread (a sign-in) holds the module for longer than
-    :data:`BUSY_WAIT_SECONDS`."""
-    if not MODULE_CALLS.try_enter(BUSY_WAIT_SECONDS):
-        raise ModuleBusy()
-    try:
-        tokens = present_tokens(module)
-        if selector:
-            tokens = matching_tokens(tokens, selector)
-        return Card(tokens[0].label, token_serial(tokens[0])) if tokens else None
-    except PKCS11Error:
-        return None
-    finally:
-        MODULE_CALLS.__exit__()
+
+class CardWatcher:
+    """Which card is present now, and, when several are (several readers), which one to sign in with.
+
+    With several candidates, each card is judged once per insertion (cached by label and serial,
+    from the public objects, no login: no PIN try is spent to find out) and the most recently
+    inserted card with a usable identity is chosen; the choice and what was skipped are logged.
+    Cards present at the first look count as inserted in slot order, the first slot last (so that,
+    all else equal, the first slot wins, as with a single reader). When no candidate is usable,
+    the most recent one is returned all the same: its sign-in fails with the reason, which
+    ``status`` shows.
+
+    A card that was chosen and then passed over for a newer one is not chosen again until it is
+    re-inserted: when the newer card leaves, the agent does not sign in by itself with a card that
+    may have been locked, have failed its PIN, or been left behind by a clinician who went away."""
+
+    def __init__(self, module: LoadedModule, selector: str | None, judge: Judge | None = None) -> None:
+        self.module = module
+        self.selector = selector
+        self.judge = judge
+        self.present: tuple[Card, ...] = ()  # every initialised token seen at the last look
+        self._arrival: dict[Card, int] = {}
+        self._arrivals = 0
+        self._verdicts: dict[Card, str | None] = {}  # Card -> why unusable (None: usable)
+        self._chosen: Card | None = None
+        self._passed_over: set[Card] = set()  # chosen once, then a newer card was: wait for re-insertion
+        self._reported: object = None  # what was last logged, so that a choice is logged once
+
+    def look(self) -> Card | None:
+        """The card to sign in with, if any is present. Raises :class:`ModuleBusy` when another
+        thread (a sign-in) holds the module for longer than :data:`BUSY_WAIT_SECONDS`."""
+        if not MODULE_CALLS.try_enter(BUSY_WAIT_SECONDS):
+            raise ModuleBusy()
+        try:
+            tokens = present_tokens(self.module)
+            self._note_arrivals([Card(t.label, token_serial(t)) for t in tokens])
+            if self.selector:
+                candidates = matching_tokens(tokens, self.selector)
+                if not candidates:
+                    self._report_absent()
+            else:
+                candidates = tokens
+            return self._choose(candidates)
+        except PKCS11Error:
+            return None
+        finally:
+            MODULE_CALLS.__exit__()
+
+    def _note_arrivals(self, cards: list[Card]) -> None:
+        """Remember the order in which cards appeared; a card that left and came back is new."""
+        self.present = tuple(cards)
+        for gone in set(self._arrival) - set(cards):
+            del self._arrival[gone]
+            self._verdicts.pop(gone, None)
+            self._passed_over.discard(gone)
+        new = [card for card in cards if card not in self._arrival]
+        for rank, card in enumerate(reversed(new), start=1):
+            self._arrival[card] = self._arrivals + rank
+        self._arrivals += len(new)
+
+    def _choose(self, tokens: list[Token]) -> Card | None:
+        chosen = self._choose_among(tokens)
+        if chosen is not None and self._chosen is not None and chosen != self._chosen \
+                and self._chosen in self.present:
+            self._passed_over.add(self._chosen)
+        self._chosen = chosen
+        return chosen
+
+    def _choose_among(self, tokens: list[Token]) -> Card | None:
+        cards = {Card(t.label, token_serial(t)): t for t in tokens}
+        waiting = [card for card in cards if card in self._passed_over]
+        for card in waiting:
+            del cards[card]
+        if not cards:
+            if waiting:
+                self._report_passed_over(waiting)
+            return None
+        newest_first = sorted(cards, key=lambda card: self._arrival.get(card, 0), reverse=True)
+        if len(cards) == 1 or self.judge is None:
+            return newest_first[0]
+        for card in newest_first:
+            if card not in self._verdicts:
+                try:
+                    self._verdicts[card] = self.judge(cards[card])
+                except PKCS11Error as error:  # gone or unreadable mid-way: judged again at the next look
+                    log.debug("card %s could not be judged: %s", card, error)
+                    continue
+        usable = [card for card in newest_first if card in self._verdicts and self._verdicts[card] is None]
+        chosen = usable[0] if usable else newest_first[0]
+        self._report_choice(chosen, newest_first, bool(usable))
+        return chosen
+
+    def _report_choice(self, chosen: Card, newest_first: list[Card], usable: bool) -> None:
+        key = (chosen, tuple(newest_first), tuple(self._verdicts.get(c, "?") for c in newest_first))
+        if key == self._reported:
+            return
+        self._reported = key
+        others = []
+        for card in newest_first:
+            if card == chosen:
+                continue
+            if card not in self._verdicts:
+                others.append(f"{card} could not be read")
+            elif self._verdicts[card] is not None:
+                others.append(f"{card} {self._verdicts[card]}")
+            else:
+                others.append(f"{card} was inserted earlier")
+        if usable:
+            log.info("card %s chosen: %s", chosen, "; ".join(others))
+        else:
+            log.warning("none of the %d cards present holds a usable identity; trying the most recently "
+                        "inserted, %s: %s", len(newest_first), chosen, "; ".join(others))
+
+    def _report_passed_over(self, waiting: list[Card]) -> None:
+        key = ("passed over", tuple(waiting))
+        if key == self._reported:
+            return
+        self._reported = key
+        log.info("%s not signed in again: a card inserted after %s was used; remove and re-insert %s to sign in",
+                 ", ".join(f"card {card}" for card in waiting), "it" if len(waiting) == 1 else "them",
+                 "it" if len(waiting) == 1 else "them")
+
+    def _report_absent(self) -> None:
+        """The named token is waited for (it may be a card not yet inserted): say once per change
+        of the cards present which ones are there, so that a typo shows."""
+        key = ("absent", self.present)
+        if key == self._reported:
+            return
+        self._reported = key
+        present = ", ".join(str(card) for card in self.present) or "none"
+        log.warning("token %r is not present; present tokens: %s; waiting for it (check [identity] token "
+                    "if it should be one of these)", self.selector, present)
 
 
 class CardEvents:

@@ -13,6 +13,7 @@ import typer
 
 from agent.config.model import AgentConfig, load_config
 from agent.errors import ConfigError
+from agent.token.pin import PinUnavailableError
 from agent.token.secret import make_non_dumpable
 from agent.session.control import ControlServer
 from agent.session.audit import AuditRecorder
@@ -35,9 +36,7 @@ def run(
     settings = load_config(config)
     logging.getLogger().setLevel(settings.log_level.upper())
     crls = _open_crls(settings)
-    # Before `ready:`: refuse a PIN file others could write, take env: PINs out of the environment.
-    for pin_source in [settings.identity.pin, *(i.server_key_pin for i in settings.inbound if i.server_key_pin)]:
-        pin_source.prepare()
+    _prepare_pin_sources(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -74,6 +73,20 @@ RELOAD_NOT_SUPPORTED = ("SIGHUP: reloading the configuration is not supported ye
 
 def _reload_not_supported(signum: int, frame: object) -> None:
     log.warning("%s", RELOAD_NOT_SUPPORTED)
+
+
+def _prepare_pin_sources(settings: AgentConfig) -> None:
+    """Before `ready:`: refuse a PIN file others could write, an unset env: variable, a pinentry
+    program that is not there (none of them fixes itself), naming the key; take env: PINs out of
+    the environment."""
+    sources = [(f"{settings.source} [identity].pin", settings.identity.pin),
+               *((f"{settings.source} [[inbound]] {i.name!r}.server_key_pin", i.server_key_pin)
+                 for i in settings.inbound if i.server_key_pin)]
+    for where, source in sources:
+        try:
+            source.prepare()
+        except PinUnavailableError as error:
+            raise ConfigError(f"{where}: {error}") from None
 
 
 def _open_crls(settings: AgentConfig) -> CrlStore:

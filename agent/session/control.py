@@ -97,6 +97,8 @@ class ControlServer:
             "token_serial": manager.card.serial if manager.card else None,
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(manager.since)) if manager.since else None,
             "last_error": manager.last_error,
+            # What the reader(s) hold, signed in or not: shows a [identity] token typo at a glance.
+            "present_tokens": [{"label": card.label, "serial": card.serial} for card in manager.watcher.present],
             "tunnels": [
                 {"name": t.name, "listen": str(t.listen), "remote": t.remote, **self._counters(t.name, counters)}
                 for t in self.config.tunnels

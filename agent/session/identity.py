@@ -18,17 +18,19 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from pkcs11.types import Token
 
 from agent.card.watcher import Card
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.lifecycle.cancel import SignInCancelledError, current_scope
-from agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles
+from agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles, allows_tls_server
 from agent.tls.provider import openssl_config, provider_key_pem
 from agent.token.discovery import find_token, refresh
 from agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
 from agent.token.login import check_before_login, pin_prompt
 from agent.token.module import MODULE_CALLS, LoadedModule
+from agent.token.profiles import ModuleProfile
 from agent.token.secret import Secret
 from agent.trust.anchors import TrustAnchors, TrustError
 
@@ -78,7 +80,7 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
             identities = list_identities(public_session, token, module.profile, logged_in=False,
                                          allow_exportable_keys=config.identity.allow_exportable_keys)
         state = check_before_login(token, config.identity.pin, confirm_final_try=confirm_final_try)
-    identity = _choose(identities, config, token.label, module.profile.preferred_key_ids)
+    identity = _choose_for(config, identities, token.label, module.profile)
     chain = _chain(identity, identities, anchors)
     directory = Path(tempfile.mkdtemp(prefix="session-", dir=runtime_directory(config)))
     try:
@@ -105,6 +107,20 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
     return signed_in, pin
 
 
+def unusable_reason(config: AgentConfig, module: LoadedModule, token: Token) -> str | None:
+    """Why sign-in to ``token`` would fail for want of an identity, judged as :func:`sign_in` judges
+    it from the public objects, without a login (no PIN try is spent); None when it has one. The
+    caller holds :data:`MODULE_CALLS`; a PKCS#11 error (card pulled) is raised."""
+    with token.open() as public_session:
+        identities = list_identities(public_session, token, module.profile, logged_in=False,
+                                     allow_exportable_keys=config.identity.allow_exportable_keys)
+    try:
+        _choose_for(config, identities, token.label, module.profile)
+    except IdentitySelectionError as error:
+        return str(error).removeprefix(f"token {token.label!r} ")
+    return None
+
+
 def log_signed_in(signed_in: SignedIn, module: LoadedModule) -> None:
     identity = signed_in.identity
     log.info("signed in: %s (issuer %s) on token %r serial %s, %s %d, module %s (profile %s)", identity.subject,
@@ -127,6 +143,27 @@ def _usable_before_login(identity: Identity) -> bool:
     return not [p for p in identity.problems if not p.startswith(KEY_HIDDEN_BEFORE_LOGIN)]
 
 
+def _choose_for(config: AgentConfig, identities: list[Identity], label: str, profile: ModuleProfile) -> Identity:
+    """The identity to sign in with, and one that every listener it would serve accepts."""
+    identity = _choose(identities, config, label, profile.preferred_key_ids)
+    _check_inbound_purpose(config, identity, label)
+    return identity
+
+
+def _check_inbound_purpose(config: AgentConfig, identity: Identity, label: str) -> None:
+    """An inbound listener served with the card's certificate needs one that allows serverAuth.
+    Known only once the card is there, and another card may allow it: this card's sign-in is
+    refused before any PIN is asked, and the agent keeps running."""
+    served = [inbound.name for inbound in config.inbound if inbound.server_certificate is None]
+    if not served or allows_tls_server(identity.certificate):
+        return
+    raise IdentitySelectionError(
+        f"token {label!r} cannot serve [[inbound]] {served[0]!r} (server_certificate = \"card\"): the card's "
+        f"certificate ({identity.subject}) cannot identify a TLS server (its extended key usage lacks serverAuth); "
+        "not signed in, no PIN asked: give the listener the workstation's node certificate with server_certificate "
+        "and server_key, or use a card whose certificate allows serverAuth")
+
+
 def _choose(identities: list[Identity], config: AgentConfig, label: str, preferred_ids: tuple[bytes, ...]) -> Identity:
     personal = [i for i in identities if not is_ca_certificate(i.certificate)]
     if config.identity.key_id is not None:
@@ -138,7 +175,7 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
         return chosen[0]
     usable = [i for i in personal if _usable_before_login(i)]
     if not usable:
-        reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
+        reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or _no_personal_certificate(identities)
         raise IdentitySelectionError(f"token {label!r} holds no usable identity ({reasons})")
     preferred = [i for i in usable if i.key_id in preferred_ids]
     if len(usable) == 1 or len(preferred) == 1:
@@ -146,6 +183,12 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
     listing = ", ".join(f"{i.subject} (key_id {i.key_id.hex()})" for i in usable)
     raise IdentitySelectionError(f"token {label!r} holds several usable identities: {listing}; "
                                  "choose one with [identity] key_id")
+
+
+def _no_personal_certificate(identities: list[Identity]) -> str:
+    if not identities:
+        return "no certificate on the token"
+    return f"only CA certificates ({', '.join(i.subject for i in identities)}), no personal certificate"
 
 
 def _chain(identity: Identity, identities: list[Identity], anchors: TrustAnchors) -> list[x509.Certificate]:

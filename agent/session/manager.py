@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.card.watcher import Card, CardEvents, ModuleBusy, present_card
+from agent.card.watcher import Card, CardEvents, CardWatcher, ModuleBusy
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.lifecycle.cancel import SignInCancelledError, SignInScope
@@ -26,7 +26,7 @@ from agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, 
                                      SignInFailed, StartSignIn, State, Stop)
 from agent.session.audit import AuditRecorder
 from agent.session.events import event
-from agent.session.identity import log_signed_in, sign_in
+from agent.session.identity import log_signed_in, sign_in, unusable_reason
 from agent.session.supervisor import CardSession
 from agent.token.login import LoginError
 from agent.token.pinentry import PinEntryCancelledError
@@ -59,6 +59,8 @@ class SessionManager:
         self.confirm_final_try = confirm_final_try
         self.module: LoadedModule = load_module(config.identity.module)
         self.machine = CardLifecycle()
+        self.watcher = CardWatcher(self.module, config.identity.token,
+                                   lambda token: unusable_reason(config, self.module, token))
         self.session: CardSession | None = None  # the signed-in attempt's card-session process
         self._session_attempt = 0
         self._sign_in: _SignIn | None = None
@@ -138,7 +140,7 @@ class SessionManager:
         with CardEvents() as events:
             while not stop.is_set():
                 try:
-                    card = present_card(self.module, self.config.identity.token)
+                    card = self.watcher.look()
                 except ModuleBusy:  # a sign-in is talking to the module: look again at the next event
                     pass
                 else:

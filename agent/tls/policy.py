@@ -134,13 +134,19 @@ def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdent
     return context
 
 
+def allows_tls_server(certificate: x509.Certificate) -> bool:
+    """Whether the certificate may identify a TLS server: no extended key usage, or one with
+    serverAuth (or anyExtendedKeyUsage)."""
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.SERVER_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
+
+
 def _check_server_purpose(inbound: InboundConfig, chain: Path) -> None:
     leaf = x509.load_pem_x509_certificate(chain.read_bytes())
-    try:
-        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return
-    if ExtendedKeyUsageOID.SERVER_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+    if allows_tls_server(leaf):
         return
     raise TlsPolicyError(
         f"inbound {inbound.name!r}: the card's certificate ({leaf.subject.rfc4514_string()}) cannot identify a TLS "

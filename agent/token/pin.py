@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
 import stat
 import sys
 from dataclasses import dataclass
@@ -51,13 +52,15 @@ class PinSource:
         return self.kind == PROTECTED
 
     def prepare(self) -> None:
-        """At start-up, before the agent says it is ready: check a PIN file's owner and mode, and
-        take an ``env:`` PIN out of the environment (:func:`take_environment_variable`) into the one
+        """At start-up, before the agent says it is ready: check a PIN file's owner and mode, that a
+        pinentry program is there to run, and take an ``env:`` PIN out of the environment (:func:`take_environment_variable`) into the one
         locked buffer it lives in until the agent stops."""
         if self.kind == "file":
             _check_pin_file(self.target)
         elif self.kind == "env":
             _kept_from_environment(self.target)
+        elif self.kind == "pinentry":
+            _check_pinentry_program(self.target)
 
     def read(self, prompt: str) -> Secret:
         """The PIN, for one login attempt: the caller wipes it. ``prompt`` says which token and what
@@ -92,6 +95,17 @@ def _kept_from_environment(variable: str) -> Secret:
             raise PinUnavailableError(f"the PIN variable {variable} is not set or empty")
         _from_environment[variable] = kept
     return kept
+
+
+def _check_pinentry_program(program: str) -> None:
+    """A pinentry program that is not there never appears by waiting: say so at start-up, not at
+    the first card insertion."""
+    if shutil.which(program) is not None:
+        return
+    where = program if os.sep in program else f"{program!r} on PATH ({os.environ.get('PATH', '')})"
+    raise PinUnavailableError(
+        f"the pinentry program {where} does not exist or is not executable: install pinentry-gnome3, pinentry-qt, "
+        "pinentry-curses or pinentry-tty, or give its path (pinentry:/usr/bin/pinentry-tty)")
 
 
 def _secret_from_text(text: str) -> Secret:

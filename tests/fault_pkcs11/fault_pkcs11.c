@@ -11,6 +11,10 @@
  * younger than 1 s, as file timestamps are coarse).  Keys:
  *   present = 0|1          0: no slot has a token, all sessions die
  *   show_token = LABEL     expose only the slot holding token LABEL, as slot 0
+ *   show_token = L1,L2,..  several readers: token Li (when present) as slot i-1, the other
+ *                          real slots hidden, an empty Li an empty reader ("alice," = two readers); a change that keeps a label at its position
+ *                          leaves that card's sessions alone (one reader's card pulled or
+ *                          inserted, the others untouched)
  *   generation = ANY       any change = card removed and re-inserted
  *   fail = C_Fn:CKR_X[,C_Fn:0xNN...]   C_Fn returns that error, for every C_Fn
  *                          but C_GetInfo, C_GetFunctionList, C_Finalize,
@@ -24,9 +28,10 @@
  *   pin_retries = N        emulated user PIN retry counter, kept in <control>.state
  *   token_flags_set = HEX, token_flags_clear = HEX   edit CK_TOKEN_INFO.flags
  *   protected_pin = PIN    PIN "typed on the PIN pad" for C_Login(pPin=NULL)
- *   log = PATH             append one line per call of interest
+ *   log = PATH             append one line per call of interest (C_Login lines end in
+ *                          token=LABEL: which card the PIN was tried on)
  *
- * A change of present, show_token or generation is a removal/insertion: every
+ * A change of present, show_token (but see above) or generation is a removal/insertion: every
  * open session becomes invalid (CKR_SESSION_HANDLE_INVALID, also from
  * C_CloseSession, which still closes it in the real module) and the real
  * module is logged out, so a re-inserted card needs a new login.
@@ -55,13 +60,15 @@
 #define EXPORT __attribute__((visibility("default")))
 #define DEFAULT_TARGET "/usr/lib/softhsm/libsofthsm2.so"
 #define MAX_FAILS 32
+#define MAX_READERS 8
+#define SHOW_LEN 256
 #define PATH_LEN 4096
 
 struct fail { char fn[40]; CK_RV rv; };
 
 struct cfg {
     int present;
-    char show[64];          /* "" = slots pass through */
+    char show[SHOW_LEN];    /* "" = slots pass through; else reader labels, comma-separated */
     char generation[64];
     struct fail fails[MAX_FAILS];
     int nfails;
@@ -90,14 +97,15 @@ static size_t protected_pin_len;
 static int have_protected_pin;
 static int loaded, file_seen;
 static struct stat last_st;
-static unsigned long epoch, event_epoch;
+static unsigned long epoch, event_epoch, epoch_events, seen_events;
 static int finalizing;
 static struct sess *sessions;
 static size_t nsess, capsess;
 static int show_cached;
-static char show_cache_label[64];
+static char show_cache_label[SHOW_LEN];
 static unsigned long show_cache_epoch;
-static CK_SLOT_ID show_cache_slot;
+static CK_SLOT_ID show_cache_slots[MAX_READERS];
+static int show_cache_found[MAX_READERS];
 
 /* ------------------------------------------------------------------ utils */
 
@@ -261,6 +269,69 @@ static void kill_sessions_locked(void)
         if (sessions[i].dead) sessions[i].dead = 1;
 }
 
+/* kill the live sessions of one real slot (its card pulled); caller holds mu */
+static void kill_slot_sessions_locked(CK_SLOT_ID slot)
+{
+    size_t i;
+    int first = 1;
+    for (i = 0; i < nsess; i++) {
+        if (sessions[i].dead || sessions[i].slot != slot) continue;
+        if (first && real) real->C_Logout(sessions[i].h);
+        first = 0;
+        sessions[i].dead = 1;
+    }
+}
+
+/* the n-th comma-separated label of show (trimmed) into out; 0 if there is none */
+static int reader_label(const char *show, int index, char *out, size_t size)
+{
+    const char *p = show, *end;
+    int i;
+    for (i = 0; i < index; i++) {
+        p = strchr(p, ',');
+        if (!p) return 0;
+        p++;
+    }
+    end = strchr(p, ',');
+    if (!end) end = p + strlen(p);
+    while (p < end && (*p == ' ' || *p == '\t')) p++;
+    while (end > p && (end[-1] == ' ' || end[-1] == '\t')) end--;
+    if ((size_t)(end - p) >= size) return 0;
+    memcpy(out, p, (size_t)(end - p));
+    out[end - p] = 0;
+    return 1;
+}
+
+static int is_reader_list(const char *show)
+{
+    return strchr(show, ',') != NULL;
+}
+
+static int label_is(const CK_UTF8CHAR label[32], const char *want);
+
+/* A change between reader lists (old or new with a comma): the cards of readers whose label
+ * changed are pulled, the others stay. Returns 0 when this is no reader-list change. Caller holds mu. */
+static int readers_changed_locked(const struct cfg *n)
+{
+    CK_SLOT_ID list[64];
+    CK_ULONG count = 64, s;
+    int i;
+    if (!cur.show[0] || !n->show[0] || (!is_reader_list(cur.show) && !is_reader_list(n->show))) return 0;
+    if (!real || real->C_GetSlotList(CK_TRUE, list, &count) != CKR_OK) return 0;
+    for (s = 0; s < count; s++) {
+        CK_TOKEN_INFO ti;
+        char old_label[64], new_label[64];
+        int old_index = -1, new_index = -1;
+        if (real->C_GetTokenInfo(list[s], &ti) != CKR_OK) continue;
+        for (i = 0; i < MAX_READERS && reader_label(cur.show, i, old_label, sizeof old_label); i++)
+            if (old_index < 0 && label_is(ti.label, old_label)) old_index = i;
+        for (i = 0; i < MAX_READERS && reader_label(n->show, i, new_label, sizeof new_label); i++)
+            if (new_index < 0 && label_is(ti.label, new_label)) new_index = i;
+        if (old_index >= 0 && old_index != new_index) kill_slot_sessions_locked(list[s]);
+    }
+    return 1;
+}
+
 static void parse_line(struct cfg *n, char *line)
 {
     char *k = trim(line), *eq, *v;
@@ -333,12 +404,16 @@ static void reload_locked(void)
     wipe(buf, (size_t)len);   /* it may hold protected_pin */
     if (n.pin_retries < -1) n.pin_retries = -1;
 
-    if (loaded && (n.present != cur.present || strcmp(n.show, cur.show) != 0
-                   || strcmp(n.generation, cur.generation) != 0)) {
+    if (loaded && (n.present != cur.present || strcmp(n.generation, cur.generation) != 0
+                   || (strcmp(n.show, cur.show) != 0 && !readers_changed_locked(&n)))) {
         epoch++;
         show_cached = 0;
         kill_sessions_locked();
         log_to(n.log, "EVENT epoch=%lu present=%d show_token=%s", epoch, n.present, n.show);
+    } else if (loaded && strcmp(n.show, cur.show) != 0) {
+        epoch_events++;
+        show_cached = 0;
+        log_to(n.log, "EVENT readers present=%d show_token=%s", n.present, n.show);
     }
     cur = n;
     loaded = 1;
@@ -439,38 +514,68 @@ static int label_is(const CK_UTF8CHAR label[32], const char *want)
     return n == w && memcmp(label, want, n) == 0;
 }
 
-/* real slot holding the token labelled c->show; 0 if none */
-static int resolve_show(const struct cfg *c, CK_SLOT_ID *out)
+/* the real slots of the readers of c->show (found[i] = 0: reader i is empty); returns the count */
+static int resolve_readers(const struct cfg *c, CK_SLOT_ID slots[MAX_READERS], int found[MAX_READERS])
 {
     CK_SLOT_ID list[64];
-    CK_ULONG n = 64, i;
-    int found = 0;
+    CK_ULONG n = 64, s;
+    char label[64];
+    int i, readers = 0;
 
     pthread_mutex_lock(&mu);
     if (show_cached && show_cache_epoch == c->epoch && strcmp(show_cache_label, c->show) == 0) {
-        *out = show_cache_slot;
-        found = 1;
+        memcpy(slots, show_cache_slots, sizeof show_cache_slots);
+        memcpy(found, show_cache_found, sizeof show_cache_found);
+        for (readers = 0; readers < MAX_READERS && reader_label(c->show, readers, label, sizeof label); readers++) {}
+        pthread_mutex_unlock(&mu);
+        return readers;
     }
     pthread_mutex_unlock(&mu);
-    if (found) return 1;
 
-    if (real->C_GetSlotList(CK_TRUE, list, &n) != CKR_OK) return 0;
-    for (i = 0; i < n && !found; i++) {
+    for (i = 0; i < MAX_READERS; i++) found[i] = 0;
+    for (readers = 0; readers < MAX_READERS && reader_label(c->show, readers, label, sizeof label); readers++) {}
+    if (real->C_GetSlotList(CK_TRUE, list, &n) != CKR_OK) return readers;
+    for (s = 0; s < n; s++) {
         CK_TOKEN_INFO ti;
-        if (real->C_GetTokenInfo(list[i], &ti) == CKR_OK && label_is(ti.label, c->show)) {
-            *out = list[i];
-            found = 1;
-        }
+        if (real->C_GetTokenInfo(list[s], &ti) != CKR_OK) continue;
+        for (i = 0; i < readers; i++)
+            if (!found[i] && reader_label(c->show, i, label, sizeof label) && label[0] && label_is(ti.label, label)) {
+                slots[i] = list[s];
+                found[i] = 1;
+            }
     }
-    if (found) {
-        pthread_mutex_lock(&mu);
-        show_cached = 1;
-        show_cache_slot = *out;
-        show_cache_epoch = c->epoch;
-        copy_str(show_cache_label, sizeof show_cache_label, c->show);
-        pthread_mutex_unlock(&mu);
-    }
-    return found;
+    pthread_mutex_lock(&mu);
+    show_cached = 1;
+    memcpy(show_cache_slots, slots, sizeof show_cache_slots);
+    memcpy(show_cache_found, found, sizeof show_cache_found);
+    show_cache_epoch = c->epoch;
+    copy_str(show_cache_label, sizeof show_cache_label, c->show);
+    pthread_mutex_unlock(&mu);
+    return readers;
+}
+
+/* real slot of reader ``index`` of c->show; 0 if that reader is empty */
+static int resolve_reader(const struct cfg *c, CK_SLOT_ID index, CK_SLOT_ID *out)
+{
+    CK_SLOT_ID slots[MAX_READERS];
+    int found[MAX_READERS];
+    int readers = resolve_readers(c, slots, found);
+    if (index >= (CK_SLOT_ID)readers || !found[index]) return 0;
+    *out = slots[index];
+    return 1;
+}
+
+/* caller's slot id of a real slot: its reader index with show_token, else itself */
+static CK_SLOT_ID reader_of(const struct cfg *c, CK_SLOT_ID real_slot)
+{
+    CK_SLOT_ID slots[MAX_READERS];
+    int found[MAX_READERS];
+    int i, readers;
+    if (!c->show[0]) return real_slot;
+    readers = resolve_readers(c, slots, found);
+    for (i = 0; i < readers; i++)
+        if (found[i] && slots[i] == real_slot) return (CK_SLOT_ID)i;
+    return 0;
 }
 
 /* caller's slot id -> real slot id.  *have = 0: the visible slot is empty. */
@@ -479,8 +584,9 @@ static CK_RV map_slot(const struct cfg *c, CK_SLOT_ID id, int need_token, CK_SLO
     *have = 1;
     *out = id;
     if (c->show[0]) {
-        if (id != 0) return CKR_SLOT_ID_INVALID;
-        *have = resolve_show(c, out);
+        char label[64];
+        if (id >= MAX_READERS || !reader_label(c->show, (int)id, label, sizeof label)) return CKR_SLOT_ID_INVALID;
+        *have = resolve_reader(c, id, out);
     }
     if (!c->present) *have = 0;
     return (need_token && !*have) ? CKR_TOKEN_NOT_PRESENT : CKR_OK;
@@ -489,17 +595,20 @@ static CK_RV map_slot(const struct cfg *c, CK_SLOT_ID id, int need_token, CK_SLO
 static CK_RV w_C_GetSlotList P_C_GetSlotList
 {
     struct cfg c;
-    CK_SLOT_ID r;
-    CK_ULONG have;
+    CK_SLOT_ID slots[MAX_READERS], ids[MAX_READERS];
+    int found[MAX_READERS];
+    CK_ULONG have = 0, i;
+    int readers = 0;
     CK_RV rv;
     snap(&c);
     if ((rv = injected(&c, "C_GetSlotList")) != CKR_OK) return rv;
     if (!c.show[0] && (c.present || !tokenPresent)) return real->C_GetSlotList A_C_GetSlotList;
     if (!pulCount) return CKR_ARGUMENTS_BAD;
-    have = c.show[0] ? 1 : 0;
-    if (tokenPresent) have = c.present && c.show[0] && resolve_show(&c, &r);
+    if (c.show[0]) readers = resolve_readers(&c, slots, found);
+    for (i = 0; i < (CK_ULONG)readers; i++)
+        if (!tokenPresent || (c.present && found[i])) ids[have++] = i;
     if (pSlotList && *pulCount < have) rv = CKR_BUFFER_TOO_SMALL;
-    else if (pSlotList && have) pSlotList[0] = 0;
+    else if (pSlotList) for (i = 0; i < have; i++) pSlotList[i] = ids[i];
     *pulCount = have;
     return rv;
 }
@@ -514,7 +623,7 @@ static CK_RV w_C_GetSlotInfo P_C_GetSlotInfo
     if ((rv = injected(&c, "C_GetSlotInfo")) != CKR_OK) return rv;
     if ((rv = map_slot(&c, slotID, 0, &r, &have)) != CKR_OK) return rv;
     if (!pInfo) return CKR_ARGUMENTS_BAD;
-    if (c.show[0] && (!c.present || !resolve_show(&c, &r))) {
+    if (c.show[0] && (!c.present || !resolve_reader(&c, slotID, &r))) {
         memset(pInfo, 0, sizeof *pInfo);
         memset(pInfo->slotDescription, ' ', sizeof pInfo->slotDescription);
         memset(pInfo->manufacturerID, ' ', sizeof pInfo->manufacturerID);
@@ -684,7 +793,7 @@ static CK_RV w_C_CloseAllSessions P_C_CloseAllSessions
     CK_RV rv;
     snap(&c);
     if ((rv = map_slot(&c, slotID, 0, &r, &have)) != CKR_OK) return rv;
-    if (c.show[0] && !resolve_show(&c, &r)) return CKR_OK;
+    if (c.show[0] && !resolve_reader(&c, slotID, &r)) return CKR_OK;
     rv = real->C_CloseAllSessions(r);
     pthread_mutex_lock(&mu);
     drop_sessions_locked(1, r, 0);
@@ -699,7 +808,7 @@ static CK_RV w_C_GetSessionInfo P_C_GetSessionInfo
     if (rv == CKR_OK) rv = injected(&c, "C_GetSessionInfo");
     if (rv != CKR_OK) return rv;
     rv = real->C_GetSessionInfo(hSession, pInfo);
-    if (rv == CKR_OK && c.show[0]) pInfo->slotID = 0;
+    if (rv == CKR_OK && c.show[0]) pInfo->slotID = reader_of(&c, pInfo->slotID);
     return rv;
 }
 
@@ -737,8 +846,22 @@ static CK_RV do_login(const struct cfg *c, CK_SLOT_ID slot, CK_SESSION_HANDLE h,
     return rv;
 }
 
+/* the label of the token in a real slot, without padding ("?" if unknown), for the log */
+static void token_label(CK_SLOT_ID slot, char *out, size_t size)
+{
+    CK_TOKEN_INFO ti;
+    size_t n = 32;
+    copy_str(out, size, "?");
+    if (real->C_GetTokenInfo(slot, &ti) != CKR_OK) return;
+    while (n > 0 && (ti.label[n - 1] == ' ' || ti.label[n - 1] == 0)) n--;
+    if (n >= size) n = size - 1;
+    memcpy(out, ti.label, n);
+    out[n] = 0;
+}
+
 static CK_RV w_C_Login P_C_Login
 {
+    char label[40];
     struct cfg c;
     CK_SLOT_ID slot;
     long left = -1;
@@ -772,10 +895,11 @@ static CK_RV w_C_Login P_C_Login
         }
         close(fd);
     }
+    token_label(slot, label, sizeof label);
     if (left >= 0)
-        log_call("C_Login rv=0x%lx user=%lu%s remaining=%ld", rv, userType, pad ? " pinpad" : "", left);
+        log_call("C_Login rv=0x%lx user=%lu%s remaining=%ld token=%s", rv, userType, pad ? " pinpad" : "", left, label);
     else
-        log_call("C_Login rv=0x%lx user=%lu%s", rv, userType, pad ? " pinpad" : "");
+        log_call("C_Login rv=0x%lx user=%lu%s token=%s", rv, userType, pad ? " pinpad" : "", label);
     return rv;
 }
 
@@ -919,8 +1043,9 @@ static CK_RV w_C_WaitForSlotEvent P_C_WaitForSlotEvent
         pthread_mutex_lock(&mu);
         reload_locked();
         fin = finalizing;
-        event = epoch != event_epoch;
+        event = epoch != event_epoch || epoch_events != seen_events;
         event_epoch = epoch;
+        seen_events = epoch_events;
         show = cur.show[0] != 0;
         pthread_mutex_unlock(&mu);
         if (fin) return CKR_CRYPTOKI_NOT_INITIALIZED;

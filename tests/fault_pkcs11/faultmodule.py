@@ -9,7 +9,7 @@ retry counter while a client process keeps running.
     ctl = FaultControl(tmp_path / "card.ctl")
     env = {**os.environ, **ctl.env()}      # give this to the client process
     ... load `so` as the PKCS#11 module in that process ...
-    ctl.remove_card(); ctl.insert_card(); ctl.show("bob")
+    ctl.remove_card(); ctl.insert_card(); ctl.show("bob"); ctl.readers("alice", None)
     ctl.fail("C_Sign", "CKR_DEVICE_REMOVED"); ctl.sign_delay(500)
     ctl.pin_retries(3); ctl.signatures()
 
@@ -178,6 +178,11 @@ class FaultControl:
     def show(self, label: str | None) -> None:
         """Expose only the token ``label`` as slot 0 (None: all slots pass through)."""
         self.set(show_token=label, generation=self._bump())
+
+    def readers(self, *labels: str | None) -> None:
+        """Several readers: token ``labels[i]`` in reader (slot) i, None an empty reader. Only the
+        readers whose card changes see a removal or insertion; the others' sessions live on."""
+        self.set(show_token=",".join(label or "" for label in labels) + ("," if len(labels) == 1 else ""))
 
     # -- faults -----------------------------------------------------------
     def fail(self, func: str, ckr: str | int | None) -> None:
