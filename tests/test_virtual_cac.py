@@ -289,7 +289,8 @@ def test_a_card_pulled_mid_handshake_ends_every_association_under_way_and_the_ne
         received = scp.stored_files()
     hung = [output for status, output in results if status is None]
     assert not hung, f"{len(hung)} association(s) still open {answered_in:.1f} s after the pull:\n{hung[0]}"
-    unanswered = [output for status, output in results if status != 0 and not any(e in output for e in ASSOCIATION_ENDS)]
+    unanswered = [output for status, output in results
+                  if status != 0 and not any(end in output for end in ASSOCIATION_ENDS)]
     assert not unanswered, f"ended without A-ASSOCIATE-RJ or A-ABORT:\n{unanswered[0]}"
     rejected = [output for status, output in results if status != 0 and "Association Rejected" in output]
     assert rejected, "no association was under way when the card was pulled"
