@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from agent.dicom.pdu import (AssociateRequest, MaximumLength, PduType, PresentationContextItemRQ,
                              encode_associate_rq)
-from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
+from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.ports import free_port
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -139,6 +139,12 @@ def card_session_pid(agent_pid: int) -> int | None:
         if parent == agent_pid and b"agent.session.worker" in cmdline:
             return int(stat.parent.name)
     return None
+
+
+def agent_status(agent_dir: Path, env: dict[str, str]) -> dict:
+    """``card-agent status --json`` of the agent whose configuration is ``agent_dir``/agent.toml."""
+    return json.loads(run_card_agent("status", "--json", "--config", agent_dir / "agent.toml", env=env,
+                                     check=True).stdout)
 
 
 def stop_agent(process: subprocess.Popen) -> int:

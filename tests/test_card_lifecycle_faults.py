@@ -5,65 +5,21 @@ that dies. The agent must stay up, answer at once, and never spend a PIN try on 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from agent.dicom.pdu import parse_associate_rj
 from agent.lifecycle.machine import MAX_SESSION_LOSSES
-from agent_runner import (associate_rq, card_session_pid, running_agent, send_and_close, tunnel,
+from agent_runner import (agent_status, associate_rq, card_session_pid, running_agent, send_and_close, tunnel,
                           wait_for)
-from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from conftest import USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, tls_scp
+from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
 
 VERIFICATION = "1.2.840.10008.1.1"
-PINENTRY_TTY = "/usr/bin/pinentry-tty"
-
-
-class Terminal:
-    """The clinician's terminal: the agent's stdin, where pinentry-tty shows its dialog."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        self.screen = b""
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            self.screen += data
-
-    def wait_for_prompt(self, count: int = 1, timeout: float = 10.0) -> None:
-        wait_for(lambda: self.screen.count(b"PIN:") >= count, timeout)
-
-    def type(self, keys: bytes) -> None:
-        os.write(self.master, keys)
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-@pytest.fixture
-def terminal():
-    tty = Terminal()
-    yield tty
-    tty.close()
 
 
 def echo(port: int) -> bool:
@@ -73,22 +29,6 @@ def echo(port: int) -> bool:
     ok = association.send_c_echo().Status == 0
     association.release()
     return ok
-
-
-def pinentry_processes() -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().split(b"\0")[0] == PINENTRY_TTY.encode():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
-
-
-def status(agent_dir: Path, env: dict[str, str]) -> dict:
-    return json.loads(run_card_agent("status", "--json", "--config", agent_dir / "agent.toml", env=env,
-                                     check=True).stdout)
 
 
 def logins(card: FaultControl) -> list[str]:
@@ -104,10 +44,11 @@ def test_a_card_pulled_during_the_pin_dialog_closes_it_and_the_agent_carries_on(
                            module=str(fault_module), env=card.env(), stdin=terminal.slave,
                            identity={"pin": f"pinentry:{PINENTRY_TTY}"}) as agent:
             terminal.wait_for_prompt()
+            assert len(pinentry_processes(agent.process.pid)) == 1
             env = test_pki.env(**card.env())
             # The dialog is open: status and applications are answered at once.
             started = time.monotonic()
-            assert status(tmp_path / "agent", env)["state"] == "card present, PIN not yet entered"
+            assert agent_status(tmp_path / "agent", env)["state"] == "card present, PIN not yet entered"
             answer = send_and_close(agent.port(), associate_rq())
             assert time.monotonic() - started < 3.0
             assert parse_associate_rj(answer).describe().startswith("rejected-transient")
@@ -115,12 +56,12 @@ def test_a_card_pulled_during_the_pin_dialog_closes_it_and_the_agent_carries_on(
 
             card.remove_card()
             pulled = time.monotonic()
-            wait_for(lambda: not pinentry_processes(), timeout=2)
+            wait_for(lambda: not pinentry_processes(agent.process.pid), timeout=2)
             assert time.monotonic() - pulled < 1.0, "the PIN dialog stayed open after the card was pulled"
             terminal.type(USER_PIN.encode() + b"\r")  # typed into a dialog that is gone: nothing happens
             time.sleep(0.3)
             assert agent.process.poll() is None
-            assert status(tmp_path / "agent", env)["state"] == "no card inserted"
+            assert agent_status(tmp_path / "agent", env)["state"] == "no card inserted"
             assert logins(card) == []  # no PIN try was spent
 
             card.insert_card()
@@ -140,11 +81,12 @@ def test_sigterm_during_the_pin_dialog_stops_the_agent_within_a_second(
     with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], module=str(fault_module),
                        env=card.env(), stdin=terminal.slave, identity={"pin": f"pinentry:{PINENTRY_TTY}"}) as agent:
         terminal.wait_for_prompt()
+        assert len(pinentry_processes(agent.process.pid)) == 1
         started = time.monotonic()
         agent.process.send_signal(signal.SIGTERM)
         status_code = agent.process.wait(5)
         stopped_in = time.monotonic() - started
-        wait_for(lambda: not pinentry_processes(), timeout=2)
+        wait_for(lambda: not pinentry_processes(agent.process.pid), timeout=2)
     assert status_code == 0 and stopped_in < 1.0, f"stopped in {stopped_in:.2f} s with status {status_code}"
     assert logins(card) == []
 
@@ -171,7 +113,7 @@ def test_a_killed_card_session_is_noticed_and_signed_in_again_then_not_looped(
                     assert time.monotonic() - killed < 3.0
                     assert echo(agent.port())
             assert agent.process.poll() is None
-            state = status(tmp_path / "agent", env)["state"]
+            state = agent_status(tmp_path / "agent", env)["state"]
             assert not echo(agent.port())
             log = agent.log()
     assert state == (f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: remove and "

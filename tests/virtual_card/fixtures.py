@@ -6,14 +6,17 @@
 ``virtual_cards`` (session): two cards, "carol" and "dave", keys in their NSS dbs, certificates
 from the test PKI's issuing CA. ``card_reader`` (per test): the empty reader; every card a test
 inserted is pulled again at the end, pass or fail.
-When the stack cannot run, every test using them is skipped with the exact reason.
+When the stack cannot run, every test using them is skipped with the exact reason; in CI
+(``CI`` set) it fails with it instead, since a stack CI should have and lacks is a broken CI.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -25,13 +28,21 @@ from virtual_card.reader import VirtualReader
 CARDS = {"carol": "Carol Example", "dave": "Dave Example"}
 
 
+def stack_unavailable(error: StackUnavailable) -> NoReturn:
+    """Skip the test, or in CI fail it: CI installs the whole stack (scripts/setup) and runs as root."""
+    message = f"virtual smart-card stack unavailable: {error}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def pcscd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pcscd]:
     with contextlib.ExitStack() as stack:
         try:
             daemon = stack.enter_context(pcscd_with_vpcd(tmp_path_factory.mktemp("pcscd")))
         except StackUnavailable as error:
-            pytest.skip(f"virtual smart-card stack unavailable: {error}")
+            stack_unavailable(error)
         yield daemon  # the ExitStack stops a pcscd started here, whatever the tests did
 
 
@@ -40,7 +51,7 @@ def virtual_cards(test_pki: ProvisionedPki, tmp_path_factory: pytest.TempPathFac
     try:
         check_installed()
     except StackUnavailable as error:
-        pytest.skip(f"virtual smart-card stack unavailable: {error}")
+        stack_unavailable(error)
     base = tmp_path_factory.mktemp("virtual-cards")
     return {nickname: make_card(test_pki.pki, base / nickname, nickname, common_name)
             for nickname, common_name in CARDS.items()}
@@ -52,7 +63,7 @@ def card_reader(pcscd: Pcscd, tmp_path: Path) -> Iterator[VirtualReader]:
     try:
         reader.check_empty()
     except StackUnavailable as error:
-        pytest.skip(f"virtual smart-card stack unavailable: {error}")
+        stack_unavailable(error)
     try:
         yield reader
     finally:

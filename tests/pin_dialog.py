@@ -1,0 +1,80 @@
+"""The clinician's side of a PIN dialog: a pseudo-terminal as the agent's stdin, where pinentry-tty
+shows its prompt and the test types, and the pinentry processes of one agent.
+
+Import the fixture into a test module: ``from pin_dialog import terminal  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_runner import wait_for
+
+PINENTRY_TTY = "/usr/bin/pinentry-tty"
+
+
+class Terminal:
+    """The clinician's terminal: the agent's stdin, where pinentry-tty shows its dialog."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self.screen = b""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            self.screen += data
+
+    def wait_for_prompt(self, count: int = 1, timeout: float = 10.0) -> None:
+        wait_for(lambda: self.screen.count(b"PIN:") >= count, timeout)
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def terminal() -> Iterator[Terminal]:
+    tty = Terminal()
+    yield tty
+    tty.close()
+
+
+def pinentry_processes(session: int | None = None) -> list[int]:
+    """The running pinentry-tty processes; with ``session``, only those of that session (the agent's
+    pid: running_agent starts it as a session leader, and its dialogs stay in its session even
+    after it is gone), so that dialogs of agents other tests run at the same time do not count."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().split(b"\0")[0] != PINENTRY_TTY.encode():
+                continue
+            if session is not None and _session_of(cmdline.parent) != session:
+                continue
+        except (OSError, IndexError, ValueError):
+            continue
+        found.append(int(cmdline.parent.name))
+    return found
+
+
+def _session_of(process: Path) -> int:
+    # /proc/PID/stat: "pid (comm) state ppid pgrp session ..."; comm may hold spaces and parentheses
+    return int((process / "stat").read_text().rsplit(")", 1)[1].split()[3])
