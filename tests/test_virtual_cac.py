@@ -294,7 +294,9 @@ def test_a_card_pulled_mid_handshake_ends_every_association_under_way_and_the_ne
     assert not unanswered, f"ended without A-ASSOCIATE-RJ or A-ABORT:\n{unanswered[0]}"
     rejected = [output for status, output in results if status != 0 and "Association Rejected" in output]
     assert rejected, "no association was under way when the card was pulled"
-    assert f"TLS handshake with 127.0.0.1:{scp.port} failed" in log, log
+    # Ended by the pull: said so when the session's end was known by then, else as the failed signature.
+    assert ("card session ended: card removed" in log
+            or f"TLS handshake with 127.0.0.1:{scp.port} failed" in log), log
     assert 2 <= len(stored_under_carol) < len(objects), [status for status, _ in results]
     # The PACS holds what was stored before the pull and after the re-insertion, each once, and no
     # part of what was refused.
@@ -315,9 +317,6 @@ def connections_accepted_on(port: int) -> int:
     return count
 
 
-@pytest.mark.xfail(strict=True, reason="agent bug, reported: a handshake waiting for the PACS does not watch the "
-                   "card session's end (agent/tunnel/relay.py _Tls.handshake); the card-session process exits "
-                   "after its 2 s grace and the application sees the connection closed, without A-ASSOCIATE-RJ")
 def test_a_card_pulled_while_the_pacs_is_slow_to_answer_the_handshake_rejects_the_association(
         test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
         virtual_cards: dict[str, CardContents], study: list[Path]) -> None:

@@ -214,8 +214,10 @@ class _Tls:
     def pending_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
 
-    def handshake(self, sock: socket.socket, timeout: float, lock: contextlib.AbstractContextManager) -> None:
-        """Complete the handshake over ``sock``; OSError or ssl.SSLError when it fails."""
+    def handshake(self, sock: socket.socket, timeout: float, lock: contextlib.AbstractContextManager,
+                  ending: SessionEnd | None = None) -> None:
+        """Complete the handshake over ``sock``; OSError or ssl.SSLError when it fails,
+        :class:`SessionEndedError` when the card session ends while it waits for the peer."""
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -226,6 +228,7 @@ class _Tls:
                     return
                 except ssl.SSLWantReadError:
                     sock.sendall(self.pending_output())
+                    _wait_for_peer(sock, deadline, ending)
                     sock.settimeout(max(0.001, deadline - time.monotonic()))
                     data = sock.recv(CHUNK)
                     if data:
@@ -238,6 +241,25 @@ class _Tls:
             except OSError:
                 pass
             raise
+
+
+class SessionEndedError(OSError):
+    """The card session ended while a handshake waited for its peer."""
+
+
+def _wait_for_peer(sock: socket.socket, deadline: float, ending: SessionEnd | None) -> None:
+    """Until ``sock`` is readable; a session that ends meanwhile must not leave the handshake waiting
+    (its process would close the application's connection without a DICOM answer)."""
+    if ending is None:
+        return
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(ending.read_fd, select.POLLIN)
+    ready = poller.poll(max(1, round((deadline - time.monotonic()) * 1000)))
+    if ending.is_set():
+        raise SessionEndedError(f"card session ended: {ending.reason}")
+    if not ready:
+        raise TimeoutError("the peer did not answer the TLS handshake in time")
 
 
 def _connect(runtime: TunnelRuntime) -> socket.socket:
@@ -254,8 +276,13 @@ def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
     config = runtime.config
     tls = _Tls(runtime.context, server_hostname=config.server_name, session=runtime.resumable_session())
     try:
-        tls.handshake(remote, config.handshake_timeout, contextlib.nullcontext() if tls.resuming else TOKEN_LOCK)
+        tls.handshake(remote, config.handshake_timeout, contextlib.nullcontext() if tls.resuming else TOKEN_LOCK,
+                      runtime.ending)
+    except SessionEndedError as error:
+        raise TunnelFailure(str(error), transient=True) from None
     except (OSError, ssl.SSLError) as error:
+        if runtime.ending.is_set():  # the card left mid-signature ("EVP lib"): not the PACS's doing
+            raise TunnelFailure(f"card session ended: {runtime.ending.reason}", transient=True) from None
         raise handshake_failure(config.remote, error, runtime.identity.describe(), runtime.trust_ca,
                                 config.server_name) from None
     return tls
