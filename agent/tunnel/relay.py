@@ -330,6 +330,14 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             return
         try:
             remote = _connect(runtime)
+        except TunnelFailure as failure:
+            # The PACS is down or unreachable: news for the log and `status`, not a security alert
+            # at the audit repository (nothing was authenticated, nor refused).
+            runtime.count(error=failure.message)
+            log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
+            reject_local(local, failure, request_read=bool(request))
+            return
+        try:
             tls = _handshake(runtime, remote)
             try:
                 runtime.checks.verify(tls.obj.getpeercert(binary_form=True))
