@@ -13,8 +13,9 @@ from pathlib import Path
 
 from agent.dicom.pdu import A_ASSOCIATE_RJ
 from agent.tunnel.relay import reject_pdu
-from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, running_agent, send_and_close,
-                          tunnel)
+from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, inbound_listener, port_of,
+                          running_agent, send_and_close, tunnel)
+from peers.ports import free_port
 from conftest import ProvisionedPki, run_card_agent
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-I", "-c"]
@@ -218,3 +219,23 @@ def test_refusals_in_flight_count_against_max_connections(test_pki: ProvisionedP
     assert answer == REJECTED_TRANSIENT
     assert "tunnel pacs: closed a connection from 127.0.0.1 before TLS: 2 connections in flight (max_connections)" \
         in log, log
+
+
+def test_inbound_connections_beyond_max_connections_are_closed_at_once(test_pki: ProvisionedPki,
+                                                                      tmp_path: Path) -> None:
+    """Two silent peers fill an inbound listener's max_connections = 2 (each waits in its TLS
+    handshake); a third is closed before TLS at once instead of waiting handshake_timeout."""
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}", max_connections=2,
+                                server_certificate=str(test_pki.pki / "server-chain.pem"),
+                                server_key=str(test_pki.pki / "server.key"))
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], inbound=[listener]) as agent:
+        held = _held_connections(port_of(listener), 2)
+        time.sleep(0.5)  # both handed to the card session
+        with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10) as third:
+            answer = _answer_within(third, 2.0)
+        for sock in held:
+            sock.close()
+        log = agent.log()
+    assert answer == b""
+    assert "inbound retrieves: closed a connection from 127.0.0.1 before TLS: 2 connections in flight " \
+        "(max_connections)" in log, log
