@@ -4,6 +4,8 @@ a cap on connections in flight. All against the real agent; the hostile clients 
 
 from __future__ import annotations
 
+import errno
+import logging
 import re
 import socket
 import subprocess
@@ -11,7 +13,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from agent.dicom.pdu import A_ASSOCIATE_RJ
+import pytest
+
+from agent.tunnel.accepting import AcceptBackoff
 from agent.tunnel.relay import reject_pdu
 from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, inbound_listener, port_of,
                           running_agent, send_and_close, tunnel)
@@ -134,7 +138,7 @@ def test_running_out_of_descriptors_does_not_end_the_accept_loop(test_pki: Provi
     assert answer == reject_pdu(transient=False) and float(seconds) < 2, (seconds, answer)
     assert log.count("refused local connection from uid 65534") == refusals + 1
     assert status.returncode == 0 and status.stdout.startswith("state:"), status.stdout + status.stderr
-    assert re.search(r"ERROR: tunnels: tunnel pacs: closed a connection that could not be identified: .*Too many "
+    assert re.search(r"ERROR: tunnels: tunnel pacs: closed a connection it could not identify or answer: .*Too many "
                      r"open files.* \(EMFILE\); backing off 0\.1 s to 1\.0 s and going on", log), log
     assert "internal error" not in log and "Traceback" not in log, log
 
@@ -239,3 +243,35 @@ def test_inbound_connections_beyond_max_connections_are_closed_at_once(test_pki:
     assert answer == b""
     assert "inbound retrieves: closed a connection from 127.0.0.1 before TLS: 2 connections in flight " \
         "(max_connections)" in log, log
+
+
+class _Sleeps:
+    """Records the back-off waits instead of sleeping (a threading.Event's wait)."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        return False
+
+
+def test_the_back_off_doubles_to_one_second_and_logs_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    sleeps = _Sleeps()
+    backoff = AcceptBackoff(logging.getLogger("test.accept"), "tunnels", sleeps, clock=lambda: now[0])  # type: ignore[arg-type]
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    with caplog.at_level(logging.INFO, "test.accept"):
+        for _ in range(6):
+            backoff.failed("cannot accept connections", emfile)
+        backoff.succeeded()
+        now[0] += 11
+        backoff.failed("cannot accept connections", OSError(errno.ECONNABORTED, "Software caused connection abort"))
+    assert sleeps.waits == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]  # no wait for an error that does not repeat
+    assert caplog.messages == [
+        "tunnels: cannot accept connections: Too many open files (EMFILE); backing off 0.1 s to 1.0 s and going on: "
+        "are connections being held open (a scan, another user's program)?",
+        "tunnels: accepting connections again after 6 failed attempts",
+        "tunnels: cannot accept connections: Software caused connection abort (5 more since the last such line); "
+        "accepting goes on",
+    ]

@@ -30,7 +30,7 @@ def test_a_pacs_that_is_down_is_no_security_alert_an_untrusted_one_is(test_pki: 
                            audit={"file": str(audit_file)}) as agent:
             down_answer = send_and_close(agent.port("down"), associate_rq())
             rogue_answer = send_and_close(agent.port("rogue"), associate_rq())
-            log = agent.wait_for_log(f"tunnel down: uid 0 pid unknown from 127.0.0.1:")
+            log = agent.wait_for_log("tunnel down: uid 0 pid unknown from 127.0.0.1:")
     messages = audit_messages(audit_file)
     ids = event_ids(messages)
     alerts = [ET.tostring(m, encoding="unicode") for m, i in zip(messages, ids) if i.startswith("110113/")]

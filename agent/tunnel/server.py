@@ -107,11 +107,11 @@ class Listeners:
                 self._admit_inbound(listener, connection)
             self._backoff.succeeded()
         except (CardAgentError, OSError, RuntimeError) as error:
-            # Whoever it is cannot be established (PeerLookupError when descriptors ran out):
-            # fail closed, without an answer that would need more descriptors or a thread.
+            # Whoever it is cannot be established (PeerLookupError when descriptors ran out), or
+            # no thread is to be had for the answer: fail closed, without an answer.
             connection.close()
-            self._backoff.failed(f"{_kind(listener)} {listener.name}: closed a connection that could not be "
-                                 "identified", error)
+            self._backoff.failed(f"{_kind(listener)} {listener.name}: closed a connection it could not identify "
+                                 "or answer", error)
         finally:
             if not answering:
                 self._in_flight.leave(listener.name)
@@ -125,8 +125,7 @@ class Listeners:
             reject_at_once(connection)
             refusals = self._tunnel_refusals
         connection.close()
-        refusals.refused(listener.name, source,
-                               f"{listener.max_connections} connections in flight (max_connections)")
+        refusals.refused(listener.name, source, f"{listener.max_connections} connections in flight (max_connections)")
 
     def _admit(self, tunnel: TunnelConfig, local: socket.socket) -> bool:
         """True when a refusal thread took over ``local``."""
