@@ -32,6 +32,7 @@ from peers.pki_files import TlsServerFiles
     ("server_pins = [\"12:34\"]", "is not a SHA-256 fingerprint"),
     ("remote = \"pacs\"", "is not HOST:PORT"),
     ("colour = \"blue\"", "unknown key(s) colour"),
+    ("max_connections = 0", "max_connections: must be a whole number of connections, at least 1 (default 64)"),
 ])
 def test_bad_configuration_is_named_and_exits_2(test_pki: ProvisionedPki, tmp_path: Path, change: str,
                                                 message: str) -> None:

@@ -47,6 +47,7 @@ def run(
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
     listeners = Listeners(settings)
     control_server: ControlServer | None = None
+    failure: BaseException | None = None
     try:
         control_server = ControlServer(settings, manager, crls)
         listeners.manager = manager
@@ -58,12 +59,15 @@ def run(
         log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), who)
         manager.run(stop)
         log.info("stopping")
+    except BaseException as error:
+        failure = error
+        raise
     finally:
         listeners.close()
         if control_server is not None:
             control_server.close()
         manager.shutdown()
-        audit.application_stop("SIGTERM or SIGINT" if stop.is_set() else "error")
+        _record_stop(audit, stop, failure)
         audit.close()
 
 
@@ -87,6 +91,16 @@ def _prepare_pin_sources(settings: AgentConfig) -> None:
             source.prepare()
         except PinUnavailableError as error:
             raise ConfigError(f"{where}: {error}") from None
+
+
+def _record_stop(audit: AuditRecorder, stop: threading.Event, failure: BaseException | None) -> None:
+    """Application Stop: a success only when asked to stop (SIGTERM, SIGINT); a stop by an error is
+    a major failure (PS3.15: the reporting application is now unavailable), with the error."""
+    if failure is None and stop.is_set():
+        audit.application_stop("SIGTERM or SIGINT")
+        return
+    reason = f"stopped by an error: {str(failure) or type(failure).__name__}" if failure is not None else "the card loop ended unexpectedly"
+    audit.application_stop(reason, failed=True)
 
 
 def _open_crls(settings: AgentConfig) -> CrlStore:

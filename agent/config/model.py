@@ -62,6 +62,9 @@ class TrustConfig:
     crl_expired: str = "refuse"  # or "warn": what an expired CRL means for the certificates it covers
 
 
+DEFAULT_MAX_CONNECTIONS = 64
+
+
 @dataclass(frozen=True)
 class TunnelConfig:
     name: str
@@ -79,6 +82,7 @@ class TunnelConfig:
     handshake_timeout: float = 30.0
     session_resumption: bool = True
     association: AssociationRules = AssociationRules()
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # connections in flight; more are rejected at once
 
     @property
     def remote(self) -> str:
@@ -105,6 +109,7 @@ class InboundConfig:
     association: AssociationRules = AssociationRules()
     allow_from: tuple[Network, ...] = LOOPBACK_NETWORKS  # source addresses that may connect at all
     max_pending_handshakes: int = 4  # TLS handshakes in flight with peers not yet authenticated
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # connections in flight; more are closed at once
 
     @property
     def remote(self) -> str:
@@ -338,6 +343,14 @@ def _timeouts(section: _Section) -> dict[str, float]:
     return timeouts
 
 
+def _max_connections(section: _Section) -> int:
+    value = section.take("max_connections", int, DEFAULT_MAX_CONNECTIONS)
+    if isinstance(value, bool) or value < 1:
+        raise section.error("max_connections", "must be a whole number of connections, at least 1 "
+                                               f"(default {DEFAULT_MAX_CONNECTIONS})")
+    return value
+
+
 def _tunnel(section: _Section, name: str) -> TunnelConfig:
     listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
     unsafe_listen = section.take("unsafe_listen", bool, False)
@@ -371,6 +384,7 @@ def _tunnel(section: _Section, name: str) -> TunnelConfig:
         unsafe_listen=unsafe_listen,
         session_resumption=section.take("session_resumption", bool, True),
         association=_association_rules(section),
+        max_connections=_max_connections(section),
         **timeouts,
     )
 
@@ -418,7 +432,8 @@ def _inbound(section: _Section, name: str) -> InboundConfig:
                          server_key_uri=key_uri, server_key_pin=key_pin, client_pins=_pins(section, "client_pins"),
                          forward_uids=_uids(section, "forward_uids"), tls=_tls_mode(section),
                          association=_association_rules(section, user_identity=False), **_timeouts(section),
-                         allow_from=_allow_from(section, listen), max_pending_handshakes=max_pending)
+                         allow_from=_allow_from(section, listen), max_pending_handshakes=max_pending,
+                         max_connections=_max_connections(section))
 
 
 def _allow_from(section: _Section, listen: ListenAddress) -> tuple[Network, ...]:

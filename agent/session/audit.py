@@ -55,8 +55,10 @@ class AuditRecorder:
     def application_start(self) -> None:
         self.record(AuditEvent.application_start())
 
-    def application_stop(self, reason: str = "") -> None:
-        self.record(AuditEvent.application_stop(reason=reason))
+    def application_stop(self, reason: str = "", *, failed: bool = False) -> None:
+        """``failed``: the agent stops because of an error, not because it was asked to."""
+        self.record(AuditEvent.application_stop(reason=reason, outcome=Outcome.MAJOR_FAILURE if failed
+                                                else Outcome.SUCCESS))
 
     def signed_in(self, signed_in: SignedIn, card: Card) -> None:
         self.user = User(signed_in.files.subject, signed_in.files.issuer, card.label, card.serial)

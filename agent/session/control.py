@@ -18,11 +18,14 @@ from agent.errors import CardAgentError
 from agent.session.identity import runtime_directory
 from agent.session.manager import SessionManager
 from agent.trust.crls import CrlStore
+from agent.tunnel.accepting import AcceptBackoff
 from agent.tunnel.counters import empty_counts
 from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
 
 log = logging.getLogger("agent.control")
 SOCKET_NAME = "control.sock"
+REQUEST_TIMEOUT = 5.0  # seconds for a whole request line, however slowly it comes
+MAX_REQUEST = 4096  # bytes: requests are one short JSON line
 
 
 class ControlError(CardAgentError):
@@ -43,6 +46,7 @@ class ControlServer:
         self.listener = create_unix_listener(str(self.path))
         self.policy = PeerPolicy(frozenset({os.getuid()}))
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._backoff = AcceptBackoff(log, "control")
 
     def start(self) -> None:
         self._thread.start()
@@ -55,26 +59,37 @@ class ControlServer:
             pass
 
     def _serve(self) -> None:
+        # Nothing ends this loop but close(): `status` and `lock` must answer all day.
         while True:
             try:
                 connection, _ = self.listener.accept()
-            except OSError:
-                return
-            with connection:
-                try:
-                    admit_peer(connection, self.policy)
-                    connection.settimeout(5)
-                    request = json.loads(connection.makefile("rb").readline() or b"{}")
-                    answer = self.answer(request.get("command"))
-                except PeerRefusedError as error:
-                    log.warning("control: %s", error)
-                    continue
-                except (OSError, ValueError) as error:
-                    answer = {"error": f"bad request: {error}"}
-                try:
-                    connection.sendall(json.dumps(answer).encode() + b"\n")
-                except OSError:
-                    pass
+            except OSError as error:
+                if self.listener.fileno() == -1:
+                    return  # closed: the agent stops
+                self._backoff.failed("cannot accept control connections", error)
+                continue
+            try:
+                with connection:
+                    self._answer_one(connection)
+                self._backoff.succeeded()
+            except Exception as error:  # a bug or a lookup failure costs this request only
+                self._backoff.failed("a control request failed", error)
+
+    def _answer_one(self, connection: socket.socket) -> None:
+        try:
+            admit_peer(connection, self.policy)
+            request = json.loads(_read_line(connection, REQUEST_TIMEOUT) or b"{}")
+            answer = self.answer(request.get("command"))
+        except PeerRefusedError as error:
+            log.warning("control: %s", error)
+            return
+        except (OSError, ValueError) as error:
+            answer = {"error": f"bad request: {error}"}
+        try:
+            connection.settimeout(REQUEST_TIMEOUT)
+            connection.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass
 
     def answer(self, command: str | None) -> dict:
         if command == "status":
@@ -120,6 +135,22 @@ class ControlServer:
         counts = current.pop("counts", None)
         return {**current, "this_session": counts if counts is not None else empty_counts(),
                 "since_start": self.manager.totals.since_start(name, counts)}
+
+
+def _read_line(connection: socket.socket, timeout: float) -> bytes:
+    """One request line, within ``timeout`` in all (bytes trickling in do not extend it)."""
+    deadline = time.monotonic() + timeout
+    data = bytearray()
+    while b"\n" not in data and len(data) < MAX_REQUEST:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no whole request within {timeout:g} s")
+        connection.settimeout(left)
+        chunk = connection.recv(MAX_REQUEST - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data.partition(b"\n")[0])
 
 
 def request(config: AgentConfig, command: str) -> dict:

@@ -41,8 +41,7 @@ from agent.token.module import load_module
 from agent.token.secret import Secret, make_non_dumpable
 from agent.trust.anchors import load_certificates
 from agent.trust.crls import CrlStore, PeerRevocation
-from agent.tunnel.relay import (InboundRuntime, Report, SessionEnd, TunnelRuntime, handle_inbound,
-                                handle_outbound, no_report)
+from agent.tunnel.relay import InboundRuntime, Report, SessionEnd, TunnelRuntime, no_report, serve_connection
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
@@ -195,12 +194,8 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
             continue
         if message["type"] == "connection" and fds:
             connection = socket.socket(fileno=fds[0])
-            runtime = runtimes[message["tunnel"]]
-            handler = handle_outbound if isinstance(runtime, TunnelRuntime) else handle_inbound
-            thread = threading.Thread(target=handler, args=(runtime, connection, message["peer"]),
-                                      name=f"conn-{message['tunnel']}", daemon=True)
-            thread.start()
-            threads = [t for t in threads if t.is_alive()] + [thread]
+            thread = serve_connection(runtimes[message["tunnel"]], connection, message["peer"])
+            threads = [t for t in threads if t.is_alive()] + ([thread] if thread is not None else [])
     log.info("card session ending: %s", reason)
     for runtime in runtimes.values():
         runtime.ending.signal(reason)

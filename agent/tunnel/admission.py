@@ -75,11 +75,14 @@ class _Refusals:
 class RefusalLog:
     """Logs refused connections at most once per listener, source and reason in ``interval``
     seconds; the refusals in between are counted and told in one line when the interval is over,
-    so that a scan or a flood cannot flood the log. Thread-safe."""
+    so that a scan or a flood cannot flood the log. ``kind`` names the listeners' kind in its
+    lines ("inbound", "tunnel"). Thread-safe."""
 
     def __init__(self, logger: logging.Logger, interval: float = REFUSAL_LOG_INTERVAL,
-                 max_sources: int = REFUSAL_LOG_SOURCES, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_sources: int = REFUSAL_LOG_SOURCES, clock: Callable[[], float] = time.monotonic,
+                 kind: str = "inbound") -> None:
         self._log = logger
+        self._kind = kind
         self._interval = interval
         self._max_sources = max_sources
         self._clock = clock
@@ -88,7 +91,7 @@ class RefusalLog:
         self._next_sweep = 0.0
 
     def refused(self, listener: str, source: str, reason: str) -> None:
-        """One connection to inbound ``listener`` from ``source`` closed before TLS, for ``reason``."""
+        """One connection to ``listener`` from ``source`` closed before TLS, for ``reason``."""
         now = self._clock()
         with self._lock:
             self._report_expired(now)
@@ -98,7 +101,7 @@ class RefusalLog:
             refusals = self._seen.get(key)
             if refusals is None:
                 self._seen[key] = _Refusals(logged_at=now)
-                self._log.warning("inbound %s: closed a connection from %s before TLS: %s", *key)
+                self._log.warning("%s %s: closed a connection from %s before TLS: %s", self._kind, *key)
             else:
                 refusals.since_logged += 1
 
@@ -117,8 +120,8 @@ class RefusalLog:
                 continue
             if refusals.since_logged:
                 count = refusals.since_logged
-                self._log.warning("inbound %s: closed %d more connection%s from %s before TLS in the last %.0f s: %s",
-                                  key[0], count, "s" if count > 1 else "", key[1], now - refusals.logged_at, key[2])
+                self._log.warning("%s %s: closed %d more connection%s from %s before TLS in the last %.0f s: %s",
+                                  self._kind, key[0], count, "s" if count > 1 else "", key[1], now - refusals.logged_at, key[2])
                 self._seen[key] = _Refusals(logged_at=now)
             else:
                 del self._seen[key]

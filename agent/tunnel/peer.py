@@ -75,7 +75,12 @@ class UnidentifiedPeerError(PeerRefusedError):
 
 
 class PeerLookupError(CardAgentError):
-    """The kernel's socket tables cannot be read, so no local client can be identified."""
+    """The kernel's socket tables cannot be read, so no local client can be identified; ``errno``
+    is the OS error's (EMFILE when descriptors ran out), if one caused it."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class ListenerError(CardAgentError):
@@ -277,7 +282,8 @@ def _load_rows(ipv6: bool) -> list[TcpRow]:
         raise PeerLookupError(f"{path} does not exist, so local TCP clients cannot be identified; "
                               "is /proc mounted?") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise PeerLookupError(f"cannot read {path} to identify local TCP clients: {error}") from None
+        raise PeerLookupError(f"cannot read {path} to identify local TCP clients: {error}",
+                              getattr(error, "errno", None)) from None
     try:
         return parse_proc_net_tcp(text, ipv6)
     except ValueError as error:

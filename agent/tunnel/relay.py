@@ -46,7 +46,8 @@ log = logging.getLogger("agent.tunnel")
 
 CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
-REJECT_READ_TIMEOUT = 3.0
+REJECT_READ_TIMEOUT = 3.0  # for the request of an application about to be rejected, however it trickles
+CLOSE_LINGER = 2.0  # for the application to close after our last PDU, however it trickles
 ASSOCIATE_RQ_TIMEOUT = 30.0  # the ARTIM timer's job (PS3.8 9.1.5) while no PACS is involved yet
 POLL_INTERVAL_MS = 1000
 INSTANCES_PER_REPORT = 100  # one report must fit the reports channel (agent/session/channel.py)
@@ -100,6 +101,19 @@ class _Counters:
     bytes_down: int = field(default=0, init=False)
     last_error: str | None = field(default=None, init=False)
     tally: SessionCounts = field(default_factory=SessionCounts, init=False, repr=False)
+    _in_flight: int = field(default=0, init=False, repr=False)  # handed to a thread and not yet ended
+
+    def enter(self, limit: int) -> bool:
+        """Count one more connection in flight unless ``limit`` are already."""
+        with self._lock:
+            if self._in_flight >= limit:
+                return False
+            self._in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     def counters(self) -> dict[str, object]:
         with self._lock:
@@ -288,6 +302,46 @@ def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
     return tls
 
 
+_capacity_refusals = RefusalLog(log, kind="tunnel")
+
+
+def serve_connection(runtime: TunnelRuntime | InboundRuntime, connection: socket.socket,
+                     peer: str) -> threading.Thread | None:
+    """Serve a connection the supervisor handed over in a thread of its own, unless the listener has
+    max_connections in flight: then a tunnel's application gets A-ASSOCIATE-RJ (rejected-transient)
+    at once and an inbound peer sees the connection close. The thread, or None."""
+    config = runtime.config
+    if not runtime.enter(config.max_connections):
+        reason = f"{config.max_connections} connections in flight (max_connections)"
+        runtime.count(error=f"connection closed before TLS: {reason}")
+        if isinstance(runtime, TunnelRuntime):
+            reject_at_once(connection)
+            _capacity_refusals.refused(config.name, peer.split(" pid ", 1)[0], reason)  # "uid 1000": one line per user
+        else:
+            _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
+        connection.close()
+        return None
+
+    def serve() -> None:
+        try:
+            if isinstance(runtime, TunnelRuntime):
+                handle_outbound(runtime, connection, peer)
+            else:
+                handle_inbound(runtime, connection, peer)
+        finally:
+            runtime.leave()
+    thread = threading.Thread(target=serve, name=f"conn-{config.name}", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had: the connection cannot be served
+        runtime.leave()
+        connection.close()
+        log.error("%s %s: %s: no thread to serve the connection; closed",
+                  "tunnel" if isinstance(runtime, TunnelRuntime) else "inbound", config.name, peer)
+        return None
+    return thread
+
+
 def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> None:
     """Serve one accepted local connection to the end; never raises."""
     config = runtime.config
@@ -309,7 +363,16 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         stage = "connect"
         try:
             remote = _connect(runtime)
-            stage = "tls"
+        except TunnelFailure as failure:
+            # The PACS is down or unreachable: news for the log and `status`, not a security alert
+            # at the audit repository (nothing was authenticated, nor refused).
+            runtime.count(error=failure.message)
+            runtime.tally.association("failed", stage)
+            log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
+            reject_local(local, failure, request_read=bool(request))
+            return
+        stage = "tls"
+        try:
             tls = _handshake(runtime, remote)
             runtime.tally.handshake(tls.obj.session_reused)
             try:
@@ -655,19 +718,41 @@ def _read_one_pdu(local: socket.socket, timeout: float) -> None:
 
 def reject_local(local: socket.socket, failure: TunnelFailure, *, request_read: bool = False) -> None:
     """Answer the application's association request with A-ASSOCIATE-RJ, then close gracefully;
-    the request is read first unless ``request_read``."""
+    the request is read first unless ``request_read``. Bounded: at most REJECT_READ_TIMEOUT for the
+    request and CLOSE_LINGER for the goodbye, however the application trickles its bytes."""
     if not request_read:
         _read_one_pdu(local, REJECT_READ_TIMEOUT)
     _send_and_close(local, reject_pdu(transient=failure.transient))
 
 
-def _send_and_close(local: socket.socket, data: bytes) -> None:
+def reject_at_once(local: socket.socket) -> None:
+    """A-ASSOCIATE-RJ (rejected-transient) without reading or waiting: for a listener with
+    max_connections in flight. What the application already sent is dropped, so that closing
+    does not reset the connection before it reads the answer; the caller closes."""
     try:
-        local.settimeout(2.0)
+        local.setblocking(False)
+        local.send(reject_pdu(transient=True))
+        local.shutdown(socket.SHUT_WR)
+        for _ in range(4):  # what a request takes; a flood is not read to its end
+            if not local.recv(CHUNK):
+                break
+    except OSError:
+        pass  # BlockingIOError: nothing more waiting; anything else: the application is gone
+
+
+def _send_and_close(local: socket.socket, data: bytes, linger: float = CLOSE_LINGER) -> None:
+    """Send ``data``, half-close, and wait up to ``linger`` seconds in all for the application to
+    close too, so that our PDU is not lost to a reset. The wait is one deadline: bytes trickling
+    in do not extend it."""
+    deadline = time.monotonic() + linger
+    try:
+        local.settimeout(linger)
         local.sendall(data)
         local.shutdown(socket.SHUT_WR)
-        while local.recv(CHUNK):  # until the application closes, so our PDU is not lost to a reset
-            pass
+        while (left := deadline - time.monotonic()) > 0:
+            local.settimeout(left)
+            if not local.recv(CHUNK):
+                break
     except OSError:
         pass
 

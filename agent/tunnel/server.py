@@ -13,9 +13,10 @@ from agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from agent.errors import CardAgentError
 from agent.session.manager import SessionManager
 from agent.tls.failures import TunnelFailure
+from agent.tunnel.accepting import AcceptBackoff
 from agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, is_allowed
 from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_tcp_listener, create_unix_listener
-from agent.tunnel.relay import reject_local
+from agent.tunnel.relay import reject_at_once, reject_local
 
 log = logging.getLogger("agent.tunnel")
 
@@ -32,7 +33,10 @@ class Listeners:
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._refusals = RefusalLog(log)
+        self._refusals = RefusalLog(log)  # inbound listeners'
+        self._tunnel_refusals = RefusalLog(log, kind="tunnel")
+        self._backoff = AcceptBackoff(log, "tunnels", self._stop)
+        self._in_flight = _InFlight()
         try:
             for tunnel in config.tunnels:
                 listen = tunnel.listen
@@ -73,22 +77,58 @@ class Listeners:
         self._thread.start()
 
     def _accept_loop(self) -> None:
+        # Nothing may end this loop but close(): a dead accept thread leaves the agent "signed in"
+        # with every association timing out.
         while not self._stop.is_set():
-            self._refusals.flush()
-            for key, _ in self._selector.select(timeout=0.5):
-                sock, tunnel = self.sockets[key.fd]
-                try:
-                    local, _ = sock.accept()
-                except OSError:
-                    continue
-                # Admitting is quick (one sock_diag query, one message to the card session), so it
-                # runs here: a thread per connection cost every association ~0.1 ms of set-up.
-                if isinstance(tunnel, TunnelConfig):
-                    self._admit(tunnel, local)
-                else:
-                    self._admit_inbound(tunnel, local)
+            try:
+                self._refusals.flush()
+                self._tunnel_refusals.flush()
+                for key, _ in self._selector.select(timeout=0.5):
+                    sock, listener = self.sockets[key.fd]
+                    connection = self._backoff.accept(sock)
+                    if connection is not None:
+                        self._serve(listener, connection)
+            except Exception:  # a bug must cost one connection, not every later one
+                log.exception("accepting connections: internal error; accepting goes on")
+                self._stop.wait(0.1)
 
-    def _admit(self, tunnel: TunnelConfig, local: socket.socket) -> None:
+    def _serve(self, listener: TunnelConfig | InboundConfig, connection: socket.socket) -> None:
+        """Admit, refuse or turn away one accepted connection; never raises, never blocks for long."""
+        if not self._in_flight.enter(listener.name, listener.max_connections):
+            self._over_capacity(listener, connection)
+            return
+        answering = False  # True once a refusal thread owns the connection (and leaves in-flight)
+        try:
+            # Admitting is quick (one sock_diag query, one message to the card session), so it
+            # runs here: a thread per connection cost every association ~0.1 ms of set-up.
+            if isinstance(listener, TunnelConfig):
+                answering = self._admit(listener, connection)
+            else:
+                self._admit_inbound(listener, connection)
+            self._backoff.succeeded()
+        except (CardAgentError, OSError, RuntimeError) as error:
+            # Whoever it is cannot be established (PeerLookupError when descriptors ran out), or
+            # no thread is to be had for the answer: fail closed, without an answer.
+            connection.close()
+            self._backoff.failed(f"{_kind(listener)} {listener.name}: closed a connection it could not identify "
+                                 "or answer", error)
+        finally:
+            if not answering:
+                self._in_flight.leave(listener.name)
+
+    def _over_capacity(self, listener: TunnelConfig | InboundConfig, connection: socket.socket) -> None:
+        """Beyond max_connections: a tunnel's application gets A-ASSOCIATE-RJ (rejected-transient)
+        at once, without its request being read; an inbound peer sees the connection close."""
+        refusals = self._refusals
+        source = _source(connection)  # before the answer: a peer gone since has no address
+        if isinstance(listener, TunnelConfig):
+            reject_at_once(connection)
+            refusals = self._tunnel_refusals
+        connection.close()
+        refusals.refused(listener.name, source, f"{listener.max_connections} connections in flight (max_connections)")
+
+    def _admit(self, tunnel: TunnelConfig, local: socket.socket) -> bool:
+        """True when a refusal thread took over ``local``."""
         try:
             peer = admit_peer(local, self.policies[tunnel.name])
         except PeerRefusedError as error:
@@ -96,8 +136,7 @@ class Listeners:
             if self.manager is not None:
                 self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
             self._turned_away(tunnel.name, "local_peer_refused")
-            self._reject(tunnel, local, TunnelFailure("local peer refused"))
-            return
+            return self._reject(tunnel, local, TunnelFailure("local peer refused"))
         session = self.manager.current_session() if self.manager else None
         if session is not None:
             self.manager.touch()
@@ -105,22 +144,30 @@ class Listeners:
             state = self.manager.state if self.manager else "starting"
             log.warning("tunnel %s: %s: rejected: %s", tunnel.name, peer.describe(), state)
             self._turned_away(tunnel.name)
-            self._reject(tunnel, local, TunnelFailure(state, transient=True))
-            return
+            return self._reject(tunnel, local, TunnelFailure(state, transient=True))
         local.close()
+        return False
 
     def _turned_away(self, name: str, reason: str | None = None) -> None:
         """Count it for `status` (agent/tunnel/counters.py); the reason defaults to the card state."""
         if self.manager is not None:
             self.manager.turned_away(name, reason)
 
-    @staticmethod
-    def _reject(tunnel: TunnelConfig, local: socket.socket, failure: TunnelFailure) -> None:
-        """Answer A-ASSOCIATE-RJ in a thread of its own: it waits seconds for the application."""
+    def _reject(self, tunnel: TunnelConfig, local: socket.socket, failure: TunnelFailure) -> bool:
+        """Answer A-ASSOCIATE-RJ in a thread of its own: it waits a bounded time for the application
+        (agent/tunnel/relay.py reject_local). True when the thread took over ``local``."""
         def reject_and_close() -> None:
-            reject_local(local, failure)
+            try:
+                reject_local(local, failure)
+            finally:
+                local.close()
+                self._in_flight.leave(tunnel.name)
+        try:
+            threading.Thread(target=reject_and_close, name=f"reject-{tunnel.name}", daemon=True).start()
+        except RuntimeError:  # no thread to be had: no answer either
             local.close()
-        threading.Thread(target=reject_and_close, name=f"reject-{tunnel.name}", daemon=True).start()
+            raise
+        return True
 
     def _admit_inbound(self, inbound: InboundConfig, connection: socket.socket) -> None:
         try:
@@ -156,3 +203,39 @@ class Listeners:
                     pass
         self.sockets.clear()
         self._selector.close()
+
+
+class _InFlight:
+    """Connections each listener holds in the supervisor: being admitted, or a refusal being answered."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def enter(self, name: str, limit: int) -> bool:
+        """Count one more for ``name`` unless it has ``limit`` already."""
+        with self._lock:
+            count = self._counts.get(name, 0)
+            if count >= limit:
+                return False
+            self._counts[name] = count + 1
+            return True
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] -= 1
+
+
+def _kind(listener: TunnelConfig | InboundConfig) -> str:
+    return "tunnel" if isinstance(listener, TunnelConfig) else "inbound"
+
+
+def _source(connection: socket.socket) -> str:
+    """The peer's address for a log line: a TCP host, or the unix socket's own path."""
+    try:
+        peer = connection.getpeername()
+    except OSError:
+        return "(disconnected)"
+    if isinstance(peer, tuple):
+        return str(peer[0])
+    return "a local process"
