@@ -143,6 +143,29 @@ def test_running_out_of_descriptors_does_not_end_the_accept_loop(test_pki: Provi
     assert "internal error" not in log and "Traceback" not in log, log
 
 
+def test_running_out_of_descriptors_does_not_sign_the_card_out(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """While another user's connections hold every descriptor, the card cannot be read either; the
+    card loop took that for a pulled card and signed the clinician out (SoftHSM then never showed
+    the token again). It keeps the card as it was, and the clinician's next association works."""
+    server = FramedEchoServer(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port)],
+                           prefix=["prlimit", "--nofile=64:64"]) as agent:
+            output = run_as_nobody(HOLDING_CLIENT, str(agent.port()), "150", "4", associate_rq().hex())
+            assert output.split() == ["150", "closed"], output
+            time.sleep(1.5)
+            request = dicom_stream(b"after the flood" * 10)
+            answer = send_and_close(agent.port(), request)
+            status = run_card_agent("status", "--json", "--config", tmp_path / "agent" / "agent.toml",
+                                    env=test_pki.env())
+            log = agent.log()
+    finally:
+        server.close()
+    assert echoed(answer) == request
+    assert "event=sign-out" not in log, log
+    assert '"state": "signed in"' in status.stdout, status.stdout
+
+
 def test_a_refused_peer_trickling_bytes_is_closed_within_the_bound(test_pki: ProvisionedPki,
                                                                   tmp_path: Path) -> None:
     """A refused connection is read for at most 3 s and then lingers at most 2 s, however slowly its

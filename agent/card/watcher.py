@@ -13,6 +13,7 @@ backstop for modules that do not use pcscd and for events pcscd does not report.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -48,8 +49,17 @@ class Card:
         return f"{self.label!r} (serial {self.serial})"
 
 
-class ModuleBusy(Exception):
-    """A sign-in is talking to the module: the reader cannot be looked at this time."""
+class CannotLook(Exception):
+    """The reader cannot be looked at this time: the card is taken to be as it was."""
+
+
+class ModuleBusy(CannotLook):
+    """A sign-in is talking to the module."""
+
+
+class DescriptorsExhausted(CannotLook):
+    """The process has no file descriptor left (EMFILE/ENFILE), so the module could not answer:
+    not a sign that the card left. Another user's connections can cause this."""
 
 
 BUSY_WAIT_SECONDS = 0.1  # the card loop must stay free for signals and the session's checks
@@ -103,6 +113,8 @@ class CardWatcher:
                 candidates = tokens
             return self._choose(candidates)
         except PKCS11Error:
+            if _descriptors_exhausted():
+                raise DescriptorsExhausted() from None
             return None
         finally:
             MODULE_CALLS.__exit__()
@@ -235,3 +247,13 @@ class CardEvents:
         if self._changed.wait(POLL_SECONDS):
             self._changed.clear()  # a change arriving after this is seen by the look that follows
         return stop.is_set()
+
+
+def _descriptors_exhausted() -> bool:
+    """True when this process cannot open one more file (the PKCS#11 module could not either)."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as error:
+        return error.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return False

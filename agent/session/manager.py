@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.card.watcher import Card, CardEvents, CardWatcher, ModuleBusy
+from agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from agent.config.model import AgentConfig
 from agent.errors import CardAgentError
 from agent.lifecycle.cancel import SignInCancelledError, SignInScope
@@ -73,6 +73,7 @@ class SessionManager:
         self._lock = threading.RLock()
         self._seen: Card | None = None  # the reader thread's latest look
         self._first_look = threading.Event()
+        self._reader_starved = False  # the last look failed for want of file descriptors
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
         self._reader: threading.Thread | None = None
         self.totals = Totals()  # `status` counts since start: ended sessions and what was turned away
@@ -141,9 +142,15 @@ class SessionManager:
             while not stop.is_set():
                 try:
                     card = self.watcher.look()
-                except ModuleBusy:  # a sign-in is talking to the module: look again at the next event
+                except DescriptorsExhausted:  # not a pulled card: keep it, say so once per episode
+                    if not self._reader_starved:
+                        log.warning("cannot look at the card reader: no file descriptor left (another process's "
+                                    "connections may hold them); the card is taken to be still there")
+                    self._reader_starved = True
+                except CannotLook:  # a sign-in is talking to the module: look again at the next event
                     pass
                 else:
+                    self._reader_starved = False
                     self._seen = card
                     self._first_look.set()
                     self._wake.set()
