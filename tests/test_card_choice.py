@@ -18,9 +18,7 @@ from cryptography import x509
 from agent_runner import running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
-from peers.pynetdicom_scp import associate, tls_scp
-
-VERIFICATION = "1.2.840.10008.1.1"
+from peers.pynetdicom_scp import echo, tls_scp
 
 
 def certificate(test_pki: ProvisionedPki, name: str) -> x509.Certificate:
@@ -41,15 +39,6 @@ def status(agent_dir: Path, env: dict[str, str]) -> dict:
 def logins(card: FaultControl) -> list[str]:
     """The C_Login lines of the module's log, without the pid (which process does not matter here)."""
     return [line.rsplit(" pid=", 1)[0] for line in card.log_lines() if line.startswith("C_Login")]
-
-
-def echo(port: int) -> bool:
-    association = associate(port, sop_classes=[VERIFICATION])
-    if not association.is_established:
-        return False
-    ok = association.send_c_echo().Status == 0
-    association.release()
-    return ok
 
 
 CA_ONLY_TOKEN = """

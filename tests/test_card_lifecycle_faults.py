@@ -16,19 +16,8 @@ from agent_runner import (agent_status, associate_rq, card_session_pid, running_
                           wait_for)
 from conftest import USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
-from peers.pynetdicom_scp import associate, tls_scp
+from peers.pynetdicom_scp import echo, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
-
-VERIFICATION = "1.2.840.10008.1.1"
-
-
-def echo(port: int) -> bool:
-    association = associate(port, sop_classes=[VERIFICATION])
-    if not association.is_established:
-        return False
-    ok = association.send_c_echo().Status == 0
-    association.release()
-    return ok
 
 
 def logins(card: FaultControl) -> list[str]:

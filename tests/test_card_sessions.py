@@ -20,24 +20,13 @@ from agent.dicom.pdu import parse_associate_rj
 from agent_runner import associate_rq, running_agent, send_and_close, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
-from peers.pynetdicom_scp import associate, tls_scp
+from peers.pynetdicom_scp import associate, echo, tls_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
 
 
-
-
 def certificate(test_pki: ProvisionedPki, name: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate((test_pki.pki / "clients" / f"{name}.pem").read_bytes())
-
-
-def echo(port: int) -> bool:
-    association = associate(port, sop_classes=[VERIFICATION])
-    if not association.is_established:
-        return False
-    ok = association.send_c_echo().Status == 0
-    association.release()
-    return ok
 
 
 def test_card_lifecycle_on_a_shared_workstation(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:

@@ -4,7 +4,6 @@ what may still come (a card not yet inserted, another card) is waited for, and s
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

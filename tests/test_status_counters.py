@@ -18,21 +18,12 @@ from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.pki_files import TlsClientFiles
 from peers.ports import free_port
-from peers.pynetdicom_scp import associate, plain_scp, tls_scp
+from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
 RELOAD_NOT_SUPPORTED = ("SIGHUP: reloading the configuration is not supported yet; nothing changed (the card "
                         "session goes on): restart the agent for a changed configuration to take effect")
 SCU = "PYNETDICOM-SCU"  # the calling AE title of peers.pynetdicom_scp.associate
-
-
-def echo(port: int, called_ae: str = "ANY-SCP") -> bool:
-    association = associate(port, sop_classes=[VERIFICATION], called_ae=called_ae)
-    if not association.is_established:
-        return False
-    ok = association.send_c_echo().Status == 0
-    association.release()
-    return ok
 
 
 def status(config: Path) -> dict:

@@ -298,3 +298,14 @@ def associate(port: int, *, tls: TlsClientFiles | None = None, sop_classes: Iter
         # refused our certificate after a TLS 1.3 handshake): its shutdown() fails, close() is skipped.
         sock.close()
     return assoc
+
+
+def echo(port: int, called_ae: str = "ANY-SCP") -> bool:
+    """One C-ECHO through ``port`` (plain DICOM, as an application speaks to the agent): True when
+    the association was accepted and the echo succeeded."""
+    association = associate(port, sop_classes=[Verification], called_ae=called_ae)
+    if not association.is_established:
+        return False
+    ok = association.send_c_echo().Status == 0
+    association.release()
+    return ok
