@@ -13,9 +13,11 @@ pulled, or the idle timeout and pulled. Twice in the day (a third and two thirds
 card-session process is SIGKILLed while signed in; the agent must sign in again by itself.
 
 It prints (markdown on stdout, progress on stderr):
-- agent restarts needed: the agent process had died and was started again (target 0);
-- associations that failed while a card was signed in (the PACS is up all day) (target 0), and
-  associations the PACS saw under another certificate than the card signed in (target 0);
+- agent restarts needed: the agent had died, or its control socket stopped answering, and was
+  started again (target 0);
+- associations that failed while a card was signed in (the PACS is up all day) (target 0),
+  associations the PACS saw under another certificate than the card signed in (target 0), and
+  tracebacks and OpenSSL "Enter PIN" prompts in the agent's log (target 0);
 - RSS and open descriptors of the supervisor and the card-session process at the start, the
   middle and the end of the day (target: flat; a card-session process is new after each sign-in,
   so its figures say whether each new one starts as lean as the first);
@@ -106,6 +108,8 @@ class Day:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     figures: list[tuple[str, tuple[int, int] | None, tuple[int, int] | None]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # the first few, to say what went wrong
+    tracebacks: int = 0  # in the agent's logs: an exception nothing caught
+    pin_prompts: int = 0  # OpenSSL's own "Enter PIN" prompt: the pkcs11-provider wanting to log in by itself
 
     def latency(self, event: str, seconds: float) -> None:
         self.latencies.setdefault(event, []).append(seconds * 1000)
@@ -215,6 +219,9 @@ class ClinicalDay:
                 env = {"SOFTHSM2_CONF": str(provisioned.softhsm_conf), "CARD_PIN": bench.USER_PIN, **card.env()}
                 agent = AgentUnderTest(stack, work, config, env)
                 self.live(agent, card, pacs, port)
+                logs = [path.read_text(errors="replace") for path in sorted(work.glob("agent-*.log"))]
+                self.day.tracebacks = sum(log.count("Traceback (most recent call last)") for log in logs)
+                self.day.pin_prompts = sum(log.count("Enter PIN") for log in logs)
             return self.report(started, time.monotonic() - clock)
         finally:
             if self.args.keep:
@@ -361,6 +368,8 @@ class ClinicalDay:
             f"| agent restarts needed | {day.restarts} | 0 |",
             f"| associations failed while a card was signed in (PACS up) | {day.failed_signed_in} | 0 |",
             f"| associations the PACS saw under another card's certificate | {day.wrong_certificate} | 0 |",
+            f"| tracebacks in the agent's log (uncaught exceptions) | {day.tracebacks} | 0 |",
+            f"| OpenSSL \"Enter PIN\" prompts in the agent's log | {day.pin_prompts} | 0 |",
             "",
             "| when | supervisor | card-session process |",
             "|---|---|---|",
