@@ -398,14 +398,10 @@ def test_the_agent_follows_the_model(test_pki: ProvisionedPki, fault_module: Pat
         suppress_health_check=list(HealthCheck), verbosity=Verbosity.verbose if os.environ.get("CARD_AGENT_MODEL_VERBOSE") else Verbosity.normal))
 
 
-# AGENT BUG found by this model (reported to the lead, not fixed here: agent/ is not this change's):
-# a `status` that asks the card-session process for its counters while that session ends (card
-# pulled or swapped) finds SessionSupervisor.channel set to None between its send and its receive
-# (agent/session/supervisor.py status(): the session end clears the channel without _status_lock),
-# raises AttributeError in the control thread, and that thread dies: from then on `card-agent status`
-# and `card-agent lock` get no answer until the agent is restarted. strict: once fixed, this passes
-# and the marker must go.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="agent bug: the control thread dies when a status races a session's end")
+# Found by this model: a `status` that asked the card-session process for its counters while that
+# session ended (card pulled or swapped) found the channel gone between its send and its receive,
+# raised AttributeError in the control thread, and that thread died: from then on `card-agent
+# status` and `card-agent lock` got no answer until the agent was restarted.
 def test_status_keeps_answering_while_card_sessions_end(test_pki: ProvisionedPki, fault_module: Path,
                                                          tmp_path: Path) -> None:
     card = FaultControl(tmp_path / "reader.ctl")

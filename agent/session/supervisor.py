@@ -130,11 +130,12 @@ class CardSession:
     def status(self) -> dict[str, dict]:
         """Per tunnel: open connections, bytes each way, last error (asked of the card-session process)."""
         with self._status_lock:
-            if self.channel is None:
+            channel = self.channel  # end() may let go of it meanwhile, when this answer is slow
+            if channel is None:
                 return {}
             try:
-                messages.send(self.channel, {"type": "status"})
-                reply, _ = messages.receive(self.channel)
+                messages.send(channel, {"type": "status"})
+                reply, _ = messages.receive(channel)
             except OSError:
                 return {}
             tunnels = reply.get("tunnels", {}) if reply else {}
@@ -146,10 +147,11 @@ class CardSession:
 
     def dispatch(self, tunnel: str, local: socket.socket, peer: str) -> bool:
         """Hand an accepted local connection to the card-session process; False when there is none."""
-        if self.channel is None:
+        channel = self.channel  # end() may let go of it at any moment
+        if channel is None:
             return False
         try:
-            messages.send(self.channel, {"type": "connection", "tunnel": tunnel, "peer": peer}, [local.fileno()])
+            messages.send(channel, {"type": "connection", "tunnel": tunnel, "peer": peer}, [local.fileno()])
         except OSError:
             return False
         return True
@@ -170,6 +172,10 @@ class CardSession:
                             self._keep_counts(reply.get("tunnels", {}))
                 except OSError:
                     pass  # it died first: the last status answer is what there is
+                try:  # a `status` still waiting on it (when the lock was not had) gets its end of stream
+                    self.channel.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self.channel.close()
                 self.channel = None
         finally:
