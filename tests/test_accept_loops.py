@@ -161,8 +161,9 @@ def test_running_out_of_descriptors_does_not_sign_the_card_out(test_pki: Provisi
             log = agent.log()
     finally:
         server.close()
-    assert echoed(answer) == request
     assert "event=sign-out" not in log, log
+    assert answer[:1] != b"\x03", f"the association after the flood was rejected:\n{log}"
+    assert echoed(answer) == request
     assert '"state": "signed in"' in status.stdout, status.stdout
 
 

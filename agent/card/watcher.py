@@ -103,7 +103,11 @@ class CardWatcher:
         if not MODULE_CALLS.try_enter(BUSY_WAIT_SECONDS):
             raise ModuleBusy()
         try:
+            if _descriptors_exhausted():  # the module would fail, or see no token, for want of files
+                raise DescriptorsExhausted()
             tokens = present_tokens(self.module)
+            if not tokens and _descriptors_exhausted():
+                raise DescriptorsExhausted()
             self._note_arrivals([Card(t.label, token_serial(t)) for t in tokens])
             if self.selector:
                 candidates = matching_tokens(tokens, self.selector)
@@ -249,11 +253,19 @@ class CardEvents:
         return stop.is_set()
 
 
+DESCRIPTOR_HEADROOM = 8  # files a PKCS#11 module may open to answer (SoftHSM reads its token files)
+
+
 def _descriptors_exhausted() -> bool:
-    """True when this process cannot open one more file (the PKCS#11 module could not either)."""
+    """True when this process cannot open a few more files: the PKCS#11 module would fail, or
+    (SoftHSM) answer that no token is there, which must not pass for a pulled card."""
+    opened: list[int] = []
     try:
-        fd = os.open(os.devnull, os.O_RDONLY)
+        for _ in range(DESCRIPTOR_HEADROOM):
+            opened.append(os.open(os.devnull, os.O_RDONLY))
     except OSError as error:
         return error.errno in (errno.EMFILE, errno.ENFILE)
-    os.close(fd)
+    finally:
+        for fd in opened:
+            os.close(fd)
     return False

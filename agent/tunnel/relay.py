@@ -449,8 +449,10 @@ def _application_sent_something(runtime: TunnelRuntime, local: socket.socket, pe
     would cost a card signature and, at a PACS serving one association at a time, block the next
     real one. An application sends its A-ASSOCIATE-RQ as soon as it is connected, so waiting for its
     first byte gives up almost none of the round trip that connecting early saves."""
+    poller = select.poll()  # not select(): descriptors above 1023 are fine
+    poller.register(local, select.POLLIN)
     try:
-        readable, _, _ = select.select([local], [], [], ASSOCIATE_RQ_TIMEOUT)
+        readable = poller.poll(ASSOCIATE_RQ_TIMEOUT * 1000)
         if readable and local.recv(1, socket.MSG_PEEK):
             return True
     except OSError:
