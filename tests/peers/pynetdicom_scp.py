@@ -164,8 +164,12 @@ class RecordingScp:
 
     def _on_end(self, how: str):
         def handler(event: evt.Event) -> None:
-            with contextlib.suppress(KeyError):
-                self._record(event.assoc).ended = how
+            with self._lock:
+                # The record stays; pynetdicom's Association (its threads' buffers, ~1.7 MB each)
+                # must not: a clinical day's thousands of associations grew the benchmark to gigabytes.
+                record = self._by_assoc.pop(event.assoc, None)
+            if record is not None:
+                record.ended = how
         return handler
 
     def handlers(self) -> list:
