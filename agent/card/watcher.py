@@ -100,7 +100,7 @@ class CardWatcher:
     def look(self) -> Card | None:
         """The card to sign in with, if any is present. Raises :class:`ModuleBusy` when another
         thread (a sign-in) holds the module for longer than :data:`BUSY_WAIT_SECONDS`."""
-        if not MODULE_CALLS.try_enter(BUSY_WAIT_SECONDS):
+        if not MODULE_CALLS.acquire(timeout=BUSY_WAIT_SECONDS):
             raise ModuleBusy()
         try:
             if _descriptors_exhausted():  # the module would fail, or see no token, for want of files
@@ -121,7 +121,7 @@ class CardWatcher:
                 raise DescriptorsExhausted() from None
             return None
         finally:
-            MODULE_CALLS.__exit__()
+            MODULE_CALLS.release()
 
     def _note_arrivals(self, cards: list[Card]) -> None:
         """Remember the order in which cards appeared; a card that left and came back is new."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pkcs11
@@ -22,47 +20,12 @@ class ModuleLoadError(CardAgentError):
     """The PKCS#11 module cannot be found or loaded."""
 
 
-class ModuleCalls:
-    """One thread at a time in the PKCS#11 module.
-
-    The supervisor polls the reader while a sign-in runs in a thread of its own, and SoftHSM
-    answered CKR_GENERAL_ERROR to a slot poll made while another thread logged in (which the card
-    loop took for a pulled card). Every PKCS#11 call of the supervisor holds this; a sign-in lets
-    go of it while its PIN dialog is open (:meth:`paused`), so that the reader is still watched."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-
-    def try_enter(self, timeout: float) -> bool:
-        """Enter if the module is free within ``timeout`` seconds (leave with ``__exit__``)."""
-        if not self._lock.acquire(timeout=timeout):
-            return False
-        self._owner = threading.get_ident()
-        return True
-
-    def __exit__(self, *exc: object) -> None:
-        self._owner = None
-        self._lock.release()
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Let other threads in for a while, if this thread holds the module (else: nothing)."""
-        if self._owner != threading.get_ident():
-            yield
-            return
-        self.__exit__()
-        try:
-            yield
-        finally:
-            self.__enter__()
-
-
-MODULE_CALLS = ModuleCalls()
+# One thread at a time in the PKCS#11 module. The supervisor polls the reader while a sign-in runs
+# in a thread of its own, and SoftHSM answered CKR_GENERAL_ERROR to a slot poll made while another
+# thread logged in (which the card loop took for a pulled card). Every PKCS#11 call of the
+# supervisor holds this; a sign-in asks for the PIN only after letting go of it, so that the reader
+# is still watched while the dialog is open.
+MODULE_CALLS = threading.Lock()
 
 
 @dataclass(frozen=True)
