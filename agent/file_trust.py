@@ -19,7 +19,7 @@ import pwd
 import stat
 from pathlib import Path
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 ROOT_UID = 0
 

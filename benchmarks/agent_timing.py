@@ -57,10 +57,10 @@ def _wrap(owner, attribute, name):
                 out.write(f"{name} {started:.6f} {ended:.6f}\n")
     setattr(owner, attribute, timed)
 _TARGETS = {
-    "agent.tunnel.server": lambda m: (_wrap(m.Listeners, "_admit", "admit (supervisor thread)"),
+    "dicom_card_agent.tunnel.server": lambda m: (_wrap(m.Listeners, "_admit", "admit (supervisor thread)"),
                                       _wrap(m, "admit_peer", "  admit_peer (/proc/net/tcp)")),
-    "agent.session.supervisor": lambda m: _wrap(m.CardSession, "dispatch", "  dispatch (to card session)"),
-    "agent.tunnel.relay": lambda m: (_wrap(m, "handle_outbound", "handle_outbound (card session)"),
+    "dicom_card_agent.session.supervisor": lambda m: _wrap(m.CardSession, "dispatch", "  dispatch (to card session)"),
+    "dicom_card_agent.tunnel.relay": lambda m: (_wrap(m, "handle_outbound", "handle_outbound (card session)"),
                                      _wrap(m, "_connect", "  connect to the PACS"),
                                      _wrap(m._Tls, "__init__", "  wrap_bio (+ session to resume)"),
                                      _wrap(m, "_handshake", "  TLS handshake"),

@@ -61,7 +61,7 @@ import pynetdicom  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian  # noqa: E402
 
-from agent.tls.policy import TLS_GROUPS  # noqa: E402
+from dicom_card_agent.tls.policy import TLS_GROUPS  # noqa: E402
 from fault_pkcs11 import FaultControl  # noqa: E402
 from fault_pkcs11 import build as build_fault_module  # noqa: E402
 from peers import dcmtk  # noqa: E402
@@ -282,7 +282,7 @@ def peer_lookup_cost(repeat: int = 15) -> PeerLookupCost:
     """What the agent's check of a local TCP client costs per connection right now, measured in
     this process with the agent's own code (agent.tunnel.peer.admit_peer: read /proc/net/tcp, parse
     it, find the client's row) on a real loopback connection."""
-    from agent.tunnel.peer import PeerPolicy, admit_peer, parse_proc_net_tcp
+    from dicom_card_agent.tunnel.peer import PeerPolicy, admit_peer, parse_proc_net_tcp
     policy = PeerPolicy(frozenset({os.getuid()}))
     admit, read, parse = [], [], []
     with socket.socket() as server:

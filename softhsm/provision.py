@@ -11,9 +11,9 @@ import pkcs11
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.token.profiles import get_profile
-from softhsm import pki
-from softhsm.tokens import (
+from dicom_card_agent.token.profiles import get_profile
+from dicom_card_agent.softhsm import pki
+from dicom_card_agent.softhsm.tokens import (
     ca_certificate_id,
     generate_key_pair,
     init_token,

@@ -24,7 +24,7 @@ from pkcs11 import Attribute, CertificateType, KeyType, Mechanism, MechanismFlag
 from pkcs11.types import PrivateKey, Session
 from pkcs11.util.ec import encode_ecdsa_signature, encode_named_curve_parameters
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 SOFTHSM_UTIL = "softhsm2-util"
 PROMPT_TIMEOUT_SECONDS = 30

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from agent.dicom.pdu import (AssociateRequest, MaximumLength, PduType, PresentationContextItemRQ,
+from dicom_card_agent.dicom.pdu import (AssociateRequest, MaximumLength, PduType, PresentationContextItemRQ,
                              encode_associate_rq)
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.ports import free_port
@@ -105,6 +105,22 @@ class RunningAgent:
 WITHOUT_PTRACE = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
 
 
+VIRTUALENV_PACKAGES = Path(CARD_AGENT).parent.parent / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+def with_virtualenv_packages(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for the system interpreter to import this virtualenv's packages, in every process it
+    starts (the card-session process too): a world-readable directory on PYTHONPATH whose
+    sitecustomize puts the virtualenv's site-packages first and reads its .pth files (the editable
+    install's import hook is one; PYTHONPATH alone ignores them)."""
+    directory = Path(tempfile.gettempdir()) / f"card-agent-system-python-{os.getuid()}"
+    directory.mkdir(mode=0o755, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(
+        f"import site, sys\nsys.path.insert(0, {str(VIRTUALENV_PACKAGES)!r})\n"
+        f"site.addsitedir({str(VIRTUALENV_PACKAGES)!r})\n")
+    return {**env, "PYTHONPATH": str(directory)}
+
+
 def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | None = None,
                 stdin: int | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
     """``card-agent run``; as uid ``user`` (and its gid, no supplementary groups) when given, which needs root;
@@ -116,11 +132,9 @@ def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | N
     the virtualenv's packages on PYTHONPATH."""
     command = [CARD_AGENT, "run", "--config", str(config)]
     if user is not None:
-        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-        packages = Path(CARD_AGENT).parent.parent / "lib" / version / "site-packages"
-        env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(packages)])}
+        env = with_virtualenv_packages(env)
         command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", SYSTEM_PYTHON, "-c",
-                   "import sys; from agent.cli.main import main; sys.exit(main())", *command[1:]]
+                   "import sys; from dicom_card_agent.cli.main import main; sys.exit(main())", *command[1:]]
     command = [*(prefix or []), *command]
     with open(log_path, "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.tunnel.accepting import AcceptBackoff
-from agent.tunnel.relay import reject_pdu
+from dicom_card_agent.tunnel.accepting import AcceptBackoff
+from dicom_card_agent.tunnel.relay import reject_pdu
 from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, inbound_listener, port_of,
                           running_agent, send_and_close, tunnel)
 from peers.ports import free_port

@@ -37,7 +37,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from agent.lifecycle.machine import MAX_SESSION_LOSSES
+from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from agent_runner import card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl

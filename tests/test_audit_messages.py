@@ -24,9 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent.audit.config import AuditConfig, load_audit_config, parse_audit_config
-from agent.audit.errors import AuditEventError, AuditSpoolError
-from agent.audit.events import (
+from dicom_card_agent.audit.config import AuditConfig, load_audit_config, parse_audit_config
+from dicom_card_agent.audit.errors import AuditEventError, AuditSpoolError
+from dicom_card_agent.audit.events import (
     AlertType,
     AuditEvent,
     Direction,
@@ -38,10 +38,10 @@ from agent.audit.events import (
     SessionEnd,
     User,
 )
-from agent.audit.messages import AuditSource, render, summarize
-from agent.audit.sinks import FileSink
-from agent.audit.spool import Spool
-from agent.audit.syslog import (
+from dicom_card_agent.audit.messages import AuditSource, render, summarize
+from dicom_card_agent.audit.sinks import FileSink
+from dicom_card_agent.audit.spool import Spool
+from dicom_card_agent.audit.syslog import (
     BOM,
     FrameDecoder,
     FramingError,
@@ -50,8 +50,8 @@ from agent.audit.syslog import (
     parse_message,
     split_frames,
 )
-from agent.audit.trail import AuditTrail
-from agent.errors import ConfigError
+from dicom_card_agent.audit.trail import AuditTrail
+from dicom_card_agent.errors import ConfigError
 
 SOURCE = AuditSource(source_id="ws-radiology-3", hostname="ws3.hospital.example", site_id="Example Hospital")
 ALICE = User("CN=Alice Example,OU=Radiology,O=Example Hospital", "CN=Example Issuing CA,O=Example Hospital",
@@ -630,7 +630,7 @@ def test_file_sink_is_private_and_append_only(tmp_path):
 def test_trail_to_file_and_audit_tail(tmp_path):
     import typer
 
-    from agent.cli import audit_commands
+    from dicom_card_agent.cli import audit_commands
 
     app = typer.Typer()
     app.add_typer(audit_commands.app, name="audit")  # as agent/cli/main.py registers it
@@ -707,7 +707,7 @@ def test_audit_config_errors_name_the_key(tmp_path, table, message):
 def test_audit_tail_shows_peer_text_on_one_line_and_escaped(tmp_path):
     import typer
 
-    from agent.cli import audit_commands
+    from dicom_card_agent.cli import audit_commands
 
     app = typer.Typer()
     app.add_typer(audit_commands.app, name="audit")

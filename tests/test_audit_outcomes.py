@@ -9,7 +9,7 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from agent.tunnel.relay import reject_pdu
+from dicom_card_agent.tunnel.relay import reject_pdu
 from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki
 from peers.ports import free_port
@@ -45,12 +45,12 @@ def test_a_pacs_that_is_down_is_no_security_alert_an_untrusted_one_is(test_pki: 
 # card loop is built not to raise): its loop fails at once with an error.
 FAILING_AGENT = textwrap.dedent("""
     import sys
-    from agent.errors import CardAgentError
-    from agent.session.manager import SessionManager
+    from dicom_card_agent.errors import CardAgentError
+    from dicom_card_agent.session.manager import SessionManager
     def fail(self, stop):
         raise CardAgentError("the card loop failed (fault injected by the test)")
     SessionManager.run = fail
-    from agent.cli.main import main
+    from dicom_card_agent.cli.main import main
     sys.exit(main())
 """)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pkcs11 import Mechanism
 
-from agent.token.capabilities import tls_capability
+from dicom_card_agent.token.capabilities import tls_capability
 
 
 def test_rsa_with_pss_serves_tls13_and_tls12() -> None:

@@ -46,8 +46,8 @@ import os, sys
 from pathlib import Path
 import pkcs11
 from cryptography import x509
-from softhsm.provision import SO_PIN, USER_PIN
-from softhsm.tokens import ca_certificate_id, init_token, store_certificate
+from dicom_card_agent.softhsm.provision import SO_PIN, USER_PIN
+from dicom_card_agent.softhsm.tokens import ca_certificate_id, init_token, store_certificate
 conf, ca = Path(sys.argv[1]), x509.load_pem_x509_certificate(Path(sys.argv[2]).read_bytes())
 init_token(conf, "ca-only", so_pin=SO_PIN, user_pin=USER_PIN)
 os.environ["SOFTHSM2_CONF"] = str(conf)

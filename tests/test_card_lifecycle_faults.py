@@ -10,8 +10,8 @@ import signal
 import time
 from pathlib import Path
 
-from agent.dicom.pdu import parse_associate_rj
-from agent.lifecycle.machine import MAX_SESSION_LOSSES
+from dicom_card_agent.dicom.pdu import parse_associate_rj
+from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from agent_runner import (agent_status, associate_rq, card_session_pid, running_agent, send_and_close, tunnel,
                           wait_for)
 from conftest import USER_PIN, ProvisionedPki

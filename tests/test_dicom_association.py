@@ -17,10 +17,10 @@ from pydicom.dataset import Dataset
 from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetdicomAssociateRQ
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
-from agent.dicom.association import (Association, AssociationRules, ExistingUserIdentity, Forward, Refuse,
+from dicom_card_agent.dicom.association import (Association, AssociationRules, ExistingUserIdentity, Forward, Refuse,
                                      UserIdentityMode)
-from agent.dicom.pdu import MalformedPduError, parse_associate_rj
-from agent.dicom.user_identity import UPN_OID, UsernameError, check_template, username_for
+from dicom_card_agent.dicom.pdu import MalformedPduError, parse_associate_rj
+from dicom_card_agent.dicom.user_identity import UPN_OID, UsernameError, check_template, username_for
 from agent_runner import associate_rq
 
 USERNAME_RULES = AssociationRules(user_identity=UserIdentityMode.USERNAME)
@@ -236,7 +236,7 @@ def test_bad_username_templates_are_refused(template: str) -> None:
 @given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.sampled_from(["1.2.840.10008.5.1.4.1.1.2", "1.2.3"]),
        st.integers(0, 0xFFFF))
 def test_command_fields_read_as_pydicom_reads_them(command_field: int, message_id: int, uid: str, status: int) -> None:
-    from agent.dicom.pdu import decode_command_set, read_command_fields
+    from dicom_card_agent.dicom.pdu import decode_command_set, read_command_fields
 
     data = command_set(CommandGroupLength=0, AffectedSOPClassUID=uid, CommandField=command_field,
                        MessageID=message_id, MessageIDBeingRespondedTo=message_id, Status=status,
@@ -273,8 +273,8 @@ def encoded_data_set(implicit: bool) -> bytes:
 @pytest.mark.parametrize("implicit, transfer_syntax", [(True, "1.2.840.10008.1.2"), (False, "1.2.840.10008.1.2.1")])
 def test_the_patient_and_study_of_each_stored_instance_are_read_from_its_first_bytes(
         implicit: bool, transfer_syntax: str) -> None:
-    from agent.dicom.association import DATA_SET_PREFIX, patient_and_study
-    from agent.dicom.pdu import DataSetPrefix, PduFramer
+    from dicom_card_agent.dicom.association import DATA_SET_PREFIX, patient_and_study
+    from dicom_card_agent.dicom.pdu import DataSetPrefix, PduFramer
 
     data_set = encoded_data_set(implicit)
     command = command_set(CommandGroupLength=0, AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.7", CommandField=1,

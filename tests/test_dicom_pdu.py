@@ -44,8 +44,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from agent.dicom import pdu as pdu_module
-from agent.dicom.pdu import (
+from dicom_card_agent.dicom import pdu as pdu_module
+from dicom_card_agent.dicom.pdu import (
     AbortReason,
     AbortSource,
     AcseRejectReason,
@@ -87,7 +87,7 @@ from agent.dicom.pdu import (
     pdu_type_name,
     with_user_identity,
 )
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

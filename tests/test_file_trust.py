@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.file_trust import UnsafeFileError, check_trusted_file
+from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file
 from agent_runner import running_agent, start_agent, stop_agent, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 

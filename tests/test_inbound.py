@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
-from agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
+from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
 from agent_runner import (RunningAgent, associate_rq, inbound_listener, port_of, running_agent, start_agent,
                           stop_agent, tunnel, wait_for, write_config)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent

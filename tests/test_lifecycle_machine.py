@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from agent.lifecycle.machine import (EVENT_TYPES, MAX_SESSION_LOSSES, TRANSITIONS, CancelSignIn, CardInserted,
+from dicom_card_agent.lifecycle.machine import (EVENT_TYPES, MAX_SESSION_LOSSES, TRANSITIONS, CancelSignIn, CardInserted,
                                      CardLifecycle, CardRemoved, EndSession, IdleTimeout, Lock, PinEntered, Reload,
                                      SessionLost, SignedIn, SignInCancelled, SignInFailed, StartSignIn, State, Stop,
                                      describe_transitions)

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from agent.logline import OneLineFormatter, printable
-from agent.session.events import event
+from dicom_card_agent.logline import OneLineFormatter, printable
+from dicom_card_agent.session.events import event
 
 
 @pytest.mark.parametrize("text, shown", [

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError
-from agent.token.pin import PinSource, PinUnavailableError
-from agent_runner import start_agent, stop_agent, tunnel, write_config
+from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.token.pin import PinSource, PinUnavailableError
+from agent_runner import start_agent, with_virtualenv_packages, stop_agent, tunnel, write_config
 from conftest import ProvisionedPki
 
 
@@ -92,7 +92,7 @@ def test_agent_refuses_a_pin_file_of_another_user_before_it_is_ready(test_pki: P
 
 ENVIRON_CHECK = """
 import sys
-from agent.token.secret import take_environment_variable
+from dicom_card_agent.token.secret import take_environment_variable
 secret = take_environment_variable("CARD_PIN")
 environ = open("/proc/self/environ", "rb").read()
 sys.exit(0 if secret is not None and b"9137-42-pin" not in environ else 1)
@@ -105,6 +105,6 @@ def test_the_env_pin_leaves_proc_environ_with_every_python(python: str) -> None:
     # the value was left in /proc/PID/environ (the package will run on that interpreter).
     if not Path(python).exists():
         pytest.fail(f"{python} is missing") if os.environ.get("CI") else pytest.skip(f"{python} is missing")
-    env = {"CARD_PIN": "9137-42-pin", "PYTHONPATH": str(Path(__file__).parent.parent), "PATH": os.environ["PATH"]}
+    env = with_virtualenv_packages({"CARD_PIN": "9137-42-pin", "PATH": os.environ["PATH"]})
     result = subprocess.run([python, "-c", ENVIRON_CHECK], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from agent.token.pin import PinSource
-from agent.token.pinentry import Pinentry, PinentryError, escape, parse_status, unescape, unescape_in_place
+from dicom_card_agent.token.pin import PinSource
+from dicom_card_agent.token.pinentry import Pinentry, PinentryError, escape, parse_status, unescape, unescape_in_place
 
 
 class Terminal:

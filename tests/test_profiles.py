@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.token.profiles import AUTO_ORDER, ProfileError, all_profiles, detect_profile, get_profile
+from dicom_card_agent.token.profiles import AUTO_ORDER, ProfileError, all_profiles, detect_profile, get_profile
 
 
 def test_every_family_has_a_profile() -> None:

@@ -12,8 +12,8 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-from agent.config.model import ListenAddress, TunnelConfig
-from agent.tunnel.relay import TunnelRuntime
+from dicom_card_agent.config.model import ListenAddress, TunnelConfig
+from dicom_card_agent.tunnel.relay import TunnelRuntime
 
 
 @dataclass

@@ -11,7 +11,7 @@ import re
 import signal
 from pathlib import Path
 
-from agent.dicom.pdu import parse_associate_rj
+from dicom_card_agent.dicom.pdu import parse_associate_rj
 from agent_runner import (associate_rq, card_session_pid, inbound_listener, port_of, running_agent, send_and_close,
                           tunnel, wait_for)
 from conftest import ProvisionedPki, run_card_agent

@@ -9,9 +9,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from agent.trust.anchors import (CrlError, RevokedCertificateError, TrustAnchors, TrustFileError,
+from dicom_card_agent.trust.anchors import (CrlError, RevokedCertificateError, TrustAnchors, TrustFileError,
                                  UntrustedCertificateError)
-from agent.trust.crls import LOOK_INTERVAL, CrlFileError, CrlStore
+from dicom_card_agent.trust.crls import LOOK_INTERVAL, CrlFileError, CrlStore
 from conftest import ProvisionedPki
 from peers.pki_files import write_crl
 

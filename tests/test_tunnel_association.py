@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
+from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
 from agent_runner import FramedEchoServer, associate_rq, running_agent, tunnel
 from conftest import ProvisionedPki
 from peers.dcmtk import TLS_DETAILS_BEGIN, echoscu, storescp, storescu

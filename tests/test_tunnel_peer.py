@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import CardAgentError
-from agent.tunnel import peer as peer_module
-from agent.tunnel.peer import (
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.tunnel import peer as peer_module
+from dicom_card_agent.tunnel.peer import (
     ListenerError,
     NonLoopbackListenError,
     Peer,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from agent_runner import FramedEchoServer, associate_rq, dicom_stream, echoed, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.token.uri import Pkcs11Uri, Pkcs11UriError
+from dicom_card_agent.token.uri import Pkcs11Uri, Pkcs11UriError
 
 
 def test_parses_rfc_7512_example() -> None:

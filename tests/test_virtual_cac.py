@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent.card.pcsc import (SCARD_STATE_CHANGED, SCARD_STATE_EMPTY, SCARD_STATE_PRESENT, PcscEventSource,
+from dicom_card_agent.card.pcsc import (SCARD_STATE_CHANGED, SCARD_STATE_EMPTY, SCARD_STATE_PRESENT, PcscEventSource,
                              card_state_changed, split_multistring)
-from agent.card.watcher import POLL_SECONDS, CardEvents
+from dicom_card_agent.card.watcher import POLL_SECONDS, CardEvents
 from agent_runner import agent_status, card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from peers.dcmtk import echoscu, storescp, storescu, storescu_argv
@@ -459,7 +459,7 @@ def test_card_events_poll_every_tick_and_wake_early_on_notify() -> None:
 def test_card_events_fall_back_to_polling_without_pcscd(tmp_path: Path) -> None:
     """libpcsclite connects to the socket named by PCSCLITE_CSOCK_NAME: a path where no pcscd
     listens is a machine without pcscd, whether or not one runs here."""
-    code = ("from agent.card.watcher import CardEvents\n"
+    code = ("from dicom_card_agent.card.watcher import CardEvents\n"
             "with CardEvents() as events: print(events.pcsc, events.description)")
     env = {**os.environ, "PCSCLITE_CSOCK_NAME": str(tmp_path / "no-pcscd.comm")}
     env.pop("CARD_AGENT_CARD_EVENTS", None)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from dicom_card_agent.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
     if data is None:
         return None
     # Imported here: agent.config.model calls this function, so importing it at the top would be circular.
-    from agent.config.model import _host_port, _Section
+    from dicom_card_agent.config.model import _host_port, _Section
 
     section = _Section(data, f"{where} [audit]", base)
     file = section.path("file", must_exist=False)
@@ -100,7 +100,7 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
 
 def load_audit_config(path: Path) -> AuditConfig | None:
     """Only the ``[audit]`` table of the configuration file ``path`` (for ``card-agent audit``)."""
-    from agent.config.model import read_toml
+    from dicom_card_agent.config.model import read_toml
 
     data = read_toml(path)
     audit = data.get("audit")

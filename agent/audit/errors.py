@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 
 class AuditError(CardAgentError):

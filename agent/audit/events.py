@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from enum import Enum, IntEnum
 from typing import Any
 
-from agent.audit.errors import AuditEventError
+from dicom_card_agent.audit.errors import AuditEventError
 
 FORMAT_VERSION = 1
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from itertools import groupby
 
-from agent.audit.events import (
+from dicom_card_agent.audit.events import (
     AlertType,
     AuditEvent,
     Direction,
@@ -33,7 +33,7 @@ from agent.audit.events import (
     RemoteNode,
     User,
 )
-from agent.token.uri import Pkcs11Uri
+from dicom_card_agent.token.uri import Pkcs11Uri
 
 DCM = "DCM"
 RFC_3881 = "RFC-3881"

@@ -32,11 +32,11 @@ import threading
 import time
 from pathlib import Path
 
-from agent.audit.config import SyslogConfig
-from agent.audit.errors import AuditError, AuditSpoolError
-from agent.audit.spool import Spool
-from agent.audit.syslog import frame
-from agent.tls.policy import TLS12_CIPHERS
+from dicom_card_agent.audit.config import SyslogConfig
+from dicom_card_agent.audit.errors import AuditError, AuditSpoolError
+from dicom_card_agent.audit.spool import Spool
+from dicom_card_agent.audit.syslog import frame
+from dicom_card_agent.tls.policy import TLS12_CIPHERS
 
 log = logging.getLogger("agent.audit")
 

@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from agent.audit.errors import AuditSpoolError
+from dicom_card_agent.audit.errors import AuditSpoolError
 
 log = logging.getLogger("agent.audit")
 

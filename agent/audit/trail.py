@@ -15,13 +15,13 @@ import logging
 import socket
 from typing import Any
 
-from agent.audit.config import AuditConfig
-from agent.audit.errors import AuditError
-from agent.audit.events import AuditEvent, EventKind
-from agent.audit.messages import AuditSource, render
-from agent.audit.sinks import FileSink, SyslogTlsSink
-from agent.audit.spool import Spool
-from agent.audit.syslog import SEVERITY_NOTICE, SEVERITY_WARNING, format_message
+from dicom_card_agent.audit.config import AuditConfig
+from dicom_card_agent.audit.errors import AuditError
+from dicom_card_agent.audit.events import AuditEvent, EventKind
+from dicom_card_agent.audit.messages import AuditSource, render
+from dicom_card_agent.audit.sinks import FileSink, SyslogTlsSink
+from dicom_card_agent.audit.spool import Spool
+from dicom_card_agent.audit.syslog import SEVERITY_NOTICE, SEVERITY_WARNING, format_message
 
 log = logging.getLogger("agent.audit")
 

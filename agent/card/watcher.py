@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.types import Token
 
-from agent.card.pcsc import PcscEventSource, PcscUnavailable
-from agent.token.discovery import matching_tokens, present_tokens, token_serial
-from agent.token.module import MODULE_CALLS, LoadedModule
+from dicom_card_agent.card.pcsc import PcscEventSource, PcscUnavailable
+from dicom_card_agent.token.discovery import matching_tokens, present_tokens, token_serial
+from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
 
 log = logging.getLogger("agent.card")
 

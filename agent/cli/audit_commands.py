@@ -11,10 +11,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from agent.audit.config import load_audit_config
-from agent.audit.messages import summarize
-from agent.errors import ConfigError
-from agent.logline import printable
+from dicom_card_agent.audit.config import load_audit_config
+from dicom_card_agent.audit.messages import summarize
+from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.logline import printable
 
 app = typer.Typer(help="The audit trail (DICOM audit messages, IHE ATNA).", no_args_is_help=True)
 

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
-from agent.cli.options import Json
-from agent.config.model import load_config
-from agent.logline import printable
-from agent.session import control
+from dicom_card_agent.cli.options import Json
+from dicom_card_agent.config.model import load_config
+from dicom_card_agent.logline import printable
+from dicom_card_agent.session import control
 
 ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The running agent's configuration.")]
 

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import typer
 
-from agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
-from agent.errors import CardAgentError
-from agent.token.discovery import PinState, describe, find_token, present_tokens
-from agent.token.identities import list_identities
-from agent.token.login import describe_pin_state
-from agent.token.module import LoadedModule, load_module
-from agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
-from agent.trust.anchors import TrustAnchors
+from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
+from dicom_card_agent.token.identities import list_identities
+from dicom_card_agent.token.login import describe_pin_state
+from dicom_card_agent.token.module import LoadedModule, load_module
+from dicom_card_agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
+from dicom_card_agent.trust.anchors import TrustAnchors
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ import sys
 import typer
 from pkcs11.exceptions import PKCS11Error
 
-from agent import logline
-from agent.cli import audit_commands, control_commands, doctor, run, softhsm_commands, token_commands
-from agent.errors import CardAgentError
+from dicom_card_agent import logline
+from dicom_card_agent.cli import audit_commands, control_commands, doctor, run, softhsm_commands, token_commands
+from dicom_card_agent.errors import CardAgentError
 
 app = typer.Typer(
     name="card-agent",

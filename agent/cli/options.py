@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from agent.token.module import AUTO
+from dicom_card_agent.token.module import AUTO
 
 Module = Annotated[
     str,

@@ -11,15 +11,15 @@ from typing import Annotated
 
 import typer
 
-from agent.config.model import AgentConfig, load_config
-from agent.errors import ConfigError
-from agent.token.pin import PinUnavailableError
-from agent.token.secret import make_non_dumpable
-from agent.session.control import ControlServer
-from agent.session.audit import AuditRecorder
-from agent.session.manager import SessionManager
-from agent.trust.crls import CrlFileError, CrlStore
-from agent.tunnel.server import Listeners
+from dicom_card_agent.config.model import AgentConfig, load_config
+from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.token.pin import PinUnavailableError
+from dicom_card_agent.token.secret import make_non_dumpable
+from dicom_card_agent.session.control import ControlServer
+from dicom_card_agent.session.audit import AuditRecorder
+from dicom_card_agent.session.manager import SessionManager
+from dicom_card_agent.trust.crls import CrlFileError, CrlStore
+from dicom_card_agent.tunnel.server import Listeners
 
 log = logging.getLogger("agent")
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from softhsm.provision import IDENTITIES, provision
+from dicom_card_agent.softhsm.provision import IDENTITIES, provision
 
 app = typer.Typer(help="SoftHSM test tokens and test PKI (tests and demos only).", no_args_is_help=True)
 

@@ -7,14 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Json, Module, TokenSelector
-from agent.errors import ConfigError
-from agent.token.discovery import TokenDescription, describe, find_token, present_tokens
-from agent.token.identities import Identity, list_identities
-from agent.token.login import login
-from agent.token.module import LoadedModule, load_module
-from agent.token.pin import PinSource
-from agent.trust.anchors import TrustAnchors
+from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Json, Module, TokenSelector
+from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.token.discovery import TokenDescription, describe, find_token, present_tokens
+from dicom_card_agent.token.identities import Identity, list_identities
+from dicom_card_agent.token.login import login
+from dicom_card_agent.token.module import LoadedModule, load_module
+from dicom_card_agent.token.pin import PinSource
+from dicom_card_agent.trust.anchors import TrustAnchors
 
 
 def tokens(module: Module = MODULE_DEFAULT, as_json: Json = False) -> None:

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from agent.audit.config import AuditConfig, parse_audit_config
-from agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
-from agent.dicom.user_identity import UsernameError, check_template
-from agent.errors import ConfigError
-from agent.file_trust import check_trusted_file
-from agent.token.module import AUTO
-from agent.token.pin import PinSource
-from agent.token.uri import Pkcs11Uri, Pkcs11UriError
-from agent.tunnel.admission import LOOPBACK_NETWORKS, AllowFromError, Network, parse_network
-from agent.tunnel.peer import is_loopback
+from dicom_card_agent.audit.config import AuditConfig, parse_audit_config
+from dicom_card_agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
+from dicom_card_agent.dicom.user_identity import UsernameError, check_template
+from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.file_trust import check_trusted_file
+from dicom_card_agent.token.module import AUTO
+from dicom_card_agent.token.pin import PinSource
+from dicom_card_agent.token.uri import Pkcs11Uri, Pkcs11UriError
+from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, AllowFromError, Network, parse_network
+from dicom_card_agent.tunnel.peer import is_loopback
 
 TLS_MODES = ("bcp195", "tls13")
 VERIFY_MODES = ("chain", "pin")

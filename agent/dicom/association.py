@@ -14,11 +14,11 @@ import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 
-from agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationContextResult, RejectResult,
+from dicom_card_agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationContextResult, RejectResult,
                              RejectSource, ServiceUserRejectReason, a_associate_rj, ae_title_problem,
                              encode_associate_rq, parse_associate_ac, parse_associate_rj, parse_associate_rq,
                              read_command_fields, with_user_identity)
-from agent.logline import printable
+from dicom_card_agent.logline import printable
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"

@@ -23,7 +23,7 @@ from enum import IntEnum
 from io import BytesIO
 from typing import TYPE_CHECKING, ClassVar, Union
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 if TYPE_CHECKING:  # pydicom is imported only when a command set is decoded
     from pydicom.dataset import Dataset

@@ -14,7 +14,7 @@ import string
 from cryptography import x509
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 UPN_OID = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
 FIELDS = ("cn", "upn", "email", "uid", "serial")

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 T = TypeVar("T")
 _SCOPE: contextvars.ContextVar[SignInScope | None] = contextvars.ContextVar("sign_in_scope", default=None)

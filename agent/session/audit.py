@@ -10,16 +10,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from agent.audit.config import AuditConfig
-from agent.audit.events import (AlertType, AuditEvent, Direction, Instance, LocalPeer, Outcome, RemoteNode, SessionEnd,
+from dicom_card_agent.audit.config import AuditConfig
+from dicom_card_agent.audit.events import (AlertType, AuditEvent, Direction, Instance, LocalPeer, Outcome, RemoteNode, SessionEnd,
                                 User)
-from agent.audit.trail import AuditTrail
-from agent.card.watcher import Card
-from agent.dicom.association import STORED_STATUSES
-from agent.session.identity import SignedIn
-from agent.token.discovery import PinState
-from agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
-from agent.tunnel.peer import Peer
+from dicom_card_agent.audit.trail import AuditTrail
+from dicom_card_agent.card.watcher import Card
+from dicom_card_agent.dicom.association import STORED_STATUSES
+from dicom_card_agent.session.identity import SignedIn
+from dicom_card_agent.token.discovery import PinState
+from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
+from dicom_card_agent.tunnel.peer import Peer
 
 log = logging.getLogger("agent.audit")
 

@@ -7,10 +7,10 @@ import json
 import socket
 from typing import Any
 
-from agent.errors import CardAgentError, ConfigError
-from agent.token.discovery import PinState
-from agent.token.login import LoginError, PinFinalTryError, PinLockedError, PinNotInitializedError, WrongPinError
-from agent.token.secret import Secret, wipe
+from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.token.discovery import PinState
+from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, PinNotInitializedError, WrongPinError
+from dicom_card_agent.token.secret import Secret, wipe
 
 MAX_MESSAGE = 64 * 1024
 MAX_SECRET = 1024

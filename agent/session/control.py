@@ -13,14 +13,14 @@ import threading
 import time
 from pathlib import Path
 
-from agent.config.model import AgentConfig
-from agent.errors import CardAgentError
-from agent.session.identity import runtime_directory
-from agent.session.manager import SessionManager
-from agent.trust.crls import CrlStore
-from agent.tunnel.accepting import AcceptBackoff
-from agent.tunnel.counters import empty_counts
-from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
+from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.session.identity import runtime_directory
+from dicom_card_agent.session.manager import SessionManager
+from dicom_card_agent.trust.crls import CrlStore
+from dicom_card_agent.tunnel.accepting import AcceptBackoff
+from dicom_card_agent.tunnel.counters import empty_counts
+from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
 
 log = logging.getLogger("agent.control")
 SOCKET_NAME = "control.sock"

@@ -20,19 +20,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from pkcs11.types import Token
 
-from agent.card.watcher import Card
-from agent.config.model import AgentConfig
-from agent.errors import CardAgentError
-from agent.lifecycle.cancel import SignInCancelledError, current_scope
-from agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles, allows_tls_server
-from agent.tls.provider import openssl_config, provider_key_pem
-from agent.token.discovery import find_token, refresh
-from agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
-from agent.token.login import check_before_login, pin_prompt
-from agent.token.module import MODULE_CALLS, LoadedModule
-from agent.token.profiles import ModuleProfile
-from agent.token.secret import Secret
-from agent.trust.anchors import TrustAnchors, TrustError
+from dicom_card_agent.card.watcher import Card
+from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
+from dicom_card_agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles, allows_tls_server
+from dicom_card_agent.tls.provider import openssl_config, provider_key_pem
+from dicom_card_agent.token.discovery import find_token, refresh
+from dicom_card_agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
+from dicom_card_agent.token.login import check_before_login, pin_prompt
+from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
+from dicom_card_agent.token.profiles import ModuleProfile
+from dicom_card_agent.token.secret import Secret
+from dicom_card_agent.trust.anchors import TrustAnchors, TrustError
 
 log = logging.getLogger("agent.session")
 

@@ -17,21 +17,21 @@ import threading
 import time
 from dataclasses import dataclass
 
-from agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
-from agent.config.model import AgentConfig
-from agent.errors import CardAgentError
-from agent.lifecycle.cancel import SignInCancelledError, SignInScope
-from agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, CardRemoved, Effect, EndSession,
+from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
+from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.lifecycle.cancel import SignInCancelledError, SignInScope
+from dicom_card_agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, CardRemoved, Effect, EndSession,
                                      Event, IdleTimeout, Lock, PinEntered, SessionLost, SignedIn, SignInCancelled,
                                      SignInFailed, StartSignIn, State, Stop)
-from agent.session.audit import AuditRecorder
-from agent.session.events import event
-from agent.session.identity import log_signed_in, sign_in, unusable_reason
-from agent.session.supervisor import CardSession
-from agent.token.login import LoginError
-from agent.token.pinentry import PinEntryCancelledError
-from agent.token.module import LoadedModule, load_module
-from agent.tunnel.counters import Totals
+from dicom_card_agent.session.audit import AuditRecorder
+from dicom_card_agent.session.events import event
+from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
+from dicom_card_agent.session.supervisor import CardSession
+from dicom_card_agent.token.login import LoginError
+from dicom_card_agent.token.pinentry import PinEntryCancelledError
+from dicom_card_agent.token.module import LoadedModule, load_module
+from dicom_card_agent.tunnel.counters import Totals
 
 log = logging.getLogger("agent.session")
 

@@ -10,11 +10,11 @@ import sys
 import threading
 from typing import Any, Callable
 
-from agent.config.model import AgentConfig
-from agent.errors import CardAgentError
-from agent.session import channel as messages
-from agent.session.identity import SignedIn
-from agent.token.secret import Secret
+from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.session import channel as messages
+from dicom_card_agent.session.identity import SignedIn
+from dicom_card_agent.token.secret import Secret
 
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
@@ -70,7 +70,7 @@ class CardSession:
                 env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.signed_in.openssl_conf)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.session.worker", str(theirs.fileno()), str(reports_theirs.fileno()),
+            [sys.executable, "-m", "dicom_card_agent.session.worker", str(theirs.fileno()), str(reports_theirs.fileno()),
              self.config.log_level],
             pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.

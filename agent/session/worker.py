@@ -25,23 +25,23 @@ from cryptography import x509
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.types import Session
 
-from agent import logline
-from agent.config.model import AgentConfig, TrustConfig, TunnelConfig, load_config
-from agent.dicom.association import UserIdentityMode
-from agent.dicom.user_identity import UsernameError, username_for
-from agent.errors import CardAgentError, ConfigError
-from agent.session import channel as messages
-from agent.session.identity import check_key_after_login
-from agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
-from agent.tls.provider import provider_key_pem
-from agent.token.discovery import find_token
-from agent.token.identities import list_identities
-from agent.token.login import LoginError, login
-from agent.token.module import load_module
-from agent.token.secret import Secret, make_non_dumpable
-from agent.trust.anchors import load_certificates
-from agent.trust.crls import CrlStore, PeerRevocation
-from agent.tunnel.relay import InboundRuntime, Report, SessionEnd, TunnelRuntime, no_report, serve_connection
+from dicom_card_agent import logline
+from dicom_card_agent.config.model import AgentConfig, TrustConfig, TunnelConfig, load_config
+from dicom_card_agent.dicom.association import UserIdentityMode
+from dicom_card_agent.dicom.user_identity import UsernameError, username_for
+from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.session import channel as messages
+from dicom_card_agent.session.identity import check_key_after_login
+from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
+from dicom_card_agent.tls.provider import provider_key_pem
+from dicom_card_agent.token.discovery import find_token
+from dicom_card_agent.token.identities import list_identities
+from dicom_card_agent.token.login import LoginError, login
+from dicom_card_agent.token.module import load_module
+from dicom_card_agent.token.secret import Secret, make_non_dumpable
+from dicom_card_agent.trust.anchors import load_certificates
+from dicom_card_agent.trust.crls import CrlStore, PeerRevocation
+from dicom_card_agent.tunnel.relay import InboundRuntime, Report, SessionEnd, TunnelRuntime, no_report, serve_connection
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0

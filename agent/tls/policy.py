@@ -20,11 +20,11 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from agent.config.model import InboundConfig, TrustConfig, TunnelConfig
-from agent.errors import CardAgentError
-from agent.trust.anchors import TrustAnchors, load_certificates
-from agent.trust.crls import PeerRevocation
-from agent.trust.errors import TrustError
+from dicom_card_agent.config.model import InboundConfig, TrustConfig, TunnelConfig
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
+from dicom_card_agent.trust.crls import PeerRevocation
+from dicom_card_agent.trust.errors import TrustError
 
 TLS12_CIPHERS = ":".join([
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",

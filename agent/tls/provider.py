@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 PEM_LABEL = "PKCS#11 PROVIDER URI"
 URI_DESCRIPTION = "PKCS#11 Provider URI v1.0"

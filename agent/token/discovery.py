@@ -8,9 +8,9 @@ from enum import StrEnum
 from pkcs11 import TokenFlag
 from pkcs11.types import Token
 
-from agent.errors import CardAgentError
-from agent.token.module import LoadedModule
-from agent.token.uri import Pkcs11Uri, is_pkcs11_uri
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.token.module import LoadedModule
+from dicom_card_agent.token.uri import Pkcs11Uri, is_pkcs11_uri
 
 
 class NoSuchTokenError(CardAgentError):

@@ -17,11 +17,11 @@ from pkcs11 import Attribute, CertificateType, KeyType, ObjectClass
 from pkcs11.exceptions import AttributeSensitive, AttributeTypeInvalid, PKCS11Error
 from pkcs11.types import Session, Token
 
-from agent.token.capabilities import TlsCapability, tls_capability
-from agent.token.discovery import token_serial
-from agent.token.profiles import ModuleProfile
-from agent.token.uri import Pkcs11Uri
-from agent.trust.anchors import TrustAnchors, TrustError
+from dicom_card_agent.token.capabilities import TlsCapability, tls_capability
+from dicom_card_agent.token.discovery import token_serial
+from dicom_card_agent.token.profiles import ModuleProfile
+from dicom_card_agent.token.uri import Pkcs11Uri
+from dicom_card_agent.trust.anchors import TrustAnchors, TrustError
 
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
 KEY_HIDDEN_BEFORE_LOGIN = "no matching key visible before login"

@@ -15,9 +15,9 @@ from pkcs11 import PROTECTED_AUTH, TokenFlag
 from pkcs11.exceptions import PinIncorrect, PinInvalid, PinLenRange, PinLocked, UserAlreadyLoggedIn
 from pkcs11.types import Session, Token
 
-from agent.errors import CardAgentError, ConfigError
-from agent.token.discovery import PinState, refresh, token_serial
-from agent.token.secret import Secret
+from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.token.discovery import PinState, refresh, token_serial
+from dicom_card_agent.token.secret import Secret
 
 log = logging.getLogger(__name__)
 

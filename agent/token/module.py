@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pkcs11
 from pkcs11.exceptions import PKCS11Error
 
-from agent.errors import CardAgentError
-from agent.file_trust import check_trusted_file
-from agent.token.profiles import AUTO_ORDER, ModuleProfile, all_profiles, detect_profile, get_profile
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.file_trust import check_trusted_file
+from dicom_card_agent.token.profiles import AUTO_ORDER, ModuleProfile, all_profiles, detect_profile, get_profile
 
 AUTO = "auto"
 

@@ -14,9 +14,9 @@ import stat
 import sys
 from dataclasses import dataclass
 
-from agent.errors import CardAgentError, ConfigError
-from agent.token.pinentry import Pinentry
-from agent.token.secret import Secret, take_environment_variable, wipe
+from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.token.pinentry import Pinentry
+from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
 
 PROTECTED = "protected"
 MAX_PIN_FILE_BYTES = 4096

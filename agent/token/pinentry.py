@@ -14,9 +14,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from agent.errors import CardAgentError
-from agent.lifecycle.cancel import current_scope
-from agent.token.secret import Secret, wipe
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.lifecycle.cancel import current_scope
+from dicom_card_agent.token.secret import Secret, wipe
 
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
 TIMEOUT_SECONDS = 300

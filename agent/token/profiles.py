@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 GENERIC = "generic"
 # The order in which "auto" tries installed modules: real cards before HSMs before lab tokens.
@@ -77,7 +77,7 @@ def _profile_from_toml(data: dict) -> ModuleProfile:
 @cache
 def all_profiles() -> dict[str, ModuleProfile]:
     profiles = {}
-    for entry in resources.files("pkcs11_profiles").iterdir():
+    for entry in resources.files("dicom_card_agent.pkcs11_profiles").iterdir():
         if entry.name.endswith(".toml"):
             profile = _profile_from_toml(tomllib.loads(entry.read_text(encoding="utf-8")))
             profiles[profile.name] = profile

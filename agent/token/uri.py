@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_to_bytes
 
-from agent.errors import CardAgentError
+from dicom_card_agent.errors import CardAgentError
 
 SCHEME = "pkcs11:"
 

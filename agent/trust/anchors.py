@@ -15,8 +15,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from agent.trust.crls import FileCrl, check_chain, describe, read_crl_file
-from agent.trust.errors import (CrlError, RevokedCertificateError, TrustError, TrustFileError,  # noqa: F401
+from dicom_card_agent.trust.crls import FileCrl, check_chain, describe, read_crl_file
+from dicom_card_agent.trust.errors import (CrlError, RevokedCertificateError, TrustError, TrustFileError,  # noqa: F401
                                 UntrustedCertificateError)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
-from agent.trust.errors import CrlError, RevokedCertificateError, TrustFileError
+from dicom_card_agent.trust.errors import CrlError, RevokedCertificateError, TrustFileError
 
 log = logging.getLogger("agent.trust")
 

@@ -27,20 +27,20 @@ from typing import Any, Callable
 
 from cryptography import x509
 
-from agent.config.model import InboundConfig, TunnelConfig
-from agent.dicom.association import DATA_SET_PREFIX, Association, Forward, Refuse
-from agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
+from dicom_card_agent.config.model import InboundConfig, TunnelConfig
+from dicom_card_agent.dicom.association import DATA_SET_PREFIX, Association, Forward, Refuse
+from dicom_card_agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
                              AbortSource, AcseRejectReason, AssociationPdu, CommandSet, DataSetPrefix, FramerEvent, MalformedPduError,
                              PduFramer, PduHeader, PresentationRejectReason, RejectResult, RejectSource, a_abort,
                              a_associate_rj, pdu_type_name)
-from agent.errors import CardAgentError
-from agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
-from agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
-from agent.trust.crls import PeerRevocation
-from agent.trust.errors import TrustError
-from agent.tunnel.admission import RefusalLog
-from agent.tunnel.counters import SessionCounts
-from agent.tunnel.peer import PeerPolicy, identify_server
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
+from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
+from dicom_card_agent.trust.crls import PeerRevocation
+from dicom_card_agent.trust.errors import TrustError
+from dicom_card_agent.tunnel.admission import RefusalLog
+from dicom_card_agent.tunnel.counters import SessionCounts
+from dicom_card_agent.tunnel.peer import PeerPolicy, identify_server
 
 log = logging.getLogger("agent.tunnel")
 

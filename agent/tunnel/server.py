@@ -9,14 +9,14 @@ import selectors
 import socket
 import threading
 
-from agent.config.model import AgentConfig, InboundConfig, TunnelConfig
-from agent.errors import CardAgentError
-from agent.session.manager import SessionManager
-from agent.tls.failures import TunnelFailure
-from agent.tunnel.accepting import AcceptBackoff
-from agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, is_allowed
-from agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_tcp_listener, create_unix_listener
-from agent.tunnel.relay import reject_at_once, reject_local
+from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.session.manager import SessionManager
+from dicom_card_agent.tls.failures import TunnelFailure
+from dicom_card_agent.tunnel.accepting import AcceptBackoff
+from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, is_allowed
+from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_tcp_listener, create_unix_listener
+from dicom_card_agent.tunnel.relay import reject_at_once, reject_local
 
 log = logging.getLogger("agent.tunnel")
 

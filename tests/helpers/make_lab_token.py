@@ -19,9 +19,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from softhsm import pki
-from softhsm.provision import SO_PIN, USER_PIN
-from softhsm.tokens import generate_key_pair, init_token, public_key_of, store_certificate, write_softhsm_conf
+from dicom_card_agent.softhsm import pki
+from dicom_card_agent.softhsm.provision import SO_PIN, USER_PIN
+from dicom_card_agent.softhsm.tokens import generate_key_pair, init_token, public_key_of, store_certificate, write_softhsm_conf
 
 out, pki_dir = Path(sys.argv[1]), Path(sys.argv[2])
 conf = write_softhsm_conf(out)

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from softhsm import pki as test_ca
+from dicom_card_agent.softhsm import pki as test_ca
 
 CaName = Literal["issuing", "untrusted"]
 KeyType = Literal["rsa", "ec"]

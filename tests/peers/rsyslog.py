@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from agent.audit.syslog import SyslogMessage, parse_message
+from dicom_card_agent.audit.syslog import SyslogMessage, parse_message
 
 from .pki_files import TlsServerFiles
 from .ports import LOOPBACK, ManagedProcess, free_port, managed_process, wait_for_port

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from peers.pki_files import load_ca
-from softhsm import pki as test_ca
+from dicom_card_agent.softhsm import pki as test_ca
 
 CERTUTIL = "certutil"
 

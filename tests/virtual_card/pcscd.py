@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.card.pcsc import PcscContext, PcscUnavailable
+from dicom_card_agent.card.pcsc import PcscContext, PcscUnavailable
 
 VPCD_PORT = 35963
 VPCD_READER = "Virtual PCD 00 00"  # the reader of port 35963 (35964 is "Virtual PCD 00 01")

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.card.pcsc import SCARD_STATE_PRESENT, PcscContext, PcscUnavailable
+from dicom_card_agent.card.pcsc import SCARD_STATE_PRESENT, PcscContext, PcscUnavailable
 from virtual_card.nssdb import CardContents
 from virtual_card.pcscd import VPCD_PORT, VPCD_READER, StackUnavailable
 
