@@ -13,6 +13,8 @@ import typer
 
 from dicom_card_agent.audit.config import load_audit_config
 from dicom_card_agent.audit.messages import summarize
+from dicom_card_agent.cli.options import ConfigFile
+from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.logline import printable
 
@@ -23,8 +25,7 @@ FOLLOW_INTERVAL = 0.5
 
 @app.command("tail")
 def tail(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="The agent's configuration: "
-                                                   "reads [audit] file.")] = None,
+    config: ConfigFile = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="An audit file (instead of --config).")] = None,
     lines: Annotated[int, typer.Option("-n", "--lines", min=0, help="How many of the latest events.")] = 20,
     follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events as they are written.")] = False,
@@ -44,11 +45,11 @@ def tail(
 
 
 def _audit_file(config: Path | None, file: Path | None) -> Path:
-    if (config is None) == (file is None):
-        raise ConfigError("give --config FILE (the agent's configuration) or --file AUDIT_FILE")
+    if config is not None and file is not None:
+        raise ConfigError("give --config FILE (the agent's configuration) or --file AUDIT_FILE, not both")
     if file is not None:
         return file
-    assert config is not None
+    config = locate_config(config)
     audit = load_audit_config(config)
     if audit is None or audit.file is None:
         raise ConfigError(f"{config}: no [audit] file is configured; audit tail reads the local audit file "

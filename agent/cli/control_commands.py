@@ -8,17 +8,16 @@ from typing import Annotated
 
 import typer
 
-from dicom_card_agent.cli.options import Json
+from dicom_card_agent.cli.options import ConfigFile, Json
+from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import load_config
 from dicom_card_agent.logline import printable
 from dicom_card_agent.session import control
 
-ConfigFile = Annotated[Path, typer.Option("--config", "-c", help="The running agent's configuration.")]
 
-
-def status(config: ConfigFile, as_json: Json = False) -> None:
+def status(config: ConfigFile = None, as_json: Json = False) -> None:
     """Who is signed in, since when, each tunnel's connections and traffic, and the CRL files' state."""
-    answer = control.request(load_config(config), "status")
+    answer = control.request(load_config(locate_config(config)), "status")
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -88,9 +87,9 @@ def _say(line: str) -> None:
     typer.echo(printable(line))
 
 
-def lock(config: ConfigFile) -> None:
+def lock(config: ConfigFile = None) -> None:
     """End the card session now, as if the card had been pulled."""
-    answer = control.request(load_config(config), "lock")
+    answer = control.request(load_config(locate_config(config)), "lock")
     if answer["locked"]:
         typer.echo("locked: every connection of the card session was closed; re-insert the card to sign in again")
     else:

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dicom_card_agent.config.locate import ENVIRONMENT_VARIABLE, SYSTEM_CONFIG
 from dicom_card_agent.token.module import AUTO
 
 Module = Annotated[
@@ -30,3 +31,9 @@ CrlFiles = Annotated[
     typer.Option("--crl", help="CRL file (PEM or DER); repeat for several. Revoked identities are unusable."),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ConfigFile = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", show_default=False,
+                 help=f"The agent's configuration. Default: ${ENVIRONMENT_VARIABLE}, else "
+                      f"~/.config/dicom-card-agent/agent.toml, else {SYSTEM_CONFIG}."),
+]

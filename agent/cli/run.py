@@ -1,4 +1,4 @@
-"""``card-agent run --config FILE``: the agent in the foreground (systemd-friendly)."""
+"""``card-agent run [--config FILE]``: the agent in the foreground (systemd-friendly)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from dicom_card_agent.cli.options import ConfigFile
+from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import AgentConfig, load_config
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.token.pin import PinUnavailableError
@@ -25,7 +27,7 @@ log = logging.getLogger("agent")
 
 
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="The agent's TOML configuration.")],
+    config: ConfigFile = None,
     confirm_final_try: Annotated[bool, typer.Option(
         "--confirm-final-try", help="Allow the sign-in when the card reports its final PIN try.")] = False,
 ) -> None:
@@ -33,7 +35,7 @@ def run(
     # First: no same-user process may read this one's memory (/proc/PID/mem, ptrace), no core dump.
     make_non_dumpable()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    settings = load_config(config)
+    settings = load_config(locate_config(config))
     logging.getLogger().setLevel(settings.log_level.upper())
     crls = _open_crls(settings)
     _prepare_pin_sources(settings)

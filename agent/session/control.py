@@ -79,7 +79,12 @@ class ControlServer:
         try:
             admit_peer(connection, self.policy)
             request = json.loads(_read_line(connection, REQUEST_TIMEOUT) or b"{}")
-            answer = self.answer(request.get("command"))
+            asked_for = request.get("config")
+            if asked_for is not None and asked_for != str(self.config.source):
+                # Two configurations may share a runtime directory: never lock or report the wrong one.
+                answer = {"error": f"the agent answering here runs with {self.config.source}, not {asked_for}"}
+            else:
+                answer = self.answer(request.get("command"))
         except PeerRefusedError as error:
             log.warning("control: %s", error)
             return
@@ -160,7 +165,7 @@ def request(config: AgentConfig, command: str) -> dict:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(10)
             client.connect(str(path))
-            client.sendall(json.dumps({"command": command}).encode() + b"\n")
+            client.sendall(json.dumps({"command": command, "config": str(config.source)}).encode() + b"\n")
             answer = json.loads(client.makefile("rb").readline() or b"{}")
     except (OSError, ValueError) as error:
         raise ControlError(f"no agent answers on {path} ({error}): is `card-agent run --config {config.source}` "
