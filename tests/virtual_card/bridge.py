@@ -96,6 +96,10 @@ class EmulatedCard:
 def _receive_exactly(sock: socket.socket, count: int) -> bytes | None:
     data = bytearray()
     while len(data) < count:
+        # vpcd writes an answer's length and its bytes in two segments without TCP_NODELAY: without
+        # an immediate ACK from here, Nagle holds the second one for the 40 ms delayed-ACK timer, on
+        # every APDU. Linux clears TCP_QUICKACK after use, so it is set before each read.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         chunk = sock.recv(count - len(data))
         if not chunk:
             return None
