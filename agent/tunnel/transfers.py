@@ -13,7 +13,8 @@ from __future__ import annotations
 import base64
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dicom_card_agent.dicom.association import Query, StoredInstance
 
