@@ -138,7 +138,7 @@ class AuditRecorder:
             log.warning("unknown report from the card session: %s", kind)
 
     def _instances_transferred(self, fields: dict[str, Any]) -> None:
-        """One batch of answered C-STOREs: one message per direction and patient (PS3.15 A.5.3.4:
+        """One batch of answered C-STOREs: one message per direction and patient (PS3.15 A.5.3.7:
         one patient per message), each study a participant object."""
         inbound = fields["direction"] == "inbound"
         groups: dict[tuple[bool, str, str], list[dict[str, Any]]] = {}
