@@ -28,7 +28,11 @@ def batch() -> tuple[TransferBatch, Clock, list[list[str]]]:
         assert kind == "instances-transferred" and fields["tunnel"] == "pacs"
         reports.append([i["sop_instance_uid"] for i in fields["instances"]])
 
-    return TransferBatch(report, lambda: {"tunnel": "pacs"}, requestor_is_local=True, clock=clock), clock, reports
+    return TransferBatch(report, requestor_is_local=True, clock=clock), clock, reports
+
+
+def fields() -> dict[str, Any]:
+    return {"tunnel": "pacs"}
 
 
 def answered(uid: str) -> StoredInstance:
@@ -38,16 +42,16 @@ def answered(uid: str) -> StoredInstance:
 def test_answered_instances_are_reported_once_the_oldest_waited_flush_after() -> None:
     transfers, clock, reports = batch()
     assert transfers.poll_timeout_ms(1000) == 1000  # nothing pending: the relay's usual wait
-    transfers.answered(answered("1.1"))
+    transfers.answered(answered("1.1"), fields)
     clock.now += FLUSH_AFTER / 2
-    transfers.answered(answered("1.2"))
+    transfers.answered(answered("1.2"), fields)
     assert transfers.poll_timeout_ms(1000) == round(FLUSH_AFTER / 2 * 1000)  # wakes for the oldest
-    transfers.flush_if_due()
+    transfers.flush_if_due(fields)
     assert reports == []
     clock.now += FLUSH_AFTER / 2
-    transfers.flush_if_due()
+    transfers.flush_if_due(fields)
     assert reports == [["1.1", "1.2"]]
-    transfers.flush_if_due()
+    transfers.flush_if_due(fields)
     assert reports == [["1.1", "1.2"]] and transfers.poll_timeout_ms(1000) == 1000
 
 
@@ -55,9 +59,9 @@ def test_a_full_batch_goes_at_once_and_the_end_adds_the_unanswered() -> None:
     transfers, _, reports = batch()
     instances = [answered(f"1.{n}") for n in range(INSTANCES_PER_REPORT)]
     for instance in instances:
-        transfers.answered(instance)
+        transfers.answered(instance, fields)
     assert len(reports) == 1 and len(reports[0]) == INSTANCES_PER_REPORT
-    transfers.answered(instances[0])  # reported already: never twice
+    transfers.answered(instances[0], fields)  # reported already: never twice
     unanswered = StoredInstance("1.2.840.10008.5.1.4.1.1.2", "9.9", 2)
-    transfers.flush([*instances, unanswered])
+    transfers.flush(fields, [*instances, unanswered])
     assert reports[1:] == [["9.9"]]

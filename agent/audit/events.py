@@ -238,8 +238,8 @@ class AuditEvent:
                               direction: Direction = Direction.TO_REMOTE, local_peer: LocalPeer | None = None,
                               user: User | None = None, patient_id: str = "", patient_name: str = "",
                               outcome: Outcome = Outcome.SUCCESS, reason: str = "", **extra: Any) -> AuditEvent:
-        """The C-STOREs of one association (emit at association end, or per chunk, see
-        :meth:`split`); ``outcome`` a failure if some were not stored."""
+        """Answered C-STOREs of one association and patient, as a relay reports them (in batches as
+        the responses pass, agent/tunnel/transfers.py); ``outcome`` a failure if some were not stored."""
         return cls(EventKind.INSTANCES_TRANSFERRED, tunnel=tunnel, remote=remote, calling_ae=calling_ae,
                    called_ae=called_ae, instances=tuple(instances), direction=direction,
                    local_peer=local_peer, user=user, patient_id=patient_id, patient_name=patient_name,

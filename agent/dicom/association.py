@@ -4,7 +4,8 @@ The relay hands :class:`Association` the application's A-ASSOCIATE-RQ (whole), t
 (A-ASSOCIATE-AC or -RJ), the command sets of both directions and the end (A-RELEASE, A-ABORT).
 It answers with a decision for the request (forward these bytes, or refuse with this
 A-ASSOCIATE-RJ) and keeps what the log and the audit trail report: calling and called AE titles,
-accepted abstract syntaxes, the SOP Instances stored and how the PACS answered each one.
+accepted abstract syntaxes, the SOP Instances stored (by either side: C-GET sub-operations come
+from the PACS) and how the receiver answered each one, and the Identifier of each C-FIND.
 """
 
 from __future__ import annotations
@@ -138,7 +139,6 @@ class Association:
     answer: str = "none"  # none | accepted | rejected
     end: str = "open"  # open | released | rejected | aborted by the requestor | aborted by the acceptor
     instances: list[StoredInstance] = field(default_factory=list)
-    queries: int = 0  # C-FIND requests seen
     # The command whose data set comes next, per (sent by the requestor, presentation context).
     _awaiting: dict[tuple[bool, int], StoredInstance | Query] = field(default_factory=dict, repr=False)
 
@@ -211,7 +211,6 @@ class Association:
                     instance.status = 0xFFFF if command.status is None else command.status
                     return instance
         elif command.command_field == C_FIND_RQ and from_requestor:
-            self.queries += 1
             query = Query(command.affected_sop_class_uid, command.message_id or 0, context_id,
                           self.transfer_syntaxes.get(context_id, ""))
             self._await_data_set(command.has_data_set, from_requestor, context_id, query)

@@ -8,7 +8,8 @@ flowing in other connections. The relay is byte-exact and full-duplex, and forwa
 
 It watches PDU boundaries in the server-to-application direction so that, when something fails,
 the application gets a well-formed A-ASSOCIATE-RJ (association not yet accepted) or A-ABORT
-instead of a bare reset.
+instead of a bare reset. What the audit trail needs it reports as it passes: each C-FIND's
+Identifier at once, answered C-STOREs in batches (agent/tunnel/transfers.py).
 """
 
 from __future__ import annotations
@@ -800,7 +801,7 @@ class _Relay:
         self.bytes_up = 0
         self.bytes_down = 0
         self.failure: TunnelFailure | None = None
-        self.transfers = TransferBatch(runtime.report, self.association_fields, requestor_is_local=requestor_is_local)
+        self.transfers = TransferBatch(runtime.report, requestor_is_local=requestor_is_local)
 
     def _tls_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
@@ -833,7 +834,7 @@ class _Relay:
                         self._on_local(events)
                     elif fd == remote_fd:
                         self._on_remote(events)
-                self.transfers.flush_if_due()
+                self.transfers.flush_if_due(self.association_fields)
                 if self.runtime.ending.is_set():
                     self.failure = TunnelFailure(f"card session ended: {self.runtime.ending.reason}")
         except OSError as error:
@@ -1091,7 +1092,7 @@ class _Relay:
             if isinstance(event, CommandSet):
                 answered = self.association.on_command(event.data, from_requestor, event.context_id)
                 if answered is not None:
-                    self.transfers.answered(answered)
+                    self.transfers.answered(answered, self.association_fields)
             elif isinstance(event, DataSetPrefix):
                 query = self.association.on_data_set_prefix(event.data, event.context_id, from_requestor)
                 if query is not None:  # one Query event per C-FIND request, as it passes
@@ -1113,7 +1114,7 @@ class _Relay:
         (answered in the last moment, or never answered), then the end itself."""
         if self.association.answer != "accepted":
             return
-        self.transfers.flush(self.association.instances)
+        self.transfers.flush(self.association_fields, self.association.instances)
         self.runtime.report("association-end", {**self.association_fields(),
                                                 "failure": self.failure.message if self.failure else None})
 

@@ -23,6 +23,7 @@ INSTANCES_PER_REPORT = 100  # one report must fit the reports channel (agent/ses
 QUERY_KEYS_LIMIT = 16 * 1024  # bytes of a C-FIND Identifier in a report (base64 in a 64 KiB channel message)
 
 Report = Callable[[str, dict[str, Any]], None]
+Fields = Callable[[], dict[str, Any]]  # the association's fields, as of the report
 
 
 def instance_fields(instance: StoredInstance, *, requestor_is_local: bool) -> dict[str, Any]:
@@ -43,18 +44,21 @@ def query_fields(query: Query) -> dict[str, Any]:
 
 
 class TransferBatch:
-    """The answered C-STOREs of one association not yet reported."""
+    """The answered C-STOREs of one association not yet reported.
 
-    def __init__(self, report: Report, fields: Callable[[], dict[str, Any]], *, requestor_is_local: bool,
+    The association's fields come with each call that may report, rather than being kept: a batch
+    holding its relay's bound method would make a reference cycle, and every ended relay (with its
+    256 KiB read buffer) would wait for the garbage collector."""
+
+    def __init__(self, report: Report, *, requestor_is_local: bool,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._report = report
-        self._fields = fields  # the association's fields, as of the report
         self._requestor_is_local = requestor_is_local
         self._clock = clock
         self._pending: list[StoredInstance] = []
         self._since: float | None = None  # when the oldest pending instance was answered
 
-    def answered(self, instance: StoredInstance) -> None:
+    def answered(self, instance: StoredInstance, fields: Fields) -> None:
         """The peer answered ``instance``'s C-STORE: report it within FLUSH_AFTER."""
         if instance.reported:
             return
@@ -63,7 +67,7 @@ class TransferBatch:
             self._since = self._clock()
         self._pending.append(instance)
         if len(self._pending) >= INSTANCES_PER_REPORT:
-            self.flush()
+            self.flush(fields)
 
     def poll_timeout_ms(self, longest: int) -> int:
         """How long the relay may wait for its sockets before the batch is due (at most ``longest``)."""
@@ -72,11 +76,11 @@ class TransferBatch:
         left = self._since + FLUSH_AFTER - self._clock()
         return max(0, min(longest, math.ceil(left * 1000)))
 
-    def flush_if_due(self) -> None:
+    def flush_if_due(self, fields: Fields) -> None:
         if self._since is not None and self._clock() - self._since >= FLUSH_AFTER:
-            self.flush()
+            self.flush(fields)
 
-    def flush(self, extra: list[StoredInstance] | None = None) -> None:
+    def flush(self, fields: Fields, extra: list[StoredInstance] | None = None) -> None:
         """Report what is pending (and ``extra``: at the end, the instances never answered)."""
         instances = self._pending + [i for i in (extra or []) if not i.reported]
         self._pending, self._since = [], None
@@ -84,8 +88,8 @@ class TransferBatch:
             instance.reported = True
         if not instances:
             return
-        fields = self._fields()
+        common = fields()
         for start in range(0, len(instances), INSTANCES_PER_REPORT):
-            self._report("instances-transferred", {**fields, "instances": [
+            self._report("instances-transferred", {**common, "instances": [
                 instance_fields(i, requestor_is_local=self._requestor_is_local)
                 for i in instances[start:start + INSTANCES_PER_REPORT]]})
