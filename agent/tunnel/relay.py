@@ -921,12 +921,23 @@ class _Relay:
                 if self.held_request is not None and self.requestor_is_local:
                     self._leave_before_request()
                     return
+                if not self.remote_done and self.requestor_is_local and self._association_ended():
+                    # PS3.8 9.2 (AR-3, AA-3): once the association is released or aborted, the requestor
+                    # closes the transport connection; a PACS waits for that (Orthanc, after its own
+                    # A-ABORT, keeps the connection until it goes), so the application's close is ours.
+                    self._end_remote()
+                    self.remote_done = True
+                    return
                 if not self.remote_done:
                     try:
                         self.tls.unwrap()  # close_notify: our half of the connection ends
                     except (ssl.SSLWantReadError, ssl.SSLError):
                         pass
                 self._push_tls_output()
+
+    def _association_ended(self) -> bool:
+        """An A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor, or the requestor aborted."""
+        return self.association_over or self.association.end == "aborted by the requestor"
 
     def _leave_before_request(self) -> None:
         """The application left before its A-ASSOCIATE-RQ was whole: no association to wait for, so the
