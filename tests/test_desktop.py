@@ -116,7 +116,7 @@ def test_the_final_try_is_confirmed_in_the_dialog_for_this_card(
 def test_declining_the_final_try_spends_nothing(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:
     card = inserted(tmp_path, retries=1)
-    with clinician_agent(test_pki, tmp_path, fault_module, card, desktop, free_port()) as agent:
+    with clinician_agent(test_pki, tmp_path, fault_module, card, desktop, free_port()):
         desktop.wait_for_window(DIALOG)
         desktop.key("Return")  # the safe button has the focus: Cancel
         assert desktop.wait_for_notification("Sign-in cancelled") == (
@@ -245,7 +245,7 @@ def test_the_dialog_closes_after_its_timeout_without_a_try(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:
     card = inserted(tmp_path)
     with clinician_agent(test_pki, tmp_path, fault_module, card, desktop, free_port(),
-                         identity={"pin_dialog_timeout": 2}) as agent:
+                         identity={"pin_dialog_timeout": 2}):
         desktop.wait_for_window(DIALOG)
         desktop.wait_for_no_window(DIALOG, timeout=6)
         assert desktop.wait_for_notification("PIN dialog closed: nobody answered")[1] == (

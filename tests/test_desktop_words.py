@@ -13,7 +13,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.desktop.notifications import Notice, Notifier, escape_markup
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
@@ -25,7 +24,7 @@ from dicom_card_agent.token.discovery import PinState
 def certificate(*attributes: x509.NameAttribute) -> x509.Certificate:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Hospital"), *attributes])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .sign(key, hashes.SHA256()))

@@ -17,8 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dicom_card_agent.desktop.config import DesktopConfig
+
+if TYPE_CHECKING:
+    from jeepney.io.blocking import DBusConnection
 
 log = logging.getLogger("agent.desktop")
 
@@ -52,7 +56,7 @@ class DBusSender:
     """Notify over the session bus; one connection, made when first needed and again after a failure."""
 
     def __init__(self) -> None:
-        self._connection = None  # jeepney.io.blocking.DBusConnection
+        self._connection: DBusConnection | None = None
         self._told_no_bus = False
 
     def __call__(self, notice: Notice) -> None:

@@ -10,9 +10,9 @@ from cryptography import x509
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.notifications import DesktopNotices
 from dicom_card_agent.desktop.words import person_name, purpose, tries_left
+from dicom_card_agent.tls.failures import CERTIFICATE_REFUSED, UNREACHABLE
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import LoginError, PinLockedError, WrongPinError
-from dicom_card_agent.tls.failures import CERTIFICATE_REFUSED, UNREACHABLE
 from dicom_card_agent.token.pinentry import PinEntryTimedOutError
 from dicom_card_agent.tunnel.relay import PACS_PROBLEM
 

@@ -30,8 +30,8 @@ from dicom_card_agent.tls.provider import openssl_config, provider_key_pem
 from dicom_card_agent.token.discovery import PinState, find_token, refresh
 from dicom_card_agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
 from dicom_card_agent.token.login import check_before_login
-from dicom_card_agent.token.pin import PinRequest
 from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
+from dicom_card_agent.token.pin import PinRequest
 from dicom_card_agent.token.profiles import ModuleProfile
 from dicom_card_agent.token.secret import Secret
 from dicom_card_agent.trust.anchors import TrustAnchors, TrustError

@@ -231,7 +231,8 @@ class SessionManager:
         try:
             signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,
                                                        confirm_final_try=self.confirm_final_try))
-            session = CardSession(self.config, signed_in, on_report=self.desktop.with_reports(self.audit.session_report),
+            session = CardSession(self.config, signed_in,
+                                  on_report=self.desktop.with_reports(self.audit.session_report),
                                   confirm_final_try=self.confirm_final_try)
             session.start(pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
