@@ -17,12 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+from jeepney import DBusAddress, new_method_call
+from jeepney.io.blocking import DBusConnection, open_dbus_connection
+from jeepney.wrappers import DBusErrorResponse
 
 from dicom_card_agent.desktop.config import DesktopConfig
-
-if TYPE_CHECKING:
-    from jeepney.io.blocking import DBusConnection
 
 log = logging.getLogger("agent.desktop")
 
@@ -60,10 +60,6 @@ class DBusSender:
         self._told_no_bus = False
 
     def __call__(self, notice: Notice) -> None:
-        from jeepney import DBusAddress, new_method_call
-        from jeepney.io.blocking import open_dbus_connection
-        from jeepney.wrappers import DBusErrorResponse
-
         address = DBusAddress("/org/freedesktop/Notifications", bus_name="org.freedesktop.Notifications",
                               interface="org.freedesktop.Notifications")
         hints = {"urgency": ("y", _CRITICAL if notice.critical else _NORMAL),
