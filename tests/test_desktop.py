@@ -27,6 +27,7 @@ from fault_pkcs11 import FaultControl
 from peers.pki_files import TlsServerFiles
 from peers.ports import free_port
 from peers.pynetdicom_scp import echo, tls_scp
+from pin_dialog import Terminal, terminal  # noqa: F401 - a pytest fixture
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 LOCK_ENTRY = REPOSITORY / "desktop" / "dicom-card-agent-lock.desktop"
@@ -268,3 +269,20 @@ def test_notifications_off_and_no_session_bus_are_silent(
         sign_in(desktop, agent)
         agent.wait_for_log("desktop notifications are not shown: no session bus")
     assert desktop.notifications() == []
+
+
+def test_a_terminal_session_gets_pinentry_tty_with_the_same_words(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    card = inserted(tmp_path)
+    env = {**card.env(), "DISPLAY": "", "WAYLAND_DISPLAY": ""}  # no graphical session: the agent's terminal
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+                           module=str(fault_module), env=env, stdin=terminal.slave,
+                           identity={"pin": "pinentry"}, desktop={"site_label": SITE}) as agent:
+            terminal.wait_for_prompt()
+            assert f"Alice Example, enter the PIN of your card to use {SITE}.".encode() in terminal.screen
+            assert b"CN=" not in terminal.screen
+            terminal.type(USER_PIN.encode() + b"\r")
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            assert echo(agent.port())
+    assert len(logins(card)) == 1
