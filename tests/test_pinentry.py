@@ -85,7 +85,7 @@ def test_assuan_encoding_and_responses() -> None:
 
 
 def test_pin_source_names() -> None:
-    assert PinSource.parse("pinentry") == PinSource("pinentry", "pinentry")
+    assert PinSource.parse("pinentry") == PinSource("pinentry", "")  # chosen for the session
     assert PinSource.parse("pinentry:/usr/bin/pinentry-gnome3").target == "/usr/bin/pinentry-gnome3"
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from dicom_card_agent.audit.config import AuditConfig, parse_audit_config
+from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, check_template
 from dicom_card_agent.errors import ConfigError
@@ -50,6 +51,7 @@ class IdentityConfig:
     pin: PinSource = field(default_factory=lambda: PinSource("prompt"))
     key_id: bytes | None = None
     allow_exportable_keys: bool = False
+    pin_dialog_timeout: float = 120.0  # a PIN dialog nobody answers is closed: the workstation may be unattended
 
 
 CRL_EXPIRED_CHOICES = ("refuse", "warn")
@@ -128,6 +130,7 @@ class AgentConfig:
     log_level: str = "info"
     runtime_dir: Path | None = None
     idle_timeout: float = 0.0  # seconds without associations before the session ends; 0: never
+    desktop: DesktopConfig = field(default_factory=DesktopConfig)
 
 
 class _Section:
@@ -219,13 +222,17 @@ def load_config(path: Path) -> AgentConfig:
     data = read_toml(path)
     base = path.resolve().parent
     root = _Section(data, str(path), base)
+    desktop = parse_desktop_config(root.take("desktop", dict, None), str(path))
 
     identity = _Section(root.take("identity", dict, required=True), f"{path} [identity]", base)
     pin_text = identity.take("pin", str, "prompt")
     try:
-        pin = PinSource.parse(pin_text)
+        pin = replace(PinSource.parse(pin_text), graphical=desktop.pinentry)
     except ConfigError as error:
         raise identity.error("pin", str(error)) from None
+    pin_dialog_timeout = float(identity.take("pin_dialog_timeout", (int, float), 120))
+    if pin_dialog_timeout <= 0:
+        raise identity.error("pin_dialog_timeout", "must be a positive number of seconds (e.g. 120)")
     key_id_text = identity.take("key_id", str, "")
     try:
         key_id = bytes.fromhex(key_id_text) if key_id_text else None
@@ -237,6 +244,7 @@ def load_config(path: Path) -> AgentConfig:
         pin=pin,
         key_id=key_id,
         allow_exportable_keys=identity.take("allow_exportable_keys", bool, False),
+        pin_dialog_timeout=pin_dialog_timeout,
     )
     identity.done()
 
@@ -293,6 +301,7 @@ def load_config(path: Path) -> AgentConfig:
         log_level=log_level,
         runtime_dir=(base / runtime_dir).resolve() if runtime_dir else None,
         idle_timeout=idle_timeout,
+        desktop=desktop,
     )
 
 

@@ -22,14 +22,16 @@ from pkcs11.types import Token
 
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
 from dicom_card_agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles, allows_tls_server
 from dicom_card_agent.tls.provider import openssl_config, provider_key_pem
-from dicom_card_agent.token.discovery import find_token, refresh
+from dicom_card_agent.token.discovery import PinState, find_token, refresh
 from dicom_card_agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
-from dicom_card_agent.token.login import check_before_login, pin_prompt
+from dicom_card_agent.token.login import check_before_login
 from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
+from dicom_card_agent.token.pin import PinRequest
 from dicom_card_agent.token.profiles import ModuleProfile
 from dicom_card_agent.token.secret import Secret
 from dicom_card_agent.trust.anchors import TrustAnchors, TrustError
@@ -52,6 +54,7 @@ class SignedIn:
     tls13_capable: bool
     token: str  # the card's selector, for the card-session process to find the token again
     key_id: bytes
+    final_try_confirmed: bool = False  # this card's final PIN try was confirmed (in the dialog): it may be spent
 
     def discard_files(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -71,7 +74,8 @@ def runtime_directory(config: AgentConfig) -> Path:
 def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
             confirm_final_try: bool = False) -> tuple[SignedIn, Secret | None]:
     """Choose the identity on ``card``, ask for its PIN (None: PIN pad) and write its files; no
-    PIN is tried here. The caller hands the PIN to the card-session process and wipes it."""
+    PIN is tried here. The caller hands the PIN to the card-session process and wipes it. A final
+    PIN try is confirmed in the PIN dialog when the PIN source has one, for this card only."""
     # [trust] crl judges servers; the chain we send is built without it.
     anchors = TrustAnchors.load(config.trust.ca)
     with MODULE_CALLS:  # the card loop looks at the reader between these calls and after them
@@ -79,7 +83,8 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
         with token.open() as public_session:  # certificates are public: say whose PIN is asked for
             identities = list_identities(public_session, token, module.profile, logged_in=False,
                                          allow_exportable_keys=config.identity.allow_exportable_keys)
-        state = check_before_login(token, config.identity.pin, confirm_final_try=confirm_final_try)
+        state = check_before_login(token, config.identity.pin,
+                                   confirm_final_try=confirm_final_try or config.identity.pin.confirms_in_dialog)
     identity = _choose_for(config, identities, token.label, module.profile)
     chain = _chain(identity, identities, anchors)
     directory = Path(tempfile.mkdtemp(prefix="session-", dir=runtime_directory(config)))
@@ -88,7 +93,7 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
         conf = directory / "openssl.cnf"
         conf.write_text(_openssl_conf(module, identity))
         pin = None if config.identity.pin.is_protected else config.identity.pin.read(
-            pin_prompt(token, state, identity.subject))
+            pin_request(config, identity, state, ask_final_try=not confirm_final_try))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -103,8 +108,17 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
             raise
     if not identity.tls.tls13:
         log.warning("identity %s: %s; its sessions use TLS 1.2", identity.subject, identity.tls.note)
-    signed_in = SignedIn(identity, files, conf, directory, identity.tls.tls13, card.selector, identity.key_id)
+    signed_in = SignedIn(identity, files, conf, directory, identity.tls.tls13, card.selector, identity.key_id,
+                         final_try_confirmed=state is PinState.FINAL_TRY)
     return signed_in, pin
+
+
+def pin_request(config: AgentConfig, identity: Identity, state: PinState, *, ask_final_try: bool) -> PinRequest:
+    """The PIN dialog in plain words: whose card, what for, what the card says about tries left."""
+    what_for = purpose(config.desktop.site_label, [t.name for t in config.tunnels] + [i.name for i in config.inbound])
+    words = pin_dialog(person_name(identity.certificate), what_for, state, config.desktop.helpdesk,
+                       ask_final_try=ask_final_try)
+    return PinRequest(words, timeout=config.identity.pin_dialog_timeout)
 
 
 def unusable_reason(config: AgentConfig, module: LoadedModule, token: Token) -> str | None:

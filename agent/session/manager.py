@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.desktop.session_notices import SessionNotices
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, SignInScope
 from dicom_card_agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, CardRemoved, Effect, EndSession,
@@ -29,14 +30,13 @@ from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
 from dicom_card_agent.session.supervisor import CardSession
 from dicom_card_agent.token.login import LoginError
-from dicom_card_agent.token.pinentry import PinEntryCancelledError
+from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.module import LoadedModule, load_module
 from dicom_card_agent.tunnel.counters import Totals
 
 log = logging.getLogger("agent.session")
 
 TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the stop flag
-PIN_DIALOG_TIMEOUT_SECONDS = 120.0  # a dialog nobody answers is closed: the workstation may be unattended
 STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
 
 
@@ -77,6 +77,7 @@ class SessionManager:
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
         self._reader: threading.Thread | None = None
         self.totals = Totals()  # `status` counts since start: ended sessions and what was turned away
+        self.desktop = SessionNotices(config)  # what the clinician is told (agent/desktop)
 
     # -- what the rest of the agent asks ----------------------------------------------------------
 
@@ -106,6 +107,7 @@ class SessionManager:
             if self.machine.state not in (State.SIGNED_IN, State.PIN_PENDING, State.SIGNING_IN):
                 return False
             self._feed(Lock())
+            self.desktop.locked()
             return True
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -229,14 +231,17 @@ class SessionManager:
         try:
             signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,
                                                        confirm_final_try=self.confirm_final_try))
-            session = CardSession(self.config, signed_in, on_report=self.audit.session_report,
+            session = CardSession(self.config, signed_in,
+                                  on_report=self.desktop.with_reports(self.audit.session_report),
                                   confirm_final_try=self.confirm_final_try)
             session.start(pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
         except (SignInCancelledError, PinEntryCancelledError) as error:
             if not scope.cancelled:  # the clinician pressed Cancel: say so, and how to try again
                 log.warning("%s", error)
-                self._report(SignInCancelled(attempt, "PIN entry cancelled"))
+                self.desktop.sign_in_cancelled(error)
+                self._report(SignInCancelled(attempt, self._no_pin_entered() if isinstance(error, PinEntryTimedOutError)
+                                             else "PIN entry cancelled"))
             else:
                 self._report(SignInCancelled(attempt, scope.reason))
             return
@@ -247,6 +252,7 @@ class SessionManager:
             self.last_error = str(error)
             event("pin-failure", token=card.label, serial=card.serial, reason=str(error))
             self.audit.sign_in_failed(card, error)
+            self.desktop.sign_in_refused(error)
             log.error("%s", error)
             self._report(SignInFailed(attempt, "PIN not accepted: remove and re-insert the card to try again"))
             return
@@ -275,6 +281,7 @@ class SessionManager:
         assert card is not None
         event("sign-in", subject=files.subject, issuer=files.issuer, token=card.label, serial=card.serial)
         self.audit.signed_in(session.signed_in, card)
+        self.desktop.signed_in(session.signed_in.identity.certificate)
 
     # -- ending -------------------------------------------------------------------------------------
 
@@ -295,6 +302,7 @@ class SessionManager:
               token=card.label if card else None, serial=card.serial if card else None,
               closed_in_ms=round((time.monotonic() - started) * 1000))
         self.audit.signed_out(reason)
+        self.desktop.session_ended(reason)
         self.since = None
 
     def _check_session_alive(self) -> None:
@@ -313,12 +321,16 @@ class SessionManager:
         pending = self._sign_in
         if pending is None or pending.pin_entered or self.machine.state is not State.PIN_PENDING:
             return
-        if time.monotonic() - pending.started < PIN_DIALOG_TIMEOUT_SECONDS:
+        if time.monotonic() - pending.started < self.config.identity.pin_dialog_timeout:
             return
-        reason = f"no PIN entered within {PIN_DIALOG_TIMEOUT_SECONDS:g} s"
+        reason = self._no_pin_entered()
+        self.desktop.sign_in_cancelled()
         pending.scope.cancel(reason)
         self._sign_in = None
         self._feed(SignInCancelled(pending.attempt, reason))
+
+    def _no_pin_entered(self) -> str:
+        return f"no PIN entered within {self.config.identity.pin_dialog_timeout:g} s"
 
     def _check_idle(self) -> None:
         timeout = self.config.idle_timeout

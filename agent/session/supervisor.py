@@ -87,7 +87,8 @@ class CardSession:
             "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
             "token": self.signed_in.token, "key_id": self.signed_in.key_id.hex(), "pin_pad": pin is None,
-            "confirm_final_try": self.confirm_final_try, "node_pins": list(node_pins),
+            "confirm_final_try": self.confirm_final_try or self.signed_in.final_try_confirmed,
+            "node_pins": list(node_pins),
         }
         ours.settimeout(START_TIMEOUT_SECONDS)
         try:

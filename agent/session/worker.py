@@ -41,7 +41,8 @@ from dicom_card_agent.token.module import load_module
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
 from dicom_card_agent.trust.anchors import load_certificates
 from dicom_card_agent.trust.crls import CrlStore, PeerRevocation
-from dicom_card_agent.tunnel.relay import InboundRuntime, Report, SessionEnd, TunnelRuntime, no_report, serve_connection
+from dicom_card_agent.tunnel.relay import (PACS_PROBLEM, InboundRuntime, Report, SessionEnd, TunnelRuntime, no_report,
+                                           serve_connection)
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
@@ -88,8 +89,8 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
     # Only if the provider wants to log in itself (this process is logged in already).
     card_pin = pin.password if pin is not None else no_pin
     tls13_capable = start["tls13_capable"]
-    if config.audit is None:
-        report = no_report  # nobody would read the reports: spare every association the messages
+    if config.audit is None:  # nobody would read the reports: spare every association the messages
+        report = _pacs_problems_only(report) if config.desktop.notifications else no_report
     runtimes: Runtimes = {}
     ending = SessionEnd()
     revocation = _revocation(config.trust)
@@ -121,6 +122,14 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
     return runtimes
+
+
+def _pacs_problems_only(report: Report) -> Report:
+    """The reports desktop notifications need when there is no audit trail (agent/desktop)."""
+    def pacs_problems(kind: str, fields: dict) -> None:
+        if kind == PACS_PROBLEM:
+            report(kind, fields)
+    return pacs_problems
 
 
 def _revocation(trust: TrustConfig) -> PeerRevocation | None:

@@ -21,6 +21,9 @@ _REJECTED_OUR_CERTIFICATE = {
     "TLSV1_ALERT_ACCESS_DENIED": "the server denied access to our certificate",
     "TLSV1_ALERT_DECRYPT_ERROR": "the server could not verify our signature",
 }
+UNREACHABLE = "unreachable"  # the PACS cannot be reached
+CERTIFICATE_REFUSED = "certificate-refused"  # the PACS does not accept the card's certificate
+
 _NO_COMMON_VERSION = {"UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "WRONG_VERSION_NUMBER",
                       "NO_PROTOCOLS_AVAILABLE", "TLSV1_ALERT_INAPPROPRIATE_FALLBACK"}
 _NO_COMMON_ALGORITHMS = {"NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_CIPHERS_AVAILABLE",
@@ -30,10 +33,12 @@ _NO_COMMON_ALGORITHMS = {"NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE", "N
 
 @dataclass(frozen=True)
 class TunnelFailure(Exception):
-    """Why a tunnel connection failed; ``transient`` decides A-ASSOCIATE-RJ rejected-transient vs -permanent."""
+    """Why a tunnel connection failed; ``transient`` decides A-ASSOCIATE-RJ rejected-transient vs -permanent,
+    ``cause`` is what the clinician is told about (agent/desktop): UNREACHABLE, CERTIFICATE_REFUSED or ""."""
 
     message: str
     transient: bool = False
+    cause: str = ""
 
     def __str__(self) -> str:
         return self.message
@@ -42,11 +47,11 @@ class TunnelFailure(Exception):
 def connect_failure(remote: str, error: OSError, timeout: float) -> TunnelFailure:
     if isinstance(error, (socket.timeout, TimeoutError)):
         return TunnelFailure(f"cannot reach the PACS at {remote}: no answer within {timeout:g} s; "
-                             "check the network and the tunnel's remote", transient=True)
+                             "check the network and the tunnel's remote", transient=True, cause=UNREACHABLE)
     reason = {errno.ECONNREFUSED: "connection refused (is the PACS running and listening on that port?)",
               errno.EHOSTUNREACH: "host unreachable", errno.ENETUNREACH: "network unreachable"}.get(
         error.errno or 0, error.strerror or str(error))
-    return TunnelFailure(f"cannot reach the PACS at {remote}: {reason}", transient=True)
+    return TunnelFailure(f"cannot reach the PACS at {remote}: {reason}", transient=True, cause=UNREACHABLE)
 
 
 def handshake_failure(remote: str, error: Exception, identity: str, ca: str, server_name: str) -> TunnelFailure:
@@ -82,7 +87,8 @@ def handshake_failure(remote: str, error: Exception, identity: str, ca: str, ser
 
 def rejected_our_certificate(identity: str, detail: str) -> TunnelFailure:
     return TunnelFailure(f"server rejected our certificate ({identity}): {detail}; check that the PACS "
-                         "trusts this issuer and that the certificate is valid and not revoked")
+                         "trusts this issuer and that the certificate is valid and not revoked",
+                         cause=CERTIFICATE_REFUSED)
 
 
 def failure_after_handshake(remote: str, error: Exception | None, identity: str, received_any: bool) -> TunnelFailure:

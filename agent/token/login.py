@@ -96,7 +96,8 @@ def check_before_login(
     if state is PinState.FINAL_TRY and not confirm_final_try:
         raise PinFinalTryError(
             f"{_name(token)} has one PIN try left: a wrong PIN will lock the card. Nothing was tried. "
-            "If you are sure of the PIN, confirm the final try explicitly (--confirm-final-try)"
+            "A PIN dialog (pin = \"pinentry\") asks the card holder to confirm the final try; with another PIN "
+            "source an administrator who is sure of the PIN confirms it explicitly (--confirm-final-try)"
         )
     if state is PinState.COUNT_LOW:
         warn(f"{_name(token)} reports few PIN tries left: type the PIN carefully")
@@ -108,9 +109,18 @@ def check_before_login(
     return state
 
 
+_PROMPT_WARNINGS = {
+    PinState.COUNT_LOW: "few tries left",
+    PinState.FINAL_TRY: "last try: a wrong PIN blocks the card",
+}
+
+
 def pin_prompt(token: Token, state: PinState, who: str | None) -> str:
-    as_who = f" to sign in as {who}" if who else ""
-    return f"PIN of card {token.label!r}{as_who} ({describe_pin_state(state)}): "
+    """A terminal prompt (the PIN dialog's words are agent/desktop/words.py's): whose card, and a
+    warning only when the card gives one."""
+    as_who = f" ({who})" if who else ""
+    warning = _PROMPT_WARNINGS.get(state)
+    return f"PIN of card {token.label!r}{as_who}{f', {warning}' if warning else ''}: "
 
 
 def login(

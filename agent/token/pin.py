@@ -14,8 +14,11 @@ import stat
 import sys
 from dataclasses import dataclass
 
+from dicom_card_agent.desktop.config import GRAPHICAL_PINENTRIES
+from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
+from dicom_card_agent.desktop.words import DialogWords
 from dicom_card_agent.errors import CardAgentError, ConfigError
-from dicom_card_agent.token.pinentry import Pinentry
+from dicom_card_agent.token.pinentry import Confirmation, Pinentry
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
 
 PROTECTED = "protected"
@@ -27,9 +30,21 @@ class PinUnavailableError(CardAgentError):
 
 
 @dataclass(frozen=True)
+class PinRequest:
+    """What an interactive PIN source shows: the dialog's words, and how long it stays open."""
+
+    words: DialogWords
+    timeout: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.words.description} {self.words.prompt} "
+
+
+@dataclass(frozen=True)
 class PinSource:
     kind: str  # "prompt" | "pinentry" | "env" | "file" | "protected"
-    target: str = ""
+    target: str = ""  # pinentry: the program; "" = chosen for the session (agent/desktop/pinentry_choice.py)
+    graphical: tuple[str, ...] = GRAPHICAL_PINENTRIES  # pinentry with no program: the graphical ones to try
 
     @classmethod
     def parse(cls, text: str) -> PinSource:
@@ -37,7 +52,7 @@ class PinSource:
         if text in ("prompt", PROTECTED):
             return cls(text)
         if text == "pinentry":
-            return cls("pinentry", "pinentry")
+            return cls("pinentry")
         if kind == "pinentry" and target:
             return cls(kind, target)
         if kind in ("env", "file") and target:
@@ -51,6 +66,20 @@ class PinSource:
     def is_protected(self) -> bool:
         return self.kind == PROTECTED
 
+    @property
+    def confirms_in_dialog(self) -> bool:
+        """The PIN dialog itself can ask the clinician to confirm a final PIN try."""
+        return self.kind == "pinentry"
+
+    def pinentry_program(self) -> str:
+        """The pinentry program that shows the dialog: the configured one, or the one for this session."""
+        if self.target:
+            return self.target
+        try:
+            return choose_pinentry(self.graphical)
+        except NoPinentryError as error:
+            raise PinUnavailableError(str(error)) from None
+
     def prepare(self) -> None:
         """At start-up, before the agent says it is ready: check a PIN file's owner and mode, that a
         pinentry program is there to run, and take an ``env:`` PIN out of the environment (:func:`take_environment_variable`) into the one
@@ -60,27 +89,37 @@ class PinSource:
         elif self.kind == "env":
             _kept_from_environment(self.target)
         elif self.kind == "pinentry":
-            _check_pinentry_program(self.target)
+            _check_pinentry_program(self.pinentry_program())
 
-    def read(self, prompt: str) -> Secret:
-        """The PIN, for one login attempt: the caller wipes it. ``prompt`` says which token and what
-        the card reports, for interactive sources."""
+    def read(self, request: PinRequest | str) -> Secret:
+        """The PIN, for one login attempt: the caller wipes it. ``request`` says whose card it is and
+        what the card reports, for interactive sources."""
         if self.kind == "env":
             return _kept_from_environment(self.target).copy()
         if self.kind == "file":
             return _read_pin_file(self.target)
         if self.kind == "pinentry":
-            return Pinentry(self.target).get_pin(prompt)
+            return _ask_pinentry(self.pinentry_program(), request)
         if self.kind == "prompt":
             if not sys.stdin.isatty():
                 raise PinUnavailableError(
                     "a PIN is needed but there is no terminal to ask on; use a pinentry, env:VAR or file:PATH PIN source"
                 )
-            return _secret_from_text(getpass.getpass(prompt))
+            return _secret_from_text(getpass.getpass(str(request)))
         raise PinUnavailableError("a protected-path token takes the PIN on the reader, not from the agent")
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.target}" if self.target else self.kind
+
+
+def _ask_pinentry(program: str, request: PinRequest | str) -> Secret:
+    if isinstance(request, str):
+        return Pinentry(program).get_pin(request)
+    words = request.words
+    confirm = None if words.final_try_question is None else Confirmation(
+        words.final_try_question, words.final_try_ok, words.final_try_cancel)
+    return Pinentry(program).get_pin(words.description, prompt=words.prompt, title=words.title, confirm=confirm,
+                                     timeout=request.timeout)
 
 
 # env: PINs, once taken out of the environment: the only copy, locked in memory.

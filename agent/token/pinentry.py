@@ -19,7 +19,7 @@ from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.token.secret import Secret, wipe
 
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
-TIMEOUT_SECONDS = 300
+ASSUAN_TIMEOUT = 83886142  # GPG_ERR_TIMEOUT: SETTIMEOUT's time ran out with the dialog unanswered
 MAX_LINE = 1002  # Assuan lines are at most 1000 bytes plus the newline
 
 
@@ -29,6 +29,10 @@ class PinentryError(CardAgentError):
 
 class PinEntryCancelledError(PinentryError):
     """The person at the dialog pressed Cancel: nothing was sent to the card."""
+
+
+class PinEntryTimedOutError(PinEntryCancelledError):
+    """Nobody answered the dialog within its timeout: nothing was sent to the card."""
 
 
 def escape(text: str) -> str:
@@ -130,7 +134,10 @@ class Pinentry:
         self.program = program
         self.ttyname = ttyname if ttyname is not None else (os.ttyname(0) if sys.stdin.isatty() else None)
 
-    def get_pin(self, description: str, *, prompt: str = "PIN:", title: str = "Smart card sign-in") -> Secret:
+    def get_pin(self, description: str, *, prompt: str = "PIN:", title: str = "Smart card sign-in",
+                confirm: Confirmation | None = None, timeout: float | None = None) -> Secret:
+        """The PIN typed in the dialog; ``confirm`` is asked first (OK/Cancel) in the same dialog, and
+        ``timeout`` (seconds) closes the dialog unanswered."""
         try:
             process = subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, bufsize=0)
@@ -149,6 +156,10 @@ class Pinentry:
                 self._expect_ok(process, pipe, f"OPTION ttyname={self.ttyname}")
                 self._expect_ok(process, pipe, f"OPTION ttytype={os.environ.get('TERM', 'dumb')}")
             self._expect_ok(process, pipe, f"SETTITLE {escape(title)}")
+            if timeout:
+                self._expect_ok(process, pipe, f"SETTIMEOUT {max(1, round(timeout))}")
+            if confirm is not None:
+                self._confirm(process, pipe, confirm)
             self._expect_ok(process, pipe, f"SETDESC {escape(description)}")
             self._expect_ok(process, pipe, f"SETPROMPT {escape(prompt)}")
             return self._get_pin(process, pipe)
@@ -164,6 +175,18 @@ class Pinentry:
             except subprocess.TimeoutExpired:
                 process.kill()
             process.stdout.close()
+
+    def _confirm(self, process: subprocess.Popen, pipe: _AssuanPipe, confirm: Confirmation) -> None:
+        """Ask ``confirm.question``; Cancel (or the timeout) ends the conversation before any PIN."""
+        self._expect_ok(process, pipe, f"SETDESC {escape(confirm.question)}")
+        self._expect_ok(process, pipe, f"SETOK {escape(confirm.ok)}")
+        self._expect_ok(process, pipe, f"SETCANCEL {escape(confirm.cancel)}")
+        self._send(process, "CONFIRM")
+        answer = self._response(pipe)
+        if not answer.ok:
+            _raise_unanswered(answer, "not confirmed")
+        self._expect_ok(process, pipe, "SETOK OK")
+        self._expect_ok(process, pipe, "SETCANCEL Cancel")
 
     def _get_pin(self, process: subprocess.Popen, pipe: _AssuanPipe) -> Secret:
         self._send(process, "GETPIN")
@@ -187,9 +210,7 @@ class Pinentry:
                 answer = parse_status(pipe.text(start, end))
                 pipe.consume(end)
                 if not answer.ok:
-                    if answer.error_code == ASSUAN_CANCELLED:
-                        raise PinEntryCancelledError("PIN entry cancelled: nothing was sent to the card")
-                    raise PinentryError(f"the pinentry program failed: {answer.error_text or answer.error_code}")
+                    _raise_unanswered(answer, "PIN entry cancelled")
                 if length == 0:
                     raise PinentryError("no PIN entered: nothing was sent to the card")
                 with memoryview(pin) as view:
@@ -203,6 +224,12 @@ class Pinentry:
     def _expect_ok(self, process: subprocess.Popen, pipe: _AssuanPipe, command: str | None) -> None:
         if command is not None:
             self._send(process, command)
+        answer = self._response(pipe)
+        if not answer.ok:
+            raise PinentryError(f"the pinentry program refused {command!r}: {answer.error_text}")
+
+    def _response(self, pipe: _AssuanPipe) -> Response:
+        """The OK or ERR that ends the answer to a command without data (status lines skipped)."""
         while True:
             start, end = pipe.next_line()
             if pipe.buffer.startswith((b"S ", b"#", b"D "), start, end) or start == end:
@@ -210,6 +237,22 @@ class Pinentry:
                 continue
             answer = parse_status(pipe.text(start, end))
             pipe.consume(end)
-            if not answer.ok:
-                raise PinentryError(f"the pinentry program refused {command!r}: {answer.error_text}")
-            return
+            return answer
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A question the dialog asks before the PIN (pinentry CONFIRM), with its two buttons' labels."""
+
+    question: str
+    ok: str = "OK"
+    cancel: str = "Cancel"
+
+
+def _raise_unanswered(answer: Response, what: str) -> None:
+    """Cancel or timeout in the dialog: nothing was sent to the card; anything else is a failure."""
+    if answer.error_code == ASSUAN_CANCELLED:
+        raise PinEntryCancelledError(f"{what}: nothing was sent to the card")
+    if answer.error_code == ASSUAN_TIMEOUT:
+        raise PinEntryTimedOutError(f"{what}: the dialog timed out; nothing was sent to the card")
+    raise PinentryError(f"the pinentry program failed: {answer.error_text or answer.error_code}")

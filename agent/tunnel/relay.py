@@ -91,6 +91,15 @@ def no_report(kind: str, fields: dict[str, Any]) -> None:
     """The report sink when no audit trail is configured."""
 
 
+PACS_PROBLEM = "pacs-problem"  # what the clinician is told about (agent/desktop/session_notices.py)
+
+
+def report_pacs_problem(runtime: TunnelRuntime, failure: TunnelFailure | None) -> None:
+    """A PACS that cannot be reached or refuses the card's certificate, for a desktop notification."""
+    if failure is not None and failure.cause:
+        runtime.report(PACS_PROBLEM, {"tunnel": runtime.config.name, "cause": failure.cause})
+
+
 @dataclass
 class _Counters:
     """Open connections, bytes each way (up: toward TLS) and the last error, for ``card-agent status``;
@@ -370,6 +379,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             runtime.count(error=failure.message)
             runtime.tally.association("failed", stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
+            report_pacs_problem(runtime, failure)
             reject_local(local, failure, request_read=bool(request))
             return
         stage = "tls"
@@ -385,6 +395,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             runtime.tally.association("failed", stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote, "reason": failure.message})
+            report_pacs_problem(runtime, failure)
             reject_local(local, failure, request_read=bool(request))
             return
         version, resumed = tls.obj.version(), tls.obj.session_reused
@@ -400,6 +411,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
                  time.monotonic() - started, association.describe_instances(),
                  f"; {relay.failure.message}" if relay.failure else "")
         relay.report_end()
+        report_pacs_problem(runtime, relay.failure)  # TLS 1.3: the certificate is refused after the handshake
     except Exception:  # a bug must end this connection, not the agent
         log.exception("tunnel %s: %s: internal error", config.name, peer)
     finally:

@@ -1,0 +1,67 @@
+"""The card loop's events as desktop notifications: the few calls agent/session/manager.py makes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cryptography import x509
+
+from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.desktop.notifications import DesktopNotices
+from dicom_card_agent.desktop.words import person_name, purpose, tries_left
+from dicom_card_agent.tls.failures import CERTIFICATE_REFUSED, UNREACHABLE
+from dicom_card_agent.token.discovery import PinState
+from dicom_card_agent.token.login import LoginError, PinLockedError, WrongPinError
+from dicom_card_agent.token.pinentry import PinEntryTimedOutError
+from dicom_card_agent.tunnel.relay import PACS_PROBLEM
+
+OnReport = Callable[[str, dict[str, Any]], None]
+
+
+class SessionNotices:
+    def __init__(self, config: AgentConfig, notices: DesktopNotices | None = None) -> None:
+        self.config = config
+        self.notices = notices or DesktopNotices(config.desktop)
+        self.what_for = purpose(config.desktop.site_label,
+                                [t.name for t in config.tunnels] + [i.name for i in config.inbound])
+
+    def signed_in(self, certificate: x509.Certificate) -> None:
+        self.notices.signed_in(person_name(certificate), self.what_for)
+
+    def session_ended(self, reason: str) -> None:
+        """A session ended by the card loop; ``reason`` as the life-cycle table words it."""
+        if reason in ("card removed", "card swapped"):
+            self.notices.card_removed()
+        elif reason == "idle timeout":
+            self.notices.idle_locked(self.config.idle_timeout)
+
+    def locked(self) -> None:
+        self.notices.locked()
+
+    def sign_in_cancelled(self, error: Exception | None = None) -> None:
+        """The clinician cancelled the PIN dialog, or nobody answered it (``error`` None: the agent's timeout)."""
+        self.notices.sign_in_cancelled(timed_out=error is None or isinstance(error, PinEntryTimedOutError))
+
+    def sign_in_refused(self, error: LoginError) -> None:
+        if isinstance(error, PinLockedError) or (isinstance(error, WrongPinError)
+                                                 and error.pin_state is PinState.LOCKED):
+            self.notices.pin_blocked()
+        elif isinstance(error, WrongPinError):
+            self.notices.pin_wrong(tries_left(error.pin_state))
+
+    def with_reports(self, on_report: OnReport) -> OnReport:
+        """``on_report`` (the audit trail's), and the PACS problems a card-session process reports."""
+        def both(kind: str, fields: dict[str, Any]) -> None:
+            if kind == PACS_PROBLEM:
+                self.session_report(fields)
+            else:
+                on_report(kind, fields)
+        return both
+
+    def session_report(self, fields: dict[str, Any]) -> None:
+        what = self.config.desktop.site_label or f"the PACS of {fields.get('tunnel', 'a tunnel')}"
+        if fields.get("cause") == UNREACHABLE:
+            self.notices.pacs_unreachable(what)
+        elif fields.get("cause") == CERTIFICATE_REFUSED:
+            self.notices.certificate_refused(what)
