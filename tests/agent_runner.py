@@ -48,7 +48,8 @@ def _table(name: str, values: dict[str, Any], array: bool = False) -> str:
 def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, Any]], *, token: str = "alice",
                  module: str = "softhsm2", identity: dict[str, Any] | None = None,
                  trust: dict[str, Any] | None = None, agent: dict[str, Any] | None = None,
-                 inbound: list[dict[str, Any]] | None = None, audit: dict[str, Any] | None = None) -> Path:
+                 inbound: list[dict[str, Any]] | None = None, audit: dict[str, Any] | None = None,
+                 metrics: dict[str, Any] | None = None) -> Path:
     identity_table = {"token": token, "module": module, "pin": "env:CARD_PIN", **(identity or {})}
     trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl], **(trust or {})}
     # Each agent its own runtime directory (control socket, session files): agents of tests that run
@@ -59,6 +60,8 @@ def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, A
     text += "".join(_table("inbound", listener, array=True) for listener in inbound or ())
     if audit:
         text += _table("audit", audit)
+    if metrics is not None:
+        text += _table("metrics", metrics)
     path.write_text(text)
     return path
 

@@ -17,6 +17,7 @@ from dicom_card_agent.config.model import AgentConfig, load_config
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
+from dicom_card_agent.service.metrics import Metrics
 from dicom_card_agent.service.notify import Notifier
 from dicom_card_agent.token.pin import PinUnavailableError
 from dicom_card_agent.token.secret import make_non_dumpable
@@ -55,14 +56,19 @@ def run(
     manager.heartbeat = Heartbeat(notifier, manager)
     listeners = Listeners(settings, activated)
     control_server: ControlServer | None = None
+    metrics: Metrics | None = None
     failure: BaseException | None = None
     try:
         control_server = ControlServer(settings, manager, crls)
+        if settings.metrics is not None:
+            metrics = Metrics(settings.metrics, settings, manager)
         listeners.manager = manager
         audit.application_start()
         manager.start(stop)
         listeners.start()
         control_server.start()
+        if metrics is not None:
+            metrics.start()
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
         log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), who)
         notifier.ready(service_status(manager))
@@ -74,6 +80,8 @@ def run(
         raise
     finally:
         listeners.close()
+        if metrics is not None:
+            metrics.close()
         if control_server is not None:
             control_server.close()
         manager.shutdown()
