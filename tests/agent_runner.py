@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,15 @@ from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.ports import free_port
 
 SYSTEM_PYTHON = "/usr/bin/python3"
+# What starts every log line outside the journal (agent/logline.py): local time to the millisecond.
+LOG_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d ")
+
+
+def log_lines(log: str) -> list[str]:
+    """The lines of an agent's log without their timestamps (lines without one, a traceback's or a
+    command's final error, as they are)."""
+    return [LOG_TIMESTAMP.sub("", line, count=1) if LOG_TIMESTAMP.match(line) else line
+            for line in log.splitlines()]
 
 
 def _toml_value(value: Any) -> str:
