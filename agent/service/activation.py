@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import MutableMapping
 
 from dicom_card_agent.config.model import ListenAddress
 from dicom_card_agent.errors import ConfigError

@@ -14,14 +14,14 @@ import os
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, exposition
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                            Metric)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from dicom_card_agent.config.model import AgentConfig, MetricsConfig
 from dicom_card_agent.errors import CardAgentError, ConfigError

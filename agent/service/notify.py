@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from typing import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 
 from dicom_card_agent.logline import printable
 
