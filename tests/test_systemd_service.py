@@ -201,30 +201,35 @@ def test_socket_activation_with_systemd_socket_activate(test_pki: ProvisionedPki
             stop_agent(process)
 
 
-def test_an_activated_socket_no_listener_takes_is_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+def refused_activation(test_pki: ProvisionedPki, config: Path, listen: str, name: str) -> tuple[int, str]:
+    """(exit status, output) of an agent activated with one socket at ``listen`` named ``name``,
+    which it is expected to refuse: it starts at the first connection and exits."""
     activate = _require("systemd-socket-activate")
-    workdir = tmp_path / "agent"
-    workdir.mkdir()
-    config = write_config(workdir / "agent.toml", test_pki, [tunnel("pacs", free_port())])
-    stray = f"127.0.0.1:{free_port()}"
     env = test_pki.env(CARD_PIN="123456")
-    passed = [f"-E{name}={env[name]}" for name in ("SOFTHSM2_CONF", "CARD_PIN", "PATH", "HOME") if name in env]
-    process = subprocess.Popen([activate, "-l", stray, "--fdname=spare", *passed, CARD_AGENT, "run", "--config",
+    passed = [f"-E{key}={env[key]}" for key in ("SOFTHSM2_CONF", "CARD_PIN", "PATH", "HOME") if key in env]
+    process = subprocess.Popen([activate, "-l", listen, f"--fdname={name}", *passed, CARD_AGENT, "run", "--config",
                                 str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while True:  # the agent starts at the first connection
+        while True:
             try:
-                socket.create_connection(("127.0.0.1", int(stray.rsplit(":", 1)[1])), timeout=2).close()
+                socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), timeout=2).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline
+                assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
                 time.sleep(0.05)
         output, _ = process.communicate(timeout=60)
     finally:
         stop_agent(process)
-    assert process.returncode == 2
+    return process.returncode, output
+
+
+def test_an_activated_socket_no_listener_takes_is_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", free_port())])
+    stray = f"127.0.0.1:{free_port()}"
+    status, output = refused_activation(test_pki, config, stray, "spare")
+    assert status == 2
     assert (f"card-agent: error: activated socket(s) {stray} (spare) match no [[tunnel]] or [[inbound]] listen "
             "address or name: remove them from the socket unit or add the listener to the configuration") in output
 
@@ -253,3 +258,14 @@ def test_watchdog_variables_for_another_process_are_ignored() -> None:
 
     notifier = Notifier({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)})
     assert (notifier.enabled, notifier.watchdog_interval) == (False, None)
+
+
+def test_an_activated_socket_named_after_a_listener_must_listen_where_it_does(test_pki: ProvisionedPki,
+                                                                              tmp_path: Path) -> None:
+    table = tunnel("pacs", free_port())
+    config = write_config(tmp_path / "agent.toml", test_pki, [table])
+    elsewhere = f"127.0.0.1:{free_port()}"
+    status, output = refused_activation(test_pki, config, elsewhere, "pacs")
+    assert status == 2
+    assert (f"card-agent: error: the activated socket named 'pacs' is bound to {elsewhere}, but listener 'pacs' has "
+            f"listen = '{table['listen']}': make the socket unit's ListenStream= and the configuration agree") in output
