@@ -10,8 +10,10 @@ of its lines can pass for a log line of its own.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import time
 
 # C0 (tab and newline included), DEL, C1 (NEL U+0085 included), LINE and PARAGRAPH SEPARATOR.
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -45,8 +47,62 @@ def _indented(text: str) -> str:
     return "\n".join(TRACEBACK_INDENT + printable(line) for line in text.split("\n"))
 
 
+# syslog(3) priorities journald reads from a line's `<N>` prefix (SyslogLevelPrefix=, on by default).
+_PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (a custom level takes the next more severe one)."""
+    return next((priority for level, priority in sorted(_PRIORITIES.items()) if levelno <= level), 2)
+
+
+def stderr_is_journal() -> bool:
+    """True when standard error is the journal's stream: systemd sets JOURNAL_STREAM to its
+    ``device:inode``, which a redirected stderr (a file, a pipe of a child's own) no longer matches."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        status = os.fstat(sys.stderr.fileno())
+        return (int(device), int(inode)) == (status.st_dev, status.st_ino)
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+class JournalFormatter(OneLineFormatter):
+    """Every line of a record (an indented traceback's too) starts with its ``<N>`` priority, so
+    that ``journalctl -p warning`` finds it; journald adds the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+class TimestampFormatter(OneLineFormatter):
+    """Each record starts with its local time, ISO 8601 to the millisecond with the UTC offset."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        moment = time.localtime(record.created)
+        return (time.strftime("%Y-%m-%dT%H:%M:%S", moment) + f".{int(record.msecs):03d}"
+                + _utc_offset(moment))
+
+
+def _utc_offset(moment: time.struct_time) -> str:
+    offset = time.strftime("%z", moment)  # +0100
+    return offset[:3] + ":" + offset[3:]
+
+
 def configure(prefix: str, level: int | str = logging.INFO) -> None:
-    """Log to standard error as ``PREFIX: LEVEL: message``, one line per record."""
+    """Log to standard error, one line per record: ``<N>PREFIX: LEVEL: message`` when standard
+    error is the journal, ``TIME PREFIX: LEVEL: message`` otherwise (docs/deployment.md)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter(f"{prefix}: %(levelname)s: %(message)s"))
+    line = f"{prefix}: %(levelname)s: %(message)s"
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter(line))
+    else:
+        handler.setFormatter(TimestampFormatter("%(asctime)s " + line))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def error_line(text: str) -> str:
+    """A command's final error message for standard error: ``<3>`` first when that is the journal."""
+    return ("<3>" if stderr_is_journal() else "") + printable(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,15 @@ from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.ports import free_port
 
 SYSTEM_PYTHON = "/usr/bin/python3"
+# What starts every log line outside the journal (agent/logline.py): local time to the millisecond.
+LOG_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d ")
+
+
+def log_lines(log: str) -> list[str]:
+    """The lines of an agent's log without their timestamps (lines without one, a traceback's or a
+    command's final error, as they are)."""
+    return [LOG_TIMESTAMP.sub("", line, count=1) if LOG_TIMESTAMP.match(line) else line
+            for line in log.splitlines()]
 
 
 def _toml_value(value: Any) -> str:
@@ -49,7 +59,7 @@ def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, A
                  module: str = "softhsm2", identity: dict[str, Any] | None = None,
                  trust: dict[str, Any] | None = None, agent: dict[str, Any] | None = None,
                  inbound: list[dict[str, Any]] | None = None, audit: dict[str, Any] | None = None,
-                 desktop: dict[str, Any] | None = None) -> Path:
+                 desktop: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
     identity_table = {"token": token, "module": module, "pin": "env:CARD_PIN", **(identity or {})}
     trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl], **(trust or {})}
     # Each agent its own runtime directory (control socket, session files): agents of tests that run
@@ -62,6 +72,8 @@ def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, A
         text += _table("audit", audit)
     if desktop:
         text += _table("desktop", desktop)
+    if metrics is not None:
+        text += _table("metrics", metrics)
     path.write_text(text)
     return path
 

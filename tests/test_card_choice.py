@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent_runner import running_agent, tunnel, wait_for
+from agent_runner import log_lines, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import echo, tls_scp
@@ -90,7 +90,7 @@ def test_unusable_cards_in_the_first_readers_are_skipped_for_a_usable_one(
             f"holds no usable identity (only CA certificates ({issuing_ca.subject.rfc4514_string()}), no personal "
             f"certificate); 'expired' (serial {serial['expired']}) holds no usable identity "
             f"({expired.subject.rfc4514_string()}: expired on {expired.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
-            "ask for a new certificate)") in log.splitlines()
+            "ask for a new certificate)") in log_lines(log)
     # One PIN try, on bob's card; none on the others, before or after.
     assert logins(card) == ["C_Login rv=0x0 user=1 token=bob"]
 
@@ -132,6 +132,6 @@ def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_waits_for
     alice, bob = certificate(test_pki, "alice"), certificate(test_pki, "bob")
     assert seen == [alice, bob, alice]
     assert (f"card-agent: INFO: card 'bob' (serial {serial['bob']}) chosen: 'alice' (serial {serial['alice']}) "
-            "was inserted earlier") in log.splitlines()
+            "was inserted earlier") in log_lines(log)
     assert logins(card) == ["C_Login rv=0x0 user=1 token=alice", "C_Login rv=0x0 user=1 token=bob",
                             "C_Login rv=0x0 user=1 token=alice"]

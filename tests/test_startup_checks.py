@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import inbound_listener, running_agent, start_agent, stop_agent, tunnel, write_config
+from agent_runner import inbound_listener, log_lines, running_agent, start_agent, stop_agent, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.ports import free_port
@@ -100,7 +100,7 @@ def test_a_named_token_that_is_absent_is_waited_for_and_the_present_ones_are_nam
         assert agent.process.poll() is None
     expected = (f"card-agent: WARNING: token 'alcie' is not present; present tokens: 'alice' (serial {serial['alice']}), "
                 f"'bob' (serial {serial['bob']}); waiting for it (check [identity] token if it should be one of these)")
-    assert log.splitlines().count(expected) == 1, log
+    assert log_lines(log).count(expected) == 1, log
     assert "ready: 1 tunnel(s) for nobody yet (no card inserted)" in log
     assert answer["state"] == "no card inserted"
     assert answer["present_tokens"] == [{"label": "alice", "serial": serial["alice"]},
@@ -130,7 +130,7 @@ def test_a_card_that_cannot_serve_an_inbound_listener_is_refused_before_its_pin_
         log = agent.log()
     assert (answer["state"], answer["token"]) == ("signed in", "bob")
     assert (f"card-agent: INFO: card 'bob' (serial {serial['bob']}) chosen: 'alice' (serial {serial['alice']}) "
-            + refusal.removeprefix("token 'alice' ")) in log.splitlines()
+            + refusal.removeprefix("token 'alice' ")) in log_lines(log)
     # No PIN was ever tried on alice's card.
     assert [line.rsplit(" pid=", 1)[0] for line in card.log_lines() if line.startswith("C_Login")] == [
         "C_Login rv=0x0 user=1 token=bob"]

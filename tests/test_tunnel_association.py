@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
-from agent_runner import FramedEchoServer, associate_rq, running_agent, tunnel
+from agent_runner import LOG_TIMESTAMP, FramedEchoServer, associate_rq, log_lines, running_agent, tunnel
 from conftest import ProvisionedPki
 from peers.dcmtk import TLS_DETAILS_BEGIN, echoscu, storescp, storescu
 from peers.pki_files import TlsServerFiles
@@ -95,7 +95,8 @@ def test_an_ae_title_with_a_line_feed_is_refused_and_forges_no_log_line(test_pki
     assert ("association \\x0aevent=sign-in -> PACS refused: calling AE title '\\x0aevent=sign-in' holds the "
             "control character 0x0A, which an AE title must not contain") in log
     prefixes = ("card-agent: ", "card-agent[session]: ")
-    assert [line for line in log.splitlines() if not line.startswith(prefixes)] == []  # no forged line
+    assert [line for line in log_lines(log) if not line.startswith(prefixes)] == []  # no forged line
+    assert all(LOG_TIMESTAMP.match(line) for line in log.splitlines())
 
 
 def receive_pdu(sock: socket.socket) -> tuple[int, bytes]:

@@ -10,6 +10,7 @@ from pkcs11.exceptions import PKCS11Error
 from dicom_card_agent import logline
 from dicom_card_agent.cli import audit_commands, control_commands, doctor, run, softhsm_commands, token_commands
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.version import agent_version
 
 app = typer.Typer(
     name="card-agent",
@@ -18,6 +19,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"card-agent {agent_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """A smart card (PKCS#11) as the mutual-TLS identity of DICOM applications."""
+
+
 app.command("tokens")(token_commands.tokens)
 app.command("identities")(token_commands.identities)
 app.command("doctor")(doctor.doctor)
@@ -33,10 +50,10 @@ def main() -> None:
     try:
         app()
     except CardAgentError as error:
-        print(f"card-agent: error: {logline.printable(str(error))}", file=sys.stderr)
+        print(logline.error_line(f"card-agent: error: {error}"), file=sys.stderr)
         sys.exit(2)
     except PKCS11Error as error:
         # A PKCS#11 failure no check above anticipated: name it so that it can be looked up.
-        print(f"card-agent: error: the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
-              + "; run `card-agent doctor` to check the module and token", file=sys.stderr)
+        print(logline.error_line(f"card-agent: error: the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
+                                 + "; run `card-agent doctor` to check the module and token"), file=sys.stderr)
         sys.exit(2)

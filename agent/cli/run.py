@@ -15,6 +15,10 @@ from dicom_card_agent.cli.options import ConfigFile
 from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import AgentConfig, load_config
 from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.service.activation import ActivatedSockets
+from dicom_card_agent.service.heartbeat import Heartbeat, service_status
+from dicom_card_agent.service.metrics import Metrics
+from dicom_card_agent.service.notify import Notifier
 from dicom_card_agent.token.pin import PinUnavailableError
 from dicom_card_agent.token.secret import make_non_dumpable
 from dicom_card_agent.session.control import ControlServer
@@ -35,6 +39,8 @@ def run(
     # First: no same-user process may read this one's memory (/proc/PID/mem, ptrace), no core dump.
     make_non_dumpable()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    notifier = Notifier()  # first: the card-session processes must not inherit NOTIFY_SOCKET
+    activated = ActivatedSockets.from_environment()
     settings = load_config(locate_config(config))
     logging.getLogger().setLevel(settings.log_level.upper())
     crls = _open_crls(settings)
@@ -47,25 +53,35 @@ def run(
 
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
-    listeners = Listeners(settings)
+    manager.heartbeat = Heartbeat(notifier, manager)
+    listeners = Listeners(settings, activated)
     control_server: ControlServer | None = None
+    metrics: Metrics | None = None
     failure: BaseException | None = None
     try:
         control_server = ControlServer(settings, manager, crls)
+        if settings.metrics is not None:
+            metrics = Metrics(settings.metrics, settings, manager)
         listeners.manager = manager
         audit.application_start()
         manager.start(stop)
         listeners.start()
         control_server.start()
+        if metrics is not None:
+            metrics.start()
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
         log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), who)
+        notifier.ready(service_status(manager))
         manager.run(stop)
         log.info("stopping")
+        notifier.stopping()
     except BaseException as error:
         failure = error
         raise
     finally:
         listeners.close()
+        if metrics is not None:
+            metrics.close()
         if control_server is not None:
             control_server.close()
         manager.shutdown()

@@ -120,6 +120,15 @@ class InboundConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: Prometheus metrics served on a loopback port or unix socket, and/or written to a file."""
+
+    listen: ListenAddress | None = None
+    textfile: Path | None = None  # for node_exporter's textfile collector, replaced atomically
+    textfile_interval: float = 15.0  # seconds between two writes of the textfile
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: Path
     identity: IdentityConfig
@@ -131,6 +140,7 @@ class AgentConfig:
     runtime_dir: Path | None = None
     idle_timeout: float = 0.0  # seconds without associations before the session ends; 0: never
     desktop: DesktopConfig = field(default_factory=DesktopConfig)
+    metrics: MetricsConfig | None = None  # None: no [metrics] table, nothing exported
 
 
 class _Section:
@@ -290,6 +300,8 @@ def load_config(path: Path) -> AgentConfig:
         raise agent.error("idle_timeout", "must be 0 (off) or a positive number of seconds")
     agent.done()
     audit = parse_audit_config(root.take("audit", dict, None), str(path), base)
+    raw_metrics = root.take("metrics", dict, None)
+    metrics = _metrics(_Section(raw_metrics, f"{path} [metrics]", base)) if raw_metrics is not None else None
     root.done()
     return AgentConfig(
         source=path.resolve(),
@@ -302,6 +314,7 @@ def load_config(path: Path) -> AgentConfig:
         runtime_dir=(base / runtime_dir).resolve() if runtime_dir else None,
         idle_timeout=idle_timeout,
         desktop=desktop,
+        metrics=metrics,
     )
 
 
@@ -509,3 +522,21 @@ def _association_rules(section: _Section, *, user_identity: bool = True) -> Asso
 
 def _bad(section: _Section, key: str, value: object):
     raise section.error(key, f"entries must be strings, not {value!r}")
+
+
+def _metrics(section: _Section) -> MetricsConfig:
+    listen_value = section.take("listen", str, "")
+    if listen_value.startswith("/"):  # a bare socket path, as node_exporter's users write it
+        listen_value = "unix:" + listen_value
+    listen = parse_listen(listen_value, lambda m: section.error("listen", m)) if listen_value else None
+    textfile = section.path("textfile", must_exist=False)
+    if textfile is not None and not textfile.name.endswith(".prom"):
+        raise section.error("textfile", f"{textfile.name!r} must end in .prom (node_exporter reads only those)")
+    interval = float(section.take("textfile_interval", (int, float), 15.0))
+    if interval <= 0:
+        raise section.error("textfile_interval", "must be a positive number of seconds")
+    if listen is None and textfile is None:
+        raise ConfigError(f"{section.where}: set listen (e.g. \"127.0.0.1:9464\" or \"unix:/run/user/1000/"
+                          "card-agent-metrics.sock\"), textfile, or both; or remove the [metrics] table")
+    section.done()
+    return MetricsConfig(listen=listen, textfile=textfile, textfile_interval=interval)

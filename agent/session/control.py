@@ -19,7 +19,7 @@ from dicom_card_agent.session.identity import runtime_directory
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.trust.crls import CrlStore
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
-from dicom_card_agent.tunnel.counters import empty_counts
+from dicom_card_agent.tunnel.counters import DURATIONS_KEY, empty_counts
 from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
 
 log = logging.getLogger("agent.control")
@@ -138,8 +138,12 @@ class ControlServer:
         current = dict(session_counters.get(name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0,
                                                    "last_error": None}))
         counts = current.pop("counts", None)
+        since_start = self.manager.totals.since_start(name, counts)
+        since_start.pop(DURATIONS_KEY, None)  # histograms are for the metrics (agent/service/metrics.py)
+        if counts is not None:
+            counts = {key: value for key, value in counts.items() if key != DURATIONS_KEY}
         return {**current, "this_session": counts if counts is not None else empty_counts(),
-                "since_start": self.manager.totals.since_start(name, counts)}
+                "since_start": since_start}
 
 
 def _read_line(connection: socket.socket, timeout: float) -> bytes:

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.config.model import AgentConfig
@@ -78,6 +79,9 @@ class SessionManager:
         self._reader: threading.Thread | None = None
         self.totals = Totals()  # `status` counts since start: ended sessions and what was turned away
         self.desktop = SessionNotices(config)  # what the clinician is told (agent/desktop)
+        # After each step of the loop (agent/service/heartbeat.py): the service manager's STATUS= and
+        # watchdog pings come from here, so that a loop that stops turning stops pinging.
+        self.heartbeat: Callable[[], None] = lambda: None
 
     # -- what the rest of the agent asks ----------------------------------------------------------
 
@@ -129,6 +133,7 @@ class SessionManager:
             if stop.wait(0.02):
                 return
             self.step()
+            self.heartbeat()
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: act on what the reader, the sign-ins, the session and the timers say."""
@@ -136,6 +141,7 @@ class SessionManager:
             if self._wake.wait(TICK_SECONDS):
                 self._wake.clear()
             self.step()
+            self.heartbeat()
 
     def _watch_reader(self, stop: threading.Event) -> None:
         """Look at the reader whenever card events say so, in a thread of its own: a card's probe

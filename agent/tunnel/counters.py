@@ -30,6 +30,42 @@ FAILURE_REASONS = {
 
 Counts = dict[str, Any]
 
+# Upper bounds (seconds) of the duration histograms: a software key signs in ~1 ms, a card in
+# 0.1 to 2 s, a handshake adds the network's round trips.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Which durations are measured: a TLS handshake (resumed or full), and the handshake steps that
+# hold the token (the card's signature with the step's own cryptography), for full handshakes
+# signing on the token.
+DURATIONS = ("handshake", "token_signature")
+DURATIONS_KEY = "durations"  # in counts for the metrics, not shown by `status`
+
+
+def empty_histogram() -> dict[str, int]:
+    """Per-bucket counts (``le_0.1``: at most 0.1 s, above the previous bound; ``le_inf``), the
+    count and the sum in microseconds: plain ints, so that :func:`add_counts` adds them up."""
+    return {**{_bucket_key(bound): 0 for bound in DURATION_BUCKETS}, "le_inf": 0, "count": 0, "sum_us": 0}
+
+
+def _bucket_key(bound: float) -> str:
+    return f"le_{bound:g}"
+
+
+def observe(histogram: dict[str, int], seconds: float) -> None:
+    key = next((_bucket_key(bound) for bound in DURATION_BUCKETS if seconds <= bound), "le_inf")
+    histogram[key] = histogram.get(key, 0) + 1
+    histogram["count"] = histogram.get("count", 0) + 1
+    histogram["sum_us"] = histogram.get("sum_us", 0) + round(seconds * 1_000_000)
+
+
+def cumulative_buckets(histogram: dict[str, int]) -> list[tuple[str, int]]:
+    """(upper bound, observations at most that long) pairs, +Inf last, as Prometheus wants them."""
+    buckets, total = [], 0
+    for bound in DURATION_BUCKETS:
+        total += histogram.get(_bucket_key(bound), 0)
+        buckets.append((f"{bound:g}", total))
+    buckets.append(("+Inf", total + histogram.get("le_inf", 0)))
+    return buckets
+
 
 def empty_counts() -> Counts:
     return {"associations": {"accepted": 0, "rejected": 0, "refused": 0, "failed": {}},
@@ -53,6 +89,7 @@ class SessionCounts:
         self._associations: Counter[str] = Counter()
         self._failed: Counter[str] = Counter()
         self._handshakes: Counter[str] = Counter()
+        self._durations = {name: empty_histogram() for name in DURATIONS}
 
     def association(self, outcome: str, reason: str | None = None) -> None:
         """``outcome``: accepted, rejected, refused or failed (then ``reason``, one of FAILURE_REASONS)."""
@@ -63,9 +100,13 @@ class SessionCounts:
             else:
                 self._associations[outcome] += 1
 
-    def handshake(self, resumed: bool) -> None:
+    def handshake(self, resumed: bool, seconds: float | None = None, signing_seconds: float | None = None) -> None:
         with self._lock:
             self._handshakes["resumed" if resumed else "full"] += 1
+            if seconds is not None:
+                observe(self._durations["handshake"], seconds)
+            if signing_seconds is not None:
+                observe(self._durations["token_signature"], signing_seconds)
 
     def snapshot(self, bytes_up: int, bytes_down: int) -> Counts:
         with self._lock:
@@ -73,6 +114,7 @@ class SessionCounts:
             counts["associations"].update(self._associations)
             counts["associations"]["failed"] = dict(self._failed)
             counts["handshakes"].update(self._handshakes)
+            counts[DURATIONS_KEY] = {name: dict(histogram) for name, histogram in self._durations.items()}
         counts["bytes_up"], counts["bytes_down"] = bytes_up, bytes_down
         return counts
 

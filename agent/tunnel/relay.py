@@ -232,6 +232,8 @@ class _Tls:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.resuming = session is not None
+        self.seconds = 0.0  # the whole handshake, once done
+        self.locked_seconds = 0.0  # inside OpenSSL holding the token lock (its wait for the lock not counted)
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                     server_hostname=server_hostname, session=session)
 
@@ -242,13 +244,19 @@ class _Tls:
                   ending: SessionEnd | None = None) -> None:
         """Complete the handshake over ``sock``; OSError or ssl.SSLError when it fails,
         :class:`SessionEndedError` when the card session ends while it waits for the peer."""
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         try:
             while True:
                 try:
                     with lock:
-                        self.obj.do_handshake()
+                        step = time.monotonic()
+                        try:
+                            self.obj.do_handshake()
+                        finally:
+                            self.locked_seconds += time.monotonic() - step
                     sock.sendall(self.pending_output())
+                    self.seconds = time.monotonic() - started
                     return
                 except ssl.SSLWantReadError:
                     sock.sendall(self.pending_output())
@@ -310,6 +318,13 @@ def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
         raise handshake_failure(config.remote, error, runtime.identity.describe(), runtime.trust_ca,
                                 config.server_name) from None
     return tls
+
+
+def _tally_handshake(runtime: TunnelRuntime | InboundRuntime, tls: _Tls, *, signs_on_token: bool) -> None:
+    """Count a completed handshake and its durations; the token's share only when it signed."""
+    resumed = tls.obj.session_reused
+    signing = tls.locked_seconds if signs_on_token and not resumed else None
+    runtime.tally.handshake(resumed, tls.seconds, signing)
 
 
 _capacity_refusals = RefusalLog(log, kind="tunnel")
@@ -385,7 +400,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         stage = "tls"
         try:
             tls = _handshake(runtime, remote)
-            runtime.tally.handshake(tls.obj.session_reused)
+            _tally_handshake(runtime, tls, signs_on_token=True)
             try:
                 runtime.checks.verify(tls.obj.getpeercert(binary_form=True))
             except ServerVerificationError as error:
@@ -545,7 +560,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             tls = _Tls(runtime.context, server_side=True)
             tls.handshake(remote, config.handshake_timeout,
                           TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext())
-            runtime.tally.handshake(tls.obj.session_reused)
+            _tally_handshake(runtime, tls, signs_on_token=runtime.signs_on_token)
             client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
             message = _inbound_handshake_failure(peer, error)

@@ -11,6 +11,7 @@ import threading
 
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
@@ -24,8 +25,10 @@ log = logging.getLogger("agent.tunnel")
 class Listeners:
     """Every tunnel's listening socket, served by one accept thread."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, activated: ActivatedSockets | None = None) -> None:
         self.config = config
+        activated = activated or ActivatedSockets([])
+        self._activated_fds: set[int] = set()  # systemd's sockets: their unix paths are its to remove
         self.sockets: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
         self.policies = {tunnel.name: PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
                          for tunnel in config.tunnels}
@@ -40,7 +43,10 @@ class Listeners:
         try:
             for tunnel in config.tunnels:
                 listen = tunnel.listen
-                if listen.unix_path:
+                sock = activated.take(tunnel.name, listen, unsafe_listen=tunnel.unsafe_listen)
+                if sock is not None:
+                    self._activated_fds.add(sock.fileno())
+                elif listen.unix_path:
                     reachable_by = self.policies[tunnel.name].allowed_uids
                     sock = create_unix_listener(listen.unix_path, reachable_by=reachable_by)
                 else:
@@ -53,7 +59,8 @@ class Listeners:
                 listen, tunnel = inbound.listen, inbound  # named for the error below
                 # The PACS connects over the network: allow_from (checked before any TLS) and a
                 # required, verified client certificate guard this listener, not its address.
-                sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=True)
+                sock = (activated.take(inbound.name, listen, unsafe_listen=True)
+                        or create_tcp_listener(listen.host, listen.port, unsafe_listen=True))
                 self.sockets[sock.fileno()] = (sock, inbound)
                 self._selector.register(sock, selectors.EVENT_READ)
                 log.info("inbound %s: listening on %s for the PACS at %s (TLS %s, as %s), forwarding to %s",
@@ -63,6 +70,7 @@ class Listeners:
                     log.warning("inbound %s: the card is this listener's TLS server identity: every handshake, even "
                                 "with a peer then refused, waits for a card signature; prefer the workstation's node "
                                 "key (server_certificate, server_key)", inbound.name)
+            activated.check_all_taken()
         except (CardAgentError, OSError) as error:
             self.close()
             if isinstance(error, OSError):
@@ -194,9 +202,9 @@ class Listeners:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
-        for sock, tunnel in self.sockets.values():
+        for fd, (sock, tunnel) in self.sockets.items():
             sock.close()
-            if tunnel.listen.unix_path:  # inbound listeners are never unix sockets
+            if tunnel.listen.unix_path and fd not in self._activated_fds:  # inbound listeners are never unix sockets
                 try:
                     os.unlink(tunnel.listen.unix_path)
                 except OSError:

@@ -1,0 +1,1 @@
+"""Running under a service manager: systemd's notify protocol and socket activation."""

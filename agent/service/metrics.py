@@ -1,0 +1,273 @@
+"""[metrics]: Prometheus metrics from the supervisor, on a loopback port or unix socket and/or in a
+file for node_exporter's textfile collector.
+
+Served from the supervisor with what already flows to it for `card-agent status`: the counts since
+start (ended card sessions, the running one asked on each scrape, and what the supervisor turned
+away), the card state, the card events, the audit trail's status; the process's own RSS and
+descriptors come from prometheus_client's process collector. Exposition is prometheus_client's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector, exposition
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from dicom_card_agent.config.model import AgentConfig, MetricsConfig
+from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.lifecycle.machine import State
+from dicom_card_agent.session import events
+from dicom_card_agent.session.manager import SessionManager
+from dicom_card_agent.tunnel.counters import DURATIONS, DURATIONS_KEY, Counts, cumulative_buckets, empty_histogram
+from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
+from dicom_card_agent.version import agent_version
+
+log = logging.getLogger("agent.metrics")
+# The classic text format's media type: Prometheus 2 (Debian 12) scrapers know it; newer
+# prometheus_client releases announce 1.0.0 for the same text.
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
+PREFIX = "card_agent"
+DURATION_HELP = {
+    "handshake": "TLS handshakes, full or resumed, from the first message to the last",
+    "token_signature": "Handshake steps that sign with the token (the card's signature and the step's own "
+                       "cryptography), full handshakes only",
+}
+
+
+class AgentCollector:
+    """The agent's metrics, computed on each collection (a scrape or a textfile write)."""
+
+    def __init__(self, config: AgentConfig, manager: SessionManager) -> None:
+        self.config = config
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self.manager
+        session = manager.current_session()
+        live = session.status() if session is not None else {}
+        yield from self._listeners(live)
+        yield from self._card(manager)
+        yield from self._audit(manager)
+        info = GaugeMetricFamily(f"{PREFIX}_build_info", "The agent's version", labels=["version"])
+        info.add_metric([agent_version()], 1)
+        yield info
+
+    def _listeners(self, live: dict[str, dict]) -> Iterator[Metric]:
+        labels = ["listener", "kind"]
+        associations = CounterMetricFamily(
+            f"{PREFIX}_associations", "Associations by outcome: accepted, rejected (by the acceptor), refused (by "
+            "the tunnel's association rules), failed (with its reason)", labels=[*labels, "outcome", "reason"])
+        rejections = CounterMetricFamily(
+            f"{PREFIX}_rejections", "Connections the supervisor turned away before any card session took them, by "
+            "reason (no_card, pin_pending, signing_in, waiting, local_peer_refused, address_not_allowed, ...)",
+            labels=[*labels, "reason"])
+        transferred = CounterMetricFamily(f"{PREFIX}_bytes", "Bytes relayed: up (application to PACS), down",
+                                          labels=[*labels, "direction"])
+        handshakes = CounterMetricFamily(f"{PREFIX}_handshakes", "Completed TLS handshakes: full or resumed",
+                                         labels=[*labels, "type"])
+        open_now = GaugeMetricFamily(f"{PREFIX}_open_connections", "Connections the card session serves now",
+                                     labels=labels)
+        histograms = {name: HistogramMetricFamily(f"{PREFIX}_{name}_duration_seconds", DURATION_HELP[name],
+                                                  labels=labels) for name in DURATIONS}
+        for name, kind in self._names():
+            current = live.get(name, {})
+            counts = self.manager.totals.since_start(name, current.get("counts"))
+            key = [name, kind]
+            for outcome in ("accepted", "rejected", "refused"):
+                associations.add_metric([*key, outcome, ""], counts["associations"].get(outcome, 0))
+            for reason, number in sorted(counts["associations"].get("failed", {}).items()):
+                associations.add_metric([*key, "failed", reason], number)
+            for reason, number in sorted(counts["associations"].get("turned_away", {}).items()):
+                rejections.add_metric([*key, reason], number)
+            transferred.add_metric([*key, "up"], counts["bytes_up"])
+            transferred.add_metric([*key, "down"], counts["bytes_down"])
+            for kind_of_handshake in ("full", "resumed"):
+                handshakes.add_metric([*key, kind_of_handshake], counts["handshakes"].get(kind_of_handshake, 0))
+            open_now.add_metric(key, current.get("open_connections", 0))
+            for duration, family in histograms.items():
+                histogram = _histogram(counts, duration)
+                family.add_metric(key, cumulative_buckets(histogram), histogram["sum_us"] / 1_000_000)
+        yield from (associations, rejections, transferred, handshakes, open_now, *histograms.values())
+
+    def _names(self) -> list[tuple[str, str]]:
+        return [(t.name, "tunnel") for t in self.config.tunnels] + [(i.name, "inbound") for i in self.config.inbound]
+
+    def _card(self, manager: SessionManager) -> Iterator[Metric]:
+        state = GaugeMetricFamily(f"{PREFIX}_card_state", "1 for the card life-cycle's current state",
+                                  labels=["state"])
+        for each in State:
+            state.add_metric([each.name.lower()], 1 if manager.machine.state is each else 0)
+        signed_in = GaugeMetricFamily(f"{PREFIX}_signed_in", "1 while a clinician is signed in with a card")
+        signed_in.add_metric([], 1 if manager.current_session() is not None else 0)
+        card_events = CounterMetricFamily(f"{PREFIX}_card_events", "Card and sign-in events since start",
+                                          labels=["event"])
+        happened = events.counted()
+        for name in ("card-inserted", "card-removed", "sign-in", "sign-out", "sign-in-failed", "pin-failure"):
+            card_events.add_metric([name], happened.get(name, 0))
+        yield from (state, signed_in, card_events)
+
+    def _audit(self, manager: SessionManager) -> Iterator[Metric]:
+        trail = manager.audit.trail
+        if trail is None:
+            return
+        status: dict[str, Any] = trail.status()
+        waiting = GaugeMetricFamily(f"{PREFIX}_audit_messages_waiting",
+                                    "Audit messages waiting for the audit repository")
+        waiting.add_metric([], status.get("pending", 0))
+        yield waiting
+        oldest = status.get("oldest_pending_seconds")  # the spool's, once it tells (agent/audit/trail.py)
+        if oldest is not None:
+            age = GaugeMetricFamily(f"{PREFIX}_audit_oldest_waiting_age_seconds",
+                                    "Age of the oldest audit message waiting for the repository")
+            age.add_metric([], oldest)
+            yield age
+        failures = CounterMetricFamily(f"{PREFIX}_audit_failures", "Audit messages that could not be recorded")
+        failures.add_metric([], status.get("failures", 0))
+        yield failures
+
+
+def _histogram(counts: Counts, name: str) -> dict[str, int]:
+    return {**empty_histogram(), **counts.get(DURATIONS_KEY, {}).get(name, {})}
+
+
+class Metrics:
+    """The endpoint and the textfile writer of [metrics]; ``close`` stops both."""
+
+    def __init__(self, config: MetricsConfig, agent: AgentConfig, manager: SessionManager) -> None:
+        self.config = config
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(agent, manager))  # type: ignore[arg-type]
+        ProcessCollector(registry=self.registry)
+        self._stop = threading.Event()
+        self._server: HTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        if config.listen is not None:
+            self._server = _server(config, self.registry, f"{agent.source} [metrics].listen")
+
+    def start(self) -> None:
+        if self._server is not None:
+            server = self._server
+            self._threads.append(threading.Thread(target=server.serve_forever, args=(0.5,), name="metrics",
+                                                  daemon=True))
+            log.info("metrics: serving on %s", self.config.listen)
+        if self.config.textfile is not None:
+            self._threads.append(threading.Thread(target=self._write_textfile_loop, name="metrics-textfile",
+                                                  daemon=True))
+            log.info("metrics: writing %s every %g s", self.config.textfile, self.config.textfile_interval)
+        for thread in self._threads:
+            thread.start()
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def write_textfile(self) -> None:
+        """The metrics into the textfile, atomically: node_exporter never reads half a file."""
+        path = self.config.textfile
+        assert path is not None
+        data = self.text()
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def _write_textfile_loop(self) -> None:
+        failing = False
+        while True:
+            try:
+                self.write_textfile()
+                if failing:
+                    log.info("metrics: writing %s works again", self.config.textfile)
+                failing = False
+            except Exception as error:  # a full disk must not end the agent; say so once per episode
+                if not failing:
+                    log.warning("metrics: cannot write %s: %s", self.config.textfile, error)
+                failing = True
+            if self._stop.wait(self.config.textfile_interval):
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            if any(t.name == "metrics" for t in self._threads):
+                self._server.shutdown()
+            self._server.server_close()
+            listen = self.config.listen
+            if listen is not None and listen.unix_path:
+                Path(listen.unix_path).unlink(missing_ok=True)
+        for thread in self._threads:
+            thread.join(2)
+        if self.config.textfile is not None:
+            # A file left behind would show a stopped agent's last numbers as if it were running.
+            self.config.textfile.unlink(missing_ok=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.split("?")[0] not in ("/metrics", "/"):
+            self.send_error(404, "only /metrics is here")
+            return
+        try:
+            body = generate_latest(self.registry)
+        except Exception:
+            log.exception("metrics: collecting failed")
+            self.send_error(500)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def address_string(self) -> str:
+        return str(self.client_address[0]) if isinstance(self.client_address, tuple) else "local"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+        pass  # a scrape every 15 s is not news for the agent's log
+
+
+def _server(config: MetricsConfig, registry: CollectorRegistry, where: str) -> HTTPServer:
+    """An HTTP server on the listener the tunnels use too: loopback only, a unix socket 0600 in a
+    private directory."""
+    listen = config.listen
+    assert listen is not None
+    try:
+        if listen.unix_path:
+            sock = create_unix_listener(listen.unix_path)
+        else:
+            assert listen.host is not None and listen.port is not None
+            sock = create_tcp_listener(listen.host, listen.port)
+    except CardAgentError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    handler = type("MetricsHandler", (_Handler,), {"registry": registry})
+    server = _SocketServer(sock, handler)
+    return server
+
+
+class _SocketServer(HTTPServer):
+    """An HTTPServer on a socket already listening (TCP or unix)."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("", 0), handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.address_family = sock.family
+        self.server_address = sock.getsockname()

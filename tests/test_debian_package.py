@@ -1,0 +1,225 @@
+"""The Debian package, as an admin uses it: scripts/build-deb builds it (twice, the second a newer
+revision), `apt install ./file.deb` installs it with its dependencies, the installed agent finds its
+configuration in /etc/dicom-card-agent/agent.toml without --config and stores a study with a
+SoftHSM identity at a TLS storescp; the newer build upgrades it; purging leaves only the admin's
+configuration.
+
+It installs on this machine, so it runs as root on Debian and refuses to touch a machine where the
+package or /etc/dicom-card-agent already exists. The two builds take ~70 s each (dh-virtualenv
+installs the Python dependencies from PyPI); the whole test about 3 minutes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent_runner import stop_agent
+from conftest import USER_PIN, ProvisionedPki
+from peers.dcmtk import storescp, storescu
+from peers.pki_files import TlsServerFiles
+from peers.ports import free_port
+from peers.study import assert_delivered, make_study
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+PACKAGE = "dicom-card-agent"
+ETC = Path("/etc/dicom-card-agent")
+INSTALLED = Path("/usr/bin/card-agent")
+GLOBAL_LINK = Path("/etc/systemd/user/default.target.wants/card-agent.service")
+VERSION = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["version"]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the package test cannot run: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def machine() -> Iterator[None]:
+    """This machine, ready for the package and left as it was found."""
+    if os.geteuid() != 0:
+        _unavailable("installing a package needs root")
+    for tool in ("dpkg-buildpackage", "dh_virtualenv", "apt-get"):
+        if shutil.which(tool) is None:
+            _unavailable(f"{tool} is missing (scripts/setup installs it)")
+    if _installed_version() is not None or ETC.exists():
+        _unavailable(f"{PACKAGE} is installed or {ETC} exists: this test installs and purges the package "
+                     "and writes that configuration, so it runs only on a machine without them")
+    try:
+        yield
+    finally:
+        if _installed_version() is not None:
+            _apt("purge", PACKAGE)
+        shutil.rmtree(ETC, ignore_errors=True)
+
+
+def _installed_version() -> str | None:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status} ${Version}", PACKAGE], capture_output=True, text=True)
+    if result.returncode != 0 or not result.stdout.startswith("install ok installed"):
+        return None
+    return result.stdout.split()[-1]
+
+
+def _apt(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    result = subprocess.run(["apt-get", "-y", "-q", "--no-install-recommends", *args], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def build(out: Path, revision: int) -> Path:
+    result = subprocess.run([str(REPOSITORY / "scripts" / "build-deb"), "--revision", str(revision), "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    deb = Path(result.stdout.strip().splitlines()[-1])
+    assert deb.name == f"{PACKAGE}_{VERSION}-{revision}_{_architecture()}.deb"
+    return deb
+
+
+def _architecture() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def package_files() -> set[Path]:
+    listed = subprocess.run(["dpkg", "-L", PACKAGE], capture_output=True, text=True, check=True).stdout
+    return {Path(line) for line in listed.splitlines() if line.startswith("/")}
+
+
+def installed_agent(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(INSTALLED), *args], capture_output=True, text=True, env=env, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def clean_env(test_pki: ProvisionedPki, home: Path, **extra: str) -> dict[str, str]:
+    """No virtualenv, no configuration but /etc's: a workstation user's environment."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
+           "SOFTHSM2_CONF": str(test_pki.softhsm_conf), **extra}
+    return env
+
+
+def write_system_config(test_pki: ProvisionedPki, runtime: Path, pacs_port: int) -> int:
+    """/etc/dicom-card-agent as config management writes it: the CA bundle, the CRL, agent.toml."""
+    port = free_port()
+    ETC.mkdir(mode=0o755, exist_ok=True)
+    for source in (test_pki.ca_bundle, test_pki.crl):
+        shutil.copy(source, ETC / source.name)
+        (ETC / source.name).chmod(0o644)
+    (ETC / "agent.toml").write_text(
+        "[identity]\n"
+        'token = "alice"\nmodule = "softhsm2"\npin = "env:CARD_PIN"\n\n'
+        "[trust]\n"
+        f'ca = "ca-bundle.pem"\ncrl = ["{test_pki.crl.name}"]\n\n'
+        "[[tunnel]]\n"
+        f'name = "pacs"\nlisten = "127.0.0.1:{port}"\nremote = "127.0.0.1:{pacs_port}"\nserver_name = "localhost"\n\n'
+        "[agent]\n"
+        f'runtime_dir = "{runtime}"\n')
+    (ETC / "agent.toml").chmod(0o644)
+    return port
+
+
+def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: ProvisionedPki,
+                                                       tmp_path: Path) -> None:
+    started = time.monotonic()
+    first = build(tmp_path / "dist", 1)
+    second = build(tmp_path / "dist", 2)
+    built_in = time.monotonic() - started
+
+    _apt("install", str(first))
+    assert _installed_version() == f"{VERSION}-1"
+    files = package_files()
+    for expected in (INSTALLED, Path("/usr/lib/systemd/user/card-agent.service"),
+                     Path("/usr/lib/dicom-card-agent/bin/python3"),
+                     Path("/usr/share/doc/dicom-card-agent/deployment.md"),
+                     Path("/usr/share/doc/dicom-card-agent/configuration.md"),
+                     Path("/usr/share/doc/dicom-card-agent/examples/agent.toml"),
+                     Path("/usr/share/doc/dicom-card-agent/examples/card-agent.socket")):
+        assert expected in files, expected
+    desktop = sorted((REPOSITORY / "desktop").glob("*.desktop")) if (REPOSITORY / "desktop").is_dir() else []
+    for entry in desktop:
+        assert Path("/usr/share/applications") / entry.name in files
+    # The service is shipped, not enabled: the agent needs a configuration first.
+    assert not GLOBAL_LINK.exists()
+    # Nothing of the test rig came with it.
+    depends = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", PACKAGE], capture_output=True, text=True,
+                             check=True).stdout
+    names = {alternative.split()[0] for clause in depends.split(",") for alternative in clause.split("|")}
+    assert {"pcscd", "opensc-pkcs11", "pkcs11-provider", "pinentry-curses", "python3"} <= names
+    assert names.isdisjoint({"dcmtk", "orthanc", "stunnel4", "gcc", "vsmartcard-vpcd", "softhsm2", "pinentry-tty"})
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = clean_env(test_pki, home)
+    version = installed_agent("--version", env=env)
+    assert (version.returncode, version.stdout) == (0, f"card-agent {VERSION}\n")
+    verify = subprocess.run(["systemd-analyze", "verify", "--user", "/usr/lib/systemd/user/card-agent.service"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "XDG_RUNTIME_DIR": str(_private_dir(tmp_path / "xdg"))})
+    assert (verify.returncode, verify.stdout, verify.stderr) == (0, "", "")
+    # docs/deployment.md's commands, as written (SoftHSM's tokens stand for the card in the reader).
+    assert subprocess.run(["systemctl", "is-enabled", "pcscd.socket"], capture_output=True, text=True).stdout \
+        == "enabled\n"
+    enabled = subprocess.run(["systemctl", "--global", "enable", "card-agent.service"], capture_output=True, text=True)
+    assert enabled.returncode == 0, enabled.stderr
+    assert GLOBAL_LINK.resolve() == Path("/usr/lib/systemd/user/card-agent.service")
+
+    study = make_study(tmp_path / "study", files=3)
+    with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as pacs:
+        port = write_system_config(test_pki, _private_dir(tmp_path / "run"), pacs.port)
+        doctor = installed_agent("doctor", "--token", "alice", "--ca", "/etc/dicom-card-agent/ca-bundle.pem",
+                                 env={**env, "CARD_AGENT_MODULE": "softhsm2"})
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "ok   chain alice: " in doctor.stdout
+        log_path = tmp_path / "agent.log"
+        with open(log_path, "w") as log:
+            agent = subprocess.Popen([str(INSTALLED), "run"], stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env={**env, "CARD_PIN": USER_PIN},
+                                     start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while "card-agent: INFO: ready:" not in log_path.read_text():
+                assert agent.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            status = installed_agent("status", env=env)  # no --config either: /etc's agent
+            assert status.returncode == 0 and "signed in" in status.stdout, status.stdout + status.stderr
+            sent = storescu(port, study)
+            assert sent.returncode == 0, sent.stdout
+        finally:
+            assert stop_agent(agent) == 0, log_path.read_text()
+        received = pacs.stored_files()
+        subjects = pacs.peer_subjects()
+    assert_delivered(study, received)
+    assert subjects and all(s.endswith("/CN=Alice Example") for s in subjects)
+    # Running it wrote nothing into the package's own directory (no byte code of its own).
+    ours = {p for p in Path("/usr/lib/dicom-card-agent").rglob("*")}
+    assert ours - files == set()
+
+    configuration = (ETC / "agent.toml").read_bytes()
+    _apt("install", str(second))
+    assert _installed_version() == f"{VERSION}-2"
+    assert installed_agent("--version", env=env).stdout == f"card-agent {VERSION}\n"
+    assert (ETC / "agent.toml").read_bytes() == configuration  # the admin's file is the admin's
+
+    files = package_files()
+    _apt("purge", PACKAGE)
+    assert _installed_version() is None
+    left = sorted(str(p) for p in files if p.exists() and not p.is_dir())
+    assert left == []
+    assert not Path("/usr/lib/dicom-card-agent").exists()
+    assert not Path("/usr/share/doc/dicom-card-agent").exists()
+    assert not GLOBAL_LINK.exists() and not GLOBAL_LINK.is_symlink()  # purge takes the --global enable back
+    assert (ETC / "agent.toml").read_bytes() == configuration  # only the admin's configuration stays
+    assert sorted(p.name for p in ETC.iterdir()) == sorted(["agent.toml", "ca-bundle.pem", test_pki.crl.name])
+    print(f"two builds took {built_in:.0f} s, the whole test {time.monotonic() - started:.0f} s")
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path

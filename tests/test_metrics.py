@@ -1,0 +1,151 @@
+"""[metrics]: a real agent relays a real association to a pynetdicom PACS over TLS, is scraped over
+HTTP (loopback TCP and a unix socket) and through its textfile, and promtool checks what it serves."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent_runner import agent_status, running_agent, tunnel, wait_for
+from conftest import ProvisionedPki, run_card_agent
+from peers.ports import free_port
+from peers.pynetdicom_scp import echo, tls_scp
+
+
+def promtool_check(text: str) -> subprocess.CompletedProcess:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing (Debian package prometheus; scripts/setup installs it)")
+        pytest.skip("promtool is not installed")
+    return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample by (name, sorted labels)."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(scraped: dict, name: str, **labels: str) -> float:
+    return scraped[(name, tuple(sorted(labels.items())))]
+
+
+def test_a_scrape_after_an_association_counts_it_and_passes_promtool(test_pki: ProvisionedPki,
+                                                                     tmp_path: Path) -> None:
+    port = free_port()
+    textfile = tmp_path / "textfile" / "card-agent.prom"
+    textfile.parent.mkdir()
+    metrics = {"listen": f"127.0.0.1:{port}", "textfile": str(textfile), "textfile_interval": 0.2}
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port), tunnel("down", free_port())],
+                           metrics=metrics) as agent:
+            assert echo(agent.port("pacs"))
+            assert not echo(agent.port("down"))  # nobody listens there: failed, connect
+            wait_for(lambda: agent.log().count("tunnel pacs: ") >= 1 and "tunnel down: " in agent.log())
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                content_type = response.headers["Content-Type"]
+                text = response.read().decode()
+            status = agent_status(tmp_path / "agent", test_pki.env())
+            wait_for(lambda: textfile.exists())
+            written = textfile.read_text()
+            assert f"metrics: serving on 127.0.0.1:{port}" in agent.log()
+        assert not textfile.exists()  # a stopped agent leaves no numbers that look current
+    assert content_type.startswith("text/plain; version=0.0.4")
+    checked = promtool_check(text)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
+    assert promtool_check(written).returncode == 0
+
+    scraped = samples(text)
+    pacs_labels = {"listener": "pacs", "kind": "tunnel"}
+    since_start = status["tunnels"][0]["since_start"]
+    assert value(scraped, "card_agent_associations_total", **pacs_labels, outcome="accepted", reason="") == 1
+    assert value(scraped, "card_agent_associations_total", listener="down", kind="tunnel", outcome="failed",
+                 reason="connect") == 1
+    assert value(scraped, "card_agent_handshakes_total", **pacs_labels, type="full") == 1
+    assert value(scraped, "card_agent_handshakes_total", **pacs_labels, type="resumed") == 0
+    assert value(scraped, "card_agent_bytes_total", **pacs_labels, direction="up") == since_start["bytes_up"] > 0
+    assert value(scraped, "card_agent_bytes_total", **pacs_labels, direction="down") == since_start["bytes_down"] > 0
+    assert value(scraped, "card_agent_handshake_duration_seconds_count", **pacs_labels) == 1
+    assert value(scraped, "card_agent_token_signature_duration_seconds_count", **pacs_labels) == 1
+    assert 0 < value(scraped, "card_agent_token_signature_duration_seconds_sum", **pacs_labels) \
+        <= value(scraped, "card_agent_handshake_duration_seconds_sum", **pacs_labels)
+    assert value(scraped, "card_agent_handshake_duration_seconds_bucket", **pacs_labels, le="+Inf") == 1
+    assert value(scraped, "card_agent_signed_in") == 1
+    assert value(scraped, "card_agent_card_state", state="signed_in") == 1
+    assert value(scraped, "card_agent_card_state", state="no_card") == 0
+    assert value(scraped, "card_agent_card_events_total", event="sign-in") == 1
+    assert value(scraped, "card_agent_card_events_total", event="sign-out") == 0
+    assert value(scraped, "process_open_fds") > 0
+    assert value(scraped, "process_resident_memory_bytes") > 0
+
+
+def test_metrics_on_a_unix_socket_count_what_was_turned_away(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    path = tmp_path / "metrics" / "metrics.sock"
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="nobody",
+                       identity={"pin": "env:CARD_PIN"}, metrics={"listen": f"unix:{path}"},
+                       audit={"file": str(tmp_path / "audit.log")}) as agent:
+        assert not echo(agent.port())  # no such card: turned away by the supervisor
+        assert (path.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+        text = unix_get(path, "/metrics")
+    checked = promtool_check(text)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
+    scraped = samples(text)
+    assert value(scraped, "card_agent_rejections_total", listener="pacs", kind="tunnel", reason="no_card") == 1
+    assert value(scraped, "card_agent_signed_in") == 0
+    assert value(scraped, "card_agent_audit_messages_waiting") == 0
+    assert not path.exists()
+
+
+def unix_get(path: Path, target: str) -> str:
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(str(path))
+
+    connection = UnixConnection("localhost")
+    connection.request("GET", target)
+    response = connection.getresponse()
+    assert response.status == 200
+    return response.read().decode()
+
+
+@pytest.mark.parametrize("table, message", [
+    ({}, "[metrics]: set listen (e.g. \"127.0.0.1:9464\" or \"unix:/run/user/1000/card-agent-metrics.sock\"), "
+         "textfile, or both; or remove the [metrics] table"),
+    ({"textfile": "/tmp/card-agent.txt"}, "[metrics].textfile: 'card-agent.txt' must end in .prom (node_exporter "
+                                          "reads only those)"),
+    ({"listen": "127.0.0.1"}, "[metrics].listen: '127.0.0.1' is not HOST:PORT (IPv6 as [::1]:PORT)"),
+])
+def test_a_wrong_metrics_table_is_named(test_pki: ProvisionedPki, tmp_path: Path, table: dict, message: str) -> None:
+    from agent_runner import write_config
+
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", free_port())], metrics=table)
+    result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN="123456"))
+    assert result.returncode == 2
+    assert result.stderr == f"card-agent: error: {config} {message}\n"
+
+
+def test_a_metrics_port_in_use_is_named(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        from agent_runner import write_config
+
+        config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", free_port())],
+                              metrics={"listen": f"127.0.0.1:{port}"})
+        started = time.monotonic()
+        result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN="123456"))
+    assert result.returncode == 2, result.stderr
+    assert f"card-agent: error: {config} [metrics].listen: cannot listen on 127.0.0.1:{port}: Address already in use\n" \
+        == result.stderr.splitlines(keepends=True)[-1]
+    assert time.monotonic() - started < 30

@@ -1,0 +1,271 @@
+"""The agent as a systemd service: the unit files, the notify and watchdog protocol against a real
+listening NOTIFY_SOCKET, and socket activation with systemd-socket-activate (no systemd as PID 1
+needed). Real agent, SoftHSM identity, a real pynetdicom PACS over TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from agent_runner import card_session_pid, running_agent, stop_agent, tunnel, write_config
+from conftest import CARD_AGENT, ProvisionedPki, run_card_agent
+from peers.ports import free_port
+from peers.pynetdicom_scp import echo, tls_scp
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+UNITS = REPOSITORY / "systemd"
+WATCHDOG_USEC = 1_000_000  # pings due every 0.5 s: half the interval, as sd_watchdog_enabled(3) advises
+
+
+def _require(program: str) -> str:
+    found = shutil.which(program)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{program} is missing (scripts/setup installs it)")
+        pytest.skip(f"{program} is not installed")
+    return found
+
+
+def verify_units(units: list[Path], runtime_dir: Path) -> subprocess.CompletedProcess:
+    """`systemd-analyze verify --user`: as root without a user manager it wants an XDG_RUNTIME_DIR."""
+    runtime_dir.mkdir(mode=0o700, exist_ok=True)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir)}
+    return subprocess.run([_require("systemd-analyze"), "verify", "--user", *map(str, units)],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    # The service names /usr/bin/card-agent, which verify wants to exist: this checkout's stands in
+    # (the package test verifies the installed unit as it is).
+    service = (UNITS / "card-agent.service").read_text()
+    assert "ExecStart=/usr/bin/card-agent run\n" in service
+    (tmp_path / "card-agent.service").write_text(service.replace("/usr/bin/card-agent", CARD_AGENT))
+    shutil.copy(UNITS / "card-agent.socket", tmp_path / "card-agent.socket")
+    result = verify_units([tmp_path / "card-agent.service", tmp_path / "card-agent.socket"], tmp_path / "xdg")
+    # verify exits 0 on unknown keys and bad values (it only warns): nothing may be said at all.
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_verify_reports_a_broken_unit(tmp_path: Path) -> None:
+    """The check above can fail: a misspelt key is reported."""
+    broken = tmp_path / "card-agent.service"
+    broken.write_text((UNITS / "card-agent.service").read_text().replace("/usr/bin/card-agent", CARD_AGENT)
+                      .replace("WatchdogSec=", "WatchdogSecs="))
+    result = verify_units([broken], tmp_path / "xdg")
+    assert "Unknown key 'WatchdogSecs'" in result.stderr
+
+
+@contextmanager
+def notify_socket(directory: Path) -> Iterator[tuple[str, socket.socket]]:
+    """A unix datagram socket listening as a service manager's NOTIFY_SOCKET."""
+    path = directory / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    try:
+        yield str(path), sock
+    finally:
+        sock.close()
+
+
+def receive(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:
+    """Every message for ``seconds``, with the time it came."""
+    messages = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            break
+        messages.append((time.monotonic(), data.decode()))
+    return messages
+
+
+def receive_until(sock: socket.socket, wanted: str, timeout: float = 15.0) -> list[tuple[float, str]]:
+    messages: list[tuple[float, str]] = []
+    deadline = time.monotonic() + timeout
+    while not any(wanted in text for _, text in messages):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {wanted!r} within {timeout} s: {messages}")
+        messages += receive(sock, 0.2)
+    return messages
+
+
+def signed_in_subject(log: str) -> str:
+    return json.loads(re.search(r'event=sign-in subject=("(?:[^"\\]|\\.)*")', log).group(1))
+
+
+def pings(messages: list[tuple[float, str]]) -> list[float]:
+    return [when for when, text in messages if text == "WATCHDOG=1"]
+
+
+def test_ready_status_watchdog_and_stopping(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with tls_scp(pki_dir=test_pki.pki) as pacs, notify_socket(tmp_path) as (path, manager):
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], env=env) as agent:
+            started = receive_until(manager, "READY=1")
+            subject = signed_in_subject(agent.log())
+            assert subject.startswith("CN=Alice Example")
+            status = f"STATUS=signed in: {subject} (token 'alice')"
+            assert f"READY=1\n{status}" in [text for _, text in started]
+            assert echo(agent.port())  # READY=1 meant it: the tunnel serves
+
+            during = receive(manager, 3.0)
+            beats = pings(during)
+            # Every 0.5 s (the loop turns every 0.05 s): within the 1 s the manager allows.
+            assert 5 <= len(beats) <= 7, during
+            assert max(b - a for a, b in zip(beats, beats[1:])) < WATCHDOG_USEC / 1e6
+            assert [text for _, text in during if not text.startswith("WATCHDOG=")] == []  # STATUS only on change
+
+            # Signing out (lock) is told: the status says nobody is signed in, and why.
+            run_card_agent("lock", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env(), check=True)
+            after_lock = receive_until(manager, "STATUS=nobody signed in")
+            state = json.loads(run_card_agent("status", "--json", "--config", tmp_path / "agent" / "agent.toml",
+                                              env=test_pki.env(), check=True).stdout)["state"]
+            assert f"STATUS=nobody signed in: {state}" in [text for _, text in after_lock]
+
+            agent.process.send_signal(signal.SIGTERM)
+            receive_until(manager, "STOPPING=1")
+            assert agent.process.wait(15) == 0
+    # The card-session process never spoke for the agent: it did not inherit NOTIFY_SOCKET.
+    assert "cannot notify" not in agent.log()
+
+
+def test_a_wedged_card_loop_stops_the_watchdog_pings(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The pings come from the card loop, not from a timer of their own: a loop that no longer turns
+    no longer pings, and systemd restarts the agent. The wedge here is a real one: the card-session
+    process stops answering (SIGSTOP on it, not on the agent) while the loop's idle check waits for
+    its counters."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs, notify_socket(tmp_path) as (path, manager):
+        env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], env=env,
+                           agent={"idle_timeout": 2}) as agent:
+            receive_until(manager, "READY=1")
+            session = card_session_pid(agent.process.pid)
+            assert session is not None
+            os.kill(session, signal.SIGSTOP)
+            try:
+                messages = receive(manager, 5.0)
+                beats = pings(messages)
+                assert beats, "pinged before the idle check wedged the loop"
+                # Idle after 2 s: from then on the loop waits on the stopped process and pings stop,
+                # for longer than the 1 s the manager allows: systemd would restart the agent.
+                silence = time.monotonic() - beats[-1]
+                assert silence > 2.0, messages
+            finally:
+                os.kill(session, signal.SIGCONT)
+            # Once the process answers again, the loop turns and pings again.
+            assert pings(receive_until(manager, "WATCHDOG=1", timeout=10))
+
+
+def test_socket_activation_with_systemd_socket_activate(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The agent takes the listening socket it was given (matched by its address) instead of binding:
+    binding the same address again would fail, so an echo answered through it proves it."""
+    activate = _require("systemd-socket-activate")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        table = tunnel("pacs", pacs.port)
+        workdir = tmp_path / "agent"
+        workdir.mkdir()
+        config = write_config(workdir / "agent.toml", test_pki, [table])
+        env = test_pki.env(CARD_PIN="123456")
+        # systemd-socket-activate passes on only the variables named with -E.
+        passed = [f"-E{name}={env[name]}" for name in ("SOFTHSM2_CONF", "CARD_PIN", "PATH", "HOME") if name in env]
+        log_path = workdir / "agent.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([activate, "-l", table["listen"], *passed, CARD_AGENT, "run", "--config",
+                                        str(config)], stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            port = int(table["listen"].rsplit(":", 1)[1])
+            deadline = time.monotonic() + 10
+            while f"Listening on {table['listen']}" not in log_path.read_text():
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+            # The first connection starts the agent; it waits in the backlog until the agent is ready.
+            assert echo(port), log_path.read_text()
+            text = log_path.read_text()
+            assert f"tunnel pacs: listening on {table['listen']} for 127.0.0.1:{pacs.port}" in text
+            assert "cannot listen" not in text
+        finally:
+            stop_agent(process)
+
+
+def refused_activation(test_pki: ProvisionedPki, config: Path, listen: str, name: str) -> tuple[int, str]:
+    """(exit status, output) of an agent activated with one socket at ``listen`` named ``name``,
+    which it is expected to refuse: it starts at the first connection and exits."""
+    activate = _require("systemd-socket-activate")
+    env = test_pki.env(CARD_PIN="123456")
+    passed = [f"-E{key}={env[key]}" for key in ("SOFTHSM2_CONF", "CARD_PIN", "PATH", "HOME") if key in env]
+    process = subprocess.Popen([activate, "-l", listen, f"--fdname={name}", *passed, CARD_AGENT, "run", "--config",
+                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", int(listen.rsplit(":", 1)[1])), timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "systemd-socket-activate did not listen"
+                time.sleep(0.05)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        stop_agent(process)
+    return process.returncode, output
+
+
+def test_an_activated_socket_no_listener_takes_is_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", free_port())])
+    stray = f"127.0.0.1:{free_port()}"
+    status, output = refused_activation(test_pki, config, stray, "spare")
+    assert status == 2
+    assert (f"card-agent: error: activated socket(s) {stray} (spare) match no [[tunnel]] or [[inbound]] listen "
+            "address or name: remove them from the socket unit or add the listener to the configuration") in output
+
+
+def test_notify_reaches_an_abstract_socket_and_takes_its_variables_out_of_the_environment() -> None:
+    from dicom_card_agent.service.notify import Notifier
+
+    name = f"card-agent-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind("\0" + name)
+        environ = {"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
+        notifier = Notifier(environ, clock=iter([0.0, 0.5, 1.0, 1.5]).__next__)
+        assert environ == {}  # a card-session process must not speak for the agent
+        notifier.ready("nobody signed in: no card inserted")
+        for _ in range(4):
+            notifier.watchdog()  # at 0 and 1 s (half of 2 s), not at 0.5 or 1.5
+        notifier.status("nobody signed in: no card inserted")  # unchanged: not sent
+        notifier.stopping()
+        notifier.close()
+        texts = [text for _, text in receive(manager, 0.5)]
+    assert texts == ["READY=1\nSTATUS=nobody signed in: no card inserted", "WATCHDOG=1", "WATCHDOG=1", "STOPPING=1"]
+
+
+def test_watchdog_variables_for_another_process_are_ignored() -> None:
+    from dicom_card_agent.service.notify import Notifier
+
+    notifier = Notifier({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert (notifier.enabled, notifier.watchdog_interval) == (False, None)
+
+
+def test_an_activated_socket_named_after_a_listener_must_listen_where_it_does(test_pki: ProvisionedPki,
+                                                                              tmp_path: Path) -> None:
+    table = tunnel("pacs", free_port())
+    config = write_config(tmp_path / "agent.toml", test_pki, [table])
+    elsewhere = f"127.0.0.1:{free_port()}"
+    status, output = refused_activation(test_pki, config, elsewhere, "pacs")
+    assert status == 2
+    assert (f"card-agent: error: the activated socket named 'pacs' is bound to {elsewhere}, but listener 'pacs' has "
+            f"listen = '{table['listen']}': make the socket unit's ListenStream= and the configuration agree") in output
