@@ -22,11 +22,12 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, SignInScope
 from dicom_card_agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, CardRemoved, Effect, EndSession,
-                                     Event, IdleTimeout, Lock, PinEntered, SessionLost, SignedIn, SignInCancelled,
+                                     Event, IdleTimeout, Lock, PinEntered, Reload, SessionLost, SignedIn, SignInCancelled,
                                      SignInFailed, StartSignIn, State, Stop)
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
+from dicom_card_agent.session.retune import session_change
 from dicom_card_agent.session.supervisor import CardSession
 from dicom_card_agent.token.login import LoginError
 from dicom_card_agent.token.pinentry import PinEntryCancelledError
@@ -60,7 +61,7 @@ class SessionManager:
         self.module: LoadedModule = load_module(config.identity.module)
         self.machine = CardLifecycle()
         self.watcher = CardWatcher(self.module, config.identity.token,
-                                   lambda token: unusable_reason(config, self.module, token))
+                                   lambda token: unusable_reason(self.config, self.module, token))
         self.session: CardSession | None = None  # the signed-in attempt's card-session process
         self._session_attempt = 0
         self._sign_in: _SignIn | None = None
@@ -107,6 +108,30 @@ class SessionManager:
                 return False
             self._feed(Lock())
             return True
+
+    def reconfigure(self, config: AgentConfig) -> str:
+        """A reloaded configuration (agent/session/reload.py): the card session serves its tunnels
+        in place when it can, else it ends and the card is signed in again (the Reload event).
+        What happened, for the log."""
+        with self._lock:
+            self.config = config
+            return self._retune()
+
+    def _retune(self) -> str:
+        session = self.session
+        if session is None or self.machine.state is not State.SIGNED_IN:
+            # A sign-in under way goes on; its card session is brought up to date when it is ready.
+            return f"no card session ({self.state})"
+        reason = session_change(session.config, self.config)
+        if not reason:
+            answer = session.reconfigure(self.config)
+            if answer["type"] == "reloaded":
+                return "the card session goes on"
+            reason = answer["message"]
+        log.warning("configuration reloaded: the card session of %s cannot take it in place (%s): it ends, and "
+                    "the card is signed in again", session.signed_in.files.subject, reason)
+        self._feed(Reload())
+        return f"the card session was ended ({reason})"
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -227,9 +252,10 @@ class SessionManager:
     def _sign_in_thread(self, card: Card, attempt: int, scope: SignInScope) -> None:
         """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
         try:
-            signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,
+            config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
+            signed_in, pin = scope.run(lambda: sign_in(config, self.module, card,
                                                        confirm_final_try=self.confirm_final_try))
-            session = CardSession(self.config, signed_in, on_report=self.audit.session_report,
+            session = CardSession(config, signed_in, on_report=self.audit.session_report,
                                   confirm_final_try=self.confirm_final_try)
             session.start(pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
@@ -275,6 +301,8 @@ class SessionManager:
         assert card is not None
         event("sign-in", subject=files.subject, issuer=files.issuer, token=card.label, serial=card.serial)
         self.audit.signed_in(session.signed_in, card)
+        if session.config is not self.config:  # reloaded while it was signing in
+            self._retune()
 
     # -- ending -------------------------------------------------------------------------------------
 
