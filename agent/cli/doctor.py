@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import typer
 
 from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.logline import printable
 from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import describe_pin_state
@@ -33,13 +34,18 @@ def doctor(
     crl: CrlFiles = None,
 ) -> None:
     """Check OpenSSL, the pkcs11-provider, the PKCS#11 module, tokens, PIN state and certificate chains."""
+    raise typer.Exit(1 if report(run_checks(module, token, ca, crl or [])) else 0)
+
+
+def report(checks: Iterable[Check]) -> bool:
+    """Print each check as it comes, one line (and its fix); True when one failed."""
     failed = False
-    for check in run_checks(module, token, ca, crl or []):
+    for check in checks:
         failed |= check.status == "fail"
-        typer.echo(f"{check.status:<4} {check.name}: {check.detail}")
+        typer.echo(printable(f"{check.status:<4} {check.name}: {check.detail}"))  # labels and subjects: the card's text
         if check.fix:
             typer.echo(f"     fix: {check.fix}")
-    raise typer.Exit(1 if failed else 0)
+    return failed
 
 
 def _attempt(name: str, action: Callable[[], str], fix: str) -> Check:
@@ -49,33 +55,43 @@ def _attempt(name: str, action: Callable[[], str], fix: str) -> Check:
         return Check("fail", name, str(error), fix)
 
 
-def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterator[Check]:
+def platform_checks(module_spec: str, module_key: str = "--module") -> tuple[list[Check], LoadedModule | None]:
+    """OpenSSL, the pkcs11-provider, the PKCS#11 module and the provider loading it (``doctor`` and
+    ``check``); the module when it loads. ``module_key``: where the user names the module."""
+    checks = []
     if ssl.OPENSSL_VERSION_INFO >= (3,):
-        yield Check("ok", "openssl", f"{ssl.OPENSSL_VERSION} (Python ssl module)")
+        checks.append(Check("ok", "openssl", f"{ssl.OPENSSL_VERSION} (Python ssl module)"))
     else:
-        yield Check("fail", "openssl", f"{ssl.OPENSSL_VERSION}: the pkcs11-provider needs OpenSSL 3",
-                    "run the agent with a Python linked against OpenSSL 3 (Debian 12 / Ubuntu 22.04 or later)")
-    yield _attempt("pkcs11-provider", lambda: f"installed at {provider_module_path()}",
-                   "apt-get install pkcs11-provider (Debian 12: -t bookworm-backports)")
-
-    loaded: LoadedModule | None = None
+        checks.append(Check("fail", "openssl", f"{ssl.OPENSSL_VERSION}: the pkcs11-provider needs OpenSSL 3",
+                            "run the agent with a Python linked against OpenSSL 3 (Debian 12 / Ubuntu 22.04 or later)"))
+    checks.append(_attempt("pkcs11-provider", lambda: f"installed at {provider_module_path()}",
+                           "apt-get install pkcs11-provider (Debian 12: -t bookworm-backports)"))
     try:
         loaded = load_module(module_spec)
-        yield Check("ok", "pkcs11-module",
-                    f"{loaded.path} (profile {loaded.profile.name}: {loaded.library_description})")
     except CardAgentError as error:
-        yield Check("fail", "pkcs11-module", str(error),
-                    "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or pass --module")
-    if loaded is None:
-        return
+        checks.append(Check("fail", "pkcs11-module", str(error),
+                            "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or "
+                            f"{'pass' if module_key.startswith('--') else 'set'} {module_key}"))
+        return checks, None
+    checks.append(Check("ok", "pkcs11-module",
+                        f"{loaded.path} (profile {loaded.profile.name}: {loaded.library_description})"))
     profile = loaded.profile
-    yield _attempt(
+    checks.append(_attempt(
         "provider-loads",
         lambda: check_provider_loads(openssl_config(loaded.path, profile.provider_quirks,
                                                     profile.provider_login_behavior)) and
         f"OpenSSL activates the pkcs11-provider with {loaded.path}",
         "check the provider and module versions (`openssl list -providers` with the generated config)",
-    )
+    ))
+    return checks, loaded
+
+
+def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterator[Check]:
+    checks, loaded = platform_checks(module_spec)
+    yield from checks
+    if loaded is None:
+        return
+    profile = loaded.profile
 
     try:
         tokens = [find_token(loaded, token_selector)] if token_selector else present_tokens(loaded)

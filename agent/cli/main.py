@@ -8,7 +8,8 @@ import typer
 from pkcs11.exceptions import PKCS11Error
 
 from dicom_card_agent import logline
-from dicom_card_agent.cli import audit_commands, control_commands, doctor, run, softhsm_commands, token_commands
+from dicom_card_agent.cli import (audit_commands, check, control_commands, doctor, run, softhsm_commands,
+                                  token_commands)
 from dicom_card_agent.errors import CardAgentError
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command("tokens")(token_commands.tokens)
 app.command("identities")(token_commands.identities)
 app.command("doctor")(doctor.doctor)
+app.command("check")(check.check)
 app.command("run")(run.run)
 app.command("status")(control_commands.status)
 app.command("lock")(control_commands.lock)
