@@ -464,7 +464,7 @@ def summarize(xml: bytes | str) -> Summary:
                 except (ValueError, UnicodeDecodeError):
                     pass
     description = identification.findtext("EventOutcomeDescription") or ""
-    if description:
-        details.append(f"({description})")
+    # "token alice (locked)": the description qualifies what precedes it, it is not one more item.
+    detail = " ".join(filter(None, [", ".join(d for d in details if d), f"({description})" if description else ""]))
     return Summary(time=time, event=event_name, outcome=outcome, action=identification.get("EventActionCode", ""),
-                   user=user, remote=remote, detail=", ".join(d for d in details if d))
+                   user=user, remote=remote, detail=detail)

@@ -128,8 +128,7 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
         if not usable:
             personal = [i for i in identities if not i.is_ca] or identities
             reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
-            yield Check("fail", f"identity {token.label}", reasons,
-                        "ask for a client certificate (clientAuth, digitalSignature) for the key on this card")
+            yield Check("fail", f"identity {token.label}", reasons, identity_fix([i.reason for i in personal]))
             continue
         for identity in usable:
             yield Check("ok", f"identity {token.label}", f"{identity.subject}, {identity.key_type.upper()} "
@@ -139,3 +138,26 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
             else:
                 chain = " <- ".join(c.subject.rfc4514_string() for c in identity.chain)
                 yield Check("ok", f"chain {token.label}", f"complete to {trust.source}: {chain}")
+
+
+# What to do about an unusable identity, by the start of its reason (agent/token/identities.py).
+_IDENTITY_FIXES = (
+    ("was revoked", "the certificate was revoked: ask the card's issuer for a new certificate (a new card)"),
+    ("expired on", "the certificate has expired: ask the card's issuer to renew it"),
+    ("not yet valid", "the certificate is not valid yet: check the workstation's clock, or wait for its start date"),
+    ("does not chain to a CA in", "ask for a certificate from a CA the PACS trusts, or give --ca the right bundle"),
+    ("no CRL from", "add the issuer's current CRL with --crl"),
+    ("the CRL of", "add the issuer's current CRL with --crl"),
+    ("extractable key", "re-generate the key on the token (--allow-exportable-keys accepts it on lab tokens only)"),
+    ("no matching key visible before login", "run `card-agent identities --pin ...` to check the key after login"),
+)
+_DEFAULT_IDENTITY_FIX = "ask for a client certificate (clientAuth, digitalSignature) for the key on this card"
+
+
+def identity_fix(reasons: list[str]) -> str:
+    """The fix for the first reason a fix is known for; a client certificate when none is."""
+    for reason in reasons:
+        for start, fix in _IDENTITY_FIXES:
+            if start in reason:
+                return fix
+    return _DEFAULT_IDENTITY_FIX

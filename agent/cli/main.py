@@ -18,6 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: Rich markup would eat "[audit]" in texts and show flags as "<bool>".
+    rich_markup_mode=None,
 )
 app.command("tokens")(token_commands.tokens)
 app.command("identities")(token_commands.identities)

@@ -163,7 +163,7 @@ class SessionManager:
     def _watch_reader(self, stop: threading.Event) -> None:
         """Look at the reader whenever card events say so, in a thread of its own: a card's probe
         (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
-        with CardEvents() as events:
+        with CardEvents(card_readers=self.module.profile.card_readers) as events:
             while not stop.is_set():
                 try:
                     card = self.watcher.look()
