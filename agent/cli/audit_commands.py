@@ -53,8 +53,8 @@ def _audit_file(config: Path | None, file: Path | None) -> Path:
     config = locate_config(config)
     audit = load_audit_config(config)
     if audit is None or audit.file is None:
-        raise ConfigError(f"{config}: no [audit] file is configured; audit tail reads the local audit file "
-                          "(see docs/audit.md)")
+        raise ConfigError(f"{config}: no [audit] file is configured; audit tail reads the local audit file: "
+                          "add file = \"PATH\" to [audit], or give --file AUDIT_FILE")
     return audit.file
 
 
