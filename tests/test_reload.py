@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import card_session_pid, port_of, running_agent, tunnel, wait_for, write_config
+from agent_runner import (card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
+                          write_config)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
-from peers.pynetdicom_scp import associate, echo, tls_scp
+from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
 from pynetdicom.sop_class import Verification
 
@@ -160,3 +161,32 @@ def test_sighup_during_the_pin_dialog_leaves_it_open_and_the_session_serves_the_
             assert terminal.screen.count(b"PIN:") == 1  # asked once
     assert (RELOADED.format(config=config) + "added later; no card session (card present, PIN not yet entered)\n"
             in log), log
+
+
+def test_a_changed_trust_or_inbound_listener_signs_the_card_in_again(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """[trust] and [[inbound]] are in TLS contexts made with the card's key and were checked at
+    sign-in: the card session ends cleanly and the card signs in again (env: PIN: at once)."""
+    card = FaultControl(tmp_path / "card.ctl")
+    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    with tls_scp(pki_dir=test_pki.pki) as pacs, plain_scp() as viewer:
+        pacs_table = tunnel("pacs", pacs.port)
+        with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),
+                           env=card.env()) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            log = reload(agent, config, test_pki, [pacs_table], RELOADED.format(config=config),
+                         module=str(fault_module), trust={"crl_expired": "warn"})
+            wait_for(lambda: agent.log().count("event=sign-in ") == 2, 20)
+            assert echo(agent.port())
+            inbound = inbound_listener("viewer", f"127.0.0.1:{viewer.port}", **node)
+            log = reload(agent, config, test_pki, [pacs_table], "added viewer", module=str(fault_module),
+                         trust={"crl_expired": "warn"}, inbound=[inbound])
+            wait_for(lambda: agent.log().count("event=sign-in ") == 3, 20)
+            socket.create_connection(("127.0.0.1", port_of(inbound)), timeout=5).close()  # it listens
+            assert echo(agent.port())
+            assert len(logins(card)) == 3
+            log = agent.log()
+    assert "cannot take it in place ([trust] changed): it ends, and the card is signed in again" in log
+    assert "cannot take it in place ([[inbound]] changed): it ends, and the card is signed in again" in log
+    assert log.count('event=sign-out reason="configuration reloaded"') == 2
+    assert (RELOADED.format(config=config) + "added viewer; the card session was ended ([[inbound]] changed)\n") in log
