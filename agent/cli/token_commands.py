@@ -29,7 +29,7 @@ def tokens(module: Module = MODULE_DEFAULT, as_json: Json = False) -> None:
     if not descriptions:
         typer.echo("no token present")
         return
-    rows = [("SLOT", "LABEL", "SERIAL", "MANUFACTURER", "MODEL", "PIN")]
+    rows: list[tuple[str, ...]] = [("SLOT", "LABEL", "SERIAL", "MANUFACTURER", "MODEL", "PIN")]
     # Labels, serials, manufacturers and models are the card's text: escaped (agent/logline.py).
     rows += [tuple(printable(cell) for cell in (str(d.slot_id), d.label, d.serial, d.manufacturer, d.model,
                                                   _pin_column(d))) for d in descriptions]
