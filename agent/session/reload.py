@@ -79,7 +79,10 @@ class Reloader:
         while not stop.is_set():
             if self._wanted.wait(0.2) and not stop.is_set():
                 self._wanted.clear()
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # a bug must cost one reload, not every later one
+                    log.exception("SIGHUP: reloading the configuration failed: internal error; the agent goes on")
 
     def reload(self) -> None:
         source = self.settings.source
