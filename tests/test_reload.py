@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import (card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
+from agent_runner import (agent_status, card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
                           write_config)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
@@ -38,6 +38,11 @@ def reload(agent, config: Path, test_pki: ProvisionedPki, tunnels: list[dict], e
     return agent.log()
 
 
+def signed_in(agent, env: dict[str, str]) -> None:
+    """Wait until the agent is signed in (the card session is ready)."""
+    wait_for(lambda: agent_status(agent.log_path.parent, env)["state"] == "signed in", 20)
+
+
 def audit_lines(config: Path, env: dict[str, str]) -> str:
     return run_card_agent("audit", "tail", "--config", config, env=env, check=True).stdout
 
@@ -51,7 +56,9 @@ def test_a_reload_adds_and_removes_tunnels_while_the_card_session_and_its_associ
         with running_agent(test_pki, tmp_path / "agent", [first], module=str(fault_module), env=card.env(),
                            audit=audit) as agent:
             config = tmp_path / "agent" / "agent.toml"
-            session = card_session_pid(agent.process.pid)
+            env = test_pki.env(**card.env())
+            signed_in(agent, env)
+            session, logins_before = card_session_pid(agent.process.pid), len(logins(card))
             open_association = associate(agent.port("first"), sop_classes=[Verification])
             assert open_association.is_established
 
@@ -73,9 +80,8 @@ def test_a_reload_adds_and_removes_tunnels_while_the_card_session_and_its_associ
             assert echo(port_of(second))
 
             assert card_session_pid(agent.process.pid) == session  # the same card session throughout
-            assert len(logins(card)) == 1  # no second C_Login: no new PIN
-            assert "event=sign-out" not in agent.log()
-            env = test_pki.env(**card.env())
+            assert len(logins(card)) == logins_before  # no second C_Login: no new PIN
+            assert "event=sign-out" not in agent.log().split("SIGHUP", 1)[1]
             trail = audit_lines(config, env)
     alerts = [line for line in trail.splitlines() if "Software Configuration" in line]
     assert len(alerts) == 2, trail
@@ -90,14 +96,15 @@ def test_a_broken_configuration_is_refused_with_one_line_and_the_old_one_keeps_s
         with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),
                            env=card.env()) as agent:
             config = tmp_path / "agent" / "agent.toml"
-            session = card_session_pid(agent.process.pid)
+            signed_in(agent, test_pki.env(**card.env()))
+            session, logins_before = card_session_pid(agent.process.pid), len(logins(card))
             good = config.read_text()
             config.write_text(good.replace("remote = ", "remot = "))
             agent.process.send_signal(signal.SIGHUP)
             wait_for(lambda: REFUSED in agent.log())
             assert echo(agent.port())  # the old configuration serves on
             assert card_session_pid(agent.process.pid) == session
-            assert len(logins(card)) == 1
+            assert len(logins(card)) == logins_before
             refused = [line for line in agent.log().splitlines() if "SIGHUP" in line]
 
             # Settings only a restart can change are refused the same way, naming them.
@@ -122,16 +129,20 @@ def test_a_tunnel_needing_a_tls_context_the_session_lacks_gets_a_new_card_sessio
         with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),
                            env=card.env()) as agent:
             config = tmp_path / "agent" / "agent.toml"
-            session = card_session_pid(agent.process.pid)
+            env = test_pki.env(**card.env())
+            signed_in(agent, env)
+            session, logins_before = card_session_pid(agent.process.pid), len(logins(card))
+            sign_ins = agent.log().count("event=sign-in ")
             modern = tunnel("modern", pacs.port, tls="tls13")
             log = reload(agent, config, test_pki, [pacs_table, modern], RELOADED.format(config=config),
                          module=str(fault_module))
-            wait_for(lambda: agent.log().count("event=sign-in ") == 2, 20)
+            wait_for(lambda: agent.log().count("event=sign-in ") == sign_ins + 1, 20)
+            signed_in(agent, env)
             log = agent.log()
             assert echo(port_of(modern))
             assert echo(agent.port("pacs"))
             assert card_session_pid(agent.process.pid) != session
-            assert len(logins(card)) == 2
+            assert len(logins(card)) == logins_before + 1
     assert ("configuration reloaded: the card session of CN=Alice Example" in log
             and "cannot take it in place (tunnel 'modern' needs a TLS context (tls = 'tls13', verify = 'chain') "
                 "this card session did not make at its start): it ends, and the card is signed in again" in log), log
@@ -174,17 +185,19 @@ def test_a_changed_trust_or_inbound_listener_signs_the_card_in_again(
         with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),
                            env=card.env()) as agent:
             config = tmp_path / "agent" / "agent.toml"
-            log = reload(agent, config, test_pki, [pacs_table], RELOADED.format(config=config),
-                         module=str(fault_module), trust={"crl_expired": "warn"})
-            wait_for(lambda: agent.log().count("event=sign-in ") == 2, 20)
-            assert echo(agent.port())
+            env = test_pki.env(**card.env())
             inbound = inbound_listener("viewer", f"127.0.0.1:{viewer.port}", **node)
-            log = reload(agent, config, test_pki, [pacs_table], "added viewer", module=str(fault_module),
-                         trust={"crl_expired": "warn"}, inbound=[inbound])
-            wait_for(lambda: agent.log().count("event=sign-in ") == 3, 20)
+            for change in ({"trust": {"crl_expired": "warn"}},
+                           {"trust": {"crl_expired": "warn"}, "inbound": [inbound]}):
+                signed_in(agent, env)
+                logins_before, sign_ins = len(logins(card)), agent.log().count("event=sign-in ")
+                reload(agent, config, test_pki, [pacs_table], RELOADED.format(config=config),
+                       module=str(fault_module), **change)
+                wait_for(lambda: agent.log().count("event=sign-in ") > sign_ins, 20)
+                signed_in(agent, env)
+                assert len(logins(card)) == logins_before + 1  # one new sign-in, one login
+                assert echo(agent.port())
             socket.create_connection(("127.0.0.1", port_of(inbound)), timeout=5).close()  # it listens
-            assert echo(agent.port())
-            assert len(logins(card)) == 3
             log = agent.log()
     assert "cannot take it in place ([trust] changed): it ends, and the card is signed in again" in log
     assert "cannot take it in place ([[inbound]] changed): it ends, and the card is signed in again" in log
