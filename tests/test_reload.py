@@ -193,7 +193,7 @@ def test_a_changed_trust_or_inbound_listener_signs_the_card_in_again(
                 logins_before, sign_ins = len(logins(card)), agent.log().count("event=sign-in ")
                 reload(agent, config, test_pki, [pacs_table], RELOADED.format(config=config),
                        module=str(fault_module), **change)
-                wait_for(lambda: agent.log().count("event=sign-in ") > sign_ins, 20)
+                wait_for(lambda before=sign_ins: agent.log().count("event=sign-in ") > before, 20)
                 signed_in(agent, env)
                 assert len(logins(card)) == logins_before + 1  # one new sign-in, one login
                 assert echo(agent.port())
