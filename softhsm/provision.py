@@ -27,7 +27,6 @@ USER_PIN = "123456"
 SO_PIN = "12345678"
 KEY_ID = b"\x01"  # like PIV slot 9A, the authentication key
 MARKER = ".provisioned"
-MANAGED = ("tokens", "pki", "softhsm2.conf", "README.txt", MARKER)
 
 
 @dataclass(frozen=True)
@@ -87,18 +86,39 @@ def _key_pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
+def _written_files() -> tuple[str, ...]:
+    """Every file this command writes in DIR, by relative path (and the SoftHSM token store, tokens/)."""
+    pki_files = (*PKI_FILES, *SECRET_PKI_FILES, *(f"clients/{i.label}.pem" for i in IDENTITIES))
+    return ("softhsm2.conf", "README.txt", MARKER, *(f"pki/{name}" for name in pki_files))
+
+
+PKI_FILES = ("root-ca.pem", "issuing-ca.pem", "ca-bundle.pem", "issuing-ca.crl.pem", "root-ca.crl.pem",
+             "server-chain.pem", "untrusted-ca.pem", "untrusted-server-chain.pem")
+SECRET_PKI_FILES = ("server.key", "untrusted-server.key", "private/root-ca.key", "private/issuing-ca.key",
+                    "private/untrusted-ca.key")
+
+
+def _remove_earlier_run(directory: Path) -> None:
+    """What an earlier run wrote, and nothing else: a file of the user's in DIR or pki/ stays."""
+    tokens = directory / "tokens"
+    if tokens.is_dir():  # SoftHSM's token store for these tokens: recreated whole
+        shutil.rmtree(tokens)
+    for name in _written_files():
+        (directory / name).unlink(missing_ok=True)
+    for folder in ("pki/private", "pki/clients", "pki"):
+        try:
+            (directory / folder).rmdir()
+        except OSError:  # missing, or it holds files of the user's
+            pass
+
+
 def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
     """Create the test PKI and tokens in ``directory``; a complete earlier run is kept unless ``force``."""
     directory = directory.resolve()
     conf = directory / "softhsm2.conf"
     if (directory / MARKER).exists() and not force:
         return ProvisionResult(directory, conf, created=False)
-    for name in MANAGED:  # only what this command writes: DIR may hold other files
-        path = directory / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    _remove_earlier_run(directory)
     directory.mkdir(parents=True, exist_ok=True)
     conf = write_softhsm_conf(directory)
 
@@ -122,6 +142,7 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
         "untrusted-ca.pem": _pem(untrusted.certificate),
         "untrusted-server-chain.pem": _pem(untrusted_server, untrusted.certificate),
     }
+    assert tuple(files) == PKI_FILES
     for name, data in files.items():
         _write(pki_dir / name, data)
     secret_files = {
@@ -131,6 +152,7 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
         "private/issuing-ca.key": _key_pem(issuing.key),
         "private/untrusted-ca.key": _key_pem(untrusted.key),
     }
+    assert tuple(secret_files) == SECRET_PKI_FILES
     (pki_dir / "private").mkdir(mode=0o700, exist_ok=True)
     for name, data in secret_files.items():
         _write(pki_dir / name, data, 0o600)

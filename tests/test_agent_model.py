@@ -319,7 +319,7 @@ class AgentModel(RuleBasedStateMachine):
 
     @rule()
     def sighup(self) -> None:
-        """A logged no-op (another change of issue 10): the agent stays, in the same state."""
+        """A reload of the unchanged file (tests/test_reload.py changes it): the agent stays, in the same state."""
         self.wait_for_state()
         self.agent.process.send_signal(signal.SIGHUP)
         # Nothing is to happen, so there is no event to wait for: give a wrong reaction time to show.

@@ -255,7 +255,7 @@ def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: 
     ({"server_key": "pkcs11:token=bob;type=private", "server_key_pin": "prompt"},
      "server_key_pin: must be env:VARIABLE or file:PATH"),
     ({"allowed_calling_ae_titles": ["A_TITLE_LONGER_THAN_16"]}, "is not an AE title"),
-    ({"user_identity": "username"}, "unknown key(s) user_identity"),
+    ({"user_identity": "username"}, "unknown key 'user_identity' (the keys here: name, listen, forward"),
     ({"listen": "0.0.0.0:11114"}, "allow_from: required when listen (0.0.0.0:11114) is not a loopback address: "
                                   "list the PACS's addresses or networks"),
     ({"allow_from": ["10.1.2.3/16"]}, "allow_from: '10.1.2.3/16' has host bits set: write the network as "

@@ -21,8 +21,6 @@ from peers.ports import free_port
 from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
-RELOAD_NOT_SUPPORTED = ("SIGHUP: reloading the configuration is not supported yet; nothing changed (the card "
-                        "session goes on): restart the agent for a changed configuration to take effect")
 SCU = "PYNETDICOM-SCU"  # the calling AE title of peers.pynetdicom_scp.associate
 
 
@@ -112,19 +110,24 @@ def test_status_counts_since_start_and_for_the_card_session(test_pki: Provisione
            "1 failed (connect 1), 0 turned away; 0 full TLS handshakes, 0 resumed; 0 bytes up, 0 down\n" in readable
 
 
+RELOADED = "SIGHUP: configuration "
+
+
 def test_sighup_keeps_the_agent_and_its_card_session(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     with tls_scp(pki_dir=test_pki.pki) as pacs:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
             session = card_session_pid(agent.process.pid)
             assert session is not None
             agent.process.send_signal(signal.SIGHUP)
-            wait_for(lambda: RELOAD_NOT_SUPPORTED in agent.log() or agent.process.poll() is not None)
+            wait_for(lambda: RELOADED in agent.log() or agent.process.poll() is not None)
             assert agent.process.poll() is None, f"SIGHUP ended the agent:\n{agent.log()}"
             assert card_session_pid(agent.process.pid) == session  # the same card session, still signed in
             assert echo(agent.port())
             log = agent.log()
-    assert "card-agent: WARNING: " + RELOAD_NOT_SUPPORTED in log
-    assert log.count(RELOAD_NOT_SUPPORTED) == 1 and "event=sign-out" not in log.split(RELOAD_NOT_SUPPORTED)[1]
+    config = tmp_path / "agent" / "agent.toml"
+    assert (f"card-agent: INFO: SIGHUP: configuration {config} reloaded: nothing changed; "
+            "the card session goes on\n") in log
+    assert log.count(RELOADED) == 1 and "event=sign-out" not in log.split(RELOADED)[1].split("stopping")[0]
 
 
 def test_status_counts_of_an_inbound_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:

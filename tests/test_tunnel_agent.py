@@ -31,7 +31,8 @@ from peers.pki_files import TlsServerFiles
     ("verify = \"pin\"", "\"pin\" trusts the server by fingerprint only: give server_pins"),
     ("server_pins = [\"12:34\"]", "is not a SHA-256 fingerprint"),
     ("remote = \"pacs\"", "is not HOST:PORT"),
-    ("colour = \"blue\"", "unknown key(s) colour"),
+    ("colour = \"blue\"", "unknown key 'colour' (the keys here: name, listen, unsafe_listen, remote,"),
+    ("remot = \"127.0.0.1:104\"", "unknown key 'remot' (did you mean 'remote'?)"),
     ("max_connections = 0", "max_connections: must be a whole number of connections, at least 1 (default 64)"),
 ])
 def test_bad_configuration_is_named_and_exits_2(test_pki: ProvisionedPki, tmp_path: Path, change: str,

@@ -734,6 +734,10 @@ def test_unix_listener_needs_the_parent_directory(socket_base: Path) -> None:
     with pytest.raises(ListenerError, match="cannot create the socket directory") as failed:
         create_unix_listener(str(socket_base / "missing" / "agent" / "pacs.sock"))
     assert not isinstance(failed.value, UnsafeSocketDirectoryError)
+    assert str(failed.value) == (
+        f"cannot create the socket directory {socket_base}/missing/agent: its parent {socket_base}/missing does not "
+        f"exist (the agent creates only the socket's own directory): create {socket_base}/missing, or put the socket "
+        f"in a directory that exists, e.g. unix:/run/user/{os.getuid()}/card-agent/NAME.sock")
 
 
 def test_unix_socket_in_use_is_refused(socket_base: Path, sockets: ExitStack) -> None:

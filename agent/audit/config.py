@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_card_agent.config.tables import Section, host_port, read_toml
 from dicom_card_agent.errors import ConfigError
 
 
@@ -62,10 +63,7 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
     errors naming ``where`` (the configuration file) and the key; paths relative to ``base``."""
     if data is None:
         return None
-    # Imported here: agent.config.model calls this function, so importing it at the top would be circular.
-    from dicom_card_agent.config.model import _host_port, _Section
-
-    section = _Section(data, f"{where} [audit]", base)
+    section = Section(data, f"{where} [audit]", base)
     file = section.path("file", must_exist=False)
     spool = section.path("spool", must_exist=False)
     source_id = section.take("source_id", str, "")
@@ -73,8 +71,8 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
     raw_syslog = section.take("syslog", dict, None)
     syslog = None
     if raw_syslog is not None:
-        table = _Section(raw_syslog, f"{where} [audit.syslog]", base)
-        host, port = _host_port(table.take("address", str, required=True), lambda m: table.error("address", m))
+        table = Section(raw_syslog, f"{where} [audit.syslog]", base)
+        host, port = host_port(table.take("address", str, required=True), lambda m: table.error("address", m))
         ca = table.path("ca", required=True)
         server_name = table.take("server_name", str, "") or host
         certificate = table.path("certificate")
@@ -100,8 +98,6 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
 
 def load_audit_config(path: Path) -> AuditConfig | None:
     """Only the ``[audit]`` table of the configuration file ``path`` (for ``card-agent audit``)."""
-    from dicom_card_agent.config.model import read_toml
-
     data = read_toml(path)
     audit = data.get("audit")
     if audit is not None and not isinstance(audit, dict):

@@ -54,6 +54,7 @@ class AlertType(str, Enum):
     PIN_LOCKED = "pin-locked"  # the token's user PIN is now locked
     PIN_FINAL_TRY = "pin-final-try"  # one PIN try left
     MALFORMED_PDU = "malformed-pdu"  # a peer sent something that is not DICOM upper layer
+    SOFTWARE_CONFIGURATION = "software-configuration"  # the configuration was reloaded (SIGHUP), or refused
 
 
 class SessionEnd(str, Enum):

@@ -63,6 +63,7 @@ APPLICATION_STOP = Code("110121", DCM, "Application Stop")
 LOGIN = Code("110122", DCM, "Login")
 LOGOUT = Code("110123", DCM, "Logout")
 NODE_AUTHENTICATION = Code("110126", DCM, "Node Authentication")
+SOFTWARE_CONFIGURATION = Code("110131", DCM, "Software Configuration")
 USE_OF_RESTRICTED_FUNCTION = Code("110132", DCM, "Use of Restricted Function")
 USER_SECURITY_ATTRIBUTES_CHANGED = Code("110137", DCM, "User Security Attributes Changed")
 MALFORMED_PDU = Code("MALFORMED-PDU", PRIVATE, "Malformed DICOM PDU")
@@ -86,6 +87,7 @@ ALERT_TYPES: dict[AlertType, Code] = {
     AlertType.PIN_LOCKED: USER_SECURITY_ATTRIBUTES_CHANGED,
     AlertType.PIN_FINAL_TRY: USER_SECURITY_ATTRIBUTES_CHANGED,
     AlertType.MALFORMED_PDU: MALFORMED_PDU,
+    AlertType.SOFTWARE_CONFIGURATION: SOFTWARE_CONFIGURATION,
 }
 
 # ParticipantObjectTypeCode / ParticipantObjectTypeCodeRole values (PS3.15 A.5.1.2.2)
@@ -495,7 +497,7 @@ def summarize(xml: bytes | str) -> Summary:
                 except (ValueError, UnicodeDecodeError):
                     pass
     description = identification.findtext("EventOutcomeDescription") or ""
-    if description:
-        details.append(f"({description})")
+    # "token alice (locked)": the description qualifies what precedes it, it is not one more item.
+    detail = " ".join(filter(None, [", ".join(d for d in details if d), f"({description})" if description else ""]))
     return Summary(time=time, event=event_name, outcome=outcome, action=identification.get("EventActionCode", ""),
-                   user=user, remote=remote, detail=", ".join(d for d in details if d))
+                   user=user, remote=remote, detail=detail)

@@ -213,10 +213,13 @@ class CardEvents:
     """What the card loop sleeps on between two looks at the reader: ``POLL_SECONDS``, cut short by
     a PC/SC event where pcscd answers. Use as a context manager (it owns the PC/SC thread)."""
 
-    def __init__(self, *, use_pcsc: bool | None = None) -> None:
+    def __init__(self, *, use_pcsc: bool | None = None, card_readers: bool = True) -> None:
+        """``card_readers`` False: the module's tokens are not in PC/SC readers (SoftHSM), so
+        pcscd has nothing to tell and is not asked."""
         self._changed = threading.Event()
         self._source: PcscEventSource | None = None
         self.use_pcsc = os.environ.get(EVENTS_ENV, "") != "poll" if use_pcsc is None else use_pcsc
+        self.card_readers = card_readers
         self.description = f"polling every {POLL_SECONDS * 1000:g} ms"
 
     @property
@@ -224,7 +227,9 @@ class CardEvents:
         return self._source is not None
 
     def __enter__(self) -> CardEvents:
-        if self.use_pcsc:
+        if not self.card_readers:
+            self.description += " (the module's tokens are not in card readers: no PC/SC events to wait for)"
+        elif self.use_pcsc:
             try:
                 self._source = PcscEventSource(self._changed.set).start()
                 self.description = f"PC/SC events from pcscd, and {self.description}"

@@ -18,7 +18,7 @@ from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.logline import printable
 
-app = typer.Typer(help="The audit trail (DICOM audit messages, IHE ATNA).", no_args_is_help=True)
+app = typer.Typer(help="The audit trail (DICOM audit messages, IHE ATNA).", no_args_is_help=True, rich_markup_mode=None)
 
 FOLLOW_INTERVAL = 0.5
 
@@ -26,12 +26,13 @@ FOLLOW_INTERVAL = 0.5
 @app.command("tail")
 def tail(
     config: ConfigFile = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="An audit file (instead of --config).")] = None,
-    lines: Annotated[int, typer.Option("-n", "--lines", min=0, help="How many of the latest events.")] = 20,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="AUDIT_FILE", help="An audit file (instead of --config).")] = None,
+    lines: Annotated[int, typer.Option("-n", "--lines", min=0, metavar="N", help="How many of the latest events.")] = 20,
     follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events as they are written.")] = False,
     xml: Annotated[bool, typer.Option("--xml", help="Print the audit messages (XML) as stored.")] = False,
 ) -> None:
-    """Print the latest events of the local audit file: time, event, outcome, user, remote, counts."""
+    """Print the latest events of the local audit file ([audit] file of the configuration, or --file):
+    time, event, outcome, user, remote, counts."""
     path = _audit_file(config, file)
     if not path.exists() and not follow:
         raise ConfigError(f"the audit file {path} does not exist yet (no event recorded)")
@@ -52,8 +53,8 @@ def _audit_file(config: Path | None, file: Path | None) -> Path:
     config = locate_config(config)
     audit = load_audit_config(config)
     if audit is None or audit.file is None:
-        raise ConfigError(f"{config}: no [audit] file is configured; audit tail reads the local audit file "
-                          "(see docs/audit.md)")
+        raise ConfigError(f"{config}: no [audit] file is configured; audit tail reads the local audit file: "
+                          "add file = \"PATH\" to [audit], or give --file AUDIT_FILE")
     return audit.file
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import typer
 
 from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.logline import printable
 from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import describe_pin_state
@@ -33,13 +34,18 @@ def doctor(
     crl: CrlFiles = None,
 ) -> None:
     """Check OpenSSL, the pkcs11-provider, the PKCS#11 module, tokens, PIN state and certificate chains."""
+    raise typer.Exit(1 if report(run_checks(module, token, ca, crl or [])) else 0)
+
+
+def report(checks: Iterable[Check]) -> bool:
+    """Print each check as it comes, one line (and its fix); True when one failed."""
     failed = False
-    for check in run_checks(module, token, ca, crl or []):
+    for check in checks:
         failed |= check.status == "fail"
-        typer.echo(f"{check.status:<4} {check.name}: {check.detail}")
+        typer.echo(printable(f"{check.status:<4} {check.name}: {check.detail}"))  # labels and subjects: the card's text
         if check.fix:
             typer.echo(f"     fix: {check.fix}")
-    raise typer.Exit(1 if failed else 0)
+    return failed
 
 
 def _attempt(name: str, action: Callable[[], str], fix: str) -> Check:
@@ -49,33 +55,43 @@ def _attempt(name: str, action: Callable[[], str], fix: str) -> Check:
         return Check("fail", name, str(error), fix)
 
 
-def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterator[Check]:
+def platform_checks(module_spec: str, module_key: str = "--module") -> tuple[list[Check], LoadedModule | None]:
+    """OpenSSL, the pkcs11-provider, the PKCS#11 module and the provider loading it (``doctor`` and
+    ``check``); the module when it loads. ``module_key``: where the user names the module."""
+    checks = []
     if ssl.OPENSSL_VERSION_INFO >= (3,):
-        yield Check("ok", "openssl", f"{ssl.OPENSSL_VERSION} (Python ssl module)")
+        checks.append(Check("ok", "openssl", f"{ssl.OPENSSL_VERSION} (Python ssl module)"))
     else:
-        yield Check("fail", "openssl", f"{ssl.OPENSSL_VERSION}: the pkcs11-provider needs OpenSSL 3",
-                    "run the agent with a Python linked against OpenSSL 3 (Debian 12 / Ubuntu 22.04 or later)")
-    yield _attempt("pkcs11-provider", lambda: f"installed at {provider_module_path()}",
-                   "apt-get install pkcs11-provider (Debian 12: -t bookworm-backports)")
-
-    loaded: LoadedModule | None = None
+        checks.append(Check("fail", "openssl", f"{ssl.OPENSSL_VERSION}: the pkcs11-provider needs OpenSSL 3",
+                            "run the agent with a Python linked against OpenSSL 3 (Debian 12 / Ubuntu 22.04 or later)"))
+    checks.append(_attempt("pkcs11-provider", lambda: f"installed at {provider_module_path()}",
+                           "apt-get install pkcs11-provider (Debian 12: -t bookworm-backports)"))
     try:
         loaded = load_module(module_spec)
-        yield Check("ok", "pkcs11-module",
-                    f"{loaded.path} (profile {loaded.profile.name}: {loaded.library_description})")
     except CardAgentError as error:
-        yield Check("fail", "pkcs11-module", str(error),
-                    "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or pass --module")
-    if loaded is None:
-        return
+        checks.append(Check("fail", "pkcs11-module", str(error),
+                            "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or "
+                            f"{'pass' if module_key.startswith('--') else 'set'} {module_key}"))
+        return checks, None
+    checks.append(Check("ok", "pkcs11-module",
+                        f"{loaded.path} (profile {loaded.profile.name}: {loaded.library_description})"))
     profile = loaded.profile
-    yield _attempt(
+    checks.append(_attempt(
         "provider-loads",
         lambda: check_provider_loads(openssl_config(loaded.path, profile.provider_quirks,
                                                     profile.provider_login_behavior)) and
         f"OpenSSL activates the pkcs11-provider with {loaded.path}",
         "check the provider and module versions (`openssl list -providers` with the generated config)",
-    )
+    ))
+    return checks, loaded
+
+
+def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterator[Check]:
+    checks, loaded = platform_checks(module_spec)
+    yield from checks
+    if loaded is None:
+        return
+    profile = loaded.profile
 
     try:
         tokens = [find_token(loaded, token_selector)] if token_selector else present_tokens(loaded)
@@ -112,8 +128,7 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
         if not usable:
             personal = [i for i in identities if not i.is_ca] or identities
             reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
-            yield Check("fail", f"identity {token.label}", reasons,
-                        "ask for a client certificate (clientAuth, digitalSignature) for the key on this card")
+            yield Check("fail", f"identity {token.label}", reasons, identity_fix([i.reason for i in personal]))
             continue
         for identity in usable:
             yield Check("ok", f"identity {token.label}", f"{identity.subject}, {identity.key_type.upper()} "
@@ -123,3 +138,26 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
             else:
                 chain = " <- ".join(c.subject.rfc4514_string() for c in identity.chain)
                 yield Check("ok", f"chain {token.label}", f"complete to {trust.source}: {chain}")
+
+
+# What to do about an unusable identity, by the start of its reason (agent/token/identities.py).
+_IDENTITY_FIXES = (
+    ("was revoked", "the certificate was revoked: ask the card's issuer for a new certificate (a new card)"),
+    ("expired on", "the certificate has expired: ask the card's issuer to renew it"),
+    ("not yet valid", "the certificate is not valid yet: check the workstation's clock, or wait for its start date"),
+    ("does not chain to a CA in", "ask for a certificate from a CA the PACS trusts, or give --ca the right bundle"),
+    ("no CRL from", "add the issuer's current CRL with --crl"),
+    ("the CRL of", "add the issuer's current CRL with --crl"),
+    ("extractable key", "re-generate the key on the token (--allow-exportable-keys accepts it on lab tokens only)"),
+    ("no matching key visible before login", "run `card-agent identities --pin ...` to check the key after login"),
+)
+_DEFAULT_IDENTITY_FIX = "ask for a client certificate (clientAuth, digitalSignature) for the key on this card"
+
+
+def identity_fix(reasons: list[str]) -> str:
+    """The fix for the first reason a fix is known for; a client certificate when none is."""
+    for reason in reasons:
+        for start, fix in _IDENTITY_FIXES:
+            if start in reason:
+                return fix
+    return _DEFAULT_IDENTITY_FIX

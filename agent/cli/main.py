@@ -8,7 +8,8 @@ import typer
 from pkcs11.exceptions import PKCS11Error
 
 from dicom_card_agent import logline
-from dicom_card_agent.cli import audit_commands, control_commands, doctor, run, softhsm_commands, token_commands
+from dicom_card_agent.cli import (audit_commands, check, control_commands, doctor, run, softhsm_commands,
+                                  token_commands)
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.version import agent_version
 
@@ -18,6 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: Rich markup would eat "[audit]" in texts and show flags as "<bool>".
+    rich_markup_mode=None,
 )
 
 
@@ -38,6 +41,7 @@ def _options(
 app.command("tokens")(token_commands.tokens)
 app.command("identities")(token_commands.identities)
 app.command("doctor")(doctor.doctor)
+app.command("check")(check.check)
 app.command("run")(run.run)
 app.command("status")(control_commands.status)
 app.command("lock")(control_commands.lock)

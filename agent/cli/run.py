@@ -6,25 +6,23 @@ import logging
 import resource
 import signal
 import threading
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from dicom_card_agent.cli.options import ConfigFile
 from dicom_card_agent.config.locate import locate_config
-from dicom_card_agent.config.model import AgentConfig, load_config
-from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.config.model import load_config
+from dicom_card_agent.config.preflight import open_crls, prepare_pin_sources
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.metrics import Metrics
 from dicom_card_agent.service.notify import Notifier
-from dicom_card_agent.token.pin import PinUnavailableError
-from dicom_card_agent.token.secret import make_non_dumpable
-from dicom_card_agent.session.control import ControlServer
 from dicom_card_agent.session.audit import AuditRecorder
+from dicom_card_agent.session.control import ControlServer
 from dicom_card_agent.session.manager import SessionManager
-from dicom_card_agent.trust.crls import CrlFileError, CrlStore
+from dicom_card_agent.session.reload import Reloader
+from dicom_card_agent.token.secret import make_non_dumpable
 from dicom_card_agent.tunnel.server import Listeners
 
 log = logging.getLogger("agent")
@@ -43,13 +41,13 @@ def run(
     activated = ActivatedSockets.from_environment()
     settings = load_config(locate_config(config))
     logging.getLogger().setLevel(settings.log_level.upper())
-    crls = _open_crls(settings)
-    _prepare_pin_sources(settings)
+    crls = open_crls(settings)
+    prepare_pin_sources(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    # SIGHUP's default action would kill the agent without its audit Logout; reload is not there yet.
-    signal.signal(signal.SIGHUP, _reload_not_supported)
+    # Until the reloader is there, SIGHUP must not kill the agent (its default action) without its audit Logout.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
@@ -69,6 +67,9 @@ def run(
         control_server.start()
         if metrics is not None:
             metrics.start()
+        reloader = Reloader(settings, manager, listeners, control_server, audit)
+        reloader.start(stop)
+        signal.signal(signal.SIGHUP, reloader.request)
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
         log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), who)
         notifier.ready(service_status(manager))
@@ -89,28 +90,6 @@ def run(
         audit.close()
 
 
-RELOAD_NOT_SUPPORTED = ("SIGHUP: reloading the configuration is not supported yet; nothing changed (the card "
-                        "session goes on): restart the agent for a changed configuration to take effect")
-
-
-def _reload_not_supported(signum: int, frame: object) -> None:
-    log.warning("%s", RELOAD_NOT_SUPPORTED)
-
-
-def _prepare_pin_sources(settings: AgentConfig) -> None:
-    """Before `ready:`: refuse a PIN file others could write, an unset env: variable, a pinentry
-    program that is not there (none of them fixes itself), naming the key; take env: PINs out of
-    the environment."""
-    sources = [(f"{settings.source} [identity].pin", settings.identity.pin),
-               *((f"{settings.source} [[inbound]] {i.name!r}.server_key_pin", i.server_key_pin)
-                 for i in settings.inbound if i.server_key_pin)]
-    for where, source in sources:
-        try:
-            source.prepare()
-        except PinUnavailableError as error:
-            raise ConfigError(f"{where}: {error}") from None
-
-
 def _record_stop(audit: AuditRecorder, stop: threading.Event, failure: BaseException | None) -> None:
     """Application Stop: a success only when asked to stop (SIGTERM, SIGINT); a stop by an error is
     a major failure (PS3.15: the reporting application is now unavailable), with the error."""
@@ -119,12 +98,3 @@ def _record_stop(audit: AuditRecorder, stop: threading.Event, failure: BaseExcep
         return
     reason = f"stopped by an error: {str(failure) or type(failure).__name__}" if failure is not None else "the card loop ended unexpectedly"
     audit.application_stop(reason, failed=True)
-
-
-def _open_crls(settings: AgentConfig) -> CrlStore:
-    """[trust] crl as the agent starts: every file must hold only readable CRLs (a certificate in
-    one is refused here, by file name); later changes are picked up by each card session."""
-    try:
-        return CrlStore.open(settings.trust.crl, allow_expired=settings.trust.crl_expired == "warn")
-    except CrlFileError as error:
-        raise ConfigError(f"{settings.source} [trust].crl: {error}") from None

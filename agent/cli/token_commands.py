@@ -9,6 +9,7 @@ import typer
 
 from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Json, Module, TokenSelector
 from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.logline import printable
 from dicom_card_agent.token.discovery import TokenDescription, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import Identity, list_identities
 from dicom_card_agent.token.login import login
@@ -28,9 +29,10 @@ def tokens(module: Module = MODULE_DEFAULT, as_json: Json = False) -> None:
     if not descriptions:
         typer.echo("no token present")
         return
-    rows = [("SLOT", "LABEL", "SERIAL", "MANUFACTURER", "MODEL", "PIN")]
-    rows += [(str(d.slot_id), d.label, d.serial, d.manufacturer, d.model,
-              _pin_column(d)) for d in descriptions]
+    rows: list[tuple[str, ...]] = [("SLOT", "LABEL", "SERIAL", "MANUFACTURER", "MODEL", "PIN")]
+    # Labels, serials, manufacturers and models are the card's text: escaped (agent/logline.py).
+    rows += [tuple(printable(cell) for cell in (str(d.slot_id), d.label, d.serial, d.manufacturer, d.model,
+                                                  _pin_column(d))) for d in descriptions]
     _table(rows)
 
 
@@ -40,7 +42,8 @@ def identities(
     ca: CaBundle = None,
     crl: CrlFiles = None,
     pin: Annotated[Optional[str], typer.Option(
-        "--pin", help="Log in to check the private keys too: prompt, env:VAR, file:PATH or protected. "
+        "--pin", metavar="SOURCE",
+        help="Log in to check the private keys too: prompt, pinentry[:PROGRAM], env:VAR, file:PATH or protected. "
                       "Needs --token when several tokens are present (one PIN attempt per token).")] = None,
     confirm_final_try: Annotated[bool, typer.Option(
         "--confirm-final-try", help="Allow the login when the card reports its final PIN try.")] = False,
@@ -57,7 +60,7 @@ def identities(
     if pin and len(selected) > 1:
         raise ConfigError(
             "--pin with several tokens present would try the PIN on each: select one with --token "
-            f"({', '.join(t.label for t in selected)})"
+            f"({', '.join(printable(t.label) for t in selected)})"
         )
     found: list[Identity] = []
     for each in selected:
@@ -70,18 +73,17 @@ def identities(
         return
     for identity in found:
         cert = identity.certificate
+        # Every line quotes the card (labels, subjects, reasons naming them): each is escaped.
         if identity.is_ca:  # every card carries its issuer; one line is enough
-            typer.echo(f"{identity.token_label}: CA certificate {identity.subject} (not a personal identity)")
+            _say(f"{identity.token_label}: CA certificate {identity.subject} (not a personal identity)")
             continue
         state = "usable" if identity.usable else f"UNUSABLE: {identity.reason}"
-        typer.echo(
-            f"{identity.token_label}: {identity.subject}\n"
-            f"    issuer {cert.issuer.rfc4514_string()}, serial {cert.serial_number:x}\n"
-            f"    {identity.key_type.upper()} {identity.key_size}, valid {cert.not_valid_before_utc:%Y-%m-%d} "
-            f"to {cert.not_valid_after_utc:%Y-%m-%d}, TLS: {identity.tls.note}\n"
-            f"    {identity.uri}\n"
-            f"    {state}"
-        )
+        _say(f"{identity.token_label}: {identity.subject}")
+        _say(f"    issuer {cert.issuer.rfc4514_string()}, serial {cert.serial_number:x}")
+        _say(f"    {identity.key_type.upper()} {identity.key_size}, valid {cert.not_valid_before_utc:%Y-%m-%d} "
+             f"to {cert.not_valid_after_utc:%Y-%m-%d}, TLS: {identity.tls.note}")
+        _say(f"    {identity.uri}")
+        _say(f"    {state}")
 
 
 def _identities_of(loaded: LoadedModule, token, pin: str | None, trust, confirm_final_try: bool,
@@ -90,6 +92,10 @@ def _identities_of(loaded: LoadedModule, token, pin: str | None, trust, confirm_
     with session:
         return list_identities(session, token, loaded.profile, logged_in=bool(pin), trust=trust,
                                allow_exportable_keys=allow_exportable_keys)
+
+
+def _say(line: str) -> None:
+    typer.echo(printable(line))
 
 
 def _pin_column(description: TokenDescription) -> str:

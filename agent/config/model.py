@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from dicom_card_agent.audit.config import AuditConfig, parse_audit_config
+from dicom_card_agent.config.tables import Section, host_port, read_toml
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, check_template
 from dicom_card_agent.errors import ConfigError
-from dicom_card_agent.file_trust import check_trusted_file
 from dicom_card_agent.token.module import AUTO
 from dicom_card_agent.token.pin import PinSource
 from dicom_card_agent.token.uri import Pkcs11Uri, Pkcs11UriError
@@ -143,68 +142,14 @@ class AgentConfig:
     metrics: MetricsConfig | None = None  # None: no [metrics] table, nothing exported
 
 
-class _Section:
-    """Typed access to one TOML table, with errors naming file, table and key."""
-
-    def __init__(self, data: dict[str, Any], where: str, base: Path) -> None:
-        self.data = dict(data)
-        self.where = where
-        self.base = base
-
-    def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"{self.where}.{key}: {message}")
-
-    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
-        if key not in self.data:
-            if required or default is ...:
-                raise ConfigError(f"{self.where}: missing key {key!r}")
-            return default
-        value = self.data.pop(key)
-        if not isinstance(value, kind) or (kind in (int, float, (int, float)) and isinstance(value, bool)):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise self.error(key, f"must be {_article(names)}, not {value!r}")
-        return value
-
-    def path(self, key: str, *, required: bool = False, must_exist: bool = True) -> Path | None:
-        value = self.take(key, str, None, required=required)
-        if value in (None, ""):
-            if required:
-                raise ConfigError(f"{self.where}: missing key {key!r}")
-            return None
-        path = (self.base / os.path.expanduser(value)).resolve()
-        if must_exist and not path.is_file():
-            raise self.error(key, f"file {path} does not exist")
-        return path
-
-    def done(self) -> None:
-        if self.data:
-            raise ConfigError(f"{self.where}: unknown key(s) {', '.join(sorted(self.data))}; see docs/configuration.md")
-
-
-def _article(names: str) -> str:
-    return ("an " if names[0] in "aeiou" else "a ") + {"str": "string", "int": "integer", "float": "number",
-                                                      "bool": "boolean (true/false)", "list": "list"}.get(names, names)
-
-
 def parse_listen(value: str, error) -> ListenAddress:
     if value.startswith("unix:"):
         path = value[len("unix:"):]
         if not os.path.isabs(path):
             raise error("a unix socket path must be absolute, e.g. unix:/run/user/1000/card-agent/pacs.sock")
         return ListenAddress(unix_path=path)
-    host, port = _host_port(value, error)
+    host, port = host_port(value, error)
     return ListenAddress(host=host, port=port)
-
-
-def _host_port(value: str, error) -> tuple[str, int]:
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
-    if not match:
-        raise error(f"{value!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not 0 < port < 65536:
-        raise error(f"port {port} is out of range 1-65535")
-    return host, port
 
 
 def parse_pin(value: str, error) -> bytes:
@@ -214,27 +159,13 @@ def parse_pin(value: str, error) -> bytes:
     return bytes.fromhex(match.group(2).replace(":", ""))
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """The configuration file as TOML data; ConfigError when unreadable or not TOML, UnsafeFileError
-    when another user could have written it (it names the file and the fix)."""
-    check_trusted_file(path, "the configuration file", "change the agent's settings")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-
-
 def load_config(path: Path) -> AgentConfig:
     data = read_toml(path)
     base = path.resolve().parent
-    root = _Section(data, str(path), base)
+    root = Section(data, str(path), base)
     desktop = parse_desktop_config(root.take("desktop", dict, None), str(path))
 
-    identity = _Section(root.take("identity", dict, required=True), f"{path} [identity]", base)
+    identity = Section(root.take("identity", dict, required=True), f"{path} [identity]", base)
     pin_text = identity.take("pin", str, "prompt")
     try:
         pin = replace(PinSource.parse(pin_text), graphical=desktop.pinentry)
@@ -258,7 +189,7 @@ def load_config(path: Path) -> AgentConfig:
     )
     identity.done()
 
-    trust = _Section(root.take("trust", dict, required=True), f"{path} [trust]", base)
+    trust = Section(root.take("trust", dict, required=True), f"{path} [trust]", base)
     crl = trust.take("crl", (list, str), [])
     crl_items = [crl] if isinstance(crl, str) else crl
     crl_paths = []
@@ -280,7 +211,9 @@ def load_config(path: Path) -> AgentConfig:
     raw_tunnels = root.take("tunnel", list, [])
     raw_inbound = root.take("inbound", list, [])
     if not raw_tunnels and not raw_inbound:
-        raise ConfigError(f"{path}: no [[tunnel]] defined: add at least one (see docs/configuration.md)")
+        root.check_misspelt("tunnel")
+        raise ConfigError(f"{path}: no [[tunnel]] defined: add at least one (a [[tunnel]] table with name, listen "
+                          "and remote)")
     names: set[str] = set()
     tunnels = _named_tables(raw_tunnels, "tunnel", path, base, names, _tunnel,
                             "another tunnel already has this name")
@@ -290,7 +223,7 @@ def load_config(path: Path) -> AgentConfig:
     for duplicate in {a for a in listens if listens.count(a) > 1}:
         raise ConfigError(f"{path}: two tunnels listen on {duplicate}")
 
-    agent = _Section(root.take("agent", dict, {}), f"{path} [agent]", base)
+    agent = Section(root.take("agent", dict, {}), f"{path} [agent]", base)
     log_level = agent.take("log_level", str, "info")
     if log_level not in ("debug", "info", "warning", "error"):
         raise agent.error("log_level", "must be debug, info, warning or error")
@@ -301,7 +234,7 @@ def load_config(path: Path) -> AgentConfig:
     agent.done()
     audit = parse_audit_config(root.take("audit", dict, None), str(path), base)
     raw_metrics = root.take("metrics", dict, None)
-    metrics = _metrics(_Section(raw_metrics, f"{path} [metrics]", base)) if raw_metrics is not None else None
+    metrics = _metrics(Section(raw_metrics, f"{path} [metrics]", base)) if raw_metrics is not None else None
     root.done()
     return AgentConfig(
         source=path.resolve(),
@@ -319,13 +252,13 @@ def load_config(path: Path) -> AgentConfig:
 
 
 def _named_tables(raw_tables: list, kind: str, path: Path, base: Path, names: set[str],
-                  parse: Callable[[_Section, str], Any], taken: str) -> list[Any]:
+                  parse: Callable[[Section, str], Any], taken: str) -> list[Any]:
     """Each ``[[kind]]`` table parsed by ``parse``; ``names`` collects the names, unique across kinds."""
     parsed = []
     for index, raw in enumerate(raw_tables):
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: [[{kind}]] #{index + 1} must be a table")
-        section = _Section(raw, f"{path} [[{kind}]] #{index + 1}", base)
+        section = Section(raw, f"{path} [[{kind}]] #{index + 1}", base)
         name = section.take("name", str, required=True)
         section.where = f"{path} [[{kind}]] {name!r}"
         if name in names:
@@ -336,26 +269,26 @@ def _named_tables(raw_tables: list, kind: str, path: Path, base: Path, names: se
     return parsed
 
 
-def _pins(section: _Section, key: str) -> tuple[bytes, ...]:
+def _pins(section: Section, key: str) -> tuple[bytes, ...]:
     return tuple(parse_pin(p, lambda m: section.error(key, m)) if isinstance(p, str) else _bad(section, key, p)
                  for p in section.take(key, list, []))
 
 
-def _tls_mode(section: _Section) -> str:
+def _tls_mode(section: Section) -> str:
     tls = section.take("tls", str, "bcp195")
     if tls not in TLS_MODES:
         raise section.error("tls", f"must be one of {', '.join(TLS_MODES)}")
     return tls
 
 
-def _uids(section: _Section, key: str) -> tuple[int, ...]:
+def _uids(section: Section, key: str) -> tuple[int, ...]:
     uids = section.take(key, list, [])
     if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
         raise section.error(key, "must be a list of numeric user ids, e.g. [1000]")
     return tuple(uids)
 
 
-def _timeouts(section: _Section) -> dict[str, float]:
+def _timeouts(section: Section) -> dict[str, float]:
     timeouts = {}
     for key, default in (("connect_timeout", 10.0), ("handshake_timeout", 30.0)):
         value = float(section.take(key, (int, float), default))
@@ -365,7 +298,7 @@ def _timeouts(section: _Section) -> dict[str, float]:
     return timeouts
 
 
-def _max_connections(section: _Section) -> int:
+def _max_connections(section: Section) -> int:
     value = section.take("max_connections", int, DEFAULT_MAX_CONNECTIONS)
     if isinstance(value, bool) or value < 1:
         raise section.error("max_connections", "must be a whole number of connections, at least 1 "
@@ -373,14 +306,14 @@ def _max_connections(section: _Section) -> int:
     return value
 
 
-def _tunnel(section: _Section, name: str) -> TunnelConfig:
+def _tunnel(section: Section, name: str) -> TunnelConfig:
     listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
     unsafe_listen = section.take("unsafe_listen", bool, False)
     if listen.host is not None and not is_loopback(listen.host) and not unsafe_listen:
         raise section.error(
             "listen", f"{listen} is not a loopback address: other machines could then use the clinician's "
             "card. Listen on 127.0.0.1, ::1 or a unix socket, or set unsafe_listen = true if you really mean it")
-    remote_host, remote_port = _host_port(section.take("remote", str, required=True),
+    remote_host, remote_port = host_port(section.take("remote", str, required=True),
                                           lambda m: section.error("remote", m))
     server_name = section.take("server_name", str, "") or remote_host
     pins = _pins(section, "server_pins")
@@ -411,7 +344,7 @@ def _tunnel(section: _Section, name: str) -> TunnelConfig:
     )
 
 
-def _inbound(section: _Section, name: str) -> InboundConfig:
+def _inbound(section: Section, name: str) -> InboundConfig:
     listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
     if listen.unix_path:
         raise section.error("listen", "the PACS connects over the network: give HOST:PORT")
@@ -458,7 +391,7 @@ def _inbound(section: _Section, name: str) -> InboundConfig:
                          max_connections=_max_connections(section))
 
 
-def _allow_from(section: _Section, listen: ListenAddress) -> tuple[Network, ...]:
+def _allow_from(section: Section, listen: ListenAddress) -> tuple[Network, ...]:
     """The source networks an inbound listener admits; loopback only when none are given.
 
     A listener on a non-loopback address without allow_from would refuse every PACS: that is a
@@ -484,7 +417,7 @@ def _allow_from(section: _Section, listen: ListenAddress) -> tuple[Network, ...]
     return tuple(networks)
 
 
-def _association_rules(section: _Section, *, user_identity: bool = True) -> AssociationRules:
+def _association_rules(section: Section, *, user_identity: bool = True) -> AssociationRules:
     titles = {}
     for key in ("allowed_calling_ae_titles", "allowed_called_ae_titles"):
         values = section.take(key, list, [])
@@ -520,11 +453,11 @@ def _association_rules(section: _Section, *, user_identity: bool = True) -> Asso
     )
 
 
-def _bad(section: _Section, key: str, value: object):
+def _bad(section: Section, key: str, value: object):
     raise section.error(key, f"entries must be strings, not {value!r}")
 
 
-def _metrics(section: _Section) -> MetricsConfig:
+def _metrics(section: Section) -> MetricsConfig:
     listen_value = section.take("listen", str, "")
     if listen_value.startswith("/"):  # a bare socket path, as node_exporter's users write it
         listen_value = "unix:" + listen_value

@@ -104,7 +104,9 @@ class IdleTimeout:
 
 @dataclass(frozen=True)
 class Reload:
-    """The configuration was read again; a card session must be made anew to use it."""
+    """SIGHUP read a configuration the card session cannot take in place (a changed [trust] or
+    [[inbound]], a tunnel needing a TLS context it did not make: agent/session/retune.py); a card
+    session must be made anew to use it. A reload it takes in place is no event here."""
 
 
 @dataclass(frozen=True)

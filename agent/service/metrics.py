@@ -47,8 +47,7 @@ DURATION_HELP = {
 class AgentCollector:
     """The agent's metrics, computed on each collection (a scrape or a textfile write)."""
 
-    def __init__(self, config: AgentConfig, manager: SessionManager) -> None:
-        self.config = config
+    def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
@@ -100,7 +99,8 @@ class AgentCollector:
         yield from (associations, rejections, transferred, handshakes, open_now, *histograms.values())
 
     def _names(self) -> list[tuple[str, str]]:
-        return [(t.name, "tunnel") for t in self.config.tunnels] + [(i.name, "inbound") for i in self.config.inbound]
+        config = self.manager.config  # the listeners of the configuration now in force (SIGHUP reloads it)
+        return [(t.name, "tunnel") for t in config.tunnels] + [(i.name, "inbound") for i in config.inbound]
 
     def _card(self, manager: SessionManager) -> Iterator[Metric]:
         state = GaugeMetricFamily(f"{PREFIX}_card_state", "1 for the card life-cycle's current state",
@@ -146,7 +146,7 @@ class Metrics:
     def __init__(self, config: MetricsConfig, agent: AgentConfig, manager: SessionManager) -> None:
         self.config = config
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(agent, manager))  # type: ignore[arg-type]
+        self.registry.register(AgentCollector(manager))  # type: ignore[arg-type]
         ProcessCollector(registry=self.registry)
         self._stop = threading.Event()
         self._server: HTTPServer | None = None

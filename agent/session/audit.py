@@ -105,6 +105,11 @@ class AuditRecorder:
         local = LocalPeer(uid=peer.uid, pid=peer.pid, listen=listen)
         self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, message, tunnel=tunnel, local_peer=local))
 
+    def configuration_changed(self, message: str, *, applied: bool) -> None:
+        """SIGHUP: a reload put into effect (informative) or refused (the old configuration goes on)."""
+        self.record(AuditEvent.security_alert(AlertType.SOFTWARE_CONFIGURATION, message,
+                                              outcome=Outcome.SUCCESS if applied else Outcome.MINOR_FAILURE))
+
     # -- what card sessions report ----------------------------------------------------------------
 
     def session_report(self, kind: str, fields: dict[str, Any]) -> None:

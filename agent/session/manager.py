@@ -24,11 +24,12 @@ from dicom_card_agent.desktop.session_notices import SessionNotices
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, SignInScope
 from dicom_card_agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, CardRemoved, Effect, EndSession,
-                                     Event, IdleTimeout, Lock, PinEntered, SessionLost, SignedIn, SignInCancelled,
+                                     Event, IdleTimeout, Lock, PinEntered, Reload, SessionLost, SignedIn, SignInCancelled,
                                      SignInFailed, StartSignIn, State, Stop)
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
+from dicom_card_agent.session.retune import session_change
 from dicom_card_agent.session.supervisor import CardSession
 from dicom_card_agent.token.login import LoginError
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
@@ -61,7 +62,7 @@ class SessionManager:
         self.module: LoadedModule = load_module(config.identity.module)
         self.machine = CardLifecycle()
         self.watcher = CardWatcher(self.module, config.identity.token,
-                                   lambda token: unusable_reason(config, self.module, token))
+                                   lambda token: unusable_reason(self.config, self.module, token))
         self.session: CardSession | None = None  # the signed-in attempt's card-session process
         self._session_attempt = 0
         self._sign_in: _SignIn | None = None
@@ -114,6 +115,30 @@ class SessionManager:
             self.desktop.locked()
             return True
 
+    def reconfigure(self, config: AgentConfig) -> str:
+        """A reloaded configuration (agent/session/reload.py): the card session serves its tunnels
+        in place when it can, else it ends and the card is signed in again (the Reload event).
+        What happened, for the log."""
+        with self._lock:
+            self.config = config
+            return self._retune()
+
+    def _retune(self) -> str:
+        session = self.session
+        if session is None or self.machine.state is not State.SIGNED_IN:
+            # A sign-in under way goes on; its card session is brought up to date when it is ready.
+            return f"no card session ({self.state})"
+        reason = session_change(session.config, self.config)
+        if not reason:
+            answer = session.reconfigure(self.config)
+            if answer["type"] == "reloaded":
+                return "the card session goes on"
+            reason = answer["message"]
+        log.warning("configuration reloaded: the card session of %s cannot take it in place (%s): it ends, and "
+                    "the card is signed in again", session.signed_in.files.subject, reason)
+        self._feed(Reload())
+        return f"the card session was ended ({reason})"
+
     # -- the loop -----------------------------------------------------------------------------------
 
     def start(self, stop: threading.Event) -> None:
@@ -146,7 +171,7 @@ class SessionManager:
     def _watch_reader(self, stop: threading.Event) -> None:
         """Look at the reader whenever card events say so, in a thread of its own: a card's probe
         (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
-        with CardEvents() as events:
+        with CardEvents(card_readers=self.module.profile.card_readers) as events:
             while not stop.is_set():
                 try:
                     card = self.watcher.look()
@@ -235,10 +260,10 @@ class SessionManager:
     def _sign_in_thread(self, card: Card, attempt: int, scope: SignInScope) -> None:
         """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
         try:
-            signed_in, pin = scope.run(lambda: sign_in(self.config, self.module, card,
+            config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
+            signed_in, pin = scope.run(lambda: sign_in(config, self.module, card,
                                                        confirm_final_try=self.confirm_final_try))
-            session = CardSession(self.config, signed_in,
-                                  on_report=self.desktop.with_reports(self.audit.session_report),
+            session = CardSession(config, signed_in, on_report=self.desktop.with_reports(self.audit.session_report),
                                   confirm_final_try=self.confirm_final_try)
             session.start(pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
@@ -288,6 +313,8 @@ class SessionManager:
         event("sign-in", subject=files.subject, issuer=files.issuer, token=card.label, serial=card.serial)
         self.audit.signed_in(session.signed_in, card)
         self.desktop.signed_in(session.signed_in.identity.certificate)
+        if session.config is not self.config:  # reloaded while it was signing in
+            self._retune()
 
     # -- ending -------------------------------------------------------------------------------------
 

@@ -146,6 +146,26 @@ class CardSession:
     def _keep_counts(self, tunnels: dict[str, dict]) -> None:
         self.last_counts = {name: counters["counts"] for name, counters in tunnels.items() if "counts" in counters}
 
+    def reconfigure(self, config: AgentConfig) -> dict[str, Any]:
+        """Ask the card-session process to serve ``config``'s tunnels (it reads the file again); its
+        answer: ``{"type": "reloaded", "added": [...], ...}`` or ``{"type": "reload-refused", "message": ...}``."""
+        with self._status_lock:
+            channel = self.channel
+            if channel is None:
+                return {"type": "reload-refused", "message": "the card session has ended"}
+            try:
+                messages.send(channel, {"type": "reload"})
+                channel.settimeout(START_TIMEOUT_SECONDS)
+                reply, _ = messages.receive(channel)
+                channel.settimeout(None)
+            except OSError as error:
+                return {"type": "reload-refused", "message": f"the card session did not answer ({error})"}
+        if reply is None:
+            return {"type": "reload-refused", "message": "the card session has ended"}
+        if reply.get("type") == "reloaded":
+            self.config = config
+        return reply
+
     def dispatch(self, tunnel: str, local: socket.socket, peer: str) -> bool:
         """Hand an accepted local connection to the card-session process; False when there is none."""
         channel = self.channel  # end() may let go of it at any moment

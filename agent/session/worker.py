@@ -32,6 +32,7 @@ from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import check_key_after_login
+from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from dicom_card_agent.tls.provider import provider_key_pem
 from dicom_card_agent.token.discovery import find_token
@@ -83,7 +84,7 @@ def _log_in(start: dict, config: AgentConfig, pin: Secret | None) -> Session:
 
 
 def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict[str, Secret],
-           report: Report) -> Runtimes:
+           report: Report) -> tuple[Runtimes, Retuner]:
     files = ClientIdentityFiles(chain=Path(start["chain"]), key=Path(start["key"]), subject=start["subject"],
                                 issuer=start["issuer"])
     # Only if the provider wants to log in itself (this process is logged in already).
@@ -94,16 +95,24 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
     runtimes: Runtimes = {}
     ending = SessionEnd()
     revocation = _revocation(config.trust)
+
+    def make_tunnel(tunnel: TunnelConfig, context: ssl.SSLContext) -> TunnelRuntime:
+        return TunnelRuntime(
+            config=tunnel, context=context, checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation),
+            identity=files, trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain),
+            report=report)
+
     # Every context, and so every key, is made before the first connection: a token key loaded
     # after this process has done handshakes made later server certificates fail to verify
     # (OpenSSL 3.0.19 with pkcs11-provider 1.0 on SoftHSM; see benchmarks/handshake_costs.py).
+    # Tunnels of the same tls and verify share one (a reload adds tunnels with the contexts there are).
+    contexts: dict[ContextKey, ssl.SSLContext] = {}
     try:
         for tunnel in config.tunnels:
-            runtimes[tunnel.name] = TunnelRuntime(
-                config=tunnel,
-                context=client_context(tunnel, config.trust, files, card_pin, tls13_capable=tls13_capable),
-                checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation), identity=files,
-                trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain), report=report)
+            key = context_key(tunnel)
+            if key not in contexts:
+                contexts[key] = client_context(tunnel, config.trust, files, card_pin, tls13_capable=tls13_capable)
+            runtimes[tunnel.name] = make_tunnel(tunnel, contexts[key])
         for inbound in config.inbound:
             on_card = inbound.server_certificate is None
             node_key = None
@@ -121,7 +130,7 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
     except (ssl.SSLError, OSError) as error:
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
-    return runtimes
+    return runtimes, Retuner(config, contexts, make_tunnel)
 
 
 def _pacs_problems_only(report: Report) -> Report:
@@ -172,7 +181,7 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
     try:
         config = load_config(Path(start["config"]))
         _login_sessions.append(_log_in(start, config, pin))
-        runtimes = _start(start, config, pin, node_pins, report)
+        runtimes, retuner = _start(start, config, pin, node_pins, report)
     except (LoginError, ConfigError) as error:
         messages.send(channel, messages.login_error_message(error))
         return 1
@@ -201,12 +210,20 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
         if message["type"] == "status":
             messages.send(channel, _status(runtimes))
             continue
+        if message["type"] == "reload":
+            messages.send(channel, _reload(retuner, Path(start["config"]), runtimes))
+            continue
         if message["type"] == "connection" and fds:
             connection = socket.socket(fileno=fds[0])
-            thread = serve_connection(runtimes[message["tunnel"]], connection, message["peer"])
+            runtime = runtimes.get(message["tunnel"])
+            if runtime is None:  # accepted just before a reload removed its tunnel
+                log.warning("tunnel %s: no longer configured: connection closed", message["tunnel"])
+                connection.close()
+                continue
+            thread = serve_connection(runtime, connection, message["peer"])
             threads = [t for t in threads if t.is_alive()] + ([thread] if thread is not None else [])
     log.info("card session ending: %s", reason)
-    for runtime in runtimes.values():
+    for runtime in [*runtimes.values(), *retuner.retired]:
         runtime.ending.signal(reason)
         if isinstance(runtime, TunnelRuntime):
             runtime.forget_sessions()
@@ -219,6 +236,16 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
     return 0
+
+
+def _reload(retuner: Retuner, path: Path, runtimes: Runtimes) -> dict:
+    """The answer to the supervisor's "reload": the tunnels changed in place, or why it cannot be."""
+    try:
+        changes = retuner.apply(load_config(path), runtimes)
+    except (CardAgentError, NeedsNewSessionError) as error:  # a ConfigError: the file changed again meanwhile
+        return {"type": "reload-refused", "message": str(error)}
+    log.info("card session: configuration reloaded: tunnels now %s", ", ".join(runtimes) or "none")
+    return {"type": "reloaded", "tunnels": sorted(runtimes), **changes}
 
 
 def _status(runtimes: Runtimes, *, final: bool = False) -> dict:

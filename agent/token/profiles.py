@@ -40,6 +40,7 @@ class ModuleProfile:
     protected_authentication_path: bool
     login_notes: str
     known_gaps: tuple[str, ...]
+    card_readers: bool = True  # tokens sit in PC/SC readers (pcscd tells of insertions); False: SoftHSM's files
 
     def installed_module(self) -> str | None:
         """The first of the profile's module paths present on this machine."""
@@ -71,6 +72,7 @@ def _profile_from_toml(data: dict) -> ModuleProfile:
         protected_authentication_path=bool(login.get("protected_authentication_path", False)),
         login_notes=login.get("notes", ""),
         known_gaps=tuple(data.get("mechanisms", {}).get("known_gaps", ())),
+        card_readers=bool(data.get("card_readers", True)),
     )
 
 

@@ -665,6 +665,12 @@ def _ensure_socket_directory(directory: str, shared: bool) -> None:
         os.mkdir(directory, mode)
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        parent = os.path.dirname(directory)
+        raise ListenerError(
+            f"cannot create the socket directory {directory}: its parent {parent} does not exist (the agent "
+            f"creates only the socket's own directory): create {parent}, or put the socket in a directory "
+            f"that exists, e.g. unix:/run/user/{os.getuid()}/card-agent/NAME.sock") from None
     except OSError as error:
         raise ListenerError(f"cannot create the socket directory {directory}: {error.strerror}") from None
     else:

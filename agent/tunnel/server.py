@@ -8,6 +8,7 @@ import os
 import selectors
 import socket
 import threading
+from collections.abc import Callable
 
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
@@ -40,42 +41,85 @@ class Listeners:
         self._tunnel_refusals = RefusalLog(log, kind="tunnel")
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)
         self._in_flight = _InFlight()
+        self._lock = threading.Lock()  # the accept thread's view of self.sockets while a reload swaps them
         try:
-            for tunnel in config.tunnels:
-                listen = tunnel.listen
-                sock = activated.take(tunnel.name, listen, unsafe_listen=tunnel.unsafe_listen)
-                if sock is not None:
-                    self._activated_fds.add(sock.fileno())
-                elif listen.unix_path:
-                    reachable_by = self.policies[tunnel.name].allowed_uids
-                    sock = create_unix_listener(listen.unix_path, reachable_by=reachable_by)
-                else:
-                    sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=tunnel.unsafe_listen)
-                self.sockets[sock.fileno()] = (sock, tunnel)
+            for listener in [*config.tunnels, *config.inbound]:
+                sock = self._open(listener, activated)
+                self.sockets[sock.fileno()] = (sock, listener)
                 self._selector.register(sock, selectors.EVENT_READ)
-                log.info("tunnel %s: listening on %s for %s (TLS %s, server %s)", tunnel.name, listen,
-                         tunnel.remote, tunnel.tls, tunnel.server_name)
-            for inbound in config.inbound:
-                listen, tunnel = inbound.listen, inbound  # named for the error below
+            activated.check_all_taken()
+        except CardAgentError:
+            self.close()
+            raise
+
+    def _open(self, listener: TunnelConfig | InboundConfig,
+              activated: ActivatedSockets | None = None) -> socket.socket:
+        """A listening socket for ``listener`` (the one systemd passed for it, if any), logged;
+        CardAgentError naming it when it cannot be had."""
+        listen = listener.listen
+        unsafe_listen = True if isinstance(listener, InboundConfig) else listener.unsafe_listen
+        taken = activated.take(listener.name, listen, unsafe_listen=unsafe_listen) if activated else None
+        if taken is not None:
+            self._activated_fds.add(taken.fileno())
+            _log_listening(listener)
+            return taken
+        try:
+            if isinstance(listener, InboundConfig):
                 # The PACS connects over the network: allow_from (checked before any TLS) and a
                 # required, verified client certificate guard this listener, not its address.
-                sock = (activated.take(inbound.name, listen, unsafe_listen=True)
-                        or create_tcp_listener(listen.host, listen.port, unsafe_listen=True))
-                self.sockets[sock.fileno()] = (sock, inbound)
-                self._selector.register(sock, selectors.EVENT_READ)
-                log.info("inbound %s: listening on %s for the PACS at %s (TLS %s, as %s), forwarding to %s",
-                         inbound.name, listen, ", ".join(map(str, inbound.allow_from)), inbound.tls,
-                         inbound.server_certificate or "the card", inbound.forward)
-                if inbound.server_certificate is None and inbound.allow_from != LOOPBACK_NETWORKS:
-                    log.warning("inbound %s: the card is this listener's TLS server identity: every handshake, even "
-                                "with a peer then refused, waits for a card signature; prefer the workstation's node "
-                                "key (server_certificate, server_key)", inbound.name)
-            activated.check_all_taken()
-        except (CardAgentError, OSError) as error:
-            self.close()
-            if isinstance(error, OSError):
-                raise CardAgentError(f"cannot listen on {listen} (tunnel {tunnel.name!r}): {error.strerror or error}") from None
+                sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=True)
+            elif listen.unix_path:
+                sock = create_unix_listener(listen.unix_path, reachable_by=self.policies[listener.name].allowed_uids)
+            else:
+                sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=listener.unsafe_listen)
+        except OSError as error:
+            raise CardAgentError(f"cannot listen on {listen} ({_kind(listener)} {listener.name!r}): "
+                                 f"{error.strerror or error}") from None
+        _log_listening(listener)
+        return sock
+
+    def prepare(self, config: AgentConfig) -> Callable[[], None]:
+        """For a reload: open the sockets ``config`` has and these lack (listeners are matched by
+        address); the returned function puts them in service and closes those ``config`` no longer
+        has. Raises CardAgentError, with nothing changed, when a new socket cannot be had."""
+        kept = {str(listener.listen): sock for sock, listener in self.sockets.values()}
+        policies = {tunnel.name: PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
+                    for tunnel in config.tunnels}
+        old_policies, self.policies = self.policies, policies  # _open reads a unix socket's users from them
+        opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]] = []
+        chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
+        try:
+            for listener in [*config.tunnels, *config.inbound]:
+                sock = kept.get(str(listener.listen))
+                if sock is None:
+                    sock = self._open(listener)
+                    opened.append((sock, listener))
+                chosen[sock.fileno()] = (sock, listener)
+        except CardAgentError:
+            for sock, listener in opened:
+                sock.close()
+                if listener.listen.unix_path:
+                    _unlink(listener.listen.unix_path)
             raise
+        finally:
+            self.policies = old_policies
+
+        def commit() -> None:
+            with self._lock:
+                retired = [(sock, listener) for fd, (sock, listener) in self.sockets.items() if fd not in chosen]
+                for sock, _ in opened:
+                    self._selector.register(sock, selectors.EVENT_READ)
+                self.sockets, self.policies, self.config = chosen, policies, config
+                paths = {listener.listen.unix_path for _, listener in chosen.values()}
+                for sock, listener in retired:
+                    self._selector.unregister(sock)
+                    activated = sock.fileno() in self._activated_fds
+                    self._activated_fds.discard(sock.fileno())
+                    sock.close()
+                    if listener.listen.unix_path and listener.listen.unix_path not in paths and not activated:
+                        _unlink(listener.listen.unix_path)
+                    log.info("%s %s: no longer listening on %s", _kind(listener), listener.name, listener.listen)
+        return commit
 
     def addresses(self) -> dict[str, object]:
         return {tunnel.name: sock.getsockname() for sock, tunnel in self.sockets.values()}
@@ -92,7 +136,10 @@ class Listeners:
                 self._refusals.flush()
                 self._tunnel_refusals.flush()
                 for key, _ in self._selector.select(timeout=0.5):
-                    sock, listener = self.sockets[key.fd]
+                    with self._lock:
+                        sock, listener = self.sockets.get(key.fd, (None, None))
+                    if sock is None or listener is None:  # closed by a reload since select()
+                        continue
                     connection = self._backoff.accept(sock)
                     if connection is not None:
                         self._serve(listener, connection)
@@ -204,11 +251,9 @@ class Listeners:
             self._thread.join(2)
         for fd, (sock, tunnel) in self.sockets.items():
             sock.close()
-            if tunnel.listen.unix_path and fd not in self._activated_fds:  # inbound listeners are never unix sockets
-                try:
-                    os.unlink(tunnel.listen.unix_path)
-                except OSError:
-                    pass
+            # Inbound listeners are never unix sockets; systemd's sockets are its own to remove.
+            if tunnel.listen.unix_path and fd not in self._activated_fds:
+                _unlink(tunnel.listen.unix_path)
         self.sockets.clear()
         self._selector.close()
 
@@ -232,6 +277,27 @@ class _InFlight:
     def leave(self, name: str) -> None:
         with self._lock:
             self._counts[name] -= 1
+
+
+def _log_listening(listener: TunnelConfig | InboundConfig) -> None:
+    if isinstance(listener, TunnelConfig):
+        log.info("tunnel %s: listening on %s for %s (TLS %s, server %s)", listener.name, listener.listen,
+                 listener.remote, listener.tls, listener.server_name)
+        return
+    log.info("inbound %s: listening on %s for the PACS at %s (TLS %s, as %s), forwarding to %s",
+             listener.name, listener.listen, ", ".join(map(str, listener.allow_from)), listener.tls,
+             listener.server_certificate or "the card", listener.forward)
+    if listener.server_certificate is None and listener.allow_from != LOOPBACK_NETWORKS:
+        log.warning("inbound %s: the card is this listener's TLS server identity: every handshake, even "
+                    "with a peer then refused, waits for a card signature; prefer the workstation's node "
+                    "key (server_certificate, server_key)", listener.name)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _kind(listener: TunnelConfig | InboundConfig) -> str:

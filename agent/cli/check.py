@@ -1,0 +1,176 @@
+"""``card-agent check [--config FILE]``: is a configuration ready to run on this machine? Checked
+without starting the agent, for configuration management to run before it rolls a file out.
+
+It uses what ``run`` and ``doctor`` use (agent/config/preflight.py, agent/cli/doctor.py, the
+listeners' own socket code), so that each thing is checked one way. No card is needed: whether a
+card signs in is ``doctor``'s question.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+from dicom_card_agent.cli.doctor import Check, platform_checks, report
+from dicom_card_agent.cli.options import ConfigFile
+from dicom_card_agent.config.locate import locate_config
+from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig, load_config
+from dicom_card_agent.config.preflight import open_crls, pin_sources
+from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.session import control
+from dicom_card_agent.token.pin import PinSource
+from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
+from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
+
+EXIT_PROBLEMS = 2
+
+
+def check(config: ConfigFile = None) -> None:
+    """Check a configuration and what it needs here (module, pkcs11-provider, trust files and CRLs,
+    free listen ports, PIN source, audit paths) without starting: exit 0 when all is well, 2 otherwise."""
+    failed = report(configuration_checks(config))
+    raise typer.Exit(EXIT_PROBLEMS if failed else 0)
+
+
+def configuration_checks(explicit: Path | None) -> Iterator[Check]:
+    try:
+        path = locate_config(explicit)
+        settings = load_config(path)
+    except CardAgentError as error:
+        yield Check("fail", "config", str(error), "correct what the message names, then run `card-agent check` again")
+        return
+    yield Check("ok", "config", f"{path}: {len(settings.tunnels)} tunnel(s), {len(settings.inbound)} inbound "
+                                f"listener(s)")
+    checks, _ = platform_checks(settings.identity.module, "[identity] module")
+    yield from checks
+    yield from _trust_checks(settings)
+    yield from _pin_checks(settings)
+    running = _running_listeners(settings)
+    for listener in [*settings.tunnels, *settings.inbound]:
+        yield _listen_check(listener, running)
+    yield from _audit_checks(settings)
+
+
+def _trust_checks(settings: AgentConfig) -> Iterator[Check]:
+    trust = settings.trust
+    try:
+        anchors = TrustAnchors.load(trust.ca)
+        yield Check("ok", "trust", f"{trust.ca}: {len(anchors.roots)} root and {len(anchors.intermediates)} "
+                                   "intermediate CA certificate(s)")
+    except CardAgentError as error:
+        yield Check("fail", "trust", str(error), "give [trust] ca a readable PEM bundle holding the PACS's root CA")
+    if not trust.crl:
+        return
+    try:
+        store = open_crls(settings)
+    except CardAgentError as error:
+        yield Check("fail", "crl", str(error), "give [trust] crl files holding only CRLs (PEM or DER)")
+        return
+    for crl in store.status():
+        expired = [entry["issuer"] for entry in crl["crls"] if entry["expired"]]
+        if expired and trust.crl_expired == "refuse":
+            yield Check("fail", "crl", f"{crl['file']}: the CRL of {', '.join(expired)} has expired: certificates "
+                                       "it covers are refused", "install a current CRL (or crl_expired = \"warn\")")
+        else:
+            yield Check("ok", "crl", f"{crl['file']}: {len(crl['crls'])} CRL(s)"
+                                     + (f", expired (accepted: crl_expired = \"warn\"): {', '.join(expired)}"
+                                        if expired else ""))
+    for listener in settings.inbound:
+        for certificate in filter(None, [listener.server_certificate]):
+            try:
+                load_certificates(certificate)
+                yield Check("ok", f"inbound {listener.name}", f"server certificate {certificate} readable")
+            except CardAgentError as error:
+                yield Check("fail", f"inbound {listener.name}", str(error), "give a readable PEM certificate chain")
+
+
+def _pin_checks(settings: AgentConfig) -> Iterator[Check]:
+    """The PIN sources as ``run`` prepares them (run this as the agent's user, with its environment)."""
+    for where, source in pin_sources(settings):
+        try:
+            source.prepare()
+        except CardAgentError as error:
+            yield Check("fail", "pin", f"{where}: {error}", _PIN_FIXES.get(source.kind, ""))
+            continue
+        yield Check("ok", "pin", f"{where}: {_describe_pin_source(source)}")
+
+
+_PIN_FIXES = {
+    "env": "set the variable in the agent's environment (systemd: Environment= or EnvironmentFile=)",
+    "file": "make the PIN file the agent's user's own, mode 0600",
+    "pinentry": "install a pinentry package, or give its full path",
+}
+
+
+def _describe_pin_source(source: PinSource) -> str:
+    return {
+        "env": f"the variable {source.target} is set",
+        "file": f"{source.target} is the agent's user's own and private",
+        "pinentry": f"the program {source.target} is there",
+        "prompt": "asked on the agent's terminal (a service has none: use pinentry there)",
+        "protected": "entered on the reader's PIN pad",
+    }.get(source.kind, str(source))
+
+
+def _running_listeners(settings: AgentConfig) -> set[str]:
+    """The addresses an agent of this configuration, running now, already listens on."""
+    try:
+        answer = control.request(settings, "status")
+    except CardAgentError:
+        return set()
+    return {listener["listen"] for listener in [*answer.get("tunnels", []), *answer.get("inbound", [])]}
+
+
+def _listen_check(listener: TunnelConfig | InboundConfig, running: set[str]) -> Check:
+    kind = "tunnel" if isinstance(listener, TunnelConfig) else "inbound"
+    name, listen = f"listen {listener.name}", listener.listen
+    if str(listen) in running:
+        return Check("ok", name, f"{listen}: the running agent of this configuration listens there")
+    try:  # the listeners' own code: bound and closed at once
+        if listen.unix_path:
+            uids = (listener.allowed_uids or (os.getuid(),)) if isinstance(listener, TunnelConfig) else ()
+            sock = create_unix_listener(listen.unix_path, reachable_by=uids)
+            sock.close()
+            os.unlink(listen.unix_path)
+        else:
+            assert listen.host is not None and listen.port is not None
+            create_tcp_listener(listen.host, listen.port, unsafe_listen=True).close()
+    except (CardAgentError, OSError) as error:
+        return Check("fail", name, f"{kind} {listener.name}: {error}",
+                     "stop what listens there (`ss -ltnp`) or choose another listen address")
+    return Check("ok", name, f"{listen} is free")
+
+
+def _audit_checks(settings: AgentConfig) -> Iterator[Check]:
+    audit = settings.audit
+    if audit is None:
+        return
+    for what, path, directory in (("audit file", audit.file, False), ("audit spool", audit.spool, True)):
+        if path is not None:
+            yield _writable(what, path, directory)
+    if audit.syslog is not None:
+        try:
+            load_certificates(audit.syslog.ca)
+            yield Check("ok", "audit repository", f"{audit.syslog.address}, CA {audit.syslog.ca} readable")
+        except CardAgentError as error:
+            yield Check("fail", "audit repository", str(error), "give [audit.syslog] ca a readable PEM bundle")
+
+
+def _writable(what: str, path: Path, directory: bool) -> Check:
+    """``path`` (a file, or a ``directory``) can be written by this user, or created where it would be."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and directory != path.is_dir():
+        return Check("fail", what, f"{path} is not a {'directory' if directory else 'file'}",
+                     "point the key at a " + ("directory" if directory else "file"))
+    if existing != path and not existing.is_dir():
+        return Check("fail", what, f"{path} cannot be created: {existing} is not a directory",
+                     "choose a path in a directory")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        return Check("fail", what, f"{path}: {existing} is not writable by uid {os.getuid()}",
+                     f"create {path} for the agent's user (`install -d -o USER ...`) or choose a writable path")
+    return Check("ok", what, f"{path} " + ("writable" if existing == path else f"can be created (in {existing})"))

@@ -1,0 +1,115 @@
+"""Reading a TOML configuration table by table, with errors naming the file, the table and the key
+(used by agent/config/model.py and agent/audit/config.py, which model.py imports: so not from model.py)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.file_trust import check_trusted_file
+
+MISSPELT = 0.75  # how alike an unknown key must be to a known one to be named as its misspelling
+
+
+class Section:
+    """Typed access to one TOML table, with errors naming file, table and key."""
+
+    def __init__(self, data: dict[str, Any], where: str, base: Path) -> None:
+        self.data = dict(data)
+        self.where = where
+        self.base = base
+        self.known: list[str] = []  # the keys asked for so far: all of this table's keys once done() is called
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}.{key}: {message}")
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+        if key not in self.known:
+            self.known.append(key)
+        if key not in self.data:
+            if required or default is ...:
+                self._missing(key)
+            return default
+        value = self.data.pop(key)
+        if not isinstance(value, kind) or (kind in (int, float, (int, float)) and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.error(key, f"must be {_article(names)}, not {value!r}")
+        return value
+
+    def path(self, key: str, *, required: bool = False, must_exist: bool = True) -> Path | None:
+        value = self.take(key, str, None, required=required)
+        if value in (None, ""):
+            if required:
+                self._missing(key)
+            return None
+        path = (self.base / os.path.expanduser(value)).resolve()
+        if must_exist and not path.is_file():
+            raise self.error(key, f"file {path} does not exist")
+        return path
+
+    def _missing(self, key: str) -> None:
+        """A required key is not there: name the misspelt key that probably meant it, if one is there."""
+        self.check_misspelt(key)
+        raise ConfigError(f"{self.where}: missing key {key!r}")
+
+    def check_misspelt(self, key: str) -> None:
+        """``key`` is missing: a ConfigError naming an unknown key that looks like it, if there is one."""
+        unknown = [k for k in self.data if k not in self.known]
+        for near in difflib.get_close_matches(key, unknown, n=1, cutoff=MISSPELT):
+            raise ConfigError(f"{self.where}: unknown {self._name(near)} (did you mean {self._name(key, like=near, bare=True)}?)")
+
+    def done(self) -> None:
+        """Every key must have been taken: an unknown one is an error naming it and what it may have meant."""
+        if not self.data:
+            return
+        problems = []
+        for key in sorted(self.data):
+            near = difflib.get_close_matches(key, self.known, n=1, cutoff=MISSPELT)
+            problems.append(f"unknown {self._name(key)}" + (f" (did you mean {self._name(near[0], like=key, bare=True)}?)"
+                                                           if near else f" (the keys here: {', '.join(self.known)})"))
+        raise ConfigError(f"{self.where}: {'; '.join(problems)}")
+
+    def _name(self, key: str, *, like: str | None = None, bare: bool = False) -> str:
+        """``key`` as the file spells it: a table ``[trust]``, an array of tables ``[[tunnel]]``, or a key
+        (``like``: the key whose value tells which, for a name the file does not have)."""
+        value = self.data.get(like if like is not None else key)
+        if isinstance(value, dict):
+            return f"[{key}]" if bare else f"table [{key}]"
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return f"[[{key}]]" if bare else f"table [[{key}]]"
+        return repr(key) if bare else f"key {key!r}"
+
+
+def _article(names: str) -> str:
+    return ("an " if names[0] in "aeiou" else "a ") + {"str": "string", "int": "integer", "float": "number",
+                                                      "bool": "boolean (true/false)", "list": "list"}.get(names, names)
+
+
+def host_port(value: str, error) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not match:
+        raise error(f"{value!r} is not HOST:PORT (IPv6 as [::1]:PORT)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise error(f"port {port} is out of range 1-65535")
+    return host, port
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The configuration file as TOML data; ConfigError when unreadable or not TOML, UnsafeFileError
+    when another user could have written it (it names the file and the fix)."""
+    check_trusted_file(path, "the configuration file", "change the agent's settings")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None

@@ -1,0 +1,85 @@
+"""A reloaded configuration inside a running card-session process (SIGHUP, docs/configuration.md
+"Reloading").
+
+The card session takes a new tunnel set in place when it can do so without loading the card's key
+again: a tunnel that is added or changed gets a TLS context this process already made for the same
+``tls`` and ``verify`` (loading a token key into a process that has done handshakes made later
+server certificates fail to verify: agent/session/worker.py). It cannot take a changed [trust],
+[identity] or any [[inbound]] change (their TLS contexts hold the card's or a node key, and the
+sign-in checked the card against them): it then refuses, and the supervisor makes a new card session.
+
+Open associations of a removed or changed tunnel run on with the settings they started with, to
+their end; they are still closed when the card session ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dicom_card_agent.config.model import AgentConfig, TunnelConfig
+from dicom_card_agent.tunnel.relay import InboundRuntime, TunnelRuntime
+
+log = logging.getLogger("agent.session")
+
+ContextKey = tuple[str, str]  # (tls, verify) of a tunnel: what its client context depends on besides [trust]
+
+
+class NeedsNewSessionError(Exception):
+    """The card session cannot take the new configuration in place; the message says why."""
+
+
+def context_key(tunnel: TunnelConfig) -> ContextKey:
+    return tunnel.tls, tunnel.verify
+
+
+@dataclass
+class Retuner:
+    """What the card-session process needs to make tunnel runtimes after its start."""
+
+    config: AgentConfig  # the configuration the runtimes were last made from
+    contexts: dict[ContextKey, ssl.SSLContext]
+    make_tunnel: Callable[[TunnelConfig, ssl.SSLContext], TunnelRuntime]
+    retired: list[TunnelRuntime | InboundRuntime] = field(default_factory=list)  # ended at the session's end
+
+    def apply(self, new: AgentConfig, runtimes: dict[str, TunnelRuntime | InboundRuntime]) -> dict[str, list[str]]:
+        """Change ``runtimes`` in place to serve ``new``'s tunnels; the names added, removed and
+        changed. Raises :class:`NeedsNewSessionError` with ``runtimes`` untouched."""
+        self._check_session_settings(new)
+        replacement: dict[str, TunnelRuntime | InboundRuntime] = {
+            name: runtime for name, runtime in runtimes.items() if isinstance(runtime, InboundRuntime)}
+        added: list[str] = []
+        changed: list[str] = []
+        for tunnel in new.tunnels:
+            current = runtimes.get(tunnel.name)
+            if isinstance(current, TunnelRuntime) and current.config == tunnel:
+                replacement[tunnel.name] = current
+                continue
+            context = self.contexts.get(context_key(tunnel))
+            if context is None:
+                raise NeedsNewSessionError(
+                    f"tunnel {tunnel.name!r} needs a TLS context (tls = {tunnel.tls!r}, verify = {tunnel.verify!r}) "
+                    "this card session did not make at its start")
+            replacement[tunnel.name] = self.make_tunnel(tunnel, context)
+            (changed if current is not None else added).append(tunnel.name)
+        removed = [name for name in runtimes if name not in replacement]
+        self.retired += [runtime for name, runtime in runtimes.items() if replacement.get(name) is not runtime]
+        runtimes.clear()
+        runtimes.update(replacement)
+        self.config = new
+        return {"added": added, "removed": removed, "changed": changed}
+
+    def _check_session_settings(self, new: AgentConfig) -> None:
+        reason = session_change(self.config, new)
+        if reason:
+            raise NeedsNewSessionError(reason)
+
+
+def session_change(old: AgentConfig, new: AgentConfig) -> str:
+    """What in ``new`` a card session made with ``old`` cannot take in place ("" when nothing)."""
+    changed = [what for what, before, after in (
+        ("[identity]", old.identity, new.identity), ("[trust]", old.trust, new.trust),
+        ("[[inbound]]", old.inbound, new.inbound)) if before != after]
+    return " and ".join(changed) + " changed" if changed else ""

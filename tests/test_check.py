@@ -1,0 +1,73 @@
+"""`card-agent check`: a configuration and what it needs on this machine, without starting the
+agent; exit 0 when all is well, 2 otherwise, one line per finding."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from agent_runner import running_agent, tunnel, write_config
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from peers.ports import free_port
+
+
+def findings(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if not line.startswith("     fix: ")]
+
+
+def test_a_good_configuration_passes_every_check(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    pacs = tunnel("pacs", 104)
+    config = write_config(tmp_path / "agent.toml", test_pki, [pacs], audit={"file": str(tmp_path / "log" / "audit.log")})
+    result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = findings(result.stdout)
+    assert [line.split(":")[0] for line in lines] == [
+        "ok   config", "ok   openssl", "ok   pkcs11-provider", "ok   pkcs11-module", "ok   provider-loads",
+        "ok   trust", "ok   crl", "ok   pin", "ok   listen pacs", "ok   audit file"], result.stdout
+    assert f"ok   config: {config}: 1 tunnel(s), 0 inbound listener(s)" in lines
+    assert f"ok   pin: {config} [identity].pin: the variable CARD_PIN is set" in lines
+    assert f"ok   listen pacs: {pacs['listen']} is free" in lines
+    assert f"ok   audit file: {tmp_path}/log/audit.log can be created (in {tmp_path})" in lines
+
+
+def test_every_problem_is_one_line_and_the_exit_is_2(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    try:
+        config = write_config(tmp_path / "agent.toml", test_pki,
+                              [tunnel("pacs", 104, listen=f"127.0.0.1:{port}")],
+                              audit={"file": str(tmp_path / "a-file" / "audit.log")},
+                              trust={"crl": [str(test_pki.pki / "server-chain.pem")]})
+        env = {k: v for k, v in test_pki.env().items() if k != "CARD_PIN"}
+        result = run_card_agent("check", "--config", config, env=env)
+    finally:
+        busy.close()
+    assert result.returncode == 2, result.stdout + result.stderr
+    failed = [line for line in findings(result.stdout) if line.startswith("fail")]
+    assert failed[0].startswith(f"fail crl: {config} [trust].crl: CRL file {test_pki.pki / 'server-chain.pem'}")
+    assert failed[1:] == [
+        f"fail pin: {config} [identity].pin: the PIN variable CARD_PIN is not set or empty",
+        f"fail listen pacs: tunnel pacs: cannot listen on 127.0.0.1:{port}: Address already in use",
+        f"fail audit file: {tmp_path}/a-file/audit.log cannot be created: {tmp_path}/a-file is not a directory",
+    ], result.stdout
+    assert "     fix: set the variable in the agent's environment" in result.stdout
+
+
+def test_a_configuration_error_is_the_one_finding(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)])
+    config.write_text(config.read_text().replace("remote = ", "remot = "))
+    result = run_card_agent("check", "--config", config, env=test_pki.env())
+    assert result.returncode == 2
+    assert findings(result.stdout) == [
+        f"fail config: {config} [[tunnel]] 'pacs': unknown key 'remot' (did you mean 'remote'?)"]
+
+
+def test_the_ports_of_the_running_agent_of_this_configuration_count_as_its_own(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())]) as agent:
+        result = run_card_agent("check", "--config", tmp_path / "agent" / "agent.toml",
+                                env=test_pki.env(CARD_PIN=USER_PIN))
+    assert result.returncode == 0, result.stdout
+    assert f"ok   listen pacs: 127.0.0.1:{agent.port()}: the running agent of this configuration listens there" \
+        in result.stdout

@@ -1,0 +1,205 @@
+"""SIGHUP reloads the configuration of a running agent (docs/configuration.md, "Reloading"):
+tunnels added, removed and changed take effect while the card session, its login and its open
+associations go on; a broken file is refused with one log line and the old configuration keeps
+serving; settings only a restart can change are refused; a reload during the PIN dialog leaves the
+dialog open. The fault module logs every C_Login, so "no new PIN" is counted, not assumed."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from agent_runner import (agent_status, card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
+                          write_config)
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from fault_pkcs11 import FaultControl
+from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
+from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
+from pynetdicom.sop_class import Verification
+
+RELOADED = "card-agent: INFO: SIGHUP: configuration {config} reloaded: "
+REFUSED = "card-agent: ERROR: SIGHUP: configuration not reloaded, the running one goes on: "
+
+
+def logins(card: FaultControl) -> list[str]:
+    return [line for line in card.log_lines() if line.startswith("C_Login")]
+
+
+def reload(agent, config: Path, test_pki: ProvisionedPki, tunnels: list[dict], expect: str, **settings) -> str:
+    """Write ``tunnels`` (and ``settings``) into the agent's configuration, send SIGHUP, wait for ``expect``."""
+    write_config(config, test_pki, tunnels, **settings)
+    before = agent.log().count(expect)
+    agent.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: agent.log().count(expect) > before or agent.process.poll() is not None)
+    assert agent.process.poll() is None, f"SIGHUP ended the agent:\n{agent.log()}"
+    return agent.log()
+
+
+def signed_in(agent, env: dict[str, str]) -> None:
+    """Wait until the agent is signed in (the card session is ready)."""
+    wait_for(lambda: agent_status(agent.log_path.parent, env)["state"] == "signed in", 20)
+
+
+def audit_lines(config: Path, env: dict[str, str]) -> str:
+    return run_card_agent("audit", "tail", "--config", config, env=env, check=True).stdout
+
+
+def test_a_reload_adds_and_removes_tunnels_while_the_card_session_and_its_associations_go_on(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "card.ctl")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        first, second = tunnel("first", pacs.port), tunnel("second", pacs.port)
+        audit = {"file": str(tmp_path / "audit.log")}
+        with running_agent(test_pki, tmp_path / "agent", [first], module=str(fault_module), env=card.env(),
+                           audit=audit) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            env = test_pki.env(**card.env())
+            signed_in(agent, env)
+            session, logins_before = card_session_pid(agent.process.pid), len(logins(card))
+            open_association = associate(agent.port("first"), sop_classes=[Verification])
+            assert open_association.is_established
+
+            log = reload(agent, config, test_pki, [first, second], RELOADED.format(config=config),
+                         module=str(fault_module), audit=audit)
+            assert (RELOADED.format(config=config) + "added second; the card session goes on\n") in log
+            assert "tunnel second: listening on" in log
+            assert echo(port_of(second))  # the new tunnel works
+            assert open_association.send_c_echo().Status == 0  # the association open since before goes on
+
+            # Removed: its port is closed at once; its open association runs on to its end.
+            log = reload(agent, config, test_pki, [second], "removed first", module=str(fault_module), audit=audit)
+            assert (RELOADED.format(config=config) + "removed first; the card session goes on\n") in log
+            assert "tunnel first: no longer listening on" in log
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", agent.port("first")), timeout=5).close()
+            assert open_association.send_c_echo().Status == 0
+            open_association.release()
+            assert echo(port_of(second))
+
+            assert card_session_pid(agent.process.pid) == session  # the same card session throughout
+            assert len(logins(card)) == logins_before  # no second C_Login: no new PIN
+            assert "event=sign-out" not in agent.log().split("SIGHUP", 1)[1]
+            trail = audit_lines(config, env)
+    alerts = [line for line in trail.splitlines() if "Software Configuration" in line]
+    assert len(alerts) == 2, trail
+    assert all("success" in line for line in alerts), alerts
+
+
+def test_a_broken_configuration_is_refused_with_one_line_and_the_old_one_keeps_serving(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    card = FaultControl(tmp_path / "card.ctl")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        pacs_table = tunnel("pacs", pacs.port)
+        with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),
+                           env=card.env()) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            signed_in(agent, test_pki.env(**card.env()))
+            session, logins_before = card_session_pid(agent.process.pid), len(logins(card))
+            good = config.read_text()
+            config.write_text(good.replace("remote = ", "remot = "))
+            agent.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: REFUSED in agent.log())
+            assert echo(agent.port())  # the old configuration serves on
+            assert card_session_pid(agent.process.pid) == session
+            assert len(logins(card)) == logins_before
+            refused = [line for line in agent.log().splitlines() if "SIGHUP" in line]
+
+            # Settings only a restart can change are refused the same way, naming them.
+            config.write_text(good.replace('token = "alice"', 'token = "bob"'))
+            agent.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: agent.log().count(REFUSED) == 2)
+            assert echo(agent.port())
+            restart_only = [line for line in agent.log().splitlines() if "SIGHUP" in line][-1]
+    assert refused == [REFUSED + f"{config} [[tunnel]] 'pacs': unknown key 'remot' (did you mean 'remote'?)"]
+    assert restart_only == (REFUSED + f"{config}: [identity] changed (the PKCS#11 module is loaded and the card "
+                                      "chosen once, at start): restart the agent for it to take effect")
+
+
+def test_a_tunnel_needing_a_tls_context_the_session_lacks_gets_a_new_card_session(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """tls = "tls13" where the card session has only TLS 1.2+ contexts: loading the card's key again
+    into a process that has done handshakes is unsafe (agent/session/worker.py), so the session is
+    made anew (the env: PIN signs in again, one more C_Login) and says why."""
+    card = FaultControl(tmp_path / "card.ctl")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        pacs_table = tunnel("pacs", pacs.port)
+        with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),
+                           env=card.env()) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            env = test_pki.env(**card.env())
+            signed_in(agent, env)
+            session, logins_before = card_session_pid(agent.process.pid), len(logins(card))
+            sign_ins = agent.log().count("event=sign-in ")
+            modern = tunnel("modern", pacs.port, tls="tls13")
+            log = reload(agent, config, test_pki, [pacs_table, modern], RELOADED.format(config=config),
+                         module=str(fault_module))
+            wait_for(lambda: agent.log().count("event=sign-in ") == sign_ins + 1, 20)
+            signed_in(agent, env)
+            log = agent.log()
+            assert echo(port_of(modern))
+            assert echo(agent.port("pacs"))
+            assert card_session_pid(agent.process.pid) != session
+            assert len(logins(card)) == logins_before + 1
+    assert ("configuration reloaded: the card session of CN=Alice Example" in log
+            and "cannot take it in place (tunnel 'modern' needs a TLS context (tls = 'tls13', verify = 'chain') "
+                "this card session did not make at its start): it ends, and the card is signed in again" in log), log
+    assert 'event=sign-out reason="configuration reloaded"' in log
+
+
+def test_sighup_during_the_pin_dialog_leaves_it_open_and_the_session_serves_the_new_tunnels(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        pacs_table, later = tunnel("pacs", pacs.port), tunnel("later", pacs.port)
+        identity = {"pin": f"pinentry:{PINENTRY_TTY}"}
+        with running_agent(test_pki, tmp_path / "agent", [pacs_table], token="", module=str(fault_module),
+                           env=card.env(), stdin=terminal.slave, identity=identity) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            terminal.wait_for_prompt()
+            dialog = pinentry_processes(agent.process.pid)
+            log = reload(agent, config, test_pki, [pacs_table, later], RELOADED.format(config=config), token="",
+                         module=str(fault_module), identity=identity)
+            assert pinentry_processes(agent.process.pid) == dialog  # the same dialog, still open
+            terminal.type(USER_PIN.encode() + b"\r")
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            assert echo(port_of(later))
+            assert echo(agent.port("pacs"))
+            assert len(logins(card)) == 1
+            assert terminal.screen.count(b"PIN:") == 1  # asked once
+    assert (RELOADED.format(config=config) + "added later; no card session (card present, PIN not yet entered)\n"
+            in log), log
+
+
+def test_a_changed_trust_or_inbound_listener_signs_the_card_in_again(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """[trust] and [[inbound]] are in TLS contexts made with the card's key and were checked at
+    sign-in: the card session ends cleanly and the card signs in again (env: PIN: at once)."""
+    card = FaultControl(tmp_path / "card.ctl")
+    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    with tls_scp(pki_dir=test_pki.pki) as pacs, plain_scp() as viewer:
+        pacs_table = tunnel("pacs", pacs.port)
+        with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),
+                           env=card.env()) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            env = test_pki.env(**card.env())
+            inbound = inbound_listener("viewer", f"127.0.0.1:{viewer.port}", **node)
+            for change in ({"trust": {"crl_expired": "warn"}},
+                           {"trust": {"crl_expired": "warn"}, "inbound": [inbound]}):
+                signed_in(agent, env)
+                logins_before, sign_ins = len(logins(card)), agent.log().count("event=sign-in ")
+                reload(agent, config, test_pki, [pacs_table], RELOADED.format(config=config),
+                       module=str(fault_module), **change)
+                wait_for(lambda before=sign_ins: agent.log().count("event=sign-in ") > before, 20)
+                signed_in(agent, env)
+                assert len(logins(card)) == logins_before + 1  # one new sign-in, one login
+                assert echo(agent.port())
+            socket.create_connection(("127.0.0.1", port_of(inbound)), timeout=5).close()  # it listens
+            log = agent.log()
+    assert "cannot take it in place ([trust] changed): it ends, and the card is signed in again" in log
+    assert "cannot take it in place ([[inbound]] changed): it ends, and the card is signed in again" in log
+    assert log.count('event=sign-out reason="configuration reloaded"') == 2
+    assert (RELOADED.format(config=config) + "added viewer; the card session was ended ([[inbound]] changed)\n") in log
