@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import (agent_status, card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
+from agent_runner import (agent_status, log_lines, card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
                           write_config)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
@@ -105,14 +105,14 @@ def test_a_broken_configuration_is_refused_with_one_line_and_the_old_one_keeps_s
             assert echo(agent.port())  # the old configuration serves on
             assert card_session_pid(agent.process.pid) == session
             assert len(logins(card)) == logins_before
-            refused = [line for line in agent.log().splitlines() if "SIGHUP" in line]
+            refused = [line for line in log_lines(agent.log()) if "SIGHUP" in line]
 
             # Settings only a restart can change are refused the same way, naming them.
             config.write_text(good.replace('token = "alice"', 'token = "bob"'))
             agent.process.send_signal(signal.SIGHUP)
             wait_for(lambda: agent.log().count(REFUSED) == 2)
             assert echo(agent.port())
-            restart_only = [line for line in agent.log().splitlines() if "SIGHUP" in line][-1]
+            restart_only = [line for line in log_lines(agent.log()) if "SIGHUP" in line][-1]
     assert refused == [REFUSED + f"{config} [[tunnel]] 'pacs': unknown key 'remot' (did you mean 'remote'?)"]
     assert restart_only == (REFUSED + f"{config}: [identity] changed (the PKCS#11 module is loaded and the card "
                                       "chosen once, at start): restart the agent for it to take effect")
