@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from dicom_card_agent.token.profiles import get_profile
-from dicom_card_agent.softhsm import pki
+from dicom_card_agent.softhsm import pki, responder
 from dicom_card_agent.softhsm.tokens import (
     ca_certificate_id,
     generate_key_pair,
@@ -28,6 +28,7 @@ SO_PIN = "12345678"
 KEY_ID = b"\x01"  # like PIV slot 9A, the authentication key
 MARKER = ".provisioned"
 MANAGED = ("tokens", "pki", "softhsm2.conf", "README.txt", MARKER)
+DEFAULT_REVOCATION_PORT = 8960
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,12 @@ def _key_pem(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
-    """Create the test PKI and tokens in ``directory``; a complete earlier run is kept unless ``force``."""
+def provision(directory: Path, *, force: bool = False, revocation_port: int = DEFAULT_REVOCATION_PORT
+              ) -> ProvisionResult:
+    """Create the test PKI and tokens in ``directory``; a complete earlier run is kept unless ``force``.
+
+    The issuing CA's certificates name an OCSP responder at http://127.0.0.1:PORT/ocsp and a CRL at
+    http://127.0.0.1:PORT/issuing-ca.crl: `card-agent softhsm ocsp-responder start` answers there."""
     directory = directory.resolve()
     conf = directory / "softhsm2.conf"
     if (directory / MARKER).exists() and not force:
@@ -106,10 +111,12 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
     issuing = root.issue_ca("Test Issuing CA", years=10)
     untrusted = pki.root_ca("Untrusted Test CA")
     cas = {"issuing": issuing, "untrusted": untrusted}
-    certificates = _provision_tokens(conf, cas)
+    sources = responder.sources_at(revocation_port)
+    certificates = _provision_tokens(conf, cas, sources)
 
     pki_dir = directory / "pki"
-    server, server_key = issuing.issue_server(["localhost"], ["127.0.0.1", "::1"])
+    server, server_key = issuing.issue_server(["localhost"], ["127.0.0.1", "::1"], sources)
+    signer, signer_key = issuing.issue_ocsp_signer("Test Issuing CA OCSP Responder")
     untrusted_server, untrusted_server_key = untrusted.issue_server(["localhost"], ["127.0.0.1", "::1"])
     revoked = [certificates[i.label] for i in IDENTITIES if i.revoked]
     files = {
@@ -121,6 +128,11 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
         "server-chain.pem": _pem(server, issuing.certificate),
         "untrusted-ca.pem": _pem(untrusted.certificate),
         "untrusted-server-chain.pem": _pem(untrusted_server, untrusted.certificate),
+        "ocsp-signer.pem": _pem(signer),
+        "ocsp/index.txt": responder.index([server, *(c for c in certificates.values() if c.issuer == issuing.subject)], revoked).encode(),
+        "ocsp/port": f"{revocation_port}\n".encode(),
+        "crl-http/issuing-ca.crl": issuing.crl(revoked).public_bytes(serialization.Encoding.DER),
+        "crl-http/root-ca.crl": root.crl([]).public_bytes(serialization.Encoding.DER),
     }
     for name, data in files.items():
         _write(pki_dir / name, data)
@@ -130,6 +142,7 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
         "private/root-ca.key": _key_pem(root.key),
         "private/issuing-ca.key": _key_pem(issuing.key),
         "private/untrusted-ca.key": _key_pem(untrusted.key),
+        "private/ocsp-signer.key": _key_pem(signer_key),
     }
     (pki_dir / "private").mkdir(mode=0o700, exist_ok=True)
     for name, data in secret_files.items():
@@ -141,7 +154,8 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
     return ProvisionResult(directory, conf, created=True)
 
 
-def _provision_tokens(conf: Path, cas: dict[str, pki.CertificateAuthority]) -> dict[str, x509.Certificate]:
+def _provision_tokens(conf: Path, cas: dict[str, pki.CertificateAuthority],
+                      sources: pki.RevocationSources) -> dict[str, x509.Certificate]:
     for identity in IDENTITIES:
         init_token(conf, identity.label, so_pin=SO_PIN, user_pin=USER_PIN)
     os.environ["SOFTHSM2_CONF"] = str(conf)
@@ -163,7 +177,8 @@ def _provision_tokens(conf: Path, cas: dict[str, pki.CertificateAuthority]) -> d
             else:
                 not_before, not_after = now - pki.DAY, now + 365 * pki.DAY
             cert = ca.issue_client(csr.subject, csr.public_key(), identity.email,
-                                   not_before=not_before, not_after=not_after, server_auth=identity.server_auth)
+                                   not_before=not_before, not_after=not_after, server_auth=identity.server_auth,
+                                   sources=sources if identity.issuer == "issuing" else None)
             store_certificate(session, cert, KEY_ID, identity.label)
             store_certificate(session, ca.certificate, ca_certificate_id(ca.certificate),
                               ca.subject.rfc4514_string())
@@ -195,6 +210,18 @@ PKI (pki/):
   untrusted-server-chain.pem, untrusted-server.key   a server certificate from it
   clients/NAME.pem        each token's certificate, as a file
   private/*.key           CA keys, to issue more test certificates
+  ocsp-signer.pem         delegated OCSP responder of the issuing CA (id-kp-OCSPSigning)
+  ocsp/index.txt          the issuing CA's certificates and their status, for `openssl ocsp -index`
+  crl-http/               the CRLs the CRL distribution points name (DER)
+
+Revocation: the issuing CA's certificates name an OCSP responder (http://127.0.0.1:PORT/ocsp) and
+a CRL distribution point (http://127.0.0.1:PORT/issuing-ca.crl); PORT is in ocsp/port. Start the
+responder (`openssl ocsp` over ocsp/index.txt, signing as ocsp-signer.pem, and the CRLs of
+crl-http/, on 127.0.0.1 only) with
+  card-agent softhsm ocsp-responder start {directory}
+and stop it with `card-agent softhsm ocsp-responder stop {directory}`. mallory is revoked there
+too. The issuing CA's own certificate names no source (it is in the trust bundle: remove it
+there to stop trusting it).
 
 Directory: {directory}
 """

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dicom_card_agent.softhsm.provision import IDENTITIES, provision
+from dicom_card_agent.softhsm.provision import DEFAULT_REVOCATION_PORT, IDENTITIES, provision
+from dicom_card_agent.softhsm.responder import start_background, stop_background
 
 app = typer.Typer(help="SoftHSM test tokens and test PKI (tests and demos only).", no_args_is_help=True)
 
@@ -16,16 +17,45 @@ app = typer.Typer(help="SoftHSM test tokens and test PKI (tests and demos only).
 def init(
     directory: Annotated[Path, typer.Argument(help="Directory to create everything in (nothing is written elsewhere).")],
     force: Annotated[bool, typer.Option("--force", help="Recreate tokens and PKI even if DIR is complete.")] = False,
+    revocation_port: Annotated[int, typer.Option(
+        "--revocation-port", help="Loopback port the certificates name for OCSP and CRLs (ocsp-responder).")
+    ] = DEFAULT_REVOCATION_PORT,
 ) -> None:
     """Create SoftHSM tokens alice, bob, mallory, expired, stranger and their PKI in DIR.
 
     Prints the `export SOFTHSM2_CONF=...` line on standard output, so
     `eval "$(card-agent softhsm init DIR)"` sets it in a shell.
     """
-    result = provision(directory, force=force)
+    result = provision(directory, force=force, revocation_port=revocation_port)
     if result.created:
         typer.echo(f"created test PKI and tokens {', '.join(i.label for i in IDENTITIES)} in {result.directory} "
                    "(test PINs and file list: README.txt there)", err=True)
     else:
         typer.echo(f"{result.directory} is already provisioned; nothing changed (--force recreates it)", err=True)
     typer.echo(result.export_line)
+
+
+@app.command("ocsp-responder")
+def ocsp_responder(
+    action: Annotated[str, typer.Argument(help="start or stop")],
+    directory: Annotated[Path, typer.Argument(help="The directory `card-agent softhsm init` provisioned.")],
+) -> None:
+    """Start or stop the test PKI's OCSP responder and CRL distribution point (127.0.0.1 only).
+
+    OCSP requests are answered by `openssl ocsp` over pki/ocsp/index.txt; GET /issuing-ca.crl and
+    /root-ca.crl serve the CRLs of pki/crl-http/. The port is the one `softhsm init
+    --revocation-port` wrote into the certificates."""
+    if action == "start":
+        try:
+            pid, port = start_background(directory)
+        except (RuntimeError, OSError) as error:
+            typer.echo(f"card-agent: error: {error}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"revocation responder running on http://127.0.0.1:{port} (pid {pid}); "
+                   f"`card-agent softhsm ocsp-responder stop {directory}` stops it", err=True)
+    elif action == "stop":
+        pid = stop_background(directory)
+        typer.echo("no responder was running" if pid is None else f"stopped the responder (pid {pid})", err=True)
+    else:
+        typer.echo(f"card-agent: error: {action!r} is neither start nor stop", err=True)
+        raise typer.Exit(2)
