@@ -308,3 +308,39 @@ def test_sign_in_with_a_revoked_card_tells_the_clinician_at_once(test_pki: Provi
     assert (f"(reason: keyCompromise) according to OCSP responder http://127.0.0.1:{port}/ocsp. The card was not "
             "used: ask for a new card") in log
     assert "card session started" not in log and "(card present, not signed in: this card's certificate is revoked" in log
+
+
+# -- identities and doctor ---------------------------------------------------------------------------
+
+def test_identities_show_each_identitys_revocation_status(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    import json
+
+    from conftest import run_card_agent
+
+    port = int((test_pki.pki / "ocsp" / "port").read_text())
+    files = ResponderFiles.for_pki(test_pki.pki)
+    files.crl_directory = None  # OCSP only: every answer below comes from `openssl ocsp`
+    env = test_pki.env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    with RevocationServer(port, files):
+        result = run_card_agent("identities", "--module", "softhsm2", "--ca", test_pki.ca_bundle, "--json", env=env,
+                                check=True)
+        doctor = run_card_agent("doctor", "--module", "softhsm2", "--ca", test_pki.ca_bundle, "--token", "mallory",
+                                env=env)
+    found = {e["token"]: e for e in json.loads(result.stdout) if " CA," not in e["subject"]}  # no CA certificates
+    responder = f"OCSP responder http://127.0.0.1:{port}/ocsp"
+    assert found["alice"]["revocation"] == {"state": "good", "detail": f"not revoked according to {responder}"}
+    assert found["alice"]["usable"]
+    mallory = found["mallory"]
+    assert mallory["revocation"]["state"] == "revoked" and not mallory["usable"]
+    assert mallory["reason"].startswith("certificate CN=Mallory Example,O=Example Hospital Test PKI (issuer CN=Test "
+                                        "Issuing CA,O=Example Hospital Test PKI) was revoked on ")
+    assert mallory["reason"].endswith(f"(reason: keyCompromise) according to {responder}")
+    assert found["stranger"]["revocation"] is None  # not trusted at all: nothing to ask
+    assert found["stranger"]["reason"].endswith(
+        "does not chain to a CA in {0}: not issued by any CA there: its issuer CN=Untrusted Test CA,O=Example "
+        "Hospital Test PKI is not among the CA certificates of {0}; add that CA (and its root) to the bundle if it is "
+        "to be trusted".format(test_pki.ca_bundle))
+    assert "candidates exhausted" not in result.stdout
+    assert doctor.returncode == 1
+    assert "fail revocation mallory: certificate CN=Mallory Example" in doctor.stdout
+    assert "     fix: this card cannot be used any more: ask for a new card" in doctor.stdout

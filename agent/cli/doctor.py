@@ -5,9 +5,12 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import typer
+from cryptography import x509
 
+from dicom_card_agent.revocation.report import cli_checker, identity_revocation
 from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
@@ -20,7 +23,7 @@ from dicom_card_agent.trust.anchors import TrustAnchors
 
 @dataclass(frozen=True)
 class Check:
-    status: str  # "ok" | "fail" | "skip"
+    status: str  # "ok" | "fail" | "warn" | "skip"
     name: str
     detail: str
     fix: str = ""
@@ -47,6 +50,17 @@ def _attempt(name: str, action: Callable[[], str], fix: str) -> Check:
         return Check("ok", name, action())
     except CardAgentError as error:
         return Check("fail", name, str(error), fix)
+
+
+def _revocation_check(label: str, certificate: x509.Certificate, ca: Path, crls: list[Path]) -> Check:
+    status = identity_revocation(cli_checker(ca, crls), certificate)
+    if status.state == "revoked":
+        return Check("fail", f"revocation {label}", status.detail, "this card cannot be used any more: ask for a new card")
+    if status.state == "no answer":
+        return Check("warn", f"revocation {label}", status.detail,
+                     "check that this computer reaches the OCSP responder / CRL distribution point of the issuing CA "
+                     "(a PACS checking revocation may refuse this card meanwhile)")
+    return Check("ok", f"revocation {label}", status.detail)
 
 
 def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterator[Check]:
@@ -123,3 +137,4 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
             else:
                 chain = " <- ".join(c.subject.rfc4514_string() for c in identity.chain)
                 yield Check("ok", f"chain {token.label}", f"complete to {trust.source}: {chain}")
+                yield _revocation_check(token.label, identity.certificate, ca, crls)

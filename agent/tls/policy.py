@@ -22,7 +22,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from dicom_card_agent.config.model import InboundConfig, TrustConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
-from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
+from dicom_card_agent.trust.anchors import TrustAnchors, explain_chain_failure, load_certificates
 from dicom_card_agent.revocation.checker import RevocationChecker
 from dicom_card_agent.revocation.peer import PeerRevocation
 from dicom_card_agent.trust.errors import TrustError
@@ -206,9 +206,11 @@ class ServerChecks:
         try:
             chain = verifier.verify(leaf, list(self.anchors.intermediates))
         except VerificationError as error:
+            why = explain_chain_failure(leaf, [*self.anchors.roots, *self.anchors.intermediates],
+                                        self.anchors.source, error)
             raise ServerVerificationError(
                 f"cannot build the chain of server certificate {leaf.subject.rfc4514_string()} to check "
-                f"require_issuer ({required}): {error}; put the server's intermediate CAs in [trust] ca"
+                f"require_issuer ({required}): {why}; put the server's intermediate CAs in [trust] ca"
             ) from None
         if self.required_issuer not in chain:
             path = " <- ".join(c.subject.rfc4514_string() for c in chain)
