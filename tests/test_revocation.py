@@ -88,11 +88,11 @@ def _crl(issuing: test_ca.CertificateAuthority, listed: list[x509.Certificate], 
 
 @contextmanager
 def association_through_agent(test_pki: ProvisionedPki, workdir: Path, pacs: Pacs, *, revocation: str = "require",
-                              trust: dict | None = None) -> Iterator[tuple[bytes, str]]:
+                              trust: dict | None = None, **config) -> Iterator[tuple[bytes, str]]:
     with s_server(test_pki, workdir, cert=str(pacs.chain), key=str(pacs.key)) as (port, _):
         settings = {} if revocation == "require" else {"revocation": revocation}  # require: the default
         with running_agent(test_pki, workdir / "agent", [tunnel("pacs", port, **settings)],
-                           trust=trust if trust is not None else OCSP_ONLY) as agent:
+                           trust=trust if trust is not None else OCSP_ONLY, **config) as agent:
             answer = send_and_close(agent.port(), associate_rq())
             wait_for(lambda: "tunnel pacs: uid" in agent.log())
             yield answer, agent.log()
@@ -155,11 +155,24 @@ def test_a_responder_that_is_down_refuses_under_require(test_pki: ProvisionedPki
 
 def test_a_responder_that_is_down_is_allowed_with_a_warning_under_prefer(test_pki: ProvisionedPki,
                                                                          tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+
     pacs = make_pacs(test_pki, tmp_path, cdp=False)
-    answer, log = attempt(test_pki, tmp_path, pacs, revocation="prefer")
+    audit_file = tmp_path / "audit.log"
+    answer, log = attempt(test_pki, tmp_path, pacs, revocation="prefer", audit={"file": str(audit_file)})
     assert_accepted(answer, log)
-    assert (f"card-agent[session]: WARNING: tunnel pacs: revocation not checked: OCSP responder {pacs.ocsp_url}: "
-            f"cannot reach {pacs.ocsp_url}: Connection refused; allowed because revocation = \"prefer\"") in log
+    reason = (f"OCSP responder {pacs.ocsp_url}: cannot reach {pacs.ocsp_url}: Connection refused; allowed because "
+              "revocation = \"prefer\"")
+    assert f"card-agent[session]: WARNING: tunnel pacs: revocation not checked: {reason}" in log
+    # A Security Alert (110113, node authentication 110126) that informs: the association went on.
+    wait_for(lambda: b"110113" in audit_file.read_bytes())
+    alerts = [m for m in map(ET.fromstring, audit_file.read_bytes().splitlines())
+              if m.find("EventIdentification/EventID").get("csd-code") == "110113"]
+    assert len(alerts) == 1
+    identification = alerts[0].find("EventIdentification")
+    assert identification.find("EventTypeCode").get("csd-code") == "110126"
+    assert identification.get("EventOutcomeIndicator") == "0"
+    assert identification.find("EventOutcomeDescription").text == reason
 
 
 def test_a_response_signed_by_an_unrelated_key_is_no_answer(test_pki: ProvisionedPki, tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ class AlertType(str, Enum):
     PIN_LOCKED = "pin-locked"  # the token's user PIN is now locked
     PIN_FINAL_TRY = "pin-final-try"  # one PIN try left
     MALFORMED_PDU = "malformed-pdu"  # a peer sent something that is not DICOM upper layer
+    REVOCATION_UNCHECKED = "revocation-unchecked"  # a peer let in without a revocation answer ("prefer")
 
 
 class SessionEnd(str, Enum):

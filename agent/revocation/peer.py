@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class PeerRevocation:
     checker: RevocationChecker
     policy: Policy
     where: str  # "tunnel pacs", "inbound retrieves": for the warning's log line
+    alert: Callable[[str], None] = lambda _: None  # a Security Alert for the audit trail, under "prefer"
 
     def check(self, leaf: x509.Certificate) -> None:
         """Raise :class:`RevokedCertificateError` or :class:`RevocationUnknownError` when the policy refuses."""
@@ -59,6 +61,7 @@ class PeerRevocation:
             raise (RevokedCertificateError if verdict.revoked else RevocationUnknownError)(verdict.message)
         if verdict.outcome == "warn":
             log.warning("%s: revocation not checked: %s", self.where, verdict.message)
+            self.alert(verdict.message)
 
 
 def cache_directory(trust: TrustConfig) -> Path:

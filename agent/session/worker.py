@@ -18,6 +18,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -102,7 +103,8 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
             runtimes[tunnel.name] = TunnelRuntime(
                 config=tunnel,
                 context=client_context(tunnel, config.trust, files, card_pin, tls13_capable=tls13_capable),
-                checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation), identity=files,
+                checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation,
+                                               _revocation_alert(report, tunnel.name, tunnel.remote)), identity=files,
                 trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain), report=report)
         for inbound in config.inbound:
             on_card = inbound.server_certificate is None
@@ -117,12 +119,18 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
                 config=inbound, context=context,
                 identity_description=files.describe() if on_card else f"node certificate {inbound.server_certificate}",
                 signs_on_token=on_card or node_key is not None, ending=ending, report=report,
-                revocation=PeerRevocation(revocation, inbound.revocation, f"inbound {inbound.name}")  # type: ignore[arg-type]
+                revocation=PeerRevocation(revocation, inbound.revocation, f"inbound {inbound.name}",  # type: ignore[arg-type]
+                                          _revocation_alert(report, inbound.name, str(inbound.listen)))
                 if inbound.revocation != "off" else None)
     except (ssl.SSLError, OSError) as error:
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
     return runtimes
+
+
+def _revocation_alert(report: Report, name: str, remote: str) -> Callable[[str], None]:
+    """A Security Alert for the audit trail when revocation = "prefer" lets a peer in unchecked."""
+    return lambda reason: report("revocation-unchecked", {"tunnel": name, "remote": remote, "reason": reason})
 
 
 def _check_own_certificate(checker: RevocationChecker, chain: Path, config: AgentConfig) -> None:

@@ -167,12 +167,14 @@ class ServerChecks:
 
     @classmethod
     def for_tunnel(cls, tunnel: TunnelConfig, trust: TrustConfig,
-                   revocation: RevocationChecker | None = None) -> ServerChecks:
+                   revocation: RevocationChecker | None = None,
+                   alert: Callable[[str], None] = lambda _: None) -> ServerChecks:
         required = load_certificates(tunnel.require_issuer)[0] if tunnel.require_issuer else None
         anchors = TrustAnchors.load(trust.ca) if required is not None else None
         # A pinned-only server is trusted by its pin, not by a CA, so no CA's CRL judges it.
         checked = revocation is not None and tunnel.verify != "pin" and tunnel.revocation != "off"
-        peer = PeerRevocation(revocation, tunnel.revocation, f"tunnel {tunnel.name}") if checked else None  # type: ignore[arg-type]
+        peer = (PeerRevocation(revocation, tunnel.revocation, f"tunnel {tunnel.name}", alert)  # type: ignore[arg-type]
+                if checked else None)
         return cls(tunnel, anchors, required, peer)
 
     def verify(self, leaf_der: bytes | None) -> None:
