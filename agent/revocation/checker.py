@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -23,41 +24,26 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from dicom_card_agent.revocation.decision import (
-    Answer,
-    CertificateAnswers,
-    Policy,
-    Status,
-    Verdict,
-    decide,
-)
-from dicom_card_agent.revocation.sources import (
-    FetchError,
-    Judged,
-    crl_urls,
-    http_get,
-    http_post_ocsp,
-    judge_crl,
-    judge_ocsp,
-    ocsp_request,
-    ocsp_urls,
-)
-from dicom_card_agent.trust.crls import (
-    CrlStore,
-    FileCrl,
-    _covers,
-    _crl_signed_by,
-    describe,
-    issuer_chain,
-    name,
-)
+
+from dicom_card_agent.revocation.decision import Answer, CertificateAnswers, Policy, Status, Verdict, decide
+from dicom_card_agent.revocation.sources import (FetchError, Judged, crl_urls, http_get, http_post_ocsp, judge_crl,
+                                                 judge_ocsp, ocsp_request, ocsp_urls)
+from dicom_card_agent.trust.crls import CrlStore, FileCrl, _covers, _crl_signed_by, issuer_chain, name
+from dicom_card_agent.trust.crls import describe as _describe_now
 
 log = logging.getLogger("agent.revocation")
 
 DEFAULT_TIMEOUT = 3.0
 DEFAULT_MAX_AGE = datetime.timedelta(days=7)
 REFRESH_FRACTION = 0.75  # of an answer's lifetime: fetched again then, well before it goes stale
+MAX_REMEMBERED_CHAINS = 1024  # peers' chains and sources kept found; forgotten all at once beyond
 LOOK_AT_MOST_EVERY = 60.0  # seconds the refresher sleeps when nothing is due sooner
+
+
+@functools.lru_cache(maxsize=MAX_REMEMBERED_CHAINS)
+def describe(cert: x509.Certificate) -> str:
+    """The certificate as messages name it, made once: a cached association needs it for every check."""
+    return _describe_now(cert)
 
 
 def default_cache_directory() -> Path:
@@ -76,7 +62,7 @@ class _Source:
     cert: x509.Certificate
     issuer: x509.Certificate
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """One cache entry per OCSP question (responder, issuer, serial) and per CRL URL."""
         if self.kind == "crl":
@@ -105,6 +91,8 @@ class RevocationChecker:
         self._known: dict[str, _Source] = {}  # what the refresher fetches again
         self._refresh_at: dict[str, datetime.datetime] = {}
         self._pending: dict[str, concurrent.futures.Future[Judged]] = {}
+        self._chains: dict[x509.Certificate, list[x509.Certificate]] = {}
+        self._sources_of: dict[tuple[x509.Certificate, x509.Certificate], list[_Source]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="revocation-fetch")
         self._wake = threading.Event()
         if refresh:
@@ -119,7 +107,7 @@ class RevocationChecker:
 
     def gather(self, leaf: x509.Certificate) -> list[CertificateAnswers]:
         """The answers about ``leaf`` and the intermediates of [trust] ca above it."""
-        chain = issuer_chain(leaf, self.certificates)
+        chain = self._chain(leaf)
         if len(chain) == 1:
             detail = (f"the issuer {name(leaf.issuer)} of {describe(leaf)} is not in [trust] ca ({self.ca_source}), "
                       "so no revocation answer about it can be verified: add that CA certificate to [trust] ca")
@@ -128,6 +116,20 @@ class RevocationChecker:
         deadline = now + datetime.timedelta(seconds=self.timeout)
         return [self._answers(cert, issuer, position == 0, now, deadline)
                 for position, (cert, issuer) in enumerate(zip(chain, chain[1:]))]
+
+    def _chain(self, leaf: x509.Certificate) -> list[x509.Certificate]:
+        """The leaf's chain in [trust] ca, found once per certificate: finding it verifies signatures,
+        which would cost a cached association more than the answer's look-up."""
+        key = leaf  # certificates hash and compare by their DER: cheaper than a fingerprint
+        with self._lock:
+            chain = self._chains.get(key)
+        if chain is None:
+            chain = issuer_chain(leaf, self.certificates)
+            with self._lock:
+                if len(self._chains) >= MAX_REMEMBERED_CHAINS:
+                    self._chains.clear()
+                self._chains[key] = chain
+        return chain
 
     def _answers(self, cert: x509.Certificate, issuer: x509.Certificate, is_leaf: bool, now: datetime.datetime,
                  deadline: datetime.datetime) -> CertificateAnswers:
@@ -163,9 +165,18 @@ class RevocationChecker:
         return CertificateAnswers(describe(cert), tuple(answers), is_leaf)
 
     def _sources(self, cert: x509.Certificate, issuer: x509.Certificate) -> list[_Source]:
-        ocsp = [self.ocsp_responder] if self.ocsp_responder else ocsp_urls(cert)
-        return ([_Source("ocsp", url, cert, issuer) for url in ocsp]
-                + [_Source("crl", url, cert, issuer) for url in crl_urls(cert)])
+        key = (cert, issuer)
+        with self._lock:
+            sources = self._sources_of.get(key)
+        if sources is None:
+            ocsp = [self.ocsp_responder] if self.ocsp_responder else ocsp_urls(cert)
+            sources = ([_Source("ocsp", url, cert, issuer) for url in ocsp]
+                       + [_Source("crl", url, cert, issuer) for url in crl_urls(cert)])
+            with self._lock:
+                if len(self._sources_of) >= MAX_REMEMBERED_CHAINS:
+                    self._sources_of.clear()
+                self._sources_of[key] = sources
+        return sources
 
     def _file_answer(self, cert: x509.Certificate, issuer: x509.Certificate, is_leaf: bool,
                      now: datetime.datetime) -> Answer | None:

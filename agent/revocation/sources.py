@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
+
 from dicom_card_agent.revocation.decision import Answer, Status
 from dicom_card_agent.trust.crls import _covers, _crl_signed_by, name
 
