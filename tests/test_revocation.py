@@ -357,3 +357,75 @@ def test_identities_show_each_identitys_revocation_status(test_pki: ProvisionedP
     assert doctor.returncode == 1
     assert "fail revocation mallory: certificate CN=Mallory Example" in doctor.stdout
     assert "     fix: this card cannot be used any more: ask for a new card" in doctor.stdout
+
+
+# -- off the relay's path -----------------------------------------------------------------------------
+
+class SlowResponder(RevocationServer):
+    """A FAKE delay in front of the real `openssl ocsp` answer: a slow responder is a fault that a
+    loopback responder does not produce by itself."""
+
+    delay = 6.0
+
+    def answer_ocsp(self, request: bytes) -> bytes | None:
+        import time
+
+        time.sleep(self.delay)
+        return super().answer_ocsp(request)
+
+
+def test_a_slow_first_check_waits_at_most_the_timeout_and_blocks_no_other_association(test_pki: ProvisionedPki,
+                                                                                    tmp_path: Path) -> None:
+    import threading
+    import time
+
+    pacs = make_pacs(test_pki, tmp_path, cdp=False)
+    other_pacs = make_pacs(test_pki, tmp_path / "other", cdp=False)  # its own, quick responder
+    with SlowResponder(pacs.port, pacs.files), RevocationServer(other_pacs.port, other_pacs.files), \
+            s_server(test_pki, tmp_path, cert=str(pacs.chain), key=str(pacs.key)) as (slow_port, _), \
+            s_server(test_pki, tmp_path / "other", cert=str(other_pacs.chain), key=str(other_pacs.key)) as (other_port, _):
+        tunnels = [tunnel("slow", slow_port), tunnel("other", other_port)]
+        with running_agent(test_pki, tmp_path / "agent", tunnels, trust={**OCSP_ONLY, "revocation_timeout": 3}) as agent:
+            slow: dict[str, object] = {}
+
+            def associate_slow() -> None:
+                started = time.monotonic()
+                slow["answer"] = send_and_close(agent.port("slow"), associate_rq())
+                slow["seconds"] = time.monotonic() - started
+
+            thread = threading.Thread(target=associate_slow)
+            thread.start()
+            time.sleep(0.5)  # the slow association is waiting for its first answer now
+            started = time.monotonic()
+            other = send_and_close(agent.port("other"), associate_rq())
+            other_seconds = time.monotonic() - started
+            still_waiting = thread.is_alive()
+            thread.join(30)
+            wait_for(lambda: agent.log().count(": uid") >= 2)
+            log = agent.log()
+    assert still_waiting, (other_seconds, slow)
+    assert other_seconds < 2.0, other_seconds  # its own first check included
+    assert_accepted(other, log)
+    assert_rejected(slow["answer"], log, "tunnel slow: uid ")  # type: ignore[arg-type]
+    assert (f"is not trusted: OCSP responder {pacs.ocsp_url} did not answer within 3 s (it is still being asked; a "
+            "later association uses its answer)") in log
+    assert 2.5 < slow["seconds"] < 5.5, slow["seconds"]  # type: ignore[operator]
+
+
+def test_answers_are_fetched_again_before_they_go_stale_without_an_association(test_pki: ProvisionedPki,
+                                                                               tmp_path: Path) -> None:
+    """In-process checker (the card session's), real responder: an answer kept 4 s at most is
+    fetched again by the refresher thread after 3/4 of that, with no check asking."""
+    from dicom_card_agent.revocation.checker import RevocationChecker
+    from dicom_card_agent.trust.anchors import load_certificates
+
+    pacs = make_pacs(test_pki, tmp_path, cdp=False)
+    with RevocationServer(pacs.port, pacs.files) as responder:
+        checker = RevocationChecker(certificates=load_certificates(test_pki.ca_bundle), ca_source="bundle",
+                                    cache_directory=tmp_path / "cache", max_age=datetime.timedelta(seconds=4))
+        assert checker.check(pacs.certificate, "require").outcome == "allow"
+        assert responder.requests["ocsp"] == 1
+        wait_for(lambda: responder.requests["ocsp"] == 2, timeout=10)
+        assert checker.check(pacs.certificate, "require").outcome == "allow"
+        assert responder.requests["ocsp"] == 2  # the check used the refreshed answer
+    assert list((tmp_path / "cache").iterdir()) and oct((tmp_path / "cache").stat().st_mode & 0o777) == "0o700"
