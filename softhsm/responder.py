@@ -43,7 +43,7 @@ def index(certificates: list[x509.Certificate], revoked: list[x509.Certificate])
         expiry = f"{cert.not_valid_after_utc:%y%m%d%H%M%S}Z"
         serial = f"{cert.serial_number:X}"
         serial = serial if len(serial) % 2 == 0 else "0" + serial
-        subject = "/" + "/".join(f"{a.rfc4514_attribute_name}={a.value}" for a in cert.subject)
+        subject = "/" + "/".join(f"{a.rfc4514_attribute_name}={a.value!s}" for a in cert.subject)
         if cert.serial_number in revoked_serials:
             when = f"{cert.not_valid_before_utc + datetime.timedelta(hours=1):%y%m%d%H%M%S}Z,keyCompromise"
             lines.append(f"R\t{expiry}\t{when}\t{serial}\tunknown\t{subject}")
