@@ -428,3 +428,53 @@ def test_answers_are_fetched_again_before_they_go_stale_without_an_association(t
         assert checker.check(pacs.certificate, "require").outcome == "allow"
         assert responder.requests["ocsp"] == 2  # the check used the refreshed answer
     assert list((tmp_path / "cache").iterdir()) and oct((tmp_path / "cache").stat().st_mode & 0o777) == "0o700"
+
+
+def test_an_intermediate_of_trust_ca_revoked_at_its_distribution_point_refuses_the_pacs(test_pki: ProvisionedPki,
+                                                                                      tmp_path: Path) -> None:
+    """A department CA below the root, in [trust] ca, naming the root's CRL at a distribution point
+    that lists it: its PACS is refused although the PACS's own certificate is good (CRL file)."""
+    root = test_ca.CertificateAuthority(
+        x509.load_pem_x509_certificate((test_pki.pki / "root-ca.pem").read_bytes()),
+        serialization.load_pem_private_key((test_pki.pki / "private" / "root-ca.key").read_bytes(), None))
+    port = free_port()
+    root_crl_url = f"http://127.0.0.1:{port}/root-ca.crl"
+    key = rsa_key()
+    start = test_ca.now() - test_ca.DAY
+    department_certificate = root.issue(
+        test_ca.name("Test Department CA"), key.public_key(), not_before=start, not_after=start + 365 * test_ca.DAY,
+        extensions=[*test_ca.ca_extensions(0), *test_ca.RevocationSources(crl_url=root_crl_url).extensions()])
+    department = test_ca.CertificateAuthority(department_certificate, key)
+    server, server_key = department.issue_server(["localhost"], ["127.0.0.1"])
+    pem = serialization.Encoding.PEM
+    (tmp_path / "pacs-chain.pem").write_bytes(server.public_bytes(pem) + department_certificate.public_bytes(pem))
+    (tmp_path / "pacs.key").write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                                 serialization.NoEncryption()))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(test_pki.ca_bundle.read_bytes() + department_certificate.public_bytes(pem))
+    department_crl = tmp_path / "department.crl.pem"
+    department_crl.write_bytes(department.crl([]).public_bytes(pem))
+    crl_directory = tmp_path / "crl-http"
+    crl_directory.mkdir()
+    (crl_directory / "root-ca.crl").write_bytes(root.crl([department_certificate]).public_bytes(
+        serialization.Encoding.DER))
+    files = ResponderFiles(None, test_pki.pki / "issuing-ca.pem", test_pki.pki / "ocsp-signer.pem",
+                           test_pki.pki / "private" / "ocsp-signer.key", crl_directory)
+    trust = {"ca": str(bundle), "crl": [str(test_pki.crl), str(department_crl)]}
+    with RevocationServer(port, files) as server_of_crls, \
+            s_server(test_pki, tmp_path, cert=str(tmp_path / "pacs-chain.pem"), key=str(tmp_path / "pacs.key")) \
+            as (pacs_port, _):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs_port)], trust=trust) as agent:
+            answer = send_and_close(agent.port(), associate_rq())
+            wait_for(lambda: "tunnel pacs: uid" in agent.log())
+            log = agent.log()
+    assert server_of_crls.requests["crl"] == 1
+    assert_rejected(answer, log, "is not trusted: certificate CN=Test Department CA,O=Example Hospital Test PKI "
+                                 "(issuer CN=Test Root CA,O=Example Hospital Test PKI) was revoked on ")
+    assert f"(reason: keyCompromise) according to CRL {root_crl_url}" in log
+
+
+def rsa_key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
