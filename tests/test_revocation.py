@@ -478,3 +478,22 @@ def rsa_key():
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def test_bad_revocation_settings_are_named_with_the_fix(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    from agent_runner import write_config
+    from conftest import USER_PIN, run_card_agent
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    bad_policy = write_config(tmp_path / "a" / "agent.toml", test_pki, [tunnel("pacs", 104, revocation="maybe")])
+    bad_responder = write_config(tmp_path / "b" / "agent.toml", test_pki, [tunnel("pacs", 104)],
+                                 trust={"ocsp_responder": "https://ocsp.example"})
+    policy = run_card_agent("run", "--config", bad_policy, env=test_pki.env(CARD_PIN=USER_PIN))
+    responder = run_card_agent("run", "--config", bad_responder, env=test_pki.env(CARD_PIN=USER_PIN))
+    assert policy.returncode == responder.returncode == 2
+    assert (f"{bad_policy} [[tunnel]] 'pacs'.revocation: 'maybe' is not one of 'require', 'prefer', 'off': "
+            "\"require\" (the default) refuses a peer without a fresh answer, \"prefer\" allows it with a warning, "
+            "\"off\" asks nothing") in policy.stderr
+    assert (f"{bad_responder} [trust].ocsp_responder: 'https://ocsp.example' is not an http:// URL (OCSP answers are "
+            "signed; responders speak plain HTTP)") in responder.stderr
