@@ -497,3 +497,32 @@ def test_bad_revocation_settings_are_named_with_the_fix(test_pki: ProvisionedPki
             "\"off\" asks nothing") in policy.stderr
     assert (f"{bad_responder} [trust].ocsp_responder: 'https://ocsp.example' is not an http:// URL (OCSP answers are "
             "signed; responders speak plain HTTP)") in responder.stderr
+
+
+def test_a_responder_that_does_not_answer_is_waited_for_once_not_by_every_association(test_pki: ProvisionedPki,
+                                                                                     tmp_path: Path) -> None:
+    """prefer: the first association waits for the silent responder (revocation_timeout); the fetch then
+    fails on its own timeout, and for 30 s the next associations take that failure as the answer."""
+    import time
+
+    class SilentResponder(SlowResponder):
+        delay = 10.0
+
+    pacs = make_pacs(test_pki, tmp_path, cdp=False)
+    with SilentResponder(pacs.port, pacs.files), \
+            s_server(test_pki, tmp_path, cert=str(pacs.chain), key=str(pacs.key)) as (port, _):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port, revocation="prefer")],
+                           trust={**OCSP_ONLY, "revocation_timeout": 2}) as agent:
+            seconds = []
+            for count in (1, 2, 3):
+                started = time.monotonic()
+                send_and_close(agent.port(), associate_rq())
+                wait_for(lambda: agent.log().count("tunnel pacs: uid") == count)
+                seconds.append(time.monotonic() - started)
+                if count == 1:
+                    time.sleep(0.5)  # the fetch's own HTTP timeout (2 s) has passed: a failure now
+            log = agent.log()
+    assert 1.5 < seconds[0] < 4.0 and seconds[1] < 1.0 and seconds[2] < 1.0, seconds
+    assert log.count(f"revocation: OCSP responder {pacs.ocsp_url} about {PACS}: cannot reach {pacs.ocsp_url}: no "
+                     "answer within 2 s") == 1
+    assert log.count("WARNING: tunnel pacs: revocation not checked: ") == 3

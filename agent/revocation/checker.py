@@ -37,6 +37,7 @@ DEFAULT_TIMEOUT = 3.0
 DEFAULT_MAX_AGE = datetime.timedelta(days=7)
 REFRESH_FRACTION = 0.75  # of an answer's lifetime: fetched again then, well before it goes stale
 MAX_REMEMBERED_CHAINS = 1024  # peers' chains and sources kept found; forgotten all at once beyond
+FAILURE_HOLD = 30.0  # seconds a source that failed is not waited for again (its failure is the answer)
 LOOK_AT_MOST_EVERY = 60.0  # seconds the refresher sleeps when nothing is due sooner
 
 
@@ -92,6 +93,7 @@ class RevocationChecker:
         self._refresh_at: dict[str, datetime.datetime] = {}
         self._pending: dict[str, concurrent.futures.Future[Judged]] = {}
         self._chains: dict[x509.Certificate, list[x509.Certificate]] = {}
+        self._failures: dict[tuple[str, int], tuple[datetime.datetime, Answer]] = {}
         self._sources_of: dict[tuple[x509.Certificate, x509.Certificate], list[_Source]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="revocation-fetch")
         self._wake = threading.Event()
@@ -144,8 +146,14 @@ class RevocationChecker:
             if judged is not None:
                 answers.append(judged.answer)
         if not _decided(answers):
-            waiting = [(source, self._fetch(source)) for source in sources
-                       if not any(a.source == _source_name(source) for a in answers)]
+            for source in sources:
+                if any(a.source == _source_name(source) for a in answers):
+                    continue
+                failure = self._recent_failure(source, now)
+                if failure is not None:  # asked moments ago in vain: no association waits for it again
+                    answers.append(failure)
+                else:
+                    waiting.append((source, self._fetch(source)))
         pending = dict(waiting)
         futures = {future: source for source, future in waiting}
         while futures and not _decided(answers):
@@ -219,6 +227,7 @@ class RevocationChecker:
                 self._judged = {k: v for k, v in self._judged.items() if k[0] != source.key}
                 self._raw[source.key] = raw
             self._judged[(source.key, source.cert.serial_number)] = judged
+            self._failures.pop((source.key, source.cert.serial_number), None)
             self._known[source.key] = source
             self._refresh_at[source.key] = now + lifetime * REFRESH_FRACTION
         if store:
@@ -249,9 +258,13 @@ class RevocationChecker:
                 raw = http_get(source.url, self.timeout)
         except FetchError as error:
             log.warning("revocation: %s about %s: %s", _source_name(source), describe(source.cert), error)
-            return Judged(Answer(_source_name(source), Status.NO_ANSWER, f"{_source_name(source)}: {error}"), None)
+            failed = Judged(Answer(_source_name(source), Status.NO_ANSWER, f"{_source_name(source)}: {error}"), None)
+            self._failed(source, failed.answer)
+            return failed
         now = self._clock()
         judged = self._judge(source, raw, now, nonce)
+        if judged.fresh_until is None:
+            self._failed(source, judged.answer)
         if judged.fresh_until is not None:
             self._remember(source, raw, judged, now, store=True)
             log.info("revocation: %s says %s about %s, fresh until %s UTC", _source_name(source),
@@ -259,6 +272,16 @@ class RevocationChecker:
         else:
             log.warning("revocation: %s", judged.answer.detail)
         return judged
+
+    def _failed(self, source: _Source, answer: Answer) -> None:
+        with self._lock:
+            self._failures[(source.key, source.cert.serial_number)] = (
+                self._clock() + datetime.timedelta(seconds=FAILURE_HOLD), answer)
+
+    def _recent_failure(self, source: _Source, now: datetime.datetime) -> Answer | None:
+        with self._lock:
+            held = self._failures.get((source.key, source.cert.serial_number))
+        return held[1] if held is not None and held[0] > now else None
 
     def _refresher(self) -> None:
         """Fetch each known source again before its answer goes stale, off every association's path."""
