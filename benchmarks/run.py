@@ -523,17 +523,22 @@ class PynetdicomClient:
 
 
 def write_agent_config(path: Path, pki: Path, runtime_dir: Path, module: str,
-                       tunnels: list[tuple[str, int, int, bool]], token: str = TOKEN) -> Path:
-    """(name, listen port, remote port, session_resumption) per tunnel."""
+                       tunnels: list[tuple[str, int, int, bool]], token: str = TOKEN,
+                       revocation: dict[str, str] | None = None, crl_files: bool = True) -> Path:
+    """(name, listen port, remote port, session_resumption) per tunnel; ``revocation`` the policy of
+    some tunnels by name; without ``crl_files`` OCSP and CRL distribution points are the only sources."""
     def q(value: object) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    crl = f"[{q(pki / 'issuing-ca.crl.pem')}]" if crl_files else "[]"
     lines = ["[identity]", f"token = {q(token)}", f"module = {q(module)}", 'pin = "env:CARD_PIN"', "",
-             "[trust]", f"ca = {q(pki / 'ca-bundle.pem')}", f"crl = [{q(pki / 'issuing-ca.crl.pem')}]", "",
+             "[trust]", f"ca = {q(pki / 'ca-bundle.pem')}", f"crl = {crl}",
+             f"revocation_cache = {q(runtime_dir / 'revocation-cache')}", "",
              "[agent]", 'log_level = "info"', f"runtime_dir = {q(runtime_dir)}", ""]
     for name, listen, remote, resumption in tunnels:
         lines += ["[[tunnel]]", f"name = {q(name)}", f'listen = "127.0.0.1:{listen}"',
                   f'remote = "127.0.0.1:{remote}"', 'server_name = "localhost"',
-                  f"session_resumption = {'true' if resumption else 'false'}", ""]
+                  f"session_resumption = {'true' if resumption else 'false'}",
+                  *([f"revocation = {q(revocation[name])}"] if revocation and name in revocation else []), ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -571,13 +576,14 @@ class Agent:
 @contextlib.contextmanager
 def running_agent(work: Path, name: str, pki: Path, softhsm_conf: Path, module: str,
                   tunnels: list[tuple[str, int, bool]], extra_env: dict[str, str] | None = None,
-                  token: str = TOKEN) -> Iterator[Agent]:
+                  token: str = TOKEN, **config: object) -> Iterator[Agent]:
     """``card-agent run`` with tunnels (name, remote port, session_resumption) on free loopback ports."""
     runtime_dir = work / f"{name}-runtime"
     runtime_dir.mkdir(mode=0o700, exist_ok=True)
     ports = {tunnel_name: free_port() for tunnel_name, _, _ in tunnels}
     config = write_agent_config(work / f"{name}.toml", pki, runtime_dir, module,
-                                [(t, ports[t], remote, resumption) for t, remote, resumption in tunnels], token)
+                                [(t, ports[t], remote, resumption) for t, remote, resumption in tunnels], token,
+                                **config)  # type: ignore[arg-type]
     env = {"SOFTHSM2_CONF": str(softhsm_conf), "CARD_PIN": USER_PIN, **(extra_env or {})}
     log_path = work / f"{name}.log"
     with managed_process([card_agent_executable(), "run", "--config", str(config)], log_path=log_path,
@@ -741,7 +747,8 @@ class Benchmark:
     def provision(self, work: Path) -> None:
         say("provisioning SoftHSM tokens and the test PKI (card-agent softhsm init)")
         env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "OPENSSL_CONF")}
-        result = subprocess.run([card_agent_executable(), "softhsm", "init", str(work / "tokens")], env=env,
+        result = subprocess.run([card_agent_executable(), "softhsm", "init", str(work / "tokens"),
+                                 "--revocation-port", str(free_port())], env=env,
                                 capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             raise BenchError(f"card-agent softhsm init failed:\n{result.stdout}\n{result.stderr}")
@@ -857,6 +864,8 @@ class Benchmark:
         self.stunnel_reuse = {k: self._stunnel_reuse(routes[k]) for k in ("stunnel", "stunnel_file", "stunnel_full")}
 
         self.signatures = self.count_signatures(work, scp_tls.port)
+        self.revocation = measure_revocation(stack, work, self.pki, self.softhsm_conf, scp_tls.port, self.samples,
+                                             token=self.key.token)
         busy = other_heavy_processes()
         if busy:
             self.problems.append("other heavy processes were running when the benchmark ended (numbers are "
@@ -1360,6 +1369,10 @@ class Benchmark:
                    "transfer's time over the fastest one's (1.00 = all alike), both from one common start.")
         out.append("")
 
+        out += self.revocation.report()
+        if self.revocation.target_met is not None:
+            self.summary.append(("association set-up with revocation (cached) <= 0.1 ms over off",
+                                 f"{self.revocation.difference_ms:+.2f} ms", verdict(self.revocation.target_met)))
         out.append("#### Targets")
         out.append("")
         out.append("| target | measured | result |")
@@ -1376,6 +1389,117 @@ class Benchmark:
                 out.append("```")
             out.append("")
         return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------- revocation
+
+
+@dataclass
+class RevocationResult:
+    """Association set-up through the agent with revocation off and on (answer cached), in the same
+    run and alternating; and the cost of a first, uncached OCSP check against the local responder."""
+
+    off_ms: list[float]
+    cached_ms: list[float]
+    first_check_ms: list[float]
+    cached_check_us: list[float]
+    requests_during_cached_rows: int
+
+    @property
+    def difference_ms(self) -> float:
+        return median(self.cached_ms) - median(self.off_ms)
+
+    @property
+    def target_met(self) -> bool | None:
+        return self.difference_ms <= 0.1 if self.off_ms and self.cached_ms else None
+
+    def report(self) -> list[str]:
+        return [
+            "#### Revocation checking (OCSP, `openssl ocsp` on loopback)",
+            "",
+            "Fresh association + C-ECHO (lean client, full TLS handshake each time: no resumption) through one "
+            "agent with two tunnels to the same storescp, alternating; `[trust] crl` empty, so the \"require\" "
+            "tunnel's answer comes from OCSP, fetched once and cached.",
+            "",
+            "| row | median | p90 | samples |",
+            "|---|---|---|---|",
+            f"| set-up, revocation = \"off\" | {median(self.off_ms):.2f} ms | {p90(self.off_ms):.2f} ms | "
+            f"{len(self.off_ms)} |",
+            f"| set-up, revocation = \"require\", answer cached | {median(self.cached_ms):.2f} ms | "
+            f"{p90(self.cached_ms):.2f} ms | {len(self.cached_ms)} |",
+            f"| difference (target <= 0.1 ms) | {self.difference_ms:+.2f} ms | | |",
+            f"| OCSP requests during the cached rows | {self.requests_during_cached_rows} | | |",
+            f"| first, uncached check (in-process: request, `openssl ocsp`, verification) | "
+            f"{median(self.first_check_ms):.1f} ms | {p90(self.first_check_ms):.1f} ms | {len(self.first_check_ms)} |",
+            f"| cached check (in-process) | {median(self.cached_check_us):.1f} us | {p90(self.cached_check_us):.1f} us "
+            f"| {len(self.cached_check_us)} |",
+            "",
+        ]
+
+
+def measure_revocation(stack: contextlib.ExitStack, work: Path, pki: Path, softhsm_conf: Path, scp_port: int,
+                       samples: int, token: str = TOKEN) -> RevocationResult:
+    from cryptography import x509
+
+    from dicom_card_agent.revocation.checker import RevocationChecker
+    from dicom_card_agent.softhsm.responder import ResponderFiles, RevocationServer, configured_port
+    from dicom_card_agent.trust.anchors import load_certificates
+
+    files = ResponderFiles.for_pki(pki)
+    files.crl_directory = None  # OCSP only
+    responder = stack.enter_context(RevocationServer(configured_port(pki.parent), files))
+    say("starting card-agent with revocation off and on (OCSP)")
+    agent = stack.enter_context(running_agent(
+        work, "agent-revocation", pki, softhsm_conf, "softhsm2",
+        [("off", scp_port, False), ("on", scp_port, False)], token=token,
+        revocation={"off": "off", "on": "require"}, crl_files=False))
+    lean_echo(agent.ports["on"])  # fetches and caches the PACS's answer
+    before = responder.requests["ocsp"]
+    off: list[float] = []
+    cached: list[float] = []
+    for _ in range(samples):
+        for port, into in ((agent.ports["off"], off), (agent.ports["on"], cached)):
+            started = time.perf_counter()
+            lean_echo(port)
+            into.append((time.perf_counter() - started) * 1000)
+    requests = responder.requests["ocsp"] - before
+
+    leaf = x509.load_pem_x509_certificate((pki / "server-chain.pem").read_bytes())
+    certificates = load_certificates(pki / "ca-bundle.pem")
+    first: list[float] = []
+    for index in range(min(samples, 20)):
+        checker = RevocationChecker(certificates=certificates, ca_source="bench",
+                                    cache_directory=work / f"revocation-cache-{index}", refresh=False)
+        started = time.perf_counter()
+        verdict = checker.check(leaf, "require")
+        first.append((time.perf_counter() - started) * 1000)
+        if verdict.outcome != "allow":
+            raise BenchError(f"the first revocation check did not pass: {verdict.message}")
+    cached_check: list[float] = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        checker.check(leaf, "require")
+        cached_check.append((time.perf_counter() - started) * 1_000_000)
+    return RevocationResult(off, cached, first, cached_check, requests)
+
+
+def revocation_only(args: argparse.Namespace) -> str:
+    """Only the revocation rows (``--revocation-only``): a test PKI, a storescp, the agent."""
+    bench = Benchmark(args)
+    base = Path(args.tmp_dir) if args.tmp_dir else None
+    work = Path(tempfile.mkdtemp(prefix="card-agent-bench-revocation-", dir=base))
+    try:
+        with contextlib.ExitStack() as stack:
+            bench.provision(work)
+            dcmtk.STORESCP = _find_system_tool("storescp")
+            scp = stack.enter_context(dcmtk.storescp(work / "out", tls=TlsServerFiles.from_pki(bench.pki),
+                                                     require_client_cert=True, log_level="warn"))
+            result = measure_revocation(stack, work, bench.pki, bench.softhsm_conf, scp.port, bench.samples,
+                                        token=bench.key.token)
+        return "\n".join(result.report())
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -1428,10 +1552,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=600, metavar="SECONDS",
                         help="wait this long for a running test suite (pytest) to end before starting "
                              "(default 600; then it runs anyway and says so in the report)")
+    parser.add_argument("--revocation-only", action="store_true",
+                        help="only the revocation rows (set-up with revocation off vs on and cached; first check)")
     args = parser.parse_args(argv)
     _same_tls_groups_for_every_client(argv if argv is not None else sys.argv[1:])
     for name in ("CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
         os.environ.pop(name, None)  # ours and every child's: each gets what it needs explicitly
+    if args.revocation_only:
+        return print_report(lambda: revocation_only(args))
     return print_report(lambda: Benchmark(args).run())
 
 

@@ -72,16 +72,31 @@ class CertificateAuthority:
 
     def issue_client(self, subject: x509.Name, public_key: CertificatePublicKeyTypes, email: str, *,
                      not_before: datetime.datetime, not_after: datetime.datetime,
-                     server_auth: bool = False) -> x509.Certificate:
+                     server_auth: bool = False, sources: RevocationSources | None = None) -> x509.Certificate:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server_auth else [])
         return self.issue(subject, public_key, not_before=not_before, not_after=not_after, extensions=[
             (x509.BasicConstraints(ca=False, path_length=None), True),
             (key_usage(digital_signature=True), True),
             (x509.ExtendedKeyUsage(usages), False),
             (x509.SubjectAlternativeName([x509.RFC822Name(email)]), False),
+            *(sources.extensions() if sources else []),
         ])
 
-    def issue_server(self, host_names: list[str], ip_addresses: list[str]) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    def issue_ocsp_signer(self, common_name: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+        """A delegated OCSP responder (RFC 6960 4.2.2.2): id-kp-OCSPSigning, issued by this CA."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        start = now() - DAY
+        cert = self.issue(name(common_name), key.public_key(), not_before=start, not_after=start + 365 * DAY,
+                          extensions=[
+                              (x509.BasicConstraints(ca=False, path_length=None), True),
+                              (key_usage(digital_signature=True), True),
+                              (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), False),
+                              (x509.OCSPNoCheck(), False),
+                          ])
+        return cert, key
+
+    def issue_server(self, host_names: list[str], ip_addresses: list[str],
+                     sources: RevocationSources | None = None) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
         import ipaddress
 
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -97,6 +112,7 @@ class CertificateAuthority:
                               (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), False),
                               (x509.SubjectAlternativeName(names), False),
+                              *(sources.extensions() if sources else []),
                           ])
         return cert, key
 
@@ -119,6 +135,26 @@ class CertificateAuthority:
                 .build()
             )
         return builder.sign(self.key, hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class RevocationSources:
+    """Where a certificate says its status is published: an OCSP responder (Authority Information
+    Access) and a CRL distribution point, as a hospital PKI's issuing CA writes them."""
+
+    ocsp_url: str | None = None
+    crl_url: str | None = None
+
+    def extensions(self) -> list[tuple[x509.ExtensionType, bool]]:
+        extensions: list[tuple[x509.ExtensionType, bool]] = []
+        if self.ocsp_url:
+            extensions.append((x509.AuthorityInformationAccess([x509.AccessDescription(
+                x509.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(self.ocsp_url))]), False))
+        if self.crl_url:
+            extensions.append((x509.CRLDistributionPoints([x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(self.crl_url)], relative_name=None, reasons=None,
+                crl_issuer=None)]), False))
+        return extensions
 
 
 def key_usage(*, digital_signature: bool = False, key_encipherment: bool = False, ca: bool = False) -> x509.KeyUsage:

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from dicom_card_agent.token.profiles import get_profile
-from dicom_card_agent.softhsm import pki
+from dicom_card_agent.softhsm import pki, responder
 from dicom_card_agent.softhsm.tokens import (
     ca_certificate_id,
     generate_key_pair,
@@ -27,6 +27,7 @@ USER_PIN = "123456"
 SO_PIN = "12345678"
 KEY_ID = b"\x01"  # like PIV slot 9A, the authentication key
 MARKER = ".provisioned"
+DEFAULT_REVOCATION_PORT = 8960
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,11 @@ def _written_files() -> tuple[str, ...]:
 
 
 PKI_FILES = ("root-ca.pem", "issuing-ca.pem", "ca-bundle.pem", "issuing-ca.crl.pem", "root-ca.crl.pem",
-             "server-chain.pem", "untrusted-ca.pem", "untrusted-server-chain.pem")
+             "server-chain.pem", "untrusted-ca.pem", "untrusted-server-chain.pem", "ocsp-signer.pem",
+             "ocsp/index.txt", "ocsp/port", "crl-http/issuing-ca.crl", "crl-http/root-ca.crl",
+             responder.PID_FILE, responder.LOG_FILE)
 SECRET_PKI_FILES = ("server.key", "untrusted-server.key", "private/root-ca.key", "private/issuing-ca.key",
-                    "private/untrusted-ca.key")
+                    "private/untrusted-ca.key", "private/ocsp-signer.key")
 
 
 def _remove_earlier_run(directory: Path) -> None:
@@ -105,15 +108,19 @@ def _remove_earlier_run(directory: Path) -> None:
         shutil.rmtree(tokens)
     for name in _written_files():
         (directory / name).unlink(missing_ok=True)
-    for folder in ("pki/private", "pki/clients", "pki"):
+    for folder in ("pki/private", "pki/clients", "pki/ocsp", "pki/crl-http", "pki"):
         try:
             (directory / folder).rmdir()
         except OSError:  # missing, or it holds files of the user's
             pass
 
 
-def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
-    """Create the test PKI and tokens in ``directory``; a complete earlier run is kept unless ``force``."""
+def provision(directory: Path, *, force: bool = False, revocation_port: int = DEFAULT_REVOCATION_PORT
+              ) -> ProvisionResult:
+    """Create the test PKI and tokens in ``directory``; a complete earlier run is kept unless ``force``.
+
+    The issuing CA's certificates name an OCSP responder at http://127.0.0.1:PORT/ocsp and a CRL at
+    http://127.0.0.1:PORT/issuing-ca.crl: `card-agent softhsm ocsp-responder start` answers there."""
     directory = directory.resolve()
     conf = directory / "softhsm2.conf"
     if (directory / MARKER).exists() and not force:
@@ -126,10 +133,12 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
     issuing = root.issue_ca("Test Issuing CA", years=10)
     untrusted = pki.root_ca("Untrusted Test CA")
     cas = {"issuing": issuing, "untrusted": untrusted}
-    certificates = _provision_tokens(conf, cas)
+    sources = responder.sources_at(revocation_port)
+    certificates = _provision_tokens(conf, cas, sources)
 
     pki_dir = directory / "pki"
-    server, server_key = issuing.issue_server(["localhost"], ["127.0.0.1", "::1"])
+    server, server_key = issuing.issue_server(["localhost"], ["127.0.0.1", "::1"], sources)
+    signer, signer_key = issuing.issue_ocsp_signer("Test Issuing CA OCSP Responder")
     untrusted_server, untrusted_server_key = untrusted.issue_server(["localhost"], ["127.0.0.1", "::1"])
     revoked = [certificates[i.label] for i in IDENTITIES if i.revoked]
     files = {
@@ -141,6 +150,11 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
         "server-chain.pem": _pem(server, issuing.certificate),
         "untrusted-ca.pem": _pem(untrusted.certificate),
         "untrusted-server-chain.pem": _pem(untrusted_server, untrusted.certificate),
+        "ocsp-signer.pem": _pem(signer),
+        "ocsp/index.txt": responder.index([server, *(c for c in certificates.values() if c.issuer == issuing.subject)], revoked).encode(),
+        "ocsp/port": f"{revocation_port}\n".encode(),
+        "crl-http/issuing-ca.crl": issuing.crl(revoked).public_bytes(serialization.Encoding.DER),
+        "crl-http/root-ca.crl": root.crl([]).public_bytes(serialization.Encoding.DER),
     }
     assert tuple(files) == PKI_FILES
     for name, data in files.items():
@@ -151,6 +165,7 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
         "private/root-ca.key": _key_pem(root.key),
         "private/issuing-ca.key": _key_pem(issuing.key),
         "private/untrusted-ca.key": _key_pem(untrusted.key),
+        "private/ocsp-signer.key": _key_pem(signer_key),
     }
     assert tuple(secret_files) == SECRET_PKI_FILES
     (pki_dir / "private").mkdir(mode=0o700, exist_ok=True)
@@ -163,7 +178,8 @@ def provision(directory: Path, *, force: bool = False) -> ProvisionResult:
     return ProvisionResult(directory, conf, created=True)
 
 
-def _provision_tokens(conf: Path, cas: dict[str, pki.CertificateAuthority]) -> dict[str, x509.Certificate]:
+def _provision_tokens(conf: Path, cas: dict[str, pki.CertificateAuthority],
+                      sources: pki.RevocationSources) -> dict[str, x509.Certificate]:
     for identity in IDENTITIES:
         init_token(conf, identity.label, so_pin=SO_PIN, user_pin=USER_PIN)
     os.environ["SOFTHSM2_CONF"] = str(conf)
@@ -185,7 +201,8 @@ def _provision_tokens(conf: Path, cas: dict[str, pki.CertificateAuthority]) -> d
             else:
                 not_before, not_after = now - pki.DAY, now + 365 * pki.DAY
             cert = ca.issue_client(csr.subject, csr.public_key(), identity.email,
-                                   not_before=not_before, not_after=not_after, server_auth=identity.server_auth)
+                                   not_before=not_before, not_after=not_after, server_auth=identity.server_auth,
+                                   sources=sources if identity.issuer == "issuing" else None)
             store_certificate(session, cert, KEY_ID, identity.label)
             store_certificate(session, ca.certificate, ca_certificate_id(ca.certificate),
                               ca.subject.rfc4514_string())
@@ -217,6 +234,18 @@ PKI (pki/):
   untrusted-server-chain.pem, untrusted-server.key   a server certificate from it
   clients/NAME.pem        each token's certificate, as a file
   private/*.key           CA keys, to issue more test certificates
+  ocsp-signer.pem         delegated OCSP responder of the issuing CA (id-kp-OCSPSigning)
+  ocsp/index.txt          the issuing CA's certificates and their status, for `openssl ocsp -index`
+  crl-http/               the CRLs the CRL distribution points name (DER)
+
+Revocation: the issuing CA's certificates name an OCSP responder (http://127.0.0.1:PORT/ocsp) and
+a CRL distribution point (http://127.0.0.1:PORT/issuing-ca.crl); PORT is in ocsp/port. Start the
+responder (`openssl ocsp` over ocsp/index.txt, signing as ocsp-signer.pem, and the CRLs of
+crl-http/, on 127.0.0.1 only) with
+  card-agent softhsm ocsp-responder start {directory}
+and stop it with `card-agent softhsm ocsp-responder stop {directory}`. mallory is revoked there
+too. The issuing CA's own certificate names no source (it is in the trust bundle: remove it
+there to stop trusting it).
 
 Directory: {directory}
 """

@@ -61,7 +61,9 @@ def write_config(path: Path, test_pki: ProvisionedPki, tunnels: list[dict[str, A
                  inbound: list[dict[str, Any]] | None = None, audit: dict[str, Any] | None = None,
                  desktop: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
     identity_table = {"token": token, "module": module, "pin": "env:CARD_PIN", **(identity or {})}
-    trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl], **(trust or {})}
+    # Each agent its own revocation cache: an answer cached by one test must not spare another its fetch.
+    trust_table = {"ca": test_pki.ca_bundle, "crl": [test_pki.crl],
+                   "revocation_cache": str(path.parent / "revocation-cache"), **(trust or {})}
     # Each agent its own runtime directory (control socket, session files): agents of tests that run
     # at the same time, in other checkouts or by other users, must not meet at /tmp/card-agent-UID.
     agent = {"runtime_dir": str(path.parent / "run"), **(agent or {})}

@@ -69,8 +69,12 @@ def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedPki:
+    from peers.ports import free_port
+
     directory = tmp_path_factory.mktemp("card-agent-pki")
-    result = provision(directory)
+    # The certificates name an OCSP responder and CRL on this port; tests start the responder there
+    # (test_revocation.py), others find nobody listening: pytest sessions side by side must not meet.
+    result = provision(directory, "--revocation-port", str(free_port()))
     export = result.stdout.strip().splitlines()[-1]
     assert export.startswith("export SOFTHSM2_CONF="), result.stdout
     return ProvisionedPki(directory, Path(export.partition("=")[2]))

@@ -149,3 +149,48 @@ def test_init_is_idempotent_and_force_recreates(tmp_path: Path) -> None:
     provision(directory, "--force")
     assert (directory / "pki" / "root-ca.pem").read_bytes() != root_before
     assert (directory / "notes.txt").read_text() == "mine"  # --force removes only what init wrote
+
+
+def test_the_pki_names_a_loopback_responder_that_ocsp_responder_starts_and_stops(test_pki: ProvisionedPki) -> None:
+    """What a tester does: `softhsm ocsp-responder start DIR`, then ask it with `openssl ocsp`."""
+    import socket
+    import urllib.request
+
+    from conftest import run_card_agent
+
+    port = int((test_pki.pki / "ocsp" / "port").read_text())
+    mallory = x509.load_pem_x509_certificate((test_pki.pki / "clients" / "mallory.pem").read_bytes())
+    access = mallory.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    points = mallory.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert [d.access_location.value for d in access] == [f"http://127.0.0.1:{port}/ocsp"]
+    assert [n.value for p in points for n in p.full_name] == [f"http://127.0.0.1:{port}/issuing-ca.crl"]
+    env = test_pki.env()
+    started = run_card_agent("softhsm", "ocsp-responder", "start", test_pki.directory, env=env, check=True)
+    try:
+        assert f"revocation responder running on http://127.0.0.1:{port} (pid " in started.stderr
+
+        def status(label: str) -> subprocess.CompletedProcess:
+            return openssl("ocsp", "-issuer", test_pki.pki / "issuing-ca.pem", "-cert",
+                           test_pki.pki / "clients" / f"{label}.pem", "-url", f"http://127.0.0.1:{port}/ocsp",
+                           "-CAfile", test_pki.ca_bundle)
+
+        revoked, good = status("mallory"), status("alice")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/issuing-ca.crl", timeout=10) as response:
+            crl = x509.load_der_x509_crl(response.read())
+    finally:
+        stopped = run_card_agent("softhsm", "ocsp-responder", "stop", test_pki.directory, env=env, check=True)
+    assert "Response verify OK" in revoked.stderr and "Response verify OK" in good.stderr
+    assert f"{test_pki.pki / 'clients' / 'mallory.pem'}: revoked" in revoked.stdout
+    assert "Reason: keyCompromise" in revoked.stdout
+    assert f"{test_pki.pki / 'clients' / 'alice.pem'}: good" in good.stdout
+    assert crl.get_revoked_certificate_by_serial_number(mallory.serial_number) is not None
+    assert stopped.stderr.startswith("stopped the responder (pid ")
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the responder still listens on {port}")

@@ -55,6 +55,7 @@ class AlertType(str, Enum):
     PIN_FINAL_TRY = "pin-final-try"  # one PIN try left
     MALFORMED_PDU = "malformed-pdu"  # a peer sent something that is not DICOM upper layer
     SOFTWARE_CONFIGURATION = "software-configuration"  # the configuration was reloaded (SIGHUP), or refused
+    REVOCATION_UNCHECKED = "revocation-unchecked"  # a peer let in without a revocation answer ("prefer")
 
 
 class SessionEnd(str, Enum):

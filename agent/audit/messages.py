@@ -88,6 +88,7 @@ ALERT_TYPES: dict[AlertType, Code] = {
     AlertType.PIN_FINAL_TRY: USER_SECURITY_ATTRIBUTES_CHANGED,
     AlertType.MALFORMED_PDU: MALFORMED_PDU,
     AlertType.SOFTWARE_CONFIGURATION: SOFTWARE_CONFIGURATION,
+    AlertType.REVOCATION_UNCHECKED: NODE_AUTHENTICATION,
 }
 
 # ParticipantObjectTypeCode / ParticipantObjectTypeCodeRole values (PS3.15 A.5.1.2.2)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import typer
+from cryptography import x509
 
 from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.logline import printable
+from dicom_card_agent.revocation.report import cli_checker, identity_revocation
 from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import describe_pin_state
@@ -21,7 +24,7 @@ from dicom_card_agent.trust.anchors import TrustAnchors
 
 @dataclass(frozen=True)
 class Check:
-    status: str  # "ok" | "fail" | "skip"
+    status: str  # "ok" | "fail" | "warn" | "skip"
     name: str
     detail: str
     fix: str = ""
@@ -138,6 +141,18 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
             else:
                 chain = " <- ".join(c.subject.rfc4514_string() for c in identity.chain)
                 yield Check("ok", f"chain {token.label}", f"complete to {trust.source}: {chain}")
+                yield _revocation_check(token.label, identity.certificate, ca, crls)
+
+
+def _revocation_check(label: str, certificate: x509.Certificate, ca: Path, crls: list[Path]) -> Check:
+    status = identity_revocation(cli_checker(ca, crls), certificate)
+    if status.state == "revoked":
+        return Check("fail", f"revocation {label}", status.detail, "this card cannot be used any more: ask for a new card")
+    if status.state == "no answer":
+        return Check("warn", f"revocation {label}", status.detail,
+                     "check that this computer reaches the OCSP responder / CRL distribution point of the issuing CA "
+                     "(a PACS checking revocation may refuse this card meanwhile)")
+    return Check("ok", f"revocation {label}", status.detail)
 
 
 # What to do about an unusable identity, by the start of its reason (agent/token/identities.py).

@@ -10,6 +10,8 @@ import typer
 from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Json, Module, TokenSelector
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.logline import printable
+from dicom_card_agent.revocation.checker import RevocationChecker
+from dicom_card_agent.revocation.report import IdentityRevocation, cli_checker, identity_revocation
 from dicom_card_agent.token.discovery import TokenDescription, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import Identity, list_identities
 from dicom_card_agent.token.login import login
@@ -65,6 +67,8 @@ def identities(
     found: list[Identity] = []
     for each in selected:
         found += _identities_of(loaded, each, pin, trust, confirm_final_try, allow_exportable_keys)
+    if ca:
+        _check_revocation(found, cli_checker(ca, crl or []))
     if as_json:
         typer.echo(json.dumps([i.as_dict() for i in found], indent=2))
         return
@@ -84,6 +88,20 @@ def identities(
              f"to {cert.not_valid_after_utc:%Y-%m-%d}, TLS: {identity.tls.note}")
         _say(f"    {identity.uri}")
         _say(f"    {state}")
+        if identity.revocation:
+            _say(f"    revocation: {IdentityRevocation(**identity.revocation).line()}")
+
+
+def _check_revocation(found: list[Identity], checker: RevocationChecker) -> None:
+    """Each personal identity whose chain is trusted, checked as a PACS would: OCSP, CRL
+    distribution points and the --crl files; a revoked one is unusable."""
+    for identity in found:
+        if identity.is_ca or not identity.chain:
+            continue
+        status = identity_revocation(checker, identity.certificate)
+        identity.revocation = {"state": status.state, "detail": status.detail}
+        if status.state == "revoked" and not any("was revoked on" in p for p in identity.problems):
+            identity.problems.append(status.detail)
 
 
 def _identities_of(loaded: LoadedModule, token, pin: str | None, trust, confirm_final_try: bool,

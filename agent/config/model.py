@@ -54,6 +54,17 @@ class IdentityConfig:
 
 
 CRL_EXPIRED_CHOICES = ("refuse", "warn")
+REVOCATION_POLICIES = ("require", "prefer", "off")
+
+
+@dataclass(frozen=True)
+class RevocationSettings:
+    """Where OCSP and CRL answers are kept and how long a check may wait for them ([trust] revocation_*)."""
+
+    cache: Path | None = None  # None: ~/.cache/dicom-card-agent/revocation ($XDG_CACHE_HOME)
+    max_age: float = 7 * 24 * 3600.0  # seconds an answer is used at most, even if its nextUpdate is later
+    timeout: float = 3.0  # seconds a first, uncached check waits for the sources
+    ocsp_responder: str | None = None  # asked instead of the responders the certificates name
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class TrustConfig:
     ca: Path
     crl: tuple[Path, ...] = ()
     crl_expired: str = "refuse"  # or "warn": what an expired CRL means for the certificates it covers
+    revocation: RevocationSettings = field(default_factory=lambda: RevocationSettings())
 
 
 DEFAULT_MAX_CONNECTIONS = 64
@@ -84,6 +96,7 @@ class TunnelConfig:
     session_resumption: bool = True
     association: AssociationRules = AssociationRules()
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # connections in flight; more are rejected at once
+    revocation: str = "require"  # or "prefer", "off": docs/tls-policy.md "Revocation"
 
     @property
     def remote(self) -> str:
@@ -111,6 +124,7 @@ class InboundConfig:
     allow_from: tuple[Network, ...] = LOOPBACK_NETWORKS  # source addresses that may connect at all
     max_pending_handshakes: int = 4  # TLS handshakes in flight with peers not yet authenticated
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # connections in flight; more are closed at once
+    revocation: str = "require"  # or "prefer", "off": docs/tls-policy.md "Revocation"
 
     @property
     def remote(self) -> str:
@@ -205,7 +219,8 @@ def load_config(path: Path) -> AgentConfig:
         raise trust.error("crl_expired", f"{crl_expired!r} is not one of {', '.join(map(repr, CRL_EXPIRED_CHOICES))}: "
                                          "\"refuse\" (the default) refuses certificates an expired CRL covers, "
                                          "\"warn\" accepts them with a warning")
-    trust_config = TrustConfig(ca=trust.path("ca", required=True), crl=tuple(crl_paths), crl_expired=crl_expired)
+    trust_config = TrustConfig(ca=trust.path("ca", required=True), crl=tuple(crl_paths), crl_expired=crl_expired,
+                               revocation=_revocation_settings(trust))
     trust.done()
 
     raw_tunnels = root.take("tunnel", list, [])
@@ -340,6 +355,7 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
         session_resumption=section.take("session_resumption", bool, True),
         association=_association_rules(section),
         max_connections=_max_connections(section),
+        revocation=_revocation_policy(section),
         **timeouts,
     )
 
@@ -388,7 +404,34 @@ def _inbound(section: Section, name: str) -> InboundConfig:
                          forward_uids=_uids(section, "forward_uids"), tls=_tls_mode(section),
                          association=_association_rules(section, user_identity=False), **_timeouts(section),
                          allow_from=_allow_from(section, listen), max_pending_handshakes=max_pending,
-                         max_connections=_max_connections(section))
+                         max_connections=_max_connections(section), revocation=_revocation_policy(section))
+
+
+def _revocation_policy(section: _Section) -> str:
+    policy = section.take("revocation", str, "require")
+    if policy not in REVOCATION_POLICIES:
+        raise section.error("revocation", f"{policy!r} is not one of {', '.join(map(repr, REVOCATION_POLICIES))}: "
+                                          "\"require\" (the default) refuses a peer without a fresh answer, \"prefer\" "
+                                          "allows it with a warning, \"off\" asks nothing")
+    return policy
+
+
+def _revocation_settings(trust: _Section) -> RevocationSettings:
+    cache = trust.take("revocation_cache", str, "")
+    numbers = {}
+    for key, default in (("revocation_max_age", RevocationSettings.max_age),
+                         ("revocation_timeout", RevocationSettings.timeout)):
+        value = float(trust.take(key, (int, float), default))
+        if value <= 0:
+            raise trust.error(key, "must be a positive number of seconds")
+        numbers[key] = value
+    responder = trust.take("ocsp_responder", str, "") or None
+    if responder is not None and not responder.startswith("http://"):
+        raise trust.error("ocsp_responder", f"{responder!r} is not an http:// URL (OCSP answers are signed; "
+                                            "responders speak plain HTTP)")
+    return RevocationSettings(cache=(trust.base / os.path.expanduser(cache)).resolve() if cache else None,
+                              max_age=numbers["revocation_max_age"], timeout=numbers["revocation_timeout"],
+                              ocsp_responder=responder)
 
 
 def _allow_from(section: Section, listen: ListenAddress) -> tuple[Network, ...]:

@@ -118,6 +118,10 @@ class AuditRecorder:
             self.record(AuditEvent.security_alert(AlertType.TLS_VERIFICATION_FAILED, fields["reason"],
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),
                                                   user=self.user))
+        elif kind == "revocation-unchecked":  # allowed (revocation = "prefer"): the alert informs, nothing failed
+            self.record(AuditEvent.security_alert(AlertType.REVOCATION_UNCHECKED, fields["reason"],
+                                                  tunnel=fields["tunnel"], remote=_node(fields["remote"]),
+                                                  user=self.user, outcome=Outcome.SUCCESS))
         elif kind == "security-alert" and fields["what"] == "malformed-pdu":
             self.record(AuditEvent.security_alert(AlertType.MALFORMED_PDU, fields["reason"], tunnel=fields["tunnel"],
                                                   remote=_node(fields["remote"]), user=self.user))

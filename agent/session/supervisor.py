@@ -109,6 +109,8 @@ class CardSession:
             if reply is not None and reply.get("type") == "login-error":
                 raise messages.login_error_from(reply)
             detail = reply.get("message") if reply else "it exited"
+            if reply is not None and reply.get("plain"):  # a sentence for the clinician (a revoked card)
+                raise CardSessionError(detail)
             raise CardSessionError(f"the card-session process could not start: {detail}")
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
 

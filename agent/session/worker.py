@@ -18,6 +18,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -26,7 +27,7 @@ from pkcs11.exceptions import PKCS11Error
 from pkcs11.types import Session
 
 from dicom_card_agent import logline
-from dicom_card_agent.config.model import AgentConfig, TrustConfig, TunnelConfig, load_config
+from dicom_card_agent.config.model import AgentConfig, TunnelConfig, load_config
 from dicom_card_agent.dicom.association import UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
@@ -40,8 +41,8 @@ from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import LoginError, login
 from dicom_card_agent.token.module import load_module
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
-from dicom_card_agent.trust.anchors import load_certificates
-from dicom_card_agent.trust.crls import CrlStore, PeerRevocation
+from dicom_card_agent.revocation.checker import RevocationChecker
+from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, checker_for
 from dicom_card_agent.tunnel.relay import (PACS_PROBLEM, InboundRuntime, Report, SessionEnd, TunnelRuntime, no_report,
                                            serve_connection)
 
@@ -94,13 +95,15 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
         report = _pacs_problems_only(report) if config.desktop.notifications else no_report
     runtimes: Runtimes = {}
     ending = SessionEnd()
-    revocation = _revocation(config.trust)
+    revocation = checker_for(config.trust)
+    _check_own_certificate(revocation, files.chain, config)
 
     def make_tunnel(tunnel: TunnelConfig, context: ssl.SSLContext) -> TunnelRuntime:
-        return TunnelRuntime(
-            config=tunnel, context=context, checks=ServerChecks.for_tunnel(tunnel, config.trust, revocation),
-            identity=files, trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain),
-            report=report)
+        checks = ServerChecks.for_tunnel(tunnel, config.trust, revocation,
+                                         _revocation_alert(report, tunnel.name, tunnel.remote))
+        return TunnelRuntime(config=tunnel, context=context, checks=checks, identity=files,
+                             trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain),
+                             report=report)
 
     # Every context, and so every key, is made before the first connection: a token key loaded
     # after this process has done handshakes made later server certificates fail to verify
@@ -126,7 +129,9 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
                 config=inbound, context=context,
                 identity_description=files.describe() if on_card else f"node certificate {inbound.server_certificate}",
                 signs_on_token=on_card or node_key is not None, ending=ending, report=report,
-                revocation=revocation)
+                revocation=PeerRevocation(revocation, inbound.revocation, f"inbound {inbound.name}",  # type: ignore[arg-type]
+                                          _revocation_alert(report, inbound.name, str(inbound.listen)))
+                if inbound.revocation != "off" else None)
     except (ssl.SSLError, OSError) as error:
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
@@ -141,13 +146,25 @@ def _pacs_problems_only(report: Report) -> Report:
     return pacs_problems
 
 
-def _revocation(trust: TrustConfig) -> PeerRevocation | None:
-    """The session's check of peers against [trust] crl: the files are re-read when they change, so
-    a new CRL counts without a new session, while the TLS contexts stay as they were made."""
-    if not trust.crl:
-        return None
-    store = CrlStore(trust.crl, allow_expired=trust.crl_expired == "warn")
-    return PeerRevocation(store, tuple(load_certificates(trust.ca)), str(trust.ca))
+def _revocation_alert(report: Report, name: str, remote: str) -> Callable[[str], None]:
+    """A Security Alert for the audit trail when revocation = "prefer" lets a peer in unchecked."""
+    return lambda reason: report("revocation-unchecked", {"tunnel": name, "remote": remote, "reason": reason})
+
+
+def _check_own_certificate(checker: RevocationChecker, chain: Path, config: AgentConfig) -> None:
+    """The card's certificate, checked at sign-in as the PACS will check it, so that the clinician
+    learns at once that the card is revoked (instead of from every PACS later). Only a revoked
+    certificate stops the sign-in: a source that does not answer now is the PACS's to judge."""
+    policies = [t.revocation for t in config.tunnels] + [i.revocation for i in config.inbound]
+    if all(policy == "off" for policy in policies):
+        return
+    leaf = x509.load_pem_x509_certificate(chain.read_bytes())  # the first one is the card's
+    verdict = checker.check(leaf, "require")
+    if verdict.revoked:
+        raise CardRevokedError(f"this card's certificate is revoked, so no PACS would accept it: {verdict.message}. "
+                               "The card was not used: ask for a new card")
+    if verdict.outcome != "allow":
+        log.warning("the card's certificate could not be checked for revocation at sign-in: %s", verdict.message)
 
 
 def _username(tunnel: TunnelConfig, chain: Path) -> str | None:
@@ -186,7 +203,7 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
         messages.send(channel, messages.login_error_message(error))
         return 1
     except CardAgentError as error:
-        messages.send(channel, {"type": "error", "message": str(error)})
+        messages.send(channel, {"type": "error", "message": str(error), "plain": isinstance(error, CardRevokedError)})
         return 1
     except PKCS11Error as error:
         messages.send(channel, {"type": "error", "message": f"the PKCS#11 module failed with "

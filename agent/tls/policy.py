@@ -22,8 +22,9 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from dicom_card_agent.config.model import InboundConfig, TrustConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
-from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
-from dicom_card_agent.trust.crls import PeerRevocation
+from dicom_card_agent.trust.anchors import TrustAnchors, explain_chain_failure, load_certificates
+from dicom_card_agent.revocation.checker import RevocationChecker
+from dicom_card_agent.revocation.peer import PeerRevocation
 from dicom_card_agent.trust.errors import TrustError
 
 TLS12_CIPHERS = ":".join([
@@ -101,7 +102,8 @@ def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIde
 def _trust(context: ssl.SSLContext, trust: TrustConfig) -> None:
     """The peer must chain to [trust] ca. OpenSSL gets no CRLs: it would keep those of the moment
     the context was made, for the whole card session; revocation is checked after each handshake
-    (ServerChecks, relay._check_client) against the CRL files as they are then."""
+    (ServerChecks, relay._check_client) against the CRL files as they are then, and OCSP and CRL
+    distribution points (agent/revocation)."""
     context.load_verify_locations(cafile=str(trust.ca))
 
 
@@ -161,15 +163,19 @@ class ServerChecks:
     tunnel: TunnelConfig
     anchors: TrustAnchors | None
     required_issuer: x509.Certificate | None
-    revocation: PeerRevocation | None = None  # [trust] crl; None without CRLs and for verify = "pin"
+    revocation: PeerRevocation | None = None  # None for revocation = "off" and for verify = "pin"
 
     @classmethod
     def for_tunnel(cls, tunnel: TunnelConfig, trust: TrustConfig,
-                   revocation: PeerRevocation | None = None) -> ServerChecks:
+                   revocation: RevocationChecker | None = None,
+                   alert: Callable[[str], None] = lambda _: None) -> ServerChecks:
         required = load_certificates(tunnel.require_issuer)[0] if tunnel.require_issuer else None
         anchors = TrustAnchors.load(trust.ca) if required is not None else None
         # A pinned-only server is trusted by its pin, not by a CA, so no CA's CRL judges it.
-        return cls(tunnel, anchors, required, revocation if tunnel.verify != "pin" else None)
+        checked = revocation is not None and tunnel.verify != "pin" and tunnel.revocation != "off"
+        peer = (PeerRevocation(revocation, tunnel.revocation, f"tunnel {tunnel.name}", alert)  # type: ignore[arg-type]
+                if checked else None)
+        return cls(tunnel, anchors, required, peer)
 
     def verify(self, leaf_der: bytes | None) -> None:
         tunnel = self.tunnel
@@ -202,9 +208,11 @@ class ServerChecks:
         try:
             chain = verifier.verify(leaf, list(self.anchors.intermediates))
         except VerificationError as error:
+            why = explain_chain_failure(leaf, [*self.anchors.roots, *self.anchors.intermediates],
+                                        self.anchors.source, error)
             raise ServerVerificationError(
                 f"cannot build the chain of server certificate {leaf.subject.rfc4514_string()} to check "
-                f"require_issuer ({required}): {error}; put the server's intermediate CAs in [trust] ca"
+                f"require_issuer ({required}): {why}; put the server's intermediate CAs in [trust] ca"
             ) from None
         if self.required_issuer not in chain:
             path = " <- ".join(c.subject.rfc4514_string() for c in chain)

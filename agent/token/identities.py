@@ -57,6 +57,7 @@ class Identity:
     key_checked: bool = False
     problems: list[str] = field(default_factory=list)
     chain: list[x509.Certificate] = field(default_factory=list)
+    revocation: dict[str, str] | None = None  # {"state": good | revoked | no answer, "detail": ...}, when checked
 
     @property
     def usable(self) -> bool:
@@ -94,6 +95,7 @@ class Identity:
             "reason": self.reason,
             "key_checked": self.key_checked,
             "tls": self.tls.as_dict(),
+            "revocation": self.revocation,
         }
 
 

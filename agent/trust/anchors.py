@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from dicom_card_agent.trust.crls import FileCrl, check_chain, describe, read_crl_file
+from dicom_card_agent.trust.crls import FileCrl, check_chain, describe, name, read_crl_file
 from dicom_card_agent.trust.errors import (CrlError, RevokedCertificateError, TrustError, TrustFileError,  # noqa: F401
                                 UntrustedCertificateError)
 
@@ -40,6 +41,32 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     except ValueError as error:
         raise TrustFileError(f"{path} holds no readable certificate (PEM or DER): {error}") from None
     return certs
+
+
+def explain_chain_failure(leaf: x509.Certificate, known: Sequence[x509.Certificate], source: str,
+                          error: VerificationError) -> str:
+    """The reason a chain could not be built, in words: cryptography says only "candidates exhausted"
+    when no CA certificate it was given issued ``leaf``."""
+    text = str(error)
+    if "candidates exhausted" not in text:
+        return text
+    named = [c for c in known if c.subject == leaf.issuer]
+    if not named:
+        return (f"not issued by any CA there: its issuer {name(leaf.issuer)} is not among the CA certificates of "
+                f"{source}; add that CA (and its root) to the bundle if it is to be trusted")
+    if not any(_issued(leaf, c) for c in named):
+        return (f"its issuer {name(leaf.issuer)} is in {source}, but that CA's key did not sign it (another CA with "
+                "the same name, or a forged certificate)")
+    return (f"the chain through {name(leaf.issuer)} does not reach a root of {source} as a valid path (a CA "
+            "certificate on the way is expired, not a CA, or not allowed to issue this certificate)")
+
+
+def _issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -78,9 +105,9 @@ class TrustAnchors:
             helpers = [c for c in intermediates if not _is_self_signed(c)]
             verified = verifier.verify(leaf, [*helpers, *self.intermediates])
         except VerificationError as error:
-            raise UntrustedCertificateError(
-                f"certificate {describe(leaf)} does not chain to a CA in {self.source}: {error}"
-            ) from None
+            why = explain_chain_failure(leaf, [*self.roots, *self.intermediates], self.source, error)
+            raise UntrustedCertificateError(f"certificate {describe(leaf)} does not chain to a CA in {self.source}: "
+                                            f"{why}") from None
         chain = list(verified.chain)
         self.check_revocation(chain, now)
         return chain

@@ -298,6 +298,15 @@ class CrlStore:
         for crl in check_chain(chain, crls, now, allow_expired=self.allow_expired, unusable=unusable):
             self._warn_once(crl)
 
+    def current(self) -> tuple[list[FileCrl], list[str]]:
+        """The CRLs on disk now, and why the files that are not usable are not."""
+        self._refresh()
+        return ([crl for watched in self._files for crl in watched.crls],
+                [watched.error for watched in self._files if watched.error is not None])
+
+    def warn_once(self, crl: FileCrl) -> None:
+        self._warn_once(crl)
+
     def warn_expired(self, now: datetime.datetime) -> None:
         for watched in self._files:
             for crl in watched.crls:
@@ -327,21 +336,3 @@ class CrlStore:
             state = "unusable" if watched.error else ("expired" if any(e["expired"] for e in entries) else "current")
             rows.append({"file": str(watched.path), "state": state, "error": watched.error, "crls": entries})
         return rows
-
-
-@dataclass(frozen=True)
-class PeerRevocation:
-    """The revocation check a card session makes after each handshake: the peer's chain, found
-    again in [trust] ca, against the store's CRLs."""
-
-    store: CrlStore
-    certificates: tuple[x509.Certificate, ...]  # [trust] ca: roots and intermediates
-    ca_source: str
-
-    def check(self, leaf: x509.Certificate) -> None:
-        chain = issuer_chain(leaf, self.certificates)
-        if len(chain) == 1:
-            raise CrlError(f"the issuer {name(leaf.issuer)} of {describe(leaf)} is not in [trust] ca "
-                           f"({self.ca_source}), so its CRL cannot be verified: add that CA certificate to "
-                           "[trust] ca")
-        self.store.check(chain)

@@ -37,7 +37,7 @@ from dicom_card_agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ,
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
-from dicom_card_agent.trust.crls import PeerRevocation
+from dicom_card_agent.revocation.peer import PeerRevocation
 from dicom_card_agent.trust.errors import TrustError
 from dicom_card_agent.tunnel.admission import RefusalLog
 from dicom_card_agent.tunnel.counters import SessionCounts
@@ -207,7 +207,7 @@ class InboundRuntime(_Counters):
     signs_on_token: bool = field(kw_only=True)  # its handshakes take TOKEN_LOCK
     ending: SessionEnd = field(default_factory=SessionEnd, kw_only=True)
     report: Report = field(default=no_report, kw_only=True)
-    revocation: PeerRevocation | None = field(default=None, kw_only=True)  # [trust] crl, checked after the handshake
+    revocation: PeerRevocation | None = field(default=None, kw_only=True)  # checked after the handshake
     username: None = field(default=None, init=False)  # the agent asserts no user identity toward a local SCP
     # Free places for TLS handshakes with peers not yet authenticated (max_pending_handshakes).
     handshake_slots: threading.Semaphore = field(init=False, repr=False)
@@ -598,8 +598,8 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
 
 
 def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
-    """The PACS's subject, once its pinned fingerprint (if any) matched and the CRLs do not revoke
-    it; OpenSSL checked the chain."""
+    """The PACS's subject, once its pinned fingerprint (if any) matched and the revocation policy
+    accepts it; OpenSSL checked the chain."""
     if leaf_der is None:
         raise ClientVerificationError("the PACS sent no client certificate")
     leaf = x509.load_der_x509_certificate(leaf_der)

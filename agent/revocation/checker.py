@@ -1,0 +1,393 @@
+"""Gathering revocation answers for a chain: CRL files, cached answers, and fetches that never
+hold up more than the association that needs them.
+
+Fetches run in a small pool of threads; an association whose certificate has no fresh answer yet
+waits for them at most ``timeout`` seconds (the first, uncached check), other associations go on
+meanwhile (each relays in its own thread, and a cached answer costs a dictionary look-up). A
+refresher thread fetches every answer again before it goes stale, so associations do not wait
+after the first. Answers are kept on disk as the bytes the source sent, and judged again (issuer's
+signature, freshness) when read after a restart: a file in the cache cannot plant an answer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import functools
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from dicom_card_agent.revocation.decision import Answer, CertificateAnswers, Policy, Status, Verdict, decide
+from dicom_card_agent.revocation.sources import (FetchError, Judged, crl_urls, http_get, http_post_ocsp, judge_crl,
+                                                 judge_ocsp, ocsp_request, ocsp_urls)
+from dicom_card_agent.trust.crls import CrlStore, FileCrl, _covers, _crl_signed_by, issuer_chain, name
+from dicom_card_agent.trust.crls import describe as _describe_now
+
+log = logging.getLogger("agent.revocation")
+
+DEFAULT_TIMEOUT = 3.0
+DEFAULT_MAX_AGE = datetime.timedelta(days=7)
+REFRESH_FRACTION = 0.75  # of an answer's lifetime: fetched again then, well before it goes stale
+MAX_REMEMBERED_CHAINS = 1024  # peers' chains and sources kept found; forgotten all at once beyond
+FAILURE_HOLD = 30.0  # seconds a source that failed is not waited for again (its failure is the answer)
+LOOK_AT_MOST_EVERY = 60.0  # seconds the refresher sleeps when nothing is due sooner
+
+
+@functools.lru_cache(maxsize=MAX_REMEMBERED_CHAINS)
+def describe(cert: x509.Certificate) -> str:
+    """The certificate as messages name it, made once: a cached association needs it for every check."""
+    return _describe_now(cert)
+
+
+def default_cache_directory() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dicom-card-agent" / "revocation"
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str  # "ocsp" or "crl"
+    url: str
+    cert: x509.Certificate
+    issuer: x509.Certificate
+
+    @functools.cached_property
+    def key(self) -> str:
+        """One cache entry per OCSP question (responder, issuer, serial) and per CRL URL."""
+        if self.kind == "crl":
+            return "crl " + self.url
+        return f"ocsp {self.url} {self.issuer.fingerprint(hashes.SHA256()).hex()} {self.cert.serial_number}"
+
+
+class RevocationChecker:
+    """The revocation answers of one process (the card session; the CLI for `identities`)."""
+
+    def __init__(self, *, certificates: Sequence[x509.Certificate], ca_source: str, crls: CrlStore | None = None,
+                 cache_directory: Path | None = None, max_age: datetime.timedelta = DEFAULT_MAX_AGE,
+                 timeout: float = DEFAULT_TIMEOUT, ocsp_responder: str | None = None,
+                 clock: Callable[[], datetime.datetime] = utc_now, refresh: bool = True) -> None:
+        self.certificates = tuple(certificates)
+        self.ca_source = ca_source
+        self.crls = crls
+        self.max_age = max_age
+        self.timeout = timeout
+        self.ocsp_responder = ocsp_responder
+        self._clock = clock
+        self._cache = _DiskCache(cache_directory)
+        self._lock = threading.RLock()  # a fetch that is done at once calls back into _done under it
+        self._raw: dict[str, bytes] = {}  # the last verified bytes of each source
+        self._judged: dict[tuple[str, int], Judged] = {}
+        self._known: dict[str, _Source] = {}  # what the refresher fetches again
+        self._refresh_at: dict[str, datetime.datetime] = {}
+        self._pending: dict[str, concurrent.futures.Future[Judged]] = {}
+        self._chains: dict[x509.Certificate, list[x509.Certificate]] = {}
+        self._failures: dict[tuple[str, int], tuple[datetime.datetime, Answer]] = {}
+        self._sources_of: dict[tuple[x509.Certificate, x509.Certificate], list[_Source]] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="revocation-fetch")
+        self._wake = threading.Event()
+        if refresh:
+            threading.Thread(target=self._refresher, name="revocation-refresh", daemon=True).start()
+
+    # -- the checks --------------------------------------------------------------------------
+
+    def check(self, leaf: x509.Certificate, policy: Policy) -> Verdict:
+        if policy == "off":
+            return Verdict("allow")
+        return decide(policy, self.gather(leaf))
+
+    def gather(self, leaf: x509.Certificate) -> list[CertificateAnswers]:
+        """The answers about ``leaf`` and the intermediates of [trust] ca above it."""
+        chain = self._chain(leaf)
+        if len(chain) == 1:
+            detail = (f"the issuer {name(leaf.issuer)} of {describe(leaf)} is not in [trust] ca ({self.ca_source}), "
+                      "so no revocation answer about it can be verified: add that CA certificate to [trust] ca")
+            return [CertificateAnswers(describe(leaf), (Answer("[trust] ca", Status.NO_ANSWER, detail),), True)]
+        now = self._clock()
+        deadline = now + datetime.timedelta(seconds=self.timeout)
+        return [self._answers(cert, issuer, position == 0, now, deadline)
+                for position, (cert, issuer) in enumerate(zip(chain, chain[1:]))]
+
+    def _chain(self, leaf: x509.Certificate) -> list[x509.Certificate]:
+        """The leaf's chain in [trust] ca, found once per certificate: finding it verifies signatures,
+        which would cost a cached association more than the answer's look-up."""
+        key = leaf  # certificates hash and compare by their DER: cheaper than a fingerprint
+        with self._lock:
+            chain = self._chains.get(key)
+        if chain is None:
+            chain = issuer_chain(leaf, self.certificates)
+            with self._lock:
+                if len(self._chains) >= MAX_REMEMBERED_CHAINS:
+                    self._chains.clear()
+                self._chains[key] = chain
+        return chain
+
+    def _answers(self, cert: x509.Certificate, issuer: x509.Certificate, is_leaf: bool, now: datetime.datetime,
+                 deadline: datetime.datetime) -> CertificateAnswers:
+        answers: list[Answer] = []
+        file_answer = self._file_answer(cert, issuer, is_leaf, now)
+        if file_answer is not None:
+            answers.append(file_answer)
+        sources = self._sources(cert, issuer)
+        waiting: list[tuple[_Source, concurrent.futures.Future[Judged]]] = []
+        for source in sources:
+            judged = self._cached(source, now)
+            if judged is not None:
+                answers.append(judged.answer)
+        if not _decided(answers):
+            for source in sources:
+                if any(a.source == _source_name(source) for a in answers):
+                    continue
+                failure = self._recent_failure(source, now)
+                if failure is not None:  # asked moments ago in vain: no association waits for it again
+                    answers.append(failure)
+                else:
+                    waiting.append((source, self._fetch(source)))
+        pending = dict(waiting)
+        futures = {future: source for source, future in waiting}
+        while futures and not _decided(answers):
+            remaining = max(0.0, (deadline - self._clock()).total_seconds())
+            done, _ = concurrent.futures.wait(futures, timeout=remaining,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                break
+            for future in done:
+                answers.append(future.result().answer)
+                pending.pop(futures.pop(future))
+        if not _decided(answers):
+            for source in pending:
+                answers.append(Answer(_source_name(source), Status.NO_ANSWER,
+                                      f"{_source_name(source)} did not answer within {self.timeout:g} s (it is still "
+                                      "being asked; a later association uses its answer)"))
+        return CertificateAnswers(describe(cert), tuple(answers), is_leaf)
+
+    def _sources(self, cert: x509.Certificate, issuer: x509.Certificate) -> list[_Source]:
+        key = (cert, issuer)
+        with self._lock:
+            sources = self._sources_of.get(key)
+        if sources is None:
+            ocsp = [self.ocsp_responder] if self.ocsp_responder else ocsp_urls(cert)
+            sources = ([_Source("ocsp", url, cert, issuer) for url in ocsp]
+                       + [_Source("crl", url, cert, issuer) for url in crl_urls(cert)])
+            with self._lock:
+                if len(self._sources_of) >= MAX_REMEMBERED_CHAINS:
+                    self._sources_of.clear()
+                self._sources_of[key] = sources
+        return sources
+
+    def _file_answer(self, cert: x509.Certificate, issuer: x509.Certificate, is_leaf: bool,
+                     now: datetime.datetime) -> Answer | None:
+        if self.crls is None:
+            return None
+        crls, unusable = self.crls.current()
+        return file_answer(cert, issuer, crls, now, allow_expired=self.crls.allow_expired, unusable=unusable,
+                           is_leaf=is_leaf, warn_expired=self.crls.warn_once)
+
+    # -- cache and fetching ------------------------------------------------------------------
+
+    def _cached(self, source: _Source, now: datetime.datetime) -> Judged | None:
+        """A fresh answer from memory, or from disk (judged again), or None."""
+        with self._lock:
+            judged = self._judged.get((source.key, source.cert.serial_number))
+            raw = self._raw.get(source.key)
+        if judged is not None and judged.fresh_until is not None and judged.fresh_until > now:
+            return judged
+        if raw is None:
+            raw = self._cache.load(source.key)
+            if raw is None:
+                return None
+        judged = self._judge(source, raw, now, nonce=None)
+        if judged.fresh_until is None or judged.fresh_until <= now:
+            return None
+        self._remember(source, raw, judged, now, store=False)
+        return judged
+
+    def _judge(self, source: _Source, raw: bytes, now: datetime.datetime, nonce: bytes | None) -> Judged:
+        if source.kind == "ocsp":
+            return judge_ocsp(raw, source.cert, source.issuer, source.url, now, self.max_age, nonce)
+        return judge_crl(raw, source.cert, source.issuer, source.url, now, self.max_age)
+
+    def _remember(self, source: _Source, raw: bytes, judged: Judged, now: datetime.datetime, *, store: bool) -> None:
+        assert judged.fresh_until is not None
+        lifetime = judged.fresh_until - now
+        with self._lock:
+            if self._raw.get(source.key) != raw:
+                # New bytes: every certificate judged from the old ones is judged again.
+                self._judged = {k: v for k, v in self._judged.items() if k[0] != source.key}
+                self._raw[source.key] = raw
+            self._judged[(source.key, source.cert.serial_number)] = judged
+            self._failures.pop((source.key, source.cert.serial_number), None)
+            self._known[source.key] = source
+            self._refresh_at[source.key] = now + lifetime * REFRESH_FRACTION
+        if store:
+            self._cache.store(source.key, raw)
+        self._wake.set()
+
+    def _fetch(self, source: _Source) -> concurrent.futures.Future[Judged]:
+        """The fetch of ``source`` under way, or a new one: concurrent associations share it."""
+        with self._lock:
+            future = self._pending.get(source.key)
+            if future is None:
+                future = self._pool.submit(self._fetch_now, source)
+                self._pending[source.key] = future
+                future.add_done_callback(lambda _: self._done(source.key))
+        return future
+
+    def _done(self, key: str) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+
+    def _fetch_now(self, source: _Source) -> Judged:
+        nonce = None
+        try:
+            if source.kind == "ocsp":
+                request, nonce = ocsp_request(source.cert, source.issuer)
+                raw = http_post_ocsp(source.url, request, self.timeout)
+            else:
+                raw = http_get(source.url, self.timeout)
+        except FetchError as error:
+            log.warning("revocation: %s about %s: %s", _source_name(source), describe(source.cert), error)
+            failed = Judged(Answer(_source_name(source), Status.NO_ANSWER, f"{_source_name(source)}: {error}"), None)
+            self._failed(source, failed.answer)
+            return failed
+        now = self._clock()
+        judged = self._judge(source, raw, now, nonce)
+        if judged.fresh_until is None:
+            self._failed(source, judged.answer)
+        if judged.fresh_until is not None:
+            self._remember(source, raw, judged, now, store=True)
+            log.info("revocation: %s says %s about %s, fresh until %s UTC", _source_name(source),
+                     judged.answer.status.value, describe(source.cert), f"{judged.fresh_until:%Y-%m-%d %H:%M}")
+        else:
+            log.warning("revocation: %s", judged.answer.detail)
+        return judged
+
+    def _failed(self, source: _Source, answer: Answer) -> None:
+        with self._lock:
+            self._failures[(source.key, source.cert.serial_number)] = (
+                self._clock() + datetime.timedelta(seconds=FAILURE_HOLD), answer)
+
+    def _recent_failure(self, source: _Source, now: datetime.datetime) -> Answer | None:
+        with self._lock:
+            held = self._failures.get((source.key, source.cert.serial_number))
+        return held[1] if held is not None and held[0] > now else None
+
+    def _refresher(self) -> None:
+        """Fetch each known source again before its answer goes stale, off every association's path."""
+        while True:
+            now = self._clock()
+            with self._lock:
+                due = [self._known[k] for k, at in self._refresh_at.items() if at <= now and k not in self._pending]
+                upcoming = [at for at in self._refresh_at.values() if at > now]
+            for source in due:
+                with self._lock:
+                    self._refresh_at[source.key] = now + datetime.timedelta(seconds=LOOK_AT_MOST_EVERY)
+                self._fetch(source)
+            sleep = min([LOOK_AT_MOST_EVERY, *((at - now).total_seconds() for at in upcoming)])
+            self._wake.wait(max(1.0, sleep))
+            self._wake.clear()
+
+    def fetches_pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+
+def _decided(answers: Sequence[Answer]) -> bool:
+    return any(a.status in (Status.GOOD, Status.REVOKED) for a in answers)
+
+
+def _source_name(source: _Source) -> str:
+    return f"OCSP responder {source.url}" if source.kind == "ocsp" else f"CRL {source.url}"
+
+
+def file_answer(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[FileCrl], now: datetime.datetime,
+                *, allow_expired: bool, unusable: Sequence[str], is_leaf: bool,
+                warn_expired: Callable[[FileCrl], None] = lambda _: None) -> Answer | None:
+    """What the CRL files of [trust] crl say about ``cert``: None when none is of its issuer and it
+    is an intermediate (files are fail-closed for the leaf only, as before OCSP and CDP)."""
+    candidates = [c for c in crls if c.crl.issuer == cert.issuer and _covers(c.crl, cert)]
+    if not candidates:
+        if not is_leaf:
+            return None
+        unreadable = f" (not usable: {'; '.join(unusable)})" if unusable else ""
+        return Answer("[trust] crl", Status.NO_ANSWER,
+                      f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}, so {describe(cert)} "
+                      "cannot be checked for revocation: add that CA's CRL")
+    genuine = [c for c in candidates if _crl_signed_by(c.crl, issuer)]
+    if not genuine:
+        files = ", ".join(str(c.path) for c in candidates)
+        return Answer(f"CRL file {files}", Status.NO_ANSWER,
+                      f"the CRL of {name(cert.issuer)} in {files} has an invalid signature (not signed by "
+                      f"{describe(issuer)}): fetch the CA's genuine CRL")
+    for crl in genuine:
+        revoked = crl.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if revoked is not None:
+            try:
+                reason: str | None = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
+            except x509.ExtensionNotFound:
+                reason = None
+            return Answer(f"CRL file {crl.path}", Status.REVOKED, revoked_at=revoked.revocation_date_utc,
+                          reason=reason)
+    current = [c for c in genuine if not c.expired(now)]
+    if current:
+        return Answer(f"CRL file {current[0].path}", Status.GOOD)
+    if allow_expired:
+        for crl in genuine:
+            warn_expired(crl)
+        return Answer(f"CRL file {genuine[0].path}", Status.GOOD)
+    return Answer(f"CRL file {genuine[0].path}", Status.NO_ANSWER,
+                  f"{genuine[0].describe_expiry()}, so {describe(cert)} cannot be checked for revocation: fetch a "
+                  "current CRL into that file (or set [trust] crl_expired = \"warn\" to accept it meanwhile)")
+
+
+class _DiskCache:
+    """Raw answers in a directory only this user may read (0700), one file per source key."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._usable = directory is not None
+        if directory is not None:
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(directory, 0o700)
+            except OSError as error:
+                log.warning("revocation cache %s cannot be used (%s): answers are kept in memory only, and fetched "
+                            "again after a restart; set [trust] revocation_cache to a directory this user may write",
+                            directory, error.strerror or error)
+                self._usable = False
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / (hashlib.sha256(key.encode()).hexdigest() + (".crl" if key.startswith("crl ") else ".ocsp"))
+
+    def load(self, key: str) -> bytes | None:
+        if not self._usable:
+            return None
+        try:
+            return self._path(key).read_bytes()
+        except OSError:
+            return None
+
+    def store(self, key: str, data: bytes) -> None:
+        if not self._usable:
+            return
+        path = self._path(key)
+        temporary = path.with_suffix(f".{threading.get_ident()}.tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, path)
+        except OSError as error:
+            log.warning("revocation cache: cannot write %s: %s", path, error.strerror or error)

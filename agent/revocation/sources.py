@@ -1,0 +1,228 @@
+"""OCSP responses and CRLs from distribution points: fetched over HTTP, verified against the issuer.
+
+Fetching is plain HTTP with the standard library (OCSP and CRLs are signed, so TLS adds nothing
+to their integrity, and RFC 5280/6960 publish them over http). Every judgement here is of bytes
+already fetched, so the cache can judge its files again after a restart with the same code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
+
+from dicom_card_agent.revocation.decision import Answer, Status
+from dicom_card_agent.trust.crls import _covers, _crl_signed_by, name
+
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+"""How far thisUpdate may lie in the future and nextUpdate in the past: clocks of workstations drift."""
+
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # a CRL of a big hospital PKI is a few MB at most
+
+
+@dataclass(frozen=True)
+class Judged:
+    """An answer and until when it may be used without asking again (None: not to be kept)."""
+
+    answer: Answer
+    fresh_until: datetime.datetime | None
+
+
+def ocsp_urls(cert: x509.Certificate) -> list[str]:
+    try:
+        access = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return []
+    return [d.access_location.value for d in access if d.access_method == AuthorityInformationAccessOID.OCSP
+            and isinstance(d.access_location, x509.UniformResourceIdentifier)
+            and d.access_location.value.startswith("http://")]
+
+
+def crl_urls(cert: x509.Certificate) -> list[str]:
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return []
+    return [n.value for point in points if point.full_name and point.crl_issuer is None and point.reasons is None
+            for n in point.full_name if isinstance(n, x509.UniformResourceIdentifier) and n.value.startswith("http://")]
+
+
+class FetchError(Exception):
+    """The source did not answer usably; the message names it and says why."""
+
+
+def http_get(url: str, timeout: float) -> bytes:
+    return _http(urllib.request.Request(url), url, timeout)
+
+
+def http_post_ocsp(url: str, body: bytes, timeout: float) -> bytes:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/ocsp-request"})
+    return _http(request, url, timeout)
+
+
+def _http(request: urllib.request.Request, url: str, timeout: float) -> bytes:
+    # No proxy from the environment: revocation sources of a hospital PKI are inside the hospital.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            data = response.read(MAX_RESPONSE_BYTES + 1)
+    except urllib.error.HTTPError as error:
+        raise FetchError(f"{url} answered HTTP {error.code} {error.reason}") from None
+    except urllib.error.URLError as error:
+        reason = error.reason
+        if isinstance(reason, TimeoutError):
+            raise FetchError(f"cannot reach {url}: no answer within {timeout:g} s") from None
+        text = getattr(reason, "strerror", None) or str(reason)
+        raise FetchError(f"cannot reach {url}: {text}") from None
+    except TimeoutError:
+        raise FetchError(f"cannot reach {url}: no answer within {timeout:g} s") from None
+    except OSError as error:
+        raise FetchError(f"cannot reach {url}: {error.strerror or error}") from None
+    if len(data) > MAX_RESPONSE_BYTES:
+        raise FetchError(f"{url} sent more than {MAX_RESPONSE_BYTES} bytes")
+    return data
+
+
+def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> tuple[bytes, bytes]:
+    """The DER of an OCSP request for ``cert`` with a fresh nonce, and the nonce."""
+    nonce = os.urandom(16)
+    request = (ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+               .add_extension(x509.OCSPNonce(nonce), critical=False).build())
+    return request.public_bytes(serialization.Encoding.DER), nonce
+
+
+def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url: str, now: datetime.datetime,
+               max_age: datetime.timedelta, nonce: bytes | None = None) -> Judged:
+    """What the OCSP response ``data`` from ``url`` says about ``cert``, once verified."""
+    source = f"OCSP responder {url}"
+
+    def no_answer(why: str) -> Judged:
+        return Judged(Answer(source, Status.NO_ANSWER, f"OCSP responder {url} {why}"), None)
+
+    try:
+        response = ocsp.load_der_ocsp_response(data)
+    except ValueError:
+        return no_answer("sent something that is not an OCSP response")
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return no_answer(f"answered {response.response_status.name.lower()} for {name(cert.subject)}")
+    signer = _ocsp_signer(response, issuer)
+    if signer is None:
+        signers = ", ".join(name(c.subject) for c in response.certificates) or "a key it did not certify"
+        return no_answer(f"answered with a response signed by {signers}, neither the issuer {name(issuer.subject)} "
+                         "nor a responder it certified for OCSP signing: ignored")
+    if nonce is not None:
+        try:
+            echoed = response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
+        except x509.ExtensionNotFound:
+            echoed = None  # a responder that does not support nonces (pre-signed responses)
+        if echoed is not None and echoed != nonce:
+            return no_answer("answered with the nonce of another request (a replayed response): ignored")
+    single = next((s for s in response.responses if s.serial_number == cert.serial_number
+                   and s.issuer_key_hash == _key_hash(cert, issuer, s.hash_algorithm)), None)
+    if single is None:
+        return no_answer(f"answered about other certificates than {name(cert.subject)}")
+    this_update, next_update = single.this_update_utc, single.next_update_utc
+    if this_update > now + CLOCK_SKEW:
+        return no_answer(f"answered with a response from the future (thisUpdate {this_update:%Y-%m-%d %H:%M} UTC): "
+                         "check this computer's clock")
+    if next_update is not None and next_update < now - CLOCK_SKEW:
+        return no_answer(f"answered with a stale response (nextUpdate {next_update:%Y-%m-%d %H:%M} UTC has passed)")
+    fresh_until = min(next_update or this_update + max_age, now + max_age)
+    if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+        reason = single.revocation_reason.value if single.revocation_reason else None
+        return Judged(Answer(source, Status.REVOKED, revoked_at=single.revocation_time_utc, reason=reason),
+                      fresh_until)
+    if single.certificate_status == ocsp.OCSPCertStatus.UNKNOWN:
+        return no_answer(f"does not know {name(cert.subject)} (status unknown)")
+    return Judged(Answer(source, Status.GOOD), fresh_until)
+
+
+def _key_hash(cert: x509.Certificate, issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
+    """The issuerKeyHash of ``issuer`` as RFC 6960 computes it (cryptography's, from a request)."""
+    return ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, algorithm).build().issuer_key_hash
+
+
+def _ocsp_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate) -> x509.Certificate | None:
+    """The issuer, or a delegated responder certificate it issued with id-kp-OCSPSigning, whose key
+    signed ``response``; None if neither did."""
+    if _signature_valid(response, issuer):
+        return issuer
+    for candidate in response.certificates:
+        if not _issued_by(candidate, issuer) or not _ocsp_signing(candidate):
+            continue
+        if _signature_valid(response, candidate):
+            return candidate
+    return None
+
+
+def _ocsp_signing(cert: x509.Certificate) -> bool:
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.OCSP_SIGNING in usages
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _signature_valid(response: ocsp.OCSPResponse, signer: x509.Certificate) -> bool:
+    key = signer.public_key()
+    algorithm = response.signature_hash_algorithm
+    try:
+        if isinstance(key, rsa.RSAPublicKey) and algorithm is not None:
+            key.verify(response.signature, response.tbs_response_bytes, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey) and algorithm is not None:
+            key.verify(response.signature, response.tbs_response_bytes, ec.ECDSA(algorithm))
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError):
+        return False
+    return True
+
+
+def judge_crl(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url: str, now: datetime.datetime,
+              max_age: datetime.timedelta) -> Judged:
+    """What the CRL ``data`` fetched from ``url`` says about ``cert``, once verified against ``issuer``."""
+    source = f"CRL {url}"
+
+    def no_answer(why: str) -> Judged:
+        return Judged(Answer(source, Status.NO_ANSWER, f"the CRL at {url} {why}"), None)
+
+    try:
+        crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
+    except ValueError:
+        return no_answer("is not a readable CRL")
+    if crl.issuer != cert.issuer or not _crl_signed_by(crl, issuer):
+        return no_answer(f"is not signed by the issuer {name(issuer.subject)}: ignored")
+    if not _covers(crl, cert):
+        return no_answer(f"is a partial CRL (delta or limited scope) and cannot vouch for {name(cert.subject)}")
+    next_update = crl.next_update_utc
+    if crl.last_update_utc > now + CLOCK_SKEW:
+        return no_answer("was issued in the future: check this computer's clock")
+    if next_update is not None and next_update < now - CLOCK_SKEW:
+        return no_answer(f"expired on {next_update:%Y-%m-%d %H:%M} UTC (the CA has not published a newer one there)")
+    fresh_until = min(next_update or crl.last_update_utc + max_age, now + max_age)
+    revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if revoked is not None:
+        try:
+            reason: str | None = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
+        except x509.ExtensionNotFound:
+            reason = None
+        return Judged(Answer(source, Status.REVOKED, revoked_at=revoked.revocation_date_utc, reason=reason),
+                      fresh_until)
+    return Judged(Answer(source, Status.GOOD), fresh_until)
