@@ -89,14 +89,15 @@ def _key_pem(key) -> bytes:
 
 def _written_files() -> tuple[str, ...]:
     """Every file this command writes in DIR, by relative path (and the SoftHSM token store, tokens/)."""
-    pki_files = (*PKI_FILES, *SECRET_PKI_FILES, *(f"clients/{i.label}.pem" for i in IDENTITIES))
+    # The test responder (`softhsm ocsp-responder`) writes its pid and log file next to its index.
+    pki_files = (*PKI_FILES, *SECRET_PKI_FILES, *(f"clients/{i.label}.pem" for i in IDENTITIES),
+                 responder.PID_FILE, responder.LOG_FILE)
     return ("softhsm2.conf", "README.txt", MARKER, *(f"pki/{name}" for name in pki_files))
 
 
 PKI_FILES = ("root-ca.pem", "issuing-ca.pem", "ca-bundle.pem", "issuing-ca.crl.pem", "root-ca.crl.pem",
              "server-chain.pem", "untrusted-ca.pem", "untrusted-server-chain.pem", "ocsp-signer.pem",
-             "ocsp/index.txt", "ocsp/port", "crl-http/issuing-ca.crl", "crl-http/root-ca.crl",
-             responder.PID_FILE, responder.LOG_FILE)
+             "ocsp/index.txt", "ocsp/port", "crl-http/issuing-ca.crl", "crl-http/root-ca.crl")
 SECRET_PKI_FILES = ("server.key", "untrusted-server.key", "private/root-ca.key", "private/issuing-ca.key",
                     "private/untrusted-ca.key", "private/ocsp-signer.key")
 

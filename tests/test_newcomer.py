@@ -18,7 +18,7 @@ from conftest import HELPERS, ProvisionedPki, provision, run_card_agent
 from peers.ports import free_port
 
 COMMANDS = [["tokens"], ["identities"], ["doctor"], ["check"], ["run"], ["status"], ["lock"], ["audit", "tail"],
-            ["softhsm", "init"]]
+            ["softhsm", "init"], ["softhsm", "ocsp-responder"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -20,7 +20,8 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Recreate tokens and PKI even if DIR is complete (files of "
                                                         "yours in DIR are left alone).")] = False,
     revocation_port: Annotated[int, typer.Option(
-        "--revocation-port", help="Loopback port the certificates name for OCSP and CRLs (ocsp-responder).")
+        "--revocation-port", metavar="PORT",
+        help="Loopback port the certificates name for OCSP and CRLs (ocsp-responder).")
     ] = DEFAULT_REVOCATION_PORT,
 ) -> None:
     """Create SoftHSM tokens alice, bob, mallory, expired, stranger and their PKI in DIR (created if
@@ -45,8 +46,8 @@ def init(
 
 @app.command("ocsp-responder")
 def ocsp_responder(
-    action: Annotated[str, typer.Argument(help="start or stop")],
-    directory: Annotated[Path, typer.Argument(help="The directory `card-agent softhsm init` provisioned.")],
+    action: Annotated[str, typer.Argument(metavar="start|stop", help="start or stop")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The directory `card-agent softhsm init` provisioned.")],
 ) -> None:
     """Start or stop the test PKI's OCSP responder and CRL distribution point (127.0.0.1 only).
 
