@@ -22,6 +22,7 @@ MSGID = "IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
 XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
 NIL = "-"
+MAX_SEQUENCE_ID = 2_147_483_647  # RFC 5424 7.3.1: 1..2147483647, then it starts again at 1
 _MAX_FRAME_DIGITS = 10  # MSG-LEN of up to 9,999,999,999 octets; anything longer is garbage
 
 _HEADER_LIMITS = {"hostname": 255, "app_name": 48, "procid": 128, "msgid": 32}
@@ -44,10 +45,15 @@ def timestamp(value: datetime) -> str:
 
 
 def format_message(xml: bytes, *, time: datetime, hostname: str, procid: str | int,
-                   severity: int = SEVERITY_NOTICE, app_name: str = APP_NAME, msgid: str = MSGID) -> bytes:
-    """One RFC 5424 message carrying ``xml`` (an audit message without XML declaration)."""
+                   severity: int = SEVERITY_NOTICE, app_name: str = APP_NAME, msgid: str = MSGID,
+                   sequence: int | None = None) -> bytes:
+    """One RFC 5424 message carrying ``xml`` (an audit message without XML declaration);
+    ``sequence`` becomes the structured data ``[meta sequenceId="N"]`` (RFC 5424 7.3.1), which
+    lets a repository recognise a message delivered twice (docs/audit.md)."""
     if not 0 <= severity <= 7:
         raise ValueError(f"syslog severity {severity} is not 0-7")
+    if sequence is not None and not 1 <= sequence <= MAX_SEQUENCE_ID:
+        raise ValueError(f"meta sequenceId {sequence} is not 1-{MAX_SEQUENCE_ID}")
     header = " ".join([
         f"<{FACILITY_AUTHPRIV * 8 + severity}>1",
         timestamp(time),
@@ -55,7 +61,7 @@ def format_message(xml: bytes, *, time: datetime, hostname: str, procid: str | i
         header_field(app_name, "app_name"),
         header_field(str(procid), "procid"),
         header_field(msgid, "msgid"),
-        NIL,  # STRUCTURED-DATA
+        NIL if sequence is None else f'[meta sequenceId="{sequence}"]',  # STRUCTURED-DATA
     ])
     return header.encode("ascii") + b" " + BOM + XML_DECLARATION + xml
 
@@ -125,6 +131,12 @@ class SyslogMessage:
     @property
     def severity(self) -> int:
         return self.pri % 8
+
+    @property
+    def sequence_id(self) -> int | None:
+        """``meta sequenceId`` of the structured data, if there is one."""
+        match = re.search(r'\[meta(?: [^\]]*)? sequenceId="(\d+)"', self.structured_data)
+        return int(match.group(1)) if match else None
 
     @property
     def xml(self) -> bytes:

@@ -137,6 +137,13 @@ class Listeners:
                 self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
             self._turned_away(tunnel.name, "local_peer_refused")
             return self._reject(tunnel, local, TunnelFailure("local peer refused"))
+        refusal = self.manager.audit.refusal() if self.manager is not None else None
+        if refusal is not None:  # [audit] on_failure = "refuse": no association goes unrecorded
+            log.warning("tunnel %s: %s: rejected: %s; [audit] on_failure = \"refuse\": free space there, "
+                        "associations are accepted again as soon as the trail can be written",
+                        tunnel.name, peer.describe(), refusal)
+            self._turned_away(tunnel.name, "audit_failing")
+            return self._reject(tunnel, local, TunnelFailure(refusal, transient=True))
         session = self.manager.current_session() if self.manager else None
         if session is not None:
             self.manager.touch()

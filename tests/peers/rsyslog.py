@@ -15,11 +15,18 @@ each received message exactly as received (``%rawmsg%``, one per line) to ``rece
 - ``stop()`` (SIGTERM) closes the client connections (FIN) and exits after flushing the file;
   ``start()`` again reuses the same port, config and output file (appended);
 - imtcp logs peer TLS problems only to its own stderr (our log file), not as syslog messages.
+
+:func:`rsyslog_relp` is the same repository speaking RELP over TLS instead (``imrelp`` from
+rsyslog-relp, librelp with OpenSSL): every message is acknowledged with ``rsp 200`` once rsyslog
+has taken it. :meth:`Rsyslog.pause` / :meth:`Rsyslog.resume` / :meth:`Rsyslog.kill` (SIGSTOP,
+SIGCONT, SIGKILL) make the failures a repository really has.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +40,7 @@ from .ports import LOOPBACK, ManagedProcess, free_port, managed_process, wait_fo
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 AuthMode = Literal["anon", "x509/certvalid"]
+Protocol = Literal["tls", "relp"]
 
 _CONFIG = """\
 global(
@@ -46,6 +54,18 @@ global(
 module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="{auth_mode}"
        maxSessions="20")
 input(type="imtcp" address="{host}" port="{port}" ruleset="audit")
+template(name="raw" type="string" string="%rawmsg%\\n")
+ruleset(name="audit") {{
+    action(type="omfile" file="{output}" template="raw" flushOnTXEnd="on" asyncWriting="off")
+}}
+"""
+
+
+_RELP_CONFIG = """\
+global(workDirectory="{work}" maxMessageSize="256k")
+module(load="imrelp" tls.tlslib="openssl")
+input(type="imrelp" address="{host}" port="{port}" ruleset="audit" maxDataSize="256k" tls="on"
+      tls.cacert="{ca}" tls.mycert="{cert}" tls.myprivkey="{key}" tls.authMode="{auth_mode}")
 template(name="raw" type="string" string="%rawmsg%\\n")
 ruleset(name="audit") {{
     action(type="omfile" file="{output}" template="raw" flushOnTXEnd="on" asyncWriting="off")
@@ -88,6 +108,22 @@ class Rsyslog:
             managed_process(argv, log_path=self.directory / f"rsyslogd-{self._starts}.log"))
         wait_for_port(self.port, timeout, host=self.host, process=self.process)
 
+    def pause(self) -> None:
+        """SIGSTOP: the repository neither reads nor answers; the kernel still takes bytes."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: whatever it had not written to received.log is gone."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.stop()  # reaps it
+        self.process = None
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
@@ -125,22 +161,27 @@ class Rsyslog:
             time.sleep(0.02)
 
 
-def write_config(directory: Path, server: TlsServerFiles, port: int, auth_mode: AuthMode, host: str) -> Path:
+def write_config(directory: Path, server: TlsServerFiles, port: int, auth_mode: AuthMode, host: str,
+                 protocol: Protocol = "tls") -> Path:
     work = directory / "work"
     work.mkdir(parents=True, exist_ok=True)
     path = directory / "rsyslog.conf"
-    path.write_text(_CONFIG.format(work=work, ca=server.ca_bundle, cert=server.chain, key=server.key,
+    if protocol == "relp":  # imrelp names the modes without the x509/ prefix
+        template, auth_mode = _RELP_CONFIG, auth_mode.removeprefix("x509/")  # type: ignore[assignment]
+    else:
+        template = _CONFIG
+    path.write_text(template.format(work=work, ca=server.ca_bundle, cert=server.chain, key=server.key,
                                    auth_mode=auth_mode, host=host, port=port, output=directory / "received.log"))
     return path
 
 
 @contextlib.contextmanager
 def rsyslog_tls(directory: Path, server: TlsServerFiles, *, auth_mode: AuthMode = "anon",
-                port: int | None = None, start: bool = True) -> Iterator[Rsyslog]:
+                port: int | None = None, start: bool = True, protocol: Protocol = "tls") -> Iterator[Rsyslog]:
     """An rsyslogd TLS audit repository on 127.0.0.1 (a free port unless given); stopped on exit."""
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    write_config(directory, server, port, auth_mode, LOOPBACK)
+    write_config(directory, server, port, auth_mode, LOOPBACK, protocol)
     server_process = Rsyslog(directory, port, auth_mode)
     try:
         if start:
@@ -148,3 +189,9 @@ def rsyslog_tls(directory: Path, server: TlsServerFiles, *, auth_mode: AuthMode 
         yield server_process
     finally:
         server_process.close()
+
+
+def rsyslog_relp(directory: Path, server: TlsServerFiles, *, auth_mode: AuthMode = "anon",
+                 port: int | None = None, start: bool = True) -> contextlib.AbstractContextManager[Rsyslog]:
+    """An rsyslogd RELP-over-TLS audit repository (imrelp); ``anon`` or ``x509/certvalid`` as above."""
+    return rsyslog_tls(directory, server, auth_mode=auth_mode, port=port, start=start, protocol="relp")
