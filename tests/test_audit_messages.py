@@ -680,17 +680,25 @@ def test_audit_config_full(tmp_path):
     config = parse_audit_config({
         "file": "/var/log/card-agent/audit.log", "spool": "spool", "site_id": "Example Hospital",
         "syslog": {"address": "[::1]:6514", "ca": "pki/audit-ca.pem", "certificate": "pki/agent.pem",
-                   "key": "pki/agent.key", "retry_max": 5},
+                   "key": "pki/agent.key", "retry_max": 5, "transport": "relp"},
+        "on_failure": "refuse",
     }, "agent.toml", tmp_path)
+    assert config.syslog.transport == "relp" and config.on_failure == "refuse"
     assert config.file == Path("/var/log/card-agent/audit.log") and config.spool == tmp_path / "spool"
     assert config.syslog.host == "::1" and config.syslog.port == 6514 and config.syslog.address == "[::1]:6514"
     assert config.syslog.server_name == "::1" and config.syslog.ca == tmp_path / "pki" / "audit-ca.pem"
     assert config.syslog.certificate == tmp_path / "pki" / "agent.pem" and config.syslog.retry_max == 5.0
     assert config.audit_source_id() == os.uname().nodename and config.site_id == "Example Hospital"
     assert parse_audit_config(None, "agent.toml", tmp_path) is None
+    defaults = parse_audit_config({"spool": "s", "syslog": {"address": "a:1", "ca": "pki/audit-ca.pem"}},
+                                  "agent.toml", tmp_path)
+    assert defaults.syslog.transport == "tls" and defaults.on_failure == "continue"
 
 
 @pytest.mark.parametrize("table, message", [
+    ({"file": "a.log", "on_failure": "stop"}, r"\[audit\].on_failure: is 'stop'; use \"continue\" .* or \"refuse\""),
+    ({"spool": "s", "syslog": {"address": "a:1", "ca": "ca.pem", "transport": "udp"}},
+     r"\[audit.syslog\].transport: is 'udp'; use \"tls\" .* or \"relp\""),
     ({"file": "a.log", "colour": "red"}, r"agent.toml \[audit\]: unknown key\(s\) colour"),
     ({}, "nothing to write to"),
     ({"file": 5}, r"\[audit\].file: must be a string"),
