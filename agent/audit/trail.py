@@ -69,6 +69,7 @@ class AuditTrail:
         self._sequence = 0  # meta sequenceId of the last syslog message
         self._file_backlog = _Backlog("file")
         self._spool_backlog = _Backlog("spool")
+        self._refusing = False  # the last refusal() refused
         try:
             if config.file is not None:
                 self.file = FileSink(config.file)
@@ -168,7 +169,7 @@ class AuditTrail:
         except (OSError, AuditError) as error:
             backlog.reason = self._describe(backlog, error)
             return
-        log.warning("audit: the %s takes messages again: %d event%s written late; associations are accepted again",
+        log.warning("audit: the %s takes messages again: %d event%s written late",
                     "audit file" if backlog is self._file_backlog else "audit spool", written,
                     "" if written == 1 else "s")
         backlog.reason = ""
@@ -179,14 +180,21 @@ class AuditTrail:
         if not self.refuses or self._closed:
             return None
         with self._lock:
-            for backlog in (self._file_backlog, self._spool_backlog):
-                self._retry(backlog)
-                if backlog.messages:
-                    return f"the audit trail cannot be written ({backlog.reason})"
-            for path in self._sink_paths():
-                short = _short_of_space(path)
-                if short:
-                    return f"the audit trail cannot be written ({short})"
+            reason = self._refusal()
+            if reason is None and self._refusing:
+                log.warning("audit: the audit trail can be written again; associations are accepted again")
+            self._refusing = reason is not None
+            return reason
+
+    def _refusal(self) -> str | None:
+        for backlog in (self._file_backlog, self._spool_backlog):
+            self._retry(backlog)
+            if backlog.messages:
+                return f"the audit trail cannot be written ({backlog.reason})"
+        for path in self._sink_paths():
+            short = _short_of_space(path)
+            if short:
+                return f"the audit trail cannot be written ({short})"
         return None
 
     def _sink_paths(self) -> list[Path]:

@@ -65,7 +65,7 @@ _RELP_CONFIG = """\
 global(workDirectory="{work}" maxMessageSize="256k")
 module(load="imrelp" tls.tlslib="openssl")
 input(type="imrelp" address="{host}" port="{port}" ruleset="audit" maxDataSize="256k" tls="on"
-      tls.cacert="{ca}" tls.mycert="{cert}" tls.myprivkey="{key}" tls.authMode="{auth_mode}")
+      tls.cacert="{ca}" tls.mycert="{cert}" tls.myprivkey="{key}"{auth_mode})
 template(name="raw" type="string" string="%rawmsg%\\n")
 ruleset(name="audit") {{
     action(type="omfile" file="{output}" template="raw" flushOnTXEnd="on" asyncWriting="off")
@@ -166,8 +166,9 @@ def write_config(directory: Path, server: TlsServerFiles, port: int, auth_mode: 
     work = directory / "work"
     work.mkdir(parents=True, exist_ok=True)
     path = directory / "rsyslog.conf"
-    if protocol == "relp":  # imrelp names the modes without the x509/ prefix
-        template, auth_mode = _RELP_CONFIG, auth_mode.removeprefix("x509/")  # type: ignore[assignment]
+    if protocol == "relp":  # imrelp: no authMode accepts any client; certvalid without the x509/ prefix
+        template = _RELP_CONFIG
+        auth_mode = "" if auth_mode == "anon" else ' tls.authMode="certvalid"'  # type: ignore[assignment]
     else:
         template = _CONFIG
     path.write_text(template.format(work=work, ca=server.ca_bundle, cert=server.chain, key=server.key,
