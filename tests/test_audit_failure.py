@@ -91,6 +91,8 @@ def test_repository_stopped_killed_restarted_during_a_study_loses_nothing(
 
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a small tmpfs (a disk that fills up): run it as root, as CI does")
     path.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
     try:
