@@ -21,7 +21,12 @@ from dicom_card_agent.audit.events import AuditEvent
 from dicom_card_agent.audit.trail import AuditTrail
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.rsyslog import Rsyslog, rsyslog_relp, rsyslog_tls
-from test_audit_syslog import audit_config, client, pki, reasons, wait_until  # noqa: F401 (fixtures)
+import test_audit_syslog
+from test_audit_syslog import audit_config, reasons, wait_until
+
+# the test PKI files and the agent's client identity, as tests/test_audit_syslog.py makes them
+pki = test_audit_syslog.pki
+client = test_audit_syslog.client
 
 TRANSPORTS = ["relp", "tls"]
 

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import running_agent, tunnel
+from agent_runner import inbound_listener, port_of, running_agent, tunnel
 from conftest import ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
 from peers.pki_files import TlsServerFiles
 from peers.rsyslog import rsyslog_relp, rsyslog_tls
-from peers.study import make_study
+from peers.study import assert_delivered, make_study
 from test_agent_audit import event_ids
+from test_inbound import node_identity, pacs_identity
 
 BOM = "\ufeff".encode()
 
@@ -71,7 +72,8 @@ def test_repository_stopped_killed_restarted_during_a_study_loses_nothing(
             agent.wait_for_log("event=sign-in ")
             repository.wait_for_messages(2)  # Application Start, Login
             repository.pause()
-            assert storescu(agent.port("pacs"), study).returncode == 0
+            sent = storescu(agent.port("pacs"), study)
+            assert sent.returncode == 0, sent.stdout + agent.log()
             time.sleep(1.0)  # the sender writes the association's messages into the stopped repository
             waiting = sorted((tmp_path / "spool").glob("*.msg"))
             assert len(waiting) >= 3, waiting  # Association Begin, Instances Transferred, Association End
@@ -177,3 +179,26 @@ def test_full_disk_with_refuse_refuses_associations_until_space_returns(
                    "ASSOCIATION/ASSOCIATION-BEGIN", "110104/", "ASSOCIATION/ASSOCIATION-END",
                    "110114/110123", "110100/110121"], ids
     assert received == local  # every event delivered, in order, once
+
+
+def test_full_disk_with_refuse_turns_the_pacs_away_at_an_inbound_listener(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A C-MOVE delivery would be audited too: while the trail cannot be written the PACS's
+    connection is closed (no TLS without the card session's answer, so no DICOM answer either)."""
+    study = make_study(tmp_path / "study", files=1)
+    with small_tmpfs(tmp_path / "disk") as disk, storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
+        audit = {"file": str(disk / "audit.log"), "on_failure": "refuse"}
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], audit=audit) as agent:
+            filler = fill(disk)
+            refused = storescu(port_of(listener), study, tls=pacs_identity(test_pki), calling_ae="PACS")
+            log = agent.wait_for_log("turned away: the audit trail cannot be written")
+            assert refused.returncode != 0 and not viewer.stored_files()
+            assert re.search(r"inbound retrieves: PACS at 127\.0\.0\.1:\d+ turned away: the audit trail cannot be "
+                             rf"written \(0 KiB free on the file system of {re.escape(str(disk))}, less than the "
+                             r"1024 KiB the audit trail keeps in reserve\); \[audit\] on_failure = \"refuse\"", log), log
+            filler.unlink()
+            accepted = storescu(port_of(listener), study, tls=pacs_identity(test_pki), calling_ae="PACS")
+            agent.wait_for_log("instances stored", timeout=40)
+            assert accepted.returncode == 0, accepted.stdout
+        assert_delivered(study, viewer.stored_files())

@@ -460,6 +460,7 @@ class RelpSink(RepositorySink):
     def __init__(self, config: SyslogConfig, spool: Spool, *, window: int = RELP_WINDOW, **options: float) -> None:
         self.window = window
         self._session = RelpSession(window)
+        self._answered = 0.0  # when the repository last answered (or had nothing to answer)
         super().__init__(config, spool, **options)
 
     def _opening(self, sock: ssl.SSLSocket) -> None:
@@ -495,6 +496,8 @@ class RelpSink(RepositorySink):
         sock = self._sock
         assert sock is not None
         session = self._session
+        if not session.unacknowledged:
+            self._answered = time.monotonic()  # the repository owes us nothing yet
         while session.can_send():
             room = session.window - len(session.unacknowledged)
             batch = self.spool.after(self._cursor, min(SEND_BATCH, room))
@@ -505,7 +508,8 @@ class RelpSink(RepositorySink):
         if not session.unacknowledged:
             return False
         acknowledged: list[int] = []
-        deadline = time.monotonic() + self.io_timeout
+        # From its last answer, not from our last send: new messages keep coming to a stopped repository.
+        deadline = self._answered + self.io_timeout
         while not acknowledged:
             events = self._receive(sock, deadline)
             if not events and not acknowledged:
@@ -525,6 +529,7 @@ class RelpSink(RepositorySink):
                     if acknowledged:
                         self._confirmed(acknowledged)
                     raise ConnectionLost("the audit repository ended the RELP session (serverclose)")
+        self._answered = time.monotonic()
         self._confirmed(acknowledged)
         return True
 

@@ -123,7 +123,7 @@ class Spool:
         while len(found) < limit:
             with self._mutex:
                 self._check_open()
-                following = [s for s in self._pending if s > sequence][:limit - len(found)]
+                following = self._following(sequence, limit - len(found))
             if not following:
                 return found
             for number in following:
@@ -132,6 +132,17 @@ class Spool:
                     found.append((number, data))
                 sequence = number
         return found
+
+    def _following(self, sequence: int, limit: int) -> list[int]:
+        # The numbers at or below ``sequence`` are the few sent and not yet confirmed, at the
+        # front: skipping them keeps this cheap even with a long backlog behind.
+        following: list[int] = []
+        for number in self._pending:
+            if number > sequence:
+                following.append(number)
+                if len(following) == limit:
+                    break
+        return following
 
     def _read(self, sequence: int) -> bytes | None:
         path = self._path(sequence)

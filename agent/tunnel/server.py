@@ -189,6 +189,13 @@ class Listeners:
             self._turned_away(inbound.name, "address_not_allowed")
             return
         peer = f"{host}:{port}"
+        refusal = self.manager.audit.refusal() if self.manager is not None else None
+        if refusal is not None:  # [audit] on_failure = "refuse": what the PACS sends would go unrecorded
+            connection.close()
+            log.warning("inbound %s: PACS at %s turned away: %s; [audit] on_failure = \"refuse\"",
+                        inbound.name, peer, refusal)
+            self._turned_away(inbound.name, "audit_failing")
+            return
         session = self.manager.current_session() if self.manager else None
         if session is None or not session.dispatch(inbound.name, connection, peer):
             state = self.manager.state if self.manager else "starting"
