@@ -85,7 +85,9 @@ def test_repository_stopped_killed_restarted_during_a_study_loses_nothing(
         repository.wait_for_messages(len(local), timeout=30)
         time.sleep(0.3)
         received = delivered_xml(repository)
+        sequence_ids = {m.sequence_id for m in repository.messages()}
     assert set(received) == set(local)  # every message recorded arrived (some perhaps twice)
+    assert sequence_ids == set(range(1, len(local) + 1))  # the ids the agent gave, each at least once
     ids = event_ids([ET.fromstring(line) for line in local])
     assert ids[0] == "110100/110120" and ids[-1] == "110100/110121" and "110104/" in ids
     assert not list((tmp_path / "spool").glob("*.msg"))
