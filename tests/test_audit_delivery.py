@@ -158,3 +158,25 @@ def test_delivery_works_with_descriptors_above_1023(transport: str, tmp_path: Pa
         for sock in fillers:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_repository_down_then_back_delivers_once_in_order(transport: str, tmp_path: Path, pki: Path,
+                                                          client: TlsClientFiles):
+    """A repository that is shut down normally (SIGTERM) and started again: nothing was in flight,
+    so every message arrives exactly once, in order."""
+    with repository_for(transport, tmp_path / "rsyslog", pki) as repository:
+        with AuditTrail(config_for(transport, tmp_path, pki, client, repository.port)) as trail:
+            for n in range(3):
+                trail.record(numbered(n))
+            assert trail.wait_delivered(20)
+            repository.stop()
+            for n in range(3, 23):
+                trail.record(numbered(n))
+            wait_until(lambda: "refused" in trail.status()["last_error"], what="connection refused seen")
+            assert trail.pending() == 20
+            repository.start()
+            assert trail.wait_delivered(30), trail.status()
+        repository.wait_for_messages(23)
+        time.sleep(0.3)
+        assert reasons(repository.messages()) == [f"event {n}" for n in range(23)]
