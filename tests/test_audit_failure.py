@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent_runner import inbound_listener, port_of, running_agent, tunnel
-from conftest import ProvisionedPki
+from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
 from peers.pki_files import TlsServerFiles
@@ -163,6 +163,9 @@ def test_full_disk_with_refuse_refuses_associations_until_space_returns(
             assert refused.returncode != 0 and "Association Rejected" in refused.stdout, refused.stdout
             # the reason is the failed write, or the free space (the sender's deletions may have made room for a moment)
             assert agent.log().count("rejected: the audit trail cannot be written (") == 2
+            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
+            assert re.search(r", \d+ events? kept in memory: the audit trail cannot be written$", status.stdout, re.M), \
+                status.stdout + status.stderr
             assert len(list((tmp_path / "received").rglob("*.dcm"))) == 0
 
             filler.unlink()  # space returns
