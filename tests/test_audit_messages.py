@@ -410,6 +410,52 @@ def test_instances_with_unknown_study_and_patient_keep_the_structure():
     assert patient.get("ParticipantObjectID") == "" and patient.get("ParticipantObjectTypeCodeRole") == "1"
 
 
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def test_a_query_carries_the_sop_class_and_the_identifier():
+    identifier = b"\x10\x00\x20\x00\x06\x00\x00\x00PAT-01"  # (0010,0020) PatientID, implicit VR LE
+    root = parse(AuditEvent.query_event(
+        tunnel="pacs", remote=PACS, calling_ae="FINDSCU", called_ae="PACS", sop_class_uid=STUDY_ROOT_FIND,
+        query=base64.b64encode(identifier).decode(), transfer_syntax="1.2.840.10008.1.2", local_peer=STORESCU,
+        user=ALICE, patient_id="PAT-01", patient_name="Doe^Jane", agent_pid=777))
+    identification = root.find("EventIdentification")
+    assert code_of(identification.find("EventID")) == ("110112", "DCM", "Query")
+    assert identification.get("EventActionCode") == "E" and identification.find("EventTypeCode") is None
+    issuer, responder, person, agent = participants(root)
+    assert issuer["roles"] == ["110153"] and issuer["UserID"] == "4242" and issuer["UserIsRequestor"] == "true"
+    assert issuer["AlternativeUserID"] == "AETITLES=FINDSCU"
+    assert responder["roles"] == ["110152"] and responder["UserID"] == "10.1.2.3:11112"
+    assert responder["AlternativeUserID"] == "AETITLES=PACS"
+    check_alice(person, requestor=True)
+    check_agent(agent, requestor=False)
+    sop, patient = objects(root)
+    assert sop.get("ParticipantObjectID") == STUDY_ROOT_FIND
+    assert (sop.get("ParticipantObjectTypeCode"), sop.get("ParticipantObjectTypeCodeRole")) == ("2", "3")
+    assert code_of(sop.find("ParticipantObjectIDTypeCode")) == ("110181", "DCM", "SOP Class UID")
+    assert sop.find("ParticipantObjectName") is None  # the schema allows a name or a query
+    assert base64.b64decode(sop.findtext("ParticipantObjectQuery")) == identifier
+    assert detail(sop, "TransferSyntax") == "1.2.840.10008.1.2"
+    assert patient.get("ParticipantObjectID") == "PAT-01" and patient.findtext("ParticipantObjectName") == "Doe^Jane"
+    assert summarize(ET.tostring(root)).detail == f"query {STUDY_ROOT_FIND}, patient PAT-01"
+
+
+def test_an_inbound_delivery_names_the_pacs_as_requestor_and_source():
+    """A C-MOVE delivery: the PACS requested the association (Calling AE) and sent the instances to
+    the local storage SCP (Called AE)."""
+    root = parse(AuditEvent.instances_transferred(
+        tunnel="retrieves", remote=PACS, calling_ae="ORTHANC", called_ae="WORKSTATION",
+        direction=Direction.FROM_REMOTE, remote_requestor=True, instances=[Instance(CT, "1.2.3.9", STUDY_A)],
+        local_peer=LocalPeer(listen="127.0.0.1:4006"), user=ALICE, agent_pid=777))
+    assert root.find("EventIdentification").get("EventActionCode") == "R"
+    sender, receiver, person, agent = participants(root)
+    assert sender["roles"] == ["110153"] and sender["UserID"] == "10.1.2.3:11112"
+    assert sender["AlternativeUserID"] == "AETITLES=ORTHANC" and sender["UserIsRequestor"] == "true"
+    assert receiver["roles"] == ["110152"] and receiver["AlternativeUserID"] == "AETITLES=WORKSTATION"
+    assert receiver["UserIsRequestor"] == "false"
+    check_alice(person, requestor=False)
+
+
 def test_text_is_one_line_and_valid_xml():
     reason = "line one\nline two\r\n\ttabbed \x00\x07 control <&> \"quotes\" ünïcödé 🩻"
     root = parse(AuditEvent.security_alert(AlertType.MALFORMED_PDU, reason, remote=PACS,
@@ -459,6 +505,10 @@ def all_kinds() -> list[AuditEvent]:
         AuditEvent.association_end(bytes_up=0, bytes_down=5, **common),
         AuditEvent.instances_transferred(instances=[Instance(CT, "1.2.3", STUDY_A), Instance(MR, "1.2.4")],
                                          patient_id="P1", direction=Direction.FROM_REMOTE, **common),
+        AuditEvent.query_event(sop_class_uid=STUDY_ROOT_FIND, query="CAgQAA==", transfer_syntax="1.2.840.10008.1.2",
+                               patient_id="P1", **common),
+        AuditEvent.instances_transferred(instances=[Instance(CT, "1.2.3", STUDY_A)], remote_requestor=True,
+                                         direction=Direction.FROM_REMOTE, **common),
     ]
 
 
@@ -492,7 +542,10 @@ def events(draw) -> AuditEvent:
         alert=draw(st.sampled_from(AlertType)) if kind is EventKind.SECURITY_ALERT else None,
         session_end=draw(st.sampled_from(SessionEnd)) if kind is EventKind.USER_LOGOUT else None,
         direction=draw(st.none() | st.sampled_from(Direction)), instances=tuple(instances),
-        patient_id=draw(texts), bytes_up=draw(st.none() | st.integers(0, 2**40)))
+        patient_id=draw(texts), bytes_up=draw(st.none() | st.integers(0, 2**40)),
+        remote_requestor=draw(st.booleans()),
+        sop_class_uid=draw(uids) if kind is EventKind.QUERY else draw(st.just("") | uids),
+        query=draw(st.binary(max_size=40)).hex(), transfer_syntax=draw(st.just("") | uids))
 
 
 @settings(max_examples=150, deadline=None)
@@ -653,15 +706,17 @@ def test_trail_to_file_and_audit_tail(tmp_path):
         check_schema(ET.fromstring(line))
 
     runner = CliRunner()
-    result = runner.invoke(app, ["audit", "tail", "--config", str(config_path), "-n", "4"])
+    result = runner.invoke(app, ["audit", "tail", "--config", str(config_path), "-n", "6"])
     assert result.exit_code == 0, result.output
     shown = result.output.splitlines()
-    assert len(shown) == 4
+    assert len(shown) == 6
     assert "Association Begin" in shown[0] and "remote=10.1.2.3:11112 (PACS)" in shown[0]
     assert "Association End" in shown[1] and "bytes up 0, bytes down 5" in shown[1]
     assert "DICOM Instances Transferred" in shown[2] and "1 instance of study " + STUDY_A in shown[2]
     assert "user=Alice Example" in shown[2]
-    assert "Logout" in shown[3] and "(card removed)" in shown[3]
+    assert "Query" in shown[3] and f"query {STUDY_ROOT_FIND}, patient P1" in shown[3]
+    assert "remote=10.1.2.3:11112 (STORESCU)" in shown[4]  # inbound: the PACS is the calling AE
+    assert "Logout" in shown[5] and "(card removed)" in shown[5]
     everything = runner.invoke(app, ["audit", "tail", "--file", str(config.file), "-n", "100"]).output
     assert "Alert: Node Authentication" in everything and "minor failure" in everything
     assert "Login" in everything and "Application Start" in everything

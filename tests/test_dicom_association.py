@@ -306,3 +306,41 @@ def test_the_patient_and_study_of_each_stored_instance_are_read_from_its_first_b
 def test_rules_say_whether_they_can_refuse_a_request(rules: AssociationRules, can_refuse: bool) -> None:
     """The tunnel reads the request before contacting the PACS exactly when this is True."""
     assert rules.can_refuse is can_refuse
+
+
+def test_a_c_get_sub_operation_is_matched_to_the_response_of_the_other_side() -> None:
+    """C-GET: the PACS (acceptor) sends the C-STORE-RQ, the application answers it; a response from
+    the same side as a request never answers it."""
+    association = Association(AssociationRules())
+    association.on_request(associate_rq())
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x0001, MessageID=7, Priority=0,
+                                       CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.7"),
+                           from_requestor=False)
+    response = command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=7,
+                           CommandDataSetType=0x0101, Status=0x0000)
+    assert association.on_command(response, from_requestor=False) is None
+    answered = association.on_command(response, from_requestor=True)
+    assert answered is association.instances[0] and answered.stored and not answered.from_requestor
+
+
+def test_the_identifier_of_a_c_find_is_its_query() -> None:
+    from pydicom.filewriter import write_dataset
+    from pydicom.filebase import DicomBytesIO
+
+    association = Association(AssociationRules())
+    association.on_request(associate_rq())
+    association.transfer_syntaxes[1] = "1.2.840.10008.1.2"
+    association.on_command(command_set(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.1", CommandField=0x0020,
+                                       MessageID=3, Priority=0, CommandDataSetType=0x0000), True, 1)
+    keys = Dataset()
+    keys.QueryRetrieveLevel, keys.PatientName, keys.PatientID = "STUDY", "DOE^*", "P-7"
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, keys)
+    assert association.on_data_set_prefix(buffer.getvalue(), 1, from_requestor=False) is None  # a response's
+    association.on_command(command_set(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.1", CommandField=0x0020,
+                                       MessageID=4, Priority=0, CommandDataSetType=0x0000), True, 1)
+    query = association.on_data_set_prefix(buffer.getvalue(), 1, from_requestor=True)
+    assert query is not None and query.message_id == 4 and query.identifier == buffer.getvalue()
+    assert (query.patient_id, query.patient_name) == ("P-7", "")  # a wildcard names no patient

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -27,9 +28,22 @@ def test_every_package_folder_is_listed_in_pyproject() -> None:
     assert listed == packages_on_disk()
 
 
+def source_copy(destination: Path) -> Path:
+    """The repository's files (tracked or new, not ignored) without build leftovers: setuptools
+    would pack a stale build/ directory's old packages into the wheel."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, destination / name)
+    return destination
+
+
 def test_the_wheel_has_one_top_level_name(tmp_path: Path) -> None:
+    source = source_copy(tmp_path / "source")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("dicom_card_agent-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()

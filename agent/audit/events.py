@@ -34,6 +34,7 @@ class EventKind(str, Enum):
     ASSOCIATION_BEGIN = "association-begin"
     ASSOCIATION_END = "association-end"
     INSTANCES_TRANSFERRED = "instances-transferred"
+    QUERY = "query"
 
 
 class Outcome(IntEnum):
@@ -74,7 +75,7 @@ class Direction(str, Enum):
     """Which way DICOM instances travelled over a tunnel."""
 
     TO_REMOTE = "to-remote"  # C-STORE-RQ sent by the local application (storescu -> PACS)
-    FROM_REMOTE = "from-remote"  # C-STORE-RQ sent by the remote node (C-GET sub-operations)
+    FROM_REMOTE = "from-remote"  # C-STORE-RQ sent by the remote node (C-GET sub-operations, C-MOVE deliveries)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,10 @@ class AuditEvent:
     patient_name: str = ""
     bytes_up: int | None = None
     bytes_down: int | None = None
+    remote_requestor: bool = False  # the remote node requested the association (an inbound listener)
+    sop_class_uid: str = ""  # QUERY: the SOP Class queried
+    query: str = ""  # QUERY: the C-FIND Identifier, base64 (PS3.15 ParticipantObjectQuery)
+    transfer_syntax: str = ""  # QUERY: the Identifier's transfer syntax
     agent_pid: int = field(default_factory=os.getpid)  # the agent process that saw it
     id: str = field(default_factory=lambda: uuid.uuid4().hex)  # unique; not part of the XML
 
@@ -166,6 +171,8 @@ class AuditEvent:
             raise AuditEventError(f"a {self.kind.value} event needs the user")
         if self.kind is EventKind.INSTANCES_TRANSFERRED and not self.instances:
             raise AuditEventError("an instances-transferred event needs at least one instance")
+        if self.kind is EventKind.QUERY and not self.sop_class_uid:
+            raise AuditEventError("a query event needs the SOP Class queried")
 
     # -- constructors, one per kind ---------------------------------------------------------
 
@@ -231,10 +238,22 @@ class AuditEvent:
                               direction: Direction = Direction.TO_REMOTE, local_peer: LocalPeer | None = None,
                               user: User | None = None, patient_id: str = "", patient_name: str = "",
                               outcome: Outcome = Outcome.SUCCESS, reason: str = "", **extra: Any) -> AuditEvent:
-        """The C-STOREs of one association (emit at association end, or per chunk, see
-        :meth:`split`); ``outcome`` a failure if some were not stored."""
+        """Answered C-STOREs of one association and patient, as a relay reports them (in batches as
+        the responses pass, agent/tunnel/transfers.py); ``outcome`` a failure if some were not stored."""
         return cls(EventKind.INSTANCES_TRANSFERRED, tunnel=tunnel, remote=remote, calling_ae=calling_ae,
                    called_ae=called_ae, instances=tuple(instances), direction=direction,
+                   local_peer=local_peer, user=user, patient_id=patient_id, patient_name=patient_name,
+                   outcome=outcome, reason=reason, **extra)
+
+    @classmethod
+    def query_event(cls, *, tunnel: str, remote: RemoteNode, calling_ae: str, called_ae: str, sop_class_uid: str,
+                    query: str, transfer_syntax: str = "", local_peer: LocalPeer | None = None,
+                    user: User | None = None, patient_id: str = "", patient_name: str = "",
+                    outcome: Outcome = Outcome.SUCCESS, reason: str = "", **extra: Any) -> AuditEvent:
+        """A C-FIND request went through a tunnel (PS3.15 A.5.3.10): ``query`` its Identifier,
+        base64; the patient if the query keys name one."""
+        return cls(EventKind.QUERY, tunnel=tunnel, remote=remote, calling_ae=calling_ae, called_ae=called_ae,
+                   sop_class_uid=sop_class_uid, query=query, transfer_syntax=transfer_syntax,
                    local_peer=local_peer, user=user, patient_id=patient_id, patient_name=patient_name,
                    outcome=outcome, reason=reason, **extra)
 
@@ -265,9 +284,11 @@ class AuditEvent:
                                 "time": self.time.isoformat(), "agent_pid": self.agent_pid}
         if self.outcome is not Outcome.SUCCESS:
             data["outcome"] = int(self.outcome)
-        for name in ("reason", "tunnel", "calling_ae", "called_ae", "patient_id", "patient_name"):
+        for name in _TEXT_FIELDS:
             if getattr(self, name):
                 data[name] = getattr(self, name)
+        if self.remote_requestor:
+            data["remote_requestor"] = True
         for name in ("alert", "session_end", "direction"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name).value
@@ -321,8 +342,9 @@ class AuditEvent:
             bytes_up=reader.take("bytes_up", int, None),
             bytes_down=reader.take("bytes_down", int, None),
         )
-        for name in ("reason", "tunnel", "calling_ae", "called_ae", "patient_id", "patient_name"):
+        for name in _TEXT_FIELDS:
             values[name] = reader.take(name, str, "")
+        values["remote_requestor"] = reader.take("remote_requestor", bool, False)
         if user is not None:
             values["user"] = User(subject=user.take("subject", str, ""), issuer=user.take("issuer", str, ""),
                                   token_label=user.take("token_label", str, ""),
@@ -338,6 +360,10 @@ class AuditEvent:
             remote.done()
         reader.done()
         return cls(**values)
+
+
+_TEXT_FIELDS = ("reason", "tunnel", "calling_ae", "called_ae", "patient_id", "patient_name", "sop_class_uid", "query",
+                "transfer_syntax")
 
 
 class _Reader:

@@ -53,6 +53,7 @@ class Code:
 # EventID (PS3.15 A.5.3, PS3.16 CID 400)
 APPLICATION_ACTIVITY = Code("110100", DCM, "Application Activity")
 INSTANCES_TRANSFERRED = Code("110104", DCM, "DICOM Instances Transferred")
+QUERY = Code("110112", DCM, "Query")
 SECURITY_ALERT = Code("110113", DCM, "Security Alert")
 USER_AUTHENTICATION = Code("110114", DCM, "User Authentication")
 ASSOCIATION = Code("ASSOCIATION", PRIVATE, "DICOM Association")
@@ -75,6 +76,7 @@ ROLE_SOURCE = Code("110153", DCM, "Source Role ID")
 ID_PATIENT_NUMBER = Code("2", RFC_3881, "Patient Number")
 ID_URI = Code("12", RFC_3881, "URI")
 ID_STUDY_INSTANCE_UID = Code("110180", DCM, "Study Instance UID")
+ID_SOP_CLASS_UID = Code("110181", DCM, "SOP Class UID")
 ID_NODE = Code("110182", DCM, "Node ID")
 ID_TUNNEL = Code("TUNNEL", PRIVATE, "Tunnel Name")
 
@@ -135,6 +137,7 @@ class _MessageBuilder:
             EventKind.ASSOCIATION_BEGIN: self._association,
             EventKind.ASSOCIATION_END: self._association,
             EventKind.INSTANCES_TRANSFERRED: self._instances_transferred,
+            EventKind.QUERY: self._query,
         }[self.event.kind]
         handler()
         return self.root
@@ -194,7 +197,7 @@ class _MessageBuilder:
         byte counts."""
         begin = self.event.kind is EventKind.ASSOCIATION_BEGIN
         self._event_identification(ASSOCIATION, "E", ASSOCIATION_BEGIN if begin else ASSOCIATION_END)
-        self._transfer_participants(Direction.TO_REMOTE)
+        self._transfer_participants(Direction.FROM_REMOTE if self.event.remote_requestor else Direction.TO_REMOTE)
         self._audit_source()
         details = {}
         if self.event.local_peer is not None and self.event.local_peer.listen:
@@ -230,6 +233,26 @@ class _MessageBuilder:
             element.append(description)
         name = event.patient_name or event.patient_id or "Patient ID not seen by the agent"
         self._object(event.patient_id, ID_PATIENT_NUMBER, name, type_code=PERSON, role=ROLE_PATIENT)
+
+    def _query(self) -> None:
+        """PS3.15 A.5.3.10: the process issuing the query (Source Role ID) and the one answering it
+        (Destination Role ID), the user and the agent; the SOP Class queried with the Identifier as
+        ParticipantObjectQuery (base64) and its transfer syntax; the patient if the keys name one."""
+        event = self.event
+        self._event_identification(QUERY, "E")
+        self._transfer_participants(Direction.FROM_REMOTE if event.remote_requestor else Direction.TO_REMOTE)
+        self._audit_source()
+        element = ET.SubElement(self.root, "ParticipantObjectIdentification",
+                                ParticipantObjectID=_clean(event.sop_class_uid),
+                                ParticipantObjectTypeCode=SYSTEM_OBJECT, ParticipantObjectTypeCodeRole=ROLE_REPORT)
+        _coded(element, "ParticipantObjectIDTypeCode", ID_SOP_CLASS_UID)
+        ET.SubElement(element, "ParticipantObjectQuery").text = event.query  # the schema: a Name or a Query
+        if event.transfer_syntax:
+            ET.SubElement(element, "ParticipantObjectDetail", type="TransferSyntax",
+                          value=base64.b64encode(event.transfer_syntax.encode("ascii", "replace")).decode("ascii"))
+        if event.patient_id or event.patient_name:
+            self._object(event.patient_id, ID_PATIENT_NUMBER, event.patient_name or event.patient_id,
+                         type_code=PERSON, role=ROLE_PATIENT)
 
     # -- parts ----------------------------------------------------------------------------
 
@@ -297,9 +320,13 @@ class _MessageBuilder:
         local = event.local_peer or LocalPeer()
         local_role, remote_role = ((ROLE_SOURCE, ROLE_DESTINATION) if direction is Direction.TO_REMOTE
                                    else (ROLE_DESTINATION, ROLE_SOURCE))
+        # The requestor's AE title is the Calling AE title: the PACS's for an inbound listener.
+        remote_asked = event.remote_requestor
+        local_ae, remote_ae = (event.called_ae, event.calling_ae) if remote_asked else (event.calling_ae,
+                                                                                         event.called_ae)
         parts = [
-            lambda: self._local_application(local, requestor=True, ae_title=event.calling_ae, role=local_role),
-            lambda: self._remote_node(event.remote, requestor=False, ae_title=event.called_ae, role=remote_role)
+            lambda: self._local_application(local, requestor=not remote_asked, ae_title=local_ae, role=local_role),
+            lambda: self._remote_node(event.remote, requestor=remote_asked, ae_title=remote_ae, role=remote_role)
             if event.remote is not None else None,
         ]
         if direction is Direction.FROM_REMOTE:
@@ -307,7 +334,9 @@ class _MessageBuilder:
         for part in parts:
             part()
         if event.user is not None and event.user.subject:
-            self._person(event.user, requestor=True)
+            # Outbound, the association ran on the user's identity at their request; an inbound
+            # association the PACS requested (a C-MOVE delivery) the agent cannot tie to a request.
+            self._person(event.user, requestor=not remote_asked)
         self._agent(requestor=False)
 
     def _audit_source(self) -> None:
@@ -450,6 +479,10 @@ def summarize(xml: bytes | str) -> Summary:
         if code == ID_STUDY_INSTANCE_UID.value:
             count = sum(int(sop.get("NumberOfInstances", "0")) for sop in obj.iter("SOPClass"))
             details.append(f"{count} instance{'s' if count != 1 else ''} of study {obj.get('ParticipantObjectID') or '?'}")
+        elif code == ID_SOP_CLASS_UID.value:
+            details.append(f"query {obj.get('ParticipantObjectID') or '?'}")
+        elif code == ID_PATIENT_NUMBER.value and obj.get("ParticipantObjectID"):
+            details.append(f"patient {obj.get('ParticipantObjectID')}")
         elif code == ID_NODE.value and not remote:
             remote = (obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID", ""))
         elif code == ID_URI.value:

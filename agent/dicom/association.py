@@ -4,7 +4,8 @@ The relay hands :class:`Association` the application's A-ASSOCIATE-RQ (whole), t
 (A-ASSOCIATE-AC or -RJ), the command sets of both directions and the end (A-RELEASE, A-ABORT).
 It answers with a decision for the request (forward these bytes, or refuse with this
 A-ASSOCIATE-RJ) and keeps what the log and the audit trail report: calling and called AE titles,
-accepted abstract syntaxes, the SOP Instances stored and how the PACS answered each one.
+accepted abstract syntaxes, the SOP Instances stored (by either side: C-GET sub-operations come
+from the PACS) and how the receiver answered each one, and the Identifier of each C-FIND.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
 STUDY_INSTANCE_UID = 0x0020000D
+PATIENT_ID = 0x00100020
 DATA_SET_PREFIX = 64 * 1024  # patient and study come early; private groups 0009 can push them back
 SHOWN_ABSTRACT_SYNTAXES = 6  # in the log line; storage SCUs often propose a hundred
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
+C_FIND_RQ = 0x0020
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})  # success and the C-STORE warnings (PS3.4 B.2.3)
 
 
@@ -97,9 +100,28 @@ class StoredInstance:
     patient_id: str = ""
     patient_name: str = ""
 
+    from_requestor: bool = True  # the association requestor sent the C-STORE-RQ (else a C-GET sub-operation)
+    reported: bool = False  # handed to the audit trail already
+
     @property
     def stored(self) -> bool:
         return self.status in STORED_STATUSES
+
+
+@dataclass
+class Query:
+    """A C-FIND request: its SOP Class and its Identifier (the query keys) as the requestor sent
+    them, in the transfer syntax of its presentation context; ``identifier`` is empty until the
+    data set has passed."""
+
+    sop_class_uid: str
+    message_id: int
+    context_id: int
+    transfer_syntax: str = ""
+    identifier: bytes = b""
+    truncated: bool = False  # longer than DATA_SET_PREFIX: only its start was kept
+    patient_id: str = ""  # the Patient ID / Patient's Name keys, when given without wildcards
+    patient_name: str = ""
 
 
 @dataclass
@@ -117,6 +139,8 @@ class Association:
     answer: str = "none"  # none | accepted | rejected
     end: str = "open"  # open | released | rejected | aborted by the requestor | aborted by the acceptor
     instances: list[StoredInstance] = field(default_factory=list)
+    # The command whose data set comes next, per (sent by the requestor, presentation context).
+    _awaiting: dict[tuple[bool, int], StoredInstance | Query] = field(default_factory=dict, repr=False)
 
     # -- the application's request ---------------------------------------------------------
 
@@ -171,25 +195,47 @@ class Association:
 
     # -- DIMSE ---------------------------------------------------------------------------------
 
-    def on_command(self, command_set: bytes, from_requestor: bool, context_id: int = 0) -> None:
-        """Note C-STORE requests (from the requestor) and responses (from the acceptor)."""
+    def on_command(self, command_set: bytes, from_requestor: bool, context_id: int = 0) -> StoredInstance | None:
+        """Note C-STORE requests (from either side: C-GET sub-operations come from the acceptor),
+        their responses, and C-FIND requests. Returns the instance a C-STORE response answered."""
         command = read_command_fields(command_set)
-        if from_requestor and command.command_field == C_STORE_RQ:
-            self.instances.append(StoredInstance(command.affected_sop_class_uid, command.affected_sop_instance_uid,
-                                                 command.message_id or 0, context_id))
-        elif not from_requestor and command.command_field == C_STORE_RSP:
+        if command.command_field == C_STORE_RQ:
+            instance = StoredInstance(command.affected_sop_class_uid, command.affected_sop_instance_uid,
+                                      command.message_id or 0, context_id, from_requestor=from_requestor)
+            self.instances.append(instance)
+            self._await_data_set(command.has_data_set, from_requestor, context_id, instance)
+        elif command.command_field == C_STORE_RSP:
             for instance in reversed(self.instances):
-                if instance.message_id == command.message_id_being_responded_to and instance.status is None:
+                if (instance.message_id == command.message_id_being_responded_to and instance.status is None
+                        and instance.from_requestor != from_requestor):
                     instance.status = 0xFFFF if command.status is None else command.status
-                    break
+                    return instance
+        elif command.command_field == C_FIND_RQ and from_requestor:
+            query = Query(command.affected_sop_class_uid, command.message_id or 0, context_id,
+                          self.transfer_syntaxes.get(context_id, ""))
+            self._await_data_set(command.has_data_set, from_requestor, context_id, query)
+        return None
 
-    def on_data_set_prefix(self, prefix: bytes, context_id: int) -> None:
-        """The start of the data set of the latest C-STORE on ``context_id``: note its patient and study."""
-        instance = next((i for i in reversed(self.instances) if i.context_id == context_id), None)
-        if instance is None or instance.study_uid:
-            return
-        instance.study_uid, instance.patient_id, instance.patient_name = patient_and_study(
-            prefix, self.transfer_syntaxes.get(context_id, ""))
+    def _await_data_set(self, has_data_set: bool, from_requestor: bool, context_id: int,
+                        command: StoredInstance | Query) -> None:
+        if has_data_set:
+            self._awaiting[(from_requestor, context_id)] = command
+        else:
+            self._awaiting.pop((from_requestor, context_id), None)
+
+    def on_data_set_prefix(self, prefix: bytes, context_id: int, from_requestor: bool = True) -> Query | None:
+        """The start of the data set that follows a command on ``context_id``: the patient and study
+        of a C-STORE, the Identifier of a C-FIND (then returned, complete)."""
+        command = self._awaiting.pop((from_requestor, context_id), None)
+        transfer_syntax = self.transfer_syntaxes.get(context_id, "")
+        if isinstance(command, StoredInstance):
+            command.study_uid, command.patient_id, command.patient_name = patient_and_study(prefix, transfer_syntax)
+        elif isinstance(command, Query):
+            command.identifier = prefix
+            command.truncated = len(prefix) >= DATA_SET_PREFIX
+            command.patient_id, command.patient_name = query_patient(prefix, transfer_syntax)
+            return command
+        return None
 
     # -- what the log says ---------------------------------------------------------------------
 
@@ -218,6 +264,11 @@ def patient_and_study(prefix: bytes, transfer_syntax: str) -> tuple[str, str, st
     """(Study Instance UID, Patient ID, Patient's Name) from the start of a data set; blanks where
     unreadable (a deflated transfer syntax, the attributes beyond the prefix, a broken data set):
     the audit trail then says it did not see them, it never guesses."""
+    return _read_start(prefix, transfer_syntax, STUDY_INSTANCE_UID)
+
+
+def _read_start(prefix: bytes, transfer_syntax: str, last_tag: int) -> tuple[str, str, str]:
+    """(Study Instance UID, Patient ID, Patient's Name) of the attributes up to ``last_tag``."""
     from io import BytesIO
 
     from pydicom.filereader import read_dataset
@@ -229,11 +280,19 @@ def patient_and_study(prefix: bytes, transfer_syntax: str) -> tuple[str, str, st
             warnings.simplefilter("ignore")
             dataset = read_dataset(BytesIO(prefix), is_implicit_VR=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
                                    is_little_endian=transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
-                                   stop_when=lambda tag, vr, length: tag > STUDY_INSTANCE_UID)
+                                   stop_when=lambda tag, vr, length: tag > last_tag)
             return (str(dataset.get("StudyInstanceUID", "") or ""), str(dataset.get("PatientID", "") or ""),
                     str(dataset.get("PatientName", "") or ""))
     except Exception:  # any garbage: pydicom fails in many ways, all meaning "not readable"
         return "", "", ""
+
+
+def query_patient(identifier: bytes, transfer_syntax: str) -> tuple[str, str]:
+    """(Patient ID, Patient's Name) a C-FIND Identifier asks for, each blank unless given as a
+    value without wildcards (``*``, ``?``): a pattern names no patient."""
+    patient_id, patient_name = _read_start(identifier, transfer_syntax, PATIENT_ID)[1:]
+    return tuple("" if "*" in value or "?" in value else value  # type: ignore[return-value]
+                 for value in (patient_id, patient_name))
 
 
 def _ae_title_refusal(request: AssociateRequest) -> Refuse | None:
@@ -260,5 +319,5 @@ def _uid_name(uid: str) -> str:
     return name if name and name != uid else uid
 
 
-__all__ = ["Association", "AssociationRules", "ExistingUserIdentity", "Forward", "MalformedPduError", "Refuse",
-           "StoredInstance", "UserIdentityMode"]
+__all__ = ["Association", "AssociationRules", "ExistingUserIdentity", "Forward", "MalformedPduError", "Query",
+           "Refuse", "StoredInstance", "UserIdentityMode"]

@@ -1326,10 +1326,16 @@ class CommandFields:
     status: int | None = None
     affected_sop_class_uid: str = ""
     affected_sop_instance_uid: str = ""
+    data_set_type: int | None = None  # 0x0101: no data set follows the command (PS3.7 E.1)
+
+    @property
+    def has_data_set(self) -> bool:
+        return self.data_set_type != NO_DATA_SET  # absent: as the requests that always carry one
 
 
+NO_DATA_SET = 0x0101
 _US_FIELDS = {0x0100: "command_field", 0x0110: "message_id", 0x0120: "message_id_being_responded_to",
-              0x0900: "status"}
+              0x0800: "data_set_type", 0x0900: "status"}
 _UI_FIELDS = {0x0002: "affected_sop_class_uid", 0x1000: "affected_sop_instance_uid"}
 
 

@@ -8,6 +8,7 @@ channel (agent/session/supervisor.py); the supervisor is the single writer of th
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from dicom_card_agent.audit.config import AuditConfig
@@ -35,6 +36,23 @@ _SESSION_ENDS = {
 def _node(address: str) -> RemoteNode:
     host, _, port = address.rpartition(":")
     return RemoteNode(host.strip("[]"), int(port) if port.isdigit() else 0)
+
+
+# agent/tunnel/peer.py Peer.describe(): "uid 1000 pid 4242 (storescu) from 127.0.0.1:53412"
+_PEER = re.compile(r"uid (?P<uid>\d+|unknown) pid (?P<pid>\d+|unknown)(?: \((?P<process>.*)\))? from (?P<address>.*)")
+
+
+def _local_peer(fields: dict[str, Any]) -> LocalPeer:
+    """The local side of an association: the application (a tunnel) or the storage SCP it
+    forwards to (an inbound listener)."""
+    if fields.get("direction") == "inbound":
+        return LocalPeer(listen=fields.get("local", ""))
+    match = _PEER.fullmatch(fields.get("local", ""))
+    if match is None:
+        return LocalPeer()
+    uid, pid = match["uid"], match["pid"]
+    return LocalPeer(uid=int(uid) if uid.isdigit() else None, pid=int(pid) if pid.isdigit() else None,
+                     process=match["process"] or "")
 
 
 class AuditRecorder:
@@ -113,20 +131,34 @@ class AuditRecorder:
                 **self._association(fields), outcome=Outcome.SUCCESS if clean else Outcome.MINOR_FAILURE,
                 reason="" if clean else (fields.get("failure") or fields["end"])))
         elif kind == "instances-transferred":
-            by_patient: dict[tuple[str, str], list[dict[str, Any]]] = {}
-            for instance in fields["instances"]:  # PS3.15 A.5.3.4: one patient per message
-                by_patient.setdefault((instance["patient_id"], instance["patient_name"]), []).append(instance)
-            for (patient_id, patient_name), seen in by_patient.items():
-                failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
-                self.record(AuditEvent.instances_transferred(
-                    **self._association(fields), patient_id=patient_id, patient_name=patient_name,
-                    instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"], i["study_uid"]) for i in seen],
-                    direction=Direction.FROM_REMOTE if fields["direction"] == "inbound" else Direction.TO_REMOTE,
-                    outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
-                    reason=f"{failed} of {len(seen)} not stored" if failed else ""))
+            self._instances_transferred(fields)
+        elif kind == "query":
+            self.record(AuditEvent.query_event(
+                **self._association(fields), sop_class_uid=fields["sop_class_uid"], query=fields["identifier"],
+                transfer_syntax=fields["transfer_syntax"], patient_id=fields["patient_id"],
+                patient_name=fields["patient_name"],
+                reason="query keys cut short" if fields.get("truncated") else ""))
         else:
             log.warning("unknown report from the card session: %s", kind)
 
+    def _instances_transferred(self, fields: dict[str, Any]) -> None:
+        """One batch of answered C-STOREs: one message per direction and patient (PS3.15 A.5.3.7:
+        one patient per message), each study a participant object."""
+        inbound = fields["direction"] == "inbound"
+        groups: dict[tuple[bool, str, str], list[dict[str, Any]]] = {}
+        for instance in fields["instances"]:
+            from_remote = instance.get("from_remote", inbound)
+            groups.setdefault((from_remote, instance["patient_id"], instance["patient_name"]), []).append(instance)
+        for (from_remote, patient_id, patient_name), seen in groups.items():
+            failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
+            self.record(AuditEvent.instances_transferred(
+                **self._association(fields), patient_id=patient_id, patient_name=patient_name,
+                instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"], i["study_uid"]) for i in seen],
+                direction=Direction.FROM_REMOTE if from_remote else Direction.TO_REMOTE,
+                outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
+                reason=f"{failed} of {len(seen)} not stored" if failed else ""))
+
     def _association(self, fields: dict[str, Any]) -> dict[str, Any]:
         return {"tunnel": fields["tunnel"], "remote": _node(fields["remote"]),
-                "calling_ae": fields["calling_ae_title"], "called_ae": fields["called_ae_title"], "user": self.user}
+                "calling_ae": fields["calling_ae_title"], "called_ae": fields["called_ae_title"], "user": self.user,
+                "local_peer": _local_peer(fields), "remote_requestor": fields.get("direction") == "inbound"}

@@ -8,7 +8,8 @@ flowing in other connections. The relay is byte-exact and full-duplex, and forwa
 
 It watches PDU boundaries in the server-to-application direction so that, when something fails,
 the application gets a well-formed A-ASSOCIATE-RJ (association not yet accepted) or A-ABORT
-instead of a bare reset.
+instead of a bare reset. What the audit trail needs it reports as it passes: each C-FIND's
+Identifier at once, answered C-STOREs in batches (agent/tunnel/transfers.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from dicom_card_agent.trust.errors import TrustError
 from dicom_card_agent.tunnel.admission import RefusalLog
 from dicom_card_agent.tunnel.counters import SessionCounts
 from dicom_card_agent.tunnel.peer import PeerPolicy, identify_server
+from dicom_card_agent.tunnel.transfers import TransferBatch, query_fields
 
 log = logging.getLogger("agent.tunnel")
 
@@ -50,7 +52,6 @@ REJECT_READ_TIMEOUT = 3.0  # for the request of an application about to be rejec
 CLOSE_LINGER = 2.0  # for the application to close after our last PDU, however it trickles
 ASSOCIATE_RQ_TIMEOUT = 30.0  # the ARTIM timer's job (PS3.8 9.1.5) while no PACS is involved yet
 POLL_INTERVAL_MS = 1000
-INSTANCES_PER_REPORT = 100  # one report must fit the reports channel (agent/session/channel.py)
 
 
 TOKEN_LOCK = threading.Lock()
@@ -785,7 +786,8 @@ class _Relay:
         self._received_before = received  # from the local side before the relay started
         self.association = Association(runtime.config.association, runtime.username)
         self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
-        self.acceptor_framer = PduFramer(inspect_commands=True)
+        # Both directions keep the start of data sets: the acceptor sends C-GET sub-operations' C-STOREs.
+        self.acceptor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
         self.remote_framer = self.acceptor_framer if requestor_is_local else self.requestor_framer
         self.held_request: bytearray | None = bytearray()  # the requestor's bytes until its A-ASSOCIATE-RQ is whole
         self.refusal: Refuse | None = None
@@ -799,6 +801,7 @@ class _Relay:
         self.bytes_up = 0
         self.bytes_down = 0
         self.failure: TunnelFailure | None = None
+        self.transfers = TransferBatch(runtime.report, requestor_is_local=requestor_is_local)
 
     def _tls_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
@@ -826,11 +829,12 @@ class _Relay:
                     return
                 poller.modify(local_fd, local_mask)
                 poller.modify(remote_fd, remote_mask)
-                for fd, events in poller.poll(POLL_INTERVAL_MS):
+                for fd, events in poller.poll(self.transfers.poll_timeout_ms(POLL_INTERVAL_MS)):
                     if fd == local_fd:
                         self._on_local(events)
                     elif fd == remote_fd:
                         self._on_remote(events)
+                self.transfers.flush_if_due(self.association_fields)
                 if self.runtime.ending.is_set():
                     self.failure = TunnelFailure(f"card session ended: {self.runtime.ending.reason}")
         except OSError as error:
@@ -1086,9 +1090,13 @@ class _Relay:
     def _inspect(self, events: list[FramerEvent], *, from_requestor: bool) -> None:
         for event in events:
             if isinstance(event, CommandSet):
-                self.association.on_command(event.data, from_requestor, event.context_id)
+                answered = self.association.on_command(event.data, from_requestor, event.context_id)
+                if answered is not None:
+                    self.transfers.answered(answered, self.association_fields)
             elif isinstance(event, DataSetPrefix):
-                self.association.on_data_set_prefix(event.data, event.context_id)
+                query = self.association.on_data_set_prefix(event.data, event.context_id, from_requestor)
+                if query is not None:  # one Query event per C-FIND request, as it passes
+                    self.runtime.report("query", {**self.association_fields(), **query_fields(query)})
             elif isinstance(event, AssociationPdu) and event.pdu_type == A_ABORT and from_requestor:
                 self.association.end = "aborted by the requestor"
 
@@ -1102,18 +1110,13 @@ class _Relay:
                                   requestor_is_local=self.requestor_is_local)
 
     def report_end(self) -> None:
-        """The audit reports of an accepted association: its C-STOREs (in chunks small enough for
-        the reports channel), then its end."""
+        """The audit reports of an accepted association at its end: the C-STOREs not reported yet
+        (answered in the last moment, or never answered), then the end itself."""
         if self.association.answer != "accepted":
             return
-        fields = self.association_fields()
-        instances = self.association.instances
-        for start in range(0, len(instances), INSTANCES_PER_REPORT):
-            self.runtime.report("instances-transferred", {**fields, "instances": [
-                {"sop_class_uid": i.sop_class_uid, "sop_instance_uid": i.sop_instance_uid, "status": i.status,
-                 "study_uid": i.study_uid, "patient_id": i.patient_id, "patient_name": i.patient_name}
-                for i in instances[start:start + INSTANCES_PER_REPORT]]})
-        self.runtime.report("association-end", {**fields, "failure": self.failure.message if self.failure else None})
+        self.transfers.flush(self.association_fields, self.association.instances)
+        self.runtime.report("association-end", {**self.association_fields(),
+                                                "failure": self.failure.message if self.failure else None})
 
     def _security_alert(self, what: str, reason: str) -> None:
         fields = self.association_fields()

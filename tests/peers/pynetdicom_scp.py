@@ -76,6 +76,7 @@ class RecordingScp:
     ae_title: str
     tls: bool
     out_dir: Path | None = None
+    store_delay: float = 0.0  # seconds between keeping an instance and answering its C-STORE
     associations: list[AssociationRecord] = field(default_factory=list)
     handshake_failures: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -160,6 +161,8 @@ class RecordingScp:
         record = self._record(event.assoc)
         with self._lock:
             record.received.append(instance)
+        if self.store_delay:
+            time.sleep(self.store_delay)  # a slow PACS: the instance is kept, its answer not yet sent
         return 0x0000
 
     def _on_end(self, how: str):
@@ -206,13 +209,14 @@ def _scp_ae(ae_title: str) -> AE:
 
 @contextlib.contextmanager
 def _serve(*, ssl_context: ssl.SSLContext | None, port: int | None, ae_title: str,
-           out_dir: Path | None, require_called_aet: bool = False) -> Iterator[RecordingScp]:
+           out_dir: Path | None, require_called_aet: bool = False, store_delay: float = 0.0) -> Iterator[RecordingScp]:
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     ae = _scp_ae(ae_title)
     ae.require_called_aet = require_called_aet  # then any other called AE title gets A-ASSOCIATE-RJ
-    scp = RecordingScp(port=0, ae_title=ae_title, tls=ssl_context is not None, out_dir=out_dir)
+    scp = RecordingScp(port=0, ae_title=ae_title, tls=ssl_context is not None, out_dir=out_dir,
+                       store_delay=store_delay)
     # As AE.start_server(block=False), but polling for shutdown every 50 ms instead of 500 ms.
     server = ae.make_server((LOOPBACK, port or 0), ssl_context=ssl_context, evt_handlers=scp.handlers(),
                             server_class=ThreadedAssociationServer)
@@ -246,18 +250,20 @@ def _serve(*, ssl_context: ssl.SSLContext | None, port: int | None, ae_title: st
 @contextlib.contextmanager
 def tls_scp(*, pki_dir: Path | None = None, tls: TlsServerFiles | None = None, port: int | None = None,
             ae_title: str = "PYNETDICOM", crl: bool | Path = False,
-            out_dir: Path | None = None, require_called_aet: bool = False) -> Iterator[RecordingScp]:
+            out_dir: Path | None = None, require_called_aet: bool = False,
+            store_delay: float = 0.0) -> Iterator[RecordingScp]:
     """Serve Verification and all Storage SOP classes (every transfer syntax pynetdicom knows) over
     TLS 1.2+ on 127.0.0.1, client certificate REQUIRED, with the PKI's localhost server identity
     (or ``tls``); ``crl=True`` also checks clients against ``issuing-ca.crl.pem`` (or that CRL
     path). Stored datasets are kept in memory, or written to ``out_dir`` as received.
-    ``require_called_aet``: associations calling another AE title than ``ae_title`` are rejected."""
+    ``require_called_aet``: associations calling another AE title than ``ae_title`` are rejected.
+    ``store_delay``: each C-STORE is answered that many seconds after its instance was kept."""
     if tls is None:
         if pki_dir is None:
             raise TypeError("tls_scp needs pki_dir or tls")
         tls = TlsServerFiles.from_pki(Path(pki_dir), crl=crl)
     with _serve(ssl_context=tls.ssl_context(require_client_cert=True), port=port, ae_title=ae_title,
-                out_dir=out_dir, require_called_aet=require_called_aet) as scp:
+                out_dir=out_dir, require_called_aet=require_called_aet, store_delay=store_delay) as scp:
         yield scp
 
 

@@ -1,6 +1,7 @@
 """One virtual CAC card in vpcd's reader: libcacard (over an NSS database) wired to pcscd's vpcd driver.
 
     python -m virtual_card.bridge --db DIR --cert NICKNAME [--port 35963] [--host 127.0.0.1]
+                                  [--apdu-delay-ms MS] [--count-file PATH]
 
 While this process runs, the card is in the reader; when it exits (or is killed) vpcd sees its
 socket close and pcscd reports the card removed. So a test "pulls" the card by killing it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import signal
 import socket
 import struct
@@ -96,6 +98,10 @@ class EmulatedCard:
 def _receive_exactly(sock: socket.socket, count: int) -> bytes | None:
     data = bytearray()
     while len(data) < count:
+        # vpcd writes an answer's length and its bytes in two segments without TCP_NODELAY: without
+        # an immediate ACK from here, Nagle holds the second one for the 40 ms delayed-ACK timer, on
+        # every APDU. Linux clears TCP_QUICKACK after use, so it is set before each read.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         chunk = sock.recv(count - len(data))
         if not chunk:
             return None
@@ -122,8 +128,30 @@ def connect(host: str, port: int, timeout: float) -> socket.socket:
             time.sleep(0.1)
 
 
-def serve(card: EmulatedCard, sock: socket.socket) -> None:
-    """Answer vpcd until it closes the connection."""
+class ApduCounter:
+    """How many APDUs the card answered, kept current in a file (the bridge is killed, not asked, when
+    the card is pulled): a benchmark reads it to count what a sign-in costs in card round trips."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.count = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if path is not None else None
+
+    def add(self) -> None:
+        self.count += 1
+        if self._fd is not None:
+            text = f"{self.count}\n".encode()
+            os.pwrite(self._fd, text, 0)
+
+
+def read_apdu_count(path: Path) -> int:
+    text = path.read_text() if path.exists() else ""
+    return int(text) if text.strip() else 0
+
+
+def serve(card: EmulatedCard, sock: socket.socket, *, apdu_delay: float = 0.0,
+          counter: ApduCounter | None = None) -> None:
+    """Answer vpcd until it closes the connection; ``apdu_delay`` seconds before each answer stand in
+    for a real card's processing and transmission time."""
     while True:
         header = _receive_exactly(sock, 2)
         if header is None:
@@ -133,7 +161,12 @@ def serve(card: EmulatedCard, sock: socket.socket) -> None:
         if payload is None:
             return
         if length != 1:
-            _send(sock, card.transmit(payload))
+            answer = card.transmit(payload)
+            if apdu_delay:
+                time.sleep(apdu_delay)
+            if counter is not None:
+                counter.add()
+            _send(sock, answer)
         elif payload[0] == GET_ATR:
             _send(sock, card.atr)  # the cached ATR: see the module docstring
         elif payload[0] == POWER_ON and not card.powered:
@@ -152,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=VPCD_PORT)
     parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--apdu-delay-ms", type=float, default=0.0,
+                        help="wait this long before each APDU's answer (a real card's pace; default none)")
+    parser.add_argument("--count-file", type=Path, help="keep the number of APDUs answered in this file")
     args = parser.parse_args(argv)
     # SIGTERM ends the process at once: the socket closes and the card is "pulled".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -164,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     # The fixtures wait for this line: from now on the card is in the reader.
     print(f"bridge: card {args.cert!r} inserted into vpcd at {args.host}:{args.port}", flush=True)
     with sock:
-        serve(card, sock)
+        serve(card, sock, apdu_delay=args.apdu_delay_ms / 1000, counter=ApduCounter(args.count_file))
     print("bridge: vpcd closed the connection", flush=True)
     return 0
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from dicom_card_agent.card.pcsc import SCARD_STATE_PRESENT, PcscContext, PcscUnavailable
+from virtual_card.bridge import read_apdu_count
 from virtual_card.nssdb import CardContents
 from virtual_card.pcscd import VPCD_PORT, VPCD_READER, StackUnavailable
 
@@ -23,9 +24,10 @@ TESTS_DIR = Path(__file__).resolve().parent.parent
 class VirtualReader:
     """The vpcd reader ``Virtual PCD 00 00``; at most one card (bridge process) in it at a time."""
 
-    def __init__(self, workdir: Path, *, port: int = VPCD_PORT) -> None:
+    def __init__(self, workdir: Path, *, port: int = VPCD_PORT, apdu_delay_ms: float = 0.0) -> None:
         self.workdir = workdir
         self.port = port
+        self.apdu_delay_ms = apdu_delay_ms
         self.card: CardContents | None = None
         self._bridge: subprocess.Popen | None = None
         self._insertions = 0
@@ -68,6 +70,13 @@ class VirtualReader:
     def bridge_log_path(self) -> Path:
         return self.workdir / f"bridge-{self._insertions}.log"
 
+    def apdu_count_path(self) -> Path:
+        return self.workdir / f"bridge-{self._insertions}.apdus"
+
+    def apdus(self) -> int:
+        """APDUs the card in the reader (or the last one) has answered since its insertion."""
+        return read_apdu_count(self.apdu_count_path())
+
     def bridge_log(self) -> str:
         path = self.bridge_log_path()
         return path.read_text(errors="replace") if path.exists() else ""
@@ -80,7 +89,8 @@ class VirtualReader:
         with open(self.bridge_log_path(), "wb") as log:
             self._bridge = subprocess.Popen(
                 [sys.executable, "-m", "virtual_card.bridge", "--db", str(card.db), "--cert", card.nickname,
-                 "--port", str(self.port)],
+                 "--port", str(self.port), "--apdu-delay-ms", str(self.apdu_delay_ms),
+                 "--count-file", str(self.apdu_count_path())],
                 cwd=TESTS_DIR, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self.card = card
