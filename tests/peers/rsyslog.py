@@ -108,10 +108,16 @@ class Rsyslog:
             managed_process(argv, log_path=self.directory / f"rsyslogd-{self._starts}.log"))
         wait_for_port(self.port, timeout, host=self.host, process=self.process)
 
-    def pause(self) -> None:
-        """SIGSTOP: the repository neither reads nor answers; the kernel still takes bytes."""
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: the repository neither reads nor answers; the kernel still takes bytes. Returns
+        once every thread is stopped (a busy machine may let a thread run on for a moment)."""
         assert self.process is not None
         os.kill(self.process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not _all_threads_stopped(self.process.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rsyslogd (pid {self.process.pid}) did not stop within {timeout} s")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         assert self.process is not None
@@ -159,6 +165,18 @@ class Rsyslog:
                 raise TimeoutError(f"{len(lines)} of {count} messages arrived at rsyslog after {timeout} s; "
                                    f"rsyslogd log:\n{self.log_text()}")
             time.sleep(0.02)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is in state T (stopped by a signal)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        states.append(stat.rpartition(")")[2].split()[0])
+    return bool(states) and all(state == "T" for state in states)
 
 
 def write_config(directory: Path, server: TlsServerFiles, port: int, auth_mode: AuthMode, host: str,
