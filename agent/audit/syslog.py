@@ -80,7 +80,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
-        messages = []
+        messages: list[bytes] = []
         while True:
             space = self._buffer.find(b" ", 0, _MAX_FRAME_DIGITS + 1)
             if space < 0:
