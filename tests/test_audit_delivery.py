@@ -2,7 +2,7 @@
 connection) against a real rsyslog that is stopped (SIGSTOP), killed (SIGKILL) and restarted.
 
 Every message recorded arrives (duplicates allowed: at least once); a message is recognised by
-its ``[meta sequenceId]`` with HOSTNAME and PROCID (docs/audit.md). The trail API is used where
+its ``[meta sequenceId]`` with HOSTNAME, TIMESTAMP and PROCID (docs/audit.md). The trail API is used where
 the association is not the point; tests/test_audit_failure.py goes through a real agent.
 """
 
