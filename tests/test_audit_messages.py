@@ -631,13 +631,17 @@ def test_spool_keeps_order_across_reopen(tmp_path):
     assert len(again) == 2 and again.oldest()[1] == b"m1"
     assert again.append(b"m3") == 4  # numbering continues after the highest on disk
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "spool").glob("*.msg"))
-    with pytest.raises(AuditSpoolError, match="not the oldest"):
-        again.remove(4)
+    assert again.after(2, 10) == [(3, b"m2"), (4, b"m3")] and again.after(2, 1) == [(3, b"m2")]
+    with pytest.raises(AuditSpoolError, match="not waiting"):
+        again.remove(1)  # delivered already
+    again.remove(3)  # RELP confirms each message on its own, not necessarily the oldest first
+    assert [s for s, _ in again.after(0, 10)] == [2, 4]
+    again.append(b"m2")  # (in the spool again, after m3)
     out = []
     while (item := again.oldest()) is not None:
         out.append(item[1])
         again.remove(item[0])
-    assert out == [b"m1", b"m2", b"m3"]
+    assert out == [b"m1", b"m3", b"m2"]
     again.close()
 
 
@@ -731,17 +735,25 @@ def test_audit_config_full(tmp_path):
     config = parse_audit_config({
         "file": "/var/log/card-agent/audit.log", "spool": "spool", "site_id": "Example Hospital",
         "syslog": {"address": "[::1]:6514", "ca": "pki/audit-ca.pem", "certificate": "pki/agent.pem",
-                   "key": "pki/agent.key", "retry_max": 5},
+                   "key": "pki/agent.key", "retry_max": 5, "transport": "relp"},
+        "on_failure": "refuse",
     }, "agent.toml", tmp_path)
+    assert config.syslog.transport == "relp" and config.on_failure == "refuse"
     assert config.file == Path("/var/log/card-agent/audit.log") and config.spool == tmp_path / "spool"
     assert config.syslog.host == "::1" and config.syslog.port == 6514 and config.syslog.address == "[::1]:6514"
     assert config.syslog.server_name == "::1" and config.syslog.ca == tmp_path / "pki" / "audit-ca.pem"
     assert config.syslog.certificate == tmp_path / "pki" / "agent.pem" and config.syslog.retry_max == 5.0
     assert config.audit_source_id() == os.uname().nodename and config.site_id == "Example Hospital"
     assert parse_audit_config(None, "agent.toml", tmp_path) is None
+    defaults = parse_audit_config({"spool": "s", "syslog": {"address": "a:1", "ca": "pki/audit-ca.pem"}},
+                                  "agent.toml", tmp_path)
+    assert defaults.syslog.transport == "tls" and defaults.on_failure == "continue"
 
 
 @pytest.mark.parametrize("table, message", [
+    ({"file": "a.log", "on_failure": "stop"}, r"\[audit\].on_failure: is 'stop'; use \"continue\" .* or \"refuse\""),
+    ({"spool": "s", "syslog": {"address": "a:1", "ca": "ca.pem", "transport": "udp"}},
+     r"\[audit.syslog\].transport: is 'udp'; use \"tls\" .* or \"relp\""),
     ({"file": "a.log", "colour": "red"}, r"agent.toml \[audit\]: unknown key 'colour' \(the keys here: file, spool, "),
     ({}, "nothing to write to"),
     ({"file": 5}, r"\[audit\].file: must be a string"),

@@ -7,8 +7,10 @@
     spool = "/var/lib/card-agent/audit-spool"  # required with [audit.syslog]
     source_id = "ws-radiology-3"               # optional: AuditSourceID, default the host name
     site_id = "Example Hospital"               # optional: AuditEnterpriseSiteID
+    on_failure = "continue"                    # or "refuse": no new associations while the trail cannot be written
 
     [audit.syslog]                             # optional: the audit repository
+    transport = "tls"                          # or "relp": RELP over TLS, every message acknowledged
     address = "audit.example:6514"
     ca = "pki/audit-ca.pem"
     server_name = "audit.example"              # optional, default the host of address
@@ -31,6 +33,10 @@ from dicom_card_agent.config.tables import Section, host_port, read_toml
 from dicom_card_agent.errors import ConfigError
 
 
+TRANSPORTS = ("tls", "relp")
+ON_FAILURE = ("continue", "refuse")
+
+
 @dataclass(frozen=True)
 class SyslogConfig:
     host: str
@@ -40,6 +46,7 @@ class SyslogConfig:
     certificate: Path | None = None
     key: Path | None = None
     retry_max: float = 30.0
+    transport: str = "tls"  # "tls" (RFC 5425) or "relp" (RELP over TLS)
 
     @property
     def address(self) -> str:
@@ -53,6 +60,7 @@ class AuditConfig:
     syslog: SyslogConfig | None = None
     source_id: str = ""  # "" = the host name
     site_id: str = ""
+    on_failure: str = "continue"  # or "refuse" (docs/audit.md)
 
     def audit_source_id(self) -> str:
         return self.source_id or socket.gethostname()
@@ -68,10 +76,19 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
     spool = section.path("spool", must_exist=False)
     source_id = section.take("source_id", str, "")
     site_id = section.take("site_id", str, "")
+    on_failure = section.take("on_failure", str, "continue")
+    if on_failure not in ON_FAILURE:
+        raise section.error("on_failure", f"is {on_failure!r}; use \"continue\" (record what can be recorded, "
+                                          "associations go on) or \"refuse\" (no new associations while the "
+                                          "audit trail cannot be written)")
     raw_syslog = section.take("syslog", dict, None)
     syslog = None
     if raw_syslog is not None:
         table = Section(raw_syslog, f"{where} [audit.syslog]", base)
+        transport = table.take("transport", str, "tls")
+        if transport not in TRANSPORTS:
+            raise table.error("transport", f"is {transport!r}; use \"tls\" (RFC 5425 syslog over TLS) or "
+                                           "\"relp\" (RELP over TLS, e.g. rsyslog imrelp)")
         host, port = host_port(table.take("address", str, required=True), lambda m: table.error("address", m))
         ca = table.path("ca", required=True)
         server_name = table.take("server_name", str, "") or host
@@ -86,14 +103,15 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
         table.done()
         assert ca is not None
         syslog = SyslogConfig(host=host, port=port, ca=ca, server_name=server_name, certificate=certificate,
-                              key=key, retry_max=retry_max)
+                              key=key, retry_max=retry_max, transport=transport)
         if spool is None:
             raise section.error("spool", "is required with [audit.syslog]: the directory where messages wait "
                                          "while the audit repository is unreachable")
     section.done()
     if file is None and syslog is None:
         raise ConfigError(f"{where} [audit]: nothing to write to: set file, [audit.syslog], or both")
-    return AuditConfig(file=file, spool=spool, syslog=syslog, source_id=source_id, site_id=site_id)
+    return AuditConfig(file=file, spool=spool, syslog=syslog, source_id=source_id, site_id=site_id,
+                       on_failure=on_failure)
 
 
 def load_audit_config(path: Path) -> AuditConfig | None:

@@ -1,31 +1,35 @@
-"""Where audit messages go: an append-only local file, and an audit repository over syslog-TLS.
+"""Where audit messages go: an append-only local file, and an audit repository (syslog-TLS or RELP).
 
 :class:`FileSink` appends one XML message per line (file 0600, its directory created 0700) and
-fsyncs each. :class:`SyslogTlsSink` puts each RFC 5424 message into the on-disk
-:class:`~agent.audit.spool.Spool` and returns at once; a background thread connects to the
-repository (TLS 1.2+, the repository's own CA, optional client certificate), sends the spooled
-messages oldest first with RFC 5425 framing, and removes each from the spool once written to the
-connection. While the repository is unreachable it retries with exponential backoff (up to
-``retry_max`` seconds); nothing waits for the network but that thread.
+fsyncs each; a write the disk refuses half-way is cut back, so the file never holds half a line.
 
-Delivery guarantee and its limit: RFC 5425 has no acknowledgements, so "written to the TLS
-connection" is the best the sender can know. Before each message the thread checks whether the
-repository has closed the connection (a readable socket that reads end-of-file), so a repository
-that stopped or restarted is noticed and the message goes over a new connection; after each TLS
-handshake it watches the new connection for ``settle_time`` (0.25 s) first, because with TLS 1.3 a
-repository that refuses the client certificate says so only after the client finished its
-handshake. What remains: a
-message written after the repository's last read but before its connection actually dropped
-(a crash, a reset, a network cut mid-stream) can be lost without the sender learning it, at most
-the few messages written in that moment. A message is sent twice only if the agent crashes
-between writing it and removing it from the spool.
+The repository sinks put each RFC 5424 message into the on-disk :class:`~agent.audit.spool.Spool`
+and return at once; a background thread connects to the repository (TLS 1.2+, the repository's
+own CA, optional client certificate), sends the spooled messages oldest first, and removes each
+from the spool only once the repository has confirmed it. While the repository is unreachable it
+retries with exponential backoff (up to ``retry_max`` seconds); nothing waits for the network but
+that thread. Both deliver at least once: what was sent but not confirmed when a connection (or
+the agent) died is sent again, so a repository may see a message twice (byte for byte the same;
+docs/audit.md says how to recognise it).
+
+- :class:`RelpSink` (RELP over TLS, rsyslog ``imrelp``): the repository answers every message
+  (``rsp 200``); up to ``RELP_WINDOW`` wait for their answer at a time.
+- :class:`SyslogTlsSink` (RFC 5425): the protocol has no acknowledgements, so the sink makes one
+  from the end of the connection. After a burst it sends TLS close_notify and waits for the
+  repository to close its side: a receiver reads its connection in order, so it meets our
+  close_notify only after it has read every message before it. A repository that is stopped
+  (never answers), killed (the kernel resets the connection, as it does for a socket closed with
+  unread data) or unreachable confirms nothing, and the burst is sent again on a new connection.
+  Each burst therefore costs a TLS handshake; after each handshake the sink watches the new
+  connection for ``settle_time`` (0.25 s) first, because with TLS 1.3 a repository that refuses
+  the client certificate says so only after the client finished its handshake.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
+import selectors
 import socket
 import ssl
 import threading
@@ -34,6 +38,8 @@ from pathlib import Path
 
 from dicom_card_agent.audit.config import SyslogConfig
 from dicom_card_agent.audit.errors import AuditError, AuditSpoolError
+from dicom_card_agent.audit.relp import (Acknowledged, Refused, RelpProtocolError, RelpSession,
+                                           ServerClosed)
 from dicom_card_agent.audit.spool import Spool
 from dicom_card_agent.audit.syslog import frame
 from dicom_card_agent.tls.policy import TLS12_CIPHERS
@@ -41,6 +47,15 @@ from dicom_card_agent.tls.policy import TLS12_CIPHERS
 log = logging.getLogger("agent.audit")
 
 INITIAL_BACKOFF = 0.25
+RELP_WINDOW = 128  # messages sent and not yet acknowledged, at most
+SEND_BATCH = 64  # spool files read at a time
+CONFIRM_LINGER = 0.2  # syslog-TLS: wait this long for more messages before confirming a burst
+CONFIRM_AFTER = 500  # syslog-TLS: confirm after this many messages even while more keep coming
+CONFIRM_TIMEOUT = 5.0  # syslog-TLS: how long the repository has to answer our close_notify
+
+
+class ConnectionLost(ConnectionError):
+    """The repository's connection ended or stopped answering; what it has not confirmed is resent."""
 
 
 class FileSink:
@@ -67,10 +82,20 @@ class FileSink:
         with self._lock:
             if self._fd < 0:
                 raise AuditError(f"the audit file {self.path} is closed")
-            view = memoryview(line)
-            while view:
-                view = view[os.write(self._fd, view):]
-            os.fsync(self._fd)
+            size = os.fstat(self._fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
+            except OSError:
+                # A full disk can take part of the line: cut it back, so that the line written
+                # once space returns is the only copy and the file stays one message per line.
+                try:
+                    os.ftruncate(self._fd, size)
+                except OSError:
+                    pass
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -97,8 +122,11 @@ def client_context(config: SyslogConfig) -> ssl.SSLContext:
     return context
 
 
-class SyslogTlsSink:
-    """Spool, then deliver in order to the audit repository from a background thread."""
+class RepositorySink:
+    """Spool, then deliver in order to the audit repository from a background thread; the
+    transport (:class:`SyslogTlsSink`, :class:`RelpSink`) decides when a message is confirmed."""
+
+    transport = "repository"
 
     def __init__(self, config: SyslogConfig, spool: Spool, *, connect_timeout: float = 10.0,
                  io_timeout: float = 10.0, settle_time: float = 0.25) -> None:
@@ -113,10 +141,16 @@ class SyslogTlsSink:
         self._deadline: float | None = None  # when closing: drain until then
         self._sock: ssl.SSLSocket | None = None
         self._connecting: socket.socket | None = None
+        self._submitted = 0  # messages taken so far: the sender waits for this to change
+        self._cursor = 0  # the last sequence number sent on the current connection
+        self._rtt = 0.0  # how long the last TCP connect took: about one round trip
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
         self.connected = False
         self.delivered = 0
         self.last_error = ""
-        self._thread = threading.Thread(target=self._run, name="audit-syslog", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"audit-{self.transport}", daemon=True)
         self._thread.start()
 
     # -- the caller's side ----------------------------------------------------------------
@@ -127,9 +161,18 @@ class SyslogTlsSink:
             if self._stopping:
                 raise AuditError("the audit repository sink is closed")
             self.spool.append(message)
+            self._submitted += 1
             self._condition.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # full (the sender is already due to wake) or closed
 
     def pending(self) -> int:
+        """Messages not yet confirmed by the repository."""
         return len(self.spool)
 
     def wait_delivered(self, timeout: float) -> bool:
@@ -152,6 +195,7 @@ class SyslogTlsSink:
             self._stopping = True
             self._deadline = time.monotonic() + max(0.0, timeout)
             self._condition.notify_all()
+        self._wake()
         self._thread.join(max(0.0, timeout))
         if self._thread.is_alive():
             self._abort_io()  # a connect, handshake or send to a repository that does not answer
@@ -160,6 +204,8 @@ class SyslogTlsSink:
             log.error("audit: the repository sender did not stop in time; undelivered messages stay in %s",
                       self.spool.directory)
         self.spool.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     def _abort_io(self) -> None:
         for sock in (self._connecting, self._sock):
@@ -174,42 +220,32 @@ class SyslogTlsSink:
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
+    def _wait_for_work(self) -> bool:
+        """Wait until a message waits; ``False`` when the sink is closing and done (or out of time)."""
+        with self._condition:
+            while not len(self.spool) and not self._stopping:
+                self._condition.wait()
+            return not (self._stopping and (not len(self.spool) or self._past_deadline()))
+
     def _run(self) -> None:
         backoff = INITIAL_BACKOFF
         try:
-            while True:
-                with self._condition:
-                    item = self.spool.oldest()
-                    while item is None and not self._stopping:
-                        self._condition.wait()
-                        item = self.spool.oldest()
-                    if self._stopping and (item is None or self._past_deadline()):
-                        return
-                assert item is not None
-                sequence, message = item
-                if self._sock is not None and not self._alive(self._sock):
-                    self._disconnect("the audit repository closed the connection")
+            while self._wait_for_work():
                 if self._sock is None:
                     try:
                         self._connect()
-                    except (OSError, ssl.SSLError) as error:
+                    except (OSError, ssl.SSLError, RelpProtocolError) as error:
                         self._failed(f"cannot connect: {_describe(error)}")
                         self._pause(backoff)
                         backoff = min(backoff * 2, self.config.retry_max)
                         continue
                 try:
-                    assert self._sock is not None
-                    self._sock.sendall(frame(message))
-                except (OSError, ssl.SSLError) as error:
-                    self._disconnect(f"sending failed: {_describe(error)}")
+                    if self._exchange():
+                        backoff = INITIAL_BACKOFF
+                except (OSError, ssl.SSLError, RelpProtocolError) as error:
+                    self._disconnect(_describe(error))
                     self._pause(backoff)
                     backoff = min(backoff * 2, self.config.retry_max)
-                    continue
-                backoff = INITIAL_BACKOFF
-                with self._condition:
-                    self.spool.remove(sequence)
-                    self.delivered += 1
-                    self._condition.notify_all()
         except AuditSpoolError:
             if not self._stopping:
                 log.exception("audit: the repository sender stopped; undelivered messages stay in %s",
@@ -219,10 +255,29 @@ class SyslogTlsSink:
             log.exception("audit: the repository sender stopped; undelivered messages stay in %s",
                           self.spool.directory)
         finally:
+            self._goodbye()
             self._disconnect(None)
 
+    def _exchange(self) -> bool:
+        """Send and confirm for a while on the open connection; ``True`` if the repository
+        confirmed something. Raises (``ConnectionLost``, ``OSError``, ...) when the connection
+        is lost: what it did not confirm is sent again on the next one."""
+        raise NotImplementedError
+
+    def _goodbye(self) -> None:
+        """End the session politely when stopping (RELP ``close``)."""
+
+    def _confirmed(self, sequences: list[int]) -> None:
+        with self._condition:
+            for sequence in sequences:
+                self.spool.remove(sequence)
+            self.delivered += len(sequences)
+            self._condition.notify_all()
+
     def _connect(self) -> None:
+        started = time.monotonic()
         raw = socket.create_connection((self.config.host, self.config.port), timeout=self.connect_timeout)
+        self._rtt = time.monotonic() - started
         try:
             raw.settimeout(self.connect_timeout)
             sock = self._context.wrap_socket(raw, server_hostname=self.config.server_name,
@@ -233,26 +288,25 @@ class SyslogTlsSink:
         self._connecting = sock  # close() may cut the handshake short
         try:
             sock.do_handshake()
+            sock.settimeout(self.io_timeout)
+            self._opening(sock)
         except BaseException:
             sock.close()
             raise
         finally:
             self._connecting = None
-        sock.settimeout(self.io_timeout)
-        # With TLS 1.3 a server that refuses our certificate (or has none from us) closes the
-        # connection only after our side of the handshake is done: give it a moment to say so,
-        # rather than write the first message into a connection it is about to drop.
-        if not self._alive(sock, self.settle_time):
-            sock.close()
-            raise ConnectionError("the repository closed the connection right after the TLS handshake "
-                                  "(does it accept our client certificate? see its log)")
         self._sock = sock
+        self._cursor = 0  # everything not confirmed goes (again) over this connection
         if not self.connected:
             waiting = len(self.spool)
-            log.info("audit: connected to the audit repository %s (%s); %d message%s to deliver",
-                     self.config.address, sock.version(), waiting, "" if waiting == 1 else "s")
+            log.info("audit: connected to the audit repository %s (%s%s); %d message%s to deliver",
+                     self.config.address, sock.version(), ", RELP" if self.transport == "relp" else "", waiting,
+                     "" if waiting == 1 else "s")
         self.connected = True
         self.last_error = ""
+
+    def _opening(self, sock: ssl.SSLSocket) -> None:
+        """What the transport does on a new connection before the first message."""
 
     def _alive(self, sock: ssl.SSLSocket, window: float = 0.0) -> bool:
         """Whether the repository still has the connection open, watching it for ``window``
@@ -262,8 +316,7 @@ class SyslogTlsSink:
         try:
             while True:
                 remaining = max(0.0, deadline - time.monotonic())
-                readable, _, _ = select.select([sock], [], [], remaining)
-                if readable or sock.pending():
+                if _readable(sock, remaining) or sock.pending():
                     sock.setblocking(False)
                     try:
                         while True:
@@ -314,6 +367,202 @@ class SyslogTlsSink:
                 self._condition.wait(limit - now)
                 if self._stopping and self._past_deadline():
                     return
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+class SyslogTlsSink(RepositorySink):
+    """RFC 5425 syslog over TLS, each burst confirmed by the end of its connection (module doc)."""
+
+    transport = "tls"
+
+    def _opening(self, sock: ssl.SSLSocket) -> None:
+        # With TLS 1.3 a server that refuses our certificate (or has none from us) closes the
+        # connection only after our side of the handshake is done: give it a moment to say so,
+        # rather than write the first message into a connection it is about to drop.
+        if not self._alive(sock, self.settle_time):
+            raise ConnectionError("the repository closed the connection right after the TLS handshake "
+                                  "(does it accept our client certificate? see its log)")
+
+    def _exchange(self) -> bool:
+        sock = self._sock
+        assert sock is not None
+        sent: list[int] = []
+        while len(sent) < CONFIRM_AFTER:
+            batch = self.spool.after(self._cursor, min(SEND_BATCH, CONFIRM_AFTER - len(sent)))
+            if not batch:
+                if not sent or self._stopping or not self._more_within(CONFIRM_LINGER):
+                    break
+                continue
+            if not self._alive(sock):
+                raise ConnectionLost("the audit repository closed the connection")
+            for sequence, message in batch:
+                sock.sendall(frame(message))
+                self._cursor = sequence
+                sent.append(sequence)
+        if not sent:
+            return False
+        self._confirm(sock, len(sent))
+        self._confirmed(sent)
+        return True
+
+    def _more_within(self, seconds: float) -> bool:
+        """Whether a message is submitted within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        with self._condition:
+            seen = self._submitted
+            while self._submitted == seen and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+            return self._submitted != seen
+
+    def _confirm(self, sock: ssl.SSLSocket, count: int) -> None:
+        """Close the connection and learn whether the repository read all of it (module doc)."""
+        self._sock = None  # whatever happens, this connection is done
+        try:
+            if not self._alive(sock):
+                raise ConnectionLost("the audit repository closed the connection")
+            sock.settimeout(CONFIRM_TIMEOUT)
+            try:
+                sock.unwrap()  # our close_notify; returns on the repository's close_notify
+            except ssl.SSLEOFError:
+                pass  # or on its plain close: rsyslog closes without close_notify
+            except TimeoutError:
+                raise ConnectionLost(f"the audit repository did not confirm {count} message"
+                                     f"{'' if count == 1 else 's'} within {CONFIRM_TIMEOUT:g} s "
+                                     "(it does not read: stopped or overloaded?)") from None
+            # A repository that closed on its own just as our last bytes arrived answers them
+            # with a reset (a socket closed with unread data does); it comes one round trip later.
+            time.sleep(min(1.0, max(0.02, 4 * self._rtt)))
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise ConnectionLost(f"the audit repository reset the connection ({os.strerror(error)}) "
+                                     "before it had read everything")
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class RelpSink(RepositorySink):
+    """RELP over TLS (agent/audit/relp.py): a message leaves the spool on the repository's ``rsp 200``."""
+
+    transport = "relp"
+
+    def __init__(self, config: SyslogConfig, spool: Spool, *, window: int = RELP_WINDOW, **options: float) -> None:
+        self.window = window
+        self._session = RelpSession(window)
+        self._answered = 0.0  # when the repository last answered (or had nothing to answer)
+        super().__init__(config, spool, **options)
+
+    def _opening(self, sock: ssl.SSLSocket) -> None:
+        self._session = RelpSession(self.window)
+        sock.sendall(self._session.open())
+        deadline = time.monotonic() + self.io_timeout
+        while not self._session.opened:
+            for event in self._receive(sock, deadline):
+                if isinstance(event, Refused):
+                    raise ConnectionError(f"the repository refused the RELP session: {event.response.code} "
+                                          f"{event.response.text}")
+                if isinstance(event, ServerClosed):
+                    raise ConnectionLost("the repository closed the RELP session while opening it")
+
+    def _receive(self, sock: ssl.SSLSocket, deadline: float) -> list[object]:
+        """Wait for data from the repository until ``deadline`` (or a wake-up: then ``[]``)."""
+        if not sock.pending():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConnectionLost(f"no RELP answer from the audit repository within {self.io_timeout:g} s "
+                                     "(stopped or overloaded?)")
+            ready = _readable_any([sock, self._wake_reader], remaining)
+            if self._wake_reader in ready:
+                self._drain_wake()
+            if sock not in ready:
+                return []
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionLost("the audit repository closed the connection")
+        return list(self._session.receive(data))
+
+    def _exchange(self) -> bool:
+        sock = self._sock
+        assert sock is not None
+        session = self._session
+        if not session.unacknowledged:
+            self._answered = time.monotonic()  # the repository owes us nothing yet
+        while session.can_send():
+            room = session.window - len(session.unacknowledged)
+            batch = self.spool.after(self._cursor, min(SEND_BATCH, room))
+            if not batch:
+                break
+            sock.sendall(b"".join(session.syslog(message, sequence) for sequence, message in batch))
+            self._cursor = batch[-1][0]
+        if not session.unacknowledged:
+            return False
+        acknowledged: list[int] = []
+        # From its last answer, not from our last send: new messages keep coming to a stopped repository.
+        deadline = self._answered + self.io_timeout
+        while not acknowledged:
+            events = self._receive(sock, deadline)
+            if not events and not acknowledged:
+                if session.can_send() and self.spool.after(self._cursor, 1):
+                    return False  # woken by a new message: send it, then wait again
+                if self._stopping and self._past_deadline():
+                    return False
+            for event in events:
+                if isinstance(event, Acknowledged):
+                    acknowledged.append(event.key)
+                elif isinstance(event, Refused):
+                    if acknowledged:
+                        self._confirmed(acknowledged)
+                    raise ConnectionLost(f"the repository refused a message: {event.response.code} "
+                                         f"{event.response.text}")
+                elif isinstance(event, ServerClosed):
+                    if acknowledged:
+                        self._confirmed(acknowledged)
+                    raise ConnectionLost("the audit repository ended the RELP session (serverclose)")
+        self._answered = time.monotonic()
+        self._confirmed(acknowledged)
+        return True
+
+    def _goodbye(self) -> None:
+        sock = self._sock
+        if sock is None or not self._session.opened or self._session.unacknowledged:
+            return
+        try:
+            sock.sendall(self._session.close())
+            deadline = time.monotonic() + 1.0
+            while not any(isinstance(e, ServerClosed) for e in self._receive(sock, deadline)):
+                pass
+        except (OSError, ssl.SSLError, RelpProtocolError):
+            pass
+
+
+def repository_sink(config: SyslogConfig, spool: Spool) -> RepositorySink:
+    """The sink for ``config.transport``."""
+    if config.transport == "relp":
+        return RelpSink(config, spool)
+    return SyslogTlsSink(config, spool)
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    return bool(_readable_any([sock], timeout))
+
+
+def _readable_any(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
+    """The sockets of ``socks`` readable within ``timeout`` s (selectors: no FD_SETSIZE limit)."""
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        return [key.fileobj for key, _ in selector.select(max(0.0, timeout))]  # type: ignore[misc]
 
 
 def _describe(error: BaseException) -> str:

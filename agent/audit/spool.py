@@ -4,12 +4,13 @@ One file per message, ``<sequence number, 20 digits>.msg``, in a directory only 
 read (0700; files 0600). :meth:`Spool.append` writes a temporary file, fsyncs it, renames it into
 place and fsyncs the directory, so after it returns the message survives a crash or power loss,
 and a crash during it leaves no partial message (a stale ``.tmp`` file is removed on the next
-start). The sender reads the oldest message, sends it, then :meth:`Spool.remove` unlinks it (and
-fsyncs the directory): order is the sequence order, which survives restarts because the next
-number is one more than the highest on disk.
+start). The sender reads waiting messages in sequence order (:meth:`Spool.oldest`,
+:meth:`Spool.after`), sends them, and :meth:`Spool.remove` unlinks each (and fsyncs the directory)
+only once the repository has confirmed it (agent/audit/sinks.py): order is the sequence order,
+which survives restarts because the next number is one more than the highest on disk.
 
-A crash between sending and unlinking sends that message again after the restart (the only way a
-message is delivered twice). An exclusive ``flock`` on ``.lock`` keeps a second agent (or a second
+A message sent but not yet confirmed when the connection or the agent dies is sent again later:
+delivery is at least once. An exclusive ``flock`` on ``.lock`` keeps a second agent (or a second
 trail in one process) off the same spool.
 """
 
@@ -115,12 +116,55 @@ class Spool:
                     except OSError:
                         pass
 
+    def after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` waiting messages numbered above ``sequence``, in order (unreadable ones
+        are set aside as :meth:`oldest` does)."""
+        found: list[tuple[int, bytes]] = []
+        while len(found) < limit:
+            with self._mutex:
+                self._check_open()
+                following = self._following(sequence, limit - len(found))
+            if not following:
+                return found
+            for number in following:
+                data = self._read(number)
+                if data is not None:
+                    found.append((number, data))
+                sequence = number
+        return found
+
+    def _following(self, sequence: int, limit: int) -> list[int]:
+        # The numbers at or below ``sequence`` are the few sent and not yet confirmed, at the
+        # front: skipping them keeps this cheap even with a long backlog behind.
+        following: list[int] = []
+        for number in self._pending:
+            if number > sequence:
+                following.append(number)
+                if len(following) == limit:
+                    break
+        return following
+
+    def _read(self, sequence: int) -> bytes | None:
+        path = self._path(sequence)
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            with self._mutex:
+                if sequence in self._pending:
+                    self._pending.remove(sequence)
+            log.error("audit spool: cannot read %s (%s); set aside as .bad, not sent", path, error.strerror)
+            try:
+                os.rename(path, path.with_suffix(".bad"))
+            except OSError:
+                pass
+            return None
+
     def remove(self, sequence: int) -> None:
-        """Forget a delivered message (it must be the oldest)."""
+        """Forget a delivered message (any waiting one: RELP confirms each on its own)."""
         with self._mutex:
             self._check_open()
-            if not self._pending or self._pending[0] != sequence:
-                raise AuditSpoolError(f"audit spool: message {sequence} is not the oldest waiting one")
+            if sequence not in self._pending:
+                raise AuditSpoolError(f"audit spool: message {sequence} is not waiting")
             try:
                 os.unlink(self._path(sequence))
                 os.fsync(self._dir_fd)
@@ -129,7 +173,10 @@ class Spool:
             except OSError as error:
                 raise AuditSpoolError(f"cannot remove a delivered message from the audit spool {self.directory}: "
                                       f"{error.strerror}") from None
-            self._pending.popleft()
+            if self._pending[0] == sequence:
+                self._pending.popleft()
+            else:
+                self._pending.remove(sequence)
 
     def __len__(self) -> int:
         with self._mutex:

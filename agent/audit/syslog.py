@@ -1,8 +1,9 @@
 """RFC 5424 syslog messages and RFC 5425 octet-counted framing for audit messages: no I/O.
 
 DICOM PS3.15 A.6 / IHE ATNA (ITI-20) send each audit message as one RFC 5424 message over TLS
-(RFC 5425): ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - MSG`` with facility authpriv (10),
-MSGID ``IHE+RFC-3881`` and no structured data; MSG is the XML in UTF-8 and, as RFC 5424 6.4
+(RFC 5425): ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD MSG`` with facility authpriv (10),
+MSGID ``IHE+RFC-3881`` and as SD ``[meta sequenceId="N"]`` (which names the message: a repository
+recognises one delivered twice by HOSTNAME, TIMESTAMP, PROCID and sequenceId); MSG is the XML in UTF-8 and, as RFC 5424 6.4
 requires for UTF-8 payloads, starts with the byte order mark (then the XML declaration). On the
 connection each message is ``MSG-LEN SP SYSLOG-MSG`` (RFC 5425 4.3, RFC 6587 3.4.1).
 """
@@ -22,6 +23,7 @@ MSGID = "IHE+RFC-3881"
 BOM = b"\xef\xbb\xbf"
 XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
 NIL = "-"
+MAX_SEQUENCE_ID = 2_147_483_647  # RFC 5424 7.3.1: 1..2147483647, then it starts again at 1
 _MAX_FRAME_DIGITS = 10  # MSG-LEN of up to 9,999,999,999 octets; anything longer is garbage
 
 _HEADER_LIMITS = {"hostname": 255, "app_name": 48, "procid": 128, "msgid": 32}
@@ -44,10 +46,15 @@ def timestamp(value: datetime) -> str:
 
 
 def format_message(xml: bytes, *, time: datetime, hostname: str, procid: str | int,
-                   severity: int = SEVERITY_NOTICE, app_name: str = APP_NAME, msgid: str = MSGID) -> bytes:
-    """One RFC 5424 message carrying ``xml`` (an audit message without XML declaration)."""
+                   severity: int = SEVERITY_NOTICE, app_name: str = APP_NAME, msgid: str = MSGID,
+                   sequence: int | None = None) -> bytes:
+    """One RFC 5424 message carrying ``xml`` (an audit message without XML declaration);
+    ``sequence`` becomes the structured data ``[meta sequenceId="N"]`` (RFC 5424 7.3.1), which
+    lets a repository recognise a message delivered twice (docs/audit.md)."""
     if not 0 <= severity <= 7:
         raise ValueError(f"syslog severity {severity} is not 0-7")
+    if sequence is not None and not 1 <= sequence <= MAX_SEQUENCE_ID:
+        raise ValueError(f"meta sequenceId {sequence} is not 1-{MAX_SEQUENCE_ID}")
     header = " ".join([
         f"<{FACILITY_AUTHPRIV * 8 + severity}>1",
         timestamp(time),
@@ -55,7 +62,7 @@ def format_message(xml: bytes, *, time: datetime, hostname: str, procid: str | i
         header_field(app_name, "app_name"),
         header_field(str(procid), "procid"),
         header_field(msgid, "msgid"),
-        NIL,  # STRUCTURED-DATA
+        NIL if sequence is None else f'[meta sequenceId="{sequence}"]',  # STRUCTURED-DATA
     ])
     return header.encode("ascii") + b" " + BOM + XML_DECLARATION + xml
 
@@ -73,7 +80,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
-        messages = []
+        messages: list[bytes] = []
         while True:
             space = self._buffer.find(b" ", 0, _MAX_FRAME_DIGITS + 1)
             if space < 0:
@@ -125,6 +132,12 @@ class SyslogMessage:
     @property
     def severity(self) -> int:
         return self.pri % 8
+
+    @property
+    def sequence_id(self) -> int | None:
+        """``meta sequenceId`` of the structured data, if there is one."""
+        match = re.search(r'\[meta(?: [^\]]*)? sequenceId="(\d+)"', self.structured_data)
+        return int(match.group(1)) if match else None
 
     @property
     def xml(self) -> bytes:

@@ -6,24 +6,51 @@ come in through :meth:`AuditTrail.record_dict`.
 
 ``record`` renders the message once, appends it to the local file (fsynced) and to the spool of
 the repository sender (fsynced), and returns: it does disk I/O but never waits for the network.
-A sink that fails (disk full) is logged as an error and the other sinks still get the message.
+
+When a sink cannot take a message (disk full), ``[audit] on_failure`` decides:
+
+- ``continue`` (the default): the error is logged and that sink never gets the message; the other
+  sinks still do. Associations go on.
+- ``refuse``: the message is kept in memory, in order, for that sink and written as soon as the
+  sink takes messages again (tried on every record and every association admitted); meanwhile
+  :meth:`AuditTrail.refusal` gives the reason new associations are refused. It also refuses while
+  the file system of a sink has less than ``FREE_SPACE_RESERVE`` left, so that an association is
+  refused before its events would fail, not after.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
+from collections import deque
+from pathlib import Path
 from typing import Any
 
 from dicom_card_agent.audit.config import AuditConfig
 from dicom_card_agent.audit.errors import AuditError
 from dicom_card_agent.audit.events import AuditEvent, EventKind
 from dicom_card_agent.audit.messages import AuditSource, render
-from dicom_card_agent.audit.sinks import FileSink, SyslogTlsSink
+from dicom_card_agent.audit.sinks import FileSink, RepositorySink, repository_sink
 from dicom_card_agent.audit.spool import Spool
-from dicom_card_agent.audit.syslog import SEVERITY_NOTICE, SEVERITY_WARNING, format_message
+from dicom_card_agent.audit.syslog import MAX_SEQUENCE_ID, SEVERITY_NOTICE, SEVERITY_WARNING, format_message
 
 log = logging.getLogger("agent.audit")
+
+FREE_SPACE_RESERVE = 1024 * 1024  # bytes a sink's file system must keep free under on_failure = "refuse"
+FREE_INODES_RESERVE = 16  # the spool needs one file per waiting message
+BACKLOG_LIMIT = 100_000  # messages kept in memory per sink while it fails (refuse): ~ days of refusals
+
+
+class _Backlog:
+    """Messages one sink could not take yet, oldest first, and why (``on_failure = "refuse"``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.messages: deque[bytes] = deque()
+        self.reason = ""
+        self.dropped = 0
 
 
 class AuditTrail:
@@ -35,9 +62,14 @@ class AuditTrail:
         self.source = AuditSource(source_id=config.source_id or self.hostname, hostname=self.hostname,
                                   site_id=config.site_id)
         self.file: FileSink | None = None
-        self.repository: SyslogTlsSink | None = None
+        self.repository: RepositorySink | None = None
         self.failures = 0  # messages a sink could not take (logged)
         self._closed = False
+        self._lock = threading.RLock()  # one record at a time: the backlogs keep each sink's order
+        self._sequence = 0  # meta sequenceId of the last syslog message
+        self._file_backlog = _Backlog("file")
+        self._spool_backlog = _Backlog("spool")
+        self._refusing = False  # the last refusal() refused
         try:
             if config.file is not None:
                 self.file = FileSink(config.file)
@@ -46,7 +78,7 @@ class AuditTrail:
                     raise AuditError("[audit.syslog] needs [audit] spool")
                 spool = Spool(config.spool)
                 try:
-                    self.repository = SyslogTlsSink(config.syslog, spool)
+                    self.repository = repository_sink(config.syslog, spool)
                 except BaseException:
                     spool.close()
                     raise
@@ -55,31 +87,123 @@ class AuditTrail:
                 self.file.close()
             raise
 
+    @property
+    def refuses(self) -> bool:
+        return self.config.on_failure == "refuse"
+
     def record(self, event: AuditEvent) -> bool:
         """Write ``event`` to every sink; ``True`` if all took it (failures are logged)."""
         if self._closed:
             raise AuditError("the audit trail is closed")
         xml = render(event, self.source)
-        ok = True
+        with self._lock:
+            ok = True
+            if self.file is not None:
+                ok &= self._write(self._file_backlog, xml, event)
+            if self.repository is not None:
+                self._sequence = self._sequence % MAX_SEQUENCE_ID + 1
+                severity = SEVERITY_WARNING if event.kind is EventKind.SECURITY_ALERT else SEVERITY_NOTICE
+                message = format_message(xml, time=event.time, hostname=self.hostname, procid=event.agent_pid,
+                                         severity=severity, sequence=self._sequence)
+                ok &= self._write(self._spool_backlog, message, event)
+            if not ok:
+                self.failures += 1
+            return ok
+
+    def _write(self, backlog: _Backlog, message: bytes, event: AuditEvent) -> bool:
+        if self.refuses:
+            self._retry(backlog)
+            if backlog.messages:  # still failing: keep this one behind the others
+                self._keep(backlog, message)
+                return False
+        try:
+            self._put(backlog, message)
+            return True
+        except (OSError, AuditError) as error:
+            reason = self._describe(backlog, error)
+            if self.refuses:
+                self._keep(backlog, message)
+                if not backlog.reason:
+                    log.error("audit: %s; [audit] on_failure = \"refuse\": new associations are refused until "
+                              "it can be written again (free space there); events wait in memory meanwhile",
+                              reason)
+                backlog.reason = reason
+            elif backlog is self._file_backlog:
+                log.error("audit: %s; event %s not in the local audit file", reason, event.kind.value)
+            else:
+                log.error("audit: %s; event %s not queued for the audit repository", reason, event.kind.value)
+            return False
+
+    def _put(self, backlog: _Backlog, message: bytes) -> None:
+        if backlog is self._file_backlog:
+            assert self.file is not None
+            self.file.write(message)
+        else:
+            assert self.repository is not None
+            self.repository.submit(message)
+
+    def _describe(self, backlog: _Backlog, error: BaseException) -> str:
+        if backlog is self._file_backlog and isinstance(error, OSError):
+            assert self.file is not None
+            return f"cannot write to the audit file {self.file.path}: {error.strerror or error}"
+        return str(error)
+
+    def _keep(self, backlog: _Backlog, message: bytes) -> None:
+        if len(backlog.messages) >= BACKLOG_LIMIT:
+            backlog.dropped += 1
+            log.error("audit: %d events for the %s kept in memory already; this one is lost",
+                      BACKLOG_LIMIT, backlog.name)
+            return
+        backlog.messages.append(message)
+
+    def _retry(self, backlog: _Backlog) -> None:
+        """Write what ``backlog`` holds, oldest first, until the sink refuses again."""
+        if not backlog.messages:
+            return
+        written = 0
+        try:
+            while backlog.messages:
+                self._put(backlog, backlog.messages[0])
+                backlog.messages.popleft()
+                written += 1
+        except (OSError, AuditError) as error:
+            backlog.reason = self._describe(backlog, error)
+            return
+        log.warning("audit: the %s takes messages again: %d event%s written late",
+                    "audit file" if backlog is self._file_backlog else "audit spool", written,
+                    "" if written == 1 else "s")
+        backlog.reason = ""
+
+    def refusal(self) -> str | None:
+        """Why a new association must be refused now (``on_failure = "refuse"``), or ``None``.
+        Retries what waits in memory first, so an association is accepted as soon as writing works."""
+        if not self.refuses or self._closed:
+            return None
+        with self._lock:
+            reason = self._refusal()
+            if reason is None and self._refusing:
+                log.warning("audit: the audit trail can be written again; associations are accepted again")
+            self._refusing = reason is not None
+            return reason
+
+    def _refusal(self) -> str | None:
+        for backlog in (self._file_backlog, self._spool_backlog):
+            self._retry(backlog)
+            if backlog.messages:
+                return f"the audit trail cannot be written ({backlog.reason})"
+        for path in self._sink_paths():
+            short = _short_of_space(path)
+            if short:
+                return f"the audit trail cannot be written ({short})"
+        return None
+
+    def _sink_paths(self) -> list[Path]:
+        paths = []
         if self.file is not None:
-            try:
-                self.file.write(xml)
-            except (OSError, AuditError) as error:
-                ok = False
-                log.error("audit: cannot write to %s: %s; event %s not in the local audit file",
-                          self.file.path, getattr(error, "strerror", None) or error, event.kind.value)
+            paths.append(self.file.path.parent)
         if self.repository is not None:
-            severity = SEVERITY_WARNING if event.kind is EventKind.SECURITY_ALERT else SEVERITY_NOTICE
-            message = format_message(xml, time=event.time, hostname=self.hostname, procid=event.agent_pid,
-                                     severity=severity)
-            try:
-                self.repository.submit(message)
-            except AuditError as error:
-                ok = False
-                log.error("audit: %s; event %s not queued for the audit repository", error, event.kind.value)
-        if not ok:
-            self.failures += 1
-        return ok
+            paths.append(self.repository.spool.directory)
+        return paths
 
     def record_dict(self, data: Any) -> AuditEvent:
         """Record an event received as :meth:`AuditEvent.to_dict` (:class:`AuditEventError` if it
@@ -90,7 +214,8 @@ class AuditTrail:
 
     def pending(self) -> int:
         """Messages waiting for the audit repository (0 without one)."""
-        return self.repository.pending() if self.repository is not None else 0
+        waiting = len(self._spool_backlog.messages)
+        return waiting + (self.repository.pending() if self.repository is not None else 0)
 
     def wait_delivered(self, timeout: float) -> bool:
         """Wait until the repository has every message; ``False`` after ``timeout`` seconds."""
@@ -102,11 +227,13 @@ class AuditTrail:
         return {
             "file": str(self.file.path) if self.file is not None else None,
             "repository": repository.config.address if repository is not None else None,
+            "transport": repository.transport if repository is not None else None,
             "connected": repository.connected if repository is not None else None,
             "pending": self.pending(),
             "delivered": repository.delivered if repository is not None else 0,
             "last_error": repository.last_error if repository is not None else "",
             "failures": self.failures,
+            "in_memory": len(self._file_backlog.messages) + len(self._spool_backlog.messages),
         }
 
     def close(self, timeout: float = 5.0) -> None:
@@ -114,7 +241,14 @@ class AuditTrail:
         undelivered messages stay in the spool and go out after the next start."""
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            for backlog in (self._file_backlog, self._spool_backlog):
+                self._retry(backlog)
+                if backlog.messages:
+                    log.error("audit: %d event%s for the %s could not be written before the agent stopped (%s); "
+                              "they are lost", len(backlog.messages), "" if len(backlog.messages) == 1 else "s",
+                              backlog.name, backlog.reason)
+            self._closed = True
         try:
             if self.repository is not None:
                 self.repository.close(timeout)
@@ -127,3 +261,18 @@ class AuditTrail:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _short_of_space(directory: Path) -> str:
+    """Why the file system of ``directory`` is too full for the trail, or ``""``."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError as error:
+        return f"cannot check the free space of {directory}: {error.strerror}"
+    free = stats.f_bavail * stats.f_frsize
+    if free < FREE_SPACE_RESERVE:
+        return (f"{free // 1024} KiB free on the file system of {directory}, less than the "
+                f"{FREE_SPACE_RESERVE // 1024} KiB the audit trail keeps in reserve")
+    if stats.f_files and stats.f_favail < FREE_INODES_RESERVE:
+        return f"{stats.f_favail} free inodes on the file system of {directory}"
+    return ""

@@ -46,6 +46,9 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
         if audit["repository"]:
             delivery = (f", repository {'connected' if audit['connected'] else 'not connected'}, "
                         f"{audit['pending']} waiting" + (f" ({audit['last_error']})" if audit["last_error"] else ""))
+        kept = audit.get("in_memory", 0)
+        if kept:  # [audit] on_failure = "refuse" while a sink fails
+            delivery += f", {kept} event{'' if kept == 1 else 's'} kept in memory: the audit trail cannot be written"
         _say(f"audit:    to {where}{delivery}")
     for crl in answer.get("crls", []):
         _say(f"crl {crl['file']}: {_describe_crl_file(crl)}")

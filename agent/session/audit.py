@@ -68,6 +68,10 @@ class AuditRecorder:
         if self.trail is not None:
             self.trail.close()
 
+    def refusal(self) -> str | None:
+        """Why new associations are refused ([audit] on_failure = "refuse"), or ``None``."""
+        return self.trail.refusal() if self.trail is not None else None
+
     # -- the agent and the card ---------------------------------------------------------------
 
     def application_start(self) -> None:

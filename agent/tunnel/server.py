@@ -192,6 +192,13 @@ class Listeners:
                 self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
             self._turned_away(tunnel.name, "local_peer_refused")
             return self._reject(tunnel, local, TunnelFailure("local peer refused"))
+        refusal = self.manager.audit.refusal() if self.manager is not None else None
+        if refusal is not None:  # [audit] on_failure = "refuse": no association goes unrecorded
+            log.warning("tunnel %s: %s: rejected: %s; [audit] on_failure = \"refuse\": free space there, "
+                        "associations are accepted again as soon as the trail can be written",
+                        tunnel.name, peer.describe(), refusal)
+            self._turned_away(tunnel.name, "audit_failing")
+            return self._reject(tunnel, local, TunnelFailure(refusal, transient=True))
         session = self.manager.current_session() if self.manager else None
         if session is not None:
             self.manager.touch()
@@ -237,6 +244,13 @@ class Listeners:
             self._turned_away(inbound.name, "address_not_allowed")
             return
         peer = f"{host}:{port}"
+        refusal = self.manager.audit.refusal() if self.manager is not None else None
+        if refusal is not None:  # [audit] on_failure = "refuse": what the PACS sends would go unrecorded
+            connection.close()
+            log.warning("inbound %s: PACS at %s turned away: %s; [audit] on_failure = \"refuse\"",
+                        inbound.name, peer, refusal)
+            self._turned_away(inbound.name, "audit_failing")
+            return
         session = self.manager.current_session() if self.manager else None
         if session is None or not session.dispatch(inbound.name, connection, peer):
             state = self.manager.state if self.manager else "starting"

@@ -15,11 +15,18 @@ each received message exactly as received (``%rawmsg%``, one per line) to ``rece
 - ``stop()`` (SIGTERM) closes the client connections (FIN) and exits after flushing the file;
   ``start()`` again reuses the same port, config and output file (appended);
 - imtcp logs peer TLS problems only to its own stderr (our log file), not as syslog messages.
+
+:func:`rsyslog_relp` is the same repository speaking RELP over TLS instead (``imrelp`` from
+rsyslog-relp, librelp with OpenSSL): every message is acknowledged with ``rsp 200`` once rsyslog
+has taken it. :meth:`Rsyslog.pause` / :meth:`Rsyslog.resume` / :meth:`Rsyslog.kill` (SIGSTOP,
+SIGCONT, SIGKILL) make the failures a repository really has.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +40,7 @@ from .ports import LOOPBACK, ManagedProcess, free_port, managed_process, wait_fo
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
 AuthMode = Literal["anon", "x509/certvalid"]
+Protocol = Literal["tls", "relp"]
 
 _CONFIG = """\
 global(
@@ -46,6 +54,18 @@ global(
 module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="{auth_mode}"
        maxSessions="20")
 input(type="imtcp" address="{host}" port="{port}" ruleset="audit")
+template(name="raw" type="string" string="%rawmsg%\\n")
+ruleset(name="audit") {{
+    action(type="omfile" file="{output}" template="raw" flushOnTXEnd="on" asyncWriting="off")
+}}
+"""
+
+
+_RELP_CONFIG = """\
+global(workDirectory="{work}" maxMessageSize="256k")
+module(load="imrelp" tls.tlslib="openssl")
+input(type="imrelp" address="{host}" port="{port}" ruleset="audit" maxDataSize="256k" tls="on"
+      tls.cacert="{ca}" tls.mycert="{cert}" tls.myprivkey="{key}"{auth_mode})
 template(name="raw" type="string" string="%rawmsg%\\n")
 ruleset(name="audit") {{
     action(type="omfile" file="{output}" template="raw" flushOnTXEnd="on" asyncWriting="off")
@@ -88,6 +108,28 @@ class Rsyslog:
             managed_process(argv, log_path=self.directory / f"rsyslogd-{self._starts}.log"))
         wait_for_port(self.port, timeout, host=self.host, process=self.process)
 
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: the repository neither reads nor answers; the kernel still takes bytes. Returns
+        once every thread is stopped (a busy machine may let a thread run on for a moment)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not _all_threads_stopped(self.process.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rsyslogd (pid {self.process.pid}) did not stop within {timeout} s")
+            time.sleep(0.005)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL: whatever it had not written to received.log is gone."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.stop()  # reaps it
+        self.process = None
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
@@ -125,22 +167,40 @@ class Rsyslog:
             time.sleep(0.02)
 
 
-def write_config(directory: Path, server: TlsServerFiles, port: int, auth_mode: AuthMode, host: str) -> Path:
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is in state T (stopped by a signal)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # a thread that just ended
+        states.append(stat.rpartition(")")[2].split()[0])
+    return bool(states) and all(state == "T" for state in states)
+
+
+def write_config(directory: Path, server: TlsServerFiles, port: int, auth_mode: AuthMode, host: str,
+                 protocol: Protocol = "tls") -> Path:
     work = directory / "work"
     work.mkdir(parents=True, exist_ok=True)
     path = directory / "rsyslog.conf"
-    path.write_text(_CONFIG.format(work=work, ca=server.ca_bundle, cert=server.chain, key=server.key,
+    if protocol == "relp":  # imrelp: no authMode accepts any client; certvalid without the x509/ prefix
+        template = _RELP_CONFIG
+        auth_mode = "" if auth_mode == "anon" else ' tls.authMode="certvalid"'  # type: ignore[assignment]
+    else:
+        template = _CONFIG
+    path.write_text(template.format(work=work, ca=server.ca_bundle, cert=server.chain, key=server.key,
                                    auth_mode=auth_mode, host=host, port=port, output=directory / "received.log"))
     return path
 
 
 @contextlib.contextmanager
 def rsyslog_tls(directory: Path, server: TlsServerFiles, *, auth_mode: AuthMode = "anon",
-                port: int | None = None, start: bool = True) -> Iterator[Rsyslog]:
+                port: int | None = None, start: bool = True, protocol: Protocol = "tls") -> Iterator[Rsyslog]:
     """An rsyslogd TLS audit repository on 127.0.0.1 (a free port unless given); stopped on exit."""
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    write_config(directory, server, port, auth_mode, LOOPBACK)
+    write_config(directory, server, port, auth_mode, LOOPBACK, protocol)
     server_process = Rsyslog(directory, port, auth_mode)
     try:
         if start:
@@ -148,3 +208,9 @@ def rsyslog_tls(directory: Path, server: TlsServerFiles, *, auth_mode: AuthMode 
         yield server_process
     finally:
         server_process.close()
+
+
+def rsyslog_relp(directory: Path, server: TlsServerFiles, *, auth_mode: AuthMode = "anon",
+                 port: int | None = None, start: bool = True) -> contextlib.AbstractContextManager[Rsyslog]:
+    """An rsyslogd RELP-over-TLS audit repository (imrelp); ``anon`` or ``x509/certvalid`` as above."""
+    return rsyslog_tls(directory, server, auth_mode=auth_mode, port=port, start=start, protocol="relp")
