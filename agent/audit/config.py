@@ -85,11 +85,11 @@ def parse_audit_config(data: dict[str, Any] | None, where: str, base: Path) -> A
     syslog = None
     if raw_syslog is not None:
         table = Section(raw_syslog, f"{where} [audit.syslog]", base)
+        host, port = host_port(table.take("address", str, required=True), lambda m: table.error("address", m))
         transport = table.take("transport", str, "tls")
         if transport not in TRANSPORTS:
             raise table.error("transport", f"is {transport!r}; use \"tls\" (RFC 5425 syslog over TLS) or "
                                            "\"relp\" (RELP over TLS, e.g. rsyslog imrelp)")
-        host, port = host_port(table.take("address", str, required=True), lambda m: table.error("address", m))
         ca = table.path("ca", required=True)
         server_name = table.take("server_name", str, "") or host
         certificate = table.path("certificate")

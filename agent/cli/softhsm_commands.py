@@ -46,10 +46,11 @@ def init(
 
 @app.command("ocsp-responder")
 def ocsp_responder(
-    action: Annotated[str, typer.Argument(metavar="start|stop", help="start or stop")],
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The directory `card-agent softhsm init` provisioned.")],
+    action: Annotated[str, typer.Argument(metavar="start|stop", hidden=True)],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", hidden=True)],
 ) -> None:
-    """Start or stop the test PKI's OCSP responder and CRL distribution point (127.0.0.1 only).
+    """Start or stop the test PKI's OCSP responder and CRL distribution point (127.0.0.1 only) for
+    DIR, the directory `card-agent softhsm init` provisioned.
 
     OCSP requests are answered by `openssl ocsp` over pki/ocsp/index.txt; GET /issuing-ca.crl and
     /root-ca.crl serve the CRLs of pki/crl-http/. The port is the one `softhsm init
