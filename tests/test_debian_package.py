@@ -177,6 +177,10 @@ def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: 
                                  env={**env, "CARD_AGENT_MODULE": "softhsm2"})
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert "ok   chain alice: " in doctor.stdout
+        # What config management runs before rolling the configuration out: no --config, /etc's file.
+        check = installed_agent("check", env={**env, "CARD_PIN": USER_PIN})
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "ok   config: /etc/dicom-card-agent/agent.toml: 1 tunnel(s)" in check.stdout, check.stdout
         log_path = tmp_path / "agent.log"
         with open(log_path, "w") as log:
             agent = subprocess.Popen([str(INSTALLED), "run"], stdout=log, stderr=subprocess.STDOUT,
