@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from peers.ports import free_port
 from agent_runner import WITHOUT_PTRACE, running_agent, tunnel, wait_for
 from conftest import HELPERS, USER_PIN, ProvisionedPki, provision, run_card_agent
 from peers.pynetdicom_scp import associate, tls_scp
@@ -121,12 +122,16 @@ def test_no_pin_left_in_the_supervisor_and_none_anywhere_after_lock(private_pki:
     assert PIN not in log
 
 
-def test_env_pin_lives_in_one_locked_copy_and_in_no_environment(private_pki: ProvisionedPki) -> None:
-    workdir = private_pki.directory.parent / "agent"
+@pytest.mark.parametrize("metrics", [False, True], ids=["plain", "with metrics"])
+def test_env_pin_lives_in_one_locked_copy_and_in_no_environment(private_pki: ProvisionedPki, metrics: bool) -> None:
+    """With [metrics] too: prometheus_client imports wsgiref, which copies the whole environment at
+    import; the agent imports it only after taking the PIN out."""
+    workdir = private_pki.directory.parent / f"agent-{metrics}"
     needle = PIN.encode()
     with tls_scp(pki_dir=private_pki.pki) as pacs:
         with running_agent(private_pki, workdir, [tunnel("pacs", pacs.port, allowed_uids=[os.getuid()])],
-                           pin=PIN, prefix=WITHOUT_PTRACE) as agent:
+                           pin=PIN, prefix=WITHOUT_PTRACE,
+                           metrics={"listen": f"127.0.0.1:{free_port()}"} if metrics else None) as agent:
             agent.wait_for_log('event=sign-in subject="CN=Alice Example')
             echo(agent.port())
             supervisor, session = agent.process.pid, card_session_pid(agent.process.pid)

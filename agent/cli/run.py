@@ -6,7 +6,7 @@ import logging
 import resource
 import signal
 import threading
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,7 +16,6 @@ from dicom_card_agent.config.model import load_config
 from dicom_card_agent.config.preflight import open_crls, prepare_pin_sources
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
-from dicom_card_agent.service.metrics import Metrics
 from dicom_card_agent.service.notify import Notifier
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.control import ControlServer
@@ -24,6 +23,9 @@ from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.reload import Reloader
 from dicom_card_agent.token.secret import make_non_dumpable
 from dicom_card_agent.tunnel.server import Listeners
+
+if TYPE_CHECKING:
+    from dicom_card_agent.service.metrics import Metrics
 
 log = logging.getLogger("agent")
 
@@ -59,6 +61,10 @@ def run(
     try:
         control_server = ControlServer(settings, manager, crls)
         if settings.metrics is not None:
+            # Imported only now, after prepare_pin_sources took env: PINs out of the environment:
+            # prometheus_client imports wsgiref, whose handlers module copies the whole environment
+            # into a dict at import (tests/test_pin_memory.py found the PIN there).
+            from dicom_card_agent.service.metrics import Metrics
             metrics = Metrics(settings.metrics, settings, manager)
         listeners.manager = manager
         audit.application_start()
