@@ -55,7 +55,7 @@ module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.
        maxSessions="20")
 input(type="imtcp" address="{host}" port="{port}" ruleset="audit")
 template(name="raw" type="string" string="%rawmsg%\\n")
-ruleset(name="audit") {{
+ruleset(name="audit" queue.type="Direct") {{
     action(type="omfile" file="{output}" template="raw" flushOnTXEnd="on" asyncWriting="off")
 }}
 """
@@ -67,7 +67,7 @@ module(load="imrelp" tls.tlslib="openssl")
 input(type="imrelp" address="{host}" port="{port}" ruleset="audit" maxDataSize="256k" tls="on"
       tls.cacert="{ca}" tls.mycert="{cert}" tls.myprivkey="{key}"{auth_mode})
 template(name="raw" type="string" string="%rawmsg%\\n")
-ruleset(name="audit") {{
+ruleset(name="audit" queue.type="Direct") {{
     action(type="omfile" file="{output}" template="raw" flushOnTXEnd="on" asyncWriting="off")
 }}
 """
