@@ -50,12 +50,11 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import run as bench  # noqa: E402  (benchmarks/run.py: provisioning, the lean DICOM client, the report)
-from run import LOOPBACK, BenchError, card_agent_executable, git_commit, machine_info, print_report, say  # noqa: E402
-
 from fault_pkcs11 import FaultControl  # noqa: E402
 from fault_pkcs11 import build as build_fault_module  # noqa: E402
 from peers.ports import ManagedProcess, free_port, managed_process  # noqa: E402
 from peers.pynetdicom_scp import RecordingScp, tls_scp  # noqa: E402
+from run import LOOPBACK, BenchError, card_agent_executable, git_commit, machine_info, print_report, say  # noqa: E402
 
 CARDS = ("alice", "bob")
 SUBJECTS = {"alice": "CN=Alice Example,O=Example Hospital Test PKI", "bob": "CN=Bob Example,O=Example Hospital Test PKI"}

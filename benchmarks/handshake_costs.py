@@ -43,7 +43,6 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (benchmarks/run.py: provisioning, test PKI files, OpenSSL config)
-
 from dicom_card_agent.tls.policy import TLS_GROUPS  # noqa: E402
 from dicom_card_agent.tls.provider import openssl_config, provider_key_pem  # noqa: E402
 from dicom_card_agent.token.profiles import get_profile  # noqa: E402

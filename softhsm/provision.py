@@ -11,7 +11,6 @@ import pkcs11
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dicom_card_agent.token.profiles import get_profile
 from dicom_card_agent.softhsm import pki, responder
 from dicom_card_agent.softhsm.tokens import (
     ca_certificate_id,
@@ -22,6 +21,7 @@ from dicom_card_agent.softhsm.tokens import (
     token_signed_csr,
     write_softhsm_conf,
 )
+from dicom_card_agent.token.profiles import get_profile
 
 USER_PIN = "123456"
 SO_PIN = "12345678"

@@ -20,9 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dicom_card_agent.dicom.pdu import (AssociateRequest, MaximumLength, PduType, PresentationContextItemRQ,
-                             encode_associate_rq)
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import (
+    AssociateRequest,
+    MaximumLength,
+    PduType,
+    PresentationContextItemRQ,
+    encode_associate_rq,
+)
 from peers.ports import free_port
 
 SYSTEM_PYTHON = "/usr/bin/python3"

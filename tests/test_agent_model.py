@@ -33,13 +33,20 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from agent_runner import card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
+from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import RecordingScp, associate, tls_scp
 from test_card_lifecycle_faults import PINENTRY_TTY, Terminal

@@ -9,9 +9,9 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from dicom_card_agent.tunnel.relay import reject_pdu
 from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki
+from dicom_card_agent.tunnel.relay import reject_pdu
 from peers.ports import free_port
 from test_agent_audit import event_ids
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.filereader import read_dataset
+
 from agent_runner import card_session_pid, port_of, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki
 from peers.dcmtk import storescp, storescu_argv
@@ -25,7 +27,6 @@ from peers.pki_files import TlsServerFiles
 from peers.ports import free_port, peer_env
 from peers.pynetdicom_scp import tls_scp
 from peers.study import PATIENT_ID, PATIENT_NAME, make_study, sop_instance_uid
-from pydicom.filereader import read_dataset
 from test_inbound import node_identity
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"

@@ -22,10 +22,10 @@ from dicom_card_agent.audit.config import AuditConfig, SyslogConfig
 from dicom_card_agent.audit.events import AlertType, AuditEvent, Instance, LocalPeer, RemoteNode, SessionEnd, User
 from dicom_card_agent.audit.syslog import BOM, SyslogMessage
 from dicom_card_agent.audit.trail import AuditTrail
+from dicom_card_agent.softhsm import pki as test_ca
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.ports import LOOPBACK, free_port
 from peers.rsyslog import Rsyslog, rsyslog_tls
-from dicom_card_agent.softhsm import pki as test_ca
 
 ALICE = User("CN=Alice Example,O=Example Hospital", "CN=Example Issuing CA", "alice", "8a3f0c1d")
 PACS = RemoteNode("127.0.0.1", 11112)

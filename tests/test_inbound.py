@@ -16,11 +16,21 @@ from pathlib import Path
 
 import pytest
 
+from agent_runner import (
+    RunningAgent,
+    associate_rq,
+    inbound_listener,
+    port_of,
+    running_agent,
+    start_agent,
+    stop_agent,
+    tunnel,
+    wait_for,
+    write_config,
+)
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
-from agent_runner import (RunningAgent, associate_rq, inbound_listener, port_of, running_agent, start_agent,
-                          stop_agent, tunnel, wait_for, write_config)
-from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
 from peers.orthanc import orthanc
@@ -29,6 +39,7 @@ from peers.ports import free_port, peer_env
 from peers.pynetdicom_scp import plain_scp
 from peers.study import assert_delivered, make_study
 from test_tunnel_association import receive_pdu
+
 
 def node_identity(test_pki: ProvisionedPki) -> dict[str, str]:
     """The workstation's node certificate (the test PKI's localhost certificate, serverAuth + clientAuth)."""

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agent_runner import start_agent, stop_agent, tunnel, with_virtualenv_packages, write_config
+from conftest import ProvisionedPki
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.token.pin import PinSource, PinUnavailableError
-from agent_runner import start_agent, with_virtualenv_packages, stop_agent, tunnel, write_config
-from conftest import ProvisionedPki
 
 
 @pytest.mark.parametrize("text", ["", "env:", "file", "pinentry-ish", "sms:123"])

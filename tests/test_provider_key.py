@@ -11,9 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from conftest import HELPERS, USER_PIN, ProvisionedPki
 from dicom_card_agent.tls.provider import ProviderError, openssl_config, provider_key_pem, uri_from_provider_key_pem
 from dicom_card_agent.token.profiles import get_profile
-from conftest import HELPERS, USER_PIN, ProvisionedPki
 from peers.ports import free_port
 
 

@@ -11,14 +11,23 @@ import socket
 from pathlib import Path
 
 import pytest
+from pynetdicom.sop_class import Verification
 
-from agent_runner import (agent_status, log_lines, card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
-                          write_config)
+from agent_runner import (
+    agent_status,
+    card_session_pid,
+    inbound_listener,
+    log_lines,
+    port_of,
+    running_agent,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
-from pynetdicom.sop_class import Verification
 
 RELOADED = "card-agent: INFO: SIGHUP: configuration {config} reloaded: "
 REFUSED = "card-agent: ERROR: SIGHUP: configuration not reloaded, the running one goes on: "

@@ -22,10 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from dicom_card_agent.softhsm import pki as test_ca
-from dicom_card_agent.softhsm.responder import ResponderFiles, RevocationServer, index, sources_at
 from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
+from dicom_card_agent.softhsm import pki as test_ca
+from dicom_card_agent.softhsm.responder import ResponderFiles, RevocationServer, index, sources_at
 from peers.pki_files import load_ca
 from peers.ports import free_port
 from test_tunnel_verification import assert_accepted, assert_rejected
@@ -282,11 +282,10 @@ def test_off_asks_nobody(test_pki: ProvisionedPki, tmp_path: Path) -> None:
 # -- inbound and the card's own certificate ----------------------------------------------------------
 
 def test_inbound_a_pacs_with_a_revoked_client_certificate_is_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    from agent_runner import inbound_listener, port_of
     from peers.dcmtk import storescp, storescu
     from peers.pki_files import TlsClientFiles
     from peers.study import make_study
-
-    from agent_runner import inbound_listener, port_of
 
     pacs = make_pacs(test_pki, tmp_path / "pacs", cdp=False, revoked=True)
     study = make_study(tmp_path / "study", files=1)

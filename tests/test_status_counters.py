@@ -11,10 +11,18 @@ import re
 import signal
 from pathlib import Path
 
-from dicom_card_agent.dicom.pdu import parse_associate_rj
-from agent_runner import (associate_rq, card_session_pid, inbound_listener, port_of, running_agent, send_and_close,
-                          tunnel, wait_for)
+from agent_runner import (
+    associate_rq,
+    card_session_pid,
+    inbound_listener,
+    port_of,
+    running_agent,
+    send_and_close,
+    tunnel,
+    wait_for,
+)
 from conftest import ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import parse_associate_rj
 from fault_pkcs11 import FaultControl
 from peers.pki_files import TlsClientFiles
 from peers.ports import free_port

@@ -15,10 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, a_release_rp
-from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, p_data, pki_for_user, running_agent,
-                          s_server, send_and_close, send_concurrently, tunnel, wait_for, write_config)
+from agent_runner import (
+    FramedEchoServer,
+    associate_rq,
+    dicom_stream,
+    echoed,
+    p_data,
+    pki_for_user,
+    running_agent,
+    s_server,
+    send_and_close,
+    send_concurrently,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, a_release_rp
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp
 from peers.pki_files import TlsServerFiles
@@ -136,8 +149,13 @@ def whole_store_association(patient: str) -> tuple[bytes, str]:
     from pynetdicom.dsutils import encode
     from pynetdicom.pdu import P_DATA_TF
 
-    from dicom_card_agent.dicom.pdu import (AssociateRequest, MaximumLength, PresentationContextItemRQ, a_release_rq,
-                                 encode_associate_rq)
+    from dicom_card_agent.dicom.pdu import (
+        AssociateRequest,
+        MaximumLength,
+        PresentationContextItemRQ,
+        a_release_rq,
+        encode_associate_rq,
+    )
 
     secondary_capture, implicit_little_endian = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2"
     dataset = Dataset()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
 from agent_runner import LOG_TIMESTAMP, FramedEchoServer, associate_rq, log_lines, running_agent, tunnel
 from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
 from peers.dcmtk import TLS_DETAILS_BEGIN, echoscu, storescp, storescu
 from peers.pki_files import TlsServerFiles
 from peers.ports import free_port

@@ -10,9 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
-from agent_runner import FramedEchoServer, associate_rq, dicom_stream, echoed, running_agent, s_server, send_and_close, tunnel, wait_for
+from agent_runner import (
+    FramedEchoServer,
+    associate_rq,
+    dicom_stream,
+    echoed,
+    running_agent,
+    s_server,
+    send_and_close,
+    tunnel,
+    wait_for,
+)
 from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 
 
 @pytest.mark.parametrize("token, version_args, sigalgs, expected_version, expected_signature", [

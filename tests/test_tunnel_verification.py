@@ -12,9 +12,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from agent_runner import associate_rq, free_port, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 
 
 def server_fingerprint(test_pki: ProvisionedPki, chain: str) -> str:

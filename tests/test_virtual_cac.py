@@ -23,11 +23,17 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from dicom_card_agent.card.pcsc import (SCARD_STATE_CHANGED, SCARD_STATE_EMPTY, SCARD_STATE_PRESENT, PcscEventSource,
-                             card_state_changed, split_multistring)
-from dicom_card_agent.card.watcher import POLL_SECONDS, CardEvents
 from agent_runner import agent_status, card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.card.pcsc import (
+    SCARD_STATE_CHANGED,
+    SCARD_STATE_EMPTY,
+    SCARD_STATE_PRESENT,
+    PcscEventSource,
+    card_state_changed,
+    split_multistring,
+)
+from dicom_card_agent.card.watcher import POLL_SECONDS, CardEvents
 from peers.dcmtk import echoscu, storescp, storescu, storescu_argv
 from peers.pki_files import TlsServerFiles
 from peers.ports import peer_env

@@ -14,11 +14,11 @@ from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Mod
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.logline import printable
 from dicom_card_agent.revocation.report import cli_checker, identity_revocation
+from dicom_card_agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
 from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import describe_pin_state
 from dicom_card_agent.token.module import LoadedModule, load_module
-from dicom_card_agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
 from dicom_card_agent.trust.anchors import TrustAnchors
 
 

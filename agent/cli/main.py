@@ -8,8 +8,7 @@ import typer
 from pkcs11.exceptions import PKCS11Error
 
 from dicom_card_agent import logline
-from dicom_card_agent.cli import (audit_commands, check, control_commands, doctor, run, softhsm_commands,
-                                  token_commands)
+from dicom_card_agent.cli import audit_commands, check, control_commands, doctor, run, softhsm_commands, token_commands
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.version import agent_version
 

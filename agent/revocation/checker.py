@@ -26,8 +26,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from dicom_card_agent.revocation.decision import Answer, CertificateAnswers, Policy, Status, Verdict, decide
-from dicom_card_agent.revocation.sources import (FetchError, Judged, crl_urls, http_get, http_post_ocsp, judge_crl,
-                                                 judge_ocsp, ocsp_request, ocsp_urls)
+from dicom_card_agent.revocation.sources import (
+    FetchError,
+    Judged,
+    crl_urls,
+    http_get,
+    http_post_ocsp,
+    judge_crl,
+    judge_ocsp,
+    ocsp_request,
+    ocsp_urls,
+)
 from dicom_card_agent.trust.crls import CrlStore, FileCrl, _covers, _crl_signed_by, issuer_chain, name
 from dicom_card_agent.trust.crls import describe as _describe_now
 

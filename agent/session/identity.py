@@ -25,7 +25,12 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
-from dicom_card_agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles, allows_tls_server
+from dicom_card_agent.tls.policy import (
+    PKCS1_ONLY_SIGNATURE_ALGORITHMS,
+    TLS_GROUPS,
+    ClientIdentityFiles,
+    allows_tls_server,
+)
 from dicom_card_agent.tls.provider import openssl_config, provider_key_pem
 from dicom_card_agent.token.discovery import PinState, find_token, refresh
 from dicom_card_agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities

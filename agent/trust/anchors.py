@@ -17,8 +17,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from dicom_card_agent.trust.crls import FileCrl, check_chain, describe, name, read_crl_file
-from dicom_card_agent.trust.errors import (CrlError, RevokedCertificateError, TrustError, TrustFileError,  # noqa: F401
-                                UntrustedCertificateError)
+from dicom_card_agent.trust.errors import (  # noqa: F401
+    CrlError,
+    RevokedCertificateError,
+    TrustError,
+    TrustFileError,
+    UntrustedCertificateError,
+)
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:

@@ -30,14 +30,33 @@ from cryptography import x509
 
 from dicom_card_agent.config.model import InboundConfig, TunnelConfig
 from dicom_card_agent.dicom.association import DATA_SET_PREFIX, Association, Forward, Refuse
-from dicom_card_agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
-                             AbortSource, AcseRejectReason, AssociationPdu, CommandSet, DataSetPrefix, FramerEvent, MalformedPduError,
-                             PduFramer, PduHeader, PresentationRejectReason, RejectResult, RejectSource, a_abort,
-                             a_associate_rj, pdu_type_name)
+from dicom_card_agent.dicom.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    AbortReason,
+    AbortSource,
+    AcseRejectReason,
+    AssociationPdu,
+    CommandSet,
+    DataSetPrefix,
+    FramerEvent,
+    MalformedPduError,
+    PduFramer,
+    PduHeader,
+    PresentationRejectReason,
+    RejectResult,
+    RejectSource,
+    a_abort,
+    a_associate_rj,
+    pdu_type_name,
+)
 from dicom_card_agent.errors import CardAgentError
-from dicom_card_agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
-from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from dicom_card_agent.revocation.peer import PeerRevocation
+from dicom_card_agent.tls.failures import TunnelFailure, connect_failure, failure_after_handshake, handshake_failure
+from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from dicom_card_agent.trust.errors import TrustError
 from dicom_card_agent.tunnel.admission import RefusalLog
 from dicom_card_agent.tunnel.counters import SessionCounts

@@ -17,7 +17,13 @@ from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, is_allowed
-from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_tcp_listener, create_unix_listener
+from dicom_card_agent.tunnel.peer import (
+    PeerPolicy,
+    PeerRefusedError,
+    admit_peer,
+    create_tcp_listener,
+    create_unix_listener,
+)
 from dicom_card_agent.tunnel.relay import reject_at_once, reject_local
 
 log = logging.getLogger("agent.tunnel")
