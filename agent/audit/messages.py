@@ -487,9 +487,9 @@ def summarize(xml: bytes | str) -> Summary:
         elif code == ID_PATIENT_NUMBER.value and obj.get("ParticipantObjectID"):
             details.append(f"patient {obj.get('ParticipantObjectID')}")
         elif code == ID_NODE.value and not remote:
-            remote = (obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID", ""))
+            remote = (obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID") or "")
         elif code == ID_URI.value:
-            name = obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID", "")
+            name = obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID") or ""
             details.append(f"token {name}" if obj.get("ParticipantObjectID", "").startswith("pkcs11:") else name)
         for detail in obj.findall("ParticipantObjectDetail"):
             if detail.get("type") in ("Bytes Up", "Bytes Down"):
@@ -499,6 +499,6 @@ def summarize(xml: bytes | str) -> Summary:
                     pass
     description = identification.findtext("EventOutcomeDescription") or ""
     # "token alice (locked)": the description qualifies what precedes it, it is not one more item.
-    detail = " ".join(filter(None, [", ".join(d for d in details if d), f"({description})" if description else ""]))
+    summary = " ".join(filter(None, [", ".join(d for d in details if d), f"({description})" if description else ""]))
     return Summary(time=time, event=event_name, outcome=outcome, action=identification.get("EventActionCode", ""),
-                   user=user, remote=remote, detail=detail)
+                   user=user, remote=remote, detail=summary)

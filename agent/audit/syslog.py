@@ -154,7 +154,8 @@ def parse_message(data: bytes) -> SyslogMessage:
     if not match:
         raise ValueError(f"not an RFC 5424 message: {data[:80]!r}")
     pri, version, *fields, structured, msg = match.groups()
-    return SyslogMessage(int(pri), int(version), *(f.decode("ascii") for f in fields),
+    timestamp, hostname, app_name, procid, msgid = (f.decode("ascii") for f in fields)
+    return SyslogMessage(int(pri), int(version), timestamp, hostname, app_name, procid, msgid,
                          structured.decode("utf-8"), msg or b"")
 
 

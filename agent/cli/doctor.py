@@ -131,7 +131,7 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
         if not usable:
             personal = [i for i in identities if not i.is_ca] or identities
             reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
-            yield Check("fail", f"identity {token.label}", reasons, identity_fix([i.reason for i in personal]))
+            yield Check("fail", f"identity {token.label}", reasons, identity_fix([i.reason for i in personal if i.reason]))
             continue
         for identity in usable:
             yield Check("ok", f"identity {token.label}", f"{identity.subject}, {identity.key_type.upper()} "

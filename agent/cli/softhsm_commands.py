@@ -64,8 +64,9 @@ def ocsp_responder(
         typer.echo(f"revocation responder running on http://127.0.0.1:{port} (pid {pid}); "
                    f"`card-agent softhsm ocsp-responder stop {directory}` stops it", err=True)
     elif action == "stop":
-        pid = stop_background(directory)
-        typer.echo("no responder was running" if pid is None else f"stopped the responder (pid {pid})", err=True)
+        stopped = stop_background(directory)
+        typer.echo("no responder was running" if stopped is None else f"stopped the responder (pid {stopped})",
+                   err=True)
     else:
         typer.echo(f"card-agent: error: {action!r} is neither start nor stop", err=True)
         raise typer.Exit(2)

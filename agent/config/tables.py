@@ -8,7 +8,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn, overload
 
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.file_trust import check_trusted_file
@@ -41,6 +41,12 @@ class Section:
             raise self.error(key, f"must be {_article(names)}, not {value!r}")
         return value
 
+    @overload
+    def path(self, key: str, *, required: Literal[True], must_exist: bool = True) -> Path: ...
+
+    @overload
+    def path(self, key: str, *, required: bool = False, must_exist: bool = True) -> Path | None: ...
+
     def path(self, key: str, *, required: bool = False, must_exist: bool = True) -> Path | None:
         value = self.take(key, str, None, required=required)
         if value in (None, ""):
@@ -52,7 +58,7 @@ class Section:
             raise self.error(key, f"file {path} does not exist")
         return path
 
-    def _missing(self, key: str) -> None:
+    def _missing(self, key: str) -> NoReturn:
         """A required key is not there: name the misspelt key that probably meant it, if one is there."""
         self.check_misspelt(key)
         raise ConfigError(f"{self.where}: missing key {key!r}")

@@ -222,7 +222,7 @@ class ServerChecks:
             )
 
 
-def _subject_for(server_name: str) -> x509.GeneralName:
+def _subject_for(server_name: str) -> x509.DNSName | x509.IPAddress:
     try:
         return x509.IPAddress(ipaddress.ip_address(server_name))
     except ValueError:

@@ -399,9 +399,10 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             # A request these rules refuse must not cost a TLS connection under the card's identity,
             # nor a card signature: decide before contacting the PACS. Without such rules the
             # connection is made while the application is still sending, to save a round trip.
-            request = _request_before_connecting(runtime, local, peer)
-            if request is None:
+            whole_request = _request_before_connecting(runtime, local, peer)
+            if whole_request is None:
                 return
+            request = whole_request
         elif not _application_sent_something(runtime, local, peer):
             return
         stage = "connect"
@@ -1076,7 +1077,7 @@ class _Relay:
 
     # -- the association, from the requestor's side ------------------------------------------------
 
-    def _from_requestor(self, data: bytes) -> bytes:
+    def _from_requestor(self, data: bytes | memoryview) -> bytes | memoryview:
         """What to pass on to the acceptor: nothing until the A-ASSOCIATE-RQ is whole and decided."""
         was_at_boundary = self.requestor_framer.at_boundary
         try:
@@ -1112,7 +1113,7 @@ class _Relay:
 
     # -- the association, from the acceptor's side -------------------------------------------------
 
-    def _from_acceptor(self, data: bytes) -> bytes:
+    def _from_acceptor(self, data: bytes | memoryview) -> bytes | memoryview:
         """What to pass on to the requestor: all of ``data``, unless it is malformed."""
         try:
             events = self.acceptor_framer.feed(data)
