@@ -94,6 +94,32 @@ def test_a_pacs_the_agent_does_not_trust_is_refused(test_pki: ProvisionedPki, tm
     assert message in log, log
 
 
+def test_a_pacs_whose_certificate_is_not_among_client_pins_is_refused_with_its_fingerprint(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path]) -> None:
+    """The PACS chains to [trust] ca but is not pinned: refused, and the log names its fingerprint
+    (before, formatting that fingerprint raised TypeError: the connection ended as an internal error)."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    leaf = x509.load_pem_x509_certificates((test_pki.pki / "server-chain.pem").read_bytes())[0]
+    fingerprint = hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest().hex(":")
+    other = hashlib.sha256(b"another PACS").hexdigest()
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", client_pins=[other],
+                                    **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            result = storescu(port_of(listener), study[:1], tls=pacs_identity(test_pki))
+            log = agent.wait_for_log("refused the PACS")
+        received = viewer.stored_files()
+    assert result.returncode != 0
+    assert received == []
+    assert (f"client certificate CN=localhost,O=Example Hospital Test PKI has SHA-256 fingerprint {fingerprint}, "
+            "which is not among client_pins of inbound 'retrieves'") in log, log
+    assert "internal error" not in log
+
+
 def test_a_pacs_revoked_by_a_new_crl_is_refused_without_a_new_sign_in(test_pki: ProvisionedPki, tmp_path: Path,
                                                                       study: list[Path]) -> None:
     """The CRL file is replaced while the card session runs; the PACS's next connection is judged by the new one."""

@@ -627,7 +627,7 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
     pins = runtime.config.client_pins
     if pins and hashlib.sha256(leaf_der).digest() not in pins:
         raise ClientVerificationError(
-            f"client certificate {subject} has SHA-256 fingerprint {hashlib.sha256(leaf_der).hexdigest(':')}, "
+            f"client certificate {subject} has SHA-256 fingerprint {hashlib.sha256(leaf_der).digest().hex(':')}, "
             f"which is not among client_pins of inbound {runtime.config.name!r}")
     if runtime.revocation is not None:
         try:
