@@ -126,7 +126,7 @@ class Series:
 
     @property
     def observed_ms(self) -> list[float]:
-        return [c - a for c, a in zip(self.closed_ms, self.agent_close_ms)]
+        return [c - a for c, a in zip(self.closed_ms, self.agent_close_ms, strict=False)]
 
 
 def _stat(values: list[float]) -> str:

@@ -127,7 +127,8 @@ class RunningAgent:
 WITHOUT_PTRACE = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
 
 
-VIRTUALENV_PACKAGES = Path(CARD_AGENT).parent.parent / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+VIRTUALENV_PACKAGES = (Path(CARD_AGENT).parent.parent / "lib"
+                       / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages")
 
 
 def with_virtualenv_packages(env: dict[str, str]) -> dict[str, str]:

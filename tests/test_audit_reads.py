@@ -52,7 +52,8 @@ def with_event_id(messages: list[ET.Element], code: str) -> list[ET.Element]:
 
 def role(message: ET.Element, code: str) -> dict[str, str]:
     """The attributes of the one ActiveParticipant with RoleIDCode ``code``."""
-    (found,) = [p for p in message.findall("ActiveParticipant") if p.find(f"RoleIDCode[@csd-code='{code}']") is not None]
+    (found,) = [p for p in message.findall("ActiveParticipant")
+                if p.find(f"RoleIDCode[@csd-code='{code}']") is not None]
     return dict(found.attrib)
 
 
@@ -121,7 +122,8 @@ def test_each_c_find_through_the_agent_is_a_query_event(test_pki: ProvisionedPki
         issuer, answerer = role(query, SOURCE), role(query, DESTINATION)
         assert issuer["UserID"] == f"uid={os.getuid()}" and issuer["AlternativeUserID"] == "AETITLES=FINDSCU"
         assert issuer["UserIsRequestor"] == "true"
-        assert answerer["UserID"] == f"127.0.0.1:{pacs.dicom_port}" and answerer["AlternativeUserID"] == "AETITLES=ORTHANC"
+        assert answerer["UserID"] == f"127.0.0.1:{pacs.dicom_port}"
+        assert answerer["AlternativeUserID"] == "AETITLES=ORTHANC"
         person = [p for p in query.findall("ActiveParticipant") if p.get("UserName") == "Alice Example"]
         assert len(person) == 1 and person[0].get("UserIsRequestor") == "true"
         (sop,) = objects(query, "110181")

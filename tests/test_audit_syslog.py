@@ -125,7 +125,7 @@ def test_messages_arrive_and_parse(repository: Rsyslog, tmp_path: Path, pki: Pat
         assert trail.status()["connected"] and trail.status()["delivered"] == len(events)
     received = repository.wait_for_messages(len(events))
     assert len(received) == len(events)
-    for message, event, event_id in zip(received, events, expected):
+    for message, event, event_id in zip(received, events, expected, strict=True):
         assert message.pri == (84 if event_id == "110113" else 85)  # authpriv.warning / authpriv.notice
         assert (message.version, message.hostname, message.app_name) == (1, "ws3.hospital.example", "card-agent")
         assert message.msgid == "IHE+RFC-3881" and message.procid == str(event.agent_pid)

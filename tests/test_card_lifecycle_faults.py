@@ -97,7 +97,7 @@ def test_a_killed_card_session_is_noticed_and_signed_in_again_then_not_looped(
                 noticed = agent.log().count("card-session process was killed by SIGKILL")
                 assert noticed >= loss
                 if loss < MAX_SESSION_LOSSES:
-                    wait_for(lambda: agent.log().count('event=sign-in subject="CN=Alice Example') == loss + 1)
+                    wait_for(lambda loss=loss: agent.log().count('event=sign-in subject="CN=Alice Example') == loss + 1)
                     assert time.monotonic() - killed < 3.0
                     assert echo(agent.port())
             assert agent.process.poll() is None

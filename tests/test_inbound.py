@@ -43,7 +43,8 @@ from test_tunnel_association import receive_pdu
 
 def node_identity(test_pki: ProvisionedPki) -> dict[str, str]:
     """The workstation's node certificate (the test PKI's localhost certificate, serverAuth + clientAuth)."""
-    return {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    return {"server_certificate": str(test_pki.pki / "server-chain.pem"),
+            "server_key": str(test_pki.pki / "server.key")}
 
 
 def pacs_identity(test_pki: ProvisionedPki, chain: str = "server-chain.pem", key: str = "server.key") -> TlsClientFiles:
@@ -77,7 +78,8 @@ def test_a_pacs_sends_over_mutual_tls_to_the_local_storage_scp(test_pki: Provisi
 
 
 @pytest.mark.parametrize("client, message", [
-    (("untrusted-server-chain.pem", "untrusted-server.key"), "its client certificate does not verify against [trust] ca"),
+    (("untrusted-server-chain.pem", "untrusted-server.key"),
+     "its client certificate does not verify against [trust] ca"),
     (None, "it sent no client certificate"),
 ])
 def test_a_pacs_the_agent_does_not_trust_is_refused(test_pki: ProvisionedPki, tmp_path: Path, study: list[Path],
@@ -269,14 +271,16 @@ def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: 
     """The workstation's node certificate with its key on a token (here bob's SoftHSM token, while
     alice's card is the outbound identity); the token's PIN comes from server_key_pin."""
     chain = tmp_path / "node-chain.pem"
-    chain.write_bytes((test_pki.pki / "clients" / "bob.pem").read_bytes() + (test_pki.pki / "issuing-ca.pem").read_bytes())
+    chain.write_bytes((test_pki.pki / "clients" / "bob.pem").read_bytes()
+                      + (test_pki.pki / "issuing-ca.pem").read_bytes())
     with storescp(tmp_path / "viewer", tls=None) as viewer:
         listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", server_certificate=str(chain),
                                     server_key="pkcs11:token=bob;id=%01;type=private", server_key_pin="env:NODE_PIN")
         with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], env={"NODE_PIN": "123456"}) as agent:
             result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
             log = agent.wait_for_log("instances stored")
-            worker = subprocess.run(["pgrep", "-f", "agent.session.worker"], capture_output=True, text=True).stdout.split()
+            worker = subprocess.run(["pgrep", "-f", "agent.session.worker"], capture_output=True,
+                                    text=True).stdout.split()
             environments = [Path(f"/proc/{pid}/environ").read_bytes() for pid in worker]
     assert result.returncode == 0, result.stdout
     assert "Bob Example" in result.stdout
@@ -365,7 +369,8 @@ def answer_to_client_hello(port: int, source: str) -> bytes:
 
 
 def bob_card_agent(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, card: FaultControl,
-                   listener: dict, tunnels: list[dict] | None = None) -> contextlib.AbstractContextManager[RunningAgent]:
+                   listener: dict, tunnels: list[dict] | None = None
+                   ) -> contextlib.AbstractContextManager[RunningAgent]:
     """An agent whose inbound listener's TLS server identity is bob's card (its certificate allows
     serverAuth), through the fault module so that the card's signatures can be counted and slowed."""
     card.show("bob")

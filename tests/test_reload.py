@@ -188,7 +188,8 @@ def test_a_changed_trust_or_inbound_listener_signs_the_card_in_again(
     """[trust] and [[inbound]] are in TLS contexts made with the card's key and were checked at
     sign-in: the card session ends cleanly and the card signs in again (env: PIN: at once)."""
     card = FaultControl(tmp_path / "card.ctl")
-    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"),
+            "server_key": str(test_pki.pki / "server.key")}
     with tls_scp(pki_dir=test_pki.pki) as pacs, plain_scp() as viewer:
         pacs_table = tunnel("pacs", pacs.port)
         with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),

@@ -139,7 +139,8 @@ def test_sighup_keeps_the_agent_and_its_card_session(test_pki: ProvisionedPki, t
 
 
 def test_status_counts_of_an_inbound_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"),
+            "server_key": str(test_pki.pki / "server.key")}
     pacs = TlsClientFiles(test_pki.ca_bundle, test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
     stranger = TlsClientFiles(test_pki.ca_bundle, test_pki.pki / "untrusted-server-chain.pem",
                               test_pki.pki / "untrusted-server.key")

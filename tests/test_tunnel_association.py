@@ -127,7 +127,8 @@ def test_a_malformed_pdu_from_the_application_aborts_its_association_only(test_p
             association = associate(agent.port(), sop_classes=[VERIFICATION])  # the agent carries on
             assert association.is_established and association.send_c_echo().Status == 0
             association.release()
-    assert pdu_type == A_ABORT and parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
+    assert pdu_type == A_ABORT
+    assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
     assert "malformed PDU from the application: unknown PDU type 0x09" in log
     assert records[0].ended == "aborted"  # the PACS got an A-ABORT too, not a silent drop
 

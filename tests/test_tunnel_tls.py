@@ -39,7 +39,8 @@ def test_token_signs_certificate_verify_for_each_key_type_and_version(
     with s_server(test_pki, tmp_path, "-naccept", "1", *version_args, *extra) as (port, log_path):
         with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)], token=token) as agent:
             send_and_close(agent.port())
-            wait_for(lambda: "CONNECTION CLOSED" in log_path.read_text(errors="replace") or "DONE" in log_path.read_text(errors="replace"))
+            wait_for(lambda: "CONNECTION CLOSED" in log_path.read_text(errors="replace")
+                     or "DONE" in log_path.read_text(errors="replace"))
             agent.wait_for_log(expected_version)
     log = log_path.read_text(errors="replace")
     common_name = {"alice": "Alice Example", "bob": "Bob Example"}[token]

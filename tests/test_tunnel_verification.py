@@ -114,7 +114,7 @@ def test_server_knowing_only_the_root_accepts_the_card(test_pki: ProvisionedPki,
 
     The server's own certificate comes from the unrelated CA (trusted here by pin), so that the
     issuing CA can reach the server only in the chain the agent sends."""
-    answer, log = attempt(test_pki, tmp_path, server={"cert": "untrusted-server-chain.pem", "key": "untrusted-server.key",
-                                                       "ca": "root-ca.pem"},
+    answer, log = attempt(test_pki, tmp_path, server={"cert": "untrusted-server-chain.pem",
+                                                       "key": "untrusted-server.key", "ca": "root-ca.pem"},
                           verify="pin", server_pins=[server_fingerprint(test_pki, "untrusted-server-chain.pem")])
     assert_accepted(answer, log)

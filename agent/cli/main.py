@@ -57,6 +57,6 @@ def main() -> None:
         sys.exit(2)
     except PKCS11Error as error:
         # A PKCS#11 failure no check above anticipated: name it so that it can be looked up.
-        print(logline.error_line(f"card-agent: error: the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
-                                 + "; run `card-agent doctor` to check the module and token"), file=sys.stderr)
+        failed = f"card-agent: error: the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
+        print(logline.error_line(failed + "; run `card-agent doctor` to check the module and token"), file=sys.stderr)
         sys.exit(2)

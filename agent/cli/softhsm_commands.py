@@ -11,7 +11,8 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.softhsm.provision import DEFAULT_REVOCATION_PORT, IDENTITIES, provision
 from dicom_card_agent.softhsm.responder import start_background, stop_background
 
-app = typer.Typer(help="SoftHSM test tokens and test PKI (tests and demos only).", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(help="SoftHSM test tokens and test PKI (tests and demos only).", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 @app.command("init")

@@ -334,7 +334,8 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
     pins = _pins(section, "server_pins")
     verify = section.take("verify", str, "chain")
     if verify not in VERIFY_MODES:
-        raise section.error("verify", f"must be one of {', '.join(VERIFY_MODES)} (there is no mode that verifies nothing)")
+        raise section.error("verify",
+                            f"must be one of {', '.join(VERIFY_MODES)} (there is no mode that verifies nothing)")
     if verify == "pin" and not pins:
         raise section.error("verify", "\"pin\" trusts the server by fingerprint only: give server_pins")
     tls = _tls_mode(section)

@@ -67,7 +67,8 @@ class Section:
         """``key`` is missing: a ConfigError naming an unknown key that looks like it, if there is one."""
         unknown = [k for k in self.data if k not in self.known]
         for near in difflib.get_close_matches(key, unknown, n=1, cutoff=MISSPELT):
-            raise ConfigError(f"{self.where}: unknown {self._name(near)} (did you mean {self._name(key, like=near, bare=True)}?)")
+            meant = self._name(key, like=near, bare=True)
+            raise ConfigError(f"{self.where}: unknown {self._name(near)} (did you mean {meant}?)")
 
     def done(self) -> None:
         """Every key must have been taken: an unknown one is an error naming it and what it may have meant."""
@@ -76,8 +77,9 @@ class Section:
         problems = []
         for key in sorted(self.data):
             near = difflib.get_close_matches(key, self.known, n=1, cutoff=MISSPELT)
-            problems.append(f"unknown {self._name(key)}" + (f" (did you mean {self._name(near[0], like=key, bare=True)}?)"
-                                                           if near else f" (the keys here: {', '.join(self.known)})"))
+            problems.append(f"unknown {self._name(key)}"
+                            + (f" (did you mean {self._name(near[0], like=key, bare=True)}?)"
+                               if near else f" (the keys here: {', '.join(self.known)})"))
         raise ConfigError(f"{self.where}: {'; '.join(problems)}")
 
     def _name(self, key: str, *, like: str | None = None, bare: bool = False) -> str:

@@ -272,7 +272,8 @@ def _reload(retuner: Retuner, path: Path, runtimes: Runtimes) -> dict:
 
 
 def _status(runtimes: Runtimes, *, final: bool = False) -> dict:
-    return {"type": "status", "final": final, "tunnels": {name: runtime.counters() for name, runtime in runtimes.items()}}
+    return {"type": "status", "final": final,
+            "tunnels": {name: runtime.counters() for name, runtime in runtimes.items()}}
 
 
 def _exit_now(code: int) -> None:

@@ -42,7 +42,8 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     except OSError as error:
         raise TrustFileError(f"cannot read certificate file {path}: {error.strerror}") from None
     try:
-        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+        certs = (x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data
+                 else [x509.load_der_x509_certificate(data)])
     except ValueError as error:
         raise TrustFileError(f"{path} holds no readable certificate (PEM or DER): {error}") from None
     return certs

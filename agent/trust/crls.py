@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
     so the caller can warn. ``unusable`` describes CRL files that could not be read, for the
     message when a CRL is missing."""
     used_expired: list[FileCrl] = []
-    for position, (cert, issuer) in enumerate(zip(chain, chain[1:])):
+    for position, (cert, issuer) in enumerate(pairwise(chain)):
         candidates = [c for c in crls if c.crl.issuer == cert.issuer and _covers(c.crl, cert)]
         if not candidates:
             if position == 0:
