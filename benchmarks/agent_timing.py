@@ -115,7 +115,8 @@ def main() -> int:
         os.environ.pop(name, None)
     for tool in ("STORESCP", "STORESCU", "ECHOSCU"):
         setattr(bench.dcmtk, tool, bench._find_system_tool(getattr(bench.dcmtk, tool).lower()))
-    work = Path(tempfile.mkdtemp(prefix="card-agent-timing-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    work = Path(tempfile.mkdtemp(prefix="card-agent-timing-",
+                                 dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
     try:
         subprocess.run([bench.card_agent_executable(), "softhsm", "init", str(work / "tokens")], check=True,
                        capture_output=True, text=True)
@@ -141,7 +142,7 @@ def main() -> int:
                                              ("agent, full handshake", agent.ports["pacs-full"], None, None),
                                              ("direct TLS, full", scp.port, context, None),
                                              ("direct TLS, resumed", scp.port, context, resumption)):
-                def one() -> None:
+                def one(label=label, port=port, ctx=ctx, resume=resume) -> None:  # this row's, bound now
                     if ctx is None:
                         bench.lean_echo(port)
                     else:

@@ -50,12 +50,10 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import run as bench  # noqa: E402  (benchmarks/run.py: provisioning, the agent, the lean DICOM client)
-from run import (ASSOCIATE_RQ, LOOPBACK, BenchError, git_commit, machine_info, print_report, running_agent,  # noqa: E402
-                 say)
-
 from fault_pkcs11 import FaultControl  # noqa: E402
 from fault_pkcs11 import build as build_fault_module  # noqa: E402
 from peers.pynetdicom_scp import tls_scp  # noqa: E402
+from run import ASSOCIATE_RQ, LOOPBACK, BenchError, git_commit, machine_info, print_report, running_agent, say  # noqa: E402
 from virtual_card.nssdb import make_card  # noqa: E402
 from virtual_card.pcscd import StackUnavailable, pcscd_with_vpcd  # noqa: E402
 from virtual_card.reader import VirtualReader  # noqa: E402
@@ -128,7 +126,7 @@ class Series:
 
     @property
     def observed_ms(self) -> list[float]:
-        return [c - a for c, a in zip(self.closed_ms, self.agent_close_ms)]
+        return [c - a for c, a in zip(self.closed_ms, self.agent_close_ms, strict=False)]
 
 
 def _stat(values: list[float]) -> str:

@@ -50,15 +50,15 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import run as bench  # noqa: E402  (benchmarks/run.py: provisioning, the lean DICOM client, the report)
-from run import LOOPBACK, BenchError, card_agent_executable, git_commit, machine_info, print_report, say  # noqa: E402
-
 from fault_pkcs11 import FaultControl  # noqa: E402
 from fault_pkcs11 import build as build_fault_module  # noqa: E402
 from peers.ports import ManagedProcess, free_port, managed_process  # noqa: E402
 from peers.pynetdicom_scp import RecordingScp, tls_scp  # noqa: E402
+from run import LOOPBACK, BenchError, card_agent_executable, git_commit, machine_info, print_report, say  # noqa: E402
 
 CARDS = ("alice", "bob")
-SUBJECTS = {"alice": "CN=Alice Example,O=Example Hospital Test PKI", "bob": "CN=Bob Example,O=Example Hospital Test PKI"}
+SUBJECTS = {"alice": "CN=Alice Example,O=Example Hospital Test PKI",
+            "bob": "CN=Bob Example,O=Example Hospital Test PKI"}
 IDLE_TIMEOUT_S = 3.0  # long enough that no pause inside a cycle of a loaded machine reaches it
 # How the cycles end, in turn: mostly pulls, as at a shared workstation; every kind a few times.
 ENDINGS = ("pull", "pull", "swap", "pull", "lock", "pull", "swap", "idle", "pull", "lock")
@@ -328,7 +328,8 @@ class ClinicalDay:
             other = CARDS[1] if reader == CARDS[0] else CARDS[0]
             swapped = time.monotonic()
             card.show(other)
-            day.latency("card swapped -> signed in as the other", agent.wait_state(signed_in_as(other), "swap") - swapped)
+            day.latency("card swapped -> signed in as the other",
+                        agent.wait_state(signed_in_as(other), "swap") - swapped)
             day.sign_ins += 1
             return other
         if ending == "lock":

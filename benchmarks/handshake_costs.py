@@ -43,7 +43,6 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (benchmarks/run.py: provisioning, test PKI files, OpenSSL config)
-
 from dicom_card_agent.tls.policy import TLS_GROUPS  # noqa: E402
 from dicom_card_agent.tls.provider import openssl_config, provider_key_pem  # noqa: E402
 from dicom_card_agent.token.profiles import get_profile  # noqa: E402
@@ -171,7 +170,8 @@ def main() -> int:
         return 0
 
     base_env = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "SOFTHSM2_CONF", "CARD_AGENT_MODULE")}
-    work = Path(tempfile.mkdtemp(prefix="card-agent-handshake-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    work = Path(tempfile.mkdtemp(prefix="card-agent-handshake-",
+                                 dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
     server = None
     try:
         subprocess.run([bench.card_agent_executable(), "softhsm", "init", str(work / "tokens")], check=True,
@@ -216,7 +216,8 @@ def main() -> int:
         for item in ITEMS:
             a, b, c = (statistics.median(samples[column][item]) for column in columns)
             print(f"| {item} | {a:.3f} | {b:.3f} | {c:.3f} | {b / a:.2f}x | {c / a:.2f}x |")
-        print(f"\nSoftHSM C_Sign alone (SHA256-RSA-PKCS, RSA-2048, python-pkcs11): {statistics.median(signatures):.3f} ms.")
+        print("\nSoftHSM C_Sign alone (SHA256-RSA-PKCS, RSA-2048, python-pkcs11): "
+              f"{statistics.median(signatures):.3f} ms.")
         return 0
     except bench.BenchError as error:
         bench.say(f"failed: {error}")

@@ -926,7 +926,8 @@ class Benchmark:
         lines = []
         info: dict = {}
         lean_echo(self.routes["direct"].port, self.routes["direct"].context, info)
-        lines.append(f"in-process client (Python ssl, file key) -> storescp: {info.get('version')}, {info.get('cipher')}")
+        lines.append("in-process client (Python ssl, file key) -> storescp: "
+                     f"{info.get('version')}, {info.get('cipher')}")
         echo = subprocess.run(dcmtk.echoscu_argv(self.routes["direct"].port, tls=self.direct_files, log_level="debug",
                                                  called_ae=CALLED_AE),
                               capture_output=True, text=True, env=peer_env(), timeout=60)
@@ -1005,7 +1006,8 @@ class Benchmark:
             raise BenchError(f"the study has {len(self.files)} objects: fewer than {CONCURRENT_TRANSFERS} transfers "
                              "need (use a larger --study-mb)")
         results: dict[str, list[ConcurrentRun]] = {route.key: [] for route in routes}
-        say(f"concurrent: {len(routes)} routes x {self.reps} interleaved runs of {CONCURRENT_TRANSFERS} storescu at once")
+        say(f"concurrent: {len(routes)} routes x {self.reps} interleaved runs of {CONCURRENT_TRANSFERS} "
+            "storescu at once")
         for rep in range(-1, self.reps):
             order = routes[rep % len(routes):] + routes[:rep % len(routes)]
             for route in order:
@@ -1237,7 +1239,7 @@ class Benchmark:
                 continue
             baseline = baselines.get(key, "stunnel_full" if key == "direct" else "stunnel")
 
-            def versus(samples: dict[str, list[float]], reference: str) -> float:
+            def versus(samples: dict[str, list[float]], reference: str, key: str = key) -> float:
                 return (median(samples[key]) / median(samples[reference])
                         if key in samples and reference in samples else math.nan)
 
@@ -1543,7 +1545,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="~40 MB study, 3 bulk runs, 20 latency samples")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     parser.add_argument("--tmp-dir", help="where to create the work directory (default /dev/shm)")
-    parser.add_argument("--reps", type=int, help="bulk runs per route (default 9, quick 3), after one discarded warm-up run each")
+    parser.add_argument("--reps", type=int,
+                        help="bulk runs per route (default 9, quick 3), after one discarded warm-up run each")
     parser.add_argument("--samples", type=int, help="latency samples per route (default 50, quick 20)")
     parser.add_argument("--study-mb", type=float, help="bulk study size in MB (default 280, quick 40)")
     parser.add_argument("--key", choices=sorted(TOKEN_KEYS), default="rsa",

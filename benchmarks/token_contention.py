@@ -29,6 +29,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from itertools import pairwise  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import run as bench  # noqa: E402  (benchmarks/run.py: provisioning, peers, lean DICOM client)
@@ -49,7 +50,8 @@ def transfer(files: list[Path], port: int, out_dir: Path) -> float:
     elapsed = time.perf_counter() - started
     stored = sum(1 for p in out_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     if result.returncode != 0 or stored != len(files):
-        raise BenchError(f"storescu exit {result.returncode}, {stored} of {len(files)} stored:\n{result.stdout[-2000:]}")
+        raise BenchError(f"storescu exit {result.returncode}, {stored} of {len(files)} stored:\n"
+                         f"{result.stdout[-2000:]}")
     return elapsed
 
 
@@ -67,7 +69,7 @@ def new_associations(port: int, errors: list[str]) -> list[threading.Thread]:
 
 def overlapping(intervals: list[tuple[int, int, int]]) -> int:
     ordered = sorted(intervals)
-    return sum(1 for a, b in zip(ordered, ordered[1:]) if b[0] < a[1])
+    return sum(1 for a, b in pairwise(ordered) if b[0] < a[1])
 
 
 def main() -> int:
@@ -124,7 +126,7 @@ def main() -> int:
                     f"{loaded[-1]:.0f} MB/s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratios = [b / a for a, b in zip(quiet, loaded)]
+    ratios = [b / a for a, b in zip(quiet, loaded, strict=False)]
     ratio = statistics.median(ratios)
     print(f"#### Slow card under load: {args.delay_ms} ms signatures, {CONCURRENT} concurrent new associations\n")
     print(f"Study {total / MB:.0f} MB through the agent (resumed session), {args.reps} interleaved pairs of runs.\n")

@@ -11,7 +11,6 @@ import pkcs11
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from dicom_card_agent.token.profiles import get_profile
 from dicom_card_agent.softhsm import pki, responder
 from dicom_card_agent.softhsm.tokens import (
     ca_certificate_id,
@@ -22,6 +21,7 @@ from dicom_card_agent.softhsm.tokens import (
     token_signed_csr,
     write_softhsm_conf,
 )
+from dicom_card_agent.token.profiles import get_profile
 
 USER_PIN = "123456"
 SO_PIN = "12345678"
@@ -152,7 +152,8 @@ def provision(directory: Path, *, force: bool = False, revocation_port: int = DE
         "untrusted-ca.pem": _pem(untrusted.certificate),
         "untrusted-server-chain.pem": _pem(untrusted_server, untrusted.certificate),
         "ocsp-signer.pem": _pem(signer),
-        "ocsp/index.txt": responder.index([server, *(c for c in certificates.values() if c.issuer == issuing.subject)], revoked).encode(),
+        "ocsp/index.txt": responder.index([server, *(c for c in certificates.values() if c.issuer == issuing.subject)],
+                                          revoked).encode(),
         "ocsp/port": f"{revocation_port}\n".encode(),
         "crl-http/issuing-ca.crl": issuing.crl(revoked).public_bytes(serialization.Encoding.DER),
         "crl-http/root-ca.crl": root.crl([]).public_bytes(serialization.Encoding.DER),

@@ -104,7 +104,8 @@ def generate_key_pair(session: Session, key_type: str, key_id: bytes, label: str
     public_template = {Attribute.TOKEN: True, Attribute.VERIFY: True}
     signing_only = MechanismFlag.SIGN | MechanismFlag.VERIFY
     if key_type == "rsa":
-        return session.generate_keypair(KeyType.RSA, 2048, id=key_id, label=label, store=True, capabilities=signing_only,
+        return session.generate_keypair(KeyType.RSA, 2048, id=key_id, label=label, store=True,
+                                        capabilities=signing_only,
                                         public_template=public_template, private_template=private_template)
     if key_type == "ec":
         parameters = session.create_domain_parameters(
@@ -134,7 +135,8 @@ def sign_on_token(private_key: PrivateKey, data: bytes) -> tuple[bytes, str]:
     return encode_ecdsa_signature(raw), "sha256_ecdsa"
 
 
-def token_signed_csr(private_key: PrivateKey, public_key: CertificatePublicKeyTypes, subject: x509.Name) -> x509.CertificateSigningRequest:
+def token_signed_csr(private_key: PrivateKey, public_key: CertificatePublicKeyTypes,
+                     subject: x509.Name) -> x509.CertificateSigningRequest:
     """A PKCS#10 request whose signature the token computed; raises if it does not verify."""
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     info = asn1_csr.CertificationRequestInfo({

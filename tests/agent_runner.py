@@ -20,9 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dicom_card_agent.dicom.pdu import (AssociateRequest, MaximumLength, PduType, PresentationContextItemRQ,
-                             encode_associate_rq)
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import (
+    AssociateRequest,
+    MaximumLength,
+    PduType,
+    PresentationContextItemRQ,
+    encode_associate_rq,
+)
 from peers.ports import free_port
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -122,7 +127,8 @@ class RunningAgent:
 WITHOUT_PTRACE = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
 
 
-VIRTUALENV_PACKAGES = Path(CARD_AGENT).parent.parent / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+VIRTUALENV_PACKAGES = (Path(CARD_AGENT).parent.parent / "lib"
+                       / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages")
 
 
 def with_virtualenv_packages(env: dict[str, str]) -> dict[str, str]:

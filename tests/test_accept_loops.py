@@ -15,12 +15,21 @@ from pathlib import Path
 
 import pytest
 
+from agent_runner import (
+    FramedEchoServer,
+    associate_rq,
+    dicom_stream,
+    echoed,
+    inbound_listener,
+    port_of,
+    running_agent,
+    send_and_close,
+    tunnel,
+)
+from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.relay import reject_pdu
-from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, inbound_listener, port_of,
-                          running_agent, send_and_close, tunnel)
 from peers.ports import free_port
-from conftest import ProvisionedPki, run_card_agent
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-I", "-c"]
 REJECTED_TRANSIENT = reject_pdu(transient=True)

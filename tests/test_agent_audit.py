@@ -65,7 +65,7 @@ def test_a_clinician_day_in_the_audit_trail(test_pki: ProvisionedPki, tmp_path: 
     assert "110114/110122" in ids and "110114/110123" in ids  # User Authentication login, logout
     assert ids.count("110113/110126") == 1  # Security Alert: node authentication (the untrusted server)
     assert ids.count("110113/110132") == 1  # Security Alert: use of a restricted function (uid 65534)
-    transferred = [m for m, i in zip(local, ids) if i.startswith("110104/")]
+    transferred = [m for m, i in zip(local, ids, strict=True) if i.startswith("110104/")]
     assert len(transferred) == 1
     sent = {sop_instance_uid(path) for path in study}
     xml = ET.tostring(transferred[0], encoding="unicode")

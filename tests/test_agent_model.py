@@ -33,13 +33,20 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from agent_runner import card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
+from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import RecordingScp, associate, tls_scp
 from test_card_lifecycle_faults import PINENTRY_TTY, Terminal
@@ -50,7 +57,8 @@ STEPS = int(os.environ.get("CARD_AGENT_MODEL_STEPS", "12"))
 # timing differs between replays: off unless asked for; the failing steps are printed either way.
 SHRINK = os.environ.get("CARD_AGENT_MODEL_SHRINK") == "1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-SUBJECTS = {"alice": "CN=Alice Example,O=Example Hospital Test PKI", "bob": "CN=Bob Example,O=Example Hospital Test PKI"}
+SUBJECTS = {"alice": "CN=Alice Example,O=Example Hospital Test PKI",
+            "bob": "CN=Bob Example,O=Example Hospital Test PKI"}
 NO_CARD = "no card inserted"
 PIN_PENDING = "card present, PIN not yet entered"
 SIGNED_IN = "signed in"
@@ -199,7 +207,8 @@ class AgentModel(RuleBasedStateMachine):
         if status["token"] != self.reader:  # e.g. a swap not seen yet: the old card's state still shows
             return False
         if self.status == WRONG_PIN:
-            return state == WRONG_PIN and (status["last_error"] or "").startswith(WRONG_PIN_ERROR.format(card=self.reader))
+            return (state == WRONG_PIN
+                    and (status["last_error"] or "").startswith(WRONG_PIN_ERROR.format(card=self.reader)))
         if self.status == SIGNED_IN:
             return state == SIGNED_IN and status["identity"] == SUBJECTS[self.reader] and status["token"] == self.reader
         return state == self.status
@@ -391,11 +400,13 @@ class AgentModel(RuleBasedStateMachine):
 
 @pytest.mark.skipif(not Path(PINENTRY_TTY).exists() and os.environ.get("CI") != "true", reason="no pinentry-tty")
 def test_the_agent_follows_the_model(test_pki: ProvisionedPki, fault_module: Path, tmp_path: Path) -> None:
-    AgentModel.test_pki, AgentModel.fault_module, AgentModel.workdir = own_tokens(test_pki, tmp_path), fault_module, tmp_path
+    AgentModel.test_pki = own_tokens(test_pki, tmp_path)
+    AgentModel.fault_module, AgentModel.workdir = fault_module, tmp_path
     run_state_machine_as_test(AgentModel, settings=settings(
         max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
         phases=tuple(Phase) if SHRINK else (Phase.explicit, Phase.reuse, Phase.generate),
-        suppress_health_check=list(HealthCheck), verbosity=Verbosity.verbose if os.environ.get("CARD_AGENT_MODEL_VERBOSE") else Verbosity.normal))
+        suppress_health_check=list(HealthCheck),
+        verbosity=Verbosity.verbose if os.environ.get("CARD_AGENT_MODEL_VERBOSE") else Verbosity.normal))
 
 
 # Found by this model: a `status` that asked the card-session process for its counters while that
@@ -428,7 +439,7 @@ def test_status_keeps_answering_while_card_sessions_end(test_pki: ProvisionedPki
             try:
                 for swap in range(1, 31):  # each swap ends a card session while status is asked
                     card.show("bob" if swap % 2 else "alice")
-                    wait_for(lambda: agent.log().count("event=sign-in ") == swap + 1 or errors
+                    wait_for(lambda swap=swap: agent.log().count("event=sign-in ") == swap + 1 or errors
                              or "Exception in thread control" in agent.log(), SETTLE)
                     if errors or "Exception in thread control" in agent.log():
                         break

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import test_audit_syslog
 from dicom_card_agent.audit.config import AuditConfig
 from dicom_card_agent.audit.events import AuditEvent
 from dicom_card_agent.audit.trail import AuditTrail
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.rsyslog import Rsyslog, rsyslog_relp, rsyslog_tls
-import test_audit_syslog
 from test_audit_syslog import audit_config, reasons, wait_until
 
 # the test PKI files and the agent's client identity, as tests/test_audit_syslog.py makes them

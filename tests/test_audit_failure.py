@@ -145,7 +145,8 @@ def test_full_disk_with_refuse_refuses_associations_until_space_returns(
             assert refused.returncode != 0
             assert "Association Rejected" in refused.stdout and "Transient" in refused.stdout, refused.stdout
             log = agent.wait_for_log("rejected: the audit trail cannot be written")
-            assert (f"rejected: the audit trail cannot be written (0 KiB free on the file system of {audit_file.parent}, "
+            assert ("rejected: the audit trail cannot be written "
+                    f"(0 KiB free on the file system of {audit_file.parent}, "
                     "less than the 1024 KiB the audit trail keeps in reserve); [audit] on_failure = \"refuse\": "
                     "free space there, associations are accepted again as soon as the trail can be written") in log
 
@@ -155,7 +156,8 @@ def test_full_disk_with_refuse_refuses_associations_until_space_returns(
             wait_for_count(agent, "event=sign-in ", 2)
             log = agent.wait_for_log("new associations are refused until it can be written again")
             # tmpfs may still fit a line into the audit file's last page; a new spool file never fits
-            failed = re.search(r"ERROR: audit: (cannot write to the audit (?:file|spool) \S+: No space left on device); "
+            failed = re.search(r"ERROR: audit: (cannot write to the audit (?:file|spool) \S+: "
+                               r"No space left on device); "
                                r"\[audit\] on_failure = \"refuse\": new associations are refused until it can be "
                                r"written again \(free space there\); events wait in memory meanwhile", log)
             assert failed, log
@@ -164,8 +166,8 @@ def test_full_disk_with_refuse_refuses_associations_until_space_returns(
             # the reason is the failed write, or the free space (the sender's deletions may have made room for a moment)
             assert agent.log().count("rejected: the audit trail cannot be written (") == 2
             status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
-            assert re.search(r", \d+ events? kept in memory: the audit trail cannot be written$", status.stdout, re.M), \
-                status.stdout + status.stderr
+            assert re.search(r", \d+ events? kept in memory: the audit trail cannot be written$", status.stdout,
+                             re.M), status.stdout + status.stderr
             assert len(list((tmp_path / "received").rglob("*.dcm"))) == 0
 
             filler.unlink()  # space returns
@@ -201,7 +203,8 @@ def test_full_disk_with_refuse_turns_the_pacs_away_at_an_inbound_listener(
             assert refused.returncode != 0 and not viewer.stored_files()
             assert re.search(r"inbound retrieves: PACS at 127\.0\.0\.1:\d+ turned away: the audit trail cannot be "
                              rf"written \(0 KiB free on the file system of {re.escape(str(disk))}, less than the "
-                             r"1024 KiB the audit trail keeps in reserve\); \[audit\] on_failure = \"refuse\"", log), log
+                             r"1024 KiB the audit trail keeps in reserve\); \[audit\] on_failure = \"refuse\"",
+                             log), log
             filler.unlink()
             accepted = storescu(port_of(listener), study, tls=pacs_identity(test_pki), calling_ae="PACS")
             agent.wait_for_log("instances stored", timeout=40)

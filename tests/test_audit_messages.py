@@ -761,9 +761,11 @@ def test_audit_config_full(tmp_path):
     ({"spool": "s", "syslog": {"ca": "ca.pem"}}, r"\[audit.syslog\]: missing key 'address'"),
     ({"spool": "s", "syslog": {"address": "audit", "ca": "ca.pem"}}, r"\[audit.syslog\].address: 'audit' is not"),
     ({"spool": "s", "syslog": {"address": "a:1", "ca": "missing.pem"}}, r"\[audit.syslog\].ca: file .* does not"),
-    ({"spool": "s", "syslog": {"address": "a:1", "ca": "ca.pem", "key": "ca.pem"}}, r"\.certificate: certificate and key"),
+    ({"spool": "s", "syslog": {"address": "a:1", "ca": "ca.pem", "key": "ca.pem"}},
+     r"\.certificate: certificate and key"),
     ({"spool": "s", "syslog": {"address": "a:1", "ca": "ca.pem", "retry_max": 0}}, r"\.retry_max: must be between"),
-    ({"spool": "s", "syslog": {"address": "a:1", "ca": "ca.pem", "port": 1}}, r"\[audit.syslog\]: unknown key 'port' \(the keys here: address, transport, ca,"),
+    ({"spool": "s", "syslog": {"address": "a:1", "ca": "ca.pem", "port": 1}},
+     r"\[audit.syslog\]: unknown key 'port' \(the keys here: address, transport, ca,"),
 ])
 def test_audit_config_errors_name_the_key(tmp_path, table, message):
     (tmp_path / "ca.pem").write_text("x")

@@ -9,9 +9,9 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from dicom_card_agent.tunnel.relay import reject_pdu
 from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki
+from dicom_card_agent.tunnel.relay import reject_pdu
 from peers.ports import free_port
 from test_agent_audit import event_ids
 
@@ -33,7 +33,7 @@ def test_a_pacs_that_is_down_is_no_security_alert_an_untrusted_one_is(test_pki: 
             log = agent.wait_for_log("tunnel down: uid 0 pid unknown from 127.0.0.1:")
     messages = audit_messages(audit_file)
     ids = event_ids(messages)
-    alerts = [ET.tostring(m, encoding="unicode") for m, i in zip(messages, ids) if i.startswith("110113/")]
+    alerts = [ET.tostring(m, encoding="unicode") for m, i in zip(messages, ids, strict=True) if i.startswith("110113/")]
     assert down_answer == reject_pdu(transient=True) and rogue_answer == reject_pdu(transient=False)
     assert f"cannot reach the PACS at 127.0.0.1:{closed_port}: connection refused" in log, log
     assert len(alerts) == 1 and ids.count("110113/110126") == 1, ids  # Node Authentication: the rogue only

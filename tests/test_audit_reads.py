@@ -17,6 +17,8 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.filereader import read_dataset
+
 from agent_runner import card_session_pid, port_of, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki
 from peers.dcmtk import storescp, storescu_argv
@@ -25,7 +27,6 @@ from peers.pki_files import TlsServerFiles
 from peers.ports import free_port, peer_env
 from peers.pynetdicom_scp import tls_scp
 from peers.study import PATIENT_ID, PATIENT_NAME, make_study, sop_instance_uid
-from pydicom.filereader import read_dataset
 from test_inbound import node_identity
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -51,7 +52,8 @@ def with_event_id(messages: list[ET.Element], code: str) -> list[ET.Element]:
 
 def role(message: ET.Element, code: str) -> dict[str, str]:
     """The attributes of the one ActiveParticipant with RoleIDCode ``code``."""
-    (found,) = [p for p in message.findall("ActiveParticipant") if p.find(f"RoleIDCode[@csd-code='{code}']") is not None]
+    (found,) = [p for p in message.findall("ActiveParticipant")
+                if p.find(f"RoleIDCode[@csd-code='{code}']") is not None]
     return dict(found.attrib)
 
 
@@ -120,7 +122,8 @@ def test_each_c_find_through_the_agent_is_a_query_event(test_pki: ProvisionedPki
         issuer, answerer = role(query, SOURCE), role(query, DESTINATION)
         assert issuer["UserID"] == f"uid={os.getuid()}" and issuer["AlternativeUserID"] == "AETITLES=FINDSCU"
         assert issuer["UserIsRequestor"] == "true"
-        assert answerer["UserID"] == f"127.0.0.1:{pacs.dicom_port}" and answerer["AlternativeUserID"] == "AETITLES=ORTHANC"
+        assert answerer["UserID"] == f"127.0.0.1:{pacs.dicom_port}"
+        assert answerer["AlternativeUserID"] == "AETITLES=ORTHANC"
         person = [p for p in query.findall("ActiveParticipant") if p.get("UserName") == "Alice Example"]
         assert len(person) == 1 and person[0].get("UserIsRequestor") == "true"
         (sop,) = objects(query, "110181")

@@ -7,8 +7,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dicom_card_agent.audit.relp import (MAX_TXNR, Acknowledged, Frame, FrameParser, Opened, Refused,
-                                         RelpProtocolError, RelpSession, ServerClosed, encode, parse_response)
+from dicom_card_agent.audit.relp import (
+    MAX_TXNR,
+    Acknowledged,
+    Frame,
+    FrameParser,
+    Opened,
+    Refused,
+    RelpProtocolError,
+    RelpSession,
+    ServerClosed,
+    encode,
+    parse_response,
+)
 
 frames = st.builds(Frame, st.integers(0, MAX_TXNR), st.text("abcdefghijklmnopqrstuvwxyzXYZ", min_size=1, max_size=32),
                    st.binary(max_size=300))

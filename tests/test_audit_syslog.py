@@ -22,10 +22,10 @@ from dicom_card_agent.audit.config import AuditConfig, SyslogConfig
 from dicom_card_agent.audit.events import AlertType, AuditEvent, Instance, LocalPeer, RemoteNode, SessionEnd, User
 from dicom_card_agent.audit.syslog import BOM, SyslogMessage
 from dicom_card_agent.audit.trail import AuditTrail
+from dicom_card_agent.softhsm import pki as test_ca
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.ports import LOOPBACK, free_port
 from peers.rsyslog import Rsyslog, rsyslog_tls
-from dicom_card_agent.softhsm import pki as test_ca
 
 ALICE = User("CN=Alice Example,O=Example Hospital", "CN=Example Issuing CA", "alice", "8a3f0c1d")
 PACS = RemoteNode("127.0.0.1", 11112)
@@ -125,7 +125,7 @@ def test_messages_arrive_and_parse(repository: Rsyslog, tmp_path: Path, pki: Pat
         assert trail.status()["connected"] and trail.status()["delivered"] == len(events)
     received = repository.wait_for_messages(len(events))
     assert len(received) == len(events)
-    for message, event, event_id in zip(received, events, expected):
+    for message, event, event_id in zip(received, events, expected, strict=True):
         assert message.pri == (84 if event_id == "110113" else 85)  # authpriv.warning / authpriv.notice
         assert (message.version, message.hostname, message.app_name) == (1, "ws3.hospital.example", "card-agent")
         assert message.msgid == "IHE+RFC-3881" and message.procid == str(event.agent_pid)

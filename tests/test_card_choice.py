@@ -2,8 +2,8 @@
 holds a usable identity, skips the others without spending a PIN try on them, and says why.
 
 The readers are the fault module's (`show_token = ca-only,expired,bob`: token `ca-only` in reader 0,
-and so on) around the real SoftHSM tokens of the test PKI (plus a CA-only token made here); its log names the token of every
-C_Login, so "no PIN try on the unusable card" is read from what the module saw."""
+and so on) around the real SoftHSM tokens of the test PKI (plus a CA-only token made here); its log names
+the token of every C_Login, so "no PIN try on the unusable card" is read from what the module saw."""
 
 from __future__ import annotations
 

@@ -10,11 +10,10 @@ import signal
 import time
 from pathlib import Path
 
+from agent_runner import agent_status, associate_rq, card_session_pid, running_agent, send_and_close, tunnel, wait_for
+from conftest import USER_PIN, ProvisionedPki
 from dicom_card_agent.dicom.pdu import parse_associate_rj
 from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
-from agent_runner import (agent_status, associate_rq, card_session_pid, running_agent, send_and_close, tunnel,
-                          wait_for)
-from conftest import USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import echo, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
@@ -98,7 +97,7 @@ def test_a_killed_card_session_is_noticed_and_signed_in_again_then_not_looped(
                 noticed = agent.log().count("card-session process was killed by SIGKILL")
                 assert noticed >= loss
                 if loss < MAX_SESSION_LOSSES:
-                    wait_for(lambda: agent.log().count('event=sign-in subject="CN=Alice Example') == loss + 1)
+                    wait_for(lambda loss=loss: agent.log().count('event=sign-in subject="CN=Alice Example') == loss + 1)
                     assert time.monotonic() - killed < 3.0
                     assert echo(agent.port())
             assert agent.process.poll() is None

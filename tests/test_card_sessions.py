@@ -16,9 +16,9 @@ from pathlib import Path
 import pydicom
 from cryptography import x509
 
-from dicom_card_agent.dicom.pdu import parse_associate_rj
 from agent_runner import associate_rq, running_agent, send_and_close, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import parse_associate_rj
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, echo, tls_scp
 

@@ -17,7 +17,8 @@ def findings(stdout: str) -> list[str]:
 
 def test_a_good_configuration_passes_every_check(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     pacs = tunnel("pacs", 104)
-    config = write_config(tmp_path / "agent.toml", test_pki, [pacs], audit={"file": str(tmp_path / "log" / "audit.log")})
+    config = write_config(tmp_path / "agent.toml", test_pki, [pacs],
+                          audit={"file": str(tmp_path / "log" / "audit.log")})
     result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = findings(result.stdout)

@@ -13,10 +13,20 @@ from pathlib import Path
 
 from cryptography import x509
 
-from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ
-from agent_runner import (associate_rq, port_of, running_agent, s_server, send_and_close, start_agent, stop_agent,
-                          tunnel, wait_for, write_config)
+from agent_runner import (
+    associate_rq,
+    port_of,
+    running_agent,
+    s_server,
+    send_and_close,
+    start_agent,
+    stop_agent,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ
 from peers.pki_files import write_crl
 from test_tunnel_verification import assert_accepted, assert_rejected
 

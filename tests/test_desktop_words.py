@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.desktop.notifications import Notice, Notifier, escape_markup
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry

@@ -17,11 +17,17 @@ from pydicom.dataset import Dataset
 from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetdicomAssociateRQ
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
-from dicom_card_agent.dicom.association import (Association, AssociationRules, ExistingUserIdentity, Forward, Refuse,
-                                     UserIdentityMode)
+from agent_runner import associate_rq
+from dicom_card_agent.dicom.association import (
+    Association,
+    AssociationRules,
+    ExistingUserIdentity,
+    Forward,
+    Refuse,
+    UserIdentityMode,
+)
 from dicom_card_agent.dicom.pdu import MalformedPduError, parse_associate_rj
 from dicom_card_agent.dicom.user_identity import UPN_OID, UsernameError, check_template, username_for
-from agent_runner import associate_rq
 
 USERNAME_RULES = AssociationRules(user_identity=UserIdentityMode.USERNAME)
 
@@ -325,8 +331,8 @@ def test_a_c_get_sub_operation_is_matched_to_the_response_of_the_other_side() ->
 
 
 def test_the_identifier_of_a_c_find_is_its_query() -> None:
-    from pydicom.filewriter import write_dataset
     from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
 
     association = Association(AssociationRules())
     association.on_request(associate_rq())

@@ -521,7 +521,8 @@ def test_a_abort_defaults_and_describe():
 
 
 def test_pdu_type_names_and_aliases():
-    names = ("A_ASSOCIATE_RQ", "A_ASSOCIATE_AC", "A_ASSOCIATE_RJ", "P_DATA_TF", "A_RELEASE_RQ", "A_RELEASE_RP", "A_ABORT")
+    names = ("A_ASSOCIATE_RQ", "A_ASSOCIATE_AC", "A_ASSOCIATE_RJ", "P_DATA_TF", "A_RELEASE_RQ", "A_RELEASE_RP",
+             "A_ABORT")
     assert [getattr(pdu_module, name) for name in names] == [1, 2, 3, 4, 5, 6, 7]
     assert [pdu_type_name(t) for t in (1, 4, 7, 9)] == ["A-ASSOCIATE-RQ", "P-DATA-TF", "A-ABORT", "0x09"]
 

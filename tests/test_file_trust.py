@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file
 from agent_runner import running_agent, start_agent, stop_agent, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file
 
 SOFTHSM_MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
 NOBODY = 65534

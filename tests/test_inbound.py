@@ -16,11 +16,21 @@ from pathlib import Path
 
 import pytest
 
+from agent_runner import (
+    RunningAgent,
+    associate_rq,
+    inbound_listener,
+    port_of,
+    running_agent,
+    start_agent,
+    stop_agent,
+    tunnel,
+    wait_for,
+    write_config,
+)
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
-from agent_runner import (RunningAgent, associate_rq, inbound_listener, port_of, running_agent, start_agent,
-                          stop_agent, tunnel, wait_for, write_config)
-from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
 from peers.orthanc import orthanc
@@ -30,9 +40,11 @@ from peers.pynetdicom_scp import plain_scp
 from peers.study import assert_delivered, make_study
 from test_tunnel_association import receive_pdu
 
+
 def node_identity(test_pki: ProvisionedPki) -> dict[str, str]:
     """The workstation's node certificate (the test PKI's localhost certificate, serverAuth + clientAuth)."""
-    return {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    return {"server_certificate": str(test_pki.pki / "server-chain.pem"),
+            "server_key": str(test_pki.pki / "server.key")}
 
 
 def pacs_identity(test_pki: ProvisionedPki, chain: str = "server-chain.pem", key: str = "server.key") -> TlsClientFiles:
@@ -66,7 +78,8 @@ def test_a_pacs_sends_over_mutual_tls_to_the_local_storage_scp(test_pki: Provisi
 
 
 @pytest.mark.parametrize("client, message", [
-    (("untrusted-server-chain.pem", "untrusted-server.key"), "its client certificate does not verify against [trust] ca"),
+    (("untrusted-server-chain.pem", "untrusted-server.key"),
+     "its client certificate does not verify against [trust] ca"),
     (None, "it sent no client certificate"),
 ])
 def test_a_pacs_the_agent_does_not_trust_is_refused(test_pki: ProvisionedPki, tmp_path: Path, study: list[Path],
@@ -81,6 +94,32 @@ def test_a_pacs_the_agent_does_not_trust_is_refused(test_pki: ProvisionedPki, tm
     assert result.returncode != 0
     assert received == []
     assert message in log, log
+
+
+def test_a_pacs_whose_certificate_is_not_among_client_pins_is_refused_with_its_fingerprint(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path]) -> None:
+    """The PACS chains to [trust] ca but is not pinned: refused, and the log names its fingerprint
+    (before, formatting that fingerprint raised TypeError: the connection ended as an internal error)."""
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    leaf = x509.load_pem_x509_certificates((test_pki.pki / "server-chain.pem").read_bytes())[0]
+    fingerprint = hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest().hex(":")
+    other = hashlib.sha256(b"another PACS").hexdigest()
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", client_pins=[other],
+                                    **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            result = storescu(port_of(listener), study[:1], tls=pacs_identity(test_pki))
+            log = agent.wait_for_log("refused the PACS")
+        received = viewer.stored_files()
+    assert result.returncode != 0
+    assert received == []
+    assert (f"client certificate CN=localhost,O=Example Hospital Test PKI has SHA-256 fingerprint {fingerprint}, "
+            "which is not among client_pins of inbound 'retrieves'") in log, log
+    assert "internal error" not in log
 
 
 def test_a_pacs_revoked_by_a_new_crl_is_refused_without_a_new_sign_in(test_pki: ProvisionedPki, tmp_path: Path,
@@ -232,14 +271,16 @@ def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: 
     """The workstation's node certificate with its key on a token (here bob's SoftHSM token, while
     alice's card is the outbound identity); the token's PIN comes from server_key_pin."""
     chain = tmp_path / "node-chain.pem"
-    chain.write_bytes((test_pki.pki / "clients" / "bob.pem").read_bytes() + (test_pki.pki / "issuing-ca.pem").read_bytes())
+    chain.write_bytes((test_pki.pki / "clients" / "bob.pem").read_bytes()
+                      + (test_pki.pki / "issuing-ca.pem").read_bytes())
     with storescp(tmp_path / "viewer", tls=None) as viewer:
         listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", server_certificate=str(chain),
                                     server_key="pkcs11:token=bob;id=%01;type=private", server_key_pin="env:NODE_PIN")
         with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], env={"NODE_PIN": "123456"}) as agent:
             result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
             log = agent.wait_for_log("instances stored")
-            worker = subprocess.run(["pgrep", "-f", "agent.session.worker"], capture_output=True, text=True).stdout.split()
+            worker = subprocess.run(["pgrep", "-f", "agent.session.worker"], capture_output=True,
+                                    text=True).stdout.split()
             environments = [Path(f"/proc/{pid}/environ").read_bytes() for pid in worker]
     assert result.returncode == 0, result.stdout
     assert "Bob Example" in result.stdout
@@ -328,7 +369,8 @@ def answer_to_client_hello(port: int, source: str) -> bytes:
 
 
 def bob_card_agent(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, card: FaultControl,
-                   listener: dict, tunnels: list[dict] | None = None) -> contextlib.AbstractContextManager[RunningAgent]:
+                   listener: dict, tunnels: list[dict] | None = None
+                   ) -> contextlib.AbstractContextManager[RunningAgent]:
     """An agent whose inbound listener's TLS server identity is bob's card (its certificate allows
     serverAuth), through the fault module so that the card's signatures can be counted and slowed."""
     card.show("bob")

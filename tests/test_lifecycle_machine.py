@@ -12,10 +12,28 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from dicom_card_agent.lifecycle.machine import (EVENT_TYPES, MAX_SESSION_LOSSES, TRANSITIONS, CancelSignIn, CardInserted,
-                                     CardLifecycle, CardRemoved, EndSession, IdleTimeout, Lock, PinEntered, Reload,
-                                     SessionLost, SignedIn, SignInCancelled, SignInFailed, StartSignIn, State, Stop,
-                                     describe_transitions)
+from dicom_card_agent.lifecycle.machine import (
+    EVENT_TYPES,
+    MAX_SESSION_LOSSES,
+    TRANSITIONS,
+    CancelSignIn,
+    CardInserted,
+    CardLifecycle,
+    CardRemoved,
+    EndSession,
+    IdleTimeout,
+    Lock,
+    PinEntered,
+    Reload,
+    SessionLost,
+    SignedIn,
+    SignInCancelled,
+    SignInFailed,
+    StartSignIn,
+    State,
+    Stop,
+    describe_transitions,
+)
 
 CARDS = ("alice", "bob")
 DOC = Path(__file__).parent.parent / "docs" / "card-lifecycle.md"

@@ -59,7 +59,8 @@ def test_count_low_warns_then_signs_in(test_pki: ProvisionedPki, fault_module: P
     assert json.loads(result.stdout)[0]["key_checked"] is True
 
 
-def test_final_try_needs_explicit_confirmation(test_pki: ProvisionedPki, fault_module: Path, card: FaultControl) -> None:
+def test_final_try_needs_explicit_confirmation(test_pki: ProvisionedPki, fault_module: Path,
+                                               card: FaultControl) -> None:
     for _ in range(2):
         sign_in(test_pki, fault_module, card, WRONG_PIN)
     before = logins(card)

@@ -146,6 +146,6 @@ def test_a_metrics_port_in_use_is_named(test_pki: ProvisionedPki, tmp_path: Path
         started = time.monotonic()
         result = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN="123456"))
     assert result.returncode == 2, result.stderr
-    assert f"card-agent: error: {config} [metrics].listen: cannot listen on 127.0.0.1:{port}: Address already in use\n" \
-        == result.stderr.splitlines(keepends=True)[-1]
+    assert (f"card-agent: error: {config} [metrics].listen: cannot listen on 127.0.0.1:{port}: "
+            "Address already in use\n") == result.stderr.splitlines(keepends=True)[-1]
     assert time.monotonic() - started < 30

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.audit.events import AlertType, AuditEvent, User
-from dicom_card_agent.audit.messages import AuditSource, render, summarize
 from agent_runner import running_agent, tunnel
 from conftest import HELPERS, ProvisionedPki, provision, run_card_agent
+from dicom_card_agent.audit.events import AlertType, AuditEvent, User
+from dicom_card_agent.audit.messages import AuditSource, render, summarize
 from peers.ports import free_port
 
 COMMANDS = [["tokens"], ["identities"], ["doctor"], ["check"], ["run"], ["status"], ["lock"], ["audit", "tail"],

@@ -22,8 +22,15 @@ from peers.orthanc import orthanc_tls
 from peers.pki_files import TlsClientFiles, TlsServerFiles, issue_server_file_identity, subject_string, write_crl
 from peers.ports import free_port, managed_process, wait_for_port
 from peers.pynetdicom_scp import associate, plain_scp, tls_scp
-from peers.study import (PATIENT_ID, TEMPLATES, assert_delivered, datasets_equal, make_study,
-                         sop_instance_uid, template_path)
+from peers.study import (
+    PATIENT_ID,
+    TEMPLATES,
+    assert_delivered,
+    datasets_equal,
+    make_study,
+    sop_instance_uid,
+    template_path,
+)
 
 CLIENT_CN = "File Client"
 

@@ -31,7 +31,8 @@ def private_pki(tmp_path: Path) -> ProvisionedPki:
     result = provision(tmp_path / "pki")
     conf = Path(result.stdout.strip().splitlines()[-1].partition("=")[2])
     subprocess.run([sys.executable, "-c", (
-        "from dicom_card_agent.token.module import load_module; from dicom_card_agent.token.discovery import find_token\n"
+        "from dicom_card_agent.token.module import load_module; "
+        "from dicom_card_agent.token.discovery import find_token\n"
         "token = find_token(load_module('softhsm2'), 'alice')\n"
         f"with token.open(rw=True, user_pin={USER_PIN!r}) as s: s.set_pin({USER_PIN!r}, {PIN!r})")],
         env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, timeout=60)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agent_runner import start_agent, stop_agent, tunnel, with_virtualenv_packages, write_config
+from conftest import ProvisionedPki
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.token.pin import PinSource, PinUnavailableError
-from agent_runner import start_agent, with_virtualenv_packages, stop_agent, tunnel, write_config
-from conftest import ProvisionedPki
 
 
 @pytest.mark.parametrize("text", ["", "env:", "file", "pinentry-ish", "sms:123"])
@@ -85,7 +85,8 @@ def test_agent_refuses_a_pin_file_of_another_user_before_it_is_ready(test_pki: P
     log = (tmp_path / "agent.log").read_text()
     assert "ready:" not in log and "event=card-inserted" not in log
     assert log.splitlines()[-1] == (
-        f"card-agent: error: {config} [identity].pin: PIN file {pin_file} belongs to uid 65534, not to the agent's user (uid {os.getuid()}): "
+        f"card-agent: error: {config} [identity].pin: PIN file {pin_file} belongs to uid 65534, "
+        f"not to the agent's user (uid {os.getuid()}): "
         f"another user could change the PIN the agent tries; run `chown {os.getuid()} {pin_file}` (as root) or "
         "point file: at a file the agent's user owns")
 

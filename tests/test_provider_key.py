@@ -11,9 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from conftest import HELPERS, USER_PIN, ProvisionedPki
 from dicom_card_agent.tls.provider import ProviderError, openssl_config, provider_key_pem, uri_from_provider_key_pem
 from dicom_card_agent.token.profiles import get_profile
-from conftest import HELPERS, USER_PIN, ProvisionedPki
 from peers.ports import free_port
 
 
@@ -28,7 +28,8 @@ def test_pem_round_trips_and_holds_no_pin() -> None:
         provider_key_pem("pkcs11:token=alice?pin-value=123456")
 
 
-@pytest.mark.parametrize("pem", [b"", b"-----BEGIN PKCS#11 PROVIDER URI-----\nAAAA\n-----END PKCS#11 PROVIDER URI-----\n",
+@pytest.mark.parametrize("pem", [b"",
+                                 b"-----BEGIN PKCS#11 PROVIDER URI-----\nAAAA\n-----END PKCS#11 PROVIDER URI-----\n",
                                  b"-----BEGIN PKCS#11 PROVIDER URI-----\n!!\n-----END PKCS#11 PROVIDER URI-----\n"])
 def test_malformed_pem_is_a_clear_error(pem: bytes) -> None:
     with pytest.raises(ProviderError):
@@ -47,7 +48,8 @@ def provider_files(test_pki: ProvisionedPki, tmp_path_factory: pytest.TempPathFa
     return directory
 
 
-def test_openssl_reads_the_token_public_key_through_the_key_file(test_pki: ProvisionedPki, provider_files: Path) -> None:
+def test_openssl_reads_the_token_public_key_through_the_key_file(test_pki: ProvisionedPki,
+                                                                 provider_files: Path) -> None:
     result = subprocess.run(
         ["openssl", "pkey", "-in", str(provider_files / "alice.key.pem"), "-pubout", "-passin", "env:CARD_PIN"],
         capture_output=True, text=True, timeout=30,
@@ -79,7 +81,8 @@ def test_tls_client_auth_signs_on_the_token(test_pki: ProvisionedPki, provider_f
         assert "ACCEPT\n" in banner, banner
         client = subprocess.run(
             [sys.executable, str(HELPERS / "tls_client.py"), str(port), str(provider_files / f"{identity}-chain.pem"),
-             str(provider_files / f"{identity}.key.pem"), str(test_pki.ca_bundle), *([max_version] if max_version else [])],
+             str(provider_files / f"{identity}.key.pem"), str(test_pki.ca_bundle),
+             *([max_version] if max_version else [])],
             capture_output=True, text=True, timeout=60,
             env=test_pki.env(OPENSSL_CONF=str(provider_files / "openssl.cnf"), CARD_PIN=USER_PIN),
         )

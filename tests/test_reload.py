@@ -11,14 +11,23 @@ import socket
 from pathlib import Path
 
 import pytest
+from pynetdicom.sop_class import Verification
 
-from agent_runner import (agent_status, log_lines, card_session_pid, inbound_listener, port_of, running_agent, tunnel, wait_for,
-                          write_config)
+from agent_runner import (
+    agent_status,
+    card_session_pid,
+    inbound_listener,
+    log_lines,
+    port_of,
+    running_agent,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
-from pynetdicom.sop_class import Verification
 
 RELOADED = "card-agent: INFO: SIGHUP: configuration {config} reloaded: "
 REFUSED = "card-agent: ERROR: SIGHUP: configuration not reloaded, the running one goes on: "
@@ -179,7 +188,8 @@ def test_a_changed_trust_or_inbound_listener_signs_the_card_in_again(
     """[trust] and [[inbound]] are in TLS contexts made with the card's key and were checked at
     sign-in: the card session ends cleanly and the card signs in again (env: PIN: at once)."""
     card = FaultControl(tmp_path / "card.ctl")
-    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"),
+            "server_key": str(test_pki.pki / "server.key")}
     with tls_scp(pki_dir=test_pki.pki) as pacs, plain_scp() as viewer:
         pacs_table = tunnel("pacs", pacs.port)
         with running_agent(test_pki, tmp_path / "agent", [pacs_table], module=str(fault_module),

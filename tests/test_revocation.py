@@ -22,10 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from dicom_card_agent.softhsm import pki as test_ca
-from dicom_card_agent.softhsm.responder import ResponderFiles, RevocationServer, index, sources_at
 from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
+from dicom_card_agent.softhsm import pki as test_ca
+from dicom_card_agent.softhsm.responder import ResponderFiles, RevocationServer, index, sources_at
 from peers.pki_files import load_ca
 from peers.ports import free_port
 from test_tunnel_verification import assert_accepted, assert_rejected
@@ -234,7 +234,7 @@ def test_a_fresh_crl_from_the_distribution_point_is_used_and_cached(test_pki: Pr
             with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port)], trust=OCSP_ONLY) as agent:
                 for count in (1, 2):
                     answer = send_and_close(agent.port(), associate_rq())
-                    wait_for(lambda: agent.log().count("tunnel pacs: uid") == count)
+                    wait_for(lambda count=count: agent.log().count("tunnel pacs: uid") == count)
                     assert_accepted(answer, agent.log())
                     assert server.requests["crl"] == 1
                 log = agent.log()
@@ -282,11 +282,10 @@ def test_off_asks_nobody(test_pki: ProvisionedPki, tmp_path: Path) -> None:
 # -- inbound and the card's own certificate ----------------------------------------------------------
 
 def test_inbound_a_pacs_with_a_revoked_client_certificate_is_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    from agent_runner import inbound_listener, port_of
     from peers.dcmtk import storescp, storescu
     from peers.pki_files import TlsClientFiles
     from peers.study import make_study
-
-    from agent_runner import inbound_listener, port_of
 
     pacs = make_pacs(test_pki, tmp_path / "pacs", cdp=False, revoked=True)
     study = make_study(tmp_path / "study", files=1)
@@ -319,7 +318,8 @@ def test_sign_in_with_a_revoked_card_tells_the_clinician_at_once(test_pki: Provi
             "Hospital Test PKI (issuer CN=Test Issuing CA,O=Example Hospital Test PKI) was revoked on ") in log
     assert (f"(reason: keyCompromise) according to OCSP responder http://127.0.0.1:{port}/ocsp. The card was not "
             "used: ask for a new card") in log
-    assert "card session started" not in log and "(card present, not signed in: this card's certificate is revoked" in log
+    assert "card session started" not in log
+    assert "(card present, not signed in: this card's certificate is revoked" in log
 
 
 # -- identities and doctor ---------------------------------------------------------------------------
@@ -382,9 +382,11 @@ def test_a_slow_first_check_waits_at_most_the_timeout_and_blocks_no_other_associ
     other_pacs = make_pacs(test_pki, tmp_path / "other", cdp=False)  # its own, quick responder
     with SlowResponder(pacs.port, pacs.files), RevocationServer(other_pacs.port, other_pacs.files), \
             s_server(test_pki, tmp_path, cert=str(pacs.chain), key=str(pacs.key)) as (slow_port, _), \
-            s_server(test_pki, tmp_path / "other", cert=str(other_pacs.chain), key=str(other_pacs.key)) as (other_port, _):
+            s_server(test_pki, tmp_path / "other", cert=str(other_pacs.chain),
+                     key=str(other_pacs.key)) as (other_port, _):
         tunnels = [tunnel("slow", slow_port), tunnel("other", other_port)]
-        with running_agent(test_pki, tmp_path / "agent", tunnels, trust={**OCSP_ONLY, "revocation_timeout": 3}) as agent:
+        with running_agent(test_pki, tmp_path / "agent", tunnels,
+                           trust={**OCSP_ONLY, "revocation_timeout": 3}) as agent:
             slow: dict[str, object] = {}
 
             def associate_slow() -> None:
@@ -517,7 +519,7 @@ def test_a_responder_that_does_not_answer_is_waited_for_once_not_by_every_associ
             for count in (1, 2, 3):
                 started = time.monotonic()
                 send_and_close(agent.port(), associate_rq())
-                wait_for(lambda: agent.log().count("tunnel pacs: uid") == count)
+                wait_for(lambda count=count: agent.log().count("tunnel pacs: uid") == count)
                 seconds.append(time.monotonic() - started)
                 if count == 1:
                     time.sleep(0.5)  # the fetch's own HTTP timeout (2 s) has passed: a failure now

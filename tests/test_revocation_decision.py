@@ -9,8 +9,7 @@ import datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dicom_card_agent.revocation.decision import (POLICIES, Answer, CertificateAnswers, Status, decide,
-                                                  revoked_message)
+from dicom_card_agent.revocation.decision import POLICIES, Answer, CertificateAnswers, Status, decide, revoked_message
 
 SOURCES = ("OCSP responder http://127.0.0.1:1/ocsp", "CRL http://127.0.0.1:1/issuing-ca.crl", "CRL file /etc/ca.crl")
 REASONS = (None, "keyCompromise", "cessationOfOperation")

@@ -103,7 +103,8 @@ def pkcs11_tool_objects(test_pki: ProvisionedPki, token: str) -> str:
 
 
 @pytest.mark.parametrize("token, key_kind", [("alice", "RSA"), ("bob", "EC"), ("mallory", "RSA")])
-def test_keys_were_generated_on_the_token_and_cannot_leave_it(test_pki: ProvisionedPki, token: str, key_kind: str) -> None:
+def test_keys_were_generated_on_the_token_and_cannot_leave_it(test_pki: ProvisionedPki, token: str,
+                                                              key_kind: str) -> None:
     objects = pkcs11_tool_objects(test_pki, token)
     private = objects.split("Private Key Object; ")[1].split("\n\n")[0]
     assert private.startswith(key_kind)

@@ -98,7 +98,8 @@ def test_a_named_token_that_is_absent_is_waited_for_and_the_present_ones_are_nam
         answer = status(tmp_path / "agent", env)
         log = agent.log()
         assert agent.process.poll() is None
-    expected = (f"card-agent: WARNING: token 'alcie' is not present; present tokens: 'alice' (serial {serial['alice']}), "
+    expected = ("card-agent: WARNING: token 'alcie' is not present; "
+                f"present tokens: 'alice' (serial {serial['alice']}), "
                 f"'bob' (serial {serial['bob']}); waiting for it (check [identity] token if it should be one of these)")
     assert log_lines(log).count(expected) == 1, log
     assert "ready: 1 tunnel(s) for nobody yet (no card inserted)" in log

@@ -11,10 +11,18 @@ import re
 import signal
 from pathlib import Path
 
-from dicom_card_agent.dicom.pdu import parse_associate_rj
-from agent_runner import (associate_rq, card_session_pid, inbound_listener, port_of, running_agent, send_and_close,
-                          tunnel, wait_for)
+from agent_runner import (
+    associate_rq,
+    card_session_pid,
+    inbound_listener,
+    port_of,
+    running_agent,
+    send_and_close,
+    tunnel,
+    wait_for,
+)
 from conftest import ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import parse_associate_rj
 from fault_pkcs11 import FaultControl
 from peers.pki_files import TlsClientFiles
 from peers.ports import free_port
@@ -131,7 +139,8 @@ def test_sighup_keeps_the_agent_and_its_card_session(test_pki: ProvisionedPki, t
 
 
 def test_status_counts_of_an_inbound_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"), "server_key": str(test_pki.pki / "server.key")}
+    node = {"server_certificate": str(test_pki.pki / "server-chain.pem"),
+            "server_key": str(test_pki.pki / "server.key")}
     pacs = TlsClientFiles(test_pki.ca_bundle, test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
     stranger = TlsClientFiles(test_pki.ca_bundle, test_pki.pki / "untrusted-server-chain.pem",
                               test_pki.pki / "untrusted-server.key")

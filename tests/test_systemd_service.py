@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
 from typing import Iterator
 
@@ -125,7 +126,7 @@ def test_ready_status_watchdog_and_stopping(test_pki: ProvisionedPki, tmp_path: 
             beats = pings(during)
             # Every 0.5 s (the loop turns every 0.05 s): within the 1 s the manager allows.
             assert 5 <= len(beats) <= 7, during
-            assert max(b - a for a, b in zip(beats, beats[1:])) < WATCHDOG_USEC / 1e6
+            assert max(b - a for a, b in pairwise(beats)) < WATCHDOG_USEC / 1e6
             assert [text for _, text in during if not text.startswith("WATCHDOG=")] == []  # STATUS only on change
 
             # Signing out (lock) is told: the status says nobody is signed in, and why.

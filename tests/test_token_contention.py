@@ -3,6 +3,7 @@ handshakes waiting on a slow card still all complete."""
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 from agent_runner import FramedEchoServer, dicom_stream, echoed, running_agent, send_concurrently, tunnel
@@ -28,5 +29,5 @@ def test_eight_new_associations_with_500_ms_signatures_sign_one_after_another(
         i: dicom_stream(f"association {i}".encode()) for i in range(CONCURRENT)}
     intervals = sorted(card.signature_intervals())
     assert len(intervals) == CONCURRENT
-    overlaps = [(a, b) for a, b in zip(intervals, intervals[1:]) if b[0] < a[1]]
+    overlaps = [(a, b) for a, b in pairwise(intervals) if b[0] < a[1]]
     assert not overlaps, f"signatures overlapped on the card: {overlaps}"

@@ -9,10 +9,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from dicom_card_agent.trust.anchors import (CrlError, RevokedCertificateError, TrustAnchors, TrustFileError,
-                                 UntrustedCertificateError)
-from dicom_card_agent.trust.crls import LOOK_INTERVAL, CrlFileError, CrlStore
 from conftest import ProvisionedPki
+from dicom_card_agent.trust.anchors import (
+    CrlError,
+    RevokedCertificateError,
+    TrustAnchors,
+    TrustFileError,
+    UntrustedCertificateError,
+)
+from dicom_card_agent.trust.crls import LOOK_INTERVAL, CrlFileError, CrlStore
 from peers.pki_files import write_crl
 
 

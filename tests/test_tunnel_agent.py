@@ -15,10 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, a_release_rp
-from agent_runner import (FramedEchoServer, associate_rq, dicom_stream, echoed, p_data, pki_for_user, running_agent,
-                          s_server, send_and_close, send_concurrently, tunnel, wait_for, write_config)
+from agent_runner import (
+    FramedEchoServer,
+    associate_rq,
+    dicom_stream,
+    echoed,
+    p_data,
+    pki_for_user,
+    running_agent,
+    s_server,
+    send_and_close,
+    send_concurrently,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, a_release_rp
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp
 from peers.pki_files import TlsServerFiles
@@ -101,7 +114,8 @@ def test_local_peer_of_another_user_is_refused(test_pki: ProvisionedPki, tmp_pat
                  NOBODY_CLIENT, str(agent.port()), associate_rq().hex()],
                 capture_output=True, text=True, timeout=30)
             log = agent.wait_for_log("refused local connection from uid 65534")
-        assert "ACCEPT" in server_log.read_text(errors="replace") and "Shared ciphers" not in server_log.read_text(errors="replace")
+        served = server_log.read_text(errors="replace")
+        assert "ACCEPT" in served and "Shared ciphers" not in served
     answer = bytes.fromhex(result.stdout)
     assert answer[:1] == bytes([A_ASSOCIATE_RJ])
     assert "only uid 0 may use this tunnel" in log and " pid " in log
@@ -136,8 +150,13 @@ def whole_store_association(patient: str) -> tuple[bytes, str]:
     from pynetdicom.dsutils import encode
     from pynetdicom.pdu import P_DATA_TF
 
-    from dicom_card_agent.dicom.pdu import (AssociateRequest, MaximumLength, PresentationContextItemRQ, a_release_rq,
-                                 encode_associate_rq)
+    from dicom_card_agent.dicom.pdu import (
+        AssociateRequest,
+        MaximumLength,
+        PresentationContextItemRQ,
+        a_release_rq,
+        encode_associate_rq,
+    )
 
     secondary_capture, implicit_little_endian = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.1.2"
     dataset = Dataset()
@@ -284,7 +303,7 @@ def test_resumed_associations_cost_no_token_signature(test_pki: ProvisionedPki, 
             signatures = []
             for attempt in range(3):
                 send_and_close(agent.port())
-                wait_for(lambda: agent.log().count(" to 127.0.0.1:") == attempt + 1)
+                wait_for(lambda attempt=attempt: agent.log().count(" to 127.0.0.1:") == attempt + 1)
                 signatures.append(card.signatures())
             log = agent.log()
     assert signatures == [1, 1, 1], signatures  # one CertificateVerify, then resumption
@@ -347,7 +366,7 @@ def test_session_resumption_can_be_turned_off(test_pki: ProvisionedPki, tmp_path
                            module=str(fault_module), env=card.env()) as agent:
             for attempt in range(2):
                 send_and_close(agent.port())
-                wait_for(lambda: agent.log().count(" to 127.0.0.1:") == attempt + 1)
+                wait_for(lambda attempt=attempt: agent.log().count(" to 127.0.0.1:") == attempt + 1)
             log = agent.log()
     assert card.signatures() == 2 and log.count("full handshake") == 2
 
@@ -385,7 +404,8 @@ def test_a_slow_card_signature_does_not_stall_other_connections(test_pki: Provis
             wait_for(lambda: card.signatures() == 1)  # A's handshake is done
             card.sign_delay(3000)
             finished: list[str] = []
-            b = threading.Thread(target=lambda: (send_and_close(agent.port(), dicom_stream(b"B")), finished.append("B")))
+            b = threading.Thread(
+                target=lambda: (send_and_close(agent.port(), dicom_stream(b"B")), finished.append("B")))
             b.start()
             wait_for(lambda: any(line.startswith("C_SignInit") for line in card.log_lines()[-3:]))
             connection_a.sendall(p_data(b"A" * 1000))

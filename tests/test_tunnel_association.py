@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
 from agent_runner import LOG_TIMESTAMP, FramedEchoServer, associate_rq, log_lines, running_agent, tunnel
 from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
 from peers.dcmtk import TLS_DETAILS_BEGIN, echoscu, storescp, storescu
 from peers.pki_files import TlsServerFiles
 from peers.ports import free_port
@@ -127,7 +127,8 @@ def test_a_malformed_pdu_from_the_application_aborts_its_association_only(test_p
             association = associate(agent.port(), sop_classes=[VERIFICATION])  # the agent carries on
             assert association.is_established and association.send_c_echo().Status == 0
             association.release()
-    assert pdu_type == A_ABORT and parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
+    assert pdu_type == A_ABORT
+    assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
     assert "malformed PDU from the application: unknown PDU type 0x09" in log
     assert records[0].ended == "aborted"  # the PACS got an A-ABORT too, not a silent drop
 

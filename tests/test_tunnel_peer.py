@@ -599,7 +599,8 @@ def test_policy_messages() -> None:
 
 def test_describe_names_the_process() -> None:
     comm = Path("/proc/self/comm").read_text().strip()
-    assert Peer(uid=7, pid=os.getpid(), address="unix:/s").describe() == f"uid 7 pid {os.getpid()} ({comm}) from unix:/s"
+    described = Peer(uid=7, pid=os.getpid(), address="unix:/s").describe()
+    assert described == f"uid 7 pid {os.getpid()} ({comm}) from unix:/s"
 
 
 def test_describe_escapes_a_forged_process_name() -> None:
@@ -608,7 +609,8 @@ def test_describe_escapes_a_forged_process_name() -> None:
     child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert read_line(child) == "renamed"
-        assert Peer(uid=7, pid=child.pid, address="unix:/s").describe() == f"uid 7 pid {child.pid} (x\\x0auid 0) from unix:/s"
+        described = Peer(uid=7, pid=child.pid, address="unix:/s").describe()
+        assert described == f"uid 7 pid {child.pid} (x\\x0auid 0) from unix:/s"
     finally:
         child.kill()
         child.wait(timeout=IO_TIMEOUT)

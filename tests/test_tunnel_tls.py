@@ -10,9 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
-from agent_runner import FramedEchoServer, associate_rq, dicom_stream, echoed, running_agent, s_server, send_and_close, tunnel, wait_for
+from agent_runner import (
+    FramedEchoServer,
+    associate_rq,
+    dicom_stream,
+    echoed,
+    running_agent,
+    s_server,
+    send_and_close,
+    tunnel,
+    wait_for,
+)
 from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 
 
 @pytest.mark.parametrize("token, version_args, sigalgs, expected_version, expected_signature", [
@@ -29,7 +39,8 @@ def test_token_signs_certificate_verify_for_each_key_type_and_version(
     with s_server(test_pki, tmp_path, "-naccept", "1", *version_args, *extra) as (port, log_path):
         with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)], token=token) as agent:
             send_and_close(agent.port())
-            wait_for(lambda: "CONNECTION CLOSED" in log_path.read_text(errors="replace") or "DONE" in log_path.read_text(errors="replace"))
+            wait_for(lambda: "CONNECTION CLOSED" in log_path.read_text(errors="replace")
+                     or "DONE" in log_path.read_text(errors="replace"))
             agent.wait_for_log(expected_version)
     log = log_path.read_text(errors="replace")
     common_name = {"alice": "Alice Example", "bob": "Bob Example"}[token]

@@ -12,9 +12,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from agent_runner import associate_rq, free_port, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 
 
 def server_fingerprint(test_pki: ProvisionedPki, chain: str) -> str:
@@ -114,7 +114,7 @@ def test_server_knowing_only_the_root_accepts_the_card(test_pki: ProvisionedPki,
 
     The server's own certificate comes from the unrelated CA (trusted here by pin), so that the
     issuing CA can reach the server only in the chain the agent sends."""
-    answer, log = attempt(test_pki, tmp_path, server={"cert": "untrusted-server-chain.pem", "key": "untrusted-server.key",
-                                                       "ca": "root-ca.pem"},
+    answer, log = attempt(test_pki, tmp_path, server={"cert": "untrusted-server-chain.pem",
+                                                       "key": "untrusted-server.key", "ca": "root-ca.pem"},
                           verify="pin", server_pins=[server_fingerprint(test_pki, "untrusted-server-chain.pem")])
     assert_accepted(answer, log)

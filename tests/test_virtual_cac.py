@@ -23,11 +23,17 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from dicom_card_agent.card.pcsc import (SCARD_STATE_CHANGED, SCARD_STATE_EMPTY, SCARD_STATE_PRESENT, PcscEventSource,
-                             card_state_changed, split_multistring)
-from dicom_card_agent.card.watcher import POLL_SECONDS, CardEvents
 from agent_runner import agent_status, card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.card.pcsc import (
+    SCARD_STATE_CHANGED,
+    SCARD_STATE_EMPTY,
+    SCARD_STATE_PRESENT,
+    PcscEventSource,
+    card_state_changed,
+    split_multistring,
+)
+from dicom_card_agent.card.watcher import POLL_SECONDS, CardEvents
 from peers.dcmtk import echoscu, storescp, storescu, storescu_argv
 from peers.pki_files import TlsServerFiles
 from peers.ports import peer_env
@@ -110,7 +116,8 @@ def test_a_study_stored_through_the_agent_with_the_card_identity(
     with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)], token="", module=OPENSC,
                            agent=own_runtime_dir(tmp_path)) as agent:
-            agent.wait_for_log("card events: PC/SC events from pcscd")  # logged when the card loop starts, after "ready"
+            # logged when the card loop starts, after "ready"
+            agent.wait_for_log("card events: PC/SC events from pcscd")
             card_reader.insert(carol)
             agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
             result = storescu(agent.port(), study)
@@ -279,7 +286,7 @@ def test_a_card_pulled_mid_handshake_ends_every_association_under_way_and_the_ne
             answered_in = time.monotonic() - pulled
             agent.wait_for_log('event=sign-out reason="card removed"')
             assert agent.process.poll() is None
-            stored_under_carol = [path for path, (status, _) in zip(objects, results) if status == 0]
+            stored_under_carol = [path for path, (status, _) in zip(objects, results, strict=True) if status == 0]
 
             card_reader.insert(carol)  # the next insertion signs in and stores as before
             wait_for(lambda: agent.log().count(sign_in_line(carol)) == 2, timeout=PROBE_SECONDS)

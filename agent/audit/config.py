@@ -32,7 +32,6 @@ from typing import Any
 from dicom_card_agent.config.tables import Section, host_port, read_toml
 from dicom_card_agent.errors import ConfigError
 
-
 TRANSPORTS = ("tls", "relp")
 ON_FAILURE = ("continue", "refuse")
 

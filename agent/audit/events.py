@@ -396,7 +396,7 @@ class _Reader:
         try:
             return kind(value)
         except ValueError:
-            choices = ", ".join(repr(member.value) for member in kind)  # type: ignore[attr-defined]
+            choices = ", ".join(repr(member.value) for member in kind)
             raise AuditEventError(f"{self.where}: {key} {value!r} is not one of {choices}") from None
 
     def table(self, key: str) -> _Reader | None:

@@ -481,24 +481,26 @@ def summarize(xml: bytes | str) -> Summary:
         code = id_type.get("csd-code") if id_type is not None else ""
         if code == ID_STUDY_INSTANCE_UID.value:
             count = sum(int(sop.get("NumberOfInstances", "0")) for sop in obj.iter("SOPClass"))
-            details.append(f"{count} instance{'s' if count != 1 else ''} of study {obj.get('ParticipantObjectID') or '?'}")
+            study = obj.get("ParticipantObjectID") or "?"
+            details.append(f"{count} instance{'s' if count != 1 else ''} of study {study}")
         elif code == ID_SOP_CLASS_UID.value:
             details.append(f"query {obj.get('ParticipantObjectID') or '?'}")
         elif code == ID_PATIENT_NUMBER.value and obj.get("ParticipantObjectID"):
             details.append(f"patient {obj.get('ParticipantObjectID')}")
         elif code == ID_NODE.value and not remote:
-            remote = (obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID", ""))
+            remote = (obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID") or "")
         elif code == ID_URI.value:
-            name = obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID", "")
+            name = obj.findtext("ParticipantObjectName") or obj.get("ParticipantObjectID") or ""
             details.append(f"token {name}" if obj.get("ParticipantObjectID", "").startswith("pkcs11:") else name)
         for detail in obj.findall("ParticipantObjectDetail"):
             if detail.get("type") in ("Bytes Up", "Bytes Down"):
                 try:
-                    details.append(f"{detail.get('type', '').lower()} {base64.b64decode(detail.get('value', '')).decode()}")
+                    bytes_text = base64.b64decode(detail.get("value", "")).decode()
+                    details.append(f"{detail.get('type', '').lower()} {bytes_text}")
                 except (ValueError, UnicodeDecodeError):
                     pass
     description = identification.findtext("EventOutcomeDescription") or ""
     # "token alice (locked)": the description qualifies what precedes it, it is not one more item.
-    detail = " ".join(filter(None, [", ".join(d for d in details if d), f"({description})" if description else ""]))
+    summary = " ".join(filter(None, [", ".join(d for d in details if d), f"({description})" if description else ""]))
     return Summary(time=time, event=event_name, outcome=outcome, action=identification.get("EventActionCode", ""),
-                   user=user, remote=remote, detail=detail)
+                   user=user, remote=remote, detail=summary)

@@ -38,8 +38,7 @@ from pathlib import Path
 
 from dicom_card_agent.audit.config import SyslogConfig
 from dicom_card_agent.audit.errors import AuditError, AuditSpoolError
-from dicom_card_agent.audit.relp import (Acknowledged, Refused, RelpProtocolError, RelpSession,
-                                           ServerClosed)
+from dicom_card_agent.audit.relp import Acknowledged, Refused, RelpProtocolError, RelpSession, ServerClosed
 from dicom_card_agent.audit.spool import Spool
 from dicom_card_agent.audit.syslog import frame
 from dicom_card_agent.tls.policy import TLS12_CIPHERS

@@ -3,8 +3,8 @@
 DICOM PS3.15 A.6 / IHE ATNA (ITI-20) send each audit message as one RFC 5424 message over TLS
 (RFC 5425): ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD MSG`` with facility authpriv (10),
 MSGID ``IHE+RFC-3881`` and as SD ``[meta sequenceId="N"]`` (which names the message: a repository
-recognises one delivered twice by HOSTNAME, TIMESTAMP, PROCID and sequenceId); MSG is the XML in UTF-8 and, as RFC 5424 6.4
-requires for UTF-8 payloads, starts with the byte order mark (then the XML declaration). On the
+recognises one delivered twice by HOSTNAME, TIMESTAMP, PROCID and sequenceId); MSG is the XML in UTF-8
+and, as RFC 5424 6.4 requires for UTF-8 payloads, starts with the byte order mark (then the XML declaration). On the
 connection each message is ``MSG-LEN SP SYSLOG-MSG`` (RFC 5425 4.3, RFC 6587 3.4.1).
 """
 
@@ -154,7 +154,8 @@ def parse_message(data: bytes) -> SyslogMessage:
     if not match:
         raise ValueError(f"not an RFC 5424 message: {data[:80]!r}")
     pri, version, *fields, structured, msg = match.groups()
-    return SyslogMessage(int(pri), int(version), *(f.decode("ascii") for f in fields),
+    timestamp, hostname, app_name, procid, msgid = (f.decode("ascii") for f in fields)
+    return SyslogMessage(int(pri), int(version), timestamp, hostname, app_name, procid, msgid,
                          structured.decode("utf-8"), msg or b"")
 
 

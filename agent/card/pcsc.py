@@ -132,13 +132,13 @@ class PcscContext:
             return {}
         encoded = [name.encode() for name in readers]
         states = (ReaderState * len(readers))()
-        for state, name in zip(states, encoded):
+        for state, name in zip(states, encoded, strict=True):
             state.szReader = name
             state.dwCurrentState = SCARD_STATE_UNAWARE
         rv = self.wait(states, 0)
         if rv not in (SCARD_S_SUCCESS, SCARD_E_TIMEOUT):
             raise PcscUnavailable(f"SCardGetStatusChange: 0x{rv:08X}")
-        return {name: state.dwEventState & 0xFFFF for name, state in zip(readers, states)}
+        return {name: state.dwEventState & 0xFFFF for name, state in zip(readers, states, strict=True)}
 
     def cancel(self) -> None:
         self.lib.SCardCancel(self.handle)  # wakes a wait() blocked in another thread
@@ -218,7 +218,7 @@ class PcscEventSource:
         names = [PNP_NOTIFICATION, *context.readers()]
         encoded = [name.encode() for name in names]
         states = (ReaderState * len(names))()
-        for state, name in zip(states, encoded):
+        for state, name in zip(states, encoded, strict=True):
             state.szReader = name
             state.dwCurrentState = SCARD_STATE_UNAWARE
         rv = context.wait(states, 0)  # learn the current states without waiting

@@ -26,8 +26,10 @@ FOLLOW_INTERVAL = 0.5
 @app.command("tail")
 def tail(
     config: ConfigFile = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="AUDIT_FILE", help="An audit file (instead of --config).")] = None,
-    lines: Annotated[int, typer.Option("-n", "--lines", min=0, metavar="N", help="How many of the latest events.")] = 20,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", metavar="AUDIT_FILE",
+                                                 help="An audit file (instead of --config).")] = None,
+    lines: Annotated[int, typer.Option("-n", "--lines", min=0, metavar="N",
+                                       help="How many of the latest events.")] = 20,
     follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events as they are written.")] = False,
     xml: Annotated[bool, typer.Option("--xml", help="Print the audit messages (XML) as stored.")] = False,
 ) -> None:

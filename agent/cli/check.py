@@ -49,7 +49,8 @@ def configuration_checks(explicit: Path | None) -> Iterator[Check]:
     yield from _trust_checks(settings)
     yield from _pin_checks(settings)
     running = _running_listeners(settings)
-    for listener in [*settings.tunnels, *settings.inbound]:
+    listeners: list[TunnelConfig | InboundConfig] = [*settings.tunnels, *settings.inbound]
+    for listener in listeners:
         yield _listen_check(listener, running)
     yield from _audit_checks(settings)
 

@@ -14,11 +14,11 @@ from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Mod
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.logline import printable
 from dicom_card_agent.revocation.report import cli_checker, identity_revocation
+from dicom_card_agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
 from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import describe_pin_state
 from dicom_card_agent.token.module import LoadedModule, load_module
-from dicom_card_agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
 from dicom_card_agent.trust.anchors import TrustAnchors
 
 
@@ -131,7 +131,8 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
         if not usable:
             personal = [i for i in identities if not i.is_ca] or identities
             reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or "no certificate on the token"
-            yield Check("fail", f"identity {token.label}", reasons, identity_fix([i.reason for i in personal]))
+            yield Check("fail", f"identity {token.label}", reasons,
+                        identity_fix([i.reason for i in personal if i.reason]))
             continue
         for identity in usable:
             yield Check("ok", f"identity {token.label}", f"{identity.subject}, {identity.key_type.upper()} "
@@ -147,7 +148,8 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
 def _revocation_check(label: str, certificate: x509.Certificate, ca: Path, crls: list[Path]) -> Check:
     status = identity_revocation(cli_checker(ca, crls), certificate)
     if status.state == "revoked":
-        return Check("fail", f"revocation {label}", status.detail, "this card cannot be used any more: ask for a new card")
+        return Check("fail", f"revocation {label}", status.detail,
+                     "this card cannot be used any more: ask for a new card")
     if status.state == "no answer":
         return Check("warn", f"revocation {label}", status.detail,
                      "check that this computer reaches the OCSP responder / CRL distribution point of the issuing CA "

@@ -8,8 +8,7 @@ import typer
 from pkcs11.exceptions import PKCS11Error
 
 from dicom_card_agent import logline
-from dicom_card_agent.cli import (audit_commands, check, control_commands, doctor, run, softhsm_commands,
-                                  token_commands)
+from dicom_card_agent.cli import audit_commands, check, control_commands, doctor, run, softhsm_commands, token_commands
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.version import agent_version
 
@@ -58,6 +57,6 @@ def main() -> None:
         sys.exit(2)
     except PKCS11Error as error:
         # A PKCS#11 failure no check above anticipated: name it so that it can be looked up.
-        print(logline.error_line(f"card-agent: error: the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
-                                 + "; run `card-agent doctor` to check the module and token"), file=sys.stderr)
+        failed = f"card-agent: error: the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
+        print(logline.error_line(failed + "; run `card-agent doctor` to check the module and token"), file=sys.stderr)
         sys.exit(2)

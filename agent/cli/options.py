@@ -20,15 +20,18 @@ Module = Annotated[
 MODULE_DEFAULT = AUTO
 TokenSelector = Annotated[
     Optional[str],
-    typer.Option("--token", "-t", metavar="TOKEN", help="Token label, serial, or pkcs11: URI. Default: every token present."),
+    typer.Option("--token", "-t", metavar="TOKEN",
+                 help="Token label, serial, or pkcs11: URI. Default: every token present."),
 ]
 CaBundle = Annotated[
     Optional[Path],
-    typer.Option("--ca", metavar="BUNDLE", help="CA bundle (PEM) the server trusts: identities that do not chain to it are unusable."),
+    typer.Option("--ca", metavar="BUNDLE",
+                 help="CA bundle (PEM) the server trusts: identities that do not chain to it are unusable."),
 ]
 CrlFiles = Annotated[
     Optional[list[Path]],
-    typer.Option("--crl", metavar="FILE", help="CRL file (PEM or DER); repeat for several. Revoked identities are unusable."),
+    typer.Option("--crl", metavar="FILE",
+                 help="CRL file (PEM or DER); repeat for several. Revoked identities are unusable."),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 ConfigFile = Annotated[

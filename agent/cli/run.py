@@ -102,5 +102,6 @@ def _record_stop(audit: AuditRecorder, stop: threading.Event, failure: BaseExcep
     if failure is None and stop.is_set():
         audit.application_stop("SIGTERM or SIGINT")
         return
-    reason = f"stopped by an error: {str(failure) or type(failure).__name__}" if failure is not None else "the card loop ended unexpectedly"
+    reason = (f"stopped by an error: {str(failure) or type(failure).__name__}" if failure is not None
+              else "the card loop ended unexpectedly")
     audit.application_stop(reason, failed=True)

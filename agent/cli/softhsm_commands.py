@@ -11,7 +11,8 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.softhsm.provision import DEFAULT_REVOCATION_PORT, IDENTITIES, provision
 from dicom_card_agent.softhsm.responder import start_background, stop_background
 
-app = typer.Typer(help="SoftHSM test tokens and test PKI (tests and demos only).", no_args_is_help=True, rich_markup_mode=None)
+app = typer.Typer(help="SoftHSM test tokens and test PKI (tests and demos only).", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 @app.command("init")
@@ -64,8 +65,9 @@ def ocsp_responder(
         typer.echo(f"revocation responder running on http://127.0.0.1:{port} (pid {pid}); "
                    f"`card-agent softhsm ocsp-responder stop {directory}` stops it", err=True)
     elif action == "stop":
-        pid = stop_background(directory)
-        typer.echo("no responder was running" if pid is None else f"stopped the responder (pid {pid})", err=True)
+        stopped = stop_background(directory)
+        typer.echo("no responder was running" if stopped is None else f"stopped the responder (pid {stopped})",
+                   err=True)
     else:
         typer.echo(f"card-agent: error: {action!r} is neither start nor stop", err=True)
         raise typer.Exit(2)

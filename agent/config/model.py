@@ -334,7 +334,8 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
     pins = _pins(section, "server_pins")
     verify = section.take("verify", str, "chain")
     if verify not in VERIFY_MODES:
-        raise section.error("verify", f"must be one of {', '.join(VERIFY_MODES)} (there is no mode that verifies nothing)")
+        raise section.error("verify",
+                            f"must be one of {', '.join(VERIFY_MODES)} (there is no mode that verifies nothing)")
     if verify == "pin" and not pins:
         raise section.error("verify", "\"pin\" trusts the server by fingerprint only: give server_pins")
     tls = _tls_mode(section)
@@ -407,7 +408,7 @@ def _inbound(section: Section, name: str) -> InboundConfig:
                          max_connections=_max_connections(section), revocation=_revocation_policy(section))
 
 
-def _revocation_policy(section: _Section) -> str:
+def _revocation_policy(section: Section) -> str:
     policy = section.take("revocation", str, "require")
     if policy not in REVOCATION_POLICIES:
         raise section.error("revocation", f"{policy!r} is not one of {', '.join(map(repr, REVOCATION_POLICIES))}: "
@@ -416,7 +417,7 @@ def _revocation_policy(section: _Section) -> str:
     return policy
 
 
-def _revocation_settings(trust: _Section) -> RevocationSettings:
+def _revocation_settings(trust: Section) -> RevocationSettings:
     cache = trust.take("revocation_cache", str, "")
     numbers = {}
     for key, default in (("revocation_max_age", RevocationSettings.max_age),
@@ -473,7 +474,7 @@ def _association_rules(section: Section, *, user_identity: bool = True) -> Assoc
                                 allowed_called_ae_titles=titles["allowed_called_ae_titles"])
     mode = section.take("user_identity", str, "off")
     try:
-        user_identity = UserIdentityMode(mode)
+        identity_mode = UserIdentityMode(mode)
     except ValueError:
         raise section.error("user_identity", "must be \"off\" or \"username\"") from None
     template = section.take("user_identity_username", str, "{cn}")
@@ -489,7 +490,7 @@ def _association_rules(section: Section, *, user_identity: bool = True) -> Assoc
     return AssociationRules(
         allowed_calling_ae_titles=titles["allowed_calling_ae_titles"],
         allowed_called_ae_titles=titles["allowed_called_ae_titles"],
-        user_identity=user_identity,
+        user_identity=identity_mode,
         username_template=template,
         positive_response_requested=section.take("user_identity_positive_response", bool, False),
         existing_user_identity=existing_mode,

@@ -8,7 +8,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn, overload
 
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.file_trust import check_trusted_file
@@ -41,6 +41,12 @@ class Section:
             raise self.error(key, f"must be {_article(names)}, not {value!r}")
         return value
 
+    @overload
+    def path(self, key: str, *, required: Literal[True], must_exist: bool = True) -> Path: ...
+
+    @overload
+    def path(self, key: str, *, required: bool = False, must_exist: bool = True) -> Path | None: ...
+
     def path(self, key: str, *, required: bool = False, must_exist: bool = True) -> Path | None:
         value = self.take(key, str, None, required=required)
         if value in (None, ""):
@@ -52,7 +58,7 @@ class Section:
             raise self.error(key, f"file {path} does not exist")
         return path
 
-    def _missing(self, key: str) -> None:
+    def _missing(self, key: str) -> NoReturn:
         """A required key is not there: name the misspelt key that probably meant it, if one is there."""
         self.check_misspelt(key)
         raise ConfigError(f"{self.where}: missing key {key!r}")
@@ -61,7 +67,8 @@ class Section:
         """``key`` is missing: a ConfigError naming an unknown key that looks like it, if there is one."""
         unknown = [k for k in self.data if k not in self.known]
         for near in difflib.get_close_matches(key, unknown, n=1, cutoff=MISSPELT):
-            raise ConfigError(f"{self.where}: unknown {self._name(near)} (did you mean {self._name(key, like=near, bare=True)}?)")
+            meant = self._name(key, like=near, bare=True)
+            raise ConfigError(f"{self.where}: unknown {self._name(near)} (did you mean {meant}?)")
 
     def done(self) -> None:
         """Every key must have been taken: an unknown one is an error naming it and what it may have meant."""
@@ -70,8 +77,9 @@ class Section:
         problems = []
         for key in sorted(self.data):
             near = difflib.get_close_matches(key, self.known, n=1, cutoff=MISSPELT)
-            problems.append(f"unknown {self._name(key)}" + (f" (did you mean {self._name(near[0], like=key, bare=True)}?)"
-                                                           if near else f" (the keys here: {', '.join(self.known)})"))
+            problems.append(f"unknown {self._name(key)}"
+                            + (f" (did you mean {self._name(near[0], like=key, bare=True)}?)"
+                               if near else f" (the keys here: {', '.join(self.known)})"))
         raise ConfigError(f"{self.where}: {'; '.join(problems)}")
 
     def _name(self, key: str, *, like: str | None = None, bare: bool = False) -> str:

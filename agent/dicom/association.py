@@ -15,10 +15,22 @@ import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 
-from dicom_card_agent.dicom.pdu import (AssociateRequest, MalformedPduError, PresentationContextResult, RejectResult,
-                             RejectSource, ServiceUserRejectReason, a_associate_rj, ae_title_problem,
-                             encode_associate_rq, parse_associate_ac, parse_associate_rj, parse_associate_rq,
-                             read_command_fields, with_user_identity)
+from dicom_card_agent.dicom.pdu import (
+    AssociateRequest,
+    MalformedPduError,
+    PresentationContextResult,
+    RejectResult,
+    RejectSource,
+    ServiceUserRejectReason,
+    a_associate_rj,
+    ae_title_problem,
+    encode_associate_rq,
+    parse_associate_ac,
+    parse_associate_rj,
+    parse_associate_rq,
+    read_command_fields,
+    with_user_identity,
+)
 from dicom_card_agent.logline import printable
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"

@@ -321,7 +321,8 @@ class CardLifecycle:
         if guard in (Guard.SAME_CARD, Guard.OTHER_CARD):
             assert isinstance(event, CardInserted)
             return (event.card == self.card) == (guard is Guard.SAME_CARD)
-        current = getattr(event, "attempt") == self.attempt
+        assert isinstance(event, (PinEntered, SignInCancelled, SignedIn, SignInFailed, SessionLost))  # carry attempt
+        current = event.attempt == self.attempt
         if guard is Guard.CURRENT:
             return current
         if guard is Guard.STALE:

@@ -20,14 +20,24 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from dicom_card_agent.revocation.decision import Answer, CertificateAnswers, Policy, Status, Verdict, decide
-from dicom_card_agent.revocation.sources import (FetchError, Judged, crl_urls, http_get, http_post_ocsp, judge_crl,
-                                                 judge_ocsp, ocsp_request, ocsp_urls)
+from dicom_card_agent.revocation.sources import (
+    FetchError,
+    Judged,
+    crl_urls,
+    http_get,
+    http_post_ocsp,
+    judge_crl,
+    judge_ocsp,
+    ocsp_request,
+    ocsp_urls,
+)
 from dicom_card_agent.trust.crls import CrlStore, FileCrl, _covers, _crl_signed_by, issuer_chain, name
 from dicom_card_agent.trust.crls import describe as _describe_now
 
@@ -117,7 +127,7 @@ class RevocationChecker:
         now = self._clock()
         deadline = now + datetime.timedelta(seconds=self.timeout)
         return [self._answers(cert, issuer, position == 0, now, deadline)
-                for position, (cert, issuer) in enumerate(zip(chain, chain[1:]))]
+                for position, (cert, issuer) in enumerate(pairwise(chain))]
 
     def _chain(self, leaf: x509.Certificate) -> list[x509.Certificate]:
         """The leaf's chain in [trust] ca, found once per certificate: finding it verifies signatures,
@@ -369,7 +379,8 @@ class _DiskCache:
 
     def _path(self, key: str) -> Path:
         assert self.directory is not None
-        return self.directory / (hashlib.sha256(key.encode()).hexdigest() + (".crl" if key.startswith("crl ") else ".ocsp"))
+        suffix = ".crl" if key.startswith("crl ") else ".ocsp"
+        return self.directory / (hashlib.sha256(key.encode()).hexdigest() + suffix)
 
     def load(self, key: str) -> bytes | None:
         if not self._usable:

@@ -87,7 +87,8 @@ def _activated(fd: int, name: str) -> _Activated:
     try:
         mode = os.fstat(fd).st_mode
     except OSError as error:
-        raise ConfigError(f"activated file descriptor {fd} is not open ({error.strerror}): check the socket unit") from None
+        raise ConfigError(f"activated file descriptor {fd} is not open ({error.strerror}): "
+                          "check the socket unit") from None
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"activated file descriptor {fd} is not a socket: check the socket unit")
     sock = socket.socket(fileno=fd)

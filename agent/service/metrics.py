@@ -146,7 +146,7 @@ class Metrics:
     def __init__(self, config: MetricsConfig, agent: AgentConfig, manager: SessionManager) -> None:
         self.config = config
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(manager))  # type: ignore[arg-type]
+        self.registry.register(AgentCollector(manager))
         ProcessCollector(registry=self.registry)
         self._stop = threading.Event()
         self._server: HTTPServer | None = None

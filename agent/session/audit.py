@@ -12,8 +12,17 @@ import re
 from typing import Any
 
 from dicom_card_agent.audit.config import AuditConfig
-from dicom_card_agent.audit.events import (AlertType, AuditEvent, Direction, Instance, LocalPeer, Outcome, RemoteNode, SessionEnd,
-                                User)
+from dicom_card_agent.audit.events import (
+    AlertType,
+    AuditEvent,
+    Direction,
+    Instance,
+    LocalPeer,
+    Outcome,
+    RemoteNode,
+    SessionEnd,
+    User,
+)
 from dicom_card_agent.audit.trail import AuditTrail
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.dicom.association import STORED_STATUSES

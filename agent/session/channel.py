@@ -9,7 +9,13 @@ from typing import Any
 
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.token.discovery import PinState
-from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, PinNotInitializedError, WrongPinError
+from dicom_card_agent.token.login import (
+    LoginError,
+    PinFinalTryError,
+    PinLockedError,
+    PinNotInitializedError,
+    WrongPinError,
+)
 from dicom_card_agent.token.secret import Secret, wipe
 
 MAX_MESSAGE = 64 * 1024

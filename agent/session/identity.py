@@ -25,7 +25,12 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
-from dicom_card_agent.tls.policy import PKCS1_ONLY_SIGNATURE_ALGORITHMS, TLS_GROUPS, ClientIdentityFiles, allows_tls_server
+from dicom_card_agent.tls.policy import (
+    PKCS1_ONLY_SIGNATURE_ALGORITHMS,
+    TLS_GROUPS,
+    ClientIdentityFiles,
+    allows_tls_server,
+)
 from dicom_card_agent.tls.provider import openssl_config, provider_key_pem
 from dicom_card_agent.token.discovery import PinState, find_token, refresh
 from dicom_card_agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
@@ -62,7 +67,8 @@ class SignedIn:
 
 def runtime_directory(config: AgentConfig) -> Path:
     """A private (0700) directory for the session's public files."""
-    base = config.runtime_dir or Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"card-agent-{os.getuid()}"
+    base = (config.runtime_dir
+            or Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"card-agent-{os.getuid()}")
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = base.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
@@ -183,9 +189,11 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
     if config.identity.key_id is not None:
         chosen = [i for i in personal if i.key_id == config.identity.key_id]
         if not chosen:
-            raise IdentitySelectionError(f"token {label!r} has no certificate with key_id {config.identity.key_id.hex()}")
+            raise IdentitySelectionError(
+                f"token {label!r} has no certificate with key_id {config.identity.key_id.hex()}")
         if not _usable_before_login(chosen[0]):
-            raise IdentitySelectionError(f"identity {chosen[0].subject} on token {label!r} is unusable: {chosen[0].reason}")
+            raise IdentitySelectionError(
+                f"identity {chosen[0].subject} on token {label!r} is unusable: {chosen[0].reason}")
         return chosen[0]
     usable = [i for i in personal if _usable_before_login(i)]
     if not usable:

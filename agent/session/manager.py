@@ -23,17 +23,34 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.session_notices import SessionNotices
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, SignInScope
-from dicom_card_agent.lifecycle.machine import (CancelSignIn, CardInserted, CardLifecycle, CardRemoved, Effect, EndSession,
-                                     Event, IdleTimeout, Lock, PinEntered, Reload, SessionLost, SignedIn, SignInCancelled,
-                                     SignInFailed, StartSignIn, State, Stop)
+from dicom_card_agent.lifecycle.machine import (
+    CancelSignIn,
+    CardInserted,
+    CardLifecycle,
+    CardRemoved,
+    Effect,
+    EndSession,
+    Event,
+    IdleTimeout,
+    Lock,
+    PinEntered,
+    Reload,
+    SessionLost,
+    SignedIn,
+    SignInCancelled,
+    SignInFailed,
+    StartSignIn,
+    State,
+    Stop,
+)
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
 from dicom_card_agent.session.retune import session_change
 from dicom_card_agent.session.supervisor import CardSession
 from dicom_card_agent.token.login import LoginError
-from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.module import LoadedModule, load_module
+from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Totals
 
 log = logging.getLogger("agent.session")

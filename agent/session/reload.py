@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from dicom_card_agent.config.model import AgentConfig, load_config
+from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig, load_config
 from dicom_card_agent.config.preflight import open_crls, prepare_pin_sources
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.audit import AuditRecorder
@@ -47,8 +47,10 @@ def restart_only_changes(old: AgentConfig, new: AgentConfig) -> list[str]:
 
 def describe(old: AgentConfig, new: AgentConfig) -> str:
     """The listeners added, removed and changed, for the log and the audit message."""
-    before = {listener.name: listener for listener in [*old.tunnels, *old.inbound]}
-    after = {listener.name: listener for listener in [*new.tunnels, *new.inbound]}
+    old_listeners: list[TunnelConfig | InboundConfig] = [*old.tunnels, *old.inbound]
+    new_listeners: list[TunnelConfig | InboundConfig] = [*new.tunnels, *new.inbound]
+    before = {listener.name: listener for listener in old_listeners}
+    after = {listener.name: listener for listener in new_listeners}
     parts = [f"{what} {', '.join(names)}" for what, names in (
         ("added", [name for name in after if name not in before]),
         ("removed", [name for name in before if name not in after]),

@@ -65,13 +65,14 @@ class CardSession:
         ours, theirs = messages.channel_pair()
         reports_ours, reports_theirs = messages.channel_pair()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
-        for pin_source in [self.config.identity.pin, *(i.server_key_pin for i in self.config.inbound if i.server_key_pin)]:
+        node_pin_sources = [i.server_key_pin for i in self.config.inbound if i.server_key_pin]
+        for pin_source in [self.config.identity.pin, *node_pin_sources]:
             if pin_source.kind == "env":
                 env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.signed_in.openssl_conf)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_card_agent.session.worker", str(theirs.fileno()), str(reports_theirs.fileno()),
-             self.config.log_level],
+            [sys.executable, "-m", "dicom_card_agent.session.worker", str(theirs.fileno()),
+             str(reports_theirs.fileno()), self.config.log_level],
             pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
             start_new_session=True,

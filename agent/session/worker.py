@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
-
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.types import Session
 
@@ -31,6 +30,8 @@ from dicom_card_agent.config.model import AgentConfig, TunnelConfig, load_config
 from dicom_card_agent.dicom.association import UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.revocation.checker import RevocationChecker
+from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, checker_for
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import check_key_after_login
 from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
@@ -41,10 +42,15 @@ from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import LoginError, login
 from dicom_card_agent.token.module import load_module
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
-from dicom_card_agent.revocation.checker import RevocationChecker
-from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, checker_for
-from dicom_card_agent.tunnel.relay import (PACS_PROBLEM, InboundRuntime, Report, SessionEnd, TunnelRuntime, no_report,
-                                           serve_connection)
+from dicom_card_agent.tunnel.relay import (
+    PACS_PROBLEM,
+    InboundRuntime,
+    Report,
+    SessionEnd,
+    TunnelRuntime,
+    no_report,
+    serve_connection,
+)
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
@@ -266,7 +272,8 @@ def _reload(retuner: Retuner, path: Path, runtimes: Runtimes) -> dict:
 
 
 def _status(runtimes: Runtimes, *, final: bool = False) -> dict:
-    return {"type": "status", "final": final, "tunnels": {name: runtime.counters() for name, runtime in runtimes.items()}}
+    return {"type": "status", "final": final,
+            "tunnels": {name: runtime.counters() for name, runtime in runtimes.items()}}
 
 
 def _exit_now(code: int) -> None:

@@ -22,9 +22,9 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from dicom_card_agent.config.model import InboundConfig, TrustConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
-from dicom_card_agent.trust.anchors import TrustAnchors, explain_chain_failure, load_certificates
 from dicom_card_agent.revocation.checker import RevocationChecker
 from dicom_card_agent.revocation.peer import PeerRevocation
+from dicom_card_agent.trust.anchors import TrustAnchors, explain_chain_failure, load_certificates
 from dicom_card_agent.trust.errors import TrustError
 
 TLS12_CIPHERS = ":".join([
@@ -222,7 +222,7 @@ class ServerChecks:
             )
 
 
-def _subject_for(server_name: str) -> x509.GeneralName:
+def _subject_for(server_name: str) -> x509.DNSName | x509.IPAddress:
     try:
         return x509.IPAddress(ipaddress.ip_address(server_name))
     except ValueError:

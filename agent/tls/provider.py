@@ -46,7 +46,8 @@ def provider_key_pem(uri: str) -> bytes:
     """The PEM key file that makes OpenSSL use the token key named by ``uri``."""
     if "pin-value" in uri:
         raise ProviderError("refusing to write a PIN into a provider key file")
-    body = _der(_SEQUENCE, _der(_VISIBLE_STRING, URI_DESCRIPTION.encode("ascii")) + _der(_UTF8_STRING, uri.encode("utf-8")))
+    body = _der(_SEQUENCE,
+                _der(_VISIBLE_STRING, URI_DESCRIPTION.encode("ascii")) + _der(_UTF8_STRING, uri.encode("utf-8")))
     lines = textwrap.wrap(base64.b64encode(body).decode("ascii"), 64)
     return (f"-----BEGIN {PEM_LABEL}-----\n" + "\n".join(lines) + f"\n-----END {PEM_LABEL}-----\n").encode("ascii")
 

@@ -34,7 +34,7 @@ class LoadedModule:
 
     path: str
     profile: ModuleProfile
-    lib: pkcs11.lib  # type: ignore[valid-type]
+    lib: pkcs11.lib
 
     @property
     def library_description(self) -> str:
@@ -92,8 +92,8 @@ def load_module(spec: str = AUTO) -> LoadedModule:
 
 def _load_auto() -> LoadedModule:
     profiles = all_profiles()
-    installed = [(profiles[name], profiles[name].installed_module()) for name in AUTO_ORDER]
-    installed = [(profile, path) for profile, path in installed if path]
+    candidates = [(profiles[name], profiles[name].installed_module()) for name in AUTO_ORDER]
+    installed = [(profile, path) for profile, path in candidates if path]
     if not installed:
         raise ModuleLoadError(
             "no PKCS#11 module found: install OpenSC (smart cards: `apt-get install opensc pcscd`) "

@@ -82,8 +82,8 @@ class PinSource:
 
     def prepare(self) -> None:
         """At start-up, before the agent says it is ready: check a PIN file's owner and mode, that a
-        pinentry program is there to run, and take an ``env:`` PIN out of the environment (:func:`take_environment_variable`) into the one
-        locked buffer it lives in until the agent stops."""
+        pinentry program is there to run, and take an ``env:`` PIN out of the environment
+        (:func:`take_environment_variable`) into the one locked buffer it lives in until the agent stops."""
         if self.kind == "file":
             _check_pin_file(self.target)
         elif self.kind == "env":
@@ -103,7 +103,8 @@ class PinSource:
         if self.kind == "prompt":
             if not sys.stdin.isatty():
                 raise PinUnavailableError(
-                    "a PIN is needed but there is no terminal to ask on; use a pinentry, env:VAR or file:PATH PIN source"
+                    "a PIN is needed but there is no terminal to ask on; "
+                    "use a pinentry, env:VAR or file:PATH PIN source"
                 )
             return _secret_from_text(getpass.getpass(str(request)))
         raise PinUnavailableError("a protected-path token takes the PIN on the reader, not from the agent")

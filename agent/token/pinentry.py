@@ -219,6 +219,7 @@ class Pinentry:
             wipe(pin)
 
     def _send(self, process: subprocess.Popen, command: str) -> None:
+        assert process.stdin is not None  # started with stdin=PIPE
         process.stdin.write(command.encode("utf-8") + b"\n")
 
     def _expect_ok(self, process: subprocess.Popen, pipe: _AssuanPipe, command: str | None) -> None:

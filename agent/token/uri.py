@@ -75,7 +75,8 @@ class Pkcs11Uri:
                     except UnicodeDecodeError:
                         raise Pkcs11UriError(f"PKCS#11 URI attribute {name!r} is not UTF-8 in {text!r}") from None
         if values.get("type") not in (None, *_OBJECT_TYPES):
-            raise Pkcs11UriError(f"unknown object type {values['type']!r} in {text!r}; one of {', '.join(_OBJECT_TYPES)}")
+            raise Pkcs11UriError(
+                f"unknown object type {values['type']!r} in {text!r}; one of {', '.join(_OBJECT_TYPES)}")
         return cls(**values)  # type: ignore[arg-type]
 
     def __str__(self) -> str:

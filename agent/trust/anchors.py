@@ -17,8 +17,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from dicom_card_agent.trust.crls import FileCrl, check_chain, describe, name, read_crl_file
-from dicom_card_agent.trust.errors import (CrlError, RevokedCertificateError, TrustError, TrustFileError,  # noqa: F401
-                                UntrustedCertificateError)
+from dicom_card_agent.trust.errors import (  # noqa: F401
+    CrlError,
+    RevokedCertificateError,
+    TrustError,
+    TrustFileError,
+    UntrustedCertificateError,
+)
 
 
 def _is_self_signed(cert: x509.Certificate) -> bool:
@@ -37,7 +42,8 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     except OSError as error:
         raise TrustFileError(f"cannot read certificate file {path}: {error.strerror}") from None
     try:
-        certs = x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
+        certs = (x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data
+                 else [x509.load_der_x509_certificate(data)])
     except ValueError as error:
         raise TrustFileError(f"{path} holds no readable certificate (PEM or DER): {error}") from None
     return certs

@@ -20,7 +20,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -120,7 +122,7 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
     so the caller can warn. ``unusable`` describes CRL files that could not be read, for the
     message when a CRL is missing."""
     used_expired: list[FileCrl] = []
-    for position, (cert, issuer) in enumerate(zip(chain, chain[1:])):
+    for position, (cert, issuer) in enumerate(pairwise(chain)):
         candidates = [c for c in crls if c.crl.issuer == cert.issuer and _covers(c.crl, cert)]
         if not candidates:
             if position == 0:
@@ -323,11 +325,12 @@ class CrlStore:
                        "= \"refuse\")")
         log.warning("%s: %s; fetch a current CRL", crl.describe_expiry(), consequence)
 
-    def status(self, now: datetime.datetime | None = None) -> list[dict[str, object]]:
-        """Each file with its CRLs' issuer and next update, and whether it is current, expired or unusable."""
+    def status(self, now: datetime.datetime | None = None) -> list[dict[str, Any]]:
+        """Each file with its CRLs' issuer and next update, and whether it is current, expired or unusable
+        (JSON for `card-agent status`: values of several types, hence Any)."""
         self._refresh()
         now = now or datetime.datetime.now(datetime.timezone.utc)
-        rows: list[dict[str, object]] = []
+        rows: list[dict[str, Any]] = []
         for watched in self._files:
             entries = [{"issuer": crl.issuer,
                         "next_update": f"{crl.crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}" if crl.crl.next_update_utc

@@ -121,7 +121,8 @@ class RefusalLog:
             if refusals.since_logged:
                 count = refusals.since_logged
                 self._log.warning("%s %s: closed %d more connection%s from %s before TLS in the last %.0f s: %s",
-                                  self._kind, key[0], count, "s" if count > 1 else "", key[1], now - refusals.logged_at, key[2])
+                                  self._kind, key[0], count, "s" if count > 1 else "", key[1],
+                                  now - refusals.logged_at, key[2])
                 self._seen[key] = _Refusals(logged_at=now)
             else:
                 del self._seen[key]

@@ -188,7 +188,8 @@ def parse_proc_net_tcp(text: str, ipv6: bool, byteorder: Literal["little", "big"
         try:
             rows.append(_parse_row(columns, ipv6, byteorder))
         except ValueError as error:
-            raise ValueError(f"line {number} of /proc/net/tcp{'6' if ipv6 else ''}: {error}: {line.strip()!r}") from None
+            table = f"/proc/net/tcp{'6' if ipv6 else ''}"
+            raise ValueError(f"line {number} of {table}: {error}: {line.strip()!r}") from None
     return rows
 
 

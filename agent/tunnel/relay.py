@@ -30,14 +30,33 @@ from cryptography import x509
 
 from dicom_card_agent.config.model import InboundConfig, TunnelConfig
 from dicom_card_agent.dicom.association import DATA_SET_PREFIX, Association, Forward, Refuse
-from dicom_card_agent.dicom.pdu import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, AbortReason,
-                             AbortSource, AcseRejectReason, AssociationPdu, CommandSet, DataSetPrefix, FramerEvent, MalformedPduError,
-                             PduFramer, PduHeader, PresentationRejectReason, RejectResult, RejectSource, a_abort,
-                             a_associate_rj, pdu_type_name)
+from dicom_card_agent.dicom.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    A_ASSOCIATE_RQ,
+    A_RELEASE_RP,
+    AbortReason,
+    AbortSource,
+    AcseRejectReason,
+    AssociationPdu,
+    CommandSet,
+    DataSetPrefix,
+    FramerEvent,
+    MalformedPduError,
+    PduFramer,
+    PduHeader,
+    PresentationRejectReason,
+    RejectResult,
+    RejectSource,
+    a_abort,
+    a_associate_rj,
+    pdu_type_name,
+)
 from dicom_card_agent.errors import CardAgentError
-from dicom_card_agent.tls.failures import (TunnelFailure, connect_failure, failure_after_handshake, handshake_failure)
-from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from dicom_card_agent.revocation.peer import PeerRevocation
+from dicom_card_agent.tls.failures import TunnelFailure, connect_failure, failure_after_handshake, handshake_failure
+from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from dicom_card_agent.trust.errors import TrustError
 from dicom_card_agent.tunnel.admission import RefusalLog
 from dicom_card_agent.tunnel.counters import SessionCounts
@@ -380,9 +399,10 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             # A request these rules refuse must not cost a TLS connection under the card's identity,
             # nor a card signature: decide before contacting the PACS. Without such rules the
             # connection is made while the application is still sending, to save a round trip.
-            request = _request_before_connecting(runtime, local, peer)
-            if request is None:
+            whole_request = _request_before_connecting(runtime, local, peer)
+            if whole_request is None:
                 return
+            request = whole_request
         elif not _application_sent_something(runtime, local, peer):
             return
         stage = "connect"
@@ -607,7 +627,7 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
     pins = runtime.config.client_pins
     if pins and hashlib.sha256(leaf_der).digest() not in pins:
         raise ClientVerificationError(
-            f"client certificate {subject} has SHA-256 fingerprint {hashlib.sha256(leaf_der).hexdigest(':')}, "
+            f"client certificate {subject} has SHA-256 fingerprint {hashlib.sha256(leaf_der).digest().hex(':')}, "
             f"which is not among client_pins of inbound {runtime.config.name!r}")
     if runtime.revocation is not None:
         try:
@@ -1057,7 +1077,7 @@ class _Relay:
 
     # -- the association, from the requestor's side ------------------------------------------------
 
-    def _from_requestor(self, data: bytes) -> bytes:
+    def _from_requestor(self, data: bytes | memoryview) -> bytes | memoryview:
         """What to pass on to the acceptor: nothing until the A-ASSOCIATE-RQ is whole and decided."""
         was_at_boundary = self.requestor_framer.at_boundary
         try:
@@ -1093,7 +1113,7 @@ class _Relay:
 
     # -- the association, from the acceptor's side -------------------------------------------------
 
-    def _from_acceptor(self, data: bytes) -> bytes:
+    def _from_acceptor(self, data: bytes | memoryview) -> bytes | memoryview:
         """What to pass on to the requestor: all of ``data``, unless it is malformed."""
         try:
             events = self.acceptor_framer.feed(data)

@@ -17,7 +17,13 @@ from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, is_allowed
-from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_tcp_listener, create_unix_listener
+from dicom_card_agent.tunnel.peer import (
+    PeerPolicy,
+    PeerRefusedError,
+    admit_peer,
+    create_tcp_listener,
+    create_unix_listener,
+)
 from dicom_card_agent.tunnel.relay import reject_at_once, reject_local
 
 log = logging.getLogger("agent.tunnel")
@@ -43,7 +49,8 @@ class Listeners:
         self._in_flight = _InFlight()
         self._lock = threading.Lock()  # the accept thread's view of self.sockets while a reload swaps them
         try:
-            for listener in [*config.tunnels, *config.inbound]:
+            listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
+            for listener in listeners:
                 sock = self._open(listener, activated)
                 self.sockets[sock.fileno()] = (sock, listener)
                 self._selector.register(sock, selectors.EVENT_READ)
@@ -67,10 +74,12 @@ class Listeners:
             if isinstance(listener, InboundConfig):
                 # The PACS connects over the network: allow_from (checked before any TLS) and a
                 # required, verified client certificate guard this listener, not its address.
+                assert listen.host is not None and listen.port is not None  # parse_listen: host:port (no unix:)
                 sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=True)
             elif listen.unix_path:
                 sock = create_unix_listener(listen.unix_path, reachable_by=self.policies[listener.name].allowed_uids)
             else:
+                assert listen.host is not None and listen.port is not None  # parse_listen: host:port when not unix:
                 sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=listener.unsafe_listen)
         except OSError as error:
             raise CardAgentError(f"cannot listen on {listen} ({_kind(listener)} {listener.name!r}): "
@@ -89,7 +98,8 @@ class Listeners:
         opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]] = []
         chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
         try:
-            for listener in [*config.tunnels, *config.inbound]:
+            listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
+            for listener in listeners:
                 sock = kept.get(str(listener.listen))
                 if sock is None:
                     sock = self._open(listener)
@@ -200,7 +210,7 @@ class Listeners:
             self._turned_away(tunnel.name, "audit_failing")
             return self._reject(tunnel, local, TunnelFailure(refusal, transient=True))
         session = self.manager.current_session() if self.manager else None
-        if session is not None:
+        if session is not None and self.manager:
             self.manager.touch()
         if session is None or not session.dispatch(tunnel.name, local, peer.describe()):
             state = self.manager.state if self.manager else "starting"

@@ -15,7 +15,13 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from dicom_card_agent.softhsm import pki
 from dicom_card_agent.softhsm.provision import SO_PIN, USER_PIN
-from dicom_card_agent.softhsm.tokens import generate_key_pair, init_token, public_key_of, store_certificate, write_softhsm_conf
+from dicom_card_agent.softhsm.tokens import (
+    generate_key_pair,
+    init_token,
+    public_key_of,
+    store_certificate,
+    write_softhsm_conf,
+)
 
 LABEL = "evil\x1b[2J"
 COMMON_NAME = "Eve\x1b]0;pwned\x07 Example"

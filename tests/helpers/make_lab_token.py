@@ -21,7 +21,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from dicom_card_agent.softhsm import pki
 from dicom_card_agent.softhsm.provision import SO_PIN, USER_PIN
-from dicom_card_agent.softhsm.tokens import generate_key_pair, init_token, public_key_of, store_certificate, write_softhsm_conf
+from dicom_card_agent.softhsm.tokens import (
+    generate_key_pair,
+    init_token,
+    public_key_of,
+    store_certificate,
+    write_softhsm_conf,
+)
 
 out, pki_dir = Path(sys.argv[1]), Path(sys.argv[2])
 conf = write_softhsm_conf(out)

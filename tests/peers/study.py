@@ -214,7 +214,7 @@ def _compare(a: Dataset, b: Dataset, prefix: str, top: bool, diffs: list[str]) -
             if len(ea.value) != len(eb.value):
                 diffs.append(label)
                 continue
-            for i, (item_a, item_b) in enumerate(zip(ea.value, eb.value)):
+            for i, (item_a, item_b) in enumerate(zip(ea.value, eb.value, strict=True)):
                 _compare(item_a, item_b, f"{label}[{i}].", False, diffs)
         elif ea.value != eb.value:
             diffs.append(label)

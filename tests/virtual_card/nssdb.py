@@ -17,8 +17,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from peers.pki_files import load_ca
 from dicom_card_agent.softhsm import pki as test_ca
+from peers.pki_files import load_ca
 
 CERTUTIL = "certutil"
 
