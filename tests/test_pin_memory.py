@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from peers.ports import free_port
 from agent_runner import WITHOUT_PTRACE, running_agent, tunnel, wait_for
 from conftest import HELPERS, USER_PIN, ProvisionedPki, provision, run_card_agent
+from peers.ports import free_port
 from peers.pynetdicom_scp import associate, tls_scp
 
 PIN = "Vq7-pin-k3ZmW9x"
