@@ -33,7 +33,8 @@ def test_a_stuck_card_session_neither_freezes_the_card_loop_nor_status(
 
             started = time.monotonic()
             status = subprocess.run([CARD_AGENT, "status", "--json", "--config", str(tmp_path / "agent" / "agent.toml")],
-                                    capture_output=True, text=True, env=test_pki.env(**card.env()), timeout=15)
+                                    capture_output=True, text=True, env=test_pki.env(**card.env()), timeout=15,
+                                    check=False)
             answered_in = time.monotonic() - started
             assert status.returncode == 0, status.stderr
             assert json.loads(status.stdout)["state"] == "signed in"
