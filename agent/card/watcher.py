@@ -2,9 +2,15 @@
 
 Polling ``C_GetSlotList(tokenPresent)`` is cheap (microseconds on SoftHSM, ~10 ms on OpenSC with
 pcscd) and works with every module; python-pkcs11's ``wait_for_slot_event`` loses the slot id
-(design notes, section 2). Every PKCS#11 error while looking counts as "no card": after a removal
-modules answer with CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, CKR_SESSION_HANDLE_INVALID or, for
-SoftHSM, CKR_GENERAL_ERROR.
+(design notes, section 2). A card that left is no longer in the slot list, or its module answers
+CKR_TOKEN_NOT_PRESENT, CKR_DEVICE_REMOVED, CKR_SLOT_ID_INVALID or CKR_TOKEN_NOT_RECOGNIZED: that is
+"no card" at once. Any other error (CKR_GENERAL_ERROR, CKR_DEVICE_ERROR, ...) is a look that failed,
+not a removal: SoftHSM answers C_GetTokenInfo with CKR_GENERAL_ERROR while another process (the
+card-session process logging in) rewrites the token's file, which under load the card loop saw and
+took for a pulled card, ending the clinician's session. The card is then taken to be as it was until
+looks have failed for :data:`UNREADABLE_SECONDS` (and :data:`UNREADABLE_LOOKS` looks) in a row; a
+reader that stays unreadable longer counts as empty, so that a card pulled from a module that only
+answers errors still ends its session.
 
 Where pcscd runs, its reader events (agent.card.pcsc) cut the wait between two polls short, so a
 removal is acted on as soon as pcscd reports it instead of at the next tick; polling stays as the
@@ -17,10 +23,11 @@ import errno
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pkcs11.exceptions import PKCS11Error
+from pkcs11.exceptions import DeviceRemoved, PKCS11Error, SlotIDInvalid, TokenNotPresent, TokenNotRecognised
 from pkcs11.types import Token
 
 from dicom_card_agent.card.pcsc import PcscEventSource, PcscUnavailable
@@ -62,7 +69,20 @@ class DescriptorsExhausted(CannotLook):
     not a sign that the card left. Another user's connections can cause this."""
 
 
+class CardUnreadable(CannotLook):
+    """The module failed to answer with an error that does not say the card left: the card is taken
+    to be as it was, for at most :data:`UNREADABLE_SECONDS`."""
+
+
 BUSY_WAIT_SECONDS = 0.1  # the card loop must stay free for signals and the session's checks
+
+# The answers that mean the card left; any other error is a failed look (see the module's docstring).
+GONE_ERRORS: tuple[type[PKCS11Error], ...] = (TokenNotPresent, DeviceRemoved, SlotIDInvalid, TokenNotRecognised)
+# How long looks may fail in a row before the reader counts as empty: long enough to ride out a
+# module busy for a moment under load (SoftHSM's lasted one look), short enough that a card pulled
+# from a module answering only errors still ends its session within about a second.
+UNREADABLE_SECONDS = 1.0
+UNREADABLE_LOOKS = 3  # and at least this many looks, should the card loop itself be starved of CPU
 
 
 # Why a card cannot sign in as configured, judged from what it shows without a login (None: it can).
@@ -96,10 +116,15 @@ class CardWatcher:
         self._chosen: Card | None = None
         self._passed_over: set[Card] = set()  # chosen once, then a newer card was: wait for re-insertion
         self._reported: object = None  # what was last logged, so that a choice is logged once
+        self._failing_since: float | None = None  # when looks began to fail in a row (None: the last one worked)
+        self._failed_looks = 0
+        self._gave_up = False  # the failing looks lasted past the grace: the reader counts as empty
 
     def look(self) -> Card | None:
         """The card to sign in with, if any is present. Raises :class:`ModuleBusy` when another
-        thread (a sign-in) holds the module for longer than :data:`BUSY_WAIT_SECONDS`."""
+        thread (a sign-in) holds the module for longer than :data:`BUSY_WAIT_SECONDS`,
+        :class:`CardUnreadable` when the module failed to answer (for a while: see the module's
+        docstring), :class:`DescriptorsExhausted` when the process is out of file descriptors."""
         if not MODULE_CALLS.acquire(timeout=BUSY_WAIT_SECONDS):
             raise ModuleBusy()
         try:
@@ -108,6 +133,7 @@ class CardWatcher:
             tokens = present_tokens(self.module)
             if not tokens and _descriptors_exhausted():
                 raise DescriptorsExhausted()
+            self._answered()
             self._note_arrivals([Card(t.label, token_serial(t)) for t in tokens])
             if self.selector:
                 candidates = matching_tokens(tokens, self.selector)
@@ -116,12 +142,39 @@ class CardWatcher:
             else:
                 candidates = tokens
             return self._choose(candidates)
-        except PKCS11Error:
+        except GONE_ERRORS:
+            self._answered()
+            return None
+        except PKCS11Error as error:
             if _descriptors_exhausted():
                 raise DescriptorsExhausted() from None
-            return None
+            self._failed_look(error)
+            return None  # failing for longer than the grace: the reader counts as empty
         finally:
             MODULE_CALLS.release()
+
+    def _failed_look(self, error: PKCS11Error) -> None:
+        """Raise :class:`CardUnreadable` while looks have failed for less than the grace; return
+        (the reader counts as empty) once they have failed for longer."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since, self._failed_looks, self._gave_up = now, 0, False
+            log.info("the card reader could not be read (%s): the card is taken to be as it was; looking again",
+                     _error_name(error))
+        self._failed_looks += 1
+        failing_for = now - self._failing_since
+        if failing_for < UNREADABLE_SECONDS or self._failed_looks < UNREADABLE_LOOKS:
+            raise CardUnreadable(_error_name(error))
+        if not self._gave_up:
+            self._gave_up = True
+            log.warning("the card reader has not answered for %.1f s (%d looks failed, the last with %s): the card "
+                        "is taken to be removed", failing_for, self._failed_looks, _error_name(error))
+
+    def _answered(self) -> None:
+        """A look worked: a run of failed looks, if any, is over."""
+        if self._failing_since is not None:
+            log.info("the card reader answers again (after %d failed looks)", self._failed_looks)
+        self._failing_since, self._failed_looks = None, 0
 
     def _note_arrivals(self, cards: list[Card]) -> None:
         """Remember the order in which cards appeared; a card that left and came back is new."""
@@ -256,6 +309,11 @@ class CardEvents:
         if self._changed.wait(POLL_SECONDS):
             self._changed.clear()  # a change arriving after this is seen by the look that follows
         return stop.is_set()
+
+
+def _error_name(error: PKCS11Error) -> str:
+    """python-pkcs11's errors have no message: their class names the CKR_ code."""
+    return str(error) or type(error).__name__
 
 
 DESCRIPTOR_HEADROOM = 8  # files a PKCS#11 module may open to answer (SoftHSM reads its token files)

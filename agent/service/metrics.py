@@ -28,6 +28,7 @@ from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.lifecycle.machine import State
 from dicom_card_agent.session import events
 from dicom_card_agent.session.manager import SessionManager
+from dicom_card_agent.session.supervisor import CardSessionUnresponsive
 from dicom_card_agent.tunnel.counters import DURATIONS, DURATIONS_KEY, Counts, cumulative_buckets, empty_histogram
 from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
 from dicom_card_agent.version import agent_version
@@ -53,7 +54,10 @@ class AgentCollector:
     def collect(self) -> Iterator[Metric]:
         manager = self.manager
         session = manager.current_session()
-        live = session.status() if session is not None else {}
+        try:
+            live = session.status() if session is not None else {}
+        except CardSessionUnresponsive:  # a stuck card session must not hold the scrape up (it logs why)
+            live = {}
         yield from self._listeners(live)
         yield from self._card(manager)
         yield from self._audit(manager)

@@ -17,6 +17,7 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.identity import runtime_directory
 from dicom_card_agent.session.manager import SessionManager
+from dicom_card_agent.session.supervisor import CardSessionUnresponsive
 from dicom_card_agent.trust.crls import CrlStore
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.counters import DURATIONS_KEY, empty_counts
@@ -107,7 +108,10 @@ class ControlServer:
     def status(self) -> dict:
         manager = self.manager
         session = manager.current_session()
-        counters = session.status() if session else {}
+        try:
+            counters = session.status() if session else {}
+        except CardSessionUnresponsive:  # a stuck card session must not hold `status` up (it logs why)
+            counters = {}
         files = session.signed_in.files if session else None
         return {
             "state": manager.state,

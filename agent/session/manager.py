@@ -47,7 +47,7 @@ from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
 from dicom_card_agent.session.retune import session_change
-from dicom_card_agent.session.supervisor import CardSession
+from dicom_card_agent.session.supervisor import CardSession, CardSessionUnresponsive
 from dicom_card_agent.token.login import LoginError
 from dicom_card_agent.token.module import LoadedModule, load_module
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
@@ -390,7 +390,11 @@ class SessionManager:
         self._next_idle_check = now + min(1.0, timeout / 4)
         if now - self.last_activity < timeout:
             return
-        if any(t.get("open_connections") for t in self.session.status().values()):
+        try:
+            tunnels = self.session.status()
+        except CardSessionUnresponsive:  # whether a transfer is open is not known: asked again at the next check
+            return
+        if any(t.get("open_connections") for t in tunnels.values()):
             self.touch()  # a long transfer is activity too
             return
         self._feed(IdleTimeout(timeout))

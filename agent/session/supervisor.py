@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 from dicom_card_agent.config.model import AgentConfig
@@ -19,10 +20,18 @@ from dicom_card_agent.token.secret import Secret
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
 FINAL_COUNTS_TIMEOUT_SECONDS = 4.0  # the process's end grace (2 s) and a margin: it exits right after
+# How long `status` waits for the card-session process. The card loop asks it (the idle check), and
+# a process that hangs (stopped, stuck in a module call) must not freeze the loop, which must go on
+# acting on a pulled card; `card-agent status` and metrics scrapes must answer too.
+STATUS_TIMEOUT_SECONDS = 2.0
 
 
 class CardSessionError(CardAgentError):
     """The card-session process could not start or died."""
+
+
+class CardSessionUnresponsive(CardSessionError):
+    """The card-session process did not answer ``status`` in time: what it serves is not known."""
 
 
 OnReport = Callable[[str, dict[str, Any]], None]
@@ -44,6 +53,9 @@ class CardSession:
         # the last `status` answer if it died without a word.
         self.last_counts: dict[str, dict] = {}
         self._reports_thread: threading.Thread | None = None
+        # Answers to requests given up on (timed out): the process answers in order, so the next
+        # this many answers are theirs and are skipped. Guarded by _status_lock.
+        self._owed = 0
 
     def start(self, pin: Secret | None) -> None:
         """Start the process and hand it the PIN (None: PIN pad), which it tries once; wipes ``pin``.
@@ -132,19 +144,68 @@ class CardSession:
                         log.exception("could not record %s", message.get("kind"))
 
     def status(self) -> dict[str, dict]:
-        """Per tunnel: open connections, bytes each way, last error (asked of the card-session process)."""
-        with self._status_lock:
+        """Per tunnel: open connections, bytes each way, last error (asked of the card-session process).
+        Raises :class:`CardSessionUnresponsive` when it does not answer within :data:`STATUS_TIMEOUT_SECONDS`
+        (at once while an earlier question is still unanswered)."""
+        if not self._status_lock.acquire(timeout=STATUS_TIMEOUT_SECONDS):
+            raise CardSessionUnresponsive(self._unanswered("another question"))
+        try:
             channel = self.channel  # end() may let go of it meanwhile, when this answer is slow
             if channel is None:
                 return {}
             try:
+                if not self._skip_late_answers(channel):  # do not wait again on a process that is stuck
+                    raise CardSessionUnresponsive(self._unanswered("an earlier status question"))
                 messages.send(channel, {"type": "status"})
-                reply, _ = messages.receive(channel)
+                reply = self._take_answer(channel, STATUS_TIMEOUT_SECONDS)
+            except TimeoutError:
+                if self._owed == 1:  # once per episode
+                    log.warning("card session of %s: %s", self.signed_in.files.subject, self._unanswered("status"))
+                raise CardSessionUnresponsive(self._unanswered("status")) from None
             except OSError:
                 return {}
             tunnels = reply.get("tunnels", {}) if reply else {}
             self._keep_counts(tunnels)
             return tunnels
+        finally:
+            self._status_lock.release()
+
+    def _unanswered(self, question: str) -> str:
+        return (f"the card-session process (pid {self.process.pid if self.process else '?'}) has not answered "
+                f"{question} within {STATUS_TIMEOUT_SECONDS:g} s")
+
+    def _skip_late_answers(self, channel: socket.socket) -> bool:
+        """Read, without waiting, the owed answers that came meanwhile; True when none is owed any more."""
+        if not self._owed:
+            return True
+        channel.setblocking(False)
+        try:
+            while self._owed:
+                messages.receive(channel)
+                self._owed -= 1
+        except BlockingIOError:
+            pass
+        finally:
+            channel.setblocking(True)
+        return not self._owed
+
+    def _take_answer(self, channel: socket.socket, timeout: float) -> dict[str, Any] | None:
+        """The answer to the question just asked, after the owed ones (skipped); raises
+        :class:`TimeoutError` (and owes one more) when it does not come within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                channel.settimeout(max(deadline - time.monotonic(), 0.001))
+                reply, _ = messages.receive(channel)
+                if self._owed and reply is not None:
+                    self._owed -= 1
+                    continue
+                return reply
+        except TimeoutError:
+            self._owed += 1
+            raise
+        finally:
+            channel.settimeout(None)
 
     def _keep_counts(self, tunnels: dict[str, dict]) -> None:
         self.last_counts = {name: counters["counts"] for name, counters in tunnels.items() if "counts" in counters}
@@ -158,9 +219,7 @@ class CardSession:
                 return {"type": "reload-refused", "message": "the card session has ended"}
             try:
                 messages.send(channel, {"type": "reload"})
-                channel.settimeout(START_TIMEOUT_SECONDS)
-                reply, _ = messages.receive(channel)
-                channel.settimeout(None)
+                reply = self._take_answer(channel, START_TIMEOUT_SECONDS)
             except OSError as error:
                 return {"type": "reload-refused", "message": f"the card session did not answer ({error})"}
         if reply is None:
@@ -190,8 +249,7 @@ class CardSession:
                 try:
                     messages.send(self.channel, {"type": "end", "reason": reason})
                     if locked:
-                        self.channel.settimeout(FINAL_COUNTS_TIMEOUT_SECONDS)
-                        reply, _ = messages.receive(self.channel)
+                        reply = self._take_answer(self.channel, FINAL_COUNTS_TIMEOUT_SECONDS)
                         if reply is not None and reply.get("final"):
                             self._keep_counts(reply.get("tunnels", {}))
                 except OSError:

@@ -24,7 +24,9 @@ class ModuleLoadError(CardAgentError):
 # in a thread of its own, and SoftHSM answered CKR_GENERAL_ERROR to a slot poll made while another
 # thread logged in (which the card loop took for a pulled card). Every PKCS#11 call of the
 # supervisor holds this; a sign-in asks for the PIN only after letting go of it, so that the reader
-# is still watched while the dialog is open.
+# is still watched while the dialog is open. Another process's login (the card-session process's)
+# cannot be held off by this lock and still makes SoftHSM fail a poll now and then: the card loop
+# takes such an error for a failed look, not a pulled card (agent/card/watcher.py).
 MODULE_CALLS = threading.Lock()
 
 

@@ -29,7 +29,8 @@
  *   token_flags_set = HEX, token_flags_clear = HEX   edit CK_TOKEN_INFO.flags
  *   protected_pin = PIN    PIN "typed on the PIN pad" for C_Login(pPin=NULL)
  *   log = PATH             append one line per call of interest (C_Login lines end in
- *                          token=LABEL: which card the PIN was tried on)
+ *                          token=LABEL: which card the PIN was tried on; an injected
+ *                          C_GetTokenInfo failure is logged: which process's look failed)
  *
  * A change of present, show_token (but see above) or generation is a removal/insertion: every
  * open session becomes invalid (CKR_SESSION_HANDLE_INVALID, also from
@@ -691,7 +692,10 @@ static CK_RV w_C_GetTokenInfo P_C_GetTokenInfo
     int have;
     CK_RV rv;
     snap(&c);
-    if ((rv = injected(&c, "C_GetTokenInfo")) != CKR_OK) return rv;
+    if ((rv = injected(&c, "C_GetTokenInfo")) != CKR_OK) {
+        log_call("C_GetTokenInfo rv=0x%lx injected", rv);
+        return rv;
+    }
     if ((rv = map_slot(&c, slotID, 1, &r, &have)) != CKR_OK) return rv;
     rv = real->C_GetTokenInfo(r, pInfo);
     if (rv == CKR_OK) pInfo->flags = adjust_flags(&c, pInfo->flags);
