@@ -32,7 +32,8 @@ def test_a_stuck_card_session_neither_freezes_the_card_loop_nor_status(
             time.sleep(2.5)  # past idle_timeout: the card loop's idle check asks the stopped process
 
             started = time.monotonic()
-            status = subprocess.run([CARD_AGENT, "status", "--json", "--config", str(tmp_path / "agent" / "agent.toml")],
+            config = str(tmp_path / "agent" / "agent.toml")
+            status = subprocess.run([CARD_AGENT, "status", "--json", "--config", config],
                                     capture_output=True, text=True, env=test_pki.env(**card.env()), timeout=15,
                                     check=False)
             answered_in = time.monotonic() - started
