@@ -176,9 +176,11 @@ class AgentModel(RuleBasedStateMachine):
 
     # -- helpers --
 
-    def dialog_opened(self) -> None:
-        """A new sign-in attempt opens a PIN dialog now (no earlier dialog can still draw)."""
-        self.prompts_before = self.terminal.screen.count(b"PIN:")
+    def dialog_opened(self, prompts_before: int | None = None) -> None:
+        """A new sign-in attempt opens a PIN dialog now (no earlier dialog can still draw);
+        ``prompts_before``: the prompts counted before the step that opens it, when the dialog may
+        draw before the step can tell that it happened (a lost session asks again at once)."""
+        self.prompts_before = self.terminal.screen.count(b"PIN:") if prompts_before is None else prompts_before
         self.status = PIN_PENDING
 
     def wait_for_prompt(self) -> None:
@@ -318,11 +320,12 @@ class AgentModel(RuleBasedStateMachine):
         self.wait_for_state()  # the session of this state, not one still starting
         worker = card_session_pid(self.agent.process.pid)
         assert worker is not None, "signed in without a card-session process"
+        prompts_before = self.terminal.screen.count(b"PIN:")
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: card_session_pid(self.agent.process.pid) != worker, SETTLE)
         self.losses += 1
         if self.losses < MAX_SESSION_LOSSES:
-            self.dialog_opened()  # a lost session asks for the PIN again
+            self.dialog_opened(prompts_before)  # a lost session asks for the PIN again
         else:
             self.status = LOST
 
