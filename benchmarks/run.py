@@ -320,8 +320,19 @@ def _parent_pid(pid: int) -> int:
         return 0
 
 
+def _ancestors() -> set[int]:
+    """This process's parents (a `timeout` or shell that started the benchmark holds its command line)."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and len(found) < 64:
+        found.add(pid)
+        pid = _parent_pid(pid)
+    return found
+
+
 def _ours(pid: int) -> bool:
-    """This process or one of its descendants."""
+    """This process, one of its descendants, or one of its ancestors."""
+    if pid in _ancestors():
+        return True
     for _ in range(64):
         if pid == os.getpid():
             return True
@@ -338,7 +349,7 @@ def other_heavy_processes() -> list[str]:
         if not entry.name.isdigit() or _ours(int(entry.name)):
             continue
         text = cmdline(int(entry.name))
-        if re.search(r"\bpytest\b|scripts/test|benchmarks/run\.py|card-agent run|agent\.session\.worker|"
+        if re.search(r"\bpytest\b|scripts/test|benchmarks/run\.py|card-agent run|session\.worker|"
                      r"\bstorescp\b|\bstunnel", text):
             found.append(f"pid {entry.name}: {text[:120]}")
     return found
@@ -1048,7 +1059,7 @@ class Benchmark:
         session = self.agent.session_pid()
         rows = [("supervisor (card-agent run)", self.agent.pid, vm_hwm_kib(self.agent.pid))]
         if session is not None:
-            rows.append(("card-session (python -m agent.session.worker)", session, vm_hwm_kib(session)))
+            rows.append(("card-session (python -m dicom_card_agent.session.worker)", session, vm_hwm_kib(session)))
         else:
             self.problems.append("the card-session child of the agent was not found in /proc")
         return rows
