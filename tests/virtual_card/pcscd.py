@@ -124,6 +124,7 @@ def pcscd_with_vpcd(workdir: Path) -> Iterator[Pcscd]:
                                             os.W_OK):
         raise StackUnavailable(f"pcscd is not running and starting it needs root (it creates {PCSCD_SOCKET_DIR}); "
                                "start it as root (pcscd --foreground) and run the tests again")
+    _keep_vpcd_port_for_vpcd()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "pcscd.log"
     with open(log_path, "wb") as log:
@@ -137,6 +138,46 @@ def pcscd_with_vpcd(workdir: Path) -> Iterator[Pcscd]:
         yield daemon
     finally:
         _stop(process)
+
+
+RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+PORT_RELEASE_SECONDS = 65.0  # TIME_WAIT lasts 60 s on Linux
+
+
+def _keep_vpcd_port_for_vpcd() -> None:
+    """vpcd's port lies in the ephemeral range (32768-60999): the suite's own outgoing connections
+    took it, and vpcd's bind failed with "Address already in use" (CI run, 2026-11-26). As root,
+    reserve it so no connection is given it from now on; then wait until none holds it."""
+    if os.geteuid() == 0 and RESERVED_PORTS.exists():
+        reserved = RESERVED_PORTS.read_text().strip()
+        if not _covers(reserved, VPCD_PORT):
+            RESERVED_PORTS.write_text(f"{reserved},{VPCD_PORT}" if reserved else str(VPCD_PORT))
+    deadline = time.monotonic() + PORT_RELEASE_SECONDS
+    while _port_in_use(VPCD_PORT):
+        if time.monotonic() > deadline:
+            raise StackUnavailable(f"TCP port {VPCD_PORT} (vpcd's) is still held by a connection after "
+                                   f"{PORT_RELEASE_SECONDS:g} s: see `ss -tanp sport = :{VPCD_PORT}`")
+        time.sleep(0.5)
+
+
+def _covers(reserved: str, port: int) -> bool:
+    for part in filter(None, reserved.split(",")):
+        low, _, high = part.partition("-")
+        if int(low) <= port <= int(high or low):
+            return True
+    return False
+
+
+def _port_in_use(port: int) -> bool:
+    """A TCP socket of any state (a connection in TIME_WAIT too) has ``port`` as its local port."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        if any(int(row.split()[1].rsplit(":", 1)[1], 16) == port for row in rows):
+            return True
+    return False
 
 
 def _wait_until_ready(daemon: Pcscd) -> None:
