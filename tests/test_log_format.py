@@ -3,13 +3,29 @@ journal (JOURNAL_STREAM names it), with a timestamp otherwise. Real agent, SoftH
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from agent_runner import LOG_TIMESTAMP, start_agent, stop_agent, tunnel, write_config
-from conftest import ProvisionedPki, run_card_agent
+import pytest
+
+from agent_runner import (
+    LOG_TIMESTAMP,
+    associate_rq,
+    port_of,
+    send_and_close,
+    start_agent,
+    stop_agent,
+    tunnel,
+    write_config,
+)
+from conftest import CARD_AGENT, ProvisionedPki, run_card_agent
 from peers.ports import free_port
 
 
@@ -69,11 +85,87 @@ def test_a_command_error_on_the_journal_is_priority_3(test_pki: ProvisionedPki, 
     stream = os.stat(err)
     env = {**test_pki.env(), "JOURNAL_STREAM": f"{stream.st_dev}:{stream.st_ino}"}
     with open(err, "w") as out:
-        import subprocess
-
-        from conftest import CARD_AGENT
-
         code = subprocess.run([CARD_AGENT, "run", "--config", str(tmp_path / "missing.toml")], stderr=out,
                               env=env, stdin=subprocess.DEVNULL, timeout=60).returncode
     assert code == 2
     assert err.read_text().startswith("<3>card-agent: error: ")
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+JOURNAL_STDOUT = Path("/run/systemd/journal/stdout")
+
+
+@contextlib.contextmanager
+def journald() -> Iterator[None]:
+    """The machine's journald, or one started here (it runs without systemd as PID 1) and stopped by
+    its PID afterwards."""
+    if JOURNAL_STDOUT.exists() and _journal_answers():
+        yield
+        return
+    for program in (JOURNALD, "journalctl", "systemd-cat"):
+        if not shutil.which(program) and not Path(program).exists():
+            message = f"{program} is missing (Debian package systemd)"
+            pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    process = subprocess.Popen([JOURNALD], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (JOURNAL_STDOUT.exists() and _journal_answers()):
+            assert process.poll() is None and time.monotonic() < deadline, "journald did not start"
+            time.sleep(0.1)
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _journal_answers() -> bool:
+    probe = subprocess.run(["systemd-cat", "-t", "card-agent-probe", "true"], capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+def journal(tag: str, priority: str) -> list[str]:
+    return subprocess.run(["journalctl", "--no-pager", "-o", "cat", "-t", tag, "-p", priority], capture_output=True,
+                          text=True, timeout=30, check=True).stdout.splitlines()
+
+
+# Run under systemd-cat as systemd runs a unit: stdout and stderr the journal's stream, and
+# JOURNAL_STREAM naming it (Debian 12's systemd-cat does not set it; systemd does).
+AS_A_UNIT = ("import os, sys; s = os.fstat(1); os.environ['JOURNAL_STREAM'] = f'{s.st_dev}:{s.st_ino}'; "
+             "os.dup2(1, 2); os.execv(sys.argv[1], sys.argv[1:])")
+
+
+def test_journalctl_by_priority_shows_the_agents_warnings_and_not_its_news(test_pki: ProvisionedPki,
+                                                                           tmp_path: Path) -> None:
+    """deployment.md's `journalctl ... -p warning`, against a real journald."""
+    tag = f"card-agent-test-{os.getpid()}-{time.monotonic_ns()}"
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    table = tunnel("pacs", free_port())
+    config = write_config(workdir / "agent.toml", test_pki, [table])
+    env = test_pki.env(CARD_PIN="123456")
+    env.pop("JOURNAL_STREAM", None)
+    with journald():
+        process = subprocess.Popen(["systemd-cat", "-t", tag, sys.executable, "-c", AS_A_UNIT, CARD_AGENT, "run",
+                                    "--config", str(config)], env=env, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not any("INFO: ready:" in line for line in journal(tag, "info")):
+                assert process.poll() is None and time.monotonic() < deadline, journal(tag, "debug")
+                time.sleep(0.1)
+            run_card_agent("lock", "--config", config, env=env, check=True)
+            while not any("event=sign-out" in line for line in journal(tag, "info")):
+                assert time.monotonic() < deadline, journal(tag, "debug")
+                time.sleep(0.1)
+            send_and_close(port_of(table), associate_rq())  # locked: refused, a warning
+            while not journal(tag, "warning"):
+                assert time.monotonic() < deadline, journal(tag, "debug")
+                time.sleep(0.1)
+        finally:
+            assert stop_agent(process) == 0
+        everything, warnings = journal(tag, "info"), journal(tag, "warning")
+    assert any(line.startswith("card-agent: INFO: ready: 1 tunnel(s) for ") for line in everything), everything
+    assert any(": rejected: " in line for line in warnings), warnings
+    assert all(re.match(r"card-agent(\[session\])?: (WARNING|ERROR|CRITICAL): ", line) for line in warnings), warnings
+    assert [line for line in everything if ": WARNING: " in line or ": ERROR: " in line] == warnings
