@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_card_agent.card.pcsc import PcscContext, PcscUnavailable
+from dicom_card_agent.tunnel.peer import parse_proc_net_tcp
 
 VPCD_PORT = 35963
 VPCD_READER = "Virtual PCD 00 00"  # the reader of port 35963 (35964 is "Virtual PCD 00 01")
@@ -170,12 +171,12 @@ def _covers(reserved: str, port: int) -> bool:
 
 def _port_in_use(port: int) -> bool:
     """A TCP socket of any state (a connection in TIME_WAIT too) has ``port`` as its local port."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table, ipv6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
         try:
-            rows = Path(table).read_text().splitlines()[1:]
+            rows = parse_proc_net_tcp(Path(table).read_text(), ipv6)
         except OSError:
             continue
-        if any(int(row.split()[1].rsplit(":", 1)[1], 16) == port for row in rows):
+        if any(row.local[1] == port for row in rows):
             return True
     return False
 
