@@ -528,3 +528,39 @@ def test_a_responder_that_does_not_answer_is_waited_for_once_not_by_every_associ
     assert log.count(f"revocation: OCSP responder {pacs.ocsp_url} about {PACS}: cannot reach {pacs.ocsp_url}: no "
                      "answer within 2 s") == 1
     assert log.count("WARNING: tunnel pacs: revocation not checked: ") == 3
+
+
+def test_a_reused_allow_never_hides_a_crl_file_or_an_answer_that_changed(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process checker (the card session's), real CRL file and real responder. An "allow" is
+    reused for a while (agent/revocation/checker.py VERDICT_REUSE, stretched to a minute here); a
+    CRL file rewritten to list the PACS, or an OCSP answer the refresher learnt since, must be seen
+    by the very next check all the same. (Passes without the reuse; fails when the reuse ignores
+    CRL-file or answer changes: checked by hand.)"""
+    from dicom_card_agent.revocation import checker as checker_module
+    from dicom_card_agent.revocation.checker import RevocationChecker
+    from dicom_card_agent.trust.anchors import load_certificates
+    from dicom_card_agent.trust.crls import CrlStore
+
+    monkeypatch.setattr(checker_module, "VERDICT_REUSE", datetime.timedelta(minutes=1))
+    issuing = load_ca(test_pki.pki)
+    crl_file = tmp_path / "issuing.crl.pem"
+    crl_file.write_bytes(issuing.crl([]).public_bytes(serialization.Encoding.PEM))
+    files_only = RevocationChecker(certificates=load_certificates(test_pki.ca_bundle), ca_source="bundle",
+                                   crls=CrlStore([crl_file], interval=0), cache_directory=None, refresh=False)
+    file_pacs = make_pacs(test_pki, tmp_path / "file", ocsp=False, cdp=False)
+    assert files_only.check(file_pacs.certificate, "require").outcome == "allow"
+    crl_file.write_bytes(issuing.crl([file_pacs.certificate]).public_bytes(serialization.Encoding.PEM))
+    verdict = files_only.check(file_pacs.certificate, "require")
+    assert (verdict.outcome, verdict.revoked) == ("refuse", True), verdict
+
+    pacs = make_pacs(test_pki, tmp_path / "ocsp", cdp=False)
+    assert pacs.files.index is not None
+    with RevocationServer(pacs.port, pacs.files) as responder:
+        checker = RevocationChecker(certificates=load_certificates(test_pki.ca_bundle), ca_source="bundle",
+                                    cache_directory=None, max_age=datetime.timedelta(seconds=4))
+        assert checker.check(pacs.certificate, "require").outcome == "allow"
+        pacs.files.index.write_text(index([pacs.certificate], [pacs.certificate]))
+        wait_for(lambda: responder.requests["ocsp"] == 2, timeout=10)  # the refresher, after 3/4 of 4 s
+        verdict = checker.check(pacs.certificate, "require")
+    assert (verdict.outcome, verdict.revoked) == ("refuse", True), verdict

@@ -268,6 +268,7 @@ class CrlStore:
         self._interval = interval
         self._clock = clock
         self._next_look = 0.0
+        self._generation = 0  # counts changes of what the files say (re-read, or become unusable)
         self._lock = threading.Lock()
         self._warned: set[tuple[Path, datetime.datetime | None]] = set()
 
@@ -289,7 +290,10 @@ class CrlStore:
                 return
             self._next_look = now + self._interval
             for watched in self._files:
+                before = (watched.signature, watched.error)
                 watched.look()
+                if (watched.signature, watched.error) != before:
+                    self._generation += 1
 
     def check(self, chain: Sequence[x509.Certificate], now: datetime.datetime | None = None) -> None:
         """Raise :class:`RevokedCertificateError` or :class:`CrlError` unless ``chain`` passes the current CRLs."""
@@ -299,6 +303,12 @@ class CrlStore:
         unusable = [watched.error for watched in self._files if watched.error is not None]
         for crl in check_chain(chain, crls, now, allow_expired=self.allow_expired, unusable=unusable):
             self._warn_once(crl)
+
+    def generation(self) -> int:
+        """A number that changes whenever what the files say may have changed (looked at as
+        :meth:`current` looks): a verdict made from them stays valid while it is the same."""
+        self._refresh()
+        return self._generation
 
     def current(self) -> tuple[list[FileCrl], list[str]]:
         """The CRLs on disk now, and why the files that are not usable are not."""
