@@ -238,8 +238,8 @@ def test_connections_beyond_max_connections_are_rejected_at_once(test_pki: Provi
 
 
 def test_refusals_in_flight_count_against_max_connections(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    """Without a card session too: two refused peers trickling fill max_connections = 2 of the
-    supervisor; a third connection is rejected at once, before any look-up."""
+    """Two refused peers trickling fill max_connections = 2 (in the card session, which accepts on
+    the tunnel's socket while signed in); a third connection is rejected at once, its user named."""
     with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104, max_connections=2)]) as agent:
         holder = subprocess.Popen([*NOBODY, HOLDING_CLIENT, str(agent.port()), "2", "6", associate_rq().hex()],
                                   stdout=subprocess.PIPE, text=True, cwd="/")
@@ -254,7 +254,7 @@ def test_refusals_in_flight_count_against_max_connections(test_pki: ProvisionedP
             holder.wait()
         log = agent.log()
     assert answer == REJECTED_TRANSIENT
-    assert "tunnel pacs: closed a connection from 127.0.0.1 before TLS: 2 connections in flight (max_connections)" \
+    assert "tunnel pacs: closed a connection from uid 0 before TLS: 2 connections in flight (max_connections)" \
         in log, log
 
 

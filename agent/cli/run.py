@@ -67,6 +67,7 @@ def run(
             from dicom_card_agent.service.metrics import Metrics
             metrics = Metrics(settings.metrics, settings, manager)
         listeners.manager = manager
+        manager.listeners = listeners
         audit.application_start()
         manager.start(stop)
         listeners.start()

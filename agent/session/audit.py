@@ -77,6 +77,11 @@ class AuditRecorder:
         if self.trail is not None:
             self.trail.close()
 
+    @property
+    def refuses_when_failing(self) -> bool:
+        """[audit] on_failure = "refuse": every association is admitted by asking :meth:`refusal`."""
+        return self.trail is not None and self.trail.refuses
+
     def refusal(self) -> str | None:
         """Why new associations are refused ([audit] on_failure = "refuse"), or ``None``."""
         return self.trail.refusal() if self.trail is not None else None
@@ -115,8 +120,8 @@ class AuditRecorder:
         self.user = None
 
     def peer_refused(self, tunnel: str, listen: str, peer: Peer, message: str) -> None:
-        local = LocalPeer(uid=peer.uid, pid=peer.pid, listen=listen)
-        self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, message, tunnel=tunnel, local_peer=local))
+        self.session_report("peer-refused", {"tunnel": tunnel, "listen": listen, "uid": peer.uid, "pid": peer.pid,
+                                             "message": message})
 
     def configuration_changed(self, message: str, *, applied: bool) -> None:
         """SIGHUP: a reload put into effect (informative) or refused (the old configuration goes on)."""
@@ -127,7 +132,11 @@ class AuditRecorder:
 
     def session_report(self, kind: str, fields: dict[str, Any]) -> None:
         """A report from a card-session process (agent/tunnel/relay.py names the kinds and fields)."""
-        if kind == "tls-failure":
+        if kind == "peer-refused":  # on a listener lent to the card session (agent/tunnel/lent_listeners.py)
+            local = LocalPeer(uid=fields["uid"], pid=fields["pid"], listen=fields["listen"])
+            self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, fields["message"],
+                                                  tunnel=fields["tunnel"], local_peer=local))
+        elif kind == "tls-failure":
             self.record(AuditEvent.security_alert(AlertType.TLS_VERIFICATION_FAILED, fields["reason"],
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),
                                                   user=self.user))

@@ -20,6 +20,7 @@ from dicom_card_agent.token.secret import Secret, wipe
 
 MAX_MESSAGE = 64 * 1024
 MAX_SECRET = 1024
+MAX_FDS = 253  # descriptors in one message (Linux's SCM_MAX_FD): the tunnels' listening sockets at most
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
@@ -55,7 +56,7 @@ def receive_secret(channel: socket.socket) -> Secret:
 
 def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """The next message and the descriptors that came with it; ``None`` when the other side is gone."""
-    data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 4)
+    data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
     if not data:
         for fd in fds:
             socket.close(fd)

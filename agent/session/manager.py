@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.config.model import AgentConfig
@@ -52,6 +52,7 @@ from dicom_card_agent.token.login import LoginError
 from dicom_card_agent.token.module import LoadedModule, load_module
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Totals
+from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED
 
 log = logging.getLogger("agent.session")
 
@@ -68,6 +69,11 @@ class _SignIn:
     scope: SignInScope
     started: float
     pin_entered: bool = False
+
+
+class ListenerLending(Protocol):
+    def lend(self, session: CardSession) -> None: ...
+    def take_back(self, session: CardSession) -> None: ...
 
 
 class SessionManager:
@@ -100,6 +106,9 @@ class SessionManager:
         # After each step of the loop (agent/service/heartbeat.py): the service manager's STATUS= and
         # watchdog pings come from here, so that a loop that stops turning stops pinging.
         self.heartbeat: Callable[[], None] = lambda: None
+        # The tunnels' listeners (agent/tunnel/server.py): lent to each signed-in card session, which
+        # then accepts on them itself, and taken back as it ends.
+        self.listeners: ListenerLending | None = None
 
     # -- what the rest of the agent asks ----------------------------------------------------------
 
@@ -280,7 +289,7 @@ class SessionManager:
             config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
             signed_in, pin = scope.run(lambda: sign_in(config, self.module, card,
                                                        confirm_final_try=self.confirm_final_try))
-            session = CardSession(config, signed_in, on_report=self.desktop.with_reports(self.audit.session_report),
+            session = CardSession(config, signed_in, on_report=self._session_report,
                                   confirm_final_try=self.confirm_final_try)
             session.start(pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
@@ -318,6 +327,13 @@ class SessionManager:
             self._pending_sessions[attempt] = session
         self._report(SignedIn(attempt))
 
+    def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
+        """What a card-session process reports: for the audit trail and the clinician's desktop; a
+        local user it refused on a lent listener is counted here too, as the supervisor's are."""
+        if kind == PEER_REFUSED:
+            self.turned_away(fields["tunnel"], "local_peer_refused")
+        self.desktop.with_reports(self.audit.session_report)(kind, fields)
+
     def _signed_in(self) -> None:
         attempt = self.machine.attempt
         session = self._pending_sessions.pop(attempt)
@@ -332,6 +348,8 @@ class SessionManager:
         self.desktop.signed_in(session.signed_in.identity.certificate)
         if session.config is not self.config:  # reloaded while it was signing in
             self._retune()
+        if self.listeners is not None and self.session is session:
+            self.listeners.lend(session)
 
     # -- ending -------------------------------------------------------------------------------------
 
@@ -345,6 +363,8 @@ class SessionManager:
             return
         session, self.session = self.session, None
         started = time.monotonic()
+        if self.listeners is not None:  # new connections are answered here from now on
+            self.listeners.take_back(session)
         session.end(reason)
         self.totals.session_ended(session.last_counts)
         card = self.card
@@ -393,6 +413,10 @@ class SessionManager:
         try:
             tunnels = self.session.status()
         except CardSessionUnresponsive:  # whether a transfer is open is not known: asked again at the next check
+            return
+        # Connections the session accepted itself on lent listeners are activity too.
+        self.last_activity = max(self.last_activity, self.session.last_connection)
+        if now - self.last_activity < timeout:
             return
         if any(t.get("open_connections") for t in tunnels.values()):
             self.touch()  # a long transfer is activity too

@@ -56,6 +56,7 @@ class CardSession:
         # Answers to requests given up on (timed out): the process answers in order, so the next
         # this many answers are theirs and are skipped. Guarded by _status_lock.
         self._owed = 0
+        self.last_connection = 0.0  # time.monotonic() of its latest connection on a lent listener, as last told
 
     def start(self, pin: Secret | None) -> None:
         """Start the process and hand it the PIN (None: PIN pad), which it tries once; wipes ``pin``.
@@ -165,6 +166,7 @@ class CardSession:
             except OSError:
                 return {}
             tunnels = reply.get("tunnels", {}) if reply else {}
+            self.last_connection = reply.get("last_connection", 0.0) if reply else self.last_connection
             self._keep_counts(tunnels)
             return tunnels
         finally:
@@ -235,6 +237,19 @@ class CardSession:
             return False
         try:
             messages.send(channel, {"type": "connection", "tunnel": tunnel, "peer": peer}, [local.fileno()])
+        except OSError:
+            return False
+        return True
+
+    def lend_listeners(self, sockets: dict[str, socket.socket]) -> bool:
+        """Let the process accept on these tunnels' listening sockets itself (the complete set: it
+        lets go of any it held that is not among them); False when it is gone."""
+        channel = self.channel
+        if channel is None:
+            return False
+        names = list(sockets)
+        try:
+            messages.send(channel, {"type": "listen", "tunnels": names}, [sockets[name].fileno() for name in names])
         except OSError:
             return False
         return True

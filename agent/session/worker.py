@@ -42,6 +42,7 @@ from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import LoginError, login
 from dicom_card_agent.token.module import load_module
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
+from dicom_card_agent.tunnel.lent_listeners import LentListeners
 from dicom_card_agent.tunnel.relay import (
     PACS_PROBLEM,
     InboundRuntime,
@@ -222,6 +223,7 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
     del pin, node_pins
     messages.send(channel, {"type": "ready"})
     threads: list[threading.Thread] = []
+    lent = LentListeners(runtimes, report)
     reason = "the agent went away"
     while True:
         message, fds = messages.receive(channel)
@@ -231,7 +233,10 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
             reason = message.get("reason", "ended")
             break
         if message["type"] == "status":
-            messages.send(channel, _status(runtimes))
+            messages.send(channel, {**_status(runtimes), "last_connection": lent.last_connection})
+            continue
+        if message["type"] == "listen":
+            lent.replace(_listening_sockets(message["tunnels"], fds))
             continue
         if message["type"] == "reload":
             messages.send(channel, _reload(retuner, Path(start["config"]), runtimes))
@@ -245,13 +250,14 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
                 continue
             thread = serve_connection(runtime, connection, message["peer"])
             threads = [t for t in threads if t.is_alive()] + ([thread] if thread is not None else [])
+    lent.close()  # first: nothing more is taken up under this card's identity
     log.info("card session ending: %s", reason)
     for runtime in [*runtimes.values(), *retuner.retired]:
         runtime.ending.signal(reason)
         if isinstance(runtime, TunnelRuntime):
             runtime.forget_sessions()
     deadline = time.monotonic() + END_GRACE_SECONDS
-    for thread in threads:
+    for thread in [*threads, *lent.relays()]:
         thread.join(max(0.0, deadline - time.monotonic()))
     try:  # the final counts, for the supervisor's totals since start
         messages.send(channel, _status(runtimes, final=True))
@@ -259,6 +265,15 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
     return 0
+
+
+def _listening_sockets(names: list[str], fds: list[int]) -> dict[str, socket.socket]:
+    sockets = {}
+    for name, fd in zip(names, fds, strict=True):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)  # the supervisor's copy is non-blocking too: one open file, one flag
+        sockets[name] = sock
+    return sockets
 
 
 def _reload(retuner: Retuner, path: Path, runtimes: Runtimes) -> dict:

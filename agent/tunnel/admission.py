@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -126,3 +127,14 @@ class RefusalLog:
                 self._seen[key] = _Refusals(logged_at=now)
             else:
                 del self._seen[key]
+
+
+def connection_source(connection: socket.socket) -> str:
+    """The peer's address for a log line: a TCP host, or the unix socket's own path."""
+    try:
+        peer = connection.getpeername()
+    except OSError:
+        return "(disconnected)"
+    if isinstance(peer, tuple):
+        return str(peer[0])
+    return "a local process"

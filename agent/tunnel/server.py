@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
+from dicom_card_agent.session.channel import MAX_FDS
 from dicom_card_agent.session.manager import SessionManager
+from dicom_card_agent.session.supervisor import CardSession
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
-from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, is_allowed
+from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, connection_source, is_allowed
 from dicom_card_agent.tunnel.peer import (
     PeerPolicy,
     PeerRefusedError,
@@ -48,6 +50,8 @@ class Listeners:
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)
         self._in_flight = _InFlight()
         self._lock = threading.Lock()  # the accept thread's view of self.sockets while a reload swaps them
+        self._lent_to: CardSession | None = None  # the card session accepting on the tunnels' sockets
+        self._lent: set[int] = set()  # their descriptors (not in the selector meanwhile)
         try:
             listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
             for listener in listeners:
@@ -67,6 +71,7 @@ class Listeners:
         unsafe_listen = True if isinstance(listener, InboundConfig) else listener.unsafe_listen
         taken = activated.take(listener.name, listen, unsafe_listen=unsafe_listen) if activated else None
         if taken is not None:
+            taken.setblocking(False)  # see below
             self._activated_fds.add(taken.fileno())
             _log_listening(listener)
             return taken
@@ -84,6 +89,9 @@ class Listeners:
         except OSError as error:
             raise CardAgentError(f"cannot listen on {listen} ({_kind(listener)} {listener.name!r}): "
                                  f"{error.strerror or error}") from None
+        # Non-blocking: while a card session is signed in it accepts on the same socket (lent), and
+        # whichever process loses the race for a connection must not block in accept().
+        sock.setblocking(False)
         _log_listening(listener)
         return sock
 
@@ -116,6 +124,9 @@ class Listeners:
 
         def commit() -> None:
             with self._lock:
+                borrower = self._lent_to
+                if borrower is not None:  # it gets the new set below
+                    self._take_back()
                 retired = [(sock, listener) for fd, (sock, listener) in self.sockets.items() if fd not in chosen]
                 for sock, _ in opened:
                     self._selector.register(sock, selectors.EVENT_READ)
@@ -129,7 +140,47 @@ class Listeners:
                     if listener.listen.unix_path and listener.listen.unix_path not in paths and not activated:
                         _unlink(listener.listen.unix_path)
                     log.info("%s %s: no longer listening on %s", _kind(listener), listener.name, listener.listen)
+                if borrower is not None:
+                    self._lend(borrower)
         return commit
+
+    # -- lending the tunnels' sockets to the signed-in card session (agent/tunnel/lent_listeners.py) --
+
+    def lend(self, session: CardSession) -> None:
+        """``session`` is signed in: it accepts on the tunnels' sockets itself until :meth:`take_back`.
+        Not under [audit] on_failure = "refuse": admission then asks the audit trail, which is here."""
+        with self._lock:
+            if self._lent_to is not None:
+                self._take_back()
+            self._lend(session)
+
+    def take_back(self, session: CardSession) -> None:
+        """``session`` is ending: accept here again (connections waiting in the backlog included)."""
+        with self._lock:
+            if self._lent_to is session:
+                self._take_back()
+
+    def _lend(self, session: CardSession) -> None:
+        if self.manager is not None and self.manager.audit.refuses_when_failing:
+            return
+        tunnels = {listener.name: sock for sock, listener in self.sockets.values()
+                   if isinstance(listener, TunnelConfig)}
+        if not tunnels or len(tunnels) > MAX_FDS:
+            return
+        for sock in tunnels.values():
+            self._selector.unregister(sock)
+        if session.lend_listeners(tunnels):
+            self._lent_to, self._lent = session, {sock.fileno() for sock in tunnels.values()}
+            return
+        for sock in tunnels.values():  # the process is gone: nothing lent
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _take_back(self) -> None:
+        for fd in self._lent:
+            sock, _ = self.sockets.get(fd, (None, None))
+            if sock is not None:
+                self._selector.register(sock, selectors.EVENT_READ)
+        self._lent_to, self._lent = None, set()
 
     def addresses(self) -> dict[str, object]:
         return {tunnel.name: sock.getsockname() for sock, tunnel in self.sockets.values()}
@@ -185,7 +236,7 @@ class Listeners:
         """Beyond max_connections: a tunnel's application gets A-ASSOCIATE-RJ (rejected-transient)
         at once, without its request being read; an inbound peer sees the connection close."""
         refusals = self._refusals
-        source = _source(connection)  # before the answer: a peer gone since has no address
+        source = connection_source(connection)  # before the answer: a peer gone since has no address
         if isinstance(listener, TunnelConfig):
             reject_at_once(connection)
             refusals = self._tunnel_refusals
@@ -326,14 +377,3 @@ def _unlink(path: str) -> None:
 
 def _kind(listener: TunnelConfig | InboundConfig) -> str:
     return "tunnel" if isinstance(listener, TunnelConfig) else "inbound"
-
-
-def _source(connection: socket.socket) -> str:
-    """The peer's address for a log line: a TCP host, or the unix socket's own path."""
-    try:
-        peer = connection.getpeername()
-    except OSError:
-        return "(disconnected)"
-    if isinstance(peer, tuple):
-        return str(peer[0])
-    return "a local process"
