@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from agent_runner import agent_status, associate_rq, card_session_pid, running_agent, send_and_close, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
 from dicom_card_agent.dicom.pdu import parse_associate_rj
@@ -109,3 +111,61 @@ def test_a_killed_card_session_is_noticed_and_signed_in_again_then_not_looped(
     assert log.count("card session of CN=Alice Example,O=Example Hospital Test PKI lost") == MAX_SESSION_LOSSES
     audit = (tmp_path / "audit.log").read_text()
     assert audit.count("the card-session process was killed by SIGKILL") >= MAX_SESSION_LOSSES
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie nobody reaped yet has ended: it holds no card, no file)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def session_files(runtime_dir: Path) -> list[Path]:
+    """The card sessions' files in the runtime directory (chain, key URI, OpenSSL configuration)."""
+    return sorted(p for directory in runtime_dir.glob("session-*") for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("stage", ["stuck in C_Login", "signed in"])
+def test_a_card_session_process_ends_with_a_killed_supervisor_and_removes_the_card_files(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, stage: str) -> None:
+    """Run by hand or from a desktop session (no systemd cgroup), a card-session process started in
+    its own session must not outlive a supervisor killed with SIGKILL, at any stage of its life: still
+    logging in on a slow card (the fault module's C_Login waits 60 s) or signed in."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.remove_card()  # inserted once the agent is ready: a sign-in at start-up comes before "ready"
+    if stage == "stuck in C_Login":
+        card.login_delay(60_000)
+    runtime_dir = tmp_path / "agent" / "run"
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], module=str(fault_module),
+                           env=card.env()) as agent:
+            card.insert_card()
+            if stage == "stuck in C_Login":
+                wait_for(lambda: any(line.startswith("login-delay ms=60000") for line in card.log_lines()))
+            else:
+                agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            worker = card_session_pid(agent.process.pid)
+            assert worker is not None, agent.log()
+            files = session_files(runtime_dir)
+            assert {p.name for p in files} >= {"chain.pem", "key.pem", "openssl.cnf"}, files
+            os.kill(agent.process.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            agent.process.wait(5)
+            try:
+                wait_for(lambda: not process_alive(worker), timeout=10)
+            finally:
+                if process_alive(worker):  # the old code: it would have stayed, logged in (no leftovers)
+                    os.kill(worker, signal.SIGKILL)
+            ended_in = time.monotonic() - killed
+            log = agent.log()
+    assert ended_in < 5.0, f"the card-session process ended {ended_in:.1f} s after its supervisor"
+    assert session_files(runtime_dir) == [], log
+    if stage == "stuck in C_Login":
+        assert f"the agent (pid {agent.process.pid}) has ended: this card session ends with it" in log, log
+        assert [line for line in logins(card) if "rv=" in line] == []  # it never got to try the PIN
+    else:  # the end of the channel or the watch, whichever is first
+        assert ("card session ending: the agent went away" in log
+                or f"the agent (pid {agent.process.pid}) has ended" in log), log

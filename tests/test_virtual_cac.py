@@ -33,7 +33,7 @@ from dicom_card_agent.card.pcsc import (
     card_state_changed,
     split_multistring,
 )
-from dicom_card_agent.card.watcher import POLL_SECONDS, CardEvents
+from dicom_card_agent.card.watcher import POLL_SECONDS, TOKEN_INFO_SECONDS, CardEvents
 from peers.dcmtk import echoscu, storescp, storescu, storescu_argv
 from peers.pki_files import TlsServerFiles
 from peers.ports import peer_env
@@ -414,6 +414,32 @@ def test_removal_aborts_open_associations_promptly(
     assert aborted_after < 1.0, f"associations aborted {aborted_after * 1000:.0f} ms after the pull"
     closed_in = json.loads(log.split('event=sign-out reason="card removed"')[1].split("closed_in_ms=")[1].split()[0])
     assert closed_in < 500, log
+
+
+def test_the_card_loop_leaves_a_signed_in_card_alone_while_pcscd_reports_no_change(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """OpenSC's C_GetTokenInfo asks the card for its PIN retry counter (a VERIFY without data): a
+    look every 50 ms made the card loop the card's busiest client (about 20 APDUs a second), taking
+    turns with the card session's login and signatures. With PC/SC events live, a look reads the
+    tokens again only on a change pcscd reports, or after TOKEN_INFO_SECONDS (the backstop). A
+    card swapped in afterwards is still seen (the PC/SC event makes the next look read it)."""
+    carol, dave = virtual_cards["carol"], virtual_cards["dave"]
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], token="", module=OPENSC,
+                       agent=own_runtime_dir(tmp_path)) as agent:
+        agent.wait_for_log("card events: PC/SC events from pcscd")
+        card_reader.insert(carol)
+        agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
+        time.sleep(0.5)  # the sign-in's last reads
+        before = card_reader.apdus()
+        time.sleep(3.0)  # 60 looks at the reader
+        idle_apdus = card_reader.apdus() - before
+        card_reader.pull()
+        agent.wait_for_log('event=sign-out reason="card removed"', timeout=5)
+        card_reader.insert(dave)
+        agent.wait_for_log(sign_in_line(dave), timeout=PROBE_SECONDS)
+    # One token read per TOKEN_INFO_SECONDS (a VERIFY each), plus one for a look under way.
+    assert idle_apdus <= 3 / TOKEN_INFO_SECONDS + 1, f"{idle_apdus} APDUs in 3 s of a signed-in, idle card"
 
 
 def test_pcsc_event_source_reports_insertion_and_removal(card_reader: VirtualReader,

@@ -165,6 +165,9 @@ class PcscEventSource:
         self._context_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pcsc-events", daemon=True)
         self.events = 0  # how many changes were reported (for tests and diagnostics)
+        # True while a wait on pcscd is in place, so that a change would be reported; False while
+        # pcscd is away (changes may go unreported until it is back, when a change is reported).
+        self.live = False
 
     def start(self) -> PcscEventSource:
         """Connect to pcscd now (PcscUnavailable if that fails), then watch in the background."""
@@ -197,6 +200,7 @@ class PcscEventSource:
                 self._watch(context)
                 continue  # the reader list changed: watch the new list at once
             except PcscUnavailable as error:
+                self.live = False
                 log.debug("PC/SC events paused: %s", error)
             # pcscd restarted or went away: a new context after a pause (the old one is dead on
             # pcscd's side); polling covers the gap.
@@ -226,6 +230,7 @@ class PcscEventSource:
             raise PcscUnavailable(f"SCardGetStatusChange: 0x{rv:08X}")
         for state in states:
             state.dwCurrentState = state.dwEventState & ~SCARD_STATE_CHANGED
+        self.live = True
         while not self._stopping.is_set():
             rv = context.wait(states)
             if rv == SCARD_E_CANCELLED or self._stopping.is_set():

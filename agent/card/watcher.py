@@ -15,6 +15,15 @@ answers errors still ends its session.
 Where pcscd runs, its reader events (agent.card.pcsc) cut the wait between two polls short, so a
 removal is acted on as soon as pcscd reports it instead of at the next tick; polling stays as the
 backstop for modules that do not use pcscd and for events pcscd does not report.
+
+A look is ``C_GetSlotList(tokenPresent)`` and a ``C_GetTokenInfo`` per token. The second costs a
+card round trip with OpenSC (it asks the card for the PIN's retry counter: a VERIFY without data),
+which every 50 ms made the reader's polling the card's busiest client, 20 APDUs a second, taking
+turns with the card-session process's probe, login and signatures. While PC/SC events are live,
+the tokens' information is therefore read again only when pcscd reported a change, the slots with
+a token changed, or :data:`TOKEN_INFO_SECONDS` after it was last read (a backstop for a lost
+event); the slot list itself, which OpenSC answers from pcscd's reader state, is asked every look,
+so a pulled card is seen as soon as before.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from pkcs11.exceptions import DeviceRemoved, PKCS11Error, SlotIDInvalid, TokenNo
 from pkcs11.types import Token
 
 from dicom_card_agent.card.pcsc import PcscEventSource, PcscUnavailable
-from dicom_card_agent.token.discovery import matching_tokens, present_tokens, token_serial
+from dicom_card_agent.token.discovery import matching_tokens, token_serial, tokens_in
 from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
 
 log = logging.getLogger("agent.card")
@@ -83,6 +92,11 @@ GONE_ERRORS: tuple[type[PKCS11Error], ...] = (TokenNotPresent, DeviceRemoved, Sl
 # from a module answering only errors still ends its session within about a second.
 UNREADABLE_SECONDS = 1.0
 UNREADABLE_LOOKS = 3  # and at least this many looks, should the card loop itself be starved of CPU
+# With PC/SC events live: the longest the tokens' information (label, serial) is taken from an
+# earlier look without a change reported by pcscd.
+TOKEN_INFO_SECONDS = 1.0
+# How many changes pcscd has reported so far, or None while PC/SC events are not live.
+PcscChanges = Callable[[], "int | None"]
 
 
 # Why a card cannot sign in as configured, judged from what it shows without a login (None: it can).
@@ -119,6 +133,12 @@ class CardWatcher:
         self._failing_since: float | None = None  # when looks began to fail in a row (None: the last one worked)
         self._failed_looks = 0
         self._gave_up = False  # the failing looks lasted past the grace: the reader counts as empty
+        self.pcsc_changes: PcscChanges | None = None  # set by the card loop where PC/SC events run
+        # The tokens of the last look that read them, and what it saw (see the module's docstring).
+        self._tokens: list[Token] = []
+        self._token_slots: tuple[int, ...] | None = None
+        self._tokens_read_at = 0.0
+        self._tokens_changes: int | None = None
 
     def look(self) -> Card | None:
         """The card to sign in with, if any is present. Raises :class:`ModuleBusy` when another
@@ -130,7 +150,7 @@ class CardWatcher:
         try:
             if _descriptors_exhausted():  # the module would fail, or see no token, for want of files
                 raise DescriptorsExhausted()
-            tokens = present_tokens(self.module)
+            tokens = self._present_tokens()
             if not tokens and _descriptors_exhausted():
                 raise DescriptorsExhausted()
             self._answered()
@@ -152,6 +172,22 @@ class CardWatcher:
             return None  # failing for longer than the grace: the reader counts as empty
         finally:
             MODULE_CALLS.release()
+
+    def _present_tokens(self) -> list[Token]:
+        """The initialised tokens present; their information read again only when it may have
+        changed (see the module's docstring). The caller holds :data:`MODULE_CALLS`."""
+        changes = self.pcsc_changes() if self.pcsc_changes is not None else None  # before the look: a
+        # change reported while it runs makes the next look read the tokens again
+        slots = self.module.slots_with_token()
+        slot_ids = tuple(slot.slot_id for slot in slots)
+        if (changes is not None and changes == self._tokens_changes and slot_ids == self._token_slots
+                and time.monotonic() - self._tokens_read_at < TOKEN_INFO_SECONDS):
+            return self._tokens
+        self._token_slots = None  # a read that fails is not reused
+        tokens = tokens_in(slots)
+        self._tokens, self._token_slots = tokens, slot_ids
+        self._tokens_read_at, self._tokens_changes = time.monotonic(), changes
+        return tokens
 
     def _failed_look(self, error: PKCS11Error) -> None:
         """Raise :class:`CardUnreadable` while looks have failed for less than the grace; return
@@ -297,6 +333,12 @@ class CardEvents:
         if self._source is not None:
             self._source.stop()
             self._source = None
+
+    def changes(self) -> int | None:
+        """How many changes pcscd has reported; None while PC/SC events are not live (none asked
+        for, pcscd away), when every look must read the tokens."""
+        source = self._source
+        return source.events if source is not None and source.live else None
 
     def notify(self) -> None:
         """Look now (what a PC/SC event does)."""

@@ -198,6 +198,7 @@ class SessionManager:
         """Look at the reader whenever card events say so, in a thread of its own: a card's probe
         (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
         with CardEvents(card_readers=self.module.profile.card_readers) as events:
+            self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
             while not stop.is_set():
                 try:
                     card = self.watcher.look()

@@ -84,8 +84,10 @@ class CardSession:
                 env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.signed_in.openssl_conf)
         self.process = subprocess.Popen(
+            # The supervisor's pid and the session's directory: the process ends, and removes the
+            # directory, if the supervisor dies (agent/session/orphan.py).
             [sys.executable, "-m", "dicom_card_agent.session.worker", str(theirs.fileno()),
-             str(reports_theirs.fileno()), self.config.log_level],
+             str(reports_theirs.fileno()), self.config.log_level, str(os.getpid()), str(self.signed_in.directory)],
             pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
             start_new_session=True,

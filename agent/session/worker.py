@@ -34,6 +34,7 @@ from dicom_card_agent.revocation.checker import RevocationChecker
 from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, checker_for
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import check_key_after_login
+from dicom_card_agent.session.orphan import SupervisorWatch
 from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from dicom_card_agent.tls.provider import provider_key_pem
@@ -55,6 +56,10 @@ from dicom_card_agent.tunnel.relay import (
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
+# Set once the process serves (its start is over): from then on an ended supervisor is seen by the
+# main loop too (end of stream on the channel), which ends the relays in order.
+_serving = threading.Event()
+_watch: SupervisorWatch | None = None
 
 
 Runtimes = dict[str, "TunnelRuntime | InboundRuntime"]
@@ -222,12 +227,15 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
                 secret.wipe()
     del pin, node_pins
     messages.send(channel, {"type": "ready"})
+    _serving.set()
     threads: list[threading.Thread] = []
     lent = LentListeners(runtimes, report)
     reason = "the agent went away"
     while True:
         message, fds = messages.receive(channel)
-        if message is None:
+        if message is None:  # no "end": the supervisor died, and cannot remove the session's files
+            if _watch is not None:
+                _watch.remove_session_files()
             break
         if message["type"] == "end":
             reason = message.get("reason", "ended")
@@ -305,7 +313,20 @@ def main() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     channel = socket.socket(fileno=int(sys.argv[1]))
     reports = socket.socket(fileno=int(sys.argv[2]))
+    if len(sys.argv) > 5:
+        global _watch
+        _watch = SupervisorWatch(int(sys.argv[4]), Path(sys.argv[5]), _supervisor_gone).start()
     _exit_now(serve(channel, reports))
+
+
+def _supervisor_gone() -> None:
+    """The supervisor ended (killed, crashed): nobody will end this session or take its answers.
+    Still starting, the main thread may be inside the module (``C_Login`` on a slow card) or
+    waiting on the network: end now. Serving, the main loop saw the end of the channel too and ends
+    the relays; it is given its grace, then ended all the same."""
+    if _serving.is_set():
+        threading.Event().wait(END_GRACE_SECONDS + 1.0)
+    _exit_now(1)
 
 
 if __name__ == "__main__":

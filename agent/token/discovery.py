@@ -105,7 +105,14 @@ def present_tokens(module: LoadedModule, *, initialized_only: bool = True) -> li
     Blank tokens (SoftHSM always offers one to initialise) hold no identity and are left out
     unless ``initialized_only`` is False.
     """
-    tokens = [slot.get_token() for slot in module.slots_with_token()]
+    return tokens_in(module.slots_with_token(), initialized_only=initialized_only)
+
+
+def tokens_in(slots: list, *, initialized_only: bool = True) -> list[Token]:
+    """The tokens of ``slots`` (slots with a token), each with fresh ``CK_TOKEN_INFO``: one
+    ``C_GetTokenInfo`` each, which costs a card round trip with some modules (OpenSC asks the card
+    for the PIN's retry counter)."""
+    tokens = [slot.get_token() for slot in slots]
     if initialized_only:
         tokens = [t for t in tokens if t.flags & TokenFlag.TOKEN_INITIALIZED]
     return tokens

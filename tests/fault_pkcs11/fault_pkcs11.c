@@ -22,6 +22,8 @@
  *                          an injected C_Sign/C_SignFinal error ends the real
  *                          operation too (logged "injected", not a signature)
  *   sign_delay_ms = N      C_Sign / C_SignFinal sleep N ms (not for size queries)
+ *   login_delay_ms = N     C_Login sleeps N ms before it logs in (a slow card, a PIN pad
+ *                          waiting for its holder); logged "login-delay ms=N" as it starts
  *   hide_mechanisms = M,.. the token lacks these mechanisms (hex or decimal CKM_ numbers): left out
  *                          of C_GetMechanismList, CKR_MECHANISM_INVALID from C_GetMechanismInfo and
  *                          C_SignInit (e.g. 0x0d,0x43,0x44,0x45,0x0e: a card without RSA-PSS)
@@ -74,6 +76,7 @@ struct cfg {
     struct fail fails[MAX_FAILS];
     int nfails;
     unsigned long sign_delay_ms;
+    unsigned long login_delay_ms;
     CK_MECHANISM_TYPE hidden[MAX_FAILS];
     int nhidden;
     long pin_retries;       /* -1 = off */
@@ -345,6 +348,7 @@ static void parse_line(struct cfg *n, char *line)
     else if (strcmp(k, "generation") == 0) copy_str(n->generation, sizeof n->generation, v);
     else if (strcmp(k, "fail") == 0) parse_fails(n, v);
     else if (strcmp(k, "sign_delay_ms") == 0) n->sign_delay_ms = strtoul(v, NULL, 10);
+    else if (strcmp(k, "login_delay_ms") == 0) n->login_delay_ms = strtoul(v, NULL, 10);
     else if (strcmp(k, "hide_mechanisms") == 0) parse_hidden(n, v);
     else if (strcmp(k, "pin_retries") == 0) n->pin_retries = *v ? strtol(v, NULL, 10) : -1;
     else if (strcmp(k, "token_flags_set") == 0) n->flags_set = strtoul(v, NULL, 16);
@@ -879,6 +883,10 @@ static CK_RV w_C_Login P_C_Login
     if (rv != CKR_OK) {
         log_call("C_Login rv=0x%lx user=%lu", rv, userType);
         return rv;
+    }
+    if (c.login_delay_ms) {
+        log_call("login-delay ms=%lu", c.login_delay_ms);
+        sleep_ms(c.login_delay_ms);
     }
     if (c.pin_retries < 0 || (userType != CKU_USER && userType != CKU_CONTEXT_SPECIFIC)) {
         rv = do_login(&c, slot, hSession, userType, pPin, ulPinLen, &pad);

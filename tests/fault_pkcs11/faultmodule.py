@@ -14,7 +14,7 @@ retry counter while a client process keeps running.
     ctl.pin_retries(3); ctl.signatures()
 
 Control keys (``key = value`` lines): present, show_token, generation, fail,
-sign_delay_ms, pin_retries, token_flags_set, token_flags_clear,
+sign_delay_ms, login_delay_ms, pin_retries, token_flags_set, token_flags_clear,
 protected_pin, log.  See the comment at the top of fault_pkcs11.c.
 """
 
@@ -200,6 +200,10 @@ class FaultControl:
 
     def sign_delay(self, ms: int | None) -> None:
         self.set(sign_delay_ms=ms)
+
+    def login_delay(self, ms: int | None) -> None:
+        """C_Login waits ``ms`` before logging in (a slow card); the log says ``login-delay ms=N``."""
+        self.set(login_delay_ms=ms)
 
     def pin_retries(self, n: int | None, reset: bool = True) -> None:
         """Emulate a retry counter of ``n`` tries (None: off); ``reset`` restarts it at n."""
