@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from agent_runner import wait_for
+from conftest import ProvisionedPki
 from test_card_lifecycle_faults import process_alive
 
 # Stands in for the card-session process: watches the pid it is given, exits 7 when it has gone.
@@ -69,3 +70,22 @@ def test_a_watcher_whose_parent_is_not_the_pid_given_ends_at_once(tmp_path: Path
                              capture_output=True, text=True, timeout=10)
     assert watcher.returncode == 7, watcher.stderr
     assert not directory.exists()
+
+
+def test_an_agent_removes_the_session_files_a_killed_agent_left(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Both processes killed with SIGKILL leave their session's files (nothing removes them): the
+    next agent on that runtime directory removes them, and says so, before it signs anyone in."""
+    from agent_runner import running_agent, tunnel
+
+    run = tmp_path / "agent" / "run"  # agent_runner's runtime_dir
+    left = run / "session-left1234"
+    left.mkdir(parents=True, mode=0o700)
+    run.chmod(0o700)
+    (left / "openssl.cnf").write_text("# the killed session's\n")
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)]) as agent:
+        log = agent.wait_for_log("event=sign-in ")
+        sessions = [p.name for p in run.glob("session-*")]
+    assert not left.exists()
+    assert (f"card-agent: WARNING: removed {left}: the files of a card session whose agent ended without "
+            "removing them") in log, log
+    assert len(sessions) == 1 and sessions != [left.name], sessions  # the new session's own

@@ -19,6 +19,7 @@ from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.notify import Notifier
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.control import ControlServer
+from dicom_card_agent.session.identity import remove_leftover_session_files
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.reload import Reloader
 from dicom_card_agent.token.secret import make_non_dumpable
@@ -60,6 +61,8 @@ def run(
     failure: BaseException | None = None
     try:
         control_server = ControlServer(settings, manager, crls)
+        for leftover in remove_leftover_session_files(settings):  # this agent owns the runtime directory now
+            log.warning("removed %s: the files of a card session whose agent ended without removing them", leftover)
         if settings.metrics is not None:
             # Imported only now, after prepare_pin_sources took env: PINs out of the environment:
             # prometheus_client imports wsgiref, whose handlers module copies the whole environment

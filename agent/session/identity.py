@@ -77,6 +77,19 @@ def runtime_directory(config: AgentConfig) -> Path:
     return base
 
 
+SESSION_DIRECTORY_PREFIX = "session-"
+
+
+def remove_leftover_session_files(config: AgentConfig) -> list[Path]:
+    """Remove the files of card sessions whose agent was killed with them (SIGKILL of both leaves
+    them: certificate chain, key URI, OpenSSL configuration; nothing secret, but nothing should
+    outlive its session). Called once this agent owns the runtime directory (its control socket)."""
+    leftovers = sorted(runtime_directory(config).glob(f"{SESSION_DIRECTORY_PREFIX}*"))
+    for directory in leftovers:
+        shutil.rmtree(directory, ignore_errors=True)
+    return leftovers
+
+
 def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
             confirm_final_try: bool = False) -> tuple[SignedIn, Secret | None]:
     """Choose the identity on ``card``, ask for its PIN (None: PIN pad) and write its files; no
@@ -93,7 +106,7 @@ def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
                                    confirm_final_try=confirm_final_try or config.identity.pin.confirms_in_dialog)
     identity = _choose_for(config, identities, token.label, module.profile)
     chain = _chain(identity, identities, anchors)
-    directory = Path(tempfile.mkdtemp(prefix="session-", dir=runtime_directory(config)))
+    directory = Path(tempfile.mkdtemp(prefix=SESSION_DIRECTORY_PREFIX, dir=runtime_directory(config)))
     try:
         files = _write_files(directory, identity, chain)
         conf = directory / "openssl.cnf"
