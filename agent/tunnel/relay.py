@@ -329,7 +329,10 @@ def _close_notify_records(tls: ssl.SSLSocket) -> bytes:
     that window lasts up to milliseconds: a PACS that answers our close_notify at once lost its
     answer. So while unwrap() runs, the TLS socket's descriptor stands for one end of a socketpair
     (dup2): the alert lands there, the read finds nothing, and the connection is not touched. The
-    descriptor is the connection again before this returns; the caller sends the bytes."""
+    descriptor is the connection again before this returns; the caller sends the bytes. Reading
+    nothing also keeps unwrap() from succeeding, which would make the socket forget the session
+    the tunnel may still want to remember."""
+    tls.setblocking(False)  # with a timeout, unwrap() would wait for the peer's close_notify
     fd = tls.fileno()
     here, there = socket.socketpair()
     with here, there:
@@ -342,6 +345,8 @@ def _close_notify_records(tls: ssl.SSLSocket) -> bytes:
                 tls.unwrap()
             except ssl.SSLWantReadError:
                 pass  # sent; the peer's close_notify comes later, and the relay reads it
+            except ValueError:
+                pass  # unwrapped already: the peer's close_notify had come and ours had gone
         finally:
             os.dup2(connection, fd, inheritable=False)
             os.close(connection)
@@ -360,22 +365,6 @@ def _send_raw(sock: socket.socket, data: bytes, deadline: float) -> None:
         except BlockingIOError:
             if not _writable(sock, deadline):
                 return
-
-
-def _send_close_notify(tls: ssl.SSLSocket, timeout: float) -> None:
-    """Say close_notify, not waiting for the peer's, at the end of a connection. The socket is left
-    non-blocking: a blocking unwrap() would wait for the peer's close_notify."""
-    tls.setblocking(False)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            tls.unwrap()
-        except ssl.SSLWantWriteError:  # the socket is full: OpenSSL keeps the alert for the next call
-            if _writable(tls, deadline):
-                continue
-        except (OSError, ValueError):  # SSLWantReadError: sent. ValueError: unwrapped already
-            pass
-        return
 
 
 def _connect(runtime: TunnelRuntime) -> socket.socket:
@@ -767,9 +756,9 @@ def _reject_over_tls(tls: ssl.SSLSocket, pdu: bytes) -> None:
     try:
         tls.settimeout(1.0)
         tls.sendall(pdu)
+        _send_raw(tls, _close_notify_records(tls), time.monotonic() + 1.0)
     except OSError:
-        return
-    _send_close_notify(tls, 1.0)
+        pass
 
 
 def reject_pdu(*, transient: bool) -> bytes:
@@ -964,14 +953,13 @@ class _Relay:
         if self.remote_done or self.runtime.ending.is_set():
             return  # the card is gone: nothing more goes out under its identity
         try:
-            if self.raw_out:  # our close_notify, after a half-close: no more data can follow it
-                _send_raw(self.remote, self.raw_out, time.monotonic() + 1.0)
-            else:
+            if not self.raw_out:  # else our close_notify, from a half-close, waits: nothing can follow it
                 self.remote.settimeout(1.0)
                 for data in (self.unsent, self.to_remote, pdu):  # ``unsent`` first and whole: OpenSSL's retry rule
                     if data:
                         self.remote.sendall(data)
-                _send_close_notify(self.remote, 1.0)
+                self.raw_out = _close_notify_records(self.remote)
+            _send_raw(self.remote, self.raw_out, time.monotonic() + 1.0)
         except OSError:
             pass
         self.unsent = None
