@@ -11,14 +11,14 @@ wraps them with timers when the modules are imported and appends one line per ca
 
 - supervisor: ``Listeners._admit`` (its thread), within it ``admit_peer`` (who is the local client:
   /proc/net/tcp) and ``CardSession.dispatch`` (hand the socket to the card session);
-- card session: ``_connect`` (TCP to the PACS), ``_Tls.__init__`` (``wrap_socket``, with the session
-  to resume), ``_handshake`` (TLS on the non-blocking socket, ``_Tls.__init__`` included),
-  ``_Relay.run`` (the DICOM exchange, waiting for both ends included) and ``handle_outbound`` (all
-  of it).
+- card session: ``_connect`` (TCP to the PACS), ``_Tls.__init__`` (``wrap_bio``, with the session to
+  resume), ``_handshake`` (TLS, a Python loop over memory BIOs), ``_Relay.run`` (the DICOM exchange,
+  waiting for both ends included) and ``handle_outbound`` (all of it).
 
 It prints medians per function for N resumed and N full-handshake associations (lean raw-socket
 client, as benchmarks/run.py) and, for comparison, the same client talking TLS to storescp directly
-(full and resumed). Expect the timers to add a few microseconds per call.
+(full and resumed). Expect the timers to add a few microseconds per call. A ``PYTHONPATH`` it is
+given stays behind the hooks' directory: point it at a copy of the package to time another version.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ _TARGETS = {
     "dicom_card_agent.session.supervisor": lambda m: _wrap(m.CardSession, "dispatch", "  dispatch (to card session)"),
     "dicom_card_agent.tunnel.relay": lambda m: (_wrap(m, "handle_outbound", "handle_outbound (card session)"),
                                      _wrap(m, "_connect", "  connect to the PACS"),
-                                     _wrap(m._Tls, "__init__", "  wrap_socket (+ session to resume)"),
+                                     _wrap(m._Tls, "__init__", "  wrap_bio (+ session to resume)"),
                                      _wrap(m, "_handshake", "  TLS handshake"),
                                      _wrap(m._Relay, "run", "  relay (DICOM exchange)")),
 }
@@ -172,7 +172,7 @@ def main() -> int:
             print(f"\n{label}: {statistics.median(client[label]):.2f} ms "
                   f"(/proc/net/tcp had {marks[label][1]} rows at the start)")
             order = ["admit (supervisor thread)", "  admit_peer (/proc/net/tcp)", "  dispatch (to card session)",
-                     "handle_outbound (card session)", "  connect to the PACS", "  wrap_socket (+ session to resume)",
+                     "handle_outbound (card session)", "  connect to the PACS", "  wrap_bio (+ session to resume)",
                      "  TLS handshake", "  relay (DICOM exchange)"]
             for name in sorted(calls[label], key=lambda n: order.index(n) if n in order else len(order)):
                 print(f"  {name:36} {statistics.median(calls[label][name]):7.2f}")

@@ -1,11 +1,10 @@
 """One local DICOM connection relayed to the PACS over TLS with the card's identity.
 
-Each connection has its own thread, which owns both sockets; the TLS one is a non-blocking
-``ssl.SSLSocket``, so OpenSSL reads and writes it directly and the thread's poll does all waiting.
-The handshake, and with it the token's signature, runs in that thread with the GIL released: a
-slow card never stalls data flowing in other connections. The relay is byte-exact and
-full-duplex, and forwards half-closes (local EOF becomes TLS close_notify; the server's
-close_notify becomes a local FIN).
+Each connection has its own thread, which owns the TLS object (an ``ssl.SSLObject`` over memory
+BIOs, so the relay decides every read and write) and both sockets. The handshake, and with it the
+token's signature, runs in that thread with the GIL released: a slow card never stalls data
+flowing in other connections. The relay is byte-exact and full-duplex, and forwards half-closes
+(local EOF becomes TLS close_notify; the server's close_notify becomes a local FIN).
 
 It watches PDU boundaries in the server-to-application direction so that, when something fails,
 the application gets a well-formed A-ASSOCIATE-RJ (association not yet accepted) or A-ABORT
@@ -78,8 +77,8 @@ TOKEN_LOCK = threading.Lock()
 """Held around every step of a full handshake in this card session's process (one process, one token).
 
 A card computes one signature at a time; handing it several at once only queues them inside the
-module or, on some cards, fails them. Steps run on a non-blocking socket, so the lock is never held
-while waiting for the network, and relays moving data never take it. A handshake that offers a session
+module or, on some cards, fails them. Steps run on memory BIOs, so the lock is never held while
+waiting for the network, and relays moving data never take it. A handshake that offers a session
 to resume does not take it: it needs no signature, and must not wait seconds behind others that
 do. (Should the server decline the resumption, that one signature is not serialized here; card
 modules such as OpenSC lock the card for each operation themselves.)"""
@@ -181,7 +180,7 @@ class TunnelRuntime(_Counters):
         with self._lock:
             return self._session
 
-    def remember_session(self, tls: _Tls) -> None:
+    def remember_session(self, tls: ssl.SSLObject) -> None:
         """Keep a session for the next connection to resume.
 
         A resumed connection's session is read only for a PACS whose tickets work once: Python
@@ -245,126 +244,73 @@ def set_nodelay(sock: socket.socket) -> None:
 
 
 class _Tls:
-    """The TLS side of one connection: a non-blocking ``ssl.SSLSocket``. OpenSSL reads and writes
-    the socket itself (no copies through memory BIOs) and never waits: the caller's poll does."""
+    """A TLS object over memory BIOs, so that the relay decides every read and write."""
 
-    def __init__(self, context: ssl.SSLContext, sock: socket.socket, *, server_side: bool = False,
-                 server_hostname: str | None = None, session: ssl.SSLSession | None = None) -> None:
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool = False, server_hostname: str | None = None,
+                 session: ssl.SSLSession | None = None) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
         self.resuming = session is not None
         self.seconds = 0.0  # the whole handshake, once done
         self.locked_seconds = 0.0  # inside OpenSSL holding the token lock (its wait for the lock not counted)
-        self.session_reused = False  # once the handshake is done; kept here because unwrap() forgets it
-        sock.setblocking(False)
-        # The TLS socket takes over the descriptor (``sock`` is detached). Without suppress_ragged_eofs a
-        # TCP EOF with no close_notify stays an error (SSLEOFError), as it is on a memory BIO.
-        self.sock = context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname,
-                                        session=session, do_handshake_on_connect=False, suppress_ragged_eofs=False)
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname, session=session)
 
-    @property
-    def session(self) -> ssl.SSLSession | None:
-        """The TLS session (Python copies it through DER on each read); None once unwrap() succeeded."""
-        return self.sock.session
+    def pending_output(self) -> bytes:
+        return self.outgoing.read() if self.outgoing.pending else b""
 
-    def handshake(self, timeout: float, lock: contextlib.AbstractContextManager,
+    def handshake(self, sock: socket.socket, timeout: float, lock: contextlib.AbstractContextManager,
                   ending: SessionEnd | None = None) -> None:
-        """Complete the handshake; OSError or ssl.SSLError when it fails (OpenSSL has then written
-        its alert, if any, to the peer), :class:`SessionEndedError` when the card session ends while
-        it waits for the peer. ``lock`` is held around each step, never while waiting: a step on a
-        non-blocking socket returns SSLWantReadError/SSLWantWriteError instead of waiting."""
+        """Complete the handshake over ``sock``; OSError or ssl.SSLError when it fails,
+        :class:`SessionEndedError` when the card session ends while it waits for the peer."""
         started = time.monotonic()
         deadline = started + timeout
-        while True:
-            try:
-                with lock:
-                    step = time.monotonic()
-                    try:
-                        self.sock.do_handshake()
-                    finally:
-                        self.locked_seconds += time.monotonic() - step
-                break
-            except ssl.SSLWantReadError:
-                _wait_for_peer(self.sock, select.POLLIN, deadline, ending)
-            except ssl.SSLWantWriteError:
-                _wait_for_peer(self.sock, select.POLLOUT, deadline, ending)
-        self.seconds = time.monotonic() - started
-        self.session_reused = bool(self.sock.session_reused)
-
-    def close(self) -> None:
-        self.sock.close()
+        try:
+            while True:
+                try:
+                    with lock:
+                        step = time.monotonic()
+                        try:
+                            self.obj.do_handshake()
+                        finally:
+                            self.locked_seconds += time.monotonic() - step
+                    sock.sendall(self.pending_output())
+                    self.seconds = time.monotonic() - started
+                    return
+                except ssl.SSLWantReadError:
+                    sock.sendall(self.pending_output())
+                    _wait_for_peer(sock, deadline, ending)
+                    sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    data = sock.recv(CHUNK)
+                    if data:
+                        self.incoming.write(data)
+                    else:
+                        self.incoming.write_eof()
+        except (OSError, ssl.SSLError):
+            try:  # let the peer see our alert, if OpenSSL wrote one
+                sock.sendall(self.pending_output())
+            except OSError:
+                pass
+            raise
 
 
 class SessionEndedError(OSError):
     """The card session ended while a handshake waited for its peer."""
 
 
-def _wait_for_peer(sock: socket.socket, events: int, deadline: float, ending: SessionEnd | None) -> None:
-    """Until ``sock`` is ready for ``events``; a session that ends meanwhile must not leave the handshake
-    waiting (its process would close the application's connection without a DICOM answer)."""
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the peer did not answer the TLS handshake in time")  # also when bytes trickle in
+def _wait_for_peer(sock: socket.socket, deadline: float, ending: SessionEnd | None) -> None:
+    """Until ``sock`` is readable; a session that ends meanwhile must not leave the handshake waiting
+    (its process would close the application's connection without a DICOM answer)."""
+    if ending is None:
+        return
     poller = select.poll()
-    poller.register(sock, events)
-    if ending is not None:
-        poller.register(ending.read_fd, select.POLLIN)
-    ready = poller.poll(max(1, round(left * 1000)))
-    if ending is not None and ending.is_set():
+    poller.register(sock, select.POLLIN)
+    poller.register(ending.read_fd, select.POLLIN)
+    ready = poller.poll(max(1, round((deadline - time.monotonic()) * 1000)))
+    if ending.is_set():
         raise SessionEndedError(f"card session ended: {ending.reason}")
     if not ready:
         raise TimeoutError("the peer did not answer the TLS handshake in time")
-
-
-def _writable(sock: socket.socket, deadline: float) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(max(0, round((deadline - time.monotonic()) * 1000))))
-
-
-def _close_notify_records(tls: ssl.SSLSocket) -> bytes:
-    """Our close_notify as the bytes to send, made without reading from the connection.
-
-    ``unwrap()`` writes close_notify, then reads the socket once for the peer's. A record of data
-    the peer sent meanwhile is read there and dropped (OpenSSL fails the connection with
-    APPLICATION_DATA_AFTER_CLOSE_NOTIFY), and as Python takes the GIL back between the two steps,
-    that window lasts up to milliseconds: a PACS that answers our close_notify at once lost its
-    answer. So while unwrap() runs, the TLS socket's descriptor stands for one end of a socketpair
-    (dup2): the alert lands there, the read finds nothing, and the connection is not touched. The
-    descriptor is the connection again before this returns; the caller sends the bytes. Reading
-    nothing also keeps unwrap() from succeeding, which would make the socket forget the session
-    the tunnel may still want to remember."""
-    tls.setblocking(False)  # with a timeout, unwrap() would wait for the peer's close_notify
-    fd = tls.fileno()
-    here, there = socket.socketpair()
-    with here, there:
-        here.setblocking(False)
-        there.setblocking(False)
-        connection = os.dup(fd)
-        try:
-            os.dup2(here.fileno(), fd, inheritable=False)
-            try:
-                tls.unwrap()
-            except ssl.SSLWantReadError:
-                pass  # sent; the peer's close_notify comes later, and the relay reads it
-            except ValueError:
-                pass  # unwrapped already: the peer's close_notify had come and ours had gone
-        finally:
-            os.dup2(connection, fd, inheritable=False)
-            os.close(connection)
-        records = b""
-        with contextlib.suppress(BlockingIOError):
-            while chunk := there.recv(CHUNK):
-                records += chunk
-        return records
-
-
-def _send_raw(sock: socket.socket, data: bytes, deadline: float) -> None:
-    """Send bytes past the TLS layer (records it has made), until ``deadline``; OSError if it fails."""
-    while data:
-        try:
-            data = data[os.write(sock.fileno(), data):]
-        except BlockingIOError:
-            if not _writable(sock, deadline):
-                return
 
 
 def _connect(runtime: TunnelRuntime) -> socket.socket:
@@ -378,17 +324,14 @@ def _connect(runtime: TunnelRuntime) -> socket.socket:
 
 
 def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
-    """The TLS connection over ``remote``, which it takes over (closed here if the handshake fails)."""
     config = runtime.config
-    tls = _Tls(runtime.context, remote, server_hostname=config.server_name, session=runtime.resumable_session())
+    tls = _Tls(runtime.context, server_hostname=config.server_name, session=runtime.resumable_session())
     try:
-        tls.handshake(config.handshake_timeout, contextlib.nullcontext() if tls.resuming else TOKEN_LOCK,
+        tls.handshake(remote, config.handshake_timeout, contextlib.nullcontext() if tls.resuming else TOKEN_LOCK,
                       runtime.ending)
     except SessionEndedError as error:
-        tls.close()
         raise TunnelFailure(str(error), transient=True) from None
     except (OSError, ssl.SSLError) as error:
-        tls.close()
         if runtime.ending.is_set():  # the card left mid-signature ("EVP lib"): not the PACS's doing
             raise TunnelFailure(f"card session ended: {runtime.ending.reason}", transient=True) from None
         raise handshake_failure(config.remote, error, runtime.identity.describe(), runtime.trust_ca,
@@ -398,7 +341,7 @@ def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
 
 def _tally_handshake(runtime: TunnelRuntime | InboundRuntime, tls: _Tls, *, signs_on_token: bool) -> None:
     """Count a completed handshake and its durations; the token's share only when it signed."""
-    resumed = tls.session_reused
+    resumed = tls.obj.session_reused
     signing = tls.locked_seconds if signs_on_token and not resumed else None
     runtime.tally.handshake(resumed, tls.seconds, signing)
 
@@ -477,10 +420,9 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         stage = "tls"
         try:
             tls = _handshake(runtime, remote)
-            remote = tls.sock  # it owns the connection now
             _tally_handshake(runtime, tls, signs_on_token=True)
             try:
-                runtime.checks.verify(tls.sock.getpeercert(binary_form=True))
+                runtime.checks.verify(tls.obj.getpeercert(binary_form=True))
             except ServerVerificationError as error:
                 raise TunnelFailure(str(error)) from None
         except TunnelFailure as failure:
@@ -491,11 +433,12 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             report_pacs_problem(runtime, failure)
             reject_local(local, failure, request_read=bool(request))
             return
-        version, resumed = tls.sock.version(), tls.session_reused
-        relay = _Relay(runtime, local, tls.sock, peer, requestor_is_local=True, received=request)
+        version, resumed = tls.obj.version(), tls.obj.session_reused
+        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=True,
+                       received=request)
         relay.run()
         _count_association(runtime, relay)
-        runtime.remember_session(tls)
+        runtime.remember_session(tls.obj)
         association = relay.association
         log.info("tunnel %s: %s: %s %s to %s as %s, %s, %d bytes up, %d down, %.1f s%s%s", config.name, peer,
                  version, "resumed" if resumed else "full handshake", config.remote,
@@ -634,11 +577,11 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
     local: socket.socket | None = None
     try:
         try:
-            tls = _Tls(runtime.context, remote, server_side=True)
-            remote = tls.sock  # it owns the connection now
-            tls.handshake(config.handshake_timeout, TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext())
+            tls = _Tls(runtime.context, server_side=True)
+            tls.handshake(remote, config.handshake_timeout,
+                          TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext())
             _tally_handshake(runtime, tls, signs_on_token=runtime.signs_on_token)
-            client = _check_client(runtime, tls.sock.getpeercert(binary_form=True))
+            client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
             message = _inbound_handshake_failure(peer, error)
             runtime.count(error=message)
@@ -654,15 +597,14 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             runtime.count(error=failure.message)
             runtime.tally.association("failed", "connect")
             log.warning("inbound %s: %s: %s", config.name, peer, failure.message)
-            _reject_over_tls(tls.sock, reject_pdu(transient=failure.transient))
+            _reject_over_tls(tls, remote, reject_pdu(transient=failure.transient))
             return
-        version = tls.sock.version()  # None once the relay's unwrap() succeeded
-        relay = _Relay(runtime, local, tls.sock, peer, requestor_is_local=False)
+        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=False)
         relay.run()
         _count_association(runtime, relay)
         association = relay.association
         log.info("inbound %s: %s: %s from %s as %s to %s, %s, %d bytes in, %d out, %.1f s%s%s", config.name, peer,
-                 version, client, runtime.identity_description, config.forward,
+                 tls.obj.version(), client, runtime.identity_description, config.forward,
                  association.describe_request(), relay.bytes_down, relay.bytes_up, time.monotonic() - started,
                  association.describe_instances(), f"; {relay.failure.message}" if relay.failure else "")
         relay.report_end()
@@ -739,24 +681,37 @@ def _connect_forward(runtime: InboundRuntime) -> socket.socket:
     return sock
 
 
-def _reject_over_tls(tls: ssl.SSLSocket, pdu: bytes) -> None:
+def _reject_over_tls(tls: _Tls, remote: socket.socket, pdu: bytes) -> None:
     """Read the PACS's A-ASSOCIATE-RQ, answer it with ``pdu`` and end the TLS connection."""
     framer = PduFramer()
     deadline = time.monotonic() + REJECT_READ_TIMEOUT
     answered = False
     try:
-        while not answered and (left := deadline - time.monotonic()) > 0:
-            tls.settimeout(left)  # records may already wait in OpenSSL from the handshake: recv sees them
-            plain = tls.recv(CHUNK)
-            if not plain:
+        while not answered and time.monotonic() < deadline:
+            while not answered:  # records may already wait from the handshake, or span several reads
+                try:
+                    plain = tls.obj.read(CHUNK)
+                except ssl.SSLWantReadError:
+                    break
+                if not plain:
+                    break
+                answered = any(isinstance(event, AssociationPdu) for event in framer.feed(plain))
+            if answered:
                 break
-            answered = any(isinstance(event, AssociationPdu) for event in framer.feed(plain))
-    except (OSError, MalformedPduError):  # ssl.SSLError included
+            remote.settimeout(max(0.001, deadline - time.monotonic()))
+            data = remote.recv(CHUNK)
+            if not data:
+                break
+            tls.incoming.write(data)
+    except (OSError, ssl.SSLError, MalformedPduError):
         pass  # answer anyway: the PACS may still read it
     try:
-        tls.settimeout(1.0)
-        tls.sendall(pdu)
-        _send_raw(tls, _close_notify_records(tls), time.monotonic() + 1.0)
+        tls.obj.write(pdu)
+        tls.obj.unwrap()
+    except ssl.SSLError:
+        pass  # SSLWantReadError from unwrap: the PACS's close_notify is not awaited
+    try:
+        remote.sendall(tls.pending_output())
     except OSError:
         pass
 
@@ -861,20 +816,19 @@ class _Relay:
     DICOM (A-ASSOCIATE-RJ before the answer, A-ABORT after it or on a malformed PDU).
     """
 
-    def __init__(self, runtime: TunnelRuntime | InboundRuntime, local: socket.socket, remote: ssl.SSLSocket,
-                 peer: str, *, requestor_is_local: bool, received: bytes = b"") -> None:
+    def __init__(self, runtime: TunnelRuntime | InboundRuntime, local: socket.socket, remote: socket.socket,
+                 tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, peer: str, *,
+                 requestor_is_local: bool, received: bytes = b"") -> None:
         self.runtime = runtime
         self.local = local
-        self.remote = remote  # the TLS connection, handshake done
+        self.remote = remote
+        self.tls = tls
+        self.incoming = incoming
+        self.outgoing = outgoing
         self.peer = peer
         self.requestor_is_local = requestor_is_local
         self.to_local = bytearray()
-        # Plaintext for the TLS peer: ``unsent`` is what OpenSSL has begun to write and must be offered
-        # again as it is when the socket was full (OpenSSL's rule for SSL_write); ``to_remote`` waits behind.
-        self.unsent: bytes | bytearray | memoryview | None = None
-        self.to_remote = bytearray()
-        self.close_notify_due = False  # the application's EOF, to become our close_notify
-        self.raw_out = b""  # TLS records already made (our close_notify) that the socket has not taken
+        self.to_remote = bytearray(self._tls_output())
         self._read_buffer = memoryview(bytearray(CHUNK))  # reused for every read from the local side
         self._received_before = received  # from the local side before the relay started
         self.association = Association(runtime.config.association, runtime.username)
@@ -896,6 +850,9 @@ class _Relay:
         self.failure: TunnelFailure | None = None
         self.transfers = TransferBatch(runtime.report, requestor_is_local=requestor_is_local)
 
+    def _tls_output(self) -> bytes:
+        return self.outgoing.read() if self.outgoing.pending else b""
+
     def run(self) -> None:
         self.local.setblocking(False)
         self.remote.setblocking(False)
@@ -909,15 +866,10 @@ class _Relay:
                 self._from_local(self._received_before)
             self._read_tls()  # the requestor's first PDU may have come with its last handshake message
             while self.failure is None:
-                if self.close_notify_due and self.unsent is None:
-                    self._half_close()
-                if self._tls_holds_data():  # decrypted already: poll cannot see it
-                    self._read_tls()
-                    continue
-                local_mask = (select.POLLIN if not self.local_eof and self._waiting_for_remote() < HIGH_WATER
-                              else 0) | (select.POLLOUT if self.to_local else 0)
+                local_mask = (select.POLLIN if not self.local_eof and len(self.to_remote) < HIGH_WATER else 0) | (
+                    select.POLLOUT if self.to_local else 0)
                 remote_mask = (select.POLLIN if not self.remote_done and len(self.to_local) < HIGH_WATER else 0) | (
-                    select.POLLOUT if self.unsent is not None or self.raw_out else 0)
+                    select.POLLOUT if self.to_remote else 0)
                 if self.remote_done and not self.to_local and not self.local_write_closed:
                     self._close_local_write()
                 if self._finished(local_mask, remote_mask):
@@ -953,18 +905,18 @@ class _Relay:
         if self.remote_done or self.runtime.ending.is_set():
             return  # the card is gone: nothing more goes out under its identity
         try:
-            if not self.raw_out:  # else our close_notify, from a half-close, waits: nothing can follow it
-                self.remote.settimeout(1.0)
-                for data in (self.unsent, self.to_remote, pdu):  # ``unsent`` first and whole: OpenSSL's retry rule
-                    if data:
-                        self.remote.sendall(data)
-                self.raw_out = _close_notify_records(self.remote)
-            _send_raw(self.remote, self.raw_out, time.monotonic() + 1.0)
+            if pdu:
+                self.tls.write(pdu)
+            self.tls.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        self.to_remote += self._tls_output()
+        try:
+            self.remote.settimeout(1.0)
+            self.remote.sendall(self.to_remote)
         except OSError:
             pass
-        self.unsent = None
         self.to_remote.clear()
-        self.raw_out = b""
 
     def _end_local(self) -> None:
         """Flush what the local acceptor should still get (an A-ABORT we queued) and close our side."""
@@ -979,7 +931,7 @@ class _Relay:
     def _finished(self, local_mask: int, remote_mask: int) -> bool:
         if self.remote_done and self.local_write_closed and (self.local_eof or not local_mask & select.POLLIN):
             return True
-        if self.local_eof and self.remote_done and not self._waiting_for_remote() and not self.to_local:
+        if self.local_eof and self.remote_done and not self.to_remote and not self.to_local:
             return True
         return not local_mask and not remote_mask
 
@@ -1024,7 +976,11 @@ class _Relay:
                     self.remote_done = True
                     return
                 if not self.remote_done:
-                    self.close_notify_due = True  # once what the application sent before is written
+                    try:
+                        self.tls.unwrap()  # close_notify: our half of the connection ends
+                    except (ssl.SSLWantReadError, ssl.SSLError):
+                        pass
+                self._push_tls_output()
 
     def _association_ended(self) -> bool:
         """An A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor, or the requestor aborted."""
@@ -1044,99 +1000,67 @@ class _Relay:
         self.runtime.count(up=len(data))
         out = self._from_requestor(data) if self.requestor_is_local else self._from_acceptor(data)
         if out:
-            self._write_tls(out)
+            self.tls.write(out)
+        self._push_tls_output()
 
     def _flush_to_local(self) -> None:
         sent = self._send(self.local, self.to_local)
         del self.to_local[:sent]
 
-    def _waiting_for_remote(self) -> int:
-        return len(self.to_remote) + (len(self.unsent) if self.unsent is not None else 0) + len(self.raw_out)
-
-    def _write_tls(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt and send ``data`` at once, unless older data still waits; keep what the socket does
-        not take. Sending here, rather than on the next poll, saves a wake-up per PDU."""
-        if self.unsent is not None:
-            self.to_remote += data
+    def _push_tls_output(self) -> None:
+        """Send the TLS records OpenSSL wrote at once, unless older ones still wait; keep what the
+        socket does not take. Sending here, rather than on the next poll, saves a wake-up per PDU."""
+        records = self._tls_output()
+        if not records:
             return
-        self.unsent = data
-        self._flush_tls()
-
-    def _flush_tls(self) -> None:
-        """Have OpenSSL encrypt and send what waits for the TLS peer, oldest first, until the socket is full."""
-        while self.unsent is not None:
-            try:
-                sent = self.remote.send(self.unsent)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                if isinstance(self.unsent, memoryview):
-                    self.unsent = bytes(self.unsent)  # it views the read buffer, which the next read overwrites
-                return
-            except (ConnectionResetError, BrokenPipeError, ssl.SSLError) as error:
-                # A TLS 1.3 server that refused our certificate may reset while our request goes out:
-                # the same news as reading the reset, and told the same way.
-                self.unsent = None
-                self.to_remote.clear()
-                self._remote_failed(error)
-                return
-            if sent < len(self.unsent):  # a partial write (not Python's mode: it writes all or raises)
-                self.unsent = self.unsent[sent:]
-            elif self.to_remote:
-                self.unsent, self.to_remote = self.to_remote, bytearray()  # handed over whole, not copied
-            else:
-                self.unsent = None
-
-    def _half_close(self) -> None:
-        """The application's EOF becomes our close_notify, once all it sent before is written; the
-        PACS may go on sending, and the relay goes on reading it."""
-        self.close_notify_due = False
-        if self.remote_done:
-            return  # the PACS's close_notify came first: the connection ends without ours, as before
-        try:
-            self.raw_out += _close_notify_records(self.remote)
-        except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as error:
-            return self._remote_failed(error)
-        self._flush_raw()
-
-    def _flush_raw(self) -> None:
-        """Send TLS records OpenSSL has already made (our close_notify) as they are."""
-        try:
-            sent = os.write(self.remote.fileno(), self.raw_out)
-        except BlockingIOError:
+        if self.to_remote:
+            self.to_remote += records
             return
+        sent = self._send_to_remote(records)
+        if sent is not None and sent < len(records):
+            self.to_remote += memoryview(records)[sent:]
+
+    def _send_to_remote(self, data: bytes | bytearray) -> int | None:
+        """Bytes the socket took; None if the peer reset the connection (then handled here)."""
+        try:
+            return self._send(self.remote, data)
         except (ConnectionResetError, BrokenPipeError) as error:
-            self.raw_out = b""
-            return self._remote_failed(error)
-        self.raw_out = self.raw_out[sent:]
+            # A TLS 1.3 server that refused our certificate may reset while our request goes out:
+            # the same news as reading the reset, and told the same way.
+            self._remote_failed(error)
+            return None
 
     def _on_remote(self, events: int) -> None:
-        if events & select.POLLOUT and self.unsent is not None:
-            self._flush_tls()
-        if events & select.POLLOUT and self.raw_out:
-            self._flush_raw()
+        if events & select.POLLOUT and self.to_remote:
+            sent = self._send_to_remote(self.to_remote)
+            if sent is None:
+                return
+            del self.to_remote[:sent]
         if not events & (select.POLLIN | select.POLLHUP | select.POLLERR) or self.remote_done:
             return
+        try:
+            data = self.remote.recv(CHUNK)
+        except BlockingIOError:
+            return
+        except ConnectionResetError as error:
+            return self._remote_failed(error)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
         self._read_tls()
 
-    def _tls_holds_data(self) -> bool:
-        return not self.remote_done and len(self.to_local) < HIGH_WATER and self.remote.pending() > 0
-
     def _read_tls(self) -> None:
-        """Decrypt what the TLS peer sent and pass it on, until OpenSSL wants more from the socket
-        (records may already wait from the handshake, or be decrypted already, which poll cannot
-        see) or the application has HIGH_WATER unread."""
-        while self.failure is None and not self.remote_done:
-            if len(self.to_local) >= HIGH_WATER:
-                self._flush_to_local()
-                if len(self.to_local) >= HIGH_WATER:
-                    break
+        """Decrypt what the TLS peer sent and pass it on; records may already wait from the handshake."""
+        while self.failure is None:
             try:
-                plain = self.remote.recv(CHUNK)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                plain = self.tls.read(CHUNK)
+            except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # close_notify received after ours was sent
+            except ssl.SSLZeroReturnError:
                 self.remote_done = True
                 break
-            except (ssl.SSLError, ConnectionResetError) as error:
+            except ssl.SSLError as error:
                 return self._remote_failed(error)
             if not plain:  # close_notify received while ours is not yet sent (ssl returns b"" then)
                 self.remote_done = True
@@ -1149,6 +1073,7 @@ class _Relay:
                 self.to_local += out
         if self.to_local and self.failure is None:
             self._flush_to_local()
+        self._push_tls_output()
 
     # -- the association, from the requestor's side ------------------------------------------------
 

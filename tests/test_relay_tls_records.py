@@ -1,7 +1,10 @@
-"""What the relay's TLS on a non-blocking ``ssl.SSLSocket`` could get wrong, with a real agent and
-Python TLS servers holding the PACS certificate: our close_notify made while the PACS is still
-sending (a half-close), and a record whose data OpenSSL has decrypted but not yet handed over
-(poll cannot see it)."""
+"""Where the relay's TLS meets the socket, with a real agent and Python TLS servers holding the PACS
+certificate: our close_notify made while the PACS is still sending (a half-close), and a record
+that arrives whole and alone (or with the PACS's close_notify), after which poll shows nothing.
+
+These are what a relay on a non-blocking ``ssl.SSLSocket`` got wrong when it was tried (issue 15,
+docs/benchmarks.md "Where the time goes"): ``unwrap()`` there reads the socket and drops the
+PACS's data, and data OpenSSL has decrypted but not handed over is invisible to poll."""
 
 from __future__ import annotations
 
@@ -65,9 +68,9 @@ class OneConnectionServer:
 
 def test_pacs_data_in_flight_when_the_application_half_closes_arrives_in_full(
         test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    """The application half-closes while the PACS is still sending: the agent's close_notify goes out
-    and everything the PACS sends, before and after it sees that close_notify, reaches the application.
-    (unwrap() on the TLS socket would read the PACS's data once for its close_notify and lose it.)"""
+    """The application half-closes while the PACS is still sending and its data waits in the agent's
+    socket: the agent's close_notify goes out and everything the PACS sends, before and after it
+    sees that close_notify, reaches the application."""
     answer = p_data(os.urandom(8 * MB), max_fragment=60000)
 
     def serve(context: ssl.SSLContext, raw: socket.socket) -> bytes:
@@ -105,8 +108,8 @@ def test_pacs_data_in_flight_when_the_application_half_closes_arrives_in_full(
 def test_a_record_decrypted_but_not_yet_handed_over_reaches_the_application(
         test_pki: ProvisionedPki, tmp_path: Path, close_notify: bool) -> None:
     """The PACS sends one full-size TLS record and then nothing more (or only its close_notify, in
-    the same segment): once OpenSSL has read the record from the socket, poll shows nothing more
-    to read, so the relay must take all of its data from OpenSSL at once."""
+    the same segment): once the record has been read from the socket, poll shows nothing more to
+    read, so the relay must hand all of its data over at once."""
     pdu = p_data(os.urandom(16384 - 12))  # one P-DATA-TF filling one TLS record (16 KiB of plaintext)
     assert len(pdu) == 16384
 
