@@ -11,7 +11,10 @@ inbound listener, with the PKI's server key in a file, in front of a plain ``sto
 the card-session process's user + system CPU from /proc/PID/stat before and after each run
 (clock ticks of 10 ms: the sizes keep that under a few per cent). CPU time moves much less with
 other load on the machine than wall time does, so this can compare two versions of the relay on
-a shared machine where throughput cannot; it prints each run and the medians.
+a shared machine where throughput cannot; it prints each run and the medians. To measure
+another version of the agent, point ``PYTHONPATH`` at a copy of it (a directory holding
+``dicom_card_agent/``): the agent and its card session import that before the installed one.
+Alternate the versions run by run, as the machine's load drifts.
 """
 
 from __future__ import annotations
