@@ -17,7 +17,8 @@ wraps them with timers when the modules are imported and appends one line per ca
 
 It prints medians per function for N resumed and N full-handshake associations (lean raw-socket
 client, as benchmarks/run.py) and, for comparison, the same client talking TLS to storescp directly
-(full and resumed). Expect the timers to add a few microseconds per call.
+(full and resumed). Expect the timers to add a few microseconds per call. A ``PYTHONPATH`` it is
+given stays behind the hooks' directory: point it at a copy of the package to time another version.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def main() -> int:
                                                            log_level="warn"))
             agent = stack.enter_context(bench.running_agent(
                 work, "agent", pki, conf, "softhsm2", [("pacs", scp.port, True), ("pacs-full", scp.port, False)],
-                extra_env={"PYTHONPATH": str(hooks), "BENCH_AGENT_TIMING_OUT": str(timings)}))
+                extra_env={"PYTHONPATH": os.pathsep.join(filter(None, (str(hooks), os.environ.get("PYTHONPATH")))),
+                           "BENCH_AGENT_TIMING_OUT": str(timings)}))
             context = direct.ssl_context()
             resumption = bench.Resumption()
             client: dict[str, list[float]] = collections.defaultdict(list)

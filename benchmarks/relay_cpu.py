@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""What the card-session process spends in CPU: per GB of a ``storescu`` bulk run through the
+agent, both ways (outbound: the agent writes TLS; inbound: a PACS sends over TLS to the agent's
+inbound listener, the agent reads TLS), and per fresh association (resumed, and with a full
+handshake every time). Not part of the test suite.
+
+    .venv/bin/python benchmarks/relay_cpu.py [--study-mb 200] [--reps 5] [--associations 200]
+
+Runs the real ``card-agent run`` (token alice on SoftHSM) in front of ``storescp +tls`` (and an
+inbound listener, with the PKI's server key in a file, in front of a plain ``storescp``), and reads
+the card-session process's user + system CPU from /proc/PID/stat before and after each run
+(clock ticks of 10 ms: the sizes keep that under a few per cent). CPU time moves much less with
+other load on the machine than wall time does, so this can compare two versions of the relay on
+a shared machine where throughput cannot; it prints each run and the medians. To measure
+another version of the agent, point ``PYTHONPATH`` at a copy of it (a directory holding
+``dicom_card_agent/``): the agent and its card session import that before the installed one.
+Alternate the versions run by run, as the machine's load drifts.
+"""
+
+from __future__ import annotations
+
+import sys
+
+sys.dont_write_bytecode = True
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (benchmarks/run.py: servers, agent, lean client)
+
+
+def session_cpu(agent: bench.Agent) -> tuple[int, float]:
+    pid = agent.session_pid()
+    if pid is None:
+        raise bench.BenchError("no card-session process")
+    return pid, bench.proc_stat_cpu(pid)
+
+
+def bulk_runs(agent: bench.Agent, port: int, files: list[Path], total: int, reps: int,
+              tls: bench.TlsClientFiles | None = None) -> list[float]:
+    """Card-session CPU seconds per GB, one value per storescu run (after one warm-up run)."""
+    values = []
+    for rep in range(-1, reps):
+        pid, before = session_cpu(agent)
+        argv = bench.dcmtk.storescu_argv(port, files, tls=tls, called_ae=bench.CALLED_AE, log_level="warn")
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", env=bench.peer_env(), timeout=900)
+        if result.returncode != 0:
+            raise bench.BenchError(f"storescu exit {result.returncode}:\n{result.stdout[-3000:]}")
+        bench.time.sleep(0.1)  # let the relay account its last bytes
+        cpu = bench.proc_stat_cpu(pid) - before
+        if rep >= 0:
+            values.append(cpu / (total / 1e9))
+            print(f"  bulk run {rep + 1}{' (inbound)' if tls else ''}: {values[-1]:.3f} s/GB", file=sys.stderr)
+    return values
+
+
+def association_cpu(agent: bench.Agent, port: int, count: int) -> float:
+    """Card-session CPU milliseconds per lean association (connect, A-ASSOCIATE, C-ECHO, A-RELEASE)."""
+    for _ in range(3):
+        bench.lean_echo(port)
+    pid, before = session_cpu(agent)
+    for _ in range(count):
+        bench.lean_echo(port)
+    bench.time.sleep(0.1)
+    return (bench.proc_stat_cpu(pid) - before) * 1000 / count
+
+
+def with_inbound(listen: int, forward: int, pki: Path):
+    """bench.write_agent_config, with an inbound listener added to what it writes."""
+    write = bench.write_agent_config
+
+    def write_with_inbound(path: Path, *args, **kwargs) -> Path:
+        write(path, *args, **kwargs)
+        with path.open("a") as config:
+            config.write(f'''
+[[inbound]]
+name = "retrieves"
+listen = "127.0.0.1:{listen}"
+forward = "127.0.0.1:{forward}"
+server_certificate = "{pki / 'server-chain.pem'}"
+server_key = "{pki / 'server.key'}"
+''')
+        return path
+    return write_with_inbound
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study-mb", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--associations", type=int, default=200)
+    args = parser.parse_args()
+    for name in ("OPENSSL_CONF", "CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
+        os.environ.pop(name, None)
+    for tool in ("STORESCP", "STORESCU", "ECHOSCU"):
+        setattr(bench.dcmtk, tool, bench._find_system_tool(getattr(bench.dcmtk, tool).lower()))
+    work = Path(tempfile.mkdtemp(prefix="card-agent-relay-cpu-",
+                                 dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    try:
+        subprocess.run([bench.card_agent_executable(), "softhsm", "init", str(work / "tokens")], check=True,
+                       capture_output=True, text=True)
+        pki, conf = work / "tokens" / "pki", work / "tokens" / "softhsm2.conf"
+        files = bench.make_bulk_study(work / "study", args.study_mb * bench.MB)
+        total = sum(path.stat().st_size for path in files)
+        pacs = bench.TlsClientFiles.issue(pki, work / "pacs-identity", "Bench PACS")
+        with contextlib.ExitStack() as stack:
+            scp = stack.enter_context(bench.dcmtk.storescp(work / "out", tls=bench.TlsServerFiles.from_pki(pki),
+                                                           log_level="warn", extra_args=["--ignore"]))
+            local_scp = stack.enter_context(bench.dcmtk.storescp(work / "local-out", log_level="warn",
+                                                                 extra_args=["--ignore"]))
+            inbound_port = bench.free_port()
+            bench.write_agent_config = with_inbound(inbound_port, local_scp.port, pki)
+            agent = stack.enter_context(bench.running_agent(
+                work, "agent", pki, conf, "softhsm2", [("pacs", scp.port, True), ("pacs-full", scp.port, False)]))
+            bulk = bulk_runs(agent, agent.ports["pacs"], files, total, args.reps)
+            inbound = bulk_runs(agent, inbound_port, files, total, args.reps, tls=pacs)
+            resumed = [association_cpu(agent, agent.ports["pacs"], args.associations) for _ in range(args.reps)]
+            full = [association_cpu(agent, agent.ports["pacs-full"], args.associations) for _ in range(args.reps)]
+        print(f"card-session CPU, {len(files)} objects / {total / bench.MB:.0f} MB per bulk run, "
+              f"{args.associations} associations per set-up run; {args.reps} runs each, median (min-max):")
+        for label, values, unit in (("bulk, s per GB", bulk, ".3f"), ("bulk inbound, s per GB", inbound, ".3f"),
+                                    ("association, resumed, ms", resumed, ".2f"),
+                                    ("association, full handshake, ms", full, ".2f")):
+            print(f"  {label:34} {statistics.median(values):{unit}} ({min(values):{unit}}-{max(values):{unit}})")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
