@@ -528,3 +528,31 @@ def test_a_silent_peer_holds_its_handshake_place_only_until_handshake_timeout(
             "(max_pending_handshakes = 1)") in log
     assert result.returncode == 0, result.stdout
     assert_delivered(study, received)
+
+
+def test_a_peer_dribbling_its_client_hello_holds_its_handshake_place_only_until_handshake_timeout(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A byte every ~0.3 ms of a ClientHello too long to ever finish: the agent gives up at
+    handshake_timeout (1 s). The old handshake loop, once past its deadline, still read with a
+    1 ms timeout: a peer sending faster than that held its place (and the listener's one pending
+    handshake here) for as long as it kept sending."""
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}", max_pending_handshakes=1,
+                                handshake_timeout=1, **node_identity(test_pki))
+    # A TLS handshake record announcing a ClientHello of 100,000 bytes, then its bytes one by one.
+    client_hello_start = bytes([0x16, 0x03, 0x01, 0x40, 0x00, 0x01]) + (100_000).to_bytes(3, "big")
+    with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+        with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10) as dribbler:
+            started = time.monotonic()
+            dribbler.sendall(client_hello_start)
+            closed_after = None
+            with contextlib.suppress(OSError):  # the agent's close shows as a reset or a broken pipe
+                while time.monotonic() - started < 6:
+                    dribbler.send(b"\x00")
+                    pause = time.monotonic() + 0.0003
+                    while time.monotonic() < pause:
+                        pass
+            closed_after = time.monotonic() - started
+            log = agent.wait_for_log("did not finish in time", timeout=10)
+    assert closed_after < 3.0, f"the dribbling peer was held {closed_after:.1f} s (handshake_timeout = 1 s)"
+    assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: TLS handshake with the PACS at 127\.0\.0\.1:\d+ did not "
+                     r"finish in time", log), log

@@ -279,6 +279,8 @@ class _Tls:
                     return
                 except ssl.SSLWantReadError:
                     sock.sendall(self.pending_output())
+                    if time.monotonic() >= deadline:  # a peer trickling bytes must not outlast it either
+                        raise TimeoutError("the peer did not finish the TLS handshake in time") from None
                     _wait_for_peer(sock, deadline, ending)
                     sock.settimeout(max(0.001, deadline - time.monotonic()))
                     data = sock.recv(CHUNK)
