@@ -9,8 +9,10 @@ the agent: a ``sitecustomize.py`` written to a temporary directory (put on the a
 which the supervisor passes on to its card-session child; variables named CARD_AGENT_* it would not)
 wraps them with timers when the modules are imported and appends one line per call to a file:
 
-- supervisor: ``Listeners._admit`` (its thread), within it ``admit_peer`` (who is the local client:
-  /proc/net/tcp) and ``CardSession.dispatch`` (hand the socket to the card session);
+- accepting: while a card is signed in, the card session's ``LentListeners._serve`` (it accepts on
+  the tunnels' sockets the supervisor lent it), otherwise the supervisor's ``Listeners._admit`` and
+  ``CardSession.dispatch`` (hand the socket to the card session); within either ``admit_peer`` (who
+  is the local client: sock_diag);
 - card session: ``_connect`` (TCP to the PACS), ``_Tls.__init__`` (``wrap_bio``, with the session to
   resume), ``_handshake`` (TLS, a Python loop over memory BIOs), ``_Relay.run`` (the DICOM exchange,
   waiting for both ends included) and ``handle_outbound`` (all of it).
@@ -58,8 +60,10 @@ def _wrap(owner, attribute, name):
                 out.write(f"{name} {started:.6f} {ended:.6f}\n")
     setattr(owner, attribute, timed)
 _TARGETS = {
-    "dicom_card_agent.tunnel.server": lambda m: (_wrap(m.Listeners, "_admit", "admit (supervisor thread)"),
-                                      _wrap(m, "admit_peer", "  admit_peer (/proc/net/tcp)")),
+    "dicom_card_agent.tunnel.peer": lambda m: _wrap(m, "admit_peer", "  admit_peer (sock_diag)"),
+    "dicom_card_agent.tunnel.server": lambda m: _wrap(m.Listeners, "_admit", "admit (supervisor thread)"),
+    "dicom_card_agent.tunnel.lent_listeners": lambda m: _wrap(m.LentListeners, "_serve",
+                                                              "admit (card session, lent listener)"),
     "dicom_card_agent.session.supervisor": lambda m: _wrap(m.CardSession, "dispatch", "  dispatch (to card session)"),
     "dicom_card_agent.tunnel.relay": lambda m: (_wrap(m, "handle_outbound", "handle_outbound (card session)"),
                                      _wrap(m, "_connect", "  connect to the PACS"),
@@ -171,7 +175,8 @@ def main() -> int:
         for label in marks:
             print(f"\n{label}: {statistics.median(client[label]):.2f} ms "
                   f"(/proc/net/tcp had {marks[label][1]} rows at the start)")
-            order = ["admit (supervisor thread)", "  admit_peer (/proc/net/tcp)", "  dispatch (to card session)",
+            order = ["admit (supervisor thread)", "admit (card session, lent listener)", "  admit_peer (sock_diag)",
+                     "  dispatch (to card session)",
                      "handle_outbound (card session)", "  connect to the PACS", "  wrap_bio (+ session to resume)",
                      "  TLS handshake", "  relay (DICOM exchange)"]
             for name in sorted(calls[label], key=lambda n: order.index(n) if n in order else len(order)):
