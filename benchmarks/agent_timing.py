@@ -33,10 +33,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -116,16 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--associations", type=int, default=50)
     args = parser.parse_args()
-    for name in ("OPENSSL_CONF", "CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
-        os.environ.pop(name, None)
-    for tool in ("STORESCP", "STORESCU", "ECHOSCU"):
-        setattr(bench.dcmtk, tool, bench._find_system_tool(getattr(bench.dcmtk, tool).lower()))
-    work = Path(tempfile.mkdtemp(prefix="card-agent-timing-",
-                                 dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
-    try:
-        subprocess.run([bench.card_agent_executable(), "softhsm", "init", str(work / "tokens")], check=True,
-                       capture_output=True, text=True)
-        pki, conf = work / "tokens" / "pki", work / "tokens" / "softhsm2.conf"
+    with bench.softhsm_work_directory("card-agent-timing-") as (work, pki, conf):
         direct = bench.TlsClientFiles.issue(pki, work / "file-identity", "Direct TLS Timing")
         hooks = work / "hooks"
         hooks.mkdir()
@@ -184,8 +172,6 @@ def main() -> int:
             if handshakes[label]:
                 print(f"    {'TLS handshake (in-process, C)':34} {statistics.median(handshakes[label]):7.2f}")
         return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,8 @@ sys.dont_write_bytecode = True
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,16 +95,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--associations", type=int, default=200)
     args = parser.parse_args()
-    for name in ("OPENSSL_CONF", "CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
-        os.environ.pop(name, None)
-    for tool in ("STORESCP", "STORESCU", "ECHOSCU"):
-        setattr(bench.dcmtk, tool, bench._find_system_tool(getattr(bench.dcmtk, tool).lower()))
-    work = Path(tempfile.mkdtemp(prefix="card-agent-relay-cpu-",
-                                 dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
-    try:
-        subprocess.run([bench.card_agent_executable(), "softhsm", "init", str(work / "tokens")], check=True,
-                       capture_output=True, text=True)
-        pki, conf = work / "tokens" / "pki", work / "tokens" / "softhsm2.conf"
+    with bench.softhsm_work_directory("card-agent-relay-cpu-") as (work, pki, conf):
         files = bench.make_bulk_study(work / "study", args.study_mb * bench.MB)
         total = sum(path.stat().st_size for path in files)
         pacs = bench.TlsClientFiles.issue(pki, work / "pacs-identity", "Bench PACS")
@@ -131,8 +119,6 @@ def main() -> int:
                                     ("association, full handshake, ms", full, ".2f")):
             print(f"  {label:34} {statistics.median(values):{unit}} ({min(values):{unit}}-{max(values):{unit}})")
         return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

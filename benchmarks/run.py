@@ -130,6 +130,29 @@ def _find_system_tool(name: str) -> str:
     raise BenchError(f"{name} (DCMTK) not found on PATH; install dcmtk")
 
 
+def use_system_dcmtk() -> None:
+    """DCMTK's tools from the system, whatever is first on PATH (see :func:`_find_system_tool`)."""
+    for tool in ("STORESCP", "STORESCU", "ECHOSCU"):
+        setattr(dcmtk, tool, _find_system_tool(getattr(dcmtk, tool).lower()))
+
+
+@contextlib.contextmanager
+def softhsm_work_directory(prefix: str) -> Iterator[tuple[Path, Path, Path]]:
+    """For the diagnostic scripts: a work directory (in /dev/shm when it can be) holding `card-agent
+    softhsm init`'s tokens and PKI, with no OpenSSL or module settings inherited and DCMTK from the
+    system; yields (work, pki, softhsm2.conf) and removes it afterwards."""
+    for name in ("OPENSSL_CONF", "CARD_AGENT_MODULE", "SOFTHSM2_CONF"):
+        os.environ.pop(name, None)
+    use_system_dcmtk()
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    try:
+        subprocess.run([card_agent_executable(), "softhsm", "init", str(work / "tokens")], check=True,
+                       capture_output=True, text=True)
+        yield work, work / "tokens" / "pki", work / "tokens" / "softhsm2.conf"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def card_agent_executable() -> str:
     for candidate in (REPO / ".venv" / "bin" / "card-agent", Path(sys.executable).parent / "card-agent"):
         if candidate.is_file():
@@ -791,8 +814,7 @@ class Benchmark:
                 shutil.rmtree(work, ignore_errors=True)
 
     def _run(self, stack: contextlib.ExitStack, work: Path, started: datetime.datetime) -> str:
-        for tool in ("STORESCP", "STORESCU", "ECHOSCU"):
-            setattr(dcmtk, tool, _find_system_tool(getattr(dcmtk, tool).lower()))
+        use_system_dcmtk()
         busy = other_heavy_processes()
         deadline = time.monotonic() + self.args.wait_idle
         while busy and time.monotonic() < deadline:
