@@ -219,6 +219,24 @@ def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[st
 
 
 @contextmanager
+def signed_in_through_fault_module(test_pki: ProvisionedPki, workdir: Path, fault_module: Path, card: Any,
+                                   **config: Any) -> Iterator[tuple[RunningAgent, int]]:
+    """Alice's card in the fault module's reader (``card``, a FaultControl), an agent with one
+    tunnel "pacs" to a pynetdicom TLS PACS, signed in and answering a C-ECHO; yields the agent and
+    its card-session process's pid."""
+    from peers.pynetdicom_scp import echo, tls_scp
+
+    card.show("alice")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, workdir, [tunnel("pacs", pacs.port)], module=str(fault_module),
+                           env=card.env(), **config) as agent:
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            worker = card_session_pid(agent.process.pid)
+            assert worker is not None and echo(agent.port()), agent.log()
+            yield agent, worker
+
+
+@contextmanager
 def pki_for_user(test_pki: ProvisionedPki, user: int) -> Iterator[tuple[ProvisionedPki, Path]]:
     """A copy of the test PKI and tokens owned by uid ``user``, and a work directory of that user, for
     an agent run as that user (pytest's own tmp directories are root's alone); removed afterwards."""

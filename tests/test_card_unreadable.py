@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from agent_runner import card_session_pid, log_lines, running_agent, tunnel, wait_for
+from agent_runner import card_session_pid, log_lines, running_agent, signed_in_through_fault_module, tunnel, wait_for
 from conftest import ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import echo, tls_scp
@@ -29,24 +29,17 @@ def failed_looks(card: FaultControl, pid: int) -> int:
 def test_a_look_that_fails_for_a_moment_does_not_end_the_session(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], module=str(fault_module),
-                           env=card.env()) as agent:
-            agent.wait_for_log(SIGNED_IN)
-            worker = card_session_pid(agent.process.pid)
-            assert worker is not None and echo(agent.port())
+    with signed_in_through_fault_module(test_pki, tmp_path / "agent", fault_module, card) as (agent, worker):
+        card.fail("C_GetTokenInfo", "CKR_GENERAL_ERROR")  # what SoftHSM answered during another's login
+        wait_for(lambda: failed_looks(card, agent.process.pid) >= 2, timeout=5)
+        card.fail("C_GetTokenInfo", None)
+        time.sleep(0.5)  # the card loop acts on the looks that failed, and on those that work again
 
-            card.fail("C_GetTokenInfo", "CKR_GENERAL_ERROR")  # what SoftHSM answered during another's login
-            wait_for(lambda: failed_looks(card, agent.process.pid) >= 2, timeout=5)
-            card.fail("C_GetTokenInfo", None)
-            time.sleep(0.5)  # the card loop acts on the looks that failed, and on those that work again
-
-            log = agent.log()
-            assert "event=card-removed" not in log and "event=sign-out" not in log, log
-            assert card_session_pid(agent.process.pid) == worker  # the same card session serves on
-            assert echo(agent.port())
-            log = agent.log()
+        log = agent.log()
+        assert "event=card-removed" not in log and "event=sign-out" not in log, log
+        assert card_session_pid(agent.process.pid) == worker  # the same card session serves on
+        assert echo(agent.port())
+        log = agent.log()
     assert log.count(SIGNED_IN) == 1, log
     lines = log_lines(log)
     assert ("card-agent: INFO: the card reader could not be read (GeneralError): the card is taken to be as it "

@@ -9,7 +9,16 @@ import signal
 import time
 from pathlib import Path
 
-from agent_runner import FramedEchoServer, card_session_pid, dicom_stream, echoed, running_agent, send_and_close, tunnel
+from agent_runner import (
+    FramedEchoServer,
+    card_session_pid,
+    dicom_stream,
+    echoed,
+    running_agent,
+    send_and_close,
+    signed_in_through_fault_module,
+    tunnel,
+)
 from conftest import ProvisionedPki
 from dicom_card_agent.tunnel.relay import reject_pdu
 from fault_pkcs11 import FaultControl
@@ -45,24 +54,18 @@ def test_the_supervisor_answers_again_once_the_card_is_pulled_and_lends_to_the_n
     """Pulled: the card-session process and its copies of the sockets are gone, and the supervisor
     answers A-ASSOCIATE-RJ (transient) itself; re-inserted: the new session accepts again."""
     card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], module=str(fault_module),
-                           env=card.env()) as agent:
-            agent.wait_for_log(SIGNED_IN)
-            first = card_session_pid(agent.process.pid)
-            assert first is not None and echo(agent.port())
-            card.remove_card()
-            agent.wait_for_log('event=sign-out reason="card removed"')
-            assert not os.path.exists(f"/proc/{first}"), "the card-session process outlived its card"
-            refused = send_and_close(agent.port())
-            card.insert_card()
-            deadline = time.monotonic() + 15
-            while agent.log().count(SIGNED_IN) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            second = card_session_pid(agent.process.pid)
-            served = echo(agent.port())
-            log = agent.log()
+    with signed_in_through_fault_module(test_pki, tmp_path / "agent", fault_module, card) as (agent, first):
+        card.remove_card()
+        agent.wait_for_log('event=sign-out reason="card removed"')
+        assert not os.path.exists(f"/proc/{first}"), "the card-session process outlived its card"
+        refused = send_and_close(agent.port())
+        card.insert_card()
+        deadline = time.monotonic() + 15
+        while agent.log().count(SIGNED_IN) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = card_session_pid(agent.process.pid)
+        served = echo(agent.port())
+        log = agent.log()
     assert refused == reject_pdu(transient=True)
     assert "tunnel pacs: uid 0 pid" in log and "rejected: no card inserted" in log, log
     assert second is not None and second != first
