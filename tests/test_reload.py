@@ -213,3 +213,43 @@ def test_a_changed_trust_or_inbound_listener_signs_the_card_in_again(
     assert "cannot take it in place ([[inbound]] changed): it ends, and the card is signed in again" in log
     assert log.count('event=sign-out reason="configuration reloaded"') == 2
     assert (RELOADED.format(config=config) + "added viewer; the card session was ended ([[inbound]] changed)\n") in log
+
+
+def test_a_card_pulled_while_a_stuck_card_session_is_asked_to_reload_is_acted_on_at_once(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """The reload waited for the card-session process's answer (up to 60 s) holding the card loop's
+    lock: with that process stuck (SIGSTOP here, a slow card's key in a new TLS context in life),
+    a pulled card went unnoticed for a minute. The loop must see the pull at once and end the
+    session (killing the stuck process) within its usual bound."""
+    import os
+    import time
+
+    card = FaultControl(tmp_path / "card.ctl")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        first, second = tunnel("first", pacs.port), tunnel("second", pacs.port)
+        with running_agent(test_pki, tmp_path / "agent", [first], module=str(fault_module),
+                           env=card.env()) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            signed_in(agent, test_pki.env(**card.env()))
+            worker = card_session_pid(agent.process.pid)
+            assert worker is not None
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                write_config(config, test_pki, [first, second], module=str(fault_module))
+                agent.process.send_signal(signal.SIGHUP)
+                time.sleep(1.0)  # the reload now waits for the stopped process's answer
+                card.remove_card()
+                pulled = time.monotonic()
+                agent.wait_for_log('event=card-removed token="alice"', timeout=70)
+                seen_after = time.monotonic() - pulled
+                log = agent.wait_for_log('event=sign-out reason="card removed"', timeout=70)
+                ended_after = time.monotonic() - pulled
+            finally:
+                try:
+                    os.kill(worker, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            assert agent.process.poll() is None
+    assert seen_after < 3.0, f"the pull was seen {seen_after:.1f} s after it"
+    assert ended_after < 20.0, f"the session ended {ended_after:.1f} s after the pull:\n{log}"
+    assert not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z"

@@ -147,22 +147,29 @@ class SessionManager:
         What happened, for the log."""
         with self._lock:
             self.config = config
-            return self._retune()
+        return self._retune()
 
     def _retune(self) -> str:
-        session = self.session
-        if session is None or self.machine.state is not State.SIGNED_IN:
-            # A sign-in under way goes on; its card session is brought up to date when it is ready.
-            return f"no card session ({self.state})"
-        reason = session_change(session.config, self.config)
+        """Bring the signed-in card session up to date with ``self.config``. Called without the lock:
+        the card-session process may take its time to answer (it makes TLS contexts, a stuck one
+        up to START_TIMEOUT_SECONDS), and meanwhile the card loop must act on a pulled card."""
+        with self._lock:
+            session, config = self.session, self.config
+            if session is None or self.machine.state is not State.SIGNED_IN:
+                # A sign-in under way goes on; its card session is brought up to date when it is ready.
+                return f"no card session ({self.state})"
+            reason = session_change(session.config, config)
         if not reason:
-            answer = session.reconfigure(self.config)
+            answer = session.reconfigure(config)
             if answer["type"] == "reloaded":
                 return "the card session goes on"
             reason = answer["message"]
-        log.warning("configuration reloaded: the card session of %s cannot take it in place (%s): it ends, and "
-                    "the card is signed in again", session.signed_in.files.subject, reason)
-        self._feed(Reload())
+        with self._lock:
+            if self.session is not session:  # pulled, locked or lost while it was being asked
+                return f"the card session ended meanwhile ({self.state})"
+            log.warning("configuration reloaded: the card session of %s cannot take it in place (%s): it ends, "
+                        "and the card is signed in again", session.signed_in.files.subject, reason)
+            self._feed(Reload())
         return f"the card session was ended ({reason})"
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -347,8 +354,8 @@ class SessionManager:
         event("sign-in", subject=files.subject, issuer=files.issuer, token=card.label, serial=card.serial)
         self.audit.signed_in(session.signed_in, card)
         self.desktop.signed_in(session.signed_in.identity.certificate)
-        if session.config is not self.config:  # reloaded while it was signing in
-            self._retune()
+        if session.config is not self.config:  # reloaded while it was signing in: not on the loop's time
+            threading.Thread(target=self._retune, name="retune", daemon=True).start()
         if self.listeners is not None and self.session is session:
             self.listeners.lend(session)
 
