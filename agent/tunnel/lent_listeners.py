@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Mapping
 
-from dicom_card_agent.config.model import TunnelConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
@@ -32,7 +31,7 @@ from dicom_card_agent.tunnel.relay import (
     Report,
     TunnelRuntime,
     reject_at_once,
-    reject_local,
+    reject_in_thread,
     serve_connection,
 )
 
@@ -50,11 +49,6 @@ def _who(connection: socket.socket) -> str:
     return f"uid {peer.uid}" if peer.uid is not None else connection_source(connection)
 
 
-def peer_policy(tunnel: TunnelConfig) -> PeerPolicy:
-    """Who may use ``tunnel``: its allowed_uids, by default only the user running the agent."""
-    return PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
-
-
 class LentListeners:
     """Accepts on the listening sockets the supervisor lent, in one thread, until :meth:`close`."""
 
@@ -63,7 +57,6 @@ class LentListeners:
         self._report = report
         self._selector = selectors.DefaultSelector()
         self._sockets: dict[str, socket.socket] = {}
-        self._policies: dict[str, tuple[TunnelConfig, PeerPolicy]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake_read, self._wake_write = os.pipe()  # interrupts select() when the set changes
@@ -142,12 +135,12 @@ class LentListeners:
         answering = False  # True once a refusal thread owns the connection (and leaves in-flight)
         try:
             try:
-                peer = admit_peer(connection, self._policy(runtime.config))
+                peer = admit_peer(connection, PeerPolicy.allowing(runtime.config.allowed_uids))  # as reloaded
             except PeerRefusedError as error:
                 log.warning("tunnel %s: %s", name, error)
                 self._report(PEER_REFUSED, {"tunnel": name, "listen": str(runtime.config.listen),
                                             "uid": error.peer.uid, "pid": error.peer.pid, "message": str(error)})
-                self._reject(name, connection, runtime)
+                reject_in_thread(connection, TunnelFailure("local peer refused"), name, runtime.leave)
                 answering = True
                 return
         except (CardAgentError, OSError, RuntimeError) as error:
@@ -171,20 +164,3 @@ class LentListeners:
         with self._lock:
             return [t for t in self._relays if t.is_alive()]
 
-    def _policy(self, tunnel: TunnelConfig) -> PeerPolicy:
-        known = self._policies.get(tunnel.name)
-        if known is None or known[0] is not tunnel:  # first use, or a reload changed the tunnel
-            known = self._policies[tunnel.name] = (tunnel, peer_policy(tunnel))
-        return known[1]
-
-    @staticmethod
-    def _reject(name: str, connection: socket.socket, runtime: TunnelRuntime) -> None:
-        """A-ASSOCIATE-RJ in a thread of its own: it waits a bounded time for the application, and
-        leaves ``runtime``'s connections in flight when done. RuntimeError when no thread is to be had."""
-        def reject_and_close() -> None:
-            try:
-                reject_local(connection, TunnelFailure("local peer refused"))
-            finally:
-                connection.close()
-                runtime.leave()
-        threading.Thread(target=reject_and_close, name=f"reject-{name}", daemon=True).start()

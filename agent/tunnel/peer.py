@@ -528,6 +528,11 @@ class PeerPolicy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_uids", frozenset(self.allowed_uids))
 
+    @classmethod
+    def allowing(cls, uids: Iterable[int]) -> PeerPolicy:
+        """The users ``uids`` (a configuration's ``allowed_uids``), or only the agent's own user when it names none."""
+        return cls(frozenset(uids or (os.getuid(),)))
+
     def allows(self, peer: Peer) -> bool:
         return peer.uid is not None and peer.uid in self.allowed_uids
 

@@ -672,7 +672,7 @@ def _connect_forward(runtime: InboundRuntime) -> socket.socket:
         raise TunnelFailure(f"cannot reach the local storage SCP at {target}: {error.strerror or error} "
                             "(is the viewer's storage SCP running?)", transient=True) from None
     set_nodelay(sock)
-    policy = PeerPolicy(frozenset(config.forward_uids or (os.getuid(),)))
+    policy = PeerPolicy.allowing(config.forward_uids)
     owner = identify_server(sock)
     if not policy.allows(owner):
         sock.close()
@@ -775,6 +775,23 @@ def reject_local(local: socket.socket, failure: TunnelFailure, *, request_read: 
     if not request_read:
         _read_one_pdu(local, REJECT_READ_TIMEOUT)
     _send_and_close(local, reject_pdu(transient=failure.transient))
+
+
+def reject_in_thread(local: socket.socket, failure: TunnelFailure, name: str, done: Callable[[], None]) -> None:
+    """A-ASSOCIATE-RJ to ``local`` in a thread of its own (:func:`reject_local` waits a bounded time
+    for the application), then close it and call ``done``. RuntimeError when no thread is to be had
+    (``local`` is then closed and ``done`` not called)."""
+    def reject_and_close() -> None:
+        try:
+            reject_local(local, failure)
+        finally:
+            local.close()
+            done()
+    try:
+        threading.Thread(target=reject_and_close, name=f"reject-{name}", daemon=True).start()
+    except RuntimeError:
+        local.close()
+        raise
 
 
 def reject_at_once(local: socket.socket) -> None:

@@ -26,7 +26,7 @@ from dicom_card_agent.tunnel.peer import (
     create_tcp_listener,
     create_unix_listener,
 )
-from dicom_card_agent.tunnel.relay import reject_at_once, reject_local
+from dicom_card_agent.tunnel.relay import reject_at_once, reject_in_thread
 
 log = logging.getLogger("agent.tunnel")
 
@@ -39,7 +39,7 @@ class Listeners:
         activated = activated or ActivatedSockets([])
         self._activated_fds: set[int] = set()  # systemd's sockets: their unix paths are its to remove
         self.sockets: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
-        self.policies = {tunnel.name: PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
+        self.policies = {tunnel.name: PeerPolicy.allowing(tunnel.allowed_uids)
                          for tunnel in config.tunnels}
         self.manager: SessionManager | None = None
         self._selector = selectors.DefaultSelector()
@@ -100,7 +100,7 @@ class Listeners:
         address); the returned function puts them in service and closes those ``config`` no longer
         has. Raises CardAgentError, with nothing changed, when a new socket cannot be had."""
         kept = {str(listener.listen): sock for sock, listener in self.sockets.values()}
-        policies = {tunnel.name: PeerPolicy(frozenset(tunnel.allowed_uids or (os.getuid(),)))
+        policies = {tunnel.name: PeerPolicy.allowing(tunnel.allowed_uids)
                     for tunnel in config.tunnels}
         old_policies, self.policies = self.policies, policies  # _open reads a unix socket's users from them
         opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]] = []
@@ -277,19 +277,9 @@ class Listeners:
             self.manager.turned_away(name, reason)
 
     def _reject(self, tunnel: TunnelConfig, local: socket.socket, failure: TunnelFailure) -> bool:
-        """Answer A-ASSOCIATE-RJ in a thread of its own: it waits a bounded time for the application
-        (agent/tunnel/relay.py reject_local). True when the thread took over ``local``."""
-        def reject_and_close() -> None:
-            try:
-                reject_local(local, failure)
-            finally:
-                local.close()
-                self._in_flight.leave(tunnel.name)
-        try:
-            threading.Thread(target=reject_and_close, name=f"reject-{tunnel.name}", daemon=True).start()
-        except RuntimeError:  # no thread to be had: no answer either
-            local.close()
-            raise
+        """Answer A-ASSOCIATE-RJ in a thread of its own (agent/tunnel/relay.py reject_in_thread),
+        leaving the listener's in-flight count when done. True when the thread took over ``local``."""
+        reject_in_thread(local, failure, tunnel.name, lambda: self._in_flight.leave(tunnel.name))
         return True
 
     def _admit_inbound(self, inbound: InboundConfig, connection: socket.socket) -> None:
