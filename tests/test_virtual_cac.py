@@ -43,6 +43,7 @@ from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # n
 from test_card_sessions import large_object
 from virtual_card.fixtures import card_reader, pcscd, virtual_cards  # noqa: F401 - pytest fixtures
 from virtual_card.nssdb import CardContents
+from virtual_card.pcscd import VPCD_READER
 from virtual_card.reader import VirtualReader
 
 OPENSC = "opensc"
@@ -449,10 +450,16 @@ def test_pcsc_event_source_reports_insertion_and_removal(card_reader: VirtualRea
     try:
         card_reader.insert(virtual_cards["dave"])
         wait_for(lambda: len(changes) >= 1, timeout=5)
+        assert list(source.cards) == [VPCD_READER]  # what the card loop reads when pcscd tells of cards
+        inserted_count = source.cards[VPCD_READER]
         before = len(changes)
         pulled = card_reader.pull(wait=False)
         wait_for(lambda: len(changes) > before, timeout=5)
         seen_after = changes[before] - pulled
+        assert source.cards == {}
+        card_reader.insert(virtual_cards["dave"])
+        wait_for(lambda: source.cards, timeout=5)
+        assert source.cards[VPCD_READER] != inserted_count  # the same card again is a new insertion
     finally:
         source.stop()
     # pcscd polls vpcd every 400 ms; the event must come from that poll, not from a timeout of ours.

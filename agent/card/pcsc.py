@@ -17,7 +17,7 @@ import ctypes
 import ctypes.util
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("agent.card")
 
@@ -168,6 +168,10 @@ class PcscEventSource:
         # True while a wait on pcscd is in place, so that a change would be reported; False while
         # pcscd is away (changes may go unreported until it is back, when a change is reported).
         self.live = False
+        # The readers holding a card, each with pcscd's count of its card events (the upper 16 bits
+        # of its state): a card pulled and another inserted between two looks shows as a new count.
+        # Replaced whole, before each change is reported; meaningful only while ``live``.
+        self.cards: dict[str, int] = {}
 
     def start(self) -> PcscEventSource:
         """Connect to pcscd now (PcscUnavailable if that fails), then watch in the background."""
@@ -230,6 +234,7 @@ class PcscEventSource:
             raise PcscUnavailable(f"SCardGetStatusChange: 0x{rv:08X}")
         for state in states:
             state.dwCurrentState = state.dwEventState & ~SCARD_STATE_CHANGED
+        self.cards = _cards_in(names[1:], states[1:])
         self.live = True
         while not self._stopping.is_set():
             rv = context.wait(states)
@@ -247,6 +252,7 @@ class PcscEventSource:
                                 and card_state_changed(s.dwCurrentState, s.dwEventState) for s in states[1:])
             for state in states:
                 state.dwCurrentState = state.dwEventState & ~SCARD_STATE_CHANGED
+            self.cards = _cards_in(names[1:], states[1:])
             if readers_changed or cards_changed:
                 self._notify()
             if readers_changed:
@@ -258,3 +264,9 @@ class PcscEventSource:
             self.on_change()
         except Exception:  # noqa: BLE001 - a broken callback must not end the event thread
             log.exception("PC/SC event callback failed")
+
+
+def _cards_in(names: list[str], states: Sequence[ReaderState]) -> dict[str, int]:
+    """The readers among ``names`` holding a card, with their card-event counts."""
+    return {name: state.dwEventState >> 16 for name, state in zip(names, states, strict=True)
+            if state.dwEventState & SCARD_STATE_PRESENT}
