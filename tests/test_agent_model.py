@@ -365,7 +365,7 @@ class AgentModel(RuleBasedStateMachine):
         assert self.agent.process.poll() is None, f"the agent exited:\n{self.agent.log()}"
         self.wait_for_state()
         self.a_pin_dialog_only_while_the_pin_is_pending()
-        self.a_card_session_only_while_signed_in()
+        self.a_card_session_only_while_signed_in_or_pin_pending()
         self.the_pacs_saw_only_signed_in_cards_with_their_certificates()
         self.no_pin_try_the_clinician_did_not_make()
         self.the_card_events_that_happened_and_no_others()
@@ -389,8 +389,12 @@ class AgentModel(RuleBasedStateMachine):
         expected = 1 if self.status == PIN_PENDING else 0
         wait_for(lambda: len(session_pinentries(self.agent.process.pid)) == expected, SETTLE)
 
-    def a_card_session_only_while_signed_in(self) -> None:
-        wait_for(lambda: (card_session_pid(self.agent.process.pid) is not None) == (self.status == SIGNED_IN), SETTLE)
+    def a_card_session_only_while_signed_in_or_pin_pending(self) -> None:
+        """Signed in, a card-session process serves; while the PIN is pending, the process started at
+        insertion (it probed the card) waits for the PIN; otherwise none runs: nothing of a pulled,
+        locked or refused card survives."""
+        running = self.status in (SIGNED_IN, PIN_PENDING)
+        wait_for(lambda: (card_session_pid(self.agent.process.pid) is not None) == running, SETTLE)
 
     def the_pacs_saw_only_signed_in_cards_with_their_certificates(self) -> None:
         with self.pacs._lock:

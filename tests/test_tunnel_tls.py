@@ -93,6 +93,23 @@ def test_relay_is_byte_exact_and_forwards_half_close(test_pki: ProvisionedPki, t
 RSA_PSS_MECHANISMS = [0x0D, 0x0E, 0x43, 0x44, 0x45, 0x47]  # CKM_RSA_PKCS_PSS and its hashing variants
 
 
+@pytest.mark.parametrize("server_args, signature", [
+    (("-tls1_2",), "RSA"),  # TLS 1.2, the server allows both: PKCS#1 v1.5 comes first
+    (("-tls1_2", "-client_sigalgs", "rsa_pss_rsae_sha256"), "RSA-PSS"),  # a server that allows only PSS
+    ((), "RSA-PSS"),  # TLS 1.3 allows only PSS
+])
+def test_an_rsa_card_with_pss_signs_as_the_one_list_of_client_signature_algorithms_says(
+        test_pki: ProvisionedPki, tmp_path: Path, server_args: tuple[str, ...], signature: str) -> None:
+    """docs/tls-policy.md, "Client signatures": one list for every card, written before the card
+    is probed; alice's SoftHSM token can do RSA-PSS."""
+    with s_server(test_pki, tmp_path, "-naccept", "1", *server_args) as (port, log_path):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("raw", port)]) as agent:
+            send_and_close(agent.port())
+            agent.wait_for_log("full handshake")
+        wait_for(lambda: "Peer signature type" in log_path.read_text(errors="replace"))
+    assert f"Peer signature type: {signature}\n" in log_path.read_text(errors="replace")
+
+
 def test_rsa_card_without_pss_gets_tls12_with_pkcs1(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     """Many PIV/CAC cards lack RSA-PSS; the fault module makes alice's SoftHSM token lack it too."""
     from fault_pkcs11 import FaultControl, build

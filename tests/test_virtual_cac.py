@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,48 @@ def test_a_study_stored_through_the_agent_with_the_card_identity(
 
 
 # -- pull mid-transfer, a second card, the first again -----------------------------------------------
+
+# OpenSC's debug log: "P:<pid>; T:<thread> <time> [<app>] <file>:<line>:<function>: ..." lines, each
+# APDU sent ("Outgoing APDU ...") after a line of the thread sending it.
+OPENSC_LOG_LINE = re.compile(r"^P:(\d+); T:0x[0-9a-f]+ ")
+
+
+def processes_sending_apdus(debug_log: str) -> set[int]:
+    senders, pid = set(), None
+    for line in debug_log.splitlines():
+        match = OPENSC_LOG_LINE.match(line)
+        if match:
+            pid = int(match.group(1))
+        elif line.startswith("Outgoing APDU") and pid is not None:
+            senders.add(pid)
+    return senders
+
+
+def test_the_card_is_probed_once_by_the_process_that_signs_with_it(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """Issue 15: the supervisor learns of the card from pcscd alone; the card-session process
+    started for it is the only process that talks to the card (its probe, the login, the
+    signatures). Before, the supervisor's watcher made OpenSC probe the card too: ~40 APDUs."""
+    debug_log = tmp_path / "opensc-debug.log"
+    conf = tmp_path / "opensc.conf"
+    conf.write_text(f"app default {{\n  debug = 3;\n  debug_file = {debug_log};\n  framework pkcs15 {{\n  }}\n}}\n")
+    carol = virtual_cards["carol"]
+    env = opensc_env(test_pki, OPENSC_CONF=str(conf))
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], token="", module=OPENSC,
+                       agent=own_runtime_dir(tmp_path), env={"OPENSC_CONF": str(conf)}) as agent:
+        agent.wait_for_log("card events: PC/SC events from pcscd")
+        card_reader.insert(carol)
+        agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
+        worker = card_session_pid(agent.process.pid)
+        status = agent_status(tmp_path / "agent", env)
+        senders = processes_sending_apdus(debug_log.read_text(errors="replace"))
+    assert worker is not None
+    assert senders == {worker}, f"supervisor {agent.process.pid}, card session {worker}: APDUs from {senders}"
+    # What status shows: the token the probe found; the reader, as pcscd tells of it.
+    assert status["token"] == "Carol Example" and status["token_serial"], status
+    assert status["present_tokens"] == [{"reader": VPCD_READER}], status
+
 
 def stored_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())

@@ -61,6 +61,9 @@ class Card:
     def selector(self) -> str:
         return f"pkcs11:token={self.label};serial={self.serial}"
 
+    def event_fields(self) -> dict[str, str]:
+        return {"token": self.label, "serial": self.serial}
+
     def __str__(self) -> str:
         return f"{self.label!r} (serial {self.serial})"
 
@@ -314,6 +317,11 @@ class CardEvents:
     @property
     def pcsc(self) -> bool:
         return self._source is not None
+
+    @property
+    def source(self) -> PcscEventSource | None:
+        """pcscd's events, where they run (the card loop may learn of cards from them alone)."""
+        return self._source
 
     def __enter__(self) -> CardEvents:
         if not self.card_readers:

@@ -24,7 +24,8 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
         _say(f"identity: {answer['identity']} (issuer {answer['issuer']})")
         _say(f"token:    {answer['token']!r} serial {answer['token_serial']}, since {answer['since']}")
     present = answer.get("present_tokens") or []
-    _say("present:  " + (", ".join(f"{t['label']!r} (serial {t['serial']})" for t in present) or "no token"))
+    _say("present:  " + (", ".join(f"{t['label']!r} (serial {t['serial']})" if "label" in t
+                                   else f"a card in reader {t['reader']!r}" for t in present) or "no token"))
     if answer["last_error"]:
         _say(f"last error: {answer['last_error']}")
     for tunnel in answer["tunnels"]:

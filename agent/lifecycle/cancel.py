@@ -50,8 +50,9 @@ class SignInScope:
         for dialog in dialogs:
             _close(dialog)
 
-    def dialog_opened(self, process: subprocess.Popen) -> None:
-        """A PIN dialog process runs for this sign-in: it is closed if the sign-in is cancelled."""
+    def ends_with(self, process: subprocess.Popen) -> None:
+        """A process of this sign-in (its PIN dialog, its card-session process) is ended if the
+        sign-in is cancelled."""
         with self._lock:
             if not self._cancelled.is_set():
                 self._dialogs.append(process)

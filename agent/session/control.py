@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.identity import runtime_directory
@@ -122,7 +123,9 @@ class ControlServer:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(manager.since)) if manager.since else None,
             "last_error": manager.last_error,
             # What the reader(s) hold, signed in or not: shows a [identity] token typo at a glance.
-            "present_tokens": [{"label": card.label, "serial": card.serial} for card in manager.watcher.present],
+            # A card seen through pcscd alone (agent/card/readers.py) is named by its reader.
+            "present_tokens": [{"label": card.label, "serial": card.serial} if isinstance(card, Card)
+                               else {"reader": card.reader} for card in manager.watcher.present],
             "tunnels": [
                 {"name": t.name, "listen": str(t.listen), "remote": t.remote, **self._counters(t.name, counters)}
                 for t in self.config.tunnels

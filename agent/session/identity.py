@@ -1,5 +1,5 @@
-"""Signing in, the supervisor's part: pick the identity on the card from what it shows without a
-login, check that a PIN attempt may be made, ask for the PIN, and prepare what OpenSSL needs.
+"""Signing in, the supervisor's part: pick the identity from what the card-session process's probe
+found on the card (agent/session/probe.py), ask for the PIN, and prepare what OpenSSL needs.
 
 Everything written here is public (certificates, the key's URI, OpenSSL settings). The supervisor
 never logs in: ``C_Login`` would leave copies of the PIN in this long-lived process (python-pkcs11
@@ -20,22 +20,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from pkcs11.types import Token
 
-from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
+from dicom_card_agent.session.probe import FoundCard
 from dicom_card_agent.tls.policy import (
-    PKCS1_ONLY_SIGNATURE_ALGORITHMS,
+    CLIENT_SIGNATURE_ALGORITHMS,
     TLS_GROUPS,
     ClientIdentityFiles,
     allows_tls_server,
 )
 from dicom_card_agent.tls.provider import openssl_config, provider_key_pem
-from dicom_card_agent.token.discovery import PinState, find_token, refresh
+from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
-from dicom_card_agent.token.login import check_before_login
-from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
+from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.pin import PinRequest
 from dicom_card_agent.token.profiles import ModuleProfile
 from dicom_card_agent.token.secret import Secret
@@ -54,15 +53,10 @@ class SignedIn:
 
     identity: Identity
     files: ClientIdentityFiles
-    openssl_conf: Path
     directory: Path
     tls13_capable: bool
-    token: str  # the card's selector, for the card-session process to find the token again
     key_id: bytes
     final_try_confirmed: bool = False  # this card's final PIN try was confirmed (in the dialog): it may be spent
-
-    def discard_files(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def runtime_directory(config: AgentConfig) -> Path:
@@ -78,6 +72,7 @@ def runtime_directory(config: AgentConfig) -> Path:
 
 
 SESSION_DIRECTORY_PREFIX = "session-"
+OPENSSL_CONF_NAME = "openssl.cnf"
 
 
 def remove_leftover_session_files(config: AgentConfig) -> list[Path]:
@@ -90,45 +85,40 @@ def remove_leftover_session_files(config: AgentConfig) -> list[Path]:
     return leftovers
 
 
-def sign_in(config: AgentConfig, module: LoadedModule, card: Card, *,
+def new_session_directory(config: AgentConfig, module: LoadedModule) -> Path:
+    """A private directory for one card session's public files, removed when the session ends,
+    with the OpenSSL configuration its process starts with (``OPENSSL_CONF``): OpenSSL reads it
+    once, and the module may start OpenSSL while it probes the card, before anything is known of it."""
+    directory = Path(tempfile.mkdtemp(prefix=SESSION_DIRECTORY_PREFIX, dir=runtime_directory(config)))
+    (directory / OPENSSL_CONF_NAME).write_text(_openssl_conf(module))
+    return directory
+
+
+def sign_in(config: AgentConfig, module: LoadedModule, found: FoundCard, directory: Path, *,
             confirm_final_try: bool = False) -> tuple[SignedIn, Secret | None]:
-    """Choose the identity on ``card``, ask for its PIN (None: PIN pad) and write its files; no
-    PIN is tried here. The caller hands the PIN to the card-session process and wipes it. A final
-    PIN try is confirmed in the PIN dialog when the PIN source has one, for this card only."""
+    """Choose the identity on the probed card, write its files into ``directory`` and ask for its PIN
+    (None: PIN pad); no PIN is tried here. The caller hands the PIN to the card-session process and
+    wipes it. A final PIN try is confirmed in the PIN dialog when the PIN source has one, for this
+    card only."""
     # [trust] crl judges servers; the chain we send is built without it.
     anchors = TrustAnchors.load(config.trust.ca)
-    with MODULE_CALLS:  # the card loop looks at the reader between these calls and after them
-        token = refresh(find_token(module, card.selector))
-        with token.open() as public_session:  # certificates are public: say whose PIN is asked for
-            identities = list_identities(public_session, token, module.profile, logged_in=False,
-                                         allow_exportable_keys=config.identity.allow_exportable_keys)
-        state = check_before_login(token, config.identity.pin,
-                                   confirm_final_try=confirm_final_try or config.identity.pin.confirms_in_dialog)
-    identity = _choose_for(config, identities, token.label, module.profile)
-    chain = _chain(identity, identities, anchors)
-    directory = Path(tempfile.mkdtemp(prefix=SESSION_DIRECTORY_PREFIX, dir=runtime_directory(config)))
-    try:
-        files = _write_files(directory, identity, chain)
-        conf = directory / "openssl.cnf"
-        conf.write_text(_openssl_conf(module, identity))
-        pin = None if config.identity.pin.is_protected else config.identity.pin.read(
-            pin_request(config, identity, state, ask_final_try=not confirm_final_try))
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
+    identity = _choose_for(config, found.identities, found.card.label, module.profile)
+    chain = _chain(identity, found.identities, anchors)
+    files = _write_files(directory, identity, chain)
+    pin = None if config.identity.pin.is_protected else config.identity.pin.read(
+        pin_request(config, identity, found.pin_state, ask_final_try=not confirm_final_try))
     scope = current_scope()
     if scope is not None:
         try:
             scope.pin_entered()  # a sign-in cancelled while the dialog was open stops here, before the card
         except SignInCancelledError:
-            shutil.rmtree(directory, ignore_errors=True)
             if pin is not None:
                 pin.wipe()
             raise
     if not identity.tls.tls13:
         log.warning("identity %s: %s; its sessions use TLS 1.2", identity.subject, identity.tls.note)
-    signed_in = SignedIn(identity, files, conf, directory, identity.tls.tls13, card.selector, identity.key_id,
-                         final_try_confirmed=state is PinState.FINAL_TRY)
+    signed_in = SignedIn(identity, files, directory, identity.tls.tls13, identity.key_id,
+                         final_try_confirmed=found.pin_state is PinState.FINAL_TRY)
     return signed_in, pin
 
 
@@ -246,9 +236,7 @@ def _write_files(directory: Path, identity: Identity, chain: list[x509.Certifica
                                issuer=identity.certificate.issuer.rfc4514_string())
 
 
-def _openssl_conf(module: LoadedModule, identity: Identity) -> str:
+def _openssl_conf(module: LoadedModule) -> str:
     profile = module.profile
-    pkcs1_only = identity.key_type == "rsa" and not identity.tls.tls13
     return openssl_config(module.path, profile.provider_quirks, profile.provider_login_behavior,
-                          tls_groups=TLS_GROUPS,
-                          client_signature_algorithms=PKCS1_ONLY_SIGNATURE_ALGORITHMS if pkcs1_only else None)
+                          tls_groups=TLS_GROUPS, client_signature_algorithms=CLIENT_SIGNATURE_ALGORITHMS)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.session_notices import SessionNotices
@@ -46,6 +47,7 @@ from dicom_card_agent.lifecycle.machine import (
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
+from dicom_card_agent.session.probe import ProbeRequest
 from dicom_card_agent.session.retune import session_change
 from dicom_card_agent.session.supervisor import CardSession, CardSessionUnresponsive
 from dicom_card_agent.token.login import LoginError
@@ -60,12 +62,16 @@ TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the
 STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
 
 
+# A card as the card loop knows it: a token (the module was asked) or the card in a reader (pcscd was).
+WatchedCard = Card | ReaderCard
+
+
 @dataclass
 class _SignIn:
     """A sign-in under way in its thread."""
 
     attempt: int
-    card: Card
+    card: WatchedCard
     scope: SignInScope
     started: float
     pin_entered: bool = False
@@ -84,8 +90,11 @@ class SessionManager:
         self.confirm_final_try = confirm_final_try
         self.module: LoadedModule = load_module(config.identity.module)
         self.machine = CardLifecycle()
-        self.watcher = CardWatcher(self.module, config.identity.token,
-                                   lambda token: unusable_reason(self.config, self.module, token))
+        # Asks the module, or (presence = "pcsc" in the module's profile, pcscd answering) only pcscd:
+        # replaced by a ReaderWatcher when the card events start (see _watch_reader).
+        self.watcher: CardWatcher | ReaderWatcher = CardWatcher(
+            self.module, config.identity.token, lambda token: unusable_reason(self.config, self.module, token))
+        self._probed: Card | None = None  # the token the current card holds, once its probe has said
         self.session: CardSession | None = None  # the signed-in attempt's card-session process
         self._session_attempt = 0
         self._sign_in: _SignIn | None = None
@@ -96,7 +105,7 @@ class SessionManager:
         self.last_activity = time.monotonic()
         self._next_idle_check = 0.0
         self._lock = threading.RLock()
-        self._seen: Card | None = None  # the reader thread's latest look
+        self._seen: WatchedCard | None = None  # the reader thread's latest look
         self._first_look = threading.Event()
         self._reader_starved = False  # the last look failed for want of file descriptors
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
@@ -118,7 +127,10 @@ class SessionManager:
 
     @property
     def card(self) -> Card | None:
-        return self.machine.card  # type: ignore[return-value]
+        """The token of the current card: known at once from the module, or after the card-session
+        process's probe when the card is known from pcscd alone."""
+        card = self.machine.card
+        return card if isinstance(card, Card) else self._probed
 
     def current_session(self) -> CardSession | None:
         return self.session
@@ -205,7 +217,11 @@ class SessionManager:
         """Look at the reader whenever card events say so, in a thread of its own: a card's probe
         (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
         with CardEvents(card_readers=self.module.profile.card_readers) as events:
-            self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
+            if events.source is not None and self.module.profile.presence_from_pcsc:
+                self.watcher = ReaderWatcher(events.source)  # the module is left to the card-session process
+                log.info("cards are seen through pcscd alone; the card-session process probes each card once")
+            elif isinstance(self.watcher, CardWatcher):
+                self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
             while not stop.is_set():
                 try:
                     card = self.watcher.look()
@@ -231,12 +247,13 @@ class SessionManager:
             self._take_reports()
             card = self._seen
             if self._first_look.is_set() and card != self.machine.card:
-                if self.card is not None:
-                    event("card-removed", token=self.card.label, serial=self.card.serial)
+                if self.machine.card is not None:
+                    event("card-removed", **self._card_fields())
+                self._probed = None
                 if card is None:
                     self._feed(CardRemoved())
                 else:  # inserted, or swapped for another between two looks
-                    event("card-inserted", token=card.label, serial=card.serial)
+                    event("card-inserted", **card.event_fields())
                     self._feed(CardInserted(card))
             self._check_session_alive()
             self._check_pin_dialog()
@@ -280,7 +297,7 @@ class SessionManager:
 
     # -- sign-in ------------------------------------------------------------------------------------
 
-    def _start_sign_in(self, card: Card, attempt: int) -> None:
+    def _start_sign_in(self, card: WatchedCard, attempt: int) -> None:
         scope = SignInScope(on_pin_entered=lambda: self._report(PinEntered(attempt)))
         self._sign_in = _SignIn(attempt, card, scope, time.monotonic())
         thread = threading.Thread(target=self._sign_in_thread, args=(card, attempt, scope),
@@ -291,17 +308,22 @@ class SessionManager:
         self._late.put(happened)
         self._wake.set()  # the loop acts on it now, not at its next tick
 
-    def _sign_in_thread(self, card: Card, attempt: int, scope: SignInScope) -> None:
+    def _sign_in_thread(self, card: WatchedCard, attempt: int, scope: SignInScope) -> None:
         """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
+        config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
+        session = CardSession(config, on_report=self._session_report, confirm_final_try=self.confirm_final_try)
         try:
-            config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
-            signed_in, pin = scope.run(lambda: sign_in(config, self.module, card,
+            # The card's process probes it; a cancelled sign-in ends that process (scope.ends_with).
+            found = scope.run(lambda: session.open(self._probe_request(card), self.module))
+            self._learnt(attempt, found.card)
+            directory = session.directory
+            assert directory is not None  # made by open()
+            signed_in, pin = scope.run(lambda: sign_in(config, self.module, found, directory,
                                                        confirm_final_try=self.confirm_final_try))
-            session = CardSession(config, signed_in, on_report=self._session_report,
-                                  confirm_final_try=self.confirm_final_try)
-            session.start(pin)  # the card-session process makes the one login attempt; pin is wiped
+            session.start(signed_in, pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
         except (SignInCancelledError, PinEntryCancelledError) as error:
+            session.end("sign-in cancelled")
             if not scope.cancelled:  # the clinician pressed Cancel: say so, and how to try again
                 log.warning("%s", error)
                 self.desktop.sign_in_cancelled(error)
@@ -311,29 +333,52 @@ class SessionManager:
                 self._report(SignInCancelled(attempt, scope.reason))
             return
         except LoginError as error:
+            session.end("PIN not accepted")
             if scope.cancelled:
                 self._report(SignInCancelled(attempt, scope.reason))
                 return
             self.last_error = str(error)
-            event("pin-failure", token=card.label, serial=card.serial, reason=str(error))
-            self.audit.sign_in_failed(card, error)
+            named = session.card or Card("", "")  # the probe names the card before any PIN is asked or refused
+            event("pin-failure", **named.event_fields(), reason=str(error))
+            self.audit.sign_in_failed(named, error)
             self.desktop.sign_in_refused(error)
             log.error("%s", error)
             self._report(SignInFailed(attempt, "PIN not accepted: remove and re-insert the card to try again"))
             return
         except Exception as error:  # the card left mid-way, a broken module, anything: never the agent's end
+            session.end("sign-in failed")
             if scope.cancelled:
                 self._report(SignInCancelled(attempt, scope.reason))
                 return
             message = str(error) if isinstance(error, CardAgentError) else f"{type(error).__name__}: {error}"
             self.last_error = message
-            event("sign-in-failed", token=card.label, serial=card.serial, reason=message)
-            log.error("sign-in to %s failed: %s", card, message)
+            event("sign-in-failed", **(session.card or card).event_fields(), reason=message)
+            log.error("sign-in to %s failed: %s", session.card or card, message)
             self._report(SignInFailed(attempt, f"not signed in: {message}"))
             return
         with self._lock:
             self._pending_sessions[attempt] = session
         self._report(SignedIn(attempt))
+
+    def _probe_request(self, card: WatchedCard) -> ProbeRequest:
+        confirm = self.confirm_final_try or self.config.identity.pin.confirms_in_dialog
+        if isinstance(card, ReaderCard):
+            return ProbeRequest(reader=card.reader, confirm_final_try=confirm)
+        return ProbeRequest(token=card.selector, confirm_final_try=confirm)
+
+    def _learnt(self, attempt: int, card: Card) -> None:
+        """The probe of ``attempt`` read which token the card holds (for ``status`` and the log)."""
+        with self._lock:
+            if attempt == self.machine.attempt and self.machine.card is not None:
+                self._probed = card
+
+    def _card_fields(self) -> dict[str, str]:
+        """How the event log names the current card: its token, or its reader before the probe said."""
+        card = self.card
+        if card is not None:
+            return card.event_fields()
+        watched = self.machine.card
+        return watched.event_fields() if isinstance(watched, (Card, ReaderCard)) else {}
 
     def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
         """What a card-session process reports: for the audit trail and the clinician's desktop; a
@@ -407,6 +452,12 @@ class SessionManager:
         self._sign_in = None
         self._feed(SignInCancelled(pending.attempt, reason))
 
+    def _check_idle_at_deadline(self, timeout: float) -> None:
+        """Look again when the last activity known comes to ``timeout``, not a check interval later:
+        the lock then comes within a turn of the loop of the deadline (unless the session has
+        accepted connections meanwhile, which the next check learns)."""
+        self._next_idle_check = min(self._next_idle_check, self.last_activity + timeout)
+
     def _no_pin_entered(self) -> str:
         return f"no PIN entered within {self.config.identity.pin_dialog_timeout:g} s"
 
@@ -417,6 +468,7 @@ class SessionManager:
             return
         self._next_idle_check = now + min(1.0, timeout / 4)
         if now - self.last_activity < timeout:
+            self._check_idle_at_deadline(timeout)
             return
         try:
             tunnels = self.session.status()
@@ -425,6 +477,7 @@ class SessionManager:
         # Connections the session accepted itself on lent listeners are activity too.
         self.last_activity = max(self.last_activity, self.session.last_connection)
         if now - self.last_activity < timeout:
+            self._check_idle_at_deadline(timeout)
             return
         if any(t.get("open_connections") for t in tunnels.values()):
             self.touch()  # a long transfer is activity too

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.session import channel as messages
-from dicom_card_agent.session.identity import SignedIn
+from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_session_directory
+from dicom_card_agent.session.probe import FoundCard, ProbeRequest
+from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret
 
 log = logging.getLogger("agent.session")
@@ -38,16 +45,20 @@ OnReport = Callable[[str, dict[str, Any]], None]
 
 
 class CardSession:
-    """One signed-in identity and the process doing its TLS."""
+    """One card's process: started at insertion to probe the card (:meth:`open`), then the signed-in
+    identity's TLS (:meth:`start`), until :meth:`end`."""
 
-    def __init__(self, config: AgentConfig, signed_in: SignedIn, on_report: OnReport | None = None, *,
+    signed_in: SignedIn  # from start()
+
+    def __init__(self, config: AgentConfig, on_report: OnReport | None = None, *,
                  confirm_final_try: bool = False) -> None:
         self.config = config
         self.confirm_final_try = confirm_final_try
-        self.signed_in = signed_in
         self.on_report = on_report
         self.process: subprocess.Popen | None = None
         self.channel: socket.socket | None = None
+        self.directory: Path | None = None  # the session's files (chain, key URI, OpenSSL configuration)
+        self.card: Card | None = None  # the token the probe found
         self._status_lock = threading.Lock()
         # Per tunnel, the latest counts the process reported: its final ones once it has ended, or
         # the last `status` answer if it died without a word.
@@ -58,13 +69,54 @@ class CardSession:
         self._owed = 0
         self.last_connection = 0.0  # time.monotonic() of its latest connection on a lent listener, as last told
 
-    def start(self, pin: Secret | None) -> None:
-        """Start the process and hand it the PIN (None: PIN pad), which it tries once; wipes ``pin``.
+    def open(self, request: ProbeRequest, module: LoadedModule) -> FoundCard:
+        """Start the process, which probes the card (agent/session/probe.py): what the card holds.
+        Raises :class:`LoginError` when the card allows no PIN attempt (as a login here would have),
+        :class:`CardSessionError` when the card cannot be used; the process is ended then."""
+        self.directory = new_session_directory(self.config, module)
+        ours, theirs = messages.channel_pair()
+        reports_ours, reports_theirs = messages.channel_pair()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
+        node_pin_sources = [i.server_key_pin for i in self.config.inbound if i.server_key_pin]
+        for pin_source in [self.config.identity.pin, *node_pin_sources]:
+            if pin_source.kind == "env":
+                env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
+        env["OPENSSL_CONF"] = str(self.directory / OPENSSL_CONF_NAME)
+        self.process = subprocess.Popen(
+            # The supervisor's pid and the session's directory: the process ends, and removes the
+            # directory, if the supervisor dies (agent/session/orphan.py).
+            [sys.executable, "-m", "dicom_card_agent.session.worker", str(theirs.fileno()),
+             str(reports_theirs.fileno()), self.config.log_level, str(os.getpid()), str(self.directory)],
+            pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
+            # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
+            start_new_session=True,
+        )
+        theirs.close()
+        reports_theirs.close()
+        scope = current_scope()
+        if scope is not None:  # a pulled card, a lock or a stop ends it at once, mid-probe or mid-login
+            scope.ends_with(self.process)
+        self._reports_thread = threading.Thread(target=self._read_reports, args=(reports_ours,),
+                                                name="session-reports", daemon=True)
+        self._reports_thread.start()
+        self.channel = ours
+        reply = self._ask(ours, {**request.to_message(), "config": str(self.config.source)})
+        if reply is not None and reply.get("type") == "card":
+            found = FoundCard.from_message(reply)
+            self.card = found.card
+            return found
+        if reply is not None and "label" in reply:  # a card that allows no PIN attempt: named all the same
+            self.card = Card(reply["label"], reply["serial"])
+        raise self._refused(reply, "the card could not be read")
+
+    def start(self, signed_in: SignedIn, pin: Secret | None) -> None:
+        """Hand the process the identity and the PIN (None: PIN pad), which it tries once; wipes ``pin``.
 
         A login the card refuses raises the same :class:`LoginError` a login here would have."""
+        self.signed_in = signed_in
         node_pins: dict[str, Secret] = {}
         try:
-            # Read first: a PIN source that cannot give its PIN is a sign-in error, and nothing is open yet.
+            # Read first: a PIN source that cannot give its PIN is a sign-in error, and nothing is tried yet.
             for inbound in self.config.inbound:
                 if inbound.server_key_pin is not None:
                     node_pins[inbound.name] = inbound.server_key_pin.read(f"PIN of the token of inbound {inbound.name}")
@@ -75,60 +127,46 @@ class CardSession:
                     secret.wipe()
 
     def _start(self, pin: Secret | None, node_pins: dict[str, Secret]) -> None:
-        ours, theirs = messages.channel_pair()
-        reports_ours, reports_theirs = messages.channel_pair()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
-        node_pin_sources = [i.server_key_pin for i in self.config.inbound if i.server_key_pin]
-        for pin_source in [self.config.identity.pin, *node_pin_sources]:
-            if pin_source.kind == "env":
-                env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
-        env["OPENSSL_CONF"] = str(self.signed_in.openssl_conf)
-        self.process = subprocess.Popen(
-            # The supervisor's pid and the session's directory: the process ends, and removes the
-            # directory, if the supervisor dies (agent/session/orphan.py).
-            [sys.executable, "-m", "dicom_card_agent.session.worker", str(theirs.fileno()),
-             str(reports_theirs.fileno()), self.config.log_level, str(os.getpid()), str(self.signed_in.directory)],
-            pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
-            # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
-            start_new_session=True,
-        )
-        theirs.close()
-        reports_theirs.close()
-        self._reports_thread = threading.Thread(target=self._read_reports, args=(reports_ours,),
-                                                name="session-reports", daemon=True)
-        self._reports_thread.start()
-        self.channel = ours
+        assert self.channel is not None and self.process is not None
         files = self.signed_in.files
         start = {
             "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
-            "token": self.signed_in.token, "key_id": self.signed_in.key_id.hex(), "pin_pad": pin is None,
+            "key_id": self.signed_in.key_id.hex(), "pin_pad": pin is None,
             "confirm_final_try": self.confirm_final_try or self.signed_in.final_try_confirmed,
             "node_pins": list(node_pins),
         }
-        ours.settimeout(START_TIMEOUT_SECONDS)
+        # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
+        reply = self._ask(self.channel, start, [secret for secret in [pin, *node_pins.values()] if secret is not None])
+        if reply is None or reply.get("type") != "ready":
+            raise self._refused(reply, "the card-session process could not start")
+        log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
+
+    def _ask(self, channel: socket.socket, message: dict[str, Any],
+             secrets: Sequence[Secret] = ()) -> dict[str, Any] | None:
+        """Send ``message`` (and ``secrets``) and wait for the answer; an error answer when none comes."""
+        channel.settimeout(START_TIMEOUT_SECONDS)
         try:
-            messages.send(ours, start)
-            # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
-            if pin is not None:
-                messages.send_secret(ours, pin)
-            for node_pin in node_pins.values():
-                messages.send_secret(ours, node_pin)
-            reply, _ = messages.receive(ours)
+            messages.send(channel, message)
+            for secret in secrets:
+                messages.send_secret(channel, secret)
+            reply, _ = messages.receive(channel)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
-        except OSError as error:  # it died before answering (e.g. a broken installation)
+        except OSError as error:  # it died before answering (e.g. a broken installation, or ended by a cancel)
             reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above"}
-        ours.settimeout(None)
-        if reply is None or reply.get("type") != "ready":
-            self.end("start failed")
-            if reply is not None and reply.get("type") == "login-error":
-                raise messages.login_error_from(reply)
-            detail = reply.get("message") if reply else "it exited"
-            if reply is not None and reply.get("plain"):  # a sentence for the clinician (a revoked card)
-                raise CardSessionError(detail)
-            raise CardSessionError(f"the card-session process could not start: {detail}")
-        log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
+        channel.settimeout(None)
+        return reply
+
+    def _refused(self, reply: dict[str, Any] | None, what: str) -> CardAgentError:
+        """End the process; the error its answer says it met, to raise."""
+        self.end("start failed")
+        if reply is not None and reply.get("type") == "login-error":
+            return messages.login_error_from(reply)
+        detail = reply.get("message") if reply else "it exited"
+        if reply is not None and reply.get("plain"):  # a sentence for the clinician (a revoked card)
+            return CardSessionError(detail)
+        return CardSessionError(f"{what}: {detail}")
 
     def _read_reports(self, reports: socket.socket) -> None:
         """What the card-session process reports for the audit trail, until it ends."""
@@ -289,4 +327,5 @@ class CardSession:
             self.process = None
         if self._reports_thread is not None:
             self._reports_thread.join(2)  # its last reports (association ends) are recorded before sign-out
-        self.signed_in.discard_files()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)

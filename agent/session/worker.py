@@ -1,12 +1,15 @@
-"""The card-session process: all TLS of one signed-in identity, and nothing else.
+"""The card-session process: started for an inserted card, it probes the card, then does all TLS
+of the identity signed in with it, and nothing else.
 
 Started by the supervisor with ``OPENSSL_CONF`` pointing at the session's OpenSSL configuration
-(read once, when OpenSSL starts in this process) and a channel on which it gets the PIN once (a raw
-message, into a wipeable buffer), then accepted local connections. It makes the sign-in's one
-login attempt with python-pkcs11 and keeps that session open: the pkcs11-provider, loading the
-same module in this process, uses that login, so OpenSSL normally never sees the PIN. When the
-session ends (card removed, lock, agent stopping) the process ends, and with it the login, any
-PIN copy the module kept and every resumable TLS session: nothing of the identity outlives it.
+(read once, when OpenSSL starts in this process) and a channel on which it is first asked what the
+card holds (:func:`probe_card`: the sign-in's one probe of the card), then gets the PIN once (a raw
+message, into a wipeable buffer), then accepted local connections or the tunnels' listening
+sockets. It makes the sign-in's one login attempt with python-pkcs11 and keeps that session open:
+the pkcs11-provider, loading the same module in this process, uses that login, so OpenSSL normally
+never sees the PIN. When the session ends (card removed, lock, agent stopping) the process ends,
+and with it the login, any PIN copy the module kept and every resumable TLS session: nothing of
+the identity outlives it.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from cryptography import x509
 from pkcs11.exceptions import PKCS11Error
-from pkcs11.types import Session
+from pkcs11.types import Session, Token
 
 from dicom_card_agent import logline
 from dicom_card_agent.config.model import AgentConfig, TunnelConfig, load_config
@@ -35,12 +39,12 @@ from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, c
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import check_key_after_login
 from dicom_card_agent.session.orphan import SupervisorWatch
+from dicom_card_agent.session.probe import ProbeRequest, probe
 from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from dicom_card_agent.tls.provider import provider_key_pem
-from dicom_card_agent.token.discovery import find_token
 from dicom_card_agent.token.identities import list_identities
-from dicom_card_agent.token.login import LoginError, login
+from dicom_card_agent.token.login import LoginError, check_before_login, login
 from dicom_card_agent.token.module import load_module
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
 from dicom_card_agent.tunnel.lent_listeners import LentListeners
@@ -82,15 +86,13 @@ class _ReceivedPin:
         return self.pin.copy()
 
 
-def _log_in(start: dict, config: AgentConfig, pin: Secret | None) -> Session:
+def _log_in(token: Token, start: dict, config: AgentConfig, pin: Secret | None) -> Session:
     """The one login attempt of this sign-in, in this process: the session stays open (and with it
     the login, which PKCS#11 shares with the pkcs11-provider loading the same module here) until
     the process ends."""
-    module = load_module(config.identity.module)
-    token = find_token(module, start["token"])
-    # The supervisor has warned about a low retry count already: no second warning.
+    # The probe has warned about a low retry count already: no second warning.
     session = login(token, _ReceivedPin(pin), confirm_final_try=start["confirm_final_try"], warn=lambda _: None)
-    identities = list_identities(session, token, module.profile, logged_in=True,
+    identities = list_identities(session, token, load_module(config.identity.module).profile, logged_in=True,
                                  allow_exportable_keys=config.identity.allow_exportable_keys)
     check_key_after_login(identities, bytes.fromhex(start["key_id"]), token.label)
     return session
@@ -191,10 +193,9 @@ def _username(tunnel: TunnelConfig, chain: Path) -> str | None:
         raise CardAgentError(f"tunnel {tunnel.name}: {error}; change user_identity_username") from None
 
 
-def serve(channel: socket.socket, reports: socket.socket) -> int:
-    start, _ = messages.receive(channel)
-    if start is None or start.get("type") != "start":
-        return 1
+def serve(channel: socket.socket, reports: socket.socket, start: dict, token: Token) -> int:
+    """Log in to the probed ``token`` with the PIN that follows ``start``, make every TLS context and
+    serve until the supervisor says "end" (or is gone); the process's exit code."""
     try:
         pin = None if start["pin_pad"] else messages.receive_secret(channel)
         node_pins = {name: messages.receive_secret(channel) for name in start["node_pins"]}
@@ -209,7 +210,7 @@ def serve(channel: socket.socket, reports: socket.socket) -> int:
 
     try:
         config = load_config(Path(start["config"]))
-        _login_sessions.append(_log_in(start, config, pin))
+        _login_sessions.append(_log_in(token, start, config, pin))
         runtimes, retuner = _start(start, config, pin, node_pins, report)
     except (LoginError, ConfigError) as error:
         messages.send(channel, messages.login_error_message(error))
@@ -299,29 +300,66 @@ def _status(runtimes: Runtimes, *, final: bool = False) -> dict:
             "tunnels": {name: runtime.counters() for name, runtime in runtimes.items()}}
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     """End the process without freeing the TLS contexts or running OpenSSL's teardown: releasing
     the card's key made the provider try to log in again to a token that is gone or swapped."""
     logging.shutdown()
     os._exit(code)
 
 
+def probe_card(channel: socket.socket) -> tuple[dict, Token] | None:
+    """Answer the supervisor's ``probe`` with what the card holds (agent/session/probe.py), then
+    wait for its ``start``: that and the probed token, or None when the sign-in ends here (the card
+    cannot be used, or the supervisor gave up: cancelled, card pulled)."""
+    request, _ = messages.receive(channel)
+    if request is None or request.get("type") != "probe":
+        return None
+    try:
+        config = load_config(Path(request["config"]))
+        probed = ProbeRequest.from_message(request)
+        token, found = probe(config, probed)
+    except CardAgentError as error:
+        messages.send(channel, {"type": "error", "message": str(error), "plain": True})
+        return None
+    except PKCS11Error as error:  # the card left mid-way, or cannot be read
+        messages.send(channel, {"type": "error", "message": f"the card could not be read: the PKCS#11 module "
+                                f"answered {type(error).__name__} {error}".rstrip(), "plain": True})
+        return None
+    try:
+        check_before_login(token, config.identity.pin, confirm_final_try=probed.confirm_final_try)
+    except (LoginError, ConfigError) as error:  # no PIN attempt may be made (locked, final try, PIN pad)
+        messages.send(channel, {**messages.login_error_message(error), "label": found.card.label,
+                                "serial": found.card.serial})
+        return None
+    messages.send(channel, found.to_message())
+    start, _ = messages.receive(channel)
+    if start is None or start.get("type") != "start":
+        return None
+    return start, token
+
+
 def main() -> None:
+    """The card-session process, started for an inserted card (agent/session/supervisor.py): it
+    probes the card, then, once the supervisor has chosen the identity and sent the PIN, serves.
+    Its ``OPENSSL_CONF`` (the session's ``openssl.cnf``) is written before it starts: OpenSSL reads
+    it once, and the module may start OpenSSL while it probes the card (OpenSC does)."""
     make_non_dumpable()  # before the PIN arrives: no same-user process may read this memory
-    logline.configure("card-agent[session]", sys.argv[3].upper() if len(sys.argv) > 3 else "INFO")
+    logline.configure("card-agent[session]", sys.argv[3].upper())
     # pydicom logs what it thinks of the data sets it reads for the audit trail: not the agent's news.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     channel = socket.socket(fileno=int(sys.argv[1]))
     reports = socket.socket(fileno=int(sys.argv[2]))
-    if len(sys.argv) > 5:
-        global _watch
-        _watch = SupervisorWatch(int(sys.argv[4]), Path(sys.argv[5]), _supervisor_gone).start()
-    _exit_now(serve(channel, reports))
+    global _watch
+    _watch = SupervisorWatch(int(sys.argv[4]), Path(sys.argv[5]), _supervisor_gone).start()
+    started = probe_card(channel)
+    if started is None:
+        _exit_now(1)
+    _exit_now(serve(channel, reports, *started))
 
 
 def _supervisor_gone() -> None:
     """The supervisor ended (killed, crashed): nobody will end this session or take its answers.
-    Still starting, the main thread may be inside the module (``C_Login`` on a slow card) or
+    Probing or starting, the main thread may be inside the module (``C_Login`` on a slow card) or
     waiting on the network: end now. Serving, the main loop saw the end of the channel too and ends
     the relays; it is given its grace, then ended all the same."""
     if _serving.is_set():

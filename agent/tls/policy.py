@@ -43,8 +43,19 @@ PinCallback = Callable[[], bytes | bytearray]
 def no_pin() -> bytes:
     """The password of a key that needs none; OpenSSL must never fall back to asking on a terminal."""
     return b""
-# For an RSA key whose token cannot do PSS: offer the server PKCS#1 v1.5 only (TLS 1.2).
-PKCS1_ONLY_SIGNATURE_ALGORITHMS = "RSA+SHA256:RSA+SHA384:RSA+SHA512"
+# How the card signs CertificateVerify (and, on an inbound listener, what a client may sign with).
+# One list for every card: the card-session process's OpenSSL configuration is written before its
+# probe shows what the card can do (agent/session/worker.py), and OpenSSL reads it once.
+# TLS 1.3 allows RSA-PSS only, so RSA keys sign with PSS there. In TLS 1.2 the client takes the
+# first of its own list the server allows: RSA PKCS#1 v1.5 comes first, because many PIV and CAC
+# cards lack RSA-PSS (a card that lacks it is capped at TLS 1.2, agent/token/capabilities.py), and
+# RSA-PSS follows for a server that asks for nothing else. No SHA-1 (RFC 9155).
+CLIENT_SIGNATURE_ALGORITHMS = ":".join([
+    "ECDSA+SHA256", "ECDSA+SHA384", "ECDSA+SHA512", "ed25519", "ed448",
+    "RSA+SHA256", "RSA+SHA384", "RSA+SHA512",
+    "rsa_pss_rsae_sha256", "rsa_pss_rsae_sha384", "rsa_pss_rsae_sha512",
+    "rsa_pss_pss_sha256", "rsa_pss_pss_sha384", "rsa_pss_pss_sha512",
+])
 
 
 class ServerVerificationError(CardAgentError):

@@ -7,11 +7,13 @@ token's mechanisms allow, and (given trust anchors) chain and revocation.
 
 from __future__ import annotations
 
+import base64
 import datetime
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pkcs11 import Attribute, CertificateType, KeyType, ObjectClass
 from pkcs11.exceptions import AttributeSensitive, AttributeTypeInvalid, PKCS11Error
@@ -97,6 +99,32 @@ class Identity:
             "tls": self.tls.as_dict(),
             "revocation": self.revocation,
         }
+
+
+    def to_message(self) -> dict[str, object]:
+        """The identity as the card-session process sends it after its probe (all public)."""
+        return {
+            "token_label": self.token_label, "token_serial": self.token_serial,
+            "certificate": base64.b64encode(self.certificate.public_bytes(Encoding.DER)).decode(),
+            "certificate_label": self.certificate_label, "key_id": self.key_id.hex(), "key_type": self.key_type,
+            "key_size": self.key_size, "curve": self.curve, "uri": str(self.uri),
+            "tls": {"tls13": self.tls.tls13, "tls12": self.tls.tls12,
+                    "signature_schemes": list(self.tls.signature_schemes), "note": self.tls.note},
+            "key_checked": self.key_checked, "problems": list(self.problems),
+        }
+
+    @classmethod
+    def from_message(cls, message: dict) -> Identity:
+        tls = message["tls"]
+        return cls(
+            token_label=message["token_label"], token_serial=message["token_serial"],
+            certificate=x509.load_der_x509_certificate(base64.b64decode(message["certificate"])),
+            certificate_label=message["certificate_label"], key_id=bytes.fromhex(message["key_id"]),
+            key_type=message["key_type"], key_size=message["key_size"], curve=message["curve"],
+            uri=Pkcs11Uri.parse(message["uri"]),
+            tls=TlsCapability(tls["tls13"], tls["tls12"], tuple(tls["signature_schemes"]), tls["note"]),
+            key_checked=message["key_checked"], problems=list(message["problems"]),
+        )
 
 
 def _attr(obj, attribute: Attribute):

@@ -149,7 +149,7 @@ class Pinentry:
         pipe = _AssuanPipe(process.stdout.fileno(), self.program)
         scope = current_scope()
         if scope is not None:
-            scope.dialog_opened(process)  # a pulled card, a lock or a stop closes the dialog
+            scope.ends_with(process)  # a pulled card, a lock or a stop closes the dialog
         try:
             self._expect_ok(process, pipe, None)
             if self.ttyname:

@@ -41,6 +41,10 @@ class ModuleProfile:
     login_notes: str
     known_gaps: tuple[str, ...]
     card_readers: bool = True  # tokens sit in PC/SC readers (pcscd tells of insertions); False: SoftHSM's files
+    # presence = "pcsc": the card loop learns of cards from pcscd alone and leaves the module to the
+    # card-session process, because each process's first question about a card makes the module
+    # probe it (OpenSC: ~2 s); "module" (the default): the card loop asks the module (agent/card).
+    presence_from_pcsc: bool = False
 
     def installed_module(self) -> str | None:
         """The first of the profile's module paths present on this machine."""
@@ -73,7 +77,15 @@ def _profile_from_toml(data: dict) -> ModuleProfile:
         login_notes=login.get("notes", ""),
         known_gaps=tuple(data.get("mechanisms", {}).get("known_gaps", ())),
         card_readers=bool(data.get("card_readers", True)),
+        presence_from_pcsc=_presence(data) == "pcsc",
     )
+
+
+def _presence(data: dict) -> str:
+    presence = data.get("presence", "module")
+    if presence not in ("module", "pcsc"):
+        raise ValueError(f"profile {data.get('name')!r}: presence must be \"module\" or \"pcsc\", not {presence!r}")
+    return presence
 
 
 @cache

@@ -1,0 +1,128 @@
+"""Which card is present, learnt from pcscd alone, for modules whose probe of a card is costly.
+
+OpenSC probes a card (~40 round trips, ~2 s on a real card) in every process that asks its module
+about it. Where the module's profile says so (``presence = "pcsc"``) and pcscd answers, the card
+loop therefore never asks the module: a card is "the card in reader R", known from pcscd's reader
+states (agent/card/pcsc.py), and the one probe is made by the card-session process started for it
+(agent/session/probe.py), which finds out which token it holds. A card pulled and another inserted
+between two looks is a new card: pcscd counts each reader's card events.
+
+With several readers holding cards, the card inserted last is chosen (the module is not asked, so
+cards cannot be judged beforehand as :class:`~dicom_card_agent.card.watcher.CardWatcher` judges
+them). A card that was chosen and then passed over for a newer one is not chosen again until it
+is re-inserted, as there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from dicom_card_agent.card.watcher import UNREADABLE_LOOKS, UNREADABLE_SECONDS, CardUnreadable
+
+log = logging.getLogger("agent.card")
+
+
+class PcscEvents(Protocol):
+    """What is read of :class:`~dicom_card_agent.card.pcsc.PcscEventSource`."""
+
+    live: bool
+    cards: dict[str, int]
+
+FIRST_STATES_SECONDS = 1.0
+FIRST_STATES_STEP = 0.01
+
+
+@dataclass(frozen=True)
+class ReaderCard:
+    """A card in a PC/SC reader, known before any PKCS#11 call."""
+
+    reader: str
+    insertion: int  # pcscd's count of the reader's card events when the card was seen
+
+    def event_fields(self) -> dict[str, str]:
+        return {"reader": self.reader}
+
+    def __str__(self) -> str:
+        return f"the card in reader {self.reader!r}"
+
+
+class ReaderWatcher:
+    """The card to sign in with, from pcscd's reader states; the same answers as
+    :meth:`CardWatcher.look <dicom_card_agent.card.watcher.CardWatcher.look>`."""
+
+    def __init__(self, source: PcscEvents, clock: Callable[[], float] = time.monotonic, *,
+                 first_wait: float = FIRST_STATES_SECONDS) -> None:
+        self.source = source
+        self.clock = clock
+        self.first_wait = first_wait
+        self.present: tuple[ReaderCard, ...] = ()
+        self._arrival: dict[ReaderCard, int] = {}
+        self._arrivals = 0
+        self._chosen: ReaderCard | None = None
+        self._passed_over: set[ReaderCard] = set()
+        self._away_since: float | None = None  # when pcscd stopped answering (None: it answers)
+        self._away_looks = 0
+        self._looked = False
+
+    def look(self) -> ReaderCard | None:
+        """Raises :class:`CardUnreadable` while pcscd has been away for less than the grace of
+        :mod:`~dicom_card_agent.card.watcher` (the card is taken to be as it was); after it, no card."""
+        if not self.source.live and not self._first_states():
+            self._pcscd_away()
+            return None
+        if self._away_since is not None:
+            log.info("pcscd answers again (after %d looks without it)", self._away_looks)
+            self._away_since = None
+        cards = [ReaderCard(reader, count) for reader, count in sorted(self.source.cards.items())]
+        self._note_arrivals(cards)
+        waiting = [card for card in cards if card in self._passed_over]
+        candidates = sorted((card for card in cards if card not in self._passed_over),
+                            key=lambda card: self._arrival[card], reverse=True)
+        chosen = candidates[0] if candidates else None
+        if chosen is not None and self._chosen not in (None, chosen) and self._chosen in self.present:
+            self._passed_over.add(self._chosen)
+            log.info("%s chosen: it was inserted after %s", chosen, self._chosen)
+        elif chosen is None and waiting and self._chosen is not None:
+            log.info("%s not signed in again: a card inserted after it was used; remove and re-insert it to "
+                     "sign in", ", ".join(str(card) for card in waiting))
+        self._chosen = chosen
+        return chosen
+
+    def _first_states(self) -> bool:
+        """At the first look, pcscd's event thread may not have read the readers yet: wait for it
+        a moment rather than report pcscd away. True once it has."""
+        if self._looked:
+            return False
+        self._looked = True
+        for _ in range(round(self.first_wait / FIRST_STATES_STEP)):
+            if self.source.live:
+                break
+            time.sleep(FIRST_STATES_STEP)
+        return self.source.live
+
+    def _pcscd_away(self) -> None:
+        now = self.clock()
+        if self._away_since is None:
+            self._away_since, self._away_looks = now, 0
+            log.info("pcscd does not answer: the card is taken to be as it was; looking again")
+        self._away_looks += 1
+        if now - self._away_since < UNREADABLE_SECONDS or self._away_looks < UNREADABLE_LOOKS:
+            raise CardUnreadable("pcscd does not answer")
+        if self.present:
+            log.warning("pcscd has not answered for %.1f s: the card is taken to be removed", now - self._away_since)
+        self.present = ()
+
+    def _note_arrivals(self, cards: list[ReaderCard]) -> None:
+        self.present = tuple(cards)
+        for gone in set(self._arrival) - set(cards):
+            del self._arrival[gone]
+            self._passed_over.discard(gone)
+        # Cards first seen at the same look count as inserted in reader order, the first reader last,
+        # so that, all else equal, the first reader wins (as the first slot does in CardWatcher).
+        for card in reversed([card for card in cards if card not in self._arrival]):
+            self._arrivals += 1
+            self._arrival[card] = self._arrivals

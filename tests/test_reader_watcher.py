@@ -1,0 +1,127 @@
+"""The card loop's view of cards from pcscd alone (agent/card/readers.py), tested exhaustively.
+
+ReaderWatcher reads two things of the PC/SC event source: whether pcscd answers (``live``) and
+which readers hold a card with their card-event counts (``cards``). The source here is a plain
+object holding those two values, standing for pcscd's answers; the watcher against the real pcscd
+and virtual CAC is tested in test_virtual_cac.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule
+
+from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
+from dicom_card_agent.card.watcher import UNREADABLE_LOOKS, UNREADABLE_SECONDS, CannotLook
+
+READERS = ("Reader A 00 00", "Reader B 00 01", "Reader C 00 02")
+
+
+@dataclass
+class PcscAnswers:
+    live: bool = True
+    cards: dict[str, int] = field(default_factory=dict)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ReaderWatcherModel(RuleBasedStateMachine):
+    """Cards come and go in three readers (a swap between two looks included) and pcscd goes away
+    and comes back; after every look the watcher must answer what the model says: the card inserted
+    last among those present that were not passed over, none while pcscd has been away past the
+    grace, and "cannot look" within it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = PcscAnswers()
+        self.clock = Clock()
+        self.watcher = ReaderWatcher(self.answers, self.clock, first_wait=0)
+        self.events = dict.fromkeys(READERS, 0)  # pcscd counts each insertion and removal
+        # The model: what the watcher has seen, in the order it saw the cards arrive.
+        self.order: list[ReaderCard] = []  # oldest first
+        self.passed_over: set[ReaderCard] = set()
+        self.chosen: ReaderCard | None = None
+        self.away_since: float | None = None
+        self.away_looks = 0
+
+    @rule(reader=st.sampled_from(READERS))
+    def insert(self, reader: str) -> None:
+        if reader not in self.answers.cards:
+            self.events[reader] += 1
+            self.answers.cards = {**self.answers.cards, reader: self.events[reader]}
+
+    @rule(reader=st.sampled_from(READERS))
+    def pull(self, reader: str) -> None:
+        if reader in self.answers.cards:
+            self.events[reader] += 1
+            self.answers.cards = {name: count for name, count in self.answers.cards.items() if name != reader}
+
+    @rule(reader=st.sampled_from(READERS))
+    def swap_between_looks(self, reader: str) -> None:
+        self.pull(reader)
+        self.insert(reader)
+
+    @rule(live=st.booleans())
+    def pcscd(self, live: bool) -> None:
+        self.answers.live = live
+
+    @rule(seconds=st.sampled_from([0.05, 0.3, 1.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule()
+    def look(self) -> None:
+        expected = self._expected_look()
+        if expected is CannotLook:
+            with pytest.raises(CannotLook):
+                self.watcher.look()
+            return
+        assert self.watcher.look() == expected
+
+    def _expected_look(self) -> ReaderCard | None | type[CannotLook]:
+        if not self.answers.live:
+            if self.away_since is None:
+                self.away_since, self.away_looks = self.clock.now, 0
+            self.away_looks += 1
+            if self.clock.now - self.away_since < UNREADABLE_SECONDS or self.away_looks < UNREADABLE_LOOKS:
+                return CannotLook
+            return None
+        self.away_since = None
+        present = [ReaderCard(reader, count) for reader, count in sorted(self.answers.cards.items())]
+        self.order = [card for card in self.order if card in present]
+        self.passed_over &= set(present)
+        self.order += list(reversed([card for card in present if card not in self.order]))  # first reader last
+        candidates = [card for card in reversed(self.order) if card not in self.passed_over]
+        chosen = candidates[0] if candidates else None
+        if chosen is not None and self.chosen is not None and chosen != self.chosen and self.chosen in present:
+            self.passed_over.add(self.chosen)
+        self.chosen = chosen
+        return chosen
+
+
+TestReaderWatcher = ReaderWatcherModel.TestCase
+TestReaderWatcher.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+def test_a_card_swapped_between_two_looks_is_a_new_card() -> None:
+    answers = PcscAnswers(cards={READERS[0]: 1})
+    watcher = ReaderWatcher(answers)
+    first = watcher.look()
+    answers.cards = {READERS[0]: 3}  # pulled (2) and another inserted (3) before the next look
+    second = watcher.look()
+    assert first is not None and second is not None and first != second and first.reader == second.reader
+
+
+def test_the_card_in_the_first_reader_wins_when_cards_are_found_together() -> None:
+    answers = PcscAnswers(cards={READERS[1]: 1, READERS[0]: 1})
+    assert ReaderWatcher(answers).look() == ReaderCard(READERS[0], 1)
