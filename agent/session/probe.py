@@ -71,7 +71,16 @@ class FoundCard:
                    PinState(message["pin_state"]))
 
 
-def probe(config: AgentConfig, request: ProbeRequest) -> tuple[Token, FoundCard]:
+@dataclass(frozen=True)
+class Probed:
+    """The probe's result in the card-session process: the module and token it goes on with."""
+
+    module: LoadedModule
+    token: Token
+    found: FoundCard
+
+
+def probe(config: AgentConfig, request: ProbeRequest) -> Probed:
     """Load the module, find the token and read what it shows without a login. Raises
     :class:`NoSuchTokenError` when the card holds no token the configuration accepts, a PKCS#11
     error when the card cannot be read (pulled mid-way). Whether a PIN attempt may be made is the
@@ -82,7 +91,8 @@ def probe(config: AgentConfig, request: ProbeRequest) -> tuple[Token, FoundCard]
     with token.open() as public_session:
         identities = list_identities(public_session, token, module.profile, logged_in=False,
                                      allow_exportable_keys=config.identity.allow_exportable_keys)
-    return token, FoundCard(Card(token.label, token_serial(token)), identities, PinState.from_flags(int(token.flags)))
+    found = FoundCard(Card(token.label, token_serial(token)), identities, PinState.from_flags(int(token.flags)))
+    return Probed(module, token, found)
 
 
 def _token_in_reader(module: LoadedModule, reader: str, selector: str | None) -> Token:

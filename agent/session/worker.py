@@ -27,7 +27,7 @@ from typing import NoReturn
 
 from cryptography import x509
 from pkcs11.exceptions import PKCS11Error
-from pkcs11.types import Session, Token
+from pkcs11.types import Session
 
 from dicom_card_agent import logline
 from dicom_card_agent.config.model import AgentConfig, TunnelConfig, load_config
@@ -39,13 +39,12 @@ from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, c
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import check_key_after_login
 from dicom_card_agent.session.orphan import SupervisorWatch
-from dicom_card_agent.session.probe import ProbeRequest, probe
+from dicom_card_agent.session.probe import Probed, ProbeRequest, probe
 from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from dicom_card_agent.tls.provider import provider_key_pem
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import LoginError, check_before_login, login
-from dicom_card_agent.token.module import load_module
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
 from dicom_card_agent.tunnel.lent_listeners import LentListeners
 from dicom_card_agent.tunnel.relay import (
@@ -86,13 +85,14 @@ class _ReceivedPin:
         return self.pin.copy()
 
 
-def _log_in(token: Token, start: dict, config: AgentConfig, pin: Secret | None) -> Session:
+def _log_in(probed: Probed, start: dict, config: AgentConfig, pin: Secret | None) -> Session:
     """The one login attempt of this sign-in, in this process: the session stays open (and with it
     the login, which PKCS#11 shares with the pkcs11-provider loading the same module here) until
     the process ends."""
     # The probe has warned about a low retry count already: no second warning.
+    token = probed.token
     session = login(token, _ReceivedPin(pin), confirm_final_try=start["confirm_final_try"], warn=lambda _: None)
-    identities = list_identities(session, token, load_module(config.identity.module).profile, logged_in=True,
+    identities = list_identities(session, token, probed.module.profile, logged_in=True,
                                  allow_exportable_keys=config.identity.allow_exportable_keys)
     check_key_after_login(identities, bytes.fromhex(start["key_id"]), token.label)
     return session
@@ -193,7 +193,7 @@ def _username(tunnel: TunnelConfig, chain: Path) -> str | None:
         raise CardAgentError(f"tunnel {tunnel.name}: {error}; change user_identity_username") from None
 
 
-def serve(channel: socket.socket, reports: socket.socket, start: dict, token: Token) -> int:
+def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: Probed) -> int:
     """Log in to the probed ``token`` with the PIN that follows ``start``, make every TLS context and
     serve until the supervisor says "end" (or is gone); the process's exit code."""
     try:
@@ -210,7 +210,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, token: To
 
     try:
         config = load_config(Path(start["config"]))
-        _login_sessions.append(_log_in(token, start, config, pin))
+        _login_sessions.append(_log_in(probed, start, config, pin))
         runtimes, retuner = _start(start, config, pin, node_pins, report)
     except (LoginError, ConfigError) as error:
         messages.send(channel, messages.login_error_message(error))
@@ -307,17 +307,17 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def probe_card(channel: socket.socket) -> tuple[dict, Token] | None:
+def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
     """Answer the supervisor's ``probe`` with what the card holds (agent/session/probe.py), then
-    wait for its ``start``: that and the probed token, or None when the sign-in ends here (the card
+    wait for its ``start``: that and the probed card, or None when the sign-in ends here (the card
     cannot be used, or the supervisor gave up: cancelled, card pulled)."""
-    request, _ = messages.receive(channel)
-    if request is None or request.get("type") != "probe":
+    message, _ = messages.receive(channel)
+    if message is None or message.get("type") != "probe":
         return None
+    request = ProbeRequest.from_message(message)
     try:
-        config = load_config(Path(request["config"]))
-        probed = ProbeRequest.from_message(request)
-        token, found = probe(config, probed)
+        config = load_config(Path(message["config"]))
+        card = probe(config, request)
     except CardAgentError as error:
         messages.send(channel, {"type": "error", "message": str(error), "plain": True})
         return None
@@ -326,16 +326,16 @@ def probe_card(channel: socket.socket) -> tuple[dict, Token] | None:
                                 f"answered {type(error).__name__} {error}".rstrip(), "plain": True})
         return None
     try:
-        check_before_login(token, config.identity.pin, confirm_final_try=probed.confirm_final_try)
+        check_before_login(card.token, config.identity.pin, confirm_final_try=request.confirm_final_try)
     except (LoginError, ConfigError) as error:  # no PIN attempt may be made (locked, final try, PIN pad)
-        messages.send(channel, {**messages.login_error_message(error), "label": found.card.label,
-                                "serial": found.card.serial})
+        messages.send(channel, {**messages.login_error_message(error), "label": card.found.card.label,
+                                "serial": card.found.card.serial})
         return None
-    messages.send(channel, found.to_message())
+    messages.send(channel, card.found.to_message())
     start, _ = messages.receive(channel)
     if start is None or start.get("type") != "start":
         return None
-    return start, token
+    return start, card
 
 
 def main() -> None:
