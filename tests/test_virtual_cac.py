@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -26,13 +27,13 @@ from cryptography import x509
 
 from agent_runner import agent_status, card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.card import pcsc
 from dicom_card_agent.card.pcsc import (
     SCARD_STATE_CHANGED,
     SCARD_STATE_EMPTY,
     SCARD_STATE_PRESENT,
     PcscEventSource,
     card_state_changed,
-    split_multistring,
 )
 from dicom_card_agent.card.watcher import POLL_SECONDS, TOKEN_INFO_SECONDS, CardEvents
 from peers.dcmtk import echoscu, storescp, storescu, storescu_argv
@@ -42,9 +43,9 @@ from peers.pynetdicom_scp import associate
 from peers.study import assert_delivered, make_study, sop_instance_uid
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
 from test_card_sessions import large_object
-from virtual_card.fixtures import card_reader, pcscd, virtual_cards  # noqa: F401 - pytest fixtures
+from virtual_card.fixtures import card_reader, pcscd, stack_unavailable, virtual_cards  # noqa: F401 - pytest fixtures
 from virtual_card.nssdb import CardContents
-from virtual_card.pcscd import VPCD_READER
+from virtual_card.pcscd import VPCD_READER, PrivatePcscd, StackUnavailable
 from virtual_card.reader import VirtualReader
 
 OPENSC = "opensc"
@@ -509,11 +510,91 @@ def test_pcsc_event_source_reports_insertion_and_removal(card_reader: VirtualRea
     assert 0 <= seen_after < 0.6, seen_after
 
 
+# The event source in a process of its own (libpcsclite reads PCSCLITE_CSOCK_NAME once per process):
+# each line on stdin asks for "live events"; end of input stops it and tells how that went.
+EVENT_SOURCE_PROBE = """
+import sys, threading, time
+from dicom_card_agent.card.pcsc import PcscEventSource
+source = PcscEventSource(lambda: None).start()
+for _ in sys.stdin:
+    print(source.live, source.events, flush=True)
+started = time.monotonic()
+source.stop()
+alive = any(thread.name == "pcsc-events" for thread in threading.enumerate())
+print(f"stopped in {time.monotonic() - started:.3f} s, event thread alive: {alive}", flush=True)
+"""
+
+
+def test_pcsc_events_pause_while_pcscd_is_away_and_resume_when_it_is_back(tmp_path: Path) -> None:
+    """pcscd stopped and started again (an upgrade, a restart by the admin): while it is away the
+    event source is not live (the card loop reads the tokens every look), once it is back the
+    source reconnects within RETRY_SECONDS and reports a change (cards may have come or gone
+    meanwhile); stop() wakes the thread blocked in SCardGetStatusChange (SCardCancel) at once. A
+    pcscd of the test's own, without readers: the machine's pcscd and other tests stay untouched."""
+    daemon = PrivatePcscd(tmp_path / "pcscd")
+    try:
+        daemon.start()
+    except StackUnavailable as error:
+        stack_unavailable(error)
+    probe = subprocess.Popen([sys.executable, "-c", EVENT_SOURCE_PROBE], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=daemon.env())
+    answers: list[str] = []
+
+    def state() -> str:
+        assert probe.stdin is not None and probe.stdout is not None
+        probe.stdin.write("\n")
+        probe.stdin.flush()
+        if not select.select([probe.stdout], [], [], 5)[0]:
+            raise AssertionError(f"the event source process does not answer; it said so far: {answers}")
+        answers.append(probe.stdout.readline().strip())
+        return answers[-1]
+
+    try:
+        wait_for(lambda: state() == "True 0", timeout=5)
+        daemon.stop()
+        wait_for(lambda: state() == "False 0", timeout=5)
+        daemon.start()
+        wait_for(lambda: state() == "True 1", timeout=pcsc.RETRY_SECONDS + 4)
+        stopped, errors = probe.communicate(input="", timeout=10)  # end of input: stop()
+        assert probe.returncode == 0, errors
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+        daemon.stop()
+    stopped = stopped.strip()
+    assert stopped.endswith("event thread alive: False"), stopped
+    assert float(stopped.split()[2]) < 0.5, stopped  # stop() joins for 2 s when the wait is not cancelled
+    assert "True 0" in answers and "False 0" in answers, answers
+
+
 # -- no pcscd needed ------------------------------------------------------------------------------------
 
-def test_split_multistring() -> None:
-    assert split_multistring(b"Reader A\0Reader B 00 01\0\0") == ["Reader A", "Reader B 00 01"]
-    assert split_multistring(b"\0") == []
+def test_the_pcsc_codes_are_pyscards() -> None:
+    """The SCARD_* values are defined in agent.card.pcsc, so that it imports without loading
+    pyscard (pcsc_api); they are the PC/SC standard's, and so pyscard's."""
+    scard = pcsc.pcsc_api()
+    names = [name for name in dir(pcsc) if name.startswith("SCARD_")]
+    assert len(names) == 14
+    assert {name: getattr(pcsc, name) for name in names} == {name: getattr(scard, name) for name in names}
+
+
+def test_without_libpcsclite_card_events_poll_and_say_why_on_a_clean_stdout(tmp_path: Path) -> None:
+    """A machine without pcsc-lite: pyscard, left to itself, prints "Failed to dlopen ..." on stdout
+    (C printf, into `card-agent` output) and then reads as "pcscd does not answer". An unloadable
+    libpcsclite.so.1 first in the library path stands for a missing one."""
+    libraries = tmp_path / "lib"
+    libraries.mkdir()
+    (libraries / pcsc.PCSCLITE_LIBRARY).write_bytes(b"")
+    code = ("from dicom_card_agent.card.watcher import CardEvents\n"
+            "with CardEvents() as events: print(events.pcsc, events.description)")
+    library_path = os.pathsep.join(filter(None, [str(libraries), os.environ.get("LD_LIBRARY_PATH")]))
+    env = {**os.environ, "LD_LIBRARY_PATH": library_path}
+    env.pop("CARD_AGENT_CARD_EVENTS", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "False polling every 50 ms (no PC/SC events: libpcsclite is not installed)\n"
+
 
 
 def test_card_state_changed_ignores_everything_but_presence_and_the_event_counter() -> None:

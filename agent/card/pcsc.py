@@ -7,25 +7,28 @@ changed, look now"; which card is present is still decided by asking the PKCS#11
 (watcher.CardWatcher.look), so an event source that misses, duplicates or invents events can delay or
 add a poll but never make the agent believe in a wrong card. Polling stays as the backstop.
 
-ctypes over libpcsclite (the C client library of pcscd); no pyscard dependency. Types follow
-pcsc-lite on Linux: DWORD and LONG are C ``unsigned long``/``long`` (64-bit on x86_64).
+PC/SC through pyscard's low-level layer (``smartcard.scard``), which loads the system's PC/SC
+library (libpcsclite, winscard.dll, the PCSC framework) and releases the GIL while a call blocks.
+The ``SCARD_*`` values below are the PC/SC standard's, the same on every platform (a test checks
+them against pyscard's); they are defined here so that this module imports without loading
+pyscard (see :func:`pcsc_api`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
+import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger("agent.card")
 
-LIBRARY_NAMES = ("libpcsclite.so.1", "libpcsclite.so")
+PCSCLITE_LIBRARY = "libpcsclite.so.1"  # the name pyscard dlopen()s where pcsc-lite is the PC/SC layer
 PNP_NOTIFICATION = "\\\\?PnP?\\Notification"  # the pseudo-reader that changes when readers come or go
-MAX_ATR_SIZE = 33
 SCARD_SCOPE_SYSTEM = 2
-INFINITE = 0xFFFFFFFF
 
 SCARD_S_SUCCESS = 0
 SCARD_E_CANCELLED = 0x80100002
@@ -44,18 +47,8 @@ SCARD_STATE_PRESENT = 0x0020
 
 RETRY_SECONDS = 1.0  # after pcscd went away: try to reconnect this often (polling covers the gap)
 
-
-class ReaderState(ctypes.Structure):
-    """SCARD_READERSTATE of pcsc-lite (Linux layout: no packing, DWORD = unsigned long)."""
-
-    _fields_ = [
-        ("szReader", ctypes.c_char_p),
-        ("pvUserData", ctypes.c_void_p),
-        ("dwCurrentState", ctypes.c_ulong),
-        ("dwEventState", ctypes.c_ulong),
-        ("cbAtr", ctypes.c_ulong),
-        ("rgbAtr", ctypes.c_ubyte * MAX_ATR_SIZE),
-    ]
+# A reader and the state the caller last saw it in, as pyscard's SCardGetStatusChange takes them.
+ReaderState = tuple[str, int]
 
 
 class PcscUnavailable(RuntimeError):
@@ -63,88 +56,69 @@ class PcscUnavailable(RuntimeError):
 
 
 def _code(value: int) -> int:
-    return value & 0xFFFFFFFF  # LONG is signed 64-bit; the SCARD_* codes are 32-bit patterns
+    return value & 0xFFFFFFFF  # LONG is signed (64-bit on Linux); the SCARD_* codes are 32-bit patterns
 
 
-def load_library() -> ctypes.CDLL:
-    for name in (*LIBRARY_NAMES, ctypes.util.find_library("pcsclite")):
-        if not name:
-            continue
+@functools.cache
+def pcsc_api() -> Any:
+    """pyscard's ``smartcard.scard``, imported on first use; PcscUnavailable without libpcsclite.
+
+    Where libpcsclite.so.1 cannot be loaded, importing pyscard prints "Failed to dlopen ..." on
+    the process's stdout (C printf: it would land in ``card-agent`` output) and every call then
+    answers SCARD_E_NO_SERVICE, which reads as "pcscd does not answer". So the library is loaded
+    here first, by the same name: a missing pcsc-lite gets its own reason and a clean stdout."""
+    if sys.platform not in ("win32", "darwin"):  # Windows and macOS ship their PC/SC layer
         try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib.SCardEstablishContext.argtypes = [ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p,
-                                              ctypes.POINTER(ctypes.c_long)]
-        lib.SCardEstablishContext.restype = ctypes.c_long
-        lib.SCardReleaseContext.argtypes = [ctypes.c_long]
-        lib.SCardReleaseContext.restype = ctypes.c_long
-        lib.SCardCancel.argtypes = [ctypes.c_long]
-        lib.SCardCancel.restype = ctypes.c_long
-        lib.SCardListReaders.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p,
-                                         ctypes.POINTER(ctypes.c_ulong)]
-        lib.SCardListReaders.restype = ctypes.c_long
-        lib.SCardGetStatusChange.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.POINTER(ReaderState),
-                                             ctypes.c_ulong]
-        lib.SCardGetStatusChange.restype = ctypes.c_long
-        return lib
-    raise PcscUnavailable("libpcsclite is not installed")
+            ctypes.CDLL(PCSCLITE_LIBRARY)
+        except OSError as error:
+            log.debug("PC/SC: %s", error)
+            raise PcscUnavailable("libpcsclite is not installed") from None
+    from smartcard import scard
 
-
-def split_multistring(raw: bytes) -> list[str]:
-    """A PC/SC multi-string (``a\\0b\\0\\0``) as a list."""
-    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+    return scard
 
 
 class PcscContext:
     """One connection to pcscd."""
 
-    def __init__(self, lib: ctypes.CDLL | None = None) -> None:
-        self.lib = lib or load_library()
-        handle = ctypes.c_long(0)
-        rv = _code(self.lib.SCardEstablishContext(SCARD_SCOPE_SYSTEM, None, None, ctypes.byref(handle)))
+    def __init__(self) -> None:
+        self.scard = pcsc_api()
+        rv, handle = self.scard.SCardEstablishContext(SCARD_SCOPE_SYSTEM)
+        rv = _code(rv)
         if rv != SCARD_S_SUCCESS:
             raise PcscUnavailable(f"pcscd does not answer (SCardEstablishContext: 0x{rv:08X})")
-        self.handle = handle.value
+        self.handle: int = handle
 
     def readers(self) -> list[str]:
-        size = ctypes.c_ulong(0)
-        rv = _code(self.lib.SCardListReaders(self.handle, None, None, ctypes.byref(size)))
+        rv, readers = self.scard.SCardListReaders(self.handle, [])
+        rv = _code(rv)
         if rv == SCARD_E_NO_READERS_AVAILABLE:
             return []
         if rv != SCARD_S_SUCCESS:
             raise PcscUnavailable(f"SCardListReaders: 0x{rv:08X}")
-        buffer = ctypes.create_string_buffer(size.value)
-        rv = _code(self.lib.SCardListReaders(self.handle, None, buffer, ctypes.byref(size)))
-        if rv == SCARD_E_NO_READERS_AVAILABLE:  # the reader left between the two calls
-            return []
-        if rv != SCARD_S_SUCCESS:
-            raise PcscUnavailable(f"SCardListReaders: 0x{rv:08X}")
-        return split_multistring(buffer.raw[:size.value])
+        return [str(name) for name in readers]
 
-    def wait(self, states: ctypes.Array, timeout_ms: int = INFINITE) -> int:
-        """SCardGetStatusChange on ``states``; returns the SCARD_* code (as unsigned 32-bit)."""
-        return _code(self.lib.SCardGetStatusChange(self.handle, timeout_ms, states, len(states)))
+    def wait(self, states: Sequence[ReaderState], timeout_ms: int | None = None) -> tuple[int, list[int]]:
+        """SCardGetStatusChange on ``states`` (no timeout: until a change or :meth:`cancel`).
+        Returns the SCARD_* code (as unsigned 32-bit) and the event state of each reader."""
+        timeout = self.scard.INFINITE if timeout_ms is None else timeout_ms
+        rv, new_states = self.scard.SCardGetStatusChange(self.handle, timeout, list(states))
+        return _code(rv), [int(state[1]) for state in new_states]
 
     def states(self, readers: list[str]) -> dict[str, int]:
         """The current ``SCARD_STATE_*`` flags of each reader, without waiting."""
         if not readers:
             return {}
-        encoded = [name.encode() for name in readers]
-        states = (ReaderState * len(readers))()
-        for state, name in zip(states, encoded, strict=True):
-            state.szReader = name
-            state.dwCurrentState = SCARD_STATE_UNAWARE
-        rv = self.wait(states, 0)
+        rv, events = self.wait([(name, SCARD_STATE_UNAWARE) for name in readers], 0)
         if rv not in (SCARD_S_SUCCESS, SCARD_E_TIMEOUT):
             raise PcscUnavailable(f"SCardGetStatusChange: 0x{rv:08X}")
-        return {name: state.dwEventState & 0xFFFF for name, state in zip(readers, states, strict=True)}
+        return {name: event & 0xFFFF for name, event in zip(readers, events, strict=True)}
 
     def cancel(self) -> None:
-        self.lib.SCardCancel(self.handle)  # wakes a wait() blocked in another thread
+        self.scard.SCardCancel(self.handle)  # wakes a wait() blocked in another thread
 
     def release(self) -> None:
-        self.lib.SCardReleaseContext(self.handle)
+        self.scard.SCardReleaseContext(self.handle)
 
 
 def card_state_changed(before: int, after: int) -> bool:
@@ -153,13 +127,22 @@ def card_state_changed(before: int, after: int) -> bool:
     return (before & mask) != (after & mask) or (before >> 16) != (after >> 16)
 
 
+def watchable(names: list[str]) -> list[str]:
+    """The readers pyscard can wait on: it passes reader names to PC/SC as ASCII and raises
+    UnicodeEncodeError for any other, which would end the event thread. A reader left out is
+    still seen by the poller, only without the early wake-up."""
+    for name in names:
+        if not name.isascii():
+            log.debug("PC/SC events: reader %a not watched (pyscard passes ASCII reader names only)", name)
+    return [name for name in names if name.isascii()]
+
+
 class PcscEventSource:
     """A thread blocked in ``SCardGetStatusChange`` on every reader (and the PnP pseudo-reader)
     that calls ``on_change`` whenever pcscd reports a card or reader change."""
 
-    def __init__(self, on_change: Callable[[], None], lib: ctypes.CDLL | None = None) -> None:
+    def __init__(self, on_change: Callable[[], None]) -> None:
         self.on_change = on_change
-        self._lib = lib
         self._stopping = threading.Event()
         self._context: PcscContext | None = None
         self._context_lock = threading.Lock()
@@ -191,7 +174,7 @@ class PcscEventSource:
                 self._context = None
 
     def _connect(self) -> PcscContext:
-        context = PcscContext(self._lib)
+        context = PcscContext()
         with self._context_lock:
             self._context = context
         return context
@@ -223,21 +206,15 @@ class PcscEventSource:
 
     def _watch(self, context: PcscContext) -> None:
         """Wait for changes until the reader list changes (return) or pcscd goes away (raise)."""
-        names = [PNP_NOTIFICATION, *context.readers()]
-        encoded = [name.encode() for name in names]
-        states = (ReaderState * len(names))()
-        for state, name in zip(states, encoded, strict=True):
-            state.szReader = name
-            state.dwCurrentState = SCARD_STATE_UNAWARE
-        rv = context.wait(states, 0)  # learn the current states without waiting
+        names = [PNP_NOTIFICATION, *watchable(context.readers())]
+        rv, events = context.wait([(name, SCARD_STATE_UNAWARE) for name in names], 0)  # the current states
         if rv not in (SCARD_S_SUCCESS, SCARD_E_TIMEOUT):
             raise PcscUnavailable(f"SCardGetStatusChange: 0x{rv:08X}")
-        for state in states:
-            state.dwCurrentState = state.dwEventState & ~SCARD_STATE_CHANGED
-        self.cards = _cards_in(names[1:], states[1:])
+        current = [event & ~SCARD_STATE_CHANGED for event in events]
+        self.cards = _cards_in(names[1:], current[1:])
         self.live = True
         while not self._stopping.is_set():
-            rv = context.wait(states)
+            rv, events = context.wait(list(zip(names, current, strict=True)))
             if rv == SCARD_E_CANCELLED or self._stopping.is_set():
                 return
             if rv == SCARD_E_TIMEOUT:
@@ -247,12 +224,11 @@ class PcscEventSource:
                 return  # a reader went away: list them again
             if rv != SCARD_S_SUCCESS:
                 raise PcscUnavailable(f"SCardGetStatusChange: 0x{rv:08X}")
-            readers_changed = bool(states[0].dwEventState & SCARD_STATE_CHANGED)
-            cards_changed = any(s.dwEventState & SCARD_STATE_CHANGED
-                                and card_state_changed(s.dwCurrentState, s.dwEventState) for s in states[1:])
-            for state in states:
-                state.dwCurrentState = state.dwEventState & ~SCARD_STATE_CHANGED
-            self.cards = _cards_in(names[1:], states[1:])
+            readers_changed = bool(events[0] & SCARD_STATE_CHANGED)
+            cards_changed = any(after & SCARD_STATE_CHANGED and card_state_changed(before, after)
+                                for before, after in zip(current[1:], events[1:], strict=True))
+            current = [event & ~SCARD_STATE_CHANGED for event in events]
+            self.cards = _cards_in(names[1:], current[1:])
             if readers_changed or cards_changed:
                 self._notify()
             if readers_changed:
@@ -266,7 +242,6 @@ class PcscEventSource:
             log.exception("PC/SC event callback failed")
 
 
-def _cards_in(names: list[str], states: Sequence[ReaderState]) -> dict[str, int]:
+def _cards_in(names: list[str], states: Sequence[int]) -> dict[str, int]:
     """The readers among ``names`` holding a card, with their card-event counts."""
-    return {name: state.dwEventState >> 16 for name, state in zip(names, states, strict=True)
-            if state.dwEventState & SCARD_STATE_PRESENT}
+    return {name: state >> 16 for name, state in zip(names, states, strict=True) if state & SCARD_STATE_PRESENT}

@@ -199,3 +199,71 @@ def _wait_until_ready(daemon: Pcscd) -> None:
             raise StackUnavailable(f"pcscd started but did not offer {VPCD_READER!r} on port {VPCD_PORT} within "
                                    f"{START_TIMEOUT:g} s:\n{daemon.log_text()[-2000:]}")
         time.sleep(0.1)
+
+
+PCSCD_READER_CONFIG_DIR = Path("/etc/reader.conf.d")
+# In a mount namespace of its own, pcscd's fixed paths are the test's: its socket and pid file
+# directory (pcscd 1.9 ignores PCSCLITE_CSOCK_NAME; its clients honour it) and an empty reader
+# configuration, so that it does not take vpcd's port from the machine's pcscd.
+_PRIVATE_PCSCD = ('mount --bind "$1" /run/pcscd && mount --bind "$2" /etc/reader.conf.d && '
+                  'exec "$3" --foreground --error')
+
+
+class PrivatePcscd:
+    """A pcscd of the test's own, without readers, that the test may stop and start again: the
+    machine's pcscd and the other tests' readers are untouched. Its clients find it through
+    ``env()`` (PCSCLITE_CSOCK_NAME, read once per process by libpcsclite: use it in a subprocess)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.run_dir = workdir / "run"
+        self.readers_dir = workdir / "reader.conf.d"
+        self.log_path = workdir / "pcscd.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / "pcscd.comm"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PCSCLITE_CSOCK_NAME": str(self.socket_path)}
+
+    def check_possible(self) -> None:
+        if os.geteuid() != 0:
+            raise StackUnavailable("a private pcscd needs root (a mount namespace: unshare --mount)")
+        for tool in ("unshare", "mount"):
+            if shutil.which(tool) is None:
+                raise StackUnavailable(f"{tool} is missing (package util-linux / mount)")
+        if shutil.which("pcscd") is None and not Path("/usr/sbin/pcscd").exists():
+            raise StackUnavailable("pcscd is not installed (package pcscd)")
+        if not PCSCD_READER_CONFIG_DIR.is_dir():
+            raise StackUnavailable(f"{PCSCD_READER_CONFIG_DIR} is missing (package pcscd)")
+
+    def start(self) -> None:
+        self.check_possible()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.readers_dir.mkdir(parents=True, exist_ok=True)
+        PCSCD_SOCKET_DIR.mkdir(exist_ok=True)  # the mount point; pcscd itself would create it
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", _PRIVATE_PCSCD, "private-pcscd",
+                 str(self.run_dir), str(self.readers_dir), shutil.which("pcscd") or "/usr/sbin/pcscd"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._answers():
+            if self.process.poll() is not None:
+                raise StackUnavailable(f"the private pcscd exited with status {self.process.returncode}:\n"
+                                       f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            if time.monotonic() > deadline:
+                raise StackUnavailable(f"the private pcscd did not open {self.socket_path} within {START_TIMEOUT:g} s")
+            time.sleep(0.05)
+
+    def _answers(self) -> bool:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(self.socket_path))
+            return True
+        return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)  # SIGTERM: pcscd removes its socket and pid file
+            self.process = None
