@@ -51,7 +51,7 @@ from dicom_card_agent.session.probe import ProbeRequest
 from dicom_card_agent.session.retune import session_change
 from dicom_card_agent.session.supervisor import CardSession, CardSessionUnresponsive
 from dicom_card_agent.token.login import LoginError
-from dicom_card_agent.token.module import LoadedModule, load_module
+from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Totals
 from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED
@@ -88,7 +88,8 @@ class SessionManager:
         self.config = config
         self.audit = audit or AuditRecorder(None)
         self.confirm_final_try = confirm_final_try
-        self.module: LoadedModule = load_module(config.identity.module)
+        # Not initialised when pcscd is to tell of cards: OpenSC would probe a card present at start-up.
+        self.module: LoadedModule = load_module(config.identity.module, initialise=False)
         self.machine = CardLifecycle()
         # Asks the module, or (presence = "pcsc" in the module's profile, pcscd answering) only pcscd:
         # replaced by a ReaderWatcher when the card events start (see _watch_reader).
@@ -220,8 +221,14 @@ class SessionManager:
             if events.source is not None and self.module.profile.presence_from_pcsc:
                 self.watcher = ReaderWatcher(events.source)  # the module is left to the card-session process
                 log.info("cards are seen through pcscd alone; the card-session process probes each card once")
-            elif isinstance(self.watcher, CardWatcher):
-                self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
+            else:
+                try:
+                    self.module.lib  # noqa: B018 - initialised here if it was left to pcscd, which does not answer
+                except ModuleLoadError as error:
+                    log.error("cannot watch the card reader: %s", error)
+                    return
+                if isinstance(self.watcher, CardWatcher):
+                    self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
             while not stop.is_set():
                 try:
                     card = self.watcher.look()

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
-from dataclasses import dataclass
 
 import pkcs11
 from pkcs11.exceptions import PKCS11Error
 
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.file_trust import check_trusted_file
-from dicom_card_agent.token.profiles import AUTO_ORDER, ModuleProfile, all_profiles, detect_profile, get_profile
+from dicom_card_agent.token.profiles import (
+    AUTO_ORDER,
+    GENERIC,
+    ModuleProfile,
+    all_profiles,
+    detect_profile,
+    get_profile,
+)
 
 AUTO = "auto"
 
@@ -30,13 +37,26 @@ class ModuleLoadError(CardAgentError):
 MODULE_CALLS = threading.Lock()
 
 
-@dataclass(frozen=True)
 class LoadedModule:
-    """A PKCS#11 module loaded in this process, with the profile that describes it."""
+    """A PKCS#11 module for this process, with the profile that describes it. The module is
+    initialised (``C_Initialize``) when :attr:`lib` is first used, unless it was at loading: OpenSC
+    probes every card present as it initialises (37 APDUs on the virtual CAC), so the supervisor,
+    which needs only the path and the profile while pcscd tells it of cards (``presence = "pcsc"``),
+    leaves that probe to the card-session process."""
 
-    path: str
-    profile: ModuleProfile
-    lib: pkcs11.lib
+    def __init__(self, path: str, profile: ModuleProfile, lib: pkcs11.lib | None = None) -> None:
+        self.path = path
+        self.profile = profile
+        self._lib = lib
+        self._lib_lock = threading.Lock()
+
+    @property
+    def lib(self) -> pkcs11.lib:
+        """The module, initialised (raises :class:`ModuleLoadError` when it cannot be)."""
+        with self._lib_lock:
+            if self._lib is None:
+                self._lib = _initialise(self.path, self.profile)
+            return self._lib
 
     @property
     def library_description(self) -> str:
@@ -46,7 +66,7 @@ class LoadedModule:
         return self.lib.get_slots(token_present=True)
 
 
-def _load(path: str, profile: ModuleProfile | None) -> LoadedModule:
+def _load(path: str, profile: ModuleProfile | None, initialise: bool = True) -> LoadedModule:
     profile_text = f" (profile {profile.name})" if profile else ""
     if not os.path.exists(path):
         hint = (
@@ -60,28 +80,52 @@ def _load(path: str, profile: ModuleProfile | None) -> LoadedModule:
         )
     # The module runs inside the agent, which holds the PIN: a module someone else can write is theirs.
     check_trusted_file(path, "the PKCS#11 module", "run code in the agent, which holds the card's PIN")
+    if profile is None:
+        profile = detect_profile(path)  # by path; by the manufacturer it names once initialised, below
+    if not initialise and profile.presence_from_pcsc:
+        _check_loadable(path, profile)  # what initialising would have caught at start-up, but a probe
+        return LoadedModule(path, profile)
+    lib = _initialise(path, profile)
+    if profile.name == GENERIC:
+        profile = detect_profile(path, lib.manufacturer_id)
+    return LoadedModule(path, profile, lib)
+
+
+def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
     try:
-        lib = pkcs11.lib(path)
+        return pkcs11.lib(path)
     except PKCS11Error as error:
         raise ModuleLoadError(
-            f"cannot load PKCS#11 module {path}{profile_text}: {error}. Check that it is a "
+            f"cannot load PKCS#11 module {path} (profile {profile.name}): {error}. Check that it is a "
             "PKCS#11 library for this architecture"
         ) from None
-    if profile is None:
-        profile = detect_profile(path, lib.manufacturer_id)
-    return LoadedModule(path=path, profile=profile, lib=lib)
 
 
-def load_module(spec: str = AUTO) -> LoadedModule:
+def _check_loadable(path: str, profile: ModuleProfile) -> None:
+    """The module can be loaded and is a PKCS#11 library (it has ``C_GetFunctionList``), checked
+    without initialising it."""
+    try:
+        library = ctypes.CDLL(path)
+        library.C_GetFunctionList  # noqa: B018 - looked up to fail now, not at the first card
+    except (OSError, AttributeError) as error:
+        raise ModuleLoadError(
+            f"cannot load PKCS#11 module {path} (profile {profile.name}): {error}. Check that it is a "
+            "PKCS#11 library for this architecture"
+        ) from None
+
+
+def load_module(spec: str = AUTO, *, initialise: bool = True) -> LoadedModule:
     """Load a module given as a profile name, a path to a ``.so``, or ``auto``.
 
     ``auto`` loads the installed modules of the known profiles in :data:`AUTO_ORDER` and takes the
-    first that shows a token; with no token anywhere, the first installed one.
+    first that shows a token; with no token anywhere, the first installed one. ``initialise``
+    False: a module whose profile says ``presence = "pcsc"`` is initialised only when first used
+    (see :class:`LoadedModule`); ``auto`` initialises every candidate all the same.
     """
     if spec == AUTO:
         return _load_auto()
     if os.sep in spec or spec.endswith((".so", ".dylib", ".dll")):
-        return _load(spec, None)
+        return _load(spec, None, initialise)
     profile = get_profile(spec)
     path = profile.installed_module()
     if path is None:
@@ -89,7 +133,7 @@ def load_module(spec: str = AUTO) -> LoadedModule:
             f"the PKCS#11 module of profile {profile.name} ({profile.description}) is not installed: "
             f"looked for {', '.join(profile.module_paths) or 'no known path'}. Install it or give its path"
         )
-    return _load(path, profile)
+    return _load(path, profile, initialise)
 
 
 def _load_auto() -> LoadedModule:
