@@ -2,10 +2,13 @@
 
 Where the PKCS#11 module talks to cards through pcscd (OpenSC and most card middleware on Linux),
 pcscd knows first that a card left: ``SCardGetStatusChange`` returns as soon as its reader state
-changes, while the poller would only look at its next tick. This module only says "something
-changed, look now"; which card is present is still decided by asking the PKCS#11 module
-(watcher.CardWatcher.look), so an event source that misses, duplicates or invents events can delay or
-add a poll but never make the agent believe in a wrong card. Polling stays as the backstop.
+changes, while the poller would only look at its next tick. For most modules this module only
+says "something changed, look now"; which card is present is still decided by asking the PKCS#11
+module (watcher.CardWatcher.look), so an event source that misses, duplicates or invents events can
+delay or add a poll but never make the agent believe in a wrong card. Polling stays as the
+backstop. For a module whose every question about a new card costs a probe (OpenSC), the readers
+holding a card and their event counts (:attr:`PcscEventSource.cards`) are what the card loop reads
+instead (agent/card/readers.py).
 
 PC/SC through pyscard's low-level layer (``smartcard.scard``), which loads the system's PC/SC
 library (libpcsclite, winscard.dll, the PCSC framework) and releases the GIL while a call blocks.
