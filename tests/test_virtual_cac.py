@@ -250,6 +250,25 @@ def test_pull_mid_transfer_then_a_second_card_then_the_first_again(
 
 # -- the card-lifecycle faults on the real stack -------------------------------------------------------
 
+def test_a_card_holding_another_token_than_the_configured_one_waits_with_the_reason(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """Known from pcscd alone, a card is "the card in reader R" until its probe reads the token;
+    [identity] token is then checked, and the wrong card waits, without a PIN dialog."""
+    env = opensc_env(test_pki)
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], token="Dave Example", module=OPENSC,
+                       agent=own_runtime_dir(tmp_path)) as agent:
+        agent.wait_for_log("card events: PC/SC events from pcscd")
+        card_reader.insert(virtual_cards["carol"])
+        log = agent.wait_for_log("event=sign-in-failed", timeout=PROBE_SECONDS)
+        status = agent_status(tmp_path / "agent", env)
+        assert card_session_pid(agent.process.pid) is None, log  # the probing process ended with the refusal
+    expected = (f"the card in reader {VPCD_READER!r} holds 'Carol Example' (serial ")
+    assert status["state"].startswith(f"card present, not signed in: {expected}"), status
+    assert status["state"].endswith(", not [identity] token 'Dave Example'"), status
+    assert f'event=card-inserted reader="{VPCD_READER}"' in log and "PIN" not in log, log
+
+
 def test_a_card_pulled_during_the_pin_dialog_closes_it_and_the_next_insertion_signs_in(
         test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
         virtual_cards: dict[str, CardContents], study: list[Path], terminal: Terminal) -> None:
