@@ -125,3 +125,15 @@ def test_a_card_swapped_between_two_looks_is_a_new_card() -> None:
 def test_the_card_in_the_first_reader_wins_when_cards_are_found_together() -> None:
     answers = PcscAnswers(cards={READERS[1]: 1, READERS[0]: 1})
     assert ReaderWatcher(answers).look() == ReaderCard(READERS[0], 1)
+
+
+def test_a_card_passed_over_for_a_newer_one_waits_for_its_re_insertion() -> None:
+    answers = PcscAnswers(cards={READERS[0]: 1})
+    watcher = ReaderWatcher(answers)
+    assert watcher.look() == ReaderCard(READERS[0], 1)
+    answers.cards = {READERS[0]: 1, READERS[1]: 1}
+    assert watcher.look() == ReaderCard(READERS[1], 1)  # the newer card
+    answers.cards = {READERS[0]: 1}
+    assert watcher.look() is None  # the older card is not signed in again by itself
+    answers.cards = {READERS[0]: 3}  # removed and inserted again
+    assert watcher.look() == ReaderCard(READERS[0], 3)

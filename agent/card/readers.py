@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dicom_card_agent.card.watcher import UNREADABLE_LOOKS, UNREADABLE_SECONDS, CardUnreadable
+from dicom_card_agent.card.watcher import ArrivalOrder, FailingLooks
 
 log = logging.getLogger("agent.card")
 
@@ -57,47 +57,39 @@ class ReaderWatcher:
     def __init__(self, source: PcscEvents, clock: Callable[[], float] = time.monotonic, *,
                  first_wait: float = FIRST_STATES_SECONDS) -> None:
         self.source = source
-        self.clock = clock
         self.first_wait = first_wait
-        self.present: tuple[ReaderCard, ...] = ()
-        self._arrival: dict[ReaderCard, int] = {}
-        self._arrivals = 0
-        self._chosen: ReaderCard | None = None
-        self._passed_over: set[ReaderCard] = set()
-        self._away_since: float | None = None  # when pcscd stopped answering (None: it answers)
-        self._away_looks = 0
+        self._order: ArrivalOrder[ReaderCard] = ArrivalOrder()
+        self._failures = FailingLooks(clock)  # pcscd away
         self._looked = False
+
+    @property
+    def present(self) -> tuple[ReaderCard, ...]:
+        return self._order.present
 
     def look(self) -> ReaderCard | None:
         """Raises :class:`CardUnreadable` while pcscd has been away for less than the grace of
         :mod:`~dicom_card_agent.card.watcher` (the card is taken to be as it was); after it, no card."""
-        if not self.source.live and not self._first_states():
+        first, self._looked = not self._looked, True
+        if not self.source.live and not (first and self._first_states()):
             self._pcscd_away()
             return None
-        if self._away_since is not None:
-            log.info("pcscd answers again (after %d looks without it)", self._away_looks)
-            self._away_since = None
+        self._failures.answered("pcscd answers again (after %d looks without it)")
         cards = [ReaderCard(reader, count) for reader, count in sorted(self.source.cards.items())]
-        self._note_arrivals(cards)
-        waiting = [card for card in cards if card in self._passed_over]
-        candidates = sorted((card for card in cards if card not in self._passed_over),
-                            key=lambda card: self._arrival[card], reverse=True)
+        self._order.note(cards)
+        waiting = [card for card in cards if card in self._order.passed_over]
+        candidates = self._order.newest_first(card for card in cards if card not in self._order.passed_over)
         chosen = candidates[0] if candidates else None
-        if chosen is not None and self._chosen not in (None, chosen) and self._chosen in self.present:
-            self._passed_over.add(self._chosen)
-            log.info("%s chosen: it was inserted after %s", chosen, self._chosen)
-        elif chosen is None and waiting and self._chosen is not None:
+        before = self._order.choose(chosen)
+        if before is not None and before in self._order.passed_over:
+            log.info("%s chosen: it was inserted after %s", chosen, before)
+        elif chosen is None and waiting and before is not None:
             log.info("%s not signed in again: a card inserted after it was used; remove and re-insert it to "
                      "sign in", ", ".join(str(card) for card in waiting))
-        self._chosen = chosen
         return chosen
 
     def _first_states(self) -> bool:
         """At the first look, pcscd's event thread may not have read the readers yet: wait for it
         a moment rather than report pcscd away. True once it has."""
-        if self._looked:
-            return False
-        self._looked = True
         for _ in range(round(self.first_wait / FIRST_STATES_STEP)):
             if self.source.live:
                 break
@@ -105,24 +97,8 @@ class ReaderWatcher:
         return self.source.live
 
     def _pcscd_away(self) -> None:
-        now = self.clock()
-        if self._away_since is None:
-            self._away_since, self._away_looks = now, 0
-            log.info("pcscd does not answer: the card is taken to be as it was; looking again")
-        self._away_looks += 1
-        if now - self._away_since < UNREADABLE_SECONDS or self._away_looks < UNREADABLE_LOOKS:
-            raise CardUnreadable("pcscd does not answer")
-        if self.present:
-            log.warning("pcscd has not answered for %.1f s: the card is taken to be removed", now - self._away_since)
-        self.present = ()
-
-    def _note_arrivals(self, cards: list[ReaderCard]) -> None:
-        self.present = tuple(cards)
-        for gone in set(self._arrival) - set(cards):
-            del self._arrival[gone]
-            self._passed_over.discard(gone)
-        # Cards first seen at the same look count as inserted in reader order, the first reader last,
-        # so that, all else equal, the first reader wins (as the first slot does in CardWatcher).
-        for card in reversed([card for card in cards if card not in self._arrival]):
-            self._arrivals += 1
-            self._arrival[card] = self._arrivals
+        failing_for = self._failures.failed("pcscd does not answer",
+                                            "pcscd does not answer: the card is taken to be as it was; looking again")
+        if failing_for is not None and self.present:
+            log.warning("pcscd has not answered for %.1f s: the card is taken to be removed", failing_for)
+        self._order.present = ()

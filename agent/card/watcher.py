@@ -33,8 +33,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from pkcs11.exceptions import DeviceRemoved, PKCS11Error, SlotIDInvalid, TokenNotPresent, TokenNotRecognised
 from pkcs11.types import Token
@@ -107,6 +108,80 @@ PcscChanges = Callable[[], "int | None"]
 Judge = Callable[[Token], "str | None"]
 
 
+C = TypeVar("C", bound=Hashable)
+
+
+class ArrivalOrder(Generic[C]):
+    """The cards present, the order in which they appeared, and the ones passed over: a card that
+    was chosen and then passed over for a newer one waits until it is re-inserted (a card that
+    left and came back is new). Cards first seen at the same look count as inserted in the order
+    given, the first last, so that, all else equal, the first slot or reader wins."""
+
+    def __init__(self) -> None:
+        self.present: tuple[C, ...] = ()
+        self.passed_over: set[C] = set()
+        self.chosen: C | None = None
+        self._rank: dict[C, int] = {}
+        self._count = 0
+
+    def note(self, cards: Sequence[C]) -> set[C]:
+        """The cards present at this look; those that left since the last."""
+        self.present = tuple(cards)
+        gone = set(self._rank) - set(cards)
+        for card in gone:
+            del self._rank[card]
+            self.passed_over.discard(card)
+        for card in reversed([card for card in cards if card not in self._rank]):
+            self._count += 1
+            self._rank[card] = self._count
+        return gone
+
+    def newest_first(self, cards: Iterable[C]) -> list[C]:
+        return sorted(cards, key=lambda card: self._rank.get(card, 0), reverse=True)
+
+    def choose(self, chosen: C | None) -> C | None:
+        """This look's choice; the card chosen before, when another is chosen while it is still
+        present, is passed over. Returns the card chosen before."""
+        before = self.chosen
+        if chosen is not None and before is not None and chosen != before and before in self.present:
+            self.passed_over.add(before)
+        self.chosen = chosen
+        return before
+
+
+class FailingLooks:
+    """Looks that fail in a row: the card is taken to be as it was for :data:`UNREADABLE_SECONDS`
+    (and :data:`UNREADABLE_LOOKS` looks), then the reader counts as empty."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.since: float | None = None  # when looks began to fail in a row (None: the last one worked)
+        self.looks = 0
+        self._gave_up = False
+
+    def failed(self, reason: str, first_words: str) -> float | None:
+        """Raise :class:`CardUnreadable` within the grace (logging ``first_words`` at the first
+        failure); past it, how long looks have failed, the first time only (None after)."""
+        now = self.clock()
+        if self.since is None:
+            self.since, self.looks, self._gave_up = now, 0, False
+            log.info("%s", first_words)
+        self.looks += 1
+        failing_for = now - self.since
+        if failing_for < UNREADABLE_SECONDS or self.looks < UNREADABLE_LOOKS:
+            raise CardUnreadable(reason)
+        if self._gave_up:
+            return None
+        self._gave_up = True
+        return failing_for
+
+    def answered(self, words: str) -> None:
+        """A look worked: a run of failed looks, if any, is over (``words`` logged with its count of looks)."""
+        if self.since is not None:
+            log.info(words, self.looks)
+        self.since, self.looks = None, 0
+
+
 class CardWatcher:
     """Which card is present now, and, when several are (several readers), which one to sign in with.
 
@@ -126,22 +201,20 @@ class CardWatcher:
         self.module = module
         self.selector = selector
         self.judge = judge
-        self.present: tuple[Card, ...] = ()  # every initialised token seen at the last look
-        self._arrival: dict[Card, int] = {}
-        self._arrivals = 0
+        self._order: ArrivalOrder[Card] = ArrivalOrder()  # every initialised token seen at the last look
         self._verdicts: dict[Card, str | None] = {}  # Card -> why unusable (None: usable)
-        self._chosen: Card | None = None
-        self._passed_over: set[Card] = set()  # chosen once, then a newer card was: wait for re-insertion
         self._reported: object = None  # what was last logged, so that a choice is logged once
-        self._failing_since: float | None = None  # when looks began to fail in a row (None: the last one worked)
-        self._failed_looks = 0
-        self._gave_up = False  # the failing looks lasted past the grace: the reader counts as empty
+        self._failures = FailingLooks()
         self.pcsc_changes: PcscChanges | None = None  # set by the card loop where PC/SC events run
         # The tokens of the last look that read them, and what it saw (see the module's docstring).
         self._tokens: list[Token] = []
         self._token_slots: tuple[int, ...] | None = None
         self._tokens_read_at = 0.0
         self._tokens_changes: int | None = None
+
+    @property
+    def present(self) -> tuple[Card, ...]:
+        return self._order.present
 
     def look(self) -> Card | None:
         """The card to sign in with, if any is present. Raises :class:`ModuleBusy` when another
@@ -157,7 +230,8 @@ class CardWatcher:
             if not tokens and _descriptors_exhausted():
                 raise DescriptorsExhausted()
             self._answered()
-            self._note_arrivals([Card(t.label, token_serial(t)) for t in tokens])
+            for gone in self._order.note([Card(t.label, token_serial(t)) for t in tokens]):
+                self._verdicts.pop(gone, None)
             if self.selector:
                 candidates = matching_tokens(tokens, self.selector)
                 if not candidates:
@@ -195,56 +269,30 @@ class CardWatcher:
     def _failed_look(self, error: PKCS11Error) -> None:
         """Raise :class:`CardUnreadable` while looks have failed for less than the grace; return
         (the reader counts as empty) once they have failed for longer."""
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since, self._failed_looks, self._gave_up = now, 0, False
-            log.info("the card reader could not be read (%s): the card is taken to be as it was; looking again",
-                     _error_name(error))
-        self._failed_looks += 1
-        failing_for = now - self._failing_since
-        if failing_for < UNREADABLE_SECONDS or self._failed_looks < UNREADABLE_LOOKS:
-            raise CardUnreadable(_error_name(error))
-        if not self._gave_up:
-            self._gave_up = True
+        failing_for = self._failures.failed(_error_name(error), f"the card reader could not be read "
+                                            f"({_error_name(error)}): the card is taken to be as it was; looking again")
+        if failing_for is not None:
             log.warning("the card reader has not answered for %.1f s (%d looks failed, the last with %s): the card "
-                        "is taken to be removed", failing_for, self._failed_looks, _error_name(error))
+                        "is taken to be removed", failing_for, self._failures.looks, _error_name(error))
 
     def _answered(self) -> None:
-        """A look worked: a run of failed looks, if any, is over."""
-        if self._failing_since is not None:
-            log.info("the card reader answers again (after %d failed looks)", self._failed_looks)
-        self._failing_since, self._failed_looks = None, 0
-
-    def _note_arrivals(self, cards: list[Card]) -> None:
-        """Remember the order in which cards appeared; a card that left and came back is new."""
-        self.present = tuple(cards)
-        for gone in set(self._arrival) - set(cards):
-            del self._arrival[gone]
-            self._verdicts.pop(gone, None)
-            self._passed_over.discard(gone)
-        new = [card for card in cards if card not in self._arrival]
-        for rank, card in enumerate(reversed(new), start=1):
-            self._arrival[card] = self._arrivals + rank
-        self._arrivals += len(new)
+        self._failures.answered("the card reader answers again (after %d failed looks)")
 
     def _choose(self, tokens: list[Token]) -> Card | None:
         chosen = self._choose_among(tokens)
-        if chosen is not None and self._chosen is not None and chosen != self._chosen \
-                and self._chosen in self.present:
-            self._passed_over.add(self._chosen)
-        self._chosen = chosen
+        self._order.choose(chosen)
         return chosen
 
     def _choose_among(self, tokens: list[Token]) -> Card | None:
         cards = {Card(t.label, token_serial(t)): t for t in tokens}
-        waiting = [card for card in cards if card in self._passed_over]
+        waiting = [card for card in cards if card in self._order.passed_over]
         for card in waiting:
             del cards[card]
         if not cards:
             if waiting:
                 self._report_passed_over(waiting)
             return None
-        newest_first = sorted(cards, key=lambda card: self._arrival.get(card, 0), reverse=True)
+        newest_first = self._order.newest_first(cards)
         if len(cards) == 1 or self.judge is None:
             return newest_first[0]
         for card in newest_first:
