@@ -321,7 +321,7 @@ class SessionManager:
         session = CardSession(config, on_report=self._session_report, confirm_final_try=self.confirm_final_try)
         try:
             # The card's process probes it; a cancelled sign-in ends that process (scope.ends_with).
-            found = scope.run(lambda: session.open(self._probe_request(card), self.module))
+            found = scope.run(lambda: session.open(self._probe_request(config, card), self.module))
             self._learnt(attempt, found.card)
             directory = session.directory
             assert directory is not None  # made by open()
@@ -367,8 +367,8 @@ class SessionManager:
             self._pending_sessions[attempt] = session
         self._report(SignedIn(attempt))
 
-    def _probe_request(self, card: WatchedCard) -> ProbeRequest:
-        confirm = self.confirm_final_try or self.config.identity.pin.confirms_in_dialog
+    def _probe_request(self, config: AgentConfig, card: WatchedCard) -> ProbeRequest:
+        confirm = self.confirm_final_try or config.identity.pin.confirms_in_dialog
         if isinstance(card, ReaderCard):
             return ProbeRequest(reader=card.reader, confirm_final_try=confirm)
         return ProbeRequest(token=card.selector, confirm_final_try=confirm)
