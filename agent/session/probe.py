@@ -24,6 +24,7 @@ from dicom_card_agent.token.discovery import (
     PinState,
     find_token,
     matching_tokens,
+    token_list,
     token_serial,
     tokens_in,
 )
@@ -107,11 +108,10 @@ def _token_in_reader(module: LoadedModule, reader: str, selector: str | None) ->
     if selector:
         chosen = matching_tokens(tokens, selector)
         if not chosen:
-            held = ", ".join(f"{t.label!r} (serial {token_serial(t)})" for t in tokens)
-            raise NoSuchTokenError(f"the card in reader {reader!r} holds {held}, not [identity] token {selector!r}")
+            raise NoSuchTokenError(f"the card in reader {reader!r} holds {token_list(tokens)}, not [identity] token "
+                                   f"{selector!r}")
         tokens = chosen
     if len(tokens) > 1:
-        held = ", ".join(f"{t.label!r} (serial {token_serial(t)})" for t in tokens)
-        raise AmbiguousTokenError(f"the card in reader {reader!r} holds several tokens: {held}; choose one with "
-                                  "[identity] token")
+        raise AmbiguousTokenError(f"the card in reader {reader!r} holds several tokens: {token_list(tokens)}; "
+                                  "choose one with [identity] token")
     return tokens[0]

@@ -133,13 +133,18 @@ def matching_tokens(tokens: list[Token], selector: str) -> list[Token]:
     return [t for t in tokens if t.label == selector] or [t for t in tokens if token_serial(t) == selector]
 
 
+def token_list(tokens: list[Token]) -> str:
+    """``'alice' (serial 8a3f...), 'bob' (serial ...)``, for messages."""
+    return ", ".join(f"{t.label!r} (serial {token_serial(t)})" for t in tokens)
+
+
 def find_token(module: LoadedModule, selector: str) -> Token:
     """The one token whose label or serial equals ``selector``, or that a ``pkcs11:`` URI selects."""
     tokens = present_tokens(module)
     matches = matching_tokens(tokens, selector)
     if len(matches) == 1:
         return matches[0]
-    present = ", ".join(f"{t.label!r} (serial {token_serial(t)})" for t in tokens) or "none"
+    present = token_list(tokens) or "none"
     if not matches:
         raise NoSuchTokenError(
             f"no token {selector!r} in {module.path} (profile {module.profile.name}); tokens present: {present}"

@@ -95,10 +95,7 @@ def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
     try:
         return pkcs11.lib(path)
     except PKCS11Error as error:
-        raise ModuleLoadError(
-            f"cannot load PKCS#11 module {path} (profile {profile.name}): {error}. Check that it is a "
-            "PKCS#11 library for this architecture"
-        ) from None
+        raise _not_loadable(path, profile, error) from None
 
 
 def _check_loadable(path: str, profile: ModuleProfile) -> None:
@@ -108,10 +105,12 @@ def _check_loadable(path: str, profile: ModuleProfile) -> None:
         library = ctypes.CDLL(path)
         library.C_GetFunctionList  # noqa: B018 - looked up to fail now, not at the first card
     except (OSError, AttributeError) as error:
-        raise ModuleLoadError(
-            f"cannot load PKCS#11 module {path} (profile {profile.name}): {error}. Check that it is a "
-            "PKCS#11 library for this architecture"
-        ) from None
+        raise _not_loadable(path, profile, error) from None
+
+
+def _not_loadable(path: str, profile: ModuleProfile, error: Exception) -> ModuleLoadError:
+    return ModuleLoadError(f"cannot load PKCS#11 module {path} (profile {profile.name}): {error}. Check that it is "
+                           "a PKCS#11 library for this architecture")
 
 
 def load_module(spec: str = AUTO, *, initialise: bool = True) -> LoadedModule:
