@@ -31,7 +31,7 @@ class SignInScope:
     def __init__(self, on_pin_entered: Callable[[], None] = lambda: None) -> None:
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
-        self._dialogs: list[subprocess.Popen] = []
+        self._processes: list[subprocess.Popen] = []
         self._on_pin_entered = on_pin_entered
         self.reason = ""
 
@@ -46,16 +46,16 @@ class SignInScope:
                 return
             self.reason = reason
             self._cancelled.set()
-            dialogs = list(self._dialogs)
-        for dialog in dialogs:
-            _close(dialog)
+            processes = list(self._processes)
+        for process in processes:
+            _close(process)
 
     def ends_with(self, process: subprocess.Popen) -> None:
         """A process of this sign-in (its PIN dialog, its card-session process) is ended if the
         sign-in is cancelled."""
         with self._lock:
             if not self._cancelled.is_set():
-                self._dialogs.append(process)
+                self._processes.append(process)
                 return
         _close(process)
 
