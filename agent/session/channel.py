@@ -19,6 +19,11 @@ from dicom_card_agent.token.login import (
 from dicom_card_agent.token.secret import Secret, wipe
 
 MAX_MESSAGE = 64 * 1024
+# The probe's answer carries every certificate on the card (a PIV card has 24 certificate slots,
+# ~2.5 KB each in the message), so it may be larger; below the default socket send buffer
+# (net.core.wmem_default, 208 KiB), which bounds a SOCK_SEQPACKET message. Only that answer is
+# received into a buffer this large: one of 128 KiB or more is mapped and unmapped per message.
+MAX_CARD_MESSAGE = 192 * 1024
 MAX_SECRET = 1024
 MAX_FDS = 253  # descriptors in one message (Linux's SCM_MAX_FD): the tunnels' listening sockets at most
 
@@ -54,9 +59,10 @@ def receive_secret(channel: socket.socket) -> Secret:
         wipe(buffer)
 
 
-def receive(channel: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
-    """The next message and the descriptors that came with it; ``None`` when the other side is gone."""
-    data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
+def receive(channel: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, Any] | None, list[int]]:
+    """The next message (at most ``limit`` bytes) and the descriptors that came with it; ``None``
+    when the other side is gone."""
+    data, fds, _, _ = socket.recv_fds(channel, limit, MAX_FDS)
     if not data:
         for fd in fds:
             socket.close(fd)

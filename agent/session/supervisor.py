@@ -100,7 +100,8 @@ class CardSession:
                                                 name="session-reports", daemon=True)
         self._reports_thread.start()
         self.channel = ours
-        reply = self._ask(ours, {**request.to_message(), "config": str(self.config.source)})
+        reply = self._ask(ours, {**request.to_message(), "config": str(self.config.source)},
+                          limit=messages.MAX_CARD_MESSAGE)
         if reply is not None and reply.get("type") == "card":
             found = FoundCard.from_message(reply)
             self.card = found.card
@@ -142,15 +143,15 @@ class CardSession:
             raise self._refused(reply, "the card-session process could not start")
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
 
-    def _ask(self, channel: socket.socket, message: dict[str, Any],
-             secrets: Sequence[Secret] = ()) -> dict[str, Any] | None:
+    def _ask(self, channel: socket.socket, message: dict[str, Any], secrets: Sequence[Secret] = (), *,
+             limit: int = messages.MAX_MESSAGE) -> dict[str, Any] | None:
         """Send ``message`` (and ``secrets``) and wait for the answer; an error answer when none comes."""
         channel.settimeout(START_TIMEOUT_SECONDS)
         try:
             messages.send(channel, message)
             for secret in secrets:
                 messages.send_secret(channel, secret)
-            reply, _ = messages.receive(channel)
+            reply, _ = messages.receive(channel, limit)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
         except OSError as error:  # it died before answering (e.g. a broken installation, or ended by a cancel)
