@@ -152,14 +152,15 @@ def processes_sending_apdus(debug_log: str) -> set[int]:
     return senders
 
 
-@pytest.mark.parametrize("inserted_before_start", [False, True])
+@pytest.mark.parametrize(("inserted_before_start", "module"), [(False, OPENSC), (True, OPENSC), (True, "auto")])
 def test_the_card_is_probed_once_by_the_process_that_signs_with_it(
         test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
-        virtual_cards: dict[str, CardContents], inserted_before_start: bool) -> None:
+        virtual_cards: dict[str, CardContents], inserted_before_start: bool, module: str) -> None:
     """Issue 15: the supervisor learns of the card from pcscd alone; the card-session process
     started for it is the only process that talks to the card (its probe, the login, the
     signatures). Before, the supervisor's watcher made OpenSC probe the card too (~40 APDUs), and
-    a card already in the reader was probed by the supervisor's C_Initialize at start-up."""
+    a card already in the reader was probed by the supervisor's C_Initialize at start-up; with
+    ``module = "auto"``, by the supervisor initialising OpenSC to see whether it shows a token."""
     debug_log = tmp_path / "opensc-debug.log"
     conf = tmp_path / "opensc.conf"
     conf.write_text(f"app default {{\n  debug = 3;\n  debug_file = {debug_log};\n  framework pkcs15 {{\n  }}\n}}\n")
@@ -167,7 +168,7 @@ def test_the_card_is_probed_once_by_the_process_that_signs_with_it(
     env = opensc_env(test_pki, OPENSC_CONF=str(conf))
     if inserted_before_start:
         card_reader.insert(carol)
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], token="", module=OPENSC,
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], token="", module=module,
                        agent=own_runtime_dir(tmp_path), env={"OPENSC_CONF": str(conf)}) as agent:
         agent.wait_for_log("card events: PC/SC events from pcscd")
         if not inserted_before_start:

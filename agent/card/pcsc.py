@@ -124,6 +124,17 @@ class PcscContext:
         self.scard.SCardReleaseContext(self.handle)
 
 
+def readers_with_a_card() -> list[str]:
+    """The readers holding a card now, as pcscd tells (no card is spoken to); raises
+    :class:`PcscUnavailable` when pcscd or libpcsclite is not there."""
+    context = PcscContext()
+    try:
+        states = context.states(context.readers())
+    finally:
+        context.release()
+    return [name for name, state in states.items() if state & SCARD_STATE_PRESENT]
+
+
 def card_state_changed(before: int, after: int) -> bool:
     """Did a reader's card come or go (ignoring pcscd's event counter in the upper 16 bits)?"""
     mask = SCARD_STATE_EMPTY | SCARD_STATE_PRESENT | SCARD_STATE_UNAVAILABLE | SCARD_STATE_UNKNOWN

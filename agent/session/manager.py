@@ -370,8 +370,8 @@ class SessionManager:
     def _probe_request(self, config: AgentConfig, card: WatchedCard) -> ProbeRequest:
         confirm = self.confirm_final_try or config.identity.pin.confirms_in_dialog
         if isinstance(card, ReaderCard):
-            return ProbeRequest(reader=card.reader, confirm_final_try=confirm)
-        return ProbeRequest(token=card.selector, confirm_final_try=confirm)
+            return ProbeRequest(self.module.path, reader=card.reader, confirm_final_try=confirm)
+        return ProbeRequest(self.module.path, token=card.selector, confirm_final_try=confirm)
 
     def _learnt(self, attempt: int, card: Card) -> None:
         """The probe of ``attempt`` read which token the card holds (for ``status`` and the log)."""

@@ -37,19 +37,23 @@ SLOT_DESCRIPTION_LENGTH = 64  # CK_SLOT_INFO.slotDescription: OpenSC puts the re
 @dataclass(frozen=True)
 class ProbeRequest:
     """Which card to probe: a token by selector (the supervisor saw it through the module), or the
-    card in a PC/SC reader (the supervisor saw it through pcscd alone)."""
+    card in a PC/SC reader (the supervisor saw it through pcscd alone); ``module``, the path of the
+    module the supervisor chose (``module = "auto"`` is resolved once, there), which the session's
+    OpenSSL configuration names too."""
 
+    module: str
     token: str | None = None
     reader: str | None = None
     confirm_final_try: bool = False
 
     def to_message(self) -> dict[str, Any]:
-        return {"type": "probe", "token": self.token, "reader": self.reader,
+        return {"type": "probe", "module": self.module, "token": self.token, "reader": self.reader,
                 "confirm_final_try": self.confirm_final_try}
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> ProbeRequest:
-        return cls(message.get("token"), message.get("reader"), bool(message.get("confirm_final_try")))
+        return cls(message["module"], message.get("token"), message.get("reader"),
+                   bool(message.get("confirm_final_try")))
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def probe(config: AgentConfig, request: ProbeRequest) -> Probed:
     :class:`NoSuchTokenError` when the card holds no token the configuration accepts, a PKCS#11
     error when the card cannot be read (pulled mid-way). Whether a PIN attempt may be made is the
     caller's to check (:func:`check_before_login`), once it can name the card in its answer."""
-    module = load_module(config.identity.module)
+    module = load_module(request.module)
     token = find_token(module, request.token) if request.token else _token_in_reader(module, request.reader or "",
                                                                                      config.identity.token)
     with token.open() as public_session:

@@ -9,6 +9,7 @@ import threading
 import pkcs11
 from pkcs11.exceptions import PKCS11Error
 
+from dicom_card_agent.card.pcsc import PcscUnavailable, readers_with_a_card
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.file_trust import check_trusted_file
 from dicom_card_agent.token.profiles import (
@@ -59,6 +60,11 @@ class LoadedModule:
             return self._lib
 
     @property
+    def uninitialised(self) -> bool:
+        with self._lib_lock:
+            return self._lib is None
+
+    @property
     def library_description(self) -> str:
         return f"{self.lib.manufacturer_id} {self.lib.library_description}".strip()
 
@@ -91,6 +97,13 @@ def _load(path: str, profile: ModuleProfile | None, initialise: bool = True) -> 
     return LoadedModule(path, profile, lib)
 
 
+def _card_in_a_reader() -> bool:
+    try:
+        return bool(readers_with_a_card())
+    except PcscUnavailable:  # no pcscd: no card this module could show
+        return False
+
+
 def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
     try:
         return pkcs11.lib(path)
@@ -119,10 +132,11 @@ def load_module(spec: str = AUTO, *, initialise: bool = True) -> LoadedModule:
     ``auto`` loads the installed modules of the known profiles in :data:`AUTO_ORDER` and takes the
     first that shows a token; with no token anywhere, the first installed one. ``initialise``
     False: a module whose profile says ``presence = "pcsc"`` is initialised only when first used
-    (see :class:`LoadedModule`); ``auto`` initialises every candidate all the same.
+    (see :class:`LoadedModule`); ``auto`` then counts a card in a reader, as pcscd tells, as its
+    token, since asking the module would make it read the card.
     """
     if spec == AUTO:
-        return _load_auto()
+        return _load_auto(initialise)
     if os.sep in spec or spec.endswith((".so", ".dylib", ".dll")):
         return _load(spec, None, initialise)
     profile = get_profile(spec)
@@ -135,7 +149,7 @@ def load_module(spec: str = AUTO, *, initialise: bool = True) -> LoadedModule:
     return _load(path, profile, initialise)
 
 
-def _load_auto() -> LoadedModule:
+def _load_auto(initialise: bool) -> LoadedModule:
     profiles = all_profiles()
     candidates = [(profiles[name], profiles[name].installed_module()) for name in AUTO_ORDER]
     installed = [(profile, path) for profile, path in candidates if path]
@@ -147,10 +161,10 @@ def _load_auto() -> LoadedModule:
     loaded = []
     for profile, path in installed:
         try:
-            module = _load(path, profile)
+            module = _load(path, profile, initialise)
         except ModuleLoadError:
             continue
-        if module.slots_with_token():
+        if _card_in_a_reader() if module.uninitialised else module.slots_with_token():
             return module
         loaded.append(module)
     if not loaded:
