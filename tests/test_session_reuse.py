@@ -137,11 +137,11 @@ def tls_server(test_pki):  # type: ignore[no-untyped-def]
     listener.close()
 
 
-def tls_runtime(test_pki) -> tuple[TunnelRuntime, CountingContext]:  # type: ignore[no-untyped-def]
+def tls_runtime(test_pki, session_resumption: bool = True) -> tuple[TunnelRuntime, CountingContext]:  # type: ignore[no-untyped-def]
     context = CountingContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cafile=test_pki.ca_bundle)
     config = TunnelConfig(name="pacs", listen=ListenAddress(LOOPBACK, 11112), remote_host=LOOPBACK,
-                          remote_port=2762, server_name="localhost")
+                          remote_port=2762, server_name="localhost", session_resumption=session_resumption)
     return TunnelRuntime(config=config, context=context, checks=None,  # type: ignore[arg-type]
                          identity=None, trust_ca=""), context  # type: ignore[arg-type]
 
@@ -167,11 +167,11 @@ def associate(tunnel: TunnelRuntime, port: int, tls: _Tls | None = None) -> _Tls
 def test_the_next_connection_finds_its_tls_object_made_with_the_session_to_resume(test_pki, tls_server) -> None:  # type: ignore[no-untyped-def]
     tunnel, context = tls_runtime(test_pki)
     first = associate(tunnel, tls_server)
-    assert not first.obj.session_reused and context.made == 1  # nothing to resume: nothing made ahead
+    assert not first.obj.session_reused and context.made == 2  # its own, and one ahead (no session yet)
     second = associate(tunnel, tls_server)
     assert second.obj.session_reused
     made = context.made
-    assert made == 3  # its own, and the next one's while the server answered
+    assert made == 4  # its own (the one made ahead offers no session), and the next one's
     third = tunnel.tls_for_connection()
     assert context.made == made, "the third connection made its TLS object on its own path"
     assert third.offered_session is tunnel.resumable_session()
@@ -198,3 +198,13 @@ def test_forgetting_sessions_forgets_the_object_made_ahead(test_pki, tls_server)
     tunnel.forget_sessions()  # the card left: nothing of its sessions may be resumed
     tls = tunnel.tls_for_connection()
     assert not tls.resuming and tls.offered_session is None
+
+
+def test_without_session_resumption_the_object_made_ahead_offers_no_session(test_pki, tls_server) -> None:  # type: ignore[no-untyped-def]
+    tunnel, context = tls_runtime(test_pki, session_resumption=False)
+    associate(tunnel, tls_server)
+    made = context.made
+    tls = tunnel.tls_for_connection()
+    assert context.made == made and tls.offered_session is None
+    associate(tunnel, tls_server, tls)
+    assert not tls.obj.session_reused  # a full handshake every time, as configured

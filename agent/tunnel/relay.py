@@ -196,7 +196,8 @@ class TunnelRuntime(_Counters):
         return _Tls(self.context, server_hostname=self.config.server_name, session=session)
 
     def prepare_tls(self) -> None:
-        """Make the next connection's TLS object now, for the session to resume, if there is none.
+        """Make the next connection's TLS object now, for the session to resume (or none), unless
+        one is made.
 
         Called while a handshake waits for the PACS's answer, the one moment a connection's thread
         is sure to have nothing to do. A session replaced or forgotten since makes it useless, and
@@ -204,7 +205,7 @@ class TunnelRuntime(_Counters):
         """
         with self._lock:
             session = self._session
-            if session is None or self._spare is not None:
+            if self._spare is not None:
                 return
         try:
             spare = _Tls(self.context, server_hostname=self.config.server_name, session=session)
