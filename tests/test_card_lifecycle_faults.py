@@ -81,6 +81,37 @@ def test_sigterm_during_the_pin_dialog_stops_the_agent_within_a_second(
     assert logins(card) == []
 
 
+def test_a_card_session_process_killed_during_the_pin_dialog_gives_a_new_dialog_at_once(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """The card-session process runs from insertion (it probes the card before the dialog). Killed
+    while the dialog is open, the dialog closes and a new sign-in starts at once, with a new process
+    and a new dialog, instead of the PIN going, once typed, to a process that is gone."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+                           module=str(fault_module), env=card.env(), stdin=terminal.slave,
+                           identity={"pin": f"pinentry:{PINENTRY_TTY}"}) as agent:
+            terminal.wait_for_prompt()
+            first = card_session_pid(agent.process.pid)
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            killed = time.monotonic()
+            terminal.wait_for_prompt(count=2, timeout=5)
+            assert time.monotonic() - killed < 3.0
+            second = card_session_pid(agent.process.pid)
+            assert second is not None and second != first
+            assert len(pinentry_processes(agent.process.pid)) == 1
+            assert agent_status(tmp_path / "agent", test_pki.env(**card.env()))["state"] == \
+                "card present, PIN not yet entered"
+            terminal.type(USER_PIN.encode() + b"\r")
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            assert echo(agent.port())
+            log = agent.log()
+    assert "the card-session process was killed by SIGKILL while the PIN was asked for" in log
+    assert len(logins(card)) == 1  # the one try, by the second process
+
+
 def test_a_killed_card_session_is_noticed_and_signed_in_again_then_not_looped(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "reader.ctl")

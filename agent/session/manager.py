@@ -75,6 +75,7 @@ class _SignIn:
     scope: SignInScope
     started: float
     pin_entered: bool = False
+    session: CardSession | None = None  # its card-session process, once started
 
 
 class ListenerLending(Protocol):
@@ -263,6 +264,7 @@ class SessionManager:
                     event("card-inserted", **card.event_fields())
                     self._feed(CardInserted(card))
             self._check_session_alive()
+            self._check_sign_in_process()
             self._check_pin_dialog()
             self._check_idle()
 
@@ -307,7 +309,7 @@ class SessionManager:
     def _start_sign_in(self, card: WatchedCard, attempt: int) -> None:
         scope = SignInScope(on_pin_entered=lambda: self._report(PinEntered(attempt)))
         self._sign_in = _SignIn(attempt, card, scope, time.monotonic())
-        thread = threading.Thread(target=self._sign_in_thread, args=(card, attempt, scope),
+        thread = threading.Thread(target=self._sign_in_thread, args=(self._sign_in,),
                                   name=f"sign-in-{attempt}", daemon=True)
         thread.start()
 
@@ -315,10 +317,12 @@ class SessionManager:
         self._late.put(happened)
         self._wake.set()  # the loop acts on it now, not at its next tick
 
-    def _sign_in_thread(self, card: WatchedCard, attempt: int, scope: SignInScope) -> None:
-        """Sign in to ``card``; whatever happens is reported to the loop, nothing is raised."""
+    def _sign_in_thread(self, pending: _SignIn) -> None:
+        """Sign in to the card of ``pending``; whatever happens is reported to the loop, nothing is raised."""
+        card, attempt, scope = pending.card, pending.attempt, pending.scope
         config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
         session = CardSession(config, on_report=self._session_report, confirm_final_try=self.confirm_final_try)
+        pending.session = session  # the loop watches its process while the PIN dialog is open
         try:
             # The card's process probes it; a cancelled sign-in ends that process (scope.ends_with).
             found = scope.run(lambda: session.open(self._probe_request(config, card), self.module))
@@ -446,6 +450,22 @@ class SessionManager:
         reason = f"the card-session process {_describe_exit(status)}"
         log.error("card session of %s lost: %s", session.signed_in.files.subject, reason)
         self._feed(SessionLost(self._session_attempt, reason))
+
+    def _check_sign_in_process(self) -> None:
+        """A card-session process that exits while its PIN dialog is open (crashed, killed) is a lost
+        session too: the dialog would ask for a PIN that nothing can use any more."""
+        pending = self._sign_in
+        if pending is None or pending.session is None or self.machine.state is not State.PIN_PENDING:
+            return
+        process = pending.session.process
+        if not pending.session.awaiting_pin or process is None or pending.scope.cancelled:
+            return
+        status = process.poll()
+        if status is None:
+            return
+        reason = f"the card-session process {_describe_exit(status)} while the PIN was asked for"
+        log.error("sign-in to %s: %s", pending.session.card or pending.card, reason)
+        self._feed(SessionLost(pending.attempt, reason))
 
     def _check_pin_dialog(self) -> None:
         pending = self._sign_in

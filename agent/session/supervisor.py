@@ -68,6 +68,9 @@ class CardSession:
         # this many answers are theirs and are skipped. Guarded by _status_lock.
         self._owed = 0
         self.last_connection = 0.0  # time.monotonic() of its latest connection on a lent listener, as last told
+        # True from the probe's answer until the PIN is sent or the process is ended: its exit then
+        # is a loss the supervisor notices by itself (the PIN dialog is open for it).
+        self.awaiting_pin = False
 
     def open(self, request: ProbeRequest, module: LoadedModule) -> FoundCard:
         """Start the process, which probes the card (agent/session/probe.py): what the card holds.
@@ -105,6 +108,7 @@ class CardSession:
         if reply is not None and reply.get("type") == "card":
             found = FoundCard.from_message(reply)
             self.card = found.card
+            self.awaiting_pin = True
             return found
         if reply is not None and "label" in reply:  # a card that allows no PIN attempt: named all the same
             self.card = Card(reply["label"], reply["serial"])
@@ -114,6 +118,7 @@ class CardSession:
         """Hand the process the identity and the PIN (None: PIN pad), which it tries once; wipes ``pin``.
 
         A login the card refuses raises the same :class:`LoginError` a login here would have."""
+        self.awaiting_pin = False
         self.signed_in = signed_in
         node_pins: dict[str, Secret] = {}
         try:
@@ -297,6 +302,7 @@ class CardSession:
 
     def end(self, reason: str) -> None:
         """End the process (its relays close at once) and keep its final counts in ``last_counts``."""
+        self.awaiting_pin = False
         # A `status` under way must not take the final counts as its answer; one that hangs on a
         # stuck process must not hold up the end (the last counts are then those it had).
         locked = self._status_lock.acquire(timeout=FINAL_COUNTS_TIMEOUT_SECONDS)
