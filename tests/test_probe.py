@@ -12,7 +12,7 @@ from agent_runner import running_agent, tunnel
 from conftest import ProvisionedPki
 from peers.pynetdicom_scp import echo, tls_scp
 
-CERTIFICATES_STORED = 60
+CERTIFICATES_STORED = 200
 STORE_CA_COPIES = """
 import os, sys
 from pathlib import Path
@@ -30,9 +30,10 @@ with pkcs11.lib("/usr/lib/softhsm/libsofthsm2.so").get_token(token_label="alice"
 
 
 def test_a_card_holding_many_certificates_signs_in(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    """The probe sends every certificate on the card to the supervisor in one message. A PIV card
-    has 24 certificate slots; alice's token here holds 60 extra CA certificates, ~100 KiB in the
-    message: more than the 64 KiB every other message of the channel may have."""
+    """The probe sends every certificate on the token to the supervisor. A PIV card has 24
+    certificate slots, an HSM partition may hold hundreds; alice's token here holds 200 extra CA
+    certificates, ~350 KiB in the message: more than one record of the channel can carry (the
+    socket's 208 KiB send buffer), and more than the 64 KiB any other message has."""
     copy = tmp_path / "pki"
     shutil.copytree(test_pki.directory, copy, symlinks=True)
     conf = copy / test_pki.softhsm_conf.name

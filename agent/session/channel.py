@@ -19,11 +19,14 @@ from dicom_card_agent.token.login import (
 from dicom_card_agent.token.secret import Secret, wipe
 
 MAX_MESSAGE = 64 * 1024
-# The probe's answer carries every certificate on the card (a PIV card has 24 certificate slots,
-# ~2.5 KB each in the message), so it may be larger; below the default socket send buffer
-# (net.core.wmem_default, 208 KiB), which bounds a SOCK_SEQPACKET message. Only that answer is
-# received into a buffer this large: one of 128 KiB or more is mapped and unmapped per message.
-MAX_CARD_MESSAGE = 192 * 1024
+# A SOCK_SEQPACKET record cannot exceed the socket's send buffer (net.core.wmem_default, 208 KiB),
+# and a receive buffer of 128 KiB or more is mapped and unmapped for every message: a longer message
+# goes as a "parts" header (its length) and records of PART bytes, reassembled by receive().
+PART = 60 * 1024
+# The probe's answer carries every certificate on the token: 24 slots on a PIV card (~2.5 KB each in
+# the message), possibly hundreds on an HSM partition. Other messages stay within MAX_MESSAGE.
+MAX_CARD_MESSAGE = 16 * 1024 * 1024
+_PARTS = "parts"
 MAX_SECRET = 1024
 MAX_FDS = 253  # descriptors in one message (Linux's SCM_MAX_FD): the tunnels' listening sockets at most
 
@@ -32,12 +35,21 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
+class MessageTooLargeError(ConnectionError):
+    """A message longer than its receiver takes (the receiver stops reading that channel)."""
+
+
 def send(channel: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(message).encode()
+    parts = [data[offset:offset + PART] for offset in range(0, len(data), PART)] if len(data) > PART else []
+    if parts:
+        data = json.dumps({"type": _PARTS, "length": len(data)}).encode()
     if fds:
         socket.send_fds(channel, [data], fds)
     else:
         channel.sendall(data)
+    for part in parts:
+        channel.sendall(part)
 
 
 def send_secret(channel: socket.socket, secret: Secret) -> None:
@@ -60,14 +72,34 @@ def receive_secret(channel: socket.socket) -> Secret:
 
 
 def receive(channel: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, Any] | None, list[int]]:
-    """The next message (at most ``limit`` bytes) and the descriptors that came with it; ``None``
-    when the other side is gone."""
-    data, fds, _, _ = socket.recv_fds(channel, limit, MAX_FDS)
-    if not data:
+    """The next message and the descriptors that came with it; ``None`` when the other side is gone.
+    Raises :class:`MessageTooLargeError` for a message longer than ``limit`` bytes."""
+    data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
+    message = json.loads(data) if data else None
+    if message is not None and message.get("type") == _PARTS:
+        try:
+            message = _reassemble(channel, message["length"], limit)
+        except OSError:
+            for fd in fds:
+                socket.close(fd)
+            raise
+    if message is None:
         for fd in fds:
             socket.close(fd)
         return None, []
-    return json.loads(data), fds
+    return message, fds
+
+
+def _reassemble(channel: socket.socket, length: int, limit: int) -> dict[str, Any] | None:
+    if length > limit:
+        raise MessageTooLargeError(f"a message of {length} bytes, over the {limit} this channel takes")
+    data = bytearray()
+    while len(data) < length:
+        part = channel.recv(PART)
+        if not part:
+            return None  # gone mid-message
+        data += part
+    return json.loads(data)
 
 
 _LOGIN_ERRORS: dict[str, type[CardAgentError]] = {

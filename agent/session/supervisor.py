@@ -159,6 +159,8 @@ class CardSession:
             reply, _ = messages.receive(channel, limit)
         except TimeoutError:
             reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
+        except messages.MessageTooLargeError as error:
+            reply = {"type": "error", "message": f"its answer is too large: {error}"}
         except OSError as error:  # it died before answering (e.g. a broken installation, or ended by a cancel)
             reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above"}
         channel.settimeout(None)
