@@ -5,14 +5,25 @@ that dies. The agent must stay up, answer at once, and never spend a PIN try on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent_runner import agent_status, associate_rq, card_session_pid, running_agent, send_and_close, tunnel, wait_for
+from agent_runner import (
+    RunningAgent,
+    agent_status,
+    associate_rq,
+    card_session_pid,
+    running_agent,
+    send_and_close,
+    tunnel,
+    wait_for,
+)
 from conftest import USER_PIN, ProvisionedPki
 from dicom_card_agent.dicom.pdu import parse_associate_rj
 from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
@@ -25,8 +36,10 @@ def logins(card: FaultControl) -> list[str]:
     return [line for line in card.log_lines() if line.startswith("C_Login")]
 
 
-def test_a_card_pulled_during_the_pin_dialog_closes_it_and_the_agent_carries_on(
-        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+@contextlib.contextmanager
+def agent_asking_for_the_pin(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path,
+                             terminal: Terminal) -> Iterator[tuple[FaultControl, RunningAgent]]:
+    """alice's card in the reader, the agent in front of a TLS PACS, its PIN dialog open on ``terminal``."""
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
     with tls_scp(pki_dir=test_pki.pki) as pacs:
@@ -34,32 +47,38 @@ def test_a_card_pulled_during_the_pin_dialog_closes_it_and_the_agent_carries_on(
                            module=str(fault_module), env=card.env(), stdin=terminal.slave,
                            identity={"pin": f"pinentry:{PINENTRY_TTY}"}) as agent:
             terminal.wait_for_prompt()
-            assert len(pinentry_processes(agent.process.pid)) == 1
-            env = test_pki.env(**card.env())
-            # The dialog is open: status and applications are answered at once.
-            started = time.monotonic()
-            assert agent_status(tmp_path / "agent", env)["state"] == "card present, PIN not yet entered"
-            answer = send_and_close(agent.port(), associate_rq())
-            assert time.monotonic() - started < 3.0
-            assert parse_associate_rj(answer).describe().startswith("rejected-transient")
-            agent.wait_for_log("rejected: card present, PIN not yet entered")
+            yield card, agent
 
-            card.remove_card()
-            pulled = time.monotonic()
-            wait_for(lambda: not pinentry_processes(agent.process.pid), timeout=2)
-            assert time.monotonic() - pulled < 1.0, "the PIN dialog stayed open after the card was pulled"
-            terminal.type(USER_PIN.encode() + b"\r")  # typed into a dialog that is gone: nothing happens
-            time.sleep(0.3)
-            assert agent.process.poll() is None
-            assert agent_status(tmp_path / "agent", env)["state"] == "no card inserted"
-            assert logins(card) == []  # no PIN try was spent
 
-            card.insert_card()
-            terminal.wait_for_prompt(count=2)
-            terminal.type(USER_PIN.encode() + b"\r")
-            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
-            assert echo(agent.port())
-            log = agent.log()
+def test_a_card_pulled_during_the_pin_dialog_closes_it_and_the_agent_carries_on(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    with agent_asking_for_the_pin(test_pki, tmp_path, fault_module, terminal) as (card, agent):
+        assert len(pinentry_processes(agent.process.pid)) == 1
+        env = test_pki.env(**card.env())
+        # The dialog is open: status and applications are answered at once.
+        started = time.monotonic()
+        assert agent_status(tmp_path / "agent", env)["state"] == "card present, PIN not yet entered"
+        answer = send_and_close(agent.port(), associate_rq())
+        assert time.monotonic() - started < 3.0
+        assert parse_associate_rj(answer).describe().startswith("rejected-transient")
+        agent.wait_for_log("rejected: card present, PIN not yet entered")
+
+        card.remove_card()
+        pulled = time.monotonic()
+        wait_for(lambda: not pinentry_processes(agent.process.pid), timeout=2)
+        assert time.monotonic() - pulled < 1.0, "the PIN dialog stayed open after the card was pulled"
+        terminal.type(USER_PIN.encode() + b"\r")  # typed into a dialog that is gone: nothing happens
+        time.sleep(0.3)
+        assert agent.process.poll() is None
+        assert agent_status(tmp_path / "agent", env)["state"] == "no card inserted"
+        assert logins(card) == []  # no PIN try was spent
+
+        card.insert_card()
+        terminal.wait_for_prompt(count=2)
+        terminal.type(USER_PIN.encode() + b"\r")
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        assert echo(agent.port())
+        log = agent.log()
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0]  # one try, by the card-session process
     assert USER_PIN not in log
 
@@ -86,28 +105,22 @@ def test_a_card_session_process_killed_during_the_pin_dialog_gives_a_new_dialog_
     """The card-session process runs from insertion (it probes the card before the dialog). Killed
     while the dialog is open, the dialog closes and a new sign-in starts at once, with a new process
     and a new dialog, instead of the PIN going, once typed, to a process that is gone."""
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
-                           module=str(fault_module), env=card.env(), stdin=terminal.slave,
-                           identity={"pin": f"pinentry:{PINENTRY_TTY}"}) as agent:
-            terminal.wait_for_prompt()
-            first = card_session_pid(agent.process.pid)
-            assert first is not None
-            os.kill(first, signal.SIGKILL)
-            killed = time.monotonic()
-            terminal.wait_for_prompt(count=2, timeout=5)
-            assert time.monotonic() - killed < 3.0
-            second = card_session_pid(agent.process.pid)
-            assert second is not None and second != first
-            assert len(pinentry_processes(agent.process.pid)) == 1
-            assert agent_status(tmp_path / "agent", test_pki.env(**card.env()))["state"] == \
-                "card present, PIN not yet entered"
-            terminal.type(USER_PIN.encode() + b"\r")
-            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
-            assert echo(agent.port())
-            log = agent.log()
+    with agent_asking_for_the_pin(test_pki, tmp_path, fault_module, terminal) as (card, agent):
+        first = card_session_pid(agent.process.pid)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        terminal.wait_for_prompt(count=2, timeout=5)
+        assert time.monotonic() - killed < 3.0
+        second = card_session_pid(agent.process.pid)
+        assert second is not None and second != first
+        assert len(pinentry_processes(agent.process.pid)) == 1
+        assert agent_status(tmp_path / "agent", test_pki.env(**card.env()))["state"] == \
+            "card present, PIN not yet entered"
+        terminal.type(USER_PIN.encode() + b"\r")
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        assert echo(agent.port())
+        log = agent.log()
     assert "the card-session process was killed by SIGKILL while the PIN was asked for" in log
     assert len(logins(card)) == 1  # the one try, by the second process
 
