@@ -27,6 +27,7 @@ PART = 60 * 1024
 # the message), possibly hundreds on an HSM partition. Other messages stay within MAX_MESSAGE.
 MAX_CARD_MESSAGE = 16 * 1024 * 1024
 _PARTS = "parts"
+PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that follow a header
 MAX_SECRET = 1024
 MAX_FDS = 253  # descriptors in one message (Linux's SCM_MAX_FD): the tunnels' listening sockets at most
 
@@ -36,7 +37,7 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class MessageTooLargeError(ConnectionError):
-    """A message longer than its receiver takes (the receiver stops reading that channel)."""
+    """A message longer than its receiver takes; it was read and dropped."""
 
 
 def send(channel: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -91,14 +92,26 @@ def receive(channel: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str,
 
 
 def _reassemble(channel: socket.socket, length: int, limit: int) -> dict[str, Any] | None:
-    if length > limit:
-        raise MessageTooLargeError(f"a message of {length} bytes, over the {limit} this channel takes")
+    """The message whose parts follow; one over ``limit`` is read to its end all the same (so
+    that the next receive() finds the next message), then refused."""
+    too_large = length > limit
     data = bytearray()
-    while len(data) < length:
-        part = channel.recv(PART)
-        if not part:
-            return None  # gone mid-message
-        data += part
+    received = 0
+    timeout = channel.gettimeout()
+    if timeout == 0.0:  # a non-blocking reader: the parts follow their header at once, so wait for them
+        channel.settimeout(PARTS_SECONDS)
+    try:
+        while received < length:
+            part = channel.recv(PART)
+            if not part:
+                return None  # gone mid-message
+            received += len(part)
+            if not too_large:
+                data += part
+    finally:
+        channel.settimeout(timeout)
+    if too_large:
+        raise MessageTooLargeError(f"a message of {length} bytes, over the {limit} this channel takes")
     return json.loads(data)
 
 
