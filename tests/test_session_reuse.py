@@ -194,7 +194,7 @@ def test_an_object_made_for_a_session_since_replaced_is_not_offered(test_pki, tl
 def test_forgetting_sessions_forgets_the_object_made_ahead(test_pki, tls_server) -> None:  # type: ignore[no-untyped-def]
     tunnel, context = tls_runtime(test_pki)
     associate(tunnel, tls_server)
-    tunnel.prepare_tls()
+    associate(tunnel, tls_server)  # resumed: the next object, offering the session, is made meanwhile
     tunnel.forget_sessions()  # the card left: nothing of its sessions may be resumed
     tls = tunnel.tls_for_connection()
     assert not tls.resuming and tls.offered_session is None

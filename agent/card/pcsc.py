@@ -132,7 +132,7 @@ def readers_with_a_card() -> list[str]:
         states = context.states(context.readers())
     finally:
         context.release()
-    return [name for name, state in states.items() if state & SCARD_STATE_PRESENT]
+    return list(_cards_in(list(states), list(states.values())))
 
 
 def card_state_changed(before: int, after: int) -> bool:

@@ -185,23 +185,21 @@ class TunnelRuntime(_Counters):
     def tls_for_connection(self) -> _Tls:
         """A TLS object for a new connection to the PACS, offering the session to resume.
 
-        Attaching a session takes 0.1-0.4 ms, as Python's ``ssl`` copies it through DER; an object
-        made ahead by :meth:`prepare_tls` for the session still current saves the connection that.
+        Attaching a session takes 0.1-0.4 ms, as Python's ``ssl`` copies it through DER; the object
+        made ahead by :meth:`prepare_tls` saves the connection that. It always offers the session
+        kept: replacing or forgetting the session drops it.
         """
         with self._lock:
             spare, self._spare = self._spare, None
             session = self._session
-        if spare is not None and spare.offered_session is session:
-            return spare
-        return _Tls(self.context, server_hostname=self.config.server_name, session=session)
+        return spare or _Tls(self.context, server_hostname=self.config.server_name, session=session)
 
     def prepare_tls(self) -> None:
         """Make the next connection's TLS object now, for the session to resume (or none), unless
         one is made.
 
         Called while a handshake waits for the PACS's answer, the one moment a connection's thread
-        is sure to have nothing to do. A session replaced or forgotten since makes it useless, and
-        :meth:`tls_for_connection` then leaves it.
+        is sure to have nothing to do. It is kept only if the session is still the one kept then.
         """
         with self._lock:
             session = self._session
@@ -289,11 +287,14 @@ class _Tls:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.offered_session = session
-        self.resuming = session is not None
         self.seconds = 0.0  # the whole handshake, once done
         self.locked_seconds = 0.0  # inside OpenSSL holding the token lock (its wait for the lock not counted)
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                     server_hostname=server_hostname, session=session)
+
+    @property
+    def resuming(self) -> bool:
+        return self.offered_session is not None
 
     def pending_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
