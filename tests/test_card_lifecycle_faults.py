@@ -157,6 +157,41 @@ def test_a_killed_card_session_is_noticed_and_signed_in_again_then_not_looped(
     assert audit.count("the card-session process was killed by SIGKILL") >= MAX_SESSION_LOSSES
 
 
+def test_a_module_crashing_while_the_card_is_read_is_tried_three_times_then_waits_for_re_insertion(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """A PKCS#11 module that crashes every time it reads this card (the fault module aborts in
+    C_FindObjectsInit, which only the card-session process's probe calls: a fake, as no real part
+    crashes on demand). Each crash is a loss and a new process reads the card again, at most
+    MAX_SESSION_LOSSES times for one insertion; then the agent waits for re-insertion, says why,
+    and never asked for or sent a PIN. Re-inserted, once the module no longer crashes, it signs in."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.crash_in("C_FindObjectsInit")
+    waiting = (f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: remove and "
+               "re-insert the card to sign in again")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], module=str(fault_module),
+                           env=card.env()) as agent:
+            env = test_pki.env(**card.env())
+            wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == waiting, timeout=30)
+            time.sleep(1.0)  # no further attempt follows
+            crashes = [line for line in card.log_lines() if line.startswith("crash in C_FindObjectsInit")]
+            log_when_waiting = agent.log()
+            assert not echo(agent.port())
+            card.crash_in(None)
+            card.remove_card()
+            wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == "no card inserted")
+            card.insert_card()
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example', timeout=30)
+            assert echo(agent.port())
+            assert agent.process.poll() is None
+    assert len(crashes) == MAX_SESSION_LOSSES, crashes
+    assert log_when_waiting.count("the card-session process was killed by SIGABRT while it read the card") \
+        == MAX_SESSION_LOSSES, log_when_waiting
+    assert "event=sign-in-failed" not in log_when_waiting and "event=sign-in " not in log_when_waiting
+    assert len(logins(card)) == 1, logins(card)
+
+
 def process_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie nobody reaped yet has ended: it holds no card, no file)."""
     try:

@@ -457,6 +457,39 @@ def test_a_killed_card_session_process_is_noticed_and_the_card_signs_in_again(
     assert subjects == [dcmtk_subject(carol)], subjects
 
 
+def test_a_card_session_process_killed_while_it_reads_the_card_is_replaced_and_the_card_signs_in(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents], study: list[Path]) -> None:
+    """The process started at insertion is killed (a crash in the module, the OOM killer) while it
+    probes the card (at a real card's pace): a new process reads the card and signs in, the card
+    staying in. Before, the sign-in failed ("the card could not be read: it exited") and the
+    clinician had to pull and re-insert the card."""
+    carol = virtual_cards["carol"]
+    card_reader.apdu_delay_ms = 40  # a real card's pace: its probe (~40 APDUs) takes seconds
+    with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)], token="", module=OPENSC,
+                           agent=own_runtime_dir(tmp_path)) as agent:
+            agent.wait_for_log("card events: PC/SC events from pcscd")
+            card_reader.insert(carol)
+            wait_for(lambda: card_session_pid(agent.process.pid) is not None, timeout=10)
+            worker = card_session_pid(agent.process.pid)
+            time.sleep(0.5)
+            assert worker is not None and sign_in_line(carol) not in agent.log(), agent.log()
+            os.kill(worker, signal.SIGKILL)
+            agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
+            assert card_session_pid(agent.process.pid) not in (None, worker)
+            result = storescu(agent.port(), study)
+            assert result.returncode == 0, result.stdout + agent.log()
+            log = agent.log()
+        received = scp.stored_files()
+        subjects = scp.peer_subjects()
+    assert "the card-session process was killed by SIGKILL while it read the card" in log, log
+    assert "event=sign-in-failed" not in log and "could not be read" not in log, log
+    assert log.count(sign_in_line(carol)) == 1 and "event=card-removed" not in log, log
+    assert_delivered(study, received)
+    assert subjects == [dcmtk_subject(carol)], subjects
+
+
 # -- removal latency with PC/SC events ----------------------------------------------------------------
 
 def test_removal_aborts_open_associations_promptly(

@@ -13,9 +13,9 @@ succeeded anyway is ended at once, so no session survives for a card that has le
 
 The machine never starts a sign-in on its own after a failure, a cancelled PIN entry, a lock or an
 idle timeout: only a (re-)insertion does, so that no PIN try is ever spent without the clinician.
-The exceptions are a card-session process lost while signed in or while its PIN dialog is open (a
-crash) and a configuration reload; they ask for the PIN again (no PIN was sent to the lost process),
-and losses are bounded so that a crashing card cannot loop.
+The exceptions are a card-session process lost (a crash, a kill) while it reads the card, while its
+PIN dialog is open or while signed in, and a configuration reload; they ask for the PIN again (no PIN
+was sent to the lost process), and losses are bounded so that a crashing card cannot loop.
 """
 
 from __future__ import annotations
@@ -234,7 +234,8 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
     _S.PIN_PENDING: {
         **_SIGNING_IN_ROWS,
         PinEntered: (Row(_G.CURRENT, _S.SIGNING_IN), Row(_G.STALE, None)),
-        # The card's process died while its PIN dialog was open: that dialog asks for nothing usable.
+        # The card's process died while it read the card, or while its PIN dialog was open (that
+        # dialog asks for nothing usable): a new process reads the card again.
         SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN)),
                       Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.CANCEL_SIGN_IN,),
                           waits=f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: "

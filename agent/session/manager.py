@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +48,12 @@ from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
 from dicom_card_agent.session.probe import ProbeRequest
 from dicom_card_agent.session.retune import session_change
-from dicom_card_agent.session.supervisor import CardSession, CardSessionUnresponsive
+from dicom_card_agent.session.supervisor import (
+    CardSession,
+    CardSessionLostError,
+    CardSessionUnresponsive,
+    describe_exit,
+)
 from dicom_card_agent.token.login import LoginError
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
@@ -343,6 +347,14 @@ class SessionManager:
             else:
                 self._report(SignInCancelled(attempt, scope.reason))
             return
+        except CardSessionLostError as error:  # killed before it answered: a new process tries again
+            session.end("sign-in failed")
+            if scope.cancelled:  # the card left, a lock, a stop: that ended it
+                self._report(SignInCancelled(attempt, scope.reason))
+                return
+            log.error("sign-in to %s: %s", session.card or card, error)
+            self._report(SessionLost(attempt, str(error)))
+            return
         except LoginError as error:
             session.end("PIN not accepted")
             if scope.cancelled:
@@ -447,7 +459,7 @@ class SessionManager:
         status = session.process.poll()
         if status is None:
             return
-        reason = f"the card-session process {_describe_exit(status)}"
+        reason = f"the card-session process {describe_exit(status)}"
         log.error("card session of %s lost: %s", session.signed_in.files.subject, reason)
         self._feed(SessionLost(self._session_attempt, reason))
 
@@ -463,7 +475,7 @@ class SessionManager:
         status = process.poll()
         if status is None:
             return
-        reason = f"the card-session process {_describe_exit(status)} while the PIN was asked for"
+        reason = f"the card-session process {describe_exit(status)} while the PIN was asked for"
         log.error("sign-in to %s: %s", pending.session.card or pending.card, reason)
         self._feed(SessionLost(pending.attempt, reason))
 
@@ -510,13 +522,3 @@ class SessionManager:
             self.touch()  # a long transfer is activity too
             return
         self._feed(IdleTimeout(timeout))
-
-
-def _describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = f"signal {-status}"
-        return f"was killed by {name}"
-    return f"exited with status {status}"

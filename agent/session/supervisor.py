@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ FINAL_COUNTS_TIMEOUT_SECONDS = 4.0  # the process's end grace (2 s) and a margin
 # a process that hangs (stopped, stuck in a module call) must not freeze the loop, which must go on
 # acting on a pulled card; `card-agent status` and metrics scrapes must answer too.
 STATUS_TIMEOUT_SECONDS = 2.0
+EXIT_WAIT_SECONDS = 1.0  # a process whose channel closed is gone or about to be: how it ended tells a loss
 
 
 class CardSessionError(CardAgentError):
@@ -39,6 +41,22 @@ class CardSessionError(CardAgentError):
 
 class CardSessionUnresponsive(CardSessionError):
     """The card-session process did not answer ``status`` in time: what it serves is not known."""
+
+
+class CardSessionLostError(CardSessionError):
+    """The card-session process was killed (a signal: a crash, the OOM killer, an administrator)
+    before it answered: a loss, which a new process may get past, not a verdict on the card."""
+
+
+def describe_exit(status: int) -> str:
+    """How a process's exit reads in the log: ``was killed by SIGKILL``, ``exited with status 1``."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"was killed by {name}"
+    return f"exited with status {status}"
 
 
 OnReport = Callable[[str, dict[str, Any]], None]
@@ -112,6 +130,10 @@ class CardSession:
             return found
         if reply is not None and "label" in reply:  # a card that allows no PIN attempt: named all the same
             self.card = Card(reply["label"], reply["serial"])
+        killed_by = self._killed_before_answering(reply)
+        if killed_by is not None:
+            self.end("start failed")
+            raise CardSessionLostError(f"the card-session process {describe_exit(killed_by)} while it read the card")
         raise self._refused(reply, "the card could not be read")
 
     def start(self, signed_in: SignedIn, pin: Secret | None) -> None:
@@ -162,9 +184,21 @@ class CardSession:
         except messages.MessageTooLargeError as error:
             reply = {"type": "error", "message": f"its answer is too large: {error}"}
         except OSError as error:  # it died before answering (e.g. a broken installation, or ended by a cancel)
-            reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above"}
+            reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above",
+                     "died": True}
         channel.settimeout(None)
         return reply
+
+    def _killed_before_answering(self, reply: dict[str, Any] | None) -> int | None:
+        """The (negative) exit status of a process that a signal ended without its answer; None
+        when it answered, is still running, or exited by itself (e.g. a broken installation)."""
+        if self.process is None or (reply is not None and not reply.get("died")):
+            return None
+        try:
+            status = self.process.wait(timeout=EXIT_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            return None
+        return status if status < 0 else None
 
     def _refused(self, reply: dict[str, Any] | None, what: str) -> CardAgentError:
         """End the process; the error its answer says it met, to raise."""

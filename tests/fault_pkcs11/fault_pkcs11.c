@@ -22,6 +22,8 @@
  *                          an injected C_Sign/C_SignFinal error ends the real
  *                          operation too (logged "injected", not a signature)
  *   sign_delay_ms = N      C_Sign / C_SignFinal sleep N ms (not for size queries)
+ *   crash_in = C_Fn        C_Fn aborts the calling process (SIGABRT), logged "crash in C_Fn"
+ *                          first: a module that crashes on a card (any C_Fn that honours fail)
  *   login_delay_ms = N     C_Login sleeps N ms before it logs in (a slow card, a PIN pad
  *                          waiting for its holder); logged "login-delay ms=N" as it starts
  *   hide_mechanisms = M,.. the token lacks these mechanisms (hex or decimal CKM_ numbers): left out
@@ -75,6 +77,7 @@ struct cfg {
     char generation[64];
     struct fail fails[MAX_FAILS];
     int nfails;
+    char crash_in[40];
     unsigned long sign_delay_ms;
     unsigned long login_delay_ms;
     CK_MECHANISM_TYPE hidden[MAX_FAILS];
@@ -347,6 +350,7 @@ static void parse_line(struct cfg *n, char *line)
     else if (strcmp(k, "show_token") == 0) copy_str(n->show, sizeof n->show, v);
     else if (strcmp(k, "generation") == 0) copy_str(n->generation, sizeof n->generation, v);
     else if (strcmp(k, "fail") == 0) parse_fails(n, v);
+    else if (strcmp(k, "crash_in") == 0) copy_str(n->crash_in, sizeof n->crash_in, v);
     else if (strcmp(k, "sign_delay_ms") == 0) n->sign_delay_ms = strtoul(v, NULL, 10);
     else if (strcmp(k, "login_delay_ms") == 0) n->login_delay_ms = strtoul(v, NULL, 10);
     else if (strcmp(k, "hide_mechanisms") == 0) parse_hidden(n, v);
@@ -437,6 +441,10 @@ static void snap(struct cfg *c)
 static CK_RV injected(const struct cfg *c, const char *fn)
 {
     int i;
+    if (c->crash_in[0] && strcmp(c->crash_in, fn) == 0) {
+        log_to(c->log, "crash in %s", fn);  /* not log_call: callers may hold mu */
+        abort();
+    }
     for (i = 0; i < c->nfails; i++)
         if (strcmp(c->fails[i].fn, fn) == 0) return c->fails[i].rv;
     return CKR_OK;

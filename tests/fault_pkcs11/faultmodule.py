@@ -14,7 +14,7 @@ retry counter while a client process keeps running.
     ctl.pin_retries(3); ctl.signatures()
 
 Control keys (``key = value`` lines): present, show_token, generation, fail,
-sign_delay_ms, login_delay_ms, pin_retries, token_flags_set, token_flags_clear,
+crash_in, sign_delay_ms, login_delay_ms, pin_retries, token_flags_set, token_flags_clear,
 protected_pin, log.  See the comment at the top of fault_pkcs11.c.
 """
 
@@ -193,6 +193,11 @@ class FaultControl:
         if ckr is not None:
             entries.append(f"{func}:{_ckr(ckr)}")
         self.set(fail=",".join(entries) or None)
+
+    def crash_in(self, func: str | None) -> None:
+        """Make ``func`` abort the process calling it (SIGABRT: a module that crashes on this card);
+        None stops it."""
+        self.set(crash_in=_fn(func) if func is not None else None)
 
     def hide_mechanisms(self, mechanisms: list[int] | None) -> None:
         """Make the token lack these CKM_ mechanisms (None: show all again)."""
