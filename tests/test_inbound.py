@@ -556,3 +556,31 @@ def test_a_peer_dribbling_its_client_hello_holds_its_handshake_place_only_until_
     assert closed_after < 3.0, f"the dribbling peer was held {closed_after:.1f} s (handshake_timeout = 1 s)"
     assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: TLS handshake with the PACS at 127\.0\.0\.1:\d+ did not "
                      r"finish in time", log), log
+
+
+def test_a_handshake_waiting_for_its_pacs_ends_with_the_card_session_at_once(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A PACS connected to an inbound listener that stops in the middle of its ClientHello: locking
+    the session closes that connection at once, as it does an outbound handshake waiting for its
+    PACS. Before, the inbound handshake went on waiting, the session's end waited its whole grace
+    (2 s) for it, and the card loop that was ending the session did nothing else meanwhile."""
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}", handshake_timeout=30,
+                                **node_identity(test_pki))
+    client_hello_start = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]) + (508).to_bytes(3, "big")
+    with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+        agent.wait_for_log("event=sign-in ")
+        with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10) as stalled:
+            stalled.sendall(client_hello_start)
+            time.sleep(0.5)  # the card session is waiting for the rest of the ClientHello
+            locked = time.monotonic()
+            run_card_agent("lock", "--config", str(tmp_path / "agent" / "agent.toml"), env=test_pki.env(),
+                           check=True)
+            assert stalled.recv(1) == b""
+            closed_after = time.monotonic() - locked
+        log = agent.wait_for_log('event=sign-out reason="locked"')
+    closed_in_ms = int(log.split('event=sign-out reason="locked"')[1].split("closed_in_ms=")[1].split()[0])
+    assert closed_in_ms < 500, log
+    assert closed_after < 1.5, f"the stalled PACS was closed {closed_after:.1f} s after the lock"
+    assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: TLS handshake with the PACS at 127\.0\.0\.1:\d+ "
+                     r"ended with the card session: locked", log), log
+

@@ -153,7 +153,7 @@ def associate(tunnel: TunnelRuntime, port: int, tls: _Tls | None = None) -> _Tls
         if tls is None:
             tls = _handshake(tunnel, sock)
         else:
-            tls.handshake(sock, 5, contextlib.nullcontext())
+            tls.handshake(sock, 5, contextlib.nullcontext(), tunnel.ending)
         while True:  # the server's byte, behind its tickets: as the relay reads them before the session is kept
             try:
                 assert tls.obj.read(1) == b"x"

@@ -300,7 +300,7 @@ class _Tls:
         return self.outgoing.read() if self.outgoing.pending else b""
 
     def handshake(self, sock: socket.socket, timeout: float, lock: contextlib.AbstractContextManager,
-                  ending: SessionEnd | None = None, while_peer_answers: Callable[[], None] | None = None) -> None:
+                  ending: SessionEnd, while_peer_answers: Callable[[], None] | None = None) -> None:
         """Complete the handshake over ``sock``; OSError or ssl.SSLError when it fails,
         :class:`SessionEndedError` when the card session ends while it waits for the peer.
         ``while_peer_answers`` is called once, after the first flight is sent."""
@@ -344,11 +344,10 @@ class SessionEndedError(OSError):
     """The card session ended while a handshake waited for its peer."""
 
 
-def _wait_for_peer(sock: socket.socket, deadline: float, ending: SessionEnd | None) -> None:
+def _wait_for_peer(sock: socket.socket, deadline: float, ending: SessionEnd) -> None:
     """Until ``sock`` is readable; a session that ends meanwhile must not leave the handshake waiting
-    (its process would close the application's connection without a DICOM answer)."""
-    if ending is None:
-        return
+    (its process would close the application's connection without a DICOM answer, and its end
+    would wait for the handshake)."""
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(ending.read_fd, select.POLLIN)
@@ -625,11 +624,11 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         try:
             tls = _Tls(runtime.context, server_side=True)
             tls.handshake(remote, config.handshake_timeout,
-                          TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext())
+                          TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext(), runtime.ending)
             _tally_handshake(runtime, tls, signs_on_token=runtime.signs_on_token)
             client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
-            message = _inbound_handshake_failure(peer, error)
+            message = _inbound_handshake_failure(peer, error, runtime.ending)
             runtime.count(error=message)
             runtime.tally.association("failed", "tls")
             log.warning("inbound %s: %s: %s", config.name, peer, message)
@@ -683,7 +682,9 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
     return subject
 
 
-def _inbound_handshake_failure(peer: str, error: Exception) -> str:
+def _inbound_handshake_failure(peer: str, error: Exception, ending: SessionEnd) -> str:
+    if ending.is_set():  # it waited for its PACS, or the card left mid-signature: not the PACS's doing
+        return f"TLS handshake with the PACS at {peer} ended with the card session: {ending.reason}"
     if isinstance(error, ClientVerificationError):
         return f"refused the PACS at {peer}: {error}"
     if isinstance(error, ssl.SSLCertVerificationError):
