@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
 import textwrap
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -445,3 +447,42 @@ def test_unix_socket_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     finally:
         server.close()
     assert echoed(answer) == dicom_stream(b"over a unix socket")
+
+
+@pytest.mark.parametrize("stall", ["an application that has not spoken yet", "a PACS that does not accept"])
+def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at_once(
+        test_pki: ProvisionedPki, tmp_path: Path, stall: str) -> None:
+    """Locking the session answers at once a connection still waiting for its application's
+    A-ASSOCIATE-RQ, or for a PACS whose accept queue is full (connect_timeout 30 s), with
+    A-ASSOCIATE-RJ. Before, those waits did not see the session end, which then waited its whole
+    grace (2 s) for them, and the card loop ending it with it."""
+    with ExitStack() as stack:
+        pacs = stack.enter_context(socket.socket())
+        pacs.bind(("127.0.0.1", 0))
+        pacs.listen(0)
+        stack.enter_context(socket.create_connection(pacs.getsockname()))  # fills its accept queue
+        agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent",
+                                                  [tunnel("pacs", pacs.getsockname()[1], connect_timeout=30)]))
+        agent.wait_for_log("event=sign-in ")
+        application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=10))
+        if stall == "a PACS that does not accept":
+            application.sendall(associate_rq())
+        time.sleep(0.5)  # the relay is waiting
+        locked = time.monotonic()
+        # `lock` returns once the session has ended: the application reads meanwhile, as its own process would.
+        lock = threading.Thread(target=run_card_agent, args=("lock", "--config", tmp_path / "agent" / "agent.toml"),
+                                kwargs={"env": test_pki.env(), "check": True})
+        lock.start()
+        answer = b""
+        while chunk := application.recv(65536):
+            answer += chunk
+        answered_after = time.monotonic() - locked
+        application.close()  # as a DICOM application does once rejected (PS3.8 7.1.1.7)
+        lock.join()
+        log = agent.wait_for_log('event=sign-out reason="locked"')
+    closed_in_ms = int(log.split('event=sign-out reason="locked"')[1].split("closed_in_ms=")[1].split()[0])
+    assert closed_in_ms < 500, log
+    assert answered_after < 1.5, f"answered {answered_after:.1f} s after the lock"
+    assert answer[:1] == bytes([A_ASSOCIATE_RJ]), answer
+    assert "tunnel pacs: " in log and "card session ended: locked" in log, log
+

@@ -15,6 +15,7 @@ Identifier at once, answered C-STOREs in batches (agent/tunnel/transfers.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -345,27 +346,63 @@ class SessionEndedError(OSError):
 
 
 def _wait_for_peer(sock: socket.socket, deadline: float, ending: SessionEnd) -> None:
-    """Until ``sock`` is readable; a session that ends meanwhile must not leave the handshake waiting
-    (its process would close the application's connection without a DICOM answer, and its end
-    would wait for the handshake)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
+    """Until ``sock`` is readable: see :func:`_wait_for`."""
+    _wait_for(sock, select.POLLIN, deadline, ending, "the peer did not answer in time")
+
+
+def _wait_for(sock: socket.socket, events: int, deadline: float, ending: SessionEnd, late: str) -> None:
+    """Until ``sock`` has ``events``; TimeoutError(``late``) at ``deadline``. A session that ends
+    meanwhile raises :class:`SessionEndedError`: nothing may keep waiting for a peer then (the
+    application would be closed without a DICOM answer, and the session's end would wait)."""
+    poller = select.poll()  # not select(): descriptors above 1023 are fine
+    poller.register(sock, events)
     poller.register(ending.read_fd, select.POLLIN)
     ready = poller.poll(max(1, round((deadline - time.monotonic()) * 1000)))
     if ending.is_set():
         raise SessionEndedError(f"card session ended: {ending.reason}")
     if not ready:
-        raise TimeoutError("the peer did not answer the TLS handshake in time")
+        raise TimeoutError(late)
 
 
 def _connect(runtime: TunnelRuntime) -> socket.socket:
     config = runtime.config
     try:
-        remote = socket.create_connection((config.remote_host, config.remote_port), timeout=config.connect_timeout)
+        remote = _connect_unless_ending(config.remote_host, config.remote_port, config.connect_timeout,
+                                        runtime.ending)
+    except SessionEndedError as error:
+        raise TunnelFailure(str(error), transient=True) from None
     except OSError as error:
         raise connect_failure(config.remote, error, config.connect_timeout) from None
     set_nodelay(remote)
     return remote
+
+
+def _connect_unless_ending(host: str, port: int, timeout: float, ending: SessionEnd) -> socket.socket:
+    """As ``socket.create_connection(timeout=timeout)``, given up as soon as the card session ends:
+    a PACS whose accept queue is full, or a firewall dropping the SYN, must not hold up its end."""
+    deadline = time.monotonic() + timeout
+    last_error: OSError = OSError(f"{host} has no address")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            started = sock.connect_ex(address)
+            if started not in (0, errno.EINPROGRESS):
+                raise OSError(started, os.strerror(started))
+            if started:
+                _wait_for(sock, select.POLLOUT, deadline, ending, "timed out")
+                failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if failed:
+                    raise OSError(failed, os.strerror(failed))
+            sock.settimeout(timeout)
+            return sock
+        except SessionEndedError:
+            sock.close()
+            raise
+        except OSError as error:
+            sock.close()
+            last_error = error
+    raise last_error
 
 
 def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
@@ -440,15 +477,20 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
     remote: socket.socket | None = None
     try:
         request = b""
-        if config.association.can_refuse:
-            # A request these rules refuse must not cost a TLS connection under the card's identity,
-            # nor a card signature: decide before contacting the PACS. Without such rules the
-            # connection is made while the application is still sending, to save a round trip.
-            whole_request = _request_before_connecting(runtime, local, peer)
-            if whole_request is None:
+        try:
+            if config.association.can_refuse:
+                # A request these rules refuse must not cost a TLS connection under the card's identity,
+                # nor a card signature: decide before contacting the PACS. Without such rules the
+                # connection is made while the application is still sending, to save a round trip.
+                whole_request = _request_before_connecting(runtime, local, peer)
+                if whole_request is None:
+                    return
+                request = whole_request
+            elif not _application_sent_something(runtime, local, peer):
                 return
-            request = whole_request
-        elif not _application_sent_something(runtime, local, peer):
+        except SessionEndedError as error:
+            log.info("tunnel %s: %s: %s before the application's A-ASSOCIATE-RQ was read", config.name, peer, error)
+            reject_at_once(local)
             return
         stage = "connect"
         try:
@@ -457,7 +499,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             # The PACS is down or unreachable: news for the log and `status`, not a security alert
             # at the audit repository (nothing was authenticated, nor refused).
             runtime.count(error=failure.message)
-            runtime.tally.association("failed", stage)
+            runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             report_pacs_problem(runtime, failure)
             reject_local(local, failure, request_read=bool(request))
@@ -472,7 +514,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
                 raise TunnelFailure(str(error)) from None
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
-            runtime.tally.association("failed", stage)
+            runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote, "reason": failure.message})
             report_pacs_problem(runtime, failure)
@@ -509,10 +551,13 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
     None is returned; None too when the application leaves or sends nothing in time."""
     association = Association(runtime.config.association, runtime.username)
     try:
-        received, request = _read_first_association_pdu(local, ASSOCIATE_RQ_TIMEOUT, request_first=True)
+        received, request = _read_first_association_pdu(local, ASSOCIATE_RQ_TIMEOUT, request_first=True,
+                                                        ending=runtime.ending)
         if request is None:
             return None
         decision = association.on_request(request)
+    except SessionEndedError:
+        raise
     except (socket.timeout, TimeoutError):
         log.info("tunnel %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
                  ASSOCIATE_RQ_TIMEOUT)
@@ -542,18 +587,17 @@ def _application_sent_something(runtime: TunnelRuntime, local: socket.socket, pe
     would cost a card signature and, at a PACS serving one association at a time, block the next
     real one. An application sends its A-ASSOCIATE-RQ as soon as it is connected, so waiting for its
     first byte gives up almost none of the round trip that connecting early saves."""
-    poller = select.poll()  # not select(): descriptors above 1023 are fine
-    poller.register(local, select.POLLIN)
     try:
-        readable = poller.poll(ASSOCIATE_RQ_TIMEOUT * 1000)
-        if readable and local.recv(1, socket.MSG_PEEK):
-            return True
-    except OSError:
-        return False  # reset: the application went away
-    if not readable:
+        _wait_for_peer(local, time.monotonic() + ASSOCIATE_RQ_TIMEOUT, runtime.ending)
+        return bool(local.recv(1, socket.MSG_PEEK))
+    except SessionEndedError:
+        raise
+    except TimeoutError:
         log.info("tunnel %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
                  ASSOCIATE_RQ_TIMEOUT)
-    return False
+        return False
+    except OSError:
+        return False  # reset: the application went away
 
 
 def _count_association(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -> None:
@@ -781,11 +825,12 @@ def abort_pdu(malformed: MalformedPduError | None = None) -> bytes:
                    else AbortReason.INVALID_PDU_PARAMETER_VALUE)
 
 
-def _read_first_association_pdu(local: socket.socket, timeout: float, *,
-                                request_first: bool) -> tuple[bytes, bytes | None]:
+def _read_first_association_pdu(local: socket.socket, timeout: float, *, request_first: bool,
+                                ending: SessionEnd | None = None) -> tuple[bytes, bytes | None]:
     """The application's bytes up to its first whole association PDU (normally its A-ASSOCIATE-RQ),
     and that PDU; None for it if the application closed first. ``request_first``: any other PDU
-    before it is malformed. Raises OSError (a timeout included) and MalformedPduError."""
+    before it is malformed. Raises OSError (a timeout included, and :class:`SessionEndedError` when
+    ``ending`` is given and the session ends) and MalformedPduError."""
     framer = PduFramer()
     received = bytearray()
     deadline = time.monotonic() + timeout
@@ -793,6 +838,8 @@ def _read_first_association_pdu(local: socket.socket, timeout: float, *,
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("no whole association PDU in time")  # also when bytes keep trickling in
+        if ending is not None:
+            _wait_for_peer(local, deadline, ending)
         local.settimeout(left)
         data = local.recv(CHUNK)
         if not data:
