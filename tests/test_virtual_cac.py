@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent_runner import agent_status, card_session_pid, running_agent, tunnel, wait_for
+from agent_runner import RunningAgent, agent_status, card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.card import pcsc
 from dicom_card_agent.card.pcsc import (
@@ -426,6 +426,15 @@ def test_a_card_pulled_while_the_pacs_is_slow_to_answer_the_handshake_rejects_th
     assert received == []
 
 
+def a_new_card_session_stores(agent: RunningAgent, lost_worker: int, study: list[Path]) -> str:
+    """After the card-session process ``lost_worker`` was killed: another one serves, and the study
+    goes through it. The agent's log."""
+    assert card_session_pid(agent.process.pid) not in (None, lost_worker)
+    result = storescu(agent.port(), study)
+    assert result.returncode == 0, result.stdout + agent.log()
+    return agent.log()
+
+
 def test_a_killed_card_session_process_is_noticed_and_the_card_signs_in_again(
         test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
         virtual_cards: dict[str, CardContents], study: list[Path]) -> None:
@@ -444,10 +453,7 @@ def test_a_killed_card_session_process_is_noticed_and_the_card_signs_in_again(
             noticed_after = time.monotonic() - killed
             # The card stayed in: the agent signs in again with the env: PIN, in a new process.
             wait_for(lambda: agent.log().count(sign_in_line(carol)) == 2, timeout=PROBE_SECONDS)
-            assert card_session_pid(agent.process.pid) not in (None, worker)
-            result = storescu(agent.port(), study)
-            assert result.returncode == 0, result.stdout + agent.log()
-            log = agent.log()
+            log = a_new_card_session_stores(agent, worker, study)
         received = scp.stored_files()
         subjects = scp.peer_subjects()
     assert noticed_after < 1.0, f"the lost card session was noticed {noticed_after * 1000:.0f} ms after the kill"
@@ -477,10 +483,7 @@ def test_a_card_session_process_killed_while_it_reads_the_card_is_replaced_and_t
             assert worker is not None and sign_in_line(carol) not in agent.log(), agent.log()
             os.kill(worker, signal.SIGKILL)
             agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
-            assert card_session_pid(agent.process.pid) not in (None, worker)
-            result = storescu(agent.port(), study)
-            assert result.returncode == 0, result.stdout + agent.log()
-            log = agent.log()
+            log = a_new_card_session_stores(agent, worker, study)
         received = scp.stored_files()
         subjects = scp.peer_subjects()
     assert "the card-session process was killed by SIGKILL while it read the card" in log, log
