@@ -449,23 +449,31 @@ def test_unix_socket_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     assert echoed(answer) == dicom_stream(b"over a unix socket")
 
 
-@pytest.mark.parametrize("stall", ["an application that has not spoken yet", "a PACS that does not accept"])
+@pytest.mark.parametrize("stall", ["an application that has not spoken yet", "a PACS that does not accept",
+                                   "a PACS that does not answer the handshake"])
 def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at_once(
         test_pki: ProvisionedPki, tmp_path: Path, stall: str) -> None:
     """Locking the session answers at once a connection still waiting for its application's
-    A-ASSOCIATE-RQ, or for a PACS whose accept queue is full (connect_timeout 30 s), with
-    A-ASSOCIATE-RJ. Before, those waits did not see the session end, which then waited its whole
-    grace (2 s) for them, and the card loop ending it with it."""
+    A-ASSOCIATE-RQ, for a PACS whose accept queue is full (connect_timeout 30 s) or for a PACS that
+    accepted but does not answer the ClientHello, with A-ASSOCIATE-RJ; the audit trail gets no
+    Security Alert for it (a lock is no failed node authentication). Before, the first two waits
+    did not see the session end, which then waited its whole grace (2 s) for them, and the card
+    loop ending it with it; a handshake cut by the end was recorded as a failed node authentication."""
+    audit_file = tmp_path / "audit.log"
     with ExitStack() as stack:
-        pacs = stack.enter_context(socket.socket())
+        pacs = stack.enter_context(socket.socket())  # never accepts: the kernel completes what its queue holds
         pacs.bind(("127.0.0.1", 0))
-        pacs.listen(0)
-        stack.enter_context(socket.create_connection(pacs.getsockname()))  # fills its accept queue
+        if stall == "a PACS that does not accept":
+            pacs.listen(0)
+            stack.enter_context(socket.create_connection(pacs.getsockname()))  # fills its accept queue
+        else:
+            pacs.listen(8)
         agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent",
-                                                  [tunnel("pacs", pacs.getsockname()[1], connect_timeout=30)]))
+                                                  [tunnel("pacs", pacs.getsockname()[1], connect_timeout=30)],
+                                                  audit={"file": str(audit_file)}))
         agent.wait_for_log("event=sign-in ")
         application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=10))
-        if stall == "a PACS that does not accept":
+        if stall != "an application that has not spoken yet":
             application.sendall(associate_rq())
         time.sleep(0.5)  # the relay is waiting
         locked = time.monotonic()
@@ -485,4 +493,6 @@ def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at
     assert answered_after < 1.5, f"answered {answered_after:.1f} s after the lock"
     assert answer[:1] == bytes([A_ASSOCIATE_RJ]), answer
     assert "tunnel pacs: " in log and "card session ended: locked" in log, log
+    audit = audit_file.read_text()
+    assert "110114" in audit and "110126" not in audit, audit  # the logout is there; no node-authentication alert
 

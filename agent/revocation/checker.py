@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -82,6 +83,11 @@ class _Source:
         return f"ocsp {self.url} {self.issuer.fingerprint(hashes.SHA256()).hex()} {self.cert.serial_number}"
 
 
+class CheckGivenUpError(Exception):
+    """A check stopped waiting for a fetch because its association is no longer wanted (the card
+    session ended); the reason is its argument."""
+
+
 class RevocationChecker:
     """The revocation answers of one process (the card session; the CLI for `identities`)."""
 
@@ -115,8 +121,11 @@ class RevocationChecker:
 
     # -- the checks --------------------------------------------------------------------------
 
-    def check(self, leaf: x509.Certificate, policy: Policy) -> Verdict:
-        """The verdict on ``leaf`` and its chain under ``policy``.
+    def check(self, leaf: x509.Certificate, policy: Policy,
+              given_up: concurrent.futures.Future[str] | None = None) -> Verdict:
+        """The verdict on ``leaf`` and its chain under ``policy``. A fetch it waits for is waited for
+        until ``given_up`` is done (the card session ended): :class:`CheckGivenUpError` then, with
+        its result as the reason; the fetch goes on for later associations.
 
         Gathering the answers costs an association ~0.5 ms even when all are cached (the chain's
         CRL files and answers looked at one by one), and associations come in bursts (a viewer's
@@ -132,7 +141,7 @@ class RevocationChecker:
             allowed = self._allowed.get(key)
         if allowed is not None and allowed[0] == seen and now < allowed[1]:
             return Verdict("allow")
-        verdict = decide(policy, self.gather(leaf))
+        verdict = decide(policy, self.gather(leaf, given_up))
         if verdict.outcome == "allow":
             with self._lock:
                 if len(self._allowed) >= MAX_REMEMBERED_CHAINS:
@@ -140,8 +149,10 @@ class RevocationChecker:
                 self._allowed[key] = (seen, now + VERDICT_REUSE)
         return verdict
 
-    def gather(self, leaf: x509.Certificate) -> list[CertificateAnswers]:
-        """The answers about ``leaf`` and the intermediates of [trust] ca above it."""
+    def gather(self, leaf: x509.Certificate,
+               given_up: concurrent.futures.Future[str] | None = None) -> list[CertificateAnswers]:
+        """The answers about ``leaf`` and the intermediates of [trust] ca above it (``given_up``: see
+        :meth:`check`)."""
         chain = self._chain(leaf)
         if len(chain) == 1:
             detail = (f"the issuer {name(leaf.issuer)} of {describe(leaf)} is not in [trust] ca ({self.ca_source}), "
@@ -149,7 +160,7 @@ class RevocationChecker:
             return [CertificateAnswers(describe(leaf), (Answer("[trust] ca", Status.NO_ANSWER, detail),), True)]
         now = self._clock()
         deadline = now + datetime.timedelta(seconds=self.timeout)
-        return [self._answers(cert, issuer, position == 0, now, deadline)
+        return [self._answers(cert, issuer, position == 0, now, deadline, given_up)
                 for position, (cert, issuer) in enumerate(pairwise(chain))]
 
     def _chain(self, leaf: x509.Certificate) -> list[x509.Certificate]:
@@ -167,7 +178,7 @@ class RevocationChecker:
         return chain
 
     def _answers(self, cert: x509.Certificate, issuer: x509.Certificate, is_leaf: bool, now: datetime.datetime,
-                 deadline: datetime.datetime) -> CertificateAnswers:
+                 deadline: datetime.datetime, given_up: concurrent.futures.Future[str] | None) -> CertificateAnswers:
         answers: list[Answer] = []
         file_answer = self._file_answer(cert, issuer, is_leaf, now)
         if file_answer is not None:
@@ -191,8 +202,13 @@ class RevocationChecker:
         futures = {future: source for source, future in waiting}
         while futures and not _decided(answers):
             remaining = max(0.0, (deadline - self._clock()).total_seconds())
-            done, _ = concurrent.futures.wait(futures, timeout=remaining,
+            waited_for: list[concurrent.futures.Future[Any]] = [*futures]
+            if given_up is not None:
+                waited_for.append(given_up)
+            done, _ = concurrent.futures.wait(waited_for, timeout=remaining,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
+            if given_up is not None and given_up.done():
+                raise CheckGivenUpError(given_up.result())
             if not done:
                 break
             for future in done:

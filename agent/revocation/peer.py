@@ -9,6 +9,7 @@ the leaf is unanswered: refused under "require", allowed with a warning under "p
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import logging
 from collections.abc import Callable
@@ -54,9 +55,10 @@ class PeerRevocation:
     where: str  # "tunnel pacs", "inbound retrieves": for the warning's log line
     alert: Callable[[str], None] = lambda _: None  # a Security Alert for the audit trail, under "prefer"
 
-    def check(self, leaf: x509.Certificate) -> None:
-        """Raise :class:`RevokedCertificateError` or :class:`RevocationUnknownError` when the policy refuses."""
-        verdict = self.checker.check(leaf, self.policy)
+    def check(self, leaf: x509.Certificate, given_up: concurrent.futures.Future[str] | None = None) -> None:
+        """Raise :class:`RevokedCertificateError` or :class:`RevocationUnknownError` when the policy
+        refuses, :class:`CheckGivenUpError` when ``given_up`` is done first (see RevocationChecker.check)."""
+        verdict = self.checker.check(leaf, self.policy, given_up)
         if verdict.outcome == "refuse":
             raise (RevokedCertificateError if verdict.revoked else RevocationUnknownError)(verdict.message)
         if verdict.outcome == "warn":

@@ -9,6 +9,7 @@ also require that the server's chain pass through a given CA (the thesis's per-t
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import ipaddress
 import ssl
@@ -188,7 +189,9 @@ class ServerChecks:
                 if checked else None)
         return cls(tunnel, anchors, required, peer)
 
-    def verify(self, leaf_der: bytes | None) -> None:
+    def verify(self, leaf_der: bytes | None, given_up: concurrent.futures.Future[str] | None = None) -> None:
+        """Raise :class:`ServerVerificationError` when the server is refused; ``given_up``: see
+        RevocationChecker.check."""
         tunnel = self.tunnel
         if leaf_der is None:
             raise ServerVerificationError(f"server {tunnel.remote} sent no certificate")
@@ -207,7 +210,7 @@ class ServerChecks:
             self._check_issuer(leaf)
         if self.revocation is not None:
             try:
-                self.revocation.check(leaf)
+                self.revocation.check(leaf, given_up)
             except TrustError as error:
                 raise ServerVerificationError(f"server {tunnel.remote} is not trusted: {error}") from None
 

@@ -14,6 +14,7 @@ Identifier at once, answered C-STOREs in batches (agent/tunnel/transfers.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -56,6 +57,7 @@ from dicom_card_agent.dicom.pdu import (
     pdu_type_name,
 )
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.revocation.checker import CheckGivenUpError
 from dicom_card_agent.revocation.peer import PeerRevocation
 from dicom_card_agent.tls.failures import TunnelFailure, connect_failure, failure_after_handshake, handshake_failure
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
@@ -95,11 +97,14 @@ class SessionEnd:
     def __init__(self) -> None:
         self.read_fd, self._write_fd = os.pipe()
         self.reason: str | None = None
+        # The same news for what waits on futures (a revocation check waiting for its fetch).
+        self.future: concurrent.futures.Future[str] = concurrent.futures.Future()
 
     def signal(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
             os.write(self._write_fd, b"x")
+            self.future.set_result(reason)
 
     def is_set(self) -> bool:
         return self.reason is not None
@@ -509,14 +514,18 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             tls = _handshake(runtime, remote)
             _tally_handshake(runtime, tls, signs_on_token=True)
             try:
-                runtime.checks.verify(tls.obj.getpeercert(binary_form=True))
+                runtime.checks.verify(tls.obj.getpeercert(binary_form=True), runtime.ending.future)
             except ServerVerificationError as error:
                 raise TunnelFailure(str(error)) from None
+            except CheckGivenUpError as error:
+                raise TunnelFailure(f"card session ended: {error}", transient=True) from None
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
             runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
-            runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote, "reason": failure.message})
+            if not runtime.ending.is_set():  # a card pulled mid-handshake is no security alert
+                runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote,
+                                               "reason": failure.message})
             report_pacs_problem(runtime, failure)
             reject_local(local, failure, request_read=bool(request))
             return
@@ -674,9 +683,10 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
             message = _inbound_handshake_failure(peer, error, runtime.ending)
             runtime.count(error=message)
-            runtime.tally.association("failed", "tls")
+            runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else "tls")
             log.warning("inbound %s: %s: %s", config.name, peer, message)
-            runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
+            if not runtime.ending.is_set():
+                runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
             return
         finally:
             runtime.handshake_slots.release()  # authenticated or refused: no longer pending
@@ -720,9 +730,11 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
             f"which is not among client_pins of inbound {runtime.config.name!r}")
     if runtime.revocation is not None:
         try:
-            runtime.revocation.check(leaf)
+            runtime.revocation.check(leaf, runtime.ending.future)
         except TrustError as error:
             raise ClientVerificationError(str(error)) from None
+        except CheckGivenUpError as error:  # told as the session's end (see _inbound_handshake_failure)
+            raise ClientVerificationError(f"card session ended: {error}") from None
     return subject
 
 
