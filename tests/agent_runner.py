@@ -218,6 +218,35 @@ def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[st
         stop_agent(process)
 
 
+@dataclass(frozen=True)
+class LockedWhileWaiting:
+    answer: bytes  # what the waiting application read to its end of stream
+    answered_after: float  # seconds from the lock to that end of stream
+    closed_in_ms: int  # what the sign-out event says the session's end took
+    log: str
+
+
+def lock_while_the_application_reads(test_pki: ProvisionedPki, agent: RunningAgent, workdir: Path,
+                                     application: socket.socket) -> LockedWhileWaiting:
+    """``card-agent lock`` (the agent's configuration in ``workdir``) while ``application``, a
+    connection waiting on the agent, reads to its end as its own process would: `lock` returns only
+    once the session has ended. Then closes ``application``, as a DICOM application does once
+    rejected (PS3.8 7.1.1.7)."""
+    locked = time.monotonic()
+    lock = threading.Thread(target=run_card_agent, args=("lock", "--config", workdir / "agent.toml"),
+                            kwargs={"env": test_pki.env(), "check": True})
+    lock.start()
+    answer = b""
+    while chunk := application.recv(65536):
+        answer += chunk
+    answered_after = time.monotonic() - locked
+    application.close()
+    lock.join()
+    log = agent.wait_for_log('event=sign-out reason="locked"')
+    closed_in_ms = int(log.split('event=sign-out reason="locked"')[1].split("closed_in_ms=")[1].split()[0])
+    return LockedWhileWaiting(answer, answered_after, closed_in_ms, log)
+
+
 @contextmanager
 def signed_in_through_fault_module(test_pki: ProvisionedPki, workdir: Path, fault_module: Path, card: Any,
                                    **config: Any) -> Iterator[tuple[RunningAgent, int]]:

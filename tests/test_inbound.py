@@ -20,6 +20,7 @@ from agent_runner import (
     RunningAgent,
     associate_rq,
     inbound_listener,
+    lock_while_the_application_reads,
     port_of,
     running_agent,
     start_agent,
@@ -569,18 +570,12 @@ def test_a_handshake_waiting_for_its_pacs_ends_with_the_card_session_at_once(
     client_hello_start = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]) + (508).to_bytes(3, "big")
     with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
         agent.wait_for_log("event=sign-in ")
-        with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10) as stalled:
-            stalled.sendall(client_hello_start)
-            time.sleep(0.5)  # the card session is waiting for the rest of the ClientHello
-            locked = time.monotonic()
-            run_card_agent("lock", "--config", str(tmp_path / "agent" / "agent.toml"), env=test_pki.env(),
-                           check=True)
-            assert stalled.recv(1) == b""
-            closed_after = time.monotonic() - locked
-        log = agent.wait_for_log('event=sign-out reason="locked"')
-    closed_in_ms = int(log.split('event=sign-out reason="locked"')[1].split("closed_in_ms=")[1].split()[0])
-    assert closed_in_ms < 500, log
-    assert closed_after < 1.5, f"the stalled PACS was closed {closed_after:.1f} s after the lock"
+        stalled = socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10)
+        stalled.sendall(client_hello_start)
+        time.sleep(0.5)  # the card session is waiting for the rest of the ClientHello
+        ended = lock_while_the_application_reads(test_pki, agent, tmp_path / "agent", stalled)
+    assert ended.closed_in_ms < 500, ended.log
+    assert ended.answer == b"" and ended.answered_after < 1.5, f"closed {ended.answered_after:.1f} s after the lock"
     assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: TLS handshake with the PACS at 127\.0\.0\.1:\d+ "
-                     r"ended with the card session: locked", log), log
+                     r"ended with the card session: locked", ended.log), ended.log
 

@@ -22,7 +22,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from agent_runner import associate_rq, running_agent, s_server, send_and_close, tunnel, wait_for
+from agent_runner import (
+    associate_rq,
+    lock_while_the_application_reads,
+    running_agent,
+    s_server,
+    send_and_close,
+    tunnel,
+    wait_for,
+)
 from conftest import ProvisionedPki
 from dicom_card_agent.softhsm import pki as test_ca
 from dicom_card_agent.softhsm.responder import ResponderFiles, RevocationServer, index, sources_at
@@ -420,10 +428,8 @@ def test_a_first_check_waiting_for_its_responder_ends_with_the_card_session_at_o
     the session ends at once. Before, the check went on waiting, and the session's end waited its
     whole grace (2 s) for it, and the card loop ending it with it."""
     import socket
-    import threading
     import time
 
-    from conftest import run_card_agent
     from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ
 
     pacs = make_pacs(test_pki, tmp_path, cdp=False)
@@ -431,25 +437,14 @@ def test_a_first_check_waiting_for_its_responder_ends_with_the_card_session_at_o
             s_server(test_pki, tmp_path, cert=str(pacs.chain), key=str(pacs.key)) as (pacs_port, _):
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs_port)],
                            trust={**OCSP_ONLY, "revocation_timeout": 10}) as agent:
-            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
-                application.sendall(associate_rq())
-                time.sleep(1.0)  # handshake done: the check waits for the responder now
-                locked = time.monotonic()
-                lock = threading.Thread(target=run_card_agent,  # it returns once the session has ended
-                                        args=("lock", "--config", tmp_path / "agent" / "agent.toml"),
-                                        kwargs={"env": test_pki.env(), "check": True})
-                lock.start()
-                answer = b""
-                while chunk := application.recv(65536):
-                    answer += chunk
-                answered_after = time.monotonic() - locked
-            lock.join()
-            log = agent.wait_for_log('event=sign-out reason="locked"')
-    closed_in_ms = int(log.split('event=sign-out reason="locked"')[1].split("closed_in_ms=")[1].split()[0])
-    assert closed_in_ms < 500, log
-    assert answered_after < 1.5, f"answered {answered_after:.1f} s after the lock"
-    assert answer[:1] == bytes([A_ASSOCIATE_RJ]), answer
-    assert re.search(r"tunnel pacs: uid \d+ .*: card session ended: locked", log), log
+            application = socket.create_connection(("127.0.0.1", agent.port()), timeout=15)
+            application.sendall(associate_rq())
+            time.sleep(1.0)  # handshake done: the check waits for the responder now
+            ended = lock_while_the_application_reads(test_pki, agent, tmp_path / "agent", application)
+    assert ended.closed_in_ms < 500, ended.log
+    assert ended.answered_after < 1.5, f"answered {ended.answered_after:.1f} s after the lock"
+    assert ended.answer[:1] == bytes([A_ASSOCIATE_RJ]), ended.answer
+    assert re.search(r"tunnel pacs: uid \d+ .*: card session ended: locked", ended.log), ended.log
 
 
 def test_answers_are_fetched_again_before_they_go_stale_without_an_association(test_pki: ProvisionedPki,

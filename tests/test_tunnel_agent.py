@@ -22,6 +22,7 @@ from agent_runner import (
     associate_rq,
     dicom_stream,
     echoed,
+    lock_while_the_application_reads,
     p_data,
     pki_for_user,
     running_agent,
@@ -476,23 +477,11 @@ def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at
         if stall != "an application that has not spoken yet":
             application.sendall(associate_rq())
         time.sleep(0.5)  # the relay is waiting
-        locked = time.monotonic()
-        # `lock` returns once the session has ended: the application reads meanwhile, as its own process would.
-        lock = threading.Thread(target=run_card_agent, args=("lock", "--config", tmp_path / "agent" / "agent.toml"),
-                                kwargs={"env": test_pki.env(), "check": True})
-        lock.start()
-        answer = b""
-        while chunk := application.recv(65536):
-            answer += chunk
-        answered_after = time.monotonic() - locked
-        application.close()  # as a DICOM application does once rejected (PS3.8 7.1.1.7)
-        lock.join()
-        log = agent.wait_for_log('event=sign-out reason="locked"')
-    closed_in_ms = int(log.split('event=sign-out reason="locked"')[1].split("closed_in_ms=")[1].split()[0])
-    assert closed_in_ms < 500, log
-    assert answered_after < 1.5, f"answered {answered_after:.1f} s after the lock"
-    assert answer[:1] == bytes([A_ASSOCIATE_RJ]), answer
-    assert "tunnel pacs: " in log and "card session ended: locked" in log, log
+        ended = lock_while_the_application_reads(test_pki, agent, tmp_path / "agent", application)
+    assert ended.closed_in_ms < 500, ended.log
+    assert ended.answered_after < 1.5, f"answered {ended.answered_after:.1f} s after the lock"
+    assert ended.answer[:1] == bytes([A_ASSOCIATE_RJ]), ended.answer
+    assert "tunnel pacs: " in ended.log and "card session ended: locked" in ended.log, ended.log
     audit = audit_file.read_text()
     assert "110114" in audit and "110126" not in audit, audit  # the logout is there; no node-authentication alert
 
