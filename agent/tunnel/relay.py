@@ -504,7 +504,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
             # The PACS is down or unreachable: news for the log and `status`, not a security alert
             # at the audit repository (nothing was authenticated, nor refused).
             runtime.count(error=failure.message)
-            runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else stage)
+            _tally_failure(runtime, stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             report_pacs_problem(runtime, failure)
             reject_local(local, failure, request_read=bool(request))
@@ -521,7 +521,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
                 raise TunnelFailure(f"card session ended: {error}", transient=True) from None
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
-            runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else stage)
+            _tally_failure(runtime, stage)
             log.warning("tunnel %s: %s: %s", config.name, peer, failure.message)
             if not runtime.ending.is_set():  # a card pulled mid-handshake is no security alert
                 runtime.report("tls-failure", {"tunnel": config.name, "remote": config.remote,
@@ -609,6 +609,11 @@ def _application_sent_something(runtime: TunnelRuntime, local: socket.socket, pe
         return False  # reset: the application went away
 
 
+def _tally_failure(runtime: TunnelRuntime | InboundRuntime, stage: str) -> None:
+    """An association that failed at ``stage`` before the relay, or because the card session ended first."""
+    runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else stage)
+
+
 def _count_association(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -> None:
     """Count the relayed association's outcome once; a connection that ended before any
     A-ASSOCIATE-RQ (a port probe) is not an association."""
@@ -683,7 +688,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
             message = _inbound_handshake_failure(peer, error, runtime.ending)
             runtime.count(error=message)
-            runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else "tls")
+            _tally_failure(runtime, "tls")
             log.warning("inbound %s: %s: %s", config.name, peer, message)
             if not runtime.ending.is_set():
                 runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
