@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -557,6 +558,32 @@ def test_a_peer_dribbling_its_client_hello_holds_its_handshake_place_only_until_
     assert closed_after < 3.0, f"the dribbling peer was held {closed_after:.1f} s (handshake_timeout = 1 s)"
     assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: TLS handshake with the PACS at 127\.0\.0\.1:\d+ did not "
                      r"finish in time", log), log
+
+
+def test_a_connection_to_a_local_scp_that_does_not_accept_ends_with_the_card_session_at_once(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """After the handshake the agent connects to the local storage SCP; one whose accept queue is
+    full holds that connect for connect_timeout (30 s here). Locking the session answers the PACS at
+    once with A-ASSOCIATE-RJ (transient). Before, the connect did not see the session's end, which
+    waited its whole grace (2 s) for it."""
+    with ExitStack() as stack:
+        viewer = stack.enter_context(socket.socket())  # never accepts
+        viewer.bind(("127.0.0.1", 0))
+        viewer.listen(0)
+        stack.enter_context(socket.create_connection(viewer.getsockname()))  # fills its accept queue
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.getsockname()[1]}", connect_timeout=30,
+                                    **node_identity(test_pki))
+        agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]))
+        agent.wait_for_log("event=sign-in ")
+        raw = stack.enter_context(socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10))
+        pacs = pacs_identity(test_pki).ssl_context().wrap_socket(raw, server_hostname="localhost")
+        pacs.sendall(associate_rq())
+        time.sleep(0.5)  # the card session is connecting to the viewer's SCP
+        ended = lock_while_the_application_reads(test_pki, agent, tmp_path / "agent", pacs)
+    assert ended.closed_in_ms < 500, ended.log
+    assert ended.answered_after < 1.5, f"answered {ended.answered_after:.1f} s after the lock"
+    assert ended.answer[:1] == bytes([A_ASSOCIATE_RJ]), ended.answer
+    assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: card session ended: locked", ended.log), ended.log
 
 
 def test_a_handshake_waiting_for_its_pacs_ends_with_the_card_session_at_once(

@@ -36,8 +36,10 @@ from agent_runner import (
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, a_release_rp
 from fault_pkcs11 import FaultControl
-from peers.dcmtk import storescp
+from peers.dcmtk import storescp, storescu
+from peers.dns import DnsServer, resolving_through
 from peers.pki_files import TlsServerFiles
+from peers.study import assert_delivered, make_study
 
 
 @pytest.mark.parametrize("change, message", [
@@ -451,17 +453,23 @@ def test_unix_socket_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("stall", ["an application that has not spoken yet", "a PACS that does not accept",
-                                   "a PACS that does not answer the handshake"])
+                                   "a PACS that does not answer the handshake", "a DNS server that does not answer"])
 def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at_once(
         test_pki: ProvisionedPki, tmp_path: Path, stall: str) -> None:
     """Locking the session answers at once a connection still waiting for its application's
     A-ASSOCIATE-RQ, for a PACS whose accept queue is full (connect_timeout 30 s) or for a PACS that
     accepted but does not answer the ClientHello, with A-ASSOCIATE-RJ; the audit trail gets no
     Security Alert for it (a lock is no failed node authentication). Before, the first two waits
-    did not see the session end, which then waited its whole grace (2 s) for them, and the card
-    loop ending it with it; a handshake cut by the end was recorded as a failed node authentication."""
+    and the DNS lookup of a PACS named by its host name did not see the session end, which then
+    waited its whole grace (2 s) for them, and the card loop ending it with it; a handshake cut by
+    the end was recorded as a failed node authentication."""
     audit_file = tmp_path / "audit.log"
     with ExitStack() as stack:
+        prefix, remote_host = None, "127.0.0.1"
+        if stall == "a DNS server that does not answer":
+            dns = stack.enter_context(DnsServer({PACS_NAME: "127.0.0.1"}))
+            dns.silent = True
+            prefix, remote_host = resolving_through(dns, tmp_path), PACS_NAME
         pacs = stack.enter_context(socket.socket())  # never accepts: the kernel completes what its queue holds
         pacs.bind(("127.0.0.1", 0))
         if stall == "a PACS that does not accept":
@@ -469,9 +477,11 @@ def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at
             stack.enter_context(socket.create_connection(pacs.getsockname()))  # fills its accept queue
         else:
             pacs.listen(8)
-        agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent",
-                                                  [tunnel("pacs", pacs.getsockname()[1], connect_timeout=30)],
-                                                  audit={"file": str(audit_file)}))
+        pacs_port = pacs.getsockname()[1]
+        agent = stack.enter_context(running_agent(
+            test_pki, tmp_path / "agent", [tunnel("pacs", pacs_port, remote=f"{remote_host}:{pacs_port}",
+                                                  connect_timeout=30)],
+            audit={"file": str(audit_file)}, prefix=prefix))
         agent.wait_for_log("event=sign-in ")
         application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=10))
         if stall != "an application that has not spoken yet":
@@ -485,3 +495,55 @@ def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at
     audit = audit_file.read_text()
     assert "110114" in audit and "110126" not in audit, audit  # the logout is there; no node-authentication alert
 
+
+
+PACS_NAME = "pacs.card-agent.test"  # .test: a name no real DNS answers (RFC 6761)
+
+
+def test_a_pacs_named_by_its_host_name_is_found_through_dns_on_every_association(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The tunnel's remote is a host name that the workstation's DNS answers (after 0.3 s): the
+    study arrives intact, and each association asks DNS again (a PACS moved to a new address is
+    found by the next one)."""
+    study = make_study(tmp_path / "study", files=2)
+    with ExitStack() as stack:
+        dns = stack.enter_context(DnsServer({PACS_NAME: "127.0.0.1"}, delay=0.3))
+        scp = stack.enter_context(storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)))
+        agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent",
+                                                  [tunnel("pacs", scp.port, remote=f"{PACS_NAME}:{scp.port}")],
+                                                  prefix=resolving_through(dns, tmp_path)))
+        for half in (study[:1], study[1:]):
+            result = storescu(agent.port(), half)
+            assert result.returncode == 0, result.stdout + agent.log()
+        received = scp.stored_files()
+    assert_delivered(study, received)
+    assert dns.questions.count((PACS_NAME, "A")) == 2, dns.questions
+
+
+@pytest.mark.parametrize("dns_fault, message", [
+    ("silent", f"cannot reach the PACS at {PACS_NAME}:PORT: no DNS server answered for its name within 2 s; "
+               "check the workstation's DNS servers, or give the tunnel's remote as an IP address"),
+    ("unknown name", f"cannot reach the PACS at {PACS_NAME}:PORT: its name does not resolve (Name or service not "
+                     "known); check the tunnel's remote and the workstation's DNS"),
+])
+def test_a_pacs_name_dns_cannot_answer_is_an_association_rejected_within_connect_timeout(
+        test_pki: ProvisionedPki, tmp_path: Path, dns_fault: str, message: str) -> None:
+    """A DNS server that drops queries makes glibc wait 5 s x 2 attempts per server in resolv.conf;
+    the application must have its A-ASSOCIATE-RJ within the tunnel's connect_timeout (2 s here), with
+    a log line that says DNS is the problem. Before, it waited for the resolver (10 s with one
+    server) and the line said only "Temporary failure in name resolution"."""
+    with ExitStack() as stack:
+        dns = stack.enter_context(DnsServer({} if dns_fault == "unknown name" else {PACS_NAME: "127.0.0.1"}))
+        dns.silent = dns_fault == "silent"
+        port = 11112  # never reached
+        agent = stack.enter_context(running_agent(
+            test_pki, tmp_path / "agent", [tunnel("pacs", port, remote=f"{PACS_NAME}:{port}", connect_timeout=2)],
+            prefix=resolving_through(dns, tmp_path)))
+        started = time.monotonic()
+        answer = send_and_close(agent.port(), associate_rq())
+        answered_after = time.monotonic() - started
+        log = agent.wait_for_log(message.replace("PORT", str(port)))
+    assert answer[:1] == bytes([A_ASSOCIATE_RJ]) and answer[7] == 2, answer.hex()  # rejected-transient
+    assert answered_after < 3.5, f"answered after {answered_after:.1f} s"
+    assert (PACS_NAME, "A") in dns.questions, dns.questions
+    assert "Temporary failure" not in log, log

@@ -10,6 +10,8 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+from dicom_card_agent.tunnel.resolver import ResolverTimeoutError
+
 _REJECTED_OUR_CERTIFICATE = {
     "TLSV1_ALERT_UNKNOWN_CA": "the server does not know our issuer (unknown CA)",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the server found our certificate bad",
@@ -45,6 +47,13 @@ class TunnelFailure(Exception):
 
 
 def connect_failure(remote: str, error: OSError, timeout: float) -> TunnelFailure:
+    if isinstance(error, ResolverTimeoutError):
+        return TunnelFailure(f"cannot reach the PACS at {remote}: no DNS server answered for its name within "
+                             f"{timeout:g} s; check the workstation's DNS servers, or give the tunnel's remote "
+                             "as an IP address", transient=True, cause=UNREACHABLE)
+    if isinstance(error, socket.gaierror):
+        return TunnelFailure(f"cannot reach the PACS at {remote}: its name does not resolve ({error.strerror}); "
+                             "check the tunnel's remote and the workstation's DNS", transient=True, cause=UNREACHABLE)
     if isinstance(error, (socket.timeout, TimeoutError)):
         return TunnelFailure(f"cannot reach the PACS at {remote}: no answer within {timeout:g} s; "
                              "check the network and the tunnel's remote", transient=True, cause=UNREACHABLE)

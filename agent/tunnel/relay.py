@@ -65,6 +65,7 @@ from dicom_card_agent.trust.errors import TrustError
 from dicom_card_agent.tunnel.admission import RefusalLog
 from dicom_card_agent.tunnel.counters import SessionCounts
 from dicom_card_agent.tunnel.peer import PeerPolicy, identify_server
+from dicom_card_agent.tunnel.resolver import ResolutionGivenUpError, resolve_stream
 from dicom_card_agent.tunnel.transfers import TransferBatch, query_fields
 
 log = logging.getLogger("agent.tunnel")
@@ -386,8 +387,12 @@ def _connect_unless_ending(host: str, port: int, timeout: float, ending: Session
     """As ``socket.create_connection(timeout=timeout)``, given up as soon as the card session ends:
     a PACS whose accept queue is full, or a firewall dropping the SYN, must not hold up its end."""
     deadline = time.monotonic() + timeout
+    try:
+        addresses = resolve_stream(host, port, timeout, ending.future)
+    except ResolutionGivenUpError:
+        raise SessionEndedError(f"card session ended: {ending.reason}") from None
     last_error: OSError = OSError(f"{host} has no address")
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+    for family, kind, proto, _, address in addresses:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setblocking(False)
@@ -699,7 +704,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             local = _connect_forward(runtime)
         except TunnelFailure as failure:
             runtime.count(error=failure.message)
-            runtime.tally.association("failed", "connect")
+            _tally_failure(runtime, "connect")
             log.warning("inbound %s: %s: %s", config.name, peer, failure.message)
             _reject_over_tls(tls, remote, reject_pdu(transient=failure.transient))
             return
@@ -773,7 +778,10 @@ def _connect_forward(runtime: InboundRuntime) -> socket.socket:
                 sock.close()
                 raise
         else:
-            sock = socket.create_connection((target.host, target.port), timeout=config.connect_timeout)
+            assert target.host is not None and target.port is not None  # a ListenAddress without a unix path
+            sock = _connect_unless_ending(target.host, target.port, config.connect_timeout, runtime.ending)
+    except SessionEndedError as error:
+        raise TunnelFailure(str(error), transient=True) from None
     except OSError as error:
         raise TunnelFailure(f"cannot reach the local storage SCP at {target}: {error.strerror or error} "
                             "(is the viewer's storage SCP running?)", transient=True) from None

@@ -11,6 +11,8 @@ Modules (import them directly, e.g. ``from peers.dcmtk import storescp``):
 - ``orthanc``: ``orthanc_tls``/``orthanc``, a private Orthanc 1.10 with DICOM TLS and REST.
 - ``pynetdicom_scp``: ``tls_scp``/``plain_scp``, an in-process SCP recording the client
   certificate, AE titles, User Identity and stored datasets per association; ``associate`` (SCU).
+- ``dns``: ``DnsServer`` (answers, slowly or never, on a loopback address of its own) and
+  ``resolving_through`` (a command prefix pointing a process's resolver at it; root only).
 - ``study``: ``make_study`` (sample study from pydicom's bundled files, fast bulk cloning),
   ``datasets_equal``, ``match_by_sop_instance_uid``.
 
