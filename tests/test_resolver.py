@@ -45,7 +45,7 @@ def test_lookups_of_one_name_at_once_share_one_dns_question_and_each_stops_waiti
     """During a DNS outage each association waiting for the PACS's name must not hold a thread (and
     send a query) of its own: five waiting at once ask once. Each still stops waiting at its own
     deadline, or at once when its card session ends."""
-    with DnsServer({NAME: "127.0.0.1"}) as dns:
+    with DnsServer({NAME: ["127.0.0.1"]}) as dns:
         dns.silent = True
         result = subprocess.run([*resolving_through(dns, tmp_path), sys.executable, "-c", LOOKUPS],
                                 capture_output=True, text=True, timeout=60)
@@ -68,7 +68,7 @@ def test_a_name_that_answers_is_asked_again_by_the_next_lookup(tmp_path: Path) -
         for _ in range(2):
             print(resolve_stream({NAME!r}, 104, 5, concurrent.futures.Future())[0][4])
     """)
-    with DnsServer({NAME: "127.0.0.9"}, delay=0.1) as dns:
+    with DnsServer({NAME: ["127.0.0.9"]}, delay=0.1) as dns:
         result = subprocess.run([*resolving_through(dns, tmp_path), sys.executable, "-c", program],
                                 capture_output=True, text=True, timeout=60)
         questions = list(dns.questions)

@@ -467,7 +467,7 @@ def test_a_connection_stalled_before_its_handshake_ends_with_the_card_session_at
     with ExitStack() as stack:
         prefix, remote_host = None, "127.0.0.1"
         if stall == "a DNS server that does not answer":
-            dns = stack.enter_context(DnsServer({PACS_NAME: "127.0.0.1"}))
+            dns = stack.enter_context(DnsServer({PACS_NAME: ["127.0.0.1"]}))
             dns.silent = True
             prefix, remote_host = resolving_through(dns, tmp_path), PACS_NAME
         pacs = stack.enter_context(socket.socket())  # never accepts: the kernel completes what its queue holds
@@ -507,7 +507,7 @@ def test_a_pacs_named_by_its_host_name_is_found_through_dns_on_every_association
     found by the next one)."""
     study = make_study(tmp_path / "study", files=2)
     with ExitStack() as stack:
-        dns = stack.enter_context(DnsServer({PACS_NAME: "127.0.0.1"}, delay=0.3))
+        dns = stack.enter_context(DnsServer({PACS_NAME: ["127.0.0.1"]}, delay=0.3))
         scp = stack.enter_context(storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)))
         agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent",
                                                   [tunnel("pacs", scp.port, remote=f"{PACS_NAME}:{scp.port}")],
@@ -518,6 +518,34 @@ def test_a_pacs_named_by_its_host_name_is_found_through_dns_on_every_association
         received = scp.stored_files()
     assert_delivered(study, received)
     assert dns.questions.count((PACS_NAME, "A")) == 2, dns.questions
+
+
+def test_a_pacs_address_that_does_not_answer_hands_over_to_the_next_one_within_a_second(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """DNS gives the PACS's name an IPv6 address (tried first, RFC 6724) whose SYNs go unanswered,
+    as behind a firewall dropping IPv6, and an IPv4 address that works: the study goes through the
+    IPv4 one after one attempt delay (RFC 8305: 250 ms), not after connect_timeout (10 s). Before,
+    the first address took the whole connect_timeout (storescu took 10.1 s), leaving the next one
+    only what remained of it."""
+    study = make_study(tmp_path / "study", files=1)
+    with ExitStack() as stack:
+        scp = stack.enter_context(storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)))
+        silent_ipv6 = stack.enter_context(socket.socket(socket.AF_INET6))  # SYNs beyond its queue go unanswered
+        silent_ipv6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        silent_ipv6.bind(("::1", scp.port))
+        silent_ipv6.listen(0)
+        stack.enter_context(socket.create_connection(("::1", scp.port)))  # fills its accept queue
+        dns = stack.enter_context(DnsServer({PACS_NAME: ["::1", "127.0.0.1"]}))
+        agent = stack.enter_context(running_agent(
+            test_pki, tmp_path / "agent", [tunnel("pacs", scp.port, remote=f"{PACS_NAME}:{scp.port}")],
+            prefix=resolving_through(dns, tmp_path)))
+        started = time.monotonic()
+        result = storescu(agent.port(), study)
+        took = time.monotonic() - started
+        assert result.returncode == 0, result.stdout + agent.log()
+        received = scp.stored_files()
+    assert_delivered(study, received)
+    assert took < 1.5, f"storescu took {took:.1f} s"
 
 
 @pytest.mark.parametrize("dns_fault, message", [
@@ -533,7 +561,7 @@ def test_a_pacs_name_dns_cannot_answer_is_an_association_rejected_within_connect
     a log line that says DNS is the problem. Before, it waited for the resolver (10 s with one
     server) and the line said only "Temporary failure in name resolution"."""
     with ExitStack() as stack:
-        dns = stack.enter_context(DnsServer({} if dns_fault == "unknown name" else {PACS_NAME: "127.0.0.1"}))
+        dns = stack.enter_context(DnsServer({} if dns_fault == "unknown name" else {PACS_NAME: ["127.0.0.1"]}))
         dns.silent = dns_fault == "silent"
         port = 11112  # never reached
         agent = stack.enter_context(running_agent(

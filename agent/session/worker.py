@@ -51,11 +51,11 @@ from dicom_card_agent.tunnel.relay import (
     PACS_PROBLEM,
     InboundRuntime,
     Report,
-    SessionEnd,
     TunnelRuntime,
     no_report,
     serve_connection,
 )
+from dicom_card_agent.tunnel.session_end import SessionEnd
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0

@@ -14,13 +14,10 @@ Identifier at once, answered C-STOREs in batches (agent/tunnel/transfers.py).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import errno
 import functools
 import hashlib
 import logging
-import os
 import select
 import socket
 import ssl
@@ -63,9 +60,10 @@ from dicom_card_agent.tls.failures import TunnelFailure, connect_failure, failur
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from dicom_card_agent.trust.errors import TrustError
 from dicom_card_agent.tunnel.admission import RefusalLog
+from dicom_card_agent.tunnel.connecting import connect_tcp
 from dicom_card_agent.tunnel.counters import SessionCounts
 from dicom_card_agent.tunnel.peer import PeerPolicy, identify_server
-from dicom_card_agent.tunnel.resolver import ResolutionGivenUpError, resolve_stream
+from dicom_card_agent.tunnel.session_end import SessionEnd, SessionEndedError
 from dicom_card_agent.tunnel.transfers import TransferBatch, query_fields
 
 log = logging.getLogger("agent.tunnel")
@@ -87,28 +85,6 @@ waiting for the network, and relays moving data never take it. A handshake that 
 to resume does not take it: it needs no signature, and must not wait seconds behind others that
 do. (Should the server decline the resumption, that one signature is not serialized here; card
 modules such as OpenSC lock the card for each operation themselves.)"""
-
-
-class SessionEnd:
-    """Tells every relay of a card session, at once, that the session is over.
-
-    A pipe that is written once and never read: every relay polls its read end, so all of them
-    wake within the same scheduler tick (a card pulled must close everything within 100 ms)."""
-
-    def __init__(self) -> None:
-        self.read_fd, self._write_fd = os.pipe()
-        self.reason: str | None = None
-        # The same news for what waits on futures (a revocation check waiting for its fetch).
-        self.future: concurrent.futures.Future[str] = concurrent.futures.Future()
-
-    def signal(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            os.write(self._write_fd, b"x")
-            self.future.set_result(reason)
-
-    def is_set(self) -> bool:
-        return self.reason is not None
 
 
 Report = Callable[[str, dict[str, Any]], None]
@@ -347,10 +323,6 @@ class _Tls:
             raise
 
 
-class SessionEndedError(OSError):
-    """The card session ended while a handshake waited for its peer."""
-
-
 def _wait_for_peer(sock: socket.socket, deadline: float, ending: SessionEnd) -> None:
     """Until ``sock`` is readable: see :func:`_wait_for`."""
     _wait_for(sock, select.POLLIN, deadline, ending, "the peer did not answer in time")
@@ -373,7 +345,7 @@ def _wait_for(sock: socket.socket, events: int, deadline: float, ending: Session
 def _connect(runtime: TunnelRuntime) -> socket.socket:
     config = runtime.config
     try:
-        remote = _connect_unless_ending(config.remote_host, config.remote_port, config.connect_timeout,
+        remote = connect_tcp(config.remote_host, config.remote_port, config.connect_timeout,
                                         runtime.ending)
     except SessionEndedError as error:
         raise TunnelFailure(str(error), transient=True) from None
@@ -381,38 +353,6 @@ def _connect(runtime: TunnelRuntime) -> socket.socket:
         raise connect_failure(config.remote, error, config.connect_timeout) from None
     set_nodelay(remote)
     return remote
-
-
-def _connect_unless_ending(host: str, port: int, timeout: float, ending: SessionEnd) -> socket.socket:
-    """As ``socket.create_connection(timeout=timeout)``, given up as soon as the card session ends:
-    a PACS whose accept queue is full, or a firewall dropping the SYN, must not hold up its end."""
-    deadline = time.monotonic() + timeout
-    try:
-        addresses = resolve_stream(host, port, timeout, ending.future)
-    except ResolutionGivenUpError:
-        raise SessionEndedError(f"card session ended: {ending.reason}") from None
-    last_error: OSError = OSError(f"{host} has no address")
-    for family, kind, proto, _, address in addresses:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setblocking(False)
-            started = sock.connect_ex(address)
-            if started not in (0, errno.EINPROGRESS):
-                raise OSError(started, os.strerror(started))
-            if started:
-                _wait_for(sock, select.POLLOUT, deadline, ending, "timed out")
-                failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if failed:
-                    raise OSError(failed, os.strerror(failed))
-            sock.settimeout(timeout)
-            return sock
-        except SessionEndedError:
-            sock.close()
-            raise
-        except OSError as error:
-            sock.close()
-            last_error = error
-    raise last_error
 
 
 def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
@@ -779,7 +719,7 @@ def _connect_forward(runtime: InboundRuntime) -> socket.socket:
                 raise
         else:
             assert target.host is not None and target.port is not None  # a ListenAddress without a unix path
-            sock = _connect_unless_ending(target.host, target.port, config.connect_timeout, runtime.ending)
+            sock = connect_tcp(target.host, target.port, config.connect_timeout, runtime.ending)
     except SessionEndedError as error:
         raise TunnelFailure(str(error), transient=True) from None
     except OSError as error:

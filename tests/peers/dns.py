@@ -7,14 +7,15 @@ touched, and the process under test resolves with the real glibc stub resolver, 
 retries included.
 
 :class:`DnsServer` answers over UDP on port 53 of a loopback address of its own (127.53.x.y):
-A records for the names it was given, after ``delay`` seconds; "no such name" for others; nothing at
-all while ``silent`` (a DNS server behind a firewall that drops queries: the resolver's timeouts
-run out, 5 s x 2 attempts by default).
+A and AAAA records for the names it was given, after ``delay`` seconds; "no such name" for others;
+nothing at all while ``silent`` (a DNS server behind a firewall that drops queries: the resolver's
+timeouts run out, 5 s x 2 attempts by default).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import random
 import socket
 import threading
@@ -29,8 +30,8 @@ import dns.rrset
 
 
 class DnsServer:
-    def __init__(self, addresses: dict[str, str], *, delay: float = 0.0) -> None:
-        self.addresses = {name.rstrip(".").lower(): address for name, address in addresses.items()}
+    def __init__(self, addresses: dict[str, list[str]], *, delay: float = 0.0) -> None:
+        self.addresses = {name.rstrip(".").lower(): list(found) for name, found in addresses.items()}
         self.delay = delay
         self.silent = False
         self.questions: list[tuple[str, str]] = []  # (name, record type) in the order they came
@@ -82,8 +83,12 @@ class DnsServer:
         response.flags |= dns.flags.RA
         if name not in self.addresses:
             response.set_rcode(dns.rcode.NXDOMAIN)
-        elif rdtype == dns.rdatatype.A:
-            response.answer.append(dns.rrset.from_text(query.question[0].name, 5, "IN", "A", self.addresses[name]))
+        elif rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            version = 4 if rdtype == dns.rdatatype.A else 6
+            found = [a for a in self.addresses[name] if ipaddress.ip_address(a).version == version]
+            if found:
+                response.answer.append(dns.rrset.from_text(query.question[0].name, 5, "IN",
+                                                           dns.rdatatype.to_text(rdtype), *found))
         if not self._stop.is_set():
             with contextlib.suppress(OSError):  # closed meanwhile
                 self._sock.sendto(response.to_wire(), client)
