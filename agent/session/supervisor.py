@@ -27,7 +27,7 @@ from dicom_card_agent.token.secret import Secret
 
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
-FINAL_COUNTS_TIMEOUT_SECONDS = 4.0  # the process's end grace (2 s) and a margin: it exits right after
+END_TIMEOUT_SECONDS = 4.0  # the process's end grace (2 s) and a margin: it answers and exits right after
 # How long `status` waits for the card-session process. The card loop asks it (the idle check), and
 # a process that hangs (stopped, stuck in a module call) must not freeze the loop, which must go on
 # acting on a pulled card; `card-agent status` and metrics scrapes must answer too.
@@ -337,21 +337,28 @@ class CardSession:
         return True
 
     def end(self, reason: str) -> None:
-        """End the process (its relays close at once) and keep its final counts in ``last_counts``."""
+        """End the process (its relays close at once) and keep its final counts in ``last_counts``.
+
+        All within END_TIMEOUT_SECONDS: a process not ended by then is stuck (in a module call that
+        does not return, or stopped) and is killed, so that the card loop ending it goes back to the
+        cards and signals instead of waiting out each step's own timeout in turn."""
         self.awaiting_pin = False
+        deadline = time.monotonic() + END_TIMEOUT_SECONDS
+        answered = False
         # A `status` under way must not take the final counts as its answer; one that hangs on a
         # stuck process must not hold up the end (the last counts are then those it had).
-        locked = self._status_lock.acquire(timeout=FINAL_COUNTS_TIMEOUT_SECONDS)
+        locked = self._status_lock.acquire(timeout=END_TIMEOUT_SECONDS)
         try:
             if self.channel is not None:
                 try:
                     messages.send(self.channel, {"type": "end", "reason": reason})
                     if locked:
-                        reply = self._take_answer(self.channel, FINAL_COUNTS_TIMEOUT_SECONDS)
+                        reply = self._take_answer(self.channel, max(deadline - time.monotonic(), 0.001))
                         if reply is not None and reply.get("final"):
+                            answered = True
                             self._keep_counts(reply.get("tunnels", {}))
                 except OSError:
-                    pass  # it died first: the last status answer is what there is
+                    pass  # it died first, or did not answer in time: the last status answer is what there is
                 try:  # a `status` still waiting on it (when the lock was not had) gets its end of stream
                     self.channel.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -362,8 +369,10 @@ class CardSession:
             if locked:
                 self._status_lock.release()
         if self.process is not None:
+            # It exits right after its final counts; without them, only what is left of the deadline.
+            exit_wait = max(deadline - time.monotonic(), EXIT_WAIT_SECONDS if answered else 0.0)
             try:
-                self.process.wait(timeout=3)
+                self.process.wait(timeout=exit_wait)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
