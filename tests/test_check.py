@@ -4,10 +4,12 @@ agent; exit 0 when all is well, 2 otherwise, one line per finding."""
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 from agent_runner import running_agent, tunnel, write_config
-from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
+from peers.dns import DnsServer, resolving_through
 from peers.ports import free_port
 
 
@@ -16,18 +18,20 @@ def findings(stdout: str) -> list[str]:
 
 
 def test_a_good_configuration_passes_every_check(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    pacs = tunnel("pacs", 104)
-    config = write_config(tmp_path / "agent.toml", test_pki, [pacs],
-                          audit={"file": str(tmp_path / "log" / "audit.log")})
-    result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+    with socket.create_server(("127.0.0.1", 0)) as listening_pacs:
+        pacs = tunnel("pacs", listening_pacs.getsockname()[1])
+        config = write_config(tmp_path / "agent.toml", test_pki, [pacs],
+                              audit={"file": str(tmp_path / "log" / "audit.log")})
+        result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = findings(result.stdout)
     assert [line.split(":")[0] for line in lines] == [
         "ok   config", "ok   openssl", "ok   pkcs11-provider", "ok   pkcs11-module", "ok   provider-loads",
-        "ok   trust", "ok   crl", "ok   pin", "ok   listen pacs", "ok   audit file"], result.stdout
+        "ok   trust", "ok   crl", "ok   pin", "ok   listen pacs", "ok   remote pacs", "ok   audit file"], result.stdout
     assert f"ok   config: {config}: 1 tunnel(s), 0 inbound listener(s)" in lines
     assert f"ok   pin: {config} [identity].pin: the variable CARD_PIN is set" in lines
     assert f"ok   listen pacs: {pacs['listen']} is free" in lines
+    assert f"ok   remote pacs: {pacs['remote']} accepts TCP connections (at {pacs['remote']})" in lines
     assert f"ok   audit file: {tmp_path}/log/audit.log can be created (in {tmp_path})" in lines
 
 
@@ -72,3 +76,23 @@ def test_the_ports_of_the_running_agent_of_this_configuration_count_as_its_own(
     assert result.returncode == 0, result.stdout
     assert f"ok   listen pacs: 127.0.0.1:{agent.port()}: the running agent of this configuration listens there" \
         in result.stdout
+
+
+def test_a_pacs_name_that_does_not_resolve_fails_and_a_pacs_that_is_down_warns(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """What an association would meet on this machine, before rolling a configuration out: a name
+    its DNS does not know is a setting to fix (exit 2); a PACS that refuses may be down for now."""
+    with DnsServer({"pacs.card-agent.test": ["127.0.0.1"]}) as dns:
+        down = free_port()
+        config = write_config(tmp_path / "agent.toml", test_pki, [
+            tunnel("typo", 104, remote="pacs.card-agnet.test:104"),
+            tunnel("down", down, remote=f"pacs.card-agent.test:{down}")])
+        result = subprocess.run([*resolving_through(dns, tmp_path), CARD_AGENT, "check", "--config", str(config)],
+                                capture_output=True, text=True, env=test_pki.env(CARD_PIN=USER_PIN), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    remote_lines = [line for line in findings(result.stdout) if " remote " in line]
+    assert remote_lines == [
+        "fail remote typo: tunnel typo: cannot reach the PACS at pacs.card-agnet.test:104: its name does not resolve "
+        "(Name or service not known); check the tunnel's remote and the workstation's DNS",
+        f"warn remote down: tunnel down: cannot reach the PACS at pacs.card-agent.test:{down}: connection refused "
+        "(is the PACS running and listening on that port?)"], result.stdout

@@ -9,6 +9,7 @@ card signs in is ``doctor``'s question.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,16 +22,20 @@ from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConf
 from dicom_card_agent.config.preflight import open_crls, pin_sources
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session import control
+from dicom_card_agent.tls.failures import connect_failure
 from dicom_card_agent.token.pin import PinSource
 from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
+from dicom_card_agent.tunnel.connecting import connect_tcp
 from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
+from dicom_card_agent.tunnel.session_end import SessionEnd
 
 EXIT_PROBLEMS = 2
 
 
 def check(config: ConfigFile = None) -> None:
     """Check a configuration and what it needs here (module, pkcs11-provider, trust files and CRLs,
-    free listen ports, PIN source, audit paths) without starting: exit 0 when all is well, 2 otherwise."""
+    free listen ports, PIN source, each PACS found and accepting TCP, audit paths) without starting:
+    exit 0 when all is well, 2 otherwise."""
     failed = report(configuration_checks(config))
     raise typer.Exit(EXIT_PROBLEMS if failed else 0)
 
@@ -52,6 +57,8 @@ def configuration_checks(explicit: Path | None) -> Iterator[Check]:
     listeners: list[TunnelConfig | InboundConfig] = [*settings.tunnels, *settings.inbound]
     for listener in listeners:
         yield _listen_check(listener, running)
+    for tunnel in settings.tunnels:
+        yield _remote_check(tunnel)
     yield from _audit_checks(settings)
 
 
@@ -143,6 +150,23 @@ def _listen_check(listener: TunnelConfig | InboundConfig, running: set[str]) -> 
         return Check("fail", name, f"{kind} {listener.name}: {error}",
                      "stop what listens there (`ss -ltnp`) or choose another listen address")
     return Check("ok", name, f"{listen} is free")
+
+
+def _remote_check(tunnel: TunnelConfig) -> Check:
+    """Whether the tunnel's PACS is found and accepts TCP from here, the way an association connects
+    (names through DNS, within connect_timeout). Its TLS needs the card: the first association's."""
+    name = f"remote {tunnel.name}"
+    try:
+        sock = connect_tcp(tunnel.remote_host, tunnel.remote_port, tunnel.connect_timeout, SessionEnd())
+    except OSError as error:
+        failure = connect_failure(tunnel.remote, error, tunnel.connect_timeout)
+        # A name this machine cannot resolve is a setting to fix; a PACS not answering may be down for now.
+        return Check("fail" if isinstance(error, socket.gaierror) else "warn", name,
+                     f"tunnel {tunnel.name}: {failure.message}")
+    with sock:
+        host, port = sock.getpeername()[:2]
+    reached = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return Check("ok", name, f"{tunnel.remote} accepts TCP connections (at {reached})")
 
 
 def _audit_checks(settings: AgentConfig) -> Iterator[Check]:
