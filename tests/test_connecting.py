@@ -1,15 +1,21 @@
-"""agent/tunnel/resolver.py against glibc's real stub resolver and a DNS server of the test's own
-(peers/dns.py): in a process of its own, since the resolver is pointed at that server through a
-mount namespace."""
+"""Reaching a PACS: agent/tunnel/resolver.py against glibc's real stub resolver and a DNS server of
+the test's own (peers/dns.py), in a process of its own since the resolver is pointed at that server
+through a mount namespace; and the order agent/tunnel/connecting.py tries addresses in. The races
+between addresses are tested on the agent (test_tunnel_agent.py)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dicom_card_agent.tunnel.connecting import _families_alternating
 from peers.dns import DnsServer, resolving_through
 
 NAME = "pacs.card-agent.test"
@@ -75,3 +81,18 @@ def test_a_name_that_answers_is_asked_again_by_the_next_lookup(tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["('127.0.0.9', 104)"] * 2
     assert questions.count((NAME, "A")) == 2, questions
+
+
+@given(st.lists(st.sampled_from([socket.AF_INET6, socket.AF_INET]), max_size=12))
+def test_addresses_alternate_families_from_the_resolvers_first_choice_in_its_order(families: list[int]) -> None:
+    """RFC 8305 section 4: every address once; each family in the resolver's order; the families
+    alternate, starting with the resolver's first choice, until one runs out."""
+    addresses = [(family, socket.SOCK_STREAM, 6, "", (str(index), 104)) for index, family in enumerate(families)]
+    ordered = _families_alternating(addresses)
+    assert sorted(ordered, key=lambda a: int(a[4][0])) == addresses
+    for family in set(families):
+        assert [a for a in ordered if a[0] == family] == [a for a in addresses if a[0] == family]
+    if ordered:
+        assert ordered[0][0] == families[0]
+        mixed = 2 * min(families.count(socket.AF_INET), families.count(socket.AF_INET6))
+        assert all(ordered[i][0] != ordered[i + 1][0] for i in range(mixed - 1))
