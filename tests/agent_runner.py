@@ -312,6 +312,21 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def keepalive_timers(ss_filter: str, settle: float = 3.0) -> list[str]:
+    """The keepalive timer of each established TCP socket of this machine matching ``ss_filter``
+    (e.g. ``"( dport = :104 )"``), as the kernel reports it (``ss -o``: "59sec", "119min"; ""
+    for a socket without one). A socket with data not yet acknowledged shows its retransmission
+    timer instead: asked again for up to ``settle`` seconds until every one is idle."""
+    deadline = time.monotonic() + settle
+    while True:
+        listing = subprocess.run(["ss", "-tnoH", "state", "established", ss_filter], capture_output=True,
+                                 text=True, check=True, timeout=10).stdout.splitlines()
+        if not any("timer:(on," in line for line in listing) or time.monotonic() > deadline:
+            return [match.group(1) if (match := re.search(r"timer:\(keepalive,(\w+),", line)) else ""
+                    for line in listing]
+        time.sleep(0.05)
+
+
 def send_and_close(port: int, data: bytes | None = None) -> bytes:
     """Send ``data`` (default: an A-ASSOCIATE-RQ), half-close, and return all that came back."""
     data = associate_rq() if data is None else data

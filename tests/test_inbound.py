@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from agent_runner import (
     RunningAgent,
     associate_rq,
     inbound_listener,
+    keepalive_timers,
     lock_while_the_application_reads,
     port_of,
     running_agent,
@@ -52,6 +54,15 @@ def node_identity(test_pki: ProvisionedPki) -> dict[str, str]:
 def pacs_identity(test_pki: ProvisionedPki, chain: str = "server-chain.pem", key: str = "server.key") -> TlsClientFiles:
     """How the sending PACS presents itself: a node certificate of the test PKI."""
     return TlsClientFiles(test_pki.ca_bundle, test_pki.pki / chain, test_pki.pki / key)
+
+
+@contextlib.contextmanager
+def connected_as_the_pacs(test_pki: ProvisionedPki, listener: dict) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection to the inbound ``listener``, presenting the PACS's node certificate."""
+    context = pacs_identity(test_pki).ssl_context()
+    with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=15) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as pacs:
+        yield pacs
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +179,7 @@ def test_a_called_ae_title_with_an_escape_sequence_is_refused_before_the_local_s
     with plain_scp() as viewer:
         listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
         with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
-            context = pacs_identity(test_pki).ssl_context()
-            with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=15) as raw, \
-                    context.wrap_socket(raw, server_hostname="localhost") as pacs:
+            with connected_as_the_pacs(test_pki, listener) as pacs:
                 pacs.sendall(request)
                 pdu_type, pdu = receive_pdu(pacs)
             log = agent.wait_for_log("refused")
@@ -575,8 +584,7 @@ def test_a_connection_to_a_local_scp_that_does_not_accept_ends_with_the_card_ses
                                     **node_identity(test_pki))
         agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]))
         agent.wait_for_log("event=sign-in ")
-        raw = stack.enter_context(socket.create_connection(("127.0.0.1", port_of(listener)), timeout=10))
-        pacs = pacs_identity(test_pki).ssl_context().wrap_socket(raw, server_hostname="localhost")
+        pacs = stack.enter_context(connected_as_the_pacs(test_pki, listener))
         pacs.sendall(associate_rq())
         time.sleep(0.5)  # the card session is connecting to the viewer's SCP
         ended = lock_while_the_application_reads(test_pki, agent, tmp_path / "agent", pacs)
@@ -584,6 +592,21 @@ def test_a_connection_to_a_local_scp_that_does_not_accept_ends_with_the_card_ses
     assert ended.answered_after < 1.5, f"answered {ended.answered_after:.1f} s after the lock"
     assert ended.answer[:1] == bytes([A_ASSOCIATE_RJ]), ended.answer
     assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: card session ended: locked", ended.log), ended.log
+
+
+def test_the_pacs_connection_of_an_idle_inbound_association_is_kept_alive(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """As outbound: the connection the PACS opened runs TCP keepalive after 60 s of silence once
+    its association idles (read from the kernel with ss)."""
+    with plain_scp() as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
+            with connected_as_the_pacs(test_pki, listener) as pacs:
+                pacs.sendall(associate_rq())
+                pdu_type, _ = receive_pdu(pacs)
+                assert pdu_type == 0x02, agent.log()  # A-ASSOCIATE-AC: the association idles now
+                timers = keepalive_timers(f"( sport = :{port_of(listener)} )")  # the agent's end
+    assert len(timers) == 1 and timers[0].endswith("sec") and 30 < int(timers[0][:-3]) <= 60, timers
 
 
 def test_a_handshake_waiting_for_its_pacs_ends_with_the_card_session_at_once(

@@ -22,6 +22,7 @@ from agent_runner import (
     associate_rq,
     dicom_stream,
     echoed,
+    keepalive_timers,
     lock_while_the_application_reads,
     p_data,
     pki_for_user,
@@ -575,3 +576,17 @@ def test_a_pacs_name_dns_cannot_answer_is_an_association_rejected_within_connect
     assert answered_after < 3.5, f"answered after {answered_after:.1f} s"
     assert (PACS_NAME, "A") in dns.questions, dns.questions
     assert "Temporary failure" not in log, log
+
+
+def test_the_pacs_connection_of_an_idle_association_is_kept_alive(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A viewer holding its association idle: the agent's connection to the PACS runs TCP keepalive
+    after 60 s of silence (the kernel's default is 2 hours), so that a firewall keeps the flow and
+    a PACS that vanished is found. Read from the kernel (ss) while the association idles."""
+    with ExitStack() as stack:
+        scp = stack.enter_context(storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)))
+        agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)]))
+        application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=10))
+        application.sendall(associate_rq())
+        assert application.recv(1) == b"\x02", agent.log()  # A-ASSOCIATE-AC: the association idles now
+        timers = keepalive_timers(f"( dport = :{scp.port} )")  # the agent's end: storescp's has sport
+    assert len(timers) == 1 and timers[0].endswith("sec") and 30 < int(timers[0][:-3]) <= 60, timers

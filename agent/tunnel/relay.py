@@ -262,6 +262,25 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+# TCP keepalive on the PACS's connection. A viewer may hold an association idle for long, and a
+# firewall or NAT between the workstation and the PACS forgets an idle flow (often after 5 to 60
+# minutes): its next request then goes nowhere, and the application waits out TCP's retransmissions
+# (about 15 minutes) before it hears anything. Probes after 60 s of silence keep the flow known,
+# and find a PACS that vanished (host down, network gone) within 2 minutes (60 s + 6 x 10 s), so
+# that the application gets its A-ABORT then.
+KEEPALIVE_IDLE_SECONDS = 60
+KEEPALIVE_INTERVAL_SECONDS = 10
+KEEPALIVE_PROBES = 6
+
+
+def keep_alive(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
 class _Tls:
     """A TLS object over memory BIOs, so that the relay decides every read and write."""
 
@@ -352,6 +371,7 @@ def _connect(runtime: TunnelRuntime) -> socket.socket:
     except OSError as error:
         raise connect_failure(config.remote, error, config.connect_timeout) from None
     set_nodelay(remote)
+    keep_alive(remote)
     return remote
 
 
@@ -620,6 +640,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
         return
     set_nodelay(remote)
+    keep_alive(remote)
     runtime.count(delta_open=1)
     started = time.monotonic()
     local: socket.socket | None = None
