@@ -364,8 +364,7 @@ def _wait_for(sock: socket.socket, events: int, deadline: float, ending: Session
 def _connect(runtime: TunnelRuntime) -> socket.socket:
     config = runtime.config
     try:
-        remote = connect_tcp(config.remote_host, config.remote_port, config.connect_timeout,
-                                        runtime.ending)
+        remote = connect_tcp(config.remote_host, config.remote_port, config.connect_timeout, runtime.ending)
     except SessionEndedError as error:
         raise TunnelFailure(str(error), transient=True) from None
     except OSError as error:
