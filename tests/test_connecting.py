@@ -58,7 +58,7 @@ def test_lookups_of_one_name_at_once_share_one_dns_question_and_each_stops_waiti
         questions = list(dns.questions)
     assert result.returncode == 0, result.stderr
     outcomes = json.loads(result.stdout)
-    assert outcomes[3][0] == "ResolutionGivenUpError: locked" and outcomes[3][1] < 0.5, outcomes
+    assert outcomes[3][0] == "ResolutionGivenUpError: locked" and outcomes[3][1] < 1.0, outcomes
     for outcome, seconds in outcomes[:3] + outcomes[4:]:
         assert outcome == f"ResolverTimeoutError: no DNS answer for {NAME} within 1.5 s", outcomes
         assert 1.4 < seconds < 2.5, outcomes

@@ -521,7 +521,7 @@ def test_a_pacs_named_by_its_host_name_is_found_through_dns_on_every_association
     assert dns.questions.count((PACS_NAME, "A")) == 2, dns.questions
 
 
-def test_a_pacs_address_that_does_not_answer_hands_over_to_the_next_one_within_a_second(
+def test_a_pacs_address_that_does_not_answer_hands_over_to_the_next_one_before_connect_timeout(
         test_pki: ProvisionedPki, tmp_path: Path) -> None:
     """DNS gives the PACS's name an IPv6 address (tried first, RFC 6724) whose SYNs go unanswered,
     as behind a firewall dropping IPv6, and an IPv4 address that works: the study goes through the
@@ -546,7 +546,7 @@ def test_a_pacs_address_that_does_not_answer_hands_over_to_the_next_one_within_a
         assert result.returncode == 0, result.stdout + agent.log()
         received = scp.stored_files()
     assert_delivered(study, received)
-    assert took < 1.5, f"storescu took {took:.1f} s"
+    assert took < 3.0, f"storescu took {took:.1f} s"
 
 
 @pytest.mark.parametrize("dns_fault, message", [
