@@ -20,7 +20,7 @@ import time
 from collections import deque
 
 from dicom_card_agent.tunnel.resolver import AddressInfo, ResolutionGivenUpError, resolve_stream
-from dicom_card_agent.tunnel.session_end import SessionEnd, SessionEndedError
+from dicom_card_agent.tunnel.session_end import SessionEnd
 
 ATTEMPT_DELAY = 0.25  # RFC 8305 section 5, "Connection Attempt Delay": 250 ms recommended
 
@@ -37,7 +37,7 @@ def connect_tcp(host: str, port: int, timeout: float, ending: SessionEnd) -> soc
     try:
         addresses = resolve_stream(host, port, timeout, ending.future)
     except ResolutionGivenUpError:
-        raise SessionEndedError(f"card session ended: {ending.reason}") from None
+        raise ending.error() from None
     waiting = deque(_families_alternating(addresses))
     pending: dict[int, socket.socket] = {}
     poller = select.poll()  # not select(): descriptors above 1023 are fine
@@ -67,7 +67,7 @@ def connect_tcp(host: str, port: int, timeout: float, ending: SessionEnd) -> soc
             until = min(deadline, next_attempt) if waiting else deadline
             ready = poller.poll(max(1, math.ceil((until - now) * 1000)))
             if ending.is_set():
-                raise SessionEndedError(f"card session ended: {ending.reason}")
+                raise ending.error()
             for fd, _ in ready:
                 if fd not in pending:  # the session's end
                     continue

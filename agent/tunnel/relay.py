@@ -356,7 +356,7 @@ def _wait_for(sock: socket.socket, events: int, deadline: float, ending: Session
     poller.register(ending.read_fd, select.POLLIN)
     ready = poller.poll(max(1, round((deadline - time.monotonic()) * 1000)))
     if ending.is_set():
-        raise SessionEndedError(f"card session ended: {ending.reason}")
+        raise ending.error()
     if not ready:
         raise TimeoutError(late)
 

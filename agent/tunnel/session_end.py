@@ -27,6 +27,10 @@ class SessionEnd:
     def is_set(self) -> bool:
         return self.reason is not None
 
+    def error(self) -> SessionEndedError:
+        """What a wait cut short by the end raises."""
+        return SessionEndedError(f"card session ended: {self.reason}")
+
 
 class SessionEndedError(OSError):
     """The card session ended while a connection waited for its peer."""
