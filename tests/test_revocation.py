@@ -595,6 +595,7 @@ def test_a_reused_allow_never_hides_a_crl_file_or_an_answer_that_changed(test_pk
                                     cache_directory=None, max_age=datetime.timedelta(seconds=4))
         assert checker.check(pacs.certificate, "require").outcome == "allow"
         pacs.files.index.write_text(index([pacs.certificate], [pacs.certificate]))
-        wait_for(lambda: responder.requests["ocsp"] == 2, timeout=10)  # the refresher, after 3/4 of 4 s
+        # The refresher asked again (after 3/4 of 4 s) and has learnt the answer: its fetch is over.
+        wait_for(lambda: responder.requests["ocsp"] == 2 and checker.fetches_pending() == 0, timeout=10)
         verdict = checker.check(pacs.certificate, "require")
     assert (verdict.outcome, verdict.revoked) == ("refuse", True), verdict
