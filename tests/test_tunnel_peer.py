@@ -13,6 +13,7 @@ import selectors
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -788,3 +789,18 @@ def test_proc_fallback_when_sock_diag_is_unavailable(monkeypatch: pytest.MonkeyP
                 found = peer_module.tcp_peer(accepted, want_pid=True)
     assert found.uid == os.getuid() and found.pid == os.getpid()
     assert found.address == f"127.0.0.1:{client_port}"
+
+
+def test_a_sock_diag_answer_that_came_too_late_is_not_taken_for_the_next_one() -> None:
+    """One netlink socket serves all of a process's questions (agent/tunnel/peer.py): an answer
+    carrying another question's sequence number (one that came after its question gave up) is
+    skipped. The kernel answers at once, so a socket pair stands in for it here to inject that."""
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, kernel:
+        ours.setblocking(False)
+        header = struct.Struct("=IHHII")
+        kernel.send(header.pack(header.size + 4, 20, 0, 1, 0) + b"late")
+        kernel.send(header.pack(header.size + 4, 20, 0, 2, 0) + b"mine")
+        reply = peer_module._SockDiagSocket._exchange(ours, b"question", 2)
+        assert kernel.recv(64) == b"question"
+    assert reply.endswith(b"mine")

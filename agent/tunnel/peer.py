@@ -21,16 +21,20 @@ directory, and SO_PEERCRED decides, as for loopback TCP.
 from __future__ import annotations
 
 import errno
+import functools
 import grp
 import ipaddress
 import os
 import pwd
+import select
 import socket
 import stat
 import string
 import struct
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -292,8 +296,13 @@ def _load_rows(ipv6: bool) -> list[TcpRow]:
 
 
 def _endpoint(sockaddr: tuple) -> Endpoint:
-    host = str(sockaddr[0]).partition("%")[0]  # drop an IPv6 scope id; /proc shows none
-    return ipaddress.ip_address(host), int(sockaddr[1])
+    return _ip_address(str(sockaddr[0]).partition("%")[0]), int(sockaddr[1])  # no IPv6 scope id: /proc shows none
+
+
+@functools.lru_cache(maxsize=256)
+def _ip_address(host: str) -> IPAddress:
+    """``ipaddress.ip_address``, remembered: a connection's addresses are those of the last ones."""
+    return ipaddress.ip_address(host)
 
 
 def _inet_address(sockaddr: tuple) -> str:
@@ -344,11 +353,8 @@ def _diag_lookup(family: int, local: Endpoint, remote: Endpoint) -> TcpRow | Non
     body = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0xFFFFFFFF)
     body += _DIAG_SOCKID.pack(local[1], remote[1], _diag_address(source), _diag_address(destination))
     body += struct.pack("=III", 0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE)
-    message = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
-        netlink.settimeout(1.0)
-        netlink.send(message)
-        reply = netlink.recv(4096)
+    reply = _SOCK_DIAG.ask(lambda sequence: _NLMSG_HEADER.pack(
+        _NLMSG_HEADER.size + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, sequence, 0) + body)
     _, kind, _, _, _ = _NLMSG_HEADER.unpack_from(reply)
     if kind == _NLMSG_ERROR:
         error = -struct.unpack_from("=i", reply, _NLMSG_HEADER.size)[0]
@@ -364,8 +370,57 @@ def _diag_lookup(family: int, local: Endpoint, remote: Endpoint) -> TcpRow | Non
                   state=state, uid=uid, inode=inode)
 
 
+@functools.lru_cache(maxsize=256)
 def _diag_ip(family: int, packed: bytes) -> IPAddress:
     return ipaddress.IPv4Address(packed[:4]) if family == socket.AF_INET else ipaddress.IPv6Address(packed)
+
+
+class _SockDiagSocket:
+    """One netlink socket for the process's sock_diag questions, asked one at a time.
+
+    A socket per question cost four more system calls (socket, two polls for its timeout, close)
+    on every connection's way. Each question has its own sequence number and only the answer
+    carrying it is taken, so an answer that came too late for an earlier question is skipped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._sequence = 0
+
+    def ask(self, message: Callable[[int], bytes]) -> bytes:
+        """The answer to ``message(sequence)``; OSError when sock_diag cannot be used or does not
+        answer within a second (the socket is then made anew for the next question)."""
+        with self._lock:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+                self._socket.setblocking(False)  # the kernel answers within send(): no wait, normally
+            self._sequence = self._sequence % 0xFFFFFFFF + 1
+            try:
+                return self._exchange(self._socket, message(self._sequence), self._sequence)
+            except OSError:
+                self._socket.close()
+                self._socket = None
+                raise
+
+    @staticmethod
+    def _exchange(netlink: socket.socket, request: bytes, sequence: int) -> bytes:
+        netlink.send(request)
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                reply = netlink.recv(4096)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                poller = select.poll()  # not select(): descriptors above 1023 are fine
+                poller.register(netlink, select.POLLIN)
+                if left <= 0 or not poller.poll(max(1, round(left * 1000))):
+                    raise TimeoutError("sock_diag did not answer within 1 s") from None
+                continue
+            if len(reply) >= _NLMSG_HEADER.size and _NLMSG_HEADER.unpack_from(reply)[3] == sequence:
+                return reply
+
+
+_SOCK_DIAG = _SockDiagSocket()
 
 
 def _lookup_tcp_client(sock: socket.socket) -> tuple[str, TcpRow | None]:
