@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -86,3 +87,35 @@ def test_connections_on_lent_listeners_keep_an_idle_session_alive(test_pki: Prov
             kept = "event=sign-out" not in agent.log()
             agent.wait_for_log('event=sign-out reason="idle timeout"', timeout=10)
     assert kept, "the session was locked for idleness while associations came every 0.5 s"
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_an_application_that_holds_its_connection_does_not_hold_up_the_next_ones(test_pki: ProvisionedPki,
+                                                                                tmp_path: Path) -> None:
+    """The thread that accepts a connection serves it (agent/tunnel/lent_listeners.py), and first
+    starts another to accept the next one when none waits. Connections that send nothing hold a
+    thread each (up to the 30 s A-ASSOCIATE-RQ wait): associations opened meanwhile go through at
+    once, and sequential associations do not add threads."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            session = card_session_pid(agent.process.pid)
+            assert session is not None
+            silent = [socket.create_connection(("127.0.0.1", agent.port()), timeout=5) for _ in range(3)]
+            try:
+                started = time.monotonic()
+                served = [echo(agent.port()) for _ in range(5)]
+                took = time.monotonic() - started
+            finally:
+                for sock in silent:
+                    sock.close()
+            assert all(served), agent.log()
+            before = _threads(session)
+            for _ in range(20):
+                assert echo(agent.port()), agent.log()
+            after = _threads(session)
+    assert took < 5, f"5 associations took {took:.1f} s while 3 connections sent nothing"
+    assert after <= before, f"the card session went from {before} to {after} threads over 20 associations"

@@ -9,13 +9,21 @@ process then accepts, identifies the local user (the same :func:`admit_peer` che
 answered with A-ASSOCIATE-RJ and reported to the supervisor for the audit trail and the counters)
 and relays. When the session ends its process ends, and with it its copies: connections waiting in
 the backlog are the supervisor's again.
+
+The thread that accepts a connection serves it too. Handing it to another thread (a new one, or
+one waiting in a pool) put a second thread's wake-up on every association's way, and the two
+threads took turns at the GIL while it started: 0.1-0.2 ms of a resumed association's 2.3 ms
+set-up (docs/benchmarks.md). Threads wait for connections together in one epoll set, each
+listener armed for one waiter at a time (``EPOLLONESHOT``, armed again once its connection is
+accepted), and the thread that takes a connection starts another first when none would be left
+waiting.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import socket
 import threading
 import time
@@ -32,11 +40,14 @@ from dicom_card_agent.tunnel.relay import (
     TunnelRuntime,
     reject_at_once,
     reject_in_thread,
-    serve_connection,
+    serve_here,
 )
 
 log = logging.getLogger("agent.tunnel")
 
+IDLE_SECONDS = 60.0  # a waiting thread beyond the first ends after this long without a connection
+TICK_SECONDS = 1.0  # how often a waiting thread tells the refusal counts that are due
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
 PEER_REFUSED = "peer-refused"  # the report the supervisor audits and counts (agent/session/manager.py)
 
 
@@ -50,79 +61,131 @@ def _who(connection: socket.socket) -> str:
 
 
 class LentListeners:
-    """Accepts on the listening sockets the supervisor lent, in one thread, until :meth:`close`."""
+    """Accepts on the listening sockets the supervisor lent, each connection served in the thread
+    that accepted it, until :meth:`close`."""
 
     def __init__(self, runtimes: Mapping[str, TunnelRuntime | InboundRuntime], report: Report) -> None:
         self._runtimes = runtimes  # the card session's, changed in place by a reload
         self._report = report
-        self._selector = selectors.DefaultSelector()
-        self._sockets: dict[str, socket.socket] = {}
-        self._lock = threading.Lock()
+        self._epoll = select.epoll()
+        self._accepting = threading.Lock()  # one thread accepts at a time; held to change the sockets
+        self._sockets: dict[int, tuple[str, socket.socket]] = {}  # by descriptor
+        self._lock = threading.Lock()  # the threads' bookkeeping
+        self._threads: set[threading.Thread] = set()
+        self._serving: set[threading.Thread] = set()
         self._stop = threading.Event()
-        self._wake_read, self._wake_write = os.pipe()  # interrupts select() when the set changes
-        self._selector.register(self._wake_read, selectors.EVENT_READ)
+        self._wake_read, self._wake_write = os.pipe()  # readable once close() was called: wakes every thread
+        self._epoll.register(self._wake_read, select.EPOLLIN)
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)  # the log line names the process
         self._capacity_refusals = RefusalLog(log, kind="tunnel")
-        self._thread: threading.Thread | None = None
-        self._relays: list[threading.Thread] = []
         self.last_connection = 0.0  # time.monotonic() of the latest connection accepted, for the idle lock
 
     def replace(self, sockets: dict[str, socket.socket]) -> None:
         """Accept on exactly ``sockets`` (tunnel name -> listening socket) from now on."""
-        with self._lock:
-            for name, sock in list(self._sockets.items()):
+        with self._accepting:
+            for fd, (name, sock) in list(self._sockets.items()):
                 if sockets.get(name) is not sock:
-                    self._selector.unregister(sock)
+                    self._epoll.unregister(fd)
                     sock.close()
-                    del self._sockets[name]
+                    del self._sockets[fd]
             for name, sock in sockets.items():
-                if name not in self._sockets:
-                    self._selector.register(sock, selectors.EVENT_READ, name)
-                    self._sockets[name] = sock
-        os.write(self._wake_write, b"x")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="accept-lent", daemon=True)
-            self._thread.start()
+                if self._sockets.get(sock.fileno()) != (name, sock):
+                    self._sockets[sock.fileno()] = (name, sock)
+                    self._epoll.register(sock.fileno(), _ARMED)
+        with self._lock:
+            start = not self._threads and not self._stop.is_set()
+        if start:
+            self._start_thread()
 
     def close(self) -> None:
-        """Stop accepting and let go of every lent socket (the supervisor's own copies stay open)."""
+        """Stop accepting and let go of every lent socket (the supervisor's own copies stay open).
+        Connections being served go on: the session's end tells them (see :meth:`relays`)."""
         self._stop.set()
         os.write(self._wake_write, b"x")
-        if self._thread is not None:
-            self._thread.join(2)
         with self._lock:
-            for sock in self._sockets.values():
+            waiting = self._threads - self._serving
+        for thread in waiting:
+            thread.join(2)
+        with self._accepting:
+            for fd, (_, sock) in self._sockets.items():
+                self._epoll.unregister(fd)
                 sock.close()
             self._sockets.clear()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._capacity_refusals.flush()
-                for key, _ in self._selector.select(timeout=1.0):
-                    if key.fd == self._wake_read:
-                        os.read(self._wake_read, 64)
-                        continue
-                    if self._stop.is_set():
-                        return
-                    with self._lock:
-                        sock = self._sockets.get(key.data)
-                    if sock is None:  # given back since select()
-                        continue
-                    connection = self._backoff.accept(sock)
-                    if connection is not None:
-                        self._serve(key.data, connection)
-            except Exception:  # a bug must cost one connection, not every later one
-                log.exception("accepting connections in the card session: internal error; accepting goes on")
-                self._stop.wait(0.1)
+    def relays(self) -> list[threading.Thread]:
+        """The threads serving a connection: the session's end waits for them to tell their
+        applications (A-ABORT) before the process exits. Each ends once its connection has."""
+        with self._lock:
+            return list(self._serving)
 
-    def _serve(self, name: str, connection: socket.socket) -> None:
+    def _start_thread(self) -> None:
+        """One more thread waiting for connections. RuntimeError when no thread is to be had."""
+        thread = threading.Thread(target=self._loop, name="accept-lent", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._threads.discard(thread)
+            raise
+
+    def _loop(self) -> None:
+        me = threading.current_thread()
+        waiting_since = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    events = self._epoll.poll(TICK_SECONDS)
+                    if not events:
+                        self._capacity_refusals.flush()
+                        if time.monotonic() - waiting_since >= IDLE_SECONDS and self._retire(me):
+                            return
+                        continue
+                    for fd, _ in events:
+                        if fd != self._wake_read and self._take(fd, me):
+                            waiting_since = time.monotonic()
+                except Exception:  # a bug must cost one connection, not every later one
+                    log.exception("accepting connections in the card session: internal error; accepting goes on")
+                    self._stop.wait(0.1)
+        finally:
+            with self._lock:
+                self._threads.discard(me)
+
+    def _retire(self, me: threading.Thread) -> bool:
+        """End this thread if another one waits for connections (the first one stays)."""
+        with self._lock:
+            if len(self._threads - self._serving) > 1:
+                self._threads.discard(me)
+                return True
+        return False
+
+    def _take(self, fd: int, me: threading.Thread) -> bool:
+        """Accept on the listener ``fd`` and serve what comes, here; True when a connection came."""
+        with self._accepting:
+            if self._stop.is_set() or fd not in self._sockets:
+                return False  # closing, or the listener was replaced since the wait
+            name, sock = self._sockets[fd]
+            try:
+                connection = self._backoff.accept(sock)
+            finally:
+                self._epoll.modify(fd, _ARMED)  # the next connection is for another thread
+            if connection is None:
+                return False
+            self.last_connection = time.monotonic()
+            admitted = self._admit(name, connection)
+        if admitted is not None:
+            self._serve(me, name, connection, *admitted)
+        return True
+
+    def _admit(self, name: str, connection: socket.socket) -> tuple[TunnelRuntime, str] | None:
+        """The tunnel and the local user to serve ``connection`` for, or None when it was refused
+        (answered, closed or handed to a thread that answers)."""
         runtime = self._runtimes.get(name)
         if not isinstance(runtime, TunnelRuntime):  # accepted just before a reload removed its tunnel
             log.warning("tunnel %s: no longer configured: connection closed", name)
             connection.close()
-            return
-        self.last_connection = time.monotonic()
+            return None
         # Refusals being answered count against max_connections as relays do: another user's flood
         # of connections must not hold an unbounded number of threads and descriptors.
         limit = runtime.config.max_connections
@@ -131,7 +194,7 @@ class LentListeners:
             reject_at_once(connection)
             connection.close()
             self._capacity_refusals.refused(name, source, f"{limit} connections in flight (max_connections)")
-            return
+            return None
         answering = False  # True once a refusal thread owns the connection (and leaves in-flight)
         try:
             try:
@@ -142,25 +205,34 @@ class LentListeners:
                                             "uid": error.peer.uid, "pid": error.peer.pid, "message": str(error)})
                 reject_in_thread(connection, TunnelFailure("local peer refused"), name, runtime.leave)
                 answering = True
-                return
+                return None
         except (CardAgentError, OSError, RuntimeError) as error:
             # Whoever it is cannot be established (descriptors ran out), or no thread is to be had
             # for the answer: fail closed, without an answer (as the supervisor does).
             connection.close()
             self._backoff.failed(f"tunnel {name}: closed a connection it could not identify or answer", error)
-            return
+            return None
         finally:
             if not answering:
                 runtime.leave()
         self._backoff.succeeded()
-        thread = serve_connection(runtime, connection, peer.describe())  # counts it in flight again, for its relay
-        if thread is not None:
-            with self._lock:
-                self._relays = [t for t in self._relays if t.is_alive()] + [thread]
+        return runtime, peer.describe()
 
-    def relays(self) -> list[threading.Thread]:
-        """The relay threads started here and still running: the session's end waits for them to
-        tell their applications (A-ABORT) before the process exits."""
+    def _serve(self, me: threading.Thread, name: str, connection: socket.socket, runtime: TunnelRuntime,
+               peer: str) -> None:
+        """Serve in this thread, after making sure another one waits for the next connection."""
         with self._lock:
-            return [t for t in self._relays if t.is_alive()]
-
+            self._serving.add(me)
+            alone = not self._threads - self._serving and not self._stop.is_set()
+        try:
+            if alone:
+                try:
+                    self._start_thread()
+                except RuntimeError:  # no thread to be had: this one accepts again after this connection
+                    log.error("tunnel %s: no thread to wait for the next connection while this one is served", name)
+            me.name = f"conn-{name}"
+            serve_here(runtime, connection, peer)  # counts it in flight again, for its relay
+        finally:
+            me.name = "accept-lent"
+            with self._lock:
+                self._serving.discard(me)

@@ -403,38 +403,54 @@ _capacity_refusals = RefusalLog(log, kind="tunnel")
 def serve_connection(runtime: TunnelRuntime | InboundRuntime, connection: socket.socket,
                      peer: str) -> threading.Thread | None:
     """Serve a connection the supervisor handed over in a thread of its own, unless the listener has
-    max_connections in flight: then a tunnel's application gets A-ASSOCIATE-RJ (rejected-transient)
-    at once and an inbound peer sees the connection close. The thread, or None."""
-    config = runtime.config
-    if not runtime.enter(config.max_connections):
-        reason = f"{config.max_connections} connections in flight (max_connections)"
-        runtime.count(error=f"connection closed before TLS: {reason}")
-        if isinstance(runtime, TunnelRuntime):
-            reject_at_once(connection)
-            _capacity_refusals.refused(config.name, peer.split(" pid ", 1)[0], reason)  # "uid 1000": one line per user
-        else:
-            _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
-        connection.close()
+    max_connections in flight (see :func:`serve_here`). The thread, or None."""
+    if not _enter(runtime, connection, peer):
         return None
-
-    def serve() -> None:
-        try:
-            if isinstance(runtime, TunnelRuntime):
-                handle_outbound(runtime, connection, peer)
-            else:
-                handle_inbound(runtime, connection, peer)
-        finally:
-            runtime.leave()
-    thread = threading.Thread(target=serve, name=f"conn-{config.name}", daemon=True)
+    thread = threading.Thread(target=_serve_entered, args=(runtime, connection, peer),
+                              name=f"conn-{runtime.config.name}", daemon=True)
     try:
         thread.start()
     except RuntimeError:  # no thread to be had: the connection cannot be served
         runtime.leave()
         connection.close()
         log.error("%s %s: %s: no thread to serve the connection; closed",
-                  "tunnel" if isinstance(runtime, TunnelRuntime) else "inbound", config.name, peer)
+                  "tunnel" if isinstance(runtime, TunnelRuntime) else "inbound", runtime.config.name, peer)
         return None
     return thread
+
+
+def serve_here(runtime: TunnelRuntime | InboundRuntime, connection: socket.socket, peer: str) -> None:
+    """Serve a connection to its end in the calling thread, unless the listener has max_connections
+    in flight: then a tunnel's application gets A-ASSOCIATE-RJ (rejected-transient) at once and an
+    inbound peer sees the connection close. Never raises."""
+    if _enter(runtime, connection, peer):
+        _serve_entered(runtime, connection, peer)
+
+
+def _enter(runtime: TunnelRuntime | InboundRuntime, connection: socket.socket, peer: str) -> bool:
+    """Count the connection in flight; False (the connection refused and closed) at max_connections."""
+    config = runtime.config
+    if runtime.enter(config.max_connections):
+        return True
+    reason = f"{config.max_connections} connections in flight (max_connections)"
+    runtime.count(error=f"connection closed before TLS: {reason}")
+    if isinstance(runtime, TunnelRuntime):
+        reject_at_once(connection)
+        _capacity_refusals.refused(config.name, peer.split(" pid ", 1)[0], reason)  # "uid 1000": one line per user
+    else:
+        _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
+    connection.close()
+    return False
+
+
+def _serve_entered(runtime: TunnelRuntime | InboundRuntime, connection: socket.socket, peer: str) -> None:
+    try:
+        if isinstance(runtime, TunnelRuntime):
+            handle_outbound(runtime, connection, peer)
+        else:
+            handle_inbound(runtime, connection, peer)
+    finally:
+        runtime.leave()
 
 
 def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> None:
