@@ -31,7 +31,7 @@ from pkcs11.types import Session
 
 from dicom_card_agent import logline
 from dicom_card_agent.config.model import AgentConfig, TunnelConfig, load_config
-from dicom_card_agent.dicom.association import UserIdentityMode
+from dicom_card_agent.dicom.association import UserIdentityMode, load_pydicom
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.revocation.checker import RevocationChecker
@@ -228,6 +228,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
                 secret.wipe()
     del pin, node_pins
     messages.send(channel, {"type": "ready"})
+    load_pydicom()  # before the first connection, which may wait for it in the listen backlog
     _serving.set()
     threads: list[threading.Thread] = []
     lent = LentListeners(runtimes, report)

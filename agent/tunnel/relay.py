@@ -74,6 +74,7 @@ REJECT_READ_TIMEOUT = 3.0  # for the request of an application about to be rejec
 CLOSE_LINGER = 2.0  # for the application to close after our last PDU, however it trickles
 ASSOCIATE_RQ_TIMEOUT = 30.0  # the ARTIM timer's job (PS3.8 9.1.5) while no PACS is involved yet
 POLL_INTERVAL_MS = 1000
+TELL_AFTER_MS = 1  # see _Relay._tell_what_passed
 
 
 TOKEN_LOCK = threading.Lock()
@@ -919,6 +920,13 @@ def _send_and_close(local: socket.socket, data: bytes, linger: float = CLOSE_LIN
         pass
 
 
+def _report_after(tells: list[Callable[[], None]], report: Report, kind: str, fields: dict[str, Any]) -> None:
+    """``report``, once what ``tells`` holds was told (not a relay's bound method: see TransferBatch)."""
+    while tells:
+        tells.pop(0)()
+    report(kind, fields)
+
+
 class _Relay:
     """Moves bytes between a plain local socket and a TLS connection, watching the association.
 
@@ -961,7 +969,9 @@ class _Relay:
         self.bytes_up = 0
         self.bytes_down = 0
         self.failure: TunnelFailure | None = None
-        self.transfers = TransferBatch(runtime.report, requestor_is_local=requestor_is_local)
+        # Its reports follow what is still to be told (an A-ASSOCIATE-AC's association-begin first).
+        self.transfers = TransferBatch(functools.partial(_report_after, self._to_tell, runtime.report),
+                                       requestor_is_local=requestor_is_local)
 
     def _tls_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
@@ -986,10 +996,14 @@ class _Relay:
                 if self.remote_done and not self.to_local and not self.local_write_closed:
                     self._close_local_write()
                 if self._finished(local_mask, remote_mask):
-                    return
+                    break
                 poller.modify(local_fd, local_mask)
                 poller.modify(remote_fd, remote_mask)
-                for fd, events in poller.poll(self.transfers.poll_timeout_ms(POLL_INTERVAL_MS)):
+                timeout = self.transfers.poll_timeout_ms(POLL_INTERVAL_MS)
+                ready = poller.poll(min(timeout, TELL_AFTER_MS) if self._to_tell else timeout)
+                if not ready:
+                    self._tell_what_passed()
+                for fd, events in ready:
                     if fd == local_fd:
                         self._on_local(events)
                     elif fd == remote_fd:
@@ -999,6 +1013,7 @@ class _Relay:
                     self.failure = TunnelFailure(f"card session ended: {self.runtime.ending.reason}")
         except OSError as error:
             self.failure = self.failure or TunnelFailure(f"connection error: {error.strerror or error}", True)
+        self._tell_what_passed()
         if self.failure is not None:
             self.runtime.count(error=self.failure.message)
             log.warning("%s: %s: %s", self._where(), self.peer, self.failure.message)
@@ -1111,16 +1126,17 @@ class _Relay:
     def _from_local(self, data: bytes | memoryview) -> None:
         self.bytes_up += len(data)
         self.runtime.count(up=len(data))
-        try:
-            out = self._from_requestor(data) if self.requestor_is_local else self._from_acceptor(data)
-            if out:
-                self.tls.write(out)
-            self._push_tls_output()
-        finally:
-            self._tell_what_passed()
+        out = self._from_requestor(data) if self.requestor_is_local else self._from_acceptor(data)
+        if out:
+            self.tls.write(out)
+        self._push_tls_output()
 
     def _tell_what_passed(self) -> None:
-        """Log and report the answers just passed on: their peer need not wait for the telling."""
+        """Log and report what was passed on (an A-ASSOCIATE-AC, a C-FIND request) once the
+        association pauses: when no PDU came for ``TELL_AFTER_MS``, before anything else is
+        reported, and at its end. Telling right after the PDU passed made the next PDU each way wait
+        for it (0.12-0.18 ms of a resumed association's C-ECHO, measured with a packet capture):
+        the peers of a quick exchange answer sooner than a cold log line is written."""
         while self._to_tell:
             self._to_tell.pop(0)()
 
@@ -1173,12 +1189,6 @@ class _Relay:
 
     def _read_tls(self) -> None:
         """Decrypt what the TLS peer sent and pass it on; records may already wait from the handshake."""
-        try:
-            self._pass_on_tls()
-        finally:
-            self._tell_what_passed()
-
-    def _pass_on_tls(self) -> None:
         while self.failure is None:
             try:
                 plain = self.tls.read(CHUNK)
@@ -1310,6 +1320,7 @@ class _Relay:
                                                 "failure": self.failure.message if self.failure else None})
 
     def _security_alert(self, what: str, reason: str) -> None:
+        self._tell_what_passed()
         fields = self.association_fields()
         self.runtime.report("security-alert", {**fields, "what": what, "reason": reason})
 
