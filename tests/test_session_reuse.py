@@ -148,12 +148,13 @@ def tls_runtime(test_pki, session_resumption: bool = True) -> tuple[TunnelRuntim
 
 def associate(tunnel: TunnelRuntime, port: int, tls: _Tls | None = None) -> _Tls:
     """A connection's TLS as handle_outbound does it (its own object unless ``tls`` is given),
-    then its session remembered."""
+    then its session remembered and the next connection's TLS object made."""
     with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
         if tls is None:
             tls = _handshake(tunnel, sock)
         else:
             tls.handshake(sock, 5, contextlib.nullcontext(), tunnel.ending)
+        sock.settimeout(5)  # the handshake leaves it non-blocking, for the relay's poll
         while True:  # the server's byte, behind its tickets: as the relay reads them before the session is kept
             try:
                 assert tls.obj.read(1) == b"x"
@@ -161,17 +162,18 @@ def associate(tunnel: TunnelRuntime, port: int, tls: _Tls | None = None) -> _Tls
             except ssl.SSLWantReadError:
                 tls.incoming.write(sock.recv(4096))
         tunnel.remember_session(tls.obj)
+    tunnel.prepare_tls()
     return tls
 
 
 def test_the_next_connection_finds_its_tls_object_made_with_the_session_to_resume(test_pki, tls_server) -> None:  # type: ignore[no-untyped-def]
     tunnel, context = tls_runtime(test_pki)
     first = associate(tunnel, tls_server)
-    assert not first.obj.session_reused and context.made == 2  # its own, and one ahead (no session yet)
+    assert not first.obj.session_reused and context.made == 2  # its own, and the next one's, offering its session
     second = associate(tunnel, tls_server)
     assert second.obj.session_reused
     made = context.made
-    assert made == 4  # its own (the one made ahead offers no session), and the next one's
+    assert made == 3  # the next one's only: the second connection took the one made for it
     third = tunnel.tls_for_connection()
     assert context.made == made, "the third connection made its TLS object on its own path"
     assert third.offered_session is tunnel.resumable_session()
