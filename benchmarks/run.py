@@ -99,6 +99,11 @@ TARGET_BULK = 1.00           # agent bulk MB/s >= 1.0x stunnel's
 TARGET_CPU_PER_GB = 1.00     # agent relay CPU per GB <= 1.0x stunnel's
 TARGET_FULL = 1.00           # association set-up, full handshake every time, <= 1.0x stunnel's
 TARGET_RESUMED = 1.00        # association set-up, resumed, <= 1.0x stunnel's
+# The set-up rows again with each sample ISOLATION_PAUSE seconds after the previous one has ended (an
+# extra measurement, no verdict): back to back, a sample shares the CPUs with the previous route's
+# relay still closing its connection, so each route also pays for the one before it.
+ISOLATED_KEYS = ("agent_full", "agent", "stunnel", "stunnel_full")
+ISOLATION_PAUSE = 0.005
 TARGET_CONCURRENT = 1.00     # aggregate MB/s of CONCURRENT_TRANSFERS storescu at once >= 1.0x stunnel's
 CONCURRENT_TRANSFERS = 8     # a viewer prefetching several studies
 
@@ -887,6 +892,9 @@ class Benchmark:
         self.quiet = [wait_for_quiet_tcp_table(drain)]
         self.lookup_start = self._lookup_cost()
         self.latency_lean, self.tcp_lean = self.run_latency(latency_routes, "lean", self.lean_call)
+        self.latency_isolated, _ = self.run_latency(
+            [routes[k] for k in ISOLATED_KEYS if routes[k].port is not None], "lean, isolated", self.lean_call,
+            pause=ISOLATION_PAUSE)
         pynetdicom_client = PynetdicomClient()  # cannot resume a TLS session: no "direct, resumed" row
         self.quiet.append(wait_for_quiet_tcp_table(drain))
         self.latency_pynetdicom, self.tcp_pynetdicom = self.run_latency(
@@ -1098,8 +1106,10 @@ class Benchmark:
     def lean_call(self, route: Route) -> None:
         lean_echo(route.port, route.context, resumption=route.resumption)
 
-    def run_latency(self, routes: list[Route], client: str,
-                    call: Callable[[Route], None]) -> tuple[dict[str, list[float]], tuple[int, int]]:
+    def run_latency(self, routes: list[Route], client: str, call: Callable[[Route], None],
+                    pause: float = 0.0) -> tuple[dict[str, list[float]], tuple[int, int]]:
+        """``pause`` seconds after each sample: the next one starts once this one's relay has
+        finished with it (closing, logging), instead of sharing the CPUs with that."""
         say(f"latency ({client} client): {len(routes)} routes x {self.samples} interleaved associations")
         for route in routes:  # warm-up (the agent's resumed tunnel gets its session here)
             for _ in range(3):
@@ -1113,6 +1123,8 @@ class Benchmark:
                 started = time.perf_counter()
                 call(route)
                 samples[route.key].append((time.perf_counter() - started) * 1000)
+                if pause:
+                    time.sleep(pause)
             if index % 10 == 0:
                 rows_seen.append(tcp_table_rows())
         rows_seen.append(tcp_table_rows())
@@ -1295,6 +1307,22 @@ class Benchmark:
                         if key == "agent_full" else f"association set-up, resumed <= {TARGET_RESUMED:.1f}x stunnel")
                 self.summary.append((name, f"lean {lean_vs_stunnel:.2f}x, pynetdicom {pyn_vs_stunnel:.2f}x",
                                      f"lean {verdict(lean_ok)}, pynetdicom {verdict(pyn_ok)}"))
+        out.append("")
+        out.append(f"Isolated samples (extra, no verdict): the lean client again, the same rotation, each sample "
+                   f"{ISOLATION_PAUSE * 1000:.0f} ms after the previous one ended, so that none shares the CPUs "
+                   "with the previous route's relay still closing its connection (back to back, each route "
+                   "pays for the one before it: the agent's full-handshake row follows its resumed row).")
+        out.append("")
+        out.append("| route | lean client ms, isolated | vs stunnel (same kind) |")
+        out.append("|---|---:|---:|")
+        for key in ISOLATED_KEYS:
+            if key not in self.latency_isolated:
+                continue
+            reference = baselines.get(key, key)
+            ratio = (f"{median(self.latency_isolated[key]) / median(self.latency_isolated[reference]):.2f}x"
+                     if reference in self.latency_isolated else "n/a")
+            out.append(f"| {labels.get(key, self.routes[key].label)} | {median(self.latency_isolated[key]):.2f} "
+                       f"({p90(self.latency_isolated[key]):.2f}) | {ratio} |")
         out.append("")
         floor = median(self.latency_pynetdicom["plain"]) - median(self.latency_lean["plain"])
         out.append("Both clients run in the benchmark process and speak the same DICOM: A-ASSOCIATE-RQ "
