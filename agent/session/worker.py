@@ -68,6 +68,8 @@ _watch: SupervisorWatch | None = None
 Runtimes = dict[str, "TunnelRuntime | InboundRuntime"]
 # The logged-in python-pkcs11 session, referenced until the process ends (closing it would log out).
 _login_sessions: list[Session] = []
+# The relays' pydicom, imported once the card is probed (see dicom.association.load_pydicom).
+_pydicom_loader = threading.Thread(target=load_pydicom, name="load-pydicom", daemon=True)
 
 
 class _ReceivedPin:
@@ -228,7 +230,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
                 secret.wipe()
     del pin, node_pins
     messages.send(channel, {"type": "ready"})
-    load_pydicom()  # before the first connection, which may wait for it in the listen backlog
+    _pydicom_loader.join()  # before the first connection; it may wait for it in the listen backlog
     _serving.set()
     threads: list[threading.Thread] = []
     lent = LentListeners(runtimes, report)
@@ -333,6 +335,7 @@ def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
                                 "serial": card.found.card.serial})
         return None
     messages.send(channel, card.found.to_message())
+    _pydicom_loader.start()  # while the clinician types the PIN, the login runs, the contexts are made
     start, _ = messages.receive(channel)
     if start is None or start.get("type") != "start":
         return None
