@@ -47,7 +47,7 @@ from dicom_card_agent.tls.policy import TLS_GROUPS  # noqa: E402
 from dicom_card_agent.tls.provider import openssl_config, provider_key_pem  # noqa: E402
 from dicom_card_agent.token.profiles import get_profile  # noqa: E402
 
-TOKEN_KEY_URI = f"pkcs11:token={bench.TOKEN};id=%01;type=private"
+TOKEN_KEY_URI = bench.token_key_uri(bench.TOKEN)
 
 
 def serve(pki: Path) -> None:
@@ -181,8 +181,7 @@ def main() -> int:
         (work / "file").mkdir()
         shutil.copy(file_identity.chain, work / "file" / "chain.pem")
         shutil.copy(file_identity.key, work / "file" / "key.pem")
-        (work / "token-chain.pem").write_bytes((pki / "clients" / f"{bench.TOKEN}.pem").read_bytes()
-                                               + (pki / "issuing-ca.pem").read_bytes())
+        bench.write_token_chain(pki, bench.TOKEN, work / "token-chain.pem")
         (work / "token-key.pem").write_bytes(provider_key_pem(TOKEN_KEY_URI))
         configs = {"default": work / "default.cnf", "agent": work / "agent.cnf"}
         configs["default"].write_text(bench._BENCH_OPENSSL_CONF.format(groups=TLS_GROUPS))

@@ -132,14 +132,11 @@ def main() -> None:
         if args.other:
             routes["other"] = stack.enter_context(bench.running_agent(
                 work, "other", pki, conf, "softhsm2", tunnels, extra_env={"PYTHONPATH": args.other})).ports["pacs"]
-        chain = work / "chain.pem"
-        chain.write_bytes((pki / "clients" / f"{bench.TOKEN}.pem").read_bytes()
-                          + (pki / "issuing-ca.pem").read_bytes())
         port = bench.free_port()
         config = bench.write_stunnel_config(work / "stunnel.conf", accept_port=port, connect_port=scp.port,
-                                            cert_chain=chain, ca_bundle=pki / "ca-bundle.pem",
-                                            engine_key_uri=f"pkcs11:token={bench.TOKEN};id=%01;type=private",
-                                            session_resume=resumed)
+                                            cert_chain=bench.write_token_chain(pki, bench.TOKEN, work / "chain.pem"),
+                                            ca_bundle=pki / "ca-bundle.pem",
+                                            engine_key_uri=bench.token_key_uri(bench.TOKEN), session_resume=resumed)
         executable = shutil.which("stunnel4") or shutil.which("stunnel")
         if executable is None:
             raise SystemExit("stunnel4 is not installed")

@@ -657,6 +657,18 @@ class Stunnel:
         return self.process.log_text()
 
 
+def write_token_chain(pki: Path, token: str, path: Path) -> Path:
+    """The token's certificate and the issuing CA in one PEM file, as stunnel's ``cert`` and a TLS
+    client's certificate chain take them."""
+    path.write_bytes((pki / "clients" / f"{token}.pem").read_bytes() + (pki / "issuing-ca.pem").read_bytes())
+    return path
+
+
+def token_key_uri(token: str) -> str:
+    """The PKCS#11 URI of a test token's TLS key (CKA_ID 01), as the libp11 engine and the pkcs11-provider take it."""
+    return f"pkcs11:token={token};id=%01;type=private"
+
+
 def engines_dir() -> Path | None:
     text = _first_line(["openssl", "version", "-e"])
     match = re.search(r'ENGINESDIR:\s*"([^"]+)"', text)
@@ -798,9 +810,7 @@ class Benchmark:
         self.pki = work / "tokens" / "pki"
         self.direct_files = TlsClientFiles.issue(self.pki, work / "file-identity", "Direct TLS Benchmark",
                                                  key_type=self.key.key_type)  # the token key's kind
-        self.token_chain = work / "token-chain.pem"
-        self.token_chain.write_bytes((self.pki / "clients" / f"{self.key.token}.pem").read_bytes()
-                                     + (self.pki / "issuing-ca.pem").read_bytes())
+        self.token_chain = write_token_chain(self.pki, self.key.token, work / "token-chain.pem")
 
     def run(self) -> str:
         started = datetime.datetime.now(datetime.timezone.utc)
@@ -931,7 +941,7 @@ class Benchmark:
         config = write_stunnel_config(
             work / f"{key}.conf", accept_port=port, connect_port=remote_port, cert_chain=self.token_chain if engine
             else self.direct_files.chain, ca_bundle=self.pki / "ca-bundle.pem",
-            engine_key_uri=f"pkcs11:token={self.key.token};id=%01;type=private" if engine else None,
+            engine_key_uri=token_key_uri(self.key.token) if engine else None,
             key_file=None if engine else self.direct_files.key, session_resume=session_resume)
         say(f"starting {label}")
         try:
