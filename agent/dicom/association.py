@@ -328,10 +328,10 @@ def load_pydicom() -> None:
     """Import the parts of pydicom the relays use, which are imported where used so that commands
     that never read a data set start quickly. A card session calls this once, in a thread of its own
     while the PIN is asked for, and waits for it before its first connection: the first association
-    no longer waits ~50 ms for the import, and two relays that
-    would import pydicom at the same moment (an outbound C-MOVE and its inbound C-STOREs) got a
-    partially initialised module ("cannot import name 'dcmread'"): pydicom's modules import each
-    other, and Python's import locks do not order two threads' first imports of such modules."""
+    no longer waits ~50 ms for the import, and two relays that would import pydicom at the same
+    moment (an outbound C-MOVE and its inbound C-STOREs) got a partially initialised module
+    ("cannot import name 'dcmread'"): pydicom's modules import each other, and Python's import
+    locks do not order two threads' first imports of such modules."""
     import pydicom.dataset  # noqa: F401
     import pydicom.filereader  # noqa: F401
     import pydicom.uid  # noqa: F401

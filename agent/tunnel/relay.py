@@ -949,10 +949,15 @@ def _send_and_close(local: socket.socket, data: bytes, linger: float = CLOSE_LIN
         pass
 
 
-def _report_after(tells: list[Callable[[], None]], report: Report, kind: str, fields: dict[str, Any]) -> None:
-    """``report``, once what ``tells`` holds was told (not a relay's bound method: see TransferBatch)."""
+def _tell_all(tells: list[Callable[[], None]]) -> None:
+    """Run the log lines and reports ``tells`` holds, oldest first, and empty it."""
     while tells:
         tells.pop(0)()
+
+
+def _report_after(tells: list[Callable[[], None]], report: Report, kind: str, fields: dict[str, Any]) -> None:
+    """``report``, once what ``tells`` holds was told (not a relay's bound method: see TransferBatch)."""
+    _tell_all(tells)
     report(kind, fields)
 
 
@@ -1167,8 +1172,7 @@ class _Relay:
         reported, and at its end. Telling right after the PDU passed made the next PDU each way wait
         for it (0.12-0.18 ms of a resumed association's C-ECHO, measured with a packet capture):
         the peers of a quick exchange answer sooner than a cold log line is written."""
-        while self._to_tell:
-            self._to_tell.pop(0)()
+        _tell_all(self._to_tell)
 
     def _flush_to_local(self) -> None:
         sent = self._send(self.local, self.to_local)
