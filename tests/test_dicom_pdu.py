@@ -1128,8 +1128,9 @@ def _bulk_streams(draw) -> bytes:
     return b"".join(parts)
 
 
-def _events_or_error(data: bytes, chunks: list[bytes], prefix: int) -> tuple[list, str | None]:
-    framer = PduFramer(inspect_commands=True, data_set_prefix=prefix)
+def _events_or_error(data: bytes, chunks: list[bytes], prefix: int, *,
+                     quiet_data: bool = False) -> tuple[list, str | None]:
+    framer = PduFramer(inspect_commands=True, data_set_prefix=prefix, quiet_data=quiet_data)
     events: list = []
     try:
         for chunk in chunks:
@@ -1137,6 +1138,10 @@ def _events_or_error(data: bytes, chunks: list[bytes], prefix: int) -> tuple[lis
     except MalformedPduError as error:
         return events, str(error)
     return events, None
+
+
+def _is_p_data_frame(event: object) -> bool:
+    return isinstance(event, (PduHeader, PduEnd)) and event.pdu_type == 4
 
 
 @FUZZ
@@ -1157,6 +1162,58 @@ def test_fuzz_whole_data_pdus_give_the_events_of_byte_by_byte_feeding(stream: by
     assert chunked_error == single_error
     if chunked_error is None:
         assert chunked_events == single_events
+
+
+@FUZZ
+@given(stream=_bulk_streams(), prefix=st.sampled_from([0, 1, 20, 64]),
+       edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=2),
+       cuts=st.lists(st.integers(0, 10_000), max_size=6))
+def test_fuzz_quiet_data_leaves_out_only_data_pdu_headers_and_ends(stream: bytes, prefix: int, edits, cuts):
+    """What a relay inspects (commands, data-set prefixes, association PDUs, errors) is the same
+    with quiet_data; only some P-DATA-TF PduHeader/PduEnd events are left out, none added."""
+    data = bytearray(stream)
+    for position, value in edits:
+        data[position % len(data)] = value
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    chunks = [bytes(data[a:b]) for a, b in itertools.pairwise(points)]
+    events, error = _events_or_error(bytes(data), chunks, prefix)
+    quiet_events, quiet_error = _events_or_error(bytes(data), chunks, prefix, quiet_data=True)
+    assert quiet_error == error
+    assert [e for e in quiet_events if not _is_p_data_frame(e)] == [e for e in events if not _is_p_data_frame(e)]
+    kept = iter(events)
+    assert all(any(e == other for other in kept) for e in quiet_events), "quiet events are not a subsequence"
+
+
+def test_quiet_data_gives_no_events_for_a_bulk_transfers_data_pdus_however_read():
+    """A command, then a data set in 17 PDUs of 64 bytes: with a 100-byte prefix, the first two are
+    inspected (the prefix ends in the second) and the last ends the data set; the 14 between give
+    no event, whether a read holds them whole or ends inside one (a relay's reads rarely end on a
+    PDU boundary), unless it ends inside their first 12 bytes (their headers)."""
+    data_set = bytes(range(256)) * 4 + bytes(64)
+    command = _p_data_pdu((1, 0x03, b"cmd"))
+    stream = command + b"".join(
+        _p_data_pdu((1, 0x02 if i == 1024 else 0x00, data_set[i:i + 64])) for i in range(0, 1088, 64))
+    passed_starts = [len(command) + 76 * n for n in range(2, 16)]  # 6 + 6 + 64 bytes each
+    for read in (len(stream), 1000, 97, 70):
+        framer = PduFramer(inspect_commands=True, data_set_prefix=100, quiet_data=True)
+        events = [e for i in range(0, len(stream), read) for e in framer.feed(stream[i:i + read])]
+        assert [e for e in events if not _is_p_data_frame(e)] == [CommandSet(1, b"cmd"),
+                                                                   DataSetPrefix(1, data_set[:100])]
+        headers_cut = sum(1 for start in passed_starts if read - start % read < 12)
+        assert headers_cut < 14
+        assert sum(isinstance(e, PduEnd) for e in events) == 4 + headers_cut, f"reads of {read} bytes"
+        assert framer.at_boundary and framer.position == len(stream)
+
+
+def test_quiet_data_still_reports_a_data_pdu_cut_short():
+    """A data PDU taken in one step while a read ended inside it still counts as begun: the end of
+    the stream there is an error that says how far it got."""
+    stream = _p_data_pdu((1, 0x03, b"cmd")) + _p_data_pdu((1, 0x00, bytes(64))) + _p_data_pdu((1, 0x00, bytes(64)))
+    framer = PduFramer(inspect_commands=True, quiet_data=True)
+    framer.feed(stream[:-10])
+    assert not framer.at_boundary and framer.remaining_in_pdu == 10
+    with pytest.raises(MalformedPduError, match="stream ended inside a P-DATA-TF PDU after 66 of 76 bytes"):
+        framer.end_of_stream()
 
 
 def test_data_set_prefixes_are_taken_before_whole_pdus_pass_in_one_step():

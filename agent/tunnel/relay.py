@@ -986,9 +986,9 @@ class _Relay:
         self._read_buffer = read_buffer()  # for every read, from either side
         self._received_before = received  # from the local side before the relay started
         self.association = Association(runtime.config.association, runtime.username)
-        self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
+        self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX, quiet_data=True)
         # Both directions keep the start of data sets: the acceptor sends C-GET sub-operations' C-STOREs.
-        self.acceptor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX)
+        self.acceptor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX, quiet_data=True)
         self.remote_framer = self.acceptor_framer if requestor_is_local else self.requestor_framer
         self.held_request: bytearray | None = bytearray()  # the requestor's bytes until its A-ASSOCIATE-RQ is whole
         self.refusal: Refuse | None = None
