@@ -4,17 +4,19 @@ agent, both ways (outbound: the agent writes TLS; inbound: a PACS sends over TLS
 inbound listener, the agent reads TLS), and per fresh association (resumed, and with a full
 handshake every time). Not part of the test suite.
 
-    .venv/bin/python benchmarks/relay_cpu.py [--study-mb 200] [--reps 5] [--associations 200]
+    .venv/bin/python benchmarks/relay_cpu.py [--study-mb 200] [--reps 5] [--associations 200] [--other PATH]
 
 Runs the real ``card-agent run`` (token alice on SoftHSM) in front of ``storescp +tls`` (and an
 inbound listener, with the PKI's server key in a file, in front of a plain ``storescp``), and reads
 the card-session process's user + system CPU from /proc/PID/stat before and after each run
-(clock ticks of 10 ms: the sizes keep that under a few per cent). CPU time moves much less with
-other load on the machine than wall time does, so this can compare two versions of the relay on
-a shared machine where throughput cannot; it prints each run and the medians. To measure
-another version of the agent, point ``PYTHONPATH`` at a copy of it (a directory holding
-``dicom_card_agent/``): the agent and its card session import that before the installed one.
-Alternate the versions run by run, as the machine's load drifts.
+(clock ticks of 10 ms: the sizes keep that under a few per cent; the threads that served a
+connection and ended are counted too). CPU time moves much less with other load on the machine
+than wall time does, so this can compare two versions of the relay on a shared machine where
+throughput cannot; it prints each run and the medians.
+
+``--other PATH`` runs a second agent from a copy of the package at PATH (``PATH/dicom_card_agent``,
+e.g. the code before a change), alternates the two run by run (the machine's load drifts), and
+prints the ratios this tree / other.
 """
 
 from __future__ import annotations
@@ -40,23 +42,17 @@ def session_cpu(agent: bench.Agent) -> tuple[int, float]:
     return pid, bench.proc_stat_cpu(pid)
 
 
-def bulk_runs(agent: bench.Agent, port: int, files: list[Path], total: int, reps: int,
-              tls: bench.TlsClientFiles | None = None) -> list[float]:
-    """Card-session CPU seconds per GB, one value per storescu run (after one warm-up run)."""
-    values = []
-    for rep in range(-1, reps):
-        pid, before = session_cpu(agent)
-        argv = bench.dcmtk.storescu_argv(port, files, tls=tls, called_ae=bench.CALLED_AE, log_level="warn")
-        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", env=bench.peer_env(), timeout=900)
-        if result.returncode != 0:
-            raise bench.BenchError(f"storescu exit {result.returncode}:\n{result.stdout[-3000:]}")
-        bench.time.sleep(0.1)  # let the relay account its last bytes
-        cpu = bench.proc_stat_cpu(pid) - before
-        if rep >= 0:
-            values.append(cpu / (total / 1e9))
-            print(f"  bulk run {rep + 1}{' (inbound)' if tls else ''}: {values[-1]:.3f} s/GB", file=sys.stderr)
-    return values
+def bulk_cpu(agent: bench.Agent, port: int, files: list[Path], total: int,
+             tls: bench.TlsClientFiles | None = None) -> float:
+    """Card-session CPU seconds per GB of one storescu run."""
+    pid, before = session_cpu(agent)
+    argv = bench.dcmtk.storescu_argv(port, files, tls=tls, called_ae=bench.CALLED_AE, log_level="warn")
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", env=bench.peer_env(), timeout=900)
+    if result.returncode != 0:
+        raise bench.BenchError(f"storescu exit {result.returncode}:\n{result.stdout[-3000:]}")
+    bench.time.sleep(0.1)  # let the relay account its last bytes
+    return (bench.proc_stat_cpu(pid) - before) / (total / 1e9)
 
 
 def association_cpu(agent: bench.Agent, port: int, count: int) -> float:
@@ -70,9 +66,12 @@ def association_cpu(agent: bench.Agent, port: int, count: int) -> float:
     return (bench.proc_stat_cpu(pid) - before) * 1000 / count
 
 
+WRITE_AGENT_CONFIG = bench.write_agent_config
+
+
 def with_inbound(listen: int, forward: int, pki: Path):
     """bench.write_agent_config, with an inbound listener added to what it writes."""
-    write = bench.write_agent_config
+    write = WRITE_AGENT_CONFIG
 
     def write_with_inbound(path: Path, *args, **kwargs) -> Path:
         write(path, *args, **kwargs)
@@ -89,11 +88,16 @@ server_key = "{pki / 'server.key'}"
     return write_with_inbound
 
 
+MEASURES = (("bulk, s per GB", ".3f"), ("bulk inbound, s per GB", ".3f"), ("association, resumed, ms", ".2f"),
+            ("association, full handshake, ms", ".2f"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study-mb", type=int, default=200)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--associations", type=int, default=200)
+    parser.add_argument("--other", help="a copy of the package to run as a second agent (PATH/dicom_card_agent)")
     args = parser.parse_args()
     with bench.softhsm_work_directory("card-agent-relay-cpu-") as (work, pki, conf):
         files = bench.make_bulk_study(work / "study", args.study_mb * bench.MB)
@@ -104,20 +108,44 @@ def main() -> int:
                                                            log_level="warn", extra_args=["--ignore"]))
             local_scp = stack.enter_context(bench.dcmtk.storescp(work / "local-out", log_level="warn",
                                                                  extra_args=["--ignore"]))
-            inbound_port = bench.free_port()
-            bench.write_agent_config = with_inbound(inbound_port, local_scp.port, pki)
-            agent = stack.enter_context(bench.running_agent(
-                work, "agent", pki, conf, "softhsm2", [("pacs", scp.port, True), ("pacs-full", scp.port, False)]))
-            bulk = bulk_runs(agent, agent.ports["pacs"], files, total, args.reps)
-            inbound = bulk_runs(agent, inbound_port, files, total, args.reps, tls=pacs)
-            resumed = [association_cpu(agent, agent.ports["pacs"], args.associations) for _ in range(args.reps)]
-            full = [association_cpu(agent, agent.ports["pacs-full"], args.associations) for _ in range(args.reps)]
+            agents: dict[str, tuple[bench.Agent, int]] = {}
+            for name, path in (("this tree", None), ("other", args.other)):
+                if name == "other" and path is None:
+                    continue
+                inbound_port = bench.free_port()
+                bench.write_agent_config = with_inbound(inbound_port, local_scp.port, pki)
+                agent = stack.enter_context(bench.running_agent(
+                    work, name.replace(" ", "-"), pki, conf, "softhsm2",
+                    [("pacs", scp.port, True), ("pacs-full", scp.port, False)],
+                    extra_env={"PYTHONPATH": path} if path else None))
+                agents[name] = (agent, inbound_port)
+            values: dict[str, dict[str, list[float]]] = {name: {m: [] for m, _ in MEASURES} for name in agents}
+            names = list(agents)
+            for rep in range(-1, args.reps):  # rep -1: warm-up, not counted
+                for name in names[rep % len(names):] + names[:rep % len(names)]:
+                    agent, inbound_port = agents[name]
+                    run = dict(zip([m for m, _ in MEASURES], (
+                        bulk_cpu(agent, agent.ports["pacs"], files, total),
+                        bulk_cpu(agent, inbound_port, files, total, tls=pacs),
+                        association_cpu(agent, agent.ports["pacs"], args.associations),
+                        association_cpu(agent, agent.ports["pacs-full"], args.associations)), strict=True))
+                    print(f"  {'warm-up' if rep < 0 else f'run {rep + 1}'} {name}: "
+                          + ", ".join(f"{m} {v:.3f}" for m, v in run.items()), file=sys.stderr)
+                    if rep >= 0:
+                        for measure, value in run.items():
+                            values[name][measure].append(value)
         print(f"card-session CPU, {len(files)} objects / {total / bench.MB:.0f} MB per bulk run, "
               f"{args.associations} associations per set-up run; {args.reps} runs each, median (min-max):")
-        for label, values, unit in (("bulk, s per GB", bulk, ".3f"), ("bulk inbound, s per GB", inbound, ".3f"),
-                                    ("association, resumed, ms", resumed, ".2f"),
-                                    ("association, full handshake, ms", full, ".2f")):
-            print(f"  {label:34} {statistics.median(values):{unit}} ({min(values):{unit}}-{max(values):{unit}})")
+        print()
+        print("| | " + " | ".join(names) + (" | this tree / other |" if len(names) > 1 else " |"))
+        print("|---|" + "---:|" * (len(names) + (len(names) > 1)))
+        for measure, unit in MEASURES:
+            cells = [f"{statistics.median(values[n][measure]):{unit}} ({min(values[n][measure]):{unit}}-"
+                     f"{max(values[n][measure]):{unit}})" for n in names]
+            if len(names) > 1:
+                ratio = statistics.median(values[names[0]][measure]) / statistics.median(values[names[1]][measure])
+                cells.append(f"{ratio:.2f}x")
+            print(f"| {measure} | " + " | ".join(cells) + " |")
         return 0
 
 
