@@ -19,21 +19,18 @@ import sys
 
 sys.dont_write_bytecode = True
 
-import argparse  # noqa: E402
 import resource  # noqa: E402
 import select  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
-import statistics  # noqa: E402
 import struct  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_card_agent.dicom.association import DATA_SET_PREFIX  # noqa: E402
 from dicom_card_agent.dicom.pdu import PduFramer  # noqa: E402
-from tls_write_paths import contexts  # noqa: E402
+from tls_write_paths import compare_to_sslsocket, memory_bio_handshake, thread_cpu_since  # noqa: E402
 
 CHUNK = 256 * 1024  # the relay's read size
 PDU_PAYLOAD = 16384 - 12  # storescp's default maximum PDU: 16 KiB, PDU and PDV item headers included
@@ -77,16 +74,7 @@ def receive(mode: str, server: ssl.SSLContext, client: ssl.SSLContext, total: in
                 break
             got += count
     else:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
-        while True:
-            try:
-                tls.do_handshake()
-                raw.sendall(outgoing.read())
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
-                incoming.write(raw.recv(65536))
+        tls, incoming, _ = memory_bio_handshake(client, raw)
         data_framer = framer()
         to_local = bytearray()
         raw.setblocking(False)
@@ -115,33 +103,15 @@ def receive(mode: str, server: ssl.SSLContext, client: ssl.SSLContext, total: in
                 to_local += plain
                 got += len(plain)
             del to_local[:]  # as sent to the application
-    after = resource.getrusage(resource.RUSAGE_THREAD)
+    cpu = thread_cpu_since(before)
     raw.close()
     sender.join()
     listener.close()
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return cpu / (total / 1e9)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    total = args.mb * 1024 * 1024
-    with tempfile.TemporaryDirectory() as directory:
-        server, client = contexts(Path(directory))
-        ratios: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for round_number in range(args.rounds):
-            sslsocket = receive("SSLSocket", server, client, total)
-            line = [f"round {round_number + 1}: SSLSocket {sslsocket:.2f} s/GB"]
-            for mode, values in ratios.items():
-                cpu = receive(mode, server, client, total)
-                values.append(cpu / sslsocket)
-                line.append(f"{mode} {cpu:.2f} s/GB ({values[-1]:.2f}x)")
-            print(", ".join(line))
-    for mode, values in ratios.items():
-        print(f"median ratio {mode} / SSLSocket (receiver CPU per GB): {statistics.median(values):.2f}x")
+    compare_to_sslsocket(receive, MODES, "receiver")
 
 
 if __name__ == "__main__":

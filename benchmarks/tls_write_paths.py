@@ -20,8 +20,10 @@ import socket
 import ssl
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 CHUNK = 256 * 1024  # the relay's read size
@@ -60,16 +62,7 @@ def send(mode: str, server: ssl.SSLContext, client: ssl.SSLContext, total: int) 
     if mode == "SSLSocket":
         tls_socket = client.wrap_socket(raw, server_hostname="localhost")
     else:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls_object = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
-        while True:
-            try:
-                tls_object.do_handshake()
-                raw.sendall(outgoing.read())
-                break
-            except ssl.SSLWantReadError:
-                raw.sendall(outgoing.read())
-                incoming.write(raw.recv(65536))
+        tls_object, incoming, outgoing = memory_bio_handshake(client, raw)
     before = resource.getrusage(resource.RUSAGE_THREAD)
     sent = 0
     queued = bytearray()
@@ -85,33 +78,62 @@ def send(mode: str, server: ssl.SSLContext, client: ssl.SSLContext, total: int) 
             tls_object.write(payload)
             raw.sendall(outgoing.read())
         sent += CHUNK
-    after = resource.getrusage(resource.RUSAGE_THREAD)
+    cpu = thread_cpu_since(before)
     receiver.join()
     raw.close()
     listener.close()
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return cpu / (total / 1e9)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def memory_bio_handshake(client: ssl.SSLContext,
+                         raw: socket.socket) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A client TLS object over memory BIOs, its handshake done over ``raw`` (blocking)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls_object = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls_object.do_handshake()
+            raw.sendall(outgoing.read())
+            return tls_object, incoming, outgoing
+        except ssl.SSLWantReadError:
+            raw.sendall(outgoing.read())
+            incoming.write(raw.recv(65536))
+
+
+def thread_cpu_since(before: resource.struct_rusage) -> float:
+    """User + system CPU seconds of this thread since ``before`` (getrusage(RUSAGE_THREAD))."""
+    after = resource.getrusage(resource.RUSAGE_THREAD)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+Measure = Callable[[str, ssl.SSLContext, ssl.SSLContext, int], float]
+
+
+def compare_to_sslsocket(measure: Measure, modes: Sequence[str], what: str) -> None:
+    """Command line, then rounds of ``measure`` for "SSLSocket" and each of ``modes`` in turn;
+    prints each round and the median ratios to SSLSocket."""
+    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").splitlines()[0])
     parser.add_argument("--mb", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     total = args.mb * 1024 * 1024
     with tempfile.TemporaryDirectory() as directory:
         server, client = contexts(Path(directory))
-        ratios: dict[str, list[float]] = {"memory BIO": [], "memory BIO, queued": []}
+        ratios: dict[str, list[float]] = {mode: [] for mode in modes}
         for round_number in range(args.rounds):
-            sslsocket = send("SSLSocket", server, client, total)
+            sslsocket = measure("SSLSocket", server, client, total)
             line = [f"round {round_number + 1}: SSLSocket {sslsocket:.2f} s/GB"]
             for mode, values in ratios.items():
-                cpu = send(mode, server, client, total)
+                cpu = measure(mode, server, client, total)
                 values.append(cpu / sslsocket)
                 line.append(f"{mode} {cpu:.2f} s/GB ({values[-1]:.2f}x)")
             print(", ".join(line))
     for mode, values in ratios.items():
-        print(f"median ratio {mode} / SSLSocket (sender CPU per GB): {statistics.median(values):.2f}x")
+        print(f"median ratio {mode} / SSLSocket ({what} CPU per GB): {statistics.median(values):.2f}x")
+
+
+def main() -> None:
+    compare_to_sslsocket(send, ("memory BIO", "memory BIO, queued"), "sender")
 
 
 if __name__ == "__main__":

@@ -1227,7 +1227,8 @@ class _Relay:
         The records are decrypted one after another into the read buffer (free again once the
         socket's bytes are in the incoming BIO) and passed on together: one framer feed and one
         copy per read of the socket. With a new bytes object and a feed per record (16 KiB at
-        most), reading cost 1.4 s per GB; now 0.4 (benchmarks/tls_read_paths.py)."""
+        most), reading cost 0.4-1.5 s per GB, as the allocator's state went; now 0.4
+        (benchmarks/tls_read_paths.py)."""
         buffer = self._read_buffer
         filled = 0
         failed: ssl.SSLError | None = None
