@@ -109,9 +109,8 @@ def main() -> int:
             local_scp = stack.enter_context(bench.dcmtk.storescp(work / "local-out", log_level="warn",
                                                                  extra_args=["--ignore"]))
             agents: dict[str, tuple[bench.Agent, int]] = {}
-            for name, path in (("this tree", None), ("other", args.other)):
-                if name == "other" and path is None:
-                    continue
+            versions = [("this tree", None)] + ([("other", args.other)] if args.other else [])
+            for name, path in versions:
                 inbound_port = bench.free_port()
                 bench.write_agent_config = with_inbound(inbound_port, local_scp.port, pki)
                 agent = stack.enter_context(bench.running_agent(

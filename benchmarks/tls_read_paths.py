@@ -52,7 +52,7 @@ def send(listener: socket.socket, server: ssl.SSLContext, stream: bytes) -> None
 def framer() -> PduFramer:
     """The relay's framer, past the start of the data set (whose first bytes it keeps)."""
     made = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX, quiet_data=True)
-    made.feed(bulk_stream(DATA_SET_PREFIX)[:DATA_SET_PREFIX // PDU_PAYLOAD * (PDU_PAYLOAD + 12) + PDU_PAYLOAD + 12])
+    made.feed(bulk_stream(DATA_SET_PREFIX))  # whole PDUs, more than the prefix
     return made
 
 

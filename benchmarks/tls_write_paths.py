@@ -62,7 +62,7 @@ def send(mode: str, server: ssl.SSLContext, client: ssl.SSLContext, total: int) 
     if mode == "SSLSocket":
         tls_socket = client.wrap_socket(raw, server_hostname="localhost")
     else:
-        tls_object, incoming, outgoing = memory_bio_handshake(client, raw)
+        tls_object, _, outgoing = memory_bio_handshake(client, raw)
     before = resource.getrusage(resource.RUSAGE_THREAD)
     sent = 0
     queued = bytearray()
