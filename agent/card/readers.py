@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dicom_card_agent.card.watcher import ArrivalOrder, FailingLooks
+from dicom_card_agent.card.watcher import POLL_SECONDS, ArrivalOrder, FailingLooks
 
 log = logging.getLogger("agent.card")
 
@@ -61,6 +61,8 @@ class ReaderWatcher:
         self._order: ArrivalOrder[ReaderCard] = ArrivalOrder()
         self._failures = FailingLooks(clock)  # pcscd away
         self._looked = False
+
+    look_interval = POLL_SECONDS  # pcscd's events cut it short
 
     @property
     def present(self) -> tuple[ReaderCard, ...]:

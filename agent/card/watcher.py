@@ -24,6 +24,13 @@ the tokens' information is therefore read again only when pcscd reported a chang
 a token changed, or :data:`TOKEN_INFO_SECONDS` after it was last read (a backstop for a lost
 event); the slot list itself, which OpenSC answers from pcscd's reader state, is asked every look,
 so a pulled card is seen as soon as before.
+
+A token in a slot that cannot hold a removable device (no CKF_REMOVABLE_DEVICE: SoftHSM, an HSM
+partition) is always there, as PKCS#11 defines such a slot, so it is looked at every
+:data:`FIXED_TOKEN_LOOK_SECONDS` instead: every 50 ms cost SoftHSM ~190 system calls a look (1.6%
+of a core while idle) and would ask a network HSM 20 times a second. Where the module also has a
+removable slot (an nShield's card reader beside its module slot) every look stays 50 ms apart, so
+that a card inserted there is seen as soon as before.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from pkcs11.constants import SlotFlag
 from pkcs11.exceptions import DeviceRemoved, PKCS11Error, SlotIDInvalid, TokenNotPresent, TokenNotRecognised
-from pkcs11.types import Token
+from pkcs11.types import Slot, Token
 
 from dicom_card_agent.card.pcsc import PcscEventSource, PcscUnavailable
 from dicom_card_agent.token.discovery import matching_tokens, token_serial, tokens_in
@@ -47,6 +55,7 @@ from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
 log = logging.getLogger("agent.card")
 
 POLL_SECONDS = 0.05  # removal must be observed within 250 ms
+FIXED_TOKEN_LOOK_SECONDS = 1.0  # a module with no removable slot (see the module's docstring)
 # "poll" turns the PC/SC wake-ups off (diagnosis of a misbehaving pcscd, benchmarks).
 EVENTS_ENV = "CARD_AGENT_CARD_EVENTS"
 
@@ -211,6 +220,8 @@ class CardWatcher:
         self._token_slots: tuple[int, ...] | None = None
         self._tokens_read_at = 0.0
         self._tokens_changes: int | None = None
+        self.look_interval = POLL_SECONDS  # how long the card loop waits for the next look
+        self._interval_slots: tuple[int, ...] | None = None  # the slots with a token it was judged from
 
     @property
     def present(self) -> tuple[Card, ...]:
@@ -257,6 +268,9 @@ class CardWatcher:
         # change reported while it runs makes the next look read the tokens again
         slots = self.module.slots_with_token()
         slot_ids = tuple(slot.slot_id for slot in slots)
+        if slot_ids != self._interval_slots:
+            self._judge_look_interval(slots)
+            self._interval_slots = slot_ids
         if (changes is not None and changes == self._tokens_changes and slot_ids == self._token_slots
                 and time.monotonic() - self._tokens_read_at < TOKEN_INFO_SECONDS):
             return self._tokens
@@ -265,6 +279,22 @@ class CardWatcher:
         self._tokens, self._token_slots = tokens, slot_ids
         self._tokens_read_at, self._tokens_changes = time.monotonic(), changes
         return tokens
+
+    def _judge_look_interval(self, slots_with_token: list[Slot]) -> None:
+        """Every 50 ms, unless no card can be inserted or pulled here (see the module's docstring).
+        The caller holds :data:`MODULE_CALLS`."""
+        fixed = (bool(slots_with_token) and not any(map(_removable, slots_with_token))
+                 and not any(map(_removable, self.module.all_slots())))
+        interval = FIXED_TOKEN_LOOK_SECONDS if fixed else POLL_SECONDS
+        if interval == self.look_interval:
+            return
+        self.look_interval = interval
+        if fixed:
+            log.info("the module's tokens are in slots that cannot hold a removable device: the card loop "
+                     "looks at them every %g s", FIXED_TOKEN_LOOK_SECONDS)
+        else:
+            log.info("the module has a slot for a removable device: the card loop looks every %g ms",
+                     POLL_SECONDS * 1000)
 
     def _failed_look(self, error: PKCS11Error) -> None:
         """Raise :class:`CardUnreadable` while looks have failed for less than the grace; return
@@ -400,13 +430,18 @@ class CardEvents:
         """Look now (what a PC/SC event does)."""
         self._changed.set()
 
-    def wait(self, stop: threading.Event) -> bool:
-        """Sleep until the next look at the reader; True when the agent is stopping instead."""
+    def wait(self, stop: threading.Event, seconds: float = POLL_SECONDS) -> bool:
+        """Sleep until the next look at the reader, at most ``seconds``; True when the agent is
+        stopping instead."""
         if stop.is_set():
             return True
-        if self._changed.wait(POLL_SECONDS):
+        if self._changed.wait(seconds):
             self._changed.clear()  # a change arriving after this is seen by the look that follows
         return stop.is_set()
+
+
+def _removable(slot: Slot) -> bool:
+    return bool(slot.flags & SlotFlag.REMOVABLE_DEVICE)
 
 
 def _error_name(error: PKCS11Error) -> str:

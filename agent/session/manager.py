@@ -249,7 +249,7 @@ class SessionManager:
                     self._seen = card
                     self._first_look.set()
                     self._wake.set()
-                if events.wait(stop):
+                if events.wait(stop, self.watcher.look_interval):
                     return
 
     def step(self) -> None:

@@ -71,6 +71,10 @@ class LoadedModule:
     def slots_with_token(self) -> list:
         return self.lib.get_slots(token_present=True)
 
+    def all_slots(self) -> list:
+        """Every slot, with a token or not (an empty card reader is one)."""
+        return self.lib.get_slots(token_present=False)
+
 
 def _load(path: str, profile: ModuleProfile | None, initialise: bool = True) -> LoadedModule:
     profile_text = f" (profile {profile.name})" if profile else ""

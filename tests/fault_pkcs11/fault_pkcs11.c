@@ -41,6 +41,10 @@
  * C_CloseSession, which still closes it in the real module) and the real
  * module is logged out, so a re-inserted card needs a new login.
  *
+ * Every slot says it holds a removable device (CKF_REMOVABLE_DEVICE), as a card
+ * reader's does: its card can be pulled (present = 0), which the real module's
+ * slots (SoftHSM's are fixed) could not be.
+ *
  * Only C_GetFunctionList is exported (no C_GetInterface: callers fall back to
  * the v2.40 function list).
  */
@@ -648,7 +652,7 @@ static CK_RV w_C_GetSlotInfo P_C_GetSlotInfo
     rv = real->C_GetSlotInfo(r, pInfo);
     if (rv == CKR_OK) {
         if (!have) pInfo->flags &= ~CKF_TOKEN_PRESENT;
-        if (c.show[0]) pInfo->flags |= CKF_REMOVABLE_DEVICE;
+        pInfo->flags |= CKF_REMOVABLE_DEVICE; /* a reader: present = 0 pulls its card */
     }
     return rv;
 }
