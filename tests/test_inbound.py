@@ -17,6 +17,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from agent_runner import (
     RunningAgent,
@@ -24,6 +26,7 @@ from agent_runner import (
     inbound_listener,
     keepalive_timers,
     lock_while_the_application_reads,
+    log_lines,
     port_of,
     running_agent,
     start_agent,
@@ -34,6 +37,7 @@ from agent_runner import (
 )
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
+from dicom_card_agent.softhsm.pki import CertificateAuthority, name
 from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
@@ -297,6 +301,71 @@ def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: 
     assert "Bob Example" in result.stdout
     assert f"as node certificate {chain} to 127.0.0.1:" in log and "event=sign-in subject=\"CN=Alice Example" in log
     assert environments and all(b"NODE_PIN" not in environ for environ in environments)
+
+
+RSA_PSS_MECHANISMS = [0x0D, 0x0E, 0x43, 0x44, 0x45, 0x47]  # CKM_RSA_PKCS_PSS and its hashing variants
+
+
+def node_certificate_for_alices_key(test_pki: ProvisionedPki) -> bytes:
+    """A serverAuth certificate for the key on alice's token, from the test PKI's issuing CA (PEM)."""
+    issuing = CertificateAuthority(
+        x509.load_pem_x509_certificate((test_pki.pki / "issuing-ca.pem").read_bytes()),
+        serialization.load_pem_private_key((test_pki.pki / "private" / "issuing-ca.key").read_bytes(), None))
+    alice = x509.load_pem_x509_certificate((test_pki.pki / "clients" / "alice.pem").read_bytes())
+    node = issuing.issue_client(name("workstation 7"), alice.public_key(), "ws7@hospital.example",
+                                not_before=alice.not_valid_before_utc, not_after=alice.not_valid_after_utc,
+                                server_auth=True)
+    return node.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_node_key_on_a_token_without_rsa_pss_serves_tls12_with_pkcs1(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path], fault_module: Path) -> None:
+    """Many tokens lack RSA-PSS (the fault module makes alice's lack it). Before, the server's own
+    signature followed OpenSSL's default order, RSA-PSS first, and a TLS 1.3 client was offered TLS
+    1.3, which needs RSA-PSS: every handshake failed with "[SSL] EVP lib". bob (EC) is the card;
+    alice's RSA key is the listener's node key, in a certificate issued here that allows serverAuth
+    (storescu requires it of a server)."""
+    card = FaultControl(tmp_path / "card.ctl")
+    card.hide_mechanisms(RSA_PSS_MECHANISMS)
+    chain = tmp_path / "node-chain.pem"
+    chain.write_bytes(node_certificate_for_alices_key(test_pki) + (test_pki.pki / "issuing-ca.pem").read_bytes())
+    node = {"server_certificate": str(chain), "server_key": "pkcs11:token=alice;id=%01;type=private",
+            "server_key_pin": "env:NODE_PIN"}
+    env = {**card.env(), "NODE_PIN": USER_PIN}
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node)
+        with running_agent(test_pki, tmp_path / "agent", [], token="bob", inbound=[listener],
+                           module=str(fault_module), env=env) as agent:
+            result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
+            s_client = subprocess.run(
+                ["openssl", "s_client", "-connect", f"127.0.0.1:{port_of(listener)}",
+                 "-CAfile", str(test_pki.ca_bundle), "-cert", str(test_pki.pki / "server-chain.pem"),
+                 "-key", str(test_pki.pki / "server.key")],
+                input=b"", capture_output=True, env=peer_env(), timeout=30)
+            tls13_only = pacs_identity(test_pki).ssl_context()
+            tls13_only.minimum_version = ssl.TLSVersion.TLSv1_3
+            tls13_only.check_hostname = False  # the node certificate names no host; its chain is verified
+            with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+                with socket.create_connection(("127.0.0.1", port_of(listener)), timeout=15) as raw:
+                    tls13_only.wrap_socket(raw, server_hostname="localhost")
+            log = agent.wait_for_log("instances stored")
+        received = viewer.stored_files()
+    assert result.returncode == 0, result.stdout
+    assert_delivered(study, received)
+    assert "workstation 7" in result.stdout  # the PACS saw the node certificate (storescu's TLS details)
+    handshake = s_client.stdout.decode(errors="replace")
+    assert "Protocol  : TLSv1.2" in handshake and "Peer signature type: RSA\n" in handshake, handshake
+    assert ("card-agent[session]: WARNING: inbound retrieves: the node key on token 'alice': no RSA-PSS on the "
+            "token: TLS 1.2 only (PKCS#1 v1.5); raw RSA (CKM_RSA_X_509) is present but not used for PSS; its "
+            "connections use TLS 1.2") in log_lines(log), log
+    assert not any("hidden_mechanism" in line for line in card.log_lines())  # RSA-PSS was never even tried
+
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}", tls="tls13", **node)
+    with running_agent(test_pki, tmp_path / "agent13", [], token="bob", inbound=[listener],
+                       module=str(fault_module), env=env) as agent:
+        log = agent.wait_for_log("requires TLS 1.3")
+    assert ("inbound 'retrieves' requires TLS 1.3 but the token holding its node key cannot sign with RSA-PSS, "
+            "which TLS 1.3 needs for an RSA key: use tls = \"bcp195\" (TLS 1.2 then) or a PSS-capable token") in log
 
 
 @pytest.mark.parametrize("change, message", [

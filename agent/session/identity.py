@@ -26,7 +26,7 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
 from dicom_card_agent.session.probe import FoundCard
 from dicom_card_agent.tls.policy import (
-    CLIENT_SIGNATURE_ALGORITHMS,
+    SIGNATURE_ALGORITHMS,
     TLS_GROUPS,
     ClientIdentityFiles,
     allows_tls_server,
@@ -239,4 +239,4 @@ def _write_files(directory: Path, identity: Identity, chain: list[x509.Certifica
 def _openssl_conf(module: LoadedModule) -> str:
     profile = module.profile
     return openssl_config(module.path, profile.provider_quirks, profile.provider_login_behavior,
-                          tls_groups=TLS_GROUPS, client_signature_algorithms=CLIENT_SIGNATURE_ALGORITHMS)
+                          tls_groups=TLS_GROUPS, signature_algorithms=SIGNATURE_ALGORITHMS)

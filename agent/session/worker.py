@@ -30,7 +30,7 @@ from pkcs11.exceptions import PKCS11Error
 from pkcs11.types import Session
 
 from dicom_card_agent import logline
-from dicom_card_agent.config.model import AgentConfig, TunnelConfig, load_config
+from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig, load_config
 from dicom_card_agent.dicom.association import UserIdentityMode, load_pydicom
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
@@ -43,8 +43,11 @@ from dicom_card_agent.session.probe import Probed, ProbeRequest, probe
 from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from dicom_card_agent.tls.provider import provider_key_pem
+from dicom_card_agent.token.capabilities import key_kind, tls_capability
+from dicom_card_agent.token.discovery import find_token
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import LoginError, check_before_login, login
+from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
 from dicom_card_agent.tunnel.lent_listeners import LentListeners
 from dicom_card_agent.tunnel.relay import (
@@ -101,7 +104,7 @@ def _log_in(probed: Probed, start: dict, config: AgentConfig, pin: Secret | None
 
 
 def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict[str, Secret],
-           report: Report) -> tuple[Runtimes, Retuner]:
+           report: Report, module: LoadedModule) -> tuple[Runtimes, Retuner]:
     files = ClientIdentityFiles(chain=Path(start["chain"]), key=Path(start["key"]), subject=start["subject"],
                                 issuer=start["issuer"])
     # Only if the provider wants to log in itself (this process is logged in already).
@@ -135,11 +138,13 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
         for inbound in config.inbound:
             on_card = inbound.server_certificate is None
             node_key = None
+            key_tls13 = tls13_capable
             if inbound.server_key_uri is not None:  # the key file OpenSSL loads holds only its URI
                 node_key = files.chain.parent / f"inbound-{inbound.name}-key.pem"
                 node_key.write_bytes(provider_key_pem(inbound.server_key_uri))
+                key_tls13 = _node_key_tls13(module, inbound)
             node_pin = node_pins.get(inbound.name)
-            context = server_context(inbound, config.trust, files, card_pin, tls13_capable=tls13_capable,
+            context = server_context(inbound, config.trust, files, card_pin, tls13_capable=key_tls13,
                                      node_key=node_key, node_pin=node_pin.password if node_pin else None)
             runtimes[inbound.name] = InboundRuntime(
                 config=inbound, context=context,
@@ -152,6 +157,19 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
     return runtimes, Retuner(config, contexts, make_tunnel)
+
+
+def _node_key_tls13(module: LoadedModule, inbound: InboundConfig) -> bool:
+    """Whether the node key of ``inbound``, on a token of the card's module, can sign TLS 1.3
+    handshakes (an RSA key needs RSA-PSS there, agent/token/capabilities.py); logged when it cannot."""
+    assert inbound.server_key_uri is not None and inbound.server_certificate is not None
+    token = find_token(module, inbound.server_key_uri)
+    key_type, _, curve = key_kind(x509.load_pem_x509_certificate(inbound.server_certificate.read_bytes()))
+    capability = tls_capability(set(token.slot.get_mechanisms()), key_type, curve)
+    if not capability.tls13:
+        log.warning("inbound %s: the node key on token %r: %s; its connections use TLS 1.2", inbound.name,
+                    token.label, capability.note)
+    return capability.tls13
 
 
 def _pacs_problems_only(report: Report) -> Report:
@@ -213,7 +231,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     try:
         config = load_config(Path(start["config"]))
         _login_sessions.append(_log_in(probed, start, config, pin))
-        runtimes, retuner = _start(start, config, pin, node_pins, report)
+        runtimes, retuner = _start(start, config, pin, node_pins, report, probed.module)
     except (LoginError, ConfigError) as error:
         messages.send(channel, messages.login_error_message(error))
         return 1

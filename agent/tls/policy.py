@@ -44,14 +44,17 @@ PinCallback = Callable[[], bytes | bytearray]
 def no_pin() -> bytes:
     """The password of a key that needs none; OpenSSL must never fall back to asking on a terminal."""
     return b""
-# How the card signs CertificateVerify (and, on an inbound listener, what a client may sign with).
-# One list for every card: the card-session process's OpenSSL configuration is written before its
-# probe shows what the card can do (agent/session/worker.py), and OpenSSL reads it once.
-# TLS 1.3 allows RSA-PSS only, so RSA keys sign with PSS there. In TLS 1.2 the client takes the
-# first of its own list the server allows: RSA PKCS#1 v1.5 comes first, because many PIV and CAC
-# cards lack RSA-PSS (a card that lacks it is capped at TLS 1.2, agent/token/capabilities.py), and
-# RSA-PSS follows for a server that asks for nothing else. No SHA-1 (RFC 9155).
-CLIENT_SIGNATURE_ALGORITHMS = ":".join([
+# How the card signs its handshakes: as a client (CertificateVerify) and as an inbound listener's
+# server (ServerKeyExchange in TLS 1.2, CertificateVerify in 1.3); also what a client of an inbound
+# listener may sign with, and what the agent accepts from a server. One list for every card: the
+# card-session process's OpenSSL configuration is written before its probe shows what the card can
+# do (agent/session/worker.py), and OpenSSL reads it once. TLS 1.3 allows RSA-PSS only, so RSA keys
+# sign with PSS there. In TLS 1.2 a client takes the first of its own list the server allows, and
+# the agent's server (which prefers its own order) the first of this list the client allows: RSA
+# PKCS#1 v1.5 comes first, because many PIV and CAC cards lack RSA-PSS (a card that lacks it is
+# capped at TLS 1.2, agent/token/capabilities.py), and RSA-PSS follows for a peer that allows
+# nothing else. No SHA-1 (RFC 9155).
+SIGNATURE_ALGORITHMS = ":".join([
     "ECDSA+SHA256", "ECDSA+SHA384", "ECDSA+SHA512", "ed25519", "ed448",
     "RSA+SHA256", "RSA+SHA384", "RSA+SHA512",
     "rsa_pss_rsae_sha256", "rsa_pss_rsae_sha384", "rsa_pss_rsae_sha512",
@@ -125,13 +128,18 @@ def server_context(inbound: InboundConfig, trust: TrustConfig, card: ClientIdent
     """The SSLContext of an inbound listener: the agent is the TLS server, the PACS must present a
     certificate that chains to [trust] ca (and passes its CRLs). The server identity is the card's,
     or a node certificate with its key in a file or, through ``node_key`` (a PKCS#11-URI key file)
-    and ``node_pin``, on a token."""
+    and ``node_pin``, on a token. ``tls13_capable``: whether the key that serves (the card's, or
+    the node key's on its token) can sign TLS 1.3 handshakes; a key in a file always can."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     on_card = inbound.server_certificate is None
+    on_token = on_card or node_key is not None
+    tls13 = tls13_capable or not on_token
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if inbound.tls == "tls13" else ssl.TLSVersion.TLSv1_2
-    context.maximum_version = ssl.TLSVersion.TLSv1_3 if tls13_capable or not on_card else ssl.TLSVersion.TLSv1_2
-    if on_card and inbound.tls == "tls13" and not tls13_capable:
-        raise TlsPolicyError(f"inbound {inbound.name!r} requires TLS 1.3 but the token cannot sign with RSA-PSS")
+    context.maximum_version = ssl.TLSVersion.TLSv1_3 if tls13 else ssl.TLSVersion.TLSv1_2
+    if inbound.tls == "tls13" and not tls13:
+        raise TlsPolicyError(f"inbound {inbound.name!r} requires TLS 1.3 but the token holding its "
+                             f"{'card' if on_card else 'node'} key cannot sign with RSA-PSS, which TLS 1.3 needs for "
+                             "an RSA key: use tls = \"bcp195\" (TLS 1.2 then) or a PSS-capable token")
     context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.verify_mode = ssl.CERT_REQUIRED

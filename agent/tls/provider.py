@@ -115,13 +115,15 @@ def openssl_config(
     login_behavior: str | None = None,
     *,
     tls_groups: str | None = None,
-    client_signature_algorithms: str | None = None,
+    signature_algorithms: str | None = None,
 ) -> str:
     """An OpenSSL configuration activating the default and pkcs11 providers for one PKCS#11 module.
 
-    ``tls_groups`` and ``client_signature_algorithms`` go to the ``system_default`` TLS settings,
-    which Python's ``ssl`` module cannot set per context before Python 3.13: the card-session
-    process that reads this configuration does nothing but the card's TLS, so process-wide is right.
+    ``tls_groups`` and ``signature_algorithms`` (as ``SignatureAlgorithms``, for the handshake
+    signatures of either side, and ``ClientSignatureAlgorithms``, for client certificates) go to
+    the ``system_default`` TLS settings, which Python's ``ssl`` module cannot set per context before
+    Python 3.13: the card-session process that reads this configuration does nothing but the card's
+    TLS, so process-wide is right.
     """
     lines = [
         "openssl_conf = openssl_init",
@@ -130,8 +132,9 @@ def openssl_config(
         "providers = provider_sect",
     ]
     ssl_settings = [f"Groups = {tls_groups}"] if tls_groups else []
-    if client_signature_algorithms:
-        ssl_settings.append(f"ClientSignatureAlgorithms = {client_signature_algorithms}")
+    if signature_algorithms:
+        ssl_settings += [f"SignatureAlgorithms = {signature_algorithms}",
+                         f"ClientSignatureAlgorithms = {signature_algorithms}"]
     if ssl_settings:
         lines += ["ssl_conf = ssl_sect", "", "[ssl_sect]", "system_default = tls_defaults_sect", "",
                   "[tls_defaults_sect]", *ssl_settings]

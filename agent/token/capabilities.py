@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import Mechanism
 
 _RSA_PSS = {Mechanism.RSA_PKCS_PSS, Mechanism.SHA256_RSA_PKCS_PSS, Mechanism.SHA384_RSA_PKCS_PSS}
@@ -61,3 +63,14 @@ def tls_capability(mechanisms: set, key_type: str, curve: str | None = None) -> 
             return TlsCapability(False, False, (), f"curve {curve} is not allowed in TLS (BCP 195: P-256, P-384)")
         return TlsCapability(True, True, (scheme,), f"ECDSA on {curve}: TLS 1.3 and 1.2")
     return TlsCapability(False, False, (), f"{key_type} keys are not supported for TLS client authentication")
+
+
+def key_kind(certificate: x509.Certificate) -> tuple[str, int, str | None]:
+    """The key type (``"rsa"``, ``"ec"``, else the key class's name), size and EC curve of the
+    certificate's key, as :func:`tls_capability` takes them."""
+    public_key = certificate.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return "rsa", public_key.key_size, None
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return "ec", public_key.curve.key_size, public_key.curve.name
+    return type(public_key).__name__.lower(), 0, None

@@ -19,7 +19,7 @@ from pkcs11 import Attribute, CertificateType, KeyType, ObjectClass
 from pkcs11.exceptions import AttributeSensitive, AttributeTypeInvalid, PKCS11Error
 from pkcs11.types import Session, Token
 
-from dicom_card_agent.token.capabilities import TlsCapability, tls_capability
+from dicom_card_agent.token.capabilities import TlsCapability, key_kind, tls_capability
 from dicom_card_agent.token.discovery import token_serial
 from dicom_card_agent.token.profiles import ModuleProfile
 from dicom_card_agent.token.uri import Pkcs11Uri
@@ -248,13 +248,7 @@ def list_identities(
 def _judge(cert, key_id, label, token, mechanisms, private_keys, public_keys, *, logged_in,
            allow_exportable_keys, now) -> Identity:
     public_key = cert.public_key()
-    curve = None
-    if isinstance(public_key, rsa.RSAPublicKey):
-        key_type, key_size = "rsa", public_key.key_size
-    elif isinstance(public_key, ec.EllipticCurvePublicKey):
-        key_type, key_size, curve = "ec", public_key.curve.key_size, public_key.curve.name
-    else:
-        key_type, key_size = type(public_key).__name__.lower(), 0
+    key_type, key_size, curve = key_kind(cert)
     identity = Identity(
         token_label=token.label,
         token_serial=token_serial(token),
