@@ -59,6 +59,18 @@ def provision(directory: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_card_agent("softhsm", "init", directory, *extra, env=env, check=True)
 
 
+def make_token(directory: Path, test_pki: ProvisionedPki, label: str, key_type: str, common_name: str, *,
+               server_auth: bool = False) -> ProvisionedPki:
+    """One more SoftHSM token, alone in ``directory`` (tests/helpers/make_token.py), with the test
+    PKI's trust: the card of a test the standard tokens do not cover."""
+    result = subprocess.run([sys.executable, str(HELPERS / "make_token.py"), str(directory), str(test_pki.pki), label,
+                             key_type, common_name, *(["--server-auth"] if server_auth else [])],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise AssertionError(f"make_token.py failed ({result.returncode}):\n{result.stderr}")
+    return ProvisionedPki(test_pki.directory, directory / "softhsm2.conf")
+
+
 @pytest.fixture(scope="session")
 def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fault-injecting PKCS#11 module around SoftHSM (tests/fault_pkcs11), built once."""

@@ -35,7 +35,7 @@ from agent_runner import (
     wait_for,
     write_config,
 )
-from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from conftest import USER_PIN, ProvisionedPki, make_token, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from dicom_card_agent.softhsm.pki import CertificateAuthority, name
 from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
@@ -306,6 +306,40 @@ def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: 
 RSA_PSS_MECHANISMS = [0x0D, 0x0E, 0x43, 0x44, 0x45, 0x47]  # CKM_RSA_PKCS_PSS and its hashing variants
 
 
+def handshake_as_the_pacs(test_pki: ProvisionedPki, listener: dict) -> str:
+    """What ``openssl s_client``, presenting the PACS's node certificate, says of its handshake with
+    the inbound ``listener`` (the protocol, the listener's signature type)."""
+    s_client = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port_of(listener)}", "-CAfile", str(test_pki.ca_bundle),
+         "-cert", str(test_pki.pki / "server-chain.pem"), "-key", str(test_pki.pki / "server.key")],
+        input=b"", capture_output=True, env=peer_env(), timeout=30)
+    return s_client.stdout.decode(errors="replace")
+
+
+def test_an_rsa_card_without_rsa_pss_serves_an_inbound_listener_with_tls12_and_pkcs1(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path], fault_module: Path) -> None:
+    """A PIV card whose certificate also allows serverAuth, and whose module lacks RSA-PSS (the fault
+    module hides it), as the listener's TLS server identity. Before, its ServerKeyExchange was signed
+    in OpenSSL's default order, RSA-PSS first, and every handshake failed with "[SSL] EVP lib"."""
+    carol = make_token(tmp_path / "card", test_pki, "carol", "rsa", "Carol Example", server_auth=True)
+    card = FaultControl(tmp_path / "card.ctl")
+    card.hide_mechanisms(RSA_PSS_MECHANISMS)
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}")  # server_certificate = "card"
+        with running_agent(carol, tmp_path / "agent", [], token="carol", inbound=[listener],
+                           module=str(fault_module), env=card.env()) as agent:
+            result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
+            handshake = handshake_as_the_pacs(test_pki, listener)
+            log = agent.wait_for_log("instances stored")
+        received = viewer.stored_files()
+    assert result.returncode == 0, result.stdout
+    assert_delivered(study, received)
+    assert "Carol Example" in result.stdout  # the PACS saw the card's certificate (storescu's TLS details)
+    assert "Protocol  : TLSv1.2" in handshake and "Peer signature type: RSA\n" in handshake, handshake
+    assert "no RSA-PSS on the token: TLS 1.2 only (PKCS#1 v1.5)" in log and "its sessions use TLS 1.2" in log
+    assert not any("hidden_mechanism" in line for line in card.log_lines())  # RSA-PSS was never even tried
+
+
 def node_certificate_for_alices_key(test_pki: ProvisionedPki) -> bytes:
     """A serverAuth certificate for the key on alice's token, from the test PKI's issuing CA (PEM)."""
     issuing = CertificateAuthority(
@@ -337,11 +371,7 @@ def test_a_node_key_on_a_token_without_rsa_pss_serves_tls12_with_pkcs1(
         with running_agent(test_pki, tmp_path / "agent", [], token="bob", inbound=[listener],
                            module=str(fault_module), env=env) as agent:
             result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
-            s_client = subprocess.run(
-                ["openssl", "s_client", "-connect", f"127.0.0.1:{port_of(listener)}",
-                 "-CAfile", str(test_pki.ca_bundle), "-cert", str(test_pki.pki / "server-chain.pem"),
-                 "-key", str(test_pki.pki / "server.key")],
-                input=b"", capture_output=True, env=peer_env(), timeout=30)
+            handshake = handshake_as_the_pacs(test_pki, listener)
             tls13_only = pacs_identity(test_pki).ssl_context()
             tls13_only.minimum_version = ssl.TLSVersion.TLSv1_3
             tls13_only.check_hostname = False  # the node certificate names no host; its chain is verified
@@ -353,7 +383,6 @@ def test_a_node_key_on_a_token_without_rsa_pss_serves_tls12_with_pkcs1(
     assert result.returncode == 0, result.stdout
     assert_delivered(study, received)
     assert "workstation 7" in result.stdout  # the PACS saw the node certificate (storescu's TLS details)
-    handshake = s_client.stdout.decode(errors="replace")
     assert "Protocol  : TLSv1.2" in handshake and "Peer signature type: RSA\n" in handshake, handshake
     assert ("card-agent[session]: WARNING: inbound retrieves: the node key on token 'alice': no RSA-PSS on the "
             "token: TLS 1.2 only (PKCS#1 v1.5); raw RSA (CKM_RSA_X_509) is present but not used for PSS; its "

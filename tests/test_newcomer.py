@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent_runner import running_agent, tunnel
-from conftest import HELPERS, ProvisionedPki, provision, run_card_agent
+from conftest import ProvisionedPki, make_token, provision, run_card_agent
 from dicom_card_agent.audit.events import AlertType, AuditEvent, User
 from dicom_card_agent.audit.messages import AuditSource, render, summarize
 from peers.ports import free_port
@@ -85,10 +85,7 @@ def test_a_softhsm_agent_does_not_ask_pcscd(test_pki: ProvisionedPki, tmp_path: 
 
 
 def test_token_labels_and_certificate_subjects_are_printed_escaped(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    made = subprocess.run([sys.executable, str(HELPERS / "make_hostile_token.py"), str(tmp_path), str(test_pki.pki)],
-                          capture_output=True, text=True, timeout=60)
-    assert made.returncode == 0, made.stderr
-    env = {**test_pki.env(), "SOFTHSM2_CONF": str(tmp_path / "softhsm2.conf")}
+    env = make_token(tmp_path, test_pki, "evil\x1b[2J", "ec", "Eve\x1b]0;pwned\x07 Example").env()
     tokens = run_card_agent("tokens", "--module", "softhsm2", env=env, check=True).stdout
     identities = run_card_agent("identities", "--module", "softhsm2", env=env, check=True).stdout
     assert "evil\\x1b[2J" in tokens and "\x1b" not in tokens, tokens
