@@ -27,7 +27,7 @@ so a pulled card is seen as soon as before.
 
 A token in a slot that cannot hold a removable device (no CKF_REMOVABLE_DEVICE: SoftHSM, an HSM
 partition) is always there, as PKCS#11 defines such a slot, so it is looked at every
-:data:`FIXED_TOKEN_LOOK_SECONDS` instead: every 50 ms cost SoftHSM ~190 system calls a look (1.6%
+:data:`FIXED_TOKEN_LOOK_SECONDS` instead: every 50 ms cost SoftHSM ~250 system calls a look (1.6%
 of a core while idle) and would ask a network HSM 20 times a second. Where the module also has a
 removable slot (an nShield's card reader beside its module slot) every look stays 50 ms apart, so
 that a card inserted there is seen as soon as before.
