@@ -39,7 +39,7 @@ from conftest import USER_PIN, ProvisionedPki, make_token, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ASSOCIATE_RJ, parse_associate_rj
 from dicom_card_agent.softhsm.pki import CertificateAuthority, name
 from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
-from fault_pkcs11 import FaultControl
+from fault_pkcs11 import RSA_PSS_MECHANISMS, FaultControl
 from peers.dcmtk import storescp, storescu
 from peers.orthanc import orthanc
 from peers.pki_files import TlsClientFiles, TlsServerFiles
@@ -301,9 +301,6 @@ def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: 
     assert "Bob Example" in result.stdout
     assert f"as node certificate {chain} to 127.0.0.1:" in log and "event=sign-in subject=\"CN=Alice Example" in log
     assert environments and all(b"NODE_PIN" not in environ for environ in environments)
-
-
-RSA_PSS_MECHANISMS = [0x0D, 0x0E, 0x43, 0x44, 0x45, 0x47]  # CKM_RSA_PKCS_PSS and its hashing variants
 
 
 def handshake_as_the_pacs(test_pki: ProvisionedPki, listener: dict) -> str:

@@ -90,9 +90,6 @@ def test_relay_is_byte_exact_and_forwards_half_close(test_pki: ProvisionedPki, t
     assert x509.load_der_x509_certificate(server.peer_certificates[0]) == x509.load_pem_x509_certificate(alice)
 
 
-RSA_PSS_MECHANISMS = [0x0D, 0x0E, 0x43, 0x44, 0x45, 0x47]  # CKM_RSA_PKCS_PSS and its hashing variants
-
-
 @pytest.mark.parametrize("server_args, signature", [
     (("-tls1_2",), "RSA"),  # TLS 1.2, the server allows both: PKCS#1 v1.5 comes first
     (("-tls1_2", "-client_sigalgs", "rsa_pss_rsae_sha256"), "RSA-PSS"),  # a server that allows only PSS
@@ -112,7 +109,7 @@ def test_an_rsa_card_with_pss_signs_as_the_one_list_of_client_signature_algorith
 
 def test_rsa_card_without_pss_gets_tls12_with_pkcs1(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     """Many PIV/CAC cards lack RSA-PSS; the fault module makes alice's SoftHSM token lack it too."""
-    from fault_pkcs11 import FaultControl, build
+    from fault_pkcs11 import RSA_PSS_MECHANISMS, FaultControl, build
 
     card = FaultControl(tmp_path / "card.ctl")
     card.hide_mechanisms(RSA_PSS_MECHANISMS)

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["HERE", "SOURCES", "DEFAULT_TARGET", "CFLAGS", "BuildError", "build", "FaultControl"]
+__all__ = ["HERE", "SOURCES", "DEFAULT_TARGET", "CFLAGS", "RSA_PSS_MECHANISMS", "BuildError", "build", "FaultControl"]
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "fault_pkcs11.c", HERE / "pkcs11_min.h")
@@ -41,6 +41,10 @@ CKF_PROTECTED_AUTHENTICATION_PATH = 0x100
 CKF_USER_PIN_COUNT_LOW = 0x10000
 CKF_USER_PIN_FINAL_TRY = 0x20000
 CKF_USER_PIN_LOCKED = 0x40000
+
+# CKM_RSA_PKCS_PSS and its hashing variants: hide_mechanisms(RSA_PSS_MECHANISMS) is a card without
+# RSA-PSS, as many PIV and CAC cards are.
+RSA_PSS_MECHANISMS = [0x0D, 0x0E, 0x43, 0x44, 0x45, 0x47]
 
 
 class BuildError(RuntimeError):
