@@ -121,6 +121,17 @@ def test_managed_process_sets_nodelay_logs_and_kills_its_group(tmp_path: Path) -
     assert not state.exists() or state.read_text().split(")")[1].split()[0] == "Z", "grandchild survived"
 
 
+def test_free_port_never_hands_out_a_port_twice_nor_one_the_kernel_gives_to_connections() -> None:
+    # CI once gave storescp the port just handed to an agent's listener (two bind(0) probes, each
+    # closed at once, got the same port); 600 probes of the old bind(0) free_port repeated one.
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [free_port() for _ in range(600)]
+    assert len(set(ports)) == len(ports)
+    assert not [port for port in ports if low <= port <= high]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[-1]))  # and each was bindable
+
+
 def test_wait_for_port_reports_a_peer_that_died(tmp_path: Path) -> None:
     with managed_process(["sh", "-c", "echo cannot start; exit 3"], log_path=tmp_path / "x.log") as process:
         with pytest.raises(RuntimeError, match="(?s)exited with 3.*cannot start"):

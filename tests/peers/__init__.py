@@ -2,8 +2,9 @@
 
 Modules (import them directly, e.g. ``from peers.dcmtk import storescp``):
 
-- ``ports``: ``free_port()``, ``wait_for_port()``, ``managed_process()`` (process group, log file,
-  ``TCP_NODELAY=1``, killed on exit) and ``run_peer_tool()`` for short-lived clients.
+- ``ports``: ``free_port()`` (each port once per process, below the ephemeral range),
+  ``wait_for_port()``, ``managed_process()`` (process group, log file, ``TCP_NODELAY=1``, killed on
+  exit) and ``run_peer_tool()`` for short-lived clients.
 - ``pki_files``: ``TlsServerFiles``/``TlsClientFiles`` and FILE-key identities issued from the test
   PKI (``issue_client_file_identity``, ``issue_server_file_identity``, ``write_crl``).
 - ``dcmtk``: ``storescp`` (context manager), ``storescu``, ``echoscu``, and ``tls11_only_server``

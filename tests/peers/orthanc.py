@@ -150,8 +150,6 @@ def orthanc(work_dir: Path, *, tls: TlsServerFiles | None, require_client_cert: 
     work_dir.mkdir(parents=True, exist_ok=True)
     dicom_port = dicom_port or free_port()
     http_port = http_port or free_port()
-    while http_port == dicom_port:
-        http_port = free_port()
     config = orthanc_config(work_dir, dicom_port=dicom_port, http_port=http_port, tls=tls,
                             require_client_cert=require_client_cert)
     config.update(extra_config or {})

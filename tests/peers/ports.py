@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,11 +22,44 @@ LOOPBACK = "127.0.0.1"
 _TCP_LISTEN = "0A"  # socket state LISTEN in /proc/net/tcp
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for bind(0) and outgoing connections' source ports."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports are handed out from just below the ephemeral range, each once per process: a port the kernel
+# picks for bind(0) is free again the moment the probe closes, so the next bind(0) (a peer's own
+# free_port call, or any outgoing connection's source port) could get it before its first user
+# binds it. CI saw exactly that: storescp was given the port just handed to an agent's listener.
+_HANDED_OUT_SPAN = 12000
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on ``host`` a moment ago (bind to port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port on ``host`` that was free a moment ago and that no earlier call in this process
+    returned, from below the kernel's ephemeral range, so no outgoing connection takes it first."""
+    ephemeral_low, _ = _ephemeral_range()
+    low = max(1024, ephemeral_low - _HANDED_OUT_SPAN)
+    candidates = range(low, ephemeral_low)
+    start = random.randrange(len(candidates))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for offset in range(len(candidates)):
+        port = candidates[(start + offset) % len(candidates)]
+        if port in _handed_out:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {low}-{ephemeral_low - 1} on {host} "
+                       f"({len(_handed_out)} handed out by this process)")
 
 
 def peer_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
