@@ -112,9 +112,9 @@ def storescp_argv(out_dir: Path, port: int, *, tls: TlsServerFiles | None = None
 def storescp(out_dir: Path, *, port: int | None = None, tls: TlsServerFiles | None = None,
              require_client_cert: bool = True, aet: str = "STORESCP", log_level: str = "debug",
              extra_args: Sequence[str] = (), log_path: Path | None = None,
-             startup_timeout: float = 10.0) -> Iterator[StoreScp]:
+             startup_timeout: float = 10.0, prefix: Sequence[str] = ()) -> Iterator[StoreScp]:
     """Run storescp on 127.0.0.1 (all interfaces, in fact: storescp cannot bind to one) until the
-    block ends.
+    block ends; started through ``prefix`` if given (``SeparateHost.prefix``: in its namespace).
 
     ``tls=None``: plain DICOM. With ``tls``: ``+tls`` with the server identity, clients verified
     against ``tls.ca_bundle``: ``-rc`` (certificate required) or, with ``require_client_cert=False``,
@@ -128,7 +128,7 @@ def storescp(out_dir: Path, *, port: int | None = None, tls: TlsServerFiles | No
     log_path = log_path or out_dir.with_name(f"{out_dir.name}.storescp.log")
     argv = storescp_argv(out_dir, port, tls=tls, require_client_cert=require_client_cert, aet=aet,
                          log_level=log_level, extra_args=extra_args)
-    with managed_process(argv, log_path=log_path) as process:
+    with managed_process([*prefix, *argv], log_path=log_path) as process:
         wait_for_port(port, startup_timeout, process=process)
         yield StoreScp(process, port, out_dir)
 

@@ -73,13 +73,14 @@ def peer_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _listening_ports() -> set[int] | None:
-    """Ports in LISTEN state on this host (Linux /proc), or None where /proc is not available."""
+def _listening_ports(pid: int | None = None) -> set[int] | None:
+    """Ports in LISTEN state on this host (Linux /proc), or None where /proc is not available; as
+    process ``pid`` sees them if given (it may run in another network namespace)."""
     ports: set[int] = set()
     found = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in ("tcp", "tcp6"):
         try:
-            lines = Path(table).read_text().splitlines()[1:]
+            lines = Path(f"/proc/{pid or 'self'}/net/{table}").read_text().splitlines()[1:]
         except OSError:
             continue
         found = True
@@ -104,14 +105,15 @@ def wait_for_port(port: int, timeout: float = 10.0, *, host: str = LOOPBACK,
 
     On Linux the LISTEN state is read from /proc/net/tcp, so the peer never sees a probe
     connection (a bare TCP connect makes TLS servers log a failed handshake). Elsewhere it connects.
-    If ``process`` is given and exits first, raise ``RuntimeError`` with its log.
+    If ``process`` is given, its own network namespace is looked at, and should it exit first,
+    ``RuntimeError`` is raised with its log.
     """
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and not process.alive:
             raise RuntimeError(f"{process.name} exited with {process.returncode} before listening on "
                                f"port {port}:\n{process.log_text()}")
-        listening = _listening_ports()
+        listening = _listening_ports(process.pid if process is not None else None)
         if (port in listening) if listening is not None else _accepts_connections(host, port):
             return
         if time.monotonic() > deadline:
