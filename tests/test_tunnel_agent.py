@@ -53,6 +53,8 @@ from peers.study import assert_delivered, make_study
     ("colour = \"blue\"", "unknown key 'colour' (the keys here: name, listen, unsafe_listen, remote,"),
     ("remot = \"127.0.0.1:104\"", "unknown key 'remot' (did you mean 'remote'?)"),
     ("max_connections = 0", "max_connections: must be a whole number of connections, at least 1 (default 64)"),
+    ("dead_pacs_timeout = 1", "dead_pacs_timeout: must be at least 2 seconds (default 120): TCP keepalive probes "
+                              "are whole seconds apart"),
 ])
 def test_bad_configuration_is_named_and_exits_2(test_pki: ProvisionedPki, tmp_path: Path, change: str,
                                                 message: str) -> None:

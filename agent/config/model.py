@@ -76,6 +76,8 @@ class TrustConfig:
 
 
 DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_DEAD_PACS_TIMEOUT = 120.0  # docs/dicom.md: TCP keepalive and TCP_USER_TIMEOUT on the PACS's connection
+MIN_DEAD_PACS_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class TunnelConfig:
     unsafe_listen: bool = False
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
+    dead_pacs_timeout: float = DEFAULT_DEAD_PACS_TIMEOUT  # a PACS silent this long mid-association is gone
     session_resumption: bool = True
     association: AssociationRules = AssociationRules()
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # connections in flight; more are rejected at once
@@ -120,6 +123,7 @@ class InboundConfig:
     tls: str = "bcp195"
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
+    dead_pacs_timeout: float = DEFAULT_DEAD_PACS_TIMEOUT
     association: AssociationRules = AssociationRules()
     allow_from: tuple[Network, ...] = LOOPBACK_NETWORKS  # source addresses that may connect at all
     max_pending_handshakes: int = 4  # TLS handshakes in flight with peers not yet authenticated
@@ -310,6 +314,12 @@ def _timeouts(section: Section) -> dict[str, float]:
         if value <= 0:
             raise section.error(key, "must be a positive number of seconds")
         timeouts[key] = value
+    dead_pacs = float(section.take("dead_pacs_timeout", (int, float), DEFAULT_DEAD_PACS_TIMEOUT))
+    if dead_pacs < MIN_DEAD_PACS_TIMEOUT:
+        raise section.error("dead_pacs_timeout", f"must be at least {MIN_DEAD_PACS_TIMEOUT:g} seconds "
+                                                 f"(default {DEFAULT_DEAD_PACS_TIMEOUT:g}): TCP keepalive probes "
+                                                 "are whole seconds apart")
+    timeouts["dead_pacs_timeout"] = dead_pacs
     return timeouts
 
 

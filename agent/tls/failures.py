@@ -46,6 +46,18 @@ class TunnelFailure(Exception):
         return self.message
 
 
+# How the kernel reports a connection whose peer stopped answering: TCP_USER_TIMEOUT or keepalive gave
+# up (ETIMEDOUT), or gave up after ICMP or the neighbour table had said the host is unreachable.
+PEER_STOPPED_ANSWERING_ERRNOS = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def pacs_stopped_answering(pacs: str, seconds: float) -> TunnelFailure:
+    """Mid-association, the PACS acknowledged nothing for ``dead_pacs_timeout`` seconds."""
+    return TunnelFailure(f"the PACS at {pacs} stopped answering: nothing came back for {seconds:g} s "
+                         "(dead_pacs_timeout); the network to it or the PACS is down", transient=True,
+                         cause=UNREACHABLE)
+
+
 def connect_failure(remote: str, error: OSError, timeout: float) -> TunnelFailure:
     if isinstance(error, ResolverTimeoutError):
         return TunnelFailure(f"cannot reach the PACS at {remote}: no DNS server answered for its name within "

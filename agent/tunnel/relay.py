@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import select
 import socket
 import ssl
@@ -56,7 +57,14 @@ from dicom_card_agent.dicom.pdu import (
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.revocation.checker import CheckGivenUpError
 from dicom_card_agent.revocation.peer import PeerRevocation
-from dicom_card_agent.tls.failures import TunnelFailure, connect_failure, failure_after_handshake, handshake_failure
+from dicom_card_agent.tls.failures import (
+    PEER_STOPPED_ANSWERING_ERRNOS,
+    TunnelFailure,
+    connect_failure,
+    failure_after_handshake,
+    handshake_failure,
+    pacs_stopped_answering,
+)
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from dicom_card_agent.trust.errors import TrustError
 from dicom_card_agent.tunnel.admission import RefusalLog
@@ -266,23 +274,28 @@ def set_nodelay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-# TCP keepalive on the PACS's connection. A viewer may hold an association idle for long, and a
-# firewall or NAT between the workstation and the PACS forgets an idle flow (often after 5 to 60
-# minutes): its next request then goes nowhere, and the application waits out TCP's retransmissions
-# (about 15 minutes) before it hears anything. Probes after 60 s of silence keep the flow known,
-# and find a PACS that vanished (host down, network gone) within 2 minutes (60 s + 6 x 10 s), so
-# that the application gets its A-ABORT then.
-KEEPALIVE_IDLE_SECONDS = 60
-KEEPALIVE_INTERVAL_SECONDS = 10
 KEEPALIVE_PROBES = 6
 
 
-def keep_alive(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+def keep_alive(sock: socket.socket, dead_after: float) -> None:
+    """Give up the PACS's connection once the PACS has answered nothing for ``dead_after`` seconds.
+
+    Idle: a viewer may hold an association for long, and a firewall or NAT between the workstation
+    and the PACS forgets an idle flow (often after 5 to 60 minutes). Keepalive probes after half of
+    ``dead_after`` keep the flow known and find a PACS that vanished (host down, network gone).
+    Sending: while data waits for its acknowledgement keepalive does not run, and TCP would
+    retransmit for 15 minutes and more before the application heard anything; TCP_USER_TIMEOUT
+    ends it after ``dead_after`` (and then also bounds the probes). Default 120 s: probes after
+    60 s, every 10 s, 6 of them."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle = max(1, int(dead_after / 2))
+    interval = max(1, int((dead_after - idle) / KEEPALIVE_PROBES))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, math.ceil((dead_after - idle) / interval)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after * 1000))
 
 
 class _Tls:
@@ -399,7 +412,7 @@ def _connect(runtime: TunnelRuntime) -> socket.socket:
     except OSError as error:
         raise connect_failure(config.remote, error, config.connect_timeout) from None
     set_nodelay(remote)
-    keep_alive(remote)
+    keep_alive(remote, config.dead_pacs_timeout)
     return remote
 
 
@@ -685,7 +698,7 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         _inbound_refusals.refused(config.name, peer.rsplit(":", 1)[0], reason)
         return
     set_nodelay(remote)
-    keep_alive(remote)
+    keep_alive(remote, config.dead_pacs_timeout)
     runtime.count(delta_open=1)
     started = time.monotonic()
     local: socket.socket | None = None
@@ -961,6 +974,11 @@ def _report_after(tells: list[Callable[[], None]], report: Report, kind: str, fi
     report(kind, fields)
 
 
+def _peer_gone(error: OSError) -> bool:
+    """The TLS peer reset the connection, or stopped answering (``keep_alive``)."""
+    return isinstance(error, (ConnectionResetError, BrokenPipeError)) or error.errno in PEER_STOPPED_ANSWERING_ERRNOS
+
+
 class _Relay:
     """Moves bytes between a plain local socket and a TLS connection, watching the association.
 
@@ -1192,12 +1210,15 @@ class _Relay:
             self.to_remote += memoryview(records)[sent:]
 
     def _send_to_remote(self, data: bytes | bytearray) -> int | None:
-        """Bytes the socket took; None if the peer reset the connection (then handled here)."""
+        """Bytes the socket took; None if the peer reset the connection or stopped answering (then
+        handled here)."""
         try:
             return self._send(self.remote, data)
-        except (ConnectionResetError, BrokenPipeError) as error:
+        except OSError as error:
             # A TLS 1.3 server that refused our certificate may reset while our request goes out:
             # the same news as reading the reset, and told the same way.
+            if not _peer_gone(error):
+                raise
             self._remote_failed(error)
             return None
 
@@ -1213,7 +1234,9 @@ class _Relay:
             count = self.remote.recv_into(self._read_buffer)
         except BlockingIOError:
             return
-        except ConnectionResetError as error:
+        except OSError as error:
+            if not _peer_gone(error):
+                raise
             return self._remote_failed(error)
         if count:
             self.incoming.write(self._read_buffer[:count])
@@ -1386,6 +1409,10 @@ class _Relay:
         if self.association_over and self.remote_framer.at_boundary:
             # Many PACSes drop TCP right after the release without a TLS close_notify: a normal end.
             self.remote_done = True
+            return
+        if isinstance(error, OSError) and error.errno in PEER_STOPPED_ANSWERING_ERRNOS:
+            pacs = self.runtime.config.remote if self.requestor_is_local else self.peer
+            self.failure = pacs_stopped_answering(pacs, self.runtime.config.dead_pacs_timeout)
             return
         detail = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
         if not self.requestor_is_local:

@@ -1,0 +1,139 @@
+"""A PACS that vanishes in the middle of an association: its host loses power or its network.
+
+The PACS (storescp, TLS) runs on a second host on this machine, a network namespace behind a veth
+link (tests/peers/netns.py); the test unplugs the link, so nothing reaches the PACS and nothing
+comes back, with no RST and no ICMP: what a workstation sees when a PACS's host dies. The
+application must get an A-ABORT within the tunnel's ``dead_pacs_timeout``, the log must say what
+happened, and the agent must go on serving once the PACS is back.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from agent_runner import associate_rq, inbound_listener, p_data, port_of, running_agent, tunnel
+from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC
+from peers.dcmtk import storescp, storescu
+from peers.netns import separate_host
+from peers.pki_files import TlsServerFiles
+from peers.ports import free_port, managed_process
+from peers.study import assert_delivered, make_study
+from test_inbound import node_identity
+
+DEAD_AFTER = 3  # seconds: the tunnel's dead_pacs_timeout here (120 by default)
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    header = b""
+    while len(header) < 6:
+        header += sock.recv(6 - len(header)) or b"!"  # "!": a short PDU, caught below
+        if header.endswith(b"!"):
+            raise AssertionError(f"the connection ended after {header[:-1]!r}")
+    body = b""
+    length = struct.unpack(">L", header[2:6])[0]
+    while len(body) < length:
+        chunk = sock.recv(length - len(body))
+        if not chunk:
+            raise AssertionError(f"the connection ended inside a PDU: {header + body!r}")
+        body += chunk
+    return header + body
+
+
+@pytest.mark.parametrize("when", ["the association idles", "a request is on its way"])
+def test_a_pacs_that_vanishes_is_given_up_within_dead_pacs_timeout_and_the_application_gets_an_a_abort(
+        test_pki: ProvisionedPki, tmp_path: Path, when: str) -> None:
+    """Idle, TCP keepalive finds the silence; with a request on its way, unacknowledged data does
+    (TCP_USER_TIMEOUT: keepalive does not run while data waits for its acknowledgement). Before
+    ``dead_pacs_timeout``, the request's case waited for TCP's retransmissions to give up, 15
+    minutes and more (a storescu with no DIMSE timeout, the default, hung all that time)."""
+    study = make_study(tmp_path / "study", files=2)
+    with ExitStack() as stack:
+        host = stack.enter_context(separate_host())
+        # --fork: the association the test cuts off stays in its first storescp, which never hears of its end.
+        scp = stack.enter_context(storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki),
+                                           prefix=host.prefix, extra_args=["--fork"]))
+        pacs = f"{host.address}:{scp.port}"
+        agent = stack.enter_context(running_agent(
+            test_pki, tmp_path / "agent", [tunnel("pacs", scp.port, remote=pacs, dead_pacs_timeout=DEAD_AFTER)]))
+        application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=60))
+        application.sendall(associate_rq())
+        assert read_pdu(application)[0] == A_ASSOCIATE_AC, agent.log()
+        host.unplug()
+        unplugged = time.monotonic()
+        if when == "a request is on its way":
+            application.sendall(p_data(bytes(200_000)))
+        answer = read_pdu(application)
+        answered_after = time.monotonic() - unplugged
+        assert application.recv(1) == b"", "the agent closes the connection after its A-ABORT"
+        message = (f"from 127.0.0.1:{application.getsockname()[1]}: the PACS at {pacs} stopped answering: nothing "
+                   f"came back for {DEAD_AFTER} s (dead_pacs_timeout); the network to it or the PACS is down")
+        agent.wait_for_log(message)
+
+        host.plug()  # the PACS is back: the next association works, with no restart
+        result = storescu(agent.port(), study)
+        assert result.returncode == 0, result.stdout + agent.log()
+        received = scp.stored_files()
+    assert answer[0] == A_ABORT, answer.hex()
+    assert DEAD_AFTER - 0.5 < answered_after < DEAD_AFTER + 2.5, f"A-ABORT after {answered_after:.1f} s"
+    assert_delivered(study, received)
+
+
+# The sending PACS of an inbound listener, run in the separate host: mutual TLS to the listener, an
+# A-ASSOCIATE-RQ, the answer's PDU type printed once the whole answer is in and the connection idles,
+# then silence.
+SENDING_PACS = """
+import socket, ssl, struct, sys, time
+host, port, ca, chain, key, request = sys.argv[1:]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.load_verify_locations(ca)
+context.load_cert_chain(chain, key)
+with socket.create_connection((host, int(port)), timeout=30) as raw:
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(open(request, "rb").read())
+        answer = b""
+        while len(answer) < 6 or len(answer) < 6 + struct.unpack(">L", answer[2:6])[0]:
+            answer += tls.recv(65536)
+        time.sleep(1)  # for the listener's last TLS record (212 bytes, ~0.2 s after the answer) and its ACK
+        print("answered", answer[:1].hex(), "from", tls.getsockname()[1], flush=True)
+        time.sleep(600)
+"""
+
+
+def test_a_pacs_that_vanishes_from_an_inbound_listener_is_given_up_within_dead_pacs_timeout(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The same on an inbound listener (the PACS connected to the workstation for a C-MOVE), whose
+    connection has its own ``dead_pacs_timeout``: idle, keepalive finds the silence. The listener
+    listens on this machine's end of the link, which only the separate host reaches."""
+    script, request = tmp_path / "sending_pacs.py", tmp_path / "associate-rq"
+    script.write_text(SENDING_PACS)
+    request.write_bytes(associate_rq())
+    with ExitStack() as stack:
+        host = stack.enter_context(separate_host())
+        viewer = stack.enter_context(storescp(tmp_path / "viewer", tls=None))
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki),
+                                    listen=f"{host.workstation_address}:{free_port()}", allow_from=[host.address],
+                                    dead_pacs_timeout=DEAD_AFTER)
+        agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]))
+        pacs = stack.enter_context(managed_process(
+            [*host.prefix, sys.executable, script, host.workstation_address, str(port_of(listener)),
+             test_pki.ca_bundle, test_pki.pki / "server-chain.pem", test_pki.pki / "server.key", request],
+            log_path=tmp_path / "sending-pacs.log"))
+        answer = pacs.wait_for_log("answered ", timeout=30)
+        host.unplug()
+        unplugged = time.monotonic()
+        pacs_port = answer.split(" from ")[1].split()[0]
+        message = (f"inbound retrieves: {host.address}:{pacs_port}: the PACS at {host.address}:{pacs_port} stopped "
+                   f"answering: nothing came back for {DEAD_AFTER} s (dead_pacs_timeout); the network to it or the "
+                   "PACS is down")
+        agent.wait_for_log(message, timeout=DEAD_AFTER + 5)
+        given_up_after = time.monotonic() - unplugged
+    assert "answered 02" in answer, answer  # A-ASSOCIATE-AC from the viewer, through the listener
+    assert given_up_after < DEAD_AFTER + 2.5, f"given up after {given_up_after:.1f} s"
