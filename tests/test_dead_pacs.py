@@ -101,7 +101,7 @@ with socket.create_connection((host, int(port)), timeout=30) as raw:
         answer = b""
         while len(answer) < 6 or len(answer) < 6 + struct.unpack(">L", answer[2:6])[0]:
             answer += tls.recv(65536)
-        time.sleep(1)  # for the listener's last TLS record (212 bytes, ~0.2 s after the answer) and its ACK
+        time.sleep(1)  # for our delayed ACK of the answer to reach the listener before the unplug
         print("answered", answer[:1].hex(), "from", tls.getsockname()[1], flush=True)
         time.sleep(600)
 """
