@@ -10,6 +10,7 @@ from pathlib import Path
 from agent_runner import running_agent, tunnel, write_config
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.dns import DnsServer, resolving_through
+from peers.netns import late_address
 from peers.ports import free_port
 
 
@@ -96,3 +97,17 @@ def test_a_pacs_name_that_does_not_resolve_fails_and_a_pacs_that_is_down_warns(
         "(Name or service not known); check the tunnel's remote and the workstation's DNS",
         f"warn remote down: tunnel down: cannot reach the PACS at pacs.card-agent.test:{down}: connection refused "
         "(is the PACS running and listening on that port?)"], result.stdout
+
+
+def test_a_listen_address_this_machine_does_not_have_yet_warns(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The agent listens on it anyway (docs/configuration.md, [[inbound]] listen): not a failure,
+    but worth a look where the network is up."""
+    with late_address() as late:
+        config = write_config(tmp_path / "agent.toml", test_pki, [], inbound=[{
+            "name": "retrieves", "listen": f"{late.address}:104", "forward": "127.0.0.1:11112",
+            "allow_from": [late.address], "server_certificate": str(test_pki.pki / "server-chain.pem"),
+            "server_key": str(test_pki.pki / "server.key")}])
+        result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+    assert (f"warn listen retrieves: inbound retrieves: {late.address} is not an address of this workstation now; "
+            "the agent listens on it anyway, connections arrive once the network brings it up") \
+        in findings(result.stdout), result.stdout

@@ -41,6 +41,7 @@ from dicom_card_agent.softhsm.pki import CertificateAuthority, name
 from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
 from fault_pkcs11 import RSA_PSS_MECHANISMS, FaultControl
 from peers.dcmtk import storescp, storescu
+from peers.netns import late_address
 from peers.orthanc import orthanc
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.ports import free_port, peer_env
@@ -92,6 +93,29 @@ def test_a_pacs_sends_over_mutual_tls_to_the_local_storage_scp(test_pki: Provisi
     line = next(line for line in status.stdout.splitlines() if line.startswith("inbound retrieves:"))
     assert f"-> 127.0.0.1:{viewer.port}, 0 open, " in line
     assert int(line.split(", ")[2].split()[0]) > sent  # bytes in: the study and its PDU framing
+
+
+def test_a_listener_on_an_address_the_network_brings_up_later_starts_and_receives_once_it_is_up(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path]) -> None:
+    """The listener's address is the workstation's on the hospital network, which Wi-Fi or DHCP may
+    bring up after the agent started. Before, the agent ended at start-up ("cannot listen on
+    ...: Cannot assign requested address"), outbound tunnels and all; now it listens anyway (as
+    systemd's FreeBind= does), says so, and the PACS's study arrives once the address is up."""
+    with ExitStack() as stack:
+        late = stack.enter_context(late_address())
+        viewer = stack.enter_context(storescp(tmp_path / "viewer", tls=None))
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki),
+                                    listen=f"{late.address}:{free_port()}", allow_from=[late.address])
+        agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]))
+        started_log = agent.log()
+        late.bring_up()
+        result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), calling_ae="PACS", host=late.address)
+        agent.wait_for_log("instances stored", timeout=40)
+        received = viewer.stored_files()
+    assert (f"card-agent: WARNING: inbound retrieves: {late.address} is not an address of this workstation yet: "
+            "listening on it anyway, connections arrive once the network brings it up") in started_log
+    assert result.returncode == 0, result.stdout + agent.log()
+    assert_delivered(study, received)
 
 
 @pytest.mark.parametrize("client, message", [

@@ -26,7 +26,7 @@ from dicom_card_agent.tls.failures import connect_failure
 from dicom_card_agent.token.pin import PinSource
 from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
 from dicom_card_agent.tunnel.connecting import connect_tcp
-from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
+from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener, is_address_of_this_machine
 from dicom_card_agent.tunnel.session_end import SessionEnd
 
 EXIT_PROBLEMS = 2
@@ -149,6 +149,10 @@ def _listen_check(listener: TunnelConfig | InboundConfig, running: set[str]) -> 
     except (CardAgentError, OSError) as error:
         return Check("fail", name, f"{kind} {listener.name}: {error}",
                      "stop what listens there (`ss -ltnp`) or choose another listen address")
+    if listen.host is not None and not is_address_of_this_machine(listen.host):
+        return Check("warn", name, f"{kind} {listener.name}: {listen.host} is not an address of this workstation "
+                                   "now; the agent listens on it anyway, connections arrive once the network "
+                                   "brings it up", "check the address if this workstation's network is up")
     return Check("ok", name, f"{listen} is free")
 
 

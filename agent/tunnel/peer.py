@@ -657,12 +657,48 @@ def create_tcp_listener(host: str, port: int, unsafe_listen: bool = False) -> so
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
+        _bind_before_the_address_exists(sock, sockaddr)
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:
         sock.close()
         raise ListenerError(f"cannot listen on {where}: {error.strerror or error}") from None
     return sock
+
+
+# Linux's IP_FREEBIND and IPV6_FREEBIND (linux/in.h, linux/in6.h), which Python's socket module lacks.
+_FREEBIND = ({socket.AF_INET: (socket.IPPROTO_IP, 15), socket.AF_INET6: (socket.IPPROTO_IPV6, 78)}
+             if sys.platform == "linux" else {})
+
+
+def _bind_before_the_address_exists(sock: socket.socket, sockaddr: tuple) -> None:
+    """Bind, also to an address this machine does not have yet, where the system allows it.
+
+    An inbound listener's address is the workstation's on the hospital network, which may come up
+    after the agent starts (Wi-Fi, a slow DHCP server, IPv6's duplicate address detection); without
+    this the agent ended at start-up ("Cannot assign requested address") and its tunnels with it.
+    Bound as systemd's FreeBind= binds, the listener receives connections once the address exists."""
+    try:
+        sock.bind(sockaddr)
+    except OSError as error:
+        if error.errno != errno.EADDRNOTAVAIL or sock.family not in _FREEBIND:
+            raise
+        sock.setsockopt(*_FREEBIND[sock.family], 1)
+        sock.bind(sockaddr)
+
+
+def is_address_of_this_machine(host: str) -> bool:
+    """Whether the listen address ``host`` is one this machine has now (see
+    :func:`_bind_before_the_address_exists`); a name that does not resolve counts as one."""
+    try:
+        family, sockaddr = _bind_address(host, 0, host)
+    except ListenerError:
+        return True
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as error:
+            return error.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 def _bind_address(host: str, port: int, where: str) -> tuple[socket.AddressFamily, tuple]:

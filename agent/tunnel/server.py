@@ -25,6 +25,7 @@ from dicom_card_agent.tunnel.peer import (
     admit_peer,
     create_tcp_listener,
     create_unix_listener,
+    is_address_of_this_machine,
 )
 from dicom_card_agent.tunnel.relay import reject_at_once, reject_in_thread
 
@@ -345,6 +346,10 @@ class _InFlight:
 
 
 def _log_listening(listener: TunnelConfig | InboundConfig) -> None:
+    host = listener.listen.host
+    if host is not None and not is_address_of_this_machine(host):
+        log.warning("%s %s: %s is not an address of this workstation yet: listening on it anyway, connections "
+                    "arrive once the network brings it up", _kind(listener), listener.name, host)
     if isinstance(listener, TunnelConfig):
         log.info("tunnel %s: listening on %s for %s (TLS %s, server %s)", listener.name, listener.listen,
                  listener.remote, listener.tls, listener.server_name)

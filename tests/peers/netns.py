@@ -1,10 +1,14 @@
-"""A second host on this machine: a network namespace joined to ours by a veth pair.
+"""A second host on this machine, and an address this machine gets only later.
 
-A PACS run inside it (``ip netns exec``) is reached over a real link that a test can unplug: its
-side of the link goes down and every packet to and from it is lost, as when a PACS's host loses
-power or its network. Nothing outside this machine can reach it (the link's addresses are from
-198.18.0.0/15, the range RFC 2544 keeps for such tests, and nothing routes them here), and the
-namespace, with its end of the link, is deleted when the ``with`` block ends.
+``separate_host()``: a network namespace joined to ours by a veth pair. A PACS run inside it
+(``ip netns exec``) is reached over a real link that a test can unplug: its side of the link goes
+down and every packet to and from it is lost, as when a PACS's host loses power or its network.
+Nothing outside this machine can reach it (the link's addresses are a /30 of 198.18.0.0/16, in
+the range RFC 2544 keeps for such tests, and nothing routes them here), and the namespace, with
+its end of the link, is deleted when the ``with`` block ends.
+
+``late_address()``: an address from 198.19.0.0/16 that the loopback interface gets when the test
+says so, and loses at the end.
 
 Needs root (CAP_NET_ADMIN) and ``ip`` from iproute2, as the rest of the suite has.
 """
@@ -70,7 +74,7 @@ def separate_host() -> Iterator[SeparateHost]:
     number = next(_numbers)
     tag = f"{os.getpid() % 100000}x{number}"
     name, ours, theirs = f"cardagent-{tag}", f"cah{tag}", f"cap{tag}"
-    subnet = (os.getpid() + number) % 16000  # a /30 of 198.18.0.0/15 for each host this run makes
+    subnet = (os.getpid() + number) % 16000  # a /30 of 198.18.0.0/16 for each host this run makes
     base = 198 << 24 | 18 << 16 | subnet * 4
     our_address, their_address = (".".join(str(base + n >> shift & 255) for shift in (24, 16, 8, 0)) for n in (1, 2))
     _ip("netns", "add", name)
@@ -85,3 +89,27 @@ def separate_host() -> Iterator[SeparateHost]:
     finally:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             _ip("netns", "delete", name)  # takes both ends of the link with it
+
+
+@dataclass(frozen=True)
+class LateAddress:
+    """An address this machine does not have until :meth:`bring_up` (as when Wi-Fi or DHCP brings
+    the workstation's address up after the agent started)."""
+
+    address: str
+
+    def bring_up(self) -> None:
+        _ip("addr", "add", f"{self.address}/32", "dev", "lo")
+
+
+@contextlib.contextmanager
+def late_address() -> Iterator[LateAddress]:
+    """An address from 198.19.0.0/16 (in RFC 2544's test range) not on this machine yet; removed from
+    the loopback interface at the end if :meth:`LateAddress.bring_up` added it there."""
+    number = (os.getpid() + next(_numbers)) % 65000 + 1
+    late = LateAddress(f"198.19.{number >> 8}.{number & 255}")
+    try:
+        yield late
+    finally:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            _ip("addr", "del", f"{late.address}/32", "dev", "lo")
