@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import associate_rq, inbound_listener, p_data, port_of, running_agent, tunnel
-from conftest import ProvisionedPki
+from agent_runner import associate_rq, inbound_listener, p_data, port_of, running_agent, tunnel, wait_for
+from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC
 from peers.dcmtk import storescp, storescu
 from peers.netns import separate_host
@@ -27,6 +27,7 @@ from peers.pki_files import TlsServerFiles
 from peers.ports import free_port, managed_process
 from peers.study import assert_delivered, make_study
 from test_inbound import node_identity
+from test_metrics import samples, unix_get
 
 DEAD_AFTER = 3  # seconds: the tunnel's dead_pacs_timeout here (120 by default)
 
@@ -61,8 +62,10 @@ def test_a_pacs_that_vanishes_is_given_up_within_dead_pacs_timeout_and_the_appli
         scp = stack.enter_context(storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki),
                                            prefix=host.prefix, extra_args=["--fork"]))
         pacs = f"{host.address}:{scp.port}"
+        metrics = tmp_path / "metrics.sock"
         agent = stack.enter_context(running_agent(
-            test_pki, tmp_path / "agent", [tunnel("pacs", scp.port, remote=pacs, dead_pacs_timeout=DEAD_AFTER)]))
+            test_pki, tmp_path / "agent", [tunnel("pacs", scp.port, remote=pacs, dead_pacs_timeout=DEAD_AFTER)],
+            metrics={"listen": f"unix:{metrics}"}))
         application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=60))
         application.sendall(associate_rq())
         assert read_pdu(application)[0] == A_ASSOCIATE_AC, agent.log()
@@ -76,12 +79,17 @@ def test_a_pacs_that_vanishes_is_given_up_within_dead_pacs_timeout_and_the_appli
         message = (f"from 127.0.0.1:{application.getsockname()[1]}: the PACS at {pacs} stopped answering: nothing "
                    f"came back for {DEAD_AFTER} s (dead_pacs_timeout); the network to it or the PACS is down")
         agent.wait_for_log(message)
+        broken = ("card_agent_associations_broken_total",
+                  (("kind", "tunnel"), ("listener", "pacs"), ("reason", "pacs_stopped_answering")))
+        wait_for(lambda: samples(unix_get(metrics, "/metrics")).get(broken) == 1)
+        status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env()).stdout
 
         host.plug()  # the PACS is back: the next association works, with no restart
         result = storescu(agent.port(), study)
         assert result.returncode == 0, result.stdout + agent.log()
         received = scp.stored_files()
     assert answer[0] == A_ABORT, answer.hex()
+    assert "this card session: 1 associations accepted (1 broke off: pacs_stopped_answering 1), " in status, status
     assert DEAD_AFTER - 0.5 < answered_after < DEAD_AFTER + 2.5, f"A-ABORT after {answered_after:.1f} s"
     assert_delivered(study, received)
 

@@ -61,7 +61,11 @@ def _say_counts(counters: dict, rejected_by: str, up: str, down: str) -> None:
 
 def _describe_counts(counts: dict, rejected_by: str, up: str, down: str) -> str:
     associations, handshakes = counts["associations"], counts["handshakes"]
-    parts = [f"{associations['accepted']} associations accepted", f"{associations['rejected']} {rejected_by}",
+    broken = associations.get("broken", {})  # an agent from before these counts has none
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(broken.items()))
+    broke_off = f" ({sum(broken.values())} broke off: {reasons})" if broken else ""
+    parts = [f"{associations['accepted']} associations accepted{broke_off}",
+             f"{associations['rejected']} {rejected_by}",
              f"{associations['refused']} refused by the association rules",
              f"{sum(associations['failed'].values())} failed{_by_reason(associations['failed'])}"]
     if "turned_away" in associations:

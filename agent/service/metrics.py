@@ -29,7 +29,14 @@ from dicom_card_agent.lifecycle.machine import State
 from dicom_card_agent.session import events
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.supervisor import CardSessionUnresponsive
-from dicom_card_agent.tunnel.counters import DURATIONS, DURATIONS_KEY, Counts, cumulative_buckets, empty_histogram
+from dicom_card_agent.tunnel.counters import (
+    BROKEN_REASONS,
+    DURATIONS,
+    DURATIONS_KEY,
+    Counts,
+    cumulative_buckets,
+    empty_histogram,
+)
 from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
 from dicom_card_agent.version import agent_version
 
@@ -70,6 +77,10 @@ class AgentCollector:
         associations = CounterMetricFamily(
             f"{PREFIX}_associations", "Associations by outcome: accepted, rejected (by the acceptor), refused (by "
             "the tunnel's association rules), failed (with its reason)", labels=[*labels, "outcome", "reason"])
+        broken = CounterMetricFamily(
+            f"{PREFIX}_associations_broken", "Accepted associations that ended by a failure instead of their "
+            "release, by reason: pacs_stopped_answering, connection, malformed, card_session_ended (each also "
+            "counts as accepted)", labels=[*labels, "reason"])
         rejections = CounterMetricFamily(
             f"{PREFIX}_rejections", "Connections the supervisor turned away before any card session took them, by "
             "reason (no_card, pin_pending, signing_in, waiting, local_peer_refused, address_not_allowed, ...)",
@@ -90,6 +101,8 @@ class AgentCollector:
                 associations.add_metric([*key, outcome, ""], counts["associations"].get(outcome, 0))
             for reason, number in sorted(counts["associations"].get("failed", {}).items()):
                 associations.add_metric([*key, "failed", reason], number)
+            for reason in BROKEN_REASONS:
+                broken.add_metric([*key, reason], counts["associations"].get("broken", {}).get(reason, 0))
             for reason, number in sorted(counts["associations"].get("turned_away", {}).items()):
                 rejections.add_metric([*key, reason], number)
             transferred.add_metric([*key, "up"], counts["bytes_up"])
@@ -100,7 +113,7 @@ class AgentCollector:
             for duration, family in histograms.items():
                 histogram = _histogram(counts, duration)
                 family.add_metric(key, cumulative_buckets(histogram), histogram["sum_us"] / 1_000_000)
-        yield from (associations, rejections, transferred, handshakes, open_now, *histograms.values())
+        yield from (associations, broken, rejections, transferred, handshakes, open_now, *histograms.values())
 
     def _names(self) -> list[tuple[str, str]]:
         config = self.manager.config  # the listeners of the configuration now in force (SIGHUP reloads it)

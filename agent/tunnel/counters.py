@@ -10,7 +10,8 @@ Association outcomes are exclusive, one per connection that reached the associat
 ``accepted`` (A-ASSOCIATE-AC), ``rejected`` (A-ASSOCIATE-RJ from the acceptor: the PACS, or the
 local SCP of an inbound listener), ``refused`` (by the tunnel's association rules), or ``failed``
 before any answer, by one of :data:`FAILURE_REASONS`. An accepted association that breaks later
-stays ``accepted`` (its failure is the tunnel's ``last_error``).
+stays ``accepted``, and is also counted in ``broken`` by one of :data:`BROKEN_REASONS` (its
+failure is the tunnel's ``last_error``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ FAILURE_REASONS = {
     "card_session_ended": "the card session ended first (card pulled, lock, idle timeout)",
     "connection": "the connection broke or closed before the association was answered",
     "busy": "inbound: too many TLS handshakes in flight (max_pending_handshakes)",
+}
+
+# Why an accepted association ended without its release: the agent's failures after the
+# A-ASSOCIATE-AC (an A-ABORT the application or the PACS sends is DICOM, not one of these).
+BROKEN_REASONS = {
+    "pacs_stopped_answering": "the PACS answered nothing for dead_pacs_timeout (host down, network cut)",
+    "connection": "the connection broke or closed unexpectedly",
+    "malformed": "a malformed PDU from either side",
+    "card_session_ended": "the card session ended (card pulled, lock, idle timeout)",
 }
 
 Counts = dict[str, Any]
@@ -68,7 +78,7 @@ def cumulative_buckets(histogram: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def empty_counts() -> Counts:
-    return {"associations": {"accepted": 0, "rejected": 0, "refused": 0, "failed": {}},
+    return {"associations": {"accepted": 0, "rejected": 0, "refused": 0, "failed": {}, "broken": {}},
             "handshakes": {"full": 0, "resumed": 0}, "bytes_up": 0, "bytes_down": 0}
 
 
@@ -88,6 +98,7 @@ class SessionCounts:
         self._lock = threading.Lock()
         self._associations: Counter[str] = Counter()
         self._failed: Counter[str] = Counter()
+        self._broken: Counter[str] = Counter()
         self._handshakes: Counter[str] = Counter()
         self._durations = {name: empty_histogram() for name in DURATIONS}
 
@@ -99,6 +110,12 @@ class SessionCounts:
                 self._failed[reason] += 1
             else:
                 self._associations[outcome] += 1
+
+    def broken(self, reason: str) -> None:
+        """An accepted association ended by a failure, one of BROKEN_REASONS (it also counts as accepted)."""
+        assert reason in BROKEN_REASONS, reason
+        with self._lock:
+            self._broken[reason] += 1
 
     def handshake(self, resumed: bool, seconds: float | None = None, signing_seconds: float | None = None) -> None:
         with self._lock:
@@ -113,6 +130,7 @@ class SessionCounts:
             counts = empty_counts()
             counts["associations"].update(self._associations)
             counts["associations"]["failed"] = dict(self._failed)
+            counts["associations"]["broken"] = dict(self._broken)
             counts["handshakes"].update(self._handshakes)
             counts[DURATIONS_KEY] = {name: dict(histogram) for name, histogram in self._durations.items()}
         counts["bytes_up"], counts["bytes_down"] = bytes_up, bytes_down

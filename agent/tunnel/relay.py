@@ -59,6 +59,7 @@ from dicom_card_agent.revocation.checker import CheckGivenUpError
 from dicom_card_agent.revocation.peer import PeerRevocation
 from dicom_card_agent.tls.failures import (
     PEER_STOPPED_ANSWERING_ERRNOS,
+    UNREACHABLE,
     TunnelFailure,
     connect_failure,
     failure_after_handshake,
@@ -645,6 +646,8 @@ def _count_association(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -
         runtime.tally.association("refused")
     elif association.answer in ("accepted", "rejected"):
         runtime.tally.association(association.answer)
+        if association.answer == "accepted" and relay.failure is not None:
+            runtime.tally.broken(_broken_reason(runtime, relay))
     elif relay.malformed is not None:
         runtime.tally.association("failed", "malformed")
     elif association.request is None:
@@ -655,6 +658,18 @@ def _count_association(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -
         runtime.tally.association("failed", "tls")  # the server refused the card's certificate after the handshake
     else:
         runtime.tally.association("failed", "connection")
+
+
+def _broken_reason(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -> str:
+    """Why an accepted association failed: one of agent/tunnel/counters.py's BROKEN_REASONS."""
+    assert relay.failure is not None
+    if relay.malformed is not None:
+        return "malformed"
+    if runtime.ending.is_set():
+        return "card_session_ended"
+    if relay.failure.cause == UNREACHABLE:  # after the handshake, only pacs_stopped_answering says so
+        return "pacs_stopped_answering"
+    return "connection"
 
 
 def _check_first_pdu(event: FramerEvent) -> None:
