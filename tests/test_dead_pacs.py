@@ -10,7 +10,6 @@ happened, and the agent must go on serving once the PACS is back.
 from __future__ import annotations
 
 import socket
-import struct
 import sys
 import time
 from contextlib import ExitStack
@@ -28,24 +27,9 @@ from peers.ports import free_port, managed_process
 from peers.study import assert_delivered, make_study
 from test_inbound import node_identity
 from test_metrics import samples, unix_get
+from test_tunnel_association import receive_pdu
 
 DEAD_AFTER = 3  # seconds: the tunnel's dead_pacs_timeout here (120 by default)
-
-
-def read_pdu(sock: socket.socket) -> bytes:
-    header = b""
-    while len(header) < 6:
-        header += sock.recv(6 - len(header)) or b"!"  # "!": a short PDU, caught below
-        if header.endswith(b"!"):
-            raise AssertionError(f"the connection ended after {header[:-1]!r}")
-    body = b""
-    length = struct.unpack(">L", header[2:6])[0]
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            raise AssertionError(f"the connection ended inside a PDU: {header + body!r}")
-        body += chunk
-    return header + body
 
 
 @pytest.mark.parametrize("when", ["the association idles", "a request is on its way"])
@@ -68,12 +52,12 @@ def test_a_pacs_that_vanishes_is_given_up_within_dead_pacs_timeout_and_the_appli
             metrics={"listen": f"unix:{metrics}"}))
         application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=60))
         application.sendall(associate_rq())
-        assert read_pdu(application)[0] == A_ASSOCIATE_AC, agent.log()
+        assert receive_pdu(application)[0] == A_ASSOCIATE_AC, agent.log()
         host.unplug()
         unplugged = time.monotonic()
         if when == "a request is on its way":
             application.sendall(p_data(bytes(200_000)))
-        answer = read_pdu(application)
+        answer_type, answer = receive_pdu(application)
         answered_after = time.monotonic() - unplugged
         assert application.recv(1) == b"", "the agent closes the connection after its A-ABORT"
         message = (f"from 127.0.0.1:{application.getsockname()[1]}: the PACS at {pacs} stopped answering: nothing "
@@ -88,7 +72,7 @@ def test_a_pacs_that_vanishes_is_given_up_within_dead_pacs_timeout_and_the_appli
         result = storescu(agent.port(), study)
         assert result.returncode == 0, result.stdout + agent.log()
         received = scp.stored_files()
-    assert answer[0] == A_ABORT, answer.hex()
+    assert answer_type == A_ABORT, answer.hex()
     assert "this card session: 1 associations accepted (1 broke off: pacs_stopped_answering 1), " in status, status
     assert DEAD_AFTER - 0.5 < answered_after < DEAD_AFTER + 2.5, f"A-ABORT after {answered_after:.1f} s"
     assert_delivered(study, received)
