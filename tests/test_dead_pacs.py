@@ -19,11 +19,11 @@ import pytest
 
 from agent_runner import associate_rq, inbound_listener, p_data, port_of, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
-from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC
+from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ
 from peers.dcmtk import storescp, storescu
 from peers.netns import separate_host
 from peers.pki_files import TlsServerFiles
-from peers.ports import free_port, managed_process
+from peers.ports import free_port, managed_process, wait_for_port
 from peers.study import assert_delivered, make_study
 from test_inbound import node_identity
 from test_metrics import samples, unix_get
@@ -129,3 +129,50 @@ def test_a_pacs_that_vanishes_from_an_inbound_listener_is_given_up_within_dead_p
         given_up_after = time.monotonic() - unplugged
     assert "answered 02" in answer, answer  # A-ASSOCIATE-AC from the viewer, through the listener
     assert given_up_after < DEAD_AFTER + 2.5, f"given up after {given_up_after:.1f} s"
+
+
+# A PACS that completes mutual TLS, reads the A-ASSOCIATE-RQ and says so, and then never answers it.
+ACCEPTING_PACS = """
+import socket, ssl, sys, time
+port, ca, chain, key = sys.argv[1:]
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(chain, key)
+context.load_verify_locations(ca)
+context.verify_mode = ssl.CERT_REQUIRED
+with socket.create_server(("0.0.0.0", int(port))) as server:
+    raw, _ = server.accept()
+    with context.wrap_socket(raw, server_side=True) as tls:
+        print("request", tls.recv(1).hex(), flush=True)
+        time.sleep(600)
+"""
+
+
+def test_a_pacs_that_vanishes_before_it_answers_the_association_is_an_a_associate_rj(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The PACS vanishes between the A-ASSOCIATE-RQ and its answer: the application gets
+    A-ASSOCIATE-RJ, rejected-transient (retrying later may work), not an A-ABORT, and the log says
+    the PACS stopped answering, not that it refused the card (a TLS 1.3 server refuses a client
+    certificate by closing right after the handshake, which is also before any answer)."""
+    script = tmp_path / "accepting_pacs.py"
+    script.write_text(ACCEPTING_PACS)
+    with ExitStack() as stack:
+        host = stack.enter_context(separate_host())
+        port = free_port()
+        pacs = stack.enter_context(managed_process(
+            [*host.prefix, sys.executable, script, str(port), test_pki.ca_bundle, test_pki.pki / "server-chain.pem",
+             test_pki.pki / "server.key"], log_path=tmp_path / "accepting-pacs.log"))
+        wait_for_port(port, process=pacs)
+        agent = stack.enter_context(running_agent(
+            test_pki, tmp_path / "agent", [tunnel("pacs", port, remote=f"{host.address}:{port}",
+                                                  dead_pacs_timeout=DEAD_AFTER)]))
+        application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=60))
+        application.sendall(associate_rq())
+        pacs.wait_for_log("request 01", timeout=30)  # PDU type 0x01: the A-ASSOCIATE-RQ reached the PACS
+        host.unplug()
+        answer_type, answer = receive_pdu(application)
+        agent.wait_for_log(f"the PACS at {host.address}:{port} stopped answering: nothing came back for "
+                           f"{DEAD_AFTER} s (dead_pacs_timeout); the network to it or the PACS is down")
+        log = agent.log()
+    assert answer_type == A_ASSOCIATE_RJ, answer.hex()
+    assert answer[7] == 2, answer.hex()  # result: rejected-transient
+    assert "rejected our certificate" not in log, log
