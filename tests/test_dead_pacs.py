@@ -9,8 +9,10 @@ happened, and the agent must go on serving once the PACS is back.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -147,12 +149,14 @@ with socket.create_server(("0.0.0.0", int(port))) as server:
 """
 
 
-def test_a_pacs_that_vanishes_before_it_answers_the_association_is_an_a_associate_rj(
-        test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    """The PACS vanishes between the A-ASSOCIATE-RQ and its answer: the application gets
-    A-ASSOCIATE-RJ, rejected-transient (retrying later may work), not an A-ABORT, and the log says
-    the PACS stopped answering, not that it refused the card (a TLS 1.3 server refuses a client
-    certificate by closing right after the handshake, which is also before any answer)."""
+@pytest.mark.parametrize("fault", ["its host vanishes", "it takes nothing in"])
+def test_a_pacs_that_stops_answering_before_it_answers_the_association_is_an_a_associate_rj(
+        test_pki: ProvisionedPki, tmp_path: Path, fault: str) -> None:
+    """Between the A-ASSOCIATE-RQ and its answer, the PACS's host vanishes, or the PACS stops
+    reading while the application sends (its receive window stays closed; docs/dicom.md): the
+    application gets A-ASSOCIATE-RJ, rejected-transient (retrying later may work), not an A-ABORT,
+    and the log says the PACS stopped answering, not that it refused the card (a TLS 1.3 server
+    refuses a client certificate by closing right after the handshake, also before any answer)."""
     script = tmp_path / "accepting_pacs.py"
     script.write_text(ACCEPTING_PACS)
     with ExitStack() as stack:
@@ -168,11 +172,23 @@ def test_a_pacs_that_vanishes_before_it_answers_the_association_is_an_a_associat
         application = stack.enter_context(socket.create_connection(("127.0.0.1", agent.port()), timeout=60))
         application.sendall(associate_rq())
         pacs.wait_for_log("request 01", timeout=30)  # PDU type 0x01: the A-ASSOCIATE-RQ reached the PACS
-        host.unplug()
+        if fault == "its host vanishes":
+            host.unplug()
+        else:
+            sending = threading.Thread(target=send_until_refused, args=(application, p_data(bytes(32 << 20))))
+            sending.start()
         answer_type, answer = receive_pdu(application)
         agent.wait_for_log(f"the PACS at {host.address}:{port} stopped answering: nothing came back for "
                            f"{DEAD_AFTER} s (dead_pacs_timeout); the network to it or the PACS is down")
         log = agent.log()
+        if fault == "it takes nothing in":
+            sending.join(30)
     assert answer_type == A_ASSOCIATE_RJ, answer.hex()
     assert answer[7] == 2, answer.hex()  # result: rejected-transient
     assert "rejected our certificate" not in log, log
+
+
+def send_until_refused(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` until it is all gone or the other side closes (the agent, after its answer)."""
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
