@@ -7,6 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from agent_runner import running_agent, tunnel, write_config
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.dns import DnsServer, resolving_through
@@ -99,12 +101,14 @@ def test_a_pacs_name_that_does_not_resolve_fails_and_a_pacs_that_is_down_warns(
         "(is the PACS running and listening on that port?)"], result.stdout
 
 
-def test_a_listen_address_this_machine_does_not_have_yet_warns(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_listen_address_this_machine_does_not_have_yet_warns(test_pki: ProvisionedPki, tmp_path: Path,
+                                                               version: int) -> None:
     """The agent listens on it anyway (docs/configuration.md, [[inbound]] listen): not a failure,
     but worth a look where the network is up."""
-    with late_address() as late:
+    with late_address(version) as late:
         config = write_config(tmp_path / "agent.toml", test_pki, [], inbound=[{
-            "name": "retrieves", "listen": f"{late.address}:104", "forward": "127.0.0.1:11112",
+            "name": "retrieves", "listen": f"{late.listen}:104", "forward": "127.0.0.1:11112",
             "allow_from": [late.address], "server_certificate": str(test_pki.pki / "server-chain.pem"),
             "server_key": str(test_pki.pki / "server.key")}])
         result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))

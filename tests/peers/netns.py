@@ -98,18 +98,28 @@ class LateAddress:
 
     address: str
 
+    @property
+    def prefix_length(self) -> int:
+        return 128 if ":" in self.address else 32
+
+    @property
+    def listen(self) -> str:
+        """The address as a ``listen`` setting's host takes it (IPv6 in brackets)."""
+        return f"[{self.address}]" if ":" in self.address else self.address
+
     def bring_up(self) -> None:
-        _ip("addr", "add", f"{self.address}/32", "dev", "lo")
+        _ip("addr", "add", f"{self.address}/{self.prefix_length}", "dev", "lo")
 
 
 @contextlib.contextmanager
-def late_address() -> Iterator[LateAddress]:
-    """An address from 198.19.0.0/16 (in RFC 2544's test range) not on this machine yet; removed from
-    the loopback interface at the end if :meth:`LateAddress.bring_up` added it there."""
+def late_address(version: int = 4) -> Iterator[LateAddress]:
+    """An address not on this machine yet, from 198.19.0.0/16 (in RFC 2544's test range) or, with
+    ``version=6``, 2001:db8::/32 (RFC 3849's documentation range); removed from the loopback
+    interface at the end if :meth:`LateAddress.bring_up` added it there."""
     number = (os.getpid() + next(_numbers)) % 65000 + 1
-    late = LateAddress(f"198.19.{number >> 8}.{number & 255}")
+    late = LateAddress(f"2001:db8::{number:x}" if version == 6 else f"198.19.{number >> 8}.{number & 255}")
     try:
         yield late
     finally:
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            _ip("addr", "del", f"{late.address}/32", "dev", "lo")
+            _ip("addr", "del", f"{late.address}/{late.prefix_length}", "dev", "lo")
