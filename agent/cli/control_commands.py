@@ -62,8 +62,7 @@ def _say_counts(counters: dict, rejected_by: str, up: str, down: str) -> None:
 def _describe_counts(counts: dict, rejected_by: str, up: str, down: str) -> str:
     associations, handshakes = counts["associations"], counts["handshakes"]
     broken = associations.get("broken", {})  # an agent from before these counts has none
-    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(broken.items()))
-    broke_off = f" ({sum(broken.values())} broke off: {reasons})" if broken else ""
+    broke_off = f" ({sum(broken.values())} broke off: {_reasons(broken)})" if broken else ""
     parts = [f"{associations['accepted']} associations accepted{broke_off}",
              f"{associations['rejected']} {rejected_by}",
              f"{associations['refused']} refused by the association rules",
@@ -76,7 +75,11 @@ def _describe_counts(counts: dict, rejected_by: str, up: str, down: str) -> str:
 
 
 def _by_reason(reasons: dict[str, int]) -> str:
-    return f" ({', '.join(f'{reason} {n}' for reason, n in sorted(reasons.items()))})" if reasons else ""
+    return f" ({_reasons(reasons)})" if reasons else ""
+
+
+def _reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
 
 
 def _describe_crl_file(crl: dict) -> str:
