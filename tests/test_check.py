@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import running_agent, tunnel, write_config
+from agent_runner import inbound_listener, running_agent, tunnel, write_config
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.dns import DnsServer, resolving_through
 from peers.netns import late_address
 from peers.ports import free_port
+from test_inbound import node_identity
 
 
 def findings(stdout: str) -> list[str]:
@@ -107,10 +108,9 @@ def test_a_listen_address_this_machine_does_not_have_yet_warns(test_pki: Provisi
     """The agent listens on it anyway (docs/configuration.md, [[inbound]] listen): not a failure,
     but worth a look where the network is up."""
     with late_address(version) as late:
-        config = write_config(tmp_path / "agent.toml", test_pki, [], inbound=[{
-            "name": "retrieves", "listen": f"{late.listen}:104", "forward": "127.0.0.1:11112",
-            "allow_from": [late.address], "server_certificate": str(test_pki.pki / "server-chain.pem"),
-            "server_key": str(test_pki.pki / "server.key")}])
+        listener = inbound_listener("retrieves", "127.0.0.1:11112", listen=f"{late.listen}:104",
+                                    allow_from=[late.address], **node_identity(test_pki))
+        config = write_config(tmp_path / "agent.toml", test_pki, [], inbound=[listener])
         result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
     assert (f"warn listen retrieves: inbound retrieves: {late.address} is not an address of this workstation now; "
             "the agent listens on it anyway, connections arrive once the network brings it up") \

@@ -28,7 +28,7 @@ from peers.pki_files import TlsServerFiles
 from peers.ports import free_port, managed_process, wait_for_port
 from peers.study import assert_delivered, make_study
 from test_inbound import node_identity
-from test_metrics import samples, unix_get
+from test_metrics import samples, unix_get, value
 from test_tunnel_association import receive_pdu
 
 DEAD_AFTER = 3  # seconds: the tunnel's dead_pacs_timeout here (120 by default)
@@ -65,9 +65,8 @@ def test_a_pacs_that_vanishes_is_given_up_within_dead_pacs_timeout_and_the_appli
         message = (f"from 127.0.0.1:{application.getsockname()[1]}: the PACS at {pacs} stopped answering: nothing "
                    f"came back for {DEAD_AFTER} s (dead_pacs_timeout); the network to it or the PACS is down")
         agent.wait_for_log(message)
-        broken = ("card_agent_associations_broken_total",
-                  (("kind", "tunnel"), ("listener", "pacs"), ("reason", "pacs_stopped_answering")))
-        wait_for(lambda: samples(unix_get(metrics, "/metrics")).get(broken) == 1)
+        wait_for(lambda: value(samples(unix_get(metrics, "/metrics")), "card_agent_associations_broken_total",
+                               listener="pacs", kind="tunnel", reason="pacs_stopped_answering") == 1)
         status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env()).stdout
 
         host.plug()  # the PACS is back: the next association works, with no restart

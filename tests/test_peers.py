@@ -20,7 +20,7 @@ from conftest import ProvisionedPki
 from peers.dcmtk import echoscu, storescp, storescu, tls11_only_server
 from peers.orthanc import orthanc_tls
 from peers.pki_files import TlsClientFiles, TlsServerFiles, issue_server_file_identity, subject_string, write_crl
-from peers.ports import free_port, managed_process, wait_for_port
+from peers.ports import ephemeral_range, free_port, managed_process, wait_for_port
 from peers.pynetdicom_scp import associate, plain_scp, tls_scp
 from peers.study import (
     PATIENT_ID,
@@ -124,7 +124,7 @@ def test_managed_process_sets_nodelay_logs_and_kills_its_group(tmp_path: Path) -
 def test_free_port_never_hands_out_a_port_twice_nor_one_the_kernel_gives_to_connections() -> None:
     # CI once gave storescp the port just handed to an agent's listener (two bind(0) probes, each
     # closed at once, got the same port); 600 probes of the old bind(0) free_port repeated one.
-    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    low, high = ephemeral_range()
     ports = [free_port() for _ in range(600)]
     assert len(set(ports)) == len(ports)
     assert not [port for port in ports if low <= port <= high]

@@ -22,7 +22,7 @@ LOOPBACK = "127.0.0.1"
 _TCP_LISTEN = "0A"  # socket state LISTEN in /proc/net/tcp
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def ephemeral_range() -> tuple[int, int]:
     """The kernel's range for bind(0) and outgoing connections' source ports."""
     try:
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -42,7 +42,7 @@ _handed_out: set[int] = set()
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port on ``host`` that was free a moment ago and that no earlier call in this process
     returned, from below the kernel's ephemeral range, so no outgoing connection takes it first."""
-    ephemeral_low, _ = _ephemeral_range()
+    ephemeral_low, _ = ephemeral_range()
     low = max(1024, ephemeral_low - _HANDED_OUT_SPAN)
     candidates = range(low, ephemeral_low)
     start = random.randrange(len(candidates))
