@@ -125,6 +125,8 @@ class RunningAgent:
 # A command prefix: the command runs without CAP_SYS_PTRACE, so that even as root it is "another
 # process of the same user" to the agent, which may read its memory only if the agent is dumpable.
 WITHOUT_PTRACE = ["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"]
+# Runs the Python script that follows as another local user (uid 65534, nobody): the hostile one.
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-I", "-c"]
 
 
 VIRTUALENV_PACKAGES = (Path(CARD_AGENT).parent.parent / "lib"

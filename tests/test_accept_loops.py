@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent_runner import (
+    NOBODY,
     FramedEchoServer,
     associate_rq,
     dicom_stream,
@@ -31,7 +32,6 @@ from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.relay import reject_pdu
 from peers.ports import free_port
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-I", "-c"]
 REJECTED_TRANSIENT = reject_pdu(transient=True)
 
 # Opens COUNT connections and trickles a byte of an A-ASSOCIATE-RQ into each every TRICKLE seconds

@@ -6,8 +6,10 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -15,8 +17,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_runner import agent_status, running_agent, tunnel, wait_for
+from agent_runner import NOBODY, agent_status, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
+from dicom_card_agent.service.metrics import SCRAPE_DEADLINE_SECONDS
 from peers.ports import free_port
 from peers.pynetdicom_scp import echo, tls_scp
 
@@ -104,6 +107,51 @@ def test_metrics_on_a_unix_socket_count_what_was_turned_away(test_pki: Provision
     assert value(scraped, "card_agent_signed_in") == 0
     assert value(scraped, "card_agent_audit_messages_waiting") == 0
     assert not path.exists()
+
+
+# Connects to the metrics port and sends nothing; prints the seconds until the agent cut it off.
+SILENT_SCRAPER = textwrap.dedent("""
+    import socket, sys, time
+    sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    print("connected", flush=True)
+    sock.settimeout(60)
+    started = time.monotonic()
+    try:
+        sock.recv(1)
+    except OSError:
+        pass
+    print(f"{time.monotonic() - started:.1f}", flush=True)
+""")
+
+
+def test_a_client_that_sends_nothing_holds_neither_scrapes_nor_the_stop(test_pki: ProvisionedPki,
+                                                                      tmp_path: Path) -> None:
+    """Another local user connects to the loopback metrics port and sends nothing. The endpoint served
+    one request at a time without a deadline: every later scrape waited, and SIGTERM left the agent
+    running (its card session still relaying as the clinician) until that user let go."""
+    port = free_port()
+    silent = [*NOBODY, SILENT_SCRAPER, str(port)]
+    with tls_scp(pki_dir=test_pki.pki) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                          metrics={"listen": f"127.0.0.1:{port}"}) as agent, \
+            subprocess.Popen(silent, stdout=subprocess.PIPE, text=True, cwd="/") as first, \
+            subprocess.Popen(silent, stdout=subprocess.PIPE, text=True, cwd="/") as second:
+        try:
+            assert first.stdout is not None and second.stdout is not None
+            assert first.stdout.readline() == "connected\n"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                assert response.status == 200
+            cut_off_after = float(first.stdout.readline())
+            assert second.stdout.readline() == "connected\n"
+            agent.process.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert agent.process.wait(5) == 0
+            stopped_in = time.monotonic() - started
+        finally:
+            first.kill()
+            second.kill()
+    assert SCRAPE_DEADLINE_SECONDS <= cut_off_after < SCRAPE_DEADLINE_SECONDS + 2
+    assert stopped_in < 5
 
 
 def unix_get(path: Path, target: str) -> str:

@@ -91,11 +91,13 @@ def run(
         raise
     finally:
         listeners.close()
+        # The card's sessions end first: nothing a local client does to the servers below (a
+        # connection left open, a slow read) may keep the card session relaying after the stop.
+        manager.shutdown()
         if metrics is not None:
             metrics.close()
         if control_server is not None:
             control_server.close()
-        manager.shutdown()
         _record_stop(audit, stop, failure)
         audit.close()
 

@@ -14,9 +14,11 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, exposition
@@ -45,6 +47,10 @@ log = logging.getLogger("agent.metrics")
 # prometheus_client releases announce 1.0.0 for the same text.
 CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 PREFIX = "card_agent"
+# A scrape is one short request: a client still connected after Prometheus's own default
+# scrape_timeout is cut off, so that one sending nothing holds neither the endpoint nor the stop.
+SCRAPE_DEADLINE_SECONDS = 10.0
+SCRAPES_AT_ONCE = 16  # more at once are closed unanswered: a local flood costs no more threads
 DURATION_HELP = {
     "handshake": "TLS handshakes, full or resumed, from the first message to the last",
     "token_signature": "Handshake steps that sign with the token (the card's signature and the step's own "
@@ -277,10 +283,14 @@ def _server(config: MetricsConfig, registry: CollectorRegistry, where: str) -> H
     return server
 
 
-class _SocketServer(HTTPServer):
-    """An HTTPServer on a socket already listening (TCP or unix)."""
+class _SocketServer(ThreadingMixIn, HTTPServer):
+    """An HTTPServer on a socket already listening (TCP or unix). Each scrape runs in a thread of its
+    own, for ``SCRAPE_DEADLINE_SECONDS`` at most: any local user can connect to a loopback port,
+    and one that connected and sent nothing used to hold every later scrape and the agent's stop
+    (``shutdown`` waited for the request in hand)."""
 
     daemon_threads = True
+    block_on_close = False
 
     def __init__(self, sock: socket.socket, handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(("", 0), handler, bind_and_activate=False)
@@ -288,3 +298,30 @@ class _SocketServer(HTTPServer):
         self.socket = sock
         self.address_family = sock.family
         self.server_address = sock.getsockname()
+        self._lock = threading.Lock()
+        self._deadlines: dict[socket.socket, float] = {}
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if len(self._deadlines) >= SCRAPES_AT_ONCE:
+                request.close()
+                return
+            self._deadlines[request] = time.monotonic() + SCRAPE_DEADLINE_SECONDS
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Called by ``serve_forever`` between polls: cut off the scrapes past their deadline (their
+        thread's read or write then fails, and the thread ends)."""
+        now = time.monotonic()
+        with self._lock:
+            late = [request for request, deadline in self._deadlines.items() if deadline < now]
+        for request in late:
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # its thread closed it meanwhile
