@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
-from agent_runner import card_session_pid, running_agent, tunnel
+from agent_runner import associate_rq, card_session_pid, running_agent, tunnel
 from conftest import CARD_AGENT, ProvisionedPki
 from fault_pkcs11 import FaultControl
+from peers.pynetdicom_scp import tls_scp
 
 SIGNED_IN = 'event=sign-in subject="CN=Alice Example'
 
@@ -59,3 +61,41 @@ def test_a_stuck_card_session_neither_freezes_the_card_loop_nor_status(
                      f"card-session process (pid {worker}) has not answered status within 2 s") == 1, log
     assert "idle timeout" not in log  # whether a transfer was open was not known: the session was not idled out
     assert 3.5 < signed_out_after < 5.5, f"signed out {signed_out_after:.1f} s after the card was removed"
+
+
+def test_a_silent_card_session_holds_the_idle_lock_off_for_at_most_ten_seconds(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """The clinician walked away; the card-session process answers nothing (stopped here). The idle
+    lock used to wait for an answer that never came: the session stayed signed in, and a connection
+    queued meanwhile on the lent listener was relayed as the clinician once the process ran again.
+    Now it is ended as idle once it has been silent for 10 s past the idle timeout, and the queued
+    connection is turned away."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with tls_scp(pki_dir=test_pki.pki) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], module=str(fault_module),
+                          env=card.env(), agent={"idle_timeout": 2}) as agent:
+        agent.wait_for_log(SIGNED_IN)
+        worker = card_session_pid(agent.process.pid)
+        assert worker is not None
+        os.kill(worker, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            queued = socket.create_connection(("127.0.0.1", agent.port()), timeout=30)
+            queued.sendall(associate_rq())
+            log = agent.wait_for_log('event=sign-out reason="idle timeout"', timeout=25)
+            signed_out_after = time.monotonic() - stopped
+            answer = queued.recv(65536)
+        finally:
+            queued.close()
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log = agent.wait_for_log("rejected: ")
+    subject = "CN=Alice Example,O=Example Hospital Test PKI"
+    assert (f"card-agent: WARNING: card session of {subject}: idle for 2 s and no answer from its process "
+            "for 10 s: ended as idle") in log
+    # Silent for 10 s from the first unanswered question (at the idle deadline), then 4 s to end it.
+    assert 12 < signed_out_after < 19, f"signed out {signed_out_after:.1f} s after the process stopped"
+    assert answer[:1] == b"\x03"  # A-ASSOCIATE-RJ, where the PACS, reached as the clinician, accepts

@@ -63,6 +63,8 @@ from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED
 log = logging.getLogger("agent.session")
 
 TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the stop flag
+# Past idle_timeout, how long a card-session process that answers no status question may hold the lock off.
+SILENT_SESSION_IDLE_SECONDS = 10.0
 STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
 
 
@@ -511,7 +513,15 @@ class SessionManager:
             return
         try:
             tunnels = self.session.status()
-        except CardSessionUnresponsive:  # whether a transfer is open is not known: asked again at the next check
+        except CardSessionUnresponsive:
+            # Whether a transfer is open is not known: asked again at the next check. A process that
+            # stays silent relays nothing either (its relays need the interpreter that answers), and
+            # the idle lock is what protects a workstation left alone: it waits no longer than this.
+            if self.session.silent_for() < SILENT_SESSION_IDLE_SECONDS:
+                return
+            log.warning("card session of %s: idle for %g s and no answer from its process for %.0f s: ended as idle",
+                        self.session.signed_in.files.subject, timeout, self.session.silent_for())
+            self._feed(IdleTimeout(timeout))
             return
         # Connections the session accepted itself on lent listeners are activity too.
         self.last_activity = max(self.last_activity, self.session.last_connection)

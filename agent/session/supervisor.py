@@ -86,6 +86,7 @@ class CardSession:
         # this many answers are theirs and are skipped. Guarded by _status_lock.
         self._owed = 0
         self.last_connection = 0.0  # time.monotonic() of its latest connection on a lent listener, as last told
+        self._silent_since: float | None = None  # time.monotonic() of the first status question left unanswered
         # True from the probe's answer until the PIN is sent or the process is ended: its exit then
         # is a loss the supervisor notices by itself (the PIN dialog is open for it).
         self.awaiting_pin = False
@@ -247,6 +248,7 @@ class CardSession:
                 raise CardSessionUnresponsive(self._unanswered("status")) from None
             except OSError:
                 return {}
+            self._silent_since = None
             tunnels = reply.get("tunnels", {}) if reply else {}
             self.last_connection = reply.get("last_connection", 0.0) if reply else self.last_connection
             self._keep_counts(tunnels)
@@ -254,7 +256,13 @@ class CardSession:
         finally:
             self._status_lock.release()
 
+    def silent_for(self) -> float:
+        """Seconds since the first status question the process has left unanswered (0 while it answers)."""
+        return 0.0 if self._silent_since is None else time.monotonic() - self._silent_since
+
     def _unanswered(self, question: str) -> str:
+        if self._silent_since is None:
+            self._silent_since = time.monotonic()
         return (f"the card-session process (pid {self.process.pid if self.process else '?'}) has not answered "
                 f"{question} within {STATUS_TIMEOUT_SECONDS:g} s")
 
