@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_runner import RunningAgent, agent_status, associate_rq, running_agent, send_and_close, tunnel, wait_for
-from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
+from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from desktop import PINENTRY_GTK, Desktop, desktop  # noqa: F401 - a pytest fixture
 from fault_pkcs11 import FaultControl
 from peers.pki_files import TlsServerFiles
@@ -170,6 +170,60 @@ def test_a_wrong_pin_says_what_tries_are_left_and_a_blocked_card_who_to_call(
         log = agent.log()
     assert len(logins(card)) == 2
     assert WRONG_PIN not in log
+
+
+def test_a_card_that_cannot_sign_in_says_why_and_whom_to_call(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:
+    """An expired card, a revoked one and a card whose PIN has expired used to leave the screen
+    silent (the clinician guide promises that no terminal or log is ever needed): each now says
+    what is wrong and whom to call. The expired card asks for no PIN at all."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("expired")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with clinician_agent(test_pki, tmp_path, fault_module, card, desktop, pacs.port):
+            assert desktop.wait_for_notification("Your card has expired", timeout=20) == (
+                "Your card has expired", f"No PACS accepts it any more. Call {HELPDESK} for a new card.")
+            assert logins(card) == []
+            card.show("mallory")  # revoked: known only after the PIN, from the card session's check
+            desktop.wait_for_window("Sign in: Mallory Example")
+            desktop.type(USER_PIN)
+            desktop.key("Return")
+            assert desktop.wait_for_notification("Your card has been revoked", timeout=20) == (
+                "Your card has been revoked", f"No PACS accepts it any more. Call {HELPDESK} for a new card.")
+            card.fail("C_Login", "CKR_PIN_EXPIRED")
+            card.show("alice")
+            desktop.wait_for_window(DIALOG)
+            desktop.type(USER_PIN)
+            desktop.key("Return")
+            assert desktop.wait_for_notification("Your PIN must be changed", timeout=20) == (
+                "Your PIN must be changed", f"The card accepts no sign-in until its PIN is changed. Call {HELPDESK}.")
+            status = agent_status(tmp_path / "agent", card.env())
+    assert status["state"] == ("card present, the card's PIN has expired: it must be changed before the card can "
+                               "sign in")
+
+
+def test_another_card_inserted_ends_the_session_in_its_own_words(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:
+    """Alice is signed in from one reader; Bob inserts his card in the other. Alice's card never
+    left, so she is not told it was removed, and the sign-out names her card, not Bob's."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.readers("alice", None)
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with clinician_agent(test_pki, tmp_path, fault_module, card, desktop, pacs.port) as agent:
+            sign_in(desktop, agent)
+            desktop.notifications()
+            card.readers("alice", "bob")
+            assert desktop.wait_for_notification("Another card was inserted: DICOM connections ended") == (
+                "Another card was inserted: DICOM connections ended",
+                "The previous card's session ended; the new card signs in next.")
+            desktop.wait_for_window("Sign in: Bob Example")
+            locked = run_card_agent("lock", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env(),
+                                    check=True).stdout
+            log = agent.log()
+    assert locked == "locked: the sign-in under way was cancelled; re-insert the card to sign in\n"
+    sign_out = next(line for line in log.splitlines() if "event=sign-out" in line)
+    assert 'reason="card swapped" subject="CN=Alice Example' in sign_out and 'token="alice"' in sign_out
+    assert "Card removed: DICOM connections ended" not in [summary for summary, _ in desktop.notifications()]
 
 
 def test_lock_from_the_desktop_entry_is_confirmed(

@@ -99,7 +99,9 @@ def _say(line: str) -> None:
 def lock(config: ConfigFile = None) -> None:
     """End the card session now, as if the card had been pulled."""
     answer = control.request(load_config(locate_config(config)), "lock")
-    if answer["locked"]:
+    if answer["locked"] and answer.get("signing_in"):
+        typer.echo("locked: the sign-in under way was cancelled; re-insert the card to sign in")
+    elif answer["locked"]:
         typer.echo("locked: every connection of the card session was closed; re-insert the card to sign in again")
     else:
         typer.echo(f"nothing to lock ({answer['state']})")

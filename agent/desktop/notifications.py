@@ -165,6 +165,40 @@ class DesktopNotices:
         self._tell("pin-blocked", "Card blocked: too many wrong PINs",
                    f"Call {self.config.helpdesk} to unblock your card.", critical=True)
 
+    def pin_expired(self) -> None:
+        self._tell("pin-expired", "Your PIN must be changed",
+                   f"The card accepts no sign-in until its PIN is changed. Call {self.config.helpdesk}.", critical=True)
+
+    def pin_not_accepted(self) -> None:
+        self._tell("pin-not-accepted", "PIN not accepted",
+                   "The card does not accept a PIN of that length or with those characters. Check your PIN, "
+                   "then remove your card and insert it again to try again.")
+
+    def final_try_not_used(self) -> None:
+        self._tell("final-try", "Not signed in: one PIN try left",
+                   f"Nothing was tried: a wrong PIN would block the card. Call {self.config.helpdesk}.", critical=True)
+
+    def card_expired(self) -> None:
+        self._tell("card-expired", "Your card has expired",
+                   f"No PACS accepts it any more. Call {self.config.helpdesk} for a new card.", critical=True)
+
+    def card_not_yet_valid(self) -> None:
+        self._tell("card-not-yet-valid", "Your card is not valid yet",
+                   f"Its certificate starts later than this computer's clock says. Call {self.config.helpdesk}.",
+                   critical=True)
+
+    def card_revoked(self) -> None:
+        self._tell("card-revoked", "Your card has been revoked",
+                   f"No PACS accepts it any more. Call {self.config.helpdesk} for a new card.", critical=True)
+
+    def card_not_usable(self) -> None:
+        self._tell("card-not-usable", "Not signed in: your card could not be used",
+                   f"Remove your card and insert it again. If it happens again, call {self.config.helpdesk}.")
+
+    def card_swapped(self) -> None:
+        self._tell("card-swapped", "Another card was inserted: DICOM connections ended",
+                   "The previous card's session ended; the new card signs in next.")
+
     def pacs_unreachable(self, what: str) -> None:
         self._tell(f"pacs-unreachable:{what}", f"Cannot reach {what}",
                    f"Images cannot be sent or fetched now. Try again in a few minutes; if it goes on, call "

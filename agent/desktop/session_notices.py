@@ -10,9 +10,11 @@ from cryptography import x509
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.notifications import DesktopNotices
 from dicom_card_agent.desktop.words import person_name, purpose, tries_left
+from dicom_card_agent.revocation.peer import CardRevokedError
+from dicom_card_agent.session.identity import CertificateExpiredError, CertificateNotYetValidError
 from dicom_card_agent.tls.failures import CERTIFICATE_REFUSED, UNREACHABLE
 from dicom_card_agent.token.discovery import PinState
-from dicom_card_agent.token.login import LoginError, PinLockedError, WrongPinError
+from dicom_card_agent.token.login import LoginError, PinExpiredError, PinFinalTryError, PinLockedError, WrongPinError
 from dicom_card_agent.token.pinentry import PinEntryTimedOutError
 from dicom_card_agent.tunnel.relay import PACS_PROBLEM
 
@@ -31,8 +33,10 @@ class SessionNotices:
 
     def session_ended(self, reason: str) -> None:
         """A session ended by the card loop; ``reason`` as the life-cycle table words it."""
-        if reason in ("card removed", "card swapped"):
+        if reason == "card removed":
             self.notices.card_removed()
+        elif reason == "card swapped":
+            self.notices.card_swapped()
         elif reason == "idle timeout":
             self.notices.idle_locked(self.config.idle_timeout)
 
@@ -44,11 +48,31 @@ class SessionNotices:
         self.notices.sign_in_cancelled(timed_out=error is None or isinstance(error, PinEntryTimedOutError))
 
     def sign_in_refused(self, error: LoginError) -> None:
+        """The card refused the login, or no login was tried for what the card says of its PIN."""
         if isinstance(error, PinLockedError) or (isinstance(error, WrongPinError)
                                                  and error.pin_state is PinState.LOCKED):
             self.notices.pin_blocked()
         elif isinstance(error, WrongPinError):
             self.notices.pin_wrong(tries_left(error.pin_state))
+        elif isinstance(error, PinExpiredError):
+            self.notices.pin_expired()
+        elif isinstance(error, PinFinalTryError):
+            self.notices.final_try_not_used()
+        elif type(error) is LoginError:  # the card refused the PIN's length or characters
+            self.notices.pin_not_accepted()
+        else:
+            self.notices.card_not_usable()
+
+    def sign_in_failed(self, error: Exception) -> None:
+        """The card could not be used for anything but its PIN: its certificate, its module, the card itself."""
+        if isinstance(error, CertificateExpiredError):
+            self.notices.card_expired()
+        elif isinstance(error, CertificateNotYetValidError):
+            self.notices.card_not_yet_valid()
+        elif isinstance(error, CardRevokedError):
+            self.notices.card_revoked()
+        else:
+            self.notices.card_not_usable()
 
     def with_reports(self, on_report: OnReport) -> OnReport:
         """``on_report`` (the audit trail's), and the PACS problems a card-session process reports."""

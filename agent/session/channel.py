@@ -11,6 +11,7 @@ from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import (
     LoginError,
+    PinExpiredError,
     PinFinalTryError,
     PinLockedError,
     PinNotInitializedError,
@@ -116,7 +117,8 @@ def _reassemble(channel: socket.socket, length: int, limit: int) -> dict[str, An
 
 
 _LOGIN_ERRORS: dict[str, type[CardAgentError]] = {
-    cls.__name__: cls for cls in (LoginError, PinLockedError, PinFinalTryError, PinNotInitializedError, ConfigError)
+    cls.__name__: cls for cls in (LoginError, PinLockedError, PinFinalTryError, PinNotInitializedError, PinExpiredError,
+                                   ConfigError)
 }
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.lifecycle.machine import State
 from dicom_card_agent.session.identity import runtime_directory
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.supervisor import CardSessionUnresponsive
@@ -103,7 +104,8 @@ class ControlServer:
             return self.status()
         if command == "lock":
             locked = self.manager.lock()
-            return {"locked": locked, "state": self.manager.state}
+            return {"locked": locked is not None, "signing_in": locked in (State.PIN_PENDING, State.SIGNING_IN),
+                    "state": self.manager.state}
         return {"error": f"unknown command {command!r}: status or lock"}
 
     def status(self) -> dict:

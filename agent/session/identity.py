@@ -9,6 +9,7 @@ process, which makes the one login attempt and checks the key (agent/session/wor
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shutil
@@ -45,6 +46,14 @@ log = logging.getLogger("agent.session")
 
 class IdentitySelectionError(CardAgentError):
     """The card holds no usable identity, or several and the configuration does not say which."""
+
+
+class CertificateExpiredError(IdentitySelectionError):
+    """Every personal certificate on the card has expired."""
+
+
+class CertificateNotYetValidError(IdentitySelectionError):
+    """Every personal certificate on the card starts later than this workstation's clock."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +210,13 @@ def _choose(identities: list[Identity], config: AgentConfig, label: str, preferr
     usable = [i for i in personal if _usable_before_login(i)]
     if not usable:
         reasons = "; ".join(f"{i.subject}: {i.reason}" for i in personal) or _no_personal_certificate(identities)
-        raise IdentitySelectionError(f"token {label!r} holds no usable identity ({reasons})")
+        message = f"token {label!r} holds no usable identity ({reasons})"
+        now = datetime.datetime.now(datetime.timezone.utc)
+        if personal and all(now > i.certificate.not_valid_after_utc for i in personal):
+            raise CertificateExpiredError(message)
+        if personal and all(now < i.certificate.not_valid_before_utc for i in personal):
+            raise CertificateNotYetValidError(message)
+        raise IdentitySelectionError(message)
     preferred = [i for i in usable if i.key_id in preferred_ids]
     if len(usable) == 1 or len(preferred) == 1:
         return (preferred or usable)[0]

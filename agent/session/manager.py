@@ -54,7 +54,7 @@ from dicom_card_agent.session.supervisor import (
     CardSessionUnresponsive,
     describe_exit,
 )
-from dicom_card_agent.token.login import LoginError
+from dicom_card_agent.token.login import LoginError, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Totals
@@ -105,6 +105,7 @@ class SessionManager:
         self._probed: Card | None = None  # the token the current card holds, once its probe has said
         self.session: CardSession | None = None  # the signed-in attempt's card-session process
         self._session_attempt = 0
+        self._session_card: Card | None = None  # the card the session signed in with
         self._sign_in: _SignIn | None = None
         self._pending_sessions: dict[int, CardSession] = {}  # signed in, not yet taken up by the loop
         self._late: queue.SimpleQueue[Event] = queue.SimpleQueue()  # what sign-in threads report
@@ -152,14 +153,16 @@ class SessionManager:
         (no_card, pin_pending, signing_in, waiting, signed_in: the card session could not take it)."""
         self.totals.turned_away(name, reason or self.machine.state.name.lower())
 
-    def lock(self) -> bool:
-        """End the session (or the sign-in under way) now; the card must be re-inserted."""
+    def lock(self) -> State | None:
+        """End the session (or the sign-in under way) now; the card must be re-inserted. The state
+        that was locked; None when there was nothing to lock."""
         with self._lock:
-            if self.machine.state not in (State.SIGNED_IN, State.PIN_PENDING, State.SIGNING_IN):
-                return False
+            locked = self.machine.state
+            if locked not in (State.SIGNED_IN, State.PIN_PENDING, State.SIGNING_IN):
+                return None
             self._feed(Lock())
             self.desktop.locked()
-            return True
+            return locked
 
     def reconfigure(self, config: AgentConfig) -> str:
         """A reloaded configuration (agent/session/reload.py): the card session serves its tunnels
@@ -368,7 +371,7 @@ class SessionManager:
             self.audit.sign_in_failed(named, error)
             self.desktop.sign_in_refused(error)
             log.error("%s", error)
-            self._report(SignInFailed(attempt, "PIN not accepted: remove and re-insert the card to try again"))
+            self._report(SignInFailed(attempt, waiting_reason(error)))
             return
         except Exception as error:  # the card left mid-way, a broken module, anything: never the agent's end
             session.end("sign-in failed")
@@ -379,6 +382,7 @@ class SessionManager:
             self.last_error = message
             event("sign-in-failed", **(session.card or card).event_fields(), reason=message)
             log.error("sign-in to %s failed: %s", session.card or card, message)
+            self.desktop.sign_in_failed(error)
             self._report(SignInFailed(attempt, f"not signed in: {message}"))
             return
         with self._lock:
@@ -419,7 +423,7 @@ class SessionManager:
         self.since = time.time()
         self.touch()
         files = session.signed_in.files
-        card = self.card
+        card = self._session_card = self.card
         assert card is not None
         event("sign-in", subject=files.subject, issuer=files.issuer, token=card.label, serial=card.serial)
         self.audit.signed_in(session.signed_in, card)
@@ -440,12 +444,12 @@ class SessionManager:
         if self.session is None or self._session_attempt != attempt:
             return
         session, self.session = self.session, None
+        card, self._session_card = self._session_card, None  # self.card is already the next card after a swap
         started = time.monotonic()
         if self.listeners is not None:  # new connections are answered here from now on
             self.listeners.take_back(session)
         session.end(reason)
         self.totals.session_ended(session.last_counts)
-        card = self.card
         event("sign-out", reason=reason, subject=session.signed_in.files.subject,
               token=card.label if card else None, serial=card.serial if card else None,
               closed_in_ms=round((time.monotonic() - started) * 1000))

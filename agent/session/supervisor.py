@@ -19,6 +19,7 @@ from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
+from dicom_card_agent.revocation.peer import CardRevokedError
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_session_directory
 from dicom_card_agent.session.probe import FoundCard, ProbeRequest
@@ -207,7 +208,9 @@ class CardSession:
         if reply is not None and reply.get("type") == "login-error":
             return messages.login_error_from(reply)
         detail = reply.get("message") if reply else "it exited"
-        if reply is not None and reply.get("plain"):  # a sentence for the clinician (a revoked card)
+        if reply is not None and reply.get("revoked"):
+            return CardRevokedError(detail)
+        if reply is not None and reply.get("plain"):  # a sentence for the clinician (the card could not be read)
             return CardSessionError(detail)
         return CardSessionError(f"{what}: {detail}")
 

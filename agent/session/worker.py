@@ -236,7 +236,8 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
         messages.send(channel, messages.login_error_message(error))
         return 1
     except CardAgentError as error:
-        messages.send(channel, {"type": "error", "message": str(error), "plain": isinstance(error, CardRevokedError)})
+        revoked = isinstance(error, CardRevokedError)
+        messages.send(channel, {"type": "error", "message": str(error), "plain": revoked, "revoked": revoked})
         return 1
     except PKCS11Error as error:
         messages.send(channel, {"type": "error", "message": f"the PKCS#11 module failed with "

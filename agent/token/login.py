@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pkcs11 import PROTECTED_AUTH, TokenFlag
-from pkcs11.exceptions import PinIncorrect, PinInvalid, PinLenRange, PinLocked, UserAlreadyLoggedIn
+from pkcs11.exceptions import PinExpired, PinIncorrect, PinInvalid, PinLenRange, PinLocked, UserAlreadyLoggedIn
 from pkcs11.types import Session, Token
 
 from dicom_card_agent.errors import CardAgentError, ConfigError
@@ -42,6 +42,25 @@ class WrongPinError(LoginError):
 
 class PinNotInitializedError(LoginError):
     pass
+
+
+class PinExpiredError(LoginError):
+    """The card accepted no sign-in until its PIN is changed (CKR_PIN_EXPIRED)."""
+
+
+def waiting_reason(error: LoginError) -> str:
+    """What ``status`` says while the card waits after this refused login: what happened, then the
+    one thing that helps (re-inserting helps only after a wrong PIN)."""
+    if isinstance(error, PinLockedError) or (isinstance(error, WrongPinError) and error.pin_state is PinState.LOCKED):
+        return "PIN blocked: the card must be unblocked (PUK or card administrator) before it can sign in"
+    if isinstance(error, PinFinalTryError):
+        return ("one PIN try left, not tried: confirm the final try in the PIN dialog (pin = \"pinentry\") "
+                "or with --confirm-final-try")
+    if isinstance(error, PinExpiredError):
+        return "the card's PIN has expired: it must be changed before the card can sign in"
+    if isinstance(error, PinNotInitializedError):
+        return "the card has no user PIN set: it must be initialised before it can sign in"
+    return "PIN not accepted: remove and re-insert the card to try again"
 
 
 _STATE_WORDS = {
@@ -151,6 +170,9 @@ def login(
         ) from None
     except PinLocked:
         raise PinLockedError(locked_advice(token)) from None
+    except PinExpired:
+        raise PinExpiredError(f"the PIN of {_name(token)} has expired: the card accepts no sign-in until it is "
+                              "changed (with the card's PIN tool, e.g. `pkcs11-tool --change-pin`)") from None
     except (PinLenRange, PinInvalid):
         raise LoginError(
             f"the PIN for {_name(token)} has a length or characters the card does not accept; check it and try again"
