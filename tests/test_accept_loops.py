@@ -18,6 +18,7 @@ import pytest
 from agent_runner import (
     NOBODY,
     FramedEchoServer,
+    agent_status,
     associate_rq,
     dicom_stream,
     echoed,
@@ -29,6 +30,8 @@ from agent_runner import (
 )
 from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
+from dicom_card_agent.tunnel.admission import PeerRefusalLog
+from dicom_card_agent.tunnel.peer import Peer, PeerRefusedError, UnidentifiedPeerError
 from dicom_card_agent.tunnel.relay import reject_pdu
 from peers.ports import free_port
 
@@ -127,6 +130,12 @@ def seconds_and_answer(output: str) -> tuple[str, bytes]:
     return seconds, bytes.fromhex(answer)
 
 
+def refused_peers(workdir: Path, test_pki: ProvisionedPki) -> int:
+    """Local connections the agent in ``workdir`` refused for their user, since it started."""
+    tunnels = agent_status(workdir / "agent", test_pki.env())["tunnels"]
+    return tunnels[0]["since_start"]["associations"].get("turned_away", {}).get("local_peer_refused", 0)
+
+
 def test_running_out_of_descriptors_does_not_end_the_accept_loop(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     """With 64 descriptors, 150 trickling connections of another user exhaust them; afterwards the
     agent still accepts, identifies and answers connections, and `status` answers (the old accept
@@ -139,13 +148,14 @@ def test_running_out_of_descriptors_does_not_end_the_accept_loop(test_pki: Provi
         output = run_as_nobody(HOLDING_CLIENT, str(agent.port()), "150", "4", associate_rq().hex())
         assert output.split() == ["150", "closed"], output
         time.sleep(1.5)  # the refusals still being answered end (EOF), a back-off is over
-        refusals = agent.log().count("refused local connection from uid 65534")
+        refusals = refused_peers(tmp_path, test_pki)
         seconds, answer = seconds_and_answer(
             run_as_nobody(TRUNCATED_CLIENT, str(agent.port()), associate_rq()[:20].hex()))
         status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
         log = agent.log()
+        refused_after = refused_peers(tmp_path, test_pki)
     assert answer == reject_pdu(transient=False) and float(seconds) < 2, (seconds, answer)
-    assert log.count("refused local connection from uid 65534") == refusals + 1
+    assert refused_after == refusals + 1  # identified as uid 65534 and refused (logged once a minute)
     assert status.returncode == 0 and status.stdout.startswith("state:"), status.stdout + status.stderr
     # Where descriptors run out first: accept(), or the uid look-up when it needs a descriptor (its
     # netlink socket is made once per process, at the first look-up; /proc when sock_diag fails).
@@ -310,4 +320,61 @@ def test_the_back_off_doubles_to_one_second_and_logs_once_per_interval(caplog: p
         "tunnels: accepting connections again after 6 failed attempts",
         "tunnels: cannot accept connections: Software caused connection abort (5 more since the last such line); "
         "accepting goes on",
+    ]
+
+
+# Opens COUNT connections one after another, each waiting for the agent's answer before closing;
+# prints how many got an A-ASSOCIATE-RJ.
+REFUSED_IN_A_LOOP = textwrap.dedent("""
+    import socket, sys
+    port, count, request = int(sys.argv[1]), int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+    rejected = 0
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(request)
+            rejected += sock.recv(1) == b"\\x03"
+    print(rejected)
+""")
+
+
+@pytest.mark.parametrize("card", ["signed in", "none"])
+def test_another_user_connecting_in_a_loop_costs_one_log_line_and_one_audit_alert_a_minute(
+        test_pki: ProvisionedPki, tmp_path: Path, card: str) -> None:
+    """Each refused connection of another user was a log line and a 1.9 KB Security Alert: one
+    user's loop wrote 415 KB/s to the audit trail, and under on_failure = "refuse" a full audit disk
+    turns every association away. Now the first of each minute is told in full and the rest as a
+    count (at the minute's end, or when the agent stops). Signed in, the card-session process
+    refuses (lent listeners); with no card, the supervisor."""
+    audit_file = tmp_path / "audit" / "audit.log"
+    no_card = {"token": "nobody", "identity": {"pin": "env:CARD_PIN"}} if card == "none" else {}
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())],
+                       audit={"file": str(audit_file)}, **no_card) as agent:
+        if card == "signed in":
+            agent.wait_for_log("event=sign-in ")
+        assert run_as_nobody(REFUSED_IN_A_LOOP, str(agent.port()), "200", associate_rq().hex()) == "200\n"
+        log = agent.log()
+    alerts = [line for line in audit_file.read_text().splitlines() if 'csd-code="110132"' in line]
+    assert log.count("refused local connection from uid 65534") == 1, log
+    assert len(alerts) == 2, alerts
+    assert "refused local connection from uid 65534" in alerts[0]
+    assert re.search(r"refused 199 more local connections from uid 65534 in the last \d+ s", alerts[1]), alerts[1]
+
+
+def test_the_minute_s_count_of_refused_users_is_logged_per_tunnel_and_uid(caplog: pytest.LogCaptureFixture) -> None:
+    """The count at the minute's end, which the real agent's test above cannot wait for: the same
+    class with its clock stepped by hand."""
+    now = [1000.0]
+    refusals = PeerRefusalLog(logging.getLogger("test.peers"), interval=60, clock=lambda: now[0])
+    other, unknown = Peer(uid=65534, pid=7, address="127.0.0.1:40000"), Peer(uid=None, pid=None, address="")
+    with caplog.at_level(logging.WARNING, logger="test.peers"):
+        for _ in range(3):
+            refusals.refused("pacs", PeerRefusedError("refused local connection from uid 65534", other))
+        refusals.refused("pacs", UnidentifiedPeerError("refused a local connection it could not identify", unknown))
+        now[0] += 61
+        refusals.flush()
+        refusals.flush()
+    assert caplog.messages == [
+        "tunnel pacs: refused local connection from uid 65534",
+        "tunnel pacs: refused a local connection it could not identify",
+        "tunnel pacs: refused 2 more local connections from uid 65534 in the last 61 s",
     ]

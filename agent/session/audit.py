@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 from dicom_card_agent.audit.config import AuditConfig
@@ -29,6 +31,7 @@ from dicom_card_agent.dicom.association import STORED_STATUSES
 from dicom_card_agent.session.identity import SignedIn
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
+from dicom_card_agent.tunnel.admission import Throttle, refused_user
 from dicom_card_agent.tunnel.peer import Peer
 
 log = logging.getLogger("agent.audit")
@@ -65,9 +68,13 @@ def _local_peer(fields: dict[str, Any]) -> LocalPeer:
 
 
 class AuditRecorder:
-    def __init__(self, config: AuditConfig | None) -> None:
+    def __init__(self, config: AuditConfig | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.trail = AuditTrail(config) if config is not None else None
         self.user: User | None = None
+        # One Security Alert a minute per tunnel and refused user, then their count: another user
+        # connecting in a loop must not write the audit repository (or, under on_failure =
+        # "refuse", the audit disk and with it every association) full.
+        self._peer_refusals: Throttle[tuple[str, int | None], LocalPeer] = Throttle(clock=clock)
 
     def record(self, event: AuditEvent) -> None:
         if self.trail is not None:
@@ -93,6 +100,7 @@ class AuditRecorder:
 
     def application_stop(self, reason: str = "", *, failed: bool = False) -> None:
         """``failed``: the agent stops because of an error, not because it was asked to."""
+        self.record_refusal_counts(all_counted=True)
         self.record(AuditEvent.application_stop(reason=reason, outcome=Outcome.MAJOR_FAILURE if failed
                                                 else Outcome.SUCCESS))
 
@@ -123,6 +131,15 @@ class AuditRecorder:
         self.session_report("peer-refused", {"tunnel": tunnel, "listen": listen, "uid": peer.uid, "pid": peer.pid,
                                              "message": message})
 
+    def record_refusal_counts(self, *, all_counted: bool = False) -> None:
+        """The local connections refused since the one recorded, once its minute is over (the card
+        loop calls this at each turn; ``all_counted`` when the agent stops)."""
+        for (tunnel, uid), count, seconds, local in self._peer_refusals.expired(all_counted=all_counted):
+            message = (f"refused {count} more local connection{'s' if count > 1 else ''} from "
+                       f"{refused_user(uid)} in the last {seconds:.0f} s")
+            self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, message, tunnel=tunnel,
+                                                  local_peer=local))
+
     def configuration_changed(self, message: str, *, applied: bool) -> None:
         """SIGHUP: a reload put into effect (informative) or refused (the old configuration goes on)."""
         self.record(AuditEvent.security_alert(AlertType.SOFTWARE_CONFIGURATION, message,
@@ -134,8 +151,10 @@ class AuditRecorder:
         """A report from a card-session process (agent/tunnel/relay.py names the kinds and fields)."""
         if kind == "peer-refused":  # on a listener lent to the card session (agent/tunnel/lent_listeners.py)
             local = LocalPeer(uid=fields["uid"], pid=fields["pid"], listen=fields["listen"])
-            self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, fields["message"],
-                                                  tunnel=fields["tunnel"], local_peer=local))
+            self.record_refusal_counts()
+            if self._peer_refusals.occurred((fields["tunnel"], local.uid), local):
+                self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, fields["message"],
+                                                      tunnel=fields["tunnel"], local_peer=local))
         elif kind == "tls-failure":
             self.record(AuditEvent.security_alert(AlertType.TLS_VERIFICATION_FAILED, fields["reason"],
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),

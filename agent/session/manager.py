@@ -276,6 +276,7 @@ class SessionManager:
             self._check_sign_in_process()
             self._check_pin_dialog()
             self._check_idle()
+            self.audit.record_refusal_counts()
 
     def shutdown(self) -> None:
         with self._lock:

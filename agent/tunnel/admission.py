@@ -15,7 +15,9 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generic, TypeVar
+
+from dicom_card_agent.tunnel.peer import PeerRefusedError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -24,6 +26,9 @@ LOOPBACK_NETWORKS: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), i
 
 REFUSAL_LOG_INTERVAL = 60.0  # seconds: one line per listener, source and reason in this time
 REFUSAL_LOG_SOURCES = 256  # distinct sources tracked at once; more are counted together
+
+Key = TypeVar("Key")
+Latest = TypeVar("Latest")
 
 
 class AllowFromError(ValueError):
@@ -68,9 +73,65 @@ def is_allowed(host: str, allow_from: tuple[Network, ...]) -> bool:
 
 
 @dataclass
-class _Refusals:
-    logged_at: float
-    since_logged: int = 0
+class _Occurrences(Generic[Latest]):
+    told_at: float
+    since_told: int = 0
+    latest: Latest | None = None
+
+
+class Throttle(Generic[Key, Latest]):
+    """Lets the first occurrence of each key through once per ``interval`` seconds and counts the
+    rest, so that a flood of one thing (refused connections) costs one line, or one audit record,
+    a minute: :meth:`occurred` says whether to tell this one in full, :meth:`expired` gives the
+    counts to tell once an interval is over. At most ``max_keys`` keys are tracked; the caller
+    folds further ones into one key (:meth:`tracks`). Thread-safe; no I/O."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, max_keys: int = REFUSAL_LOG_SOURCES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[Key, _Occurrences[Latest]] = {}
+        self._next_sweep = 0.0
+
+    def tracks(self, key: Key) -> bool:
+        """Whether ``key`` is tracked already or there is room for it."""
+        with self._lock:
+            return key in self._seen or len(self._seen) < self.max_keys
+
+    def occurred(self, key: Key, latest: Latest | None = None) -> bool:
+        """One occurrence of ``key`` (``latest``: what :meth:`expired` gives back with its count);
+        True when it is the first of its interval, to be told in full."""
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None:
+                self._seen[key] = _Occurrences(now, latest=latest)
+                return True
+            seen.since_told += 1
+            seen.latest = latest
+            return False
+
+    def expired(self, *, all_counted: bool = False) -> list[tuple[Key, int, float, Latest | None]]:
+        """(key, occurrences not told, seconds they span, the latest one's ``latest``) for each key
+        whose interval is over (``all_counted``: every key with a count, at the end); looked at
+        once a second at most, as a flood calls it for every connection."""
+        now = self._clock()
+        told: list[tuple[Key, int, float, Latest | None]] = []
+        with self._lock:
+            if now < self._next_sweep and not all_counted:
+                return told
+            self._next_sweep = now + 1.0
+            for key, seen in list(self._seen.items()):
+                if now - seen.told_at < self.interval and not (all_counted and seen.since_told):
+                    continue
+                if seen.since_told:
+                    told.append((key, seen.since_told, now - seen.told_at, seen.latest))
+                    self._seen[key] = _Occurrences(now)
+                else:
+                    del self._seen[key]
+        return told
 
 
 class RefusalLog:
@@ -84,49 +145,48 @@ class RefusalLog:
                  kind: str = "inbound") -> None:
         self._log = logger
         self._kind = kind
-        self._interval = interval
-        self._max_sources = max_sources
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._seen: dict[tuple[str, str, str], _Refusals] = {}
-        self._next_sweep = 0.0
+        self._throttle: Throttle[tuple[str, str, str], None] = Throttle(interval, max_sources, clock)
 
     def refused(self, listener: str, source: str, reason: str) -> None:
         """One connection to ``listener`` from ``source`` closed before TLS, for ``reason``."""
-        now = self._clock()
-        with self._lock:
-            self._report_expired(now)
-            key = (listener, source, reason)
-            if key not in self._seen and len(self._seen) >= self._max_sources:
-                key = (listener, "other addresses", reason)  # a wide scan: memory stays bounded
-            refusals = self._seen.get(key)
-            if refusals is None:
-                self._seen[key] = _Refusals(logged_at=now)
-                self._log.warning("%s %s: closed a connection from %s before TLS: %s", self._kind, *key)
-            else:
-                refusals.since_logged += 1
+        self.flush()
+        key = (listener, source, reason)
+        if not self._throttle.tracks(key):
+            key = (listener, "other addresses", reason)  # a wide scan: memory stays bounded
+        if self._throttle.occurred(key):
+            self._log.warning("%s %s: closed a connection from %s before TLS: %s", self._kind, *key)
 
     def flush(self) -> None:
         """Tell the counts of intervals that are over (else told at the next refusal)."""
-        with self._lock:
-            if self._seen:
-                self._report_expired(self._clock())
+        for (listener, source, reason), count, seconds, _ in self._throttle.expired():
+            self._log.warning("%s %s: closed %d more connection%s from %s before TLS in the last %.0f s: %s",
+                              self._kind, listener, count, "s" if count > 1 else "", source, seconds, reason)
 
-    def _report_expired(self, now: float) -> None:
-        if now < self._next_sweep:
-            return  # a flood calls this for every connection: the accept thread must stay quick
-        self._next_sweep = now + 1.0
-        for key, refusals in list(self._seen.items()):
-            if now - refusals.logged_at < self._interval:
-                continue
-            if refusals.since_logged:
-                count = refusals.since_logged
-                self._log.warning("%s %s: closed %d more connection%s from %s before TLS in the last %.0f s: %s",
-                                  self._kind, key[0], count, "s" if count > 1 else "", key[1],
-                                  now - refusals.logged_at, key[2])
-                self._seen[key] = _Refusals(logged_at=now)
-            else:
-                del self._seen[key]
+
+class PeerRefusalLog:
+    """Logs local connections refused for their user (not in ``allowed_uids``, or not identified)
+    once per tunnel and uid in ``interval`` seconds, then how many more there were: another user
+    could otherwise write the journal full by connecting in a loop. Thread-safe."""
+
+    def __init__(self, logger: logging.Logger, interval: float = REFUSAL_LOG_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._throttle: Throttle[tuple[str, int | None], None] = Throttle(interval, clock=clock)
+
+    def refused(self, tunnel: str, error: PeerRefusedError) -> None:
+        self.flush()
+        if self._throttle.occurred((tunnel, error.peer.uid)):
+            self._log.warning("tunnel %s: %s", tunnel, error)
+
+    def flush(self) -> None:
+        """Tell the counts of intervals that are over (else told at the next refusal)."""
+        for (tunnel, uid), count, seconds, _ in self._throttle.expired():
+            self._log.warning("tunnel %s: refused %d more local connection%s from %s in the last %.0f s", tunnel,
+                              count, "s" if count > 1 else "", refused_user(uid), seconds)
+
+
+def refused_user(uid: int | None) -> str:
+    return f"uid {uid}" if uid is not None else "a user that could not be identified"
 
 
 def connection_source(connection: socket.socket) -> str:

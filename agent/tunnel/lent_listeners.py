@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
-from dicom_card_agent.tunnel.admission import RefusalLog, connection_source
+from dicom_card_agent.tunnel.admission import PeerRefusalLog, RefusalLog, connection_source
 from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, identify_peer
 from dicom_card_agent.tunnel.relay import (
     InboundRuntime,
@@ -78,6 +78,7 @@ class LentListeners:
         self._epoll.register(self._wake_read, select.EPOLLIN)
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)  # the log line names the process
         self._capacity_refusals = RefusalLog(log, kind="tunnel")
+        self._peer_refusals = PeerRefusalLog(log)
         self.last_connection = 0.0  # time.monotonic() of the latest connection accepted, for the idle lock
 
     def replace(self, sockets: dict[str, socket.socket]) -> None:
@@ -139,6 +140,7 @@ class LentListeners:
                     events = self._epoll.poll(TICK_SECONDS)
                     if not events:
                         self._capacity_refusals.flush()
+                        self._peer_refusals.flush()
                         if time.monotonic() - waiting_since >= IDLE_SECONDS and self._retire(me):
                             return
                         continue
@@ -200,7 +202,7 @@ class LentListeners:
             try:
                 peer = admit_peer(connection, PeerPolicy.allowing(runtime.config.allowed_uids))  # as reloaded
             except PeerRefusedError as error:
-                log.warning("tunnel %s: %s", name, error)
+                self._peer_refusals.refused(name, error)
                 self._report(PEER_REFUSED, {"tunnel": name, "listen": str(runtime.config.listen),
                                             "uid": error.peer.uid, "pid": error.peer.pid, "message": str(error)})
                 reject_in_thread(connection, TunnelFailure("local peer refused"), name, runtime.leave)

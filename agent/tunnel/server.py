@@ -18,7 +18,13 @@ from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.supervisor import CardSession
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
-from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, RefusalLog, connection_source, is_allowed
+from dicom_card_agent.tunnel.admission import (
+    LOOPBACK_NETWORKS,
+    PeerRefusalLog,
+    RefusalLog,
+    connection_source,
+    is_allowed,
+)
 from dicom_card_agent.tunnel.peer import (
     PeerPolicy,
     PeerRefusedError,
@@ -48,6 +54,7 @@ class Listeners:
         self._thread: threading.Thread | None = None
         self._refusals = RefusalLog(log)  # inbound listeners'
         self._tunnel_refusals = RefusalLog(log, kind="tunnel")
+        self._peer_refusals = PeerRefusalLog(log)
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)
         self._in_flight = _InFlight()
         self._lock = threading.Lock()  # the accept thread's view of self.sockets while a reload swaps them
@@ -197,6 +204,7 @@ class Listeners:
             try:
                 self._refusals.flush()
                 self._tunnel_refusals.flush()
+                self._peer_refusals.flush()
                 for key, _ in self._selector.select(timeout=0.5):
                     with self._lock:
                         sock, listener = self.sockets.get(key.fd, (None, None))
@@ -249,7 +257,7 @@ class Listeners:
         try:
             peer = admit_peer(local, self.policies[tunnel.name])
         except PeerRefusedError as error:
-            log.warning("tunnel %s: %s", tunnel.name, error)
+            self._peer_refusals.refused(tunnel.name, error)
             if self.manager is not None:
                 self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
             self._turned_away(tunnel.name, "local_peer_refused")
