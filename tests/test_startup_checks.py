@@ -4,6 +4,7 @@ what may still come (a card not yet inserted, another card) is waited for, and s
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -135,3 +136,33 @@ def test_a_card_that_cannot_serve_an_inbound_listener_is_refused_before_its_pin_
     # No PIN was ever tried on alice's card.
     assert [line.rsplit(" pid=", 1)[0] for line in card.log_lines() if line.startswith("C_Login")] == [
         "C_Login rv=0x0 user=1 token=bob"]
+
+
+@pytest.mark.parametrize("planted", ["directory", "link"])
+def test_a_runtime_directory_another_user_planted_is_refused_and_said_so(
+        test_pki: ProvisionedPki, tmp_path: Path, planted: str) -> None:
+    """Without a login session the runtime directory is /tmp/card-agent-UID, a name any user can
+    take first. A directory of theirs stopped the agent with advice to chmod what is not ours (a
+    link of theirs was refused by the control socket's own check, in that socket's words); both
+    now say that another user made it, and what to do instead."""
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o700)
+    runtime = tmp_path / "public" / "card-agent-0"
+    runtime.parent.mkdir(mode=0o1777)
+    runtime.parent.chmod(0o1777)
+    if planted == "directory":
+        runtime.mkdir(mode=0o700)
+        os.chown(runtime, 65534, 65534)
+    else:
+        runtime.symlink_to(ours)
+        os.chown(runtime, 65534, 65534, follow_symlinks=False)
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", free_port())],
+                          agent={"runtime_dir": ""})  # the default: this "public" /tmp, no login session
+    code, log = exit_of(test_pki, config, test_pki.env(CARD_PIN=USER_PIN, TMPDIR=str(runtime.parent),
+                                                       XDG_RUNTIME_DIR=""))
+    problem = {"directory": "belongs to uid 65534, not to uid 0 (this agent's user): another user made it",
+               "link": "is a symbolic link, which whoever made it can point elsewhere"}[planted]
+    assert code == 2, log
+    assert log.splitlines()[-1] == (f"card-agent: error: runtime directory {runtime} {problem}; set [agent] "
+                                    "runtime_dir to a private directory of yours, or run the agent in a login "
+                                    "session (XDG_RUNTIME_DIR)")

@@ -13,6 +13,7 @@ import datetime
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +73,26 @@ def runtime_directory(config: AgentConfig) -> Path:
     """A private (0700) directory for the session's public files."""
     base = (config.runtime_dir
             or Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"card-agent-{os.getuid()}")
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = base.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise CardAgentError(f"runtime directory {base} must belong to uid {os.getuid()} with mode 0700: "
-                             f"fix it (chmod 700 {base}) or set [agent] runtime_dir")
+    elsewhere = ("set [agent] runtime_dir to a private directory of yours, or run the agent in a login "
+                 "session (XDG_RUNTIME_DIR)")
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # lstat: in /tmp (no login session) another user can plant the name first, as a directory
+        # of theirs or as a link they can later point elsewhere (the control socket with it).
+        info = base.lstat()
+    except OSError as error:
+        raise CardAgentError(f"runtime directory {base}: {error.strerror or error}; {elsewhere}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise CardAgentError(f"runtime directory {base} is a symbolic link, which whoever made it can point "
+                             f"elsewhere; {elsewhere}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise CardAgentError(f"runtime directory {base} is not a directory; {elsewhere}")
+    if info.st_uid != os.getuid():
+        raise CardAgentError(f"runtime directory {base} belongs to uid {info.st_uid}, not to uid {os.getuid()} (this "
+                             f"agent's user): another user made it; {elsewhere}")
+    if info.st_mode & 0o077:
+        raise CardAgentError(f"runtime directory {base} must have mode 0700: fix it (chmod 700 {base}) or set "
+                             "[agent] runtime_dir")
     return base
 
 
