@@ -15,8 +15,10 @@ import re
 import sys
 import time
 
-# C0 (tab and newline included), DEL, C1 (NEL U+0085 included), LINE and PARAGRAPH SEPARATOR.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 (tab and newline included), DEL, C1 (NEL U+0085 included), LINE and PARAGRAPH SEPARATOR, and
+# the bidirectional controls (Unicode's "Trojan Source" set, CVE-2021-42574), with which a peer's
+# text could display a log or `status` line in another order than it was written.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 TRACEBACK_INDENT = "    "
 
 

@@ -17,6 +17,9 @@ from dicom_card_agent.session.events import event
     ("\x1b[2Jcleared", "\\x1b[2Jcleared"),
     ("tab\tand del\x7f", "tab\\x09and del\\x7f"),
     ("next line\x85, line\u2028, paragraph\u2029", "next line\\x85, line\\u2028, paragraph\\u2029"),
+    # A right-to-left override shows "CN=Alice ... gpj.exe" reversed: the bidirectional controls are escaped.
+    ("CN=Alice\u202egpj.exe\u202c, pid\u2066 1\u2069\u200f",
+     "CN=Alice\\u202egpj.exe\\u202c, pid\\u2066 1\\u2069\\u200f"),
     ("CN=Zoë Müller, O=Klinik", "CN=Zoë Müller, O=Klinik"),  # printable text stays as it is
     ("back\\slash", "back\\slash"),
 ])
