@@ -11,7 +11,12 @@ are the only sources."""
 from __future__ import annotations
 
 import datetime
+import logging
 import re
+import select
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,25 +56,28 @@ class Pacs:
     key: Path
     certificate: x509.Certificate
     files: ResponderFiles
+    host: str = "127.0.0.1"  # of the revocation server in the certificate's URLs: an address, or a name
 
     @property
     def ocsp_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/ocsp"
+        return f"http://{self.host}:{self.port}/ocsp"
 
     @property
     def crl_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/issuing-ca.crl"
+        return f"http://{self.host}:{self.port}/issuing-ca.crl"
 
 
 def make_pacs(test_pki: ProvisionedPki, directory: Path, *, ocsp: bool = True, cdp: bool = True,
-              revoked: bool = False, in_index: bool = True, crl: str = "fresh") -> Pacs:
+              revoked: bool = False, in_index: bool = True, crl: str = "fresh", host: str = "127.0.0.1") -> Pacs:
     """Issue the PACS's certificate and the responder's index and CRL: ``crl`` is "fresh" (lists it
-    if ``revoked``), "expired" or "forged" (the issuing CA's name, the untrusted CA's signature)."""
+    if ``revoked``), "expired" or "forged" (the issuing CA's name, the untrusted CA's signature);
+    ``host`` is the responder's host in the certificate's URLs."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     issuing = load_ca(test_pki.pki)
-    urls = sources_at(port)
-    sources = test_ca.RevocationSources(urls.ocsp_url if ocsp else None, urls.crl_url if cdp else None)
+    urls = sources_at(port)  # the test PKI's URLs on 127.0.0.1, the host swapped for ``host``
+    ocsp_url, crl_url = (url.replace("//127.0.0.1:", f"//{host}:", 1) for url in (urls.ocsp_url, urls.crl_url))
+    sources = test_ca.RevocationSources(ocsp_url if ocsp else None, crl_url if cdp else None)
     certificate, key = issuing.issue_server(["localhost"], ["127.0.0.1"], sources)
     chain, key_path = directory / "pacs-chain.pem", directory / "pacs.key"
     chain.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (certificate, issuing.certificate)))
@@ -82,7 +90,7 @@ def make_pacs(test_pki: ProvisionedPki, directory: Path, *, ocsp: bool = True, c
     (crl_directory / "issuing-ca.crl").write_bytes(_crl(issuing, listed, crl, test_pki))
     files = ResponderFiles(directory / "index.txt", test_pki.pki / "issuing-ca.pem", test_pki.pki / "ocsp-signer.pem",
                            test_pki.pki / "private" / "ocsp-signer.key", crl_directory)
-    return Pacs(port, chain, key_path, certificate, files)
+    return Pacs(port, chain, key_path, certificate, files, host)
 
 
 def _crl(issuing: test_ca.CertificateAuthority, listed: list[x509.Certificate], kind: str,
@@ -599,3 +607,242 @@ def test_a_reused_allow_never_hides_a_crl_file_or_an_answer_that_changed(test_pk
         wait_for(lambda: responder.requests["ocsp"] == 2 and checker.fetches_pending() == 0, timeout=10)
         verdict = checker.check(pacs.certificate, "require")
     assert (verdict.outcome, verdict.revoked) == ("refuse", True), verdict
+
+
+# -- a source that trickles, a name DNS does not answer ----------------------------------------------
+
+class TricklingSource:
+    """A FAKE revocation source on 127.0.0.1:``port`` that reads each request and sends its answer
+    one byte per ``interval`` seconds, as a responder behind a broken link does (loopback never
+    trickles by itself). ``phase`` "head": from the status line on; "body": the status line and
+    headers at once (Content-Length of a big answer), then the body byte by byte.
+    :meth:`stop_accepting` frees the port for the real responder (the source recovered) while the
+    connections already trickling go on trickling. ``kept_open``: for each trickled connection that
+    the client closed, how many seconds it had kept it open."""
+
+    HEAD = b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
+
+    def __init__(self, port: int, *, phase: str, interval: float = 0.5) -> None:
+        self.phase = phase
+        self.interval = interval
+        self.requests = 0
+        self.kept_open: list[float] = []
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self._listener.settimeout(0.1)
+        self._accepting = True
+        self._stopped = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, name="trickling-source", daemon=True)
+        self._acceptor.start()
+        self._connections: list[threading.Thread] = []
+
+    def _accept(self) -> None:
+        with self._listener:
+            while self._accepting:
+                try:
+                    connection, _ = self._listener.accept()
+                except TimeoutError:
+                    continue
+                thread = threading.Thread(target=self._trickle, args=(connection,), daemon=True)
+                self._connections.append(thread)
+                thread.start()
+
+    def _trickle(self, connection: socket.socket) -> None:
+        opened = time.monotonic()
+        with connection:
+            connection.settimeout(5)
+            connection.recv(65536)  # the request, one small segment
+            self.requests += 1
+            answer = self.HEAD + bytes(1_000_000)
+            sent = len(self.HEAD) if self.phase == "body" else 0
+            connection.sendall(answer[:sent])
+            while not self._stopped.is_set():
+                try:
+                    connection.sendall(answer[sent:sent + 1])
+                except OSError:
+                    break
+                sent += 1
+                readable, _, _ = select.select([connection], [], [], self.interval)
+                if readable and self._closed_by_client(connection):
+                    self.kept_open.append(time.monotonic() - opened)
+                    return
+
+    @staticmethod
+    def _closed_by_client(connection: socket.socket) -> bool:
+        try:
+            return connection.recv(65536) == b""
+        except OSError:  # reset: it closed with bytes of ours unread
+            return True
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+        self._acceptor.join(5)
+
+    def __enter__(self) -> TricklingSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_accepting()
+        self._stopped.set()
+        for thread in self._connections:
+            thread.join(5)
+
+
+def seconds_until(condition, timeout: float) -> float:
+    """Seconds until ``condition()`` held (polled every 50 ms), or infinity if not within ``timeout``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            return float("inf")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("kind, phase", [("ocsp", "head"), ("ocsp", "body"), ("crl", "head"), ("crl", "body")])
+def test_a_fetch_from_a_source_that_trickles_ends_at_the_timeout_and_frees_its_thread(
+        test_pki: ProvisionedPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        kind: str, phase: str) -> None:
+    """In-process checker (the card session's), revocation_timeout 1 s, the failure hold cut to 1 s;
+    the PACS's only source (OCSP responder or CRL distribution point) sends one byte per 0.5 s. The
+    fetch ends 1 s after it began: the check is refused, the pool's thread is free again, the
+    source's connection is closed, and the source's failure, logged naming it and its slowness,
+    answers the next check at once. Once the real responder answers on that port, the first check
+    after the hold fetches afresh and passes. Before, the fetch read on as long as bytes came
+    (urllib's timeout is per read): it held its thread and connection for good, and every later
+    check waited for it, after the source recovered too."""
+    from dicom_card_agent.revocation import checker as checker_module
+    from dicom_card_agent.revocation.checker import RevocationChecker
+    from dicom_card_agent.trust.anchors import load_certificates
+
+    monkeypatch.setattr(checker_module, "FAILURE_HOLD", 1.0)
+    caplog.set_level(logging.WARNING, logger="agent.revocation")
+    pacs = make_pacs(test_pki, tmp_path, ocsp=kind == "ocsp", cdp=kind == "crl")
+    url, source = (pacs.ocsp_url, f"OCSP responder {pacs.ocsp_url}") if kind == "ocsp" else \
+        (pacs.crl_url, f"CRL {pacs.crl_url}")
+    checker = RevocationChecker(certificates=load_certificates(test_pki.ca_bundle), ca_source="bundle",
+                                cache_directory=None, timeout=1.0, refresh=False)
+    with TricklingSource(pacs.port, phase=phase) as trickle:
+        started = time.monotonic()
+        first = checker.check(pacs.certificate, "require")
+        first_seconds = time.monotonic() - started
+        thread_free = first_seconds + seconds_until(lambda: checker.fetches_pending() == 0, timeout=3)
+        assert thread_free < 1.6, f"the fetch still held its thread {time.monotonic() - started:.1f} s after it began"
+        wait_for(lambda: trickle.kept_open, timeout=1)
+        started = time.monotonic()
+        second = checker.check(pacs.certificate, "require")
+        second_seconds = time.monotonic() - started
+        trickle.stop_accepting()
+        time.sleep(1.2)  # the failure hold
+        with RevocationServer(pacs.port, pacs.files) as responder:
+            third = checker.check(pacs.certificate, "require")
+    assert first.outcome == "refuse" and first_seconds < 1.5, (first, first_seconds)
+    assert trickle.kept_open[0] < 1.6, trickle.kept_open  # the fetch closed its connection at its deadline
+    slow = f"{url} sent too slowly: its answer did not finish within 1 s ("
+    assert f"revocation: {source} about {PACS}: {slow}" in caplog.text
+    assert second.outcome == "refuse" and second_seconds < 0.5, (second, second_seconds)
+    assert f"{source}: {slow}" in second.message, second.message
+    assert third.outcome == "allow", third
+    assert (trickle.requests, responder.requests[kind]) == (1, 1)
+
+
+def test_a_responder_that_trickles_refuses_within_the_timeout_and_passes_once_it_recovers(test_pki: ProvisionedPki,
+                                                                                          tmp_path: Path) -> None:
+    """The reviewer's case through the agent (revocation = "require", revocation_timeout 2 s): the
+    PACS's responder sends its answer one byte per 0.5 s. The first association is refused after
+    the timeout, the fetch ends at its own deadline (the agent closes the connection) and is
+    logged as the responder's failure, naming it; the next association gets that failure at once.
+    The responder recovers (the real one on its port) while the trickling connection goes on: the
+    first association after the failure hold (30 s) is fetched afresh and accepted. Before, the
+    fetch never ended, nothing was logged about the responder, and every association (after the
+    recovery too) waited 2 s for that fetch and was refused, until the agent restarted."""
+    from dicom_card_agent.revocation.checker import FAILURE_HOLD
+
+    pacs = make_pacs(test_pki, tmp_path, cdp=False)
+    slow = f"{pacs.ocsp_url} sent too slowly: its answer did not finish within 2 s ("
+    answers: list[bytes] = []
+    seconds: list[float] = []
+    with TricklingSource(pacs.port, phase="head") as trickle, \
+            s_server(test_pki, tmp_path, cert=str(pacs.chain), key=str(pacs.key)) as (pacs_port, _):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs_port)],
+                           trust={**OCSP_ONLY, "revocation_timeout": 2}) as agent:
+
+            def associate() -> None:
+                started = time.monotonic()
+                answers.append(send_and_close(agent.port(), associate_rq()))
+                seconds.append(time.monotonic() - started)
+                wait_for(lambda: agent.log().count("tunnel pacs: uid") == len(answers))
+
+            associate()
+            agent.wait_for_log(f"revocation: OCSP responder {pacs.ocsp_url} about {PACS}: {slow}", timeout=3)
+            failed_at = time.monotonic()
+            associate()
+            trickle.stop_accepting()
+            with RevocationServer(pacs.port, pacs.files) as responder:
+                time.sleep(max(0.0, failed_at + FAILURE_HOLD + 0.5 - time.monotonic()))
+                associate()
+                log = agent.log()
+    assert_rejected(answers[0], log, f"is not trusted: OCSP responder {pacs.ocsp_url} ")
+    assert seconds[0] < 3.5, seconds  # the timeout, the handshake and the agent's start of the check
+    assert len(trickle.kept_open) == 1 and trickle.kept_open[0] < 2.8, trickle.kept_open
+    assert_rejected(answers[1], log, f"is not trusted: OCSP responder {pacs.ocsp_url}: {slow}")
+    assert seconds[1] < 1.0, seconds
+    assert_accepted(answers[2], log)
+    assert f"revocation: OCSP responder {pacs.ocsp_url} says good about {PACS}, fresh until " in log
+    assert log.count(slow) == 2, log  # the warning, and the second association's refusal
+    assert (trickle.requests, responder.requests["ocsp"]) == (1, 1)
+
+
+RESPONDER_NAME = "ocsp.card-agent.test"  # .test: a name no real DNS answers (RFC 6761)
+
+
+def test_a_responder_whose_name_dns_does_not_answer_costs_the_timeout_not_the_resolvers(test_pki: ProvisionedPki,
+                                                                                         tmp_path: Path) -> None:
+    """The PACS's certificate names its OCSP responder by a host name, and the agent's only DNS
+    server drops every query (tests/peers/dns.py; the agent resolves through it). The fetch gives
+    up at revocation_timeout (2 s), saying so. Before, it waited for glibc's resolver to give up
+    (5 s x 2 attempts), its thread held meanwhile, and then said "Temporary failure in name
+    resolution"."""
+    from peers.dns import DnsServer, resolving_through
+
+    pacs = make_pacs(test_pki, tmp_path, cdp=False, host=RESPONDER_NAME)
+    failed = (f"revocation: OCSP responder {pacs.ocsp_url} about {PACS}: cannot reach {pacs.ocsp_url}: no DNS answer "
+              f"for {RESPONDER_NAME} within 2 s")
+    with DnsServer({RESPONDER_NAME: ["127.0.0.1"]}) as dns, \
+            s_server(test_pki, tmp_path, cert=str(pacs.chain), key=str(pacs.key)) as (pacs_port, _):
+        dns.silent = True
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs_port)],
+                           trust={**OCSP_ONLY, "revocation_timeout": 2},
+                           prefix=resolving_through(dns, tmp_path)) as agent:
+            started = time.monotonic()
+            answer = send_and_close(agent.port(), associate_rq())
+            log = agent.wait_for_log(failed, timeout=3)
+            failed_after = time.monotonic() - started
+    assert_rejected(answer, log, f"is not trusted: OCSP responder {pacs.ocsp_url} ")
+    assert failed_after < 3.5, failed_after
+    assert (RESPONDER_NAME, "A") in dns.questions
+
+
+def test_a_source_that_does_not_answer_in_http_is_no_answer(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """In-process checker: what answers on the PACS's OCSP responder port is no HTTP server (a FAKE
+    one-line SSH banner). The check is refused naming the source and what it sent. Before,
+    http.client's BadStatusLine escaped the fetch, and the check itself raised it."""
+    from dicom_card_agent.revocation.checker import RevocationChecker
+    from dicom_card_agent.trust.anchors import load_certificates
+
+    pacs = make_pacs(test_pki, tmp_path, cdp=False)
+    checker = RevocationChecker(certificates=load_certificates(test_pki.ca_bundle), ca_source="bundle",
+                                cache_directory=None, timeout=2.0, refresh=False)
+    with socket.create_server(("127.0.0.1", pacs.port)) as server:
+
+        def banner() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        thread = threading.Thread(target=banner, daemon=True)
+        thread.start()
+        verdict = checker.check(pacs.certificate, "require")
+        thread.join(5)
+    assert verdict.outcome == "refuse", verdict
+    assert (f"OCSP responder {pacs.ocsp_url}: {pacs.ocsp_url} did not answer in HTTP (BadStatusLine "
+            "'SSH-2.0-OpenSSH_9.2')") in verdict.message, verdict.message

@@ -3,7 +3,9 @@ hold up more than the association that needs them.
 
 Fetches run in a small pool of threads; an association whose certificate has no fresh answer yet
 waits for them at most ``timeout`` seconds (the first, uncached check), other associations go on
-meanwhile (each relays in its own thread, and a cached answer costs a dictionary look-up). A
+meanwhile (each relays in its own thread, and a cached answer costs a dictionary look-up). Each
+fetch is over within ``timeout`` of its start, however slowly its source sends (sources.py), so a
+thread of the pool is never held longer, and a source too slow fails like one that is down. A
 refresher thread fetches every answer again before it goes stale, so associations do not wait
 after the first. Answers are kept on disk as the bytes the source sent, and judged again (issuer's
 signature, freshness) when read after a restart: a file in the cache cannot plant an answer.
@@ -285,7 +287,8 @@ class RevocationChecker:
         self._wake.set()
 
     def _fetch(self, source: _Source) -> concurrent.futures.Future[Judged]:
-        """The fetch of ``source`` under way, or a new one: concurrent associations share it."""
+        """The fetch of ``source`` under way, or a new one: concurrent associations share it (it ends
+        within ``timeout`` of its start, answered or failed, so none waits on a stuck one)."""
         with self._lock:
             future = self._pending.get(source.key)
             if future is None:

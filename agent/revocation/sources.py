@@ -1,17 +1,26 @@
 """OCSP responses and CRLs from distribution points: fetched over HTTP, verified against the issuer.
 
 Fetching is plain HTTP with the standard library (OCSP and CRLs are signed, so TLS adds nothing
-to their integrity, and RFC 5280/6960 publish them over http). Every judgement here is of bytes
-already fetched, so the cache can judge its files again after a restart with the same code.
+to their integrity, and RFC 5280/6960 publish them over http). Each fetch has one deadline, its
+``timeout`` after it began, for all of it: the name lookup, the connect, sending the request and
+every byte of the answer, across redirects. (urllib's own ``timeout`` is per socket operation, so a
+source that trickles a byte now and then kept a fetch, and its thread, for good.) Every judgement
+here is of bytes already fetched, so the cache can judge its files again after a restart with the
+same code.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
+import http.client
 import os
+import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -22,6 +31,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 
 from dicom_card_agent.revocation.decision import Answer, Status
 from dicom_card_agent.trust.crls import _covers, _crl_signed_by, name
+from dicom_card_agent.tunnel.resolver import ResolverTimeoutError, resolve_stream
 
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 """How far thisUpdate may lie in the future and nextUpdate in the past: clocks of workstations drift."""
@@ -70,26 +80,143 @@ def http_post_ocsp(url: str, body: bytes, timeout: float) -> bytes:
 
 
 def _http(request: urllib.request.Request, url: str, timeout: float) -> bytes:
-    # No proxy from the environment: revocation sources of a hospital PKI are inside the hospital.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = _Deadline(timeout)
+    # No proxy, from the environment or elsewhere: revocation sources of a hospital PKI are inside
+    # the hospital. Plain http only, redirects too, so that every wait is under the deadline.
+    opener = urllib.request.OpenerDirector()
+    for handler in (_DeadlineHTTPHandler(deadline), urllib.request.UnknownHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(), _HttpOnlyRedirectHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
     try:
         with opener.open(request, timeout=timeout) as response:
             data = response.read(MAX_RESPONSE_BYTES + 1)
     except urllib.error.HTTPError as error:
+        error.close()
         raise FetchError(f"{url} answered HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
         reason = error.reason
-        if isinstance(reason, TimeoutError):
-            raise FetchError(f"cannot reach {url}: no answer within {timeout:g} s") from None
+        if isinstance(reason, TimeoutError) and not isinstance(reason, ResolverTimeoutError):
+            raise deadline.passed(url) from None
         text = getattr(reason, "strerror", None) or str(reason)
         raise FetchError(f"cannot reach {url}: {text}") from None
     except TimeoutError:
-        raise FetchError(f"cannot reach {url}: no answer within {timeout:g} s") from None
+        raise deadline.passed(url) from None
     except OSError as error:
         raise FetchError(f"cannot reach {url}: {error.strerror or error}") from None
+    except http.client.HTTPException as error:  # a status line or header that is not HTTP
+        raise FetchError(f"{url} did not answer in HTTP ({type(error).__name__} {str(error).strip()[:80]!r})") \
+            from None
     if len(data) > MAX_RESPONSE_BYTES:
         raise FetchError(f"{url} sent more than {MAX_RESPONSE_BYTES} bytes")
     return data
+
+
+class _Deadline:
+    """The moment a fetch must be over by (monotonic), and how many bytes it has received so far."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.at = time.monotonic() + timeout
+        self.received = 0
+
+    def left(self) -> float:
+        """Seconds left, for the socket timeout of the next wait; TimeoutError when none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return left
+
+    def passed(self, url: str) -> FetchError:
+        if self.received == 0:
+            return FetchError(f"cannot reach {url}: no answer within {self.timeout:g} s")
+        return FetchError(f"{url} sent too slowly: its answer did not finish within {self.timeout:g} s "
+                          f"({self.received} bytes came)")
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every send and receive may wait only for the time its fetch has left: the
+    timeout is set to it before each one (http.client writes with sendall and reads through
+    makefile(), which calls recv_into). When the time is up the call raises TimeoutError, and the
+    fetch closes the connection on its way out (urllib's handler, the response's ``with``)."""
+
+    deadline: _Deadline
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self.settimeout(self.deadline.left())
+        count = super().recv_into(buffer, nbytes, flags)
+        self.deadline.received += count
+        return count
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.settimeout(self.deadline.left())
+        data = super().recv(bufsize, flags)
+        self.deadline.received += len(data)
+        return data
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self.settimeout(self.deadline.left())  # since Python 3.5, a total for all of data
+        super().sendall(data, flags)
+
+
+_NEVER_GIVEN_UP: concurrent.futures.Future[str] = concurrent.futures.Future()  # a fetch ends by its deadline only
+
+
+def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
+    """A connection to ``host``, looked up (in a thread of its own: getaddrinfo cannot be
+    interrupted, see agent/tunnel/resolver.py) and connected, each address in turn, within the deadline."""
+    try:
+        addresses = resolve_stream(host, port, deadline.left(), _NEVER_GIVEN_UP)
+    except ResolverTimeoutError:
+        raise ResolverTimeoutError(f"no DNS answer for {host} within {deadline.timeout:g} s") from None
+    failure: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _name, address in addresses:
+        connection = _DeadlineSocket(family, kind, proto)
+        connection.deadline = deadline
+        try:
+            connection.settimeout(deadline.left())
+            connection.connect(address)
+        except TimeoutError:
+            connection.close()
+            raise  # the deadline has passed: no time for another address
+        except OSError as error:
+            connection.close()
+            failure = error
+            continue
+        return connection
+    raise failure
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)  # urllib's timeout among them: unused, the deadline rules
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        self.sock = _connect(self.host, self.port, self._deadline)
+
+
+class _HttpOnlyRedirectHandler(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        if not newurl.lower().startswith("http://"):
+            fp.close()
+            raise urllib.error.URLError(f"it redirects to {newurl}, which is not an http:// URL")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline) -> None:
+        super().__init__()
+        self._deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        deadline = self._deadline
+
+        def connection(host: str, /, **kwargs: Any) -> http.client.HTTPConnection:
+            return _DeadlineConnection(host, deadline, **kwargs)
+
+        return self.do_open(connection, req)
 
 
 def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> tuple[bytes, bytes]:
