@@ -88,3 +88,40 @@ def test_a_clinician_day_in_the_audit_trail(test_pki: ProvisionedPki, tmp_path: 
     assert f"3 instances of study {first.StudyInstanceUID}" in tail.stdout
     assert waiting in status.stdout, \
         status.stdout + status.stderr
+
+
+# Three component groups, each within VR PN's 64 characters; in a report's JSON a kanji or kana
+# takes six bytes (\\uXXXX).
+JAPANESE_NAME = ("YAMADAYAMADAYAMADA^TAROUTAROUTAROU=" + "\u5c71\u7530" * 8 + "^" + "\u592a\u90ce" * 7 + "="
+                 + "\u3084\u307e\u3060" * 4 + "^" + "\u305f\u308d\u3046" * 4)
+
+
+def test_a_batch_of_long_names_reaches_the_audit_trail_and_so_does_what_follows(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A report of 100 C-STOREs with 64-character UIDs and a Japanese patient name (each character
+    six bytes in the report's JSON) is ~70 KB: over the 64 KiB the reports channel took, it ended the
+    supervisor's report reader, and with it every later audit record of the card session, while
+    the associations went on."""
+    study = make_study(tmp_path / "study", files=100)
+    for path in study:
+        dataset = pydicom.dcmread(path)
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+        dataset.PatientName = JAPANESE_NAME
+        dataset.PatientID = "P" * 64
+        dataset.save_as(path)
+    audit_file = tmp_path / "audit" / "audit.log"
+    with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                          audit={"file": str(audit_file)}) as agent:
+        assert storescu(agent.port(), study).returncode == 0
+        assert storescu(agent.port(), study[:1], calling_ae="SECOND").returncode == 0
+        agent.wait_for_log("SECOND")
+        log = agent.log()
+    transferred = [ET.fromstring(line) for line in audit_file.read_bytes().splitlines()
+                   if b'csd-code="110104"' in line]
+    instances = [len(message.findall("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='4']"))
+                 for message in transferred]
+    assert "dropped" not in log, log
+    assert len(transferred) == 2, instances
+    assert "SECOND" in ET.tostring(transferred[1], encoding="unicode")
+    assert "\u5c71\u7530" in ET.tostring(transferred[0], encoding="unicode")

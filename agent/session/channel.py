@@ -27,6 +27,12 @@ PART = 60 * 1024
 # The probe's answer carries every certificate on the token: 24 slots on a PIV card (~2.5 KB each in
 # the message), possibly hundreds on an HSM partition. Other messages stay within MAX_MESSAGE.
 MAX_CARD_MESSAGE = 16 * 1024 * 1024
+# A report for the audit trail: up to 100 instances (agent/tunnel/transfers.py), each text of it
+# clipped at REPORT_TEXT_LIMIT characters; a legitimate batch of long UIDs and Japanese patient
+# names is ~70 KB, and a report over MAX_MESSAGE used to end the supervisor's report reader (and
+# every later audit record of the card session with it).
+MAX_REPORT = 16 * 1024 * 1024
+REPORT_TEXT_LIMIT = 64 * 1024  # a C-FIND Identifier in base64 (16 KiB -> 22 K characters) fits
 _PARTS = "parts"
 PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that follow a header
 MAX_SECRET = 1024
@@ -58,6 +64,18 @@ def send_secret(channel: socket.socket, secret: Secret) -> None:
     """A PIN as one raw message, straight from its buffer (no JSON, no str, no bytes copy)."""
     with secret.view() as view:
         channel.sendmsg([view])
+
+
+def clipped(value: Any, limit: int = REPORT_TEXT_LIMIT) -> Any:
+    """``value`` (a report's fields) with every text longer than ``limit`` cut there and marked: text
+    from a peer (a malformed PDU's value in its error, an abstract syntax) is not bounded by DICOM."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else f"{value[:limit]}... ({len(value) - limit} more characters)"
+    if isinstance(value, dict):
+        return {key: clipped(item, limit) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clipped(item, limit) for item in value]
+    return value
 
 
 def receive_secret(channel: socket.socket) -> Secret:

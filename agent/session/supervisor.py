@@ -219,7 +219,12 @@ class CardSession:
         with reports:
             while True:
                 try:
-                    message, _ = messages.receive(reports)
+                    message, _ = messages.receive(reports, limit=messages.MAX_REPORT)
+                except messages.MessageTooLargeError as error:  # read to its end: the next one is whole
+                    log.error("card-session process (pid %s): a report for the audit trail was dropped: %s; "
+                              "what it said of its association is missing from the audit trail",
+                              self.process.pid if self.process else "?", error)
+                    continue
                 except OSError:
                     return
                 if message is None:

@@ -224,7 +224,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
 
     def report(kind: str, fields: dict) -> None:
         try:
-            messages.send(reports, {"kind": kind, "fields": fields})
+            messages.send(reports, {"kind": kind, "fields": messages.clipped(fields)})
         except OSError:
             pass  # the supervisor is gone; this process ends with it
 

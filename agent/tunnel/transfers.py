@@ -17,9 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from dicom_card_agent.dicom.association import Query, StoredInstance
+from dicom_card_agent.session.channel import clipped
 
 FLUSH_AFTER = 0.5  # seconds; with the poll and the channel, an answered instance is on disk within a second
-INSTANCES_PER_REPORT = 100  # one report must fit the reports channel (agent/session/channel.py)
+INSTANCES_PER_REPORT = 100  # one report must fit the reports channel (agent/session/channel.py MAX_REPORT)
+INSTANCE_TEXT_LIMIT = 1024  # characters of each text of an instance in a report
 QUERY_KEYS_LIMIT = 16 * 1024  # bytes of a C-FIND Identifier in a report (base64 in a 64 KiB channel message)
 
 Report = Callable[[str, dict[str, Any]], None]
@@ -27,10 +29,13 @@ Fields = Callable[[], dict[str, Any]]  # the association's fields, as of the rep
 
 
 def instance_fields(instance: StoredInstance, *, requestor_is_local: bool) -> dict[str, Any]:
-    """One instance as a report carries it; ``from_remote``: the PACS sent it (a retrieve)."""
-    return {"sop_class_uid": instance.sop_class_uid, "sop_instance_uid": instance.sop_instance_uid,
-            "status": instance.status, "study_uid": instance.study_uid, "patient_id": instance.patient_id,
-            "patient_name": instance.patient_name, "from_remote": instance.from_requestor != requestor_is_local}
+    """One instance as a report carries it; ``from_remote``: the PACS sent it (a retrieve). Its texts
+    are clipped well above what their VRs allow (UI, LO: 64 characters; PN: three groups of 64), so
+    that a full batch stays far below the reports channel's limit whatever a peer writes there."""
+    return clipped({"sop_class_uid": instance.sop_class_uid, "sop_instance_uid": instance.sop_instance_uid,
+                    "status": instance.status, "study_uid": instance.study_uid, "patient_id": instance.patient_id,
+                    "patient_name": instance.patient_name,
+                    "from_remote": instance.from_requestor != requestor_is_local}, INSTANCE_TEXT_LIMIT)
 
 
 def query_fields(query: Query) -> dict[str, Any]:
