@@ -2,6 +2,8 @@
 
 :class:`FileSink` appends one XML message per line (file 0600, its directory created 0700) and
 fsyncs each; a write the disk refuses half-way is cut back, so the file never holds half a line.
+Its directory must be the agent's user's own (or root's) and writable by neither group nor others
+(agent/audit/directories.py): whoever can write there could replace the file.
 
 The repository sinks put each RFC 5424 message into the on-disk :class:`~agent.audit.spool.Spool`
 and return at once; a background thread connects to the repository (TLS 1.2+, the repository's
@@ -23,20 +25,35 @@ docs/audit.md says how to recognise it).
   Each burst therefore costs a TLS handshake; after each handshake the sink watches the new
   connection for ``settle_time`` (0.25 s) first, because with TLS 1.3 a repository that refuses
   the client certificate says so only after the client finished its handshake.
+
+  A slow repository (one that reads tens of messages a second) is not a stopped one: while it
+  confirms nothing, the sink watches how many bytes of the burst its TCP has not acknowledged yet
+  (Linux ``SIOCOUTQ``). While that count shrinks the repository is reading, and the wait goes on;
+  only ``CONFIRM_TIMEOUT`` seconds without progress end it. Bytes the repository's kernel has
+  taken but the repository has not read cannot be seen: for those, a burst that was not confirmed
+  in time is followed by one of half its size (down to one message), and the burst grows back
+  (doubling, up to ``CONFIRM_AFTER``) after each one confirmed with time to spare.
+
+Failures are logged once per outage: the first failure is a warning, the next confirmation ends
+the outage (an info line); what fails in between is only in ``last_error`` (``card-agent status``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import selectors
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from pathlib import Path
 
 from dicom_card_agent.audit.config import SyslogConfig
+from dicom_card_agent.audit.directories import FILE_DIRECTORY_RISK, check_private_directory, make_private_directory
 from dicom_card_agent.audit.errors import AuditError, AuditSpoolError
 from dicom_card_agent.audit.relp import Acknowledged, Refused, RelpProtocolError, RelpSession, ServerClosed
 from dicom_card_agent.audit.spool import Spool
@@ -49,12 +66,17 @@ INITIAL_BACKOFF = 0.25
 RELP_WINDOW = 128  # messages sent and not yet acknowledged, at most
 SEND_BATCH = 64  # spool files read at a time
 CONFIRM_LINGER = 0.2  # syslog-TLS: wait this long for more messages before confirming a burst
-CONFIRM_AFTER = 500  # syslog-TLS: confirm after this many messages even while more keep coming
-CONFIRM_TIMEOUT = 5.0  # syslog-TLS: how long the repository has to answer our close_notify
+CONFIRM_AFTER = 500  # syslog-TLS: confirm after this many messages even while more keep coming (the largest burst)
+CONFIRM_TIMEOUT = 5.0  # syslog-TLS: how long the repository may go without visible progress before it confirms
+CONFIRM_POLL = 0.1  # syslog-TLS: how often the progress of a burst being confirmed is looked at
 
 
 class ConnectionLost(ConnectionError):
     """The repository's connection ended or stopped answering; what it has not confirmed is resent."""
+
+
+class NotConfirmed(ConnectionLost):
+    """syslog-TLS: the repository made no progress through a burst for ``CONFIRM_TIMEOUT`` seconds."""
 
 
 class FileSink:
@@ -64,8 +86,12 @@ class FileSink:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
-            if not self.path.parent.exists():
-                self.path.parent.mkdir(mode=0o700, parents=True)
+            make_private_directory(self.path.parent)
+        except OSError as error:
+            raise AuditError(f"cannot open the audit file {self.path}: {error.strerror}; "
+                             "check [audit] file and its directory's permissions") from None
+        check_file_directory(self.path)
+        try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as error:
             raise AuditError(f"cannot open the audit file {self.path}: {error.strerror}; "
@@ -101,6 +127,13 @@ class FileSink:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def check_file_directory(path: Path) -> None:
+    """Refuse (:class:`~agent.file_trust.UnsafeFileError`) an audit file whose directory another
+    user could write to; a missing directory passes (the agent creates it 0700)."""
+    check_private_directory(Path(path).parent, "the directory of the audit file", FILE_DIRECTORY_RISK,
+                            ancestors=False, elsewhere="set [audit] file to a file in a directory of the agent's own")
 
 
 def client_context(config: SyslogConfig) -> ssl.SSLContext:
@@ -149,6 +182,8 @@ class RepositorySink:
         self.connected = False
         self.delivered = 0
         self.last_error = ""
+        self._outage = False  # from a failure until the repository confirms again: the failure is logged once
+        self._version = ""  # the TLS version of the last connection
         self._thread = threading.Thread(target=self._run, name=f"audit-{self.transport}", daemon=True)
         self._thread.start()
 
@@ -272,6 +307,13 @@ class RepositorySink:
                 self.spool.remove(sequence)
             self.delivered += len(sequences)
             self._condition.notify_all()
+        if sequences and self._outage:
+            self._outage = False
+            self.last_error = ""
+            waiting = len(self.spool)
+            log.info("audit: the audit repository %s confirms messages again (%s%s); %d message%s to deliver",
+                     self.config.address, self._version, ", RELP" if self.transport == "relp" else "", waiting,
+                     "" if waiting == 1 else "s")
 
     def _connect(self) -> None:
         started = time.monotonic()
@@ -296,13 +338,13 @@ class RepositorySink:
             self._connecting = None
         self._sock = sock
         self._cursor = 0  # everything not confirmed goes (again) over this connection
-        if not self.connected:
+        self._version = sock.version() or ""
+        if not self.connected and not self._outage:  # during an outage, the first confirmation says it is over
             waiting = len(self.spool)
             log.info("audit: connected to the audit repository %s (%s%s); %d message%s to deliver",
-                     self.config.address, sock.version(), ", RELP" if self.transport == "relp" else "", waiting,
+                     self.config.address, self._version, ", RELP" if self.transport == "relp" else "", waiting,
                      "" if waiting == 1 else "s")
         self.connected = True
-        self.last_error = ""
 
     def _opening(self, sock: ssl.SSLSocket) -> None:
         """What the transport does on a new connection before the first message."""
@@ -348,9 +390,12 @@ class RepositorySink:
             self._failed(reason)
 
     def _failed(self, reason: str) -> None:
-        if self.connected or self.last_error == "":
+        """A failed connection or delivery: logged once per outage (a connection that then fails to
+        deliver does not end the outage; a confirmed message does, see :meth:`_confirmed`)."""
+        if not self._outage:
             log.warning("audit: audit repository %s: %s; messages wait in %s and are sent when it is back",
                         self.config.address, reason, self.spool.directory)
+        self._outage = True
         self.connected = False
         self.last_error = reason
 
@@ -380,6 +425,10 @@ class SyslogTlsSink(RepositorySink):
 
     transport = "tls"
 
+    def __init__(self, config: SyslogConfig, spool: Spool, **options: float) -> None:
+        self.burst = CONFIRM_AFTER  # the most messages sent before a confirmation (smaller after a timeout)
+        super().__init__(config, spool, **options)
+
     def _opening(self, sock: ssl.SSLSocket) -> None:
         # With TLS 1.3 a server that refuses our certificate (or has none from us) closes the
         # connection only after our side of the handshake is done: give it a moment to say so,
@@ -392,8 +441,9 @@ class SyslogTlsSink(RepositorySink):
         sock = self._sock
         assert sock is not None
         sent: list[int] = []
-        while len(sent) < CONFIRM_AFTER:
-            batch = self.spool.after(self._cursor, min(SEND_BATCH, CONFIRM_AFTER - len(sent)))
+        burst = self.burst
+        while len(sent) < burst:
+            batch = self.spool.after(self._cursor, min(SEND_BATCH, burst - len(sent)))
             if not batch:
                 if not sent or self._stopping or not self._more_within(CONFIRM_LINGER):
                     break
@@ -406,8 +456,17 @@ class SyslogTlsSink(RepositorySink):
                 sent.append(sequence)
         if not sent:
             return False
-        self._confirm(sock, len(sent))
+        try:
+            after_progress = self._confirm(sock, len(sent))
+        except NotConfirmed:
+            # What the repository's kernel took and it did not read in time cannot be watched: send
+            # less at a time, so that a slow repository gets through a whole burst before the timeout.
+            self.burst = min(self.burst, max(1, len(sent) // 2))
+            raise
         self._confirmed(sent)
+        if len(sent) == burst and after_progress < CONFIRM_TIMEOUT / 2:
+            # It read what it held within half the timeout: twice as much would still fit in it.
+            self.burst = min(CONFIRM_AFTER, burst * 2)
         return True
 
     def _more_within(self, seconds: float) -> bool:
@@ -422,21 +481,36 @@ class SyslogTlsSink(RepositorySink):
                 self._condition.wait(remaining)
             return self._submitted != seen
 
-    def _confirm(self, sock: ssl.SSLSocket, count: int) -> None:
-        """Close the connection and learn whether the repository read all of it (module doc)."""
+    def _confirm(self, sock: ssl.SSLSocket, count: int) -> float:
+        """Close the connection and learn whether the repository read all of it (module doc).
+        Returns how long the repository took to confirm after its last visible progress."""
         self._sock = None  # whatever happens, this connection is done
         try:
             if not self._alive(sock):
                 raise ConnectionLost("the audit repository closed the connection")
-            sock.settimeout(CONFIRM_TIMEOUT)
-            try:
-                sock.unwrap()  # our close_notify; returns on the repository's close_notify
-            except ssl.SSLEOFError:
-                pass  # or on its plain close: rsyslog closes without close_notify
-            except TimeoutError:
-                raise ConnectionLost(f"the audit repository did not confirm {count} message"
-                                     f"{'' if count == 1 else 's'} within {CONFIRM_TIMEOUT:g} s "
-                                     "(it does not read: stopped or overloaded?)") from None
+            unacknowledged = _unacknowledged(sock)
+            progress = time.monotonic()  # when the repository was last seen taking bytes
+            sock.settimeout(CONFIRM_POLL)
+            while True:
+                try:
+                    sock.unwrap()  # our close_notify (sent once); returns on the repository's close_notify
+                    break
+                except ssl.SSLEOFError:
+                    break  # or on its plain close: rsyslog closes without close_notify
+                except TimeoutError:
+                    pass
+                now = time.monotonic()
+                left = _unacknowledged(sock)
+                if left is not None and unacknowledged is not None and left < unacknowledged:
+                    unacknowledged, progress = left, now  # it is reading: a slow repository, not a stopped one
+                elif now - progress >= CONFIRM_TIMEOUT:
+                    raise NotConfirmed(f"the audit repository did not confirm {count} message"
+                                       f"{'' if count == 1 else 's'} within {CONFIRM_TIMEOUT:g} s of its last "
+                                       "progress (stopped or overloaded?)")
+                if self._stopping and self._past_deadline():
+                    raise ConnectionLost(f"the agent stopped before the audit repository confirmed {count} "
+                                         f"message{'' if count == 1 else 's'}")
+            after_progress = time.monotonic() - progress
             # A repository that closed on its own just as our last bytes arrived answers them
             # with a reset (a socket closed with unread data does); it comes one round trip later.
             time.sleep(min(1.0, max(0.02, 4 * self._rtt)))
@@ -444,6 +518,7 @@ class SyslogTlsSink(RepositorySink):
             if error:
                 raise ConnectionLost(f"the audit repository reset the connection ({os.strerror(error)}) "
                                      "before it had read everything")
+            return after_progress
         finally:
             try:
                 sock.close()
@@ -550,6 +625,15 @@ def repository_sink(config: SyslogConfig, spool: Spool) -> RepositorySink:
     if config.transport == "relp":
         return RelpSink(config, spool)
     return SyslogTlsSink(config, spool)
+
+
+def _unacknowledged(sock: socket.socket) -> int | None:
+    """Bytes written to ``sock`` that the peer's TCP has not acknowledged yet (Linux ``SIOCOUTQ``,
+    the same request number as ``TIOCOUTQ``), or ``None`` where the system does not say."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, ValueError, struct.error):
+        return None
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:

@@ -12,6 +12,12 @@ which survives restarts because the next number is one more than the highest on 
 A message sent but not yet confirmed when the connection or the agent dies is sent again later:
 delivery is at least once. An exclusive ``flock`` on ``.lock`` keeps a second agent (or a second
 trail in one process) off the same spool.
+
+Only the agent writes here: the directory must be the agent's user's own (or root's) and writable by
+neither group nor others, and so must the directories above it (agent/audit/directories.py);
+otherwise the spool refuses to open. A message file that is not a regular file of the agent's user
+(planted before the directory was made safe, or a symbolic link) is set aside as ``.untrusted``
+and logged, never sent: files are opened with ``O_NOFOLLOW`` and checked with ``fstat``.
 """
 
 from __future__ import annotations
@@ -21,26 +27,43 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import threading
 from collections import deque
 from pathlib import Path
 
+from dicom_card_agent.audit.directories import SPOOL_RISK, check_private_directory, make_private_directory
 from dicom_card_agent.audit.errors import AuditSpoolError
+from dicom_card_agent.file_trust import _user
 
 log = logging.getLogger("agent.audit")
 
 _NAME = re.compile(r"(\d{20})\.msg")
 _LOCK = ".lock"
+_OPEN_MESSAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO does not hang us
+
+
+class _Untrusted(Exception):
+    """A message file the agent did not write: why."""
 
 
 class Spool:
-    """The queue in ``directory`` (created 0700 if missing). Thread-safe; close it when done."""
+    """The queue in ``directory`` (created 0700 if missing; refused, with
+    :class:`~agent.file_trust.UnsafeFileError`, if another user could write there). Thread-safe;
+    close it when done."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        self._uid = os.geteuid()
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            make_private_directory(self.directory)
+        except OSError as error:
+            raise AuditSpoolError(f"cannot use the audit spool directory {self.directory}: {error.strerror}; "
+                                  "check [audit] spool and its permissions") from None
+        check_spool_directory(self.directory)
+        try:
+            self._lock_fd = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                    0o600)
         except OSError as error:
             raise AuditSpoolError(f"cannot use the audit spool directory {self.directory}: {error.strerror}; "
                                   "check [audit] spool and its permissions") from None
@@ -59,7 +82,12 @@ class Spool:
         for entry in os.scandir(self.directory):
             match = _NAME.fullmatch(entry.name)
             if match:
-                sequences.append(int(match.group(1)))
+                # Before the numbering goes on from it: a planted 99999999999999999999.msg must not set it.
+                problem = self._foreign(entry.stat(follow_symlinks=False))
+                if problem:
+                    self._set_aside(Path(entry.path), problem, ".untrusted")
+                else:
+                    sequences.append(int(match.group(1)))
             elif entry.name.endswith(".tmp"):
                 os.unlink(entry.path)  # a crash during append(): that message was never accepted
         self._pending.extend(sorted(sequences))
@@ -98,23 +126,17 @@ class Spool:
 
     def oldest(self) -> tuple[int, bytes] | None:
         """The first waiting message and its sequence number, or ``None`` if none waits. A file
-        that cannot be read is set aside as ``.bad`` (and logged), never sent half."""
+        that cannot be read is set aside as ``.bad``, one the agent did not write as
+        ``.untrusted`` (and logged), never sent."""
         while True:
             with self._mutex:
                 self._check_open()
                 if not self._pending:
                     return None
                 sequence = self._pending[0]
-                path = self._path(sequence)
-                try:
-                    return sequence, path.read_bytes()
-                except OSError as error:
-                    self._pending.popleft()
-                    log.error("audit spool: cannot read %s (%s); set aside as .bad, not sent", path, error.strerror)
-                    try:
-                        os.rename(path, path.with_suffix(".bad"))
-                    except OSError:
-                        pass
+            data = self._read(sequence)
+            if data is not None:
+                return sequence, data
 
     def after(self, sequence: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` waiting messages numbered above ``sequence``, in order (unreadable ones
@@ -145,19 +167,55 @@ class Spool:
         return following
 
     def _read(self, sequence: int) -> bytes | None:
+        """The message ``sequence``, or ``None`` when it was set aside (unreadable, or not the agent's)."""
         path = self._path(sequence)
         try:
-            return path.read_bytes()
-        except OSError as error:
-            with self._mutex:
-                if sequence in self._pending:
-                    self._pending.remove(sequence)
-            log.error("audit spool: cannot read %s (%s); set aside as .bad, not sent", path, error.strerror)
+            fd = os.open(path, _OPEN_MESSAGE)
             try:
-                os.rename(path, path.with_suffix(".bad"))
-            except OSError:
-                pass
-            return None
+                problem = self._foreign(os.fstat(fd))
+                if problem:
+                    raise _Untrusted(problem)
+                chunks = []
+                while chunk := os.read(fd, 1 << 16):
+                    chunks.append(chunk)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
+        except _Untrusted as untrusted:
+            self._forget(sequence)
+            self._set_aside(path, str(untrusted), ".untrusted")
+        except OSError as error:
+            self._forget(sequence)
+            if error.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                self._set_aside(path, "it is a symbolic link", ".untrusted")
+            else:
+                self._set_aside(path, f"cannot read it ({error.strerror})", ".bad")
+        return None
+
+    def _foreign(self, status: os.stat_result) -> str:
+        """Why a message file with this status is not one the agent wrote, or ``""``."""
+        if not stat.S_ISREG(status.st_mode):
+            return "it is not a regular file"
+        if status.st_uid != self._uid:
+            return f"it belongs to {_user(status.st_uid)}, not to {_user(self._uid)}, which runs the agent"
+        return ""
+
+    def _forget(self, sequence: int) -> None:
+        with self._mutex:
+            if sequence in self._pending:
+                self._pending.remove(sequence)
+
+    def _set_aside(self, path: Path, problem: str, suffix: str) -> None:
+        """Rename a message file that must not be sent to ``suffix`` (kept for whoever investigates)."""
+        if suffix == ".untrusted":
+            log.error("audit spool: %s: %s; set aside as %s, not sent: another user may have put it there "
+                      "(see who can write to %s)", path, problem, suffix, self.directory)
+        else:
+            log.error("audit spool: %s: %s; set aside as %s, not sent", path, problem, suffix)
+        try:
+            os.rename(path, path.with_suffix(suffix))
+        except OSError:
+            pass
 
     def remove(self, sequence: int) -> None:
         """Forget a delivered message (any waiting one: RELP confirms each on its own)."""
@@ -193,3 +251,10 @@ class Spool:
             self._closed = True
             os.close(self._dir_fd)
             os.close(self._lock_fd)  # releases the flock
+
+
+def check_spool_directory(directory: Path) -> None:
+    """Refuse (:class:`~agent.file_trust.UnsafeFileError`) a spool directory another user could
+    write to, or one under such a directory; a missing one passes (the agent creates it 0700)."""
+    check_private_directory(directory, "the audit spool", SPOOL_RISK, ancestors=True,
+                            elsewhere="set [audit] spool to a directory of the agent's own")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from dicom_card_agent.audit.trail import FREE_INODES_RESERVE, FREE_SPACE_RESERVE, _short_of_space
 from dicom_card_agent.cli.doctor import Check, platform_checks, report
 from dicom_card_agent.cli.options import ConfigFile
 from dicom_card_agent.config.locate import locate_config
@@ -60,6 +61,7 @@ def configuration_checks(explicit: Path | None) -> Iterator[Check]:
     for tunnel in settings.tunnels:
         yield _remote_check(tunnel)
     yield from _audit_checks(settings)
+    yield from _audit_reserve_checks(settings)
 
 
 def _trust_checks(settings: AgentConfig) -> Iterator[Check]:
@@ -174,11 +176,22 @@ def _remote_check(tunnel: TunnelConfig) -> Check:
 
 
 def _audit_checks(settings: AgentConfig) -> Iterator[Check]:
+    # The checks ``run`` makes when it opens the audit trail (agent/audit/directories.py).
+    from dicom_card_agent.audit.sinks import check_file_directory
+    from dicom_card_agent.audit.spool import check_spool_directory
+
     audit = settings.audit
     if audit is None:
         return
-    for what, path, directory in (("audit file", audit.file, False), ("audit spool", audit.spool, True)):
+    for what, path, directory, check_owner in (("audit file", audit.file, False, check_file_directory),
+                                                ("audit spool", audit.spool, True, check_spool_directory)):
         if path is not None:
+            try:
+                check_owner(path)
+            except CardAgentError as error:
+                yield Check("fail", what, str(error), "give the directory to the agent's user (or root), writable "
+                                                      "by neither group nor others, as the message says")
+                continue
             yield _writable(what, path, directory)
     if audit.syslog is not None:
         try:
@@ -186,6 +199,42 @@ def _audit_checks(settings: AgentConfig) -> Iterator[Check]:
             yield Check("ok", "audit repository", f"{audit.syslog.address}, CA {audit.syslog.ca} readable")
         except CardAgentError as error:
             yield Check("fail", "audit repository", str(error), "give [audit.syslog] ca a readable PEM bundle")
+
+
+def _audit_reserve_checks(settings: AgentConfig) -> Iterator[Check]:
+    """Whether the file systems of the audit file and spool keep the reserve the audit trail keeps
+    under ``on_failure = "refuse"`` (agent/audit/trail.py): short of it, the agent refuses every
+    association from its start, so that is a failure; under "continue" a warning (events are lost
+    once the file system is full). Judged by the trail's own test, on the directory that holds the
+    sink (or the nearest one there is: the agent creates the rest on the same file system)."""
+    audit = settings.audit
+    if audit is None:
+        return
+    refuse = audit.on_failure == "refuse"
+    reserve = f"{FREE_SPACE_RESERVE // 1024} KiB and {FREE_INODES_RESERVE} inodes"
+    for what, directory in (("audit file", audit.file.parent if audit.file is not None else None),
+                            ("audit spool", audit.spool)):
+        if directory is None:
+            continue
+        existing = directory
+        while not existing.is_dir() and existing != existing.parent:
+            existing = existing.parent
+        short = _short_of_space(existing)
+        name = f"{what} reserve"
+        if not short:
+            if refuse:
+                stats = os.statvfs(existing)
+                yield Check("ok", name, f"{stats.f_bavail * stats.f_frsize // 1024} KiB free on the file system of "
+                                        f"{existing}: the audit trail's reserve of {reserve} is free")
+            continue
+        fix = (f"free space on that file system or move the {what} to another one: at least {reserve} must "
+               "stay free")
+        if refuse:
+            yield Check("fail", name, f"{short}: with [audit] on_failure = \"refuse\" the agent refuses every "
+                                      "association (A-ASSOCIATE-RJ) while the reserve is not free", fix)
+        else:
+            yield Check("warn", name, f"{short}: audit events will be lost once it is full "
+                                      "(on_failure = \"continue\")", fix)
 
 
 def _writable(what: str, path: Path, directory: bool) -> Check:
