@@ -3,6 +3,7 @@ agent; exit 0 when all is well, 2 otherwise, one line per finding."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from peers.dns import DnsServer, resolving_through
 from peers.netns import late_address
 from peers.ports import free_port
+from test_audit_failure import small_tmpfs
 from test_inbound import node_identity
 
 
@@ -115,3 +117,34 @@ def test_a_listen_address_this_machine_does_not_have_yet_warns(test_pki: Provisi
     assert (f"warn listen retrieves: inbound retrieves: {late.address} is not an address of this workstation now; "
             "the agent listens on it anyway, connections arrive once the network brings it up") \
         in findings(result.stdout), result.stdout
+
+
+@pytest.mark.parametrize("on_failure, filled, status", [("refuse", True, "fail"), ("continue", True, "warn"),
+                                                         ("refuse", False, "ok")])
+def test_an_audit_file_system_short_of_the_trails_reserve(test_pki: ProvisionedPki, tmp_path: Path,
+                                                          on_failure: str, filled: bool, status: str) -> None:
+    """With [audit] on_failure = "refuse" the agent refuses every association while the audit
+    file's file system has less than the trail's reserve free (agent/audit/trail.py); `check` said
+    only "writable" and exit 0. A real, nearly full file system: a 3 MiB tmpfs with 2900 KiB taken."""
+    with socket.create_server(("127.0.0.1", 0)) as listening_pacs, small_tmpfs(tmp_path / "disk", "3m") as disk:
+        if filled:
+            (disk / "filler").write_bytes(b"\0" * 2900 * 1024)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize // 1024
+        config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", listening_pacs.getsockname()[1])],
+                              audit={"file": str(disk / "audit" / "audit.log"), "on_failure": on_failure})
+        result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+    lines = result.stdout.splitlines()
+    reserve = [line for i, line in enumerate(lines) if "reserve" in line or (i and "reserve" in lines[i - 1])]
+    assert result.returncode == (2 if status == "fail" else 0), result.stdout
+    if status == "ok":
+        assert reserve == [f"ok   audit file reserve: {free} KiB free on the file system of {disk}: the audit trail's "
+                           "reserve of 1024 KiB and 16 inodes is free"], result.stdout
+        return
+    short = f"{free} KiB free on the file system of {disk}, less than the 1024 KiB the audit trail keeps in reserve"
+    consequence = ("with [audit] on_failure = \"refuse\" the agent refuses every association (A-ASSOCIATE-RJ) while "
+                   "the reserve is not free" if status == "fail"
+                   else "audit events will be lost once it is full (on_failure = \"continue\")")
+    assert reserve == [f"{status:<4} audit file reserve: {short}: {consequence}",
+                       "     fix: free space on that file system or move the audit file to another one: at least "
+                       "1024 KiB and 16 inodes must stay free"], result.stdout
+    assert f"ok   audit file: {disk}/audit/audit.log can be created (in {disk})" in result.stdout  # writable: yes

@@ -6,9 +6,12 @@ dialog open. The fault module logs every C_Login, so "no new PIN" is counted, no
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pynetdicom.sop_class import Verification
@@ -25,9 +28,14 @@ from agent_runner import (
     write_config,
 )
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
+from dicom_card_agent.config.model import AgentConfig, load_config
+from dicom_card_agent.session.audit import AuditRecorder
+from dicom_card_agent.session.reload import Reloader
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
+from test_config_durations import BAD_VALUES, DURATIONS, with_duration
+from test_inbound import node_identity
 
 RELOADED = "card-agent: INFO: SIGHUP: configuration {config} reloaded: "
 REFUSED = "card-agent: ERROR: SIGHUP: configuration not reloaded, the running one goes on: "
@@ -253,3 +261,111 @@ def test_a_card_pulled_while_a_stuck_card_session_is_asked_to_reload_is_acted_on
     assert seen_after < 3.0, f"the pull was seen {seen_after:.1f} s after it"
     assert ended_after < 20.0, f"the session ended {ended_after:.1f} s after the pull:\n{log}"
     assert not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z"
+
+
+def sighup_line(agent, config: Path, write) -> str:
+    """``write`` the agent's configuration file, send SIGHUP, and return the log line that answers it
+    (reloaded, refused, or failed), without its timestamp."""
+    def answers() -> list[str]:
+        return [line for line in log_lines(agent.log()) if "SIGHUP: " in line]
+
+    before = len(answers())
+    write(config)
+    agent.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(answers()) > before or agent.process.poll() is not None)
+    assert agent.process.poll() is None, f"SIGHUP ended the agent:\n{agent.log()}"
+    return answers()[before]
+
+
+def configuration_alerts(config: Path, env: dict[str, str]) -> list[str]:
+    """The audit trail's Software Configuration alerts, as `card-agent audit tail` shows them."""
+    trail = run_card_agent("audit", "tail", "-n", "1000", "--config", config, env=env, check=True).stdout
+    return [line for line in trail.splitlines() if "Software Configuration" in line]
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_the_refused_line_and_audited(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The reload read it with a UnicodeDecodeError, which only the "internal error" catch-all saw:
+    no refused line, no audit record, although every refused reload promises one."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        audit = {"file": str(tmp_path / "audit.log")}
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], audit=audit) as agent:
+            config = tmp_path / "agent" / "agent.toml"
+            env = test_pki.env()
+            good = config.read_bytes()
+            lines_before = good.count(b"\n")
+            line = sighup_line(agent, config, lambda path: path.write_bytes(good + b"# Radiologie Z\xfcrich\n"))
+            assert echo(agent.port())  # the running configuration goes on
+            config.write_bytes(good)
+            alerts = configuration_alerts(config, env)
+    assert line == (REFUSED + f"{config}: not valid TOML: byte 0xfc at line {lines_before + 1}, column 15 "
+                              f"(byte offset {len(good) + 14}) is not UTF-8, and a TOML file must be UTF-8: save the "
+                              "file as UTF-8 (one in Latin-1 converts with `iconv -f latin1 -t utf-8`)")
+    assert len(alerts) == 1 and "minor failure" in alerts[0].lower(), alerts
+
+
+def test_durations_that_are_no_number_of_seconds_are_refused_and_the_running_configuration_serves_on(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Each duration key with nan, inf, -1 and 1e12 (tests/test_config_durations.py), sent to one
+    running agent in a file that differs from the running one in that value only: connect_timeout =
+    inf was taken ("reloaded: changed pacs"), and then every association ended in an internal error.
+    Each must be refused naming the key, audited, and the tunnel must still work after all."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        workdir, audit = tmp_path / "agent", {"file": str(tmp_path / "audit.log")}
+        pacs_table = tunnel("pacs", pacs.port)
+        retrieves = inbound_listener("retrieves", "127.0.0.1:11114", **node_identity(test_pki))
+        with running_agent(test_pki, workdir, [pacs_table], inbound=[retrieves], audit=audit,
+                           metrics={"textfile": str(workdir / "agent.prom")}) as agent:
+            config = workdir / "agent.toml"
+            good = config.read_text()
+            assert with_duration(config, test_pki, pacs=pacs_table, retrieves=retrieves, audit=audit).read_text() \
+                == good  # the file the reloads change one value of
+            answers, expected = [], []
+            for duration in DURATIONS:
+                for value in BAD_VALUES:
+                    answers.append(sighup_line(agent, config, lambda path, d=duration, v=value: with_duration(
+                        path, test_pki, d, float(v), pacs=pacs_table, retrieves=retrieves, audit=audit)))
+                    expected.append(REFUSED + f"{config} {duration.where}.{duration.message(str(float(value)))}")
+            assert [answer for answer in answers if "reloaded: " in answer] == []  # none taken
+            assert answers == expected
+            config.write_text(good)
+            signed_in(agent, test_pki.env())
+            assert echo(agent.port())
+            alerts = configuration_alerts(config, test_pki.env())
+    assert len(alerts) == len(expected) and all("minor failure" in alert.lower() for alert in alerts), alerts
+
+
+def test_an_error_no_check_anticipated_still_audits_the_reload_that_did_not_take_effect(
+        test_pki: ProvisionedPki, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The catch-all of the reload thread (a bug must cost one reload, not every later one) logged
+    the error but left no audit record. No input reaches it on purpose, so a bug is stood in for:
+    listeners whose prepare() raises; the configuration file, the reloader, its thread and the
+    audit trail (a real file, read by `card-agent audit tail`) are the real ones."""
+
+    class BrokenListeners:
+        def prepare(self, config: AgentConfig) -> None:
+            raise RuntimeError("a bug in preparing the listeners")
+
+    audit_file = tmp_path / "audit.log"
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)], identity={"pin": "prompt"},
+                          audit={"file": str(audit_file)})
+    settings = load_config(config)
+    recorder = AuditRecorder(settings.audit)
+    reloader = Reloader(settings, manager=None, listeners=BrokenListeners(),  # the manager is not reached
+                        control_server=SimpleNamespace(crls=None), audit=recorder)
+    stop = threading.Event()
+    reloader.start(stop)
+    try:
+        with caplog.at_level(logging.ERROR, logger="agent"):
+            reloader.request()
+            wait_for(lambda: "a bug in preparing the listeners" in caplog.text)
+    finally:
+        stop.set()
+        recorder.close()
+    alerts = [line for line in run_card_agent("audit", "tail", "--file", audit_file, env=test_pki.env(),
+                                              check=True).stdout.splitlines() if "Software Configuration" in line]
+    assert len(alerts) == 1 and "minor failure" in alerts[0].lower(), alerts
+    message = (f"SIGHUP: reloading the configuration {config} failed: internal error (RuntimeError: a bug in "
+               "preparing the listeners); the agent goes on")
+    assert [record.getMessage() for record in caplog.records if record.name == "agent"] == [message]
+    assert caplog.records[-1].exc_info is not None  # the traceback, for the bug report

@@ -1,17 +1,27 @@
-"""``card-agent doctor``: check each part the agent needs, one line each, with the fix."""
+"""``card-agent doctor``: check each part the agent needs, one line each, with the fix.
+
+The configuration, found as ``run`` finds it (agent/config/locate.py), gives the module, the token,
+the CA bundle and the CRL files; a flag overrides each. Without a configuration the flags alone
+(and ``auto``) are used; a configuration file another user could have changed is refused (exit 2),
+as by every command that reads it."""
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from cryptography import x509
 
-from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, CrlFiles, Module, TokenSelector
+from dicom_card_agent.cli.options import MODULE_DEFAULT, CaBundle, ConfigFile, CrlFiles, TokenSelector
+from dicom_card_agent.config.locate import ENVIRONMENT_VARIABLE, ConfigNotFoundError, locate_config
+from dicom_card_agent.config.model import AgentConfig, load_config
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.file_trust import UnsafeFileError
 from dicom_card_agent.logline import printable
 from dicom_card_agent.revocation.report import cli_checker, identity_revocation
 from dicom_card_agent.tls.provider import check_provider_loads, openssl_config, provider_module_path
@@ -30,14 +40,69 @@ class Check:
     fix: str = ""
 
 
+# --module as options.Module, without a default: the configuration's module applies when it is not given.
+DoctorModule = Annotated[
+    Optional[str],
+    typer.Option(
+        "--module", "-m", envvar="CARD_AGENT_MODULE", metavar="NAME|PATH", show_default=False,
+        help="PKCS#11 module: a profile name (softhsm2, opensc, yubikey-ykcs11, ...), a path to the .so, or auto. "
+             "Default: the configuration's [identity] module, else auto.",
+    ),
+]
+
+
 def doctor(
-    module: Module = MODULE_DEFAULT,
+    module: DoctorModule = None,
     token: TokenSelector = None,
     ca: CaBundle = None,
     crl: CrlFiles = None,
+    config: ConfigFile = None,
 ) -> None:
-    """Check OpenSSL, the pkcs11-provider, the PKCS#11 module, tokens, PIN state and certificate chains."""
-    raise typer.Exit(1 if report(run_checks(module, token, ca, crl or [])) else 0)
+    """Check OpenSSL, the pkcs11-provider, the PKCS#11 module, tokens, PIN state and certificate chains;
+    the module, token, CA bundle and CRLs of the agent's configuration unless the flags name others."""
+    found = _configuration(config)
+    failed = report(_with_configuration(found, module, token, ca, crl or []))
+    raise typer.Exit(1 if failed else 0)
+
+
+def _configuration(explicit: Path | None) -> tuple[Path, AgentConfig | CardAgentError] | None:
+    """The configuration ``run`` would use, or the error reading it; ``None`` when there is none
+    (none named, none in the places searched). A file another user could have changed is refused
+    here (UnsafeFileError: exit 2 with its message, as ``status`` does), and so is one that is named
+    but missing: never a reason to go on without it."""
+    try:
+        path = locate_config(explicit)
+    except ConfigNotFoundError:
+        if explicit is None and not os.environ.get(ENVIRONMENT_VARIABLE):
+            return None
+        raise
+    try:
+        return path, load_config(path)
+    except CardAgentError as error:
+        if isinstance(error, UnsafeFileError) or not path.exists():
+            raise  # refused, or named and not there: exit 2, as `status` does
+        return path, error  # a setting to correct: one failed check, the card is checked all the same
+
+
+def _with_configuration(found: tuple[Path, AgentConfig | CardAgentError] | None, module: str | None,
+                        token: str | None, ca: Path | None, crls: list[Path]) -> Iterator[Check]:
+    """The checks, with what the configuration says where no flag says otherwise."""
+    module_key, token_key = "--module", "--token"
+    if found is not None:
+        path, settings = found
+        if isinstance(settings, CardAgentError):
+            yield Check("fail", "config", str(settings), "correct what the message names (`card-agent check` "
+                                                         "checks the whole file); the checks below use the flags")
+        else:
+            if module is None:
+                module, module_key = settings.identity.module, "[identity] module"
+            if token is None and settings.identity.token:
+                token, token_key = settings.identity.token, "[identity] token"
+            ca = ca or settings.trust.ca
+            crls = crls or list(settings.trust.crl)
+            yield Check("ok", "config", f"{path}: module {module}, token {token or '(any)'}, CA bundle {ca}, "
+                                        f"{len(crls)} CRL file(s)")
+    yield from run_checks(module or MODULE_DEFAULT, token, ca, crls, module_key=module_key, token_key=token_key)
 
 
 def report(checks: Iterable[Check]) -> bool:
@@ -58,9 +123,12 @@ def _attempt(name: str, action: Callable[[], str], fix: str) -> Check:
         return Check("fail", name, str(error), fix)
 
 
-def platform_checks(module_spec: str, module_key: str = "--module") -> tuple[list[Check], LoadedModule | None]:
+def platform_checks(module_spec: str, module_key: str = "--module", *,
+                    refuse_unsafe: bool = False) -> tuple[list[Check], LoadedModule | None]:
     """OpenSSL, the pkcs11-provider, the PKCS#11 module and the provider loading it (``doctor`` and
-    ``check``); the module when it loads. ``module_key``: where the user names the module."""
+    ``check``); the module when it loads. ``module_key``: where the user names the module.
+    ``refuse_unsafe``: a module another user could have changed raises UnsafeFileError (exit 2, as
+    every command that loads it) instead of being one failed check."""
     checks = []
     if ssl.OPENSSL_VERSION_INFO >= (3,):
         checks.append(Check("ok", "openssl", f"{ssl.OPENSSL_VERSION} (Python ssl module)"))
@@ -72,6 +140,8 @@ def platform_checks(module_spec: str, module_key: str = "--module") -> tuple[lis
     try:
         loaded = load_module(module_spec)
     except CardAgentError as error:
+        if refuse_unsafe and isinstance(error, UnsafeFileError):
+            raise
         checks.append(Check("fail", "pkcs11-module", str(error),
                             "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or "
                             f"{'pass' if module_key.startswith('--') else 'set'} {module_key}"))
@@ -89,8 +159,11 @@ def platform_checks(module_spec: str, module_key: str = "--module") -> tuple[lis
     return checks, loaded
 
 
-def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterator[Check]:
-    checks, loaded = platform_checks(module_spec)
+def run_checks(module_spec: str, token_selector: str | None, ca, crls, *, module_key: str = "--module",
+               token_key: str = "--token") -> Iterator[Check]:
+    """Each check in turn; ``module_key`` and ``token_key``: where the module and the token were named
+    (a flag or the configuration), for the fixes."""
+    checks, loaded = platform_checks(module_spec, module_key, refuse_unsafe=True)
     yield from checks
     if loaded is None:
         return
@@ -99,7 +172,7 @@ def run_checks(module_spec: str, token_selector: str | None, ca, crls) -> Iterat
     try:
         tokens = [find_token(loaded, token_selector)] if token_selector else present_tokens(loaded)
     except CardAgentError as error:
-        yield Check("fail", "tokens", str(error), "check the --token selector")
+        yield Check("fail", "tokens", str(error), f"check the {token_key} selector")
         return
     if not tokens:
         yield Check("fail", "tokens", f"no token present in {loaded.path}",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_card_agent.audit.config import AuditConfig, parse_audit_config
-from dicom_card_agent.config.tables import Section, host_port, read_toml
+from dicom_card_agent.config.tables import Seconds, Section, host_port, read_toml
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, check_template
@@ -78,6 +78,25 @@ class TrustConfig:
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_DEAD_PACS_TIMEOUT = 120.0  # docs/dicom.md: TCP keepalive and TCP_USER_TIMEOUT on the PACS's connection
 MIN_DEAD_PACS_TIMEOUT = 2.0
+# Linux refuses a TCP_KEEPIDLE above 32767 s (MAX_TCP_KEEPIDLE), and the first probe comes after half of
+# dead_pacs_timeout (agent/tunnel/relay.py keep_alive): more than twice that failed every association.
+MAX_DEAD_PACS_TIMEOUT = 18 * 3600.0
+
+# Every duration setting, with its range (docs/configuration.md): finite, positive (or 0 for off), and at
+# most what its meaning allows; what an application waits for is at most an hour.
+AN_HOUR, A_DAY = 3600.0, 24 * 3600.0
+PIN_DIALOG_TIMEOUT = Seconds(default=IdentityConfig.pin_dialog_timeout, maximum=AN_HOUR, maximum_words="an hour")
+CONNECT_TIMEOUT = Seconds(default=10.0, maximum=AN_HOUR, maximum_words="an hour")
+HANDSHAKE_TIMEOUT = Seconds(default=30.0, maximum=AN_HOUR, maximum_words="an hour")
+DEAD_PACS_TIMEOUT = Seconds(default=DEFAULT_DEAD_PACS_TIMEOUT, minimum=MIN_DEAD_PACS_TIMEOUT,
+                            why_minimum="TCP keepalive probes are whole seconds apart",
+                            maximum=MAX_DEAD_PACS_TIMEOUT, maximum_words="18 hours",
+                            why_maximum="the first TCP keepalive probe comes after half of it, and Linux allows "
+                                        "at most 32767 seconds before one")
+REVOCATION_MAX_AGE = Seconds(default=RevocationSettings.max_age, maximum=365 * 24 * 3600.0, maximum_words="a year")
+REVOCATION_TIMEOUT = Seconds(default=RevocationSettings.timeout, maximum=AN_HOUR, maximum_words="an hour")
+IDLE_TIMEOUT = Seconds(default=0.0, off=True, maximum=A_DAY, maximum_words="a day")
+TEXTFILE_INTERVAL = Seconds(default=15.0, maximum=A_DAY, maximum_words="a day")
 
 
 @dataclass(frozen=True)
@@ -189,9 +208,7 @@ def load_config(path: Path) -> AgentConfig:
         pin = replace(PinSource.parse(pin_text), graphical=desktop.pinentry)
     except ConfigError as error:
         raise identity.error("pin", str(error)) from None
-    pin_dialog_timeout = float(identity.take("pin_dialog_timeout", (int, float), 120))
-    if pin_dialog_timeout <= 0:
-        raise identity.error("pin_dialog_timeout", "must be a positive number of seconds (e.g. 120)")
+    pin_dialog_timeout = identity.seconds("pin_dialog_timeout", PIN_DIALOG_TIMEOUT)
     key_id_text = identity.take("key_id", str, "")
     try:
         key_id = bytes.fromhex(key_id_text) if key_id_text else None
@@ -247,9 +264,7 @@ def load_config(path: Path) -> AgentConfig:
     if log_level not in ("debug", "info", "warning", "error"):
         raise agent.error("log_level", "must be debug, info, warning or error")
     runtime_dir = agent.take("runtime_dir", str, "")
-    idle_timeout = float(agent.take("idle_timeout", (int, float), 0))
-    if idle_timeout < 0:
-        raise agent.error("idle_timeout", "must be 0 (off) or a positive number of seconds")
+    idle_timeout = agent.seconds("idle_timeout", IDLE_TIMEOUT)
     agent.done()
     audit = parse_audit_config(root.take("audit", dict, None), str(path), base)
     raw_metrics = root.take("metrics", dict, None)
@@ -308,19 +323,9 @@ def _uids(section: Section, key: str) -> tuple[int, ...]:
 
 
 def _timeouts(section: Section) -> dict[str, float]:
-    timeouts = {}
-    for key, default in (("connect_timeout", 10.0), ("handshake_timeout", 30.0)):
-        value = float(section.take(key, (int, float), default))
-        if value <= 0:
-            raise section.error(key, "must be a positive number of seconds")
-        timeouts[key] = value
-    dead_pacs = float(section.take("dead_pacs_timeout", (int, float), DEFAULT_DEAD_PACS_TIMEOUT))
-    if dead_pacs < MIN_DEAD_PACS_TIMEOUT:
-        raise section.error("dead_pacs_timeout", f"must be at least {MIN_DEAD_PACS_TIMEOUT:g} seconds "
-                                                 f"(default {DEFAULT_DEAD_PACS_TIMEOUT:g}): TCP keepalive probes "
-                                                 "are whole seconds apart")
-    timeouts["dead_pacs_timeout"] = dead_pacs
-    return timeouts
+    return {key: section.seconds(key, limits) for key, limits in (
+        ("connect_timeout", CONNECT_TIMEOUT), ("handshake_timeout", HANDSHAKE_TIMEOUT),
+        ("dead_pacs_timeout", DEAD_PACS_TIMEOUT))}
 
 
 def _max_connections(section: Section) -> int:
@@ -429,13 +434,8 @@ def _revocation_policy(section: Section) -> str:
 
 def _revocation_settings(trust: Section) -> RevocationSettings:
     cache = trust.take("revocation_cache", str, "")
-    numbers = {}
-    for key, default in (("revocation_max_age", RevocationSettings.max_age),
-                         ("revocation_timeout", RevocationSettings.timeout)):
-        value = float(trust.take(key, (int, float), default))
-        if value <= 0:
-            raise trust.error(key, "must be a positive number of seconds")
-        numbers[key] = value
+    numbers = {key: trust.seconds(key, limits) for key, limits in (("revocation_max_age", REVOCATION_MAX_AGE),
+                                                                   ("revocation_timeout", REVOCATION_TIMEOUT))}
     responder = trust.take("ocsp_responder", str, "") or None
     if responder is not None and not responder.startswith("http://"):
         raise trust.error("ocsp_responder", f"{responder!r} is not an http:// URL (OCSP answers are signed; "
@@ -519,9 +519,7 @@ def _metrics(section: Section) -> MetricsConfig:
     textfile = section.path("textfile", must_exist=False)
     if textfile is not None and not textfile.name.endswith(".prom"):
         raise section.error("textfile", f"{textfile.name!r} must end in .prom (node_exporter reads only those)")
-    interval = float(section.take("textfile_interval", (int, float), 15.0))
-    if interval <= 0:
-        raise section.error("textfile_interval", "must be a positive number of seconds")
+    interval = section.seconds("textfile_interval", TEXTFILE_INTERVAL)
     if listen is None and textfile is None:
         raise ConfigError(f"{section.where}: set listen (e.g. \"127.0.0.1:9464\" or \"unix:/run/user/1000/"
                           "card-agent-metrics.sock\"), textfile, or both; or remove the [metrics] table")

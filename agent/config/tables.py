@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NoReturn, overload
 
@@ -40,6 +42,22 @@ class Section:
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise self.error(key, f"must be {_article(names)}, not {value!r}")
         return value
+
+    def seconds(self, key: str, limits: Seconds) -> float:
+        """A duration in seconds, checked against ``limits``: a finite number in its range (TOML
+        also has ``nan`` and ``inf``, and integers too large for a float), with an error naming the
+        key, the value and the range (docs/configuration.md)."""
+        value = self.take(key, (int, float), limits.default)
+        shown = str(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(key, f"{shown} is not a number of seconds: {limits.rule()}")
+        # Compared before float(): Python compares an int and a float exactly, and float() of a huge
+        # integer overflows.
+        if not limits.allows_at_least(value):
+            raise self.error(key, limits.too_short())
+        if value > limits.maximum:
+            raise self.error(key, limits.too_long(shown))
+        return float(value)
 
     @overload
     def path(self, key: str, *, required: Literal[True], must_exist: bool = True) -> Path: ...
@@ -93,6 +111,46 @@ class Section:
         return repr(key) if bare else f"key {key!r}"
 
 
+@dataclass(frozen=True)
+class Seconds:
+    """What a duration setting may be (``Section.seconds``): every one is finite and has an upper
+    bound, so that nothing downstream meets ``nan``, ``inf`` or a number no timer can hold."""
+
+    default: float
+    maximum: float
+    maximum_words: str  # the maximum for people: "an hour"
+    minimum: float = 0.0  # 0: any positive number; else at least this
+    off: bool = False  # 0 is allowed and turns the setting off
+    why_minimum: str = ""  # said after the rule when a value is too small
+    why_maximum: str = ""  # said when a value is too large
+
+    def allows_at_least(self, seconds: float) -> bool:
+        if self.off and seconds == 0:
+            return True
+        return seconds >= self.minimum if self.minimum else seconds > 0
+
+    def lower(self) -> str:
+        if self.minimum:
+            return f"at least {_number(self.minimum)} seconds"
+        return ("0 (off) or " if self.off else "") + "a positive number of seconds"
+
+    def rule(self) -> str:
+        return f"give {self.lower()}, at most {_number(self.maximum)} ({self.maximum_words}); default " \
+               f"{_number(self.default)}"
+
+    def too_short(self) -> str:
+        return f"must be {self.lower()} (default {_number(self.default)})" + (
+            f": {self.why_minimum}" if self.why_minimum else "")
+
+    def too_long(self, shown: str) -> str:
+        return f"{shown} seconds is too long: at most {_number(self.maximum)} ({self.maximum_words})" + (
+            f": {self.why_maximum}" if self.why_maximum else "")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _article(names: str) -> str:
     return ("an " if names[0] in "aeiou" else "a ") + {"str": "string", "int": "integer", "float": "number",
                                                       "bool": "boolean (true/false)", "list": "list"}.get(names, names)
@@ -114,10 +172,27 @@ def read_toml(path: Path) -> dict[str, Any]:
     when another user could have written it (it names the file and the fix)."""
     check_trusted_file(path, "the configuration file", "change the agent's settings")
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(not_utf8(path, raw, error.start)) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except RecursionError:  # arrays or inline tables nested thousands deep: tomllib recurses
+        raise ConfigError(f"{path}: not valid TOML: arrays or inline tables nested too deeply") from None
+
+
+def not_utf8(path: Path, raw: bytes, offset: int) -> str:
+    """Where the first byte that is not UTF-8 is, and what to do: TOML files are UTF-8 (often the
+    file was saved as Latin-1 or Windows-1252 by an editor, e.g. a site name with an umlaut)."""
+    line_start = raw.rfind(b"\n", 0, offset) + 1
+    line = raw.count(b"\n", 0, offset) + 1
+    column = len(raw[line_start:offset].decode("utf-8", errors="replace")) + 1
+    return (f"{path}: not valid TOML: byte 0x{raw[offset]:02x} at line {line}, column {column} (byte offset "
+            f"{offset}) is not UTF-8, and a TOML file must be UTF-8: save the file as UTF-8 (one in Latin-1 "
+            "converts with `iconv -f latin1 -t utf-8`)")

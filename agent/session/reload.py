@@ -5,6 +5,8 @@ one log line and an audit Security Alert (Software Configuration, minor failure)
 on. Otherwise new listeners are opened first (a port that is taken refuses the whole reload), the
 card session is brought up to date (agent/session/manager.py ``reconfigure``), then listeners no
 longer configured are closed; the change is logged and audited (Software Configuration, success).
+An error no check anticipated (a bug) costs that one reload: logged with its traceback and audited
+as a minor failure too, so that the audit trail has every reload that did not take effect.
 """
 
 from __future__ import annotations
@@ -87,8 +89,19 @@ class Reloader:
                 self._wanted.clear()
                 try:
                     self.reload()
-                except Exception:  # a bug must cost one reload, not every later one
-                    log.exception("SIGHUP: reloading the configuration failed: internal error; the agent goes on")
+                except Exception as error:  # a bug must cost one reload, not every later one
+                    self._failed(error)
+
+    def _failed(self, error: Exception) -> None:
+        """A reload that ended in an error no check anticipated (a bug): logged with its traceback,
+        and audited like any reload that did not take effect (Software Configuration, minor failure)."""
+        message = (f"SIGHUP: reloading the configuration {self.settings.source} failed: internal error "
+                   f"({type(error).__name__}: {error}); the agent goes on")
+        log.error("%s", message, exc_info=error)
+        try:
+            self.audit.configuration_changed(message, applied=False)
+        except Exception:  # the audit trail's own failures are its to report; this thread must go on
+            log.exception("SIGHUP: the failed reload could not be recorded in the audit trail")
 
     def reload(self) -> None:
         source = self.settings.source
