@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtensionOID
 
 from agent_runner import associate_rq, free_port, running_agent, s_server, send_and_close, tunnel, wait_for
 from conftest import ProvisionedPki
@@ -118,3 +120,34 @@ def test_server_knowing_only_the_root_accepts_the_card(test_pki: ProvisionedPki,
                                                        "key": "untrusted-server.key", "ca": "root-ca.pem"},
                           verify="pin", server_pins=[server_fingerprint(test_pki, "untrusted-server-chain.pem")])
     assert_accepted(answer, log)
+
+
+def test_a_server_certificate_with_a_malformed_extension_is_refused_not_a_crash(test_pki: ProvisionedPki,
+                                                                                 tmp_path: Path) -> None:
+    """A non-critical Authority Information Access whose content is no list of access descriptions:
+    OpenSSL's strict chain check accepts it, cryptography cannot parse it. The revocation check
+    raised ValueError out of the tunnel: a traceback, and a reset for the application instead of
+    an A-ASSOCIATE-RJ. It now counts as naming no source, which revocation = "require" refuses."""
+    issuing = x509.load_pem_x509_certificate((test_pki.pki / "issuing-ca.pem").read_bytes())
+    issuing_key = serialization.load_pem_private_key((test_pki.pki / "private" / "issuing-ca.key").read_bytes(), None)
+    server = x509.load_pem_x509_certificates((test_pki.pki / "server-chain.pem").read_bytes())[0]
+    server_key = serialization.load_pem_private_key((test_pki.pki / "server.key").read_bytes(), None)
+    builder = (x509.CertificateBuilder().subject_name(server.subject).issuer_name(issuing.subject)
+               .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(server.not_valid_before_utc).not_valid_after(server.not_valid_after_utc))
+    for extension in server.extensions:
+        if extension.oid not in (ExtensionOID.AUTHORITY_INFORMATION_ACCESS, ExtensionOID.CRL_DISTRIBUTION_POINTS):
+            builder = builder.add_extension(extension.value, extension.critical)
+    builder = builder.add_extension(
+        x509.UnrecognizedExtension(ExtensionOID.AUTHORITY_INFORMATION_ACCESS, b"\x30\x03\x02\x01\x05"), False)
+    odd = builder.sign(issuing_key, hashes.SHA256())  # type: ignore[arg-type]
+    chain = tmp_path / "odd-server-chain.pem"
+    chain.write_bytes(odd.public_bytes(Encoding.PEM) + issuing.public_bytes(Encoding.PEM))
+    with s_server(test_pki, tmp_path, cert=str(chain)) as (port, _), \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port, revocation="require")],
+                          trust={"crl": []}) as agent:  # no CRL file: the certificate's sources decide
+        answer = send_and_close(agent.port(), associate_rq())
+        log = agent.wait_for_log("tunnel pacs: uid")
+    assert_rejected(answer, log, "revocation: the Authority Information Access extension of CN=localhost")
+    assert "names no OCSP responder nor CRL distribution point" in log
+    assert "internal error" not in log and "Traceback" not in log, log

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import http.client
+import logging
 import os
 import socket
 import time
@@ -32,6 +33,8 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 from dicom_card_agent.revocation.decision import Answer, Status
 from dicom_card_agent.trust.crls import _covers, _crl_signed_by, name
 from dicom_card_agent.tunnel.resolver import ResolverTimeoutError, resolve_stream
+
+log = logging.getLogger("agent.revocation")
 
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 """How far thisUpdate may lie in the future and nextUpdate in the past: clocks of workstations drift."""
@@ -52,6 +55,9 @@ def ocsp_urls(cert: x509.Certificate) -> list[str]:
         access = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
     except x509.ExtensionNotFound:
         return []
+    except ValueError as error:  # OpenSSL accepts a malformed non-critical extension; cryptography does not
+        _unreadable(cert, "Authority Information Access", error)
+        return []
     return [d.access_location.value for d in access if d.access_method == AuthorityInformationAccessOID.OCSP
             and isinstance(d.access_location, x509.UniformResourceIdentifier)
             and d.access_location.value.startswith("http://")]
@@ -62,8 +68,16 @@ def crl_urls(cert: x509.Certificate) -> list[str]:
         points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     except x509.ExtensionNotFound:
         return []
+    except ValueError as error:
+        _unreadable(cert, "CRL Distribution Points", error)
+        return []
     return [n.value for point in points if point.full_name and point.crl_issuer is None and point.reasons is None
             for n in point.full_name if isinstance(n, x509.UniformResourceIdentifier) and n.value.startswith("http://")]
+
+
+def _unreadable(cert: x509.Certificate, extension: str, error: ValueError) -> None:
+    log.warning("revocation: the %s extension of %s cannot be read (%s): taken as naming no source, so the "
+                "revocation policy decides as for a certificate without it", extension, name(cert.subject), error)
 
 
 class FetchError(Exception):

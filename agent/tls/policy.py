@@ -203,7 +203,14 @@ class ServerChecks:
         tunnel = self.tunnel
         if leaf_der is None:
             raise ServerVerificationError(f"server {tunnel.remote} sent no certificate")
-        leaf = x509.load_der_x509_certificate(leaf_der)
+        try:
+            self._verify(x509.load_der_x509_certificate(leaf_der), leaf_der, given_up)
+        except ValueError as error:  # a field OpenSSL accepted and cryptography cannot parse: refused, not a crash
+            raise ServerVerificationError(f"server {tunnel.remote} certificate cannot be read: {error}") from None
+
+    def _verify(self, leaf: x509.Certificate, leaf_der: bytes,
+                given_up: concurrent.futures.Future[str] | None) -> None:
+        tunnel = self.tunnel
         if tunnel.server_pins:
             fingerprint = hashlib.sha256(leaf_der).digest()
             if fingerprint not in tunnel.server_pins:

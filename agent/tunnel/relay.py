@@ -742,12 +742,13 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             log.warning("inbound %s: %s: %s", config.name, peer, failure.message)
             _reject_over_tls(tls, remote, reject_pdu(transient=failure.transient))
             return
+        version = tls.obj.version()  # while TLS is up: after the relay, its shutdown leaves None
         relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=False)
         relay.run()
         _count_association(runtime, relay)
         association = relay.association
         log.info("inbound %s: %s: %s from %s as %s to %s, %s, %d bytes in, %d out, %.1f s%s%s", config.name, peer,
-                 tls.obj.version(), client, runtime.identity_description, config.forward,
+                 version, client, runtime.identity_description, config.forward,
                  association.describe_request(), relay.bytes_down, relay.bytes_up, time.monotonic() - started,
                  association.describe_instances(), f"; {relay.failure.message}" if relay.failure else "")
         relay.report_end()
@@ -765,6 +766,13 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
     accepts it; OpenSSL checked the chain."""
     if leaf_der is None:
         raise ClientVerificationError("the PACS sent no client certificate")
+    try:
+        return _check_client_certificate(runtime, leaf_der)
+    except ValueError as error:  # a field OpenSSL accepted and cryptography cannot parse: refused, not a crash
+        raise ClientVerificationError(f"its client certificate cannot be read: {error}") from None
+
+
+def _check_client_certificate(runtime: InboundRuntime, leaf_der: bytes) -> str:
     leaf = x509.load_der_x509_certificate(leaf_der)
     subject = leaf.subject.rfc4514_string()
     pins = runtime.config.client_pins
