@@ -197,3 +197,19 @@ def test_a_metrics_port_in_use_is_named(test_pki: ProvisionedPki, tmp_path: Path
     assert (f"card-agent: error: {config} [metrics].listen: cannot listen on 127.0.0.1:{port}: "
             "Address already in use\n") == result.stderr.splitlines(keepends=True)[-1]
     assert time.monotonic() - started < 30
+
+
+def test_the_age_of_the_oldest_audit_message_waiting_is_exported(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The gauge an admin alerts on when the audit repository has been away too long; it was never
+    exported (the trail's status did not say the age)."""
+    port = free_port()
+    audit = {"spool": str(tmp_path / "spool"),
+             "syslog": {"address": f"127.0.0.1:{free_port()}", "ca": str(test_pki.ca_bundle),
+                        "server_name": "localhost"}}  # nobody listens there: Application Start waits
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], audit=audit,
+                       metrics={"listen": f"127.0.0.1:{port}"}):
+        time.sleep(2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            scraped = samples(response.read().decode())
+    assert value(scraped, "card_agent_audit_messages_waiting") >= 1
+    assert 2 <= value(scraped, "card_agent_audit_oldest_waiting_age_seconds") < 30

@@ -29,6 +29,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -239,6 +240,17 @@ class Spool:
     def __len__(self) -> int:
         with self._mutex:
             return len(self._pending)
+
+    def oldest_age(self) -> float | None:
+        """Seconds since the oldest waiting message was spooled (its file's mtime); ``None`` when none waits."""
+        with self._mutex:
+            if not self._pending:
+                return None
+            path = self._path(self._pending[0])
+        try:
+            return max(0.0, time.time() - path.stat().st_mtime)
+        except OSError:  # sent and removed meanwhile
+            return None
 
     def _check_open(self) -> None:
         if self._closed:

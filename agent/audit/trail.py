@@ -234,6 +234,7 @@ class AuditTrail:
             "last_error": repository.last_error if repository is not None else "",
             "failures": self.failures,
             "in_memory": len(self._file_backlog.messages) + len(self._spool_backlog.messages),
+            "oldest_pending_seconds": repository.spool.oldest_age() if repository is not None else None,
         }
 
     def close(self, timeout: float = 5.0) -> None:

@@ -148,11 +148,10 @@ class AgentCollector:
                                     "Audit messages waiting for the audit repository")
         waiting.add_metric([], status.get("pending", 0))
         yield waiting
-        oldest = status.get("oldest_pending_seconds")  # the spool's, once it tells (agent/audit/trail.py)
-        if oldest is not None:
+        if status.get("repository") is not None:  # 0 while none waits: an alert on its age needs no absent()
             age = GaugeMetricFamily(f"{PREFIX}_audit_oldest_waiting_age_seconds",
-                                    "Age of the oldest audit message waiting for the repository")
-            age.add_metric([], oldest)
+                                    "Age of the oldest audit message waiting for the repository (0: none waits)")
+            age.add_metric([], status.get("oldest_pending_seconds") or 0.0)
             yield age
         failures = CounterMetricFamily(f"{PREFIX}_audit_failures", "Audit messages that could not be recorded")
         failures.add_metric([], status.get("failures", 0))
