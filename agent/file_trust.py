@@ -41,7 +41,7 @@ def check_trusted_file(path: Path | str, what: str, risk: str) -> None:
         file_status = resolved.stat()
     except OSError:
         return
-    refuse = _Refusal(given, what, risk)
+    refuse = TrustRefusal(given, what, risk)
     if not stat.S_ISREG(file_status.st_mode):
         raise UnsafeFileError(f"refusing to use {what} {given}: it is not a regular file")
     refuse.if_unsafe(resolved, file_status, is_directory=False)
@@ -53,7 +53,11 @@ def check_trusted_file(path: Path | str, what: str, risk: str) -> None:
         refuse.if_unsafe(directory, directory.stat(), is_directory=True)
 
 
-class _Refusal:
+class TrustRefusal:
+    """Refuses (:class:`UnsafeFileError`) a file or directory another user could change, in words
+    naming ``what`` it is, the ``given`` path and the ``risk``; used for the configuration, the
+    PKCS#11 module and the audit trail's directories."""
+
     def __init__(self, given: Path, what: str, risk: str) -> None:
         self.given, self.what, self.risk = given, what, risk
         self.agent_uid = os.geteuid()
@@ -63,8 +67,8 @@ class _Refusal:
         if status.st_uid not in (ROOT_UID, self.agent_uid):
             raise UnsafeFileError(
                 f"refusing to use {self.what} {self.given}: {self._subject(path, is_directory)} belongs to "
-                f"{_user(status.st_uid)}, not to {self._trusted_owners()}, so {consequence}; run "
-                f"`chown {_user_name(self.agent_uid)} {path}` as root, or move the file somewhere safe")
+                f"{describe_user(status.st_uid)}, not to {self._trusted_owners()}, so {consequence}; run "
+                f"`chown {user_name(self.agent_uid)} {path}` as root, or move the file somewhere safe")
         writable = _writable_by(status.st_mode)
         if writable and not (is_directory and status.st_mode & stat.S_ISVTX):
             raise UnsafeFileError(
@@ -72,7 +76,9 @@ class _Refusal:
                 f"{writable} (mode {stat.S_IMODE(status.st_mode):04o}), so {consequence}; run `chmod go-w {path}`")
 
     def _trusted_owners(self) -> str:
-        return "root" if self.agent_uid == ROOT_UID else f"root or {_user(self.agent_uid)}, which runs the agent"
+        if self.agent_uid == ROOT_UID:
+            return "root"
+        return f"root or {describe_user(self.agent_uid)}, which runs the agent"
 
     def _subject(self, path: Path, is_directory: bool) -> str:
         if path == self.given:
@@ -85,13 +91,13 @@ def _writable_by(mode: int) -> str:
     return " and ".join(who)
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
 
 
-def _user(uid: int) -> str:
-    name = _user_name(uid)
+def describe_user(uid: int) -> str:
+    name = user_name(uid)
     return f"uid {uid}" if name == str(uid) else f"uid {uid} ({name})"

@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from dicom_card_agent.file_trust import ROOT_UID, UnsafeFileError, _Refusal, _user, _user_name
+from dicom_card_agent.file_trust import ROOT_UID, TrustRefusal, UnsafeFileError, describe_user, user_name
 
 SPOOL_RISK = "put messages there that the agent would send to the audit repository as its own records"
 FILE_DIRECTORY_RISK = "replace the audit file, or put another in its place before the agent creates it"
@@ -58,17 +58,18 @@ def check_private_directory(path: Path, what: str, risk: str, *, ancestors: bool
     wrong_owner = status.st_uid not in (ROOT_UID, agent_uid)
     writable = mode & (stat.S_IWGRP | stat.S_IWOTH)
     if wrong_owner or writable:
-        trusted = "root" if agent_uid == ROOT_UID else f"root or to {_user(agent_uid)}, which runs the agent,"
+        trusted = "root" if agent_uid == ROOT_UID else f"root or to {describe_user(agent_uid)}, which runs the agent,"
         subject = "it" if resolved == given else f"the directory it points to, {resolved},"
-        command = (f"chown {_user_name(agent_uid)} {resolved} && chmod 700 {resolved}` as root" if wrong_owner
+        command = (f"chown {user_name(agent_uid)} {resolved} && chmod 700 {resolved}` as root" if wrong_owner
                    else f"chmod go-w {resolved}`")
         raise UnsafeFileError(
-            f"refusing to use {what} {given}: {subject} belongs to {_user(status.st_uid)} with mode {mode:04o}; "
+            f"refusing to use {what} {given}: {subject} belongs to {describe_user(status.st_uid)} with mode "
+            f"{mode:04o}; "
             f"it must belong to {trusted} and be writable by neither group nor others, or another user could "
             f"{risk}; run `{command}, or {elsewhere}")
     if not ancestors:
         return
-    refuse = _Refusal(given, what, risk)
+    refuse = TrustRefusal(given, what, risk)
     directories = list(resolved.parents)
     if given.is_symlink():
         link_directory = Path(os.path.realpath(given.parent))

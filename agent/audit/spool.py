@@ -35,7 +35,7 @@ from pathlib import Path
 
 from dicom_card_agent.audit.directories import SPOOL_RISK, check_private_directory, make_private_directory
 from dicom_card_agent.audit.errors import AuditSpoolError
-from dicom_card_agent.file_trust import _user
+from dicom_card_agent.file_trust import describe_user
 
 log = logging.getLogger("agent.audit")
 
@@ -198,7 +198,8 @@ class Spool:
         if not stat.S_ISREG(status.st_mode):
             return "it is not a regular file"
         if status.st_uid != self._uid:
-            return f"it belongs to {_user(status.st_uid)}, not to {_user(self._uid)}, which runs the agent"
+            return (f"it belongs to {describe_user(status.st_uid)}, not to {describe_user(self._uid)}, which runs "
+                    "the agent")
         return ""
 
     def _forget(self, sequence: int) -> None:
