@@ -59,6 +59,14 @@ def test_a_file_that_is_not_utf8_is_named_with_where_its_bad_byte_is(test_pki: P
         assert result.stderr == f"card-agent: error: {message}\n", result.stderr
 
 
+def test_a_file_saved_as_utf8_with_a_byte_order_mark_is_read(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Windows editors write a byte order mark before UTF-8; tomllib calls it an invalid statement."""
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)])
+    config.write_bytes("\ufeff".encode() + config.read_bytes().replace(b"[identity]", "# Zürich\n[identity]".encode()))
+    result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+    assert result.stdout.splitlines()[0].startswith("ok   config:"), result.stdout + result.stderr
+
+
 def test_arrays_nested_too_deeply_are_a_toml_error_not_a_traceback(test_pki: ProvisionedPki,
                                                                     tmp_path: Path) -> None:
     """tomllib parses nested arrays by recursion: thousands of them ended it with RecursionError."""

@@ -176,7 +176,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig: a byte order mark, which Windows editors (Notepad) write before UTF-8, is no
+        # TOML; taken away, the file is the one the administrator sees.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ConfigError(not_utf8(path, raw, error.start)) from None
     try:
