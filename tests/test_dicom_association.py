@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import datetime
 import struct
+import sys
+import tracemalloc
+from collections.abc import Callable
+from functools import cache, partial
+from types import FrameType
 
 import pytest
 from cryptography import x509
@@ -19,11 +24,13 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
 from agent_runner import associate_rq
 from dicom_card_agent.dicom.association import (
+    MAX_UNANSWERED_C_STORES,
     Association,
     AssociationRules,
     ExistingUserIdentity,
     Forward,
     Refuse,
+    UnansweredLimitError,
     UserIdentityMode,
 )
 from dicom_card_agent.dicom.pdu import MalformedPduError, parse_associate_rj
@@ -138,12 +145,14 @@ def test_c_store_requests_and_their_responses_are_recorded() -> None:
         association.on_command(command_set(CommandGroupLength=0, AffectedSOPClassUID=ct, CommandField=0x0001,
                                            MessageID=message_id, Priority=0, CommandDataSetType=0x0000,
                                            AffectedSOPInstanceUID=instance), from_requestor=True)
-    association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=2,
-                                       CommandDataSetType=0x0101, Status=0xA700), from_requestor=False)
-    association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=1,
-                                       CommandDataSetType=0x0101, Status=0x0000), from_requestor=False)
-    assert [(i.sop_instance_uid, i.status, i.stored) for i in association.instances] == [
-        ("1.2.3.1", 0x0000, True), ("1.2.3.2", 0xA700, False)]
+    assert [i.sop_instance_uid for i in association.unanswered] == ["1.2.3.1", "1.2.3.2"]  # both unanswered
+    answered = [association.on_command(command_set(AffectedSOPClassUID=ct, CommandField=0x8001,
+                                                   MessageIDBeingRespondedTo=message_id, CommandDataSetType=0x0101,
+                                                   Status=status), from_requestor=False)
+                for message_id, status in ((2, 0xA700), (1, 0x0000))]
+    assert [(i.sop_instance_uid, i.status, i.stored) for i in answered if i is not None] == [
+        ("1.2.3.2", 0xA700, False), ("1.2.3.1", 0x0000, True)]
+    assert association.unanswered == []  # answered ones went to the caller (the audit trail's batch)
     assert association.describe_instances() == "; 1 of 2 instances stored"
 
 
@@ -326,8 +335,9 @@ def test_a_c_get_sub_operation_is_matched_to_the_response_of_the_other_side() ->
     response = command_set(AffectedSOPClassUID=ct, CommandField=0x8001, MessageIDBeingRespondedTo=7,
                            CommandDataSetType=0x0101, Status=0x0000)
     assert association.on_command(response, from_requestor=False) is None
+    request = association.unanswered[0]
     answered = association.on_command(response, from_requestor=True)
-    assert answered is association.instances[0] and answered.stored and not answered.from_requestor
+    assert answered is request and answered.stored and not answered.from_requestor
 
 
 def test_the_identifier_of_a_c_find_is_its_query() -> None:
@@ -350,3 +360,140 @@ def test_the_identifier_of_a_c_find_is_its_query() -> None:
     query = association.on_data_set_prefix(buffer.getvalue(), 1, from_requestor=True)
     assert query is not None and query.message_id == 4 and query.identifier == buffer.getvalue()
     assert (query.patient_id, query.patient_name) == ("P-7", "")  # a wildcard names no patient
+
+
+# ------------------------------------- C-STOREs: each response finds its request at once, none kept after
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@cache
+def store_rq(message_id: int, instance_uid: str = "", *, data_set: bool = False) -> bytes:
+    """A C-STORE-RQ command set (by default with no data set, as a hostile peer sends them)."""
+    return command_set(CommandGroupLength=0, AffectedSOPClassUID=CT_IMAGE_STORAGE, CommandField=0x0001,
+                       MessageID=message_id, Priority=0, CommandDataSetType=0x0000 if data_set else 0x0101,
+                       AffectedSOPInstanceUID=instance_uid or f"1.2.3.{message_id}")
+
+
+@cache
+def store_rsp(message_id: int, status: int = 0x0000) -> bytes:
+    return command_set(AffectedSOPClassUID=CT_IMAGE_STORAGE, CommandField=0x8001, MessageIDBeingRespondedTo=message_id,
+                       CommandDataSetType=0x0101, Status=status)
+
+
+def python_lines_run(call: Callable[[], object]) -> int:
+    """How many lines of Python ``call`` runs: its work, counted the same on any machine and load."""
+    lines = 0
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        call()
+    finally:
+        sys.settrace(previous)
+    return lines
+
+
+def test_a_long_association_keeps_no_answered_c_store() -> None:
+    """Each C-STORE answered goes to the caller (the relay batches it into the audit trail) and is
+    not kept: 10000 of them leave nothing behind. They were all kept to the association's end."""
+    association = Association(AssociationRules())
+    association.on_request(associate_rq())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(10_000):
+            association.on_command(store_rq(1), from_requestor=True)
+            answered = association.on_command(store_rsp(1), from_requestor=False)
+            assert answered is not None and answered.stored
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert association.unanswered == []
+    assert held < 16 * 1024, f"{held} bytes held after 10000 answered C-STOREs"
+    assert association.describe_instances() == "; 10000 of 10000 instances stored"
+
+
+def test_the_work_for_a_response_does_not_grow_with_the_requests_waiting() -> None:
+    """The work for one C-STORE-RSP, counted in lines of Python run (never timed), is the same with
+    10 and with 4000 requests waiting, whether it answers one or none: a scan of every request the
+    association had seen made a long association's responses quadratic."""
+    work: dict[int, tuple[int, int]] = {}
+    to_none, to_the_first = store_rsp(0xFFFF), store_rsp(1)  # encoded before: pydicom's lines are not counted
+    for waiting in (10, 4000):
+        association = Association(AssociationRules())
+        for message_id in range(1, waiting + 1):
+            association.on_command(store_rq(message_id), from_requestor=True)
+        answers_none = python_lines_run(partial(association.on_command, to_none, from_requestor=False))
+        answers_the_first = python_lines_run(partial(association.on_command, to_the_first, from_requestor=False))
+        work[waiting] = (answers_none, answers_the_first)
+    assert work[10] == work[4000]
+
+
+def test_at_most_max_unanswered_c_stores_wait_and_the_next_ends_the_association() -> None:
+    """A peer that sends C-STORE requests and never lets them be answered (the reviewer's PACS at an
+    inbound listener) is stopped at MAX_UNANSWERED_C_STORES: the next request is a PDU error, and
+    the relay aborts the association. Those waiting are still reported, as never answered."""
+    association = Association(AssociationRules())
+    association.on_request(associate_rq())
+    for message_id in range(1, MAX_UNANSWERED_C_STORES + 1):
+        association.on_command(store_rq(message_id), from_requestor=True)
+    assert len(association.unanswered) == MAX_UNANSWERED_C_STORES
+    with pytest.raises(UnansweredLimitError, match=f"^{MAX_UNANSWERED_C_STORES + 1} C-STORE requests would wait "
+                                                   f"for their responses at once: the agent follows at most "
+                                                   f"{MAX_UNANSWERED_C_STORES} for the audit trail"):
+        association.on_command(store_rq(MAX_UNANSWERED_C_STORES + 1), from_requestor=True)
+    assert isinstance(UnansweredLimitError("x"), MalformedPduError)  # what the relay aborts for
+    assert association.on_command(store_rsp(7), from_requestor=False) is not None  # an answer makes room
+    association.on_command(store_rq(MAX_UNANSWERED_C_STORES + 1), from_requestor=True)
+    assert len(association.unanswered) == MAX_UNANSWERED_C_STORES
+    assert association.describe_instances() == f"; 1 of {MAX_UNANSWERED_C_STORES + 1} instances stored"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(1, 3), st.sampled_from([0x0000, 0xA700, 0xB000])),
+                max_size=30))
+def test_responses_answer_the_requests_a_scan_of_them_all_would_find(steps: list[tuple[bool, bool, int, int]]) -> None:
+    """Against the former list of every request as the model: a response answers the newest
+    unanswered request of the other side with its Message ID (IDs reused, both sides storing, as
+    with C-GET); what stays is exactly the unanswered; the counts are the same."""
+    association = Association(AssociationRules())
+    model: list[list] = []  # [sent by the requestor, Message ID, SOP Instance UID, status]
+    for number, (is_request, from_requestor, message_id, status) in enumerate(steps):
+        if is_request:
+            uid = f"1.2.3.{number}"
+            assert association.on_command(store_rq(message_id, uid), from_requestor) is None
+            model.append([from_requestor, message_id, uid, None])
+            continue
+        expected = next((request for request in reversed(model) if request[1] == message_id and request[3] is None
+                         and request[0] != from_requestor), None)
+        answered = association.on_command(store_rsp(message_id, status), from_requestor)
+        if expected is None:
+            assert answered is None
+        else:
+            expected[3] = status
+            assert answered is not None and (answered.sop_instance_uid, answered.status) == (expected[2], status)
+    assert sorted(i.sop_instance_uid for i in association.unanswered) == sorted(
+        uid for _, _, uid, status in model if status is None)
+    stored = sum(1 for *_, status in model if status in (0x0000, 0xB000))
+    assert association.describe_instances() == (f"; {stored} of {len(model)} instances stored" if model else "")
+
+
+def test_a_c_find_whose_identifier_could_not_be_kept_is_reported_as_truncated() -> None:
+    """An empty prefix: the framer had no room for any of the data set (see DataSetPrefix). The query
+    is still reported, flagged, without keys; a C-STORE's patient and study stay blank."""
+    association = Association(AssociationRules())
+    association.on_request(associate_rq())
+    association.on_command(command_set(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.2.2.1", CommandField=0x0020,
+                                       MessageID=3, Priority=0, CommandDataSetType=0x0000), True, 1)
+    query = association.on_data_set_prefix(b"", 1, from_requestor=True)
+    assert query is not None and query.truncated and query.identifier == b""
+    association.on_command(store_rq(4, data_set=True), True, 3)
+    assert association.on_data_set_prefix(b"", 3, from_requestor=True) is None
+    assert (association.unanswered[0].study_uid, association.unanswered[0].patient_id) == ("", "")

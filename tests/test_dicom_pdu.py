@@ -1223,3 +1223,193 @@ def test_data_set_prefixes_are_taken_before_whole_pdus_pass_in_one_step():
     events = PduFramer(inspect_commands=True, data_set_prefix=100).feed(stream)
     assert [e for e in events if isinstance(e, DataSetPrefix)] == [DataSetPrefix(1, data_set[:100])]
     assert sum(isinstance(e, PduEnd) for e in events) == 17
+
+
+# ------------------------------------- data-set prefixes: only of announced data sets, a few at once
+
+ALL_CONTEXT_IDS = range(1, 256)
+
+
+def c_store_command(message_id: int = 1, *, data_set: bool = True) -> bytes:
+    """A C-STORE-RQ command set as pynetdicom encodes it; Command Data Set Type 0000H, or 0101H
+    (no data set follows) with ``data_set=False``."""
+    command = Dataset()
+    command.CommandGroupLength = 0
+    command.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    command.CommandField = 0x0001
+    command.MessageID = message_id
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000 if data_set else 0x0101
+    command.AffectedSOPInstanceUID = f"1.2.3.{message_id}"
+    return encode_dataset(command, True, True)
+
+
+def relay_framer(**limits) -> PduFramer:
+    """A framer as the relay makes one for each direction."""
+    from dicom_card_agent.dicom.association import DATA_SET_PREFIX
+
+    return PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX, quiet_data=True, **limits)
+
+
+def test_data_no_command_announced_is_passed_without_being_kept():
+    """A peer sends, on every presentation context ID, 65535 bytes of a data set that no command
+    announced, and holds the connection: the agent kept 64 KiB of each, 16.7 MB per direction."""
+    framer = relay_framer()
+    fragment = b"\x08\x00\x10\x00" + bytes(65531)
+    events = [e for context_id in ALL_CONTEXT_IDS for e in framer.feed(p_data((context_id, 0x00, fragment)))]
+    assert framer.buffered_bytes == 0
+    assert events == []  # passed in one step each, as the bulk of a transfer
+
+
+def test_data_set_prefixes_are_kept_for_a_few_contexts_at_once():
+    """Every context ID announces a data set and sends 65535 bytes of it, not its last fragment:
+    the first DEFAULT_DATA_SET_PREFIXES_AT_ONCE keep their start; the others give an empty prefix at
+    once (none of it kept) and pass. When kept ones end, their room is free for the next."""
+    from dicom_card_agent.dicom.association import DATA_SET_PREFIX
+
+    at_once = pdu_module.DEFAULT_DATA_SET_PREFIXES_AT_ONCE
+    framer = relay_framer()
+
+    def start(context_id: int) -> bytes:
+        return bytes([context_id]) * 65535
+
+    events = []
+    for context_id in ALL_CONTEXT_IDS:
+        events += framer.feed(p_data((context_id, 0x03, c_store_command(context_id)))
+                              + p_data((context_id, 0x00, start(context_id))))
+        assert framer.buffered_bytes <= at_once * DATA_SET_PREFIX
+    assert framer.buffered_bytes == at_once * 65535
+    assert [e for e in events if isinstance(e, DataSetPrefix)] == [
+        DataSetPrefix(context_id, b"") for context_id in range(at_once + 1, 256)]
+    assert [e for e in events if isinstance(e, CommandSet)] == [
+        CommandSet(context_id, c_store_command(context_id)) for context_id in ALL_CONTEXT_IDS]
+    ends = framer.feed(b"".join(p_data((context_id, 0x02, b"end")) for context_id in ALL_CONTEXT_IDS))
+    assert [e for e in ends if isinstance(e, DataSetPrefix)] == [
+        DataSetPrefix(context_id, (start(context_id) + b"end")[:DATA_SET_PREFIX])
+        for context_id in range(1, at_once + 1)]
+    assert framer.buffered_bytes == 0
+    again = framer.feed(p_data((200, 0x03, c_store_command(200))) + p_data((200, 0x02, b"short data set")))
+    assert [e for e in again if isinstance(e, DataSetPrefix)] == [DataSetPrefix(200, b"short data set")]
+
+
+def test_a_command_without_a_data_set_announces_none():
+    """Command Data Set Type 0101H: data on its context after it (a peer's error) is not kept."""
+    framer = relay_framer()
+    events = framer.feed(p_data((1, 0x03, c_store_command(data_set=False))) + p_data((1, 0x00, bytes(1000)))
+                         + p_data((1, 0x02, bytes(10))))
+    assert [e for e in events if isinstance(e, DataSetPrefix)] == []
+    assert framer.buffered_bytes == 0
+
+
+def test_a_data_set_cut_short_by_the_next_command_is_dropped():
+    """PS3.7 sends a message's data set whole before the next message: a command in the middle of
+    a data set starts afresh, and the next data set's prefix holds only its own bytes."""
+    framer = relay_framer()
+    events = framer.feed(p_data((1, 0x03, c_store_command(1))) + p_data((1, 0x00, b"first, cut short"))
+                         + p_data((1, 0x03, c_store_command(2))) + p_data((1, 0x02, b"second")))
+    assert [e for e in events if isinstance(e, DataSetPrefix)] == [DataSetPrefix(1, b"second")]
+    assert framer.buffered_bytes == 0
+
+
+@st.composite
+def _messages_on_contexts(draw) -> tuple[list[tuple[int, int, bytes]], dict[int, list[bytes]]]:
+    """PDVs of C-STORE-like messages on a few contexts, interleaved across contexts (each context's
+    in order), and per context the data sets its commands announced. Some commands say no data set
+    follows and are followed by data anyway (a peer's error); some data sets are empty."""
+    queues: dict[int, list[tuple[int, int, bytes]]] = {}
+    announced: dict[int, list[bytes]] = {}
+    for context_id in draw(st.lists(st.sampled_from([1, 3, 5, 7, 9]), min_size=1, max_size=5, unique=True)):
+        queue = queues[context_id] = []
+        announced[context_id] = []
+        for message_id in range(1, draw(st.integers(1, 3)) + 1):
+            announcing = draw(st.booleans())
+            queue.append((context_id, 0x03, c_store_command(message_id, data_set=announcing)))
+            data_set = bytes((message_id * 31 + context_id + i) % 256 for i in range(draw(st.integers(0, 90))))
+            if announcing:
+                announced[context_id].append(data_set)
+            elif not data_set:
+                continue
+            size = draw(st.integers(1, 40))
+            pieces = [data_set[i:i + size] for i in range(0, len(data_set), size)] or [b""]
+            queue += [(context_id, 0x02 if i == len(pieces) - 1 else 0x00, piece) for i, piece in enumerate(pieces)]
+    pdvs = []
+    while queues:
+        context_id = draw(st.sampled_from(sorted(queues)))
+        pdvs.append(queues[context_id].pop(0))
+        if not queues[context_id]:
+            del queues[context_id]
+    return pdvs, announced
+
+
+@FUZZ
+@given(messages=_messages_on_contexts(), prefix=st.sampled_from([1, 20, 64]), at_once=st.integers(1, 3),
+       cuts=st.lists(st.integers(0, 5_000), max_size=6))
+def test_fuzz_only_announced_data_sets_are_kept_and_never_more_than_the_room(messages, prefix: int, at_once: int,
+                                                                            cuts: list[int]):
+    """Each data set a command announced gives one prefix, its true start or, when other contexts
+    held all the room as it began, an empty one; data no command announced gives none; and the
+    prefixes held never pass ``at_once`` times ``prefix`` bytes, however the stream is read."""
+    pdvs, announced = messages
+    stream = b"".join(p_data(pdv) for pdv in pdvs)
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    framer = PduFramer(inspect_commands=True, data_set_prefix=prefix, prefixes_at_once=at_once, quiet_data=True)
+    # Besides the prefixes: a PDV item header and a command set, each partly read.
+    other_bytes = 6 + max(len(fragment) for _, control, fragment in pdvs if control & 0x01)
+    events = []
+    for a, b in itertools.pairwise(points):
+        events += framer.feed(stream[a:b])
+        assert framer.buffered_bytes <= at_once * prefix + other_bytes
+    assert framer.at_boundary and framer.buffered_bytes == 0
+    for context_id, data_sets in announced.items():
+        got = [e.data for e in events if isinstance(e, DataSetPrefix) and e.context_id == context_id]
+        expected = [data_set[:prefix] for data_set in data_sets if data_set]
+        assert len(got) == len(expected)
+        assert all(data in (start, b"") for data, start in zip(got, expected, strict=True))
+        if len(announced) <= at_once:  # room for every context at once: every start is kept
+            assert got == expected
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+@FUZZ
+@given(elements=st.lists(st.tuples(st.sampled_from([0x0000, 0x0002, 0x0100, 0x0110, 0x0800, 0x0900, 0x1000]),
+                                   st.sampled_from([b"\x01\x01", b"\x00\x00", b"\xfe\xfe", b"\x01", b"\x01\x01\x00",
+                                                    b"1.2.3\x00", b""])), max_size=8),
+       edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=2),
+       cut=st.integers(0, 200), stray=st.binary(max_size=9))
+def test_fuzz_the_framer_reads_the_data_set_type_as_the_association_does(elements, edits, cut: int, stray: bytes):
+    """The framer's walk over a command set's element headers says whether a data set follows, as
+    read_command_fields does (a broken structure counts as announcing one); it never raises."""
+    from dicom_card_agent.dicom.pdu import announces_data_set, read_command_fields
+
+    data = bytearray(b"".join(_command_element(element, value) for element, value in elements))
+    for position, value in edits:
+        if data:
+            data[position % len(data)] = value
+    for command_set in (bytes(data), bytes(data[:cut]), bytes(data) + stray):
+        try:
+            expected = read_command_fields(command_set).has_data_set
+        except MalformedCommandSetError:
+            try:
+                pdu_module._check_command_structure(command_set)
+            except MalformedCommandSetError:
+                assert announces_data_set(command_set) is True  # a broken structure
+            continue  # a broken value: the relay aborts the association, what is kept meanwhile is bounded
+        assert announces_data_set(command_set) is expected
+
+
+@pytest.mark.parametrize("command_set, announced", [
+    (b"", True),  # no Command Data Set Type: as the requests that always carry one
+    (_command_element(0x0800, b"\x01\x01"), False),
+    (_command_element(0x0800, b"\x00\x00"), True),
+    (_command_element(0x0800, b"\x01\x01") + _command_element(0x0800, b"\x02\x02"), True),  # the last counts
+    (_command_element(0x0800, b"\x01\x01") + b"\x00", True),  # a stray byte: no command set
+    (struct.pack("<HHI", 0x0008, 0x0800, 2) + b"\x01\x01", True),  # outside group 0000
+    (struct.pack("<HHI", 0x0000, 0x0800, 0xFFFFFFFF) + b"\x01\x01", True),  # undefined length
+])
+def test_the_data_set_type_the_framer_reads(command_set: bytes, announced: bool):
+    from dicom_card_agent.dicom.pdu import announces_data_set
+
+    assert announces_data_set(command_set) is announced

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,19 @@ import pytest
 
 from agent_runner import LOG_TIMESTAMP, FramedEchoServer, associate_rq, log_lines, running_agent, tunnel
 from conftest import ProvisionedPki
-from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, parse_a_abort, parse_associate_rj
+from dicom_card_agent.dicom.pdu import (
+    A_ABORT,
+    A_ASSOCIATE_AC,
+    A_ASSOCIATE_RJ,
+    DEFAULT_MAX_COMMAND_SET_LENGTH,
+    P_DATA_TF,
+    AssociateAccept,
+    PresentationContextItemAC,
+    encode_associate_ac,
+    parse_a_abort,
+    parse_associate_rj,
+    parse_associate_rq,
+)
 from peers.dcmtk import TLS_DETAILS_BEGIN, echoscu, storescp, storescu
 from peers.pki_files import TlsServerFiles
 from peers.ports import free_port
@@ -208,6 +221,61 @@ def test_a_malformed_pdu_from_the_pacs_aborts_the_association(test_pki: Provisio
     assert pdu_type == A_ABORT
     assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
     assert f"malformed PDU from the server 127.0.0.1:{server.port}: unknown PDU type 0x0A" in log
+
+
+def command_fragment_pdu(fragment: bytes) -> bytes:
+    """A P-DATA-TF PDU of one command fragment on context 1, not its command's last."""
+    return struct.pack(">BBLLBB", P_DATA_TF, 0, len(fragment) + 6, len(fragment) + 2, 1, 0x01) + fragment
+
+
+class OversizedCommandPacs(FramedEchoServer):
+    """A TLS server with the PACS certificate that accepts the association, sends a command set of
+    exactly the agent's limit (1 MiB) in one PDU without its last fragment and, once the application
+    has all of it, one byte more in a PDU of its own. No PACS at hand sends a command set that long,
+    hence this fake."""
+
+    def __init__(self, test_pki: ProvisionedPki) -> None:
+        self.application_has_the_first_pdu = threading.Event()
+        super().__init__(test_pki)
+
+    def _answer(self, raw: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as tls:
+                request = parse_associate_rq(receive_pdu(tls)[1])
+                tls.sendall(encode_associate_ac(AssociateAccept(
+                    1, request.called_ae_title, request.calling_ae_title, request.application_context_name,
+                    tuple(PresentationContextItemAC(pc.context_id, 0, pc.transfer_syntaxes[0])
+                          for pc in request.presentation_contexts))))
+                tls.sendall(command_fragment_pdu(bytes(DEFAULT_MAX_COMMAND_SET_LENGTH)))
+                self.application_has_the_first_pdu.wait(30)
+                tls.sendall(command_fragment_pdu(b"\x00"))
+                tls.recv(65536)  # until the agent ends the connection
+        except OSError:
+            pass
+
+
+def test_a_command_set_over_the_limit_from_the_pacs_aborts_the_application_after_whole_pdus(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """docs/security.md: an oversized PDU ends the association with A-ABORT. The PDU that passes the
+    limit arrives on a PDU boundary, after whole PDUs went to the application, and fails mid-PDU;
+    the agent dropped it whole but looked at where its framer stopped, and closed without A-ABORT."""
+    pacs = OversizedCommandPacs(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
+                application.sendall(associate_rq())
+                assert receive_pdu(application)[0] == A_ASSOCIATE_AC
+                pdu_type, pdu = receive_pdu(application)
+                assert (pdu_type, len(pdu)) == (P_DATA_TF, DEFAULT_MAX_COMMAND_SET_LENGTH + 12)
+                pacs.application_has_the_first_pdu.set()
+                pdu_type, pdu = receive_pdu(application)
+            log = agent.wait_for_log("malformed PDU from the server")
+    finally:
+        pacs.close()
+    assert pdu_type == A_ABORT
+    assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: invalid-PDU-parameter value"
+    assert (f"malformed PDU from the server 127.0.0.1:{pacs.port}: command set on presentation context 1 exceeds "
+            f"the {DEFAULT_MAX_COMMAND_SET_LENGTH}-byte limit for command sets") in log
 
 
 @pytest.mark.parametrize("probe", [b"", associate_rq()[:10]], ids=["connect-and-close", "half-a-request"])

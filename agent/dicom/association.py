@@ -6,6 +6,12 @@ It answers with a decision for the request (forward these bytes, or refuse with 
 A-ASSOCIATE-RJ) and keeps what the log and the audit trail report: calling and called AE titles,
 accepted abstract syntaxes, the SOP Instances stored (by either side: C-GET sub-operations come
 from the PACS) and how the receiver answered each one, and the Identifier of each C-FIND.
+
+A C-STORE is kept from its request until its response, and no longer: the response hands it to the
+caller (the relay batches it into the audit trail, agent/tunnel/transfers.py); what is left at the
+end was never answered. Each response finds its request in O(1), and at most
+``MAX_UNANSWERED_C_STORES`` requests wait at once, so a long association costs neither memory nor
+time per C-STORE that grows with the number it carried.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from enum import Enum
 from dicom_card_agent.dicom.pdu import (
     AssociateRequest,
     MalformedPduError,
+    PduLimitError,
     PresentationContextResult,
     RejectResult,
     RejectSource,
@@ -44,6 +51,14 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_FIND_RQ = 0x0020
 STORED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})  # success and the C-STORE warnings (PS3.4 B.2.3)
+# C-STORE requests of one association waiting for their responses. Peers wait for each response
+# (the asynchronous operations window, PS3.7 D.3.3.3, is 1 unless negotiated, and small when it is);
+# thousands waiting is a broken or hostile peer. ~0.5 KB each: at most ~2 MB per association.
+MAX_UNANSWERED_C_STORES = 4096
+
+
+class UnansweredLimitError(PduLimitError):
+    """More C-STORE requests wait for their responses than the agent follows for the audit trail."""
 
 
 class UserIdentityMode(str, Enum):
@@ -99,7 +114,7 @@ class Refuse:
     reason: str
 
 
-@dataclass
+@dataclass(slots=True)  # thousands may wait for their responses at once
 class StoredInstance:
     """A C-STORE seen on the association; ``status`` is None until the PACS answered."""
 
@@ -131,7 +146,7 @@ class Query:
     context_id: int
     transfer_syntax: str = ""
     identifier: bytes = b""
-    truncated: bool = False  # longer than DATA_SET_PREFIX: only its start was kept
+    truncated: bool = False  # longer than DATA_SET_PREFIX: only its start was kept (or none of it)
     patient_id: str = ""  # the Patient ID / Patient's Name keys, when given without wildcards
     patient_name: str = ""
 
@@ -150,9 +165,24 @@ class Association:
     transfer_syntaxes: dict[int, str] = field(default_factory=dict)  # accepted, per presentation context
     answer: str = "none"  # none | accepted | rejected
     end: str = "open"  # open | released | rejected | aborted by the requestor | aborted by the acceptor
-    instances: list[StoredInstance] = field(default_factory=list)
+    c_stores_requested: int = 0  # C-STORE requests seen, either way
+    c_stores_stored: int = 0  # of them, answered with success or a warning
+    # The C-STOREs whose responses are still to come, by (sent by the requestor, Message ID): the
+    # latest request with that ID, which the next response answers.
+    _unanswered: dict[tuple[bool, int], StoredInstance] = field(default_factory=dict, repr=False)
+    # Earlier unanswered requests with the same key, oldest first: PS3.7 wants a Message ID unique
+    # among the outstanding ones, but a peer that reuses one still gets each response matched, newest
+    # request first, as before the index.
+    _superseded: dict[tuple[bool, int], list[StoredInstance]] = field(default_factory=dict, repr=False)
+    _waiting: int = field(default=0, repr=False)  # unanswered requests, in both of the above
     # The command whose data set comes next, per (sent by the requestor, presentation context).
     _awaiting: dict[tuple[bool, int], StoredInstance | Query] = field(default_factory=dict, repr=False)
+
+    @property
+    def unanswered(self) -> list[StoredInstance]:
+        """The C-STOREs not answered (yet): at the association's end, those the audit trail reports
+        as never answered. Answered ones are not kept here; :meth:`on_command` hands each out."""
+        return [*(i for earlier in self._superseded.values() for i in earlier), *self._unanswered.values()]
 
     # -- the application's request ---------------------------------------------------------
 
@@ -214,19 +244,49 @@ class Association:
         if command.command_field == C_STORE_RQ:
             instance = StoredInstance(command.affected_sop_class_uid, command.affected_sop_instance_uid,
                                       command.message_id or 0, context_id, from_requestor=from_requestor)
-            self.instances.append(instance)
+            self._note_request(instance)
             self._await_data_set(command.has_data_set, from_requestor, context_id, instance)
         elif command.command_field == C_STORE_RSP:
-            for instance in reversed(self.instances):
-                if (instance.message_id == command.message_id_being_responded_to and instance.status is None
-                        and instance.from_requestor != from_requestor):
-                    instance.status = 0xFFFF if command.status is None else command.status
-                    return instance
+            # A response answers a request of the other side (C-GET: the acceptor stores).
+            responded_to = command.message_id_being_responded_to
+            answered = None if responded_to is None else self._answer((not from_requestor, responded_to))
+            if answered is not None:
+                answered.status = 0xFFFF if command.status is None else command.status
+                if answered.stored:
+                    self.c_stores_stored += 1
+                return answered
         elif command.command_field == C_FIND_RQ and from_requestor:
             query = Query(command.affected_sop_class_uid, command.message_id or 0, context_id,
                           self.transfer_syntaxes.get(context_id, ""))
             self._await_data_set(command.has_data_set, from_requestor, context_id, query)
         return None
+
+    def _note_request(self, instance: StoredInstance) -> None:
+        if self._waiting >= MAX_UNANSWERED_C_STORES:
+            raise UnansweredLimitError(
+                f"{self._waiting + 1} C-STORE requests would wait for their responses at once: the agent follows "
+                f"at most {MAX_UNANSWERED_C_STORES} for the audit trail (a peer waits for each response, or for the "
+                "few its asynchronous operations window allows)")
+        self.c_stores_requested += 1
+        self._waiting += 1
+        key = (instance.from_requestor, instance.message_id)
+        earlier = self._unanswered.get(key)
+        if earlier is not None:
+            self._superseded.setdefault(key, []).append(earlier)
+        self._unanswered[key] = instance
+
+    def _answer(self, key: tuple[bool, int]) -> StoredInstance | None:
+        """The request a response with ``key`` answers, no longer kept; None if none waits."""
+        answered = self._unanswered.pop(key, None)
+        if answered is None:
+            return None
+        self._waiting -= 1
+        earlier = self._superseded.get(key)
+        if earlier:  # the next response with this ID answers the request before
+            self._unanswered[key] = earlier.pop()
+            if not earlier:
+                del self._superseded[key]
+        return answered
 
     def _await_data_set(self, has_data_set: bool, from_requestor: bool, context_id: int,
                         command: StoredInstance | Query) -> None:
@@ -244,7 +304,8 @@ class Association:
             command.study_uid, command.patient_id, command.patient_name = patient_and_study(prefix, transfer_syntax)
         elif isinstance(command, Query):
             command.identifier = prefix
-            command.truncated = len(prefix) >= DATA_SET_PREFIX
+            # Empty: the framer had no room to keep any of it (see DataSetPrefix).
+            command.truncated = not prefix or len(prefix) >= DATA_SET_PREFIX
             command.patient_id, command.patient_name = query_patient(prefix, transfer_syntax)
             return command
         return None
@@ -266,10 +327,9 @@ class Association:
                 f"{proposed} presentation contexts: {shown}{identity}")
 
     def describe_instances(self) -> str:
-        if not self.instances:
+        if not self.c_stores_requested:
             return ""
-        stored = sum(1 for i in self.instances if i.stored)
-        return f"; {stored} of {len(self.instances)} instances stored"
+        return f"; {self.c_stores_stored} of {self.c_stores_requested} instances stored"
 
 
 def patient_and_study(prefix: bytes, transfer_syntax: str) -> tuple[str, str, str]:
@@ -345,4 +405,4 @@ def _uid_name(uid: str) -> str:
 
 
 __all__ = ["Association", "AssociationRules", "ExistingUserIdentity", "Forward", "MalformedPduError", "Query",
-           "Refuse", "StoredInstance", "UserIdentityMode"]
+           "Refuse", "StoredInstance", "UnansweredLimitError", "UserIdentityMode"]

@@ -101,6 +101,11 @@ DEFAULT_MAX_ASSOCIATION_PDU_LENGTH = 1 << 20
 DEFAULT_MAX_COMMAND_SET_LENGTH = 1 << 20
 """Largest total of not yet complete command-set bytes the inspector holds by default (1 MiB)."""
 
+DEFAULT_DATA_SET_PREFIXES_AT_ONCE = 4
+"""Data sets whose first bytes the inspector keeps at the same time, by default; with 64 KiB
+prefixes at most 256 KiB per direction. A peer sends one message at a time (or a few, with an
+asynchronous operations window, PS3.7 D.3.3.3); data sets beyond these pass without being kept."""
+
 _FIXED_PDU_LENGTHS = {
     PduType.A_ASSOCIATE_RJ: 4,
     PduType.A_RELEASE_RQ: 4,
@@ -285,7 +290,9 @@ class CommandSet:
 @dataclass(frozen=True, slots=True)
 class DataSetPrefix:
     """The first bytes of a data set on presentation context ``context_id`` (all of it if short):
-    enough for the attributes at its start, such as the patient and the study."""
+    enough for the attributes at its start, such as the patient and the study. Empty: none of it
+    was kept, because other contexts' data sets held all the room for prefixes (an empty data set
+    gives no event)."""
 
     context_id: int
     data: bytes = field(repr=False)  # patient data: keep it out of logs
@@ -302,16 +309,22 @@ class PDataInspector:
 
     Command fragments (message control header bit 0 set) are collected per presentation context
     until the fragment with bit 1 ("last") set; data-set fragments are only counted, never
-    copied. Use :meth:`begin_pdu` with the PDU-length, :meth:`feed` with the PDU's variable
+    copied, but for the first ``data_set_prefix`` bytes of a data set that a command set
+    announced (its Command Data Set Type is not 0101H), on at most ``prefixes_at_once`` contexts
+    at a time. Use :meth:`begin_pdu` with the PDU-length, :meth:`feed` with the PDU's variable
     field in any number of pieces, then :meth:`end_pdu`. A command may span several PDUs.
     """
 
     def __init__(self, *, max_command_set_length: int = DEFAULT_MAX_COMMAND_SET_LENGTH,
-                 data_set_prefix: int = 0) -> None:
+                 data_set_prefix: int = 0, prefixes_at_once: int = DEFAULT_DATA_SET_PREFIXES_AT_ONCE) -> None:
         self._limit = max_command_set_length
         self._prefix_limit = data_set_prefix  # 0: data sets are only counted
-        self._prefixes: dict[int, bytearray] = {}  # per context: the start of its current data set
-        self._prefix_sent: set[int] = set()  # contexts whose current data set's prefix went out
+        self._prefixes_at_once = prefixes_at_once
+        # Contexts whose last command set announced a data set that has not begun yet. Data-set
+        # fragments anywhere else are not kept: a peer could otherwise make the agent hold 64 KiB on
+        # each of 255 context IDs, per direction and connection, by sending data without commands.
+        self._announced: set[int] = set()
+        self._prefixes: dict[int, bytearray] = {}  # per context: the start of its current data set, while kept
         self._pending: dict[int, bytearray] = {}
         self._pending_total = 0
         self._in_pdu = False
@@ -325,13 +338,15 @@ class PDataInspector:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes held in memory: a partial PDV header, incomplete command sets, data-set prefixes."""
+        """Bytes held in memory: a partial PDV header, incomplete command sets, data-set prefixes
+        (at most ``prefixes_at_once`` times ``data_set_prefix``)."""
         return len(self._item_header) + self._pending_total + sum(len(p) for p in self._prefixes.values())
 
     def passes_data_through(self, context_id: int) -> bool:
-        """True if a data-set fragment (not the last) on ``context_id`` would give no event: its
-        data set's prefix is taken already, or none is wanted. Only meaningful between PDUs."""
-        return not self._prefix_limit or context_id in self._prefix_sent
+        """True if a data-set fragment (not the last) on ``context_id`` would give no event: no
+        command announced a data set there, or its prefix was taken already (or none is wanted,
+        then nothing is ever announced). Only meaningful between PDUs."""
+        return context_id not in self._announced and context_id not in self._prefixes
 
     def begin_pdu(self, length: int) -> None:
         """Start a P-DATA-TF PDU whose PDU-length is ``length``."""
@@ -355,7 +370,7 @@ class PDataInspector:
                 take = min(self._fragment_left, total - pos)
                 if self._is_command:
                     self._collect(view[pos:pos + take])
-                elif self._prefix_limit and self._context_id not in self._prefix_sent:
+                elif self._context_id in self._prefixes:
                     self._capture(view[pos:pos + take], events)
                 pos += take
                 self._fragment_left -= take
@@ -366,7 +381,7 @@ class PDataInspector:
                 pos += take
                 self._pdu_left -= take
                 if len(self._item_header) == _PDV_HEADER_LENGTH:
-                    self._start_fragment()
+                    self._start_fragment(events)
             if self._in_fragment and self._fragment_left == 0:
                 self._finish_fragment(events)
         return events
@@ -383,7 +398,7 @@ class PDataInspector:
                 f"P-DATA-TF PDU ends inside a PDV item header ({got} of {_PDV_HEADER_LENGTH} bytes)"
             )
 
-    def _start_fragment(self) -> None:
+    def _start_fragment(self, events: list[CommandSet | DataSetPrefix]) -> None:
         item_length = int.from_bytes(self._item_header[0:4], "big")
         context_id = self._item_header[4]
         control = self._item_header[5]
@@ -404,6 +419,16 @@ class PDataInspector:
         self._context_id = context_id
         self._is_command = bool(control & 0x01)
         self._is_last = bool(control & 0x02)
+        if not self._is_command and context_id in self._announced:
+            self._begin_data_set(context_id, events)
+
+    def _begin_data_set(self, context_id: int, events: list[CommandSet | DataSetPrefix]) -> None:
+        """The data set a command announced begins: keep its start, if there is room."""
+        self._announced.discard(context_id)
+        if len(self._prefixes) < self._prefixes_at_once:
+            self._prefixes[context_id] = bytearray()
+        else:  # the association learns at once that this data set's attributes will not be seen
+            events.append(DataSetPrefix(context_id, b""))
 
     def _collect(self, piece: memoryview) -> None:
         if self._pending_total + len(piece) > self._limit:
@@ -415,22 +440,31 @@ class PDataInspector:
         self._pending_total += len(piece)
 
     def _capture(self, piece: memoryview, events: list[CommandSet | DataSetPrefix]) -> None:
-        prefix = self._prefixes.setdefault(self._context_id, bytearray())
+        prefix = self._prefixes[self._context_id]
         prefix += piece[:self._prefix_limit - len(prefix)]
-        if len(prefix) >= self._prefix_limit:
-            events.append(DataSetPrefix(self._context_id, bytes(self._prefixes.pop(self._context_id))))
-            self._prefix_sent.add(self._context_id)
+        if len(prefix) >= self._prefix_limit:  # taken: the rest of the data set only passes
+            del self._prefixes[self._context_id]
+            events.append(DataSetPrefix(self._context_id, bytes(prefix)))
 
     def _finish_fragment(self, events: list[CommandSet | DataSetPrefix]) -> None:
         self._in_fragment = False
+        context_id = self._context_id
         if self._is_command and self._is_last:
-            buffer = self._pending.pop(self._context_id, bytearray())
-            self._pending_total -= len(buffer)
-            events.append(CommandSet(self._context_id, bytes(buffer)))
-        elif self._is_last and self._prefix_limit:  # the data set ended: the next one starts afresh
-            if self._context_id not in self._prefix_sent and self._context_id in self._prefixes:
-                events.append(DataSetPrefix(self._context_id, bytes(self._prefixes.pop(self._context_id))))
-            self._prefix_sent.discard(self._context_id)
+            command = bytes(self._pending.pop(context_id, b""))
+            self._pending_total -= len(command)
+            events.append(CommandSet(context_id, command))
+            if self._prefix_limit:
+                # A data set still being kept here was cut short by this command (PS3.7 sends a
+                # message's data set before the next message): it is no data set, its start is dropped.
+                self._prefixes.pop(context_id, None)
+                if announces_data_set(command):
+                    self._announced.add(context_id)
+                else:
+                    self._announced.discard(context_id)
+        elif self._is_last:  # a data set ended: its start goes out if still kept (shorter than a prefix)
+            prefix = self._prefixes.pop(context_id, None)
+            if prefix:
+                events.append(DataSetPrefix(context_id, bytes(prefix)))
 
 
 # ---------------------------------------------------------------------------------------- framer
@@ -443,14 +477,15 @@ class PduFramer:
     and returns, in stream order: :class:`PduHeader` when a header is complete,
     :class:`AssociationPdu` with the whole PDU for every PDU type but P-DATA-TF,
     :class:`CommandSet` for complete command sets (only with ``inspect_commands=True``),
-    :class:`DataSetPrefix` with the first ``data_set_prefix`` bytes of each data set (if > 0) and
+    :class:`DataSetPrefix` with the first ``data_set_prefix`` bytes of each data set a command set
+    announced (if > 0; see :class:`PDataInspector` for ``prefixes_at_once``) and
     :class:`PduEnd` after the last byte of every PDU. P-DATA-TF payloads are not copied.
 
     ``quiet_data=True`` leaves out the PduHeader and PduEnd of the P-DATA-TF PDUs that need no
     inspection, when their first 12 bytes (PDU and PDV item headers) come in one :meth:`feed`: one
     data-set fragment, not its data set's last, on a context whose data-set prefix was taken (or
-    none is wanted). That is the bulk of a transfer, which a relay only passes on: two events for
-    each of them, made and then looked at, were a tenth of the agent relay's CPU per byte.
+    none is wanted or announced). That is the bulk of a transfer, which a relay only passes on: two
+    events for each of them, made and then looked at, were a tenth of the agent relay's CPU per byte.
 
     Malformed input raises :class:`MalformedPduError`; the framer then stays failed and every
     further :meth:`feed` raises again. Events of the failing call that preceded the error are
@@ -464,11 +499,13 @@ class PduFramer:
         max_association_pdu_length: int = DEFAULT_MAX_ASSOCIATION_PDU_LENGTH,
         max_command_set_length: int = DEFAULT_MAX_COMMAND_SET_LENGTH,
         data_set_prefix: int = 0,
+        prefixes_at_once: int = DEFAULT_DATA_SET_PREFIXES_AT_ONCE,
         quiet_data: bool = False,
     ) -> None:
         self._max_association = max_association_pdu_length
         self._inspector = (
-            PDataInspector(max_command_set_length=max_command_set_length, data_set_prefix=data_set_prefix)
+            PDataInspector(max_command_set_length=max_command_set_length, data_set_prefix=data_set_prefix,
+                           prefixes_at_once=prefixes_at_once)
             if inspect_commands else None
         )
         self._header = bytearray()
@@ -1360,6 +1397,27 @@ NO_DATA_SET = 0x0101
 _US_FIELDS = {0x0100: "command_field", 0x0110: "message_id", 0x0120: "message_id_being_responded_to",
               0x0800: "data_set_type", 0x0900: "status"}
 _UI_FIELDS = {0x0002: "affected_sop_class_uid", 0x1000: "affected_sop_instance_uid"}
+
+
+def announces_data_set(data: bytes) -> bool:
+    """What :attr:`CommandFields.has_data_set` says of ``data``, read with a walk over its element
+    headers only, cheap enough for the framer to run on every command set: False only for a Command
+    Data Set Type (0000,0800) of 0101H. A command set whose element structure is broken counts as
+    announcing one (:func:`read_command_fields` refuses it: the relay aborts the association)."""
+    pos, end = 0, len(data) - 8
+    announced = True
+    while pos <= end:
+        group, element, length = _ELEMENT_HEADER.unpack_from(data, pos)
+        if group != 0x0000 or length > end - pos:  # outside group 0000, past the end, undefined length
+            return True
+        if element == 0x0800:  # the last one counts, as in read_command_fields
+            announced = length != 2 or data[pos + 8:pos + 10] != _NO_DATA_SET_BYTES
+        pos += 8 + length
+    return announced if pos == len(data) else True  # stray bytes at the end: not a command set
+
+
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_NO_DATA_SET_BYTES = b"\x01\x01"  # 0101H, little endian
 
 
 def read_command_fields(data: bytes) -> CommandFields:

@@ -1034,6 +1034,9 @@ class _Relay:
         self.held_request: bytearray | None = bytearray()  # the requestor's bytes until its A-ASSOCIATE-RQ is whole
         self.refusal: Refuse | None = None
         self.malformed: MalformedPduError | None = None  # from either side: ends the association with A-ABORT
+        # Whether the acceptor's bytes the requestor got end at a PDU boundary, once a read of them was
+        # dropped as malformed; None before: then all that the acceptor framer read was passed on.
+        self.acceptor_bytes_passed_end_at_boundary: bool | None = None
         self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the requestor
         self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor
         self._to_tell: list[Callable[[], None]] = []  # log lines and reports about what is being passed on
@@ -1354,6 +1357,7 @@ class _Relay:
 
     def _from_acceptor(self, data: bytes | memoryview) -> bytes | memoryview:
         """What to pass on to the requestor: all of ``data``, unless it is malformed."""
+        was_at_boundary = self.acceptor_framer.at_boundary
         try:
             events = self.acceptor_framer.feed(data)
             for event in events:
@@ -1363,6 +1367,8 @@ class _Relay:
         except MalformedPduError as error:
             self._malformed(error, f"the server {self.runtime.config.remote}" if self.requestor_is_local
                             else f"the local SCP at {self.runtime.config.remote}")
+            if self.acceptor_bytes_passed_end_at_boundary is None:  # all of ``data`` is dropped
+                self.acceptor_bytes_passed_end_at_boundary = was_at_boundary
             return b""
         return data
 
@@ -1417,7 +1423,7 @@ class _Relay:
         (answered in the last moment, or never answered), then the end itself."""
         if self.association.answer != "accepted":
             return
-        self.transfers.flush(self.association_fields, self.association.instances)
+        self.transfers.flush(self.association_fields, self.association.unanswered)
         self.runtime.report("association-end", {**self.association_fields(),
                                                 "failure": self.failure.message if self.failure else None})
 
@@ -1457,7 +1463,13 @@ class _Relay:
 
     def _pdu_for_requestor(self) -> bytes | None:
         """A-ASSOCIATE-RJ before the answer, else A-ABORT; None when a PDU toward it is half-sent."""
-        if not self.acceptor_framer.at_boundary:
+        # A read from the acceptor that was malformed was dropped whole, wherever its framer stopped:
+        # what the requestor got then ends where that read began (a command set over the limit
+        # often fails mid-PDU after whole PDUs passed).
+        passed_at_boundary = self.acceptor_bytes_passed_end_at_boundary
+        if passed_at_boundary is None:
+            passed_at_boundary = self.acceptor_framer.at_boundary
+        if not passed_at_boundary:
             return None  # anything we add would corrupt the half-delivered PDU; closing says enough
         assert self.failure is not None
         if self.refusal is not None:
