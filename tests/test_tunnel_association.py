@@ -278,6 +278,63 @@ def test_a_command_set_over_the_limit_from_the_pacs_aborts_the_application_after
             f"the {DEFAULT_MAX_COMMAND_SET_LENGTH}-byte limit for command sets") in log
 
 
+class OutOfOrderPacs(FramedEchoServer):
+    """A TLS server with the PACS certificate that breaks PS3.8's order: a command fragment before
+    its A-ASSOCIATE-AC, a second A-ASSOCIATE-AC, or an AC answering a context never proposed (7),
+    followed by a command fragment on it. No PACS at hand does, hence this fake."""
+
+    def __init__(self, test_pki: ProvisionedPki, fault: str) -> None:
+        self.fault = fault
+        super().__init__(test_pki)
+
+    def _answer(self, raw: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as tls:
+                request = parse_associate_rq(receive_pdu(tls)[1])
+                contexts = [PresentationContextItemAC(pc.context_id, 0, pc.transfer_syntaxes[0])
+                            for pc in request.presentation_contexts]
+                if self.fault == "unproposed-context":
+                    contexts.append(PresentationContextItemAC(7, 0, "1.2.840.10008.1.2"))
+                accept = encode_associate_ac(AssociateAccept(1, request.called_ae_title, request.calling_ae_title,
+                                                             request.application_context_name, tuple(contexts)))
+                command = struct.pack(">BBLLBB", P_DATA_TF, 0, 6, 2, 7, 0x03)  # an (empty) last command fragment
+                pdus = {"data-before-the-answer": [command, accept], "second-answer": [accept, accept],
+                        "unproposed-context": [accept, command]}[self.fault]
+                for pdu in pdus:
+                    tls.sendall(pdu)
+                tls.recv(65536)  # until the agent ends the connection
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("data-before-the-answer", "a P-DATA-TF PDU came before the A-ASSOCIATE-AC or -RJ"),
+    ("second-answer", "a second answer (A-ASSOCIATE-AC) to the A-ASSOCIATE-RQ"),
+    ("unproposed-context", "its A-ASSOCIATE-AC answers presentation context 7, which the A-ASSOCIATE-RQ did not "
+                           "propose"),
+])
+def test_a_pacs_breaking_the_order_of_the_association_is_aborted(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                 fault: str, message: str) -> None:
+    """The acceptor's PDUs passed unchecked: the application got P-DATA before any AC, two ACs, or an
+    association with a context it never proposed (the audit trail took in what came on it). Now it
+    gets an A-ABORT, after at most the first AC (which goes with the second when both come in one read)."""
+    pacs = OutOfOrderPacs(test_pki, fault)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
+                application.sendall(associate_rq())
+                got = [receive_pdu(application)[0]]
+                if got[0] == A_ASSOCIATE_AC and fault == "second-answer":
+                    got.append(receive_pdu(application)[0])
+                rest = application.recv(65536)
+            log = agent.wait_for_log("malformed PDU from the server")
+    finally:
+        pacs.close()
+    before_the_abort = [[], [A_ASSOCIATE_AC]] if fault == "second-answer" else [[]]
+    assert got[-1] == A_ABORT and got[:-1] in before_the_abort and rest == b"", (got, rest)
+    assert f"malformed PDU from the server 127.0.0.1:{pacs.port}: {message}" in log
+
+
 @pytest.mark.parametrize("probe", [b"", associate_rq()[:10]], ids=["connect-and-close", "half-a-request"])
 def test_a_probe_that_leaves_before_its_request_does_not_hold_a_single_association_pacs(
         test_pki: ProvisionedPki, tmp_path: Path, probe: bytes) -> None:

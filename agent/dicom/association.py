@@ -225,6 +225,10 @@ class Association:
         accept = parse_associate_ac(pdu)
         proposed = {pc.context_id: pc.abstract_syntax for pc in self.request.presentation_contexts} \
             if self.request else {}
+        unproposed = sorted({pc.context_id for pc in accept.presentation_contexts} - proposed.keys())
+        if unproposed:  # PS3.8 9.3.3.2: the answer is for the contexts proposed, no others
+            raise MalformedPduError(f"its A-ASSOCIATE-AC answers presentation context "
+                                    f"{', '.join(map(str, unproposed))}, which the A-ASSOCIATE-RQ did not propose")
         accepted = [pc for pc in accept.presentation_contexts if pc.result == PresentationContextResult.ACCEPTANCE]
         self.accepted_abstract_syntaxes = {pc.context_id: proposed.get(pc.context_id, "?") for pc in accepted}
         self.transfer_syntaxes = {pc.context_id: pc.transfer_syntax or "" for pc in accepted}

@@ -37,6 +37,8 @@ from dicom_card_agent.dicom.pdu import (
     A_ASSOCIATE_RJ,
     A_ASSOCIATE_RQ,
     A_RELEASE_RP,
+    A_RELEASE_RQ,
+    P_DATA_TF,
     AbortReason,
     AbortSource,
     AcseRejectReason,
@@ -670,6 +672,11 @@ def _broken_reason(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -> st
     if relay.failure.cause == UNREACHABLE:  # after the handshake, only pacs_stopped_answering says so
         return "pacs_stopped_answering"
     return "connection"
+
+
+# PDUs an acceptor may not send before its answer (PS3.8 9.2: only an AC, RJ or A-ABORT); an unknown
+# type is left to the framer, which says so (unrecognized-PDU).
+NOT_ANSWERS = frozenset({A_ASSOCIATE_RQ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP})
 
 
 def _check_first_pdu(event: FramerEvent) -> None:
@@ -1359,6 +1366,10 @@ class _Relay:
         """What to pass on to the requestor: all of ``data``, unless it is malformed."""
         was_at_boundary = self.acceptor_framer.at_boundary
         try:
+            if not self.association_answered and was_at_boundary and data and data[0] in NOT_ANSWERS:
+                # PS3.8 9.2: before its answer an acceptor sends nothing else (the requestor's
+                # application would take a P-DATA-TF there for part of an association it never had).
+                raise MalformedPduError(f"a {pdu_type_name(data[0])} PDU came before the A-ASSOCIATE-AC or -RJ")
             events = self.acceptor_framer.feed(data)
             for event in events:
                 if isinstance(event, AssociationPdu):
@@ -1373,6 +1384,8 @@ class _Relay:
         return data
 
     def _on_answer(self, event: AssociationPdu) -> None:
+        if event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ) and self.association_answered:
+            raise MalformedPduError(f"a second answer ({pdu_type_name(event.pdu_type)}) to the A-ASSOCIATE-RQ")
         if event.pdu_type == A_ASSOCIATE_AC:
             self.association.on_accept(event.pdu)  # a malformed answer must not pass: parsed before
             self._to_tell.append(self._tell_accepted)
