@@ -22,11 +22,15 @@ from typing import Any, Iterator
 
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import (
+    AssociateAccept,
     AssociateRequest,
     MaximumLength,
     PduType,
+    PresentationContextItemAC,
     PresentationContextItemRQ,
+    encode_associate_ac,
     encode_associate_rq,
+    parse_associate_rq,
 )
 from peers.ports import free_port
 
@@ -377,14 +381,27 @@ def p_data(data: bytes, context_id: int = 1, max_fragment: int = 16372) -> bytes
     return b"".join(pdus)
 
 
+def accept_for(request: bytes) -> bytes:
+    """The A-ASSOCIATE-AC a PACS sends for the A-ASSOCIATE-RQ at the start of ``request``: every
+    presentation context accepted with its first transfer syntax (the agent aborts an association
+    whose acceptor sends anything else first, as PS3.8 wants)."""
+    length = struct.unpack(">L", request[2:6])[0]
+    rq = parse_associate_rq(request[:6 + length])
+    return encode_associate_ac(AssociateAccept(
+        1, rq.called_ae_title, rq.calling_ae_title, rq.application_context_name,
+        tuple(PresentationContextItemAC(pc.context_id, 0, pc.transfer_syntaxes[0]) for pc in rq.presentation_contexts)))
+
+
 def dicom_stream(payload: bytes) -> bytes:
     """What an application sends first: an A-ASSOCIATE-RQ, then ``payload`` in P-DATA-TF PDUs."""
     return associate_rq() + p_data(payload)
 
 
 def echoed(answer: bytes) -> bytes:
-    """The bytes a :class:`FramedEchoServer` answer carries (its PDU and PDV headers removed)."""
+    """The bytes a :class:`FramedEchoServer` answer carries (its A-ASSOCIATE-AC, PDU and PDV headers removed)."""
     out, offset = bytearray(), 0
+    if answer[:1] == bytes([PduType.A_ASSOCIATE_AC]):
+        offset = 6 + struct.unpack(">L", answer[2:6])[0]
     while offset < len(answer):
         pdu_type, _, length = struct.unpack(">BBL", answer[offset:offset + 6])
         if pdu_type != PduType.P_DATA_TF:
@@ -396,8 +413,8 @@ def echoed(answer: bytes) -> bytes:
 
 class FramedEchoServer:
     """A TLS server (file key, the PACS certificate) that reads the whole request until the client's
-    close_notify, then answers with P-DATA-TF PDUs (one data-set PDV each) carrying the same bytes,
-    and closes. :func:`echoed` takes the bytes back out."""
+    close_notify, then answers with an A-ASSOCIATE-AC and P-DATA-TF PDUs (one data-set PDV each)
+    carrying the same bytes, and closes. :func:`echoed` takes the bytes back out."""
 
     def __init__(self, test_pki: ProvisionedPki, concurrent: bool = False) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -430,7 +447,7 @@ class FramedEchoServer:
             while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen
                 data += chunk
             self.received.append(bytes(data))
-            tls.sendall(p_data(bytes(data), max_fragment=60000))
+            tls.sendall(accept_for(bytes(data)) + p_data(bytes(data), max_fragment=60000))
             tls.unwrap()
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import associate_rq, echoed, p_data, running_agent, tunnel
+from agent_runner import accept_for, associate_rq, echoed, p_data, running_agent, tunnel
 from conftest import ProvisionedPki
 
 MB = 1024 * 1024
@@ -75,7 +75,7 @@ def test_pacs_data_in_flight_when_the_application_half_closes_arrives_in_full(
 
     def serve(context: ssl.SSLContext, raw: socket.socket) -> bytes:
         with context.wrap_socket(raw, server_side=True) as tls:
-            read_pdu(tls)  # the A-ASSOCIATE-RQ
+            tls.sendall(accept_for(read_pdu(tls)))
             tls.sendall(answer)  # not reading meanwhile: the agent's close_notify comes in the middle
             after = bytearray()
             while chunk := tls.recv(65536):  # b"" only at a close_notify (an error otherwise)
@@ -89,8 +89,8 @@ def test_pacs_data_in_flight_when_the_application_half_closes_arrives_in_full(
             with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as client:
                 client.sendall(associate_rq())
                 received = bytearray()
-                while len(received) < MB:
-                    received += client.recv(65536)
+                while len(received) < MB and (chunk := client.recv(65536)):
+                    received += chunk
                 time.sleep(0.5)  # not reading: the PACS's records pile up in the agent's socket meanwhile
                 client.shutdown(socket.SHUT_WR)  # the PACS is still sending
                 while chunk := client.recv(65536):
@@ -100,7 +100,8 @@ def test_pacs_data_in_flight_when_the_application_half_closes_arrives_in_full(
         server.close()
     assert server.error is None, repr(server.error)
     assert server.result == b""  # the close_notify came, after nothing else
-    assert len(received) == len(answer) and echoed(bytes(received)) == echoed(answer)
+    accept = accept_for(associate_rq())
+    assert len(received) == len(accept) + len(answer) and echoed(bytes(received)) == echoed(answer)
     assert "WARNING" not in log, log
 
 
@@ -131,6 +132,8 @@ def test_a_record_decrypted_but_not_yet_handed_over_reaches_the_application(
             except ssl.SSLWantReadError:
                 raw.sendall(outgoing.read())  # TLS 1.3 session tickets
                 incoming.write(raw.recv(65536))
+        tls.write(accept_for(request))
+        raw.sendall(outgoing.read())  # the A-ASSOCIATE-AC first, in a record and a segment of its own
         tls.write(pdu)
         if close_notify:
             try:
@@ -148,9 +151,10 @@ def test_a_record_decrypted_but_not_yet_handed_over_reaches_the_application(
             with socket.create_connection(("127.0.0.1", agent.port()), timeout=5) as client:
                 client.sendall(associate_rq())
                 received = b""
-                while len(received) < len(pdu) and (chunk := client.recv(65536)):
+                expected = accept_for(associate_rq()) + pdu
+                while len(received) < len(expected) and (chunk := client.recv(65536)):
                     received += chunk
-                assert received == pdu
+                assert received == expected
                 if close_notify:
                     assert client.recv(65536) == b""  # the PACS's close_notify became our FIN
     finally:
