@@ -35,22 +35,27 @@ def check_trusted_file(path: Path | str, what: str, risk: str) -> None:
     user could do with it ("change the agent's settings"). A path that does not exist passes:
     the caller reports that in its own words.
     """
-    given = Path(os.path.abspath(path))
-    try:
-        resolved = Path(os.path.realpath(given, strict=True))
-        file_status = resolved.stat()
-    except OSError:
+    found = existing(path)
+    if found is None:
         return
+    given, resolved, file_status = found
     refuse = TrustRefusal(given, what, risk)
     if not stat.S_ISREG(file_status.st_mode):
         raise UnsafeFileError(f"refusing to use {what} {given}: it is not a regular file")
     refuse.if_unsafe(resolved, file_status, is_directory=False)
-    directories = list(resolved.parents)
-    if given.is_symlink():
-        link_directory = Path(os.path.realpath(given.parent))
-        directories += [link_directory, *link_directory.parents]
-    for directory in dict.fromkeys(directories):
-        refuse.if_unsafe(directory, directory.stat(), is_directory=True)
+    refuse.directories_above(resolved)
+
+
+
+def existing(path: Path | str) -> tuple[Path, Path, os.stat_result] | None:
+    """``path`` made absolute, the same with its links followed, and what that is; None when
+    nothing is there (the callers say so in their own words)."""
+    given = Path(os.path.abspath(path))
+    try:
+        resolved = Path(os.path.realpath(given, strict=True))
+        return given, resolved, resolved.stat()
+    except OSError:
+        return None
 
 
 class TrustRefusal:
@@ -74,6 +79,16 @@ class TrustRefusal:
             raise UnsafeFileError(
                 f"refusing to use {self.what} {self.given}: {self._subject(path, is_directory)} is writable by "
                 f"{writable} (mode {stat.S_IMODE(status.st_mode):04o}), so {consequence}; run `chmod go-w {path}`")
+
+    def directories_above(self, resolved: Path) -> None:
+        """Refuse when a directory above ``resolved`` (the path given, links followed) is unsafe, or
+        one above the link that was given: whoever can write there could swap what it points to."""
+        directories = list(resolved.parents)
+        if self.given.is_symlink():
+            link_directory = Path(os.path.realpath(self.given.parent))
+            directories += [link_directory, *link_directory.parents]
+        for directory in dict.fromkeys(directories):
+            self.if_unsafe(directory, directory.stat(), is_directory=True)
 
     def _trusted_owners(self) -> str:
         if self.agent_uid == ROOT_UID:

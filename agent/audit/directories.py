@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from dicom_card_agent.file_trust import ROOT_UID, TrustRefusal, UnsafeFileError, describe_user, user_name
+from dicom_card_agent.file_trust import ROOT_UID, TrustRefusal, UnsafeFileError, describe_user, existing, user_name
 
 SPOOL_RISK = "put messages there that the agent would send to the audit repository as its own records"
 FILE_DIRECTORY_RISK = "replace the audit file, or put another in its place before the agent creates it"
@@ -45,14 +45,10 @@ def check_private_directory(path: Path, what: str, risk: str, *, ancestors: bool
     ``what`` names it ("the audit spool"), ``risk`` says what another user could do,
     ``elsewhere`` the other way out ("set [audit] spool to ..."). A path that does not exist or is
     not a directory passes: the caller reports that in its own words."""
-    given = Path(os.path.abspath(path))
-    try:
-        resolved = Path(os.path.realpath(given, strict=True))
-        status = resolved.stat()
-    except OSError:
+    found = existing(path)
+    if found is None or not stat.S_ISDIR(found[2].st_mode):
         return
-    if not stat.S_ISDIR(status.st_mode):
-        return
+    given, resolved, status = found
     agent_uid = os.geteuid()
     mode = stat.S_IMODE(status.st_mode)
     wrong_owner = status.st_uid not in (ROOT_UID, agent_uid)
@@ -69,10 +65,4 @@ def check_private_directory(path: Path, what: str, risk: str, *, ancestors: bool
             f"{risk}; run `{command}, or {elsewhere}")
     if not ancestors:
         return
-    refuse = TrustRefusal(given, what, risk)
-    directories = list(resolved.parents)
-    if given.is_symlink():
-        link_directory = Path(os.path.realpath(given.parent))
-        directories += [link_directory, *link_directory.parents]
-    for directory in dict.fromkeys(directories):
-        refuse.if_unsafe(directory, directory.stat(), is_directory=True)
+    TrustRefusal(given, what, risk).directories_above(resolved)

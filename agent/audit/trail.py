@@ -192,7 +192,7 @@ class AuditTrail:
             if backlog.messages:
                 return f"the audit trail cannot be written ({backlog.reason})"
         for path in self._sink_paths():
-            short = _short_of_space(path)
+            short = short_of_space(path)
             if short:
                 return f"the audit trail cannot be written ({short})"
         return None
@@ -264,7 +264,7 @@ class AuditTrail:
         self.close()
 
 
-def _short_of_space(directory: Path) -> str:
+def short_of_space(directory: Path) -> str:
     """Why the file system of ``directory`` is too full for the trail, or ``""``."""
     try:
         stats = os.statvfs(directory)

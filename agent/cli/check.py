@@ -15,7 +15,9 @@ from pathlib import Path
 
 import typer
 
-from dicom_card_agent.audit.trail import FREE_INODES_RESERVE, FREE_SPACE_RESERVE, _short_of_space
+from dicom_card_agent.audit.sinks import check_file_directory
+from dicom_card_agent.audit.spool import check_spool_directory
+from dicom_card_agent.audit.trail import FREE_INODES_RESERVE, FREE_SPACE_RESERVE, short_of_space
 from dicom_card_agent.cli.doctor import Check, platform_checks, report
 from dicom_card_agent.cli.options import ConfigFile
 from dicom_card_agent.config.locate import locate_config
@@ -176,13 +178,10 @@ def _remote_check(tunnel: TunnelConfig) -> Check:
 
 
 def _audit_checks(settings: AgentConfig) -> Iterator[Check]:
-    # The checks ``run`` makes when it opens the audit trail (agent/audit/directories.py).
-    from dicom_card_agent.audit.sinks import check_file_directory
-    from dicom_card_agent.audit.spool import check_spool_directory
-
     audit = settings.audit
     if audit is None:
         return
+    # The checks ``run`` makes when it opens the audit trail (agent/audit/directories.py).
     for what, path, directory, check_owner in (("audit file", audit.file, False, check_file_directory),
                                                 ("audit spool", audit.spool, True, check_spool_directory)):
         if path is not None:
@@ -219,7 +218,7 @@ def _audit_reserve_checks(settings: AgentConfig) -> Iterator[Check]:
         existing = directory
         while not existing.is_dir() and existing != existing.parent:
             existing = existing.parent
-        short = _short_of_space(existing)
+        short = short_of_space(existing)
         name = f"{what} reserve"
         if not short:
             if refuse:
