@@ -441,7 +441,12 @@ class FramedEchoServer:
                 self._answer(raw)
 
     def _answer(self, raw: socket.socket) -> None:
-        with self.context.wrap_socket(raw, server_side=True) as tls:
+        try:
+            tls = self.context.wrap_socket(raw, server_side=True)
+        except OSError:  # a client gone before the handshake (an agent refusing its application's connection)
+            raw.close()
+            return
+        with tls:
             self.peer_certificates.append(tls.getpeercert(binary_form=True))
             data = bytearray()
             while chunk := tls.recv(65536):  # b"" at the client's close_notify: half-close seen

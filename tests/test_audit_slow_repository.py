@@ -97,6 +97,20 @@ def audit_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "agent.audit" and r.levelno >= logging.WARNING]
 
 
+def deliver_spool(tmp_path: Path, pki: Path, client: TlsClientFiles, port: int,
+                  caplog: pytest.LogCaptureFixture) -> tuple[bool, dict, float]:
+    """An audit trail started on the spool made by :func:`spool_backlog`, until the repository has
+    every message (60 s at most): whether it has, the trail's status, the seconds it took; its log
+    lines from then on are in ``caplog``."""
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="agent.audit")
+    started = time.monotonic()
+    with AuditTrail(audit_config(tmp_path, pki, client, port)) as trail:
+        delivered = trail.wait_delivered(60)
+        status = trail.status()
+    return delivered, status, time.monotonic() - started
+
+
 def test_a_slow_rsyslog_gets_every_message_and_the_spool_drains(tmp_path: Path, pki: Path, client: TlsClientFiles,
                                                                  caplog: pytest.LogCaptureFixture):
     """600 messages to an rsyslog handling 50 a second (12 s of its work). The old sink never had
@@ -105,13 +119,7 @@ def test_a_slow_rsyslog_gets_every_message_and_the_spool_drains(tmp_path: Path, 
     port = spool_backlog(tmp_path, pki, client, count)
     with slow_rsyslog(tmp_path / "rsyslog", pki, port, 0.02) as repository:
         repository.start()
-        caplog.clear()
-        caplog.set_level(logging.INFO, logger="agent.audit")
-        started = time.monotonic()
-        with AuditTrail(audit_config(tmp_path, pki, client, port)) as trail:
-            delivered = trail.wait_delivered(60)
-            status = trail.status()
-        elapsed = time.monotonic() - started
+        delivered, status, elapsed = deliver_spool(tmp_path, pki, client, port, caplog)
         assert delivered, f"after 60 s: {status}, repository has {len(repository.raw_lines())} lines"
         assert status["delivered"] == count and status["pending"] == 0, status
         received = reasons(repository.wait_for_messages(count))
@@ -192,13 +200,7 @@ def test_a_repository_that_buffers_a_whole_burst_unread_gets_every_message(
     port = spool_backlog(tmp_path, pki, client, count)
     repository = BigBufferRepository(TlsServerFiles.from_pki(pki), port, 0.025)
     try:
-        caplog.clear()
-        caplog.set_level(logging.INFO, logger="agent.audit")
-        started = time.monotonic()
-        with AuditTrail(audit_config(tmp_path, pki, client, port)) as trail:
-            delivered = trail.wait_delivered(60)
-            status = trail.status()
-        elapsed = time.monotonic() - started
+        delivered, status, elapsed = deliver_spool(tmp_path, pki, client, port, caplog)
         received = [parse_message(m) for m in repository.received]
         assert delivered, (f"after 60 s: {status}; the repository received {len(received)} messages "
                            f"({len(set(repository.received))} distinct) over {repository.connections} connections")
