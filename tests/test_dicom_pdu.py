@@ -1362,7 +1362,7 @@ def test_fuzz_only_announced_data_sets_are_kept_and_never_more_than_the_room(mes
     assert framer.at_boundary and framer.buffered_bytes == 0
     for context_id, data_sets in announced.items():
         got = [e.data for e in events if isinstance(e, DataSetPrefix) and e.context_id == context_id]
-        expected = [data_set[:prefix] for data_set in data_sets if data_set]
+        expected = [data_set[:prefix] for data_set in data_sets]
         assert len(got) == len(expected)
         assert all(data in (start, b"") for data, start in zip(got, expected, strict=True))
         if len(announced) <= at_once:  # room for every context at once: every start is kept
@@ -1413,3 +1413,47 @@ def test_the_data_set_type_the_framer_reads(command_set: bytes, announced: bool)
     from dicom_card_agent.dicom.pdu import announces_data_set
 
     assert announces_data_set(command_set) is announced
+
+
+@FUZZ
+@given(pdvs=st.lists(st.tuples(st.sampled_from([1, 3, 5, 7]), st.sampled_from([0x00, 0x01, 0x02, 0x03]),
+                               st.binary(max_size=40)), min_size=1, max_size=12),
+       accepted=st.frozensets(st.sampled_from([1, 3, 5, 7])), cuts=st.lists(st.integers(0, 1_000), max_size=6),
+       one_pdv_per_pdu=st.booleans(), acceptor=st.booleans())
+def test_fuzz_a_pdv_on_a_context_not_accepted_is_malformed_however_the_stream_is_read(
+        pdvs: list[tuple[int, int, bytes]], accepted: frozenset[int], cuts: list[int], one_pdv_per_pdu: bool,
+        acceptor: bool):
+    """PS3.8 9.3.5: a PDV belongs to an accepted presentation context; the agent passed a PDV on any
+    other context on, to a peer that never agreed to it. The acceptor's framer reads the accepted
+    contexts from the A-ASSOCIATE-AC in its stream (which may come in one read with what follows);
+    the requestor's is told them. One PDV per PDU is the shape the framer's fast path takes whole;
+    several per PDU, its general path."""
+    stream = b"".join(p_data(pdv) for pdv in pdvs) if one_pdv_per_pdu else p_data(*pdvs)
+    framer = PduFramer(inspect_commands=True, data_set_prefix=20, accepted_contexts=frozenset(), quiet_data=True)
+    if acceptor:  # every context of 1-7 answered, those not in ``accepted`` with "transfer-syntaxes-not-supported"
+        stream = encode_associate_ac(AssociateAccept(1, "PACS", "VIEWER", "1.2.840.10008.3.1.1.1", tuple(
+            PresentationContextItemAC(context_id, 0 if context_id in accepted else 4, "1.2.840.10008.1.2")
+            for context_id in (1, 3, 5, 7)))) + stream
+    else:
+        framer.accept_contexts(accepted)
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    stranger = next((context_id for context_id, _, _ in pdvs if context_id not in accepted), None)
+    try:
+        for a, b in itertools.pairwise(points):
+            framer.feed(stream[a:b])
+    except MalformedPduError as error:
+        assert stranger is not None
+        assert f"a PDV item on presentation context {stranger}, which the association did not accept" in str(error)
+        assert framer.failed
+    else:
+        assert stranger is None and framer.at_boundary
+
+
+def test_before_the_answer_no_context_is_accepted_and_the_error_says_which_are() -> None:
+    framer = PduFramer(inspect_commands=True, accepted_contexts=frozenset())
+    with pytest.raises(MalformedPduError, match=r"context 1, which the association did not accept \(accepted: none\)"):
+        framer.feed(p_data((1, 0x03, b"")))
+    framer = PduFramer(inspect_commands=True)
+    framer.accept_contexts(range(1, 40, 2))
+    with pytest.raises(MalformedPduError, match=r"context 2, .* \(accepted: 1, 3, 5, 7, 9, 11, 13, 15 and 12 more\)"):
+        framer.feed(p_data((2, 0x00, b"x" * 100)))

@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from pynetdicom.dimse_messages import C_ECHO_RQ
+from pynetdicom.dimse_primitives import C_ECHO
+from pynetdicom.pdu import P_DATA_TF as P_DATA_TF_PDU
 
 from agent_runner import LOG_TIMESTAMP, FramedEchoServer, associate_rq, log_lines, running_agent, tunnel
 from conftest import ProvisionedPki
@@ -144,6 +147,35 @@ def test_a_malformed_pdu_from_the_application_aborts_its_association_only(test_p
     assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: unrecognized-PDU"
     assert "malformed PDU from the application: unknown PDU type 0x09" in log
     assert records[0].ended == "aborted"  # the PACS got an A-ABORT too, not a silent drop
+
+
+def c_echo_rq_on(context_id: int) -> bytes:
+    """A C-ECHO-RQ as pynetdicom sends it, in P-DATA-TF PDUs for presentation context ``context_id``."""
+    primitive = C_ECHO()
+    primitive.MessageID, primitive.AffectedSOPClassUID = 1, VERIFICATION
+    message = C_ECHO_RQ()
+    message.primitive_to_message(primitive)
+    return b"".join(P_DATA_TF_PDU(pdv).encode() for pdv in message.encode_msg(context_id, 16384))
+
+
+def test_a_command_on_a_context_the_pacs_did_not_accept_is_aborted_before_the_pacs_sees_it(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """PS3.8 9.3.5: a PDV belongs to an accepted presentation context. The agent passed a C-ECHO on
+    context 3 (never proposed) to the PACS, whose audit trail then disagreed with the agent's."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
+                application.sendall(associate_rq())
+                assert receive_pdu(application)[0] == A_ASSOCIATE_AC
+                application.sendall(c_echo_rq_on(3))
+                pdu_type, pdu = receive_pdu(application)
+            log = agent.wait_for_log("malformed PDU from the application")
+            records = pacs.wait_for_ended()
+    assert pdu_type == A_ABORT
+    assert parse_a_abort(pdu).describe() == "A-ABORT from DICOM UL service-provider: invalid-PDU-parameter value"
+    assert ("malformed PDU from the application: a PDV item on presentation context 3, which the association did "
+            "not accept (accepted: 1)") in log
+    assert (records[0].ended, records[0].echoes) == ("aborted", 0)
 
 
 @pytest.mark.parametrize("first_bytes, expected_log", [
@@ -295,11 +327,14 @@ class OutOfOrderPacs(FramedEchoServer):
                             for pc in request.presentation_contexts]
                 if self.fault == "unproposed-context":
                     contexts.append(PresentationContextItemAC(7, 0, "1.2.840.10008.1.2"))
+                if self.fault == "unaccepted-context":  # abstract-syntax-not-supported, then used anyway
+                    contexts = [PresentationContextItemAC(pc.context_id, 3, None) for pc in contexts]
                 accept = encode_associate_ac(AssociateAccept(1, request.called_ae_title, request.calling_ae_title,
                                                              request.application_context_name, tuple(contexts)))
                 command = struct.pack(">BBLLBB", P_DATA_TF, 0, 6, 2, 7, 0x03)  # an (empty) last command fragment
                 pdus = {"data-before-the-answer": [command, accept], "second-answer": [accept, accept],
-                        "unproposed-context": [accept, command]}[self.fault]
+                        "unproposed-context": [accept, command],
+                        "unaccepted-context": [accept, struct.pack(">BBLLBB", P_DATA_TF, 0, 6, 2, 1, 0x03)]}[self.fault]
                 for pdu in pdus:
                     tls.sendall(pdu)
                 tls.recv(65536)  # until the agent ends the connection
@@ -312,6 +347,8 @@ class OutOfOrderPacs(FramedEchoServer):
     ("second-answer", "a second answer (A-ASSOCIATE-AC) to the A-ASSOCIATE-RQ"),
     ("unproposed-context", "its A-ASSOCIATE-AC answers presentation context 7, which the A-ASSOCIATE-RQ did not "
                            "propose"),
+    ("unaccepted-context", "a PDV item on presentation context 1, which the association did not accept "
+                           "(accepted: none)"),
 ])
 def test_a_pacs_breaking_the_order_of_the_association_is_aborted(test_pki: ProvisionedPki, tmp_path: Path,
                                                                  fault: str, message: str) -> None:
@@ -324,13 +361,13 @@ def test_a_pacs_breaking_the_order_of_the_association_is_aborted(test_pki: Provi
             with socket.create_connection(("127.0.0.1", agent.port()), timeout=15) as application:
                 application.sendall(associate_rq())
                 got = [receive_pdu(application)[0]]
-                if got[0] == A_ASSOCIATE_AC and fault == "second-answer":
+                if got[0] == A_ASSOCIATE_AC and fault in ("second-answer", "unaccepted-context"):
                     got.append(receive_pdu(application)[0])
                 rest = application.recv(65536)
             log = agent.wait_for_log("malformed PDU from the server")
     finally:
         pacs.close()
-    before_the_abort = [[], [A_ASSOCIATE_AC]] if fault == "second-answer" else [[]]
+    before_the_abort = [[], [A_ASSOCIATE_AC]] if fault in ("second-answer", "unaccepted-context") else [[]]
     assert got[-1] == A_ABORT and got[:-1] in before_the_abort and rest == b"", (got, rest)
     assert f"malformed PDU from the server 127.0.0.1:{pacs.port}: {message}" in log
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from io import BytesIO
@@ -102,6 +103,9 @@ DEFAULT_MAX_COMMAND_SET_LENGTH = 1 << 20
 """Largest total of not yet complete command-set bytes the inspector holds by default (1 MiB)."""
 
 DEFAULT_DATA_SET_PREFIXES_AT_ONCE = 4
+# Every presentation context ID a PDV item can carry: what an inspector takes until it is told which
+# contexts the association accepted (a range, so that the per-PDU check stays one ``in``).
+ANY_CONTEXT_ID = range(256)
 """Data sets whose first bytes the inspector keeps at the same time, by default; with 64 KiB
 prefixes at most 256 KiB per direction. A peer sends one message at a time (or a few, with an
 asynchronous operations window, PS3.7 D.3.3.3); data sets beyond these pass without being kept."""
@@ -316,8 +320,12 @@ class PDataInspector:
     """
 
     def __init__(self, *, max_command_set_length: int = DEFAULT_MAX_COMMAND_SET_LENGTH,
-                 data_set_prefix: int = 0, prefixes_at_once: int = DEFAULT_DATA_SET_PREFIXES_AT_ONCE) -> None:
+                 data_set_prefix: int = 0, prefixes_at_once: int = DEFAULT_DATA_SET_PREFIXES_AT_ONCE,
+                 accepted_contexts: Container[int] = ANY_CONTEXT_ID) -> None:
         self._limit = max_command_set_length
+        # PS3.8 9.3.5: a PDV's presentation context is one the association accepted. A relay starts
+        # with none (before the A-ASSOCIATE-AC no P-DATA may pass) and learns them from the AC.
+        self._accepted = accepted_contexts
         self._prefix_limit = data_set_prefix  # 0: data sets are only counted
         self._prefixes_at_once = prefixes_at_once
         # Contexts whose last command set announced a data set that has not begun yet. Data-set
@@ -345,8 +353,12 @@ class PDataInspector:
     def passes_data_through(self, context_id: int) -> bool:
         """True if a data-set fragment (not the last) on ``context_id`` would give no event: no
         command announced a data set there, or its prefix was taken already (or none is wanted,
-        then nothing is ever announced). Only meaningful between PDUs."""
-        return context_id not in self._announced and context_id not in self._prefixes
+        then nothing is ever announced), and it was accepted. Only meaningful between PDUs."""
+        return context_id not in self._announced and context_id not in self._prefixes and context_id in self._accepted
+
+    def accept_contexts(self, context_ids: Iterable[int]) -> None:
+        """The presentation contexts the A-ASSOCIATE-AC accepted: a PDV on any other is malformed."""
+        self._accepted = frozenset(context_ids)
 
     def begin_pdu(self, length: int) -> None:
         """Start a P-DATA-TF PDU whose PDU-length is ``length``."""
@@ -408,6 +420,11 @@ class PDataInspector:
                 f"PDV item length {item_length} in a P-DATA-TF PDU (must be at least 2: "
                 "presentation context ID and message control header)"
             )
+        if context_id not in self._accepted:
+            raise MalformedPduError(
+                f"a PDV item on presentation context {context_id}, which the association did not accept "
+                f"(accepted: {_context_list(self._accepted)})"
+            )
         fragment_length = item_length - 2
         if fragment_length > self._pdu_left:
             raise MalformedPduError(
@@ -461,10 +478,16 @@ class PDataInspector:
                     self._announced.add(context_id)
                 else:
                     self._announced.discard(context_id)
-        elif self._is_last:  # a data set ended: its start goes out if still kept (shorter than a prefix)
+        elif self._is_last:  # a data set ended: its start goes out if still kept (shorter than a prefix, or empty)
             prefix = self._prefixes.pop(context_id, None)
-            if prefix:
+            if prefix is not None:
                 events.append(DataSetPrefix(context_id, bytes(prefix)))
+
+
+def _context_list(context_ids: Container[int]) -> str:
+    listed = [context_id for context_id in ANY_CONTEXT_ID if context_id in context_ids]
+    shown = ", ".join(map(str, listed[:8])) + (f" and {len(listed) - 8} more" if len(listed) > 8 else "")
+    return shown or "none"
 
 
 # ---------------------------------------------------------------------------------------- framer
@@ -487,6 +510,11 @@ class PduFramer:
     none is wanted or announced). That is the bulk of a transfer, which a relay only passes on: two
     events for each of them, made and then looked at, were a tenth of the agent relay's CPU per byte.
 
+    With ``inspect_commands=True``, a PDV item on a presentation context outside
+    ``accepted_contexts`` (any, unless given) is malformed. The framer of the acceptor's direction
+    takes the accepted contexts from the A-ASSOCIATE-AC it frames, before it reads what follows the
+    AC; the requestor's framer is told them with :meth:`accept_contexts`.
+
     Malformed input raises :class:`MalformedPduError`; the framer then stays failed and every
     further :meth:`feed` raises again. Events of the failing call that preceded the error are
     dropped: the stream is unusable from then on anyway.
@@ -500,12 +528,13 @@ class PduFramer:
         max_command_set_length: int = DEFAULT_MAX_COMMAND_SET_LENGTH,
         data_set_prefix: int = 0,
         prefixes_at_once: int = DEFAULT_DATA_SET_PREFIXES_AT_ONCE,
+        accepted_contexts: Container[int] = ANY_CONTEXT_ID,
         quiet_data: bool = False,
     ) -> None:
         self._max_association = max_association_pdu_length
         self._inspector = (
             PDataInspector(max_command_set_length=max_command_set_length, data_set_prefix=data_set_prefix,
-                           prefixes_at_once=prefixes_at_once)
+                           prefixes_at_once=prefixes_at_once, accepted_contexts=accepted_contexts)
             if inspect_commands else None
         )
         self._header = bytearray()
@@ -562,6 +591,12 @@ class PduFramer:
     def failed(self) -> bool:
         """True once malformed input was seen."""
         return self._failure is not None
+
+    def accept_contexts(self, context_ids: Iterable[int]) -> None:
+        """The presentation contexts the association accepted, for the requestor's direction: from
+        now on a PDV on any other is malformed (only with ``inspect_commands=True``)."""
+        if self._inspector is not None:
+            self._inspector.accept_contexts(context_ids)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[FramerEvent]:
         """Consume ``data`` (any length, any split) and return the events it completed."""
@@ -669,7 +704,11 @@ class PduFramer:
         pdu_type = self._type
         assert pdu_type is not None
         if self._body is not None:
-            events.append(AssociationPdu(pdu_type, bytes(self._body)))
+            pdu = bytes(self._body)
+            if pdu_type == A_ASSOCIATE_AC and self._inspector is not None:
+                self._inspector.accept_contexts(pc.context_id for pc in parse_associate_ac(pdu).presentation_contexts
+                                                if pc.result == PresentationContextResult.ACCEPTANCE)
+            events.append(AssociationPdu(pdu_type, pdu))
         elif self._inspector is not None and not self._passing:
             self._inspector.end_pdu()
         if not (self._passing and self._quiet_data):

@@ -1034,9 +1034,12 @@ class _Relay:
         self._read_buffer = read_buffer()  # for every read, from either side
         self._received_before = received  # from the local side before the relay started
         self.association = Association(runtime.config.association, runtime.username)
+        # P-DATA an application writes before the A-ASSOCIATE-AC came (a whole association in one write)
+        # passes, for the PACS to judge; once the AC passed, only the contexts it accepted do.
         self.requestor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX, quiet_data=True)
         # Both directions keep the start of data sets: the acceptor sends C-GET sub-operations' C-STOREs.
-        self.acceptor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX, quiet_data=True)
+        self.acceptor_framer = PduFramer(inspect_commands=True, data_set_prefix=DATA_SET_PREFIX,
+                                         accepted_contexts=frozenset(), quiet_data=True)
         self.remote_framer = self.acceptor_framer if requestor_is_local else self.requestor_framer
         self.held_request: bytearray | None = bytearray()  # the requestor's bytes until its A-ASSOCIATE-RQ is whole
         self.refusal: Refuse | None = None
@@ -1388,6 +1391,8 @@ class _Relay:
             raise MalformedPduError(f"a second answer ({pdu_type_name(event.pdu_type)}) to the A-ASSOCIATE-RQ")
         if event.pdu_type == A_ASSOCIATE_AC:
             self.association.on_accept(event.pdu)  # a malformed answer must not pass: parsed before
+            # The acceptor's framer took them from the AC as it read it.
+            self.requestor_framer.accept_contexts(self.association.accepted_abstract_syntaxes)
             self._to_tell.append(self._tell_accepted)
         elif event.pdu_type == A_ASSOCIATE_RJ:
             log.info("%s: %s: association %s rejected by %s: %s", self._where(), self.peer,
