@@ -376,9 +376,10 @@ def store_rq(message_id: int, instance_uid: str = "", *, data_set: bool = False)
 
 
 @cache
-def store_rsp(message_id: int, status: int = 0x0000) -> bytes:
+def store_rsp(message_id: int, status: int = 0x0000, instance_uid: str = "") -> bytes:
+    named = {"AffectedSOPInstanceUID": instance_uid} if instance_uid else {}
     return command_set(AffectedSOPClassUID=CT_IMAGE_STORAGE, CommandField=0x8001, MessageIDBeingRespondedTo=message_id,
-                       CommandDataSetType=0x0101, Status=status)
+                       CommandDataSetType=0x0101, Status=status, **named)
 
 
 def python_lines_run(call: Callable[[], object]) -> int:
@@ -457,23 +458,28 @@ def test_at_most_max_unanswered_c_stores_wait_and_the_next_ends_the_association(
 
 
 @settings(max_examples=300)
-@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(1, 3), st.sampled_from([0x0000, 0xA700, 0xB000])),
-                max_size=30))
-def test_responses_answer_the_requests_a_scan_of_them_all_would_find(steps: list[tuple[bool, bool, int, int]]) -> None:
-    """Against the former list of every request as the model: a response answers the newest
-    unanswered request of the other side with its Message ID (IDs reused, both sides storing, as
-    with C-GET); what stays is exactly the unanswered; the counts are the same."""
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(1, 3), st.sampled_from([0x0000, 0xA700, 0xB000]),
+                          st.none() | st.integers(0, 30)), max_size=30))
+def test_responses_answer_the_requests_a_scan_of_them_all_would_find(
+        steps: list[tuple[bool, bool, int, int, int | None]]) -> None:
+    """Against a list of every request as the model: a response answers the unanswered request of
+    the other side with its Message ID (IDs reused, both sides storing, as with C-GET) whose SOP
+    Instance UID it names, else the oldest, which a PACS answers first. Newest first, as the agent
+    matched them, swapped a refused and a stored instance in the audit trail of a peer that reused a
+    Message ID. What stays is exactly the unanswered; the counts are the same."""
     association = Association(AssociationRules())
     model: list[list] = []  # [sent by the requestor, Message ID, SOP Instance UID, status]
-    for number, (is_request, from_requestor, message_id, status) in enumerate(steps):
+    for number, (is_request, from_requestor, message_id, status, named) in enumerate(steps):
         if is_request:
             uid = f"1.2.3.{number}"
             assert association.on_command(store_rq(message_id, uid), from_requestor) is None
             model.append([from_requestor, message_id, uid, None])
             continue
-        expected = next((request for request in reversed(model) if request[1] == message_id and request[3] is None
-                         and request[0] != from_requestor), None)
-        answered = association.on_command(store_rsp(message_id, status), from_requestor)
+        named_uid = "" if named is None else f"1.2.3.{named}"  # a request's UID, or one no request has
+        waiting = [request for request in model if request[1] == message_id and request[3] is None
+                   and request[0] != from_requestor]
+        expected = next((request for request in waiting if request[2] == named_uid), waiting[0] if waiting else None)
+        answered = association.on_command(store_rsp(message_id, status, named_uid), from_requestor)
         if expected is None:
             assert answered is None
         else:
@@ -497,3 +503,29 @@ def test_a_c_find_whose_identifier_could_not_be_kept_is_reported_as_truncated() 
     association.on_command(store_rq(4, data_set=True), True, 3)
     assert association.on_data_set_prefix(b"", 3, from_requestor=True) is None
     assert (association.unanswered[0].study_uid, association.unanswered[0].patient_id) == ("", "")
+
+
+def implicit_element(group: int, element: int, value: bytes) -> bytes:
+    value += b"\0" if len(value) % 2 else b""
+    return struct.pack("<HHI", group, element, len(value)) + value
+
+
+@given(order=st.permutations(range(4)), repeat=st.none() | st.integers(0, 3))
+def test_a_data_set_that_repeats_or_disorders_its_attributes_names_no_patient(order: list[int],
+                                                                              repeat: int | None) -> None:
+    """PS3.5 7.1: each tag once, in ascending order. pydicom keeps the last of a repeated tag, DCMTK
+    (the PACS) the first: the audit trail named a decoy patient or study the PACS never stored. A
+    data set broken that way names no patient or study now; an ordered one, its own."""
+    from dicom_card_agent.dicom.association import patient_and_study
+
+    elements = [implicit_element(0x0008, 0x0018, b"1.2.3.4"), implicit_element(0x0010, 0x0010, b"Doe^Jane"),
+                implicit_element(0x0010, 0x0020, b"REAL-PATIENT"), implicit_element(0x0020, 0x000D, b"1.2.3.5")]
+    chosen = [elements[index] for index in order]
+    if repeat is not None:  # a decoy right after the real one
+        decoy = implicit_element(*struct.unpack_from("<HH", elements[repeat]), b"DECOY")
+        chosen.insert(chosen.index(elements[repeat]) + 1, decoy)
+    read = patient_and_study(b"".join(chosen), "1.2.840.10008.1.2")
+    if order == sorted(order) and repeat is None:
+        assert read == ("1.2.3.5", "REAL-PATIENT", "Doe^Jane")
+    else:
+        assert read == ("", "", "")

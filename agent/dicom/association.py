@@ -17,6 +17,7 @@ time per C-STORE that grows with the number it carried.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
@@ -168,12 +169,12 @@ class Association:
     c_stores_requested: int = 0  # C-STORE requests seen, either way
     c_stores_stored: int = 0  # of them, answered with success or a warning
     # The C-STOREs whose responses are still to come, by (sent by the requestor, Message ID): the
-    # latest request with that ID, which the next response answers.
+    # oldest request with that ID.
     _unanswered: dict[tuple[bool, int], StoredInstance] = field(default_factory=dict, repr=False)
-    # Earlier unanswered requests with the same key, oldest first: PS3.7 wants a Message ID unique
-    # among the outstanding ones, but a peer that reuses one still gets each response matched, newest
-    # request first, as before the index.
-    _superseded: dict[tuple[bool, int], list[StoredInstance]] = field(default_factory=dict, repr=False)
+    # Later unanswered requests with the same key, oldest first. PS3.7 wants a Message ID unique among
+    # the outstanding ones; a peer that reuses one still gets each response matched: to the request
+    # whose SOP Instance UID the response names, else to the oldest, which a PACS answers first.
+    _later: dict[tuple[bool, int], list[StoredInstance]] = field(default_factory=dict, repr=False)
     _waiting: int = field(default=0, repr=False)  # unanswered requests, in both of the above
     # The command whose data set comes next, per (sent by the requestor, presentation context).
     _awaiting: dict[tuple[bool, int], StoredInstance | Query] = field(default_factory=dict, repr=False)
@@ -182,7 +183,7 @@ class Association:
     def unanswered(self) -> list[StoredInstance]:
         """The C-STOREs not answered (yet): at the association's end, those the audit trail reports
         as never answered. Answered ones are not kept here; :meth:`on_command` hands each out."""
-        return [*(i for earlier in self._superseded.values() for i in earlier), *self._unanswered.values()]
+        return [*self._unanswered.values(), *(i for later in self._later.values() for i in later)]
 
     # -- the application's request ---------------------------------------------------------
 
@@ -253,7 +254,8 @@ class Association:
         elif command.command_field == C_STORE_RSP:
             # A response answers a request of the other side (C-GET: the acceptor stores).
             responded_to = command.message_id_being_responded_to
-            answered = None if responded_to is None else self._answer((not from_requestor, responded_to))
+            answered = None if responded_to is None else self._answer((not from_requestor, responded_to),
+                                                                       command.affected_sop_instance_uid)
             if answered is not None:
                 answered.status = 0xFFFF if command.status is None else command.status
                 if answered.stored:
@@ -274,22 +276,32 @@ class Association:
         self.c_stores_requested += 1
         self._waiting += 1
         key = (instance.from_requestor, instance.message_id)
-        earlier = self._unanswered.get(key)
-        if earlier is not None:
-            self._superseded.setdefault(key, []).append(earlier)
-        self._unanswered[key] = instance
+        if key in self._unanswered:
+            self._later.setdefault(key, []).append(instance)
+        else:
+            self._unanswered[key] = instance
 
-    def _answer(self, key: tuple[bool, int]) -> StoredInstance | None:
-        """The request a response with ``key`` answers, no longer kept; None if none waits."""
-        answered = self._unanswered.pop(key, None)
-        if answered is None:
+    def _answer(self, key: tuple[bool, int], sop_instance_uid: str) -> StoredInstance | None:
+        """The request a response with ``key`` answers, no longer kept; None if none waits. Only
+        when a Message ID was reused does ``sop_instance_uid`` (the response's, if it names one)
+        choose among the requests: a scan of those with the reused ID."""
+        oldest = self._unanswered.get(key)
+        if oldest is None:
             return None
         self._waiting -= 1
-        earlier = self._superseded.get(key)
-        if earlier:  # the next response with this ID answers the request before
-            self._unanswered[key] = earlier.pop()
-            if not earlier:
-                del self._superseded[key]
+        later = self._later.get(key)
+        if not later:
+            del self._unanswered[key]
+            return oldest
+        named = None
+        if sop_instance_uid and oldest.sop_instance_uid != sop_instance_uid:
+            named = next((n for n, i in enumerate(later) if i.sop_instance_uid == sop_instance_uid), None)
+        if named is None:
+            answered, self._unanswered[key] = oldest, later.pop(0)
+        else:
+            answered = later.pop(named)
+        if not later:
+            del self._later[key]
         return answered
 
     def _await_data_set(self, has_data_set: bool, from_requestor: bool, context_id: int,
@@ -351,16 +363,26 @@ def _read_start(prefix: bytes, transfer_syntax: str, last_tag: int) -> tuple[str
 
     if transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         return "", "", ""
+    tags: list[int] = []
+
+    def stop_when(tag: int, vr: object, length: int) -> bool:
+        tags.append(tag)
+        return tag > last_tag
+
     try:
         with warnings.catch_warnings():  # the application's data set quirks are not the agent's to report
             warnings.simplefilter("ignore")
             dataset = read_dataset(BytesIO(prefix), is_implicit_VR=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN,
-                                   is_little_endian=transfer_syntax != EXPLICIT_VR_BIG_ENDIAN,
-                                   stop_when=lambda tag, vr, length: tag > last_tag)
-            return (str(dataset.get("StudyInstanceUID", "") or ""), str(dataset.get("PatientID", "") or ""),
+                                   is_little_endian=transfer_syntax != EXPLICIT_VR_BIG_ENDIAN, stop_when=stop_when)
+            read = (str(dataset.get("StudyInstanceUID", "") or ""), str(dataset.get("PatientID", "") or ""),
                     str(dataset.get("PatientName", "") or ""))
     except Exception:  # any garbage: pydicom fails in many ways, all meaning "not readable"
         return "", "", ""
+    # PS3.5 7.1: each tag once, in ascending order. pydicom keeps a repeated tag's last value, DCMTK
+    # (and the PACS built on it) the first: which patient the PACS stored is then unknown.
+    if any(earlier >= later for earlier, later in itertools.pairwise(tags)):
+        return "", "", ""
+    return read
 
 
 def query_patient(identifier: bytes, transfer_syntax: str) -> tuple[str, str]:

@@ -48,6 +48,7 @@ from .ports import LOOPBACK, ManagedProcess, free_port, managed_process, run_pee
 STORESCP = "storescp"
 STORESCU = "storescu"
 ECHOSCU = "echoscu"
+DCMDUMP = "dcmdump"
 OPENSSL = "openssl"
 
 TLS_DETAILS_BEGIN = "BEGIN TLS CONNECTION DETAILS"
