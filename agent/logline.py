@@ -27,6 +27,13 @@ def printable(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
+def printable_xml(text: str) -> str:
+    """XML ``text`` with the characters :func:`printable` escapes written as character references:
+    the same document, and nothing in it drives a terminal (C1 controls and bidirectional ones
+    are valid XML, and a peer's text can carry them into an audit message)."""
+    return _UNSAFE.sub(lambda match: f"&#x{ord(match.group()):X};", text)
+
+
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"

@@ -726,6 +726,31 @@ def test_trail_to_file_and_audit_tail(tmp_path):
     assert missing.exit_code != 0 and isinstance(missing.exception, ConfigError)
 
 
+def test_audit_tail_xml_writes_a_peers_control_characters_as_character_references(tmp_path):
+    """A patient name is the application's text: C1 and bidirectional controls are valid XML and
+    were printed raw by `audit tail --xml`, reaching the admin's terminal (U+009B is CSI there).
+    They are character references now: the same XML, nothing a terminal acts on."""
+    import typer
+
+    from dicom_card_agent.cli import audit_commands
+
+    app = typer.Typer()
+    app.add_typer(audit_commands.app, name="audit")
+    config = AuditConfig(file=tmp_path / "audit" / "audit.log", source_id="ws3")
+    name = "Doe\x85\u202eenaJ\x9b31m"
+    with AuditTrail(config, hostname="ws3.hospital.example") as trail:
+        assert trail.record(AuditEvent.instances_transferred(
+            tunnel="pacs", remote=PACS, calling_ae="STORESCU", called_ae="PACS",
+            instances=[Instance(CT, "1.2.3.1", STUDY_A)], local_peer=STORESCU, user=ALICE, patient_id="PAT-001",
+            patient_name=name, agent_pid=777))
+    (stored,) = config.file.read_bytes().splitlines()
+    shown = CliRunner().invoke(app, ["audit", "tail", "--file", str(config.file), "--xml"]).output
+    assert name.encode() in stored  # the file keeps the text as it came
+    assert "Doe&#x85;&#x202E;enaJ&#x9B;31m" in shown
+    assert not any(character in shown for character in "\u202e\x9b\x85")
+    assert ET.tostring(ET.fromstring(shown.strip())) == ET.tostring(ET.fromstring(stored))  # the same document
+
+
 # -- [audit] ------------------------------------------------------------------------------
 
 def test_audit_config_full(tmp_path):

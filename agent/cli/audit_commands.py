@@ -16,7 +16,7 @@ from dicom_card_agent.audit.messages import summarize
 from dicom_card_agent.cli.options import ConfigFile
 from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.errors import ConfigError
-from dicom_card_agent.logline import printable
+from dicom_card_agent.logline import printable, printable_xml
 
 app = typer.Typer(help="The audit trail (DICOM audit messages, IHE ATNA).", no_args_is_help=True, rich_markup_mode=None)
 
@@ -31,7 +31,8 @@ def tail(
     lines: Annotated[int, typer.Option("-n", "--lines", min=0, metavar="N",
                                        help="How many of the latest events.")] = 20,
     follow: Annotated[bool, typer.Option("--follow", help="Keep printing new events as they are written.")] = False,
-    xml: Annotated[bool, typer.Option("--xml", help="Print the audit messages (XML) as stored.")] = False,
+    xml: Annotated[bool, typer.Option("--xml", help="Print the audit messages (XML) as stored; control "
+                                                     "characters as character references.")] = False,
 ) -> None:
     """Print the latest events of the local audit file ([audit] file of the configuration, or --file):
     time, event, outcome, user, remote, counts."""
@@ -69,7 +70,7 @@ def _last_lines(path: Path, count: int) -> list[bytes]:
 
 def _print(line: bytes, xml: bool) -> None:
     if xml:
-        typer.echo(line.decode("utf-8", errors="replace"))
+        typer.echo(printable_xml(line.decode("utf-8", errors="replace")))
         return
     try:
         typer.echo(printable(summarize(line).line()))  # AE titles and reasons are peers' text
