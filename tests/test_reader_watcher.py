@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
-from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
+from dicom_card_agent.card.readers import RESTART_HOLD_SECONDS, ReaderCard, ReaderWatcher
 from dicom_card_agent.card.watcher import UNREADABLE_LOOKS, UNREADABLE_SECONDS, CannotLook
 
 READERS = ("Reader A 00 00", "Reader B 00 01", "Reader C 00 02")
@@ -25,6 +25,7 @@ READERS = ("Reader A 00 00", "Reader B 00 01", "Reader C 00 02")
 class PcscAnswers:
     live: bool = True
     cards: dict[str, int] = field(default_factory=dict)
+    generation: int = 0  # which pcscd answers: one more after each restart
 
 
 class Clock:
@@ -37,9 +38,10 @@ class Clock:
 
 class ReaderWatcherModel(RuleBasedStateMachine):
     """Cards come and go in three readers (a swap between two looks included) and pcscd goes away
-    and comes back; after every look the watcher must answer what the model says: the card inserted
-    last among those present that were not passed over, none while pcscd has been away past the
-    grace, and "cannot look" within it."""
+    and comes back, or restarts; after every look the watcher must answer what the model says: the
+    card inserted last among those present that were not passed over, none while pcscd has been
+    away past the grace, "cannot look" within it, and none for a moment after a restart that found
+    cards present, which are new cards after it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,6 +55,9 @@ class ReaderWatcherModel(RuleBasedStateMachine):
         self.chosen: ReaderCard | None = None
         self.away_since: float | None = None
         self.away_looks = 0
+        self.present: list[ReaderCard] = []  # what the last look found
+        self.generation = 0
+        self.hold_until = 0.0
 
     @rule(reader=st.sampled_from(READERS))
     def insert(self, reader: str) -> None:
@@ -75,6 +80,14 @@ class ReaderWatcherModel(RuleBasedStateMachine):
     def pcscd(self, live: bool) -> None:
         self.answers.live = live
 
+    @rule()
+    def pcscd_restarts(self) -> None:
+        """A new pcscd, back before the grace ran out (as a USB reader's card is at once): it
+        counts card events from the start, so a card in a reader may have the count it had."""
+        self.answers.live, self.answers.generation = True, self.answers.generation + 1
+        self.events = dict.fromkeys(READERS, 1)
+        self.answers.cards = dict.fromkeys(self.answers.cards, 1)
+
     @rule(seconds=st.sampled_from([0.05, 0.3, 1.0]))
     def time_passes(self, seconds: float) -> None:
         self.clock.now += seconds
@@ -95,9 +108,19 @@ class ReaderWatcherModel(RuleBasedStateMachine):
             self.away_looks += 1
             if self.clock.now - self.away_since < UNREADABLE_SECONDS or self.away_looks < UNREADABLE_LOOKS:
                 return CannotLook
+            self.present = []
             return None
         self.away_since = None
-        present = [ReaderCard(reader, count) for reader, count in sorted(self.answers.cards.items())]
+        if self.answers.generation != self.generation:
+            self.generation = self.answers.generation
+            if self.present:
+                self.hold_until = self.clock.now + RESTART_HOLD_SECONDS
+            self.order, self.passed_over = [], set()
+        if self.clock.now < self.hold_until:
+            self.present, self.chosen = [], None
+            return None
+        present = [ReaderCard(reader, count, self.generation) for reader, count in sorted(self.answers.cards.items())]
+        self.present = present
         self.order = [card for card in self.order if card in present]
         self.passed_over &= set(present)
         self.order += list(reversed([card for card in present if card not in self.order]))  # first reader last
@@ -137,3 +160,20 @@ def test_a_card_passed_over_for_a_newer_one_waits_for_its_re_insertion() -> None
     assert watcher.look() is None  # the older card is not signed in again by itself
     answers.cards = {READERS[0]: 3}  # removed and inserted again
     assert watcher.look() == ReaderCard(READERS[0], 3)
+
+
+def test_a_pcscd_restart_with_the_card_in_its_reader_is_a_removal_then_a_new_card() -> None:
+    """pcscd restarted and the card was back within the grace: its count started again at the same
+    value, so the card looked the same, and the card session went on with a module whose handle
+    (and login) died with the old pcscd: "signed in", and every handshake failed with "EVP lib"."""
+    clock = Clock()
+    answers = PcscAnswers(cards={READERS[0]: 1})
+    watcher = ReaderWatcher(answers, clock, first_wait=0)
+    before = watcher.look()
+    answers.generation += 1  # the new pcscd: the card present, its count 1 again
+    assert before == ReaderCard(READERS[0], 1) and watcher.look() is None
+    clock.now += RESTART_HOLD_SECONDS / 2
+    assert watcher.look() is None  # long enough for the card loop to end the session
+    clock.now += RESTART_HOLD_SECONDS / 2
+    after = watcher.look()
+    assert after == ReaderCard(READERS[0], 1, pcscd=1) and after != before

@@ -578,7 +578,7 @@ import sys, threading, time
 from dicom_card_agent.card.pcsc import PcscEventSource
 source = PcscEventSource(lambda: None).start()
 for _ in sys.stdin:
-    print(source.live, source.events, flush=True)
+    print(source.live, source.events, source.generation, flush=True)
 started = time.monotonic()
 source.stop()
 alive = any(thread.name == "pcsc-events" for thread in threading.enumerate())
@@ -590,8 +590,10 @@ def test_pcsc_events_pause_while_pcscd_is_away_and_resume_when_it_is_back(tmp_pa
     """pcscd stopped and started again (an upgrade, a restart by the admin): while it is away the
     event source is not live (the card loop reads the tokens every look), once it is back the
     source reconnects within RETRY_SECONDS and reports a change (cards may have come or gone
-    meanwhile); stop() wakes the thread blocked in SCardGetStatusChange (SCardCancel) at once. A
-    pcscd of the test's own, without readers: the machine's pcscd and other tests stay untouched."""
+    meanwhile), from a new pcscd (its generation: the card watcher ends a session whose card
+    handle died with the old one, agent/card/readers.py); stop() wakes the thread blocked in
+    SCardGetStatusChange (SCardCancel) at once. A pcscd of the test's own, without readers: the
+    machine's pcscd and other tests stay untouched."""
     daemon = PrivatePcscd(tmp_path / "pcscd")
     try:
         daemon.start()
@@ -611,11 +613,11 @@ def test_pcsc_events_pause_while_pcscd_is_away_and_resume_when_it_is_back(tmp_pa
         return answers[-1]
 
     try:
-        wait_for(lambda: state() == "True 0", timeout=5)
+        wait_for(lambda: state() == "True 0 0", timeout=5)
         daemon.stop()
-        wait_for(lambda: state() == "False 0", timeout=5)
+        wait_for(lambda: state() == "False 0 0", timeout=5)
         daemon.start()
-        wait_for(lambda: state() == "True 1", timeout=pcsc.RETRY_SECONDS + 4)
+        wait_for(lambda: state() == "True 1 1", timeout=pcsc.RETRY_SECONDS + 4)
         stopped, errors = probe.communicate(input="", timeout=10)  # end of input: stop()
         assert probe.returncode == 0, errors
     finally:
@@ -626,7 +628,7 @@ def test_pcsc_events_pause_while_pcscd_is_away_and_resume_when_it_is_back(tmp_pa
     stopped = stopped.strip()
     assert stopped.endswith("event thread alive: False"), stopped
     assert float(stopped.split()[2]) < 0.5, stopped  # stop() joins for 2 s when the wait is not cancelled
-    assert "True 0" in answers and "False 0" in answers, answers
+    assert "True 0 0" in answers and "False 0 0" in answers, answers
 
 
 # -- no pcscd needed ------------------------------------------------------------------------------------

@@ -169,6 +169,10 @@ class PcscEventSource:
         # of its state): a card pulled and another inserted between two looks shows as a new count.
         # Replaced whole, before each change is reported; meaningful only while ``live``.
         self.cards: dict[str, int] = {}
+        # How many times the connection to pcscd was made anew after it broke: each pcscd (restarted,
+        # or back after being away) is a new one, whose card-event counts start again and which has
+        # invalidated every handle other processes (the card-session process's module) held.
+        self.generation = 0
 
     def start(self) -> PcscEventSource:
         """Connect to pcscd now (PcscUnavailable if that fails), then watch in the background."""
@@ -215,6 +219,7 @@ class PcscEventSource:
                 except PcscUnavailable as error:
                     log.debug("PC/SC events: %s", error)
                     continue
+                self.generation += 1
                 self._notify()  # changes may have been missed while disconnected
                 break
 

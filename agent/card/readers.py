@@ -31,9 +31,13 @@ class PcscEvents(Protocol):
 
     live: bool
     cards: dict[str, int]
+    generation: int
 
 FIRST_STATES_SECONDS = 1.0
 FIRST_STATES_STEP = 0.01
+# After pcscd restarted with a card in a reader, how long the watcher answers "no card": long enough
+# for the card loop to see the removal (and end the session) before the card is new again.
+RESTART_HOLD_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ReaderCard:
 
     reader: str
     insertion: int  # pcscd's count of the reader's card events when the card was seen
+    pcscd: int = 0  # which pcscd counted them (PcscEventSource.generation): a restarted one counts anew
 
     def event_fields(self) -> dict[str, str]:
         return {"reader": self.reader}
@@ -61,6 +66,9 @@ class ReaderWatcher:
         self._order: ArrivalOrder[ReaderCard] = ArrivalOrder()
         self._failures = FailingLooks(clock)  # pcscd away
         self._looked = False
+        self._clock = clock
+        self._generation = source.generation
+        self._restart_hold_until = 0.0
 
     look_interval = POLL_SECONDS  # pcscd's events cut it short
 
@@ -76,7 +84,13 @@ class ReaderWatcher:
             self._pcscd_away()
             return None
         self._failures.answered("pcscd answers again (after %d looks without it)")
-        cards = [ReaderCard(reader, count) for reader, count in sorted(self.source.cards.items())]
+        states, generation = self.source.cards, self.source.generation  # in this order: see PcscEventSource._run
+        if generation != self._generation:
+            self._pcscd_restarted(generation)
+        if self._clock() < self._restart_hold_until:
+            self._order.choose(None)
+            return None
+        cards = [ReaderCard(reader, count, generation) for reader, count in sorted(states.items())]
         self._order.note(cards)
         waiting = [card for card in cards if card in self._order.passed_over]
         candidates = self._order.newest_first(card for card in cards if card not in self._order.passed_over)
@@ -88,6 +102,18 @@ class ReaderWatcher:
             log.info("%s not signed in again: a card inserted after it was used; remove and re-insert it to "
                      "sign in", ", ".join(str(card) for card in waiting))
         return chosen
+
+    def _pcscd_restarted(self, generation: int) -> None:
+        """A new pcscd answers. Whatever the card-session process's module held of the old one (its
+        card handle, and with it the login) is gone: a card that was in a reader counts as removed,
+        for :data:`RESTART_HOLD_SECONDS`, then as inserted anew (its PIN is asked again). The card-event
+        counts start again with the new pcscd, so without this the card looked the same."""
+        self._generation = generation
+        if self._order.present:
+            log.warning("pcscd restarted while %s was in its reader: the card's login ended with it; the card "
+                        "counts as removed and inserted again", ", ".join(str(card) for card in self._order.present))
+            self._restart_hold_until = self._clock() + RESTART_HOLD_SECONDS
+        self._order.note([])
 
     def _first_states(self) -> bool:
         """At the first look, pcscd's event thread may not have read the readers yet: wait for it
