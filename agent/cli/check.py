@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
@@ -25,6 +26,7 @@ from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConf
 from dicom_card_agent.config.preflight import open_crls, pin_sources
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session import control
+from dicom_card_agent.session.identity import is_private_runtime_directory, runtime_directories
 from dicom_card_agent.tls.failures import connect_failure
 from dicom_card_agent.token.pin import PinSource
 from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
@@ -56,10 +58,11 @@ def configuration_checks(explicit: Path | None) -> Iterator[Check]:
     yield from checks
     yield from _trust_checks(settings)
     yield from _pin_checks(settings)
-    running = _running_listeners(settings)
+    running = _running_agents(settings)
+    default_place = runtime_directories(settings)[0]
     listeners: list[TunnelConfig | InboundConfig] = [*settings.tunnels, *settings.inbound]
     for listener in listeners:
-        yield _listen_check(listener, running)
+        yield _listen_check(listener, running, default_place)
     for tunnel in settings.tunnels:
         yield _remote_check(tunnel)
     yield from _audit_checks(settings)
@@ -127,20 +130,43 @@ def _describe_pin_source(source: PinSource) -> str:
     }.get(source.kind, str(source))
 
 
-def _running_listeners(settings: AgentConfig) -> set[str]:
-    """The addresses an agent of this configuration, running now, already listens on."""
-    try:
-        answer = control.request(settings, "status")
-    except CardAgentError:
-        return set()
-    return {listener["listen"] for listener in [*answer.get("tunnels", []), *answer.get("inbound", [])]}
+@dataclass(frozen=True)
+class RunningAgents:
+    """The agents of this user that answer on a control socket where an agent of this configuration
+    would have one: whichever environment it was started in (XDG_RUNTIME_DIR set or not), ``check``
+    run on a workstation whose agent runs finds it, and does not take its ports for another program's."""
+
+    listening: dict[str, Path] = field(default_factory=dict)  # listen address -> control socket of ours
+    others: list[str] = field(default_factory=list)  # "SOCKET: why" of agents of another configuration
+    one_place: bool = False  # [agent] runtime_dir is set: no other environment's agent to think of
 
 
-def _listen_check(listener: TunnelConfig | InboundConfig, running: set[str]) -> Check:
+def _running_agents(settings: AgentConfig) -> RunningAgents:
+    running = RunningAgents(one_place=settings.runtime_dir is not None)
+    for directory in runtime_directories(settings):
+        socket_path = directory / control.SOCKET_NAME
+        if not (is_private_runtime_directory(directory) and socket_path.is_socket()):
+            continue  # looked at, never created: `check` leaves nothing behind
+        try:
+            answer = control.request(settings, "status", socket_path)
+        except control.NoAgentError:
+            continue  # left by an agent that was killed
+        except CardAgentError as error:  # an agent answered: it runs another configuration
+            running.others.append(f"{socket_path}: {error}")
+            continue
+        for listener in [*answer.get("tunnels", []), *answer.get("inbound", [])]:
+            running.listening.setdefault(listener["listen"], socket_path)
+    return running
+
+
+def _listen_check(listener: TunnelConfig | InboundConfig, running: RunningAgents, default_place: Path) -> Check:
     kind = "tunnel" if isinstance(listener, TunnelConfig) else "inbound"
     name, listen = f"listen {listener.name}", listener.listen
-    if str(listen) in running:
-        return Check("ok", name, f"{listen}: the running agent of this configuration listens there")
+    control_socket = running.listening.get(str(listen))
+    if control_socket is not None:
+        # Named when it is not where `status` run in this environment asks: the way to reach that agent.
+        where = "" if control_socket.parent == default_place else f" (its control socket: {control_socket})"
+        return Check("ok", name, f"{listen}: the running agent of this configuration listens there{where}")
     try:  # the listeners' own code: bound and closed at once
         if listen.unix_path:
             uids = (listener.allowed_uids or (os.getuid(),)) if isinstance(listener, TunnelConfig) else ()
@@ -151,13 +177,25 @@ def _listen_check(listener: TunnelConfig | InboundConfig, running: set[str]) -> 
             assert listen.host is not None and listen.port is not None
             create_tcp_listener(listen.host, listen.port, unsafe_listen=True).close()
     except (CardAgentError, OSError) as error:
-        return Check("fail", name, f"{kind} {listener.name}: {error}",
-                     "stop what listens there (`ss -ltnp`) or choose another listen address")
+        return _listen_taken(f"{kind} {listener.name}: {error}", name, running)
     if listen.host is not None and not is_address_of_this_machine(listen.host):
         return Check("warn", name, f"{kind} {listener.name}: {listen.host} is not an address of this workstation "
                                    "now; the agent listens on it anyway, connections arrive once the network "
                                    "brings it up", "check the address if this workstation's network is up")
     return Check("ok", name, f"{listen} is free")
+
+
+def _listen_taken(problem: str, name: str, running: RunningAgents) -> Check:
+    """The listen address cannot be had: say which agents of this user run, one of which may hold it."""
+    if running.others:
+        return Check("fail", name, f"{problem}; an agent of this user answers on {'; on '.join(running.others)}",
+                     "if that agent holds the address, stop it or give one of the two configurations another "
+                     "listen address")
+    fix = "stop what listens there (`ss -ltnp`) or choose another listen address"
+    if not running.one_place:
+        fix += ("; if it is this configuration's agent, started with another XDG_RUNTIME_DIR, run `card-agent "
+                "check` with that one, or set [agent] runtime_dir")
+    return Check("fail", name, problem, fix)
 
 
 def _remote_check(tunnel: TunnelConfig) -> Check:

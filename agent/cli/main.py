@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import typer
@@ -48,7 +49,17 @@ app.add_typer(softhsm_commands.app, name="softhsm")
 app.add_typer(audit_commands.app, name="audit")
 
 
+def _escape_what_the_terminal_cannot_show() -> None:
+    """Keep the terminal's encoding but escape (``\\u653e``) what it cannot encode: a Latin-1
+    terminal (LANG=de_DE.ISO-8859-1) and a path, a site label or a certificate subject in another
+    script would otherwise end a command with a traceback (exit 1, not a documented exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # pytest and embedders may have put another stream there
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main() -> None:
+    _escape_what_the_terminal_cannot_show()
     logline.configure("card-agent")
     try:
         app()

@@ -17,7 +17,7 @@ from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.machine import State
-from dicom_card_agent.session.identity import runtime_directory
+from dicom_card_agent.session.identity import is_private_runtime_directory, runtime_directories, runtime_directory
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.supervisor import CardSessionUnresponsive
 from dicom_card_agent.trust.crls import CrlStore
@@ -33,6 +33,10 @@ MAX_REQUEST = 4096  # bytes: requests are one short JSON line
 
 class ControlError(CardAgentError):
     """The control socket cannot be reached or answered with an error."""
+
+
+class NoAgentError(ControlError):
+    """No agent answers on the control socket."""
 
 
 def control_socket_path(config: AgentConfig) -> Path:
@@ -171,9 +175,10 @@ def _read_line(connection: socket.socket, timeout: float) -> bytes:
     return bytes(data.partition(b"\n")[0])
 
 
-def request(config: AgentConfig, command: str) -> dict:
-    """Ask the running agent of this configuration."""
-    path = control_socket_path(config)
+def request(config: AgentConfig, command: str, socket_path: Path | None = None) -> dict:
+    """Ask the running agent of this configuration; at ``socket_path`` when given (one found in
+    another of :func:`runtime_directories`), else where this process's environment puts it."""
+    path = socket_path or control_socket_path(config)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.settimeout(10)
@@ -181,8 +186,40 @@ def request(config: AgentConfig, command: str) -> dict:
             client.sendall(json.dumps({"command": command, "config": str(config.source)}).encode() + b"\n")
             answer = json.loads(client.makefile("rb").readline() or b"{}")
     except (OSError, ValueError) as error:
-        raise ControlError(f"no agent answers on {path} ({error}): is `card-agent run --config {config.source}` "
-                           "running as this user?") from None
+        raise NoAgentError(f"no agent answers on {path} ({error}): is `card-agent run --config {config.source}` "
+                           f"running as this user?{_where_else(config, command, path)}") from None
     if "error" in answer:
         raise ControlError(answer["error"])
     return answer
+
+
+def other_control_sockets(config: AgentConfig, tried: Path) -> list[Path]:
+    """Control sockets of this user other than ``tried``, in the runtime directories an agent
+    started in another environment (XDG_RUNTIME_DIR set or not) would use; private ones only, so
+    that no other user's socket can pose as the agent."""
+    sockets = [directory / SOCKET_NAME for directory in runtime_directories(config)]
+    return [path for path in sockets if path != tried and is_private_runtime_directory(path.parent)
+            and path.is_socket()]
+
+
+def _where_else(config: AgentConfig, command: str, tried: Path) -> str:
+    """Where else an agent of this user may answer, and how to ask it there. Its default runtime
+    directory follows the environment it started in: a systemd user unit has XDG_RUNTIME_DIR, an
+    administrator's ssh or sudo shell often has not, or another one."""
+    if config.runtime_dir is not None:
+        return ""  # one place, whatever the environment
+    retry = f"card-agent {command} --config {config.source}"
+    found = [f"Another control socket of this user is at {path}: to ask the agent there, run "
+             f"`XDG_RUNTIME_DIR={path.parent.parent} {retry}`" for path in other_control_sockets(config, tried)]
+    if not found:
+        found = [f"The agent's runtime directory follows the XDG_RUNTIME_DIR of the environment it started in "
+                 f"(here: {_xdg_here()}): run `XDG_RUNTIME_DIR=DIR {retry}` with the agent's DIR (a systemd user "
+                 f"unit's is /run/user/{os.getuid()})"]
+    return " " + "; ".join(found) + "; or set [agent] runtime_dir, which every environment shares"
+
+
+def _xdg_here() -> str:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if not xdg:
+        return "unset"
+    return xdg if os.path.isdir(xdg) else f"{xdg}, a directory that does not exist"
