@@ -2,6 +2,8 @@
 
 :class:`FileSink` appends one XML message per line (file 0600, its directory created 0700) and
 fsyncs each; a write the disk refuses half-way is cut back, so the file never holds half a line.
+It follows a rotation by renaming (logrotate ``create``, with or without ``compress``): a message
+goes to the file its path names at that moment, never to a renamed or removed one.
 Its directory must be the agent's user's own (or root's) and writable by neither group nor others
 (agent/audit/directories.py): whoever can write there could replace the file.
 
@@ -36,6 +38,9 @@ docs/audit.md says how to recognise it).
 
 Failures are logged once per outage: the first failure is a warning, the next confirmation ends
 the outage (an info line); what fails in between is only in ``last_error`` (``card-agent status``).
+A spool that cannot delete a confirmed message (a read-only or failing file system) is an outage
+too, with a warning of its own: the message stays waiting and is sent again later. Only closing
+ends the sender thread.
 """
 
 from __future__ import annotations
@@ -80,7 +85,13 @@ class NotConfirmed(ConnectionLost):
 
 
 class FileSink:
-    """The append-only local audit file: one audit message (XML) per line."""
+    """The append-only local audit file: one audit message (XML) per line.
+
+    The file may be rotated under the agent (logrotate's ``create``: renamed, perhaps compressed and
+    removed): before each message the sink checks that its path still names the file it holds open,
+    and if not, opens (creates) the file now at the path, so that no message goes to a renamed or
+    deleted file. ``copytruncate`` needs nothing (the file stays the same) but loses what is
+    written while it copies (docs/audit.md, "Rotating the local file")."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -92,35 +103,78 @@ class FileSink:
                              "check [audit] file and its directory's permissions") from None
         check_file_directory(self.path)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = self._open()
         except OSError as error:
             raise AuditError(f"cannot open the audit file {self.path}: {error.strerror}; "
                              "check [audit] file and its directory's permissions") from None
-        if os.fstat(self._fd).st_mode & 0o077:
-            os.fchmod(self._fd, 0o600)  # audit records name people and patients: owner only
+
+    def _open(self) -> int:
+        """Open (or create) the file at ``path`` for appending, owner-only."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)  # audit records name people and patients: owner only
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
 
     def write(self, xml: bytes) -> None:
-        """Append one message and fsync; ``OSError`` if the disk refuses."""
+        """Append one message and fsync; ``OSError`` if the disk refuses, :class:`AuditError` if
+        the file was rotated away and a new one cannot be opened."""
         if b"\n" in xml:
             raise ValueError("an audit message for the file must be a single line")
         line = xml + b"\n"
         with self._lock:
             if self._fd < 0:
                 raise AuditError(f"the audit file {self.path} is closed")
-            size = os.fstat(self._fd).st_size
+            if not self._holds_path():
+                self._reopen()
+            self._append(line)
+            if not self._holds_path():
+                # Rotated while we wrote: the line may be in a file that is being compressed and
+                # removed. Write it to the new file too: a rare duplicate, never a lost message.
+                self._reopen()
+                self._append(line)
+
+    def _holds_path(self) -> bool:
+        """Whether ``path`` still names the open file (not renamed away, removed or replaced)."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return held.st_nlink > 0 and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    def _reopen(self) -> None:
+        """Go on in the file now at ``path`` (created if the rotation left none)."""
+        try:
+            fd = self._open()
+        except OSError as error:
+            raise AuditError(
+                f"the audit file {self.path} was rotated and cannot be opened again: {error.strerror}; "
+                "logrotate must leave the new file to the agent's user (`create 0600` without an owner, or "
+                "`nocreate`), see docs/audit.md, \"Rotating the local file\"") from None
+        os.close(self._fd)
+        self._fd = fd
+        log.info("audit: the audit file %s was renamed or removed (rotated); messages go to a new file there",
+                 self.path)
+
+    def _append(self, line: bytes) -> None:
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            # A full disk can take part of the line: cut it back, so that the line written
+            # once space returns is the only copy and the file stays one message per line.
             try:
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(self._fd, view):]
-                os.fsync(self._fd)
+                os.ftruncate(self._fd, size)
             except OSError:
-                # A full disk can take part of the line: cut it back, so that the line written
-                # once space returns is the only copy and the file stays one message per line.
-                try:
-                    os.ftruncate(self._fd, size)
-                except OSError:
-                    pass
-                raise
+                pass
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -183,6 +237,7 @@ class RepositorySink:
         self.delivered = 0
         self.last_error = ""
         self._outage = False  # from a failure until the repository confirms again: the failure is logged once
+        self._spool_failing = False  # a confirmed message could not be removed, since the last that could
         self._version = ""  # the TLS version of the last connection
         self._thread = threading.Thread(target=self._run, name=f"audit-{self.transport}", daemon=True)
         self._thread.start()
@@ -262,35 +317,51 @@ class RepositorySink:
             return not (self._stopping and (not len(self.spool) or self._past_deadline()))
 
     def _run(self) -> None:
+        """Deliver until closed. Whatever fails (the repository, the network, the spool's disk, or a
+        bug) is an outage: logged once, shown by ``card-agent status``, retried with backoff.
+        Only closing ends the thread, so that one failure never stops delivery until a restart."""
         backoff = INITIAL_BACKOFF
         try:
             while self._wait_for_work():
-                if self._sock is None:
-                    try:
-                        self._connect()
-                    except (OSError, ssl.SSLError, RelpProtocolError) as error:
-                        self._failed(f"cannot connect: {_describe(error)}")
-                        self._pause(backoff)
-                        backoff = min(backoff * 2, self.config.retry_max)
-                        continue
-                try:
-                    if self._exchange():
-                        backoff = INITIAL_BACKOFF
-                except (OSError, ssl.SSLError, RelpProtocolError) as error:
-                    self._disconnect(_describe(error))
+                if self._attempt():
+                    backoff = INITIAL_BACKOFF
+                elif self._sock is None:  # the attempt failed: wait before the next one
+                    if self._stopping and self.spool.closed:
+                        return  # close() gave up waiting and closed the spool under us: what is left stays on disk
                     self._pause(backoff)
                     backoff = min(backoff * 2, self.config.retry_max)
-        except AuditSpoolError:
-            if not self._stopping:
-                log.exception("audit: the repository sender stopped; undelivered messages stay in %s",
-                              self.spool.directory)
-            # else close() gave up waiting and closed the spool under us: what is left stays on disk
-        except Exception:  # noqa: BLE001 - a bug must not silently end delivery
-            log.exception("audit: the repository sender stopped; undelivered messages stay in %s",
-                          self.spool.directory)
         finally:
             self._goodbye()
             self._disconnect(None)
+
+    def _attempt(self) -> bool:
+        """Connect if needed, then send and confirm for a while; ``True`` if the repository
+        confirmed something. A failure drops the connection (what it has not confirmed is sent
+        again on the next one) and is recorded by :meth:`_failed`."""
+        try:
+            if self._sock is None:
+                try:
+                    self._connect()
+                except (OSError, ssl.SSLError, RelpProtocolError) as error:
+                    self._failed(f"cannot connect: {_describe(error)}")
+                    return False
+            return self._exchange()
+        except (OSError, ssl.SSLError, RelpProtocolError) as error:
+            self._disconnect(_describe(error))
+        except AuditSpoolError as error:
+            if self.spool.closed:  # close() gave up waiting and closed the spool under us: no failure to report
+                self._disconnect(None)
+                return False
+            # The spool's disk, not the repository: a confirmed message could not be removed
+            # (read-only, failing or full file system, permissions). It stays waiting and is sent
+            # again once the spool works (at least once: a duplicate, never a loss).
+            self._disconnect(str(error), spool=True)
+        except Exception as error:  # noqa: BLE001 - a bug must not silently end delivery
+            if not self._outage:
+                log.exception("audit: the repository sender failed; it retries, undelivered messages stay in %s",
+                              self.spool.directory)
+            self._disconnect(f"internal error: {_describe(error)}")
+        return False
 
     def _exchange(self) -> bool:
         """Send and confirm for a while on the open connection; ``True`` if the repository
@@ -303,12 +374,15 @@ class RepositorySink:
 
     def _confirmed(self, sequences: list[int]) -> None:
         with self._condition:
-            for sequence in sequences:
-                self.spool.remove(sequence)
-            self.delivered += len(sequences)
-            self._condition.notify_all()
+            try:
+                for sequence in sequences:
+                    self.spool.remove(sequence)  # AuditSpoolError: this one and the rest stay waiting
+                    self.delivered += 1
+            finally:
+                self._condition.notify_all()
         if sequences and self._outage:
-            self._outage = False
+            self._outage = self._spool_failing = False
+            self.connected = True
             self.last_error = ""
             waiting = len(self.spool)
             log.info("audit: the audit repository %s confirms messages again (%s%s); %d message%s to deliver",
@@ -344,7 +418,8 @@ class RepositorySink:
             log.info("audit: connected to the audit repository %s (%s%s); %d message%s to deliver",
                      self.config.address, self._version, ", RELP" if self.transport == "relp" else "", waiting,
                      "" if waiting == 1 else "s")
-        self.connected = True
+        if not self._outage:  # during an outage only a confirmation says that delivery works again (_confirmed)
+            self.connected = True
 
     def _opening(self, sock: ssl.SSLSocket) -> None:
         """What the transport does on a new connection before the first message."""
@@ -372,8 +447,9 @@ class RepositorySink:
         except (OSError, ssl.SSLError, ValueError):
             return False
 
-    def _disconnect(self, reason: str | None) -> None:
-        """Drop the connection; ``reason`` ``None`` for a normal close (with TLS close_notify)."""
+    def _disconnect(self, reason: str | None, *, spool: bool = False) -> None:
+        """Drop the connection; ``reason`` ``None`` for a normal close (with TLS close_notify),
+        else what failed (the spool, with ``spool``; else the repository or the network)."""
         sock, self._sock = self._sock, None
         if sock is not None:
             if reason is None:
@@ -387,14 +463,20 @@ class RepositorySink:
             except OSError:
                 pass
         if reason is not None:
-            self._failed(reason)
+            self._failed(reason, spool=spool)
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, *, spool: bool = False) -> None:
         """A failed connection or delivery: logged once per outage (a connection that then fails to
         deliver does not end the outage; a confirmed message does, see :meth:`_confirmed`)."""
-        if not self._outage:
+        if spool and not self._spool_failing:
+            # Logged even during an outage of the repository: this one needs the administrator.
+            log.warning("audit: %s; delivery to the audit repository %s is retried until the spool works again "
+                        "(a message confirmed but not removed is sent again); check that file system and the "
+                        "directory's permissions", reason, self.config.address)
+        elif not spool and not self._outage:
             log.warning("audit: audit repository %s: %s; messages wait in %s and are sent when it is back",
                         self.config.address, reason, self.spool.directory)
+        self._spool_failing = spool or self._spool_failing
         self._outage = True
         self.connected = False
         self.last_error = reason

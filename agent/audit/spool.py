@@ -227,16 +227,24 @@ class Spool:
                 raise AuditSpoolError(f"audit spool: message {sequence} is not waiting")
             try:
                 os.unlink(self._path(sequence))
-                os.fsync(self._dir_fd)
             except FileNotFoundError:
                 pass
             except OSError as error:
+                # It stays waiting: the sender treats this as an outage and sends it again later.
                 raise AuditSpoolError(f"cannot remove a delivered message from the audit spool {self.directory}: "
                                       f"{error.strerror}") from None
+            # Gone from the disk: no longer waiting, whatever the fsync below says (a message sent
+            # again would find no file, and be set aside as unreadable).
             if self._pending[0] == sequence:
                 self._pending.popleft()
             else:
                 self._pending.remove(sequence)
+            try:
+                os.fsync(self._dir_fd)
+            except OSError as error:
+                # The removal may not survive a crash: the message would then be sent again (at least once).
+                raise AuditSpoolError(f"cannot remove a delivered message from the audit spool {self.directory}: "
+                                      f"{error.strerror}") from None
 
     def __len__(self) -> int:
         with self._mutex:
@@ -252,6 +260,10 @@ class Spool:
             return max(0.0, time.time() - path.stat().st_mtime)
         except OSError:  # sent and removed meanwhile
             return None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:

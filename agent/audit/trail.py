@@ -26,7 +26,7 @@ import socket
 import threading
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dicom_card_agent.audit.config import AuditConfig
 from dicom_card_agent.audit.errors import AuditError
@@ -63,7 +63,8 @@ class AuditTrail:
                                   site_id=config.site_id)
         self.file: FileSink | None = None
         self.repository: RepositorySink | None = None
-        self.failures = 0  # messages a sink could not take (logged)
+        self.failures = 0  # events a sink could not take at once (logged): lost, or kept in memory (refuse)
+        self.lost = 0  # events a sink never got (logged): on_failure = "continue", or more than BACKLOG_LIMIT kept
         self._closed = False
         self._lock = threading.RLock()  # one record at a time: the backlogs keep each sink's order
         self._sequence = 0  # meta sequenceId of the last syslog message
@@ -97,42 +98,44 @@ class AuditTrail:
             raise AuditError("the audit trail is closed")
         xml = render(event, self.source)
         with self._lock:
-            ok = True
+            outcomes = []
             if self.file is not None:
-                ok &= self._write(self._file_backlog, xml, event)
+                outcomes.append(self._write(self._file_backlog, xml, event))
             if self.repository is not None:
                 self._sequence = self._sequence % MAX_SEQUENCE_ID + 1
                 severity = SEVERITY_WARNING if event.kind is EventKind.SECURITY_ALERT else SEVERITY_NOTICE
                 message = format_message(xml, time=event.time, hostname=self.hostname, procid=event.agent_pid,
                                          severity=severity, sequence=self._sequence)
-                ok &= self._write(self._spool_backlog, message, event)
+                outcomes.append(self._write(self._spool_backlog, message, event))
+            if "lost" in outcomes:  # counted once per event, however many sinks missed it
+                self.lost += 1
+            ok = all(outcome == "written" for outcome in outcomes)
             if not ok:
                 self.failures += 1
             return ok
 
-    def _write(self, backlog: _Backlog, message: bytes, event: AuditEvent) -> bool:
+    def _write(self, backlog: _Backlog, message: bytes, event: AuditEvent) -> Literal["written", "kept", "lost"]:
         if self.refuses:
             self._retry(backlog)
             if backlog.messages:  # still failing: keep this one behind the others
-                self._keep(backlog, message)
-                return False
+                return self._keep(backlog, message)
         try:
             self._put(backlog, message)
-            return True
+            return "written"
         except (OSError, AuditError) as error:
             reason = self._describe(backlog, error)
             if self.refuses:
-                self._keep(backlog, message)
                 if not backlog.reason:
                     log.error("audit: %s; [audit] on_failure = \"refuse\": new associations are refused until "
                               "it can be written again (free space there); events wait in memory meanwhile",
                               reason)
                 backlog.reason = reason
-            elif backlog is self._file_backlog:
+                return self._keep(backlog, message)
+            if backlog is self._file_backlog:
                 log.error("audit: %s; event %s not in the local audit file", reason, event.kind.value)
             else:
                 log.error("audit: %s; event %s not queued for the audit repository", reason, event.kind.value)
-            return False
+            return "lost"
 
     def _put(self, backlog: _Backlog, message: bytes) -> None:
         if backlog is self._file_backlog:
@@ -148,13 +151,14 @@ class AuditTrail:
             return f"cannot write to the audit file {self.file.path}: {error.strerror or error}"
         return str(error)
 
-    def _keep(self, backlog: _Backlog, message: bytes) -> None:
+    def _keep(self, backlog: _Backlog, message: bytes) -> Literal["kept", "lost"]:
         if len(backlog.messages) >= BACKLOG_LIMIT:
             backlog.dropped += 1
             log.error("audit: %d events for the %s kept in memory already; this one is lost",
                       BACKLOG_LIMIT, backlog.name)
-            return
+            return "lost"
         backlog.messages.append(message)
+        return "kept"
 
     def _retry(self, backlog: _Backlog) -> None:
         """Write what ``backlog`` holds, oldest first, until the sink refuses again."""
@@ -189,6 +193,11 @@ class AuditTrail:
     def _refusal(self) -> str | None:
         for backlog in (self._file_backlog, self._spool_backlog):
             self._retry(backlog)
+        return self._refusal_now()
+
+    def _refusal_now(self) -> str | None:
+        """Why a new association would be refused now, without trying to write what waits."""
+        for backlog in (self._file_backlog, self._spool_backlog):
             if backlog.messages:
                 return f"the audit trail cannot be written ({backlog.reason})"
         for path in self._sink_paths():
@@ -222,8 +231,11 @@ class AuditTrail:
         return self.repository.wait_delivered(timeout) if self.repository is not None else True
 
     def status(self) -> dict[str, Any]:
-        """For ``card-agent status``: where the trail writes and how delivery goes."""
+        """For ``card-agent status``: where the trail writes, how delivery goes, what was lost, and
+        whether new associations are refused (``on_failure = "refuse"``) and why."""
         repository = self.repository
+        with self._lock:
+            refusal = self._refusal_now() if self.refuses and not self._closed else None
         return {
             "file": str(self.file.path) if self.file is not None else None,
             "repository": repository.config.address if repository is not None else None,
@@ -233,6 +245,9 @@ class AuditTrail:
             "delivered": repository.delivered if repository is not None else 0,
             "last_error": repository.last_error if repository is not None else "",
             "failures": self.failures,
+            "lost": self.lost,
+            "refusing": refusal is not None,
+            "refusal": refusal or "",
             "in_memory": len(self._file_backlog.messages) + len(self._spool_backlog.messages),
             "oldest_pending_seconds": repository.spool.oldest_age() if repository is not None else None,
         }

@@ -49,8 +49,22 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
         if kept:  # [audit] on_failure = "refuse" while a sink fails
             delivery += f", {kept} event{'' if kept == 1 else 's'} kept in memory: the audit trail cannot be written"
         _say(f"audit:    to {where}{delivery}")
+        _say_audit_trouble(audit)
     for crl in answer.get("crls", []):
         _say(f"crl {crl['file']}: {_describe_crl_file(crl)}")
+
+
+def _say_audit_trouble(audit: dict) -> None:
+    """Events lost since start, and the refusal of new associations (``on_failure = "refuse"``):
+    both are in the log once, but an administrator asks ``status`` (an agent from before these
+    keys has neither)."""
+    lost = audit.get("lost", 0)
+    if lost:
+        _say(f"  {lost} audit event{'' if lost == 1 else 's'} could not be recorded since start "
+             "(the log says which and why)")
+    if audit.get("refusing"):
+        _say(f"  new associations are refused: {audit['refusal']}; [audit] on_failure = \"refuse\": free space "
+             "there, associations are accepted again as soon as the trail can be written")
 
 
 def _say_counts(counters: dict, rejected_by: str, up: str, down: str) -> None:
