@@ -3,6 +3,7 @@ HTTP (loopback TCP and a unix socket) and through its textfile, and promtool che
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -10,14 +11,16 @@ import signal
 import socket
 import subprocess
 import textwrap
+import threading
 import time
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_runner import NOBODY, agent_status, running_agent, tunnel, wait_for
+from agent_runner import NOBODY, agent_status, card_session_pid, running_agent, tunnel, wait_for, write_config
 from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.service.metrics import SCRAPE_DEADLINE_SECONDS
 from peers.ports import free_port
@@ -213,3 +216,116 @@ def test_the_age_of_the_oldest_audit_message_waiting_is_exported(test_pki: Provi
             scraped = samples(response.read().decode())
     assert value(scraped, "card_agent_audit_messages_waiting") >= 1
     assert 2 <= value(scraped, "card_agent_audit_oldest_waiting_age_seconds") < 30
+
+
+def counters(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The counter and histogram samples of a scrape (what must never go down), by name and labels."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) if family.type in ("counter", "histogram")
+            for sample in family.samples if not sample.name.endswith("_created")}
+
+
+def decreases(scrapes: list[dict]) -> list[str]:
+    """Every counter that went down from one scrape to the next."""
+    found = []
+    for before, after in pairwise(scrapes):
+        found += [f"{key}: {before[key]} -> {number}" for key, number in after.items()
+                  if key in before and number < before[key]]
+    return found
+
+
+class Scraper:
+    """Scrapes the agent's metrics over and over, in a thread of its own, as a Prometheus would."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.scrapes: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def scrape(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=15) as response:
+            return counters(response.read().decode())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.scrapes.append(self.scrape())
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def test_counters_never_go_down_while_a_card_session_that_does_not_answer_is_ended(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Ending a card session moves its counts into the totals since start. The session used to
+    leave the counts before its counts reached the totals: for a process that does not answer (here
+    stopped with SIGSTOP, as one stuck in a module call), 4 s during which every scrape saw its
+    associations gone; a stuck process that was still signed in was not counted at all."""
+    port = free_port()
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                           metrics={"listen": f"127.0.0.1:{port}"}) as agent:
+            assert all(echo(agent.port()) for _ in range(3))
+            accepted = ("card_agent_associations_total",
+                        (("kind", "tunnel"), ("listener", "pacs"), ("outcome", "accepted"), ("reason", "")))
+            scraper = Scraper(port)
+            wait_for(lambda: scraper.scrape()[accepted] == 3)
+            scraper.scrapes.append(scraper.scrape())  # signed in and answering: the counts to keep
+            worker = card_session_pid(agent.process.pid)
+            assert worker is not None
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                with scraper:
+                    time.sleep(3)  # signed in, its process silent: the status questions go unanswered
+                    silent_status = agent_status(tmp_path / "agent", test_pki.env())
+                    silent = len(scraper.scrapes)
+                    run_card_agent("lock", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env(),
+                                   check=True)  # returns once the session has ended: 4 s, then it is killed
+                    agent.wait_for_log('event=sign-out reason="locked"')
+                    ending = len(scraper.scrapes) - silent
+                    time.sleep(0.5)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+            status = agent_status(tmp_path / "agent", test_pki.env())
+    assert silent >= 2 and ending >= 3, (silent, ending)  # scrapes while it was silent and while it ended
+    assert decreases(scraper.scrapes) == []
+    assert {scrape[accepted] for scrape in scraper.scrapes} == {3.0}
+    assert silent_status["state"] == "signed in"
+    assert silent_status["tunnels"][0]["since_start"]["associations"]["accepted"] == 3
+    assert status["state"] == "locked: remove and re-insert the card to sign in again"
+    assert status["tunnels"][0]["since_start"]["associations"]["accepted"] == 3
+
+
+def test_counters_of_a_tunnel_changed_in_place_by_a_reload_go_on(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A SIGHUP that changes a tunnel (here its PACS) gives it new counters in the card session,
+    which goes on: the counts of what the tunnel carried before are kept, in the session's counts
+    and so in the totals since start."""
+    port = free_port()
+    metrics = {"listen": f"127.0.0.1:{port}"}
+    with tls_scp(pki_dir=test_pki.pki) as pacs, tls_scp(pki_dir=test_pki.pki) as other_pacs:
+        pacs_tunnel = tunnel("pacs", pacs.port)
+        with running_agent(test_pki, tmp_path / "agent", [pacs_tunnel], metrics=metrics) as agent:
+            assert echo(agent.port()) and echo(agent.port())
+            accepted = ("card_agent_associations_total",
+                        (("kind", "tunnel"), ("listener", "pacs"), ("outcome", "accepted"), ("reason", "")))
+            scraper = Scraper(port)
+            wait_for(lambda: scraper.scrape()[accepted] == 2)
+            write_config(tmp_path / "agent" / "agent.toml", test_pki,
+                         [{**pacs_tunnel, "remote": f"127.0.0.1:{other_pacs.port}"}], metrics=metrics)
+            agent.process.send_signal(signal.SIGHUP)
+            agent.wait_for_log("card session: configuration reloaded: tunnels now pacs")
+            after_reload = scraper.scrape()
+            assert after_reload[accepted] == 2  # not 0: the counts of the tunnel as it was are kept
+            assert echo(agent.port())
+            wait_for(lambda: scraper.scrape()[accepted] == 3)
+            status = agent_status(tmp_path / "agent", test_pki.env())
+            log = agent.log()
+    assert "event=sign-out" not in log  # the same card session throughout
+    assert status["tunnels"][0]["this_session"]["associations"]["accepted"] == 3
+    assert status["tunnels"][0]["since_start"]["associations"]["accepted"] == 3

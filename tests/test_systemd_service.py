@@ -21,7 +21,7 @@ import pytest
 
 from agent_runner import card_session_pid, running_agent, stop_agent, tunnel, write_config
 from conftest import CARD_AGENT, ProvisionedPki, run_card_agent
-from dicom_card_agent.session.supervisor import STATUS_TIMEOUT_SECONDS
+from dicom_card_agent.session.supervisor import END_TIMEOUT_SECONDS, STATUS_TIMEOUT_SECONDS
 from peers.ports import free_port
 from peers.pynetdicom_scp import echo, tls_scp
 
@@ -57,6 +57,21 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     result = verify_units([tmp_path / "card-agent.service", tmp_path / "card-agent.socket"], tmp_path / "xdg")
     # verify exits 0 on unknown keys and bad values (it only warns): nothing may be said at all.
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def unit_settings(unit: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line and line[0] != "#")
+
+
+def test_a_stop_signals_the_agent_alone_and_leaves_it_the_time_to_end_the_card_session() -> None:
+    """systemd signals the main process only (KillMode=mixed), which ends the card session in order:
+    with the default, every card-session process got SIGTERM too, and the association it relayed
+    was missing from the audit trail (tests/test_stop_signals.py sends both kinds of stop). What is
+    left after TimeoutStopSec is killed: the card session's end and the audit hand-over fit in it."""
+    settings = unit_settings(UNITS / "card-agent.service")
+    assert settings["KillMode"] == "mixed"
+    audit_hand_over = 5.0
+    assert float(settings["TimeoutStopSec"]) > END_TIMEOUT_SECONDS + 2.0 + audit_hand_over
 
 
 def test_verify_reports_a_broken_unit(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.lifecycle.machine import State
 from dicom_card_agent.session import events
 from dicom_card_agent.session.manager import SessionManager
-from dicom_card_agent.session.supervisor import CardSessionUnresponsive
+from dicom_card_agent.session.supervisor import RUNNING_VERSION, CardSessionUnresponsive
 from dicom_card_agent.tunnel.counters import (
     BROKEN_REASONS,
     DURATIONS,
@@ -40,7 +40,6 @@ from dicom_card_agent.tunnel.counters import (
     empty_histogram,
 )
 from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
-from dicom_card_agent.version import agent_version
 
 log = logging.getLogger("agent.metrics")
 # The classic text format's media type: Prometheus 2 (Debian 12) scrapers know it; newer
@@ -75,7 +74,7 @@ class AgentCollector:
         yield from self._card(manager)
         yield from self._audit(manager)
         info = GaugeMetricFamily(f"{PREFIX}_build_info", "The agent's version", labels=["version"])
-        info.add_metric([agent_version()], 1)
+        info.add_metric([RUNNING_VERSION], 1)  # the code answering, not what an upgrade put on disk since
         yield info
 
     def _listeners(self, live: dict[str, dict]) -> Iterator[Metric]:

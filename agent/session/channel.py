@@ -146,6 +146,14 @@ def login_error_message(error: CardAgentError) -> dict[str, Any]:
     return {"type": "login-error", "error": type(error).__name__, "message": str(error), "pin_state": state}
 
 
+def upgraded_message(running: str, installed: str) -> str:
+    """What the log, `status` and the sign-in failure say when the card-session process, started
+    from the files on disk, is not of the running supervisor's version (a package upgrade under a
+    running agent): the one thing to do is to restart the agent."""
+    return (f"the agent was upgraded from {running} to {installed} while running: restart it: "
+            "systemctl --user restart card-agent")
+
+
 def login_error_from(reply: dict[str, Any]) -> CardAgentError:
     if reply.get("error") == WrongPinError.__name__:
         return WrongPinError(reply["message"], PinState(reply["pin_state"]))

@@ -57,7 +57,7 @@ from dicom_card_agent.session.supervisor import (
 from dicom_card_agent.token.login import LoginError, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
-from dicom_card_agent.tunnel.counters import Totals
+from dicom_card_agent.tunnel.counters import Counts, Totals, add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED
 
 log = logging.getLogger("agent.session")
@@ -82,6 +82,41 @@ class _SignIn:
     started: float
     pin_entered: bool = False
     session: CardSession | None = None  # its card-session process, once started
+
+
+class SessionTotals(Totals):
+    """The counts since start, never going down: the ended sessions' totals plus what the card
+    sessions not yet taken into them last told (the signed-in one, and one being ended).
+
+    A session is counted from its sign-in (:meth:`serving`) until :meth:`take` moves its final
+    counts into the totals, in one step under one lock: ending a session that does not answer takes
+    up to 4 s, and a scrape then must see it neither missing nor twice. Each session's counts are
+    those of its latest ``status`` answer (``CardSession.last_counts``), which the caller's
+    ``current`` came from, so ``current`` itself is not added: it may belong to a session that was
+    taken into the totals after the caller asked it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sessions_lock = threading.Lock()
+        self._counted: list[CardSession] = []
+
+    def serving(self, session: CardSession) -> None:
+        """``session`` signed in: its counts are part of the totals from now on."""
+        with self._sessions_lock:
+            self._counted.append(session)
+
+    def take(self, session: CardSession) -> None:
+        """``session`` has ended (its final counts, or its last known ones, are in ``last_counts``)."""
+        with self._sessions_lock:
+            self.session_ended(session.last_counts)
+            self._counted = [each for each in self._counted if each is not session]
+
+    def since_start(self, name: str, current: Counts | None) -> Counts:
+        with self._sessions_lock:
+            counts = super().since_start(name, None)
+            for session in self._counted:
+                add_counts(counts, session.last_counts.get(name, empty_counts()))
+        return counts
 
 
 class ListenerLending(Protocol):
@@ -119,7 +154,7 @@ class SessionManager:
         self._reader_starved = False  # the last look failed for want of file descriptors
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
         self._reader: threading.Thread | None = None
-        self.totals = Totals()  # `status` counts since start: ended sessions and what was turned away
+        self.totals = SessionTotals()  # `status` counts since start: sessions, and what was turned away
         self.desktop = SessionNotices(config)  # what the clinician is told (agent/desktop)
         # After each step of the loop (agent/service/heartbeat.py): the service manager's STATUS= and
         # watchdog pings come from here, so that a loop that stops turning stops pinging.
@@ -127,6 +162,9 @@ class SessionManager:
         # The tunnels' listeners (agent/tunnel/server.py): lent to each signed-in card session, which
         # then accepts on them itself, and taken back as it ends.
         self.listeners: ListenerLending | None = None
+        # The agent's stop flag (set by SIGTERM, SIGINT), given to start() and run(): once it is set,
+        # no sign-in is started, whatever the machine asks (a session lost while the agent stops).
+        self._stopping = threading.Event()
 
     # -- what the rest of the agent asks ----------------------------------------------------------
 
@@ -201,6 +239,7 @@ class SessionManager:
         """Start watching the reader and act on its first look. With a PIN source that asks nobody
         (env:, file:), wait until that sign-in is settled, so that "ready" means signed in on an
         unattended machine."""
+        self._stopping = stop
         self._reader = threading.Thread(target=self._watch_reader, args=(stop,), name="card-reader", daemon=True)
         self._reader.start()
         deadline = time.monotonic() + STARTUP_SIGN_IN_SECONDS
@@ -218,6 +257,7 @@ class SessionManager:
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: act on what the reader, the sign-ins, the session and the timers say."""
+        self._stopping = stop
         while not stop.is_set():
             if self._wake.wait(TICK_SECONDS):
                 self._wake.clear()
@@ -317,6 +357,12 @@ class SessionManager:
     # -- sign-in ------------------------------------------------------------------------------------
 
     def _start_sign_in(self, card: WatchedCard, attempt: int) -> None:
+        if self._stopping.is_set():
+            # The stop is already asked for (the loop may be mid-turn when SIGTERM comes): a sign-in
+            # now would log in to the card, with no Login record, only to log out at once. The Stop
+            # that follows (shutdown) cancels the attempt the machine started.
+            log.info("no sign-in to %s: the agent is stopping", card)
+            return
         scope = SignInScope(on_pin_entered=lambda: self._report(PinEntered(attempt)))
         self._sign_in = _SignIn(attempt, card, scope, time.monotonic())
         thread = threading.Thread(target=self._sign_in_thread, args=(self._sign_in,),
@@ -421,6 +467,7 @@ class SessionManager:
         attempt = self.machine.attempt
         session = self._pending_sessions.pop(attempt)
         self.session, self._session_attempt = session, attempt
+        self.totals.serving(session)
         self.since = time.time()
         self.touch()
         files = session.signed_in.files
@@ -450,7 +497,7 @@ class SessionManager:
         if self.listeners is not None:  # new connections are answered here from now on
             self.listeners.take_back(session)
         session.end(reason)
-        self.totals.session_ended(session.last_counts)
+        self.totals.take(session)  # counted all along (detached from self.session above, not from the totals)
         event("sign-out", reason=reason, subject=session.signed_in.files.subject,
               token=card.label if card else None, serial=card.serial if card else None,
               closed_in_ms=round((time.monotonic() - started) * 1000))

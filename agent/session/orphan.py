@@ -2,8 +2,9 @@
 
 The card-session process runs in its own session (no controlling terminal: OpenSSL's UI fallback
 must never ask for a PIN), so neither a terminal hang-up nor a signal to the agent's process group
-reaches it; under systemd the unit's cgroup ends it, but run by hand or from a desktop session a
-supervisor that dies would leave it behind: logged in to the card, holding the card's key, and
+reaches it; under systemd the unit's cgroup ends it only after TimeoutStopSec (KillMode=mixed: the
+stop signal goes to the supervisor alone), and run by hand or from a desktop session a supervisor
+that dies would leave it behind: logged in to the card, holding the card's key, and
 while it is still starting (a slow ``C_Login``, an OCSP request about the card's certificate) not
 reading the channel whose end of stream would tell it. This watch ends it instead, at any stage.
 

@@ -25,6 +25,7 @@ from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_s
 from dicom_card_agent.session.probe import FoundCard, ProbeRequest
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret
+from dicom_card_agent.version import agent_version
 
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
@@ -34,6 +35,10 @@ END_TIMEOUT_SECONDS = 4.0  # the process's end grace (2 s) and a margin: it answ
 # acting on a pulled card; `card-agent status` and metrics scrapes must answer too.
 STATUS_TIMEOUT_SECONDS = 2.0
 EXIT_WAIT_SECONDS = 1.0  # a process whose channel closed is gone or about to be: how it ended tells a loss
+# The version of the code this process runs, read once at its start: a package upgrade replaces the
+# files (and the version they say) under a running agent, and each card-session process is started
+# from the files. It checks that it is of this version before anything else (worker.upgraded_under).
+RUNNING_VERSION = agent_version()
 
 
 class CardSessionError(CardAgentError):
@@ -61,6 +66,22 @@ def describe_exit(status: int) -> str:
 
 
 OnReport = Callable[[str, dict[str, Any]], None]
+
+
+class _CardSessionProcess(subprocess.Popen):
+    """The card-session process ignores SIGTERM (worker._ignore_stop_signals: a stop by systemd
+    may signal every process of the unit at once, and the supervisor ends it in order). A cancelled
+    sign-in (agent/lifecycle/cancel.py) ends the processes of its scope with ``terminate()``:
+    here that kills it, as SIGTERM did before, mid-probe or mid-login alike."""
+
+    def terminate(self) -> None:
+        self.kill()
+
+
+def _upgraded_on_disk() -> str | None:
+    """The upgrade message when the installed version is no longer the one this process runs."""
+    installed = agent_version()
+    return None if installed == RUNNING_VERSION else messages.upgraded_message(RUNNING_VERSION, installed)
 
 
 class CardSession:
@@ -105,10 +126,12 @@ class CardSession:
             if pin_source.kind == "env":
                 env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.directory / OPENSSL_CONF_NAME)
-        self.process = subprocess.Popen(
+        self.process = _CardSessionProcess(
             # The supervisor's pid and the session's directory: the process ends, and removes the
-            # directory, if the supervisor dies (agent/session/orphan.py).
-            [sys.executable, "-m", "dicom_card_agent.session.worker", str(theirs.fileno()),
+            # directory, if the supervisor dies (agent/session/orphan.py). -P: the working directory
+            # (the user's home under systemd) is not put on sys.path, so the code and the version it
+            # reports are the installed ones.
+            [sys.executable, "-P", "-m", "dicom_card_agent.session.worker", str(theirs.fileno()),
              str(reports_theirs.fileno()), self.config.log_level, str(os.getpid()), str(self.directory)],
             pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
@@ -123,8 +146,9 @@ class CardSession:
                                                 name="session-reports", daemon=True)
         self._reports_thread.start()
         self.channel = ours
-        reply = self._ask(ours, {**request.to_message(), "config": str(self.config.source)},
-                          limit=messages.MAX_CARD_MESSAGE)
+        # The version first, looked at before anything else (worker.upgraded_under).
+        reply = self._ask(ours, {**request.to_message(), "config": str(self.config.source),
+                                 "version": RUNNING_VERSION}, limit=messages.MAX_CARD_MESSAGE)
         if reply is not None and reply.get("type") == "card":
             found = FoundCard.from_message(reply)
             self.card = found.card
@@ -208,6 +232,11 @@ class CardSession:
         if reply is not None and reply.get("type") == "login-error":
             return messages.login_error_from(reply)
         detail = reply.get("message") if reply else "it exited"
+        upgraded = _upgraded_on_disk()
+        if upgraded is not None and (reply is None or reply.get("died")):
+            # Exited without a word: the code of another release may not even start (an import
+            # that fails); the installed version tells what the process could not.
+            return CardSessionError(upgraded)
         if reply is not None and reply.get("revoked"):
             return CardRevokedError(detail)
         if reply is not None and reply.get("plain"):  # a sentence for the clinician (the card could not be read)

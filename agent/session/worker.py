@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import ssl
 import sys
@@ -49,6 +50,7 @@ from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import LoginError, check_before_login, login
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
+from dicom_card_agent.tunnel.counters import add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import LentListeners
 from dicom_card_agent.tunnel.relay import (
     PACS_PROBLEM,
@@ -59,6 +61,7 @@ from dicom_card_agent.tunnel.relay import (
     serve_connection,
 )
 from dicom_card_agent.tunnel.session_end import SessionEnd
+from dicom_card_agent.version import agent_version
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
@@ -264,7 +267,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
             reason = message.get("reason", "ended")
             break
         if message["type"] == "status":
-            messages.send(channel, {**_status(runtimes), "last_connection": lent.last_connection})
+            messages.send(channel, {**_status(runtimes, retuner.retired), "last_connection": lent.last_connection})
             continue
         if message["type"] == "listen":
             lent.replace(_listening_sockets(message["tunnels"], fds))
@@ -291,7 +294,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     for thread in [*threads, *lent.relays()]:
         thread.join(max(0.0, deadline - time.monotonic()))
     try:  # the final counts, for the supervisor's totals since start
-        messages.send(channel, _status(runtimes, final=True))
+        messages.send(channel, _status(runtimes, retuner.retired, final=True))
     except OSError:
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
@@ -317,9 +320,16 @@ def _reload(retuner: Retuner, path: Path, runtimes: Runtimes) -> dict:
     return {"type": "reloaded", "tunnels": sorted(runtimes), **changes}
 
 
-def _status(runtimes: Runtimes, *, final: bool = False) -> dict:
-    return {"type": "status", "final": final,
-            "tunnels": {name: runtime.counters() for name, runtime in runtimes.items()}}
+def _status(runtimes: Runtimes, retired: list[TunnelRuntime | InboundRuntime], *, final: bool = False) -> dict:
+    """The counters of each tunnel. A tunnel a reload changed in place has a new runtime (and new
+    counts) since: the counts of the runtimes it replaced are added to its own, so that what the
+    session carried never goes down in `status` and the metrics (and reaches the totals at its end)."""
+    tunnels = {name: runtime.counters() for name, runtime in runtimes.items()}
+    for runtime in retired:
+        counters = runtime.counters()
+        entry = tunnels.setdefault(runtime.config.name, {"counts": empty_counts()})
+        add_counts(entry["counts"], counters["counts"])  # type: ignore[arg-type]
+    return {"type": "status", "final": final, "tunnels": tunnels}
 
 
 def _exit_now(code: int) -> NoReturn:
@@ -332,9 +342,15 @@ def _exit_now(code: int) -> NoReturn:
 def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
     """Answer the supervisor's ``probe`` with what the card holds (agent/session/probe.py), then
     wait for its ``start``: that and the probed card, or None when the sign-in ends here (the card
-    cannot be used, or the supervisor gave up: cancelled, card pulled)."""
+    cannot be used, the supervisor is of another version, or it gave up: cancelled, card pulled)."""
     message, _ = messages.receive(channel)
-    if message is None or message.get("type") != "probe":
+    if message is None:
+        return None
+    upgraded = upgraded_under(message)
+    if upgraded is not None:  # first: nothing else of the message may mean what this code thinks
+        messages.send(channel, {"type": "error", "message": upgraded, "plain": True, "upgraded": True})
+        return None
+    if message.get("type") != "probe":
         return None
     request = ProbeRequest.from_message(message)
     try:
@@ -361,12 +377,39 @@ def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
     return start, card
 
 
+def upgraded_under(first: dict) -> str | None:
+    """Why this process cannot serve the supervisor that sent ``first`` (its first message), or
+    None. The supervisor runs the code it started with; this process is started from the files on
+    disk, which an upgrade replaces under a running agent: the two must be of one version, as the
+    messages between them change from one release to the next. A supervisor that says no version
+    predates this check, so it is an earlier release."""
+    said = first.get("version")
+    supervisor = said if isinstance(said, str) else "an earlier version"
+    installed = agent_version()
+    if supervisor == installed:
+        return None
+    return messages.upgraded_message(supervisor, installed)
+
+
+def _ignore_stop_signals() -> None:
+    """SIGTERM and SIGINT are the supervisor's to act on: it ends this process after its relays
+    have ended and its last reports (the associations' ends, for the audit trail) are sent.
+    systemd's KillMode=control-group (a unit without KillMode=mixed) signals every process of the
+    unit at once: dying then lost those reports, and the supervisor took the death for a lost
+    session and signed the card in again while stopping. This process still ends when the
+    supervisor says so, when its channel closes, or when the supervisor is gone (orphan.py); a
+    cancelled sign-in kills it (supervisor.py)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def main() -> None:
     """The card-session process, started for an inserted card (agent/session/supervisor.py): it
     probes the card, then, once the supervisor has chosen the identity and sent the PIN, serves.
     Its ``OPENSSL_CONF`` (the session's ``openssl.cnf``) is written before it starts: OpenSSL reads
     it once, and the module may start OpenSSL while it probes the card (OpenSC does)."""
     make_non_dumpable()  # before the PIN arrives: no same-user process may read this memory
+    _ignore_stop_signals()
     logline.configure("card-agent[session]", sys.argv[3].upper())
     # pydicom logs what it thinks of the data sets it reads for the audit trail: not the agent's news.
     logging.getLogger("pydicom").setLevel(logging.ERROR)

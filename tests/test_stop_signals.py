@@ -1,0 +1,113 @@
+"""Stopping the agent while an association is open, as systemd stops it: the audit trail keeps the
+association's end and its instances, and the card is not signed in again during the stop.
+
+systemd's default KillMode=control-group (a unit without KillMode=mixed, which the shipped unit now
+sets) sends SIGTERM to every process of the unit at once, the card-session process included. No
+systemd runs as PID 1 here: the tests send the signals it sends, to the real processes. Real agent,
+SoftHSM identity, a real pynetdicom PACS over TLS, 8 real C-STOREs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from agent_runner import card_session_pid, log_lines, running_agent, tunnel
+from conftest import ProvisionedPki
+from peers.pynetdicom_scp import associate, tls_scp
+from peers.study import make_study, sop_instance_uid
+
+SUBJECT = "CN=Alice Example,O=Example Hospital Test PKI"
+
+
+def audit_events(audit_file: Path) -> list[tuple[str, str, str]]:
+    """(EventID, EventTypeCode or "", EventOutcomeDescription or "") of each record, in order."""
+    events = []
+    for line in audit_file.read_bytes().splitlines():
+        identification = ET.fromstring(line).find("EventIdentification")
+        event_type = identification.find("EventTypeCode")
+        events.append((identification.find("EventID").get("csd-code"),
+                       event_type.get("csd-code") if event_type is not None else "",
+                       identification.findtext("EventOutcomeDescription") or ""))
+    return events
+
+
+def instances_recorded(audit_file: Path) -> set[str]:
+    """The SOP Instance UIDs the DICOM Instances Transferred (110104) records name."""
+    found = set()
+    for line in audit_file.read_bytes().splitlines():
+        message = ET.fromstring(line)
+        if message.find("EventIdentification/EventID").get("csd-code") == "110104":
+            found |= {instance.get("UID") for instance in message.iter("Instance")}
+    return found
+
+
+@pytest.mark.parametrize("signalled", ["the agent", "every process of the unit"])
+def test_a_stop_with_an_association_open_records_its_end_and_signs_in_nobody(
+        test_pki: ProvisionedPki, tmp_path: Path, signalled: str) -> None:
+    study = make_study(tmp_path / "study", files=8)
+    datasets = [dcmread(path) for path in study]
+    audit_file = tmp_path / "audit.log"
+    with tls_scp(pki_dir=test_pki.pki) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                          audit={"file": str(audit_file)}) as agent:
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        held = associate(agent.port(), sop_classes=sorted({ds.SOPClassUID for ds in datasets}))
+        assert held.is_established
+        statuses = [held.send_c_store(ds) for ds in datasets]
+        assert [status.Status for status in statuses] == [0] * 8
+        worker = card_session_pid(agent.process.pid)
+        assert worker is not None
+        # What `systemctl --user stop` sends: to the main process (KillMode=mixed), or to every
+        # process of the unit at the same moment (KillMode=control-group, the default).
+        os.kill(agent.process.pid, signal.SIGTERM)
+        if signalled == "every process of the unit":
+            os.kill(worker, signal.SIGTERM)
+        assert agent.process.wait(20) == 0
+        log = agent.log()
+    stopped = log_lines(log)[next(i for i, line in enumerate(log_lines(log)) if line == "card-agent: INFO: stopping"):]
+    assert not [line for line in stopped if "card session started" in line or "event=sign-in " in line
+                or "lost:" in line], log
+    assert log.count("event=sign-in ") == 1
+    events = audit_events(audit_file)
+    assert events == [
+        ("110100", "110120", ""),  # Application Start
+        ("110114", "110122", ""),  # Login
+        ("ASSOCIATION", "ASSOCIATION-BEGIN", ""),
+        ("110104", "", ""),  # the 8 instances stored
+        ("ASSOCIATION", "ASSOCIATION-END", "card session ended: the agent is stopping"),
+        ("110114", "110123", "the agent is stopping"),  # Logout
+        ("110100", "110121", "SIGTERM or SIGINT"),  # Application Stop
+    ], events
+    assert instances_recorded(audit_file) == {sop_instance_uid(path) for path in study}
+    assert len(pacs.received) == 8
+
+
+def test_a_card_session_lost_as_the_agent_stops_is_not_signed_in_again(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The card-session process dies (SIGKILL: the OOM killer, a crash) just as the agent is told
+    to stop. A loss while signed in asks for a new sign-in; during a stop, it used to log in to the
+    card once more, with no Login record, only to log out at once."""
+    audit_file = tmp_path / "audit.log"
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], audit={"file": str(audit_file)}) as agent:
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        worker = card_session_pid(agent.process.pid)
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+        os.kill(agent.process.pid, signal.SIGTERM)
+        assert agent.process.wait(20) == 0
+        log = agent.log()
+    assert log.count("card session started (pid") == 1, log
+    assert log.count("event=sign-in ") == 1, log
+    logins = [event for event in audit_events(audit_file) if event[:2] == ("110114", "110122")]
+    assert len(logins) == 1
+    # The loop may notice the loss before it sees the stop, or end the session as it stops.
+    logout, stop = audit_events(audit_file)[-2:]
+    assert logout in {("110114", "110123", "the card-session process was killed by SIGKILL"),
+                      ("110114", "110123", "the agent is stopping")}
+    assert stop == ("110100", "110121", "SIGTERM or SIGINT")
