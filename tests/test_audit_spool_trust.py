@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -232,3 +233,36 @@ def test_missing_directories_are_made_private_whatever_the_umask(base: Path) -> 
         os.umask(previous)
     for directory in (base / "var", base / "var" / "lib", base / "var" / "lib" / "spool"):
         assert directory.stat().st_mode & 0o777 == 0o700, directory
+
+
+def test_a_directory_renamed_from_above_does_not_take_the_audit_records_elsewhere(base: Path) -> None:
+    """A reviewer's attack on the file sink's rotation handling: the audit file's own directory is
+    private, but the one above is writable by others (checked for the spool, not for the file). Once
+    the sink looked the file up by path before each record, uid 65534 renamed the directory away,
+    made one of its own in its place and got the next records there (and deleted them), or planted a
+    FIFO there, whose open blocked every record, and with the trail's lock `status` and `lock`. The
+    sink holds the checked directory now and opens only a regular file of its user there."""
+    shared = base / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    path = shared / "card-agent" / "audit.log"
+    with AuditTrail(AuditConfig(file=path)) as trail:
+        assert trail.record(AuditEvent.application_stop(reason="before"))
+        as_other_user(f"import os; os.rename({str(path.parent)!r}, {str(shared / 'moved')!r}); "
+                      f"os.mkdir({str(path.parent)!r}, 0o777); os.chmod({str(path.parent)!r}, 0o777); "
+                      f"os.mkfifo({str(path)!r}, 0o666)")
+        recorded: list[bool] = []
+        writer = threading.Thread(target=lambda: recorded.append(trail.record(AuditEvent.application_stop(
+            reason="after"))), daemon=True)
+        writer.start()
+        writer.join(5)
+        blocked = writer.is_alive()
+        if blocked:  # let the old sink's open of the FIFO return, or the trail never closes
+            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            writer.join(5)
+            os.close(reader)
+        assert not blocked, "the record did not finish within 5 s: the sink opened the FIFO planted at its path"
+        assert recorded == [True] and trail.status()["lost"] == 0
+    kept = (shared / "moved" / "audit.log").read_bytes().splitlines()
+    assert [b"before" in kept[0], b"after" in kept[1]] == [True, True] and len(kept) == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["audit.log"] and not path.is_file()  # the FIFO only

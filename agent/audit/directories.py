@@ -49,6 +49,17 @@ def check_private_directory(path: Path, what: str, risk: str, *, ancestors: bool
     if found is None or not stat.S_ISDIR(found[2].st_mode):
         return
     given, resolved, status = found
+    check_private_status(given, resolved, status, what, risk, elsewhere=elsewhere)
+    if not ancestors:
+        return
+    TrustRefusal(given, what, risk).directories_above(resolved)
+
+
+def check_private_status(given: Path, resolved: Path, status: os.stat_result, what: str, risk: str, *,
+                         elsewhere: str) -> None:
+    """:func:`check_private_directory`'s rule for the directory ``status`` describes (found as
+    ``given``, ``resolved`` once links are followed): also for a directory held open, whose
+    ``fstat`` is what the agent uses, whatever its path names now."""
     agent_uid = os.geteuid()
     mode = stat.S_IMODE(status.st_mode)
     wrong_owner = status.st_uid not in (ROOT_UID, agent_uid)
@@ -63,6 +74,3 @@ def check_private_directory(path: Path, what: str, risk: str, *, ancestors: bool
             f"{mode:04o}; "
             f"it must belong to {trusted} and be writable by neither group nor others, or another user could "
             f"{risk}; run `{command}, or {elsewhere}")
-    if not ancestors:
-        return
-    TrustRefusal(given, what, risk).directories_above(resolved)

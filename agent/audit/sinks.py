@@ -51,6 +51,7 @@ import os
 import selectors
 import socket
 import ssl
+import stat
 import struct
 import termios
 import threading
@@ -58,7 +59,12 @@ import time
 from pathlib import Path
 
 from dicom_card_agent.audit.config import SyslogConfig
-from dicom_card_agent.audit.directories import FILE_DIRECTORY_RISK, check_private_directory, make_private_directory
+from dicom_card_agent.audit.directories import (
+    FILE_DIRECTORY_RISK,
+    check_private_directory,
+    check_private_status,
+    make_private_directory,
+)
 from dicom_card_agent.audit.errors import AuditError, AuditSpoolError
 from dicom_card_agent.audit.relp import Acknowledged, Refused, RelpProtocolError, RelpSession, ServerClosed
 from dicom_card_agent.audit.spool import Spool
@@ -103,18 +109,43 @@ class FileSink:
                              "check [audit] file and its directory's permissions") from None
         check_file_directory(self.path)
         try:
-            self._fd = self._open()
+            # The directory, held from now on: the file is found again (after a rotation) in this
+            # directory, which was checked, whatever is later renamed to its name by whoever can write
+            # above it. Its owner and mode are checked again on the handle (it could have been swapped
+            # since the check).
+            self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
             raise AuditError(f"cannot open the audit file {self.path}: {error.strerror}; "
                              "check [audit] file and its directory's permissions") from None
+        try:
+            check_file_directory_handle(self._dir_fd, self.path)
+            self._fd = self._open()
+        except OSError as error:
+            os.close(self._dir_fd)
+            raise AuditError(f"cannot open the audit file {self.path}: {error.strerror}; "
+                             "check [audit] file and its directory's permissions") from None
+        except BaseException:  # refused (UnsafeFileError, AuditError): the directory is not kept open
+            os.close(self._dir_fd)
+            raise
 
     def _open(self) -> int:
-        """Open (or create) the file at ``path`` for appending, owner-only."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Open (or create) the file named ``path`` in the held directory for appending, owner-only.
+        Only a regular file of the agent's user is taken: not a link, a FIFO (whose open or write
+        would block every record, and with it ``status`` and ``lock``) or a device."""
+        fd = os.open(self.path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o600, dir_fd=self._dir_fd)
         try:
-            if os.fstat(fd).st_mode & 0o077:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise AuditError(f"the audit file {self.path} is not a regular file; remove what is there, the "
+                                 "agent creates the file")
+            if info.st_uid != os.geteuid():
+                raise AuditError(f"the audit file {self.path} belongs to uid {info.st_uid}, not to the agent's user "
+                                 f"(uid {os.geteuid()}); remove it or give it to the agent's user")
+            if info.st_mode & 0o077:
                 os.fchmod(fd, 0o600)  # audit records name people and patients: owner only
-        except OSError:
+            os.set_blocking(fd, True)  # a regular file: O_NONBLOCK only kept the open from waiting
+        except (OSError, AuditError):
             os.close(fd)
             raise
         return fd
@@ -140,7 +171,7 @@ class FileSink:
     def _holds_path(self) -> bool:
         """Whether ``path`` still names the open file (not renamed away, removed or replaced)."""
         try:
-            named = os.stat(self.path)
+            named = os.stat(self.path.name, dir_fd=self._dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
         held = os.fstat(self._fd)
@@ -150,6 +181,8 @@ class FileSink:
         """Go on in the file now at ``path`` (created if the rotation left none)."""
         try:
             fd = self._open()
+        except AuditError as error:
+            raise AuditError(f"the audit file {self.path} was rotated and cannot be opened again: {error}") from None
         except OSError as error:
             raise AuditError(
                 f"the audit file {self.path} was rotated and cannot be opened again: {error.strerror}; "
@@ -180,14 +213,26 @@ class FileSink:
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
+                os.close(self._dir_fd)
                 self._fd = -1
+
+
+FILE_DIRECTORY = "the directory of the audit file"
+FILE_DIRECTORY_ELSEWHERE = "set [audit] file to a file in a directory of the agent's own"
 
 
 def check_file_directory(path: Path) -> None:
     """Refuse (:class:`~agent.file_trust.UnsafeFileError`) an audit file whose directory another
     user could write to; a missing directory passes (the agent creates it 0700)."""
-    check_private_directory(Path(path).parent, "the directory of the audit file", FILE_DIRECTORY_RISK,
-                            ancestors=False, elsewhere="set [audit] file to a file in a directory of the agent's own")
+    check_private_directory(Path(path).parent, FILE_DIRECTORY, FILE_DIRECTORY_RISK, ancestors=False,
+                            elsewhere=FILE_DIRECTORY_ELSEWHERE)
+
+
+def check_file_directory_handle(directory_fd: int, path: Path) -> None:
+    """:func:`check_file_directory` for the directory the file sink holds open (``path``'s, when it
+    was opened): the one its records go to, whatever was renamed since."""
+    check_private_status(Path(path).parent, Path(path).parent, os.fstat(directory_fd), FILE_DIRECTORY,
+                         FILE_DIRECTORY_RISK, elsewhere=FILE_DIRECTORY_ELSEWHERE)
 
 
 def client_context(config: SyslogConfig) -> ssl.SSLContext:

@@ -234,8 +234,9 @@ class AuditTrail:
         """For ``card-agent status``: where the trail writes, how delivery goes, what was lost, and
         whether new associations are refused (``on_failure = "refuse"``) and why."""
         repository = self.repository
-        with self._lock:
-            refusal = self._refusal_now() if self.refuses and not self._closed else None
+        # Without the record lock: a record that waits on a slow disk must not hold up `status` (and
+        # `lock` behind it on the control socket); what the backlogs hold is read as it stands.
+        refusal = self._refusal_now() if self.refuses and not self._closed else None
         return {
             "file": str(self.file.path) if self.file is not None else None,
             "repository": repository.config.address if repository is not None else None,
