@@ -171,6 +171,26 @@ def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | N
                                 start_new_session=True)
 
 
+def stop_process(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and wait until every thread of it is stopped: the signal only asks, and a
+    thread running (or woken by a connection) as it comes may still accept a connection the test
+    means to leave queued."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = set()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that ended meanwhile
+        if states <= {"T", "t"}:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} not stopped after {timeout:g} s: its threads are {sorted(states)}")
+        time.sleep(0.005)
+
+
 def card_session_pid(agent_pid: int) -> int | None:
     """The pid of the agent's card-session process (its child running agent.session.worker), if any."""
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from agent_runner import associate_rq, card_session_pid, running_agent, tunnel
+from agent_runner import associate_rq, card_session_pid, running_agent, stop_process, tunnel
 from conftest import CARD_AGENT, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import tls_scp
@@ -30,7 +30,7 @@ def test_a_stuck_card_session_neither_freezes_the_card_loop_nor_status(
         agent.wait_for_log(SIGNED_IN)
         worker = card_session_pid(agent.process.pid)
         assert worker is not None
-        os.kill(worker, signal.SIGSTOP)
+        stop_process(worker)
         try:
             time.sleep(2.5)  # past idle_timeout: the card loop's idle check asks the stopped process
 
@@ -79,7 +79,7 @@ def test_a_silent_card_session_holds_the_idle_lock_off_for_at_most_ten_seconds(
         agent.wait_for_log(SIGNED_IN)
         worker = card_session_pid(agent.process.pid)
         assert worker is not None
-        os.kill(worker, signal.SIGSTOP)
+        stop_process(worker)
         stopped = time.monotonic()
         try:
             queued = socket.create_connection(("127.0.0.1", agent.port()), timeout=30)

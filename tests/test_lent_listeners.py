@@ -18,6 +18,7 @@ from agent_runner import (
     running_agent,
     send_and_close,
     signed_in_through_fault_module,
+    stop_process,
     tunnel,
 )
 from conftest import ProvisionedPki
@@ -39,7 +40,7 @@ def test_a_signed_in_session_serves_associations_while_the_supervisor_is_stopped
         with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port)]) as agent:
             agent.wait_for_log(SIGNED_IN)
             request = dicom_stream(b"while the supervisor sleeps" * 100)
-            os.kill(agent.process.pid, signal.SIGSTOP)
+            stop_process(agent.process.pid)
             try:
                 answer = send_and_close(agent.port(), request)
             finally:

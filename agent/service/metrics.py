@@ -88,7 +88,8 @@ class AgentCollector:
             "counts as accepted)", labels=[*labels, "reason"])
         rejections = CounterMetricFamily(
             f"{PREFIX}_rejections", "Connections the supervisor turned away before any card session took them, by "
-            "reason (no_card, pin_pending, signing_in, waiting, local_peer_refused, address_not_allowed, ...)",
+            "reason (no_card, pin_pending, signing_in, waiting, local_peer_refused, address_not_allowed, "
+            "supervisor_silent, ...)",
             labels=[*labels, "reason"])
         transferred = CounterMetricFamily(f"{PREFIX}_bytes", "Bytes relayed: up (application to PACS), down",
                                           labels=[*labels, "direction"])

@@ -3,8 +3,11 @@ with accepted sockets passed along (SCM_RIGHTS), so the card-session process rel
 
 from __future__ import annotations
 
+import fcntl
 import json
 import socket
+import struct
+import termios
 from typing import Any
 
 from dicom_card_agent.errors import CardAgentError, ConfigError
@@ -38,6 +41,18 @@ PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that f
 MAX_SECRET = 1024
 MAX_FDS = 253  # descriptors in one message (Linux's SCM_MAX_FD): the tunnels' listening sockets at most
 
+# The supervisor's lease on a signed-in card session's lent listeners (agent/tunnel/lent_listeners.py).
+# The card loop renews it at most every LEASE_RENEW_SECONDS, with the time its latest look at the
+# reader started: the card was there then. The card-session process admits new associations only
+# while that look is less than LEASE_SECONDS old. A loop that turns renews it with a look at most
+# ~2 s old (a look a second on SoftHSM, one renewal a second), plus up to STATUS_TIMEOUT_SECONDS
+# (2 s) of one turn waiting on a status answer; 4 s leaves a margin over that, and bounds what a
+# stopped or hung supervisor lets through to 4 s instead of systemd's WatchdogSec= (or forever,
+# outside systemd).
+LEASE = "lease"
+LEASE_SECONDS = 4.0
+LEASE_RENEW_SECONDS = 1.0
+
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -58,6 +73,31 @@ def send(channel: socket.socket, message: dict[str, Any], fds: list[int] | None 
         channel.sendall(data)
     for part in parts:
         channel.sendall(part)
+
+
+def send_lease(channel: socket.socket, seen_at: float) -> bool:
+    """Renew the lease (see LEASE_SECONDS) on ``channel`` without ever waiting; False when it was not
+    sent. ``channel`` must not be given a timeout (a socket with one waits for room before sending):
+    the supervisor keeps a copy of its channel for this alone. Nothing is sent while the process has
+    not read all that was sent before: a stopped or hung process would otherwise have its channel
+    filled with leases, and the next message that must get through ("end") would block the card loop.
+    ``seen_at`` is a ``time.monotonic()`` value, which every process of the machine reads alike."""
+    if unread_bytes(channel):
+        return False
+    data = json.dumps({"type": LEASE, "at": seen_at}).encode()
+    try:
+        channel.send(data, socket.MSG_DONTWAIT)
+    except OSError:  # full (BlockingIOError), or the process is gone, which the card loop notices
+        return False
+    return True
+
+
+def unread_bytes(channel: socket.socket) -> int:
+    """What was sent on ``channel`` and not yet read at the other end (SIOCOUTQ; 0 when unknown)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except OSError:
+        return 0
 
 
 def send_secret(channel: socket.socket, secret: Secret) -> None:

@@ -44,6 +44,7 @@ from dicom_card_agent.lifecycle.machine import (
     Stop,
 )
 from dicom_card_agent.session.audit import AuditRecorder
+from dicom_card_agent.session.channel import LEASE_RENEW_SECONDS, LEASE_SECONDS
 from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
 from dicom_card_agent.session.probe import ProbeRequest
@@ -58,7 +59,7 @@ from dicom_card_agent.token.login import LoginError, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Counts, Totals, add_counts, empty_counts
-from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED
+from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED, SUPERVISOR_SILENT
 
 log = logging.getLogger("agent.session")
 
@@ -149,7 +150,10 @@ class SessionManager:
         self.last_activity = time.monotonic()
         self._next_idle_check = 0.0
         self._lock = threading.RLock()
-        self._seen: WatchedCard | None = None  # the reader thread's latest look
+        # The reader thread's latest look, and when it started (time.monotonic()): one tuple, so that
+        # the loop never takes one look's card with another's time.
+        self._seen: tuple[WatchedCard | None, float] = (None, 0.0)
+        self._lease_renewed = 0.0  # time.monotonic() of the latest lease sent to the card session
         self._first_look = threading.Event()
         self._reader_starved = False  # the last look failed for want of file descriptors
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
@@ -280,6 +284,7 @@ class SessionManager:
                 if isinstance(self.watcher, CardWatcher):
                     self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
             while not stop.is_set():
+                started = time.monotonic()  # a look under way as the process was stopped is an old one
                 try:
                     card = self.watcher.look()
                 except DescriptorsExhausted:  # not a pulled card: keep it, say so once per episode
@@ -291,7 +296,7 @@ class SessionManager:
                     pass
                 else:
                     self._reader_starved = False
-                    self._seen = card
+                    self._seen = (card, started)
                     self._first_look.set()
                     self._wake.set()
                 if events.wait(stop, self.watcher.look_interval):
@@ -302,7 +307,7 @@ class SessionManager:
         the timers."""
         with self._lock:
             self._take_reports()
-            card = self._seen
+            card, seen_at = self._seen
             if self._first_look.is_set() and card != self.machine.card:
                 if self.machine.card is not None:
                     event("card-removed", **self._card_fields())
@@ -315,6 +320,7 @@ class SessionManager:
             self._check_session_alive()
             self._check_sign_in_process()
             self._check_pin_dialog()
+            self._renew_lease(seen_at)  # before the idle check, which may wait for a status answer
             self._check_idle()
             self.audit.record_refusal_counts()
 
@@ -459,6 +465,9 @@ class SessionManager:
     def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
         """What a card-session process reports: for the audit trail and the clinician's desktop; a
         local user it refused on a lent listener is counted here too, as the supervisor's are."""
+        if kind == SUPERVISOR_SILENT:  # counted as the supervisor's own refusals; nothing for the audit trail
+            self.turned_away(fields["tunnel"], "supervisor_silent")
+            return
         if kind == PEER_REFUSED:
             self.turned_away(fields["tunnel"], "local_peer_refused")
         self.desktop.with_reports(self.audit.session_report)(kind, fields)
@@ -480,6 +489,24 @@ class SessionManager:
             threading.Thread(target=self._retune, name="retune", daemon=True).start()
         if self.listeners is not None and self.session is session:
             self.listeners.lend(session)
+
+    def _renew_lease(self, seen_at: float) -> None:
+        """Tell the signed-in card session, once a second, when the card was last seen, having acted
+        on that look: it admits new associations on the lent listeners for channel.LEASE_SECONDS
+        from then. A loop that stops turning (stopped, deadlocked) stops renewing, so a card pulled
+        meanwhile lets no new association through after that; when it turns again, the lease is
+        renewed only with a look taken since, after the loop has acted on it (ending the session if
+        the card is gone)."""
+        session = self.session
+        now = time.monotonic()
+        if session is None or self.machine.state is not State.SIGNED_IN:
+            return
+        if now - self._lease_renewed < LEASE_RENEW_SECONDS:
+            return
+        if now - seen_at >= LEASE_SECONDS:  # renews nothing (the loop was stopped): wait for the next look
+            return
+        if session.renew_lease(seen_at):
+            self._lease_renewed = now
 
     # -- ending -------------------------------------------------------------------------------------
 

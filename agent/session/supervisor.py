@@ -97,6 +97,10 @@ class CardSession:
         self.on_report = on_report
         self.process: subprocess.Popen | None = None
         self.channel: socket.socket | None = None
+        # A copy of the channel for the lease alone (channel.send_lease), never given a timeout: other
+        # threads set one on self.channel while they wait for answers, and a send on a socket with
+        # one waits for room, which the card loop renewing the lease must never do.
+        self._lease_channel: socket.socket | None = None
         self.directory: Path | None = None  # the session's files (chain, key URI, OpenSSL configuration)
         self.card: Card | None = None  # the token the probe found
         self._status_lock = threading.Lock()
@@ -194,6 +198,7 @@ class CardSession:
         reply = self._ask(self.channel, start, [secret for secret in [pin, *node_pins.values()] if secret is not None])
         if reply is None or reply.get("type") != "ready":
             raise self._refused(reply, "the card-session process could not start")
+        self._lease_channel = socket.socket(fileno=os.dup(self.channel.fileno()))
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
 
     def _ask(self, channel: socket.socket, message: dict[str, Any], secrets: Sequence[Secret] = (), *,
@@ -368,6 +373,13 @@ class CardSession:
             return False
         return True
 
+    def renew_lease(self, seen_at: float) -> bool:
+        """Tell the process that the card was in the reader at ``seen_at`` (``time.monotonic()`` of
+        the look): it admits new associations for channel.LEASE_SECONDS from then. Never waits: a
+        process that has not read the last one gets none (channel.send_lease). False when not sent."""
+        lease_channel = self._lease_channel
+        return lease_channel is not None and messages.send_lease(lease_channel, seen_at)
+
     def lend_listeners(self, sockets: dict[str, socket.socket]) -> bool:
         """Let the process accept on these tunnels' listening sockets itself (the complete set: it
         lets go of any it held that is not among them); False when it is gone."""
@@ -390,6 +402,9 @@ class CardSession:
         self.awaiting_pin = False
         deadline = time.monotonic() + END_TIMEOUT_SECONDS
         answered = False
+        lease_channel, self._lease_channel = self._lease_channel, None
+        if lease_channel is not None:  # no lease once the end is asked for
+            lease_channel.close()
         # A `status` under way must not take the final counts as its answer; one that hangs on a
         # stuck process must not hold up the end (the last counts are then those it had).
         locked = self._status_lock.acquire(timeout=END_TIMEOUT_SECONDS)

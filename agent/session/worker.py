@@ -5,11 +5,12 @@ Started by the supervisor with ``OPENSSL_CONF`` pointing at the session's OpenSS
 (read once, when OpenSSL starts in this process) and a channel on which it is first asked what the
 card holds (:func:`probe_card`: the sign-in's one probe of the card), then gets the PIN once (a raw
 message, into a wipeable buffer), then accepted local connections or the tunnels' listening
-sockets. It makes the sign-in's one login attempt with python-pkcs11 and keeps that session open:
-the pkcs11-provider, loading the same module in this process, uses that login, so OpenSSL normally
-never sees the PIN. When the session ends (card removed, lock, agent stopping) the process ends,
-and with it the login, any PIN copy the module kept and every resumable TLS session: nothing of
-the identity outlives it.
+sockets, and once a second the supervisor's lease, without which it admits no new association on
+those sockets (agent/tunnel/lent_listeners.py). It makes the sign-in's one login attempt with
+python-pkcs11 and keeps that session open: the pkcs11-provider, loading the same module in this
+process, uses that login, so OpenSSL normally never sees the PIN. When the session ends (card
+removed, lock, agent stopping) the process ends, and with it the login, any PIN copy the module
+kept and every resumable TLS session: nothing of the identity outlives it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from dicom_card_agent.token.login import LoginError, check_before_login, login
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
 from dicom_card_agent.tunnel.counters import add_counts, empty_counts
-from dicom_card_agent.tunnel.lent_listeners import LentListeners
+from dicom_card_agent.tunnel.lent_listeners import LentListeners, SupervisorLease
 from dicom_card_agent.tunnel.relay import (
     PACS_PROBLEM,
     InboundRuntime,
@@ -255,7 +256,10 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     _pydicom_loader.join()  # before the first connection; it may wait for it in the listen backlog
     _serving.set()
     threads: list[threading.Thread] = []
-    lent = LentListeners(runtimes, report)
+    # The card loop renews the lease every second while it turns; past it, the lent listeners refuse
+    # new associations: a supervisor that is stopped or hung cannot act on a pulled card.
+    lease = SupervisorLease(_watch.supervisor_pid if _watch is not None else None)
+    lent = LentListeners(runtimes, report, lease)
     reason = "the agent went away"
     while True:
         message, fds = messages.receive(channel)
@@ -263,6 +267,9 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
             if _watch is not None:
                 _watch.remove_session_files()
             break
+        if message["type"] == messages.LEASE:
+            lease.renew(float(message["at"]))
+            continue
         if message["type"] == "end":
             reason = message.get("reason", "ended")
             break

@@ -17,6 +17,12 @@ set-up (docs/benchmarks.md). Threads wait for connections together in one epoll 
 listener armed for one waiter at a time (``EPOLLONESHOT``, armed again once its connection is
 accepted), and the thread that takes a connection starts another first when none would be left
 waiting.
+
+New associations are admitted only under the supervisor's lease (:class:`SupervisorLease`): the card
+loop renews it every second with the time of its latest look at the reader. A supervisor that stops
+(SIGSTOP, a deadlock, a stall) cannot act on a pulled card, and this process, which relays with TLS
+sessions that need no card signature to resume, used to go on accepting as the clinician until it
+ran again; past the lease it answers as the supervisor does with nobody signed in.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.session.channel import LEASE_SECONDS
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.admission import PeerRefusalLog, RefusalLog, connection_source
@@ -49,6 +56,7 @@ IDLE_SECONDS = 60.0  # a waiting thread beyond the first ends after this long wi
 TICK_SECONDS = 1.0  # how often a waiting thread tells the refusal counts that are due
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 PEER_REFUSED = "peer-refused"  # the report the supervisor audits and counts (agent/session/manager.py)
+SUPERVISOR_SILENT = "supervisor-silent"  # an association refused past the lease: the supervisor counts it
 
 
 def _who(connection: socket.socket) -> str:
@@ -60,13 +68,66 @@ def _who(connection: socket.socket) -> str:
     return f"uid {peer.uid}" if peer.uid is not None else connection_source(connection)
 
 
+class SupervisorLease:
+    """Whether the supervisor has vouched recently enough for the card (channel.LEASE_SECONDS) for
+    this process to admit new associations on the lent listeners. Each episode of silence is
+    logged once as it starts and once as it ends (``on_change`` is called at both)."""
+
+    def __init__(self, supervisor_pid: int | None, seconds: float = LEASE_SECONDS) -> None:
+        self._who = "the agent's supervisor" + (f" (pid {supervisor_pid})" if supervisor_pid else "")
+        self.seconds = seconds
+        # Called as each episode starts and as it ends (LentListeners forgets the TLS sessions then).
+        self.on_change: Callable[[], None] = lambda: None
+        self._lock = threading.Lock()
+        self._seen_at = time.monotonic()  # given at the sign-in, which the supervisor has just made
+        self._lapsed = False
+
+    def renew(self, seen_at: float) -> None:
+        """A lease message: the supervisor saw the card at ``seen_at`` (``time.monotonic()``). One
+        that waited in the channel (sent before a stall) counts for when it was sent, not read."""
+        with self._lock:
+            self._seen_at = max(self._seen_at, min(seen_at, time.monotonic()))
+            silent = time.monotonic() - self._seen_at
+            ended = self._lapsed and silent < self.seconds
+            if ended:
+                self._lapsed = False
+        if ended:
+            log.info("%s answers again: new associations are admitted again", self._who)
+            self.on_change()
+
+    def silence(self) -> float | None:
+        """Seconds since the supervisor last vouched for the card, once past the lease; None while
+        the lease holds. The first call to find it past starts the episode."""
+        with self._lock:
+            silent = time.monotonic() - self._seen_at
+            if silent < self.seconds:
+                return None
+            started, self._lapsed = not self._lapsed, True
+        if started:
+            # Open associations go on: this process knows only that the supervisor is silent, not
+            # that the card left, and ending a transfer for a stall would lose the clinician's work;
+            # a supervisor that runs again ends the session at once if the card is gone.
+            log.warning("%s has not answered for %.0f s: new associations are refused until it does; open "
+                        "associations go on, and no TLS session is resumed", self._who, silent)
+            self.on_change()
+        return silent
+
+    def refusal(self, silent: float) -> str:
+        """What an application's refused association is logged with."""
+        return f"{self._who} has not answered for {silent:.0f} s: new associations are refused until it does"
+
+
 class LentListeners:
     """Accepts on the listening sockets the supervisor lent, each connection served in the thread
     that accepted it, until :meth:`close`."""
 
-    def __init__(self, runtimes: Mapping[str, TunnelRuntime | InboundRuntime], report: Report) -> None:
+    def __init__(self, runtimes: Mapping[str, TunnelRuntime | InboundRuntime], report: Report,
+                 lease: SupervisorLease | None = None) -> None:
         self._runtimes = runtimes  # the card session's, changed in place by a reload
         self._report = report
+        self.lease = lease  # None: connections are admitted without one
+        if lease is not None:
+            lease.on_change = self._forget_sessions
         self._epoll = select.epoll()
         self._accepting = threading.Lock()  # one thread accepts at a time; held to change the sockets
         self._sockets: dict[int, tuple[str, socket.socket]] = {}  # by descriptor
@@ -139,6 +200,7 @@ class LentListeners:
                 try:
                     events = self._epoll.poll(TICK_SECONDS)
                     if not events:
+                        self._silence()  # the lapse is logged as it comes, not with the next connection
                         self._capacity_refusals.flush()
                         self._peer_refusals.flush()
                         if time.monotonic() - waiting_since >= IDLE_SECONDS and self._retire(me):
@@ -174,15 +236,30 @@ class LentListeners:
                 self._epoll.modify(fd, _ARMED)  # the next connection is for another thread
             if connection is None:
                 return False
-            self.last_connection = time.monotonic()
-            admitted = self._admit(name, connection)
+            silent = self._silence()
+            if silent is None:  # one refused for the supervisor's silence is no activity of the clinician's
+                self.last_connection = time.monotonic()
+            admitted = self._admit(name, connection, silent)
         if admitted is not None:
             self._serve(me, name, connection, *admitted)
         return True
 
-    def _admit(self, name: str, connection: socket.socket) -> tuple[TunnelRuntime, str] | None:
+    def _silence(self) -> float | None:
+        return self.lease.silence() if self.lease is not None else None
+
+    def _forget_sessions(self) -> None:
+        """As the lease lapses, and again as it is renewed: no TLS session kept before is resumed
+        (a resumption needs no card), nor one an association open across the lapse kept as it
+        ended; the next association makes a full handshake, which needs the card."""
+        for runtime in list(self._runtimes.values()):
+            if isinstance(runtime, TunnelRuntime):
+                runtime.forget_sessions()
+
+    def _admit(self, name: str, connection: socket.socket,
+               silent: float | None = None) -> tuple[TunnelRuntime, str] | None:
         """The tunnel and the local user to serve ``connection`` for, or None when it was refused
-        (answered, closed or handed to a thread that answers)."""
+        (answered, closed or handed to a thread that answers). ``silent``: seconds the supervisor
+        has been silent past its lease (see :class:`SupervisorLease`)."""
         runtime = self._runtimes.get(name)
         if not isinstance(runtime, TunnelRuntime):  # accepted just before a reload removed its tunnel
             log.warning("tunnel %s: no longer configured: connection closed", name)
@@ -206,6 +283,14 @@ class LentListeners:
                 self._report(PEER_REFUSED, {"tunnel": name, "listen": str(runtime.config.listen),
                                             "uid": error.peer.uid, "pid": error.peer.pid, "message": str(error)})
                 reject_in_thread(connection, TunnelFailure("local peer refused"), name, runtime.leave)
+                answering = True
+                return None
+            if silent is not None and self.lease is not None:
+                # As the supervisor answers with nobody signed in: A-ASSOCIATE-RJ (rejected-transient).
+                refusal = self.lease.refusal(silent)
+                log.warning("tunnel %s: %s: rejected: %s", name, peer.describe(), refusal)
+                self._report(SUPERVISOR_SILENT, {"tunnel": name})
+                reject_in_thread(connection, TunnelFailure(refusal, transient=True), name, runtime.leave)
                 answering = True
                 return None
         except (CardAgentError, OSError, RuntimeError) as error:
