@@ -24,7 +24,7 @@ from agent_runner import NOBODY, agent_status, card_session_pid, running_agent, 
 from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.service.metrics import SCRAPE_DEADLINE_SECONDS
 from peers.ports import free_port
-from peers.pynetdicom_scp import echo, tls_scp
+from peers.pynetdicom_scp import associate, echo, tls_scp
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess:
@@ -40,6 +40,11 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample by (name, sorted labels)."""
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def scrape_all(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=15) as response:
+        return samples(response.read().decode())
 
 
 def value(scraped: dict, name: str, **labels: str) -> float:
@@ -329,3 +334,29 @@ def test_counters_of_a_tunnel_changed_in_place_by_a_reload_go_on(test_pki: Provi
     assert "event=sign-out" not in log  # the same card session throughout
     assert status["tunnels"][0]["this_session"]["associations"]["accepted"] == 3
     assert status["tunnels"][0]["since_start"]["associations"]["accepted"] == 3
+
+
+def test_an_association_open_on_a_tunnel_a_reload_removed_is_still_shown_open(test_pki: ProvisionedPki,
+                                                                             tmp_path: Path) -> None:
+    """A reload that removes a tunnel ends none of its associations, which go on; but the metrics and
+    `status` listed only the tunnels of the new configuration: open_connections said 0 while a study
+    still went through, and an admin restarting "when no connection is open" would have cut it."""
+    port = free_port()
+    metrics = {"listen": f"127.0.0.1:{port}"}
+    open_here = ("card_agent_open_connections", (("kind", "retired"), ("listener", "pacs")))
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], metrics=metrics) as agent:
+            association = associate(agent.port(), sop_classes=["1.2.840.10008.1.1"])
+            assert association.is_established
+            write_config(tmp_path / "agent" / "agent.toml", test_pki, [tunnel("other", pacs.port)], metrics=metrics)
+            agent.process.send_signal(signal.SIGHUP)
+            agent.wait_for_log("card session: configuration reloaded: tunnels now other")
+            assert association.send_c_echo().Status == 0  # it goes on
+            during = scrape_all(port)
+            status = agent_status(tmp_path / "agent", test_pki.env())
+            text = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env()).stdout
+            association.release()
+            wait_for(lambda: scrape_all(port)[open_here] == 0)
+    assert during[open_here] == 1
+    assert [(r["name"], r["open_connections"]) for r in status["retired"]] == [("pacs", 1)]
+    assert "tunnel pacs (removed by a reload): 1 open until they end" in text.splitlines()

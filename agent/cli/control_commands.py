@@ -38,6 +38,9 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
              f"{inbound['open_connections']} open, {inbound['bytes_down']} bytes in, {inbound['bytes_up']} out"
              + (f", last error: {inbound['last_error']}" if inbound["last_error"] else ""))
         _say_counts(inbound, "rejected by the local SCP", "out", "in")
+    for retired in answer.get("retired", []):  # an agent from before this key has none
+        if retired["open_connections"]:
+            _say(f"tunnel {retired['name']} (removed by a reload): {retired['open_connections']} open until they end")
     audit = answer["audit"]
     if audit:
         where = " and ".join(filter(None, [audit["file"], audit["repository"]]))

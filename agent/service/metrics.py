@@ -99,7 +99,7 @@ class AgentCollector:
                                      labels=labels)
         histograms = {name: HistogramMetricFamily(f"{PREFIX}_{name}_duration_seconds", DURATION_HELP[name],
                                                   labels=labels) for name in DURATIONS}
-        for name, kind in self._names():
+        for name, kind in self._names(live):
             current = live.get(name, {})
             counts = self.manager.totals.since_start(name, current.get("counts"))
             key = [name, kind]
@@ -121,9 +121,13 @@ class AgentCollector:
                 family.add_metric(key, cumulative_buckets(histogram), histogram["sum_us"] / 1_000_000)
         yield from (associations, broken, rejections, transferred, handshakes, open_now, *histograms.values())
 
-    def _names(self) -> list[tuple[str, str]]:
-        config = self.manager.config  # the listeners of the configuration now in force (SIGHUP reloads it)
-        return [(t.name, "tunnel") for t in config.tunnels] + [(i.name, "inbound") for i in config.inbound]
+    def _names(self, live: dict[str, dict]) -> list[tuple[str, str]]:
+        """The listeners of the configuration now in force (SIGHUP reloads it), and those a reload
+        removed while the card session still counts them (kind "retired"): an association open on one
+        goes on, and an admin waiting for no open connection must see it."""
+        config = self.manager.config
+        names = [(t.name, "tunnel") for t in config.tunnels] + [(i.name, "inbound") for i in config.inbound]
+        return names + [(name, "retired") for name in sorted(live) if live[name].get("retired")]
 
     def _card(self, manager: SessionManager) -> Iterator[Metric]:
         state = GaugeMetricFamily(f"{PREFIX}_card_state", "1 for the card life-cycle's current state",

@@ -141,6 +141,9 @@ class ControlServer:
                  **self._counters(i.name, counters)}
                 for i in self.config.inbound
             ],
+            # Listeners a reload removed, whose associations still run in this card session.
+            "retired": [{"name": name, **self._counters(name, counters)} for name in sorted(counters)
+                        if counters[name].get("retired")],
             "audit": manager.audit.trail.status() if manager.audit.trail is not None else None,
             "crls": self.crls.status(),
         }

@@ -334,8 +334,12 @@ def _status(runtimes: Runtimes, retired: list[TunnelRuntime | InboundRuntime], *
     tunnels = {name: runtime.counters() for name, runtime in runtimes.items()}
     for runtime in retired:
         counters = runtime.counters()
-        entry = tunnels.setdefault(runtime.config.name, {"counts": empty_counts()})
+        entry = tunnels.setdefault(runtime.config.name, {  # a tunnel the reload removed: shown while it serves
+            "open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None, "counts": empty_counts(),
+            "retired": True})
         add_counts(entry["counts"], counters["counts"])  # type: ignore[arg-type]
+        # Its associations still open go on (a reload ends none): they count as open, where they run.
+        entry["open_connections"] = int(entry.get("open_connections", 0)) + int(counters["open_connections"])  # type: ignore[call-overload]
     return {"type": "status", "final": final, "tunnels": tunnels}
 
 
