@@ -248,3 +248,34 @@ def test_a_card_session_process_ends_with_a_killed_supervisor_and_removes_the_ca
     else:  # the end of the channel or the watch, whichever is first
         assert ("card session ending: the agent went away" in log
                 or f"the agent (pid {agent.process.pid}) has ended" in log), log
+
+
+def test_a_card_pulled_and_put_back_between_two_looks_signs_in_again(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """Pulled and put back between two looks of the card loop, the card looks the same (label and
+    serial), but its login is gone: the card session stayed "signed in" and every full handshake
+    failed with "EVP lib" until the card was pulled again. The first handshake the card cannot sign
+    now ends the session as a lost one, and the card signs in again (the PIN here comes from the
+    environment; a dialog asks for it otherwise). The fault module stands for the card: a pull and
+    re-insertion within one look cannot be timed with a real reader."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port, session_resumption=False)],
+                           module=str(fault_module), env=card.env(),
+                           audit={"file": str(tmp_path / "audit.log")}) as agent:
+            assert echo(agent.port())
+            card.remove_card()
+            card.insert_card()  # at once: the card loop's next look sees the same card
+            refused = echo(agent.port())
+            agent.wait_for_log('event=sign-out reason="the card no longer signs: its login was lost (the card was '
+                               'pulled and put back, reset, or its reader restarted): SessionHandleInvalid"')
+            wait_for(lambda: agent.log().count('event=sign-in subject="CN=Alice Example') == 2)
+            assert echo(agent.port())
+            log = agent.log()
+    assert not refused
+    assert "card-agent[session]: ERROR: the card no longer signs: its login was lost (the card was pulled and put " \
+           "back, reset, or its reader restarted): SessionHandleInvalid; the card session ends" in log
+    assert "the card did not sign the TLS handshake: its login was lost" in log
+    assert "Traceback" not in log  # python-pkcs11's finalizer on the dead session is not printed
+    assert log.count("event=card-removed") == 0  # the card loop never saw it go

@@ -10,6 +10,7 @@ card-session process, and with it every connection, resumable session, the PIN a
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -60,6 +61,7 @@ from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_mo
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Counts, Totals, add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED, SUPERVISOR_SILENT
+from dicom_card_agent.tunnel.relay import CARD_LOST
 
 log = logging.getLogger("agent.session")
 
@@ -383,7 +385,8 @@ class SessionManager:
         """Sign in to the card of ``pending``; whatever happens is reported to the loop, nothing is raised."""
         card, attempt, scope = pending.card, pending.attempt, pending.scope
         config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
-        session = CardSession(config, on_report=self._session_report, confirm_final_try=self.confirm_final_try)
+        session = CardSession(config, on_report=functools.partial(self._session_report, attempt),
+                              confirm_final_try=self.confirm_final_try)
         pending.session = session  # the loop watches its process while the PIN dialog is open
         try:
             # The card's process probes it; a cancelled sign-in ends that process (scope.ends_with).
@@ -462,9 +465,15 @@ class SessionManager:
         watched = self.machine.card
         return watched.event_fields() if isinstance(watched, (Card, ReaderCard)) else {}
 
-    def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
-        """What a card-session process reports: for the audit trail and the clinician's desktop; a
-        local user it refused on a lent listener is counted here too, as the supervisor's are."""
+    def _session_report(self, attempt: int, kind: str, fields: dict[str, Any]) -> None:
+        """What the card-session process of sign-in ``attempt`` reports: for the audit trail and the
+        clinician's desktop; a local user it refused on a lent listener is counted here too, as the
+        supervisor's are; a card that no longer signs ends its session as a lost one."""
+        if kind == CARD_LOST:
+            # The card's login is gone under the process (the card was reset, or pulled and put back
+            # between two looks): it cannot sign again. Ended as a lost session: the PIN is asked again.
+            self._report(SessionLost(attempt, f"the card no longer signs: {fields.get('reason', '')}"))
+            return
         if kind == SUPERVISOR_SILENT:  # counted as the supervisor's own refusals; nothing for the audit trail
             self.turned_away(fields["tunnel"], "supervisor_silent")
             return

@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from cryptography import x509
-from pkcs11.exceptions import PKCS11Error
+from pkcs11 import ObjectClass
+from pkcs11.exceptions import (
+    DeviceError,
+    DeviceRemoved,
+    MultipleObjectsReturned,
+    NoSuchKey,
+    PKCS11Error,
+    SessionClosed,
+    SessionHandleInvalid,
+    TokenNotPresent,
+)
 from pkcs11.types import Session
 
 from dicom_card_agent import logline
@@ -54,7 +64,9 @@ from dicom_card_agent.token.secret import Secret, make_non_dumpable
 from dicom_card_agent.tunnel.counters import add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import LentListeners, SupervisorLease
 from dicom_card_agent.tunnel.relay import (
+    CARD_LOST,
     PACS_PROBLEM,
+    TOKEN_LOCK,
     InboundRuntime,
     Report,
     TunnelRuntime,
@@ -107,6 +119,59 @@ def _log_in(probed: Probed, start: dict, config: AgentConfig, pin: Secret | None
     return session
 
 
+class CardLoginCheck:
+    """Whether the card still signs, asked after a TLS handshake failed in a way the card may be
+    behind ("EVP lib"). The login session this process keeps must still see the card's private key
+    (private objects are visible only while logged in): a card reset, or pulled and put back between
+    two looks of the card loop (which then sees the same card), lost the login, and every full
+    handshake fails until the session ends. The first time, the supervisor is told (CARD_LOST), and
+    ends the session as a lost one, asking for the PIN again."""
+
+    def __init__(self, session: Session, key_id: bytes, report: Report) -> None:
+        self._session = session
+        self._key_id = key_id
+        self._report = report
+        self._told = False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str | None:
+        reason = self._why_not()
+        if reason is None:
+            return None
+        with self._lock:
+            told, self._told = self._told, True
+        if not told:
+            log.error("the card no longer signs: %s; the card session ends", reason)
+            self._report(CARD_LOST, {"reason": reason})
+        return reason
+
+    def _why_not(self) -> str | None:
+        lost = "its login was lost (the card was pulled and put back, reset, or its reader restarted)"
+        with TOKEN_LOCK:  # one operation on the card at a time (relay.TOKEN_LOCK)
+            try:
+                # A call on the session alone first: a session the card took with it fails here. (A
+                # search on it would fail too, but python-pkcs11 then raises again in a finalizer,
+                # whose traceback Cython prints to the log.)
+                self._session.generate_random(64)
+            except _SESSION_GONE as error:
+                return f"{lost}: {type(error).__name__}"
+            except PKCS11Error:  # no random numbers on this card (RandomNoRNG ...): the search tells
+                pass
+            try:
+                self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=self._key_id)
+            except NoSuchKey:  # the session lives on, logged out
+                return lost
+            except MultipleObjectsReturned:  # seen, more than once: logged in all the same
+                return None
+            except PKCS11Error as error:
+                return f"{lost}: {type(error).__name__}"
+        return None
+
+
+# What a session the card took with it fails with (pulled, reset, its reader restarted).
+_SESSION_GONE = (SessionHandleInvalid, SessionClosed, DeviceRemoved, TokenNotPresent, DeviceError)
+
+
 def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict[str, Secret],
            report: Report, module: LoadedModule) -> tuple[Runtimes, Retuner]:
     files = ClientIdentityFiles(chain=Path(start["chain"]), key=Path(start["key"]), subject=start["subject"],
@@ -114,6 +179,7 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
     # Only if the provider wants to log in itself (this process is logged in already).
     card_pin = pin.password if pin is not None else no_pin
     tls13_capable = start["tls13_capable"]
+    card_lost = CardLoginCheck(_login_sessions[-1], bytes.fromhex(start["key_id"]), report)  # told in any case
     if config.audit is None:  # nobody would read the reports: spare every association the messages
         report = _pacs_problems_only(report) if config.desktop.notifications else no_report
     runtimes: Runtimes = {}
@@ -126,7 +192,7 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
                                          _revocation_alert(report, tunnel.name, tunnel.remote))
         return TunnelRuntime(config=tunnel, context=context, checks=checks, identity=files,
                              trust_ca=str(config.trust.ca), ending=ending, username=_username(tunnel, files.chain),
-                             report=report)
+                             report=report, card_lost=card_lost)
 
     # Every context, and so every key, is made before the first connection: a token key loaded
     # after this process has done handshakes made later server certificates fail to verify

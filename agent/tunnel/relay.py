@@ -97,6 +97,7 @@ waiting for the network, and relays moving data never take it. A handshake that 
 to resume does not take it: it needs no signature, and must not wait seconds behind others that
 do. (Should the server decline the resumption, that one signature is not serialized here; card
 modules such as OpenSC lock the card for each operation themselves.)"""
+CARD_LOST = "card-lost"  # the report of a card session whose card no longer signs (agent/session/manager.py)
 
 
 Report = Callable[[str, dict[str, Any]], None]
@@ -168,6 +169,9 @@ class TunnelRuntime(_Counters):
     ending: SessionEnd = field(default_factory=SessionEnd, kw_only=True)
     username: str | None = field(default=None, kw_only=True)  # for User Identity Negotiation, when asked for
     report: Report = field(default=no_report, kw_only=True)  # for the audit trail
+    # After a TLS failure that may be the card's: why the card no longer signs (its login is gone),
+    # or None; the card-session process tells the supervisor (CARD_LOST) the first time.
+    card_lost: Callable[[], str | None] = field(default=lambda: None, kw_only=True)
     _session: ssl.SSLSession | None = field(default=None, init=False, repr=False)
     _session_resumptions: int = field(default=0, init=False, repr=False)
     _single_use_tickets: bool = field(default=False, init=False, repr=False)
@@ -430,9 +434,20 @@ def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
     except (OSError, ssl.SSLError) as error:
         if runtime.ending.is_set():  # the card left mid-signature ("EVP lib"): not the PACS's doing
             raise TunnelFailure(f"card session ended: {runtime.ending.reason}", transient=True) from None
+        if _may_be_the_cards(error):
+            lost = runtime.card_lost()
+            if lost is not None:
+                raise TunnelFailure(f"the card did not sign the TLS handshake: {lost}", transient=True) from None
         raise handshake_failure(config.remote, error, runtime.identity.describe(), runtime.trust_ca,
                                 config.server_name) from None
     return tls
+
+
+def _may_be_the_cards(error: Exception) -> bool:
+    """A handshake failure the card's signature may be behind ("EVP lib", ...): an OpenSSL error that
+    is neither the server's certificate nor the connection's end."""
+    return isinstance(error, ssl.SSLError) and not isinstance(
+        error, (ssl.SSLCertVerificationError, ssl.SSLEOFError, ssl.SSLZeroReturnError))
 
 
 def _tally_handshake(runtime: TunnelRuntime | InboundRuntime, tls: _Tls, *, signs_on_token: bool) -> None:
