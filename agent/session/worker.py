@@ -125,7 +125,8 @@ class CardLoginCheck:
     (private objects are visible only while logged in): a card reset, or pulled and put back between
     two looks of the card loop (which then sees the same card), lost the login, and every full
     handshake fails until the session ends. The first time, the supervisor is told (CARD_LOST), and
-    ends the session as a lost one, asking for the PIN again."""
+    ends the session as a lost one, asking for the PIN again. A card that is not in the reader (any
+    more) is not told: the card loop sees the removal itself, and ends the session for it."""
 
     def __init__(self, session: Session, key_id: bytes, report: Report) -> None:
         self._session = session
@@ -138,6 +139,8 @@ class CardLoginCheck:
         reason = self._why_not()
         if reason is None:
             return None
+        if not self._card_in_reader():
+            return "the card was removed"
         with self._lock:
             told, self._told = self._told, True
         if not told:
@@ -166,6 +169,16 @@ class CardLoginCheck:
             except PKCS11Error as error:
                 return f"{lost}: {type(error).__name__}"
         return None
+
+
+    def _card_in_reader(self) -> bool:
+        """The card this process signed in with is in its reader now (put back, or never gone)."""
+        token = self._session.token
+        with TOKEN_LOCK:
+            try:
+                return token.slot.get_token().serial == token.serial
+            except PKCS11Error:  # TokenNotPresent, DeviceRemoved: pulled, and not back
+                return False
 
 
 # What a session the card took with it fails with (pulled, reset, its reader restarted).
