@@ -45,15 +45,12 @@ ends the sender thread.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import selectors
 import socket
 import ssl
 import stat
-import struct
-import termios
 import threading
 import time
 from pathlib import Path
@@ -69,6 +66,8 @@ from dicom_card_agent.audit.errors import AuditError, AuditSpoolError
 from dicom_card_agent.audit.relp import Acknowledged, Refused, RelpProtocolError, RelpSession, ServerClosed
 from dicom_card_agent.audit.spool import Spool
 from dicom_card_agent.audit.syslog import frame
+from dicom_card_agent.file_trust import existing
+from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.tls.policy import TLS12_CIPHERS
 
 log = logging.getLogger("agent.audit")
@@ -107,12 +106,10 @@ class FileSink:
         except OSError as error:
             raise AuditError(f"cannot open the audit file {self.path}: {error.strerror}; "
                              "check [audit] file and its directory's permissions") from None
-        check_file_directory(self.path)
         try:
             # The directory, held from now on: the file is found again (after a rotation) in this
-            # directory, which was checked, whatever is later renamed to its name by whoever can write
-            # above it. Its owner and mode are checked again on the handle (it could have been swapped
-            # since the check).
+            # directory, which is checked on the handle, whatever is later renamed to its name by
+            # whoever can write above it.
             self._dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
             raise AuditError(f"cannot open the audit file {self.path}: {error.strerror}; "
@@ -229,10 +226,12 @@ def check_file_directory(path: Path) -> None:
 
 
 def check_file_directory_handle(directory_fd: int, path: Path) -> None:
-    """:func:`check_file_directory` for the directory the file sink holds open (``path``'s, when it
-    was opened): the one its records go to, whatever was renamed since."""
-    check_private_status(Path(path).parent, Path(path).parent, os.fstat(directory_fd), FILE_DIRECTORY,
-                         FILE_DIRECTORY_RISK, elsewhere=FILE_DIRECTORY_ELSEWHERE)
+    """:func:`check_file_directory` for the directory the file sink holds open (``path``'s, as it
+    was opened): what is checked is what its records go to, whatever the path names by then."""
+    found = existing(Path(path).parent)  # for the message: the path as given, and where its links lead
+    given, resolved = (found[0], found[1]) if found is not None else (Path(path).parent, Path(path).parent)
+    check_private_status(given, resolved, os.fstat(directory_fd), FILE_DIRECTORY, FILE_DIRECTORY_RISK,
+                         elsewhere=FILE_DIRECTORY_ELSEWHERE)
 
 
 def client_context(config: SyslogConfig) -> ssl.SSLContext:
@@ -615,7 +614,7 @@ class SyslogTlsSink(RepositorySink):
         try:
             if not self._alive(sock):
                 raise ConnectionLost("the audit repository closed the connection")
-            unacknowledged = _unacknowledged(sock)
+            unacknowledged = unsent_bytes(sock)
             progress = time.monotonic()  # when the repository was last seen taking bytes
             sock.settimeout(CONFIRM_POLL)
             while True:
@@ -627,7 +626,7 @@ class SyslogTlsSink(RepositorySink):
                 except TimeoutError:
                     pass
                 now = time.monotonic()
-                left = _unacknowledged(sock)
+                left = unsent_bytes(sock)
                 if left is not None and unacknowledged is not None and left < unacknowledged:
                     unacknowledged, progress = left, now  # it is reading: a slow repository, not a stopped one
                 elif now - progress >= CONFIRM_TIMEOUT:
@@ -752,15 +751,6 @@ def repository_sink(config: SyslogConfig, spool: Spool) -> RepositorySink:
     if config.transport == "relp":
         return RelpSink(config, spool)
     return SyslogTlsSink(config, spool)
-
-
-def _unacknowledged(sock: socket.socket) -> int | None:
-    """Bytes written to ``sock`` that the peer's TCP has not acknowledged yet (Linux ``SIOCOUTQ``,
-    the same request number as ``TIOCOUTQ``), or ``None`` where the system does not say."""
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
-    except (OSError, ValueError, struct.error):
-        return None
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:

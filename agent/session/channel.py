@@ -3,14 +3,12 @@ with accepted sockets passed along (SCM_RIGHTS), so the card-session process rel
 
 from __future__ import annotations
 
-import fcntl
 import json
 import socket
-import struct
-import termios
 from typing import Any
 
 from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import (
     LoginError,
@@ -82,7 +80,7 @@ def send_lease(channel: socket.socket, seen_at: float) -> bool:
     not read all that was sent before: a stopped or hung process would otherwise have its channel
     filled with leases, and the next message that must get through ("end") would block the card loop.
     ``seen_at`` is a ``time.monotonic()`` value, which every process of the machine reads alike."""
-    if unread_bytes(channel):
+    if unsent_bytes(channel):  # None (not known): sent, as MSG_DONTWAIT keeps the send from waiting
         return False
     data = json.dumps({"type": LEASE, "at": seen_at}).encode()
     try:
@@ -90,14 +88,6 @@ def send_lease(channel: socket.socket, seen_at: float) -> bool:
     except OSError:  # full (BlockingIOError), or the process is gone, which the card loop notices
         return False
     return True
-
-
-def unread_bytes(channel: socket.socket) -> int:
-    """What was sent on ``channel`` and not yet read at the other end (SIOCOUTQ; 0 when unknown)."""
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
-    except OSError:
-        return 0
 
 
 def send_secret(channel: socket.socket, secret: Secret) -> None:
