@@ -46,7 +46,6 @@ def check_trusted_file(path: Path | str, what: str, risk: str) -> None:
     refuse.directories_above(resolved)
 
 
-
 def existing(path: Path | str) -> tuple[Path, Path, os.stat_result] | None:
     """``path`` made absolute, the same with its links followed, and what that is; None when
     nothing is there (the callers say so in their own words)."""

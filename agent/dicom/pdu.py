@@ -323,8 +323,9 @@ class PDataInspector:
                  data_set_prefix: int = 0, prefixes_at_once: int = DEFAULT_DATA_SET_PREFIXES_AT_ONCE,
                  accepted_contexts: Container[int] = ANY_CONTEXT_ID) -> None:
         self._limit = max_command_set_length
-        # PS3.8 9.3.5: a PDV's presentation context is one the association accepted. A relay starts
-        # with none (before the A-ASSOCIATE-AC no P-DATA may pass) and learns them from the AC.
+        # PS3.8 9.3.5: a PDV's presentation context is one the association accepted. A relay's
+        # acceptor direction starts with none (no P-DATA before the A-ASSOCIATE-AC) and takes them
+        # from the AC; its requestor direction takes any until the AC has passed.
         self._accepted = accepted_contexts
         self._prefix_limit = data_set_prefix  # 0: data sets are only counted
         self._prefixes_at_once = prefixes_at_once

@@ -101,7 +101,7 @@ class AgentCollector:
                                                   labels=labels) for name in DURATIONS}
         for name, kind in self._names(live):
             current = live.get(name, {})
-            counts = self.manager.totals.since_start(name, current.get("counts"))
+            counts = self.manager.totals.since_start(name)
             key = [name, kind]
             for outcome in ("accepted", "rejected", "refused"):
                 associations.add_metric([*key, outcome, ""], counts["associations"].get(outcome, 0))

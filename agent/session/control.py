@@ -154,7 +154,7 @@ class ControlServer:
         current = dict(session_counters.get(name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0,
                                                    "last_error": None}))
         counts = current.pop("counts", None)
-        since_start = self.manager.totals.since_start(name, counts)
+        since_start = self.manager.totals.since_start(name)
         since_start.pop(DURATIONS_KEY, None)  # histograms are for the metrics (agent/service/metrics.py)
         if counts is not None:
             counts = {key: value for key, value in counts.items() if key != DURATIONS_KEY}

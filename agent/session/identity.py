@@ -79,7 +79,7 @@ _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 def runtime_directory(config: AgentConfig) -> Path:
     """A private (0700) directory for the session's public files."""
-    base = config.runtime_dir or runtime_directories(config)[0]
+    base = runtime_directories(config)[0]
     elsewhere = ("set [agent] runtime_dir to a private directory of yours, or run the agent in a login "
                  "session (XDG_RUNTIME_DIR)")
     try:

@@ -94,9 +94,8 @@ class SessionTotals(Totals):
     A session is counted from its sign-in (:meth:`serving`) until :meth:`take` moves its final
     counts into the totals, in one step under one lock: ending a session that does not answer takes
     up to 4 s, and a scrape then must see it neither missing nor twice. Each session's counts are
-    those of its latest ``status`` answer (``CardSession.last_counts``), which the caller's
-    ``current`` came from, so ``current`` itself is not added: it may belong to a session that was
-    taken into the totals after the caller asked it."""
+    those of its latest ``status`` answer (``CardSession.last_counts``), not an answer the caller
+    holds, which may belong to a session taken into the totals since the caller asked it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,9 +113,10 @@ class SessionTotals(Totals):
             self.session_ended(session.last_counts)
             self._counted = [each for each in self._counted if each is not session]
 
-    def since_start(self, name: str, current: Counts | None) -> Counts:
+    def since_start(self, name: str) -> Counts:
+        """Ended sessions, the sessions counted now, and what the supervisor turned away."""
         with self._sessions_lock:
-            counts = super().since_start(name, None)
+            counts = super().since_start(name)
             for session in self._counted:
                 add_counts(counts, session.last_counts.get(name, empty_counts()))
         return counts

@@ -170,7 +170,6 @@ class CardLoginCheck:
                 return f"{lost}: {type(error).__name__}"
         return None
 
-
     def _card_in_reader(self) -> bool:
         """The card this process signed in with is in its reader now (put back, or never gone)."""
         token = self._session.token
@@ -418,7 +417,7 @@ def _status(runtimes: Runtimes, retired: list[TunnelRuntime | InboundRuntime], *
             "retired": True})
         add_counts(entry["counts"], counters["counts"])  # type: ignore[arg-type]
         # Its associations still open go on (a reload ends none): they count as open, where they run.
-        entry["open_connections"] = int(entry.get("open_connections", 0)) + int(counters["open_connections"])  # type: ignore[call-overload]
+        entry["open_connections"] += counters["open_connections"]  # type: ignore[operator]
     return {"type": "status", "final": final, "tunnels": tunnels}
 
 

@@ -155,12 +155,10 @@ class Totals:
         with self._lock:
             self._turned_away.setdefault(name, Counter())[reason] += 1
 
-    def since_start(self, name: str, current: Counts | None) -> Counts:
-        """Ended sessions plus the running one (``current``), and what the supervisor turned away."""
+    def since_start(self, name: str) -> Counts:
+        """Ended sessions, and what the supervisor turned away."""
         counts = empty_counts()
         with self._lock:
             add_counts(counts, self._ended.get(name, {}))
             counts["associations"]["turned_away"] = dict(self._turned_away.get(name, {}))
-        if current:
-            add_counts(counts, current)
         return counts
