@@ -7,11 +7,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
+import threading
 import time
 from pathlib import Path
 
 from agent_runner import (
     FramedEchoServer,
+    associate_rq,
     card_session_pid,
     dicom_stream,
     echoed,
@@ -120,3 +123,77 @@ def test_an_application_that_holds_its_connection_does_not_hold_up_the_next_ones
             after = _threads(session)
     assert took < 5, f"5 associations took {took:.1f} s while 3 connections sent nothing"
     assert after <= before, f"the card session went from {before} to {after} threads over 20 associations"
+
+
+class _HoldingPacs:
+    """A TLS PACS that completes each handshake, notes when, and then holds the connection without
+    a word for ``hold`` seconds (a PACS busy with a long association)."""
+
+    def __init__(self, test_pki: ProvisionedPki, hold: float) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
+        self.context.load_verify_locations(test_pki.ca_bundle)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.hold = hold
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.handshakes: list[float] = []  # time.monotonic() of each completed handshake
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(raw,), daemon=True).start()
+
+    def _answer(self, raw: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(raw, server_side=True):
+                self.handshakes.append(time.monotonic())
+                time.sleep(self.hold)
+        except OSError:
+            raw.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_connections_waiting_on_several_tunnels_at_once_are_all_served_at_once(test_pki: ProvisionedPki,
+                                                                               tmp_path: Path) -> None:
+    """Applications that connect to four tunnels while the card-session process is busy (stopped
+    here) are all taken as soon as it runs again, each to its own PACS, though every PACS holds its
+    association for 10 s. (One epoll wait used to return every listener ready at once, armed for no
+    other thread: the thread served the first association to its end and the others waited behind
+    it, 10 s each.)"""
+    names = [f"pacs{index}" for index in range(4)]
+    servers = {name: _HoldingPacs(test_pki, hold=10) for name in names}
+    applications: list[socket.socket] = []
+    try:
+        with running_agent(test_pki, tmp_path / "agent",
+                           [tunnel(name, servers[name].port) for name in names]) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            session = card_session_pid(agent.process.pid)
+            assert session is not None
+            stop_process(session)
+            try:
+                for name in names:
+                    application = socket.create_connection(("127.0.0.1", agent.port(name)), timeout=5)
+                    application.sendall(associate_rq())
+                    applications.append(application)
+            finally:
+                os.kill(session, signal.SIGCONT)
+            resumed = time.monotonic()
+            deadline = resumed + 8
+            while time.monotonic() < deadline and not all(servers[name].handshakes for name in names):
+                time.sleep(0.05)
+            waited = {name: round(servers[name].handshakes[0] - resumed, 2) if servers[name].handshakes else None
+                      for name in names}
+    finally:
+        for application in applications:
+            application.close()
+        for server in servers.values():
+            server.close()
+    assert all(seconds is not None and seconds < 3 for seconds in waited.values()), \
+        f"seconds from the card session running again to each PACS's handshake: {waited}"

@@ -198,7 +198,10 @@ class LentListeners:
         try:
             while not self._stop.is_set():
                 try:
-                    events = self._epoll.poll(TICK_SECONDS)
+                    # One event at a time: a listener's event is armed for this thread alone
+                    # (EPOLLONESHOT) and this thread serves what it takes to the end, so events
+                    # taken with it would wait for that association to end.
+                    events = self._epoll.poll(TICK_SECONDS, 1)
                     if not events:
                         self._silence()  # the lapse is logged as it comes, not with the next connection
                         self._capacity_refusals.flush()
