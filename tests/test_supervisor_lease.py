@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,3 +138,25 @@ def test_an_idle_agent_whose_supervisor_is_fine_keeps_its_lease(
         log = agent.wait_for_log(" resumed to ")  # the TLS session was kept all along
         assert len(pacs.associations) == 2
     assert "has not answered" not in log and "answers again" not in log, log
+
+
+def test_a_card_session_process_that_was_itself_stopped_admits_the_application_that_waited(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """The card-session process, not the supervisor, stopped past the lease (in life: starved or
+    swapped out) while an application connected: the supervisor's next lease comes within a second
+    of the process reading its channel again, so the application is served, and the supervisor is
+    not blamed. (It was refused with "the agent's supervisor ... has not answered for 8 s", and
+    troubleshooting.md sent the admin to continue a supervisor that had run all along.)"""
+    with signed_in_with_resumption(test_pki, tmp_path, fault_module) as (_, pacs, agent):
+        worker = card_session_pid(agent.process.pid)
+        assert worker is not None
+        echoed: list[bool] = []
+        with stopped(worker):
+            application = threading.Thread(target=lambda: echoed.append(echo(agent.port())))
+            application.start()
+            time.sleep(PAST_THE_LEASE)
+        application.join(20)
+        log = agent.log()
+    assert echoed == [True], log
+    assert len(pacs.associations) == 2
+    assert "has not answered" not in log, log

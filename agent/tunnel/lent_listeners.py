@@ -57,6 +57,7 @@ TICK_SECONDS = 1.0  # how often a waiting thread tells the refusal counts that a
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 PEER_REFUSED = "peer-refused"  # the report the supervisor audits and counts (agent/session/manager.py)
 SUPERVISOR_SILENT = "supervisor-silent"  # an association refused past the lease: the supervisor counts it
+RENEWAL_GRACE_SECONDS = 1.5  # the supervisor renews every second once its latest lease was read
 
 
 def _who(connection: socket.socket) -> str:
@@ -78,27 +79,34 @@ class SupervisorLease:
         self.seconds = seconds
         # Called as each episode starts and as it ends (LentListeners forgets the TLS sessions then).
         self.on_change: Callable[[], None] = lambda: None
-        self._lock = threading.Lock()
+        self._renewed = threading.Condition()
         self._seen_at = time.monotonic()  # given at the sign-in, which the supervisor has just made
         self._lapsed = False
 
     def renew(self, seen_at: float) -> None:
         """A lease message: the supervisor saw the card at ``seen_at`` (``time.monotonic()``). One
         that waited in the channel (sent before a stall) counts for when it was sent, not read."""
-        with self._lock:
+        with self._renewed:
             self._seen_at = max(self._seen_at, min(seen_at, time.monotonic()))
             silent = time.monotonic() - self._seen_at
             ended = self._lapsed and silent < self.seconds
             if ended:
                 self._lapsed = False
+            self._renewed.notify_all()
         if ended:
             log.info("%s answers again: new associations are admitted again", self._who)
             self.on_change()
 
     def silence(self) -> float | None:
         """Seconds since the supervisor last vouched for the card, once past the lease; None while
-        the lease holds. The first call to find it past starts the episode."""
-        with self._lock:
+        the lease holds. The first call to find it past starts the episode, after a grace of
+        RENEWAL_GRACE_SECONDS for a renewal: when this process itself was not running (stopped,
+        starved), the supervisor's latest lease is still to be read, and its next one comes within a
+        second of that; blaming the supervisor then would refuse the applications that waited."""
+        with self._renewed:
+            if not self._lapsed:
+                self._renewed.wait_for(lambda: time.monotonic() - self._seen_at < self.seconds,
+                                       timeout=RENEWAL_GRACE_SECONDS)
             silent = time.monotonic() - self._seen_at
             if silent < self.seconds:
                 return None
