@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,7 +151,9 @@ def test_every_refusal_reason_on_a_real_token(lab_token: dict[str, str]) -> None
     assert found["Server Only"]["reason"] == (
         "wrong key usage: digitalSignature is not allowed by the certificate; "
         "wrong key usage: the certificate's extended key usage has no TLS clientAuth")
-    assert found["Future"]["reason"].startswith("not yet valid: valid from ")
+    assert re.fullmatch(r"not yet valid: valid from \d{4}-\d\d-\d\d \d\d:\d\d UTC, and this computer's clock says "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d UTC: if that is wrong, correct the clock",
+                        found["Future"]["reason"]), found["Future"]["reason"]
     assert not any(entry["usable"] for entry in found.values())
 
 

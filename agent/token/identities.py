@@ -267,7 +267,9 @@ def _judge(cert, key_id, label, token, mechanisms, private_keys, public_keys, *,
         problems.append("CA certificate, not a personal identity")
         return identity
     if now < cert.not_valid_before_utc:
-        problems.append(f"not yet valid: valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+        # A workstation whose clock was reset (before NTP) sees every card so: say which clock.
+        problems.append(f"not yet valid: valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC, and this "
+                        f"computer's clock says {now:%Y-%m-%d %H:%M} UTC: if that is wrong, correct the clock")
     if now > cert.not_valid_after_utc:
         problems.append(f"expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: ask for a new certificate")
     problems.extend(_usage_problems(cert))
