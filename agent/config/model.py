@@ -231,10 +231,12 @@ def load_config(path: Path) -> AgentConfig:
     for item in crl_items:
         if not isinstance(item, str):
             raise trust.error("crl", f"entries must be file paths, not {item!r}")
-        crl_path = (base / os.path.expanduser(item)).resolve()
-        if not crl_path.is_file():
-            raise trust.error("crl", f"file {crl_path} does not exist")
-        crl_paths.append(crl_path)
+        # Whether the file is there and holds CRLs is not checked here but by reading it
+        # (dicom_card_agent.trust.crls), one way for all: at start and on a reload of new files
+        # (config/preflight.py: refused, naming the file), and while the agent runs, when a file
+        # being replaced is missing for a moment (its last good CRLs kept), which `status` must
+        # survive: it loads this configuration too.
+        crl_paths.append((base / os.path.expanduser(item)).resolve())
     crl_expired = trust.take("crl_expired", str, "refuse")
     if crl_expired not in CRL_EXPIRED_CHOICES:
         raise trust.error("crl_expired", f"{crl_expired!r} is not one of {', '.join(map(repr, CRL_EXPIRED_CHOICES))}: "

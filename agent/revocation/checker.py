@@ -1,14 +1,16 @@
 """Gathering revocation answers for a chain: CRL files, cached answers, and fetches that never
 hold up more than the association that needs them.
 
-Fetches run in a small pool of threads; an association whose certificate has no fresh answer yet
-waits for them at most ``timeout`` seconds (the first, uncached check), other associations go on
-meanwhile (each relays in its own thread, and a cached answer costs a dictionary look-up). Each
-fetch is over within ``timeout`` of its start, however slowly its source sends (sources.py), so a
-thread of the pool is never held longer, and a source too slow fails like one that is down. A
-refresher thread fetches every answer again before it goes stale, so associations do not wait
-after the first. Answers are kept on disk as the bytes the source sent, and judged again (issuer's
-signature, freshness) when read after a restart: a file in the cache cannot plant an answer.
+Each source being fetched has a thread of its own (see :data:`MAX_FETCHES_AT_ONCE`); an
+association whose certificate has no fresh answer yet waits for them at most ``timeout`` seconds
+(the first, uncached check), other associations go on meanwhile (each relays in its own thread,
+and a cached answer costs a dictionary look-up). Each fetch is over within ``timeout`` of its
+start, however slowly its source sends (sources.py), so a source too slow fails like one that is
+down. A refresher thread fetches every answer again before it goes stale, so associations do not
+wait after the first. Answers are kept on disk as the bytes the source sent, and judged again
+(issuer's signature, freshness) when read after a restart: a file in the cache cannot plant an
+answer. An answer older than the one held (a replay) never replaces it, and a certificate seen
+revoked stays revoked (:meth:`RevocationChecker._older_than_held`, :meth:`RevocationChecker._remember`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives import hashes
 from dicom_card_agent.revocation.decision import Answer, CertificateAnswers, Policy, Status, Verdict, decide
 from dicom_card_agent.revocation.sources import (
     FetchError,
+    Issued,
     Judged,
     crl_urls,
     http_get,
@@ -40,8 +43,18 @@ from dicom_card_agent.revocation.sources import (
     judge_ocsp,
     ocsp_request,
     ocsp_urls,
+    source_name,
 )
-from dicom_card_agent.trust.crls import CrlStore, FileCrl, _covers, _crl_signed_by, issuer_chain, name
+from dicom_card_agent.trust.crls import (
+    CrlStore,
+    FileCrl,
+    _covers,
+    _crl_signed_by,
+    entry_reason,
+    issuer_chain,
+    name,
+    revoked_entry,
+)
 from dicom_card_agent.trust.crls import describe as _describe_now
 
 log = logging.getLogger("agent.revocation")
@@ -53,6 +66,14 @@ MAX_REMEMBERED_CHAINS = 1024  # peers' chains and sources kept found; forgotten 
 FAILURE_HOLD = 30.0  # seconds a source that failed is not waited for again (its failure is the answer)
 LOOK_AT_MOST_EVERY = 60.0  # seconds the refresher sleeps when nothing is due sooner
 VERDICT_REUSE = datetime.timedelta(seconds=1)  # an "allow" for a peer serves its next associations this long
+MAX_FETCHES_AT_ONCE = 64
+"""Fetches under way at once, each in a thread of its own. Not a small pool: with 4 threads, four
+sources that never answer held them all for ``timeout``, and a healthy PACS's first check waited
+behind them and was refused. A thread per source in flight (one per source, shared by every
+association that needs it) lets no source delay another's fetch; each ends within ``timeout``, so
+this many is reached only by that many distinct dead sources at once, and then the next source is
+not asked (logged) rather than a thread started for every peer's certificate."""
+HELD_REASON = "certificateHold"  # the one revocation that can be lifted: it alone does not stay
 
 
 @functools.lru_cache(maxsize=MAX_REMEMBERED_CHAINS)
@@ -116,7 +137,11 @@ class RevocationChecker:
         self._sources_of: dict[tuple[x509.Certificate, x509.Certificate], list[_Source]] = {}
         self._answers_changed = 0  # counts answers learnt (or failures) since start: see check()
         self._allowed: dict[tuple[x509.Certificate, Policy], tuple[tuple[int, int], datetime.datetime]] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="revocation-fetch")
+        self._issued: dict[str, Issued] = {}  # when the answer held for each source was made
+        # Certificates a fetched answer said revoked: they stay revoked however a later answer reads.
+        # Not bounded: only certificates of [trust] ca's CAs that a CA revoked get here, a handful.
+        self._revoked: dict[x509.Certificate, Answer] = {}
+        self._too_many_logged = False
         self._wake = threading.Event()
         if refresh:
             threading.Thread(target=self._refresher, name="revocation-refresh", daemon=True).start()
@@ -181,6 +206,10 @@ class RevocationChecker:
 
     def _answers(self, cert: x509.Certificate, issuer: x509.Certificate, is_leaf: bool, now: datetime.datetime,
                  deadline: datetime.datetime, given_up: concurrent.futures.Future[str] | None) -> CertificateAnswers:
+        with self._lock:
+            revoked = self._revoked.get(cert)
+        if revoked is not None:
+            return CertificateAnswers(describe(cert), (revoked,), is_leaf)
         answers: list[Answer] = []
         file_answer = self._file_answer(cert, issuer, is_leaf, now)
         if file_answer is not None:
@@ -278,6 +307,10 @@ class RevocationChecker:
                 self._judged = {k: v for k, v in self._judged.items() if k[0] != source.key}
                 self._raw[source.key] = raw
             self._judged[(source.key, source.cert.serial_number)] = judged
+            if judged.issued is not None:
+                self._issued[source.key] = judged.issued
+            if judged.answer.status is Status.REVOKED and judged.answer.reason != HELD_REASON:
+                self._revoked.setdefault(source.cert, judged.answer)
             self._failures.pop((source.key, source.cert.serial_number), None)
             self._answers_changed += 1
             self._known[source.key] = source
@@ -287,28 +320,47 @@ class RevocationChecker:
         self._wake.set()
 
     def _fetch(self, source: _Source) -> concurrent.futures.Future[Judged]:
-        """The fetch of ``source`` under way, or a new one: concurrent associations share it (it ends
-        within ``timeout`` of its start, answered or failed, so none waits on a stuck one)."""
+        """The fetch of ``source`` under way, or a new one in a thread of its own: concurrent
+        associations share it (it ends within ``timeout`` of its start, answered or failed, so none
+        waits on a stuck one, and no source waits for another's: :data:`MAX_FETCHES_AT_ONCE`)."""
         with self._lock:
             future = self._pending.get(source.key)
-            if future is None:
-                future = self._pool.submit(self._fetch_now, source)
-                self._pending[source.key] = future
-                future.add_done_callback(lambda _: self._done(source.key))
+            if future is not None:
+                return future
+            future = concurrent.futures.Future()
+            if len(self._pending) >= MAX_FETCHES_AT_ONCE:
+                future.set_result(self._not_asked(source))
+                return future
+            self._too_many_logged = False
+            self._pending[source.key] = future
+        threading.Thread(target=self._fetch_into, args=(source, future), name="revocation-fetch", daemon=True).start()
         return future
+
+    def _fetch_into(self, source: _Source, future: concurrent.futures.Future[Judged]) -> None:
+        try:
+            future.set_result(self._fetch_now(source))
+        except Exception as error:  # a bug: the associations waiting get it, and the next one fetches again
+            future.set_exception(error)
+        finally:
+            self._done(source.key)
+
+    def _not_asked(self, source: _Source) -> Judged:
+        """The answer of a source not asked because :data:`MAX_FETCHES_AT_ONCE` fetches are under
+        way (called under the lock). Not held as a failure: the next association asks again."""
+        why = (f"{_source_name(source)} was not asked: {MAX_FETCHES_AT_ONCE} fetches from other sources are under "
+               "way (the most at once), none answered yet")
+        if not self._too_many_logged:
+            self._too_many_logged = True
+            log.warning("revocation: %s; each ends within %g s ([trust] revocation_timeout)", why, self.timeout)
+        return Judged(Answer(_source_name(source), Status.NO_ANSWER, why), None)
 
     def _done(self, key: str) -> None:
         with self._lock:
             self._pending.pop(key, None)
 
     def _fetch_now(self, source: _Source) -> Judged:
-        nonce = None
         try:
-            if source.kind == "ocsp":
-                request, nonce = ocsp_request(source.cert, source.issuer)
-                raw = http_post_ocsp(source.url, request, self.timeout)
-            else:
-                raw = http_get(source.url, self.timeout)
+            raw, nonce = self._ask(source)
         except FetchError as error:
             log.warning("revocation: %s about %s: %s", _source_name(source), describe(source.cert), error)
             failed = Judged(Answer(_source_name(source), Status.NO_ANSWER, f"{_source_name(source)}: {error}"), None)
@@ -318,13 +370,57 @@ class RevocationChecker:
         judged = self._judge(source, raw, now, nonce)
         if judged.fresh_until is None:
             self._failed(source, judged.answer)
-        if judged.fresh_until is not None:
-            self._remember(source, raw, judged, now, store=True)
-            log.info("revocation: %s says %s about %s, fresh until %s UTC", _source_name(source),
-                     judged.answer.status.value, describe(source.cert), f"{judged.fresh_until:%Y-%m-%d %H:%M}")
-        else:
             log.warning("revocation: %s", judged.answer.detail)
+            return judged
+        kept = self._older_than_held(source, judged, now)
+        if kept is not None:
+            return kept
+        self._remember(source, raw, judged, now, store=True)
+        log.info("revocation: %s says %s about %s, fresh until %s UTC", _source_name(source),
+                 judged.answer.status.value, describe(source.cert), f"{judged.fresh_until:%Y-%m-%d %H:%M}")
         return judged
+
+    def _ask(self, source: _Source) -> tuple[bytes, bytes | None]:
+        """The source's answer as it sent it, and the nonce of the OCSP request (None for a CRL)."""
+        if source.kind == "ocsp":
+            request, nonce = ocsp_request(source.cert, source.issuer)
+            return http_post_ocsp(source.url, request, self.timeout), nonce
+        return http_get(source.url, self.timeout), None
+
+    def _older_than_held(self, source: _Source, judged: Judged, now: datetime.datetime) -> Judged | None:
+        """None when ``judged`` may replace the answer held for ``source``; else (it was made before
+        the held one: a replay of an older, still unexpired answer, as a "good" one from before the
+        revocation) what the held answer says now. A held answer that went stale leaves the
+        source unanswered until it sends one at least as new."""
+        held = self._held_issued(source, now)
+        if held is None or judged.issued is None or not judged.issued.before(held):
+            return None
+        name = _source_name(source)
+        why = (f"{name} sent an answer about {describe(source.cert)} made {_issued_text(judged.issued)}, older than "
+               f"the one held (made {_issued_text(held)}): a replayed answer, ignored")
+        log.warning("revocation: %s; the held answer stays", why)
+        with self._lock:
+            raw = self._raw.get(source.key)
+        raw = raw or self._cache.load(source.key)
+        if raw is not None:
+            kept = self._judge(source, raw, now, nonce=None)
+            if kept.fresh_until is not None and kept.fresh_until > now:
+                self._remember(source, raw, kept, now, store=False)
+                return kept
+        failed = Judged(Answer(name, Status.NO_ANSWER, why), None)
+        self._failed(source, failed.answer)
+        return failed
+
+    def _held_issued(self, source: _Source, now: datetime.datetime) -> Issued | None:
+        """When the answer held for ``source`` was made: in memory, or in the cache after a restart
+        (judged again: only a verified answer counts, stale or not)."""
+        with self._lock:
+            issued = self._issued.get(source.key)
+        if issued is None:
+            raw = self._cache.load(source.key)
+            if raw is not None:
+                issued = self._judge(source, raw, now, nonce=None).issued
+        return issued
 
     def _failed(self, source: _Source, answer: Answer) -> None:
         with self._lock:
@@ -362,7 +458,12 @@ def _decided(answers: Sequence[Answer]) -> bool:
 
 
 def _source_name(source: _Source) -> str:
-    return f"OCSP responder {source.url}" if source.kind == "ocsp" else f"CRL {source.url}"
+    return source_name(source.kind, source.url)
+
+
+def _issued_text(issued: Issued) -> str:
+    number = f", CRL number {issued.number}" if issued.number is not None else ""
+    return f"{issued.at:%Y-%m-%d %H:%M:%S} UTC{number}"
 
 
 def file_answer(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence[FileCrl], now: datetime.datetime,
@@ -370,6 +471,11 @@ def file_answer(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence
                 warn_expired: Callable[[FileCrl], None] = lambda _: None) -> Answer | None:
     """What the CRL files of [trust] crl say about ``cert``: None when none is of its issuer and it
     is an intermediate (files are fail-closed for the leaf only, as before OCSP and CDP)."""
+    listed = revoked_entry(cert, issuer, crls)
+    if listed is not None:
+        crl, entry = listed
+        return Answer(f"CRL file {crl.path}", Status.REVOKED, revoked_at=entry.revocation_date_utc,
+                      reason=entry_reason(entry))
     candidates = [c for c in crls if c.crl.issuer == cert.issuer and _covers(c.crl, cert)]
     if not candidates:
         if not is_leaf:
@@ -384,15 +490,6 @@ def file_answer(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence
         return Answer(f"CRL file {files}", Status.NO_ANSWER,
                       f"the CRL of {name(cert.issuer)} in {files} has an invalid signature (not signed by "
                       f"{describe(issuer)}): fetch the CA's genuine CRL")
-    for crl in genuine:
-        revoked = crl.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-        if revoked is not None:
-            try:
-                reason: str | None = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
-            except x509.ExtensionNotFound:
-                reason = None
-            return Answer(f"CRL file {crl.path}", Status.REVOKED, revoked_at=revoked.revocation_date_utc,
-                          reason=reason)
     current = [c for c in genuine if not c.expired(now)]
     if current:
         return Answer(f"CRL file {current[0].path}", Status.GOOD)

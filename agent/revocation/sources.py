@@ -16,9 +16,11 @@ import datetime
 import http.client
 import logging
 import os
+import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
+from dicom_card_agent.logline import printable
 from dicom_card_agent.revocation.decision import Answer, Status
-from dicom_card_agent.trust.crls import _covers, _crl_signed_by, name
+from dicom_card_agent.trust.crls import MAX_CRL_BYTES, _covers, _crl_signed_by, _in_scope, entry_reason, name
 from dicom_card_agent.tunnel.resolver import ResolverTimeoutError, resolve_stream
 
 log = logging.getLogger("agent.revocation")
@@ -39,15 +42,34 @@ log = logging.getLogger("agent.revocation")
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 """How far thisUpdate may lie in the future and nextUpdate in the past: clocks of workstations drift."""
 
-MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # a CRL of a big hospital PKI is a few MB at most
+MAX_RESPONSE_BYTES = MAX_CRL_BYTES  # what a source sends is a CRL at most, as a CRL file holds
+
+_NOT_IN_A_URL = re.compile("[\x00-\x20\x7f]")  # what http.client refuses in a request line: controls, spaces
+
+
+@dataclass(frozen=True)
+class Issued:
+    """When a verified answer was made: an OCSP response's thisUpdate, a CRL's lastUpdate and CRLNumber."""
+
+    at: datetime.datetime
+    number: int | None = None
+
+    def before(self, other: Issued) -> bool:
+        """Whether this answer is older than ``other``: a lower CRLNumber, or an earlier date (either
+        is enough: a CA numbers and dates its CRLs in the same order, so a CRL that contradicts
+        the one held in either is not taken for a newer one)."""
+        lower = self.number is not None and other.number is not None and self.number < other.number
+        return lower or self.at < other.at
 
 
 @dataclass(frozen=True)
 class Judged:
-    """An answer and until when it may be used without asking again (None: not to be kept)."""
+    """An answer and until when it may be used without asking again (None: not to be kept);
+    ``issued`` once its signature is verified, stale or not (to recognise a replayed older one)."""
 
     answer: Answer
     fresh_until: datetime.datetime | None
+    issued: Issued | None = None
 
 
 def ocsp_urls(cert: x509.Certificate) -> list[str]:
@@ -80,20 +102,49 @@ def _unreadable(cert: x509.Certificate, extension: str, error: ValueError) -> No
                 "revocation policy decides as for a certificate without it", extension, name(cert.subject), error)
 
 
+def source_name(kind: str, url: str) -> str:
+    """How answers, log lines and refusals name a source ("ocsp" or "crl"); the URL comes from a
+    peer's certificate, so what could break a line is escaped."""
+    shown = printable(url)
+    return f"OCSP responder {shown}" if kind == "ocsp" else f"CRL {shown}"
+
+
 class FetchError(Exception):
     """The source did not answer usably; the message names it and says why."""
 
 
 def http_get(url: str, timeout: float) -> bytes:
-    return _http(urllib.request.Request(url), url, timeout)
+    return _http(url, timeout)
 
 
 def http_post_ocsp(url: str, body: bytes, timeout: float) -> bytes:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/ocsp-request"})
-    return _http(request, url, timeout)
+    return _http(url, timeout, body, {"Content-Type": "application/ocsp-request"})
 
 
-def _http(request: urllib.request.Request, url: str, timeout: float) -> bytes:
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched at all, None when it can: checked before any network step, so
+    that a malformed URL in a certificate is that source's failure, not an exception of the check."""
+    if _NOT_IN_A_URL.search(url):
+        return "it holds a control character or a space"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _port = parts.hostname, parts.port  # the port parsed: ValueError unless a number up to 65535
+    except ValueError as error:
+        return str(error)
+    if not host:
+        return "it names no host"
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return "its host name cannot be looked up (a label empty or longer than 63 characters)"
+    return None
+
+
+def _http(url: str, timeout: float, body: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
+    shown = printable(url)
+    problem = url_problem(url)
+    if problem is not None:
+        raise FetchError(f"this source cannot be asked: invalid URL {shown} ({printable(problem)})")
     deadline = _Deadline(timeout)
     # No proxy, from the environment or elsewhere: revocation sources of a hospital PKI are inside
     # the hospital. Plain http only, redirects too, so that every wait is under the deadline.
@@ -103,26 +154,26 @@ def _http(request: urllib.request.Request, url: str, timeout: float) -> bytes:
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with opener.open(urllib.request.Request(url, data=body, headers=headers or {}), timeout=timeout) as response:
             data = response.read(MAX_RESPONSE_BYTES + 1)
     except urllib.error.HTTPError as error:
         error.close()
-        raise FetchError(f"{url} answered HTTP {error.code} {error.reason}") from None
+        raise FetchError(f"{shown} answered HTTP {error.code} {printable(str(error.reason))}") from None
     except urllib.error.URLError as error:
         reason = error.reason
         if isinstance(reason, TimeoutError) and not isinstance(reason, ResolverTimeoutError):
-            raise deadline.passed(url) from None
+            raise deadline.passed(shown) from None
         text = getattr(reason, "strerror", None) or str(reason)
-        raise FetchError(f"cannot reach {url}: {text}") from None
+        raise FetchError(f"cannot reach {shown}: {printable(text)}") from None
     except TimeoutError:
-        raise deadline.passed(url) from None
+        raise deadline.passed(shown) from None
     except OSError as error:
-        raise FetchError(f"cannot reach {url}: {error.strerror or error}") from None
-    except http.client.HTTPException as error:  # a status line or header that is not HTTP
-        raise FetchError(f"{url} did not answer in HTTP ({type(error).__name__} {str(error).strip()[:80]!r})") \
+        raise FetchError(f"cannot reach {shown}: {printable(str(error.strerror or error))}") from None
+    except (http.client.HTTPException, ValueError) as error:  # not HTTP: a bad status line, header or chunk size
+        raise FetchError(f"{shown} did not answer in HTTP ({type(error).__name__} {str(error).strip()[:80]!r})") \
             from None
     if len(data) > MAX_RESPONSE_BYTES:
-        raise FetchError(f"{url} sent more than {MAX_RESPONSE_BYTES} bytes")
+        raise FetchError(f"{shown} sent more than {MAX_RESPONSE_BYTES} bytes")
     return data
 
 
@@ -216,6 +267,10 @@ class _HttpOnlyRedirectHandler(urllib.request.HTTPRedirectHandler):
         if not newurl.lower().startswith("http://"):
             fp.close()
             raise urllib.error.URLError(f"it redirects to {newurl}, which is not an http:// URL")
+        problem = url_problem(newurl)
+        if problem is not None:
+            fp.close()
+            raise urllib.error.URLError(f"it redirects to {newurl}, an invalid URL ({problem})")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -244,10 +299,10 @@ def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> tuple[byte
 def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url: str, now: datetime.datetime,
                max_age: datetime.timedelta, nonce: bytes | None = None) -> Judged:
     """What the OCSP response ``data`` from ``url`` says about ``cert``, once verified."""
-    source = f"OCSP responder {url}"
+    source = source_name("ocsp", url)
 
-    def no_answer(why: str) -> Judged:
-        return Judged(Answer(source, Status.NO_ANSWER, f"OCSP responder {url} {why}"), None)
+    def no_answer(why: str, issued: Issued | None = None) -> Judged:
+        return Judged(Answer(source, Status.NO_ANSWER, f"{source} {why}"), None, issued)
 
     try:
         response = ocsp.load_der_ocsp_response(data)
@@ -255,11 +310,9 @@ def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, ur
         return no_answer("sent something that is not an OCSP response")
     if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         return no_answer(f"answered {response.response_status.name.lower()} for {name(cert.subject)}")
-    signer = _ocsp_signer(response, issuer)
-    if signer is None:
-        signers = ", ".join(name(c.subject) for c in response.certificates) or "a key it did not certify"
-        return no_answer(f"answered with a response signed by {signers}, neither the issuer {name(issuer.subject)} "
-                         "nor a responder it certified for OCSP signing: ignored")
+    refusal = _signer_refusal(response, issuer, now)
+    if refusal is not None:
+        return no_answer(refusal)
     if nonce is not None:
         try:
             echoed = response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce
@@ -272,19 +325,21 @@ def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, ur
     if single is None:
         return no_answer(f"answered about other certificates than {name(cert.subject)}")
     this_update, next_update = single.this_update_utc, single.next_update_utc
+    issued = Issued(this_update)
     if this_update > now + CLOCK_SKEW:
         return no_answer(f"answered with a response from the future (thisUpdate {this_update:%Y-%m-%d %H:%M} UTC): "
                          "check this computer's clock")
     if next_update is not None and next_update < now - CLOCK_SKEW:
-        return no_answer(f"answered with a stale response (nextUpdate {next_update:%Y-%m-%d %H:%M} UTC has passed)")
+        return no_answer(f"answered with a stale response (nextUpdate {next_update:%Y-%m-%d %H:%M} UTC has passed)",
+                         issued)
     fresh_until = min(next_update or this_update + max_age, now + max_age)
     if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
         reason = single.revocation_reason.value if single.revocation_reason else None
         return Judged(Answer(source, Status.REVOKED, revoked_at=single.revocation_time_utc, reason=reason),
-                      fresh_until)
+                      fresh_until, issued)
     if single.certificate_status == ocsp.OCSPCertStatus.UNKNOWN:
-        return no_answer(f"does not know {name(cert.subject)} (status unknown)")
-    return Judged(Answer(source, Status.GOOD), fresh_until)
+        return no_answer(f"does not know {name(cert.subject)} (status unknown)", issued)
+    return Judged(Answer(source, Status.GOOD), fresh_until, issued)
 
 
 def _key_hash(cert: x509.Certificate, issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
@@ -292,16 +347,25 @@ def _key_hash(cert: x509.Certificate, issuer: x509.Certificate, algorithm: hashe
     return ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, algorithm).build().issuer_key_hash
 
 
-def _ocsp_signer(response: ocsp.OCSPResponse, issuer: x509.Certificate) -> x509.Certificate | None:
-    """The issuer, or a delegated responder certificate it issued with id-kp-OCSPSigning, whose key
-    signed ``response``; None if neither did."""
+def _signer_refusal(response: ocsp.OCSPResponse, issuer: x509.Certificate, now: datetime.datetime) -> str | None:
+    """Why the signer of ``response`` is not to be believed, None when it is: the issuer, or a
+    delegated responder certificate the issuer issued with id-kp-OCSPSigning and valid now (RFC
+    6960 4.2.2.2: a retired responder's key must not vouch for anything)."""
     if _signature_valid(response, issuer):
-        return issuer
-    for candidate in response.certificates:
-        if not _issued_by(candidate, issuer) or not _ocsp_signing(candidate):
-            continue
-        if _signature_valid(response, candidate):
-            return candidate
+        return None
+    delegate = next((c for c in response.certificates if _issued_by(c, issuer) and _ocsp_signing(c)
+                     and _signature_valid(response, c)), None)
+    if delegate is None:
+        signers = ", ".join(name(c.subject) for c in response.certificates) or "a key it did not certify"
+        return (f"answered with a response signed by {signers}, neither the issuer {name(issuer.subject)} nor a "
+                "responder it certified for OCSP signing: ignored")
+    if delegate.not_valid_after_utc < now - CLOCK_SKEW:
+        return (f"answered with a response signed by the delegated responder {name(delegate.subject)}, whose "
+                f"certificate expired on {delegate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: ignored")
+    if delegate.not_valid_before_utc > now + CLOCK_SKEW:
+        return (f"answered with a response signed by the delegated responder {name(delegate.subject)}, whose "
+                f"certificate is valid only from {delegate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: ignored (check "
+                "this computer's clock)")
     return None
 
 
@@ -339,10 +403,10 @@ def _signature_valid(response: ocsp.OCSPResponse, signer: x509.Certificate) -> b
 def judge_crl(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url: str, now: datetime.datetime,
               max_age: datetime.timedelta) -> Judged:
     """What the CRL ``data`` fetched from ``url`` says about ``cert``, once verified against ``issuer``."""
-    source = f"CRL {url}"
+    source = source_name("crl", url)
 
-    def no_answer(why: str) -> Judged:
-        return Judged(Answer(source, Status.NO_ANSWER, f"the CRL at {url} {why}"), None)
+    def no_answer(why: str, issued: Issued | None = None) -> Judged:
+        return Judged(Answer(source, Status.NO_ANSWER, f"the CRL at {printable(url)} {why}"), None, issued)
 
     try:
         crl = x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----BEGIN") else x509.load_der_x509_crl(data)
@@ -350,20 +414,29 @@ def judge_crl(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url
         return no_answer("is not a readable CRL")
     if crl.issuer != cert.issuer or not _crl_signed_by(crl, issuer):
         return no_answer(f"is not signed by the issuer {name(issuer.subject)}: ignored")
-    if not _covers(crl, cert):
-        return no_answer(f"is a partial CRL (delta or limited scope) and cannot vouch for {name(cert.subject)}")
+    if not _in_scope(crl, cert):
+        return no_answer(f"is limited to other certificates (indirect, or of another kind) and cannot vouch for "
+                         f"{name(cert.subject)}")
     next_update = crl.next_update_utc
+    issued = Issued(crl.last_update_utc, _crl_number(crl))
     if crl.last_update_utc > now + CLOCK_SKEW:
         return no_answer("was issued in the future: check this computer's clock")
     if next_update is not None and next_update < now - CLOCK_SKEW:
-        return no_answer(f"expired on {next_update:%Y-%m-%d %H:%M} UTC (the CA has not published a newer one there)")
+        return no_answer(f"expired on {next_update:%Y-%m-%d %H:%M} UTC (the CA has not published a newer one there)",
+                         issued)
     fresh_until = min(next_update or crl.last_update_utc + max_age, now + max_age)
     revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-    if revoked is not None:
-        try:
-            reason: str | None = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
-        except x509.ExtensionNotFound:
-            reason = None
-        return Judged(Answer(source, Status.REVOKED, revoked_at=revoked.revocation_date_utc, reason=reason),
-                      fresh_until)
-    return Judged(Answer(source, Status.GOOD), fresh_until)
+    if revoked is not None:  # listed by the CA, in a complete CRL or a delta or partitioned one
+        return Judged(Answer(source, Status.REVOKED, revoked_at=revoked.revocation_date_utc,
+                             reason=entry_reason(revoked)), fresh_until, issued)
+    if not _covers(crl, cert):
+        return no_answer(f"is a partial CRL (delta or limited to some reasons) and cannot vouch for "
+                         f"{name(cert.subject)}", issued)
+    return Judged(Answer(source, Status.GOOD), fresh_until, issued)
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None

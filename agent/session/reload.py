@@ -15,7 +15,7 @@ import logging
 import threading
 
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig, load_config
-from dicom_card_agent.config.preflight import open_crls, prepare_pin_sources
+from dicom_card_agent.config.preflight import crls_after_reload, prepare_pin_sources
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.control import ControlServer
@@ -112,7 +112,7 @@ class Reloader:
                 raise ReloadRefusedError(f"{source}: " + "; ".join(refused) + ": restart the agent for it to take "
                                          "effect")
             prepare_pin_sources(new)
-            crls = open_crls(new) if new.trust != self.settings.trust else self.control_server.crls
+            crls = crls_after_reload(new, self.settings, self.control_server.crls)
             commit = self.listeners.prepare(new)
         except CardAgentError as error:
             message = REFUSED.format(reason=error)

@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,9 @@ log = logging.getLogger("agent.trust")
 
 LOOK_INTERVAL = 2.0
 """Seconds between two looks at the CRL files (a stat each); a new file is used within this time."""
+
+MAX_CRL_BYTES = 16 * 1024 * 1024
+"""The most a CRL file, or an answer of a revocation source, may hold: a CRL of a big hospital PKI is a few MB."""
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
 
@@ -74,12 +78,46 @@ class FileCrl:
 
 def read_crl_file(path: Path) -> list[FileCrl]:
     """The CRLs of a PEM file (one or more "X509 CRL" blocks) or of a DER file (one CRL)."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise CrlFileError(f"cannot read CRL file {path}: {error.strerror}") from None
+    data = _read_regular_file(path)
     crls = _pem_crls(path, data) if b"-----BEGIN" in data else [_der_crl(path, data)]
     return [FileCrl(path, crl) for crl in crls]
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` when it is a regular file (or a symlink to one) of at most
+    :data:`MAX_CRL_BYTES`. Anything else is refused before a byte is read, by what was opened:
+    a FIFO without a writer would block the reader for good (the card session reads while
+    associations wait on it), a device such as /dev/zero never ends. O_NONBLOCK makes opening a
+    FIFO return at once; it changes nothing for a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as error:
+        raise CrlFileError(f"cannot read CRL file {path}: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise CrlFileError(f"CRL file {path} is {_file_kind(status.st_mode)}, not a regular file: give a file "
+                               "holding CRLs")
+        if status.st_size > MAX_CRL_BYTES:
+            raise CrlFileError(_too_large(path))
+        try:
+            data = handle.read(MAX_CRL_BYTES + 1)  # it may have grown since fstat
+        except OSError as error:
+            raise CrlFileError(f"cannot read CRL file {path}: {error.strerror}") from None
+    if len(data) > MAX_CRL_BYTES:
+        raise CrlFileError(_too_large(path))
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "no regular file")
+
+
+def _too_large(path: Path) -> str:
+    return (f"CRL file {path} is larger than {MAX_CRL_BYTES} bytes, the most a CRL file may hold (a CRL of even a big "
+            "PKI is a few MB): give the CA's CRL, not another file")
 
 
 def _pem_crls(path: Path, data: bytes) -> list[x509.CertificateRevocationList]:
@@ -123,6 +161,9 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
     message when a CRL is missing."""
     used_expired: list[FileCrl] = []
     for position, (cert, issuer) in enumerate(pairwise(chain)):
+        listed = revoked_entry(cert, issuer, crls)
+        if listed is not None:
+            raise RevokedCertificateError(revoked_text(cert, *listed))
         candidates = [c for c in crls if c.crl.issuer == cert.issuer and _covers(c.crl, cert)]
         if not candidates:
             if position == 0:
@@ -135,8 +176,6 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
             files = ", ".join(str(c.path) for c in candidates)
             raise CrlError(f"the CRL of {name(cert.issuer)} in {files} has an invalid signature "
                            f"(not signed by {describe(issuer)}): fetch the CA's genuine CRL")
-        for crl in genuine:
-            _refuse_if_listed(cert, crl)
         current = [c for c in genuine if not c.expired(now)]
         if not current:
             if not allow_expired:
@@ -147,20 +186,22 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
     return used_expired
 
 
-def _covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
-    """Whether ``crl`` is a complete CRL for ``cert``: a delta CRL, or one limited to some reasons
-    or indirect, is not (it could omit the entry), nor one limited to the other kind of certificate."""
-    extensions = crl.extensions
+def _scope(crl: x509.CertificateRevocationList) -> x509.IssuingDistributionPoint | None:
     try:
-        extensions.get_extension_for_class(x509.DeltaCRLIndicator)
-        return False
+        return crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
     except x509.ExtensionNotFound:
-        pass
-    try:
-        scope = extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
-    except x509.ExtensionNotFound:
+        return None
+
+
+def _in_scope(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
+    """Whether an entry of ``crl`` with ``cert``'s serial is about ``cert``: the CRL is direct (an
+    indirect CRL's entries may be of another issuer's certificates) and of certificates of its
+    kind (not one of CA certificates only for a leaf, nor of attribute certificates). A delta CRL,
+    or one limited to some reasons, is in scope: what it lists is revoked."""
+    scope = _scope(crl)
+    if scope is None:
         return True
-    if scope.only_some_reasons or scope.indirect_crl or scope.only_contains_attribute_certs:
+    if scope.indirect_crl or scope.only_contains_attribute_certs:
         return False
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -169,18 +210,47 @@ def _covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool
     return not (scope.only_contains_ca_certs and not is_ca) and not (scope.only_contains_user_certs and is_ca)
 
 
-def _refuse_if_listed(cert: x509.Certificate, crl: FileCrl) -> None:
-    revoked = crl.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-    if revoked is None:
-        return
+def _covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
+    """Whether ``crl`` is a complete CRL for ``cert``, so that not being listed in it proves ``cert``
+    good: in scope, and neither a delta CRL nor one limited to some reasons (either may omit it)."""
+    if not _in_scope(crl, cert):
+        return False
     try:
-        reason = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
-        because = f" (reason: {reason})"
+        crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+        return False
     except x509.ExtensionNotFound:
-        because = ""
-    raise RevokedCertificateError(f"certificate {describe(cert)} was revoked on "
-                                  f"{revoked.revocation_date_utc:%Y-%m-%d %H:%M} UTC{because} according to "
-                                  f"CRL file {crl.path}")
+        pass
+    scope = _scope(crl)
+    return scope is None or not scope.only_some_reasons
+
+
+def revoked_entry(cert: x509.Certificate, issuer: x509.Certificate,
+                  crls: Sequence[FileCrl]) -> tuple[FileCrl, x509.RevokedCertificate] | None:
+    """The first CRL of ``crls`` that is of ``cert``'s issuer, signed by ``issuer``, in scope for
+    ``cert`` and lists it, with its entry. Complete or not: a delta or partitioned CRL cannot prove
+    a certificate good, but a certificate the CA lists in one is revoked all the same."""
+    for crl in crls:
+        if crl.crl.issuer != cert.issuer or not _in_scope(crl.crl, cert):
+            continue
+        entry = crl.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if entry is not None and _crl_signed_by(crl.crl, issuer):
+            return crl, entry
+    return None
+
+
+def entry_reason(entry: x509.RevokedCertificate) -> str | None:
+    """The CRLReason of a CRL entry ("keyCompromise"), None when it gives none."""
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def revoked_text(cert: x509.Certificate, crl: FileCrl, entry: x509.RevokedCertificate) -> str:
+    reason = entry_reason(entry)
+    because = f" (reason: {reason})" if reason else ""
+    return (f"certificate {describe(cert)} was revoked on {entry.revocation_date_utc:%Y-%m-%d %H:%M} UTC{because} "
+            f"according to CRL file {crl.path}")
 
 
 def issuer_chain(leaf: x509.Certificate, certificates: Sequence[x509.Certificate]) -> list[x509.Certificate]:
@@ -227,11 +297,11 @@ class _WatchedFile:
 
     def look(self) -> None:
         try:
-            stat = os.stat(self.path)
+            status = os.stat(self.path)
         except OSError as error:
             self._unusable(f"cannot read CRL file {self.path}: {error.strerror}", signature=None)
             return
-        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        signature = (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
         if signature == self.signature:
             return
         try:
@@ -244,10 +314,15 @@ class _WatchedFile:
         self.signature, self.crls, self.error, self.read_once = signature, crls, None, True
 
     def _unusable(self, error: str, signature: tuple[int, ...] | None) -> None:
-        if error != self.error or signature != self.signature:
-            kept = "still using the CRLs read from it before" if self.crls else "no CRL from it is in use"
-            log.warning("%s; %s", error, kept)
+        changed = error != self.error or signature != self.signature
         self.signature, self.error, self.read_once = signature, error, True
+        if changed:
+            log.warning("%s", self.report())
+
+    def report(self) -> str:
+        """Why the file is not usable now, and what is used instead."""
+        kept = "still using the CRLs read from it before" if self.crls else "no CRL from it is in use"
+        return f"{self.error}; {kept}"
 
 
 def _summary(crl: FileCrl) -> str:
@@ -276,15 +351,21 @@ class CrlStore:
     def open(cls, paths: Sequence[Path], *, allow_expired: bool = False) -> CrlStore:
         """A store whose files must all be usable now: the agent's start-up check of its configuration."""
         store = cls(paths, allow_expired=allow_expired)
-        store._refresh()
+        store._refresh(wait=True)
         for watched in store._files:
             if watched.error is not None:
                 raise CrlFileError(watched.error)
         store.warn_expired(datetime.datetime.now(datetime.timezone.utc))
         return store
 
-    def _refresh(self) -> None:
-        with self._lock:
+    def _refresh(self, *, wait: bool = False) -> None:
+        """Look at the files if :data:`LOOK_INTERVAL` has passed. An association never waits for
+        another thread's look (reading and parsing a big CRL takes a while): it goes on with what
+        the files said until then, as it would have a moment earlier. ``wait``: the start-up check
+        and `status`, which must see the files as they are now."""
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             now = self._clock()
             if now < self._next_look:
                 return
@@ -294,6 +375,8 @@ class CrlStore:
                 watched.look()
                 if (watched.signature, watched.error) != before:
                     self._generation += 1
+        finally:
+            self._lock.release()
 
     def check(self, chain: Sequence[x509.Certificate], now: datetime.datetime | None = None) -> None:
         """Raise :class:`RevokedCertificateError` or :class:`CrlError` unless ``chain`` passes the current CRLs."""
@@ -315,6 +398,11 @@ class CrlStore:
         self._refresh()
         return ([crl for watched in self._files for crl in watched.crls],
                 [watched.error for watched in self._files if watched.error is not None])
+
+    def unusable(self) -> list[str]:
+        """The files not usable now (looked at as `status` looks), each with why and what is used instead."""
+        self._refresh(wait=True)
+        return [watched.report() for watched in self._files if watched.error is not None]
 
     def warn_once(self, crl: FileCrl) -> None:
         self._warn_once(crl)
@@ -338,7 +426,7 @@ class CrlStore:
     def status(self, now: datetime.datetime | None = None) -> list[dict[str, Any]]:
         """Each file with its CRLs' issuer and next update, and whether it is current, expired or unusable
         (JSON for `card-agent status`: values of several types, hence Any)."""
-        self._refresh()
+        self._refresh(wait=True)
         now = now or datetime.datetime.now(datetime.timezone.utc)
         rows: list[dict[str, Any]] = []
         for watched in self._files:
