@@ -26,6 +26,8 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
     present = answer.get("present_tokens") or []
     _say("present:  " + (", ".join(f"{t['label']!r} (serial {t['serial']})" if "label" in t
                                    else f"a card in reader {t['reader']!r}" for t in present) or "no token"))
+    if answer.get("reader_trouble"):
+        _say(f"reader:   {answer['reader_trouble']}")
     if answer["last_error"]:
         _say(f"last error: {answer['last_error']}")
     for tunnel in answer["tunnels"]:

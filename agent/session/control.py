@@ -128,6 +128,7 @@ class ControlServer:
             "token_serial": manager.card.serial if manager.card else None,
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(manager.since)) if manager.since else None,
             "last_error": manager.last_error,
+            "reader_trouble": manager.reader_trouble,
             # What the reader(s) hold, signed in or not: shows a [identity] token typo at a glance.
             # A card seen through pcscd alone (agent/card/readers.py) is named by its reader.
             "present_tokens": [{"label": card.label, "serial": card.serial} if isinstance(card, Card)

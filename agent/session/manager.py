@@ -68,6 +68,7 @@ log = logging.getLogger("agent.session")
 TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the stop flag
 # Past idle_timeout, how long a card-session process that answers no status question may hold the lock off.
 SILENT_SESSION_IDLE_SECONDS = 10.0
+_NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections may hold them)"
 STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
 
 
@@ -157,7 +158,7 @@ class SessionManager:
         self._seen: tuple[WatchedCard | None, float] = (None, 0.0)
         self._lease_renewed = 0.0  # time.monotonic() of the latest lease sent to the card session
         self._first_look = threading.Event()
-        self._reader_starved = False  # the last look failed for want of file descriptors
+        self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (monotonic)
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
         self._reader: threading.Thread | None = None
         self.totals = SessionTotals()  # `status` counts since start: sessions, and what was turned away
@@ -290,19 +291,34 @@ class SessionManager:
                 try:
                     card = self.watcher.look()
                 except DescriptorsExhausted:  # not a pulled card: keep it, say so once per episode
-                    if not self._reader_starved:
-                        log.warning("cannot look at the card reader: no file descriptor left (another process's "
-                                    "connections may hold them); the card is taken to be still there")
-                    self._reader_starved = True
+                    if self._reader_starved_since is None:
+                        log.warning("cannot look at the card reader: %s; the card is taken to be still there",
+                                    _NO_DESCRIPTOR_LEFT)
+                        self._reader_starved_since = started
                 except CannotLook:  # a sign-in is talking to the module: look again at the next event
                     pass
                 else:
-                    self._reader_starved = False
+                    self._reader_starved_since = None
                     self._seen = (card, started)
                     self._first_look.set()
                     self._wake.set()
                 if events.wait(stop, self.watcher.look_interval):
                     return
+
+    @property
+    def reader_trouble(self) -> str | None:
+        """Why the card loop cannot look at the reader now, for `status`; None while it can."""
+        since = self._reader_starved_since
+        if since is None:
+            return None
+        seconds = time.monotonic() - since
+        # The lease is renewed from looks made: past it, the card session's lent listeners refuse
+        # (not lent under [audit] on_failure = "refuse").
+        lease_lapsed = (seconds >= LEASE_SECONDS and self.session is not None
+                        and not self.audit.refuses_when_failing)
+        consequence = ("new associations are refused until it can" if lease_lapsed
+                       else "the card is taken to be still there")
+        return f"cannot be looked at for {seconds:.0f} s: {_NO_DESCRIPTOR_LEFT}; {consequence}"
 
     def step(self) -> None:
         """Act once on the reader's latest look, the reports of sign-ins, the card-session process and

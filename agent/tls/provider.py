@@ -86,11 +86,16 @@ def uri_from_provider_key_pem(pem: bytes) -> str:
 
 
 def openssl_modules_dir() -> Path | None:
-    """Where this OpenSSL looks for providers (``openssl version -m``)."""
+    """Where this OpenSSL looks for providers (``openssl version -m``); None without an ``openssl``
+    command that says. ProviderError when the command could not be run for a reason of the moment
+    (no descriptor or memory left): that is not a missing package, and a later try may work."""
     try:
         out = subprocess.run(["openssl", "version", "-m"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+    except (FileNotFoundError, PermissionError, subprocess.CalledProcessError):
         return None
+    except OSError as error:
+        raise ProviderError(f"cannot run `openssl version -m` to find the pkcs11-provider: "
+                            f"{error.strerror or error}") from error
     match = re.search(r'MODULESDIR:\s*"([^"]+)"', out)
     return Path(match.group(1)) if match else None
 

@@ -1,0 +1,77 @@
+"""The supervisor out of file descriptors: what `status` says, and what comes back once they do.
+
+The limit is the real one (``prlimit`` on the running supervisor, as a descriptor leak or another
+user's flood of connections would leave it); SoftHSM behind the fault module, a pynetdicom PACS."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent_runner import agent_status, run_card_agent, signed_in_through_fault_module, wait_for
+from conftest import ProvisionedPki
+from dicom_card_agent.session.channel import LEASE_SECONDS
+from fault_pkcs11 import FaultControl
+
+NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections may hold them)"
+
+
+@contextlib.contextmanager
+def descriptors_nearly_exhausted(pid: int, spare: int = 2) -> Iterator[None]:
+    """``pid`` may open only ``spare`` more descriptors (enough to answer `status`, too few for a
+    look at the reader) for the block."""
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + spare, hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_status_says_the_reader_cannot_be_looked_at_and_that_new_associations_are_refused(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """The card loop takes the card to be still there while it cannot look (another user's flood
+    must not sign the clinician out), and past the lease the card session refuses new associations.
+    `status` said only "signed in"; the reason was in the log alone."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    with signed_in_through_fault_module(test_pki, tmp_path / "agent", fault_module, card) as (agent, _):
+        env = test_pki.env(**card.env())
+        with descriptors_nearly_exhausted(agent.process.pid):
+            agent.wait_for_log(f"cannot look at the card reader: {NO_DESCRIPTOR_LEFT}; the card is taken to be "
+                               "still there")
+            time.sleep(LEASE_SECONDS + 1)
+            answer = agent_status(tmp_path / "agent", env)
+            text = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=env,
+                                  check=True).stdout
+        wait_for(lambda: agent_status(tmp_path / "agent", env)["reader_trouble"] is None, timeout=10)
+    assert answer["state"] == "signed in"
+    assert re.fullmatch(rf"cannot be looked at for \d+ s: {re.escape(NO_DESCRIPTOR_LEFT)}; new associations are "
+                        "refused until it can", answer["reader_trouble"]), answer
+    assert f"\nreader:   {answer['reader_trouble'][:24]}" in text, text
+
+
+def test_a_process_out_of_descriptors_is_not_told_to_install_the_pkcs11_provider(tmp_path: Path) -> None:
+    """Running `openssl version -m` failed with EMFILE, which was taken for a missing provider: a
+    sign-in under a descriptor flood told the admin to install a package that was installed."""
+    script = tmp_path / "look.py"
+    script.write_text(
+        "import os, resource\n"
+        "from dicom_card_agent.tls.provider import ProviderError, provider_module_path\n"
+        "print(provider_module_path())\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir('/proc/self/fd')), hard))\n"
+        "try:\n"
+        "    provider_module_path()\n"
+        "except ProviderError as error:\n"
+        "    print(error)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    installed, error = result.stdout.splitlines()
+    assert installed.endswith("/pkcs11.so")
+    assert error == "cannot run `openssl version -m` to find the pkcs11-provider: Too many open files", error
