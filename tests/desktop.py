@@ -177,6 +177,13 @@ class Desktop:
             time.sleep(0.1)
         raise AssertionError(f"no notification {summary!r}; dunst showed {self.notifications()}")
 
+    def on_screen(self) -> list[tuple[str, str]]:
+        """(summary, body) of the notifications displayed now, what the person at the screen reads,
+        oldest first; read as :meth:`notifications` does, so they are closed afterwards (closing
+        moves the displayed ones, in order, to the end of dunst's history)."""
+        displayed = int(self.run("dunstctl", "count", "displayed").strip())
+        return self.notifications()[-displayed:] if displayed else []
+
     def wait_until_displayed(self, count: int = 1, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while int(self.run("dunstctl", "count", "displayed").strip()) < count:
@@ -194,6 +201,24 @@ class Desktop:
         self.run("convert", str(raw), "-trim", "+repage", "-bordercolor", "black", "-border", "8",
                  "-strip", "-colors", "64", f"PNG8:{path}")
         return path
+
+
+class TranscribedPinentry:
+    """pinentry-gtk-2 itself, with a transcript of what the agent asks it to show (its commands:
+    the PIN goes the other way, so it is never in the transcript), to read a dialog's exact words."""
+
+    def __init__(self, directory: Path) -> None:
+        self.program, self.transcript = directory / "pinentry-transcribed", directory / "pinentry-commands.log"
+        real = shutil.which(PINENTRY_GTK)
+        # exec: the agent's pid for the dialog is pinentry's own, so closing the dialog closes it.
+        self.program.write_text(f'#!/bin/bash\nexec {real} "$@" < <(tee -a {self.transcript})\n')
+        self.program.chmod(0o755)
+
+    def said(self, command: str) -> list[str]:
+        """The arguments of every ``command`` (SETDESC, SETOK, ...) sent so far, percent-escapes undone."""
+        from dicom_card_agent.token.pinentry import unescape
+        lines = self.transcript.read_text().splitlines() if self.transcript.exists() else []
+        return [unescape(line[len(command) + 1:]) for line in lines if line.startswith(f"{command} ")]
 
 
 def require_tools() -> None:

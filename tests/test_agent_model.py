@@ -66,6 +66,8 @@ LOCKED = "locked: remove and re-insert the card to sign in again"
 CANCELLED = "card present, PIN entry cancelled: remove and re-insert the card to sign in again"
 WRONG_PIN = "card present, PIN not accepted: remove and re-insert the card to try again"
 WRONG_PIN_ERROR = "wrong PIN for token '{card}'"  # `last_error` goes on with the serial and what the card reports
+# pinentry-tty's prompt for the question a dialog nobody asked for asks first: [s]ign in (again) or [c]ancel.
+QUESTION = b"[sc]?"
 LOST = (f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: remove and re-insert "
         "the card to sign in again")
 LOGIN, LOGOUT = 'csd-code="110122"', 'csd-code="110123"'
@@ -161,6 +163,8 @@ class AgentModel(RuleBasedStateMachine):
         self.status = NO_CARD
         self.losses = 0
         self.prompts_before = 0  # PIN prompts on the screen before the dialog of the current attempt
+        self.asks_first = False  # the current attempt's dialog asks "sign in?" before the PIN (Cancel the default)
+        self.questions_before = 0  # such questions on the screen before it
         self.stored: list[tuple[str, str]] = []  # (SOP Instance UID, card) the PACS must hold, in order
         self.associations: list[str] = []  # the card of each association that reached the PACS, in order
         self.removals = self.insertions = 0  # card events the agent must have logged, no more
@@ -176,14 +180,32 @@ class AgentModel(RuleBasedStateMachine):
 
     # -- helpers --
 
-    def dialog_opened(self, prompts_before: int | None = None) -> None:
+    def dialog_opened(self, prompts_before: int | None = None, questions_before: int | None = None, *,
+                      asks_first: bool = False) -> None:
         """A new sign-in attempt opens a PIN dialog now (no earlier dialog can still draw);
-        ``prompts_before``: the prompts counted before the step that opens it, when the dialog may
-        draw before the step can tell that it happened (a lost session asks again at once)."""
-        self.prompts_before = self.terminal.screen.count(b"PIN:") if prompts_before is None else prompts_before
+        ``prompts_before``, ``questions_before``: the prompts counted before the step that opens
+        it, when the dialog may draw before the step can tell that it happened (a lost session asks
+        again at once). ``asks_first``: nobody asked for this dialog (a lost session, a card
+        inserted over another card's dialog), so it asks whether to sign in before the PIN."""
+        screen = self.terminal.screen
+        self.prompts_before = screen.count(b"PIN:") if prompts_before is None else prompts_before
+        self.questions_before = screen.count(QUESTION) if questions_before is None else questions_before
+        self.asks_first = asks_first
         self.status = PIN_PENDING
 
+    def wait_for_question(self) -> None:
+        try:
+            wait_for(lambda: self.terminal.screen.count(QUESTION) > self.questions_before, SETTLE)
+        except AssertionError:
+            raise AssertionError(f"no new question after {self.questions_before}; the screen ends "
+                                 f"{self.terminal.screen[-600:]!r}\n{self.agent.log()}") from None
+
     def wait_for_prompt(self) -> None:
+        """The PIN prompt of the current attempt, once its question (if it asks one) is answered "sign in"."""
+        if self.asks_first:
+            self.wait_for_question()
+            self.terminal.type(b"s")
+            self.asks_first = False
         try:
             wait_for(lambda: self.terminal.screen.count(b"PIN:") > self.prompts_before, SETTLE)
         except AssertionError:
@@ -246,13 +268,14 @@ class AgentModel(RuleBasedStateMachine):
     @precondition(lambda self: self.reader is not None)
     @rule()
     def swap(self) -> None:
-        if self.status == PIN_PENDING:
+        over_a_dialog = self.status == PIN_PENDING
+        if over_a_dialog:
             self.wait_for_prompt()  # so that the old dialog cannot draw after the new one's baseline
         other = "bob" if self.reader == "alice" else "alice"
         self.card.show(other)
         self.removals, self.insertions = self.removals + 1, self.insertions + 1  # logged as both
         self.reader, self.losses = other, 0
-        self.dialog_opened()
+        self.dialog_opened(asks_first=over_a_dialog)
 
     @precondition(lambda self: self.status == SIGNED_IN)
     @rule()
@@ -298,6 +321,15 @@ class AgentModel(RuleBasedStateMachine):
         self.pins_typed += 1
         self.status = WRONG_PIN
 
+    @precondition(lambda self: self.status == PIN_PENDING and self.asks_first)
+    @rule()
+    def decline_to_sign_in(self) -> None:
+        """The question of a dialog nobody asked for, answered Cancel: no PIN is asked."""
+        self.wait_for_question()
+        self.terminal.type(b"c")
+        self.asks_first = False
+        self.status = CANCELLED
+
     @precondition(lambda self: self.status == PIN_PENDING)
     @rule()
     def cancel_pin(self) -> None:
@@ -320,12 +352,12 @@ class AgentModel(RuleBasedStateMachine):
         self.wait_for_state()  # the session of this state, not one still starting
         worker = card_session_pid(self.agent.process.pid)
         assert worker is not None, "signed in without a card-session process"
-        prompts_before = self.terminal.screen.count(b"PIN:")
+        prompts_before, questions_before = self.terminal.screen.count(b"PIN:"), self.terminal.screen.count(QUESTION)
         os.kill(worker, signal.SIGKILL)
         wait_for(lambda: card_session_pid(self.agent.process.pid) != worker, SETTLE)
         self.losses += 1
-        if self.losses < MAX_SESSION_LOSSES:
-            self.dialog_opened(prompts_before)  # a lost session asks for the PIN again
+        if self.losses < MAX_SESSION_LOSSES:  # a lost session asks for the PIN again, asking first
+            self.dialog_opened(prompts_before, questions_before, asks_first=True)
         else:
             self.status = LOST
 

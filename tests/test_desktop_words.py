@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
-from dicom_card_agent.desktop.notifications import Notice, Notifier, escape_markup
+from dicom_card_agent.desktop.notifications import DesktopNotices, Notice, Notifier, escape_markup
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
-from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
+from dicom_card_agent.desktop.words import asking_first, person_name, pin_dialog, purpose, tries_left
 from dicom_card_agent.errors import ConfigError
+from dicom_card_agent.lifecycle.machine import SignInCause
 from dicom_card_agent.token.discovery import PinState
 
 
@@ -59,6 +61,29 @@ def test_the_dialog_in_plain_words() -> None:
     assert admin.final_try_question is None  # --confirm-final-try: confirmed already
 
 
+def test_a_dialog_nobody_asked_for_asks_first_with_cancel_the_default() -> None:
+    words = pin_dialog("Alice Example", "Radiology PACS", PinState.FINAL_TRY, "IT", ask_final_try=True)
+    lost = asking_first(words, SignInCause.SESSION_LOST)
+    assert (lost.first_question, lost.first_ok, lost.first_cancel) == (
+        "Your DICOM session ended unexpectedly. Sign in again as Alice Example?\n\nCancel uses no try.",
+        "_Sign in again", "_Cancel")
+    assert lost.final_try_question == words.final_try_question  # asked next, as before
+    assert asking_first(words, SignInCause.RELOADED).first_question == (
+        "Your DICOM session was restarted for new settings. Sign in again as Alice Example?\n\nCancel uses no try.")
+    other = asking_first(words, SignInCause.OVER_OTHER_PIN_DIALOG)
+    assert (other.first_question, other.first_ok) == (
+        "This card was inserted while another card's PIN window was open. Sign in as Alice Example?\n\n"
+        "Cancel uses no try.", "_Sign in")
+    assert words.first_question is None  # an insertion asks nothing first
+
+
+def test_a_wrong_pin_says_only_what_the_card_told() -> None:
+    assert tries_left(PinState.COUNT_LOW) == "Only a few tries are left."
+    assert tries_left(PinState.FINAL_TRY) == "One try is left: the next wrong PIN blocks the card."
+    # No flag set: the card may have one try left or ten; PKCS#11 cannot tell which.
+    assert tries_left(PinState.OK) == "The card did not say how many tries are left: type carefully."
+
+
 def executable(directory: Path, name: str) -> Path:
     path = directory / name
     path.write_text("#!/bin/sh\nexit 1\n")
@@ -92,15 +117,70 @@ def test_the_desktop_table() -> None:
         parse_desktop_config({"pinentry": []}, "a.toml")
 
 
+class Screen:
+    """A notification server: what is shown, by id, and what was sent in what place."""
+
+    def __init__(self) -> None:
+        self.shown: dict[int, str] = {}
+        self.sent: list[tuple[str, int]] = []  # (summary, the id it replaced)
+        self._next = 0
+
+    def show(self, notice: Notice, replaces: int) -> int:
+        self.sent.append((notice.summary, replaces))
+        if replaces not in self.shown:
+            self._next += 1
+            replaces = self._next
+        self.shown[replaces] = notice.summary
+        return replaces
+
+    def withdraw(self, shown: int) -> None:
+        self.shown.pop(shown, None)
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 5
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # anything sent wrongly after it would be in by now
+
+
+def test_a_cards_notices_replace_each_other_and_leave_with_the_card() -> None:
+    screen = Screen()
+    notices = DesktopNotices(DesktopConfig(helpdesk="IT"), Notifier(True, sender=screen))
+    notices.signed_in("Alice Example", "Radiology PACS")
+    notices.pacs_unreachable("Radiology PACS")  # a slot of its own: it does not replace the card's
+    notices.locked()
+    wait_until(lambda: len(screen.sent) == 3)
+    assert sorted(screen.shown.values()) == ["Cannot reach Radiology PACS", "DICOM session locked"]
+    assert screen.sent == [("Signed in as Alice Example", 0), ("Cannot reach Radiology PACS", 0),
+                           ("DICOM session locked", 1)]  # in place of the first, id 1
+    notices.withdraw_all()  # Alice pulls her card
+    notices.pin_blocked()
+    notices.withdraw_all()
+    notices.pacs_unreachable("Radiology PACS")  # told again at once: to the next clinician
+    wait_until(lambda: len(screen.sent) == 5)
+    assert list(screen.shown.values()) == ["Cannot reach Radiology PACS"]
+    assert screen.sent[3:] == [("Card blocked: too many wrong PINs", 0), ("Cannot reach Radiology PACS", 0)]
+
+
 def test_a_repeating_cause_is_told_once_per_few_minutes_each() -> None:
     sent: list[str] = []
-    notifier = Notifier(True, sender=lambda notice: sent.append(notice.summary))
+
+    class Recorder:
+        def show(self, notice: Notice, replaces: int) -> int:
+            sent.append(notice.summary)
+            return len(sent)
+
+        def withdraw(self, shown: int) -> None:
+            sent.append("withdrawn")
+
+    notifier = Notifier(True, sender=Recorder())
     for summary, cause in [("down", "pacs-unreachable:a"), ("down again", "pacs-unreachable:a"),
                            ("other down", "pacs-unreachable:b")]:
         notifier.notify(Notice(cause, summary, "", repeating=True))
     notifier.notify(Notice("card-removed", "removed", ""))
     notifier.notify(Notice("card-removed", "removed again", ""))
-    off = Notifier(False, sender=lambda notice: sent.append("never"))
+    off = Notifier(False, sender=Recorder())
     off.notify(Notice("card-removed", "x", ""))
     deadline = time.monotonic() + 5
     while len(sent) < 4 and time.monotonic() < deadline:

@@ -28,6 +28,7 @@ from dicom_card_agent.lifecycle.machine import (
     SessionLost,
     SignedIn,
     SignInCancelled,
+    SignInCause,
     SignInFailed,
     StartSignIn,
     State,
@@ -90,7 +91,8 @@ def test_lost_sessions_sign_in_again_then_stop_looping() -> None:
     machine.handle(SignedIn(1))
     for attempt in range(1, MAX_SESSION_LOSSES):
         effects = machine.handle(SessionLost(attempt, "killed by signal 9"))
-        assert effects == [EndSession(attempt, "killed by signal 9"), StartSignIn("alice", attempt + 1)]
+        assert effects == [EndSession(attempt, "killed by signal 9"),
+                           StartSignIn("alice", attempt + 1, SignInCause.SESSION_LOST)]
         machine.handle(SignedIn(attempt + 1))
     assert machine.handle(SessionLost(MAX_SESSION_LOSSES, "killed by signal 9")) == [
         EndSession(MAX_SESSION_LOSSES, "killed by signal 9")]
@@ -118,6 +120,24 @@ def test_a_swap_ends_the_first_session_and_signs_in_the_second_card() -> None:
     assert machine.handle(CardInserted("bob")) == [EndSession(1, "card swapped"), StartSignIn("bob", 2)]
 
 
+def test_only_an_insertion_opens_a_pin_dialog_that_does_not_ask_first() -> None:
+    """A sign-in the clinician did not start by inserting her card (a lost session, a reload, a card
+    inserted while another card's PIN is asked for) carries why, and asks first: Cancel the default."""
+    machine = CardLifecycle()
+    assert machine.handle(CardInserted("alice")) == [StartSignIn("alice", 1, SignInCause.INSERTED)]
+    assert not SignInCause.INSERTED.asks_first
+    assert machine.handle(CardInserted("bob")) == [CancelSignIn(1),
+                                                   StartSignIn("bob", 2, SignInCause.OVER_OTHER_PIN_DIALOG)]
+    machine.handle(PinEntered(2))
+    assert machine.handle(CardInserted("alice")) == [CancelSignIn(2), StartSignIn("alice", 3)]  # no dialog open
+    machine.handle(SignedIn(3))
+    assert machine.handle(Reload()) == [EndSession(3, "configuration reloaded"),
+                                        StartSignIn("alice", 4, SignInCause.RELOADED)]
+    # Lost while its PIN dialog was open: the dialog it replaces was the clinician's own.
+    assert machine.handle(SessionLost(4, "killed")) == [CancelSignIn(4), StartSignIn("alice", 5)]
+    assert all(cause.asks_first for cause in SignInCause if cause is not SignInCause.INSERTED)
+
+
 class LifecycleModel(RuleBasedStateMachine):
     """Plays events at the machine and keeps what the shell would hold after carrying out its effects."""
 
@@ -133,6 +153,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.restarts_allowed = 0  # automatic sign-ins the machine may start (lost session, reload)
         self.stopped = False
         self.losses = 0  # card-session processes lost since the card in the reader was inserted
+        self.over_other_dialog = False  # a card is being inserted while another card's PIN is asked for
 
     def feed(self, event: object) -> None:
         for effect in self.machine.handle(event):  # type: ignore[arg-type]
@@ -142,6 +163,9 @@ class LifecycleModel(RuleBasedStateMachine):
                 assert self.may_sign_in or self.restarts_allowed > 0, "a PIN try the clinician did not ask for"
                 if not self.may_sign_in:
                     self.restarts_allowed -= 1
+                    assert effect.cause.asks_first, "a PIN dialog nobody asked for that does not ask first"
+                elif self.over_other_dialog:
+                    assert effect.cause is SignInCause.OVER_OTHER_PIN_DIALOG, "a dialog that may take another's PIN"
                 self.may_sign_in = False  # one attempt per insertion, unless a rule allows another
                 self.in_flight.add(effect.attempt)
                 self.started.append(effect.attempt)
@@ -158,11 +182,13 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @rule(card=st.sampled_from(CARDS))
     def insert(self, card: str) -> None:
+        self.over_other_dialog = card != self.reader and self.machine.state is State.PIN_PENDING
         if card != self.reader:
             self.reader = card
             self.may_sign_in = True
             self.losses = 0
         self.feed(CardInserted(card))
+        self.over_other_dialog = False
 
     @rule()
     def remove(self) -> None:

@@ -7,8 +7,19 @@ import threading
 
 import pytest
 
-from dicom_card_agent.token.pin import PinSource
-from dicom_card_agent.token.pinentry import Pinentry, PinentryError, escape, parse_status, unescape, unescape_in_place
+from dicom_card_agent.desktop.words import DialogWords, asking_first
+from dicom_card_agent.lifecycle.machine import SignInCause
+from dicom_card_agent.token.pin import PinRequest, PinSource, reworded_dialogs
+from dicom_card_agent.token.pinentry import (
+    NoPinEnteredError,
+    Pinentry,
+    PinEntryCancelledError,
+    PinentryError,
+    escape,
+    parse_status,
+    unescape,
+    unescape_in_place,
+)
 
 
 class Terminal:
@@ -19,11 +30,13 @@ class Terminal:
         self.name = os.ttyname(self.slave)
         self.screen = b""
 
-    def type_when(self, prompt: bytes, keys: bytes) -> threading.Thread:
+    def type_when(self, prompt: bytes, keys: bytes, *more: tuple[bytes, bytes]) -> threading.Thread:
+        """Type ``keys`` once ``prompt`` is on the screen, then each further (prompt, keys) in turn."""
         def person() -> None:
-            while prompt not in self.screen:
-                self.screen += os.read(self.master, 4096)
-            os.write(self.master, keys)
+            for each_prompt, each_keys in ((prompt, keys), *more):
+                while each_prompt not in self.screen:
+                    self.screen += os.read(self.master, 4096)
+                os.write(self.master, each_keys)
         thread = threading.Thread(target=person, daemon=True)
         thread.start()
         return thread
@@ -60,7 +73,7 @@ def test_pin_with_assuan_special_characters(terminal: Terminal) -> None:
 
 def test_empty_pin_sends_nothing_to_the_card(terminal: Terminal) -> None:
     terminal.type_when(b"PIN:", b"\r")
-    with pytest.raises(PinentryError, match="nothing was sent to the card"):
+    with pytest.raises(NoPinEnteredError, match="no PIN entered: nothing was sent to the card"):
         Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("card")
 
 
@@ -93,3 +106,31 @@ def test_cancelled_entry_sends_nothing_to_the_card(terminal: Terminal) -> None:
     terminal.type_when(b"PIN:", b"\x04")  # Ctrl-D: the person gives up
     with pytest.raises(PinentryError, match="nothing was sent to the card"):
         Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("card")
+
+
+def test_a_dialog_nobody_asked_for_asks_first_then_the_final_try_then_the_pin(
+        terminal: Terminal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this thread, reworded: the dialog asks why it opened, then (one try left) the final-try
+    question, then the PIN; each question's answer is the button's mnemonic in pinentry-tty."""
+    monkeypatch.setattr(os, "ttyname", lambda fd: terminal.name)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    words = DialogWords("Sign in: Alice Example", "Alice, enter the PIN", final_try_question="One try left.",
+                        person="Alice Example")
+    person = terminal.type_when(b"[sc]?", b"s", (b"[uc]?", b"u"), (b"PIN:", b"123456\r"))
+    with reworded_dialogs(lambda asked: asking_first(asked, SignInCause.SESSION_LOST)):
+        pin = PinSource("pinentry", "/usr/bin/pinentry-tty").read(PinRequest(words))
+    person.join(5)
+    assert bytes(pin.view()) == b"123456"
+    screen = terminal.screen.replace(b"\r", b"")
+    assert screen.index(b"Sign in again as Alice Example?\n\nCancel uses no try.") < screen.index(b"One try left.")
+    assert screen.index(b"One try left.") < screen.index(b"Alice, enter the PIN")
+
+
+def test_cancel_in_the_first_question_asks_nothing_more(terminal: Terminal, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "ttyname", lambda fd: terminal.name)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    words = asking_first(DialogWords("Sign in: Bob", "Bob, enter the PIN", person="Bob"),
+                         SignInCause.OVER_OTHER_PIN_DIALOG)
+    terminal.type_when(b"[sc]?", b"c")
+    with pytest.raises(PinEntryCancelledError, match="not confirmed: nothing was sent to the card"):
+        PinSource("pinentry", "/usr/bin/pinentry-tty").read(PinRequest(words))

@@ -6,6 +6,11 @@ holds up the card loop. Without a session bus the agent is silent (a service, a 
 ``[desktop] notifications = false`` it never tries. A cause that repeats (the PACS down for an
 hour) is told once per :data:`REPEAT_SECONDS`. The words are plain: no PIN, no distinguished name,
 no stack trace; text that comes from elsewhere (a tunnel name, the site label) is markup-escaped.
+
+On a shared workstation the notices of one card must not be read by the next clinician: a newer
+notice of the same slot replaces the one on screen (``replaces_id``), and when a card is pulled or
+another inserted, every notice shown so far is withdrawn (``CloseNotification``), critical ones
+(which notification servers keep until clicked) included.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from jeepney import DBusAddress, new_method_call
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
-from jeepney.wrappers import DBusErrorResponse
+from jeepney.low_level import Message
+from jeepney.wrappers import DBusErrorResponse, unwrap_msg
 
 from dicom_card_agent.desktop.config import DesktopConfig
 
@@ -31,20 +37,35 @@ ICON = "dialog-password"
 REPEAT_SECONDS = 300.0  # one notification per repeating cause (PACS down, certificate refused) in this time
 SEND_TIMEOUT_SECONDS = 2.0
 _NORMAL, _CRITICAL = 1, 2
+CARD_SLOT = "card"  # the card's own story (signed in, wrong PIN, removed...): one notice on screen at a time
+_ADDRESS = DBusAddress("/org/freedesktop/Notifications", bus_name="org.freedesktop.Notifications",
+                       interface="org.freedesktop.Notifications")
 
 
 @dataclass(frozen=True)
 class Notice:
-    """One notification: ``cause`` names what it is about, for rate-limiting and for tests."""
+    """One notification: ``cause`` names what it is about, for rate-limiting and for tests; a
+    notice replaces the one on screen of the same ``slot``."""
 
     cause: str
     summary: str
     body: str
     critical: bool = False
     repeating: bool = False  # told once per REPEAT_SECONDS
+    slot: str = CARD_SLOT
 
 
-Sender = Callable[[Notice], None]
+@dataclass(frozen=True)
+class Withdrawal:
+    """Take every notice shown so far off the screen: the card they were about left, or another came."""
+
+
+class Sender(Protocol):
+    def show(self, notice: Notice, replaces: int) -> int:
+        """Show ``notice`` in place of the shown notice ``replaces`` (0: none); its id (0: not shown)."""
+
+    def withdraw(self, shown: int) -> None:
+        """Take the notice ``shown`` (an id :meth:`show` returned) off the screen."""
 
 
 def escape_markup(text: str) -> str:
@@ -59,25 +80,41 @@ class DBusSender:
         self._connection: DBusConnection | None = None
         self._told_no_bus = False
 
-    def __call__(self, notice: Notice) -> None:
-        address = DBusAddress("/org/freedesktop/Notifications", bus_name="org.freedesktop.Notifications",
-                              interface="org.freedesktop.Notifications")
+    def show(self, notice: Notice, replaces: int) -> int:
         hints = {"urgency": ("y", _CRITICAL if notice.critical else _NORMAL),
-                 "category": ("s", "device" if notice.cause.startswith("card") else "network")}
-        message = new_method_call(address, "Notify", "susssasa{sv}i",
-                                  (APP_NAME, 0, ICON, notice.summary, escape_markup(notice.body), [], hints, -1))
+                 "category": ("s", "device" if notice.slot == CARD_SLOT else "network")}
+        reply = self._call(new_method_call(_ADDRESS, "Notify", "susssasa{sv}i", (
+            APP_NAME, replaces, ICON, notice.summary, escape_markup(notice.body), [], hints, -1)))
+        if reply is None:
+            return 0
+        try:
+            return int(unwrap_msg(reply)[0])
+        except DBusErrorResponse as error:  # no notification server on the bus
+            self._nobody_to_tell(error)
+            return 0
+
+    def withdraw(self, shown: int) -> None:
+        # An error reply only says the notice is gone already (closed by the clinician, or expired).
+        self._call(new_method_call(_ADDRESS, "CloseNotification", "u", (shown,)))
+
+    def _call(self, message: Message) -> Message | None:
+        """The reply; None when there is no session bus to ask."""
         try:
             if self._connection is None:
                 if not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
                     raise KeyError("DBUS_SESSION_BUS_ADDRESS")
                 self._connection = open_dbus_connection(bus="SESSION")
-            self._connection.send_and_get_reply(message, timeout=SEND_TIMEOUT_SECONDS)
-        except (OSError, KeyError, ValueError, TimeoutError, DBusErrorResponse) as error:
-            # No session bus (a service, a rig), or no notification server on it: nobody to tell.
-            if not self._told_no_bus:
-                log.info("desktop notifications are not shown: %s", _describe(error))
-                self._told_no_bus = True
-            self.close()
+            return self._connection.send_and_get_reply(message, timeout=SEND_TIMEOUT_SECONDS)
+        except (OSError, KeyError, ValueError, TimeoutError) as error:
+            self._nobody_to_tell(error)
+            return None
+
+    def _nobody_to_tell(self, error: Exception) -> None:
+        """No session bus (a service, a rig), or no notification server on it: said once."""
+        if not self._told_no_bus:
+            log.info("desktop notifications are not shown: %s", _describe(error))
+            self._told_no_bus = True
+        self.close()
 
     def close(self) -> None:
         if self._connection is not None:
@@ -95,15 +132,17 @@ def _describe(error: Exception) -> str:
 
 
 class Notifier:
-    """Queue notices for the sending thread, dropping repeats of a repeating cause."""
+    """Queue notices and withdrawals for the sending thread, in order, dropping repeats of a
+    repeating cause. The sending thread alone knows what is on screen (the server's ids)."""
 
     def __init__(self, enabled: bool, sender: Sender | None = None) -> None:
         self.enabled = enabled
         self._sender = sender or DBusSender()
         self._last: dict[str, float] = {}
-        self._queue: queue.SimpleQueue[Notice] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Notice | Withdrawal] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._on_screen: dict[str, int] = {}  # slot -> the id of its notice shown last; the sending thread's
 
     def notify(self, notice: Notice) -> None:
         if not self.enabled:
@@ -115,18 +154,40 @@ class Notifier:
                 if last is not None and now - last < REPEAT_SECONDS:
                     return
                 self._last[notice.cause] = now
+        self._put(notice)
+
+    def withdraw_all(self) -> None:
+        """Take every notice shown so far off the screen; a repeating cause may be told again at once
+        (to the next clinician, about her own session)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._last.clear()
+        self._put(Withdrawal())
+
+    def _put(self, item: Notice | Withdrawal) -> None:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._send_all, name="desktop-notifications", daemon=True)
                 self._thread.start()
-        self._queue.put(notice)
+        self._queue.put(item)
 
     def _send_all(self) -> None:
         while True:
-            notice = self._queue.get()
+            item = self._queue.get()
             try:
-                self._sender(notice)
+                if isinstance(item, Withdrawal):
+                    self._withdraw_shown()
+                else:
+                    self._on_screen[item.slot] = self._sender.show(item, self._on_screen.get(item.slot, 0))
             except Exception:  # a notification must never end the agent
-                log.exception("could not show the desktop notification %r", notice.summary)
+                log.exception("could not show or withdraw the desktop notification %r", item)
+
+    def _withdraw_shown(self) -> None:
+        shown, self._on_screen = self._on_screen, {}
+        for notice_id in shown.values():
+            if notice_id:
+                self._sender.withdraw(notice_id)
 
 
 class DesktopNotices:
@@ -136,8 +197,17 @@ class DesktopNotices:
         self.config = config
         self.notifier = notifier or Notifier(config.notifications)
 
-    def _tell(self, cause: str, summary: str, body: str, **kind: bool) -> None:
-        self.notifier.notify(Notice(cause, summary, body, **kind))
+    def _tell(self, cause: str, summary: str, body: str, *, critical: bool = False, repeating: bool = False,
+              slot: str = CARD_SLOT) -> None:
+        self.notifier.notify(Notice(cause, summary, body, critical=critical, repeating=repeating, slot=slot))
+
+    def _tell_apart(self, cause: str, summary: str, body: str, **kind: bool) -> None:
+        """A notice with a slot of its own (a PACS problem): it replaces only an earlier one of its cause."""
+        self._tell(cause, summary, body, slot=cause, **kind)
+
+    def withdraw_all(self) -> None:
+        """The card the notices on screen were about was pulled, or another card was inserted."""
+        self.notifier.withdraw_all()
 
     def signed_in(self, name: str, what_for: str) -> None:
         self._tell("signed-in", f"Signed in as {name}", f"Your card is ready for {what_for}.")
@@ -155,8 +225,36 @@ class DesktopNotices:
 
     def sign_in_cancelled(self, timed_out: bool) -> None:
         summary = "PIN dialog closed: nobody answered" if timed_out else "Sign-in cancelled"
-        self._tell("sign-in-cancelled", summary,
-                   "No PIN try was used. To sign in, remove your card and insert it again.")
+        self._tell("sign-in-cancelled", summary, _NO_TRY_REINSERT)
+
+    def sign_in_cancelled_by_another_card(self, pin_asked: bool) -> None:
+        """The sign-in under way was given up for a card inserted meanwhile; ``pin_asked``: before
+        any PIN reached the card (else the PIN was entered and the login may have begun)."""
+        self._tell("sign-in-cancelled-other-card", "Sign-in cancelled: another card was inserted",
+                   _NO_TRY_REINSERT if pin_asked else "To sign in, remove your card and insert it again.")
+
+    def session_lost(self, *, signed_in: bool, signs_in_again: bool, asks_first: bool) -> None:
+        """The card-session process ended without being asked to, signed in or while signing in. A
+        sign-in follows (``signs_in_again``; ``asks_first``: in a window asking whether to), or, after
+        too many losses, the card waits for re-insertion."""
+        summary = "DICOM session ended unexpectedly" if signed_in else "Sign-in stopped unexpectedly"
+        before = "Your DICOM connections were ended." if signed_in else "No PIN try was used."
+        if asks_first:
+            after = "To continue, choose Sign in again in the window that opens."
+        elif signs_in_again:
+            after = "Your card is being signed in again."
+        else:
+            after = f"Remove your card and insert it again. If it happens again, call {self.config.helpdesk}."
+        self._tell("session-lost", summary, f"{before} {after}")
+
+    def no_pin_entered(self) -> None:
+        self._tell("no-pin-entered", "No PIN entered: no try was used",
+                   "Remove your card and insert it again to sign in.")
+
+    def pin_window_failed(self) -> None:
+        self._tell("pin-window-failed", "Not signed in: the PIN window could not be used",
+                   f"No PIN try was used; nothing is wrong with your card. Remove your card and insert it again "
+                   f"to sign in. If it happens again, call {self.config.helpdesk}.")
 
     def pin_wrong(self, tries: str) -> None:
         self._tell("pin-wrong", "Wrong PIN", f"{tries} Remove your card and insert it again to try again.")
@@ -200,14 +298,17 @@ class DesktopNotices:
                    "The previous card's session ended; the new card signs in next.")
 
     def pacs_unreachable(self, what: str) -> None:
-        self._tell(f"pacs-unreachable:{what}", f"Cannot reach {what}",
-                   f"Images cannot be sent or fetched now. Try again in a few minutes; if it goes on, call "
-                   f"{self.config.helpdesk}.", repeating=True)
+        self._tell_apart(f"pacs-unreachable:{what}", f"Cannot reach {what}",
+                         f"Images cannot be sent or fetched now. Try again in a few minutes; if it goes on, call "
+                         f"{self.config.helpdesk}.", repeating=True)
 
     def certificate_refused(self, what: str) -> None:
-        self._tell(f"certificate-refused:{what}", f"{_capital(what)} does not accept your card",
-                   f"Call {self.config.helpdesk}: the server refuses your card's certificate.",
-                   critical=True, repeating=True)
+        self._tell_apart(f"certificate-refused:{what}", f"{_capital(what)} does not accept your card",
+                         f"Call {self.config.helpdesk}: the server refuses your card's certificate.",
+                         critical=True, repeating=True)
+
+
+_NO_TRY_REINSERT = "No PIN try was used. To sign in, remove your card and insert it again."
 
 
 def _duration(seconds: float) -> str:

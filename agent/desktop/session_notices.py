@@ -15,7 +15,8 @@ from dicom_card_agent.session.identity import CertificateExpiredError, Certifica
 from dicom_card_agent.tls.failures import CERTIFICATE_REFUSED, UNREACHABLE
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import LoginError, PinExpiredError, PinFinalTryError, PinLockedError, WrongPinError
-from dicom_card_agent.token.pinentry import PinEntryTimedOutError
+from dicom_card_agent.token.pin import PinUnavailableError
+from dicom_card_agent.token.pinentry import NoPinEnteredError, PinentryError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.relay import PACS_PROBLEM
 
 OnReport = Callable[[str, dict[str, Any]], None]
@@ -43,6 +44,19 @@ class SessionNotices:
     def locked(self) -> None:
         self.notices.locked()
 
+    def card_changed(self) -> None:
+        """The card was pulled or another inserted: what was said about the card is not for the next person."""
+        self.notices.withdraw_all()
+
+    def session_lost(self, *, signed_in: bool, signs_in_again: bool) -> None:
+        """The card-session process ended on its own (signed in, or while signing in); ``signs_in_again``:
+        the machine started a new sign-in, which asks first where the PIN source shows a dialog."""
+        self.notices.session_lost(signed_in=signed_in, signs_in_again=signs_in_again,
+                                  asks_first=signs_in_again and self.config.identity.pin.confirms_in_dialog)
+
+    def sign_in_cancelled_by_another_card(self, pin_asked: bool) -> None:
+        self.notices.sign_in_cancelled_by_another_card(pin_asked)
+
     def sign_in_cancelled(self, error: Exception | None = None) -> None:
         """The clinician cancelled the PIN dialog, or nobody answered it (``error`` None: the agent's timeout)."""
         self.notices.sign_in_cancelled(timed_out=error is None or isinstance(error, PinEntryTimedOutError))
@@ -64,8 +78,13 @@ class SessionNotices:
             self.notices.card_not_usable()
 
     def sign_in_failed(self, error: Exception) -> None:
-        """The card could not be used for anything but its PIN: its certificate, its module, the card itself."""
-        if isinstance(error, CertificateExpiredError):
+        """The sign-in failed before the card was asked: an empty PIN, the PIN dialog itself, or the
+        card for anything but its PIN (its certificate, its module, the card itself)."""
+        if isinstance(error, NoPinEnteredError):
+            self.notices.no_pin_entered()
+        elif self._pin_dialog_failed(error):
+            self.notices.pin_window_failed()
+        elif isinstance(error, CertificateExpiredError):
             self.notices.card_expired()
         elif isinstance(error, CertificateNotYetValidError):
             self.notices.card_not_yet_valid()
@@ -73,6 +92,12 @@ class SessionNotices:
             self.notices.card_revoked()
         else:
             self.notices.card_not_usable()
+
+    def _pin_dialog_failed(self, error: Exception) -> bool:
+        """The PIN window could not be shown or failed (no pinentry, no display, a crash), not the card."""
+        if isinstance(error, PinentryError):
+            return True
+        return isinstance(error, PinUnavailableError) and self.config.identity.pin.kind == "pinentry"
 
     def with_reports(self, on_report: OnReport) -> OnReport:
         """``on_report`` (the audit trail's), and the PACS problems a card-session process reports."""

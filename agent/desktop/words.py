@@ -8,11 +8,12 @@ for is the configured site label, else the tunnels' names.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from dicom_card_agent.lifecycle.machine import SignInCause
 from dicom_card_agent.token.discovery import PinState
 
 DIALOG_PROMPT = "PIN:"
@@ -48,16 +49,24 @@ _TRIES_IN_DIALOG = {
 }
 
 
+_CANCEL = "_Cancel"  # the underscore: Alt+C (pinentry mnemonics); Cancel is the default button
+
+
 @dataclass(frozen=True)
 class DialogWords:
-    """Everything the PIN dialog shows; ``final_try_question`` is asked (OK/Cancel) before the PIN."""
+    """Everything the PIN dialog shows. Before the PIN, ``first_question`` (a sign-in the clinician
+    did not start by inserting her card) and then ``final_try_question`` are asked (OK/Cancel)."""
 
     title: str
     description: str
     prompt: str = DIALOG_PROMPT
     final_try_question: str | None = None
     final_try_ok: str = "_Use my last try"  # the underscore: Alt+U (pinentry mnemonics)
-    final_try_cancel: str = "_Cancel"
+    final_try_cancel: str = _CANCEL
+    person: str = ""  # whose card, as the dialog names them
+    first_question: str | None = None
+    first_ok: str = "_Sign in again"
+    first_cancel: str = _CANCEL
 
 
 def pin_dialog(name: str, what_for: str, state: PinState, helpdesk: str, *, ask_final_try: bool) -> DialogWords:
@@ -71,15 +80,34 @@ def pin_dialog(name: str, what_for: str, state: PinState, helpdesk: str, *, ask_
         question = (f"{name}, your card has one PIN try left. If the next PIN is wrong, the card is blocked "
                     f"and only {helpdesk} can unblock it.\n\nContinue only if you are sure of your PIN. "
                     "Cancel uses no try.")
-    return DialogWords(title=f"Sign in: {name}", description=description, final_try_question=question)
+    return DialogWords(title=f"Sign in: {name}", description=description, final_try_question=question, person=name)
+
+
+# Why a PIN dialog opens that the clinician did not open by inserting her card, and the button that goes on.
+_UNASKED: dict[SignInCause, tuple[str, str]] = {
+    SignInCause.SESSION_LOST: ("Your DICOM session ended unexpectedly. Sign in again as {name}?", "_Sign in again"),
+    SignInCause.RELOADED: ("Your DICOM session was restarted for new settings. Sign in again as {name}?",
+                           "_Sign in again"),
+    SignInCause.OVER_OTHER_PIN_DIALOG: ("This card was inserted while another card's PIN window was open. "
+                                        "Sign in as {name}?", "_Sign in"),
+}
+
+
+def asking_first(words: DialogWords, cause: SignInCause) -> DialogWords:
+    """``words`` for a sign-in the clinician did not ask for (``cause``): a question comes first,
+    whose default, Cancel, uses no try, so that typing meant for another window is no PIN."""
+    question, ok = _UNASKED[cause]
+    return replace(words, first_question=f"{question.format(name=words.person)}\n\nCancel uses no try.", first_ok=ok)
 
 
 def tries_left(state: PinState) -> str:
-    """What a wrong PIN leaves, in words (PKCS#11 cards tell "few" and "one", never the number)."""
+    """What a wrong PIN leaves, in words (PKCS#11 cards tell "few" and "one", never the number).
+    A card that sets neither flag may have one try left as well as ten (many modules never set
+    them, and PKCS#11 cannot tell such a module from a card with many tries): nothing is promised."""
     return {
         PinState.COUNT_LOW: "Only a few tries are left.",
         PinState.FINAL_TRY: "One try is left: the next wrong PIN blocks the card.",
-    }.get(state, "The card has more tries left.")
+    }.get(state, "The card did not say how many tries are left: type carefully.")
 
 
 def _one_line(text: str) -> str:

@@ -15,7 +15,10 @@ The machine never starts a sign-in on its own after a failure, a cancelled PIN e
 idle timeout: only a (re-)insertion does, so that no PIN try is ever spent without the clinician.
 The exceptions are a card-session process lost (a crash, a kill) while it reads the card, while its
 PIN dialog is open or while signed in, and a configuration reload; they ask for the PIN again (no PIN
-was sent to the lost process), and losses are bounded so that a crashing card cannot loop.
+was sent to the lost process), and losses are bounded so that a crashing card cannot loop. Those
+signed-in restarts, and a card inserted while another card's PIN is asked for, start a sign-in
+whose :class:`SignInCause` makes its PIN dialog ask first, Cancel the default: nobody expects that
+dialog, and the keys typed meanwhile must not become a PIN try.
 """
 
 from __future__ import annotations
@@ -124,12 +127,29 @@ EVENT_TYPES: tuple[type, ...] = (CardInserted, CardRemoved, PinEntered, SignInCa
 # --- effects: what the machine asks the shell to do --------------------------------------------
 
 
+class SignInCause(Enum):
+    """Why a sign-in starts. Only the clinician's own insertion of her card opens a PIN dialog she
+    expects; any other sign-in asks first (pinentry's CONFIRM, Cancel the default), so that a dialog
+    grabbing the keyboard while she types elsewhere, or mid-PIN for another card, takes no PIN."""
+
+    INSERTED = "the card was inserted"
+    OVER_OTHER_PIN_DIALOG = "inserted while another card's PIN was asked for"
+    SESSION_LOST = "the card session ended unexpectedly"
+    RELOADED = "the configuration was reloaded"
+
+    @property
+    def asks_first(self) -> bool:
+        return self is not SignInCause.INSERTED
+
+
 @dataclass(frozen=True)
 class StartSignIn:
-    """Ask for the PIN of ``card`` (where the PIN source asks), log in, start its card-session process."""
+    """Ask for the PIN of ``card`` (where the PIN source asks), log in, start its card-session
+    process; ``cause`` says why, and whether the PIN dialog asks first."""
 
     card: Hashable
     attempt: int
+    cause: SignInCause = SignInCause.INSERTED
 
 
 @dataclass(frozen=True)
@@ -176,13 +196,14 @@ class Action(Enum):
 class Row:
     """What happens: ``do`` these actions, then go to ``then`` (None: stay). ``ends`` is the reason
     a session ends with, ``waits`` what ``status`` says in WAITING; both may name the event's
-    fields in braces, e.g. "{reason}"."""
+    fields in braces, e.g. "{reason}". ``starts`` is the cause a started sign-in carries."""
 
     when: Guard
     then: State | None
     do: tuple[Action, ...] = ()
     ends: str = ""
     waits: str = ""
+    starts: SignInCause = SignInCause.INSERTED  # why START_SIGN_IN starts a sign-in
 
 
 def _stay() -> tuple[Row, ...]:
@@ -233,6 +254,10 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
     },
     _S.PIN_PENDING: {
         **_SIGNING_IN_ROWS,
+        # The other card's dialog must not take the rest of a PIN being typed for this one.
+        CardInserted: (Row(_G.SAME_CARD, None),
+                       Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
+                           starts=SignInCause.OVER_OTHER_PIN_DIALOG)),
         PinEntered: (Row(_G.CURRENT, _S.SIGNING_IN), Row(_G.STALE, None)),
         # The card's process died while it read the card, or while its PIN dialog was open (that
         # dialog asks for nothing usable): a new process reads the card again.
@@ -254,7 +279,9 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         SignInCancelled: _stay(),
         SignedIn: (Row(_G.CURRENT, None), Row(_G.STALE, None, (_A.END_STALE_SESSION,), ends=_LATE)),
         SignInFailed: _stay(),
-        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="{reason}"),
+        # Nobody asked for the dialog that follows: the clinician may be typing in her application.
+        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="{reason}",
+                          starts=SignInCause.SESSION_LOST),
                       Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.END_SESSION,), ends="{reason}",
                           waits=f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: "
                                 f"{_REINSERT}"),
@@ -262,7 +289,8 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="locked", waits=_LOCKED),),
         IdleTimeout: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="idle timeout",
                           waits="locked after {seconds:g} s without activity: remove and re-insert the card"),),
-        Reload: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="configuration reloaded"),),
+        Reload: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="configuration reloaded",
+                     starts=SignInCause.RELOADED),),
         Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), ends="the agent is stopping"),),
     },
     _S.WAITING: {
@@ -306,7 +334,7 @@ class CardLifecycle:
     def handle(self, event: Event) -> list[Effect]:
         row = self._row(event)
         fields = vars(event)
-        effects = [self._act(action, event, row.ends.format(**fields)) for action in row.do]
+        effects = [self._act(action, event, row) for action in row.do]
         if row.then is State.WAITING:
             self.waiting = row.waits.format(**fields)
         if row.then is not None:
@@ -339,11 +367,12 @@ class CardLifecycle:
             return current and self.losses + 1 < MAX_SESSION_LOSSES
         return current and self.losses + 1 >= MAX_SESSION_LOSSES  # NO_LOSSES_LEFT
 
-    def _act(self, action: Action, event: Event, ends: str) -> Effect:
+    def _act(self, action: Action, event: Event, row: Row) -> Effect:
+        ends = row.ends.format(**vars(event))
         if action is Action.START_SIGN_IN:
             card = event.card if isinstance(event, CardInserted) else self.card
             self.attempt += 1
-            return StartSignIn(card, self.attempt)
+            return StartSignIn(card, self.attempt, row.starts)
         if action is Action.CANCEL_SIGN_IN:
             return CancelSignIn(self.attempt)
         if action is Action.END_STALE_SESSION:
@@ -370,6 +399,8 @@ def describe_transitions() -> str:
                 actions = ", ".join(action.value for action in row.do) or "nothing"
                 if row.ends:
                     actions += f" ({_placeholders(row.ends)})"
+                if row.starts.asks_first:
+                    actions += f"; the sign-in asks first ({row.starts.value})"
                 if row.waits:
                     actions += f"; `status`: {_placeholders(row.waits)}"
                 lines.append(f"| {state.name} | {event_type.__name__} | {row.when.value} | {then} | {actions} |")

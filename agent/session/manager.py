@@ -10,6 +10,7 @@ card-session process, and with it every connection, resumable session, the PIN a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -22,6 +23,7 @@ from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.session_notices import SessionNotices
+from dicom_card_agent.desktop.words import asking_first
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, SignInScope
 from dicom_card_agent.lifecycle.machine import (
@@ -39,6 +41,7 @@ from dicom_card_agent.lifecycle.machine import (
     SessionLost,
     SignedIn,
     SignInCancelled,
+    SignInCause,
     SignInFailed,
     StartSignIn,
     State,
@@ -58,6 +61,7 @@ from dicom_card_agent.session.supervisor import (
 )
 from dicom_card_agent.token.login import LoginError, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
+from dicom_card_agent.token.pin import reworded_dialogs
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Counts, Totals, add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED, SUPERVISOR_SILENT
@@ -84,6 +88,7 @@ class _SignIn:
     card: WatchedCard
     scope: SignInScope
     started: float
+    cause: SignInCause = SignInCause.INSERTED  # why it started: any cause but an insertion asks first
     pin_entered: bool = False
     session: CardSession | None = None  # its card-session process, once started
 
@@ -153,9 +158,9 @@ class SessionManager:
         self.last_activity = time.monotonic()
         self._next_idle_check = 0.0
         self._lock = threading.RLock()
-        # The reader thread's latest look, and when it started (time.monotonic()): one tuple, so that
-        # the loop never takes one look's card with another's time.
-        self._seen: tuple[WatchedCard | None, float] = (None, 0.0)
+        # The reader thread's latest look, when it started (time.monotonic()) and every card present
+        # then: one tuple, so that the loop never takes one look's card with another's time or cards.
+        self._seen: tuple[WatchedCard | None, float, tuple[WatchedCard, ...]] = (None, 0.0, ())
         self._lease_renewed = 0.0  # time.monotonic() of the latest lease sent to the card session
         self._first_look = threading.Event()
         self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (monotonic)
@@ -299,7 +304,7 @@ class SessionManager:
                     pass
                 else:
                     self._reader_starved_since = None
-                    self._seen = (card, started)
+                    self._seen = (card, started, self.watcher.present)
                     self._first_look.set()
                     self._wake.set()
                 if events.wait(stop, self.watcher.look_interval):
@@ -325,15 +330,15 @@ class SessionManager:
         the timers."""
         with self._lock:
             self._take_reports()
-            card, seen_at = self._seen
+            card, seen_at, present = self._seen
             if self._first_look.is_set() and card != self.machine.card:
-                if self.machine.card is not None:
-                    event("card-removed", **self._card_fields())
+                self.desktop.card_changed()  # the notices about the card before are not for whoever comes next
+                before = self._card_left_or_stayed(card, present)
                 self._probed = None
                 if card is None:
                     self._feed(CardRemoved())
                 else:  # inserted, or swapped for another between two looks
-                    event("card-inserted", **card.event_fields())
+                    event("card-inserted", **card.event_fields(), **before)
                     self._feed(CardInserted(card))
             self._check_session_alive()
             self._check_sign_in_process()
@@ -342,6 +347,19 @@ class SessionManager:
             self._check_idle()
             self.audit.record_refusal_counts()
 
+    def _card_left_or_stayed(self, card: WatchedCard | None, present: tuple[WatchedCard, ...]) -> dict[str, str]:
+        """Log that the card known so far left, unless it is still in its reader (another reader got a
+        card, which is the one to sign in with now); then the new card's ``card-inserted`` names it."""
+        previous = self.machine.card
+        if previous is None:
+            return {}
+        if previous not in present:
+            event("card-removed", **self._card_fields())
+            return {}
+        log.warning("card %s inserted while %s is still in its reader (%s): the new card is the one to sign in with",
+                    card, self.card or previous, self.machine.status)
+        return {f"previous_{key}": value for key, value in self._card_fields().items()}
+
     def shutdown(self) -> None:
         with self._lock:
             self._feed(Stop())
@@ -349,14 +367,28 @@ class SessionManager:
     # -- feeding the machine and carrying out its effects -----------------------------------------
 
     def _feed(self, happened: Event) -> None:
-        for effect in self.machine.handle(happened):
+        effects = self.machine.handle(happened)
+        for effect in effects:
             self._carry_out(effect)
+        self._tell_unlooked_for(happened, effects)
         if isinstance(happened, SignedIn) and self.machine.state is State.SIGNED_IN:
             self._signed_in()
 
+    def _tell_unlooked_for(self, happened: Event, effects: list[Effect]) -> None:
+        """Tell the clinician what the machine did that she did not cause: a lost card session, a
+        sign-in given up for another card (its effects say which, never the shell's guess)."""
+        started = next((effect for effect in effects if isinstance(effect, StartSignIn)), None)
+        if isinstance(happened, SessionLost):
+            ended = any(isinstance(effect, EndSession) for effect in effects)
+            if ended or (effects and started is None):  # a lost sign-in is tried again at once, unasked
+                self.desktop.session_lost(signed_in=ended, signs_in_again=started is not None)
+        elif isinstance(happened, CardInserted) and any(isinstance(effect, CancelSignIn) for effect in effects):
+            over_dialog = started is not None and started.cause is SignInCause.OVER_OTHER_PIN_DIALOG
+            self.desktop.sign_in_cancelled_by_another_card(pin_asked=over_dialog)
+
     def _carry_out(self, effect: Effect) -> None:
         if isinstance(effect, StartSignIn):
-            self._start_sign_in(effect.card, effect.attempt)  # type: ignore[arg-type]
+            self._start_sign_in(effect.card, effect.attempt, effect.cause)  # type: ignore[arg-type]
         elif isinstance(effect, CancelSignIn):
             if self._sign_in is not None and self._sign_in.attempt == effect.attempt:
                 self._sign_in.scope.cancel(self.machine.status)
@@ -380,7 +412,7 @@ class SessionManager:
 
     # -- sign-in ------------------------------------------------------------------------------------
 
-    def _start_sign_in(self, card: WatchedCard, attempt: int) -> None:
+    def _start_sign_in(self, card: WatchedCard, attempt: int, cause: SignInCause = SignInCause.INSERTED) -> None:
         if self._stopping.is_set():
             # The stop is already asked for (the loop may be mid-turn when SIGTERM comes): a sign-in
             # now would log in to the card, with no Login record, only to log out at once. The Stop
@@ -388,7 +420,7 @@ class SessionManager:
             log.info("no sign-in to %s: the agent is stopping", card)
             return
         scope = SignInScope(on_pin_entered=lambda: self._report(PinEntered(attempt)))
-        self._sign_in = _SignIn(attempt, card, scope, time.monotonic())
+        self._sign_in = _SignIn(attempt, card, scope, time.monotonic(), cause)
         thread = threading.Thread(target=self._sign_in_thread, args=(self._sign_in,),
                                   name=f"sign-in-{attempt}", daemon=True)
         thread.start()
@@ -410,8 +442,9 @@ class SessionManager:
             self._learnt(attempt, found.card)
             directory = session.directory
             assert directory is not None  # made by open()
-            signed_in, pin = scope.run(lambda: sign_in(config, self.module, found, directory,
-                                                       confirm_final_try=self.confirm_final_try))
+            with self._dialog_for(pending.cause):
+                signed_in, pin = scope.run(lambda: sign_in(config, self.module, found, directory,
+                                                           confirm_final_try=self.confirm_final_try))
             session.start(signed_in, pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
         except (SignInCancelledError, PinEntryCancelledError) as error:
@@ -460,6 +493,13 @@ class SessionManager:
         with self._lock:
             self._pending_sessions[attempt] = session
         self._report(SignedIn(attempt))
+
+    @staticmethod
+    def _dialog_for(cause: SignInCause) -> contextlib.AbstractContextManager[None]:
+        """A PIN dialog the clinician did not open by inserting her card asks first, Cancel the default."""
+        if not cause.asks_first:
+            return contextlib.nullcontext()
+        return reworded_dialogs(functools.partial(asking_first, cause=cause))
 
     def _probe_request(self, config: AgentConfig, card: WatchedCard) -> ProbeRequest:
         confirm = self.confirm_final_try or config.identity.pin.confirms_in_dialog

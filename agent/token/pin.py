@@ -12,6 +12,9 @@ import os
 import shutil
 import stat
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from dicom_card_agent.desktop.config import GRAPHICAL_PINENTRIES
@@ -113,13 +116,31 @@ class PinSource:
         return f"{self.kind}:{self.target}" if self.target else self.kind
 
 
+# How this thread's PIN dialog is to be reworded (agent/session/manager.py sets it for a sign-in the
+# clinician did not start by inserting her card, so that the dialog asks first): None, as asked.
+_REWORDING: ContextVar[Callable[[DialogWords], DialogWords] | None] = ContextVar("pin_dialog_rewording",
+                                                                                default=None)
+
+
+@contextmanager
+def reworded_dialogs(reword: Callable[[DialogWords], DialogWords]) -> Iterator[None]:
+    """PIN dialogs opened in this thread meanwhile show ``reword(words)``."""
+    token = _REWORDING.set(reword)
+    try:
+        yield
+    finally:
+        _REWORDING.reset(token)
+
+
 def _ask_pinentry(program: str, request: PinRequest | str) -> Secret:
     if isinstance(request, str):
         return Pinentry(program).get_pin(request)
-    words = request.words
-    confirm = None if words.final_try_question is None else Confirmation(
-        words.final_try_question, words.final_try_ok, words.final_try_cancel)
-    return Pinentry(program).get_pin(words.description, prompt=words.prompt, title=words.title, confirm=confirm,
+    reword = _REWORDING.get()
+    words = request.words if reword is None else reword(request.words)
+    questions = [Confirmation(question, ok, cancel) for question, ok, cancel in (
+        (words.first_question, words.first_ok, words.first_cancel),
+        (words.final_try_question, words.final_try_ok, words.final_try_cancel)) if question is not None]
+    return Pinentry(program).get_pin(words.description, prompt=words.prompt, title=words.title, confirm=questions,
                                      timeout=request.timeout)
 
 

@@ -12,6 +12,7 @@ import ctypes
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dicom_card_agent.errors import CardAgentError
@@ -33,6 +34,10 @@ class PinEntryCancelledError(PinentryError):
 
 class PinEntryTimedOutError(PinEntryCancelledError):
     """Nobody answered the dialog within its timeout: nothing was sent to the card."""
+
+
+class NoPinEnteredError(PinentryError):
+    """The dialog was answered with an empty PIN: nothing was sent to the card."""
 
 
 def escape(text: str) -> str:
@@ -135,9 +140,10 @@ class Pinentry:
         self.ttyname = ttyname if ttyname is not None else (os.ttyname(0) if sys.stdin.isatty() else None)
 
     def get_pin(self, description: str, *, prompt: str = "PIN:", title: str = "Smart card sign-in",
-                confirm: Confirmation | None = None, timeout: float | None = None) -> Secret:
-        """The PIN typed in the dialog; ``confirm`` is asked first (OK/Cancel) in the same dialog, and
-        ``timeout`` (seconds) closes the dialog unanswered."""
+                confirm: Confirmation | Sequence[Confirmation] = (), timeout: float | None = None) -> Secret:
+        """The PIN typed in the dialog; ``confirm`` is asked first (OK/Cancel, each question in turn)
+        in the same conversation, and ``timeout`` (seconds) closes the dialog unanswered."""
+        questions = (confirm,) if isinstance(confirm, Confirmation) else tuple(confirm)
         try:
             process = subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, bufsize=0)
@@ -158,8 +164,8 @@ class Pinentry:
             self._expect_ok(process, pipe, f"SETTITLE {escape(title)}")
             if timeout:
                 self._expect_ok(process, pipe, f"SETTIMEOUT {max(1, round(timeout))}")
-            if confirm is not None:
-                self._confirm(process, pipe, confirm)
+            for question in questions:
+                self._confirm(process, pipe, question)
             self._expect_ok(process, pipe, f"SETDESC {escape(description)}")
             self._expect_ok(process, pipe, f"SETPROMPT {escape(prompt)}")
             return self._get_pin(process, pipe)
@@ -212,7 +218,7 @@ class Pinentry:
                 if not answer.ok:
                     _raise_unanswered(answer, "PIN entry cancelled")
                 if length == 0:
-                    raise PinentryError("no PIN entered: nothing was sent to the card")
+                    raise NoPinEnteredError("no PIN entered: nothing was sent to the card")
                 with memoryview(pin) as view:
                     return Secret(view[:length])
         finally:
