@@ -9,17 +9,28 @@ import contextlib
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent_runner import agent_status, run_card_agent, signed_in_through_fault_module, wait_for
+from agent_runner import (
+    agent_status,
+    log_lines,
+    run_card_agent,
+    running_agent,
+    signed_in_through_fault_module,
+    tunnel,
+    wait_for,
+)
 from conftest import ProvisionedPki
 from dicom_card_agent.session.channel import LEASE_SECONDS
 from fault_pkcs11 import FaultControl
+from peers.pynetdicom_scp import echo, tls_scp
 
+SIGNED_IN = 'event=sign-in subject="CN=Alice Example'
 NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections may hold them)"
 
 
@@ -75,3 +86,29 @@ def test_a_process_out_of_descriptors_is_not_told_to_install_the_pkcs11_provider
     installed, error = result.stdout.splitlines()
     assert installed.endswith("/pkcs11.so")
     assert error == "cannot run `openssl version -m` to find the pkcs11-provider: Too many open files", error
+
+
+def test_a_sign_in_that_finds_no_descriptor_left_is_tried_again_once_there_are(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A reload that signs the card in again while the supervisor is out of descriptors: the
+    sign-in cannot start. It is tried again until it does, so the SoftHSM token (which cannot be
+    re-inserted) signs in by itself once descriptors are back. It used to wait for a re-insertion
+    for good, with "not signed in: the OpenSSL pkcs11-provider is not installed" in `status`."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            config = tmp_path / "agent" / "agent.toml"
+            config.write_text(config.read_text().replace("[trust]\n", '[trust]\ncrl_expired = "warn"\n', 1))
+            with descriptors_nearly_exhausted(agent.process.pid):
+                agent.process.send_signal(signal.SIGHUP)
+                agent.wait_for_log("could not start: ", timeout=15)
+                waiting = agent_status(tmp_path / "agent", test_pki.env())["state"]
+            wait_for(lambda: agent.log().count(SIGNED_IN) == 2, timeout=20)
+            assert echo(agent.port()), agent.log()
+            log = agent.log()
+    retried = [line for line in log_lines(log) if "could not start: " in line]
+    assert re.fullmatch(r"card-agent: WARNING: sign-in to 'alice' \(serial \w+\) could not start: .*"
+                        r"(Too many open files|EMFILE).*: trying again in \d+ s", retried[0]), retried
+    assert "event=sign-in-failed" not in log, log
+    assert re.fullmatch(r"card present, the sign-in could not start \(.*Too many open files.*\): trying again",
+                        waiting), waiting

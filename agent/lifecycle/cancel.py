@@ -34,6 +34,7 @@ class SignInScope:
         self._processes: list[subprocess.Popen] = []
         self._on_pin_entered = on_pin_entered
         self.reason = ""
+        self.pin_was_entered = False  # set in the sign-in's own thread, as the PIN comes in
 
     @property
     def cancelled(self) -> bool:
@@ -62,7 +63,12 @@ class SignInScope:
     def pin_entered(self) -> None:
         """The PIN is in; what follows is the login. Raises if the sign-in was cancelled meanwhile."""
         self.check()
+        self.pin_was_entered = True
         self._on_pin_entered()
+
+    def wait(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless the sign-in is cancelled first; True when it was."""
+        return self._cancelled.wait(seconds)
 
     def check(self) -> None:
         if self._cancelled.is_set():

@@ -177,7 +177,11 @@ def new_session_directory(config: AgentConfig, module: LoadedModule) -> Path:
     with the OpenSSL configuration its process starts with (``OPENSSL_CONF``): OpenSSL reads it
     once, and the module may start OpenSSL while it probes the card, before anything is known of it."""
     directory = Path(tempfile.mkdtemp(prefix=SESSION_DIRECTORY_PREFIX, dir=runtime_directory(config)))
-    (directory / OPENSSL_CONF_NAME).write_text(_openssl_conf(module))
+    try:
+        (directory / OPENSSL_CONF_NAME).write_text(_openssl_conf(module))
+    except BaseException:  # a full disk, the provider not to be found: no half-made session left behind
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     return directory
 
 

@@ -11,6 +11,7 @@ card-session process, and with it every connection, resumable session, the PIN a
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import queue
@@ -73,6 +74,11 @@ TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the
 # Past idle_timeout, how long a card-session process that answers no status question may hold the lock off.
 SILENT_SESSION_IDLE_SECONDS = 10.0
 _NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections may hold them)"
+# A sign-in that could not start for a shortage of the system's is tried again after this long,
+# doubled each time up to the most.
+SHORTAGE_FIRST_RETRY_SECONDS = 1.0
+SHORTAGE_MAX_RETRY_SECONDS = 30.0
+_SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EAGAIN})
 STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
 
 
@@ -91,6 +97,7 @@ class _SignIn:
     cause: SignInCause = SignInCause.INSERTED  # why it started: any cause but an insertion asks first
     pin_entered: bool = False
     session: CardSession | None = None  # its card-session process, once started
+    cannot_start: str | None = None  # what the system lacked, while waiting to try again
 
 
 class SessionTotals(Totals):
@@ -182,6 +189,9 @@ class SessionManager:
 
     @property
     def state(self) -> str:
+        pending = self._sign_in
+        if pending is not None and pending.cannot_start and self.machine.state is State.PIN_PENDING:
+            return f"card present, the sign-in could not start ({pending.cannot_start}): trying again"
         return self.machine.status
 
     @property
@@ -430,7 +440,32 @@ class SessionManager:
         self._wake.set()  # the loop acts on it now, not at its next tick
 
     def _sign_in_thread(self, pending: _SignIn) -> None:
-        """Sign in to the card of ``pending``; whatever happens is reported to the loop, nothing is raised."""
+        """Sign in to the card of ``pending``; whatever happens is reported to the loop, nothing is
+        raised. A sign-in that could not start for want of descriptors, memory or disk space (before
+        any PIN was asked) is tried again, with a growing wait, until it starts or is cancelled:
+        the shortage is of the moment, and a token that cannot be re-inserted (SoftHSM, an HSM)
+        would otherwise need a restart."""
+        retry_in = SHORTAGE_FIRST_RETRY_SECONDS
+        while (shortage := self._try_sign_in(pending)) is not None:
+            if not self._wait_to_retry(pending, shortage, retry_in):
+                return
+            retry_in = min(2 * retry_in, SHORTAGE_MAX_RETRY_SECONDS)
+
+    def _wait_to_retry(self, pending: _SignIn, shortage: str, seconds: float) -> bool:
+        """Wait before trying the sign-in of ``pending`` again; False (reported) when it was cancelled meanwhile."""
+        named = pending.session.card if pending.session is not None and pending.session.card else pending.card
+        log.warning("sign-in to %s could not start: %s: trying again in %g s", named, shortage, seconds)
+        pending.cannot_start = shortage
+        if pending.scope.wait(seconds):
+            self._report(SignInCancelled(pending.attempt, pending.scope.reason))
+            return False
+        pending.started = time.monotonic()  # no dialog was open: pin_dialog_timeout counts from now
+        pending.cannot_start = None
+        return True
+
+    def _try_sign_in(self, pending: _SignIn) -> str | None:
+        """One try at the sign-in of ``pending``, reported to the loop; or, when it could not start
+        for a shortage of the system's (nothing reported), what it lacked."""
         card, attempt, scope = pending.card, pending.attempt, pending.scope
         config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
         session = CardSession(config, on_report=functools.partial(self._session_report, attempt),
@@ -456,20 +491,20 @@ class SessionManager:
                                              else "PIN entry cancelled"))
             else:
                 self._report(SignInCancelled(attempt, scope.reason))
-            return
+            return None
         except CardSessionLostError as error:  # killed before it answered: a new process tries again
             session.end("sign-in failed")
             if scope.cancelled:  # the card left, a lock, a stop: that ended it
                 self._report(SignInCancelled(attempt, scope.reason))
-                return
+                return None
             log.error("sign-in to %s: %s", session.card or card, error)
             self._report(SessionLost(attempt, str(error)))
-            return
+            return None
         except LoginError as error:
             session.end("PIN not accepted")
             if scope.cancelled:
                 self._report(SignInCancelled(attempt, scope.reason))
-                return
+                return None
             self.last_error = str(error)
             named = session.card or Card("", "")  # the probe names the card before any PIN is asked or refused
             event("pin-failure", **named.event_fields(), reason=str(error))
@@ -477,22 +512,25 @@ class SessionManager:
             self.desktop.sign_in_refused(error)
             log.error("%s", error)
             self._report(SignInFailed(attempt, waiting_reason(error)))
-            return
+            return None
         except Exception as error:  # the card left mid-way, a broken module, anything: never the agent's end
-            session.end("sign-in failed")
+            _end_after_failure(session)
             if scope.cancelled:
                 self._report(SignInCancelled(attempt, scope.reason))
-                return
+                return None
             message = str(error) if isinstance(error, CardAgentError) else f"{type(error).__name__}: {error}"
+            if not scope.pin_was_entered and _system_shortage(error):  # asked again, a PIN would be too
+                return message
             self.last_error = message
             event("sign-in-failed", **(session.card or card).event_fields(), reason=message)
             log.error("sign-in to %s failed: %s", session.card or card, message)
             self.desktop.sign_in_failed(error)
             self._report(SignInFailed(attempt, f"not signed in: {message}"))
-            return
+            return None
         with self._lock:
             self._pending_sessions[attempt] = session
         self._report(SignedIn(attempt))
+        return None
 
     @staticmethod
     def _dialog_for(cause: SignInCause) -> contextlib.AbstractContextManager[None]:
@@ -627,8 +665,9 @@ class SessionManager:
 
     def _check_pin_dialog(self) -> None:
         pending = self._sign_in
-        if pending is None or pending.pin_entered or self.machine.state is not State.PIN_PENDING:
-            return
+        if (pending is None or pending.pin_entered or pending.cannot_start
+                or self.machine.state is not State.PIN_PENDING):
+            return  # no dialog open
         if time.monotonic() - pending.started < self.config.identity.pin_dialog_timeout:
             return
         reason = self._no_pin_entered()
@@ -676,3 +715,25 @@ class SessionManager:
             self.touch()  # a long transfer is activity too
             return
         self._feed(IdleTimeout(timeout))
+
+
+def _system_shortage(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is the system lacking something for a moment, not the
+    card or the configuration: no descriptor, memory, disk space or thread to be had."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, MemoryError) or (isinstance(seen, OSError) and seen.errno in _SHORTAGE_ERRNOS):
+            return True
+        if isinstance(seen, RuntimeError) and "can't start new thread" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _end_after_failure(session: CardSession) -> None:
+    """End the card session of a failed sign-in. Its end may fail for the same shortage as the
+    sign-in (no thread or descriptor to be had): that must not end the sign-in thread unreported."""
+    try:
+        session.end("sign-in failed")
+    except Exception:
+        log.exception("ending the card session of a failed sign-in")

@@ -123,33 +123,39 @@ class CardSession:
         :class:`CardSessionError` when the card cannot be used; the process is ended then."""
         self.directory = new_session_directory(self.config, module)
         ours, theirs = messages.channel_pair()
-        reports_ours, reports_theirs = messages.channel_pair()
+        try:
+            reports_ours, reports_theirs = messages.channel_pair()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
         node_pin_sources = [i.server_key_pin for i in self.config.inbound if i.server_key_pin]
         for pin_source in [self.config.identity.pin, *node_pin_sources]:
             if pin_source.kind == "env":
                 env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.directory / OPENSSL_CONF_NAME)
-        self.process = _CardSessionProcess(
-            # The supervisor's pid and the session's directory: the process ends, and removes the
-            # directory, if the supervisor dies (agent/session/orphan.py). -P: the working directory
-            # (the user's home under systemd) is not put on sys.path, so the code and the version it
-            # reports are the installed ones.
-            [sys.executable, "-P", "-m", "dicom_card_agent.session.worker", str(theirs.fileno()),
-             str(reports_theirs.fileno()), self.config.log_level, str(os.getpid()), str(self.directory)],
-            pass_fds=[theirs.fileno(), reports_theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
-            # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
-            start_new_session=True,
-        )
-        theirs.close()
-        reports_theirs.close()
+        try:
+            self.process = self._spawn(theirs, reports_theirs, env)
+        except BaseException:  # no process (descriptors or memory ran out): none of its channels either
+            ours.close()
+            reports_ours.close()
+            raise
+        finally:
+            theirs.close()
+            reports_theirs.close()
         scope = current_scope()
         if scope is not None:  # a pulled card, a lock or a stop ends it at once, mid-probe or mid-login
             scope.ends_with(self.process)
-        self._reports_thread = threading.Thread(target=self._read_reports, args=(reports_ours,),
-                                                name="session-reports", daemon=True)
-        self._reports_thread.start()
-        self.channel = ours
+        self.channel = ours  # from here on, end() closes it
+        reports_thread = threading.Thread(target=self._read_reports, args=(reports_ours,),
+                                          name="session-reports", daemon=True)
+        try:
+            reports_thread.start()
+        except RuntimeError:  # no thread to be had (memory): end() must not wait for one never started
+            reports_ours.close()
+            raise
+        self._reports_thread = reports_thread
         # The version first, looked at before anything else (worker.upgraded_under).
         reply = self._ask(ours, {**request.to_message(), "config": str(self.config.source),
                                  "version": RUNNING_VERSION}, limit=messages.MAX_CARD_MESSAGE)
@@ -165,6 +171,20 @@ class CardSession:
             self.end("start failed")
             raise CardSessionLostError(f"the card-session process {describe_exit(killed_by)} while it read the card")
         raise self._refused(reply, "the card could not be read")
+
+    def _spawn(self, channel: socket.socket, reports: socket.socket, env: dict[str, str]) -> _CardSessionProcess:
+        assert self.directory is not None
+        return _CardSessionProcess(
+            # The supervisor's pid and the session's directory: the process ends, and removes the
+            # directory, if the supervisor dies (agent/session/orphan.py). -P: the working directory
+            # (the user's home under systemd) is not put on sys.path, so the code and the version it
+            # reports are the installed ones.
+            [sys.executable, "-P", "-m", "dicom_card_agent.session.worker", str(channel.fileno()),
+             str(reports.fileno()), self.config.log_level, str(os.getpid()), str(self.directory)],
+            pass_fds=[channel.fileno(), reports.fileno()], env=env, stdin=subprocess.DEVNULL,
+            # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
+            start_new_session=True,
+        )
 
     def start(self, signed_in: SignedIn, pin: Secret | None) -> None:
         """Hand the process the identity and the PIN (None: PIN pad), which it tries once; wipes ``pin``.
