@@ -194,7 +194,8 @@ def test_full_disk_with_refuse_turns_the_pacs_away_at_an_inbound_listener(
     connection is closed (no TLS without the card session's answer, so no DICOM answer either)."""
     study = make_study(tmp_path / "study", files=1)
     with small_tmpfs(tmp_path / "disk") as disk, storescp(tmp_path / "viewer", tls=None) as viewer:
-        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki))
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", client_names=["localhost"],
+                                    **node_identity(test_pki))
         audit = {"file": str(disk / "audit.log"), "on_failure": "refuse"}
         with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], audit=audit) as agent:
             filler = fill(disk)

@@ -111,7 +111,7 @@ def test_a_listen_address_this_machine_does_not_have_yet_warns(test_pki: Provisi
     but worth a look where the network is up."""
     with late_address(version) as late:
         listener = inbound_listener("retrieves", "127.0.0.1:11112", listen=f"{late.listen}:104",
-                                    allow_from=[late.address], **node_identity(test_pki))
+                                    allow_from=[late.address], client_names=["localhost"], **node_identity(test_pki))
         config = write_config(tmp_path / "agent.toml", test_pki, [], inbound=[listener])
         result = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
     assert (f"warn listen retrieves: inbound retrieves: {late.address} is not an address of this workstation now; "

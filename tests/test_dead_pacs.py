@@ -113,7 +113,7 @@ def test_a_pacs_that_vanishes_from_an_inbound_listener_is_given_up_within_dead_p
         viewer = stack.enter_context(storescp(tmp_path / "viewer", tls=None))
         listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node_identity(test_pki),
                                     listen=f"{host.workstation_address}:{free_port()}", allow_from=[host.address],
-                                    dead_pacs_timeout=DEAD_AFTER)
+                                    dead_pacs_timeout=DEAD_AFTER, client_names=["localhost"])
         agent = stack.enter_context(running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]))
         pacs = stack.enter_context(managed_process(
             [*host.prefix, sys.executable, script, host.workstation_address, str(port_of(listener)),

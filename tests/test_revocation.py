@@ -306,7 +306,7 @@ def test_inbound_a_pacs_with_a_revoked_client_certificate_is_refused(test_pki: P
     pacs = make_pacs(test_pki, tmp_path / "pacs", cdp=False, revoked=True)
     study = make_study(tmp_path / "study", files=1)
     with RevocationServer(pacs.port, pacs.files), storescp(tmp_path / "viewer", tls=None) as viewer:
-        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}",
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", client_names=["localhost"],
                                     server_certificate=str(test_pki.pki / "server-chain.pem"),
                                     server_key=str(test_pki.pki / "server.key"))
         with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], trust=OCSP_ONLY) as agent:

@@ -115,7 +115,8 @@ def test_a_card_that_cannot_serve_an_inbound_listener_is_refused_before_its_pin_
     card.readers(None, "alice")  # alice's card, client-only; the other reader empty
     serial = serials(test_pki)
     env = test_pki.env(**card.env())
-    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}")  # server_certificate = "card"
+    listener = inbound_listener("retrieves", f"127.0.0.1:{free_port()}",  # server_certificate = "card"
+                                client_names=["localhost"])
     refusal = ("token 'alice' cannot serve [[inbound]] 'retrieves' (server_certificate = \"card\"): the card's "
                "certificate (CN=Alice Example,O=Example Hospital Test PKI) cannot identify a TLS server (its extended "
                "key usage lacks serverAuth); not signed in, no PIN asked: give the listener the workstation's node "

@@ -147,7 +147,7 @@ def test_status_counts_of_an_inbound_listener(test_pki: ProvisionedPki, tmp_path
     stranger = TlsClientFiles(test_pki.ca_bundle, test_pki.pki / "untrusted-server-chain.pem",
                               test_pki.pki / "untrusted-server.key")
     with plain_scp() as viewer:
-        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **node)
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", client_names=["localhost"], **node)
         with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener]) as agent:
             association = associate(port_of(listener), tls=pacs, sop_classes=[VERIFICATION])
             assert association.is_established and association.send_c_echo().Status == 0

@@ -112,6 +112,7 @@ class LocalPeer:
 class RemoteNode:
     host: str
     port: int
+    subject: str = ""  # its TLS client certificate's subject (RFC 4514), when it connected to the agent
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -303,6 +304,8 @@ class AuditEvent:
             data["local_peer"] = {k: v for k, v in vars(self.local_peer).items() if v not in (None, "")}
         if self.remote is not None:
             data["remote"] = {"host": self.remote.host, "port": self.remote.port}
+            if self.remote.subject:
+                data["remote"]["subject"] = self.remote.subject
         if self.instances:
             data["instances"] = [[i.sop_class_uid, i.sop_instance_uid] + ([i.study_uid] if i.study_uid else [])
                                  for i in self.instances]
@@ -358,7 +361,8 @@ class AuditEvent:
                                              listen=peer.take("listen", str, ""))
             peer.done()
         if remote is not None:
-            values["remote"] = RemoteNode(host=remote.take("host", str), port=remote.take("port", int))
+            values["remote"] = RemoteNode(host=remote.take("host", str), port=remote.take("port", int),
+                                          subject=remote.take("subject", str, ""))
             remote.done()
         reader.done()
         return cls(**values)

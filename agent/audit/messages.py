@@ -312,8 +312,10 @@ class _MessageBuilder:
 
     def _remote_node(self, remote: RemoteNode, *, requestor: bool, ae_title: str = "",
                      role: Code | None = None) -> None:
-        """The remote node: UserID host:port, AlternativeUserID its AE title, at its host."""
-        self._participant(str(remote), requestor=requestor, alternative=_ae_titles(ae_title),
+        """The remote node: UserID host:port, AlternativeUserID its AE title, at its host; UserName
+        the subject of the TLS client certificate it authenticated with, when it connected to an
+        inbound listener (which PACS sent, whatever AE title it claimed)."""
+        self._participant(str(remote), requestor=requestor, alternative=_ae_titles(ae_title), name=remote.subject,
                           access_point=remote.host, role=role)
 
     def _transfer_participants(self, direction: Direction) -> None:

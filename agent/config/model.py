@@ -6,6 +6,7 @@ the configuration file. An unknown key is an error, so that a typo never silentl
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -138,6 +139,11 @@ class InboundConfig:
     server_key_uri: str | None = None  # a pkcs11: URI of a key on a token of the identity's module
     server_key_pin: PinSource | None = None  # that token's PIN (env: or file:)
     client_pins: tuple[bytes, ...] = ()
+    # The names one of which the PACS's client certificate must carry (a subjectAltName DNS name or IP
+    # address, or its subject CN): by default the server_name of each [[tunnel]], the PACS the agent
+    # already verifies by name outbound. Empty only with client_pins: the fingerprints name the PACS.
+    client_names: tuple[str, ...] = ()
+    client_names_by_default: bool = False  # taken from the tunnels, not given (the refusal says so)
     forward_uids: tuple[int, ...] = ()  # who may own the local storage SCP; empty: the agent's own user
     tls: str = "bcp195"
     connect_timeout: float = 10.0
@@ -255,7 +261,7 @@ def load_config(path: Path) -> AgentConfig:
     names: set[str] = set()
     tunnels = _named_tables(raw_tunnels, "tunnel", path, base, names, _tunnel,
                             "another tunnel already has this name")
-    inbound = _named_tables(raw_inbound, "inbound", path, base, names, _inbound,
+    inbound = _named_tables(raw_inbound, "inbound", path, base, names, functools.partial(_inbound, tunnels=tunnels),
                             "a tunnel or another inbound listener already has this name")
     listens = [str(t.listen) for t in tunnels] + [str(i.listen) for i in inbound]
     for duplicate in {a for a in listens if listens.count(a) > 1}:
@@ -378,7 +384,7 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
     )
 
 
-def _inbound(section: Section, name: str) -> InboundConfig:
+def _inbound(section: Section, name: str, *, tunnels: list[TunnelConfig]) -> InboundConfig:
     listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
     if listen.unix_path:
         raise section.error("listen", "the PACS connects over the network: give HOST:PORT")
@@ -417,12 +423,41 @@ def _inbound(section: Section, name: str) -> InboundConfig:
     max_pending = section.take("max_pending_handshakes", int, 4)
     if max_pending < 1:
         raise section.error("max_pending_handshakes", "must be a whole number of handshakes, at least 1")
+    pins = _pins(section, "client_pins")
+    client_names, by_default = _client_names(section, pins, tunnels)
     return InboundConfig(name=name, listen=listen, forward=forward, server_certificate=certificate, server_key=key,
-                         server_key_uri=key_uri, server_key_pin=key_pin, client_pins=_pins(section, "client_pins"),
+                         server_key_uri=key_uri, server_key_pin=key_pin, client_pins=pins,
+                         client_names=client_names, client_names_by_default=by_default,
                          forward_uids=_uids(section, "forward_uids"), tls=_tls_mode(section),
                          association=_association_rules(section, user_identity=False), **_timeouts(section),
                          allow_from=_allow_from(section, listen), max_pending_handshakes=max_pending,
                          max_connections=_max_connections(section), revocation=_revocation_policy(section))
+
+
+def _client_names(section: Section, pins: tuple[bytes, ...],
+                  tunnels: list[TunnelConfig]) -> tuple[tuple[str, ...], bool]:
+    """Who an inbound listener takes for the PACS, and whether that is the default.
+
+    Any certificate of [trust] ca (a colleague's card among them) chains; the PACS is the one that
+    carries its name. Given nothing, the names are those the tunnels verify the PACS's server
+    certificate by; pinned fingerprints name the PACS as well. With neither, the agent would not
+    know the PACS, so it refuses to start rather than take any certificate of the CA for it."""
+    names = section.take("client_names", list, None)
+    if names is not None:
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise section.error("client_names", "must list the PACS's names as its client certificate carries them "
+                                                "(DNS names or IP addresses in subjectAltName, or its subject CN), "
+                                                "e.g. client_names = [\"pacs.hospital.example\"]")
+        return tuple(n.strip() for n in names), False
+    if pins:
+        return (), False
+    defaults = tuple(dict.fromkeys(tunnel.server_name for tunnel in tunnels))
+    if not defaults:
+        raise section.error("client_names", "required when no [[tunnel]] names the PACS (and no client_pins are "
+                                            "given): the names the PACS's client certificate carries, e.g. "
+                                            "client_names = [\"pacs.hospital.example\"]; otherwise any certificate "
+                                            "of [trust] ca would be taken for the PACS")
+    return defaults, True
 
 
 def _revocation_policy(section: Section) -> str:

@@ -45,9 +45,9 @@ _SESSION_ENDS = {
 }
 
 
-def _node(address: str) -> RemoteNode:
+def _node(address: str, subject: str = "") -> RemoteNode:
     host, _, port = address.rpartition(":")
-    return RemoteNode(host.strip("[]"), int(port) if port.isdigit() else 0)
+    return RemoteNode(host.strip("[]"), int(port) if port.isdigit() else 0, subject)
 
 
 # agent/tunnel/peer.py Peer.describe(): "uid 1000 pid 4242 (storescu) from 127.0.0.1:53412"
@@ -205,6 +205,6 @@ class AuditRecorder:
                 reason=f"{failed} of {len(seen)} not stored" if failed else ""))
 
     def _association(self, fields: dict[str, Any]) -> dict[str, Any]:
-        return {"tunnel": fields["tunnel"], "remote": _node(fields["remote"]),
+        return {"tunnel": fields["tunnel"], "remote": _node(fields["remote"], fields.get("remote_subject", "")),
                 "calling_ae": fields["calling_ae_title"], "called_ae": fields["called_ae_title"], "user": self.user,
                 "local_peer": _local_peer(fields), "remote_requestor": fields.get("direction") == "inbound"}

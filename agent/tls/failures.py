@@ -112,13 +112,22 @@ def rejected_our_certificate(identity: str, detail: str) -> TunnelFailure:
                          cause=CERTIFICATE_REFUSED)
 
 
-def failure_after_handshake(remote: str, error: Exception | None, identity: str, received_any: bool) -> TunnelFailure:
-    """The server ended the connection after the handshake; with TLS 1.3 that is how it rejects a client."""
+def failure_after_handshake(remote: str, error: Exception | None, identity: str, received_any: bool,
+                            version: str | None) -> TunnelFailure:
+    """The server ended the connection after the handshake (``version``, as negotiated). With TLS 1.3
+    that is how it rejects a client: it judges the client's certificate only after the client's
+    Finished, so the handshake completes before the refusal. With TLS 1.2 the server had judged the
+    certificate before its own Finished: a close now is the PACS's doing (a restart, a crash, an AE
+    title it drops, a renegotiation we decline), news to try again later, not about the card."""
     if isinstance(error, ssl.SSLError) and (error.reason or "") in _REJECTED_OUR_CERTIFICATE:
         return rejected_our_certificate(identity, _REJECTED_OUR_CERTIFICATE[error.reason])
-    if not received_any:
+    detail = f": {error.reason or error}" if isinstance(error, ssl.SSLError) else ""
+    if received_any:
+        return TunnelFailure(f"server {remote} closed the connection unexpectedly{detail}", transient=True)
+    if version == "TLSv1.3":
         return rejected_our_certificate(
             identity, "the server closed the connection right after the TLS handshake, which is how TLS 1.3 "
                       "servers refuse a client certificate")
-    detail = f": {error.reason or error}" if isinstance(error, ssl.SSLError) else ""
-    return TunnelFailure(f"server {remote} closed the connection unexpectedly{detail}", transient=True)
+    return TunnelFailure(f"the PACS at {remote} closed the connection before answering{detail} (after a completed "
+                         f"{version or 'TLS'} handshake: not a refusal of our certificate); is the PACS restarting, "
+                         "or does it drop this association's AE titles?", transient=True)

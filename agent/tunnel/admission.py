@@ -113,6 +113,13 @@ class Throttle(Generic[Key, Latest]):
             seen.latest = latest
             return False
 
+    def due_in(self) -> float | None:
+        """Seconds until the first count not told yet is due (:meth:`expired`); None without one."""
+        now = self._clock()
+        with self._lock:
+            due = [seen.told_at + self.interval - now for seen in self._seen.values() if seen.since_told]
+        return max(0.0, min(due)) if due else None
+
     def expired(self, *, all_counted: bool = False) -> list[tuple[Key, int, float, Latest | None]]:
         """(key, occurrences not told, seconds they span, the latest one's ``latest``) for each key
         whose interval is over (``all_counted``: every key with a count, at the end); looked at
@@ -134,33 +141,76 @@ class Throttle(Generic[Key, Latest]):
         return told
 
 
+@dataclass(frozen=True)
+class _Refused:
+    """How the refusals of one key are told: where the connection ended, and who else hears of the
+    count once its interval is over (the audit trail, for refused TLS handshakes)."""
+
+    stage: str = "before TLS"
+    counted: Callable[[int, float], None] | None = None  # (refusals not told, seconds they span)
+
+
 class RefusalLog:
     """Logs refused connections at most once per listener, source and reason in ``interval``
     seconds; the refusals in between are counted and told in one line when the interval is over,
     so that a scan or a flood cannot flood the log. ``kind`` names the listeners' kind in its
-    lines ("inbound", "tunnel"). Thread-safe."""
+    lines ("inbound", "tunnel"). A count is told at the next refusal or :meth:`flush`, and else by
+    a timer once its interval is over: a card-session process has no loop that would flush it, and
+    a flood that stops must still be told. Thread-safe."""
 
     def __init__(self, logger: logging.Logger, interval: float = REFUSAL_LOG_INTERVAL,
                  max_sources: int = REFUSAL_LOG_SOURCES, clock: Callable[[], float] = time.monotonic,
                  kind: str = "inbound") -> None:
         self._log = logger
         self._kind = kind
-        self._throttle: Throttle[tuple[str, str, str], None] = Throttle(interval, max_sources, clock)
+        self._throttle: Throttle[tuple[str, str, str], _Refused] = Throttle(interval, max_sources, clock)
+        self._timer_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
 
-    def refused(self, listener: str, source: str, reason: str) -> None:
-        """One connection to ``listener`` from ``source`` closed before TLS, for ``reason``."""
+    def refused(self, listener: str, source: str, reason: str, *, stage: str = "before TLS",
+                first_line: str | None = None, counted: Callable[[int, float], None] | None = None) -> bool:
+        """One connection to ``listener`` from ``source`` closed ``stage``, for ``reason``; True when
+        it is the first of its interval, told in full (``first_line``: the line to log for it, after
+        the listener's name). ``counted`` is called with the count of the others when it is told."""
         self.flush()
         key = (listener, source, reason)
         if not self._throttle.tracks(key):
             key = (listener, "other addresses", reason)  # a wide scan: memory stays bounded
-        if self._throttle.occurred(key):
-            self._log.warning("%s %s: closed a connection from %s before TLS: %s", self._kind, *key)
+        if self._throttle.occurred(key, _Refused(stage, counted)):
+            if first_line is None:
+                self._log.warning("%s %s: closed a connection from %s %s: %s", self._kind, listener, key[1], stage,
+                                  reason)
+            else:
+                self._log.warning("%s %s: %s", self._kind, listener, first_line)
+            return True
+        self._flush_when_due()
+        return False
 
     def flush(self) -> None:
-        """Tell the counts of intervals that are over (else told at the next refusal)."""
-        for (listener, source, reason), count, seconds, _ in self._throttle.expired():
-            self._log.warning("%s %s: closed %d more connection%s from %s before TLS in the last %.0f s: %s",
-                              self._kind, listener, count, "s" if count > 1 else "", source, seconds, reason)
+        """Tell the counts of intervals that are over (else told at the next refusal, or by the timer)."""
+        for (listener, source, reason), count, seconds, refused in self._throttle.expired():
+            refused = refused or _Refused()
+            self._log.warning("%s %s: closed %d more connection%s from %s %s in the last %.0f s: %s", self._kind,
+                              listener, count, "s" if count > 1 else "", source, refused.stage, seconds, reason)
+            if refused.counted is not None:
+                refused.counted(count, seconds)
+
+    def _flush_when_due(self) -> None:
+        """Flush once the first count not told yet is due, unless a flush is set for then already."""
+        due_in = self._throttle.due_in()
+        with self._timer_lock:
+            if self._timer is not None or due_in is None:
+                return
+            # A second more: the throttle looks at its counts once a second at most.
+            self._timer = threading.Timer(due_in + 1.0, self._flush_by_timer)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _flush_by_timer(self) -> None:
+        with self._timer_lock:
+            self._timer = None
+        self.flush()
+        self._flush_when_due()
 
 
 class PeerRefusalLog:

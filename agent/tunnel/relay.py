@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import logging
 import math
 import select
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from dicom_card_agent.config.model import InboundConfig, TunnelConfig
 from dicom_card_agent.dicom.association import DATA_SET_PREFIX, Association, Forward, Query, Refuse
@@ -57,6 +59,7 @@ from dicom_card_agent.dicom.pdu import (
     pdu_type_name,
 )
 from dicom_card_agent.errors import CardAgentError
+from dicom_card_agent.logline import printable
 from dicom_card_agent.revocation.checker import CheckGivenUpError
 from dicom_card_agent.revocation.peer import PeerRevocation
 from dicom_card_agent.tls.failures import (
@@ -601,8 +604,8 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
     None is returned; None too when the application leaves or sends nothing in time."""
     association = Association(runtime.config.association, runtime.username)
     try:
-        received, request = _read_first_association_pdu(local, ASSOCIATE_RQ_TIMEOUT, request_first=True,
-                                                        ending=runtime.ending)
+        received, request = _read_first_association_pdu(functools.partial(_receive_plain, local, runtime.ending),
+                                                        ASSOCIATE_RQ_TIMEOUT, request_first=True)
         if request is None:
             return None
         decision = association.on_request(request)
@@ -705,9 +708,10 @@ def _refusal_message(association: Association, decision: Refuse) -> str:
 
 
 def _association_fields(runtime: TunnelRuntime | InboundRuntime, association: Association, peer: str, *,
-                       requestor_is_local: bool) -> dict[str, Any]:
-    """What the audit trail records about an association; ``remote`` is always the PACS."""
-    return {
+                       requestor_is_local: bool, peer_subject: str = "") -> dict[str, Any]:
+    """What the audit trail records about an association; ``remote`` is always the PACS, and
+    ``remote_subject`` its certificate's subject when it connected to an inbound listener."""
+    fields = {
         "direction": "outbound" if requestor_is_local else "inbound",
         "tunnel": runtime.config.name,
         "remote": runtime.config.remote if requestor_is_local else peer,
@@ -716,6 +720,9 @@ def _association_fields(runtime: TunnelRuntime | InboundRuntime, association: As
         "user_identity": association.user_identity_sent, "end": association.end,
         "abstract_syntaxes": sorted(set(association.accepted_abstract_syntaxes.values())),
     }
+    if peer_subject:
+        fields["remote_subject"] = printable(peer_subject)
+    return fields
 
 
 class ClientVerificationError(CardAgentError):
@@ -747,15 +754,13 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             _tally_handshake(runtime, tls, signs_on_token=runtime.signs_on_token)
             client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
-            message = _inbound_handshake_failure(peer, error, runtime.ending)
-            runtime.count(error=message)
-            _tally_failure(runtime, "tls")
-            log.warning("inbound %s: %s: %s", config.name, peer, message)
-            if not runtime.ending.is_set():
-                runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
+            _refuse_handshake(runtime, peer, error)
             return
         finally:
             runtime.handshake_slots.release()  # authenticated or refused: no longer pending
+        request = _request_over_tls(runtime, tls, remote, peer, client)
+        if request is None:
+            return
         try:
             local = _connect_forward(runtime)
         except TunnelFailure as failure:
@@ -765,7 +770,8 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
             _reject_over_tls(tls, remote, reject_pdu(transient=failure.transient))
             return
         version = tls.obj.version()  # while TLS is up: after the relay, its shutdown leaves None
-        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=False)
+        relay = _Relay(runtime, local, remote, tls.obj, tls.incoming, tls.outgoing, peer, requestor_is_local=False,
+                       received=request, peer_subject=client)
         relay.run()
         _count_association(runtime, relay)
         association = relay.association
@@ -783,6 +789,77 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
                 sock.close()
 
 
+_handshake_refusals = RefusalLog(log)
+
+
+def _refuse_handshake(runtime: InboundRuntime, peer: str, error: Exception) -> None:
+    """Log and report a handshake that did not authenticate the PACS: in full once a minute per
+    listener, source and reason, then with the count of the others (log line and audit Security
+    Alert alike), so that a peer handshaking in a loop fills neither the journal nor the audit trail."""
+    config = runtime.config
+    message, reason = _inbound_handshake_failure(peer, error, runtime.ending)
+    runtime.count(error=message)
+    _tally_failure(runtime, "tls")
+    if runtime.ending.is_set():  # once per connection open when the session ends: nothing to throttle
+        log.warning("inbound %s: %s: %s", config.name, peer, message)
+        return
+    host = peer.rsplit(":", 1)[0]
+    counted = functools.partial(_report_refusal_count, runtime, peer, reason)
+    if _handshake_refusals.refused(config.name, host, reason, stage="in the TLS handshake",
+                                   first_line=f"{peer}: {message}", counted=counted):
+        runtime.report("tls-failure", {"tunnel": config.name, "remote": peer, "reason": message})
+
+
+def _report_refusal_count(runtime: InboundRuntime, peer: str, reason: str, count: int, seconds: float) -> None:
+    """The audit Security Alert for the handshakes refused after the one reported in full (``peer``:
+    the latest of them)."""
+    host = peer.rsplit(":", 1)[0]
+    runtime.report("tls-failure", {
+        "tunnel": runtime.config.name, "remote": peer,
+        "reason": f"refused {count} more TLS handshake{'s' if count > 1 else ''} from {host} in the last "
+                  f"{seconds:.0f} s: {reason}"})
+
+
+def _request_over_tls(runtime: InboundRuntime, tls: _Tls, remote: socket.socket, peer: str,
+                      client: str) -> bytes | None:
+    """The PACS's bytes up to its whole A-ASSOCIATE-RQ, read before the local storage SCP is
+    connected: a peer that authenticates and then says nothing holds neither a connection to the
+    local SCP nor this one beyond ``ASSOCIATE_RQ_TIMEOUT``, the ARTIM timer's job (PS3.8 9.1.5), as
+    for an outbound application. None (logged, answered if malformed, to be closed) when the PACS
+    closed, sent nothing in time or no DICOM, or the card session ended."""
+    receive = functools.partial(_receive_over_tls, tls, remote, runtime.ending)
+    try:
+        received, request = _read_first_association_pdu(receive, ASSOCIATE_RQ_TIMEOUT, request_first=True)
+    except SessionEndedError as error:
+        log.info("inbound %s: %s: %s before the PACS's A-ASSOCIATE-RQ was read", runtime.config.name, peer, error)
+    except TimeoutError:
+        log.info("inbound %s: %s: no A-ASSOCIATE-RQ within %.0f s; closed", runtime.config.name, peer,
+                 ASSOCIATE_RQ_TIMEOUT)
+    except MalformedPduError as error:
+        _abort_malformed_request(runtime, tls, remote, peer, client, error)
+    except OSError as error:  # ssl.SSLError included
+        log.info("inbound %s: %s: the connection ended before the A-ASSOCIATE-RQ: %s", runtime.config.name, peer,
+                 getattr(error, "reason", None) or getattr(error, "strerror", None) or error)
+    else:
+        return received if request is not None else None
+    return None
+
+
+def _abort_malformed_request(runtime: InboundRuntime, tls: _Tls, remote: socket.socket, peer: str, client: str,
+                             error: MalformedPduError) -> None:
+    """The PACS sent no DICOM: A-ABORT and a Security Alert, as the relay answers a malformed PDU,
+    and the local storage SCP never hears of it."""
+    message = f"malformed PDU from the PACS at {peer}: {error}"
+    runtime.count(error=message)
+    runtime.tally.association("failed", "malformed")
+    log.warning("inbound %s: %s: %s", runtime.config.name, peer, message)
+    association = Association(runtime.config.association, runtime.username)
+    runtime.report("security-alert", {**_association_fields(runtime, association, peer, requestor_is_local=False,
+                                                            peer_subject=client),
+                                      "what": "malformed-pdu", "reason": message})
+    _reject_over_tls(tls, remote, abort_pdu(error))
+
+
 def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
     """The PACS's subject, once its pinned fingerprint (if any) matched and the revocation policy
     accepts it; OpenSSL checked the chain."""
@@ -797,11 +874,19 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
 def _check_client_certificate(runtime: InboundRuntime, leaf_der: bytes) -> str:
     leaf = x509.load_der_x509_certificate(leaf_der)
     subject = leaf.subject.rfc4514_string()
-    pins = runtime.config.client_pins
+    config = runtime.config
+    pins = config.client_pins
     if pins and hashlib.sha256(leaf_der).digest() not in pins:
         raise ClientVerificationError(
             f"client certificate {subject} has SHA-256 fingerprint {hashlib.sha256(leaf_der).digest().hex(':')}, "
-            f"which is not among client_pins of inbound {runtime.config.name!r}")
+            f"which is not among client_pins of inbound {config.name!r}")
+    if config.client_names and not _carries_one_of(leaf, config.client_names):
+        setting = ("client_names, by default the server_name of each [[tunnel]]" if config.client_names_by_default
+                   else "client_names")
+        raise ClientVerificationError(
+            f"client certificate {subject} is not one of this listener's accepted peers: it names none of "
+            f"{', '.join(config.client_names)} ({setting}); set [[inbound]] {config.name!r} client_names "
+            "(or client_pins) to admit it")
     if runtime.revocation is not None:
         try:
             runtime.revocation.check(leaf, runtime.ending.future)
@@ -812,20 +897,50 @@ def _check_client_certificate(runtime: InboundRuntime, leaf_der: bytes) -> str:
     return subject
 
 
-def _inbound_handshake_failure(peer: str, error: Exception, ending: SessionEnd) -> str:
+def _carries_one_of(leaf: x509.Certificate, names: tuple[str, ...]) -> bool:
+    """Whether ``leaf`` carries one of ``names``: as a subjectAltName DNS name or IP address, or as its
+    subject CN; names compared without regard to case, and no wildcards (a PACS has its own name)."""
+    common_names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    carried = {str(attribute.value).casefold() for attribute in common_names}
+    addresses: set[str] = set()  # as ipaddress writes them: one spelling per address
+    try:
+        alternative = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        carried.update(dns.casefold() for dns in alternative.get_values_for_type(x509.DNSName))
+        addresses.update(map(str, alternative.get_values_for_type(x509.IPAddress)))
+    for name in names:
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            if name.casefold() in carried:
+                return True
+        else:
+            if str(address) in addresses:
+                return True
+    return False
+
+
+def _inbound_handshake_failure(peer: str, error: Exception, ending: SessionEnd) -> tuple[str, str]:
+    """The log line's message for a handshake that did not authenticate the PACS at ``peer``, and its
+    reason without the peer's address (by which refusals are counted)."""
     if ending.is_set():  # it waited for its PACS, or the card left mid-signature: not the PACS's doing
-        return f"TLS handshake with the PACS at {peer} ended with the card session: {ending.reason}"
-    if isinstance(error, ClientVerificationError):
-        return f"refused the PACS at {peer}: {error}"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return (f"refused the PACS at {peer}: its client certificate does not verify against [trust] ca: "
-                f"{error.verify_message or error}")
+        reason = f"ended with the card session: {ending.reason}"
+        return f"TLS handshake with the PACS at {peer} {reason}", reason
     if isinstance(error, (socket.timeout, TimeoutError)):
-        return f"TLS handshake with the PACS at {peer} did not finish in time"
-    reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
-    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-        return f"refused the PACS at {peer}: it sent no client certificate (this listener requires one)"
-    return f"TLS handshake with the PACS at {peer} failed: {reason}"
+        reason = "the TLS handshake did not finish in time"
+        return f"TLS handshake with the PACS at {peer} did not finish in time", reason
+    if isinstance(error, ClientVerificationError):
+        reason = str(error)
+    elif isinstance(error, ssl.SSLCertVerificationError):
+        reason = f"its client certificate does not verify against [trust] ca: {error.verify_message or error}"
+    else:
+        detail = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+        if detail != "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return f"TLS handshake with the PACS at {peer} failed: {detail}", f"the TLS handshake failed: {detail}"
+        reason = "it sent no client certificate (this listener requires one)"
+    return f"refused the PACS at {peer}: {reason}", reason
 
 
 def _connect_forward(runtime: InboundRuntime) -> socket.socket:
@@ -862,35 +977,15 @@ def _connect_forward(runtime: InboundRuntime) -> socket.socket:
 
 
 def _reject_over_tls(tls: _Tls, remote: socket.socket, pdu: bytes) -> None:
-    """Read the PACS's A-ASSOCIATE-RQ, answer it with ``pdu`` and end the TLS connection."""
-    framer = PduFramer()
-    deadline = time.monotonic() + REJECT_READ_TIMEOUT
-    answered = False
-    try:
-        while not answered and time.monotonic() < deadline:
-            while not answered:  # records may already wait from the handshake, or span several reads
-                try:
-                    plain = tls.obj.read(CHUNK)
-                except ssl.SSLWantReadError:
-                    break
-                if not plain:
-                    break
-                answered = any(isinstance(event, AssociationPdu) for event in framer.feed(plain))
-            if answered:
-                break
-            remote.settimeout(max(0.001, deadline - time.monotonic()))
-            data = remote.recv(CHUNK)
-            if not data:
-                break
-            tls.incoming.write(data)
-    except (OSError, ssl.SSLError, MalformedPduError):
-        pass  # answer anyway: the PACS may still read it
+    """Answer the PACS's request (read already) with ``pdu``, an A-ASSOCIATE-RJ or A-ABORT, and end
+    the TLS connection."""
     try:
         tls.obj.write(pdu)
         tls.obj.unwrap()
     except ssl.SSLError:
         pass  # SSLWantReadError from unwrap: the PACS's close_notify is not awaited
     try:
+        remote.settimeout(REJECT_READ_TIMEOUT)
         remote.sendall(tls.pending_output())
     except OSError:
         pass
@@ -914,23 +1009,20 @@ def abort_pdu(malformed: MalformedPduError | None = None) -> bytes:
                    else AbortReason.INVALID_PDU_PARAMETER_VALUE)
 
 
-def _read_first_association_pdu(local: socket.socket, timeout: float, *, request_first: bool,
-                                ending: SessionEnd | None = None) -> tuple[bytes, bytes | None]:
-    """The application's bytes up to its first whole association PDU (normally its A-ASSOCIATE-RQ),
-    and that PDU; None for it if the application closed first. ``request_first``: any other PDU
+def _read_first_association_pdu(receive: Callable[[float], bytes], timeout: float, *,
+                                request_first: bool) -> tuple[bytes, bytes | None]:
+    """The peer's bytes up to its first whole association PDU (normally its A-ASSOCIATE-RQ), and that
+    PDU; None for it if the peer closed first. ``receive(deadline)``: the peer's next bytes, b"" at
+    its end (:func:`_receive_plain`, :func:`_receive_over_tls`). ``request_first``: any other PDU
     before it is malformed. Raises OSError (a timeout included, and :class:`SessionEndedError` when
-    ``ending`` is given and the session ends) and MalformedPduError."""
+    the session ends) and MalformedPduError."""
     framer = PduFramer()
     received = bytearray()
     deadline = time.monotonic() + timeout
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        if deadline - time.monotonic() <= 0:
             raise TimeoutError("no whole association PDU in time")  # also when bytes keep trickling in
-        if ending is not None:
-            _wait_for_peer(local, deadline, ending)
-        local.settimeout(left)
-        data = local.recv(CHUNK)
+        data = receive(deadline)
         if not data:
             return bytes(received), None
         received += data
@@ -941,10 +1033,40 @@ def _read_first_association_pdu(local: socket.socket, timeout: float, *, request
                 return bytes(received), event.pdu
 
 
+def _receive_plain(local: socket.socket, ending: SessionEnd | None, deadline: float) -> bytes:
+    """What an application sent next, waiting until ``deadline`` (and, given ``ending``, no longer
+    than the card session)."""
+    if ending is not None:
+        _wait_for_peer(local, deadline, ending)
+    local.settimeout(max(0.001, deadline - time.monotonic()))
+    return local.recv(CHUNK)
+
+
+def _receive_over_tls(tls: _Tls, remote: socket.socket, ending: SessionEnd, deadline: float) -> bytes:
+    """What the TLS peer sent next, decrypted (records may already wait from the handshake), waiting
+    until ``deadline`` and no longer than the card session; b"" at its close."""
+    buffer = read_buffer()
+    while True:
+        try:
+            return tls.obj.read(CHUNK)  # b"" at its close_notify
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            return b""
+        _wait_for(remote, select.POLLIN, deadline, ending, "no whole association PDU in time")
+        try:
+            count = remote.recv_into(buffer)
+        except BlockingIOError:
+            continue
+        if not count:
+            return b""
+        tls.incoming.write(buffer[:count])
+
+
 def _read_one_pdu(local: socket.socket, timeout: float) -> None:
     """Consume what the application sent (normally its A-ASSOCIATE-RQ) so that closing does not reset."""
     try:
-        _read_first_association_pdu(local, timeout, request_first=False)
+        _read_first_association_pdu(functools.partial(_receive_plain, local, None), timeout, request_first=False)
     except (OSError, MalformedPduError):
         return
 
@@ -1035,7 +1157,7 @@ class _Relay:
 
     def __init__(self, runtime: TunnelRuntime | InboundRuntime, local: socket.socket, remote: socket.socket,
                  tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, peer: str, *,
-                 requestor_is_local: bool, received: bytes = b"") -> None:
+                 requestor_is_local: bool, received: bytes = b"", peer_subject: str = "") -> None:
         self.runtime = runtime
         self.local = local
         self.remote = remote
@@ -1047,7 +1169,9 @@ class _Relay:
         self.to_local = bytearray()
         self.to_remote = bytearray(self._tls_output())
         self._read_buffer = read_buffer()  # for every read, from either side
-        self._received_before = received  # from the local side before the relay started
+        self._received_before = received  # from the requestor before the relay started
+        self.peer_subject = peer_subject  # inbound: the PACS's certificate subject, for the audit trail
+        self.tls_version = tls.version()  # how a close right after the handshake is read (_remote_failed)
         self.association = Association(runtime.config.association, runtime.username)
         # P-DATA an application writes before the A-ASSOCIATE-AC came (a whole association in one write)
         # passes, for the PACS to judge; once the AC passed, only the contexts it accepted do.
@@ -1089,8 +1213,10 @@ class _Relay:
         poller.register(remote_fd, 0)
         poller.register(self.runtime.ending.read_fd, select.POLLIN)
         try:
-            if self._received_before:
+            if self._received_before and self.requestor_is_local:
                 self._from_local(self._received_before)
+            elif self._received_before:
+                self._from_remote(memoryview(self._received_before))
             self._read_tls()  # the requestor's first PDU may have come with its last handshake message
             while self.failure is None:
                 local_mask = (select.POLLIN if not self.local_eof and len(self.to_remote) < HIGH_WATER else 0) | (
@@ -1449,7 +1575,7 @@ class _Relay:
 
     def association_fields(self) -> dict[str, Any]:
         return _association_fields(self.runtime, self.association, self.peer,
-                                  requestor_is_local=self.requestor_is_local)
+                                  requestor_is_local=self.requestor_is_local, peer_subject=self.peer_subject)
 
     def report_end(self) -> None:
         """The audit reports of an accepted association at its end: the C-STOREs not reported yet
@@ -1485,7 +1611,8 @@ class _Relay:
         else:
             assert isinstance(self.runtime, TunnelRuntime)
             self.failure = failure_after_handshake(self.runtime.config.remote, error,
-                                                   self.runtime.identity.describe(), self.received_any)
+                                                   self.runtime.identity.describe(), self.received_any,
+                                                   self.tls_version)
 
     @staticmethod
     def _send(sock: socket.socket, data: bytes | bytearray | memoryview) -> int:

@@ -8,7 +8,9 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
@@ -37,6 +39,18 @@ from dicom_card_agent.tunnel.relay import reject_at_once, reject_in_thread
 
 log = logging.getLogger("agent.tunnel")
 
+FIRST_BYTES_TIMEOUT = 5.0  # seconds an inbound peer has to send its first TLS bytes (its ClientHello)
+
+
+@dataclass(frozen=True)
+class _Silent:
+    """An inbound connection admitted by address, waiting in the accept loop for its first bytes."""
+
+    listener: InboundConfig
+    connection: socket.socket
+    peer: str
+    deadline: float
+
 
 class Listeners:
     """Every tunnel's listening socket, served by one accept thread."""
@@ -58,6 +72,7 @@ class Listeners:
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)
         self._in_flight = _InFlight()
         self._lock = threading.Lock()  # the accept thread's view of self.sockets while a reload swaps them
+        self._silent: dict[int, _Silent] = {}  # the accept thread's: inbound connections yet to send a byte
         self._lent_to: CardSession | None = None  # the card session accepting on the tunnels' sockets
         self._lent: set[int] = set()  # their descriptors (not in the selector meanwhile)
         try:
@@ -205,7 +220,11 @@ class Listeners:
                 self._refusals.flush()
                 self._tunnel_refusals.flush()
                 self._peer_refusals.flush()
-                for key, _ in self._selector.select(timeout=0.5):
+                self._close_silent(time.monotonic())
+                for key, _ in self._selector.select(timeout=self._select_timeout()):
+                    if isinstance(key.data, _Silent):
+                        self._first_bytes_came(key.data)
+                        continue
                     with self._lock:
                         sock, listener = self.sockets.get(key.fd, (None, None))
                     if sock is None or listener is None:  # closed by a reload since select()
@@ -222,14 +241,16 @@ class Listeners:
         if not self._in_flight.enter(listener.name, listener.max_connections):
             self._over_capacity(listener, connection)
             return
-        answering = False  # True once a refusal thread owns the connection (and leaves in-flight)
+        # True once a refusal thread owns the connection, or the accept loop watches it for its
+        # first bytes: in-flight is left when that ends.
+        answering = False
         try:
             # Admitting is quick (one sock_diag query, one message to the card session), so it
             # runs here: a thread per connection cost every association ~0.1 ms of set-up.
             if isinstance(listener, TunnelConfig):
                 answering = self._admit(listener, connection)
             else:
-                self._admit_inbound(listener, connection)
+                answering = self._admit_inbound(listener, connection)
             self._backoff.succeeded()
         except (CardAgentError, OSError, RuntimeError) as error:
             # Whoever it is cannot be established (PeerLookupError when descriptors ran out), or
@@ -249,8 +270,9 @@ class Listeners:
         if isinstance(listener, TunnelConfig):
             reject_at_once(connection)
             refusals = self._tunnel_refusals
-        connection.close()
+        # Logged before the close: the line is there once the peer sees it (tests read the log then).
         refusals.refused(listener.name, source, f"{listener.max_connections} connections in flight (max_connections)")
+        connection.close()
 
     def _admit(self, tunnel: TunnelConfig, local: socket.socket) -> bool:
         """True when a refusal thread took over ``local``."""
@@ -291,38 +313,97 @@ class Listeners:
         reject_in_thread(local, failure, tunnel.name, lambda: self._in_flight.leave(tunnel.name))
         return True
 
-    def _admit_inbound(self, inbound: InboundConfig, connection: socket.socket) -> None:
+    def _admit_inbound(self, inbound: InboundConfig, connection: socket.socket) -> bool:
+        """True when ``connection`` now waits for its first bytes (still in flight, see :meth:`_wait_for_bytes`)."""
         try:
             host, port = connection.getpeername()[:2]
         except OSError:
             connection.close()
-            return
+            return False
         if not is_allowed(host, inbound.allow_from):
             # Closed here, in the supervisor: a stranger costs no TLS, and never a card signature.
             connection.close()
             self._refusals.refused(inbound.name, host, "its address is not in allow_from")
             self._turned_away(inbound.name, "address_not_allowed")
-            return
-        peer = f"{host}:{port}"
+            return False
+        if self._turn_away(inbound, connection, f"{host}:{port}", dispatch=False):
+            return False
+        self._wait_for_bytes(_Silent(inbound, connection, f"{host}:{port}",
+                                     time.monotonic() + min(FIRST_BYTES_TIMEOUT, inbound.handshake_timeout)))
+        return True
+
+    def _turn_away(self, inbound: InboundConfig, connection: socket.socket, peer: str, *, dispatch: bool) -> bool:
+        """Close ``connection`` when no card session can take it (logged once a minute per address
+        and reason, as other refusals: connecting in a loop must not fill the journal); True then.
+        ``dispatch``: hand it to the card session if there is one (the caller closes its copy)."""
         refusal = self.manager.audit.refusal() if self.manager is not None else None
         if refusal is not None:  # [audit] on_failure = "refuse": what the PACS sends would go unrecorded
             connection.close()
-            log.warning("inbound %s: PACS at %s turned away: %s; [audit] on_failure = \"refuse\"",
-                        inbound.name, peer, refusal)
+            self._refusals.refused(inbound.name, peer.rsplit(":", 1)[0], f"turned away: {refusal}",
+                                   first_line=f"PACS at {peer} turned away: {refusal}; [audit] on_failure = \"refuse\"")
             self._turned_away(inbound.name, "audit_failing")
-            return
+            return True
         session = self.manager.current_session() if self.manager else None
-        if session is None or not session.dispatch(inbound.name, connection, peer):
-            state = self.manager.state if self.manager else "starting"
-            # No TLS without a card session, so no DICOM answer either: the PACS sees the connection close.
-            log.warning("inbound %s: PACS at %s turned away: %s", inbound.name, peer, state)
-            self._turned_away(inbound.name)
+        if session is not None and (not dispatch or session.dispatch(inbound.name, connection, peer)):
+            return False
+        state = self.manager.state if self.manager else "starting"
+        # No TLS without a card session, so no DICOM answer either: the PACS sees the connection close.
         connection.close()
+        self._refusals.refused(inbound.name, peer.rsplit(":", 1)[0], f"turned away: {state}",
+                               first_line=f"PACS at {peer} turned away: {state}")
+        self._turned_away(inbound.name)
+        return True
+
+    def _wait_for_bytes(self, silent: _Silent) -> None:
+        """Hand ``silent`` to the card session once its first bytes came, or close it at its deadline.
+
+        Only then does it take one of the card session's handshakes in flight
+        (max_pending_handshakes): a peer that connects and sends nothing costs no signature and no
+        place a PACS needs, and while it waits, no thread either (the accept loop watches it)."""
+        self._silent[silent.connection.fileno()] = silent
+        self._selector.register(silent.connection, selectors.EVENT_READ, silent)
+
+    def _first_bytes_came(self, silent: _Silent) -> None:
+        self._stop_watching(silent)
+        inbound, connection = silent.listener, silent.connection
+        try:
+            try:
+                if not connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    return  # connected and closed without a byte: a port probe, not worth a line
+            except OSError:
+                return  # reset: gone
+            self._turn_away(inbound, connection, silent.peer, dispatch=True)
+        finally:
+            connection.close()
+            self._in_flight.leave(inbound.name)
+
+    def _close_silent(self, now: float) -> None:
+        """Close the inbound connections whose first bytes did not come by their deadline."""
+        for silent in [s for s in self._silent.values() if s.deadline <= now]:
+            self._stop_watching(silent)
+            silent.connection.close()
+            self._in_flight.leave(silent.listener.name)
+            seconds = min(FIRST_BYTES_TIMEOUT, silent.listener.handshake_timeout)
+            self._refusals.refused(silent.listener.name, silent.peer.rsplit(":", 1)[0],
+                                   f"it sent nothing within {seconds:g} s (no TLS ClientHello)")
+
+    def _stop_watching(self, silent: _Silent) -> None:
+        self._selector.unregister(silent.connection)
+        del self._silent[silent.connection.fileno()]
+
+    def _select_timeout(self) -> float:
+        """Until the next silent connection's deadline, at most 0.5 s."""
+        if not self._silent:
+            return 0.5
+        return max(0.0, min(0.5, min(s.deadline for s in self._silent.values()) - time.monotonic()))
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2)
+        for silent in list(self._silent.values()):
+            self._stop_watching(silent)
+            silent.connection.close()
         for fd, (sock, tunnel) in self.sockets.items():
             sock.close()
             # Inbound listeners are never unix sockets; systemd's sockets are its own to remove.
