@@ -223,7 +223,8 @@ class AgentModel(RuleBasedStateMachine):
         try:
             wait_for(reached, SETTLE)
         except AssertionError:
-            raise AssertionError(f"status {seen[-1]['state']!r}, model {self.status!r}\n{self.agent.log()}") from None
+            raise AssertionError(f"status {seen[-1]['state']!r}, model {self.status!r}; the screen ends "
+                                 f"{self.terminal.screen[-600:]!r}\n{self.agent.log()}") from None
         return seen[-1]
 
     def matches(self, status: dict) -> bool:

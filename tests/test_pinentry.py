@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import termios
 import threading
+import time
 
 import pytest
 
 from dicom_card_agent.desktop.words import DialogWords, asking_first
+from dicom_card_agent.lifecycle.cancel import SignInScope
 from dicom_card_agent.lifecycle.machine import SignInCause
 from dicom_card_agent.token.pin import PinRequest, PinSource, reworded_dialogs
 from dicom_card_agent.token.pinentry import (
+    Confirmation,
     NoPinEnteredError,
     Pinentry,
     PinEntryCancelledError,
@@ -134,3 +138,34 @@ def test_cancel_in_the_first_question_asks_nothing_more(terminal: Terminal, monk
     terminal.type_when(b"[sc]?", b"c")
     with pytest.raises(PinEntryCancelledError, match="not confirmed: nothing was sent to the card"):
         PinSource("pinentry", "/usr/bin/pinentry-tty").read(PinRequest(words))
+
+
+@pytest.mark.parametrize("closed_at", [b"[sc]?", b"PIN:"])
+def test_a_dialog_closed_by_a_cancelled_sign_in_leaves_the_terminal_as_it_was(terminal: Terminal,
+                                                                              closed_at: bytes) -> None:
+    """A pulled card, a lock or a stop closes pinentry-tty (SIGTERM) at its question or at its PIN
+    prompt; it restores the terminal only when it ends by itself. It left echo off (and, at a
+    question, canonical input too): the clinician's typing no longer showed, and in the next
+    dialog Ctrl-D and Enter did not end her input."""
+    modes = termios.ICANON | termios.ECHO
+    before = termios.tcgetattr(terminal.slave)[3] & modes
+    scope = SignInScope()
+    ended: list[Exception] = []
+
+    def dialog() -> None:
+        try:
+            scope.run(lambda: Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin(
+                "Bob, enter the PIN", confirm=Confirmation("Sign in as Bob?", "Sign in", "Cancel")))
+        except PinentryError as error:
+            ended.append(error)
+    if closed_at == b"PIN:":
+        terminal.type_when(b"[sc]?", b"s")
+    shown = threading.Thread(target=dialog, daemon=True)
+    shown.start()
+    while closed_at not in terminal.screen:
+        terminal.screen += os.read(terminal.master, 4096)
+    time.sleep(0.2)  # it waits for a key now, in the modes it set
+    scope.cancel("card removed")
+    shown.join(10)
+    assert ended, "the dialog did not end"
+    assert termios.tcgetattr(terminal.slave)[3] & modes == before

@@ -8,11 +8,13 @@ and is read from it into a wipeable buffer (no ``str`` of it is ever made).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import termios
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from dicom_card_agent.errors import CardAgentError
@@ -144,6 +146,11 @@ class Pinentry:
         """The PIN typed in the dialog; ``confirm`` is asked first (OK/Cancel, each question in turn)
         in the same conversation, and ``timeout`` (seconds) closes the dialog unanswered."""
         questions = (confirm,) if isinstance(confirm, Confirmation) else tuple(confirm)
+        with _terminal_kept(self.ttyname):
+            return self._converse(description, prompt, title, questions, timeout)
+
+    def _converse(self, description: str, prompt: str, title: str, questions: tuple[Confirmation, ...],
+                  timeout: float | None) -> Secret:
         try:
             process = subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, bufsize=0)
@@ -263,3 +270,35 @@ def _raise_unanswered(answer: Response, what: str) -> None:
     if answer.error_code == ASSUAN_TIMEOUT:
         raise PinEntryTimedOutError(f"{what}: the dialog timed out; nothing was sent to the card")
     raise PinentryError(f"the pinentry program failed: {answer.error_text or answer.error_code}")
+
+
+@contextlib.contextmanager
+def _terminal_kept(ttyname: str | None) -> Iterator[None]:
+    """The terminal's settings as they were, once the dialog on it has ended, however it ended.
+    pinentry-tty turns echo off (and, for a question, canonical input too) and restores them only
+    when it ends by itself: closed by a pulled card, a lock or a stop, it left the clinician's
+    terminal not showing what she types, and Ctrl-D and Enter no longer ending a line."""
+    saved = _terminal_settings(ttyname)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            fd, settings = saved
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(fd, termios.TCSANOW, settings)
+            os.close(fd)
+
+
+def _terminal_settings(ttyname: str | None) -> tuple[int, list] | None:
+    """An open descriptor of ``ttyname`` and its settings now; None without a terminal."""
+    if ttyname is None:
+        return None
+    try:
+        fd = os.open(ttyname, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return fd, termios.tcgetattr(fd)
+    except termios.error:
+        os.close(fd)
+        return None
