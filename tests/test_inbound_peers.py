@@ -32,7 +32,7 @@ from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import A_ABORT, A_ASSOCIATE_RJ, parse_associate_rj
 from dicom_card_agent.tunnel.admission import RefusalLog
 from peers.dcmtk import storescp, storescu
-from peers.pki_files import TlsClientFiles, issue_client_file_identity
+from peers.pki_files import TlsClientFiles, TlsServerFiles, issue_client_file_identity
 from peers.ports import free_port
 from peers.study import assert_delivered, make_study
 from test_inbound import THE_PACS, connected_as_the_pacs, handshake_without_certificate, node_identity, pacs_identity
@@ -291,11 +291,8 @@ def pacs_that_closes_after_the_request(test_pki: ProvisionedPki, version: ssl.TL
     """A TLS server (the PACS's certificate, client certificate required) that completes the
     handshake at ``version``, reads the A-ASSOCIATE-RQ and closes without an answer (a PACS
     restarting, or dropping an AE title it does not know)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = context.maximum_version = version
-    context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
-    context.load_verify_locations(test_pki.ca_bundle)
-    context.verify_mode = ssl.CERT_REQUIRED
+    context = TlsServerFiles.from_pki(test_pki.pki).ssl_context(minimum_version=version)
+    context.maximum_version = version
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:

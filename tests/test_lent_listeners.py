@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import ssl
 import threading
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from agent_runner import (
 from conftest import ProvisionedPki
 from dicom_card_agent.tunnel.relay import reject_pdu
 from fault_pkcs11 import FaultControl
+from peers.pki_files import TlsServerFiles
 from peers.pynetdicom_scp import echo, tls_scp
 
 SIGNED_IN = 'event=sign-in subject="CN=Alice Example'
@@ -130,10 +130,7 @@ class _HoldingPacs:
     a word for ``hold`` seconds (a PACS busy with a long association)."""
 
     def __init__(self, test_pki: ProvisionedPki, hold: float) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
-        self.context.load_verify_locations(test_pki.ca_bundle)
-        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context = TlsServerFiles.from_pki(test_pki.pki).ssl_context()
         self.hold = hold
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
