@@ -363,7 +363,7 @@ class SessionManager:
         previous = self.machine.card
         if previous is None:
             return {}
-        if previous not in present:
+        if card is None or previous not in present:  # a reader taken for empty may still list it
             event("card-removed", **self._card_fields())
             return {}
         log.warning("card %s inserted while %s is still in its reader (%s): the new card is the one to sign in with",
