@@ -95,7 +95,6 @@ class _SignIn:
     scope: SignInScope
     started: float
     cause: SignInCause = SignInCause.INSERTED  # why it started: any cause but an insertion asks first
-    pin_entered: bool = False
     session: CardSession | None = None  # its card-session process, once started
     cannot_start: str | None = None  # what the system lacked, while waiting to try again
 
@@ -415,9 +414,6 @@ class SessionManager:
             if isinstance(report, (SignedIn, SignInFailed, SignInCancelled)) and self._sign_in is not None \
                     and self._sign_in.attempt == report.attempt:
                 self._sign_in = None
-            if isinstance(report, PinEntered) and self._sign_in is not None \
-                    and self._sign_in.attempt == report.attempt:
-                self._sign_in.pin_entered = True
             self._feed(report)
 
     # -- sign-in ------------------------------------------------------------------------------------
@@ -665,7 +661,7 @@ class SessionManager:
 
     def _check_pin_dialog(self) -> None:
         pending = self._sign_in
-        if (pending is None or pending.pin_entered or pending.cannot_start
+        if (pending is None or pending.scope.pin_was_entered or pending.cannot_start
                 or self.machine.state is not State.PIN_PENDING):
             return  # no dialog open
         if time.monotonic() - pending.started < self.config.identity.pin_dialog_timeout:

@@ -51,6 +51,11 @@ class _Silent:
     peer: str
     deadline: float
 
+    @staticmethod
+    def wait(listener: InboundConfig) -> float:
+        """Seconds ``listener``'s peers have for their first bytes: no longer than for a whole handshake."""
+        return min(FIRST_BYTES_TIMEOUT, listener.handshake_timeout)
+
 
 class Listeners:
     """Every tunnel's listening socket, served by one accept thread."""
@@ -329,7 +334,7 @@ class Listeners:
         if self._turn_away(inbound, connection, f"{host}:{port}", dispatch=False):
             return False
         self._wait_for_bytes(_Silent(inbound, connection, f"{host}:{port}",
-                                     time.monotonic() + min(FIRST_BYTES_TIMEOUT, inbound.handshake_timeout)))
+                                     time.monotonic() + _Silent.wait(inbound)))
         return True
 
     def _turn_away(self, inbound: InboundConfig, connection: socket.socket, peer: str, *, dispatch: bool) -> bool:
@@ -383,9 +388,8 @@ class Listeners:
             self._stop_watching(silent)
             silent.connection.close()
             self._in_flight.leave(silent.listener.name)
-            seconds = min(FIRST_BYTES_TIMEOUT, silent.listener.handshake_timeout)
             self._refusals.refused(silent.listener.name, silent.peer.rsplit(":", 1)[0],
-                                   f"it sent nothing within {seconds:g} s (no TLS ClientHello)")
+                                   f"it sent nothing within {_Silent.wait(silent.listener):g} s (no TLS ClientHello)")
 
     def _stop_watching(self, silent: _Silent) -> None:
         self._selector.unregister(silent.connection)
