@@ -91,6 +91,15 @@ def test_a_ticket_refused_after_its_lifetime_is_no_sign_of_single_use_tickets() 
     assert remember(tunnel, reused=True).reads == 0
 
 
+def test_a_ticket_refused_after_the_clock_was_set_back_is_no_sign_of_single_use_tickets() -> None:
+    tunnel = runtime()
+    first = remember(tunnel, reused=False)
+    first.new_session.time += 86400  # the clock was set back a day: the session seems made tomorrow
+    remember(tunnel, reused=True)
+    remember(tunnel, reused=False)  # OpenSSL offers no ticket whose age is negative
+    assert remember(tunnel, reused=True).reads == 0
+
+
 def test_forgetting_leaves_nothing_to_resume() -> None:
     tunnel = runtime()
     remember(tunnel, reused=False)

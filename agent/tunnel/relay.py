@@ -237,8 +237,10 @@ class TunnelRuntime(_Counters):
                 if not self._single_use_tickets:
                     return
             elif (self._session is not None and self._session_resumptions == 1 and not self._single_use_tickets
-                  and time.time() < self._session.time + self._session.timeout):
-                # Refused on its second use, within its lifetime: this PACS takes each ticket once.
+                  and self._session.time <= time.time() < self._session.time + self._session.timeout):
+                # Refused on its second use, within its lifetime: this PACS takes each ticket once. A
+                # session made "later" than now means the clock was set back, and OpenSSL offers no
+                # ticket of negative age: that refusal says nothing of the PACS.
                 self._single_use_tickets = True
                 log.info("tunnel %s: the PACS accepts each TLS session ticket once; every association now keeps "
                          "its newest ticket", self.config.name)
