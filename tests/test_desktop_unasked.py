@@ -93,6 +93,32 @@ def test_the_dialog_after_a_lost_session_asks_first_and_typing_spends_no_try(
     assert len(logins(card)) == 3 and all("rv=0x0" in login for login in logins(card))
 
 
+def test_a_session_lost_while_the_pin_is_typed_takes_no_keystroke(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:
+    """Alice is typing her PIN when the card-session process that reads her card dies. Her dialog
+    closes and the next one asks first, so the rest of her PIN and her Enter choose Cancel."""
+    card = inserted(tmp_path)
+    pinentry = TranscribedPinentry(tmp_path)
+    with clinician_agent(test_pki, tmp_path, fault_module, card, desktop, free_port(),
+                         settings={"pinentry": [str(pinentry.program)]}) as agent:
+        desktop.wait_for_window(DIALOG)
+        desktop.type(USER_PIN[:2])
+        kill_card_session(agent.process.pid)
+        wait_for(lambda: len(pinentry.said("SETDESC")) == 2, timeout=15)
+        desktop.wait_for_window(DIALOG)
+        time.sleep(0.5)  # the new window takes the keyboard once drawn
+        desktop.type(USER_PIN[2:])
+        desktop.key("Return")
+        desktop.wait_for_no_window(DIALOG)
+        assert desktop.wait_for_notification(CANCELLED[0]) == CANCELLED
+        status = agent_status(tmp_path / "agent", card.env())
+    assert logins(card) == [], "the rest of Alice's PIN was tried on her card"
+    assert status["state"] == "card present, PIN entry cancelled: remove and re-insert the card to sign in again"
+    assert pinentry.said("SETDESC")[-1] == (
+        "Your sign-in was interrupted: the DICOM session ended unexpectedly. Sign in as Alice Example?\n\n"
+        "Cancel uses no try.")
+
+
 def test_a_second_card_inserted_while_a_pin_is_typed_takes_no_keystroke_and_is_told(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:
     """Alice is typing her PIN; Bob inserts his card in the other reader. Her dialog closes and she

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dicom_card_agent.lifecycle.machine import (
     EVENT_TYPES,
@@ -121,8 +121,9 @@ def test_a_swap_ends_the_first_session_and_signs_in_the_second_card() -> None:
 
 
 def test_only_an_insertion_opens_a_pin_dialog_that_does_not_ask_first() -> None:
-    """A sign-in the clinician did not start by inserting her card (a lost session, a reload, a card
-    inserted while another card's PIN is asked for) carries why, and asks first: Cancel the default."""
+    """A sign-in the clinician did not start by inserting her card (a lost session, signed in or
+    not, a reload, a card inserted while another card's PIN is asked for) carries why, and asks
+    first: Cancel the default."""
     machine = CardLifecycle()
     assert machine.handle(CardInserted("alice")) == [StartSignIn("alice", 1, SignInCause.INSERTED)]
     assert not SignInCause.INSERTED.asks_first
@@ -133,8 +134,9 @@ def test_only_an_insertion_opens_a_pin_dialog_that_does_not_ask_first() -> None:
     machine.handle(SignedIn(3))
     assert machine.handle(Reload()) == [EndSession(3, "configuration reloaded"),
                                         StartSignIn("alice", 4, SignInCause.RELOADED)]
-    # Lost while its PIN dialog was open: the dialog it replaces was the clinician's own.
-    assert machine.handle(SessionLost(4, "killed")) == [CancelSignIn(4), StartSignIn("alice", 5)]
+    # Lost while its PIN dialog was open: the clinician may be typing the PIN the new dialog would take.
+    assert machine.handle(SessionLost(4, "killed")) == [CancelSignIn(4),
+                                                        StartSignIn("alice", 5, SignInCause.SIGN_IN_INTERRUPTED)]
     assert all(cause.asks_first for cause in SignInCause if cause is not SignInCause.INSERTED)
 
 
@@ -239,6 +241,20 @@ class LifecycleModel(RuleBasedStateMachine):
         self.feed(SessionLost(attempt, "killed by signal 9"))
         if current and self.losses >= MAX_SESSION_LOSSES:
             assert self.machine.state is State.WAITING, "a crashing card session must not loop"
+
+    @precondition(lambda self: self.machine.state is State.PIN_PENDING)
+    @rule()
+    def sign_in_process_lost(self) -> None:
+        """The card-session process dies while it reads the card or its PIN dialog is open (the
+        clinician may be typing her PIN): a new sign-in starts, asking first, until losses run out."""
+        started = len(self.started)
+        self.restarts_allowed += 1
+        self.losses += 1
+        self.feed(SessionLost(self.machine.attempt, "killed by signal 9"))
+        if len(self.started) == started:
+            self.restarts_allowed -= 1
+            assert self.losses >= MAX_SESSION_LOSSES and self.machine.state is State.WAITING, \
+                "a sign-in lost before its losses ran out was not started again"
 
     @rule()
     def lock(self) -> None:

@@ -88,6 +88,8 @@ _UNASKED: dict[SignInCause, tuple[str, str]] = {
     SignInCause.SESSION_LOST: ("Your DICOM session ended unexpectedly. Sign in again as {name}?", "_Sign in again"),
     SignInCause.RELOADED: ("Your DICOM session was restarted for new settings. Sign in again as {name}?",
                            "_Sign in again"),
+    SignInCause.SIGN_IN_INTERRUPTED: ("Your sign-in was interrupted: the DICOM session ended unexpectedly. "
+                                      "Sign in as {name}?", "_Sign in"),
     SignInCause.OVER_OTHER_PIN_DIALOG: ("This card was inserted while another card's PIN window was open. "
                                         "Sign in as {name}?", "_Sign in"),
 }

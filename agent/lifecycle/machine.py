@@ -16,9 +16,10 @@ idle timeout: only a (re-)insertion does, so that no PIN try is ever spent witho
 The exceptions are a card-session process lost (a crash, a kill) while it reads the card, while its
 PIN dialog is open or while signed in, and a configuration reload; they ask for the PIN again (no PIN
 was sent to the lost process), and losses are bounded so that a crashing card cannot loop. Those
-signed-in restarts, and a card inserted while another card's PIN is asked for, start a sign-in
-whose :class:`SignInCause` makes its PIN dialog ask first, Cancel the default: nobody expects that
-dialog, and the keys typed meanwhile must not become a PIN try.
+restarts, and a card inserted while another card's PIN is asked for, start a sign-in whose
+:class:`SignInCause` makes its PIN dialog ask first, Cancel the default: nobody expects that dialog,
+and the keys typed meanwhile (the rest of a PIN typed into the dialog that closed) must not become
+a PIN try.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class SignInCause(Enum):
 
     INSERTED = "the card was inserted"
     OVER_OTHER_PIN_DIALOG = "inserted while another card's PIN was asked for"
+    SIGN_IN_INTERRUPTED = "the card session ended unexpectedly during the sign-in"
     SESSION_LOST = "the card session ended unexpectedly"
     RELOADED = "the configuration was reloaded"
 
@@ -260,8 +262,10 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
                            starts=SignInCause.OVER_OTHER_PIN_DIALOG)),
         PinEntered: (Row(_G.CURRENT, _S.SIGNING_IN), Row(_G.STALE, None)),
         # The card's process died while it read the card, or while its PIN dialog was open (that
-        # dialog asks for nothing usable): a new process reads the card again.
-        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN)),
+        # dialog asks for nothing usable): a new process reads the card again. Its dialog asks first,
+        # or it would take the rest of a PIN being typed into the one that closed.
+        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
+                          starts=SignInCause.SIGN_IN_INTERRUPTED),
                       Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.CANCEL_SIGN_IN,),
                           waits=f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: "
                                 f"{_REINSERT}"),
