@@ -474,6 +474,32 @@ def test_answers_are_fetched_again_before_they_go_stale_without_an_association(t
     assert list((tmp_path / "cache").iterdir()) and oct((tmp_path / "cache").stat().st_mode & 0o777) == "0o700"
 
 
+def test_an_answer_is_used_at_most_revocation_max_age_after_it_was_fetched(test_pki: ProvisionedPki,
+                                                                          tmp_path: Path) -> None:
+    """The responder's answers are valid a day (nextUpdate); revocation_max_age (3 s here) bounds
+    their use from when they were fetched. Once the responder stops answering (an attacker blocking
+    it after the PACS was revoked), the kept "good" answer expires: from memory, and from the disk
+    cache after a restart (the file's age counts)."""
+    from dicom_card_agent.revocation.checker import RevocationChecker
+    from dicom_card_agent.trust.anchors import load_certificates
+
+    def checker() -> RevocationChecker:
+        return RevocationChecker(certificates=load_certificates(test_pki.ca_bundle), ca_source="bundle",
+                                 cache_directory=tmp_path / "cache", max_age=datetime.timedelta(seconds=3),
+                                 timeout=1.0)
+
+    pacs = make_pacs(test_pki, tmp_path, cdp=False)
+    with RevocationServer(pacs.port, pacs.files) as responder:
+        running = checker()
+        assert running.check(pacs.certificate, "require").outcome == "allow"
+    assert responder.requests["ocsp"] == 1
+    time.sleep(3.5)
+    from_memory = running.check(pacs.certificate, "require")
+    from_disk = checker().check(pacs.certificate, "require")
+    assert from_memory.outcome == "refuse", from_memory
+    assert from_disk.outcome == "refuse", from_disk
+
+
 def test_an_intermediate_of_trust_ca_revoked_at_its_distribution_point_refuses_the_pacs(test_pki: ProvisionedPki,
                                                                                       tmp_path: Path) -> None:
     """A department CA below the root, in [trust] ca, naming the root's CRL at a distribution point

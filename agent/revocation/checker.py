@@ -106,6 +106,15 @@ class _Source:
         return f"ocsp {self.url} {self.issuer.fingerprint(hashes.SHA256()).hex()} {self.cert.serial_number}"
 
 
+@dataclass(frozen=True)
+class _Fetched:
+    """A source's verified bytes and when they were fetched: ``revocation_max_age`` counts from then,
+    however often they are judged again (from memory, or from the disk cache after a restart)."""
+
+    raw: bytes
+    at: datetime.datetime
+
+
 class CheckGivenUpError(Exception):
     """A check stopped waiting for a fetch because its association is no longer wanted (the card
     session ended); the reason is its argument."""
@@ -127,7 +136,7 @@ class RevocationChecker:
         self._clock = clock
         self._cache = _DiskCache(cache_directory)
         self._lock = threading.RLock()  # a fetch that is done at once calls back into _done under it
-        self._raw: dict[str, bytes] = {}  # the last verified bytes of each source
+        self._raw: dict[str, _Fetched] = {}  # the last verified bytes of each source
         self._judged: dict[tuple[str, int], Judged] = {}
         self._known: dict[str, _Source] = {}  # what the refresher fetches again
         self._refresh_at: dict[str, datetime.datetime] = {}
@@ -280,32 +289,37 @@ class RevocationChecker:
         """A fresh answer from memory, or from disk (judged again), or None."""
         with self._lock:
             judged = self._judged.get((source.key, source.cert.serial_number))
-            raw = self._raw.get(source.key)
+            fetched = self._raw.get(source.key)
         if judged is not None and judged.fresh_until is not None and judged.fresh_until > now:
             return judged
-        if raw is None:
-            raw = self._cache.load(source.key)
-            if raw is None:
+        if fetched is None:
+            fetched = self._cache.load(source.key)
+            if fetched is None:
                 return None
-        judged = self._judge(source, raw, now, nonce=None)
+        judged = self._judge(source, fetched, now, nonce=None)
         if judged.fresh_until is None or judged.fresh_until <= now:
             return None
-        self._remember(source, raw, judged, now, store=False)
+        self._remember(source, fetched, judged, now, store=False)
         return judged
 
-    def _judge(self, source: _Source, raw: bytes, now: datetime.datetime, nonce: bytes | None) -> Judged:
+    def _judge(self, source: _Source, fetched: _Fetched, now: datetime.datetime, nonce: bytes | None) -> Judged:
         if source.kind == "ocsp":
-            return judge_ocsp(raw, source.cert, source.issuer, source.url, now, self.max_age, nonce)
-        return judge_crl(raw, source.cert, source.issuer, source.url, now, self.max_age)
+            return judge_ocsp(fetched.raw, source.cert, source.issuer, source.url, now, self.max_age, nonce,
+                              fetched_at=fetched.at)
+        return judge_crl(fetched.raw, source.cert, source.issuer, source.url, now, self.max_age,
+                         fetched_at=fetched.at)
 
-    def _remember(self, source: _Source, raw: bytes, judged: Judged, now: datetime.datetime, *, store: bool) -> None:
+    def _remember(self, source: _Source, fetched: _Fetched, judged: Judged, now: datetime.datetime, *,
+                  store: bool) -> None:
         assert judged.fresh_until is not None
         lifetime = judged.fresh_until - now
         with self._lock:
-            if self._raw.get(source.key) != raw:
+            held = self._raw.get(source.key)
+            if held is None or held.raw != fetched.raw:
                 # New bytes: every certificate judged from the old ones is judged again.
                 self._judged = {k: v for k, v in self._judged.items() if k[0] != source.key}
-                self._raw[source.key] = raw
+            if held is None or held != fetched:
+                self._raw[source.key] = fetched
             self._judged[(source.key, source.cert.serial_number)] = judged
             if judged.issued is not None:
                 self._issued[source.key] = judged.issued
@@ -316,7 +330,7 @@ class RevocationChecker:
             self._known[source.key] = source
             self._refresh_at[source.key] = now + lifetime * REFRESH_FRACTION
         if store:
-            self._cache.store(source.key, raw)
+            self._cache.store(source.key, fetched.raw)
         self._wake.set()
 
     def _fetch(self, source: _Source) -> concurrent.futures.Future[Judged]:
@@ -367,7 +381,8 @@ class RevocationChecker:
             self._failed(source, failed.answer)
             return failed
         now = self._clock()
-        judged = self._judge(source, raw, now, nonce)
+        fetched = _Fetched(raw, now)
+        judged = self._judge(source, fetched, now, nonce)
         if judged.fresh_until is None:
             self._failed(source, judged.answer)
             log.warning("revocation: %s", judged.answer.detail)
@@ -375,7 +390,7 @@ class RevocationChecker:
         kept = self._older_than_held(source, judged, now)
         if kept is not None:
             return kept
-        self._remember(source, raw, judged, now, store=True)
+        self._remember(source, fetched, judged, now, store=True)
         log.info("revocation: %s says %s about %s, fresh until %s UTC", _source_name(source),
                  judged.answer.status.value, describe(source.cert), f"{judged.fresh_until:%Y-%m-%d %H:%M}")
         return judged
@@ -400,12 +415,12 @@ class RevocationChecker:
                f"the one held (made {_issued_text(held)}): a replayed answer, ignored")
         log.warning("revocation: %s; the held answer stays", why)
         with self._lock:
-            raw = self._raw.get(source.key)
-        raw = raw or self._cache.load(source.key)
-        if raw is not None:
-            kept = self._judge(source, raw, now, nonce=None)
+            fetched = self._raw.get(source.key)
+        fetched = fetched or self._cache.load(source.key)
+        if fetched is not None:
+            kept = self._judge(source, fetched, now, nonce=None)
             if kept.fresh_until is not None and kept.fresh_until > now:
-                self._remember(source, raw, kept, now, store=False)
+                self._remember(source, fetched, kept, now, store=False)
                 return kept
         failed = Judged(Answer(name, Status.NO_ANSWER, why), None)
         self._failed(source, failed.answer)
@@ -417,9 +432,9 @@ class RevocationChecker:
         with self._lock:
             issued = self._issued.get(source.key)
         if issued is None:
-            raw = self._cache.load(source.key)
-            if raw is not None:
-                issued = self._judge(source, raw, now, nonce=None).issued
+            fetched = self._cache.load(source.key)
+            if fetched is not None:
+                issued = self._judge(source, fetched, now, nonce=None).issued
         return issued
 
     def _failed(self, source: _Source, answer: Answer) -> None:
@@ -523,13 +538,17 @@ class _DiskCache:
         suffix = ".crl" if key.startswith("crl ") else ".ocsp"
         return self.directory / (hashlib.sha256(key.encode()).hexdigest() + suffix)
 
-    def load(self, key: str) -> bytes | None:
+    def load(self, key: str) -> _Fetched | None:
+        """The bytes stored for ``key``, fetched when the file was last written."""
         if not self._usable:
             return None
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as handle:
+                written = os.fstat(handle.fileno()).st_mtime
+                raw = handle.read()
         except OSError:
             return None
+        return _Fetched(raw, datetime.datetime.fromtimestamp(written, datetime.timezone.utc))
 
     def store(self, key: str, data: bytes) -> None:
         if not self._usable:

@@ -297,8 +297,10 @@ def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate) -> tuple[byte
 
 
 def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url: str, now: datetime.datetime,
-               max_age: datetime.timedelta, nonce: bytes | None = None) -> Judged:
-    """What the OCSP response ``data`` from ``url`` says about ``cert``, once verified."""
+               max_age: datetime.timedelta, nonce: bytes | None = None, *,
+               fetched_at: datetime.datetime | None = None) -> Judged:
+    """What the OCSP response ``data`` from ``url`` says about ``cert``, once verified; it is used
+    until its nextUpdate, and at most ``max_age`` after it was fetched (``fetched_at``, else now)."""
     source = source_name("ocsp", url)
 
     def no_answer(why: str, issued: Issued | None = None) -> Judged:
@@ -332,7 +334,7 @@ def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, ur
     if next_update is not None and next_update < now - CLOCK_SKEW:
         return no_answer(f"answered with a stale response (nextUpdate {next_update:%Y-%m-%d %H:%M} UTC has passed)",
                          issued)
-    fresh_until = min(next_update or this_update + max_age, now + max_age)
+    fresh_until = min(next_update or this_update + max_age, (fetched_at or now) + max_age)
     if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
         reason = single.revocation_reason.value if single.revocation_reason else None
         return Judged(Answer(source, Status.REVOKED, revoked_at=single.revocation_time_utc, reason=reason),
@@ -401,8 +403,9 @@ def _signature_valid(response: ocsp.OCSPResponse, signer: x509.Certificate) -> b
 
 
 def judge_crl(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url: str, now: datetime.datetime,
-              max_age: datetime.timedelta) -> Judged:
-    """What the CRL ``data`` fetched from ``url`` says about ``cert``, once verified against ``issuer``."""
+              max_age: datetime.timedelta, *, fetched_at: datetime.datetime | None = None) -> Judged:
+    """What the CRL ``data`` fetched from ``url`` says about ``cert``, once verified against ``issuer``;
+    it is used until its nextUpdate, and at most ``max_age`` after it was fetched (``fetched_at``, else now)."""
     source = source_name("crl", url)
 
     def no_answer(why: str, issued: Issued | None = None) -> Judged:
@@ -424,7 +427,7 @@ def judge_crl(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url
     if next_update is not None and next_update < now - CLOCK_SKEW:
         return no_answer(f"expired on {next_update:%Y-%m-%d %H:%M} UTC (the CA has not published a newer one there)",
                          issued)
-    fresh_until = min(next_update or crl.last_update_utc + max_age, now + max_age)
+    fresh_until = min(next_update or crl.last_update_utc + max_age, (fetched_at or now) + max_age)
     revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
     if revoked is not None:  # listed by the CA, in a complete CRL or a delta or partitioned one
         return Judged(Answer(source, Status.REVOKED, revoked_at=revoked.revocation_date_utc,
