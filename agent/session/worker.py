@@ -72,6 +72,7 @@ from dicom_card_agent.tunnel.relay import (
     TunnelRuntime,
     no_report,
     serve_connection,
+    tell_refusal_counts,
 )
 from dicom_card_agent.tunnel.session_end import SessionEnd
 from dicom_card_agent.version import agent_version
@@ -378,6 +379,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     deadline = time.monotonic() + END_GRACE_SECONDS
     for thread in [*threads, *lent.relays()]:
         thread.join(max(0.0, deadline - time.monotonic()))
+    tell_refusal_counts()
     try:  # the final counts, for the supervisor's totals since start
         messages.send(channel, _status(runtimes, retuner.retired, final=True))
     except OSError:

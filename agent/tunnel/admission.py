@@ -186,9 +186,10 @@ class RefusalLog:
         self._flush_when_due()
         return False
 
-    def flush(self) -> None:
-        """Tell the counts of intervals that are over (else told at the next refusal, or by the timer)."""
-        for (listener, source, reason), count, seconds, refused in self._throttle.expired():
+    def flush(self, *, ending: bool = False) -> None:
+        """Tell the counts of intervals that are over (else told at the next refusal, or by the timer);
+        ``ending``: every count, interval over or not, as the listeners (or their process) end."""
+        for (listener, source, reason), count, seconds, refused in self._throttle.expired(all_counted=ending):
             refused = refused or _Refused()
             self._log.warning("%s %s: closed %d more connection%s from %s %s in the last %.0f s: %s", self._kind,
                               listener, count, "s" if count > 1 else "", source, refused.stage, seconds, reason)
@@ -228,9 +229,10 @@ class PeerRefusalLog:
         if self._throttle.occurred((tunnel, error.peer.uid)):
             self._log.warning("tunnel %s: %s", tunnel, error)
 
-    def flush(self) -> None:
-        """Tell the counts of intervals that are over (else told at the next refusal)."""
-        for (tunnel, uid), count, seconds, _ in self._throttle.expired():
+    def flush(self, *, ending: bool = False) -> None:
+        """Tell the counts of intervals that are over (else told at the next refusal); ``ending``:
+        every count, as the listeners (or their process) end."""
+        for (tunnel, uid), count, seconds, _ in self._throttle.expired(all_counted=ending):
             self._log.warning("tunnel %s: refused %d more local connection%s from %s in the last %.0f s", tunnel,
                               count, "s" if count > 1 else "", refused_user(uid), seconds)
 

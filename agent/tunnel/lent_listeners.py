@@ -181,6 +181,8 @@ class LentListeners:
                 self._epoll.unregister(fd)
                 sock.close()
             self._sockets.clear()
+        self._capacity_refusals.flush(ending=True)
+        self._peer_refusals.flush(ending=True)
 
     def relays(self) -> list[threading.Thread]:
         """The threads serving a connection: the session's end waits for them to tell their

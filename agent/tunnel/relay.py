@@ -794,6 +794,13 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
 _handshake_refusals = RefusalLog(log)
 
 
+def tell_refusal_counts() -> None:
+    """Log (and report, for the audit trail) every refusal count not told yet: the card session is
+    ending, and its process with the counts."""
+    for refusals in (_inbound_refusals, _capacity_refusals, _handshake_refusals):
+        refusals.flush(ending=True)
+
+
 def _refuse_handshake(runtime: InboundRuntime, peer: str, error: Exception) -> None:
     """Log and report a handshake that did not authenticate the PACS: in full once a minute per
     listener, source and reason, then with the count of the others (log line and audit Security

@@ -408,6 +408,8 @@ class Listeners:
         for silent in list(self._silent.values()):
             self._stop_watching(silent)
             silent.connection.close()
+        for refusals in (self._refusals, self._tunnel_refusals, self._peer_refusals):
+            refusals.flush(ending=True)
         for fd, (sock, tunnel) in self.sockets.items():
             sock.close()
             # Inbound listeners are never unix sockets; systemd's sockets are its own to remove.
