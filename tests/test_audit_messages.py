@@ -613,14 +613,15 @@ def test_framing_errors(garbage):
 
 
 # -- the spool ----------------------------------------------------------------------------
+# (Its messages start with a syslog header, <PRI>1: the spool sets aside a file without one.)
 
 def test_spool_keeps_order_across_reopen(tmp_path):
     spool = Spool(tmp_path / "spool")
     assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700
     for n in range(3):
-        spool.append(b"m%d" % n)
+        spool.append(b"<85>1 m%d" % n)
     sequence, data = spool.oldest()
-    assert data == b"m0"
+    assert data == b"<85>1 m0"
     spool.remove(sequence)
     with pytest.raises(AuditSpoolError, match="in use"):
         Spool(tmp_path / "spool")
@@ -628,20 +629,20 @@ def test_spool_keeps_order_across_reopen(tmp_path):
     (tmp_path / "spool" / f"{99:020d}.tmp").write_bytes(b"half")  # a crash during append
     again = Spool(tmp_path / "spool")
     assert not list((tmp_path / "spool").glob("*.tmp"))
-    assert len(again) == 2 and again.oldest()[1] == b"m1"
-    assert again.append(b"m3") == 4  # numbering continues after the highest on disk
+    assert len(again) == 2 and again.oldest()[1] == b"<85>1 m1"
+    assert again.append(b"<85>1 m3") == 4  # numbering continues after the highest on disk
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in (tmp_path / "spool").glob("*.msg"))
-    assert again.after(2, 10) == [(3, b"m2"), (4, b"m3")] and again.after(2, 1) == [(3, b"m2")]
+    assert again.after(2, 10) == [(3, b"<85>1 m2"), (4, b"<85>1 m3")] and again.after(2, 1) == [(3, b"<85>1 m2")]
     with pytest.raises(AuditSpoolError, match="not waiting"):
         again.remove(1)  # delivered already
     again.remove(3)  # RELP confirms each message on its own, not necessarily the oldest first
     assert [s for s, _ in again.after(0, 10)] == [2, 4]
-    again.append(b"m2")  # (in the spool again, after m3)
+    again.append(b"<85>1 m2")  # (in the spool again, after m3)
     out = []
     while (item := again.oldest()) is not None:
         out.append(item[1])
         again.remove(item[0])
-    assert out == [b"m1", b"m3", b"m2"]
+    assert out == [b"<85>1 m1", b"<85>1 m3", b"<85>1 m2"]
     again.close()
 
 
@@ -653,8 +654,8 @@ def test_spool_behaves_like_a_queue(operations):
         for operation in operations:
             if operation == "append":
                 counter += 1
-                spool.append(b"%d" % counter)
-                model.append(b"%d" % counter)
+                spool.append(b"<85>1 %d" % counter)
+                model.append(b"<85>1 %d" % counter)
             elif operation == "deliver" and model:
                 sequence, data = spool.oldest()
                 assert data == model.popleft()

@@ -11,6 +11,13 @@ docs/audit.md; the codes are below, spelled as in PS3.15 A.5.3 and PS3.16.
 
 :func:`render` gives one line of UTF-8 (no XML declaration, no line breaks: the local file holds one
 message per line); :func:`summarize` reads a message back for ``card-agent audit tail``.
+
+A message is at most ``MAX_AUDIT_MESSAGE_BYTES``: much of it is text a peer chose (a malformed PDU's
+error, certificate subjects, AE titles, UIDs from C-STORE command sets), and an audit repository
+cuts or refuses a message over its own limit (rsyslog's ``maxMessageSize``). Every text is cut to
+the ``TEXT_LIMITS`` of its kind with a note of what was left out, and an Instances Transferred
+message lists only the instances that fit, saying how many more there were (docs/audit.md,
+"Size limits").
 """
 
 from __future__ import annotations
@@ -19,15 +26,16 @@ import base64
 import ipaddress
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from itertools import groupby
 
 from dicom_card_agent.audit.events import (
     AlertType,
     AuditEvent,
     Direction,
     EventKind,
+    Instance,
     LocalPeer,
     Outcome,
     RemoteNode,
@@ -91,6 +99,8 @@ ALERT_TYPES: dict[AlertType, Code] = {
     AlertType.REVOCATION_UNCHECKED: NODE_AUTHENTICATION,
 }
 
+ALERT_DESCRIPTION = "Alert Description"  # the ParticipantObjectDetail type of a Security Alert's subject
+
 # ParticipantObjectTypeCode / ParticipantObjectTypeCodeRole values (PS3.15 A.5.1.2.2)
 PERSON, SYSTEM_OBJECT = "1", "2"
 ROLE_PATIENT, ROLE_REPORT, ROLE_SECURITY_RESOURCE = "1", "3", "13"
@@ -98,6 +108,29 @@ ROLE_PATIENT, ROLE_REPORT, ROLE_SECURITY_RESOURCE = "1", "3", "13"
 MACHINE_NAME, IP_ADDRESS = "1", "2"
 # AuditSourceTypeCode 4: "Application Server process or thread"
 AUDIT_SOURCE_TYPE = "4"
+
+# The XML of one message, at most: with the syslog header (under 1 KiB, agent/audit/syslog.py) a
+# message to the repository stays within 64 KiB, a quarter of the 256 KiB docs/audit.md has the
+# repository take.
+MAX_AUDIT_MESSAGE_BYTES = 63 * 1024
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """How many characters of a text a message carries; the rest is replaced by a note saying how
+    many characters were left out."""
+
+    name: int  # names and identifiers: UserID, UserName, AE titles, ParticipantObjectID and Name, UIDs
+    description: int  # free text: EventOutcomeDescription, the Alert Description detail
+
+
+# Tried in order until the message fits in MAX_AUDIT_MESSAGE_BYTES (with as many instances listed as fit).
+# The first keeps any value a legitimate peer sends whole (a UID has 64 characters at most, a
+# certificate subject a few hundred); the second is for a message a peer filled on purpose:
+# every field of any event at that limit fits.
+TEXT_LIMITS = (TextLimits(name=1024, description=2048), TextLimits(name=64, description=256))
+# ParticipantObjectQuery: the C-FIND Identifier in base64, of the 16 KiB the relay keeps at most.
+QUERY_LIMIT = 4 * -(-16 * 1024 // 3)
 
 _XML_INVALID = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _LINE_BREAKS = re.compile(r"[\t\r\n]+")
@@ -114,20 +147,50 @@ class AuditSource:
 
 
 def render(event: AuditEvent, source: AuditSource) -> bytes:
-    """The audit message as one line of UTF-8 XML (no declaration)."""
-    return ET.tostring(build(event, source), encoding="utf-8")
+    """The audit message as one line of UTF-8 XML (no declaration), at most ``MAX_AUDIT_MESSAGE_BYTES``."""
+    for limits in TEXT_LIMITS:
+        xml = _render_within_limit(event, source, limits)
+        if xml is not None:
+            return xml
+    # Not reached: at the last limits every field fits (tests/test_audit_oversize.py fills them all).
+    raise AssertionError(f"audit message for {event.kind.value} over {MAX_AUDIT_MESSAGE_BYTES} bytes")
+
+
+def _render_within_limit(event: AuditEvent, source: AuditSource, limits: TextLimits) -> bytes | None:
+    """The message with texts cut at ``limits`` and as many instances listed as fit in
+    ``MAX_AUDIT_MESSAGE_BYTES``; ``None`` if it does not fit even with none listed."""
+    xml = _serialize(event, source, limits, len(event.instances))
+    if len(xml) <= MAX_AUDIT_MESSAGE_BYTES:
+        return xml
+    fitting: bytes | None = None
+    low, high = 0, len(event.instances) - 1  # binary search for the most instances that fit
+    while low <= high:
+        listed = (low + high) // 2
+        candidate = _serialize(event, source, limits, listed)
+        if len(candidate) <= MAX_AUDIT_MESSAGE_BYTES:
+            fitting, low = candidate, listed + 1
+        else:
+            high = listed - 1
+    return fitting
+
+
+def _serialize(event: AuditEvent, source: AuditSource, limits: TextLimits, listed: int) -> bytes:
+    return ET.tostring(_MessageBuilder(event, source, limits, listed).message(), encoding="utf-8")
 
 
 def build(event: AuditEvent, source: AuditSource) -> ET.Element:
-    """The ``AuditMessage`` element for ``event``."""
-    builder = _MessageBuilder(event, source)
-    return builder.message()
+    """The ``AuditMessage`` element for ``event`` (as :func:`render` writes it)."""
+    return ET.fromstring(render(event, source))
 
 
 class _MessageBuilder:
-    def __init__(self, event: AuditEvent, source: AuditSource) -> None:
+    def __init__(self, event: AuditEvent, source: AuditSource, limits: TextLimits = TEXT_LIMITS[0],
+                 listed: int | None = None) -> None:
         self.event = event
         self.source = source
+        self.limits = limits
+        # Instances Transferred lists the first ``listed`` instances; the others are counted only.
+        self.studies = _group_instances(event.instances, len(event.instances) if listed is None else listed)
         self.root = ET.Element("AuditMessage")
 
     def message(self) -> ET.Element:
@@ -173,7 +236,7 @@ class _MessageBuilder:
         if event.local_peer is not None:
             self._local_application(event.local_peer, requestor=False)
         self._audit_source()
-        description = event.reason or event.alert.value
+        description = event.reason or event.alert.value  # an Alert Description detail: cut as one
         if event.alert in (AlertType.PIN_LOCKED, AlertType.PIN_FINAL_TRY):
             if event.user is not None:
                 self._token_object(event.user, alert=description)
@@ -181,10 +244,10 @@ class _MessageBuilder:
             listen = event.local_peer.listen if event.local_peer is not None else ""
             if listen:
                 self._object(_listener_uri(listen), ID_URI, event.tunnel or listen, type_code=SYSTEM_OBJECT,
-                             role=ROLE_SECURITY_RESOURCE, details={"Alert Description": description})
+                             role=ROLE_SECURITY_RESOURCE, details={ALERT_DESCRIPTION: description})
         elif event.remote is not None:
             self._object(event.remote.host, ID_NODE, str(event.remote), type_code=SYSTEM_OBJECT,
-                         details={"Alert Description": description})
+                         details={ALERT_DESCRIPTION: description})
 
     def _application_activity(self) -> None:
         """PS3.15 A.5.3.1: the agent process started or stopped (RoleIDCode Application)."""
@@ -222,15 +285,18 @@ class _MessageBuilder:
         self._event_identification(INSTANCES_TRANSFERRED, "R")
         self._transfer_participants(event.direction or Direction.TO_REMOTE)
         self._audit_source()
-        for study_uid in event.study_uids:
-            instances = [i for i in event.instances if i.study_uid == study_uid]
+        # Only studies and SOP classes with a listed instance appear; NumberOfInstances counts all
+        # of the class's instances, listed or not.
+        for study_uid, classes in self.studies.items():
+            if not any(any(uids.values()) for uids in classes.values()):
+                continue
             description = ET.Element("ParticipantObjectDescription")
-            ordered = sorted(instances, key=lambda i: i.sop_class_uid)
-            for sop_class, members in groupby(ordered, key=lambda i: i.sop_class_uid):
-                uids = list(dict.fromkeys(i.sop_instance_uid for i in members))
-                sop = ET.SubElement(description, "SOPClass", UID=_clean(sop_class), NumberOfInstances=str(len(uids)))
-                for uid in uids:
-                    ET.SubElement(sop, "Instance", UID=_clean(uid))
+            for sop_class in sorted(c for c, uids in classes.items() if any(uids.values())):
+                uids = classes[sop_class]
+                sop = ET.SubElement(description, "SOPClass", UID=self._name(sop_class),
+                                    NumberOfInstances=str(len(uids)))
+                for uid in (uid for uid, listed in uids.items() if listed):
+                    ET.SubElement(sop, "Instance", UID=self._name(uid))
             name = study_uid or "Study Instance UID not seen by the agent"
             element = self._object(study_uid, ID_STUDY_INSTANCE_UID, name, type_code=SYSTEM_OBJECT, role=ROLE_REPORT)
             element.append(description)
@@ -246,13 +312,15 @@ class _MessageBuilder:
         self._transfer_participants(Direction.FROM_REMOTE if event.remote_requestor else Direction.TO_REMOTE)
         self._audit_source()
         element = ET.SubElement(self.root, "ParticipantObjectIdentification",
-                                ParticipantObjectID=_clean(event.sop_class_uid),
+                                ParticipantObjectID=self._name(event.sop_class_uid),
                                 ParticipantObjectTypeCode=SYSTEM_OBJECT, ParticipantObjectTypeCodeRole=ROLE_REPORT)
         _coded(element, "ParticipantObjectIDTypeCode", ID_SOP_CLASS_UID)
-        ET.SubElement(element, "ParticipantObjectQuery").text = event.query  # the schema: a Name or a Query
+        # The schema: a Name or a Query. Cut, it is still base64 (whole groups of 4 characters).
+        ET.SubElement(element, "ParticipantObjectQuery").text = _clean(event.query[:QUERY_LIMIT])
         if event.transfer_syntax:
+            transfer_syntax = self._name(event.transfer_syntax)
             ET.SubElement(element, "ParticipantObjectDetail", type="TransferSyntax",
-                          value=base64.b64encode(event.transfer_syntax.encode("ascii", "replace")).decode("ascii"))
+                          value=base64.b64encode(transfer_syntax.encode("ascii", "replace")).decode("ascii"))
         if event.patient_id or event.patient_name:
             self._object(event.patient_id, ID_PATIENT_NUMBER, event.patient_name or event.patient_id,
                          type_code=PERSON, role=ROLE_PATIENT)
@@ -266,19 +334,39 @@ class _MessageBuilder:
         _coded(element, "EventID", event_id)
         if type_code is not None:
             _coded(element, "EventTypeCode", type_code)
-        if event.reason:
-            ET.SubElement(element, "EventOutcomeDescription").text = _text(event.reason)
+        description = "; ".join(filter(None, [_text(self._description(event.reason)), self._omissions()]))
+        if description:
+            ET.SubElement(element, "EventOutcomeDescription").text = description
+
+    def _omissions(self) -> str:
+        """What the message leaves out for its size, said where a reader sees it first."""
+        notes = []
+        unlisted = sum(not listed for classes in self.studies.values() for uids in classes.values()
+                       for listed in uids.values())
+        if unlisted:
+            notes.append(f"{unlisted} more instance{'' if unlisted == 1 else 's'} not listed "
+                         f"(an audit message is limited to {MAX_AUDIT_MESSAGE_BYTES} bytes)")
+        if len(self.event.query) > QUERY_LIMIT:
+            notes.append(f"query keys cut short to the first {QUERY_LIMIT} base64 characters")
+        return "; ".join(notes)
+
+    def _name(self, text: str) -> str:
+        """A name or identifier for an attribute, cut at the name limit."""
+        return _clean(_clip(text, self.limits.name))
+
+    def _description(self, text: str) -> str:
+        return _clip(text, self.limits.description)
 
     def _participant(self, user_id: str, *, requestor: bool, alternative: str = "", name: str = "",
                      access_point: str = "", role: Code | None = None) -> ET.Element:
-        element = ET.SubElement(self.root, "ActiveParticipant", UserID=_clean(user_id) or "unknown")
+        element = ET.SubElement(self.root, "ActiveParticipant", UserID=self._name(user_id) or "unknown")
         if alternative:
-            element.set("AlternativeUserID", _clean(alternative))
+            element.set("AlternativeUserID", self._name(alternative))
         if name:
-            element.set("UserName", _clean(name))
+            element.set("UserName", self._name(name))
         element.set("UserIsRequestor", "true" if requestor else "false")
         if access_point:
-            element.set("NetworkAccessPointID", _clean(access_point))
+            element.set("NetworkAccessPointID", self._name(access_point))
             element.set("NetworkAccessPointTypeCode", IP_ADDRESS if _is_ip(access_point) else MACHINE_NAME)
         if role is not None:
             _coded(element, "RoleIDCode", role)
@@ -347,19 +435,20 @@ class _MessageBuilder:
     def _audit_source(self) -> None:
         element = ET.SubElement(self.root, "AuditSourceIdentification")
         if self.source.site_id:
-            element.set("AuditEnterpriseSiteID", _clean(self.source.site_id))
-        element.set("AuditSourceID", _clean(self.source.source_id))
+            element.set("AuditEnterpriseSiteID", self._name(self.source.site_id))
+        element.set("AuditSourceID", self._name(self.source.source_id))
         ET.SubElement(element, "AuditSourceTypeCode").set("csd-code", AUDIT_SOURCE_TYPE)
 
     def _object(self, object_id: str, id_type: Code, name: str, *, type_code: str, role: str | None = None,
                 details: dict[str, str] | None = None) -> ET.Element:
-        element = ET.SubElement(self.root, "ParticipantObjectIdentification", ParticipantObjectID=_clean(object_id))
+        element = ET.SubElement(self.root, "ParticipantObjectIdentification", ParticipantObjectID=self._name(object_id))
         element.set("ParticipantObjectTypeCode", type_code)
         if role is not None:
             element.set("ParticipantObjectTypeCodeRole", role)
         _coded(element, "ParticipantObjectIDTypeCode", id_type)
-        ET.SubElement(element, "ParticipantObjectName").text = _text(name)
+        ET.SubElement(element, "ParticipantObjectName").text = _text(_clip(name, self.limits.name))
         for detail_type, value in (details or {}).items():
+            value = self._description(value) if detail_type == ALERT_DESCRIPTION else _clip(value, self.limits.name)
             ET.SubElement(element, "ParticipantObjectDetail", type=detail_type,
                           value=base64.b64encode(value.encode("utf-8")).decode("ascii"))
         return element
@@ -371,7 +460,7 @@ class _MessageBuilder:
         uri = str(Pkcs11Uri(token=user.token_label or None, serial=user.token_serial or None))
         details = {}
         if alert:
-            details["Alert Description"] = alert
+            details[ALERT_DESCRIPTION] = alert
         if user.issuer:
             details["Certificate Issuer"] = user.issuer
         self._object(uri, ID_URI, user.token_label or uri, type_code=SYSTEM_OBJECT, role=ROLE_SECURITY_RESOURCE,
@@ -385,6 +474,27 @@ def _coded(parent: ET.Element, tag: str, code: Code) -> ET.Element:
 
 def _datetime(value: datetime) -> str:
     return value.isoformat(timespec="milliseconds")
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut after ``limit`` characters, with a note saying how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters not recorded)"
+
+
+# Study Instance UID -> SOP Class UID -> SOP Instance UID -> whether the message lists it.
+InstanceListing = dict[str, dict[str, dict[str, bool]]]
+
+
+def _group_instances(instances: Iterable[Instance], listed: int) -> InstanceListing:
+    """``instances`` by study and SOP class (each once, in the order first seen), the first
+    ``listed`` of them marked as listed. One pass: a peer's UIDs may be long and many."""
+    studies: InstanceListing = {}
+    for index, instance in enumerate(instances):
+        uids = studies.setdefault(instance.study_uid, {}).setdefault(instance.sop_class_uid, {})
+        uids.setdefault(instance.sop_instance_uid, index < listed)
+    return studies
 
 
 def _clean(text: str) -> str:

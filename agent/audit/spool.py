@@ -17,7 +17,9 @@ Only the agent writes here: the directory must be the agent's user's own (or roo
 neither group nor others, and so must the directories above it (agent/audit/directories.py);
 otherwise the spool refuses to open. A message file that is not a regular file of the agent's user
 (planted before the directory was made safe, or a symbolic link) is set aside as ``.untrusted``
-and logged, never sent: files are opened with ``O_NOFOLLOW`` and checked with ``fstat``.
+and logged, never sent: files are opened with ``O_NOFOLLOW`` and checked with ``fstat``. One that
+cannot be read, or does not hold a message the repository can take (empty, no syslog header, over
+``MAX_SYSLOG_MESSAGE_BYTES``), is set aside as ``.bad``, also logged and never sent.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from dicom_card_agent.audit.directories import SPOOL_RISK, check_private_directory, make_private_directory
 from dicom_card_agent.audit.errors import AuditSpoolError
+from dicom_card_agent.audit.syslog import message_problem
 from dicom_card_agent.file_trust import describe_user
 
 log = logging.getLogger("agent.audit")
@@ -168,7 +171,8 @@ class Spool:
         return following
 
     def _read(self, sequence: int) -> bytes | None:
-        """The message ``sequence``, or ``None`` when it was set aside (unreadable, or not the agent's)."""
+        """The message ``sequence``, or ``None`` when it was set aside (unreadable, not a message the
+        repository can take, or not the agent's)."""
         path = self._path(sequence)
         try:
             fd = os.open(path, _OPEN_MESSAGE)
@@ -176,12 +180,17 @@ class Spool:
                 problem = self._foreign(os.fstat(fd))
                 if problem:
                     raise _Untrusted(problem)
-                chunks = []
-                while chunk := os.read(fd, 1 << 16):
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                data = _read_all(fd)
             finally:
                 os.close(fd)
+            problem = message_problem(data)
+            if not problem:
+                return data
+            # An emptied or cut file (a crash on a file system without data ordering, a disk
+            # error), or one from an agent without today's size limit: sent, it would break the
+            # repository's framing and merge the messages after it, or stop delivery for good.
+            self._forget(sequence)
+            self._set_aside(path, problem, ".bad")
         except _Untrusted as untrusted:
             self._forget(sequence)
             self._set_aside(path, str(untrusted), ".untrusted")
@@ -276,6 +285,13 @@ class Spool:
             self._closed = True
             os.close(self._dir_fd)
             os.close(self._lock_fd)  # releases the flock
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def check_spool_directory(directory: Path) -> None:

@@ -25,6 +25,12 @@ XML_DECLARATION = b'<?xml version="1.0" encoding="UTF-8"?>'
 NIL = "-"
 MAX_SEQUENCE_ID = 2_147_483_647  # RFC 5424 7.3.1: 1..2147483647, then it starts again at 1
 _MAX_FRAME_DIGITS = 10  # MSG-LEN of up to 9,999,999,999 octets; anything longer is garbage
+# One message, at most: the XML (at most 63 KiB, agent/audit/messages.py) and a header of under
+# 1 KiB (its fields are cut to _HEADER_LIMITS). A quarter of the 256 KiB docs/audit.md has the
+# repository take: rsyslog cuts a longer message and reads the rest of it as the messages that
+# follow (syslog-TLS), or drops the RELP session for good (imrelp oversizeMode="abort").
+MAX_SYSLOG_MESSAGE_BYTES = 64 * 1024
+_MESSAGE_START = re.compile(rb"<\d{1,3}>1 ")  # PRI and VERSION (RFC 5424 6.2)
 
 _HEADER_LIMITS = {"hostname": 255, "app_name": 48, "procid": 128, "msgid": 32}
 _NOT_PRINTUSASCII = re.compile(r"[^\x21-\x7e]")
@@ -64,11 +70,30 @@ def format_message(xml: bytes, *, time: datetime, hostname: str, procid: str | i
         header_field(msgid, "msgid"),
         NIL if sequence is None else f'[meta sequenceId="{sequence}"]',  # STRUCTURED-DATA
     ])
-    return header.encode("ascii") + b" " + BOM + XML_DECLARATION + xml
+    message = header.encode("ascii") + b" " + BOM + XML_DECLARATION + xml
+    if len(message) > MAX_SYSLOG_MESSAGE_BYTES:
+        raise ValueError(f"a syslog message of {len(message)} bytes is over the {MAX_SYSLOG_MESSAGE_BYTES} an "
+                         "audit repository is sent")
+    return message
+
+
+def message_problem(message: bytes) -> str:
+    """Why ``message`` (read back from the spool) must not be sent to the repository, or ``""``:
+    empty (RFC 5425 has no frame for it: rsyslog reads ``0 `` as the start of the next message),
+    not an RFC 5424 message of ours, or longer than the repository is sure to take whole."""
+    if not message:
+        return "it is empty"
+    if not _MESSAGE_START.match(message):
+        return f"it does not start with a syslog header (<PRI>1): {message[:16]!r}"
+    if len(message) > MAX_SYSLOG_MESSAGE_BYTES:
+        return f"it has {len(message)} bytes, more than the {MAX_SYSLOG_MESSAGE_BYTES} of a message"
+    return ""
 
 
 def frame(message: bytes) -> bytes:
-    """RFC 5425 octet-counting: ``MSG-LEN SP SYSLOG-MSG``."""
+    """RFC 5425 octet-counting: ``MSG-LEN SP SYSLOG-MSG``; MSG-LEN is at least 1 (``ValueError`` if empty)."""
+    if not message:
+        raise ValueError("RFC 5425 has no frame for an empty syslog message")
     return b"%d " % len(message) + message
 
 

@@ -1065,11 +1065,25 @@ def _split_items(data: memoryview, where: str) -> list[tuple[int, memoryview]]:
     return items
 
 
+# Bytes of a peer's value that a decoding error quotes: enough to recognise the value, while the
+# error (logged, and the reason of an audit record) stays short whatever the peer sent.
+PEER_VALUE_QUOTE_LIMIT = 64
+
+
 def _decode_ascii(value: memoryview, what: str) -> str:
+    data = bytes(value)
     try:
-        return bytes(value).decode("ascii")
-    except UnicodeDecodeError:
-        raise MalformedPduError(f"{what} is not ASCII: {bytes(value)!r}") from None
+        return data.decode("ascii")
+    except UnicodeDecodeError as error:
+        raise MalformedPduError(f"{what} is not ASCII (byte 0x{data[error.start]:02X} at offset {error.start}): "
+                                f"{_quote_peer_value(data)}") from None
+
+
+def _quote_peer_value(data: bytes) -> str:
+    """``data`` escaped as a bytes literal, cut after ``PEER_VALUE_QUOTE_LIMIT`` bytes (then with its length)."""
+    if len(data) <= PEER_VALUE_QUOTE_LIMIT:
+        return repr(data)
+    return f"{data[:PEER_VALUE_QUOTE_LIMIT]!r}... ({len(data)} bytes)"
 
 
 def _decode_uid(value: memoryview, what: str) -> str:
