@@ -140,6 +140,28 @@ def test_only_an_insertion_opens_a_pin_dialog_that_does_not_ask_first() -> None:
     assert all(cause.asks_first for cause in SignInCause if cause is not SignInCause.INSERTED)
 
 
+def test_a_card_seen_again_after_pcscd_restarted_asks_first() -> None:
+    """pcscd restarted with the card in its reader: the session ended (its login died with the old
+    pcscd) and, half a second later, the card the new pcscd shows opened the PIN dialog as for an
+    insertion. Nobody inserted it: the clinician may be typing her report, and her words and Enter
+    would have been a PIN try."""
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignedIn(1))
+    assert machine.handle(CardRemoved()) == [EndSession(1, "card removed")]  # the watcher's hold
+    assert machine.handle(CardInserted("alice@pcscd1", after_reader_restart=True)) == [
+        StartSignIn("alice@pcscd1", 2, SignInCause.READER_RESTARTED)]
+    assert SignInCause.READER_RESTARTED.asks_first
+    machine.handle(SignedIn(2))
+    # The card loop did not turn during the hold: the removal comes with the card seen again.
+    assert machine.handle(CardInserted("alice@pcscd2", after_reader_restart=True)) == [
+        EndSession(2, "pcscd restarted"), StartSignIn("alice@pcscd2", 3, SignInCause.READER_RESTARTED)]
+    # With its PIN dialog open: the dialog closes, and the next one asks first.
+    assert machine.handle(CardInserted("alice@pcscd3", after_reader_restart=True)) == [
+        CancelSignIn(3), StartSignIn("alice@pcscd3", 4, SignInCause.READER_RESTARTED)]
+    assert machine.handle(CardInserted("alice@pcscd3")) == []  # the same card, however it came
+
+
 class LifecycleModel(RuleBasedStateMachine):
     """Plays events at the machine and keeps what the shell would hold after carrying out its effects."""
 
@@ -156,6 +178,7 @@ class LifecycleModel(RuleBasedStateMachine):
         self.stopped = False
         self.losses = 0  # card-session processes lost since the card in the reader was inserted
         self.over_other_dialog = False  # a card is being inserted while another card's PIN is asked for
+        self.pcscd_restarts = 0
 
     def feed(self, event: object) -> None:
         for effect in self.machine.handle(event):  # type: ignore[arg-type]
@@ -255,6 +278,26 @@ class LifecycleModel(RuleBasedStateMachine):
             self.restarts_allowed -= 1
             assert self.losses >= MAX_SESSION_LOSSES and self.machine.state is State.WAITING, \
                 "a sign-in lost before its losses ran out was not started again"
+
+    @precondition(lambda self: self.reader is not None)
+    @rule(removal_seen=st.booleans())
+    def pcscd_restarts_with_the_card_in_its_reader(self, removal_seen: bool) -> None:
+        """The card's login died with the old pcscd; the new one shows it as another card (its
+        card-event count starts again) that nobody inserted, so a sign-in for it is one the clinician
+        did not ask for. The card loop sees the removal the watcher holds for a moment, or, when it
+        did not turn meanwhile, only the card seen again."""
+        assert self.reader is not None
+        if removal_seen:
+            self.feed(CardRemoved())
+        self.pcscd_restarts += 1
+        self.reader = f"{self.reader.split('@')[0]}@pcscd{self.pcscd_restarts}"
+        self.losses = 0
+        self.may_sign_in = False  # not an insertion
+        started = len(self.started)
+        self.restarts_allowed += 1
+        self.feed(CardInserted(self.reader, after_reader_restart=True))
+        if len(self.started) == started:
+            self.restarts_allowed -= 1
 
     @rule()
     def lock(self) -> None:

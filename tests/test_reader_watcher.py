@@ -177,3 +177,51 @@ def test_a_pcscd_restart_with_the_card_in_its_reader_is_a_removal_then_a_new_car
     clock.now += RESTART_HOLD_SECONDS / 2
     after = watcher.look()
     assert after == ReaderCard(READERS[0], 1, pcscd=1) and after != before
+    # Nobody inserted it: the sign-in it starts asks first (SignInCause.READER_RESTARTED), or the
+    # PIN dialog would take what the clinician is typing half a second after her session ended.
+    assert after is not None and after.after_restart and not before.after_restart
+    assert watcher.look().after_restart  # every look until it leaves (the card loop acts on the first)
+    answers.cards = {}
+    assert watcher.look() is None
+    answers.cards = {READERS[0]: 3}  # pulled and inserted again, by hand
+    again = watcher.look()
+    assert again == ReaderCard(READERS[0], 3, pcscd=1) and not again.after_restart
+
+
+def test_a_card_back_after_pcscd_was_away_past_the_grace_was_not_inserted() -> None:
+    """pcscd stopped for longer than the grace (an upgrade stops it, unpacks, starts it): the card
+    counted as removed, and the card the new pcscd shows in its reader is the one that was there."""
+    clock = Clock()
+    answers = PcscAnswers(cards={READERS[0]: 1, READERS[1]: 1})
+    watcher = ReaderWatcher(answers, clock, first_wait=0)
+    assert watcher.look() == ReaderCard(READERS[0], 1)
+    answers.live = False
+    for _ in range(UNREADABLE_LOOKS):
+        with pytest.raises(CannotLook):
+            watcher.look()
+    clock.now += UNREADABLE_SECONDS
+    assert watcher.look() is None  # taken to be removed: the session ends
+    answers.live, answers.generation, answers.cards = True, 1, {READERS[0]: 1}
+    back = watcher.look()
+    assert back == ReaderCard(READERS[0], 1, pcscd=1) and back is not None and back.after_restart
+    answers.cards = {READERS[0]: 1, READERS[1]: 1}  # shown by the new pcscd later: still the one that was there
+    assert watcher.look() == ReaderCard(READERS[1], 1, pcscd=1)
+    assert all(card.after_restart for card in watcher.present)
+    answers.cards = {READERS[2]: 1}  # a reader that held no card: this one was inserted
+    new = watcher.look()
+    assert new == ReaderCard(READERS[2], 1, pcscd=1) and new is not None and not new.after_restart
+
+
+def test_a_card_pulled_during_the_restart_hold_and_inserted_again_was_inserted() -> None:
+    clock = Clock()
+    answers = PcscAnswers(cards={READERS[0]: 1})
+    watcher = ReaderWatcher(answers, clock, first_wait=0)
+    watcher.look()
+    answers.generation += 1
+    assert watcher.look() is None
+    answers.cards = {}  # pulled during the hold ...
+    assert watcher.look() is None
+    answers.cards = {READERS[0]: 3}  # ... and inserted again
+    clock.now += RESTART_HOLD_SECONDS
+    card = watcher.look()
+    assert card == ReaderCard(READERS[0], 3, pcscd=1) and card is not None and not card.after_restart

@@ -11,6 +11,10 @@ With several readers holding cards, the card inserted last is chosen (the module
 cards cannot be judged beforehand as :class:`~dicom_card_agent.card.watcher.CardWatcher` judges
 them). A card that was chosen and then passed over for a newer one is not chosen again until it
 is re-inserted, as there.
+
+After pcscd restarts (or comes back after being away) the first card it shows in a reader that held
+one as it went is marked :attr:`ReaderCard.after_restart`: nobody inserted it, so the sign-in it
+starts asks first (agent/lifecycle/machine.py, ``SignInCause.READER_RESTARTED``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from dicom_card_agent.card.watcher import POLL_SECONDS, ArrivalOrder, FailingLooks
@@ -47,6 +51,9 @@ class ReaderCard:
     reader: str
     insertion: int  # pcscd's count of the reader's card events when the card was seen
     pcscd: int = 0  # which pcscd counted them (PcscEventSource.generation): a restarted one counts anew
+    # Nobody inserted it: it was in its reader as the previous pcscd went. Not part of which card it is
+    # (compare=False), so that the card loop's "another card?" is asked as before.
+    after_restart: bool = field(default=False, compare=False)
 
     def event_fields(self) -> dict[str, str]:
         return {"reader": self.reader}
@@ -69,6 +76,10 @@ class ReaderWatcher:
         self._clock = clock
         self._generation = source.generation
         self._restart_hold_until = 0.0
+        # Readers that held a card as pcscd went (restarted, or away past the grace), until the new
+        # pcscd shows a card there; then that card's count under the new pcscd, which marks it.
+        self._held_as_pcscd_went: set[str] = set()
+        self._there_all_along: dict[str, int] = {}
 
     look_interval = POLL_SECONDS  # pcscd's events cut it short
 
@@ -87,10 +98,12 @@ class ReaderWatcher:
         states, generation = self.source.cards, self.source.generation  # in this order: see PcscEventSource._run
         if generation != self._generation:
             self._pcscd_restarted(generation)
+        self._note_cards_there_all_along(states)  # during the hold too: a card pulled meanwhile is not marked
         if self._clock() < self._restart_hold_until:
             self._order.choose(None)
             return None
-        cards = [ReaderCard(reader, count, generation) for reader, count in sorted(states.items())]
+        cards = [ReaderCard(reader, count, generation, after_restart=self._there_all_along.get(reader) == count)
+                 for reader, count in sorted(states.items())]
         self._order.note(cards)
         waiting = [card for card in cards if card in self._order.passed_over]
         candidates = self._order.newest_first(card for card in cards if card not in self._order.passed_over)
@@ -106,14 +119,26 @@ class ReaderWatcher:
     def _pcscd_restarted(self, generation: int) -> None:
         """A new pcscd answers. Whatever the card-session process's module held of the old one (its
         card handle, and with it the login) is gone: a card that was in a reader counts as removed,
-        for :data:`RESTART_HOLD_SECONDS`, then as inserted anew (its PIN is asked again). The card-event
-        counts start again with the new pcscd, so without this the card looked the same."""
+        for :data:`RESTART_HOLD_SECONDS`, then as there again, not inserted (its PIN is asked again,
+        asking first). The card-event counts start again with the new pcscd, so without this the card
+        looked the same."""
         self._generation = generation
+        self._there_all_along = {}  # counts of the old pcscd
         if self._order.present:
             log.warning("pcscd restarted while %s was in its reader: the card's login ended with it; the card "
-                        "counts as removed and inserted again", ", ".join(str(card) for card in self._order.present))
+                        "counts as removed, then as there again (its PIN is asked again, asking first)",
+                        ", ".join(str(card) for card in self._order.present))
             self._restart_hold_until = self._clock() + RESTART_HOLD_SECONDS
+            self._held_as_pcscd_went |= {card.reader for card in self._order.present}
         self._order.note([])
+
+    def _note_cards_there_all_along(self, states: dict[str, int]) -> None:
+        """The first card the new pcscd shows in a reader that held one as the old pcscd went is the
+        card that was there (a card pulled and another inserted meanwhile cannot be told from it;
+        asking first is the safe side). A card inserted after it has another count: not marked."""
+        for reader in self._held_as_pcscd_went & states.keys():
+            self._there_all_along[reader] = states[reader]
+        self._held_as_pcscd_went -= states.keys()
 
     def _first_states(self) -> bool:
         """At the first look, pcscd's event thread may not have read the readers yet: wait for it
@@ -129,4 +154,5 @@ class ReaderWatcher:
                                             "pcscd does not answer: the card is taken to be as it was; looking again")
         if failing_for is not None and self.present:
             log.warning("pcscd has not answered for %.1f s: the card is taken to be removed", failing_for)
+            self._held_as_pcscd_went |= {card.reader for card in self.present}  # back, it shows them again
         self._order.present = ()

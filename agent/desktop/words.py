@@ -92,6 +92,9 @@ _UNASKED: dict[SignInCause, tuple[str, str]] = {
                                       "Sign in as {name}?", "_Sign in"),
     SignInCause.OVER_OTHER_PIN_DIALOG: ("This card was inserted while another card's PIN window was open. "
                                         "Sign in as {name}?", "_Sign in"),
+    # The card never left its reader: say so, or she looks for what she did wrong.
+    SignInCause.READER_RESTARTED: ("The card reader software restarted, which ended your DICOM sign-in. Your card "
+                                   "was not removed. Sign in again as {name}?", "_Sign in again"),
 }
 
 

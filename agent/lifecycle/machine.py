@@ -14,7 +14,8 @@ succeeded anyway is ended at once, so no session survives for a card that has le
 The machine never starts a sign-in on its own after a failure, a cancelled PIN entry, a lock or an
 idle timeout: only a (re-)insertion does, so that no PIN try is ever spent without the clinician.
 The exceptions are a card-session process lost (a crash, a kill) while it reads the card, while its
-PIN dialog is open or while signed in, and a configuration reload; they ask for the PIN again (no PIN
+PIN dialog is open or while signed in, a configuration reload, and a card seen again after pcscd
+restarted (its login died with the old pcscd; nobody inserted it); they ask for the PIN again (no PIN
 was sent to the lost process), and losses are bounded so that a crashing card cannot loop. Those
 restarts, and a card inserted while another card's PIN is asked for, start a sign-in whose
 :class:`SignInCause` makes its PIN dialog ask first, Cancel the default: nobody expects that dialog,
@@ -46,9 +47,12 @@ class State(Enum):
 
 @dataclass(frozen=True)
 class CardInserted:
-    """A card the configuration accepts is in the reader (also reported when it replaced another)."""
+    """A card the configuration accepts is in the reader (also reported when it replaced another).
+    ``after_reader_restart``: nobody inserted it. It stayed in its reader while pcscd restarted,
+    which ended its login, and the new pcscd shows it as a new card (agent/card/readers.py)."""
 
     card: Hashable
+    after_reader_restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class SignInCause(Enum):
     SIGN_IN_INTERRUPTED = "the card session ended unexpectedly during the sign-in"
     SESSION_LOST = "the card session ended unexpectedly"
     RELOADED = "the configuration was reloaded"
+    READER_RESTARTED = "the card was there all along: pcscd restarted"
 
     @property
     def asks_first(self) -> bool:
@@ -180,7 +185,8 @@ class Guard(Enum):
 
     ALWAYS = "always"
     SAME_CARD = "the card already known"
-    OTHER_CARD = "another card"
+    OTHER_CARD = "another card, inserted"
+    SEEN_AGAIN = "another card, seen again after pcscd restarted (nobody inserted it)"
     CURRENT = "of the current attempt"
     STALE = "of an earlier attempt"
     LOSSES_LEFT = f"of the current attempt, fewer than {MAX_SESSION_LOSSES} losses since insertion"
@@ -220,6 +226,7 @@ def _late_success() -> tuple[Row, ...]:
 
 
 _REINSERT = "remove and re-insert the card to sign in again"
+_RESTARTED = "pcscd restarted"
 _LOCKED = f"locked: {_REINSERT}"
 _S = State
 _A = Action
@@ -227,7 +234,9 @@ _G = Guard
 
 _SIGNING_IN_ROWS: dict[type, tuple[Row, ...]] = {
     CardInserted: (Row(_G.SAME_CARD, None),
-                   Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN))),
+                   Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN)),
+                   Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
+                       starts=SignInCause.READER_RESTARTED)),
     CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD, (_A.CANCEL_SIGN_IN,)),),
     SignInCancelled: (Row(_G.CURRENT, _S.WAITING, waits=f"card present, {{reason}}: {_REINSERT}"),
                       Row(_G.STALE, None)),
@@ -242,7 +251,10 @@ _SIGNING_IN_ROWS: dict[type, tuple[Row, ...]] = {
 
 TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
     _S.NO_CARD: {
-        CardInserted: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.START_SIGN_IN,)),),
+        # A card seen again after pcscd restarted was not inserted: the clinician may be typing in her
+        # report (the restart ended her session half a second ago), and the dialog would take her keys.
+        CardInserted: (Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.START_SIGN_IN,)),
+                       Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.START_SIGN_IN,), starts=SignInCause.READER_RESTARTED)),
         CardRemoved: _stay(),
         PinEntered: _stay(),
         SignInCancelled: _stay(),
@@ -259,7 +271,9 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         # The other card's dialog must not take the rest of a PIN being typed for this one.
         CardInserted: (Row(_G.SAME_CARD, None),
                        Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
-                           starts=SignInCause.OVER_OTHER_PIN_DIALOG)),
+                           starts=SignInCause.OVER_OTHER_PIN_DIALOG),
+                       Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
+                           starts=SignInCause.READER_RESTARTED)),
         PinEntered: (Row(_G.CURRENT, _S.SIGNING_IN), Row(_G.STALE, None)),
         # The card's process died while it read the card, or while its PIN dialog was open (that
         # dialog asks for nothing usable): a new process reads the card again. Its dialog asks first,
@@ -276,8 +290,12 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         PinEntered: _stay(),
     },
     _S.SIGNED_IN: {
+        # SEEN_AGAIN here: the card loop did not turn while the watcher held the card removed after
+        # the restart (agent/card/readers.py), so the removal comes as this event's.
         CardInserted: (Row(_G.SAME_CARD, None),
-                       Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="card swapped")),
+                       Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="card swapped"),
+                       Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends=_RESTARTED,
+                           starts=SignInCause.READER_RESTARTED)),
         CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD, (_A.END_SESSION,), ends="card removed"),),
         PinEntered: _stay(),
         SignInCancelled: _stay(),
@@ -298,7 +316,10 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), ends="the agent is stopping"),),
     },
     _S.WAITING: {
-        CardInserted: (Row(_G.SAME_CARD, None), Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.START_SIGN_IN,))),
+        # SEEN_AGAIN asks, as in NO_CARD, where the removal the restart is leaves the machine (it does
+        # not remember why the card waited).
+        CardInserted: (Row(_G.SAME_CARD, None), Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.START_SIGN_IN,)),
+                       Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.START_SIGN_IN,), starts=SignInCause.READER_RESTARTED)),
         CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD),),
         PinEntered: _stay(),
         SignInCancelled: _stay(),
@@ -358,9 +379,11 @@ class CardLifecycle:
     def _holds(self, guard: Guard, event: Event) -> bool:
         if guard is Guard.ALWAYS:
             return True
-        if guard in (Guard.SAME_CARD, Guard.OTHER_CARD):
+        if guard in (Guard.SAME_CARD, Guard.OTHER_CARD, Guard.SEEN_AGAIN):
             assert isinstance(event, CardInserted)
-            return (event.card == self.card) == (guard is Guard.SAME_CARD)
+            if event.card == self.card:
+                return guard is Guard.SAME_CARD
+            return guard is (Guard.SEEN_AGAIN if event.after_reader_restart else Guard.OTHER_CARD)
         assert isinstance(event, (PinEntered, SignInCancelled, SignedIn, SignInFailed, SessionLost))  # carry attempt
         current = event.attempt == self.attempt
         if guard is Guard.CURRENT:

@@ -348,7 +348,9 @@ class SessionManager:
                     self._feed(CardRemoved())
                 else:  # inserted, or swapped for another between two looks
                     event("card-inserted", **card.event_fields(), **before)
-                    self._feed(CardInserted(card))
+                    # A card that stayed in its reader while pcscd restarted: nobody inserted it.
+                    after_restart = isinstance(card, ReaderCard) and card.after_restart
+                    self._feed(CardInserted(card, after_reader_restart=after_restart))
             self._check_session_alive()
             self._check_sign_in_process()
             self._check_pin_dialog()
@@ -391,7 +393,8 @@ class SessionManager:
             ended = any(isinstance(effect, EndSession) for effect in effects)
             if ended or (effects and started is None):  # a lost sign-in is tried again at once, unasked
                 self.desktop.session_lost(signed_in=ended, signs_in_again=started is not None)
-        elif isinstance(happened, CardInserted) and any(isinstance(effect, CancelSignIn) for effect in effects):
+        elif isinstance(happened, CardInserted) and not happened.after_reader_restart \
+                and any(isinstance(effect, CancelSignIn) for effect in effects):  # no other card came
             over_dialog = started is not None and started.cause is SignInCause.OVER_OTHER_PIN_DIALOG
             self.desktop.sign_in_cancelled_by_another_card(pin_asked=over_dialog)
 

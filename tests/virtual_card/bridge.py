@@ -161,6 +161,8 @@ def serve(card: EmulatedCard, sock: socket.socket, *, apdu_delay: float = 0.0,
         if payload is None:
             return
         if length != 1:
+            if _presents_a_pin(payload):
+                print(PIN_PRESENTED, flush=True)  # a PIN try: tests count them in the bridge's log
             answer = card.transmit(payload)
             if apdu_delay:
                 time.sleep(apdu_delay)
@@ -176,6 +178,14 @@ def serve(card: EmulatedCard, sock: socket.socket, *, apdu_delay: float = 0.0,
         elif payload[0] == RESET:
             card.power_off()
             card.power_on()
+
+
+PIN_PRESENTED = "bridge: a PIN presented (VERIFY)"
+
+
+def _presents_a_pin(apdu: bytes) -> bool:
+    """ISO 7816 VERIFY with data: a login's PIN try (VERIFY without data only asks for the tries left)."""
+    return len(apdu) > 5 and apdu[1] == 0x20
 
 
 def main(argv: list[str] | None = None) -> int:

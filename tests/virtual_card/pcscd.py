@@ -52,6 +52,16 @@ class Pcscd:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
+    def restart(self) -> None:
+        """Stop this pcscd and start another, as a package upgrade or an administrator does; the
+        card in vpcd's reader goes with the old one (its bridge exits). Only a pcscd started here:
+        one the tests found running is left as it is."""
+        if self.process is None or self.log_path is None:
+            raise StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): they do not restart it")
+        _stop(self.process)
+        self.process = _start_pcscd(self.log_path)  # stopped by pcscd_with_vpcd, as the first one would be
+        _wait_until_ready(self)
+
 
 def check_installed() -> None:
     """Every package of the stack is there (scripts/setup installs them)."""
@@ -127,18 +137,21 @@ def pcscd_with_vpcd(workdir: Path) -> Iterator[Pcscd]:
                                "start it as root (pcscd --foreground) and run the tests again")
     _keep_vpcd_port_for_vpcd()
     workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "pcscd.log"
-    with open(log_path, "wb") as log:
-        # --foreground: our child, so we stop exactly what we started; --error: quiet unless broken
-        process = subprocess.Popen([shutil.which("pcscd") or "/usr/sbin/pcscd", "--foreground", "--error"],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    daemon = Pcscd(process, log_path)
+    daemon = Pcscd(_start_pcscd(workdir / "pcscd.log"), workdir / "pcscd.log")
     try:
         _wait_until_ready(daemon)
         yield daemon
     finally:
-        _stop(process)
+        if daemon.process is not None:  # the one running now: a test may have restarted it (Pcscd.restart)
+            _stop(daemon.process)
+
+
+def _start_pcscd(log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        # --foreground: our child, so we stop exactly what we started; --error: quiet unless broken
+        return subprocess.Popen([shutil.which("pcscd") or "/usr/sbin/pcscd", "--foreground", "--error"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 RESERVED_PORTS = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")

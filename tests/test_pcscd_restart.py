@@ -1,0 +1,78 @@
+"""pcscd restarted with the clinician's card in its reader, with the real stack: pcscd + vpcd +
+libcacard (CAC) + OpenSC, and pinentry-tty on a pseudo-terminal standing for her screen.
+
+The restart ends the card session (the card's login died with the old pcscd), and the card the new
+pcscd shows is the one that was there: nobody inserted it, so its PIN dialog asks first, Cancel the
+default. Before, it opened the PIN prompt at once, and what the clinician was typing in her report
+(here "1234" and Enter) went to the card as a PIN try.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from agent_runner import agent_status, running_agent, tunnel, wait_for
+from conftest import USER_PIN, ProvisionedPki
+from pin_dialog import PINENTRY_TTY, Terminal, terminal  # noqa: F401 - a pytest fixture
+from virtual_card.bridge import PIN_PRESENTED
+from virtual_card.fixtures import card_reader, pcscd, stack_unavailable, virtual_cards  # noqa: F401 - pytest fixtures
+from virtual_card.nssdb import CardContents
+from virtual_card.pcscd import Pcscd, StackUnavailable
+from virtual_card.reader import VirtualReader
+
+QUESTION = b"[sc]?"  # pinentry-tty's prompt for the question asked first: [s]ign in again or [c]ancel
+PROBE_SECONDS = 30  # OpenSC probes an inserted card in ~2.3 s; a loaded 2-core machine takes longer
+
+
+def pins_presented(reader: VirtualReader) -> int:
+    """PIN tries the card was given (VERIFY with a PIN), over every insertion into ``reader``."""
+    return sum(log.read_text(errors="replace").count(PIN_PRESENTED) for log in reader.workdir.glob("bridge-*.log"))
+
+
+def test_a_pcscd_restart_with_the_card_in_its_reader_asks_before_the_pin(
+        test_pki: ProvisionedPki, tmp_path: Path, pcscd: Pcscd, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents], terminal: Terminal) -> None:
+    if not pcscd.started_here:  # in CI the tests start pcscd: one already running there is a set-up fault
+        stack_unavailable(StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): this test "
+                                           "does not restart it"))
+    carol = virtual_cards["carol"]
+    env = test_pki.env(CARD_PIN=USER_PIN)
+    # No PACS is needed: a sign-in, its end and the next sign-in are what is looked at.
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], token="", module="opensc",
+                       agent={"runtime_dir": str(tmp_path / "run")}, stdin=terminal.slave,
+                       identity={"pin": f"pinentry:{PINENTRY_TTY}"}) as agent:
+        agent.wait_for_log("card events: PC/SC events from pcscd")
+        card_reader.insert(carol)
+        terminal.wait_for_prompt(timeout=PROBE_SECONDS)
+        terminal.type(USER_PIN.encode() + b"\r")
+        agent.wait_for_log(f'event=sign-in subject="{carol.subject}"', timeout=PROBE_SECONDS)
+        assert pins_presented(card_reader) == 1
+
+        shown = len(terminal.screen)
+        pcscd.restart()  # vpcd's card goes with the old pcscd ...
+        card_reader.pull(wait=False)  # (its bridge has exited: reaped)
+        card_reader.insert(carol)  # ... and is there as the new one starts, as a USB reader's card is
+        agent.wait_for_log("event=sign-out", timeout=10)  # "card removed", or "pcscd restarted" (table)
+
+        def dialog_shown() -> bool:
+            return QUESTION in terminal.screen[shown:] or b"PIN:" in terminal.screen[shown:]
+
+        wait_for(dialog_shown, timeout=PROBE_SECONDS)
+        terminal.type(b"1234\r")  # the clinician's report, then Enter
+        time.sleep(1.0)  # a PIN try would have reached the card by now
+        screen = terminal.screen[shown:]
+        assert pins_presented(card_reader) == 1, f"what the clinician typed went to the card as a PIN: {screen!r}"
+        assert QUESTION in screen, f"the PIN dialog did not ask first; the screen shows {screen[-400:]!r}"
+        assert "event=pin-failure" not in agent.log()
+        assert agent_status(tmp_path / "agent", env)["state"] == "card present, PIN not yet entered"
+
+        terminal.type(b"s")  # "Sign in again"
+        wait_for(lambda: b"PIN:" in terminal.screen[shown:], timeout=10)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: agent.log().count(f'event=sign-in subject="{carol.subject}"') == 2, timeout=PROBE_SECONDS)
+        log = agent.log()
+    assert pins_presented(card_reader) == 2
+    assert "the card reader software restarted" in screen.decode(errors="replace").lower(), screen[-600:]
+    assert "event=pin-failure" not in log
+    assert USER_PIN not in log
