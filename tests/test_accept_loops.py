@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -124,6 +125,15 @@ def run_as_nobody(script: str, *args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
+def run_as_the_agent_s_user(script: str, *args: str, timeout: float = 60) -> str:
+    """``script`` run by an allowed user (the agent's own): another user's connections are closed at
+    once beyond a few refusals (REFUSALS_IN_FLIGHT), so only an allowed user's can hold descriptors."""
+    result = subprocess.run([sys.executable, "-I", "-c", script, *args], capture_output=True, text=True,
+                            timeout=timeout, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def seconds_and_answer(output: str) -> tuple[str, bytes]:
     """A client's "SECONDS ANSWER-HEX" line (no answer: an empty one)."""
     seconds, _, answer = output.strip().partition(" ")
@@ -137,17 +147,17 @@ def refused_peers(workdir: Path, test_pki: ProvisionedPki) -> int:
 
 
 def test_running_out_of_descriptors_does_not_end_the_accept_loop(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    """With 64 descriptors, 150 trickling connections of another user exhaust them; afterwards the
-    agent still accepts, identifies and answers connections, and `status` answers (the old accept
-    thread died of the uid look-up that failed with EMFILE, and never answered again).
+    """With 64 descriptors, 150 trickling connections of an allowed user's program exhaust them;
+    afterwards the agent still accepts, identifies and answers connections, and `status` answers (the
+    old accept thread died of the uid look-up that failed with EMFILE, and never answered again).
 
     What comes after is checked with a refused peer, whose answer does not depend on the card: the
     card loop itself may take the card for gone while descriptors are out (another matter)."""
     with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)],
                        prefix=["prlimit", "--nofile=64:64"]) as agent:
-        output = run_as_nobody(HOLDING_CLIENT, str(agent.port()), "150", "4", associate_rq().hex())
+        output = run_as_the_agent_s_user(HOLDING_CLIENT, str(agent.port()), "150", "4", associate_rq().hex())
         assert output.split() == ["150", "closed"], output
-        time.sleep(1.5)  # the refusals still being answered end (EOF), a back-off is over
+        time.sleep(1.5)  # the connections still being served end (EOF), a back-off is over
         refusals = refused_peers(tmp_path, test_pki)
         seconds, answer = seconds_and_answer(
             run_as_nobody(TRUNCATED_CLIENT, str(agent.port()), associate_rq()[:20].hex()))
@@ -166,14 +176,17 @@ def test_running_out_of_descriptors_does_not_end_the_accept_loop(test_pki: Provi
 
 
 def test_running_out_of_descriptors_does_not_sign_the_card_out(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    """While another user's connections hold every descriptor, the card cannot be read either; the
+    """While a program's connections hold every descriptor, the card cannot be read either; the
     card loop took that for a pulled card and signed the clinician out (SoftHSM then never showed
     the token again). It keeps the card as it was, and the clinician's next association works."""
     server = FramedEchoServer(test_pki)
     try:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port)],
+        # The flood on a tunnel of its own, whose PACS is not there: no TLS handshake (which would
+        # fail on the card for want of descriptors, another matter), only descriptors held.
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port), tunnel("flood", 104)],
                            prefix=["prlimit", "--nofile=64:64"]) as agent:
-            output = run_as_nobody(HOLDING_CLIENT, str(agent.port()), "150", "4", associate_rq().hex())
+            output = run_as_the_agent_s_user(HOLDING_CLIENT, str(agent.port("flood")), "150", "4",
+                                             associate_rq().hex())
             assert output.split() == ["150", "closed"], output
             time.sleep(1.5)
             request = dicom_stream(b"after the flood" * 10)
@@ -250,25 +263,31 @@ def test_connections_beyond_max_connections_are_rejected_at_once(test_pki: Provi
                      "(max_connections)") == 1, log  # the second one is counted, not logged
 
 
-def test_refusals_in_flight_count_against_max_connections(test_pki: ProvisionedPki, tmp_path: Path) -> None:
-    """Two refused peers trickling fill max_connections = 2 (in the card session, which accepts on
-    the tunnel's socket while signed in); a third connection is rejected at once, its user named."""
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104, max_connections=2)]) as agent:
-        holder = subprocess.Popen([*NOBODY, HOLDING_CLIENT, str(agent.port()), "2", "6", associate_rq().hex()],
-                                  stdout=subprocess.PIPE, text=True, cwd="/")
-        try:
-            assert holder.stdout.readline().strip() == "2"
-            agent.wait_for_log("refused local connection from uid 65534")
-            time.sleep(0.5)
-            with socket.create_connection(("127.0.0.1", agent.port()), timeout=10) as third:
-                answer = _answer_within(third, 2.0)
-        finally:
-            holder.kill()
-            holder.wait()
-        log = agent.log()
-    assert answer == REJECTED_TRANSIENT
-    assert "tunnel pacs: closed a connection from uid 0 before TLS: 2 connections in flight (max_connections)" \
-        in log, log
+def test_refusals_in_flight_take_no_place_of_max_connections(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Twelve refused peers trickling (more than their budget of 8 answered at a time) against
+    max_connections = 2, in the card session (which accepts on the tunnel's socket while signed in):
+    the clinician's association still goes through. (The old agent counted the refusals being
+    answered against max_connections, and rejected the clinician's "Temporary Congestion".)"""
+    server = FramedEchoServer(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("echo", server.port, max_connections=2)]) as agent:
+            holder = subprocess.Popen([*NOBODY, HOLDING_CLIENT, str(agent.port()), "12", "6", associate_rq().hex()],
+                                      stdout=subprocess.PIPE, text=True, cwd="/")
+            try:
+                assert holder.stdout is not None and holder.stdout.readline().strip() == "12"
+                agent.wait_for_log("refused local connection from uid 65534")
+                time.sleep(0.5)
+                request = dicom_stream(b"while others are refused")
+                answer = send_and_close(agent.port(), request)
+            finally:
+                holder.kill()
+                holder.wait()
+            log = agent.log()
+    finally:
+        server.close()
+    assert answer[:1] != b"\x03", f"the clinician's association was rejected:\n{log}"
+    assert echoed(answer) == request
+    assert "connections in flight (max_connections)" not in log, log
 
 
 def test_inbound_connections_beyond_max_connections_are_closed_at_once(test_pki: ProvisionedPki,

@@ -26,6 +26,10 @@ LOOPBACK_NETWORKS: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), i
 
 REFUSAL_LOG_INTERVAL = 60.0  # seconds: one line per listener, source and reason in this time
 REFUSAL_LOG_SOURCES = 256  # distinct sources tracked at once; more are counted together
+# Per tunnel: refused users' connections answered with A-ASSOCIATE-RJ in threads of their own (each
+# waits up to 5 s for the application); more are closed at once. Never counted in max_connections.
+REFUSALS_IN_FLIGHT = 8
+PID_LOOKUP_SECONDS = 0.5  # for the process of the one refusal a minute logged in full (a scan of /proc/*/fd)
 
 Key = TypeVar("Key")
 Latest = TypeVar("Latest")
@@ -217,24 +221,78 @@ class RefusalLog:
 class PeerRefusalLog:
     """Logs local connections refused for their user (not in ``allowed_uids``, or not identified)
     once per tunnel and uid in ``interval`` seconds, then how many more there were: another user
-    could otherwise write the journal full by connecting in a loop. Thread-safe."""
+    could otherwise write the journal full by connecting in a loop. The line told in full names the
+    connecting process, looked up (for at most ``pid_lookup_seconds``) in a thread of its own: the
+    lookup reads every process's descriptors, and another user holding many made each take seconds
+    while the clinician's connections waited behind it. Thread-safe."""
 
     def __init__(self, logger: logging.Logger, interval: float = REFUSAL_LOG_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, pid_lookup_seconds: float = PID_LOOKUP_SECONDS) -> None:
         self._log = logger
         self._throttle: Throttle[tuple[str, int | None], None] = Throttle(interval, clock=clock)
+        self._pid_lookup_seconds = pid_lookup_seconds
+        self._naming_lock = threading.Lock()
+        self._naming: set[threading.Thread] = set()  # at most one per tunnel and uid a minute
 
     def refused(self, tunnel: str, error: PeerRefusedError) -> None:
         self.flush()
         if self._throttle.occurred((tunnel, error.peer.uid)):
+            self._tell_naming_the_process(tunnel, error)
+
+    def _tell_naming_the_process(self, tunnel: str, error: PeerRefusedError) -> None:
+        if not error.process_not_looked_up:  # nothing to look up (a unix peer, an unidentified one)
             self._log.warning("tunnel %s: %s", tunnel, error)
+            return
+        thread = threading.Thread(target=self._tell_named, args=(tunnel, error), name=f"refused-{tunnel}",
+                                  daemon=True)
+        with self._naming_lock:
+            self._naming.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: the line says that the pid was not looked up
+            with self._naming_lock:
+                self._naming.discard(thread)
+            self._log.warning("tunnel %s: %s", tunnel, error)
+
+    def _tell_named(self, tunnel: str, error: PeerRefusedError) -> None:
+        try:
+            self._log.warning("tunnel %s: %s", tunnel, error.naming_the_process(self._pid_lookup_seconds))
+        finally:
+            with self._naming_lock:
+                self._naming.discard(threading.current_thread())
 
     def flush(self, *, ending: bool = False) -> None:
         """Tell the counts of intervals that are over (else told at the next refusal); ``ending``:
-        every count, as the listeners (or their process) end."""
+        every count, as the listeners (or their process) end, after the lines still naming a process."""
+        if ending:
+            with self._naming_lock:
+                naming = list(self._naming)
+            for thread in naming:
+                thread.join(self._pid_lookup_seconds + 1.0)
         for (tunnel, uid), count, seconds, _ in self._throttle.expired(all_counted=ending):
             self._log.warning("tunnel %s: refused %d more local connection%s from %s in the last %.0f s", tunnel,
                               count, "s" if count > 1 else "", refused_user(uid), seconds)
+
+
+class InFlight:
+    """Connections each listener (by name) holds at once, up to a limit the caller gives. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def enter(self, name: str, limit: int) -> bool:
+        """Count one more for ``name`` unless it has ``limit`` already."""
+        with self._lock:
+            count = self._counts.get(name, 0)
+            if count >= limit:
+                return False
+            self._counts[name] = count + 1
+            return True
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] -= 1
 
 
 def refused_user(uid: int | None) -> str:

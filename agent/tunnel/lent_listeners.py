@@ -39,8 +39,8 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.channel import LEASE_SECONDS
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
-from dicom_card_agent.tunnel.admission import PeerRefusalLog, RefusalLog, connection_source
-from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, identify_peer
+from dicom_card_agent.tunnel.admission import REFUSALS_IN_FLIGHT, InFlight, PeerRefusalLog, RefusalLog
+from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer
 from dicom_card_agent.tunnel.relay import (
     InboundRuntime,
     Report,
@@ -58,15 +58,6 @@ _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 PEER_REFUSED = "peer-refused"  # the report the supervisor audits and counts (agent/session/manager.py)
 SUPERVISOR_SILENT = "supervisor-silent"  # an association refused past the lease: the supervisor counts it
 RENEWAL_GRACE_SECONDS = 1.5  # the supervisor renews every second once its latest lease was read
-
-
-def _who(connection: socket.socket) -> str:
-    """The local user for a log line ("uid 1000"), else the address: one line per user, not per process."""
-    try:
-        peer = identify_peer(connection)
-    except (CardAgentError, OSError):  # descriptors ran out, say: the address will do
-        return connection_source(connection)
-    return f"uid {peer.uid}" if peer.uid is not None else connection_source(connection)
 
 
 class SupervisorLease:
@@ -148,6 +139,7 @@ class LentListeners:
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)  # the log line names the process
         self._capacity_refusals = RefusalLog(log, kind="tunnel")
         self._peer_refusals = PeerRefusalLog(log)
+        self._refusing = InFlight()  # refused users' connections being answered, by tunnel
         self.last_connection = 0.0  # time.monotonic() of the latest connection accepted, for the idle lock
 
     def replace(self, sockets: dict[str, socket.socket]) -> None:
@@ -278,45 +270,65 @@ class LentListeners:
             log.warning("tunnel %s: no longer configured: connection closed", name)
             connection.close()
             return None
-        # Refusals being answered count against max_connections as relays do: another user's flood
-        # of connections must not hold an unbounded number of threads and descriptors.
-        limit = runtime.config.max_connections
-        if not runtime.enter(limit):
-            source = _who(connection)  # before the answer: a peer gone since has no address
-            reject_at_once(connection)
-            connection.close()
-            self._capacity_refusals.refused(name, source, f"{limit} connections in flight (max_connections)")
-            return None
-        answering = False  # True once a refusal thread owns the connection (and leaves in-flight)
         try:
-            try:
-                peer = admit_peer(connection, PeerPolicy.allowing(runtime.config.allowed_uids))  # as reloaded
-            except PeerRefusedError as error:
-                self._peer_refusals.refused(name, error)
-                self._report(PEER_REFUSED, {"tunnel": name, "listen": str(runtime.config.listen),
-                                            "uid": error.peer.uid, "pid": error.peer.pid, "message": str(error)})
-                reject_in_thread(connection, TunnelFailure("local peer refused"), name, runtime.leave)
-                answering = True
-                return None
-            if silent is not None and self.lease is not None:
-                # As the supervisor answers with nobody signed in: A-ASSOCIATE-RJ (rejected-transient).
-                refusal = self.lease.refusal(silent)
-                log.warning("tunnel %s: %s: rejected: %s", name, peer.describe(), refusal)
-                self._report(SUPERVISOR_SILENT, {"tunnel": name})
-                reject_in_thread(connection, TunnelFailure(refusal, transient=True), name, runtime.leave)
-                answering = True
-                return None
-        except (CardAgentError, OSError, RuntimeError) as error:
-            # Whoever it is cannot be established (descriptors ran out), or no thread is to be had
-            # for the answer: fail closed, without an answer (as the supervisor does).
+            # The user first (one sock_diag query), then a place: another user's connections must
+            # never take the places of max_connections, which are the allowed users'.
+            peer = admit_peer(connection, PeerPolicy.allowing(runtime.config.allowed_uids),  # as reloaded
+                              name_refused_process=False)
+        except PeerRefusedError as error:
+            self._refuse_peer(name, runtime, connection, error)
+            return None
+        except (CardAgentError, OSError) as error:
+            # Whoever it is cannot be established (descriptors ran out): fail closed, without an
+            # answer (as the supervisor does).
             connection.close()
             self._backoff.failed(f"tunnel {name}: closed a connection it could not identify or answer", error)
             return None
-        finally:
-            if not answering:
-                runtime.leave()
+        if silent is not None and self.lease is not None:
+            self._refuse_while_silent(name, runtime, connection, peer.describe(), silent)
+            return None
         self._backoff.succeeded()
         return runtime, peer.describe()
+
+    def _refuse_peer(self, name: str, runtime: TunnelRuntime, connection: socket.socket,
+                     error: PeerRefusedError) -> None:
+        """A user not in allowed_uids, or one that could not be identified: A-ASSOCIATE-RJ in a thread
+        of its own, under a budget of its own (REFUSALS_IN_FLIGHT a tunnel); beyond it the connection
+        is closed at once, so that a flood holds no thread, no descriptor and no place of
+        max_connections. Logged and reported either way (once a minute in full)."""
+        self._peer_refusals.refused(name, error)
+        self._report(PEER_REFUSED, {"tunnel": name, "listen": str(runtime.config.listen),
+                                    "uid": error.peer.uid, "pid": error.peer.pid, "message": str(error)})
+        if not self._refusing.enter(name, REFUSALS_IN_FLIGHT):
+            connection.close()
+            return
+        try:
+            reject_in_thread(connection, TunnelFailure("local peer refused"), name,
+                             lambda: self._refusing.leave(name))
+        except RuntimeError as failure:  # no thread to be had: closed without an answer
+            self._refusing.leave(name)
+            self._backoff.failed(f"tunnel {name}: closed a connection it could not identify or answer", failure)
+
+    def _refuse_while_silent(self, name: str, runtime: TunnelRuntime, connection: socket.socket, peer: str,
+                             silent: float) -> None:
+        """As the supervisor answers with nobody signed in: A-ASSOCIATE-RJ (rejected-transient), in a
+        place of max_connections (an allowed user's connection), or at once when none is left."""
+        assert self.lease is not None
+        refusal = self.lease.refusal(silent)
+        log.warning("tunnel %s: %s: rejected: %s", name, peer, refusal)
+        self._report(SUPERVISOR_SILENT, {"tunnel": name})
+        limit = runtime.config.max_connections
+        if not runtime.enter(limit):
+            reject_at_once(connection)
+            connection.close()
+            self._capacity_refusals.refused(name, peer.split(" pid ", 1)[0], f"{limit} connections in flight "
+                                            "(max_connections)")  # "uid 1000": one line per user
+            return
+        try:
+            reject_in_thread(connection, TunnelFailure(refusal, transient=True), name, runtime.leave)
+        except RuntimeError as failure:
+            runtime.leave()
+            self._backoff.failed(f"tunnel {name}: closed a connection it could not identify or answer", failure)
 
     def _serve(self, me: threading.Thread, name: str, connection: socket.socket, runtime: TunnelRuntime,
                peer: str) -> None:

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from dicom_card_agent.errors import CardAgentError
@@ -73,6 +73,34 @@ class PeerRefusedError(CardAgentError):
         super().__init__(message)
         self.peer = peer
 
+    @property
+    def process_not_looked_up(self) -> bool:
+        """Whether :meth:`naming_the_process` has a process to look for."""
+        return False
+
+    def naming_the_process(self, seconds: float) -> PeerRefusedError:
+        """This refusal with the connecting process's pid looked up, for at most ``seconds`` (see
+        :func:`admit_peer`); itself when there is nothing to look up."""
+        return self
+
+
+class DisallowedUserError(PeerRefusedError):
+    """A local connection from an identified user who is not in the tunnel's allowed_uids."""
+
+    def __init__(self, peer: Peer, rule: str) -> None:
+        super().__init__(f"refused local connection from {peer.describe()}: {rule}", peer)
+        self.rule = rule
+
+    @property
+    def process_not_looked_up(self) -> bool:
+        return self.peer.pid is None and self.peer.socket_inode is not None
+
+    def naming_the_process(self, seconds: float) -> PeerRefusedError:
+        if not self.process_not_looked_up or self.peer.socket_inode is None:
+            return self
+        pid = pid_of_socket_inode(self.peer.socket_inode, deadline=time.monotonic() + seconds)
+        return DisallowedUserError(replace(self.peer, pid=pid, socket_inode=None), self.rule)
+
 
 class UnidentifiedPeerError(PeerRefusedError):
     """A local connection whose user could not be determined; refused, as it could be anyone."""
@@ -107,6 +135,28 @@ class SocketInUseError(ListenerError):
     """Another process already listens on the socket path."""
 
 
+class PortInUseError(ListenerError):
+    """Another socket holds the TCP address ``address`` a listener needs (EADDRINUSE); ``holder_uid`` is
+    its owner's uid once :meth:`naming_the_holder` found it (None otherwise)."""
+
+    def __init__(self, message: str, where: str, address: Endpoint, holder_uid: int | None = None) -> None:
+        super().__init__(message)
+        self.where = where
+        self.address = address
+        self.holder_uid = holder_uid
+
+    @property
+    def by_another_user(self) -> bool:
+        """Taken by a user other than the agent's: one who may be reading the applications' requests."""
+        return self.holder_uid is not None and self.holder_uid != os.geteuid()
+
+    def naming_the_holder(self) -> PortInUseError:
+        """This error naming the owner of the socket that holds the address, as far as the kernel
+        tells (sock_diag, else /proc/net/tcp*): while the agent restarts, another user can take a
+        tunnel's loopback port and receive what the applications send there."""
+        return _port_in_use(self.where, self.address)
+
+
 class SocketPathError(ListenerError):
     """The socket path is taken by something that is not a socket."""
 
@@ -119,12 +169,16 @@ class Peer:
     pid: int | None
     address: str
     unknown_because: str | None = None  # with uid None: why the user could not be established
+    # A TCP client's socket whose process was not looked up (yet): pid_of_socket_inode scans every
+    # process's descriptors, which no accepting thread may wait for (see admit_peer).
+    socket_inode: int | None = None
 
     def describe(self) -> str:
         """E.g. "uid 1000 pid 4242 (storescu) from 127.0.0.1:53412"; for logs and refusals."""
         who = "uid unknown" if self.uid is None else f"uid {self.uid}"
         if self.pid is None:
-            return f"{who} pid unknown from {self.address}"
+            looked_up = "not looked up" if self.socket_inode is not None else "unknown"
+            return f"{who} pid {looked_up} from {self.address}"
         name = process_name(self.pid)
         process = f"pid {self.pid}" if name is None else f"pid {self.pid} ({name})"
         return f"{who} {process} from {self.address}"
@@ -505,16 +559,22 @@ def tcp_server_owner(sock: socket.socket) -> Peer:
         return Peer(uid=None, pid=None, address="(disconnected)", unknown_because="the connection is gone")
     server, ours = _endpoint(peername), _endpoint(sockname)
     address = _inet_address(peername)
-    try:
-        # No connected socket has remote port 0, so the kernel answers with the listener.
-        family = socket.AF_INET if _plain(server)[0].version == 4 else socket.AF_INET6
-        row = _diag_lookup(family, server, (ours[0], 0))
-    except OSError:  # no sock_diag: read /proc; a dual-stack listener is in tcp6
-        row = find_listener_row([*_load_rows(False), *_load_rows(True)], server)
+    row = _listener_row(server, ours[0])
     doubt = listener_owner_doubt(row)
     if row is None or doubt is not None:
         return Peer(uid=None, pid=None, address=address, unknown_because=doubt)
     return Peer(uid=row.uid, pid=None, address=address)
+
+
+def _listener_row(server: Endpoint, source: IPAddress) -> TcpRow | None:
+    """The socket listening at ``server`` that a connection from ``source`` would reach.
+    PeerLookupError when neither sock_diag nor /proc can tell."""
+    try:
+        # No connected socket has remote port 0, so the kernel answers with the listener.
+        family = socket.AF_INET if _plain(server)[0].version == 4 else socket.AF_INET6
+        return _diag_lookup(family, server, (source, 0))
+    except OSError:  # no sock_diag: read /proc; a dual-stack listener is in tcp6
+        return find_listener_row([*_load_rows(False), *_load_rows(True)], server)
 
 
 def identify_server(sock: socket.socket) -> Peer:
@@ -525,13 +585,14 @@ def identify_server(sock: socket.socket) -> Peer:
     return tcp_server_owner(sock)
 
 
-def pid_of_socket_inode(inode: int) -> int | None:
+def pid_of_socket_inode(inode: int, deadline: float | None = None) -> int | None:
     """The pid of a process holding the socket ``socket:[inode]``, by scanning /proc/*/fd.
 
     Best effort: processes we may not look into (other users' unless we are root, or /proc
     mounted with hidepid) and processes that exit during the scan are skipped. When several
     processes share the socket (inherited across fork), the lowest-numbered one found first is
-    returned. It reads a link per open file on the machine, so call it only when needed.
+    returned. It reads a link per open file on the machine (any user can open hundreds of
+    thousands), so call it only when needed; past ``deadline`` (``time.monotonic()``) it gives up.
     """
     if inode <= 0:  # orphaned and TIME_WAIT sockets have no inode
         return None
@@ -541,20 +602,27 @@ def pid_of_socket_inode(inode: int) -> int | None:
     except OSError:
         return None
     for pid in pids:
-        if _holds_link(f"{PROC}/{pid}/fd", target):
+        if _holds_link(f"{PROC}/{pid}/fd", target, deadline):
             return pid
+        if deadline is not None and time.monotonic() > deadline:
+            return None
     return None
 
 
-def _holds_link(fd_directory: str, target: str) -> bool:
+_DEADLINE_CHECK_EVERY = 1024  # descriptors read between looks at the clock
+
+
+def _holds_link(fd_directory: str, target: str, deadline: float | None = None) -> bool:
     try:
         with os.scandir(fd_directory) as fds:
-            for fd in fds:
+            for number, fd in enumerate(fds, 1):
                 try:
                     if os.readlink(fd.path) == target:
                         return True
                 except OSError:  # closed since the listing
                     continue
+                if deadline is not None and number % _DEADLINE_CHECK_EVERY == 0 and time.monotonic() > deadline:
+                    return False
     except OSError:  # gone, or not ours to look into
         return False
     return False
@@ -599,7 +667,7 @@ class PeerPolicy:
                 f"cannot be established with certainty: {peer.unknown_because or 'unknown reason'}; "
                 "a connection that could be anyone's is refused", peer)
         if peer.uid not in self.allowed_uids:
-            raise PeerRefusedError(f"refused local connection from {peer.describe()}: {self._who_may()}", peer)
+            raise DisallowedUserError(peer, self._who_may())
 
     def _who_may(self) -> str:
         if not self.allowed_uids:
@@ -609,11 +677,14 @@ class PeerPolicy:
         return f"only {noun} {uids} may use this tunnel (allowed_uids)"
 
 
-def admit_peer(sock: socket.socket, policy: PeerPolicy) -> Peer:
+def admit_peer(sock: socket.socket, policy: PeerPolicy, *, name_refused_process: bool = True) -> Peer:
     """Identify the peer of an accepted socket and check it against ``policy``.
 
-    Returns the peer if let in. The costly pid lookup of TCP peers is done only for a refusal,
-    so that its message names the process.
+    Returns the peer if let in. The costly pid lookup of TCP peers is done only for a refusal, so
+    that its message names the process; not even then without ``name_refused_process``: the accept
+    loops refuse without it, as another user holding many descriptors makes each lookup last seconds
+    (the refusal carries the socket's inode: :meth:`PeerRefusedError.naming_the_process` looks it
+    up later, for the one refusal a minute that is logged in full).
     """
     if sock.family == socket.AF_UNIX:
         peer = unix_peer(sock)
@@ -622,7 +693,10 @@ def admit_peer(sock: socket.socket, policy: PeerPolicy) -> Peer:
     address, row = _lookup_tcp_client(sock)
     peer = _client_peer(address, row, want_pid=False)
     if not policy.allows(peer):
-        policy.check(peer if peer.uid is None else _client_peer(address, row, want_pid=True))
+        if peer.uid is not None and row is not None:
+            peer = _client_peer(address, row, want_pid=True) if name_refused_process else \
+                replace(peer, socket_inode=row.inode)
+        policy.check(peer)
     return peer
 
 
@@ -661,8 +735,47 @@ def create_tcp_listener(host: str, port: int, unsafe_listen: bool = False) -> so
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:
         sock.close()
+        if error.errno == errno.EADDRINUSE:  # the holder is named by the agent's listeners (naming_the_holder)
+            raise PortInUseError(f"cannot listen on {where}: {error.strerror}", where, _endpoint(sockaddr)) from None
         raise ListenerError(f"cannot listen on {where}: {error.strerror or error}") from None
     return sock
+
+
+def _port_in_use(where: str, address: Endpoint) -> PortInUseError:
+    """The error for a TCP address another socket holds, naming its owner (see
+    :meth:`PortInUseError.naming_the_holder`)."""
+    host, port = address
+    if host.is_unspecified:  # a wildcard listener also takes the connections to loopback
+        host = ipaddress.IPv4Address("127.0.0.1") if host.version == 4 else ipaddress.IPv6Address("::1")
+    try:
+        row = _listener_row((host, port), host)
+    except PeerLookupError as error:
+        return PortInUseError(f"cannot listen on {where}: the address is already in use (by whom cannot be "
+                              f"told: {error})", where, address)
+    if row is None or listener_owner_doubt(row) is not None:
+        return PortInUseError(f"cannot listen on {where}: the address is already in use, by a socket that is not "
+                              "listening (a connection's end, or a program about to listen): try again in a moment, "
+                              "or find it with `ss -tanpe`", where, address)
+    holder = f"uid {row.uid} ({user_name(row.uid)})"
+    find = f"find the program with `ss -ltnpe 'sport = :{port}'`"
+    if row.uid == os.geteuid():
+        return PortInUseError(f"cannot listen on {where}: it is already in use by {holder}, the agent's own user: "
+                              f"is another card agent (or an earlier one) still running? {find}", where, address,
+                              row.uid)
+    return PortInUseError(
+        f"cannot listen on {where}: it is already in use by {holder}: another user may be waiting for your "
+        f"applications' associations, to read what they send (in plain text) to this port; {find} and stop it, "
+        "and do not send anything there until the agent listens again. To keep the port across restarts, let "
+        "systemd hold it (card-agent.socket), or listen on a unix socket or a port below 1024 (docs/security.md)",
+        where, address, row.uid)
+
+
+def user_name(uid: int) -> str:
+    """The account name of ``uid``, for a message; "no account" when the account database has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "no account"
 
 
 # Linux's IP_FREEBIND and IPV6_FREEBIND (linux/in.h, linux/in6.h), which Python's socket module lacks.

@@ -12,9 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dicom_card_agent.audit.events import AlertType, AuditEvent, LocalPeer, Outcome
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
+from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.channel import MAX_FDS
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.supervisor import CardSession
@@ -22,14 +24,18 @@ from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.admission import (
     LOOPBACK_NETWORKS,
+    REFUSALS_IN_FLIGHT,
+    InFlight,
     PeerRefusalLog,
     RefusalLog,
     connection_source,
     is_allowed,
 )
 from dicom_card_agent.tunnel.peer import (
+    Peer,
     PeerPolicy,
     PeerRefusedError,
+    PortInUseError,
     admit_peer,
     create_tcp_listener,
     create_unix_listener,
@@ -60,8 +66,10 @@ class _Silent:
 class Listeners:
     """Every tunnel's listening socket, served by one accept thread."""
 
-    def __init__(self, config: AgentConfig, activated: ActivatedSockets | None = None) -> None:
+    def __init__(self, config: AgentConfig, activated: ActivatedSockets | None = None,
+                 audit: AuditRecorder | None = None) -> None:
         self.config = config
+        self._audit = audit  # for a port another user holds at start-up (later: the manager's)
         activated = activated or ActivatedSockets([])
         self._activated_fds: set[int] = set()  # systemd's sockets: their unix paths are its to remove
         self.sockets: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
@@ -75,7 +83,8 @@ class Listeners:
         self._tunnel_refusals = RefusalLog(log, kind="tunnel")
         self._peer_refusals = PeerRefusalLog(log)
         self._backoff = AcceptBackoff(log, "tunnels", self._stop)
-        self._in_flight = _InFlight()
+        self._in_flight = InFlight()  # the allowed users' connections being admitted, or answered
+        self._refusing = InFlight()  # refused users' connections being answered
         self._lock = threading.Lock()  # the accept thread's view of self.sockets while a reload swaps them
         self._silent: dict[int, _Silent] = {}  # the accept thread's: inbound connections yet to send a byte
         self._lent_to: CardSession | None = None  # the card session accepting on the tunnels' sockets
@@ -114,6 +123,10 @@ class Listeners:
             else:
                 assert listen.host is not None and listen.port is not None  # parse_listen: host:port when not unix:
                 sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=listener.unsafe_listen)
+        except PortInUseError as error:
+            named = error.naming_the_holder()
+            self._alert_port_taken(listener, named)
+            raise named from None
         except OSError as error:
             raise CardAgentError(f"cannot listen on {listen} ({_kind(listener)} {listener.name!r}): "
                                  f"{error.strerror or error}") from None
@@ -122,6 +135,17 @@ class Listeners:
         sock.setblocking(False)
         _log_listening(listener)
         return sock
+
+    def _alert_port_taken(self, listener: TunnelConfig | InboundConfig, error: PortInUseError) -> None:
+        """A Security Alert when another user holds the listener's port: it may be receiving what the
+        applications (or the PACS) send there. Only with an audit trail at hand: at start-up the one
+        given to the constructor, at a reload the manager's."""
+        audit = self.manager.audit if self.manager is not None else self._audit
+        if audit is None or not error.by_another_user:
+            return
+        audit.record(AuditEvent.security_alert(
+            AlertType.LOCAL_PEER_REFUSED, str(error), outcome=Outcome.SERIOUS_FAILURE, tunnel=listener.name,
+            local_peer=LocalPeer(uid=error.holder_uid, listen=str(listener.listen))))
 
     def prepare(self, config: AgentConfig) -> Callable[[], None]:
         """For a reload: open the sockets ``config`` has and these lack (listeners are matched by
@@ -243,35 +267,59 @@ class Listeners:
 
     def _serve(self, listener: TunnelConfig | InboundConfig, connection: socket.socket) -> None:
         """Admit, refuse or turn away one accepted connection; never raises, never blocks for long."""
-        if not self._in_flight.enter(listener.name, listener.max_connections):
-            self._over_capacity(listener, connection)
+        if isinstance(listener, TunnelConfig):
+            self._serve_tunnel(listener, connection)
             return
-        # True once a refusal thread owns the connection, or the accept loop watches it for its
-        # first bytes: in-flight is left when that ends.
-        answering = False
+        if not self._in_flight.enter(listener.name, listener.max_connections):
+            self._over_capacity(listener, connection, connection_source(connection))
+            return
+        waiting = False  # True once the accept loop watches it for its first bytes: in-flight is left then
         try:
-            # Admitting is quick (one sock_diag query, one message to the card session), so it
-            # runs here: a thread per connection cost every association ~0.1 ms of set-up.
-            if isinstance(listener, TunnelConfig):
-                answering = self._admit(listener, connection)
-            else:
-                answering = self._admit_inbound(listener, connection)
+            waiting = self._admit_inbound(listener, connection)
             self._backoff.succeeded()
         except (CardAgentError, OSError, RuntimeError) as error:
-            # Whoever it is cannot be established (PeerLookupError when descriptors ran out), or
-            # no thread is to be had for the answer: fail closed, without an answer.
-            connection.close()
-            self._backoff.failed(f"{_kind(listener)} {listener.name}: closed a connection it could not identify "
-                                 "or answer", error)
+            self._failed(listener, connection, error)
         finally:
-            if not answering:
+            if not waiting:
                 self._in_flight.leave(listener.name)
 
-    def _over_capacity(self, listener: TunnelConfig | InboundConfig, connection: socket.socket) -> None:
+    def _serve_tunnel(self, tunnel: TunnelConfig, connection: socket.socket) -> None:
+        """The user first (one sock_diag query), then a place of max_connections: those are the allowed
+        users'; another user's connections are refused under a budget of their own (:meth:`_refuse_peer`)."""
+        try:
+            peer = admit_peer(connection, self.policies[tunnel.name], name_refused_process=False)
+        except PeerRefusedError as error:
+            self._refuse_peer(tunnel, connection, error)
+            return
+        except (CardAgentError, OSError) as error:
+            self._failed(tunnel, connection, error)
+            return
+        if not self._in_flight.enter(tunnel.name, tunnel.max_connections):
+            self._over_capacity(tunnel, connection, f"uid {peer.uid}")
+            return
+        answering = False  # True once a refusal thread owns the connection: in-flight is left when it ends
+        try:
+            # Admitting is quick (one message to the card session), so it runs here: a thread per
+            # connection cost every association ~0.1 ms of set-up.
+            answering = self._admit(tunnel, connection, peer)
+            self._backoff.succeeded()
+        except (CardAgentError, OSError, RuntimeError) as error:
+            self._failed(tunnel, connection, error)
+        finally:
+            if not answering:
+                self._in_flight.leave(tunnel.name)
+
+    def _failed(self, listener: TunnelConfig | InboundConfig, connection: socket.socket, error: Exception) -> None:
+        """Whoever it is cannot be established (PeerLookupError when descriptors ran out), or no
+        thread is to be had for the answer: fail closed, without an answer."""
+        connection.close()
+        self._backoff.failed(f"{_kind(listener)} {listener.name}: closed a connection it could not identify "
+                             "or answer", error)
+
+    def _over_capacity(self, listener: TunnelConfig | InboundConfig, connection: socket.socket, source: str) -> None:
         """Beyond max_connections: a tunnel's application gets A-ASSOCIATE-RJ (rejected-transient)
         at once, without its request being read; an inbound peer sees the connection close."""
         refusals = self._refusals
-        source = connection_source(connection)  # before the answer: a peer gone since has no address
         if isinstance(listener, TunnelConfig):
             reject_at_once(connection)
             refusals = self._tunnel_refusals
@@ -279,16 +327,27 @@ class Listeners:
         refusals.refused(listener.name, source, f"{listener.max_connections} connections in flight (max_connections)")
         connection.close()
 
-    def _admit(self, tunnel: TunnelConfig, local: socket.socket) -> bool:
-        """True when a refusal thread took over ``local``."""
+    def _refuse_peer(self, tunnel: TunnelConfig, local: socket.socket, error: PeerRefusedError) -> None:
+        """A user not in allowed_uids, or one that could not be identified: A-ASSOCIATE-RJ in a thread
+        of its own, under a budget of its own (REFUSALS_IN_FLIGHT a tunnel), never in a place of
+        max_connections; beyond the budget the connection is closed at once, so that a flood holds
+        no thread and no descriptor. Logged, audited and counted either way (in full once a minute)."""
+        self._peer_refusals.refused(tunnel.name, error)
+        if self.manager is not None:
+            self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
+        self._turned_away(tunnel.name, "local_peer_refused")
+        if not self._refusing.enter(tunnel.name, REFUSALS_IN_FLIGHT):
+            local.close()
+            return
         try:
-            peer = admit_peer(local, self.policies[tunnel.name])
-        except PeerRefusedError as error:
-            self._peer_refusals.refused(tunnel.name, error)
-            if self.manager is not None:
-                self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
-            self._turned_away(tunnel.name, "local_peer_refused")
-            return self._reject(tunnel, local, TunnelFailure("local peer refused"))
+            reject_in_thread(local, TunnelFailure("local peer refused"), tunnel.name,
+                             lambda: self._refusing.leave(tunnel.name))
+        except RuntimeError as failure:  # no thread to be had: closed without an answer
+            self._refusing.leave(tunnel.name)
+            self._failed(tunnel, local, failure)
+
+    def _admit(self, tunnel: TunnelConfig, local: socket.socket, peer: Peer) -> bool:
+        """True when a refusal thread took over ``local``."""
         refusal = self.manager.audit.refusal() if self.manager is not None else None
         if refusal is not None:  # [audit] on_failure = "refuse": no association goes unrecorded
             log.warning("tunnel %s: %s: rejected: %s; [audit] on_failure = \"refuse\": free space there, "
@@ -417,27 +476,6 @@ class Listeners:
                 _unlink(tunnel.listen.unix_path)
         self.sockets.clear()
         self._selector.close()
-
-
-class _InFlight:
-    """Connections each listener holds in the supervisor: being admitted, or a refusal being answered."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-
-    def enter(self, name: str, limit: int) -> bool:
-        """Count one more for ``name`` unless it has ``limit`` already."""
-        with self._lock:
-            count = self._counts.get(name, 0)
-            if count >= limit:
-                return False
-            self._counts[name] = count + 1
-            return True
-
-    def leave(self, name: str) -> None:
-        with self._lock:
-            self._counts[name] -= 1
 
 
 def _log_listening(listener: TunnelConfig | InboundConfig) -> None:
