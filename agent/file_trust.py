@@ -1,4 +1,6 @@
-"""Refuse files another user could have changed: the configuration, the PKCS#11 module.
+"""Refuse files another user could have changed: the configuration, the PKCS#11 module, the trust
+files (CA bundle, CRLs, require_issuer, an inbound listener's certificate and key) and the PIN
+dialog program; the callers name each (agent/config/preflight.py, agent/trust/, agent/token/pin.py).
 
 The rule is OpenSSH's ``safe_path`` (misc.c, its StrictModes check of ``authorized_keys``): the
 file is a regular file, and it and every directory above it up to ``/`` belong to root or to the
@@ -59,8 +61,8 @@ def existing(path: Path | str) -> tuple[Path, Path, os.stat_result] | None:
 
 class TrustRefusal:
     """Refuses (:class:`UnsafeFileError`) a file or directory another user could change, in words
-    naming ``what`` it is, the ``given`` path and the ``risk``; used for the configuration, the
-    PKCS#11 module and the audit trail's directories."""
+    naming ``what`` it is, the ``given`` path and the ``risk``; used for every file of
+    :func:`check_trusted_file` and the audit trail's directories."""
 
     def __init__(self, given: Path, what: str, risk: str) -> None:
         self.given, self.what, self.risk = given, what, risk

@@ -148,3 +148,69 @@ def test_an_audit_file_system_short_of_the_trails_reserve(test_pki: ProvisionedP
                        "     fix: free space on that file system or move the audit file to another one: at least "
                        "1024 KiB and 16 inodes must stay free"], result.stdout
     assert f"ok   audit file: {disk}/audit/audit.log can be created (in {disk})" in result.stdout  # writable: yes
+
+
+@pytest.mark.parametrize("case", ["not loopback", "port in use", "socket directory missing"])
+def test_check_fails_on_the_metrics_listener_run_refuses(test_pki: ProvisionedPki, tmp_path: Path, case: str) -> None:
+    """`check` passed a [metrics] table that `run` then refused (exit 2); and the refusal of a
+    non-loopback address told of acting with the clinician's card and of `unsafe_listen`, a key
+    [metrics] does not have."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        listen, problem = {
+            "not loopback": (f"0.0.0.0:{port + 1}", f"refusing to serve metrics on 0.0.0.0:{port + 1}: it is not a "
+                             "loopback address, so other machines could read them (who is signed in, the "
+                             "workstation's PACS traffic). Listen on 127.0.0.1, ::1 or a unix socket; to scrape "
+                             "from another machine, write a textfile for the workstation's node_exporter"),
+            # The same words as the tunnels' (agent/tunnel/peer.py): whose the port is, when the kernel says.
+            "port in use": (f"127.0.0.1:{port}", f"cannot listen on 127.0.0.1:{port}: "),
+            "socket directory missing": (
+                f"unix:{tmp_path}/missing/metrics/metrics.sock",
+                f"cannot create the socket directory {tmp_path}/missing/metrics: its parent {tmp_path}/missing does "
+                f"not exist (the agent creates only the socket's own directory): create {tmp_path}/missing, or put "
+                f"the socket in a directory that exists, e.g. unix:/run/user/{os.getuid()}/card-agent/NAME.sock"),
+        }[case]
+        config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", taken.getsockname()[1])],
+                              metrics={"listen": listen})
+        checked = run_card_agent("check", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+        ran = run_card_agent("run", "--config", config, env=test_pki.env(CARD_PIN=USER_PIN))
+    refusal = ran.stderr.splitlines()[-1].removeprefix(f"card-agent: error: {config} [metrics].listen: ")
+    assert ran.returncode == 2
+    assert refusal == problem if case != "port in use" else refusal.startswith(problem), ran.stderr
+    assert checked.returncode == 2, checked.stdout
+    assert [line for line in findings(checked.stdout) if line.startswith("fail")] == [
+        f"fail metrics listen: [metrics].listen: {refusal}"], checked.stdout
+
+
+def test_check_fails_on_a_metrics_textfile_whose_directory_is_missing(test_pki: ProvisionedPki,
+                                                                      tmp_path: Path) -> None:
+    """`run` writes no textfile there and says so in a warning; `check` said nothing."""
+    textfile = tmp_path / "node-exporter" / "card-agent.prom"
+    problem = f"cannot write {textfile}: its directory {textfile.parent} does not exist"
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())],
+                       metrics={"textfile": str(textfile), "textfile_interval": 0.2}) as agent:
+        checked = run_card_agent("check", "--config", tmp_path / "agent" / "agent.toml",
+                                 env=test_pki.env(CARD_PIN=USER_PIN))
+        log = agent.log()
+    assert checked.returncode == 2, checked.stdout
+    assert [line for line in findings(checked.stdout) if line.startswith("fail")] == [
+        f"fail metrics textfile: {problem}"], checked.stdout
+    assert f"card-agent: WARNING: metrics: {problem}\n" in log
+
+
+def test_the_metrics_of_the_running_agent_of_this_configuration_count_as_its_own(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "textfiles").mkdir()
+    metrics = {"listen": f"127.0.0.1:{port}", "textfile": str(tmp_path / "textfiles" / "card-agent.prom")}
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], metrics=metrics):
+        while_running = run_card_agent("check", "--config", tmp_path / "agent" / "agent.toml",
+                                       env=test_pki.env(CARD_PIN=USER_PIN))
+    stopped = run_card_agent("check", "--config", tmp_path / "agent" / "agent.toml",
+                             env=test_pki.env(CARD_PIN=USER_PIN))
+    textfile = f"ok   metrics textfile: {tmp_path}/textfiles/card-agent.prom: its directory is writable"
+    assert [line for line in findings(while_running.stdout) if " metrics " in line] == [
+        f"ok   metrics listen: 127.0.0.1:{port}: the running agent of this configuration serves its metrics there",
+        textfile], while_running.stdout
+    assert [line for line in findings(stopped.stdout) if " metrics " in line] == [
+        f"ok   metrics listen: 127.0.0.1:{port} is free", textfile], stopped.stdout

@@ -11,6 +11,7 @@ installs the Python dependencies from PyPI); the whole test about 3 minutes."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -151,8 +152,17 @@ def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: 
     depends = subprocess.run(["dpkg-query", "-W", "-f=${Depends}", PACKAGE], capture_output=True, text=True,
                              check=True).stdout
     names = {alternative.split()[0] for clause in depends.split(",") for alternative in clause.split("|")}
-    assert {"pcscd", "opensc-pkcs11", "pkcs11-provider", "pinentry-curses", "python3"} <= names
-    assert names.isdisjoint({"dcmtk", "orthanc", "stunnel4", "gcc", "vsmartcard-vpcd", "softhsm2", "pinentry-tty"})
+    assert {"pcscd", "opensc-pkcs11", "pkcs11-provider", "pinentry-gnome3", "python3"} <= names
+    assert names.isdisjoint({"dcmtk", "orthanc", "stunnel4", "gcc", "vsmartcard-vpcd", "softhsm2", "pinentry-curses"})
+    # The clinician guide's pictures, where its links look for them; the upstream changelog under
+    # the name docs/deployment.md gives, and the Debian changelog pointing at it.
+    for image in sorted((REPOSITORY / "docs" / "images").glob("*.png")):
+        assert Path("/usr/share/doc/dicom-card-agent/images") / image.name in files, image
+    assert Path("/usr/share/doc/dicom-card-agent/changelog.gz") in files
+    debian_changelog = subprocess.run(["zcat", "/usr/share/doc/dicom-card-agent/changelog.Debian.gz"],
+                                      capture_output=True, text=True, check=True).stdout
+    assert f"  * Release {VERSION} (see /usr/share/doc/dicom-card-agent/changelog.gz, the upstream CHANGELOG.md)." \
+        in debian_changelog
 
     home = tmp_path / "home"
     home.mkdir()
@@ -227,3 +237,81 @@ def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: 
 def _private_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+# -- what the package says, without building it --------------------------------------------------------
+
+# The Debian package of each pinentry program the agent runs (agent/desktop/config.py, pinentry_choice.py).
+PINENTRY_PACKAGES = {"pinentry-gnome3": "pinentry-gnome3", "pinentry-qt": "pinentry-qt",
+                     "pinentry-gtk-2": "pinentry-gtk2", "pinentry-tty": "pinentry-tty"}
+
+
+def control_fields() -> dict[str, str]:
+    """debian/control's binary package paragraph, comment lines dropped and continuation lines joined."""
+    paragraphs = (REPOSITORY / "debian" / "control").read_text().split("\n\n")
+    package = next(p for p in paragraphs if p.startswith("Package:"))
+    fields: dict[str, str] = {}
+    name = ""
+    for line in package.splitlines():
+        if line.startswith("#"):
+            continue
+        if line[:1].isspace():
+            fields[name] += " " + line.strip()
+        else:
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
+    return fields
+
+
+def relations(field: str) -> list[list[str]]:
+    """A relation field as its clauses, each the names of its alternatives."""
+    return [[alternative.split()[0] for alternative in clause.split("|")] for clause in field.split(",")
+            if clause.strip()]
+
+
+def test_the_package_depends_on_a_pin_dialog_the_agent_runs() -> None:
+    """A workstation with only pinentry-curses (GnuPG's) used to satisfy the dependency, and
+    `pin = "pinentry"` then had no dialog to show: the agent never runs pinentry-curses."""
+    from dicom_card_agent.desktop.config import GRAPHICAL_PINENTRIES
+    from dicom_card_agent.desktop.pinentry_choice import TERMINAL_PINENTRY
+
+    fields = control_fields()
+    pinentry_clauses = [clause for clause in relations(fields["Depends"]) if clause[0].startswith("pinentry")]
+    assert pinentry_clauses == [[PINENTRY_PACKAGES[program] for program in GRAPHICAL_PINENTRIES]]
+    assert relations(fields["Recommends"]) == [[PINENTRY_PACKAGES[TERMINAL_PINENTRY]]]
+    assert "pinentry-curses" not in fields["Depends"] + fields["Recommends"]
+
+
+@pytest.mark.parametrize("program", sorted(PINENTRY_PACKAGES))
+def test_each_pinentry_package_named_holds_its_program(program: str) -> None:
+    """The names above, checked against dpkg where the package is installed on this machine (the
+    desktop tests' pinentry-gtk-2 and pinentry-tty), else against the archive: a package by that name
+    exists (apt-cache reads the lists scripts/setup's apt-get update fetched)."""
+    package = PINENTRY_PACKAGES[program]
+    owner = subprocess.run(["dpkg", "-S", f"/usr/bin/{program}"], capture_output=True, text=True)
+    if owner.returncode == 0:
+        assert owner.stdout == f"{package}: /usr/bin/{program}\n"
+        return
+    archive = subprocess.run(["apt-cache", "show", "--no-all-versions", package], capture_output=True, text=True)
+    assert archive.returncode == 0 and f"Package: {package}\n" in archive.stdout, archive.stderr
+
+
+def test_the_package_ships_the_clinician_guide_s_pictures() -> None:
+    """docs/images/*.png are linked from clinician-guide.md as images/NAME: dh_installdocs copies the
+    listed directory to /usr/share/doc/dicom-card-agent/images."""
+    docs = (REPOSITORY / "debian" / "dicom-card-agent.docs").read_text().split()
+    assert "docs/images" in docs and "docs/*.md" in docs
+    guide = (REPOSITORY / "docs" / "clinician-guide.md").read_text()
+    linked = set(re.findall(r"\]\(images/([^)]+)\)", guide))
+    assert linked and linked <= {image.name for image in (REPOSITORY / "docs" / "images").iterdir()}
+
+
+def test_the_debian_changelog_names_the_upstream_changelog_as_installed() -> None:
+    """dh_installchangelogs installs CHANGELOG.md as changelog.gz; the Debian changelog scripts/build-deb
+    writes, and docs/deployment.md, must name that file."""
+    build_deb = (REPOSITORY / "scripts" / "build-deb").read_text()
+    assert "(see /usr/share/doc/dicom-card-agent/changelog.gz, the upstream CHANGELOG.md)" in build_deb
+    assert "CHANGELOG.md.gz" not in build_deb
+    deployment = (REPOSITORY / "docs" / "deployment.md").read_text()
+    assert "Read `/usr/share/doc/dicom-card-agent/changelog.gz` (`CHANGELOG.md`" in deployment
+    assert "Read `CHANGELOG.md`" not in deployment

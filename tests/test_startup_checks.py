@@ -48,7 +48,7 @@ def test_a_missing_pinentry_program_ends_the_agent_before_ready(test_pki: Provis
     assert "ready:" not in log
     assert log.splitlines()[-1] == (
         f"card-agent: error: {config} [identity].pin: the pinentry program {where} does not exist or is not "
-        "executable: install pinentry-gnome3, pinentry-qt, pinentry-curses or pinentry-tty, or give its path "
+        "executable: install pinentry-gnome3, pinentry-qt, pinentry-gtk2 or pinentry-tty, or give its path "
         "(pinentry:/usr/bin/pinentry-tty)")
 
 

@@ -66,7 +66,7 @@ from dicom_card_agent.audit.errors import AuditError, AuditSpoolError
 from dicom_card_agent.audit.relp import Acknowledged, Refused, RelpProtocolError, RelpSession, ServerClosed
 from dicom_card_agent.audit.spool import Spool
 from dicom_card_agent.audit.syslog import frame
-from dicom_card_agent.file_trust import existing
+from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file, existing
 from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.tls.policy import TLS12_CIPHERS
 
@@ -236,7 +236,9 @@ def check_file_directory_handle(directory_fd: int, path: Path) -> None:
 
 def client_context(config: SyslogConfig) -> ssl.SSLContext:
     """TLS to the audit repository: 1.2+ (TLS 1.2 with ECDHE and AEAD only, as the tunnels),
-    the server verified against ``ca`` with host name ``server_name``, our certificate if set."""
+    the server verified against ``ca`` with host name ``server_name``, our certificate if set. Files
+    another user could have changed are refused (agent/file_trust.py), as every file the agent trusts."""
+    refuse_unsafe_tls_files(config)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
@@ -250,6 +252,25 @@ def client_context(config: SyslogConfig) -> ssl.SSLContext:
                          + (f", certificate {config.certificate}, key {config.key}" if config.certificate else "")
                          + f"): {error}") from None
     return context
+
+
+def refuse_unsafe_tls_files(config: SyslogConfig) -> None:
+    """:class:`AuditError` for an [audit.syslog] TLS file another user could have changed: with the CA
+    bundle they could have the records sent to a repository of their own, with the certificate and
+    key send them under another workstation's name."""
+    files = [(config.ca, "the audit repository's CA bundle",
+              "add a CA of their own, and the agent would send its audit records to a repository they run")]
+    if config.certificate is not None:
+        files.append((config.certificate, "the audit client certificate",
+                      "put another certificate in its place, and the repository would take the records for another "
+                      "workstation's"))
+    if config.key is not None:
+        files.append((config.key, "the audit client key", "put another key in its place"))
+    for path, what, risk in files:
+        try:
+            check_trusted_file(path, what, risk)
+        except UnsafeFileError as error:
+            raise AuditError(f"[audit.syslog]: {error}") from None
 
 
 class RepositorySink:

@@ -22,8 +22,8 @@ from dicom_card_agent.audit.trail import FREE_INODES_RESERVE, FREE_SPACE_RESERVE
 from dicom_card_agent.cli.doctor import Check, platform_checks, report
 from dicom_card_agent.cli.options import ConfigFile
 from dicom_card_agent.config.locate import locate_config
-from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig, load_config
-from dicom_card_agent.config.preflight import open_crls, pin_sources
+from dicom_card_agent.config.model import AgentConfig, InboundConfig, ListenAddress, TunnelConfig, load_config
+from dicom_card_agent.config.preflight import open_crl_files, pin_sources, refuse_unsafe, tunnel_and_listener_files
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session import control
 from dicom_card_agent.session.identity import is_private_runtime_directory, runtime_directories
@@ -31,7 +31,13 @@ from dicom_card_agent.tls.failures import connect_failure
 from dicom_card_agent.token.pin import PinSource
 from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
 from dicom_card_agent.tunnel.connecting import connect_tcp
-from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener, is_address_of_this_machine
+from dicom_card_agent.tunnel.peer import (
+    NonLoopbackListenError,
+    create_tcp_listener,
+    create_unix_listener,
+    identify_server,
+    is_address_of_this_machine,
+)
 from dicom_card_agent.tunnel.session_end import SessionEnd
 
 EXIT_PROBLEMS = 2
@@ -39,7 +45,7 @@ EXIT_PROBLEMS = 2
 
 def check(config: ConfigFile = None) -> None:
     """Check a configuration and what it needs here (module, pkcs11-provider, trust files and CRLs,
-    free listen ports, PIN source, each PACS found and accepting TCP, audit paths) without starting:
+    free listen ports, PIN source, each PACS found and accepting TCP, [metrics], audit paths) without starting:
     exit 0 when all is well, 2 otherwise."""
     failed = report(configuration_checks(config))
     raise typer.Exit(EXIT_PROBLEMS if failed else 0)
@@ -65,6 +71,7 @@ def configuration_checks(explicit: Path | None) -> Iterator[Check]:
         yield _listen_check(listener, running, default_place)
     for tunnel in settings.tunnels:
         yield _remote_check(tunnel)
+    yield from _metrics_checks(settings, running)
     yield from _audit_checks(settings)
     yield from _audit_reserve_checks(settings)
 
@@ -77,10 +84,15 @@ def _trust_checks(settings: AgentConfig) -> Iterator[Check]:
                                    "intermediate CA certificate(s)")
     except CardAgentError as error:
         yield Check("fail", "trust", str(error), "give [trust] ca a readable PEM bundle holding the PACS's root CA")
+    try:
+        refuse_unsafe(tunnel_and_listener_files(settings))
+    except CardAgentError as error:
+        yield Check("fail", "trust", str(error), "give the file to root or the agent's user, writable by neither "
+                                                 "group nor others")
     if not trust.crl:
         return
     try:
-        store = open_crls(settings)
+        store = open_crl_files(settings)
     except CardAgentError as error:
         yield Check("fail", "crl", str(error), "give [trust] crl files holding only CRLs (PEM or DER)")
         return
@@ -138,6 +150,7 @@ class RunningAgents:
 
     listening: dict[str, Path] = field(default_factory=dict)  # listen address -> control socket of ours
     others: list[str] = field(default_factory=list)  # "SOCKET: why" of agents of another configuration
+    ours: list[Path] = field(default_factory=list)  # control sockets of agents of this configuration
     one_place: bool = False  # [agent] runtime_dir is set: no other environment's agent to think of
 
 
@@ -154,6 +167,7 @@ def _running_agents(settings: AgentConfig) -> RunningAgents:
         except CardAgentError as error:  # an agent answered: it runs another configuration
             running.others.append(f"{socket_path}: {error}")
             continue
+        running.ours.append(socket_path)
         for listener in [*answer.get("tunnels", []), *answer.get("inbound", [])]:
             running.listening.setdefault(listener["listen"], socket_path)
     return running
@@ -196,6 +210,63 @@ def _listen_taken(problem: str, name: str, running: RunningAgents) -> Check:
         fix += ("; if it is this configuration's agent, started with another XDG_RUNTIME_DIR, run `card-agent "
                 "check` with that one, or set [agent] runtime_dir")
     return Check("fail", name, problem, fix)
+
+
+def _metrics_checks(settings: AgentConfig, running: RunningAgents) -> Iterator[Check]:
+    """[metrics] as ``run`` sets it up: its listener opened by the same code (and closed at once),
+    its textfile's directory judged as the writer judges it when a write fails."""
+    metrics = settings.metrics
+    if metrics is None:
+        return
+    # Imported here, as `run` imports it: prometheus_client copies the environment at import.
+    from dicom_card_agent.service.metrics import open_listener, textfile_problem
+
+    if metrics.listen is not None:
+        listen = metrics.listen
+        try:
+            open_listener(listen).close()
+            if listen.unix_path:
+                os.unlink(listen.unix_path)
+        except NonLoopbackListenError as error:
+            yield Check("fail", "metrics listen", f"[metrics].listen: {error}",
+                        "listen on 127.0.0.1:PORT or unix:/PATH, or use textfile")
+        except (CardAgentError, OSError) as error:
+            if running.ours and not running.others and _card_agent_metrics_answer(listen):
+                yield Check("ok", "metrics listen", f"{listen}: the running agent of this configuration serves "
+                                                    "its metrics there")
+            else:
+                yield _listen_taken(f"[metrics].listen: {error}", "metrics listen", running)
+        else:
+            yield Check("ok", "metrics listen", f"{listen} is free")
+    if metrics.textfile is not None:
+        problem = textfile_problem(metrics.textfile)
+        if problem is not None:
+            yield Check("fail", "metrics textfile", problem,
+                        "create the directory (node_exporter's textfile directory, e.g. /var/lib/prometheus/"
+                        "node-exporter) writable by the agent's user, or choose another textfile")
+        else:
+            yield Check("ok", "metrics textfile", f"{metrics.textfile}: its directory is writable")
+
+
+def _card_agent_metrics_answer(listen: ListenAddress) -> bool:
+    """Whether a card agent of this user serves metrics at ``listen``, which is taken: the running
+    agent of this configuration, unless another program of this user has it."""
+    try:
+        if listen.unix_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            sock.connect(listen.unix_path)
+        else:
+            assert listen.host is not None and listen.port is not None
+            sock = socket.create_connection((listen.host, listen.port), timeout=5)
+        with sock:
+            if identify_server(sock).uid != os.getuid():
+                return False
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            answer = sock.makefile("rb").read(4_000_000)
+    except (CardAgentError, OSError):
+        return False
+    return answer.startswith((b"HTTP/1.0 200 ", b"HTTP/1.1 200 ")) and b"\ncard_agent_build_info{" in answer
 
 
 def _remote_check(tunnel: TunnelConfig) -> Check:

@@ -30,15 +30,16 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
         _say(f"reader:   {answer['reader_trouble']}")
     if answer["last_error"]:
         _say(f"last error: {answer['last_error']}")
+    if answer.get("card_session_answering") is False:  # an agent from before this key always counted
+        _say(f"card session: {UNANSWERED}: its open connections and traffic are unknown, not 0; the log says "
+             "since when")
     for tunnel in answer["tunnels"]:
         _say(f"tunnel {tunnel['name']}: {tunnel['listen']} -> {tunnel['remote']}, "
-             f"{tunnel['open_connections']} open, {tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"
-             + (f", last error: {tunnel['last_error']}" if tunnel["last_error"] else ""))
+             + _live(tunnel, f"{tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"))
         _say_counts(tunnel, "rejected by the PACS", "up", "down")
     for inbound in answer["inbound"]:
         _say(f"inbound {inbound['name']}: {inbound['listen']} -> {inbound['forward']}, "
-             f"{inbound['open_connections']} open, {inbound['bytes_down']} bytes in, {inbound['bytes_up']} out"
-             + (f", last error: {inbound['last_error']}" if inbound["last_error"] else ""))
+             + _live(inbound, f"{inbound['bytes_down']} bytes in, {inbound['bytes_up']} out"))
         _say_counts(inbound, "rejected by the local SCP", "out", "in")
     for retired in answer.get("retired", []):  # an agent from before this key has none
         if retired["open_connections"]:
@@ -59,6 +60,18 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
         _say(f"crl {crl['file']}: {_describe_crl_file(crl)}")
 
 
+UNANSWERED = "did not answer"
+
+
+def _live(listener: dict, traffic: str) -> str:
+    """A listener's open connections and traffic now, or that they are unknown (the card session
+    did not answer: `null` in --json)."""
+    if listener["open_connections"] is None:
+        return f"open connections unknown (the card session {UNANSWERED})"
+    return (f"{listener['open_connections']} open, {traffic}"
+            + (f", last error: {listener['last_error']}" if listener["last_error"] else ""))
+
+
 def _say_audit_trouble(audit: dict) -> None:
     """Events lost since start, and the refusal of new associations (``on_failure = "refuse"``):
     both are in the log once, but an administrator asks ``status`` (an agent from before these
@@ -74,7 +87,7 @@ def _say_audit_trouble(audit: dict) -> None:
 
 def _say_counts(counters: dict, rejected_by: str, up: str, down: str) -> None:
     for title, key in (("since start", "since_start"), ("this card session", "this_session")):
-        if key in counters:  # an agent from before these counts has none
+        if counters.get(key) is not None:  # an agent from before these counts has none; unknown: null
             _say(f"  {title}: {_describe_counts(counters[key], rejected_by, up, down)}")
 
 

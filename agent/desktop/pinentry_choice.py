@@ -3,6 +3,8 @@
 A graphical session (DISPLAY or WAYLAND_DISPLAY set) gets the first graphical pinentry of
 ``[desktop] pinentry`` that is installed; a terminal session gets pinentry-tty on the terminal the
 agent was started from. Without either there is nobody to ask: that is said at start-up, with the fix.
+The program found is given the card's PIN: agent/token/pin.py refuses it, as a trusted file
+(agent/file_trust.py), when another user could have changed it, each time before it runs.
 """
 
 from __future__ import annotations

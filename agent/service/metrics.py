@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, exposition
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from dicom_card_agent.config.model import AgentConfig, MetricsConfig
+from dicom_card_agent.config.model import AgentConfig, ListenAddress, MetricsConfig
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.lifecycle.machine import State
 from dicom_card_agent.session import events
@@ -39,7 +40,13 @@ from dicom_card_agent.tunnel.counters import (
     cumulative_buckets,
     empty_histogram,
 )
-from dicom_card_agent.tunnel.peer import create_tcp_listener, create_unix_listener
+from dicom_card_agent.tunnel.peer import (
+    NonLoopbackListenError,
+    create_tcp_listener,
+    create_unix_listener,
+    identify_peer,
+    is_loopback,
+)
 
 log = logging.getLogger("agent.metrics")
 # The classic text format's media type: Prometheus 2 (Debian 12) scrapers know it; newer
@@ -49,7 +56,14 @@ PREFIX = "card_agent"
 # A scrape is one short request: a client still connected after Prometheus's own default
 # scrape_timeout is cut off, so that one sending nothing holds neither the endpoint nor the stop.
 SCRAPE_DEADLINE_SECONDS = 10.0
+# A scraper sends its request as soon as it is connected: one that has not within this time is cut
+# off, so that idle connections hold a slot for a moment, not for the whole scrape deadline.
+REQUEST_ARRIVAL_SECONDS = 2.0
 SCRAPES_AT_ONCE = 16  # more at once are closed unanswered: a local flood costs no more threads
+# Any local user can connect to a loopback port: each user (the kernel names the uid of the
+# connecting socket) gets this many of the slots, so that another user's flood of connections
+# leaves the real scraper (Prometheus's or node_exporter's user, root) slots of its own.
+SCRAPES_AT_ONCE_PER_USER = 4
 DURATION_HELP = {
     "handshake": "TLS handshakes, full or resumed, from the first message to the last",
     "token_signature": "Handshake steps that sign with the token (the card's signature and the step's own "
@@ -65,11 +79,13 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Metric]:
         manager = self.manager
-        session = manager.current_session()
-        try:
-            live = session.status() if session is not None else {}
-        except CardSessionUnresponsive:  # a stuck card session must not hold the scrape up (it logs why)
-            live = {}
+        live = _live_counters(manager)
+        answering = GaugeMetricFamily(
+            f"{PREFIX}_card_session_answering", "0 when the card-session process did not answer this collection: "
+            "how many connections it serves is unknown, and card_agent_open_connections is left out; 1 when it "
+            "answered or no card session runs")
+        answering.add_metric([], 0 if live is None else 1)
+        yield answering
         yield from self._listeners(live)
         yield from self._card(manager)
         yield from self._audit(manager)
@@ -77,7 +93,11 @@ class AgentCollector:
         info.add_metric([RUNNING_VERSION], 1)  # the code answering, not what an upgrade put on disk since
         yield info
 
-    def _listeners(self, live: dict[str, dict]) -> Iterator[Metric]:
+    def _listeners(self, answered: dict[str, dict] | None) -> Iterator[Metric]:
+        """The counts of each listener; its open connections only when the card session answered
+        (``answered`` is None when it did not): a 0 there would tell an admin waiting to restart
+        that nothing is open while studies still go through."""
+        live = answered if answered is not None else {}
         labels = ["listener", "kind"]
         associations = CounterMetricFamily(
             f"{PREFIX}_associations", "Associations by outcome: accepted, rejected (by the acceptor), refused (by "
@@ -119,7 +139,9 @@ class AgentCollector:
             for duration, family in histograms.items():
                 histogram = _histogram(counts, duration)
                 family.add_metric(key, cumulative_buckets(histogram), histogram["sum_us"] / 1_000_000)
-        yield from (associations, broken, rejections, transferred, handshakes, open_now, *histograms.values())
+        yield from (associations, broken, rejections, transferred, handshakes, *histograms.values())
+        if answered is not None:
+            yield open_now
 
     def _names(self, live: dict[str, dict]) -> list[tuple[str, str]]:
         """The listeners of the configuration now in force (SIGHUP reloads it), and those a reload
@@ -162,8 +184,33 @@ class AgentCollector:
         yield failures
 
 
+def _live_counters(manager: SessionManager) -> dict[str, dict] | None:
+    """The running card session's live counters by listener ({} when none runs), or None when its
+    process does not answer (stuck: it logs why), which must not hold the scrape up."""
+    session = manager.current_session()
+    if session is None:
+        return {}
+    try:
+        return session.status()
+    except CardSessionUnresponsive:
+        return None
+
+
 def _histogram(counts: Counts, name: str) -> dict[str, int]:
     return {**empty_histogram(), **counts.get(DURATIONS_KEY, {}).get(name, {})}
+
+
+class TextfileWritten:
+    """When the textfile was written. The agent removes the file when it stops, but not when it is
+    killed (systemd's watchdog, the OOM killer): that file goes on showing a signed-in agent that no
+    longer exists, and only its age tells. node_exporter reads the file, so its ``up`` cannot."""
+
+    def collect(self) -> Iterator[Metric]:
+        written = GaugeMetricFamily(f"{PREFIX}_textfile_written_timestamp_seconds",
+                                    "When the agent wrote this file (Unix time); it rewrites it every "
+                                    "textfile_interval seconds while it runs")
+        written.add_metric([], time.time())
+        yield written
 
 
 class Metrics:
@@ -171,9 +218,14 @@ class Metrics:
 
     def __init__(self, config: MetricsConfig, agent: AgentConfig, manager: SessionManager) -> None:
         self.config = config
+        collector = AgentCollector(manager)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(manager))
+        self.registry.register(collector)
         ProcessCollector(registry=self.registry)
+        self.textfile_registry = CollectorRegistry(auto_describe=False)  # the same, and when it was written
+        for each in (collector, TextfileWritten()):
+            self.textfile_registry.register(each)
+        ProcessCollector(registry=self.textfile_registry)
         self._stop = threading.Event()
         self._server: HTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -200,7 +252,7 @@ class Metrics:
         """The metrics into the textfile, atomically: node_exporter never reads half a file."""
         path = self.config.textfile
         assert path is not None
-        data = self.text()
+        data = generate_latest(self.textfile_registry)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as out:
@@ -221,7 +273,9 @@ class Metrics:
                 failing = False
             except Exception as error:  # a full disk must not end the agent; say so once per episode
                 if not failing:
-                    log.warning("metrics: cannot write %s: %s", self.config.textfile, error)
+                    assert self.config.textfile is not None
+                    problem = textfile_problem(self.config.textfile) or f"cannot write {self.config.textfile}: {error}"
+                    log.warning("metrics: %s", problem)
                 failing = True
             if self._stop.wait(self.config.textfile_interval):
                 return
@@ -246,6 +300,9 @@ class _Handler(BaseHTTPRequestHandler):
     registry: CollectorRegistry
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        server = self.server
+        if isinstance(server, _SocketServer):
+            server.request_arrived(self.request)
         if self.path.split("?")[0] not in ("/metrics", "/"):
             self.send_error(404, "only /metrics is here")
             return
@@ -268,17 +325,40 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # a scrape every 15 s is not news for the agent's log
 
 
+def textfile_problem(path: Path) -> str | None:
+    """Why the agent cannot write the textfile ``path``, as far as its directory tells, or None.
+    Its directory is node_exporter's (the agent creates none); a temporary file is written in it,
+    then renamed over ``path``. ``run`` logs this, ``check`` fails on it."""
+    directory = path.parent
+    if not directory.is_dir():
+        state = "is not a directory" if directory.exists() else "does not exist"
+        return f"cannot write {path}: its directory {directory} {state}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot write {path}: its directory {directory} is not writable by uid {os.getuid()}"
+    return None
+
+
+def open_listener(listen: ListenAddress) -> socket.socket:
+    """The socket of [metrics].listen, as ``run`` opens it and ``check`` tries it: loopback TCP, or a
+    unix socket 0600 in a private directory. Raises :class:`ListenerError` saying why not."""
+    if listen.unix_path:
+        return create_unix_listener(listen.unix_path)
+    assert listen.host is not None and listen.port is not None
+    if not is_loopback(listen.host):
+        # Not the tunnels' refusal: nobody acts with the card here, and [metrics] has no unsafe_listen.
+        raise NonLoopbackListenError(
+            f"refusing to serve metrics on {listen}: it is not a loopback address, so other machines could read "
+            "them (who is signed in, the workstation's PACS traffic). Listen on 127.0.0.1, ::1 or a unix socket; "
+            "to scrape from another machine, write a textfile for the workstation's node_exporter")
+    return create_tcp_listener(listen.host, listen.port)
+
+
 def _server(config: MetricsConfig, registry: CollectorRegistry, where: str) -> HTTPServer:
-    """An HTTP server on the listener the tunnels use too: loopback only, a unix socket 0600 in a
-    private directory."""
+    """An HTTP server on :func:`open_listener`'s socket."""
     listen = config.listen
     assert listen is not None
     try:
-        if listen.unix_path:
-            sock = create_unix_listener(listen.unix_path)
-        else:
-            assert listen.host is not None and listen.port is not None
-            sock = create_tcp_listener(listen.host, listen.port)
+        sock = open_listener(listen)
     except CardAgentError as error:
         raise ConfigError(f"{where}: {error}") from None
     handler = type("MetricsHandler", (_Handler,), {"registry": registry})
@@ -286,11 +366,31 @@ def _server(config: MetricsConfig, registry: CollectorRegistry, where: str) -> H
     return server
 
 
+@dataclass
+class _Slot:
+    """A connection being served: whose, and until when."""
+
+    user: int | None  # the connecting uid; None when the kernel could not tell
+    accepted: float
+    deadline: float
+
+
+def _peer_uid(connection: socket.socket) -> int | None:
+    """The uid of the process that connected (SO_PEERCRED, or sock_diag for loopback TCP, as the
+    tunnels ask); None when it cannot be told (a client that already closed)."""
+    try:
+        return identify_peer(connection).uid
+    except (CardAgentError, OSError, ValueError):
+        return None
+
+
 class _SocketServer(ThreadingMixIn, HTTPServer):
     """An HTTPServer on a socket already listening (TCP or unix). Each scrape runs in a thread of its
-    own, for ``SCRAPE_DEADLINE_SECONDS`` at most: any local user can connect to a loopback port,
-    and one that connected and sent nothing used to hold every later scrape and the agent's stop
-    (``shutdown`` waited for the request in hand)."""
+    own: any local user can connect to a loopback port, and one that connected and sent nothing used
+    to hold every later scrape and the agent's stop (``shutdown`` waited for the request in hand).
+    So a connection has ``REQUEST_ARRIVAL_SECONDS`` to send its request and ``SCRAPE_DEADLINE_SECONDS``
+    in all, and each user ``SCRAPES_AT_ONCE_PER_USER`` of the ``SCRAPES_AT_ONCE`` slots: another user
+    holding idle connections open, re-opened as they are cut, took every slot and blinded the scraper."""
 
     daemon_threads = True
     block_on_close = False
@@ -302,19 +402,33 @@ class _SocketServer(ThreadingMixIn, HTTPServer):
         self.address_family = sock.family
         self.server_address = sock.getsockname()
         self._lock = threading.Lock()
-        self._deadlines: dict[socket.socket, float] = {}
+        self._slots: dict[socket.socket, _Slot] = {}
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        user = _peer_uid(request)
         with self._lock:
-            if len(self._deadlines) >= SCRAPES_AT_ONCE:
+            if not self._slot_free(user):
                 request.close()
                 return
-            self._deadlines[request] = time.monotonic() + SCRAPE_DEADLINE_SECONDS
+            now = time.monotonic()
+            self._slots[request] = _Slot(user, now, now + REQUEST_ARRIVAL_SECONDS)
         super().process_request(request, client_address)
+
+    def _slot_free(self, user: int | None) -> bool:
+        if len(self._slots) >= SCRAPES_AT_ONCE:
+            return False
+        return sum(slot.user == user for slot in self._slots.values()) < SCRAPES_AT_ONCE_PER_USER
+
+    def request_arrived(self, request: socket.socket) -> None:
+        """The request is in: the scrape has until its whole deadline to be answered."""
+        with self._lock:
+            slot = self._slots.get(request)
+            if slot is not None:
+                slot.deadline = slot.accepted + SCRAPE_DEADLINE_SECONDS
 
     def shutdown_request(self, request: Any) -> None:
         with self._lock:
-            self._deadlines.pop(request, None)
+            self._slots.pop(request, None)
         super().shutdown_request(request)
 
     def service_actions(self) -> None:
@@ -322,7 +436,7 @@ class _SocketServer(ThreadingMixIn, HTTPServer):
         thread's read or write then fails, and the thread ends)."""
         now = time.monotonic()
         with self._lock:
-            late = [request for request, deadline in self._deadlines.items() if deadline < now]
+            late = [request for request, slot in self._slots.items() if slot.deadline < now]
         for request in late:
             try:
                 request.shutdown(socket.SHUT_RDWR)

@@ -115,10 +115,12 @@ class ControlServer:
     def status(self) -> dict:
         manager = self.manager
         session = manager.current_session()
+        answered: dict[str, dict] | None
         try:
-            counters = session.status() if session else {}
+            answered = session.status() if session else {}
         except CardSessionUnresponsive:  # a stuck card session must not hold `status` up (it logs why)
-            counters = {}
+            answered = None  # what it serves is unknown: never "0 open" to an admin waiting to restart
+        counters = answered if answered is not None else {}
         files = session.signed_in.files if session else None
         return {
             "state": manager.state,
@@ -129,34 +131,40 @@ class ControlServer:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(manager.since)) if manager.since else None,
             "last_error": manager.last_error,
             "reader_trouble": manager.reader_trouble,
+            # False: the card-session process did not answer; its listeners' live counts are null.
+            "card_session_answering": answered is not None,
             # What the reader(s) hold, signed in or not: shows a [identity] token typo at a glance.
             # A card seen through pcscd alone (agent/card/readers.py) is named by its reader.
             "present_tokens": [{"label": card.label, "serial": card.serial} if isinstance(card, Card)
                                else {"reader": card.reader} for card in manager.watcher.present],
             "tunnels": [
-                {"name": t.name, "listen": str(t.listen), "remote": t.remote, **self._counters(t.name, counters)}
+                {"name": t.name, "listen": str(t.listen), "remote": t.remote, **self._counters(t.name, answered)}
                 for t in self.config.tunnels
             ],
             "inbound": [
                 {"name": i.name, "listen": str(i.listen), "forward": str(i.forward),
-                 **self._counters(i.name, counters)}
+                 **self._counters(i.name, answered)}
                 for i in self.config.inbound
             ],
             # Listeners a reload removed, whose associations still run in this card session.
-            "retired": [{"name": name, **self._counters(name, counters)} for name in sorted(counters)
+            "retired": [{"name": name, **self._counters(name, answered)} for name in sorted(counters)
                         if counters[name].get("retired")],
             "audit": manager.audit.trail.status() if manager.audit.trail is not None else None,
             "crls": self.crls.status(),
         }
 
-    def _counters(self, name: str, session_counters: dict[str, dict]) -> dict:
+    def _counters(self, name: str, session_counters: dict[str, dict] | None) -> dict:
         """The card session's live counters (top level, as before), its counts as ``this_session``,
-        and the supervisor's ``since_start`` totals (docs/configuration.md, "card-agent status")."""
+        and the supervisor's ``since_start`` totals (docs/configuration.md, "card-agent status").
+        With ``session_counters`` None (the card session did not answer) the live ones are null."""
+        since_start = self.manager.totals.since_start(name)
+        since_start.pop(DURATIONS_KEY, None)  # histograms are for the metrics (agent/service/metrics.py)
+        if session_counters is None:
+            return {"open_connections": None, "bytes_up": None, "bytes_down": None, "last_error": None,
+                    "this_session": None, "since_start": since_start}
         current = dict(session_counters.get(name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0,
                                                    "last_error": None}))
         counts = current.pop("counts", None)
-        since_start = self.manager.totals.since_start(name)
-        since_start.pop(DURATIONS_KEY, None)  # histograms are for the metrics (agent/service/metrics.py)
         if counts is not None:
             counts = {key: value for key, value in counts.items() if key != DURATIONS_KEY}
         return {**current, "this_session": counts if counts is not None else empty_counts(),

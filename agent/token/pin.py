@@ -21,10 +21,13 @@ from dicom_card_agent.desktop.config import GRAPHICAL_PINENTRIES
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
 from dicom_card_agent.desktop.words import DialogWords
 from dicom_card_agent.errors import CardAgentError, ConfigError
+from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file
 from dicom_card_agent.token.pinentry import Confirmation, Pinentry
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
 
 PROTECTED = "protected"
+PINENTRY_PROGRAM = "the PIN dialog program"
+PINENTRY_RISK = "put a program of their own in its place, which the clinician would type the card's PIN into"
 MAX_PIN_FILE_BYTES = 4096
 
 
@@ -75,13 +78,18 @@ class PinSource:
         return self.kind == "pinentry"
 
     def pinentry_program(self) -> str:
-        """The pinentry program that shows the dialog: the configured one, or the one for this session."""
+        """The path of the pinentry program that shows the dialog: the configured one, or the one for
+        this session. Found again at each use, and refused each time when another user could have
+        changed it: the clinician types the card's PIN into it."""
         if self.target:
-            return self.target
-        try:
-            return choose_pinentry(self.graphical)
-        except NoPinentryError as error:
-            raise PinUnavailableError(str(error)) from None
+            program = _installed_pinentry(self.target)
+        else:
+            try:
+                program = choose_pinentry(self.graphical)
+            except NoPinentryError as error:
+                raise PinUnavailableError(str(error)) from None
+        _refuse_unsafe_pinentry(program)
+        return program
 
     def prepare(self) -> None:
         """At start-up, before the agent says it is ready: check a PIN file's owner and mode, that a
@@ -92,7 +100,7 @@ class PinSource:
         elif self.kind == "env":
             _kept_from_environment(self.target)
         elif self.kind == "pinentry":
-            _check_pinentry_program(self.pinentry_program())
+            self.pinentry_program()
 
     def read(self, request: PinRequest | str) -> Secret:
         """The PIN, for one login attempt: the caller wipes it. ``request`` says whose card it is and
@@ -158,15 +166,25 @@ def _kept_from_environment(variable: str) -> Secret:
     return kept
 
 
-def _check_pinentry_program(program: str) -> None:
-    """A pinentry program that is not there never appears by waiting: say so at start-up, not at
-    the first card insertion."""
-    if shutil.which(program) is not None:
-        return
+def _installed_pinentry(program: str) -> str:
+    """The path ``program`` runs as (looked up on PATH unless it is a path). A pinentry program that
+    is not there never appears by waiting: said at start-up, not at the first card insertion."""
+    found = shutil.which(program)
+    if found is not None:
+        return found
     where = program if os.sep in program else f"{program!r} on PATH ({os.environ.get('PATH', '')})"
     raise PinUnavailableError(
         f"the pinentry program {where} does not exist or is not executable: install pinentry-gnome3, pinentry-qt, "
-        "pinentry-curses or pinentry-tty, or give its path (pinentry:/usr/bin/pinentry-tty)")
+        "pinentry-gtk2 or pinentry-tty, or give its path (pinentry:/usr/bin/pinentry-tty)")
+
+
+def _refuse_unsafe_pinentry(program: str) -> None:
+    """Raise :class:`PinUnavailableError` when another user could have changed ``program``, or a
+    directory above it, as for the PKCS#11 module (agent/file_trust.py)."""
+    try:
+        check_trusted_file(program, PINENTRY_PROGRAM, PINENTRY_RISK)
+    except UnsafeFileError as error:
+        raise PinUnavailableError(str(error)) from None
 
 
 def _secret_from_text(text: str) -> Secret:

@@ -156,7 +156,7 @@ class Pinentry:
                                        stderr=subprocess.DEVNULL, bufsize=0)
         except OSError as error:
             raise PinentryError(f"cannot run the pinentry program {self.program!r}: {error.strerror}; install "
-                                "pinentry-gnome3, pinentry-qt, pinentry-curses or pinentry-tty, or set the PIN "
+                                "pinentry-gnome3, pinentry-qt, pinentry-gtk2 or pinentry-tty, or set the PIN "
                                 "source to prompt") from None
         assert process.stdin is not None and process.stdout is not None
         pipe = _AssuanPipe(process.stdout.fileno(), self.program)

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from dicom_card_agent.file_trust import check_trusted_file
 from dicom_card_agent.trust.crls import FileCrl, check_chain, describe, name, read_crl_file
 from dicom_card_agent.trust.errors import (  # noqa: F401
     CrlError,
@@ -36,7 +37,18 @@ def _is_self_signed(cert: x509.Certificate) -> bool:
     return True
 
 
-def load_certificates(path: Path) -> list[x509.Certificate]:
+CA_BUNDLE = "the CA bundle"
+CA_BUNDLE_RISK = "add a CA of their own, and the agent would trust the servers and clients it certifies"
+CERTIFICATE_FILE = "the certificate file"
+CERTIFICATE_FILE_RISK = "change the certificates the agent trusts or presents"
+
+
+def load_certificates(path: Path, what: str = CERTIFICATE_FILE,
+                      risk: str = CERTIFICATE_FILE_RISK) -> list[x509.Certificate]:
+    """The certificates of a PEM or DER file, refused (:class:`~agent.file_trust.UnsafeFileError`)
+    when another user could have changed it: whoever writes a CA bundle chooses whom the agent
+    trusts, as whoever writes the configuration does. ``what`` and ``risk`` name it in that refusal."""
+    check_trusted_file(path, what, risk)
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -84,7 +96,7 @@ class TrustAnchors:
 
     @classmethod
     def load(cls, ca_bundle: Path, crl_files: Sequence[Path] = ()) -> TrustAnchors:
-        certs = load_certificates(ca_bundle)
+        certs = load_certificates(ca_bundle, CA_BUNDLE, CA_BUNDLE_RISK)
         roots = tuple(c for c in certs if _is_self_signed(c))
         if not roots:
             raise TrustFileError(

@@ -7,7 +7,9 @@ peer's chain is built from [trust] ca after each handshake and checked here agai
 they are on disk at that moment.
 
 CRL files are usually fetched over plain HTTP, so nothing but CRLs is taken from them: a
-certificate in a CRL file is an error, never a new trust anchor.
+certificate in a CRL file is an error, never a new trust anchor. A CRL file another user could
+change is refused, at every look (agent/file_trust.py): they could put back an older CRL of the CA
+that does not list a certificate revoked since.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
+from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file, existing
 from dicom_card_agent.trust.errors import CrlError, RevokedCertificateError, TrustFileError
 
 log = logging.getLogger("agent.trust")
@@ -76,8 +79,27 @@ class FileCrl:
         return f"the CRL of {self.issuer} in {self.path} expired on {when}"
 
 
+CRL_FILE = "the CRL file"
+CRL_FILE_RISK = "replace its CRLs with older ones that do not list a certificate revoked since"
+
+
+def refuse_unsafe_crl_file(path: Path) -> None:
+    """Raise :class:`CrlFileError` when another user could have changed the CRL file ``path``. One
+    that is missing or no regular file (a FIFO, a device) passes: reading it refuses it, saying what
+    it is, without opening a FIFO for good."""
+    found = existing(path)
+    if found is None or not stat.S_ISREG(found[2].st_mode):
+        return
+    try:
+        check_trusted_file(path, CRL_FILE, CRL_FILE_RISK)
+    except UnsafeFileError as error:
+        raise CrlFileError(str(error)) from None
+
+
 def read_crl_file(path: Path) -> list[FileCrl]:
-    """The CRLs of a PEM file (one or more "X509 CRL" blocks) or of a DER file (one CRL)."""
+    """The CRLs of a PEM file (one or more "X509 CRL" blocks) or of a DER file (one CRL), when no other
+    user could have changed the file."""
+    refuse_unsafe_crl_file(path)
     data = _read_regular_file(path)
     crls = _pem_crls(path, data) if b"-----BEGIN" in data else [_der_crl(path, data)]
     return [FileCrl(path, crl) for crl in crls]
@@ -300,6 +322,13 @@ class _WatchedFile:
             status = os.stat(self.path)
         except OSError as error:
             self._unusable(f"cannot read CRL file {self.path}: {error.strerror}", signature=None)
+            return
+        try:
+            # At every look, not only when the file changed: a directory above it that becomes
+            # writable by others changes nothing the signature below sees.
+            refuse_unsafe_crl_file(self.path)
+        except CrlFileError as error:
+            self._unusable(str(error), signature=None)  # once safe again, the file is read again
             return
         signature = (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
         if signature == self.signature:
