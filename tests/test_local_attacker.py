@@ -224,13 +224,16 @@ def test_a_port_another_user_took_during_a_restart_is_named_with_its_holder(test
                                                                             tmp_path: Path) -> None:
     """uid 65534 listens on the tunnel's port as the agent starts (as it could during a restart, with
     systemd's RestartSec=2): the agent stops, naming the port's holder (the old message was only
-    "Address already in use", while the clinician's applications sent their associations to it)."""
+    "Address already in use", while the clinician's applications sent their associations to it),
+    and the audit trail gets a Security Alert naming that user."""
+    audit_file = tmp_path / "audit" / "audit.log"
     port = free_port()
     squatter = as_nobody(SQUATTER, str(port))
     try:
         assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
         config = write_config(tmp_path / "agent.toml", test_pki,
-                              [{**tunnel("pacs", 104), "listen": f"127.0.0.1:{port}"}])
+                              [{**tunnel("pacs", 104), "listen": f"127.0.0.1:{port}"}],
+                              audit={"file": str(audit_file)})
         agent = start_agent(config, tmp_path / "agent.log", test_pki.env(CARD_PIN=USER_PIN))
         try:
             agent.wait(30)
@@ -242,6 +245,9 @@ def test_a_port_another_user_took_during_a_restart_is_named_with_its_holder(test
     assert agent.returncode != 0, log
     assert (f"cannot listen on 127.0.0.1:{port}: it is already in use by uid 65534 (nobody): another user may be "
             "waiting for your applications' associations") in log, log
+    alerts = [line for line in audit_file.read_text().splitlines()
+              if 'csd-code="110132"' in line and "already in use by uid 65534" in line]
+    assert len(alerts) == 1, audit_file.read_text()
 
 
 def test_a_reload_that_adds_a_port_another_user_holds_is_refused_and_audited(test_pki: ProvisionedPki,

@@ -55,7 +55,11 @@ def run(
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
     manager.heartbeat = Heartbeat(notifier, manager)
-    listeners = Listeners(settings, activated)
+    try:  # a port another user holds is named, and recorded as a Security Alert, before the error ends the agent
+        listeners = Listeners(settings, activated, audit=audit)
+    except BaseException:
+        audit.close()
+        raise
     control_server: ControlServer | None = None
     metrics: Metrics | None = None
     failure: BaseException | None = None
