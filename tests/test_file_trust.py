@@ -25,8 +25,8 @@ def needs_root_to_chown() -> None:
         pytest.skip("giving a file to another user needs root")
 
 
-def run_refused(test_pki: ProvisionedPki, config: Path) -> str:
-    """What ``card-agent run`` says when it refuses to start (it must, within seconds)."""
+def refused_output(test_pki: ProvisionedPki, config: Path) -> str:
+    """What ``card-agent run`` writes when it refuses to start (it must, within seconds, exit 2)."""
     log = config.parent / "refused.log"
     process = start_agent(config, log, test_pki.env(CARD_PIN=USER_PIN))
     try:
@@ -36,7 +36,13 @@ def run_refused(test_pki: ProvisionedPki, config: Path) -> str:
         raise AssertionError(f"the agent started instead of refusing:\n{log.read_text()}") from None
     output = log.read_text()
     assert returncode == 2, output
-    assert output.count("\n") == 1, output  # the one error line, nothing started before it
+    return output
+
+
+def run_refused(test_pki: ProvisionedPki, config: Path) -> str:
+    """What ``card-agent run`` says when it refuses to start: one error line, nothing started before it."""
+    output = refused_output(test_pki, config)
+    assert output.count("\n") == 1, output
     return output
 
 

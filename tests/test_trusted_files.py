@@ -20,7 +20,7 @@ from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.token.pin import PinSource, PinUnavailableError
 from peers.pki_files import write_crl
 from test_crl_files import PACS_CERTIFICATE, agent_settings, associate
-from test_file_trust import NOBODY, needs_root_to_chown, run_refused
+from test_file_trust import NOBODY, needs_root_to_chown, refused_output, run_refused
 from test_tunnel_verification import assert_accepted, assert_rejected
 
 CA_RISK = "add a CA of their own, and the agent would trust the servers and clients it certifies"
@@ -46,17 +46,9 @@ def copied(source: Path, directory: Path, mode: int = 0o644) -> Path:
 
 
 def last_line_refused(test_pki: ProvisionedPki, config: Path) -> str:
-    """The error line of a `card-agent run` that refuses to start, as it must within seconds (an
-    unusable CRL file is also logged as a warning before it, as every unusable CRL file is)."""
-    log = config.parent / "refused.log"
-    process = start_agent(config, log, test_pki.env(CARD_PIN=USER_PIN))
-    try:
-        returncode = process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        stop_agent(process)
-        raise AssertionError(f"the agent started instead of refusing:\n{log.read_text()}") from None
-    assert returncode == 2, log.read_text()
-    return log.read_text().splitlines()[-1]
+    """The error line of a `card-agent run` that refuses to start (an unusable CRL file is also
+    logged as a warning before it, as every unusable CRL file is)."""
+    return refused_output(test_pki, config).splitlines()[-1]
 
 
 def failures(stdout: str) -> list[str]:
