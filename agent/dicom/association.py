@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from dicom_card_agent.dicom.pdu import (
+    AcseRejectReason,
     AssociateRequest,
+    InvalidPduFieldError,
     MalformedPduError,
     PduLimitError,
     PresentationContextResult,
@@ -216,9 +218,18 @@ class Association:
                               "(user_identity_existing = \"reject\")")
         if not self.username:
             raise ValueError("user_identity = \"username\" needs the card's username")
-        rewritten = with_user_identity(request, self.username, self.rules.positive_response_requested)
+        try:
+            pdu = encode_associate_rq(with_user_identity(request, self.username,
+                                                         self.rules.positive_response_requested))
+        except InvalidPduFieldError as error:
+            # A legal request whose User Information item has no room left for the card's User
+            # Identity (its Item-length is 2 bytes): it cannot be sent as the tunnel must send it.
+            return Refuse(a_associate_rj(RejectResult.REJECTED_PERMANENT, RejectSource.SERVICE_PROVIDER_ACSE,
+                                         AcseRejectReason.NO_REASON_GIVEN),
+                          f"the card's User Identity does not fit into the A-ASSOCIATE-RQ (user_identity = "
+                          f"\"username\"): {error}")
         self.user_identity_sent = self.username
-        return Forward(encode_associate_rq(rewritten), self.username)
+        return Forward(pdu, self.username)
 
     # -- the PACS's answer and the end -------------------------------------------------------
 

@@ -56,6 +56,7 @@ from dicom_card_agent.dicom.pdu import (
     RejectSource,
     a_abort,
     a_associate_rj,
+    parse_a_abort,
     pdu_type_name,
 )
 from dicom_card_agent.errors import CardAgentError
@@ -86,7 +87,14 @@ CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
 REJECT_READ_TIMEOUT = 3.0  # for the request of an application about to be rejected, however it trickles
 CLOSE_LINGER = 2.0  # for the application to close after our last PDU, however it trickles
+LOCAL_CLOSE_WAIT = 5.0  # for the application to close once the PACS has closed
+ENDING_SEND_TIMEOUT = 0.5  # the last PDU to an application as the card session ends: well within its grace
+ENDING_LINGER = 1.0  # then, for an application still sending to see that PDU: well within it too
+SENDING_PAUSE = 0.05  # an application that sent nothing for this long is not sending
 ASSOCIATE_RQ_TIMEOUT = 30.0  # the ARTIM timer's job (PS3.8 9.1.5) while no PACS is involved yet
+CLOSED_MID_ASSOCIATION = "closed the connection (TLS close_notify) in the middle of the association, without " \
+    "A-RELEASE or A-ABORT"
+PACS_FINISH_TIMEOUT = 30.0  # ARTIM again: for the PACS to answer an A-RELEASE-RQ, or close after the application
 POLL_INTERVAL_MS = 1000
 TELL_AFTER_MS = 1  # see _Relay._tell_what_passed
 
@@ -584,10 +592,10 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
         log.info("tunnel %s: %s: %s %s to %s as %s, %s, %d bytes up, %d down, %.1f s%s%s", config.name, peer,
                  version, "resumed" if resumed else "full handshake", config.remote,
                  runtime.identity.describe(), association.describe_request(), relay.bytes_up, relay.bytes_down,
-                 time.monotonic() - started, association.describe_instances(),
-                 f"; {relay.failure.message}" if relay.failure else "")
+                 time.monotonic() - started, association.describe_instances(), _how_it_ended(relay))
         relay.report_end()
         report_pacs_problem(runtime, relay.failure)  # TLS 1.3: the certificate is refused after the handshake
+        relay.finish()  # after the reports: it may wait for the peers, and the session's end cuts it short
         runtime.prepare_tls()
     except Exception:  # a bug must end this connection, not the agent
         log.exception("tunnel %s: %s: internal error", config.name, peer)
@@ -655,6 +663,14 @@ def _application_sent_something(runtime: TunnelRuntime, local: socket.socket, pe
         return False  # reset: the application went away
 
 
+def _how_it_ended(relay: _Relay) -> str:
+    """The end of the summary line: the relay's failure, else an abort by either side or a PACS's
+    close mid-association (a release, the normal end, goes unsaid)."""
+    if relay.failure is not None:
+        return f"; {relay.failure.message}"
+    return "" if relay.association.end in ("open", "released", "rejected") else f"; {relay.association.end}"
+
+
 def _tally_failure(runtime: TunnelRuntime | InboundRuntime, stage: str) -> None:
     """An association that failed at ``stage`` before the relay, or because the card session ended first."""
     runtime.tally.association("failed", "card_session_ended" if runtime.ending.is_set() else stage)
@@ -666,6 +682,10 @@ def _count_association(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -
     association = relay.association
     if relay.refusal is not None:
         runtime.tally.association("refused")
+    elif association.answer == "none" and relay.acceptor_aborted:
+        # PS3.8 9.2 lets an acceptor answer the A-ASSOCIATE-RQ with an A-ABORT: the association was
+        # turned down, by the acceptor, as an A-ASSOCIATE-RJ turns it down.
+        runtime.tally.association("rejected")
     elif association.answer in ("accepted", "rejected"):
         runtime.tally.association(association.answer)
         if association.answer == "accepted" and relay.failure is not None:
@@ -689,8 +709,8 @@ def _broken_reason(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -> st
         return "malformed"
     if runtime.ending.is_set():
         return "card_session_ended"
-    if relay.failure.cause == UNREACHABLE:  # after the handshake, only pacs_stopped_answering says so
-        return "pacs_stopped_answering"
+    if relay.failure.cause == UNREACHABLE or relay.pacs_did_not_finish:  # after the handshake, only
+        return "pacs_stopped_answering"  # pacs_stopped_answering and PACS_FINISH_TIMEOUT say so
     return "connection"
 
 
@@ -780,8 +800,9 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
         log.info("inbound %s: %s: %s from %s as %s to %s, %s, %d bytes in, %d out, %.1f s%s%s", config.name, peer,
                  version, client, runtime.identity_description, config.forward,
                  association.describe_request(), relay.bytes_down, relay.bytes_up, time.monotonic() - started,
-                 association.describe_instances(), f"; {relay.failure.message}" if relay.failure else "")
+                 association.describe_instances(), _how_it_ended(relay))
         relay.report_end()
+        relay.finish()
     except Exception:  # a bug must end this connection, not the agent
         log.exception("inbound %s: %s: internal error", config.name, peer)
     finally:
@@ -1121,19 +1142,59 @@ def reject_at_once(local: socket.socket) -> None:
         pass  # BlockingIOError: nothing more waiting; anything else: the application is gone
 
 
-def _send_and_close(local: socket.socket, data: bytes, linger: float = CLOSE_LINGER) -> None:
+def _send_and_close(local: socket.socket, data: bytes, linger: float = CLOSE_LINGER,
+                    ending: SessionEnd | None = None) -> None:
     """Send ``data``, half-close, and wait up to ``linger`` seconds in all for the application to
     close too, so that our PDU is not lost to a reset. The wait is one deadline: bytes trickling
-    in do not extend it."""
+    in do not extend it. Given the card session's ``ending``, no longer than the session: once it
+    ends, the send gets ENDING_SEND_TIMEOUT and there is no waiting (a viewer idle with its
+    connection open would hold the session's end past its grace)."""
     deadline = time.monotonic() + linger
     try:
-        local.settimeout(linger)
+        local.settimeout(ENDING_SEND_TIMEOUT if ending is not None and ending.is_set() else linger)
         local.sendall(data)
         local.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    if ending is not None:
+        _linger_for_close(local, deadline, ending)
+        return
+    try:
         while (left := deadline - time.monotonic()) > 0:
             local.settimeout(left)
             if not local.recv(CHUNK):
                 break
+    except OSError:
+        pass
+
+
+def _linger_for_close(local: socket.socket, deadline: float, ending: SessionEnd) -> None:
+    """Read what the application sends until it closes, ``deadline`` passes or the card session ends;
+    then, so that closing does not reset the connection, what it sends while it is still sending:
+    once the session has ended, for ENDING_LINGER at most."""
+    try:
+        while not ending.is_set() and time.monotonic() < deadline:
+            _wait_for_peer(local, deadline, ending)  # TimeoutError, SessionEndedError: both OSError
+            if not local.recv(CHUNK):
+                return
+    except (SessionEndedError, TimeoutError):
+        pass
+    except OSError:
+        return  # the application reset: nothing left to read
+    _read_while_sending(local, time.monotonic() + (ENDING_LINGER if ending.is_set() else 0.0))
+
+
+def _read_while_sending(local: socket.socket, deadline: float) -> None:
+    """Read until the application pauses for SENDING_PAUSE, closes, or ``deadline`` passes. An
+    application in the middle of a send (a C-STORE under way as the card is pulled) then fails its
+    send on our FIN and reads our last PDU, where a reset would destroy it; an idle one (a viewer
+    between studies) holds nothing up."""
+    poller = select.poll()
+    poller.register(local, select.POLLIN)
+    try:
+        while poller.poll(round(SENDING_PAUSE * 1000)) and local.recv(CHUNK):
+            if time.monotonic() >= deadline:
+                return
     except OSError:
         pass
 
@@ -1201,6 +1262,14 @@ class _Relay:
         self.local_eof = False
         self.remote_done = False
         self.local_write_closed = False
+        self.local_close_awaited = False  # we closed our side toward the application, which has not yet
+        self.acceptor_aborted = False  # the acceptor's A-ABORT passed to the requestor
+        self.release_requested = False  # the application's A-RELEASE-RQ passed to the PACS
+        # When the PACS must have answered the A-RELEASE-RQ, or closed after the application did (what
+        # it must do: ``pacs_awaited``); None while nothing is awaited of it.
+        self.pacs_deadline: float | None = None
+        self.pacs_awaited = ""
+        self.pacs_did_not_finish = False
         self.received_any = False
         self.bytes_up = 0
         self.bytes_down = 0
@@ -1248,6 +1317,8 @@ class _Relay:
                     elif fd == remote_fd:
                         self._on_remote(events)
                 self.transfers.flush_if_due(self.association_fields)
+                if self.pacs_deadline is not None:
+                    self._watch_pacs_finishing()
                 if self.runtime.ending.is_set():
                     self.failure = TunnelFailure(f"card session ended: {self.runtime.ending.reason}")
         except OSError as error:
@@ -1256,12 +1327,21 @@ class _Relay:
         if self.failure is not None:
             self.runtime.count(error=self.failure.message)
             log.warning("%s: %s: %s", self._where(), self.peer, self.failure.message)
+
+    def finish(self) -> None:
+        """The connection's last words, once its end was logged and reported: they may wait for the
+        peers, and the card session's end, which ends this process after END_GRACE_SECONDS
+        (agent/session/worker.py), must not cost the audit trail what the relay has to report.
+        Each wait is bounded, and none outlasts the session."""
+        if self.failure is not None:
             if self.requestor_is_local:
                 self._end_remote()
                 self._tell_local_requestor()
             else:
                 self._end_local()
                 self._tell_remote_requestor()
+        elif self.local_close_awaited:
+            _linger_for_close(self.local, time.monotonic() + LOCAL_CLOSE_WAIT, self.runtime.ending)
 
     def _where(self) -> str:
         kind = "tunnel" if self.requestor_is_local else "inbound"
@@ -1309,14 +1389,10 @@ class _Relay:
         except OSError:
             pass
         if not self.local_eof:
-            # The TLS side is done; the local side gets a moment to close too.
-            self.local.settimeout(5.0)
-            try:
-                while self.local.recv(CHUNK):
-                    pass
-            except OSError:
-                pass
+            # The TLS side is done; the local side gets a moment to close too, in finish(): once the
+            # association's end is reported.
             self.local_eof = True
+            self.local_close_awaited = True
 
     def _on_local(self, events: int) -> None:
         if events & select.POLLOUT and self.to_local:
@@ -1342,12 +1418,50 @@ class _Relay:
                     self._end_remote()
                     self.remote_done = True
                     return
+                if not self.remote_done and self.requestor_is_local and self._release_pending():
+                    # The application half-closed after its A-RELEASE-RQ and reads on: a close_notify now
+                    # reached a PACS (DCMTK) that closed its socket with that record unread, and the
+                    # reset destroyed the A-RELEASE-RP on its way. The PACS's connection closes once
+                    # the A-RELEASE-RP or an A-ABORT has passed (_watch_pacs_finishing).
+                    return
                 if not self.remote_done:
                     try:
                         self.tls.unwrap()  # close_notify: our half of the connection ends
                     except (ssl.SSLWantReadError, ssl.SSLError):
                         pass
+                    if self.requestor_is_local:
+                        self._await_pacs("close its connection after the application closed")
                 self._push_tls_output()
+
+    def _release_pending(self) -> bool:
+        """The application's A-RELEASE-RQ passed, and no A-RELEASE-RP or A-ABORT has come back yet."""
+        return self.release_requested and not self.association_over
+
+    def _await_pacs(self, what: str) -> None:
+        """Give the PACS PACS_FINISH_TIMEOUT to ``what``: one that never does must not hold the
+        connection, and its place among max_connections, for good."""
+        if self.pacs_deadline is None:
+            self.pacs_deadline = time.monotonic() + PACS_FINISH_TIMEOUT
+            self.pacs_awaited = what
+
+    def _watch_pacs_finishing(self) -> None:
+        """While the PACS is to answer the A-RELEASE-RQ or to close: close its connection once the
+        association is over and the application has gone, or once PACS_FINISH_TIMEOUT has passed."""
+        assert self.pacs_deadline is not None
+        if self.remote_done:
+            self.pacs_deadline = None
+        elif self.association_over:
+            if not self.local_eof:
+                self.pacs_deadline = None  # the application closes, and with it the PACS's connection
+            elif not self.to_local:  # the A-RELEASE-RP (or A-ABORT) reached the application, which left
+                self._end_remote()
+                self.remote_done = True
+                self.pacs_deadline = None
+        elif time.monotonic() >= self.pacs_deadline:
+            self.pacs_did_not_finish = True
+            self.failure = TunnelFailure(
+                f"server {self.runtime.config.remote} did not {self.pacs_awaited} within {PACS_FINISH_TIMEOUT:g} s "
+                "(the ARTIM timer of PS3.8 9.1.5); connection closed", transient=True)
 
     def _association_ended(self) -> bool:
         """An A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor, or the requestor aborted."""
@@ -1379,7 +1493,12 @@ class _Relay:
         _tell_all(self._to_tell)
 
     def _flush_to_local(self) -> None:
-        sent = self._send(self.local, self.to_local)
+        try:
+            sent = self._send(self.local, self.to_local)
+        except OSError as error:
+            if not (self.local_eof and _peer_gone(error)):
+                raise
+            sent = len(self.to_local)  # the application closed altogether: nothing reaches it any more
         del self.to_local[:sent]
 
     def _push_tls_output(self) -> None:
@@ -1448,13 +1567,13 @@ class _Relay:
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self.remote_done = True
+                self._remote_closed()
                 break
             except ssl.SSLError as error:
                 failed = error  # what came before it was authenticated: it goes on first
                 break
             if not count:  # close_notify received while ours is not yet sent (ssl returns 0 then)
-                self.remote_done = True
+                self._remote_closed()
                 break
             filled += count
             if filled == len(buffer):
@@ -1467,6 +1586,17 @@ class _Relay:
         if self.to_local and self.failure is None:
             self._flush_to_local()
         self._push_tls_output()
+
+    def _remote_closed(self) -> None:
+        """The TLS peer's close_notify, which becomes the application's FIN. A PACS that sends it while
+        the application still holds the association (PS3.8 has it end with A-RELEASE or A-ABORT) is
+        news: a warning, and the association's end for the summary line and the audit trail."""
+        self.remote_done = True
+        if (self.requestor_is_local and not self.local_eof and self.association.request is not None
+                and not self._association_ended()):
+            self.association.end = CLOSED_MID_ASSOCIATION
+            log.warning("%s: %s: server %s %s", self._where(), self.peer, self.runtime.config.remote,
+                        CLOSED_MID_ASSOCIATION)
 
     def _from_remote(self, plain: memoryview) -> None:
         """Decrypted bytes from the TLS peer, passed on (copied) before the buffer is read into again."""
@@ -1551,11 +1681,22 @@ class _Relay:
         elif event.pdu_type == A_RELEASE_RP:
             self.association.end = "released"
         elif event.pdu_type == A_ABORT:
-            self.association.end = "aborted by the acceptor"
+            self._on_acceptor_abort(event.pdu)
         if event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
             self.association_answered = True
         if event.pdu_type in (A_RELEASE_RP, A_ABORT, A_ASSOCIATE_RJ):
             self.association_over = True
+
+    def _on_acceptor_abort(self, pdu: bytes) -> None:
+        """The acceptor's A-ABORT, as an answer to the A-ASSOCIATE-RQ or later: logged with its source
+        and reason, and kept as the association's end for the summary line and the audit trail."""
+        self._tell_what_passed()  # the A-ASSOCIATE-AC's line first
+        abort = parse_a_abort(pdu).describe()
+        self.acceptor_aborted = True
+        self.association.end = f"aborted by the acceptor ({abort})"
+        log.info("%s: %s: association %s aborted by %s%s: %s", self._where(), self.peer,
+                 self.association.describe_request(), "the PACS" if self.requestor_is_local else "the local SCP",
+                 "" if self.association_answered else " instead of an answer", abort)
 
     def _tell_query(self, query: Query) -> None:
         self.runtime.report("query", {**self.association_fields(), **query_fields(query)})
@@ -1574,8 +1715,12 @@ class _Relay:
                 query = self.association.on_data_set_prefix(event.data, event.context_id, from_requestor)
                 if query is not None:  # one Query event per C-FIND request, once it has passed
                     self._to_tell.append(functools.partial(self._tell_query, query))
-            elif isinstance(event, AssociationPdu) and event.pdu_type == A_ABORT and from_requestor:
-                self.association.end = "aborted by the requestor"
+            elif isinstance(event, AssociationPdu) and from_requestor:
+                if event.pdu_type == A_ABORT:
+                    self.association.end = "aborted by the requestor"
+                elif event.pdu_type == A_RELEASE_RQ and self.requestor_is_local:
+                    self.release_requested = True
+                    self._await_pacs("answer the A-RELEASE-RQ")
 
     def _malformed(self, error: MalformedPduError, source: str) -> None:
         self.malformed = error
@@ -1651,8 +1796,7 @@ class _Relay:
         pdu = self._pdu_for_requestor()
         if pdu is None:
             return
-        self.local.setblocking(True)
-        _send_and_close(self.local, bytes(self.to_local) + pdu)
+        _send_and_close(self.local, bytes(self.to_local) + pdu, ending=self.runtime.ending)
 
     def _tell_remote_requestor(self) -> None:
         pdu = self._pdu_for_requestor()
