@@ -39,7 +39,7 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.channel import LEASE_SECONDS
 from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
-from dicom_card_agent.tunnel.admission import REFUSALS_IN_FLIGHT, InFlight, PeerRefusalLog, RefusalLog
+from dicom_card_agent.tunnel.admission import InFlight, PeerRefusalLog, RefusalLog
 from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer
 from dicom_card_agent.tunnel.relay import (
     InboundRuntime,
@@ -47,6 +47,7 @@ from dicom_card_agent.tunnel.relay import (
     TunnelRuntime,
     reject_at_once,
     reject_in_thread,
+    reject_refused_peer,
     serve_here,
 )
 
@@ -299,14 +300,9 @@ class LentListeners:
         self._peer_refusals.refused(name, error)
         self._report(PEER_REFUSED, {"tunnel": name, "listen": str(runtime.config.listen),
                                     "uid": error.peer.uid, "pid": error.peer.pid, "message": str(error)})
-        if not self._refusing.enter(name, REFUSALS_IN_FLIGHT):
-            connection.close()
-            return
         try:
-            reject_in_thread(connection, TunnelFailure("local peer refused"), name,
-                             lambda: self._refusing.leave(name))
+            reject_refused_peer(connection, name, self._refusing)
         except RuntimeError as failure:  # no thread to be had: closed without an answer
-            self._refusing.leave(name)
             self._backoff.failed(f"tunnel {name}: closed a connection it could not identify or answer", failure)
 
     def _refuse_while_silent(self, name: str, runtime: TunnelRuntime, connection: socket.socket, peer: str,

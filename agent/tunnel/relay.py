@@ -74,7 +74,7 @@ from dicom_card_agent.tls.failures import (
 )
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, ServerVerificationError
 from dicom_card_agent.trust.errors import TrustError
-from dicom_card_agent.tunnel.admission import RefusalLog
+from dicom_card_agent.tunnel.admission import REFUSALS_IN_FLIGHT, InFlight, RefusalLog
 from dicom_card_agent.tunnel.connecting import connect_tcp
 from dicom_card_agent.tunnel.counters import SessionCounts
 from dicom_card_agent.tunnel.peer import PeerPolicy, identify_server
@@ -1124,6 +1124,21 @@ def reject_in_thread(local: socket.socket, failure: TunnelFailure, name: str, do
         threading.Thread(target=reject_and_close, name=f"reject-{name}", daemon=True).start()
     except RuntimeError:
         local.close()
+        raise
+
+
+def reject_refused_peer(local: socket.socket, name: str, budget: InFlight) -> None:
+    """A-ASSOCIATE-RJ to a local user the tunnel ``name`` refused, in a thread of its own under
+    ``budget`` (REFUSALS_IN_FLIGHT a tunnel, never a place of max_connections); beyond the budget
+    ``local`` is closed at once, so that a flood holds no thread and no descriptor. RuntimeError
+    when no thread is to be had (``local`` is then closed, the budget left)."""
+    if not budget.enter(name, REFUSALS_IN_FLIGHT):
+        local.close()
+        return
+    try:
+        reject_in_thread(local, TunnelFailure("local peer refused"), name, lambda: budget.leave(name))
+    except RuntimeError:
+        budget.leave(name)
         raise
 
 

@@ -24,7 +24,6 @@ from dicom_card_agent.tls.failures import TunnelFailure
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.admission import (
     LOOPBACK_NETWORKS,
-    REFUSALS_IN_FLIGHT,
     InFlight,
     PeerRefusalLog,
     RefusalLog,
@@ -41,7 +40,7 @@ from dicom_card_agent.tunnel.peer import (
     create_unix_listener,
     is_address_of_this_machine,
 )
-from dicom_card_agent.tunnel.relay import reject_at_once, reject_in_thread
+from dicom_card_agent.tunnel.relay import reject_at_once, reject_in_thread, reject_refused_peer
 
 log = logging.getLogger("agent.tunnel")
 
@@ -273,15 +272,8 @@ class Listeners:
         if not self._in_flight.enter(listener.name, listener.max_connections):
             self._over_capacity(listener, connection, connection_source(connection))
             return
-        waiting = False  # True once the accept loop watches it for its first bytes: in-flight is left then
-        try:
-            waiting = self._admit_inbound(listener, connection)
-            self._backoff.succeeded()
-        except (CardAgentError, OSError, RuntimeError) as error:
-            self._failed(listener, connection, error)
-        finally:
-            if not waiting:
-                self._in_flight.leave(listener.name)
+        # Kept once the accept loop watches it for its first bytes: its place is left then.
+        self._admit_in_place(listener, connection, lambda: self._admit_inbound(listener, connection))
 
     def _serve_tunnel(self, tunnel: TunnelConfig, connection: socket.socket) -> None:
         """The user first (one sock_diag query), then a place of max_connections: those are the allowed
@@ -297,17 +289,25 @@ class Listeners:
         if not self._in_flight.enter(tunnel.name, tunnel.max_connections):
             self._over_capacity(tunnel, connection, f"uid {peer.uid}")
             return
-        answering = False  # True once a refusal thread owns the connection: in-flight is left when it ends
+        # Admitting is quick (one message to the card session), so it runs here: a thread per
+        # connection cost every association ~0.1 ms of set-up. Kept by a refusal thread, which
+        # leaves the place when it ends.
+        self._admit_in_place(tunnel, connection, lambda: self._admit(tunnel, connection, peer))
+
+    def _admit_in_place(self, listener: TunnelConfig | InboundConfig, connection: socket.socket,
+                        admit: Callable[[], bool]) -> None:
+        """Run ``admit`` for ``connection``, which holds one of ``listener``'s places of
+        max_connections: the place is left when it returns, unless it returned True (whoever took the
+        connection over leaves it), and when it fails (closed, without an answer)."""
+        kept = False
         try:
-            # Admitting is quick (one message to the card session), so it runs here: a thread per
-            # connection cost every association ~0.1 ms of set-up.
-            answering = self._admit(tunnel, connection, peer)
+            kept = admit()
             self._backoff.succeeded()
         except (CardAgentError, OSError, RuntimeError) as error:
-            self._failed(tunnel, connection, error)
+            self._failed(listener, connection, error)
         finally:
-            if not answering:
-                self._in_flight.leave(tunnel.name)
+            if not kept:
+                self._in_flight.leave(listener.name)
 
     def _failed(self, listener: TunnelConfig | InboundConfig, connection: socket.socket, error: Exception) -> None:
         """Whoever it is cannot be established (PeerLookupError when descriptors ran out), or no
@@ -336,14 +336,9 @@ class Listeners:
         if self.manager is not None:
             self.manager.audit.peer_refused(tunnel.name, str(tunnel.listen), error.peer, str(error))
         self._turned_away(tunnel.name, "local_peer_refused")
-        if not self._refusing.enter(tunnel.name, REFUSALS_IN_FLIGHT):
-            local.close()
-            return
         try:
-            reject_in_thread(local, TunnelFailure("local peer refused"), tunnel.name,
-                             lambda: self._refusing.leave(tunnel.name))
+            reject_refused_peer(local, tunnel.name, self._refusing)
         except RuntimeError as failure:  # no thread to be had: closed without an answer
-            self._refusing.leave(tunnel.name)
             self._failed(tunnel, local, failure)
 
     def _admit(self, tunnel: TunnelConfig, local: socket.socket, peer: Peer) -> bool:
