@@ -133,8 +133,7 @@ def test_an_applications_malformed_pdu_makes_one_short_record_and_those_after_it
 @contextlib.contextmanager
 def hostile_pacs(test_pki: ProvisionedPki) -> Iterator[int]:
     """A TLS "PACS" that answers every A-ASSOCIATE-RQ with :func:`hostile_ac`; yields its port."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
+    context = TlsServerFiles.from_pki(test_pki.pki).ssl_context()
     stop = threading.Event()
     listener = socket.create_server((LOOPBACK, 0))
     listener.settimeout(0.2)
