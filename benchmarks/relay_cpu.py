@@ -102,7 +102,9 @@ def main() -> int:
     with bench.softhsm_work_directory("card-agent-relay-cpu-") as (work, pki, conf):
         files = bench.make_bulk_study(work / "study", args.study_mb * bench.MB)
         total = sum(path.stat().st_size for path in files)
-        pacs = bench.TlsClientFiles.issue(pki, work / "pacs-identity", "Bench PACS")
+        # The inbound listener admits only a certificate naming the PACS, by default the tunnels'
+        # server_name: "localhost" here.
+        pacs = bench.TlsClientFiles.issue(pki, work / "pacs-identity", "localhost")
         with contextlib.ExitStack() as stack:
             scp = stack.enter_context(bench.dcmtk.storescp(work / "out", tls=bench.TlsServerFiles.from_pki(pki),
                                                            log_level="warn", extra_args=["--ignore"]))
