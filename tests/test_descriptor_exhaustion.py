@@ -18,6 +18,7 @@ from pathlib import Path
 
 from agent_runner import (
     agent_status,
+    card_session_pid,
     log_lines,
     run_card_agent,
     running_agent,
@@ -44,6 +45,18 @@ def descriptors_nearly_exhausted(pid: int, spare: int = 2) -> Iterator[None]:
         yield
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def holds_listener(pid: int, port: int) -> bool:
+    """Process ``pid`` holds the socket listening on 127.0.0.1:``port`` (the card session was lent it)."""
+    local = f"0100007F:{port:04X}"
+    inodes = {fields[9] for fields in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+              if fields[1] == local and fields[3] == "0A"}
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            held.add(os.readlink(fd))
+    return any(f"socket:[{inode}]" in held for inode in inodes)
 
 
 def test_status_says_the_reader_cannot_be_looked_at_and_that_new_associations_are_refused(
@@ -112,3 +125,36 @@ def test_a_sign_in_that_finds_no_descriptor_left_is_tried_again_once_there_are(
     assert "event=sign-in-failed" not in log, log
     assert re.fullmatch(r"card present, the sign-in could not start \(.*Too many open files.*\): trying again",
                         waiting), waiting
+
+
+def test_a_card_session_that_ran_out_of_descriptors_signs_again_once_there_are(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A full handshake with three descriptors to spare in the card session: the association is
+    refused for want of descriptors, and once they are back the clinician's next associations work.
+
+    SoftHSM, once it failed for want of files, answers GeneralError for good in that process while
+    the card loop (another process) goes on seeing the token. The check after the failed signature
+    took that for a pulled card, which the card loop would act on: it never did, and every full
+    handshake failed with "the card was removed" until the agent was restarted."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        tunnels = [tunnel("pacs", pacs.port, session_resumption=False)]
+        with running_agent(test_pki, tmp_path / "agent", tunnels) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            session = card_session_pid(agent.process.pid)
+            assert session is not None
+            wait_for(lambda: holds_listener(session, agent.port()))
+            # Before its first signature: the pkcs11-provider and SoftHSM still open files for it.
+            with descriptors_nearly_exhausted(session, spare=3):
+                refused = echo(agent.port())
+            deadline = time.monotonic() + 20
+            while not echo(agent.port()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert echo(agent.port()), agent.log()
+            log = agent.log()
+    assert not refused, log
+    assert ("the card did not sign the TLS handshake: no file descriptor left in the card session (are connections "
+            "being held open?)") in log, log
+    assert "the card was removed" not in log, log
+    lost = [line for line in log_lines(log) if "ERROR: the card no longer signs" in line]
+    assert all(line.endswith("the module cannot say whether the card is in its reader: GeneralError; the card "
+                             "session ends") for line in lost), lost

@@ -42,7 +42,9 @@ from pkcs11.exceptions import (
 from pkcs11.types import Session
 
 from dicom_card_agent import logline
+from dicom_card_agent.card.watcher import GONE_ERRORS
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig, load_config
+from dicom_card_agent.descriptors import descriptors_exhausted
 from dicom_card_agent.dicom.association import UserIdentityMode, load_pydicom
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
@@ -127,7 +129,13 @@ class CardLoginCheck:
     two looks of the card loop (which then sees the same card), lost the login, and every full
     handshake fails until the session ends. The first time, the supervisor is told (CARD_LOST), and
     ends the session as a lost one, asking for the PIN again. A card that is not in the reader (any
-    more) is not told: the card loop sees the removal itself, and ends the session for it."""
+    more) is not told: the card loop sees the removal itself, and ends the session for it.
+
+    Out of file descriptors, the module cannot answer either, and nothing is judged: the handshake
+    fails, and the next one asks again. A module that can no longer tell whether the card is there
+    (an error other than the card's absence) is told, as a lost login: SoftHSM, once it ran out of
+    descriptors, answers GeneralError for good in this process, and the card loop, in another
+    process, goes on seeing the token, so only a new session signs again."""
 
     def __init__(self, session: Session, key_id: bytes, report: Report) -> None:
         self._session = session
@@ -137,11 +145,16 @@ class CardLoginCheck:
         self._lock = threading.Lock()
 
     def __call__(self) -> str | None:
+        if descriptors_exhausted():
+            return NO_DESCRIPTOR_LEFT
         reason = self._why_not()
         if reason is None:
             return None
-        if not self._card_in_reader():
+        present = self._card_in_reader()
+        if present is False:
             return "the card was removed"
+        if present is not True:
+            reason = f"{reason}; the module cannot say whether the card is in its reader: {present}"
         with self._lock:
             told, self._told = self._told, True
         if not told:
@@ -171,15 +184,20 @@ class CardLoginCheck:
                 return f"{lost}: {type(error).__name__}"
         return None
 
-    def _card_in_reader(self) -> bool:
-        """The card this process signed in with is in its reader now (put back, or never gone)."""
+    def _card_in_reader(self) -> bool | str:
+        """Whether the card this process signed in with is in its reader now (put back, or never
+        gone), or the error of a module that cannot say."""
         token = self._session.token
         with TOKEN_LOCK:
             try:
                 return token.slot.get_token().serial == token.serial
-            except PKCS11Error:  # TokenNotPresent, DeviceRemoved: pulled, and not back
+            except GONE_ERRORS:  # pulled, and not back
                 return False
+            except PKCS11Error as error:
+                return type(error).__name__
 
+
+NO_DESCRIPTOR_LEFT = "no file descriptor left in the card session (are connections being held open?)"
 
 # What a session the card took with it fails with (pulled, reset, its reader restarted).
 _SESSION_GONE = (SessionHandleInvalid, SessionClosed, DeviceRemoved, TokenNotPresent, DeviceError)
