@@ -162,6 +162,40 @@ def test_a_card_seen_again_after_pcscd_restarted_asks_first() -> None:
     assert machine.handle(CardInserted("alice@pcscd3")) == []  # the same card, however it came
 
 
+@pytest.mark.parametrize("removal_seen", [True, False])
+def test_a_card_waiting_for_re_insertion_goes_on_waiting_when_pcscd_restarts(removal_seen: bool) -> None:
+    """Alice cancelled her PIN entry (or locked her session): the card waits to be pulled and put
+    back. pcscd restarts under it; the removal the restart is took the machine to NO_CARD, which
+    forgot why the card waited, and the card seen again opened the PIN question (Cancel the default)
+    nobody asked for. Nobody re-inserted it: it goes on waiting, saying what it said. A real pull and
+    re-insertion still ends the wait."""
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignInCancelled(1, "PIN entry cancelled"))
+    waiting = machine.status
+    assert waiting == "card present, PIN entry cancelled: remove and re-insert the card to sign in again"
+    if removal_seen:  # the watcher's hold
+        assert machine.handle(CardRemoved()) == [] and machine.state is State.NO_CARD
+    assert machine.handle(CardInserted("alice@pcscd1", after_reader_restart=True)) == []
+    assert (machine.state, machine.status, machine.card) == (State.WAITING, waiting, "alice@pcscd1")
+    assert machine.handle(CardRemoved()) == []  # a second restart: still the same wait
+    assert machine.handle(CardInserted("alice@pcscd2", after_reader_restart=True)) == []
+    assert machine.status == waiting
+    # A lock too; and a real pull and re-insertion ends the wait, which is forgotten with it.
+    machine.handle(CardRemoved())
+    assert machine.handle(CardInserted("alice@pcscd2+1")) == [StartSignIn("alice@pcscd2+1", 2)]
+    machine.handle(SignedIn(2))
+    assert machine.handle(Lock()) == [EndSession(2, "locked")]
+    machine.handle(CardRemoved())
+    assert machine.handle(CardInserted("alice@pcscd3", after_reader_restart=True)) == []
+    assert machine.status == "locked: remove and re-insert the card to sign in again"
+    machine.handle(CardRemoved())
+    machine.handle(CardInserted("alice@pcscd3+1"))
+    machine.handle(CardRemoved())  # pulled in PIN_PENDING: no wait to keep
+    assert machine.handle(CardInserted("alice@pcscd4", after_reader_restart=True)) == [
+        StartSignIn("alice@pcscd4", 4, SignInCause.READER_RESTARTED)]
+
+
 class LifecycleModel(RuleBasedStateMachine):
     """Plays events at the machine and keeps what the shell would hold after carrying out its effects."""
 
@@ -208,12 +242,16 @@ class LifecycleModel(RuleBasedStateMachine):
     @rule(card=st.sampled_from(CARDS))
     def insert(self, card: str) -> None:
         self.over_other_dialog = card != self.reader and self.machine.state is State.PIN_PENDING
+        asks_again = card != self.reader and self.machine.state in (State.NO_CARD, State.WAITING)
+        started = len(self.started)
         if card != self.reader:
             self.reader = card
             self.may_sign_in = True
             self.losses = 0
         self.feed(CardInserted(card))
         self.over_other_dialog = False
+        if asks_again:  # a (re-)insertion ends any wait, whatever the machine remembered before
+            assert len(self.started) == started + 1, "a card inserted was not signed in"
 
     @rule()
     def remove(self) -> None:
@@ -287,6 +325,7 @@ class LifecycleModel(RuleBasedStateMachine):
         did not ask for. The card loop sees the removal the watcher holds for a moment, or, when it
         did not turn meanwhile, only the card seen again."""
         assert self.reader is not None
+        waiting_before = self.machine.status if self.machine.state is State.WAITING else None
         if removal_seen:
             self.feed(CardRemoved())
         self.pcscd_restarts += 1
@@ -298,6 +337,9 @@ class LifecycleModel(RuleBasedStateMachine):
         self.feed(CardInserted(self.reader, after_reader_restart=True))
         if len(self.started) == started:
             self.restarts_allowed -= 1
+        if waiting_before is not None:  # nobody re-inserted the card: the wait goes on, as it was
+            assert len(self.started) == started, "a restart of pcscd ended a wait for re-insertion"
+            assert (self.machine.state, self.machine.status) == (State.WAITING, waiting_before)
 
     @rule()
     def lock(self) -> None:

@@ -76,3 +76,51 @@ def test_a_pcscd_restart_with_the_card_in_its_reader_asks_before_the_pin(
     assert "the card reader software restarted" in screen.decode(errors="replace").lower(), screen[-600:]
     assert "event=pin-failure" not in log
     assert USER_PIN not in log
+
+
+CANCELLED = "card present, PIN entry cancelled: remove and re-insert the card to sign in again"
+
+
+def test_a_card_waiting_for_re_insertion_goes_on_waiting_through_a_pcscd_restart(
+        test_pki: ProvisionedPki, tmp_path: Path, pcscd: Pcscd, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents], terminal: Terminal) -> None:
+    """Carol cancelled her PIN entry: her card waits to be pulled and put back. pcscd restarts with
+    it in its reader. The removal the restart is made the agent forget why the card waited, and the
+    card the new pcscd showed got the question "Sign in again?" that nobody asked for. Now it goes on
+    waiting, saying what it said; pulling it and putting it back asks for the PIN, as it said."""
+    if not pcscd.started_here:
+        stack_unavailable(StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): this test "
+                                           "does not restart it"))
+    carol = virtual_cards["carol"]
+    env = test_pki.env(CARD_PIN=USER_PIN)
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], token="", module="opensc",
+                       agent={"runtime_dir": str(tmp_path / "run")}, stdin=terminal.slave,
+                       identity={"pin": f"pinentry:{PINENTRY_TTY}"}) as agent:
+        agent.wait_for_log("card events: PC/SC events from pcscd")
+        card_reader.insert(carol)
+        terminal.wait_for_prompt(timeout=PROBE_SECONDS)
+        terminal.type(b"\x04")  # Ctrl-D: Cancel
+        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == CANCELLED, timeout=10)
+
+        shown = len(terminal.screen)
+        pcscd.restart()
+        card_reader.pull(wait=False)
+        card_reader.insert(carol)  # there as the new pcscd starts: nobody re-inserted it
+        wait_for(lambda: agent.log().count("event=card-inserted") == 2, timeout=10)  # the card seen again
+        time.sleep(PROBE_SECONDS / 6)  # a sign-in would have probed the card and asked by now
+        after_restart = terminal.screen[shown:]
+        state_after_restart = agent_status(tmp_path / "agent", env)["state"]
+
+        card_reader.pull()  # as the status says: remove the card and insert it again
+        card_reader.insert(carol)
+        wait_for(lambda: b"PIN:" in terminal.screen[shown:], timeout=PROBE_SECONDS)
+        terminal.type(USER_PIN.encode() + b"\r")
+        agent.wait_for_log(f'event=sign-in subject="{carol.subject}"', timeout=PROBE_SECONDS)
+        asked_on_re_insertion = terminal.screen[shown:]
+        log = agent.log()
+    assert QUESTION not in after_restart and b"PIN:" not in after_restart, \
+        f"a dialog nobody asked for opened after the restart: {after_restart[-400:]!r}"
+    assert state_after_restart == CANCELLED
+    assert QUESTION not in asked_on_re_insertion  # her own insertion: the PIN at once
+    assert pins_presented(card_reader) == 1
+    assert "event=pin-failure" not in log and USER_PIN not in log

@@ -21,6 +21,10 @@ restarts, and a card inserted while another card's PIN is asked for, start a sig
 :class:`SignInCause` makes its PIN dialog ask first, Cancel the default: nobody expects that dialog,
 and the keys typed meanwhile (the rest of a PIN typed into the dialog that closed) must not become
 a PIN try.
+
+A card that waits for re-insertion (a failure, a cancelled PIN entry, a lock) goes on waiting when
+pcscd restarts under it: the machine remembers, across the removal the restart makes, why it waited,
+and the card seen again keeps waiting for the same reason. Only a real re-insertion ends the wait.
 """
 
 from __future__ import annotations
@@ -187,6 +191,8 @@ class Guard(Enum):
     SAME_CARD = "the card already known"
     OTHER_CARD = "another card, inserted"
     SEEN_AGAIN = "another card, seen again after pcscd restarted (nobody inserted it)"
+    SEEN_AGAIN_WAITING = ("the card that waited for re-insertion, seen again after pcscd restarted (nobody "
+                          "re-inserted it)")
     CURRENT = "of the current attempt"
     STALE = "of an earlier attempt"
     LOSSES_LEFT = f"of the current attempt, fewer than {MAX_SESSION_LOSSES} losses since insertion"
@@ -204,7 +210,8 @@ class Action(Enum):
 class Row:
     """What happens: ``do`` these actions, then go to ``then`` (None: stay). ``ends`` is the reason
     a session ends with, ``waits`` what ``status`` says in WAITING; both may name the event's
-    fields in braces, e.g. "{reason}". ``starts`` is the cause a started sign-in carries."""
+    fields in braces, e.g. "{reason}", and ``waits`` "{waited}": why the card waited before pcscd
+    restarted under it. ``starts`` is the cause a started sign-in carries."""
 
     when: Guard
     then: State | None
@@ -228,6 +235,8 @@ def _late_success() -> tuple[Row, ...]:
 _REINSERT = "remove and re-insert the card to sign in again"
 _RESTARTED = "pcscd restarted"
 _LOCKED = f"locked: {_REINSERT}"
+# Nobody re-inserted the card: the wait the restart interrupted goes on, with what status said.
+_STILL_WAITING = Row(Guard.SEEN_AGAIN_WAITING, State.WAITING, waits="{waited}")
 _S = State
 _A = Action
 _G = Guard
@@ -253,8 +262,11 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
     _S.NO_CARD: {
         # A card seen again after pcscd restarted was not inserted: the clinician may be typing in her
         # report (the restart ended her session half a second ago), and the dialog would take her keys.
+        # SEEN_AGAIN_WAITING: the card waited for re-insertion as pcscd restarted, and the removal the
+        # restart is brought it here; a restart is no re-insertion.
         CardInserted: (Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.START_SIGN_IN,)),
-                       Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.START_SIGN_IN,), starts=SignInCause.READER_RESTARTED)),
+                       Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.START_SIGN_IN,), starts=SignInCause.READER_RESTARTED),
+                       _STILL_WAITING),
         CardRemoved: _stay(),
         PinEntered: _stay(),
         SignInCancelled: _stay(),
@@ -316,10 +328,10 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), ends="the agent is stopping"),),
     },
     _S.WAITING: {
-        # SEEN_AGAIN asks, as in NO_CARD, where the removal the restart is leaves the machine (it does
-        # not remember why the card waited).
+        # A card seen again after pcscd restarted here (the card loop did not turn during the watcher's
+        # hold) is the waiting card: nobody re-inserted it, so it goes on waiting, as from NO_CARD.
         CardInserted: (Row(_G.SAME_CARD, None), Row(_G.OTHER_CARD, _S.PIN_PENDING, (_A.START_SIGN_IN,)),
-                       Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.START_SIGN_IN,), starts=SignInCause.READER_RESTARTED)),
+                       _STILL_WAITING),
         CardRemoved: (Row(_G.ALWAYS, _S.NO_CARD),),
         PinEntered: _stay(),
         SignInCancelled: _stay(),
@@ -348,6 +360,9 @@ class CardLifecycle:
         self.attempt = 0  # the number of the newest sign-in attempt; 0 before the first
         self.losses = 0  # card-session processes lost since the card was inserted
         self.waiting = ""  # what status says while the machine waits for re-insertion
+        # Why the card waited for re-insertion when it was last removed: a card pcscd shows again after
+        # restarting (nobody re-inserted it) goes on waiting for it. "" when it did not wait.
+        self.waited_before_removal = ""
 
     @property
     def status(self) -> str:
@@ -358,13 +373,13 @@ class CardLifecycle:
 
     def handle(self, event: Event) -> list[Effect]:
         row = self._row(event)
-        fields = vars(event)
+        fields = {**vars(event), "waited": self._wait_to_keep()}
         effects = [self._act(action, event, row) for action in row.do]
         if row.then is State.WAITING:
             self.waiting = row.waits.format(**fields)
         if row.then is not None:
             self.state = row.then
-        self._remember(event, row)
+        self._remember(event, row, waited=fields["waited"])
         return effects
 
     def _row(self, event: Event) -> Row:
@@ -379,11 +394,13 @@ class CardLifecycle:
     def _holds(self, guard: Guard, event: Event) -> bool:
         if guard is Guard.ALWAYS:
             return True
-        if guard in (Guard.SAME_CARD, Guard.OTHER_CARD, Guard.SEEN_AGAIN):
+        if guard in (Guard.SAME_CARD, Guard.OTHER_CARD, Guard.SEEN_AGAIN, Guard.SEEN_AGAIN_WAITING):
             assert isinstance(event, CardInserted)
             if event.card == self.card:
                 return guard is Guard.SAME_CARD
-            return guard is (Guard.SEEN_AGAIN if event.after_reader_restart else Guard.OTHER_CARD)
+            if not event.after_reader_restart:
+                return guard is Guard.OTHER_CARD
+            return guard is (Guard.SEEN_AGAIN_WAITING if self._wait_to_keep() else Guard.SEEN_AGAIN)
         assert isinstance(event, (PinEntered, SignInCancelled, SignedIn, SignInFailed, SessionLost))  # carry attempt
         current = event.attempt == self.attempt
         if guard is Guard.CURRENT:
@@ -393,6 +410,11 @@ class CardLifecycle:
         if guard is Guard.LOSSES_LEFT:
             return current and self.losses + 1 < MAX_SESSION_LOSSES
         return current and self.losses + 1 >= MAX_SESSION_LOSSES  # NO_LOSSES_LEFT
+
+    def _wait_to_keep(self) -> str:
+        """Why the card waits for re-insertion, which a card seen again after pcscd restarted must not
+        end: the wait now, or the one the card was removed in."""
+        return self.waiting if self.state is State.WAITING else self.waited_before_removal
 
     def _act(self, action: Action, event: Event, row: Row) -> Effect:
         ends = row.ends.format(**vars(event))
@@ -407,11 +429,12 @@ class CardLifecycle:
             return EndSession(event.attempt, ends)
         return EndSession(self.attempt, ends)  # END_SESSION: the current attempt's session
 
-    def _remember(self, event: Event, row: Row) -> None:
+    def _remember(self, event: Event, row: Row, *, waited: str) -> None:
         if isinstance(event, CardInserted) and row.when is not Guard.SAME_CARD:
-            self.card, self.losses = event.card, 0
+            self.card, self.losses, self.waited_before_removal = event.card, 0, ""
         elif isinstance(event, CardRemoved):
-            self.card, self.losses = None, 0
+            # Kept only for a card seen again after pcscd restarted: any insertion forgets it.
+            self.card, self.losses, self.waited_before_removal = None, 0, waited
         elif isinstance(event, SessionLost) and row.when is not Guard.STALE and row.then is not None:
             self.losses += 1
 

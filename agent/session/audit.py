@@ -120,6 +120,16 @@ class AuditRecorder:
                 isinstance(error, WrongPinError) and error.pin_state is PinState.FINAL_TRY):
             self.record(AuditEvent.security_alert(AlertType.PIN_FINAL_TRY, str(error), user=user))
 
+    def sign_in_not_made(self, card: Card | None, reason: str, *, cancelled: bool) -> None:
+        """A sign-in that ended before any PIN was tried: a Login that failed, ``reason`` why.
+        ``cancelled``: the clinician gave it up (Cancel, the dialog's timeout, the card pulled),
+        outcome 4, as she may sign in again; else the card could not be used (it could not be read,
+        holds no usable identity, the PIN dialog could not be shown), outcome 8. ``card`` is None
+        when the card was never read (known by its reader alone: ``reason`` names it)."""
+        user = User("", "", card.label, card.serial) if card is not None else User("")
+        self.record(AuditEvent.user_login(user, outcome=Outcome.MINOR_FAILURE if cancelled else Outcome.SERIOUS_FAILURE,
+                                          reason=reason))
+
     def signed_out(self, reason: str) -> None:
         if self.user is None:
             return

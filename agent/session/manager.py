@@ -11,6 +11,7 @@ card-session process, and with it every connection, resumable session, the PIN a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -60,7 +61,7 @@ from dicom_card_agent.session.supervisor import (
     CardSessionUnresponsive,
     describe_exit,
 )
-from dicom_card_agent.token.login import LoginError, waiting_reason
+from dicom_card_agent.token.login import LoginError, PromptAskingFirst, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
 from dicom_card_agent.token.pin import reworded_dialogs
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
@@ -97,6 +98,11 @@ class _SignIn:
     cause: SignInCause = SignInCause.INSERTED  # why it started: any cause but an insertion asks first
     session: CardSession | None = None  # its card-session process, once started
     cannot_start: str | None = None  # what the system lacked, while waiting to try again
+    audited: bool = False  # its failure (or that it was given up) is in the audit trail: once only
+
+    def card_read(self) -> WatchedCard:
+        """The card as the sign-in knows it: its token once the probe read it, else as the loop saw it."""
+        return self.session.card if self.session is not None and self.session.card else self.card
 
 
 class SessionTotals(Totals):
@@ -183,6 +189,7 @@ class SessionManager:
         # The agent's stop flag (set by SIGTERM, SIGINT), given to start() and run(): once it is set,
         # no sign-in is started, whatever the machine asks (a session lost while the agent stops).
         self._stopping = threading.Event()
+        self._audit_once = threading.Lock()  # a sign-in's thread and the loop may both see it end
 
     # -- what the rest of the agent asks ----------------------------------------------------------
 
@@ -378,10 +385,15 @@ class SessionManager:
     # -- feeding the machine and carrying out its effects -----------------------------------------
 
     def _feed(self, happened: Event) -> None:
+        pending = self._sign_in
         effects = self.machine.handle(happened)
         for effect in effects:
             self._carry_out(effect)
         self._tell_unlooked_for(happened, effects)
+        if isinstance(happened, CardRemoved) and pending is not None \
+                and CancelSignIn(pending.attempt) in effects:  # she walked away from her sign-in
+            self._audit_no_sign_in(pending, "the card was removed during the sign-in" if pending.scope.pin_was_entered
+                                   else "the card was removed before the PIN was entered", cancelled=True)
         if isinstance(happened, SignedIn) and self.machine.state is State.SIGNED_IN:
             self._signed_in()
 
@@ -476,8 +488,9 @@ class SessionManager:
             self._learnt(attempt, found.card)
             directory = session.directory
             assert directory is not None  # made by open()
+            asking = _asking_first_on_terminal(config, pending.cause)
             with self._dialog_for(pending.cause):
-                signed_in, pin = scope.run(lambda: sign_in(config, self.module, found, directory,
+                signed_in, pin = scope.run(lambda: sign_in(asking, self.module, found, directory,
                                                            confirm_final_try=self.confirm_final_try))
             session.start(signed_in, pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
@@ -486,6 +499,7 @@ class SessionManager:
             if not scope.cancelled:  # the clinician pressed Cancel: say so, and how to try again
                 log.warning("%s", error)
                 self.desktop.sign_in_cancelled(error)
+                self._audit_no_sign_in(pending, str(error), cancelled=True)
                 self._report(SignInCancelled(attempt, self._no_pin_entered() if isinstance(error, PinEntryTimedOutError)
                                              else "PIN entry cancelled"))
             else:
@@ -507,7 +521,8 @@ class SessionManager:
             self.last_error = str(error)
             named = session.card or Card("", "")  # the probe names the card before any PIN is asked or refused
             event("pin-failure", **named.event_fields(), reason=str(error))
-            self.audit.sign_in_failed(named, error)
+            if self._first_audit_of(pending):
+                self.audit.sign_in_failed(named, error)
             self.desktop.sign_in_refused(error)
             log.error("%s", error)
             self._report(SignInFailed(attempt, waiting_reason(error)))
@@ -524,12 +539,32 @@ class SessionManager:
             event("sign-in-failed", **(session.card or card).event_fields(), reason=message)
             log.error("sign-in to %s failed: %s", session.card or card, message)
             self.desktop.sign_in_failed(error)
+            self._audit_no_sign_in(pending, message, cancelled=False)
             self._report(SignInFailed(attempt, f"not signed in: {message}"))
             return None
         with self._lock:
             self._pending_sessions[attempt] = session
         self._report(SignedIn(attempt))
         return None
+
+    def _first_audit_of(self, pending: _SignIn) -> bool:
+        """Whether the end of ``pending`` is not yet in the audit trail (and now counts as being):
+        its thread and the loop may both see it end (a Cancel as the card is pulled)."""
+        with self._audit_once:
+            first, pending.audited = not pending.audited, True
+        return first
+
+    def _audit_no_sign_in(self, pending: _SignIn, reason: str, *, cancelled: bool) -> None:
+        """A failed Login for a sign-in that ended other than by a refused PIN (docs/audit.md), once
+        per sign-in: one ends so at most once per insertion (the card then waits to be re-inserted),
+        so nothing repeats the record by itself."""
+        if not self._first_audit_of(pending):
+            return
+        card = pending.card_read()
+        if isinstance(card, Card):
+            self.audit.sign_in_not_made(card, reason, cancelled=cancelled)
+        else:  # never read: its reader is all that is known of it
+            self.audit.sign_in_not_made(None, f"{card}: {reason}", cancelled=cancelled)
 
     @staticmethod
     def _dialog_for(cause: SignInCause) -> contextlib.AbstractContextManager[None]:
@@ -671,6 +706,7 @@ class SessionManager:
             return
         reason = self._no_pin_entered()
         self.desktop.sign_in_cancelled()
+        self._audit_no_sign_in(pending, reason, cancelled=True)
         pending.scope.cancel(reason)
         self._sign_in = None
         self._feed(SignInCancelled(pending.attempt, reason))
@@ -714,6 +750,16 @@ class SessionManager:
             self.touch()  # a long transfer is activity too
             return
         self._feed(IdleTimeout(timeout))
+
+
+def _asking_first_on_terminal(config: AgentConfig, cause: SignInCause) -> AgentConfig:
+    """``config`` for the sign-in of ``cause``: with the ``prompt`` PIN source, one the clinician did
+    not start by inserting her card asks first on the terminal, as the PIN dialog does (_dialog_for):
+    what she was typing there (the rest of a PIN for a prompt that went away) must not be a PIN try."""
+    if not cause.asks_first or config.identity.pin.kind != "prompt":
+        return config
+    pin = PromptAskingFirst("prompt", reword=functools.partial(asking_first, cause=cause))
+    return dataclasses.replace(config, identity=dataclasses.replace(config.identity, pin=pin))
 
 
 def _system_shortage(error: BaseException) -> bool:
