@@ -35,7 +35,6 @@ that a card inserted there is seen as soon as before.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -49,6 +48,7 @@ from pkcs11.exceptions import DeviceRemoved, PKCS11Error, SlotIDInvalid, TokenNo
 from pkcs11.types import Slot, Token
 
 from dicom_card_agent.card.pcsc import PcscEventSource, PcscUnavailable
+from dicom_card_agent.descriptors import descriptors_exhausted
 from dicom_card_agent.token.discovery import matching_tokens, token_serial, tokens_in
 from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
 
@@ -235,10 +235,10 @@ class CardWatcher:
         if not MODULE_CALLS.acquire(timeout=BUSY_WAIT_SECONDS):
             raise ModuleBusy()
         try:
-            if _descriptors_exhausted():  # the module would fail, or see no token, for want of files
+            if descriptors_exhausted():  # the module would fail, or see no token, for want of files
                 raise DescriptorsExhausted()
             tokens = self._present_tokens()
-            if not tokens and _descriptors_exhausted():
+            if not tokens and descriptors_exhausted():
                 raise DescriptorsExhausted()
             self._answered()
             for gone in self._order.note([Card(t.label, token_serial(t)) for t in tokens]):
@@ -254,7 +254,7 @@ class CardWatcher:
             self._answered()
             return None
         except PKCS11Error as error:
-            if _descriptors_exhausted():
+            if descriptors_exhausted():
                 raise DescriptorsExhausted() from None
             self._failed_look(error)
             return None  # failing for longer than the grace: the reader counts as empty
@@ -447,21 +447,3 @@ def _removable(slot: Slot) -> bool:
 def _error_name(error: PKCS11Error) -> str:
     """python-pkcs11's errors have no message: their class names the CKR_ code."""
     return str(error) or type(error).__name__
-
-
-DESCRIPTOR_HEADROOM = 8  # files a PKCS#11 module may open to answer (SoftHSM reads its token files)
-
-
-def _descriptors_exhausted() -> bool:
-    """True when this process cannot open a few more files: the PKCS#11 module would fail, or
-    (SoftHSM) answer that no token is there, which must not pass for a pulled card."""
-    opened: list[int] = []
-    try:
-        for _ in range(DESCRIPTOR_HEADROOM):
-            opened.append(os.open(os.devnull, os.O_RDONLY))
-    except OSError as error:
-        return error.errno in (errno.EMFILE, errno.ENFILE)
-    finally:
-        for fd in opened:
-            os.close(fd)
-    return False
