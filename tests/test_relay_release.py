@@ -148,8 +148,8 @@ def test_a_pacs_that_never_answers_the_release_request_is_given_up_after_the_art
 def test_a_pacs_close_notify_mid_association_is_a_warning_and_the_association_end(
         test_pki: ProvisionedPki, tmp_path: Path) -> None:
     """A hostile PACS (a real one ends an association with A-RELEASE or A-ABORT): it accepts and then
-    sends TLS close_notify. The application gets the end of stream (tests/test_relay_tls_records.py);
-    the log used to say nothing and the audit trail's Association End "open"."""
+    sends TLS close_notify. The application gets an A-ABORT and the end of stream (it used to get the
+    end of stream alone); the log used to say nothing and the audit trail's Association End "open"."""
     def serve(context: ssl.SSLContext, raw: socket.socket) -> None:
         with context.wrap_socket(raw, server_side=True) as tls:
             tls.sendall(accept_for(read_pdu(tls)))
@@ -169,7 +169,8 @@ def test_a_pacs_close_notify_mid_association_is_a_warning_and_the_association_en
     finally:
         server.close()
     assert server.error is None, repr(server.error)
-    assert [pdu[:1] for pdu in pdus] == [bytes([A_ASSOCIATE_AC]), b""]
+    assert [pdu[:1] for pdu in pdus] == [bytes([A_ASSOCIATE_AC]), bytes([A_ABORT]), b""]
+    assert pdus[1] == bytes([A_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 0])  # DICOM UL service-provider, reason-not-specified
     closed = "closed the connection (TLS close_notify) in the middle of the association, without A-RELEASE or A-ABORT"
     assert any(line.endswith(f"server 127.0.0.1:{server.port} {closed}") and "WARNING: tunnel pacs: " in line
                for line in log.splitlines()), log

@@ -46,8 +46,8 @@ def relayed(log: str) -> list[tuple[str, int, int]]:
 def counts(accepted: int, rejected: int, refused: int, full: int, resumed: int, up: int, down: int,
            failed: dict[str, int] | None = None, broken: dict[str, int] | None = None,
            **turned_away: dict[str, int]) -> dict:
-    associations = {"accepted": accepted, "rejected": rejected, "refused": refused, "failed": failed or {},
-                    "broken": broken or {}}
+    associations = {"accepted": accepted, "rejected": rejected, "aborted": 0, "refused": refused,
+                    "failed": failed or {}, "broken": broken or {}}
     return {"associations": {**associations, **turned_away}, "handshakes": {"full": full, "resumed": resumed},
             "bytes_up": up, "bytes_down": down}
 

@@ -97,6 +97,7 @@ def _describe_counts(counts: dict, rejected_by: str, up: str, down: str) -> str:
     broke_off = f" ({sum(broken.values())} broke off: {_reasons(broken)})" if broken else ""
     parts = [f"{associations['accepted']} associations accepted{broke_off}",
              f"{associations['rejected']} {rejected_by}",
+             *([f"{associations['aborted']} aborted instead of an answer"] if associations.get("aborted") else []),
              f"{associations['refused']} refused by the association rules",
              f"{sum(associations['failed'].values())} failed{_by_reason(associations['failed'])}"]
     if "turned_away" in associations:

@@ -100,8 +100,9 @@ class AgentCollector:
         live = answered if answered is not None else {}
         labels = ["listener", "kind"]
         associations = CounterMetricFamily(
-            f"{PREFIX}_associations", "Associations by outcome: accepted, rejected (by the acceptor), refused (by "
-            "the tunnel's association rules), failed (with its reason)", labels=[*labels, "outcome", "reason"])
+            f"{PREFIX}_associations", "Associations by outcome: accepted, rejected (by the acceptor), aborted (by "
+            "the acceptor instead of an answer), refused (by the tunnel's association rules), failed (with its "
+            "reason)", labels=[*labels, "outcome", "reason"])
         broken = CounterMetricFamily(
             f"{PREFIX}_associations_broken", "Accepted associations that ended by a failure instead of their "
             "release, by reason: pacs_stopped_answering, connection, malformed, card_session_ended (each also "
@@ -123,7 +124,7 @@ class AgentCollector:
             current = live.get(name, {})
             counts = self.manager.totals.since_start(name)
             key = [name, kind]
-            for outcome in ("accepted", "rejected", "refused"):
+            for outcome in ("accepted", "rejected", "aborted", "refused"):
                 associations.add_metric([*key, outcome, ""], counts["associations"].get(outcome, 0))
             for reason, number in sorted(counts["associations"].get("failed", {}).items()):
                 associations.add_metric([*key, "failed", reason], number)

@@ -8,8 +8,10 @@ plain dicts (JSON on the session channel and in ``status``) of the shape :func:`
 
 Association outcomes are exclusive, one per connection that reached the association stage:
 ``accepted`` (A-ASSOCIATE-AC), ``rejected`` (A-ASSOCIATE-RJ from the acceptor: the PACS, or the
-local SCP of an inbound listener), ``refused`` (by the tunnel's association rules), or ``failed``
-before any answer, by one of :data:`FAILURE_REASONS`. An accepted association that breaks later
+local SCP of an inbound listener), ``aborted`` (an A-ABORT from the acceptor in place of its
+answer, which PS3.8 9.2 allows: turned down too, but without saying why as a rejection does),
+``refused`` (by the tunnel's association rules), or ``failed`` before any answer, by one of
+:data:`FAILURE_REASONS`. An accepted association that breaks later
 stays ``accepted``, and is also counted in ``broken`` by one of :data:`BROKEN_REASONS` (its
 failure is the tunnel's ``last_error``).
 """
@@ -19,6 +21,9 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from typing import Any
+
+# The outcomes counted by themselves (``failed`` is counted by its reason).
+OUTCOMES = ("accepted", "rejected", "aborted", "refused")
 
 FAILURE_REASONS = {
     "connect": "the PACS (or, inbound, the local storage SCP) could not be reached",
@@ -78,7 +83,7 @@ def cumulative_buckets(histogram: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def empty_counts() -> Counts:
-    return {"associations": {"accepted": 0, "rejected": 0, "refused": 0, "failed": {}, "broken": {}},
+    return {"associations": {"accepted": 0, "rejected": 0, "aborted": 0, "refused": 0, "failed": {}, "broken": {}},
             "handshakes": {"full": 0, "resumed": 0}, "bytes_up": 0, "bytes_down": 0}
 
 
@@ -103,12 +108,13 @@ class SessionCounts:
         self._durations = {name: empty_histogram() for name in DURATIONS}
 
     def association(self, outcome: str, reason: str | None = None) -> None:
-        """``outcome``: accepted, rejected, refused or failed (then ``reason``, one of FAILURE_REASONS)."""
+        """``outcome``: one of OUTCOMES, or failed (then ``reason``, one of FAILURE_REASONS)."""
         with self._lock:
             if outcome == "failed":
                 assert reason in FAILURE_REASONS, reason
                 self._failed[reason] += 1
             else:
+                assert outcome in OUTCOMES, outcome
                 self._associations[outcome] += 1
 
     def broken(self, reason: str) -> None:

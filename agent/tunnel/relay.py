@@ -4,7 +4,8 @@ Each connection has its own thread, which owns the TLS object (an ``ssl.SSLObjec
 BIOs, so the relay decides every read and write) and both sockets. The handshake, and with it the
 token's signature, runs in that thread with the GIL released: a slow card never stalls data
 flowing in other connections. The relay is byte-exact and full-duplex, and forwards half-closes
-(local EOF becomes TLS close_notify; the server's close_notify becomes a local FIN).
+(local EOF becomes TLS close_notify; the server's close_notify becomes a local FIN, after an
+A-ABORT if it came in the middle of an accepted association).
 
 It watches PDU boundaries in the server-to-application direction so that, when something fails,
 the application gets a well-formed A-ASSOCIATE-RJ (association not yet accepted) or A-ABORT
@@ -628,18 +629,22 @@ def _request_before_connecting(runtime: TunnelRuntime, local: socket.socket, pee
     except OSError:
         return None  # the application went away
     except MalformedPduError as error:
-        answer, what, message = abort_pdu(error), "malformed-pdu", f"malformed PDU from the application: {error}"
+        message = f"malformed PDU from the application: {error}"
+        runtime.count(error=message)
         runtime.tally.association("failed", "malformed")
-    else:
-        if isinstance(decision, Forward):
-            return received
-        answer, what, message = decision.reject_pdu, "association-refused", _refusal_message(association, decision)
-        runtime.tally.association("refused")
+        _tell_malformed(runtime, peer, message, "the application",
+                        _association_fields(runtime, association, peer, requestor_is_local=True))
+        _send_and_close(local, abort_pdu(error))
+        return None
+    if isinstance(decision, Forward):
+        return received
+    message = _refusal_message(association, decision)
     runtime.count(error=message)
+    runtime.tally.association("refused")
     log.warning("tunnel %s: %s: %s", runtime.config.name, peer, message)
     runtime.report("security-alert", {**_association_fields(runtime, association, peer, requestor_is_local=True),
-                                      "what": what, "reason": message})
-    _send_and_close(local, answer)
+                                      "what": "association-refused", "reason": message})
+    _send_and_close(local, decision.reject_pdu)
     return None
 
 
@@ -683,9 +688,10 @@ def _count_association(runtime: TunnelRuntime | InboundRuntime, relay: _Relay) -
     if relay.refusal is not None:
         runtime.tally.association("refused")
     elif association.answer == "none" and relay.acceptor_aborted:
-        # PS3.8 9.2 lets an acceptor answer the A-ASSOCIATE-RQ with an A-ABORT: the association was
-        # turned down, by the acceptor, as an A-ASSOCIATE-RJ turns it down.
-        runtime.tally.association("rejected")
+        # PS3.8 9.2 lets an acceptor answer the A-ASSOCIATE-RQ with an A-ABORT: turned down by the
+        # acceptor, as by an A-ASSOCIATE-RJ, but without a reason; an outcome of its own tells an
+        # administrator which of the two a PACS does.
+        runtime.tally.association("aborted")
     elif association.answer in ("accepted", "rejected"):
         runtime.tally.association(association.answer)
         if association.answer == "accepted" and relay.failure is not None:
@@ -813,13 +819,43 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
 
 
 _handshake_refusals = RefusalLog(log)
+_tunnel_malformed_pdus = RefusalLog(log, kind="tunnel")
+_inbound_malformed_pdus = RefusalLog(log)
+MALFORMED_STAGE = "on a malformed PDU"
 
 
 def tell_refusal_counts() -> None:
     """Log (and report, for the audit trail) every refusal count not told yet: the card session is
     ending, and its process with the counts."""
-    for refusals in (_inbound_refusals, _capacity_refusals, _handshake_refusals):
+    for refusals in (_inbound_refusals, _capacity_refusals, _handshake_refusals, _tunnel_malformed_pdus,
+                     _inbound_malformed_pdus):
         refusals.flush(ending=True)
+
+
+def _tell_malformed(runtime: TunnelRuntime | InboundRuntime, peer: str, message: str, sender: str,
+                    fields: dict[str, Any]) -> None:
+    """Log and report (an audit Security Alert with the association's ``fields``) a malformed PDU
+    from ``sender``, as refused handshakes are: in full once a minute per listener, connection's
+    peer (a local user, a PACS's host) and sender, then with the count of the others, so that a
+    peer sending garbage on connection after connection fills neither the journal nor the audit
+    trail (each alert is ~1.5 KB), and no malformed PDU goes uncounted."""
+    tunnel = isinstance(runtime, TunnelRuntime)
+    source = peer.split(" pid ", 1)[0] if tunnel else peer.rsplit(":", 1)[0]
+    counted = functools.partial(_report_malformed_count, runtime.report, fields, source, sender)
+    malformed_pdus = _tunnel_malformed_pdus if tunnel else _inbound_malformed_pdus
+    if malformed_pdus.refused(runtime.config.name, source, f"sent by {sender}", stage=MALFORMED_STAGE,
+                              first_line=f"{peer}: {message}", counted=counted):
+        runtime.report("security-alert", {**fields, "what": "malformed-pdu", "reason": message})
+
+
+def _report_malformed_count(report: Report, fields: dict[str, Any], source: str, sender: str, count: int,
+                            seconds: float) -> None:
+    """The audit Security Alert for the malformed PDUs after the one reported in full (``fields``: the
+    latest one's association), worded as the log line that counts them."""
+    report("security-alert", {
+        **fields, "what": "malformed-pdu",
+        "reason": f"closed {count} more connection{'s' if count > 1 else ''} from {source} {MALFORMED_STAGE} in "
+                  f"the last {seconds:.0f} s: sent by {sender}"})
 
 
 def _refuse_handshake(runtime: InboundRuntime, peer: str, error: Exception) -> None:
@@ -882,11 +918,10 @@ def _abort_malformed_request(runtime: InboundRuntime, tls: _Tls, remote: socket.
     message = f"malformed PDU from the PACS at {peer}: {error}"
     runtime.count(error=message)
     runtime.tally.association("failed", "malformed")
-    log.warning("inbound %s: %s: %s", runtime.config.name, peer, message)
     association = Association(runtime.config.association, runtime.username)
-    runtime.report("security-alert", {**_association_fields(runtime, association, peer, requestor_is_local=False,
-                                                            peer_subject=client),
-                                      "what": "malformed-pdu", "reason": message})
+    _tell_malformed(runtime, peer, message, "the PACS", _association_fields(runtime, association, peer,
+                                                                            requestor_is_local=False,
+                                                                            peer_subject=client))
     _reject_over_tls(tls, remote, abort_pdu(error))
 
 
@@ -1231,6 +1266,38 @@ def _peer_gone(error: OSError) -> bool:
     return isinstance(error, (ConnectionResetError, BrokenPipeError)) or error.errno in PEER_STOPPED_ANSWERING_ERRNOS
 
 
+class _Passing:
+    """What of one direction's bytes the relay passes on as they come: all of them, but the start of
+    a PDU not yet whole unless it is a P-DATA-TF past its header. That start is withheld until its
+    PDU is whole (an association PDU is small and limited: agent/dicom/pdu.py), so that the far side,
+    should the PDU be malformed, is still at a PDU boundary, where it can read an A-ABORT. A
+    P-DATA-TF is streamed (held whole, a bulk transfer would wait for each PDU): one malformed in
+    its middle leaves the far side half a PDU, and only the connection's close."""
+
+    def __init__(self) -> None:
+        self.withheld = bytearray()
+        self.at_boundary = True  # what was passed on ends at a PDU boundary
+
+    def passed(self, framer: PduFramer, data: bytes | memoryview) -> bytes | memoryview:
+        """What to pass on, now that ``data`` was fed to ``framer`` without error."""
+        keep = _to_withhold(framer)
+        self.at_boundary = framer.at_boundary or keep > 0
+        if not keep and not self.withheld:
+            return data  # the usual case: no copy
+        whole = self.withheld + data
+        cut = len(whole) - keep
+        self.withheld = whole[cut:]
+        return bytes(whole[:cut])
+
+
+def _to_withhold(framer: PduFramer) -> int:
+    """The bytes of the PDU ``framer`` is in that are to wait for the rest of it: an association
+    PDU's, or a P-DATA-TF's while its header is incomplete (its length may be refused)."""
+    if framer.at_boundary or (framer.current_type == P_DATA_TF and framer.remaining_in_pdu is not None):
+        return 0
+    return framer.bytes_into_pdu
+
+
 class _Relay:
     """Moves bytes between a plain local socket and a TLS connection, watching the association.
 
@@ -1268,9 +1335,9 @@ class _Relay:
         self.held_request: bytearray | None = bytearray()  # the requestor's bytes until its A-ASSOCIATE-RQ is whole
         self.refusal: Refuse | None = None
         self.malformed: MalformedPduError | None = None  # from either side: ends the association with A-ABORT
-        # Whether the acceptor's bytes the requestor got end at a PDU boundary, once a read of them was
-        # dropped as malformed; None before: then all that the acceptor framer read was passed on.
-        self.acceptor_bytes_passed_end_at_boundary: bool | None = None
+        self.malformed_by_acceptor = False  # then sent by the acceptor, which is told with an A-ABORT too
+        self.requestor_passing = _Passing()  # what of the requestor's bytes went on to the acceptor
+        self.acceptor_passing = _Passing()  # and of the acceptor's bytes to the requestor
         self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the requestor
         self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor
         self._to_tell: list[Callable[[], None]] = []  # log lines and reports about what is being passed on
@@ -1341,7 +1408,8 @@ class _Relay:
         self._tell_what_passed()
         if self.failure is not None:
             self.runtime.count(error=self.failure.message)
-            log.warning("%s: %s: %s", self._where(), self.peer, self.failure.message)
+            if self.malformed is None:  # else told as it was read, once a minute at most (_tell_malformed)
+                log.warning("%s: %s: %s", self._where(), self.peer, self.failure.message)
 
     def finish(self) -> None:
         """The connection's last words, once its end was logged and reported: they may wait for the
@@ -1350,10 +1418,10 @@ class _Relay:
         Each wait is bounded, and none outlasts the session."""
         if self.failure is not None:
             if self.requestor_is_local:
-                self._end_remote()
+                self._end_remote(self._abort_for_malformed_acceptor())
                 self._tell_local_requestor()
             else:
-                self._end_local()
+                self._end_local(self._abort_for_malformed_acceptor())
                 self._tell_remote_requestor()
         elif self.local_close_awaited:
             _linger_for_close(self.local, time.monotonic() + LOCAL_CLOSE_WAIT, self.runtime.ending)
@@ -1380,8 +1448,10 @@ class _Relay:
             pass
         self.to_remote.clear()
 
-    def _end_local(self) -> None:
-        """Flush what the local acceptor should still get (an A-ABORT we queued) and close our side."""
+    def _end_local(self, pdu: bytes = b"") -> None:
+        """Flush what the local acceptor should still get (an A-ABORT we queued, or ``pdu``, one we
+        wrote) and close our side."""
+        self.to_local += pdu
         try:
             self.local.settimeout(1.0)
             self.local.sendall(self.to_local)
@@ -1575,6 +1645,7 @@ class _Relay:
         buffer = self._read_buffer
         filled = 0
         failed: ssl.SSLError | None = None
+        closed = False
         while self.failure is None:
             try:
                 # With a buffer, read() returns how many bytes it wrote there (typeshed says bytes).
@@ -1582,13 +1653,13 @@ class _Relay:
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self._remote_closed()
+                closed = True
                 break
             except ssl.SSLError as error:
                 failed = error  # what came before it was authenticated: it goes on first
                 break
             if not count:  # close_notify received while ours is not yet sent (ssl returns 0 then)
-                self._remote_closed()
+                closed = True
                 break
             filled += count
             if filled == len(buffer):
@@ -1596,6 +1667,8 @@ class _Relay:
                 filled = 0
         if filled:
             self._from_remote(buffer[:filled])
+        if closed:  # after what came before the close_notify, which may have ended the association
+            self._remote_closed()
         if failed is not None and self.failure is None:
             return self._remote_failed(failed)
         if self.to_local and self.failure is None:
@@ -1605,38 +1678,45 @@ class _Relay:
     def _remote_closed(self) -> None:
         """The TLS peer's close_notify, which becomes the application's FIN. A PACS that sends it while
         the application still holds the association (PS3.8 has it end with A-RELEASE or A-ABORT) is
-        news: a warning, and the association's end for the summary line and the audit trail."""
+        news: a warning, and the association's end for the summary line and the audit trail. An
+        accepted association is then ended for the application as PS3.8 ends one whose transport
+        closes (AA-4): with an A-ABORT from the service-provider before the FIN."""
         self.remote_done = True
-        if (self.requestor_is_local and not self.local_eof and self.association.request is not None
-                and not self._association_ended()):
+        if (self.failure is None and self.requestor_is_local and not self.local_eof
+                and self.association.request is not None and not self._association_ended()):
             self.association.end = CLOSED_MID_ASSOCIATION
             log.warning("%s: %s: server %s %s", self._where(), self.peer, self.runtime.config.remote,
                         CLOSED_MID_ASSOCIATION)
+            if self.association_answered and self.acceptor_passing.at_boundary:
+                self.to_local += abort_pdu()
+                self.association_over = True
 
     def _from_remote(self, plain: memoryview) -> None:
         """Decrypted bytes from the TLS peer, passed on (copied) before the buffer is read into again."""
         self.received_any = True
         out = self._from_acceptor(plain) if self.requestor_is_local else self._from_requestor(plain)
         if out:
-            self.bytes_down += len(plain)
-            self.runtime.count(down=len(plain))
+            self.bytes_down += len(out)
+            self.runtime.count(down=len(out))
             self.to_local += out
 
     # -- the association, from the requestor's side ------------------------------------------------
 
     def _from_requestor(self, data: bytes | memoryview) -> bytes | memoryview:
         """What to pass on to the acceptor: nothing until the A-ASSOCIATE-RQ is whole and decided."""
-        was_at_boundary = self.requestor_framer.at_boundary
         try:
             events = self.requestor_framer.feed(data)
             if self.held_request is not None:
                 self.held_request += data
                 return self._decide_request(events)
             self._inspect(events, from_requestor=True)
-            return data
+            return self.requestor_passing.passed(self.requestor_framer, data)
         except MalformedPduError as error:
-            self._malformed(error, "the application" if self.requestor_is_local else f"the PACS at {self.peer}")
-            if self.held_request is None and was_at_boundary:
+            if self.requestor_is_local:
+                self._malformed(error, "the application", "the application")
+            else:
+                self._malformed(error, f"the PACS at {self.peer}", "the PACS")
+            if self.held_request is None and self.requestor_passing.at_boundary:
                 return abort_pdu(error)  # the acceptor gets a clean end of the association too
             return b""
 
@@ -1655,7 +1735,7 @@ class _Relay:
                 self._security_alert("association-refused", self.failure.message)
                 return b""
             self._inspect(events[index + 1:], from_requestor=True)
-            return decision.pdu + rest
+            return decision.pdu + self.requestor_passing.passed(self.requestor_framer, rest)
         return b""
 
     # -- the association, from the acceptor's side -------------------------------------------------
@@ -1674,12 +1754,12 @@ class _Relay:
                     self._on_answer(event)
             self._inspect(events, from_requestor=False)
         except MalformedPduError as error:
-            self._malformed(error, f"the server {self.runtime.config.remote}" if self.requestor_is_local
-                            else f"the local SCP at {self.runtime.config.remote}")
-            if self.acceptor_bytes_passed_end_at_boundary is None:  # all of ``data`` is dropped
-                self.acceptor_bytes_passed_end_at_boundary = was_at_boundary
-            return b""
-        return data
+            self.malformed_by_acceptor = True
+            acceptor = (f"the server {self.runtime.config.remote}" if self.requestor_is_local
+                        else f"the local SCP at {self.runtime.config.remote}")
+            self._malformed(error, acceptor, acceptor)
+            return b""  # all of ``data`` is dropped
+        return self.acceptor_passing.passed(self.acceptor_framer, data)
 
     def _on_answer(self, event: AssociationPdu) -> None:
         if event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ) and self.association_answered:
@@ -1709,9 +1789,15 @@ class _Relay:
         abort = parse_a_abort(pdu).describe()
         self.acceptor_aborted = True
         self.association.end = f"aborted by the acceptor ({abort})"
+        acceptor = "the PACS" if self.requestor_is_local else "the local SCP"
         log.info("%s: %s: association %s aborted by %s%s: %s", self._where(), self.peer,
-                 self.association.describe_request(), "the PACS" if self.requestor_is_local else "the local SCP",
+                 self.association.describe_request(), acceptor,
                  "" if self.association_answered else " instead of an answer", abort)
+        if not self.association_answered:
+            # Turned down without an Association Begin: recorded as the association rules' refusal
+            # is, an Association Begin with a failure (PS3.15 A.5: outcome 4) that says why.
+            self._security_alert("association-aborted", f"association {self.association.describe_request()} "
+                                 f"aborted by {acceptor} instead of an answer: {abort}")
 
     def _tell_query(self, query: Query) -> None:
         self.runtime.report("query", {**self.association_fields(), **query_fields(query)})
@@ -1737,10 +1823,13 @@ class _Relay:
                     self.release_requested = True
                     self._await_pacs("answer the A-RELEASE-RQ")
 
-    def _malformed(self, error: MalformedPduError, source: str) -> None:
+    def _malformed(self, error: MalformedPduError, source: str, sender: str) -> None:
+        """A malformed PDU from ``source``; ``sender`` names it without what differs from one
+        connection to the next (the PACS's port), for counting them (:func:`_tell_malformed`)."""
         self.malformed = error
         self.failure = TunnelFailure(f"malformed PDU from {source}: {error}")
-        self._security_alert("malformed-pdu", self.failure.message)
+        self._tell_what_passed()
+        _tell_malformed(self.runtime, self.peer, self.failure.message, sender, self.association_fields())
 
     def association_fields(self) -> dict[str, Any]:
         return _association_fields(self.runtime, self.association, self.peer,
@@ -1793,12 +1882,9 @@ class _Relay:
     def _pdu_for_requestor(self) -> bytes | None:
         """A-ASSOCIATE-RJ before the answer, else A-ABORT; None when a PDU toward it is half-sent."""
         # A read from the acceptor that was malformed was dropped whole, wherever its framer stopped:
-        # what the requestor got then ends where that read began (a command set over the limit
-        # often fails mid-PDU after whole PDUs passed).
-        passed_at_boundary = self.acceptor_bytes_passed_end_at_boundary
-        if passed_at_boundary is None:
-            passed_at_boundary = self.acceptor_framer.at_boundary
-        if not passed_at_boundary:
+        # what the requestor got then ends where the last read passed on ended (a command set over
+        # the limit often fails mid-PDU after whole PDUs passed).
+        if not self.acceptor_passing.at_boundary:
             return None  # anything we add would corrupt the half-delivered PDU; closing says enough
         assert self.failure is not None
         if self.refusal is not None:
@@ -1806,6 +1892,14 @@ class _Relay:
         if self.association_answered or self.malformed is not None:
             return abort_pdu(self.malformed)
         return reject_pdu(transient=self.failure.transient)
+
+    def _abort_for_malformed_acceptor(self) -> bytes:
+        """The A-ABORT for an acceptor that sent a malformed PDU, if it can still read one: what it
+        was passed of the requestor's bytes ends at a PDU boundary. (A malformed PDU from the
+        requestor is answered toward the acceptor as it is read: see _from_requestor.)"""
+        if self.malformed is None or not self.malformed_by_acceptor or not self.requestor_passing.at_boundary:
+            return b""
+        return abort_pdu(self.malformed)
 
     def _tell_local_requestor(self) -> None:
         pdu = self._pdu_for_requestor()
