@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
@@ -23,7 +25,17 @@ from dicom_card_agent.session.supervisor import CardSessionUnresponsive
 from dicom_card_agent.trust.crls import CrlStore
 from dicom_card_agent.tunnel.accepting import AcceptBackoff
 from dicom_card_agent.tunnel.counters import DURATIONS_KEY, empty_counts
-from dicom_card_agent.tunnel.peer import PeerPolicy, PeerRefusedError, admit_peer, create_unix_listener
+from dicom_card_agent.tunnel.peer import (
+    SOCKET_FILE_CHECK_SECONDS,
+    PeerPolicy,
+    PeerRefusedError,
+    SocketFile,
+    admit_peer,
+    create_unix_listener,
+)
+
+if TYPE_CHECKING:
+    from dicom_card_agent.tunnel.server import Listeners
 
 log = logging.getLogger("agent.control")
 SOCKET_NAME = "control.sock"
@@ -49,38 +61,99 @@ class ControlServer:
         self.manager = manager
         # The supervisor's own look at [trust] crl, for `status`; card sessions read the files themselves.
         self.crls = crls if crls is not None else CrlStore(config.trust.crl)
+        self.listeners: Listeners | None = None  # for `status` to tell of a unix listener lost (set by the reloader)
         self.path = control_socket_path(config)
-        self.listener = create_unix_listener(str(self.path))
+        self.listener, self._socket_file = _listen_at(self.path)
         self.policy = PeerPolicy(frozenset({os.getuid()}))
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._backoff = AcceptBackoff(log, "control")
+        self._closing = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()  # a byte: look at the socket file now (SIGHUP), or stop
+        os.set_blocking(self._wake_write, False)
+        self._trouble: str | None = None  # why the socket could not be made again, as last logged
 
     def start(self) -> None:
         self._thread.start()
 
+    def check_socket_file(self) -> None:
+        """Look at the control socket's file now (SIGHUP) rather than at the next periodic look."""
+        self._wake()
+
     def close(self) -> None:
+        self._closing.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(2)
         self.listener.close()
+        if self._socket_file.lost() is None:  # never another agent's, made there since ours went
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _wake(self) -> None:
         try:
-            self.path.unlink()
-        except OSError:
-            pass
+            os.write(self._wake_write, b"x")
+        except (BlockingIOError, OSError):
+            pass  # full (it is woken anyway) or closed (stopping)
 
     def _serve(self) -> None:
         # Nothing ends this loop but close(): `status` and `lock` must answer all day.
-        while True:
+        next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
+        while not self._closing.is_set():
             try:
-                connection, _ = self.listener.accept()
-            except OSError as error:
-                if self.listener.fileno() == -1:
-                    return  # closed: the agent stops
-                self._backoff.failed("cannot accept control connections", error)
-                continue
-            try:
-                with connection:
-                    self._answer_one(connection)
-                self._backoff.succeeded()
-            except Exception as error:  # a bug or a lookup failure costs this request only
-                self._backoff.failed("a control request failed", error)
+                listener = self.listener
+                readable, _, _ = select.select([listener.fileno(), self._wake_read], [], [],
+                                               max(0.0, next_look - time.monotonic()))
+                if self._wake_read in readable:
+                    os.read(self._wake_read, 64)
+                if self._closing.is_set():
+                    return
+                if self._wake_read in readable or time.monotonic() >= next_look:
+                    self._keep_socket_file()
+                    next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
+                if listener.fileno() in readable and listener is self.listener:  # not closed: made again
+                    self._accept_one(listener)
+            except Exception as error:  # a bug costs one turn of the loop, not `status` and `lock` for good
+                self._backoff.failed("serving the control socket", error)
+                self._closing.wait(0.1)
+
+    def _accept_one(self, listener: socket.socket) -> None:
+        connection = self._backoff.accept(listener)
+        if connection is None:
+            return
+        try:
+            with connection:
+                self._answer_one(connection)
+            self._backoff.succeeded()
+        except Exception as error:  # a bug or a lookup failure costs this request only
+            self._backoff.failed("a control request failed", error)
+
+    def _keep_socket_file(self) -> None:
+        """Make the control socket again when its file is gone or is no longer ours (its runtime
+        directory removed at the user's last logout, cleaned by tmpfiles): `card-agent status` and
+        `card-agent lock` (the desktop's "Lock DICOM session") would find no agent. Logged once as
+        made again (WARNING), once per reason it cannot be (ERROR, tried again at every look)."""
+        lost = self._socket_file.lost()
+        if lost is None:
+            return
+        try:
+            listener, socket_file = _listen_at(self.path, make_directory_only=True)
+        except (CardAgentError, OSError) as error:
+            trouble = (f"control socket {self.path} {lost} and cannot be made again: {_reason(error)}; "
+                       "`card-agent status` and `card-agent lock` cannot reach this agent until it is (tried "
+                       f"again every {SOCKET_FILE_CHECK_SECONDS:g} s)")
+            if trouble != self._trouble:
+                log.error("%s", trouble)
+                self._trouble = trouble
+            return
+        old, self.listener, self._socket_file, self._trouble = self.listener, listener, socket_file, None
+        old.close()
+        log.warning("control socket %s %s while the agent ran (a login session's end, or a clean-up, removes "
+                    "runtime directories): made it again; `card-agent status` and `card-agent lock` reach the "
+                    "agent again", self.path, lost)
 
     def _answer_one(self, connection: socket.socket) -> None:
         try:
@@ -122,6 +195,7 @@ class ControlServer:
             answered = None  # what it serves is unknown: never "0 open" to an admin waiting to restart
         counters = answered if answered is not None else {}
         files = session.signed_in.files if session else None
+        listen_errors = self.listeners.socket_file_trouble() if self.listeners is not None else {}
         return {
             "state": manager.state,
             "identity": files.subject if files else None,
@@ -138,7 +212,9 @@ class ControlServer:
             "present_tokens": [{"label": card.label, "serial": card.serial} if isinstance(card, Card)
                                else {"reader": card.reader} for card in manager.watcher.present],
             "tunnels": [
-                {"name": t.name, "listen": str(t.listen), "remote": t.remote, **self._counters(t.name, answered)}
+                {"name": t.name, "listen": str(t.listen), "remote": t.remote, **self._counters(t.name, answered),
+                 # Why its unix socket file is missing and could not be made again; None while listening.
+                 "listen_error": listen_errors.get(t.name)}
                 for t in self.config.tunnels
             ],
             "inbound": [
@@ -169,6 +245,48 @@ class ControlServer:
             counts = {key: value for key, value in counts.items() if key != DURATIONS_KEY}
         return {**current, "this_session": counts if counts is not None else empty_counts(),
                 "since_start": since_start}
+
+
+def _listen_at(path: Path, *, make_directory_only: bool = False) -> tuple[socket.socket, SocketFile]:
+    """The control socket at ``path``, non-blocking (its loop waits in select), and its file.
+    ``make_directory_only``: the runtime directory itself may be made again, never its parents
+    (XDG_RUNTIME_DIR is logind's to make), with the checks it had at start (agent/session/identity.py)."""
+    if make_directory_only:
+        _make_runtime_directory_again(path.parent)
+    listener = create_unix_listener(str(path))
+    try:
+        listener.setblocking(False)
+        return listener, SocketFile.bound_at(str(path))
+    except OSError:
+        listener.close()
+        raise
+
+
+def _make_runtime_directory_again(directory: Path) -> None:
+    """The runtime directory as the agent made it at start: this user's own, 0700, no link. One
+    another user made meanwhile is refused: they could replace the control socket."""
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        raise CardAgentError(f"its parent {directory.parent} does not exist (the agent makes only its runtime "
+                             "directory, never XDG_RUNTIME_DIR: a new login session makes that)") from None
+    if not is_private_runtime_directory(directory):
+        try:
+            info = directory.lstat()
+            found = f"owned by uid {info.st_uid} with mode {info.st_mode & 0o7777:04o}"
+        except OSError as error:
+            found = str(error.strerror)
+        raise CardAgentError(f"the runtime directory {directory} is not a private directory of uid {os.getuid()} "
+                             f"(this agent's user, mode 0700, no symbolic link) but {found}: another user may have "
+                             f"made it; remove it and the agent makes it again")
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
 
 
 def _read_line(connection: socket.socket, timeout: float) -> bytes:

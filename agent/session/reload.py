@@ -5,6 +5,8 @@ one log line and an audit Security Alert (Software Configuration, minor failure)
 on. Otherwise new listeners are opened first (a port that is taken refuses the whole reload), the
 card session is brought up to date (agent/session/manager.py ``reconfigure``), then listeners no
 longer configured are closed; the change is logged and audited (Software Configuration, success).
+Whatever the file says, a SIGHUP also makes the control socket and the unix listeners again if
+their files were removed (agent/tunnel/server.py ``keep_socket_files``; they look every few seconds anyway).
 An error no check anticipated (a bug) costs that one reload: logged with its traceback and audited
 as a minor failure too, so that the audit trail has every reload that did not take effect.
 """
@@ -71,6 +73,7 @@ class Reloader:
         self.manager = manager
         self.listeners = listeners
         self.control_server = control_server
+        control_server.listeners = listeners  # `status` tells of a unix listener's socket file not made again
         self.audit = audit
         self._wanted = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,6 +94,12 @@ class Reloader:
                     self.reload()
                 except Exception as error:  # a bug must cost one reload, not every later one
                     self._failed(error)
+
+    def keep_socket_files(self) -> None:
+        """An administrator's SIGHUP after the runtime directory was removed: the socket files lost
+        are made again now, not at the next periodic look (logged by their owners either way)."""
+        self.control_server.check_socket_file()
+        self.listeners.keep_socket_files()
 
     def _failed(self, error: Exception) -> None:
         """A reload that ended in an error no check anticipated (a bug): logged with its traceback,
@@ -115,6 +124,7 @@ class Reloader:
             crls = crls_after_reload(new, self.settings, self.control_server.crls)
             commit = self.listeners.prepare(new)
         except CardAgentError as error:
+            self.keep_socket_files()  # a refused configuration is no reason to leave them lost
             message = REFUSED.format(reason=error)
             log.error("%s", message)
             self.audit.configuration_changed(message, applied=False)
@@ -123,6 +133,7 @@ class Reloader:
         logging.getLogger().setLevel(new.log_level.upper())
         session = self.manager.reconfigure(new)
         commit()
+        self.keep_socket_files()
         self.control_server.config, self.control_server.crls = new, crls
         self.settings = new
         message = f"SIGHUP: configuration {source} reloaded: {what}; {session}"

@@ -61,6 +61,7 @@ SOCKET_FILE_MODE = 0o600
 SHARED_SOCKET_DIRECTORY_MODE = 0o711
 SHARED_SOCKET_FILE_MODE = 0o666
 _STALE_PROBE_TIMEOUT = 1.0
+SOCKET_FILE_CHECK_SECONDS = 2.0  # how often the owners of unix listeners look at their files (SocketFile.lost)
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _NO_UID = 0xFFFFFFFF  # (uid_t)-1: what the kernel reports when no credentials were passed
 _HEX = frozenset(string.hexdigits)
@@ -867,6 +868,38 @@ def create_unix_listener(path: str, reachable_by: Iterable[int] = ()) -> socket.
                                    "choose another socket path") from None
         raise ListenerError(f"cannot listen on unix socket {path}: {error.strerror or error}") from None
     return sock
+
+
+@dataclass(frozen=True)
+class SocketFile:
+    """The file a unix listener of ours was bound to, by identity (device and inode).
+
+    A socket keeps listening when its file goes: logind removes /run/user/UID at the user's last
+    logout, tmpfiles and administrators clean directories. Nobody can connect to it any more then,
+    and nothing else tells: the listener's owner looks (one lstat) and makes it again."""
+
+    path: str
+    device: int
+    inode: int
+
+    @classmethod
+    def bound_at(cls, path: str) -> SocketFile:
+        """The socket file just bound at ``path`` (OSError when it is already gone)."""
+        info = os.lstat(path)
+        return cls(path, info.st_dev, info.st_ino)
+
+    def lost(self) -> str | None:
+        """How ``path`` stopped naming this socket ("was removed", ...); None while it does."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            directory = os.path.dirname(self.path)
+            return "was removed" if os.path.isdir(directory) else f"was removed with its directory {directory}"
+        except OSError as error:  # its directory was replaced by one we may not search (another user's)
+            return f"can no longer be looked at ({error.strerror})"
+        if (info.st_dev, info.st_ino) != (self.device, self.inode):
+            return "was replaced by another file"
+        return None
 
 
 def _ensure_socket_directory(directory: str, shared: bool) -> None:

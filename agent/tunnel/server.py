@@ -31,10 +31,12 @@ from dicom_card_agent.tunnel.admission import (
     is_allowed,
 )
 from dicom_card_agent.tunnel.peer import (
+    SOCKET_FILE_CHECK_SECONDS,
     Peer,
     PeerPolicy,
     PeerRefusedError,
     PortInUseError,
+    SocketFile,
     admit_peer,
     create_tcp_listener,
     create_unix_listener,
@@ -88,6 +90,11 @@ class Listeners:
         self._silent: dict[int, _Silent] = {}  # the accept thread's: inbound connections yet to send a byte
         self._lent_to: CardSession | None = None  # the card session accepting on the tunnels' sockets
         self._lent: set[int] = set()  # their descriptors (not in the selector meanwhile)
+        # The files of the unix listeners we bound (not systemd's), by path: looked at every
+        # SOCKET_FILE_CHECK_SECONDS and at SIGHUP (keep_socket_files); why one cannot be made again, by name.
+        self._socket_files: dict[str, SocketFile] = {}
+        self._socket_file_trouble: dict[str, str] = {}
+        self._next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
         try:
             listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
             for listener in listeners:
@@ -119,6 +126,11 @@ class Listeners:
                 sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=True)
             elif listen.unix_path:
                 sock = create_unix_listener(listen.unix_path, reachable_by=self.policies[listener.name].allowed_uids)
+                try:
+                    self._socket_files[listen.unix_path] = SocketFile.bound_at(listen.unix_path)
+                except OSError:
+                    sock.close()
+                    raise
             else:
                 assert listen.host is not None and listen.port is not None  # parse_listen: host:port when not unix:
                 sock = create_tcp_listener(listen.host, listen.port, unsafe_listen=listener.unsafe_listen)
@@ -150,50 +162,126 @@ class Listeners:
         """For a reload: open the sockets ``config`` has and these lack (listeners are matched by
         address); the returned function puts them in service and closes those ``config`` no longer
         has. Raises CardAgentError, with nothing changed, when a new socket cannot be had."""
-        kept = {str(listener.listen): sock for sock, listener in self.sockets.values()}
-        policies = {tunnel.name: PeerPolicy.allowing(tunnel.allowed_uids)
-                    for tunnel in config.tunnels}
-        old_policies, self.policies = self.policies, policies  # _open reads a unix socket's users from them
-        opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]] = []
-        chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
-        try:
-            listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
-            for listener in listeners:
-                sock = kept.get(str(listener.listen))
-                if sock is None:
-                    sock = self._open(listener)
-                    opened.append((sock, listener))
-                chosen[sock.fileno()] = (sock, listener)
-        except CardAgentError:
-            for sock, listener in opened:
-                sock.close()
-                if listener.listen.unix_path:
-                    _unlink(listener.listen.unix_path)
-            raise
-        finally:
-            self.policies = old_policies
+        # Under the lock: keep_socket_files (the accept thread) must neither replace a socket being
+        # matched here nor open one with the new policies set for a moment below.
+        with self._lock:
+            kept = {str(listener.listen): sock for sock, listener in self.sockets.values()}
+            policies = {tunnel.name: PeerPolicy.allowing(tunnel.allowed_uids)
+                        for tunnel in config.tunnels}
+            old_policies, self.policies = self.policies, policies  # _open reads a unix socket's users from them
+            opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]] = []
+            chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
+            try:
+                listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
+                for listener in listeners:
+                    sock = kept.get(str(listener.listen))
+                    if sock is None:
+                        sock = self._open(listener)
+                        opened.append((sock, listener))
+                    chosen[sock.fileno()] = (sock, listener)
+            except CardAgentError:
+                for sock, listener in opened:
+                    sock.close()
+                    if listener.listen.unix_path:
+                        self._remove_socket_file(listener.listen.unix_path)
+                raise
+            finally:
+                self.policies = old_policies
 
         def commit() -> None:
             with self._lock:
                 borrower = self._lent_to
                 if borrower is not None:  # it gets the new set below
                     self._take_back()
+                self._keep_sockets_made_again(chosen, [sock for sock, _ in opened])
                 retired = [(sock, listener) for fd, (sock, listener) in self.sockets.items() if fd not in chosen]
                 for sock, _ in opened:
                     self._selector.register(sock, selectors.EVENT_READ)
                 self.sockets, self.policies, self.config = chosen, policies, config
                 paths = {listener.listen.unix_path for _, listener in chosen.values()}
+                names = {listener.name for _, listener in chosen.values()}
+                self._socket_file_trouble = {name: trouble for name, trouble in self._socket_file_trouble.items()
+                                             if name in names}
                 for sock, listener in retired:
                     self._selector.unregister(sock)
-                    activated = sock.fileno() in self._activated_fds
                     self._activated_fds.discard(sock.fileno())
                     sock.close()
-                    if listener.listen.unix_path and listener.listen.unix_path not in paths and not activated:
-                        _unlink(listener.listen.unix_path)
+                    if listener.listen.unix_path and listener.listen.unix_path not in paths:
+                        self._remove_socket_file(listener.listen.unix_path)  # not systemd's: none recorded
                     log.info("%s %s: no longer listening on %s", _kind(listener), listener.name, listener.listen)
                 if borrower is not None:
                     self._lend(borrower)
         return commit
+
+    def _keep_sockets_made_again(self, chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]],
+                                 opened: list[socket.socket]) -> None:
+        """A socket ``prepare`` kept that :meth:`keep_socket_files` has replaced since (its file was
+        lost meanwhile): the new one is kept instead, not the closed one. Under ``self._lock``."""
+        current = {str(listener.listen): sock for sock, listener in self.sockets.values()}
+        for fd, (sock, listener) in list(chosen.items()):
+            now = current.get(str(listener.listen), sock)
+            if now is not sock and sock not in opened:
+                del chosen[fd]
+                chosen[now.fileno()] = (now, listener)
+
+    # -- unix listeners whose file was removed (docs/troubleshooting.md, "The runtime directory was removed") --
+
+    def keep_socket_files(self) -> None:
+        """Listen again on every unix listener whose socket file is gone or no longer ours (logind
+        removes /run/user/UID at the user's last logout, tmpfiles cleans directories): the socket
+        still listens, but no application can reach it. One lstat each; called every
+        SOCKET_FILE_CHECK_SECONDS by the accept loop, and at SIGHUP. systemd's sockets are its own."""
+        with self._lock:
+            self._next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
+            for fd, (sock, listener) in list(self.sockets.items()):
+                path = listener.listen.unix_path
+                socket_file = self._socket_files.get(path) if path and fd not in self._activated_fds else None
+                lost = socket_file.lost() if socket_file is not None else None
+                if lost is not None:
+                    self._listen_again(fd, sock, listener, lost)
+
+    def socket_file_trouble(self) -> dict[str, str]:
+        """Why a listener's socket file, lost, could not be made again (by listener name), for `status`."""
+        with self._lock:
+            return dict(self._socket_file_trouble)
+
+    def _listen_again(self, fd: int, sock: socket.socket, listener: TunnelConfig | InboundConfig, lost: str) -> None:
+        """A new socket at ``listener``'s path in place of ``sock`` (the same checks as at start:
+        a directory another user made is refused), lent to the card session if ``sock`` was. Under
+        ``self._lock``. Logged once when made again (WARNING), once per reason it cannot be (ERROR)."""
+        path = listener.listen.unix_path
+        try:
+            new = self._open(listener)
+        except CardAgentError as error:
+            trouble = (f"{_kind(listener)} {listener.name}: its socket file {path} {lost} and cannot be made again: "
+                       f"{error}; applications cannot connect there until it is (tried again every "
+                       f"{SOCKET_FILE_CHECK_SECONDS:g} s)")
+            if self._socket_file_trouble.get(listener.name) != trouble:
+                log.error("%s", trouble)
+                self._socket_file_trouble[listener.name] = trouble
+            return
+        borrower = self._lent_to
+        if borrower is not None:  # the card session accepts on copies of the old socket: it gets the new set
+            self._take_back()
+        self._selector.unregister(sock)
+        sockets = {other: entry for other, entry in self.sockets.items() if other != fd}
+        sock.close()
+        # A new dict, as a reload's commit makes: whoever reads self.sockets without the lock sees one or the other.
+        self.sockets = {**sockets, new.fileno(): (new, listener)}
+        self._selector.register(new, selectors.EVENT_READ)
+        if borrower is not None:
+            self._lend(borrower)
+        self._socket_file_trouble.pop(listener.name, None)
+        log.warning("%s %s: its socket file %s %s while the agent listened on it (a login session's end, or a "
+                    "clean-up, removes runtime directories): listening on a new one there; applications can "
+                    "connect again", _kind(listener), listener.name, path, lost)
+
+    def _remove_socket_file(self, path: str) -> None:
+        """Remove the socket file at ``path`` if it is still the one we bound (never another
+        process's, made there since ours was lost; never systemd's, of which none is recorded)."""
+        socket_file = self._socket_files.pop(path, None)
+        if socket_file is not None and socket_file.lost() is None:
+            _unlink(path)
 
     # -- lending the tunnels' sockets to the signed-in card session (agent/tunnel/lent_listeners.py) --
 
@@ -249,6 +337,8 @@ class Listeners:
                 self._tunnel_refusals.flush()
                 self._peer_refusals.flush()
                 self._close_silent(time.monotonic())
+                if time.monotonic() >= self._next_look:
+                    self.keep_socket_files()
                 for key, _ in self._selector.select(timeout=self._select_timeout()):
                     if isinstance(key.data, _Silent):
                         self._first_bytes_came(key.data)
@@ -464,11 +554,11 @@ class Listeners:
             silent.connection.close()
         for refusals in (self._refusals, self._tunnel_refusals, self._peer_refusals):
             refusals.flush(ending=True)
-        for fd, (sock, tunnel) in self.sockets.items():
+        for sock, tunnel in self.sockets.values():
             sock.close()
             # Inbound listeners are never unix sockets; systemd's sockets are its own to remove.
-            if tunnel.listen.unix_path and fd not in self._activated_fds:
-                _unlink(tunnel.listen.unix_path)
+            if tunnel.listen.unix_path:
+                self._remove_socket_file(tunnel.listen.unix_path)
         self.sockets.clear()
         self._selector.close()
 
