@@ -98,6 +98,12 @@ def port_of(table: dict[str, Any]) -> int:
     return int(table["listen"].rsplit(":", 1)[1])
 
 
+# [identity] token for the tests that switch between the SoftHSM tokens (alice, bob, ...) with one
+# stored PIN (env:CARD_PIN): a stored PIN goes to the first card only, unless the configuration
+# names the cards it is for (agent/token/pin.py StoredPinUse).
+ANY_SOFTHSM_TOKEN = "pkcs11:manufacturer=SoftHSM%20project"
+
+
 def tunnel(name: str, remote_port: int, **extra: Any) -> dict[str, Any]:
     return {"name": name, "listen": f"127.0.0.1:{free_port()}", "remote": f"127.0.0.1:{remote_port}",
             "server_name": "localhost", **extra}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent_runner import log_lines, running_agent, tunnel, wait_for
+from agent_runner import ANY_SOFTHSM_TOKEN, log_lines, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import echo, tls_scp
@@ -102,7 +102,7 @@ def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_waits_for
     serial = serials(test_pki)
     env = test_pki.env(**card.env())
     with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token=ANY_SOFTHSM_TOKEN,
                            module=str(fault_module), env=card.env()) as agent:
             assert status(tmp_path / "agent", env)["token"] == "alice"
             assert echo(agent.port())

@@ -16,7 +16,7 @@ from pathlib import Path
 import pydicom
 from cryptography import x509
 
-from agent_runner import associate_rq, running_agent, send_and_close, tunnel, wait_for
+from agent_runner import ANY_SOFTHSM_TOKEN, associate_rq, running_agent, send_and_close, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import parse_associate_rj
 from fault_pkcs11 import FaultControl
@@ -34,7 +34,7 @@ def test_card_lifecycle_on_a_shared_workstation(test_pki: ProvisionedPki, tmp_pa
     card.show("alice")
     card.remove_card()  # the agent starts with an empty reader
     with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token=ANY_SOFTHSM_TOKEN,
                            module=str(fault_module), env=card.env()) as agent:
             assert "ready: 1 tunnel(s) for nobody yet (no card inserted)" in agent.log()
             answer = send_and_close(agent.port(), associate_rq())
@@ -171,7 +171,7 @@ def test_pulling_the_card_during_a_200_mb_transfer(test_pki: ProvisionedPki, tmp
     big = large_object(tmp_path / "big.dcm", 200)
     out = tmp_path / "received"
     with dcmtk.storescp(out, tls=TlsServerFiles.from_pki(test_pki.pki), log_level="info") as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token=ANY_SOFTHSM_TOKEN,
                            module=str(fault_module), env=card.env()) as agent:
             agent.wait_for_log("event=sign-in ")
             store = subprocess.Popen(dcmtk.storescu_argv(agent.port(), [big], log_level="info"),

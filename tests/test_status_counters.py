@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 from agent_runner import (
+    ANY_SOFTHSM_TOKEN,
     associate_rq,
     card_session_pid,
     inbound_listener,
@@ -61,7 +62,7 @@ def test_status_counts_since_start_and_for_the_card_session(test_pki: Provisione
     # but the SCU's; a second tunnel leads to a port where nobody listens.
     with tls_scp(pki_dir=test_pki.pki, ae_title="ANY-SCP", require_called_aet=True) as pacs:
         tunnels = [tunnel("pacs", pacs.port, allowed_calling_ae_titles=[SCU]), tunnel("down", free_port())]
-        with running_agent(test_pki, tmp_path / "agent", tunnels, token="", module=str(fault_module),
+        with running_agent(test_pki, tmp_path / "agent", tunnels, token=ANY_SOFTHSM_TOKEN, module=str(fault_module),
                            env=card.env()) as agent:
             config = tmp_path / "agent" / "agent.toml"
             assert parse_associate_rj(send_and_close(agent.port(), associate_rq())).describe().startswith(

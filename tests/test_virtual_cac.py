@@ -52,6 +52,7 @@ OPENSC = "opensc"
 VERIFICATION = "1.2.840.10008.1.1"
 PROBE_SECONDS = 30  # OpenSC needs ~2.3 s to probe an inserted card; sign-in adds a login and the session start
 
+ANY_CAC_TOKEN = "pkcs11:manufacturer=Common%20Access%20Card"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
@@ -195,7 +196,7 @@ def test_pull_mid_transfer_then_a_second_card_then_the_first_again(
     big = large_object(tmp_path / "big.dcm", 150)
     out = tmp_path / "received"
     with storescp(out, tls=TlsServerFiles.from_pki(test_pki.pki)) as scp:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)], token="", module=OPENSC,
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", scp.port)], token=ANY_CAC_TOKEN, module=OPENSC,
                            agent=own_runtime_dir(tmp_path)) as agent:
             card_reader.insert(carol)
             agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
@@ -531,7 +532,7 @@ def test_the_card_loop_leaves_a_signed_in_card_alone_while_pcscd_reports_no_chan
     tokens again only on a change pcscd reports, or after TOKEN_INFO_SECONDS (the backstop). A
     card swapped in afterwards is still seen (the PC/SC event makes the next look read it)."""
     carol, dave = virtual_cards["carol"], virtual_cards["dave"]
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], token="", module=OPENSC,
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], token=ANY_CAC_TOKEN, module=OPENSC,
                        agent=own_runtime_dir(tmp_path)) as agent:
         agent.wait_for_log("card events: PC/SC events from pcscd")
         card_reader.insert(carol)

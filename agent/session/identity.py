@@ -10,11 +10,13 @@ process, which makes the one login attempt and checks the key (agent/session/wor
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from pkcs11.types import Token
 
+from dicom_card_agent.card.pcsc import PcscUnavailable, readers_with_a_card
+from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
 from dicom_card_agent.errors import CardAgentError
@@ -38,7 +42,7 @@ from dicom_card_agent.tls.provider import openssl_config, provider_key_pem
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.identities import KEY_HIDDEN_BEFORE_LOGIN, Identity, is_ca_certificate, list_identities
 from dicom_card_agent.token.module import LoadedModule
-from dicom_card_agent.token.pin import PinRequest
+from dicom_card_agent.token.pin import STORED_PIN_USE, CardName, PinRequest, StoredPinWithheldError
 from dicom_card_agent.token.profiles import ModuleProfile
 from dicom_card_agent.token.secret import Secret
 from dicom_card_agent.trust.anchors import TrustAnchors, TrustError
@@ -196,16 +200,19 @@ def sign_in(config: AgentConfig, module: LoadedModule, found: FoundCard, directo
     identity = _choose_for(config, found.identities, found.card.label, module.profile)
     chain = _chain(identity, found.identities, anchors)
     files = _write_files(directory, identity, chain)
+    give_stored_pin = _stored_pin_for(config, found.card)  # refused here: before the PIN is read
     pin = None if config.identity.pin.is_protected else config.identity.pin.read(
         pin_request(config, identity, found.pin_state, ask_final_try=not confirm_final_try))
     scope = current_scope()
-    if scope is not None:
-        try:
+    try:
+        if scope is not None:
             scope.pin_entered()  # a sign-in cancelled while the dialog was open stops here, before the card
-        except SignInCancelledError:
-            if pin is not None:
-                pin.wipe()
-            raise
+        if give_stored_pin is not None:
+            give_stored_pin()  # from here on the PIN is on its way to the card: recorded as given
+    except (SignInCancelledError, StoredPinWithheldError):
+        if pin is not None:
+            pin.wipe()
+        raise
     if not identity.tls.tls13:
         log.warning("identity %s: %s; its sessions use TLS 1.2", identity.subject, identity.tls.note)
     signed_in = SignedIn(identity, files, directory, identity.tls.tls13, identity.key_id,
@@ -236,10 +243,39 @@ def unusable_reason(config: AgentConfig, module: LoadedModule, token: Token) -> 
 
 
 def log_signed_in(signed_in: SignedIn, module: LoadedModule) -> None:
+    """The card-session process logged in and serves: say so. A stored PIN (env:, file:) that went to
+    this card is then known to be its card's: it may go to it again (:class:`StoredPinUse`)."""
     identity = signed_in.identity
+    STORED_PIN_USE.accepted_by(CardName(identity.token_label, identity.token_serial))
     log.info("signed in: %s (issuer %s) on token %r serial %s, %s %d, module %s (profile %s)", identity.subject,
              identity.certificate.issuer.rfc4514_string(), identity.token_label, identity.token_serial,
              identity.key_type.upper(), identity.key_size, module.path, module.profile.name)
+
+
+def _stored_pin_for(config: AgentConfig, card: Card) -> Callable[[], None] | None:
+    """For a PIN source that asks nobody (env:, file:): raise :class:`StoredPinWithheldError` when its
+    PIN may not go to ``card`` (another card's, several cards and none named, a try that did not end
+    signed in); else what records it as given, to be called once it is read. None for a PIN a person
+    gives (prompt, pinentry, PIN pad): she sees whose card it is."""
+    source = config.identity.pin
+    if not source.asks_nobody:
+        return None
+    selected = bool(config.identity.token)  # [identity] token names the card: the watcher takes no other
+    cards_present = () if selected or STORED_PIN_USE.card is not None else _readers_with_a_card()
+    name = CardName(card.label, card.serial)
+    reason = STORED_PIN_USE.refusal(str(source), name, cards_present=cards_present, selected=selected)
+    if reason is not None:
+        raise StoredPinWithheldError(reason)
+    return functools.partial(STORED_PIN_USE.given_to, str(source), name, cards_present=cards_present,
+                             selected=selected)
+
+
+def _readers_with_a_card() -> tuple[str, ...]:
+    """The readers holding a card, as pcscd tells; none known without pcscd (a module's own slots)."""
+    try:
+        return tuple(readers_with_a_card())
+    except PcscUnavailable:
+        return ()
 
 
 def check_key_after_login(identities: list[Identity], key_id: bytes, label: str) -> None:

@@ -3,6 +3,10 @@
 A PIN source hands out the PIN once per login attempt, as a :class:`Secret` the caller wipes.
 Only ``env:`` keeps a copy between sign-ins (it cannot be read again): one, locked in memory.
 See docs/pin-handling.md.
+
+A PIN source that asks nobody (``env:``, ``file:``) cannot tell one card from another: nobody looks
+at the card before its PIN goes. :class:`StoredPinUse` therefore gives it to one card only, the first
+it was given to, and to none after a try that did not end signed in (docs/configuration.md, ``pin``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import os
 import shutil
 import stat
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,6 +31,8 @@ from dicom_card_agent.token.pinentry import Confirmation, Pinentry
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
 
 PROTECTED = "protected"
+# The PIN sources that ask nobody: the agent alone would choose the card their PIN goes to.
+ASKS_NOBODY = ("env", "file")
 PINENTRY_PROGRAM = "the PIN dialog program"
 PINENTRY_RISK = "put a program of their own in its place, which the clinician would type the card's PIN into"
 MAX_PIN_FILE_BYTES = 4096
@@ -33,6 +40,10 @@ MAX_PIN_FILE_BYTES = 4096
 
 class PinUnavailableError(CardAgentError):
     """The configured PIN source cannot give a PIN."""
+
+
+class StoredPinWithheldError(PinUnavailableError):
+    """A PIN that asks nobody is not given to this card (:class:`StoredPinUse`); nothing was tried."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,11 @@ class PinSource:
     @property
     def is_protected(self) -> bool:
         return self.kind == PROTECTED
+
+    @property
+    def asks_nobody(self) -> bool:
+        """The PIN comes from the environment or a file: no person sees which card it goes to."""
+        return self.kind in ASKS_NOBODY
 
     @property
     def confirms_in_dialog(self) -> bool:
@@ -122,6 +138,87 @@ class PinSource:
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.target}" if self.target else self.kind
+
+
+@dataclass(frozen=True)
+class CardName:
+    """A card as a stored PIN knows it: its token's label and serial (slot ids are not stable)."""
+
+    label: str
+    serial: str
+
+    def __str__(self) -> str:
+        return f"token {self.label!r} serial {self.serial}"
+
+
+NO_TRY = "not signed in, no PIN tried"
+WOULD_SPEND = "a wrong PIN would spend one of the card's few tries"
+
+
+class StoredPinUse:
+    """Which card a PIN that asks nobody (``env:``, ``file:``) may go to, for the life of the agent
+    process. Nobody sees whose card is in the reader before the PIN goes, and each wrong try spends
+    one of that card's few: so the PIN goes to one card only, the first it goes to (the only card
+    there), unless [identity] token names the cards it is for (a ``pkcs11:`` URI may name several:
+    the admin's choice), and to none again after a try that did not end signed in. The supervisor cannot tell a wrong PIN from a card pulled, or a card-session process
+    lost, before the login's answer: either way that try is the last. Decisions only: the caller
+    says what happened (:meth:`given_to`, :meth:`accepted_by`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._card: CardName | None = None  # the card the PIN went to first: its card
+        self._unanswered = False  # it went to its card, and that sign-in has not been reported signed in
+
+    @property
+    def card(self) -> CardName | None:
+        """The card the PIN went to first; None before it went to any."""
+        with self._lock:
+            return self._card
+
+    def refusal(self, source: str, card: CardName, *, cards_present: Sequence[str] = (),
+                selected: bool = False) -> str | None:
+        """Why the PIN of ``source`` may not go to ``card`` now; None when it may. ``cards_present``:
+        the readers holding a card, as pcscd tells; ``selected``: [identity] token names the card."""
+        with self._lock:
+            return self._refusal(source, card, cards_present, selected)
+
+    def given_to(self, source: str, card: CardName, *, cards_present: Sequence[str] = (),
+                 selected: bool = False) -> None:
+        """The PIN goes to ``card`` now: decided again and recorded in one step (another sign-in may
+        have given it meanwhile); raises :class:`StoredPinWithheldError` when it may not."""
+        with self._lock:
+            reason = self._refusal(source, card, cards_present, selected)
+            if reason is not None:
+                raise StoredPinWithheldError(reason)
+            self._card, self._unanswered = card, True
+
+    def accepted_by(self, card: CardName) -> None:
+        """``card`` signed in with the PIN: it goes to that card again (a re-insertion, a lost session)."""
+        with self._lock:
+            if card == self._card:
+                self._unanswered = False
+
+    def _refusal(self, source: str, card: CardName, cards_present: Sequence[str], selected: bool) -> str | None:
+        if self._card is not None and self._unanswered:
+            return (f"the stored PIN ({source}) went to {self._card} and that sign-in did not end signed in (a wrong "
+                    "PIN, or the card left or its process ended before the card answered); it is not tried again, "
+                    f"on that card or another, until the agent restarts ({WOULD_SPEND}): {NO_TRY}. Check the PIN, "
+                    "then restart the agent")
+        if self._card is not None and card != self._card and not selected:
+            return (f"the stored PIN ({source}) belongs to {self._card}, the card this agent signed in with; another "
+                    f"card is not tried with it ({WOULD_SPEND}): {NO_TRY}. To sign in with this card, set [identity] "
+                    "token to its label and restart the agent, or use pin = \"pinentry\"")
+        if self._card is None and not selected and len(cards_present) > 1:
+            readers = ", ".join(repr(reader) for reader in cards_present)
+            return (f"{len(cards_present)} cards are in readers ({readers}) and the stored PIN ({source}) goes to one "
+                    f"card only; the agent does not guess which ({WOULD_SPEND}): {NO_TRY}. Set [identity] token to "
+                    "the label of the card the PIN belongs to, or leave only that card in its reader and insert it "
+                    "again")
+        return None
+
+
+# The one record for this process: whichever stored PIN source a reload puts in place, its card stays.
+STORED_PIN_USE = StoredPinUse()
 
 
 # How this thread's PIN dialog is to be reworded (agent/session/manager.py sets it for a sign-in the
