@@ -61,9 +61,9 @@ from dicom_card_agent.session.supervisor import (
     CardSessionUnresponsive,
     describe_exit,
 )
-from dicom_card_agent.token.login import LoginError, PromptAskingFirst, waiting_reason
+from dicom_card_agent.token.login import LoginError, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
-from dicom_card_agent.token.pin import reworded_dialogs
+from dicom_card_agent.token.pin import PromptAskingFirst, reworded_dialogs
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Counts, Totals, add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED, SUPERVISOR_SILENT

@@ -3,35 +3,20 @@
 Before each attempt the token's PIN flags are read again: a locked PIN is refused with what to
 do, a final try needs the caller's explicit confirmation, a low count is warned about. A wrong
 PIN is reported with what the card then says and is never retried here.
-
-A sign-in the clinician did not start by inserting her card asks first, on the terminal of the
-``prompt`` PIN source too (:class:`PromptAskingFirst`): keys typed before the question are thrown
-away, and only "y" goes on to the PIN.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import select
-import sys
-import termios
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from pkcs11 import PROTECTED_AUTH, TokenFlag
 from pkcs11.exceptions import PinExpired, PinIncorrect, PinInvalid, PinLenRange, PinLocked, UserAlreadyLoggedIn
 from pkcs11.types import Session, Token
 
-from dicom_card_agent.desktop.words import DialogWords
 from dicom_card_agent.errors import CardAgentError, ConfigError
-from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.token.discovery import PinState, refresh, token_serial
-from dicom_card_agent.token.pin import PinRequest, PinSource
-from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -111,65 +96,6 @@ class PinReader(Protocol):
     def is_protected(self) -> bool: ...
 
     def read(self, prompt: str) -> Secret: ...
-
-
-NOT_CONFIRMED = "not confirmed: nothing was sent to the card"
-NOT_CONFIRMED_IN_TIME = "not confirmed: the question timed out; nothing was sent to the card"
-_ANSWER_POLL_SECONDS = 0.2  # how often an unanswered question looks whether its sign-in was given up
-
-
-@dataclass(frozen=True)
-class PromptAskingFirst(PinSource):
-    """The ``prompt`` PIN source for a sign-in the clinician did not start by inserting her card
-    (agent/lifecycle/machine.py, ``SignInCause.asks_first``): before the PIN, the question the PIN
-    dialog asks (``reword`` gives the dialog's words for it), on the same terminal, default no. What
-    she was typing when it came (the rest of a PIN for the prompt that went) is no answer, nor a PIN."""
-
-    reword: Callable[[DialogWords], DialogWords] | None = None
-
-    def read(self, request: PinRequest | str) -> Secret:
-        if isinstance(request, PinRequest) and self.reword is not None:
-            words = self.reword(request.words)
-            if words.first_question is not None and not ask_on_terminal(
-                    f"{words.first_question}\n{words.first_ok.replace('_', '')}? [y/N] ", timeout=request.timeout):
-                raise PinEntryCancelledError(NOT_CONFIRMED)
-        return super().read(request)
-
-
-def ask_on_terminal(question: str, *, timeout: float | None = None) -> bool:
-    """Ask ``question`` on the terminal a ``prompt`` PIN is typed on (the controlling terminal, else
-    stdin, as :func:`getpass.getpass`); True only for "y" or "yes". Keys typed before it is shown
-    are discarded. False when the sign-in is given up meanwhile; raises
-    :class:`PinEntryTimedOutError` after ``timeout`` s without an answer."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-        owned, shown_on = True, fd
-    except OSError:
-        fd, owned, shown_on = sys.stdin.fileno(), False, sys.stderr.fileno()
-    try:
-        with contextlib.suppress(termios.error):  # stdin that is no terminal has nothing typed ahead
-            termios.tcflush(fd, termios.TCIFLUSH)
-        os.write(shown_on, f"\n{question}".encode())
-        answer = _answer(fd, timeout)
-        if answer is None:  # given up: the next line of the terminal is not the question's
-            os.write(shown_on, b"\n")
-        return answer is not None and answer.strip().lower() in (b"y", b"yes")
-    finally:
-        if owned:
-            os.close(fd)
-
-
-def _answer(fd: int, timeout: float | None) -> bytes | None:
-    """The line typed on ``fd`` (b"" for Ctrl-D), or None when the sign-in was given up."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    scope = current_scope()
-    while scope is None or not scope.cancelled:
-        if deadline is not None and time.monotonic() >= deadline:
-            raise PinEntryTimedOutError(NOT_CONFIRMED_IN_TIME)
-        readable, _, _ = select.select([fd], [], [], _ANSWER_POLL_SECONDS)
-        if readable:
-            return os.read(fd, 1024)
-    return None
 
 
 def check_before_login(
