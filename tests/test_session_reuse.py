@@ -162,7 +162,7 @@ def associate(tunnel: TunnelRuntime, port: int, tls: _Tls | None = None) -> _Tls
         if tls is None:
             tls = _handshake(tunnel, sock)
         else:
-            tls.handshake(sock, 5, contextlib.nullcontext(), tunnel.ending)
+            tls.handshake(sock, 5, None, tunnel.ending)
         sock.settimeout(5)  # the handshake leaves it non-blocking, for the relay's poll
         while True:  # the server's byte, behind its tickets: as the relay reads them before the session is kept
             try:

@@ -75,7 +75,13 @@ def connect_failure(remote: str, error: OSError, timeout: float) -> TunnelFailur
     return TunnelFailure(f"cannot reach the PACS at {remote}: {reason}", transient=True, cause=UNREACHABLE)
 
 
+class CardBusyError(TimeoutError):
+    """A handshake's signature could not start before its deadline: another held the card."""
+
+
 def handshake_failure(remote: str, error: Exception, identity: str, ca: str, server_name: str) -> TunnelFailure:
+    if isinstance(error, CardBusyError):
+        return TunnelFailure(f"TLS handshake with {remote} could not be made in time: {error}", transient=True)
     if isinstance(error, (socket.timeout, TimeoutError)):
         return TunnelFailure(f"TLS handshake with {remote} did not finish in time (slow card, or the server "
                              "stalled)", transient=True)

@@ -26,6 +26,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, cast
 
@@ -67,6 +68,7 @@ from dicom_card_agent.revocation.peer import PeerRevocation
 from dicom_card_agent.tls.failures import (
     PEER_STOPPED_ANSWERING_ERRNOS,
     UNREACHABLE,
+    CardBusyError,
     TunnelFailure,
     connect_failure,
     failure_after_handshake,
@@ -101,6 +103,7 @@ TELL_AFTER_MS = 1  # see _Relay._tell_what_passed
 
 
 TOKEN_LOCK = threading.Lock()
+LOCK_WAIT_SLICE = 0.1  # a handshake waiting for TOKEN_LOCK looks this often whether its session ended
 """Held around every step of a full handshake in this card session's process (one process, one token).
 
 A card computes one signature at a time; handing it several at once only queues them inside the
@@ -339,10 +342,12 @@ class _Tls:
     def pending_output(self) -> bytes:
         return self.outgoing.read() if self.outgoing.pending else b""
 
-    def handshake(self, sock: socket.socket, timeout: float, lock: contextlib.AbstractContextManager,
+    def handshake(self, sock: socket.socket, timeout: float, lock: threading.Lock | None,
                   ending: SessionEnd) -> None:
-        """Complete the handshake over ``sock``; OSError or ssl.SSLError when it fails,
-        :class:`SessionEndedError` when the card session ends while it waits for the peer."""
+        """Complete the handshake over ``sock``, each step holding ``lock`` (the token's, when it
+        signs); OSError or ssl.SSLError when it fails, :class:`SessionEndedError` when the card
+        session ends while it waits for the peer or the lock, :class:`CardBusyError` when the lock
+        is not free before the deadline."""
         started = time.monotonic()
         deadline = started + timeout
         buffer = read_buffer()
@@ -350,7 +355,7 @@ class _Tls:
         try:
             while True:
                 try:
-                    with lock:
+                    with _holding(lock, deadline, ending):
                         step = time.monotonic()
                         try:
                             self.obj.do_handshake()
@@ -378,6 +383,27 @@ class _Tls:
             except OSError:
                 pass
             raise
+
+
+@contextlib.contextmanager
+def _holding(lock: threading.Lock | None, deadline: float, ending: SessionEnd) -> Iterator[None]:
+    """``lock`` held for one handshake step, if it is free before ``deadline``: a signature that
+    takes the card for long (a card another program holds in a PC/SC transaction, a slow card)
+    must not hold every handshake queued behind it past its own handshake_timeout. Given up at
+    once when the card session ends."""
+    if lock is None:
+        yield
+        return
+    while not lock.acquire(timeout=min(LOCK_WAIT_SLICE, max(0.0, deadline - time.monotonic()))):
+        if ending.is_set():
+            raise ending.error()
+        if time.monotonic() >= deadline:
+            raise CardBusyError("the card did not become free for this handshake's signature in time: another "
+                                "signature held it (a slow card, or another program using the card)")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 _thread_buffers = threading.local()
@@ -441,8 +467,7 @@ def _handshake(runtime: TunnelRuntime, remote: socket.socket) -> _Tls:
     config = runtime.config
     tls = runtime.tls_for_connection()
     try:
-        tls.handshake(remote, config.handshake_timeout, contextlib.nullcontext() if tls.resuming else TOKEN_LOCK,
-                      runtime.ending)
+        tls.handshake(remote, config.handshake_timeout, None if tls.resuming else TOKEN_LOCK, runtime.ending)
     except SessionEndedError as error:
         raise TunnelFailure(str(error), transient=True) from None
     except (OSError, ssl.SSLError) as error:
@@ -777,8 +802,8 @@ def handle_inbound(runtime: InboundRuntime, remote: socket.socket, peer: str) ->
     try:
         try:
             tls = _Tls(runtime.context, server_side=True)
-            tls.handshake(remote, config.handshake_timeout,
-                          TOKEN_LOCK if runtime.signs_on_token else contextlib.nullcontext(), runtime.ending)
+            tls.handshake(remote, config.handshake_timeout, TOKEN_LOCK if runtime.signs_on_token else None,
+                          runtime.ending)
             _tally_handshake(runtime, tls, signs_on_token=runtime.signs_on_token)
             client = _check_client(runtime, tls.obj.getpeercert(binary_form=True))
         except (OSError, ssl.SSLError, ClientVerificationError) as error:
