@@ -117,6 +117,7 @@ def test_a_directory_another_user_made_meanwhile_is_refused_and_said_until_it_is
                        "applications cannot connect there until it is (tried again every 2 s)")
             agent.wait_for_log(refused.removeprefix("card-agent: ERROR: "), timeout=WITHIN)
             status = agent_status(tmp_path / "agent", env)
+            text = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=env).stdout
 
             shutil.rmtree(listener.parent)
             agent.process.send_signal(signal.SIGHUP)  # an administrator's: the look is made at once
@@ -126,6 +127,7 @@ def test_a_directory_another_user_made_meanwhile_is_refused_and_said_until_it_is
             after = agent_status(tmp_path / "agent", env)
             log = log_lines(agent.log())
     assert status["tunnels"][0]["listen_error"] == refused.removeprefix("card-agent: ERROR: "), status
+    assert f"\n  not reachable: {refused.removeprefix('card-agent: ERROR: ')}\n" in text, text
     assert log.count(refused) == 1, log  # said once, not at every look
     assert made_again_at_the_reload
     assert after["tunnels"][0]["listen_error"] is None, after

@@ -36,6 +36,8 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
     for tunnel in answer["tunnels"]:
         _say(f"tunnel {tunnel['name']}: {tunnel['listen']} -> {tunnel['remote']}, "
              + _live(tunnel, f"{tunnel['bytes_up']} bytes up, {tunnel['bytes_down']} down"))
+        if tunnel.get("listen_error"):  # its unix socket file was removed and cannot be made again
+            _say(f"  not reachable: {tunnel['listen_error']}")
         _say_counts(tunnel, "rejected by the PACS", "up", "down")
     for inbound in answer["inbound"]:
         _say(f"inbound {inbound['name']}: {inbound['listen']} -> {inbound['forward']}, "
