@@ -44,7 +44,7 @@ from hypothesis.stateful import (
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from agent_runner import card_session_pid, running_agent, tunnel, wait_for
+from agent_runner import ANY_SOFTHSM_TOKEN, card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
 from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from fault_pkcs11 import FaultControl
@@ -152,7 +152,7 @@ class AgentModel(RuleBasedStateMachine):
         try:
             self.pacs: RecordingScp = self.stack.enter_context(tls_scp(pki_dir=self.test_pki.pki))
             self.agent = self.stack.enter_context(running_agent(
-                self.test_pki, self.dir / "agent", [tunnel("pacs", self.pacs.port)], token="",
+                self.test_pki, self.dir / "agent", [tunnel("pacs", self.pacs.port)], token=ANY_SOFTHSM_TOKEN,
                 module=str(self.fault_module), env=self.card.env(), stdin=self.terminal.slave,
                 identity={"pin": f"pinentry:{PINENTRY_TTY}"}, audit={"file": str(self.audit)}))
         except BaseException:
@@ -470,7 +470,7 @@ def test_status_keeps_answering_while_card_sessions_end(test_pki: ProvisionedPki
                 return
 
     with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token=ANY_SOFTHSM_TOKEN,
                            module=str(fault_module), env=card.env()) as agent:
             agent.wait_for_log("event=sign-in ")
             pollers = [threading.Thread(target=poll, daemon=True) for _ in range(4)]

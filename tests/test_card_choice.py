@@ -119,7 +119,8 @@ def test_the_most_recently_inserted_usable_card_wins_and_the_older_one_waits_for
                                "after it was used; remove and re-insert it to sign in")
             answer = status(tmp_path / "agent", env)
             assert (answer["state"], answer["present_tokens"]) == (
-                "no card inserted", [{"label": "alice", "serial": serial["alice"]}])
+                f"card 'alice' (serial {serial['alice']}) passed over for a newer card: remove and re-insert it to "
+                "sign in", [{"label": "alice", "serial": serial["alice"]}])
             assert not echo(agent.port())
 
             card.readers(None, None)  # alice re-inserts her card

@@ -12,6 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
 from dicom_card_agent.lifecycle.machine import (
     EVENT_TYPES,
     MAX_SESSION_LOSSES,
@@ -34,6 +35,7 @@ from dicom_card_agent.lifecycle.machine import (
     State,
     Stop,
     describe_transitions,
+    no_card_status,
 )
 
 CARDS = ("alice", "bob")
@@ -400,3 +402,75 @@ def test_the_status_names_the_state(state: State) -> None:
     machine = CardLifecycle()
     machine.state = state
     assert machine.status == state.value
+
+
+def test_no_card_status_names_the_cards_passed_over() -> None:
+    """In NO_CARD with a card passed over for a newer one still in its reader, status says so and what
+    to do, instead of ``no card inserted`` (agent/session/manager.py feeds it the watcher's list)."""
+    assert no_card_status([]) == State.NO_CARD.value == "no card inserted"
+    assert no_card_status(["the card in reader 'R0'"]) == (
+        "the card in reader 'R0' passed over for a newer card: remove and re-insert it to sign in")
+    assert no_card_status(["card 'alice' (serial 1)", "card 'bob' (serial 2)"]).endswith("re-insert them to sign in")
+
+
+class _PcscdReaders:
+    """What ReaderWatcher reads of pcscd (PcscEvents), as plain data: no pcscd is asked."""
+
+    def __init__(self) -> None:
+        self.live = True
+        self.cards: dict[str, int] = {}
+        self.generation = 0
+
+
+READERS = ("Virtual PCD 00 00", "Virtual PCD 00 01", "Virtual PCD 00 02")
+
+
+class ReaderVettingModel(RuleBasedStateMachine):
+    """ReaderWatcher with ``[identity] token`` set (``vet``): cards come and go in three readers, probes
+    answer in any order (usable or holding another token), the card loop looks at any moment. The card in
+    use is never given up for a card not found to hold the token, and each insertion is probed once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source = _PcscdReaders()
+        self.asked: list[ReaderCard] = []
+        self.watcher = ReaderWatcher(self.source, vet=self.asked.append, first_wait=0.0)
+        self.verdicts: dict[ReaderCard, str | None] = {}
+        self.events = 0  # pcscd counts each reader's card events: a card put back is another card
+        self.chosen: ReaderCard | None = None
+
+    @rule(reader=st.sampled_from(READERS))
+    def insert(self, reader: str) -> None:
+        if reader not in self.source.cards:
+            self.events += 1
+            self.source.cards = {**self.source.cards, reader: self.events}
+
+    @rule(reader=st.sampled_from(READERS))
+    def pull(self, reader: str) -> None:
+        self.source.cards = {name: count for name, count in self.source.cards.items() if name != reader}
+
+    @rule(data=st.data(), usable=st.booleans())
+    def probe_answers(self, data: st.DataObject, usable: bool) -> None:
+        pending = [card for card in self.asked if card not in self.verdicts]
+        if pending:
+            card = data.draw(st.sampled_from(pending))
+            self.verdicts[card] = None if usable else "it holds another token"
+            self.watcher.judged(card, self.verdicts[card])
+
+    @rule()
+    def look(self) -> None:
+        before, chosen = self.chosen, self.watcher.look()
+        present = {ReaderCard(reader, count) for reader, count in self.source.cards.items()}
+        if before is not None and before in present and chosen != before:
+            assert chosen is not None, "the card in use was dropped while in its reader"
+            assert self.verdicts.get(chosen, "not probed") is None, "a card not found to hold the token was chosen"
+        assert chosen is None or chosen in present
+        self.chosen = chosen
+
+    @invariant()
+    def each_insertion_is_probed_once(self) -> None:
+        assert len(self.asked) == len(set(self.asked))
+
+
+TestReaderVettingModel = ReaderVettingModel.TestCase
+TestReaderVettingModel.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)

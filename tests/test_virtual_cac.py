@@ -52,7 +52,10 @@ OPENSC = "opensc"
 VERIFICATION = "1.2.840.10008.1.1"
 PROBE_SECONDS = 30  # OpenSC needs ~2.3 s to probe an inserted card; sign-in adds a login and the session start
 
+# [identity] token for the tests that switch between the virtual cards with one stored PIN: a
+# stored PIN goes to the first card only, unless the configuration names the cards it is for.
 ANY_CAC_TOKEN = "pkcs11:manufacturer=Common%20Access%20Card"
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:

@@ -12,6 +12,13 @@ cards cannot be judged beforehand as :class:`~dicom_card_agent.card.watcher.Card
 them). A card that was chosen and then passed over for a newer one is not chosen again until it
 is re-inserted, as there.
 
+Except where ``[identity] token`` accepts one card only: then a card that arrives while the chosen
+card is still in its reader is chosen only once a card-session process started for it has probed it
+and found that token (``vet``: agent/session/manager.py). Nothing of PC/SC tells a token's label or
+serial, and the supervisor never loads the module for a card; until the probe answers, and for good
+when it finds another token, the chosen card stays chosen and its session goes on. A card so
+skipped is judged again only when it is re-inserted.
+
 After pcscd restarts (or comes back after being away) the first card it shows in a reader that held
 one as it went is marked :attr:`ReaderCard.after_restart`: nobody inserted it, so the sign-in it
 starts asks first (agent/lifecycle/machine.py, ``SignInCause.READER_RESTARTED``).
@@ -20,6 +27,7 @@ starts asks first (agent/lifecycle/machine.py, ``SignInCause.READER_RESTARTED``)
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,14 +70,27 @@ class ReaderCard:
         return f"the card in reader {self.reader!r}"
 
 
+# Starts finding out, away from the card loop, whether the configuration would sign in with a card
+# (a probe by a card-session process of its own); the answer comes back through ReaderWatcher.judged.
+Vet = Callable[[ReaderCard], None]
+
+
 class ReaderWatcher:
     """The card to sign in with, from pcscd's reader states; the same answers as
     :meth:`CardWatcher.look <dicom_card_agent.card.watcher.CardWatcher.look>`."""
 
     def __init__(self, source: PcscEvents, clock: Callable[[], float] = time.monotonic, *,
-                 first_wait: float = FIRST_STATES_SECONDS) -> None:
+                 first_wait: float = FIRST_STATES_SECONDS, vet: Vet | None = None) -> None:
+        """``vet``: set where ``[identity] token`` accepts one card only (see the module's docstring)."""
         self.source = source
         self.first_wait = first_wait
+        self.vet = vet
+        self._verdicts_lock = threading.Lock()
+        # Cards that came while the chosen one was in its reader: why the configuration would not sign
+        # in with each (None: it would); absent while its probe has not answered.
+        self._verdicts: dict[ReaderCard, str | None] = {}
+        self._vetting: set[ReaderCard] = set()  # probes asked for, not yet answered
+        self._skip_logged: set[ReaderCard] = set()
         self._order: ArrivalOrder[ReaderCard] = ArrivalOrder()
         self._failures = FailingLooks(clock)  # pcscd away
         self._looked = False
@@ -86,6 +107,18 @@ class ReaderWatcher:
     @property
     def present(self) -> tuple[ReaderCard, ...]:
         return self._order.present
+
+    @property
+    def passed_over_present(self) -> tuple[ReaderCard, ...]:
+        """Cards in their readers that wait for re-insertion: passed over for a newer card."""
+        return tuple(card for card in self._order.present if card in self._order.passed_over)
+
+    def judged(self, card: ReaderCard, reason: str | None) -> None:
+        """What the probe ``vet`` started for ``card`` found: why the configuration would not sign in
+        with it, or None when it would. Called from any thread; the next look acts on it."""
+        with self._verdicts_lock:
+            self._vetting.discard(card)
+            self._verdicts[card] = reason
 
     def look(self) -> ReaderCard | None:
         """Raises :class:`CardUnreadable` while pcscd has been away for less than the grace of
@@ -107,6 +140,7 @@ class ReaderWatcher:
         self._order.note(cards)
         waiting = [card for card in cards if card in self._order.passed_over]
         candidates = self._order.newest_first(card for card in cards if card not in self._order.passed_over)
+        candidates = self._vetted(candidates)
         chosen = candidates[0] if candidates else None
         before = self._order.choose(chosen)
         if before is not None and before in self._order.passed_over:
@@ -115,6 +149,37 @@ class ReaderWatcher:
             log.info("%s not signed in again: a card inserted after it was used; remove and re-insert it to "
                      "sign in", ", ".join(str(card) for card in waiting))
         return chosen
+
+    def _vetted(self, newest_first: list[ReaderCard]) -> list[ReaderCard]:
+        """Without the cards that arrived after the chosen one, while it is still in its reader, that
+        the configuration has not been found to sign in with (their probe is asked for here, once)."""
+        present = set(newest_first)
+        with self._verdicts_lock:  # a card that left is judged anew if it comes back (a new insertion)
+            self._verdicts = {card: verdict for card, verdict in self._verdicts.items() if card in present}
+            self._skip_logged &= present
+        chosen = self._order.chosen
+        if self.vet is None or chosen is None or chosen not in present:
+            return newest_first
+        kept: list[ReaderCard] = []
+        for card in newest_first:
+            if card == chosen:
+                return [*kept, chosen]  # the older cards stay behind it, as they would
+            with self._verdicts_lock:
+                known, verdict = card in self._verdicts, self._verdicts.get(card)
+                ask = not known and card not in self._vetting
+                if ask:
+                    self._vetting.add(card)
+            if ask:
+                log.info("%s inserted while %s is in use: probing it for [identity] token first (the card in "
+                         "use stays in use meanwhile)", card, chosen)
+                self.vet(card)
+            elif known and verdict is None:
+                kept.append(card)
+            elif known and card not in self._skip_logged:
+                self._skip_logged.add(card)
+                log.warning("%s skipped: %s; %s stays in use (a skipped card is probed again when it is "
+                            "re-inserted)", card, verdict, chosen)
+        return kept
 
     def _pcscd_restarted(self, generation: int) -> None:
         """A new pcscd answers. Whatever the card-session process's module held of the old one (its

@@ -227,6 +227,11 @@ class CardWatcher:
     def present(self) -> tuple[Card, ...]:
         return self._order.present
 
+    @property
+    def passed_over_present(self) -> tuple[Card, ...]:
+        """Cards present that wait for re-insertion: passed over for a newer card."""
+        return tuple(card for card in self._order.present if card in self._order.passed_over)
+
     def look(self) -> Card | None:
         """The card to sign in with, if any is present. Raises :class:`ModuleBusy` when another
         thread (a sign-in) holds the module for longer than :data:`BUSY_WAIT_SECONDS`,

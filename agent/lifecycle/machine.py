@@ -30,7 +30,7 @@ and the card seen again keeps waiting for the same reason. Only a real re-insert
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -345,6 +345,17 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
     },
     _S.STOPPED: {event: _stay() for event in EVENT_TYPES} | {SignedIn: _late_success()},
 }
+
+
+def no_card_status(passed_over: Sequence[object]) -> str:
+    """What ``status`` says in NO_CARD: ``no card inserted``, unless cards are in their readers that
+    were passed over for a newer card (the watcher knows them, agent/card/watcher.py ArrivalOrder):
+    the newer card left, and they wait to be re-inserted rather than sign in by themselves."""
+    if not passed_over:
+        return State.NO_CARD.value
+    them = "it" if len(passed_over) == 1 else "them"
+    return (f"{', '.join(map(str, passed_over))} passed over for a newer card: remove and re-insert {them} "
+            "to sign in")
 
 
 class LifecycleError(Exception):

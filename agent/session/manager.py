@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 
 from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
+from dicom_card_agent.clock import awake_or_asleep
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.session_notices import SessionNotices
 from dicom_card_agent.desktop.words import asking_first
@@ -48,6 +49,7 @@ from dicom_card_agent.lifecycle.machine import (
     StartSignIn,
     State,
     Stop,
+    no_card_status,
 )
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.channel import LEASE_RENEW_SECONDS, LEASE_SECONDS
@@ -94,7 +96,7 @@ class _SignIn:
     attempt: int
     card: WatchedCard
     scope: SignInScope
-    started: float
+    started: float  # awake_or_asleep(): pin_dialog_timeout counts a suspend too
     cause: SignInCause = SignInCause.INSERTED  # why it started: any cause but an insertion asks first
     session: CardSession | None = None  # its card-session process, once started
     cannot_start: str | None = None  # what the system lacked, while waiting to try again
@@ -167,15 +169,19 @@ class SessionManager:
         self._late: queue.SimpleQueue[Event] = queue.SimpleQueue()  # what sign-in threads report
         self.since: float | None = None
         self.last_error: str | None = None
-        self.last_activity = time.monotonic()
+        # Idle time, the PIN dialog's timeout and the lease count a suspend (agent/clock.py): a workstation
+        # that slept 8 hours has been idle for 8 hours.
+        self.last_activity = awake_or_asleep()
         self._next_idle_check = 0.0
         self._lock = threading.RLock()
-        # The reader thread's latest look, when it started (time.monotonic()) and every card present
-        # then: one tuple, so that the loop never takes one look's card with another's time or cards.
-        self._seen: tuple[WatchedCard | None, float, tuple[WatchedCard, ...]] = (None, 0.0, ())
-        self._lease_renewed = 0.0  # time.monotonic() of the latest lease sent to the card session
+        # The reader thread's latest look, when it started (awake_or_asleep()), every card present then
+        # and those of them passed over for a newer card: one tuple, so that the loop never takes one
+        # look's card with another's time or cards.
+        self._seen: tuple[WatchedCard | None, float, tuple[WatchedCard, ...], tuple[WatchedCard, ...]] = \
+            (None, 0.0, (), ())
+        self._lease_renewed = 0.0  # awake_or_asleep() of the latest lease sent to the card session
         self._first_look = threading.Event()
-        self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (monotonic)
+        self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (clock.py)
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
         self._reader: threading.Thread | None = None
         self.totals = SessionTotals()  # `status` counts since start: sessions, and what was turned away
@@ -198,6 +204,8 @@ class SessionManager:
         pending = self._sign_in
         if pending is not None and pending.cannot_start and self.machine.state is State.PIN_PENDING:
             return f"card present, the sign-in could not start ({pending.cannot_start}): trying again"
+        if self.machine.state is State.NO_CARD:  # "no card inserted" unless a card waits in its reader
+            return no_card_status([card if isinstance(card, ReaderCard) else f"card {card}" for card in self._seen[3]])
         return self.machine.status
 
     @property
@@ -212,7 +220,7 @@ class SessionManager:
 
     def touch(self) -> None:
         """An association was handed to the session."""
-        self.last_activity = time.monotonic()
+        self.last_activity = awake_or_asleep()
 
     def turned_away(self, name: str, reason: str | None = None) -> None:
         """Count an association the supervisor answered itself; ``reason`` defaults to the state
@@ -236,6 +244,8 @@ class SessionManager:
         What happened, for the log."""
         with self._lock:
             self.config = config
+            if isinstance(self.watcher, ReaderWatcher):  # whether a card is probed before it is chosen
+                self.watcher.vet = self._vet if config.identity.token else None
         return self._retune()
 
     def _retune(self) -> str:
@@ -297,7 +307,8 @@ class SessionManager:
         (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
         with CardEvents(card_readers=self.module.profile.card_readers) as events:
             if events.source is not None and self.module.profile.presence_from_pcsc:
-                self.watcher = ReaderWatcher(events.source)  # the module is left to the card-session process
+                # The module is left to the card-session process; so is judging a card by its token.
+                self.watcher = ReaderWatcher(events.source, vet=self._vet if self.config.identity.token else None)
                 log.info("cards are seen through pcscd alone; the card-session process probes each card once")
             else:
                 try:
@@ -308,7 +319,7 @@ class SessionManager:
                 if isinstance(self.watcher, CardWatcher):
                     self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
             while not stop.is_set():
-                started = time.monotonic()  # a look under way as the process was stopped is an old one
+                started = awake_or_asleep()  # a look under way as the process was stopped is an old one
                 try:
                     card = self.watcher.look()
                 except DescriptorsExhausted:  # not a pulled card: keep it, say so once per episode
@@ -320,11 +331,41 @@ class SessionManager:
                     pass
                 else:
                     self._reader_starved_since = None
-                    self._seen = (card, started, self.watcher.present)
+                    self._seen = (card, started, self.watcher.present, self.watcher.passed_over_present)
                     self._first_look.set()
                     self._wake.set()
                 if events.wait(stop, self.watcher.look_interval):
                     return
+
+    def _vet(self, card: ReaderCard) -> None:
+        """Find out, without ending the session of the card in use, whether ``card`` holds the token
+        ``[identity] token`` accepts: a card-session process started for it probes it (the one way to
+        learn a token's label or serial; the supervisor never loads the module for a card) and is
+        ended before any PIN is asked. The answer goes to the watcher (ReaderWatcher.judged)."""
+        if self._stopping.is_set():  # the card is not chosen meanwhile; nothing is started any more
+            return
+        try:
+            threading.Thread(target=self._vet_in_thread, args=(card,), name="card-probe", daemon=True).start()
+        except RuntimeError as error:  # no thread to be had: judged as unusable, not as the token
+            self._judged(card, f"it could not be probed ({error})")
+
+    def _vet_in_thread(self, card: ReaderCard) -> None:
+        config = self.config
+        session = CardSession(config)
+        reason: str | None = None
+        try:
+            found = session.open(self._probe_request(config, card), self.module)  # as its sign-in would
+            log.info("%s holds %s, which [identity] token %r accepts", card, found.card, config.identity.token)
+        except Exception as error:  # not the token, unreadable, no PIN try left: not to be signed in with now
+            reason = str(error) if isinstance(error, CardAgentError) else f"{type(error).__name__}: {error}"
+        finally:
+            _end_after_failure(session, "probed only")
+        self._judged(card, reason)
+
+    def _judged(self, card: ReaderCard, reason: str | None) -> None:
+        watcher = self.watcher
+        if isinstance(watcher, ReaderWatcher):
+            watcher.judged(card, reason)
 
     @property
     def reader_trouble(self) -> str | None:
@@ -332,7 +373,7 @@ class SessionManager:
         since = self._reader_starved_since
         if since is None:
             return None
-        seconds = time.monotonic() - since
+        seconds = awake_or_asleep() - since
         # The lease is renewed from looks made: past it, the card session's lent listeners refuse
         # (not lent under [audit] on_failure = "refuse").
         lease_lapsed = (seconds >= LEASE_SECONDS and self.session is not None
@@ -346,7 +387,7 @@ class SessionManager:
         the timers."""
         with self._lock:
             self._take_reports()
-            card, seen_at, present = self._seen
+            card, seen_at, present, _ = self._seen
             if self._first_look.is_set() and card != self.machine.card:
                 self.desktop.card_changed()  # the notices about the card before are not for whoever comes next
                 before = self._card_left_or_stayed(card, present)
@@ -441,7 +482,7 @@ class SessionManager:
             log.info("no sign-in to %s: the agent is stopping", card)
             return
         scope = SignInScope(on_pin_entered=lambda: self._report(PinEntered(attempt)))
-        self._sign_in = _SignIn(attempt, card, scope, time.monotonic(), cause)
+        self._sign_in = _SignIn(attempt, card, scope, awake_or_asleep(), cause)
         thread = threading.Thread(target=self._sign_in_thread, args=(self._sign_in,),
                                   name=f"sign-in-{attempt}", daemon=True)
         thread.start()
@@ -470,7 +511,7 @@ class SessionManager:
         if pending.scope.wait(seconds):
             self._report(SignInCancelled(pending.attempt, pending.scope.reason))
             return False
-        pending.started = time.monotonic()  # no dialog was open: pin_dialog_timeout counts from now
+        pending.started = awake_or_asleep()  # no dialog was open: pin_dialog_timeout counts from now
         pending.cannot_start = None
         return True
 
@@ -635,7 +676,7 @@ class SessionManager:
         renewed only with a look taken since, after the loop has acted on it (ending the session if
         the card is gone)."""
         session = self.session
-        now = time.monotonic()
+        now = awake_or_asleep()
         if session is None or self.machine.state is not State.SIGNED_IN:
             return
         if now - self._lease_renewed < LEASE_RENEW_SECONDS:
@@ -702,7 +743,7 @@ class SessionManager:
         if (pending is None or pending.scope.pin_was_entered or pending.cannot_start
                 or self.machine.state is not State.PIN_PENDING):
             return  # no dialog open
-        if time.monotonic() - pending.started < self.config.identity.pin_dialog_timeout:
+        if awake_or_asleep() - pending.started < self.config.identity.pin_dialog_timeout:
             return
         reason = self._no_pin_entered()
         self.desktop.sign_in_cancelled()
@@ -722,7 +763,7 @@ class SessionManager:
 
     def _check_idle(self) -> None:
         timeout = self.config.idle_timeout
-        now = time.monotonic()
+        now = awake_or_asleep()
         if not timeout or self.session is None or now < self._next_idle_check:
             return
         self._next_idle_check = now + min(1.0, timeout / 4)
@@ -775,10 +816,10 @@ def _system_shortage(error: BaseException) -> bool:
     return False
 
 
-def _end_after_failure(session: CardSession) -> None:
-    """End the card session of a failed sign-in. Its end may fail for the same shortage as the
-    sign-in (no thread or descriptor to be had): that must not end the sign-in thread unreported."""
+def _end_after_failure(session: CardSession, reason: str = "sign-in failed") -> None:
+    """End the card session of a failed sign-in (or of a probe only). Its end may fail for the same
+    shortage as the sign-in (no thread or descriptor to be had): that must not end the thread unreported."""
     try:
-        session.end("sign-in failed")
+        session.end(reason)
     except Exception:
         log.exception("ending the card session of a failed sign-in")

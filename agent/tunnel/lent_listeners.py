@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from dicom_card_agent.clock import awake_or_asleep
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.channel import LEASE_SECONDS
 from dicom_card_agent.tls.failures import TunnelFailure
@@ -72,15 +73,16 @@ class SupervisorLease:
         # Called as each episode starts and as it ends (LentListeners forgets the TLS sessions then).
         self.on_change: Callable[[], None] = lambda: None
         self._renewed = threading.Condition()
-        self._seen_at = time.monotonic()  # given at the sign-in, which the supervisor has just made
+        self._seen_at = awake_or_asleep()  # given at the sign-in, which the supervisor has just made
         self._lapsed = False
 
     def renew(self, seen_at: float) -> None:
-        """A lease message: the supervisor saw the card at ``seen_at`` (``time.monotonic()``). One
+        """A lease message: the supervisor saw the card at ``seen_at`` (``awake_or_asleep()``, one clock
+        for both processes, which counts a suspend: a lease from before one has lapsed after it). One
         that waited in the channel (sent before a stall) counts for when it was sent, not read."""
         with self._renewed:
-            self._seen_at = max(self._seen_at, min(seen_at, time.monotonic()))
-            silent = time.monotonic() - self._seen_at
+            self._seen_at = max(self._seen_at, min(seen_at, awake_or_asleep()))
+            silent = awake_or_asleep() - self._seen_at
             ended = self._lapsed and silent < self.seconds
             if ended:
                 self._lapsed = False
@@ -97,9 +99,9 @@ class SupervisorLease:
         second of that; blaming the supervisor then would refuse the applications that waited."""
         with self._renewed:
             if not self._lapsed:
-                self._renewed.wait_for(lambda: time.monotonic() - self._seen_at < self.seconds,
+                self._renewed.wait_for(lambda: awake_or_asleep() - self._seen_at < self.seconds,
                                        timeout=RENEWAL_GRACE_SECONDS)
-            silent = time.monotonic() - self._seen_at
+            silent = awake_or_asleep() - self._seen_at
             if silent < self.seconds:
                 return None
             started, self._lapsed = not self._lapsed, True
@@ -141,7 +143,9 @@ class LentListeners:
         self._capacity_refusals = RefusalLog(log, kind="tunnel")
         self._peer_refusals = PeerRefusalLog(log)
         self._refusing = InFlight()  # refused users' connections being answered, by tunnel
-        self.last_connection = 0.0  # time.monotonic() of the latest connection accepted, for the idle lock
+        # awake_or_asleep() of the latest connection accepted, for the idle lock: the supervisor compares it
+        # with its own clock, and a suspend must count as time without connections (agent/clock.py).
+        self.last_connection = 0.0
 
     def replace(self, sockets: dict[str, socket.socket]) -> None:
         """Accept on exactly ``sockets`` (tunnel name -> listening socket) from now on."""
@@ -244,7 +248,7 @@ class LentListeners:
                 return False
             silent = self._silence()
             if silent is None:  # one refused for the supervisor's silence is no activity of the clinician's
-                self.last_connection = time.monotonic()
+                self.last_connection = awake_or_asleep()
             admitted = self._admit(name, connection, silent)
         if admitted is not None:
             self._serve(me, name, connection, *admitted)
