@@ -16,6 +16,10 @@ When a sink cannot take a message (disk full), ``[audit] on_failure`` decides:
   :meth:`AuditTrail.refusal` gives the reason new associations are refused. It also refuses while
   the file system of a sink has less than ``FREE_SPACE_RESERVE`` left, so that an association is
   refused before its events would fail, not after.
+
+An event that cannot even be made from what a card session reported (:meth:`AuditTrail.not_recorded`)
+is counted as a failure and lost whatever ``on_failure`` says; under ``refuse``, new associations
+are refused from then on until the agent is restarted: the same code would lose the next one's too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
+from dicom_card_agent import logline
 from dicom_card_agent.audit.config import AuditConfig
 from dicom_card_agent.audit.errors import AuditError
 from dicom_card_agent.audit.events import AuditEvent, EventKind
@@ -41,6 +46,8 @@ log = logging.getLogger("agent.audit")
 FREE_SPACE_RESERVE = 1024 * 1024  # bytes a sink's file system must keep free under on_failure = "refuse"
 FREE_INODES_RESERVE = 16  # the spool needs one file per waiting message
 BACKLOG_LIMIT = 100_000  # messages kept in memory per sink while it fails (refuse): ~ days of refusals
+RESTART_REMEDY = "restart the agent"  # ends the refusal of a trail that cannot record the reports
+WHY_LIMIT = 200  # characters of an error in not_recorded's messages (it may quote a peer's value)
 
 
 class _Backlog:
@@ -71,6 +78,7 @@ class AuditTrail:
         self._file_backlog = _Backlog("file")
         self._spool_backlog = _Backlog("spool")
         self._refusing = False  # the last refusal() refused
+        self._unrecordable = ""  # why a report could not be recorded (refuse): associations are refused for good
         try:
             if config.file is not None:
                 self.file = FileSink(config.file)
@@ -178,6 +186,24 @@ class AuditTrail:
                     "" if written == 1 else "s")
         backlog.reason = ""
 
+    def not_recorded(self, report: str, why: str) -> None:
+        """A card session's ``report`` (its kind) could not be made into an event (``why``): counted
+        in ``failures`` and ``lost``, logged; under ``on_failure = "refuse"``, new associations are
+        refused from now on (until the agent is restarted), as the next association's reports
+        would be lost alike."""
+        why = logline.printable(why if len(why) <= WHY_LIMIT else f"{why[:WHY_LIMIT]}...")
+        with self._lock:
+            self.failures += 1
+            self.lost += 1
+            first = not self._unrecordable
+            if self.refuses and first:
+                self._unrecordable = (f"the audit trail cannot record what the card session reports ({report}: "
+                                      f"{why}): {RESTART_REMEDY}")
+        consequence = ('; [audit] on_failure = "refuse": new associations are refused until the agent is '
+                       'restarted' if self.refuses and first else "")
+        log.error("audit: the card session's report %s could not be recorded (%s); what it said is missing from "
+                  "the audit trail%s", report, why, consequence)
+
     def refusal(self) -> str | None:
         """Why a new association must be refused now (``on_failure = "refuse"``), or ``None``.
         Retries what waits in memory first, so an association is accepted as soon as writing works."""
@@ -197,6 +223,8 @@ class AuditTrail:
 
     def _refusal_now(self) -> str | None:
         """Why a new association would be refused now, without trying to write what waits."""
+        if self._unrecordable:
+            return self._unrecordable
         for backlog in (self._file_backlog, self._spool_backlog):
             if backlog.messages:
                 return f"the audit trail cannot be written ({backlog.reason})"
@@ -293,3 +321,13 @@ def short_of_space(directory: Path) -> str:
     if stats.f_files and stats.f_favail < FREE_INODES_RESERVE:
         return f"{stats.f_favail} free inodes on the file system of {directory}"
     return ""
+
+
+def refusal_advice(refusal: str) -> str:
+    """What to do about ``refusal`` (:meth:`AuditTrail.refusal`), to follow it in a log line or in
+    `status`: a trail that cannot be written is accepted again as soon as it can be; one that cannot
+    record what the card session reports says itself that the agent must be restarted."""
+    if refusal.endswith(RESTART_REMEDY):
+        return ""
+    return '; [audit] on_failure = "refuse": free space there, associations are accepted again as soon as the trail ' \
+           "can be written"

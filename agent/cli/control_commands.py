@@ -6,6 +6,7 @@ import json
 
 import typer
 
+from dicom_card_agent.audit.trail import refusal_advice
 from dicom_card_agent.cli.options import ConfigFile, Json
 from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import load_config
@@ -83,8 +84,7 @@ def _say_audit_trouble(audit: dict) -> None:
         _say(f"  {lost} audit event{'' if lost == 1 else 's'} could not be recorded since start "
              "(the log says which and why)")
     if audit.get("refusing"):
-        _say(f"  new associations are refused: {audit['refusal']}; [audit] on_failure = \"refuse\": free space "
-             "there, associations are accepted again as soon as the trail can be written")
+        _say(f"  new associations are refused: {audit['refusal']}{refusal_advice(audit['refusal'])}")
 
 
 def _say_counts(counters: dict, rejected_by: str, up: str, down: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_card_agent.audit.config import AuditConfig, parse_audit_config
-from dicom_card_agent.config.tables import Seconds, Section, host_port, read_toml
+from dicom_card_agent.config.tables import Seconds, Section, host_port, read_config_file, toml_of
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, check_template
@@ -183,6 +183,10 @@ class AgentConfig:
     idle_timeout: float = 0.0  # seconds without associations before the session ends; 0: never
     desktop: DesktopConfig = field(default_factory=DesktopConfig)
     metrics: MetricsConfig | None = None  # None: no [metrics] table, nothing exported
+    # The exact bytes this was parsed from: the supervisor hands them to each card-session process,
+    # which parses them (parse_config) instead of reading the file, so that both run one
+    # configuration (an edit not reloaded yet, or one a reload refused, is the file's alone).
+    raw: bytes = field(default=b"", repr=False, compare=False)
 
 
 def parse_listen(value: str, error) -> ListenAddress:
@@ -203,8 +207,19 @@ def parse_pin(value: str, error) -> bytes:
 
 
 def load_config(path: Path) -> AgentConfig:
-    data = read_toml(path)
-    base = path.resolve().parent
+    """The configuration file ``path``, read (refused when another user could have written it:
+    agent/file_trust.py) and parsed."""
+    return parse_config(read_config_file(path), path)
+
+
+def parse_config(raw: bytes, path: Path, source: Path | None = None) -> AgentConfig:
+    """The configuration in ``raw``, the bytes of the file ``path`` (named in errors). ``source``:
+    that file with its links resolved, whose directory relative paths are taken from; by default
+    ``path`` resolved now. A card-session process gives the supervisor's (AgentConfig.source): the
+    file may have been replaced since, by a link to elsewhere too."""
+    data = toml_of(raw, path)
+    source = source if source is not None else path.resolve()
+    base = source.parent
     root = Section(data, str(path), base)
     desktop = parse_desktop_config(root.take("desktop", dict, None), str(path))
 
@@ -279,7 +294,7 @@ def load_config(path: Path) -> AgentConfig:
     metrics = _metrics(Section(raw_metrics, f"{path} [metrics]", base)) if raw_metrics is not None else None
     root.done()
     return AgentConfig(
-        source=path.resolve(),
+        source=source,
         identity=identity_config,
         trust=trust_config,
         tunnels=tuple(tunnels),
@@ -290,6 +305,7 @@ def load_config(path: Path) -> AgentConfig:
         idle_timeout=idle_timeout,
         desktop=desktop,
         metrics=metrics,
+        raw=raw,
     )
 
 

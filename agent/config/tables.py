@@ -167,14 +167,31 @@ def host_port(value: str, error) -> tuple[str, int]:
     return host, port
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # the agent's configuration travels to each card-session process
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """The configuration file as TOML data; ConfigError when unreadable or not TOML, UnsafeFileError
     when another user could have written it (it names the file and the fix)."""
+    return toml_of(read_config_file(path), path)
+
+
+def read_config_file(path: Path) -> bytes:
+    """The bytes of the configuration file ``path``, refused when another user could have written it
+    (agent/file_trust.py) or when it is larger than :data:`MAX_CONFIG_BYTES`."""
     check_trusted_file(path, "the configuration file", "change the agent's settings")
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(raw)} bytes, more than the {MAX_CONFIG_BYTES // (1024 * 1024)} MiB a "
+                          "configuration may have")
+    return raw
+
+
+def toml_of(raw: bytes, path: Path) -> dict[str, Any]:
+    """``raw`` as TOML data (the configuration file ``path``, named in errors)."""
     try:
         # utf-8-sig: a byte order mark, which Windows editors (Notepad) write before UTF-8, is no
         # TOML; taken away, the file is the one the administrator sees.

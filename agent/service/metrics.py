@@ -31,7 +31,7 @@ from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.lifecycle.machine import State
 from dicom_card_agent.session import events
 from dicom_card_agent.session.manager import SessionManager
-from dicom_card_agent.session.supervisor import RUNNING_VERSION, CardSessionUnresponsive
+from dicom_card_agent.session.supervisor import RUNNING_BUILD, RUNNING_VERSION, CardSessionUnresponsive
 from dicom_card_agent.tunnel.counters import (
     BROKEN_REASONS,
     DURATIONS,
@@ -89,8 +89,11 @@ class AgentCollector:
         yield from self._listeners(live)
         yield from self._card(manager)
         yield from self._audit(manager)
-        info = GaugeMetricFamily(f"{PREFIX}_build_info", "The agent's version", labels=["version"])
-        info.add_metric([RUNNING_VERSION], 1)  # the code answering, not what an upgrade put on disk since
+        info = GaugeMetricFamily(f"{PREFIX}_build_info", "The agent's version and build (a digest of the "
+                                 "installed files' list: builds of one version differ there)",
+                                 labels=["version", "build"])
+        # The code answering, not what an upgrade put on disk since.
+        info.add_metric([RUNNING_VERSION, RUNNING_BUILD or ""], 1)
         yield info
 
     def _listeners(self, answered: dict[str, dict] | None) -> Iterator[Metric]:

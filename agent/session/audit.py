@@ -7,12 +7,12 @@ channel (agent/session/supervisor.py); the supervisor is the single writer of th
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 
+from dicom_card_agent import logline
 from dicom_card_agent.audit.config import AuditConfig
 from dicom_card_agent.audit.events import (
     AlertType,
@@ -33,9 +33,6 @@ from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
 from dicom_card_agent.tunnel.admission import Throttle, refused_user
 from dicom_card_agent.tunnel.peer import Peer
-
-log = logging.getLogger("agent.audit")
-
 
 _SESSION_ENDS = {
     "card removed": SessionEnd.CARD_REMOVED,
@@ -158,7 +155,18 @@ class AuditRecorder:
     # -- what card sessions report ----------------------------------------------------------------
 
     def session_report(self, kind: str, fields: dict[str, Any]) -> None:
-        """A report from a card-session process (agent/tunnel/relay.py names the kinds and fields)."""
+        """A report from a card-session process (agent/tunnel/relay.py names the kinds and fields).
+        One this code cannot read (a kind or fields of another build: a bug, as a card-session
+        process of another build does not start) is an audit failure: what it said is missing from
+        the trail (AuditTrail.not_recorded)."""
+        try:
+            self._session_report(kind, fields)
+        except Exception as error:  # whatever a report holds, the trail must say it lost one
+            if self.trail is None:
+                raise  # nothing lost: no [audit]; the report reader logs it
+            self.trail.not_recorded(logline.printable(str(kind)), f"{type(error).__name__}: {error}")
+
+    def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
         if kind == "peer-refused":  # on a listener lent to the card session (agent/tunnel/lent_listeners.py)
             local = LocalPeer(uid=fields["uid"], pid=fields["pid"], listen=fields["listen"])
             self.record_refusal_counts()
@@ -195,7 +203,7 @@ class AuditRecorder:
                 patient_name=fields["patient_name"],
                 reason="query keys cut short" if fields.get("truncated") else ""))
         else:
-            log.warning("unknown report from the card session: %s", kind)
+            raise ValueError("a kind of report this agent does not know")
 
     def _instances_transferred(self, fields: dict[str, Any]) -> None:
         """One batch of answered C-STOREs: one message per direction and patient (PS3.15 A.5.3.7:

@@ -3,10 +3,13 @@ with accepted sockets passed along (SCM_RIGHTS), so the card-session process rel
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
+from dicom_card_agent.config.model import AgentConfig, parse_config
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.token.discovery import PinState
@@ -37,6 +40,9 @@ REPORT_TEXT_LIMIT = 64 * 1024  # a C-FIND Identifier in base64 (16 KiB -> 22 K c
 _PARTS = "parts"
 PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that follow a header
 MAX_SECRET = 1024
+# A message that carries the configuration (probe, start, reload: see config_fields), in base64: a
+# configuration file may have up to config.tables.MAX_CONFIG_BYTES.
+MAX_CONFIG_MESSAGE = 16 * 1024 * 1024
 MAX_FDS = 253  # descriptors in one message (Linux's SCM_MAX_FD): the tunnels' listening sockets at most
 
 # The supervisor's lease on a signed-in card session's lent listeners (agent/tunnel/lent_listeners.py).
@@ -79,7 +85,8 @@ def send_lease(channel: socket.socket, seen_at: float) -> bool:
     the supervisor keeps a copy of its channel for this alone. Nothing is sent while the process has
     not read all that was sent before: a stopped or hung process would otherwise have its channel
     filled with leases, and the next message that must get through ("end") would block the card loop.
-    ``seen_at`` is a ``time.monotonic()`` value, which every process of the machine reads alike."""
+    ``seen_at`` is an ``awake_or_asleep()`` value (agent/clock.py: CLOCK_BOOTTIME), which every
+    process of the machine reads alike."""
     if unsent_bytes(channel):  # None (not known): sent, as MSG_DONTWAIT keeps the send from waiting
         return False
     data = json.dumps({"type": LEASE, "at": seen_at}).encode()
@@ -176,12 +183,37 @@ def login_error_message(error: CardAgentError) -> dict[str, Any]:
     return {"type": "login-error", "error": type(error).__name__, "message": str(error), "pin_state": state}
 
 
-def upgraded_message(running: str, installed: str) -> str:
+def config_fields(config: AgentConfig) -> dict[str, str]:
+    """The configuration the supervisor runs, for a message to the card-session process: the bytes
+    it parsed, and the file they came from (links resolved: relative paths are taken from its
+    directory). The process parses these (:func:`received_config`) and never reads the file, which
+    may hold an edit not reloaded yet, or one a reload refused."""
+    return {"config": str(config.source), "config_bytes": base64.b64encode(config.raw).decode("ascii")}
+
+
+def received_config(message: dict[str, Any]) -> AgentConfig:
+    """The configuration a message of :func:`config_fields` carries (ConfigError if it is not one,
+    as the supervisor parsed these very bytes: only a bug or another build makes it one)."""
+    source = Path(message["config"])
+    return parse_config(base64.b64decode(message["config_bytes"]), source, source)
+
+
+def upgraded_message(running: str, installed: str, running_build: str = "", installed_build: str = "") -> str:
     """What the log, `status` and the sign-in failure say when the card-session process, started
-    from the files on disk, is not of the running supervisor's version (a package upgrade under a
-    running agent): the one thing to do is to restart the agent."""
+    from the files on disk, is not of the running supervisor's version or build (a package upgrade
+    under a running agent): the one thing to do is to restart the agent. The builds are named only
+    when the version is the same (0.1.0-1 -> 0.1.0-2, or two builds from main)."""
+    if running == installed:
+        running, installed = f"{running} (build {running_build})", f"{installed} (build {installed_build})"
     return (f"the agent was upgraded from {running} to {installed} while running: restart it: "
             "systemctl --user restart card-agent")
+
+
+# What the log, `status` and the sign-in failure say when the card-session process cannot be started
+# because the agent's installed files are no longer there (`dpkg -r` or `pip uninstall` under a
+# running agent): the running supervisor has its code in memory, a new process has nothing to run.
+FILES_GONE = ("the agent's files are gone (the package was removed while it runs?): stop the agent, or "
+              "reinstall it and restart it")
 
 
 def login_error_from(reply: dict[str, Any]) -> CardAgentError:

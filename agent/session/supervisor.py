@@ -25,7 +25,7 @@ from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_s
 from dicom_card_agent.session.probe import FoundCard, ProbeRequest
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret
-from dicom_card_agent.version import agent_version
+from dicom_card_agent.version import agent_build, agent_version
 
 log = logging.getLogger("agent.session")
 START_TIMEOUT_SECONDS = 60
@@ -35,10 +35,13 @@ END_TIMEOUT_SECONDS = 4.0  # the process's end grace (2 s) and a margin: it answ
 # acting on a pulled card; `card-agent status` and metrics scrapes must answer too.
 STATUS_TIMEOUT_SECONDS = 2.0
 EXIT_WAIT_SECONDS = 1.0  # a process whose channel closed is gone or about to be: how it ended tells a loss
-# The version of the code this process runs, read once at its start: a package upgrade replaces the
-# files (and the version they say) under a running agent, and each card-session process is started
-# from the files. It checks that it is of this version before anything else (worker.upgraded_under).
+# The version and build of the code this process runs, read once at its start: a package upgrade
+# replaces the files (and the version and build they say) under a running agent, and each
+# card-session process is started from the files. It checks that it is of this version and build
+# before anything else (worker.upgraded_under). The build tells apart what the version does not:
+# 0.1.0-1 -> 0.1.0-2, or two builds from main (version.agent_build).
 RUNNING_VERSION = agent_version()
+RUNNING_BUILD = agent_build()
 
 
 class CardSessionError(CardAgentError):
@@ -79,9 +82,15 @@ class _CardSessionProcess(subprocess.Popen):
 
 
 def _upgraded_on_disk() -> str | None:
-    """The upgrade message when the installed version is no longer the one this process runs."""
-    installed = agent_version()
-    return None if installed == RUNNING_VERSION else messages.upgraded_message(RUNNING_VERSION, installed)
+    """The upgrade message when the installed version or build is no longer the one this process
+    runs; the files-gone one when nothing is installed any more (the package was removed)."""
+    installed, installed_build = agent_version(), agent_build()
+    if installed_build is None and RUNNING_BUILD is not None:
+        return messages.FILES_GONE
+    if installed == RUNNING_VERSION and installed_build == RUNNING_BUILD:
+        return None
+    return messages.upgraded_message(RUNNING_VERSION, installed, RUNNING_BUILD or "not installed",
+                                     installed_build or "not installed")
 
 
 class CardSession:
@@ -111,7 +120,7 @@ class CardSession:
         # Answers to requests given up on (timed out): the process answers in order, so the next
         # this many answers are theirs and are skipped. Guarded by _status_lock.
         self._owed = 0
-        self.last_connection = 0.0  # time.monotonic() of its latest connection on a lent listener, as last told
+        self.last_connection = 0.0  # awake_or_asleep() of its latest connection on a lent listener, as last told
         self._silent_since: float | None = None  # time.monotonic() of the first status question left unanswered
         # True from the probe's answer until the PIN is sent or the process is ended: its exit then
         # is a loss the supervisor notices by itself (the PIN dialog is open for it).
@@ -156,9 +165,9 @@ class CardSession:
             reports_ours.close()
             raise
         self._reports_thread = reports_thread
-        # The version first, looked at before anything else (worker.upgraded_under).
-        reply = self._ask(ours, {**request.to_message(), "config": str(self.config.source),
-                                 "version": RUNNING_VERSION}, limit=messages.MAX_CARD_MESSAGE)
+        # The version and build first, looked at before anything else (worker.upgraded_under).
+        reply = self._ask(ours, {**request.to_message(), **messages.config_fields(self.config),
+                                 "version": RUNNING_VERSION, "build": RUNNING_BUILD}, limit=messages.MAX_CARD_MESSAGE)
         if reply is not None and reply.get("type") == "card":
             found = FoundCard.from_message(reply)
             self.card = found.card
@@ -173,6 +182,16 @@ class CardSession:
         raise self._refused(reply, "the card could not be read")
 
     def _spawn(self, channel: socket.socket, reports: socket.socket, env: dict[str, str]) -> _CardSessionProcess:
+        try:
+            return self._popen(channel, reports, env)
+        except FileNotFoundError:
+            if os.path.exists(sys.executable):
+                raise
+            # The interpreter this process was started with is gone: `dpkg -r` (or an uninstall)
+            # under the running agent, which has its code in memory but nothing to start a process from.
+            raise CardSessionError(messages.FILES_GONE) from None
+
+    def _popen(self, channel: socket.socket, reports: socket.socket, env: dict[str, str]) -> _CardSessionProcess:
         assert self.directory is not None
         return _CardSessionProcess(
             # The supervisor's pid and the session's directory: the process ends, and removes the
@@ -208,7 +227,7 @@ class CardSession:
         assert self.channel is not None and self.process is not None
         files = self.signed_in.files
         start = {
-            "type": "start", "config": str(self.config.source), "chain": str(files.chain), "key": str(files.key),
+            "type": "start", **messages.config_fields(self.config), "chain": str(files.chain), "key": str(files.key),
             "subject": files.subject, "issuer": files.issuer, "tls13_capable": self.signed_in.tls13_capable,
             "key_id": self.signed_in.key_id.hex(), "pin_pad": pin is None,
             "confirm_final_try": self.confirm_final_try or self.signed_in.final_try_confirmed,
@@ -365,14 +384,15 @@ class CardSession:
         self.last_counts = {name: counters["counts"] for name, counters in tunnels.items() if "counts" in counters}
 
     def reconfigure(self, config: AgentConfig) -> dict[str, Any]:
-        """Ask the card-session process to serve ``config``'s tunnels (it reads the file again); its
-        answer: ``{"type": "reloaded", "added": [...], ...}`` or ``{"type": "reload-refused", "message": ...}``."""
+        """Ask the card-session process to serve ``config``'s tunnels (sent to it: it does not read
+        the file); its answer: ``{"type": "reloaded", "added": [...], ...}`` or ``{"type":
+        "reload-refused", "message": ...}``."""
         with self._status_lock:
             channel = self.channel
             if channel is None:
                 return {"type": "reload-refused", "message": "the card session has ended"}
             try:
-                messages.send(channel, {"type": "reload"})
+                messages.send(channel, {"type": "reload", **messages.config_fields(config)})
                 reply = self._take_answer(channel, START_TIMEOUT_SECONDS)
             except OSError as error:
                 return {"type": "reload-refused", "message": f"the card session did not answer ({error})"}
@@ -394,7 +414,7 @@ class CardSession:
         return True
 
     def renew_lease(self, seen_at: float) -> bool:
-        """Tell the process that the card was in the reader at ``seen_at`` (``time.monotonic()`` of
+        """Tell the process that the card was in the reader at ``seen_at`` (``awake_or_asleep()`` of
         the look): it admits new associations for channel.LEASE_SECONDS from then. Never waits: a
         process that has not read the last one gets none (channel.send_lease). False when not sent."""
         lease_channel = self._lease_channel

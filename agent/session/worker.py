@@ -43,7 +43,7 @@ from pkcs11.types import Session
 
 from dicom_card_agent import logline
 from dicom_card_agent.card.watcher import GONE_ERRORS
-from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig, load_config
+from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.descriptors import descriptors_exhausted
 from dicom_card_agent.dicom.association import UserIdentityMode, load_pydicom
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
@@ -77,7 +77,7 @@ from dicom_card_agent.tunnel.relay import (
     tell_refusal_counts,
 )
 from dicom_card_agent.tunnel.session_end import SessionEnd
-from dicom_card_agent.version import agent_version
+from dicom_card_agent.version import agent_build, agent_version
 
 log = logging.getLogger("agent.session")
 END_GRACE_SECONDS = 2.0
@@ -330,7 +330,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
             pass  # the supervisor is gone; this process ends with it
 
     try:
-        config = load_config(Path(start["config"]))
+        config = messages.received_config(start)  # the supervisor's: this process never reads the file
         _login_sessions.append(_log_in(probed, start, config, pin))
         runtimes, retuner = _start(start, config, pin, node_pins, report, probed.module)
     except (LoginError, ConfigError) as error:
@@ -359,7 +359,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     lent = LentListeners(runtimes, report, lease)
     reason = "the agent went away"
     while True:
-        message, fds = messages.receive(channel)
+        message, fds = messages.receive(channel, messages.MAX_CONFIG_MESSAGE)
         if message is None:  # no "end": the supervisor died, and cannot remove the session's files
             if _watch is not None:
                 _watch.remove_session_files()
@@ -377,7 +377,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
             lent.replace(_listening_sockets(message["tunnels"], fds))
             continue
         if message["type"] == "reload":
-            messages.send(channel, _reload(retuner, Path(start["config"]), runtimes))
+            messages.send(channel, _reload(retuner, message, runtimes))
             continue
         if message["type"] == "connection" and fds:
             connection = socket.socket(fileno=fds[0])
@@ -415,11 +415,12 @@ def _listening_sockets(names: list[str], fds: list[int]) -> dict[str, socket.soc
     return sockets
 
 
-def _reload(retuner: Retuner, path: Path, runtimes: Runtimes) -> dict:
-    """The answer to the supervisor's "reload": the tunnels changed in place, or why it cannot be."""
+def _reload(retuner: Retuner, message: dict, runtimes: Runtimes) -> dict:
+    """The answer to the supervisor's "reload", which carries the configuration it reloaded: the
+    tunnels changed in place, or why it cannot be."""
     try:
-        changes = retuner.apply(load_config(path), runtimes)
-    except (CardAgentError, NeedsNewSessionError) as error:  # a ConfigError: the file changed again meanwhile
+        changes = retuner.apply(messages.received_config(message), runtimes)
+    except (CardAgentError, NeedsNewSessionError) as error:
         return {"type": "reload-refused", "message": str(error)}
     log.info("card session: configuration reloaded: tunnels now %s", ", ".join(runtimes) or "none")
     return {"type": "reloaded", "tunnels": sorted(runtimes), **changes}
@@ -452,7 +453,7 @@ def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
     """Answer the supervisor's ``probe`` with what the card holds (agent/session/probe.py), then
     wait for its ``start``: that and the probed card, or None when the sign-in ends here (the card
     cannot be used, the supervisor is of another version, or it gave up: cancelled, card pulled)."""
-    message, _ = messages.receive(channel)
+    message, _ = messages.receive(channel, messages.MAX_CONFIG_MESSAGE)
     if message is None:
         return None
     upgraded = upgraded_under(message)
@@ -463,7 +464,7 @@ def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
         return None
     request = ProbeRequest.from_message(message)
     try:
-        config = load_config(Path(message["config"]))
+        config = messages.received_config(message)  # the supervisor's: this process never reads the file
         card = probe(config, request)
     except CardAgentError as error:
         messages.send(channel, {"type": "error", "message": str(error), "plain": True})
@@ -480,7 +481,7 @@ def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
         return None
     messages.send(channel, card.found.to_message())
     _pydicom_loader.start()  # while the clinician types the PIN, the login runs, the contexts are made
-    start, _ = messages.receive(channel)
+    start, _ = messages.receive(channel, messages.MAX_CONFIG_MESSAGE)
     if start is None or start.get("type") != "start":
         return None
     return start, card
@@ -489,15 +490,26 @@ def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
 def upgraded_under(first: dict) -> str | None:
     """Why this process cannot serve the supervisor that sent ``first`` (its first message), or
     None. The supervisor runs the code it started with; this process is started from the files on
-    disk, which an upgrade replaces under a running agent: the two must be of one version, as the
-    messages between them change from one release to the next. A supervisor that says no version
-    predates this check, so it is an earlier release."""
+    disk, which an upgrade replaces under a running agent: the two must be of one version and one
+    build (version.agent_build), as the messages and reports between them change from one build to
+    the next, even of one version (0.1.0-1 -> 0.1.0-2). A supervisor that says no version predates
+    the version check, one that says no build the build check: either is an earlier build."""
     said = first.get("version")
     supervisor = said if isinstance(said, str) else "an earlier version"
-    installed = agent_version()
-    if supervisor == installed:
+    supervisor_build = first["build"] if "build" in first else _EARLIER
+    installed, installed_build = agent_version(), agent_build()
+    if supervisor == installed and supervisor_build == installed_build:
         return None
-    return messages.upgraded_message(supervisor, installed)
+    return messages.upgraded_message(supervisor, installed, _build_name(supervisor_build), _build_name(installed_build))
+
+
+_EARLIER = object()  # the build of a supervisor that says none
+
+
+def _build_name(build: object) -> str:
+    if build is _EARLIER:
+        return "of an earlier release"
+    return build if isinstance(build, str) else "not installed"
 
 
 def _ignore_stop_signals() -> None:

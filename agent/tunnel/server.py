@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_card_agent.audit.events import AlertType, AuditEvent, LocalPeer, Outcome
+from dicom_card_agent.audit.trail import refusal_advice
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
@@ -435,9 +436,7 @@ class Listeners:
         """True when a refusal thread took over ``local``."""
         refusal = self.manager.audit.refusal() if self.manager is not None else None
         if refusal is not None:  # [audit] on_failure = "refuse": no association goes unrecorded
-            log.warning("tunnel %s: %s: rejected: %s; [audit] on_failure = \"refuse\": free space there, "
-                        "associations are accepted again as soon as the trail can be written",
-                        tunnel.name, peer.describe(), refusal)
+            log.warning("tunnel %s: %s: rejected: %s%s", tunnel.name, peer.describe(), refusal, refusal_advice(refusal))
             self._turned_away(tunnel.name, "audit_failing")
             return self._reject(tunnel, local, TunnelFailure(refusal, transient=True))
         session = self.manager.current_session() if self.manager else None
