@@ -158,3 +158,30 @@ def test_a_card_session_that_ran_out_of_descriptors_signs_again_once_there_are(
     lost = [line for line in log_lines(log) if "ERROR: the card no longer signs" in line]
     assert all(line.endswith("the module cannot say whether the card is in its reader: GeneralError; the card "
                              "session ends") for line in lost), lost
+
+
+def test_listeners_lent_to_a_card_session_out_of_descriptors_are_taken_back_not_its_end(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A reload lends the tunnels' listening sockets to the card session again; with no descriptor
+    to spare there, the kernel drops them from the message. The card-session process ended on that
+    ("zip() argument 2 is shorter than argument 1", exit status 1): a lost session, the PIN asked
+    again. It says so and the supervisor takes the sockets back, accepting (and handing connections
+    over) itself: once descriptors are back, the same session serves the next association."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            session = card_session_pid(agent.process.pid)
+            assert session is not None
+            wait_for(lambda: holds_listener(session, agent.port()))
+            with descriptors_nearly_exhausted(session, spare=0):
+                agent.process.send_signal(signal.SIGHUP)  # nothing changed: the listeners are lent again
+                agent.wait_for_log("could not take over the tunnels' listening sockets", timeout=10)
+            wait_for(lambda: not holds_listener(session, agent.port()))
+            served = echo(agent.port())
+            log = agent.log()
+    assert served, log
+    assert "event=sign-out" not in log and "exited with status" not in log, log
+    assert re.search(r"card-agent\[session\]: ERROR: could not take over the tunnels' listening sockets: 0 of 1 "
+                     r"arrived \(no file descriptor left in the card session\?\); the agent accepts on them itself",
+                     log), log
+    assert f"(pid {session})" in log and log.count(SIGNED_IN) == 1, log

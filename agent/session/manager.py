@@ -68,7 +68,7 @@ from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_mo
 from dicom_card_agent.token.pin import PromptAskingFirst, reworded_dialogs
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.tunnel.counters import Counts, Totals, add_counts, empty_counts
-from dicom_card_agent.tunnel.lent_listeners import PEER_REFUSED, SUPERVISOR_SILENT
+from dicom_card_agent.tunnel.lent_listeners import LISTENERS_NOT_TAKEN, PEER_REFUSED, SUPERVISOR_SILENT
 from dicom_card_agent.tunnel.relay import CARD_LOST
 
 log = logging.getLogger("agent.session")
@@ -642,6 +642,11 @@ class SessionManager:
             # The card's login is gone under the process (the card was reset, or pulled and put back
             # between two looks): it cannot sign again. Ended as a lost session: the PIN is asked again.
             self._report(SessionLost(attempt, f"the card no longer signs: {fields.get('reason', '')}"))
+            return
+        if kind == LISTENERS_NOT_TAKEN:  # the process had no room for them: connections are handed over instead
+            session = self.session
+            if self.listeners is not None and session is not None and self.machine.attempt == attempt:
+                self.listeners.take_back(session)
             return
         if kind == SUPERVISOR_SILENT:  # counted as the supervisor's own refusals; nothing for the audit trail
             self.turned_away(fields["tunnel"], "supervisor_silent")

@@ -64,7 +64,7 @@ from dicom_card_agent.token.login import LoginError, check_before_login, login
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret, make_non_dumpable
 from dicom_card_agent.tunnel.counters import add_counts, empty_counts
-from dicom_card_agent.tunnel.lent_listeners import LentListeners, SupervisorLease
+from dicom_card_agent.tunnel.lent_listeners import LISTENERS_NOT_TAKEN, LentListeners, SupervisorLease
 from dicom_card_agent.tunnel.relay import (
     CARD_LOST,
     PACS_PROBLEM,
@@ -374,12 +374,20 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
             messages.send(channel, {**_status(runtimes, retuner.retired), "last_connection": lent.last_connection})
             continue
         if message["type"] == "listen":
+            if len(fds) != len(message["tunnels"]):  # the kernel dropped those this process had no room for
+                _refuse_listeners(lent, message["tunnels"], fds, report)
+                continue
             lent.replace(_listening_sockets(message["tunnels"], fds))
             continue
         if message["type"] == "reload":
             messages.send(channel, _reload(retuner, message, runtimes))
             continue
-        if message["type"] == "connection" and fds:
+        if message["type"] == "connection" and not fds:
+            log.error("tunnel %s: %s: a connection the agent handed over did not arrive (no file descriptor "
+                      "left in the card session?): the application sees it closed", message["tunnel"],
+                      message["peer"])
+            continue
+        if message["type"] == "connection":
             connection = socket.socket(fileno=fds[0])
             runtime = runtimes.get(message["tunnel"])
             if runtime is None:  # accepted just before a reload removed its tunnel
@@ -404,6 +412,19 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
     return 0
+
+
+def _refuse_listeners(lent: LentListeners, names: list[str], fds: list[int], report: Report) -> None:
+    """The supervisor lent the tunnels' listening sockets, and fewer arrived than it sent (out of
+    file descriptors, the kernel drops the rest): accept on none of them, and have the supervisor
+    take them back, accepting and handing connections over itself, rather than leave a tunnel with
+    nobody accepting on it."""
+    for fd in fds:
+        os.close(fd)
+    lent.replace({})
+    log.error("could not take over the tunnels' listening sockets: %d of %d arrived (no file descriptor left in the "
+              "card session?); the agent accepts on them itself", len(fds), len(names))
+    report(LISTENERS_NOT_TAKEN, {"tunnels": names})
 
 
 def _listening_sockets(names: list[str], fds: list[int]) -> dict[str, socket.socket]:

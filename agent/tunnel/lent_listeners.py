@@ -58,6 +58,7 @@ IDLE_SECONDS = 60.0  # a waiting thread beyond the first ends after this long wi
 TICK_SECONDS = 1.0  # how often a waiting thread tells the refusal counts that are due
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 PEER_REFUSED = "peer-refused"  # the report the supervisor audits and counts (agent/session/manager.py)
+LISTENERS_NOT_TAKEN = "listeners-not-taken"  # the process had no room for the lent sockets: taken back
 SUPERVISOR_SILENT = "supervisor-silent"  # an association refused past the lease: the supervisor counts it
 RENEWAL_GRACE_SECONDS = 1.5  # the supervisor renews every second once its latest lease was read
 
