@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -10,13 +11,14 @@ from dicom_card_agent.audit.trail import refusal_advice
 from dicom_card_agent.cli.options import ConfigFile, Json
 from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import load_config
+from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.logline import printable
 from dicom_card_agent.session import control
 
 
 def status(config: ConfigFile = None, as_json: Json = False) -> None:
     """Who is signed in, since when, each tunnel's connections and traffic, and the CRL files' state."""
-    answer = control.request(load_config(locate_config(config)), "status")
+    answer = _request(config, "status")
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -133,10 +135,24 @@ def _say(line: str) -> None:
 
 def lock(config: ConfigFile = None) -> None:
     """End the card session now, as if the card had been pulled."""
-    answer = control.request(load_config(locate_config(config)), "lock")
+    answer = _request(config, "lock")
     if answer["locked"] and answer.get("signing_in"):
         typer.echo("locked: the sign-in under way was cancelled; re-insert the card to sign in")
     elif answer["locked"]:
         typer.echo("locked: every connection of the card session was closed; re-insert the card to sign in again")
     else:
         typer.echo(f"nothing to lock ({answer['state']})")
+
+
+def _request(config_option: Path | None, command: str) -> dict:
+    """``command`` to the running agent of the configuration file. One that does not load now (a
+    mistake in an edit, which the agent refused at its reload) is said on stderr, and the agent,
+    which goes on with the configuration it read, is asked all the same."""
+    path = locate_config(config_option)
+    try:
+        config = load_config(path)
+    except CardAgentError as error:
+        typer.echo(printable(f"warning: {error}; asking the running agent, which goes on with the configuration it "
+                             "read before"), err=True)
+        return control.request_without_loading(path, command, error)
+    return control.request(config, command)

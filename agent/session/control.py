@@ -17,9 +17,15 @@ from typing import TYPE_CHECKING
 
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.config.tables import read_config_file, toml_of
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.machine import State
-from dicom_card_agent.session.identity import is_private_runtime_directory, runtime_directories, runtime_directory
+from dicom_card_agent.session.identity import (
+    is_private_runtime_directory,
+    runtime_directories,
+    runtime_directories_for,
+    runtime_directory,
+)
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.supervisor import CardSessionUnresponsive
 from dicom_card_agent.trust.crls import CrlStore
@@ -310,16 +316,52 @@ def request(config: AgentConfig, command: str, socket_path: Path | None = None) 
     another of :func:`runtime_directories`), else where this process's environment puts it."""
     path = socket_path or control_socket_path(config)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(10)
-            client.connect(str(path))
-            client.sendall(json.dumps({"command": command, "config": str(config.source)}).encode() + b"\n")
-            answer = json.loads(client.makefile("rb").readline() or b"{}")
+        answer = _ask(path, command, config.source)
     except (OSError, ValueError) as error:
         raise NoAgentError(f"no agent answers on {path} ({error}): is `card-agent run --config {config.source}` "
                            f"running as this user?{_where_else(config, command, path)}") from None
     if "error" in answer:
         raise ControlError(answer["error"])
+    return answer
+
+
+def request_without_loading(path: Path, command: str, error: CardAgentError) -> dict:
+    """Ask the running agent of the configuration file ``path``, which does not load now (``error``):
+    an edit with a mistake, which the agent refused at its reload and runs without, must not keep
+    `status` or `lock` (the desktop's "Lock DICOM session") from reaching it. Its control socket is
+    looked for where the file's [agent] runtime_dir says, if the file can still be read safely, else
+    in the default runtime directories; only the agent running this very file answers (it checks).
+    Raises ``error`` when none does."""
+    source = path.resolve()
+    for directory in runtime_directories_for(_runtime_dir_as_written(path)):
+        socket_path = directory / SOCKET_NAME
+        if not (is_private_runtime_directory(directory) and socket_path.is_socket()):
+            continue
+        try:
+            answer = _ask(socket_path, command, source)
+        except (OSError, ValueError):
+            continue
+        if "error" not in answer:
+            return answer
+    raise error
+
+
+def _runtime_dir_as_written(path: Path) -> Path | None:
+    """[agent] runtime_dir of the configuration file ``path`` as far as it can be read (safe to
+    read, valid TOML), resolved as the configuration resolves it; None otherwise."""
+    try:
+        value = toml_of(read_config_file(path), path).get("agent", {}).get("runtime_dir")
+    except CardAgentError:
+        return None
+    return (path.resolve().parent / value).resolve() if isinstance(value, str) and value else None
+
+
+def _ask(socket_path: Path, command: str, source: Path) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(str(socket_path))
+        client.sendall(json.dumps({"command": command, "config": str(source)}).encode() + b"\n")
+        answer: dict = json.loads(client.makefile("rb").readline() or b"{}")
     return answer
 
 

@@ -106,8 +106,13 @@ def runtime_directories(config: AgentConfig) -> list[Path]:
     """Where an agent of this user and configuration keeps its runtime directory: [agent] runtime_dir
     alone when set; else the default this process picks first, then the defaults another
     environment would pick (XDG_RUNTIME_DIR set or not), for `status` and `check` to look there too."""
-    if config.runtime_dir is not None:
-        return [config.runtime_dir]
+    return runtime_directories_for(config.runtime_dir)
+
+
+def runtime_directories_for(runtime_dir: Path | None) -> list[Path]:
+    """:func:`runtime_directories` of a configuration whose [agent] runtime_dir is ``runtime_dir``."""
+    if runtime_dir is not None:
+        return [runtime_dir]
     name = f"card-agent-{os.getuid()}"
     return [base / name for base in runtime_bases()]
 
