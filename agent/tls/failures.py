@@ -89,7 +89,8 @@ def handshake_failure(remote: str, error: Exception, identity: str, ca: str, ser
         message = error.verify_message or str(error)
         if "Hostname mismatch" in message or "IP address mismatch" in message:
             return TunnelFailure(f"server {remote} presented a certificate that is not valid for "
-                                 f"{server_name!r}: {message} Check server_name of the tunnel")
+                                 f"{server_name!r}: {message} Check server_name of the tunnel; the name must be "
+                                 "in the certificate's subjectAltName (a subject CN alone is not taken, RFC 9525)")
         return TunnelFailure(f"server {remote} is not trusted: {message}; its certificate must chain to a CA "
                              f"in [trust] ca ({ca}) and not be revoked")
     if isinstance(error, ssl.SSLError):

@@ -108,6 +108,10 @@ def client_context(tunnel: TunnelConfig, trust: TrustConfig, identity: ClientIde
     else:
         context.verify_mode = ssl.CERT_REQUIRED
         context.check_hostname = True
+        # The name in the subjectAltName only, as BCP 195 (RFC 9525) has it: OpenSSL would otherwise
+        # take a subject CN equal to server_name from a certificate without a DNS name (one issued
+        # to a person, with an e-mail address as its subjectAltName, among them).
+        context.hostname_checks_common_name = False
         _trust(context, trust)
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.load_cert_chain(str(identity.chain), str(identity.key), password=pin)

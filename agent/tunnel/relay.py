@@ -963,7 +963,7 @@ def _check_client(runtime: InboundRuntime, leaf_der: bytes | None) -> str:
 
 def _check_client_certificate(runtime: InboundRuntime, leaf_der: bytes) -> str:
     leaf = x509.load_der_x509_certificate(leaf_der)
-    subject = leaf.subject.rfc4514_string()
+    subject = printable(leaf.subject.rfc4514_string())  # the peer's text: it reaches the log and the audit trail
     config = runtime.config
     pins = config.client_pins
     if pins and hashlib.sha256(leaf_der).digest() not in pins:
@@ -989,27 +989,32 @@ def _check_client_certificate(runtime: InboundRuntime, leaf_der: bytes) -> str:
 
 def _carries_one_of(leaf: x509.Certificate, names: tuple[str, ...]) -> bool:
     """Whether ``leaf`` carries one of ``names``: as a subjectAltName DNS name or IP address, or as its
-    subject CN; names compared without regard to case, and no wildcards (a PACS has its own name)."""
+    subject CN; names compared without regard to ASCII case (Unicode case folding would take
+    "localho\u017ft" and "\u212aey.example", look-alikes, for "localhost" and "key.example"), and no
+    wildcards (a PACS has its own name)."""
     common_names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    carried = {str(attribute.value).casefold() for attribute in common_names}
+    carried = {_ascii_lower(str(attribute.value)) for attribute in common_names}
     addresses: set[str] = set()  # as ipaddress writes them: one spelling per address
     try:
         alternative = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         pass
     else:
-        carried.update(dns.casefold() for dns in alternative.get_values_for_type(x509.DNSName))
+        carried.update(_ascii_lower(dns) for dns in alternative.get_values_for_type(x509.DNSName))
         addresses.update(map(str, alternative.get_values_for_type(x509.IPAddress)))
     for name in names:
         try:
             address = ipaddress.ip_address(name)
         except ValueError:
-            if name.casefold() in carried:
+            if _ascii_lower(name) in carried:
                 return True
         else:
             if str(address) in addresses:
                 return True
     return False
+def _ascii_lower(name: str) -> str:
+    return name.translate(_ASCII_LOWER)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _inbound_handshake_failure(peer: str, error: Exception, ending: SessionEnd) -> tuple[str, str]:
