@@ -88,6 +88,10 @@ log = logging.getLogger("agent.tunnel")
 
 CHUNK = 256 * 1024
 HIGH_WATER = 2 * CHUNK  # stop reading a side while this much waits for the other
+# Stop reading the TLS peer while this much waits to go to it: what the application sends stops at
+# HIGH_WATER, so only TLS's own answers to the peer (a KeyUpdate for each of its KeyUpdates) go
+# beyond; a peer that provokes them without reading would otherwise grow the process without bound.
+TLS_ANSWERS_CAP = 2 * HIGH_WATER
 REJECT_READ_TIMEOUT = 3.0  # for the request of an application about to be rejected, however it trickles
 CLOSE_LINGER = 2.0  # for the application to close after our last PDU, however it trickles
 LOCAL_CLOSE_WAIT = 5.0  # for the application to close once the PACS has closed
@@ -1012,8 +1016,13 @@ def _carries_one_of(leaf: x509.Certificate, names: tuple[str, ...]) -> bool:
             if str(address) in addresses:
                 return True
     return False
+
+
 def _ascii_lower(name: str) -> str:
+    """``name`` with A-Z lowered and nothing else changed: host names compare so (RFC 4343)."""
     return name.translate(_ASCII_LOWER)
+
+
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -1411,7 +1420,8 @@ class _Relay:
             while self.failure is None:
                 local_mask = (select.POLLIN if not self.local_eof and len(self.to_remote) < HIGH_WATER else 0) | (
                     select.POLLOUT if self.to_local else 0)
-                remote_mask = (select.POLLIN if not self.remote_done and len(self.to_local) < HIGH_WATER else 0) | (
+                remote_mask = (select.POLLIN if not self.remote_done and len(self.to_local) < HIGH_WATER
+                               and len(self.to_remote) < TLS_ANSWERS_CAP else 0) | (
                     select.POLLOUT if self.to_remote else 0)
                 if self.remote_done and not self.to_local and not self.local_write_closed:
                     self._close_local_write()
