@@ -255,6 +255,44 @@ def test_pull_mid_transfer_then_a_second_card_then_the_first_again(
 
 # -- the card-lifecycle faults on the real stack -------------------------------------------------------
 
+def test_a_card_another_program_holds_for_itself_at_insertion_signs_in_once_it_is_free(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """A smart-card middleware (GnuPG's scdaemon connects exclusively by default) takes the card as
+    it is inserted and lets go 4 s later. OpenSC then shows the reader's slot without a token, and
+    the card was written off, until re-inserted, as one it does not drive ("holds no token ...:
+    is it a card this module drives?"). The sign-in is tried again until the card is free."""
+    from smartcard import scard
+
+    env = opensc_env(test_pki)
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], token="", module=OPENSC,
+                       agent=own_runtime_dir(tmp_path)) as agent:
+        agent.wait_for_log("card events: PC/SC events from pcscd")
+        rv, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        assert rv == 0, scard.SCardGetErrorMessage(rv)
+        try:
+            card_reader.insert(virtual_cards["carol"])
+            deadline, held = time.monotonic() + 5, None
+            while held is None and time.monotonic() < deadline:
+                rv, handle, _ = scard.SCardConnect(context, VPCD_READER, scard.SCARD_SHARE_EXCLUSIVE,
+                                                   scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
+                held = handle if rv == 0 else time.sleep(0.01)
+            assert held is not None, "the test could not take the card for itself before the agent read it"
+            waiting = agent.wait_for_log("could not start: ", timeout=PROBE_SECONDS)
+            status = agent_status(tmp_path / "agent", env)["state"]
+            time.sleep(4)
+            scard.SCardDisconnect(held, scard.SCARD_LEAVE_CARD)
+        finally:
+            scard.SCardReleaseContext(context)
+        log = agent.wait_for_log(sign_in_line(virtual_cards["carol"]), timeout=PROBE_SECONDS + 30)
+    held_message = (f"the card in reader {VPCD_READER!r} is held by another program for itself (a smart-card "
+                    "middleware, such as GnuPG's scdaemon): it is read again once it is free")
+    assert re.search(rf"WARNING: sign-in to the card in reader {re.escape(repr(VPCD_READER))} could not start: "
+                     rf"{re.escape(held_message)}: trying again in 1 s", waiting), waiting
+    assert status == f"card present, the sign-in could not start ({held_message}): trying again", status
+    assert "event=sign-in-failed" not in log and "is it a card this module drives" not in log, log
+
+
 def test_a_card_holding_another_token_than_the_configured_one_waits_with_the_reason(
         test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
         virtual_cards: dict[str, CardContents]) -> None:

@@ -47,6 +47,7 @@ SCARD_STATE_UNKNOWN = 0x0004
 SCARD_STATE_UNAVAILABLE = 0x0008
 SCARD_STATE_EMPTY = 0x0010
 SCARD_STATE_PRESENT = 0x0020
+SCARD_STATE_EXCLUSIVE = 0x0080
 
 RETRY_SECONDS = 1.0  # after pcscd went away: try to reconnect this often (polling covers the gap)
 
@@ -134,6 +135,22 @@ def readers_with_a_card() -> list[str]:
         context.release()
     return list(_cards_in(list(states), list(states.values())))
 
+
+
+def held_exclusively(reader: str) -> bool:
+    """Whether another program holds the card in ``reader`` for itself (SCARD_SHARE_EXCLUSIVE): then
+    nobody else can read it, and a PKCS#11 module shows the reader's slot without a token. False
+    when pcscd cannot tell."""
+    try:
+        context = PcscContext()
+    except PcscUnavailable:
+        return False
+    try:
+        return bool(context.states([reader]).get(reader, 0) & SCARD_STATE_EXCLUSIVE)
+    except PcscUnavailable:
+        return False
+    finally:
+        context.release()
 
 def card_state_changed(before: int, after: int) -> bool:
     """Did a reader's card come or go (ignoring pcscd's event counter in the upper 16 bits)?"""

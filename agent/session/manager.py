@@ -55,7 +55,7 @@ from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.channel import LEASE_RENEW_SECONDS, LEASE_SECONDS
 from dicom_card_agent.session.events import event
 from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
-from dicom_card_agent.session.probe import ProbeRequest
+from dicom_card_agent.session.probe import CardInUseError, ProbeRequest
 from dicom_card_agent.session.retune import session_change
 from dicom_card_agent.session.supervisor import (
     CardSession,
@@ -493,10 +493,10 @@ class SessionManager:
 
     def _sign_in_thread(self, pending: _SignIn) -> None:
         """Sign in to the card of ``pending``; whatever happens is reported to the loop, nothing is
-        raised. A sign-in that could not start for want of descriptors, memory or disk space (before
-        any PIN was asked) is tried again, with a growing wait, until it starts or is cancelled:
-        the shortage is of the moment, and a token that cannot be re-inserted (SoftHSM, an HSM)
-        would otherwise need a restart."""
+        raised. A sign-in that could not start for want of descriptors, memory or disk space, or
+        because another program held the card for itself (before any PIN was asked), is tried
+        again, with a growing wait, until it starts or is cancelled: the shortage is of the moment,
+        and a token that cannot be re-inserted (SoftHSM, an HSM) would otherwise need a restart."""
         retry_in = SHORTAGE_FIRST_RETRY_SECONDS
         while (shortage := self._try_sign_in(pending)) is not None:
             if not self._wait_to_retry(pending, shortage, retry_in):
@@ -574,7 +574,9 @@ class SessionManager:
                 self._report(SignInCancelled(attempt, scope.reason))
                 return None
             message = str(error) if isinstance(error, CardAgentError) else f"{type(error).__name__}: {error}"
-            if not scope.pin_was_entered and _system_shortage(error):  # asked again, a PIN would be too
+            if not scope.pin_was_entered and (_system_shortage(error) or isinstance(error, CardInUseError)):
+                # Of the moment (the system's shortage, another program holding the card): tried
+                # again; asked again, a PIN would be too.
                 return message
             self.last_error = message
             event("sign-in-failed", **(session.card or card).event_fields(), reason=message)

@@ -16,8 +16,10 @@ from typing import Any
 
 from pkcs11.types import Token
 
+from dicom_card_agent.card.pcsc import held_exclusively
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
+from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.token.discovery import (
     AmbiguousTokenError,
     NoSuchTokenError,
@@ -32,6 +34,10 @@ from dicom_card_agent.token.identities import Identity, list_identities
 from dicom_card_agent.token.module import LoadedModule, load_module
 
 SLOT_DESCRIPTION_LENGTH = 64  # CK_SLOT_INFO.slotDescription: OpenSC puts the reader's name there, cut to this
+
+
+class CardInUseError(CardAgentError):
+    """Another program holds the card for itself: it cannot be read now, and may be later."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ def _token_in_reader(module: LoadedModule, reader: str, selector: str | None) ->
     name = reader[:SLOT_DESCRIPTION_LENGTH].strip()
     slots = [slot for slot in module.slots_with_token() if slot.slot_description.strip() == name]
     tokens = tokens_in(slots)
+    if not tokens and held_exclusively(reader):
+        raise CardInUseError(f"the card in reader {reader!r} is held by another program for itself (a smart-card "
+                             "middleware, such as GnuPG's scdaemon): it is read again once it is free")
     if not tokens:
         raise NoSuchTokenError(f"the card in reader {reader!r} holds no token {module.path} knows (profile "
                                f"{module.profile.name}): is it a card this module drives?")

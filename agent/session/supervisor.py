@@ -22,7 +22,7 @@ from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.revocation.peer import CardRevokedError
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_session_directory
-from dicom_card_agent.session.probe import FoundCard, ProbeRequest
+from dicom_card_agent.session.probe import CardInUseError, FoundCard, ProbeRequest
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret
 from dicom_card_agent.version import agent_build, agent_version
@@ -283,6 +283,8 @@ class CardSession:
             return CardSessionError(upgraded)
         if reply is not None and reply.get("revoked"):
             return CardRevokedError(detail)
+        if reply is not None and reply.get("card_in_use"):
+            return CardInUseError(detail)
         if reply is not None and reply.get("plain"):  # a sentence for the clinician (the card could not be read)
             return CardSessionError(detail)
         return CardSessionError(f"{what}: {detail}")

@@ -53,7 +53,7 @@ from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, c
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import check_key_after_login
 from dicom_card_agent.session.orphan import SupervisorWatch
-from dicom_card_agent.session.probe import Probed, ProbeRequest, probe
+from dicom_card_agent.session.probe import CardInUseError, Probed, ProbeRequest, probe
 from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
 from dicom_card_agent.tls.policy import ClientIdentityFiles, ServerChecks, client_context, no_pin, server_context
 from dicom_card_agent.tls.provider import provider_key_pem
@@ -488,7 +488,8 @@ def probe_card(channel: socket.socket) -> tuple[dict, Probed] | None:
         config = messages.received_config(message)  # the supervisor's: this process never reads the file
         card = probe(config, request)
     except CardAgentError as error:
-        messages.send(channel, {"type": "error", "message": str(error), "plain": True})
+        messages.send(channel, {"type": "error", "message": str(error), "plain": True,
+                                "card_in_use": isinstance(error, CardInUseError)})
         return None
     except PKCS11Error as error:  # the card left mid-way, or cannot be read
         messages.send(channel, {"type": "error", "message": f"the card could not be read: the PKCS#11 module "
