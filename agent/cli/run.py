@@ -14,6 +14,7 @@ from dicom_card_agent.cli.options import ConfigFile
 from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import load_config
 from dicom_card_agent.config.preflight import open_crls, prepare_pin_sources
+from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.notify import Notifier
@@ -22,7 +23,7 @@ from dicom_card_agent.session.control import ControlServer
 from dicom_card_agent.session.identity import remove_leftover_session_files
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.reload import Reloader
-from dicom_card_agent.token.secret import make_non_dumpable
+from dicom_card_agent.token.secret import make_non_dumpable, trace_refusal
 from dicom_card_agent.tunnel.server import Listeners
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def run(
     """Serve the tunnels with the identity of the card in the reader, until SIGTERM or SIGINT."""
     # First: no same-user process may read this one's memory (/proc/PID/mem, ptrace), no core dump.
     make_non_dumpable()
+    _refuse_if_traced()  # before any PIN source is prepared (an env: PIN is taken at start-up)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     notifier = Notifier()  # first: the card-session processes must not inherit NOTIFY_SOCKET
     activated = ActivatedSockets.from_environment()
@@ -104,6 +106,17 @@ def run(
             control_server.close()
         _record_stop(audit, stop, failure)
         audit.close()
+
+
+def _refuse_if_traced() -> None:
+    """A process of the agent's user that attached (ptrace) between this process's start and its
+    prctl(PR_SET_DUMPABLE, 0) stays attached: it would read every PIN that passes through here."""
+    traced = trace_refusal()
+    if traced is not None:
+        raise CardAgentError(
+            f"the agent does not start: {traced} (a debugger or another process of the agent's user attached "
+            "as it started); no PIN is read. Stop that process, or run the agent without a debugger "
+            "(docs/troubleshooting.md)")
 
 
 def _record_stop(audit: AuditRecorder, stop: threading.Event, failure: BaseException | None) -> None:

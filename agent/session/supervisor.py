@@ -24,7 +24,7 @@ from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_session_directory
 from dicom_card_agent.session.probe import CardInUseError, FoundCard, ProbeRequest
 from dicom_card_agent.token.module import LoadedModule
-from dicom_card_agent.token.secret import Secret
+from dicom_card_agent.token.secret import Secret, pin_refusal_for
 from dicom_card_agent.version import agent_build, agent_version
 
 log = logging.getLogger("agent.session")
@@ -171,6 +171,7 @@ class CardSession:
         if reply is not None and reply.get("type") == "card":
             found = FoundCard.from_message(reply)
             self.card = found.card
+            self._refuse_if_traced()  # before a PIN dialog opens for a process that would not get its PIN
             self.awaiting_pin = True
             return found
         if reply is not None and "label" in reply:  # a card that allows no PIN attempt: named all the same
@@ -233,12 +234,27 @@ class CardSession:
             "confirm_final_try": self.confirm_final_try or self.signed_in.final_try_confirmed,
             "node_pins": list(node_pins),
         }
+        secrets = [secret for secret in [pin, *node_pins.values()] if secret is not None]
+        if secrets:
+            self._refuse_if_traced()
         # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
-        reply = self._ask(self.channel, start, [secret for secret in [pin, *node_pins.values()] if secret is not None])
+        reply = self._ask(self.channel, start, secrets)
         if reply is None or reply.get("type") != "ready":
             raise self._refused(reply, "the card-session process could not start")
         self._lease_channel = socket.socket(fileno=os.dup(self.channel.fileno()))
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
+
+    def _refuse_if_traced(self) -> None:
+        """End the process and raise :class:`CardSessionError` when it is traced (ptrace): whoever
+        attached to it in the moment between its start and its ``prctl(PR_SET_DUMPABLE, 0)`` would
+        read the PINs (docs/pin-handling.md). The kernel's ``TracerPid`` is read here, where the
+        tracer cannot change what is read, as it can in its tracee."""
+        assert self.process is not None
+        refusal = pin_refusal_for(self.process.pid)
+        if refusal is not None:
+            self.process.kill()  # a tracer may hold it stopped: it would not answer an end message
+            self.end("traced")
+            raise CardSessionError(f"{refusal}: the PIN is not sent")
 
     def _ask(self, channel: socket.socket, message: dict[str, Any], secrets: Sequence[Secret] = (), *,
              limit: int = messages.MAX_MESSAGE) -> dict[str, Any] | None:

@@ -15,6 +15,16 @@ kept and every resumable TLS session: nothing of the identity outlives it.
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # Before any other import: from its execve until this call, any process of the agent's user may
+    # attach a debugger (ptrace) and stay attached for the PIN (docs/pin-handling.md); ctypes alone,
+    # as token/secret.py costs imports. main() checks that it held (secret.trace_refusal).
+    import ctypes
+    import sys
+
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+
 import logging
 import os
 import signal
@@ -62,7 +72,7 @@ from dicom_card_agent.token.discovery import find_token
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import LoginError, check_before_login, login
 from dicom_card_agent.token.module import LoadedModule
-from dicom_card_agent.token.secret import Secret, make_non_dumpable
+from dicom_card_agent.token.secret import Secret, make_non_dumpable, trace_refusal
 from dicom_card_agent.tunnel.counters import add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import LISTENERS_NOT_TAKEN, LentListeners, SupervisorLease
 from dicom_card_agent.tunnel.relay import (
@@ -551,13 +561,19 @@ def main() -> None:
     probes the card, then, once the supervisor has chosen the identity and sent the PIN, serves.
     Its ``OPENSSL_CONF`` (the session's ``openssl.cnf``) is written before it starts: OpenSSL reads
     it once, and the module may start OpenSSL while it probes the card (OpenSC does)."""
-    make_non_dumpable()  # before the PIN arrives: no same-user process may read this memory
+    make_non_dumpable()  # again (done first at the top, when run): it raises if it cannot be done
     _ignore_stop_signals()
     logline.configure("card-agent[session]", sys.argv[3].upper())
     # pydicom logs what it thinks of the data sets it reads for the audit trail: not the agent's news.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     channel = socket.socket(fileno=int(sys.argv[1]))
     reports = socket.socket(fileno=int(sys.argv[2]))
+    traced = trace_refusal()  # a tracer that attached before the prctl above would read the PIN
+    if traced is not None:  # the answer to the probe: the supervisor shows it; no PIN is asked for
+        messages.send(channel, {"type": "error", "plain": True, "message": (
+            f"the card-session process (pid {os.getpid()}) stopped before reading the card: {traced}; "
+            "no PIN is asked for or sent")})
+        _exit_now(1)
     global _watch
     _watch = SupervisorWatch(int(sys.argv[4]), Path(sys.argv[5]), _supervisor_gone).start()
     started = probe_card(channel)

@@ -16,6 +16,7 @@ away, and only "y" goes on to the PIN.
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import os
 import select
@@ -29,12 +30,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicom_card_agent.desktop.config import GRAPHICAL_PINENTRIES
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
 from dicom_card_agent.desktop.words import DialogWords
 from dicom_card_agent.errors import CardAgentError, ConfigError
-from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file
+from dicom_card_agent.file_trust import TrustRefusal, UnsafeFileError, check_trusted_file
 from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.token.pinentry import Confirmation, Pinentry, PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
@@ -305,11 +307,46 @@ def _secret_from_text(text: str) -> Secret:
         wipe(buffer)
 
 
-def _check_pin_file(path: str) -> os.stat_result:
+PIN_FILE = "the PIN file"
+PIN_FILE_RISK = "put the PIN the agent tries on the card there (spending the card's tries), or swap it for another file"
+# No symbolic link as the file itself (O_NOFOLLOW), no waiting on a FIFO or a device (O_NONBLOCK): what
+# is opened is then looked at through its descriptor (fstat), never by its name again.
+_PIN_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _check_pin_file(path: str) -> None:
+    """At start-up: everything :func:`_read_pin_file` checks, without reading the PIN."""
+    descriptor, _ = _open_pin_file(path)
+    os.close(descriptor)
+
+
+def _open_pin_file(path: str) -> tuple[int, os.stat_result]:
+    """The PIN file, opened (a descriptor the caller closes) and checked through that descriptor:
+    a regular file of the agent's user, mode 0600 or stricter, in directories no other user can
+    write (agent/file_trust.py): whoever can rename entries there can swap the file for a link."""
     try:
-        info = os.stat(path)
+        descriptor = os.open(path, _PIN_FILE_FLAGS)
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            _refuse_unsafe_directories(path)  # a link another user put there: say where they can write
+            raise PinUnavailableError(
+                f"PIN file {path} is a symbolic link: the agent opens only the file itself, so that nobody can "
+                "point it elsewhere; point file: at the file it links to") from None
         raise PinUnavailableError(f"cannot read PIN file {path}: {error.strerror}") from None
+    try:
+        info = os.fstat(descriptor)
+        _refuse_unsafe_pin_file(path, info)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor, info
+
+
+def _refuse_unsafe_pin_file(path: str, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise PinUnavailableError(
+            f"PIN file {path} is not a regular file (it is a {_file_kind(info.st_mode)}): the agent reads the PIN "
+            "only from a regular file; point file: at one")
     if info.st_uid != os.getuid():
         raise PinUnavailableError(
             f"PIN file {path} belongs to uid {info.st_uid}, not to the agent's user (uid {os.getuid()}): "
@@ -321,21 +358,44 @@ def _check_pin_file(path: str) -> os.stat_result:
             f"PIN file {path} is readable by other users (mode {stat.S_IMODE(info.st_mode):o}): "
             f"run `chmod 600 {path}` first"
         )
-    return info
+    try:
+        check_trusted_file(path, PIN_FILE, PIN_FILE_RISK)
+    except UnsafeFileError as error:
+        raise PinUnavailableError(str(error)) from None
+    _refuse_unsafe_directories(path)
+
+
+def _refuse_unsafe_directories(path: str) -> None:
+    """check_trusted_file checks the directories above the file as resolved; a directory link on the
+    way (``/shared/link/pin``) hides the directory that holds the link: each directory on the path
+    as given is checked too."""
+    given = Path(os.path.abspath(path))
+    refusal = TrustRefusal(given, PIN_FILE, PIN_FILE_RISK)
+    try:
+        for directory in given.parents:
+            refusal.if_unsafe(Path(os.path.realpath(directory)), directory.stat(), is_directory=True)
+    except UnsafeFileError as error:
+        raise PinUnavailableError(str(error)) from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISDIR, "directory"), (stat.S_ISSOCK, "socket"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+    return next((name for test, name in kinds if test(mode)), f"file of mode {mode:o}")
 
 
 def _read_pin_file(path: str) -> Secret:
     """The first line of the file, read as bytes into a buffer that is wiped: no str of the PIN."""
-    info = _check_pin_file(path)
-    buffer = bytearray(min(info.st_size, MAX_PIN_FILE_BYTES))
+    descriptor, info = _open_pin_file(path)
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        buffer = bytearray(min(info.st_size, MAX_PIN_FILE_BYTES))
         try:
             length = os.readv(descriptor, [buffer])
-        finally:
-            os.close(descriptor)
-    except OSError as error:
-        raise PinUnavailableError(f"cannot read PIN file {path}: {error.strerror}") from None
+        except OSError as error:
+            wipe(buffer)
+            raise PinUnavailableError(f"cannot read PIN file {path}: {error.strerror}") from None
+    finally:
+        os.close(descriptor)
     view = memoryview(buffer)[:length]
     end = next((i for i, byte in enumerate(view) if byte in b"\r\n"), length)
     try:

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_card_agent.logline import printable
 
 log = logging.getLogger(__name__)
 
+_PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.strlen.restype = ctypes.c_size_t
@@ -110,9 +116,79 @@ def _unlock(buffer: bytearray) -> None:
 
 
 def make_non_dumpable() -> None:
-    """No core dumps and no ``/proc/PID/mem`` or ptrace for other processes of the same user."""
+    """No core dumps and no ``/proc/PID/mem`` or ptrace for other processes of the same user.
+
+    Only from now on: a process of the same user that attached (ptrace) between this process's
+    ``execve`` and this call stays attached, and can undo it. :func:`trace_refusal` tells."""
     if _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def is_dumpable() -> bool:
+    """Whether this process is dumpable (``prctl(PR_GET_DUMPABLE)``): True after a tracer undid
+    :func:`make_non_dumpable`."""
+    return _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) != 0
+
+
+@dataclass(frozen=True)
+class Tracer:
+    """The process that traces (ptrace) another: its pid and, if it can still be read, its name."""
+
+    pid: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} ({self.name})"
+
+
+def tracer_of(pid: int | str) -> Tracer | None:
+    """The process tracing ``pid`` ("self" for this one), as the kernel's ``TracerPid`` in
+    ``/proc/PID/status`` says; None when none does. Raises OSError when ``pid`` cannot be read (gone)."""
+    tracer = _tracer_pid(Path(f"/proc/{pid}/status").read_text(encoding="utf-8", errors="replace"))
+    if tracer == 0:
+        return None
+    try:
+        name = Path(f"/proc/{tracer}/comm").read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        name = "gone"
+    return Tracer(tracer, printable(name))  # any process names itself
+
+
+def _tracer_pid(status: str) -> int:
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key == "TracerPid":
+            return int(value)
+    raise OSError(errno.EINVAL, "no TracerPid in /proc/PID/status")
+
+
+def pin_refusal_for(pid: int) -> str | None:
+    """Why the process ``pid`` (a child of this one) must not be sent a PIN: it is traced; None when
+    not. The kernel's ``TracerPid`` is read, which a tracer that rewrites what its tracee reads of
+    itself cannot change. (Whether another process is dumpable cannot be read reliably from
+    outside: the tracee's own :func:`trace_refusal` checks that.)"""
+    what = f"the card-session process (pid {pid})"
+    try:
+        tracer = tracer_of(pid)
+    except OSError as error:  # fail closed
+        return f"{what} could not be checked for a tracer ({error.strerror or error})"
+    if tracer is not None:
+        return f"{what} is being traced by {tracer}"
+    return None
+
+
+def trace_refusal() -> str | None:
+    """Why this process must not take a PIN: it is traced, or dumpable again after
+    :func:`make_non_dumpable` (a tracer that attached before it can undo it); None when neither."""
+    try:
+        tracer = tracer_of("self")
+    except OSError as error:  # fail closed: a process that cannot tell is not trusted with a PIN
+        return f"it cannot read its own /proc/self/status ({error.strerror or error})"
+    if tracer is not None:
+        return f"it is being traced by {tracer}"
+    if is_dumpable():
+        return "it is dumpable again after prctl(PR_SET_DUMPABLE, 0): a tracer undid that call"
+    return None
 
 
 def remove_environment_variable(name: str) -> None:
