@@ -30,6 +30,6 @@ def test_status_and_lock_reach_the_agent_whose_configuration_file_has_a_mistake(
             served_after_lock = echo(agent.port())
     assert status.returncode == 0 and status.stdout.startswith("state:    signed in\n"), status.stdout + status.stderr
     assert status.stderr == (f"warning: {config} [[tunnel]] 'pacs': unknown key 'remot' (did you mean 'remote'?); "
-                             "asking the running agent, which goes on with the configuration it read before\n")
+                             "the running agent answered, which goes on with the configuration it read before\n")
     assert locked.returncode == 0 and locked.stdout.startswith("locked: "), locked.stdout + locked.stderr
     assert not served_after_lock

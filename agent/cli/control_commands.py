@@ -146,13 +146,14 @@ def lock(config: ConfigFile = None) -> None:
 
 def _request(config_option: Path | None, command: str) -> dict:
     """``command`` to the running agent of the configuration file. One that does not load now (a
-    mistake in an edit, which the agent refused at its reload) is said on stderr, and the agent,
-    which goes on with the configuration it read, is asked all the same."""
+    mistake in an edit, which the agent refused at its reload) is an error when no agent answers,
+    and said on stderr when the agent, which goes on with the configuration it read, does."""
     path = locate_config(config_option)
     try:
         config = load_config(path)
     except CardAgentError as error:
-        typer.echo(printable(f"warning: {error}; asking the running agent, which goes on with the configuration it "
+        answer = control.request_without_loading(path, command, error)
+        typer.echo(printable(f"warning: {error}; the running agent answered, which goes on with the configuration it "
                              "read before"), err=True)
-        return control.request_without_loading(path, command, error)
+        return answer
     return control.request(config, command)
