@@ -680,7 +680,7 @@ def test_the_pcsc_codes_are_pyscards() -> None:
     pyscard (pcsc_api); they are the PC/SC standard's, and so pyscard's."""
     scard = pcsc.pcsc_api()
     names = [name for name in dir(pcsc) if name.startswith("SCARD_")]
-    assert len(names) == 14
+    assert len(names) == 15
     assert {name: getattr(pcsc, name) for name in names} == {name: getattr(scard, name) for name in names}
 
 
