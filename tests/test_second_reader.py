@@ -12,9 +12,6 @@ and, once pulled, left the agent saying ``no card inserted`` with her card in it
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,16 +19,20 @@ import pytest
 
 from agent_runner import RunningAgent, agent_status, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki
-from peers.ports import free_port
 from peers.pynetdicom_scp import RecordingScp, echo, tls_scp
 from virtual_card.bridge import PIN_PRESENTED
 from virtual_card.fixtures import stack_unavailable, virtual_cards  # noqa: F401 - a pytest fixture
 from virtual_card.nssdb import CardContents
-from virtual_card.pcscd import PrivatePcscd, StackUnavailable
+from virtual_card.pcscd import (
+    VPCD_READERS,
+    PrivatePcscd,
+    StackUnavailable,
+    private_pcscd_with_two_readers,
+    readers_with_a_card_in,
+)
 from virtual_card.reader import VirtualReader
 
 PROBE_SECONDS = 30  # OpenSC probes an inserted card in ~2.3 s; a loaded 2-core machine takes longer
-READERS = ("Virtual PCD 00 00", "Virtual PCD 00 01")  # vpcd's two readers: its port and the next
 
 
 class PrivateReader(VirtualReader):
@@ -40,48 +41,31 @@ class PrivateReader(VirtualReader):
 
     def __init__(self, workdir: Path, daemon: PrivatePcscd, index: int, port: int) -> None:
         super().__init__(workdir, port=port + index)
-        self.daemon, self.name = daemon, READERS[index]
+        self.daemon, self.name = daemon, VPCD_READERS[index]
 
     def present(self) -> bool:
-        asked = subprocess.run([sys.executable, "-c", "from dicom_card_agent.card.pcsc import readers_with_a_card; "
-                                "print(*readers_with_a_card(), sep='\\n')"],
-                               env=self.daemon.env(), capture_output=True, text=True, timeout=30, check=True)
-        return self.name in asked.stdout.splitlines()
+        return self.name in readers_with_a_card_in(self.daemon)
 
     def pins_presented(self) -> int:
         return sum(log.read_text(errors="replace").count(PIN_PRESENTED) for log in self.workdir.glob("bridge-*.log"))
-
-
-def _free_port_pair() -> int:
-    """A port with the next one free too: vpcd listens on both (its two readers)."""
-    while True:
-        port = free_port()
-        with contextlib.suppress(OSError), socket.socket() as probe:
-            probe.bind(("0.0.0.0", port + 1))
-            return port
 
 
 @pytest.fixture
 def readers(tmp_path: Path) -> Iterator[tuple[PrivateReader, PrivateReader]]:
     """A pcscd of this test's own (a mount namespace) with vpcd's two readers on ports of its own:
     the machine's pcscd and other tests' readers are untouched."""
-    daemon = PrivatePcscd(tmp_path / "pcscd")
-    port = _free_port_pair()
-    daemon.readers_dir.mkdir(parents=True)
-    (daemon.readers_dir / "vpcd").write_text(
-        f'FRIENDLYNAME "Virtual PCD"\nDEVICENAME   /dev/null:0x{port:04X}\n'
-        f"LIBPATH      /usr/lib/pcsc/drivers/serial/libifdvpcd.so\nCHANNELID    0x{port:04X}\n")
-    try:
-        daemon.start()
-    except StackUnavailable as error:
-        stack_unavailable(error)
-    pair = (PrivateReader(tmp_path / "reader0", daemon, 0, port), PrivateReader(tmp_path / "reader1", daemon, 1, port))
-    try:
-        yield pair
-    finally:
-        for reader in pair:
-            reader.close()
-        daemon.stop()
+    with contextlib.ExitStack() as stack:
+        try:
+            daemon, port = stack.enter_context(private_pcscd_with_two_readers(tmp_path / "pcscd"))
+        except StackUnavailable as error:
+            stack_unavailable(error)
+        pair = (PrivateReader(tmp_path / "reader0", daemon, 0, port),
+                PrivateReader(tmp_path / "reader1", daemon, 1, port))
+        try:
+            yield pair
+        finally:
+            for reader in pair:
+                reader.close()
 
 
 @contextlib.contextmanager
@@ -118,7 +102,7 @@ def test_a_card_holding_another_token_in_a_second_reader_leaves_the_session_alon
         assert echo(agent.port())  # a full handshake: her card still signs after the other card's probe
 
         other_slot.pull()
-        wait_for(lambda: READERS[1] not in str(agent_status(tmp_path / "agent", test_pki.env())), timeout=10)
+        wait_for(lambda: VPCD_READERS[1] not in str(agent_status(tmp_path / "agent", test_pki.env())), timeout=10)
         assert state(tmp_path, test_pki) == "signed in"
         assert echo(agent.port())
         log = agent.log()

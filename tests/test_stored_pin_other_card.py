@@ -15,7 +15,6 @@ watcher's choice of card, agent/card/watcher.py): only the PIN tries and what th
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,11 +27,16 @@ from agent_runner import RunningAgent, agent_status, running_agent, tunnel, wait
 from conftest import USER_PIN, ProvisionedPki
 from dicom_card_agent.tunnel.peer import parse_proc_net_tcp
 from peers.pin_counting_card import START_TRIES, WRONG_PIN_PREFIX, tries_left
-from peers.ports import free_port
 from virtual_card.bridge import PIN_PRESENTED
 from virtual_card.fixtures import CARDS, stack_unavailable, virtual_cards  # noqa: F401 - a pytest fixture
 from virtual_card.nssdb import CardContents
-from virtual_card.pcscd import PrivatePcscd, StackUnavailable
+from virtual_card.pcscd import (
+    VPCD_READERS,
+    PrivatePcscd,
+    StackUnavailable,
+    private_pcscd_with_two_readers,
+    readers_with_a_card_in,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 PROBE_SECONDS = 30  # OpenSC probes an inserted card in ~2.3 s; a loaded 2-core machine takes longer
@@ -88,12 +92,7 @@ class Readers:
         return {"PCSCLITE_CSOCK_NAME": str(self.daemon.socket_path)}
 
     def with_a_card(self) -> list[str]:
-        """The readers pcscd reports a card in: asked in a process of its own, as libpcsclite reads
-        PCSCLITE_CSOCK_NAME once per process (this one may have used the machine's pcscd)."""
-        asked = subprocess.run([sys.executable, "-c", "from dicom_card_agent.card.pcsc import readers_with_a_card; "
-                                "print(*readers_with_a_card(), sep='\\n')"],
-                               env=self.daemon.env(), capture_output=True, text=True, timeout=30, check=True)
-        return asked.stdout.splitlines()
+        return readers_with_a_card_in(self.daemon)
 
 
 def _listening(port: int) -> bool:
@@ -101,40 +100,25 @@ def _listening(port: int) -> bool:
     return any(row.local[1] == port and row.state == TCP_LISTEN for row in rows)
 
 
-def _free_port_pair() -> int:
-    """A port with the next one free too: vpcd listens on both (its two readers)."""
-    while True:
-        port = free_port()
-        with contextlib.suppress(OSError), socket.socket() as probe:
-            probe.bind(("0.0.0.0", port + 1))
-            return port
-
-
 @pytest.fixture
 def readers(tmp_path: Path) -> Iterator[Readers]:
     """A pcscd of this test's own (a mount namespace) with vpcd's two readers on ports of its own:
     the machine's pcscd and other tests' readers are untouched."""
-    daemon = PrivatePcscd(tmp_path / "pcscd")
-    port = _free_port_pair()
-    daemon.readers_dir.mkdir(parents=True)
-    (daemon.readers_dir / "vpcd").write_text(
-        f'FRIENDLYNAME "Virtual PCD"\nDEVICENAME   /dev/null:0x{port:04X}\n'
-        f"LIBPATH      /usr/lib/pcsc/drivers/serial/libifdvpcd.so\nCHANNELID    0x{port:04X}\n")
-    try:
-        daemon.start()
-    except StackUnavailable as error:
-        stack_unavailable(error)
-    slots = (Slot("Virtual PCD 00 00", port, tmp_path / "reader0"), Slot("Virtual PCD 00 01", port + 1,
-                                                                          tmp_path / "reader1"))
-    try:
-        wait_for(lambda: _listening(port) and _listening(port + 1), timeout=15)
-        for slot in slots:
-            slot.workdir.mkdir()
-        yield Readers(daemon, slots)
-    finally:
-        for slot in slots:
-            slot.pull()
-        daemon.stop()
+    with contextlib.ExitStack() as stack:
+        try:
+            daemon, port = stack.enter_context(private_pcscd_with_two_readers(tmp_path / "pcscd"))
+        except StackUnavailable as error:
+            stack_unavailable(error)
+        slots = (Slot(VPCD_READERS[0], port, tmp_path / "reader0"), Slot(VPCD_READERS[1], port + 1,
+                                                                         tmp_path / "reader1"))
+        try:
+            wait_for(lambda: _listening(port) and _listening(port + 1), timeout=15)
+            for slot in slots:
+                slot.workdir.mkdir()
+            yield Readers(daemon, slots)
+        finally:
+            for slot in slots:
+                slot.pull()
 
 
 def start_agent(test_pki: ProvisionedPki, tmp_path: Path, readers: Readers, *, pin: str = USER_PIN,

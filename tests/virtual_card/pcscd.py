@@ -280,3 +280,47 @@ class PrivatePcscd:
         if self.process is not None:
             _stop(self.process)  # SIGTERM: pcscd removes its socket and pid file
             self.process = None
+
+
+# vpcd's two readers, on the port its configuration names and the next one.
+VPCD_READERS = ("Virtual PCD 00 00", "Virtual PCD 00 01")
+
+
+def _free_port_pair() -> int:
+    """A port with the next one free too: vpcd listens on both (its two readers)."""
+    from peers.ports import free_port
+
+    while True:
+        port = free_port()
+        with contextlib.suppress(OSError), socket.socket() as probe:
+            probe.bind(("0.0.0.0", port + 1))
+            return port
+
+
+@contextlib.contextmanager
+def private_pcscd_with_two_readers(workdir: Path) -> Iterator[tuple[PrivatePcscd, int]]:
+    """A :class:`PrivatePcscd` with vpcd's two readers (:data:`VPCD_READERS`) on ``port`` and
+    ``port + 1`` of its own: the machine's pcscd and other tests' readers are untouched. Raises
+    :class:`StackUnavailable` when it cannot run."""
+    daemon = PrivatePcscd(workdir)
+    port = _free_port_pair()
+    daemon.readers_dir.mkdir(parents=True)
+    (daemon.readers_dir / "vpcd").write_text(
+        f'FRIENDLYNAME "Virtual PCD"\nDEVICENAME   /dev/null:0x{port:04X}\n'
+        f"LIBPATH      /usr/lib/pcsc/drivers/serial/libifdvpcd.so\nCHANNELID    0x{port:04X}\n")
+    daemon.start()
+    try:
+        yield daemon, port
+    finally:
+        daemon.stop()
+
+
+def readers_with_a_card_in(daemon: PrivatePcscd) -> list[str]:
+    """The readers ``daemon`` reports a card in: asked in a process of its own, as libpcsclite reads
+    PCSCLITE_CSOCK_NAME once per process (this one may have used the machine's pcscd)."""
+    import sys
+
+    asked = subprocess.run([sys.executable, "-c", "from dicom_card_agent.card.pcsc import readers_with_a_card; "
+                            "print(*readers_with_a_card(), sep='\\n')"],
+                           env=daemon.env(), capture_output=True, text=True, timeout=30, check=True)
+    return asked.stdout.splitlines()
