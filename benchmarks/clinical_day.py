@@ -82,12 +82,16 @@ def proc_figures(pid: int | None) -> tuple[int, int] | None:
     except (OSError, StopIteration, ValueError):
         return None
 
+ALL_TOKENS = "pkcs11:manufacturer=SoftHSM%20project"
+
 
 def write_config(path: Path, pki: Path, runtime_dir: Path, module: str, listen: int, remote: int) -> Path:
     def q(value: object) -> str:
         return json.dumps(str(value))
+    # The day's cards (SoftHSM tokens) share one stored PIN: the token selector names them all, as a
+    # stored PIN goes to the cards it names only (agent/token/pin.py StoredPinUse).
     path.write_text("\n".join([
-        "[identity]", 'token = ""', f"module = {q(module)}", 'pin = "env:CARD_PIN"', "",
+        "[identity]", f"token = {q(ALL_TOKENS)}", f"module = {q(module)}", 'pin = "env:CARD_PIN"', "",
         "[trust]", f"ca = {q(pki / 'ca-bundle.pem')}", f"crl = [{q(pki / 'issuing-ca.crl.pem')}]", "",
         "[agent]", 'log_level = "info"', f"runtime_dir = {q(runtime_dir)}", f"idle_timeout = {IDLE_TIMEOUT_S}", "",
         "[[tunnel]]", 'name = "pacs"', f'listen = "127.0.0.1:{listen}"', f'remote = "127.0.0.1:{remote}"',
