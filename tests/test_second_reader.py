@@ -21,13 +21,11 @@ from agent_runner import RunningAgent, agent_status, running_agent, tunnel, wait
 from conftest import ProvisionedPki
 from peers.pynetdicom_scp import RecordingScp, echo, tls_scp
 from virtual_card.bridge import PIN_PRESENTED
-from virtual_card.fixtures import stack_unavailable, virtual_cards  # noqa: F401 - a pytest fixture
+from virtual_card.fixtures import private_two_readers, virtual_cards  # noqa: F401 - a pytest fixture
 from virtual_card.nssdb import CardContents
 from virtual_card.pcscd import (
     VPCD_READERS,
     PrivatePcscd,
-    StackUnavailable,
-    private_pcscd_with_two_readers,
     readers_with_a_card_in,
 )
 from virtual_card.reader import VirtualReader
@@ -54,11 +52,7 @@ class PrivateReader(VirtualReader):
 def readers(tmp_path: Path) -> Iterator[tuple[PrivateReader, PrivateReader]]:
     """A pcscd of this test's own (a mount namespace) with vpcd's two readers on ports of its own:
     the machine's pcscd and other tests' readers are untouched."""
-    with contextlib.ExitStack() as stack:
-        try:
-            daemon, port = stack.enter_context(private_pcscd_with_two_readers(tmp_path / "pcscd"))
-        except StackUnavailable as error:
-            stack_unavailable(error)
+    with private_two_readers(tmp_path / "pcscd") as (daemon, port):
         pair = (PrivateReader(tmp_path / "reader0", daemon, 0, port),
                 PrivateReader(tmp_path / "reader1", daemon, 1, port))
         try:

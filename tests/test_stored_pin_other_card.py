@@ -28,13 +28,11 @@ from conftest import USER_PIN, ProvisionedPki
 from dicom_card_agent.tunnel.peer import parse_proc_net_tcp
 from peers.pin_counting_card import START_TRIES, WRONG_PIN_PREFIX, tries_left
 from virtual_card.bridge import PIN_PRESENTED
-from virtual_card.fixtures import CARDS, stack_unavailable, virtual_cards  # noqa: F401 - a pytest fixture
+from virtual_card.fixtures import CARDS, private_two_readers, virtual_cards  # noqa: F401 - a pytest fixture
 from virtual_card.nssdb import CardContents
 from virtual_card.pcscd import (
     VPCD_READERS,
     PrivatePcscd,
-    StackUnavailable,
-    private_pcscd_with_two_readers,
     readers_with_a_card_in,
 )
 
@@ -104,11 +102,7 @@ def _listening(port: int) -> bool:
 def readers(tmp_path: Path) -> Iterator[Readers]:
     """A pcscd of this test's own (a mount namespace) with vpcd's two readers on ports of its own:
     the machine's pcscd and other tests' readers are untouched."""
-    with contextlib.ExitStack() as stack:
-        try:
-            daemon, port = stack.enter_context(private_pcscd_with_two_readers(tmp_path / "pcscd"))
-        except StackUnavailable as error:
-            stack_unavailable(error)
+    with private_two_readers(tmp_path / "pcscd") as (daemon, port):
         slots = (Slot(VPCD_READERS[0], port, tmp_path / "reader0"), Slot(VPCD_READERS[1], port + 1,
                                                                          tmp_path / "reader1"))
         try:

@@ -22,7 +22,14 @@ import pytest
 
 from conftest import ProvisionedPki
 from virtual_card.nssdb import CardContents, make_card
-from virtual_card.pcscd import Pcscd, StackUnavailable, check_installed, pcscd_with_vpcd
+from virtual_card.pcscd import (
+    Pcscd,
+    PrivatePcscd,
+    StackUnavailable,
+    check_installed,
+    pcscd_with_vpcd,
+    private_pcscd_with_two_readers,
+)
 from virtual_card.reader import VirtualReader
 
 CARDS = {"carol": "Carol Example", "dave": "Dave Example"}
@@ -68,3 +75,15 @@ def card_reader(pcscd: Pcscd, tmp_path: Path) -> Iterator[VirtualReader]:
         yield reader
     finally:
         reader.close()
+
+
+@contextlib.contextmanager
+def private_two_readers(workdir: Path) -> Iterator[tuple[PrivatePcscd, int]]:
+    """:func:`private_pcscd_with_two_readers` for a test: skipped (in CI: failed) when the stack
+    cannot run."""
+    with contextlib.ExitStack() as stack:
+        try:
+            started = stack.enter_context(private_pcscd_with_two_readers(workdir))
+        except StackUnavailable as error:
+            stack_unavailable(error)
+        yield started
