@@ -30,6 +30,7 @@ from dicom_card_agent.dicom.pdu import (
     PresentationContextItemRQ,
     encode_associate_ac,
     encode_associate_rq,
+    parse_associate_rj,
     parse_associate_rq,
 )
 from peers.ports import free_port
@@ -195,6 +196,25 @@ def stop_process(pid: int, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"process {pid} not stopped after {timeout:g} s: its threads are {sorted(states)}")
         time.sleep(0.005)
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """``pid`` stopped (SIGSTOP) for the block; continued whatever happens."""
+    stop_process(pid)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def refused_at_once(port: int) -> str:
+    """An application's association through ``port``: the A-ASSOCIATE-RJ it gets, described."""
+    answer = send_and_close(port)
+    assert answer[:1] == b"\x03", f"not an A-ASSOCIATE-RJ: {answer[:16]!r}"  # 0x02 would be the PACS's accept
+    reject = parse_associate_rj(answer)
+    assert (reject.result, reject.source, reject.reason) == (2, 3, 1)  # as with nobody signed in
+    return reject.describe()
 
 
 def card_session_pid(agent_pid: int) -> int | None:

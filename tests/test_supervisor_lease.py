@@ -10,9 +10,7 @@ a pynetdicom TLS PACS with session resumption on."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -22,14 +20,13 @@ from agent_runner import (
     RunningAgent,
     agent_status,
     card_session_pid,
+    refused_at_once,
     running_agent,
-    send_and_close,
-    stop_process,
+    stopped,
     tunnel,
     wait_for,
 )
 from conftest import ProvisionedPki
-from dicom_card_agent.dicom.pdu import parse_associate_rj
 from dicom_card_agent.session.channel import LEASE_SECONDS
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import RecordingScp, echo, tls_scp
@@ -55,25 +52,6 @@ def signed_in_with_resumption(test_pki: ProvisionedPki, tmp_path: Path,
         agent.wait_for_log(" full handshake to ")
         assert len(pacs.associations) == 1
         yield card, pacs, agent
-
-
-@contextlib.contextmanager
-def stopped(pid: int) -> Iterator[None]:
-    """``pid`` stopped (SIGSTOP) for the block; continued whatever happens."""
-    stop_process(pid)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
-def refused_at_once(port: int) -> str:
-    """An application's association through ``port``: the A-ASSOCIATE-RJ it gets, described."""
-    answer = send_and_close(port)
-    assert answer[:1] == b"\x03", f"not an A-ASSOCIATE-RJ: {answer[:16]!r}"  # 0x02 would be the PACS's accept
-    reject = parse_associate_rj(answer)
-    assert (reject.result, reject.source, reject.reason) == (2, 3, 1)  # as with nobody signed in
-    return reject.describe()
 
 
 def test_a_stopped_supervisor_lets_no_association_through_once_the_card_is_pulled(

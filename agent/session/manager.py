@@ -74,6 +74,13 @@ from dicom_card_agent.tunnel.relay import CARD_LOST
 log = logging.getLogger("agent.session")
 
 TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the stop flag
+# A signed-in card-session process that reads nothing of its channel for this long (it reads the lease
+# every second) has its lent listeners taken back until it reads again. Longer than the supervisor's
+# own lease (channel.LEASE_SECONDS), which guards against a pulled card going unnoticed: a stall here
+# only delays, and an application that waited through a short one is better served than refused;
+# shorter than the 30 s applications wait for an answer by default (DCMTK's and pynetdicom's ACSE
+# timeout), so that they read a refusal instead of their own timeout.
+SILENT_CARD_SESSION_SECONDS = 10.0
 # Past idle_timeout, how long a card-session process that answers no status question may hold the lock off.
 SILENT_SESSION_IDLE_SECONDS = 10.0
 _NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections may hold them)"
@@ -180,6 +187,10 @@ class SessionManager:
         self._seen: tuple[WatchedCard | None, float, tuple[WatchedCard, ...], tuple[WatchedCard, ...]] = \
             (None, 0.0, (), ())
         self._lease_renewed = 0.0  # awake_or_asleep() of the latest lease sent to the card session
+        # The signed-in session whose process has read nothing for SILENT_CARD_SESSION_SECONDS: its
+        # listeners are taken back meanwhile (see _check_session_reads).
+        self._silent_session: CardSession | None = None
+        self._silent_since = 0.0  # time.monotonic() since when it has read nothing
         self._first_look = threading.Event()
         self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (clock.py)
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
@@ -403,6 +414,7 @@ class SessionManager:
             self._check_sign_in_process()
             self._check_pin_dialog()
             self._renew_lease(seen_at)  # before the idle check, which may wait for a status answer
+            self._check_session_reads()
             self._check_idle()
             self.audit.record_refusal_counts()
 
@@ -692,6 +704,41 @@ class SessionManager:
             return
         if session.renew_lease(seen_at):
             self._lease_renewed = now
+
+    def _check_session_reads(self) -> None:
+        """A signed-in card-session process that reads nothing for SILENT_CARD_SESSION_SECONDS
+        (stopped with SIGSTOP, in a frozen cgroup, starved) accepts nothing on the lent listeners
+        either: applications would wait without an answer for as long as it lasts. The supervisor
+        takes the listeners back meanwhile and answers them itself (A-ASSOCIATE-RJ, transient, see
+        :meth:`session_silence`); they are lent again once the process reads. Open associations
+        wait for it: they are its to relay."""
+        session = self.session
+        if session is None:
+            return
+        unread_for = session.unread_for()
+        if unread_for >= SILENT_CARD_SESSION_SECONDS and self._silent_session is not session:
+            self._silent_session, self._silent_since = session, time.monotonic() - unread_for
+            log.warning("card session of %s: its process (pid %s) has read nothing for %.0f s (stopped or starved): "
+                        "new associations are refused until it does; open associations wait for it",
+                        session.signed_in.files.subject, session.pid, unread_for)
+            if self.listeners is not None:
+                self.listeners.take_back(session)
+        elif unread_for == 0.0 and self._silent_session is session:
+            self._silent_session = None
+            log.info("card session of %s: its process (pid %s) reads again: new associations are admitted again",
+                     session.signed_in.files.subject, session.pid)
+            if self.listeners is not None:
+                self.listeners.lend(session)
+
+    def session_silence(self) -> str | None:
+        """Why a new association cannot go to the signed-in card session now (its process reads
+        nothing, see :meth:`_check_session_reads`); None when it can."""
+        session = self._silent_session
+        if session is None or session is not self.session:
+            return None
+        silent = time.monotonic() - self._silent_since
+        return (f"the card session's process (pid {session.pid}) has read nothing for {silent:.0f} s: "
+                "new associations are refused until it does")
 
     # -- ending -------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from dicom_card_agent.revocation.peer import CardRevokedError
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_session_directory
 from dicom_card_agent.session.probe import CardInUseError, FoundCard, ProbeRequest
+from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret, pin_refusal_for
 from dicom_card_agent.version import agent_build, agent_version
@@ -122,9 +123,18 @@ class CardSession:
         self._owed = 0
         self.last_connection = 0.0  # awake_or_asleep() of its latest connection on a lent listener, as last told
         self._silent_since: float | None = None  # time.monotonic() of the first status question left unanswered
+        # What unread_for() last saw: bytes left unread in the channel, and time.monotonic() since when
+        # the process has read none of them (stopped, frozen, starved); None before its first call.
+        self._unread: tuple[int, float] | None = None
+        self._reloading = False  # a reload keeps the process from reading for as long as it takes
         # True from the probe's answer until the PIN is sent or the process is ended: its exit then
         # is a loss the supervisor notices by itself (the PIN dialog is open for it).
         self.awaiting_pin = False
+
+    @property
+    def pid(self) -> int | None:
+        """The process's pid; None before it starts and once it has ended."""
+        return self.process.pid if self.process is not None else None
 
     def open(self, request: ProbeRequest, module: LoadedModule) -> FoundCard:
         """Start the process, which probes the card (agent/session/probe.py): what the card holds.
@@ -359,6 +369,21 @@ class CardSession:
         """Seconds since the first status question the process has left unanswered (0 while it answers)."""
         return 0.0 if self._silent_since is None else time.monotonic() - self._silent_since
 
+    def unread_for(self) -> float:
+        """Seconds the process has read nothing of what the supervisor sent it (0 while it reads, or
+        while it is busy with a reload). It reads its channel between requests, at least the lease
+        once a second; a process that is stopped (SIGSTOP, a frozen cgroup) or starved reads nothing,
+        while the bytes left unread can only grow. Judged from the calls made: call it regularly."""
+        channel = self._lease_channel
+        unread = (unsent_bytes(channel) if channel is not None else None) or 0
+        now = time.monotonic()
+        if self._unread is None or not unread or unread < self._unread[0] or self._reloading:
+            self._unread = (unread, now)  # a first look, or all read, or some: it runs
+            return 0.0
+        since = self._unread[1]
+        self._unread = (unread, since)
+        return now - since
+
     def _unanswered(self, question: str) -> str:
         if self._silent_since is None:
             self._silent_since = time.monotonic()
@@ -409,11 +434,14 @@ class CardSession:
             channel = self.channel
             if channel is None:
                 return {"type": "reload-refused", "message": "the card session has ended"}
+            self._reloading = True
             try:
                 messages.send(channel, {"type": "reload", **messages.config_fields(config)})
                 reply = self._take_answer(channel, START_TIMEOUT_SECONDS)
             except OSError as error:
                 return {"type": "reload-refused", "message": f"the card session did not answer ({error})"}
+            finally:
+                self._reloading = False
         if reply is None:
             return {"type": "reload-refused", "message": "the card session has ended"}
         if reply.get("type") == "reloaded":

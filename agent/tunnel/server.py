@@ -439,6 +439,11 @@ class Listeners:
             log.warning("tunnel %s: %s: rejected: %s%s", tunnel.name, peer.describe(), refusal, refusal_advice(refusal))
             self._turned_away(tunnel.name, "audit_failing")
             return self._reject(tunnel, local, TunnelFailure(refusal, transient=True))
+        silence = self.manager.session_silence() if self.manager is not None else None
+        if silence is not None:  # handed over, it would wait in a process that reads nothing
+            log.warning("tunnel %s: %s: rejected: %s", tunnel.name, peer.describe(), silence)
+            self._turned_away(tunnel.name, "session_silent")
+            return self._reject(tunnel, local, TunnelFailure(silence, transient=True))
         session = self.manager.current_session() if self.manager else None
         if session is not None and self.manager:
             self.manager.touch()
