@@ -333,9 +333,15 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     except ConnectionError:  # the supervisor gave up on this start
         return 1
 
+    # Every relay thread reports here; a report longer than one record goes as several sends
+    # (channel.PART), which must not interleave with another thread's.
+    sending = threading.Lock()
+
     def report(kind: str, fields: dict) -> None:
+        message = {"kind": kind, "fields": messages.clipped(fields)}
         try:
-            messages.send(reports, {"kind": kind, "fields": messages.clipped(fields)})
+            with sending:
+                messages.send(reports, message)
         except OSError:
             pass  # the supervisor is gone; this process ends with it
 

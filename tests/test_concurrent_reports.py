@@ -1,0 +1,139 @@
+"""Reports that several associations of one card session send at the same moment all reach the
+audit trail.
+
+A report longer than one record of the reports channel (agent/session/channel.py PART, 60 KiB: 100
+instances with long texts) goes as a header and several parts, each its own send; the relay
+threads shared the channel without a lock, so two such reports sent at once interleaved. The
+supervisor's report reader died on the JSON it could not parse, and nothing of the card session was
+audited from then on, while its associations went on and `status` counted no failure (a reviewer).
+Here four applications each pipeline 100 C-STOREs with 1,000-character patient names through the
+real agent (SoftHSM) to a TLS PACS that does not answer them, and close together; a fifth
+association follows."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from agent_runner import accept_for, running_agent, tunnel, wait_for
+from conftest import ProvisionedPki
+from dicom_card_agent.dicom.pdu import (
+    A_ASSOCIATE_AC,
+    AssociateRequest,
+    MaximumLength,
+    PresentationContextItemRQ,
+    encode_associate_rq,
+)
+from test_association_audit_fidelity import CT_IMAGE_STORAGE, IMPLICIT_VR_LITTLE_ENDIAN, c_store, implicit
+from test_tunnel_association import receive_pdu
+
+SIGNED_IN = 'event=sign-in subject="CN=Alice Example'
+APPLICATIONS, INSTANCES = 4, 100
+
+
+def long_named_instance(application: int, index: int) -> tuple[str, bytes]:
+    """A CT instance whose patient name and ID are 1,000 characters long: 100 of them make a report
+    of over 60 KiB."""
+    uid = f"1.2.826.0.1.3680043.9.8.{application}.{index}"
+    dataset = Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID = CT_IMAGE_STORAGE, uid
+    dataset.PatientName = f"LONGNAME{application}^" + "X" * 1000
+    dataset.PatientID = f"LONGID{application}-" + "9" * 1000
+    dataset.StudyInstanceUID, dataset.Modality = f"{uid}.9", "CT"
+    return uid, implicit(dataset)
+
+
+def associated(port: int, calling_ae: str) -> socket.socket:
+    application = socket.create_connection(("127.0.0.1", port), timeout=30)
+    application.sendall(encode_associate_rq(AssociateRequest(
+        protocol_version=1, called_ae_title="PACS", calling_ae_title=calling_ae,
+        application_context_name="1.2.840.10008.3.1.1.1",
+        presentation_contexts=(PresentationContextItemRQ(1, CT_IMAGE_STORAGE, (IMPLICIT_VR_LITTLE_ENDIAN,)),),
+        user_information=(MaximumLength(16384),))))
+    assert receive_pdu(application)[0] == A_ASSOCIATE_AC
+    return application
+
+
+class SilentPacs:
+    """A TLS PACS (the test PKI's server certificate, the card's certificate required) that accepts
+    each association and then reads everything without answering: the instances stay unanswered,
+    so each association's report of them goes out as it ends."""
+
+    def __init__(self, test_pki: ProvisionedPki) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(test_pki.pki / "server-chain.pem", test_pki.pki / "server.key")
+        self.context.load_verify_locations(test_pki.ca_bundle)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = 0  # bytes after the A-ASSOCIATE-RQs, all connections together
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(raw,), daemon=True).start()
+
+    def _read(self, raw: socket.socket) -> None:
+        with contextlib.suppress(OSError), self.context.wrap_socket(raw, server_side=True) as tls:
+            _, request = receive_pdu(tls)
+            tls.sendall(accept_for(request))
+            while chunk := tls.recv(65536):
+                with self._lock:
+                    self.received += len(chunk)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def association_ends(audit_file: Path) -> list[str]:
+    return [line.decode() for line in audit_file.read_bytes().splitlines() if b"ASSOCIATION-END" in line]
+
+
+def test_long_reports_sent_at_once_all_reach_the_audit_trail(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    audit_file = tmp_path / "audit" / "audit.log"
+    pacs = SilentPacs(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                           audit={"file": str(audit_file)}) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            applications = [associated(agent.port(), f"BULK{number}") for number in range(APPLICATIONS)]
+            sent = 0
+            for number, application in enumerate(applications):
+                messages = b"".join(c_store(index + 1, *long_named_instance(number, index))
+                                    for index in range(INSTANCES))
+                application.sendall(messages)
+                sent += len(messages)
+            wait_for(lambda: pacs.received >= sent, timeout=30)  # every instance has passed the agent
+            together = threading.Barrier(APPLICATIONS)
+
+            def close(application: socket.socket) -> None:
+                together.wait()
+                application.close()  # each association's end reports its 100 unanswered instances
+
+            threads = [threading.Thread(target=close, args=(application,)) for application in applications]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            wait_for(lambda: len(association_ends(audit_file)) >= APPLICATIONS, timeout=20)
+            later = associated(agent.port(), "LATER")  # an ordinary association afterwards
+            later.close()
+            wait_for(lambda: "LATER" in "".join(association_ends(audit_file)), timeout=20)
+            log = agent.log()
+    finally:
+        pacs.close()
+    transferred = [line for line in audit_file.read_bytes().splitlines() if b'csd-code="110104"' in line]
+    assert "Traceback" not in log, log
+    assert len(association_ends(audit_file)) == APPLICATIONS + 1
+    assert sum(line.count(b"<Instance UID=") for line in transferred) == APPLICATIONS * INSTANCES
