@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dicom_card_agent.audit.config import AuditConfig, parse_audit_config
-from dicom_card_agent.config.tables import Seconds, Section, host_port, read_config_file, toml_of
+from dicom_card_agent.config.tables import Seconds, Section, content_digest, host_port, read_config_file, toml_of
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, check_template
@@ -74,6 +74,9 @@ class TrustConfig:
     crl: tuple[Path, ...] = ()
     crl_expired: str = "refuse"  # or "warn": what an expired CRL means for the certificates it covers
     revocation: RevocationSettings = field(default_factory=lambda: RevocationSettings())
+    # What `ca` held when the configuration was read (tables.content_digest): a bundle replaced at the
+    # same path is a changed [trust] for a reload, as another path is. So are the *_digest below.
+    ca_digest: str = field(default="", repr=False)
 
 
 DEFAULT_MAX_CONNECTIONS = 64
@@ -120,6 +123,7 @@ class TunnelConfig:
     association: AssociationRules = AssociationRules()
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # connections in flight; more are rejected at once
     revocation: str = "require"  # or "prefer", "off": docs/tls-policy.md "Revocation"
+    require_issuer_digest: str = field(default="", repr=False)
 
     @property
     def remote(self) -> str:
@@ -154,6 +158,8 @@ class InboundConfig:
     max_pending_handshakes: int = 4  # TLS handshakes in flight with peers not yet authenticated
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # connections in flight; more are closed at once
     revocation: str = "require"  # or "prefer", "off": docs/tls-policy.md "Revocation"
+    server_certificate_digest: str = field(default="", repr=False)
+    server_key_digest: str = field(default="", repr=False)
 
     @property
     def remote(self) -> str:
@@ -263,8 +269,9 @@ def parse_config(raw: bytes, path: Path, source: Path | None = None) -> AgentCon
         raise trust.error("crl_expired", f"{crl_expired!r} is not one of {', '.join(map(repr, CRL_EXPIRED_CHOICES))}: "
                                          "\"refuse\" (the default) refuses certificates an expired CRL covers, "
                                          "\"warn\" accepts them with a warning")
-    trust_config = TrustConfig(ca=trust.path("ca", required=True), crl=tuple(crl_paths), crl_expired=crl_expired,
-                               revocation=_revocation_settings(trust))
+    ca = trust.path("ca", required=True)
+    trust_config = TrustConfig(ca=ca, crl=tuple(crl_paths), crl_expired=crl_expired,
+                               revocation=_revocation_settings(trust), ca_digest=content_digest(ca))
     trust.done()
 
     raw_tunnels = root.take("tunnel", list, [])
@@ -380,6 +387,7 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
     tls = _tls_mode(section)
     uids = _uids(section, "allowed_uids")
     timeouts = _timeouts(section)
+    require_issuer = section.path("require_issuer")
     return TunnelConfig(
         name=name,
         listen=listen,
@@ -388,7 +396,8 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
         server_name=server_name,
         server_pins=pins,
         verify=verify,
-        require_issuer=section.path("require_issuer"),
+        require_issuer=require_issuer,
+        require_issuer_digest=content_digest(require_issuer),
         tls=tls,
         allowed_uids=uids,
         unsafe_listen=unsafe_listen,
@@ -447,7 +456,8 @@ def _inbound(section: Section, name: str, *, tunnels: list[TunnelConfig]) -> Inb
                          forward_uids=_uids(section, "forward_uids"), tls=_tls_mode(section),
                          association=_association_rules(section, user_identity=False), **_timeouts(section),
                          allow_from=_allow_from(section, listen), max_pending_handshakes=max_pending,
-                         max_connections=_max_connections(section), revocation=_revocation_policy(section))
+                         max_connections=_max_connections(section), revocation=_revocation_policy(section),
+                         server_certificate_digest=content_digest(certificate), server_key_digest=content_digest(key))
 
 
 def _client_names(section: Section, pins: tuple[bytes, ...],

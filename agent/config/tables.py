@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,31 @@ class Seconds:
     def too_long(self, shown: str) -> str:
         return f"{shown} seconds is too long: at most {_number(self.maximum)} ({self.maximum_words})" + (
             f": {self.why_maximum}" if self.why_maximum else "")
+
+
+def content_digest(path: Path | None) -> str:
+    """What the certificate or key file ``path`` holds now, as a SHA-256 ("" for no file), kept in the
+    configuration so that comparing two readings of it sees a file whose bytes changed at the same
+    path (a CA bundle that configuration management replaced, then SIGHUP: agent/session/reload.py).
+    Never an error: a file that cannot be read gets its reason instead (reading it for use reports
+    that in its own words, and `status` must load any configuration). Opened without waiting, so that
+    a FIFO put there since Section.path looked is not waited on."""
+    if path is None:
+        return ""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        return f"unreadable: {error.strerror}"
+    digest = hashlib.sha256()
+    with os.fdopen(descriptor, "rb") as file:
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                return "not a regular file"
+            for chunk in iter(lambda: file.read(1 << 16), b""):
+                digest.update(chunk)
+        except OSError as error:
+            return f"unreadable: {error.strerror}"
+    return "sha256:" + digest.hexdigest()
 
 
 def _number(value: float) -> str:

@@ -78,7 +78,9 @@ class Retuner:
 
 
 def session_change(old: AgentConfig, new: AgentConfig) -> str:
-    """What in ``new`` a card session made with ``old`` cannot take in place ("" when nothing)."""
+    """What in ``new`` a card session made with ``old`` cannot take in place ("" when nothing). The
+    content of a CA bundle or node certificate or key file is part of its table (config/model.py
+    keeps its digest): replaced at the same path, the table changed."""
     changed = [what for what, before, after in (
         ("[identity]", old.identity, new.identity), ("[trust]", old.trust, new.trust),
         ("[[inbound]]", old.inbound, new.inbound)) if before != after]
