@@ -191,14 +191,15 @@ class LentListeners:
     def _start_thread(self) -> None:
         """One more thread waiting for connections. RuntimeError when no thread is to be had."""
         thread = threading.Thread(target=self._loop, name="accept-lent", daemon=True)
+        # Started under the lock: close() joins the threads it finds, and joining one not yet
+        # started raises, which ended the card session's process before it told its associations.
         with self._lock:
             self._threads.add(thread)
-        try:
-            thread.start()
-        except RuntimeError:
-            with self._lock:
+            try:
+                thread.start()
+            except RuntimeError:
                 self._threads.discard(thread)
-            raise
+                raise
 
     def _loop(self) -> None:
         me = threading.current_thread()
