@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -11,6 +13,7 @@ from dicom_card_agent.audit.trail import refusal_advice
 from dicom_card_agent.cli.options import ConfigFile, Json
 from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import load_config
+from dicom_card_agent.config.tables import read_config_file
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.logline import printable
 from dicom_card_agent.session import control
@@ -18,7 +21,10 @@ from dicom_card_agent.session import control
 
 def status(config: ConfigFile = None, as_json: Json = False) -> None:
     """Who is signed in, since when, each tunnel's connections and traffic, and the CRL files' state."""
-    answer = _request(config, "status")
+    asked = _ask_agent(config, "status")
+    answer = asked.answer
+    if answer.get("configuration") is not None:  # an agent from before this key tells nothing of it
+        _compare_with_file(answer["configuration"], asked)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
@@ -133,9 +139,47 @@ def _say(line: str) -> None:
     typer.echo(printable(line))
 
 
+def _compare_with_file(running: dict, asked: _Asked) -> None:
+    """Add to the agent's ``configuration`` whether the file says what the agent runs, and warn on
+    stderr when it does not, or when the agent's latest reload of the file as it is did not take
+    effect: `status` shows the running configuration, and an edit not reloaded or refused is
+    otherwise told only in the log (`systemctl reload` reports success either way)."""
+    running["file_sha256"] = hashlib.sha256(asked.file).hexdigest() if asked.file is not None else None
+    running["file_matches"] = running["file_sha256"] == running["sha256"] if asked.file is not None else None
+    if asked.load_error is None:  # else already warned: the file does not load, which says why it does not apply
+        warning = drift_warning(asked.path, running)
+        if warning is not None:
+            _warn(warning)
+
+
+def drift_warning(path: Path, running: dict) -> str | None:
+    """What to tell of the configuration file ``path``, which loads, and the agent's ``configuration``
+    (with ``file_sha256`` and ``file_matches`` added): None when the file is what the agent runs and
+    no reload of it failed."""
+    last = running.get("last_reload")
+    failed: dict | None = last if last is not None and not last["applied"] else None
+    # Whether that reload read the file as it is now (unknown: assume so, and say why it failed).
+    not_applied = (f"its latest reload, at {failed['at']}, read it and did not take effect: {failed['message']}"
+                   if failed is not None and failed.get("file_sha256") in (None, running["file_sha256"]) else "")
+    if running["file_matches"] is False:
+        changed_after = (f"the agent's latest reload, at {failed['at']}, which did not take effect (`status --json` "
+                         "and the log say why)" if failed is not None else f"the agent read it ({running['read_at']})")
+        why = not_applied or (f"the file was changed after {changed_after}, and not reloaded: check it with "
+                              "`card-agent check`, then `systemctl --user reload card-agent` (or SIGHUP)")
+        return f"warning: {path} differs from the configuration the running agent runs, which `status` shows: {why}"
+    if not_applied:  # the file is what the agent runs: the reload failed on something else (a PIN file, a CA file)
+        return (f"warning: {path} is the configuration the running agent read at {running['read_at']}, but "
+                f"{not_applied}")
+    return None
+
+
+def _warn(line: str) -> None:
+    typer.echo(printable(line), err=True)
+
+
 def lock(config: ConfigFile = None) -> None:
     """End the card session now, as if the card had been pulled."""
-    answer = _request(config, "lock")
+    answer = _ask_agent(config, "lock").answer
     if answer["locked"] and answer.get("signing_in"):
         typer.echo("locked: the sign-in under way was cancelled; re-insert the card to sign in")
     elif answer["locked"]:
@@ -144,7 +188,15 @@ def lock(config: ConfigFile = None) -> None:
         typer.echo(f"nothing to lock ({answer['state']})")
 
 
-def _request(config_option: Path | None, command: str) -> dict:
+@dataclass(frozen=True)
+class _Asked:
+    answer: dict  # the agent's
+    path: Path  # the configuration file
+    file: bytes | None  # its bytes as this command read them; None: unreadable
+    load_error: CardAgentError | None  # why it does not load now (said on stderr), or None
+
+
+def _ask_agent(config_option: Path | None, command: str) -> _Asked:
     """``command`` to the running agent of the configuration file. One that does not load now (a
     mistake in an edit, which the agent refused at its reload) is an error when no agent answers,
     and said on stderr when the agent, which goes on with the configuration it read, does."""
@@ -153,7 +205,13 @@ def _request(config_option: Path | None, command: str) -> dict:
         config = load_config(path)
     except CardAgentError as error:
         answer = control.request_without_loading(path, command, error)
-        typer.echo(printable(f"warning: {error}; the running agent answered, which goes on with the configuration it "
-                             "read before"), err=True)
-        return answer
-    return control.request(config, command)
+        _warn(f"warning: {error}; the running agent answered, which goes on with the configuration it read before")
+        return _Asked(answer, path, _bytes_of(path), error)
+    return _Asked(control.request(config, command), path, config.raw, None)
+
+
+def _bytes_of(path: Path) -> bytes | None:
+    try:
+        return read_config_file(path)
+    except CardAgentError:  # unsafe or unreadable: what it holds is unknown (null in --json)
+        return None

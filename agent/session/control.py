@@ -5,6 +5,7 @@ per connection; only the agent's own uid may use it (the same peer check as the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import select
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,9 +63,22 @@ def control_socket_path(config: AgentConfig) -> Path:
     return runtime_directory(config) / SOCKET_NAME
 
 
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """How the latest SIGHUP ended, for `status`: an edit the agent refused is otherwise told only
+    in the log (and `systemctl reload` reports success either way)."""
+
+    at: float  # time.time()
+    applied: bool
+    message: str  # the reload's log line: what changed, or why it was refused
+    # Of the file it read (read again just after: the reloader keeps no bytes); None: unreadable.
+    file_sha256: str | None
+
+
 class ControlServer:
     def __init__(self, config: AgentConfig, manager: SessionManager, crls: CrlStore | None = None) -> None:
-        self.config = config
+        self.config = config  # the configuration the agent runs (the reloader puts a reloaded one here)
+        self.last_reload: ReloadOutcome | None = None
         self.manager = manager
         # The supervisor's own look at [trust] crl, for `status`; card sessions read the files themselves.
         self.crls = crls if crls is not None else CrlStore(config.trust.crl)
@@ -77,6 +92,19 @@ class ControlServer:
         self._wake_read, self._wake_write = os.pipe()  # a byte: look at the socket file now (SIGHUP), or stop
         os.set_blocking(self._wake_write, False)
         self._trouble: str | None = None  # why the socket could not be made again, as last logged
+
+    @property
+    def config(self) -> AgentConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: AgentConfig) -> None:
+        self._config = config
+        self._config_read_at = time.time()
+
+    def reload_ended(self, message: str, *, applied: bool) -> None:
+        """The latest reload's outcome (agent/session/reload.py tells it here)."""
+        self.last_reload = ReloadOutcome(time.time(), applied, message, _file_digest(self.config.source))
 
     def start(self) -> None:
         self._thread.start()
@@ -208,7 +236,7 @@ class ControlServer:
             "issuer": files.issuer if files else None,
             "token": manager.card.label if manager.card else None,
             "token_serial": manager.card.serial if manager.card else None,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(manager.since)) if manager.since else None,
+            "since": _local_time(manager.since) if manager.since else None,
             "last_error": manager.last_error,
             "reader_trouble": manager.reader_trouble,
             # False: the card-session process did not answer; its listeners' live counts are null.
@@ -233,6 +261,19 @@ class ControlServer:
                         if counters[name].get("retired")],
             "audit": manager.audit.trail.status() if manager.audit.trail is not None else None,
             "crls": self.crls.status(),
+            "configuration": self._configuration_status(),
+        }
+
+    def _configuration_status(self) -> dict:
+        """The configuration the agent runs, by the digest of its bytes: `status` compares it with the
+        file, which may hold an edit not reloaded yet or one a reload refused."""
+        last = self.last_reload
+        return {
+            "file": str(self.config.source),
+            "sha256": hashlib.sha256(self.config.raw).hexdigest(),
+            "read_at": _local_time(self._config_read_at),
+            "last_reload": {"at": _local_time(last.at), "applied": last.applied, "message": last.message,
+                            "file_sha256": last.file_sha256} if last is not None else None,
         }
 
     def _counters(self, name: str, session_counters: dict[str, dict] | None) -> dict:
@@ -251,6 +292,17 @@ class ControlServer:
             counts = {key: value for key, value in counts.items() if key != DURATIONS_KEY}
         return {**current, "this_session": counts if counts is not None else empty_counts(),
                 "since_start": since_start}
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(read_config_file(path)).hexdigest()
+    except CardAgentError:
+        return None
+
+
+def _local_time(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
 
 
 def _listen_at(path: Path, *, make_directory_only: bool = False) -> tuple[socket.socket, SocketFile]:

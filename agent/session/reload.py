@@ -108,7 +108,7 @@ class Reloader:
                    f"({type(error).__name__}: {error}); the agent goes on")
         log.error("%s", message, exc_info=error)
         try:
-            self.audit.configuration_changed(message, applied=False)
+            self._ended(message, applied=False)
         except Exception:  # the audit trail's own failures are its to report; this thread must go on
             log.exception("SIGHUP: the failed reload could not be recorded in the audit trail")
 
@@ -127,7 +127,7 @@ class Reloader:
             self.keep_socket_files()  # a refused configuration is no reason to leave them lost
             message = REFUSED.format(reason=error)
             log.error("%s", message)
-            self.audit.configuration_changed(message, applied=False)
+            self._ended(message, applied=False)
             return
         what = describe(self.settings, new)
         logging.getLogger().setLevel(new.log_level.upper())
@@ -138,4 +138,11 @@ class Reloader:
         self.settings = new
         message = f"SIGHUP: configuration {source} reloaded: {what}; {session}"
         log.info("%s", message)
-        self.audit.configuration_changed(message, applied=True)
+        self._ended(message, applied=True)
+
+    def _ended(self, message: str, *, applied: bool) -> None:
+        """Every reload's outcome, with its log line: for `status` first (a refused edit is otherwise
+        told in the log alone, and `systemctl reload` reports success either way), then the audit
+        trail, whose own failure must not hide it from `status`."""
+        self.control_server.reload_ended(message, applied=applied)
+        self.audit.configuration_changed(message, applied=applied)
