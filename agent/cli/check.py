@@ -33,6 +33,11 @@ from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
 from dicom_card_agent.tunnel.connecting import connect_tcp
 from dicom_card_agent.tunnel.peer import (
     NonLoopbackListenError,
+    PortInUseError,
+    SocketInUseError,
+    SocketPathError,
+    UnreachableSocketError,
+    UnsafeSocketDirectoryError,
     create_tcp_listener,
     create_unix_listener,
     identify_server,
@@ -191,12 +196,31 @@ def _listen_check(listener: TunnelConfig | InboundConfig, running: RunningAgents
             assert listen.host is not None and listen.port is not None
             create_tcp_listener(listen.host, listen.port, unsafe_listen=True).close()
     except (CardAgentError, OSError) as error:
-        return _listen_taken(f"{kind} {listener.name}: {error}", name, running)
+        return _listen_failed(f"{kind} {listener.name}: {error}", name, error, running)
     if listen.host is not None and not is_address_of_this_machine(listen.host):
         return Check("warn", name, f"{kind} {listener.name}: {listen.host} is not an address of this workstation "
                                    "now; the agent listens on it anyway, connections arrive once the network "
                                    "brings it up", "check the address if this workstation's network is up")
     return Check("ok", name, f"{listen} is free")
+
+
+def _listen_failed(problem: str, name: str, error: Exception, running: RunningAgents) -> Check:
+    """A listen address that cannot be had: taken (another process listens there), or refused for
+    another reason, whose fix is not to stop what listens there."""
+    if isinstance(error, (PortInUseError, SocketInUseError)):
+        return _listen_taken(problem, name, running)
+    return Check("fail", name, problem, _LISTEN_FIXES.get(type(error), _OTHER_LISTEN_FIX))
+
+
+# The messages of these say what to do with the path they name; the fix line says it in general.
+_LISTEN_FIXES: dict[type, str] = {
+    UnsafeSocketDirectoryError: "make the socket's directory the agent's user's own with mode 0700, as the message "
+                                "says, or choose another socket path",
+    SocketPathError: "remove that file, or choose another socket path",
+    UnreachableSocketError: "put the socket in a directory every allowed user can pass through, or listen on "
+                            "loopback TCP",
+}
+_OTHER_LISTEN_FIX = "correct what the message names, or choose another listen address"
 
 
 def _listen_taken(problem: str, name: str, running: RunningAgents) -> Check:
@@ -235,7 +259,7 @@ def _metrics_checks(settings: AgentConfig, running: RunningAgents) -> Iterator[C
                 yield Check("ok", "metrics listen", f"{listen}: the running agent of this configuration serves "
                                                     "its metrics there")
             else:
-                yield _listen_taken(f"[metrics].listen: {error}", "metrics listen", running)
+                yield _listen_failed(f"[metrics].listen: {error}", "metrics listen", error, running)
         else:
             yield Check("ok", "metrics listen", f"{listen} is free")
     if metrics.textfile is not None:
