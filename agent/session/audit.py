@@ -7,6 +7,8 @@ channel (agent/session/supervisor.py); the supervisor is the single writer of th
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -28,11 +30,14 @@ from dicom_card_agent.audit.events import (
 from dicom_card_agent.audit.trail import AuditTrail
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.dicom.association import STORED_STATUSES
+from dicom_card_agent.session.channel import MAX_REPORT, REPORT_TOO_LARGE, SHORTENED
 from dicom_card_agent.session.identity import SignedIn
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
 from dicom_card_agent.tunnel.admission import Throttle, refused_user
 from dicom_card_agent.tunnel.peer import Peer
+
+log = logging.getLogger("agent.audit")
 
 _SESSION_ENDS = {
     "card removed": SessionEnd.CARD_REMOVED,
@@ -62,6 +67,23 @@ def _local_peer(fields: dict[str, Any]) -> LocalPeer:
     uid, pid = match["uid"], match["pid"]
     return LocalPeer(uid=int(uid) if uid.isdigit() else None, pid=int(pid) if pid.isdigit() else None,
                      process=match["process"] or "")
+
+
+def _shortened_note(fields: dict[str, Any]) -> str:
+    """What a report made to fit its channel (agent/session/channel.py fitted) left out, for the
+    records made from it; ``""`` for a whole one."""
+    shortened = fields.get(SHORTENED)
+    if not shortened:
+        return ""
+    left_out = "".join(f", {count} {name.replace('_', ' ')} not reported"
+                       for name, count in shortened.get("left_out", {}).items())
+    channel = shortened.get("channel", MAX_REPORT)
+    return (f"the card session's report was shortened to fit its channel ({channel} bytes): texts cut at "
+            f"{shortened['text_limit']} characters{left_out}")
+
+
+def _with_note(note: str, reason: str) -> str:
+    return f"{reason}; {note}" if reason and note else reason or note
 
 
 class AuditRecorder:
@@ -159,6 +181,9 @@ class AuditRecorder:
         One this code cannot read (a kind or fields of another build: a bug, as a card-session
         process of another build does not start) is an audit failure: what it said is missing from
         the trail (AuditTrail.not_recorded)."""
+        if kind == REPORT_TOO_LARGE:  # the supervisor read it and had to drop it (channel.REPORT_TOO_LARGE)
+            self._report_too_large(fields)
+            return
         try:
             self._session_report(kind, fields)
         except Exception as error:  # whatever a report holds, the trail must say it lost one
@@ -166,46 +191,59 @@ class AuditRecorder:
                 raise  # nothing lost: no [audit]; the report reader logs it
             self.trail.not_recorded(logline.printable(str(kind)), f"{type(error).__name__}: {error}")
 
+    def _report_too_large(self, fields: dict[str, Any]) -> None:
+        """A report over MAX_REPORT (a card session of another build, a bug: this one makes its
+        reports fit), which the supervisor dropped: lost, as one the trail cannot record."""
+        kind, why = logline.printable(str(fields.get("kind", "unknown"))), str(fields.get("why", ""))
+        if self.trail is not None:
+            self.trail.not_recorded(kind, f"too large to be read: {why}")
+        else:  # no [audit]: nothing missing from a trail, but a report (a PACS problem's notice) is lost
+            log.error("a report of the card session (%s) was dropped, too large to be read: %s", kind,
+                      logline.printable(why))
+
     def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
+        # A report the card session shortened to fit its channel: each record made from it says so.
+        note = functools.partial(_with_note, _shortened_note(fields))
         if kind == "peer-refused":  # on a listener lent to the card session (agent/tunnel/lent_listeners.py)
             local = LocalPeer(uid=fields["uid"], pid=fields["pid"], listen=fields["listen"])
             self.record_refusal_counts()
             if self._peer_refusals.occurred((fields["tunnel"], local.uid), local):
-                self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, fields["message"],
+                self.record(AuditEvent.security_alert(AlertType.LOCAL_PEER_REFUSED, note(fields["message"]),
                                                       tunnel=fields["tunnel"], local_peer=local))
         elif kind == "tls-failure":
-            self.record(AuditEvent.security_alert(AlertType.TLS_VERIFICATION_FAILED, fields["reason"],
+            self.record(AuditEvent.security_alert(AlertType.TLS_VERIFICATION_FAILED, note(fields["reason"]),
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),
                                                   user=self.user))
         elif kind == "revocation-unchecked":  # allowed (revocation = "prefer"): the alert informs, nothing failed
-            self.record(AuditEvent.security_alert(AlertType.REVOCATION_UNCHECKED, fields["reason"],
+            self.record(AuditEvent.security_alert(AlertType.REVOCATION_UNCHECKED, note(fields["reason"]),
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),
                                                   user=self.user, outcome=Outcome.SUCCESS))
         elif kind == "security-alert" and fields["what"] == "malformed-pdu":
-            self.record(AuditEvent.security_alert(AlertType.MALFORMED_PDU, fields["reason"], tunnel=fields["tunnel"],
-                                                  remote=_node(fields["remote"]), user=self.user))
+            self.record(AuditEvent.security_alert(AlertType.MALFORMED_PDU, note(fields["reason"]),
+                                                  tunnel=fields["tunnel"], remote=_node(fields["remote"]),
+                                                  user=self.user))
         elif kind == "security-alert":  # an association the tunnel's AE title rules refused
             self.record(AuditEvent.association_begin(**self._association(fields), outcome=Outcome.MINOR_FAILURE,
-                                                     reason=fields["reason"]))
+                                                     reason=note(fields["reason"])))
         elif kind == "association-begin":
-            self.record(AuditEvent.association_begin(**self._association(fields)))
+            self.record(AuditEvent.association_begin(**self._association(fields), reason=note("")))
         elif kind == "association-end":
             clean = fields["end"] == "released" and not fields.get("failure")
             self.record(AuditEvent.association_end(
                 **self._association(fields), outcome=Outcome.SUCCESS if clean else Outcome.MINOR_FAILURE,
-                reason="" if clean else (fields.get("failure") or fields["end"])))
+                reason=note("" if clean else (fields.get("failure") or fields["end"]))))
         elif kind == "instances-transferred":
-            self._instances_transferred(fields)
+            self._instances_transferred(fields, note)
         elif kind == "query":
             self.record(AuditEvent.query_event(
                 **self._association(fields), sop_class_uid=fields["sop_class_uid"], query=fields["identifier"],
                 transfer_syntax=fields["transfer_syntax"], patient_id=fields["patient_id"],
                 patient_name=fields["patient_name"],
-                reason="query keys cut short" if fields.get("truncated") else ""))
+                reason=note("query keys cut short" if fields.get("truncated") else "")))
         else:
             raise ValueError("a kind of report this agent does not know")
 
-    def _instances_transferred(self, fields: dict[str, Any]) -> None:
+    def _instances_transferred(self, fields: dict[str, Any], note: Callable[[str], str]) -> None:
         """One batch of answered C-STOREs: one message per direction and patient (PS3.15 A.5.3.7:
         one patient per message), each study a participant object."""
         inbound = fields["direction"] == "inbound"
@@ -220,7 +258,7 @@ class AuditRecorder:
                 instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"], i["study_uid"]) for i in seen],
                 direction=Direction.FROM_REMOTE if from_remote else Direction.TO_REMOTE,
                 outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
-                reason=f"{failed} of {len(seen)} not stored" if failed else ""))
+                reason=note(f"{failed} of {len(seen)} not stored" if failed else "")))
 
     def _association(self, fields: dict[str, Any]) -> dict[str, Any]:
         return {"tunnel": fields["tunnel"], "remote": _node(fields["remote"], fields.get("remote_subject", "")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,19 @@ MAX_CARD_MESSAGE = 16 * 1024 * 1024
 # every later audit record of the card session with it).
 MAX_REPORT = 16 * 1024 * 1024
 REPORT_TEXT_LIMIT = 64 * 1024  # a C-FIND Identifier in base64 (16 KiB -> 22 K characters) fits
+# Escaped in JSON, a control character takes 6 bytes and one outside the BMP 12: the largest report a
+# peer can make this build send is ~5 MB (an A-ASSOCIATE-RQ of 1 MiB, 100 instances of long UIDs and
+# names: tests/test_report_size.py); ~10.6 MB before the relay clipped the abstract syntaxes.
+# One that would not fit MAX_REPORT all the same (another build's relay, a bug) is made to fit
+# rather than be dropped by the supervisor with all it says of its association: its texts are cut
+# at each of these limits in turn until it fits, then its longest lists are halved (fitted()).
+FIT_TEXT_LIMITS = (16 * 1024, 4 * 1024, 1024, 256, 64)
+REPORT_ENVELOPE = 1024  # bytes of MAX_REPORT left for what send() puts around the fields (the kind)
+# The field of a report made to fit: {"text_limit": N, "left_out": {"instances": M}, "channel": MAX_REPORT}
+SHORTENED = "shortened"
+# What the supervisor hands its report sink for a report it read and had to drop, over MAX_REPORT:
+# {"kind": the report's kind (or "unknown"), "why": ...}; an audit failure (agent/session/audit.py).
+REPORT_TOO_LARGE = "report-too-large"
 _PARTS = "parts"
 PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that follow a header
 MAX_SECRET = 1024
@@ -63,7 +77,11 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class MessageTooLargeError(ConnectionError):
-    """A message longer than its receiver takes; it was read and dropped."""
+    """A message longer than its receiver takes; it was read and dropped. ``head``: its first bytes."""
+
+    def __init__(self, message: str, head: bytes = b"") -> None:
+        super().__init__(message)
+        self.head = head
 
 
 def send(channel: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -105,14 +123,70 @@ def send_secret(channel: socket.socket, secret: Secret) -> None:
 
 def clipped(value: Any, limit: int = REPORT_TEXT_LIMIT) -> Any:
     """``value`` (a report's fields) with every text longer than ``limit`` cut there and marked: text
-    from a peer (a malformed PDU's value in its error, an abstract syntax) is not bounded by DICOM."""
+    from a peer (a malformed PDU's value in its error, an abstract syntax) is not bounded by DICOM.
+    Fields that would not fit one report (MAX_REPORT) even so are cut further: :func:`fitted`."""
+    cut = _clipped(value, limit)
+    if isinstance(cut, dict) and not _fits(cut):
+        return fitted(cut)
+    return cut
+
+
+_MORE = re.compile(r"\.\.\. \((\d+) more characters\)\Z")  # the end of a text cut already
+
+
+def _clipped(value: Any, limit: int) -> Any:
     if isinstance(value, str):
-        return value if len(value) <= limit else f"{value[:limit]}... ({len(value) - limit} more characters)"
+        return _cut(value, limit)
     if isinstance(value, dict):
-        return {key: clipped(item, limit) for key, item in value.items()}
+        return {key: _clipped(item, limit) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [clipped(item, limit) for item in value]
+        return [_clipped(item, limit) for item in value]
     return value
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut after ``limit`` characters and marked with how many it had after them; a text cut
+    already (an instance's UID: agent/tunnel/transfers.py) is cut again with the count of both."""
+    if len(text) <= limit:
+        return text
+    cut_already = _MORE.search(text)
+    body, more = (text[:cut_already.start()], int(cut_already[1])) if cut_already else (text, 0)
+    if len(body) <= limit:
+        return text
+    return f"{body[:limit]}... ({len(body) - limit + more} more characters)"
+
+
+def _fits(fields: dict[str, Any]) -> bool:
+    return len(json.dumps(fields)) <= MAX_REPORT - REPORT_ENVELOPE  # ASCII: characters are bytes
+
+
+def fitted(fields: dict[str, Any]) -> dict[str, Any]:
+    """A report's ``fields`` made to fit MAX_REPORT, and saying how (``SHORTENED``): texts cut at the
+    first of FIT_TEXT_LIMITS that makes them fit; failing that, at the last, and the longest lists
+    halved (their first items kept) until they fit. Fields still too large (a dict of countless
+    keys: only a bug makes one) are returned as they are: the supervisor counts their loss."""
+    for limit in FIT_TEXT_LIMITS:
+        cut = {**_clipped(fields, limit), SHORTENED: {"text_limit": limit, "left_out": {}, "channel": MAX_REPORT}}
+        if _fits(cut):
+            return cut
+    left_out: dict[str, int] = cut[SHORTENED]["left_out"]
+    while not _fits(cut):
+        lists = [key for key, item in cut.items() if isinstance(item, list) and item]
+        if not lists:
+            break
+        longest = max(lists, key=lambda key: len(cut[key]))
+        kept = len(cut[longest]) // 2
+        left_out[longest] = left_out.get(longest, 0) + len(cut[longest]) - kept
+        cut[longest] = cut[longest][:kept]
+    return cut
+
+
+def kind_of(head: bytes) -> str:
+    """The kind of a report from its first bytes (``head`` of :class:`MessageTooLargeError`; send()
+    writes the kind first), of letters and hyphens only (safe in a log line); ``unknown`` when they do
+    not say."""
+    match = re.match(rb'\{"kind": "([a-z-]{1,40})"', head)
+    return match[1].decode("ascii") if match else "unknown"
 
 
 def receive_secret(channel: socket.socket) -> Secret:
@@ -152,6 +226,7 @@ def _reassemble(channel: socket.socket, length: int, limit: int) -> dict[str, An
     that the next receive() finds the next message), then refused."""
     too_large = length > limit
     data = bytearray()
+    head = b""  # of a message too large: its first part, which says what it was
     received = 0
     timeout = channel.gettimeout()
     if timeout == 0.0:  # a non-blocking reader: the parts follow their header at once, so wait for them
@@ -164,10 +239,12 @@ def _reassemble(channel: socket.socket, length: int, limit: int) -> dict[str, An
             received += len(part)
             if not too_large:
                 data += part
+            elif not head:
+                head = part[:256]
     finally:
         channel.settimeout(timeout)
     if too_large:
-        raise MessageTooLargeError(f"a message of {length} bytes, over the {limit} this channel takes")
+        raise MessageTooLargeError(f"a message of {length} bytes, over the {limit} this channel takes", head)
     return json.loads(data)
 
 

@@ -322,10 +322,14 @@ class CardSession:
                 try:
                     message, _ = messages.receive(reports, limit=messages.MAX_REPORT)
                 except messages.MessageTooLargeError as error:  # read to its end: the next one is whole
-                    log.error("card-session process (pid %s): a report for the audit trail was dropped: %s; "
-                              "what it said of its association is missing from the audit trail",
-                              self.process.pid if self.process else "?", error)
-                    continue
+                    # Lost to the audit trail as one it cannot record: the report sink counts it (and
+                    # logs it, once); only without one is it logged here.
+                    message = {"kind": messages.REPORT_TOO_LARGE,
+                               "fields": {"kind": messages.kind_of(error.head), "why": str(error)}}
+                    if self.on_report is None:
+                        log.error("card-session process (pid %s): a report (%s) was dropped: %s",
+                                  self.process.pid if self.process else "?", message["fields"]["kind"], error)
+                        continue
                 except OSError:
                     return
                 if message is None:

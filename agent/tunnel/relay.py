@@ -65,6 +65,7 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.logline import printable
 from dicom_card_agent.revocation.checker import CheckGivenUpError
 from dicom_card_agent.revocation.peer import PeerRevocation
+from dicom_card_agent.session.channel import clipped
 from dicom_card_agent.tls.failures import (
     PEER_STOPPED_ANSWERING_ERRNOS,
     UNREACHABLE,
@@ -82,7 +83,7 @@ from dicom_card_agent.tunnel.connecting import connect_tcp
 from dicom_card_agent.tunnel.counters import SessionCounts
 from dicom_card_agent.tunnel.peer import PeerPolicy, identify_server
 from dicom_card_agent.tunnel.session_end import SessionEnd, SessionEndedError
-from dicom_card_agent.tunnel.transfers import TransferBatch, query_fields
+from dicom_card_agent.tunnel.transfers import INSTANCE_TEXT_LIMIT, TransferBatch, query_fields
 
 log = logging.getLogger("agent.tunnel")
 
@@ -775,7 +776,10 @@ def _association_fields(runtime: TunnelRuntime | InboundRuntime, association: As
         "local": peer if requestor_is_local else runtime.config.remote,
         "calling_ae_title": association.calling_ae_title, "called_ae_title": association.called_ae_title,
         "user_identity": association.user_identity_sent, "end": association.end,
-        "abstract_syntaxes": sorted(set(association.accepted_abstract_syntaxes.values())),
+        # Clipped as an instance's UIDs are: an A-ASSOCIATE-RQ of 1 MiB of control characters
+        # otherwise made this field ~6 MB of JSON, in each of the association's reports.
+        "abstract_syntaxes": clipped(sorted(set(association.accepted_abstract_syntaxes.values())),
+                                     INSTANCE_TEXT_LIMIT),
     }
     if peer_subject:
         fields["remote_subject"] = printable(peer_subject)
