@@ -13,6 +13,7 @@ association follows."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import ssl
 import threading
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from agent_runner import accept_for, running_agent, tunnel, wait_for
+from agent_runner import accept_for, agent_status, associate_rq, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki
 from dicom_card_agent.dicom.pdu import (
     A_ASSOCIATE_AC,
@@ -31,6 +32,7 @@ from dicom_card_agent.dicom.pdu import (
     encode_associate_rq,
 )
 from test_association_audit_fidelity import CT_IMAGE_STORAGE, IMPLICIT_VR_LITTLE_ENDIAN, c_store, implicit
+from test_report_size import accepting_pacs, associate, site
 from test_tunnel_association import receive_pdu
 
 SIGNED_IN = 'event=sign-in subject="CN=Alice Example'
@@ -137,3 +139,39 @@ def test_long_reports_sent_at_once_all_reach_the_audit_trail(test_pki: Provision
     assert "Traceback" not in log, log
     assert len(association_ends(audit_file)) == APPLICATIONS + 1
     assert sum(line.count(b"<Instance UID=") for line in transferred) == APPLICATIONS * INSTANCES
+
+
+# The card-session process of another build (or two of its reports interleaved): a record that is
+# not a report comes before its association-begin. No card session of this build sends one.
+GARBLED_BEFORE_BEGIN = '''
+import sys
+if sys.flags.safe_path:  # the card-session process (started with -P)
+    from dicom_card_agent.session import channel
+    _send = channel.send
+    def send(to, message, fds=None):
+        if message.get("kind") == "association-begin":
+            to.sendall(b'{"kind": "association-begin", "fields": {"tun')
+        return _send(to, message, fds)
+    channel.send = send
+'''
+
+
+def test_a_report_that_cannot_be_read_is_counted_lost_and_the_next_ones_are_recorded(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The supervisor's report reader died on a record that was not JSON: every later record of the
+    card session was lost, and `status` counted nothing."""
+    audit_file = tmp_path / "audit" / "audit.log"
+    with accepting_pacs(test_pki) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs)],
+                          env=site(tmp_path, GARBLED_BEFORE_BEGIN), audit={"file": str(audit_file)}) as agent:
+        agent.wait_for_log(SIGNED_IN)
+        assert associate(agent.port(), associate_rq()) == A_ASSOCIATE_AC
+        wait_for(lambda: len(association_ends(audit_file)) == 1, timeout=20)
+        status = agent_status(tmp_path / "agent", test_pki.env())["audit"]
+        log = agent.log()
+    begins = [line for line in audit_file.read_bytes().splitlines() if b"ASSOCIATION-BEGIN" in line]
+    assert len(begins) == 1  # the report after the garbled record was read and recorded
+    assert (status["failures"], status["lost"]) == (1, 1), status
+    assert re.search(r"card-agent: ERROR: audit: the card session's report unknown could not be recorded \(not "
+                     r"readable: Unterminated string starting at: line 1 column \d+ \(char \d+\)\); what it said is missing from the audit trail", log), log
+    assert "Traceback" not in log, log

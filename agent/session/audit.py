@@ -30,7 +30,7 @@ from dicom_card_agent.audit.events import (
 from dicom_card_agent.audit.trail import AuditTrail
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.dicom.association import STORED_STATUSES
-from dicom_card_agent.session.channel import MAX_REPORT, REPORT_TOO_LARGE, SHORTENED
+from dicom_card_agent.session.channel import MAX_REPORT, REPORT_DROPPED, SHORTENED
 from dicom_card_agent.session.identity import SignedIn
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
@@ -181,8 +181,8 @@ class AuditRecorder:
         One this code cannot read (a kind or fields of another build: a bug, as a card-session
         process of another build does not start) is an audit failure: what it said is missing from
         the trail (AuditTrail.not_recorded)."""
-        if kind == REPORT_TOO_LARGE:  # the supervisor read it and had to drop it (channel.REPORT_TOO_LARGE)
-            self._report_too_large(fields)
+        if kind == REPORT_DROPPED:  # the supervisor read it and had to drop it
+            self._report_dropped(fields)
             return
         try:
             self._session_report(kind, fields)
@@ -191,15 +191,15 @@ class AuditRecorder:
                 raise  # nothing lost: no [audit]; the report reader logs it
             self.trail.not_recorded(logline.printable(str(kind)), f"{type(error).__name__}: {error}")
 
-    def _report_too_large(self, fields: dict[str, Any]) -> None:
-        """A report over MAX_REPORT (a card session of another build, a bug: this one makes its
-        reports fit), which the supervisor dropped: lost, as one the trail cannot record."""
-        kind, why = logline.printable(str(fields.get("kind", "unknown"))), str(fields.get("why", ""))
+    def _report_dropped(self, fields: dict[str, Any]) -> None:
+        """A report the supervisor read and dropped (over MAX_REPORT, or not readable: a card session
+        of another build, a bug; this one makes its reports fit and sends one at a time): lost, as
+        one the trail cannot record."""
+        kind, why = logline.printable(str(fields.get("kind", "unknown"))), logline.printable(str(fields.get("why", "")))
         if self.trail is not None:
-            self.trail.not_recorded(kind, f"too large to be read: {why}")
+            self.trail.not_recorded(kind, why)
         else:  # no [audit]: nothing missing from a trail, but a report (a PACS problem's notice) is lost
-            log.error("a report of the card session (%s) was dropped, too large to be read: %s", kind,
-                      logline.printable(why))
+            log.error("a report of the card session (%s) was dropped: %s", kind, why)
 
     def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
         # A report the card session shortened to fit its channel: each record made from it says so.

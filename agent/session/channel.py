@@ -48,9 +48,10 @@ FIT_TEXT_LIMITS = (16 * 1024, 4 * 1024, 1024, 256, 64)
 REPORT_ENVELOPE = 1024  # bytes of MAX_REPORT left for what send() puts around the fields (the kind)
 # The field of a report made to fit: {"text_limit": N, "left_out": {"instances": M}, "channel": MAX_REPORT}
 SHORTENED = "shortened"
-# What the supervisor hands its report sink for a report it read and had to drop, over MAX_REPORT:
-# {"kind": the report's kind (or "unknown"), "why": ...}; an audit failure (agent/session/audit.py).
-REPORT_TOO_LARGE = "report-too-large"
+# What the supervisor hands its report sink for a report it read and had to drop (over MAX_REPORT, or
+# not a report it can read): {"kind": the report's kind (or "unknown"), "why": ...}; an audit failure
+# (agent/session/audit.py).
+REPORT_DROPPED = "report-dropped"
 _PARTS = "parts"
 PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that follow a header
 MAX_SECRET = 1024

@@ -58,6 +58,11 @@ class CardSessionLostError(CardSessionError):
     before it answered: a loss, which a new process may get past, not a verdict on the card."""
 
 
+def _dropped(kind: str, why: str) -> dict[str, Any]:
+    """The report sink's message for a report read and dropped (channel.REPORT_DROPPED)."""
+    return {"kind": messages.REPORT_DROPPED, "fields": {"kind": kind, "why": why}}
+
+
 def describe_exit(status: int) -> str:
     """How a process's exit reads in the log: ``was killed by SIGKILL``, ``exited with status 1``."""
     if status < 0:
@@ -319,21 +324,25 @@ class CardSession:
         """What the card-session process reports for the audit trail, until it ends."""
         with reports:
             while True:
+                # A report that cannot be read is lost to the audit trail as one it cannot record: the
+                # report sink counts it (and logs it, once); only without one is it logged here. The
+                # reader goes on: a record of the channel is whole, so the next report can be read.
                 try:
                     message, _ = messages.receive(reports, limit=messages.MAX_REPORT)
                 except messages.MessageTooLargeError as error:  # read to its end: the next one is whole
-                    # Lost to the audit trail as one it cannot record: the report sink counts it (and
-                    # logs it, once); only without one is it logged here.
-                    message = {"kind": messages.REPORT_TOO_LARGE,
-                               "fields": {"kind": messages.kind_of(error.head), "why": str(error)}}
-                    if self.on_report is None:
-                        log.error("card-session process (pid %s): a report (%s) was dropped: %s",
-                                  self.process.pid if self.process else "?", message["fields"]["kind"], error)
-                        continue
+                    message = _dropped(messages.kind_of(error.head), f"too large to be read: {error}")
+                except ValueError as error:  # not JSON (another build; parts of two reports interleaved)
+                    message = _dropped("unknown", f"not readable: {error}")
                 except OSError:
                     return
                 if message is None:
                     return
+                if not isinstance(message, dict) or not {"kind", "fields"} <= message.keys():
+                    message = _dropped("unknown", "not readable: not a report")
+                if message["kind"] == messages.REPORT_DROPPED and self.on_report is None:
+                    log.error("card-session process (pid %s): a report (%s) was dropped: %s",
+                              self.pid or "?", message["fields"]["kind"], message["fields"]["why"])
+                    continue
                 if self.on_report is not None:
                     try:
                         self.on_report(message["kind"], message["fields"])
