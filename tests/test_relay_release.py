@@ -11,11 +11,14 @@ import json
 import socket
 import ssl
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
 
 from agent_runner import accept_for, associate_rq, running_agent, tunnel
 from conftest import ProvisionedPki, run_card_agent
@@ -34,7 +37,7 @@ from dicom_card_agent.dicom.pdu import (
 from peers.dcmtk import storescp
 from peers.orthanc import orthanc
 from peers.pki_files import TlsServerFiles
-from peers.pynetdicom_scp import tls_scp
+from peers.pynetdicom_scp import associate, tls_scp
 from test_association_end_audit import audit_events, c_echo_rq
 from test_relay_tls_records import OneConnectionServer, read_pdu, server_context
 from test_tunnel_association import receive_pdu
@@ -198,3 +201,52 @@ def test_a_request_with_no_room_for_the_cards_user_identity_is_rejected(test_pki
     assert ("association APP -> STORESCP refused: the card's User Identity does not fit into the A-ASSOCIATE-RQ "
             "(user_identity = \"username\"): item 0x50 of 65550 bytes does not fit a 2-byte Item-length") in log
     assert "internal error" not in log, log
+
+
+@contextlib.contextmanager
+def pacs_that_releases_after_echo(test_pki: ProvisionedPki) -> Iterator[int]:
+    """A pynetdicom TLS PACS that, 0.2 s after answering a C-ECHO, releases the association itself
+    (its own A-RELEASE-RQ, which PS3.8 allows the acceptor), then closes the transport (AR-3); its port."""
+    pacs = AE("RELEASING")
+    pacs.add_supported_context(Verification)
+
+    def released_after_echo(event: evt.Event) -> int:
+        association = event.assoc
+        threading.Thread(target=lambda: (time.sleep(0.2), association.release()), daemon=True).start()
+        return 0x0000
+
+    server = pacs.start_server(("127.0.0.1", 0), block=False,
+                               ssl_context=TlsServerFiles.from_pki(test_pki.pki).ssl_context(),
+                               evt_handlers=[(evt.EVT_C_ECHO, released_after_echo)])
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def test_a_pacs_that_releases_the_association_itself_ends_it_as_released(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The application answers the PACS's A-RELEASE-RQ with its A-RELEASE-RP, and the PACS closes,
+    as PS3.8 has it. The agent noted only the acceptor's A-RELEASE-RP as a release: the PACS's close
+    was logged as a warning (`server ... broke the connection: UNEXPECTED_EOF_WHILE_READING`), set
+    `last_error`, counted as broken and audited as an Association End with a failure (a reviewer)."""
+    audit_file = tmp_path / "audit" / "audit.log"
+    with pacs_that_releases_after_echo(test_pki) as port, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", port)],
+                          audit={"file": str(audit_file)}) as agent:
+        application = associate(agent.port(), called_ae="RELEASING")
+        assert application.is_established
+        assert application.send_c_echo().Status == 0
+        deadline = time.monotonic() + 10
+        while application.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        released = application.is_released
+        log = agent.wait_for_log(", 0.", timeout=5)  # the association's summary line
+        status = json.loads(run_card_agent("status", "--json", "--config", tmp_path / "agent" / "agent.toml",
+                                           env=test_pki.env(), check=True).stdout)
+    assert released
+    assert "WARNING" not in log and "broke the connection" not in log, log
+    assert status["last_error"] is None
+    counts = status["tunnels"][0]["since_start"]["associations"]
+    assert counts["accepted"] == 1 and not counts.get("broken"), counts
+    assert association_ends(audit_file) == [""]  # released: no failure

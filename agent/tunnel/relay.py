@@ -1382,7 +1382,8 @@ class _Relay:
         self.requestor_passing = _Passing()  # what of the requestor's bytes went on to the acceptor
         self.acceptor_passing = _Passing()  # and of the acceptor's bytes to the requestor
         self.association_answered = False  # an A-ASSOCIATE-AC or -RJ went to the requestor
-        self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor
+        self.association_over = False  # an A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ went to the requestor (or
+        # its A-RELEASE-RP to the acceptor's A-RELEASE-RQ)
         self._to_tell: list[Callable[[], None]] = []  # log lines and reports about what is being passed on
         self.local_eof = False
         self.remote_done = False
@@ -1390,6 +1391,9 @@ class _Relay:
         self.local_close_awaited = False  # we closed our side toward the application, which has not yet
         self.acceptor_aborted = False  # the acceptor's A-ABORT passed to the requestor
         self.release_requested = False  # the application's A-RELEASE-RQ passed to the PACS
+        # The acceptor's own A-RELEASE-RQ passed to the requestor (PS3.8 allows either side to release):
+        # the requestor's A-RELEASE-RP then ends the association, and the acceptor closes the transport.
+        self.acceptor_release_requested = False
         # When the PACS must have answered the A-RELEASE-RQ, or closed after the application did (what
         # it must do: ``pacs_awaited``); None while nothing is awaited of it.
         self.pacs_deadline: float | None = None
@@ -1819,6 +1823,8 @@ class _Relay:
                      self.association.on_reject(event.pdu))
         elif event.pdu_type == A_RELEASE_RP:
             self.association.end = "released"
+        elif event.pdu_type == A_RELEASE_RQ:
+            self.acceptor_release_requested = True
         elif event.pdu_type == A_ABORT:
             self._on_acceptor_abort(event.pdu)
         if event.pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
@@ -1866,6 +1872,9 @@ class _Relay:
                 elif event.pdu_type == A_RELEASE_RQ and self.requestor_is_local:
                     self.release_requested = True
                     self._await_pacs("answer the A-RELEASE-RQ")
+                elif event.pdu_type == A_RELEASE_RP and self.acceptor_release_requested:
+                    self.association.end = "released"  # the acceptor released it: it closes next (AR-3)
+                    self.association_over = True
 
     def _malformed(self, error: MalformedPduError, source: str, sender: str) -> None:
         """A malformed PDU from ``source``; ``sender`` names it without what differs from one
