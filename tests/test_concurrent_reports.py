@@ -173,5 +173,6 @@ def test_a_report_that_cannot_be_read_is_counted_lost_and_the_next_ones_are_reco
     assert len(begins) == 1  # the report after the garbled record was read and recorded
     assert (status["failures"], status["lost"]) == (1, 1), status
     assert re.search(r"card-agent: ERROR: audit: the card session's report unknown could not be recorded \(not "
-                     r"readable: Unterminated string starting at: line 1 column \d+ \(char \d+\)\); what it said is missing from the audit trail", log), log
+                     r"readable: Unterminated string starting at: line 1 column \d+ \(char \d+\)\); what it said is "
+                     "missing from the audit trail", log), log
     assert "Traceback" not in log, log

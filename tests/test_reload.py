@@ -352,7 +352,8 @@ def test_an_error_no_check_anticipated_still_audits_the_reload_that_did_not_take
     settings = load_config(config)
     recorder = AuditRecorder(settings.audit)
     reloader = Reloader(settings, manager=None, listeners=BrokenListeners(),  # the manager is not reached
-                        control_server=SimpleNamespace(crls=None), audit=recorder)
+                        control_server=SimpleNamespace(crls=None, reload_ended=lambda message, applied: None),
+                        audit=recorder)
     stop = threading.Event()
     reloader.start(stop)
     try:
