@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import re
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
@@ -434,7 +435,16 @@ def load_pydicom() -> None:
     import pydicom.uid  # noqa: F401
 
 
+_UID = re.compile(r"[0-9.]{1,64}")  # PS3.5 9.1: what a UID may be
+SHOWN_TEXT = 64  # characters of an abstract syntax that is no UID, in the log line
+
+
 def _uid_name(uid: str) -> str:
+    """The standard's name for ``uid``, or ``uid`` itself (cut at SHOWN_TEXT characters when it is
+    no UID: a peer's text, which pydicom would also quote whole in a warning of its own, one for
+    each of up to 128 abstract syntaxes of 64 KB)."""
+    if not _UID.fullmatch(uid):
+        return uid if len(uid) <= SHOWN_TEXT else f"{uid[:SHOWN_TEXT]}... ({len(uid) - SHOWN_TEXT} more characters)"
     from pydicom.uid import UID
 
     name = UID(uid).name
