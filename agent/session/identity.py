@@ -9,6 +9,7 @@ process, which makes the one login attempt and checks the key (agent/session/wor
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import logging
@@ -225,6 +226,23 @@ def sign_in(config: AgentConfig, module: LoadedModule, found: FoundCard, directo
     return signed_in, pin
 
 
+def signed_in_again(config: AgentConfig, module: LoadedModule, found: FoundCard,
+                    signed_in: SignedIn) -> SignedIn | None:
+    """``signed_in``, prepared by :func:`sign_in` under a configuration that a reload replaced by
+    ``config`` while the PIN was asked for, judged and prepared again under ``config`` as
+    :func:`sign_in` would, without asking for the PIN again (no PIN is tried here either): the
+    identity chosen and checked against the listeners it would serve, its chain built to the new
+    [trust] ca, its files written again. Raises :class:`IdentitySelectionError` when ``config``
+    refuses the card: its PIN must then not go to it. None when ``config`` chooses another identity
+    than the one the PIN dialog named (nothing is written then)."""
+    anchors = TrustAnchors.load(config.trust.ca)
+    identity = _choose_for(config, found.identities, found.card.label, module.profile, pin_entered=True)
+    if identity.key_id != signed_in.key_id:
+        return None
+    files = _write_files(signed_in.directory, identity, _chain(identity, found.identities, anchors))
+    return dataclasses.replace(signed_in, identity=identity, files=files, tls13_capable=identity.tls.tls13)
+
+
 def pin_request(config: AgentConfig, identity: Identity, state: PinState, *, ask_final_try: bool) -> PinRequest:
     """The PIN dialog in plain words: whose card, what for, what the card says about tries left."""
     what_for = purpose(config.desktop.site_label, [t.name for t in config.tunnels] + [i.name for i in config.inbound])
@@ -298,24 +316,28 @@ def _usable_before_login(identity: Identity) -> bool:
     return not [p for p in identity.problems if not p.startswith(KEY_HIDDEN_BEFORE_LOGIN)]
 
 
-def _choose_for(config: AgentConfig, identities: list[Identity], label: str, profile: ModuleProfile) -> Identity:
+def _choose_for(config: AgentConfig, identities: list[Identity], label: str, profile: ModuleProfile, *,
+                pin_entered: bool = False) -> Identity:
     """The identity to sign in with, and one that every listener it would serve accepts."""
     identity = _choose(identities, config, label, profile.preferred_key_ids)
-    _check_inbound_purpose(config, identity, label)
+    _check_inbound_purpose(config, identity, label, pin_entered=pin_entered)
     return identity
 
 
-def _check_inbound_purpose(config: AgentConfig, identity: Identity, label: str) -> None:
+def _check_inbound_purpose(config: AgentConfig, identity: Identity, label: str, *, pin_entered: bool = False) -> None:
     """An inbound listener served with the card's certificate needs one that allows serverAuth.
     Known only once the card is there, and another card may allow it: this card's sign-in is
-    refused before any PIN is asked, and the agent keeps running."""
+    refused before any PIN is asked (or, ``pin_entered``: the listener came with a reload while the
+    PIN dialog was open, before the PIN is sent), and the agent keeps running."""
     served = [inbound.name for inbound in config.inbound if inbound.server_certificate is None]
     if not served or allows_tls_server(identity.certificate):
         return
+    not_used = ("the PIN entered was not sent to the card (the configuration was reloaded during the PIN dialog)"
+                if pin_entered else "no PIN asked")
     raise IdentitySelectionError(
         f"token {label!r} cannot serve [[inbound]] {served[0]!r} (server_certificate = \"card\"): the card's "
         f"certificate ({identity.subject}) cannot identify a TLS server (its extended key usage lacks serverAuth); "
-        "not signed in, no PIN asked: give the listener the workstation's node certificate with server_certificate "
+        f"not signed in, {not_used}: give the listener the workstation's node certificate with server_certificate "
         "and server_key, or use a card whose certificate allows serverAuth")
 
 

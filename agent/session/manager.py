@@ -54,8 +54,9 @@ from dicom_card_agent.lifecycle.machine import (
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.channel import LEASE_RENEW_SECONDS, LEASE_SECONDS
 from dicom_card_agent.session.events import event
-from dicom_card_agent.session.identity import log_signed_in, sign_in, unusable_reason
-from dicom_card_agent.session.probe import CardInUseError, ProbeRequest
+from dicom_card_agent.session.identity import SignedIn as SignedInIdentity
+from dicom_card_agent.session.identity import log_signed_in, sign_in, signed_in_again, unusable_reason
+from dicom_card_agent.session.probe import CardInUseError, FoundCard, ProbeRequest
 from dicom_card_agent.session.retune import session_change
 from dicom_card_agent.session.supervisor import (
     CardSession,
@@ -67,6 +68,7 @@ from dicom_card_agent.token.login import LoginError, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
 from dicom_card_agent.token.pin import PromptAskingFirst, reworded_dialogs
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
+from dicom_card_agent.token.secret import Secret
 from dicom_card_agent.tunnel.counters import Counts, Totals, add_counts, empty_counts
 from dicom_card_agent.tunnel.lent_listeners import LISTENERS_NOT_TAKEN, PEER_REFUSED, SUPERVISOR_SILENT
 from dicom_card_agent.tunnel.relay import CARD_LOST
@@ -531,7 +533,9 @@ class SessionManager:
         """One try at the sign-in of ``pending``, reported to the loop; or, when it could not start
         for a shortage of the system's (nothing reported), what it lacked."""
         card, attempt, scope = pending.card, pending.attempt, pending.scope
-        config = self.config  # one configuration for the whole sign-in, whatever a reload does meanwhile
+        # The configuration of the probe and the PIN dialog; one that a reload brings meanwhile is
+        # taken up before the PIN is sent (_reloaded_during_dialog), or else by the session after it.
+        config = self.config
         session = CardSession(config, on_report=functools.partial(self._session_report, attempt),
                               confirm_final_try=self.confirm_final_try)
         pending.session = session  # the loop watches its process while the PIN dialog is open
@@ -545,6 +549,7 @@ class SessionManager:
             with self._dialog_for(pending.cause):
                 signed_in, pin = scope.run(lambda: sign_in(asking, self.module, found, directory,
                                                            confirm_final_try=self.confirm_final_try))
+            signed_in = self._reloaded_during_dialog(session, found, signed_in, pin)
             session.start(signed_in, pin)  # the card-session process makes the one login attempt; pin is wiped
             log_signed_in(signed_in, self.module)
         except (SignInCancelledError, PinEntryCancelledError) as error:
@@ -601,6 +606,40 @@ class SessionManager:
             self._pending_sessions[attempt] = session
         self._report(SignedIn(attempt))
         return None
+
+    def _reloaded_during_dialog(self, session: CardSession, found: FoundCard, signed_in: SignedInIdentity,
+                                pin: Secret | None) -> SignedInIdentity:
+        """``signed_in`` for the configuration the agent runs now. A reload while the PIN dialog was
+        open (a changed [trust] or [[inbound]]) would end the session this sign-in starts at once,
+        and ask for the PIN again: instead, what of the sign-in depends on the configuration is
+        done again under the new one before the PIN is sent, and the card session starts with it.
+        The PIN goes to no card the new configuration refuses: that raises, as a sign-in under it
+        would have (``pin`` is wiped). When the new configuration needs what the probe did under
+        the old one, the session starts with the old one and is brought up to date once signed in
+        (_signed_in), as before."""
+        reloaded = self.config
+        if reloaded is session.config:
+            return signed_in
+        card = found.card
+        needs_new_probe = _probe_depends_on(session.config, reloaded)
+        if needs_new_probe:
+            log.info("configuration reloaded during the sign-in to %s: %s; the card session starts with the "
+                     "configuration the sign-in began with", card, needs_new_probe)
+            return signed_in
+        try:
+            again = signed_in_again(reloaded, self.module, found, signed_in)
+        except BaseException:
+            if pin is not None:
+                pin.wipe()  # not sent: the new configuration refuses the card (or its files could not be written)
+            raise
+        if again is None:
+            log.info("configuration reloaded during the sign-in to %s: it chooses another identity on the card; "
+                     "the card session starts with the configuration the sign-in began with", card)
+            return signed_in
+        session.config = reloaded  # what session.start() sends: the card-session process makes its TLS contexts from it
+        log.info("configuration reloaded during the sign-in to %s: the card was checked against it again before "
+                 "its PIN was sent; the card session starts with it", card)
+        return again
 
     def _first_audit_of(self, pending: _SignIn) -> bool:
         """Whether the end of ``pending`` is not yet in the audit trail (and now counts as being):
@@ -855,6 +894,25 @@ def _asking_first_on_terminal(config: AgentConfig, cause: SignInCause) -> AgentC
         return config
     pin = PromptAskingFirst("prompt", reword=functools.partial(asking_first, cause=cause))
     return dataclasses.replace(config, identity=dataclasses.replace(config.identity, pin=pin))
+
+
+def _probe_depends_on(old: AgentConfig, new: AgentConfig) -> str:
+    """Why a card-session process started (and its card probed) under ``old`` cannot sign in under
+    ``new`` ("" when it can): [identity] chose and probed the token (a reload refuses its change
+    anyway), and the process was started with the environment variables of ``old``'s PIN sources
+    taken out: one that ``new`` reads would be left in its environment."""
+    if old.identity != new.identity:
+        return "[identity] changed, and the card was probed under the one before"
+    left_in = sorted(_pin_variables(new) - _pin_variables(old))
+    if left_in:
+        return f"the card-session process was started with {', '.join(left_in)} in its environment"
+    return ""
+
+
+def _pin_variables(config: AgentConfig) -> set[str]:
+    """The environment variables ``config``'s PIN sources read (env:): kept out of card-session processes."""
+    sources = [config.identity.pin, *(inbound.server_key_pin for inbound in config.inbound)]
+    return {source.target for source in sources if source is not None and source.kind == "env"}
 
 
 def _system_shortage(error: BaseException) -> bool:
