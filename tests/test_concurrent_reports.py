@@ -17,12 +17,13 @@ import re
 import socket
 import ssl
 import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from agent_runner import accept_for, agent_status, associate_rq, running_agent, tunnel, wait_for
+from agent_runner import ANY_SOFTHSM_TOKEN, accept_for, agent_status, associate_rq, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki
 from dicom_card_agent.dicom.pdu import (
     A_ASSOCIATE_AC,
@@ -31,6 +32,7 @@ from dicom_card_agent.dicom.pdu import (
     PresentationContextItemRQ,
     encode_associate_rq,
 )
+from fault_pkcs11 import FaultControl
 from test_association_audit_fidelity import CT_IMAGE_STORAGE, IMPLICIT_VR_LITTLE_ENDIAN, c_store, implicit
 from test_report_size import accepting_pacs, associate, site
 from test_tunnel_association import receive_pdu
@@ -176,3 +178,62 @@ def test_a_report_that_cannot_be_read_is_counted_lost_and_the_next_ones_are_reco
                      r"readable: Unterminated string starting at: line 1 column \d+ \(char \d+\)\); what it said is "
                      "missing from the audit trail", log), log
     assert "Traceback" not in log, log
+
+
+def instance_with_patient(message_id: int, uid: str, patient_id: str) -> bytes:
+    """A C-STORE of a CT instance of its own patient: one audit record each."""
+    dataset = Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID = CT_IMAGE_STORAGE, uid
+    dataset.PatientName, dataset.PatientID = "", patient_id
+    dataset.StudyInstanceUID, dataset.Modality = "1.9", "CT"
+    return c_store(message_id, uid, implicit(dataset))
+
+
+def test_reports_still_due_when_a_card_is_swapped_are_recorded_as_its_user_or_counted_lost(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """Two of alice's applications have 4,000 C-STOREs each (a patient each) unanswered at a PACS
+    when her card is swapped for bob's: at her session's end its relays report them, 8,000 audit
+    records with an fsync each, longer than an ending card session has. Those recorded after her
+    Logout named no user (and would have named bob after his Login), and those her card session
+    had no time to send were lost without a word: 4,000 of 8,000 records and both Association
+    Ends, with `status` counting no loss (a reviewer)."""
+    audit_file = tmp_path / "audit" / "audit.log"
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    pacs = SilentPacs(test_pki)
+    try:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token=ANY_SOFTHSM_TOKEN,
+                           module=str(fault_module), env=card.env(), audit={"file": str(audit_file)}) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            applications = [associated(agent.port(), f"ALICEAPP{number}") for number in range(2)]
+            sent = 0
+            for number, application in enumerate(applications):
+                messages = b"".join(instance_with_patient(index + 1, f"1.{number}.{index}",
+                                                          f"ALICEPAT-{number}-{index}") for index in range(4000))
+                application.sendall(messages)
+                sent += len(messages)
+            wait_for(lambda: pacs.received >= sent, timeout=60)
+            card.show("bob")
+            agent.wait_for_log('event=sign-in subject="CN=Bob Example', timeout=60)
+            recorded = lambda: audit_file.read_bytes().count(b"ALICEPAT-")  # noqa: E731
+            settled = -1
+            while recorded() != settled:  # the supervisor records what reached it, after the Logout too
+                settled = recorded()
+                time.sleep(1.0)
+            audit = agent_status(tmp_path / "agent", test_pki.env(**card.env()))["audit"]
+            log = agent.log()
+            for application in applications:
+                application.close()
+    finally:
+        pacs.close()
+    lines = audit_file.read_bytes().splitlines()
+    alices = [line for line in lines if b"ALICEPAT-" in line]
+    assert alices and all(b"Alice Example" in line for line in alices), \
+        [line[:400] for line in alices if b"Alice Example" not in line][:2]
+    ends = sum(b"ASSOCIATION-END" in line and b"ALICEAPP" in line for line in lines)
+    if len(alices) < 8000 or ends < 2:  # not all were recorded: the loss is counted and said
+        assert audit["lost"] >= 2 and audit["failures"] >= 1, (len(alices), ends, audit)
+        assert re.search(r"card-agent: ERROR: audit: the card session ended before it could send all it had to "
+                         r"report of 2 association\(s\) \(the instances each transferred, its end\): the supervisor "
+                         "was still recording what came before; what they said is missing from the audit trail",
+                         log), log

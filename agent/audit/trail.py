@@ -204,6 +204,15 @@ class AuditTrail:
         log.error("audit: the card session's report %s could not be recorded (%s); what it said is missing from "
                   "the audit trail%s", report, why, consequence)
 
+    def not_sent(self, reports: int, why: str) -> None:
+        """At least ``reports`` reports of an ending card session never reached the supervisor
+        (``why``): counted in ``failures`` and ``lost``, logged. Not a reason to refuse associations
+        from now on: the next card session's reports are not at risk for it."""
+        with self._lock:
+            self.failures += 1
+            self.lost += reports
+        log.error("audit: %s; what they said is missing from the audit trail", logline.printable(why))
+
     def refusal(self) -> str | None:
         """Why a new association must be refused now (``on_failure = "refuse"``), or ``None``.
         Retries what waits in memory first, so an association is accepted as soon as writing works."""

@@ -30,7 +30,7 @@ from dicom_card_agent.audit.events import (
 from dicom_card_agent.audit.trail import AuditTrail
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.dicom.association import STORED_STATUSES
-from dicom_card_agent.session.channel import MAX_REPORT, REPORT_DROPPED, SHORTENED
+from dicom_card_agent.session.channel import MAX_REPORT, REPORT_DROPPED, REPORTS_NOT_SENT, SHORTENED
 from dicom_card_agent.session.identity import SignedIn
 from dicom_card_agent.token.discovery import PinState
 from dicom_card_agent.token.login import LoginError, PinFinalTryError, PinLockedError, WrongPinError
@@ -123,9 +123,11 @@ class AuditRecorder:
         self.record(AuditEvent.application_stop(reason=reason, outcome=Outcome.MAJOR_FAILURE if failed
                                                 else Outcome.SUCCESS))
 
-    def signed_in(self, signed_in: SignedIn, card: Card) -> None:
+    def signed_in(self, signed_in: SignedIn, card: Card) -> User:
+        """The Login; the user its card session's reports are recorded for (:meth:`session_report`)."""
         self.user = User(signed_in.files.subject, signed_in.files.issuer, card.label, card.serial)
         self.record(AuditEvent.user_login(self.user))
+        return self.user
 
     def sign_in_failed(self, card: Card, error: LoginError) -> None:
         user = User("", "", card.label, card.serial)
@@ -176,16 +178,27 @@ class AuditRecorder:
 
     # -- what card sessions report ----------------------------------------------------------------
 
-    def session_report(self, kind: str, fields: dict[str, Any]) -> None:
+    def session_report(self, kind: str, fields: dict[str, Any], user: User | None = None) -> None:
         """A report from a card-session process (agent/tunnel/relay.py names the kinds and fields).
         One this code cannot read (a kind or fields of another build: a bug, as a card-session
         process of another build does not start) is an audit failure: what it said is missing from
-        the trail (AuditTrail.not_recorded)."""
+        the trail (AuditTrail.not_recorded). ``user``: who the reporting card session was signed in
+        as, given by the caller: its last reports may be read after its Logout, the next card's
+        Login even."""
         if kind == REPORT_DROPPED:  # the supervisor read it and had to drop it
             self._report_dropped(fields)
             return
+        if kind == REPORTS_NOT_SENT:  # an ending card session could not send them in the time it had
+            why = (f"the card session ended before it could send all it had to report of {fields['count']} "
+                   "association(s) (the instances each transferred, its end): the supervisor was still recording "
+                   "what came before")
+            if self.trail is not None:
+                self.trail.not_sent(fields["count"], why)
+            else:
+                log.error("%s", why)
+            return
         try:
-            self._session_report(kind, fields)
+            self._session_report(kind, fields, user)
         except Exception as error:  # whatever a report holds, the trail must say it lost one
             if self.trail is None:
                 raise  # nothing lost: no [audit]; the report reader logs it
@@ -201,7 +214,7 @@ class AuditRecorder:
         else:  # no [audit]: nothing missing from a trail, but a report (a PACS problem's notice) is lost
             log.error("a report of the card session (%s) was dropped: %s", kind, why)
 
-    def _session_report(self, kind: str, fields: dict[str, Any]) -> None:
+    def _session_report(self, kind: str, fields: dict[str, Any], user: User | None) -> None:
         # A report the card session shortened to fit its channel: each record made from it says so.
         note = functools.partial(_with_note, _shortened_note(fields))
         if kind == "peer-refused":  # on a listener lent to the card session (agent/tunnel/lent_listeners.py)
@@ -213,37 +226,37 @@ class AuditRecorder:
         elif kind == "tls-failure":
             self.record(AuditEvent.security_alert(AlertType.TLS_VERIFICATION_FAILED, note(fields["reason"]),
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),
-                                                  user=self.user))
+                                                  user=user))
         elif kind == "revocation-unchecked":  # allowed (revocation = "prefer"): the alert informs, nothing failed
             self.record(AuditEvent.security_alert(AlertType.REVOCATION_UNCHECKED, note(fields["reason"]),
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),
-                                                  user=self.user, outcome=Outcome.SUCCESS))
+                                                  user=user, outcome=Outcome.SUCCESS))
         elif kind == "security-alert" and fields["what"] == "malformed-pdu":
             self.record(AuditEvent.security_alert(AlertType.MALFORMED_PDU, note(fields["reason"]),
                                                   tunnel=fields["tunnel"], remote=_node(fields["remote"]),
-                                                  user=self.user))
+                                                  user=user))
         elif kind == "security-alert":  # an association the tunnel's AE title rules refused
-            self.record(AuditEvent.association_begin(**self._association(fields), outcome=Outcome.MINOR_FAILURE,
+            self.record(AuditEvent.association_begin(**self._association(fields, user), outcome=Outcome.MINOR_FAILURE,
                                                      reason=note(fields["reason"])))
         elif kind == "association-begin":
-            self.record(AuditEvent.association_begin(**self._association(fields), reason=note("")))
+            self.record(AuditEvent.association_begin(**self._association(fields, user), reason=note("")))
         elif kind == "association-end":
             clean = fields["end"] == "released" and not fields.get("failure")
             self.record(AuditEvent.association_end(
-                **self._association(fields), outcome=Outcome.SUCCESS if clean else Outcome.MINOR_FAILURE,
+                **self._association(fields, user), outcome=Outcome.SUCCESS if clean else Outcome.MINOR_FAILURE,
                 reason=note("" if clean else (fields.get("failure") or fields["end"]))))
         elif kind == "instances-transferred":
-            self._instances_transferred(fields, note)
+            self._instances_transferred(fields, note, user)
         elif kind == "query":
             self.record(AuditEvent.query_event(
-                **self._association(fields), sop_class_uid=fields["sop_class_uid"], query=fields["identifier"],
+                **self._association(fields, user), sop_class_uid=fields["sop_class_uid"], query=fields["identifier"],
                 transfer_syntax=fields["transfer_syntax"], patient_id=fields["patient_id"],
                 patient_name=fields["patient_name"],
                 reason=note("query keys cut short" if fields.get("truncated") else "")))
         else:
             raise ValueError("a kind of report this agent does not know")
 
-    def _instances_transferred(self, fields: dict[str, Any], note: Callable[[str], str]) -> None:
+    def _instances_transferred(self, fields: dict[str, Any], note: Callable[[str], str], user: User | None) -> None:
         """One batch of answered C-STOREs: one message per direction and patient (PS3.15 A.5.3.7:
         one patient per message), each study a participant object."""
         inbound = fields["direction"] == "inbound"
@@ -254,13 +267,13 @@ class AuditRecorder:
         for (from_remote, patient_id, patient_name), seen in groups.items():
             failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
             self.record(AuditEvent.instances_transferred(
-                **self._association(fields), patient_id=patient_id, patient_name=patient_name,
+                **self._association(fields, user), patient_id=patient_id, patient_name=patient_name,
                 instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"], i["study_uid"]) for i in seen],
                 direction=Direction.FROM_REMOTE if from_remote else Direction.TO_REMOTE,
                 outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
                 reason=note(f"{failed} of {len(seen)} not stored" if failed else "")))
 
-    def _association(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def _association(self, fields: dict[str, Any], user: User | None) -> dict[str, Any]:
         return {"tunnel": fields["tunnel"], "remote": _node(fields["remote"], fields.get("remote_subject", "")),
-                "calling_ae": fields["calling_ae_title"], "called_ae": fields["called_ae_title"], "user": self.user,
+                "calling_ae": fields["calling_ae_title"], "called_ae": fields["called_ae_title"], "user": user,
                 "local_peer": _local_peer(fields), "remote_requestor": fields.get("direction") == "inbound"}

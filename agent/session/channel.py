@@ -52,6 +52,10 @@ SHORTENED = "shortened"
 # not a report it can read): {"kind": the report's kind (or "unknown"), "why": ...}; an audit failure
 # (agent/session/audit.py).
 REPORT_DROPPED = "report-dropped"
+# What the supervisor hands its report sink when an ending card session says it could not send all
+# its reports in the time it had (its final answer's "unsent_reports": the associations whose relay
+# was still waiting to send one): {"count": N}; an audit failure.
+REPORTS_NOT_SENT = "reports-not-sent"
 _PARTS = "parts"
 PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that follow a header
 MAX_SECRET = 1024

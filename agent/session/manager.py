@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from dicom_card_agent.audit.events import User
 from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.clock import awake_or_asleep
@@ -193,6 +194,9 @@ class SessionManager:
         # listeners are taken back meanwhile (see _check_session_reads).
         self._silent_session: CardSession | None = None
         self._silent_since = 0.0  # time.monotonic() since when it has read nothing
+        # Who each recent sign-in (by attempt) signed in as, for its card session's reports: those of
+        # an ended session may still be read (its reports thread outlives it by what is left to read).
+        self._report_users: dict[int, User] = {}
         self._first_look = threading.Event()
         self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (clock.py)
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
@@ -706,7 +710,10 @@ class SessionManager:
             return
         if kind == PEER_REFUSED:
             self.turned_away(fields["tunnel"], "local_peer_refused")
-        self.desktop.with_reports(self.audit.session_report)(kind, fields)
+        # Recorded as the user this session signed in as: its last reports may be read after its
+        # Logout, or the next card's Login.
+        user = self._report_users.get(attempt)
+        self.desktop.with_reports(functools.partial(self.audit.session_report, user=user))(kind, fields)
 
     def _signed_in(self) -> None:
         attempt = self.machine.attempt
@@ -719,7 +726,8 @@ class SessionManager:
         card = self._session_card = self.card
         assert card is not None
         event("sign-in", subject=files.subject, issuer=files.issuer, token=card.label, serial=card.serial)
-        self.audit.signed_in(session.signed_in, card)
+        self._report_users = {attempt: self.audit.signed_in(session.signed_in, card),
+                              **{before: user for before, user in self._report_users.items() if before >= attempt - 2}}
         self.desktop.signed_in(session.signed_in.identity.certificate)
         if session.config is not self.config:  # reloaded while it was signing in: not on the loop's time
             threading.Thread(target=self._retune, name="retune", daemon=True).start()

@@ -501,6 +501,7 @@ class CardSession:
         self.awaiting_pin = False
         deadline = time.monotonic() + END_TIMEOUT_SECONDS
         answered = False
+        unsent = 0  # reports the process says it could not send before it ended
         lease_channel, self._lease_channel = self._lease_channel, None
         if lease_channel is not None:  # no lease once the end is asked for
             lease_channel.close()
@@ -516,6 +517,7 @@ class CardSession:
                         if reply is not None and reply.get("final"):
                             answered = True
                             self._keep_counts(reply.get("tunnels", {}))
+                            unsent = int(reply.get("unsent_reports", 0))
                 except OSError:
                     pass  # it died first, or did not answer in time: the last status answer is what there is
                 try:  # a `status` still waiting on it (when the lock was not had) gets its end of stream
@@ -538,5 +540,7 @@ class CardSession:
             self.process = None
         if self._reports_thread is not None:
             self._reports_thread.join(2)  # its last reports (association ends) are recorded before sign-out
+        if unsent and self.on_report is not None:
+            self.on_report(messages.REPORTS_NOT_SENT, {"count": unsent})
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)

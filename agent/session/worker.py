@@ -334,16 +334,24 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
         return 1
 
     # Every relay thread reports here; a report longer than one record goes as several sends
-    # (channel.PART), which must not interleave with another thread's.
-    sending = threading.Lock()
+    # (channel.PART), which must not interleave with another thread's. A report waits here while
+    # the supervisor records those before it (an fsync or more each): ``waiting`` counts them, for
+    # the final answer to say how many were never sent when the process ends.
+    sending, counting = threading.Lock(), threading.Lock()
+    waiting = [0]
 
     def report(kind: str, fields: dict) -> None:
         message = {"kind": kind, "fields": messages.clipped(fields)}
+        with counting:
+            waiting[0] += 1
         try:
             with sending:
                 messages.send(reports, message)
         except OSError:
             pass  # the supervisor is gone; this process ends with it
+        finally:
+            with counting:
+                waiting[0] -= 1
 
     try:
         config = messages.received_config(start)  # the supervisor's: this process never reads the file
@@ -423,7 +431,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
         thread.join(max(0.0, deadline - time.monotonic()))
     tell_refusal_counts()
     try:  # the final counts, for the supervisor's totals since start
-        messages.send(channel, _status(runtimes, retuner.retired, final=True))
+        messages.send(channel, {**_status(runtimes, retuner.retired, final=True), "unsent_reports": waiting[0]})
     except OSError:
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
