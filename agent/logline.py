@@ -22,6 +22,24 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u
 TRACEBACK_INDENT = "    "
 
 
+# The end of a text cut already (by :func:`cut`), and how many characters it had after the cut.
+_CUT = re.compile(r"\.\.\. \((\d+) more characters(?: not recorded)?\)\Z")
+
+
+def cut(text: str, limit: int, note: str = "more characters") -> str:
+    """``text`` cut after ``limit`` characters and marked with how many followed (``... (N
+    more characters)``). A text cut already, in another process or by another limit, is cut again
+    with the count of both: a peer's 64 KB UID clipped for a report, then for an audit field, is
+    said to have had its 64 K characters, not those of the first cut's text."""
+    if len(text) <= limit:
+        return text
+    cut_already = _CUT.search(text)
+    body, more = (text[:cut_already.start()], int(cut_already[1])) if cut_already else (text, 0)
+    if len(body) <= limit:
+        return f"{body}... ({more} {note})"  # cut already, within the limit but for its mark
+    return f"{body[:limit]}... ({len(body) - limit + more} {note})"
+
+
 def printable(text: str) -> str:
     """``text`` with every character that could break a log line or drive a terminal escaped."""
     return _UNSAFE.sub(_escape, text)

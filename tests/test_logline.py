@@ -6,7 +6,10 @@ import io
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from dicom_card_agent import logline
 from dicom_card_agent.logline import OneLineFormatter, printable
 from dicom_card_agent.session.events import event
 
@@ -62,3 +65,20 @@ def test_an_event_value_cannot_forge_another_key(caplog: pytest.LogCaptureFixtur
     caplog.set_level(logging.INFO, logger="agent.events")
     event("sign-in", subject='CN=Mallory" token="forged', reason="x\ny")
     assert caplog.messages == ['event=sign-in subject="CN=Mallory\\" token=\\"forged" reason="x\\ny"']
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=400),
+       st.integers(min_value=1, max_value=200), st.integers(min_value=1, max_value=200))
+def test_a_text_cut_twice_says_how_many_characters_the_whole_had_after_the_second_cut(
+        text: str, first: int, second: int) -> None:
+    """A peer's UID cut at 1,024 characters for a card session's report, then at an audit field's
+    limit, was said to have "(1027 more characters not recorded)" of its 64 K (a reviewer)."""
+    once = logline.cut(text, first)
+    twice = logline.cut(once, second, "more characters not recorded")
+    hidden = max(0, len(text) - min(first, second, len(text)))
+    if hidden == 0:
+        assert twice == text
+    else:
+        assert twice.endswith(f"... ({hidden} more characters not recorded)") or twice.endswith(
+            f"... ({hidden} more characters)"), (once, twice)
+        assert twice.startswith(text[:min(first, second)])

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from dicom_card_agent import logline
 from dicom_card_agent.audit.events import (
     AlertType,
     AuditEvent,
@@ -477,10 +478,9 @@ def _datetime(value: datetime) -> str:
 
 
 def _clip(text: str, limit: int) -> str:
-    """``text`` cut after ``limit`` characters, with a note saying how many were left out."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters not recorded)"
+    """``text`` cut after ``limit`` characters, with a note saying how many were left out (counting
+    those a card session's report left out already)."""
+    return logline.cut(text, limit, "more characters not recorded")
 
 
 # Study Instance UID -> SOP Class UID -> SOP Instance UID -> whether the message lists it.

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from dicom_card_agent import logline
 from dicom_card_agent.config.model import AgentConfig, parse_config
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.sockets import unsent_bytes
@@ -136,29 +137,16 @@ def clipped(value: Any, limit: int = REPORT_TEXT_LIMIT) -> Any:
     return cut
 
 
-_MORE = re.compile(r"\.\.\. \((\d+) more characters\)\Z")  # the end of a text cut already
 
 
 def _clipped(value: Any, limit: int) -> Any:
     if isinstance(value, str):
-        return _cut(value, limit)
+        return logline.cut(value, limit)
     if isinstance(value, dict):
         return {key: _clipped(item, limit) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clipped(item, limit) for item in value]
     return value
-
-
-def _cut(text: str, limit: int) -> str:
-    """``text`` cut after ``limit`` characters and marked with how many it had after them; a text cut
-    already (an instance's UID: agent/tunnel/transfers.py) is cut again with the count of both."""
-    if len(text) <= limit:
-        return text
-    cut_already = _MORE.search(text)
-    body, more = (text[:cut_already.start()], int(cut_already[1])) if cut_already else (text, 0)
-    if len(body) <= limit:
-        return text
-    return f"{body[:limit]}... ({len(body) - limit + more} more characters)"
 
 
 def _fits(fields: dict[str, Any]) -> bool:
