@@ -384,6 +384,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     reason = "the agent went away"
     while True:
         message, fds = messages.receive(channel, messages.MAX_CONFIG_MESSAGE)
+        retuner.drop_ended()  # the lease comes every second: a retired runtime goes soon after its last association
         if message is None:  # no "end": the supervisor died, and cannot remove the session's files
             if _watch is not None:
                 _watch.remove_session_files()
@@ -395,7 +396,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
             reason = message.get("reason", "ended")
             break
         if message["type"] == "status":
-            messages.send(channel, {**_status(runtimes, retuner.retired), "last_connection": lent.last_connection})
+            messages.send(channel, {**_status(runtimes, retuner), "last_connection": lent.last_connection})
             continue
         if message["type"] == "listen":
             if len(fds) != len(message["tunnels"]):  # the kernel dropped those this process had no room for
@@ -431,7 +432,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
         thread.join(max(0.0, deadline - time.monotonic()))
     tell_refusal_counts()
     try:  # the final counts, for the supervisor's totals since start
-        messages.send(channel, {**_status(runtimes, retuner.retired, final=True), "unsent_reports": waiting[0]})
+        messages.send(channel, {**_status(runtimes, retuner, final=True), "unsent_reports": waiting[0]})
     except OSError:
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
@@ -471,20 +472,31 @@ def _reload(retuner: Retuner, message: dict, runtimes: Runtimes) -> dict:
     return {"type": "reloaded", "tunnels": sorted(runtimes), **changes}
 
 
-def _status(runtimes: Runtimes, retired: list[TunnelRuntime | InboundRuntime], *, final: bool = False) -> dict:
+def _status(runtimes: Runtimes, retuner: Retuner, *, final: bool = False) -> dict:
     """The counters of each tunnel. A tunnel a reload changed in place has a new runtime (and new
-    counts) since: the counts of the runtimes it replaced are added to its own, so that what the
-    session carried never goes down in `status` and the metrics (and reaches the totals at its end)."""
+    counts) since: the counts of the runtimes it replaced, kept or dropped, are added to its own, so
+    that what the session carried never goes down in `status` and the metrics (and reaches the
+    totals at its end). A tunnel the reload removed is flagged ``retired`` while its runtime is
+    kept (associations on it still run, or just ended); once dropped, its counts still come, so
+    that the supervisor's counts since start keep them, but no longer as a listener to show."""
     tunnels = {name: runtime.counters() for name, runtime in runtimes.items()}
-    for runtime in retired:
+    for name, counts in retuner.carried.items():
+        add_counts(_entry(tunnels, name)["counts"], counts)  # type: ignore[arg-type]
+    for runtime in retuner.retired:
         counters = runtime.counters()
-        entry = tunnels.setdefault(runtime.config.name, {  # a tunnel the reload removed: shown while it serves
-            "open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None, "counts": empty_counts(),
-            "retired": True})
+        entry = _entry(tunnels, runtime.config.name)
+        if runtime.config.name not in runtimes:  # removed: shown while its runtime is kept
+            entry["retired"] = True
         add_counts(entry["counts"], counters["counts"])  # type: ignore[arg-type]
         # Its associations still open go on (a reload ends none): they count as open, where they run.
         entry["open_connections"] += counters["open_connections"]  # type: ignore[operator]
     return {"type": "status", "final": final, "tunnels": tunnels}
+
+
+def _entry(tunnels: dict[str, dict[str, object]], name: str) -> dict[str, object]:
+    """The status entry of ``name``, made empty for a tunnel no runtime now serves."""
+    return tunnels.setdefault(name, {"open_connections": 0, "bytes_up": 0, "bytes_down": 0, "last_error": None,
+                                     "counts": empty_counts()})
 
 
 def _exit_now(code: int) -> NoReturn:
