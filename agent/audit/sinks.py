@@ -295,9 +295,6 @@ class RepositorySink:
         self._submitted = 0  # messages taken so far: the sender waits for this to change
         self._cursor = 0  # the last sequence number sent on the current connection
         self._rtt = 0.0  # how long the last TCP connect took: about one round trip
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
         self.connected = False
         self.delivered = 0
         self.last_error = ""
@@ -320,10 +317,9 @@ class RepositorySink:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:
-            pass  # full (the sender is already due to wake) or closed
+        """Wake a sender waiting on the repository for a new message (or the close). The
+        condition, notified already, wakes one waiting for messages; only RELP waits on the
+        repository with messages to send (:class:`RelpSink`)."""
 
     def pending(self) -> int:
         """Messages not yet confirmed by the repository."""
@@ -358,8 +354,6 @@ class RepositorySink:
             log.error("audit: the repository sender did not stop in time; undelivered messages stay in %s",
                       self.spool.directory)
         self.spool.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
 
     def _abort_io(self) -> None:
         for sock in (self._connecting, self._sock):
@@ -559,13 +553,6 @@ class RepositorySink:
                 if self._stopping and self._past_deadline():
                     return
 
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except OSError:
-            pass
-
 
 class SyslogTlsSink(RepositorySink):
     """RFC 5425 syslog over TLS, each burst confirmed by the end of its connection (module doc)."""
@@ -682,7 +669,36 @@ class RelpSink(RepositorySink):
         self.window = window
         self._session = RelpSession(window)
         self._answered = 0.0  # when the repository last answered (or had nothing to answer)
+        # Wakes the sender waiting for the repository's answers (:meth:`_receive`) when a message
+        # comes, to send it if the window has room: one byte a message, read as the sender wakes.
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
         super().__init__(config, spool, **options)
+
+    def close(self, timeout: float = 5.0) -> None:
+        super().close(timeout)
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # full (the sender is already due to wake) or closed
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _attempt(self) -> bool:
+        # Awake, the sender reads the spool next: the wake-ups of the messages in it are spent. (Not
+        # waiting on the repository, while it is unreachable, it would otherwise leave them unread.)
+        self._drain_wake()
+        return super()._attempt()
 
     def _opening(self, sock: ssl.SSLSocket) -> None:
         self._session = RelpSession(self.window)
