@@ -33,6 +33,9 @@ PART = 60 * 1024
 # The probe's answer carries every certificate on the token: 24 slots on a PIV card (~2.5 KB each in
 # the message), possibly hundreds on an HSM partition. Other messages stay within MAX_MESSAGE.
 MAX_CARD_MESSAGE = 16 * 1024 * 1024
+# A card session's answers to the supervisor's requests: `status` takes ~700 bytes a tunnel (those a
+# reload removed included), over MAX_MESSAGE from about 90 of them.
+MAX_ANSWER = 16 * 1024 * 1024
 # A report for the audit trail: up to 100 instances (agent/tunnel/transfers.py), each text of it
 # clipped at REPORT_TEXT_LIMIT characters; a legitimate batch of long UIDs and Japanese patient
 # names is ~70 KB, and a report over MAX_MESSAGE used to end the supervisor's report reader (and

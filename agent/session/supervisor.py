@@ -410,7 +410,7 @@ class CardSession:
         channel.setblocking(False)
         try:
             while self._owed:
-                messages.receive(channel)
+                messages.receive(channel, limit=messages.MAX_ANSWER)
                 self._owed -= 1
         except BlockingIOError:
             pass
@@ -425,7 +425,7 @@ class CardSession:
         try:
             while True:
                 channel.settimeout(max(deadline - time.monotonic(), 0.001))
-                reply, _ = messages.receive(channel)
+                reply, _ = messages.receive(channel, limit=messages.MAX_ANSWER)
                 if self._owed and reply is not None:
                     self._owed -= 1
                     continue
