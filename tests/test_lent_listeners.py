@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +26,6 @@ from agent_runner import (
     tunnel,
 )
 from conftest import ProvisionedPki
-from dicom_card_agent.tunnel.lent_listeners import LentListeners
 from dicom_card_agent.tunnel.relay import reject_pdu
 from fault_pkcs11 import FaultControl
 from peers.pki_files import TlsServerFiles
@@ -197,20 +198,31 @@ def test_connections_waiting_on_several_tunnels_at_once_are_all_served_at_once(t
         f"seconds from the card session running again to each PACS's handshake: {waited}"
 
 
+CLOSING_WHILE_STARTING = """
+import threading
+from dicom_card_agent.tunnel.lent_listeners import LentListeners
+failures = 0
+for _ in range(1000):
+    lent = LentListeners({}, lambda kind, fields: None)
+    starting = threading.Thread(target=lent.replace, args=({},))  # no thread yet: it starts one
+    starting.start()
+    try:
+        lent.close()
+    except RuntimeError:
+        failures += 1
+    starting.join()
+print(failures)
+"""
+
+
 def test_closing_while_a_thread_is_being_started_ends_cleanly() -> None:
     """The card session's end closes the lent listeners while a thread that accepted a connection
     may be starting another to wait in its place. close() joined that thread before it had started
     (RuntimeError: cannot join thread before it is started), and the process ended on the traceback
     without telling its open associations (a reviewer, once in a swap storm; here a quarter of
-    1,000 tries on the old code). Real threads; no listening socket needed to start one."""
-    failures = 0
-    for _ in range(1000):
-        lent = LentListeners({}, lambda kind, fields: None)
-        starting = threading.Thread(target=lent.replace, args=({},))  # no thread yet: it starts one
-        starting.start()
-        try:
-            lent.close()
-        except RuntimeError:
-            failures += 1
-        starting.join()
+    1,000 tries on the old code). Real threads, in a process of their own: each LentListeners keeps
+    its epoll and wake-up pipe until its process ends, as the card session's does."""
+    result = subprocess.run([sys.executable, "-c", CLOSING_WHILE_STARTING], capture_output=True, text=True,
+                            timeout=300, check=True)
+    failures = int(result.stdout)
     assert failures == 0, f"close() failed {failures} times in 1000"
