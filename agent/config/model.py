@@ -218,11 +218,16 @@ def load_config(path: Path) -> AgentConfig:
     return parse_config(read_config_file(path), path)
 
 
-def parse_config(raw: bytes, path: Path, source: Path | None = None) -> AgentConfig:
+Digest = Callable[[Path | None], str]  # what a trusted file holds: tables.content_digest, or a copy of its results
+
+
+def parse_config(raw: bytes, path: Path, source: Path | None = None, digest: Digest = content_digest) -> AgentConfig:
     """The configuration in ``raw``, the bytes of the file ``path`` (named in errors). ``source``:
     that file with its links resolved, whose directory relative paths are taken from; by default
     ``path`` resolved now. A card-session process gives the supervisor's (AgentConfig.source): the
-    file may have been replaced since, by a link to elsewhere too."""
+    file may have been replaced since, by a link to elsewhere too. ``digest``: what each trusted
+    file holds; a card-session process takes the supervisor's (:func:`file_digests`), as a file it
+    could not read at that moment (no descriptor left) must not read as a changed [trust]."""
     data = toml_of(raw, path)
     source = source if source is not None else path.resolve()
     base = source.parent
@@ -271,7 +276,7 @@ def parse_config(raw: bytes, path: Path, source: Path | None = None) -> AgentCon
                                          "\"warn\" accepts them with a warning")
     ca = trust.path("ca", required=True)
     trust_config = TrustConfig(ca=ca, crl=tuple(crl_paths), crl_expired=crl_expired,
-                               revocation=_revocation_settings(trust), ca_digest=content_digest(ca))
+                               revocation=_revocation_settings(trust), ca_digest=digest(ca))
     trust.done()
 
     raw_tunnels = root.take("tunnel", list, [])
@@ -281,9 +286,10 @@ def parse_config(raw: bytes, path: Path, source: Path | None = None) -> AgentCon
         raise ConfigError(f"{path}: no [[tunnel]] defined: add at least one (a [[tunnel]] table with name, listen "
                           "and remote)")
     names: set[str] = set()
-    tunnels = _named_tables(raw_tunnels, "tunnel", path, base, names, _tunnel,
+    tunnels = _named_tables(raw_tunnels, "tunnel", path, base, names, functools.partial(_tunnel, digest=digest),
                             "another tunnel already has this name")
-    inbound = _named_tables(raw_inbound, "inbound", path, base, names, functools.partial(_inbound, tunnels=tunnels),
+    inbound = _named_tables(raw_inbound, "inbound", path, base, names,
+                            functools.partial(_inbound, tunnels=tunnels, digest=digest),
                             "a tunnel or another inbound listener already has this name")
     listens = [str(t.listen) for t in tunnels] + [str(i.listen) for i in inbound]
     for duplicate in {a for a in listens if listens.count(a) > 1}:
@@ -367,7 +373,17 @@ def _max_connections(section: Section) -> int:
     return value
 
 
-def _tunnel(section: Section, name: str) -> TunnelConfig:
+def file_digests(config: AgentConfig) -> dict[str, str]:
+    """The digest of each trusted file ``config`` names (by path), as the process that read it saw
+    them: for :func:`parse_config` in a card-session process."""
+    pairs: list[tuple[Path | None, str]] = [(config.trust.ca, config.trust.ca_digest)]
+    pairs += [(t.require_issuer, t.require_issuer_digest) for t in config.tunnels]
+    pairs += [(i.server_certificate, i.server_certificate_digest) for i in config.inbound]
+    pairs += [(i.server_key, i.server_key_digest) for i in config.inbound]
+    return {str(path): digest for path, digest in pairs if path is not None}
+
+
+def _tunnel(section: Section, name: str, *, digest: Digest) -> TunnelConfig:
     listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
     unsafe_listen = section.take("unsafe_listen", bool, False)
     if listen.host is not None and not is_loopback(listen.host) and not unsafe_listen:
@@ -397,7 +413,7 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
         server_pins=pins,
         verify=verify,
         require_issuer=require_issuer,
-        require_issuer_digest=content_digest(require_issuer),
+        require_issuer_digest=digest(require_issuer),
         tls=tls,
         allowed_uids=uids,
         unsafe_listen=unsafe_listen,
@@ -409,7 +425,7 @@ def _tunnel(section: Section, name: str) -> TunnelConfig:
     )
 
 
-def _inbound(section: Section, name: str, *, tunnels: list[TunnelConfig]) -> InboundConfig:
+def _inbound(section: Section, name: str, *, tunnels: list[TunnelConfig], digest: Digest) -> InboundConfig:
     listen = parse_listen(section.take("listen", str, required=True), lambda m: section.error("listen", m))
     if listen.unix_path:
         raise section.error("listen", "the PACS connects over the network: give HOST:PORT")
@@ -457,7 +473,7 @@ def _inbound(section: Section, name: str, *, tunnels: list[TunnelConfig]) -> Inb
                          association=_association_rules(section, user_identity=False), **_timeouts(section),
                          allow_from=_allow_from(section, listen), max_pending_handshakes=max_pending,
                          max_connections=_max_connections(section), revocation=_revocation_policy(section),
-                         server_certificate_digest=content_digest(certificate), server_key_digest=content_digest(key))
+                         server_certificate_digest=digest(certificate), server_key_digest=digest(key))
 
 
 def _client_names(section: Section, pins: tuple[bytes, ...],

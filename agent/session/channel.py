@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_card_agent import logline
-from dicom_card_agent.config.model import AgentConfig, parse_config
+from dicom_card_agent.config.model import AgentConfig, file_digests, parse_config
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.token.discovery import PinState
@@ -256,19 +256,24 @@ def login_error_message(error: CardAgentError) -> dict[str, Any]:
     return {"type": "login-error", "error": type(error).__name__, "message": str(error), "pin_state": state}
 
 
-def config_fields(config: AgentConfig) -> dict[str, str]:
+def config_fields(config: AgentConfig) -> dict[str, Any]:
     """The configuration the supervisor runs, for a message to the card-session process: the bytes
     it parsed, and the file they came from (links resolved: relative paths are taken from its
     directory). The process parses these (:func:`received_config`) and never reads the file, which
-    may hold an edit not reloaded yet, or one a reload refused."""
-    return {"config": str(config.source), "config_bytes": base64.b64encode(config.raw).decode("ascii")}
+    may hold an edit not reloaded yet, or one a reload refused. With them, what the trusted files
+    held as the supervisor read them: the process does not judge a [trust] change by its own reading.
+    """
+    return {"config": str(config.source), "config_bytes": base64.b64encode(config.raw).decode("ascii"),
+            "file_digests": file_digests(config)}
 
 
 def received_config(message: dict[str, Any]) -> AgentConfig:
     """The configuration a message of :func:`config_fields` carries (ConfigError if it is not one,
     as the supervisor parsed these very bytes: only a bug or another build makes it one)."""
     source = Path(message["config"])
-    return parse_config(base64.b64decode(message["config_bytes"]), source, source)
+    digests: dict[str, str] = message["file_digests"]
+    return parse_config(base64.b64decode(message["config_bytes"]), source, source,
+                        digest=lambda path: digests.get(str(path), "") if path is not None else "")
 
 
 def upgraded_message(running: str, installed: str, running_build: str = "", installed_build: str = "") -> str:
