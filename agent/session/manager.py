@@ -64,6 +64,7 @@ from dicom_card_agent.session.supervisor import (
     CardSessionLostError,
     CardSessionUnresponsive,
     describe_exit,
+    pin_variables,
 )
 from dicom_card_agent.token.login import LoginError, waiting_reason
 from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
@@ -911,16 +912,10 @@ def _probe_depends_on(old: AgentConfig, new: AgentConfig) -> str:
     taken out: one that ``new`` reads would be left in its environment."""
     if old.identity != new.identity:
         return "[identity] changed, and the card was probed under the one before"
-    left_in = sorted(_pin_variables(new) - _pin_variables(old))
+    left_in = sorted(pin_variables(new) - pin_variables(old))
     if left_in:
         return f"the card-session process was started with {', '.join(left_in)} in its environment"
     return ""
-
-
-def _pin_variables(config: AgentConfig) -> set[str]:
-    """The environment variables ``config``'s PIN sources read (env:): kept out of card-session processes."""
-    sources = [config.identity.pin, *(inbound.server_key_pin for inbound in config.inbound)]
-    return {source.target for source in sources if source is not None and source.kind == "env"}
 
 
 def _system_shortage(error: BaseException) -> bool:

@@ -58,6 +58,12 @@ class CardSessionLostError(CardSessionError):
     before it answered: a loss, which a new process may get past, not a verdict on the card."""
 
 
+def pin_variables(config: AgentConfig) -> set[str]:
+    """The environment variables ``config``'s PIN sources read (env:): kept out of card-session processes."""
+    sources = [config.identity.pin, *(inbound.server_key_pin for inbound in config.inbound)]
+    return {source.target for source in sources if source is not None and source.kind == "env"}
+
+
 def _dropped(kind: str, why: str) -> dict[str, Any]:
     """The report sink's message for a report read and dropped (channel.REPORT_DROPPED)."""
     return {"kind": messages.REPORT_DROPPED, "fields": {"kind": kind, "why": why}}
@@ -154,10 +160,8 @@ class CardSession:
             theirs.close()
             raise
         env = {k: v for k, v in os.environ.items() if not k.startswith("CARD_AGENT_")}
-        node_pin_sources = [i.server_key_pin for i in self.config.inbound if i.server_key_pin]
-        for pin_source in [self.config.identity.pin, *node_pin_sources]:
-            if pin_source.kind == "env":
-                env.pop(pin_source.target, None)  # the child gets PINs once, on its channel, not in its environment
+        for variable in pin_variables(self.config):
+            env.pop(variable, None)  # the child gets PINs once, on its channel, not in its environment
         env["OPENSSL_CONF"] = str(self.directory / OPENSSL_CONF_NAME)
         try:
             self.process = self._spawn(theirs, reports_theirs, env)
@@ -400,7 +404,7 @@ class CardSession:
     def _unanswered(self, question: str) -> str:
         if self._silent_since is None:
             self._silent_since = time.monotonic()
-        return (f"the card-session process (pid {self.process.pid if self.process else '?'}) has not answered "
+        return (f"the card-session process (pid {self.pid or '?'}) has not answered "
                 f"{question} within {STATUS_TIMEOUT_SECONDS:g} s")
 
     def _skip_late_answers(self, channel: socket.socket) -> bool:
