@@ -71,6 +71,18 @@ def make_token(directory: Path, test_pki: ProvisionedPki, label: str, key_type: 
     return ProvisionedPki(test_pki.directory, directory / "softhsm2.conf")
 
 
+# What the whole machine has only once, so the tests using it run one after another on one xdist
+# worker (scripts/test runs the suite with --dist loadgroup): the machine's pcscd with vpcd's fixed
+# reader port, and the Debian package installed into /usr, /etc and the systemd directories.
+MACHINE_WIDE_FIXTURES = frozenset({"pcscd", "card_reader", "virtual_cards", "machine"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if MACHINE_WIDE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("machine"))
+
+
 @pytest.fixture(scope="session")
 def fault_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fault-injecting PKCS#11 module around SoftHSM (tests/fault_pkcs11), built once."""

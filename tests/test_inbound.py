@@ -323,8 +323,9 @@ def test_a_node_key_on_a_token(test_pki: ProvisionedPki, tmp_path: Path, study: 
         with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener], env={"NODE_PIN": "123456"}) as agent:
             result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), log_level="debug")
             log = agent.wait_for_log("instances stored")
-            worker = subprocess.run(["pgrep", "-f", "agent.session.worker"], capture_output=True,
-                                    text=True).stdout.split()
+            # this agent's card-session process only: other xdist workers run agents of their own
+            worker = subprocess.run(["pgrep", "-P", str(agent.process.pid), "-f", "agent.session.worker"],
+                                    capture_output=True, text=True).stdout.split()
             environments = [Path(f"/proc/{pid}/environ").read_bytes() for pid in worker]
     assert result.returncode == 0, result.stdout
     assert "Bob Example" in result.stdout
