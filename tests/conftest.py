@@ -77,10 +77,21 @@ def make_token(directory: Path, test_pki: ProvisionedPki, label: str, key_type: 
 MACHINE_WIDE_FIXTURES = frozenset({"pcscd", "card_reader", "virtual_cards", "machine"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if MACHINE_WIDE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("machine"))
+
+
+@pytest.fixture(autouse=True)
+def machine_wide_tests_run_in_turn(request: pytest.FixtureRequest) -> None:
+    """Where xdist did not take the groups in, machine-wide tests would run side by side and fail
+    against each other in ways that look like defects of the agent: fail them saying why instead."""
+    if (request.config.getoption("loadgroup", default=False) and request.node.get_closest_marker("xdist_group")
+            and "@" not in request.node.nodeid):
+        pytest.fail("pytest-xdist did not put this machine-wide test in its group (--dist loadgroup): install "
+                    "the pytest and pytest-xdist versions pyproject.toml names (scripts/setup)")
 
 
 @pytest.fixture(scope="session")
