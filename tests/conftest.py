@@ -85,13 +85,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def machine_wide_tests_run_in_turn(request: pytest.FixtureRequest) -> None:
-    """Where xdist did not take the groups in, machine-wide tests would run side by side and fail
-    against each other in ways that look like defects of the agent: fail them saying why instead."""
-    if (request.config.getoption("loadgroup", default=False) and request.node.get_closest_marker("xdist_group")
-            and "@" not in request.node.nodeid):
+def machine_wide_parts_kept_apart(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machine-wide tests run in turn; the others do not see the machine's pcscd. A card a virtual
+    card test put in vpcd's reader would otherwise be what ``module = auto`` takes, on another
+    worker, instead of the SoftHSM tokens a test lists (a machine with no card reader, as theirs is
+    meant to be; a test of its own pcscd names its socket, which comes first)."""
+    grouped = request.node.get_closest_marker("xdist_group") is not None
+    if grouped and request.config.getoption("loadgroup", default=False) and "@" not in request.node.nodeid:
+        # where xdist did not take the groups in, they would fail against each other like defects
         pytest.fail("pytest-xdist did not put this machine-wide test in its group (--dist loadgroup): install "
                     "the pytest and pytest-xdist versions pyproject.toml names (scripts/setup)")
+    if not grouped:
+        monkeypatch.setenv("PCSCLITE_CSOCK_NAME", str(Path(request.config.rootpath) / "no-pcscd-for-this-test"))
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,13 @@ from pathlib import Path
 
 IP = "ip"
 _numbers = itertools.count()
+# Each test process (an xdist worker) numbers its hosts and addresses from a block of its own: the
+# workers' pids are close together, so pid + n would give two workers the same address.
+_BLOCK = 64
+
+
+def _own_number(modulus: int) -> int:
+    return (os.getpid() * _BLOCK + next(_numbers) % _BLOCK) % modulus
 
 
 def _ip(*args: str) -> None:
@@ -74,7 +81,7 @@ def separate_host() -> Iterator[SeparateHost]:
     number = next(_numbers)
     tag = f"{os.getpid() % 100000}x{number}"
     name, ours, theirs = f"cardagent-{tag}", f"cah{tag}", f"cap{tag}"
-    subnet = (os.getpid() + number) % 16000  # a /30 of 198.18.0.0/16 for each host this run makes
+    subnet = _own_number(16000)  # a /30 of 198.18.0.0/16 for each host this run makes
     base = 198 << 24 | 18 << 16 | subnet * 4
     our_address, their_address = (".".join(str(base + n >> shift & 255) for shift in (24, 16, 8, 0)) for n in (1, 2))
     _ip("netns", "add", name)
@@ -116,7 +123,7 @@ def late_address(version: int = 4) -> Iterator[LateAddress]:
     """An address not on this machine yet, from 198.19.0.0/16 (in RFC 2544's test range) or, with
     ``version=6``, 2001:db8::/32 (RFC 3849's documentation range); removed from the loopback
     interface at the end if :meth:`LateAddress.bring_up` added it there."""
-    number = (os.getpid() + next(_numbers)) % 65000 + 1
+    number = _own_number(65000) + 1
     late = LateAddress(f"2001:db8::{number:x}" if version == 6 else f"198.19.{number >> 8}.{number & 255}")
     try:
         yield late
