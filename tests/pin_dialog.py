@@ -23,7 +23,8 @@ class Terminal:
 
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()
-        self.screen = b""
+        self.name = os.ttyname(self.slave)
+        self.screen = b""  # everything shown so far: one thread reads the terminal, all others look here
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -40,8 +41,23 @@ class Terminal:
     def wait_for_prompt(self, count: int = 1, timeout: float = 10.0) -> None:
         wait_for(lambda: self.screen.count(b"PIN:") >= count, timeout)
 
+    def wait_for_text(self, text: bytes, timeout: float = 10.0) -> None:
+        wait_for(lambda: text in self.screen, timeout)
+
     def type(self, keys: bytes) -> None:
         os.write(self.master, keys)
+
+    def type_when(self, prompt: bytes, keys: bytes, *more: tuple[bytes, bytes],
+                  timeout: float = 30.0) -> threading.Thread:
+        """Type ``keys`` once ``prompt`` is on the screen, then each further (prompt, keys) in turn
+        (a person at the terminal); gives up on a prompt that does not come within ``timeout``."""
+        def person() -> None:
+            for each_prompt, each_keys in ((prompt, keys), *more):
+                self.wait_for_text(each_prompt, timeout)
+                self.type(each_keys)
+        thread = threading.Thread(target=person, daemon=True)
+        thread.start()
+        return thread
 
     def close(self) -> None:
         for fd in (self.master, self.slave):

@@ -24,37 +24,7 @@ from dicom_card_agent.token.pinentry import (
     unescape,
     unescape_in_place,
 )
-
-
-class Terminal:
-    """A pseudo-terminal where a person reads the dialog and types."""
-
-    def __init__(self) -> None:
-        self.master, self.slave = os.openpty()
-        self.name = os.ttyname(self.slave)
-        self.screen = b""
-
-    def type_when(self, prompt: bytes, keys: bytes, *more: tuple[bytes, bytes]) -> threading.Thread:
-        """Type ``keys`` once ``prompt`` is on the screen, then each further (prompt, keys) in turn."""
-        def person() -> None:
-            for each_prompt, each_keys in ((prompt, keys), *more):
-                while each_prompt not in self.screen:
-                    self.screen += os.read(self.master, 4096)
-                os.write(self.master, each_keys)
-        thread = threading.Thread(target=person, daemon=True)
-        thread.start()
-        return thread
-
-    def close(self) -> None:
-        os.close(self.master)
-        os.close(self.slave)
-
-
-@pytest.fixture
-def terminal():
-    tty = Terminal()
-    yield tty
-    tty.close()
+from pin_dialog import Terminal, terminal  # noqa: F401
 
 
 def test_pin_typed_in_pinentry_tty_reaches_the_agent(terminal: Terminal) -> None:
@@ -162,8 +132,7 @@ def test_a_dialog_closed_by_a_cancelled_sign_in_leaves_the_terminal_as_it_was(te
         terminal.type_when(b"[sc]?", b"s")
     shown = threading.Thread(target=dialog, daemon=True)
     shown.start()
-    while closed_at not in terminal.screen:
-        terminal.screen += os.read(terminal.master, 4096)
+    terminal.wait_for_text(closed_at)
     time.sleep(0.2)  # it waits for a key now, in the modes it set
     scope.cancel("card removed")
     shown.join(10)
