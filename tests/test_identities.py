@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HELPERS, USER_PIN, ProvisionedPki, run_card_agent
+from conftest import HELPERS, USER_PIN, ProvisionedPki, provision, run_card_agent
 
 
 def identities_json(test_pki: ProvisionedPki, *args: str | Path, **env: str) -> dict[str, dict]:
@@ -95,7 +95,10 @@ def test_unknown_token_lists_the_tokens_present(test_pki: ProvisionedPki) -> Non
         assert f"'{label}'" in result.stderr
 
 
-def test_tokens_lists_label_serial_manufacturer_model_and_pin_state(test_pki: ProvisionedPki) -> None:
+def test_tokens_lists_label_serial_manufacturer_model_and_pin_state(tmp_path: Path) -> None:
+    # tokens of its own: the shared ones' PIN state is what earlier tests on this worker left ("count-low")
+    result = provision(tmp_path)
+    test_pki = ProvisionedPki(tmp_path, Path(result.stdout.strip().splitlines()[-1].partition("=")[2]))
     text = run_card_agent("tokens", env=test_pki.env(), check=True).stdout
     assert "profile softhsm2" in text
     alice = next(line for line in text.splitlines() if " alice " in line)
@@ -130,20 +133,22 @@ def test_crl_needs_ca(test_pki: ProvisionedPki) -> None:
 
 
 @pytest.fixture(scope="module")
-def lab_token(test_pki: ProvisionedPki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def lab_token(test_pki: ProvisionedPki, tmp_path_factory: pytest.TempPathFactory) -> ProvisionedPki:
     directory = tmp_path_factory.mktemp("lab-token")
     result = subprocess.run([sys.executable, str(HELPERS / "make_lab_token.py"), str(directory), str(test_pki.pki)],
                             capture_output=True, text=True, env=test_pki.env(), timeout=60)
     assert result.returncode == 0, result.stderr
-    return {**test_pki.env(), "SOFTHSM2_CONF": str(directory / "softhsm2.conf"), "CARD_PIN": USER_PIN}
+    return ProvisionedPki(test_pki.directory, directory / "softhsm2.conf")
 
 
-def lab_identities(lab_token: dict[str, str], *extra: str) -> dict[str, dict]:
-    result = run_card_agent("identities", "--json", "--token", "lab", *extra, env=lab_token, check=True)
+def lab_identities(lab_token: ProvisionedPki, *extra: str) -> dict[str, dict]:
+    # the environment of the test that runs it, not of the first (the fixture is the module's)
+    result = run_card_agent("identities", "--json", "--token", "lab", *extra, env=lab_token.env(CARD_PIN=USER_PIN),
+                            check=True)
     return {entry["subject"].split(",")[0].removeprefix("CN=Lab "): entry for entry in json.loads(result.stdout)}
 
 
-def test_every_refusal_reason_on_a_real_token(lab_token: dict[str, str]) -> None:
+def test_every_refusal_reason_on_a_real_token(lab_token: ProvisionedPki) -> None:
     found = lab_identities(lab_token, "--pin", "env:CARD_PIN")
     assert set(found) == {"Exportable", "Keyless", "Server Only", "Future"}
     assert found["Exportable"]["reason"].startswith("extractable key: the private key can leave the token")
@@ -157,12 +162,12 @@ def test_every_refusal_reason_on_a_real_token(lab_token: dict[str, str]) -> None
     assert not any(entry["usable"] for entry in found.values())
 
 
-def test_extractable_key_is_accepted_only_when_allowed_for_a_lab(lab_token: dict[str, str]) -> None:
+def test_extractable_key_is_accepted_only_when_allowed_for_a_lab(lab_token: ProvisionedPki) -> None:
     allowed = lab_identities(lab_token, "--pin", "env:CARD_PIN", "--allow-exportable-keys")
     assert allowed["Exportable"]["usable"] is True and allowed["Exportable"]["key_checked"] is True
 
 
-def test_before_login_a_missing_key_cannot_be_told_from_a_hidden_one(lab_token: dict[str, str]) -> None:
+def test_before_login_a_missing_key_cannot_be_told_from_a_hidden_one(lab_token: ProvisionedPki) -> None:
     found = lab_identities(lab_token)
     # SoftHSM hides private keys before login; a key with no public half either is reported so.
     assert found["Keyless"]["reason"] == "no matching key visible before login (CKA_ID 02): give a PIN to check"
