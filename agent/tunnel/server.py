@@ -525,10 +525,27 @@ class Listeners:
                     return  # connected and closed without a byte: a port probe, not worth a line
             except OSError:
                 return  # reset: gone
-            self._turn_away(inbound, connection, silent.peer, dispatch=True)
+            current = self._admitted_still(silent)
+            if current is not None:
+                self._turn_away(current, connection, silent.peer, dispatch=True)
         finally:
             connection.close()
             self._in_flight.leave(inbound.name)
+
+    def _admitted_still(self, silent: _Silent) -> InboundConfig | None:
+        """``silent``'s listener as the configuration now has it, if that still lets its address in.
+        A reload may have narrowed ``allow_from`` or removed the listener while the peer waited: its
+        address was judged at accept time, by the configuration of then."""
+        host = silent.peer.rsplit(":", 1)[0]
+        current = next((inbound for inbound in self.config.inbound if inbound.name == silent.listener.name), None)
+        if current is None:
+            self._refusals.refused(silent.listener.name, host, "its listener was removed by a reload")
+        elif not is_allowed(host, current.allow_from):
+            self._refusals.refused(current.name, host, "its address is not in allow_from")
+            self._turned_away(current.name, "address_not_allowed")
+        else:
+            return current
+        return None
 
     def _close_silent(self, now: float) -> None:
         """Close the inbound connections whose first bytes did not come by their deadline."""
