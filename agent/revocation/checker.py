@@ -46,13 +46,14 @@ from dicom_card_agent.revocation.sources import (
     source_name,
 )
 from dicom_card_agent.trust.crls import (
+    REMOVE_FROM_CRL,
     CrlStore,
     FileCrl,
     _covers,
-    _crl_signed_by,
     entry_reason,
     issuer_chain,
     name,
+    partial_crls,
     revoked_entry,
 )
 from dicom_card_agent.trust.crls import describe as _describe_now
@@ -323,12 +324,15 @@ class RevocationChecker:
             self._judged[(source.key, source.cert.serial_number)] = judged
             if judged.issued is not None:
                 self._issued[source.key] = judged.issued
-            if judged.answer.status is Status.REVOKED and judged.answer.reason != HELD_REASON:
+            if judged.answer.status is Status.REVOKED and judged.answer.reason not in (HELD_REASON, REMOVE_FROM_CRL):
                 self._revoked.setdefault(source.cert, judged.answer)
             self._failures.pop((source.key, source.cert.serial_number), None)
             self._answers_changed += 1
             self._known[source.key] = source
-            self._refresh_at[source.key] = now + lifetime * REFRESH_FRACTION
+            # An answer taken within CLOCK_SKEW past its nextUpdate has no lifetime left: the
+            # refresher asks again after the failure hold, not at once (it did so every second).
+            self._refresh_at[source.key] = now + (lifetime * REFRESH_FRACTION if lifetime > datetime.timedelta(0)
+                                                  else datetime.timedelta(seconds=FAILURE_HOLD))
         if store:
             self._cache.store(source.key, fetched.raw)
         self._wake.set()
@@ -497,9 +501,10 @@ def file_answer(cert: x509.Certificate, issuer: x509.Certificate, crls: Sequence
             return None
         unreadable = f" (not usable: {'; '.join(unusable)})" if unusable else ""
         return Answer("[trust] crl", Status.NO_ANSWER,
-                      f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}, so {describe(cert)} "
-                      "cannot be checked for revocation: add that CA's CRL")
-    genuine = [c for c in candidates if _crl_signed_by(c.crl, issuer)]
+                      f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}"
+                      f"{partial_crls(cert, crls)}, so {describe(cert)} cannot be checked for revocation: add that "
+                      "CA's CRL")
+    genuine = [c for c in candidates if c.signed_by(issuer)]
     if not genuine:
         files = ", ".join(str(c.path) for c in candidates)
         return Answer(f"CRL file {files}", Status.NO_ANSWER,

@@ -34,7 +34,17 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsag
 
 from dicom_card_agent.logline import printable
 from dicom_card_agent.revocation.decision import Answer, Status
-from dicom_card_agent.trust.crls import MAX_CRL_BYTES, _covers, _crl_signed_by, _in_scope, entry_reason, name
+from dicom_card_agent.trust.crls import (
+    MAX_CRL_BYTES,
+    _crl_signed_by,
+    _in_scope,
+    crl_number,
+    entry_reason,
+    incomplete_because,
+    listing,
+    listing_in_force,
+    name,
+)
 from dicom_card_agent.tunnel.resolver import ResolverTimeoutError, resolve_stream
 
 log = logging.getLogger("agent.revocation")
@@ -334,6 +344,9 @@ def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, ur
     if next_update is not None and next_update < now - CLOCK_SKEW:
         return no_answer(f"answered with a stale response (nextUpdate {next_update:%Y-%m-%d %H:%M} UTC has passed)",
                          issued)
+    if next_update is None and past_max_age(this_update, now, max_age):
+        return no_answer(f"answered with a stale response (made {this_update:%Y-%m-%d %H:%M} UTC, without nextUpdate, "
+                         f"more than {_age_text(max_age)} ago: [trust] revocation_max_age)", issued)
     fresh_until = min(next_update or this_update + max_age, (fetched_at or now) + max_age)
     if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
         reason = single.revocation_reason.value if single.revocation_reason else None
@@ -342,6 +355,19 @@ def judge_ocsp(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, ur
     if single.certificate_status == ocsp.OCSPCertStatus.UNKNOWN:
         return no_answer(f"does not know {name(cert.subject)} (status unknown)", issued)
     return Judged(Answer(source, Status.GOOD), fresh_until, issued)
+
+
+def past_max_age(made: datetime.datetime, now: datetime.datetime, max_age: datetime.timedelta) -> bool:
+    """Whether an answer without nextUpdate, made at ``made``, is stale at ``now``: such an answer
+    counts for ``max_age`` from when it was made, so an older one proves nothing now (it may be a
+    "good" from before the revocation, replayed). Taken anyway, it was never fresh, and was
+    fetched again every second."""
+    return made + max_age <= now
+
+
+def _age_text(age: datetime.timedelta) -> str:
+    days = age / datetime.timedelta(days=1)
+    return f"{days:g} days" if days >= 1 else f"{age.total_seconds():g} s"
 
 
 def _key_hash(cert: x509.Certificate, issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:
@@ -421,25 +447,24 @@ def judge_crl(data: bytes, cert: x509.Certificate, issuer: x509.Certificate, url
         return no_answer(f"is limited to other certificates (indirect, or of another kind) and cannot vouch for "
                          f"{name(cert.subject)}")
     next_update = crl.next_update_utc
-    issued = Issued(crl.last_update_utc, _crl_number(crl))
+    issued = Issued(crl.last_update_utc, crl_number(crl))
     if crl.last_update_utc > now + CLOCK_SKEW:
         return no_answer("was issued in the future: check this computer's clock")
     if next_update is not None and next_update < now - CLOCK_SKEW:
         return no_answer(f"expired on {next_update:%Y-%m-%d %H:%M} UTC (the CA has not published a newer one there)",
                          issued)
+    if next_update is None and past_max_age(crl.last_update_utc, now, max_age):
+        return no_answer(f"was issued on {crl.last_update_utc:%Y-%m-%d %H:%M} UTC, without nextUpdate, more than "
+                         f"{_age_text(max_age)} ago ([trust] revocation_max_age): stale", issued)
     fresh_until = min(next_update or crl.last_update_utc + max_age, (fetched_at or now) + max_age)
     revoked = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-    if revoked is not None:  # listed by the CA, in a complete CRL or a delta or partitioned one
+    # Listed by the CA, in a complete CRL or a delta or partitioned one, for any reason but
+    # removeFromCRL (a delta CRL's "released from hold": no revocation).
+    if revoked is not None and listing_in_force([listing(crl, revoked)]) is not None:
         return Judged(Answer(source, Status.REVOKED, revoked_at=revoked.revocation_date_utc,
                              reason=entry_reason(revoked)), fresh_until, issued)
-    if not _covers(crl, cert):
-        return no_answer(f"is a partial CRL (delta or limited to some reasons) and cannot vouch for "
-                         f"{name(cert.subject)}", issued)
+    incomplete = incomplete_because(crl, cert)
+    if incomplete is not None:
+        return no_answer(f"{incomplete} and cannot vouch for {name(cert.subject)} (a partial CRL: it may omit it)",
+                         issued)
     return Judged(Answer(source, Status.GOOD), fresh_until, issued)
-
-
-def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
-    try:
-        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        return None

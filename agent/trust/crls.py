@@ -31,6 +31,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from dicom_card_agent.file_trust import UnsafeFileError, check_trusted_file, existing
+from dicom_card_agent.logline import printable
 from dicom_card_agent.trust.errors import CrlError, RevokedCertificateError, TrustFileError
 
 log = logging.getLogger("agent.trust")
@@ -40,6 +41,9 @@ LOOK_INTERVAL = 2.0
 
 MAX_CRL_BYTES = 16 * 1024 * 1024
 """The most a CRL file, or an answer of a revocation source, may hold: a CRL of a big hospital PKI is a few MB."""
+
+MAX_LOOKED_UP_SERIALS = 1024
+"""Serials whose entry a CRL file keeps looked up (peers' certificates); forgotten all at once beyond."""
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
 
@@ -64,10 +68,35 @@ class FileCrl:
 
     path: Path
     crl: x509.CertificateRevocationList
+    # Issuer certificate -> whether it signed ``crl``. A file's CRLs are read anew (new FileCrl
+    # objects) when its contents change, so a result never outlives the contents it was made from.
+    _signed_by: dict[x509.Certificate, bool] = field(default_factory=dict, compare=False, repr=False)
+    _entries: dict[int, x509.RevokedCertificate | None] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def issuer(self) -> str:
         return name(self.crl.issuer)
+
+    def entry(self, serial_number: int) -> x509.RevokedCertificate | None:
+        """The CRL's entry for ``serial_number``, looked up once per serial: a look-up scans the
+        whole CRL (50 ms for one of 400,000 entries), and a peer's associations ask for the same one."""
+        try:
+            return self._entries[serial_number]
+        except KeyError:
+            pass
+        entry = self.crl.get_revoked_certificate_by_serial_number(serial_number)
+        if len(self._entries) >= MAX_LOOKED_UP_SERIALS:  # another association may be looking meanwhile:
+            self._entries.clear()  # each statement alone is atomic, and each keeps its own result
+        self._entries[serial_number] = entry
+        return entry
+
+    def signed_by(self, issuer: x509.Certificate) -> bool:
+        """Whether ``issuer`` signed this CRL, verified once per issuer: verifying hashes the whole
+        CRL (0.36 s for one of 400,000 entries, holding the GIL), which every association paid."""
+        known = self._signed_by.get(issuer)
+        if known is None:
+            known = self._signed_by[issuer] = _crl_signed_by(self.crl, issuer)
+        return known
 
     def expired(self, now: datetime.datetime) -> bool:
         next_update = self.crl.next_update_utc
@@ -190,10 +219,11 @@ def check_chain(chain: Sequence[x509.Certificate], crls: Sequence[FileCrl], now:
         if not candidates:
             if position == 0:
                 unreadable = f" (not usable: {'; '.join(unusable)})" if unusable else ""
-                raise CrlError(f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}, "
-                               f"so {describe(cert)} cannot be checked for revocation: add that CA's CRL")
+                raise CrlError(f"no CRL from {name(cert.issuer)} among the configured CRLs{unreadable}"
+                               f"{partial_crls(cert, crls)}, so {describe(cert)} cannot be checked for revocation: "
+                               "add that CA's CRL")
             continue
-        genuine = [c for c in candidates if _crl_signed_by(c.crl, issuer)]
+        genuine = [c for c in candidates if c.signed_by(issuer)]
         if not genuine:
             files = ", ".join(str(c.path) for c in candidates)
             raise CrlError(f"the CRL of {name(cert.issuer)} in {files} has an invalid signature "
@@ -219,7 +249,7 @@ def _in_scope(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bo
     """Whether an entry of ``crl`` with ``cert``'s serial is about ``cert``: the CRL is direct (an
     indirect CRL's entries may be of another issuer's certificates) and of certificates of its
     kind (not one of CA certificates only for a leaf, nor of attribute certificates). A delta CRL,
-    or one limited to some reasons, is in scope: what it lists is revoked."""
+    or one limited to some reasons or distribution point, is in scope: what it lists is revoked."""
     scope = _scope(crl)
     if scope is None:
         return True
@@ -233,31 +263,141 @@ def _in_scope(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bo
 
 
 def _covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
-    """Whether ``crl`` is a complete CRL for ``cert``, so that not being listed in it proves ``cert``
-    good: in scope, and neither a delta CRL nor one limited to some reasons (either may omit it)."""
+    """Whether ``crl`` is a complete CRL for ``cert``, so that not being listed in it proves ``cert`` good."""
+    return incomplete_because(crl, cert) is None
+
+
+def incomplete_because(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> str | None:
+    """Why not being listed in ``crl`` does not prove ``cert`` good, None when it does: out of scope,
+    a delta CRL or one limited to some reasons (either may omit it), or the CRL of a distribution
+    point that ``cert`` does not name (a partitioned CRL: ``cert`` is in another partition's)."""
     if not _in_scope(crl, cert):
-        return False
+        return "is limited to other certificates (indirect, or of another kind)"
     try:
         crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
-        return False
+        return "is a delta CRL"
     except x509.ExtensionNotFound:
         pass
     scope = _scope(crl)
-    return scope is None or not scope.only_some_reasons
+    if scope is None:
+        return None
+    if scope.only_some_reasons:
+        return "is limited to some revocation reasons"
+    crl_points = distribution_point_names(scope.full_name, scope.relative_name, crl.issuer)
+    if not same_distribution_point(crl_points, _certificate_points(cert)):
+        names = ", ".join(sorted(_general_name(n) for n in crl_points))
+        return f"is the CRL of another distribution point ({names})"
+    return None
+
+
+def partial_crls(cert: x509.Certificate, crls: Sequence[FileCrl]) -> str:
+    """For the message when no CRL of ``crls`` is complete for ``cert``: those of its issuer that are
+    not, each with why (empty when there are none)."""
+    found = [f"{crl.path} {why}" for crl in crls if crl.crl.issuer == cert.issuer
+             and (why := incomplete_because(crl.crl, cert)) is not None]
+    return f" that could vouch for it (the CRL in {'; the CRL in '.join(found)})" if found else ""
+
+
+def distribution_point_names(full_name: Sequence[x509.GeneralName] | None, relative_name: x509.RelativeDistinguishedName
+                             | None, issuer: x509.Name) -> frozenset[x509.GeneralName]:
+    """The names of a DistributionPointName: its fullName, or its nameRelativeToCRLIssuer appended
+    to ``issuer`` (RFC 5280 4.2.1.13); none when it has neither."""
+    if full_name:
+        return frozenset(full_name)
+    if relative_name is not None:
+        return frozenset([x509.DirectoryName(x509.Name([*issuer.rdns, relative_name]))])
+    return frozenset()
+
+
+def same_distribution_point(crl_points: frozenset[x509.GeneralName],
+                            certificate_points: Sequence[frozenset[x509.GeneralName]]) -> bool:
+    """RFC 5280 6.3.3 (b)(2)(i): a CRL whose IssuingDistributionPoint names a distribution point
+    covers only certificates with a distribution point sharing one of its names; one naming none
+    covers all. ``certificate_points``: the names of each of the certificate's distribution points
+    (none: a certificate without CRLDistributionPoints, which a scoped CRL cannot vouch for)."""
+    return not crl_points or any(crl_points & names for names in certificate_points)
+
+
+def _certificate_points(cert: x509.Certificate) -> list[frozenset[x509.GeneralName]]:
+    """The names of each distribution point of ``cert``: its distributionPoint, else its cRLIssuer."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except (x509.ExtensionNotFound, ValueError):  # none, or unreadable: no distribution point to match
+        return []
+    found = []
+    for point in points:
+        issuer = next((n.value for n in point.crl_issuer or () if isinstance(n, x509.DirectoryName)), cert.issuer)
+        names = distribution_point_names(point.full_name, point.relative_name, issuer)
+        found.append(names or frozenset(point.crl_issuer or ()))
+    return found
+
+
+def _general_name(general_name: x509.GeneralName) -> str:
+    value = general_name.value
+    return name(value) if isinstance(value, x509.Name) else printable(str(value))  # from a CRL file or a source
+
+
+REMOVE_FROM_CRL = "removeFromCRL"
+"""RFC 5280 5.3.1: in a delta CRL, a certificate released from hold (or expired): no revocation."""
+CERTIFICATE_HOLD = "certificateHold"
+"""The one revocation a CA may lift, by a later CRL with a removeFromCRL entry or without the entry."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """One CRL's entry for a certificate, as :func:`listing_in_force` weighs it."""
+
+    number: int | None  # the CRL's CRLNumber
+    issued: datetime.datetime  # the CRL's thisUpdate
+    reason: str | None  # the entry's CRLReason
+
+    def after(self, other: Listing) -> bool:
+        """Whether this CRL was made after ``other``'s: a higher CRLNumber, or without numbers, a later date."""
+        if self.number is not None and other.number is not None:
+            return self.number > other.number
+        return self.issued > other.issued
+
+
+def listing_in_force(listings: Sequence[Listing]) -> int | None:
+    """The index of the first listing that revokes the certificate now, None when none does: a
+    removeFromCRL entry revokes nothing, and a certificateHold is lifted by a removeFromCRL entry of
+    a later CRL (a delta CRL releasing the hold)."""
+    releases = [listing for listing in listings if listing.reason == REMOVE_FROM_CRL]
+    for index, listing in enumerate(listings):
+        if listing.reason == REMOVE_FROM_CRL:
+            continue
+        if listing.reason == CERTIFICATE_HOLD and any(release.after(listing) for release in releases):
+            continue
+        return index
+    return None
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def listing(crl: x509.CertificateRevocationList, entry: x509.RevokedCertificate) -> Listing:
+    return Listing(crl_number(crl), crl.last_update_utc, entry_reason(entry))
 
 
 def revoked_entry(cert: x509.Certificate, issuer: x509.Certificate,
                   crls: Sequence[FileCrl]) -> tuple[FileCrl, x509.RevokedCertificate] | None:
-    """The first CRL of ``crls`` that is of ``cert``'s issuer, signed by ``issuer``, in scope for
-    ``cert`` and lists it, with its entry. Complete or not: a delta or partitioned CRL cannot prove
-    a certificate good, but a certificate the CA lists in one is revoked all the same."""
+    """The first entry, among the CRLs of ``crls`` that are of ``cert``'s issuer, signed by ``issuer``
+    and in scope for ``cert``, that revokes it (:func:`listing_in_force`), with its CRL. Complete or
+    not: a delta or partitioned CRL cannot prove a certificate good, but a certificate the CA lists
+    in one is revoked all the same."""
+    found: list[tuple[FileCrl, x509.RevokedCertificate]] = []
     for crl in crls:
         if crl.crl.issuer != cert.issuer or not _in_scope(crl.crl, cert):
             continue
-        entry = crl.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-        if entry is not None and _crl_signed_by(crl.crl, issuer):
-            return crl, entry
-    return None
+        entry = crl.entry(cert.serial_number)
+        if entry is not None and crl.signed_by(issuer):
+            found.append((crl, entry))
+    index = listing_in_force([listing(crl.crl, entry) for crl, entry in found])
+    return None if index is None else found[index]
 
 
 def entry_reason(entry: x509.RevokedCertificate) -> str | None:
