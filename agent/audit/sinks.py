@@ -1,7 +1,8 @@
 """Where audit messages go: an append-only local file, and an audit repository (syslog-TLS or RELP).
 
 :class:`FileSink` appends one XML message per line (file 0600, its directory created 0700) and
-fsyncs each; a write the disk refuses half-way is cut back, so the file never holds half a line.
+fsyncs each write (one for all the messages of a card session's report); a write the disk refuses
+half-way is cut back, so the file never holds half a line.
 It follows a rotation by renaming (logrotate ``create``, with or without ``compress``): a message
 goes to the file its path names at that moment, never to a renamed or removed one.
 Its directory must be the agent's user's own (or root's) and writable by neither group nor others
@@ -53,6 +54,7 @@ import ssl
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_card_agent.audit.config import SyslogConfig
@@ -150,20 +152,28 @@ class FileSink:
     def write(self, xml: bytes) -> None:
         """Append one message and fsync; ``OSError`` if the disk refuses, :class:`AuditError` if
         the file was rotated away and a new one cannot be opened."""
-        if b"\n" in xml:
+        self.write_all([xml])
+
+    def write_all(self, messages: Sequence[bytes]) -> None:
+        """Append ``messages``, one a line, with one write and one fsync (a card session's report
+        holds up to ~100: an fsync each took longer than an ending card session has to report).
+        All or none: on failure the file is cut back to where it was, not one of them is in it."""
+        if any(b"\n" in xml for xml in messages):
             raise ValueError("an audit message for the file must be a single line")
-        line = xml + b"\n"
+        if not messages:
+            return
+        lines = b"".join(xml + b"\n" for xml in messages)
         with self._lock:
             if self._fd < 0:
                 raise AuditError(f"the audit file {self.path} is closed")
             if not self._holds_path():
                 self._reopen()
-            self._append(line)
+            self._append(lines)
             if not self._holds_path():
-                # Rotated while we wrote: the line may be in a file that is being compressed and
-                # removed. Write it to the new file too: a rare duplicate, never a lost message.
+                # Rotated while we wrote: the lines may be in a file that is being compressed and
+                # removed. Write them to the new file too: rare duplicates, never a lost message.
                 self._reopen()
-                self._append(line)
+                self._append(lines)
 
     def _holds_path(self) -> bool:
         """Whether ``path`` still names the open file (not renamed away, removed or replaced)."""
@@ -190,16 +200,16 @@ class FileSink:
         log.info("audit: the audit file %s was renamed or removed (rotated); messages go to a new file there",
                  self.path)
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, lines: bytes) -> None:
         size = os.fstat(self._fd).st_size
         try:
-            view = memoryview(line)
+            view = memoryview(lines)
             while view:
                 view = view[os.write(self._fd, view):]
             os.fsync(self._fd)
         except OSError:
-            # A full disk can take part of the line: cut it back, so that the line written
-            # once space returns is the only copy and the file stays one message per line.
+            # A full disk can take part of the lines: cut them back, so that the lines written
+            # once space returns are the only copy and the file stays one message per line.
             try:
                 os.ftruncate(self._fd, size)
             except OSError:
@@ -308,11 +318,15 @@ class RepositorySink:
 
     def submit(self, message: bytes) -> None:
         """Queue one RFC 5424 message durably (:class:`AuditSpoolError` if the disk refuses)."""
+        self.submit_all([message])
+
+    def submit_all(self, messages: Sequence[bytes]) -> None:
+        """Queue ``messages`` durably, in order, all or none (:meth:`Spool.append_all`)."""
         with self._condition:
             if self._stopping:
                 raise AuditError("the audit repository sink is closed")
-            self.spool.append(message)
-            self._submitted += 1
+            self.spool.append_all(messages)
+            self._submitted += len(messages)
             self._condition.notify_all()
         self._wake()
 

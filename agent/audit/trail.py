@@ -6,6 +6,9 @@ come in through :meth:`AuditTrail.record_dict`.
 
 ``record`` renders the message once, appends it to the local file (fsynced) and to the spool of
 the repository sender (fsynced), and returns: it does disk I/O but never waits for the network.
+``record_all`` does the same for the several events of one card session's report with one fsync
+of the file and one of the spool's directory for all of them: an fsync each made an ending card
+session's last reports take longer than it has to send them (agent/session/worker.py END_GRACE_SECONDS).
 
 When a sink cannot take a message (disk full), ``[audit] on_failure`` decides:
 
@@ -29,6 +32,7 @@ import os
 import socket
 import threading
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +49,7 @@ log = logging.getLogger("agent.audit")
 
 FREE_SPACE_RESERVE = 1024 * 1024  # bytes a sink's file system must keep free under on_failure = "refuse"
 FREE_INODES_RESERVE = 16  # the spool needs one file per waiting message
+SinkOutcome = Literal["written", "kept", "lost"]  # what became of one message at one sink
 BACKLOG_LIMIT = 100_000  # messages kept in memory per sink while it fails (refuse): ~ days of refusals
 RESTART_REMEDY = "restart the agent"  # ends the refusal of a trail that cannot record the reports
 WHY_LIMIT = 200  # characters of an error in not_recorded's messages (it may quote a peer's value)
@@ -102,33 +107,74 @@ class AuditTrail:
 
     def record(self, event: AuditEvent) -> bool:
         """Write ``event`` to every sink; ``True`` if all took it (failures are logged)."""
+        return self.record_all([event])
+
+    def record_all(self, events: Sequence[AuditEvent]) -> bool:
+        """Write ``events`` to every sink, in order, with one durable write per sink for all of
+        them (one card session's report: up to ~100 records); ``True`` if all sinks took all of
+        them. When it returns, each is in the file and the spool as :meth:`record` leaves it. A
+        sink that refuses the batch gets the events one at a time, as :meth:`record` would: each
+        is counted (``failures``, ``lost``) and logged as if recorded on its own."""
         if self._closed:
             raise AuditError("the audit trail is closed")
-        xml = render(event, self.source)
-        with self._lock:
-            outcomes = []
-            if self.file is not None:
-                outcomes.append(self._write(self._file_backlog, xml, event))
-            if self.repository is not None:
-                self._sequence = self._sequence % MAX_SEQUENCE_ID + 1
-                severity = SEVERITY_WARNING if event.kind is EventKind.SECURITY_ALERT else SEVERITY_NOTICE
-                message = format_message(xml, time=event.time, hostname=self.hostname, procid=event.agent_pid,
-                                         severity=severity, sequence=self._sequence)
-                outcomes.append(self._write(self._spool_backlog, message, event))
-            if "lost" in outcomes:  # counted once per event, however many sinks missed it
-                self.lost += 1
-            ok = all(outcome == "written" for outcome in outcomes)
-            if not ok:
-                self.failures += 1
-            return ok
+        rendered: list[bytes] = []
+        try:
+            for event in events:
+                rendered.append(render(event, self.source))
+        except Exception:  # those before the one that cannot be rendered are recorded, as by one record() each
+            self._record_rendered(events[:len(rendered)], rendered)
+            raise
+        return self._record_rendered(events, rendered)
 
-    def _write(self, backlog: _Backlog, message: bytes, event: AuditEvent) -> Literal["written", "kept", "lost"]:
+    def _record_rendered(self, events: Sequence[AuditEvent], rendered: list[bytes]) -> bool:
+        if not events:
+            return True
+        with self._lock:
+            by_sink: list[list[SinkOutcome]] = []  # for each sink, what became of each event
+            if self.file is not None:
+                by_sink.append(self._write_all(self._file_backlog, rendered, events))
+            if self.repository is not None:
+                messages = [self._syslog_message(xml, event) for xml, event in zip(rendered, events, strict=True)]
+                by_sink.append(self._write_all(self._spool_backlog, messages, events))
+            outcomes = list(zip(*by_sink, strict=True))  # for each event, what became of it at each sink
+            for taken in outcomes:
+                if "lost" in taken:  # counted once per event, however many sinks missed it
+                    self.lost += 1
+                if not all(outcome == "written" for outcome in taken):
+                    self.failures += 1
+            return all(outcome == "written" for taken in outcomes for outcome in taken)
+
+    def _syslog_message(self, xml: bytes, event: AuditEvent) -> bytes:
+        self._sequence = self._sequence % MAX_SEQUENCE_ID + 1
+        severity = SEVERITY_WARNING if event.kind is EventKind.SECURITY_ALERT else SEVERITY_NOTICE
+        return format_message(xml, time=event.time, hostname=self.hostname, procid=event.agent_pid,
+                              severity=severity, sequence=self._sequence)
+
+    def _write_all(self, backlog: _Backlog, messages: list[bytes], events: Sequence[AuditEvent]) -> list[SinkOutcome]:
+        """Write ``messages`` (of ``events``) to the sink of ``backlog`` at once; if it refuses
+        them, one at a time, as :meth:`_write` writes one."""
+        if len(messages) > 1 and not self._waiting(backlog):
+            try:
+                self._put_all(backlog, messages)
+                return ["written"] * len(messages)
+            except (OSError, AuditError):
+                pass  # none of them was taken (all or none): each is tried, counted and logged on its own below
+        return [self._write(backlog, message, event) for message, event in zip(messages, events, strict=True)]
+
+    def _waiting(self, backlog: _Backlog) -> bool:
+        """Under ``on_failure = "refuse"``, write what ``backlog`` holds first; whether some of it
+        still waits (new messages then wait behind it)."""
+        if self.refuses:
+            self._retry(backlog)
+        return bool(backlog.messages)
+
+    def _write(self, backlog: _Backlog, message: bytes, event: AuditEvent) -> SinkOutcome:
         if self.refuses:
             self._retry(backlog)
             if backlog.messages:  # still failing: keep this one behind the others
                 return self._keep(backlog, message)
         try:
-            self._put(backlog, message)
+            self._put_all(backlog, [message])
             return "written"
         except (OSError, AuditError) as error:
             reason = self._describe(backlog, error)
@@ -145,13 +191,13 @@ class AuditTrail:
                 log.error("audit: %s; event %s not queued for the audit repository", reason, event.kind.value)
             return "lost"
 
-    def _put(self, backlog: _Backlog, message: bytes) -> None:
+    def _put_all(self, backlog: _Backlog, messages: Sequence[bytes]) -> None:
         if backlog is self._file_backlog:
             assert self.file is not None
-            self.file.write(message)
+            self.file.write_all(messages)
         else:
             assert self.repository is not None
-            self.repository.submit(message)
+            self.repository.submit_all(messages)
 
     def _describe(self, backlog: _Backlog, error: BaseException) -> str:
         if backlog is self._file_backlog and isinstance(error, OSError):
@@ -175,7 +221,7 @@ class AuditTrail:
         written = 0
         try:
             while backlog.messages:
-                self._put(backlog, backlog.messages[0])
+                self._put_all(backlog, [backlog.messages[0]])
                 backlog.messages.popleft()
                 written += 1
         except (OSError, AuditError) as error:

@@ -99,6 +99,11 @@ class AuditRecorder:
         if self.trail is not None:
             self.trail.record(event)
 
+    def record_all(self, events: list[AuditEvent]) -> None:
+        """The records of one report, with one durable write per sink (AuditTrail.record_all)."""
+        if self.trail is not None and events:
+            self.trail.record_all(events)
+
     def close(self) -> None:
         if self.trail is not None:
             self.trail.close()
@@ -264,14 +269,20 @@ class AuditRecorder:
         for instance in fields["instances"]:
             from_remote = instance.get("from_remote", inbound)
             groups.setdefault((from_remote, instance["patient_id"], instance["patient_name"]), []).append(instance)
-        for (from_remote, patient_id, patient_name), seen in groups.items():
-            failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
-            self.record(AuditEvent.instances_transferred(
-                **self._association(fields, user), patient_id=patient_id, patient_name=patient_name,
-                instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"], i["study_uid"]) for i in seen],
-                direction=Direction.FROM_REMOTE if from_remote else Direction.TO_REMOTE,
-                outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
-                reason=note(f"{failed} of {len(seen)} not stored" if failed else "")))
+        events: list[AuditEvent] = []
+        try:
+            for (from_remote, patient_id, patient_name), seen in groups.items():
+                failed = sum(1 for i in seen if i["status"] not in STORED_STATUSES)
+                events.append(AuditEvent.instances_transferred(
+                    **self._association(fields, user), patient_id=patient_id, patient_name=patient_name,
+                    instances=[Instance(i["sop_class_uid"], i["sop_instance_uid"], i["study_uid"]) for i in seen],
+                    direction=Direction.FROM_REMOTE if from_remote else Direction.TO_REMOTE,
+                    outcome=Outcome.MINOR_FAILURE if failed else Outcome.SUCCESS,
+                    reason=note(f"{failed} of {len(seen)} not stored" if failed else "")))
+        finally:
+            # One durable write for all (an ending card session has END_GRACE_SECONDS to send its
+            # reports); those made before a field this code cannot read are recorded all the same.
+            self.record_all(events)
 
     def _association(self, fields: dict[str, Any], user: User | None) -> dict[str, Any]:
         return {"tunnel": fields["tunnel"], "remote": _node(fields["remote"], fields.get("remote_subject", "")),
