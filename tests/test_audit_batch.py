@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,16 +27,14 @@ from typing import Any
 
 import pytest
 
-from agent_runner import ANY_SOFTHSM_TOKEN, agent_status, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki
 from dicom_card_agent.audit.config import AuditConfig, SyslogConfig
 from dicom_card_agent.audit.events import AuditEvent, Instance, RemoteNode, User
 from dicom_card_agent.audit.trail import AuditTrail
 from dicom_card_agent.session.audit import AuditRecorder
-from fault_pkcs11 import FaultControl
 from peers.ports import LOOPBACK, free_port
 from test_audit_failure import fill, small_tmpfs
-from test_concurrent_reports import SIGNED_IN, SilentPacs, associated, instance_with_patient
+from test_concurrent_reports import alice_swapped_with_reports_due
 
 ALICE = User("CN=Alice Example,O=Example Hospital", "CN=Example Issuing CA", "alice", "8a3f0c1d")
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -164,35 +161,7 @@ def test_reports_still_due_when_a_card_is_swapped_are_all_recorded(
     each (a patient each) unanswered when alice's card is swapped for bob's. With an fsync a record
     the supervisor recorded about 4,000 of the 8,000 in the time her ending card session had; with
     one a report, all of them (here: 8,000 of 8,000), and both Association Ends."""
-    audit_file = tmp_path / "audit" / "audit.log"
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    pacs = SilentPacs(test_pki)
-    try:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token=ANY_SOFTHSM_TOKEN,
-                           module=str(fault_module), env=card.env(), audit={"file": str(audit_file)}) as agent:
-            agent.wait_for_log(SIGNED_IN)
-            applications = [associated(agent.port(), f"ALICEAPP{number}") for number in range(2)]
-            sent = 0
-            for number, application in enumerate(applications):
-                messages = b"".join(instance_with_patient(index + 1, f"1.{number}.{index}",
-                                                          f"ALICEPAT-{number}-{index}") for index in range(4000))
-                application.sendall(messages)
-                sent += len(messages)
-            wait_for(lambda: pacs.received >= sent, timeout=60)
-            card.show("bob")
-            agent.wait_for_log('event=sign-in subject="CN=Bob Example', timeout=60)
-            recorded = lambda: audit_file.read_bytes().count(b"ALICEPAT-")  # noqa: E731
-            settled = -1
-            while recorded() != settled:  # the supervisor records what reached it, after the Logout too
-                settled = recorded()
-                time.sleep(1.0)
-            audit = agent_status(tmp_path / "agent", test_pki.env(**card.env()))["audit"]
-            for application in applications:
-                application.close()
-    finally:
-        pacs.close()
-    lines = audit_file.read_bytes().splitlines()
+    lines, audit, _ = alice_swapped_with_reports_due(test_pki, tmp_path, fault_module)
     alices = [line for line in lines if b"ALICEPAT-" in line]
     ends = sum(b"ASSOCIATION-END" in line and b"ALICEAPP" in line for line in lines)
     assert all(b"Alice Example" in line for line in alices)

@@ -20,6 +20,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -189,14 +190,11 @@ def instance_with_patient(message_id: int, uid: str, patient_id: str) -> bytes:
     return c_store(message_id, uid, implicit(dataset))
 
 
-def test_reports_still_due_when_a_card_is_swapped_are_recorded_as_its_user_or_counted_lost(
-        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
-    """Two of alice's applications have 4,000 C-STOREs each (a patient each) unanswered at a PACS
-    when her card is swapped for bob's: at her session's end its relays report them, 8,000 audit
-    records with an fsync each, longer than an ending card session has. Those recorded after her
-    Logout named no user (and would have named bob after his Login), and those her card session
-    had no time to send were lost without a word: 4,000 of 8,000 records and both Association
-    Ends, with `status` counting no loss (a reviewer)."""
+def alice_swapped_with_reports_due(test_pki: ProvisionedPki, tmp_path: Path,
+                                   fault_module: Path) -> tuple[list[bytes], dict[str, Any], str]:
+    """Two of alice's applications with 4,000 C-STOREs each (a patient each) unanswered at a PACS
+    when her card is swapped for bob's; once the supervisor recorded all that reached it: the
+    audit file's lines, `status`'s audit counts and the agent's log."""
     audit_file = tmp_path / "audit" / "audit.log"
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
@@ -226,7 +224,18 @@ def test_reports_still_due_when_a_card_is_swapped_are_recorded_as_its_user_or_co
                 application.close()
     finally:
         pacs.close()
-    lines = audit_file.read_bytes().splitlines()
+    return audit_file.read_bytes().splitlines(), audit, log
+
+
+def test_reports_still_due_when_a_card_is_swapped_are_recorded_as_its_user_or_counted_lost(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """Two of alice's applications have 4,000 C-STOREs each (a patient each) unanswered at a PACS
+    when her card is swapped for bob's: at her session's end its relays report them, 8,000 audit
+    records with an fsync each, longer than an ending card session has. Those recorded after her
+    Logout named no user (and would have named bob after his Login), and those her card session
+    had no time to send were lost without a word: 4,000 of 8,000 records and both Association
+    Ends, with `status` counting no loss (a reviewer)."""
+    lines, audit, log = alice_swapped_with_reports_due(test_pki, tmp_path, fault_module)
     alices = [line for line in lines if b"ALICEPAT-" in line]
     assert alices and all(b"Alice Example" in line for line in alices), \
         [line[:400] for line in alices if b"Alice Example" not in line][:2]
