@@ -165,7 +165,8 @@ def test_reports_still_due_when_a_card_is_swapped_are_all_recorded(
     alices = [line for line in lines if b"ALICEPAT-" in line]
     ends = sum(b"ASSOCIATION-END" in line and b"ALICEAPP" in line for line in lines)
     assert all(b"Alice Example" in line for line in alices)
-    # A loaded machine may still lose a few; the old code lost about half, on any machine.
-    assert len(alices) >= 7600, (len(alices), ends, audit)
+    # A loaded machine may still lose some (7,500 in a full run beside other work); the old code
+    # recorded 1,300 to 4,800 of them (four runs).
+    assert len(alices) >= 6000, (len(alices), ends, audit)
     if len(alices) < 8000 or ends < 2:
         assert audit["lost"] >= 1, (len(alices), ends, audit)

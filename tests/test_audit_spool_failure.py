@@ -75,7 +75,10 @@ def test_a_delivered_message_the_spool_cannot_remove_pauses_delivery_and_loses_n
             agent.process.send_signal(signal.SIGHUP)  # one more event, recorded once the spool works again
             agent.wait_for_log("confirms messages again", timeout=20)
             wait_for(lambda: not list(spool.glob("*.msg")), 20)
-            after = status_as(USER, pki, config).stdout
+            # a message's file goes a moment before the sender counts it delivered
+            deadline = time.monotonic() + 10
+            while "0 waiting" not in (after := status_as(USER, pki, config).stdout) and time.monotonic() < deadline:
+                time.sleep(0.2)
             log = agent.log()
         local = local_messages(audit_file)
         repository.wait_for_messages(len(local))
