@@ -265,11 +265,24 @@ def unusable_reason(config: AgentConfig, module: LoadedModule, token: Token) -> 
     return None
 
 
-def log_signed_in(signed_in: SignedIn, module: LoadedModule) -> None:
-    """The card-session process logged in and serves: say so. A stored PIN (env:, file:) that went to
-    this card is then known to be its card's: it may go to it again (:class:`StoredPinUse`)."""
+# What the card-session process tells the supervisor as soon as its login succeeded (and the key
+# check after it), before it makes its TLS contexts: the card accepted the PIN, whatever fails next.
+LOGIN_ACCEPTED = "login-accepted"
+
+
+def login_accepted(signed_in: SignedIn) -> None:
+    """The card accepted the PIN of ``signed_in`` (its card-session process said :data:`LOGIN_ACCEPTED`):
+    a stored PIN (env:, file:) that went to this card is known to be its card's, and may go to it
+    again (:class:`StoredPinUse`), even when the session then fails to start (pcscd restarted, an
+    upgrade): that failure is no wrong PIN, and no reason to withhold it until the agent restarts."""
     identity = signed_in.identity
     STORED_PIN_USE.accepted_by(CardName(identity.token_label, identity.token_serial))
+
+
+def log_signed_in(signed_in: SignedIn, module: LoadedModule) -> None:
+    """The card-session process logged in and serves: say so (the stored PIN is its card's: :func:`login_accepted`)."""
+    identity = signed_in.identity
+    login_accepted(signed_in)
     log.info("signed in: %s (issuer %s) on token %r serial %s, %s %d, module %s (profile %s)", identity.subject,
              identity.certificate.issuer.rfc4514_string(), identity.token_label, identity.token_serial,
              identity.key_type.upper(), identity.key_size, module.path, module.profile.name)

@@ -21,7 +21,13 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.revocation.peer import CardRevokedError
 from dicom_card_agent.session import channel as messages
-from dicom_card_agent.session.identity import OPENSSL_CONF_NAME, SignedIn, new_session_directory
+from dicom_card_agent.session.identity import (
+    LOGIN_ACCEPTED,
+    OPENSSL_CONF_NAME,
+    SignedIn,
+    login_accepted,
+    new_session_directory,
+)
 from dicom_card_agent.session.probe import CardInUseError, FoundCard, ProbeRequest
 from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.token.module import LoadedModule
@@ -258,6 +264,9 @@ class CardSession:
             self._refuse_if_traced()
         # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
         reply = self._ask(self.channel, start, secrets)
+        if reply is not None and reply.get("type") == LOGIN_ACCEPTED:  # the card took the PIN; "ready" or an error next
+            login_accepted(self.signed_in)
+            reply = self._ask(self.channel, None)
         if reply is None or reply.get("type") != "ready":
             raise self._refused(reply, "the card-session process could not start")
         self._lease_channel = socket.socket(fileno=os.dup(self.channel.fileno()))
@@ -275,12 +284,14 @@ class CardSession:
             self.end("traced")
             raise CardSessionError(f"{refusal}: the PIN is not sent")
 
-    def _ask(self, channel: socket.socket, message: dict[str, Any], secrets: Sequence[Secret] = (), *,
+    def _ask(self, channel: socket.socket, message: dict[str, Any] | None, secrets: Sequence[Secret] = (), *,
              limit: int = messages.MAX_MESSAGE) -> dict[str, Any] | None:
-        """Send ``message`` (and ``secrets``) and wait for the answer; an error answer when none comes."""
+        """Send ``message`` (and ``secrets``; None: nothing, the process has more to say) and wait
+        for the answer; an error answer when none comes."""
         channel.settimeout(START_TIMEOUT_SECONDS)
         try:
-            messages.send(channel, message)
+            if message is not None:
+                messages.send(channel, message)
             for secret in secrets:
                 messages.send_secret(channel, secret)
             reply, _ = messages.receive(channel, limit)

@@ -61,7 +61,7 @@ from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.revocation.checker import RevocationChecker
 from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, checker_for
 from dicom_card_agent.session import channel as messages
-from dicom_card_agent.session.identity import check_key_after_login
+from dicom_card_agent.session.identity import LOGIN_ACCEPTED, check_key_after_login
 from dicom_card_agent.session.orphan import SupervisorWatch
 from dicom_card_agent.session.probe import CardInUseError, Probed, ProbeRequest, probe
 from dicom_card_agent.session.retune import ContextKey, NeedsNewSessionError, Retuner, context_key
@@ -356,6 +356,9 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     try:
         config = messages.received_config(start)  # the supervisor's: this process never reads the file
         _login_sessions.append(_log_in(probed, start, config, pin))
+        # Said before anything else can fail: a stored PIN the card accepted must not be withheld
+        # from it as a wrong one when the TLS contexts cannot be made (pcscd restarted meanwhile).
+        messages.send(channel, {"type": LOGIN_ACCEPTED})
         runtimes, retuner = _start(start, config, pin, node_pins, report, probed.module)
     except (LoginError, ConfigError) as error:
         messages.send(channel, messages.login_error_message(error))

@@ -171,15 +171,16 @@ class StoredPinUse:
     process. Nobody sees whose card is in the reader before the PIN goes, and each wrong try spends
     one of that card's few: so the PIN goes to one card only, the first it goes to (the only card
     there), unless [identity] token names the cards it is for (a ``pkcs11:`` URI may name several:
-    the admin's choice), and to none again after a try that did not end signed in. The supervisor
-    cannot tell a wrong PIN from a card pulled, or a card-session process lost, before the login's
-    answer: either way that try is the last. Decisions only: the caller says what happened
-    (:meth:`given_to`, :meth:`accepted_by`)."""
+    the admin's choice), and to none again after a try the card was not reported to accept. The
+    supervisor cannot tell a wrong PIN from a card pulled, or a card-session process lost, before the
+    login's answer: either way that try is the last. A failure after the card accepted it (the
+    session's start, once logged in) withholds nothing. Decisions only: the caller says what
+    happened (:meth:`given_to`, :meth:`accepted_by`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._card: CardName | None = None  # the card the PIN went to first: its card
-        self._unanswered = False  # it went to its card, and that sign-in has not been reported signed in
+        self._unanswered = False  # it went to its card, and the card has not been reported to accept it
 
     @property
     def card(self) -> CardName | None:
@@ -205,7 +206,8 @@ class StoredPinUse:
             self._card, self._unanswered = card, True
 
     def accepted_by(self, card: CardName) -> None:
-        """``card`` signed in with the PIN: it goes to that card again (a re-insertion, a lost session)."""
+        """``card`` accepted the PIN (its login succeeded, whatever failed after): it goes to that card
+        again (a re-insertion, a lost session, a start that failed after the login)."""
         with self._lock:
             if card == self._card:
                 self._unanswered = False
