@@ -59,6 +59,14 @@ def provision(directory: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_card_agent("softhsm", "init", directory, *extra, env=env, check=True)
 
 
+def provisioned(directory: Path, *extra: str) -> ProvisionedPki:
+    """A test PKI and its tokens made in ``directory`` (:func:`provision`), as a :class:`ProvisionedPki`."""
+    result = provision(directory, *extra)
+    export = result.stdout.strip().splitlines()[-1]
+    assert export.startswith("export SOFTHSM2_CONF="), result.stdout
+    return ProvisionedPki(directory, Path(export.partition("=")[2]))
+
+
 def make_token(directory: Path, test_pki: ProvisionedPki, label: str, key_type: str, common_name: str, *,
                server_auth: bool = False) -> ProvisionedPki:
     """One more SoftHSM token, alone in ``directory`` (tests/helpers/make_token.py), with the test
@@ -114,7 +122,4 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> ProvisionedPki:
     directory = tmp_path_factory.mktemp("card-agent-pki")
     # The certificates name an OCSP responder and CRL on this port; tests start the responder there
     # (test_revocation.py), others find nobody listening: pytest sessions side by side must not meet.
-    result = provision(directory, "--revocation-port", str(free_port()))
-    export = result.stdout.strip().splitlines()[-1]
-    assert export.startswith("export SOFTHSM2_CONF="), result.stdout
-    return ProvisionedPki(directory, Path(export.partition("=")[2]))
+    return provisioned(directory, "--revocation-port", str(free_port()))

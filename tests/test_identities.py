@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HELPERS, USER_PIN, ProvisionedPki, provision, run_card_agent
+from conftest import HELPERS, USER_PIN, ProvisionedPki, provisioned, run_card_agent
 
 
 def identities_json(test_pki: ProvisionedPki, *args: str | Path, **env: str) -> dict[str, dict]:
@@ -97,8 +97,7 @@ def test_unknown_token_lists_the_tokens_present(test_pki: ProvisionedPki) -> Non
 
 def test_tokens_lists_label_serial_manufacturer_model_and_pin_state(tmp_path: Path) -> None:
     # tokens of its own: the shared ones' PIN state is what earlier tests on this worker left ("count-low")
-    result = provision(tmp_path)
-    test_pki = ProvisionedPki(tmp_path, Path(result.stdout.strip().splitlines()[-1].partition("=")[2]))
+    test_pki = provisioned(tmp_path)
     text = run_card_agent("tokens", env=test_pki.env(), check=True).stdout
     assert "profile softhsm2" in text
     alice = next(line for line in text.splitlines() if " alice " in line)

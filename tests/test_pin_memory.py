@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent_runner import WITHOUT_PTRACE, running_agent, tunnel, wait_for
-from conftest import HELPERS, USER_PIN, ProvisionedPki, provision, run_card_agent
+from conftest import HELPERS, USER_PIN, ProvisionedPki, provisioned, run_card_agent
 from peers.ports import free_port
 from peers.pynetdicom_scp import associate, tls_scp
 
@@ -28,15 +28,14 @@ VERIFICATION = "1.2.840.10008.1.1"
 @pytest.fixture
 def private_pki(tmp_path: Path) -> ProvisionedPki:
     """Tokens of this test alone, alice's user PIN changed to PIN."""
-    result = provision(tmp_path / "pki")
-    conf = Path(result.stdout.strip().splitlines()[-1].partition("=")[2])
+    pki = provisioned(tmp_path / "pki")
     subprocess.run([sys.executable, "-c", (
         "from dicom_card_agent.token.module import load_module; "
         "from dicom_card_agent.token.discovery import find_token\n"
         "token = find_token(load_module('softhsm2'), 'alice')\n"
         f"with token.open(rw=True, user_pin={USER_PIN!r}) as s: s.set_pin({USER_PIN!r}, {PIN!r})")],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, timeout=60)
-    return ProvisionedPki(tmp_path / "pki", conf)
+        env={**os.environ, "SOFTHSM2_CONF": str(pki.softhsm_conf)}, check=True, timeout=60)
+    return pki
 
 
 def scripted_pinentry(directory: Path) -> tuple[Path, Path]:

@@ -164,15 +164,14 @@ class AuditTrail:
     def _waiting(self, backlog: _Backlog) -> bool:
         """Under ``on_failure = "refuse"``, write what ``backlog`` holds first; whether some of it
         still waits (new messages then wait behind it)."""
-        if self.refuses:
-            self._retry(backlog)
+        if not self.refuses:
+            return False
+        self._retry(backlog)
         return bool(backlog.messages)
 
     def _write(self, backlog: _Backlog, message: bytes, event: AuditEvent) -> SinkOutcome:
-        if self.refuses:
-            self._retry(backlog)
-            if backlog.messages:  # still failing: keep this one behind the others
-                return self._keep(backlog, message)
+        if self._waiting(backlog):  # still failing: keep this one behind the others
+            return self._keep(backlog, message)
         try:
             self._put_all(backlog, [message])
             return "written"

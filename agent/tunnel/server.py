@@ -473,11 +473,9 @@ class Listeners:
         except OSError:
             connection.close()
             return False
-        if not is_allowed(host, inbound.allow_from):
+        if not self._allows(inbound, host):
             # Closed here, in the supervisor: a stranger costs no TLS, and never a card signature.
             connection.close()
-            self._refusals.refused(inbound.name, host, "its address is not in allow_from")
-            self._turned_away(inbound.name, "address_not_allowed")
             return False
         if self._turn_away(inbound, connection, f"{host}:{port}", dispatch=False):
             return False
@@ -540,12 +538,16 @@ class Listeners:
         current = next((inbound for inbound in self.config.inbound if inbound.name == silent.listener.name), None)
         if current is None:
             self._refusals.refused(silent.listener.name, host, "its listener was removed by a reload")
-        elif not is_allowed(host, current.allow_from):
-            self._refusals.refused(current.name, host, "its address is not in allow_from")
-            self._turned_away(current.name, "address_not_allowed")
-        else:
-            return current
-        return None
+            return None
+        return current if self._allows(current, host) else None
+
+    def _allows(self, inbound: InboundConfig, host: str) -> bool:
+        """Whether ``inbound``'s allow_from lets ``host`` in; a refusal is logged and counted."""
+        if is_allowed(host, inbound.allow_from):
+            return True
+        self._refusals.refused(inbound.name, host, "its address is not in allow_from")
+        self._turned_away(inbound.name, "address_not_allowed")
+        return False
 
     def _close_silent(self, now: float) -> None:
         """Close the inbound connections whose first bytes did not come by their deadline."""
