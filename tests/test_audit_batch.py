@@ -155,6 +155,8 @@ def test_a_batch_the_full_disk_takes_part_of_leaves_whole_lines_and_counts_each_
     assert sum("not queued for the audit repository" in e for e in errors) == 5, errors
 
 
+# 8,000 C-STOREs and their audit records each: two at once on two workers starve each other
+@pytest.mark.xdist_group("thousands-of-reports")
 def test_reports_still_due_when_a_card_is_swapped_are_all_recorded(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     """As tests/test_concurrent_reports.py's swap, stricter: two applications with 4,000 C-STOREs

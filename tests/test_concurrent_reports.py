@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.dataset import Dataset
 
 from agent_runner import ANY_SOFTHSM_TOKEN, accept_for, agent_status, associate_rq, running_agent, tunnel, wait_for
@@ -227,6 +228,8 @@ def alice_swapped_with_reports_due(test_pki: ProvisionedPki, tmp_path: Path,
     return audit_file.read_bytes().splitlines(), audit, log
 
 
+# 8,000 C-STOREs and their audit records each: two at once on two workers starve each other
+@pytest.mark.xdist_group("thousands-of-reports")
 def test_reports_still_due_when_a_card_is_swapped_are_recorded_as_its_user_or_counted_lost(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     """Two of alice's applications have 4,000 C-STOREs each (a patient each) unanswered at a PACS
