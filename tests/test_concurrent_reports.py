@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -191,18 +192,22 @@ def instance_with_patient(message_id: int, uid: str, patient_id: str) -> bytes:
     return c_store(message_id, uid, implicit(dataset))
 
 
-def alice_swapped_with_reports_due(test_pki: ProvisionedPki, tmp_path: Path,
-                                   fault_module: Path) -> tuple[list[bytes], dict[str, Any], str]:
+def alice_swapped_with_reports_due(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path,
+                                   audit_config: dict[str, Any] | None = None, *, stop_after_swap: bool = False
+                                   ) -> tuple[list[bytes], dict[str, Any], str]:
     """Two of alice's applications with 4,000 C-STOREs each (a patient each) unanswered at a PACS
     when her card is swapped for bob's; once the supervisor recorded all that reached it: the
-    audit file's lines, `status`'s audit counts and the agent's log."""
+    audit file's lines, `status`'s audit counts and the agent's log. ``audit_config``: [audit]
+    settings besides the file. ``stop_after_swap``: the agent is stopped (SIGTERM) as soon as bob
+    has signed in, and the counts are those of the log's last `status` (none: {})."""
     audit_file = tmp_path / "audit" / "audit.log"
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
     pacs = SilentPacs(test_pki)
     try:
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token=ANY_SOFTHSM_TOKEN,
-                           module=str(fault_module), env=card.env(), audit={"file": str(audit_file)}) as agent:
+                           module=str(fault_module), env=card.env(),
+                           audit={"file": str(audit_file), **(audit_config or {})}) as agent:
             agent.wait_for_log(SIGNED_IN)
             applications = [associated(agent.port(), f"ALICEAPP{number}") for number in range(2)]
             sent = 0
@@ -214,12 +219,17 @@ def alice_swapped_with_reports_due(test_pki: ProvisionedPki, tmp_path: Path,
             wait_for(lambda: pacs.received >= sent, timeout=60)
             card.show("bob")
             agent.wait_for_log('event=sign-in subject="CN=Bob Example', timeout=60)
-            recorded = lambda: audit_file.read_bytes().count(b"ALICEPAT-")  # noqa: E731
-            settled = -1
-            while recorded() != settled:  # the supervisor records what reached it, after the Logout too
-                settled = recorded()
-                time.sleep(1.0)
-            audit = agent_status(tmp_path / "agent", test_pki.env(**card.env()))["audit"]
+            audit: dict[str, Any] = {}
+            if stop_after_swap:
+                agent.process.send_signal(signal.SIGTERM)
+                agent.process.wait(60)
+            else:
+                recorded = lambda: audit_file.read_bytes().count(b"ALICEPAT-")  # noqa: E731
+                settled = -1
+                while recorded() != settled:  # the supervisor records what reached it, after the Logout too
+                    settled = recorded()
+                    time.sleep(1.0)
+                audit = agent_status(tmp_path / "agent", test_pki.env(**card.env()))["audit"]
             log = agent.log()
             for application in applications:
                 application.close()
@@ -244,8 +254,11 @@ def test_reports_still_due_when_a_card_is_swapped_are_recorded_as_its_user_or_co
         [line[:400] for line in alices if b"Alice Example" not in line][:2]
     ends = sum(b"ASSOCIATION-END" in line and b"ALICEAPP" in line for line in lines)
     if len(alices) < 8000 or ends < 2:  # not all were recorded: the loss is counted and said
-        assert audit["lost"] >= 2 and audit["failures"] >= 1, (len(alices), ends, audit)
+        # Each association's end comes after its instances: one whose end is missing is counted
+        # (an end sent just after the final count may be counted as well).
+        assert audit["lost"] >= 2 - ends and audit["failures"] >= 1, (len(alices), ends, audit)
         assert re.search(r"card-agent: ERROR: audit: the card session ended before it could send all it had to "
-                         r"report of 2 association\(s\) \(the instances each transferred, its end\): the supervisor "
-                         "was still recording what came before; what they said is missing from the audit trail",
+                         r"report of [12] association\(s\) \(the instances each transferred, its end\): its relays "
+                         "were still making them, or the supervisor held as many unrecorded as it keeps; what they "
+                         "said is missing from the audit trail",
                          log), log

@@ -250,8 +250,9 @@ class AuditTrail:
                   "the audit trail%s", report, why, consequence)
 
     def not_sent(self, reports: int, why: str) -> None:
-        """At least ``reports`` reports of an ending card session never reached the supervisor
-        (``why``): counted in ``failures`` and ``lost``, logged. Not a reason to refuse associations
+        """At least ``reports`` reports of a card session never reached the trail (``why``: it
+        ended before it could send them, or the agent stopped before it had recorded them):
+        counted in ``failures`` and ``lost``, logged. Not a reason to refuse associations
         from now on: the next card session's reports are not at risk for it."""
         with self._lock:
             self.failures += 1

@@ -194,11 +194,13 @@ class AuditRecorder:
             self._report_dropped(fields)
             return
         if kind == REPORTS_NOT_SENT:  # an ending card session could not send them in the time it had
-            why = (f"the card session ended before it could send all it had to report of {fields['count']} "
-                   "association(s) (the instances each transferred, its end): the supervisor was still recording "
-                   "what came before")
+            associations, others = fields["associations"], fields["others"]
+            what = " and ".join(([f"of {associations} association(s) (the instances each transferred, its end)"]
+                                 if associations else []) + ([f"{others} other report(s)"] if others else []))
+            why = (f"the card session ended before it could send all it had to report {what}: its relays were "
+                   "still making them, or the supervisor held as many unrecorded as it keeps")
             if self.trail is not None:
-                self.trail.not_sent(fields["count"], why)
+                self.trail.not_sent(associations + others, why)
             else:
                 log.error("%s", why)
             return
@@ -208,6 +210,16 @@ class AuditRecorder:
             if self.trail is None:
                 raise  # nothing lost: no [audit]; the report reader logs it
             self.trail.not_recorded(logline.printable(str(kind)), f"{type(error).__name__}: {error}")
+
+    def reports_given_up(self, count: int, waited: float) -> None:
+        """The agent stopped with ``count`` reports of an ended card session read and not recorded
+        after ``waited`` seconds: counted lost and logged."""
+        why = (f"the agent stopped before it had recorded {count} report(s) of an ended card session "
+               f"(waited {waited:g} s for them)")
+        if self.trail is not None:
+            self.trail.not_sent(count, why)
+        else:
+            log.error("%s", why)
 
     def _report_dropped(self, fields: dict[str, Any]) -> None:
         """A report the supervisor read and dropped (over MAX_REPORT, or not readable: a card session

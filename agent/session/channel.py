@@ -57,8 +57,9 @@ SHORTENED = "shortened"
 # (agent/session/audit.py).
 REPORT_DROPPED = "report-dropped"
 # What the supervisor hands its report sink when an ending card session says it could not send all
-# its reports in the time it had (its final answer's "unsent_reports": the associations whose relay
-# was still waiting to send one): {"count": N}; an audit failure.
+# its reports in the time it had (its final answer's "unsent_associations": the associations whose
+# end was not sent yet; "unsent_reports": other reports waiting to be sent; see worker.ReportsDue):
+# {"associations": N, "others": M}; an audit failure.
 REPORTS_NOT_SENT = "reports-not-sent"
 _PARTS = "parts"
 PARTS_SECONDS = 5.0  # how long a non-blocking reader waits for the parts that follow a header
@@ -201,11 +202,27 @@ def receive_secret(channel: socket.socket) -> Secret:
 def receive(channel: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str, Any] | None, list[int]]:
     """The next message and the descriptors that came with it; ``None`` when the other side is gone.
     Raises :class:`MessageTooLargeError` for a message longer than ``limit`` bytes."""
+    message, fds, _ = _receive(channel, limit)
+    return message, fds
+
+
+def receive_sized(channel: socket.socket, limit: int) -> tuple[dict[str, Any] | None, int]:
+    """As :func:`receive`, on a channel that carries no descriptors (the reports): the message and
+    its length in bytes."""
+    message, fds, size = _receive(channel, limit)
+    for fd in fds:
+        socket.close(fd)
+    return message, size
+
+
+def _receive(channel: socket.socket, limit: int) -> tuple[dict[str, Any] | None, list[int], int]:
     data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
     message = json.loads(data) if data else None
+    size = len(data)
     if message is not None and message.get("type") == _PARTS:
+        size = message["length"]
         try:
-            message = _reassemble(channel, message["length"], limit)
+            message = _reassemble(channel, size, limit)
         except OSError:
             for fd in fds:
                 socket.close(fd)
@@ -213,8 +230,8 @@ def receive(channel: socket.socket, limit: int = MAX_MESSAGE) -> tuple[dict[str,
     if message is None:
         for fd in fds:
             socket.close(fd)
-        return None, []
-    return message, fds
+        return None, [], 0
+    return message, fds, size
 
 
 def _reassemble(channel: socket.socket, length: int, limit: int) -> dict[str, Any] | None:

@@ -87,6 +87,9 @@ TICK_SECONDS = 0.05  # how often the loop checks the session, the timers and the
 SILENT_CARD_SESSION_SECONDS = 10.0
 # Past idle_timeout, how long a card-session process that answers no status question may hold the lock off.
 SILENT_SESSION_IDLE_SECONDS = 10.0
+# How long a stopping agent waits for the reports of ended card sessions to be recorded: within
+# systemd's TimeoutStopSec=30 (systemd/card-agent.service), after the card session's own end (4 s).
+RECORDING_AT_STOP_SECONDS = 15.0
 _NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections may hold them)"
 # A sign-in that could not start for a shortage of the system's is tried again after this long,
 # doubled each time up to the most.
@@ -184,6 +187,7 @@ class SessionManager:
         # that slept 8 hours has been idle for 8 hours.
         self.last_activity = awake_or_asleep()
         self._next_idle_check = 0.0
+        self._recording: list[CardSession] = []  # ended card sessions whose reports are still being recorded
         self._lock = threading.RLock()
         # The reader thread's latest look, when it started (awake_or_asleep()), every card present then
         # and those of them passed over for a newer card: one tuple, so that the loop never takes one
@@ -441,6 +445,18 @@ class SessionManager:
     def shutdown(self) -> None:
         with self._lock:
             self._feed(Stop())
+        self._finish_recording()
+
+    def _finish_recording(self) -> None:
+        """Before the Application Stop: the reports of ended card sessions still being recorded (an
+        fsync or more each; thousands after a swap with C-STOREs unanswered), within
+        RECORDING_AT_STOP_SECONDS; what is left then is counted lost."""
+        deadline = time.monotonic() + RECORDING_AT_STOP_SECONDS
+        recording, self._recording = self._recording, []
+        for session in recording:
+            given_up = session.wait_recorded(max(0.0, deadline - time.monotonic()))
+            if given_up:
+                self.audit.reports_given_up(given_up, RECORDING_AT_STOP_SECONDS)
 
     # -- feeding the machine and carrying out its effects -----------------------------------------
 
@@ -804,6 +820,7 @@ class SessionManager:
         if self.listeners is not None:  # new connections are answered here from now on
             self.listeners.take_back(session)
         session.end(reason)
+        self._recording = [ended for ended in self._recording if ended.recording] + [session] * session.recording
         self.totals.take(session)  # counted all along (detached from self.session above, not from the totals)
         event("sign-out", reason=reason, subject=session.signed_in.files.subject,
               token=card.label if card else None, serial=card.serial if card else None,

@@ -29,6 +29,7 @@ from dicom_card_agent.session.identity import (
     new_session_directory,
 )
 from dicom_card_agent.session.probe import CardInUseError, FoundCard, ProbeRequest
+from dicom_card_agent.session.report_backlog import ReportBacklog
 from dicom_card_agent.sockets import unsent_bytes
 from dicom_card_agent.token.module import LoadedModule
 from dicom_card_agent.token.secret import Secret, pin_refusal_for
@@ -134,7 +135,8 @@ class CardSession:
         # Per tunnel, the latest counts the process reported: its final ones once it has ended, or
         # the last `status` answer if it died without a word.
         self.last_counts: dict[str, dict] = {}
-        self._reports_thread: threading.Thread | None = None
+        self._recorder: threading.Thread | None = None  # records the reports until all are recorded
+        self._backlog = ReportBacklog()  # the reports read and not recorded yet
         # Answers to requests given up on (timed out): the process answers in order, so the next
         # this many answers are theirs and are skipped. Guarded by _status_lock.
         self._owed = 0
@@ -182,14 +184,18 @@ class CardSession:
         if scope is not None:  # a pulled card, a lock or a stop ends it at once, mid-probe or mid-login
             scope.ends_with(self.process)
         self.channel = ours  # from here on, end() closes it
-        reports_thread = threading.Thread(target=self._read_reports, args=(reports_ours,),
-                                          name="session-reports", daemon=True)
+        backlog = self._backlog
+        recorder = threading.Thread(target=self._record_reports, args=(backlog,), name="session-reports-recorder",
+                                    daemon=True)
         try:
-            reports_thread.start()
+            recorder.start()
+            threading.Thread(target=self._read_reports, args=(reports_ours, backlog), name="session-reports",
+                             daemon=True).start()
         except RuntimeError:  # no thread to be had (memory): end() must not wait for one never started
+            backlog.close()  # the recorder, if it started, ends
             reports_ours.close()
             raise
-        self._reports_thread = reports_thread
+        self._recorder = recorder
         # The version and build first, looked at before anything else (worker.upgraded_under).
         reply = self._ask(ours, {**request.to_message(), **messages.config_fields(self.config),
                                  "version": RUNNING_VERSION, "build": RUNNING_BUILD}, limit=messages.MAX_CARD_MESSAGE)
@@ -335,34 +341,61 @@ class CardSession:
             return CardSessionError(detail)
         return CardSessionError(f"{what}: {detail}")
 
-    def _read_reports(self, reports: socket.socket) -> None:
-        """What the card-session process reports for the audit trail, until it ends."""
+    def _read_reports(self, reports: socket.socket, backlog: ReportBacklog) -> None:
+        """What the card-session process reports for the audit trail, read as it comes into
+        ``backlog`` (report_backlog.py) until the process ends; :meth:`_record_reports` records it."""
         with reports:
-            while True:
-                # A report that cannot be read is lost to the audit trail as one it cannot record: the
-                # report sink counts it (and logs it, once); only without one is it logged here. The
-                # reader goes on: a record of the channel is whole, so the next report can be read.
-                try:
-                    message, _ = messages.receive(reports, limit=messages.MAX_REPORT)
-                except messages.MessageTooLargeError as error:  # read to its end: the next one is whole
-                    message = _dropped(messages.kind_of(error.head), f"too large to be read: {error}")
-                except ValueError as error:  # not JSON (another build; parts of two reports interleaved)
-                    message = _dropped("unknown", f"not readable: {error}")
-                except OSError:
-                    return
-                if message is None:
-                    return
-                if not isinstance(message, dict) or not {"kind", "fields"} <= message.keys():
-                    message = _dropped("unknown", "not readable: not a report")
-                if message["kind"] == messages.REPORT_DROPPED and self.on_report is None:
-                    log.error("card-session process (pid %s): a report (%s) was dropped: %s",
-                              self.pid or "?", message["fields"]["kind"], message["fields"]["why"])
-                    continue
-                if self.on_report is not None:
+            try:
+                while True:
+                    # A report that cannot be read is lost to the audit trail as one it cannot record:
+                    # the report sink counts it (and logs it, once); only without one is it logged
+                    # here. The reader goes on: a record of the channel is whole, so the next report
+                    # can be read.
+                    size = 0
                     try:
-                        self.on_report(message["kind"], message["fields"])
-                    except Exception:  # the audit trail must not end the session's reports
-                        log.exception("could not record %s", message.get("kind"))
+                        message, size = messages.receive_sized(reports, limit=messages.MAX_REPORT)
+                    except messages.MessageTooLargeError as error:  # read to its end: the next one is whole
+                        message = _dropped(messages.kind_of(error.head), f"too large to be read: {error}")
+                    except ValueError as error:  # not JSON (another build; parts of two reports interleaved)
+                        message = _dropped("unknown", f"not readable: {error}")
+                    except OSError:
+                        return
+                    if message is None:
+                        return
+                    if not isinstance(message, dict) or not {"kind", "fields"} <= message.keys():
+                        message = _dropped("unknown", "not readable: not a report")
+                    backlog.put(message, size)
+            finally:
+                backlog.close()
+
+    @property
+    def recording(self) -> bool:
+        """True while reports it sent are still being recorded (they may outlast the process)."""
+        return self._recorder is not None and self._recorder.is_alive()
+
+    def wait_recorded(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for the reports read to be recorded (the agent is stopping); the
+        number given up then, which are never recorded."""
+        if self._recorder is None:
+            return 0
+        self._recorder.join(timeout)
+        return self._backlog.abandon() if self._recorder.is_alive() else 0
+
+    def _record_reports(self, backlog: ReportBacklog) -> None:
+        """Record what :meth:`_read_reports` read, in order, until the process has ended and all is recorded."""
+        while (message := backlog.take()) is not None:
+            self._record(message)
+
+    def _record(self, message: dict[str, Any]) -> None:
+        if message["kind"] == messages.REPORT_DROPPED and self.on_report is None:
+            log.error("card-session process (pid %s): a report (%s) was dropped: %s",
+                      self.pid or "?", message["fields"]["kind"], message["fields"]["why"])
+            return
+        if self.on_report is not None:
+            try:
+                self.on_report(message["kind"], message["fields"])
+            except Exception:  # the audit trail must not end the session's reports
+                log.exception("could not record %s", message.get("kind"))
 
     def status(self) -> dict[str, dict]:
         """Per tunnel: open connections, bytes each way, last error (asked of the card-session process).
@@ -516,7 +549,7 @@ class CardSession:
         self.awaiting_pin = False
         deadline = time.monotonic() + END_TIMEOUT_SECONDS
         answered = False
-        unsent = 0  # reports the process says it could not send before it ended
+        unsent: dict[str, int] = {}  # what the process says it could not send before it ended (ReportsDue)
         lease_channel, self._lease_channel = self._lease_channel, None
         if lease_channel is not None:  # no lease once the end is asked for
             lease_channel.close()
@@ -532,7 +565,7 @@ class CardSession:
                         if reply is not None and reply.get("final"):
                             answered = True
                             self._keep_counts(reply.get("tunnels", {}))
-                            unsent = int(reply.get("unsent_reports", 0))
+                            unsent = {key: int(reply.get(key, 0)) for key in ("unsent_associations", "unsent_reports")}
                 except OSError:
                     pass  # it died first, or did not answer in time: the last status answer is what there is
                 try:  # a `status` still waiting on it (when the lock was not had) gets its end of stream
@@ -553,9 +586,11 @@ class CardSession:
                 self.process.kill()
                 self.process.wait()
             self.process = None
-        if self._reports_thread is not None:
-            self._reports_thread.join(2)  # its last reports (association ends) are recorded before sign-out
-        if unsent and self.on_report is not None:
-            self.on_report(messages.REPORTS_NOT_SENT, {"count": unsent})
+        if self._recorder is not None:
+            self._recorder.join(2)  # its last reports (association ends) are recorded before sign-out
+        if any(unsent.values()) and self.on_report is not None:
+            self.on_report(messages.REPORTS_NOT_SENT, {"associations": unsent["unsent_associations"],
+                                                      "others": unsent["unsent_reports"]})
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+

@@ -52,6 +52,7 @@ from pkcs11.exceptions import (
 from pkcs11.types import Session
 
 from dicom_card_agent import logline
+from dicom_card_agent.audit.events import EventKind
 from dicom_card_agent.card.watcher import GONE_ERRORS
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.descriptors import descriptors_exhausted
@@ -324,6 +325,43 @@ def _username(tunnel: TunnelConfig, chain: Path) -> str | None:
         raise CardAgentError(f"tunnel {tunnel.name}: {error}; change user_identity_username") from None
 
 
+class ReportsDue:
+    """What a card session has still to send the supervisor, for its final answer when it ends first:
+    the associations accepted whose Association End is not sent yet (a relay still relaying, making
+    its last reports or waiting to send one: each has at least that end to lose), and the other
+    reports (alerts) waiting to be sent. Counting only the reports waiting in a send missed an
+    association whose relay was between two of its reports as the process ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._associations = 0
+        self._others = 0
+
+    def sending(self, kind: str) -> None:
+        with self._lock:
+            if kind == EventKind.ASSOCIATION_BEGIN:
+                self._associations += 1
+            elif kind not in _OF_AN_ACCEPTED_ASSOCIATION:
+                self._others += 1
+
+    def done(self, kind: str, *, sent: bool) -> None:
+        with self._lock:
+            if kind == EventKind.ASSOCIATION_END and sent:
+                self._associations -= 1
+            elif kind not in _OF_AN_ACCEPTED_ASSOCIATION and kind != EventKind.ASSOCIATION_BEGIN:
+                self._others -= 1
+
+    def unsent(self) -> dict[str, int]:
+        """The final answer's counts (channel.REPORTS_NOT_SENT)."""
+        with self._lock:
+            return {"unsent_associations": self._associations, "unsent_reports": self._others}
+
+
+# Reports that an accepted association makes after its Association Begin and up to its end: counted
+# with the association (ReportsDue).
+_OF_AN_ACCEPTED_ASSOCIATION = frozenset({EventKind.QUERY, EventKind.INSTANCES_TRANSFERRED, EventKind.ASSOCIATION_END})
+
+
 def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: Probed) -> int:
     """Log in to the probed ``token`` with the PIN that follows ``start``, make every TLS context and
     serve until the supervisor says "end" (or is gone); the process's exit code."""
@@ -335,23 +373,22 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
 
     # Every relay thread reports here; a report longer than one record goes as several sends
     # (channel.PART), which must not interleave with another thread's. A report waits here while
-    # the supervisor records those before it (an fsync or more each): ``waiting`` counts them, for
-    # the final answer to say how many were never sent when the process ends.
-    sending, counting = threading.Lock(), threading.Lock()
-    waiting = [0]
+    # the supervisor records those before it (an fsync or more each).
+    sending = threading.Lock()
+    due = ReportsDue()
 
     def report(kind: str, fields: dict) -> None:
         message = {"kind": kind, "fields": messages.clipped(fields)}
-        with counting:
-            waiting[0] += 1
+        due.sending(kind)
+        sent = False
         try:
             with sending:
                 messages.send(reports, message)
+            sent = True
         except OSError:
             pass  # the supervisor is gone; this process ends with it
         finally:
-            with counting:
-                waiting[0] -= 1
+            due.done(kind, sent=sent)
 
     try:
         config = messages.received_config(start)  # the supervisor's: this process never reads the file
@@ -435,7 +472,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
         thread.join(max(0.0, deadline - time.monotonic()))
     tell_refusal_counts()
     try:  # the final counts, for the supervisor's totals since start
-        messages.send(channel, {**_status(runtimes, retuner, final=True), "unsent_reports": waiting[0]})
+        messages.send(channel, {**_status(runtimes, retuner, final=True), **due.unsent()})
     except OSError:
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
