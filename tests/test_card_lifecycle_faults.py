@@ -268,8 +268,7 @@ def test_a_card_pulled_and_put_back_between_two_looks_signs_in_again(
                            module=str(fault_module), env=card.env(),
                            audit={"file": str(tmp_path / "audit.log")}) as agent:
             assert echo(agent.port())
-            card.remove_card()
-            card.insert_card()  # at once: the card loop's next look sees the same card
+            card.bounce()  # pulled and put back: the card loop's next look sees the same card
             refused = echo(agent.port())
             agent.wait_for_log('event=sign-out reason="the card no longer signs: its login was lost (the card was '
                                'pulled and put back, reset, or its reader restarted): SessionHandleInvalid"')

@@ -9,7 +9,7 @@ retry counter while a client process keeps running.
     ctl = FaultControl(tmp_path / "card.ctl")
     env = {**os.environ, **ctl.env()}      # give this to the client process
     ... load `so` as the PKCS#11 module in that process ...
-    ctl.remove_card(); ctl.insert_card(); ctl.show("bob"); ctl.readers("alice", None)
+    ctl.remove_card(); ctl.insert_card(); ctl.bounce(); ctl.show("bob"); ctl.readers("alice", None)
     ctl.fail("C_Sign", "CKR_DEVICE_REMOVED"); ctl.sign_delay(500)
     ctl.pin_retries(3); ctl.signatures()
 
@@ -177,6 +177,12 @@ class FaultControl:
 
     def insert_card(self) -> None:
         """Insert the card again; sessions from before the removal stay invalid."""
+        self.set(present=1, generation=self._bump())
+
+    def bounce(self) -> None:
+        """Pull the card and put it back within one look: its sessions become invalid (as after
+        a removal and insertion), and no look sees the slot empty, as one between two looks would
+        not (remove_card() then insert_card() leaves a moment a look may fall into)."""
         self.set(present=1, generation=self._bump())
 
     def show(self, label: str | None) -> None:
