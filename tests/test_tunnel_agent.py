@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from pynetdicom.sop_class import Verification
 
 from agent_runner import (
     FramedEchoServer,
@@ -40,6 +41,7 @@ from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
 from peers.dns import DnsServer, resolving_through
 from peers.pki_files import TlsServerFiles
+from peers.pynetdicom_scp import associate, echo, tls_scp
 from peers.study import assert_delivered, make_study
 
 
@@ -360,6 +362,26 @@ def test_resumed_associations_do_not_grow_the_card_session(test_pki: Provisioned
         server.close()
     assert log.count("full handshake") == 1 and log.count(" resumed ") == 399
     assert after - before < 600, f"the card-session process grew {after - before} KiB over 300 associations"
+
+
+def test_an_association_made_while_the_first_is_open_resumes_its_session(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """A viewer opens a second association while its first is still open (a prefetch): the first's
+    session is kept as soon as the PACS answered it, not once it ended, so the second resumes it
+    and the card signs once. Kept at the end, an application that connected again right after an
+    association ended raced with it: a full handshake again on a busy machine (seen in a full run
+    of test_resumed_associations_do_not_grow_the_card_session)."""
+    card = FaultControl(tmp_path / "card.ctl")
+    with tls_scp(pki_dir=test_pki.pki) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], module=str(fault_module),
+                          env=card.env()) as agent:
+        first = associate(agent.port(), sop_classes=[Verification])
+        assert first.is_established and first.send_c_echo().Status == 0
+        assert echo(agent.port())  # while the first is open
+        first.release()
+        log = agent.wait_for_log(" resumed ")
+    assert card.signatures() == 1, log
+    assert re.search(r"TLSv1\.3 resumed to .* PYNETDICOM-SCU -> ANY-SCP", log), log
 
 
 def test_sixty_four_concurrent_associations(test_pki: ProvisionedPki, tmp_path: Path) -> None:

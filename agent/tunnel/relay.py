@@ -618,7 +618,7 @@ def handle_outbound(runtime: TunnelRuntime, local: socket.socket, peer: str) -> 
                        received=request)
         relay.run()
         _count_association(runtime, relay)
-        runtime.remember_session(tls.obj)
+        relay.keep_session()  # unless the PACS's bytes did already
         association = relay.association
         log.info("tunnel %s: %s: %s %s to %s as %s, %s, %d bytes up, %d down, %.1f s%s%s", config.name, peer,
                  version, "resumed" if resumed else "full handshake", config.remote,
@@ -1400,6 +1400,7 @@ class _Relay:
         self.pacs_awaited = ""
         self.pacs_did_not_finish = False
         self.received_any = False
+        self._session_kept = not requestor_is_local  # inbound: no session of ours to resume
         self.bytes_up = 0
         self.bytes_down = 0
         self.failure: TunnelFailure | None = None
@@ -1458,6 +1459,17 @@ class _Relay:
             self.runtime.count(error=self.failure.message)
             if self.malformed is None:  # else told as it was read, once a minute at most (_tell_malformed)
                 log.warning("%s: %s: %s", self._where(), self.peer, self.failure.message)
+
+    def keep_session(self) -> None:
+        """Keep the TLS session for the tunnel's next association, once, before any of the PACS's
+        bytes reach the application (TLS 1.3 tickets come before them): an application that
+        connects again as soon as this association ends must find it. Kept only once the relay had
+        ended, it raced with that next connection on a busy machine, which made a full handshake."""
+        if self._session_kept:
+            return
+        self._session_kept = True
+        assert isinstance(self.runtime, TunnelRuntime)
+        self.runtime.remember_session(self.tls)
 
     def finish(self) -> None:
         """The connection's last words, once its end was logged and reported: they may wait for the
@@ -1711,9 +1723,11 @@ class _Relay:
                 break
             filled += count
             if filled == len(buffer):
+                self.keep_session()
                 self._from_remote(buffer)
                 filled = 0
         if filled:
+            self.keep_session()
             self._from_remote(buffer[:filled])
         if closed:  # after what came before the close_notify, which may have ended the association
             self._remote_closed()
