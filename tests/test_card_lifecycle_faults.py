@@ -30,6 +30,7 @@ from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import echo, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
+from test_stored_pin_after_login import when_the_login_waits
 
 
 def logins(card: FaultControl) -> list[str]:
@@ -251,6 +252,36 @@ def test_a_card_session_process_ends_with_a_killed_supervisor_and_removes_the_ca
     else:  # the end of the channel or the watch, whichever is first
         assert ("card session ending: the agent went away" in log
                 or f"the agent (pid {agent.process.pid}) has ended" in log), log
+
+
+def test_a_card_reset_as_its_session_starts_signs_in_again(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """The card took the PIN, then lost its login before the card session had started (reset, or
+    pulled and put back, between the login and the session's first use of it; on the virtual-CAC
+    stack, pcscd restarted then). The start failed as a sign-in that failed, and the agent waited
+    for the card to be pulled and put back; now it is a lost session's start, and the card signs in
+    again (here with the stored PIN, which the card took). The fault module stands for the card:
+    the reset is timed within C_Login, which it slows down."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.login_delay(3000)
+
+    def reset() -> None:
+        card.bounce()
+        card.login_delay(None)
+
+    armed = when_the_login_waits(card, reset)
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], module=str(fault_module),
+                       env=card.env()) as agent:
+        armed.join()
+        log = agent.wait_for_log('event=sign-in subject="CN=Alice Example', timeout=30)
+    logins = [line for line in card.log_lines() if line.startswith("C_Login")]
+    assert len(logins) == 2 and all("rv=0x0 " in line for line in logins), logins
+    assert ("the card-session process could not start: the PKCS#11 module failed with SessionHandleInvalid: its "
+            "login was lost (the card was pulled and put back, reset, or its reader restarted): SessionHandleInvalid; "
+            "the card signs in again") in log, log
+    assert "event=sign-in-failed" not in log and "event=card-removed" not in log, log
+    assert "Traceback" not in log, log  # python-pkcs11's finalizer on the dead session is not printed
 
 
 def test_a_card_pulled_and_put_back_between_two_looks_signs_in_again(

@@ -76,15 +76,30 @@ def test_a_stored_pin_the_card_accepted_goes_to_it_again_after_a_failed_start(
     assert WITHHELD not in log, log
 
 
-def test_a_stored_pin_the_card_accepted_goes_to_it_again_after_its_process_crashed(
+def test_a_card_session_that_crashed_after_the_login_signs_in_again_with_the_stored_pin(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
-    """Killed after the login, without a word (a module that crashes on this card): the card's
-    acceptance was said before."""
-    card, failed, log = failed_then_inserted_again(
-        test_pki, tmp_path, fault_module, arm=lambda card: card.crash_in("C_OpenSession"),
-        disarm=lambda card: card.crash_in(None))
+    """Killed after the login, without a word (a module that crashes on this card once): the card's
+    acceptance was said before, and the crash is a lost session's, as one while the process read
+    the card: a new process signs in again with the stored PIN, which the card took. It was a failed
+    sign-in, which waited for the card to be pulled and put back."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.login_delay(LOGIN_SECONDS * 1000)
+
+    def crash_once() -> None:  # here: the agent is not "ready" before the sign-in is settled
+        card.crash_in("C_OpenSession")
+        wait_for(lambda: any(line.startswith("crash in C_OpenSession") for line in card.log_lines()),
+                 timeout=LOGIN_SECONDS + 20)
+        card.crash_in(None)
+        card.login_delay(None)
+
+    armed = when_the_login_waits(card, crash_once)
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], module=str(fault_module),
+                       env=card.env()) as agent:
+        armed.join()
+        log = agent.wait_for_log(SIGNED_IN, timeout=LOGIN_SECONDS + 20)
     accepted = logins(card)
     assert len(accepted) == 2 and all("rv=0x0 " in line for line in accepted), accepted
-    assert any(line.startswith("crash in C_OpenSession") for line in card.log_lines())
-    assert 'reason="the card-session process could not start: it exited"' in failed, failed
-    assert WITHHELD not in log, log
+    assert "sign-in to 'alice' (serial " in log and \
+        "the card-session process was killed by SIGABRT as its session started" in log, log
+    assert "event=sign-in-failed" not in log and "event=card-removed" not in log and WITHHELD not in log, log

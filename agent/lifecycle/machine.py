@@ -251,7 +251,16 @@ _SIGNING_IN_ROWS: dict[type, tuple[Row, ...]] = {
                       Row(_G.STALE, None)),
     SignedIn: (Row(_G.CURRENT, _S.SIGNED_IN), Row(_G.STALE, None, (_A.END_STALE_SESSION,), ends=_LATE)),
     SignInFailed: (Row(_G.CURRENT, _S.WAITING, waits="card present, {reason}"), Row(_G.STALE, None)),
-    SessionLost: _stay(),
+    # The card's process died while it read the card, or while its PIN dialog was open (that dialog
+    # asks for nothing usable), or the card lost the login it had just accepted (reset, its reader
+    # restarted): a new process reads the card again. Its dialog asks first, or it would take the
+    # rest of a PIN being typed into the one that closed.
+    SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
+                      starts=SignInCause.SIGN_IN_INTERRUPTED),
+                  Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.CANCEL_SIGN_IN,),
+                      waits=f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: "
+                            f"{_REINSERT}"),
+                  Row(_G.STALE, None)),
     Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.CANCEL_SIGN_IN,), waits=_LOCKED),),
     IdleTimeout: _stay(),
     Reload: _stay(),
@@ -287,15 +296,6 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
                        Row(_G.SEEN_AGAIN, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
                            starts=SignInCause.READER_RESTARTED)),
         PinEntered: (Row(_G.CURRENT, _S.SIGNING_IN), Row(_G.STALE, None)),
-        # The card's process died while it read the card, or while its PIN dialog was open (that
-        # dialog asks for nothing usable): a new process reads the card again. Its dialog asks first,
-        # or it would take the rest of a PIN being typed into the one that closed.
-        SessionLost: (Row(_G.LOSSES_LEFT, _S.PIN_PENDING, (_A.CANCEL_SIGN_IN, _A.START_SIGN_IN),
-                          starts=SignInCause.SIGN_IN_INTERRUPTED),
-                      Row(_G.NO_LOSSES_LEFT, _S.WAITING, (_A.CANCEL_SIGN_IN,),
-                          waits=f"card present, the card session ended unexpectedly {MAX_SESSION_LOSSES} times: "
-                                f"{_REINSERT}"),
-                      Row(_G.STALE, None)),
     },
     _S.SIGNING_IN: {
         **_SIGNING_IN_ROWS,

@@ -265,8 +265,8 @@ def unusable_reason(config: AgentConfig, module: LoadedModule, token: Token) -> 
     return None
 
 
-# What the card-session process tells the supervisor as soon as its login succeeded (and the key
-# check after it), before it makes its TLS contexts: the card accepted the PIN, whatever fails next.
+# What the card-session process tells the supervisor as soon as its login succeeded, before the
+# key check and its TLS contexts: the card accepted the PIN, whatever fails next.
 LOGIN_ACCEPTED = "login-accepted"
 
 

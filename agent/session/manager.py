@@ -584,7 +584,7 @@ class SessionManager:
             else:
                 self._report(SignInCancelled(attempt, scope.reason))
             return None
-        except CardSessionLostError as error:  # killed before it answered: a new process tries again
+        except CardSessionLostError as error:  # killed, or the card lost its login: a new process tries again
             session.end("sign-in failed")
             if scope.cancelled:  # the card left, a lock, a stop: that ended it
                 self._report(SignInCancelled(attempt, scope.reason))

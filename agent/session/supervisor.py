@@ -62,7 +62,8 @@ class CardSessionUnresponsive(CardSessionError):
 
 class CardSessionLostError(CardSessionError):
     """The card-session process was killed (a signal: a crash, the OOM killer, an administrator)
-    before it answered: a loss, which a new process may get past, not a verdict on the card."""
+    before it answered, or the card lost the login it had just accepted (reset, its reader
+    restarted): a loss, which a new process may get past, not a verdict on the card."""
 
 
 def pin_variables(config: AgentConfig) -> set[str]:
@@ -274,6 +275,11 @@ class CardSession:
             login_accepted(self.signed_in)
             reply = self._ask(self.channel, None)
         if reply is None or reply.get("type") != "ready":
+            killed_by = self._killed_before_answering(reply)
+            if killed_by is not None:  # a crash, as while it read the card: a new process may get past it
+                self.end("start failed")
+                raise CardSessionLostError(
+                    f"the card-session process {describe_exit(killed_by)} as its session started")
             raise self._refused(reply, "the card-session process could not start")
         self._lease_channel = socket.socket(fileno=os.dup(self.channel.fileno()))
         log.info("card session started (pid %d) for %s", self.process.pid, files.subject)
@@ -337,6 +343,8 @@ class CardSession:
             return CardRevokedError(detail)
         if reply is not None and reply.get("card_in_use"):
             return CardInUseError(detail)
+        if reply is not None and reply.get("lost"):  # it took the PIN, then lost the login (worker._lost_at_start)
+            return CardSessionLostError(f"{what}: {detail}: {reply['lost']}; the card signs in again")
         if reply is not None and reply.get("plain"):  # a sentence for the clinician (the card could not be read)
             return CardSessionError(detail)
         return CardSessionError(f"{what}: {detail}")

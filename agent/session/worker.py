@@ -120,17 +120,28 @@ class _ReceivedPin:
         return self.pin.copy()
 
 
-def _log_in(probed: Probed, start: dict, config: AgentConfig, pin: Secret | None) -> Session:
+def _log_in(probed: Probed, start: dict, config: AgentConfig, pin: Secret | None,
+            accepted: Callable[[], None]) -> None:
     """The one login attempt of this sign-in, in this process: the session stays open (and with it
     the login, which PKCS#11 shares with the pkcs11-provider loading the same module here) until
-    the process ends."""
+    the process ends. ``accepted`` is called once the card took the PIN, before anything else can
+    fail: a stored PIN the card accepted must not be withheld from it as a wrong one."""
     # The probe has warned about a low retry count already: no second warning.
     token = probed.token
     session = login(token, _ReceivedPin(pin), confirm_final_try=start["confirm_final_try"], warn=lambda _: None)
+    _login_sessions.append(session)
+    accepted()
+    # A call on the session alone first: a card reset since the login fails it here, where a
+    # search would fail in python-pkcs11's finalizer too, which prints a traceback to the log.
+    try:
+        session.generate_random(64)
+    except _SESSION_GONE:
+        raise
+    except PKCS11Error:  # no random numbers on this card: the search tells
+        pass
     identities = list_identities(session, token, probed.module.profile, logged_in=True,
                                  allow_exportable_keys=config.identity.allow_exportable_keys)
     check_key_after_login(identities, bytes.fromhex(start["key_id"]), token.label)
-    return session
 
 
 class CardLoginCheck:
@@ -158,20 +169,33 @@ class CardLoginCheck:
     def __call__(self) -> str | None:
         if descriptors_exhausted():
             return NO_DESCRIPTOR_LEFT
-        reason = self._why_not()
+        reason, present = self._judged()
         if reason is None:
             return None
-        present = self._card_in_reader()
         if present is False:
             return "the card was removed"
-        if present is not True:
-            reason = f"{reason}; the module cannot say whether the card is in its reader: {present}"
         with self._lock:
             told, self._told = self._told, True
         if not told:
             log.error("the card no longer signs: %s; the card session ends", reason)
             self._report(CARD_LOST, {"reason": reason})
         return reason
+
+    def why_lost(self) -> str | None:
+        """Why the login is gone while the card is, or may be, in its reader; None while the card
+        signs, or once it is out of its reader (the card loop sees that itself). Nothing is told."""
+        reason, present = self._judged()
+        return None if present is False else reason
+
+    def _judged(self) -> tuple[str | None, bool | str]:
+        """Why the card no longer signs (None: it signs), and whether it is in its reader."""
+        reason = self._why_not()
+        if reason is None:
+            return None, True
+        present = self._card_in_reader()
+        if present is not True and present is not False:
+            reason = f"{reason}; the module cannot say whether the card is in its reader: {present}"
+        return reason, present
 
     def _why_not(self) -> str | None:
         lost = "its login was lost (the card was pulled and put back, reset, or its reader restarted)"
@@ -392,21 +416,18 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
 
     try:
         config = messages.received_config(start)  # the supervisor's: this process never reads the file
-        _login_sessions.append(_log_in(probed, start, config, pin))
-        # Said before anything else can fail: a stored PIN the card accepted must not be withheld
-        # from it as a wrong one when the TLS contexts cannot be made (pcscd restarted meanwhile).
-        messages.send(channel, {"type": LOGIN_ACCEPTED})
+        _log_in(probed, start, config, pin, accepted=lambda: messages.send(channel, {"type": LOGIN_ACCEPTED}))
         runtimes, retuner = _start(start, config, pin, node_pins, report, probed.module)
     except (LoginError, ConfigError) as error:
         messages.send(channel, messages.login_error_message(error))
         return 1
-    except CardAgentError as error:
-        revoked = isinstance(error, CardRevokedError)
-        messages.send(channel, {"type": "error", "message": str(error), "plain": revoked, "revoked": revoked})
+    except CardRevokedError as error:
+        messages.send(channel, {"type": "error", "message": str(error), "plain": True, "revoked": True})
         return 1
-    except PKCS11Error as error:
-        messages.send(channel, {"type": "error", "message": f"the PKCS#11 module failed with "
-                                f"{type(error).__name__} {error}".rstrip()})
+    except (CardAgentError, PKCS11Error) as error:
+        why = str(error) if isinstance(error, CardAgentError) else \
+            f"the PKCS#11 module failed with {type(error).__name__} {error}".rstrip()
+        messages.send(channel, {"type": "error", "message": why, **_lost_at_start(start)})
         return 1
     finally:
         for secret in [pin, *node_pins.values()]:
@@ -477,6 +498,18 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
         pass  # the supervisor is gone
     _exit_now(0)  # while the TLS contexts are still referenced: see _exit_now
     return 0
+
+
+def _lost_at_start(start: dict) -> dict[str, str]:
+    """For the error answer of a start that failed after the card took the PIN: when the card's
+    login is gone with the card still in its reader (reset, pulled and put back, its reader
+    restarted as the session started), ``lost``: why. The supervisor then signs the card in
+    again, as after a card session lost while signed in (CardLoginCheck), where it had waited for
+    the card to be pulled and put back."""
+    if not _login_sessions:
+        return {}
+    lost = CardLoginCheck(_login_sessions[-1], bytes.fromhex(start["key_id"]), no_report).why_lost()
+    return {} if lost is None else {"lost": lost}
 
 
 def _refuse_listeners(lent: LentListeners, names: list[str], fds: list[int], report: Report) -> None:
