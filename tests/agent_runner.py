@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -273,9 +274,19 @@ def running_agent(test_pki: ProvisionedPki, workdir: Path, tunnels: list[dict[st
 @dataclass(frozen=True)
 class LockedWhileWaiting:
     answer: bytes  # what the waiting application read to its end of stream
-    answered_after: float  # seconds from the lock to that end of stream
+    # Seconds from the agent's decision to end the session (not from the `lock` command's start,
+    # whose Python takes a second to start on a busy machine) to that end of stream.
+    answered_after: float
     closed_in_ms: int  # what the sign-out event says the session's end took
     log: str
+
+
+def decided_at(log: str, event: str) -> float:
+    """The wall-clock time the agent decided a sign-out: the first log line with ``event`` (a
+    ``event=sign-out ...``), less how long the session took to close (its ``closed_in_ms``)."""
+    line = next(line for line in log.splitlines() if event in line)
+    logged_at = datetime.fromisoformat(line.split()[0]).timestamp()
+    return logged_at - int(line.split("closed_in_ms=")[1].split()[0]) / 1000
 
 
 def lock_while_the_application_reads(test_pki: ProvisionedPki, agent: RunningAgent, workdir: Path,
@@ -284,19 +295,19 @@ def lock_while_the_application_reads(test_pki: ProvisionedPki, agent: RunningAge
     connection waiting on the agent, reads to its end as its own process would: `lock` returns only
     once the session has ended. Then closes ``application``, as a DICOM application does once
     rejected (PS3.8 7.1.1.7)."""
-    locked = time.monotonic()
     lock = threading.Thread(target=run_card_agent, args=("lock", "--config", workdir / "agent.toml"),
                             kwargs={"env": test_pki.env(), "check": True})
     lock.start()
     answer = b""
     while chunk := application.recv(65536):
         answer += chunk
-    answered_after = time.monotonic() - locked
+    answered_at = time.time()
     application.close()
     lock.join()
     log = agent.wait_for_log('event=sign-out reason="locked"')
     closed_in_ms = int(log.split('event=sign-out reason="locked"')[1].split("closed_in_ms=")[1].split()[0])
-    return LockedWhileWaiting(answer, answered_after, closed_in_ms, log)
+    return LockedWhileWaiting(answer, answered_at - decided_at(log, 'event=sign-out reason="locked"'),
+                              closed_in_ms, log)
 
 
 @contextmanager

@@ -19,10 +19,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from datetime import datetime
 from pathlib import Path
 
-from agent_runner import agent_status, card_session_pid, running_agent, stop_process, tunnel, wait_for
+from agent_runner import agent_status, card_session_pid, decided_at, running_agent, stop_process, tunnel, wait_for
 from conftest import ProvisionedPki
 from dicom_card_agent.clock import awake_or_asleep
 from peers.pynetdicom_scp import echo, tls_scp
@@ -79,7 +78,7 @@ def test_the_idle_lock_counts_the_time_the_workstation_was_suspended(test_pki: P
         # machine) before the sign-out line: what counts is when the lock was decided, that line's
         # time less the closed_in_ms it reports. Without the fix it comes a whole idle_timeout later.
         log = agent.wait_for_log('event=sign-out reason="idle timeout"', timeout=3 * IDLE_TIMEOUT)
-        locked_after = _decided_at(log, 'event=sign-out reason="idle timeout"') - resumed
+        locked_after = decided_at(log, 'event=sign-out reason="idle timeout"') - resumed
         state = agent_status(tmp_path / "agent", test_pki.env())["state"]
         wait_for(lambda: not echo(agent.port()), timeout=5)
     assert locked_after < IDLE_TIMEOUT / 2, f"locked {locked_after:.1f} s after the workstation woke up"
@@ -88,10 +87,3 @@ def test_the_idle_lock_counts_the_time_the_workstation_was_suspended(test_pki: P
         "CN=Alice Example,O=Example Hospital Test PKI"]
     assert len(pacs.associations) == 1, "an association went through after the suspend"
 
-
-def _decided_at(log: str, event: str) -> float:
-    """The wall-clock time the agent decided ``event``: its log line's time less how long the
-    session took to close (the line's ``closed_in_ms``)."""
-    line = next(line for line in log.splitlines() if event in line)
-    logged_at = datetime.fromisoformat(line.split()[0]).timestamp()
-    return logged_at - int(line.split("closed_in_ms=")[1].split()[0]) / 1000

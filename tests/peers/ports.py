@@ -31,35 +31,47 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-# Ports are handed out from just below the ephemeral range, each once per process: a port the kernel
-# picks for bind(0) is free again the moment the probe closes, so the next bind(0) (a peer's own
-# free_port call, or any outgoing connection's source port) could get it before its first user
-# binds it. CI saw exactly that: storescp was given the port just handed to an agent's listener.
+# Ports are handed out from just below the ephemeral range, in turn, so that one comes back only
+# after all the others: a port the kernel picks for bind(0) is free again the moment the probe
+# closes, so the next bind(0) (a peer's own free_port call, or any outgoing connection's source
+# port) could get it before its first user binds it. CI saw exactly that: storescp was given the
+# port just handed to an agent's listener.
 _HANDED_OUT_SPAN = 12000
-_handed_out: set[int] = set()
+_next_port: list[int] = []  # where this process goes on handing out ports in its share
+
+
+def _this_workers_share(low: int, high: int) -> range:
+    """The part of ``low``-``high`` this pytest-xdist worker hands out ports from: workers are
+    processes that do not see each other's ports, and two of them gave one port to two peers in a
+    full run (each bound it in turn: "address already in use")."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return range(low, high)
+    share = (high - low) // count
+    start = low + int(worker[2:]) % count * share
+    return range(start, start + share)
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port on ``host`` that was free a moment ago and that no earlier call in this process
-    returned, from below the kernel's ephemeral range, so no outgoing connection takes it first."""
+    """A TCP port on ``host`` that was free a moment ago, from below the kernel's ephemeral range
+    (so no outgoing connection takes it first), in this process's turn through its share (so no
+    other pytest-xdist worker, nor a recent call here, was given it)."""
     ephemeral_low, _ = ephemeral_range()
-    low = max(1024, ephemeral_low - _HANDED_OUT_SPAN)
-    candidates = range(low, ephemeral_low)
-    start = random.randrange(len(candidates))
+    candidates = _this_workers_share(max(1024, ephemeral_low - _HANDED_OUT_SPAN), ephemeral_low)
+    if not _next_port:
+        _next_port.append(random.randrange(len(candidates)))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for offset in range(len(candidates)):
-        port = candidates[(start + offset) % len(candidates)]
-        if port in _handed_out:
-            continue
+    for _ in range(len(candidates)):
+        port = candidates[_next_port[0] % len(candidates)]
+        _next_port[0] += 1
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue
-        _handed_out.add(port)
         return port
-    raise RuntimeError(f"no free port left in {low}-{ephemeral_low - 1} on {host} "
-                       f"({len(_handed_out)} handed out by this process)")
+    raise RuntimeError(f"no free port left in {candidates.start}-{candidates.stop - 1} on {host}")
 
 
 def peer_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
