@@ -820,7 +820,9 @@ class SessionManager:
         if self.listeners is not None:  # new connections are answered here from now on
             self.listeners.take_back(session)
         session.end(reason)
-        self._recording = [ended for ended in self._recording if ended.recording] + [session] * session.recording
+        self._recording = [ended for ended in self._recording if ended.recording]
+        if session.recording:  # its reports outlast it (report_backlog.py): a stop waits for them
+            self._recording.append(session)
         self.totals.take(session)  # counted all along (detached from self.session above, not from the totals)
         event("sign-out", reason=reason, subject=session.signed_in.files.subject,
               token=card.label if card else None, serial=card.serial if card else None,
