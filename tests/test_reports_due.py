@@ -9,6 +9,14 @@ test_concurrent_reports's swap with 8,000 reports due, 7,100 recorded and no los
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
+import pytest
+
+from dicom_card_agent.audit.config import AuditConfig
+from dicom_card_agent.session.audit import AuditRecorder
+from dicom_card_agent.session.channel import REPORTS_NOT_SENT
 from dicom_card_agent.session.worker import ReportsDue
 
 
@@ -52,3 +60,20 @@ def test_two_associations_and_an_alert_waiting() -> None:
     _sent(due, "association-begin", "association-begin", "instances-transferred", "query")
     due.sending("security-alert")
     assert due.unsent() == {"unsent_associations": 2, "unsent_reports": 1}
+
+
+def test_what_an_ending_session_could_not_send_is_counted_lost_and_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = AuditRecorder(AuditConfig(file=tmp_path / "audit.log"))
+    with caplog.at_level(logging.ERROR):
+        recorder.session_report(REPORTS_NOT_SENT, {"associations": 2, "others": 1})
+        recorder.session_report(REPORTS_NOT_SENT, {"associations": 0, "others": 1})
+    recorder.close()
+    assert recorder.trail is not None and (recorder.trail.lost, recorder.trail.failures) == (4, 2)
+    assert [record.getMessage() for record in caplog.records] == [
+        "audit: the card session ended before it could send all it had to report (2 association(s): the instances "
+        "each transferred, its end; 1 other report(s)): its relays were still making them, or the supervisor held "
+        "as many unrecorded as it keeps; what they said is missing from the audit trail",
+        "audit: the card session ended before it could send all it had to report (1 other report(s)): its relays "
+        "were still making them, or the supervisor held as many unrecorded as it keeps; what they said is missing "
+        "from the audit trail"]

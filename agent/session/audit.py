@@ -195,9 +195,9 @@ class AuditRecorder:
             return
         if kind == REPORTS_NOT_SENT:  # an ending card session could not send them in the time it had
             associations, others = fields["associations"], fields["others"]
-            what = " and ".join(([f"of {associations} association(s) (the instances each transferred, its end)"]
-                                 if associations else []) + ([f"{others} other report(s)"] if others else []))
-            why = (f"the card session ended before it could send all it had to report {what}: its relays were "
+            what = "; ".join(([f"{associations} association(s): the instances each transferred, its end"]
+                              if associations else []) + ([f"{others} other report(s)"] if others else []))
+            why = (f"the card session ended before it could send all it had to report ({what}): its relays were "
                    "still making them, or the supervisor held as many unrecorded as it keeps")
             if self.trail is not None:
                 self.trail.not_sent(associations + others, why)
