@@ -80,16 +80,22 @@ def make_token(directory: Path, test_pki: ProvisionedPki, label: str, key_type: 
 
 
 # What the whole machine has only once, so the tests using it run one after another on one xdist
-# worker (scripts/test runs the suite with --dist loadgroup): the machine's pcscd with vpcd's fixed
-# reader port, and the Debian package installed into /usr, /etc and the systemd directories.
-MACHINE_WIDE_FIXTURES = frozenset({"pcscd", "card_reader", "virtual_cards", "machine"})
+# worker (scripts/test runs the suite with --dist loadgroup), by the group each fixture puts a test
+# in: the machine's pcscd with vpcd's fixed reader port; the Debian package installed into /usr,
+# /etc and the systemd directories, which touches no card: its group (a build of minutes) runs
+# beside the card tests' instead of after them.
+PCSCD_GROUP = "machine"
+MACHINE_WIDE_FIXTURES = {"pcscd": PCSCD_GROUP, "card_reader": PCSCD_GROUP, "virtual_cards": PCSCD_GROUP,
+                         "machine": "installed-package"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if MACHINE_WIDE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("machine"))
+        groups = {group for name, group in MACHINE_WIDE_FIXTURES.items() if name in getattr(item, "fixturenames", ())}
+        assert len(groups) <= 1, f"{item.nodeid} uses the fixtures of two machine-wide groups: {groups}"
+        for group in groups:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
@@ -98,12 +104,12 @@ def machine_wide_parts_kept_apart(request: pytest.FixtureRequest, monkeypatch: p
     card test put in vpcd's reader would otherwise be what ``module = auto`` takes, on another
     worker, instead of the SoftHSM tokens a test lists (a machine with no card reader, as theirs is
     meant to be; a test of its own pcscd names its socket, which comes first)."""
-    grouped = request.node.get_closest_marker("xdist_group") is not None
-    if grouped and request.config.getoption("loadgroup", default=False) and "@" not in request.node.nodeid:
+    group = request.node.get_closest_marker("xdist_group")
+    if group is not None and request.config.getoption("loadgroup", default=False) and "@" not in request.node.nodeid:
         # where xdist did not take the groups in, they would fail against each other like defects
         pytest.fail("pytest-xdist did not put this machine-wide test in its group (--dist loadgroup): install "
                     "the pytest and pytest-xdist versions pyproject.toml names (scripts/setup)")
-    if not grouped:
+    if group is None or group.args[:1] != (PCSCD_GROUP,):
         monkeypatch.setenv("PCSCLITE_CSOCK_NAME", str(Path(request.config.rootpath) / "no-pcscd-for-this-test"))
 
 
