@@ -56,11 +56,14 @@ def test_a_card_pulled_during_the_pin_dialog_closes_it_and_the_agent_carries_on(
     with agent_asking_for_the_pin(test_pki, tmp_path, fault_module, terminal) as (card, agent):
         assert len(pinentry_processes(agent.process.pid)) == 1
         env = test_pki.env(**card.env())
-        # The dialog is open: status and applications are answered at once.
+        # The dialog is open (for 120 s unless answered): status and applications are answered at
+        # once; `status` is timed with its own Python's start, a second or more on a busy machine.
         started = time.monotonic()
         assert agent_status(tmp_path / "agent", env)["state"] == "card present, PIN not yet entered"
+        assert time.monotonic() - started < 10.0
+        started = time.monotonic()
         answer = send_and_close(agent.port(), associate_rq())
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 2.0
         assert parse_associate_rj(answer).describe().startswith("rejected-transient")
         agent.wait_for_log("rejected: card present, PIN not yet entered")
 

@@ -113,7 +113,9 @@ class _SignIn:
     started: float  # awake_or_asleep(): pin_dialog_timeout counts a suspend too
     cause: SignInCause = SignInCause.INSERTED  # why it started: any cause but an insertion asks first
     session: CardSession | None = None  # its card-session process, once started
-    cannot_start: str | None = None  # what the system lacked, while waiting to try again
+    # What the system lacked (or who held the card), from a try that could not start until the next
+    # try has read the card: `status` says so while the sign-in waits and while it tries again.
+    cannot_start: str | None = None
     audited: bool = False  # its failure (or that it was given up) is in the audit trail: once only
 
     def card_read(self) -> WatchedCard:
@@ -547,7 +549,6 @@ class SessionManager:
             self._report(SignInCancelled(pending.attempt, pending.scope.reason))
             return False
         pending.started = awake_or_asleep()  # no dialog was open: pin_dialog_timeout counts from now
-        pending.cannot_start = None
         return True
 
     def _try_sign_in(self, pending: _SignIn) -> str | None:
@@ -563,6 +564,7 @@ class SessionManager:
         try:
             # The card's process probes it; a cancelled sign-in ends that process (scope.ends_with).
             found = scope.run(lambda: session.open(self._probe_request(config, card), self.module))
+            pending.cannot_start = None  # read: its dialog (or stored PIN) comes next
             self._learnt(attempt, found.card)
             directory = session.directory
             assert directory is not None  # made by open()
