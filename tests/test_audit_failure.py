@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import inbound_listener, port_of, running_agent, tunnel
+from agent_runner import inbound_listener, port_of, running_agent, tunnel, wait_for
 from conftest import ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.dcmtk import storescp, storescu
@@ -139,16 +139,21 @@ def test_full_disk_with_refuse_refuses_associations_until_space_returns(
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="",
                            module=str(fault_module), env=card.env(), audit=audit) as agent:
             agent.wait_for_log("event=sign-in ")
+            # Delivered first: a spool file the repository confirmed after the fill would be removed,
+            # and free the space the refusal below says there is not (4 KiB free, on a busy machine).
+            wait_for(lambda: not list((disk / "spool").glob("*.msg")), timeout=30)
             filler = fill(disk)
 
             refused = storescu(agent.port("pacs"), study)  # the disk is full: refused before anything is lost
             assert refused.returncode != 0
             assert "Association Rejected" in refused.stdout and "Transient" in refused.stdout, refused.stdout
             log = agent.wait_for_log("rejected: the audit trail cannot be written")
+            refusal = next(line for line in log.splitlines() if "rejected: the audit trail cannot be written" in line)
             assert ("rejected: the audit trail cannot be written "
                     f"(0 KiB free on the file system of {audit_file.parent}, "
                     "less than the 1024 KiB the audit trail keeps in reserve); [audit] on_failure = \"refuse\": "
-                    "free space there, associations are accepted again as soon as the trail can be written") in log
+                    "free space there, associations are accepted again as soon as the trail can be written"
+                    ) in refusal, refusal
 
             card.remove_card()  # Logout, recorded while the disk is full: kept in memory
             agent.wait_for_log('event=sign-out reason="card removed"')
