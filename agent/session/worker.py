@@ -131,14 +131,7 @@ def _log_in(probed: Probed, start: dict, config: AgentConfig, pin: Secret | None
     session = login(token, _ReceivedPin(pin), confirm_final_try=start["confirm_final_try"], warn=lambda _: None)
     _login_sessions.append(session)
     accepted()
-    # A call on the session alone first: a card reset since the login fails it here, where a
-    # search would fail in python-pkcs11's finalizer too, which prints a traceback to the log.
-    try:
-        session.generate_random(64)
-    except _SESSION_GONE:
-        raise
-    except PKCS11Error:  # no random numbers on this card: the search tells
-        pass
+    _fail_if_session_gone(session)  # a card reset since the login: before the search below
     identities = list_identities(session, token, probed.module.profile, logged_in=True,
                                  allow_exportable_keys=config.identity.allow_exportable_keys)
     check_key_after_login(identities, bytes.fromhex(start["key_id"]), token.label)
@@ -201,14 +194,9 @@ class CardLoginCheck:
         lost = "its login was lost (the card was pulled and put back, reset, or its reader restarted)"
         with TOKEN_LOCK:  # one operation on the card at a time (relay.TOKEN_LOCK)
             try:
-                # A call on the session alone first: a session the card took with it fails here. (A
-                # search on it would fail too, but python-pkcs11 then raises again in a finalizer,
-                # whose traceback Cython prints to the log.)
-                self._session.generate_random(64)
+                _fail_if_session_gone(self._session)
             except _SESSION_GONE as error:
                 return f"{lost}: {type(error).__name__}"
-            except PKCS11Error:  # no random numbers on this card (RandomNoRNG ...): the search tells
-                pass
             try:
                 self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=self._key_id)
             except NoSuchKey:  # the session lives on, logged out
@@ -230,6 +218,19 @@ class CardLoginCheck:
                 return False
             except PKCS11Error as error:
                 return type(error).__name__
+
+
+def _fail_if_session_gone(session: Session) -> None:
+    """A call on the session alone, before a search on it: raises one of :data:`_SESSION_GONE` when
+    the card took the session with it (a search would fail too, but python-pkcs11 then raises again
+    in a finalizer, whose traceback Cython prints to the log). A card without random numbers
+    (RandomNoRNG ...) says nothing here: the search tells."""
+    try:
+        session.generate_random(64)
+    except _SESSION_GONE:
+        raise
+    except PKCS11Error:
+        pass
 
 
 NO_DESCRIPTOR_LEFT = "no file descriptor left in the card session (are connections being held open?)"
