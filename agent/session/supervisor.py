@@ -185,15 +185,13 @@ class CardSession:
         if scope is not None:  # a pulled card, a lock or a stop ends it at once, mid-probe or mid-login
             scope.ends_with(self.process)
         self.channel = ours  # from here on, end() closes it
-        backlog = self._backlog
-        recorder = threading.Thread(target=self._record_reports, args=(backlog,), name="session-reports-recorder",
-                                    daemon=True)
+        recorder = threading.Thread(target=self._record_reports, name="session-reports-recorder", daemon=True)
         try:
             recorder.start()
-            threading.Thread(target=self._read_reports, args=(reports_ours, backlog), name="session-reports",
+            threading.Thread(target=self._read_reports, args=(reports_ours,), name="session-reports",
                              daemon=True).start()
         except RuntimeError:  # no thread to be had (memory): end() must not wait for one never started
-            backlog.close()  # the recorder, if it started, ends
+            self._backlog.close()  # the recorder, if it started, ends
             reports_ours.close()
             raise
         self._recorder = recorder
@@ -349,9 +347,9 @@ class CardSession:
             return CardSessionError(detail)
         return CardSessionError(f"{what}: {detail}")
 
-    def _read_reports(self, reports: socket.socket, backlog: ReportBacklog) -> None:
-        """What the card-session process reports for the audit trail, read as it comes into
-        ``backlog`` (report_backlog.py) until the process ends; :meth:`_record_reports` records it."""
+    def _read_reports(self, reports: socket.socket) -> None:
+        """What the card-session process reports for the audit trail, read as it comes into its
+        backlog (report_backlog.py) until the process ends; :meth:`_record_reports` records it."""
         with reports:
             try:
                 while True:
@@ -372,9 +370,9 @@ class CardSession:
                         return
                     if not isinstance(message, dict) or not {"kind", "fields"} <= message.keys():
                         message = _dropped("unknown", "not readable: not a report")
-                    backlog.put(message, size)
+                    self._backlog.put(message, size)
             finally:
-                backlog.close()
+                self._backlog.close()
 
     @property
     def recording(self) -> bool:
@@ -389,9 +387,9 @@ class CardSession:
         self._recorder.join(timeout)
         return self._backlog.abandon() if self._recorder.is_alive() else 0
 
-    def _record_reports(self, backlog: ReportBacklog) -> None:
+    def _record_reports(self) -> None:
         """Record what :meth:`_read_reports` read, in order, until the process has ended and all is recorded."""
-        while (message := backlog.take()) is not None:
+        while (message := self._backlog.take()) is not None:
             self._record(message)
 
     def _record(self, message: dict[str, Any]) -> None:
