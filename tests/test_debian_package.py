@@ -5,7 +5,7 @@ TLS storescp; a newer revision of it (the same package re-versioned: a second bu
 of the suite's time) upgrades it; purging leaves only the admin's configuration.
 
 It installs on this machine, so it runs as root on Debian and refuses to touch a machine where the
-package or /etc/dicom-card-agent already exists. The build takes ~70 s to a few minutes (dh-virtualenv
+package or /etc/dicom-card-agent already exists. The build takes ~40 s to a few minutes (dh-virtualenv
 installs the Python dependencies from PyPI)."""
 
 from __future__ import annotations
