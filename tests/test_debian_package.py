@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -27,6 +28,7 @@ from peers.dcmtk import storescp, storescu
 from peers.pki_files import TlsServerFiles
 from peers.ports import free_port
 from peers.study import assert_delivered, make_study
+from test_docs_commands import readme_line
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 PACKAGE = "dicom-card-agent"
@@ -76,12 +78,18 @@ def _apt(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def build(out: Path, revision: int) -> Path:
-    result = subprocess.run([str(REPOSITORY / "scripts" / "build-deb"), "--revision", str(revision), "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
+def build_as_the_readme_says() -> Path:
+    """The README's build command, run as written from the checkout (tests/test_docs_commands.py
+    leaves it to this test: one build per suite), and the package it says it makes."""
+    line = readme_line("scripts/build-deb")
+    command, _, comment = line.partition("#")
+    result = subprocess.run(shlex.split(command), cwd=REPOSITORY, capture_output=True, text=True, timeout=900,
+                            stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     deb = Path(result.stdout.strip().splitlines()[-1])
-    assert deb.name == f"{PACKAGE}_{VERSION}-{revision}_{_architecture()}.deb"
+    promised = f"dist/{PACKAGE}_{VERSION}-1_{_architecture()}.deb"
+    assert promised in comment
+    assert deb == REPOSITORY / promised
     return deb
 
 
@@ -89,6 +97,7 @@ def as_revision(deb: Path, revision: int, out: Path) -> Path:
     """``deb`` again as a newer revision, for the upgrade: the same files and maintainer scripts,
     its control file's Version raised. A second scripts/build-deb run (a dh-virtualenv pip install
     of minutes, the longest step of the whole suite) would give the same package."""
+    out.mkdir(exist_ok=True)
     tree = out / f"revision-{revision}"
     subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True, capture_output=True, timeout=300)
     control = tree / "DEBIAN" / "control"
@@ -145,7 +154,7 @@ def write_system_config(test_pki: ProvisionedPki, runtime: Path, pacs_port: int)
 def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: ProvisionedPki,
                                                        tmp_path: Path) -> None:
     started = time.monotonic()
-    first = build(tmp_path / "dist", 1)
+    first = build_as_the_readme_says()
     built_in = time.monotonic() - started
     second = as_revision(first, 2, tmp_path / "dist")
 

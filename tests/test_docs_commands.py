@@ -5,7 +5,9 @@ Each document's ``sh`` blocks run in order in one bash, as a reader types them i
 from the checkout, with a scratch directory as HOME (``~/card-agent-lab``) and as the demo's
 directory (DEMO_DIR). Nothing in the commands is rewritten. The one thing changed from outside is
 ``PYTEST_ADDOPTS=--collect-only``: ``scripts/test`` would otherwise run this whole suite inside
-itself; it still runs as written, its pytest only collects. About 50 s in all (2 shared cores).
+itself; it still runs as written, its pytest only collects. The README's ``scripts/build-deb`` is
+run as written by tests/test_debian_package.py, which installs what it built (RUN_BY_ANOTHER_TEST).
+About 40 s in all (2 shared cores).
 """
 
 from __future__ import annotations
@@ -32,8 +34,29 @@ def reader_environment(scratch: Path) -> dict[str, str]:
             "PYTEST_ADDOPTS": "--collect-only -q -p no:cacheprovider"}
 
 
+# README lines another test runs as written, where what they make is used: the package build (40 s,
+# minutes on a loaded machine) is installed by the package test, so the suite builds it once.
+RUN_BY_ANOTHER_TEST = {"scripts/build-deb": "tests/test_debian_package.py"}
+
+
+def readme_line(command: str) -> str:
+    """The README's line that runs ``command`` (its first word), comment included."""
+    lines = [line for block in shell_blocks("README.md") for line in block.splitlines()
+             if line.split(maxsplit=1)[:1] == [command]]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _left_to_another_test(line: str) -> str:
+    words = line.split(maxsplit=1)
+    if words and words[0] in RUN_BY_ANOTHER_TEST:
+        return f"echo '=== run by {RUN_BY_ANOTHER_TEST[words[0]]}: {words[0]}'"
+    return line
+
+
 def run_document(document: str, scratch: Path) -> subprocess.CompletedProcess:
-    blocks = shell_blocks(document)
+    blocks = ["".join(_left_to_another_test(line) + "\n" for line in block.splitlines())
+              for block in shell_blocks(document)]
     script = "set -eo pipefail\n" + "".join(f"echo '=== block {i + 1} of {document}'\n{block}"
                                               for i, block in enumerate(blocks))
     return subprocess.run(["bash", "-c", script], cwd=REPOSITORY, env=reader_environment(scratch),
@@ -52,6 +75,7 @@ def test_every_shell_block_of_the_readme_runs_as_written(tmp_path: Path) -> None
     out = run_all_blocks("README.md", 1, tmp_path)
     assert f"The PACS stored 4 of 4 files in {tmp_path}/demo/tunnel/received:" in out  # scripts/demo
     assert re.search(r"^\d+ tests collected", out, re.MULTILINE), out[-2000:]  # scripts/test
+    assert "=== run by tests/test_debian_package.py: scripts/build-deb" in out
 
 
 def test_every_shell_block_of_the_getting_started_guide_runs_as_written(tmp_path: Path) -> None:
