@@ -340,3 +340,20 @@ def test_the_debian_changelog_names_the_upstream_changelog_as_installed() -> Non
     deployment = (REPOSITORY / "docs" / "deployment.md").read_text()
     assert "Read `/usr/share/doc/dicom-card-agent/changelog.gz` (`CHANGELOG.md`" in deployment
     assert "Read `CHANGELOG.md`" not in deployment
+
+
+USAGE = "usage: scripts/build-deb [--revision N] [--out DIR]"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--revision", "1 2"], "build-deb: --revision 1 2: use digits (e.g. 2)"),
+    (["--out"], f"build-deb: --out needs a directory; {USAGE}"),
+    (["--revision"], f"build-deb: --revision needs a number (e.g. 2); {USAGE}"),
+    (["--bogus"], f"build-deb: unknown argument --bogus; {USAGE}"),
+])
+def test_build_deb_refuses_bad_arguments_before_building(arguments: list[str], message: str) -> None:
+    """The README's build (run by the package test) takes no arguments: what an admin may add,
+    checked here without a build."""
+    result = subprocess.run([str(REPOSITORY / "scripts" / "build-deb"), *arguments], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, message, "")
