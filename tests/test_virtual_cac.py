@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from agent_runner import RunningAgent, agent_status, card_session_pid, running_agent, tunnel, wait_for
+from agent_runner import RunningAgent, agent_status, card_session_pid, running_agent, tunnel, wait_for, write_config
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.card import pcsc
 from dicom_card_agent.card.pcsc import (
@@ -291,6 +291,71 @@ def test_a_card_another_program_holds_for_itself_at_insertion_signs_in_once_it_i
                      rf"{re.escape(held_message)}: trying again in 1 s", waiting), waiting
     assert status == f"card present, the sign-in could not start ({held_message}): trying again", status
     assert "event=sign-in-failed" not in log and "is it a card this module drives" not in log, log
+
+
+# The probe of the test below, in its own process as in the agent's card session; it stops right
+# after the module's look at the reader's slots until the test has let the card go.
+PROBE_PAUSED_AFTER_THE_LOOK = """
+import sys
+from pathlib import Path
+from dicom_card_agent.config.model import load_config
+from dicom_card_agent.session.probe import ProbeRequest, probe
+from dicom_card_agent.token.module import LoadedModule
+
+look = LoadedModule.slots_with_token
+def look_then_wait(self):
+    slots = look(self)
+    print("looked", flush=True)
+    sys.stdin.readline()
+    return slots
+LoadedModule.slots_with_token = look_then_wait
+try:
+    probe(load_config(Path(sys.argv[1])), ProbeRequest(module="opensc", reader=sys.argv[2]))
+    print("probed")
+except Exception as error:
+    print(type(error).__name__, error)
+"""
+
+
+def test_a_card_let_go_between_the_module_s_look_and_the_probe_s_question_is_read_again(
+        test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """The test above failed in a full run: the middleware let go of the card after OpenSC had
+    looked (a slot without a token) and before the probe asked pcscd whether the card was held, so
+    the card was written off as one OpenSC does not drive. Here that order is forced: the probe, in
+    its own process with the real OpenSC and pcscd, pauses after the module's look while the test
+    lets go. The probe also asks before the module looks, and a card held then is read again."""
+    from smartcard import scard
+
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 9)], token="", module=OPENSC)
+    rv, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert rv == 0, scard.SCardGetErrorMessage(rv)
+    try:
+        card_reader.insert(virtual_cards["carol"])
+        deadline, held = time.monotonic() + 5, None
+        while held is None and time.monotonic() < deadline:
+            rv, handle, _ = scard.SCardConnect(context, VPCD_READER, scard.SCARD_SHARE_EXCLUSIVE,
+                                               scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
+            held = handle if rv == 0 else time.sleep(0.01)
+        assert held is not None, "the test could not take the card for itself"
+        with subprocess.Popen([sys.executable, "-c", PROBE_PAUSED_AFTER_THE_LOOK, str(config), VPCD_READER],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=opensc_env(test_pki)) as prober:
+            try:
+                assert prober.stdout is not None and prober.stdin is not None
+                assert prober.stdout.readline() == "looked\n", prober.stderr.read() if prober.stderr else ""
+                scard.SCardDisconnect(held, scard.SCARD_LEAVE_CARD)
+                prober.stdin.write("\n")
+                prober.stdin.flush()
+                answer, errors = prober.communicate(timeout=PROBE_SECONDS)
+            finally:
+                if prober.poll() is None:
+                    prober.kill()
+    finally:
+        scard.SCardReleaseContext(context)
+    assert answer == (f"CardInUseError the card in reader {VPCD_READER!r} is held by another program for itself (a "
+                      "smart-card middleware, such as GnuPG's scdaemon): it is read again once it is free\n"), \
+        answer + errors
 
 
 def test_a_card_holding_another_token_than_the_configured_one_waits_with_the_reason(

@@ -96,9 +96,13 @@ def probe(config: AgentConfig, request: ProbeRequest) -> Probed:
     :class:`NoSuchTokenError` when the card holds no token the configuration accepts, a PKCS#11
     error when the card cannot be read (pulled mid-way). Whether a PIN attempt may be made is the
     caller's to check (:func:`check_before_login`), once it can name the card in its answer."""
+    # Asked before the module looks at the card as well as after: a program that held the card for
+    # itself while the module looked, and let go before the look after, left the module a slot
+    # without a token, which is not a card the module cannot drive.
+    held_before = not request.token and bool(request.reader) and held_exclusively(request.reader or "")
     module = load_module(request.module)
-    token = find_token(module, request.token) if request.token else _token_in_reader(module, request.reader or "",
-                                                                                     config.identity.token)
+    token = find_token(module, request.token) if request.token else _token_in_reader(
+        module, request.reader or "", config.identity.token, held_before=held_before)
     with token.open() as public_session:
         identities = list_identities(public_session, token, module.profile, logged_in=False,
                                      allow_exportable_keys=config.identity.allow_exportable_keys)
@@ -106,13 +110,14 @@ def probe(config: AgentConfig, request: ProbeRequest) -> Probed:
     return Probed(module, token, found)
 
 
-def _token_in_reader(module: LoadedModule, reader: str, selector: str | None) -> Token:
+def _token_in_reader(module: LoadedModule, reader: str, selector: str | None, *, held_before: bool) -> Token:
     """The token of the card in ``reader`` (OpenSC names a reader's slots after it), the one that
-    ``[identity] token`` selects when it is set."""
+    ``[identity] token`` selects when it is set. ``held_before``: another program held the card for
+    itself just before the module looked."""
     name = reader[:SLOT_DESCRIPTION_LENGTH].strip()
     slots = [slot for slot in module.slots_with_token() if slot.slot_description.strip() == name]
     tokens = tokens_in(slots)
-    if not tokens and held_exclusively(reader):
+    if not tokens and (held_before or held_exclusively(reader)):
         raise CardInUseError(f"the card in reader {reader!r} is held by another program for itself (a smart-card "
                              "middleware, such as GnuPG's scdaemon): it is read again once it is free")
     if not tokens:
