@@ -539,7 +539,8 @@ class PynetdicomClient:
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import Verification
 
-        from peers.pynetdicom_scp import set_nodelay
+        from peers.pynetdicom_scp import keep_responses_for_the_waiting_request, set_nodelay
+        self.keep_responses = keep_responses_for_the_waiting_request
         self.ae = AE(CALLING_AE)
         self.ae.add_requested_context(Verification)
         self.handlers = [(evt.EVT_CONN_OPEN, set_nodelay)]
@@ -552,6 +553,7 @@ class PynetdicomClient:
             if sock is not None:
                 sock.close()
             raise BenchError("pynetdicom: association not established")
+        self.keep_responses(assoc)  # else 1 echo in a few hundred may wait 30 s on a loaded machine
         status = assoc.send_c_echo()
         assoc.release()
         if status is None or getattr(status, "Status", None) != 0:
