@@ -255,6 +255,23 @@ def test_pull_mid_transfer_then_a_second_card_then_the_first_again(
 
 # -- the card-lifecycle faults on the real stack -------------------------------------------------------
 
+def insert_and_hold(card_reader: VirtualReader, card: CardContents, context: int) -> int:
+    """Insert ``card`` and take it for the test alone at once (SCARD_SHARE_EXCLUSIVE, as GnuPG's
+    scdaemon does by default), before anyone else reads it: the handle, to let go of it with
+    ``SCardDisconnect``."""
+    from smartcard import scard
+
+    card_reader.insert(card)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        rv, handle, _ = scard.SCardConnect(context, VPCD_READER, scard.SCARD_SHARE_EXCLUSIVE,
+                                           scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
+        if rv == 0:
+            return handle
+        time.sleep(0.01)
+    raise AssertionError("the test could not take the card for itself before anyone read it")
+
+
 def test_a_card_another_program_holds_for_itself_at_insertion_signs_in_once_it_is_free(
         test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
         virtual_cards: dict[str, CardContents]) -> None:
@@ -271,13 +288,7 @@ def test_a_card_another_program_holds_for_itself_at_insertion_signs_in_once_it_i
         rv, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
         assert rv == 0, scard.SCardGetErrorMessage(rv)
         try:
-            card_reader.insert(virtual_cards["carol"])
-            deadline, held = time.monotonic() + 5, None
-            while held is None and time.monotonic() < deadline:
-                rv, handle, _ = scard.SCardConnect(context, VPCD_READER, scard.SCARD_SHARE_EXCLUSIVE,
-                                                   scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
-                held = handle if rv == 0 else time.sleep(0.01)
-            assert held is not None, "the test could not take the card for itself before the agent read it"
+            held = insert_and_hold(card_reader, virtual_cards["carol"], context)
             waiting = agent.wait_for_log("could not start: ", timeout=PROBE_SECONDS)
             status = agent_status(tmp_path / "agent", env)["state"]
             time.sleep(4)
@@ -331,13 +342,7 @@ def test_a_card_let_go_between_the_module_s_look_and_the_probe_s_question_is_rea
     rv, context = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     assert rv == 0, scard.SCardGetErrorMessage(rv)
     try:
-        card_reader.insert(virtual_cards["carol"])
-        deadline, held = time.monotonic() + 5, None
-        while held is None and time.monotonic() < deadline:
-            rv, handle, _ = scard.SCardConnect(context, VPCD_READER, scard.SCARD_SHARE_EXCLUSIVE,
-                                               scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
-            held = handle if rv == 0 else time.sleep(0.01)
-        assert held is not None, "the test could not take the card for itself"
+        held = insert_and_hold(card_reader, virtual_cards["carol"], context)
         with subprocess.Popen([sys.executable, "-c", PROBE_PAUSED_AFTER_THE_LOOK, str(config), VPCD_READER],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=opensc_env(test_pki)) as prober:
