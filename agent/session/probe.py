@@ -96,10 +96,10 @@ def probe(config: AgentConfig, request: ProbeRequest) -> Probed:
     :class:`NoSuchTokenError` when the card holds no token the configuration accepts, a PKCS#11
     error when the card cannot be read (pulled mid-way). Whether a PIN attempt may be made is the
     caller's to check (:func:`check_before_login`), once it can name the card in its answer."""
-    # Asked before the module looks at the card as well as after: a program that held the card for
-    # itself while the module looked, and let go before the look after, left the module a slot
-    # without a token, which is not a card the module cannot drive.
-    held_before = not request.token and bool(request.reader) and held_exclusively(request.reader or "")
+    # pcscd is asked before the module looks at the card as well as after: a program that held the
+    # card for itself while the module looked, and let go before the second question, left the
+    # module a slot without a token: a card in use, not one the module cannot drive.
+    held_before = bool(not request.token and request.reader and held_exclusively(request.reader))
     module = load_module(request.module)
     token = find_token(module, request.token) if request.token else _token_in_reader(
         module, request.reader or "", config.identity.token, held_before=held_before)
