@@ -48,15 +48,16 @@ def readme_line(command: str) -> str:
     return lines[0]
 
 
-def _left_to_another_test(line: str) -> str:
+def _left_to_another_test(document: str, line: str) -> str:
+    """``line``, or for a README line another test runs (readme_line), what says so."""
     words = line.split(maxsplit=1)
-    if words and words[0] in RUN_BY_ANOTHER_TEST:
+    if document == "README.md" and words and words[0] in RUN_BY_ANOTHER_TEST:
         return f"echo '=== run by {RUN_BY_ANOTHER_TEST[words[0]]}: {words[0]}'"
     return line
 
 
 def run_document(document: str, scratch: Path) -> subprocess.CompletedProcess:
-    blocks = ["".join(_left_to_another_test(line) + "\n" for line in block.splitlines())
+    blocks = ["".join(_left_to_another_test(document, line) + "\n" for line in block.splitlines())
               for block in shell_blocks(document)]
     script = "set -eo pipefail\n" + "".join(f"echo '=== block {i + 1} of {document}'\n{block}"
                                               for i, block in enumerate(blocks))
