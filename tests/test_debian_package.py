@@ -5,8 +5,12 @@ TLS storescp; a newer revision of it (the same package re-versioned: a second bu
 of the suite's time) upgrades it; purging leaves only the admin's configuration.
 
 It installs on this machine, so it runs as root on Debian and refuses to touch a machine where the
-package or /etc/dicom-card-agent already exists. The build takes ~40 s to a few minutes (dh-virtualenv
-installs the Python dependencies from PyPI)."""
+package or /etc/dicom-card-agent already exists. The admin's /etc/dicom-card-agent is seen only by
+the package's commands (apt, the installed agent), each in a mount namespace of its own: the rest of
+the suite runs beside this test on the same machine, and an agent there started without a
+configuration found this one (a doctor test checked bob against this test's CA bundle).
+
+The build takes ~40 s to a few minutes (dh-virtualenv installs the Python dependencies from PyPI)."""
 
 from __future__ import annotations
 
@@ -45,8 +49,9 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def machine() -> Iterator[None]:
-    """This machine, ready for the package and left as it was found."""
+def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This machine, ready for the package and left as it was found; yields the directory the
+    package's commands see as /etc/dicom-card-agent (:func:`with_admin_etc`)."""
     if os.geteuid() != 0:
         _unavailable("installing a package needs root")
     for tool in ("dpkg-buildpackage", "dh_virtualenv", "apt-get"):
@@ -55,12 +60,22 @@ def machine() -> Iterator[None]:
     if _installed_version() is not None or ETC.exists():
         _unavailable(f"{PACKAGE} is installed or {ETC} exists: this test installs and purges the package "
                      "and writes that configuration, so it runs only on a machine without them")
+    admin_etc = tmp_path_factory.mktemp("etc-dicom-card-agent")
+    admin_etc.chmod(0o755)
+    ETC.mkdir(mode=0o755)  # the mount point; empty here, where the rest of the suite looks
     try:
-        yield
+        yield admin_etc
     finally:
         if _installed_version() is not None:
             _apt("purge", PACKAGE)
         shutil.rmtree(ETC, ignore_errors=True)
+
+
+def with_admin_etc(admin_etc: Path, command: list[str]) -> list[str]:
+    """``command`` run where /etc/dicom-card-agent is ``admin_etc``: a private mount namespace, its
+    own bind mount; the command's process keeps the PID (unshare and sh exec it)."""
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            'mount --bind "$0" /etc/dicom-card-agent && exec "$@"', str(admin_etc), *command]
 
 
 def _installed_version() -> str | None:
@@ -70,10 +85,11 @@ def _installed_version() -> str | None:
     return result.stdout.split()[-1]
 
 
-def _apt(*args: str) -> subprocess.CompletedProcess:
+def _apt(*args: str, admin_etc: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(["apt-get", "-y", "-q", "--no-install-recommends", *args], capture_output=True,
-                            text=True, env=env, timeout=600)
+    command = ["apt-get", "-y", "-q", "--no-install-recommends", *args]
+    result = subprocess.run(command if admin_etc is None else with_admin_etc(admin_etc, command),
+                            capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -119,9 +135,9 @@ def package_files() -> set[Path]:
     return {Path(line) for line in listed.splitlines() if line.startswith("/")}
 
 
-def installed_agent(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([str(INSTALLED), *args], capture_output=True, text=True, env=env, timeout=120,
-                          stdin=subprocess.DEVNULL)
+def installed_agent(*args: str, admin_etc: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(with_admin_etc(admin_etc, [str(INSTALLED), *args]), capture_output=True, text=True,
+                          env=env, timeout=120, stdin=subprocess.DEVNULL)
 
 
 def clean_env(test_pki: ProvisionedPki, home: Path, **extra: str) -> dict[str, str]:
@@ -131,14 +147,13 @@ def clean_env(test_pki: ProvisionedPki, home: Path, **extra: str) -> dict[str, s
     return env
 
 
-def write_system_config(test_pki: ProvisionedPki, runtime: Path, pacs_port: int) -> int:
+def write_system_config(admin_etc: Path, test_pki: ProvisionedPki, runtime: Path, pacs_port: int) -> int:
     """/etc/dicom-card-agent as config management writes it: the CA bundle, the CRL, agent.toml."""
     port = free_port()
-    ETC.mkdir(mode=0o755, exist_ok=True)
     for source in (test_pki.ca_bundle, test_pki.crl):
-        shutil.copy(source, ETC / source.name)
-        (ETC / source.name).chmod(0o644)
-    (ETC / "agent.toml").write_text(
+        shutil.copy(source, admin_etc / source.name)
+        (admin_etc / source.name).chmod(0o644)
+    (admin_etc / "agent.toml").write_text(
         "[identity]\n"
         'token = "alice"\nmodule = "softhsm2"\npin = "env:CARD_PIN"\n\n'
         "[trust]\n"
@@ -147,18 +162,19 @@ def write_system_config(test_pki: ProvisionedPki, runtime: Path, pacs_port: int)
         f'name = "pacs"\nlisten = "127.0.0.1:{port}"\nremote = "127.0.0.1:{pacs_port}"\nserver_name = "localhost"\n\n'
         "[agent]\n"
         f'runtime_dir = "{runtime}"\n')
-    (ETC / "agent.toml").chmod(0o644)
+    (admin_etc / "agent.toml").chmod(0o644)
     return port
 
 
-def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: ProvisionedPki,
+def test_build_install_store_a_study_upgrade_and_purge(machine: Path, test_pki: ProvisionedPki,
                                                        tmp_path: Path) -> None:
+    admin_etc = machine
     started = time.monotonic()
     first = build_as_the_readme_says()
     built_in = time.monotonic() - started
     second = as_revision(first, 2, tmp_path / "dist")
 
-    _apt("install", str(first))
+    _apt("install", str(first), admin_etc=admin_etc)
     assert _installed_version() == f"{VERSION}-1"
     files = package_files()
     for expected in (INSTALLED, Path("/usr/lib/systemd/user/card-agent.service"),
@@ -192,7 +208,7 @@ def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: 
     home = tmp_path / "home"
     home.mkdir()
     env = clean_env(test_pki, home)
-    version = installed_agent("--version", env=env)
+    version = installed_agent("--version", admin_etc=admin_etc, env=env)
     assert (version.returncode, version.stdout) == (0, f"card-agent {VERSION}\n")
     verify = subprocess.run(["systemd-analyze", "verify", "--user", "/usr/lib/systemd/user/card-agent.service"],
                             capture_output=True, text=True, timeout=60,
@@ -207,26 +223,28 @@ def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: 
 
     study = make_study(tmp_path / "study", files=3)
     with storescp(tmp_path / "received", tls=TlsServerFiles.from_pki(test_pki.pki)) as pacs:
-        port = write_system_config(test_pki, _private_dir(tmp_path / "run"), pacs.port)
+        port = write_system_config(admin_etc, test_pki, _private_dir(tmp_path / "run"), pacs.port)
         doctor = installed_agent("doctor", "--token", "alice", "--ca", "/etc/dicom-card-agent/ca-bundle.pem",
-                                 env={**env, "CARD_AGENT_MODULE": "softhsm2"})
+                                 admin_etc=admin_etc, env={**env, "CARD_AGENT_MODULE": "softhsm2"})
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert "ok   chain alice: " in doctor.stdout
         # What config management runs before rolling the configuration out: no --config, /etc's file.
-        check = installed_agent("check", env={**env, "CARD_PIN": USER_PIN})
+        check = installed_agent("check", admin_etc=admin_etc, env={**env, "CARD_PIN": USER_PIN})
         assert check.returncode == 0, check.stdout + check.stderr
         assert "ok   config: /etc/dicom-card-agent/agent.toml: 1 tunnel(s)" in check.stdout, check.stdout
         log_path = tmp_path / "agent.log"
         with open(log_path, "w") as log:
-            agent = subprocess.Popen([str(INSTALLED), "run"], stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env={**env, "CARD_PIN": USER_PIN},
-                                     start_new_session=True)
+            agent = subprocess.Popen(with_admin_etc(admin_etc, [str(INSTALLED), "run"]), stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**env, "CARD_PIN": USER_PIN}, start_new_session=True)
         try:
             deadline = time.monotonic() + 60
             while "card-agent: INFO: ready:" not in log_path.read_text():
                 assert agent.poll() is None and time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.1)
-            status = installed_agent("status", env=env)  # no --config either: /etc's agent
+            status = installed_agent("status", admin_etc=admin_etc, env=env)  # no --config either: /etc's agent
+            # The suite's other agents, outside this test's namespaces, find no configuration there.
+            assert sorted(ETC.iterdir()) == []
             assert status.returncode == 0 and "signed in" in status.stdout, status.stdout + status.stderr
             sent = storescu(port, study)
             assert sent.returncode == 0, sent.stdout
@@ -240,22 +258,22 @@ def test_build_install_store_a_study_upgrade_and_purge(machine: None, test_pki: 
     ours = {p for p in Path("/usr/lib/dicom-card-agent").rglob("*")}
     assert ours - files == set()
 
-    configuration = (ETC / "agent.toml").read_bytes()
-    _apt("install", str(second))
+    configuration = (admin_etc / "agent.toml").read_bytes()
+    _apt("install", str(second), admin_etc=admin_etc)
     assert _installed_version() == f"{VERSION}-2"
-    assert installed_agent("--version", env=env).stdout == f"card-agent {VERSION}\n"
-    assert (ETC / "agent.toml").read_bytes() == configuration  # the admin's file is the admin's
+    assert installed_agent("--version", admin_etc=admin_etc, env=env).stdout == f"card-agent {VERSION}\n"
+    assert (admin_etc / "agent.toml").read_bytes() == configuration  # the admin's file is the admin's
 
     files = package_files()
-    _apt("purge", PACKAGE)
+    _apt("purge", PACKAGE, admin_etc=admin_etc)
     assert _installed_version() is None
     left = sorted(str(p) for p in files if p.exists() and not p.is_dir())
     assert left == []
     assert not Path("/usr/lib/dicom-card-agent").exists()
     assert not Path("/usr/share/doc/dicom-card-agent").exists()
     assert not GLOBAL_LINK.exists() and not GLOBAL_LINK.is_symlink()  # purge takes the --global enable back
-    assert (ETC / "agent.toml").read_bytes() == configuration  # only the admin's configuration stays
-    assert sorted(p.name for p in ETC.iterdir()) == sorted(["agent.toml", "ca-bundle.pem", test_pki.crl.name])
+    assert (admin_etc / "agent.toml").read_bytes() == configuration  # only the admin's configuration stays
+    assert sorted(p.name for p in admin_etc.iterdir()) == sorted(["agent.toml", "ca-bundle.pem", test_pki.crl.name])
     print(f"the build took {built_in:.0f} s, the whole test {time.monotonic() - started:.0f} s")
 
 
