@@ -41,6 +41,7 @@ from dicom_card_agent.audit.config import AuditConfig
 from dicom_card_agent.audit.errors import AuditError
 from dicom_card_agent.audit.events import AuditEvent, EventKind
 from dicom_card_agent.audit.messages import AuditSource, render
+from dicom_card_agent.audit.refusal import RESTART_REMEDY
 from dicom_card_agent.audit.sinks import FileSink, RepositorySink, repository_sink
 from dicom_card_agent.audit.spool import Spool
 from dicom_card_agent.audit.syslog import MAX_SEQUENCE_ID, SEVERITY_NOTICE, SEVERITY_WARNING, format_message
@@ -51,7 +52,6 @@ FREE_SPACE_RESERVE = 1024 * 1024  # bytes a sink's file system must keep free un
 FREE_INODES_RESERVE = 16  # the spool needs one file per waiting message
 SinkOutcome = Literal["written", "kept", "lost"]  # what became of one message at one sink
 BACKLOG_LIMIT = 100_000  # messages kept in memory per sink while it fails (refuse): ~ days of refusals
-RESTART_REMEDY = "restart the agent"  # ends the refusal of a trail that cannot record the reports
 WHY_LIMIT = 200  # characters of an error in not_recorded's messages (it may quote a peer's value)
 
 
@@ -376,13 +376,3 @@ def short_of_space(directory: Path) -> str:
     if stats.f_files and stats.f_favail < FREE_INODES_RESERVE:
         return f"{stats.f_favail} free inodes on the file system of {directory}"
     return ""
-
-
-def refusal_advice(refusal: str) -> str:
-    """What to do about ``refusal`` (:meth:`AuditTrail.refusal`), to follow it in a log line or in
-    `status`: a trail that cannot be written is accepted again as soon as it can be; one that cannot
-    record what the card session reports says itself that the agent must be restarted."""
-    if refusal.endswith(RESTART_REMEDY):
-        return ""
-    return '; [audit] on_failure = "refuse": free space there, associations are accepted again as soon as the trail ' \
-           "can be written"

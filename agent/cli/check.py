@@ -26,7 +26,7 @@ from dicom_card_agent.config.model import AgentConfig, InboundConfig, ListenAddr
 from dicom_card_agent.config.preflight import open_crl_files, pin_sources, refuse_unsafe, tunnel_and_listener_files
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session import control
-from dicom_card_agent.session.identity import is_private_runtime_directory, runtime_directories
+from dicom_card_agent.session.runtime_dir import is_private_runtime_directory, runtime_directories
 from dicom_card_agent.tls.failures import connect_failure
 from dicom_card_agent.token.pin import PinSource
 from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates

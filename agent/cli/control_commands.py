@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from dicom_card_agent.audit.trail import refusal_advice
+from dicom_card_agent.audit.refusal import refusal_advice
 from dicom_card_agent.cli.options import ConfigFile, Json
 from dicom_card_agent.config.locate import locate_config
 from dicom_card_agent.config.model import load_config

@@ -19,7 +19,7 @@ from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.notify import Notifier
 from dicom_card_agent.session.audit import AuditRecorder
-from dicom_card_agent.session.control import ControlServer
+from dicom_card_agent.session.control_server import ControlServer
 from dicom_card_agent.session.identity import remove_leftover_session_files
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.session.reload import Reloader

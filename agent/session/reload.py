@@ -20,7 +20,7 @@ from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConf
 from dicom_card_agent.config.preflight import crls_after_reload, prepare_pin_sources
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.session.audit import AuditRecorder
-from dicom_card_agent.session.control import ControlServer
+from dicom_card_agent.session.control_server import ControlServer
 from dicom_card_agent.session.manager import SessionManager
 from dicom_card_agent.tunnel.server import Listeners
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicom_card_agent.audit.events import AlertType, AuditEvent, LocalPeer, Outcome
-from dicom_card_agent.audit.trail import refusal_advice
+from dicom_card_agent.audit.refusal import refusal_advice
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
