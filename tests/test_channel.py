@@ -10,6 +10,7 @@ import time
 import pytest
 
 from dicom_card_agent.session import channel as messages
+from dicom_card_agent.session import supervisor
 
 
 def test_a_message_longer_than_the_socket_buffer_arrives_whole_with_its_descriptors() -> None:
@@ -83,3 +84,36 @@ class _Sending:
     def __init__(self, sock, sendall) -> None:  # type: ignore[no-untyped-def]
         self._sock = sock
         self.sendall = sendall
+
+
+REFUSAL = {"type": "error", "plain": True, "message": "stopped before reading the card: it is being traced by pid 7"}
+
+
+@pytest.mark.parametrize("asked_first", [True, False], ids=["asked, then it answered and went",
+                                                            "it answered and went, then asked"])
+def test_the_answer_of_a_process_that_went_without_reading_the_question_is_read(asked_first: bool) -> None:
+    """The card-session process that finds itself traced sends its refusal and exits at once,
+    without reading the probe's question. The kernel reports that close before the answer (EPIPE to
+    the question's send, ECONNRESET to the read when the question went unread), and the supervisor
+    told "it exited (Connection reset by peer)" instead of the refusal. The process is scripted here:
+    which of the two orders a real one takes depends on the machine's scheduling."""
+    ours, theirs = messages.channel_pair()
+    try:
+        if asked_first:
+            messages.send(ours, {"type": "probe"})
+        messages.send(theirs, REFUSAL)
+        theirs.close()
+        assert supervisor.ask(ours, {"type": "probe"} if not asked_first else None) == REFUSAL
+    finally:
+        ours.close()
+
+
+def test_a_process_that_went_without_an_answer_is_told_as_gone() -> None:
+    ours, theirs = messages.channel_pair()
+    try:
+        messages.send(ours, {"type": "probe"})
+        theirs.close()
+        assert supervisor.ask(ours, None) == {
+            "type": "error", "message": "it exited (Connection reset by peer); see the lines above", "died": True}
+    finally:
+        ours.close()

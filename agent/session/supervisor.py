@@ -113,6 +113,44 @@ def _upgraded_on_disk() -> str | None:
                                      installed_build or "not installed")
 
 
+def ask(channel: socket.socket, message: dict[str, Any] | None, secrets: Sequence[Secret] = (), *,
+        limit: int = messages.MAX_MESSAGE) -> dict[str, Any] | None:
+    """Send the card-session process ``message`` (and ``secrets``; None: nothing, it has more to
+    say) and wait for its answer; an error answer when none comes."""
+    channel.settimeout(START_TIMEOUT_SECONDS)
+    try:
+        if message is not None:
+            messages.send(channel, message)
+        for secret in secrets:
+            messages.send_secret(channel, secret)
+        reply, _ = messages.receive(channel, limit)
+    except TimeoutError:
+        reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
+    except messages.MessageTooLargeError as error:
+        reply = {"type": "error", "message": f"its answer is too large: {error}"}
+    except OSError as error:  # it died before answering (e.g. a broken installation, or ended by a cancel)
+        reply = _answer_before_going(channel, error, limit) or {
+            "type": "error", "message": f"it exited ({error.strerror or error}); see the lines above", "died": True}
+    channel.settimeout(None)
+    return reply
+
+
+def _answer_before_going(channel: socket.socket, error: OSError, limit: int) -> dict[str, Any] | None:
+    """What a process that closed its channel had answered before it went (a refusal to be traced
+    is sent, then the process exits at once). The kernel tells of the close first: EPIPE to a send,
+    ECONNRESET to the next read when what was sent went unread; the answer is still there to read
+    after it, and once the channel is closed reading never waits."""
+    if not isinstance(error, (BrokenPipeError, ConnectionResetError)):
+        return None
+    try:
+        reply, descriptors = messages.receive(channel, limit)
+    except (OSError, ValueError):  # ValueError: not JSON
+        return None
+    for descriptor in descriptors:
+        os.close(descriptor)
+    return reply
+
+
 class CardSession:
     """One card's process: started at insertion to probe the card (:meth:`open`), then the signed-in
     identity's TLS (:meth:`start`), until :meth:`end`."""
@@ -196,7 +234,7 @@ class CardSession:
             raise
         self._recorder = recorder
         # The version and build first, looked at before anything else (worker.upgraded_under).
-        reply = self._ask(ours, {**request.to_message(), **messages.config_fields(self.config),
+        reply = ask(ours, {**request.to_message(), **messages.config_fields(self.config),
                                  "version": RUNNING_VERSION, "build": RUNNING_BUILD}, limit=messages.MAX_CARD_MESSAGE)
         if reply is not None and reply.get("type") == "card":
             found = FoundCard.from_message(reply)
@@ -268,10 +306,10 @@ class CardSession:
         if secrets:
             self._refuse_if_traced()
         # PINs follow as raw messages of their own, sent from their buffers: never in JSON or a str.
-        reply = self._ask(self.channel, start, secrets)
+        reply = ask(self.channel, start, secrets)
         if reply is not None and reply.get("type") == LOGIN_ACCEPTED:  # the card took the PIN; "ready" or an error next
             login_accepted(self.signed_in)
-            reply = self._ask(self.channel, None)
+            reply = ask(self.channel, None)
         if reply is None or reply.get("type") != "ready":
             killed_by = self._killed_before_answering(reply)
             if killed_by is not None:  # a crash, as while it read the card: a new process may get past it
@@ -293,27 +331,6 @@ class CardSession:
             self.process.kill()  # a tracer may hold it stopped: it would not answer an end message
             self.end("traced")
             raise CardSessionError(f"{refusal}: the PIN is not sent")
-
-    def _ask(self, channel: socket.socket, message: dict[str, Any] | None, secrets: Sequence[Secret] = (), *,
-             limit: int = messages.MAX_MESSAGE) -> dict[str, Any] | None:
-        """Send ``message`` (and ``secrets``; None: nothing, the process has more to say) and wait
-        for the answer; an error answer when none comes."""
-        channel.settimeout(START_TIMEOUT_SECONDS)
-        try:
-            if message is not None:
-                messages.send(channel, message)
-            for secret in secrets:
-                messages.send_secret(channel, secret)
-            reply, _ = messages.receive(channel, limit)
-        except TimeoutError:
-            reply = {"type": "error", "message": f"no answer within {START_TIMEOUT_SECONDS} s"}
-        except messages.MessageTooLargeError as error:
-            reply = {"type": "error", "message": f"its answer is too large: {error}"}
-        except OSError as error:  # it died before answering (e.g. a broken installation, or ended by a cancel)
-            reply = {"type": "error", "message": f"it exited ({error.strerror or error}); see the lines above",
-                     "died": True}
-        channel.settimeout(None)
-        return reply
 
     def _killed_before_answering(self, reply: dict[str, Any] | None) -> int | None:
         """The (negative) exit status of a process that a signal ended without its answer; None
