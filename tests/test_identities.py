@@ -114,6 +114,27 @@ def test_missing_module_path_is_named(test_pki: ProvisionedPki) -> None:
     assert "PKCS#11 module /opt/vendor/libmissing-pkcs11.so does not exist" in result.stderr
 
 
+def test_a_module_that_does_not_start_is_told_apart_from_a_file_that_is_no_module(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """SoftHSM without its configuration loads, and its C_Initialize answers CKR_GENERAL_ERROR: that
+    was told as "cannot load PKCS#11 module ...: . Check that it is a PKCS#11 library for this
+    architecture", an empty reason and the wrong advice."""
+    result = run_card_agent("tokens", "--module", "softhsm2", env=test_pki.env(SOFTHSM2_CONF=str(tmp_path / "none")))
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2, "", "card-agent: error: PKCS#11 module /usr/lib/softhsm/libsofthsm2.so (profile softhsm2) did not start: "
+        "its C_Initialize answered GeneralError. SoftHSM reads SOFTHSM2_CONF (else /etc/softhsm/softhsm2.conf) and "
+        "the directories.tokendir it names: both must exist and be readable by this user (SoftHSM writes why to "
+        "the system log)\n")
+    not_a_module = tmp_path / "libnot-pkcs11.so"
+    not_a_module.write_bytes(b"not an ELF file\n" * 8)
+    result = run_card_agent("tokens", "--module", not_a_module, env=test_pki.env())
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"card-agent: error: cannot load PKCS#11 module {not_a_module} (profile generic): OS exception while loading "
+        f"{not_a_module}: {not_a_module}: invalid ELF header. Check that it is a PKCS#11 library for this "
+        "architecture\n")
+
+
 def test_profile_whose_module_is_not_installed_names_profile_and_paths(test_pki: ProvisionedPki) -> None:
     result = run_card_agent("tokens", "--module", "thales-luna", env=test_pki.env())
     assert result.returncode == 2

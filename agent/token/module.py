@@ -112,7 +112,14 @@ def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
     try:
         return pkcs11.lib(path)
     except PKCS11Error as error:
-        raise _not_loadable(path, profile, error) from None
+        if type(error) is PKCS11Error:  # python-pkcs11's own: the file is no PKCS#11 library for this machine
+            raise _not_loadable(path, profile, error) from None
+        # A return code's class: the library loaded and C_Initialize refused. These carry no text, the
+        # name of the return code is what there is to tell.
+        hint = profile.start_failure_hint or ("The module's own configuration or service is the likely cause, "
+                                              "and the module may have written why to the system log")
+        raise ModuleLoadError(f"PKCS#11 module {path} (profile {profile.name}) did not start: its C_Initialize "
+                              f"answered {type(error).__name__}. {hint}") from None
 
 
 def _check_loadable(path: str, profile: ModuleProfile) -> None:

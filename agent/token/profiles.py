@@ -45,6 +45,9 @@ class ModuleProfile:
     # card-session process, because each process's first question about a card makes the module
     # probe it (OpenSC: ~2 s); "module" (the default): the card loop asks the module (agent/card).
     presence_from_pcsc: bool = False
+    # What to check when the module loads but its C_Initialize fails (its configuration, its
+    # service), for the error message; "" : nothing known beyond the generic advice.
+    start_failure_hint: str = ""
 
     def installed_module(self) -> str | None:
         """The first of the profile's module paths present on this machine."""
@@ -78,6 +81,7 @@ def _profile_from_toml(data: dict) -> ModuleProfile:
         known_gaps=tuple(data.get("mechanisms", {}).get("known_gaps", ())),
         card_readers=bool(data.get("card_readers", True)),
         presence_from_pcsc=_presence(data) == "pcsc",
+        start_failure_hint=data.get("start_failure", ""),
     )
 
 
