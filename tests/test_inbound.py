@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent_runner import (
+    ANY_SOFTHSM_TOKEN,
     RunningAgent,
     associate_rq,
     inbound_listener,
@@ -748,3 +749,37 @@ def test_a_handshake_waiting_for_its_pacs_ends_with_the_card_session_at_once(
     assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: TLS handshake with the PACS at 127\.0\.0\.1:\d+ "
                      r"ended with the card session: locked", ended.log), ended.log
 
+
+
+def test_a_card_swap_ends_the_inbound_association_in_progress_and_the_next_card_serves_the_next(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path], fault_module: Path) -> None:
+    """An inbound listener works within the card session of whoever is signed in (docs/dicom.md):
+    the PACS's association in progress when alice's card is swapped for bob's ends with her session,
+    and the PACS's next association is served in bob's."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        listener = inbound_listener("retrieves", f"127.0.0.1:{viewer.port}", **THE_PACS, **node_identity(test_pki))
+        with running_agent(test_pki, tmp_path / "agent", [], token=ANY_SOFTHSM_TOKEN, module=str(fault_module),
+                           env=card.env(), inbound=[listener]) as agent:
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            with connected_as_the_pacs(test_pki, listener) as pacs:
+                pacs.sendall(associate_rq())
+                assert receive_pdu(pacs)[0] == 0x02, agent.log()  # A-ASSOCIATE-AC from the viewer's SCP
+                card.show("bob")
+                swapped = time.monotonic()
+                rest = b""
+                with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                    while chunk := pacs.recv(65536):
+                        rest += chunk
+                ended_after = time.monotonic() - swapped
+            agent.wait_for_log('event=sign-in subject="CN=Bob Example')
+            result = storescu(port_of(listener), study, tls=pacs_identity(test_pki), calling_ae="PACS")
+            log = agent.wait_for_log("instances stored", timeout=40)
+        received = viewer.stored_files()
+    # A functional bound (the card is looked at every 50 ms), not a performance claim.
+    assert ended_after < 2.0, log
+    assert rest == b""  # nothing more goes out when a session ends, not even an A-ABORT: the connection closes
+    assert re.search(r"inbound retrieves: 127\.0\.0\.1:\d+: card session ended: card swapped", log), log
+    assert result.returncode == 0, result.stdout
+    assert_delivered(study, received)
