@@ -48,6 +48,18 @@ def test_missing_module_fails_the_module_check(test_pki: ProvisionedPki) -> None
     assert lines(result.stdout)["openssl"] == "ok"
 
 
+def test_a_module_that_does_not_start_is_not_told_to_be_installed(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    result = run_card_agent("doctor", "--module", "softhsm2", env=test_pki.env(SOFTHSM2_CONF=str(tmp_path / "none")))
+    assert result.returncode == 1
+    module_check = result.stdout.split("fail pkcs11-module: ", 1)[1].splitlines()[:2]
+    assert module_check == [
+        "PKCS#11 module /usr/lib/softhsm/libsofthsm2.so (profile softhsm2) did not start: its C_Initialize answered "
+        "GeneralError. SoftHSM reads SOFTHSM2_CONF (else /etc/softhsm/softhsm2.conf) and the directories.tokendir it "
+        "names: both must exist and be readable by this user (SoftHSM writes why to the system log)",
+        "     fix: the module is installed and loads: set up what it needs to start (above); reinstalling it does not "
+        "help"]
+
+
 def test_chain_is_skipped_without_a_bundle(test_pki: ProvisionedPki) -> None:
     result = run_card_agent("doctor", "--module", "softhsm2", "--token", "bob", env=test_pki.env())
     assert result.returncode == 0

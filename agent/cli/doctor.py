@@ -28,7 +28,7 @@ from dicom_card_agent.tls.provider import check_provider_loads, openssl_config, 
 from dicom_card_agent.token.discovery import PinState, describe, find_token, present_tokens
 from dicom_card_agent.token.identities import list_identities
 from dicom_card_agent.token.login import describe_pin_state
-from dicom_card_agent.token.module import LoadedModule, load_module
+from dicom_card_agent.token.module import LoadedModule, ModuleStartError, load_module
 from dicom_card_agent.trust.anchors import TrustAnchors
 
 
@@ -142,9 +142,11 @@ def platform_checks(module_spec: str, module_key: str = "--module", *,
     except CardAgentError as error:
         if refuse_unsafe and isinstance(error, UnsafeFileError):
             raise
-        checks.append(Check("fail", "pkcs11-module", str(error),
-                            "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or "
-                            f"{'pass' if module_key.startswith('--') else 'set'} {module_key}"))
+        fix = ("the module is installed and loads: set up what it needs to start (above); reinstalling it does "
+               "not help" if isinstance(error, ModuleStartError) else
+               "install the card's PKCS#11 module (smart cards: `apt-get install opensc`) or "
+               f"{'pass' if module_key.startswith('--') else 'set'} {module_key}")
+        checks.append(Check("fail", "pkcs11-module", str(error), fix))
         return checks, None
     checks.append(Check("ok", "pkcs11-module",
                         f"{loaded.path} (profile {loaded.profile.name}: {loaded.library_description})"))

@@ -28,6 +28,11 @@ class ModuleLoadError(CardAgentError):
     """The PKCS#11 module cannot be found or loaded."""
 
 
+class ModuleStartError(ModuleLoadError):
+    """The PKCS#11 module loaded, but its ``C_Initialize`` failed: its own configuration or service
+    is missing, not the module."""
+
+
 # One thread at a time in the PKCS#11 module. The supervisor polls the reader while a sign-in runs
 # in a thread of its own, and SoftHSM answered CKR_GENERAL_ERROR to a slot poll made while another
 # thread logged in (which the card loop took for a pulled card). Every PKCS#11 call of the
@@ -118,7 +123,7 @@ def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
         # name of the return code is what there is to tell.
         hint = profile.start_failure_hint or ("The module's own configuration or service is the likely cause, "
                                               "and the module may have written why to the system log")
-        raise ModuleLoadError(f"PKCS#11 module {path} (profile {profile.name}) did not start: its C_Initialize "
+        raise ModuleStartError(f"PKCS#11 module {path} (profile {profile.name}) did not start: its C_Initialize "
                               f"answered {type(error).__name__}. {hint}") from None
 
 
