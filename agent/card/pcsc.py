@@ -56,7 +56,12 @@ ReaderState = tuple[str, int]
 
 
 class PcscUnavailable(RuntimeError):
-    """No libpcsclite, or no pcscd answering: rely on polling alone."""
+    """No libpcsclite, or no pcscd answering: rely on polling alone. ``remedy``: what an
+    administrator does about it."""
+
+    def __init__(self, message: str, remedy: str = "start pcscd: `systemctl enable --now pcscd.socket`") -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 def _code(value: int) -> int:
@@ -76,7 +81,8 @@ def pcsc_api() -> Any:
             ctypes.CDLL(PCSCLITE_LIBRARY)
         except OSError as error:
             log.debug("PC/SC: %s", error)
-            raise PcscUnavailable("libpcsclite is not installed") from None
+            raise PcscUnavailable("libpcsclite is not installed",
+                                  "install it: `apt-get install libpcsclite1`") from None
     from smartcard import scard
 
     return scard

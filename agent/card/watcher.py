@@ -396,6 +396,9 @@ class CardEvents:
         self.use_pcsc = os.environ.get(EVENTS_ENV, "") != "poll" if use_pcsc is None else use_pcsc
         self.card_readers = card_readers
         self.description = f"polling every {POLL_SECONDS * 1000:g} ms"
+        # Why pcscd's events could not be had at start, for a module whose tokens are in card readers:
+        # they are not asked for again (a restart of the agent is), and the module is polled instead.
+        self.unavailable: PcscUnavailable | None = None
 
     @property
     def pcsc(self) -> bool:
@@ -415,9 +418,15 @@ class CardEvents:
                 self.description = f"PC/SC events from pcscd, and {self.description}"
             except PcscUnavailable as error:
                 self.description += f" (no PC/SC events: {error})"
+                self.unavailable = error
         else:
             self.description += f" (PC/SC events off: {EVENTS_ENV}=poll)"
-        log.info("card events: %s", self.description)
+        if self.unavailable is None:
+            log.info("card events: %s", self.description)
+        else:  # no card reader is seen before pcscd runs; after, the module is polled for what it sees
+            log.warning("card events: %s: no card reader is seen until pcscd answers (%s), and then only through "
+                        "the PKCS#11 module; restart the agent once it answers for pcscd's events", self.description,
+                        self.unavailable.remedy)
         return self
 
     def __exit__(self, *exc: object) -> None:

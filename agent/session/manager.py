@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from dicom_card_agent.audit.events import User
+from dicom_card_agent.card.pcsc import PcscUnavailable, readers_with_a_card
 from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
-from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
+from dicom_card_agent.card.watcher import POLL_SECONDS, CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.clock import awake_or_asleep
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.session_notices import SessionNotices
@@ -206,6 +207,7 @@ class SessionManager:
         self._report_users: dict[int, User] = {}
         self._first_look = threading.Event()
         self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (clock.py)
+        self._no_card_events: PcscUnavailable | None = None  # why pcscd's events were not to be had at start
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
         self._reader: threading.Thread | None = None
         self.totals = SessionTotals()  # `status` counts since start: sessions, and what was turned away
@@ -330,6 +332,7 @@ class SessionManager:
         """Look at the reader whenever card events say so, in a thread of its own: a card's probe
         (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
         with CardEvents(card_readers=self.module.profile.card_readers) as events:
+            self._no_card_events = events.unavailable
             if events.source is not None and self.module.profile.presence_from_pcsc:
                 # The module is left to the card-session process; so is judging a card by its token.
                 self.watcher = ReaderWatcher(events.source, vet=self._vet if self.config.identity.token else None)
@@ -393,10 +396,11 @@ class SessionManager:
 
     @property
     def reader_trouble(self) -> str | None:
-        """Why the card loop cannot look at the reader now, for `status`; None while it can."""
+        """Why the card loop cannot look at the reader now, or sees it only through the module
+        because pcscd's events were not to be had at start, for `status`; None while all is well."""
         since = self._reader_starved_since
         if since is None:
-            return None
+            return None if self._no_card_events is None else _without_card_events(self._no_card_events)
         seconds = awake_or_asleep() - since
         # The lease is renewed from looks made: past it, the card session's lent listeners refuse
         # (not lent under [audit] on_failure = "refuse").
@@ -959,3 +963,14 @@ def _end_after_failure(session: CardSession, reason: str = "sign-in failed") -> 
         session.end(reason)
     except Exception:
         log.exception("ending the card session of a failed sign-in")
+
+
+def _without_card_events(at_start: PcscUnavailable) -> str:
+    """`status`'s reader line for an agent that started without pcscd's events: whether pcscd
+    answers now (asked now: an administrator may have started it since) and what to do."""
+    try:
+        readers_with_a_card()
+    except PcscUnavailable as error:
+        return f"{error}: no card reader is seen; {error.remedy}"
+    return (f"no PC/SC events (at start: {at_start}): cards are seen by asking the PKCS#11 module every "
+            f"{POLL_SECONDS * 1000:g} ms; restart the agent for pcscd's events")
