@@ -2,8 +2,10 @@
 real stack: a pcscd of the test's own + vpcd + libcacard (CAC) + OpenSC.
 
 No card reader can be seen then, and `status` said only "no card inserted": nothing told the
-administrator that pcscd was the matter. Once pcscd runs, the card is seen through OpenSC (the
-agent keeps polling the module: pcscd's events are asked for at start only), and `status` says so.
+administrator that pcscd was the matter. And pcscd's events were asked for at start only: once
+pcscd ran, the agent went on polling OpenSC every 50 ms for the rest of its life, which probes each
+card twice per sign-in, until it was restarted. It now asks for them again every second, and
+watches through pcscd alone from the first moment no card is in a reader.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from peers.pynetdicom_scp import echo, tls_scp
 from test_second_reader import PROBE_SECONDS, PrivateReader
 from virtual_card.fixtures import private_two_readers, virtual_cards  # noqa: F401 - a pytest fixture
 from virtual_card.nssdb import CardContents
+from virtual_card.pcscd import VPCD_READERS
 
 NO_PCSCD = "pcscd does not answer (SCardEstablishContext: 0x8010001D)"
 
 
-def test_an_agent_started_before_pcscd_says_so_and_signs_in_once_it_runs(
+def test_an_agent_started_before_pcscd_says_so_and_takes_its_events_once_it_runs(
         test_pki: ProvisionedPki, tmp_path: Path, virtual_cards: dict[str, CardContents]) -> None:  # noqa: F811
     carol = virtual_cards["carol"]
     pcscd_dir = tmp_path / "pcscd"  # its socket: pcscd_dir/run/pcscd.comm (virtual_card/pcscd.py PrivatePcscd)
@@ -32,6 +35,7 @@ def test_an_agent_started_before_pcscd_says_so_and_signs_in_once_it_runs(
         # Started after the agent: the readers' ports are taken after the agent's (free_port hands
         # them out in turn).
         with private_two_readers(pcscd_dir) as (daemon, port):
+            agent.wait_for_log("cards are seen through pcscd alone", timeout=10)
             with_pcscd = agent_status(tmp_path / "agent", test_pki.env())
             reader = PrivateReader(tmp_path / "reader0", daemon, 0, port)
             try:
@@ -43,9 +47,8 @@ def test_an_agent_started_before_pcscd_says_so_and_signs_in_once_it_runs(
         log = agent.log()
     assert (without_pcscd["state"], without_pcscd["reader_trouble"]) == (
         "no card inserted", f"{NO_PCSCD}: no card reader is seen; start pcscd: `systemctl enable --now pcscd.socket`")
-    assert with_pcscd["reader_trouble"] == (
-        f"no PC/SC events (at start: {NO_PCSCD}): cards are seen by asking the PKCS#11 module every 50 ms; restart the "
-        "agent for pcscd's events")
+    assert with_pcscd["reader_trouble"] is None
     assert (f"card-agent: WARNING: card events: polling every 50 ms (no PC/SC events: {NO_PCSCD}): no card reader is "
-            "seen until pcscd answers (start pcscd: `systemctl enable --now pcscd.socket`), and then only through the "
-            "PKCS#11 module; restart the agent once it answers for pcscd's events") in log
+            "seen until pcscd answers (start pcscd: `systemctl enable --now pcscd.socket`)") in log
+    assert "card-agent: INFO: card events: pcscd answers now: PC/SC events from pcscd, and polling every 50 ms" in log
+    assert f'event=card-inserted reader="{VPCD_READERS[0]}"' in log  # seen by pcscd, not by polling OpenSC

@@ -47,7 +47,7 @@ from pkcs11.constants import SlotFlag
 from pkcs11.exceptions import DeviceRemoved, PKCS11Error, SlotIDInvalid, TokenNotPresent, TokenNotRecognised
 from pkcs11.types import Slot, Token
 
-from dicom_card_agent.card.pcsc import PcscEventSource, PcscUnavailable
+from dicom_card_agent.card.pcsc import RETRY_SECONDS, PcscEventSource, PcscUnavailable
 from dicom_card_agent.descriptors import descriptors_exhausted
 from dicom_card_agent.token.discovery import matching_tokens, token_serial, tokens_in
 from dicom_card_agent.token.module import MODULE_CALLS, LoadedModule
@@ -396,9 +396,10 @@ class CardEvents:
         self.use_pcsc = os.environ.get(EVENTS_ENV, "") != "poll" if use_pcsc is None else use_pcsc
         self.card_readers = card_readers
         self.description = f"polling every {POLL_SECONDS * 1000:g} ms"
-        # Why pcscd's events could not be had at start, for a module whose tokens are in card readers:
-        # they are not asked for again (a restart of the agent is), and the module is polled instead.
+        # Why pcscd's events cannot be had, for a module whose tokens are in card readers, while they
+        # cannot: they are asked for again every RETRY_SECONDS (retry_pcsc), the module polled meanwhile.
         self.unavailable: PcscUnavailable | None = None
+        self._retry_at = 0.0
 
     @property
     def pcsc(self) -> bool:
@@ -419,15 +420,31 @@ class CardEvents:
             except PcscUnavailable as error:
                 self.description += f" (no PC/SC events: {error})"
                 self.unavailable = error
+                self._retry_at = time.monotonic() + RETRY_SECONDS
         else:
             self.description += f" (PC/SC events off: {EVENTS_ENV}=poll)"
         if self.unavailable is None:
             log.info("card events: %s", self.description)
-        else:  # no card reader is seen before pcscd runs; after, the module is polled for what it sees
-            log.warning("card events: %s: no card reader is seen until pcscd answers (%s), and then only through "
-                        "the PKCS#11 module; restart the agent once it answers for pcscd's events", self.description,
+        else:
+            log.warning("card events: %s: no card reader is seen until pcscd answers (%s)", self.description,
                         self.unavailable.remedy)
         return self
+
+    def retry_pcsc(self) -> bool:
+        """Ask for pcscd's events again if they could not be had and RETRY_SECONDS have passed since
+        the last try; True when they now run."""
+        if self.unavailable is None or time.monotonic() < self._retry_at:
+            return False
+        try:
+            self._source = PcscEventSource(self._changed.set).start()
+        except PcscUnavailable as error:
+            self.unavailable = error
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            return False
+        self.unavailable = None
+        self.description = f"PC/SC events from pcscd, and polling every {POLL_SECONDS * 1000:g} ms"
+        log.info("card events: pcscd answers now: %s", self.description)
+        return True
 
     def __exit__(self, *exc: object) -> None:
         if self._source is not None:

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from dicom_card_agent.audit.events import User
-from dicom_card_agent.card.pcsc import PcscUnavailable, readers_with_a_card
 from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
-from dicom_card_agent.card.watcher import POLL_SECONDS, CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
+from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.clock import awake_or_asleep
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.session_notices import SessionNotices
@@ -207,7 +206,7 @@ class SessionManager:
         self._report_users: dict[int, User] = {}
         self._first_look = threading.Event()
         self._reader_starved_since: float | None = None  # looks failing for want of descriptors since (clock.py)
-        self._no_card_events: PcscUnavailable | None = None  # why pcscd's events were not to be had at start
+        self._card_events: CardEvents | None = None  # the reader thread's, for `status`
         self._wake = threading.Event()  # something to act on: a look at the reader, a report
         self._reader: threading.Thread | None = None
         self.totals = SessionTotals()  # `status` counts since start: sessions, and what was turned away
@@ -332,12 +331,8 @@ class SessionManager:
         """Look at the reader whenever card events say so, in a thread of its own: a card's probe
         (OpenSC: ~2 s after insertion) must not hold up signals, lost sessions or timers."""
         with CardEvents(card_readers=self.module.profile.card_readers) as events:
-            self._no_card_events = events.unavailable
-            if events.source is not None and self.module.profile.presence_from_pcsc:
-                # The module is left to the card-session process; so is judging a card by its token.
-                self.watcher = ReaderWatcher(events.source, vet=self._vet if self.config.identity.token else None)
-                log.info("cards are seen through pcscd alone; the card-session process probes each card once")
-            else:
+            self._card_events = events
+            if not self._through_pcscd_alone(events):
                 try:
                     self.module.lib  # noqa: B018 - initialised here if it was left to pcscd, which does not answer
                 except ModuleLoadError as error:
@@ -345,7 +340,14 @@ class SessionManager:
                     return
                 if isinstance(self.watcher, CardWatcher):
                     self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
+            events_came_late = False
             while not stop.is_set():
+                # pcscd answering only after the start (its socket unit enabled late, the daemon back):
+                # the watcher changes at a moment with no card, never under a card or its session.
+                events_came_late = events.retry_pcsc() or events_came_late
+                if events_came_late and not self.watcher.present and self.session is None:
+                    events_came_late = False
+                    self._through_pcscd_alone(events)
                 started = awake_or_asleep()  # a look under way as the process was stopped is an old one
                 try:
                     card = self.watcher.look()
@@ -363,6 +365,16 @@ class SessionManager:
                     self._wake.set()
                 if events.wait(stop, self.watcher.look_interval):
                     return
+
+    def _through_pcscd_alone(self, events: CardEvents) -> bool:
+        """Watch the readers through pcscd alone where pcscd's events run and the module's profile
+        says so (presence = "pcsc"): the module is left to the card-session process, and so is judging
+        a card by its token. False: the module is watched."""
+        if events.source is None or not self.module.profile.presence_from_pcsc:
+            return False
+        self.watcher = ReaderWatcher(events.source, vet=self._vet if self.config.identity.token else None)
+        log.info("cards are seen through pcscd alone; the card-session process probes each card once")
+        return True
 
     def _vet(self, card: ReaderCard) -> None:
         """Find out, without ending the session of the card in use, whether ``card`` holds the token
@@ -396,11 +408,12 @@ class SessionManager:
 
     @property
     def reader_trouble(self) -> str | None:
-        """Why the card loop cannot look at the reader now, or sees it only through the module
-        because pcscd's events were not to be had at start, for `status`; None while all is well."""
+        """Why the card loop cannot look at the reader now, or sees no reader because pcscd does not
+        answer, for `status`; None while all is well."""
         since = self._reader_starved_since
         if since is None:
-            return None if self._no_card_events is None else _without_card_events(self._no_card_events)
+            unavailable = self._card_events.unavailable if self._card_events is not None else None
+            return None if unavailable is None else f"{unavailable}: no card reader is seen; {unavailable.remedy}"
         seconds = awake_or_asleep() - since
         # The lease is renewed from looks made: past it, the card session's lent listeners refuse
         # (not lent under [audit] on_failure = "refuse").
@@ -963,14 +976,3 @@ def _end_after_failure(session: CardSession, reason: str = "sign-in failed") -> 
         session.end(reason)
     except Exception:
         log.exception("ending the card session of a failed sign-in")
-
-
-def _without_card_events(at_start: PcscUnavailable) -> str:
-    """`status`'s reader line for an agent that started without pcscd's events: whether pcscd
-    answers now (asked now: an administrator may have started it since) and what to do."""
-    try:
-        readers_with_a_card()
-    except PcscUnavailable as error:
-        return f"{error}: no card reader is seen; {error.remedy}"
-    return (f"no PC/SC events (at start: {at_start}): cards are seen by asking the PKCS#11 module every "
-            f"{POLL_SECONDS * 1000:g} ms; restart the agent for pcscd's events")
