@@ -3,6 +3,7 @@ resumption that spares the card, and many associations at once."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import shutil
@@ -223,6 +224,8 @@ def test_whole_association_from_a_client_that_closed_at_once_is_not_taken_for_ro
             agent={"runtime_dir": str(workdir / "runtime")}))
         # On a busy machine the agent may look at the forged connection before it is closed: then it
         # is refused as uid 65534's, which is right but not this test's case; the attacker tries again.
+        # That refusal is not seen in the log: refusals are told once a minute per tunnel and uid, and
+        # the decoys' (uid 65534 too) came first. So the unidentified refusal is waited for a while.
         for _ in range(3):
             attacker = stack.enter_context(subprocess.Popen(
                 ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-I", "-c",
@@ -231,9 +234,8 @@ def test_whole_association_from_a_client_that_closed_at_once_is_not_taken_for_ro
             stack.callback(attacker.kill)
             forging_port = int(attacker.stdout.readline())
             unidentified = f"refused unidentified local connection from 127.0.0.1:{forging_port}: "
-            identified = re.compile(rf"refused local connection from uid 65534 pid \S+ from "
-                                    rf"127\.0\.0\.1:{forging_port}: ")
-            wait_for(lambda: unidentified in agent.log() or identified.search(agent.log()), 20)  # noqa: B023
+            with contextlib.suppress(AssertionError):  # timed out: looked at before the close
+                wait_for(lambda: unidentified in agent.log(), 20)  # noqa: B023
             attacker.kill()
             if unidentified in agent.log():
                 break
