@@ -71,6 +71,9 @@ def _command(name: str, target: Any) -> Any:
 
 
 class _Commands(typer.core.TyperGroup):
+    """The top-level group: its commands are those of :data:`COMMANDS` (typer hands it none, as
+    none is registered with the app)."""
+
     def __init__(self, *, commands: Mapping[str, Any] | None = None, **attrs: Any) -> None:
         super().__init__(**attrs)
         self.commands = _CommandsOnDemand()

@@ -235,7 +235,7 @@ class CardSession:
         self._recorder = recorder
         # The version and build first, looked at before anything else (worker.upgraded_under).
         reply = ask(ours, {**request.to_message(), **messages.config_fields(self.config),
-                                 "version": RUNNING_VERSION, "build": RUNNING_BUILD}, limit=messages.MAX_CARD_MESSAGE)
+                           "version": RUNNING_VERSION, "build": RUNNING_BUILD}, limit=messages.MAX_CARD_MESSAGE)
         if reply is not None and reply.get("type") == "card":
             found = FoundCard.from_message(reply)
             self.card = found.card
