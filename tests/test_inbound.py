@@ -763,6 +763,7 @@ def test_a_card_swap_ends_the_inbound_association_in_progress_and_the_next_card_
         with running_agent(test_pki, tmp_path / "agent", [], token=ANY_SOFTHSM_TOKEN, module=str(fault_module),
                            env=card.env(), inbound=[listener]) as agent:
             agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            agent.wait_for_log("card-agent: INFO: ready: 0 tunnel(s), 1 inbound listener(s) for ")
             with connected_as_the_pacs(test_pki, listener) as pacs:
                 pacs.sendall(associate_rq())
                 assert receive_pdu(pacs)[0] == 0x02, agent.log()  # A-ASSOCIATE-AC from the viewer's SCP

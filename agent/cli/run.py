@@ -87,7 +87,8 @@ def run(
         reloader.start(stop)
         signal.signal(signal.SIGHUP, reloader.request)
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
-        log.info("ready: %d tunnel(s) for %s", len(settings.tunnels), who)
+        inbound = f", {len(settings.inbound)} inbound listener(s)" if settings.inbound else ""
+        log.info("ready: %d tunnel(s)%s for %s", len(settings.tunnels), inbound, who)
         notifier.ready(service_status(manager))
         manager.run(stop)
         log.info("stopping")
