@@ -9,15 +9,17 @@ SoftHSM identity, a real pynetdicom PACS over TLS, 8 real C-STOREs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
-from agent_runner import card_session_pid, log_lines, running_agent, tunnel
+from agent_runner import agent_status, card_session_pid, log_lines, running_agent, tunnel
 from conftest import ProvisionedPki
 from peers.pynetdicom_scp import associate, tls_scp
 from peers.study import make_study, sop_instance_uid
@@ -111,3 +113,25 @@ def test_a_card_session_lost_as_the_agent_stops_is_not_signed_in_again(
     assert logout in {("110114", "110123", "the card-session process was killed by SIGKILL"),
                       ("110114", "110123", "the agent is stopping")}
     assert stop == ("110100", "110121", "SIGTERM or SIGINT")
+
+
+@pytest.mark.parametrize("burst", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_burst_of_signals_never_wedges_the_agent(test_pki: ProvisionedPki, tmp_path: Path,
+                                                   burst: signal.Signals) -> None:
+    """A signal that came while the handler of the one before was setting its event (`timeout`
+    sends SIGTERM to the agent and to its group, an administrator presses Ctrl-C twice, two
+    `systemctl reload`): the handler ran again inside the first, waited for the lock the first one
+    held, and the agent answered no signal any more, its tunnels open. Found with `timeout`."""
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)]) as agent:
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        deadline = time.monotonic() + 2.0  # SIGHUP: 2 s of reload requests; SIGTERM: until it is gone
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline and agent.process.poll() is None:
+                for _ in range(100):
+                    os.kill(agent.process.pid, burst)
+        if burst == signal.SIGHUP:
+            assert agent_status(tmp_path / "agent", test_pki.env())["state"] == "signed in"
+            os.kill(agent.process.pid, signal.SIGTERM)
+        assert agent.process.wait(20) == 0, agent.log()[-3000:]
+        log = agent.log()
+    assert "card-agent: INFO: stopping" in log

@@ -18,6 +18,7 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.notify import Notifier
+from dicom_card_agent.service.signals import SignalActions
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.control_server import ControlServer
 from dicom_card_agent.session.identity import remove_leftover_session_files
@@ -49,8 +50,9 @@ def run(
     crls = open_crls(settings)
     prepare_pin_sources(settings)
     stop = threading.Event()
+    signals = SignalActions()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signals.on(signum, stop.set)
     # Until the reloader is there, SIGHUP must not kill the agent (its default action) without its audit Logout.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
@@ -85,7 +87,7 @@ def run(
             metrics.start()
         reloader = Reloader(settings, manager, listeners, control_server, audit)
         reloader.start(stop)
-        signal.signal(signal.SIGHUP, reloader.request)
+        signals.on(signal.SIGHUP, reloader.request)
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
         inbound = f", {len(settings.inbound)} inbound listener(s)" if settings.inbound else ""
         log.info("ready: %d tunnel(s)%s for %s", len(settings.tunnels), inbound, who)

@@ -78,8 +78,8 @@ class Reloader:
         self._wanted = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def request(self, *_: object) -> None:
-        """The SIGHUP handler."""
+    def request(self) -> None:
+        """Reload soon (SIGHUP, acted on in the signals thread: agent/service/signals.py)."""
         self._wanted.set()
 
     def start(self, stop: threading.Event) -> None:

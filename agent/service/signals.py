@@ -1,0 +1,51 @@
+"""The signals the agent acts on (SIGTERM and SIGINT: stop; SIGHUP: reload), acted on in a thread
+of their own.
+
+A Python signal handler runs in the main thread between two bytecodes, inside whatever code it
+interrupts: that may be the handler of the signal before, setting the same ``threading.Event``
+under that event's lock. The second handler then waited for the lock the first one held, in the
+same thread, for good, and the agent answered no signal any more (`timeout` sends SIGTERM to the
+agent and to its process group; an administrator presses Ctrl-C twice; two `systemctl reload`).
+Here the handlers do nothing: CPython's C-level handler writes each signal's number to a pipe
+(``signal.set_wakeup_fd``) before any Python code runs, and a thread reads the pipe and acts. No
+lock is taken in signal context.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+
+class SignalActions:
+    """Acts on the signals given to :meth:`on`, each in the ``signals`` thread. Made in the main
+    thread (``set_wakeup_fd`` may only be called there), once per process."""
+
+    def __init__(self) -> None:
+        self._actions: dict[int, Callable[[], None]] = {}
+        self._read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # what set_wakeup_fd requires: a full pipe drops, never blocks
+        # A full pipe (65,536 signals not yet read) drops the numbers of more: the action of the same
+        # signal is under way already.
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=self._act, name="signals", daemon=True).start()
+
+    def on(self, signum: signal.Signals, action: Callable[[], None]) -> None:
+        """Call ``action`` in the signals thread each time ``signum`` arrives. ``action`` must be
+        quick: the next signal waits for it."""
+        self._actions[signum] = action
+        signal.signal(signum, _written_to_the_pipe)
+
+    def _act(self) -> None:
+        while True:
+            for signum in os.read(self._read_fd, 512):
+                action = self._actions.get(signum)
+                if action is not None:
+                    action()
+
+
+def _written_to_the_pipe(signum: int, frame: FrameType | None) -> None:
+    """The Python handler of an acted-on signal: nothing to do, the number is in the pipe already."""
