@@ -40,7 +40,12 @@ def descriptors_nearly_exhausted(pid: int, spare: int = 2) -> Iterator[None]:
     """``pid`` may open only ``spare`` more descriptors (enough to answer `status`, too few for a
     look at the reader) for the block."""
     soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")) + spare, hard))
+    # The limit is on descriptor numbers, not on their count: a new descriptor takes the lowest free
+    # number, and fails once none is below the limit. A process whose numbers have gaps (one it
+    # closed) could open as many more as the gaps below a limit set from the count.
+    taken = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    free = [number for number in range(len(taken) + spare + 1) if number not in taken]
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (free[spare], hard))
     try:
         yield
     finally:
