@@ -395,7 +395,8 @@ class CardEvents:
         self._source: PcscEventSource | None = None
         self.use_pcsc = os.environ.get(EVENTS_ENV, "") != "poll" if use_pcsc is None else use_pcsc
         self.card_readers = card_readers
-        self.description = f"polling every {POLL_SECONDS * 1000:g} ms"
+        self._polling = f"polling every {POLL_SECONDS * 1000:g} ms"
+        self.description = self._polling
         # Why pcscd's events cannot be had, for a module whose tokens are in card readers, while they
         # cannot: they are asked for again every RETRY_SECONDS (retry_pcsc), the module polled meanwhile.
         self.unavailable: PcscUnavailable | None = None
@@ -414,13 +415,8 @@ class CardEvents:
         if not self.card_readers:
             self.description += " (the module's tokens are not in card readers: no PC/SC events to wait for)"
         elif self.use_pcsc:
-            try:
-                self._source = PcscEventSource(self._changed.set).start()
-                self.description = f"PC/SC events from pcscd, and {self.description}"
-            except PcscUnavailable as error:
-                self.description += f" (no PC/SC events: {error})"
-                self.unavailable = error
-                self._retry_at = time.monotonic() + RETRY_SECONDS
+            if not self._start_pcsc():
+                self.description += f" (no PC/SC events: {self.unavailable})"
         else:
             self.description += f" (PC/SC events off: {EVENTS_ENV}=poll)"
         if self.unavailable is None:
@@ -433,17 +429,20 @@ class CardEvents:
     def retry_pcsc(self) -> bool:
         """Ask for pcscd's events again if they could not be had and RETRY_SECONDS have passed since
         the last try; True when they now run."""
-        if self.unavailable is None or time.monotonic() < self._retry_at:
+        if self.unavailable is None or time.monotonic() < self._retry_at or not self._start_pcsc():
             return False
+        log.info("card events: pcscd answers now: %s", self.description)
+        return True
+
+    def _start_pcsc(self) -> bool:
+        """Ask pcscd for its events; False, with why in :attr:`unavailable`, when it does not answer."""
         try:
             self._source = PcscEventSource(self._changed.set).start()
         except PcscUnavailable as error:
-            self.unavailable = error
-            self._retry_at = time.monotonic() + RETRY_SECONDS
+            self.unavailable, self._retry_at = error, time.monotonic() + RETRY_SECONDS
             return False
         self.unavailable = None
-        self.description = f"PC/SC events from pcscd, and polling every {POLL_SECONDS * 1000:g} ms"
-        log.info("card events: pcscd answers now: %s", self.description)
+        self.description = f"PC/SC events from pcscd, and {self._polling}"
         return True
 
     def __exit__(self, *exc: object) -> None:
