@@ -750,7 +750,6 @@ def test_a_handshake_waiting_for_its_pacs_ends_with_the_card_session_at_once(
                      r"ended with the card session: locked", ended.log), ended.log
 
 
-
 def test_a_card_swap_ends_the_inbound_association_in_progress_and_the_next_card_serves_the_next(
         test_pki: ProvisionedPki, tmp_path: Path, study: list[Path], fault_module: Path) -> None:
     """An inbound listener works within the card session of whoever is signed in (docs/dicom.md):
