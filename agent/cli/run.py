@@ -80,9 +80,11 @@ def run(
         listeners.manager = manager
         manager.listeners = listeners
         audit.application_start()
+        # `status` and `lock` answer while the start waits for an unattended sign-in (a slow card, a
+        # PIN file's card that takes its time): that wait may last up to a minute.
+        control_server.start()
         manager.start(stop)
         listeners.start()
-        control_server.start()
         if metrics is not None:
             metrics.start()
         reloader = Reloader(settings, manager, listeners, control_server, audit)

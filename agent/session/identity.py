@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import functools
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,26 @@ class CertificateNotYetValidError(IdentitySelectionError):
     """Every personal certificate on the card starts later than this workstation's clock."""
 
 
+class SessionFilesError(CardAgentError):
+    """A card session's public files (certificate chain, key URI, OpenSSL settings) could not be
+    written to the runtime directory: a full or read-only file system, a quota. Caused by the
+    ``OSError``, whose errno tells a shortage of the moment (tried again) from the rest."""
+
+    def __init__(self, directory: Path, error: OSError) -> None:
+        remedy = (" (free space there, or set [agent] runtime_dir to a file system with room)"
+                  if error.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+        super().__init__(f"cannot write the card session's files in {directory}: "
+                         f"{error.strerror or error}{remedy}")
+
+
+@contextmanager
+def _writing_session_files(directory: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise SessionFilesError(directory, error) from error
+
+
 @dataclass(frozen=True)
 class SignedIn:
     """A signed-in identity, ready for a card-session process."""
@@ -91,9 +113,12 @@ def new_session_directory(config: AgentConfig, module: LoadedModule) -> Path:
     """A private directory for one card session's public files, removed when the session ends,
     with the OpenSSL configuration its process starts with (``OPENSSL_CONF``): OpenSSL reads it
     once, and the module may start OpenSSL while it probes the card, before anything is known of it."""
-    directory = Path(tempfile.mkdtemp(prefix=SESSION_DIRECTORY_PREFIX, dir=runtime_directory(config)))
+    parent = runtime_directory(config)
+    with _writing_session_files(parent):
+        directory = Path(tempfile.mkdtemp(prefix=SESSION_DIRECTORY_PREFIX, dir=parent))
     try:
-        (directory / OPENSSL_CONF_NAME).write_text(_openssl_conf(module))
+        with _writing_session_files(parent):
+            (directory / OPENSSL_CONF_NAME).write_text(_openssl_conf(module))
     except BaseException:  # a full disk, the provider not to be found: no half-made session left behind
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -307,9 +332,10 @@ def _chain(identity: Identity, identities: list[Identity], anchors: TrustAnchors
 
 def _write_files(directory: Path, identity: Identity, chain: list[x509.Certificate]) -> ClientIdentityFiles:
     chain_path = directory / "chain.pem"
-    chain_path.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in chain))
     key_path = directory / "key.pem"
-    key_path.write_bytes(provider_key_pem(str(identity.uri)))
+    with _writing_session_files(directory.parent):
+        chain_path.write_bytes(b"".join(c.public_bytes(Encoding.PEM) for c in chain))
+        key_path.write_bytes(provider_key_pem(str(identity.uri)))
     return ClientIdentityFiles(chain=chain_path, key=key_path, subject=identity.subject,
                                issuer=identity.certificate.issuer.rfc4514_string())
 

@@ -301,7 +301,8 @@ class SessionManager:
     def start(self, stop: threading.Event) -> None:
         """Start watching the reader and act on its first look. With a PIN source that asks nobody
         (env:, file:), wait until that sign-in is settled, so that "ready" means signed in on an
-        unattended machine."""
+        unattended machine; one that could not start for a shortage of the system's (a full disk)
+        is settled as far as "ready" goes: it is tried again in its thread, and status says so."""
         self._stopping = stop
         self._reader = threading.Thread(target=self._watch_reader, args=(stop,), name="card-reader", daemon=True)
         self._reader.start()
@@ -313,6 +314,9 @@ class SessionManager:
         if self.config.identity.pin.kind not in ("env", "file"):
             return
         while self.machine.state in (State.PIN_PENDING, State.SIGNING_IN) and time.monotonic() < deadline:
+            pending = self._sign_in
+            if pending is not None and pending.cannot_start:
+                return
             if stop.wait(0.02):
                 return
             self.step()

@@ -1,0 +1,78 @@
+"""`card-agent run` with a PIN source that asks nobody (env:, file:) waits for that sign-in before it
+says "ready" (and tells systemd so), for a minute at most. Two faults of that wait, found by running
+the agent with its runtime directory on a full file system (a real tmpfs):
+
+- a sign-in that could not start for a full disk is tried again with a growing wait (1 s, 2 s, ...),
+  and the start waited for it all the same: the agent said "ready" only after the minute, where
+  systemd's start (TimeoutStartSec=90) is close to giving up;
+- `status` and `lock` were not answered before "ready": for that whole minute `status` timed out
+  ("no agent answers on ... (timed out)"), as it did during any slow unattended sign-in.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from agent_runner import running_agent, start_agent, stop_agent, tunnel, wait_for, write_config
+from conftest import ProvisionedPki, run_card_agent
+from fault_pkcs11 import FaultControl
+from test_audit_failure import fill, small_tmpfs
+
+SIGNED_IN = 'event=sign-in subject="CN=Alice Example'
+
+
+def test_a_full_runtime_directory_holds_up_the_sign_in_not_the_agent(test_pki: ProvisionedPki,
+                                                                    tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        runtime_dir = disk / "run"
+        runtime_dir.mkdir(mode=0o700)
+        filler = fill(disk)
+        started = time.monotonic()
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)],
+                           agent={"runtime_dir": str(runtime_dir)}) as agent:
+            ready_after = time.monotonic() - started
+            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
+            filler.unlink()  # the administrator frees space: the next try signs in, no restart
+            agent.wait_for_log(SIGNED_IN, timeout=20)
+            log = agent.log()
+    cannot_write = (f"cannot write the card session's files in {runtime_dir}: No space left on device (free space "
+                    "there, or set [agent] runtime_dir to a file system with room)")
+    assert re.search(rf"WARNING: sign-in to 'alice' \(serial \w+\) could not start: {re.escape(cannot_write)}: "
+                     r"trying again in 1 s\n", log), log
+    assert ready_after < 15, (ready_after, log)  # was 60 s (the start's longest wait)
+    assert f"INFO: ready: 1 tunnel(s) for nobody yet (card present, the sign-in could not start ({cannot_write}): " \
+           "trying again)" in log, log
+    assert status.returncode == 0, status.stderr
+    assert f"state:    card present, the sign-in could not start ({cannot_write}): trying again\n" in status.stdout, \
+        status.stdout
+
+
+def test_status_answers_while_the_start_waits_for_a_slow_sign_in(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                fault_module: Path) -> None:
+    """A card whose login takes 15 s (a slow card; here C_Login delayed by the fault module, which a
+    real card cannot be made to do on cue): `status` answers within the seconds a person waits, while
+    the agent is not yet ready. Before, it waited for "ready" and gave up after its 10 s."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.login_delay(15_000)
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    config = write_config(workdir / "agent.toml", test_pki, [tunnel("pacs", 9)], module=str(fault_module))
+    log_path = workdir / "agent.log"
+    process = start_agent(config, log_path, test_pki.env(CARD_PIN="123456", **card.env()))
+    try:
+        wait_for(lambda: any(line.startswith("login-delay") for line in card.log_lines()), timeout=30)
+        asked = time.monotonic()
+        status = run_card_agent("status", "--config", config, env=test_pki.env())
+        answered_after = time.monotonic() - asked
+        log_at_answer = log_path.read_text()
+        wait_for(lambda: SIGNED_IN in log_path.read_text(), timeout=30)
+    finally:
+        stop_agent(process)
+    assert status.returncode == 0, (status.stderr, log_at_answer)
+    assert "ready:" not in log_at_answer, log_at_answer
+    assert answered_after < 5, answered_after
+    state = next(line for line in status.stdout.splitlines() if line.startswith("state:"))
+    assert state in ("state:    card present, PIN not yet entered", "state:    card present, signing in"), status.stdout
