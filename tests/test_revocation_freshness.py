@@ -151,3 +151,19 @@ def test_a_crl_file_signature_is_verified_once_per_content(test_pki: Provisioned
     os.replace(replacement, crl_file)
     assert associate(20) == ["allow"] * 20
     assert CountingCrl.verified == 2  # the new content verified once
+
+
+def test_an_answer_the_full_disk_cuts_short_leaves_no_part_of_it_in_the_cache(tmp_path: Path, caplog) -> None:
+    """The cache's file system full (a real tmpfs): the answer is not stored, said once, and the part
+    written is removed, not left to hold the space a later answer needs."""
+    from dicom_card_agent.revocation.checker import _DiskCache
+    from test_audit_failure import small_tmpfs
+
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        cache = _DiskCache(disk / "revocation-cache")
+        free = os.statvfs(disk)
+        (disk / "other").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 16384))  # 16 KiB left
+        cache.store("crl http://ca.example/ca.crl", b"\x30" * 65536)
+        left = sorted(p.name for p in (disk / "revocation-cache").iterdir())
+    assert left == [], left
+    assert "revocation cache: cannot write" in caplog.text and "No space left on device" in caplog.text, caplog.text

@@ -16,6 +16,7 @@ revoked stays revoked (:meth:`RevocationChecker._older_than_held`, :meth:`Revoca
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -566,4 +567,6 @@ class _DiskCache:
                 handle.write(data)
             os.replace(temporary, path)
         except OSError as error:
+            with contextlib.suppress(OSError):  # a part written to a full disk would hold its space
+                temporary.unlink()
             log.warning("revocation cache: cannot write %s: %s", path, error.strerror or error)
