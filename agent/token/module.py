@@ -20,6 +20,7 @@ from dicom_card_agent.token.profiles import (
     detect_profile,
     get_profile,
 )
+from dicom_card_agent.token.search_ends import hide_failed_search_ends
 
 AUTO = "auto"
 
@@ -114,6 +115,7 @@ def _card_in_a_reader() -> bool:
 
 
 def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
+    hide_failed_search_ends()  # before the module's first object search
     try:
         return pkcs11.lib(path)
     except PKCS11Error as error:
