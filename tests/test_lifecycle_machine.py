@@ -21,6 +21,7 @@ from dicom_card_agent.lifecycle.machine import (
     CardInserted,
     CardLifecycle,
     CardRemoved,
+    CertificateExpired,
     EndSession,
     IdleTimeout,
     Lock,
@@ -113,6 +114,17 @@ def test_lock_and_idle_timeout_end_the_session_with_their_own_words() -> None:
     machine.handle(SignedIn(2))
     assert machine.handle(Lock()) == [EndSession(2, "locked")]
     assert machine.status == "locked: remove and re-insert the card to sign in again"
+
+
+def test_an_expired_certificate_ends_the_session_and_asks_for_another_card() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignedIn(1))
+    assert machine.handle(CertificateExpired("2026-11-28 18:00 UTC")) == [EndSession(1, "certificate expired")]
+    assert machine.status == ("card present, its certificate expired on 2026-11-28 18:00 UTC: a card with a valid "
+                              "certificate is needed")
+    assert machine.handle(CertificateExpired("2026-11-28 18:00 UTC")) == []  # said once: the session is gone
+    assert machine.handle(CardRemoved()) == [] and machine.state is State.NO_CARD
 
 
 def test_a_swap_ends_the_first_session_and_signs_in_the_second_card() -> None:
@@ -350,6 +362,13 @@ class LifecycleModel(RuleBasedStateMachine):
     @rule()
     def idle(self) -> None:
         self.feed(IdleTimeout(1.5))
+
+    @rule()
+    def certificate_expires(self) -> None:
+        signed_in = self.machine.state is State.SIGNED_IN
+        self.feed(CertificateExpired("2026-11-28 18:00 UTC"))
+        if signed_in:
+            assert self.machine.state is State.WAITING and not self.sessions, "an expired certificate's session went on"
 
     @rule()
     def reload(self) -> None:

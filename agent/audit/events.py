@@ -65,6 +65,7 @@ class SessionEnd(str, Enum):
     CARD_SWAPPED = "card-swapped"
     LOCKED = "locked"  # `card-agent lock`
     IDLE_TIMEOUT = "idle-timeout"
+    CERTIFICATE_EXPIRED = "certificate-expired"  # the signed-in certificate's notAfter passed
     AGENT_STOPPED = "agent-stopped"
 
     @property
@@ -188,7 +189,8 @@ class AuditEvent:
 
     @classmethod
     def user_logout(cls, user: User, session_end: SessionEnd, *, reason: str = "", **extra: Any) -> AuditEvent:
-        """The card session ended: card pulled or swapped, ``lock``, idle timeout, agent stop."""
+        """The card session ended: card pulled or swapped, ``lock``, idle timeout, the certificate
+        expired, agent stop."""
         return cls(EventKind.USER_LOGOUT, user=user, session_end=session_end,
                    reason=reason or session_end.value.replace("-", " "), **extra)
 

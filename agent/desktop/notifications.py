@@ -276,8 +276,11 @@ class DesktopNotices:
         self._tell("final-try", "Not signed in: one PIN try left",
                    f"Nothing was tried: a wrong PIN would block the card. Call {self.config.helpdesk}.", critical=True)
 
-    def card_expired(self) -> None:
-        self._tell("card-expired", "Your card has expired",
+    def card_expired(self, *, session_ended: bool = False) -> None:
+        """The card's certificate has expired: found at a sign-in, or (``session_ended``) as it
+        expired during the card session, which the agent then ended."""
+        summary = "Your card has expired: DICOM connections ended" if session_ended else "Your card has expired"
+        self._tell("card-expired", summary,
                    f"No PACS accepts it any more. Call {self.config.helpdesk} for a new card.", critical=True)
 
     def card_not_yet_valid(self) -> None:

@@ -40,6 +40,8 @@ class SessionNotices:
             self.notices.card_swapped()
         elif reason == "idle timeout":
             self.notices.idle_locked(self.config.idle_timeout)
+        elif reason == "certificate expired":
+            self.notices.card_expired(session_ended=True)
 
     def locked(self) -> None:
         self.notices.locked()

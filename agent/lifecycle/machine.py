@@ -1,10 +1,10 @@
 """The card life-cycle as one explicit state machine; no I/O.
 
 The supervisor's I/O shell feeds it what happened (a card inserted or removed, the PIN dialog's
-outcome, a sign-in's result, the card-session process exiting, lock, idle, reload, stop) and carries
-out what it answers: start a sign-in, cancel one, end a card session. Every (state, event) pair has
-a row in :data:`TRANSITIONS`, so what the agent does in each state can be read as a table (and is,
-in docs/card-lifecycle.md, generated from it).
+outcome, a sign-in's result, the card-session process exiting, lock, idle, the certificate's expiry,
+reload, stop) and carries out what it answers: start a sign-in, cancel one, end a card session.
+Every (state, event) pair has a row in :data:`TRANSITIONS`, so what the agent does in each state can
+be read as a table (and is, in docs/card-lifecycle.md, generated from it).
 
 Long operations (the PIN dialog, the card's probe, logging in, starting the card-session process)
 run in the shell while the machine keeps answering: a sign-in is an *attempt* with a number, and
@@ -116,6 +116,14 @@ class IdleTimeout:
 
 
 @dataclass(frozen=True)
+class CertificateExpired:
+    """The signed-in certificate's validity ended (its notAfter, ``expired``, by the workstation's
+    clock): a PACS refuses it from now on, and the agent presents no expired certificate."""
+
+    expired: str
+
+
+@dataclass(frozen=True)
 class Reload:
     """SIGHUP read a configuration the card session cannot take in place (a changed [trust] or
     [[inbound]], a tunnel needing a TLS context it did not make: agent/session/retune.py); a card
@@ -128,9 +136,9 @@ class Stop:
 
 
 Event = (CardInserted | CardRemoved | PinEntered | SignInCancelled | SignedIn | SignInFailed | SessionLost | Lock
-         | IdleTimeout | Reload | Stop)
+         | IdleTimeout | CertificateExpired | Reload | Stop)
 EVENT_TYPES: tuple[type, ...] = (CardInserted, CardRemoved, PinEntered, SignInCancelled, SignedIn, SignInFailed,
-                                 SessionLost, Lock, IdleTimeout, Reload, Stop)
+                                 SessionLost, Lock, IdleTimeout, CertificateExpired, Reload, Stop)
 
 
 # --- effects: what the machine asks the shell to do --------------------------------------------
@@ -263,6 +271,7 @@ _SIGNING_IN_ROWS: dict[type, tuple[Row, ...]] = {
                   Row(_G.STALE, None)),
     Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.CANCEL_SIGN_IN,), waits=_LOCKED),),
     IdleTimeout: _stay(),
+    CertificateExpired: _stay(),
     Reload: _stay(),
     Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.CANCEL_SIGN_IN,)),),
 }
@@ -284,6 +293,7 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         SessionLost: _stay(),
         Lock: _stay(),
         IdleTimeout: _stay(),
+        CertificateExpired: _stay(),
         Reload: _stay(),
         Stop: (Row(_G.ALWAYS, _S.STOPPED),),
     },
@@ -323,6 +333,10 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="locked", waits=_LOCKED),),
         IdleTimeout: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="idle timeout",
                           waits="locked after {seconds:g} s without activity: remove and re-insert the card"),),
+        # Re-inserting the card would not help (its sign-in refuses an expired certificate): a new one is needed.
+        CertificateExpired: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="certificate expired",
+                                 waits="card present, its certificate expired on {expired}: a card with a valid "
+                                       "certificate is needed"),),
         Reload: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="configuration reloaded",
                      starts=SignInCause.RELOADED),),
         Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), ends="the agent is stopping"),),
@@ -340,6 +354,7 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         SessionLost: _stay(),
         Lock: _stay(),
         IdleTimeout: _stay(),
+        CertificateExpired: _stay(),
         Reload: _stay(),
         Stop: (Row(_G.ALWAYS, _S.STOPPED),),
     },

@@ -44,6 +44,7 @@ _SESSION_ENDS = {
     "card swapped": SessionEnd.CARD_SWAPPED,
     "locked": SessionEnd.LOCKED,
     "idle timeout": SessionEnd.IDLE_TIMEOUT,
+    "certificate expired": SessionEnd.CERTIFICATE_EXPIRED,
 }
 
 

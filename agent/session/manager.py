@@ -35,6 +35,7 @@ from dicom_card_agent.lifecycle.machine import (
     CardInserted,
     CardLifecycle,
     CardRemoved,
+    CertificateExpired,
     Effect,
     EndSession,
     Event,
@@ -450,6 +451,7 @@ class SessionManager:
             self._renew_lease(seen_at)  # before the idle check, which may wait for a status answer
             self._check_session_reads()
             self._check_idle()
+            self._check_certificate_expiry()
             self.audit.record_refusal_counts()
 
     def _card_left_or_stayed(self, card: WatchedCard | None, present: tuple[WatchedCard, ...]) -> dict[str, str]:
@@ -935,6 +937,20 @@ class SessionManager:
             self.touch()  # a long transfer is activity too
             return
         self._feed(IdleTimeout(timeout))
+
+
+    def _check_certificate_expiry(self) -> None:
+        """End the session whose certificate's validity ended (the workstation's clock): the agent
+        presents no expired certificate, and the PACS would refuse it with words about the PACS."""
+        session = self.session
+        if session is None or self.machine.state is not State.SIGNED_IN:
+            return
+        expiry = session.signed_in.identity.certificate.not_valid_after_utc
+        if time.time() < expiry.timestamp():
+            return
+        log.warning("the certificate %s expired on %s: its card session ends; a card with a valid certificate is "
+                    "needed", session.signed_in.files.subject, f"{expiry:%Y-%m-%d %H:%M:%S} UTC")
+        self._feed(CertificateExpired(f"{expiry:%Y-%m-%d %H:%M:%S} UTC"))
 
 
 def _asking_first_on_terminal(config: AgentConfig, cause: SignInCause) -> AgentConfig:
