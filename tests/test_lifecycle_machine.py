@@ -22,6 +22,7 @@ from dicom_card_agent.lifecycle.machine import (
     CardLifecycle,
     CardRemoved,
     CertificateExpired,
+    CertificateRevoked,
     EndSession,
     IdleTimeout,
     Lock,
@@ -125,6 +126,18 @@ def test_an_expired_certificate_ends_the_session_and_asks_for_another_card() -> 
                               "certificate is needed")
     assert machine.handle(CertificateExpired("2026-11-28 18:00 UTC")) == []  # said once: the session is gone
     assert machine.handle(CardRemoved()) == [] and machine.state is State.NO_CARD
+
+
+def test_a_revoked_certificate_ends_its_session_and_a_stale_report_ends_nothing() -> None:
+    machine = CardLifecycle()
+    machine.handle(CardInserted("alice"))
+    machine.handle(SignedIn(1))
+    machine.handle(CardRemoved())
+    machine.handle(CardInserted("bob"))
+    machine.handle(SignedIn(2))
+    assert machine.handle(CertificateRevoked(1, "alice's")) == [] and machine.state is State.SIGNED_IN
+    assert machine.handle(CertificateRevoked(2, "revoked by CRL file F")) == [EndSession(2, "certificate revoked")]
+    assert machine.status == "card present, its certificate was revoked (revoked by CRL file F): a new card is needed"
 
 
 def test_a_swap_ends_the_first_session_and_signs_in_the_second_card() -> None:
@@ -369,6 +382,19 @@ class LifecycleModel(RuleBasedStateMachine):
         self.feed(CertificateExpired("2026-11-28 18:00 UTC"))
         if signed_in:
             assert self.machine.state is State.WAITING and not self.sessions, "an expired certificate's session went on"
+
+    @rule(data=st.data())
+    def certificate_revoked(self, data: st.DataObject) -> None:
+        """A card session tells that its card's certificate is revoked: its own (current), or one that
+        ended meanwhile (stale: nothing of the current session may end for it)."""
+        attempt = data.draw(self.attempts())
+        ends = self.machine.state is State.SIGNED_IN and attempt == self.machine.attempt
+        state = self.machine.state
+        self.feed(CertificateRevoked(attempt, "revoked by CRL file F"))
+        if ends:
+            assert self.machine.state is State.WAITING and not self.sessions, "a revoked card's session went on"
+        else:
+            assert self.machine.state is state, "a stale revocation report changed the state"
 
     @rule()
     def reload(self) -> None:

@@ -66,6 +66,7 @@ class SessionEnd(str, Enum):
     LOCKED = "locked"  # `card-agent lock`
     IDLE_TIMEOUT = "idle-timeout"
     CERTIFICATE_EXPIRED = "certificate-expired"  # the signed-in certificate's notAfter passed
+    CERTIFICATE_REVOKED = "certificate-revoked"  # a CRL or OCSP answer learnt during the session revokes it
     AGENT_STOPPED = "agent-stopped"
 
     @property
@@ -190,7 +191,7 @@ class AuditEvent:
     @classmethod
     def user_logout(cls, user: User, session_end: SessionEnd, *, reason: str = "", **extra: Any) -> AuditEvent:
         """The card session ended: card pulled or swapped, ``lock``, idle timeout, the certificate
-        expired, agent stop."""
+        expired or was revoked, agent stop."""
         return cls(EventKind.USER_LOGOUT, user=user, session_end=session_end,
                    reason=reason or session_end.value.replace("-", " "), **extra)
 

@@ -279,8 +279,7 @@ class DesktopNotices:
     def card_expired(self, *, session_ended: bool = False) -> None:
         """The card's certificate has expired: found at a sign-in, or (``session_ended``) as it
         expired during the card session, which the agent then ended."""
-        summary = "Your card has expired: DICOM connections ended" if session_ended else "Your card has expired"
-        self._tell("card-expired", summary,
+        self._tell("card-expired", "Your card has expired" + (_SESSION_ENDED if session_ended else ""),
                    f"No PACS accepts it any more. Call {self.config.helpdesk} for a new card.", critical=True)
 
     def card_not_yet_valid(self) -> None:
@@ -288,8 +287,10 @@ class DesktopNotices:
                    f"Its certificate starts later than this computer's clock says. Call {self.config.helpdesk}.",
                    critical=True)
 
-    def card_revoked(self) -> None:
-        self._tell("card-revoked", "Your card has been revoked",
+    def card_revoked(self, *, session_ended: bool = False) -> None:
+        """The card's certificate is revoked: found at a sign-in, or (``session_ended``) learnt
+        during the card session, which the agent then ended."""
+        self._tell("card-revoked", "Your card has been revoked" + (_SESSION_ENDED if session_ended else ""),
                    f"No PACS accepts it any more. Call {self.config.helpdesk} for a new card.", critical=True)
 
     def card_not_usable(self) -> None:
@@ -312,6 +313,8 @@ class DesktopNotices:
 
 
 _NO_TRY_REINSERT = "No PIN try was used. To sign in, remove your card and insert it again."
+# After a summary, when the card session was ended for what the summary says (its certificate).
+_SESSION_ENDED = ": DICOM connections ended"
 
 
 def _duration(seconds: float) -> str:

@@ -42,6 +42,8 @@ class SessionNotices:
             self.notices.idle_locked(self.config.idle_timeout)
         elif reason == "certificate expired":
             self.notices.card_expired(session_ended=True)
+        elif reason == "certificate revoked":
+            self.notices.card_revoked(session_ended=True)
 
     def locked(self) -> None:
         self.notices.locked()

@@ -1,10 +1,10 @@
 """The card life-cycle as one explicit state machine; no I/O.
 
 The supervisor's I/O shell feeds it what happened (a card inserted or removed, the PIN dialog's
-outcome, a sign-in's result, the card-session process exiting, lock, idle, the certificate's expiry,
-reload, stop) and carries out what it answers: start a sign-in, cancel one, end a card session.
-Every (state, event) pair has a row in :data:`TRANSITIONS`, so what the agent does in each state can
-be read as a table (and is, in docs/card-lifecycle.md, generated from it).
+outcome, a sign-in's result, the card-session process exiting, lock, idle, the certificate's expiry
+or revocation, reload, stop) and carries out what it answers: start a sign-in, cancel one, end a
+card session. Every (state, event) pair has a row in :data:`TRANSITIONS`, so what the agent does in
+each state can be read as a table (and is, in docs/card-lifecycle.md, generated from it).
 
 Long operations (the PIN dialog, the card's probe, logging in, starting the card-session process)
 run in the shell while the machine keeps answering: a sign-in is an *attempt* with a number, and
@@ -124,6 +124,15 @@ class CertificateExpired:
 
 
 @dataclass(frozen=True)
+class CertificateRevoked:
+    """The card-session process of ``attempt`` found the card's certificate revoked (a CRL or an
+    OCSP answer learnt while it served): no PACS should accept it, and the agent presents it no more."""
+
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Reload:
     """SIGHUP read a configuration the card session cannot take in place (a changed [trust] or
     [[inbound]], a tunnel needing a TLS context it did not make: agent/session/retune.py); a card
@@ -136,9 +145,9 @@ class Stop:
 
 
 Event = (CardInserted | CardRemoved | PinEntered | SignInCancelled | SignedIn | SignInFailed | SessionLost | Lock
-         | IdleTimeout | CertificateExpired | Reload | Stop)
+         | IdleTimeout | CertificateExpired | CertificateRevoked | Reload | Stop)
 EVENT_TYPES: tuple[type, ...] = (CardInserted, CardRemoved, PinEntered, SignInCancelled, SignedIn, SignInFailed,
-                                 SessionLost, Lock, IdleTimeout, CertificateExpired, Reload, Stop)
+                                 SessionLost, Lock, IdleTimeout, CertificateExpired, CertificateRevoked, Reload, Stop)
 
 
 # --- effects: what the machine asks the shell to do --------------------------------------------
@@ -272,6 +281,7 @@ _SIGNING_IN_ROWS: dict[type, tuple[Row, ...]] = {
     Lock: (Row(_G.ALWAYS, _S.WAITING, (_A.CANCEL_SIGN_IN,), waits=_LOCKED),),
     IdleTimeout: _stay(),
     CertificateExpired: _stay(),
+    CertificateRevoked: _stay(),
     Reload: _stay(),
     Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.CANCEL_SIGN_IN,)),),
 }
@@ -294,6 +304,7 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         Lock: _stay(),
         IdleTimeout: _stay(),
         CertificateExpired: _stay(),
+        CertificateRevoked: _stay(),
         Reload: _stay(),
         Stop: (Row(_G.ALWAYS, _S.STOPPED),),
     },
@@ -337,6 +348,9 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         CertificateExpired: (Row(_G.ALWAYS, _S.WAITING, (_A.END_SESSION,), ends="certificate expired",
                                  waits="card present, its certificate expired on {expired}: a card with a valid "
                                        "certificate is needed"),),
+        CertificateRevoked: (Row(_G.CURRENT, _S.WAITING, (_A.END_SESSION,), ends="certificate revoked",
+                                 waits="card present, its certificate was revoked ({reason}): a new card is needed"),
+                             Row(_G.STALE, None)),
         Reload: (Row(_G.ALWAYS, _S.PIN_PENDING, (_A.END_SESSION, _A.START_SIGN_IN), ends="configuration reloaded",
                      starts=SignInCause.RELOADED),),
         Stop: (Row(_G.ALWAYS, _S.STOPPED, (_A.END_SESSION,), ends="the agent is stopping"),),
@@ -355,6 +369,7 @@ TRANSITIONS: dict[State, dict[type, tuple[Row, ...]]] = {
         Lock: _stay(),
         IdleTimeout: _stay(),
         CertificateExpired: _stay(),
+        CertificateRevoked: _stay(),
         Reload: _stay(),
         Stop: (Row(_G.ALWAYS, _S.STOPPED),),
     },
@@ -427,7 +442,8 @@ class CardLifecycle:
             if not event.after_reader_restart:
                 return guard is Guard.OTHER_CARD
             return guard is (Guard.SEEN_AGAIN_WAITING if self._wait_to_keep() else Guard.SEEN_AGAIN)
-        assert isinstance(event, (PinEntered, SignInCancelled, SignedIn, SignInFailed, SessionLost))  # carry attempt
+        assert isinstance(event, (PinEntered, SignInCancelled, SignedIn, SignInFailed, SessionLost,
+                                  CertificateRevoked))  # carry attempt
         current = event.attempt == self.attempt
         if guard is Guard.CURRENT:
             return current

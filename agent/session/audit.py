@@ -45,6 +45,7 @@ _SESSION_ENDS = {
     "locked": SessionEnd.LOCKED,
     "idle timeout": SessionEnd.IDLE_TIMEOUT,
     "certificate expired": SessionEnd.CERTIFICATE_EXPIRED,
+    "certificate revoked": SessionEnd.CERTIFICATE_REVOKED,
 }
 
 

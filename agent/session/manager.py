@@ -36,6 +36,7 @@ from dicom_card_agent.lifecycle.machine import (
     CardLifecycle,
     CardRemoved,
     CertificateExpired,
+    CertificateRevoked,
     Effect,
     EndSession,
     Event,
@@ -53,6 +54,7 @@ from dicom_card_agent.lifecycle.machine import (
     Stop,
     no_card_status,
 )
+from dicom_card_agent.revocation.own_certificate import CARD_REVOKED
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.channel import LEASE_RENEW_SECONDS, LEASE_SECONDS
 from dicom_card_agent.session.events import event
@@ -741,6 +743,9 @@ class SessionManager:
             # The card's login is gone under the process (the card was reset, or pulled and put back
             # between two looks): it cannot sign again. Ended as a lost session: the PIN is asked again.
             self._report(SessionLost(attempt, f"the card no longer signs: {fields.get('reason', '')}"))
+            return
+        if kind == CARD_REVOKED:  # a CRL or OCSP answer learnt while it served: the session ends
+            self._report(CertificateRevoked(attempt, fields.get("reason", "")))
             return
         if kind == LISTENERS_NOT_TAKEN:  # the process had no room for them: connections are handed over instead
             session = self.session

@@ -60,6 +60,7 @@ from dicom_card_agent.dicom.association import UserIdentityMode, load_pydicom
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.revocation.checker import RevocationChecker
+from dicom_card_agent.revocation.own_certificate import OwnCertificateWatch
 from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, checker_for
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import LOGIN_ACCEPTED, check_key_after_login
@@ -240,19 +241,21 @@ _SESSION_GONE = (SessionHandleInvalid, SessionClosed, DeviceRemoved, TokenNotPre
 
 
 def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict[str, Secret],
-           report: Report, module: LoadedModule) -> tuple[Runtimes, Retuner]:
+           report: Report, module: LoadedModule) -> tuple[Runtimes, Retuner, OwnCertificateWatch | None]:
     files = ClientIdentityFiles(chain=Path(start["chain"]), key=Path(start["key"]), subject=start["subject"],
                                 issuer=start["issuer"])
     # Only if the provider wants to log in itself (this process is logged in already).
     card_pin = pin.password if pin is not None else no_pin
     tls13_capable = start["tls13_capable"]
     card_lost = CardLoginCheck(_login_sessions[-1], bytes.fromhex(start["key_id"]), report)  # told in any case
+    told_in_any_case = report
     if config.audit is None:  # nobody would read the reports: spare every association the messages
         report = _pacs_problems_only(report) if config.desktop.notifications else no_report
     runtimes: Runtimes = {}
     ending = SessionEnd()
     revocation = checker_for(config.trust)
-    _check_own_certificate(revocation, files.chain, config)
+    leaf = _check_own_certificate(revocation, files.chain, config)
+    own_certificate = OwnCertificateWatch(revocation, leaf, told_in_any_case) if leaf is not None else None
 
     def make_tunnel(tunnel: TunnelConfig, context: ssl.SSLContext) -> TunnelRuntime:
         checks = ServerChecks.for_tunnel(tunnel, config.trust, revocation,
@@ -293,7 +296,7 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
     except (ssl.SSLError, OSError) as error:
         raise CardAgentError(f"OpenSSL could not use the card's key through the pkcs11-provider: {error}; "
                              "run `card-agent doctor`") from None
-    return runtimes, Retuner(config, contexts, make_tunnel)
+    return runtimes, Retuner(config, contexts, make_tunnel), own_certificate
 
 
 def _node_key_tls13(module: LoadedModule, inbound: InboundConfig) -> bool:
@@ -322,13 +325,14 @@ def _revocation_alert(report: Report, name: str, remote: str) -> Callable[[str],
     return lambda reason: report("revocation-unchecked", {"tunnel": name, "remote": remote, "reason": reason})
 
 
-def _check_own_certificate(checker: RevocationChecker, chain: Path, config: AgentConfig) -> None:
+def _check_own_certificate(checker: RevocationChecker, chain: Path, config: AgentConfig) -> x509.Certificate | None:
     """The card's certificate, checked at sign-in as the PACS will check it, so that the clinician
     learns at once that the card is revoked (instead of from every PACS later). Only a revoked
-    certificate stops the sign-in: a source that does not answer now is the PACS's to judge."""
+    certificate stops the sign-in: a source that does not answer now is the PACS's to judge. The
+    certificate, to be watched while the session serves (None: every revocation policy is off)."""
     policies = [t.revocation for t in config.tunnels] + [i.revocation for i in config.inbound]
     if all(policy == "off" for policy in policies):
-        return
+        return None
     leaf = x509.load_pem_x509_certificate(chain.read_bytes())  # the first one is the card's
     verdict = checker.check(leaf, "require")
     if verdict.revoked:
@@ -336,6 +340,7 @@ def _check_own_certificate(checker: RevocationChecker, chain: Path, config: Agen
                                "The card was not used: ask for a new card")
     if verdict.outcome != "allow":
         log.warning("the card's certificate could not be checked for revocation at sign-in: %s", verdict.message)
+    return leaf
 
 
 def _username(tunnel: TunnelConfig, chain: Path) -> str | None:
@@ -418,7 +423,7 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     try:
         config = messages.received_config(start)  # the supervisor's: this process never reads the file
         _log_in(probed, start, config, pin, accepted=lambda: messages.send(channel, {"type": LOGIN_ACCEPTED}))
-        runtimes, retuner = _start(start, config, pin, node_pins, report, probed.module)
+        runtimes, retuner, own_certificate = _start(start, config, pin, node_pins, report, probed.module)
     except (LoginError, ConfigError) as error:
         messages.send(channel, messages.login_error_message(error))
         return 1
@@ -438,6 +443,8 @@ def serve(channel: socket.socket, reports: socket.socket, start: dict, probed: P
     messages.send(channel, {"type": "ready"})
     _pydicom_loader.join()  # before the first connection; it may wait for it in the listen backlog
     _serving.set()
+    if own_certificate is not None:
+        own_certificate.start()
     threads: list[threading.Thread] = []
     # The card loop renews the lease every second while it turns; past it, the lent listeners refuse
     # new associations: a supervisor that is stopped or hung cannot act on a pulled card.

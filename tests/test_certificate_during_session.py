@@ -1,12 +1,16 @@
-"""A card whose certificate expires while its holder is signed in (a hospital with a thousand
-clinicians and three-year certificates sees that about once a day). The card session went on, and
-presented the expired certificate at every new association: the PACS refused each, and the agent
-said "server rejected our certificate ... check that the PACS trusts this issuer", about the PACS.
-Now the session ends at the certificate's notAfter, and status, the log, the audit trail and the
-desktop say why and that a new card is needed.
+"""A card whose certificate stops being valid while its holder is signed in.
 
-The card is a SoftHSM token made here, in a copy of the test PKI, with a certificate that expires
-seconds after the agent signs in with it.
+- It expires (a hospital with a thousand clinicians and three-year certificates sees that about
+  once a day). The card session went on, and presented the expired certificate at every new
+  association: the PACS refused each, and the agent said "server rejected our certificate ...
+  check that the PACS trusts this issuer", about the PACS. The card is a SoftHSM token made here,
+  in a copy of the test PKI, with a certificate that expires seconds after the agent signs in.
+- Its CA revokes it (a card reported stolen): the session served on until the card was pulled,
+  and a PACS that resumes TLS sessions without checking revocation again accepted it. Here the
+  [trust] crl file is replaced by the CA's next CRL, which lists the card.
+
+Now the session ends, and status, the log, the audit trail and the desktop say why and that a new
+card is needed.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import sys
 import time
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from agent_runner import RunningAgent, running_agent, tunnel
 from conftest import ProvisionedPki, run_card_agent
 from desktop import Desktop, desktop  # noqa: F401 - a pytest fixture
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import echo, tls_scp
-from test_desktop import clinician_agent
+from test_desktop import clinician_agent, inserted, sign_in
+from test_revocation_scope import openssl_crl
 
 VALID_SECONDS = 25  # from the token's making: time for the agent to start, sign in and carry an association
 
@@ -115,4 +123,55 @@ def test_the_clinician_is_told_that_her_card_expired(test_pki: ProvisionedPki, t
             wait_past(expiry)
             assert desktop.wait_for_notification("Your card has expired: DICOM connections ended") == (
                 "Your card has expired: DICOM connections ended",
+                "No PACS accepts it any more. Call the IT service desk (extension 4444) for a new card.")
+
+
+def revoking_crl(test_pki: ProvisionedPki, work: Path, card: str) -> bytes:
+    """The issuing CA's next CRL (a higher CRLNumber than the test PKI's), listing ``card``'s certificate."""
+    listed = x509.load_pem_x509_certificate((test_pki.pki / "clients" / f"{card}.pem").read_bytes())
+    der = openssl_crl(test_pki.pki, work, [listed], number=50)
+    return x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_certificate_revoked_during_the_session_ends_it_and_says_so(test_pki: ProvisionedPki,
+                                                                      tmp_path: Path) -> None:
+    crl_file = tmp_path / "crl" / "issuing-ca.crl.pem"
+    crl_file.parent.mkdir()
+    crl_file.write_bytes(test_pki.crl.read_bytes())
+    audit_file = tmp_path / "audit.log"
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], trust={"crl": [str(crl_file)]},
+                           audit={"file": str(audit_file)}) as agent:
+            agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+            assert echo(agent.port()), agent.log()
+            replaced = tmp_path / "crl" / "next.pem"
+            replaced.write_bytes(revoking_crl(test_pki, tmp_path / "ca", "alice"))
+            replaced.rename(crl_file)  # as a CRL fetcher puts the CA's new CRL in place
+            agent.wait_for_log('event=sign-out reason="certificate revoked"', timeout=15)
+            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
+            refused = not echo(agent.port())
+            log = agent.log()
+    revoked = re.search(r"card-agent\[session\]: WARNING: the card's certificate is revoked: (.+); the card session "
+                        r"ends\n", log)
+    assert revoked and "CN=Alice Example" in revoked[1] and str(crl_file) in revoked[1], log
+    assert (f"state:    card present, its certificate was revoked ({revoked[1]}): a new card is needed\n"
+            in status.stdout), status.stdout
+    assert refused, log
+    logout = [line for line in audit_file.read_text().splitlines() if "110123" in line]
+    assert len(logout) == 1 and "certificate revoked" in logout[0], logout
+
+
+def test_the_clinician_is_told_that_her_card_was_revoked(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path,
+                                                         desktop: Desktop) -> None:  # noqa: F811 - the fixture
+    crl_file = tmp_path / "crl" / "issuing-ca.crl.pem"
+    crl_file.parent.mkdir()
+    crl_file.write_bytes(test_pki.crl.read_bytes())
+    card = inserted(tmp_path)
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with clinician_agent(test_pki, tmp_path, fault_module, card, desktop, pacs.port,
+                             trust={"crl": [str(crl_file)]}) as agent:
+            sign_in(desktop, agent)
+            crl_file.write_bytes(revoking_crl(test_pki, tmp_path / "ca", "alice"))
+            assert desktop.wait_for_notification("Your card has been revoked: DICOM connections ended") == (
+                "Your card has been revoked: DICOM connections ended",
                 "No PACS accepts it any more. Call the IT service desk (extension 4444) for a new card.")
