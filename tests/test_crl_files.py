@@ -174,16 +174,17 @@ def test_a_crl_file_that_becomes_unusable_keeps_its_last_crls_and_is_reported(te
             next_update = f"{x509.load_pem_x509_crl(crl.read_bytes()).next_update_utc:%Y-%m-%dT%H:%M:%SZ}"
             polluted = tmp_path / "polluted.pem"
             polluted.write_bytes(crl.read_bytes() + (test_pki.pki / "untrusted-ca.pem").read_bytes())
+            changed = len(agent.log())
             replace_file(crl, polluted)
             time.sleep(3)  # the agent looks at its CRL files every 2 s
-            mark = len(agent.log())
-            answer, log = associate(agent, mark)
+            answer, log = associate(agent, len(agent.log()))
+            since_the_change = agent.log()[changed:]  # told once: at this association, or at a look before it
             status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env(),
                                     check=True).stdout
     assert_accepted(answer, log)
     assert (f"card-agent[session]: WARNING: CRL file {crl} holds CERTIFICATE besides CRLs: a CRL file may hold only "
             "CRLs, nothing in it is trusted (put CA certificates in [trust] ca, not in a CRL file); still using the "
-            "CRLs read from it before") in log
+            "CRLs read from it before") in since_the_change
     line = next(line for line in status.splitlines() if line.startswith(f"crl {crl}: "))
     assert line == (f"crl {crl}: UNUSABLE: CRL file {crl} holds CERTIFICATE besides CRLs: a CRL file may hold only "
                     "CRLs, nothing in it is trusted (put CA certificates in [trust] ca, not in a CRL file); still "
@@ -219,6 +220,7 @@ def test_a_crl_file_replaced_by_a_fifo_holds_up_no_association_and_is_reported(t
         tunnels = [tunnel("pacs", port), tunnel("other", port)]
         with running_agent(test_pki, tmp_path / "agent", tunnels, **agent_settings(crl)) as agent:
             assert_accepted(*associate(agent, 0))
+            changed = len(agent.log())
             crl.unlink()
             os.mkfifo(crl)
             try:
@@ -231,6 +233,7 @@ def test_a_crl_file_replaced_by_a_fifo_holds_up_no_association_and_is_reported(t
                     seconds.append(time.monotonic() - started)
                 wait_for(lambda: "tunnel other: uid" in agent.log()[mark:])
                 log = agent.log()[mark:]
+                since_the_change = agent.log()[changed:]  # told once: at an association, or at a look before
                 status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
             finally:
                 release_fifo_readers(crl)
@@ -238,7 +241,7 @@ def test_a_crl_file_replaced_by_a_fifo_holds_up_no_association_and_is_reported(t
         assert_accepted(answer, log)
     assert max(seconds) < 2.0, seconds
     unusable = f"CRL file {crl} is a FIFO, not a regular file: give a file holding CRLs"
-    assert f"card-agent[session]: WARNING: {unusable}; still using the CRLs read from it before" in log
+    assert f"card-agent[session]: WARNING: {unusable}; still using the CRLs read from it before" in since_the_change
     assert status.returncode == 0, status.stderr
     line = next(line for line in status.stdout.splitlines() if line.startswith(f"crl {crl}: "))
     assert line == f"crl {crl}: UNUSABLE: {unusable}; still using {CRL_OF_THE_ISSUER}, next update {next_update}"

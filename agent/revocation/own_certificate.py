@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,17 +35,15 @@ class OwnCertificateWatch:
         self.checker = checker
         self.leaf = leaf
         self.report = report
-        self._stop = threading.Event()
 
     def start(self) -> None:
+        """Watch until the process ends (with its session) or the certificate is found revoked."""
         threading.Thread(target=self._watch, name="own-certificate", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def _watch(self) -> None:
         failing = False
-        while not self._stop.wait(CHECK_SECONDS):
+        while True:
+            time.sleep(CHECK_SECONDS)
             try:
                 verdict = self.checker.check(self.leaf, "require")
             except Exception:  # a checker's bug must not end the session it watches: said once per episode
