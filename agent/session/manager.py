@@ -943,7 +943,6 @@ class SessionManager:
             return
         self._feed(IdleTimeout(timeout))
 
-
     def _check_certificate_expiry(self) -> None:
         """End the session whose certificate's validity ended (the workstation's clock): the agent
         presents no expired certificate, and the PACS would refuse it with words about the PACS."""

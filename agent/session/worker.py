@@ -247,8 +247,8 @@ def _start(start: dict, config: AgentConfig, pin: Secret | None, node_pins: dict
     # Only if the provider wants to log in itself (this process is logged in already).
     card_pin = pin.password if pin is not None else no_pin
     tls13_capable = start["tls13_capable"]
-    card_lost = CardLoginCheck(_login_sessions[-1], bytes.fromhex(start["key_id"]), report)  # told in any case
-    told_in_any_case = report
+    told_in_any_case = report  # a card that no longer signs, or whose certificate is revoked, ends the session
+    card_lost = CardLoginCheck(_login_sessions[-1], bytes.fromhex(start["key_id"]), told_in_any_case)
     if config.audit is None:  # nobody would read the reports: spare every association the messages
         report = _pacs_problems_only(report) if config.desktop.notifications else no_report
     runtimes: Runtimes = {}
