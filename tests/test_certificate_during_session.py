@@ -61,14 +61,15 @@ print(certificate.not_valid_after_utc.isoformat())
 """
 
 
-def pki_with_a_short_lived_card(test_pki: ProvisionedPki, directory: Path) -> tuple[ProvisionedPki, datetime.datetime]:
+def pki_with_a_short_lived_card(test_pki: ProvisionedPki, directory: Path, seconds: float = VALID_SECONDS,
+                                ) -> tuple[ProvisionedPki, datetime.datetime]:
     """A copy of the test PKI and tokens plus a token "short" (CN=Short Lived) whose certificate
-    expires :data:`VALID_SECONDS` from now; and that expiry."""
+    expires ``seconds`` from now; and that expiry."""
     shutil.copytree(test_pki.directory, directory, symlinks=True)
     conf = directory / test_pki.softhsm_conf.name
     conf.write_text(conf.read_text().replace(str(test_pki.directory), str(directory)))
     made = subprocess.run([sys.executable, "-c", SHORT_LIVED_TOKEN, str(conf), str(directory / "pki"),
-                           str(VALID_SECONDS)], check=True, capture_output=True, text=True, timeout=60,
+                           str(seconds)], check=True, capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parent, env={**test_pki.env(), "PYTHONPATH": str(Path(__file__).parent)})
     return ProvisionedPki(directory, conf), datetime.datetime.fromisoformat(made.stdout.strip())
 
@@ -98,6 +99,8 @@ def test_a_certificate_that_expires_during_the_session_ends_it_and_says_so(test_
             status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=pki.env())
             refused = not echo(agent.port())
             log = agent.log()
+    assert re.search(rf"WARNING: the certificate CN=Short Lived,O=[^:]+ expires on {re.escape(expired_on)} \(in "
+                     r"\d+ seconds\): a new card is needed before then\n", log), log  # told at sign-in
     assert re.search(rf"WARNING: the certificate CN=Short Lived,O=[^:]+ expired on {re.escape(expired_on)}: its card "
                      r"session ends; a card with a valid certificate is needed\n", log), log
     assert datetime.timedelta(0) <= ended - expiry < datetime.timedelta(seconds=3), (ended, expiry)
@@ -157,6 +160,7 @@ def test_a_certificate_revoked_during_the_session_ends_it_and_says_so(test_pki: 
     assert (f"state:    card present, its certificate was revoked ({revoked[1]}): a new card is needed\n"
             in status.stdout), status.stdout
     assert refused, log
+    assert "a new card is needed before then" not in log, log  # alice's certificate is valid for a year
     logout = [line for line in audit_file.read_text().splitlines() if "110123" in line]
     assert len(logout) == 1 and "certificate revoked" in logout[0], logout
 
@@ -175,3 +179,28 @@ def test_the_clinician_is_told_that_her_card_was_revoked(test_pki: ProvisionedPk
             assert desktop.wait_for_notification("Your card has been revoked: DICOM connections ended") == (
                 "Your card has been revoked: DICOM connections ended",
                 "No PACS accepts it any more. Call the IT service desk (extension 4444) for a new card.")
+
+
+def test_a_certificate_that_expires_within_two_weeks_is_told_at_sign_in(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:  # noqa: F811
+    """So that a new card comes before the session ends in the middle of work: the log, the desktop
+    and `status` say when (3 days and 2 hours here: "3 days")."""
+    pki, expiry = pki_with_a_short_lived_card(test_pki, tmp_path / "pki", seconds=3 * 86400 + 7200)
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("short")
+    with tls_scp(pki_dir=pki.pki) as pacs:
+        with clinician_agent(pki, tmp_path, fault_module, card, desktop, pacs.port) as agent:
+            desktop.wait_for_window("Sign in: Short Lived")
+            desktop.type("123456")
+            desktop.key("Return")
+            agent.wait_for_log('event=sign-in subject="CN=Short Lived', timeout=20)
+            notice = desktop.wait_for_notification("Your card expires in 3 days")
+            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml",
+                                    env={**pki.env(), **desktop.env()})
+            log = agent.log()
+    assert notice[1] == (f"It cannot be used after {expiry.astimezone():%d %B %Y, %H:%M}. Call the IT service desk "
+                         "(extension 4444) for a new card before then.")
+    assert re.search(rf"WARNING: the certificate CN=Short Lived,O=[^:]+ expires on {expiry:%Y-%m-%d %H:%M:%S} UTC "
+                     r"\(in 3 days\): a new card is needed before then\n", log), log
+    expires = f"expires:  {expiry.astimezone():%Y-%m-%dT%H:%M:%S%z} (the certificate's end of validity)\n"
+    assert expires in status.stdout, status.stdout

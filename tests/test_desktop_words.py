@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
 from dicom_card_agent.desktop.notifications import DesktopNotices, Notice, Notifier, escape_markup
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
-from dicom_card_agent.desktop.words import asking_first, person_name, pin_dialog, purpose, tries_left
+from dicom_card_agent.desktop.words import asking_first, person_name, pin_dialog, purpose, time_left, tries_left
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.lifecycle.machine import SignInCause
 from dicom_card_agent.token.discovery import PinState
@@ -188,3 +188,12 @@ def test_a_repeating_cause_is_told_once_per_few_minutes_each() -> None:
     time.sleep(0.1)  # a fifth, wrongly sent, would be in by now
     assert sent == ["down", "other down", "removed", "removed again"]
     assert escape_markup("<b>A & B</b>") == "&lt;b&gt;A &amp; B&lt;/b&gt;"
+
+
+@pytest.mark.parametrize(("seconds", "words"), [
+    (14 * 86400 - 1, "13 days"), (86400, "1 day"), (86399, "23 hours"), (3600, "1 hour"), (3599, "59 minutes"),
+    (60, "1 minute"), (59.9, "59 seconds"), (1, "1 second"), (0.5, "0 seconds"), (-3, "0 seconds"),
+])
+def test_time_left_is_the_largest_whole_unit(seconds: float, words: str) -> None:
+    """How long a card has left, as the notice at sign-in says it ("Your card expires in 3 days")."""
+    assert time_left(seconds) == words

@@ -18,6 +18,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_runner import (
@@ -100,6 +101,8 @@ def test_a_scrape_after_an_association_counts_it_and_passes_promtool(test_pki: P
         <= value(scraped, "card_agent_handshake_duration_seconds_sum", **pacs_labels)
     assert value(scraped, "card_agent_handshake_duration_seconds_bucket", **pacs_labels, le="+Inf") == 1
     assert value(scraped, "card_agent_signed_in") == 1
+    alice = x509.load_pem_x509_certificate((test_pki.pki / "clients" / "alice.pem").read_bytes())
+    assert value(scraped, "card_agent_certificate_expiry_timestamp_seconds") == alice.not_valid_after_utc.timestamp()
     assert value(scraped, "card_agent_card_state", state="signed_in") == 1
     assert value(scraped, "card_agent_card_state", state="no_card") == 0
     assert value(scraped, "card_agent_card_events_total", event="sign-in") == 1
@@ -121,6 +124,7 @@ def test_metrics_on_a_unix_socket_count_what_was_turned_away(test_pki: Provision
     scraped = samples(text)
     assert value(scraped, "card_agent_rejections_total", listener="pacs", kind="tunnel", reason="no_card") == 1
     assert value(scraped, "card_agent_signed_in") == 0
+    assert not [key for key in scraped if key[0] == "card_agent_certificate_expiry_timestamp_seconds"]
     assert value(scraped, "card_agent_audit_messages_waiting") == 0
     assert not path.exists()
 

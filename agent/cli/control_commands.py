@@ -32,6 +32,8 @@ def status(config: ConfigFile = None, as_json: Json = False) -> None:
     if answer["identity"]:
         _say(f"identity: {answer['identity']} (issuer {answer['issuer']})")
         _say(f"token:    {answer['token']!r} serial {answer['token_serial']}, since {answer['since']}")
+        if answer.get("expires"):  # an agent from before this key tells nothing of it
+            _say(f"expires:  {answer['expires']} (the certificate's end of validity)")
     present = answer.get("present_tokens") or []
     _say("present:  " + (", ".join(f"{t['label']!r} (serial {t['serial']})" if "label" in t
                                    else f"a card in reader {t['reader']!r}" for t in present) or "no token"))

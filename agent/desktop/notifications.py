@@ -282,6 +282,11 @@ class DesktopNotices:
         self._tell("card-expired", "Your card has expired" + (_SESSION_ENDED if session_ended else ""),
                    f"No PACS accepts it any more. Call {self.config.helpdesk} for a new card.", critical=True)
 
+    def card_expires_soon(self, left: str, until: str) -> None:
+        """At sign-in: the card's certificate expires within ``left`` (words), at ``until`` (local time)."""
+        self._tell_apart("card-expires-soon", f"Your card expires in {left}",
+                         f"It cannot be used after {until}. Call {self.config.helpdesk} for a new card before then.")
+
     def card_not_yet_valid(self) -> None:
         self._tell("card-not-yet-valid", "Your card is not valid yet",
                    f"Its certificate starts later than this computer's clock says. Call {self.config.helpdesk}.",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -9,7 +11,7 @@ from cryptography import x509
 
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.notifications import DesktopNotices
-from dicom_card_agent.desktop.words import person_name, purpose, tries_left
+from dicom_card_agent.desktop.words import person_name, purpose, time_left, tries_left
 from dicom_card_agent.revocation.peer import CardRevokedError
 from dicom_card_agent.session.identity import CertificateExpiredError, CertificateNotYetValidError
 from dicom_card_agent.tls.failures import CERTIFICATE_REFUSED, UNREACHABLE
@@ -47,6 +49,10 @@ class SessionNotices:
 
     def locked(self) -> None:
         self.notices.locked()
+
+    def card_expires_soon(self, expiry: datetime.datetime) -> None:
+        left = expiry.timestamp() - time.time()
+        self.notices.card_expires_soon(time_left(left), f"{expiry.astimezone():%d %B %Y, %H:%M}")
 
     def card_changed(self) -> None:
         """The card was pulled or another inserted: what was said about the card is not for the next person."""

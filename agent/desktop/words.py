@@ -105,6 +105,16 @@ def asking_first(words: DialogWords, cause: SignInCause) -> DialogWords:
     return replace(words, first_question=f"{question.format(name=words.person)}\n\nCancel uses no try.", first_ok=ok)
 
 
+def time_left(seconds: float) -> str:
+    """How long until something, in the largest whole unit: "9 days", "1 hour", "25 seconds"."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'' if count == 1 else 's'}"
+    count = max(0, int(seconds))
+    return f"{count} second{'' if count == 1 else 's'}"
+
+
 def tries_left(state: PinState) -> str:
     """What a wrong PIN leaves, in words (PKCS#11 cards tell "few" and "one", never the number).
     A card that sets neither flag may have one try left as well as ten (many modules never set

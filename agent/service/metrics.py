@@ -161,13 +161,19 @@ class AgentCollector:
         for each in State:
             state.add_metric([each.name.lower()], 1 if manager.machine.state is each else 0)
         signed_in = GaugeMetricFamily(f"{PREFIX}_signed_in", "1 while a clinician is signed in with a card")
-        signed_in.add_metric([], 1 if manager.current_session() is not None else 0)
+        session = manager.current_session()
+        signed_in.add_metric([], 1 if session is not None else 0)
+        expiry = GaugeMetricFamily(f"{PREFIX}_certificate_expiry_timestamp_seconds",
+                                   "When the signed-in card's certificate expires (its notAfter), in Unix time; "
+                                   "absent while nobody is signed in")
+        if session is not None:
+            expiry.add_metric([], session.signed_in.identity.certificate.not_valid_after_utc.timestamp())
         card_events = CounterMetricFamily(f"{PREFIX}_card_events", "Card and sign-in events since start",
                                           labels=["event"])
         happened = events.counted()
         for name in ("card-inserted", "card-removed", "sign-in", "sign-out", "sign-in-failed", "pin-failure"):
             card_events.add_metric([name], happened.get(name, 0))
-        yield from (state, signed_in, card_events)
+        yield from (state, signed_in, expiry, card_events)
 
     def _audit(self, manager: SessionManager) -> Iterator[Metric]:
         trail = manager.audit.trail

@@ -27,7 +27,7 @@ from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatc
 from dicom_card_agent.clock import awake_or_asleep
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.session_notices import SessionNotices
-from dicom_card_agent.desktop.words import asking_first
+from dicom_card_agent.desktop.words import asking_first, time_left
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, SignInScope
 from dicom_card_agent.lifecycle.machine import (
@@ -99,6 +99,7 @@ _NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections ma
 SHORTAGE_FIRST_RETRY_SECONDS = 1.0
 SHORTAGE_MAX_RETRY_SECONDS = 30.0
 _SHORTAGE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EAGAIN})
+EXPIRY_NOTICE_DAYS = 14  # a certificate that expires sooner is told at sign-in (log, desktop)
 STARTUP_SIGN_IN_SECONDS = 60.0  # how long `run` waits for an unattended (env:, file:) sign-in before "ready"
 
 
@@ -776,6 +777,7 @@ class SessionManager:
         self._report_users = {attempt: self.audit.signed_in(session.signed_in, card),
                               **{before: user for before, user in self._report_users.items() if before >= attempt - 2}}
         self.desktop.signed_in(session.signed_in.identity.certificate)
+        self._tell_if_expiring_soon(session.signed_in)
         if session.config is not self.config:  # reloaded while it was signing in: not on the loop's time
             threading.Thread(target=self._retune, name="retune", daemon=True).start()
         if self.listeners is not None and self.session is session:
@@ -942,6 +944,17 @@ class SessionManager:
             self.touch()  # a long transfer is activity too
             return
         self._feed(IdleTimeout(timeout))
+
+    def _tell_if_expiring_soon(self, signed_in: SignedInIdentity) -> None:
+        """Say at sign-in that the certificate expires within :data:`EXPIRY_NOTICE_DAYS`, so that a
+        new card comes before the session ends in the middle of work (_check_certificate_expiry)."""
+        expiry = signed_in.identity.certificate.not_valid_after_utc
+        left = expiry.timestamp() - time.time()
+        if left >= EXPIRY_NOTICE_DAYS * 86400:
+            return
+        log.warning("the certificate %s expires on %s (in %s): a new card is needed before then",
+                    signed_in.files.subject, f"{expiry:%Y-%m-%d %H:%M:%S} UTC", time_left(left))
+        self.desktop.card_expires_soon(expiry)
 
     def _check_certificate_expiry(self) -> None:
         """End the session whose certificate's validity ended (the workstation's clock): the agent
