@@ -21,13 +21,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent_runner import RunningAgent, running_agent, tunnel
-from conftest import ProvisionedPki, run_card_agent
+from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from desktop import Desktop, desktop  # noqa: F401 - a pytest fixture
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import echo, tls_scp
@@ -74,6 +76,24 @@ def pki_with_a_short_lived_card(test_pki: ProvisionedPki, directory: Path, secon
     return ProvisionedPki(directory, conf), datetime.datetime.fromisoformat(made.stdout.strip())
 
 
+@contextmanager
+def short_lived_card_signed_in(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop,  # noqa: F811
+                               seconds: float = VALID_SECONDS,
+                               ) -> Iterator[tuple[RunningAgent, ProvisionedPki, datetime.datetime]]:
+    """The "short" card (:func:`pki_with_a_short_lived_card`) in the fault module's reader, signed in
+    through the PIN dialog on the desktop, with a PACS; the agent, the PKI copy and the expiry."""
+    pki, expiry = pki_with_a_short_lived_card(test_pki, tmp_path / "pki", seconds)
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("short")
+    with tls_scp(pki_dir=pki.pki) as pacs, clinician_agent(pki, tmp_path, fault_module, card, desktop,
+                                                           pacs.port) as agent:
+        desktop.wait_for_window("Sign in: Short Lived")
+        desktop.type(USER_PIN)
+        desktop.key("Return")
+        agent.wait_for_log('event=sign-in subject="CN=Short Lived', timeout=20)
+        yield agent, pki, expiry
+
+
 def logged_at(agent: RunningAgent, text: str) -> datetime.datetime:
     line = next(line for line in agent.log().splitlines() if text in line)
     return datetime.datetime.fromisoformat(line.split(" ", 1)[0])
@@ -114,19 +134,11 @@ def test_a_certificate_that_expires_during_the_session_ends_it_and_says_so(test_
 
 def test_the_clinician_is_told_that_her_card_expired(test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path,
                                                      desktop: Desktop) -> None:  # noqa: F811 - the fixture
-    pki, expiry = pki_with_a_short_lived_card(test_pki, tmp_path / "pki")
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("short")
-    with tls_scp(pki_dir=pki.pki) as pacs:
-        with clinician_agent(pki, tmp_path, fault_module, card, desktop, pacs.port) as agent:
-            desktop.wait_for_window("Sign in: Short Lived")
-            desktop.type("123456")
-            desktop.key("Return")
-            agent.wait_for_log('event=sign-in subject="CN=Short Lived', timeout=20)
-            wait_past(expiry)
-            assert desktop.wait_for_notification("Your card has expired: DICOM connections ended") == (
-                "Your card has expired: DICOM connections ended",
-                "No PACS accepts it any more. Call the IT service desk (extension 4444) for a new card.")
+    with short_lived_card_signed_in(test_pki, tmp_path, fault_module, desktop) as (_, _, expiry):
+        wait_past(expiry)
+        assert desktop.wait_for_notification("Your card has expired: DICOM connections ended") == (
+            "Your card has expired: DICOM connections ended",
+            "No PACS accepts it any more. Call the IT service desk (extension 4444) for a new card.")
 
 
 def revoking_crl(test_pki: ProvisionedPki, work: Path, card: str) -> bytes:
@@ -185,19 +197,12 @@ def test_a_certificate_that_expires_within_two_weeks_is_told_at_sign_in(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, desktop: Desktop) -> None:  # noqa: F811
     """So that a new card comes before the session ends in the middle of work: the log, the desktop
     and `status` say when (3 days and 2 hours here: "3 days")."""
-    pki, expiry = pki_with_a_short_lived_card(test_pki, tmp_path / "pki", seconds=3 * 86400 + 7200)
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("short")
-    with tls_scp(pki_dir=pki.pki) as pacs:
-        with clinician_agent(pki, tmp_path, fault_module, card, desktop, pacs.port) as agent:
-            desktop.wait_for_window("Sign in: Short Lived")
-            desktop.type("123456")
-            desktop.key("Return")
-            agent.wait_for_log('event=sign-in subject="CN=Short Lived', timeout=20)
-            notice = desktop.wait_for_notification("Your card expires in 3 days")
-            status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml",
-                                    env={**pki.env(), **desktop.env()})
-            log = agent.log()
+    with short_lived_card_signed_in(test_pki, tmp_path, fault_module, desktop,
+                                    seconds=3 * 86400 + 7200) as (agent, pki, expiry):
+        notice = desktop.wait_for_notification("Your card expires in 3 days")
+        status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml",
+                                env={**pki.env(), **desktop.env()})
+        log = agent.log()
     assert notice[1] == (f"It cannot be used after {expiry.astimezone():%d %B %Y, %H:%M}. Call the IT service desk "
                          "(extension 4444) for a new card before then.")
     assert re.search(rf"WARNING: the certificate CN=Short Lived,O=[^:]+ expires on {expiry:%Y-%m-%d %H:%M:%S} UTC "
