@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,7 @@ from cryptography import x509
 
 from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.desktop.notifications import DesktopNotices
-from dicom_card_agent.desktop.words import person_name, purpose, time_left, tries_left
+from dicom_card_agent.desktop.words import person_name, purpose, tries_left
 from dicom_card_agent.revocation.peer import CardRevokedError
 from dicom_card_agent.session.identity import CertificateExpiredError, CertificateNotYetValidError
 from dicom_card_agent.tls.failures import CERTIFICATE_REFUSED, UNREACHABLE
@@ -50,9 +49,9 @@ class SessionNotices:
     def locked(self) -> None:
         self.notices.locked()
 
-    def card_expires_soon(self, expiry: datetime.datetime) -> None:
-        left = expiry.timestamp() - time.time()
-        self.notices.card_expires_soon(time_left(left), f"{expiry.astimezone():%d %B %Y, %H:%M}")
+    def card_expires_soon(self, expiry: datetime.datetime, left: str) -> None:
+        """At sign-in: the certificate expires at ``expiry``, in ``left`` (words: time_left)."""
+        self.notices.card_expires_soon(left, f"{expiry.astimezone():%d %B %Y, %H:%M}")
 
     def card_changed(self) -> None:
         """The card was pulled or another inserted: what was said about the card is not for the next person."""

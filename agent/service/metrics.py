@@ -167,7 +167,7 @@ class AgentCollector:
                                    "When the signed-in card's certificate expires (its notAfter), in Unix time; "
                                    "absent while nobody is signed in")
         if session is not None:
-            expiry.add_metric([], session.signed_in.identity.certificate.not_valid_after_utc.timestamp())
+            expiry.add_metric([], session.signed_in.expires.timestamp())
         card_events = CounterMetricFamily(f"{PREFIX}_card_events", "Card and sign-in events since start",
                                           labels=["event"])
         happened = events.counted()

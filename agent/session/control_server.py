@@ -218,8 +218,7 @@ class ControlServer:
             "state": manager.state,
             "identity": files.subject if files else None,
             "issuer": files.issuer if files else None,
-            "expires": (_local_time(session.signed_in.identity.certificate.not_valid_after_utc.timestamp())
-                        if session else None),
+            "expires": _local_time(session.signed_in.expires.timestamp()) if session else None,
             "token": manager.card.label if manager.card else None,
             "token_serial": manager.card.serial if manager.card else None,
             "since": _local_time(manager.since) if manager.since else None,

@@ -94,6 +94,11 @@ class SignedIn:
     key_id: bytes
     final_try_confirmed: bool = False  # this card's final PIN try was confirmed (in the dialog): it may be spent
 
+    @functools.cached_property
+    def expires(self) -> datetime.datetime:
+        """The certificate's notAfter (UTC): the card loop asks at each turn, status and metrics too."""
+        return self.identity.certificate.not_valid_after_utc
+
 
 SESSION_DIRECTORY_PREFIX = "session-"
 OPENSSL_CONF_NAME = "openssl.cnf"
@@ -116,12 +121,11 @@ def new_session_directory(config: AgentConfig, module: LoadedModule) -> Path:
     parent = runtime_directory(config)
     with _writing_session_files(parent):
         directory = Path(tempfile.mkdtemp(prefix=SESSION_DIRECTORY_PREFIX, dir=parent))
-    try:
-        with _writing_session_files(parent):
+        try:
             (directory / OPENSSL_CONF_NAME).write_text(_openssl_conf(module))
-    except BaseException:  # a full disk, the provider not to be found: no half-made session left behind
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
+        except BaseException:  # a full disk, the provider not to be found: no half-made session left behind
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
     return directory
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import functools
 import logging
@@ -230,12 +231,17 @@ class SessionManager:
 
     @property
     def state(self) -> str:
-        pending = self._sign_in
-        if pending is not None and pending.cannot_start and self.machine.state is State.PIN_PENDING:
-            return f"card present, the sign-in could not start ({pending.cannot_start}): trying again"
+        shortage = self._cannot_start()
+        if shortage and self.machine.state is State.PIN_PENDING:
+            return f"card present, the sign-in could not start ({shortage}): trying again"
         if self.machine.state is State.NO_CARD:  # "no card inserted" unless a card waits in its reader
             return no_card_status([card if isinstance(card, ReaderCard) else f"card {card}" for card in self._seen[3]])
         return self.machine.status
+
+    def _cannot_start(self) -> str | None:
+        """What the sign-in under way lacked when it could not start, while it waits to try again."""
+        pending = self._sign_in
+        return pending.cannot_start if pending is not None else None
 
     @property
     def card(self) -> Card | None:
@@ -318,8 +324,7 @@ class SessionManager:
         if self.config.identity.pin.kind not in ("env", "file"):
             return
         while self.machine.state in (State.PIN_PENDING, State.SIGNING_IN) and time.monotonic() < deadline:
-            pending = self._sign_in
-            if pending is not None and pending.cannot_start:
+            if self._cannot_start():
                 return
             if stop.wait(0.02):
                 return
@@ -948,13 +953,12 @@ class SessionManager:
     def _tell_if_expiring_soon(self, signed_in: SignedInIdentity) -> None:
         """Say at sign-in that the certificate expires within :data:`EXPIRY_NOTICE_DAYS`, so that a
         new card comes before the session ends in the middle of work (_check_certificate_expiry)."""
-        expiry = signed_in.identity.certificate.not_valid_after_utc
-        left = expiry.timestamp() - time.time()
+        left = signed_in.expires.timestamp() - time.time()
         if left >= EXPIRY_NOTICE_DAYS * 86400:
             return
         log.warning("the certificate %s expires on %s (in %s): a new card is needed before then",
-                    signed_in.files.subject, f"{expiry:%Y-%m-%d %H:%M:%S} UTC", time_left(left))
-        self.desktop.card_expires_soon(expiry)
+                    signed_in.files.subject, _utc(signed_in.expires), time_left(left))
+        self.desktop.card_expires_soon(signed_in.expires, time_left(left))
 
     def _check_certificate_expiry(self) -> None:
         """End the session whose certificate's validity ended (the workstation's clock): the agent
@@ -962,12 +966,16 @@ class SessionManager:
         session = self.session
         if session is None or self.machine.state is not State.SIGNED_IN:
             return
-        expiry = session.signed_in.identity.certificate.not_valid_after_utc
-        if time.time() < expiry.timestamp():
+        if time.time() < session.signed_in.expires.timestamp():
             return
+        expired = _utc(session.signed_in.expires)
         log.warning("the certificate %s expired on %s: its card session ends; a card with a valid certificate is "
-                    "needed", session.signed_in.files.subject, f"{expiry:%Y-%m-%d %H:%M:%S} UTC")
-        self._feed(CertificateExpired(f"{expiry:%Y-%m-%d %H:%M:%S} UTC"))
+                    "needed", session.signed_in.files.subject, expired)
+        self._feed(CertificateExpired(expired))
+
+
+def _utc(moment: datetime.datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _asking_first_on_terminal(config: AgentConfig, cause: SignInCause) -> AgentConfig:
