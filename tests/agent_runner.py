@@ -375,6 +375,14 @@ def wait_for(condition, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def accept_queue(port: int) -> int:
+    """How many connections wait in the accept queue of this machine's TCP listener on ``port``
+    (``ss -l``: a listening socket's Recv-Q), 0 once the listener's owner has accepted them all."""
+    listing = subprocess.run(["ss", "-tlnH", f"( sport = :{port} )"], capture_output=True, text=True, check=True,
+                             timeout=10).stdout.split()
+    return int(listing[1])
+
+
 def keepalive_timers(ss_filter: str, settle: float = 3.0) -> list[str]:
     """The keepalive timer of each established TCP socket of this machine matching ``ss_filter``
     (e.g. ``"( dport = :104 )"``), as the kernel reports it (``ss -o``: "59sec", "119min"; ""
