@@ -1,6 +1,9 @@
 """`card-agent` imports what the command it runs needs, and no more: `status` and `lock` (an
 administrator's monitoring asks them often; tests poll them) used to import the whole agent, the
-control server and the relay included, 0.5 s of CPU per process before they asked anything."""
+control server and the relay included, 0.5 s of CPU per process before they asked anything; then,
+through the configuration's types, the token and X.509 libraries, the DICOM layer and the
+card's life-cycle, 0.39 s where the command line's library alone takes 0.12 s
+(benchmarks/start_up.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,10 @@ finally:
 RUNNING_AGENT = ("dicom_card_agent.session.control_server", "dicom_card_agent.session.manager",
                  "dicom_card_agent.session.supervisor", "dicom_card_agent.tunnel.relay",
                  "dicom_card_agent.tls.policy", "dicom_card_agent.audit.trail", "dicom_card_agent.cli.run")
+# What reading the configuration needs not: the token, certificates, PDUs, the card's life-cycle,
+# the installed distribution's metadata (the version).
+NOT_FOR_THE_CONFIGURATION = ("pkcs11", "cryptography.x509", "dicom_card_agent.dicom.pdu",
+                             "dicom_card_agent.lifecycle.machine", "importlib.metadata")
 
 
 def imported_by(tmp_path: Path, *args: str | Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, set[str]]:
@@ -45,6 +52,7 @@ def test_status_and_lock_import_none_of_the_running_agent(test_pki: ProvisionedP
         assert result.stderr.startswith(f"card-agent: error: no agent answers on {tmp_path}/run/control.sock "), \
             result.stderr
         assert [name for name in RUNNING_AGENT if name in imported] == [], command
+        assert [name for name in NOT_FOR_THE_CONFIGURATION if name in imported] == [], command
         # typer 0.29 coerces each parameter through pydantic, 0.1 s of CPU more (pyproject.toml).
         assert "pydantic" not in imported, command
 

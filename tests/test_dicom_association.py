@@ -26,14 +26,12 @@ from agent_runner import associate_rq
 from dicom_card_agent.dicom.association import (
     MAX_UNANSWERED_C_STORES,
     Association,
-    AssociationRules,
-    ExistingUserIdentity,
     Forward,
     Refuse,
     UnansweredLimitError,
-    UserIdentityMode,
 )
 from dicom_card_agent.dicom.pdu import MalformedPduError, parse_associate_rj
+from dicom_card_agent.dicom.rules import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UPN_OID, UsernameError, check_template, username_for
 
 USERNAME_RULES = AssociationRules(user_identity=UserIdentityMode.USERNAME)
@@ -231,7 +229,7 @@ def test_usernames_come_from_the_certificate() -> None:
     card = certificate([x509.NameAttribute(NameOID.COMMON_NAME, "Dr. Carol Radiologist"),
                         x509.NameAttribute(NameOID.USER_ID, "carol")],
                        [x509.RFC822Name("carol@hospital.example"),
-                        x509.OtherName(UPN_OID, UTF8String("carol@HOSPITAL.EXAMPLE").dump())])
+                        x509.OtherName(x509.ObjectIdentifier(UPN_OID), UTF8String("carol@HOSPITAL.EXAMPLE").dump())])
     assert username_for(card, "{cn}") == "Dr. Carol Radiologist"
     assert username_for(card, "{upn}") == "carol@HOSPITAL.EXAMPLE"
     assert username_for(card, "{email}") == "carol@hospital.example"

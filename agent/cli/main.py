@@ -14,7 +14,6 @@ import typer.main
 
 from dicom_card_agent import logline
 from dicom_card_agent.errors import CardAgentError
-from dicom_card_agent.version import agent_version
 
 # Each command's module is imported only when that command runs, or when help lists the commands:
 # `status` and `lock` need a small part of what `run` imports, and imported all of it (0.5 s of
@@ -93,6 +92,10 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
+        # Imported here: importlib.metadata, which finds the installed distribution, costs each
+        # command that never tells the version (`status`, every minute) about 25 ms of CPU.
+        from dicom_card_agent.version import agent_version
+
         print(f"card-agent {agent_version()}")
         raise typer.Exit()
 

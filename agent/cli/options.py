@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dicom_card_agent.config.locate import ENVIRONMENT_VARIABLE, SYSTEM_CONFIG
-from dicom_card_agent.token.module import AUTO
+from dicom_card_agent.token.profiles import AUTO
 
 Module = Annotated[
     str,

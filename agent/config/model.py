@@ -16,11 +16,11 @@ from typing import Any, Callable
 from dicom_card_agent.audit.config import AuditConfig, parse_audit_config
 from dicom_card_agent.config.tables import Seconds, Section, content_digest, host_port, read_config_file, toml_of
 from dicom_card_agent.desktop.config import DesktopConfig, parse_desktop_config
-from dicom_card_agent.dicom.association import AssociationRules, ExistingUserIdentity, UserIdentityMode
+from dicom_card_agent.dicom.rules import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, check_template
 from dicom_card_agent.errors import ConfigError
-from dicom_card_agent.token.module import AUTO
 from dicom_card_agent.token.pin import PinSource
+from dicom_card_agent.token.profiles import AUTO
 from dicom_card_agent.token.uri import Pkcs11Uri, Pkcs11UriError
 from dicom_card_agent.tunnel.admission import LOOPBACK_NETWORKS, AllowFromError, Network, parse_network
 from dicom_card_agent.tunnel.peer import is_loopback

@@ -21,7 +21,6 @@ import itertools
 import re
 import warnings
 from dataclasses import dataclass, field
-from enum import Enum
 
 from dicom_card_agent.dicom.pdu import (
     AcseRejectReason,
@@ -42,6 +41,7 @@ from dicom_card_agent.dicom.pdu import (
     read_command_fields,
     with_user_identity,
 )
+from dicom_card_agent.dicom.rules import AssociationRules, ExistingUserIdentity, UserIdentityMode
 from dicom_card_agent.logline import printable
 
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -63,43 +63,6 @@ MAX_UNANSWERED_C_STORES = 4096
 
 class UnansweredLimitError(PduLimitError):
     """More C-STORE requests wait for their responses than the agent follows for the audit trail."""
-
-
-class UserIdentityMode(str, Enum):
-    """``user_identity`` of a tunnel."""
-
-    OFF = "off"
-    USERNAME = "username"
-
-
-class ExistingUserIdentity(str, Enum):
-    """What to do when the application's A-ASSOCIATE-RQ already carries a User Identity sub-item."""
-
-    KEEP = "keep"
-    REPLACE = "replace"
-    REJECT = "reject"
-
-
-@dataclass(frozen=True)
-class AssociationRules:
-    """A tunnel's rules for associations. Empty AE title lists allow any title; entries may use
-    shell wildcards (``MODALITY_*``)."""
-
-    allowed_calling_ae_titles: tuple[str, ...] = ()
-    allowed_called_ae_titles: tuple[str, ...] = ()
-    user_identity: UserIdentityMode = UserIdentityMode.OFF
-    username_template: str = "{cn}"
-    positive_response_requested: bool = False
-    existing_user_identity: ExistingUserIdentity = ExistingUserIdentity.KEEP
-
-    @property
-    def can_refuse(self) -> bool:
-        """True if some well-formed A-ASSOCIATE-RQ would be refused under these rules. A request
-        with AE titles PS3.5 forbids is refused under any rules; without these, only after the
-        agent has connected to the PACS (the request itself never reaches it)."""
-        return bool(self.allowed_calling_ae_titles or self.allowed_called_ae_titles or (
-            self.user_identity is not UserIdentityMode.OFF
-            and self.existing_user_identity is ExistingUserIdentity.REJECT))
 
 
 @dataclass(frozen=True)
@@ -451,5 +414,4 @@ def _uid_name(uid: str) -> str:
     return name if name and name != uid else uid
 
 
-__all__ = ["Association", "AssociationRules", "ExistingUserIdentity", "Forward", "MalformedPduError", "Query",
-           "Refuse", "StoredInstance", "UnansweredLimitError", "UserIdentityMode"]
+__all__ = ["Association", "Forward", "MalformedPduError", "Query", "Refuse", "StoredInstance", "UnansweredLimitError"]

@@ -10,13 +10,14 @@ attribute) and ``{serial}`` (the subject's serialNumber), with literal text arou
 from __future__ import annotations
 
 import string
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID, ObjectIdentifier
+from typing import TYPE_CHECKING
 
 from dicom_card_agent.errors import CardAgentError
 
-UPN_OID = ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+if TYPE_CHECKING:
+    from cryptography import x509
+
+UPN_OID = "1.3.6.1.4.1.311.20.2.3"  # Microsoft's User Principal Name, an otherName of the subjectAltName
 FIELDS = ("cn", "upn", "email", "uid", "serial")
 
 
@@ -37,6 +38,11 @@ def check_template(template: str) -> None:
 
 
 def certificate_fields(certificate: x509.Certificate) -> dict[str, str]:
+    # Imported here: the configuration checks a template (check_template), and `card-agent status`,
+    # which reads the configuration and no certificate, would otherwise import them for nothing.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     fields: dict[str, str] = {}
     subject = certificate.subject
     for name, oid in (("cn", NameOID.COMMON_NAME), ("uid", NameOID.USER_ID), ("serial", NameOID.SERIAL_NUMBER),
@@ -52,7 +58,7 @@ def certificate_fields(certificate: x509.Certificate) -> dict[str, str]:
     if emails:
         fields["email"] = emails[0]
     for other in san.get_values_for_type(x509.OtherName):
-        if other.type_id == UPN_OID:
+        if other.type_id.dotted_string == UPN_OID:
             upn = _utf8_string(other.value)
             if upn:
                 fields["upn"] = upn

@@ -28,7 +28,6 @@ from pkcs11.types import Token
 from dicom_card_agent.card.pcsc import PcscUnavailable, readers_with_a_card
 from dicom_card_agent.card.watcher import Card
 from dicom_card_agent.config.model import AgentConfig
-from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
 from dicom_card_agent.session.probe import FoundCard
@@ -179,6 +178,10 @@ def signed_in_again(config: AgentConfig, module: LoadedModule, found: FoundCard,
 
 def pin_request(config: AgentConfig, identity: Identity, state: PinState, *, ask_final_try: bool) -> PinRequest:
     """The PIN dialog in plain words: whose card, what for, what the card says about tries left."""
+    # Imported here: the card-session process, which imports this module too, opens no dialog, and
+    # the words (with the life-cycle's causes they name) were a twentieth of its start-up.
+    from dicom_card_agent.desktop.words import person_name, pin_dialog, purpose
+
     what_for = purpose(config.desktop.site_label, [t.name for t in config.tunnels] + [i.name for i in config.inbound])
     words = pin_dialog(person_name(identity.certificate), what_for, state, config.desktop.helpdesk,
                        ask_final_try=ask_final_try)

@@ -56,7 +56,8 @@ from dicom_card_agent.audit.events import EventKind
 from dicom_card_agent.card.watcher import GONE_ERRORS
 from dicom_card_agent.config.model import AgentConfig, InboundConfig, TunnelConfig
 from dicom_card_agent.descriptors import descriptors_exhausted
-from dicom_card_agent.dicom.association import UserIdentityMode, load_pydicom
+from dicom_card_agent.dicom.association import load_pydicom
+from dicom_card_agent.dicom.rules import UserIdentityMode
 from dicom_card_agent.dicom.user_identity import UsernameError, username_for
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.revocation.checker import RevocationChecker

@@ -13,6 +13,7 @@ from dicom_card_agent.card.pcsc import PcscUnavailable, readers_with_a_card
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.file_trust import check_trusted_file
 from dicom_card_agent.token.profiles import (
+    AUTO,
     AUTO_ORDER,
     GENERIC,
     ModuleProfile,
@@ -21,8 +22,6 @@ from dicom_card_agent.token.profiles import (
     get_profile,
 )
 from dicom_card_agent.token.search_ends import hide_failed_search_ends
-
-AUTO = "auto"
 
 
 class ModuleLoadError(CardAgentError):

@@ -31,15 +31,18 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_card_agent.desktop.config import GRAPHICAL_PINENTRIES
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
-from dicom_card_agent.desktop.words import DialogWords
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.file_trust import TrustRefusal, UnsafeFileError, check_trusted_file
 from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.token.pinentry import Confirmation, Pinentry, PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
+
+if TYPE_CHECKING:  # the words come from the caller: the configuration, which needs PinSource, needs them not
+    from dicom_card_agent.desktop.words import DialogWords
 
 PROTECTED = "protected"
 # The PIN sources that ask nobody: the agent alone would choose the card their PIN goes to.

@@ -16,6 +16,7 @@ from importlib import resources
 from dicom_card_agent.errors import CardAgentError
 
 GENERIC = "generic"
+AUTO = "auto"  # [identity] module = "auto": the first installed module of AUTO_ORDER
 # The order in which "auto" tries installed modules: real cards before HSMs before lab tokens.
 AUTO_ORDER = ("opensc", "yubikey-ykcs11", "thales-luna", "nshield", "softhsm2")
 
