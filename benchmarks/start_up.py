@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What a process of the agent costs in CPU before it does its work: `card-agent status` (an
-administrator's monitoring asks it every minute on every workstation), `card-agent --version`, and
+administrator's monitoring may ask it every minute on every workstation), `card-agent --version`, and
 the imports of the card-session process (started at each card insertion: its start is part of the
 time from insertion to a signed-in card) and of `card-agent run`. Not part of the test suite.
 

@@ -93,7 +93,8 @@ app = typer.Typer(
 def _print_version(value: bool) -> None:
     if value:
         # Imported here: importlib.metadata, which finds the installed distribution, costs each
-        # command that never tells the version (`status`, every minute) about 25 ms of CPU.
+        # command that never tells the version (`status`, which monitoring may ask every minute) about
+        # 25 ms of CPU.
         from dicom_card_agent.version import agent_version
 
         print(f"card-agent {agent_version()}")
