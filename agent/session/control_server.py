@@ -2,7 +2,11 @@
 
 A unix socket in the agent's private runtime directory (0600 in 0700), answering one JSON request
 per connection; only the agent's own uid may use it (the same peer check as the tunnels). Its
-clients are in agent/session/control.py."""
+clients are in agent/session/control.py.
+
+Requests are read as they come, several at once: a client that connects and sends nothing (a
+monitoring script gone wrong) must not hold `status` and `lock` (the desktop's "Lock DICOM session")
+for anyone else while it waits."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +49,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("agent.control")
 REQUEST_TIMEOUT = 5.0  # seconds for a whole request line, however slowly it comes
 MAX_REQUEST = 4096  # bytes: requests are one short JSON line
+# Connections whose request has not all come, at most: past it the oldest is answered and closed,
+# so that the newest (most likely the `status` someone is waiting for) is read.
+MAX_WAITING_REQUESTS = 16
+
+
+@dataclass
+class _WaitingRequest:
+    """An admitted client whose request line has not all come yet."""
+
+    connection: socket.socket
+    deadline: float  # time.monotonic(): REQUEST_TIMEOUT after it was accepted
+    data: bytearray = field(default_factory=bytearray)
+
+    def complete(self) -> bool:
+        return b"\n" in self.data or len(self.data) >= MAX_REQUEST
+
+    def line(self) -> bytes:
+        return bytes(self.data.partition(b"\n")[0])
 
 
 @dataclass(frozen=True)
@@ -76,6 +98,7 @@ class ControlServer:
         self._wake_read, self._wake_write = os.pipe()  # a byte: look at the socket file now (SIGHUP), or stop
         os.set_blocking(self._wake_write, False)
         self._trouble: str | None = None  # why the socket could not be made again, as last logged
+        self._waiting: dict[int, _WaitingRequest] = {}  # by descriptor; the control thread's own
 
     @property
     def config(self) -> AgentConfig:
@@ -120,34 +143,86 @@ class ControlServer:
     def _serve(self) -> None:
         # Nothing ends this loop but close(): `status` and `lock` must answer all day.
         next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
-        while not self._closing.is_set():
-            try:
-                listener = self.listener
-                readable, _, _ = select.select([listener.fileno(), self._wake_read], [], [],
-                                               max(0.0, next_look - time.monotonic()))
-                if self._wake_read in readable:
-                    os.read(self._wake_read, 64)
-                if self._closing.is_set():
-                    return
-                if self._wake_read in readable or time.monotonic() >= next_look:
-                    self._keep_socket_file()
-                    next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
-                if listener.fileno() in readable and listener is self.listener:  # not closed: made again
-                    self._accept_one(listener)
-            except Exception as error:  # a bug costs one turn of the loop, not `status` and `lock` for good
-                self._backoff.failed("serving the control socket", error)
-                self._closing.wait(0.1)
+        try:
+            while not self._closing.is_set():
+                try:
+                    listener = self.listener
+                    wake_at = min([next_look, *(waiting.deadline for waiting in self._waiting.values())])
+                    readable, _, _ = select.select([listener.fileno(), self._wake_read, *self._waiting], [], [],
+                                                   max(0.0, wake_at - time.monotonic()))
+                    if self._wake_read in readable:
+                        os.read(self._wake_read, 64)
+                    if self._closing.is_set():
+                        return
+                    if self._wake_read in readable or time.monotonic() >= next_look:
+                        self._keep_socket_file()
+                        next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
+                    for fd in [fd for fd in readable if fd in self._waiting]:
+                        self._read_some(self._waiting[fd])
+                    self._answer_late(time.monotonic())
+                    if listener.fileno() in readable and listener is self.listener:  # not closed: made again
+                        self._accept_one(listener)
+                except Exception as error:  # a bug costs one turn of the loop, not `status` and `lock` for good
+                    self._backoff.failed("serving the control socket", error)
+                    self._closing.wait(0.1)
+        finally:
+            for waiting in self._waiting.values():
+                waiting.connection.close()
+            self._waiting.clear()
 
     def _accept_one(self, listener: socket.socket) -> None:
         connection = self._backoff.accept(listener)
         if connection is None:
             return
         try:
-            with connection:
-                self._answer_one(connection)
-            self._backoff.succeeded()
+            admit_peer(connection, self.policy)
+        except PeerRefusedError as error:
+            log.warning("control: %s", error)
+            connection.close()
+            return
+        connection.setblocking(False)
+        if len(self._waiting) >= MAX_WAITING_REQUESTS:
+            oldest = min(self._waiting.values(), key=lambda waiting: waiting.deadline)
+            self._finish(oldest, {"error": f"bad request: closed before it came whole, as the oldest of "
+                                           f"{MAX_WAITING_REQUESTS} connections waiting"})
+        self._waiting[connection.fileno()] = _WaitingRequest(connection, time.monotonic() + REQUEST_TIMEOUT)
+        self._backoff.succeeded()
+
+    def _read_some(self, waiting: _WaitingRequest) -> None:
+        """What has come of ``waiting``'s request; answered once its line is whole (or the client
+        stopped sending: an empty request asks for nothing)."""
+        try:
+            chunk = waiting.connection.recv(MAX_REQUEST - len(waiting.data))
+        except BlockingIOError:
+            return
+        except OSError:
+            self._finish(waiting, None)  # gone
+            return
+        waiting.data += chunk
+        if chunk and not waiting.complete():
+            return
+        try:
+            answer = self._answer_request(waiting.line())
         except Exception as error:  # a bug or a lookup failure costs this request only
             self._backoff.failed("a control request failed", error)
+            answer = None
+        self._finish(waiting, answer)
+
+    def _answer_late(self, now: float) -> None:
+        for waiting in [waiting for waiting in self._waiting.values() if waiting.deadline <= now]:
+            self._finish(waiting, {"error": f"bad request: no whole request within {REQUEST_TIMEOUT:g} s"})
+
+    def _finish(self, waiting: _WaitingRequest, answer: dict | None) -> None:
+        """Send ``answer`` (None: nothing) and close the connection."""
+        self._waiting.pop(waiting.connection.fileno(), None)
+        with waiting.connection as connection:
+            if answer is None:
+                return
+            try:
+                connection.settimeout(REQUEST_TIMEOUT)
+                connection.sendall(json.dumps(answer).encode() + b"\n")
+            except OSError:
+                pass
 
     def _keep_socket_file(self) -> None:
         """Make the control socket again when its file is gone or is no longer ours (its runtime
@@ -173,26 +248,18 @@ class ControlServer:
                     "runtime directories): made it again; `card-agent status` and `card-agent lock` reach the "
                     "agent again", self.path, lost)
 
-    def _answer_one(self, connection: socket.socket) -> None:
+    def _answer_request(self, line: bytes) -> dict:
         try:
-            admit_peer(connection, self.policy)
-            request = json.loads(_read_line(connection, REQUEST_TIMEOUT) or b"{}")
-            asked_for = request.get("config")
-            if asked_for is not None and asked_for != str(self.config.source):
-                # Two configurations may share a runtime directory: never lock or report the wrong one.
-                answer = {"error": f"the agent answering here runs with {self.config.source}, not {asked_for}"}
-            else:
-                answer = self.answer(request.get("command"))
-        except PeerRefusedError as error:
-            log.warning("control: %s", error)
-            return
-        except (OSError, ValueError) as error:
-            answer = {"error": f"bad request: {error}"}
-        try:
-            connection.settimeout(REQUEST_TIMEOUT)
-            connection.sendall(json.dumps(answer).encode() + b"\n")
-        except OSError:
-            pass
+            request = json.loads(line or b"{}")
+        except ValueError as error:
+            return {"error": f"bad request: {error}"}
+        if not isinstance(request, dict):
+            return {"error": "bad request: not a JSON object"}
+        asked_for = request.get("config")
+        if asked_for is not None and asked_for != str(self.config.source):
+            # Two configurations may share a runtime directory: never lock or report the wrong one.
+            return {"error": f"the agent answering here runs with {self.config.source}, not {asked_for}"}
+        return self.answer(request.get("command"))
 
     def answer(self, command: str | None) -> dict:
         if command == "status":
@@ -330,21 +397,3 @@ def _reason(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error)
-
-
-def _read_line(connection: socket.socket, timeout: float) -> bytes:
-    """One request line, within ``timeout`` in all (bytes trickling in do not extend it)."""
-    deadline = time.monotonic() + timeout
-    data = bytearray()
-    while b"\n" not in data and len(data) < MAX_REQUEST:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no whole request within {timeout:g} s")
-        connection.settimeout(left)
-        chunk = connection.recv(MAX_REQUEST - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data.partition(b"\n")[0])
-
-
