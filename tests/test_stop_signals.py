@@ -38,14 +38,15 @@ def audit_events(audit_file: Path) -> list[tuple[str, str, str]]:
     return events
 
 
-def instances_recorded(audit_file: Path) -> set[str]:
-    """The SOP Instance UIDs the DICOM Instances Transferred (110104) records name."""
-    found = set()
+def instances_recorded(audit_file: Path) -> list[str]:
+    """The SOP Instance UIDs the DICOM Instances Transferred (110104) records name, sorted, each as
+    often as it is named."""
+    found = []
     for line in audit_file.read_bytes().splitlines():
         message = ET.fromstring(line)
         if message.find("EventIdentification/EventID").get("csd-code") == "110104":
-            found |= {instance.get("UID") for instance in message.iter("Instance")}
-    return found
+            found += [instance.get("UID") for instance in message.iter("Instance")]
+    return sorted(found)
 
 
 @pytest.mark.parametrize("signalled", ["the agent", "every process of the unit"])
@@ -75,7 +76,11 @@ def test_a_stop_with_an_association_open_records_its_end_and_signs_in_nobody(
     assert not [line for line in stopped if "card session started" in line or "event=sign-in " in line
                 or "lost:" in line], log
     assert log.count("event=sign-in ") == 1
-    events = audit_events(audit_file)
+    # The instances go in one message per half second of answers (agent/tunnel/transfers.py): on a
+    # loaded host the 8 stores take longer, and come in two. That each is recorded once, instances_recorded says.
+    recorded = audit_events(audit_file)
+    events = [event for previous, event in zip([None, *recorded], recorded, strict=False)
+              if event[0] != "110104" or previous is None or previous[0] != "110104"]
     assert events == [
         ("110100", "110120", ""),  # Application Start
         ("110114", "110122", ""),  # Login
@@ -85,7 +90,7 @@ def test_a_stop_with_an_association_open_records_its_end_and_signs_in_nobody(
         ("110114", "110123", "the agent is stopping"),  # Logout
         ("110100", "110121", "SIGTERM or SIGINT"),  # Application Stop
     ], events
-    assert instances_recorded(audit_file) == {sop_instance_uid(path) for path in study}
+    assert instances_recorded(audit_file) == sorted(sop_instance_uid(path) for path in study)
     assert len(pacs.received) == 8
 
 
