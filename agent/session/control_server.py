@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import select
 import socket
@@ -148,8 +149,8 @@ class ControlServer:
                 try:
                     listener = self.listener
                     wake_at = min([next_look, *(waiting.deadline for waiting in self._waiting.values())])
-                    readable, _, _ = select.select([listener.fileno(), self._wake_read, *self._waiting], [], [],
-                                                   max(0.0, wake_at - time.monotonic()))
+                    readable = _readable([listener.fileno(), self._wake_read, *self._waiting],
+                                         max(0.0, wake_at - time.monotonic()))
                     if self._wake_read in readable:
                         os.read(self._wake_read, 64)
                     if self._closing.is_set():
@@ -391,6 +392,15 @@ def _make_runtime_directory_again(directory: Path) -> None:
         raise CardAgentError(f"the runtime directory {directory} is not a private directory of uid {os.getuid()} "
                              f"(this agent's user, mode 0700, no symbolic link) but {found}: another user may have "
                              f"made it; remove it and the agent makes it again")
+
+
+def _readable(descriptors: list[int], timeout: float) -> set[int]:
+    """Those of ``descriptors`` that have something to read (or are closed), within ``timeout`` s.
+    poll, not select: a client's descriptor may be above 1023 in an agent serving many connections."""
+    poller = select.poll()
+    for fd in descriptors:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(math.ceil(timeout * 1000))}
 
 
 def _reason(error: Exception) -> str:
