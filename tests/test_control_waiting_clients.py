@@ -7,13 +7,19 @@ SoftHSM."""
 from __future__ import annotations
 
 import json
+import os
+import resource
+import select
 import socket
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import pytest
+
 from agent_runner import free_port, running_agent, tunnel
 from conftest import ProvisionedPki, run_card_agent
+from dicom_card_agent.session.control_server import _readable
 
 
 def connected(stack: ExitStack, path: Path) -> socket.socket:
@@ -62,3 +68,24 @@ def test_a_crowd_of_waiting_clients_costs_the_oldest_its_place(test_pki: Provisi
             first = answer_of(crowd[0])
     assert status.returncode == 0, status.stdout + status.stderr
     assert first == {"error": "bad request: closed before it came whole, as the oldest of 16 connections waiting"}
+
+
+def test_a_client_descriptor_above_1023_is_waited_on() -> None:
+    """An agent under a raised LimitNOFILE may give a control client a descriptor select() refuses."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 2000
+    if hard != resource.RLIM_INFINITY and hard <= high:
+        raise AssertionError(f"the hard descriptor limit ({hard}) leaves no descriptor {high} to test with")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, high + 1), hard))
+    ours, theirs = socket.socketpair()
+    try:
+        os.dup2(ours.fileno(), high)
+        theirs.sendall(b"{}\n")
+        with pytest.raises(ValueError):  # what the control loop used, and why it no longer does
+            select.select([high], [], [], 0)
+        assert _readable([high], 1.0) == {high}
+    finally:
+        os.close(high)
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
