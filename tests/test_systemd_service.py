@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from peers.pynetdicom_scp import echo, tls_scp
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 UNITS = REPOSITORY / "systemd"
+SO_TIMESTAMPNS = 35  # Linux's <asm-generic/socket.h>; the socket module does not name it
 WATCHDOG_USEC = 1_000_000  # pings due every 0.5 s: half the interval, as sd_watchdog_enabled(3) advises
 
 
@@ -88,6 +90,7 @@ def notify_socket(directory: Path) -> Iterator[tuple[str, socket.socket]]:
     """A unix datagram socket listening as a service manager's NOTIFY_SOCKET."""
     path = directory / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.bind(str(path))
     try:
         yield str(path), sock
@@ -96,17 +99,27 @@ def notify_socket(directory: Path) -> Iterator[tuple[str, socket.socket]]:
 
 
 def receive(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:
-    """Every message for ``seconds``, with the time it came."""
+    """Every message for ``seconds``, with the time it came (time.monotonic()'s clock): the kernel's
+    time of arrival, not this process's time of reading, which a loaded host delays (a CI run saw
+    1.09 s between two pings the agent sends every 0.5 s)."""
     messages = []
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         sock.settimeout(left)
         try:
-            data = sock.recv(4096)
+            data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(16))
         except TimeoutError:
             break
-        messages.append((time.monotonic(), data.decode()))
+        messages.append((_arrival(ancillary), data.decode()))
     return messages
+
+
+def _arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return time.monotonic() - (time.time() - (seconds + nanoseconds / 1e9))
+    raise AssertionError("a message without the kernel's time of arrival")
 
 
 def receive_until(sock: socket.socket, wanted: str, timeout: float = 15.0) -> list[tuple[float, str]]:
@@ -258,6 +271,7 @@ def test_notify_reaches_an_abstract_socket_and_takes_its_variables_out_of_the_en
 
     name = f"card-agent-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # for receive()
         manager.bind("\0" + name)
         environ = {"NOTIFY_SOCKET": f"@{name}", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
         notifier = Notifier(environ, clock=iter([0.0, 0.5, 1.0, 1.5]).__next__)
