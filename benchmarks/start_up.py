@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--other", help="a copy of the package to measure as well (PATH/dicom_card_agent)")
     args = parser.parse_args()
-    compile_package(Path(__file__).resolve().parent.parent / "agent")
+    compile_package(bench.REPO / "agent")
     if args.other:
         compile_package(Path(args.other))
     with bench.softhsm_work_directory("card-agent-start-up-") as (work, pki, conf):
