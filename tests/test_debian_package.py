@@ -14,6 +14,8 @@ The build takes ~40 s to a few minutes (dh-virtualenv installs the Python depend
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import shlex
@@ -128,6 +130,36 @@ def as_revision(deb: Path, revision: int, out: Path) -> Path:
     return newer
 
 
+def assert_nothing_of_where_it_was_built(tree: Path) -> None:
+    """The package's files (``tree``: dpkg-deb -R of it) hold nothing of the build: two builds of
+    one checkout made packages that differed in pyvenv.cfg's `command` line and direct_url.json (the
+    scratch directory's random name), in the RECORDs of distributions with scripts (their hashes
+    taken before dh_virtualenv rewrote the scripts' first line; the agent's build digest is its
+    RECORD's) and in the Debian changelog's date (the build's), which dpkg makes every file's time.
+    Now they are the same byte for byte (docs/deployment.md)."""
+    scratch = re.compile(rb"build-deb\.[A-Za-z0-9]{6}")
+    leaking = [str(path.relative_to(tree)) for path in tree.rglob("*")
+               if path.is_file() and not path.is_symlink() and scratch.search(path.read_bytes())]
+    assert not leaking, f"the build's scratch directory is named in {leaking}"
+    site = next((tree / "usr/lib/dicom-card-agent/lib").glob("python3*/site-packages"))
+    stale = []
+    for record in sorted(site.glob("*.dist-info/RECORD")):
+        for name, digest, size in (line.rsplit(",", 2) for line in record.read_text().splitlines()):
+            if digest:
+                data = (site / name).read_bytes()
+                actual = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                if (actual, str(len(data))) != (digest, size):
+                    stale.append(name)
+    assert not stale, f"RECORD hashes that are not the shipped files': {stale}"
+    changelog = subprocess.run(["zcat", str(tree / "usr/share/doc/dicom-card-agent/changelog.Debian.gz")],
+                               capture_output=True, text=True, check=True).stdout
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    released = subprocess.run(["date", "-R", "-u", "-d", f"@{epoch}"] if epoch else
+                              ["git", "-C", str(REPOSITORY), "log", "-1", "--format=%aD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert changelog.rstrip("\n").endswith(f"  {released}"), changelog
+
+
 def _architecture() -> str:
     return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -175,6 +207,7 @@ def test_build_install_store_a_study_upgrade_and_purge(machine: Path, test_pki: 
     first = build_as_the_readme_says()
     built_in = time.monotonic() - started
     second = as_revision(first, 2, tmp_path / "dist")
+    assert_nothing_of_where_it_was_built(tmp_path / "dist" / "revision-2")
 
     _apt("install", str(first), admin_etc=admin_etc)
     assert _installed_version() == f"{VERSION}-1"
