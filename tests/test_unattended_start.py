@@ -15,8 +15,19 @@ import re
 import time
 from pathlib import Path
 
-from agent_runner import running_agent, start_agent, stop_agent, tunnel, wait_for, write_config
+from agent_runner import (
+    associate_rq,
+    port_of,
+    running_agent,
+    send_and_close,
+    start_agent,
+    stop_agent,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import ProvisionedPki, run_card_agent
+from dicom_card_agent.dicom.pdu import parse_associate_rj
 from fault_pkcs11 import FaultControl
 from test_audit_failure import fill, small_tmpfs
 
@@ -76,3 +87,30 @@ def test_status_answers_while_the_start_waits_for_a_slow_sign_in(test_pki: Provi
     assert answered_after < 5, answered_after
     state = next(line for line in status.stdout.splitlines() if line.startswith("state:"))
     assert state in ("state:    card present, PIN not yet entered", "state:    card present, signing in"), status.stdout
+
+
+def test_an_unattended_sign_in_reads_as_signing_in_not_as_a_pin_to_enter(test_pki: ProvisionedPki, tmp_path: Path,
+                                                                         fault_module: Path) -> None:
+    """With a PIN that asks nobody (env:), nobody is to enter it: while the card session read the
+    card inserted (its certificates, before the PIN goes to it), `status` and an application's
+    refusal said "card present, PIN not yet entered", which sends the administrator of an unattended
+    workstation looking for someone to type it. They say "card present, signing in". The read is
+    held 4 s by the fault module (a real card cannot be slowed on cue); on SoftHSM it takes ~0.7 s."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.remove_card()
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], module=str(fault_module),
+                       env=card.env()) as agent:
+        card.find_delay(4_000)
+        card.insert_card()
+        wait_for(lambda: any(line.startswith("find-delay") for line in card.log_lines()), timeout=30)
+        status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
+        answer = send_and_close(agent.port(), associate_rq())
+        agent.wait_for_log("rejected: card present, signing in")
+        log_in_the_read = agent.log()
+        card.find_delay(None)
+        agent.wait_for_log(SIGNED_IN, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert "state:    card present, signing in\n" in status.stdout, status.stdout
+    assert parse_associate_rj(answer).describe().startswith("rejected-transient"), answer
+    assert "PIN not yet entered" not in log_in_the_read, log_in_the_read

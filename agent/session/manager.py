@@ -236,6 +236,11 @@ class SessionManager:
             return f"card present, the sign-in could not start ({shortage}): trying again"
         if self.machine.state is State.NO_CARD:  # "no card inserted" unless a card waits in its reader
             return no_card_status([card if isinstance(card, ReaderCard) else f"card {card}" for card in self._seen[3]])
+        if self.machine.state is State.PIN_PENDING and self.config.identity.pin.asks_nobody:
+            # Nobody is to enter this PIN (env:, file:): the agent reads the card and gives it the
+            # configured one. "PIN not yet entered" sent administrators of unattended workstations
+            # looking for someone to type it.
+            return State.SIGNING_IN.value
         return self.machine.status
 
     def _cannot_start(self) -> str | None:
@@ -472,7 +477,7 @@ class SessionManager:
             event("card-removed", **self._card_fields())
             return {}
         log.warning("card %s inserted while %s is still in its reader (%s): the new card is the one to sign in with",
-                    card, self.card or previous, self.machine.status)
+                    card, self.card or previous, self.state)
         return {f"previous_{key}": value for key, value in self._card_fields().items()}
 
     def shutdown(self) -> None:

@@ -26,6 +26,8 @@
  *                          first: a module that crashes on a card (any C_Fn that honours fail)
  *   login_delay_ms = N     C_Login sleeps N ms before it logs in (a slow card, a PIN pad
  *                          waiting for its holder); logged "login-delay ms=N" as it starts
+ *   find_delay_ms = N      C_FindObjectsInit sleeps N ms first (a slow card read for its
+ *                          certificates and keys); logged "find-delay ms=N" as it starts
  *   hide_mechanisms = M,.. the token lacks these mechanisms (hex or decimal CKM_ numbers): left out
  *                          of C_GetMechanismList, CKR_MECHANISM_INVALID from C_GetMechanismInfo and
  *                          C_SignInit (e.g. 0x0d,0x43,0x44,0x45,0x0e: a card without RSA-PSS)
@@ -84,6 +86,7 @@ struct cfg {
     char crash_in[40];
     unsigned long sign_delay_ms;
     unsigned long login_delay_ms;
+    unsigned long find_delay_ms;
     CK_MECHANISM_TYPE hidden[MAX_FAILS];
     int nhidden;
     long pin_retries;       /* -1 = off */
@@ -357,6 +360,7 @@ static void parse_line(struct cfg *n, char *line)
     else if (strcmp(k, "crash_in") == 0) copy_str(n->crash_in, sizeof n->crash_in, v);
     else if (strcmp(k, "sign_delay_ms") == 0) n->sign_delay_ms = strtoul(v, NULL, 10);
     else if (strcmp(k, "login_delay_ms") == 0) n->login_delay_ms = strtoul(v, NULL, 10);
+    else if (strcmp(k, "find_delay_ms") == 0) n->find_delay_ms = strtoul(v, NULL, 10);
     else if (strcmp(k, "hide_mechanisms") == 0) parse_hidden(n, v);
     else if (strcmp(k, "pin_retries") == 0) n->pin_retries = *v ? strtol(v, NULL, 10) : -1;
     else if (strcmp(k, "token_flags_set") == 0) n->flags_set = strtoul(v, NULL, 16);
@@ -993,7 +997,20 @@ static CK_RV w_C_SignFinal P_C_SignFinal
 FWD(C_InitPIN) FWD(C_SetPIN) FWD(C_GetOperationState) FWD(C_SetOperationState)
 FWD_LOG(C_Logout) FWD(C_CreateObject) FWD(C_CopyObject) FWD(C_DestroyObject)
 FWD(C_GetObjectSize) FWD(C_GetAttributeValue) FWD(C_SetAttributeValue)
-FWD(C_FindObjectsInit) FWD(C_FindObjects) FWD(C_FindObjectsFinal)
+FWD(C_FindObjects) FWD(C_FindObjectsFinal)
+
+static CK_RV w_C_FindObjectsInit P_C_FindObjectsInit
+{
+    struct cfg c;
+    CK_RV rv = pre_generic("C_FindObjectsInit", hSession, 0);
+    if (rv != CKR_OK) return rv;
+    snap(&c);
+    if (c.find_delay_ms) {  /* outside mu: the other processes' and threads' calls go on */
+        log_call("find-delay ms=%lu", c.find_delay_ms);
+        sleep_ms(c.find_delay_ms);
+    }
+    return real->C_FindObjectsInit(hSession, pTemplate, ulCount);
+}
 FWD(C_EncryptInit) FWD(C_Encrypt) FWD(C_EncryptUpdate) FWD(C_EncryptFinal)
 FWD(C_DecryptInit) FWD_LOG(C_Decrypt) FWD(C_DecryptUpdate) FWD(C_DecryptFinal)
 FWD(C_DigestInit) FWD(C_Digest) FWD(C_DigestUpdate) FWD(C_DigestKey) FWD(C_DigestFinal)

@@ -14,7 +14,7 @@ retry counter while a client process keeps running.
     ctl.pin_retries(3); ctl.signatures()
 
 Control keys (``key = value`` lines): present, show_token, generation, fail,
-crash_in, sign_delay_ms, login_delay_ms, pin_retries, token_flags_set, token_flags_clear,
+crash_in, sign_delay_ms, login_delay_ms, find_delay_ms, pin_retries, token_flags_set, token_flags_clear,
 protected_pin, log.  See the comment at the top of fault_pkcs11.c.
 """
 
@@ -219,6 +219,11 @@ class FaultControl:
     def login_delay(self, ms: int | None) -> None:
         """C_Login waits ``ms`` before logging in (a slow card); the log says ``login-delay ms=N``."""
         self.set(login_delay_ms=ms)
+
+    def find_delay(self, ms: int | None) -> None:
+        """C_FindObjectsInit waits ``ms`` first (a slow read of the card's certificates and keys, as
+        a card session's probe makes); the log says ``find-delay ms=N``."""
+        self.set(find_delay_ms=ms)
 
     def pin_retries(self, n: int | None, reset: bool = True) -> None:
         """Emulate a retry counter of ``n`` tries (None: off); ``reset`` restarts it at n."""
