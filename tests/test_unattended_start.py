@@ -12,6 +12,7 @@ the agent with its runtime directory on a full file system (a real tmpfs):
 from __future__ import annotations
 
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -114,3 +115,32 @@ def test_an_unattended_sign_in_reads_as_signing_in_not_as_a_pin_to_enter(test_pk
     assert "state:    card present, signing in\n" in status.stdout, status.stdout
     assert parse_associate_rj(answer).describe().startswith("rejected-transient"), answer
     assert "PIN not yet entered" not in log_in_the_read, log_in_the_read
+
+
+def test_a_sighup_while_the_start_waits_for_the_sign_in_is_acted_on_once_ready(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """The start waits up to a minute for an unattended sign-in; a SIGHUP then (configuration
+    management writing the file and signalling every agent) was ignored, and the new configuration
+    waited for the next SIGHUP or restart. It is now read once the agent is ready. The login is held
+    5 s by the fault module."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    card.login_delay(5_000)
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    first, second = tunnel("first", 9), tunnel("second", 9)
+    config = write_config(workdir / "agent.toml", test_pki, [first], module=str(fault_module))
+    log_path = workdir / "agent.log"
+    process = start_agent(config, log_path, test_pki.env(CARD_PIN="123456", **card.env()))
+    try:
+        wait_for(lambda: any(line.startswith("login-delay") for line in card.log_lines()), timeout=30)
+        write_config(config, test_pki, [first, second], module=str(fault_module))
+        process.send_signal(signal.SIGHUP)
+        reloaded = f"card-agent: INFO: SIGHUP: configuration {config} reloaded: added second; the card session goes on"
+        wait_for(lambda: reloaded in log_path.read_text(), timeout=30)
+        log = log_path.read_text()
+    finally:
+        stop_agent(process)
+    assert log.index("INFO: ready: 1 tunnel(s) for CN=Alice Example") < log.index(reloaded), log
+    assert "SIGHUP came while the agent started: the configuration is read again now" in log, log
+    assert process.returncode == 0, log

@@ -18,7 +18,7 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.notify import Notifier
-from dicom_card_agent.service.signals import SignalActions
+from dicom_card_agent.service.signals import EarlyRequests, SignalActions
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.control_server import ControlServer
 from dicom_card_agent.session.identity import remove_leftover_session_files
@@ -53,8 +53,10 @@ def run(
     signals = SignalActions()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signals.on(signum, stop.set)
-    # Until the reloader is there, SIGHUP must not kill the agent (its default action) without its audit Logout.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Until the reloader is there, a SIGHUP waits for it (the default action, death, would also cost
+    # the audit trail its Application Stop).
+    reloads = EarlyRequests()
+    signals.on(signal.SIGHUP, reloads.request)
 
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
@@ -89,7 +91,8 @@ def run(
             metrics.start()
         reloader = Reloader(settings, manager, listeners, control_server, audit)
         reloader.start(stop)
-        signals.on(signal.SIGHUP, reloader.request)
+        if reloads.hand_to(reloader.request):
+            log.info("SIGHUP came while the agent started: the configuration is read again now")
         who = manager.session.signed_in.files.subject if manager.session else f"nobody yet ({manager.state})"
         inbound = f", {len(settings.inbound)} inbound listener(s)" if settings.inbound else ""
         log.info("ready: %d tunnel(s)%s for %s", len(settings.tunnels), inbound, who)

@@ -49,3 +49,31 @@ class SignalActions:
 
 def _written_to_the_pipe(signum: int, frame: FrameType | None) -> None:
     """The Python handler of an acted-on signal: nothing to do, the number is in the pipe already."""
+
+
+class EarlyRequests:
+    """An action asked for (a signal's) before what carries it out exists: kept, and done once
+    :meth:`hand_to` gives the action. A SIGHUP while the start waits for an unattended sign-in (up
+    to a minute) was ignored, and a configuration changed in that time was not read until the next
+    one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._action: Callable[[], None] | None = None
+        self._pending = False
+
+    def request(self) -> None:
+        with self._lock:
+            if self._action is None:
+                self._pending = True
+                return
+            action = self._action
+        action()
+
+    def hand_to(self, action: Callable[[], None]) -> bool:
+        """From now on ``action`` carries the requests out; True (and ``action`` called) when one came before."""
+        with self._lock:
+            self._action, pending, self._pending = action, self._pending, False
+        if pending:
+            action()
+        return pending
