@@ -30,7 +30,9 @@ from agent_runner import (
 from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.dicom.pdu import parse_associate_rj
 from fault_pkcs11 import FaultControl
+from peers.ports import free_port
 from test_audit_failure import fill, small_tmpfs
+from test_metrics import scrape_all, value
 
 SIGNED_IN = 'event=sign-in subject="CN=Alice Example'
 
@@ -95,17 +97,20 @@ def test_an_unattended_sign_in_reads_as_signing_in_not_as_a_pin_to_enter(test_pk
     """With a PIN that asks nobody (env:), nobody is to enter it: while the card session read the
     card inserted (its certificates, before the PIN goes to it), `status` and an application's
     refusal said "card present, PIN not yet entered", which sends the administrator of an unattended
-    workstation looking for someone to type it. They say "card present, signing in". The read is
-    held 4 s by the fault module (a real card cannot be slowed on cue); on SoftHSM it takes ~0.7 s."""
+    workstation looking for someone to type it. They say "card present, signing in", and the
+    metrics' card state is signing_in. The read is held 4 s by the fault module (a real card cannot
+    be slowed on cue); on SoftHSM it takes ~0.7 s."""
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
     card.remove_card()
+    metrics_port = free_port()
     with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], module=str(fault_module),
-                       env=card.env()) as agent:
+                       env=card.env(), metrics={"listen": f"127.0.0.1:{metrics_port}"}) as agent:
         card.find_delay(4_000)
         card.insert_card()
         wait_for(lambda: any(line.startswith("find-delay") for line in card.log_lines()), timeout=30)
         status = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
+        scraped = scrape_all(metrics_port)
         answer = send_and_close(agent.port(), associate_rq())
         agent.wait_for_log("rejected: card present, signing in")
         log_in_the_read = agent.log()
@@ -115,6 +120,8 @@ def test_an_unattended_sign_in_reads_as_signing_in_not_as_a_pin_to_enter(test_pk
     assert "state:    card present, signing in\n" in status.stdout, status.stdout
     assert parse_associate_rj(answer).describe().startswith("rejected-transient"), answer
     assert "PIN not yet entered" not in log_in_the_read, log_in_the_read
+    assert (value(scraped, "card_agent_card_state", state="signing_in"),
+            value(scraped, "card_agent_card_state", state="pin_pending")) == (1, 0)
 
 
 def test_a_sighup_while_the_start_waits_for_the_sign_in_is_acted_on_once_ready(

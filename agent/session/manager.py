@@ -236,12 +236,19 @@ class SessionManager:
             return f"card present, the sign-in could not start ({shortage}): trying again"
         if self.machine.state is State.NO_CARD:  # "no card inserted" unless a card waits in its reader
             return no_card_status([card if isinstance(card, ReaderCard) else f"card {card}" for card in self._seen[3]])
-        if self.machine.state is State.PIN_PENDING and self.config.identity.pin.asks_nobody:
-            # Nobody is to enter this PIN (env:, file:): the agent reads the card and gives it the
-            # configured one. "PIN not yet entered" sent administrators of unattended workstations
-            # looking for someone to type it.
-            return State.SIGNING_IN.value
+        if self.lifecycle_state is not self.machine.state:
+            return self.lifecycle_state.value
         return self.machine.status
+
+    @property
+    def lifecycle_state(self) -> State:
+        """The card life-cycle's state as `status` and the metrics tell it: PIN_PENDING with a PIN
+        that asks nobody (env:, file:) is SIGNING_IN. Nobody is to enter that PIN: the agent reads
+        the card and gives it the configured one; "PIN not yet entered" sent administrators of
+        unattended workstations looking for someone to type it."""
+        if self.machine.state is State.PIN_PENDING and self.config.identity.pin.asks_nobody:
+            return State.SIGNING_IN
+        return self.machine.state
 
     def _cannot_start(self) -> str | None:
         """What the sign-in under way lacked when it could not start, while it waits to try again."""
