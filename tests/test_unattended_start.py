@@ -18,7 +18,6 @@ from pathlib import Path
 
 from agent_runner import (
     associate_rq,
-    port_of,
     running_agent,
     send_and_close,
     start_agent,

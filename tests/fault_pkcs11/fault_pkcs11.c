@@ -1011,6 +1011,7 @@ static CK_RV w_C_FindObjectsInit P_C_FindObjectsInit
     }
     return real->C_FindObjectsInit(hSession, pTemplate, ulCount);
 }
+
 FWD(C_EncryptInit) FWD(C_Encrypt) FWD(C_EncryptUpdate) FWD(C_EncryptFinal)
 FWD(C_DecryptInit) FWD_LOG(C_Decrypt) FWD(C_DecryptUpdate) FWD(C_DecryptFinal)
 FWD(C_DigestInit) FWD(C_Digest) FWD(C_DigestUpdate) FWD(C_DigestKey) FWD(C_DigestFinal)
