@@ -158,8 +158,9 @@ class AgentCollector:
     def _card(self, manager: SessionManager) -> Iterator[Metric]:
         state = GaugeMetricFamily(f"{PREFIX}_card_state", "1 for the card life-cycle's current state",
                                   labels=["state"])
+        current = manager.lifecycle_state
         for each in State:
-            state.add_metric([each.name.lower()], 1 if manager.lifecycle_state is each else 0)
+            state.add_metric([each.name.lower()], 1 if current is each else 0)
         signed_in = GaugeMetricFamily(f"{PREFIX}_signed_in", "1 while a clinician is signed in with a card")
         session = manager.current_session()
         signed_in.add_metric([], 1 if session is not None else 0)

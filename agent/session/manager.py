@@ -236,9 +236,8 @@ class SessionManager:
             return f"card present, the sign-in could not start ({shortage}): trying again"
         if self.machine.state is State.NO_CARD:  # "no card inserted" unless a card waits in its reader
             return no_card_status([card if isinstance(card, ReaderCard) else f"card {card}" for card in self._seen[3]])
-        if self.lifecycle_state is not self.machine.state:
-            return self.lifecycle_state.value
-        return self.machine.status
+        shown = self.lifecycle_state
+        return shown.value if shown is not self.machine.state else self.machine.status
 
     @property
     def lifecycle_state(self) -> State:
