@@ -1435,10 +1435,10 @@ class Benchmark:
             fairness = [run.fairness for run in runs]
             target_text, result = {"direct": ("(reference)", ""), "stunnel": ("(baseline)", "")}.get(key, (
                 f">= {TARGET_CONCURRENT:.1f}x stunnel", verdict(versus_stunnel >= TARGET_CONCURRENT)))
-            relay = f"{median([run.cpu_relay for run in runs]):.2f}" if key != "direct" else "-"
+            relay_cpu = median([run.cpu_relay for run in runs])
+            relay = f"{relay_cpu:.2f}" if key != "direct" else "-"
             one_transfer = f" ({relay_per_gb[key]:.2f})" if key in relay_per_gb else ""
-            per_gb = (f"{median([run.cpu_relay for run in runs]) / gigabytes:.2f}{one_transfer}"
-                      if key != "direct" else "-")
+            per_gb = f"{relay_cpu / gigabytes:.2f}{one_transfer}" if key != "direct" else "-"
             out.append(f"| {route.label} | {aggregate[key]:.0f} | {versus_stunnel:.2f}x | "
                        f"{median(fairness):.2f} ({max(fairness):.2f}) | {relay} | {per_gb} | {target_text} | "
                        f"{result} |")
