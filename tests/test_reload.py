@@ -7,6 +7,7 @@ dialog open. The fault module logs every C_Login, so "no new PIN" is counted, no
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -31,6 +32,7 @@ from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.config.model import AgentConfig, load_config
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.reload import Reloader
+from dicom_card_agent.tunnel.server import Listeners
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, echo, plain_scp, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
@@ -99,10 +101,52 @@ def test_a_reload_adds_and_removes_tunnels_while_the_card_session_and_its_associ
             assert card_session_pid(agent.process.pid) == session  # the same card session throughout
             assert len(logins(card)) == logins_before  # no second C_Login: no new PIN
             assert "event=sign-out" not in agent.log().split("SIGHUP", 1)[1]
+            # The card session saw the removed listener shut down (a hang-up), not a failure to accept.
+            assert "cannot accept connections" not in agent.log()
             trail = audit_lines(config, env)
     alerts = [line for line in trail.splitlines() if "Software Configuration" in line]
     assert len(alerts) == 2, trail
     assert all("success" in line for line in alerts), alerts
+
+
+class UnscheduledCardSession:
+    """Stands in for a card-session process that has not yet run since the supervisor lent it the
+    listeners: it holds its copies of them (as SCM_RIGHTS gives them) and has read no later message.
+    A real process is in that state for a moment after every reload, and for as long as the machine
+    starves it; no real part holds it there on cue."""
+
+    def __init__(self) -> None:
+        self.copies: list[socket.socket] = []
+
+    def lend_listeners(self, sockets: dict[str, socket.socket]) -> bool:
+        self.copies += [socket.socket(fileno=os.dup(sock.fileno())) for sock in sockets.values()]
+        return True
+
+    def close(self) -> None:
+        for copy in self.copies:
+            copy.close()
+
+
+def test_a_removed_tunnels_port_refuses_at_once_though_the_card_session_still_holds_its_copy(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The supervisor logged "no longer listening" and closed its socket, while the card session's
+    copy listened on until that process read the new set of listeners: an application connecting
+    then was accepted, then closed ("no longer configured"). CI met it once (the real test above,
+    DID NOT RAISE ConnectionRefusedError). The real Listeners and sockets; the card session held still."""
+    first, second = tunnel("first", 104), tunnel("second", 104)
+    config = write_config(tmp_path / "agent.toml", test_pki, [first, second])
+    listeners = Listeners(load_config(config))
+    session = UnscheduledCardSession()
+    try:
+        listeners.lend(session)  # type: ignore[arg-type]  # what it uses of a CardSession
+        write_config(config, test_pki, [second])
+        listeners.prepare(load_config(config))()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port_of(first)), timeout=5).close()
+        socket.create_connection(("127.0.0.1", port_of(second)), timeout=5).close()  # the kept one still listens
+    finally:
+        listeners.close()
+        session.close()
 
 
 def test_a_broken_configuration_is_refused_with_one_line_and_the_old_one_keeps_serving(

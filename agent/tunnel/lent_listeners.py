@@ -218,8 +218,10 @@ class LentListeners:
                         if time.monotonic() - waiting_since >= IDLE_SECONDS and self._retire(me):
                             return
                         continue
-                    for fd, _ in events:
-                        if fd != self._wake_read and self._take(fd, me):
+                    for fd, mask in events:
+                        # A hang-up: the supervisor shut this listener down (a reload removed its
+                        # tunnel); left unarmed until the new set of listeners replaces it.
+                        if fd != self._wake_read and not mask & select.EPOLLHUP and self._take(fd, me):
                             waiting_since = time.monotonic()
                 except Exception:  # a bug must cost one connection, not every later one
                     log.exception("accepting connections in the card session: internal error; accepting goes on")

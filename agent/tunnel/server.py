@@ -205,6 +205,10 @@ class Listeners:
                                              if name in names}
                 for sock, listener in retired:
                     self._selector.unregister(sock)
+                    if sock.fileno() not in self._activated_fds:  # systemd's own stays its to listen on
+                        # The lent copy in the card session listens until that process has read the
+                        # new set (sent below): a shut-down socket refuses connections in every copy.
+                        _stop_listening(sock)
                     self._activated_fds.discard(sock.fileno())
                     sock.close()
                     if listener.listen.unix_path and listener.listen.unix_path not in paths:
@@ -602,6 +606,15 @@ def _log_listening(listener: TunnelConfig | InboundConfig) -> None:
         log.warning("inbound %s: the card is this listener's TLS server identity: every handshake, even "
                     "with a peer then refused, waits for a card signature; prefer the workstation's node "
                     "key (server_certificate, server_key)", listener.name)
+
+
+def _stop_listening(sock: socket.socket) -> None:
+    """Make ``sock`` refuse new connections in every process holding a copy of it (Linux: a listening
+    socket shut down leaves the listen state; those waiting in its backlog are reset)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # it refuses once its last copy is closed
 
 
 def _unlink(path: str) -> None:
