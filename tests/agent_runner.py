@@ -171,7 +171,7 @@ def start_agent(config: Path, log_path: Path, env: dict[str, str], user: int | N
     if user is not None:
         env = with_virtualenv_packages(env)
         command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", SYSTEM_PYTHON, "-c",
-                   "import sys; from dicom_card_agent.cli.main import main; sys.exit(main())", *command[1:]]
+                   "import sys; from dicom_card_agent.cli.entry import main; sys.exit(main())", *command[1:]]
     command = [*(prefix or []), *command]
     with open(log_path, "w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

@@ -31,7 +31,7 @@ USER = 65534  # not root: the permission of the spool directory must bind the ag
 def status_as(user: int, pki: ProvisionedPki, config: Path, *options: str) -> subprocess.CompletedProcess:
     """``card-agent status`` as the agent's user (its control socket is that user's)."""
     command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", SYSTEM_PYTHON, "-c",
-               "import sys; from dicom_card_agent.cli.main import main; sys.exit(main())",
+               "import sys; from dicom_card_agent.cli.entry import main; sys.exit(main())",
                "status", *options, "--config", str(config)]
     return subprocess.run(command, capture_output=True, text=True, env=with_virtualenv_packages(pki.env()),
                           timeout=30, check=True)

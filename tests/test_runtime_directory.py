@@ -43,7 +43,7 @@ def login_session_directory(uid: int) -> Iterator[Path]:
 def card_agent_as(uid: int, *args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """`card-agent ARGS` run as uid ``uid`` (as agent_runner.start_agent runs the agent for a user)."""
     command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", SYSTEM_PYTHON, "-c",
-               "import sys; from dicom_card_agent.cli.main import main; sys.exit(main())", *map(str, args)]
+               "import sys; from dicom_card_agent.cli.entry import main; sys.exit(main())", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=with_virtualenv_packages(env),
                           stdin=subprocess.DEVNULL, timeout=120, cwd="/")
 

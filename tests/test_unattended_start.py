@@ -150,3 +150,44 @@ def test_a_sighup_while_the_start_waits_for_the_sign_in_is_acted_on_once_ready(
     assert log.index("INFO: ready: 1 tunnel(s) for CN=Alice Example") < log.index(reloaded), log
     assert "SIGHUP came while the agent started: the configuration is read again now" in log, log
     assert process.returncode == 0, log
+
+
+def sighup_blocked(pid: int) -> bool:
+    """Whether the main thread of ``pid`` holds SIGHUP back (its bit in /proc/PID/status SigBlk)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(mask, 16) & 1 << (signal.SIGHUP - 1))
+
+
+def test_a_sighup_as_the_agent_process_starts_is_held_until_the_agent_acts_on_it(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """Configuration management that signals every agent (`pkill -HUP card-agent`) as one starts:
+    in its first half second (the interpreter's imports, the configuration's reading) a SIGHUP took
+    the default action and ended the agent. The executable now holds SIGHUP back from its first
+    statement until the agent's handler is in place; the signal is sent while it is held."""
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    config = write_config(workdir / "agent.toml", test_pki, [tunnel("first", 9)])
+    log_path = workdir / "agent.log"
+    process = start_agent(config, log_path, test_pki.env(CARD_PIN="123456"))
+    try:
+        deadline = time.monotonic() + 20
+        while not sighup_blocked(process.pid) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)  # the hold lasts the imports: a few hundred milliseconds
+        held = sighup_blocked(process.pid)
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "INFO: ready: " in log_path.read_text() or process.poll() is not None, timeout=30)
+        reloaded = f"card-agent: INFO: SIGHUP: configuration {config} reloaded: "
+        wait_for(lambda: reloaded in log_path.read_text() or process.poll() is not None, timeout=10)
+        alive = process.poll() is None
+        log = log_path.read_text()
+    finally:
+        stop_agent(process)
+    assert held, "`card-agent run` did not hold SIGHUP back as it started"
+    assert alive, f"the SIGHUP ended the starting agent ({process.returncode}):\n{log}"
+    assert log.index("INFO: ready: 1 tunnel(s)") < log.index(reloaded), log
+    assert "SIGHUP came while the agent started: the configuration is read again now" in log, log
+    assert process.returncode == 0, log

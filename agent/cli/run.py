@@ -44,19 +44,21 @@ def run(
     _refuse_if_traced()  # before any PIN source is prepared (an env: PIN is taken at start-up)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     notifier = Notifier()  # first: the card-session processes must not inherit NOTIFY_SOCKET
+    signals = SignalActions()
+    # Until the reloader is there, a SIGHUP waits for it (the default action, death, would also cost
+    # the audit trail its Application Stop); one that came before this point was held (blocked) by
+    # the executable's entry point (agent/cli/entry.py) and is taken now, as the mask lets it through.
+    reloads = EarlyRequests()
+    signals.on(signal.SIGHUP, reloads.request)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # before any child inherits the mask
     activated = ActivatedSockets.from_environment()
     settings = load_config(locate_config(config))
     logging.getLogger().setLevel(settings.log_level.upper())
     crls = open_crls(settings)
     prepare_pin_sources(settings)
     stop = threading.Event()
-    signals = SignalActions()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signals.on(signum, stop.set)
-    # Until the reloader is there, a SIGHUP waits for it (the default action, death, would also cost
-    # the audit trail its Application Stop).
-    reloads = EarlyRequests()
-    signals.on(signal.SIGHUP, reloads.request)
 
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
