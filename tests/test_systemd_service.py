@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from itertools import pairwise
@@ -20,7 +21,7 @@ from typing import Iterator
 
 import pytest
 
-from agent_runner import card_session_pid, running_agent, stop_agent, tunnel, write_config
+from agent_runner import card_session_pid, port_of, running_agent, stop_agent, tunnel, wait_for, write_config
 from conftest import CARD_AGENT, ProvisionedPki, run_card_agent
 from dicom_card_agent.session.supervisor import END_TIMEOUT_SECONDS, STATUS_TIMEOUT_SECONDS
 from peers.ports import free_port
@@ -255,6 +256,57 @@ def refused_activation(test_pki: ProvisionedPki, config: Path, listen: str, name
     finally:
         stop_agent(process)
     return process.returncode, output
+
+
+# systemd's part in socket activation: the socket at descriptor 3, LISTEN_PID the agent's own pid (exec
+# keeps it), while systemd keeps its copy of the socket; systemd-socket-activate keeps none.
+HOLD_AND_EXEC = """
+import os, sys
+fd = int(sys.argv[1])
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_a_reload_that_would_let_go_of_an_activated_socket_is_refused(test_pki: ProvisionedPki,
+                                                                      tmp_path: Path) -> None:
+    """systemd goes on listening on a socket it passed. A reload that removed its tunnel closed the
+    agent's copy alone: connections were still taken into systemd's backlog, and the application's
+    association waited there for nobody until it gave up. Such a reload is now refused, naming the
+    listener. systemd's copy is held by this test's process."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        activated, other = tunnel("ct", pacs.port), tunnel("us", pacs.port)
+        systemds = socket.create_server(("127.0.0.1", port_of(activated)))
+        workdir = tmp_path / "agent"
+        workdir.mkdir()
+        config = write_config(workdir / "agent.toml", test_pki, [activated, other])
+        env = {**test_pki.env(CARD_PIN="123456"), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "ct"}
+        log_path = workdir / "agent.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-c", HOLD_AND_EXEC, str(systemds.fileno()), CARD_AGENT, "run",
+                                        "--config", str(config)], pass_fds=(systemds.fileno(),), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                       start_new_session=True)
+        try:
+            wait_for(lambda: "INFO: ready: " in log_path.read_text() or process.poll() is not None, timeout=30)
+            assert echo(port_of(activated)), log_path.read_text()
+            write_config(config, test_pki, [other])
+            process.send_signal(signal.SIGHUP)
+            refused = "ERROR: SIGHUP: configuration not reloaded, the running one goes on: "
+            wait_for(lambda: refused in log_path.read_text() or process.poll() is not None, timeout=20)
+            assert echo(port_of(activated)), log_path.read_text()  # the running configuration serves on
+            log = log_path.read_text()
+        finally:
+            stop_agent(process)
+            systemds.close()
+    assert (refused + f"tunnel 'ct' ({activated['listen']}) would no longer be served, but listens on a socket "
+            "systemd passed (socket activation), which systemd keeps listening on: applications connecting there "
+            "would wait for nobody; remove it from the socket unit (ListenStream=), then restart the socket unit "
+            "and the agent\n") in log, log
+    assert "no longer listening" not in log, log
 
 
 def test_an_activated_socket_no_listener_takes_is_refused(test_pki: ProvisionedPki, tmp_path: Path) -> None:

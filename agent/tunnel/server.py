@@ -167,6 +167,8 @@ class Listeners:
         # matched here nor open one with the new policies set for a moment below.
         with self._lock:
             kept = {str(listener.listen): sock for sock, listener in self.sockets.values()}
+            _refuse_to_let_go_of_systemds(config, [listener for fd, (_, listener) in self.sockets.items()
+                                                   if fd in self._activated_fds])
             policies = {tunnel.name: PeerPolicy.allowing(tunnel.allowed_uids)
                         for tunnel in config.tunnels}
             old_policies, self.policies = self.policies, policies  # _open reads a unix socket's users from them
@@ -205,11 +207,10 @@ class Listeners:
                                              if name in names}
                 for sock, listener in retired:
                     self._selector.unregister(sock)
-                    if sock.fileno() not in self._activated_fds:  # systemd's own stays its to listen on
-                        # The lent copy in the card session listens until that process has read the
-                        # new set (sent below): a shut-down socket refuses connections in every copy.
-                        _stop_listening(sock)
-                    self._activated_fds.discard(sock.fileno())
+                    # The lent copy in the card session listens until that process has read the new
+                    # set (sent below): a shut-down socket refuses connections in every copy. (None is
+                    # systemd's: prepare refuses to let go of those.)
+                    _stop_listening(sock)
                     sock.close()
                     if listener.listen.unix_path and listener.listen.unix_path not in paths:
                         self._remove_socket_file(listener.listen.unix_path)  # not systemd's: none recorded
@@ -606,6 +607,21 @@ def _log_listening(listener: TunnelConfig | InboundConfig) -> None:
         log.warning("inbound %s: the card is this listener's TLS server identity: every handshake, even "
                     "with a peer then refused, waits for a card signature; prefer the workstation's node "
                     "key (server_certificate, server_key)", listener.name)
+
+
+def _refuse_to_let_go_of_systemds(config: AgentConfig, activated: list[TunnelConfig | InboundConfig]) -> None:
+    """CardAgentError when ``config`` no longer listens where one of the ``activated`` listeners (on a
+    socket systemd passed) does. systemd goes on listening on its copy of such a socket, and would
+    hold the applications' connections in its backlog for an agent that no longer accepts them."""
+    addresses = {str(listener.listen) for listener in [*config.tunnels, *config.inbound]}
+    dropped = [listener for listener in activated if str(listener.listen) not in addresses]
+    if dropped:
+        which = ", ".join(f"{_kind(listener)} {listener.name!r} ({listener.listen})" for listener in dropped)
+        raise CardAgentError(
+            f"{which} would no longer be served, but listen{'s' if len(dropped) == 1 else ''} on a socket "
+            "systemd passed (socket activation), which systemd keeps listening on: applications connecting "
+            "there would wait for nobody; remove it from the socket unit (ListenStream=), then restart the "
+            "socket unit and the agent")
 
 
 def _stop_listening(sock: socket.socket) -> None:
