@@ -613,7 +613,8 @@ def _refuse_to_let_go_of_systemds(config: AgentConfig, activated: list[TunnelCon
     """CardAgentError when ``config`` no longer listens where one of the ``activated`` listeners (on a
     socket systemd passed) does. systemd goes on listening on its copy of such a socket, and would
     hold the applications' connections in its backlog for an agent that no longer accepts them."""
-    addresses = {str(listener.listen) for listener in [*config.tunnels, *config.inbound]}
+    listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
+    addresses = {str(listener.listen) for listener in listeners}
     dropped = [listener for listener in activated if str(listener.listen) not in addresses]
     if dropped:
         which = ", ".join(f"{_kind(listener)} {listener.name!r} ({listener.listen})" for listener in dropped)
