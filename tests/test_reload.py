@@ -109,6 +109,31 @@ def test_a_reload_adds_and_removes_tunnels_while_the_card_session_and_its_associ
     assert all("success" in line for line in alerts), alerts
 
 
+def test_a_sighup_to_every_process_of_the_agent_reloads_and_the_card_session_goes_on(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """`systemctl kill -s HUP` signals every process of the unit, and `pkill -HUP -f card-agent`
+    matches the card session's command line too where the package installs it
+    (/usr/lib/dicom-card-agent/bin/python). The card-session process took SIGHUP's default action:
+    it died, and with it the clinician's open association; the card was signed in again. It leaves
+    SIGHUP to the supervisor now, as it does SIGTERM."""
+    card = FaultControl(tmp_path / "card.ctl")
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], module=str(fault_module),
+                           env=card.env()) as agent:
+            reloaded = RELOADED.format(config=tmp_path / "agent" / "agent.toml")
+            signed_in(agent, test_pki.env(**card.env()))
+            session, logins_before = card_session_pid(agent.process.pid), len(logins(card))
+            open_association = associate(agent.port(), sop_classes=[Verification])
+            assert open_association.is_established
+            for pid in (agent.process.pid, session):
+                os.kill(pid, signal.SIGHUP)
+            wait_for(lambda: reloaded in agent.log())
+            assert card_session_pid(agent.process.pid) == session, agent.log()
+            assert open_association.send_c_echo().Status == 0
+            open_association.release()
+            assert len(logins(card)) == logins_before  # no second C_Login: no new PIN
+
+
 class UnscheduledCardSession:
     """Stands in for a card-session process that has not yet run since the supervisor lent it the
     listeners: it holds its copies of them (as SCM_RIGHTS gives them) and has read no later message.

@@ -11,6 +11,7 @@ the agent with its runtime directory on a full file system (a real tmpfs):
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from agent_runner import (
     associate_rq,
+    card_session_pid,
     running_agent,
     send_and_close,
     start_agent,
@@ -191,3 +193,31 @@ def test_a_sighup_as_the_agent_process_starts_is_held_until_the_agent_acts_on_it
     assert log.index("INFO: ready: 1 tunnel(s)") < log.index(reloaded), log
     assert "SIGHUP came while the agent started: the configuration is read again now" in log, log
     assert process.returncode == 0, log
+
+
+def test_a_sighup_as_the_card_session_process_starts_does_not_end_it(test_pki: ProvisionedPki,
+                                                                       tmp_path: Path) -> None:
+    """The card-session process leaves SIGHUP to the supervisor (a reload), but it can only say so
+    once its interpreter has started and imported its code (half a second): a SIGHUP to every
+    process of the agent at a card's insertion (`systemctl kill -s HUP`) ended it then. The
+    supervisor starts it with the signal blocked; the signal is sent while it is."""
+    workdir = tmp_path / "agent"
+    workdir.mkdir()
+    config = write_config(workdir / "agent.toml", test_pki, [tunnel("first", 9)])
+    log_path = workdir / "agent.log"
+    process = start_agent(config, log_path, test_pki.env(CARD_PIN="123456"))
+    try:
+        deadline = time.monotonic() + 30
+        while (session := card_session_pid(process.pid)) is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert session is not None, log_path.read_text()
+        held = sighup_blocked(session)
+        os.kill(session, signal.SIGHUP)
+        wait_for(lambda: SIGNED_IN in log_path.read_text() or process.poll() is not None, timeout=30)
+        signed_in_by = card_session_pid(process.pid)
+        log = log_path.read_text()
+    finally:
+        stop_agent(process)
+    assert signed_in_by == session, log
+    assert f"card session started (pid {session})" in log, log
+    assert held, "the card-session process did not start with SIGHUP blocked"

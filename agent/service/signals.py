@@ -19,6 +19,10 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
+# What the agent's supervisor acts on (stop, stop, reload). Its card-session processes leave them to
+# it: blocked from their first instruction (the supervisor starts them so), then ignored.
+SUPERVISORS_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
 
 class SignalActions:
     """Acts on the signals given to :meth:`on`, each in the ``signals`` thread. Made in the main

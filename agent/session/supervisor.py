@@ -20,6 +20,7 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.revocation.peer import CardRevokedError
+from dicom_card_agent.service.signals import SUPERVISORS_SIGNALS
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import (
     LOGIN_ACCEPTED,
@@ -92,7 +93,7 @@ OnReport = Callable[[str, dict[str, Any]], None]
 
 
 class _CardSessionProcess(subprocess.Popen):
-    """The card-session process ignores SIGTERM (worker._ignore_stop_signals: a stop by systemd
+    """The card-session process ignores SIGTERM (worker._leave_signals_to_the_supervisor: a stop by systemd
     may signal every process of the unit at once, and the supervisor ends it in order). A cancelled
     sign-in (agent/lifecycle/cancel.py) ends the processes of its scope with ``terminate()``:
     here that kills it, as SIGTERM did before, mid-probe or mid-login alike."""
@@ -262,17 +263,23 @@ class CardSession:
 
     def _popen(self, channel: socket.socket, reports: socket.socket, env: dict[str, str]) -> _CardSessionProcess:
         assert self.directory is not None
-        return _CardSessionProcess(
-            # The supervisor's pid and the session's directory: the process ends, and removes the
-            # directory, if the supervisor dies (agent/session/orphan.py). -P: the working directory
-            # (the user's home under systemd) is not put on sys.path, so the code and the version it
-            # reports are the installed ones.
-            [sys.executable, "-P", "-m", "dicom_card_agent.session.worker", str(channel.fileno()),
-             str(reports.fileno()), self.config.log_level, str(os.getpid()), str(self.directory)],
-            pass_fds=[channel.fileno(), reports.fileno()], env=env, stdin=subprocess.DEVNULL,
-            # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
-            start_new_session=True,
-        )
+        # Blocked in this thread while it starts the process, which inherits the mask: the signals
+        # the process leaves to the supervisor stay blocked until it ignores them (worker.py).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISORS_SIGNALS)
+        try:
+            return _CardSessionProcess(
+                # The supervisor's pid and the session's directory: the process ends, and removes the
+                # directory, if the supervisor dies (agent/session/orphan.py). -P: the working directory
+                # (the user's home under systemd) is not put on sys.path, so the code and the version it
+                # reports are the installed ones.
+                [sys.executable, "-P", "-m", "dicom_card_agent.session.worker", str(channel.fileno()),
+                 str(reports.fileno()), self.config.log_level, str(os.getpid()), str(self.directory)],
+                pass_fds=[channel.fileno(), reports.fileno()], env=env, stdin=subprocess.DEVNULL,
+                # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
+                start_new_session=True,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def start(self, signed_in: SignedIn, pin: Secret | None) -> None:
         """Hand the process the identity and the PIN (None: PIN pad), which it tries once; wipes ``pin``.

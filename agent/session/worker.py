@@ -63,6 +63,7 @@ from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.revocation.checker import RevocationChecker
 from dicom_card_agent.revocation.own_certificate import OwnCertificateWatch
 from dicom_card_agent.revocation.peer import CardRevokedError, PeerRevocation, checker_for
+from dicom_card_agent.service.signals import SUPERVISORS_SIGNALS
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import LOGIN_ACCEPTED, check_key_after_login
 from dicom_card_agent.session.orphan import SupervisorWatch
@@ -652,16 +653,22 @@ def _build_name(build: object) -> str:
     return build if isinstance(build, str) else "not installed"
 
 
-def _ignore_stop_signals() -> None:
+def _leave_signals_to_the_supervisor() -> None:
     """SIGTERM and SIGINT are the supervisor's to act on: it ends this process after its relays
     have ended and its last reports (the associations' ends, for the audit trail) are sent.
     systemd's KillMode=control-group (a unit without KillMode=mixed) signals every process of the
     unit at once: dying then lost those reports, and the supervisor took the death for a lost
-    session and signed the card in again while stopping. This process still ends when the
-    supervisor says so, when its channel closes, or when the supervisor is gone (orphan.py); a
-    cancelled sign-in kills it (supervisor.py)."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    session and signed the card in again while stopping. SIGHUP, a reload, is the supervisor's too:
+    `systemctl kill -s HUP` signals every process of the unit, and `pkill -HUP -f card-agent`
+    matches this process's command line where the package installs it; its default action ended
+    the session and its associations. This process still ends when the supervisor says so, when its
+    channel closes, or when the supervisor is gone (orphan.py); a cancelled sign-in kills it
+    (supervisor.py)."""
+    for signum in SUPERVISORS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    # Blocked until now (CardSession._popen): the interpreter's start and this module's imports take
+    # half a second, in which their default actions would have ended the process. Any that came is dropped.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISORS_SIGNALS)
 
 
 def main() -> None:
@@ -670,7 +677,7 @@ def main() -> None:
     Its ``OPENSSL_CONF`` (the session's ``openssl.cnf``) is written before it starts: OpenSSL reads
     it once, and the module may start OpenSSL while it probes the card (OpenSC does)."""
     make_non_dumpable()  # again (done first at the top, when run): it raises if it cannot be done
-    _ignore_stop_signals()
+    _leave_signals_to_the_supervisor()
     logline.configure("card-agent[session]", sys.argv[3].upper())
     # pydicom logs what it thinks of the data sets it reads for the audit trail: not the agent's news.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
