@@ -235,8 +235,12 @@ def test_a_tunnel_needing_a_tls_context_the_session_lacks_gets_a_new_card_sessio
     assert 'event=sign-out reason="configuration reloaded"' in log
 
 
+@pytest.mark.parametrize("to_every_process", [False, True], ids=["to-the-agent", "to-every-process"])
 def test_sighup_during_the_pin_dialog_leaves_it_open_and_the_session_serves_the_new_tunnels(
-        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal,
+        to_every_process: bool) -> None:
+    """To every process: as `systemctl kill -s HUP` signals the unit's, the card session and the
+    dialog (pinentry-tty) among them."""
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
     with tls_scp(pki_dir=test_pki.pki) as pacs:
@@ -247,6 +251,11 @@ def test_sighup_during_the_pin_dialog_leaves_it_open_and_the_session_serves_the_
             config = tmp_path / "agent" / "agent.toml"
             terminal.wait_for_prompt()
             dialog = pinentry_processes(agent.process.pid)
+            if to_every_process:
+                session = card_session_pid(agent.process.pid)
+                assert session is not None  # it probed the card, and waits for the PIN
+                for pid in [session, *dialog]:
+                    os.kill(pid, signal.SIGHUP)
             log = reload(agent, config, test_pki, [pacs_table, later], RELOADED.format(config=config), token="",
                          module=str(fault_module), identity=identity)
             assert pinentry_processes(agent.process.pid) == dialog  # the same dialog, still open

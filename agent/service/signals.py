@@ -13,15 +13,27 @@ lock is taken in signal context.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
 # What the agent's supervisor acts on (stop, stop, reload). Its card-session processes leave them to
 # it: blocked from their first instruction (the supervisor starts them so), then ignored.
 SUPERVISORS_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def blocked(signals: Iterable[int]) -> Iterator[None]:
+    """``signals`` blocked in this thread for the block. A process started in it inherits the mask
+    and keeps them blocked until it unblocks them itself (for good, if it never does)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class SignalActions:

@@ -20,7 +20,7 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.revocation.peer import CardRevokedError
-from dicom_card_agent.service.signals import SUPERVISORS_SIGNALS
+from dicom_card_agent.service.signals import SUPERVISORS_SIGNALS, blocked
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import (
     LOGIN_ACCEPTED,
@@ -263,10 +263,8 @@ class CardSession:
 
     def _popen(self, channel: socket.socket, reports: socket.socket, env: dict[str, str]) -> _CardSessionProcess:
         assert self.directory is not None
-        # Blocked in this thread while it starts the process, which inherits the mask: the signals
-        # the process leaves to the supervisor stay blocked until it ignores them (worker.py).
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISORS_SIGNALS)
-        try:
+        # The signals the process leaves to the supervisor stay blocked until it ignores them (worker.py).
+        with blocked(SUPERVISORS_SIGNALS):
             return _CardSessionProcess(
                 # The supervisor's pid and the session's directory: the process ends, and removes the
                 # directory, if the supervisor dies (agent/session/orphan.py). -P: the working directory
@@ -278,8 +276,6 @@ class CardSession:
                 # No controlling terminal: OpenSSL's UI fallback must never be able to ask for a PIN.
                 start_new_session=True,
             )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def start(self, signed_in: SignedIn, pin: Secret | None) -> None:
         """Hand the process the identity and the PIN (None: PIN pad), which it tries once; wipes ``pin``.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 import termios
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
+from dicom_card_agent.service.signals import blocked
 from dicom_card_agent.token.secret import Secret, wipe
 
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
@@ -152,8 +154,12 @@ class Pinentry:
     def _converse(self, description: str, prompt: str, title: str, questions: tuple[Confirmation, ...],
                   timeout: float | None) -> Secret:
         try:
-            process = subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL, bufsize=0)
+            # SIGHUP blocked for good in the dialog: one sent to every process of the agent
+            # (`systemctl kill -s HUP`) is the agent's reload, and closed the dialog as the clinician
+            # typed. Not SIGTERM: a cancelled sign-in closes the dialog with it.
+            with blocked({signal.SIGHUP}):
+                process = subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           stderr=subprocess.DEVNULL, bufsize=0)
         except OSError as error:
             raise PinentryError(f"cannot run the pinentry program {self.program!r}: {error.strerror}; install "
                                 "pinentry-gnome3, pinentry-qt, pinentry-gtk2 or pinentry-tty, or set the PIN "
