@@ -215,7 +215,10 @@ def test_a_refused_user_holding_many_descriptors_does_not_delay_the_clinician(te
             log = agent.log()
     assert all(result.returncode == 0 for _, result in during), log
     took = [round(seconds, 2) for seconds, _ in during]
-    assert max(took) < 1.5, f"the clinician's C-ECHO took {took} s during the refusals (quiet: {quiet:.2f} s)"
+    # The old code's took 3.7 to 12.6 s. A loaded machine slows every C-ECHO (1.1 s before the
+    # refusals once, with the suite and other tests on the 2 cores): the bound follows the quiet one.
+    limit = max(1.5, 3 * quiet)
+    assert max(took) < limit, f"the clinician's C-ECHO took {took} s during the refusals (quiet: {quiet:.2f} s)"
     assert answered > 20, answered  # the refusals were answered all along
     assert "refused local connection from uid 65534 pid" in log, log
 
