@@ -174,6 +174,23 @@ def test_a_removed_tunnels_port_refuses_at_once_though_the_card_session_still_ho
         session.close()
 
 
+def test_the_agent_s_stop_refuses_at_once_though_the_card_session_still_holds_its_copies(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """The stop closes the listeners, then ends the card session: until that process has read its
+    end, its copies went on accepting, and an application's association was taken up only to be
+    aborted. The ports now refuse at once (systemd's excepted: test_systemd_service.py)."""
+    table = tunnel("pacs", 104)
+    listeners = Listeners(load_config(write_config(tmp_path / "agent.toml", test_pki, [table])))
+    session = UnscheduledCardSession()
+    try:
+        listeners.lend(session)  # type: ignore[arg-type]  # what it uses of a CardSession
+        listeners.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port_of(table)), timeout=5).close()
+    finally:
+        session.close()
+
+
 def test_a_broken_configuration_is_refused_with_one_line_and_the_old_one_keeps_serving(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
     card = FaultControl(tmp_path / "card.ctl")

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from itertools import pairwise
@@ -271,6 +272,52 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
+def start_activated_agent(config: Path, log_path: Path, test_pki: ProvisionedPki, systemds: socket.socket,
+                          name: str) -> subprocess.Popen:
+    """`card-agent run` given ``systemds`` (a listening socket this process keeps) for the listener ``name``."""
+    env = {**test_pki.env(CARD_PIN="123456"), "LISTEN_FDS": "1", "LISTEN_FDNAMES": name}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-c", HOLD_AND_EXEC, str(systemds.fileno()), CARD_AGENT, "run",
+                                 "--config", str(config)], pass_fds=(systemds.fileno(),), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def test_the_agent_s_stop_leaves_systemd_s_socket_listening_for_the_next_start(test_pki: ProvisionedPki,
+                                                                               tmp_path: Path) -> None:
+    """Socket activation keeps a tunnel's port bound while the agent restarts: an association made
+    meanwhile waits in systemd's socket for the next start. The agent's stop shuts down the sockets it
+    bound itself (refused at once, in the card session's copies too), never systemd's: shut down, it
+    would refuse every connection until the socket unit restarts. The second agent serves one made
+    while none ran."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        activated = tunnel("ct", pacs.port)
+        systemds = socket.create_server(("127.0.0.1", port_of(activated)))
+        try:
+            workdir = tmp_path / "agent"
+            workdir.mkdir()
+            config = write_config(workdir / "agent.toml", test_pki, [activated])
+            first = start_activated_agent(config, workdir / "first.log", test_pki, systemds, "ct")
+            try:
+                wait_for(lambda: "event=sign-in" in (workdir / "first.log").read_text() or first.poll() is not None,
+                         timeout=30)
+                assert echo(port_of(activated)), (workdir / "first.log").read_text()
+            finally:
+                stop_agent(first)
+            assert first.returncode == 0, (workdir / "first.log").read_text()
+            answered: list[bool] = []
+            waiting = threading.Thread(target=lambda: answered.append(echo(port_of(activated))))
+            waiting.start()  # no agent runs: its A-ASSOCIATE-RQ waits in systemd's socket
+            second = start_activated_agent(config, workdir / "second.log", test_pki, systemds, "ct")
+            try:
+                waiting.join(60)
+                log = (workdir / "second.log").read_text()
+            finally:
+                stop_agent(second)
+            assert answered == [True], log
+        finally:
+            systemds.close()
+
+
 def test_a_reload_that_would_let_go_of_an_activated_socket_is_refused(test_pki: ProvisionedPki,
                                                                       tmp_path: Path) -> None:
     """systemd goes on listening on a socket it passed. A reload that removed its tunnel closed the
@@ -283,13 +330,8 @@ def test_a_reload_that_would_let_go_of_an_activated_socket_is_refused(test_pki: 
         workdir = tmp_path / "agent"
         workdir.mkdir()
         config = write_config(workdir / "agent.toml", test_pki, [activated, other])
-        env = {**test_pki.env(CARD_PIN="123456"), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "ct"}
         log_path = workdir / "agent.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen([sys.executable, "-c", HOLD_AND_EXEC, str(systemds.fileno()), CARD_AGENT, "run",
-                                        "--config", str(config)], pass_fds=(systemds.fileno(),), stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                       start_new_session=True)
+        process = start_activated_agent(config, log_path, test_pki, systemds, "ct")
         try:
             wait_for(lambda: "INFO: ready: " in log_path.read_text() or process.poll() is not None, timeout=30)
             assert echo(port_of(activated)), log_path.read_text()

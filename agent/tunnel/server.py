@@ -583,6 +583,10 @@ class Listeners:
         for refusals in (self._refusals, self._tunnel_refusals, self._peer_refusals):
             refusals.flush(ending=True)
         for sock, tunnel in self.sockets.values():
+            # Refused at once, in the card session's lent copy too (it accepts until its end, which
+            # follows). Not systemd's: it keeps them listening for the agent's next start.
+            if sock.fileno() not in self._activated_fds:
+                _stop_listening(sock)
             sock.close()
             # Inbound listeners are never unix sockets; systemd's sockets are its own to remove.
             if tunnel.listen.unix_path:
