@@ -140,3 +140,23 @@ def test_a_burst_of_signals_never_wedges_the_agent(test_pki: ProvisionedPki, tmp
         assert agent.process.wait(20) == 0, agent.log()[-3000:]
         log = agent.log()
     assert "card-agent: INFO: stopping" in log
+
+
+def test_closing_the_terminal_the_agent_runs_in_stops_it(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A terminal window closed hangs its terminal up, and the shell passes the SIGHUP on to its jobs.
+    The agent took it for a reload and went on without the terminal: signed in, unable to ask for a
+    PIN there or to show its log, while the clinician who closed the window believed it had stopped.
+    It now stops as the terminal's other programs do; a SIGHUP while the terminal is there reloads
+    (test_reload.py, the PIN-dialog tests run the agent on a terminal)."""
+    window, terminal = os.openpty()  # no thread reads it: a read under way would keep it from closing
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], stdin=terminal) as agent:
+        os.close(terminal)
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        os.close(window)  # the window closed: the terminal hangs up
+        agent.process.send_signal(signal.SIGHUP)  # as the shell passes it on
+        agent.process.wait(30)
+        log = agent.log()
+    assert agent.process.returncode == 0, log
+    assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
+    assert 'event=sign-out reason="the agent is stopping"' in log, log
+    assert "reloaded" not in log, log

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -49,14 +51,14 @@ def run(
     # the audit trail its Application Stop); one that came before this point was held (blocked) by
     # the executable's entry point (agent/cli/entry.py) and is taken now, as the mask lets it through.
     reloads = EarlyRequests()
-    signals.on(signal.SIGHUP, reloads.request)
+    stop = threading.Event()
+    signals.on(signal.SIGHUP, _reload_or_hang_up(reloads, stop))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # before any child inherits the mask
     activated = ActivatedSockets.from_environment()
     settings = load_config(locate_config(config))
     logging.getLogger().setLevel(settings.log_level.upper())
     crls = open_crls(settings)
     prepare_pin_sources(settings)
-    stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signals.on(signum, stop.set)
 
@@ -116,6 +118,22 @@ def run(
             control_server.close()
         _record_stop(audit, stop, failure)
         audit.close()
+
+
+def _reload_or_hang_up(reloads: EarlyRequests, stop: threading.Event) -> Callable[[], None]:
+    """SIGHUP's action: the configuration read again, unless the terminal the agent was started from
+    (its standard input) has been closed, which sends SIGHUP too: then the agent stops, as the
+    programs of that terminal do. One that went on could no longer ask for a PIN there nor show
+    what it logs, and the clinician who closed the window would find it still signed in."""
+    started_on_a_terminal = os.isatty(0)
+
+    def act() -> None:
+        if started_on_a_terminal and not os.isatty(0):  # a terminal hung up is no terminal any more
+            log.info("SIGHUP: the terminal the agent was started from was closed: stopping")
+            stop.set()
+            return
+        reloads.request()
+    return act
 
 
 def _refuse_if_traced() -> None:
