@@ -220,7 +220,8 @@ class LentListeners:
                         continue
                     for fd, mask in events:
                         # A hang-up: the supervisor shut this listener down (a reload removed its
-                        # tunnel); left unarmed until the new set of listeners replaces it.
+                        # tunnel, or the agent stops); left unarmed until the new set of listeners,
+                        # or the session's end, lets go of it.
                         if fd != self._wake_read and not mask & select.EPOLLHUP and self._take(fd, me):
                             waiting_since = time.monotonic()
                 except Exception:  # a bug must cost one connection, not every later one
