@@ -9,8 +9,10 @@ SoftHSM identity, a real pynetdicom PACS over TLS, 8 real C-STOREs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from agent_runner import agent_status, card_session_pid, log_lines, running_agent, tunnel
+from agent_runner import agent_status, card_session_pid, log_lines, port_of, running_agent, tunnel, write_config
 from conftest import ProvisionedPki
 from peers.pynetdicom_scp import associate, tls_scp
 from peers.study import make_study, sop_instance_uid
@@ -160,3 +162,42 @@ def test_closing_the_terminal_the_agent_runs_in_stops_it(test_pki: ProvisionedPk
     assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
     assert 'event=sign-out reason="the agent is stopping"' in log, log
     assert "reloaded" not in log, log
+
+
+def test_a_stop_while_a_reload_waits_for_the_card_session_changes_nothing_and_says_so(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A reload waits for the card session to take the new tunnels (up to its start timeout when that
+    process is stopped or starved). A stop then closed the listeners under it, and the reload went
+    on to put its new socket into service in the closed selector: `internal error (ValueError: I/O
+    operation on closed epoll object)` and its traceback in the log of an agent that stopped as asked."""
+    first, added = tunnel("first", 9), tunnel("added", 9)
+    with running_agent(test_pki, tmp_path / "agent", [first]) as agent:
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        config = tmp_path / "agent" / "agent.toml"
+        session = card_session_pid(agent.process.pid)
+        assert session is not None
+        os.kill(session, signal.SIGSTOP)  # the reload waits for its answer
+        try:
+            write_config(config, test_pki, [first, added])
+            agent.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while not listening(port_of(added)):  # opened: the reload now waits for the card session
+                assert time.monotonic() < deadline, agent.log()
+                time.sleep(0.02)
+            agent.process.send_signal(signal.SIGTERM)
+            assert agent.process.wait(30) == 0, agent.log()
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the stop ended it, stopped as it was
+                os.kill(session, signal.SIGCONT)
+        log = agent.log()
+    assert f"card-agent: INFO: SIGHUP: configuration {config} not put into effect: the agent is stopping\n" in log, log
+    assert "internal error" not in log and "Traceback" not in log, log
+    assert not listening(port_of(added))
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return False
+    return True

@@ -132,7 +132,9 @@ class Reloader:
         what = describe(self.settings, new)
         logging.getLogger().setLevel(new.log_level.upper())
         session = self.manager.reconfigure(new)
-        commit()
+        if not commit():  # the stop came while the card session was brought up to date
+            log.info("SIGHUP: configuration %s not put into effect: the agent is stopping", source)
+            return
         self.keep_socket_files()
         self.control_server.config, self.control_server.crls = new, crls
         self.settings = new

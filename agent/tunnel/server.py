@@ -159,10 +159,11 @@ class Listeners:
             AlertType.LOCAL_PEER_REFUSED, str(error), outcome=Outcome.SERIOUS_FAILURE, tunnel=listener.name,
             local_peer=LocalPeer(uid=error.holder_uid, listen=str(listener.listen))))
 
-    def prepare(self, config: AgentConfig) -> Callable[[], None]:
+    def prepare(self, config: AgentConfig) -> Callable[[], bool]:
         """For a reload: open the sockets ``config`` has and these lack (listeners are matched by
         address); the returned function puts them in service and closes those ``config`` no longer
-        has. Raises CardAgentError, with nothing changed, when a new socket cannot be had."""
+        has, or, when :meth:`close` came meanwhile (the agent stops), closes the new ones and returns
+        False. Raises CardAgentError, with nothing changed, when a new socket cannot be had."""
         # Under the lock: keep_socket_files (the accept thread) must neither replace a socket being
         # matched here nor open one with the new policies set for a moment below.
         with self._lock:
@@ -183,16 +184,16 @@ class Listeners:
                         opened.append((sock, listener))
                     chosen[sock.fileno()] = (sock, listener)
             except CardAgentError:
-                for sock, listener in opened:
-                    sock.close()
-                    if listener.listen.unix_path:
-                        self._remove_socket_file(listener.listen.unix_path)
+                self._close_unused(opened)
                 raise
             finally:
                 self.policies = old_policies
 
-        def commit() -> None:
+        def commit() -> bool:
             with self._lock:
+                if self._stop.is_set():  # close() came meanwhile: the agent stops
+                    self._close_unused(opened)
+                    return False
                 borrower = self._lent_to
                 if borrower is not None:  # it gets the new set below
                     self._take_back()
@@ -217,7 +218,15 @@ class Listeners:
                     log.info("%s %s: no longer listening on %s", _kind(listener), listener.name, listener.listen)
                 if borrower is not None:
                     self._lend(borrower)
+            return True
         return commit
+
+    def _close_unused(self, opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]]) -> None:
+        """Close the sockets :meth:`prepare` opened for a reload that does not take effect."""
+        for sock, listener in opened:
+            sock.close()
+            if listener.listen.unix_path:
+                self._remove_socket_file(listener.listen.unix_path)
 
     def _keep_sockets_made_again(self, chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]],
                                  opened: list[socket.socket]) -> None:
@@ -582,17 +591,18 @@ class Listeners:
             silent.connection.close()
         for refusals in (self._refusals, self._tunnel_refusals, self._peer_refusals):
             refusals.flush(ending=True)
-        for sock, tunnel in self.sockets.values():
-            # Refused at once, in the card session's lent copy too (it accepts until its end, which
-            # follows). Not systemd's: it keeps them listening for the agent's next start.
-            if sock.fileno() not in self._activated_fds:
-                _stop_listening(sock)
-            sock.close()
-            # Inbound listeners are never unix sockets; systemd's sockets are its own to remove.
-            if tunnel.listen.unix_path:
-                self._remove_socket_file(tunnel.listen.unix_path)
-        self.sockets.clear()
-        self._selector.close()
+        with self._lock:  # a reload's commit either came before, or finds the stop and changes nothing
+            for sock, tunnel in self.sockets.values():
+                # Refused at once, in the card session's lent copy too (it accepts until its end, which
+                # follows). Not systemd's: it keeps them listening for the agent's next start.
+                if sock.fileno() not in self._activated_fds:
+                    _stop_listening(sock)
+                sock.close()
+                # Inbound listeners are never unix sockets; systemd's sockets are its own to remove.
+                if tunnel.listen.unix_path:
+                    self._remove_socket_file(tunnel.listen.unix_path)
+            self.sockets.clear()
+            self._selector.close()
 
 
 def _log_listening(listener: TunnelConfig | InboundConfig) -> None:
