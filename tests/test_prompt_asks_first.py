@@ -94,3 +94,23 @@ def test_the_prompt_asks_before_a_pin_nobody_asked_for_and_typing_spends_no_try(
     assert "not confirmed: nothing was sent to the card" in log
     assert len(logins(card)) == 3 and all("rv=0x0" in login for login in logins(card)), logins(card)
     assert "event=pin-failure" not in log and USER_PIN not in log
+
+
+def test_ctrl_d_at_the_pin_prompt_cancels_the_sign_in_as_the_dialog_s_cancel_does(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """Ctrl-D at the terminal's PIN prompt is how a person at a terminal says "not now". It ended
+    the sign-in as a failure, `ERROR: sign-in to 'alice' ... failed: EOFError: `, audited with that
+    reason. It is now the dialog's Cancel: nothing sent, the card waits for re-insertion."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    env = test_pki.env(**card.env())
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
+                       identity={"pin": "prompt"}) as agent:
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+        terminal.type(b"\x04")
+        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == CANCELLED, timeout=10)
+        log = agent.log()
+    assert "card-agent: WARNING: PIN entry cancelled (Ctrl-D): nothing was sent to the card\n" in log, log
+    assert "ERROR" not in log and "EOFError" not in log, log
+    assert logins(card) == []

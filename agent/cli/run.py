@@ -129,7 +129,8 @@ def _reload_or_hang_up(reloads: EarlyRequests, stop: threading.Event) -> Callabl
 
     def act() -> None:
         if started_on_a_terminal and not os.isatty(0):  # a terminal hung up is no terminal any more
-            log.info("SIGHUP: the terminal the agent was started from was closed: stopping")
+            if not stop.is_set():  # the kernel's SIGHUP and the shell's: one line
+                log.info("SIGHUP: the terminal the agent was started from was closed: stopping")
             stop.set()
             return
         reloads.request()

@@ -147,7 +147,14 @@ class PinSource:
                     "a PIN is needed but there is no terminal to ask on; "
                     "use a pinentry, env:VAR or file:PATH PIN source"
                 )
-            return _secret_from_text(getpass.getpass(str(request)))
+            try:
+                typed = getpass.getpass(str(request))
+            except EOFError:  # Ctrl-D: the terminal's Cancel
+                raise PinEntryCancelledError(f"{PROMPT_CANCELLED}: nothing was sent to the card") from None
+            except OSError as error:  # the terminal closed (hung up) as it asked
+                raise PinUnavailableError(f"the terminal the PIN was asked on is gone ({error.strerror or error}): "
+                                          "nothing was sent to the card") from None
+            return _secret_from_text(typed)
         raise PinUnavailableError("a protected-path token takes the PIN on the reader, not from the agent")
 
     def __str__(self) -> str:
@@ -299,6 +306,9 @@ def _refuse_unsafe_pinentry(program: str) -> None:
         check_trusted_file(program, PINENTRY_PROGRAM, PINENTRY_RISK)
     except UnsafeFileError as error:
         raise PinUnavailableError(str(error)) from None
+
+
+PROMPT_CANCELLED = "PIN entry cancelled (Ctrl-D)"
 
 
 def _secret_from_text(text: str) -> Secret:
