@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent_runner import agent_status, card_session_pid, running_agent, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
@@ -96,11 +98,23 @@ def test_the_prompt_asks_before_a_pin_nobody_asked_for_and_typing_spends_no_try(
     assert "event=pin-failure" not in log and USER_PIN not in log
 
 
-def test_ctrl_d_at_the_pin_prompt_cancels_the_sign_in_as_the_dialog_s_cancel_does(
-        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
-    """Ctrl-D at the terminal's PIN prompt is how a person at a terminal says "not now". It ended
-    the sign-in as a failure, `ERROR: sign-in to 'alice' ... failed: EOFError: `, audited with that
-    reason. It is now the dialog's Cancel: nothing sent, the card waits for re-insertion."""
+NOTHING_TYPED = {
+    # Ctrl-D: the terminal's Cancel. It ended the sign-in as a failure: `ERROR: sign-in to 'alice'
+    # ... failed: EOFError: `, audited with that reason.
+    b"\x04": (CANCELLED, "card-agent: WARNING: PIN entry cancelled (Ctrl-D): nothing was sent to the card\n"),
+    # Enter alone: an empty PIN, as the dialog's. It said "no PIN entered" without the rest, and the
+    # desktop notice was the one for a card that cannot be used.
+    b"\r": ("card present, not signed in: no PIN entered: nothing was sent to the card",
+             "failed: no PIN entered: nothing was sent to the card\n"),
+}
+
+
+@pytest.mark.parametrize("keys", list(NOTHING_TYPED), ids=["ctrl-d", "enter"])
+def test_nothing_typed_at_the_pin_prompt_ends_the_sign_in_as_in_the_dialog(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, keys: bytes) -> None:
+    """How a person at a terminal says "not now" or types nothing: as the PIN dialog's Cancel and
+    empty PIN. Nothing goes to the card; the card waits for re-insertion."""
+    state, line = NOTHING_TYPED[keys]
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
     env = test_pki.env(**card.env())
@@ -108,9 +122,9 @@ def test_ctrl_d_at_the_pin_prompt_cancels_the_sign_in_as_the_dialog_s_cancel_doe
                        module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
                        identity={"pin": "prompt"}) as agent:
         wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
-        terminal.type(b"\x04")
-        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == CANCELLED, timeout=10)
+        terminal.type(keys)
+        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == state, timeout=10)
         log = agent.log()
-    assert "card-agent: WARNING: PIN entry cancelled (Ctrl-D): nothing was sent to the card\n" in log, log
-    assert "ERROR" not in log and "EOFError" not in log, log
+    assert line in log, log
+    assert "EOFError" not in log, log
     assert logins(card) == []

@@ -38,7 +38,13 @@ from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pin
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.file_trust import TrustRefusal, UnsafeFileError, check_trusted_file
 from dicom_card_agent.lifecycle.cancel import current_scope
-from dicom_card_agent.token.pinentry import Confirmation, Pinentry, PinEntryCancelledError, PinEntryTimedOutError
+from dicom_card_agent.token.pinentry import (
+    Confirmation,
+    NoPinEnteredError,
+    Pinentry,
+    PinEntryCancelledError,
+    PinEntryTimedOutError,
+)
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
 
 if TYPE_CHECKING:  # the words come from the caller: the configuration, which needs PinSource, needs them not
@@ -313,8 +319,8 @@ PROMPT_CANCELLED = "PIN entry cancelled (Ctrl-D)"
 
 def _secret_from_text(text: str) -> Secret:
     """getpass gives a str, which cannot be wiped (docs/pin-handling.md); the PIN goes on as a Secret."""
-    if not text:
-        raise PinUnavailableError("no PIN entered")
+    if not text:  # Enter alone: as an empty PIN in the dialog
+        raise NoPinEnteredError("no PIN entered: nothing was sent to the card")
     buffer = bytearray(text, "utf-8")
     try:
         return Secret(buffer)
