@@ -71,8 +71,7 @@ def configuration_checks(explicit: Path | None) -> Iterator[Check]:
     yield from _pin_checks(settings)
     running = _running_agents(settings)
     default_place = runtime_directories(settings)[0]
-    listeners: list[TunnelConfig | InboundConfig] = [*settings.tunnels, *settings.inbound]
-    for listener in listeners:
+    for listener in settings.listeners:
         yield _listen_check(listener, running, default_place)
     for tunnel in settings.tunnels:
         yield _remote_check(tunnel)

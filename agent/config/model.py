@@ -194,6 +194,11 @@ class AgentConfig:
     # configuration (an edit not reloaded yet, or one a reload refused, is the file's alone).
     raw: bytes = field(default=b"", repr=False, compare=False)
 
+    @property
+    def listeners(self) -> tuple[TunnelConfig | InboundConfig, ...]:
+        """Every local listener: the tunnels', then the inbound ones'."""
+        return (*self.tunnels, *self.inbound)
+
 
 def parse_listen(value: str, error) -> ListenAddress:
     if value.startswith("unix:"):

@@ -97,8 +97,7 @@ class Listeners:
         self._socket_file_trouble: dict[str, str] = {}
         self._next_look = time.monotonic() + SOCKET_FILE_CHECK_SECONDS
         try:
-            listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
-            for listener in listeners:
+            for listener in config.listeners:
                 sock = self._open(listener, activated)
                 self.sockets[sock.fileno()] = (sock, listener)
                 self._selector.register(sock, selectors.EVENT_READ)
@@ -176,8 +175,7 @@ class Listeners:
             opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]] = []
             chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
             try:
-                listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
-                for listener in listeners:
+                for listener in config.listeners:
                     sock = kept.get(str(listener.listen))
                     if sock is None:
                         sock = self._open(listener)
@@ -627,8 +625,7 @@ def _refuse_to_let_go_of_systemds(config: AgentConfig, activated: list[TunnelCon
     """CardAgentError when ``config`` no longer listens where one of the ``activated`` listeners (on a
     socket systemd passed) does. systemd goes on listening on its copy of such a socket, and would
     hold the applications' connections in its backlog for an agent that no longer accepts them."""
-    listeners: list[TunnelConfig | InboundConfig] = [*config.tunnels, *config.inbound]
-    addresses = {str(listener.listen) for listener in listeners}
+    addresses = {str(listener.listen) for listener in config.listeners}
     dropped = [listener for listener in activated if str(listener.listen) not in addresses]
     if dropped:
         which = ", ".join(f"{_kind(listener)} {listener.name!r} ({listener.listen})" for listener in dropped)
