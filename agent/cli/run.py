@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agent")
 
+RELOAD_END_SECONDS = 5.0  # for a reload under way at the stop to finish, once the card session has ended
+
 
 def run(
     config: ConfigFile = None,
@@ -72,6 +74,7 @@ def run(
         raise
     control_server: ControlServer | None = None
     metrics: Metrics | None = None
+    reloader: Reloader | None = None
     failure: BaseException | None = None
     try:
         control_server = ControlServer(settings, manager, crls)
@@ -112,6 +115,8 @@ def run(
         # The card's sessions end first: nothing a local client does to the servers below (a
         # connection left open, a slow read) may keep the card session relaying after the stop.
         manager.shutdown()
+        if reloader is not None:  # a reload under way ends now (the card session is gone): its line and
+            reloader.join(RELOAD_END_SECONDS)  # audit record come before the stop's, not lost at the exit
         if metrics is not None:
             metrics.close()
         if control_server is not None:

@@ -86,6 +86,11 @@ class Reloader:
         self._thread = threading.Thread(target=self._loop, args=(stop,), name="reload", daemon=True)
         self._thread.start()
 
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the reload under way, if any, once ``stop`` (of :meth:`start`) is set."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
             if self._wanted.wait(0.2) and not stop.is_set():
