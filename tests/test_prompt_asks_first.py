@@ -3,7 +3,7 @@ PIN dialog does: a sign-in the clinician did not start by inserting her card.
 
 Before, after a lost card session the terminal showed the PIN prompt at once, and what she was
 typing there went to the card as a PIN try. The agent runs with a real pseudo-terminal as its
-controlling terminal (where getpass, and the question, read and write); the card is SoftHSM through
+controlling terminal (where the PIN prompt and the question read and write); the card is SoftHSM through
 the fault module, which counts C_Login calls.
 """
 

@@ -15,17 +15,12 @@ away, and only "y" goes on to the PIN.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import getpass
 import os
-import select
 import shutil
 import stat
 import sys
-import termios
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -37,15 +32,13 @@ from dicom_card_agent.desktop.config import GRAPHICAL_PINENTRIES
 from dicom_card_agent.desktop.pinentry_choice import NoPinentryError, choose_pinentry
 from dicom_card_agent.errors import CardAgentError, ConfigError
 from dicom_card_agent.file_trust import TrustRefusal, UnsafeFileError, check_trusted_file
-from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.token.pinentry import (
     Confirmation,
-    NoPinEnteredError,
     Pinentry,
     PinEntryCancelledError,
-    PinEntryTimedOutError,
 )
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
+from dicom_card_agent.token.terminal import ask, read_pin
 
 if TYPE_CHECKING:  # the words come from the caller: the configuration, which needs PinSource, needs them not
     from dicom_card_agent.desktop.words import DialogWords
@@ -153,14 +146,7 @@ class PinSource:
                     "a PIN is needed but there is no terminal to ask on; "
                     "use a pinentry, env:VAR or file:PATH PIN source"
                 )
-            try:
-                typed = getpass.getpass(str(request))
-            except EOFError:  # Ctrl-D: the terminal's Cancel
-                raise PinEntryCancelledError(f"{PROMPT_CANCELLED}: nothing was sent to the card") from None
-            except OSError as error:  # the terminal closed (hung up) as it asked
-                raise PinUnavailableError(f"the terminal the PIN was asked on is gone ({error.strerror or error}): "
-                                          "nothing was sent to the card") from None
-            return _secret_from_text(typed)
+            return read_pin(str(request), f"the PIN prompt{_for_whom(request)}")
         raise PinUnavailableError("a protected-path token takes the PIN on the reader, not from the agent")
 
     def __str__(self) -> str:
@@ -314,20 +300,6 @@ def _refuse_unsafe_pinentry(program: str) -> None:
         raise PinUnavailableError(str(error)) from None
 
 
-PROMPT_CANCELLED = "PIN entry cancelled (Ctrl-D)"
-
-
-def _secret_from_text(text: str) -> Secret:
-    """getpass gives a str, which cannot be wiped (docs/pin-handling.md); the PIN goes on as a Secret."""
-    if not text:  # Enter alone: as an empty PIN in the dialog
-        raise NoPinEnteredError("no PIN entered: nothing was sent to the card")
-    buffer = bytearray(text, "utf-8")
-    try:
-        return Secret(buffer)
-    finally:
-        wipe(buffer)
-
-
 PIN_FILE = "the PIN file"
 PIN_FILE_RISK = "put the PIN the agent tries on the card there (spending the card's tries), or swap it for another file"
 # No symbolic link as the file itself (O_NOFOLLOW), no waiting on a FIFO or a device (O_NONBLOCK): what
@@ -430,7 +402,6 @@ def _read_pin_file(path: str) -> Secret:
 
 NOT_CONFIRMED = "not confirmed: nothing was sent to the card"
 NOT_CONFIRMED_IN_TIME = "not confirmed: the question timed out; nothing was sent to the card"
-_ANSWER_POLL_SECONDS = 0.2  # how often an unanswered question looks whether its sign-in was given up
 
 
 @dataclass(frozen=True)
@@ -445,43 +416,14 @@ class PromptAskingFirst(PinSource):
     def read(self, request: PinRequest | str) -> Secret:
         if isinstance(request, PinRequest) and self.reword is not None:
             words = self.reword(request.words)
-            if words.first_question is not None and not ask_on_terminal(
-                    f"{words.first_question}\n{words.first_ok.replace('_', '')}? [y/N] ", timeout=request.timeout):
+            if words.first_question is not None and not ask(
+                    f"{words.first_question}\n{words.first_ok.replace('_', '')}? [y/N] ",
+                    f"the question before the PIN prompt{_for_whom(request)}", timeout=request.timeout,
+                    timed_out=NOT_CONFIRMED_IN_TIME):
                 raise PinEntryCancelledError(NOT_CONFIRMED)
         return super().read(request)
 
 
-def ask_on_terminal(question: str, *, timeout: float | None = None) -> bool:
-    """Ask ``question`` on the terminal a ``prompt`` PIN is typed on (the controlling terminal, else
-    stdin, as :func:`getpass.getpass`); True only for "y" or "yes". Keys typed before it is shown
-    are discarded. False when the sign-in is given up meanwhile; raises
-    :class:`PinEntryTimedOutError` after ``timeout`` s without an answer."""
-    try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-        owned, shown_on = True, fd
-    except OSError:
-        fd, owned, shown_on = sys.stdin.fileno(), False, sys.stderr.fileno()
-    try:
-        with contextlib.suppress(termios.error):  # stdin that is no terminal has nothing typed ahead
-            termios.tcflush(fd, termios.TCIFLUSH)
-        os.write(shown_on, f"\n{question}".encode())
-        answer = _answer(fd, timeout)
-        if answer is None:  # given up: the next line of the terminal is not the question's
-            os.write(shown_on, b"\n")
-        return answer is not None and answer.strip().lower() in (b"y", b"yes")
-    finally:
-        if owned:
-            os.close(fd)
-
-
-def _answer(fd: int, timeout: float | None) -> bytes | None:
-    """The line typed on ``fd`` (b"" for Ctrl-D), or None when the sign-in was given up."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    scope = current_scope()
-    while scope is None or not scope.cancelled:
-        if deadline is not None and time.monotonic() >= deadline:
-            raise PinEntryTimedOutError(NOT_CONFIRMED_IN_TIME)
-        readable, _, _ = select.select([fd], [], [], _ANSWER_POLL_SECONDS)
-        if readable:
-            return os.read(fd, 1024)
-    return None
+def _for_whom(request: PinRequest | str) -> str:
+    """Whose card a prompt is for, in the log's words: ' for Alice Example', or ''."""
+    return f" for {request.words.person}" if isinstance(request, PinRequest) and request.words.person else ""

@@ -1,0 +1,119 @@
+"""The ``prompt`` PIN source (the PIN typed on the terminal the agent runs in), when the terminal is
+not simply there and waiting: a card pulled while its prompt is shown, an agent in the background of
+its shell.
+
+The agent runs with a real pseudo-terminal as its controlling terminal; the card is SoftHSM through
+the fault module, which counts C_Login calls and stands in for the card's removal and insertion.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import termios
+from pathlib import Path
+
+from agent_runner import agent_status, running_agent, tunnel, wait_for
+from conftest import HELPERS, USER_PIN, ProvisionedPki
+from fault_pkcs11 import FaultControl
+from peers.ports import free_port
+from pin_dialog import Terminal, terminal  # noqa: F401 - a pytest fixture
+from test_prompt_asks_first import ON_ITS_TERMINAL, PIN_PROMPT, logins
+
+PIN_PENDING = "card present, PIN not yet entered"
+# `card-agent run &` in an interactive shell: the agent in a process group of its own, in the
+# background of the terminal; the shell (this helper) gives it the terminal on SIGUSR1, as `fg`.
+IN_THE_BACKGROUND = [sys.executable, str(HELPERS / "job_control_shell.py")]
+
+
+def echo_is_on(terminal: Terminal) -> bool:
+    return bool(termios.tcgetattr(terminal.slave)[3] & termios.ECHO)
+
+
+def signed_in(log: str, count: int = 1) -> bool:
+    return log.count('event=sign-in subject="CN=Alice Example') == count
+
+
+def test_a_card_pulled_at_the_pin_prompt_gives_the_terminal_back_and_the_next_prompt_takes_the_pin(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """The prompt of a card that left goes with it. Before, getpass went on reading, with echo off:
+    the terminal stayed silent for whatever was typed next, and once the card was back, the line
+    typed at its prompt could go to the prompt that was given up (no sign-in), and that one, ending,
+    turned echo back on under the new prompt: the PIN typed again showed on the screen."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
+                       identity={"pin": "prompt"}) as agent:
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+        assert not echo_is_on(terminal)
+        card.remove_card()
+        agent.wait_for_log("event=card-removed")
+        wait_for(lambda: echo_is_on(terminal), timeout=5)
+
+        shown = len(terminal.screen)
+        card.insert_card()
+        wait_for(lambda: PIN_PROMPT in terminal.screen[shown:], timeout=20)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: signed_in(agent.log()), timeout=20)
+        wait_for(lambda: echo_is_on(terminal), timeout=5)
+        log = agent.log()
+    assert USER_PIN.encode() not in terminal.screen
+    assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
+    assert USER_PIN not in log
+
+
+def test_an_agent_in_the_background_of_its_shell_answers_meanwhile_and_asks_once_brought_to_the_foreground(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """`card-agent run &`: the PIN prompt waits for `fg`, and says so, while the agent answers
+    `status` and the card's removal. Before, turning the terminal's echo off from the background
+    stopped the whole job (SIGTTOU): the agent answered nothing until someone typed `fg`."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    env = test_pki.env(**card.env())
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=IN_THE_BACKGROUND,
+                       identity={"pin": "prompt"}) as agent:
+        agent.wait_for_log("bring it to the foreground")
+        assert agent_status(tmp_path / "agent", env)["state"] == PIN_PENDING
+        card.remove_card()
+        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == "no card inserted", timeout=10)
+        card.insert_card()
+        wait_for(lambda: agent.log().count("bring it to the foreground") == 2, timeout=20)
+        assert PIN_PROMPT not in terminal.screen
+
+        os.kill(agent.process.pid, signal.SIGUSR1)  # fg
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: signed_in(agent.log()), timeout=20)
+        log = agent.log()
+    assert log.count("bring it to the foreground") == 2, log  # once per insertion
+    assert ("card-agent: WARNING: the PIN prompt for Alice Example waits: the agent runs in the background of its "
+            "terminal, where nothing can be typed to it; bring it to the foreground (fg) to answer it\n") in log, log
+    assert USER_PIN.encode() not in terminal.screen
+    assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
+
+
+def test_an_agent_left_in_the_background_by_a_shell_that_ended_says_the_prompt_cannot_be_shown(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """A launcher script that ran `card-agent run &` and ended: nothing can bring the agent to the
+    foreground. The sign-in ends at once with what to do, and no PIN goes anywhere. Before, it ended
+    with "the terminal the PIN was asked on is gone (Input/output error)", while the terminal was there."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    env = test_pki.env(**card.env())
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave,
+                       prefix=[*IN_THE_BACKGROUND, "--shell-ended"], identity={"pin": "prompt"}) as agent:
+        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] != PIN_PENDING, timeout=20)
+        status = agent_status(tmp_path / "agent", env)["state"]
+        log = agent.log()
+    assert status == (
+        "card present, not signed in: the PIN prompt for Alice Example cannot be shown: the agent runs in the "
+        "background of its terminal, and no shell can bring it to the foreground (the one that started it has "
+        "ended): nothing was sent to the card. Run the agent in the foreground of a terminal, or use "
+        "pin = \"pinentry\""), status
+    assert PIN_PROMPT not in terminal.screen
+    assert "bring it to the foreground (fg)" not in log, log
+    assert logins(card) == []
