@@ -14,6 +14,8 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
 from agent_runner import agent_status, running_agent, tunnel, wait_for
 from conftest import HELPERS, USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
@@ -64,17 +66,23 @@ def test_a_card_pulled_at_the_pin_prompt_gives_the_terminal_back_and_the_next_pr
     assert USER_PIN not in log
 
 
+# What waits on the terminal, by PIN source: the agent's own prompt, and pinentry-tty's dialog.
+ON_THE_TERMINAL = {"prompt": "the PIN prompt", "pinentry:/usr/bin/pinentry-tty": "the PIN dialog"}
+
+
+@pytest.mark.parametrize("pin", list(ON_THE_TERMINAL))
 def test_an_agent_in_the_background_of_its_shell_answers_meanwhile_and_asks_once_brought_to_the_foreground(
-        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
-    """`card-agent run &`: the PIN prompt waits for `fg`, and says so, while the agent answers
-    `status` and the card's removal. Before, turning the terminal's echo off from the background
-    stopped the whole job (SIGTTOU): the agent answered nothing until someone typed `fg`."""
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, pin: str) -> None:
+    """`card-agent run &`: the PIN prompt (or pinentry-tty's dialog) waits for `fg`, and says so,
+    while the agent answers `status` and the card's removal. Before, the terminal's echo turned off
+    from the background stopped the whole job (SIGTTOU): the agent answered nothing until someone
+    typed `fg`."""
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
     env = test_pki.env(**card.env())
     with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
                        module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=IN_THE_BACKGROUND,
-                       identity={"pin": "prompt"}) as agent:
+                       identity={"pin": pin}) as agent:
         agent.wait_for_log("bring it to the foreground")
         assert agent_status(tmp_path / "agent", env)["state"] == PIN_PENDING
         card.remove_card()
@@ -89,8 +97,9 @@ def test_an_agent_in_the_background_of_its_shell_answers_meanwhile_and_asks_once
         wait_for(lambda: signed_in(agent.log()), timeout=20)
         log = agent.log()
     assert log.count("bring it to the foreground") == 2, log  # once per insertion
-    assert ("card-agent: WARNING: the PIN prompt for Alice Example waits: the agent runs in the background of its "
-            "terminal, where nothing can be typed to it; bring it to the foreground (fg) to answer it\n") in log, log
+    told = (f"card-agent: WARNING: {ON_THE_TERMINAL[pin]} for Alice Example waits: the agent runs in the background "
+            "of its terminal, where nothing can be typed to it; bring it to the foreground (fg) to answer it\n")
+    assert told in log, log
     assert USER_PIN.encode() not in terminal.screen
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
 

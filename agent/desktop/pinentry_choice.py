@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dicom_card_agent.errors import CardAgentError
 
 TERMINAL_PINENTRY = "pinentry-tty"
+# Pinentries whose dialog is the terminal itself, whatever the session; without a display, any is.
+TERMINAL_PINENTRIES = (TERMINAL_PINENTRY, "pinentry-curses")
 
 
 class NoPinentryError(CardAgentError):
@@ -25,6 +27,12 @@ class NoPinentryError(CardAgentError):
 
 def is_graphical(environ: Mapping[str, str]) -> bool:
     return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
+
+
+def shows_on_terminal(program: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the dialog of the pinentry ``program`` is drawn on the terminal it is given."""
+    environ = os.environ if environ is None else environ
+    return os.path.basename(program) in TERMINAL_PINENTRIES or not is_graphical(environ)
 
 
 def choose_pinentry(graphical: Sequence[str], environ: Mapping[str, str] | None = None,

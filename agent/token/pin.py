@@ -38,7 +38,7 @@ from dicom_card_agent.token.pinentry import (
     PinEntryCancelledError,
 )
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
-from dicom_card_agent.token.terminal import ask, read_pin
+from dicom_card_agent.token.terminal import ask, read_pin, wait_for_foreground
 
 if TYPE_CHECKING:  # the words come from the caller: the configuration, which needs PinSource, needs them not
     from dicom_card_agent.desktop.words import DialogWords
@@ -254,15 +254,18 @@ def reworded_dialogs(reword: Callable[[DialogWords], DialogWords]) -> Iterator[N
 
 
 def _ask_pinentry(program: str, request: PinRequest | str) -> Secret:
+    dialog = Pinentry(program)
+    if dialog.ttyname is not None and dialog.on_terminal:  # drawn from the background, it would stop the agent
+        wait_for_foreground(f"the PIN dialog{_for_whom(request)}", dialog.ttyname)
     if isinstance(request, str):
-        return Pinentry(program).get_pin(request)
+        return dialog.get_pin(request)
     reword = _REWORDING.get()
     words = request.words if reword is None else reword(request.words)
     questions = [Confirmation(question, ok, cancel) for question, ok, cancel in (
         (words.first_question, words.first_ok, words.first_cancel),
         (words.final_try_question, words.final_try_ok, words.final_try_cancel)) if question is not None]
-    return Pinentry(program).get_pin(words.description, prompt=words.prompt, title=words.title, confirm=questions,
-                                     timeout=request.timeout)
+    return dialog.get_pin(words.description, prompt=words.prompt, title=words.title, confirm=questions,
+                          timeout=request.timeout)
 
 
 # env: PINs, once taken out of the environment: the only copy, locked in memory.

@@ -18,6 +18,7 @@ import termios
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from dicom_card_agent.desktop.pinentry_choice import shows_on_terminal
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.service.signals import blocked
@@ -142,6 +143,11 @@ class Pinentry:
     def __init__(self, program: str = "pinentry", ttyname: str | None = None) -> None:
         self.program = program
         self.ttyname = ttyname if ttyname is not None else (os.ttyname(0) if sys.stdin.isatty() else None)
+
+    @property
+    def on_terminal(self) -> bool:
+        """Whether the dialog is drawn on the agent's terminal (pinentry-tty, or any without a display)."""
+        return self.ttyname is not None and shows_on_terminal(self.program)
 
     def get_pin(self, description: str, *, prompt: str = "PIN:", title: str = "Smart card sign-in",
                 confirm: Confirmation | Sequence[Confirmation] = (), timeout: float | None = None) -> Secret:
@@ -290,7 +296,9 @@ def _terminal_kept(ttyname: str | None) -> Iterator[None]:
     finally:
         if saved is not None:
             fd, settings = saved
-            with contextlib.suppress(termios.error):
+            # SIGTTOU blocked: from the background (the agent sent there meanwhile) the settings are
+            # given back all the same, where SIGTTOU would stop every process of the agent.
+            with contextlib.suppress(termios.error), blocked({signal.SIGTTOU}):
                 termios.tcsetattr(fd, termios.TCSANOW, settings)
             os.close(fd)
 

@@ -143,14 +143,19 @@ class _Terminal:
 
 
 @contextmanager
-def _terminal(what: str, *, timeout: float | None = None, timed_out: str = "") -> Iterator[_Terminal | None]:
-    """The terminal to ask on, to this caller alone; None when the sign-in was given up while
-    another question or prompt (given up, ending) still had it."""
+def _terminal(what: str, *, path: str = "/dev/tty", timeout: float | None = None,
+              timed_out: str = "") -> Iterator[_Terminal | None]:
+    """The terminal ``path`` (by default the controlling terminal, else stdin), to this caller alone;
+    None when the sign-in was given up while another question or prompt (given up, ending) still had it."""
     try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         owned, shown_on = True, fd
-    except OSError:  # no controlling terminal: stdin, as getpass does
-        fd, owned, shown_on = sys.stdin.fileno(), False, sys.stderr.fileno()
+    except OSError as error:  # no controlling terminal: stdin, as getpass does
+        try:
+            fd, owned, shown_on = sys.stdin.fileno(), False, sys.stderr.fileno()
+        except (OSError, ValueError):  # none either (closed)
+            raise TerminalUnusableError(f"{what} has no terminal ({path}: {error.strerror}; no standard input): "
+                                        "nothing was sent to the card") from None
     deadline = None if timeout is None else time.monotonic() + timeout
     terminal = _Terminal(fd, shown_on, what, deadline, timed_out)
     try:
@@ -230,6 +235,17 @@ def ask(question: str, what: str, *, timeout: float | None = None, timed_out: st
             terminal.show("\n")
             return False
     return bytes(buffer[:line.length]).strip().lower() in (b"y", b"yes")
+
+
+def wait_for_foreground(what: str, ttyname: str) -> None:
+    """Return once the agent is in the foreground of the terminal ``ttyname`` (at once when it is not
+    the agent's controlling terminal), for a dialog another program draws there (pinentry-tty): it
+    would be stopped with the agent, from the background. Raises :class:`SignInCancelledError` when
+    the sign-in is given up first, and :class:`TerminalUnusableError` when no shell can bring the
+    agent forward."""
+    with _terminal(what, path=ttyname) as terminal:
+        if terminal is None or not terminal.wait_for_foreground():
+            _given_up()
 
 
 def _given_up() -> NoReturn:
