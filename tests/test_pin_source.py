@@ -13,6 +13,7 @@ from agent_runner import start_agent, stop_agent, tunnel, with_virtualenv_packag
 from conftest import ProvisionedPki
 from dicom_card_agent.errors import ConfigError
 from dicom_card_agent.token.pin import PinSource, PinUnavailableError
+from dicom_card_agent.token.terminal import TerminalUnusableError, pin_as_utf8
 
 
 @pytest.mark.parametrize("text", ["", "env:", "file", "pinentry-ish", "sms:123"])
@@ -109,3 +110,29 @@ def test_the_env_pin_leaves_proc_environ_with_every_python(python: str) -> None:
     env = with_virtualenv_packages({"CARD_PIN": "9137-42-pin", "PATH": os.environ["PATH"]})
     result = subprocess.run([python, "-c", ENVIRON_CHECK], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+TYPED_ON_A_TERMINAL = [
+    # (what the terminal sends, its encoding, what goes to C_Login)
+    (b"123456", "iso8859-1", b"123456"),
+    ("Zürich-7".encode("iso8859-1"), "iso8859-1", "Zürich-7".encode()),
+    ("Zürich-7".encode(), "utf-8", "Zürich-7".encode()),
+    ("Zürich-7".encode(), "UTF8", "Zürich-7".encode()),
+]
+
+
+@pytest.mark.parametrize(("typed", "encoding", "sent"), TYPED_ON_A_TERMINAL)
+def test_a_pin_typed_on_the_terminal_goes_to_the_card_in_utf8(typed: bytes, encoding: str, sent: bytes) -> None:
+    """PKCS#11 PINs are UTF-8; a terminal sends its own encoding. getpass decoded it by the locale and
+    the agent encoded UTF-8; the bytes read now are converted the same way (only when they differ)."""
+    buffer = bytearray(64)
+    buffer[:len(typed) + 1] = typed + b"\n"
+    with pin_as_utf8(buffer, len(typed), encoding) as secret:
+        assert secret.view().tobytes() == sent
+
+
+def test_a_pin_the_terminals_encoding_cannot_read_is_not_sent() -> None:
+    buffer = bytearray(b"Z\xfcrich\n" + bytes(8))
+    with pytest.raises(TerminalUnusableError, match="^the PIN typed is not ascii text, the terminal's encoding "
+                       r"\(LANG, LC_ALL\): nothing was sent to the card$"):
+        pin_as_utf8(buffer, 6, "ascii")

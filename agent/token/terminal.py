@@ -19,8 +19,10 @@ for ``fg`` and says so once. The PIN is read into a buffer that is wiped.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
+import locale
 import logging
 import os
 import select
@@ -71,7 +73,8 @@ class _Terminal:
     timed_out: str  # what a question that times out says
 
     def show(self, text: str) -> None:
-        os.write(self.shown_on, text.encode())
+        """``text`` in the terminal's encoding; what it cannot show, escaped (a name in another script)."""
+        os.write(self.shown_on, text.encode(locale.getpreferredencoding(False), "backslashreplace"))
 
     def given_up(self) -> bool:
         scope = current_scope()
@@ -213,10 +216,28 @@ def read_pin(prompt: str, what: str) -> Secret:
             raise PinEntryCancelledError(f"{PROMPT_CANCELLED}: nothing was sent to the card")
         if not line.length:
             raise NoPinEnteredError("no PIN entered: nothing was sent to the card")
-        with memoryview(buffer) as view:
-            return Secret(view[:line.length])
+        return pin_as_utf8(buffer, line.length, locale.getpreferredencoding(False))
     finally:
         wipe(buffer)
+
+
+def pin_as_utf8(buffer: bytearray, length: int, encoding: str) -> Secret:
+    """The PIN in the first ``length`` bytes of ``buffer``, typed on a terminal of ``encoding``, in
+    UTF-8 as PKCS#11 takes it: "Zürich" typed on a Latin-1 terminal is the card's "Zürich". Only such
+    a PIN (not ASCII, on a terminal that is not UTF-8) passes through a ``str``, which cannot be wiped."""
+    with memoryview(buffer) as view:
+        if buffer.isascii() or codecs.lookup(encoding).name == "utf-8":  # the rest of buffer: zeros
+            return Secret(view[:length])
+        try:
+            text = str(view[:length], encoding)
+        except UnicodeDecodeError:
+            raise TerminalUnusableError(f"the PIN typed is not {encoding} text, the terminal's encoding (LANG, "
+                                        "LC_ALL): nothing was sent to the card") from None
+    utf8 = bytearray(text, "utf-8")
+    try:
+        return Secret(utf8)
+    finally:
+        wipe(utf8)
 
 
 def ask(question: str, what: str, *, timeout: float | None = None, timed_out: str = "") -> bool:
