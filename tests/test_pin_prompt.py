@@ -126,3 +126,42 @@ def test_an_agent_left_in_the_background_by_a_shell_that_ended_says_the_prompt_c
     assert PIN_PROMPT not in terminal.screen
     assert "bring it to the foreground (fg)" not in log, log
     assert logins(card) == []
+
+
+def job_stopped(shell: int) -> bool:
+    """Whether the job of the job-control shell ``shell`` is stopped (Ctrl-Z)."""
+    job = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()[0]
+    return Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_echo_off_once_back(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """Ctrl-Z at the PIN prompt, then `bg`: the shell has the terminal, with echo on. The agent
+    waits for `fg` again, then shows the prompt again with echo off. Before, the read went on
+    where it was, with the shell's modes: the prompt was not shown again, and the PIN showed."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    env = test_pki.env(**card.env())
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=IN_THE_BACKGROUND,
+                       identity={"pin": "prompt"}) as agent:
+        shell = agent.process.pid
+        agent.wait_for_log("bring it to the foreground")
+        os.kill(shell, signal.SIGUSR1)  # fg
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+
+        terminal.type(b"\x1a")  # Ctrl-Z
+        wait_for(lambda: job_stopped(shell), timeout=10)
+        os.kill(shell, signal.SIGUSR2)  # the shell takes the terminal back, echo on; bg
+        wait_for(lambda: agent.log().count("bring it to the foreground") == 2, timeout=20)
+        assert agent_status(tmp_path / "agent", env)["state"] == PIN_PENDING
+        assert echo_is_on(terminal)
+
+        os.kill(shell, signal.SIGUSR1)  # fg
+        wait_for(lambda: terminal.screen.count(PIN_PROMPT) == 2, timeout=20)
+        assert not echo_is_on(terminal)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: signed_in(agent.log()), timeout=20)
+        wait_for(lambda: echo_is_on(terminal), timeout=5)
+    assert USER_PIN.encode() not in terminal.screen
+    assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)

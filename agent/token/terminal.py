@@ -31,7 +31,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NoReturn
@@ -117,21 +117,28 @@ class _Terminal:
                 return False
         return True
 
-    def read_line(self, buffer: bytearray) -> _Line | None:
-        """The line typed next, into ``buffer``; None when the sign-in was given up first."""
+    def read_line(self, buffer: bytearray, show_again: Callable[[], None]) -> _Line | None:
+        """The line typed next, into ``buffer``; None when the sign-in was given up first. Sent to
+        the background meanwhile (Ctrl-Z, bg), it waits for the foreground again and then calls
+        ``show_again``: the shell had the terminal, its modes and its screen in between."""
         filled = 0
         with memoryview(buffer) as view:
             while True:
                 self.check_deadline()
-                if self.given_up() or not self.wait_for_foreground():
+                if self.given_up():
                     return None
+                if not self.in_foreground():
+                    if not self.wait_for_foreground():
+                        return None
+                    show_again()
+                    filled = 0  # what was typed before is the shell's now
                 if not _typed_within(self.fd, POLL_SECONDS):
                     continue
                 try:
                     count = os.readv(self.fd, [view[filled:]])
                 except OSError as error:
                     if error.errno == errno.EIO and not self.in_foreground():
-                        continue  # sent to the background (Ctrl-Z, bg) as it read: wait for fg again
+                        continue  # sent to the background as it read: wait for fg again
                     raise TerminalUnusableError(f"the terminal of {self.what} is gone ({error.strerror or error}): "
                                                 "nothing was sent to the card") from None
                 if count == 0:
@@ -177,22 +184,34 @@ def _terminal(what: str, *, path: str = "/dev/tty", timeout: float | None = None
 
 
 @contextmanager
-def _echo_off(terminal: _Terminal) -> Iterator[None]:
+def _echo_off(terminal: _Terminal) -> Iterator[Callable[[], None]]:
     """Echo off for the block (what was typed before it is discarded), then the terminal's mode as
-    it was, what was typed after the line discarded. Never a PIN read with echo on."""
+    it was, what was typed after the line discarded. Never a PIN read with echo on. Gives a
+    function that turns echo off again (after a shell had the terminal)."""
     try:
         before = termios.tcgetattr(terminal.fd)
-        quiet = list(before)
-        quiet[3] &= ~termios.ECHO  # the local modes
-        termios.tcsetattr(terminal.fd, termios.TCSAFLUSH, quiet)
     except termios.error as error:
-        raise TerminalUnusableError(f"the terminal's echo could not be turned off ({error.args[-1]}): the PIN is not "
-                                    "asked, it would show as typed; nothing was sent to the card") from None
+        raise _no_echo_control(error) from None
+    quiet = list(before)
+    quiet[3] &= ~termios.ECHO  # the local modes
+
+    def echo_off() -> None:
+        try:
+            termios.tcsetattr(terminal.fd, termios.TCSAFLUSH, quiet)
+        except termios.error as error:
+            raise _no_echo_control(error) from None
+
+    echo_off()
     try:
-        yield
+        yield echo_off
     finally:
         with contextlib.suppress(termios.error):  # a terminal gone meanwhile has no mode to give back
             termios.tcsetattr(terminal.fd, termios.TCSAFLUSH, before)
+
+
+def _no_echo_control(error: termios.error) -> TerminalUnusableError:
+    return TerminalUnusableError(f"the terminal's echo could not be turned off ({error.args[-1]}): the PIN is not "
+                                 "asked, it would show as typed; nothing was sent to the card")
 
 
 def read_pin(prompt: str, what: str) -> Secret:
@@ -206,9 +225,13 @@ def read_pin(prompt: str, what: str) -> Secret:
         with _terminal(what) as terminal:
             line = None
             if terminal is not None and terminal.wait_for_foreground():
-                with _echo_off(terminal):
+                with _echo_off(terminal) as echo_off:
+                    def show_again() -> None:
+                        echo_off()
+                        terminal.show(f"\n{prompt}")
+
                     terminal.show(prompt)
-                    line = terminal.read_line(buffer)
+                    line = terminal.read_line(buffer, show_again)
                     terminal.show("\n")  # Enter, which echo did not show; or the end of a prompt given up
         if line is None:
             _given_up()
@@ -251,7 +274,7 @@ def ask(question: str, what: str, *, timeout: float | None = None, timed_out: st
         with contextlib.suppress(termios.error):  # stdin that is no terminal has nothing typed ahead
             termios.tcflush(terminal.fd, termios.TCIFLUSH)
         terminal.show(f"\n{question}")
-        line = terminal.read_line(buffer)
+        line = terminal.read_line(buffer, lambda: terminal.show(f"\n{question}"))
         if line is None:  # given up: the next line of the terminal is not the question's
             terminal.show("\n")
             return False

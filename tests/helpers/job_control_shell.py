@@ -7,6 +7,9 @@ process group of its own, in the background.
     job_control_shell.py --shell-ended COMMAND [ARG...]
 
 SIGUSR1 is the shell's ``fg``: the terminal's foreground goes to the job, which is continued.
+SIGUSR2 is what the shell does once Ctrl-Z (typed on the terminal) has stopped the job, then ``bg``:
+it takes the terminal back with its own modes (echo on, as a shell leaves it to the commands it
+runs) and continues the job in the background.
 SIGTERM and SIGINT are passed on to the job as ``kill %1`` does (with SIGCONT, since a stopped job
 takes no other signal). It exits with the job's exit status once the job has ended.
 
@@ -45,7 +48,15 @@ def main() -> int:
         os.killpg(job, signal.SIGCONT)
 
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # the shell gives its terminal away from the background, too
+    def background(*_: object) -> None:
+        os.tcsetpgrp(0, os.getpgrp())
+        modes = termios.tcgetattr(0)
+        modes[3] |= termios.ECHO
+        termios.tcsetattr(0, termios.TCSANOW, modes)
+        os.killpg(job, signal.SIGCONT)
+
     signal.signal(signal.SIGUSR1, foreground)
+    signal.signal(signal.SIGUSR2, background)
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
     _, status = os.waitpid(job, 0)
