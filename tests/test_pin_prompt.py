@@ -165,3 +165,25 @@ def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_ech
         wait_for(lambda: echo_is_on(terminal), timeout=5)
     assert USER_PIN.encode() not in terminal.screen
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_an_agent_stopped_at_its_pin_prompt_gives_the_terminal_back_with_echo_on(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, stop: str) -> None:
+    """Ctrl-C at the prompt (or `kill`): the agent stops, and the shell the clinician returns to
+    shows what she types. Before, the process ended with the prompt's thread still reading, echo off."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
+                       identity={"pin": "prompt"}) as agent:
+        wait_for(lambda: PIN_PROMPT in terminal.screen and not echo_is_on(terminal), timeout=20)
+        if stop == "ctrl-c":
+            terminal.type(b"\x03")
+        else:
+            os.kill(agent.process.pid, signal.SIGTERM)
+        assert agent.process.wait(20) == 0
+        log = agent.log()
+    assert echo_is_on(terminal)
+    assert "card-agent: INFO: stopping" in log, log
+    assert logins(card) == []

@@ -94,6 +94,10 @@ SILENT_SESSION_IDLE_SECONDS = 10.0
 # How long a stopping agent waits for the reports of ended card sessions to be recorded: within
 # systemd's TimeoutStopSec=30 (systemd/card-agent.service), after the card session's own end (4 s).
 RECORDING_AT_STOP_SECONDS = 15.0
+# How long a stopping agent waits for a sign-in under way to end once cancelled: its PIN prompt or
+# dialog then gives the terminal back as it was (a prompt notices within 0.2 s). Gone with the
+# process instead, it left the clinician's terminal with echo off.
+SIGN_IN_END_AT_STOP_SECONDS = 2.0
 _NO_DESCRIPTOR_LEFT = "no file descriptor left (another process's connections may hold them)"
 # A sign-in that could not start for a shortage of the system's is tried again after this long,
 # doubled each time up to the most.
@@ -122,6 +126,7 @@ class _SignIn:
     # try has read the card: `status` says so while the sign-in waits and while it tries again.
     cannot_start: str | None = None
     audited: bool = False  # its failure (or that it was given up) is in the audit trail: once only
+    thread: threading.Thread | None = None
 
     def card_read(self) -> WatchedCard:
         """The card as the sign-in knows it: its token once the probe read it, else as the loop saw it."""
@@ -487,8 +492,11 @@ class SessionManager:
         return {f"previous_{key}": value for key, value in self._card_fields().items()}
 
     def shutdown(self) -> None:
+        pending = self._sign_in
         with self._lock:
             self._feed(Stop())
+        if pending is not None and pending.thread is not None:
+            pending.thread.join(SIGN_IN_END_AT_STOP_SECONDS)  # the Stop cancelled it
         self._finish_recording()
 
     def _finish_recording(self) -> None:
@@ -562,9 +570,9 @@ class SessionManager:
             return
         scope = SignInScope(on_pin_entered=lambda: self._report(PinEntered(attempt)))
         self._sign_in = _SignIn(attempt, card, scope, awake_or_asleep(), cause)
-        thread = threading.Thread(target=self._sign_in_thread, args=(self._sign_in,),
-                                  name=f"sign-in-{attempt}", daemon=True)
-        thread.start()
+        self._sign_in.thread = threading.Thread(target=self._sign_in_thread, args=(self._sign_in,),
+                                                name=f"sign-in-{attempt}", daemon=True)
+        self._sign_in.thread.start()
 
     def _report(self, happened: Event) -> None:
         self._late.put(happened)
