@@ -24,19 +24,23 @@ class Terminal:
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()
         self.name = os.ttyname(self.slave)
+        self._closed = False
         self.screen = b""  # everything shown so far: one thread reads the terminal, all others look here
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        # The reader reads a descriptor of its own, which it closes as it ends (once nothing holds
+        # the terminal's other side). Reading self.master, it went on reading that number after
+        # close() while the GIL kept it from noticing: the next test's terminal had the number by
+        # then, and part of that terminal's screen (pinentry's "[sc]? ") went to this one.
+        self._reader = threading.Thread(target=self._read, args=(os.dup(self.master),), daemon=True)
         self._reader.start()
 
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            self.screen += data
+    def _read(self, master: int) -> None:
+        try:
+            while data := os.read(master, 4096):
+                self.screen += data
+        except OSError:  # EIO: nothing holds the terminal's other side any more
+            pass
+        finally:
+            os.close(master)
 
     def wait_for_prompt(self, count: int = 1, timeout: float = 10.0) -> None:
         wait_for(lambda: self.screen.count(b"PIN:") >= count, timeout)
@@ -45,6 +49,8 @@ class Terminal:
         wait_for(lambda: text in self.screen, timeout)
 
     def type(self, keys: bytes) -> None:
+        if self._closed:  # a person thread outliving its test: its number may be another terminal's now
+            raise AssertionError(f"typing {keys!r} into a terminal already closed")
         os.write(self.master, keys)
 
     def type_when(self, prompt: bytes, keys: bytes, *more: tuple[bytes, bytes],
@@ -60,6 +66,7 @@ class Terminal:
         return thread
 
     def close(self) -> None:
+        self._closed = True
         for fd in (self.master, self.slave):
             try:
                 os.close(fd)

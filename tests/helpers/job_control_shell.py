@@ -37,7 +37,10 @@ def main() -> int:
     if job == 0:
         os.setpgid(0, 0)
         os.execvp(sys.argv[1], sys.argv[1:])
-    os.setpgid(job, job)  # as a shell does too: whichever of the two runs first, the job is in its group
+    try:
+        os.setpgid(job, job)  # as a shell does too: whichever of the two runs first, the job is in its group
+    except PermissionError:  # the job ran first, and has exec'd already: in its group
+        pass
 
     def foreground(*_: object) -> None:
         os.tcsetpgrp(0, job)
