@@ -40,6 +40,15 @@ def test_the_person_is_named_as_a_person_reads_it_never_by_a_dn() -> None:
     assert person_name(certificate()) == "the card holder"
 
 
+def test_a_name_that_would_drive_a_terminal_is_shown_escaped() -> None:
+    """The name goes into the PIN prompt on a terminal and into pinentry-tty's dialog as written: a
+    certificate's escape sequences (a window title, the screen cleared, the cursor moved over the
+    words) would act there."""
+    cn = "Alice\x1b]0;Sign in: Bob\x07\x1b[2J Example\u202e"
+    assert person_name(certificate(x509.NameAttribute(NameOID.COMMON_NAME, cn))) == \
+        "Alice\\x1b]0;Sign in: Bob\\x07\\x1b[2J Example\\u202e"
+
+
 def test_what_the_pin_is_for() -> None:
     assert purpose("Radiology PACS", ["pacs"]) == "Radiology PACS"
     assert purpose("", ["pacs"]) == "the DICOM connection pacs"

@@ -187,3 +187,18 @@ def test_an_agent_stopped_at_its_pin_prompt_gives_the_terminal_back_with_echo_on
     assert echo_is_on(terminal)
     assert "card-agent: INFO: stopping" in log, log
     assert logins(card) == []
+
+
+def test_what_the_prompt_writes_on_the_terminal_cannot_drive_it(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """Text the agent writes on the terminal comes from elsewhere (a certificate's name, the site
+    label): a control character in it is shown escaped, never sent to the terminal to act on (here
+    ESC [2J, which clears the screen)."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
+                       identity={"pin": "prompt"}, desktop={"site_label": "Radiology\x1b[2J PACS"}):
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+    assert b"use Radiology\\x1b[2J PACS." in terminal.screen, terminal.screen
+    assert b"\x1b" not in terminal.screen, terminal.screen

@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from dicom_card_agent.lifecycle.machine import SignInCause
+from dicom_card_agent.logline import printable
 from dicom_card_agent.token.discovery import PinState
 
 DIALOG_PROMPT = "PIN:"
@@ -29,7 +30,9 @@ def person_name(certificate: x509.Certificate) -> str:
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
     name = first(NameOID.COMMON_NAME) or " ".join(p for p in (first(NameOID.GIVEN_NAME), first(NameOID.SURNAME)) if p)
-    return _one_line(name) or "the card holder"
+    # Escaped: the name is written as it is into the terminal's PIN prompt and pinentry-tty's
+    # dialog, where a certificate's control characters would drive the terminal.
+    return printable(_one_line(name)) or "the card holder"
 
 
 def purpose(site_label: str, tunnel_names: Sequence[str]) -> str:

@@ -38,6 +38,7 @@ from typing import NoReturn
 
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
+from dicom_card_agent.logline import printable
 from dicom_card_agent.service.signals import blocked
 from dicom_card_agent.token.pinentry import NoPinEnteredError, PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.secret import Secret, wipe
@@ -73,8 +74,10 @@ class _Terminal:
     timed_out: str  # what a question that times out says
 
     def show(self, text: str) -> None:
-        """``text`` in the terminal's encoding; what it cannot show, escaped (a name in another script)."""
-        os.write(self.shown_on, text.encode(locale.getpreferredencoding(False), "backslashreplace"))
+        """``text`` in the terminal's encoding, its lines kept; escaped: control characters (which
+        would drive the terminal) and what the encoding cannot show (a name in another script)."""
+        lines = "\n".join(printable(line) for line in text.split("\n"))
+        os.write(self.shown_on, lines.encode(locale.getpreferredencoding(False), "backslashreplace"))
 
     def given_up(self) -> bool:
         scope = current_scope()
