@@ -134,17 +134,20 @@ def job_stopped(shell: int) -> bool:
     return Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
+@pytest.mark.parametrize("pin", list(ON_THE_TERMINAL))
 def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_echo_off_once_back(
-        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
-    """Ctrl-Z at the PIN prompt, then `bg`: the shell has the terminal, with echo on. The agent
-    waits for `fg` again, then shows the prompt again with echo off. Before, the read went on
-    where it was, with the shell's modes: the prompt was not shown again, and the PIN showed."""
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, pin: str) -> None:
+    """Ctrl-Z at the PIN prompt (or pinentry-tty's), then `bg`: the shell has the terminal, with
+    echo on. The agent goes on serving, waits for `fg` again, then asks again with echo off.
+    Before, the prompt's read went on where it was, with the shell's modes: the prompt was not shown
+    again, and the PIN showed; pinentry-tty's read from the background stopped the whole agent
+    again (SIGTTIN) until `fg`."""
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
     env = test_pki.env(**card.env())
     with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
                        module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=IN_THE_BACKGROUND,
-                       identity={"pin": "prompt"}) as agent:
+                       identity={"pin": pin}) as agent:
         shell = agent.process.pid
         agent.wait_for_log("bring it to the foreground")
         os.kill(shell, signal.SIGUSR1)  # fg
@@ -153,7 +156,7 @@ def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_ech
         terminal.type(b"\x1a")  # Ctrl-Z
         wait_for(lambda: job_stopped(shell), timeout=10)
         os.kill(shell, signal.SIGUSR2)  # the shell takes the terminal back, echo on; bg
-        wait_for(lambda: agent.log().count("bring it to the foreground") == 2, timeout=20)
+        wait_for(lambda: agent.log().count(f"{ON_THE_TERMINAL[pin]} for Alice Example waits") == 2, timeout=20)
         assert agent_status(tmp_path / "agent", env)["state"] == PIN_PENDING
         assert echo_is_on(terminal)
 

@@ -23,6 +23,9 @@ from types import FrameType
 # What the agent's supervisor acts on (stop, stop, reload). Its card-session processes leave them to
 # it: blocked from their first instruction (the supervisor starts them so), then ignored.
 SUPERVISORS_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# What a terminal sends a process of a background job that reads it or changes its modes: it stops
+# the whole job. Blocked, the read fails (EIO) and the change is made, and the agent goes on.
+JOB_CONTROL_SIGNALS = frozenset({signal.SIGTTIN, signal.SIGTTOU})
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from dicom_card_agent.token.pinentry import (
     PinEntryCancelledError,
 )
 from dicom_card_agent.token.secret import Secret, take_environment_variable, wipe
-from dicom_card_agent.token.terminal import ask, read_pin, wait_for_foreground
+from dicom_card_agent.token.terminal import ask, in_foreground_of, read_pin, wait_for_foreground
 
 if TYPE_CHECKING:  # the words come from the caller: the configuration, which needs PinSource, needs them not
     from dicom_card_agent.desktop.words import DialogWords
@@ -255,8 +255,20 @@ def reworded_dialogs(reword: Callable[[DialogWords], DialogWords]) -> Iterator[N
 
 def _ask_pinentry(program: str, request: PinRequest | str) -> Secret:
     dialog = Pinentry(program)
-    if dialog.ttyname is not None and dialog.on_terminal:  # drawn from the background, it would stop the agent
-        wait_for_foreground(f"the PIN dialog{_for_whom(request)}", dialog.ttyname)
+    ttyname = dialog.ttyname if dialog.on_terminal else None
+    while True:
+        if ttyname is not None:  # drawn from the background, it would stop the agent
+            wait_for_foreground(f"the PIN dialog{_for_whom(request)}", ttyname)
+        try:
+            return _converse(dialog, request)
+        except PinEntryCancelledError:
+            if ttyname is None or in_foreground_of(ttyname):
+                raise
+            # Sent to the background as it asked (Ctrl-Z, bg): it could not read the terminal, and
+            # ended as cancelled. Nobody cancelled it: asked again, from the start, once back.
+
+
+def _converse(dialog: Pinentry, request: PinRequest | str) -> Secret:
     if isinstance(request, str):
         return dialog.get_pin(request)
     reword = _REWORDING.get()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from dicom_card_agent.desktop.pinentry_choice import shows_on_terminal
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
-from dicom_card_agent.service.signals import blocked
+from dicom_card_agent.service.signals import JOB_CONTROL_SIGNALS, blocked
 from dicom_card_agent.token.secret import Secret, wipe
 
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
@@ -162,8 +162,11 @@ class Pinentry:
         try:
             # SIGHUP blocked for good in the dialog: one sent to every process of the agent
             # (`systemctl kill -s HUP`) is the agent's reload, and closed the dialog as the clinician
-            # typed. Not SIGTERM: a cancelled sign-in closes the dialog with it.
-            with blocked({signal.SIGHUP}):
+            # typed. Not SIGTERM: a cancelled sign-in closes the dialog with it. On the terminal,
+            # SIGTTIN and SIGTTOU too: sent to the background (Ctrl-Z, bg) as it reads, the dialog
+            # ends, cancelled, instead of stopping every process of the agent (the caller asks again
+            # once the agent is back in the foreground).
+            with blocked({signal.SIGHUP, *(JOB_CONTROL_SIGNALS if self.on_terminal else ())}):
                 process = subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                            stderr=subprocess.DEVNULL, bufsize=0)
         except OSError as error:

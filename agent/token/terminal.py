@@ -26,7 +26,6 @@ import locale
 import logging
 import os
 import select
-import signal
 import sys
 import termios
 import threading
@@ -39,7 +38,7 @@ from typing import NoReturn
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import SignInCancelledError, current_scope
 from dicom_card_agent.logline import printable
-from dicom_card_agent.service.signals import blocked
+from dicom_card_agent.service.signals import JOB_CONTROL_SIGNALS, blocked
 from dicom_card_agent.token.pinentry import NoPinEnteredError, PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.secret import Secret, wipe
 
@@ -48,9 +47,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often a reader looks whether its sign-in was given up, or the agent brought forward
 LONGEST_LINE = 4096  # the longest line a terminal hands over in its line mode (Linux's N_TTY_BUF_SIZE)
 PROMPT_CANCELLED = "PIN entry cancelled (Ctrl-D)"
-# Blocked while the terminal is used, so that a read or mode change from the background fails (EIO)
-# or is made, instead of stopping every process of the agent's job: the agent waits for `fg` itself.
-_JOB_CONTROL_SIGNALS = (signal.SIGTTIN, signal.SIGTTOU)
 _ONE_READER = threading.Lock()
 
 
@@ -97,10 +93,7 @@ class _Terminal:
         return scope.wait(POLL_SECONDS)
 
     def in_foreground(self) -> bool:
-        try:
-            return os.tcgetpgrp(self.fd) == os.getpgrp()
-        except OSError:  # not the agent's controlling terminal (its stdin, without one): no job control
-            return True
+        return _in_foreground(self.fd)
 
     def wait_for_foreground(self) -> bool:
         """True once the agent is in the foreground of its terminal; False when the sign-in is given
@@ -177,7 +170,7 @@ def _terminal(what: str, *, path: str = "/dev/tty", timeout: float | None = None
                 yield None
                 return
         try:
-            with blocked(_JOB_CONTROL_SIGNALS):
+            with blocked(JOB_CONTROL_SIGNALS):
                 yield terminal
         finally:
             _ONE_READER.release()
@@ -282,6 +275,26 @@ def ask(question: str, what: str, *, timeout: float | None = None, timed_out: st
             terminal.show("\n")
             return False
     return bytes(buffer[:line.length]).strip().lower() in (b"y", b"yes")
+
+
+def in_foreground_of(ttyname: str) -> bool:
+    """Whether the agent is in the foreground of the terminal ``ttyname`` (True when it is not the
+    agent's controlling terminal, or cannot be opened: no job control applies)."""
+    try:
+        fd = os.open(ttyname, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        return _in_foreground(fd)
+    finally:
+        os.close(fd)
+
+
+def _in_foreground(fd: int) -> bool:
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:  # not the agent's controlling terminal (its stdin, without one): no job control
+        return True
 
 
 def wait_for_foreground(what: str, ttyname: str) -> None:
