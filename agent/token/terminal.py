@@ -170,6 +170,8 @@ def _terminal(what: str, *, path: str = "/dev/tty", timeout: float | None = None
                 yield None
                 return
         try:
+            # From the background, a read fails and a mode change is made instead of stopping every
+            # process of the agent: the reader waits for `fg` itself.
             with blocked(JOB_CONTROL_SIGNALS):
                 yield terminal
         finally:
