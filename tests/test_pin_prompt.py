@@ -12,11 +12,14 @@ import os
 import signal
 import sys
 import termios
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent_runner import agent_status, running_agent, tunnel, wait_for
+from agent_runner import RunningAgent, agent_status, running_agent, tunnel, wait_for
 from conftest import HELPERS, USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.ports import free_port
@@ -37,17 +40,31 @@ def signed_in(log: str, count: int = 1) -> bool:
     return log.count('event=sign-in subject="CN=Alice Example') == count
 
 
+@contextmanager
+def agent_asking_on(terminal: Terminal, test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, *,
+                    pin: str = "prompt", prefix: list[str] = ON_ITS_TERMINAL,
+                    **config: Any) -> Iterator[tuple[RunningAgent, FaultControl]]:
+    """The agent, alice's card in its reader (the fault module, which counts C_Login calls), the PIN
+    asked on ``terminal``: its controlling terminal, started there as ``prefix`` says."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=prefix,
+                       identity={"pin": pin}, **config) as agent:
+        yield agent, card
+
+
+def state(test_pki: ProvisionedPki, tmp_path: Path, card: FaultControl) -> str:
+    return str(agent_status(tmp_path / "agent", test_pki.env(**card.env()))["state"])
+
+
 def test_a_card_pulled_at_the_pin_prompt_gives_the_terminal_back_and_the_next_prompt_takes_the_pin(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
     """The prompt of a card that left goes with it. Before, getpass went on reading, with echo off:
     the terminal stayed silent for whatever was typed next, and once the card was back, the line
     typed at its prompt could go to the prompt that was given up (no sign-in), and that one, ending,
     turned echo back on under the new prompt: the PIN typed again showed on the screen."""
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
-                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
-                       identity={"pin": "prompt"}) as agent:
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module) as (agent, card):
         wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
         assert not echo_is_on(terminal)
         card.remove_card()
@@ -77,16 +94,12 @@ def test_an_agent_in_the_background_of_its_shell_answers_meanwhile_and_asks_once
     while the agent answers `status` and the card's removal. Before, the terminal's echo turned off
     from the background stopped the whole job (SIGTTOU): the agent answered nothing until someone
     typed `fg`."""
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    env = test_pki.env(**card.env())
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
-                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=IN_THE_BACKGROUND,
-                       identity={"pin": pin}) as agent:
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin=pin,
+                         prefix=IN_THE_BACKGROUND) as (agent, card):
         agent.wait_for_log("bring it to the foreground")
-        assert agent_status(tmp_path / "agent", env)["state"] == PIN_PENDING
+        assert state(test_pki, tmp_path, card) == PIN_PENDING
         card.remove_card()
-        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] == "no card inserted", timeout=10)
+        wait_for(lambda: state(test_pki, tmp_path, card) == "no card inserted", timeout=10)
         card.insert_card()
         wait_for(lambda: agent.log().count("bring it to the foreground") == 2, timeout=20)
         assert PIN_PROMPT not in terminal.screen
@@ -109,14 +122,10 @@ def test_an_agent_left_in_the_background_by_a_shell_that_ended_says_the_prompt_c
     """A launcher script that ran `card-agent run &` and ended: nothing can bring the agent to the
     foreground. The sign-in ends at once with what to do, and no PIN goes anywhere. Before, it ended
     with "the terminal the PIN was asked on is gone (Input/output error)", while the terminal was there."""
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    env = test_pki.env(**card.env())
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
-                       module=str(fault_module), env=card.env(), stdin=terminal.slave,
-                       prefix=[*IN_THE_BACKGROUND, "--shell-ended"], identity={"pin": "prompt"}) as agent:
-        wait_for(lambda: agent_status(tmp_path / "agent", env)["state"] != PIN_PENDING, timeout=20)
-        status = agent_status(tmp_path / "agent", env)["state"]
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module,
+                         prefix=[*IN_THE_BACKGROUND, "--shell-ended"]) as (agent, card):
+        wait_for(lambda: state(test_pki, tmp_path, card) != PIN_PENDING, timeout=20)
+        status = state(test_pki, tmp_path, card)
         log = agent.log()
     assert status == (
         "card present, not signed in: the PIN prompt for Alice Example cannot be shown: the agent runs in the "
@@ -142,12 +151,8 @@ def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_ech
     Before, the prompt's read went on where it was, with the shell's modes: the prompt was not shown
     again, and the PIN showed; pinentry-tty's read from the background stopped the whole agent
     again (SIGTTIN) until `fg`."""
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    env = test_pki.env(**card.env())
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
-                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=IN_THE_BACKGROUND,
-                       identity={"pin": pin}) as agent:
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin=pin,
+                         prefix=IN_THE_BACKGROUND) as (agent, card):
         shell = agent.process.pid
         agent.wait_for_log("bring it to the foreground")
         os.kill(shell, signal.SIGUSR1)  # fg
@@ -157,7 +162,7 @@ def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_ech
         wait_for(lambda: job_stopped(shell), timeout=10)
         os.kill(shell, signal.SIGUSR2)  # the shell takes the terminal back, echo on; bg
         wait_for(lambda: agent.log().count(f"{ON_THE_TERMINAL[pin]} for Alice Example waits") == 2, timeout=20)
-        assert agent_status(tmp_path / "agent", env)["state"] == PIN_PENDING
+        assert state(test_pki, tmp_path, card) == PIN_PENDING
         assert echo_is_on(terminal)
 
         os.kill(shell, signal.SIGUSR1)  # fg
@@ -175,11 +180,7 @@ def test_an_agent_stopped_at_its_pin_prompt_gives_the_terminal_back_with_echo_on
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, stop: str) -> None:
     """Ctrl-C at the prompt (or `kill`): the agent stops, and the shell the clinician returns to
     shows what she types. Before, the process ended with the prompt's thread still reading, echo off."""
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
-                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
-                       identity={"pin": "prompt"}) as agent:
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module) as (agent, card):
         wait_for(lambda: PIN_PROMPT in terminal.screen and not echo_is_on(terminal), timeout=20)
         if stop == "ctrl-c":
             terminal.type(b"\x03")
@@ -197,11 +198,8 @@ def test_what_the_prompt_writes_on_the_terminal_cannot_drive_it(
     """Text the agent writes on the terminal comes from elsewhere (a certificate's name, the site
     label): a control character in it is shown escaped, never sent to the terminal to act on (here
     ESC [2J, which clears the screen)."""
-    card = FaultControl(tmp_path / "reader.ctl")
-    card.show("alice")
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
-                       module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=ON_ITS_TERMINAL,
-                       identity={"pin": "prompt"}, desktop={"site_label": "Radiology\x1b[2J PACS"}):
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module,
+                         desktop={"site_label": "Radiology\x1b[2J PACS"}):
         wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
     assert b"use Radiology\\x1b[2J PACS." in terminal.screen, terminal.screen
     assert b"\x1b" not in terminal.screen, terminal.screen
