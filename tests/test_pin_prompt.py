@@ -90,8 +90,8 @@ ON_THE_TERMINAL = {"prompt": "the PIN prompt", "pinentry:/usr/bin/pinentry-tty":
 @pytest.mark.parametrize("pin", list(ON_THE_TERMINAL))
 def test_an_agent_in_the_background_of_its_shell_answers_meanwhile_and_asks_once_brought_to_the_foreground(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, pin: str) -> None:
-    """`card-agent run &`: the PIN prompt (or pinentry-tty's dialog) waits for `fg`, and says so,
-    while the agent answers `status` and the card's removal. Before, the terminal's echo turned off
+    """`card-agent run &`: the PIN prompt (or pinentry-tty's dialog) waits for `fg`, and says so in
+    the log and on the terminal, while the agent answers `status` and the card's removal. Before, the terminal's echo turned off
     from the background stopped the whole job (SIGTTOU): the agent answered nothing until someone
     typed `fg`."""
     with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin=pin,
@@ -110,9 +110,11 @@ def test_an_agent_in_the_background_of_its_shell_answers_meanwhile_and_asks_once
         wait_for(lambda: signed_in(agent.log()), timeout=20)
         log = agent.log()
     assert log.count("bring it to the foreground") == 2, log  # once per insertion
-    told = (f"card-agent: WARNING: {ON_THE_TERMINAL[pin]} for Alice Example waits: the agent runs in the background "
-            "of its terminal, where nothing can be typed to it; bring it to the foreground (fg) to answer it\n")
-    assert told in log, log
+    waits = (f"{ON_THE_TERMINAL[pin]} for Alice Example waits: the agent runs in the background of its terminal, "
+             "where nothing can be typed to it; bring it to the foreground (fg) to answer it")
+    assert f"card-agent: WARNING: {waits}\n" in log, log
+    # On the terminal too (the log goes to a file here): the person at it is who can type `fg`.
+    assert terminal.screen.count(f"\r\ncard-agent: {waits}\r\n".encode()) == 2, terminal.screen
     assert USER_PIN.encode() not in terminal.screen
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
 

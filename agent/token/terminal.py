@@ -26,6 +26,7 @@ import locale
 import logging
 import os
 import select
+import stat
 import sys
 import termios
 import threading
@@ -97,7 +98,8 @@ class _Terminal:
 
     def wait_for_foreground(self) -> bool:
         """True once the agent is in the foreground of its terminal; False when the sign-in is given
-        up first. Says once, in the log, that it waits."""
+        up first. Says once that it waits: in the log, and on the terminal unless the log is shown
+        there (the person at it is who can type `fg`)."""
         told = False
         while not self.in_foreground():
             if _no_shell_can_bring_forward():
@@ -106,8 +108,11 @@ class _Terminal:
                     "can bring it to the foreground (the one that started it has ended): nothing was sent to the "
                     "card. Run the agent in the foreground of a terminal, or use pin = \"pinentry\"")
             if not told:
-                log.warning("%s waits: the agent runs in the background of its terminal, where nothing can be typed "
-                            "to it; bring it to the foreground (fg) to answer it", self.what)
+                waits = (f"{self.what} waits: the agent runs in the background of its terminal, where nothing can be "
+                         "typed to it; bring it to the foreground (fg) to answer it")
+                log.warning("%s", waits)
+                if not _same_terminal(self.shown_on, sys.stderr.fileno()):
+                    self.show(f"\ncard-agent: {waits}\n")
                 told = True
             if self.wait():
                 return False
@@ -323,6 +328,15 @@ def _typed_within(fd: int, seconds: float) -> bool:
     waiting = select.poll()
     waiting.register(fd, select.POLLIN)
     return bool(waiting.poll(seconds * 1000))
+
+
+def _same_terminal(fd: int, other: int) -> bool:
+    """Whether ``fd`` and ``other`` are the same terminal device."""
+    try:
+        mine, theirs = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return stat.S_ISCHR(theirs.st_mode) and mine.st_rdev == theirs.st_rdev
 
 
 def _no_shell_can_bring_forward() -> bool:
