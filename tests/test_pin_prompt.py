@@ -91,9 +91,9 @@ ON_THE_TERMINAL = {"prompt": "the PIN prompt", "pinentry:/usr/bin/pinentry-tty":
 def test_an_agent_in_the_background_of_its_shell_answers_meanwhile_and_asks_once_brought_to_the_foreground(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, pin: str) -> None:
     """`card-agent run &`: the PIN prompt (or pinentry-tty's dialog) waits for `fg`, and says so in
-    the log and on the terminal, while the agent answers `status` and the card's removal. Before, the terminal's echo turned off
-    from the background stopped the whole job (SIGTTOU): the agent answered nothing until someone
-    typed `fg`."""
+    the log and on the terminal, while the agent answers `status` and the card's removal. Before,
+    the terminal's echo turned off from the background stopped the whole job (SIGTTOU): the agent
+    answered nothing until someone typed `fg`."""
     with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin=pin,
                          prefix=IN_THE_BACKGROUND) as (agent, card):
         agent.wait_for_log("bring it to the foreground")
