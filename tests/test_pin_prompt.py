@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import termios
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,3 +206,29 @@ def test_what_the_prompt_writes_on_the_terminal_cannot_drive_it(
         wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
     assert b"use Radiology\\x1b[2J PACS." in terminal.screen, terminal.screen
     assert b"\x1b" not in terminal.screen, terminal.screen
+
+
+def test_a_terminal_closed_at_the_pin_prompt_ends_the_sign_in_as_a_cancel_and_the_agent_stops(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path) -> None:
+    """The terminal window closed while the prompt waits: the agent stops (its terminal hung up),
+    and the prompt ends as a Cancel would, nothing sent to the card. Before, the sign-in failed
+    with `OSError: [Errno 5] Input/output error`, logged as an error and audited as a failed
+    sign-in, as the agent stopped."""
+    card = FaultControl(tmp_path / "reader.ctl")
+    card.show("alice")
+    window, terminal = os.openpty()  # read here, by no thread: a read under way would keep it from closing
+    shown = b""
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+                       module=str(fault_module), env=card.env(), stdin=terminal, prefix=ON_ITS_TERMINAL,
+                       identity={"pin": "prompt"}) as agent:
+        os.close(terminal)
+        deadline = time.monotonic() + 20
+        while PIN_PROMPT not in shown:
+            assert time.monotonic() < deadline, shown
+            shown += os.read(window, 4096)
+        os.close(window)  # the window closed: the terminal hangs up
+        assert agent.process.wait(30) == 0
+        log = agent.log()
+    assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
+    assert "ERROR" not in log and "OSError" not in log and "sign-in-failed" not in log, log
+    assert logins(card) == []

@@ -52,8 +52,12 @@ _ONE_READER = threading.Lock()
 
 
 class TerminalUnusableError(CardAgentError):
-    """The terminal cannot be asked on: it is gone, its echo cannot be turned off, or the agent runs
-    in its background where no shell can bring it forward."""
+    """The terminal cannot be asked on (there is none, its echo cannot be turned off, the agent runs
+    in its background where no shell can bring it forward), or what was typed cannot be a PIN."""
+
+
+class TerminalClosedError(PinEntryCancelledError):
+    """The terminal was closed (hung up) as it asked: as a Cancel, nothing was sent to the card."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,14 @@ class _Terminal:
         """``text`` in the terminal's encoding, its lines kept; escaped: control characters (which
         would drive the terminal) and what the encoding cannot show (a name in another script)."""
         lines = "\n".join(printable(line) for line in text.split("\n"))
-        os.write(self.shown_on, lines.encode(locale.getpreferredencoding(False), "backslashreplace"))
+        try:
+            os.write(self.shown_on, lines.encode(locale.getpreferredencoding(False), "backslashreplace"))
+        except OSError as error:
+            raise self.closed(error) from None
+
+    def closed(self, error: OSError | None = None) -> TerminalClosedError:
+        why = f" ({error.strerror or error})" if error is not None else ""
+        return TerminalClosedError(f"{self.what} ended: its terminal was closed{why}; nothing was sent to the card")
 
     def given_up(self) -> bool:
         scope = current_scope()
@@ -133,15 +144,17 @@ class _Terminal:
                         return None
                     show_again()
                     filled = 0  # what was typed before is the shell's now
-                if not _typed_within(self.fd, POLL_SECONDS):
+                events = _typed_within(self.fd, POLL_SECONDS)
+                if not events:
                     continue
                 try:
                     count = os.readv(self.fd, [view[filled:]])
                 except OSError as error:
                     if error.errno == errno.EIO and not self.in_foreground():
                         continue  # sent to the background as it read: wait for fg again
-                    raise TerminalUnusableError(f"the terminal of {self.what} is gone ({error.strerror or error}): "
-                                                "nothing was sent to the card") from None
+                    raise self.closed(error) from None
+                if count == 0 and events & select.POLLHUP:  # the window closed, not Ctrl-D
+                    raise self.closed()
                 if count == 0:
                     return _Line(filled, entered=False)
                 newline = buffer.find(b"\n", filled, filled + count)
@@ -322,12 +335,12 @@ def _given_up() -> NoReturn:
     raise SignInCancelledError("sign-in given up: nothing was sent to the card")
 
 
-def _typed_within(fd: int, seconds: float) -> bool:
-    """Whether ``fd`` has something to read (or its end) within ``seconds``. poll, not select: the
-    descriptor's number may be past select's 1024 in a busy agent."""
+def _typed_within(fd: int, seconds: float) -> int:
+    """What ``fd`` has within ``seconds``: POLLIN (something to read, or its end), POLLHUP (hung
+    up), or 0. poll, not select: the descriptor's number may be past select's 1024 in a busy agent."""
     waiting = select.poll()
     waiting.register(fd, select.POLLIN)
-    return bool(waiting.poll(seconds * 1000))
+    return sum(events for _, events in waiting.poll(seconds * 1000))
 
 
 def _same_terminal(fd: int, other: int) -> bool:
