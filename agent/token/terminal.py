@@ -122,7 +122,7 @@ class _Terminal:
                 waits = (f"{self.what} waits: the agent runs in the background of its terminal, where nothing can be "
                          "typed to it; bring it to the foreground (fg) to answer it")
                 log.warning("%s", waits)
-                if not _same_terminal(self.shown_on, sys.stderr.fileno()):
+                if not _same_terminal(self.shown_on, 2):  # the log: standard error
                     self.show(f"\ncard-agent: {waits}\n")
                 told = True
             if self.wait():
