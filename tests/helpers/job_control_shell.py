@@ -59,7 +59,6 @@ def main() -> int:
         os.kill(job, number)
         os.killpg(job, signal.SIGCONT)
 
-    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # the shell gives its terminal away from the background, too
     def background(*_: object) -> None:
         os.tcsetpgrp(0, os.getpgrp())
         modes = termios.tcgetattr(0)
@@ -67,6 +66,7 @@ def main() -> int:
         termios.tcsetattr(0, termios.TCSANOW, modes)
         os.killpg(job, signal.SIGCONT)
 
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # the shell gives its terminal away from the background, too
     signal.signal(signal.SIGUSR1, foreground)
     signal.signal(signal.SIGUSR2, background)
     signal.signal(signal.SIGTERM, pass_on)
