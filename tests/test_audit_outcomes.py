@@ -80,4 +80,4 @@ def test_an_agent_asked_to_stop_records_application_stop_as_a_success(test_pki: 
         pass  # stopped with SIGTERM
     stop = audit_messages(audit_file)[-1].find("EventIdentification")
     assert stop.find("EventID").get("csd-code") == "110100" and stop.get("EventOutcomeIndicator") == "0"
-    assert stop.findtext("EventOutcomeDescription") == "SIGTERM or SIGINT"
+    assert stop.findtext("EventOutcomeDescription") == "SIGTERM"

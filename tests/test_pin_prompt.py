@@ -13,6 +13,7 @@ import signal
 import sys
 import termios
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,22 +179,28 @@ def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_ech
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-backslash", "sigterm"])
 def test_an_agent_stopped_at_its_pin_prompt_gives_the_terminal_back_with_echo_on(
         test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, stop: str) -> None:
-    """Ctrl-C at the prompt (or `kill`): the agent stops, and the shell the clinician returns to
-    shows what she types. Before, the process ended with the prompt's thread still reading, echo off."""
-    with agent_asking_on(terminal, test_pki, tmp_path, fault_module) as (agent, card):
+    """Ctrl-C or Ctrl-\\ at the prompt (or `kill`): the agent stops, and the shell the clinician
+    returns to shows what she types. Before, the process ended with the prompt's thread still
+    reading, echo off; Ctrl-\\ (SIGQUIT) ended it at once, echo off, the stop not audited."""
+    audit_file = tmp_path / "audit.log"
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module, audit={"file": str(audit_file)}) as (agent, card):
         wait_for(lambda: PIN_PROMPT in terminal.screen and not echo_is_on(terminal), timeout=20)
-        if stop == "ctrl-c":
-            terminal.type(b"\x03")
-        else:
+        if stop == "sigterm":
             os.kill(agent.process.pid, signal.SIGTERM)
+        else:
+            terminal.type({"ctrl-c": b"\x03", "ctrl-backslash": b"\x1c"}[stop])
         assert agent.process.wait(20) == 0
         log = agent.log()
     assert echo_is_on(terminal)
     assert "card-agent: INFO: stopping" in log, log
     assert logins(card) == []
+    application_stop = ET.fromstring(audit_file.read_bytes().splitlines()[-1]).find("EventIdentification")
+    assert application_stop.find("EventTypeCode").get("csd-code") == "110121"
+    assert application_stop.findtext("EventOutcomeDescription") == {
+        "ctrl-c": "SIGINT", "ctrl-backslash": "SIGQUIT", "sigterm": "SIGTERM"}[stop]
 
 
 def test_what_the_prompt_writes_on_the_terminal_cannot_drive_it(

@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from agent_runner import agent_status, card_session_pid, log_lines, port_of, running_agent, tunnel, write_config
+from agent_runner import (
+    agent_status,
+    card_session_pid,
+    log_lines,
+    port_of,
+    running_agent,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import ProvisionedPki
 from peers.pynetdicom_scp import associate, tls_scp
 from peers.study import make_study, sop_instance_uid
@@ -51,9 +60,15 @@ def instances_recorded(audit_file: Path) -> list[str]:
     return sorted(found)
 
 
-@pytest.mark.parametrize("signalled", ["the agent", "every process of the unit"])
+@pytest.mark.parametrize(("stop_signal", "signalled"), [
+    (signal.SIGTERM, "the agent"),
+    (signal.SIGTERM, "every process of the unit"),
+    # Ctrl-\ on the terminal the agent runs in, or `kill -QUIT`: its default action ended the agent
+    # at once, with neither the association's end nor the Logout and Application Stop recorded.
+    (signal.SIGQUIT, "the agent"),
+], ids=["SIGTERM-agent", "SIGTERM-unit", "SIGQUIT-agent"])
 def test_a_stop_with_an_association_open_records_its_end_and_signs_in_nobody(
-        test_pki: ProvisionedPki, tmp_path: Path, signalled: str) -> None:
+        test_pki: ProvisionedPki, tmp_path: Path, stop_signal: signal.Signals, signalled: str) -> None:
     study = make_study(tmp_path / "study", files=8)
     datasets = [dcmread(path) for path in study]
     audit_file = tmp_path / "audit.log"
@@ -69,9 +84,9 @@ def test_a_stop_with_an_association_open_records_its_end_and_signs_in_nobody(
         assert worker is not None
         # What `systemctl --user stop` sends: to the main process (KillMode=mixed), or to every
         # process of the unit at the same moment (KillMode=control-group, the default).
-        os.kill(agent.process.pid, signal.SIGTERM)
+        os.kill(agent.process.pid, stop_signal)
         if signalled == "every process of the unit":
-            os.kill(worker, signal.SIGTERM)
+            os.kill(worker, stop_signal)
         assert agent.process.wait(20) == 0
         log = agent.log()
     stopped = log_lines(log)[next(i for i, line in enumerate(log_lines(log)) if line == "card-agent: INFO: stopping"):]
@@ -90,10 +105,54 @@ def test_a_stop_with_an_association_open_records_its_end_and_signs_in_nobody(
         ("110104", "", ""),  # the 8 instances stored
         ("ASSOCIATION", "ASSOCIATION-END", "card session ended: the agent is stopping"),
         ("110114", "110123", "the agent is stopping"),  # Logout
-        ("110100", "110121", "SIGTERM or SIGINT"),  # Application Stop
+        ("110100", "110121", stop_signal.name),  # Application Stop
     ], events
     assert instances_recorded(audit_file) == sorted(sop_instance_uid(path) for path in study)
     assert len(pacs.received) == 8
+
+
+# Each of these ended the process it was sent to (their default action); none means anything to the agent.
+MEANINGLESS_SIGNALS = [signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+                       signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT]
+
+
+def test_a_signal_that_means_nothing_to_the_agent_is_logged_and_ends_neither_it_nor_its_card_session(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """`kill -USR1` (other daemons' habit: reopen the logs) or `pkill -USR2 -f card-agent` mid-shift
+    ended the agent, or its card session, at once: the clinician's association cut, its end and the
+    Application Stop missing from the audit trail. Each is now logged by the agent and ignored by
+    both; the association open meanwhile goes on."""
+    study = make_study(tmp_path / "study", files=2)
+    datasets = [dcmread(path) for path in study]
+    audit_file = tmp_path / "audit.log"
+    with tls_scp(pki_dir=test_pki.pki) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                          audit={"file": str(audit_file)}) as agent:
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        held = associate(agent.port(), sop_classes=sorted({ds.SOPClassUID for ds in datasets}))
+        assert held.send_c_store(datasets[0]).Status == 0
+        worker = card_session_pid(agent.process.pid)
+        assert worker is not None
+        for signum in MEANINGLESS_SIGNALS:
+            os.kill(agent.process.pid, signum)
+            os.kill(worker, signum)
+        wait_for(lambda: all(f"WARNING: {signum.name} ignored" in agent.log() for signum in MEANINGLESS_SIGNALS))
+        assert held.send_c_store(datasets[1]).Status == 0
+        held.release()
+        assert card_session_pid(agent.process.pid) == worker
+        os.kill(agent.process.pid, signal.SIGTERM)
+        assert agent.process.wait(20) == 0
+        log = agent.log()
+    assert ("card-agent: WARNING: SIGUSR1 ignored: it means nothing to card-agent (SIGHUP reloads its "
+            "configuration; SIGTERM, SIGINT and SIGQUIT stop it)\n") in log, log
+    assert log.count(" ignored: it means nothing to card-agent") == len(MEANINGLESS_SIGNALS), log
+    assert len(pacs.received) == 2
+    assert audit_events(audit_file)[-3:] == [
+        ("ASSOCIATION", "ASSOCIATION-END", ""),
+        ("110114", "110123", "the agent is stopping"),  # Logout
+        ("110100", "110121", "SIGTERM"),  # Application Stop
+    ]
+    assert instances_recorded(audit_file) == sorted(sop_instance_uid(path) for path in study)
 
 
 def test_a_card_session_lost_as_the_agent_stops_is_not_signed_in_again(
@@ -118,7 +177,7 @@ def test_a_card_session_lost_as_the_agent_stops_is_not_signed_in_again(
     logout, stop = audit_events(audit_file)[-2:]
     assert logout in {("110114", "110123", "the card-session process was killed by SIGKILL"),
                       ("110114", "110123", "the agent is stopping")}
-    assert stop == ("110100", "110121", "SIGTERM or SIGINT")
+    assert stop == ("110100", "110121", "SIGTERM")
 
 
 @pytest.mark.parametrize("burst", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
@@ -151,7 +210,9 @@ def test_closing_the_terminal_the_agent_runs_in_stops_it(test_pki: ProvisionedPk
     It now stops as the terminal's other programs do; a SIGHUP while the terminal is there reloads
     (test_reload.py, the PIN-dialog tests run the agent on a terminal)."""
     window, terminal = os.openpty()  # no thread reads it: a read under way would keep it from closing
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], stdin=terminal) as agent:
+    audit_file = tmp_path / "audit.log"
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 9)], stdin=terminal,
+                       audit={"file": str(audit_file)}) as agent:
         os.close(terminal)
         agent.wait_for_log('event=sign-in subject="CN=Alice Example')
         os.close(window)  # the window closed: the terminal hangs up
@@ -162,6 +223,7 @@ def test_closing_the_terminal_the_agent_runs_in_stops_it(test_pki: ProvisionedPk
     assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
     assert 'event=sign-out reason="the agent is stopping"' in log, log
     assert "reloaded" not in log, log
+    assert audit_events(audit_file)[-1] == ("110100", "110121", "SIGHUP: the terminal it was started from was closed")
 
 
 def test_a_stop_while_a_reload_waits_for_the_card_session_changes_nothing_and_says_so(

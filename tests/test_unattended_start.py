@@ -199,7 +199,8 @@ def test_a_sighup_as_the_agent_process_starts_is_held_until_the_agent_acts_on_it
     """Configuration management that signals every agent (`pkill -HUP card-agent`) as one starts:
     in its first half second (the interpreter's imports, the configuration's reading) a SIGHUP took
     the default action and ended the agent. The executable now holds SIGHUP back from its first
-    statement until the agent's handler is in place; the signal is sent while it is held."""
+    statement until the agent's handler is in place; the signal is sent while it is held. So is a
+    signal the agent ignores (SIGUSR1), whose default action ended it too."""
     workdir = tmp_path / "agent"
     workdir.mkdir()
     config = write_config(workdir / "agent.toml", test_pki, [tunnel("first", 9)])
@@ -208,6 +209,7 @@ def test_a_sighup_as_the_agent_process_starts_is_held_until_the_agent_acts_on_it
         lambda: start_agent(config, log_path, test_pki.env(CARD_PIN="123456")), lambda agent: agent.pid)
     try:
         process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGUSR1)
         wait_for(lambda: "INFO: ready: " in log_path.read_text() or process.poll() is not None, timeout=30)
         reloaded = f"card-agent: INFO: SIGHUP: configuration {config} reloaded: "
         wait_for(lambda: reloaded in log_path.read_text() or process.poll() is not None, timeout=10)
@@ -218,6 +220,7 @@ def test_a_sighup_as_the_agent_process_starts_is_held_until_the_agent_acts_on_it
     assert alive, f"the SIGHUP ended the starting agent ({process.returncode}):\n{log}"
     assert log.index("INFO: ready: 1 tunnel(s)") < log.index(reloaded), log
     assert "SIGHUP came while the agent started: the configuration is read again now" in log, log
+    assert "card-agent: WARNING: SIGUSR1 ignored: it means nothing to card-agent" in log, log
     assert process.returncode == 0, log
 
 
@@ -226,7 +229,8 @@ def test_a_sighup_as_the_card_session_process_starts_does_not_end_it(test_pki: P
     """The card-session process leaves SIGHUP to the supervisor (a reload), but it can only say so
     once its interpreter has started and imported its code (half a second): a SIGHUP to every
     process of the agent at a card's insertion (`systemctl kill -s HUP`) ended it then. The
-    supervisor starts it with the signal blocked; the signal is sent while it is."""
+    supervisor starts it with the signal blocked; the signal is sent while it is, with SIGQUIT and
+    SIGUSR1, which the process leaves to the supervisor too."""
     workdir = tmp_path / "agent"
     workdir.mkdir()
     config = write_config(workdir / "agent.toml", test_pki, [tunnel("first", 9)])
@@ -235,7 +239,8 @@ def test_a_sighup_as_the_card_session_process_starts_does_not_end_it(test_pki: P
         lambda: start_agent(config, log_path, test_pki.env(CARD_PIN="123456")),
         lambda agent: card_session_pid(agent.pid))
     try:
-        os.kill(session, signal.SIGHUP)
+        for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+            os.kill(session, signum)
         wait_for(lambda: SIGNED_IN in log_path.read_text() or process.poll() is not None, timeout=30)
         signed_in_by = card_session_pid(process.pid)
         log = log_path.read_text()

@@ -6,7 +6,6 @@ import logging
 import os
 import resource
 import signal
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,7 +19,7 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.notify import Notifier
-from dicom_card_agent.service.signals import EarlyRequests, SignalActions
+from dicom_card_agent.service.signals import IGNORED_SIGNALS, STOP_SIGNALS, EarlyRequests, SignalActions, StopRequest
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.control_server import ControlServer
 from dicom_card_agent.session.identity import remove_leftover_session_files
@@ -42,7 +41,7 @@ def run(
     confirm_final_try: Annotated[bool, typer.Option(
         "--confirm-final-try", help="Allow the sign-in when the card reports its final PIN try.")] = False,
 ) -> None:
-    """Serve the tunnels with the identity of the card in the reader, until SIGTERM or SIGINT."""
+    """Serve the tunnels with the identity of the card in the reader, until SIGTERM, SIGINT or SIGQUIT."""
     # First: no same-user process may read this one's memory (/proc/PID/mem, ptrace), no core dump.
     make_non_dumpable()
     _refuse_if_traced()  # before any PIN source is prepared (an env: PIN is taken at start-up)
@@ -53,16 +52,20 @@ def run(
     # the audit trail its Application Stop); one that came before this point was held (blocked) by
     # the executable's entry point (agent/cli/entry.py) and is taken now, as the mask lets it through.
     reloads = EarlyRequests()
-    stop = threading.Event()
-    signals.on(signal.SIGHUP, _reload_or_hang_up(reloads, stop))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # before any child inherits the mask
+    stop_request = StopRequest()
+    stop = stop_request.flag
+    signals.on(signal.SIGHUP, _reload_or_hang_up(reloads, stop_request))
+    # The ignored ones were held (blocked) from the entry point on too: one that came meanwhile is logged now.
+    for signum in IGNORED_SIGNALS:
+        signals.on(signum, _ignore(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, *IGNORED_SIGNALS})  # before any child inherits the mask
     activated = ActivatedSockets.from_environment()
     settings = load_config(locate_config(config))
     logging.getLogger().setLevel(settings.log_level.upper())
     crls = open_crls(settings)
     prepare_pin_sources(settings)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signals.on(signum, stop.set)
+    for signum in STOP_SIGNALS:
+        signals.on(signum, _stop_by(signum, stop_request))
 
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
@@ -121,11 +124,22 @@ def run(
             metrics.close()
         if control_server is not None:
             control_server.close()
-        _record_stop(audit, stop, failure)
+        _record_stop(audit, stop_request, failure)
         audit.close()
 
 
-def _reload_or_hang_up(reloads: EarlyRequests, stop: threading.Event) -> Callable[[], None]:
+def _stop_by(signum: signal.Signals, stop: StopRequest) -> Callable[[], None]:
+    return lambda: stop.request(signum.name)
+
+
+def _ignore(signum: signal.Signals) -> Callable[[], None]:
+    def act() -> None:
+        log.warning("%s ignored: it means nothing to card-agent (SIGHUP reloads its configuration; SIGTERM, "
+                    "SIGINT and SIGQUIT stop it)", signum.name)
+    return act
+
+
+def _reload_or_hang_up(reloads: EarlyRequests, stop: StopRequest) -> Callable[[], None]:
     """SIGHUP's action: the configuration read again, unless the terminal the agent was started from
     (its standard input) has been closed, which sends SIGHUP too: then the agent stops, as the
     programs of that terminal do. One that went on could no longer ask for a PIN there nor show
@@ -134,9 +148,9 @@ def _reload_or_hang_up(reloads: EarlyRequests, stop: threading.Event) -> Callabl
 
     def act() -> None:
         if started_on_a_terminal and not os.isatty(0):  # a terminal hung up is no terminal any more
-            if not stop.is_set():  # the kernel's SIGHUP and the shell's: one line
+            if not stop.flag.is_set():  # the kernel's SIGHUP and the shell's: one line
                 log.info("SIGHUP: the terminal the agent was started from was closed: stopping")
-            stop.set()
+            stop.request("SIGHUP: the terminal it was started from was closed")
             return
         reloads.request()
     return act
@@ -153,11 +167,12 @@ def _refuse_if_traced() -> None:
             "(docs/troubleshooting.md)")
 
 
-def _record_stop(audit: AuditRecorder, stop: threading.Event, failure: BaseException | None) -> None:
-    """Application Stop: a success only when asked to stop (SIGTERM, SIGINT); a stop by an error is
-    a major failure (PS3.15: the reporting application is now unavailable), with the error."""
-    if failure is None and stop.is_set():
-        audit.application_stop("SIGTERM or SIGINT")
+def _record_stop(audit: AuditRecorder, stop: StopRequest, failure: BaseException | None) -> None:
+    """Application Stop: a success only when asked to stop (SIGTERM, SIGINT, SIGQUIT, the hang-up of
+    its terminal), described by what asked; a stop by an error is a major failure (PS3.15: the
+    reporting application is now unavailable), with the error."""
+    if failure is None and stop.flag.is_set():
+        audit.application_stop(stop.cause)
         return
     reason = (f"stopped by an error: {str(failure) or type(failure).__name__}" if failure is not None
               else "the card loop ended unexpectedly")

@@ -141,7 +141,7 @@ class Reload:
 
 @dataclass(frozen=True)
 class Stop:
-    """SIGTERM or SIGINT."""
+    """SIGTERM, SIGINT or SIGQUIT, or the hang-up of the terminal the agent was started from."""
 
 
 Event = (CardInserted | CardRemoved | PinEntered | SignInCancelled | SignedIn | SignInFailed | SessionLost | Lock

@@ -1,5 +1,5 @@
-"""The signals the agent acts on (SIGTERM and SIGINT: stop; SIGHUP: reload), acted on in a thread
-of their own.
+"""The signals the agent acts on (SIGTERM, SIGINT and SIGQUIT: stop; SIGHUP: reload), acted on in a
+thread of their own, and those it ignores.
 
 A Python signal handler runs in the main thread between two bytecodes, inside whatever code it
 interrupts: that may be the handler of the signal before, setting the same ``threading.Event``
@@ -20,9 +20,19 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
-# What the agent's supervisor acts on (stop, stop, reload). Its card-session processes leave them to
-# it: blocked from their first instruction (the supervisor starts them so), then ignored.
-SUPERVISORS_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# What stops the agent, cleanly: SIGQUIT is the terminal's Ctrl-\, which ended it at once (its
+# default action), without the audit trail's sign-out and Application Stop, echo left off at a prompt.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+# What means nothing to the agent: logged and ignored. Each one's default action ends the process,
+# and a stray one (`kill -USR1`, an administrator's habit from other daemons: reopen the logs) ended
+# the agent mid-shift: the clinician's associations cut, their audit records and the Application
+# Stop lost. The faults (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGSYS, SIGTRAP), the CPU limit's
+# SIGXCPU and the real-time signals (no name, no habit sends them) still end it.
+IGNORED_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+                             signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT})
+# What the agent's supervisor acts on or ignores. Its card-session processes leave them to it:
+# blocked from their first instruction (the supervisor starts them so), then ignored.
+SUPERVISORS_SIGNALS = STOP_SIGNALS | {signal.SIGHUP} | IGNORED_SIGNALS
 # What a terminal sends a process of a background job that reads it or changes its modes: it stops
 # the whole job. Blocked, the read fails (EIO) and the change is made, and the agent goes on.
 JOB_CONTROL_SIGNALS = frozenset({signal.SIGTTIN, signal.SIGTTOU})
@@ -64,6 +74,20 @@ class SignalActions:
                 action = self._actions.get(signum)
                 if action is not None:
                     action()
+
+
+class StopRequest:
+    """The agent's stop: :attr:`flag` set by the first request, :attr:`cause` that request's (the
+    Application Stop audit record names it). Requested from the signals thread only."""
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self.cause = ""
+
+    def request(self, cause: str) -> None:
+        if not self.flag.is_set():
+            self.cause = cause
+        self.flag.set()
 
 
 def _written_to_the_pipe(signum: int, frame: FrameType | None) -> None:

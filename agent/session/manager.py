@@ -227,8 +227,9 @@ class SessionManager:
         # The tunnels' listeners (agent/tunnel/server.py): lent to each signed-in card session, which
         # then accepts on them itself, and taken back as it ends.
         self.listeners: ListenerLending | None = None
-        # The agent's stop flag (set by SIGTERM, SIGINT), given to start() and run(): once it is set,
-        # no sign-in is started, whatever the machine asks (a session lost while the agent stops).
+        # The agent's stop flag (set by a stop signal: agent/service/signals.py), given to start() and
+        # run(): once it is set, no sign-in is started, whatever the machine asks (a session lost while
+        # the agent stops).
         self._stopping = threading.Event()
         self._audit_once = threading.Lock()  # a sign-in's thread and the loop may both see it end
 

@@ -654,16 +654,17 @@ def _build_name(build: object) -> str:
 
 
 def _leave_signals_to_the_supervisor() -> None:
-    """SIGTERM and SIGINT are the supervisor's to act on: it ends this process after its relays
-    have ended and its last reports (the associations' ends, for the audit trail) are sent.
+    """SIGTERM, SIGINT and SIGQUIT are the supervisor's to act on: it ends this process after its
+    relays have ended and its last reports (the associations' ends, for the audit trail) are sent.
     systemd's KillMode=control-group (a unit without KillMode=mixed) signals every process of the
     unit at once: dying then lost those reports, and the supervisor took the death for a lost
     session and signed the card in again while stopping. SIGHUP, a reload, is the supervisor's too:
     `systemctl kill -s HUP` signals every process of the unit, and `pkill -HUP -f card-agent`
     matches this process's command line where the package installs it; its default action ended
-    the session and its associations. This process still ends when the supervisor says so, when its
-    channel closes, or when the supervisor is gone (orphan.py); a cancelled sign-in kills it
-    (supervisor.py)."""
+    the session and its associations. So did a signal that means nothing to the agent (`pkill -USR1
+    -f card-agent`), which the supervisor logs and ignores. This process still ends when the
+    supervisor says so, when its channel closes, or when the supervisor is gone (orphan.py); a
+    cancelled sign-in kills it (supervisor.py)."""
     for signum in SUPERVISORS_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     # Blocked until now (CardSession._popen): the interpreter's start and this module's imports take
