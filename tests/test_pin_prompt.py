@@ -179,14 +179,16 @@ def test_a_prompt_the_clinician_sent_away_with_ctrl_z_and_bg_asks_again_with_ech
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
 
 
+@pytest.mark.parametrize("pin", list(ON_THE_TERMINAL))
 @pytest.mark.parametrize("stop", ["ctrl-c", "ctrl-backslash", "sigterm"])
 def test_an_agent_stopped_at_its_pin_prompt_gives_the_terminal_back_with_echo_on(
-        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, stop: str) -> None:
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, stop: str, pin: str) -> None:
     """Ctrl-C or Ctrl-\\ at the prompt (or `kill`): the agent stops, and the shell the clinician
     returns to shows what she types. Before, the process ended with the prompt's thread still
     reading, echo off; Ctrl-\\ (SIGQUIT) ended it at once, echo off, the stop not audited."""
     audit_file = tmp_path / "audit.log"
-    with agent_asking_on(terminal, test_pki, tmp_path, fault_module, audit={"file": str(audit_file)}) as (agent, card):
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin=pin,
+                         audit={"file": str(audit_file)}) as (agent, card):
         wait_for(lambda: PIN_PROMPT in terminal.screen and not echo_is_on(terminal), timeout=20)
         if stop == "sigterm":
             os.kill(agent.process.pid, signal.SIGTERM)
