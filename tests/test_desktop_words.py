@@ -53,6 +53,17 @@ def test_what_the_pin_is_for() -> None:
     assert purpose("Radiology PACS", ["pacs"]) == "Radiology PACS"
     assert purpose("", ["pacs"]) == "the DICOM connection pacs"
     assert purpose("", ["pacs", "archive", "retrieves"]) == "the DICOM connections pacs, archive and retrieves"
+    five = [f"site-{n}" for n in range(5)]
+    assert purpose("", five) == "the DICOM connections site-0, site-1, site-2, site-3 and site-4"
+    many = [f"site-{n}" for n in range(45)]
+    assert purpose("", many) == "the DICOM connections site-0, site-1, site-2, site-3 and 41 more"
+
+
+def test_a_name_longer_than_a_common_name_may_be_is_shortened() -> None:
+    surname = "Example-" * 20  # a common name may not be this long; a surname may
+    shown = person_name(certificate(x509.NameAttribute(NameOID.GIVEN_NAME, "Alice"),
+                                    x509.NameAttribute(NameOID.SURNAME, surname)))
+    assert shown == f"Alice {surname}"[:63] + "\u2026" and len(shown) == 64
 
 
 def test_the_dialog_in_plain_words() -> None:
@@ -124,6 +135,13 @@ def test_the_desktop_table() -> None:
         parse_desktop_config({"notifications": "yes"}, "a.toml")
     with pytest.raises(ConfigError, match=r"\[desktop\].pinentry: must be a list of pinentry programs"):
         parse_desktop_config({"pinentry": []}, "a.toml")
+    assert parse_desktop_config({"site_label": "x" * 100, "helpdesk": "y" * 200}, "a.toml").helpdesk == "y" * 200
+    with pytest.raises(ConfigError) as too_long:
+        parse_desktop_config({"helpdesk": "y" * 201}, "a.toml")
+    assert str(too_long.value) == ("a.toml [desktop].helpdesk: 201 characters, where at most 200 fit in the sentence "
+                                   "of the PIN dialog and the notifications that shows it: shorten it")
+    with pytest.raises(ConfigError, match=r"\[desktop\].site_label: 101 characters, where at most 100 fit"):
+        parse_desktop_config({"site_label": "x" * 101}, "a.toml")
 
 
 class Screen:

@@ -45,12 +45,14 @@ def signed_in(log: str, count: int = 1) -> bool:
 @contextmanager
 def agent_asking_on(terminal: Terminal, test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, *,
                     pin: str = "prompt", prefix: list[str] = ON_ITS_TERMINAL,
+                    tunnels: list[dict[str, Any]] | None = None,
                     **config: Any) -> Iterator[tuple[RunningAgent, FaultControl]]:
     """The agent, alice's card in its reader (the fault module, which counts C_Login calls), the PIN
-    asked on ``terminal``: its controlling terminal, started there as ``prefix`` says."""
+    asked on ``terminal``: its controlling terminal, started there as ``prefix`` says. ``tunnels``:
+    one, "pacs", unless given."""
     card = FaultControl(tmp_path / "reader.ctl")
     card.show("alice")
-    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", free_port())], token="",
+    with running_agent(test_pki, tmp_path / "agent", tunnels or [tunnel("pacs", free_port())], token="",
                        module=str(fault_module), env=card.env(), stdin=terminal.slave, prefix=prefix,
                        identity={"pin": pin}, **config) as agent:
         yield agent, card
@@ -241,3 +243,21 @@ def test_a_terminal_closed_at_the_pin_prompt_ends_the_sign_in_as_a_cancel_and_th
     assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
     assert "ERROR" not in log and "OSError" not in log and "sign-in-failed" not in log, log
     assert logins(card) == []
+
+
+@pytest.mark.parametrize("pin", list(ON_THE_TERMINAL))
+def test_an_agent_with_many_tunnels_names_a_few_in_its_pin_prompt_and_signs_in(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal, pin: str) -> None:
+    """With no [desktop] site_label, the PIN dialog says what the PIN is for by the tunnels' names.
+    45 of them made a description too long for pinentry's line: the program ended and every sign-in
+    failed as `the pinentry program ... exited (no display or terminal?)`."""
+    tunnels = [tunnel(f"radiology-hospital-{n:02d}", 9) for n in range(45)]
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin=pin, tunnels=tunnels) as (agent, card):
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: signed_in(agent.log()), timeout=20)
+        log = agent.log()
+    assert (b"Alice Example, enter the PIN of your card to use the DICOM connections radiology-hospital-00, "
+            b"radiology-hospital-01, radiology-hospital-02, radiology-hospital-03 and 41 more.") in terminal.screen
+    assert "shortened" not in log and "ERROR" not in log, log
+    assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)

@@ -19,6 +19,7 @@ from dicom_card_agent.token.pinentry import (
     Pinentry,
     PinEntryCancelledError,
     PinentryError,
+    command,
     escape,
     parse_status,
     unescape,
@@ -43,6 +44,22 @@ def test_pin_with_assuan_special_characters(terminal: Terminal) -> None:
     pin.wipe()
     assert bytes(pin.view()) == bytes(8)
     person.join(5)
+
+
+def test_a_text_too_long_for_one_assuan_line_is_shortened_and_the_pin_still_asked(terminal: Terminal) -> None:
+    """A description over pinentry's 1000-byte line ended the program (`Line passed to IPC too
+    long`), and the sign-in failed as `the pinentry program ... exited (no display or terminal?)`."""
+    description = "Alice Example, enter the PIN for " + "Zürich 100% PACS, " * 100
+    person = terminal.type_when(b"PIN:", b"123456\r")
+    pin = Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin(description)
+    person.join(5)
+    assert bytes(pin.view()) == b"123456"
+    assert "Alice Example, enter the PIN for Zürich 100% PACS, Zürich".encode() in terminal.screen
+    assert "\u2026".encode() in terminal.screen
+    line = command("SETDESC", description)
+    assert len(line.encode()) <= 1000 and line.endswith("\u2026")
+    assert unescape(line.removeprefix("SETDESC ").removesuffix("\u2026")) in description  # no escape cut in two
+    assert command("SETDESC", "100%\nsure") == "SETDESC 100%25%0Asure"
 
 
 def test_empty_pin_sends_nothing_to_the_card(terminal: Terminal) -> None:

@@ -19,6 +19,8 @@ from dicom_card_agent.errors import ConfigError
 GRAPHICAL_PINENTRIES = ("pinentry-gnome3", "pinentry-qt", "pinentry-gtk-2")
 DEFAULT_HELPDESK = "your IT service desk"
 _KEYS = {"notifications", "site_label", "helpdesk", "pinentry"}
+# Characters at most: each is a part of a sentence in the PIN dialog and the notifications.
+TEXT_LENGTHS = {"site_label": 100, "helpdesk": 200}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ def parse_desktop_config(data: dict[str, Any] | None, where: str) -> DesktopConf
         value = data.get(key, default)
         if not isinstance(value, str) or "\n" in value:
             raise ConfigError(f"{where} [desktop].{key}: must be a one-line string, not {value!r}")
+        if len(value.strip()) > TEXT_LENGTHS[key]:
+            raise ConfigError(f"{where} [desktop].{key}: {len(value.strip())} characters, where at most "
+                              f"{TEXT_LENGTHS[key]} fit in the sentence of the PIN dialog and the notifications "
+                              "that shows it: shorten it")
         texts[key] = value.strip() or default
     programs = data.get("pinentry", list(GRAPHICAL_PINENTRIES))
     if isinstance(programs, str):

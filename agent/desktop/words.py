@@ -18,6 +18,11 @@ from dicom_card_agent.logline import printable
 from dicom_card_agent.token.discovery import PinState
 
 DIALOG_PROMPT = "PIN:"
+# Past these, the dialog says less: a name longer than a common name may be (RFC 5280: 64), and
+# more tunnels than a clinician reads through in a dialog ("... and 41 more"). A dialog listing 45
+# tunnels was too long for pinentry's line, which ended the program and failed every sign-in.
+NAME_SHOWN = 64
+TUNNELS_NAMED = 5
 
 
 def person_name(certificate: x509.Certificate) -> str:
@@ -32,7 +37,7 @@ def person_name(certificate: x509.Certificate) -> str:
     name = first(NameOID.COMMON_NAME) or " ".join(p for p in (first(NameOID.GIVEN_NAME), first(NameOID.SURNAME)) if p)
     # Escaped: the name is written as it is into the terminal's PIN prompt and pinentry-tty's
     # dialog, where a certificate's control characters would drive the terminal.
-    return printable(_one_line(name)) or "the card holder"
+    return printable(_shortened(_one_line(name), NAME_SHOWN)) or "the card holder"
 
 
 def purpose(site_label: str, tunnel_names: Sequence[str]) -> str:
@@ -42,6 +47,8 @@ def purpose(site_label: str, tunnel_names: Sequence[str]) -> str:
     if not tunnel_names:
         return "the DICOM connections"
     names = list(tunnel_names)
+    if len(names) > TUNNELS_NAMED:
+        names = [*names[:TUNNELS_NAMED - 1], f"{len(names) - TUNNELS_NAMED + 1} more"]
     listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     return f"the DICOM connection{'s' if len(names) > 1 else ''} {listed}"
 
@@ -130,3 +137,7 @@ def tries_left(state: PinState) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _shortened(text: str, length: int) -> str:
+    return text if len(text) <= length else f"{text[:length - 1]}\u2026"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,10 @@ from dicom_card_agent.token.secret import Secret, wipe
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
 ASSUAN_TIMEOUT = 83886142  # GPG_ERR_TIMEOUT: SETTIMEOUT's time ran out with the dialog unanswered
 MAX_LINE = 1002  # Assuan lines are at most 1000 bytes plus the newline
+MAX_COMMAND = 1000  # bytes of a command line without its newline: a longer one ends the pinentry program
+ELLIPSIS = "\u2026"
+
+log = logging.getLogger("agent.pinentry")
 
 
 class PinentryError(CardAgentError):
@@ -48,6 +53,28 @@ class NoPinEnteredError(PinentryError):
 def escape(text: str) -> str:
     """Assuan percent-escaping of a command argument."""
     return "".join(f"%{ord(c):02X}" if c in "%\r\n" or ord(c) < 0x20 else c for c in text)
+
+
+def command(verb: str, text: str) -> str:
+    """``verb`` with ``text`` percent-escaped as its argument, in one Assuan line: a text too long
+    for it (a certificate's name, tunnels' names) is shortened, ending with an ellipsis. A line over
+    the limit ended the pinentry program, and the sign-in failed as `the pinentry program ...
+    exited (no display or terminal?)`."""
+    line = f"{verb} {escape(text)}"
+    if len(line.encode("utf-8")) <= MAX_COMMAND:
+        return line
+    room = MAX_COMMAND - len(f"{verb} {ELLIPSIS}".encode())
+    kept: list[str] = []
+    for character in text:
+        escaped = escape(character)
+        room -= len(escaped.encode("utf-8"))
+        if room < 0:
+            break
+        kept.append(escaped)
+    log.warning("a text of the PIN dialog (%s) was shortened to fit pinentry's %d-byte line: %d of its %d characters "
+                "are shown; a shorter [desktop] site_label or helpdesk, or shorter tunnel names, make it fit",
+                verb, MAX_COMMAND, len(kept), len(text))
+    return f"{verb} {''.join(kept)}{ELLIPSIS}"
 
 
 def unescape(text: str) -> str:
@@ -183,13 +210,13 @@ class Pinentry:
             if self.ttyname:
                 self._expect_ok(process, pipe, f"OPTION ttyname={self.ttyname}")
                 self._expect_ok(process, pipe, f"OPTION ttytype={os.environ.get('TERM', 'dumb')}")
-            self._expect_ok(process, pipe, f"SETTITLE {escape(title)}")
+            self._expect_ok(process, pipe, command("SETTITLE", title))
             if timeout:
                 self._expect_ok(process, pipe, f"SETTIMEOUT {max(1, round(timeout))}")
             for question in questions:
                 self._confirm(process, pipe, question)
-            self._expect_ok(process, pipe, f"SETDESC {escape(description)}")
-            self._expect_ok(process, pipe, f"SETPROMPT {escape(prompt)}")
+            self._expect_ok(process, pipe, command("SETDESC", description))
+            self._expect_ok(process, pipe, command("SETPROMPT", prompt))
             return self._get_pin(process, pipe)
         finally:
             pipe.wipe()
@@ -206,9 +233,9 @@ class Pinentry:
 
     def _confirm(self, process: subprocess.Popen, pipe: _AssuanPipe, confirm: Confirmation) -> None:
         """Ask ``confirm.question``; Cancel (or the timeout) ends the conversation before any PIN."""
-        self._expect_ok(process, pipe, f"SETDESC {escape(confirm.question)}")
-        self._expect_ok(process, pipe, f"SETOK {escape(confirm.ok)}")
-        self._expect_ok(process, pipe, f"SETCANCEL {escape(confirm.cancel)}")
+        self._expect_ok(process, pipe, command("SETDESC", confirm.question))
+        self._expect_ok(process, pipe, command("SETOK", confirm.ok))
+        self._expect_ok(process, pipe, command("SETCANCEL", confirm.cancel))
         self._send(process, "CONFIRM")
         answer = self._response(pipe)
         if not answer.ok:
