@@ -19,6 +19,7 @@ A bounded run is part of the suite; a longer one is a command:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -369,6 +370,18 @@ class AgentModel(RuleBasedStateMachine):
         self.agent.process.send_signal(signal.SIGHUP)
         # Nothing is to happen, so there is no event to wait for: give a wrong reaction time to show.
         time.sleep(0.5)
+
+    @rule(signum=st.sampled_from([signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM]))
+    def meaningless_signal(self, signum: signal.Signals) -> None:
+        """`pkill -USR1 -f card-agent`: to the agent and its card session, whatever the state (a PIN
+        dialog open included): logged and ignored, the agent in the same state."""
+        self.wait_for_state()
+        worker = card_session_pid(self.agent.process.pid)
+        self.agent.process.send_signal(signum)
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):  # one that was just ending
+                os.kill(worker, signum)
+        time.sleep(0.5)  # nothing is to happen: give a wrong reaction time to show
 
     @rule()
     def probe(self) -> None:
