@@ -26,7 +26,7 @@ from conftest import HELPERS, USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.ports import free_port
 from pin_dialog import Terminal, terminal  # noqa: F401 - a pytest fixture
-from test_prompt_asks_first import ON_ITS_TERMINAL, PIN_PROMPT, logins
+from test_prompt_asks_first import CANCELLED, ON_ITS_TERMINAL, PIN_PROMPT, logins
 
 PIN_PENDING = "card present, PIN not yet entered"
 # `card-agent run &` in an interactive shell: the agent in a process group of its own, in the
@@ -261,3 +261,40 @@ def test_an_agent_with_many_tunnels_names_a_few_in_its_pin_prompt_and_signs_in(
             b"radiology-hospital-01, radiology-hospital-02, radiology-hospital-03 and 41 more.") in terminal.screen
     assert "shortened" not in log and "ERROR" not in log, log
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
+
+
+def test_a_pin_dialog_killed_while_it_asks_is_a_dialog_closed_unanswered(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """`pkill pinentry` (a clinician's way with a dialog she thinks stuck), the OOM killer: the
+    sign-in failed as an ERROR, `the pinentry program ... exited (no display or terminal?)`, which
+    sent the administrator after a display that was there. It ends as a Cancel does, saying what
+    ended it; re-inserting the card asks again."""
+    with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin="pinentry:/usr/bin/pinentry-tty") as (
+            agent, card):
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+        os.kill(child_running(agent.process.pid, "/usr/bin/pinentry-tty"), signal.SIGTERM)
+        wait_for(lambda: state(test_pki, tmp_path, card) == CANCELLED, timeout=10)
+        card.remove_card()
+        wait_for(lambda: state(test_pki, tmp_path, card) == "no card inserted", timeout=10)
+        card.insert_card()
+        wait_for(lambda: terminal.screen.count(PIN_PROMPT) == 2, timeout=20)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: signed_in(agent.log()), timeout=20)
+        log = agent.log()
+    ended = "the PIN dialog (/usr/bin/pinentry-tty) was ended by SIGTERM: nothing was sent to the card"
+    assert f"card-agent: WARNING: {ended}\n" in log, log
+    assert "ERROR" not in log and "no display" not in log, log
+    assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
+
+
+def child_running(parent: int, program: str) -> int:
+    """The pid of ``parent``'s child running ``program``."""
+    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode()
+        except OSError:
+            continue
+        if f"\nPPid:\t{parent}\n" in status and command_line == program:
+            return int(pid)
+    raise AssertionError(f"no child of {parent} runs {program}")

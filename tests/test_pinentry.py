@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import termios
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from dicom_card_agent.token.pin import PinRequest, PinSource, reworded_dialogs
 from dicom_card_agent.token.pinentry import (
     Confirmation,
     NoPinEnteredError,
+    PinDialogEndedError,
     Pinentry,
     PinEntryCancelledError,
     PinentryError,
@@ -125,6 +128,63 @@ def test_cancel_in_the_first_question_asks_nothing_more(terminal: Terminal, monk
     terminal.type_when(b"[sc]?", b"c")
     with pytest.raises(PinEntryCancelledError, match="not confirmed: nothing was sent to the card"):
         PinSource("pinentry", "/usr/bin/pinentry-tty").read(PinRequest(words))
+
+
+@pytest.mark.parametrize(("ended_by", "error", "expected"), [
+    (signal.SIGKILL, PinDialogEndedError,
+     "the PIN dialog (/usr/bin/pinentry-tty) was ended by SIGKILL: nothing was sent to the card"),
+    (signal.SIGSEGV, PinentryError,
+     "the pinentry program '/usr/bin/pinentry-tty' crashed (SIGSEGV) while its dialog was open: nothing was sent "
+     "to the card"),
+], ids=["killed", "crashed"])
+def test_a_dialog_whose_program_is_killed_or_crashes_says_which(
+        terminal: Terminal, ended_by: signal.Signals, error: type, expected: str) -> None:
+    """`pkill pinentry`, the OOM killer: the sign-in failed as `the pinentry program ... exited (no
+    display or terminal?)`, an error pointing at the display, which was there all along. Killed, the
+    dialog counts as closed unanswered (a Cancel); crashed, it is the error it was."""
+    ended: list[Exception] = []
+
+    def dialog() -> None:
+        try:
+            Pinentry("/usr/bin/pinentry-tty", ttyname=terminal.name).get_pin("Bob, enter the PIN")
+        except PinentryError as raised:
+            ended.append(raised)
+    shown = threading.Thread(target=dialog, daemon=True)
+    shown.start()
+    terminal.wait_for_text(b"PIN:")
+    os.kill(_child_running("/usr/bin/pinentry-tty"), ended_by)
+    shown.join(10)
+    assert len(ended) == 1 and type(ended[0]) is error, ended
+    assert str(ended[0]) == expected
+
+
+@pytest.mark.parametrize(("script", "expected"), [
+    ("exit 1", "the pinentry program '{program}' exited (no display or terminal?)"),
+    ("echo 'OK hello'; read line; exit 3",
+     "the pinentry program '{program}' exited with status 3 while its dialog was open: nothing was sent to the card"),
+])
+def test_a_program_that_ends_by_itself_is_told_apart_from_one_without_a_display(
+        tmp_path: Path, script: str, expected: str) -> None:
+    program = tmp_path / "pinentry-broken"
+    program.write_text(f"#!/bin/sh\n{script}\n")
+    program.chmod(0o755)
+    with pytest.raises(PinentryError) as ended:
+        Pinentry(str(program), ttyname="").get_pin("Bob, enter the PIN")
+    assert type(ended.value) is PinentryError
+    assert str(ended.value) == expected.format(program=program)
+
+
+def _child_running(program: str) -> int:
+    """The pid of this process's child running ``program`` (other tests run theirs meanwhile)."""
+    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode()
+        except OSError:
+            continue
+        if f"\nPPid:\t{os.getpid()}\n" in status and command_line == program:
+            return int(pid)
+    raise AssertionError(f"no child of this process runs {program}")
 
 
 @pytest.mark.parametrize("closed_at", [b"[sc]?", b"PIN:"])

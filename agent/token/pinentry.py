@@ -28,6 +28,7 @@ from dicom_card_agent.token.secret import Secret, wipe
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
 ASSUAN_TIMEOUT = 83886142  # GPG_ERR_TIMEOUT: SETTIMEOUT's time ran out with the dialog unanswered
 MAX_LINE = 1002  # Assuan lines are at most 1000 bytes plus the newline
+PROGRAM_END_SECONDS = 1.0  # for a program whose output ended to be seen exit, and how
 MAX_COMMAND = 1000  # bytes of a command line without its newline: a longer one ends the pinentry program
 ELLIPSIS = "\u2026"
 
@@ -46,6 +47,11 @@ class PinEntryTimedOutError(PinEntryCancelledError):
     """Nobody answered the dialog within its timeout: nothing was sent to the card."""
 
 
+class PinDialogEndedError(PinEntryCancelledError):
+    """The dialog's program was ended by a signal while it was open (`pkill pinentry`, the OOM
+    killer, the session's end): closed before a PIN was typed, nothing was sent to the card."""
+
+
 class NoPinEnteredError(PinentryError):
     """The dialog was answered with an empty PIN: nothing was sent to the card."""
 
@@ -53,6 +59,18 @@ class NoPinEnteredError(PinentryError):
 def escape(text: str) -> str:
     """Assuan percent-escaping of a command argument."""
     return "".join(f"%{ord(c):02X}" if c in "%\r\n" or ord(c) < 0x20 else c for c in text)
+
+
+# What a program's own fault ends it with: a crash, where another signal is someone ending it.
+_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
+                      signal.SIGTRAP})
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def command(verb: str, text: str) -> str:
@@ -128,11 +146,14 @@ class _AssuanPipe:
     """The pinentry's output, read through a raw pipe into one bytearray that is wiped at the end:
     the ``D`` line carrying the PIN never becomes a ``str`` or ``bytes`` object."""
 
-    def __init__(self, descriptor: int, program: str) -> None:
-        self.descriptor = descriptor
+    def __init__(self, process: subprocess.Popen, program: str) -> None:
+        assert process.stdout is not None  # started with stdout=PIPE
+        self.process = process
+        self.descriptor = process.stdout.fileno()
         self.program = program
         self.buffer = bytearray(MAX_LINE)
         self.filled = 0
+        self.greeted = False  # the program's first OK came: it runs, and shows its dialog when asked
 
     def next_line(self) -> tuple[int, int]:
         """Where the next line (without its newline) is in :attr:`buffer`; it stays valid until the
@@ -146,8 +167,24 @@ class _AssuanPipe:
             with memoryview(self.buffer) as view:
                 count = os.readv(self.descriptor, [view[self.filled:]])
             if count == 0:
-                raise PinentryError(f"the pinentry program {self.program!r} exited (no display or terminal?)")
+                raise self.ended()
             self.filled += count
+
+    def ended(self) -> PinentryError:
+        """What to say of the program, whose output has ended (or whose input is closed)."""
+        if not self.greeted:
+            return PinentryError(f"the pinentry program {self.program!r} exited (no display or terminal?)")
+        try:
+            status = self.process.wait(PROGRAM_END_SECONDS)
+        except subprocess.TimeoutExpired:
+            status = None
+        if status is not None and status < 0 and -status not in _CRASHES:
+            return PinDialogEndedError(f"the PIN dialog ({self.program}) was ended by {_signal_name(-status)}: "
+                                       "nothing was sent to the card")
+        how = ("closed its output" if status is None else f"crashed ({_signal_name(-status)})" if status < 0
+               else f"exited with status {status}")
+        return PinentryError(f"the pinentry program {self.program!r} {how} while its dialog was open: nothing was "
+                             "sent to the card")
 
     def consume(self, end: int) -> None:
         """Drop the line ending at ``end`` (its newline included), wiping what moves."""
@@ -201,12 +238,13 @@ class Pinentry:
                                 "pinentry-gnome3, pinentry-qt, pinentry-gtk2 or pinentry-tty, or set the PIN "
                                 "source to prompt") from None
         assert process.stdin is not None and process.stdout is not None
-        pipe = _AssuanPipe(process.stdout.fileno(), self.program)
+        pipe = _AssuanPipe(process, self.program)
         scope = current_scope()
         if scope is not None:
             scope.ends_with(process)  # a pulled card, a lock or a stop closes the dialog
         try:
             self._expect_ok(process, pipe, None)
+            pipe.greeted = True
             if self.ttyname:
                 self._expect_ok(process, pipe, f"OPTION ttyname={self.ttyname}")
                 self._expect_ok(process, pipe, f"OPTION ttytype={os.environ.get('TERM', 'dumb')}")
@@ -236,7 +274,7 @@ class Pinentry:
         self._expect_ok(process, pipe, command("SETDESC", confirm.question))
         self._expect_ok(process, pipe, command("SETOK", confirm.ok))
         self._expect_ok(process, pipe, command("SETCANCEL", confirm.cancel))
-        self._send(process, "CONFIRM")
+        self._send(process, pipe, "CONFIRM")
         answer = self._response(pipe)
         if not answer.ok:
             _raise_unanswered(answer, "not confirmed")
@@ -244,7 +282,7 @@ class Pinentry:
         self._expect_ok(process, pipe, "SETCANCEL Cancel")
 
     def _get_pin(self, process: subprocess.Popen, pipe: _AssuanPipe) -> Secret:
-        self._send(process, "GETPIN")
+        self._send(process, pipe, "GETPIN")
         pin = bytearray(MAX_LINE)  # the D lines' data, unescaped in place, then copied into the Secret
         length = 0
         try:
@@ -273,13 +311,16 @@ class Pinentry:
         finally:
             wipe(pin)
 
-    def _send(self, process: subprocess.Popen, command: str) -> None:
+    def _send(self, process: subprocess.Popen, pipe: _AssuanPipe, command: str) -> None:
         assert process.stdin is not None  # started with stdin=PIPE
-        process.stdin.write(command.encode("utf-8") + b"\n")
+        try:
+            process.stdin.write(command.encode("utf-8") + b"\n")
+        except BrokenPipeError:  # it ended between two commands
+            raise pipe.ended() from None
 
     def _expect_ok(self, process: subprocess.Popen, pipe: _AssuanPipe, command: str | None) -> None:
         if command is not None:
-            self._send(process, command)
+            self._send(process, pipe, command)
         answer = self._response(pipe)
         if not answer.ok:
             raise PinentryError(f"the pinentry program refused {command!r}: {answer.error_text}")
