@@ -81,16 +81,19 @@ def terminal() -> Iterator[Terminal]:
     tty.close()
 
 
-def pinentry_processes(session: int | None = None) -> list[int]:
+def pinentry_processes(session: int | None = None, *, parent: int | None = None) -> list[int]:
     """The running pinentry-tty processes; with ``session``, only those of that session (the agent's
     pid: running_agent starts it as a session leader, and its dialogs stay in its session even
-    after it is gone), so that dialogs of agents other tests run at the same time do not count."""
+    after it is gone), with ``parent`` only that process's children, so that dialogs of agents
+    other tests run at the same time do not count."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if cmdline.read_bytes().split(b"\0")[0] != PINENTRY_TTY.encode():
                 continue
-            if session is not None and _session_of(cmdline.parent) != session:
+            if session is not None and _stat_field(cmdline.parent, 3) != session:
+                continue
+            if parent is not None and _stat_field(cmdline.parent, 1) != parent:
                 continue
         except (OSError, IndexError, ValueError):
             continue
@@ -98,6 +101,7 @@ def pinentry_processes(session: int | None = None) -> list[int]:
     return found
 
 
-def _session_of(process: Path) -> int:
-    # /proc/PID/stat: "pid (comm) state ppid pgrp session ..."; comm may hold spaces and parentheses
-    return int((process / "stat").read_text().rsplit(")", 1)[1].split()[3])
+def _stat_field(process: Path, index: int) -> int:
+    """A number of /proc/PID/stat after the command name: 1 the parent, 3 the session."""
+    # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
+    return int((process / "stat").read_text().rsplit(")", 1)[1].split()[index])

@@ -25,7 +25,7 @@ from agent_runner import RunningAgent, agent_status, running_agent, tunnel, wait
 from conftest import HELPERS, USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.ports import free_port
-from pin_dialog import Terminal, terminal  # noqa: F401 - a pytest fixture
+from pin_dialog import Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
 from test_prompt_asks_first import CANCELLED, ON_ITS_TERMINAL, PIN_PROMPT, logins
 
 PIN_PENDING = "card present, PIN not yet entered"
@@ -272,7 +272,8 @@ def test_a_pin_dialog_killed_while_it_asks_is_a_dialog_closed_unanswered(
     with agent_asking_on(terminal, test_pki, tmp_path, fault_module, pin="pinentry:/usr/bin/pinentry-tty") as (
             agent, card):
         wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
-        os.kill(child_running(agent.process.pid, "/usr/bin/pinentry-tty"), signal.SIGTERM)
+        [dialog_program] = pinentry_processes(parent=agent.process.pid)
+        os.kill(dialog_program, signal.SIGTERM)
         wait_for(lambda: state(test_pki, tmp_path, card) == CANCELLED, timeout=10)
         card.remove_card()
         wait_for(lambda: state(test_pki, tmp_path, card) == "no card inserted", timeout=10)
@@ -286,15 +287,3 @@ def test_a_pin_dialog_killed_while_it_asks_is_a_dialog_closed_unanswered(
     assert "ERROR" not in log and "no display" not in log, log
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
 
-
-def child_running(parent: int, program: str) -> int:
-    """The pid of ``parent``'s child running ``program``."""
-    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode()
-        except OSError:
-            continue
-        if f"\nPPid:\t{parent}\n" in status and command_line == program:
-            return int(pid)
-    raise AssertionError(f"no child of {parent} runs {program}")

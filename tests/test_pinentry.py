@@ -28,7 +28,7 @@ from dicom_card_agent.token.pinentry import (
     unescape,
     unescape_in_place,
 )
-from pin_dialog import Terminal, terminal  # noqa: F401
+from pin_dialog import Terminal, pinentry_processes, terminal  # noqa: F401
 
 
 def test_pin_typed_in_pinentry_tty_reaches_the_agent(terminal: Terminal) -> None:
@@ -152,7 +152,8 @@ def test_a_dialog_whose_program_is_killed_or_crashes_says_which(
     shown = threading.Thread(target=dialog, daemon=True)
     shown.start()
     terminal.wait_for_text(b"PIN:")
-    os.kill(_child_running("/usr/bin/pinentry-tty"), ended_by)
+    [dialog_program] = pinentry_processes(parent=os.getpid())
+    os.kill(dialog_program, ended_by)
     shown.join(10)
     assert len(ended) == 1 and type(ended[0]) is error, ended
     assert str(ended[0]) == expected
@@ -172,19 +173,6 @@ def test_a_program_that_ends_by_itself_is_told_apart_from_one_without_a_display(
         Pinentry(str(program), ttyname="").get_pin("Bob, enter the PIN")
     assert type(ended.value) is PinentryError
     assert str(ended.value) == expected.format(program=program)
-
-
-def _child_running(program: str) -> int:
-    """The pid of this process's child running ``program`` (other tests run theirs meanwhile)."""
-    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            command_line = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode()
-        except OSError:
-            continue
-        if f"\nPPid:\t{os.getpid()}\n" in status and command_line == program:
-            return int(pid)
-    raise AssertionError(f"no child of this process runs {program}")
 
 
 @pytest.mark.parametrize("closed_at", [b"[sc]?", b"PIN:"])

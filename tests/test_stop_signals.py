@@ -15,12 +15,17 @@ import signal
 import socket
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pynetdicom.association import Association
 
 from agent_runner import (
+    RunningAgent,
     agent_status,
     card_session_pid,
     log_lines,
@@ -60,6 +65,32 @@ def instances_recorded(audit_file: Path) -> list[str]:
     return sorted(found)
 
 
+@dataclass
+class HeldAssociation:
+    agent: RunningAgent
+    pacs: Any  # peers.pynetdicom_scp's PACS: what it received
+    association: Association
+    study: list[Path]
+    datasets: list[Dataset]
+    audit_file: Path
+
+
+@contextlib.contextmanager
+def association_held(test_pki: ProvisionedPki, tmp_path: Path, files: int) -> Iterator[HeldAssociation]:
+    """A signed-in agent, its audit trail in a file, with a tunnel to a pynetdicom TLS PACS and an
+    association open through it for the SOP classes of a study of ``files`` instances."""
+    study = make_study(tmp_path / "study", files=files)
+    datasets = [dcmread(path) for path in study]
+    audit_file = tmp_path / "audit.log"
+    with tls_scp(pki_dir=test_pki.pki) as pacs, \
+            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
+                          audit={"file": str(audit_file)}) as agent:
+        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
+        association = associate(agent.port(), sop_classes=sorted({ds.SOPClassUID for ds in datasets}))
+        assert association.is_established
+        yield HeldAssociation(agent, pacs, association, study, datasets, audit_file)
+
+
 @pytest.mark.parametrize(("stop_signal", "signalled"), [
     (signal.SIGTERM, "the agent"),
     (signal.SIGTERM, "every process of the unit"),
@@ -69,16 +100,9 @@ def instances_recorded(audit_file: Path) -> list[str]:
 ], ids=["SIGTERM-agent", "SIGTERM-unit", "SIGQUIT-agent"])
 def test_a_stop_with_an_association_open_records_its_end_and_signs_in_nobody(
         test_pki: ProvisionedPki, tmp_path: Path, stop_signal: signal.Signals, signalled: str) -> None:
-    study = make_study(tmp_path / "study", files=8)
-    datasets = [dcmread(path) for path in study]
-    audit_file = tmp_path / "audit.log"
-    with tls_scp(pki_dir=test_pki.pki) as pacs, \
-            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
-                          audit={"file": str(audit_file)}) as agent:
-        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
-        held = associate(agent.port(), sop_classes=sorted({ds.SOPClassUID for ds in datasets}))
-        assert held.is_established
-        statuses = [held.send_c_store(ds) for ds in datasets]
+    with association_held(test_pki, tmp_path, files=8) as held:
+        agent, pacs, study, audit_file = held.agent, held.pacs, held.study, held.audit_file
+        statuses = [held.association.send_c_store(ds) for ds in held.datasets]
         assert [status.Status for status in statuses] == [0] * 8
         worker = card_session_pid(agent.process.pid)
         assert worker is not None
@@ -122,23 +146,17 @@ def test_a_signal_that_means_nothing_to_the_agent_is_logged_and_ends_neither_it_
     ended the agent, or its card session, at once: the clinician's association cut, its end and the
     Application Stop missing from the audit trail. Each is now logged by the agent and ignored by
     both; the association open meanwhile goes on."""
-    study = make_study(tmp_path / "study", files=2)
-    datasets = [dcmread(path) for path in study]
-    audit_file = tmp_path / "audit.log"
-    with tls_scp(pki_dir=test_pki.pki) as pacs, \
-            running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)],
-                          audit={"file": str(audit_file)}) as agent:
-        agent.wait_for_log('event=sign-in subject="CN=Alice Example')
-        held = associate(agent.port(), sop_classes=sorted({ds.SOPClassUID for ds in datasets}))
-        assert held.send_c_store(datasets[0]).Status == 0
+    with association_held(test_pki, tmp_path, files=2) as held:
+        agent, pacs, study, audit_file = held.agent, held.pacs, held.study, held.audit_file
+        assert held.association.send_c_store(held.datasets[0]).Status == 0
         worker = card_session_pid(agent.process.pid)
         assert worker is not None
         for signum in MEANINGLESS_SIGNALS:
             os.kill(agent.process.pid, signum)
             os.kill(worker, signum)
         wait_for(lambda: all(f"WARNING: {signum.name} ignored" in agent.log() for signum in MEANINGLESS_SIGNALS))
-        assert held.send_c_store(datasets[1]).Status == 0
-        held.release()
+        assert held.association.send_c_store(held.datasets[1]).Status == 0
+        held.association.release()
         assert card_session_pid(agent.process.pid) == worker
         os.kill(agent.process.pid, signal.SIGTERM)
         assert agent.process.wait(20) == 0
