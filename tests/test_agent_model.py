@@ -371,6 +371,18 @@ class AgentModel(RuleBasedStateMachine):
         # Nothing is to happen, so there is no event to wait for: give a wrong reaction time to show.
         time.sleep(0.5)
 
+    @rule()
+    def suspend_and_resume(self) -> None:
+        """Ctrl-Z, then `fg`: a signed-in session is locked before the agent is suspended (suspended,
+        it would not see the card pulled); in any other state the agent is back as it was."""
+        self.wait_for_state()
+        pid = self.agent.process.pid
+        self.agent.process.send_signal(signal.SIGTSTP)
+        wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", SETTLE)
+        self.agent.process.send_signal(signal.SIGCONT)
+        if self.status == SIGNED_IN:
+            self.status = LOCKED
+
     @rule(signum=st.sampled_from([signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM]))
     def meaningless_signal(self, signum: signal.Signals) -> None:
         """`pkill -USR1 -f card-agent`: to the agent and its card session, whatever the state (a PIN

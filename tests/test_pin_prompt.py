@@ -25,10 +25,12 @@ from agent_runner import RunningAgent, agent_status, running_agent, tunnel, wait
 from conftest import HELPERS, USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.ports import free_port
+from peers.pynetdicom_scp import associate, tls_scp
 from pin_dialog import Terminal, pinentry_processes, terminal  # noqa: F401 - a pytest fixture
 from test_prompt_asks_first import CANCELLED, ON_ITS_TERMINAL, PIN_PROMPT, logins
 
 PIN_PENDING = "card present, PIN not yet entered"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 # `card-agent run &` in an interactive shell: the agent in a process group of its own, in the
 # background of the terminal; the shell (this helper) gives it the terminal on SIGUSR1, as `fg`.
 IN_THE_BACKGROUND = [sys.executable, str(HELPERS / "job_control_shell.py")]
@@ -287,3 +289,41 @@ def test_a_pin_dialog_killed_while_it_asks_is_a_dialog_closed_unanswered(
     assert "ERROR" not in log and "no display" not in log, log
     assert len(logins(card)) == 1 and "rv=0x0" in logins(card)[0], logins(card)
 
+
+
+def test_ctrl_z_on_a_signed_in_agent_locks_its_session_before_it_is_suspended(
+        test_pki: ProvisionedPki, tmp_path: Path, fault_module: Path, terminal: Terminal) -> None:
+    """Ctrl-Z on the agent signed in at its terminal suspended the supervisor only: the card-session
+    process, in a session of its own, relayed the open association on, and the suspended agent saw
+    no card pulled. A clinician who pressed Ctrl-Z by mistake, pulled her card and left, left her
+    association to the next person at the workstation. The session is now locked first."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs, \
+            agent_asking_on(terminal, test_pki, tmp_path, fault_module, prefix=IN_THE_BACKGROUND,
+                            tunnels=[tunnel("pacs", pacs.port)]) as (agent, card):
+        shell = agent.process.pid
+        agent.wait_for_log("bring it to the foreground")
+        os.kill(shell, signal.SIGUSR1)  # fg
+        wait_for(lambda: PIN_PROMPT in terminal.screen, timeout=20)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: signed_in(agent.log()), timeout=20)
+        held = associate(agent.port(), sop_classes=[SECONDARY_CAPTURE])
+        assert held.is_established
+
+        terminal.type(b"\x1a")  # Ctrl-Z
+        wait_for(lambda: job_stopped(shell), timeout=10)
+        card.remove_card()  # and she leaves
+        wait_for(lambda: not held.is_established, timeout=10)
+        log = agent.log()
+
+        os.kill(shell, signal.SIGUSR1)  # fg: back, locked; her card again signs her in again
+        wait_for(lambda: state(test_pki, tmp_path, card) == "no card inserted", timeout=10)
+        card.insert_card()
+        wait_for(lambda: terminal.screen.count(PIN_PROMPT) == 2, timeout=20)
+        terminal.type(USER_PIN.encode() + b"\r")
+        wait_for(lambda: signed_in(agent.log(), count=2), timeout=20)
+    suspended = ("card-agent: WARNING: SIGTSTP (Ctrl-Z): the session of CN=Alice Example,O=Example Hospital Test "
+                 "PKI is locked before the agent is suspended: suspended, it would not see the card pulled. Bring it "
+                 "back (fg), then remove and re-insert the card to sign in again\n")
+    assert suspended in log, log
+    assert 'event=sign-out reason="locked"' in log, log
+    assert len(pacs.received) == 0

@@ -229,8 +229,8 @@ def test_a_sighup_as_the_card_session_process_starts_does_not_end_it(test_pki: P
     """The card-session process leaves SIGHUP to the supervisor (a reload), but it can only say so
     once its interpreter has started and imported its code (half a second): a SIGHUP to every
     process of the agent at a card's insertion (`systemctl kill -s HUP`) ended it then. The
-    supervisor starts it with the signal blocked; the signal is sent while it is, with SIGQUIT and
-    SIGUSR1, which the process leaves to the supervisor too."""
+    supervisor starts it with the signal blocked; the signal is sent while it is, with SIGQUIT,
+    SIGTSTP and SIGUSR1, which the process leaves to the supervisor too."""
     workdir = tmp_path / "agent"
     workdir.mkdir()
     config = write_config(workdir / "agent.toml", test_pki, [tunnel("first", 9)])
@@ -239,7 +239,7 @@ def test_a_sighup_as_the_card_session_process_starts_does_not_end_it(test_pki: P
         lambda: start_agent(config, log_path, test_pki.env(CARD_PIN="123456")),
         lambda agent: card_session_pid(agent.pid))
     try:
-        for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        for signum in (signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP, signal.SIGUSR1):
             os.kill(session, signum)
         wait_for(lambda: SIGNED_IN in log_path.read_text() or process.poll() is not None, timeout=30)
         signed_in_by = card_session_pid(process.pid)

@@ -6,6 +6,7 @@ import logging
 import os
 import resource
 import signal
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,7 +20,14 @@ from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.service.activation import ActivatedSockets
 from dicom_card_agent.service.heartbeat import Heartbeat, service_status
 from dicom_card_agent.service.notify import Notifier
-from dicom_card_agent.service.signals import IGNORED_SIGNALS, STOP_SIGNALS, EarlyRequests, SignalActions, StopRequest
+from dicom_card_agent.service.signals import (
+    IGNORED_SIGNALS,
+    STOP_SIGNALS,
+    SUSPEND_SIGNAL,
+    EarlyRequests,
+    SignalActions,
+    StopRequest,
+)
 from dicom_card_agent.session.audit import AuditRecorder
 from dicom_card_agent.session.control_server import ControlServer
 from dicom_card_agent.session.identity import remove_leftover_session_files
@@ -69,6 +77,7 @@ def run(
 
     audit = AuditRecorder(settings.audit)
     manager = SessionManager(settings, confirm_final_try=confirm_final_try, audit=audit)
+    signals.on(SUSPEND_SIGNAL, _lock_then_suspend(manager))
     manager.heartbeat = Heartbeat(notifier, manager)
     try:  # a port another user holds is named, and recorded as a Security Alert, before the error ends the agent
         listeners = Listeners(settings, activated, audit=audit)
@@ -130,6 +139,22 @@ def run(
 
 def _stop_by(signum: signal.Signals, stop: StopRequest) -> Callable[[], None]:
     return lambda: stop.request(signum.name)
+
+
+def _lock_then_suspend(manager: SessionManager) -> Callable[[], None]:
+    """SIGTSTP's action, in a thread of its own (ending a session may take seconds, and a stop must
+    not wait behind it): the signed-in session locked, then the agent suspended as SIGTSTP's default
+    action would. Suspended, the agent saw no card pulled, and the card-session process, which no
+    terminal suspends, relayed the open associations on: a clinician who pressed Ctrl-Z, pulled her
+    card and left, left them to the next person at the workstation."""
+    def suspend() -> None:
+        subject = manager.lock_before_suspend()
+        if subject is not None:
+            log.warning("SIGTSTP (Ctrl-Z): the session of %s is locked before the agent is suspended: suspended, "
+                        "it would not see the card pulled. Bring it back (fg), then remove and re-insert the card "
+                        "to sign in again", subject)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return lambda: threading.Thread(target=suspend, name="suspend", daemon=True).start()
 
 
 def _ignore(signum: signal.Signals) -> Callable[[], None]:

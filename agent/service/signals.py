@@ -30,9 +30,12 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 # SIGXCPU and the real-time signals (no name, no habit sends them) still end it.
 IGNORED_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
                              signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT})
+# What suspends the agent (Ctrl-Z, `kill -TSTP`), once a signed-in session is locked
+# (agent/cli/run.py): suspended, the agent would not see the card pulled.
+SUSPEND_SIGNAL = signal.SIGTSTP
 # What the agent's supervisor acts on or ignores. Its card-session processes leave them to it:
 # blocked from their first instruction (the supervisor starts them so), then ignored.
-SUPERVISORS_SIGNALS = STOP_SIGNALS | {signal.SIGHUP} | IGNORED_SIGNALS
+SUPERVISORS_SIGNALS = STOP_SIGNALS | {signal.SIGHUP, SUSPEND_SIGNAL} | IGNORED_SIGNALS
 # What a terminal sends a process of a background job that reads it or changes its modes: it stops
 # the whole job. Blocked, the read fails (EIO) and the change is made, and the agent goes on.
 JOB_CONTROL_SIGNALS = frozenset({signal.SIGTTIN, signal.SIGTTOU})

@@ -290,6 +290,18 @@ class SessionManager:
             self.desktop.locked()
             return locked
 
+    def lock_before_suspend(self) -> str | None:
+        """SIGTSTP (Ctrl-Z): a signed-in session is locked, since the suspended agent would not see
+        its card pulled while the card-session process (in a session of its own, which the terminal
+        does not suspend) went on relaying. A sign-in under way is left to go on once the agent is
+        back. The subject locked; None when nothing was signed in."""
+        with self._lock:
+            session = self.session
+            if self.machine.state is not State.SIGNED_IN or session is None:
+                return None
+            self.lock()
+            return session.signed_in.files.subject
+
     def reconfigure(self, config: AgentConfig) -> str:
         """A reloaded configuration (agent/session/reload.py): the card session serves its tunnels
         in place when it can, else it ends and the card is signed in again (the Reload event).

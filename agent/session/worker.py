@@ -655,7 +655,8 @@ def _build_name(build: object) -> str:
 
 def _leave_signals_to_the_supervisor() -> None:
     """SIGTERM, SIGINT and SIGQUIT are the supervisor's to act on: it ends this process after its
-    relays have ended and its last reports (the associations' ends, for the audit trail) are sent.
+    relays have ended and its last reports (the associations' ends, for the audit trail) are sent;
+    so is SIGTSTP, on which it locks the session before it suspends itself.
     systemd's KillMode=control-group (a unit without KillMode=mixed) signals every process of the
     unit at once: dying then lost those reports, and the supervisor took the death for a lost
     session and signed the card in again while stopping. SIGHUP, a reload, is the supervisor's too:
