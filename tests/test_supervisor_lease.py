@@ -26,7 +26,7 @@ from agent_runner import (
     tunnel,
     wait_for,
 )
-from conftest import ProvisionedPki
+from conftest import ProvisionedPki, run_card_agent
 from dicom_card_agent.session.channel import LEASE_SECONDS
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import RecordingScp, echo, tls_scp
@@ -138,3 +138,20 @@ def test_a_card_session_process_that_was_itself_stopped_admits_the_application_t
     assert echoed == [True], log
     assert len(pacs.associations) == 2
     assert "has not answered" not in log, log
+
+
+def test_status_of_a_suspended_agent_says_it_is_suspended_and_how_to_bring_it_back(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A stopped agent's control socket still takes connections (the kernel queues them): `status`
+    and `lock` waited 10 s, then said `no agent answers ... (timed out): is card-agent run ...
+    running as this user?` of an agent that was running, suspended (Ctrl-Z, SIGSTOP)."""
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)]) as agent:
+        agent.wait_for_log(SIGNED_IN)
+        with stopped(agent.process.pid):
+            asked = run_card_agent("status", "--config", tmp_path / "agent" / "agent.toml", env=test_pki.env())
+    socket_path = tmp_path / "agent" / "run" / "control.sock"
+    assert asked.returncode == 2, asked.stdout + asked.stderr
+    assert asked.stderr == (
+        f"card-agent: error: the agent on {socket_path} (pid {agent.process.pid}) is suspended and answers nothing "
+        "until it is continued: it was stopped (Ctrl-Z in the terminal it runs in, or SIGSTOP); `fg` in that "
+        f"terminal's shell, or `kill -CONT {agent.process.pid}`, brings it back\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,11 @@ class ControlError(CardAgentError):
 
 class NoAgentError(ControlError):
     """No agent answers on the control socket."""
+
+
+class AgentSuspendedError(ControlError):
+    """The agent holding the control socket is stopped (Ctrl-Z, SIGSTOP): it cannot answer until it
+    is continued."""
 
 
 def control_socket_path(config: AgentConfig) -> Path:
@@ -87,9 +93,26 @@ def _ask(socket_path: Path, command: str, source: Path) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(10)
         client.connect(str(socket_path))
+        _refuse_if_suspended(client, socket_path)
         client.sendall(json.dumps({"command": command, "config": str(source)}).encode() + b"\n")
         answer: dict = json.loads(client.makefile("rb").readline() or b"{}")
     return answer
+
+
+def _refuse_if_suspended(client: socket.socket, socket_path: Path) -> None:
+    """A stopped agent's socket still takes connections (the kernel queues them): the question then
+    waited 10 s and ended as `no agent answers ... (timed out): is card-agent run ... running?`, of
+    an agent that was running, suspended by Ctrl-Z in its terminal or by SIGSTOP."""
+    pid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return
+    if state in ("T", "t"):
+        raise AgentSuspendedError(
+            f"the agent on {socket_path} (pid {pid}) is suspended and answers nothing until it is continued: it "
+            f"was stopped (Ctrl-Z in the terminal it runs in, or SIGSTOP); `fg` in that terminal's shell, or "
+            f"`kill -CONT {pid}`, brings it back")
 
 
 def other_control_sockets(config: AgentConfig, tried: Path) -> list[Path]:
