@@ -10,9 +10,13 @@ SoftHSM identity, a real pynetdicom PACS over TLS, 8 real C-STOREs.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import select
 import signal
 import socket
+import subprocess
+import termios
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -35,7 +39,7 @@ from agent_runner import (
     wait_for,
     write_config,
 )
-from conftest import ProvisionedPki
+from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
 from peers.pynetdicom_scp import associate, tls_scp
 from peers.study import make_study, sop_instance_uid
 
@@ -281,3 +285,53 @@ def listening(port: int) -> bool:
     except ConnectionRefusedError:
         return False
     return True
+
+
+def test_an_agent_suspended_with_ctrl_z_in_bash_is_locked_and_stops_when_its_window_is_closed(
+        test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A real interactive bash on a pseudo-terminal: the agent signed in, in the foreground; Ctrl-Z
+    locks its session and suspends it (bash: "Stopped"); the window closed, bash passes the hang-up
+    on to its stopped job with SIGCONT, and the agent stops as its terminal's programs do, its stop
+    audited."""
+    (tmp_path / "agent").mkdir()
+    audit_file, log_path = tmp_path / "audit.log", tmp_path / "agent.log"
+    config = write_config(tmp_path / "agent" / "agent.toml", test_pki, [tunnel("pacs", 104)],
+                          audit={"file": str(audit_file)})
+    window, terminal = os.openpty()
+    bash = subprocess.Popen(["bash", "--norc", "--noprofile", "-i"], stdin=terminal, stdout=terminal,
+                            stderr=terminal, env={**test_pki.env(CARD_PIN=USER_PIN), "PS1": "$ ", "TERM": "dumb"},
+                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(terminal)
+    shown = bytearray()
+    try:
+        os.write(window, f"{CARD_AGENT} run --config {config} 2>{log_path}\n".encode())
+        wait_for(lambda: log_path.exists() and 'event=sign-in subject="CN=Alice Example' in log_path.read_text(),
+                 timeout=30)
+        os.write(window, b"\x1a")  # Ctrl-Z
+        wait_for(lambda: _read_into(shown, window) and b"Stopped" in shown, timeout=10)
+        [agent] = map(int, Path(f"/proc/{bash.pid}/task/{bash.pid}/children").read_text().split())  # bash's job
+        os.close(window)  # the window closed: the terminal hangs up
+        wait_for(lambda: not Path(f"/proc/{agent}").exists(), timeout=20)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(window)
+        bash.kill()
+        bash.wait(10)
+    log = log_path.read_text()
+    assert 'event=sign-out reason="locked"' in log, log
+    assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
+    assert audit_events(audit_file)[-2:] == [
+        ("110114", "110123", "locked"),  # Logout, at the Ctrl-Z
+        ("110100", "110121", "SIGHUP: the terminal it was started from was closed"),  # Application Stop
+    ]
+
+
+def _read_into(shown: bytearray, window: int) -> bool:
+    """What the terminal shows, read into ``shown`` as far as it has come; True once anything has."""
+    while select.select([window], [], [], 0.05)[0]:
+        try:
+            shown += os.read(window, 4096)
+        except OSError:  # the terminal hung up
+            break
+    return bool(shown)
+
