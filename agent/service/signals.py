@@ -93,6 +93,14 @@ class StopRequest:
         self.flag.set()
 
 
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; ``signal 35`` for a number without a name (a real-time signal)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _written_to_the_pipe(signum: int, frame: FrameType | None) -> None:
     """The Python handler of an acted-on signal: nothing to do, the number is in the pipe already."""
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from dicom_card_agent.session.runtime_dir import (
     runtime_directories_for,
     runtime_directory,
 )
+from dicom_card_agent.tunnel.peer import identify_server
 
 if TYPE_CHECKING:
     from dicom_card_agent.config.model import AgentConfig
@@ -103,7 +103,9 @@ def _refuse_if_suspended(client: socket.socket, socket_path: Path) -> None:
     """A stopped agent's socket still takes connections (the kernel queues them): the question then
     waited 10 s and ended as `no agent answers ... (timed out): is card-agent run ... running?`, of
     an agent that was running, suspended by Ctrl-Z in its terminal or by SIGSTOP."""
-    pid = struct.unpack("3i", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    pid = identify_server(client).pid
+    if pid is None:  # in a PID namespace this process cannot see
+        return
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from dicom_card_agent.config.model import AgentConfig
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
 from dicom_card_agent.revocation.peer import CardRevokedError
-from dicom_card_agent.service.signals import SUPERVISORS_SIGNALS, blocked
+from dicom_card_agent.service.signals import SUPERVISORS_SIGNALS, blocked, signal_name
 from dicom_card_agent.session import channel as messages
 from dicom_card_agent.session.identity import (
     LOGIN_ACCEPTED,
@@ -81,11 +80,7 @@ def _dropped(kind: str, why: str) -> dict[str, Any]:
 def describe_exit(status: int) -> str:
     """How a process's exit reads in the log: ``was killed by SIGKILL``, ``exited with status 1``."""
     if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = f"signal {-status}"
-        return f"was killed by {name}"
+        return f"was killed by {signal_name(-status)}"
     return f"exited with status {status}"
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from dicom_card_agent.desktop.pinentry_choice import shows_on_terminal
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.lifecycle.cancel import current_scope
-from dicom_card_agent.service.signals import JOB_CONTROL_SIGNALS, blocked
+from dicom_card_agent.service.signals import JOB_CONTROL_SIGNALS, blocked, signal_name
 from dicom_card_agent.token.secret import Secret, wipe
 
 ASSUAN_CANCELLED = 83886179  # GPG_ERR_CANCELED in the pinentry source
@@ -64,13 +64,6 @@ def escape(text: str) -> str:
 # What a program's own fault ends it with: a crash, where another signal is someone ending it.
 _CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
                       signal.SIGTRAP})
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def command(verb: str, text: str) -> str:
@@ -179,9 +172,9 @@ class _AssuanPipe:
         except subprocess.TimeoutExpired:
             status = None
         if status is not None and status < 0 and -status not in _CRASHES:
-            return PinDialogEndedError(f"the PIN dialog ({self.program}) was ended by {_signal_name(-status)}: "
+            return PinDialogEndedError(f"the PIN dialog ({self.program}) was ended by {signal_name(-status)}: "
                                        "nothing was sent to the card")
-        how = ("closed its output" if status is None else f"crashed ({_signal_name(-status)})" if status < 0
+        how = ("closed its output" if status is None else f"crashed ({signal_name(-status)})" if status < 0
                else f"exited with status {status}")
         return PinentryError(f"the pinentry program {self.program!r} {how} while its dialog was open: nothing was "
                              "sent to the card")
