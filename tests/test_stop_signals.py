@@ -290,9 +290,9 @@ def listening(port: int) -> bool:
 def test_an_agent_suspended_with_ctrl_z_in_bash_is_locked_and_stops_when_its_window_is_closed(
         test_pki: ProvisionedPki, tmp_path: Path) -> None:
     """A real interactive bash on a pseudo-terminal: the agent signed in, in the foreground; Ctrl-Z
-    locks its session and suspends it (bash: "Stopped"); the window closed, bash passes the hang-up
-    on to its stopped job with SIGCONT, and the agent stops as its terminal's programs do, its stop
-    audited."""
+    locks its session and suspends it (bash: "Stopped"); the window closed, bash continues its
+    stopped job and ends it (the hang-up passed on, or SIGTERM as bash itself exits), and the agent
+    stops as its terminal's programs do, its stop audited."""
     (tmp_path / "agent").mkdir()
     audit_file, log_path = tmp_path / "audit.log", tmp_path / "agent.log"
     config = write_config(tmp_path / "agent" / "agent.toml", test_pki, [tunnel("pacs", 104)],
@@ -304,6 +304,9 @@ def test_an_agent_suspended_with_ctrl_z_in_bash_is_locked_and_stops_when_its_win
     os.close(terminal)
     shown = bytearray()
     try:
+        # Typed once bash shows its prompt: a line typed while it still sets up the terminal may be
+        # discarded with the modes it changes.
+        wait_for(lambda: _read_into(shown, window) and shown.endswith(b"$ "), timeout=30)
         os.write(window, f"{CARD_AGENT} run --config {config} 2>{log_path}\n".encode())
         wait_for(lambda: log_path.exists() and 'event=sign-in subject="CN=Alice Example' in log_path.read_text(),
                  timeout=30)
@@ -319,11 +322,18 @@ def test_an_agent_suspended_with_ctrl_z_in_bash_is_locked_and_stops_when_its_win
         bash.wait(10)
     log = log_path.read_text()
     assert 'event=sign-out reason="locked"' in log, log
-    assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
-    assert audit_events(audit_file)[-2:] == [
-        ("110114", "110123", "locked"),  # Logout, at the Ctrl-Z
-        ("110100", "110121", "SIGHUP: the terminal it was started from was closed"),  # Application Stop
-    ]
+    assert "card-agent: INFO: stopping\n" in log, log
+    # Which of bash's two ways to end its stopped job comes first is a race within bash: the hang-up
+    # passed on (SIGHUP, with SIGCONT), or its own exit at the terminal's end, which terminates
+    # stopped jobs (SIGTERM, with SIGCONT). Either is a clean stop, audited with its cause.
+    logout, application_stop = audit_events(audit_file)[-2:]
+    assert logout == ("110114", "110123", "locked")  # at the Ctrl-Z
+    assert application_stop in {("110100", "110121", "SIGHUP: the terminal it was started from was closed"),
+                                ("110100", "110121", "SIGTERM")}, application_stop
+    if application_stop[2] == "SIGTERM":
+        assert "SIGHUP: the terminal the agent was started from was closed" not in log, log
+    else:
+        assert "card-agent: INFO: SIGHUP: the terminal the agent was started from was closed: stopping\n" in log, log
 
 
 def _read_into(shown: bytearray, window: int) -> bool:
