@@ -218,16 +218,22 @@ def refused_at_once(port: int) -> str:
     return reject.describe()
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces and parentheses):
+    [0] the state (T: stopped), [1] the parent, [3] the session."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def card_session_pid(agent_pid: int) -> int | None:
     """The pid of the agent's card-session process (its child running agent.session.worker), if any."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for process in Path("/proc").glob("[0-9]*"):
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
+            parent = int(stat_fields(process.name)[1])
+            cmdline = (process / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
         if parent == agent_pid and b"agent.session.worker" in cmdline:
-            return int(stat.parent.name)
+            return int(process.name)
     return None
 
 

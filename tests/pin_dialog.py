@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import wait_for
+from agent_runner import stat_fields, wait_for
 
 PINENTRY_TTY = "/usr/bin/pinentry-tty"
 
@@ -91,17 +91,12 @@ def pinentry_processes(session: int | None = None, *, parent: int | None = None)
         try:
             if cmdline.read_bytes().split(b"\0")[0] != PINENTRY_TTY.encode():
                 continue
-            if session is not None and _stat_field(cmdline.parent, 3) != session:
+            if session is not None and int(stat_fields(cmdline.parent.name)[3]) != session:
                 continue
-            if parent is not None and _stat_field(cmdline.parent, 1) != parent:
+            if parent is not None and int(stat_fields(cmdline.parent.name)[1]) != parent:
                 continue
         except (OSError, IndexError, ValueError):
             continue
         found.append(int(cmdline.parent.name))
     return found
 
-
-def _stat_field(process: Path, index: int) -> int:
-    """A number of /proc/PID/stat after the command name: 1 the parent, 3 the session."""
-    # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses
-    return int((process / "stat").read_text().rsplit(")", 1)[1].split()[index])

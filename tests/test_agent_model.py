@@ -45,7 +45,7 @@ from hypothesis.stateful import (
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from agent_runner import ANY_SOFTHSM_TOKEN, card_session_pid, running_agent, tunnel, wait_for
+from agent_runner import ANY_SOFTHSM_TOKEN, card_session_pid, running_agent, stat_fields, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
 from dicom_card_agent.lifecycle.machine import MAX_SESSION_LOSSES
 from fault_pkcs11 import FaultControl
@@ -378,7 +378,7 @@ class AgentModel(RuleBasedStateMachine):
         self.wait_for_state()
         pid = self.agent.process.pid
         self.agent.process.send_signal(signal.SIGTSTP)
-        wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", SETTLE)
+        wait_for(lambda: stat_fields(pid)[0] == "T", SETTLE)
         self.agent.process.send_signal(signal.SIGCONT)
         if self.status == SIGNED_IN:
             self.status = LOCKED

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from agent_runner import RunningAgent, agent_status, running_agent, tunnel, wait_for
+from agent_runner import RunningAgent, agent_status, running_agent, stat_fields, tunnel, wait_for
 from conftest import HELPERS, USER_PIN, ProvisionedPki
 from fault_pkcs11 import FaultControl
 from peers.ports import free_port
@@ -148,7 +148,7 @@ def test_an_agent_left_in_the_background_by_a_shell_that_ended_says_the_prompt_c
 def job_stopped(shell: int) -> bool:
     """Whether the job of the job-control shell ``shell`` is stopped (Ctrl-Z)."""
     job = Path(f"/proc/{shell}/task/{shell}/children").read_text().split()[0]
-    return Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    return stat_fields(job)[0] == "T"
 
 
 @pytest.mark.parametrize("pin", list(ON_THE_TERMINAL))
