@@ -47,6 +47,7 @@ def test_an_agent_started_with_its_standard_streams_closed_takes_nothing_written
         assert standard_descriptors(agent.pid) == ["/dev/null"] * 3
         assert standard_descriptors(session) == ["/dev/null"] * 3
     finally:
-        assert stop_agent(agent) == 0
+        stopped_with = stop_agent(agent)  # asserted after: an assert here would hide why the test failed
+    assert stopped_with == 0
     stop = ET.fromstring(audit_file.read_bytes().splitlines()[-1]).find("EventIdentification")
     assert stop.findtext("EventOutcomeDescription") == "SIGTERM"
