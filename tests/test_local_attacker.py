@@ -4,20 +4,25 @@ agent on SoftHSM, a real TLS PACS (pynetdicom) and the clinician's application (
 * refused connections in a crowd must not take the places of max_connections;
 * a refused connection must not make the clinician's associations wait for the lookup of its pid
   (a scan of every process's descriptors, which that user can make last seconds);
-* a tunnel's port taken while the agent restarts is named, with its holder, in the error.
+* a tunnel's port taken while the agent restarts is named, with its holder, in the error;
+* the other address of `localhost` at a tunnel's port is not theirs to listen on.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from agent_runner import NOBODY, associate_rq, running_agent, start_agent, stop_agent, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki
+from dicom_card_agent.dicom.pdu import PduType
 from peers.dcmtk import echoscu
 from peers.ports import free_port
 from peers.pynetdicom_scp import tls_scp
@@ -111,12 +116,18 @@ DESCRIPTOR_HOLDER = textwrap.dedent("""
 """)
 
 # Listens on the port, as another user would while the agent restarts, until killed.
+# Listens on HOST:PORT, where the clinician's applications may send their associations; prints
+# "listening", or why it cannot.
 SQUATTER = textwrap.dedent("""
     import socket, sys, time
-    sock = socket.socket()
+    host, port = sys.argv[1], int(sys.argv[2])
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", int(sys.argv[1])))
-    sock.listen(16)
+    try:
+        sock.bind((host, port))
+        sock.listen(16)
+    except OSError as error:
+        sys.exit(print("cannot listen:", error.strerror, flush=True))
     print("listening", flush=True)
     time.sleep(120)
 """)
@@ -223,15 +234,18 @@ def test_a_refused_user_holding_many_descriptors_does_not_delay_the_clinician(te
     assert "refused local connection from uid 65534 pid" in log, log
 
 
+@pytest.mark.parametrize("taken", ["127.0.0.1", "::1"])
 def test_a_port_another_user_took_during_a_restart_is_named_with_its_holder(test_pki: ProvisionedPki,
-                                                                            tmp_path: Path) -> None:
+                                                                            tmp_path: Path, taken: str) -> None:
     """uid 65534 listens on the tunnel's port as the agent starts (as it could during a restart, with
-    systemd's RestartSec=2): the agent stops, naming the port's holder (the old message was only
-    "Address already in use", while the clinician's applications sent their associations to it),
-    and the audit trail gets a Security Alert naming that user."""
+    systemd's RestartSec=2), or on the other address of `localhost` at that port, which applications
+    told `localhost` may try first: the agent stops, naming the port's holder (the old message was
+    only "Address already in use", while the clinician's applications sent their associations to
+    it; on ::1 the agent started and said nothing), and the audit trail gets a Security Alert
+    naming that user."""
     audit_file = tmp_path / "audit" / "audit.log"
     port = free_port()
-    squatter = as_nobody(SQUATTER, str(port))
+    squatter = as_nobody(SQUATTER, taken, str(port))
     try:
         assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
         config = write_config(tmp_path / "agent.toml", test_pki,
@@ -246,20 +260,25 @@ def test_a_port_another_user_took_during_a_restart_is_named_with_its_holder(test
         end(squatter)
     log = (tmp_path / "agent.log").read_text()
     assert agent.returncode != 0, log
-    assert (f"cannot listen on 127.0.0.1:{port}: it is already in use by uid 65534 (nobody): another user may be "
-            "waiting for your applications' associations") in log, log
+    cannot = (f"cannot listen on 127.0.0.1:{port}" if taken == "127.0.0.1" else
+              f"cannot keep [::1]:{port} from other users (the other address of `localhost` beside 127.0.0.1:{port}, "
+              "where the agent listens: applications told `localhost` may try it first)")
+    assert (f"{cannot}: it is already in use by uid 65534 (nobody): another user may be waiting for your "
+            "applications' associations") in log, log
     alerts = [line for line in audit_file.read_text().splitlines()
               if 'csd-code="110132"' in line and "already in use by uid 65534" in line]
     assert len(alerts) == 1, audit_file.read_text()
 
 
+@pytest.mark.parametrize("held", ["127.0.0.1", "::1"])
 def test_a_reload_that_adds_a_port_another_user_holds_is_refused_and_audited(test_pki: ProvisionedPki,
-                                                                            tmp_path: Path) -> None:
-    """A reload (SIGHUP) that adds a tunnel whose port uid 65534 holds is refused, naming the holder,
-    and the audit trail gets a Security Alert: that user may be receiving the applications' requests."""
+                                                                            tmp_path: Path, held: str) -> None:
+    """A reload (SIGHUP) that adds a tunnel whose port uid 65534 holds, on its address or on the
+    other address of `localhost`, is refused, naming the holder, and the audit trail gets a Security
+    Alert: that user may be receiving the applications' requests."""
     audit_file = tmp_path / "audit" / "audit.log"
     taken = free_port()
-    squatter = as_nobody(SQUATTER, str(taken))
+    squatter = as_nobody(SQUATTER, held, str(taken))
     try:
         assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
         with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)],
@@ -268,9 +287,48 @@ def test_a_reload_that_adds_a_port_another_user_holds_is_refused_and_audited(tes
             write_config(tmp_path / "agent" / "agent.toml", test_pki, tunnels, audit={"file": str(audit_file)})
             agent.process.send_signal(signal.SIGHUP)
             log = agent.wait_for_log("configuration not reloaded")
+            if held == "::1":  # the new tunnel's own address was let go again
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", taken), timeout=5)
     finally:
         end(squatter)
     alerts = [line for line in audit_file.read_text().splitlines()
               if 'csd-code="110132"' in line and "already in use by uid 65534" in line]
-    assert f"cannot listen on 127.0.0.1:{taken}: it is already in use by uid 65534 (nobody)" in log, log
+    cannot = (f"cannot listen on 127.0.0.1:{taken}" if held == "127.0.0.1" else
+              f"cannot keep [::1]:{taken} from other users (the other address of `localhost` beside 127.0.0.1:{taken}, "
+              "where the agent listens: applications told `localhost` may try it first)")
+    assert f"{cannot}: it is already in use by uid 65534 (nobody)" in log, log
     assert len(alerts) == 1, audit_file.read_text()
+
+
+def connected_as_localhost(port: int) -> socket.socket:
+    """The connection an application told `localhost` makes with Python's socket.create_connection on
+    Debian or Ubuntu, whose /etc/hosts names ::1 first (this machine's names 127.0.0.1 alone): ::1,
+    then 127.0.0.1 when refused."""
+    for host in ("::1", "127.0.0.1"):
+        try:
+            return socket.create_connection((host, port), timeout=10)
+        except ConnectionRefusedError:
+            continue
+    raise AssertionError(f"nothing listens on localhost port {port}")
+
+
+def test_an_application_told_localhost_reaches_the_tunnel_and_not_another_user(test_pki: ProvisionedPki,
+                                                                               tmp_path: Path) -> None:
+    """uid 65534 cannot listen on [::1] at the port of a tunnel on 127.0.0.1 (it could, and an
+    application told `localhost` sent it its association, in plain text); that application's
+    association reaches the PACS through the tunnel (its A-ASSOCIATE-AC comes back)."""
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)]) as agent:
+            agent.wait_for_log(SIGNED_IN)
+            squatter = as_nobody(SQUATTER, "::1", str(agent.port()))
+            try:
+                assert squatter.stdout is not None
+                assert squatter.stdout.readline() == "cannot listen: Address already in use\n"
+            finally:
+                end(squatter)
+            with connected_as_localhost(agent.port()) as application:
+                assert application.getpeername()[:2] == ("127.0.0.1", agent.port())
+                application.sendall(associate_rq())
+                answer = application.recv(1)
+    assert answer == bytes([PduType.A_ASSOCIATE_AC]), answer

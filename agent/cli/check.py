@@ -31,6 +31,7 @@ from dicom_card_agent.tls.failures import connect_failure
 from dicom_card_agent.token.pin import PinSource
 from dicom_card_agent.trust.anchors import TrustAnchors, load_certificates
 from dicom_card_agent.tunnel.connecting import connect_tcp
+from dicom_card_agent.tunnel.localhost_guard import hold_other_address
 from dicom_card_agent.tunnel.peer import (
     NonLoopbackListenError,
     PortInUseError,
@@ -193,7 +194,10 @@ def _listen_check(listener: TunnelConfig | InboundConfig, running: RunningAgents
             os.unlink(listen.unix_path)
         else:
             assert listen.host is not None and listen.port is not None
-            create_tcp_listener(listen.host, listen.port, unsafe_listen=True).close()
+            with create_tcp_listener(listen.host, listen.port, unsafe_listen=True) as sock:
+                guard = hold_other_address(sock) if isinstance(listener, TunnelConfig) else None
+                if guard is not None:
+                    guard.close()
     except (CardAgentError, OSError) as error:
         return _listen_failed(f"{kind} {listener.name}: {error}", name, error, running)
     if listen.host is not None and not is_address_of_this_machine(listen.host):

@@ -140,11 +140,14 @@ class PortInUseError(ListenerError):
     """Another socket holds the TCP address ``address`` a listener needs (EADDRINUSE); ``holder_uid`` is
     its owner's uid once :meth:`naming_the_holder` found it (None otherwise)."""
 
-    def __init__(self, message: str, where: str, address: Endpoint, holder_uid: int | None = None) -> None:
+    def __init__(self, message: str, where: str, address: Endpoint, holder_uid: int | None = None, *,
+                 cannot: str = "", keep: str = "") -> None:
         super().__init__(message)
         self.where = where
         self.address = address
         self.holder_uid = holder_uid
+        self.cannot = cannot or f"cannot listen on {where}"  # what could not be done, as the message begins
+        self.keep = keep or KEEP_THE_PORT  # how to keep the address from another user
 
     @property
     def by_another_user(self) -> bool:
@@ -155,7 +158,7 @@ class PortInUseError(ListenerError):
         """This error naming the owner of the socket that holds the address, as far as the kernel
         tells (sock_diag, else /proc/net/tcp*): while the agent restarts, another user can take a
         tunnel's loopback port and receive what the applications send there."""
-        return _port_in_use(self.where, self.address)
+        return port_in_use(self.where, self.address, self.cannot, self.keep)
 
 
 class SocketPathError(ListenerError):
@@ -732,7 +735,7 @@ def create_tcp_listener(host: str, port: int, unsafe_listen: bool = False) -> so
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _bind_before_the_address_exists(sock, sockaddr)
+        bind_before_the_address_exists(sock, sockaddr)
         sock.listen(LISTEN_BACKLOG)
     except OSError as error:
         sock.close()
@@ -742,33 +745,37 @@ def create_tcp_listener(host: str, port: int, unsafe_listen: bool = False) -> so
     return sock
 
 
-def _port_in_use(where: str, address: Endpoint) -> PortInUseError:
+KEEP_THE_PORT = ("To keep the port across restarts, let systemd hold it (card-agent.socket), or listen on a unix "
+                 "socket or a port below 1024 (docs/security.md)")
+
+
+def port_in_use(where: str, address: Endpoint, cannot: str, keep: str = KEEP_THE_PORT) -> PortInUseError:
     """The error for a TCP address another socket holds, naming its owner (see
-    :meth:`PortInUseError.naming_the_holder`)."""
+    :meth:`PortInUseError.naming_the_holder`); its message begins with ``cannot``, and says how to
+    ``keep`` the port when another user holds it."""
     host, port = address
     if host.is_unspecified:  # a wildcard listener also takes the connections to loopback
         host = ipaddress.IPv4Address("127.0.0.1") if host.version == 4 else ipaddress.IPv6Address("::1")
     try:
         row = _listener_row((host, port), host)
     except PeerLookupError as error:
-        return PortInUseError(f"cannot listen on {where}: the address is already in use (by whom cannot be "
-                              f"told: {error})", where, address)
+        return PortInUseError(f"{cannot}: the address is already in use (by whom cannot be "
+                              f"told: {error})", where, address, cannot=cannot, keep=keep)
     if row is None or listener_owner_doubt(row) is not None:
-        return PortInUseError(f"cannot listen on {where}: the address is already in use, by a socket that is not "
+        return PortInUseError(f"{cannot}: the address is already in use, by a socket that is not "
                               "listening (a connection's end, or a program about to listen): try again in a moment, "
-                              "or find it with `ss -tanpe`", where, address)
+                              "or find it with `ss -tanpe`", where, address, cannot=cannot, keep=keep)
     holder = f"uid {row.uid} ({user_name(row.uid)})"
     find = f"find the program with `ss -ltnpe 'sport = :{port}'`"
     if row.uid == os.geteuid():
-        return PortInUseError(f"cannot listen on {where}: it is already in use by {holder}, the agent's own user: "
+        return PortInUseError(f"{cannot}: it is already in use by {holder}, the agent's own user: "
                               f"is another card agent (or an earlier one) still running? {find}", where, address,
-                              row.uid)
+                              row.uid, cannot=cannot, keep=keep)
     return PortInUseError(
-        f"cannot listen on {where}: it is already in use by {holder}: another user may be waiting for your "
+        f"{cannot}: it is already in use by {holder}: another user may be waiting for your "
         f"applications' associations, to read what they send (in plain text) to this port; {find} and stop it, "
-        "and do not send anything there until the agent listens again. To keep the port across restarts, let "
-        "systemd hold it (card-agent.socket), or listen on a unix socket or a port below 1024 (docs/security.md)",
-        where, address, row.uid)
+        f"and do not send anything there until the agent listens again. {keep}",
+        where, address, row.uid, cannot=cannot, keep=keep)
 
 
 def user_name(uid: int) -> str:
@@ -784,7 +791,7 @@ _FREEBIND = ({socket.AF_INET: (socket.IPPROTO_IP, 15), socket.AF_INET6: (socket.
              if sys.platform == "linux" else {})
 
 
-def _bind_before_the_address_exists(sock: socket.socket, sockaddr: tuple) -> None:
+def bind_before_the_address_exists(sock: socket.socket, sockaddr: tuple) -> None:
     """Bind, also to an address this machine does not have yet, where the system allows it.
 
     An inbound listener's address is the workstation's on the hospital network, which may come up
@@ -802,7 +809,7 @@ def _bind_before_the_address_exists(sock: socket.socket, sockaddr: tuple) -> Non
 
 def is_address_of_this_machine(host: str) -> bool:
     """Whether the listen address ``host`` is one this machine has now (see
-    :func:`_bind_before_the_address_exists`); a name that does not resolve counts as one."""
+    :func:`bind_before_the_address_exists`); a name that does not resolve counts as one."""
     try:
         family, sockaddr = _bind_address(host, 0, host)
     except ListenerError:

@@ -9,7 +9,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dicom_card_agent.audit.events import AlertType, AuditEvent, LocalPeer, Outcome
@@ -30,6 +30,13 @@ from dicom_card_agent.tunnel.admission import (
     RefusalLog,
     connection_source,
     is_allowed,
+)
+from dicom_card_agent.tunnel.localhost_guard import (
+    bound_endpoint,
+    describe,
+    hold_other_address,
+    listen_endpoint,
+    other_localhost_endpoint,
 )
 from dicom_card_agent.tunnel.peer import (
     SOCKET_FILE_CHECK_SECONDS,
@@ -75,6 +82,9 @@ class Listeners:
         activated = activated or ActivatedSockets([])
         self._activated_fds: set[int] = set()  # systemd's sockets: their unix paths are its to remove
         self.sockets: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
+        # By a tunnel's listening descriptor: the other address of `localhost` at its port, bound, not
+        # listening, so that no other user can listen there (agent/tunnel/localhost_guard.py).
+        self._guards: dict[int, socket.socket] = {}
         self.policies = {tunnel.name: PeerPolicy.allowing(tunnel.allowed_uids)
                          for tunnel in config.tunnels}
         self.manager: SessionManager | None = None
@@ -102,6 +112,7 @@ class Listeners:
                 self.sockets[sock.fileno()] = (sock, listener)
                 self._selector.register(sock, selectors.EVENT_READ)
             activated.check_all_taken()
+            self._guards, _ = self._guard(self.sockets)
         except CardAgentError:
             self.close()
             raise
@@ -174,13 +185,16 @@ class Listeners:
             old_policies, self.policies = self.policies, policies  # _open reads a unix socket's users from them
             opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]] = []
             chosen: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]] = {}
+            new_guards: list[socket.socket] = []
             try:
                 for listener in config.listeners:
                     sock = kept.get(str(listener.listen))
                     if sock is None:
+                        self._refuse_a_guarded_address(listener)
                         sock = self._open(listener)
                         opened.append((sock, listener))
                     chosen[sock.fileno()] = (sock, listener)
+                guards, new_guards = self._guard(chosen, self._guards)
             except CardAgentError:
                 self._close_unused(opened)
                 raise
@@ -191,12 +205,15 @@ class Listeners:
             with self._lock:
                 if self._stop.is_set():  # close() came meanwhile: the agent stops
                     self._close_unused(opened)
+                    _close_all(new_guards)
                     return False
                 borrower = self._lent_to
                 if borrower is not None:  # it gets the new set below
                     self._take_back()
                 self._keep_sockets_made_again(chosen, [sock for sock, _ in opened])
                 retired = [(sock, listener) for fd, (sock, listener) in self.sockets.items() if fd not in chosen]
+                _close_all([guard for fd, guard in self._guards.items() if fd not in guards])
+                self._guards = guards
                 for sock, _ in opened:
                     self._selector.register(sock, selectors.EVENT_READ)
                 self.sockets, self.policies, self.config = chosen, policies, config
@@ -218,6 +235,56 @@ class Listeners:
                     self._lend(borrower)
             return True
         return commit
+
+    def _guard(self, sockets: dict[int, tuple[socket.socket, TunnelConfig | InboundConfig]],
+               held: dict[int, socket.socket] | None = None) -> tuple[dict[int, socket.socket], list[socket.socket]]:
+        """The other `localhost` address of each tunnel's TCP port in ``sockets``, bound so that no
+        other user can listen there: those ``held`` already, and new ones (also returned apart). A
+        port whose other address is a listener of ``sockets`` needs none. CardAgentError, the new ones
+        closed, when one cannot be had (with a Security Alert when another user has it)."""
+        held = held or {}
+        listening = {bound_endpoint(sock) for sock, _ in sockets.values()}
+        ours_until_the_reload = {bound_endpoint(sock) for fd, (sock, _) in self.sockets.items() if fd not in sockets}
+        guards: dict[int, socket.socket] = {}
+        new: list[socket.socket] = []
+        try:
+            for fd, (sock, listener) in sockets.items():
+                if fd in held:
+                    guards[fd] = held[fd]
+                    continue
+                endpoint = bound_endpoint(sock) if isinstance(listener, TunnelConfig) else None
+                other = other_localhost_endpoint(endpoint) if endpoint is not None else None
+                if endpoint is None or other is None or other in listening:
+                    continue
+                if other in ours_until_the_reload:
+                    raise CardAgentError(
+                        f"cannot keep {describe(other)} from other users at a reload (the other address of "
+                        f"`localhost` beside {describe(endpoint)}, where {_kind(listener)} {listener.name!r} "
+                        "listens): a listener the reload removes holds it until then; restart the agent")
+                try:
+                    guard = hold_other_address(sock)
+                except PortInUseError as error:
+                    self._alert_port_taken(listener, error)
+                    raise
+                if guard is not None:
+                    guards[fd] = guard
+                    new.append(guard)
+        except CardAgentError:
+            _close_all(new)
+            raise
+        return guards, new
+
+    def _refuse_a_guarded_address(self, listener: TunnelConfig | InboundConfig) -> None:
+        """CardAgentError when a reload's new ``listener`` is to listen where the agent keeps the other
+        `localhost` address of a tunnel's port: only a restart can move it from one to the other."""
+        endpoint = listen_endpoint(listener.listen)
+        for fd, guard in self._guards.items():
+            if endpoint is not None and bound_endpoint(guard) == endpoint:
+                _, keeper = self.sockets[fd]
+                raise CardAgentError(
+                    f"cannot listen on {listener.listen} ({_kind(listener)} {listener.name!r}) at a reload: the "
+                    f"agent keeps that address from other users as the other address of `localhost` beside "
+                    f"{keeper.listen} ({_kind(keeper)} {keeper.name!r}); restart the agent to listen there")
 
     def _close_unused(self, opened: list[tuple[socket.socket, TunnelConfig | InboundConfig]]) -> None:
         """Close the sockets :meth:`prepare` opened for a reload that does not take effect."""
@@ -600,6 +667,8 @@ class Listeners:
                 if tunnel.listen.unix_path:
                     self._remove_socket_file(tunnel.listen.unix_path)
             self.sockets.clear()
+            _close_all(self._guards.values())
+            self._guards.clear()
             self._selector.close()
 
 
@@ -650,6 +719,11 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _close_all(sockets: Iterable[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _kind(listener: TunnelConfig | InboundConfig) -> str:
