@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner import NOBODY, port_of, tunnel, write_config
+from agent_runner import NOBODY, port_of, running_agent, tunnel, write_config
 from conftest import USER_PIN, ProvisionedPki, run_card_agent
 from dicom_card_agent.config.model import load_config
 from dicom_card_agent.errors import CardAgentError
@@ -166,6 +166,19 @@ def test_check_names_another_user_on_the_other_localhost_address(test_pki: Provi
         f"beside 127.0.0.1:{port}, where the agent listens: applications told `localhost` may try it first): it is "
         "already in use by uid 65534 (nobody): another user may be waiting for your applications' associations, to "
         f"read what they send (in plain text) to this port; find the program with `ss -ltnpe 'sport = :{port}'` and "
-        "stop it, and do not send anything there until the agent listens again. Until then, give the applications "
-        "the tunnel's address rather than `localhost`; to keep both across restarts, listen on a unix socket or a "
-        "port below 1024 (docs/security.md)"], checked.stdout
+        "stop it, and do not send anything there until the agent listens again. Until then, use the address the "
+        "agent listens on, not `localhost`; to keep both across restarts, listen on a unix socket or a port below "
+        "1024 (docs/security.md)"], checked.stdout
+
+
+def test_the_metrics_port_keeps_its_other_localhost_address_too(test_pki: ProvisionedPki, tmp_path: Path) -> None:
+    """A scraper told `localhost:PORT` (Prometheus, in Go, tries ::1 first) must read the agent's
+    numbers, not another user's: uid 65534 cannot listen on [::1] at the metrics port while the
+    agent serves it on 127.0.0.1, and can once the agent has stopped."""
+    port = free_port()
+    with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)],
+                       metrics={"listen": f"127.0.0.1:{port}"}):
+        assert set(binds_of_another_user("::1", port).values()) == {"Address already in use"}
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("::1", port), timeout=5)
+    assert binds_of_another_user("::1", port)["::1 plain"] == "listening"

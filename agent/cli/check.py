@@ -251,7 +251,9 @@ def _metrics_checks(settings: AgentConfig, running: RunningAgents) -> Iterator[C
     if metrics.listen is not None:
         listen = metrics.listen
         try:
-            open_listener(listen).close()
+            for sock in open_listener(listen):
+                if sock is not None:
+                    sock.close()
             if listen.unix_path:
                 os.unlink(listen.unix_path)
         except NonLoopbackListenError as error:

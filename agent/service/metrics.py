@@ -40,6 +40,7 @@ from dicom_card_agent.tunnel.counters import (
     cumulative_buckets,
     empty_histogram,
 )
+from dicom_card_agent.tunnel.localhost_guard import hold_other_address
 from dicom_card_agent.tunnel.peer import (
     NonLoopbackListenError,
     create_tcp_listener,
@@ -349,11 +350,12 @@ def textfile_problem(path: Path) -> str | None:
     return None
 
 
-def open_listener(listen: ListenAddress) -> socket.socket:
+def open_listener(listen: ListenAddress) -> tuple[socket.socket, socket.socket | None]:
     """The socket of [metrics].listen, as ``run`` opens it and ``check`` tries it: loopback TCP, or a
-    unix socket 0600 in a private directory. Raises :class:`ListenerError` saying why not."""
+    unix socket 0600 in a private directory; with the other address of `localhost` at a TCP port,
+    held from other users (agent/tunnel/localhost_guard.py). Raises :class:`ListenerError` saying why not."""
     if listen.unix_path:
-        return create_unix_listener(listen.unix_path)
+        return create_unix_listener(listen.unix_path), None
     assert listen.host is not None and listen.port is not None
     if not is_loopback(listen.host):
         # Not the tunnels' refusal: nobody acts with the card here, and [metrics] has no unsafe_listen.
@@ -361,7 +363,12 @@ def open_listener(listen: ListenAddress) -> socket.socket:
             f"refusing to serve metrics on {listen}: it is not a loopback address, so other machines could read "
             "them (who is signed in, the workstation's PACS traffic). Listen on 127.0.0.1, ::1 or a unix socket; "
             "to scrape from another machine, write a textfile for the workstation's node_exporter")
-    return create_tcp_listener(listen.host, listen.port)
+    sock = create_tcp_listener(listen.host, listen.port)
+    try:
+        return sock, hold_other_address(sock)
+    except CardAgentError:
+        sock.close()
+        raise
 
 
 def _server(config: MetricsConfig, registry: CollectorRegistry, where: str) -> HTTPServer:
@@ -369,12 +376,11 @@ def _server(config: MetricsConfig, registry: CollectorRegistry, where: str) -> H
     listen = config.listen
     assert listen is not None
     try:
-        sock = open_listener(listen)
+        sock, other_localhost = open_listener(listen)
     except CardAgentError as error:
         raise ConfigError(f"{where}: {error}") from None
     handler = type("MetricsHandler", (_Handler,), {"registry": registry})
-    server = _SocketServer(sock, handler)
-    return server
+    return _SocketServer(sock, handler, other_localhost)
 
 
 @dataclass
@@ -406,10 +412,12 @@ class _SocketServer(ThreadingMixIn, HTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, sock: socket.socket, handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(self, sock: socket.socket, handler: type[BaseHTTPRequestHandler],
+                 other_localhost: socket.socket | None) -> None:
         super().__init__(("", 0), handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
+        self._other_localhost = other_localhost  # held while the server listens
         self.address_family = sock.family
         self.server_address = sock.getsockname()
         self._lock = threading.Lock()
@@ -436,6 +444,11 @@ class _SocketServer(ThreadingMixIn, HTTPServer):
             slot = self._slots.get(request)
             if slot is not None:
                 slot.deadline = slot.accepted + SCRAPE_DEADLINE_SECONDS
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._other_localhost is not None:
+            self._other_localhost.close()
 
     def shutdown_request(self, request: Any) -> None:
         with self._lock:

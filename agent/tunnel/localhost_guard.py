@@ -11,7 +11,9 @@ uid 65534's listener there, not the agent).
 So the agent binds the other address and port too, without listening: no other user can bind it
 (the socket has no SO_REUSEADDR, which would let another socket share a port nobody listens on),
 and the kernel refuses a connection there at once, so the application goes on to the address the
-tunnel listens on. Bound by the supervisor, which alone opens listeners; no card session needs it.
+tunnel listens on. The metrics endpoint's port gets the same: a scraper told `localhost` (Prometheus
+is written in Go) would otherwise read another user's numbers. Bound by the supervisor, which alone
+opens listeners; no card session needs it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ IPV4_LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
 IPV6_LOCALHOST = ipaddress.IPv6Address("::1")
 # Said when another user holds the other address: the systemd socket unit holds the listener's own
 # address across restarts, not this one.
-KEEP_THE_OTHER_ADDRESS = ("Until then, give the applications the tunnel's address rather than `localhost`; to keep "
-                          "both across restarts, listen on a unix socket or a port below 1024 (docs/security.md)")
+KEEP_THE_OTHER_ADDRESS = ("Until then, use the address the agent listens on, not `localhost`; to keep both across "
+                          "restarts, listen on a unix socket or a port below 1024 (docs/security.md)")
 
 
 def listen_endpoint(listen: ListenAddress) -> Endpoint | None:
