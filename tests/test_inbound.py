@@ -42,12 +42,14 @@ from dicom_card_agent.softhsm.pki import CertificateAuthority, name
 from dicom_card_agent.tunnel.admission import AllowFromError, RefusalLog, is_allowed, parse_network
 from fault_pkcs11 import RSA_PSS_MECHANISMS, FaultControl
 from peers.dcmtk import storescp, storescu
+from peers.dns import DEBIAN_HOSTS, with_hosts_file
 from peers.netns import late_address
 from peers.orthanc import orthanc
 from peers.pki_files import TlsClientFiles, TlsServerFiles
 from peers.ports import free_port, peer_env
 from peers.pynetdicom_scp import plain_scp
 from peers.study import assert_delivered, make_study
+from test_local_attacker import SQUATTER, as_nobody, end
 from test_tunnel_association import receive_pdu
 
 # Who the PACS is: the names its certificate (the test PKI's localhost node certificate) carries. Needed
@@ -253,6 +255,29 @@ def test_a_storage_scp_of_another_user_gets_nothing(test_pki: ProvisionedPki, tm
     assert result.returncode != 0
     assert stored == []
     assert "retrieved images go only to the signed-in user's own software" in log
+
+
+def test_another_user_on_the_other_localhost_address_does_not_keep_retrieves_from_the_viewer(
+        test_pki: ProvisionedPki, tmp_path: Path, study: list[Path]) -> None:
+    """forward = "localhost:PORT" with Debian's /etc/hosts (::1 first) and uid 65534 listening on
+    [::1]:PORT: the agent refused that listener (as it must) and with it every delivery, though the
+    viewer's storage SCP listened on 127.0.0.1; it now goes on to the address whose listener is the
+    viewer's, and the retrieved instances arrive."""
+    with storescp(tmp_path / "viewer", tls=None) as viewer:
+        squatter = as_nobody(SQUATTER, "::1", str(viewer.port))
+        try:
+            assert squatter.stdout is not None and squatter.stdout.readline() == "listening\n"
+            listener = inbound_listener("retrieves", f"localhost:{viewer.port}", **THE_PACS, **node_identity(test_pki))
+            with running_agent(test_pki, tmp_path / "agent", [], inbound=[listener],
+                               prefix=with_hosts_file(DEBIAN_HOSTS, tmp_path)) as agent:
+                result = storescu(port_of(listener), study[:2], tls=pacs_identity(test_pki), calling_ae="PACS")
+                log = agent.wait_for_log("instances stored", timeout=40)
+        finally:
+            end(squatter)
+        received = viewer.stored_files()
+    assert result.returncode == 0, result.stdout + log
+    assert_delivered(study[:2], received)
+    assert "belongs to uid 65534" not in log
 
 
 def test_the_card_certificate_must_allow_server_authentication(test_pki: ProvisionedPki, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import select
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 
 from dicom_card_agent.tunnel.resolver import AddressInfo, ResolutionGivenUpError, resolve_stream
 from dicom_card_agent.tunnel.session_end import SessionEnd
@@ -25,13 +26,17 @@ from dicom_card_agent.tunnel.session_end import SessionEnd
 ATTEMPT_DELAY = 0.25  # RFC 8305 section 5, "Connection Attempt Delay": 250 ms recommended
 
 
-def connect_tcp(host: str, port: int, timeout: float, ending: SessionEnd) -> socket.socket:
+def connect_tcp(host: str, port: int, timeout: float, ending: SessionEnd, *,
+                refuse: Callable[[socket.socket], Exception | None] | None = None) -> socket.socket:
     """A connected socket (with ``timeout`` set on it) to ``host``:``port``, name lookup included
-    within ``timeout``.
+    within ``timeout``. ``refuse`` is asked of each connection made: one it returns an exception
+    for is closed and the next address tried (`localhost` is ::1 and 127.0.0.1, and another user
+    may listen on the one the server does not).
 
     Raises :class:`SessionEndedError` as soon as ``ending`` is signalled, ``TimeoutError`` when no
     address answered in time, ``socket.gaierror`` or the resolver's errors for a name that does not
-    resolve, else the last address's ``OSError`` (connection refused, unreachable).
+    resolve, else the exception ``refuse`` returned, else the last address's ``OSError``
+    (connection refused, unreachable).
     """
     deadline = time.monotonic() + timeout
     try:
@@ -43,6 +48,21 @@ def connect_tcp(host: str, port: int, timeout: float, ending: SessionEnd) -> soc
     poller = select.poll()  # not select(): descriptors above 1023 are fine
     poller.register(ending.read_fd, select.POLLIN)
     last_error = OSError(f"{host} has no address")
+    refused: Exception | None = None
+
+    def made(sock: socket.socket) -> socket.socket | None:
+        nonlocal refused
+        try:
+            refusal = refuse(sock) if refuse is not None else None
+        except BaseException:
+            sock.close()
+            raise
+        if refusal is None:
+            return _connected(sock, timeout)
+        sock.close()
+        refused = refusal
+        return None
+
     next_attempt = 0.0
     try:
         while waiting or pending:
@@ -53,7 +73,9 @@ def connect_tcp(host: str, port: int, timeout: float, ending: SessionEnd) -> soc
                 sock.setblocking(False)
                 started = sock.connect_ex(address)
                 if started == 0:
-                    return _connected(sock, timeout)
+                    if (connected := made(sock)) is not None:
+                        return connected
+                    continue
                 if started != errno.EINPROGRESS:
                     sock.close()
                     last_error = OSError(started, os.strerror(started))
@@ -74,12 +96,13 @@ def connect_tcp(host: str, port: int, timeout: float, ending: SessionEnd) -> soc
                 sock = pending.pop(fd)
                 poller.unregister(fd)
                 failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if not failed:
-                    return _connected(sock, timeout)
-                sock.close()
-                last_error = OSError(failed, os.strerror(failed))
+                if not failed and (connected := made(sock)) is not None:
+                    return connected
+                if failed:
+                    sock.close()
+                    last_error = OSError(failed, os.strerror(failed))
                 next_attempt = now  # a refused or unreachable address hands over at once
-        raise last_error
+        raise refused or last_error
     finally:
         for sock in pending.values():  # the attempts that lost, or all of them
             sock.close()

@@ -1052,7 +1052,8 @@ def _inbound_handshake_failure(peer: str, error: Exception, ending: SessionEnd) 
 
 
 def _connect_forward(runtime: InboundRuntime) -> socket.socket:
-    """A connection to the local storage SCP, once its owner is known to be an allowed user."""
+    """A connection to the local storage SCP, once its owner is known to be an allowed user (of
+    `localhost`'s two addresses, the one whose listener is theirs)."""
     config = runtime.config
     target = config.forward
     try:
@@ -1064,24 +1065,33 @@ def _connect_forward(runtime: InboundRuntime) -> socket.socket:
             except OSError:
                 sock.close()
                 raise
+            if (refusal := _another_users_scp(config, sock)) is not None:
+                sock.close()
+                raise refusal
         else:
             assert target.host is not None and target.port is not None  # a ListenAddress without a unix path
-            sock = connect_tcp(target.host, target.port, config.connect_timeout, runtime.ending)
+            sock = connect_tcp(target.host, target.port, config.connect_timeout, runtime.ending,
+                               refuse=functools.partial(_another_users_scp, config))
     except SessionEndedError as error:
         raise TunnelFailure(str(error), transient=True) from None
     except OSError as error:
         raise TunnelFailure(f"cannot reach the local storage SCP at {target}: {error.strerror or error} "
                             "(is the viewer's storage SCP running?)", transient=True) from None
     set_nodelay(sock)
+    return sock
+
+
+def _another_users_scp(config: InboundConfig, sock: socket.socket) -> TunnelFailure | None:
+    """Why ``sock``, connected to ``config``'s local storage SCP, must not be used: a listener of a
+    user ``forward_uids`` does not name; None for one of theirs."""
     policy = PeerPolicy.allowing(config.forward_uids)
     owner = identify_server(sock)
-    if not policy.allows(owner):
-        sock.close()
-        who = "an unknown user" if owner.uid is None else f"uid {owner.uid}"
-        raise TunnelFailure(f"the local storage SCP at {target} belongs to {who}, not to "
-                            f"{', '.join(map(str, sorted(policy.allowed_uids)))} (forward_uids): retrieved "
-                            "images go only to the signed-in user's own software")
-    return sock
+    if policy.allows(owner):
+        return None
+    who = "an unknown user" if owner.uid is None else f"uid {owner.uid}"
+    return TunnelFailure(f"the local storage SCP at {config.forward} belongs to {who}, not to "
+                         f"{', '.join(map(str, sorted(policy.allowed_uids)))} (forward_uids): retrieved "
+                         "images go only to the signed-in user's own software")
 
 
 def _reject_over_tls(tls: _Tls, remote: socket.socket, pdu: bytes) -> None:

@@ -94,6 +94,19 @@ class DnsServer:
                 self._sock.sendto(response.to_wire(), client)
 
 
+# /etc/hosts as Debian's installer and Ubuntu write it: `localhost` is ::1 and 127.0.0.1, and the
+# resolver gives ::1 first (this machine's names 127.0.0.1 alone).
+DEBIAN_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def with_hosts_file(text: str, directory: Path) -> list[str]:
+    """A command prefix: what follows it reads ``text`` as /etc/hosts (as :func:`resolving_through`)."""
+    hosts = directory / "hosts"
+    hosts.write_text(text)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts)]
+
+
 def resolving_through(server: DnsServer, directory: Path) -> list[str]:
     """A command prefix: what follows it runs with ``server`` as its only DNS server."""
     resolv_conf = directory / "resolv.conf"
