@@ -9,11 +9,20 @@ of its lines can pass for a log line of its own.
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 import re
+import select
+import socket
+import stat
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from typing import TextIO
 
 # C0 (tab and newline included), DEL, C1 (NEL U+0085 included), LINE and PARAGRAPH SEPARATOR, and
 # the bidirectional controls (Unicode's "Trojan Source" set, CVE-2021-42574), with which a peer's
@@ -118,10 +127,192 @@ def _utc_offset(moment: time.struct_time) -> str:
     return offset[:3] + ":" + offset[3:]
 
 
+# Log lines a standard error that takes nothing may hold back, in characters (about 20,000 lines);
+# beyond them lines are dropped and counted, and the count is told once it takes lines again.
+BACKLOG_LIMIT = 4 * 1024 * 1024
+CLOSE_WAIT_SECONDS = 1.0  # at the exit, for lines held back: a stalled standard error must not hold it
+
+
+class NeverBlockingHandler(logging.Handler):
+    """Writes each record to a stream without ever making the thread that logs wait for it.
+
+    Standard error can stop taking lines: a terminal stopped with Ctrl-S (XOFF), a pipe into a pager
+    nobody scrolls, an ssh session whose network went away, a stalled journald. A plain
+    StreamHandler then blocked every thread that logged, the card loop included: measured, a card
+    pulled after Ctrl-S at the agent's terminal left its open association relaying for as long as
+    the terminal stayed stopped (45 s, until Ctrl-Q), and new associations hung unanswered.
+
+    A line is written at once when the stream takes it, through a descriptor of our own that does
+    not block (the terminal or pipe opened again with O_NONBLOCK, or ``send`` with MSG_DONTWAIT on
+    the journal's socket; a regular file is written as it is): so the log of an agent that runs
+    well is as immediate as before. What the stream does not take waits, in order, for a writer
+    thread; beyond :data:`BACKLOG_LIMIT` new lines are dropped and counted, and a warning says how
+    many once the stream takes lines again.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._write, self._fd = _non_blocking_writer(stream)
+        self._backlog: deque[bytes] = deque()
+        self._held = 0  # bytes in the backlog
+        self._dropped = 0  # lines dropped since the backlog was last written out
+        self._stalled_since = 0.0  # when the stream last refused bytes (time.monotonic())
+        self._changed = threading.Condition(threading.Lock())
+        self._closing = False
+        self._writer: threading.Thread | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode(self.encoding, "backslashreplace")
+        except Exception:  # noqa: BLE001 - logging's own contract: a record that cannot be formatted is reported
+            self.handleError(record)
+            return
+        with self._changed:
+            if not self._backlog:
+                line = line[self._write_what_it_takes(line):]
+                if not line:
+                    return
+            if self._held + len(line) > BACKLOG_LIMIT:
+                self._dropped += 1
+                return
+            self._backlog.append(line)
+            self._held += len(line)
+            self._start_writer()
+            self._changed.notify()
+
+    def _write_what_it_takes(self, data: bytes) -> int:
+        """Bytes of ``data`` the stream took without waiting; 0 also when it cannot take any more."""
+        try:
+            written = self._write(data)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+        except OSError as error:  # broken or closed: the lines have nowhere to go
+            return len(data) if error.errno != errno.EAGAIN else 0
+        if written < len(data) and not self._stalled_since:
+            self._stalled_since = time.monotonic()
+        return written
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_backlog, name="log writer", daemon=True)
+            self._writer.start()
+
+    def _write_backlog(self) -> None:
+        while True:
+            with self._changed:
+                while not self._backlog and not self._closing:
+                    self._changed.wait()
+                if not self._backlog:
+                    return
+                self._wait_until_writable()
+                while self._backlog:
+                    first = self._backlog[0]
+                    taken = self._write_what_it_takes(first)
+                    self._held -= taken
+                    if taken < len(first):
+                        self._backlog[0] = first[taken:]
+                        break
+                    self._backlog.popleft()
+                if not self._backlog:
+                    self._tell_dropped()
+                    self._changed.notify_all()
+
+    def _wait_until_writable(self) -> None:
+        """Wait (the lock let go meanwhile, for :meth:`emit` to queue) until the stream may take bytes."""
+        self._changed.release()
+        try:
+            if self._fd is None:
+                time.sleep(0.05)
+            else:
+                with _polling(self._fd) as poller:
+                    poller.poll(1000)
+        finally:
+            self._changed.acquire()
+
+    def _tell_dropped(self) -> None:
+        """Once the backlog is out: how many lines were dropped and for how long nothing was taken."""
+        stalled, self._stalled_since = time.monotonic() - self._stalled_since, 0.0
+        if not self._dropped:
+            return
+        dropped, self._dropped = self._dropped, 0
+        notice = logging.LogRecord(
+            "agent.log", logging.WARNING, __file__, 0,
+            "%d log line(s) were dropped: standard error took nothing for %.0f s (a terminal stopped with Ctrl-S, "
+            "which Ctrl-Q lets go on; a pipe or pager nobody reads; a stalled journal). The agent worked on meanwhile",
+            (dropped, stalled), None)
+        line = (self.format(notice) + "\n").encode(self.encoding, "backslashreplace")
+        self._backlog.append(line)
+        self._held += len(line)
+
+    def flush(self) -> None:
+        """Wait for the lines held back, at most :data:`CLOSE_WAIT_SECONDS`."""
+        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        with self._changed:
+            while self._backlog and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+
+    def close(self) -> None:
+        self.flush()
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        super().close()
+
+
+class _polling:
+    """A poll object watching ``fd`` for room to write, for a ``with`` block."""
+
+    def __init__(self, fd: int) -> None:
+        self.poller = select.poll()
+        self.fd = fd
+
+    def __enter__(self) -> select.poll:
+        self.poller.register(self.fd, select.POLLOUT)
+        return self.poller
+
+    def __exit__(self, *_: object) -> None:
+        self.poller.unregister(self.fd)
+
+
+def _non_blocking_writer(stream: TextIO) -> tuple[Callable[[bytes], int], int | None]:
+    """A function writing bytes to ``stream``'s descriptor without waiting (it returns how many were
+    taken, or raises BlockingIOError), and the descriptor to poll; for a stream with no descriptor
+    (an embedder's, pytest's), its own write, which is not expected to wait."""
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError, AttributeError):
+        def write_text(data: bytes) -> int:
+            stream.write(data.decode("utf-8", "backslashreplace"))
+            stream.flush()
+            return len(data)
+        return write_text, None
+    if stat.S_ISREG(mode):  # a file takes what is written (O_APPEND kept: the descriptor is stderr's own)
+        return functools.partial(os.write, fd), fd
+    if stat.S_ISSOCK(mode):  # the journal's stream: a socket cannot be opened again, but send can not wait
+        connection = socket.socket(fileno=os.dup(fd))
+        return lambda data: connection.send(data, socket.MSG_DONTWAIT), connection.fileno()
+    try:  # a terminal, a pipe: a description of our own, non-blocking; standard error's own stays as it was
+        own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return functools.partial(_write_from_the_writer_only, fd), fd
+    return functools.partial(os.write, own), own
+
+
+def _write_from_the_writer_only(fd: int, data: bytes) -> int:
+    """A stream that cannot be had without blocking: every line goes to the writer thread, which
+    alone waits for it (the poll first says when it has room)."""
+    if threading.current_thread().name != "log writer":
+        raise BlockingIOError(errno.EAGAIN, "written by the log writer")
+    return os.write(fd, data)
+
+
 def configure(prefix: str, level: int | str = logging.INFO) -> None:
     """Log to standard error, one line per record: ``<N>PREFIX: LEVEL: message`` when standard
-    error is the journal, ``TIME PREFIX: LEVEL: message`` otherwise (docs/deployment.md)."""
-    handler = logging.StreamHandler(sys.stderr)
+    error is the journal, ``TIME PREFIX: LEVEL: message`` otherwise (docs/deployment.md). Logging
+    never waits for standard error (:class:`NeverBlockingHandler`)."""
+    handler = NeverBlockingHandler(sys.stderr)
     line = f"{prefix}: %(levelname)s: %(message)s"
     if stderr_is_journal():
         handler.setFormatter(JournalFormatter(line))

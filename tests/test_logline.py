@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
+import os
+import re
+import time
 
 import pytest
 from hypothesis import given
@@ -82,3 +86,44 @@ def test_a_text_cut_twice_says_how_many_characters_the_whole_had_after_the_secon
         assert twice.endswith(f"... ({hidden} more characters not recorded)") or twice.endswith(
             f"... ({hidden} more characters)"), (once, twice)
         assert twice.startswith(text[:min(first, second)])
+
+
+def test_a_pipe_nobody_reads_holds_up_no_logging_thread_and_the_lines_dropped_are_counted() -> None:
+    """Logging into a full pipe returns at once; the lines come out in order once it is read, as
+    many as the backlog holds, then a warning with the count of those dropped and how long the pipe
+    took nothing. A real pipe of one page (F_SETPIPE_SZ), read by nobody until the logging is done."""
+    reader, writer = os.pipe()
+    fcntl.fcntl(writer, 1031, 4096)  # F_SETPIPE_SZ
+    stream = os.fdopen(writer, "w")
+    handler = logline.NeverBlockingHandler(stream)
+    handler.setFormatter(OneLineFormatter("card-agent: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("test-logline-never-blocking")
+    logger.propagate = False
+    logger.addHandler(handler)
+    total = 2 * logline.BACKLOG_LIMIT // 1000
+    started = time.monotonic()
+    for number in range(total):
+        logger.warning("line %06d %s", number, "x" * 950)
+    logging_took = time.monotonic() - started
+    time.sleep(1.0)
+    output = b""
+    os.set_blocking(reader, False)
+    deadline = time.monotonic() + 20
+    while b"were dropped" not in output and time.monotonic() < deadline:
+        try:
+            output += os.read(reader, 1 << 20)
+        except BlockingIOError:
+            time.sleep(0.01)
+    handler.close()
+    logger.removeHandler(handler)
+    stream.close()
+    os.close(reader)
+    *lines, notice = output.decode().splitlines()
+    assert logging_took < 10, logging_took  # a blocking handler waited here for ever
+    assert [int(line.split()[3]) for line in lines] == list(range(len(lines)))  # in order, none lost before the cut
+    match = re.fullmatch(r"card-agent: WARNING: (\d+) log line\(s\) were dropped: standard error took nothing for "
+                         r"(\d+) s \(a terminal stopped with Ctrl-S, which Ctrl-Q lets go on; a pipe or pager nobody "
+                         r"reads; a stalled journal\). The agent worked on meanwhile", notice)
+    assert match is not None, notice
+    assert int(match[1]) == total - len(lines) > 0
+    assert int(match[2]) >= 1
