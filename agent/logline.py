@@ -131,6 +131,7 @@ def _utc_offset(moment: time.struct_time) -> str:
 # beyond them lines are dropped and counted, and the count is told once it takes lines again.
 BACKLOG_LIMIT = 4 * 1024 * 1024
 CLOSE_WAIT_SECONDS = 1.0  # at the exit, for lines held back: a stalled standard error must not hold it
+WRITER_PIECE = 64 * 1024  # bytes of held-back lines the writer thread writes at once
 
 
 class NeverBlockingHandler(logging.Handler):
@@ -155,7 +156,8 @@ class NeverBlockingHandler(logging.Handler):
         self.encoding = getattr(stream, "encoding", None) or "utf-8"
         self._write, self._fd = _non_blocking_writer(stream)
         self._backlog: deque[bytes] = deque()
-        self._held = 0  # bytes in the backlog
+        self._held = 0  # bytes in the backlog, and in the writer's hands
+        self._writing = False  # the writer thread is writing bytes taken from the backlog
         self._dropped = 0  # lines dropped since the backlog was last written out
         self._stalled_since = 0.0  # when the stream last refused bytes (time.monotonic())
         self._changed = threading.Condition(threading.Lock())
@@ -169,7 +171,7 @@ class NeverBlockingHandler(logging.Handler):
             self.handleError(record)
             return
         with self._changed:
-            if not self._backlog:
+            if not self._backlog and not self._writing:
                 line = line[self._write_what_it_takes(line):]
                 if not line:
                     return
@@ -199,36 +201,38 @@ class NeverBlockingHandler(logging.Handler):
             self._writer.start()
 
     def _write_backlog(self) -> None:
+        """The writer thread: the backlog's lines, oldest first, in pieces of at most WRITER_PIECE
+        bytes, each written without the lock (so that :meth:`emit` never waits for a write)."""
         while True:
             with self._changed:
                 while not self._backlog and not self._closing:
                     self._changed.wait()
                 if not self._backlog:
                     return
-                self._wait_until_writable()
-                while self._backlog:
-                    first = self._backlog[0]
-                    taken = self._write_what_it_takes(first)
-                    self._held -= taken
-                    if taken < len(first):
-                        self._backlog[0] = first[taken:]
-                        break
-                    self._backlog.popleft()
-                if not self._backlog:
+                piece = [self._backlog.popleft()]
+                size = len(piece[0])
+                while self._backlog and size + len(self._backlog[0]) <= WRITER_PIECE:
+                    size += len(self._backlog[0])
+                    piece.append(self._backlog.popleft())
+                self._writing = True
+            data = b"".join(piece)
+            self._wait_until_writable()
+            taken = self._write_what_it_takes(data)
+            with self._changed:
+                self._writing = False
+                self._held -= taken
+                if taken < len(data):
+                    self._backlog.appendleft(data[taken:])
+                elif not self._backlog:
                     self._tell_dropped()
-                    self._changed.notify_all()
+                self._changed.notify_all()
 
     def _wait_until_writable(self) -> None:
-        """Wait (the lock let go meanwhile, for :meth:`emit` to queue) until the stream may take bytes."""
-        self._changed.release()
-        try:
-            if self._fd is None:
-                time.sleep(0.05)
-            else:
-                with _polling(self._fd) as poller:
-                    poller.poll(1000)
-        finally:
-            self._changed.acquire()
+        """Wait until the stream may take bytes (a second at most: then it is tried again)."""
+        if self._fd is None:
+            return
+        with _polling(self._fd) as poller:
+            poller.poll(1000)
 
     def _tell_dropped(self) -> None:
         """Once the backlog is out: how many lines were dropped and for how long nothing was taken."""
@@ -249,7 +253,7 @@ class NeverBlockingHandler(logging.Handler):
         """Wait for the lines held back, at most :data:`CLOSE_WAIT_SECONDS`."""
         deadline = time.monotonic() + CLOSE_WAIT_SECONDS
         with self._changed:
-            while self._backlog and (left := deadline - time.monotonic()) > 0:
+            while (self._backlog or self._writing) and (left := deadline - time.monotonic()) > 0:
                 self._changed.wait(left)
 
     def close(self) -> None:

@@ -7,6 +7,9 @@ import io
 import logging
 import os
 import re
+import select
+import subprocess
+import sys
 import time
 
 import pytest
@@ -127,3 +130,44 @@ def test_a_pipe_nobody_reads_holds_up_no_logging_thread_and_the_lines_dropped_ar
     assert match is not None, notice
     assert int(match[1]) == total - len(lines) > 0
     assert int(match[2]) >= 1
+
+
+# Logs 200 lines of 1000 characters to standard error with the agent's handler, then says so on
+# standard output: run with standard error a full pipe nobody reads.
+LOG_INTO_STDERR = """
+import logging, sys, time
+from dicom_card_agent import logline
+logline.configure("card-agent")
+started = time.monotonic()
+for number in range(200):
+    logging.getLogger("agent").warning("line %03d %s", number, "x" * 980)
+print(f"logged in {time.monotonic() - started:.1f} s", flush=True)
+time.sleep(3)
+"""
+
+
+def test_without_proc_the_lines_wait_for_the_writer_thread_and_logging_does_not() -> None:
+    """Where /proc cannot give a non-blocking descriptor of standard error's pipe (a mount namespace
+    with an empty /proc stands for a sandbox without it), every line goes to the writer thread, and
+    the thread that logs still returns at once into a pipe nobody reads; the lines arrive in order."""
+    reader, writer = os.pipe()
+    fcntl.fcntl(writer, 1031, 4096)  # F_SETPIPE_SZ
+    process = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs none /proc && exec "$@"', "sh", sys.executable, "-c", LOG_INTO_STDERR],
+        stdout=subprocess.PIPE, stderr=writer, text=True)
+    os.close(writer)
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 10)
+        said = process.stdout.readline() if ready else "nothing said in 10 s: logging waited for the pipe"
+        output = b""
+        while chunk := os.read(reader, 1 << 20):
+            output += chunk
+    finally:
+        process.kill()
+        process.wait()
+        os.close(reader)
+    assert said.startswith("logged in 0."), said
+    numbers = [int(line.split()[4]) for line in output.decode().splitlines()]
+    assert numbers == list(range(200))
