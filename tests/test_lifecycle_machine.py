@@ -466,6 +466,9 @@ class _PcscdReaders:
         self.cards: dict[str, int] = {}
         self.generation = 0
 
+    def unanswered_for(self) -> float:
+        return 0.0
+
 
 READERS = ("Virtual PCD 00 00", "Virtual PCD 00 01", "Virtual PCD 00 02")
 

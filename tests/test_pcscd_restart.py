@@ -5,16 +5,24 @@ The restart ends the card session (the card's login died with the old pcscd), an
 pcscd shows is the one that was there: nobody inserted it, so its PIN dialog asks first, Cancel the
 default. Before, it opened the PIN prompt at once, and what the clinician was typing in her report
 (here "1234" and Enter) went to the card as a PIN try.
+
+A pcscd stopped (or stuck) rather than restarted answers nothing: it counts as away once silent for
+a while, and the card as removed. (Here, not in test_virtual_cac.py: each module that imports the
+session-scoped pcscd fixture has an instance of its own, and only the first starts pcscd.)
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
-from agent_runner import agent_status, running_agent, tunnel, wait_for
+from agent_runner import agent_status, refused_at_once, running_agent, stopped, tunnel, wait_for
 from conftest import USER_PIN, ProvisionedPki
+from dicom_card_agent.card import pcsc
+from peers.pynetdicom_scp import associate, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, terminal  # noqa: F401 - a pytest fixture
+from test_virtual_cac import OPENSC, VERIFICATION, own_runtime_dir, sign_in_line
 from virtual_card.bridge import PIN_PRESENTED
 from virtual_card.fixtures import card_reader, pcscd, stack_unavailable, virtual_cards  # noqa: F401 - pytest fixtures
 from virtual_card.nssdb import CardContents
@@ -124,3 +132,36 @@ def test_a_card_waiting_for_re_insertion_goes_on_waiting_through_a_pcscd_restart
     assert QUESTION not in asked_on_re_insertion  # her own insertion: the PIN at once
     assert pins_presented(card_reader) == 1
     assert "event=pin-failure" not in log and USER_PIN not in log
+
+
+def test_a_card_pulled_while_pcscd_is_stopped_ends_its_session_and_lets_no_new_association_through(
+        test_pki: ProvisionedPki, tmp_path: Path, pcscd: Pcscd, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """pcscd stopped (SIGSTOP; in life stuck in a reader's driver, or frozen) answers nothing and
+    breaks no connection. Its last reader states were taken for the present ones: the card pulled
+    meanwhile kept its session, its open association relayed on, and a new association went through
+    as the clinician 15 s after the pull. pcscd silent for pcsc.UNANSWERED_SECONDS now counts as away:
+    the card is taken to be removed (the safe side; it is asked for again once pcscd answers)."""
+    if not pcscd.started_here:  # in CI the tests start pcscd: one already running there is a set-up fault
+        stack_unavailable(StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): this test "
+                                           "does not stop it"))
+    carol = virtual_cards["carol"]
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="", module=OPENSC,
+                           agent=own_runtime_dir(tmp_path)) as agent:
+            card_reader.insert(carol)
+            agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
+            held = associate(agent.port(), sop_classes=[VERIFICATION])
+            assert held.is_established
+            with stopped(pcscd.process.pid):
+                pulled = card_reader.pull(wait=False)
+                wait_for(lambda: not held.is_established, timeout=15)
+                ended_after = time.monotonic() - pulled
+                refused_at_once(agent.port())  # A-ASSOCIATE-RJ, as with no card
+                log = agent.wait_for_log('event=sign-out reason="card removed"')
+            wait_for(lambda: agent_status(tmp_path / "agent", test_pki.env())["state"] == "no card inserted",
+                     timeout=10)
+    assert len(pacs.associations) == 1  # the held one: nothing more reached the PACS as carol
+    assert ended_after < pcsc.UNANSWERED_SECONDS + 3, ended_after
+    assert re.search(r"pcscd has not answered for \d+\.\d s \(stopped, stuck or gone\): the card is taken to be "
+                     r"removed", log), log

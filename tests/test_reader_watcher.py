@@ -27,6 +27,9 @@ class PcscAnswers:
     cards: dict[str, int] = field(default_factory=dict)
     generation: int = 0  # which pcscd answers: one more after each restart
 
+    def unanswered_for(self) -> float:
+        return 0.0
+
 
 class Clock:
     def __init__(self) -> None:

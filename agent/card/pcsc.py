@@ -24,6 +24,7 @@ import functools
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,14 @@ SCARD_STATE_PRESENT = 0x0020
 SCARD_STATE_EXCLUSIVE = 0x0080
 
 RETRY_SECONDS = 1.0  # after pcscd went away: try to reconnect this often (polling covers the gap)
+# Each wait for a change ends after this long: pcscd's answer, a change or none, shows it still
+# answers. A pcscd stopped (SIGSTOP) or stuck (in a reader's driver) answers nothing and breaks no
+# connection: waited for without end, its last reader states were taken for the present ones, and
+# a card pulled meanwhile was vouched for (measured: a new association through the pulled card's
+# session 15 s after the pull, with pcscd stopped).
+WAIT_SECONDS = 1.0
+# No answer from pcscd for this long (a wait, its end and a round trip): it counts as away.
+UNANSWERED_SECONDS = 3.0
 
 # A reader and the state the caller last saw it in, as pyscard's SCardGetStatusChange takes them.
 ReaderState = tuple[str, int]
@@ -185,9 +194,9 @@ class PcscEventSource:
         self._context_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="pcsc-events", daemon=True)
         self.events = 0  # how many changes were reported (for tests and diagnostics)
-        # True while a wait on pcscd is in place, so that a change would be reported; False while
-        # pcscd is away (changes may go unreported until it is back, when a change is reported).
-        self.live = False
+        # True while a wait on pcscd is in place (see :attr:`live`); False while pcscd is away.
+        self._watching = False
+        self._answered_at = time.monotonic()  # when pcscd last answered a call of this thread
         # The readers holding a card, each with pcscd's count of its card events (the upper 16 bits
         # of its state): a card pulled and another inserted between two looks shows as a new count.
         # Replaced whole, before each change is reported; meaningful only while ``live``.
@@ -196,6 +205,17 @@ class PcscEventSource:
         # or back after being away) is a new one, whose card-event counts start again and which has
         # invalidated every handle other processes (the card-session process's module) held.
         self.generation = 0
+
+    @property
+    def live(self) -> bool:
+        """True while a wait on pcscd is in place, so that a change would be reported, and pcscd
+        answered within :data:`UNANSWERED_SECONDS`; False while pcscd is away, stopped or stuck
+        (changes may go unreported until it is back, when a change is reported)."""
+        return self._watching and self.unanswered_for() < UNANSWERED_SECONDS
+
+    def unanswered_for(self) -> float:
+        """Seconds since pcscd last answered (a wait's end, with a change or none)."""
+        return time.monotonic() - self._answered_at
 
     def start(self) -> PcscEventSource:
         """Connect to pcscd now (PcscUnavailable if that fails), then watch in the background."""
@@ -228,7 +248,7 @@ class PcscEventSource:
                 self._watch(context)
                 continue  # the reader list changed: watch the new list at once
             except PcscUnavailable as error:
-                self.live = False
+                self._watching = False
                 log.debug("PC/SC events paused: %s", error)
             # pcscd restarted or went away: a new context after a pause (the old one is dead on
             # pcscd's side); polling covers the gap.
@@ -254,9 +274,11 @@ class PcscEventSource:
             raise PcscUnavailable(f"SCardGetStatusChange: 0x{rv:08X}")
         current = [event & ~SCARD_STATE_CHANGED for event in events]
         self.cards = _cards_in(names[1:], current[1:])
-        self.live = True
+        self._answered_at = time.monotonic()
+        self._watching = True
         while not self._stopping.is_set():
-            rv, events = context.wait(list(zip(names, current, strict=True)))
+            rv, events = context.wait(list(zip(names, current, strict=True)), round(WAIT_SECONDS * 1000))
+            self._answered_at = time.monotonic()
             if rv == SCARD_E_CANCELLED or self._stopping.is_set():
                 return
             if rv == SCARD_E_TIMEOUT:

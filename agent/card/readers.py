@@ -41,9 +41,17 @@ log = logging.getLogger("agent.card")
 class PcscEvents(Protocol):
     """What is read of :class:`~dicom_card_agent.card.pcsc.PcscEventSource`."""
 
-    live: bool
     cards: dict[str, int]
     generation: int
+
+    @property
+    def live(self) -> bool:
+        """Whether pcscd answers, and a change would be reported."""
+        ...
+
+    def unanswered_for(self) -> float:
+        """Seconds since pcscd last answered."""
+        ...
 
 FIRST_STATES_SECONDS = 1.0
 FIRST_STATES_STEP = 0.01
@@ -218,6 +226,9 @@ class ReaderWatcher:
         failing_for = self._failures.failed("pcscd does not answer",
                                             "pcscd does not answer: the card is taken to be as it was; looking again")
         if failing_for is not None and self.present:
-            log.warning("pcscd has not answered for %.1f s: the card is taken to be removed", failing_for)
+            # A stopped or stuck pcscd keeps its connection: it counts as away only once it has not
+            # answered for a while (pcsc.UNANSWERED_SECONDS), which is how long it has been silent.
+            log.warning("pcscd has not answered for %.1f s (stopped, stuck or gone): the card is taken to be removed",
+                        max(failing_for, self.source.unanswered_for()))
             self._held_as_pcscd_went |= {card.reader for card in self.present}  # back, it shows them again
         self._order.present = ()
