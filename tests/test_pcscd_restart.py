@@ -14,11 +14,12 @@ session-scoped pcscd fixture has an instance of its own, and only the first star
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
-from agent_runner import agent_status, refused_at_once, running_agent, stopped, tunnel, wait_for
-from conftest import USER_PIN, ProvisionedPki
+from agent_runner import agent_status, refused_at_once, running_agent, stopped, tunnel, wait_for, write_config
+from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
 from dicom_card_agent.card import pcsc
 from peers.pynetdicom_scp import associate, tls_scp
 from pin_dialog import PINENTRY_TTY, Terminal, terminal  # noqa: F401 - a pytest fixture
@@ -26,7 +27,7 @@ from test_virtual_cac import OPENSC, VERIFICATION, own_runtime_dir, sign_in_line
 from virtual_card.bridge import PIN_PRESENTED
 from virtual_card.fixtures import card_reader, pcscd, stack_unavailable, virtual_cards  # noqa: F401 - pytest fixtures
 from virtual_card.nssdb import CardContents
-from virtual_card.pcscd import Pcscd, StackUnavailable
+from virtual_card.pcscd import OPENSC_MODULE, Pcscd, StackUnavailable
 from virtual_card.reader import VirtualReader
 
 QUESTION = b"[sc]?"  # pinentry-tty's prompt for the question asked first: [s]ign in again or [c]ancel
@@ -165,3 +166,33 @@ def test_a_card_pulled_while_pcscd_is_stopped_ends_its_session_and_lets_no_new_a
     assert ended_after < pcsc.UNANSWERED_SECONDS + 3, ended_after
     assert re.search(r"pcscd has not answered for \d+\.\d s \(stopped, stuck or gone\): the card is taken to be "
                      r"removed", log), log
+
+
+def test_the_administrator_s_commands_answer_while_pcscd_is_stopped(
+        test_pki: ProvisionedPki, tmp_path: Path, pcscd: Pcscd, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """`card-agent tokens`, `doctor` and `check` on a machine whose pcscd is stopped (or stuck) hung
+    without a word for as long as it stayed so: OpenSC's C_Initialize waits for pcscd without end.
+    They now say so within seconds (exit 2, or doctor's failed check), naming pcscd."""
+    if not pcscd.started_here:
+        stack_unavailable(StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): this test "
+                                           "does not stop it"))
+    card_reader.insert(virtual_cards["carol"])
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)], token="", module=OPENSC)
+    env = test_pki.env(CARD_PIN=USER_PIN)
+    answers = {}
+    with stopped(pcscd.process.pid):
+        for command in (["tokens", "--module", "opensc"], ["doctor", "--config", str(config)],
+                        ["check", "--config", str(config)]):
+            started = time.monotonic()
+            answers[command[0]] = subprocess.run([CARD_AGENT, *command], capture_output=True, text=True, env=env,
+                                                 stdin=subprocess.DEVNULL, timeout=20)
+            assert time.monotonic() - started < pcsc.ANSWER_SECONDS + 5
+    stuck = (f"PKCS#11 module {OPENSC_MODULE} (profile opensc) was not started: it reads cards through pcscd, and "
+             f"pcscd does not answer within {pcsc.ANSWER_SECONDS:g} s (stopped, or stuck in a reader's driver); it "
+             "would wait for pcscd without end. Restart it: `systemctl restart pcscd`")
+    assert answers["tokens"].returncode == 2
+    assert answers["tokens"].stderr == f"card-agent: error: {stuck}\n"
+    assert f"fail pkcs11-module: {stuck}\n" in answers["doctor"].stdout, answers["doctor"].stdout
+    assert answers["check"].returncode == 2
+    assert f"fail pkcs11-module: {stuck}\n" in answers["check"].stdout, answers["check"].stdout

@@ -59,6 +59,9 @@ RETRY_SECONDS = 1.0  # after pcscd went away: try to reconnect this often (polli
 WAIT_SECONDS = 1.0
 # No answer from pcscd for this long (a wait, its end and a round trip): it counts as away.
 UNANSWERED_SECONDS = 3.0
+# A question asked of pcscd once (which readers hold a card) gets its answer within this, or pcscd
+# counts as stuck: a call into libpcsclite waits without end for a pcscd that took the connection.
+ANSWER_SECONDS = 3.0
 
 # A reader and the state the caller last saw it in, as pyscard's SCardGetStatusChange takes them.
 ReaderState = tuple[str, int]
@@ -140,15 +143,40 @@ class PcscContext:
         self.scard.SCardReleaseContext(self.handle)
 
 
-def readers_with_a_card() -> list[str]:
+class PcscdStuck(PcscUnavailable):
+    """pcscd took the connection and did not answer in time: stopped (SIGSTOP), or stuck in a
+    reader's driver. Unlike a pcscd that is not there, it holds whoever asks it without end."""
+
+
+def readers_with_a_card(timeout: float = ANSWER_SECONDS) -> list[str]:
     """The readers holding a card now, as pcscd tells (no card is spoken to); raises
-    :class:`PcscUnavailable` when pcscd or libpcsclite is not there."""
-    context = PcscContext()
-    try:
-        states = context.states(context.readers())
-    finally:
-        context.release()
-    return list(_cards_in(list(states), list(states.values())))
+    :class:`PcscUnavailable` when pcscd or libpcsclite is not there, :class:`PcscdStuck` when
+    pcscd does not answer within ``timeout`` (the question is then left waiting in a thread of its
+    own, which pcscd's answer or the process's end ends)."""
+    outcome: list[list[str] | Exception] = []
+    answered = threading.Event()
+
+    def ask() -> None:
+        try:
+            context = PcscContext()
+            try:
+                states = context.states(context.readers())
+            finally:
+                context.release()
+            outcome.append(list(_cards_in(list(states), list(states.values()))))
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            outcome.append(error)
+        finally:
+            answered.set()
+
+    threading.Thread(target=ask, name="pcscd-question", daemon=True).start()
+    if not answered.wait(timeout):
+        raise PcscdStuck(f"pcscd does not answer within {timeout:g} s (stopped, or stuck in a reader's driver)",
+                         "restart it: `systemctl restart pcscd`")
+    result = outcome[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 

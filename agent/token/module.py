@@ -9,7 +9,7 @@ import threading
 import pkcs11
 from pkcs11.exceptions import PKCS11Error
 
-from dicom_card_agent.card.pcsc import PcscUnavailable, readers_with_a_card
+from dicom_card_agent.card.pcsc import PcscdStuck, PcscUnavailable, readers_with_a_card
 from dicom_card_agent.errors import CardAgentError
 from dicom_card_agent.file_trust import check_trusted_file
 from dicom_card_agent.token.profiles import (
@@ -115,6 +115,8 @@ def _card_in_a_reader() -> bool:
 
 def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
     hide_failed_search_ends()  # before the module's first object search
+    if profile.presence_from_pcsc:
+        _refuse_a_stuck_pcscd(path, profile)
     try:
         return pkcs11.lib(path)
     except PKCS11Error as error:
@@ -126,6 +128,20 @@ def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
                                               "and the module may have written why to the system log")
         raise ModuleStartError(f"PKCS#11 module {path} (profile {profile.name}) did not start: its C_Initialize "
                               f"answered {type(error).__name__}. {hint}") from None
+
+
+def _refuse_a_stuck_pcscd(path: str, profile: ModuleProfile) -> None:
+    """ModuleStartError when pcscd, through which the module reads cards, takes connections and
+    answers nothing: the module's C_Initialize would wait for it without end (measured: `card-agent
+    doctor`, `check` and `tokens` hung for as long as pcscd was stopped, without a word)."""
+    try:
+        readers_with_a_card()
+    except PcscdStuck as error:
+        raise ModuleStartError(f"PKCS#11 module {path} (profile {profile.name}) was not started: it reads cards "
+                               f"through pcscd, and {error}; it would wait for pcscd without end. "
+                               f"{error.remedy[0].upper()}{error.remedy[1:]}") from None
+    except PcscUnavailable:  # not there at all: the module finds no reader, at once
+        pass
 
 
 def _check_loadable(path: str, profile: ModuleProfile) -> None:
