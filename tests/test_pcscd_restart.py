@@ -196,3 +196,20 @@ def test_the_administrator_s_commands_answer_while_pcscd_is_stopped(
     assert f"fail pkcs11-module: {stuck}\n" in answers["doctor"].stdout, answers["doctor"].stdout
     assert answers["check"].returncode == 2
     assert f"fail pkcs11-module: {stuck}\n" in answers["check"].stdout, answers["check"].stdout
+
+
+def test_an_agent_with_module_auto_starts_and_stops_while_pcscd_is_stopped(
+        test_pki: ProvisionedPki, tmp_path: Path, pcscd: Pcscd, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """`module = "auto"` asks pcscd which readers hold a card before it starts a module: with pcscd
+    stopped, `run` waited for it before it listened or answered `status`, and a SIGTERM did not
+    stop it. pcscd has 3 s to answer now; then the agent starts without its cards."""
+    if not pcscd.started_here:
+        stack_unavailable(StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): this test "
+                                           "does not stop it"))
+    card_reader.insert(virtual_cards["carol"])
+    with stopped(pcscd.process.pid):
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", 104)], token="", module="auto",
+                           agent=own_runtime_dir(tmp_path)) as agent:
+            assert agent_status(tmp_path / "agent", test_pki.env())["state"]
+        assert agent.process.returncode == 0
