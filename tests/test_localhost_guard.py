@@ -113,6 +113,13 @@ def test_a_reload_moves_the_kept_address_with_the_tunnel(test_pki: ProvisionedPk
         listeners.close()
 
 
+def reload_refused(listeners: Listeners, config: Path) -> str:
+    """Why :meth:`Listeners.prepare` refuses the configuration now in ``config``."""
+    with pytest.raises(CardAgentError) as refused:
+        listeners.prepare(load_config(config))
+    return str(refused.value)
+
+
 def test_a_reload_cannot_swap_a_kept_address_for_a_listener(test_pki: ProvisionedPki, tmp_path: Path) -> None:
     """A reload that adds a tunnel where the agent keeps the other address of another tunnel's port,
     or removes the one of a pair whose address the other then needs kept, is refused naming both
@@ -125,9 +132,7 @@ def test_a_reload_cannot_swap_a_kept_address_for_a_listener(test_pki: Provisione
     listeners = Listeners(load_config(config))
     try:
         write_config(config, test_pki, [v4, v6])
-        with pytest.raises(CardAgentError) as added:
-            listeners.prepare(load_config(config))
-        assert str(added.value) == (
+        assert reload_refused(listeners, config) == (
             f"cannot listen on [::1]:{port} (tunnel 'v6') at a reload: the agent keeps that address from other "
             f"users as the other address of `localhost` beside 127.0.0.1:{port} (tunnel 'v4'); restart the agent "
             "to listen there")
@@ -137,9 +142,7 @@ def test_a_reload_cannot_swap_a_kept_address_for_a_listener(test_pki: Provisione
     listeners = Listeners(load_config(config))  # both, from the start
     try:
         write_config(config, test_pki, [v4])
-        with pytest.raises(CardAgentError) as removed:
-            listeners.prepare(load_config(config))
-        assert str(removed.value) == (
+        assert reload_refused(listeners, config) == (
             f"cannot keep [::1]:{port} from other users at a reload (the other address of `localhost` beside "
             f"127.0.0.1:{port}, where tunnel 'v4' listens): a listener the reload removes holds it until then; "
             "restart the agent")

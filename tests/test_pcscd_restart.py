@@ -21,9 +21,9 @@ from pathlib import Path
 from agent_runner import agent_status, refused_at_once, running_agent, stopped, tunnel, wait_for, write_config
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
 from dicom_card_agent.card import pcsc
-from peers.pynetdicom_scp import associate, tls_scp
+from peers.pynetdicom_scp import associate
 from pin_dialog import PINENTRY_TTY, Terminal, terminal  # noqa: F401 - a pytest fixture
-from test_virtual_cac import OPENSC, VERIFICATION, own_runtime_dir, sign_in_line
+from test_virtual_cac import OPENSC, VERIFICATION, own_runtime_dir, signed_in_behind_a_pacs
 from virtual_card.bridge import PIN_PRESENTED
 from virtual_card.fixtures import card_reader, pcscd, stack_unavailable, virtual_cards  # noqa: F401 - pytest fixtures
 from virtual_card.nssdb import CardContents
@@ -146,22 +146,17 @@ def test_a_card_pulled_while_pcscd_is_stopped_ends_its_session_and_lets_no_new_a
     if not pcscd.started_here:  # in CI the tests start pcscd: one already running there is a set-up fault
         stack_unavailable(StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): this test "
                                            "does not stop it"))
-    carol = virtual_cards["carol"]
-    with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="", module=OPENSC,
-                           agent=own_runtime_dir(tmp_path)) as agent:
-            card_reader.insert(carol)
-            agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
-            held = associate(agent.port(), sop_classes=[VERIFICATION])
-            assert held.is_established
-            with stopped(pcscd.process.pid):
-                pulled = card_reader.pull(wait=False)
-                wait_for(lambda: not held.is_established, timeout=15)
-                ended_after = time.monotonic() - pulled
-                refused_at_once(agent.port())  # A-ASSOCIATE-RJ, as with no card
-                log = agent.wait_for_log('event=sign-out reason="card removed"')
-            wait_for(lambda: agent_status(tmp_path / "agent", test_pki.env())["state"] == "no card inserted",
-                     timeout=10)
+    with signed_in_behind_a_pacs(test_pki, tmp_path, card_reader, virtual_cards["carol"]) as (agent, pacs):
+        held = associate(agent.port(), sop_classes=[VERIFICATION])
+        assert held.is_established
+        with stopped(pcscd.process.pid):
+            pulled = card_reader.pull(wait=False)
+            wait_for(lambda: not held.is_established, timeout=15)
+            ended_after = time.monotonic() - pulled
+            refused_at_once(agent.port())  # A-ASSOCIATE-RJ, as with no card
+            log = agent.wait_for_log('event=sign-out reason="card removed"')
+        wait_for(lambda: agent_status(tmp_path / "agent", test_pki.env())["state"] == "no card inserted",
+                 timeout=10)
     assert len(pacs.associations) == 1  # the held one: nothing more reached the PACS as carol
     assert ended_after < pcsc.UNANSWERED_SECONDS + 3, ended_after
     assert re.search(r"pcscd has not answered for \d+\.\d s \(stopped, stuck or gone\): the card is taken to be "

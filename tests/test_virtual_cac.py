@@ -11,6 +11,7 @@ The unit tests at the end (PC/SC helpers, CardEvents) need no pcscd.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -616,27 +619,35 @@ def test_a_card_session_process_killed_while_it_reads_the_card_is_replaced_and_t
 
 # -- removal latency with PC/SC events ----------------------------------------------------------------
 
+@contextlib.contextmanager
+def signed_in_behind_a_pacs(test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
+                            card: CardContents) -> Iterator[tuple[RunningAgent, Any]]:
+    """The agent (OpenSC) signed in with ``card``, inserted into ``card_reader``, one tunnel to a TLS PACS."""
+    from peers.pynetdicom_scp import tls_scp
+
+    with tls_scp(pki_dir=test_pki.pki) as pacs:
+        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="", module=OPENSC,
+                           agent=own_runtime_dir(tmp_path)) as agent:
+            card_reader.insert(card)
+            agent.wait_for_log(sign_in_line(card), timeout=PROBE_SECONDS)
+            yield agent, pacs
+
+
 def test_removal_aborts_open_associations_promptly(
         test_pki: ProvisionedPki, tmp_path: Path, card_reader: VirtualReader,
         virtual_cards: dict[str, CardContents]) -> None:
     """Open associations are aborted soon after the pull. pcscd polls the vpcd driver every 400 ms
     (vpcd cannot signal), so pcscd itself learns of the removal 0-400 ms after it: the bound here
     is functional; benchmarks/card_events.py measures the distribution."""
-    from peers.pynetdicom_scp import tls_scp
-
     carol = virtual_cards["carol"]
-    with tls_scp(pki_dir=test_pki.pki) as pacs:
-        with running_agent(test_pki, tmp_path / "agent", [tunnel("pacs", pacs.port)], token="", module=OPENSC,
-                           agent=own_runtime_dir(tmp_path)) as agent:
-            card_reader.insert(carol)
-            agent.wait_for_log(sign_in_line(carol), timeout=PROBE_SECONDS)
-            held = [associate(agent.port(), sop_classes=[VERIFICATION]) for _ in range(3)]
-            assert all(a.is_established for a in held)
-            pulled = card_reader.pull(wait=False)
-            wait_for(lambda: all(a.is_aborted for a in held), timeout=5)
-            aborted_after = time.monotonic() - pulled
-            log = agent.wait_for_log('event=sign-out reason="card removed"')
-        seen = [x509.load_der_x509_certificate(a.peer_certificate_der) for a in pacs.associations]
+    with signed_in_behind_a_pacs(test_pki, tmp_path, card_reader, carol) as (agent, pacs):
+        held = [associate(agent.port(), sop_classes=[VERIFICATION]) for _ in range(3)]
+        assert all(a.is_established for a in held)
+        pulled = card_reader.pull(wait=False)
+        wait_for(lambda: all(a.is_aborted for a in held), timeout=5)
+        aborted_after = time.monotonic() - pulled
+        log = agent.wait_for_log('event=sign-out reason="card removed"')
+    seen = [x509.load_der_x509_certificate(a.peer_certificate_der) for a in pacs.associations]
     assert seen == [carol.certificate] * 3
     assert aborted_after < 1.0, f"associations aborted {aborted_after * 1000:.0f} ms after the pull"
     closed_in = json.loads(log.split('event=sign-out reason="card removed"')[1].split("closed_in_ms=")[1].split()[0])
