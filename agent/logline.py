@@ -257,7 +257,8 @@ class NeverBlockingHandler(logging.Handler):
                 self._changed.wait(left)
 
     def close(self) -> None:
-        self.flush()
+        """The writer thread ends once what is held back is written (logging.shutdown has waited for
+        it with :meth:`flush` already, within :data:`CLOSE_WAIT_SECONDS`)."""
         with self._changed:
             self._closing = True
             self._changed.notify_all()
