@@ -18,7 +18,17 @@ import subprocess
 import time
 from pathlib import Path
 
-from agent_runner import agent_status, refused_at_once, running_agent, stopped, tunnel, wait_for, write_config
+from agent_runner import (
+    agent_status,
+    refused_at_once,
+    running_agent,
+    start_agent,
+    stop_agent,
+    stopped,
+    tunnel,
+    wait_for,
+    write_config,
+)
 from conftest import CARD_AGENT, USER_PIN, ProvisionedPki
 from dicom_card_agent.card import pcsc
 from peers.pynetdicom_scp import associate
@@ -208,3 +218,31 @@ def test_an_agent_with_module_auto_starts_and_stops_while_pcscd_is_stopped(
                            agent=own_runtime_dir(tmp_path)) as agent:
             assert agent_status(tmp_path / "agent", test_pki.env())["state"]
         assert agent.process.returncode == 0
+
+
+def test_a_card_loop_that_starts_the_module_itself_waits_for_a_stopped_pcscd_and_then_signs_in(
+        test_pki: ProvisionedPki, tmp_path: Path, pcscd: Pcscd, card_reader: VirtualReader,
+        virtual_cards: dict[str, CardContents]) -> None:
+    """Without pcscd's events (here CARD_AGENT_CARD_EVENTS=poll) the card loop starts OpenSC itself.
+    With pcscd stopped, the module is not started (it would wait for pcscd without end): the loop says
+    so, tries again every second, and signs the card in once pcscd answers; it must not give up."""
+    if not pcscd.started_here:
+        stack_unavailable(StackUnavailable("pcscd runs outside the tests (a desktop's, systemd's): this test "
+                                           "does not stop it"))
+    carol = virtual_cards["carol"]
+    card_reader.insert(carol)
+    config = write_config(tmp_path / "agent.toml", test_pki, [tunnel("pacs", 104)], token="", module=OPENSC,
+                          agent=own_runtime_dir(tmp_path))
+    log_path = tmp_path / "agent.log"
+    with stopped(pcscd.process.pid):
+        agent = start_agent(config, log_path, test_pki.env(CARD_PIN=USER_PIN, CARD_AGENT_CARD_EVENTS="poll"))
+        try:
+            wait_for(lambda: "cannot watch the card reader yet: PKCS#11 module" in log_path.read_text(), timeout=20)
+        except BaseException:
+            stop_agent(agent)
+            raise
+    try:
+        wait_for(lambda: f'event=sign-in subject="{carol.subject}"' in log_path.read_text(), timeout=PROBE_SECONDS)
+    finally:
+        assert stop_agent(agent) == 0
+    assert "pcscd does not answer within 3 s (stopped, or stuck in a reader's driver)" in log_path.read_text()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from dicom_card_agent.audit.events import User
+from dicom_card_agent.card.pcsc import RETRY_SECONDS
 from dicom_card_agent.card.readers import ReaderCard, ReaderWatcher
 from dicom_card_agent.card.watcher import CannotLook, Card, CardEvents, CardWatcher, DescriptorsExhausted
 from dicom_card_agent.clock import awake_or_asleep
@@ -71,7 +72,7 @@ from dicom_card_agent.session.supervisor import (
     pin_variables,
 )
 from dicom_card_agent.token.login import LoginError, waiting_reason
-from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, load_module
+from dicom_card_agent.token.module import LoadedModule, ModuleLoadError, ModuleWaitsForPcscd, load_module
 from dicom_card_agent.token.pin import PromptAskingFirst, reworded_dialogs
 from dicom_card_agent.token.pinentry import PinEntryCancelledError, PinEntryTimedOutError
 from dicom_card_agent.token.secret import Secret
@@ -375,10 +376,7 @@ class SessionManager:
         with CardEvents(card_readers=self.module.profile.card_readers) as events:
             self._card_events = events
             if not self._through_pcscd_alone(events):
-                try:
-                    self.module.lib  # noqa: B018 - initialised here if it was left to pcscd, which does not answer
-                except ModuleLoadError as error:
-                    log.error("cannot watch the card reader: %s", error)
+                if not self._module_started(stop):
                     return
                 if isinstance(self.watcher, CardWatcher):
                     self.watcher.pcsc_changes = events.changes  # a look re-reads the tokens only on a change
@@ -407,6 +405,25 @@ class SessionManager:
                     self._wake.set()
                 if events.wait(stop, self.watcher.look_interval):
                     return
+
+    def _module_started(self, stop: threading.Event) -> bool:
+        """The module initialised for the card loop, which asks it of cards itself; False when it cannot
+        be (logged) or the agent stops first. A module waiting for a pcscd that does not answer now
+        (stopped, stuck) is tried again every RETRY_SECONDS: the loop watches once pcscd is back."""
+        told = False
+        while True:
+            try:
+                self.module.lib  # noqa: B018 - initialised here if it was left to pcscd, which does not answer
+                return True
+            except ModuleWaitsForPcscd as error:
+                if not told:
+                    log.error("cannot watch the card reader yet: %s; trying again every %g s", error, RETRY_SECONDS)
+                    told = True
+            except ModuleLoadError as error:
+                log.error("cannot watch the card reader: %s", error)
+                return False
+            if stop.wait(RETRY_SECONDS):
+                return False
 
     def _through_pcscd_alone(self, events: CardEvents) -> bool:
         """Watch the readers through pcscd alone where pcscd's events run and the module's profile

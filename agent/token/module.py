@@ -33,6 +33,11 @@ class ModuleStartError(ModuleLoadError):
     is missing, not the module."""
 
 
+class ModuleWaitsForPcscd(ModuleStartError):
+    """The module was not started: pcscd, through which it reads cards, does not answer now (stopped,
+    or stuck); it may later."""
+
+
 # One thread at a time in the PKCS#11 module. The supervisor polls the reader while a sign-in runs
 # in a thread of its own, and SoftHSM answered CKR_GENERAL_ERROR to a slot poll made while another
 # thread logged in (which the card loop took for a pulled card). Every PKCS#11 call of the
@@ -131,13 +136,13 @@ def _initialise(path: str, profile: ModuleProfile) -> pkcs11.lib:
 
 
 def _refuse_a_stuck_pcscd(path: str, profile: ModuleProfile) -> None:
-    """ModuleStartError when pcscd, through which the module reads cards, takes connections and
+    """:class:`ModuleWaitsForPcscd` when pcscd, through which the module reads cards, takes connections and
     answers nothing: the module's C_Initialize would wait for it without end (measured: `card-agent
     doctor`, `check` and `tokens` hung for as long as pcscd was stopped, without a word)."""
     try:
         readers_with_a_card()
     except PcscdStuck as error:
-        raise ModuleStartError(f"PKCS#11 module {path} (profile {profile.name}) was not started: it reads cards "
+        raise ModuleWaitsForPcscd(f"PKCS#11 module {path} (profile {profile.name}) was not started: it reads cards "
                                f"through pcscd, and {error}; it would wait for pcscd without end. "
                                f"{error.remedy[0].upper()}{error.remedy[1:]}") from None
     except PcscUnavailable:  # not there at all: the module finds no reader, at once
