@@ -187,10 +187,10 @@ class NeverBlockingHandler(logging.Handler):
         """Bytes of ``data`` the stream took without waiting; 0 also when it cannot take any more."""
         try:
             written = self._write(data)
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
             written = 0
-        except OSError as error:  # broken or closed: the lines have nowhere to go
-            return len(data) if error.errno != errno.EAGAIN else 0
+        except OSError:  # broken or closed: the lines have nowhere to go
+            return len(data)
         if written < len(data) and not self._stalled_since:
             self._stalled_since = time.monotonic()
         return written

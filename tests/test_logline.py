@@ -91,12 +91,21 @@ def test_a_text_cut_twice_says_how_many_characters_the_whole_had_after_the_secon
         assert twice.startswith(text[:min(first, second)])
 
 
+F_SETPIPE_SZ = 1031  # linux/fcntl.h; Python 3.11's fcntl lacks the name
+
+
+def one_page_pipe() -> tuple[int, int]:
+    """A pipe (read end, write end) that holds one page: full after a few log lines."""
+    reader, writer = os.pipe()
+    fcntl.fcntl(writer, F_SETPIPE_SZ, 4096)
+    return reader, writer
+
+
 def test_a_pipe_nobody_reads_holds_up_no_logging_thread_and_the_lines_dropped_are_counted() -> None:
     """Logging into a full pipe returns at once; the lines come out in order once it is read, as
     many as the backlog holds, then a warning with the count of those dropped and how long the pipe
     took nothing. A real pipe of one page (F_SETPIPE_SZ), read by nobody until the logging is done."""
-    reader, writer = os.pipe()
-    fcntl.fcntl(writer, 1031, 4096)  # F_SETPIPE_SZ
+    reader, writer = one_page_pipe()
     stream = os.fdopen(writer, "w")
     handler = logline.NeverBlockingHandler(stream)
     handler.setFormatter(OneLineFormatter("card-agent: %(levelname)s: %(message)s"))
@@ -150,8 +159,7 @@ def test_without_proc_the_lines_wait_for_the_writer_thread_and_logging_does_not(
     """Where /proc cannot give a non-blocking descriptor of standard error's pipe (a mount namespace
     with an empty /proc stands for a sandbox without it), every line goes to the writer thread, and
     the thread that logs still returns at once into a pipe nobody reads; the lines arrive in order."""
-    reader, writer = os.pipe()
-    fcntl.fcntl(writer, 1031, 4096)  # F_SETPIPE_SZ
+    reader, writer = one_page_pipe()
     process = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
          'mount -t tmpfs none /proc && exec "$@"', "sh", sys.executable, "-c", LOG_INTO_STDERR],

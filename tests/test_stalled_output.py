@@ -9,7 +9,6 @@ pseudo-terminal with the kernel's flow control, a real pipe and socket (agent/lo
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import subprocess
@@ -26,8 +25,8 @@ from conftest import CARD_AGENT, USER_PIN, ProvisionedPki, run_card_agent
 from fault_pkcs11 import FaultControl
 from peers.pynetdicom_scp import associate, tls_scp
 from pin_dialog import Terminal, terminal  # noqa: F401 - a pytest fixture
+from test_logline import one_page_pipe
 
-F_SETPIPE_SZ = 1031  # linux/fcntl.h; Python 3.11's fcntl lacks the name
 SIGNED_IN = b"event=sign-in "
 
 
@@ -86,8 +85,7 @@ def test_a_standard_error_nobody_reads_does_not_stop_the_agent(test_pki: Provisi
     socket): once it is full, a pulled card still ends the association at once, and what the
     agent logged meanwhile is read afterwards, in order."""
     if kind == "pipe":
-        reader, writer = os.pipe()
-        fcntl.fcntl(writer, F_SETPIPE_SZ, 4096)  # full after a few lines
+        reader, writer = one_page_pipe()
     else:
         ours, theirs = socket.socketpair()
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -23,7 +23,14 @@ import ipaddress
 import socket
 
 from dicom_card_agent.config.model import ListenAddress
-from dicom_card_agent.tunnel.peer import Endpoint, ListenerError, PortInUseError, bind_before_the_address_exists
+from dicom_card_agent.tunnel.peer import (
+    Endpoint,
+    ListenerError,
+    PortInUseError,
+    bind_before_the_address_exists,
+    endpoint_of,
+    listen_address,
+)
 
 IPV4_LOCALHOST = ipaddress.IPv4Address("127.0.0.1")
 IPV6_LOCALHOST = ipaddress.IPv6Address("::1")
@@ -34,16 +41,12 @@ KEEP_THE_OTHER_ADDRESS = ("Until then, use the address the agent listens on, not
 
 
 def listen_endpoint(listen: ListenAddress) -> Endpoint | None:
-    """The address and port a TCP ``listen`` binds (`localhost` is 127.0.0.1: agent/tunnel/peer.py);
+    """The address and port a TCP ``listen`` binds (:func:`~dicom_card_agent.tunnel.peer.listen_address`);
     None for a unix socket or a host name."""
     if listen.host is None or listen.port is None:
         return None
-    if listen.host.lower() == "localhost":
-        return IPV4_LOCALHOST, listen.port
-    try:
-        return ipaddress.ip_address(listen.host), listen.port
-    except ValueError:
-        return None
+    address = listen_address(listen.host)
+    return None if address is None else (address, listen.port)
 
 
 def other_localhost_endpoint(endpoint: Endpoint) -> Endpoint | None:
@@ -57,16 +60,16 @@ def other_localhost_endpoint(endpoint: Endpoint) -> Endpoint | None:
 
 
 def describe(endpoint: Endpoint) -> str:
+    """``127.0.0.1:PORT``, ``[::1]:PORT``: as a ``listen`` reads."""
     address, port = endpoint
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+    return str(ListenAddress(host=str(address), port=port))
 
 
 def bound_endpoint(sock: socket.socket) -> Endpoint | None:
     """Where the TCP socket ``sock`` is bound (its port chosen by then, for `listen = "...:0"`)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
-    host, port = sock.getsockname()[:2]
-    return ipaddress.ip_address(host.partition("%")[0]), port
+    return endpoint_of(sock.getsockname())
 
 
 def hold_other_address(listening: socket.socket) -> socket.socket | None:

@@ -353,7 +353,8 @@ def _load_rows(ipv6: bool) -> list[TcpRow]:
         raise PeerLookupError(f"cannot identify local TCP clients: unexpected format: {error}") from None
 
 
-def _endpoint(sockaddr: tuple) -> Endpoint:
+def endpoint_of(sockaddr: tuple) -> Endpoint:
+    """The address and port of a socket address (``getsockname()``, ``getpeername()``)."""
     return _ip_address(str(sockaddr[0]).partition("%")[0]), int(sockaddr[1])  # no IPv6 scope id: /proc shows none
 
 
@@ -364,7 +365,7 @@ def _ip_address(host: str) -> IPAddress:
 
 
 def _inet_address(sockaddr: tuple) -> str:
-    host, port = _endpoint(sockaddr)
+    host, port = endpoint_of(sockaddr)
     if host.version == 4:
         return f"{host}:{port}"
     if host.ipv4_mapped is not None:  # str() would give "::ffff:7f00:1"
@@ -489,7 +490,7 @@ def _lookup_tcp_client(sock: socket.socket) -> tuple[str, TcpRow | None]:
         peername, sockname = sock.getpeername(), sock.getsockname()
     except OSError:  # ENOTCONN: reset before we looked
         return "(disconnected)", None
-    client, server = _endpoint(peername), _endpoint(sockname)
+    client, server = endpoint_of(peername), endpoint_of(sockname)
     address = _inet_address(peername)
     rows: list[TcpRow | None] = []
     try:
@@ -561,7 +562,7 @@ def tcp_server_owner(sock: socket.socket) -> Peer:
         peername, sockname = sock.getpeername(), sock.getsockname()
     except OSError:  # ENOTCONN: reset before we looked
         return Peer(uid=None, pid=None, address="(disconnected)", unknown_because="the connection is gone")
-    server, ours = _endpoint(peername), _endpoint(sockname)
+    server, ours = endpoint_of(peername), endpoint_of(sockname)
     address = _inet_address(peername)
     row = _listener_row(server, ours[0])
     doubt = listener_owner_doubt(row)
@@ -740,7 +741,7 @@ def create_tcp_listener(host: str, port: int, unsafe_listen: bool = False) -> so
     except OSError as error:
         sock.close()
         if error.errno == errno.EADDRINUSE:  # the holder is named by the agent's listeners (naming_the_holder)
-            raise PortInUseError(f"cannot listen on {where}: {error.strerror}", where, _endpoint(sockaddr)) from None
+            raise PortInUseError(f"cannot listen on {where}: {error.strerror}", where, endpoint_of(sockaddr)) from None
         raise ListenerError(f"cannot listen on {where}: {error.strerror or error}") from None
     return sock
 
@@ -822,16 +823,23 @@ def is_address_of_this_machine(host: str) -> bool:
     return True
 
 
-def _bind_address(host: str, port: int, where: str) -> tuple[socket.AddressFamily, tuple]:
+def listen_address(host: str) -> IPAddress | None:
+    """The address a listener on ``host`` binds: `localhost` is 127.0.0.1, never looked up (/etc/hosts
+    could map it to an address other machines reach); an address literal is itself; None for a host
+    name (looked up when bound, only reachable with unsafe_listen)."""
     if host.lower() == "localhost":
-        # Not resolved: /etc/hosts could map "localhost" to an address other machines reach.
-        return socket.AF_INET, ("127.0.0.1", port)
+        return ipaddress.IPv4Address("127.0.0.1")
     try:
-        address = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host)
     except ValueError:
-        pass
-    else:
-        return (socket.AF_INET, (host, port)) if address.version == 4 else (socket.AF_INET6, (host, port, 0, 0))
+        return None
+
+
+def _bind_address(host: str, port: int, where: str) -> tuple[socket.AddressFamily, tuple]:
+    address = listen_address(host)
+    if address is not None:
+        return ((socket.AF_INET, (str(address), port)) if address.version == 4
+                else (socket.AF_INET6, (str(address), port, 0, 0)))
     try:  # a name: only reachable with unsafe_listen
         family, _type, _proto, _name, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
